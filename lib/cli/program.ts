@@ -1,0 +1,170 @@
+/**
+ * The `redflag` command line: commands and their flags.
+ * @module
+ */
+import { Command, InvalidArgumentError } from 'commander';
+
+import { RedflagError } from '../errors.js';
+import { loadModel, type Model } from '../model/model.js';
+import { runDemo } from '../demo.js';
+
+function integer(name: string, min: number) {
+  return (value: string): number => {
+    const n = Number(value);
+    if (!Number.isInteger(n) || n < min) throw new InvalidArgumentError(`${name} must be an integer >= ${min}`);
+    return n;
+  };
+}
+
+function number(name: string, min: number, max = Infinity) {
+  return (value: string): number => {
+    const n = Number(value);
+    if (!Number.isFinite(n) || n < min || n > max) throw new InvalidArgumentError(`${name} must be a number in [${min}, ${max}]`);
+    return n;
+  };
+}
+
+function dtype(value: string): 'f32' | 'bf16' {
+  if (value !== 'f32' && value !== 'bf16') throw new InvalidArgumentError("dtype must be 'f32' or 'bf16'");
+  return value;
+}
+
+interface ModelFlags {
+  model: string;
+  dtype: 'f32' | 'bf16';
+  threads?: number;
+}
+
+function withModelFlags(cmd: Command): Command {
+  return cmd
+    .requiredOption('-m, --model <dir>', 'Hugging Face model directory (config.json + safetensors)')
+    .option('--dtype <dtype>', "weights in the engine: 'f32' or 'bf16'", dtype, 'f32')
+    .option('--threads <n>', 'threads for native work (default: number of cores)', integer('threads', 1));
+}
+
+async function open(flags: ModelFlags): Promise<Model> {
+  return loadModel(flags.model, { dtype: flags.dtype, ...(flags.threads ? { threads: flags.threads } : {}) });
+}
+
+function formatBytes(n: number): string {
+  return n >= 1e9 ? `${(n / 1e9).toFixed(2)} GB` : `${(n / 1e6).toFixed(1)} MB`;
+}
+
+export function buildProgram(): Command {
+  const program = new Command()
+    .name('redflag')
+    .description('Turn a language model into its own harmfulness detector with a red-flag token.')
+    .showHelpAfterError();
+
+  withModelFlags(program.command('info').description('describe a model directory'))
+    .option('--json', 'print JSON')
+    .action(async (flags: ModelFlags & { json?: boolean }) => {
+      const model = await open(flags);
+      try {
+        const c = model.config;
+        const info = {
+          dir: model.dir,
+          architecture: c.hfArchitecture,
+          layers: c.numLayers,
+          hidden: c.hiddenSize,
+          intermediate: c.intermediateSize,
+          heads: c.numHeads,
+          kvHeads: c.numKvHeads,
+          headDim: c.headDim,
+          vocab: c.vocabSize,
+          maxPositions: c.maxPositions,
+          positions: c.positions,
+          rope: c.positions === 'rope' ? c.rope : null,
+          slidingWindow: c.slidingWindow,
+          tiedEmbeddings: c.tieWordEmbeddings,
+          engine: { dtype: model.dtype, threads: model.threads, isa: model.isa, weightBytes: model.weightBytes },
+          unusedTensors: model.plan.unused,
+          tokenizer: model.tokenizer
+            ? { vocab: model.tokenizer.vocabSize, chatTemplate: model.tokenizer.chatTemplate !== null }
+            : null,
+          eosTokenIds: model.eosTokenIds,
+          redFlagTokenId: model.redFlagTokenId,
+        };
+        if (flags.json) {
+          console.log(JSON.stringify(info, null, 2));
+          return;
+        }
+        const rope = info.rope
+          ? `rope theta ${info.rope.theta}${info.rope.scaling ? `, ${info.rope.scaling.type} scaling x${info.rope.scaling.factor}` : ''}`
+          : 'learned positions';
+        console.log(`${info.architecture} in ${info.dir}`);
+        console.log(`  ${info.layers} layers, hidden ${info.hidden}, intermediate ${info.intermediate}`);
+        console.log(`  ${info.heads} heads (${info.kvHeads} KV) x ${info.headDim}, ${rope}` +
+          (info.slidingWindow ? `, sliding window ${info.slidingWindow}` : ''));
+        console.log(`  vocabulary ${info.vocab}${info.tiedEmbeddings ? ', tied embeddings' : ''}, ${info.maxPositions} positions`);
+        console.log(`  engine: ${info.engine.dtype} weights (${formatBytes(info.engine.weightBytes)}), ${info.engine.threads} threads, ${info.engine.isa}`);
+        console.log(`  tokenizer: ${info.tokenizer ? `${info.tokenizer.vocab} tokens${info.tokenizer.chatTemplate ? ', chat template' : ''}` : 'none'}`);
+        console.log(`  EOS ids: ${info.eosTokenIds.join(', ') || 'none'}; red-flag token: ${info.redFlagTokenId ?? 'not added'}`);
+        if (info.unusedTensors.length) console.log(`  unused tensors: ${info.unusedTensors.join(', ')}`);
+      } finally {
+        model.dispose();
+      }
+    });
+
+  withModelFlags(program.command('generate').description('generate text from a prompt'))
+    .requiredOption('-p, --prompt <text>', 'the prompt')
+    .option('--chat', "wrap the prompt as a user message with the model's chat template")
+    .option('--system <text>', 'system message (with --chat)')
+    .option('-n, --max-tokens <n>', 'most tokens to generate', integer('max-tokens', 0), 128)
+    .option('-t, --temperature <t>', '0 = greedy', number('temperature', 0), 0)
+    .option('--top-k <k>', 'sample from the k most likely tokens (0 = all)', integer('top-k', 0), 0)
+    .option('--top-p <p>', 'nucleus sampling mass', number('top-p', 0, 1), 1)
+    .option('--seed <n>', 'sampling seed', integer('seed', 0))
+    .option('--stop <text...>', 'stop strings')
+    .action(async (flags: ModelFlags & {
+      prompt: string; chat?: boolean; system?: string; maxTokens: number; temperature: number;
+      topK: number; topP: number; seed?: number; stop?: string[];
+    }) => {
+      const model = await open(flags);
+      const controller = new AbortController();
+      const onSigint = () => controller.abort();
+      process.once('SIGINT', onSigint);
+      try {
+        const tokenizer = model.tokenizer;
+        if (!tokenizer) throw new RedflagError('NO_TOKENIZER', `${flags.model} has no tokenizer.json`);
+        let ids: number[];
+        if (flags.chat) {
+          const messages = [
+            ...(flags.system ? [{ role: 'system', content: flags.system }] : []),
+            { role: 'user', content: flags.prompt },
+          ];
+          ids = tokenizer.encodeChat(messages, { addGenerationPrompt: true });
+        } else {
+          ids = tokenizer.encode(flags.prompt);
+        }
+        const started = performance.now();
+        let n = 0;
+        for await (const { text } of model.generate(ids, {
+          maxTokens: flags.maxTokens, temperature: flags.temperature, topK: flags.topK, topP: flags.topP,
+          ...(flags.seed !== undefined ? { seed: flags.seed } : {}), ...(flags.stop ? { stop: flags.stop } : {}),
+          signal: controller.signal,
+        })) {
+          process.stdout.write(text);
+          n++;
+        }
+        const seconds = (performance.now() - started) / 1000;
+        process.stdout.write('\n');
+        console.error(`[${n} tokens, ${(n / seconds).toFixed(1)} tokens/s including prefill of ${ids.length}]`);
+      } finally {
+        process.off('SIGINT', onSigint);
+        model.dispose();
+      }
+    });
+
+  program
+    .command('demo')
+    .description('the end-to-end job on built-in defaults (no download): see README')
+    .option('--out <dir>', 'where to write the demo model (default: a new temporary directory)')
+    .option('--threads <n>', 'threads for native work', integer('threads', 1))
+    .action(async (flags: { out?: string; threads?: number }) => {
+      await runDemo(flags);
+    });
+
+  return program;
+}
+

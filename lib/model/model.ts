@@ -1,0 +1,389 @@
+/**
+ * A loaded model: the Hugging Face checkpoint's config, tokenizer and weights, running on
+ * the native engine. Created by {@link loadModel}.
+ * @module
+ */
+import { availableParallelism } from 'node:os';
+
+import { RedflagError, abortError } from '../errors.js';
+import { callNative, loadNative, SrcType, type NativeConfig, type NativeModel, type NativeSequence } from '../native.js';
+import { loadModelConfig, loadGenerationConfig, type GenerationConfig, type ModelConfig } from './config.js';
+import { toFloat32, fromFloat32, type RawTensor } from './safetensors.js';
+import { Tokenizer } from './tokenizer.js';
+import { planWeights, type WeightPlan } from './weights-map.js';
+import { WeightStore } from './weights.js';
+import { generate, type GenerateOptions, type GeneratedToken } from './generate.js';
+import { saveModel } from './save.js';
+
+/** Options of {@link loadModel}. */
+export interface LoadModelOptions {
+  /** Element type the engine keeps weights in: `'f32'` (exact) or `'bf16'` (half the memory, faster). Default `'f32'`. */
+  dtype?: 'f32' | 'bf16';
+  /** Threads for native work. Default: the number of cores. */
+  threads?: number;
+  /** Cancels loading. */
+  signal?: AbortSignal;
+  /** Called after each tensor is loaded. */
+  onProgress?: (loaded: number, total: number) => void;
+}
+
+/** Options of {@link Model.logits}. */
+export interface LogitsOptions {
+  signal?: AbortSignal;
+  /** Called after each layer. */
+  onProgress?: (done: number, total: number) => void;
+}
+
+/** Loads a Hugging Face model directory (config.json + safetensors, tokenizer optional). */
+export async function loadModel(dir: string, options: LoadModelOptions = {}): Promise<Model> {
+  const dtype = options.dtype ?? 'f32';
+  if (dtype !== 'f32' && dtype !== 'bf16') {
+    throw new RedflagError('INVALID_ARGUMENT', `dtype must be 'f32' or 'bf16', got ${JSON.stringify(dtype)}`);
+  }
+  const threads = options.threads ?? availableParallelism();
+  if (!Number.isInteger(threads) || threads < 1 || threads > 1024) {
+    throw new RedflagError('INVALID_ARGUMENT', `threads must be an integer from 1 to 1024, got ${threads}`);
+  }
+  const config = await loadModelConfig(dir);
+  const generationConfig = await loadGenerationConfig(dir);
+  const tokenizer = await Tokenizer.fromDir(dir);
+  const store = await WeightStore.open(dir);
+  const addon = loadNative();
+  let engine: NativeModel | undefined;
+  try {
+    const plan = planWeights(config, store.names(), (n) => store.info(n).shape, dir);
+    engine = await callNative(() => new addon.NativeModel(toNativeConfig(config), dtype, threads));
+    const model = new Model(dir, config, generationConfig, tokenizer, store, plan, engine, dtype, threads);
+    await model.loadWeights(options.signal, options.onProgress);
+    const rf = tokenizer?.tokenToId('<rf>');
+    if (rf !== undefined && rf < config.vocabSize) model.redFlagTokenId = rf;
+    return model;
+  } catch (error) {
+    engine?.dispose();
+    await store.close();
+    throw error;
+  }
+}
+
+/** The engine's description of a checkpoint's config. */
+export function toNativeConfig(c: ModelConfig): NativeConfig {
+  const s = c.rope.scaling;
+  return {
+    arch: c.architecture === 'gpt2' ? 'gpt2' : 'llama',
+    vocab: c.vocabSize,
+    hidden: c.hiddenSize,
+    intermediate: c.intermediateSize,
+    nLayers: c.numLayers,
+    nHeads: c.numHeads,
+    nKvHeads: c.numKvHeads,
+    headDim: c.headDim,
+    maxPositions: c.maxPositions,
+    norm: c.normType,
+    normEps: c.normEps,
+    act: c.activation,
+    rope: c.positions === 'rope',
+    ropeTheta: c.rope.theta,
+    ropeScaling: s ? s.type : 'none',
+    ropeFactor: s ? s.factor : 1,
+    ropeLowFreqFactor: s?.type === 'llama3' ? s.lowFreqFactor : 1,
+    ropeHighFreqFactor: s?.type === 'llama3' ? s.highFreqFactor : 4,
+    ropeOriginalMaxPositions: s && s.type !== 'linear' ? s.originalMaxPositions : c.maxPositions,
+    qkvBias: c.qkvBias,
+    oBias: c.oBias,
+    mlpBias: c.mlpBias,
+    tiedEmbeddings: c.tieWordEmbeddings,
+    slidingWindow: c.slidingWindow ?? 0,
+  };
+}
+
+function srcTypeOf(t: RawTensor): SrcType | null {
+  return t.dtype === 'F32' ? SrcType.F32 : t.dtype === 'F16' ? SrcType.F16 : t.dtype === 'BF16' ? SrcType.BF16 : null;
+}
+
+/** Stacks tensors along dim 0 (same dtype: bytes; mixed: via f32). */
+function stack(parts: RawTensor[]): RawTensor {
+  if (parts.length === 1) return parts[0]!;
+  const rows = parts.reduce((n, p) => n + p.shape[0]!, 0);
+  const shape = [rows, ...parts[0]!.shape.slice(1)];
+  const dtype = parts[0]!.dtype;
+  if (parts.every((p) => p.dtype === dtype)) {
+    const data = new Uint8Array(parts.reduce((n, p) => n + p.data.byteLength, 0));
+    let offset = 0;
+    for (const p of parts) {
+      data.set(p.data, offset);
+      offset += p.data.byteLength;
+    }
+    return { dtype, shape, data };
+  }
+  const floats = parts.map((p) => toFloat32(p));
+  const out = new Float32Array(floats.reduce((n, f) => n + f.length, 0));
+  let offset = 0;
+  for (const f of floats) {
+    out.set(f, offset);
+    offset += f.length;
+  }
+  return { dtype: 'F32', shape, data: new Uint8Array(out.buffer) };
+}
+
+/** A model running on the native engine. Call {@link Model.dispose} when done with it. */
+export class Model {
+  /** Checkpoint tensors replaced in memory (e.g. embeddings grown by addRedFlagToken), by checkpoint name. */
+  readonly overrides = new Map<string, RawTensor>();
+  /** The red-flag token's id, once added (or found in a saved tokenizer), else null. */
+  redFlagTokenId: number | null = null;
+  private queue: Promise<unknown> = Promise.resolve();
+  private disposed = false;
+
+  /** @internal use {@link loadModel} */
+  constructor(
+    /** The directory the model was loaded from. */
+    readonly dir: string,
+    /** The normalised config.json. */
+    readonly config: ModelConfig,
+    /** generation_config.json, when present. */
+    readonly generationConfig: GenerationConfig | null,
+    /** The tokenizer, or null when the directory has no tokenizer.json. */
+    readonly tokenizer: Tokenizer | null,
+    /** @internal */ readonly store: WeightStore,
+    /** @internal */ readonly plan: WeightPlan,
+    /** @internal */ readonly engine: NativeModel,
+    /** Element type of the weights in the engine. */
+    readonly dtype: 'f32' | 'bf16',
+    /** Threads used for native work. */
+    readonly threads: number,
+  ) {}
+
+  /** @internal Records a grown vocabulary (config.json's vocab_size follows when saved). */
+  setVocabSize(rows: number): void {
+    this.config.vocabSize = rows;
+    this.config.raw['vocab_size'] = rows;
+  }
+
+  /**
+   * Writes the model back as a Hugging Face directory: config.json, generation_config.json,
+   * model.safetensors (sharded with an index above `shardBytes`) and the tokenizer files,
+   * including in-memory changes such as the red-flag token. Every file is written atomically;
+   * existing files are only replaced with `overwrite: true`.
+   */
+  async save(dir: string, options: { overwrite?: boolean; shardBytes?: number } = {}): Promise<void> {
+    await saveModel(this, dir, options);
+  }
+
+  /** Rows of the embedding and LM head (grows when a token is added). */
+  get vocabSize(): number {
+    return this.config.vocabSize;
+  }
+
+  /** Token ids that end generation: config.json, generation_config.json and the tokenizer's EOS. */
+  get eosTokenIds(): number[] {
+    const ids = new Set<number>(this.config.eosTokenIds);
+    for (const id of this.generationConfig?.eosTokenIds ?? []) ids.add(id);
+    if (ids.size === 0 && this.tokenizer?.eosTokenId != null) ids.add(this.tokenizer.eosTokenId);
+    return [...ids];
+  }
+
+  /** Reads a checkpoint tensor, or its in-memory replacement. */
+  async readTensor(name: string): Promise<RawTensor> {
+    return this.overrides.get(name) ?? (await this.store.read(name));
+  }
+
+  /** @internal Loads every planned tensor into the engine. */
+  async loadWeights(signal?: AbortSignal, onProgress?: (loaded: number, total: number) => void): Promise<void> {
+    const total = this.plan.tensors.length;
+    let loaded = 0;
+    for (const t of this.plan.tensors) {
+      if (signal?.aborted) throw abortError(signal);
+      await this.loadEngineTensor(t.name, t.sources, t.srcIsKN);
+      onProgress?.(++loaded, total);
+    }
+    await callNative(() => this.engine.checkComplete());
+  }
+
+  /** @internal (Re)loads one engine tensor from its checkpoint sources. */
+  async loadEngineTensor(name: string, sources: string[], srcIsKN: boolean): Promise<void> {
+    let tensor = stack(await Promise.all(sources.map((s) => this.readTensor(s))));
+    let type = srcTypeOf(tensor);
+    if (type === null) {
+      if (tensor.dtype !== 'F64') {
+        throw new RedflagError('UNSUPPORTED', `tensor ${sources[0]} has dtype ${tensor.dtype}; F32, F16, BF16 or F64 are supported`, {
+          file: this.dir,
+        });
+      }
+      tensor = fromFloat32(toFloat32(tensor), tensor.shape, 'F32');
+      type = SrcType.F32;
+    }
+    const t = tensor;
+    await this.run(() => this.engine.loadTensor(name, type, t.shape, srcIsKN, t.data));
+  }
+
+  /** Serialises native calls: the engine runs one at a time. */
+  private run<T>(fn: () => Promise<T> | T): Promise<T> {
+    if (this.disposed) return Promise.reject(new RedflagError('DISPOSED', 'the model was disposed'));
+    const next = this.queue.then(() => callNative(fn));
+    this.queue = next.catch(() => undefined);
+    return next;
+  }
+
+  private checkIds(ids: ArrayLike<number>, what: string): Uint32Array {
+    if (ids.length === 0) throw new RedflagError('INVALID_ARGUMENT', `${what} is empty`);
+    const out = new Uint32Array(ids.length);
+    for (let i = 0; i < ids.length; i++) {
+      const id = ids[i]!;
+      if (!Number.isInteger(id) || id < 0 || id >= this.config.vocabSize) {
+        throw new RedflagError(
+          'INVALID_ARGUMENT',
+          `${what}[${i}] = ${id} is not a token id of this model (0 to ${this.config.vocabSize - 1})`,
+        );
+      }
+      out[i] = id;
+    }
+    return out;
+  }
+
+  /** Logits for every position of one sequence: row-major [T × vocab]. */
+  async logits(ids: Uint32Array | number[], options: LogitsOptions = {}): Promise<Float32Array> {
+    const [out] = await this.logitsBatch([ids], options);
+    return out!;
+  }
+
+  /** Logits for every position of several sequences, run as one batched prefill. */
+  async logitsBatch(batch: (Uint32Array | number[])[], options: LogitsOptions = {}): Promise<Float32Array[]> {
+    if (!Array.isArray(batch) || batch.length === 0) {
+      throw new RedflagError('INVALID_ARGUMENT', 'logitsBatch needs at least one sequence');
+    }
+    const seqs = batch.map((ids, i) => this.checkIds(ids, `batch[${i}]`));
+    const sequences: Sequence[] = [];
+    try {
+      for (let i = 0; i < seqs.length; i++) sequences.push(this.newSequence());
+      const flat = await this.forward(sequences, seqs, { all: true, ...options });
+      const V = this.config.vocabSize;
+      const out: Float32Array[] = [];
+      let row = 0;
+      for (const ids of seqs) {
+        out.push(flat.slice(row * V, (row + ids.length) * V));
+        row += ids.length;
+      }
+      return out;
+    } finally {
+      for (const s of sequences) s.dispose();
+    }
+  }
+
+  /** A new, empty sequence (a KV cache) for incremental decoding. */
+  newSequence(): Sequence {
+    if (this.disposed) throw new RedflagError('DISPOSED', 'the model was disposed');
+    return new Sequence(this.engine.newSequence());
+  }
+
+  /**
+   * Appends tokens to each sequence and returns logits: for every new token (`all`) or for
+   * the last new token of each sequence, row-major.
+   */
+  async forward(
+    sequences: Sequence[],
+    tokens: (Uint32Array | number[])[],
+    options: { all?: boolean; signal?: AbortSignal; onProgress?: (done: number, total: number) => void } = {},
+  ): Promise<Float32Array> {
+    if (sequences.length !== tokens.length) {
+      throw new RedflagError('INVALID_ARGUMENT', 'forward needs one token array per sequence');
+    }
+    const checked = tokens.map((t, i) => this.checkIds(t, `tokens[${i}]`));
+    if (new Set(sequences).size !== sequences.length) {
+      throw new RedflagError('INVALID_ARGUMENT', 'a sequence appears twice in one forward call');
+    }
+    for (const [i, s] of sequences.entries()) {
+      if (!(s instanceof Sequence) || s.disposed) {
+        throw new RedflagError('INVALID_ARGUMENT', `sequences[${i}] is not a live sequence of this model`);
+      }
+      if (this.config.positions === 'learned' && s.length + checked[i]!.length > this.config.maxPositions) {
+        throw new RedflagError(
+          'INVALID_ARGUMENT',
+          `sequence ${i} would reach ${s.length + checked[i]!.length} tokens; this model has ${this.config.maxPositions} positions`,
+        );
+      }
+    }
+    const flat = new Uint32Array(checked.reduce((n, t) => n + t.length, 0));
+    let offset = 0;
+    for (const t of checked) {
+      flat.set(t, offset);
+      offset += t.length;
+    }
+    const counts = Uint32Array.from(checked, (t) => t.length);
+    const { signal, onProgress } = options;
+    if (signal?.aborted) throw abortError(signal);
+    const cancel = new Int32Array(1);
+    const onAbort = () => Atomics.store(cancel, 0, 1);
+    signal?.addEventListener('abort', onAbort, { once: true });
+    try {
+      return await this.run(() =>
+        this.engine.forward(
+          sequences.map((s) => s.native),
+          flat,
+          counts,
+          options.all ?? false,
+          cancel,
+          onProgress,
+        ),
+      );
+    } catch (error) {
+      if (signal?.aborted) throw abortError(signal);
+      throw error;
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
+    }
+  }
+
+  /**
+   * Generates tokens after a prompt (token ids, or text encoded with the tokenizer).
+   * An async iterator of `{ token, text }`; greedy when temperature is 0.
+   */
+  generate(prompt: Uint32Array | number[] | string, options: GenerateOptions = {}): AsyncGenerator<GeneratedToken> {
+    return generate(this, prompt, options);
+  }
+
+  /** Bytes of weights held by the engine. */
+  get weightBytes(): number {
+    return this.engine.info().weightBytes;
+  }
+
+  /** The instruction set the CPU kernels use (`avx512` or `avx2`). */
+  get isa(): string {
+    return this.engine.info().isa;
+  }
+
+  /** Frees the engine's memory and threads. Work in flight finishes first. */
+  dispose(): void {
+    if (this.disposed) return;
+    this.disposed = true;
+    this.engine.dispose();
+    void this.store.close();
+  }
+}
+
+/** A sequence's KV cache in the engine. */
+export class Sequence {
+  /** @internal */
+  disposed = false;
+  /** @internal */
+  constructor(readonly native: NativeSequence) {}
+  /** Tokens held. */
+  get length(): number {
+    return this.native.length;
+  }
+  /** Bytes of KV cache held. */
+  get bytes(): number {
+    return this.native.bytes;
+  }
+  /** Forgets tokens from `length` on. */
+  truncate(length: number): void {
+    if (!Number.isInteger(length) || length < 0 || length > this.length) {
+      throw new RedflagError('INVALID_ARGUMENT', `truncate length must be an integer from 0 to ${this.length}`);
+    }
+    this.native.truncate(length);
+  }
+  /** Frees the cache. */
+  dispose(): void {
+    this.disposed = true;
+    this.native.dispose();
+  }
+}

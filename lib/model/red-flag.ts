@@ -1,0 +1,108 @@
+/**
+ * Adding the red-flag token `<rf>` to a loaded model: the tokenizer gains (or reuses) a
+ * special token, and the input embedding and LM head gain a row for it, initialised so the
+ * model's behaviour on existing text does not change.
+ * @module
+ */
+import { RedflagError } from '../errors.js';
+import type { Model } from './model.js';
+import { chooseRedFlagToken } from './red-flag-token.js';
+import { fromFloat32, toFloat32, type RawTensor } from './safetensors.js';
+import type { Tokenizer } from './tokenizer.js';
+
+/** How the new embedding row (and LM-head row, when untied) starts. */
+export type RedFlagInit =
+  /** The mean of the existing rows (default; what transformers' `mean_resizing` centres on). */
+  | 'mean'
+  /** All zeros. */
+  | 'zeros'
+  /** A copy of an existing token's row. */
+  | { copyFrom: number };
+
+/** Options of {@link addRedFlagToken}. */
+export interface AddRedFlagTokenOptions {
+  /** The token's text. Default `<rf>`. */
+  token?: string;
+  /** Reuse a reserved special token (e.g. Llama-3's `<|reserved_special_token_N|>`) instead of growing the vocabulary. Default true. */
+  reuseReserved?: boolean;
+  /** Initial embedding row. Default `'mean'`. */
+  init?: RedFlagInit;
+}
+
+/** What {@link addRedFlagToken} did. */
+export interface RedFlagTokenInfo {
+  /** The red-flag token's id. */
+  id: number;
+  /** Its text. */
+  content: string;
+  /** True when an existing reserved token was renamed rather than a new one added. */
+  reused: boolean;
+  /** Vocabulary size (embedding rows) after the change. */
+  vocabSize: number;
+}
+
+/** Builds the new embedding-like matrix: old rows, grown to `rows`, with row `id` initialised. */
+function withRow(tensor: RawTensor, rows: number, id: number, init: RedFlagInit): RawTensor {
+  const [oldRows, width] = tensor.shape as [number, number];
+  const old = toFloat32(tensor);
+  const out = new Float32Array(rows * width);
+  out.set(old.subarray(0, Math.min(oldRows, rows) * width));
+  const row = out.subarray(id * width, (id + 1) * width);
+  if (init === 'mean') {
+    // Mean over the original rows, excluding the row being replaced when it is reused.
+    const acc = new Float64Array(width);
+    let n = 0;
+    for (let r = 0; r < oldRows; r++) {
+      if (r === id) continue;
+      for (let j = 0; j < width; j++) acc[j]! += old[r * width + j]!;
+      n++;
+    }
+    for (let j = 0; j < width; j++) row[j] = acc[j]! / Math.max(n, 1);
+  } else if (init === 'zeros') {
+    row.fill(0);
+  } else {
+    const from = init.copyFrom;
+    if (!Number.isInteger(from) || from < 0 || from >= oldRows) {
+      throw new RedflagError('INVALID_ARGUMENT', `init.copyFrom must be a token id below ${oldRows}, got ${from}`);
+    }
+    row.set(old.subarray(from * width, (from + 1) * width));
+  }
+  const dtype = tensor.dtype === 'BF16' || tensor.dtype === 'F16' ? tensor.dtype : 'F32';
+  return fromFloat32(out, [rows, width], dtype);
+}
+
+/**
+ * Adds `<rf>` to the model and its tokenizer. The new (or reused) embedding row, and LM-head
+ * row when the head is not tied, are initialised by `options.init`; tied heads stay tied.
+ * The change lives in memory until {@link Model.save} writes the model back in HF format.
+ */
+export async function addRedFlagToken(
+  model: Model,
+  tokenizer: Tokenizer | null = model.tokenizer,
+  options: AddRedFlagTokenOptions = {},
+): Promise<RedFlagTokenInfo> {
+  if (!tokenizer) {
+    throw new RedflagError('NO_TOKENIZER', `${model.dir} has no tokenizer.json; the red-flag token needs a tokenizer`);
+  }
+  const init = options.init ?? 'mean';
+  if (init !== 'mean' && init !== 'zeros' && !(typeof init === 'object' && init !== null && 'copyFrom' in init)) {
+    throw new RedflagError('INVALID_ARGUMENT', `init must be 'mean', 'zeros' or { copyFrom: id }`);
+  }
+  const choice = chooseRedFlagToken(tokenizer, {
+    ...(options.token !== undefined ? { token: options.token } : {}),
+    ...(options.reuseReserved !== undefined ? { reuseReserved: options.reuseReserved } : {}),
+  });
+  // Checkpoints often have more embedding rows than tokens (padding rows): a new token id
+  // may already have a row, and then the matrices keep their size.
+  const rows = Math.max(model.config.vocabSize, choice.id + 1);
+  const targets = [{ engine: 'embed', name: model.plan.embedName }];
+  if (model.plan.lmHeadName) targets.push({ engine: 'lm_head', name: model.plan.lmHeadName });
+  const grown = await Promise.all(
+    targets.map(async (t) => ({ ...t, tensor: withRow(await model.readTensor(t.name), rows, choice.id, init) })),
+  );
+  for (const g of grown) model.overrides.set(g.name, g.tensor);
+  model.setVocabSize(rows);
+  for (const g of grown) await model.loadEngineTensor(g.engine, [g.name], false);
+  model.redFlagTokenId = choice.id;
+  return { id: choice.id, content: choice.content, reused: choice.reused, vocabSize: rows };
+}

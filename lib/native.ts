@@ -1,0 +1,147 @@
+/**
+ * The one typed binding to the native addon. Everything else in lib/ goes through here:
+ * arguments are validated in TypeScript before they reach native code, and native
+ * errors come back as {@link RedflagError}s.
+ * @internal
+ * @module
+ */
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+import { RedflagError, type RedflagErrorCode } from './errors.js';
+
+/** The engine's model description (native/model/config.h). */
+export interface NativeConfig {
+  arch: 'llama' | 'gpt2';
+  vocab: number;
+  hidden: number;
+  intermediate: number;
+  nLayers: number;
+  nHeads: number;
+  nKvHeads: number;
+  headDim: number;
+  maxPositions: number;
+  norm: 'rms' | 'layer';
+  normEps: number;
+  act: 'silu' | 'gelu_new';
+  rope: boolean;
+  ropeTheta: number;
+  ropeScaling: 'none' | 'linear' | 'dynamic' | 'llama3';
+  ropeFactor: number;
+  ropeLowFreqFactor: number;
+  ropeHighFreqFactor: number;
+  ropeOriginalMaxPositions: number;
+  qkvBias: boolean;
+  oBias: boolean;
+  mlpBias: boolean;
+  tiedEmbeddings: boolean;
+  slidingWindow: number;
+}
+
+/** Element type codes of tensors handed to the engine (core/dtype.h SrcType). */
+export const enum SrcType {
+  F32 = 0,
+  F16 = 1,
+  BF16 = 2,
+}
+
+export interface NativeSequence {
+  readonly length: number;
+  readonly bytes: number;
+  truncate(length: number): void;
+  dispose(): void;
+}
+
+export interface NativeModelInfo {
+  vocab: number;
+  threads: number;
+  dtype: 'f32' | 'bf16';
+  weightBytes: number;
+  isa: string;
+}
+
+export interface NativeModel {
+  loadTensor(name: string, type: SrcType, shape: number[], srcIsKN: boolean, data: Uint8Array): Promise<void>;
+  checkComplete(): void;
+  newSequence(): NativeSequence;
+  forward(
+    sequences: NativeSequence[],
+    tokens: Uint32Array,
+    counts: Uint32Array,
+    allLogits: boolean,
+    cancel?: Int32Array,
+    onProgress?: (done: number, total: number) => void,
+  ): Promise<Float32Array>;
+  info(): NativeModelInfo;
+  dispose(): void;
+}
+
+export interface NativeBench {
+  fmaPeak(threads: number, bf16: boolean, seconds: number): Promise<number>;
+  memBandwidth(threads: number, bytesPerArray: number, copy: boolean): Promise<number>;
+  gemmTime(m: number, n: number, k: number, dtype: 'f32' | 'bf16', threads: number, minSeconds: number): Promise<number>;
+}
+
+export interface NativeAddon {
+  NativeModel: new (config: NativeConfig, dtype: 'f32' | 'bf16', threads: number) => NativeModel;
+  cpuInfo(): { avx2: boolean; avx512: boolean; avx512bf16: boolean; isa: string };
+  bench: NativeBench;
+  /** Present in the CUDA build (`npm run build:cuda`). */
+  cudaInfo?: () => { count: number; name: string; smMajor: number; smMinor: number; memoryGiB: number; saxpyMaxError: number };
+}
+
+const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..');
+let addon: NativeAddon | undefined;
+
+/** Where the addon may be: an explicit REDFLAG_ADDON path, the CUDA build, then node-gyp's. */
+function candidatePaths(): string[] {
+  const paths: string[] = [];
+  if (process.env.REDFLAG_ADDON) paths.push(process.env.REDFLAG_ADDON);
+  if (process.env.REDFLAG_BACKEND === 'cuda') paths.push(join(packageRoot, 'build-cuda', 'Release', 'redflag_cuda.node'));
+  paths.push(join(packageRoot, 'build', 'Release', 'redflag.node'));
+  return paths;
+}
+
+/** Loads the addon once; throws one clear error when it has not been built. */
+export function loadNative(): NativeAddon {
+  if (addon) return addon;
+  const require = createRequire(import.meta.url);
+  const tried: string[] = [];
+  for (const path of candidatePaths()) {
+    tried.push(path);
+    if (!existsSync(path)) continue;
+    try {
+      addon = require(path) as NativeAddon;
+      return addon;
+    } catch (cause) {
+      throw new RedflagError('NATIVE', `the redflag native addon at ${path} failed to load: ${(cause as Error).message}`, {
+        cause,
+      });
+    }
+  }
+  throw new RedflagError(
+    'NATIVE',
+    `the redflag native addon is not built (looked for ${tried.join(', ')}). ` +
+      'Run `npm run build:native` (needs a C++17 compiler and Python for node-gyp) or `npm run build:cuda`.',
+  );
+}
+
+/** Maps an error from native code (which carries a `code`) to a RedflagError. */
+export function nativeError(error: unknown): Error {
+  if (error instanceof RedflagError) return error;
+  const e = error as { code?: unknown; message?: unknown };
+  const code: RedflagErrorCode =
+    e?.code === 'ABORTED' ? 'ABORTED' : e?.code === 'INVALID_ARGUMENT' ? 'INVALID_ARGUMENT' : 'NATIVE';
+  return new RedflagError(code, String(e?.message ?? error), { cause: error });
+}
+
+/** Runs a native call, mapping its errors (sync throws and rejections). */
+export async function callNative<T>(fn: () => Promise<T> | T): Promise<T> {
+  try {
+    return await fn();
+  } catch (error) {
+    throw nativeError(error);
+  }
+}

@@ -1,0 +1,168 @@
+// Persistent fork-join thread pool. A parallel region is published by bumping an
+// atomic epoch; workers that ran a region recently are still spinning on it and pick
+// the new one up within ~1 µs, workers idle for longer sleep on a condition variable
+// (so an idle model costs no CPU) and are woken by the caller.
+#include "core/threadpool.h"
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define RF_CPU_RELAX() _mm_pause()
+#else
+#define RF_CPU_RELAX() std::this_thread::yield()
+#endif
+
+namespace rf {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// How long a worker keeps spinning after its last region before it sleeps. Decode runs
+// a region every few tens of µs, so this keeps workers hot for the whole token loop.
+constexpr auto kSpinTime = std::chrono::microseconds(150);
+// Spins between clock reads (a clock read is ~20 ns; a pause ~10-40 cycles).
+constexpr int kSpinsPerClockCheck = 64;
+
+}  // namespace
+
+struct ThreadPool::Impl {
+  int n_threads = 1;
+  std::vector<std::thread> workers;
+
+  // Bumped by run() to publish a region; workers compare it with the last one they ran.
+  alignas(64) std::atomic<uint64_t> epoch{0};
+  // Workers that have not finished the current region yet.
+  alignas(64) std::atomic<int> pending{0};
+  // Workers blocked on the condition variable (run() only takes the mutex when > 0).
+  alignas(64) std::atomic<int> sleepers{0};
+  std::atomic<bool> stop{false};
+
+  const std::function<void(int, int)>* job = nullptr;  // valid while pending > 0
+  std::exception_ptr error;                             // first exception thrown by a worker
+  std::mutex error_mutex;
+
+  std::mutex mutex;
+  std::condition_variable wake;
+
+  void worker_main(int thread_index);
+  // Returns once epoch != seen (spinning, then sleeping).
+  uint64_t epoch_wait(uint64_t seen);
+};
+
+uint64_t ThreadPool::Impl::epoch_wait(uint64_t seen) {
+  auto spin_end = Clock::now() + kSpinTime;
+  for (;;) {
+    for (int i = 0; i < kSpinsPerClockCheck; ++i) {
+      uint64_t e = epoch.load(std::memory_order_acquire);
+      if (e != seen) return e;
+      RF_CPU_RELAX();
+    }
+    if (Clock::now() >= spin_end) break;
+  }
+  std::unique_lock<std::mutex> lock(mutex);
+  // seq_cst increment and load pair with run()'s epoch store and sleepers load, so either
+  // the worker sees the new epoch here or run() sees the sleeper and notifies.
+  sleepers.fetch_add(1, std::memory_order_seq_cst);
+  uint64_t e;
+  while ((e = epoch.load(std::memory_order_seq_cst)) == seen) wake.wait(lock);
+  sleepers.fetch_sub(1, std::memory_order_relaxed);
+  return e;
+}
+
+void ThreadPool::Impl::worker_main(int thread_index) {
+  uint64_t seen = 0;
+  for (;;) {
+    seen = epoch_wait(seen);
+    if (stop.load(std::memory_order_acquire)) return;
+    try {
+      (*job)(thread_index, n_threads);
+    } catch (...) {
+      std::lock_guard<std::mutex> g(error_mutex);
+      if (!error) error = std::current_exception();
+    }
+    pending.fetch_sub(1, std::memory_order_release);
+  }
+}
+
+ThreadPool::ThreadPool(int n_threads) : impl_(new Impl), n_threads_(n_threads < 1 ? 1 : n_threads) {
+  impl_->n_threads = n_threads_;
+  impl_->workers.reserve(n_threads_ - 1);
+  for (int t = 1; t < n_threads_; ++t) impl_->workers.emplace_back([this, t] { impl_->worker_main(t); });
+}
+
+ThreadPool::~ThreadPool() {
+  impl_->stop.store(true, std::memory_order_release);
+  {
+    std::lock_guard<std::mutex> lock(impl_->mutex);
+    impl_->epoch.fetch_add(1, std::memory_order_seq_cst);
+  }
+  impl_->wake.notify_all();
+  for (auto& w : impl_->workers) w.join();
+  delete impl_;
+}
+
+void ThreadPool::run(const std::function<void(int, int)>& fn) {
+  if (n_threads_ == 1) {
+    fn(0, 1);
+    return;
+  }
+  Impl& s = *impl_;
+  s.job = &fn;
+  s.pending.store(n_threads_ - 1, std::memory_order_relaxed);
+  s.epoch.fetch_add(1, std::memory_order_seq_cst);  // publishes job and pending
+  if (s.sleepers.load(std::memory_order_seq_cst) > 0) {
+    // Taking the mutex orders us after a worker that is between its epoch check and wait().
+    { std::lock_guard<std::mutex> lock(s.mutex); }
+    s.wake.notify_all();
+  }
+
+  std::exception_ptr own_error;
+  try {
+    fn(0, n_threads_);
+  } catch (...) {
+    own_error = std::current_exception();
+  }
+
+  // Wait for the workers; yield after a while in case the pool is oversubscribed.
+  for (long spins = 0; s.pending.load(std::memory_order_acquire) != 0; ++spins) {
+    if (spins < 200000) {
+      RF_CPU_RELAX();
+    } else {
+      std::this_thread::yield();
+    }
+  }
+  s.job = nullptr;
+
+  if (own_error) std::rethrow_exception(own_error);
+  if (s.error) {
+    std::exception_ptr e;
+    std::swap(e, s.error);
+    std::rethrow_exception(e);
+  }
+}
+
+void ThreadPool::parallel_for(long n, const std::function<void(long, long, int)>& fn) {
+  if (n <= 0) return;
+  if (n_threads_ == 1 || n == 1) {
+    fn(0, n, 0);
+    return;
+  }
+  run([&](int t, int nt) {
+    // Even split: the first n % nt chunks get one extra index.
+    long base = n / nt, extra = n % nt;
+    long begin = t * base + (t < extra ? t : extra);
+    long end = begin + base + (t < extra ? 1 : 0);
+    if (begin < end) fn(begin, end, t);
+  });
+}
+
+}  // namespace rf

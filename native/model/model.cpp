@@ -1,0 +1,374 @@
+#include "model/model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <sstream>
+
+#include "kernels/ops.h"
+#include "model/rope.h"
+
+namespace rf {
+
+namespace {
+
+// Below this many floats of work a row-wise op runs on the calling thread: waking the
+// pool costs more than it saves (decode of one sequence touches a few hundred floats).
+constexpr long kParallelMinFloats = 1 << 15;
+
+void for_rows(ThreadPool& pool, long rows, long width, const std::function<void(long)>& fn) {
+  if (rows * width < kParallelMinFloats || pool.size() == 1) {
+    for (long r = 0; r < rows; ++r) fn(r);
+    return;
+  }
+  pool.parallel_for(rows, [&](long begin, long end, int) {
+    for (long r = begin; r < end; ++r) fn(r);
+  });
+}
+
+long numel(const std::vector<long>& shape) {
+  long n = 1;
+  for (long d : shape) n *= d;
+  return n;
+}
+
+std::string shape_str(const std::vector<long>& shape) {
+  std::ostringstream s;
+  s << "[";
+  for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
+  s << "]";
+  return s.str();
+}
+
+void expect_shape(const std::string& name, const std::vector<long>& got, const std::vector<long>& want) {
+  if (got != want)
+    throw std::invalid_argument("tensor " + name + " has shape " + shape_str(got) + ", expected " + shape_str(want));
+}
+
+std::vector<float> to_f32(const void* data, SrcType type, long n) {
+  std::vector<float> out(n);
+  for (long i = 0; i < n; ++i) out[i] = src_load(data, type, i);
+  return out;
+}
+
+}  // namespace
+
+Model::Model(const ModelConfig& config, DType dtype, int n_threads)
+    : config_(config), dtype_(dtype), pool_(n_threads), layers_(config.n_layers) {
+  config_.validate();
+}
+
+size_t Model::weight_bytes() const {
+  size_t total = lm_head_.w.bytes + embed_f32_.size() * 4 + embed_bf16_.size() * 2 + pos_embed_.size() * 4;
+  for (const Layer& l : layers_)
+    for (const Linear* lin : {&l.qkv, &l.o, &l.mlp_in, &l.mlp_out}) total += lin->w.bytes + lin->bias.size() * 4;
+  return total;
+}
+
+// Engine tensor names (lib/model/weights-map.ts maps Hugging Face names onto these):
+//   embed [vocab, hidden]   pos_embed [positions, hidden]   lm_head [vocab, hidden]
+//   final_norm.weight/.bias [hidden]
+//   layers.N.{attn_norm,mlp_norm}.weight/.bias [hidden]
+//   layers.N.{qkv,o,mlp_in,mlp_out}.weight [out, in] (or [in, out] with src_is_kn) and .bias [out]
+void Model::load_tensor(const std::string& name, const void* data, SrcType type,
+                        const std::vector<long>& shape, bool src_is_kn) {
+  const ModelConfig& c = config_;
+  const long H = c.hidden;
+  auto load_matrix = [&](Linear& lin, long out, long in) {
+    expect_shape(name, shape, src_is_kn ? std::vector<long>{in, out} : std::vector<long>{out, in});
+    pack_weight(lin.w, data, type, int(out), int(in), src_is_kn, dtype_);
+  };
+  auto load_vector = [&](std::vector<float>& v, long n) {
+    expect_shape(name, shape, {n});
+    v = to_f32(data, type, n);
+  };
+
+  if (name == "embed" || name == "lm_head") {
+    if (shape.size() != 2 || shape[1] != H || shape[0] <= 0)
+      throw std::invalid_argument("tensor " + name + " has shape " + shape_str(shape) + ", expected [vocab, " +
+                                  std::to_string(H) + "]");
+    const long V = shape[0];
+    if (name == "lm_head" && c.tied_embeddings)
+      throw std::invalid_argument("tensor lm_head given for a model with tied embeddings");
+    if (name == "lm_head" || c.tied_embeddings) {
+      pack_weight(lm_head_.w, data, type, int(V), int(H), false, dtype_);
+    }
+    if (name == "embed") {
+      embed_f32_.clear();
+      embed_bf16_.clear();
+      if (!c.tied_embeddings) {
+        if (dtype_ == DType::f32) {
+          embed_f32_ = to_f32(data, type, V * H);
+        } else {
+          embed_bf16_.resize(V * H);
+          for (long i = 0; i < V * H; ++i) embed_bf16_[i] = f32_to_bf16(src_load(data, type, i));
+        }
+      }
+      embed_loaded_ = true;
+    }
+    config_.vocab = int(V);
+    return;
+  }
+  if (name == "pos_embed") {
+    expect_shape(name, shape, {c.max_positions, H});
+    pos_embed_ = to_f32(data, type, numel(shape));
+    return;
+  }
+  if (name == "final_norm.weight") return load_vector(final_norm_.weight, H);
+  if (name == "final_norm.bias") return load_vector(final_norm_.bias, H);
+
+  // layers.N.part.kind
+  int layer = -1;
+  char part[32] = {0}, kind[16] = {0};
+  if (std::sscanf(name.c_str(), "layers.%d.%31[a-z_].%15s", &layer, part, kind) != 3 || layer < 0 ||
+      layer >= c.n_layers)
+    throw std::invalid_argument("unknown tensor name " + name);
+  Layer& L = layers_[layer];
+  const std::string p = part, k = kind;
+  const long mlp_in_rows = c.act == Activation::silu ? 2L * c.intermediate : c.intermediate;
+  if (p == "attn_norm" || p == "mlp_norm") {
+    Norm& n = p == "attn_norm" ? L.attn_norm : L.mlp_norm;
+    if (k == "weight") return load_vector(n.weight, H);
+    if (k == "bias") return load_vector(n.bias, H);
+  }
+  struct { const char* part; Linear* lin; long out, in; } linears[] = {
+      {"qkv", &L.qkv, c.qkv_dim(), H},
+      {"o", &L.o, H, c.q_dim()},
+      {"mlp_in", &L.mlp_in, mlp_in_rows, H},
+      {"mlp_out", &L.mlp_out, H, c.intermediate},
+  };
+  for (auto& e : linears) {
+    if (p != e.part) continue;
+    if (k == "weight") return load_matrix(*e.lin, e.out, e.in);
+    if (k == "bias") return load_vector(e.lin->bias, e.out);
+  }
+  throw std::invalid_argument("unknown tensor name " + name);
+}
+
+void Model::check_complete() const {
+  const ModelConfig& c = config_;
+  std::vector<std::string> missing;
+  const bool layer_norm = c.norm == NormType::layer;
+  if (!embed_loaded_) missing.push_back("embed");
+  if (!lm_head_.loaded()) missing.push_back("lm_head");
+  if (c.arch == Arch::gpt2 && pos_embed_.empty()) missing.push_back("pos_embed");
+  if (final_norm_.weight.empty()) missing.push_back("final_norm.weight");
+  if (layer_norm && final_norm_.bias.empty()) missing.push_back("final_norm.bias");
+  for (int i = 0; i < c.n_layers; ++i) {
+    const Layer& L = layers_[i];
+    const std::string pre = "layers." + std::to_string(i) + ".";
+    for (auto [n, norm] : {std::pair{"attn_norm", &L.attn_norm}, std::pair{"mlp_norm", &L.mlp_norm}}) {
+      if (norm->weight.empty()) missing.push_back(pre + n + ".weight");
+      if (layer_norm && norm->bias.empty()) missing.push_back(pre + n + ".bias");
+    }
+    struct { const char* n; const Linear* lin; bool bias; } linears[] = {
+        {"qkv", &L.qkv, c.qkv_bias}, {"o", &L.o, c.o_bias}, {"mlp_in", &L.mlp_in, c.mlp_bias}, {"mlp_out", &L.mlp_out, c.mlp_bias}};
+    for (auto& e : linears) {
+      if (!e.lin->loaded()) missing.push_back(pre + e.n + ".weight");
+      if (e.bias && e.lin->bias.empty()) missing.push_back(pre + e.n + ".bias");
+    }
+  }
+  if (lm_head_.loaded() && embed_loaded_ && !c.tied_embeddings) {
+    const long embed_rows = long(embed_f32_.size() + embed_bf16_.size()) / c.hidden;
+    if (embed_rows != lm_head_.w.N)
+      throw std::invalid_argument("embed has " + std::to_string(embed_rows) + " rows but lm_head has " +
+                                  std::to_string(lm_head_.w.N));
+  }
+  if (missing.empty()) return;
+  std::string msg = "model weights incomplete, missing:";
+  for (size_t i = 0; i < missing.size() && i < 12; ++i) msg += " " + missing[i];
+  if (missing.size() > 12) msg += " (and " + std::to_string(missing.size() - 12) + " more)";
+  throw std::invalid_argument(msg);
+}
+
+long Model::logits_rows(const std::vector<ForwardItem>& items, LogitsMode mode) {
+  if (mode == LogitsMode::last) return long(items.size());
+  long rows = 0;
+  for (const ForwardItem& it : items) rows += it.n_tokens;
+  return rows;
+}
+
+void Model::embed_rows(const std::vector<ForwardItem>& items, float* x) {
+  const ModelConfig& c = config_;
+  const long H = c.hidden;
+  long r = 0;
+  for (const ForwardItem& it : items) {
+    for (int t = 0; t < it.n_tokens; ++t, ++r) {
+      const uint32_t tok = it.tokens[t];
+      float* row = x + r * H;
+      if (!embed_f32_.empty()) {
+        std::memcpy(row, embed_f32_.data() + long(tok) * H, H * sizeof(float));
+      } else if (!embed_bf16_.empty()) {
+        const uint16_t* src = embed_bf16_.data() + long(tok) * H;
+        for (long i = 0; i < H; ++i) row[i] = bf16_to_f32(src[i]);
+      } else {
+        packed_row(lm_head_.w, int(tok), row);
+      }
+      if (c.arch == Arch::gpt2) {
+        const float* pe = pos_embed_.data() + (it.cache->length() + t) * H;
+        for (long i = 0; i < H; ++i) row[i] += pe[i];
+      }
+    }
+  }
+}
+
+// Causal (optionally sliding-window) attention of the new rows against each item's cache,
+// which already holds this layer's keys and values for the new positions.
+// qkv [rows, qkv_dim] (q at offset 0), out [rows, q_dim].
+void Model::attention(const std::vector<ForwardItem>& items, int layer, const float* qkv, float* out) {
+  const ModelConfig& c = config_;
+  const int hd = c.head_dim, group = c.n_heads / c.n_kv_heads;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  std::vector<int> row_item;
+  std::vector<int> row_t;
+  long max_keys = 0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    for (int t = 0; t < items[i].n_tokens; ++t) {
+      row_item.push_back(int(i));
+      row_t.push_back(t);
+    }
+    max_keys = std::max(max_keys, items[i].cache->length() + items[i].n_tokens);
+  }
+  const long n_work = long(row_item.size()) * c.n_heads;
+  scores_.resize(size_t(pool_.size()) * max_keys);
+  auto work = [&](int tid, int nt) {
+    float* scores = scores_.data() + long(tid) * max_keys;
+    // Round-robin over (row, head): causal rows differ in cost, interleaving balances threads.
+    for (long w = tid; w < n_work; w += nt) {
+      const long r = w / c.n_heads;
+      const int h = int(w % c.n_heads), g = h / group;
+      const ForwardItem& it = items[row_item[r]];
+      const long pos = it.cache->length() + row_t[r];
+      long first = 0;
+      if (c.sliding_window > 0) first = std::max(0L, pos - c.sliding_window + 1);
+      KvCache* cache = it.cache;
+      attention_row(out + r * c.q_dim() + long(h) * hd, qkv + r * c.qkv_dim() + long(h) * hd,
+                    cache->k(layer, g) + first * hd, cache->v(layer, g) + first * hd, hd,
+                    int(pos - first + 1), hd, scale, scores);
+    }
+  };
+  if (n_work * max_keys * hd < kParallelMinFloats || pool_.size() == 1) {
+    work(0, 1);
+  } else {
+    pool_.run(work);
+  }
+}
+
+void Model::forward(const std::vector<ForwardItem>& items, LogitsMode mode, float* out,
+                    const std::atomic<int>* cancel, const std::function<void(int, int)>& progress) {
+  check_complete();
+  const ModelConfig& c = config_;
+  const long H = c.hidden, R = logits_rows(items, LogitsMode::all);
+  if (R == 0) return;
+  for (const ForwardItem& it : items) {
+    if (it.cache->n_layers() != c.n_layers || it.cache->n_kv_heads() != c.n_kv_heads ||
+        it.cache->head_dim() != c.head_dim)
+      throw std::invalid_argument("sequence cache belongs to a model of another shape");
+    for (int t = 0; t < it.n_tokens; ++t)
+      if (it.tokens[t] >= uint32_t(c.vocab))
+        throw std::out_of_range("token id " + std::to_string(it.tokens[t]) + " is outside the vocabulary (size " +
+                                std::to_string(c.vocab) + ")");
+    if (c.arch == Arch::gpt2 && it.cache->length() + it.n_tokens > c.max_positions)
+      throw std::out_of_range("sequence of " + std::to_string(it.cache->length() + it.n_tokens) +
+                              " tokens exceeds the model's " + std::to_string(c.max_positions) + " positions");
+  }
+  for (const ForwardItem& it : items) it.cache->reserve(it.cache->length() + it.n_tokens);
+
+  const long QKV = c.qkv_dim(), Q = c.q_dim(), KV = c.kv_dim(), hd = c.head_dim;
+  const long I = c.intermediate, MLP_IN = c.act == Activation::silu ? 2 * I : I;
+  x_.resize(R * H);
+  xn_.resize(R * H);
+  qkv_.resize(R * QKV);
+  att_.resize(R * Q);
+  mlp_.resize(R * MLP_IN);
+  act_.resize(c.act == Activation::silu ? R * I : 0);
+
+  // Rotary tables per new row: cos/sin [rows, head_dim / 2].
+  if (c.rope) {
+    rope_cos_.resize(R * hd / 2);
+    rope_sin_.resize(R * hd / 2);
+    long r = 0;
+    for (const ForwardItem& it : items) {
+      const long last = it.cache->length() + it.n_tokens - 1;
+      const std::vector<double> inv_freq = rope_inv_freq(c, last);
+      for (int t = 0; t < it.n_tokens; ++t, ++r)
+        rope_angles(inv_freq, it.cache->length() + t, rope_cos_.data() + r * hd / 2, rope_sin_.data() + r * hd / 2);
+    }
+  }
+
+  float* x = x_.data();
+  float* xn = xn_.data();
+  embed_rows(items, x);
+
+  auto norm_rows = [&](const Norm& n, const float* in, float* o, long n_rows) {
+    for_rows(pool_, n_rows, H, [&](long r) {
+      if (c.norm == NormType::rms) rmsnorm_forward(o + r * H, in + r * H, n.weight.data(), int(H), c.norm_eps);
+      else layernorm_forward(o + r * H, in + r * H, n.weight.data(), n.bias.data(), int(H), c.norm_eps);
+    });
+  };
+  auto bias_of = [](const Linear& l) { return l.bias.empty() ? nullptr : l.bias.data(); };
+
+  for (int l = 0; l < c.n_layers; ++l) {
+    if (cancel && cancel->load(std::memory_order_relaxed)) throw Cancelled();
+    const Layer& L = layers_[l];
+
+    // Attention block: x += o(attn(rope(qkv(norm(x)))))
+    norm_rows(L.attn_norm, x, xn, R);
+    gemm(pool_, int(R), xn, H, L.qkv.w, bias_of(L.qkv), qkv_.data(), QKV, false);
+    {
+      long r = 0;
+      for (const ForwardItem& it : items) {
+        for (int t = 0; t < it.n_tokens; ++t, ++r) {
+          float* q = qkv_.data() + r * QKV;
+          float* k = q + Q;
+          const float* v = k + KV;
+          if (c.rope) {
+            rope_forward(q, c.n_heads, int(hd), rope_cos_.data() + r * hd / 2, rope_sin_.data() + r * hd / 2);
+            rope_forward(k, c.n_kv_heads, int(hd), rope_cos_.data() + r * hd / 2, rope_sin_.data() + r * hd / 2);
+          }
+          const long pos = it.cache->length() + t;
+          for (int g = 0; g < c.n_kv_heads; ++g) {
+            std::memcpy(it.cache->k(l, g) + pos * hd, k + g * hd, hd * sizeof(float));
+            std::memcpy(it.cache->v(l, g) + pos * hd, v + g * hd, hd * sizeof(float));
+          }
+        }
+      }
+    }
+    attention(items, l, qkv_.data(), att_.data());
+    gemm(pool_, int(R), att_.data(), Q, L.o.w, bias_of(L.o), x, H, true);
+
+    // MLP block: x += mlp_out(act(mlp_in(norm(x))))
+    norm_rows(L.mlp_norm, x, xn, R);
+    gemm(pool_, int(R), xn, H, L.mlp_in.w, bias_of(L.mlp_in), mlp_.data(), MLP_IN, false);
+    if (c.act == Activation::silu) {
+      for_rows(pool_, R, I, [&](long r) {
+        swiglu_forward(act_.data() + r * I, mlp_.data() + r * MLP_IN, mlp_.data() + r * MLP_IN + I, int(I));
+      });
+      gemm(pool_, int(R), act_.data(), I, L.mlp_out.w, bias_of(L.mlp_out), x, H, true);
+    } else {
+      for_rows(pool_, R, I, [&](long r) { gelu_new_forward(mlp_.data() + r * I, int(I)); });
+      gemm(pool_, int(R), mlp_.data(), I, L.mlp_out.w, bias_of(L.mlp_out), x, H, true);
+    }
+    if (progress) progress(l + 1, c.n_layers);
+  }
+  if (cancel && cancel->load(std::memory_order_relaxed)) throw Cancelled();
+
+  // Final norm on the rows whose logits are wanted, then the LM head.
+  const float* head_in = x;
+  long rows = R;
+  if (mode == LogitsMode::last) {
+    rows = long(items.size());
+    rows_.resize(rows * H);
+    long r = 0;
+    for (size_t i = 0; i < items.size(); ++i) {
+      r += items[i].n_tokens;
+      std::memcpy(rows_.data() + i * H, x + (r - 1) * H, H * sizeof(float));
+    }
+    head_in = rows_.data();
+  }
+  norm_rows(final_norm_, head_in, xn, rows);  // R >= rows, so xn has room
+  gemm(pool_, int(rows), xn, H, lm_head_.w, nullptr, out, c.vocab, false);
+  for (const ForwardItem& it : items) it.cache->set_length(it.cache->length() + it.n_tokens);
+}
+
+}  // namespace rf

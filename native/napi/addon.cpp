@@ -1,0 +1,347 @@
+// The Node-API surface of the engine. Bindings only: argument checks that need native
+// knowledge, then work handed to model/ on a worker thread. lib/native.ts is the one
+// typed module that calls this; it validates arguments before they get here.
+#include <napi.h>
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/cpu.h"
+#include "model/model.h"
+#include "napi/bench.h"
+#include "napi/worker.h"
+#ifdef RF_HAVE_CUDA
+#include "cuda/cuda.h"
+#endif
+
+namespace rf::napi {
+namespace {
+
+int get_int(const Napi::Object& o, const char* key) {
+  Napi::Value v = o.Get(key);
+  if (!v.IsNumber()) throw std::invalid_argument(std::string("config.") + key + " must be a number");
+  return v.As<Napi::Number>().Int32Value();
+}
+double get_double(const Napi::Object& o, const char* key) {
+  Napi::Value v = o.Get(key);
+  if (!v.IsNumber()) throw std::invalid_argument(std::string("config.") + key + " must be a number");
+  return v.As<Napi::Number>().DoubleValue();
+}
+bool get_bool(const Napi::Object& o, const char* key) {
+  Napi::Value v = o.Get(key);
+  if (!v.IsBoolean()) throw std::invalid_argument(std::string("config.") + key + " must be a boolean");
+  return v.As<Napi::Boolean>().Value();
+}
+std::string get_string(const Napi::Object& o, const char* key) {
+  Napi::Value v = o.Get(key);
+  if (!v.IsString()) throw std::invalid_argument(std::string("config.") + key + " must be a string");
+  return v.As<Napi::String>().Utf8Value();
+}
+
+ModelConfig parse_config(const Napi::Object& o) {
+  ModelConfig c;
+  const std::string arch = get_string(o, "arch");
+  if (arch == "llama") c.arch = Arch::llama;
+  else if (arch == "gpt2") c.arch = Arch::gpt2;
+  else throw std::invalid_argument("config.arch must be llama or gpt2");
+  c.vocab = get_int(o, "vocab");
+  c.hidden = get_int(o, "hidden");
+  c.intermediate = get_int(o, "intermediate");
+  c.n_layers = get_int(o, "nLayers");
+  c.n_heads = get_int(o, "nHeads");
+  c.n_kv_heads = get_int(o, "nKvHeads");
+  c.head_dim = get_int(o, "headDim");
+  c.max_positions = get_int(o, "maxPositions");
+  c.norm = get_string(o, "norm") == "layer" ? NormType::layer : NormType::rms;
+  c.norm_eps = float(get_double(o, "normEps"));
+  c.act = get_string(o, "act") == "gelu_new" ? Activation::gelu_new : Activation::silu;
+  c.rope = get_bool(o, "rope");
+  c.rope_theta = get_double(o, "ropeTheta");
+  const std::string scaling = get_string(o, "ropeScaling");
+  if (scaling == "none") c.rope_scaling = RopeScaling::none;
+  else if (scaling == "linear") c.rope_scaling = RopeScaling::linear;
+  else if (scaling == "dynamic") c.rope_scaling = RopeScaling::dynamic;
+  else if (scaling == "llama3") c.rope_scaling = RopeScaling::llama3;
+  else throw std::invalid_argument("config.ropeScaling must be none, linear, dynamic or llama3");
+  c.rope_factor = get_double(o, "ropeFactor");
+  c.rope_low_freq_factor = get_double(o, "ropeLowFreqFactor");
+  c.rope_high_freq_factor = get_double(o, "ropeHighFreqFactor");
+  c.rope_original_max_positions = get_int(o, "ropeOriginalMaxPositions");
+  c.qkv_bias = get_bool(o, "qkvBias");
+  c.o_bias = get_bool(o, "oBias");
+  c.mlp_bias = get_bool(o, "mlpBias");
+  c.tied_embeddings = get_bool(o, "tiedEmbeddings");
+  c.sliding_window = get_int(o, "slidingWindow");
+  return c;
+}
+
+class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
+ public:
+  static Napi::FunctionReference ctor;
+
+  static Napi::Function Init(Napi::Env env) {
+    return DefineClass(env, "NativeSequence",
+                       {InstanceAccessor<&SequenceWrap::Length>("length"),
+                        InstanceAccessor<&SequenceWrap::Bytes>("bytes"),
+                        InstanceMethod<&SequenceWrap::Truncate>("truncate"),
+                        InstanceMethod<&SequenceWrap::Dispose>("dispose")});
+  }
+
+  explicit SequenceWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<SequenceWrap>(info) {}
+
+  std::shared_ptr<KvCache> cache;  // null once disposed
+  const void* owner = nullptr;     // the Model it was made for
+
+ private:
+  Napi::Value Length(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), cache ? double(cache->length()) : 0.0);
+  }
+  Napi::Value Bytes(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), cache ? double(cache->bytes()) : 0.0);
+  }
+  void Truncate(const Napi::CallbackInfo& info) {
+    guard(info.Env(), [&] {
+      if (!cache) throw std::invalid_argument("the sequence was disposed");
+      cache->truncate(long(info[0].As<Napi::Number>().Int64Value()));
+    });
+  }
+  // A forward in flight holds its own reference, so the memory goes when that finishes.
+  void Dispose(const Napi::CallbackInfo&) { cache.reset(); }
+};
+Napi::FunctionReference SequenceWrap::ctor;
+
+class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
+ public:
+  static Napi::Function Init(Napi::Env env) {
+    return DefineClass(env, "NativeModel",
+                       {InstanceMethod<&ModelWrap::LoadTensor>("loadTensor"),
+                        InstanceMethod<&ModelWrap::CheckComplete>("checkComplete"),
+                        InstanceMethod<&ModelWrap::NewSequence>("newSequence"),
+                        InstanceMethod<&ModelWrap::Forward>("forward"),
+                        InstanceMethod<&ModelWrap::Info>("info"),
+                        InstanceMethod<&ModelWrap::Dispose>("dispose")});
+  }
+
+  // new NativeModel(config, dtype: 'f32' | 'bf16', threads)
+  explicit ModelWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<ModelWrap>(info) {
+    guard(info.Env(), [&] {
+      const ModelConfig config = parse_config(info[0].As<Napi::Object>());
+      const DType dtype = info[1].As<Napi::String>().Utf8Value() == "bf16" ? DType::bf16 : DType::f32;
+      const int threads = info[2].As<Napi::Number>().Int32Value();
+      active_isa();  // fails clearly on a CPU without AVX2
+      model_ = std::make_shared<Model>(config, dtype, threads);
+    });
+  }
+
+ private:
+  Model& model() {
+    if (!model_) throw std::invalid_argument("the model was disposed");
+    return *model_;
+  }
+  void begin_work() {
+    if (busy_->exchange(true)) throw std::invalid_argument("the model is busy: calls must not overlap");
+  }
+
+  // loadTensor(name, srcType: 0 f32 | 1 f16 | 2 bf16, shape: number[], srcIsKN, data: Uint8Array) -> Promise<void>
+  Napi::Value LoadTensor(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guard(env, [&]() -> Napi::Value {
+      model();
+      std::string name = info[0].As<Napi::String>().Utf8Value();
+      auto type = SrcType(info[1].As<Napi::Number>().Int32Value());
+      Napi::Array shape_js = info[2].As<Napi::Array>();
+      std::vector<long> shape;
+      for (uint32_t i = 0; i < shape_js.Length(); ++i) shape.push_back(long(shape_js.Get(i).As<Napi::Number>().Int64Value()));
+      bool kn = info[3].As<Napi::Boolean>().Value();
+      Napi::Uint8Array data = info[4].As<Napi::Uint8Array>();
+      long n = 1;
+      for (long d : shape) n *= d;
+      const long elem = type == SrcType::f32 ? 4 : 2;
+      if (long(data.ByteLength()) != n * elem)
+        throw std::invalid_argument("tensor " + name + ": data has " + std::to_string(data.ByteLength()) +
+                                    " bytes, shape needs " + std::to_string(n * elem));
+      begin_work();
+      auto keep = std::make_shared<Napi::ObjectReference>(Napi::Persistent(data.As<Napi::Object>()));
+      const uint8_t* bytes = data.Data();
+      auto model = model_;
+      auto busy = busy_;
+      return PromiseWorker::start(
+          env,
+          [=] {
+            struct Release { std::shared_ptr<std::atomic<bool>> b; ~Release() { b->store(false); } } release{busy};
+            model->load_tensor(name, bytes, type, shape, kn);
+          },
+          [keep](Napi::Env e) -> Napi::Value { keep->Reset(); return e.Undefined(); });
+    });
+  }
+
+  void CheckComplete(const Napi::CallbackInfo& info) {
+    guard(info.Env(), [&] { model().check_complete(); });
+  }
+
+  Napi::Value NewSequence(const Napi::CallbackInfo& info) {
+    return guard(info.Env(), [&]() -> Napi::Value {
+      Napi::Object obj = SequenceWrap::ctor.New({});
+      SequenceWrap* s = SequenceWrap::Unwrap(obj);
+      s->cache = std::make_shared<KvCache>(model().new_cache());
+      s->owner = model_.get();
+      return obj;
+    });
+  }
+
+  // forward(sequences: NativeSequence[], tokens: Uint32Array, counts: Uint32Array,
+  //         allLogits: boolean, cancel?: Int32Array, onProgress?: (done, total) => void) -> Promise<Float32Array>
+  Napi::Value Forward(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guard(env, [&]() -> Napi::Value {
+      model();
+      Napi::Array seqs = info[0].As<Napi::Array>();
+      Napi::Uint32Array tokens_js = info[1].As<Napi::Uint32Array>();
+      Napi::Uint32Array counts_js = info[2].As<Napi::Uint32Array>();
+      const LogitsMode mode = info[3].As<Napi::Boolean>().Value() ? LogitsMode::all : LogitsMode::last;
+      if (counts_js.ElementLength() != seqs.Length()) throw std::invalid_argument("one token count per sequence is required");
+
+      auto tokens = std::make_shared<std::vector<uint32_t>>(tokens_js.Data(), tokens_js.Data() + tokens_js.ElementLength());
+      std::vector<std::shared_ptr<KvCache>> caches;
+      std::vector<ForwardItem> items;
+      size_t offset = 0;
+      for (uint32_t i = 0; i < seqs.Length(); ++i) {
+        Napi::Value v = seqs.Get(i);
+        if (!v.IsObject() || !v.As<Napi::Object>().InstanceOf(SequenceWrap::ctor.Value()))
+          throw std::invalid_argument("sequences[" + std::to_string(i) + "] is not a sequence");
+        SequenceWrap* s = SequenceWrap::Unwrap(v.As<Napi::Object>());
+        if (!s->cache) throw std::invalid_argument("sequences[" + std::to_string(i) + "] was disposed");
+        if (s->owner != model_.get()) throw std::invalid_argument("sequences[" + std::to_string(i) + "] belongs to another model");
+        for (auto& c : caches)
+          if (c == s->cache) throw std::invalid_argument("a sequence appears twice in one forward call");
+        const uint32_t n = counts_js[i];
+        if (offset + n > tokens->size()) throw std::invalid_argument("token counts exceed the tokens given");
+        caches.push_back(s->cache);
+        items.push_back({s->cache.get(), tokens->data() + offset, int(n)});
+        offset += n;
+      }
+      if (offset != tokens->size()) throw std::invalid_argument("token counts do not add up to the tokens given");
+
+      std::shared_ptr<Napi::ObjectReference> cancel_ref;
+      const std::atomic<int>* cancel = nullptr;
+      if (info.Length() > 4 && info[4].IsTypedArray()) {
+        Napi::Int32Array flag = info[4].As<Napi::Int32Array>();
+        cancel_ref = std::make_shared<Napi::ObjectReference>(Napi::Persistent(flag.As<Napi::Object>()));
+        // The flag is written with Atomics.store from JavaScript; an aligned int32 is read atomically.
+        cancel = reinterpret_cast<const std::atomic<int>*>(flag.Data());
+      }
+      std::shared_ptr<Napi::ThreadSafeFunction> progress_fn;
+      if (info.Length() > 5 && info[5].IsFunction()) {
+        progress_fn = std::make_shared<Napi::ThreadSafeFunction>(
+            Napi::ThreadSafeFunction::New(env, info[5].As<Napi::Function>(), "redflag-progress", 0, 1));
+      }
+
+      const long rows = Model::logits_rows(items, mode);
+      auto out = std::make_shared<std::vector<float>>();
+      begin_work();
+      auto model = model_;
+      auto busy = busy_;
+      return PromiseWorker::start(
+          env,
+          [=] {
+            struct Release {
+              std::shared_ptr<std::atomic<bool>> b;
+              std::shared_ptr<Napi::ThreadSafeFunction> f;
+              ~Release() { b->store(false); if (f) f->Release(); }
+            } release{busy, progress_fn};
+            out->resize(size_t(rows) * model->vocab());
+            std::function<void(int, int)> progress;
+            if (progress_fn) {
+              progress = [progress_fn](int done, int total) {
+                progress_fn->NonBlockingCall([done, total](Napi::Env e, Napi::Function cb) {
+                  cb.Call({Napi::Number::New(e, done), Napi::Number::New(e, total)});
+                });
+              };
+            }
+            model->forward(items, mode, out->data(), cancel, progress);
+            (void)caches;
+            (void)tokens;
+          },
+          [out, cancel_ref](Napi::Env e) -> Napi::Value {
+            Napi::Float32Array arr = Napi::Float32Array::New(e, out->size());
+            std::copy(out->begin(), out->end(), arr.Data());
+            if (cancel_ref) cancel_ref->Reset();
+            return arr;
+          });
+    });
+  }
+
+  Napi::Value Info(const Napi::CallbackInfo& info) {
+    return guard(info.Env(), [&]() -> Napi::Value {
+      Model& m = model();
+      Napi::Object o = Napi::Object::New(info.Env());
+      o.Set("vocab", m.vocab());
+      o.Set("threads", m.threads());
+      o.Set("dtype", m.dtype() == DType::bf16 ? "bf16" : "f32");
+      o.Set("weightBytes", double(m.weight_bytes()));
+      o.Set("isa", isa_name(active_isa()));
+      return o;
+    });
+  }
+
+  // Frees the weights and threads; work in flight keeps its own reference and finishes first.
+  void Dispose(const Napi::CallbackInfo&) { model_.reset(); }
+
+  std::shared_ptr<Model> model_;
+  std::shared_ptr<std::atomic<bool>> busy_ = std::make_shared<std::atomic<bool>>(false);
+};
+
+Napi::Value CpuInfo(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), [&]() -> Napi::Value {
+    const CpuFeatures& f = cpu_features();
+    Napi::Object o = Napi::Object::New(info.Env());
+    o.Set("avx2", f.avx2 && f.fma && f.f16c);
+    o.Set("avx512", f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq);
+    o.Set("avx512bf16", f.avx512bf16);
+    o.Set("isa", isa_name(active_isa()));
+    return o;
+  });
+}
+
+#ifdef RF_HAVE_CUDA
+// cudaInfo() -> { count, name, smMajor, smMinor, memoryGiB, saxpyMaxError }: the smoke test
+// of the CUDA build (count 0 where no GPU is visible).
+Napi::Value CudaInfo(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), [&]() -> Napi::Value {
+    const cuda::DeviceInfo d = cuda::device_info();
+    Napi::Object o = Napi::Object::New(info.Env());
+    o.Set("count", d.count);
+    o.Set("name", d.name);
+    o.Set("smMajor", d.sm_major);
+    o.Set("smMinor", d.sm_minor);
+    o.Set("memoryGiB", d.memory_gib);
+    o.Set("saxpyMaxError", d.count > 0 ? cuda::smoke_saxpy(1 << 20) : -1.0);
+    return o;
+  });
+}
+#endif
+
+}  // namespace
+
+Napi::Object InitAddon(Napi::Env env, Napi::Object exports) {
+  Napi::Function seq = SequenceWrap::Init(env);
+  SequenceWrap::ctor = Napi::Persistent(seq);
+  SequenceWrap::ctor.SuppressDestruct();
+  exports.Set("NativeSequence", seq);
+  exports.Set("NativeModel", ModelWrap::Init(env));
+  exports.Set("cpuInfo", Napi::Function::New(env, CpuInfo));
+  init_bench(env, exports);
+#ifdef RF_HAVE_CUDA
+  exports.Set("cudaInfo", Napi::Function::New(env, CudaInfo));
+#endif
+  return exports;
+}
+
+}  // namespace rf::napi
+
+static Napi::Object InitRedflag(Napi::Env env, Napi::Object exports) {
+  return rf::napi::InitAddon(env, exports);
+}
+NODE_API_MODULE(redflag, InitRedflag)

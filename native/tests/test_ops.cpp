@@ -1,0 +1,134 @@
+// The row-wise transformer ops (kernels/ops.h) against float64 references.
+// Tolerances: each op is a short f32 computation, so results must agree with float64 to
+// a few f32 ulps: relative L2 <= 1e-6 (exp-based ops: 2e-6, the polynomial exp's error).
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/cpu.h"
+#include "kernels/ops.h"
+#include "tests/check.h"
+
+using rf::test::check;
+using rf::test::rel_l2;
+
+namespace {
+
+std::mt19937 rng(1234);
+
+std::vector<float> randn(size_t n, float scale = 1.f) {
+  std::normal_distribution<float> d(0.f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = d(rng);
+  return v;
+}
+
+void test_rmsnorm(int n) {
+  auto x = randn(n, 3.f), w = randn(n);
+  std::vector<float> out(n);
+  rf::rmsnorm_forward(out.data(), x.data(), w.data(), n, 1e-5f);
+  double ss = 0;
+  for (float v : x) ss += double(v) * v;
+  const double inv = 1.0 / std::sqrt(ss / n + 1e-5);
+  std::vector<double> want(n);
+  for (int i = 0; i < n; ++i) want[i] = double(w[i]) * x[i] * inv;
+  check(rel_l2(out.data(), want.data(), n) <= 1e-6, "rmsnorm n=" + std::to_string(n));
+}
+
+void test_layernorm(int n) {
+  auto x = randn(n, 2.f), w = randn(n), b = randn(n);
+  for (float& v : x) v += 5.f;  // a large mean: the two-pass variance must stay accurate
+  std::vector<float> out(n);
+  rf::layernorm_forward(out.data(), x.data(), w.data(), b.data(), n, 1e-5f);
+  double mean = 0, var = 0;
+  for (float v : x) mean += v;
+  mean /= n;
+  for (float v : x) var += (v - mean) * (v - mean);
+  var /= n;
+  std::vector<double> want(n);
+  for (int i = 0; i < n; ++i) want[i] = (x[i] - mean) / std::sqrt(var + 1e-5) * w[i] + b[i];
+  check(rel_l2(out.data(), want.data(), n) <= 1e-6, "layernorm n=" + std::to_string(n));
+}
+
+void test_rope(int heads, int hd) {
+  auto x = randn(size_t(heads) * hd);
+  std::vector<float> cos(hd / 2), sin(hd / 2);
+  for (int i = 0; i < hd / 2; ++i) {
+    cos[i] = std::cos(0.3 * (i + 1));
+    sin[i] = std::sin(0.3 * (i + 1));
+  }
+  std::vector<double> want(x.size());
+  for (int h = 0; h < heads; ++h)
+    for (int i = 0; i < hd; ++i) {
+      const int j = i % (hd / 2);
+      const double rot = i < hd / 2 ? -double(x[h * hd + i + hd / 2]) : double(x[h * hd + i - hd / 2]);
+      want[h * hd + i] = x[h * hd + i] * double(cos[j]) + rot * double(sin[j]);
+    }
+  rf::rope_forward(x.data(), heads, hd, cos.data(), sin.data());
+  check(rel_l2(x.data(), want.data(), x.size()) <= 1e-6, "rope heads=" + std::to_string(heads) + " hd=" + std::to_string(hd));
+}
+
+void test_swiglu(int n) {
+  auto g = randn(n, 4.f), u = randn(n);
+  std::vector<float> out(n);
+  rf::swiglu_forward(out.data(), g.data(), u.data(), n);
+  std::vector<double> want(n);
+  for (int i = 0; i < n; ++i) want[i] = double(g[i]) / (1.0 + std::exp(-double(g[i]))) * u[i];
+  check(rel_l2(out.data(), want.data(), n) <= 2e-6, "swiglu n=" + std::to_string(n));
+}
+
+void test_gelu(int n) {
+  auto x = randn(n, 3.f);
+  x[0] = 1e-4f;  // small-argument branch of tanh
+  x[1] = -30.f;  // saturation
+  std::vector<double> want(n);
+  for (int i = 0; i < n; ++i) {
+    const double v = x[i];
+    want[i] = 0.5 * v * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (v + 0.044715 * v * v * v)));
+  }
+  rf::gelu_new_forward(x.data(), n);
+  check(rel_l2(x.data(), want.data(), n) <= 2e-6, "gelu_new n=" + std::to_string(n));
+  double worst = 0;
+  for (int i = 0; i < n; ++i) worst = std::fmax(worst, std::fabs(x[i] - want[i]));
+  check(worst <= 1e-5, "gelu_new max abs error n=" + std::to_string(n));
+}
+
+void test_attention(int n_keys, int hd, long stride) {
+  auto q = randn(hd), k = randn(size_t(n_keys) * stride, 1.5f), v = randn(size_t(n_keys) * stride);
+  std::vector<float> out(hd), scores(n_keys);
+  const float scale = 1.0f / std::sqrt(float(hd));
+  rf::attention_row(out.data(), q.data(), k.data(), v.data(), stride, n_keys, hd, scale, scores.data());
+  std::vector<double> s(n_keys), want(hd, 0.0);
+  double mx = -1e300, sum = 0;
+  for (int j = 0; j < n_keys; ++j) {
+    double d = 0;
+    for (int i = 0; i < hd; ++i) d += double(q[i]) * k[j * stride + i];
+    s[j] = d * scale;
+    mx = std::fmax(mx, s[j]);
+  }
+  for (int j = 0; j < n_keys; ++j) sum += (s[j] = std::exp(s[j] - mx));
+  for (int j = 0; j < n_keys; ++j)
+    for (int i = 0; i < hd; ++i) want[i] += s[j] / sum * v[j * stride + i];
+  check(rel_l2(out.data(), want.data(), hd) <= 2e-6,
+        "attention keys=" + std::to_string(n_keys) + " hd=" + std::to_string(hd) + " stride=" + std::to_string(stride));
+}
+
+}  // namespace
+
+int main() {
+  std::printf("test_ops: isa %s\n", rf::isa_name(rf::active_isa()));
+  for (int n : {1, 7, 16, 64, 576, 1000}) {
+    test_rmsnorm(n);
+    test_layernorm(n);
+    test_swiglu(n);
+    test_gelu(n < 2 ? 2 : n);
+  }
+  for (int hd : {2, 16, 64, 128}) test_rope(3, hd);
+  for (int keys : {1, 2, 17, 300}) {
+    test_attention(keys, 64, 64);
+    test_attention(keys, 24, 24);
+    test_attention(keys, 16, 48);
+  }
+  return rf::test::finish("test_ops");
+}

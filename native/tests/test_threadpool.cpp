@@ -1,0 +1,158 @@
+// ThreadPool: coverage of run/parallel_for, thread indices, many back-to-back regions,
+// pools created and destroyed repeatedly, exceptions; prints the cost of an empty region.
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/threadpool.h"
+
+namespace {
+
+int g_passed = 0, g_failed = 0;
+
+void report(bool ok, const std::string& name, const std::string& detail = "") {
+  std::printf("%s %s %s\n", ok ? "PASS" : "FAIL", name.c_str(), detail.c_str());
+  (ok ? g_passed : g_failed)++;
+}
+
+// Every thread index runs exactly once per region, with the right thread count.
+void run_indices_check(int n_threads) {
+  rf::ThreadPool pool(n_threads);
+  std::vector<std::atomic<int>> hits(n_threads);
+  std::atomic<int> wrong_count{0};
+  for (int rep = 0; rep < 100; ++rep)
+    pool.run([&](int t, int nt) {
+      if (nt != n_threads || t < 0 || t >= n_threads) {
+        wrong_count++;
+        return;
+      }
+      hits[t]++;
+    });
+  bool ok = wrong_count == 0 && pool.size() == n_threads;
+  for (auto& h : hits) ok = ok && h == 100;
+  report(ok, "run indices n_threads=" + std::to_string(n_threads));
+}
+
+// Caller is thread 0.
+void caller_is_thread0_check() {
+  rf::ThreadPool pool(2);
+  std::thread::id caller = std::this_thread::get_id(), seen;
+  std::thread::id other;
+  pool.run([&](int t, int) {
+    if (t == 0) seen = std::this_thread::get_id();
+    else other = std::this_thread::get_id();
+  });
+  report(seen == caller && other != caller, "caller runs thread 0, worker is another thread");
+}
+
+// parallel_for covers [0, n) exactly once, in contiguous chunks, for awkward n.
+void parallel_for_check(int n_threads) {
+  rf::ThreadPool pool(n_threads);
+  bool ok = true;
+  for (long n : {0L, 1L, 2L, 3L, 7L, 64L, 1000L, 100003L}) {
+    std::vector<std::atomic<int>> hits(size_t(n > 0 ? n : 1));
+    std::atomic<int> bad_thread{0};
+    pool.parallel_for(n, [&](long b, long e, int t) {
+      if (t < 0 || t >= n_threads || b >= e) bad_thread++;
+      for (long i = b; i < e; ++i) hits[size_t(i)]++;
+    });
+    for (long i = 0; i < n; ++i) ok = ok && hits[size_t(i)] == 1;
+    ok = ok && bad_thread == 0;
+  }
+  report(ok, "parallel_for coverage n_threads=" + std::to_string(n_threads));
+}
+
+// 100k back-to-back regions; each writes a per-thread slot that the caller checks next.
+void many_regions_check() {
+  rf::ThreadPool pool(2);
+  std::vector<long> slot(2 * 16, 0);  // padded to separate cache lines
+  bool ok = true;
+  const long regions = 100000;
+  for (long r = 1; r <= regions; ++r) {
+    pool.run([&](int t, int) { slot[t * 16] = r; });
+    if (slot[0] != r || slot[16] != r) {
+      ok = false;
+      break;
+    }
+  }
+  report(ok, "100k back-to-back regions see all writes");
+}
+
+// Regions separated by sleeps longer than the spin time (workers go to sleep and wake).
+void sleep_wake_check() {
+  rf::ThreadPool pool(3);
+  std::atomic<int> count{0};
+  for (int i = 0; i < 20; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(i % 3 == 0 ? 2 : 0));
+    pool.run([&](int, int) { count++; });
+  }
+  report(count == 60, "regions after workers slept", "count=" + std::to_string(count.load()));
+}
+
+void create_destroy_check() {
+  std::atomic<long> total{0};
+  for (int i = 0; i < 200; ++i) {
+    rf::ThreadPool pool(1 + i % 4);
+    if (i % 2) pool.run([&](int, int) { total++; });
+  }
+  // Several pools alive at once, used alternately (one per loaded model).
+  rf::ThreadPool a(2), b(2);
+  for (int i = 0; i < 1000; ++i) {
+    a.run([&](int, int) { total++; });
+    b.run([&](int, int) { total++; });
+  }
+  long expect = 0;
+  for (int i = 0; i < 200; ++i)
+    if (i % 2) expect += 1 + i % 4;
+  expect += 4000;
+  report(total == expect, "pools created/destroyed, several alive", "total=" + std::to_string(total.load()));
+}
+
+void exception_check() {
+  rf::ThreadPool pool(2);
+  bool caught = false;
+  try {
+    pool.run([&](int t, int) {
+      if (t == 1) throw std::runtime_error("worker failure");
+    });
+  } catch (const std::runtime_error&) {
+    caught = true;
+  }
+  std::atomic<int> after{0};
+  pool.run([&](int, int) { after++; });  // the pool still works afterwards
+  report(caught && after == 2, "worker exception reaches the caller");
+}
+
+void region_cost_print() {
+  for (int n_threads : {1, 2}) {
+    rf::ThreadPool pool(n_threads);
+    const int regions = 200000;
+    for (int i = 0; i < 1000; ++i) pool.run([](int, int) {});
+    auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < regions; ++i) pool.run([](int, int) {});
+    double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / regions;
+    char buf[80];
+    std::snprintf(buf, sizeof buf, "%.3f us per empty region", us);
+    // Generous bound so a loaded CI machine does not fail; the figure is what matters.
+    report(us < 50, "region cost n_threads=" + std::to_string(n_threads), buf);
+  }
+}
+
+}  // namespace
+
+int main() {
+  for (int n : {1, 2, 3, 4}) run_indices_check(n);
+  caller_is_thread0_check();
+  for (int n : {1, 2, 3}) parallel_for_check(n);
+  many_regions_check();
+  sleep_wake_check();
+  create_destroy_check();
+  exception_check();
+  region_cost_print();
+  std::printf("%d passed, %d failed\n", g_passed, g_failed);
+  return g_failed == 0 ? 0 : 1;
+}
