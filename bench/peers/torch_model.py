@@ -22,6 +22,11 @@ fuses q/k/v and gate/up into one GEMM each and never materialises repeat_kv: que
 are grouped per KV head ([n_kv, n_rep*T, d] @ [n_kv, d, S]). torch 1.13 has no
 F.scaled_dot_product_attention, so attention is matmul + softmax.
 
+GEMMs: with --gemm-backend auto (default) each dtype and phase uses the faster of F.linear
+and oneDNN on pre-packed weights, timed on a GEMM of the model's shape first; this matters
+where Debian's torch (BLAS_INFO=generic) finds only netlib's reference BLAS, which makes
+fp32 F.linear ~40x slower than with OpenBLAS. The choice is reported in "gemm_backend".
+
 OpenMP: PyTorch 1.13 fp32 on 2 threads collapses unless OMP_WAIT_POLICY=PASSIVE, while bf16
 is faster without it (../shared/PEERS.md). The variable must be set before torch is
 imported, so:
@@ -60,6 +65,9 @@ def parse_args(argv):
     ap.add_argument("--omp-passive", action="store_true", help="set OMP_WAIT_POLICY=PASSIVE and re-exec")
     ap.add_argument("--best-settings", action="store_true",
                     help="f32 with OMP_WAIT_POLICY=PASSIVE, bf16 without, each in a child process")
+    ap.add_argument("--gemm-backend", default="auto", choices=["auto", "linear", "mkldnn"],
+                    help="GEMM path: F.linear (linear), oneDNN on pre-packed weights (mkldnn, fp32 "
+                         "only), or the faster of the two measured per phase and dtype (auto, default)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     args.runs = max(3, args.runs)
@@ -116,7 +124,8 @@ def run_best_settings(args, argv) -> int:
         if merged is None:
             merged = res
         else:
-            for key in ("prefill", "decode", "prefill_runs", "decode_runs", "omp_wait_policy"):
+            for key in ("prefill", "decode", "prefill_runs", "decode_runs", "omp_wait_policy",
+                        "gemm_backend", "gemm_probe_gflops"):
                 merged[key].update(res[key])
     merged["settings"] = "best: f32 with OMP_WAIT_POLICY=PASSIVE, bf16 with the default policy"
     print(json.dumps(merged))
@@ -143,9 +152,49 @@ def main(argv=None) -> int:
 # ----------------------------------------------------------------------------------
 
 
-def build(cfg: dict, dtype, seed: int):
+def linear_backends(dtype):
+    """Candidate implementations of y = x @ W^T for `dtype`.
+
+    "linear": F.linear as torch dispatches it (Debian's torch 1.13 sends fp32 to the
+    libblas.so.3 it links: OpenBLAS where installed, netlib's reference BLAS otherwise,
+    which is ~40x slower; bf16 goes to oneDNN); "mkldnn": oneDNN inner product on weights
+    pre-packed with to_mkldnn() (fp32 only)."""
     import torch
     import torch.nn.functional as F
+
+    out = {"linear": (lambda w: w, lambda x, w: F.linear(x, w))}
+    if dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        mk = torch._C._nn.mkldnn_linear
+        out["mkldnn"] = (lambda w: w.to_mkldnn(), lambda x, w: mk(x.to_mkldnn(), w, None).to_dense())
+    return out
+
+
+def pick_backend(dtype, rows: int, threads: int) -> tuple:
+    """Time each backend on a GEMM of the model's shape ([rows, 576] @ [576, 1536]) and
+    return (fastest name, {name: GFLOP/s})."""
+    import torch
+
+    g = torch.Generator().manual_seed(123)
+    x = torch.randn(rows, 576, generator=g).to(dtype)
+    w = torch.randn(1536, 576, generator=g).to(dtype)
+    flops = 2.0 * rows * 576 * 1536
+    speeds = {}
+    for name, (prep, lin) in linear_backends(dtype).items():
+        pw = prep(w)
+        lin(x, pw)
+        reps = 3 if rows > 1 else 50
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            lin(x, pw)
+        speeds[name] = round(flops * reps / (time.perf_counter() - t0) / 1e9, 1)
+    return max(speeds, key=speeds.get), speeds
+
+
+def build(cfg: dict, dtype, seed: int, backends=("linear",)):
+    import torch
+    import torch.nn.functional as F
+
+    impls = linear_backends(dtype)
 
     H, I, L = cfg["hidden"], cfg["intermediate"], cfg["layers"]
     nh, nkv, hd, V = cfg["heads"], cfg["kv_heads"], cfg["head_dim"], cfg["vocab"]
@@ -168,6 +217,14 @@ def build(cfg: dict, dtype, seed: int):
             down=rnd(H, I, std=I ** -0.5),
         ))
     norm = torch.ones(H, dtype=dtype)
+    packed = {}  # backend -> (per-layer dicts of packed matrices, packed lm_head)
+    for b in backends:
+        prep = impls[b][0]
+        if b == "linear":
+            packed[b] = (layers, embed)
+        else:
+            packed[b] = ([{k: (prep(v) if k in ("qkv", "o", "gate_up", "down") else v) for k, v in Ly.items()}
+                          for Ly in layers], prep(embed))
     inv_freq = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
     scale = hd ** -0.5
 
@@ -191,6 +248,7 @@ def build(cfg: dict, dtype, seed: int):
     class Model:
         def __init__(self, max_len):
             self.max_len = max_len
+            self.use(backends[0])
             self.cos, self.sin = rope_tables(max_len)
             self.k = torch.zeros(L, nkv, max_len, hd, dtype=dtype)
             self.v = torch.zeros(L, nkv, max_len, hd, dtype=dtype)
@@ -199,6 +257,12 @@ def build(cfg: dict, dtype, seed: int):
 
         def reset(self):
             self.pos = 0
+
+        def use(self, backend):
+            """Select the GEMM backend for the following forwards."""
+            self.backend = backend
+            self.lin = impls[backend][1]
+            self.mats, self.head = packed[backend]
 
         def forward(self, ids):
             """ids [T] -> logits [1, V] of the last position; appends to the KV cache."""
@@ -212,10 +276,11 @@ def build(cfg: dict, dtype, seed: int):
                 kpos = torch.arange(S)[None, :]
                 mask = torch.zeros(T, S, dtype=dtype).masked_fill_(kpos > qpos, float("-inf"))
                 mask = mask.repeat(n_rep, 1)[None]  # [1, n_rep*T, S] (rows grouped r-major)
+            lin = self.lin
             h = F.embedding(ids, embed)
-            for li, Ly in enumerate(layers):
+            for li, Ly in enumerate(self.mats):
                 x = rms(h, Ly["ln1"])
-                qkv = F.linear(x, Ly["qkv"])
+                qkv = lin(x, Ly["qkv"])
                 q, k, v = qkv.split((nh * hd, nkv * hd, nkv * hd), dim=-1)
                 q = rotate(q.view(T, nh, hd).transpose(0, 1), cos, sin)  # [nh, T, hd]
                 k = rotate(k.view(T, nkv, hd).transpose(0, 1), cos, sin)  # [nkv, T, hd]
@@ -231,13 +296,13 @@ def build(cfg: dict, dtype, seed: int):
                 pr = torch.softmax(s, dim=-1, dtype=torch.float32).to(dtype)
                 a = torch.matmul(pr, Vc)  # [nkv, n_rep*T, hd]
                 a = a.view(nh, T, hd).transpose(0, 1).reshape(T, nh * hd)
-                h = h + F.linear(a, Ly["o"])
+                h = h + lin(a, Ly["o"])
                 x = rms(h, Ly["ln2"])
-                gu = F.linear(x, Ly["gate_up"])
+                gu = lin(x, Ly["gate_up"])
                 gt, up = gu.split(I, dim=-1)
-                h = h + F.linear(F.silu(gt) * up, Ly["down"])
+                h = h + lin(F.silu(gt) * up, Ly["down"])
             self.pos = S
-            return F.linear(rms(h[-1:], norm), embed)
+            return lin(rms(h[-1:], norm), self.head)
 
     n_params = V * H + L * (2 * H + (nh + 2 * nkv) * hd * H + H * nh * hd + 3 * H * I) + H
     return Model, n_params
@@ -270,6 +335,8 @@ def bench(args) -> int:
         "prefill_runs": {},
         "decode_runs": {},
         "omp_wait_policy": {},
+        "gemm_backend": {},
+        "gemm_probe_gflops": {},
         "prefill_tokens": args.prefill_tokens,
         "decode_prompt_tokens": args.prompt_tokens,
         "decode_new_tokens": args.new_tokens,
@@ -278,7 +345,17 @@ def bench(args) -> int:
     }
     with torch.inference_mode():
         for d in want:
-            Model, n_params = build(cfg, dtypes[d], args.seed)
+            if args.gemm_backend == "auto":
+                pre_b, pre_speed = pick_backend(dtypes[d], 128, args.threads)
+                dec_b, dec_speed = pick_backend(dtypes[d], 1, args.threads)
+                res["gemm_probe_gflops"][d] = {"rows128": pre_speed, "rows1": dec_speed}
+            else:
+                if args.gemm_backend not in linear_backends(dtypes[d]):
+                    print(json.dumps({"error": f"backend {args.gemm_backend} unavailable for {d}"}))
+                    return 2
+                pre_b = dec_b = args.gemm_backend
+            res["gemm_backend"][d] = {"prefill": pre_b, "decode": dec_b}
+            Model, n_params = build(cfg, dtypes[d], args.seed, tuple(dict.fromkeys((pre_b, dec_b))))
             res["params"] = n_params
             m = Model(max(args.prefill_tokens, args.prompt_tokens + args.new_tokens) + 1)
 
@@ -297,8 +374,10 @@ def bench(args) -> int:
                     tok = m.forward(tok).argmax(-1)
                 return time.perf_counter() - t0
 
+            m.use(pre_b)
             prefill_once()  # warm-up (allocations, oneDNN primitive creation)
             pre = [args.prefill_tokens / prefill_once() for _ in range(args.runs)]
+            m.use(dec_b)
             decode_once(min(16, args.new_tokens))  # warm-up
             dec = [args.new_tokens / decode_once(args.new_tokens) for _ in range(args.runs)]
             res["prefill"][d] = round(statistics.median(pre), 1)

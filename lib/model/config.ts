@@ -133,6 +133,89 @@ export async function readJsonFile(path: string, options: { optional?: boolean }
   return parseJsonText(text, path);
 }
 
+/**
+ * Offset of the first JSON syntax error in `text` (V8's messages do not always carry one).
+ * A small scanner with an explicit stack, so deep nesting cannot overflow the call stack.
+ */
+function jsonErrorOffset(text: string): number {
+  let i = 0;
+  const skipSpace = (): void => {
+    while (i < text.length && ' \t\n\r'.includes(text[i] as string)) i++;
+  };
+  const readString = (): boolean => {
+    i++; // the opening quote
+    while (i < text.length) {
+      const code = text.charCodeAt(i);
+      if (code === 0x22) {
+        i++;
+        return true;
+      }
+      if (code === 0x5c) {
+        const escape = /^(["\\/bfnrt]|u[0-9a-fA-F]{4})/.exec(text.slice(i + 1, i + 6));
+        if (escape === null) return false;
+        i += 1 + escape[0].length;
+        continue;
+      }
+      if (code < 0x20) return false;
+      i++;
+    }
+    return false;
+  };
+  const readKey = (): boolean => {
+    skipSpace();
+    if (text[i] !== '"' || !readString()) return false;
+    skipSpace();
+    if (text[i] !== ':') return false;
+    i++;
+    return true;
+  };
+  const readScalar = (): boolean => {
+    const number = /^-?(0|[1-9]\d*)(\.\d+)?([eE][+-]?\d+)?/.exec(text.slice(i, i + 400));
+    const word = number?.[0] ?? ['true', 'false', 'null'].find((literal) => text.startsWith(literal, i));
+    if (word === undefined) return false;
+    i += word.length;
+    return true;
+  };
+
+  const stack: Array<'{' | '['> = [];
+  let expectValue = true;
+  for (;;) {
+    skipSpace();
+    if (!expectValue && stack.length === 0) return i;
+    if (i >= text.length) return i;
+    const c = text[i] as string;
+    if (expectValue) {
+      if (c === '{' || c === '[') {
+        stack.push(c);
+        i++;
+        skipSpace();
+        if (text[i] === (c === '{' ? '}' : ']')) {
+          stack.pop();
+          i++;
+          expectValue = false;
+        } else if (c === '{' && !readKey()) {
+          return i;
+        }
+        continue;
+      }
+      if (c === '"' ? !readString() : !readScalar()) return i;
+      expectValue = false;
+      continue;
+    }
+    const open = stack[stack.length - 1];
+    if (c === ',') {
+      i++;
+      if (open === '{' && !readKey()) return i;
+      expectValue = true;
+    } else if ((c === '}' && open === '{') || (c === ']' && open === '[')) {
+      stack.pop();
+      i++;
+    } else {
+      return i;
+    }
+  }
+}
+
 /** Parses JSON text, reporting syntax errors with the file, line and column. */
 export function parseJsonText(text: string, file: string): unknown {
   // Some Windows editors write a byte-order mark; it is not JSON but carries no meaning.
@@ -140,11 +223,10 @@ export function parseJsonText(text: string, file: string): unknown {
   try {
     return JSON.parse(body);
   } catch (error) {
-    const message = (error as Error).message;
-    const position = /at position (\d+)/.exec(message);
-    const where = position?.[1] !== undefined ? lineAndColumn(body, Number(position[1])) : null;
-    const at = where ? ` at line ${where.line}, column ${where.column}` : '';
-    throw new RedflagError('INVALID_FILE', `invalid JSON${at}: ${message}`, { file, cause: error });
+    const message = (error as Error).message.replace(/\s+/g, ' ');
+    const { line, column } = lineAndColumn(body, jsonErrorOffset(body));
+    const brief = message.length > 120 ? `${message.slice(0, 117)}...` : message;
+    throw new RedflagError('INVALID_FILE', `invalid JSON at line ${line}, column ${column}: ${brief}`, { file, cause: error });
   }
 }
 

@@ -10,6 +10,7 @@ import { callNative, loadNative, SrcType, type NativeConfig, type NativeModel, t
 import { loadModelConfig, loadGenerationConfig, type GenerationConfig, type ModelConfig } from './config.js';
 import { toFloat32, fromFloat32, type RawTensor } from './safetensors.js';
 import { Tokenizer } from './tokenizer.js';
+import { RED_FLAG_TOKEN } from './red-flag-token.js';
 import { planWeights, type WeightPlan } from './weights-map.js';
 import { WeightStore } from './weights.js';
 import { generate, type GenerateOptions, type GeneratedToken } from './generate.js';
@@ -55,7 +56,7 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
     engine = await callNative(() => new addon.NativeModel(toNativeConfig(config), dtype, threads));
     const model = new Model(dir, config, generationConfig, tokenizer, store, plan, engine, dtype, threads);
     await model.loadWeights(options.signal, options.onProgress);
-    const rf = tokenizer?.tokenToId('<rf>');
+    const rf = tokenizer?.tokenToId(RED_FLAG_TOKEN);
     if (rf !== undefined && rf < config.vocabSize) model.redFlagTokenId = rf;
     return model;
   } catch (error) {
@@ -365,7 +366,11 @@ export class Sequence {
   /** @internal */
   disposed = false;
   /** @internal */
-  constructor(readonly native: NativeSequence) {}
+  readonly native: NativeSequence;
+  /** @internal use {@link Model.newSequence} */
+  constructor(native: NativeSequence) {
+    this.native = native;
+  }
   /** Tokens held. */
   get length(): number {
     return this.native.length;

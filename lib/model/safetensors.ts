@@ -405,7 +405,13 @@ export class SafetensorsFile {
     const info = this.info(name);
     const handle = this.#handle;
     if (handle === null) throw new RedflagError('DISPOSED', `cannot read tensor "${name}": the file is closed`, { file: this.path });
-    const data = new Uint8Array(info.byteLength);
+    let data: Uint8Array;
+    try {
+      data = new Uint8Array(info.byteLength);
+    } catch (error) {
+      // V8 caps a typed array's length (4 GiB on 64-bit Node 20); say which tensor hit it.
+      throw new RedflagError('UNSUPPORTED', `tensor "${name}" is ${info.byteLength} bytes, too large for one buffer`, { file: this.path, cause: error });
+    }
     await readFully(handle, data, info.byteOffset, (got) =>
       new RedflagError('INVALID_FILE', `file ended after ${got} of ${info.byteLength} bytes of tensor "${name}" (truncated while open?)`, {
         file: this.path,

@@ -108,6 +108,9 @@ export function cleanUpTokenization(text: string): string {
     .replaceAll(" 're", "'re");
 }
 
+/** tokenizer.json model types @huggingface/tokenizers implements. */
+const SUPPORTED_MODEL_TYPES = ['BPE', 'WordPiece', 'Unigram'];
+
 /** Tokenizer classes whose fast version rebuilds its post-processor from add_bos_token/add_eos_token. */
 const BOS_EOS_FLAG_CLASSES = /^(Llama|CodeLlama|Gemma)Tokenizer(Fast)?$/;
 
@@ -234,7 +237,17 @@ export class Tokenizer {
 
   static #create(json: unknown, config: unknown, templateOverride: string | null, templateFromFile: boolean, sources: Sources): Tokenizer {
     if (!isObject(json)) throw new RedflagError('INVALID_FILE', 'must contain a JSON object', { file: sources.tokenizerJson });
-    if (!isObject(json['model'])) throw new RedflagError('INVALID_FILE', 'field "model" must be an object', { file: sources.tokenizerJson });
+    const model = json['model'];
+    if (!isObject(model)) throw new RedflagError('INVALID_FILE', 'field "model" must be an object', { file: sources.tokenizerJson });
+    // The library silently treats an unknown model type as a plain vocabulary lookup; refuse instead.
+    if (model['type'] !== undefined && !SUPPORTED_MODEL_TYPES.includes(model['type'] as string)) {
+      throw new RedflagError('UNSUPPORTED', `field "model.type" is ${JSON.stringify(model['type'])}; supported: ${SUPPORTED_MODEL_TYPES.join(', ')}`, {
+        file: sources.tokenizerJson,
+      });
+    }
+    if (!isObject(model['vocab']) && !Array.isArray(model['vocab'])) {
+      throw new RedflagError('INVALID_FILE', 'field "model.vocab" must be an object (BPE, WordPiece) or an array (Unigram)', { file: sources.tokenizerJson });
+    }
     if (!isObject(config)) throw new RedflagError('INVALID_FILE', 'must contain a JSON object', { file: sources.tokenizerConfig });
     const added = json['added_tokens'] ?? [];
     if (!Array.isArray(added)) throw new RedflagError('INVALID_FILE', 'field "added_tokens" must be an array', { file: sources.tokenizerJson });

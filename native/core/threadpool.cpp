@@ -2,6 +2,14 @@
 // atomic epoch; workers that ran a region recently are still spinning on it and pick
 // the new one up within ~1 µs, workers idle for longer sleep on a condition variable
 // (so an idle model costs no CPU) and are woken by the caller.
+//
+// Each thread index of a region is a slot that is claimed before it runs. Worker t claims
+// slot t; the caller runs slot 0 and then claims and runs any slot whose worker has not
+// started yet (still waking up, or its CPU taken by another process or the hypervisor,
+// which on shared 2-vCPU machines lasts milliseconds). fn(t, n) still runs exactly once
+// per t, concurrently with the others whenever the workers are ready, and the caller
+// never waits for a worker that has not begun. (So fn must not wait for another thread
+// index inside a region, which run() never promised anyway.)
 #include "core/threadpool.h"
 
 #include <atomic>
@@ -9,6 +17,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -47,6 +56,8 @@ struct ThreadPool::Impl {
   std::atomic<bool> stop{false};
 
   const std::function<void(int, int)>* job = nullptr;  // valid while pending > 0
+  // slot_epoch[t]: the last epoch whose slot t was claimed (by worker t or the caller).
+  std::unique_ptr<std::atomic<uint64_t>[]> slot_epoch;
   std::exception_ptr error;                             // first exception thrown by a worker
   std::mutex error_mutex;
 
@@ -54,6 +65,10 @@ struct ThreadPool::Impl {
   std::condition_variable wake;
 
   void worker_main(int thread_index);
+  // Claims slot t of region e; false when someone already has.
+  bool slot_claim(int t, uint64_t e);
+  // Runs slot t of the current job, records an exception, marks the slot done.
+  void slot_run(int t);
   // Returns once epoch != seen (spinning, then sleeping).
   uint64_t epoch_wait(uint64_t seen);
 };
@@ -78,23 +93,38 @@ uint64_t ThreadPool::Impl::epoch_wait(uint64_t seen) {
   return e;
 }
 
+bool ThreadPool::Impl::slot_claim(int t, uint64_t e) {
+  // Epochs only grow: a worker holding a stale e (it read the epoch, then lost its CPU while
+  // the caller ran its slot in region e and later ones) must not claim a newer region.
+  uint64_t cur = slot_epoch[t].load(std::memory_order_relaxed);
+  return cur < e && slot_epoch[t].compare_exchange_strong(cur, e, std::memory_order_acq_rel);
+}
+
+void ThreadPool::Impl::slot_run(int t) {
+  try {
+    (*job)(t, n_threads);
+  } catch (...) {
+    std::lock_guard<std::mutex> g(error_mutex);
+    if (!error) error = std::current_exception();
+  }
+  pending.fetch_sub(1, std::memory_order_release);
+}
+
 void ThreadPool::Impl::worker_main(int thread_index) {
   uint64_t seen = 0;
   for (;;) {
     seen = epoch_wait(seen);
     if (stop.load(std::memory_order_acquire)) return;
-    try {
-      (*job)(thread_index, n_threads);
-    } catch (...) {
-      std::lock_guard<std::mutex> g(error_mutex);
-      if (!error) error = std::current_exception();
-    }
-    pending.fetch_sub(1, std::memory_order_release);
+    // A worker late enough to find its slot taken by the caller skips the region. When the
+    // claim succeeds, pending still counts this slot, so the region (and job) stays live.
+    if (slot_claim(thread_index, seen)) slot_run(thread_index);
   }
 }
 
 ThreadPool::ThreadPool(int n_threads) : impl_(new Impl), n_threads_(n_threads < 1 ? 1 : n_threads) {
   impl_->n_threads = n_threads_;
+  impl_->slot_epoch.reset(new std::atomic<uint64_t>[n_threads_]);
+  for (int t = 0; t < n_threads_; ++t) impl_->slot_epoch[t].store(0, std::memory_order_relaxed);
   impl_->workers.reserve(n_threads_ - 1);
   for (int t = 1; t < n_threads_; ++t) impl_->workers.emplace_back([this, t] { impl_->worker_main(t); });
 }
@@ -118,7 +148,7 @@ void ThreadPool::run(const std::function<void(int, int)>& fn) {
   Impl& s = *impl_;
   s.job = &fn;
   s.pending.store(n_threads_ - 1, std::memory_order_relaxed);
-  s.epoch.fetch_add(1, std::memory_order_seq_cst);  // publishes job and pending
+  const uint64_t e = s.epoch.fetch_add(1, std::memory_order_seq_cst) + 1;  // publishes job, pending
   if (s.sleepers.load(std::memory_order_seq_cst) > 0) {
     // Taking the mutex orders us after a worker that is between its epoch check and wait().
     { std::lock_guard<std::mutex> lock(s.mutex); }
@@ -131,6 +161,9 @@ void ThreadPool::run(const std::function<void(int, int)>& fn) {
   } catch (...) {
     own_error = std::current_exception();
   }
+  // Take over the slots of workers that have not started.
+  for (int t = 1; t < n_threads_; ++t)
+    if (s.slot_claim(t, e)) s.slot_run(t);
 
   // Wait for the workers; yield after a while in case the pool is oversubscribed.
   for (long spins = 0; s.pending.load(std::memory_order_acquire) != 0; ++spins) {

@@ -418,15 +418,37 @@ void tile_bf16(int kc, const float* A, long lda, const uint16_t* Bw, float* C, l
       for (int v = 0; v < NV; ++v) acc[s][r][v] = _mm256_setzero_ps();
   const int kp_full = kc / 2;
   for (int p = 0; p < kp_full; ++p) {
+    if constexpr (MR < NV) {
+      // Few rows: widen one vector at a time, the 2 MR broadcasts stay in registers.
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(B + size_t(p) * kPanel + 8 * v));
-      __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-      __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(w, hi_mask));
+      for (int v = 0; v < NV; ++v) {
+        __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(B + size_t(p) * kPanel + 8 * v));
+        __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+        __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(w, hi_mask));
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; ++r) {
+          acc[0][r][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(A + r * lda + 2 * p), even, acc[0][r][v]);
+          acc[S - 1][r][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(A + r * lda + 2 * p + 1), odd, acc[S - 1][r][v]);
+        }
+      }
+    } else {
+      // Many rows: widen all NV vectors first (2 NV registers), then two broadcasts per row.
+      __m256 even[NV], odd[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(B + size_t(p) * kPanel + 8 * v));
+        even[v] = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+        odd[v] = _mm256_castsi256_ps(_mm256_and_si256(w, hi_mask));
+      }
 #pragma GCC unroll 16
       for (int r = 0; r < MR; ++r) {
-        acc[0][r][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(A + r * lda + 2 * p), even, acc[0][r][v]);
-        acc[S - 1][r][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(A + r * lda + 2 * p + 1), odd, acc[S - 1][r][v]);
+        __m256 a0 = _mm256_broadcast_ss(A + r * lda + 2 * p);
+        __m256 a1 = _mm256_broadcast_ss(A + r * lda + 2 * p + 1);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) {
+          acc[0][r][v] = _mm256_fmadd_ps(a0, even[v], acc[0][r][v]);
+          acc[S - 1][r][v] = _mm256_fmadd_ps(a1, odd[v], acc[S - 1][r][v]);
+        }
       }
     }
   }

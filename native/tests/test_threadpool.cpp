@@ -37,16 +37,41 @@ void run_indices_check(int n_threads) {
   report(ok, "run indices n_threads=" + std::to_string(n_threads));
 }
 
-// Caller is thread 0.
+// Caller is thread 0; with regions long enough for the worker to start, index 1 runs on
+// the worker (a worker that is late may have its index run by the caller instead).
 void caller_is_thread0_check() {
   rf::ThreadPool pool(2);
-  std::thread::id caller = std::this_thread::get_id(), seen;
-  std::thread::id other;
-  pool.run([&](int t, int) {
-    if (t == 0) seen = std::this_thread::get_id();
-    else other = std::this_thread::get_id();
-  });
-  report(seen == caller && other != caller, "caller runs thread 0, worker is another thread");
+  std::thread::id caller = std::this_thread::get_id();
+  bool caller_ok = true;
+  int on_worker = 0;
+  for (int rep = 0; rep < 20; ++rep) {
+    std::thread::id seen, other;
+    pool.run([&](int t, int) {
+      if (t == 0) {
+        seen = std::this_thread::get_id();
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      } else {
+        other = std::this_thread::get_id();
+      }
+    });
+    caller_ok = caller_ok && seen == caller;
+    on_worker += other != caller;
+  }
+  report(caller_ok && on_worker > 0, "caller runs thread 0, worker runs thread 1",
+         std::to_string(on_worker) + "/20 regions had index 1 on the worker");
+}
+
+// Regions where a worker is slow to start still complete, every index once.
+void late_worker_check() {
+  rf::ThreadPool pool(3);
+  bool ok = true;
+  for (int rep = 0; rep < 2000; ++rep) {
+    std::atomic<int> hits[3] = {{0}, {0}, {0}};
+    if (rep % 100 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));  // let workers sleep
+    pool.run([&](int t, int) { hits[t]++; });
+    for (auto& h : hits) ok = ok && h == 1;
+  }
+  report(ok, "every index once when workers start late or are taken over");
 }
 
 // parallel_for covers [0, n) exactly once, in contiguous chunks, for awkward n.
@@ -140,6 +165,28 @@ void region_cost_print() {
     // Generous bound so a loaded CI machine does not fail; the figure is what matters.
     report(us < 50, "region cost n_threads=" + std::to_string(n_threads), buf);
   }
+  // Regions with ~2 us of work per index: overhead = time - 2 us when the worker takes its
+  // index in parallel (an idle worker's index may be run by the caller: up to 2 us more).
+  rf::ThreadPool pool(2);
+  auto busy = [] {
+    auto t0 = std::chrono::steady_clock::now();
+    while (std::chrono::steady_clock::now() - t0 < std::chrono::microseconds(2)) {
+    }
+  };
+  const std::thread::id caller = std::this_thread::get_id();
+  std::atomic<long> on_worker{0};
+  const int regions = 50000;
+  auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < regions; ++i)
+    pool.run([&](int t, int) {
+      busy();
+      if (t == 1 && std::this_thread::get_id() != caller) on_worker++;
+    });
+  double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / regions;
+  char buf[120];
+  std::snprintf(buf, sizeof buf, "%.3f us per region of 2 us work per index (%.1f%% of index 1 on the worker)", us,
+                100.0 * on_worker / regions);
+  report(us < 100, "region cost with work n_threads=2", buf);
 }
 
 }  // namespace
@@ -147,6 +194,7 @@ void region_cost_print() {
 int main() {
   for (int n : {1, 2, 3, 4}) run_indices_check(n);
   caller_is_thread0_check();
+  late_worker_check();
   for (int n : {1, 2, 3}) parallel_for_check(n);
   many_regions_check();
   sleep_wake_check();

@@ -1,0 +1,73 @@
+// The command line, run as a user would (through tsx, so no build step is needed).
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { execFile } from 'node:child_process';
+import { rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+
+import { FIXTURES } from './helpers/fixtures.js';
+import { tinyLlama } from './helpers/tiny-model.js';
+
+const exec = promisify(execFile);
+const ROOT = join(import.meta.dirname, '..');
+
+async function cli(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  try {
+    const { stdout, stderr } = await exec(process.execPath, ['--import', 'tsx', join(ROOT, 'lib', 'cli.ts'), ...args], {
+      cwd: ROOT,
+      timeout: 60_000,
+    });
+    return { code: 0, stdout, stderr };
+  } catch (error) {
+    const e = error as { code: number; stdout: string; stderr: string };
+    return { code: e.code, stdout: e.stdout, stderr: e.stderr };
+  }
+}
+
+const TEMPLATE = "{% for m in messages %}{{ bos_token }}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}";
+let dir: string;
+beforeAll(async () => {
+  dir = await tinyLlama({}, TEMPLATE);
+});
+afterAll(async () => rm(dir, { recursive: true, force: true }));
+
+describe('redflag CLI', () => {
+  it('info --json describes a model', async () => {
+    const { code, stdout } = await cli('info', '--model', join(FIXTURES, 'qwen2-bias'), '--json');
+    expect(code).toBe(0);
+    const info = JSON.parse(stdout);
+    expect(info).toMatchObject({ architecture: 'Qwen2ForCausalLM', layers: 2, heads: 4, kvHeads: 2, tiedEmbeddings: true, tokenizer: null });
+  });
+
+  it('info prints a readable summary', async () => {
+    const { code, stdout } = await cli('info', '--model', dir);
+    expect(code).toBe(0);
+    expect(stdout).toMatch(/LlamaForCausalLM/);
+    expect(stdout).toMatch(/tokenizer: 32000 tokens, chat template/);
+  });
+
+  it('generate --chat streams text equal to the library’s greedy output', async () => {
+    const { code, stdout, stderr } = await cli('generate', '--model', dir, '--prompt', 'Hello there', '--chat', '-n', '8');
+    expect(code).toBe(0);
+    expect(stderr).toMatch(/\[8 tokens, [\d.]+ tokens\/s/);
+    const { loadModel } = await import('../lib/model/model.js');
+    const model = await loadModel(dir);
+    const ids = model.tokenizer!.encodeChat([{ role: 'user', content: 'Hello there' }], { addGenerationPrompt: true });
+    let text = '';
+    for await (const t of model.generate(ids, { maxTokens: 8 })) text += t.text;
+    model.dispose();
+    expect(stdout).toBe(text + '\n');
+  });
+
+  it('fails with a clear message and exit code 1 on bad input', async () => {
+    const missing = await cli('info', '--model', join(FIXTURES, 'no-such-model'));
+    expect(missing.code).toBe(1);
+    expect(missing.stderr).toMatch(/redflag: .*no-such-model/);
+    const noTokenizer = await cli('generate', '--model', join(FIXTURES, 'gpt2'), '--prompt', 'x');
+    expect(noTokenizer.code).toBe(1);
+    expect(noTokenizer.stderr).toMatch(/no tokenizer\.json/);
+    const badFlag = await cli('generate', '--model', dir, '--prompt', 'x', '--temperature', '-2');
+    expect(badFlag.code).not.toBe(0);
+    expect(badFlag.stderr).toMatch(/temperature/);
+  });
+});

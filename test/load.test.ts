@@ -1,0 +1,169 @@
+// Loading edge cases, the red-flag token on the weights side, and saving back in HF format.
+import { afterAll, describe, expect, it } from 'vitest';
+import { cp, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import { loadModel } from '../lib/model/model.js';
+import { addRedFlagToken } from '../lib/model/red-flag.js';
+import { SafetensorsFile, toFloat32, writeSafetensors } from '../lib/model/safetensors.js';
+import { FIXTURES } from './helpers/fixtures.js';
+import { packagedTokenizer, tinyLlama } from './helpers/tiny-model.js';
+
+const cleanup: string[] = [];
+afterAll(async () => {
+  for (const d of cleanup) await rm(d, { recursive: true, force: true });
+});
+async function tempDir(): Promise<string> {
+  const d = await mkdtemp(join(tmpdir(), 'redflag-load-'));
+  cleanup.push(d);
+  return d;
+}
+async function copyFixture(name: string): Promise<string> {
+  const d = await tempDir();
+  await cp(join(FIXTURES, name), d, { recursive: true });
+  return d;
+}
+
+describe('loading errors name the problem', () => {
+  it('unsupported architecture', async () => {
+    const d = await copyFixture('llama-gqa');
+    const config = JSON.parse(await readFile(join(d, 'config.json'), 'utf8'));
+    config.architectures = ['BertForMaskedLM'];
+    config.model_type = 'bert';
+    await writeFile(join(d, 'config.json'), JSON.stringify(config));
+    await expect(loadModel(d)).rejects.toThrow(/BertForMaskedLM/);
+  });
+
+  it('a missing tensor, by its checkpoint name', async () => {
+    const d = await copyFixture('llama-gqa');
+    const f = await SafetensorsFile.open(join(d, 'model.safetensors'));
+    const kept = new Map();
+    for (const name of f.tensors.keys()) if (name !== 'model.layers.1.self_attn.k_proj.weight') kept.set(name, await f.read(name));
+    await f.close();
+    await writeSafetensors(join(d, 'model.safetensors'), kept, { overwrite: true });
+    await expect(loadModel(d)).rejects.toThrow(/model\.layers\.1\.self_attn\.k_proj\.weight is missing/);
+  });
+
+  it('a tensor whose shape disagrees with config.json', async () => {
+    const d = await copyFixture('llama-gqa');
+    const config = JSON.parse(await readFile(join(d, 'config.json'), 'utf8'));
+    config.intermediate_size += 1;
+    await writeFile(join(d, 'config.json'), JSON.stringify(config));
+    await expect(loadModel(d)).rejects.toThrow(/gate_proj\.weight has shape \[128, 64\], expected \[129, 64\]/);
+  });
+
+  it('a directory without weights', async () => {
+    const d = await tempDir();
+    await cp(join(FIXTURES, 'llama-gqa', 'config.json'), join(d, 'config.json'));
+    await expect(loadModel(d)).rejects.toThrow(/safetensors/);
+  });
+
+  it('bad options are rejected before native code', async () => {
+    const d = join(FIXTURES, 'llama-gqa');
+    await expect(loadModel(d, { dtype: 'f16' as never })).rejects.toThrow(/dtype/);
+    await expect(loadModel(d, { threads: 0 })).rejects.toThrow(/threads/);
+  });
+});
+
+describe('a model without tokenizer files', () => {
+  it('loads and runs on ids; text APIs fail clearly; disposed models refuse work', async () => {
+    const model = await loadModel(join(FIXTURES, 'gpt2-noprefix'));
+    expect(model.tokenizer).toBeNull();
+    expect(model.plan.unused).toEqual([]); // the legacy attn.bias buffers are ignored
+    const tokens = [];
+    for await (const t of model.generate([1, 2, 3], { maxTokens: 4, eosTokenIds: [] })) tokens.push(t);
+    expect(tokens).toHaveLength(4);
+    await expect(model.generate('text').next()).rejects.toMatchObject({ code: 'NO_TOKENIZER' });
+    model.dispose();
+    await expect(model.logits([1])).rejects.toMatchObject({ code: 'DISPOSED' });
+  });
+});
+
+describe('addRedFlagToken', () => {
+  it('adds <rf> as a new token: embedding and head grow, old logits unchanged, saved and reloaded', async () => {
+    const dir = await tinyLlama();
+    cleanup.push(dir);
+    const model = await loadModel(dir, { threads: 2 });
+    const ids = model.tokenizer!.encode('Some harmless text to score');
+    const before = await model.logits(ids);
+    const info = await addRedFlagToken(model);
+    expect(info).toMatchObject({ id: 32000, content: '<rf>', reused: false, vocabSize: 32001 });
+    expect(model.redFlagTokenId).toBe(32000);
+    expect(model.tokenizer!.encode('a <rf> b', { addSpecialTokens: false })).toContain(32000);
+
+    // Existing columns are untouched; the new column is the mean head row times the hidden state.
+    const after = await model.logits(ids);
+    const V0 = 32000, V1 = 32001;
+    for (let t = 0; t < ids.length; t++) {
+      for (let j = 0; j < V0; j += 997) expect(after[t * V1 + j]).toBe(before[t * V0 + j]);
+    }
+    const embed = toFloat32((await model.readTensor('model.embed_tokens.weight')));
+    const H = model.config.hiddenSize;
+    let mean0 = 0;
+    for (let r = 0; r < V0; r++) mean0 += embed[r * H]!;
+    expect(embed[V0 * H]).toBeCloseTo(mean0 / V0, 5);
+
+    const saved = join(await tempDir(), 'rf');
+    await model.save(saved);
+    await expect(model.save(saved)).rejects.toThrow(/not empty/);
+    const reloaded = await loadModel(saved, { threads: 2 });
+    expect(reloaded.redFlagTokenId).toBe(32000);
+    expect(reloaded.config.vocabSize).toBe(32001);
+    expect(JSON.parse(await readFile(join(saved, 'config.json'), 'utf8')).vocab_size).toBe(32001);
+    expect(await reloaded.logits(ids)).toEqual(after);
+    expect(reloaded.tokenizer!.decode([32000])).toBe('<rf>');
+    expect(reloaded.tokenizer!.decode([32000], { skipSpecialTokens: true })).toBe('');
+    reloaded.dispose();
+    model.dispose();
+  });
+
+  it('keeps tied embeddings tied and uses padding rows without growing', async () => {
+    // 32064 embedding rows for a 32000-token tokenizer, as many checkpoints pad their vocabulary.
+    const dir = await tinyLlama({ vocabSize: 32064, tieWordEmbeddings: true });
+    cleanup.push(dir);
+    const model = await loadModel(dir);
+    const info = await addRedFlagToken(model, model.tokenizer, { init: 'zeros' });
+    expect(info).toMatchObject({ id: 32000, vocabSize: 32064 });
+    // Tied: the LM head row is the (zero) embedding row, so the <rf> logit is exactly 0.
+    const logits = await model.logits([1, 450, 4996]);
+    for (let t = 0; t < 3; t++) expect(logits[t * 32064 + 32000]).toBe(0);
+    const saved = join(await tempDir(), 'tied');
+    await model.save(saved);
+    const names = [];
+    const f = await SafetensorsFile.open(join(saved, 'model.safetensors'));
+    for (const n of f.tensors.keys()) names.push(n);
+    await f.close();
+    expect(names).not.toContain('lm_head.weight');
+    model.dispose();
+  });
+
+  it("reuses a reserved special token (Llama-3's <|reserved_special_token_N|>) keeping the vocabulary size", async () => {
+    const tokenizer = await packagedTokenizer('llama2');
+    const json = tokenizer.tokenizerJson as { added_tokens: object[] };
+    for (let i = 0; i < 4; i++) {
+      json.added_tokens.push({
+        id: 32000 + i, content: `<|reserved_special_token_${i}|>`, single_word: false, lstrip: false, rstrip: false,
+        normalized: false, special: true,
+      });
+    }
+    const dir = await tempDir();
+    const { writeRandomModel } = await import('../lib/model/random-model.js');
+    await writeRandomModel(dir, {
+      architecture: 'llama', vocabSize: 32004, hiddenSize: 32, intermediateSize: 64, numLayers: 1, numHeads: 2, tokenizer,
+    });
+    const model = await loadModel(dir);
+    const info = await addRedFlagToken(model);
+    expect(info).toMatchObject({ id: 32000, reused: true, vocabSize: 32004 });
+    expect(model.tokenizer!.encode('<rf>', { addSpecialTokens: false })).toEqual([32000]);
+    const saved = join(await tempDir(), 'reserved');
+    await model.save(saved);
+    const files = await readdir(saved);
+    expect(files).toEqual(expect.arrayContaining(['config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json']));
+    const reloaded = await loadModel(saved);
+    expect(reloaded.redFlagTokenId).toBe(32000);
+    expect(reloaded.vocabSize).toBe(32004);
+    reloaded.dispose();
+    model.dispose();
+  });
+});
