@@ -215,6 +215,14 @@ describe('Qwen3 byte-level BPE tokenizer', () => {
     );
   });
 
+  it('passes tools and documents as none, like transformers', () => {
+    const tokenizer = Tokenizer.fromObjects(readJson(`${QWEN3_DIR}/tokenizer.json`), readJson(`${QWEN3_DIR}/tokenizer_config.json`), {
+      chatTemplate: "{{ bos_token is defined }}|{{ tools is none }}|{{ documents is none }}|{{ eos_token }}|{{ pad_token }}|{{ additional_special_tokens | length }}|{{ flag }}",
+    });
+    expect(tokenizer.applyChatTemplate([], { extra: { flag: 'x' } })).toBe('false|true|true|<|im_end|>|<|endoftext|>|13|x');
+    expect(tokenizer.applyChatTemplate([], { extra: { tools: [{ name: 'f' }] } })).toContain('|false|');
+  });
+
   it('validates messages', () => {
     expect(() => qwen3.applyChatTemplate('hi' as never)).toThrow(/messages must be an array/);
     expect(() => qwen3.applyChatTemplate([{ content: 'x' } as never])).toThrow(/messages\[0\] must be an object with a string "role"/);

@@ -67,9 +67,13 @@ export interface AddedTokenEntry {
   content: string;
   /** Whether it is special (skipped by `skipSpecialTokens`). */
   special: boolean;
+  /** Match only as a whole word. */
   single_word?: boolean;
+  /** Swallow whitespace on its left when matching. */
   lstrip?: boolean;
+  /** Swallow whitespace on its right when matching. */
   rstrip?: boolean;
+  /** Match against normalized text rather than the raw input. */
   normalized?: boolean;
 }
 
@@ -143,18 +147,15 @@ function accelerateLongWords(hf: HfTokenizer): void {
   if (BpeClass === undefined || !(model instanceof BpeClass)) return;
   // These options change tokens per word (suffixes, whole-word lookups): splitting would alter them.
   if (model.end_of_word_suffix || model.continuing_subword_suffix || model.ignore_merges) return;
+  // Byte-level vocabularies spell "▁" as bytes; only SentencePiece-style ones have the marker.
+  if (!model.tokens_to_ids.has(WORD_MARKER)) return;
   const joinsBeforeMarker = new Set<string>();
-  let markerInMerges = false;
   for (const [left, right] of model.merges) {
-    const merged = Array.from(left + right);
-    for (let i = 1; i < merged.length; i++) {
-      if (merged[i] === WORD_MARKER) {
-        markerInMerges = true;
-        joinsBeforeMarker.add(merged[i - 1] as string);
-      }
-    }
+    const merged = left + right;
+    if (merged.indexOf(WORD_MARKER, 1) < 1) continue;
+    const chars = Array.from(merged);
+    for (let i = 1; i < chars.length; i++) if (chars[i] === WORD_MARKER) joinsBeforeMarker.add(chars[i - 1] as string);
   }
-  if (!markerInMerges && !model.tokens_to_ids.has(WORD_MARKER)) return;
   const longWord = model.max_length_to_cache;
   const encode = model.encode.bind(model);
   model.encode = (words: string[]): string[] => {
@@ -498,7 +499,7 @@ export class Tokenizer {
     return this.#hf.decode(ids as number[], { skip_special_tokens: false, clean_up_tokenization_spaces: false });
   }
 
-  /** @internal Used by {@link IncrementalDecoder}: filter then raw-decode. */
+  /** @internal Used by {@link IncrementalDecoder}: decoder output for ids it already filtered, without clean-up. */
   _decodeForStreaming(ids: readonly number[]): string {
     return this.#rawDecode(ids);
   }
@@ -537,8 +538,9 @@ export class Tokenizer {
 
   /**
    * Renders a conversation with the chat template, passing the variables transformers passes:
-   * `messages`, `add_generation_prompt`, the special-token strings (`bos_token`, `eos_token`,
-   * ...), `additional_special_tokens`, `raise_exception`, `strftime_now`, plus `extra`.
+   * `messages`, `add_generation_prompt`, `tools` and `documents` (none unless given in `extra`),
+   * the special-token strings (`bos_token`, `eos_token`, ...), `additional_special_tokens`,
+   * `raise_exception`, `strftime_now`, plus `extra`.
    */
   applyChatTemplate(messages: readonly ChatMessage[], options: ChatTemplateOptions = {}): string {
     if (!Array.isArray(messages)) throw new RedflagError('INVALID_ARGUMENT', 'messages must be an array of { role, content }');
@@ -551,7 +553,8 @@ export class Tokenizer {
     const variables: Record<string, unknown> = { ...this.specialTokensMap };
     const extraSpecial = this.#config['additional_special_tokens'];
     if (Array.isArray(extraSpecial)) variables['additional_special_tokens'] = extraSpecial.map(tokenContent).filter((t) => t !== null);
-    Object.assign(variables, options.extra ?? {}, {
+    // transformers passes tools=None and documents=None when there are none; templates test `is none`.
+    Object.assign(variables, { tools: null, documents: null }, options.extra ?? {}, {
       messages: structuredClone(messages),
       add_generation_prompt: options.addGenerationPrompt ?? false,
     });
@@ -645,7 +648,7 @@ export class Tokenizer {
    * chat_template.jinja is written into the config's `chat_template` when it has none, so the
    * pair of files is self-contained.
    */
-  toFiles(): { tokenizerJson: JsonObject; tokenizerConfig: JsonObject } {
+  toFiles(): { tokenizerJson: Record<string, unknown>; tokenizerConfig: Record<string, unknown> } {
     const tokenizerConfig = structuredClone(this.#config);
     if (this.#chatTemplate !== null && tokenizerConfig['chat_template'] === undefined) tokenizerConfig['chat_template'] = this.#chatTemplate;
     return { tokenizerJson: structuredClone(this.#json), tokenizerConfig };

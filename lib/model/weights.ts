@@ -204,7 +204,8 @@ export class WeightStore {
   /** Where the tensor lives: dtype, shape, byte range and the file that holds it. */
   info(name: string): WeightInfo {
     const file = this.#fileOf(name);
-    return { ...file.info(name), shape: [...file.info(name).shape], file: file.path };
+    const info = file.info(name);
+    return { ...info, shape: [...info.shape], file: file.path };
   }
 
   /** Reads one tensor's bytes. */

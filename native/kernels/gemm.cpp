@@ -187,6 +187,7 @@ inline void c_prefetch(const float* C, long ldc) {
   }
 }
 
+static int pf_dist() { static int d = getenv("RF_PF") ? atoi(getenv("RF_PF")) : 0; return d; }
 // acc sets: rows of 1 or 2 have too few independent FMA chains to hide the FMA latency,
 // so they accumulate even and odd k into separate sets (summed at the end).
 template <int MR>
@@ -199,6 +200,7 @@ template <int MR>
 void tile_f32(int kc, const float* A, long lda, const float* B, float* C, long ldc,
               const float* bias, int n_valid, bool add_c) {
   constexpr int S = sets_for<MR>();
+  const int pfd = pf_dist();
   c_prefetch<MR>(C, ldc);
   __m512 acc[S][MR][2];
 #pragma GCC unroll 16
@@ -207,6 +209,12 @@ void tile_f32(int kc, const float* A, long lda, const float* B, float* C, long l
     for (int r = 0; r < MR; ++r) acc[s][r][0] = acc[s][r][1] = _mm512_setzero_ps();
   int k = 0;
   for (; k + S <= kc; k += S) {
+    if (MR <= 2 && pfd) {
+      _mm_prefetch(reinterpret_cast<const char*>(B + size_t(k) * kPanel) + pfd, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(B + size_t(k) * kPanel) + pfd + 64, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(B + size_t(k) * kPanel) + pfd + 128, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(B + size_t(k) * kPanel) + pfd + 192, _MM_HINT_T0);
+    }
 #pragma GCC unroll 2
     for (int s = 0; s < S; ++s) {
       __m512 b0 = _mm512_load_ps(B + size_t(k + s) * kPanel);
@@ -267,7 +275,14 @@ void tile_bf16(int kp, const uint16_t* A, long lda, const uint16_t* Bw, float* C
     }
   };
   int p = 0;
+  const int pfd = pf_dist();
   for (; p + S <= kp; p += S) {
+    if (MR <= 2 && pfd) {
+      _mm_prefetch(reinterpret_cast<const char*>(B + size_t(p) * kPanel) + pfd, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(B + size_t(p) * kPanel) + pfd + 64, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(B + size_t(p) * kPanel) + pfd + 128, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(B + size_t(p) * kPanel) + pfd + 192, _MM_HINT_T0);
+    }
 #pragma GCC unroll 2
     for (int s = 0; s < S; ++s) step(p + s, s);
   }
@@ -478,13 +493,15 @@ const TileBf16 kTileBf16[kMRb16 + 1] = {nullptr, tile_bf16<1, 4>, tile_bf16<2, 4
 // ---------------------------------------------------------------------------------------
 // Blocked driver, run by each thread over its share [m_begin, m_end) x [p_begin, p_end).
 
-// Max K block: keeps the kc x 32 weight slice (32 KB) and MR A rows in L1/L2.
+// K is only blocked when a whole-K weight slice (K x 32) would outgrow ~192 KB of L2:
+// unblocked, every C tile is written exactly once (with K blocks C is re-read and
+// re-written per block, which costs ~15% when C is large, e.g. logits [512, 49152]).
+constexpr long kSliceBytes = 192 * 1024;
+// K block when blocking: a 32 KB weight slice.
 constexpr int kKcF32 = 256;
 constexpr int kKcBf16 = 512;
-// Max M block: the mc x kc A block stays in L2 while all of the thread's panels stream by.
-constexpr int kMc = 256;
-// A blocks up to this size skip K blocking (C is then written once, not once per block).
-constexpr long kSingleKBlockBytes = 512 * 1024;
+// M block: the mc x kc block of A stays in L2 while the task's panels stream past it.
+constexpr long kABlockBytes = 384 * 1024;
 
 #if defined(__AVX512F__)
 int tile_rows(DType) { return kMR; }
@@ -499,16 +516,24 @@ void gemm_block(const GemmJob& job, int m_begin, int m_end, int p_begin, int p_e
   const int K = job.K;
   const size_t pelems = panel_elems(K, W.dtype);
   const int rows = m_end - m_begin;
-  // Small M (decode, short prompts): one K block, so each panel streams exactly once.
-  int kc_max = is_bf16 ? kKcBf16 : kKcF32;
-  if (long(rows) * K * 4 <= kSingleKBlockBytes) kc_max = K + (K & 1);
-  const int kc_step = kc_choose(K, kc_max);
+  // Element size of the A rows the kernels read (the AVX-512 bf16 path reads bf16 copies).
+#if defined(__AVX512F__)
+  const long a_bytes = is_bf16 ? 2 : 4;
+#else
+  const long a_bytes = 4;
+#endif
+  const long w_bytes = is_bf16 ? 2 : 4;
+  const int kc_step = long(K) * kPanel * w_bytes <= kSliceBytes ? K : kc_choose(K, is_bf16 ? kKcBf16 : kKcF32);
+  // Equal M blocks of at most kABlockBytes, whole row tiles.
+  const int mc_max = int(std::max<long>(MR, kABlockBytes / (long(kc_step) * a_bytes) / MR * MR));
+  const int m_blocks = (rows + mc_max - 1) / mc_max;
+  const int mc_step = ((rows + m_blocks - 1) / m_blocks + MR - 1) / MR * MR;
 
   for (int pc = 0; pc < K; pc += kc_step) {
     const int kc = std::min(kc_step, K - pc);
     const bool add_c = job.accumulate || pc > 0;
-    for (int ic = m_begin; ic < m_end; ic += kMc) {
-      const int mc = std::min(kMc, m_end - ic);
+    for (int ic = m_begin; ic < m_end; ic += mc_step) {
+      const int mc = std::min(mc_step, m_end - ic);
       for (int p = p_begin; p < p_end; ++p) {
         const int n0 = p * kPanel;
         const int n_valid = std::min(kPanel, job.N - n0);

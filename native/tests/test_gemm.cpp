@@ -175,12 +175,14 @@ void kn_layout_check(std::mt19937& rng) {
 std::vector<Case> cases_build() {
   std::vector<Case> cases;
   // (M, N, K) covering tails of the 32-column panels, the row tiles (6/8 rows, 4 for AVX2
-  // bf16), odd K (bf16 pair padding), K blocks (> 256/512) and the small-M single-block path.
+  // bf16; 1-2 row whole-panel tiles), odd K (bf16 pair padding), M blocks, K blocks.
   const int shapes[][3] = {
       {1, 1, 1},     {1, 5, 2},      {2, 31, 3},     {3, 32, 17},    {5, 33, 64},     {7, 63, 255},
       {8, 100, 576}, {13, 576, 1000}, {64, 1000, 17}, {100, 576, 576}, {257, 100, 255}, {1, 1000, 576},
       {1, 576, 1000}, {64, 32, 1},    {13, 31, 1000}, {257, 33, 64},  {100, 1, 3},     {5, 1000, 1},
       {2, 63, 577},  {64, 576, 1000}, {257, 5, 1000}, {3, 1000, 255}, {7, 33, 1024},   {100, 63, 2},
+      // K blocking starts above K = 1536 (f32) / 3072 (bf16) weights; odd K across blocks.
+      {33, 70, 1601}, {9, 40, 3101},  {70, 33, 3300}, {1, 100, 4097},
   };
   const rf::SrcType srcs[] = {rf::SrcType::f32, rf::SrcType::f16, rf::SrcType::bf16};
   int i = 0;
