@@ -76,6 +76,78 @@ export interface NativeModel {
   ): Promise<Float32Array>;
   info(): NativeModelInfo;
   dispose(): void;
+
+  // Training (native/model/train.h).
+  trainInit(options: NativeTrainOptions): Promise<{ trainable: number }>;
+  trainStep(
+    tokens: Uint32Array,
+    counts: Uint32Array,
+    refTokens: Uint32Array,
+    refCounts: Uint32Array,
+    rows: Int32Array,
+    options: NativeLossOptions,
+    cancel?: Int32Array,
+  ): Promise<NativeLossTerms>;
+  optimizerStep(options: NativeAdamWOptions): Promise<number>;
+  setOptimizerStep(step: number): void;
+  paramsChanged(): void;
+  trainEnd(): void;
+  params(): { name: string; shape: number[] }[];
+  getParam(name: string, part?: 'value' | 'grad' | 'm' | 'v'): Float32Array;
+  setParam(name: string, part: 'value' | 'grad' | 'm' | 'v', data: Float32Array): void;
+  addLora(layer: number, target: string, a: Float32Array, b: Float32Array, rank: number, scale: number): void;
+  setTokenRows(token: number, embed: Float32Array | null, head: Float32Array | null): void;
+  clearAdapters(): void;
+  setAdapterEnabled(enabled: boolean): void;
+}
+
+/** Options of NativeModel.trainInit. */
+export interface NativeTrainOptions {
+  mode: 'lora' | 'full';
+  rank: number;
+  alpha: number;
+  dropout: number;
+  rslora: boolean;
+  /** PEFT target_modules, matched by suffix against the block's module paths. */
+  targets: string[];
+  /** The red-flag token whose rows train (-1: none). */
+  rfToken: number;
+  seed: number;
+}
+
+/** Options of NativeModel.trainStep. */
+export interface NativeLossOptions {
+  aggregation: 'any' | 'mean' | 'single';
+  alphaBenign: number;
+  alphaRf: number;
+  alphaAfter: number;
+  alphaCe: number;
+  gradScale: number;
+  dropoutSeed: number;
+}
+
+/** Loss terms of one step (each a mean over its rows or groups). */
+export interface NativeLossTerms {
+  benign: number;
+  redFlag: number;
+  after: number;
+  ce: number;
+  total: number;
+  nBenign: number;
+  nGroups: number;
+  nAfter: number;
+  nCe: number;
+  tokens: number;
+}
+
+/** Options of NativeModel.optimizerStep (AdamW). */
+export interface NativeAdamWOptions {
+  lr: number;
+  beta1: number;
+  beta2: number;
+  eps: number;
+  weightDecay: number;
+  clipNorm: number;
 }
 
 export interface NativeBench {

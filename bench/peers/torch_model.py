@@ -22,10 +22,14 @@ fuses q/k/v and gate/up into one GEMM each and never materialises repeat_kv: que
 are grouped per KV head ([n_kv, n_rep*T, d] @ [n_kv, d, S]). torch 1.13 has no
 F.scaled_dot_product_attention, so attention is matmul + softmax.
 
-GEMMs: with --gemm-backend auto (default) each dtype and phase uses the faster of F.linear
-and oneDNN on pre-packed weights, timed on a GEMM of the model's shape first; this matters
-where Debian's torch (BLAS_INFO=generic) finds only netlib's reference BLAS, which makes
-fp32 F.linear ~40x slower than with OpenBLAS. The choice is reported in "gemm_backend".
+GEMMs: with --gemm-backend auto (default) each dtype and phase uses the faster of
+"linear" (F.linear / torch.matmul as torch dispatches them) and "mkldnn" (oneDNN inner
+product on pre-packed weights, also used for the attention products; fp32 only), chosen by
+timing one GEMM of the model's shape (prefill) and 4 real decode steps (decode). This
+matters because Debian's torch (BLAS_INFO=generic) sends fp32 GEMMs to whatever
+libblas.so.3 is installed: OpenBLAS on the machine PEERS.md describes, netlib's reference
+BLAS (~2.5 GFLOP/s) where libopenblas0 is absent. The choice and the probe figures are
+reported in "gemm_backend" and "backend_probe".
 
 OpenMP: PyTorch 1.13 fp32 on 2 threads collapses unless OMP_WAIT_POLICY=PASSIVE, while bf16
 is faster without it (../shared/PEERS.md). The variable must be set before torch is
@@ -40,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -125,7 +128,7 @@ def run_best_settings(args, argv) -> int:
             merged = res
         else:
             for key in ("prefill", "decode", "prefill_runs", "decode_runs", "omp_wait_policy",
-                        "gemm_backend", "gemm_probe_gflops"):
+                        "gemm_backend", "backend_probe"):
                 merged[key].update(res[key])
     merged["settings"] = "best: f32 with OMP_WAIT_POLICY=PASSIVE, bf16 with the default policy"
     print(json.dumps(merged))
@@ -153,7 +156,8 @@ def main(argv=None) -> int:
 
 
 def linear_backends(dtype):
-    """Candidate implementations of y = x @ W^T for `dtype`.
+    """Candidate GEMM paths for `dtype`: name -> (prepack(W), linear(x, W) = x @ W^T,
+    qk(Q, K) = Q @ K^T batched over KV groups, pv(P, V) = P @ V batched).
 
     "linear": F.linear as torch dispatches it (Debian's torch 1.13 sends fp32 to the
     libblas.so.3 it links: OpenBLAS where installed, netlib's reference BLAS otherwise,
@@ -162,10 +166,21 @@ def linear_backends(dtype):
     import torch
     import torch.nn.functional as F
 
-    out = {"linear": (lambda w: w, lambda x, w: F.linear(x, w))}
+    out = {"linear": (lambda w: w, lambda x, w: F.linear(x, w),
+                      lambda q, k: torch.matmul(q, k.transpose(1, 2)), torch.matmul)}
     if dtype == torch.float32 and torch.backends.mkldnn.is_available():
         mk = torch._C._nn.mkldnn_linear
-        out["mkldnn"] = (lambda w: w.to_mkldnn(), lambda x, w: mk(x.to_mkldnn(), w, None).to_dense())
+
+        def lin(x, w):
+            return mk(x.to_mkldnn(), w, None).to_dense()
+
+        def qk(q, k):  # [G, M, d] x [G, N, d] -> [G, M, N]
+            return torch.stack([lin(q[g], k[g].contiguous().to_mkldnn()) for g in range(q.shape[0])])
+
+        def pv(p, v):  # [G, M, N] x [G, N, d] -> [G, M, d]
+            return torch.stack([lin(p[g], v[g].t().contiguous().to_mkldnn()) for g in range(p.shape[0])])
+
+        out["mkldnn"] = (lambda w: w.to_mkldnn(), lin, qk, pv)
     return out
 
 
@@ -179,7 +194,7 @@ def pick_backend(dtype, rows: int, threads: int) -> tuple:
     w = torch.randn(1536, 576, generator=g).to(dtype)
     flops = 2.0 * rows * 576 * 1536
     speeds = {}
-    for name, (prep, lin) in linear_backends(dtype).items():
+    for name, (prep, lin, _, _) in linear_backends(dtype).items():
         pw = prep(w)
         lin(x, pw)
         reps = 3 if rows > 1 else 50
@@ -261,7 +276,7 @@ def build(cfg: dict, dtype, seed: int, backends=("linear",)):
         def use(self, backend):
             """Select the GEMM backend for the following forwards."""
             self.backend = backend
-            self.lin = impls[backend][1]
+            self.lin, self.qk, self.pv = impls[backend][1:]
             self.mats, self.head = packed[backend]
 
         def forward(self, ids):
@@ -289,12 +304,11 @@ def build(cfg: dict, dtype, seed: int, backends=("linear",)):
                 K = self.k[li, :, :S]
                 Vc = self.v[li, :, :S]
                 qg = q.reshape(nkv, n_rep * T, hd)  # head h = kv*n_rep + r -> kv group
-                if mask is None:
-                    s = torch.matmul(qg, K.transpose(1, 2)) * scale
-                else:
-                    s = torch.baddbmm(mask, qg, K.transpose(1, 2), alpha=scale)
+                s = self.qk(qg, K) * scale
+                if mask is not None:
+                    s = s + mask
                 pr = torch.softmax(s, dim=-1, dtype=torch.float32).to(dtype)
-                a = torch.matmul(pr, Vc)  # [nkv, n_rep*T, hd]
+                a = self.pv(pr, Vc)  # [nkv, n_rep*T, hd]
                 a = a.view(nh, T, hd).transpose(0, 1).reshape(T, nh * hd)
                 h = h + lin(a, Ly["o"])
                 x = rms(h, Ly["ln2"])
@@ -336,7 +350,7 @@ def bench(args) -> int:
         "decode_runs": {},
         "omp_wait_policy": {},
         "gemm_backend": {},
-        "gemm_probe_gflops": {},
+        "backend_probe": {},
         "prefill_tokens": args.prefill_tokens,
         "decode_prompt_tokens": args.prompt_tokens,
         "decode_new_tokens": args.new_tokens,
@@ -345,17 +359,13 @@ def bench(args) -> int:
     }
     with torch.inference_mode():
         for d in want:
-            if args.gemm_backend == "auto":
-                pre_b, pre_speed = pick_backend(dtypes[d], 128, args.threads)
-                dec_b, dec_speed = pick_backend(dtypes[d], 1, args.threads)
-                res["gemm_probe_gflops"][d] = {"rows128": pre_speed, "rows1": dec_speed}
-            else:
-                if args.gemm_backend not in linear_backends(dtypes[d]):
+            cands = list(linear_backends(dtypes[d]))
+            if args.gemm_backend != "auto":
+                if args.gemm_backend not in cands:
                     print(json.dumps({"error": f"backend {args.gemm_backend} unavailable for {d}"}))
                     return 2
-                pre_b = dec_b = args.gemm_backend
-            res["gemm_backend"][d] = {"prefill": pre_b, "decode": dec_b}
-            Model, n_params = build(cfg, dtypes[d], args.seed, tuple(dict.fromkeys((pre_b, dec_b))))
+                cands = [args.gemm_backend]
+            Model, n_params = build(cfg, dtypes[d], args.seed, tuple(cands))
             res["params"] = n_params
             m = Model(max(args.prefill_tokens, args.prompt_tokens + args.new_tokens) + 1)
 
@@ -373,6 +383,20 @@ def bench(args) -> int:
                 for _ in range(n):
                     tok = m.forward(tok).argmax(-1)
                 return time.perf_counter() - t0
+
+            pre_b = dec_b = cands[0]
+            if len(cands) > 1:
+                # prefill: one GEMM of the model's shape per backend (a whole 512-token forward on
+                # reference BLAS would take a minute); decode: 4 real decode steps per backend
+                pre_b, pre_speed = pick_backend(dtypes[d], 128, args.threads)
+                dec_speed = {}
+                for b in cands:
+                    m.use(b)
+                    decode_once(1)
+                    dec_speed[b] = round(4 / decode_once(4), 2)
+                dec_b = max(dec_speed, key=dec_speed.get)
+                res["backend_probe"][d] = {"prefill_gemm_gflops": pre_speed, "decode_tok_s": dec_speed}
+            res["gemm_backend"][d] = {"prefill": pre_b, "decode": dec_b}
 
             m.use(pre_b)
             prefill_once()  # warm-up (allocations, oneDNN primitive creation)

@@ -7,6 +7,7 @@ import { Command, InvalidArgumentError } from 'commander';
 import { RedflagError } from '../errors.js';
 import { loadModel, type Model } from '../model/model.js';
 import { runDemo } from '../demo.js';
+import { runTrain } from './train.js';
 
 function integer(name: string, min: number) {
   return (value: string): number => {
@@ -154,6 +155,41 @@ export function buildProgram(): Command {
         process.off('SIGINT', onSigint);
         model.dispose();
       }
+    });
+
+  program
+    .command('train')
+    .description('train a red-flag LoRA adapter (or the refusal baseline, or a language model)')
+    .option('-c, --config <file>', 'JSON training config (flags override its fields)')
+    .option('-m, --model <dir>', 'Hugging Face model directory')
+    .option('-o, --output <dir>', 'output directory (adapter, tokenizer, metrics.jsonl, checkpoint)')
+    .option('--harmful <files...>', 'data files whose conversations are all harmful')
+    .option('--benign <files...>', 'data files whose conversations are all benign')
+    .option('--data <files...>', 'data files labelled per row (label / harmful field or --label-column)')
+    .option('--synthetic', 'train on the built-in generated data set')
+    .option('--prompt-column <name>', 'CSV column with the prompt')
+    .option('--response-column <name>', 'CSV column with the response')
+    .option('--label-column <name>', 'CSV column with the label')
+    .option('--skip-invalid', 'skip malformed rows (counted) instead of failing')
+    .option('--objective <name>', 'redflag | refusal | lm')
+    .option('--mode <mode>', 'lora | full')
+    .option('--rank <r>', 'LoRA rank', integer('rank', 1))
+    .option('--alpha <a>', 'LoRA alpha', number('alpha', 0))
+    .option('--targets <names...>', 'LoRA target modules (PEFT names)')
+    .option('--lr <lr>', 'peak learning rate', number('lr', 0))
+    .option('--steps <n>', 'optimizer steps', integer('steps', 1))
+    .option('--batch-size <n>', 'conversations per micro-batch', integer('batch-size', 1))
+    .option('--grad-accum <n>', 'micro-batches per optimizer step', integer('grad-accum', 1))
+    .option('--max-tokens <n>', 'longest conversation in tokens', integer('max-tokens', 8))
+    .option('--seed <n>', 'seed of everything random', integer('seed', 0))
+    .option('--eval-every <n>', 'held-out evaluation interval in steps (0: only at the end)', integer('eval-every', 0))
+    .option('--checkpoint-every <n>', 'checkpoint interval in steps (0: only at the end)', integer('checkpoint-every', 0))
+    .option('--resume', 'continue from the checkpoint in the output directory')
+    .option('--merge', 'also write the merged model')
+    .option('--dtype <dtype>', "frozen weights: 'f32' or 'bf16'", dtype)
+    .option('--threads <n>', 'threads for native work', integer('threads', 1))
+    .action(async (flags: Record<string, unknown>) => {
+      await runTrain(flags);
     });
 
   program

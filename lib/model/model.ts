@@ -342,6 +342,20 @@ export class Model {
     return generate(this, prompt, options);
   }
 
+  /**
+   * Turns the adapter (LoRA and trained red-flag rows) on or off; off, the model computes
+   * exactly the base model. Queued behind native calls already made, so it applies to the
+   * calls made after it.
+   */
+  async setAdapterEnabled(enabled: boolean): Promise<void> {
+    await this.run(() => this.engine.setAdapterEnabled(enabled));
+  }
+
+  /** @internal Runs a native call in the model's queue (one native call at a time). */
+  runNative<T>(fn: () => Promise<T> | T): Promise<T> {
+    return this.run(fn);
+  }
+
   /** Bytes of weights held by the engine. */
   get weightBytes(): number {
     return this.engine.info().weightBytes;

@@ -9,7 +9,9 @@
 // FMA peak swings between ~1x and ~2x the 1-thread one from second to second. Each GEMM
 // figure is therefore also compared, repetition by repetition, with an FMA-peak loop run
 // right after it for as long ("ratio_adjacent_peak", the median of those ratios); GEMV
-// likewise with a read-bandwidth run over 64 MB arrays before and after ("ratio_adjacent_read").
+// likewise with copy and read-bandwidth runs (256 MB arrays, as the ceilings) before and
+// after it ("ratio_adjacent_copy", "ratio_adjacent_read"; smaller arrays get help from the
+// 32 MB L3). Memory bandwidth on these VMs also moves with the neighbours' load.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -265,7 +267,8 @@ int main(int argc, char** argv) {
         for (int t : opt.threads) {
           std::fprintf(stderr, "gemv %dx%d %s t=%d (%zu copies)\n", s.N, s.K, dtype_name(dt), t, n_copies);
           rf::ThreadPool& pool = pool_for(t);
-          double read_before = rf::mem_bandwidth_gbps(pool, size_t(64) << 20, false);
+          double read_before = rf::mem_bandwidth_gbps(pool, mem_bytes, false);
+          double copy_before = rf::mem_bandwidth_gbps(pool, mem_bytes, true);
           // One timed unit = a pass over all copies (>= 256 MB), like decode over all layers.
           double sec = time_median(
                            [&] {
@@ -273,7 +276,8 @@ int main(int argc, char** argv) {
                            },
                            opt.quick ? 0.2 : 0.5, 3) /
                        double(n_copies);
-          double read_adjacent = 0.5 * (read_before + rf::mem_bandwidth_gbps(pool, size_t(64) << 20, false));
+          double read_adjacent = 0.5 * (read_before + rf::mem_bandwidth_gbps(pool, mem_bytes, false));
+          double copy_adjacent = 0.5 * (copy_before + rf::mem_bandwidth_gbps(pool, mem_bytes, true));
           double hot = time_median([&] { rf::gemm(pool, 1, a.data(), s.K, copies[0], nullptr, c.data(), s.N, false); },
                                    0.1);
           double gbps = bytes / sec * 1e-9, hot_gbps = bytes / hot * 1e-9;
@@ -282,6 +286,7 @@ int main(int argc, char** argv) {
                  ", \"weight_mb\": " + json_num(bytes / 1048576.0) + ", \"us\": " + json_num(sec * 1e6) +
                  ", \"gbps\": " + json_num(gbps) + ", \"ratio_copy\": " + json_num(gbps / peak.copy[t]) +
                  ", \"ratio_read\": " + json_num(gbps / peak.read[t]) +
+                 ", \"ratio_adjacent_copy\": " + json_num(gbps / copy_adjacent) +
                  ", \"ratio_adjacent_read\": " + json_num(gbps / read_adjacent) + ", \"hot_us\": " + json_num(hot * 1e6) +
                  ", \"hot_gbps\": " + json_num(hot_gbps) + "}";
           sep = ",";

@@ -49,7 +49,7 @@ struct ThreadPool::Impl {
 
   // Bumped by run() to publish a region; workers compare it with the last one they ran.
   alignas(64) std::atomic<uint64_t> epoch{0};
-  // Workers that have not finished the current region yet.
+  // Slots 1..n-1 of the current region not finished yet (by a worker or the caller).
   alignas(64) std::atomic<int> pending{0};
   // Workers blocked on the condition variable (run() only takes the mutex when > 0).
   alignas(64) std::atomic<int> sleepers{0};
@@ -58,7 +58,7 @@ struct ThreadPool::Impl {
   const std::function<void(int, int)>* job = nullptr;  // valid while pending > 0
   // slot_epoch[t]: the last epoch whose slot t was claimed (by worker t or the caller).
   std::unique_ptr<std::atomic<uint64_t>[]> slot_epoch;
-  std::exception_ptr error;                             // first exception thrown by a worker
+  std::exception_ptr error;  // first exception thrown by slots 1..n-1
   std::mutex error_mutex;
 
   std::mutex mutex;
@@ -148,7 +148,7 @@ void ThreadPool::run(const std::function<void(int, int)>& fn) {
   Impl& s = *impl_;
   s.job = &fn;
   s.pending.store(n_threads_ - 1, std::memory_order_relaxed);
-  const uint64_t e = s.epoch.fetch_add(1, std::memory_order_seq_cst) + 1;  // publishes job, pending
+  const uint64_t region = s.epoch.fetch_add(1, std::memory_order_seq_cst) + 1;  // publishes job, pending
   if (s.sleepers.load(std::memory_order_seq_cst) > 0) {
     // Taking the mutex orders us after a worker that is between its epoch check and wait().
     { std::lock_guard<std::mutex> lock(s.mutex); }
@@ -163,7 +163,7 @@ void ThreadPool::run(const std::function<void(int, int)>& fn) {
   }
   // Take over the slots of workers that have not started.
   for (int t = 1; t < n_threads_; ++t)
-    if (s.slot_claim(t, e)) s.slot_run(t);
+    if (s.slot_claim(t, region)) s.slot_run(t);
 
   // Wait for the workers; yield after a while in case the pool is oversubscribed.
   for (long spins = 0; s.pending.load(std::memory_order_acquire) != 0; ++spins) {
@@ -177,9 +177,9 @@ void ThreadPool::run(const std::function<void(int, int)>& fn) {
 
   if (own_error) std::rethrow_exception(own_error);
   if (s.error) {
-    std::exception_ptr e;
-    std::swap(e, s.error);
-    std::rethrow_exception(e);
+    std::exception_ptr err;
+    std::swap(err, s.error);
+    std::rethrow_exception(err);
   }
 }
 

@@ -8,9 +8,12 @@
 //         each (k, k+1) pair of a column is one 32-bit word, the operand vdpbf16ps wants.
 //   Panels follow each other; a panel is Kp * 32 elements (a multiple of 64 bytes).
 //
-// Blocking: threads claim tasks of (rows x panels), split along N first (and M when there
-// are too few panels); each task walks K in blocks of kc (the A block of mc rows x kc stays in L2, the kc x 32
-// weight slice in L1/L2) and runs an MR x 32 register-tiled micro-kernel over it.
+// Blocking: threads claim tasks of (rows x panels) from a counter, split along N first (M
+// too when there are few panels). A task walks its rows in M blocks whose A block stays in
+// L2 and, per block, every panel with an MR x 32 register-tiled micro-kernel (AVX-512:
+// 8 x 32, 16 zmm accumulators; AVX2: 6 x 16 f32 / 4 x 16 bf16, or 1-2 x 32 for decode).
+// K is blocked only when a K x 32 weight slice exceeds ~192 KB (K > 1536 f32 / 3072 bf16),
+// so C is normally written once. M = 1 (decode) streams each thread's panels front to back.
 #include "kernels/gemm.h"
 
 #include <immintrin.h>
@@ -122,12 +125,17 @@ struct TaskGrid {
   int count() const { return n_p * n_m; }
 };
 
-TaskGrid grid_make(int threads, int M, int MR, int panels, double macs) {
-  int target = threads * kTasksPerThread;
+// Weight bytes per task at most: a task re-reads its panels once per M block (gemm_block),
+// and with a few MB per task those re-reads come from L2/L3 instead of DRAM.
+constexpr size_t kTaskWeightBytes = size_t(4) << 20;
+
+TaskGrid grid_make(int threads, int M, int MR, int panels, size_t panel_bytes, double macs) {
+  int target = threads == 1 ? 1 : threads * kTasksPerThread;
   target = int(std::max<double>(threads, std::min<double>(target, macs / kMinTaskMacs)));
   TaskGrid g;
   g.n_p = std::min(panels, target);
   g.p_chunk = (panels + g.n_p - 1) / g.n_p;
+  g.p_chunk = int(std::max<size_t>(1, std::min<size_t>(g.p_chunk, kTaskWeightBytes / panel_bytes)));
   g.n_p = (panels + g.p_chunk - 1) / g.p_chunk;
   // Too few panels (small N): cut M as well.
   const int m_tiles = (M + MR - 1) / MR;
@@ -187,7 +195,6 @@ inline void c_prefetch(const float* C, long ldc) {
   }
 }
 
-static int pf_dist() { static int d = getenv("RF_PF") ? atoi(getenv("RF_PF")) : 0; return d; }
 // acc sets: rows of 1 or 2 have too few independent FMA chains to hide the FMA latency,
 // so they accumulate even and odd k into separate sets (summed at the end).
 template <int MR>
@@ -200,7 +207,6 @@ template <int MR>
 void tile_f32(int kc, const float* A, long lda, const float* B, float* C, long ldc,
               const float* bias, int n_valid, bool add_c) {
   constexpr int S = sets_for<MR>();
-  const int pfd = pf_dist();
   c_prefetch<MR>(C, ldc);
   __m512 acc[S][MR][2];
 #pragma GCC unroll 16
@@ -209,12 +215,6 @@ void tile_f32(int kc, const float* A, long lda, const float* B, float* C, long l
     for (int r = 0; r < MR; ++r) acc[s][r][0] = acc[s][r][1] = _mm512_setzero_ps();
   int k = 0;
   for (; k + S <= kc; k += S) {
-    if (MR <= 2 && pfd) {
-      _mm_prefetch(reinterpret_cast<const char*>(B + size_t(k) * kPanel) + pfd, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(B + size_t(k) * kPanel) + pfd + 64, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(B + size_t(k) * kPanel) + pfd + 128, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(B + size_t(k) * kPanel) + pfd + 192, _MM_HINT_T0);
-    }
 #pragma GCC unroll 2
     for (int s = 0; s < S; ++s) {
       __m512 b0 = _mm512_load_ps(B + size_t(k + s) * kPanel);
@@ -275,14 +275,7 @@ void tile_bf16(int kp, const uint16_t* A, long lda, const uint16_t* Bw, float* C
     }
   };
   int p = 0;
-  const int pfd = pf_dist();
   for (; p + S <= kp; p += S) {
-    if (MR <= 2 && pfd) {
-      _mm_prefetch(reinterpret_cast<const char*>(B + size_t(p) * kPanel) + pfd, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(B + size_t(p) * kPanel) + pfd + 64, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(B + size_t(p) * kPanel) + pfd + 128, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(B + size_t(p) * kPanel) + pfd + 192, _MM_HINT_T0);
-    }
 #pragma GCC unroll 2
     for (int s = 0; s < S; ++s) step(p + s, s);
   }
@@ -523,7 +516,10 @@ void gemm_block(const GemmJob& job, int m_begin, int m_end, int p_begin, int p_e
   const long a_bytes = 4;
 #endif
   const long w_bytes = is_bf16 ? 2 : 4;
-  const int kc_step = long(K) * kPanel * w_bytes <= kSliceBytes ? K : kc_choose(K, is_bf16 ? kKcBf16 : kKcF32);
+  // One row tile (decode) reuses no weight slice, so it never blocks K: each panel is then
+  // one contiguous stream.
+  const bool whole_k = rows <= MR || long(K) * kPanel * w_bytes <= kSliceBytes;
+  const int kc_step = whole_k ? K : kc_choose(K, is_bf16 ? kKcBf16 : kKcF32);
   // Equal M blocks of at most kABlockBytes, whole row tiles.
   const int mc_max = int(std::max<long>(MR, kABlockBytes / (long(kc_step) * a_bytes) / MR * MR));
   const int m_blocks = (rows + mc_max - 1) / mc_max;
@@ -661,19 +657,21 @@ void gemm(ThreadPool& pool, int M, const float* A, long lda, const PackedWeight&
   }
 #endif
 
+  const TaskGrid grid =
+      grid_make(threads, M, MR, panels, panel_elems(W.K, W.dtype) * elem_size(W.dtype), macs);
+  auto task_run = [&](int task) {
+    const int pi = task % grid.n_p, mi = task / grid.n_p;
+    const int p_begin = pi * grid.p_chunk, p_end = std::min(panels, p_begin + grid.p_chunk);
+    const int m_begin = mi * grid.m_chunk, m_end = std::min(M, m_begin + grid.m_chunk);
+    gemm_block(job, m_begin, m_end, p_begin, p_end);
+  };
   if (threads == 1) {
-    gemm_block(job, 0, M, 0, panels);
+    for (int task = 0; task < grid.count(); ++task) task_run(task);
     return;
   }
-  const TaskGrid grid = grid_make(threads, M, MR, panels, macs);
   std::atomic<int> next_task{0};
   pool.run([&](int, int) {
-    for (int task; (task = next_task.fetch_add(1, std::memory_order_relaxed)) < grid.count();) {
-      const int pi = task % grid.n_p, mi = task / grid.n_p;
-      const int p_begin = pi * grid.p_chunk, p_end = std::min(panels, p_begin + grid.p_chunk);
-      const int m_begin = mi * grid.m_chunk, m_end = std::min(M, m_begin + grid.m_chunk);
-      gemm_block(job, m_begin, m_end, p_begin, p_end);
-    }
+    for (int task; (task = next_task.fetch_add(1, std::memory_order_relaxed)) < grid.count();) task_run(task);
   });
 }
 

@@ -39,7 +39,14 @@ using VecF = __m512;
 inline VecF vset1(float x) { return _mm512_set1_ps(x); }
 inline VecF vfma(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
 inline VecF vadd(VecF a, VecF b) { return _mm512_add_ps(a, b); }
-inline float vsum(VecF a) { return _mm512_reduce_add_ps(a); }
+// (Not _mm512_reduce_add_ps: GCC 12 warns about its _mm256_undefined_pd.)
+inline float vsum(VecF a) {
+  float t[16];
+  _mm512_storeu_ps(t, a);
+  float s = 0;
+  for (float x : t) s += x;
+  return s;
+}
 constexpr int kLanes = 16;
 #else
 using VecF = __m256;
@@ -94,7 +101,7 @@ double fma_loop_bf16(double seconds) {
   } while (seconds_since(t0) < seconds);
   __m512 s = acc[0];
   for (int c = 1; c < kChains; ++c) s = _mm512_add_ps(s, acc[c]);
-  g_sink = _mm512_reduce_add_ps(s);
+  g_sink = vsum(s);
   return double(iters) * kChains * 64;
 }
 #endif

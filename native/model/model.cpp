@@ -5,6 +5,7 @@
 #include <cstring>
 #include <sstream>
 
+#include "kernels/gemm_backward.h"
 #include "kernels/ops.h"
 #include "model/rope.h"
 
@@ -188,6 +189,18 @@ long Model::logits_rows(const std::vector<ForwardItem>& items, LogitsMode mode) 
   return rows;
 }
 
+void Model::embed_row(uint32_t tok, float* row) const {
+  const long H = config_.hidden;
+  if (!embed_f32_.empty()) {
+    std::memcpy(row, embed_f32_.data() + long(tok) * H, H * sizeof(float));
+  } else if (!embed_bf16_.empty()) {
+    const uint16_t* src = embed_bf16_.data() + long(tok) * H;
+    for (long i = 0; i < H; ++i) row[i] = bf16_to_f32(src[i]);
+  } else {
+    packed_row(lm_head_.w, int(tok), row);
+  }
+}
+
 void Model::embed_rows(const std::vector<ForwardItem>& items, float* x) {
   const ModelConfig& c = config_;
   const long H = c.hidden;
@@ -196,13 +209,10 @@ void Model::embed_rows(const std::vector<ForwardItem>& items, float* x) {
     for (int t = 0; t < it.n_tokens; ++t, ++r) {
       const uint32_t tok = it.tokens[t];
       float* row = x + r * H;
-      if (!embed_f32_.empty()) {
-        std::memcpy(row, embed_f32_.data() + long(tok) * H, H * sizeof(float));
-      } else if (!embed_bf16_.empty()) {
-        const uint16_t* src = embed_bf16_.data() + long(tok) * H;
-        for (long i = 0; i < H; ++i) row[i] = bf16_to_f32(src[i]);
+      if (adapter_enabled_ && rf_embed_ && int(tok) == rf_token_) {
+        std::memcpy(row, rf_embed_->value.data(), H * sizeof(float));
       } else {
-        packed_row(lm_head_.w, int(tok), row);
+        embed_row(tok, row);
       }
       if (c.arch == Arch::gpt2) {
         const float* pe = pos_embed_.data() + (it.cache->length() + t) * H;
@@ -256,6 +266,59 @@ void Model::attention(const std::vector<ForwardItem>& items, int layer, const fl
 
 void Model::forward(const std::vector<ForwardItem>& items, LogitsMode mode, float* out,
                     const std::atomic<int>* cancel, const std::function<void(int, int)>& progress) {
+  run_forward(items, mode, out, nullptr, cancel, progress);
+}
+
+void Model::forward_traced(const std::vector<ForwardItem>& items, LogitsMode mode, float* out, ForwardTrace* trace,
+                           const std::atomic<int>* cancel) {
+  run_forward(items, mode, out, trace, cancel, nullptr);
+}
+
+// y (+)= x W^T + bias, then each LoRA adapter's scale * (dropout(x) A^T) B^T on its slice of y.
+// With a trace, the adapters' (dropout(x) A^T) [rows, rank] are kept for the backward pass.
+void Model::linear_forward(const Linear& lin, int layer, int index, const float* x, long ldx, int rows, float* y,
+                           long ldy, bool accumulate, LayerTrace* trace, float dropout, uint64_t seed) {
+  gemm(pool_, rows, x, ldx, lin.w, lin.bias.empty() ? nullptr : lin.bias.data(), y, ldy, accumulate);
+  if (!adapter_enabled_) return;
+  const int in = lin.w.K;
+  for (size_t a = 0; a < lin.lora.size(); ++a) {
+    const LoraDelta& d = lin.lora[a];
+    const int r = d.rank();
+    const float* xa = x;
+    long ldxa = ldx;
+    if (trace && dropout > 0.f) {
+      // Inverted dropout on the adapter's input only, as PEFT's lora_dropout.
+      lora_x_.resize(size_t(rows) * in);
+      const float keep_scale = 1.0f / (1.0f - dropout);
+      const int adapter_id = index * 16 + int(a);
+      for (int i = 0; i < rows; ++i)
+        for (int j = 0; j < in; ++j)
+          lora_x_[size_t(i) * in + j] =
+              dropout_keep(seed, layer, adapter_id, i, j, dropout) ? x[i * ldx + j] * keep_scale : 0.f;
+      xa = lora_x_.data();
+      ldxa = in;
+    }
+    lora_u_.resize(size_t(rows) * r);
+    gemm_nt_f32(pool_, rows, r, in, xa, ldxa, d.A->value.data(), in, lora_u_.data(), r, false);
+    for (float& u : lora_u_) u *= d.scale;
+    if (trace) trace->lora_u.push_back(lora_u_);
+    gemm_nt_f32(pool_, rows, d.out_size(), r, lora_u_.data(), r, d.B->value.data(), r, y + d.out_offset, ldy, true);
+  }
+}
+
+bool dropout_keep(uint64_t seed, int layer, int adapter, long row, long col, float p) {
+  // splitmix64 of the element's coordinates: a counter-based generator, so the backward
+  // pass regenerates the same mask without storing it.
+  uint64_t z = seed ^ (uint64_t(layer) << 48) ^ (uint64_t(adapter) << 40) ^ (uint64_t(row) << 20) ^ uint64_t(col);
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  z ^= z >> 31;
+  return double(z >> 11) * (1.0 / 9007199254740992.0) >= double(p);
+}
+
+void Model::run_forward(const std::vector<ForwardItem>& items, LogitsMode mode, float* out, ForwardTrace* trace,
+                        const std::atomic<int>* cancel, const std::function<void(int, int)>& progress) {
   check_complete();
   const ModelConfig& c = config_;
   const long H = c.hidden, R = logits_rows(items, LogitsMode::all);
@@ -282,6 +345,9 @@ void Model::forward(const std::vector<ForwardItem>& items, LogitsMode mode, floa
   att_.resize(R * Q);
   mlp_.resize(R * MLP_IN);
   act_.resize(c.act == Activation::silu ? R * I : 0);
+  if (trace) trace->layers.assign(c.n_layers, LayerTrace());
+  const float dropout = trace ? trace->dropout : 0.f;
+  const uint64_t seed = trace ? trace->dropout_seed : 0;
 
   // Rotary tables per new row: cos/sin [rows, head_dim / 2].
   if (c.rope) {
@@ -306,15 +372,17 @@ void Model::forward(const std::vector<ForwardItem>& items, LogitsMode mode, floa
       else layernorm_forward(o + r * H, in + r * H, n.weight.data(), n.bias.data(), int(H), c.norm_eps);
     });
   };
-  auto bias_of = [](const Linear& l) { return l.bias.empty() ? nullptr : l.bias.data(); };
 
   for (int l = 0; l < c.n_layers; ++l) {
     if (cancel && cancel->load(std::memory_order_relaxed)) throw Cancelled();
     const Layer& L = layers_[l];
+    LayerTrace* lt = trace ? &trace->layers[l] : nullptr;
+    if (lt) lt->x_in.assign(x, x + R * H);
 
     // Attention block: x += o(attn(rope(qkv(norm(x)))))
     norm_rows(L.attn_norm, x, xn, R);
-    gemm(pool_, int(R), xn, H, L.qkv.w, bias_of(L.qkv), qkv_.data(), QKV, false);
+    if (lt) lt->xn1.assign(xn, xn + R * H);
+    linear_forward(L.qkv, l, 0, xn, H, int(R), qkv_.data(), QKV, false, lt, dropout, seed);
     {
       long r = 0;
       for (const ForwardItem& it : items) {
@@ -334,41 +402,139 @@ void Model::forward(const std::vector<ForwardItem>& items, LogitsMode mode, floa
         }
       }
     }
+    if (lt) lt->qkv.assign(qkv_.begin(), qkv_.begin() + R * QKV);
     attention(items, l, qkv_.data(), att_.data());
-    gemm(pool_, int(R), att_.data(), Q, L.o.w, bias_of(L.o), x, H, true);
+    if (lt) lt->att.assign(att_.begin(), att_.begin() + R * Q);
+    linear_forward(L.o, l, 1, att_.data(), Q, int(R), x, H, true, lt, dropout, seed);
+    if (lt) lt->x_mid.assign(x, x + R * H);
 
     // MLP block: x += mlp_out(act(mlp_in(norm(x))))
     norm_rows(L.mlp_norm, x, xn, R);
-    gemm(pool_, int(R), xn, H, L.mlp_in.w, bias_of(L.mlp_in), mlp_.data(), MLP_IN, false);
+    if (lt) lt->xn2.assign(xn, xn + R * H);
+    linear_forward(L.mlp_in, l, 2, xn, H, int(R), mlp_.data(), MLP_IN, false, lt, dropout, seed);
+    if (lt) lt->mlp.assign(mlp_.begin(), mlp_.begin() + R * MLP_IN);
     if (c.act == Activation::silu) {
       for_rows(pool_, R, I, [&](long r) {
         swiglu_forward(act_.data() + r * I, mlp_.data() + r * MLP_IN, mlp_.data() + r * MLP_IN + I, int(I));
       });
-      gemm(pool_, int(R), act_.data(), I, L.mlp_out.w, bias_of(L.mlp_out), x, H, true);
+      if (lt) lt->act.assign(act_.begin(), act_.begin() + R * I);
+      linear_forward(L.mlp_out, l, 3, act_.data(), I, int(R), x, H, true, lt, dropout, seed);
     } else {
       for_rows(pool_, R, I, [&](long r) { gelu_new_forward(mlp_.data() + r * I, int(I)); });
-      gemm(pool_, int(R), mlp_.data(), I, L.mlp_out.w, bias_of(L.mlp_out), x, H, true);
+      if (lt) lt->act.assign(mlp_.begin(), mlp_.begin() + R * I);
+      linear_forward(L.mlp_out, l, 3, mlp_.data(), I, int(R), x, H, true, lt, dropout, seed);
     }
     if (progress) progress(l + 1, c.n_layers);
   }
   if (cancel && cancel->load(std::memory_order_relaxed)) throw Cancelled();
+  if (trace) trace->x_final.assign(x, x + R * H);
 
-  // Final norm on the rows whose logits are wanted, then the LM head.
-  const float* head_in = x;
-  long rows = R;
-  if (mode == LogitsMode::last) {
-    rows = long(items.size());
-    rows_.resize(rows * H);
-    long r = 0;
-    for (size_t i = 0; i < items.size(); ++i) {
-      r += items[i].n_tokens;
-      std::memcpy(rows_.data() + i * H, x + (r - 1) * H, H * sizeof(float));
+  if (mode == LogitsMode::hidden) {
+    norm_rows(final_norm_, x, out, R);
+  } else {
+    // Final norm on the rows whose logits are wanted, then the LM head.
+    const float* head_in = x;
+    long rows = R;
+    if (mode == LogitsMode::last) {
+      rows = long(items.size());
+      rows_.resize(rows * H);
+      long r = 0;
+      for (size_t i = 0; i < items.size(); ++i) {
+        r += items[i].n_tokens;
+        std::memcpy(rows_.data() + i * H, x + (r - 1) * H, H * sizeof(float));
+      }
+      head_in = rows_.data();
     }
-    head_in = rows_.data();
+    norm_rows(final_norm_, head_in, xn, rows);  // R >= rows, so xn has room
+    gemm(pool_, int(rows), xn, H, lm_head_.w, nullptr, out, c.vocab, false);
+    if (adapter_enabled_ && rf_head_) {
+      // The trained red-flag row replaces the base row of the LM head.
+      const float* w = rf_head_->value.data();
+      for (long r = 0; r < rows; ++r) {
+        float dot = 0.f;
+        for (long i = 0; i < H; ++i) dot += xn[r * H + i] * w[i];
+        out[r * c.vocab + rf_token_] = dot;
+      }
+    }
   }
-  norm_rows(final_norm_, head_in, xn, rows);  // R >= rows, so xn has room
-  gemm(pool_, int(rows), xn, H, lm_head_.w, nullptr, out, c.vocab, false);
   for (const ForwardItem& it : items) it.cache->set_length(it.cache->length() + it.n_tokens);
+}
+
+// --- adapters --------------------------------------------------------------------------------
+
+Param* Model::new_param(const std::string& name, const std::vector<long>& shape, bool decay) {
+  if (find_param(name)) throw std::invalid_argument("parameter " + name + " already exists");
+  auto p = std::make_unique<Param>();
+  p->name = name;
+  p->shape = shape;
+  p->value.assign(size_t(p->numel()), 0.f);
+  p->decay = decay;
+  params_.push_back(std::move(p));
+  return params_.back().get();
+}
+
+Param* Model::find_param(const std::string& name) {
+  for (auto& p : params_)
+    if (p->name == name) return p.get();
+  return nullptr;
+}
+
+std::vector<Param*> Model::params() {
+  std::vector<Param*> out;
+  for (auto& p : params_) out.push_back(p.get());
+  return out;
+}
+
+Linear& Model::linear(int layer, int index) {
+  Layer& L = layers_.at(layer);
+  switch (index) {
+    case 0: return L.qkv;
+    case 1: return L.o;
+    case 2: return L.mlp_in;
+    default: return L.mlp_out;
+  }
+}
+
+void Model::add_lora(int layer, const std::string& target, Param* A, Param* B, float scale) {
+  const ModelConfig& c = config_;
+  if (layer < 0 || layer >= c.n_layers) throw std::invalid_argument("LoRA layer out of range");
+  struct Site { const char* name; int index; long offset, out; };
+  const long Q = c.q_dim(), KV = c.kv_dim(), I = c.intermediate, H = c.hidden;
+  std::vector<Site> sites;
+  if (c.arch == Arch::gpt2) {
+    sites = {{"attn.c_attn", 0, 0, 3 * H}, {"attn.c_proj", 1, 0, H}, {"mlp.c_fc", 2, 0, I}, {"mlp.c_proj", 3, 0, H}};
+  } else {
+    sites = {{"q_proj", 0, 0, Q}, {"k_proj", 0, Q, KV}, {"v_proj", 0, Q + KV, KV}, {"o_proj", 1, 0, H},
+             {"gate_proj", 2, 0, I}, {"up_proj", 2, I, I}, {"down_proj", 3, 0, H}};
+  }
+  for (const Site& s : sites) {
+    if (target != s.name) continue;
+    Linear& lin = linear(layer, s.index);
+    if (A->shape != std::vector<long>{A->shape[0], long(lin.w.K)} || B->shape != std::vector<long>{s.out, A->shape[0]})
+      throw std::invalid_argument("LoRA " + target + " of layer " + std::to_string(layer) + ": A must be [rank, " +
+                                  std::to_string(lin.w.K) + "] and B [" + std::to_string(s.out) + ", rank]");
+    lin.lora.push_back({target, A, B, int(s.offset), scale});
+    return;
+  }
+  throw std::invalid_argument("no projection named " + target + " in a " +
+                              std::string(c.arch == Arch::gpt2 ? "GPT-2" : "Llama-family") + " block");
+}
+
+void Model::clear_adapters() {
+  for (Layer& L : layers_)
+    for (Linear* lin : {&L.qkv, &L.o, &L.mlp_in, &L.mlp_out}) lin->lora.clear();
+  rf_token_ = -1;
+  rf_embed_ = rf_head_ = nullptr;
+  params_.clear();
+}
+
+void Model::set_token_rows(int token, Param* embed, Param* head) {
+  if (token < 0 || token >= config_.vocab) throw std::invalid_argument("red-flag token outside the vocabulary");
+  for (Param* p : {embed, head})
+    if (p && p->numel() != config_.hidden) throw std::invalid_argument("red-flag rows must have hidden_size elements");
+  rf_token_ = token;
+  rf_embed_ = embed;
+  rf_head_ = head;
 }
 
 }  // namespace rf

@@ -23,9 +23,33 @@ struct Cancelled : std::runtime_error {
   Cancelled() : std::runtime_error("the operation was aborted") {}
 };
 
+// A tensor the model learns or was adapted with: value, and (while training) its gradient
+// and AdamW moments, all f32.
+struct Param {
+  std::string name;
+  std::vector<long> shape;
+  std::vector<float> value, grad, m, v;
+  bool decay = true;  // decoupled weight decay applies
+  long numel() const { long n = 1; for (long d : shape) n *= d; return n; }
+};
+
+// A LoRA adapter on part of a projection's output: y[:, offset : offset + B.rows] +=
+// scale * (x A^T) B^T, with A [rank, in] and B [out, rank] (PEFT's lora_A / lora_B).
+struct LoraDelta {
+  std::string target;        // PEFT module name, e.g. q_proj
+  Param* A = nullptr;
+  Param* B = nullptr;
+  int out_offset = 0;
+  float scale = 1.f;         // alpha / rank (or alpha / sqrt(rank) with rsLoRA)
+  int rank() const { return int(A->shape[0]); }
+  int out_size() const { return int(B->shape[0]); }
+};
+
 struct Linear {
   PackedWeight w;            // [out, in]
   std::vector<float> bias;   // [out] or empty
+  std::vector<LoraDelta> lora;
+  PackedWeight wt;           // [in, out]: W^T packed, built for training (input gradients)
   bool loaded() const { return w.N > 0; }
 };
 
@@ -48,7 +72,32 @@ struct ForwardItem {
   int n_tokens;
 };
 
-enum class LogitsMode { all, last };  // logits for every new token, or the last of each item
+// What forward() writes: logits for every new token or for the last of each item, or the
+// final-norm hidden states of every new token (for the training losses).
+enum class LogitsMode { all, last, hidden };
+
+// Activations a forward pass keeps for the backward pass (training). K and V stay in the
+// items' caches. Filled by forward() when given one.
+struct LayerTrace {
+  std::vector<float> x_in;   // [rows, hidden]   input of the block
+  std::vector<float> xn1;    // [rows, hidden]   attention norm output
+  std::vector<float> qkv;    // [rows, qkv_dim]  after rope
+  std::vector<float> att;    // [rows, q_dim]    attention output
+  std::vector<float> x_mid;  // [rows, hidden]   after the attention residual
+  std::vector<float> xn2;    // [rows, hidden]   MLP norm output
+  std::vector<float> mlp;    // [rows, mlp_in]   MLP pre-activation
+  std::vector<float> act;    // [rows, inter]    MLP activation output (SwiGLU only; GELU is in place)
+  std::vector<std::vector<float>> lora_u;  // per adapter of the block, in linear order: [rows, rank]
+};
+struct ForwardTrace {
+  std::vector<LayerTrace> layers;
+  std::vector<float> x_final;      // [rows, hidden] input of the final norm
+  float dropout = 0.f;             // LoRA dropout on the adapters' input (training only)
+  uint64_t dropout_seed = 0;
+};
+
+// The keep decision of LoRA dropout for one element, reproducible in the backward pass.
+bool dropout_keep(uint64_t seed, int layer, int adapter, long row, long col, float p);
 
 class Model {
  public:
@@ -81,8 +130,40 @@ class Model {
 
   KvCache new_cache() const { return KvCache(config_.n_layers, config_.n_kv_heads, config_.head_dim); }
 
+  // --- adapters and the red-flag rows -------------------------------------------------------
+  // A new parameter owned by the model (zero-filled).
+  Param* new_param(const std::string& name, const std::vector<long>& shape, bool decay = true);
+  Param* find_param(const std::string& name);
+  std::vector<Param*> params();
+  // Adds a LoRA adapter on `target` (PEFT name) of block `layer`; throws if the block has no such projection.
+  void add_lora(int layer, const std::string& target, Param* A, Param* B, float scale);
+  void clear_adapters();
+  void set_adapter_enabled(bool enabled) { adapter_enabled_ = enabled; }
+  bool adapter_enabled() const { return adapter_enabled_; }
+  bool has_adapters() const { return !params_.empty(); }
+  // With the adapter enabled, token `token` embeds as `embed` [hidden] and its logit uses
+  // `head` [hidden] instead of the base rows (either may be null).
+  void set_token_rows(int token, Param* embed, Param* head);
+  int token_rows_id() const { return rf_token_; }
+  // The block's projections by index 0 qkv, 1 o, 2 mlp_in, 3 mlp_out.
+  Linear& linear(int layer, int index);
+  Layer& layer(int i) { return layers_[i]; }
+  Norm& final_norm() { return final_norm_; }
+  Linear& lm_head() { return lm_head_; }
+  ThreadPool& pool() { return pool_; }
+  // Writes the forward-time trace into `trace` (training). Uses LogitsMode::hidden or logits.
+  void forward_traced(const std::vector<ForwardItem>& items, LogitsMode mode, float* out, ForwardTrace* trace,
+                      const std::atomic<int>* cancel = nullptr);
+  // Embedding rows (engine dtype, converted to f32) and their writers, for full fine-tuning.
+  void embed_row(uint32_t token, float* out) const;
+  std::vector<float>& pos_embed() { return pos_embed_; }
+
  private:
+  void linear_forward(const Linear& lin, int layer, int index, const float* x, long ldx, int rows, float* y,
+                      long ldy, bool accumulate, LayerTrace* trace, float dropout, uint64_t seed);
   void embed_rows(const std::vector<ForwardItem>& items, float* x);
+  void run_forward(const std::vector<ForwardItem>& items, LogitsMode mode, float* out, ForwardTrace* trace,
+                   const std::atomic<int>* cancel, const std::function<void(int, int)>& progress);
   void attention(const std::vector<ForwardItem>& items, int layer, const float* qkv, float* out);
 
   ModelConfig config_;
@@ -96,8 +177,14 @@ class Model {
   bool embed_loaded_ = false;
   std::vector<float> pos_embed_;         // [max_positions, hidden] (GPT-2)
 
+  std::vector<std::unique_ptr<Param>> params_;
+  bool adapter_enabled_ = true;
+  int rf_token_ = -1;
+  Param* rf_embed_ = nullptr;
+  Param* rf_head_ = nullptr;
+
   // Scratch reused across forward calls (forward is not re-entrant).
-  std::vector<float> x_, xn_, qkv_, att_, mlp_, act_, rows_, rope_cos_, rope_sin_, scores_;
+  std::vector<float> x_, xn_, qkv_, att_, mlp_, act_, rows_, rope_cos_, rope_sin_, scores_, lora_x_, lora_u_;
 };
 
 }  // namespace rf

@@ -10,6 +10,7 @@
 
 #include "core/cpu.h"
 #include "model/model.h"
+#include "model/train.h"
 #include "napi/bench.h"
 #include "napi/worker.h"
 #ifdef RF_HAVE_CUDA
@@ -121,7 +122,20 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
                         InstanceMethod<&ModelWrap::NewSequence>("newSequence"),
                         InstanceMethod<&ModelWrap::Forward>("forward"),
                         InstanceMethod<&ModelWrap::Info>("info"),
-                        InstanceMethod<&ModelWrap::Dispose>("dispose")});
+                        InstanceMethod<&ModelWrap::Dispose>("dispose"),
+                        InstanceMethod<&ModelWrap::TrainInit>("trainInit"),
+                        InstanceMethod<&ModelWrap::TrainStep>("trainStep"),
+                        InstanceMethod<&ModelWrap::OptimizerStep>("optimizerStep"),
+                        InstanceMethod<&ModelWrap::TrainEnd>("trainEnd"),
+                        InstanceMethod<&ModelWrap::Params>("params"),
+                        InstanceMethod<&ModelWrap::GetParam>("getParam"),
+                        InstanceMethod<&ModelWrap::SetParam>("setParam"),
+                        InstanceMethod<&ModelWrap::AddLora>("addLora"),
+                        InstanceMethod<&ModelWrap::SetTokenRows>("setTokenRows"),
+                        InstanceMethod<&ModelWrap::ClearAdapters>("clearAdapters"),
+                        InstanceMethod<&ModelWrap::SetAdapterEnabled>("setAdapterEnabled"),
+                        InstanceMethod<&ModelWrap::SetOptimizerStep>("setOptimizerStep"),
+                        InstanceMethod<&ModelWrap::ParamsChanged>("paramsChanged")});
   }
 
   // new NativeModel(config, dtype: 'f32' | 'bf16', threads)
@@ -287,7 +301,305 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   }
 
   // Frees the weights and threads; work in flight keeps its own reference and finishes first.
-  void Dispose(const Napi::CallbackInfo&) { model_.reset(); }
+  void Dispose(const Napi::CallbackInfo&) {
+    trainer_.reset();
+    model_.reset();
+  }
+
+  // --- training ---------------------------------------------------------------------------
+  struct TrainerHandle {
+    std::shared_ptr<Model> model;  // kept alive while the trainer uses it
+    std::unique_ptr<Trainer> trainer;
+    ~TrainerHandle() { trainer.reset(); }
+  };
+
+  TrainerHandle& trainer() {
+    if (!trainer_) throw std::invalid_argument("training was not started (call trainInit)");
+    return *trainer_;
+  }
+
+  static std::vector<Sequence> sequences_of(const Napi::Uint32Array& tokens, const Napi::Uint32Array& counts) {
+    std::vector<Sequence> out;
+    size_t offset = 0;
+    for (size_t i = 0; i < counts.ElementLength(); ++i) {
+      const uint32_t n = counts[i];
+      if (n == 0 || offset + n > tokens.ElementLength()) throw std::invalid_argument("token counts do not match the tokens");
+      out.push_back({tokens.Data() + offset, int(n)});
+      offset += n;
+    }
+    if (offset != tokens.ElementLength()) throw std::invalid_argument("token counts do not add up to the tokens given");
+    return out;
+  }
+
+  // trainInit({ mode: 'lora' | 'full', rank, alpha, dropout, rslora, targets: string[], rfToken, seed }) -> Promise<{ trainable }>
+  Napi::Value TrainInit(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guard(env, [&]() -> Napi::Value {
+      model();
+      if (trainer_) throw std::invalid_argument("training already started on this model");
+      Napi::Object o = info[0].As<Napi::Object>();
+      TrainOptions opt;
+      opt.mode = get_string(o, "mode") == "full" ? TrainMode::full : TrainMode::lora;
+      opt.lora.rank = get_int(o, "rank");
+      opt.lora.alpha = float(get_double(o, "alpha"));
+      opt.lora.dropout = float(get_double(o, "dropout"));
+      opt.lora.rslora = get_bool(o, "rslora");
+      Napi::Array targets = o.Get("targets").As<Napi::Array>();
+      for (uint32_t i = 0; i < targets.Length(); ++i) opt.lora.targets.push_back(targets.Get(i).As<Napi::String>().Utf8Value());
+      opt.rf_token = get_int(o, "rfToken");
+      opt.seed = uint64_t(get_double(o, "seed"));
+      begin_work();
+      auto handle = std::make_shared<TrainerHandle>();
+      handle->model = model_;
+      auto busy = busy_;
+      auto* self = this;
+      auto keep = std::make_shared<Napi::ObjectReference>(Napi::Persistent(Value()));
+      return PromiseWorker::start(
+          env,
+          [=] {
+            struct Release { std::shared_ptr<std::atomic<bool>> b; ~Release() { b->store(false); } } release{busy};
+            handle->trainer = std::make_unique<Trainer>(*handle->model, opt);
+          },
+          [=](Napi::Env e) -> Napi::Value {
+            self->trainer_ = handle;
+            keep->Reset();
+            Napi::Object r = Napi::Object::New(e);
+            r.Set("trainable", double(handle->trainer->trainable_count()));
+            return r;
+          });
+    });
+  }
+
+  // trainStep(tokens, counts, refTokens, refCounts, rows: Int32Array [n x 5: kind, row, refRow, group, target],
+  //           { aggregation, alphaBenign, alphaRf, alphaAfter, alphaCe, gradScale }, cancel?) -> Promise<terms>
+  Napi::Value TrainStep(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guard(env, [&]() -> Napi::Value {
+      auto handle = trainer_;
+      trainer();
+      auto tokens = std::make_shared<std::vector<uint32_t>>();
+      auto ref_tokens = std::make_shared<std::vector<uint32_t>>();
+      Napi::Uint32Array t_js = info[0].As<Napi::Uint32Array>(), c_js = info[1].As<Napi::Uint32Array>();
+      Napi::Uint32Array rt_js = info[2].As<Napi::Uint32Array>(), rc_js = info[3].As<Napi::Uint32Array>();
+      // Copy the inputs: the worker must not read JavaScript memory.
+      tokens->assign(t_js.Data(), t_js.Data() + t_js.ElementLength());
+      ref_tokens->assign(rt_js.Data(), rt_js.Data() + rt_js.ElementLength());
+      std::vector<uint32_t> counts(c_js.Data(), c_js.Data() + c_js.ElementLength());
+      std::vector<uint32_t> ref_counts(rc_js.Data(), rc_js.Data() + rc_js.ElementLength());
+      sequences_of(t_js, c_js);
+      sequences_of(rt_js, rc_js);
+      Napi::Int32Array rows_js = info[4].As<Napi::Int32Array>();
+      if (rows_js.ElementLength() % 5 != 0) throw std::invalid_argument("loss rows must hold 5 integers each");
+      std::vector<LossRow> rows;
+      for (size_t i = 0; i < rows_js.ElementLength(); i += 5) {
+        const int kind = rows_js[i];
+        if (kind < 0 || kind > 3) throw std::invalid_argument("unknown loss row kind");
+        rows.push_back({LossRow::Kind(kind), rows_js[i + 1], rows_js[i + 2], rows_js[i + 3], rows_js[i + 4]});
+      }
+      Napi::Object o = info[5].As<Napi::Object>();
+      LossOptions lo;
+      const std::string agg = get_string(o, "aggregation");
+      lo.aggregation = agg == "mean" ? Aggregation::mean : agg == "single" ? Aggregation::single : Aggregation::any;
+      lo.alpha_benign = float(get_double(o, "alphaBenign"));
+      lo.alpha_rf = float(get_double(o, "alphaRf"));
+      lo.alpha_after = float(get_double(o, "alphaAfter"));
+      lo.alpha_ce = float(get_double(o, "alphaCe"));
+      lo.grad_scale = float(get_double(o, "gradScale"));
+      lo.dropout_seed = uint64_t(get_double(o, "dropoutSeed"));
+      std::shared_ptr<Napi::ObjectReference> cancel_ref;
+      const std::atomic<int>* cancel = nullptr;
+      if (info.Length() > 6 && info[6].IsTypedArray()) {
+        Napi::Int32Array flag = info[6].As<Napi::Int32Array>();
+        cancel_ref = std::make_shared<Napi::ObjectReference>(Napi::Persistent(flag.As<Napi::Object>()));
+        cancel = reinterpret_cast<const std::atomic<int>*>(flag.Data());
+      }
+      begin_work();
+      auto busy = busy_;
+      auto terms = std::make_shared<LossTerms>();
+      return PromiseWorker::start(
+          env,
+          [=] {
+            struct Release { std::shared_ptr<std::atomic<bool>> b; ~Release() { b->store(false); } } release{busy};
+            std::vector<Sequence> batch, reference;
+            size_t off = 0;
+            for (uint32_t n : counts) { batch.push_back({tokens->data() + off, int(n)}); off += n; }
+            off = 0;
+            for (uint32_t n : ref_counts) { reference.push_back({ref_tokens->data() + off, int(n)}); off += n; }
+            *terms = handle->trainer->step(batch, reference, rows, lo, cancel);
+          },
+          [terms, cancel_ref](Napi::Env e) -> Napi::Value {
+            if (cancel_ref) cancel_ref->Reset();
+            Napi::Object r = Napi::Object::New(e);
+            r.Set("benign", terms->benign);
+            r.Set("redFlag", terms->red_flag);
+            r.Set("after", terms->after);
+            r.Set("ce", terms->ce);
+            r.Set("total", terms->total);
+            r.Set("nBenign", terms->n_benign);
+            r.Set("nGroups", terms->n_groups);
+            r.Set("nAfter", terms->n_after);
+            r.Set("nCe", terms->n_ce);
+            r.Set("tokens", double(terms->tokens));
+            return r;
+          });
+    });
+  }
+
+  // optimizerStep({ lr, beta1, beta2, eps, weightDecay, clipNorm }) -> Promise<gradient norm>
+  Napi::Value OptimizerStep(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guard(env, [&]() -> Napi::Value {
+      auto handle = trainer_;
+      trainer();
+      Napi::Object o = info[0].As<Napi::Object>();
+      AdamWOptions a;
+      a.lr = float(get_double(o, "lr"));
+      a.beta1 = float(get_double(o, "beta1"));
+      a.beta2 = float(get_double(o, "beta2"));
+      a.eps = float(get_double(o, "eps"));
+      a.weight_decay = float(get_double(o, "weightDecay"));
+      a.clip_norm = float(get_double(o, "clipNorm"));
+      begin_work();
+      auto busy = busy_;
+      auto norm = std::make_shared<double>(0);
+      return PromiseWorker::start(
+          env,
+          [=] {
+            struct Release { std::shared_ptr<std::atomic<bool>> b; ~Release() { b->store(false); } } release{busy};
+            *norm = handle->trainer->optimizer_step(a);
+          },
+          [norm](Napi::Env e) -> Napi::Value { return Napi::Number::New(e, *norm); });
+    });
+  }
+
+  // Ends training; LoRA adapters and red-flag rows stay on the model for inference.
+  void TrainEnd(const Napi::CallbackInfo& info) {
+    guard(info.Env(), [&] {
+      if (busy_->load()) throw std::invalid_argument("the model is busy");
+      trainer_.reset();
+    });
+  }
+
+  // params() -> [{ name, shape }]
+  Napi::Value Params(const Napi::CallbackInfo& info) {
+    return guard(info.Env(), [&]() -> Napi::Value {
+      std::vector<Param*> ps = trainer_ ? trainer_->trainer->params() : model().params();
+      Napi::Array out = Napi::Array::New(info.Env(), ps.size());
+      for (size_t i = 0; i < ps.size(); ++i) {
+        Napi::Object o = Napi::Object::New(info.Env());
+        o.Set("name", ps[i]->name);
+        Napi::Array shape = Napi::Array::New(info.Env(), ps[i]->shape.size());
+        for (size_t j = 0; j < ps[i]->shape.size(); ++j) shape.Set(uint32_t(j), double(ps[i]->shape[j]));
+        o.Set("shape", shape);
+        out.Set(uint32_t(i), o);
+      }
+      return out;
+    });
+  }
+
+  Param& param_named(const std::string& name) {
+    Param* p = model().find_param(name);
+    if (!p) throw std::invalid_argument("no parameter named " + name);
+    return *p;
+  }
+
+  // getParam(name, part: 'value' | 'grad' | 'm' | 'v') -> Float32Array (a copy)
+  Napi::Value GetParam(const Napi::CallbackInfo& info) {
+    return guard(info.Env(), [&]() -> Napi::Value {
+      if (busy_->load()) throw std::invalid_argument("the model is busy");
+      Param& p = param_named(info[0].As<Napi::String>().Utf8Value());
+      const std::string part = info.Length() > 1 ? info[1].As<Napi::String>().Utf8Value() : "value";
+      const std::vector<float>& v = part == "grad" ? p.grad : part == "m" ? p.m : part == "v" ? p.v : p.value;
+      Napi::Float32Array out = Napi::Float32Array::New(info.Env(), v.size());
+      std::copy(v.begin(), v.end(), out.Data());
+      return out;
+    });
+  }
+
+  // setParam(name, part, Float32Array)
+  void SetParam(const Napi::CallbackInfo& info) {
+    guard(info.Env(), [&] {
+      if (busy_->load()) throw std::invalid_argument("the model is busy");
+      Param& p = param_named(info[0].As<Napi::String>().Utf8Value());
+      const std::string part = info[1].As<Napi::String>().Utf8Value();
+      Napi::Float32Array data = info[2].As<Napi::Float32Array>();
+      std::vector<float>& v = part == "grad" ? p.grad : part == "m" ? p.m : part == "v" ? p.v : p.value;
+      if (long(data.ElementLength()) != p.numel())
+        throw std::invalid_argument(p.name + ": expected " + std::to_string(p.numel()) + " values, got " +
+                                    std::to_string(data.ElementLength()));
+      v.assign(data.Data(), data.Data() + data.ElementLength());
+    });
+  }
+
+  // addLora(layer, target, A: Float32Array [rank*in], B: Float32Array [out*rank], rank, scale)
+  void AddLora(const Napi::CallbackInfo& info) {
+    guard(info.Env(), [&] {
+      if (busy_->load() || trainer_) throw std::invalid_argument("the model is busy or training");
+      Model& m = model();
+      const int layer = info[0].As<Napi::Number>().Int32Value();
+      const std::string target = info[1].As<Napi::String>().Utf8Value();
+      Napi::Float32Array a = info[2].As<Napi::Float32Array>(), b = info[3].As<Napi::Float32Array>();
+      const long rank = info[4].As<Napi::Number>().Int64Value();
+      const float scale = float(info[5].As<Napi::Number>().DoubleValue());
+      if (rank <= 0 || a.ElementLength() % rank || b.ElementLength() % rank) throw std::invalid_argument("LoRA shapes do not match the rank");
+      const std::string pre = "layers." + std::to_string(layer) + "." + target + ".";
+      Param* A = m.new_param(pre + "lora_A", {rank, long(a.ElementLength()) / rank});
+      Param* B = m.new_param(pre + "lora_B", {long(b.ElementLength()) / rank, rank});
+      A->value.assign(a.Data(), a.Data() + a.ElementLength());
+      B->value.assign(b.Data(), b.Data() + b.ElementLength());
+      m.add_lora(layer, target, A, B, scale);
+    });
+  }
+
+  // setTokenRows(token, embed: Float32Array | null, head: Float32Array | null)
+  void SetTokenRows(const Napi::CallbackInfo& info) {
+    guard(info.Env(), [&] {
+      if (busy_->load() || trainer_) throw std::invalid_argument("the model is busy or training");
+      Model& m = model();
+      const int token = info[0].As<Napi::Number>().Int32Value();
+      Param* rows[2] = {nullptr, nullptr};
+      const char* names[2] = {"rf.embed", "rf.head"};
+      for (int i = 0; i < 2; ++i) {
+        if (!info[1 + i].IsTypedArray()) continue;
+        Napi::Float32Array d = info[1 + i].As<Napi::Float32Array>();
+        rows[i] = m.new_param(names[i], {long(d.ElementLength())}, false);
+        rows[i]->value.assign(d.Data(), d.Data() + d.ElementLength());
+      }
+      m.set_token_rows(token, rows[0], rows[1]);
+    });
+  }
+
+  void ClearAdapters(const Napi::CallbackInfo& info) {
+    guard(info.Env(), [&] {
+      if (busy_->load() || trainer_) throw std::invalid_argument("the model is busy or training");
+      model().clear_adapters();
+    });
+  }
+
+  void SetAdapterEnabled(const Napi::CallbackInfo& info) {
+    guard(info.Env(), [&] {
+      if (busy_->load()) throw std::invalid_argument("the model is busy");
+      model().set_adapter_enabled(info[0].As<Napi::Boolean>().Value());
+    });
+  }
+
+  // setOptimizerStep(n): AdamW's step count (bias correction), restored when resuming.
+  void SetOptimizerStep(const Napi::CallbackInfo& info) {
+    guard(info.Env(), [&] {
+      if (busy_->load()) throw std::invalid_argument("the model is busy");
+      trainer().trainer->set_step_count(long(info[0].As<Napi::Number>().Int64Value()));
+    });
+  }
+
+  // paramsChanged(): after setParam calls, rebuild what the engine derives from the values.
+  void ParamsChanged(const Napi::CallbackInfo& info) {
+    guard(info.Env(), [&] {
+      if (busy_->load()) throw std::invalid_argument("the model is busy");
+      if (trainer_) trainer_->trainer->params_changed();
+    });
+  }
+
+  std::shared_ptr<TrainerHandle> trainer_;
 
   std::shared_ptr<Model> model_;
   std::shared_ptr<std::atomic<bool>> busy_ = std::make_shared<std::atomic<bool>>(false);

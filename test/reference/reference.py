@@ -575,7 +575,7 @@ def normalize_gpt2_keys(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Ten
     `h.0.attn.c_attn.weight`, ...) and the legacy causal-mask buffers `h.N.attn.bias`
     ([1, 1, n_positions, n_positions]) and sometimes `h.N.attn.masked_bias`;
     modeling_gpt2.py registers those buffers with persistent=False and
-    GPT2PreTrainedModel._keys_to_ignore_on_load_unexpected drops them on load.
+    the GPT-2 model classes list them in _keys_to_ignore_on_load_unexpected, so loading drops them.
     `lm_head.weight` is tied to wte (GPT2LMHeadModel._tied_weights_keys)."""
     out = {}
     for k, v in tensors.items():

@@ -1,0 +1,133 @@
+/**
+ * The training configuration: what `redflag train` takes as flags or a JSON file, validated
+ * with zod so every mistake is reported with its field path.
+ * @module
+ */
+import { readFile } from 'node:fs/promises';
+import { z } from 'zod';
+
+import { RedflagError } from '../errors.js';
+
+const dataFile = z.strictObject({
+  /** Path of a .jsonl, .json or .csv file. */
+  file: z.string().min(1),
+  /** Label for every row (else each row's `label` / `harmful` field). */
+  label: z.enum(['harmful', 'benign']).optional(),
+  format: z.enum(['jsonl', 'json', 'csv']).optional(),
+  promptColumn: z.string().optional(),
+  responseColumn: z.string().optional(),
+  labelColumn: z.string().optional(),
+});
+
+/** The schema of a training configuration. */
+export const trainConfigSchema = z.strictObject({
+  /** Hugging Face model directory. */
+  model: z.string().min(1),
+  /** Output directory: adapter, tokenizer, metrics, checkpoints. */
+  output: z.string().min(1),
+  /** Training data files; or `synthetic` for the built-in generated set. */
+  data: z.union([z.array(dataFile).min(1), z.literal('synthetic')]),
+  /** Held-out evaluation files (default: a fraction of the training data). */
+  evalData: z.array(dataFile).optional(),
+  /** Share of the data held out for evaluation when evalData is not given. */
+  evalFraction: z.number().min(0).max(0.5).default(0.1),
+  /** Skip malformed rows (counted) instead of failing. */
+  skipInvalid: z.boolean().default(false),
+
+  objective: z.enum(['redflag', 'refusal', 'lm']).default('redflag'),
+  mode: z.enum(['lora', 'full']).default('lora'),
+  lora: z
+    .strictObject({
+      rank: z.number().int().min(1).max(1024).default(8),
+      alpha: z.number().positive().default(16),
+      dropout: z.number().min(0).lt(1).default(0),
+      rslora: z.boolean().default(false),
+      /** PEFT target_modules; default: every projection of the architecture. */
+      targets: z.array(z.string().min(1)).min(1).optional(),
+    })
+    .prefault({}),
+  loss: z
+    .strictObject({
+      alphaBenign: z.number().min(0).default(1),
+      alphaRf: z.number().min(0).default(1),
+      alphaAfter: z.number().min(0).default(1),
+      /** Response tokens before the first position where `<rf>` may be asked for. */
+      rfOffset: z.number().int().min(0).default(0),
+      rfAggregation: z.enum(['any', 'mean', 'single']).default('any'),
+    })
+    .prefault({}),
+  optimizer: z
+    .strictObject({
+      lr: z.number().positive().default(2e-4),
+      beta1: z.number().min(0).lt(1).default(0.9),
+      beta2: z.number().min(0).lt(1).default(0.999),
+      eps: z.number().positive().default(1e-8),
+      weightDecay: z.number().min(0).default(0),
+      clipNorm: z.number().min(0).default(1),
+      schedule: z.enum(['cosine', 'linear', 'constant']).default('cosine'),
+      warmupSteps: z.number().int().min(0).default(10),
+      /** The schedule's final learning rate as a fraction of lr. */
+      minLrRatio: z.number().min(0).max(1).default(0.1),
+    })
+    .prefault({}),
+  steps: z.number().int().min(1).default(100),
+  batchSize: z.number().int().min(1).default(8),
+  gradAccum: z.number().int().min(1).default(1),
+  /** Longest encoded conversation (prompts are cut from the left to fit). */
+  maxTokens: z.number().int().min(8).default(512),
+  /** Share of harmful conversations in each batch. */
+  harmfulFraction: z.number().min(0).max(1).default(0.5),
+  seed: z.number().int().min(0).default(0),
+  evalEvery: z.number().int().min(0).default(50),
+  checkpointEvery: z.number().int().min(0).default(100),
+  /** Flag threshold on max p(<rf>) for the evaluation's flag rates. */
+  threshold: z.number().gt(0).lt(1).default(0.5),
+  dtype: z.enum(['f32', 'bf16']).default('f32'),
+  threads: z.number().int().min(1).optional(),
+  /** Also write the merged full model (HF format) at the end. */
+  merge: z.boolean().default(false),
+});
+
+/** A validated training configuration (defaults filled in). */
+export type TrainConfig = z.output<typeof trainConfigSchema>;
+/** A training configuration as written (defaults optional). */
+export type TrainConfigInput = z.input<typeof trainConfigSchema>;
+
+/** Validates a configuration object; errors name each bad field by its path. */
+export function parseTrainConfig(input: unknown, where = 'training config'): TrainConfig {
+  const result = trainConfigSchema.safeParse(input);
+  if (result.success) return result.data;
+  const problems = result.error.issues.map((i) => `${i.path.length ? i.path.join('.') : '(root)'}: ${i.message}`);
+  throw new RedflagError('INVALID_ARGUMENT', `${where}: ${problems.join('; ')}`);
+}
+
+/** Reads and validates a JSON configuration file. */
+export async function loadTrainConfig(file: string, overrides: Record<string, unknown> = {}): Promise<TrainConfig> {
+  let text: string;
+  try {
+    text = await readFile(file, 'utf8');
+  } catch (cause) {
+    throw new RedflagError('NOT_FOUND', `cannot read the training config (${(cause as Error).message})`, { file, cause });
+  }
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch (cause) {
+    throw new RedflagError('INVALID_FILE', `not valid JSON (${(cause as Error).message})`, { file, cause });
+  }
+  if (typeof json !== 'object' || json === null || Array.isArray(json)) {
+    throw new RedflagError('INVALID_FILE', 'the training config must be a JSON object', { file });
+  }
+  return parseTrainConfig({ ...json, ...overrides }, file);
+}
+
+/** Learning rate at an optimizer step: linear warmup, then the schedule down to minLrRatio · lr. */
+export function learningRate(step: number, total: number, o: TrainConfig['optimizer']): number {
+  if (o.warmupSteps > 0 && step < o.warmupSteps) return (o.lr * (step + 1)) / o.warmupSteps;
+  if (o.schedule === 'constant') return o.lr;
+  const span = Math.max(1, total - o.warmupSteps);
+  const t = Math.min(1, (step - o.warmupSteps) / span);
+  const floor = o.lr * o.minLrRatio;
+  if (o.schedule === 'linear') return o.lr - (o.lr - floor) * t;
+  return floor + 0.5 * (o.lr - floor) * (1 + Math.cos(Math.PI * t));
+}

@@ -1,0 +1,132 @@
+/**
+ * Moving trained weights between the native engine and files: the LoRA adapter (PEFT format,
+ * with the tokenizer that has `<rf>`), adapters loaded back onto a model, and fully
+ * fine-tuned weights written as a Hugging Face model.
+ * @module
+ */
+import { join } from 'node:path';
+
+import { RedflagError } from '../errors.js';
+import type { Model } from '../model/model.js';
+import { fromFloat32, toFloat32, type RawTensor } from '../model/safetensors.js';
+import { loadAdapter, loraScale, saveAdapter, type Adapter, type LoraModuleWeights } from './adapter.js';
+import type { TrainConfig } from './config.js';
+
+const LORA_PARAM = /^layers\.(\d+)\.(.+)\.lora_([AB])$/;
+
+/** Reads one row of a checkpoint matrix as f32. */
+async function tensorRow(model: Model, name: string, row: number): Promise<Float32Array> {
+  const t = await model.readTensor(name);
+  const width = t.shape[1]!;
+  return toFloat32(t).slice(row * width, (row + 1) * width);
+}
+
+/** The adapter currently on the model (after training, or as loaded), in memory. */
+export async function currentAdapter(model: Model, options: { rank: number; alpha: number; dropout: number; rslora: boolean; targets: string[] }, rfToken: number): Promise<Adapter> {
+  const byModule = new Map<string, Partial<LoraModuleWeights>>();
+  let embed: Float32Array | null = null;
+  let head: Float32Array | null = null;
+  for (const p of model.engine.params()) {
+    const m = LORA_PARAM.exec(p.name);
+    if (m) {
+      const key = `${m[1]}|${m[2]}`;
+      const entry = byModule.get(key) ?? { layer: Number(m[1]), site: m[2]! };
+      const data = model.engine.getParam(p.name, 'value');
+      if (m[3] === 'A') {
+        entry.A = data;
+        entry.inFeatures = p.shape[1]!;
+      } else {
+        entry.B = data;
+        entry.outFeatures = p.shape[0]!;
+      }
+      byModule.set(key, entry);
+    } else if (p.name === 'rf.embed') {
+      embed = model.engine.getParam(p.name, 'value');
+    } else if (p.name === 'rf.head') {
+      head = model.engine.getParam(p.name, 'value');
+    }
+  }
+  const modules = [...byModule.values()] as LoraModuleWeights[];
+  modules.sort((a, b) => a.layer - b.layer || a.site.localeCompare(b.site));
+  const tied = model.plan.lmHeadName === null;
+  return {
+    ...options,
+    modules,
+    redFlag:
+      rfToken >= 0 && embed
+        ? {
+            tokenId: rfToken,
+            embed,
+            head: tied ? null : head,
+            baseEmbed: await tensorRow(model, model.plan.embedName, rfToken),
+            baseHead: tied ? null : await tensorRow(model, model.plan.lmHeadName!, rfToken),
+          }
+        : null,
+    baseModel: model.dir,
+    config: model.config,
+  };
+}
+
+/** Saves the trained adapter and the tokenizer (with `<rf>`) into output/adapter. */
+export async function exportAdapter(model: Model, config: TrainConfig, rfToken: number, targets: string[]): Promise<string> {
+  const dir = join(config.output, 'adapter');
+  const { rank, alpha, dropout, rslora } = config.lora;
+  const adapter = await currentAdapter(model, { rank, alpha, dropout, rslora, targets }, rfToken);
+  await saveAdapter(dir, adapter, { overwrite: true });
+  if (model.tokenizer) await model.tokenizer.save(dir, { overwrite: true });
+  return dir;
+}
+
+/**
+ * Loads a saved adapter onto a model for inference: LoRA factors on their projections and the
+ * trained `<rf>` rows. The model then computes exactly what the trained model computed.
+ */
+export async function applyAdapter(model: Model, dir: string): Promise<Adapter> {
+  const adapter = await loadAdapter(dir, model.config);
+  const scale = loraScale(adapter);
+  await model.runNative(() => {
+    model.engine.clearAdapters();
+    for (const m of adapter.modules) {
+      // The engine names GPT-2 sites by their block path, Llama sites by the projection name.
+      const target = model.config.architecture === 'gpt2' ? m.site : m.site.slice(m.site.indexOf('.') + 1);
+      model.engine.addLora(m.layer, target, m.A, m.B, adapter.rank, scale);
+    }
+    if (adapter.redFlag) {
+      const head = adapter.redFlag.head ?? adapter.redFlag.embed; // tied: one row serves both
+      model.engine.setTokenRows(adapter.redFlag.tokenId, adapter.redFlag.embed, head);
+    }
+  });
+  if (adapter.redFlag) model.redFlagTokenId = adapter.redFlag.tokenId;
+  return adapter;
+}
+
+/** Writes a fully fine-tuned model (the engine's f32 masters) as a Hugging Face directory. */
+export async function saveTrainedModel(model: Model, config: TrainConfig): Promise<string> {
+  const dir = join(config.output, 'model');
+  const names = new Set(model.engine.params().map((p) => p.name));
+  for (const t of model.plan.tensors) {
+    if (!names.has(t.name)) throw new RedflagError('NATIVE', `no trained tensor ${t.name}`);
+    const value = model.engine.getParam(t.name, 'value'); // [rows, cols] as the engine holds it ([out, in])
+    let row = 0;
+    for (const [i, source] of t.sources.entries()) {
+      const shape = t.shapes[i]!;
+      const original = await model.store.read(source).catch(() => null);
+      const dtype = original && (original.dtype === 'BF16' || original.dtype === 'F16') ? original.dtype : 'F32';
+      let data: Float32Array;
+      if (t.srcIsKN) {
+        // GPT-2 Conv1D: HF stores [in, out]; the engine holds [out, in].
+        const [inF, outF] = shape as [number, number];
+        data = new Float32Array(inF * outF);
+        for (let o = 0; o < outF; o++) for (let k = 0; k < inF; k++) data[k * outF + o] = value[o * inF + k]!;
+      } else {
+        const count = shape.reduce((a, b) => a * b, 1);
+        const width = count / shape[0]!;
+        data = value.slice(row * width, row * width + count);
+        row += shape[0]!;
+      }
+      model.overrides.set(source, fromFloat32(data, shape, dtype) as RawTensor);
+    }
+  }
+  await model.save(dir, { overwrite: true });
+  return dir;
+}

@@ -1,0 +1,361 @@
+/**
+ * The training loop behind `redflag train` and {@link train}: loads the model and data, adds
+ * `<rf>`, runs native training steps with gradient accumulation and a learning-rate schedule,
+ * evaluates on held-out data, writes metrics, checkpoints atomically, resumes to the same
+ * result as an uninterrupted run, and saves the adapter (PEFT format) and tokenizer.
+ * @module
+ */
+import { appendFile, mkdir, readFile, rename, rm, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+
+import { BatchSampler, deriveSeed } from '../data/batches.js';
+import { encodeConversation, type EncodedConversation } from '../data/encode.js';
+import { loadConversationFiles } from '../data/loaders.js';
+import type { Conversation } from '../data/records.js';
+import { generateSyntheticData, withRefusals } from '../data/synthetic.js';
+import { RedflagError, abortError } from '../errors.js';
+import { loadModel, type Model } from '../model/model.js';
+import { addRedFlagToken } from '../model/red-flag.js';
+import { SafetensorsFile, writeFileAtomic, writeSafetensors, type RawTensor } from '../model/safetensors.js';
+import { createRng } from '../model/sampling.js';
+import type { NativeLossTerms } from '../native.js';
+import { exportAdapter, saveTrainedModel } from './export.js';
+import { learningRate, parseTrainConfig, type TrainConfig, type TrainConfigInput } from './config.js';
+import { evaluateRedFlag, type EvalResult } from './evaluate.js';
+import { buildStep } from './objectives.js';
+
+/** Progress of one optimizer step. */
+export interface StepInfo {
+  step: number;
+  steps: number;
+  lr: number;
+  loss: { total: number; benign: number; redFlag: number; after: number; ce: number };
+  gradNorm: number;
+  tokens: number;
+  tokensPerSecond: number;
+  elapsedSeconds: number;
+  etaSeconds: number;
+}
+
+/** Hooks and cancellation for {@link train}. */
+export interface TrainHooks {
+  onStep?: (info: StepInfo) => void;
+  onEval?: (step: number, result: EvalResult) => void;
+  /** Messages about data, checkpoints and outputs. */
+  log?: (message: string) => void;
+  /** Stops training after the current step; a checkpoint is written first. */
+  signal?: AbortSignal;
+  /** Continue from the checkpoint in the output directory. */
+  resume?: boolean;
+}
+
+/** What {@link train} produced. */
+export interface TrainResult {
+  steps: number;
+  output: string;
+  /** Where the adapter (LoRA) or the model (full) was saved. */
+  saved: string;
+  finalEval: EvalResult | null;
+  lastLoss: StepInfo['loss'] | null;
+}
+
+const DEFAULT_TARGETS: Record<string, string[]> = {
+  llama: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'],
+  gpt2: ['c_attn', 'c_proj', 'c_fc'],
+};
+
+/** Loads and encodes training and evaluation conversations. */
+async function prepareData(config: TrainConfig, model: Model, log: (m: string) => void) {
+  const tokenizer = model.tokenizer;
+  if (!tokenizer) throw new RedflagError('NO_TOKENIZER', `${model.dir} has no tokenizer.json; training needs one`);
+  let trainSet: Conversation[];
+  let evalSet: Conversation[];
+  if (config.data === 'synthetic') {
+    const data = generateSyntheticData({ seed: config.seed });
+    trainSet = data.train;
+    evalSet = data.test;
+  } else {
+    const loaded = await loadConversationFiles(config.data.map((d) => ({ ...d, skipInvalid: config.skipInvalid })));
+    if (loaded.skipped.length) log(`skipped ${loaded.skipped.length} malformed rows (first: ${loaded.skipped[0]!.source}: ${loaded.skipped[0]!.reason})`);
+    if (config.evalData) {
+      trainSet = loaded.conversations;
+      evalSet = (await loadConversationFiles(config.evalData.map((d) => ({ ...d, skipInvalid: config.skipInvalid })))).conversations;
+    } else {
+      // A seeded split: the same seed holds out the same conversations.
+      const order = loaded.conversations.map((c, i) => ({ c, key: createRng(deriveSeed(config.seed, 7, i))() }));
+      order.sort((a, b) => a.key - b.key);
+      const n = Math.round(order.length * config.evalFraction);
+      evalSet = order.slice(0, n).map((o) => o.c);
+      trainSet = order.slice(n).map((o) => o.c);
+    }
+  }
+  if (config.objective === 'refusal') {
+    // The baseline trains harmful prompts towards a refusal answer.
+    trainSet = withRefusals(trainSet, { seed: deriveSeed(config.seed, 11) });
+  }
+  const encode = (convs: Conversation[]) => {
+    const out: EncodedConversation[] = [];
+    let truncated = 0;
+    for (const c of convs) {
+      const e = encodeConversation(tokenizer, c, { maxTokens: config.maxTokens });
+      if (e.truncated) truncated++;
+      if (e.responseEnd > e.responseStart && e.responseStart > 0) out.push(e);
+    }
+    return { out, truncated };
+  };
+  const train = encode(trainSet);
+  const evalEncoded = encode(evalSet);
+  if (train.truncated) log(`${train.truncated} training conversations were truncated to ${config.maxTokens} tokens`);
+  if (train.out.length === 0) throw new RedflagError('INVALID_ARGUMENT', 'no training conversation has a response to train on');
+  return { train: train.out, eval: evalEncoded.out };
+}
+
+interface CheckpointState {
+  version: 1;
+  step: number;
+  config: TrainConfig;
+  params: string[];
+}
+
+/** Writes the trainer state into output/checkpoint atomically (a new folder, then renames). */
+async function writeCheckpoint(model: Model, config: TrainConfig, step: number): Promise<void> {
+  const dir = join(config.output, 'checkpoint');
+  const tmp = `${dir}.tmp-${process.pid}`;
+  await rm(tmp, { recursive: true, force: true });
+  await mkdir(tmp, { recursive: true });
+  const params = model.engine.params();
+  const tensors = new Map<string, RawTensor>();
+  for (const p of params) {
+    for (const part of ['value', 'm', 'v'] as const) {
+      const data = model.engine.getParam(p.name, part);
+      tensors.set(`${p.name}#${part}`, { dtype: 'F32', shape: [data.length], data: new Uint8Array(data.buffer, data.byteOffset, data.byteLength) });
+    }
+  }
+  await writeSafetensors(join(tmp, 'params.safetensors'), tensors);
+  const state: CheckpointState = { version: 1, step, config, params: params.map((p) => p.name) };
+  await writeFileAtomic(join(tmp, 'state.json'), [new TextEncoder().encode(JSON.stringify(state, null, 2))]);
+  const old = `${dir}.old-${process.pid}`;
+  const exists = await stat(dir).then(() => true, () => false);
+  if (exists) await rename(dir, old);
+  await rename(tmp, dir);
+  if (exists) await rm(old, { recursive: true, force: true });
+}
+
+/** Restores a checkpoint; returns the step to continue from. */
+async function readCheckpoint(model: Model, config: TrainConfig): Promise<number> {
+  const dir = join(config.output, 'checkpoint');
+  const stateFile = join(dir, 'state.json');
+  let state: CheckpointState;
+  try {
+    state = JSON.parse(await readFile(stateFile, 'utf8')) as CheckpointState;
+  } catch (cause) {
+    throw new RedflagError('NOT_FOUND', `no readable checkpoint to resume from (${(cause as Error).message})`, { file: stateFile, cause });
+  }
+  // Everything that shapes the run must match; steps and intervals may change.
+  const same = (a: TrainConfig) => JSON.stringify({ ...a, steps: 0, evalEvery: 0, checkpointEvery: 0, threads: 0 });
+  if (same(state.config) !== same(config)) {
+    throw new RedflagError('INVALID_ARGUMENT', 'the checkpoint was written by a run with a different configuration; resume needs the same one', { file: stateFile });
+  }
+  const file = await SafetensorsFile.open(join(dir, 'params.safetensors'));
+  try {
+    for (const name of state.params) {
+      for (const part of ['value', 'm', 'v'] as const) {
+        const t = await file.read(`${name}#${part}`);
+        model.engine.setParam(name, part, new Float32Array(t.data.buffer.slice(t.data.byteOffset, t.data.byteOffset + t.data.byteLength)));
+      }
+    }
+  } finally {
+    await file.close();
+  }
+  model.engine.paramsChanged();
+  model.engine.setOptimizerStep(state.step);
+  return state.step;
+}
+
+function addTerms(a: StepInfo['loss'], t: NativeLossTerms, w: number): void {
+  a.total += t.total * w;
+  a.benign += t.benign * w;
+  a.redFlag += t.redFlag * w;
+  a.after += t.after * w;
+  a.ce += t.ce * w;
+}
+
+/**
+ * Trains a red-flag adapter (or the refusal baseline, or a language model) as the config says.
+ * The same config and seed give the same result; `resume` continues from the checkpoint.
+ */
+export async function train(input: TrainConfigInput | TrainConfig, hooks: TrainHooks = {}): Promise<TrainResult> {
+  const config = parseTrainConfig(input);
+  const log = hooks.log ?? (() => undefined);
+  const { signal } = hooks;
+  await mkdir(config.output, { recursive: true });
+  if (!hooks.resume) {
+    const existing = await stat(join(config.output, 'checkpoint')).then(() => true, () => false);
+    if (existing) {
+      throw new RedflagError('INVALID_ARGUMENT', `${config.output} holds a checkpoint: resume it (--resume) or choose another output directory`, {
+        file: config.output,
+      });
+    }
+  }
+
+  const model = await loadModel(config.model, { dtype: config.dtype, ...(config.threads ? { threads: config.threads } : {}) });
+  try {
+    let rfToken = -1;
+    if (config.objective === 'redflag') {
+      rfToken = model.redFlagTokenId ?? (await addRedFlagToken(model)).id;
+      log(`red-flag token <rf> = ${rfToken}`);
+    }
+    const data = await prepareData(config, model, log);
+    const arch = model.config.architecture === 'gpt2' ? 'gpt2' : 'llama';
+    const targets = config.lora.targets ?? DEFAULT_TARGETS[arch]!;
+    const { trainable } = await model.runNative(() =>
+      model.engine.trainInit({
+        mode: config.mode,
+        rank: config.lora.rank,
+        alpha: config.lora.alpha,
+        dropout: config.lora.dropout,
+        rslora: config.lora.rslora,
+        targets,
+        rfToken,
+        seed: config.seed,
+      }),
+    );
+    log(`${data.train.length} training and ${data.eval.length} held-out conversations; ${trainable.toLocaleString()} trainable parameters (${config.mode})`);
+
+    let step = 0;
+    if (hooks.resume) {
+      step = await readCheckpoint(model, config);
+      log(`resumed from the checkpoint at step ${step}`);
+    }
+    const microBatches = config.steps * config.gradAccum;
+    const probe = new BatchSampler(data.train, { seed: config.seed, batchSize: config.batchSize, harmfulFraction: config.harmfulFraction });
+    const epochs = Math.max(1, Math.ceil(microBatches / Math.max(1, probe.stepsInEpoch(0))));
+    const sampler = new BatchSampler(data.train, {
+      seed: config.seed,
+      batchSize: config.batchSize,
+      harmfulFraction: config.harmfulFraction,
+      epochs,
+    });
+    const batches = sampler.resume(step * config.gradAccum);
+
+    const metricsFile = join(config.output, 'metrics.jsonl');
+    const started = performance.now();
+    let tokensDone = 0;
+    let lastLoss: StepInfo['loss'] | null = null;
+    const evaluate = async () => {
+      if (config.objective !== 'redflag' || data.eval.length === 0) return null;
+      return evaluateRedFlag(model, data.eval, { rfToken, threshold: config.threshold, signal });
+    };
+    const cancel = new Int32Array(1);
+    const onAbort = () => Atomics.store(cancel, 0, 1);
+    signal?.addEventListener('abort', onAbort, { once: true });
+    try {
+      for (; step < config.steps; step++) {
+        if (signal?.aborted) {
+          await writeCheckpoint(model, config, step);
+          log(`stopped: checkpoint written at step ${step}`);
+          throw abortError(signal);
+        }
+        const lr = learningRate(step, config.steps, config.optimizer);
+        const loss = { total: 0, benign: 0, redFlag: 0, after: 0, ce: 0 };
+        let stepTokens = 0;
+        for (let micro = 0; micro < config.gradAccum; micro++) {
+          const next = batches.next();
+          if (next.done) throw new RedflagError('NATIVE', 'the batch sampler ran out of batches');
+          const rng = createRng(deriveSeed(config.seed, 3, step, micro));
+          const input = buildStep(next.value.items, { objective: config.objective, rfToken, rfOffset: config.loss.rfOffset, rng });
+          const flat = (seqs: number[][]) => Uint32Array.from(seqs.flat());
+          const counts = (seqs: number[][]) => Uint32Array.from(seqs, (s) => s.length);
+          let terms: NativeLossTerms;
+          try {
+            terms = await model.runNative(() =>
+              model.engine.trainStep(
+                flat(input.batch),
+                counts(input.batch),
+                flat(input.reference),
+                counts(input.reference),
+                input.rows,
+                {
+                  aggregation: config.loss.rfAggregation,
+                  alphaBenign: config.loss.alphaBenign,
+                  alphaRf: config.loss.alphaRf,
+                  alphaAfter: config.loss.alphaAfter,
+                  alphaCe: 1,
+                  gradScale: 1 / config.gradAccum,
+                  dropoutSeed: step * config.gradAccum + micro + 1,
+                },
+                cancel,
+              ),
+            );
+          } catch (error) {
+            if (signal?.aborted) {
+              // The step was cut short: gradients are partial, so restart it after resuming.
+              await writeCheckpoint(model, config, step);
+              log(`stopped: checkpoint written at step ${step}`);
+              throw abortError(signal);
+            }
+            throw error;
+          }
+          addTerms(loss, terms, 1 / config.gradAccum);
+          stepTokens += terms.tokens;
+        }
+        const gradNorm = await model.runNative(() =>
+          model.engine.optimizerStep({
+            lr,
+            beta1: config.optimizer.beta1,
+            beta2: config.optimizer.beta2,
+            eps: config.optimizer.eps,
+            weightDecay: config.optimizer.weightDecay,
+            clipNorm: config.optimizer.clipNorm,
+          }),
+        );
+        tokensDone += stepTokens;
+        lastLoss = loss;
+        const elapsed = (performance.now() - started) / 1000;
+        const done = step + 1;
+        const info: StepInfo = {
+          step: done,
+          steps: config.steps,
+          lr,
+          loss,
+          gradNorm,
+          tokens: stepTokens,
+          tokensPerSecond: tokensDone / elapsed,
+          elapsedSeconds: elapsed,
+          etaSeconds: (elapsed / (done - (hooks.resume ? 0 : 0))) * (config.steps - done),
+        };
+        await appendFile(metricsFile, JSON.stringify({ type: 'step', ...info, time: new Date().toISOString() }) + '\n');
+        hooks.onStep?.(info);
+        if (config.evalEvery > 0 && done % config.evalEvery === 0 && done < config.steps) {
+          const result = await evaluate();
+          if (result) {
+            const { examples: _examples, ...figures } = result;
+            await appendFile(metricsFile, JSON.stringify({ type: 'eval', step: done, ...figures }) + '\n');
+            hooks.onEval?.(done, result);
+          }
+        }
+        if (config.checkpointEvery > 0 && done % config.checkpointEvery === 0 && done < config.steps) {
+          await writeCheckpoint(model, config, done);
+          log(`checkpoint written at step ${done}`);
+        }
+      }
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
+    }
+
+    const finalEval = await evaluate();
+    if (finalEval) {
+      const { examples: _examples, ...figures } = finalEval;
+      await appendFile(metricsFile, JSON.stringify({ type: 'eval', step: config.steps, ...figures }) + '\n');
+      hooks.onEval?.(config.steps, finalEval);
+    }
+    await writeCheckpoint(model, config, config.steps);
+    // Export before ending training: full fine-tuning's f32 masters go with the trainer.
+    const saved = config.mode === 'lora' ? await exportAdapter(model, config, rfToken, targets) : await saveTrainedModel(model, config);
+    model.engine.trainEnd();
+    log(`saved ${saved}`);
+    return { steps: config.steps, output: config.output, saved, finalEval, lastLoss };
+  } finally {
+    model.dispose();
+  }
+}

@@ -1,0 +1,567 @@
+// Fused red-flag loss (kernels/rf_loss.h), compiled twice (RF_ISA=avx2 and RF_ISA=avx512);
+// native/dispatch/rf_loss.cpp picks one.
+//
+// Algorithm (flash-attention style, one pass over W in vocabulary chunks):
+//   Every "stream row" (the N trained rows h and the Nr reference rows h_ref alike) keeps a
+//   running max m and sum S of exp(z_v - m) over the vocabulary seen so far, EXCLUDING the rf
+//   column, and the softmax-weighted sum E = sum_v exp(z_v - m) W_v [H] (rescaled by
+//   exp(m_old - m_new) whenever the max grows). After the pass, with the rf logit z_rf
+//   computed apart (h . w_rf for the trained rows, h_ref . W_rf for the reference rows):
+//     lse = logaddexp(m + log S, z_rf),  p_rf = exp(z_rf - lse),  and for v != rf
+//     p_v = exp(z_v - m) exp(m - lse), so  P := sum_{v != rf} p_v W_v = exp(m - lse) E.
+//   Every term's gradient has the form dL/dz_v = a p_theta,v - b p_ref,v - c delta_{v,rf}
+//   with per-row scalars a, b, c (see loss_assemble), hence
+//     dL/dh = a P_theta - b P_ref + (a p_theta,rf - b p_ref,rf - c) w_rf,
+//     dL/dw_rf += (a p_theta,rf - b p_ref,rf - c) h,
+//   and the KL value needs no second pass either, since z_v = h . W_v is linear in h:
+//     sum_{v != rf} p_ref,v (z_ref,v - z_theta,v) = (h_ref - h) . P_ref.
+//   Keeping rf out of the streamed sums makes 1 - p_rf = S e^m / e^lse cancellation-free.
+//
+// Per chunk of Vc vocabulary rows (whole 32-row panels):
+//   1. the chunk is transposed once into Wt [H/32 strips][Vc][32] f32 (bf16 widened), the
+//      layout of the accumulation below (the packed panels are [H][32]: K-major);
+//   2. for each block of stream rows: Z [rows, Vc] = A . W_chunk^T by gemm() on a view of the
+//      chunk's panels; then per thread, for its rows: the online-softmax update turning Z
+//      into P = exp(Z - m_new) in place, and E = E * exp(m_old - m_new) + P . Wt with an
+//      MR x 32 register-tiled micro-kernel (the rescale is fused into its store).
+// The trained rows' E live in dh itself (it is written anyway), the reference rows' in
+// scratch, so the scratch is Nr x H + Vc x (H + rows per block) floats.
+#include "kernels/rf_loss.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels/vmath.h"
+#include <chrono>
+#include <cstdio>
+static double g_prof[4];
+#include <time.h>
+static double prof_now(){timespec ts; clock_gettime(CLOCK_THREAD_CPUTIME_ID,&ts); return ts.tv_sec+1e-9*ts.tv_nsec;}
+
+#ifndef RF_ISA
+#error "RF_ISA must be defined (avx2 or avx512)"
+#endif
+
+namespace rf {
+namespace RF_ISA {
+
+namespace {
+
+constexpr int kPanel = 32;  // vocabulary rows per packed panel, and H columns per Wt strip
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------------------------------
+// Sizing
+
+// Default chunk: Wt (Vc x H f32) about 2 MB, so it and the chunk's panels stay in L3 while
+// every row block streams past them, and one Wt strip (Vc x 128 B) stays in L2.
+int chunk_choose(int requested, int V, int H) {
+  int vc = requested > 0 ? requested : int((2L << 20) / (long(H) * 4));
+  vc = std::max(kPanel, std::min(vc, requested > 0 ? 1 << 20 : 1024));
+  vc = (vc + kPanel - 1) / kPanel * kPanel;
+  const int v_rounded = (V + kPanel - 1) / kPanel * kPanel;
+  return std::min(vc, v_rounded);
+}
+
+// Rows per gemm call: Z [rows, Vc] about 1 MB (read back from L2/L3 right after it is
+// written), at least a few hundred rows so the gemm itself runs efficiently.
+int block_rows_choose(int vc) {
+  int rows = int((1L << 20) / (long(vc) * 4));
+  rows = std::max(192, std::min(rows, 1536));
+  return rows / 48 * 48;  // whole row tiles of both instruction sets (8 and 6)
+}
+
+// 64-byte aligned float buffer.
+struct AlignedFloats {
+  float* p = nullptr;
+  size_t n = 0;
+  explicit AlignedFloats(size_t count) : n(count) {
+    if (count == 0) return;
+    const size_t bytes = (count * 4 + 63) / 64 * 64;
+    p = static_cast<float*>(std::aligned_alloc(64, bytes));
+    if (!p) throw std::bad_alloc();
+  }
+  ~AlignedFloats() { std::free(p); }
+  AlignedFloats(const AlignedFloats&) = delete;
+  AlignedFloats& operator=(const AlignedFloats&) = delete;
+  size_t bytes() const { return n * 4; }
+};
+
+size_t panel_bytes(const PackedWeight& W) {
+  const int kp = W.dtype == DType::bf16 ? W.K + (W.K & 1) : W.K;
+  return size_t(kp) * kPanel * (W.dtype == DType::bf16 ? 2 : 4);
+}
+
+// A non-owning PackedWeight over panels [p0, p0 + ceil(n / 32)) of W: vocabulary rows
+// [32 p0, 32 p0 + n) as a matrix of n rows, for gemm() over one chunk.
+PackedWeight view_make(const PackedWeight& W, int p0, int n) {
+  PackedWeight v;
+  v.N = n;
+  v.K = W.K;
+  v.dtype = W.dtype;
+  v.bytes = size_t((n + kPanel - 1) / kPanel) * panel_bytes(W);
+  v.data = std::unique_ptr<uint8_t[], void (*)(uint8_t*)>(W.data.get() + size_t(p0) * panel_bytes(W),
+                                                           [](uint8_t*) {});
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. Chunk transpose: strip s of Wt = [Vc][32] f32 holding W[v0 + j][32 s + kk] at j * 32 + kk,
+// columns past H zero. Panels are [H][32] (f32) or [Hp/2][32][2] (bf16).
+
+void strip_fill(const PackedWeight& W, int p0, int n_panels, int s, float* dst) {
+  const int H = W.K;
+  const int k0 = s * kPanel, kn = std::min(kPanel, H - k0);
+  const size_t pb = panel_bytes(W);
+  for (int p = 0; p < n_panels; ++p) {
+    const uint8_t* panel = W.data.get() + size_t(p0 + p) * pb;
+    float* out = dst + size_t(p) * kPanel * kPanel;  // rows j = 32 p .. 32 p + 31 of the strip
+    if (W.dtype == DType::f32) {
+      const float* src = reinterpret_cast<const float*>(panel) + size_t(k0) * kPanel;
+      for (int kk = 0; kk < kn; ++kk)
+#pragma omp simd
+        for (int j = 0; j < kPanel; ++j) out[j * kPanel + kk] = src[kk * kPanel + j];
+    } else {
+      // Pair word (k even, k + 1) of column j at ((k / 2) * 32 + j) * 2; k0 is even.
+      const uint32_t* src = reinterpret_cast<const uint32_t*>(panel) + size_t(k0 / 2) * kPanel;
+      for (int kk = 0; kk < kn; kk += 2) {
+        const uint32_t* row = src + (kk / 2) * kPanel;
+#pragma omp simd
+        for (int j = 0; j < kPanel; ++j) {
+          const uint32_t w = row[j];
+          out[j * kPanel + kk] = __builtin_bit_cast(float, w << 16);
+          out[j * kPanel + kk + 1] = __builtin_bit_cast(float, w & 0xffff0000u);
+        }
+      }
+    }
+    for (int j = 0; j < kPanel; ++j)
+      for (int kk = kn; kk < kPanel; ++kk) out[j * kPanel + kk] = 0.f;  // also bf16's odd pad k
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// 2a. Online softmax update of one row over one chunk.
+// z [n] (the chunk's logits, rf_local the rf column or -1) becomes exp(z - m_new) with the
+// rf column 0; (m, S) are updated; returns the factor exp(m_old - m_new) for E.
+float row_softmax_update(float* z, int n, int rf_local, float& m, double& S) {
+  if (rf_local >= 0) z[rf_local] = kNegInf;
+  float cm = kNegInf;
+#pragma omp simd reduction(max : cm)
+  for (int j = 0; j < n; ++j) cm = std::max(cm, z[j]);
+  const float m_new = std::max(m, cm);
+  if (m_new == kNegInf) {  // nothing but the rf column seen yet
+    for (int j = 0; j < n; ++j) z[j] = 0.f;
+    return 1.f;
+  }
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int j = 0; j < n; ++j) {
+    const float p = exp_f32(z[j] - m_new);
+    z[j] = p;
+    s += p;
+  }
+  if (rf_local >= 0) {  // exp_f32 clamps -inf to e^-87: take it out exactly
+    s -= z[rf_local];
+    z[rf_local] = 0.f;
+  }
+  const float scale = m == kNegInf ? 0.f : float(std::exp(double(m) - double(m_new)));
+  S = S * scale + s;
+  m = m_new;
+  return scale;
+}
+
+// ---------------------------------------------------------------------------------------
+// 2b. E [rows, H] = E * scale[row] + P [rows, n] . Wt: the "dX = S W" direction.
+
+#if defined(__AVX512F__)
+constexpr int kMR = 8;  // rows per tile: 8 x 32 columns = 16 zmm accumulators
+
+__mmask16 mask_cols(int n) { return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1); }
+
+// E [MR, cols] (row stride lde) = E * scale + P [MR, n] (row stride ldp) . B [n][32].
+template <int MR>
+void tile_acc(int n, const float* P, long ldp, const float* B, float* E, long lde, const float* scale, int cols) {
+  __m512 acc[MR][2];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int j = 0; j < n; ++j) {
+    const __m512 b0 = _mm512_load_ps(B + size_t(j) * kPanel);
+    const __m512 b1 = _mm512_load_ps(B + size_t(j) * kPanel + 16);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(P[r * ldp + j]);
+      acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
+    }
+  }
+  const __mmask16 m0 = mask_cols(cols), m1 = mask_cols(cols - 16);
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    const __m512 sc = _mm512_set1_ps(scale[r]);
+    float* e = E + r * lde;
+    _mm512_mask_storeu_ps(e, m0, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m0, e), sc, acc[r][0]));
+    _mm512_mask_storeu_ps(e + 16, m1, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m1, e + 16), sc, acc[r][1]));
+  }
+}
+
+using TileAcc = void (*)(int, const float*, long, const float*, float*, long, const float*, int);
+const TileAcc kTileAcc[kMR + 1] = {nullptr,     tile_acc<1>, tile_acc<2>, tile_acc<3>, tile_acc<4>,
+                                   tile_acc<5>, tile_acc<6>, tile_acc<7>, tile_acc<8>};
+
+// One strip (32 columns of H, cols valid) for rows [0, rows).
+void strip_acc(int rows, int n, const float* P, long ldp, const float* B, float* E, long lde, const float* scale,
+               int cols) {
+  for (int r = 0; r < rows; r += kMR) {
+    const int mr = std::min(kMR, rows - r);
+    kTileAcc[mr](n, P + r * ldp, ldp, B, E + r * lde, lde, scale + r, cols);
+  }
+}
+
+#else
+constexpr int kMR = 6;  // 6 rows x 16 columns = 12 ymm accumulators (of 16 registers)
+
+__m256i mask_cols8(int n) {
+  n = std::max(0, std::min(8, n));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// E [MR, cols <= 16] = E * scale + P [MR, n] . B [n][32-stride] (B at the half-strip).
+template <int MR>
+void tile_acc(int n, const float* P, long ldp, const float* B, float* E, long lde, const float* scale, int cols) {
+  __m256 acc[MR][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int j = 0; j < n; ++j) {
+    const __m256 b0 = _mm256_load_ps(B + size_t(j) * kPanel);
+    const __m256 b1 = _mm256_load_ps(B + size_t(j) * kPanel + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m256 a = _mm256_broadcast_ss(P + r * ldp + j);
+      acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    const __m256 sc = _mm256_set1_ps(scale[r]);
+    float* e = E + r * lde;
+    for (int v = 0; v < 2; ++v) {
+      const int c = cols - 8 * v;
+      if (c >= 8) {
+        _mm256_storeu_ps(e + 8 * v, _mm256_fmadd_ps(_mm256_loadu_ps(e + 8 * v), sc, acc[r][v]));
+      } else if (c > 0) {
+        const __m256i m = mask_cols8(c);
+        _mm256_maskstore_ps(e + 8 * v, m, _mm256_fmadd_ps(_mm256_maskload_ps(e + 8 * v, m), sc, acc[r][v]));
+      }
+    }
+  }
+}
+
+using TileAcc = void (*)(int, const float*, long, const float*, float*, long, const float*, int);
+const TileAcc kTileAcc[kMR + 1] = {nullptr, tile_acc<1>, tile_acc<2>, tile_acc<3>, tile_acc<4>, tile_acc<5>, tile_acc<6>};
+
+void strip_acc(int rows, int n, const float* P, long ldp, const float* B, float* E, long lde, const float* scale,
+               int cols) {
+  for (int half = 0; half < 2; ++half) {
+    const int c = std::min(16, cols - 16 * half);
+    if (c <= 0) break;
+    for (int r = 0; r < rows; r += kMR) {
+      const int mr = std::min(kMR, rows - r);
+      kTileAcc[mr](n, P + r * ldp, ldp, B + 16 * half, E + r * lde + 16 * half, lde, scale + r, c);
+    }
+  }
+}
+#endif
+
+// Rows of one stream (trained or reference): A [count, H] in, E [count, H] accumulated,
+// the running (m, S) per row.
+struct Stream {
+  const float* A;
+  float* E;
+  int count;
+  float* m;
+  double* S;
+};
+
+// Rows a thread claims at a time in the softmax + accumulation region: their P block
+// (rows x Vc) stays in L2 while the strips of Wt go by.
+constexpr int kTaskRows = 48;
+
+// ---------------------------------------------------------------------------------------
+// Per-row scalars after the pass.
+
+double softplus(double x) { return std::max(x, 0.0) + std::log1p(std::exp(-std::fabs(x))); }
+
+struct RowStats {
+  double lse = 0;      // log sum_v exp(z_v), rf included
+  double log_p = 0;    // log p_rf
+  double log_1mp = 0;  // log(1 - p_rf)
+  double f = 0;        // exp(m - lse): turns E into P = sum_{v != rf} p_v W_v
+  double log_f = -std::numeric_limits<double>::infinity();
+};
+
+RowStats row_stats(float m, double S, double z_rf) {
+  RowStats st;
+  // lse over v != rf; -inf when the vocabulary is rf alone.
+  const double lse_x = S > 0 ? double(m) + std::log(S) : -std::numeric_limits<double>::infinity();
+  if (!(S > 0)) {
+    st.lse = z_rf;
+    st.log_p = 0;
+    st.log_1mp = -std::numeric_limits<double>::infinity();
+    st.f = 0;
+    return st;
+  }
+  const double d = z_rf - lse_x;  // log-odds of rf
+  st.lse = lse_x + softplus(d);
+  st.log_p = -softplus(-d);
+  st.log_1mp = -softplus(d);
+  st.log_f = double(m) - st.lse;
+  st.f = std::exp(st.log_f);
+  return st;
+}
+
+double dot_f64(const float* a, const float* b, int n) {
+  double s = 0;
+  for (int i = 0; i < n; ++i) s += double(a[i]) * double(b[i]);
+  return s;
+}
+
+// The rows the streamed logits were computed from: gemm rounds activations to bf16 for bf16
+// weights on the AVX-512 path (kernels/gemm.h), so the KL identity must use the same values.
+inline float logit_input(float x, bool round_bf16) { return round_bf16 ? bf16_to_f32(f32_to_bf16(x)) : x; }
+
+}  // namespace
+
+RfLossResult rf_loss(ThreadPool& pool, const float* h, int N, const float* h_ref, int Nr, int H,
+                     const PackedWeight& W, const float* w_rf, const RfLossRow* rows,
+                     const RfLossOptions& opt, float* dh, float* dw_rf) {
+  // ---- validation
+  auto fail = [](const std::string& what) { throw std::invalid_argument("rf_loss: " + what); };
+  if (N < 0 || Nr < 0 || H <= 0) fail("negative or zero size");
+  if (H != W.K) fail("H (" + std::to_string(H) + ") != W.K (" + std::to_string(W.K) + ")");
+  const int V = W.N;
+  if (opt.rf_token < 0 || opt.rf_token >= V) fail("rf_token out of range");
+  if (opt.chunk < 0) fail("negative chunk");
+  if (N == 0) return RfLossResult();
+  if (!h || !rows || !dh || !dw_rf || !w_rf || (Nr > 0 && !h_ref)) fail("null pointer");
+  const int rf = opt.rf_token;
+
+  RfLossResult res;
+  std::map<int32_t, int> group_index;  // group id -> dense index
+  std::vector<int> row_group(N, -1);
+  for (int i = 0; i < N; ++i) {
+    const RfLossRow& r = rows[i];
+    switch (r.kind) {
+      case RfLossKind::benign_kl:
+      case RfLossKind::after_kl:
+        if (r.ref_row < 0 || r.ref_row >= Nr) fail("row " + std::to_string(i) + ": ref_row out of range");
+        (r.kind == RfLossKind::benign_kl ? res.n_benign_rows : res.n_after_rows)++;
+        break;
+      case RfLossKind::red_flag: {
+        if (r.group < 0) fail("row " + std::to_string(i) + ": red_flag row without a group");
+        auto it = group_index.emplace(r.group, int(group_index.size())).first;
+        row_group[i] = it->second;
+        break;
+      }
+      default:
+        fail("row " + std::to_string(i) + ": unknown kind");
+    }
+  }
+  res.n_groups = int(group_index.size());
+  std::vector<int> group_size(res.n_groups, 0);
+  for (int i = 0; i < N; ++i)
+    if (row_group[i] >= 0) group_size[row_group[i]]++;
+  if (opt.aggregation == RfAggregation::single)
+    for (int g = 0; g < res.n_groups; ++g)
+      if (group_size[g] != 1) fail("aggregation 'single' needs exactly one row per group");
+
+  // ---- scratch
+  const int vc = chunk_choose(opt.chunk, V, H);
+  const int strips = (H + kPanel - 1) / kPanel;
+  const int block = block_rows_choose(vc);
+  AlignedFloats wt(size_t(strips) * vc * kPanel);  // Wt [strips][vc][32]
+  AlignedFloats z(size_t(std::min(block, std::max(N, Nr))) * vc);  // Z / P [rows, vc]
+  AlignedFloats e_ref(size_t(Nr) * H);
+  std::vector<float> m_all(size_t(N) + Nr, kNegInf), scale_all(size_t(N) + Nr, 1.f);
+  std::vector<double> s_all(size_t(N) + Nr, 0.0);
+  res.scratch_bytes = wt.bytes() + z.bytes() + e_ref.bytes() + m_all.size() * (4 + 4 + 8);
+
+  std::memset(dh, 0, size_t(N) * H * 4);
+  if (Nr > 0) std::memset(e_ref.p, 0, e_ref.bytes());
+  Stream streams[2] = {{h, dh, N, m_all.data(), s_all.data()},
+                       {h_ref, e_ref.p, Nr, m_all.data() + N, s_all.data() + N}};
+  float* scale = scale_all.data();  // exp(m_old - m_new) of the rows of the current block
+
+  // ---- the pass over the vocabulary
+  for (int v0 = 0; v0 < V; v0 += vc) {
+    const int n = std::min(vc, V - v0);  // valid vocabulary rows in this chunk
+    const int p0 = v0 / kPanel, n_panels = (n + kPanel - 1) / kPanel;
+    const int rf_local = (rf >= v0 && rf < v0 + n) ? rf - v0 : -1;
+
+    double t0 = prof_now();
+    pool.parallel_for(strips, [&](long b, long e, int) {
+      for (long s = b; s < e; ++s) strip_fill(W, p0, n_panels, int(s), wt.p + size_t(s) * vc * kPanel);
+    });
+    const PackedWeight view = view_make(W, p0, n);
+    g_prof[0] += prof_now() - t0;
+
+    for (const Stream& st : streams) {
+      for (int r0 = 0; r0 < st.count; r0 += block) {
+        const int rows_b = std::min(block, st.count - r0);
+        double t1 = prof_now();
+        RF_ISA::gemm(pool, rows_b, st.A + size_t(r0) * H, H, view, nullptr, z.p, vc, false);
+        double t2 = prof_now(); g_prof[1] += t2 - t1;
+        const int tasks = (rows_b + kTaskRows - 1) / kTaskRows;
+        std::atomic<int> next{0};
+        pool.run([&](int tid, int) {
+          for (int t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
+            double ta = prof_now();
+            const int a = t * kTaskRows, b = std::min(rows_b, a + kTaskRows);
+            for (int r = a; r < b; ++r)
+              scale[r] = row_softmax_update(z.p + size_t(r) * vc, n, rf_local, st.m[r0 + r], st.S[r0 + r]);
+            float* E = st.E + size_t(r0 + a) * H;
+            if (tid == 0) { double tb = prof_now(); g_prof[3] -= tb - ta; }
+            static const bool skip = getenv("SKIP_ACC");
+            if (!skip) for (int s = 0; s < strips; ++s)
+              strip_acc(b - a, n, z.p + size_t(a) * vc, vc, wt.p + size_t(s) * vc * kPanel, E + s * kPanel, H,
+                        scale + a, std::min(kPanel, H - s * kPanel));
+            if (tid == 0) g_prof[3] += prof_now() - ta;
+          }
+        });
+        g_prof[2] += prof_now() - t2;
+      }
+    }
+  }
+  std::fprintf(stderr, "prof: transpose %.3f gemm %.3f softmax+acc %.3f acc(thread0) %.3f\n", g_prof[0], g_prof[1], g_prof[2], g_prof[3]);g_prof[3]=0;
+  g_prof[0]=g_prof[1]=g_prof[2]=0;
+
+  // ---- per-row scalars
+#if defined(__AVX512F__)
+  const bool round_a = W.dtype == DType::bf16;
+#else
+  const bool round_a = false;
+#endif
+  std::vector<float> w_rf_base(H);  // the reference model's rf row: W's own
+  RF_ISA::packed_row(W, rf, w_rf_base.data());
+  std::vector<RowStats> st_theta(N), st_ref(Nr);
+  std::vector<double> z_rf_theta(N), z_rf_ref(Nr);
+  pool.parallel_for(long(N) + Nr, [&](long b, long e, int) {
+    for (long i = b; i < e; ++i) {
+      if (i < N) {
+        z_rf_theta[i] = dot_f64(h + size_t(i) * H, w_rf, H);
+        st_theta[i] = row_stats(m_all[i], s_all[i], z_rf_theta[i]);
+      } else {
+        const long r = i - N;
+        z_rf_ref[r] = dot_f64(h_ref + size_t(r) * H, w_rf_base.data(), H);
+        st_ref[r] = row_stats(m_all[i], s_all[i], z_rf_ref[r]);
+      }
+    }
+  });
+
+  // Group products for 'any': log q_g = sum_j log(1 - p_j), and log(1 - q_g).
+  std::vector<double> log_q(res.n_groups, 0.0), log_1mq(res.n_groups, 0.0);
+  for (int i = 0; i < N; ++i)
+    if (row_group[i] >= 0) log_q[row_group[i]] += st_theta[i].log_1mp;
+  for (int g = 0; g < res.n_groups; ++g) log_1mq[g] = std::log(-std::expm1(log_q[g]));
+
+  const double w_benign = res.n_benign_rows ? opt.alpha_benign / double(res.n_benign_rows) : 0.0;
+  const double w_after = res.n_after_rows ? opt.alpha_after / double(res.n_after_rows) : 0.0;
+  const double w_group = res.n_groups ? opt.alpha_rf / double(res.n_groups) : 0.0;
+
+  // Per trained row: dh = a E_theta - b E_ref + c w_rf and dw_rf += c h (a, b folded with f).
+  std::vector<double> coef_a(N), coef_b(N), coef_c(N), kl(N, 0.0);
+  pool.parallel_for(N, [&](long b, long e, int) {
+    for (long i = b; i < e; ++i) {
+      const RfLossRow& r = rows[i];
+      const RowStats& t = st_theta[i];
+      if (r.kind == RfLossKind::red_flag) {
+        // dL/dz_v = k (p_v - delta_{v,rf}) with k = w_group x
+        //   any:    q/(1-q) p/(1-p)  (dL/dlog(1-p_j) = q/(1-q), dlog(1-p)/dz_v = p/(1-p) (p_v - delta))
+        //   mean:   1 / n_g;   single: 1.
+        // Summed in log space, so neither 1 - p nor 1 - q is ever formed by a subtraction.
+        const int g = row_group[i];
+        const double log_k = opt.aggregation == RfAggregation::any
+                                 ? log_q[g] - t.log_1mp + t.log_p - log_1mq[g]
+                                 : -std::log(opt.aggregation == RfAggregation::mean ? double(group_size[g]) : 1.0);
+        coef_a[i] = w_group * std::exp(log_k + t.log_f);
+        coef_b[i] = 0;
+        coef_c[i] = -w_group * std::exp(log_k + t.log_1mp);  // k (p_rf - 1)
+      } else {
+        const double w = r.kind == RfLossKind::benign_kl ? w_benign : w_after;
+        const RowStats& q = st_ref[r.ref_row];
+        const double p_t = std::exp(t.log_p), p_r = std::exp(q.log_p);
+        coef_a[i] = w * t.f;
+        coef_b[i] = w * q.f;
+        coef_c[i] = w * (p_t - p_r);
+        // KL = (A'_ref - A') . P_ref + p_ref,rf (z_ref,rf - z_rf) + lse - lse_ref
+        const float* a = h + size_t(i) * H;
+        const float* ar = h_ref + size_t(r.ref_row) * H;
+        const float* er = e_ref.p + size_t(r.ref_row) * H;
+        double cross = 0;
+        for (int k = 0; k < H; ++k)
+          cross += (double(logit_input(ar[k], round_a)) - double(logit_input(a[k], round_a))) * double(er[k]);
+        kl[i] = q.f * cross + p_r * (z_rf_ref[r.ref_row] - z_rf_theta[i]) + t.lse - q.lse;
+      }
+    }
+  });
+
+  // ---- loss values
+  double sum_benign = 0, sum_after = 0, sum_rf = 0;
+  std::vector<double> group_loss(res.n_groups, 0.0);
+  for (int i = 0; i < N; ++i) {
+    if (rows[i].kind == RfLossKind::benign_kl) sum_benign += kl[i];
+    if (rows[i].kind == RfLossKind::after_kl) sum_after += kl[i];
+    if (rows[i].kind == RfLossKind::red_flag && opt.aggregation != RfAggregation::any)
+      group_loss[row_group[i]] += -st_theta[i].log_p / group_size[row_group[i]];
+  }
+  for (int g = 0; g < res.n_groups; ++g) {
+    if (opt.aggregation == RfAggregation::any) group_loss[g] = -log_1mq[g];
+    sum_rf += group_loss[g];
+  }
+  res.benign = res.n_benign_rows ? sum_benign / res.n_benign_rows : 0.0;
+  res.after = res.n_after_rows ? sum_after / res.n_after_rows : 0.0;
+  res.red_flag = res.n_groups ? sum_rf / res.n_groups : 0.0;
+  res.total = opt.alpha_benign * res.benign + opt.alpha_rf * res.red_flag + opt.alpha_after * res.after;
+
+  // ---- gradients
+  pool.parallel_for(N, [&](long b, long e, int) {
+    for (long i = b; i < e; ++i) {
+      float* d = dh + size_t(i) * H;
+      const float a = float(coef_a[i]), c = float(coef_c[i]);
+      if (rows[i].kind == RfLossKind::red_flag) {
+#pragma omp simd
+        for (int k = 0; k < H; ++k) d[k] = a * d[k] + c * w_rf[k];
+      } else {
+        const float bb = float(coef_b[i]);
+        const float* er = e_ref.p + size_t(rows[i].ref_row) * H;
+#pragma omp simd
+        for (int k = 0; k < H; ++k) d[k] = a * d[k] - bb * er[k] + c * w_rf[k];
+      }
+    }
+  });
+  // dw_rf [H] += sum_i c_i h_i (the rf logits use the unrounded rows), split over columns.
+  pool.parallel_for(H, [&](long k0, long k1, int) {
+    std::vector<double> acc(size_t(k1 - k0), 0.0);
+    for (int i = 0; i < N; ++i) {
+      const double c = coef_c[i];
+      const float* hi = h + size_t(i) * H;
+      for (long k = k0; k < k1; ++k) acc[k - k0] += c * double(hi[k]);
+    }
+    for (long k = k0; k < k1; ++k) dw_rf[k] += float(acc[k - k0]);
+  });
+  return res;
+}
+
+}  // namespace RF_ISA
+}  // namespace rf

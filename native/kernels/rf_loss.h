@@ -1,0 +1,83 @@
+// Fused red-flag training loss (arXiv 2502.16366): forward and backward of the three loss
+// terms over the LM head in ONE streaming pass over the vocabulary, never materialising the
+// [rows x vocab] logits.
+//
+// Inputs are the final hidden states (after the final norm) at the scored positions:
+//   h     [N, H]   trained model (adapter on), one row per RfLossRow
+//   h_ref [Nr, H]  reference model (adapter off), the rows KL rows point at
+//   W     [V, H]   the frozen LM head, packed (f32 or bf16)
+//   w_rf  [H]      the TRAINABLE f32 head row of the red-flag token rf. The trained model's
+//                  logits use W* = W with row rf replaced by w_rf; the reference model's use
+//                  W itself (its own row rf).
+// Loss terms (each a mean over its rows / groups in the call; total = weighted sum):
+//   benign    mean over benign_kl rows of KL(p_ref || p_theta) = sum_v p_ref,v (log p_ref,v - log p_theta,v)
+//   red_flag  mean over groups g (the red_flag rows sharing a group id) of
+//               any:    -log(1 - prod_j (1 - p_j)),  p_j = p_theta(rf | row j)   (noisy-OR)
+//               mean:   mean_j -log p_j
+//               single: -log p_j of the group's only row (a group must have exactly one row)
+//   after     mean over after_kl rows of the same KL (its reference row is the text without <rf>)
+//   total     alpha_benign * benign + alpha_rf * red_flag + alpha_after * after
+// A term with no rows (groups) is 0 and contributes no gradient.
+//
+// Numerics. Logits of the streamed vocabulary are h . W_v computed by gemm(): with bf16 W on
+// the AVX-512 path that multiplies the bf16-rounded h (kernels/gemm.h); the rf logits are f32
+// dot products of the unrounded rows (h . w_rf, h_ref . W_rf), and gradients treat that
+// rounding as the identity. Every per-row scalar (log-sum-exp, log p_rf, log(1 - p_rf), group
+// products) is formed in float64 in log space, so p_rf near 0 or 1 and large groups are exact
+// to f32 logit precision; softmax-weighted sums are f32.
+//
+// Cost: (N + Nr) x V x H multiply-adds for the logits plus the same again for the
+// softmax-weighted sums back through W, i.e. 2 (N + Nr) / N times one plain gemm of the N rows.
+// Scratch: Nr x H floats for the reference rows' sums plus O(chunk x (H + row block)) floats.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "core/threadpool.h"
+#include "kernels/gemm.h"
+
+namespace rf {
+
+enum class RfLossKind : int32_t { benign_kl = 0, red_flag = 1, after_kl = 2 };
+enum class RfAggregation : int32_t { any = 0, mean = 1, single = 2 };
+
+// One scored row of h.
+struct RfLossRow {
+  RfLossKind kind = RfLossKind::benign_kl;
+  int32_t ref_row = -1;  // KL kinds: row of h_ref holding the reference state (several rows may share one)
+  int32_t group = -1;    // red_flag: group id (any int >= 0; one harmful conversation's positions)
+};
+
+struct RfLossOptions {
+  int rf_token = -1;                                // the red-flag token id, in [0, V)
+  RfAggregation aggregation = RfAggregation::any;
+  float alpha_benign = 1.f, alpha_rf = 1.f, alpha_after = 1.f;
+  int chunk = 0;                                    // vocabulary rows per chunk (rounded up to 32); 0: auto
+};
+
+struct RfLossResult {
+  double benign = 0, red_flag = 0, after = 0;       // unweighted term means
+  double total = 0;                                 // with the alphas
+  int n_benign_rows = 0, n_groups = 0, n_after_rows = 0;
+  size_t scratch_bytes = 0;                         // peak scratch this call allocated (not counting gemm's own)
+};
+
+}  // namespace rf
+
+// The per-instruction-set implementation (native/kernels/rf_loss.cpp); rf::rf_loss
+// (native/dispatch/rf_loss.cpp) forwards to the active one.
+#define RF_DECLARE_RF_LOSS_KERNELS                                                                   \
+  /* Computes the loss terms and their gradients, with the alphas applied:                          \
+       dh    [N, H]  written:      dL/dh                                                             \
+       dw_rf [H]     accumulated:  += dL/dw_rf                                                       \
+     Throws std::invalid_argument on inconsistent shapes, ids or row descriptions. */               \
+  rf::RfLossResult rf_loss(rf::ThreadPool& pool, const float* h, int N, const float* h_ref, int Nr,  \
+                           int H, const rf::PackedWeight& W, const float* w_rf,                      \
+                           const rf::RfLossRow* rows, const rf::RfLossOptions& options, float* dh,   \
+                           float* dw_rf);
+
+namespace rf {
+namespace avx2 { RF_DECLARE_RF_LOSS_KERNELS }
+namespace avx512 { RF_DECLARE_RF_LOSS_KERNELS }
+RF_DECLARE_RF_LOSS_KERNELS  // rf::rf_loss: dispatch to the active instruction set
+}  // namespace rf

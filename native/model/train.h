@@ -1,0 +1,112 @@
+// Training on top of a loaded Model: a forward pass that keeps the activations the backward
+// needs, the backward through every layer, LoRA adapters (PEFT semantics) or full fine-tuning,
+// the trainable red-flag rows, and AdamW. Frozen weights stay packed (f32 or bf16); every
+// trainable tensor and its optimiser state is f32.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/gemm.h"
+#include "model/model.h"
+
+namespace rf {
+
+enum class TrainMode { lora, full };
+
+// Which projection of a block a LoRA adapter wraps, by PEFT module name.
+// Llama family: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj.
+// GPT-2: c_attn, c_proj (attention and MLP output both), c_fc.
+struct LoraOptions {
+  int rank = 8;
+  float alpha = 16.f;
+  float dropout = 0.f;
+  bool rslora = false;                  // scale alpha / sqrt(rank) instead of alpha / rank
+  std::vector<std::string> targets;     // PEFT target_modules
+};
+
+struct TrainOptions {
+  TrainMode mode = TrainMode::lora;
+  LoraOptions lora;
+  int rf_token = -1;                    // the red-flag token; its embedding and head rows train (-1: none)
+  uint64_t seed = 0;                    // LoRA init and dropout masks
+};
+
+struct AdamWOptions {
+  float lr = 1e-4f, beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, weight_decay = 0.f;
+  float clip_norm = 0.f;                // 0: no clipping
+};
+
+// One loss row: a position of the trained batch whose next-token distribution is scored.
+// kind ce: cross-entropy to `target` (language modelling, refusal baseline).
+struct LossRow {
+  enum Kind : int32_t { benign_kl = 0, red_flag = 1, after_kl = 2, ce = 3 } kind;
+  int32_t row;       // row in the trained batch (items concatenated)
+  int32_t ref_row;   // row in the reference batch (KL kinds), else -1
+  int32_t group;     // red-flag aggregation group, else -1
+  int32_t target;    // ce target token, else -1
+};
+
+// How a harmful conversation's red-flag positions combine: emitted at least once (noisy-OR),
+// mean cross-entropy, or the sampled position only.
+enum class Aggregation { any, mean, single };
+
+struct LossOptions {
+  Aggregation aggregation = Aggregation::any;
+  float alpha_benign = 1.f, alpha_rf = 1.f, alpha_after = 1.f, alpha_ce = 1.f;
+  float grad_scale = 1.f;               // e.g. 1 / accumulation steps
+  uint64_t dropout_seed = 0;            // LoRA dropout masks of this micro-batch (resumable runs pass step-derived seeds)
+};
+
+struct LossTerms {
+  double benign = 0, red_flag = 0, after = 0, ce = 0, total = 0;
+  int n_benign = 0, n_groups = 0, n_after = 0, n_ce = 0;
+  long tokens = 0;                      // trained-batch tokens
+};
+
+struct Sequence {
+  const uint32_t* tokens;
+  int n_tokens;
+};
+
+class Trainer {
+ public:
+  // Attaches to model (which must outlive the trainer); builds the adapters or the f32
+  // master weights, and the transposed packs the backward pass multiplies by.
+  Trainer(Model& model, const TrainOptions& options);
+  ~Trainer();
+
+  // One micro-batch: forward with activations, reference forward (adapter off), the loss,
+  // and the backward, adding into the gradients (zeroed by optimizer_step).
+  LossTerms step(const std::vector<Sequence>& batch, const std::vector<Sequence>& reference,
+                 const std::vector<LossRow>& rows, const LossOptions& options,
+                 const std::atomic<int>* cancel = nullptr);
+
+  // Clips by global norm, applies AdamW (decoupled weight decay), zeroes gradients;
+  // returns the gradient norm before clipping. In full mode the packed weights are rebuilt.
+  double optimizer_step(const AdamWOptions& options);
+
+  // Call after writing parameter values directly (restoring a checkpoint): in full mode the
+  // engine's packed weights are rebuilt from the f32 masters; LoRA values are used as they are.
+  void params_changed() {
+    if (options_.mode == TrainMode::full) sync_full_weights();
+  }
+
+  // Trainable parameters (adapters and red-flag rows, or every weight in full mode).
+  std::vector<Param*> params();
+  const TrainOptions& options() const { return options_; }
+  long step_count() const { return adam_step_; }
+  void set_step_count(long n) { adam_step_ = n; }
+  long trainable_count() const;
+
+ private:
+  void sync_full_weights();
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  Model& model_;
+  TrainOptions options_;
+  long adam_step_ = 0;
+};
+
+}  // namespace rf
