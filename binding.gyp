@@ -3,9 +3,11 @@
   # instruction set (namespaces rf::avx2 and rf::avx512); native/dispatch picks one
   # at run time, so one binary runs on any x86-64 with AVX2.
   "target_defaults": {
-    "cflags_cc!": ["-fno-exceptions", "-std=gnu++17", "-O2", "-O3"],
-    "cflags_cc": ["-std=c++17", "-O3", "-fexceptions", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-Wall", "-Wno-unused-function"],
-    "cflags!": ["-O2", "-O3"],
+    # node-gyp's defaults build Release with -O3 only on some setups; set it explicitly (and
+    # never list it under cflags!, which would strip ours too).
+    "cflags_cc!": ["-fno-exceptions", "-std=gnu++17"],
+    "cflags_cc": ["-std=c++17", "-fexceptions", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-Wall", "-Wno-unused-function"],
+    "cflags": ["-O3"],
     "include_dirs": ["native"],
     "defines": ["NDEBUG"]
   },

@@ -145,8 +145,14 @@ interface EpochPlan {
   batches: number[][];
 }
 
+/** What {@link BatchSampler} needs of an example (an `EncodedConversation` has it). */
+export interface LabelledExample {
+  /** The example's class. */
+  label: Label;
+}
+
 /** The sampler; see the module description. */
-export class BatchSampler<T extends { label: Label }> {
+export class BatchSampler<T extends LabelledExample> {
   readonly #examples: readonly T[];
   readonly #lengths: Int32Array;
   readonly #harmful: number[] = [];

@@ -12,8 +12,9 @@
  * JSON fields too).
  *
  * **Labels.** The `label` option labels the whole file (row fields are then ignored); otherwise
- * each row needs a `label` (`"harmful"`/`"benign"`, or `"unsafe"`/`"safe"`) or a boolean
- * `harmful` field (see {@link parseLabel} for every accepted value).
+ * each row needs a `label` or a `harmful` field (or the column `labelColumn` names). Harmful:
+ * `"harmful"`, `"unsafe"`, `true`, `1`, `"true"`, `"yes"`, `"1"`; benign: `"benign"`, `"safe"`,
+ * `"harmless"`, `false`, `0`, `"false"`, `"no"`, `"0"` (strings in any case).
  *
  * **Prompt-only data.** A row without a response is an error unless `allowPromptOnly: true`;
  * then it becomes a conversation ending with the user turn and marked `responseMissing: true`
@@ -94,6 +95,20 @@ export interface LoadResult {
   skipped: SkippedRow[];
 }
 
+/** One file for {@link loadConversationFiles}: its path and its own options. */
+export interface FileEntry extends LoadOptions {
+  /** The file. */
+  file: string;
+}
+
+/** What {@link loadConversationFiles} returns. */
+export interface LoadedConversations {
+  /** Every file's conversations, in order. */
+  conversations: Conversation[];
+  /** Every file's skipped rows, in order. */
+  skipped: SkippedRow[];
+}
+
 /** The CSV columns a file was read with (null: absent). */
 export interface CsvColumns {
   /** The prompt column. */
@@ -144,7 +159,7 @@ export async function loadConversations(file: string, options: LoadOptions = {})
  * Loads several files (each with its own options) and concatenates them, in order.
  * `skipped` collects every file's skipped rows.
  */
-export async function loadConversationFiles(entries: ReadonlyArray<{ file: string } & LoadOptions>): Promise<{ conversations: Conversation[]; skipped: SkippedRow[] }> {
+export async function loadConversationFiles(entries: readonly FileEntry[]): Promise<LoadedConversations> {
   const conversations: Conversation[] = [];
   const skipped: SkippedRow[] = [];
   for (const { file, ...options } of entries) {

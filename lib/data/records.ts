@@ -70,7 +70,11 @@ export function recordError(source: string, reason: string, cause?: unknown): Re
   return new RedflagError('INVALID_FILE', reason, { file: source, cause });
 }
 
-/** Thrown inside loaders for one bad row; carries the reason without the location. */
+/**
+ * Thrown inside loaders for one bad row; carries the reason without the location (the loader
+ * turns it into a `file:line: reason` RedflagError or a skipped row).
+ * @internal
+ */
 export class RowProblem extends Error {
   /** Creates a problem with its reason (`field "x" is empty`, ...). */
   constructor(reason: string) {
@@ -91,6 +95,7 @@ export function jsonTypeName(value: unknown): string {
  * harmful; `"benign"`, `"safe"`, `"harmless"`, `false`, `0`, `"false"`, `"no"`, `"0"` mean benign
  * (strings compared without case or surrounding spaces). Anything else throws a
  * {@link RowProblem} naming `what` (e.g. `field "label"`).
+ * @internal
  */
 export function parseLabel(value: unknown, what: string): Label {
   if (value === true || value === 1) return 'harmful';
@@ -104,7 +109,10 @@ export function parseLabel(value: unknown, what: string): Label {
   throw new RowProblem(`${what} must be "harmful" or "benign" (or a boolean), got ${shown}`);
 }
 
-/** Options of {@link checkMessages}. */
+/**
+ * Options of {@link checkMessages}.
+ * @internal
+ */
 export interface CheckMessagesOptions {
   /** Accept messages that end with a user turn (a prompt-only record). Default false. */
   allowPromptOnly?: boolean;
@@ -113,14 +121,26 @@ export interface CheckMessagesOptions {
 }
 
 /**
+ * What {@link checkMessages} returns.
+ * @internal
+ */
+export interface CheckedMessages {
+  /** The messages, typed (extra fields dropped). */
+  messages: Message[];
+  /** True when they end with a user turn (a prompt-only record). */
+  responseMissing: boolean;
+}
+
+/**
  * Checks a `messages` value and returns it as typed messages plus whether the response is
  * missing. Rules: a non-empty array of `{ role, content }` objects; roles are `system`, `user`
  * or `assistant`; content is a non-empty string; a system message may only come first; then
  * user and assistant alternate starting with user; the last message is the assistant's
  * response (a user turn last is accepted only with `allowPromptOnly`). Extra fields are dropped.
- * Throws a {@link RowProblem} naming the offending element.
+ * Throws a {@link RowProblem} naming the offending element (loaders add `file:line`).
+ * @internal
  */
-export function checkMessages(value: unknown, options: CheckMessagesOptions = {}): { messages: Message[]; responseMissing: boolean } {
+export function checkMessages(value: unknown, options: CheckMessagesOptions = {}): CheckedMessages {
   const fieldName = options.field ?? 'messages';
   const field = `field "${fieldName}"`;
   const name = (index: number, key?: string): string => `field "${fieldName}[${index}]${key === undefined ? '' : `.${key}`}"`;

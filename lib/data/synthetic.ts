@@ -294,12 +294,20 @@ export interface SyntheticData {
   test: Conversation[];
 }
 
+/** Template indices of one split. */
+export interface TemplateIndices {
+  /** Indices into the category's `prompts`. */
+  prompts: number[];
+  /** Indices into the category's `responses`. */
+  responses: number[];
+}
+
 /** Template indices used by each split. */
 export interface TemplateSplit {
-  /** Prompt and response template indices of the training split. */
-  train: { prompts: number[]; responses: number[] };
-  /** Prompt and response template indices of the test split. */
-  test: { prompts: number[]; responses: number[] };
+  /** Templates of the training split. */
+  train: TemplateIndices;
+  /** Templates of the test split. */
+  test: TemplateIndices;
 }
 
 /**
@@ -370,7 +378,7 @@ export function generateSyntheticData(options: SyntheticOptions): SyntheticData 
     return category;
   });
   const rng = createRng(Math.trunc(options.seed));
-  const make = (category: SyntheticCategory, split: 'train' | 'test', count: number, templates: { prompts: number[]; responses: number[] }): Conversation[] => {
+  const make = (category: SyntheticCategory, split: 'train' | 'test', count: number, templates: TemplateIndices): Conversation[] => {
     const out: Conversation[] = [];
     for (let n = 0; n < count; n++) {
       const values: Record<string, string> = {};

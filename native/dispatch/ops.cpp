@@ -22,6 +22,8 @@ RF_FORWARD(rope_forward, (float* x, int n_heads, int head_dim, const float* cos,
 RF_FORWARD(swiglu_forward, (float* out, const float* gate, const float* up, int n), (out, gate, up, n))
 RF_FORWARD(gelu_new_forward, (float* x, int n), (x, n))
 RF_FORWARD(add_forward, (float* y, const float* x, int n), (y, x, n))
+float logsumexp(const float* z, int n) { return use_avx512() ? avx512::logsumexp(z, n) : avx2::logsumexp(z, n); }
+RF_FORWARD(softmax_scale, (float* z, int n, float lse, float scale), (z, n, lse, scale))
 RF_FORWARD(attention_row,
            (float* out, const float* q, const float* k, const float* v, long kv_stride, int n_keys,
             int head_dim, float scale, float* scores),

@@ -21,6 +21,20 @@ void gelu_new_forward(float* x, int n) {
   }
 }
 
+float logsumexp(const float* z, int n) {
+  float mx = z[0];
+  for (int i = 1; i < n; ++i) mx = z[i] > mx ? z[i] : mx;
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int i = 0; i < n; ++i) sum += exp_f32(z[i] - mx);
+  return mx + __builtin_logf(sum);
+}
+
+void softmax_scale(float* z, int n, float lse, float scale) {
+#pragma omp simd
+  for (int i = 0; i < n; ++i) z[i] = scale * exp_f32(z[i] - lse);
+}
+
 void add_forward(float* y, const float* x, int n) {
 #pragma omp simd
   for (int i = 0; i < n; ++i) y[i] += x[i];

@@ -19,6 +19,10 @@
   void gelu_new_forward(float* x, int n);                                                        \
   /* y [n] += x [n] */                                                                           \
   void add_forward(float* y, const float* x, int n);                                             \
+  /* log(sum_i exp(z_i)) over z [n], with max subtraction (f32, vectorised exp). */               \
+  float logsumexp(const float* z, int n);                                                        \
+  /* z [n] = scale * exp(z - lse) in place: a softmax row times scale. */                        \
+  void softmax_scale(float* z, int n, float lse, float scale);                                   \
   /* One query row of causal attention over keys j in [0, n_keys):                               \
      out [head_dim] = sum_j softmax_j(scale * q.k_j) v_j, with k_j = k + j * kv_stride (same     \
      for v). scores [n_keys] is scratch. Softmax in f32 with max subtraction. */                 \

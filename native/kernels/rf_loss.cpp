@@ -37,16 +37,16 @@
 #include <cstring>
 #include <limits>
 #include <map>
+#include <memory>
 #include <new>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "kernels/vmath.h"
-#include <chrono>
 #include <cstdio>
-static double g_prof[4];
 #include <time.h>
+static double g_prof[4];
 static double prof_now(){timespec ts; clock_gettime(CLOCK_THREAD_CPUTIME_ID,&ts); return ts.tv_sec+1e-9*ts.tv_nsec;}
 
 #ifndef RF_ISA
@@ -72,14 +72,6 @@ int chunk_choose(int requested, int V, int H) {
   vc = (vc + kPanel - 1) / kPanel * kPanel;
   const int v_rounded = (V + kPanel - 1) / kPanel * kPanel;
   return std::min(vc, v_rounded);
-}
-
-// Rows per gemm call: Z [rows, Vc] about 1 MB (read back from L2/L3 right after it is
-// written), at least a few hundred rows so the gemm itself runs efficiently.
-int block_rows_choose(int vc) {
-  int rows = int((1L << 20) / (long(vc) * 4));
-  rows = std::max(192, std::min(rows, 1536));
-  return rows / 48 * 48;  // whole row tiles of both instruction sets (8 and 6)
 }
 
 // 64-byte aligned float buffer.
@@ -154,11 +146,30 @@ void strip_fill(const PackedWeight& W, int p0, int n_panels, int s, float* dst) 
 // 2a. Online softmax update of one row over one chunk.
 // z [n] (the chunk's logits, rf_local the rf column or -1) becomes exp(z - m_new) with the
 // rf column 0; (m, S) are updated; returns the factor exp(m_old - m_new) for E.
+// max_j z[j] (-inf for n = 0). Intrinsics: GCC leaves a max reduction scalar even under
+// omp simd, and this pass is a quarter of the softmax's time.
+float row_max(const float* z, int n) {
+  int j = 0;
+#if defined(__AVX512F__)
+  __m512 m = _mm512_set1_ps(kNegInf);
+  for (; j + 16 <= n; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(z + j));
+  if (j < n) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, __mmask16((1u << (n - j)) - 1), z + j));
+  return _mm512_reduce_max_ps(m);
+#else
+  __m256 m = _mm256_set1_ps(kNegInf);
+  for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(z + j));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  float r = kNegInf;
+  for (float x : lanes) r = std::max(r, x);
+  for (; j < n; ++j) r = std::max(r, z[j]);
+  return r;
+#endif
+}
+
 float row_softmax_update(float* z, int n, int rf_local, float& m, double& S) {
   if (rf_local >= 0) z[rf_local] = kNegInf;
-  float cm = kNegInf;
-#pragma omp simd reduction(max : cm)
-  for (int j = 0; j < n; ++j) cm = std::max(cm, z[j]);
+  const float cm = row_max(z, n);
   const float m_new = std::max(m, cm);
   if (m_new == kNegInf) {  // nothing but the rf column seen yet
     for (int j = 0; j < n; ++j) z[j] = 0.f;
@@ -294,8 +305,9 @@ struct Stream {
   double* S;
 };
 
-// Rows a thread claims at a time in the softmax + accumulation region: their P block
-// (rows x Vc) stays in L2 while the strips of Wt go by.
+// Rows a thread claims at a time: it computes their logits for the chunk, the softmax
+// update, and the accumulation, its P block (rows x Vc) staying in L2 while the strips of
+// Wt go by. Whole row tiles of both instruction sets (8 and 6 rows).
 constexpr int kTaskRows = 48;
 
 // ---------------------------------------------------------------------------------------
@@ -389,62 +401,85 @@ RfLossResult rf_loss(ThreadPool& pool, const float* h, int N, const float* h_ref
   // ---- scratch
   const int vc = chunk_choose(opt.chunk, V, H);
   const int strips = (H + kPanel - 1) / kPanel;
-  const int block = block_rows_choose(vc);
-  AlignedFloats wt(size_t(strips) * vc * kPanel);  // Wt [strips][vc][32]
-  AlignedFloats z(size_t(std::min(block, std::max(N, Nr))) * vc);  // Z / P [rows, vc]
+  const int threads = pool.size();
+  const size_t wt_floats = size_t(strips) * vc * kPanel;
+  AlignedFloats wt(2 * wt_floats);                      // Wt [2][strips][vc][32]: this chunk's and the next's
+  AlignedFloats z(size_t(threads) * kTaskRows * vc);    // per thread: Z / P [kTaskRows, vc]
   AlignedFloats e_ref(size_t(Nr) * H);
-  std::vector<float> m_all(size_t(N) + Nr, kNegInf), scale_all(size_t(N) + Nr, 1.f);
+  std::vector<float> m_all(size_t(N) + Nr, kNegInf), scale_all(size_t(threads) * kTaskRows, 1.f);
   std::vector<double> s_all(size_t(N) + Nr, 0.0);
-  res.scratch_bytes = wt.bytes() + z.bytes() + e_ref.bytes() + m_all.size() * (4 + 4 + 8);
+  res.scratch_bytes = wt.bytes() + z.bytes() + e_ref.bytes() + m_all.size() * (4 + 8) + scale_all.size() * 4;
 
   std::memset(dh, 0, size_t(N) * H * 4);
   if (Nr > 0) std::memset(e_ref.p, 0, e_ref.bytes());
   Stream streams[2] = {{h, dh, N, m_all.data(), s_all.data()},
                        {h_ref, e_ref.p, Nr, m_all.data() + N, s_all.data() + N}};
-  float* scale = scale_all.data();  // exp(m_old - m_new) of the rows of the current block
+  const int tasks_theta = (N + kTaskRows - 1) / kTaskRows, tasks_ref = (Nr + kTaskRows - 1) / kTaskRows;
+  const int row_tasks = tasks_theta + tasks_ref;
+  // Inside a region every task runs gemm on its own rows single-threaded: one region per
+  // chunk and tasks of kTaskRows rows keep both threads busy to within one small task, where
+  // gemm's own split (a few tasks per thread over the chunk's panels) would not.
+  std::vector<std::unique_ptr<ThreadPool>> solo(threads);
+  for (auto& p : solo) p.reset(new ThreadPool(1));
 
   // ---- the pass over the vocabulary
-  for (int v0 = 0; v0 < V; v0 += vc) {
-    const int n = std::min(vc, V - v0);  // valid vocabulary rows in this chunk
-    const int p0 = v0 / kPanel, n_panels = (n + kPanel - 1) / kPanel;
-    const int rf_local = (rf >= v0 && rf < v0 + n) ? rf - v0 : -1;
-
-    double t0 = prof_now();
-    pool.parallel_for(strips, [&](long b, long e, int) {
-      for (long s = b; s < e; ++s) strip_fill(W, p0, n_panels, int(s), wt.p + size_t(s) * vc * kPanel);
-    });
+  const int chunks = (V + vc - 1) / vc;
+  auto chunk_panels = [&](int c, int& p0, int& n) {
+    const int v0 = c * vc;
+    n = std::min(vc, V - v0);
+    p0 = v0 / kPanel;
+  };
+  // Wt pieces: strips split so the transpose of the next chunk spreads over the threads.
+  const int pieces = std::min(strips, 2 * threads);
+  auto transpose_piece = [&](int c, int piece) {
+    int p0, n;
+    chunk_panels(c, p0, n);
+    float* dst = wt.p + size_t(c & 1) * wt_floats;
+    const int s0 = piece * strips / pieces, s1 = (piece + 1) * strips / pieces;
+    for (int s = s0; s < s1; ++s) strip_fill(W, p0, (n + kPanel - 1) / kPanel, s, dst + size_t(s) * vc * kPanel);
+  };
+  pool.parallel_for(pieces, [&](long b, long e, int) {
+    for (long piece = b; piece < e; ++piece) transpose_piece(0, int(piece));
+  });
+  for (int c = 0; c < chunks; ++c) {
+    int p0, n;
+    chunk_panels(c, p0, n);
+    const int rf_local = (rf >= c * vc && rf < c * vc + n) ? rf - c * vc : -1;
     const PackedWeight view = view_make(W, p0, n);
-    g_prof[0] += prof_now() - t0;
-
-    for (const Stream& st : streams) {
-      for (int r0 = 0; r0 < st.count; r0 += block) {
-        const int rows_b = std::min(block, st.count - r0);
-        double t1 = prof_now();
-        RF_ISA::gemm(pool, rows_b, st.A + size_t(r0) * H, H, view, nullptr, z.p, vc, false);
-        double t2 = prof_now(); g_prof[1] += t2 - t1;
-        const int tasks = (rows_b + kTaskRows - 1) / kTaskRows;
-        std::atomic<int> next{0};
-        pool.run([&](int tid, int) {
-          for (int t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
-            double ta = prof_now();
-            const int a = t * kTaskRows, b = std::min(rows_b, a + kTaskRows);
-            for (int r = a; r < b; ++r)
-              scale[r] = row_softmax_update(z.p + size_t(r) * vc, n, rf_local, st.m[r0 + r], st.S[r0 + r]);
-            float* E = st.E + size_t(r0 + a) * H;
-            if (tid == 0) { double tb = prof_now(); g_prof[3] -= tb - ta; }
-            static const bool skip = getenv("SKIP_ACC");
-            if (!skip) for (int s = 0; s < strips; ++s)
-              strip_acc(b - a, n, z.p + size_t(a) * vc, vc, wt.p + size_t(s) * vc * kPanel, E + s * kPanel, H,
-                        scale + a, std::min(kPanel, H - s * kPanel));
-            if (tid == 0) g_prof[3] += prof_now() - ta;
-          }
-        });
-        g_prof[2] += prof_now() - t2;
+    const float* wt_c = wt.p + size_t(c & 1) * wt_floats;
+    // Tasks: first the next chunk's transpose pieces (into the other Wt buffer), then rows.
+    const int pre = c + 1 < chunks ? pieces : 0;
+    const int tasks = pre + row_tasks;
+    std::atomic<int> next{0};
+    pool.run([&](int tid, int) {
+      float* zt = z.p + size_t(tid) * kTaskRows * vc;
+      float* scale = scale_all.data() + size_t(tid) * kTaskRows;
+      for (int t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
+        double t0 = prof_now();
+        if (t < pre) {
+          transpose_piece(c + 1, t);
+          if (tid==0) g_prof[0] += prof_now() - t0;
+          continue;
+        }
+        const int rt = t - pre;
+        const Stream& st = rt < tasks_theta ? streams[0] : streams[1];
+        const int a = (rt < tasks_theta ? rt : rt - tasks_theta) * kTaskRows;
+        const int rows_t = std::min(kTaskRows, st.count - a);
+        RF_ISA::gemm(*solo[tid], rows_t, st.A + size_t(a) * H, H, view, nullptr, zt, vc, false);
+        double t1 = prof_now(); if (tid==0) g_prof[1] += t1 - t0;
+        for (int r = 0; r < rows_t; ++r)
+          scale[r] = row_softmax_update(zt + size_t(r) * vc, n, rf_local, st.m[a + r], st.S[a + r]);
+        double t2 = prof_now(); if (tid==0) g_prof[2] += t2 - t1;
+        float* E = st.E + size_t(a) * H;
+        for (int s = 0; s < strips; ++s)
+          strip_acc(rows_t, n, zt, vc, wt_c + size_t(s) * vc * kPanel, E + s * kPanel, H, scale,
+                    std::min(kPanel, H - s * kPanel));
+        if (tid==0) g_prof[3] += prof_now() - t2;
       }
-    }
+    });
   }
-  std::fprintf(stderr, "prof: transpose %.3f gemm %.3f softmax+acc %.3f acc(thread0) %.3f\n", g_prof[0], g_prof[1], g_prof[2], g_prof[3]);g_prof[3]=0;
-  g_prof[0]=g_prof[1]=g_prof[2]=0;
+  std::fprintf(stderr, "prof(thread0 cpu): transpose %.3f gemm %.3f softmax %.3f acc %.3f\n", g_prof[0], g_prof[1], g_prof[2], g_prof[3]);
+  for (double& x : g_prof) x = 0;
 
   // ---- per-row scalars
 #if defined(__AVX512F__)

@@ -218,7 +218,8 @@ double ce_loss(ThreadPool& pool, const Model& model, const float* h, int n, cons
   for (int r0 = 0; r0 < n; r0 += chunk) {
     const int rows = std::min(chunk, n - r0);
     gemm(pool, rows, h + size_t(r0) * H, H, head, nullptr, z.data(), V, false);
-    for (int r = 0; r < rows; ++r) {
+    std::vector<double> row_loss(rows, 0.0);
+    auto row_work = [&](long r) {
       float* zr = z.data() + size_t(r) * V;
       const float* hr = h + size_t(r0 + r) * H;
       if (rf_head) {
@@ -226,19 +227,23 @@ double ce_loss(ThreadPool& pool, const Model& model, const float* h, int n, cons
         for (long i = 0; i < H; ++i) dot += hr[i] * rf_head[i];
         zr[rf_token] = dot;
       }
-      float mx = zr[0];
-      for (long v = 1; v < V; ++v) mx = std::max(mx, zr[v]);
-      double sum = 0;
-      for (long v = 0; v < V; ++v) sum += std::exp(double(zr[v] - mx));
-      const double lse = double(mx) + std::log(sum);
+      const float lse = logsumexp(zr, int(V));
       const int target = targets[r0 + r];
-      loss += lse - zr[target];
-      // dz = weight * (softmax - onehot)
-      for (long v = 0; v < V; ++v) zr[v] = float(weight * std::exp(double(zr[v]) - lse));
+      row_loss[r] = double(lse) - zr[target];
+      softmax_scale(zr, int(V), lse, weight);  // dz = weight * (softmax - onehot)
       zr[target] -= weight;
+    };
+    if (rows > 1 && pool.size() > 1) {
+      pool.parallel_for(rows, [&](long b, long e, int) { for (long r = b; r < e; ++r) row_work(r); });
+    } else {
+      for (long r = 0; r < rows; ++r) row_work(r);
+    }
+    for (int r = 0; r < rows; ++r) {
+      loss += row_loss[r];
       if (rf_head) {
         // The head row in use for rf is the trained one: correct W^T's base row contribution.
-        const float g = zr[rf_token];
+        const float g = z[size_t(r) * V + rf_token];
+        const float* hr = h + size_t(r0 + r) * H;
         for (long i = 0; i < H; ++i) {
           dh[size_t(r0 + r) * H + i] += g * (rf_head[i] - rf_head_base[i]);
           rf_head_grad[i] += g * hr[i];

@@ -1,0 +1,180 @@
+// Training-step throughput of the native trainer on random models: LoRA (r=8 on q,v, the
+// red-flag loss terms) and full fine-tuning (cross-entropy on every token), at SmolLM2-135M and
+// GPT-2-124M shapes, B sequences of T tokens. Prints one JSON object with tokens/s and model
+// FLOP utilisation against the FMA peak measured in the same run (FLOPs per token: 6N full,
+// ~4N LoRA, N = parameters in the matmuls).
+//   bench_train [--threads N] [--steps S] [--batch B] [--seq T] [--model smollm2|gpt2|tiny] [--mode lora|full]
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/peak.h"
+#include "model/model.h"
+#include "model/train.h"
+
+namespace {
+
+rf::ModelConfig config_named(const std::string& name) {
+  rf::ModelConfig c;
+  if (name == "gpt2") {
+    c.arch = rf::Arch::gpt2;
+    c.vocab = 50257;
+    c.hidden = 768;
+    c.intermediate = 3072;
+    c.n_layers = 12;
+    c.n_heads = c.n_kv_heads = 12;
+    c.head_dim = 64;
+    c.max_positions = 1024;
+    c.norm = rf::NormType::layer;
+    c.act = rf::Activation::gelu_new;
+    c.rope = false;
+    c.qkv_bias = c.o_bias = c.mlp_bias = true;
+    c.tied_embeddings = true;
+  } else if (name == "tiny") {
+    c.vocab = 32000;
+    c.hidden = 64;
+    c.intermediate = 128;
+    c.n_layers = 2;
+    c.n_heads = 4;
+    c.n_kv_heads = 2;
+    c.head_dim = 16;
+    c.max_positions = 2048;
+  } else {
+    c.vocab = 49152;
+    c.hidden = 576;
+    c.intermediate = 1536;
+    c.n_layers = 30;
+    c.n_heads = 9;
+    c.n_kv_heads = 3;
+    c.head_dim = 64;
+    c.max_positions = 8192;
+    c.rope_theta = 100000;
+    c.tied_embeddings = true;
+  }
+  return c;
+}
+
+void load_random(rf::Model& m) {
+  const rf::ModelConfig& c = m.config();
+  std::mt19937 rng(1);
+  std::normal_distribution<float> d(0.f, 0.02f);
+  auto add = [&](const std::string& name, std::vector<long> shape, float mean = 0.f, bool kn = false) {
+    long n = 1;
+    for (long x : shape) n *= x;
+    std::vector<float> v(n);
+    for (float& x : v) x = mean + d(rng);
+    m.load_tensor(name, v.data(), rf::SrcType::f32, shape, kn);
+  };
+  const long H = c.hidden, I = c.intermediate;
+  const bool gpt2 = c.arch == rf::Arch::gpt2;
+  add("embed", {c.vocab, H});
+  if (!c.tied_embeddings) add("lm_head", {c.vocab, H});
+  if (gpt2) add("pos_embed", {c.max_positions, H});
+  add("final_norm.weight", {H}, 1.f);
+  if (gpt2) add("final_norm.bias", {H});
+  for (int l = 0; l < c.n_layers; ++l) {
+    const std::string p = "layers." + std::to_string(l) + ".";
+    for (const char* n : {"attn_norm", "mlp_norm"}) {
+      add(p + n + ".weight", {H}, 1.f);
+      if (gpt2) add(p + n + ".bias", {H});
+    }
+    auto lin = [&](const char* n, long o, long i, bool bias) {
+      add(p + n + ".weight", gpt2 ? std::vector<long>{i, o} : std::vector<long>{o, i}, 0.f, gpt2);
+      if (bias) add(p + n + ".bias", {o});
+    };
+    lin("qkv", c.qkv_dim(), H, c.qkv_bias);
+    lin("o", H, c.q_dim(), c.o_bias);
+    lin("mlp_in", gpt2 ? I : 2 * I, H, c.mlp_bias);
+    lin("mlp_out", H, I, c.mlp_bias);
+  }
+}
+
+double matmul_params(const rf::ModelConfig& c) {
+  const double H = c.hidden, I = c.intermediate;
+  const double per_layer = H * c.qkv_dim() + double(c.q_dim()) * H + H * I * (c.act == rf::Activation::silu ? 3 : 2);
+  return per_layer * c.n_layers + double(c.vocab) * H;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int threads = 2, steps = 3, B = 4, T = 128;
+  std::string model = "smollm2", mode = "lora", dtype = "f32";
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string k = argv[i], v = argv[i + 1];
+    if (k == "--threads") threads = std::stoi(v);
+    else if (k == "--steps") steps = std::stoi(v);
+    else if (k == "--batch") B = std::stoi(v);
+    else if (k == "--seq") T = std::stoi(v);
+    else if (k == "--model") model = v;
+    else if (k == "--mode") mode = v;
+    else if (k == "--dtype") dtype = v;
+  }
+  const rf::ModelConfig c = config_named(model);
+  rf::Model m(c, dtype == "bf16" ? rf::DType::bf16 : rf::DType::f32, threads);
+  load_random(m);
+  rf::TrainOptions opt;
+  opt.mode = mode == "full" ? rf::TrainMode::full : rf::TrainMode::lora;
+  opt.lora.rank = 8;
+  opt.lora.alpha = 16;
+  opt.lora.targets = c.arch == rf::Arch::gpt2 ? std::vector<std::string>{"c_attn"} : std::vector<std::string>{"q_proj", "v_proj"};
+  opt.rf_token = opt.mode == rf::TrainMode::lora ? 7 : -1;
+  rf::Trainer trainer(m, opt);
+
+  std::mt19937 rng(3);
+  std::vector<std::vector<uint32_t>> seqs(B), refs(B);
+  std::vector<rf::LossRow> rows;
+  long r0 = 0;
+  for (int b = 0; b < B; ++b) {
+    seqs[b].resize(T);
+    for (auto& t : seqs[b]) t = rng() % c.vocab;
+    refs[b] = seqs[b];
+    for (int t = 0; t + 1 < T; ++t) {
+      if (opt.mode == rf::TrainMode::full) {
+        rows.push_back({rf::LossRow::ce, int(r0 + t), -1, -1, int(seqs[b][t + 1])});
+      } else if (b % 2 == 0) {
+        rows.push_back({rf::LossRow::benign_kl, int(r0 + t), int(r0 + t), -1, -1});  // benign: KL on every token
+      } else if (t >= T / 2) {
+        rows.push_back({rf::LossRow::after_kl, int(r0 + t), int(r0 + t), -1, -1});
+      } else if (t >= T / 4) {
+        rows.push_back({rf::LossRow::red_flag, int(r0 + t), -1, b, -1});
+      }
+    }
+    r0 += T;
+  }
+  std::vector<rf::Sequence> batch, ref;
+  for (int b = 0; b < B; ++b) {
+    batch.push_back({seqs[b].data(), T});
+    ref.push_back({refs[b].data(), T});
+  }
+  if (opt.mode == rf::TrainMode::full) ref.clear();
+  rf::LossOptions lo;
+  rf::AdamWOptions ao;
+  auto one = [&] {
+    trainer.step(batch, ref, rows, lo);
+    trainer.optimizer_step(ao);
+  };
+  one();  // warm-up
+  std::vector<double> times;
+  for (int s = 0; s < steps; ++s) {
+    auto t0 = std::chrono::steady_clock::now();
+    one();
+    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(times.begin(), times.end());
+  const double sec = times[times.size() / 2];
+  const double tok_s = double(B) * T / sec;
+  rf::ThreadPool pool(threads);
+  const double peak = rf::fma_peak_gflops(pool, dtype == "bf16", 0.3);
+  const double N = matmul_params(c);
+  const double flops_per_token = (opt.mode == rf::TrainMode::full ? 6.0 : 4.0) * N;
+  std::printf(
+      "{\"bench\":\"train\",\"model\":\"%s\",\"mode\":\"%s\",\"dtype\":\"%s\",\"threads\":%d,\"batch\":%d,\"seq\":%d,"
+      "\"seconds_per_step\":%.4f,\"tokens_per_second\":%.1f,\"matmul_params\":%.0f,\"fma_peak_gflops\":%.1f,\"mfu\":%.4f}\n",
+      model.c_str(), mode.c_str(), dtype.c_str(), threads, B, T, sec, tok_s, N, peak, tok_s * flops_per_token / 1e9 / peak);
+  return 0;
+}
