@@ -27,6 +27,8 @@ export const trainConfigSchema = z.strictObject({
   output: z.string().min(1),
   /** Training data files; or `synthetic` for the built-in generated set. */
   data: z.union([z.array(dataFile).min(1), z.literal('synthetic')]),
+  /** Training conversations per category of the built-in synthetic set. */
+  syntheticPerCategory: z.number().int().min(1).max(10000).default(20),
   /** Held-out evaluation files (default: a fraction of the training data). */
   evalData: z.array(dataFile).optional(),
   /** Share of the data held out for evaluation when evalData is not given. */

@@ -8,8 +8,11 @@ import { join } from 'node:path';
 
 import { RedflagError } from '../errors.js';
 import type { Model } from '../model/model.js';
+import { addRedFlagToken } from '../model/red-flag.js';
+import { RED_FLAG_TOKEN } from '../model/red-flag-token.js';
 import { fromFloat32, toFloat32, type RawTensor } from '../model/safetensors.js';
 import { loadAdapter, loraScale, saveAdapter, type Adapter, type LoraModuleWeights } from './adapter.js';
+import { mergeAdapterTensors } from './merge.js';
 import type { TrainConfig } from './config.js';
 
 const LORA_PARAM = /^layers\.(\d+)\.(.+)\.lora_([AB])$/;
@@ -67,14 +70,31 @@ export async function currentAdapter(model: Model, options: { rank: number; alph
   };
 }
 
-/** Saves the trained adapter and the tokenizer (with `<rf>`) into output/adapter. */
+/**
+ * Saves the trained adapter and the tokenizer (with `<rf>`) into output/adapter and, when the
+ * config asks, the merged model (W + scale·B·A, `<rf>` rows in place) into output/merged.
+ */
 export async function exportAdapter(model: Model, config: TrainConfig, rfToken: number, targets: string[]): Promise<string> {
   const dir = join(config.output, 'adapter');
   const { rank, alpha, dropout, rslora } = config.lora;
   const adapter = await currentAdapter(model, { rank, alpha, dropout, rslora, targets }, rfToken);
   await saveAdapter(dir, adapter, { overwrite: true });
   if (model.tokenizer) await model.tokenizer.save(dir, { overwrite: true });
+  if (config.merge) await saveMerged(model, adapter, join(config.output, 'merged'));
   return dir;
+}
+
+/** Writes base weights with the adapter merged in, as a Hugging Face model directory. */
+export async function saveMerged(model: Model, adapter: Adapter, dir: string): Promise<void> {
+  const merged = await mergeAdapterTensors(adapter, (name) => model.readTensor(name), model.plan);
+  const saved = new Map(model.overrides);
+  try {
+    for (const [name, tensor] of merged) model.overrides.set(name, tensor);
+    await model.save(dir, { overwrite: true });
+  } finally {
+    model.overrides.clear();
+    for (const [k, v] of saved) model.overrides.set(k, v);
+  }
 }
 
 /**
@@ -83,6 +103,16 @@ export async function exportAdapter(model: Model, config: TrainConfig, rfToken: 
  */
 export async function applyAdapter(model: Model, dir: string): Promise<Adapter> {
   const adapter = await loadAdapter(dir, model.config);
+  const rf = adapter.redFlag;
+  if (rf && (rf.tokenId >= model.vocabSize || model.tokenizer?.idToToken(rf.tokenId) !== RED_FLAG_TOKEN)) {
+    // The base checkpoint predates <rf>: add it the way training did, which must land on the same id.
+    const added = await addRedFlagToken(model);
+    if (added.id !== rf.tokenId) {
+      throw new RedflagError('INVALID_ARGUMENT', `the adapter's <rf> is token ${rf.tokenId}, but adding <rf> to this model gives ${added.id}: is it the adapter's base model?`, {
+        file: dir,
+      });
+    }
+  }
   const scale = loraScale(adapter);
   await model.runNative(() => {
     model.engine.clearAdapters();

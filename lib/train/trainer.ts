@@ -47,6 +47,8 @@ export interface TrainHooks {
   signal?: AbortSignal;
   /** Continue from the checkpoint in the output directory. */
   resume?: boolean;
+  /** Called with the trained model (adapter applied) after the outputs are written, before it is disposed. */
+  onTrained?: (model: Model) => Promise<void>;
 }
 
 /** What {@link train} produced. */
@@ -71,7 +73,7 @@ async function prepareData(config: TrainConfig, model: Model, log: (m: string) =
   let trainSet: Conversation[];
   let evalSet: Conversation[];
   if (config.data === 'synthetic') {
-    const data = generateSyntheticData({ seed: config.seed });
+    const data = generateSyntheticData({ seed: config.seed, perCategory: config.syntheticPerCategory });
     trainSet = data.train;
     evalSet = data.test;
   } else {
@@ -326,8 +328,18 @@ export async function train(input: TrainConfigInput | TrainConfig, hooks: TrainH
         };
         await appendFile(metricsFile, JSON.stringify({ type: 'step', ...info, time: new Date().toISOString() }) + '\n');
         hooks.onStep?.(info);
+        if (signal?.aborted) {
+          await writeCheckpoint(model, config, done);
+          log(`stopped: checkpoint written at step ${done}`);
+          throw abortError(signal);
+        }
         if (config.evalEvery > 0 && done % config.evalEvery === 0 && done < config.steps) {
-          const result = await evaluate();
+          const result = await evaluate().catch(async (error: unknown) => {
+            if (!signal?.aborted) throw error;
+            await writeCheckpoint(model, config, done); // interrupted while evaluating
+            log(`stopped: checkpoint written at step ${done}`);
+            throw abortError(signal);
+          });
           if (result) {
             const { examples: _examples, ...figures } = result;
             await appendFile(metricsFile, JSON.stringify({ type: 'eval', step: done, ...figures }) + '\n');
@@ -354,6 +366,7 @@ export async function train(input: TrainConfigInput | TrainConfig, hooks: TrainH
     const saved = config.mode === 'lora' ? await exportAdapter(model, config, rfToken, targets) : await saveTrainedModel(model, config);
     model.engine.trainEnd();
     log(`saved ${saved}`);
+    await hooks.onTrained?.(model);
     return { steps: config.steps, output: config.output, saved, finalEval, lastLoss };
   } finally {
     model.dispose();

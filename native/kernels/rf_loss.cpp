@@ -10,22 +10,30 @@
 //     lse = logaddexp(m + log S, z_rf),  p_rf = exp(z_rf - lse),  and for v != rf
 //     p_v = exp(z_v - m) exp(m - lse), so  P := sum_{v != rf} p_v W_v = exp(m - lse) E.
 //   Every term's gradient has the form dL/dz_v = a p_theta,v - b p_ref,v - c delta_{v,rf}
-//   with per-row scalars a, b, c (see loss_assemble), hence
+//   with per-row scalars a, b, c (KL rows: a = b = weight, c = 0; red-flag rows: a = c =
+//   dL/dlog p-ish factor k, b = 0; see the coefficient loop in rf_loss), hence
 //     dL/dh = a P_theta - b P_ref + (a p_theta,rf - b p_ref,rf - c) w_rf,
 //     dL/dw_rf += (a p_theta,rf - b p_ref,rf - c) h,
 //   and the KL value needs no second pass either, since z_v = h . W_v is linear in h:
 //     sum_{v != rf} p_ref,v (z_ref,v - z_theta,v) = (h_ref - h) . P_ref.
 //   Keeping rf out of the streamed sums makes 1 - p_rf = S e^m / e^lse cancellation-free.
 //
-// Per chunk of Vc vocabulary rows (whole 32-row panels):
-//   1. the chunk is transposed once into Wt [H/32 strips][Vc][32] f32 (bf16 widened), the
-//      layout of the accumulation below (the packed panels are [H][32]: K-major);
-//   2. for each block of stream rows: Z [rows, Vc] = A . W_chunk^T by gemm() on a view of the
-//      chunk's panels; then per thread, for its rows: the online-softmax update turning Z
-//      into P = exp(Z - m_new) in place, and E = E * exp(m_old - m_new) + P . Wt with an
-//      MR x 32 register-tiled micro-kernel (the rescale is fused into its store).
+// Per chunk of Vc vocabulary rows (whole 32-row panels), ONE parallel region whose tasks are
+//   - the transpose of the NEXT chunk into the other half of a double buffer
+//     Wt [2][H/32 strips][Vc][32] f32 (bf16 widened): the accumulation's layout, the packed
+//     panels being [H][32] (K-major); done once per chunk, shared by all rows;
+//   - blocks of up to 48 stream rows (trained or reference), each: Z [rows, Vc] = A . W^T
+//     by a single-threaded gemm() on a view of the chunk's panels, the online-softmax update
+//     turning Z into P = exp(Z - m_new) in place (thread-private, L2-resident), and
+//     E = E * exp(m_old - m_new) + P . Wt with an MR x 32 register-tiled micro-kernel (the
+//     rescale fused into its store), strip by strip so a strip (Vc x 128 B) stays in L2.
+// Small tasks claimed from a counter keep both threads busy to within one task per chunk
+// (gemm's own split of a chunk is a few coarse tasks per thread), and there is one barrier
+// per chunk. Work: the logits are (N + Nr) V H multiply-adds at gemm speed, the accumulation
+// as many f32 FMAs (at f32 speed even for bf16 W: P must stay f32, as p_theta - p_ref
+// cancels); transpose and softmax are O((N + Nr + H) V) besides.
 // The trained rows' E live in dh itself (it is written anyway), the reference rows' in
-// scratch, so the scratch is Nr x H + Vc x (H + rows per block) floats.
+// scratch: Nr x H + 2 Vc x H + threads x 48 x Vc floats.
 #include "kernels/rf_loss.h"
 
 #include <immintrin.h>
@@ -44,10 +52,6 @@
 #include <vector>
 
 #include "kernels/vmath.h"
-#include <cstdio>
-#include <time.h>
-static double g_prof[4];
-static double prof_now(){timespec ts; clock_gettime(CLOCK_THREAD_CPUTIME_ID,&ts); return ts.tv_sec+1e-9*ts.tv_nsec;}
 
 #ifndef RF_ISA
 #error "RF_ISA must be defined (avx2 or avx512)"
@@ -64,10 +68,12 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // ---------------------------------------------------------------------------------------
 // Sizing
 
-// Default chunk: Wt (Vc x H f32) about 2 MB, so it and the chunk's panels stay in L3 while
-// every row block streams past them, and one Wt strip (Vc x 128 B) stays in L2.
+// Default chunk: Wt (Vc x H f32) about 4 MB (two of them, this chunk's and the next's, stay in
+// the 32 MB L3 with the chunk's panels while every row task streams past), at most 1024 rows
+// so one Wt strip (Vc x 128 B) and a task's P block (48 x Vc x 4 B) share L2. Fewer, larger
+// chunks mean fewer barriers and fewer re-reads of the rows' h and E (once per chunk).
 int chunk_choose(int requested, int V, int H) {
-  int vc = requested > 0 ? requested : int((2L << 20) / (long(H) * 4));
+  int vc = requested > 0 ? requested : int((4L << 20) / (long(H) * 4));
   vc = std::max(kPanel, std::min(vc, requested > 0 ? 1 << 20 : 1024));
   vc = (vc + kPanel - 1) / kPanel * kPanel;
   const int v_rounded = (V + kPanel - 1) / kPanel * kPanel;
@@ -112,49 +118,80 @@ PackedWeight view_make(const PackedWeight& W, int p0, int n) {
 // 1. Chunk transpose: strip s of Wt = [Vc][32] f32 holding W[v0 + j][32 s + kk] at j * 32 + kk,
 // columns past H zero. Panels are [H][32] (f32) or [Hp/2][32][2] (bf16).
 
+// In-register 8 x 8 transpose (AVX: both instruction sets have it): r[i][j] -> r[j][i].
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i + 0] = _mm256_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xee);
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// Strip s of the chunk starting at panel p0 (n_panels panels) into dst [n_panels * 32][32],
+// in 8 x 8 blocks: 8 rows kk of 8 columns j in, 8 rows j of 8 columns kk out.
 void strip_fill(const PackedWeight& W, int p0, int n_panels, int s, float* dst) {
   const int H = W.K;
   const int k0 = s * kPanel, kn = std::min(kPanel, H - k0);
   const size_t pb = panel_bytes(W);
+  const bool is_f32 = W.dtype == DType::f32;
+  const __m256i hi_mask = _mm256_set1_epi32(int(0xffff0000u));
   for (int p = 0; p < n_panels; ++p) {
     const uint8_t* panel = W.data.get() + size_t(p0 + p) * pb;
     float* out = dst + size_t(p) * kPanel * kPanel;  // rows j = 32 p .. 32 p + 31 of the strip
-    if (W.dtype == DType::f32) {
-      const float* src = reinterpret_cast<const float*>(panel) + size_t(k0) * kPanel;
-      for (int kk = 0; kk < kn; ++kk)
-#pragma omp simd
-        for (int j = 0; j < kPanel; ++j) out[j * kPanel + kk] = src[kk * kPanel + j];
-    } else {
-      // Pair word (k even, k + 1) of column j at ((k / 2) * 32 + j) * 2; k0 is even.
-      const uint32_t* src = reinterpret_cast<const uint32_t*>(panel) + size_t(k0 / 2) * kPanel;
-      for (int kk = 0; kk < kn; kk += 2) {
-        const uint32_t* row = src + (kk / 2) * kPanel;
-#pragma omp simd
-        for (int j = 0; j < kPanel; ++j) {
-          const uint32_t w = row[j];
-          out[j * kPanel + kk] = __builtin_bit_cast(float, w << 16);
-          out[j * kPanel + kk + 1] = __builtin_bit_cast(float, w & 0xffff0000u);
+    for (int kb = 0; kb < kPanel; kb += 8) {
+      for (int jb = 0; jb < kPanel; jb += 8) {
+        __m256 r[8];
+        if (is_f32) {
+          // Row k of the panel: 32 floats at k * 32.
+          const float* src = reinterpret_cast<const float*>(panel) + size_t(k0 + kb) * kPanel + jb;
+          for (int i = 0; i < 8; ++i) r[i] = kb + i < kn ? _mm256_load_ps(src + i * kPanel) : _mm256_setzero_ps();
+        } else {
+          // Pair word (k even, k + 1) of column j at (k / 2) * 32 + j: even k in the low half.
+          const uint32_t* src = reinterpret_cast<const uint32_t*>(panel) + size_t((k0 + kb) / 2) * kPanel + jb;
+          for (int i = 0; i < 8; i += 2) {
+            if (kb + i < kn) {
+              const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(src + (i / 2) * kPanel));
+              r[i] = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+              r[i + 1] = kb + i + 1 < kn ? _mm256_castsi256_ps(_mm256_and_si256(w, hi_mask)) : _mm256_setzero_ps();
+            } else {
+              r[i] = r[i + 1] = _mm256_setzero_ps();
+            }
+          }
         }
+        transpose8(r);
+        for (int i = 0; i < 8; ++i) _mm256_store_ps(out + (jb + i) * kPanel + kb, r[i]);
       }
     }
-    for (int j = 0; j < kPanel; ++j)
-      for (int kk = kn; kk < kPanel; ++kk) out[j * kPanel + kk] = 0.f;  // also bf16's odd pad k
   }
 }
 
 // ---------------------------------------------------------------------------------------
 // 2a. Online softmax update of one row over one chunk.
-// z [n] (the chunk's logits, rf_local the rf column or -1) becomes exp(z - m_new) with the
-// rf column 0; (m, S) are updated; returns the factor exp(m_old - m_new) for E.
-// max_j z[j] (-inf for n = 0). Intrinsics: GCC leaves a max reduction scalar even under
-// omp simd, and this pass is a quarter of the softmax's time.
+
+// max_j z[j] (-inf for n = 0). Intrinsics: GCC leaves this max reduction scalar even under
+// omp simd, which made it half of the softmax's time.
 float row_max(const float* z, int n) {
   int j = 0;
 #if defined(__AVX512F__)
+  // (mask_max with a full mask: GCC 12 warns about _mm512_max_ps's undefined pass-through)
   __m512 m = _mm512_set1_ps(kNegInf);
-  for (; j + 16 <= n; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(z + j));
-  if (j < n) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, __mmask16((1u << (n - j)) - 1), z + j));
-  return _mm512_reduce_max_ps(m);
+  for (; j + 16 <= n; j += 16) m = _mm512_mask_max_ps(m, 0xffff, m, _mm512_loadu_ps(z + j));
+  if (j < n) m = _mm512_mask_max_ps(m, __mmask16((1u << (n - j)) - 1), m, _mm512_loadu_ps(z + j));
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, m);
+  float r = kNegInf;
+  for (float x : lanes) r = std::max(r, x);
+  return r;
 #else
   __m256 m = _mm256_set1_ps(kNegInf);
   for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(z + j));
@@ -167,6 +204,8 @@ float row_max(const float* z, int n) {
 #endif
 }
 
+// z [n] (the chunk's logits, rf_local the rf column or -1) becomes exp(z - m_new) with the
+// rf column 0; (m, S) are updated; returns the factor exp(m_old - m_new) for E.
 float row_softmax_update(float* z, int n, int rf_local, float& m, double& S) {
   if (rf_local >= 0) z[rf_local] = kNegInf;
   const float cm = row_max(z, n);
@@ -307,8 +346,17 @@ struct Stream {
 
 // Rows a thread claims at a time: it computes their logits for the chunk, the softmax
 // update, and the accumulation, its P block (rows x Vc) staying in L2 while the strips of
-// Wt go by. Whole row tiles of both instruction sets (8 and 6 rows).
-constexpr int kTaskRows = 48;
+// Wt go by. 48 (whole row tiles of both instruction sets, 8 and 6 rows) unless that leaves
+// fewer than kMinTasksPerThread tasks per chunk: every chunk ends with a barrier, where the
+// threads wait for the last task, so small batches take smaller tasks.
+constexpr int kMinTasksPerThread = 12;
+
+int task_rows_choose(int rows, int threads) {
+  for (int t : {48, 24}) {
+    if ((rows + t - 1) / t >= kMinTasksPerThread * threads) return t;
+  }
+  return 8;
+}
 
 // ---------------------------------------------------------------------------------------
 // Per-row scalars after the pass.
@@ -404,9 +452,10 @@ RfLossResult rf_loss(ThreadPool& pool, const float* h, int N, const float* h_ref
   const int threads = pool.size();
   const size_t wt_floats = size_t(strips) * vc * kPanel;
   AlignedFloats wt(2 * wt_floats);                      // Wt [2][strips][vc][32]: this chunk's and the next's
-  AlignedFloats z(size_t(threads) * kTaskRows * vc);    // per thread: Z / P [kTaskRows, vc]
+  const int task_rows = task_rows_choose(N + Nr, threads);
+  AlignedFloats z(size_t(threads) * task_rows * vc);    // per thread: Z / P [task_rows, vc]
   AlignedFloats e_ref(size_t(Nr) * H);
-  std::vector<float> m_all(size_t(N) + Nr, kNegInf), scale_all(size_t(threads) * kTaskRows, 1.f);
+  std::vector<float> m_all(size_t(N) + Nr, kNegInf), scale_all(size_t(threads) * task_rows, 1.f);
   std::vector<double> s_all(size_t(N) + Nr, 0.0);
   res.scratch_bytes = wt.bytes() + z.bytes() + e_ref.bytes() + m_all.size() * (4 + 8) + scale_all.size() * 4;
 
@@ -414,10 +463,10 @@ RfLossResult rf_loss(ThreadPool& pool, const float* h, int N, const float* h_ref
   if (Nr > 0) std::memset(e_ref.p, 0, e_ref.bytes());
   Stream streams[2] = {{h, dh, N, m_all.data(), s_all.data()},
                        {h_ref, e_ref.p, Nr, m_all.data() + N, s_all.data() + N}};
-  const int tasks_theta = (N + kTaskRows - 1) / kTaskRows, tasks_ref = (Nr + kTaskRows - 1) / kTaskRows;
+  const int tasks_theta = (N + task_rows - 1) / task_rows, tasks_ref = (Nr + task_rows - 1) / task_rows;
   const int row_tasks = tasks_theta + tasks_ref;
   // Inside a region every task runs gemm on its own rows single-threaded: one region per
-  // chunk and tasks of kTaskRows rows keep both threads busy to within one small task, where
+  // chunk and tasks of task_rows rows keep both threads busy to within one small task, where
   // gemm's own split (a few tasks per thread over the chunk's panels) would not.
   std::vector<std::unique_ptr<ThreadPool>> solo(threads);
   for (auto& p : solo) p.reset(new ThreadPool(1));
@@ -452,34 +501,27 @@ RfLossResult rf_loss(ThreadPool& pool, const float* h, int N, const float* h_ref
     const int tasks = pre + row_tasks;
     std::atomic<int> next{0};
     pool.run([&](int tid, int) {
-      float* zt = z.p + size_t(tid) * kTaskRows * vc;
-      float* scale = scale_all.data() + size_t(tid) * kTaskRows;
+      float* zt = z.p + size_t(tid) * task_rows * vc;
+      float* scale = scale_all.data() + size_t(tid) * task_rows;
       for (int t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
-        double t0 = prof_now();
         if (t < pre) {
           transpose_piece(c + 1, t);
-          if (tid==0) g_prof[0] += prof_now() - t0;
           continue;
         }
         const int rt = t - pre;
         const Stream& st = rt < tasks_theta ? streams[0] : streams[1];
-        const int a = (rt < tasks_theta ? rt : rt - tasks_theta) * kTaskRows;
-        const int rows_t = std::min(kTaskRows, st.count - a);
+        const int a = (rt < tasks_theta ? rt : rt - tasks_theta) * task_rows;
+        const int rows_t = std::min(task_rows, st.count - a);
         RF_ISA::gemm(*solo[tid], rows_t, st.A + size_t(a) * H, H, view, nullptr, zt, vc, false);
-        double t1 = prof_now(); if (tid==0) g_prof[1] += t1 - t0;
         for (int r = 0; r < rows_t; ++r)
           scale[r] = row_softmax_update(zt + size_t(r) * vc, n, rf_local, st.m[a + r], st.S[a + r]);
-        double t2 = prof_now(); if (tid==0) g_prof[2] += t2 - t1;
         float* E = st.E + size_t(a) * H;
         for (int s = 0; s < strips; ++s)
           strip_acc(rows_t, n, zt, vc, wt_c + size_t(s) * vc * kPanel, E + s * kPanel, H, scale,
                     std::min(kPanel, H - s * kPanel));
-        if (tid==0) g_prof[3] += prof_now() - t2;
       }
     });
   }
-  std::fprintf(stderr, "prof(thread0 cpu): transpose %.3f gemm %.3f softmax %.3f acc %.3f\n", g_prof[0], g_prof[1], g_prof[2], g_prof[3]);
-  for (double& x : g_prof) x = 0;
 
   // ---- per-row scalars
 #if defined(__AVX512F__)

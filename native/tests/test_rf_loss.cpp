@@ -58,6 +58,7 @@ struct RefInput {
 struct RefOutput {
   double benign = 0, red_flag = 0, after = 0, total = 0;
   int n_benign = 0, n_groups = 0, n_after = 0;
+  double p_rf_min = 1, p_rf_max = 0;  // over the red-flag rows
   std::vector<double> dh, dw_rf;
 };
 
@@ -122,6 +123,7 @@ RefOutput reference(const RefInput& in) {
     for (size_t t = 0; t < members.size(); ++t) {
       const int i = members[t];
       const double p = std::exp(lp[i][rf]);
+      out.p_rf_min = std::min(out.p_rf_min, p), out.p_rf_max = std::max(out.p_rf_max, p);
       if (p < 0.5) {
         l1m[t] = std::log1p(-p);
       } else {
@@ -236,6 +238,7 @@ struct Case {
   float alpha_benign = 1.f, alpha_rf = 1.f, alpha_after = 1.f;
   std::vector<RfLossRow> rows;
   std::vector<float> push;  // per row: added multiple of w_rf / |w_rf|^2 (p_rf near 0 / 1), 0 = none
+  bool extremes = false;    // some red-flag rows must have p_rf < 1e-6 and some > 1 - 1e-6
 };
 
 // Rows: n_benign + n_after KL rows (each its own ref row, the last two KL rows sharing one
@@ -311,8 +314,8 @@ void run_case(rf::ThreadPool& pool2, const Case& c) {
   std::vector<float> dw_rf(H, 0.f);
   std::vector<float> dw_prev = randn(H, 1.f);  // accumulated onto
   for (int k = 0; k < H; ++k) dw_rf[k] = dw_prev[k];
-  rf::ThreadPool pool1(1);
-  const rf::RfLossResult got = rf::rf_loss(c.threads == 1 ? pool1 : pool2, h.data(), N, h_ref.data(), Nr, H, W,
+  rf::ThreadPool pool_other(c.threads == 2 ? 1 : c.threads);
+  const rf::RfLossResult got = rf::rf_loss(c.threads == 2 ? pool2 : pool_other, h.data(), N, h_ref.data(), Nr, H, W,
                                            w_rf.data(), c.rows.data(), o, dh.data(), dw_rf.data());
   for (int k = 0; k < H; ++k) dw_rf[k] -= dw_prev[k];
 
@@ -330,6 +333,9 @@ void run_case(rf::ThreadPool& pool2, const Case& c) {
   check(e_r <= tol && (want.n_groups > 0 || got.red_flag == 0), c.name + " red_flag");
   check(e_a <= tol && (want.n_after > 0 || got.after == 0), c.name + " after");
   check(e_t <= tol, c.name + " total");
+  if (c.extremes)
+    check(want.p_rf_min < 1e-6 && want.p_rf_max > 1 - 1e-6,
+          c.name + " has p_rf near 0 and near 1 (" + std::to_string(want.p_rf_min) + ", " + std::to_string(want.p_rf_max) + ")");
   check(e_dh <= tol, c.name + " dh");
   check(e_dw <= tol, c.name + " dw_rf");
 
@@ -357,7 +363,11 @@ void test_cases(rf::ThreadPool& pool) {
       // Red-flag rows with p_rf near 1 and near 0.
       int k = 0;
       for (int i = 0; i < c.N; ++i)
-        if (c.rows[i].kind == RfLossKind::red_flag) c.push[i] = (k++ % 3 == 0) ? 30.f : (k % 3 == 1 ? -30.f : 0.f);
+        if (c.rows[i].kind == RfLossKind::red_flag) {
+          const int j = k++;
+          c.push[i] = j % 3 == 0 ? 40.f : j % 3 == 1 ? -40.f : 0.f;
+        }
+      c.extremes = true;
       cases.push_back(c);
     }
     {
@@ -381,6 +391,7 @@ void test_cases(rf::ThreadPool& pool) {
           const int g = c.rows[i].group;
           c.push[i] = g % 3 == 0 ? -20.f : (g % 3 == 1 && i % 5 == 0 ? 28.f : 0.f);
         }
+      c.extremes = true;
       cases.push_back(c);
     }
     {
@@ -391,6 +402,7 @@ void test_cases(rf::ThreadPool& pool) {
       for (int s = 1; s <= 20; ++s) sizes.push_back(s);
       rows_make(c, 0, 0, sizes);
       for (int i = 0; i < c.N; i += 4) c.push[i] = i % 8 ? 30.f : -30.f;
+      c.extremes = true;
       cases.push_back(c);
     }
     {
@@ -413,6 +425,23 @@ void test_cases(rf::ThreadPool& pool) {
       c.H = 96, c.V = 5003, c.rf = 4000, c.chunk = 0, c.dtype = dt;
       c.alpha_after = 0.f;  // a zero alpha: its term is reported, adds no gradient
       rows_make(c, 150, 75, std::vector<int>(5, 15));
+      cases.push_back(c);
+    }
+    {
+      // 800 + 600 stream rows: tasks of 48 rows (the large-batch path).
+      Case c;
+      c.name = "1400 stream rows V=333 H=40 any" + d;
+      c.H = 40, c.V = 333, c.rf = 7, c.chunk = 0, c.dtype = dt;
+      rows_make(c, 400, 200, std::vector<int>(20, 10));
+      for (int i = 0; i < c.N; i += 9) c.push[i] = i % 2 ? 25.f : -25.f;
+      cases.push_back(c);
+    }
+    {
+      // 500 + 300 stream rows on 3 threads: tasks of 24 rows.
+      Case c;
+      c.name = "800 stream rows V=290 H=24 mean 3 threads" + d;
+      c.H = 24, c.V = 290, c.rf = 100, c.chunk = 64, c.dtype = dt, c.threads = 3, c.agg = RfAggregation::mean;
+      rows_make(c, 200, 100, std::vector<int>(25, 8));
       cases.push_back(c);
     }
   }

@@ -1,0 +1,165 @@
+// The trainer end to end on a tiny model: outputs in PEFT format, determinism, checkpoint and
+// resume to the same result, adapters that load back to the same logits, full fine-tuning
+// saved as a Hugging Face model, and configuration errors that name the field.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { mkdtemp, readFile, readdir, rm, stat } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import { loadModel } from '../lib/model/model.js';
+import { SafetensorsFile } from '../lib/model/safetensors.js';
+import { parseTrainConfig, type TrainConfigInput } from '../lib/train/config.js';
+import { applyAdapter } from '../lib/train/export.js';
+import { train } from '../lib/train/trainer.js';
+import { tinyLlama } from './helpers/tiny-model.js';
+
+let base: string;
+let root: string;
+beforeAll(async () => {
+  base = await tinyLlama({ hiddenSize: 32, intermediateSize: 64, numLayers: 2, numHeads: 4, numKvHeads: 2 });
+  root = await mkdtemp(join(tmpdir(), 'redflag-train-'));
+});
+afterAll(async () => {
+  await rm(base, { recursive: true, force: true });
+  await rm(root, { recursive: true, force: true });
+});
+
+function config(output: string, extra: Partial<TrainConfigInput> = {}): TrainConfigInput {
+  return {
+    model: base,
+    output: join(root, output),
+    data: 'synthetic',
+    syntheticPerCategory: 3,
+    steps: 6,
+    batchSize: 4,
+    maxTokens: 96,
+    evalEvery: 3,
+    checkpointEvery: 0,
+    threads: 2,
+    lora: { rank: 4, alpha: 8, dropout: 0.1 },
+    loss: { rfOffset: 1 },
+    optimizer: { lr: 1e-2, warmupSteps: 2 },
+    ...extra,
+  };
+}
+
+async function tensors(file: string): Promise<Map<string, Uint8Array>> {
+  const f = await SafetensorsFile.open(file);
+  const out = new Map<string, Uint8Array>();
+  for (const name of f.tensors.keys()) out.set(name, (await f.read(name)).data);
+  await f.close();
+  return out;
+}
+
+describe('train (red-flag LoRA)', () => {
+  it('writes the adapter in PEFT format, the tokenizer with <rf>, metrics and a checkpoint', async () => {
+    const steps: number[] = [];
+    const evals: number[] = [];
+    const result = await train(config('run-a'), { onStep: (s) => steps.push(s.step), onEval: (s) => evals.push(s) });
+    expect(steps).toEqual([1, 2, 3, 4, 5, 6]);
+    expect(evals).toEqual([3, 6]);
+    const adapter = join(root, 'run-a', 'adapter');
+    const files = await readdir(adapter);
+    expect(files).toEqual(expect.arrayContaining(['adapter_config.json', 'adapter_model.safetensors', 'tokenizer.json', 'tokenizer_config.json']));
+    const cfg = JSON.parse(await readFile(join(adapter, 'adapter_config.json'), 'utf8'));
+    expect(cfg).toMatchObject({ peft_type: 'LORA', r: 4, lora_alpha: 8, task_type: 'CAUSAL_LM' });
+    const keys = [...(await tensors(join(adapter, 'adapter_model.safetensors'))).keys()];
+    expect(keys).toContain('base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight');
+    expect(keys).toContain('base_model.model.model.layers.1.mlp.down_proj.lora_B.weight');
+    const metrics = (await readFile(join(root, 'run-a', 'metrics.jsonl'), 'utf8')).trim().split('\n').map((l) => JSON.parse(l));
+    expect(metrics.filter((m) => m.type === 'step')).toHaveLength(6);
+    expect(metrics.filter((m) => m.type === 'eval')).toHaveLength(2);
+    expect(metrics[0]).toMatchObject({ type: 'step', step: 1 });
+    expect(Number.isFinite(metrics[0].loss.redFlag)).toBe(true);
+    expect(result.lastLoss!.total).toBeGreaterThan(0);
+    await stat(join(root, 'run-a', 'checkpoint', 'state.json'));
+  });
+
+  it('is deterministic: the same config and seed give the same adapter', async () => {
+    await train(config('run-b'));
+    const a = await tensors(join(root, 'run-a', 'adapter', 'adapter_model.safetensors'));
+    const b = await tensors(join(root, 'run-b', 'adapter', 'adapter_model.safetensors'));
+    expect([...b.keys()]).toEqual([...a.keys()]);
+    for (const [k, v] of a) expect(Buffer.compare(Buffer.from(b.get(k)!), Buffer.from(v)), k).toBe(0);
+  });
+
+  it('stops on an AbortSignal with a checkpoint, and resuming gives the uninterrupted result', async () => {
+    const controller = new AbortController();
+    await expect(
+      train(config('run-c', { checkpointEvery: 2 }), {
+        signal: controller.signal,
+        onStep: (s) => {
+          if (s.step === 3) controller.abort();
+        },
+      }),
+    ).rejects.toMatchObject({ name: 'AbortError' });
+    const state = JSON.parse(await readFile(join(root, 'run-c', 'checkpoint', 'state.json'), 'utf8'));
+    expect(state.step).toBe(3);
+    await expect(train(config('run-c', { checkpointEvery: 2 }))).rejects.toThrow(/holds a checkpoint/);
+    await train(config('run-c', { checkpointEvery: 2 }), { resume: true });
+    const a = await tensors(join(root, 'run-a', 'adapter', 'adapter_model.safetensors'));
+    const c = await tensors(join(root, 'run-c', 'adapter', 'adapter_model.safetensors'));
+    for (const [k, v] of a) expect(Buffer.compare(Buffer.from(c.get(k)!), Buffer.from(v)), k).toBe(0);
+  });
+
+  it('a saved adapter loads back onto the base model with exactly the trained logits; the merged model agrees', async () => {
+    const ids = [1, 4911, 29901, 1128, 437, 306, 2125, 263];
+    let trained: Float32Array | null = null;
+    await train(config('run-d', { merge: true }), {
+      onTrained: async (model) => {
+        trained = await model.logits(ids);
+      },
+    });
+    const model = await loadModel(base, { threads: 2 });
+    try {
+      await applyAdapter(model, join(root, 'run-d', 'adapter'));
+      const again = await model.logits(ids);
+      expect(again).toEqual(trained);
+    } finally {
+      model.dispose();
+    }
+    const merged = await loadModel(join(root, 'run-d', 'merged'), { threads: 2 });
+    try {
+      const m = await merged.logits(ids);
+      let num = 0, den = 0;
+      for (let i = 0; i < m.length; i++) {
+        num += (m[i]! - trained![i]!) ** 2;
+        den += trained![i]! ** 2;
+      }
+      expect(Math.sqrt(num / den)).toBeLessThan(1e-5); // W + sBA formed once vs applied per call
+      expect(merged.redFlagTokenId).toBe(32000);
+    } finally {
+      merged.dispose();
+    }
+  });
+});
+
+describe('train (full fine-tuning)', () => {
+  it('learns the language and saves a Hugging Face model that reloads to the same logits', async () => {
+    const ids = [1, 4911, 29901, 1128, 437];
+    let trained: Float32Array | null = null;
+    const losses: number[] = [];
+    await train(config('full', { objective: 'lm', mode: 'full', steps: 8, evalEvery: 0, optimizer: { lr: 3e-3, warmupSteps: 1 } }), {
+      onStep: (s) => losses.push(s.loss.ce),
+      onTrained: async (model) => {
+        trained = await model.logits(ids);
+      },
+    });
+    expect(losses[losses.length - 1]!).toBeLessThan(losses[0]!);
+    const model = await loadModel(join(root, 'full', 'model'), { threads: 2 });
+    try {
+      expect(await model.logits(ids)).toEqual(trained);
+    } finally {
+      model.dispose();
+    }
+  });
+});
+
+describe('training configuration', () => {
+  it('names every bad field', () => {
+    expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', lora: { rank: 0 } })).toThrow(/lora\.rank/);
+    expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', stepz: 3 })).toThrow(/stepz|Unrecognized/);
+    expect(() => parseTrainConfig({ model: 'm', output: 'o', data: [] })).toThrow(/data/);
+    expect(parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic' })).toMatchObject({ steps: 100, lora: { rank: 8 }, loss: { rfAggregation: 'any' } });
+  });
+});
