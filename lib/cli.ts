@@ -15,6 +15,11 @@ async function main(): Promise<void> {
       process.exitCode = error.code === 'ABORTED' ? 130 : 1;
       return;
     }
+    if ((error as Error)?.name === 'AbortError') {
+      console.error('redflag: aborted');
+      process.exitCode = 130;
+      return;
+    }
     throw error;
   }
 }

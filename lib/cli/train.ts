@@ -85,7 +85,7 @@ export async function runTrain(flags: Record<string, unknown>): Promise<void> {
     if (interrupted) process.exit(130); // a second Ctrl-C does not wait for the checkpoint
     interrupted = true;
     process.stderr.write('\nstopping after this step: writing a checkpoint (Ctrl-C again to quit now)\n');
-    controller.abort();
+    controller.abort(new RedflagError('ABORTED', 'interrupted: the checkpoint in the output directory resumes the run (--resume)'));
   };
   process.on('SIGINT', onSigint);
   const tty = Boolean(process.stderr.isTTY);
