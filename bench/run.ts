@@ -1,12 +1,14 @@
 /**
- * Benchmarks: `npm run bench -- <gemm|prefill|decode|all> [--quick]`. Each prints one JSON
- * object. Speeds are reported as ratios to ceilings measured in the same run (FMA peak with a
- * register-only loop, memory bandwidth with a STREAM-like copy) and to peers measured in the
- * same run where installed (PyTorch CPU via Debian's python3-torch).
+ * Benchmarks: `npm run bench -- <gemm|prefill|decode|train|loss|all> [--quick]`. Each prints one
+ * JSON object. Speeds are reported as ratios to ceilings measured in the same run (FMA peak with
+ * a register-only loop, memory bandwidth with a STREAM-like copy) and to peers measured in the
+ * same run where installed (PyTorch CPU via Debian's python3-torch). `train` and `loss` run the
+ * standalone native benches (bench_train, bench_rf_loss) from build-native/, building them with
+ * CMake there first if they are missing.
  */
 import { execFile } from 'node:child_process';
-import { existsSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync, statSync } from 'node:fs';
+import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 
@@ -182,7 +184,152 @@ async function benchPrefill() {
   return { bench: 'prefill', model: 'SmolLM2-135M shapes, random weights', ceilings: peaks, results, pytorch: peer, vsPytorch };
 }
 
-const benches: Record<string, () => Promise<unknown>> = { gemm: benchGemm, prefill: benchPrefill, decode: benchDecode };
+// ---------------------------------------------------------------------------------------------
+// train / loss: the standalone native benches
+
+const ROOT = join(import.meta.dirname, '..');
+const BUILD_DIR = join(ROOT, 'build-native');
+
+/** Path of a native bench executable in build-native/, configured and built there if missing. */
+async function nativeBench(target: string): Promise<string> {
+  const exe = join(BUILD_DIR, target);
+  if (!existsSync(exe)) {
+    process.stderr.write(`building ${target} in ${BUILD_DIR}\n`);
+    const opts = { cwd: ROOT, maxBuffer: 64 << 20, timeout: 30 * 60_000 };
+    if (!existsSync(join(BUILD_DIR, 'CMakeCache.txt'))) {
+      await run('cmake', ['-S', ROOT, '-B', BUILD_DIR, '-DCMAKE_BUILD_TYPE=Release'], opts);
+    }
+    await run('cmake', ['--build', BUILD_DIR, '--target', target, '-j', String(availableParallelism())], opts);
+  }
+  return exe;
+}
+
+async function runJson(exe: string, argv: string[], timeoutMin = 30): Promise<Record<string, unknown>> {
+  const { stdout } = await run(exe, argv, { maxBuffer: 16 << 20, timeout: timeoutMin * 60_000 });
+  return JSON.parse(stdout.trim().split('\n').pop()!) as Record<string, unknown>;
+}
+
+/**
+ * llm.c's CPU trainer (karpathy/llm.c train_gpt2.c, OpenMP build, GPT-2 124M, B=4, T=64,
+ * OMP_NUM_THREADS=2) cannot run inside this harness (it is not a dependency), so its figure is a
+ * constant MEASURED SEPARATELY: see bench/peers/llmc.md for the date, machine load and the exact
+ * commands.
+ */
+const LLMC_GPT2_TRAIN = {
+  peer: 'llm.c train_gpt2.c (CPU, OpenMP), measured separately, not in this run',
+  source: 'bench/peers/llmc.md',
+  measured: 'LLMC_DATE',
+  commit: 'LLMC_COMMIT',
+  command: 'LLMC_COMMAND',
+  batch: 4,
+  seq: 64,
+  threads: 2,
+  msPerStep: LLMC_MS,
+  tokensPerSecond: LLMC_TOKS,
+};
+
+type TrainResult = {
+  tokens_per_second: number;
+  seconds_per_step: number;
+  matmul_params: number;
+  fma_peak_gflops: number;
+  mfu: number;
+  [k: string]: unknown;
+};
+
+async function torchTrainPeer(): Promise<Record<string, unknown>> {
+  const script = join(import.meta.dirname, 'peers', 'torch_train.py');
+  try {
+    const { stdout } = await run('/usr/bin/python3', [script, '--threads', '2', '--best-settings'], {
+      maxBuffer: 1 << 20,
+      timeout: 30 * 60_000,
+    });
+    return JSON.parse(stdout.trim().split('\n').pop()!) as Record<string, unknown>;
+  } catch (error) {
+    const e = error as { stdout?: string; message?: string };
+    try {
+      return JSON.parse(String(e.stdout).trim().split('\n').pop()!) as Record<string, unknown>;
+    } catch {
+      return { skipped: `PyTorch peer unavailable (${e.message?.split('\n')[0]}); install Debian's python3-torch` };
+    }
+  }
+}
+
+async function benchTrain() {
+  const exe = await nativeBench('bench_train');
+  let peaks: Record<string, Record<string, number>> | { skipped: string };
+  try {
+    peaks = await ceilings([2]);
+  } catch (error) {
+    peaks = { skipped: `addon unavailable (${(error as Error).message.split('\n')[0]}); bench_train's own FMA peak is in each result` };
+  }
+  const configs = [
+    { key: 'lora_f32', model: 'smollm2', mode: 'lora', dtype: 'f32', batch: 4, seq: 128 },
+    { key: 'lora_bf16', model: 'smollm2', mode: 'lora', dtype: 'bf16', batch: 4, seq: 128 },
+    { key: 'full_f32', model: 'gpt2', mode: 'full', dtype: 'f32', batch: 4, seq: 64 },
+  ] as const;
+  const results: (TrainResult & { key: string })[] = [];
+  for (const c of configs) {
+    const r = (await runJson(exe, [
+      '--model', c.model, '--mode', c.mode, '--dtype', c.dtype, '--batch', String(c.batch), '--seq', String(c.seq),
+      '--threads', '2', '--steps', quick ? '3' : '5',
+    ])) as TrainResult;
+    results.push({ key: c.key, ...r });
+  }
+  const byKey = Object.fromEntries(results.map((r) => [r.key, r]));
+  const pytorch = quick ? { skipped: '--quick' } : await torchTrainPeer();
+
+  // The peer's MFU uses the same FLOP count (bench_train's matmul parameters: 4N per token
+  // LoRA, 6N full) and the FMA peak of the matching dtype measured by bench_train.
+  const peerTok = (kind: 'lora' | 'full', dtype: string): number | undefined =>
+    ((pytorch as Record<string, Record<string, { tokens_per_second?: number }>>)[kind]?.[dtype])?.tokens_per_second;
+  const peerSummary: Record<string, { tokensPerSecond: number; mfu: number }> = {};
+  const vsPytorch: Record<string, number> = {};
+  for (const c of configs) {
+    const t = peerTok(c.mode === 'lora' ? 'lora' : 'full', c.dtype);
+    const r = byKey[c.key]!;
+    if (t === undefined) continue;
+    const flopsPerToken = (c.mode === 'full' ? 6 : 4) * r.matmul_params;
+    peerSummary[c.key] = { tokensPerSecond: t, mfu: round((t * flopsPerToken) / 1e9 / r.fma_peak_gflops) };
+    vsPytorch[c.key] = round(r.tokens_per_second / t);
+  }
+  const loraPeerBest = Math.max(peerTok('lora', 'f32') ?? 0, peerTok('lora', 'bf16') ?? 0);
+  const loraOursBest = Math.max(byKey['lora_f32']!.tokens_per_second, byKey['lora_bf16']!.tokens_per_second);
+  const vsLlmc = round(byKey['full_f32']!.tokens_per_second / LLMC_GPT2_TRAIN.tokensPerSecond);
+  const ratios = {
+    vsPytorch,
+    loraBestVsPytorchBest: loraPeerBest > 0 ? round(loraOursBest / loraPeerBest) : null,
+    fullF32VsLlmc: vsLlmc,
+    targets: {
+      loraVsPytorch: { target: 1.5, met: loraPeerBest > 0 ? loraOursBest / loraPeerBest >= 1.5 : null },
+      fullVsLlmc: { target: 3, met: vsLlmc >= 3 },
+    },
+  };
+  return {
+    bench: 'train',
+    model: 'random weights; LoRA: SmolLM2-135M shapes, r=8 alpha=16 on q_proj,v_proj, B=4, T=128; full: GPT-2-124M shapes, B=4, T=64; 2 threads',
+    notes: [
+      'tokens/s = B*T / median step time (forward, backward, AdamW); MFU = tokens/s * FLOPs per token (4N LoRA, 6N full; N = matmul parameters) / FMA peak of the dtype',
+      "native LoRA step uses bench_train's red-flag loss mix (benign KL and after-flag KL need a reference forward with the adapter off, ~2N FLOPs per token more than counted), the PyTorch LoRA peer uses plain cross-entropy on every token (no reference forward)",
+      'llm.c figure is a documented constant measured separately (bench/peers/llmc.md), not in this run',
+    ],
+    binary: { path: exe, built: statSync(exe).mtime.toISOString() },
+    ceilings: peaks,
+    results,
+    peer: { pytorch, pytorchSummary: peerSummary, llmc: LLMC_GPT2_TRAIN },
+    ratios,
+  };
+}
+
+async function benchLoss() {
+  const exe = await nativeBench('bench_rf_loss');
+  const result = await runJson(exe, quick ? ['--quick'] : [], 60);
+  return { bench: 'loss', binary: { path: exe, built: statSync(exe).mtime.toISOString() }, results: result };
+}
+
+const benches: Record<string, () => Promise<unknown>> = {
+  gemm: benchGemm, prefill: benchPrefill, decode: benchDecode, train: benchTrain, loss: benchLoss,
+};
 const names = which === 'all' ? Object.keys(benches) : [which];
 for (const name of names) {
   const fn = benches[name];

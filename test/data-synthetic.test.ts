@@ -102,7 +102,7 @@ describe('generateSyntheticData', () => {
   });
 
   it('uses all templates in both splits without heldOutTemplates', () => {
-    const { train, test } = generateSyntheticData({ seed: 5, perCategory: 80, testPerCategory: 80, heldOutTemplates: false });
+    const { train, test } = generateSyntheticData({ seed: 5, perCategory: 300, testPerCategory: 300, heldOutTemplates: false });
     const promptIds = (split: Conversation[]): Set<string> => new Set(split.map((c) => `${c.category}:${sourceIds(c).prompt}`));
     expect(promptIds(test)).toEqual(promptIds(train));
     expect(promptIds(train).size).toBe(SYNTHETIC_CATEGORIES.reduce((sum, c) => sum + c.prompts.length, 0));

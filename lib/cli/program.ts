@@ -195,9 +195,10 @@ export function buildProgram(): Command {
   program
     .command('demo')
     .description('the end-to-end job on built-in defaults (no download): see README')
-    .option('--out <dir>', 'where to write the demo model (default: a new temporary directory)')
+    .option('--out <dir>', 'working directory (default: a new temporary directory)')
     .option('--threads <n>', 'threads for native work', integer('threads', 1))
-    .action(async (flags: { out?: string; threads?: number }) => {
+    .option('--small', 'a smaller, faster run')
+    .action(async (flags: { out?: string; threads?: number; small?: boolean }) => {
       await runDemo(flags);
     });
 

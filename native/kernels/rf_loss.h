@@ -26,9 +26,16 @@
 // products) is formed in float64 in log space, so p_rf near 0 or 1 and large groups are exact
 // to f32 logit precision; softmax-weighted sums are f32.
 //
-// Cost: (N + Nr) x V x H multiply-adds for the logits plus the same again for the
-// softmax-weighted sums back through W, i.e. 2 (N + Nr) / N times one plain gemm of the N rows.
-// Scratch: Nr x H floats for the reference rows' sums plus O(chunk x (H + row block)) floats.
+// Cost: (N + Nr) x V x H multiply-adds for the logits (at gemm speed, bf16 dot products for
+// bf16 W on AVX-512) plus as many f32 FMAs for the softmax-weighted sums back through W (f32
+// for either W: they hold p_theta and p_ref, whose difference is the KL gradient), i.e. at
+// least 2 (N + Nr) / N times one plain f32 gemm of the N rows (3.5x with Nr = 3N/4), and
+// about 3 (N + Nr) / N times one bf16 gemm of them (5.25x; bf16 W on AVX-512, where the bf16
+// dot products run twice as fast as f32 FMAs).
+// Scratch: Nr x H floats (the reference rows' sums) + 2 x chunk x H floats (the current and
+// next chunk of W, transposed to f32) + threads x 48 x chunk floats; dh holds the trained
+// rows' sums during the pass. rf_loss runs parallel regions on pool, so it must not be
+// called from inside one of that pool's regions.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -52,7 +59,8 @@ struct RfLossOptions {
   int rf_token = -1;                                // the red-flag token id, in [0, V)
   RfAggregation aggregation = RfAggregation::any;
   float alpha_benign = 1.f, alpha_rf = 1.f, alpha_after = 1.f;
-  int chunk = 0;                                    // vocabulary rows per chunk (rounded up to 32); 0: auto
+  int chunk = 0;                                    // vocabulary rows per chunk (rounded up to 32);
+                                                    // 0: auto, min(1024, 4 MB / (4 H)) (512 for H = 2048)
 };
 
 struct RfLossResult {
