@@ -34,3 +34,29 @@ export {
 export { WeightStore, type WeightInfo, type WeightStoreOptions } from './model/weights.js';
 export { writeRandomModel, type RandomModelSpec } from './model/random-model.js';
 export { createRng, sampleToken, argmax, type SamplingOptions } from './model/sampling.js';
+
+// Training: data, the trainer, adapters.
+export {
+  loadConversations,
+  loadConversationFiles,
+  streamConversations,
+  detectFormat,
+  type LoadOptions,
+  type LoadResult,
+  type DataFormat,
+  type LoadedConversations,
+  type FileEntry,
+  type StreamOptions,
+} from './data/loaders.js';
+export type { Conversation, Message, Label, Role, SkippedRow } from './data/records.js';
+export { encodeConversation, insertRedFlag, type EncodedConversation, type RedFlagEncoded, type EncodeConversationOptions, type PromptTemplate } from './data/encode.js';
+export { BatchSampler, type Batch, type BatchSamplerOptions, type BatchReport, type LabelledExample } from './data/batches.js';
+export { generateSyntheticData, withRefusals, SYNTHETIC_CATEGORIES, type SyntheticOptions, type SyntheticData, type SyntheticCategory } from './data/synthetic.js';
+export { train, type TrainHooks, type TrainResult, type StepInfo } from './train/trainer.js';
+export { parseTrainConfig, loadTrainConfig, learningRate, trainConfigSchema, type TrainConfig, type TrainConfigInput } from './train/config.js';
+export { evaluateRedFlag, type EvalResult, type ScoredExample } from './train/evaluate.js';
+export { saveAdapter, loadAdapter, loraScale, validateAdapter, loraSites, type Adapter, type LoraModuleWeights, type RedFlagRows, type LoraSite } from './train/adapter.js';
+export { mergeAdapterTensors, type MergePlan } from './train/merge.js';
+export type { WeightPlan, EngineTensor } from './model/weights-map.js';
+export { applyAdapter, saveMerged } from './train/export.js';
+export { runPipeline, type PipelineOptions, type PipelineResult } from './train/pipeline.js';

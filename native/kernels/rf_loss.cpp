@@ -611,19 +611,20 @@ RfLossResult rf_loss(ThreadPool& pool, const float* h, int N, const float* h_ref
   res.red_flag = res.n_groups ? sum_rf / res.n_groups : 0.0;
   res.total = opt.alpha_benign * res.benign + opt.alpha_rf * res.red_flag + opt.alpha_after * res.after;
 
-  // ---- gradients
+  // ---- gradients (coefficients applied in double: a = weight x exp(m - lse) may be far
+  // below f32's range for a row whose p_rf is near 1, while a x E is not)
   pool.parallel_for(N, [&](long b, long e, int) {
     for (long i = b; i < e; ++i) {
       float* d = dh + size_t(i) * H;
-      const float a = float(coef_a[i]), c = float(coef_c[i]);
+      const double a = coef_a[i], c = coef_c[i];
       if (rows[i].kind == RfLossKind::red_flag) {
 #pragma omp simd
-        for (int k = 0; k < H; ++k) d[k] = a * d[k] + c * w_rf[k];
+        for (int k = 0; k < H; ++k) d[k] = float(a * d[k] + c * w_rf[k]);
       } else {
-        const float bb = float(coef_b[i]);
+        const double bb = coef_b[i];
         const float* er = e_ref.p + size_t(rows[i].ref_row) * H;
 #pragma omp simd
-        for (int k = 0; k < H; ++k) d[k] = a * d[k] - bb * er[k] + c * w_rf[k];
+        for (int k = 0; k < H; ++k) d[k] = float(a * d[k] - bb * er[k] + c * w_rf[k]);
       }
     }
   });
