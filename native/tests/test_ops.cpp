@@ -114,6 +114,21 @@ void test_attention(int n_keys, int hd, long stride) {
         "attention keys=" + std::to_string(n_keys) + " hd=" + std::to_string(hd) + " stride=" + std::to_string(stride));
 }
 
+void test_softmax(int n) {
+  auto z = randn(n, 6.f);
+  z[n / 2] = 40.f;  // a dominant logit: max subtraction must keep it finite
+  double mx = -1e300, sum = 0;
+  for (float v : z) mx = std::fmax(mx, v);
+  for (float v : z) sum += std::exp(double(v) - mx);
+  const double lse = mx + std::log(sum);
+  const float got = rf::logsumexp(z.data(), n);
+  check(std::fabs(got - lse) <= 2e-6 * std::fmax(1.0, std::fabs(lse)), "logsumexp n=" + std::to_string(n));
+  std::vector<double> want(n);
+  for (int i = 0; i < n; ++i) want[i] = 0.5 * std::exp(double(z[i]) - lse);
+  rf::softmax_scale(z.data(), n, float(lse), 0.5f);
+  check(rel_l2(z.data(), want.data(), n) <= 2e-6, "softmax_scale n=" + std::to_string(n));
+}
+
 }  // namespace
 
 int main() {
@@ -125,6 +140,7 @@ int main() {
     test_gelu(n < 2 ? 2 : n);
   }
   for (int hd : {2, 16, 64, 128}) test_rope(3, hd);
+  for (int n : {1, 3, 17, 1000, 32001}) test_softmax(n);
   for (int keys : {1, 2, 17, 300}) {
     test_attention(keys, 64, 64);
     test_attention(keys, 24, 24);
