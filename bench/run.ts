@@ -218,14 +218,14 @@ async function runJson(exe: string, argv: string[], timeoutMin = 30): Promise<Re
 const LLMC_GPT2_TRAIN = {
   peer: 'llm.c train_gpt2.c (CPU, OpenMP), measured separately, not in this run',
   source: 'bench/peers/llmc.md',
-  measured: 'LLMC_DATE',
-  commit: 'LLMC_COMMIT',
-  command: 'LLMC_COMMAND',
+  measured: '2026-11-28 22:12 UTC, load average 2.7-3.0 on 2 cores',
+  commit: 'karpathy/llm.c f1e2ace651495b74ae22d45d1723443fd00ecd3a',
+  command: 'make train_gpt2 (cc -Ofast -march=native -fopenmp -DOMP); OMP_NUM_THREADS=2 ./train_gpt2 on a random-weight gpt2_124M.bin, median ms of steps 1-8',
   batch: 4,
   seq: 64,
   threads: 2,
-  msPerStep: LLMC_MS,
-  tokensPerSecond: LLMC_TOKS,
+  msPerStep: 5847,
+  tokensPerSecond: 43.8,
 };
 
 type TrainResult = {
@@ -241,7 +241,7 @@ async function torchTrainPeer(): Promise<Record<string, unknown>> {
   const script = join(import.meta.dirname, 'peers', 'torch_train.py');
   try {
     const jobs = 'lora:f32,lora:bf16,full:f32,lora_rf:f32,lora_rf:bf16';
-    const { stdout } = await run('/usr/bin/python3', [script, '--threads', '2', '--best-settings', '--jobs', jobs], {
+    const { stdout } = await run('/usr/bin/python3', [script, '--threads', '2', '--best-settings', '--jobs', jobs, '--steps', '5'], {
       maxBuffer: 1 << 20,
       timeout: 30 * 60_000,
     });

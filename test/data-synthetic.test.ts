@@ -1,5 +1,7 @@
 // The synthetic data set: determinism, categories, held-out templates that never leak into the
-// training split, placeholder-only harmful responses, and the refusal baseline's responses.
+// training split (while using only words the training split has), class-neutral structure with
+// the class carried by each category's words, placeholder-only harmful responses, and the
+// refusal baseline's responses.
 import { describe, expect, it } from 'vitest';
 
 import { validateConversation, type Conversation } from '../lib/data/records.js';
@@ -7,8 +9,10 @@ import {
   BENIGN_CATEGORIES,
   HARMFUL_CATEGORIES,
   REFUSAL_RESPONSES,
+  RESPONSE_OPENERS,
   SELF_HARM_REFUSALS,
   SYNTHETIC_CATEGORIES,
+  SYNTHETIC_PROMPT_FRAMES,
   fillTemplate,
   generateSyntheticData,
   refusalResponse,
@@ -31,6 +35,18 @@ function templatePattern(template: string): RegExp {
 function matchingTemplates(templates: readonly string[], text: string): number[] {
   return templates.flatMap((template, index) => (templatePattern(template).test(text) ? [index] : []));
 }
+/** Lower-case words of a text (slots removed). */
+function words(text: string): string[] {
+  return text.toLowerCase().replace(/\{\w+\}/g, ' ').match(/[a-z']+/g) ?? [];
+}
+/** The slots a template uses (`xYou` counts as `x`). */
+function slotsOf(template: string): string[] {
+  return [...template.matchAll(/\{(\w+?)(?:You)?\}/g)].map((m) => m[1]!);
+}
+/** Words that say a request or answer is harmful (intent, harmful objects, evasion). */
+const HARM_WORDS =
+  /\b(untraceable|guns?|explosives?|bombs?|weapons?|firearms?|grenades?|hurt|attack|injure|threaten|shoot|break into|hack into|secretly|take over|spy on|steal|stolen|without (them knowing|permission|being detected|leaving a trace|anyone noticing|a license|getting caught|the police)|so (they never find out|nobody can trace)|in secret|fake|phishing|forged?|scam|cheat|trick|con|defraud|illegal|banned|counterfeit|controlled substance|narcotic|smuggle|sell|deal|drugs?|harm|overdose|punish|starve|police)\b/i;
+
 /** The template ids recorded in a source, `synthetic/<split>/<category>/p<i>r<j>/<n>`. */
 function sourceIds(c: Conversation): { split: string; category: string; prompt: number; response: number } {
   const match = /^synthetic\/(train|test)\/(\w+)\/p(\d+)r(\d+)\/\d+$/.exec(c.source);
@@ -72,7 +88,7 @@ describe('generateSyntheticData', () => {
   });
 
   it('keeps held-out templates out of the training split (by source and by text)', () => {
-    const { train, test } = generateSyntheticData({ seed: 4, perCategory: 60, testPerCategory: 30 });
+    const { train, test } = generateSyntheticData({ seed: 4, perCategory: 200, testPerCategory: 100 });
     for (const c of SYNTHETIC_CATEGORIES) {
       const split = templateSplit(c, true);
       expect(split.train.prompts.filter((i) => split.test.prompts.includes(i))).toEqual([]);
@@ -83,6 +99,7 @@ describe('generateSyntheticData', () => {
       const testOf = test.filter((conversation) => conversation.category === c.name);
       // Sources name templates from the right side of the split; all are used.
       expect(new Set(trainOf.map((conversation) => sourceIds(conversation).prompt))).toEqual(new Set(split.train.prompts));
+      expect(new Set(trainOf.map((conversation) => sourceIds(conversation).response))).toEqual(new Set(split.train.responses));
       expect(new Set(testOf.map((conversation) => sourceIds(conversation).prompt))).toEqual(new Set(split.test.prompts));
       expect(new Set(testOf.map((conversation) => sourceIds(conversation).response))).toEqual(new Set(split.test.responses));
       // The texts themselves: a test prompt or response matches only held-out templates.
@@ -99,6 +116,95 @@ describe('generateSyntheticData', () => {
     // No test prompt appears verbatim in training.
     const trainPrompts = new Set(train.map(prompt));
     expect(test.filter((conversation) => trainPrompts.has(prompt(conversation)))).toEqual([]);
+    // The prompt frames are shared, so the held-out ones are held out for every category: no test
+    // prompt matches a training prompt template of any category.
+    const trainTemplates = SYNTHETIC_CATEGORIES.flatMap((c) => templateSplit(c, true).train.prompts.map((i) => c.prompts[i] as string));
+    expect(test.filter((conversation) => matchingTemplates(trainTemplates, prompt(conversation)).length > 0)).toEqual([]);
+  });
+
+  it('has many short templates per category, a third of them held out', () => {
+    for (const c of SYNTHETIC_CATEGORIES) {
+      expect(c.prompts.length).toBeGreaterThanOrEqual(12);
+      expect(c.responses.length).toBeGreaterThanOrEqual(9);
+      expect(new Set(c.prompts).size).toBe(c.prompts.length);
+      expect(new Set(c.responses).size).toBe(c.responses.length);
+      const split = templateSplit(c, true);
+      expect(split.test.prompts).toHaveLength(Math.floor(c.prompts.length / 3));
+      expect(split.test.responses).toHaveLength(Math.floor(c.responses.length / 3));
+      // Prompt k is shared frame k around one of the category's requests.
+      expect(c.prompts).toHaveLength(SYNTHETIC_PROMPT_FRAMES.length);
+      c.prompts.forEach((template, k) => expect(template).toMatch(templatePattern(SYNTHETIC_PROMPT_FRAMES[k] as string)));
+      // Every response starts with the shared, class-neutral opener.
+      expect(c.slots['opener']).toBe(RESPONSE_OPENERS);
+      for (const template of c.responses) expect(template.startsWith('{opener} ')).toBe(true);
+      // Every template has slots: its content comes from the category's word lists.
+      for (const template of [...c.prompts, ...c.responses]) expect(slotsOf(template).filter((slot) => slot !== 'opener').length).toBeGreaterThan(0);
+    }
+    const { train, test } = generateSyntheticData({ seed: 10, perCategory: 100 });
+    for (const conversation of [...train, ...test]) {
+      const n = response(conversation).split(/\s+/).length;
+      expect(n).toBeLessThanOrEqual(50);
+      if (conversation.category !== 'math') expect(n).toBeGreaterThanOrEqual(20);
+      expect(prompt(conversation).split(/\s+/).length).toBeLessThanOrEqual(30);
+    }
+  });
+
+  it('writes held-out templates in words the training split has (new phrasings, not new words)', () => {
+    // A randomly initialised test model knows only the words it was trained on; an unseen word
+    // would be noise to it, not a new phrasing.
+    const { train, test } = generateSyntheticData({ seed: 11, perCategory: 400, testPerCategory: 400 });
+    const known = new Set(train.flatMap((c) => c.messages.flatMap((m) => words(m.content))));
+    const unseen = new Set(test.flatMap((c) => c.messages.flatMap((m) => words(m.content))).filter((word) => !known.has(word)));
+    expect([...unseen]).toEqual([]);
+  });
+
+  it('carries the class in the words: harmful intent words in every harmful prompt and response, none in benign ones', () => {
+    const { train, test } = generateSyntheticData({ seed: 12, perCategory: 100 });
+    for (const conversation of [...train, ...test]) {
+      const harmful = conversation.label === 'harmful';
+      expect(HARM_WORDS.test(prompt(conversation)), prompt(conversation)).toBe(harmful);
+      expect(HARM_WORDS.test(response(conversation)), response(conversation)).toBe(harmful);
+    }
+    // Intrusion targets someone else's system; the benign programming tasks that touch accounts,
+    // passwords, networks or servers are about the user's own, done safely.
+    for (const conversation of [...train, ...test]) {
+      if (conversation.category === 'cyber_intrusion') expect(prompt(conversation)).toMatch(/someone else's|neighbor's|coworker's|ex's|another person's|hospital|bank's/);
+      if (conversation.category === 'programming' && /password|account|network|server|files/.test(prompt(conversation))) {
+        expect(prompt(conversation)).toMatch(/\bmy own\b|\bsafely\b/);
+      }
+    }
+    // In every harmful category each template uses a slot whose every value is a harmful phrase,
+    // so the held-out templates carry the same signal words as the training ones.
+    for (const c of SYNTHETIC_CATEGORIES.filter((entry) => entry.label === 'harmful')) {
+      const signal = Object.entries(c.slots)
+        .filter(([, values]) => values.every((value) => HARM_WORDS.test(value)))
+        .map(([slot]) => slot);
+      expect(signal.length, c.name).toBeGreaterThan(0);
+      for (const template of [...c.prompts, ...c.responses]) expect(slotsOf(template).some((slot) => signal.includes(slot)), template).toBe(true);
+    }
+  });
+
+  it('shares the structure between the classes: frames, openers, steps and brackets say nothing about the class', () => {
+    const vocabulary = { harmful: new Set<string>(), benign: new Set<string>() };
+    for (const c of SYNTHETIC_CATEGORIES) {
+      const own = [...c.responses, ...Object.entries(c.slots).flatMap(([slot, values]) => (slot === 'opener' ? [] : values))];
+      for (const text of own) for (const word of words(text)) vocabulary[c.label].add(word);
+      c.prompts.forEach((template, k) => {
+        const frame = new Set(words(SYNTHETIC_PROMPT_FRAMES[k] as string));
+        for (const word of words(template)) if (!frame.has(word)) vocabulary[c.label].add(word);
+      });
+    }
+    // No word of a prompt frame belongs to one class only.
+    const frameWords = new Set(SYNTHETIC_PROMPT_FRAMES.flatMap(words));
+    expect([...frameWords].filter((word) => vocabulary.harmful.has(word) !== vocabulary.benign.has(word))).toEqual([]);
+    // Both classes' responses use steps, "Here is" and brackets, in training and held-out templates.
+    for (const label of ['harmful', 'benign'] as const) {
+      const categories = SYNTHETIC_CATEGORIES.filter((c) => c.label === label);
+      for (const side of ['train', 'test'] as const) {
+        const templates = categories.flatMap((c) => templateSplit(c, true)[side].responses.map((i) => c.responses[i] as string));
+        for (const marker of ['Step 1:', 'Here is', '[']) expect(templates.some((template) => template.includes(marker)), `${label} ${side} ${marker}`).toBe(true);
+      }
+    }
   });
 
   it('uses all templates in both splits without heldOutTemplates', () => {
@@ -115,8 +221,14 @@ describe('generateSyntheticData', () => {
       // Responses speak to the user: no first person carried over from the prompt.
       expect(text).not.toMatch(/\bmy(self)?\b/i);
       if (conversation.label === 'harmful') {
-        // Every harmful response hides its substance behind bracketed placeholders.
-        expect(text).toMatch(/\[(omitted|redacted|restricted|unnamed|harmful|hidden|fake|forged|target|private)[^\]]*\]/);
+        // Every harmful response hides its substance behind bracketed placeholders ...
+        expect(text.match(/\[(omitted|redacted|restricted|unnamed|harmful|hidden|fake|forged|target|private)[^\]]*\]/g)?.length ?? 0, text).toBeGreaterThanOrEqual(2);
+        // ... and names no quantity, substance, tool or address that would make it usable.
+        expect(text.replace(/Step \d:/g, '')).not.toMatch(/\d/);
+        expect(text).not.toMatch(
+          /\b(nitrate|peroxide|acetone|gunpowder|thermite|ephedrine|pseudoephedrine|phosphorus|lye|fentanyl|methamphetamine|sqlmap|metasploit|nmap|mimikatz|grams?|milligrams?|mg|ml|degrees|celsius|fahrenheit)\b/i,
+        );
+        expect(text).not.toMatch(/https?:|www\.|@/);
       }
       if (conversation.category === 'math') {
         const [a, b] = (prompt(conversation).match(/\d+/g) ?? []).map(Number);
