@@ -7,7 +7,7 @@
  * CMake there first if they are missing.
  */
 import { execFile } from 'node:child_process';
-import { existsSync, statSync } from 'node:fs';
+import { existsSync, readdirSync, statSync } from 'node:fs';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -204,9 +204,29 @@ async function nativeBench(target: string): Promise<string> {
   return exe;
 }
 
+/** Build time of a native bench binary, and whether a C++ source under native/ is newer. */
+function binaryInfo(exe: string) {
+  const built = statSync(exe).mtimeMs;
+  const newer: string[] = [];
+  const walk = (dir: string) => {
+    for (const e of readdirSync(dir, { withFileTypes: true })) {
+      const p = join(dir, e.name);
+      if (e.isDirectory()) walk(p);
+      else if (/\.(cpp|h)$/.test(e.name) && statSync(p).mtimeMs > built) newer.push(p.slice(ROOT.length + 1));
+    }
+  };
+  walk(join(ROOT, 'native'));
+  if (newer.length) {
+    process.stderr.write(`warning: ${exe} is older than ${newer.join(', ')}; rebuild it (npm run test:native) for current figures\n`);
+  }
+  return { path: exe, built: new Date(built).toISOString(), staleSources: newer };
+}
+
 async function runJson(exe: string, argv: string[], timeoutMin = 30): Promise<Record<string, unknown>> {
   const { stdout } = await run(exe, argv, { maxBuffer: 16 << 20, timeout: timeoutMin * 60_000 });
-  return JSON.parse(stdout.trim().split('\n').pop()!) as Record<string, unknown>;
+  // One JSON object: a single line (bench_train) or pretty-printed over many (bench_rf_loss).
+  const text = stdout.trim();
+  return JSON.parse(text.slice(text.indexOf('{'))) as Record<string, unknown>;
 }
 
 /**
@@ -258,6 +278,7 @@ async function torchTrainPeer(): Promise<Record<string, unknown>> {
 
 async function benchTrain() {
   const exe = await nativeBench('bench_train');
+  const binary = binaryInfo(exe);
   let peaks: Record<string, Record<string, number>> | { skipped: string };
   try {
     peaks = await ceilings([2]);
@@ -322,7 +343,7 @@ async function benchTrain() {
       "native LoRA step uses bench_train's red-flag loss mix (benign KL and after-flag KL need a reference forward with the adapter off, ~2N FLOPs per token more than counted); vsPytorch compares it with PyTorch's standard LoRA step (cross-entropy on every token, no reference forward), vsPytorchSameLoss with PyTorch running the same loss mix (torch_train.py lora_rf)",
       'llm.c figure is a documented constant measured separately (bench/peers/llmc.md), not in this run',
     ],
-    binary: { path: exe, built: statSync(exe).mtime.toISOString() },
+    binary,
     ceilings: peaks,
     results,
     peer: { pytorch, pytorchSummary: peerSummary, llmc: LLMC_GPT2_TRAIN },
@@ -332,8 +353,9 @@ async function benchTrain() {
 
 async function benchLoss() {
   const exe = await nativeBench('bench_rf_loss');
+  const binary = binaryInfo(exe);
   const result = await runJson(exe, quick ? ['--quick'] : [], 60);
-  return { bench: 'loss', binary: { path: exe, built: statSync(exe).mtime.toISOString() }, results: result };
+  return { bench: 'loss', binary, results: result };
 }
 
 const benches: Record<string, () => Promise<unknown>> = {

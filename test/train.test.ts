@@ -134,6 +134,17 @@ describe('train (red-flag LoRA)', () => {
   });
 });
 
+describe('train (refusal baseline)', () => {
+  it('trains towards refusals with the benign KL and no red-flag token', async () => {
+    const losses: number[] = [];
+    const result = await train(config('refusal', { objective: 'refusal', steps: 3, evalEvery: 0 }), { onStep: (s) => losses.push(s.loss.ce) });
+    expect(losses.every((l) => l > 0)).toBe(true);
+    expect(result.finalEval).toBeNull(); // flag rates are meaningless without <rf>
+    const cfg = JSON.parse(await readFile(join(root, 'refusal', 'adapter', 'adapter_config.json'), 'utf8'));
+    expect(cfg.trainable_token_indices ?? null).toBeNull();
+  });
+});
+
 describe('train (full fine-tuning)', () => {
   it('learns the language and saves a Hugging Face model that reloads to the same logits', async () => {
     const ids = [1, 4911, 29901, 1128, 437];

@@ -31,6 +31,14 @@ export interface PipelineOptions {
   batchSize: number;
   seed?: number;
   threads?: number;
+  /** Response tokens before the first position where `<rf>` is asked for. Default 6. */
+  rfOffset?: number;
+  /**
+   * Weight of the benign KL term. Default 20: the benign KL is a mean over every benign response
+   * token while the red-flag term is a mean over harmful conversations, so at weight 1 one false
+   * flag costs about 1/50 of a missed one.
+   */
+  alphaBenign?: number;
   /** Progress lines. */
   log?: (line: string) => void;
   onStep?: (stage: 'lm' | 'redflag' | 'refusal', info: StepInfo) => void;
@@ -109,7 +117,7 @@ export async function runPipeline(o: PipelineOptions): Promise<PipelineResult> {
   };
   log(`red-flag adapter: ${o.adapterSteps} steps of LoRA with the red-flag loss`);
   const [rf, rfSeconds] = await timed(() =>
-    train({ ...adapter, output: dirs.redflag, objective: 'redflag', loss: { rfOffset: 2 } } , {
+    train({ ...adapter, output: dirs.redflag, objective: 'redflag', loss: { rfOffset: o.rfOffset ?? 6, alphaBenign: o.alphaBenign ?? 20 } }, {
       log,
       onStep: (s) => o.onStep?.('redflag', s),
     }),

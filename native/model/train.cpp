@@ -351,6 +351,13 @@ LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Se
   if (!rf_rows.empty()) {
     RfLossOptions o;
     o.rf_token = options_.rf_token;
+    if (o.rf_token < 0) {
+      // No red-flag token (refusal baseline): the KL terms need none; any token whose "trained"
+      // row is its base row gives exactly the plain KL.
+      o.rf_token = 0;
+      s.rf_head_base.resize(H);
+      packed_row(m.lm_head().w, 0, s.rf_head_base.data());
+    }
     o.aggregation = lopt.aggregation == Aggregation::any    ? RfAggregation::any
                     : lopt.aggregation == Aggregation::mean ? RfAggregation::mean
                                                             : RfAggregation::single;
