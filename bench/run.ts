@@ -238,14 +238,14 @@ async function runJson(exe: string, argv: string[], timeoutMin = 30): Promise<Re
 const LLMC_GPT2_TRAIN = {
   peer: 'llm.c train_gpt2.c (CPU, OpenMP), measured separately, not in this run',
   source: 'bench/peers/llmc.md',
-  measured: '2026-11-28 22:12 UTC, load average 2.7-3.0 on 2 cores',
+  measured: '2026-11-28 22:49 UTC, the quietest of 10 runs (no other busy process at its start; load average 3.0 falling)',
   commit: 'karpathy/llm.c f1e2ace651495b74ae22d45d1723443fd00ecd3a',
   command: 'make train_gpt2 (cc -Ofast -march=native -fopenmp -DOMP); OMP_NUM_THREADS=2 ./train_gpt2 on a random-weight gpt2_124M.bin, median ms of steps 1-8',
   batch: 4,
   seq: 64,
   threads: 2,
-  msPerStep: 5847,
-  tokensPerSecond: 43.8,
+  msPerStep: 4888,
+  tokensPerSecond: 52.4,
 };
 
 type TrainResult = {

@@ -315,17 +315,25 @@ export class Model {
     const cancel = new Int32Array(1);
     const onAbort = () => Atomics.store(cancel, 0, 1);
     signal?.addEventListener('abort', onAbort, { once: true });
+    // Progress comes through a thread-safe function whose calls may still be queued when the
+    // result arrives: deliver them all before resolving, so callers see every layer.
+    let reported = 0;
+    const progress = onProgress && ((done: number, total: number) => ((reported = done), onProgress(done, total)));
     try {
-      return await this.run(() =>
+      const out = await this.run(() =>
         this.engine.forward(
           sequences.map((s) => s.native),
           flat,
           counts,
           options.all ?? false,
           cancel,
-          onProgress,
+          progress,
         ),
       );
+      for (let i = 0; progress && reported < this.config.numLayers && i < 10_000; i++) {
+        await new Promise<void>((resolve) => setImmediate(resolve));
+      }
+      return out;
     } catch (error) {
       if (signal?.aborted) throw abortError(signal);
       throw error;
