@@ -238,7 +238,7 @@ async function runJson(exe: string, argv: string[], timeoutMin = 30): Promise<Re
 const LLMC_GPT2_TRAIN = {
   peer: 'llm.c train_gpt2.c (CPU, OpenMP), measured separately, not in this run',
   source: 'bench/peers/llmc.md',
-  measured: '2026-11-28 22:49 UTC, the quietest of 10 runs (no other busy process at its start; load average 3.0 falling)',
+  measured: '2026-11-28 22:49 UTC, the quietest of 11 runs (no other busy process at its start; load average 3.0 falling)',
   commit: 'karpathy/llm.c f1e2ace651495b74ae22d45d1723443fd00ecd3a',
   command: 'make train_gpt2 (cc -Ofast -march=native -fopenmp -DOMP); OMP_NUM_THREADS=2 ./train_gpt2 on a random-weight gpt2_124M.bin, median ms of steps 1-8',
   batch: 4,
@@ -257,11 +257,10 @@ type TrainResult = {
   [k: string]: unknown;
 };
 
-async function torchTrainPeer(): Promise<Record<string, unknown>> {
+async function torchTrainPeer(jobs: string[]): Promise<Record<string, unknown>> {
   const script = join(import.meta.dirname, 'peers', 'torch_train.py');
   try {
-    const jobs = 'lora:f32,lora:bf16,full:f32,lora_rf:f32,lora_rf:bf16';
-    const { stdout } = await run('/usr/bin/python3', [script, '--threads', '2', '--best-settings', '--jobs', jobs, '--steps', '5'], {
+    const { stdout } = await run('/usr/bin/python3', [script, '--threads', '2', '--best-settings', '--jobs', jobs.join(','), '--steps', '5'], {
       maxBuffer: 1 << 20,
       timeout: 30 * 60_000,
     });
@@ -272,6 +271,18 @@ async function torchTrainPeer(): Promise<Record<string, unknown>> {
       return JSON.parse(String(e.stdout).trim().split('\n').pop()!) as Record<string, unknown>;
     } catch {
       return { skipped: `PyTorch peer unavailable (${e.message?.split('\n')[0]}); install Debian's python3-torch` };
+    }
+  }
+}
+
+/** Merges the peer's per-job JSON objects (nested dicts merge; the first scalar wins). */
+function mergeInto(into: Record<string, unknown>, from: Record<string, unknown>) {
+  for (const [k, v] of Object.entries(from)) {
+    const cur = into[k];
+    if (v && typeof v === 'object' && !Array.isArray(v) && cur && typeof cur === 'object' && !Array.isArray(cur)) {
+      mergeInto(cur as Record<string, unknown>, v as Record<string, unknown>);
+    } else if (!(k in into)) {
+      into[k] = v;
     }
   }
 }
@@ -290,16 +301,23 @@ async function benchTrain() {
     { key: 'lora_bf16', model: 'smollm2', mode: 'lora', dtype: 'bf16', batch: 4, seq: 128 },
     { key: 'full_f32', model: 'gpt2', mode: 'full', dtype: 'f32', batch: 4, seq: 64 },
   ] as const;
+  // Each native configuration is followed at once by its PyTorch peers, so that a ratio compares
+  // runs made under the same load (the 2-core machines are shared; conditions drift by minutes).
   const results: (TrainResult & { key: string })[] = [];
+  let pytorch: Record<string, unknown> = quick ? { skipped: '--quick' } : {};
   for (const c of configs) {
     const r = (await runJson(exe, [
       '--model', c.model, '--mode', c.mode, '--dtype', c.dtype, '--batch', String(c.batch), '--seq', String(c.seq),
       '--threads', '2', '--steps', quick ? '3' : '5',
     ])) as TrainResult;
     results.push({ key: c.key, ...r });
+    if (quick || 'skipped' in pytorch || 'error' in pytorch) continue;
+    const jobs = c.mode === 'lora' ? [`lora:${c.dtype}`, `lora_rf:${c.dtype}`] : [`full:${c.dtype}`];
+    const peer = await torchTrainPeer(jobs);
+    if ('skipped' in peer || 'error' in peer) pytorch = peer;
+    else mergeInto(pytorch, peer);
   }
   const byKey = Object.fromEntries(results.map((r) => [r.key, r]));
-  const pytorch = quick ? { skipped: '--quick' } : await torchTrainPeer();
 
   // The peer's MFU uses the same FLOP count (bench_train's matmul parameters: 4N per token
   // LoRA, 6N full) and the FMA peak of the matching dtype measured by bench_train.
