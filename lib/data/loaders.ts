@@ -38,6 +38,7 @@ import { createInterface } from 'node:readline';
 import { CsvError, parse as parseCsv } from 'csv-parse';
 
 import { RedflagError } from '../errors.js';
+import { jsonErrorOffset, lineAndColumn } from '../model/config.js';
 import {
   checkMessages,
   jsonTypeName,
@@ -347,8 +348,8 @@ async function* readJsonArray(file: string, options: StreamOptions): AsyncGenera
   try {
     parsed = JSON.parse(text);
   } catch (error) {
-    const offset = jsonSyntaxErrorOffset(text);
-    throw recordError(`${file}:${lineAt(text, offset)}`, `invalid JSON: ${briefJsonMessage(error)}`, error);
+    const { line } = lineAndColumn(text, jsonErrorOffset(text));
+    throw recordError(`${file}:${line}`, `invalid JSON: ${briefJsonMessage(error)}`, error);
   }
   const path = options.recordsKey === undefined ? [] : options.recordsKey.split('.');
   let rows: unknown = parsed;
@@ -370,13 +371,6 @@ async function* readJsonArray(file: string, options: StreamOptions): AsyncGenera
     const conversation = guardRow(source, options, () => jsonRowToConversation(rows[index], source, options));
     if (conversation !== null) yield conversation;
   }
-}
-
-/** The 1-based line of a character offset. */
-function lineAt(text: string, offset: number): number {
-  let line = 1;
-  for (let i = 0; i < offset && i < text.length; i++) if (text.charCodeAt(i) === 0x0a) line++;
-  return line;
 }
 
 /**
@@ -441,81 +435,6 @@ function arrayElementLines(text: string, path: readonly string[]): number[] {
     while (i + 1 < text.length && /[^\s,\]}]/.test(text[i + 1] as string)) i++;
   }
   return lines;
-}
-
-/** Offset of the first syntax error of invalid JSON (best effort: where a scanner stops). */
-function jsonSyntaxErrorOffset(text: string): number {
-  let i = 0;
-  const space = (): void => {
-    while (i < text.length && ' \t\n\r'.includes(text[i] as string)) i++;
-  };
-  const string = (): boolean => {
-    i++;
-    while (i < text.length) {
-      const c = text.charCodeAt(i);
-      if (c === 0x22) {
-        i++;
-        return true;
-      }
-      if (c < 0x20) return false;
-      i += c === 0x5c ? 2 : 1;
-    }
-    return false;
-  };
-  const scalar = (): boolean => {
-    const match = /^(-?(0|[1-9]\d*)(\.\d+)?([eE][+-]?\d+)?|true|false|null)/.exec(text.slice(i, i + 400));
-    if (match === null) return false;
-    i += match[0].length;
-    return true;
-  };
-  const stack: string[] = [];
-  let expectValue = true;
-  for (;;) {
-    space();
-    if (i >= text.length) return i;
-    if (!expectValue && stack.length === 0) return i;
-    const c = text[i] as string;
-    const open = stack[stack.length - 1];
-    if (expectValue) {
-      if (c === '{' || c === '[') {
-        stack.push(c);
-        i++;
-        space();
-        if (text[i] === (c === '{' ? '}' : ']')) {
-          stack.pop();
-          i++;
-          expectValue = false;
-          continue;
-        }
-        if (c === '{') {
-          if (text[i] !== '"' || !string()) return i;
-          space();
-          if (text[i] !== ':') return i;
-          i++;
-        }
-        continue;
-      }
-      if (c === '"' ? !string() : !scalar()) return i;
-      expectValue = false;
-      continue;
-    }
-    if (c === ',') {
-      i++;
-      if (open === '{') {
-        space();
-        if (text[i] !== '"' || !string()) return i;
-        space();
-        if (text[i] !== ':') return i;
-        i++;
-      }
-      expectValue = true;
-    } else if ((c === '}' && open === '{') || (c === ']' && open === '[')) {
-      stack.pop();
-      i++;
-    } else {
-      return i;
-    }
-  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ const MODEL_TYPE_CLASSES: Readonly<Record<string, string>> = {
 // ---------------------------------------------------------------------------------------------
 
 /** Line and column (1-based) of a character offset. */
-function lineAndColumn(text: string, offset: number): { line: number; column: number } {
+export function lineAndColumn(text: string, offset: number): { line: number; column: number } {
   let line = 1;
   let lineStart = 0;
   for (let i = 0; i < offset && i < text.length; i++) {
@@ -137,7 +137,7 @@ export async function readJsonFile(path: string, options: { optional?: boolean }
  * Offset of the first JSON syntax error in `text` (V8's messages do not always carry one).
  * A small scanner with an explicit stack, so deep nesting cannot overflow the call stack.
  */
-function jsonErrorOffset(text: string): number {
+export function jsonErrorOffset(text: string): number {
   let i = 0;
   const skipSpace = (): void => {
     while (i < text.length && ' \t\n\r'.includes(text[i] as string)) i++;

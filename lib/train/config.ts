@@ -7,6 +7,7 @@ import { readFile } from 'node:fs/promises';
 import { z } from 'zod';
 
 import { RedflagError } from '../errors.js';
+import { parseJsonText } from '../model/config.js';
 
 const dataFile = z.strictObject({
   /** Path of a .jsonl, .json or .csv file. */
@@ -111,12 +112,7 @@ export async function loadTrainConfig(file: string, overrides: Record<string, un
   } catch (cause) {
     throw new RedflagError('NOT_FOUND', `cannot read the training config (${(cause as Error).message})`, { file, cause });
   }
-  let json: unknown;
-  try {
-    json = JSON.parse(text);
-  } catch (cause) {
-    throw new RedflagError('INVALID_FILE', `not valid JSON (${(cause as Error).message})`, { file, cause });
-  }
+  const json = parseJsonText(text, file); // names line and column of a syntax error
   if (typeof json !== 'object' || json === null || Array.isArray(json)) {
     throw new RedflagError('INVALID_FILE', 'the training config must be a JSON object', { file });
   }
