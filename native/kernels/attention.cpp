@@ -1,30 +1,13 @@
 #include "kernels/ops.h"
-#include "kernels/vmath.h"
+#include "kernels/attention_scores.h"
 
 namespace rf {
 namespace RF_ISA {
 
 void attention_row(float* out, const float* q, const float* k, const float* v, long kv_stride,
                    int n_keys, int head_dim, float scale, float* scores) {
-  // scores [n_keys] = scale * q . k_j
-  float max_score = -3.0e38f;
-  for (int j = 0; j < n_keys; ++j) {
-    const float* kj = k + j * kv_stride;
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int d = 0; d < head_dim; ++d) s += q[d] * kj[d];
-    s *= scale;
-    scores[j] = s;
-    max_score = s > max_score ? s : max_score;
-  }
-  // softmax with max subtraction (transformers upcasts the softmax to f32; we are f32 throughout)
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int j = 0; j < n_keys; ++j) {
-    const float e = exp_f32(scores[j] - max_score);
-    scores[j] = e;
-    sum += e;
-  }
+  // softmax in f32 with max subtraction (transformers upcasts the softmax to f32; we are f32 throughout)
+  const float sum = attention_scores(q, k, kv_stride, n_keys, head_dim, scale, scores);
   const float inv = 1.0f / sum;
   // out [head_dim] = sum_j p_j v_j
 #pragma omp simd

@@ -3,6 +3,8 @@
 // `#pragma omp simd` loop so GCC vectorises it for the ISA of this compilation.
 #include "kernels/ops_backward.h"
 
+#include "kernels/attention_scores.h"
+
 #include <cmath>
 
 #include "kernels/vmath.h"
@@ -113,23 +115,7 @@ void attention_row_backward(float* dq, float* dk, float* dv, const float* dout, 
   float* p = scratch;            // [n_keys] softmax probabilities
   float* dp = scratch + n_keys;  // [n_keys] dL/dp_j = dout . v_j
   // Probabilities exactly as attention_row computes them.
-  float max_score = -3.0e38f;
-  for (int j = 0; j < n_keys; ++j) {
-    const float* kj = k + j * kv_stride;
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int d = 0; d < head_dim; ++d) s += q[d] * kj[d];
-    s *= scale;
-    p[j] = s;
-    max_score = s > max_score ? s : max_score;
-  }
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int j = 0; j < n_keys; ++j) {
-    const float e = exp_f32(p[j] - max_score);
-    p[j] = e;
-    sum += e;
-  }
+  const float sum = attention_scores(q, k, kv_stride, n_keys, head_dim, scale, p);
   const float inv = 1.0f / sum;
   // dp_j = dout . v_j and dv_j += p_j dout in one pass over v_j; D = sum_j p_j dp_j (= dout . out)
   // is the softmax Jacobian's shared term.
