@@ -10,7 +10,11 @@ export type RedflagErrorCode =
   | 'NATIVE'
   | 'ABORTED'
   | 'DISPOSED'
-  | 'NO_TOKENIZER';
+  | 'NO_TOKENIZER'
+  /** A detector's queue is full: try again later. */
+  | 'BUSY'
+  /** A request could never fit the configured limits (e.g. the KV-cache budget). */
+  | 'TOO_LARGE';
 
 export class RedflagError extends Error {
   readonly code: RedflagErrorCode;

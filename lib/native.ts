@@ -51,7 +51,18 @@ export interface NativeSequence {
   readonly length: number;
   readonly bytes: number;
   truncate(length: number): void;
+  /** Allocates room for exactly n positions now (never shrinks). */
+  reserve(n: number): void;
   dispose(): void;
+}
+
+/** What NativeModel.decodeStep returns: one entry per sequence (topIds/topLogprobs: topN each). */
+export interface NativeStepResult {
+  tokens: Uint32Array;
+  logprobs: Float32Array;
+  pRf: Float32Array;
+  topIds: Uint32Array;
+  topLogprobs: Float32Array;
 }
 
 export interface NativeModelInfo {
@@ -74,6 +85,22 @@ export interface NativeModel {
     cancel?: Int32Array,
     onProgress?: (done: number, total: number) => void,
   ): Promise<Float32Array>;
+  /**
+   * The fused decode step (native/model/decode.h): appends each sequence's tokens, then picks
+   * each one's next token and reads p(<rf>) from the same logits. params: [n × 4] temperature,
+   * topK, topP, seed; rfToken -1 when there is none.
+   */
+  decodeStep(
+    sequences: NativeSequence[],
+    tokens: Uint32Array,
+    counts: Uint32Array,
+    params: Float64Array,
+    rfToken: number,
+    topN: number,
+    cancel?: Int32Array,
+  ): Promise<NativeStepResult>;
+  /** Teacher-forced p(<rf>) after every token, sequences in order. */
+  tokenScores(sequences: NativeSequence[], tokens: Uint32Array, counts: Uint32Array, rfToken: number, cancel?: Int32Array): Promise<Float32Array>;
   info(): NativeModelInfo;
   dispose(): void;
 

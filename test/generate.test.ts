@@ -5,11 +5,17 @@ import { rm } from 'node:fs/promises';
 
 import { RedflagError } from '../lib/errors.js';
 import { loadModel, type Model } from '../lib/model/model.js';
-import { argmax } from '../lib/model/sampling.js';
 import { tinyLlama } from './helpers/tiny-model.js';
 
 let dir: string;
 let model: Model;
+
+/** The reference: first index of the largest logit in row [offset, offset + length). */
+function argmax(logits: Float32Array, offset: number, length: number): number {
+  let best = 0;
+  for (let i = 1; i < length; i++) if (logits[offset + i]! > logits[offset + best]!) best = i;
+  return best;
+}
 
 beforeAll(async () => {
   dir = await tinyLlama();

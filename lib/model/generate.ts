@@ -1,13 +1,13 @@
 /**
  * Token-by-token generation on one sequence: prefill the prompt, then decode one token
- * per native call, streaming `{ token, text }`.
+ * per native call (the fused step that picks the token natively), streaming `{ token, text }`.
  * @module
  */
 import { randomInt } from 'node:crypto';
 
 import { RedflagError, abortError } from '../errors.js';
-import type { Model } from './model.js';
-import { createRng, sampleToken } from './sampling.js';
+import { checkPickOptions, type Model, type PickOptions } from './model.js';
+import { StopFilter } from './stop-filter.js';
 import { IncrementalDecoder } from './tokenizer.js';
 
 /** Options of {@link Model.generate}. */
@@ -36,39 +36,16 @@ export interface GeneratedToken {
   text: string;
 }
 
-function checkOptions(options: GenerateOptions): Required<Omit<GenerateOptions, 'signal' | 'eosTokenIds' | 'seed'>> & {
-  seed: number;
-} {
+function checkOptions(options: GenerateOptions): { maxTokens: number; stop: string[]; pick: Required<PickOptions> } {
   const maxTokens = options.maxTokens ?? 128;
-  const temperature = options.temperature ?? 0;
-  const topK = options.topK ?? 0;
-  const topP = options.topP ?? 1;
-  const seed = options.seed ?? randomInt(2 ** 31);
   const stop = options.stop ?? [];
   const bad = (msg: string) => new RedflagError('INVALID_ARGUMENT', `generate: ${msg}`);
   if (!Number.isInteger(maxTokens) || maxTokens < 0) throw bad(`maxTokens must be a non-negative integer, got ${maxTokens}`);
-  if (!(temperature >= 0) || !Number.isFinite(temperature)) throw bad(`temperature must be >= 0, got ${temperature}`);
-  if (!Number.isInteger(topK) || topK < 0) throw bad(`topK must be a non-negative integer, got ${topK}`);
-  if (!(topP > 0 && topP <= 1)) throw bad(`topP must be in (0, 1], got ${topP}`);
-  if (!Number.isInteger(seed)) throw bad(`seed must be an integer, got ${seed}`);
   if (!Array.isArray(stop) || stop.some((s) => typeof s !== 'string' || s.length === 0)) {
     throw bad('stop must be an array of non-empty strings');
   }
-  return { maxTokens, temperature, topK, topP, seed, stop };
-}
-
-/** Length of the longest suffix of text that is a proper prefix of some stop string. */
-function heldBackLength(text: string, stops: string[]): number {
-  let hold = 0;
-  for (const s of stops) {
-    for (let n = Math.min(s.length - 1, text.length); n > hold; n--) {
-      if (text.endsWith(s.slice(0, n))) {
-        hold = n;
-        break;
-      }
-    }
-  }
-  return hold;
+  const pick = checkPickOptions({ ...options, seed: options.seed ?? randomInt(2 ** 31) }, 'generate');
+  return { maxTokens, stop, pick };
 }
 
 /** See {@link Model.generate}. */
@@ -87,48 +64,26 @@ export async function* generate(
   }
   const ids = typeof prompt === 'string' ? tokenizer!.encode(prompt) : Array.from(prompt);
   const eos = new Set(options.eosTokenIds ?? model.eosTokenIds);
-  const rng = createRng(opts.seed);
   const decoder = tokenizer ? new IncrementalDecoder(tokenizer) : null;
   const sequence = model.newSequence();
-  // Tokens whose text is not shown yet: text that may be the start of a stop string is held
-  // back, and a token is yielded only once all of its text is decided.
-  const pending: GeneratedToken[] = [];
+  // Text that may be the start of a stop string is held back; a token is yielded only once
+  // all of its text is decided.
+  const filter = new StopFilter<GeneratedToken>(opts.stop);
   try {
     if (opts.maxTokens === 0) return;
-    let logits = await model.forward([sequence], [ids], { signal });
+    let next: number[] = ids;
     for (let step = 0; step < opts.maxTokens; step++) {
       if (signal?.aborted) throw abortError(signal);
-      const token = sampleToken(logits, opts, rng);
+      // The fused native step: the token is picked where the logits are, none cross to JS.
+      const token = (await model.step([sequence], [next], [opts.pick], { rfToken: -1, signal })).tokens[0]!;
       if (eos.has(token)) break;
-      pending.push({ token, text: decoder ? decoder.push(token) : '' });
-      const text = pending.map((p) => p.text).join('');
-      const hit = opts.stop.reduce((best, s) => {
-        const i = text.indexOf(s);
-        return i >= 0 && i < best ? i : best;
-      }, Infinity);
-      if (hit !== Infinity) {
-        // Show what comes before the stop string; the tokens that spell it are not yielded.
-        let budget = hit;
-        while (pending.length > 0 && budget > 0) {
-          const p = pending.shift()!;
-          yield { token: p.token, text: p.text.slice(0, budget) };
-          budget -= p.text.length;
-        }
-        pending.length = 0;
-        return;
-      }
-      let budget = text.length - heldBackLength(text, opts.stop);
-      while (pending.length > 0 && pending[0]!.text.length <= budget) {
-        const p = pending.shift()!;
-        budget -= p.text.length;
-        yield p;
-      }
-      if (step + 1 < opts.maxTokens) logits = await model.forward([sequence], [[token]], { signal });
+      const { ready, stopped } = filter.push({ token, text: decoder ? decoder.push(token) : '' });
+      yield* ready;
+      if (stopped) return;
+      next = [token];
     }
     // Generation ended (EOS or maxTokens): nothing can complete a stop string any more.
-    const rest = decoder ? decoder.flush() : '';
-    if (rest && pending.length > 0) pending[pending.length - 1]!.text += rest;
-    while (pending.length > 0) yield pending.shift()!;
+    yield* filter.flush(decoder ? decoder.flush() : '');
   } finally {
     sequence.dispose();
   }

@@ -28,6 +28,44 @@ export interface LoadModelOptions {
   onProgress?: (loaded: number, total: number) => void;
 }
 
+/** How {@link Model.step} picks one sequence's next token. */
+export interface PickOptions {
+  /** 0 = greedy. Default 0. */
+  temperature?: number;
+  /** Default 0 (all tokens). */
+  topK?: number;
+  /** Default 1. */
+  topP?: number;
+  /** Integer seed (0 to 2^53 - 1) of the sequence's draws. Default 0. */
+  seed?: number;
+}
+
+/** What {@link Model.step} returns, one entry per sequence (`topIds` / `topLogprobs`: `topN` each). */
+export interface StepResult {
+  tokens: Uint32Array;
+  /** log p(token) under the model (temperature 1). */
+  logprobs: Float32Array;
+  /** p(`<rf>`) from the same logits (0 without a red-flag token). */
+  pRf: Float32Array;
+  topIds: Uint32Array;
+  topLogprobs: Float32Array;
+  topN: number;
+}
+
+/** Validates pick options, filling defaults. */
+export function checkPickOptions(p: PickOptions, what = 'pick'): Required<PickOptions> {
+  const temperature = p.temperature ?? 0;
+  const topK = p.topK ?? 0;
+  const topP = p.topP ?? 1;
+  const seed = p.seed ?? 0;
+  const bad = (m: string) => new RedflagError('INVALID_ARGUMENT', `${what}: ${m}`);
+  if (!(temperature >= 0) || !Number.isFinite(temperature)) throw bad(`temperature must be a finite number >= 0, got ${temperature}`);
+  if (!Number.isInteger(topK) || topK < 0) throw bad(`topK must be a non-negative integer, got ${topK}`);
+  if (!(topP > 0 && topP <= 1)) throw bad(`topP must be in (0, 1], got ${topP}`);
+  if (!Number.isSafeInteger(seed) || seed < 0) throw bad(`seed must be an integer from 0 to 2^53 - 1, got ${seed}`);
+  return { temperature, topK, topP, seed };
+}
+
 /** Options of {@link Model.logits}. */
 export interface LogitsOptions {
   signal?: AbortSignal;
@@ -285,12 +323,33 @@ export class Model {
     tokens: (Uint32Array | number[])[],
     options: { all?: boolean; signal?: AbortSignal; onProgress?: (done: number, total: number) => void } = {},
   ): Promise<Float32Array> {
+    const { flat, counts } = this.checkBatch('forward', sequences, tokens);
+    const { onProgress } = options;
+    // Progress comes through a thread-safe function whose calls may still be queued when the
+    // result arrives: deliver them all before resolving, so callers see every layer.
+    let reported = 0;
+    const progress = onProgress && ((done: number, total: number) => ((reported = done), onProgress(done, total)));
+    const native = sequences.map((s) => s.native);
+    const out = await this.cancellable(options.signal, (cancel) =>
+      this.engine.forward(native, flat, counts, options.all ?? false, cancel, progress),
+    );
+    for (let i = 0; progress && reported < this.config.numLayers && i < 10_000; i++) {
+      await new Promise<void>((resolve) => setImmediate(resolve));
+    }
+    return out;
+  }
+
+  /** Validates one engine call's sequences and new tokens; returns them flattened. */
+  private checkBatch(what: string, sequences: Sequence[], tokens: (Uint32Array | number[])[]): { flat: Uint32Array; counts: Uint32Array } {
+    if (!Array.isArray(sequences) || sequences.length === 0) {
+      throw new RedflagError('INVALID_ARGUMENT', `${what} needs at least one sequence`);
+    }
     if (sequences.length !== tokens.length) {
-      throw new RedflagError('INVALID_ARGUMENT', 'forward needs one token array per sequence');
+      throw new RedflagError('INVALID_ARGUMENT', `${what} needs one token array per sequence`);
     }
     const checked = tokens.map((t, i) => this.checkIds(t, `tokens[${i}]`));
     if (new Set(sequences).size !== sequences.length) {
-      throw new RedflagError('INVALID_ARGUMENT', 'a sequence appears twice in one forward call');
+      throw new RedflagError('INVALID_ARGUMENT', `a sequence appears twice in one ${what} call`);
     }
     for (const [i, s] of sequences.entries()) {
       if (!(s instanceof Sequence) || s.disposed) {
@@ -309,37 +368,73 @@ export class Model {
       flat.set(t, offset);
       offset += t.length;
     }
-    const counts = Uint32Array.from(checked, (t) => t.length);
-    const { signal, onProgress } = options;
+    return { flat, counts: Uint32Array.from(checked, (t) => t.length) };
+  }
+
+  /** Runs a cancellable native call: an abort of `signal` stops it between layers. */
+  private async cancellable<T>(signal: AbortSignal | undefined, fn: (cancel: Int32Array) => Promise<T>): Promise<T> {
     if (signal?.aborted) throw abortError(signal);
     const cancel = new Int32Array(1);
     const onAbort = () => Atomics.store(cancel, 0, 1);
     signal?.addEventListener('abort', onAbort, { once: true });
-    // Progress comes through a thread-safe function whose calls may still be queued when the
-    // result arrives: deliver them all before resolving, so callers see every layer.
-    let reported = 0;
-    const progress = onProgress && ((done: number, total: number) => ((reported = done), onProgress(done, total)));
     try {
-      const out = await this.run(() =>
-        this.engine.forward(
-          sequences.map((s) => s.native),
-          flat,
-          counts,
-          options.all ?? false,
-          cancel,
-          progress,
-        ),
-      );
-      for (let i = 0; progress && reported < this.config.numLayers && i < 10_000; i++) {
-        await new Promise<void>((resolve) => setImmediate(resolve));
-      }
-      return out;
+      return await this.run(() => fn(cancel));
     } catch (error) {
       if (signal?.aborted) throw abortError(signal);
       throw error;
     } finally {
       signal?.removeEventListener('abort', onAbort);
     }
+  }
+
+  /**
+   * The fused decode step: appends each sequence's new tokens (a prompt, or the last chosen
+   * token) and, from the same logits, picks each sequence's next token and reads p(`<rf>`)
+   * and optionally the `topN` most likely tokens. Logits stay in native memory. Random draws
+   * depend only on a sequence's seed and position, so a sequence gets the same tokens whatever
+   * runs alongside it.
+   */
+  async step(
+    sequences: Sequence[],
+    tokens: (Uint32Array | number[])[],
+    picks: readonly PickOptions[],
+    options: { rfToken?: number | null; topN?: number; signal?: AbortSignal } = {},
+  ): Promise<StepResult> {
+    const { flat, counts } = this.checkBatch('step', sequences, tokens);
+    if (picks.length !== sequences.length) throw new RedflagError('INVALID_ARGUMENT', 'step needs one pick option object per sequence');
+    const params = new Float64Array(picks.length * 4);
+    picks.forEach((p, i) => {
+      const c = checkPickOptions(p, `picks[${i}]`);
+      params.set([c.temperature, c.topK, c.topP, c.seed], i * 4);
+    });
+    const rfToken = options.rfToken ?? this.redFlagTokenId ?? -1;
+    if (!Number.isInteger(rfToken) || rfToken < -1 || rfToken >= this.vocabSize) {
+      throw new RedflagError('INVALID_ARGUMENT', `rfToken must be a token id of this model or -1, got ${rfToken}`);
+    }
+    const topN = options.topN ?? 0;
+    if (!Number.isInteger(topN) || topN < 0 || topN > 64) throw new RedflagError('INVALID_ARGUMENT', `topN must be an integer from 0 to 64, got ${topN}`);
+    const native = sequences.map((s) => s.native);
+    const r = await this.cancellable(options.signal, (cancel) => this.engine.decodeStep(native, flat, counts, params, rfToken, topN, cancel));
+    return { ...r, topN };
+  }
+
+  /**
+   * Teacher-forced p(`<rf>`) after every token of each sequence's new tokens (appended to the
+   * sequences), in order; the LM head runs in row chunks, never over all positions at once.
+   */
+  async tokenScores(
+    sequences: Sequence[],
+    tokens: (Uint32Array | number[])[],
+    options: { rfToken?: number; signal?: AbortSignal } = {},
+  ): Promise<Float32Array> {
+    const { flat, counts } = this.checkBatch('tokenScores', sequences, tokens);
+    const rfToken = options.rfToken ?? this.redFlagTokenId;
+    if (rfToken == null) throw new RedflagError('INVALID_ARGUMENT', 'tokenScores: the model has no red-flag token (add one or load an adapter)');
+    if (!Number.isInteger(rfToken) || rfToken < 0 || rfToken >= this.vocabSize) {
+      throw new RedflagError('INVALID_ARGUMENT', `rfToken must be a token id of this model, got ${rfToken}`);
+    }
+    const native = sequences.map((s) => s.native);
+    return this.cancellable(options.signal, (cancel) => this.engine.tokenScores(native, flat, counts, rfToken, cancel));
   }
 
   /**
@@ -400,6 +495,13 @@ export class Sequence {
   /** Bytes of KV cache held. */
   get bytes(): number {
     return this.native.bytes;
+  }
+  /** Allocates room for `positions` tokens now, so appending up to that never allocates. */
+  reserve(positions: number): void {
+    if (!Number.isInteger(positions) || positions < 0 || positions > 2 ** 31) {
+      throw new RedflagError('INVALID_ARGUMENT', `reserve needs an integer from 0 to 2^31, got ${positions}`);
+    }
+    this.native.reserve(positions);
   }
   /** Forgets tokens from `length` on. */
   truncate(length: number): void {

@@ -6,10 +6,13 @@
 
 namespace rf {
 
-void KvCache::reserve(long n) {
+void KvCache::reserve(long n, bool exact) {
   if (n <= capacity_) return;
-  long cap = std::max<long>(capacity_ * 2, 64);
-  while (cap < n) cap *= 2;
+  long cap = n;
+  if (!exact) {
+    cap = std::max<long>(capacity_ * 2, 64);
+    while (cap < n) cap *= 2;
+  }
   const size_t per_head_old = size_t(capacity_) * head_dim_, per_head_new = size_t(cap) * head_dim_;
   for (int l = 0; l < n_layers_; ++l) {
     for (auto* store : {&k_[l], &v_[l]}) {

@@ -16,8 +16,9 @@ class KvCache {
   // Bytes held, for memory accounting.
   size_t bytes() const { return size_t(2) * n_layers_ * n_kv_heads_ * capacity_ * head_dim_ * sizeof(float); }
 
-  // Grows to hold at least n positions (doubling, so appends are amortised O(1)).
-  void reserve(long n);
+  // Grows to hold at least n positions (doubling, so appends are amortised O(1)); `exact`
+  // allocates exactly n, for callers that budget memory per sequence up front.
+  void reserve(long n, bool exact = false);
   // Forgets positions from n on (n <= length), e.g. to reuse a shared prompt.
   void truncate(long n);
   void set_length(long n) { length_ = n; }

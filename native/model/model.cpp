@@ -446,18 +446,23 @@ void Model::run_forward(const std::vector<ForwardItem>& items, LogitsMode mode, 
       head_in = rows_.data();
     }
     norm_rows(final_norm_, head_in, xn, rows);  // R >= rows, so xn has room
-    gemm(pool_, int(rows), xn, H, lm_head_.w, nullptr, out, c.vocab, false);
-    if (adapter_enabled_ && rf_head_) {
-      // The trained red-flag row replaces the base row of the LM head.
-      const float* w = rf_head_->value.data();
-      for (long r = 0; r < rows; ++r) {
-        float dot = 0.f;
-        for (long i = 0; i < H; ++i) dot += xn[r * H + i] * w[i];
-        out[r * c.vocab + rf_token_] = dot;
-      }
-    }
+    head_logits(xn, rows, out);
   }
   for (const ForwardItem& it : items) it.cache->set_length(it.cache->length() + it.n_tokens);
+}
+
+void Model::head_logits(const float* xn, long rows, float* out) {
+  const long H = config_.hidden;
+  gemm(pool_, int(rows), xn, H, lm_head_.w, nullptr, out, config_.vocab, false);
+  if (adapter_enabled_ && rf_head_) {
+    // The trained red-flag row replaces the base row of the LM head.
+    const float* w = rf_head_->value.data();
+    for (long r = 0; r < rows; ++r) {
+      float dot = 0.f;
+      for (long i = 0; i < H; ++i) dot += xn[r * H + i] * w[i];
+      out[r * config_.vocab + rf_token_] = dot;
+    }
+  }
 }
 
 // --- adapters --------------------------------------------------------------------------------

@@ -154,6 +154,9 @@ class Model {
   // Writes the forward-time trace into `trace` (training). Uses LogitsMode::hidden or logits.
   void forward_traced(const std::vector<ForwardItem>& items, LogitsMode mode, float* out, ForwardTrace* trace,
                       const std::atomic<int>* cancel = nullptr);
+  // LM head over final-norm hidden states xn [rows, hidden] -> logits [rows, vocab], with the
+  // adapter's red-flag row when enabled (the same computation forward() ends with).
+  void head_logits(const float* xn, long rows, float* out);
   // Embedding rows (engine dtype, converted to f32) and their writers, for full fine-tuning.
   void embed_row(uint32_t token, float* out) const;
   std::vector<float>& pos_embed() { return pos_embed_; }

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/cpu.h"
+#include "model/decode.h"
 #include "model/model.h"
 #include "model/train.h"
 #include "napi/bench.h"
@@ -87,6 +88,7 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
                        {InstanceAccessor<&SequenceWrap::Length>("length"),
                         InstanceAccessor<&SequenceWrap::Bytes>("bytes"),
                         InstanceMethod<&SequenceWrap::Truncate>("truncate"),
+                        InstanceMethod<&SequenceWrap::Reserve>("reserve"),
                         InstanceMethod<&SequenceWrap::Dispose>("dispose")});
   }
 
@@ -108,6 +110,14 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
       cache->truncate(long(info[0].As<Napi::Number>().Int64Value()));
     });
   }
+  // reserve(n): allocates room for n positions now, so a budgeted generation never grows its
+  // cache later (the memory accounting of the detector relies on it).
+  void Reserve(const Napi::CallbackInfo& info) {
+    guard(info.Env(), [&] {
+      if (!cache) throw std::invalid_argument("the sequence was disposed");
+      cache->reserve(long(info[0].As<Napi::Number>().Int64Value()), true);
+    });
+  }
   // A forward in flight holds its own reference, so the memory goes when that finishes.
   void Dispose(const Napi::CallbackInfo&) { cache.reset(); }
 };
@@ -121,6 +131,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
                         InstanceMethod<&ModelWrap::CheckComplete>("checkComplete"),
                         InstanceMethod<&ModelWrap::NewSequence>("newSequence"),
                         InstanceMethod<&ModelWrap::Forward>("forward"),
+                        InstanceMethod<&ModelWrap::DecodeStep>("decodeStep"),
+                        InstanceMethod<&ModelWrap::TokenScores>("tokenScores"),
                         InstanceMethod<&ModelWrap::Info>("info"),
                         InstanceMethod<&ModelWrap::Dispose>("dispose"),
                         InstanceMethod<&ModelWrap::TrainInit>("trainInit"),
@@ -215,37 +227,14 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       Napi::Uint32Array tokens_js = info[1].As<Napi::Uint32Array>();
       Napi::Uint32Array counts_js = info[2].As<Napi::Uint32Array>();
       const LogitsMode mode = info[3].As<Napi::Boolean>().Value() ? LogitsMode::all : LogitsMode::last;
-      if (counts_js.ElementLength() != seqs.Length()) throw std::invalid_argument("one token count per sequence is required");
 
-      auto tokens = std::make_shared<std::vector<uint32_t>>(tokens_js.Data(), tokens_js.Data() + tokens_js.ElementLength());
-      std::vector<std::shared_ptr<KvCache>> caches;
-      std::vector<ForwardItem> items;
-      size_t offset = 0;
-      for (uint32_t i = 0; i < seqs.Length(); ++i) {
-        Napi::Value v = seqs.Get(i);
-        if (!v.IsObject() || !v.As<Napi::Object>().InstanceOf(SequenceWrap::ctor.Value()))
-          throw std::invalid_argument("sequences[" + std::to_string(i) + "] is not a sequence");
-        SequenceWrap* s = SequenceWrap::Unwrap(v.As<Napi::Object>());
-        if (!s->cache) throw std::invalid_argument("sequences[" + std::to_string(i) + "] was disposed");
-        if (s->owner != model_.get()) throw std::invalid_argument("sequences[" + std::to_string(i) + "] belongs to another model");
-        for (auto& c : caches)
-          if (c == s->cache) throw std::invalid_argument("a sequence appears twice in one forward call");
-        const uint32_t n = counts_js[i];
-        if (offset + n > tokens->size()) throw std::invalid_argument("token counts exceed the tokens given");
-        caches.push_back(s->cache);
-        items.push_back({s->cache.get(), tokens->data() + offset, int(n)});
-        offset += n;
-      }
-      if (offset != tokens->size()) throw std::invalid_argument("token counts do not add up to the tokens given");
-
-      std::shared_ptr<Napi::ObjectReference> cancel_ref;
-      const std::atomic<int>* cancel = nullptr;
-      if (info.Length() > 4 && info[4].IsTypedArray()) {
-        Napi::Int32Array flag = info[4].As<Napi::Int32Array>();
-        cancel_ref = std::make_shared<Napi::ObjectReference>(Napi::Persistent(flag.As<Napi::Object>()));
-        // The flag is written with Atomics.store from JavaScript; an aligned int32 is read atomically.
-        cancel = reinterpret_cast<const std::atomic<int>*>(flag.Data());
-      }
+      Batch batch = parse_batch(seqs, tokens_js, counts_js);
+      auto tokens = batch.tokens;
+      auto caches = batch.caches;
+      auto items = batch.items;
+      CancelFlag flag = parse_cancel(info, 4);
+      auto cancel_ref = flag.ref;
+      const std::atomic<int>* cancel = flag.flag;
       std::shared_ptr<Napi::ThreadSafeFunction> progress_fn;
       if (info.Length() > 5 && info[5].IsFunction()) {
         progress_fn = std::make_shared<Napi::ThreadSafeFunction>(
@@ -282,6 +271,152 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
             Napi::Float32Array arr = Napi::Float32Array::New(e, out->size());
             std::copy(out->begin(), out->end(), arr.Data());
             if (cancel_ref) cancel_ref->Reset();
+            return arr;
+          });
+    });
+  }
+
+  // The sequences of one engine call, their new tokens (kept alive with the call) and the
+  // caches they append to (held so a dispose() from JavaScript cannot free them mid-call).
+  struct Batch {
+    std::shared_ptr<std::vector<uint32_t>> tokens;
+    std::vector<std::shared_ptr<KvCache>> caches;
+    std::vector<ForwardItem> items;
+  };
+  Batch parse_batch(const Napi::Array& seqs, const Napi::Uint32Array& tokens_js, const Napi::Uint32Array& counts_js) {
+    if (counts_js.ElementLength() != seqs.Length()) throw std::invalid_argument("one token count per sequence is required");
+    Batch b;
+    b.tokens = std::make_shared<std::vector<uint32_t>>(tokens_js.Data(), tokens_js.Data() + tokens_js.ElementLength());
+    size_t offset = 0;
+    for (uint32_t i = 0; i < seqs.Length(); ++i) {
+      Napi::Value v = seqs.Get(i);
+      if (!v.IsObject() || !v.As<Napi::Object>().InstanceOf(SequenceWrap::ctor.Value()))
+        throw std::invalid_argument("sequences[" + std::to_string(i) + "] is not a sequence");
+      SequenceWrap* s = SequenceWrap::Unwrap(v.As<Napi::Object>());
+      if (!s->cache) throw std::invalid_argument("sequences[" + std::to_string(i) + "] was disposed");
+      if (s->owner != model_.get()) throw std::invalid_argument("sequences[" + std::to_string(i) + "] belongs to another model");
+      for (auto& c : b.caches)
+        if (c == s->cache) throw std::invalid_argument("a sequence appears twice in one forward call");
+      const uint32_t n = counts_js[i];
+      if (offset + n > b.tokens->size()) throw std::invalid_argument("token counts exceed the tokens given");
+      b.caches.push_back(s->cache);
+      b.items.push_back({s->cache.get(), b.tokens->data() + offset, int(n)});
+      offset += n;
+    }
+    if (offset != b.tokens->size()) throw std::invalid_argument("token counts do not add up to the tokens given");
+    return b;
+  }
+
+  // An Int32Array cancel flag (written with Atomics.store from JavaScript; an aligned int32 is
+  // read atomically), referenced for the duration of the call.
+  struct CancelFlag {
+    std::shared_ptr<Napi::ObjectReference> ref;
+    const std::atomic<int>* flag = nullptr;
+  };
+  static CancelFlag parse_cancel(const Napi::CallbackInfo& info, size_t index) {
+    CancelFlag c;
+    if (info.Length() > index && info[index].IsTypedArray()) {
+      Napi::Int32Array a = info[index].As<Napi::Int32Array>();
+      c.ref = std::make_shared<Napi::ObjectReference>(Napi::Persistent(a.As<Napi::Object>()));
+      c.flag = reinterpret_cast<const std::atomic<int>*>(a.Data());
+    }
+    return c;
+  }
+
+  // decodeStep(sequences, tokens: Uint32Array, counts: Uint32Array, params: Float64Array
+  //            [n * 4: temperature, topK, topP, seed], rfToken, topN, cancel?)
+  //   -> Promise<{ tokens: Uint32Array, logprobs: Float32Array, pRf: Float32Array,
+  //                topIds: Uint32Array [n * topN], topLogprobs: Float32Array [n * topN] }>
+  Napi::Value DecodeStep(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guard(env, [&]() -> Napi::Value {
+      model();
+      Batch batch = parse_batch(info[0].As<Napi::Array>(), info[1].As<Napi::Uint32Array>(), info[2].As<Napi::Uint32Array>());
+      Napi::Float64Array params_js = info[3].As<Napi::Float64Array>();
+      const size_t n = batch.items.size();
+      if (params_js.ElementLength() != n * 4) throw std::invalid_argument("decodeStep: 4 sampling parameters per sequence are required");
+      std::vector<PickParams> params(n);
+      for (size_t i = 0; i < n; ++i) {
+        params[i].temperature = float(params_js[i * 4]);
+        params[i].top_k = int(params_js[i * 4 + 1]);
+        params[i].top_p = float(params_js[i * 4 + 2]);
+        params[i].seed = uint64_t(params_js[i * 4 + 3]);
+      }
+      const int rf_token = info[4].As<Napi::Number>().Int32Value();
+      const int top_n = info[5].As<Napi::Number>().Int32Value();
+      if (top_n < 0 || top_n > 64) throw std::invalid_argument("decodeStep: topN must be 0 to 64");
+      CancelFlag flag = parse_cancel(info, 6);
+      struct Out {
+        std::vector<Pick> picks;
+        std::vector<uint32_t> top_ids;
+        std::vector<float> top_lp;
+      };
+      auto out = std::make_shared<Out>();
+      out->picks.resize(n);
+      out->top_ids.resize(n * top_n);
+      out->top_lp.resize(n * top_n);
+      begin_work();
+      auto model = model_;
+      auto busy = busy_;
+      auto scratch = logits_scratch_;
+      return PromiseWorker::start(
+          env,
+          [=] {
+            struct Release { std::shared_ptr<std::atomic<bool>> b; ~Release() { b->store(false); } } release{busy};
+            decode_step(*model, batch.items, params, rf_token, top_n, out->picks.data(), out->top_ids.data(),
+                        out->top_lp.data(), *scratch, flag.flag);
+            (void)batch;
+          },
+          [out, flag, n](Napi::Env e) -> Napi::Value {
+            Napi::Object o = Napi::Object::New(e);
+            Napi::Uint32Array tokens = Napi::Uint32Array::New(e, n);
+            Napi::Float32Array logprobs = Napi::Float32Array::New(e, n);
+            Napi::Float32Array p_rf = Napi::Float32Array::New(e, n);
+            for (size_t i = 0; i < n; ++i) {
+              tokens[i] = out->picks[i].token;
+              logprobs[i] = out->picks[i].logprob;
+              p_rf[i] = out->picks[i].p_rf;
+            }
+            Napi::Uint32Array top_ids = Napi::Uint32Array::New(e, out->top_ids.size());
+            Napi::Float32Array top_lp = Napi::Float32Array::New(e, out->top_lp.size());
+            std::copy(out->top_ids.begin(), out->top_ids.end(), top_ids.Data());
+            std::copy(out->top_lp.begin(), out->top_lp.end(), top_lp.Data());
+            o.Set("tokens", tokens);
+            o.Set("logprobs", logprobs);
+            o.Set("pRf", p_rf);
+            o.Set("topIds", top_ids);
+            o.Set("topLogprobs", top_lp);
+            if (flag.ref) flag.ref->Reset();
+            return o;
+          });
+    });
+  }
+
+  // tokenScores(sequences, tokens, counts, rfToken, cancel?) -> Promise<Float32Array>: p(<rf>)
+  // after every token (items in order), teacher-forced; logits never leave native memory.
+  Napi::Value TokenScores(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guard(env, [&]() -> Napi::Value {
+      model();
+      Batch batch = parse_batch(info[0].As<Napi::Array>(), info[1].As<Napi::Uint32Array>(), info[2].As<Napi::Uint32Array>());
+      const int rf_token = info[3].As<Napi::Number>().Int32Value();
+      if (rf_token < 0 || rf_token >= model().vocab()) throw std::invalid_argument("tokenScores: rfToken is outside the vocabulary");
+      CancelFlag flag = parse_cancel(info, 4);
+      auto out = std::make_shared<std::vector<float>>(batch.tokens->size());
+      begin_work();
+      auto model = model_;
+      auto busy = busy_;
+      return PromiseWorker::start(
+          env,
+          [=] {
+            struct Release { std::shared_ptr<std::atomic<bool>> b; ~Release() { b->store(false); } } release{busy};
+            token_scores(*model, batch.items, rf_token, out->data(), flag.flag);
+            (void)batch;
+          },
+          [out, flag](Napi::Env e) -> Napi::Value {
+            Napi::Float32Array arr = Napi::Float32Array::New(e, out->size());
+            std::copy(out->begin(), out->end(), arr.Data());
+            if (flag.ref) flag.ref->Reset();
             return arr;
           });
     });
@@ -602,6 +737,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   std::shared_ptr<TrainerHandle> trainer_;
 
   std::shared_ptr<Model> model_;
+  // Logits rows of decodeStep, kept between steps (calls never overlap: see busy_).
+  std::shared_ptr<std::vector<float>> logits_scratch_ = std::make_shared<std::vector<float>>();
   std::shared_ptr<std::atomic<bool>> busy_ = std::make_shared<std::atomic<bool>>(false);
 };
 

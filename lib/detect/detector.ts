@@ -1,0 +1,394 @@
+/**
+ * Production detection: a model (with its red-flag adapter) generating answers while p(`<rf>`)
+ * is read at every step from the same logits the token is chosen from, many requests sharing
+ * each decode step; and teacher-forced scoring of existing text. See {@link createDetector}.
+ * @module
+ */
+import { encodeConversation, encodePrompt } from '../data/encode.js';
+import { checkMessages, RowProblem, type Message } from '../data/records.js';
+import { RedflagError, abortError } from '../errors.js';
+import { checkPickOptions, loadModel, type Model } from '../model/model.js';
+import { StopFilter } from '../model/stop-filter.js';
+import { IncrementalDecoder, type Tokenizer } from '../model/tokenizer.js';
+import { applyAdapter } from '../train/export.js';
+import { Scheduler, type StepPick } from './scheduler.js';
+import type {
+  ClassifyInput,
+  ClassifyOptions,
+  ClassifyResult,
+  DetectedToken,
+  DetectGenerateOptions,
+  DetectionStream,
+  DetectionSummary,
+  Detector,
+  DetectorMode,
+  DetectorOptions,
+  DetectorStats,
+  FinishReason,
+  Reflection,
+} from './types.js';
+
+export type * from './types.js';
+
+/** What `'reflect'` continues from when no reflection is configured. */
+export const DEFAULT_REFLECTION = ' I notice that this answer could cause harm, so I will stop here and not give those details.';
+
+const MODES: readonly DetectorMode[] = ['block', 'flag', 'reflect'];
+
+function invalid(message: string): RedflagError {
+  return new RedflagError('INVALID_ARGUMENT', message);
+}
+
+function checkThreshold(value: unknown, what: string): number {
+  if (typeof value !== 'number' || !(value >= 0 && value <= 1)) throw invalid(`${what} must be a number in [0, 1], got ${String(value)}`);
+  return value;
+}
+
+function checkMode(value: unknown, what: string): DetectorMode {
+  if (!MODES.includes(value as DetectorMode)) throw invalid(`${what} must be 'block', 'flag' or 'reflect', got ${JSON.stringify(value)}`);
+  return value as DetectorMode;
+}
+
+function checkInteger(value: unknown, what: string, min: number, max: number): number {
+  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < min || value > max) {
+    throw invalid(`${what} must be an integer from ${min} to ${max}, got ${String(value)}`);
+  }
+  return value;
+}
+
+function checkedMessages(value: unknown, what: string, allowPromptOnly: boolean): { messages: Message[]; responseMissing: boolean } {
+  try {
+    return checkMessages(value, { allowPromptOnly, field: what });
+  } catch (error) {
+    if (error instanceof RowProblem) throw invalid(error.message);
+    throw error;
+  }
+}
+
+/** The text 'reflect' places after the flag: examples first, then the instruction. */
+function reflectionText(r: string | Reflection): string {
+  if (typeof r === 'string') return r;
+  const examples = (r.examples ?? []).map((e) => `${e.flagged} ${e.continuation}`).join('\n\n');
+  return examples ? `\n\n${examples}\n\n${r.instruction}` : r.instruction;
+}
+
+/**
+ * Creates a detector. With a model directory it loads the model (and frees it on dispose);
+ * with `adapter` it applies a red-flag adapter. The model must know `<rf>` (from the adapter or
+ * a saved red-flag model) and have a tokenizer.
+ */
+export async function createDetector(options: DetectorOptions): Promise<Detector> {
+  if (typeof options !== 'object' || options === null) throw invalid('createDetector needs an options object');
+  const threshold = checkThreshold(options.threshold ?? 0.5, 'threshold');
+  const mode = checkMode(options.mode ?? 'block', 'mode');
+  const maxBatch = checkInteger(options.maxBatch ?? 32, 'maxBatch', 1, 1024);
+  const kvCacheBytes = checkInteger(options.kvCacheBytes ?? 2 * 2 ** 30, 'kvCacheBytes', 1, Number.MAX_SAFE_INTEGER);
+  const maxQueued = checkInteger(options.maxQueued ?? 256, 'maxQueued', 0, 1_000_000);
+  const reflection = options.reflection ?? DEFAULT_REFLECTION;
+  if (typeof reflection !== 'string' && (typeof reflection !== 'object' || typeof reflection.instruction !== 'string')) {
+    throw invalid('reflection must be a string or { instruction, examples? }');
+  }
+  const owned = typeof options.model === 'string';
+  const model =
+    typeof options.model === 'string'
+      ? await loadModel(options.model, { ...(options.dtype ? { dtype: options.dtype } : {}), ...(options.threads ? { threads: options.threads } : {}) })
+      : options.model;
+  try {
+    if (options.adapter !== undefined) await applyAdapter(model, options.adapter);
+    const rf = model.redFlagTokenId;
+    if (rf === null) {
+      throw new RedflagError('INVALID_ARGUMENT', 'the model has no <rf> token: pass the red-flag adapter (`adapter`) or a model saved with one', {
+        file: model.dir,
+      });
+    }
+    if (!model.tokenizer) throw new RedflagError('NO_TOKENIZER', 'a detector needs the model\'s tokenizer (tokenizer.json)', { file: model.dir });
+    return new RedFlagDetector(model, owned, {
+      threshold,
+      mode,
+      rf,
+      reflectionIds: model.tokenizer.encode(reflectionText(reflection), { addSpecialTokens: false }),
+      scheduler: new Scheduler(model, { maxBatch, kvCacheBytes, maxQueued, prefillChunk: 512, rfToken: rf }),
+      kvCacheBytes,
+    });
+  } catch (error) {
+    if (owned) model.dispose();
+    throw error;
+  }
+}
+
+/** A generation's token stream: a queue the scheduler fills and one iterator drains. */
+class Stream implements DetectionStream {
+  readonly done: Promise<DetectionSummary>;
+  readonly #controller = new AbortController();
+  readonly #items: DetectedToken[] = [];
+  #wake: (() => void) | null = null;
+  #summary: DetectionSummary | null = null;
+  #error: unknown = undefined;
+  #failed = false;
+  #iterated = false;
+  #settle!: { resolve: (s: DetectionSummary) => void; reject: (e: unknown) => void };
+
+  constructor(signal?: AbortSignal) {
+    this.done = new Promise((resolve, reject) => (this.#settle = { resolve, reject }));
+    this.done.catch(() => undefined); // a caller who only iterates still sees the error there
+    if (signal) {
+      if (signal.aborted) this.#controller.abort(signal.reason);
+      else signal.addEventListener('abort', () => this.#controller.abort(signal.reason), { once: true });
+    }
+    this.#controller.signal.addEventListener('abort', () => this.fail(abortError(this.#controller.signal)), { once: true });
+  }
+
+  get signal(): AbortSignal {
+    return this.#controller.signal;
+  }
+
+  get finished(): boolean {
+    return this.#summary !== null || this.#failed;
+  }
+
+  cancel(): void {
+    this.#controller.abort();
+  }
+
+  push(items: DetectedToken[]): void {
+    if (this.finished || items.length === 0) return;
+    this.#items.push(...items);
+    this.#wake?.();
+  }
+
+  end(summary: DetectionSummary): void {
+    if (this.finished) return;
+    this.#summary = summary;
+    this.#settle.resolve(summary);
+    this.#wake?.();
+  }
+
+  fail(error: unknown): void {
+    if (this.finished) return;
+    this.#failed = true;
+    this.#error = error;
+    this.#settle.reject(error);
+    this.#wake?.();
+  }
+
+  async *[Symbol.asyncIterator](): AsyncGenerator<DetectedToken> {
+    if (this.#iterated) throw invalid('a detection stream can be iterated once');
+    this.#iterated = true;
+    try {
+      for (;;) {
+        if (this.#items.length > 0) {
+          yield this.#items.shift()!;
+        } else if (this.#failed) {
+          throw this.#error;
+        } else if (this.#summary) {
+          return;
+        } else {
+          await new Promise<void>((resolve) => (this.#wake = resolve));
+          this.#wake = null;
+        }
+      }
+    } finally {
+      // The consumer stopped early (break or return): nobody wants the rest.
+      if (!this.finished) this.cancel();
+    }
+  }
+}
+
+interface DetectorState {
+  threshold: number;
+  mode: DetectorMode;
+  rf: number;
+  reflectionIds: number[];
+  scheduler: Scheduler;
+  kvCacheBytes: number;
+}
+
+class RedFlagDetector implements Detector {
+  readonly model: Model;
+  readonly mode: DetectorMode;
+  readonly threshold: number;
+  readonly redFlagTokenId: number;
+  readonly #owned: boolean;
+  readonly #s: DetectorState;
+  readonly #tokenizer: Tokenizer;
+  readonly #eos: Set<number>;
+  #disposed = false;
+
+  constructor(model: Model, owned: boolean, state: DetectorState) {
+    this.model = model;
+    this.mode = state.mode;
+    this.threshold = state.threshold;
+    this.redFlagTokenId = state.rf;
+    this.#owned = owned;
+    this.#s = state;
+    this.#tokenizer = model.tokenizer!;
+    this.#eos = new Set(model.eosTokenIds);
+  }
+
+  generate(input: readonly Message[] | string, options: DetectGenerateOptions = {}): DetectionStream {
+    if (this.#disposed) throw new RedflagError('DISPOSED', 'the detector was disposed');
+    const maxTokens = checkInteger(options.maxTokens ?? 256, 'maxTokens', 1, 1_000_000);
+    const topN = checkInteger(options.topLogprobs ?? 0, 'topLogprobs', 0, 20);
+    const threshold = checkThreshold(options.threshold ?? this.threshold, 'threshold');
+    const mode = checkMode(options.mode ?? this.mode, 'mode');
+    const stop = options.stop ?? [];
+    if (!Array.isArray(stop) || stop.some((s) => typeof s !== 'string' || s.length === 0)) throw invalid('stop must be an array of non-empty strings');
+    const pick = checkPickOptions({ ...options, seed: options.seed ?? Math.floor(Math.random() * 2 ** 31) }, 'generate');
+    let prompt: number[];
+    if (typeof input === 'string') {
+      if (input.length === 0) throw invalid('the prompt is empty');
+      prompt = this.#tokenizer.encode(input);
+    } else {
+      prompt = encodePrompt(this.#tokenizer, checkedMessages(input, 'messages', true).messages);
+    }
+    if (prompt.length === 0) throw invalid('the prompt encodes to no tokens');
+
+    const s = this.#s;
+    const stream = new Stream(options.signal);
+    const decoder = new IncrementalDecoder(this.#tokenizer);
+    const filter = new StopFilter<DetectedToken>(stop);
+    let completion = 0;
+    let flagged = false;
+    let flagIndex = -1;
+    let maxPRf = 0;
+    let reflected = false;
+    let budget = maxTokens;
+    let text = '';
+    const show = (items: DetectedToken[]) => {
+      for (const t of items) text += t.text;
+      stream.push(items);
+    };
+    const finish = (reason: FinishReason, flushText: boolean): null => {
+      if (flushText) show(filter.flush(decoder.flush()));
+      stream.end({ finishReason: reason, flagged, maxPRf, flagIndex, text, promptTokens: prompt.length, completionTokens: completion });
+      return null;
+    };
+    const topOf = (p: StepPick) => {
+      const out: { token: number; text: string; logprob: number }[] = [];
+      // <rf> is never shown, not even among the alternatives.
+      for (let i = 0; i < p.topIds.length && out.length < topN; i++) {
+        if (p.topIds[i] === s.rf) continue;
+        out.push({ token: p.topIds[i]!, text: this.#tokenizer.decode([p.topIds[i]!]), logprob: p.topLogprobs[i]! });
+      }
+      return out;
+    };
+
+    const onPick = (p: StepPick): number[] | null => {
+      if (stream.finished) return null;
+      completion++;
+      if (p.pRf > maxPRf) maxPRf = p.pRf;
+      const isFlag = p.token === s.rf;
+      const raised = isFlag || p.pRf >= threshold;
+      if (raised && !flagged) {
+        flagged = true;
+        flagIndex = completion - 1;
+      }
+      if (raised && mode === 'block') return finish('content_filter', false);
+      if (this.#eos.has(p.token)) return finish('stop', true);
+      let next = [p.token];
+      if (raised && mode === 'reflect' && !reflected) {
+        // The paper's soft mode: the flag and a reflective instruction go into the context
+        // (not into the user's text) and the answer continues from there.
+        reflected = true;
+        next = [s.rf, ...s.reflectionIds];
+      } else if (!isFlag) {
+        const token: DetectedToken = { token: p.token, text: decoder.push(p.token), logprob: p.logprob, pRf: p.pRf, flagged };
+        if (topN > 0) token.topLogprobs = topOf(p);
+        const { ready, stopped } = filter.push(token);
+        show(ready);
+        if (stopped) return finish('stop', false);
+      }
+      if (completion >= budget) return finish('length', true);
+      return next;
+    };
+
+    const reflectRoom = mode === 'reflect' ? 1 + s.reflectionIds.length : 0;
+    try {
+      // The model's positions bound the answer: a prompt that leaves no room is refused, a
+      // token budget beyond them ends with 'length' where they run out.
+      const room = this.model.config.maxPositions - prompt.length - reflectRoom;
+      if (room < 1) {
+        throw new RedflagError('TOO_LARGE', `the prompt has ${prompt.length} tokens; this model has ${this.model.config.maxPositions} positions`);
+      }
+      budget = Math.min(maxTokens, room);
+      s.scheduler.submit({
+        prompt,
+        positions: prompt.length + budget + reflectRoom,
+        pick,
+        // One more than asked for: <rf> is dropped from the alternatives shown.
+        topN: topN > 0 ? topN + 1 : 0,
+        signal: stream.signal,
+        onPick,
+        onError: (error) => stream.fail(error),
+      });
+    } catch (error) {
+      stream.fail(error);
+    }
+    return stream;
+  }
+
+  async classify(conversations: readonly ClassifyInput[], options: ClassifyOptions = {}): Promise<ClassifyResult[]> {
+    if (this.#disposed) throw new RedflagError('DISPOSED', 'the detector was disposed');
+    if (!Array.isArray(conversations)) throw invalid('classify expects an array of conversations');
+    const threshold = checkThreshold(options.threshold ?? this.threshold, 'threshold');
+    const batchSize = checkInteger(options.batchSize ?? 8, 'batchSize', 1, 1024);
+    // Each conversation as the ids to feed and where its response starts.
+    const encoded = conversations.map((c, i) => {
+      const raw = Array.isArray(c) ? c : (c as { messages?: unknown })?.messages;
+      const { messages, responseMissing } = checkedMessages(raw, `conversations[${i}].messages`, true);
+      if (responseMissing) {
+        const ids = encodePrompt(this.#tokenizer, messages);
+        return { ids, responseStart: ids.length, responseLength: 0 };
+      }
+      const e = encodeConversation(this.#tokenizer, { messages, label: 'benign', source: `conversations[${i}]` });
+      // Score before each response token and right after the response, not past the end token.
+      const responseLength = e.responseEnd - e.responseStart - (e.hasEndToken ? 1 : 0);
+      return { ids: e.ids.slice(0, e.responseStart + responseLength), responseStart: e.responseStart, responseLength };
+    });
+    const results: ClassifyResult[] = [];
+    for (let b = 0; b < encoded.length; b += batchSize) {
+      if (options.signal?.aborted) throw abortError(options.signal);
+      const chunk = encoded.slice(b, b + batchSize);
+      const seqs = chunk.map(() => this.model.newSequence());
+      let scores: Float32Array;
+      try {
+        scores = await this.model.tokenScores(seqs, chunk.map((e) => e.ids), { rfToken: this.#s.rf, ...(options.signal ? { signal: options.signal } : {}) });
+      } finally {
+        for (const q of seqs) q.dispose();
+      }
+      let offset = 0;
+      for (const e of chunk) {
+        // scores[offset + t] is p(<rf>) after token t, i.e. before token t + 1.
+        const pRf = scores.slice(offset + e.responseStart - 1, offset + e.responseStart + e.responseLength);
+        let maxPRf = 0;
+        let firstFlag = -1;
+        pRf.forEach((p, j) => {
+          if (p > maxPRf) maxPRf = p;
+          if (firstFlag < 0 && p >= threshold) firstFlag = j;
+        });
+        results.push({ tokens: e.ids.slice(e.responseStart), pRf, maxPRf, firstFlag, flagged: firstFlag >= 0 });
+        offset += e.ids.length;
+      }
+    }
+    return results;
+  }
+
+  stats(): DetectorStats {
+    const q = this.#s.scheduler;
+    return {
+      active: q.active,
+      queued: q.queued,
+      kvCacheBytes: q.reservedBytes,
+      kvCacheBudget: this.#s.kvCacheBytes,
+      steps: q.steps,
+      tokensGenerated: q.tokens,
+    };
+  }
+
+  async dispose(): Promise<void> {
+    if (this.#disposed) return;
+    this.#disposed = true;
+    await this.#s.scheduler.close();
+    if (this.#owned) this.model.dispose();
+  }
+}

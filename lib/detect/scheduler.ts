@@ -1,0 +1,213 @@
+/**
+ * Continuous batching: every running generation advances in the same native decode step.
+ * A request that arrives mid-flight is admitted at the next step, its prompt prefilled in that
+ * step (in chunks, so a long prompt does not stall the others for long) while the others
+ * decode. Each admitted request reserves the KV cache its prompt plus its token budget need,
+ * so the budget holds without any cache growing later; a request that does not fit waits, one
+ * that could never fit is refused.
+ * @module
+ */
+import { RedflagError, abortError } from '../errors.js';
+import type { Model, PickOptions, Sequence } from '../model/model.js';
+
+/** One sequence's result of a decode step. */
+export interface StepPick {
+  token: number;
+  logprob: number;
+  pRf: number;
+  /** The `topN` most likely tokens and their log-probabilities. */
+  topIds: Uint32Array;
+  topLogprobs: Float32Array;
+}
+
+/** A generation as the scheduler sees it. */
+export interface Job {
+  /** Prompt token ids (at least one). */
+  prompt: number[];
+  /** KV positions to reserve: the prompt plus every token the job may still append. */
+  positions: number;
+  pick: Required<PickOptions>;
+  topN: number;
+  signal?: AbortSignal;
+  /** Called with each pick; returns the tokens to append next (one or more), or null when finished. */
+  onPick(pick: StepPick): number[] | null;
+  /** Called once if the job fails or is cancelled (not after onPick returned null). */
+  onError(error: unknown): void;
+}
+
+/** Limits of a {@link Scheduler}. */
+export interface SchedulerOptions {
+  /** Most sequences in one step. */
+  maxBatch: number;
+  /** Bytes of KV cache all admitted jobs may reserve together. */
+  kvCacheBytes: number;
+  /** Jobs that may wait; more are refused. */
+  maxQueued: number;
+  /** Most prompt tokens of one job prefilled per step. */
+  prefillChunk: number;
+  /** The red-flag token read at every step (-1: none). */
+  rfToken: number;
+}
+
+interface Running {
+  job: Job;
+  seq: Sequence;
+  /** Tokens to append at the next step. */
+  pending: number[];
+  bytes: number;
+}
+
+/** Runs jobs on a model in shared decode steps; see the module description. */
+export class Scheduler {
+  readonly #model: Model;
+  readonly #o: SchedulerOptions;
+  readonly #queue: Job[] = [];
+  readonly #running: Running[] = [];
+  readonly #bytesPerPosition: number;
+  #reserved = 0;
+  #loop: Promise<void> | null = null;
+  #closed = false;
+  /** Counters for stats. */
+  steps = 0;
+  tokens = 0;
+
+  constructor(model: Model, options: SchedulerOptions) {
+    this.#model = model;
+    this.#o = options;
+    const c = model.config;
+    // K and V, f32, every layer (native/model/kv_cache.h).
+    this.#bytesPerPosition = 2 * c.numLayers * c.numKvHeads * c.headDim * 4;
+  }
+
+  /** Bytes of KV cache a job of `positions` positions reserves. */
+  bytesFor(positions: number): number {
+    return positions * this.#bytesPerPosition;
+  }
+
+  get active(): number {
+    return this.#running.length;
+  }
+  get queued(): number {
+    return this.#queue.length;
+  }
+  get reservedBytes(): number {
+    return this.#reserved;
+  }
+
+  /** Queues a job; throws TOO_LARGE when it could never fit, BUSY when the queue is full. */
+  submit(job: Job): void {
+    if (this.#closed) throw new RedflagError('DISPOSED', 'the detector was disposed');
+    const bytes = this.bytesFor(job.positions);
+    if (bytes > this.#o.kvCacheBytes) {
+      throw new RedflagError(
+        'TOO_LARGE',
+        `the request needs ${job.positions} positions (${(bytes / 2 ** 20).toFixed(1)} MiB of KV cache), more than the whole budget of ${(this.#o.kvCacheBytes / 2 ** 20).toFixed(1)} MiB: shorten the prompt or max tokens`,
+      );
+    }
+    if (this.#queue.length >= this.#o.maxQueued) {
+      throw new RedflagError('BUSY', `${this.#queue.length} requests are already waiting: try again later`);
+    }
+    this.#queue.push(job);
+    this.#loop ??= this.#run().finally(() => (this.#loop = null));
+  }
+
+  /** Fails every job and stops; resolves when the loop has stopped. */
+  async close(): Promise<void> {
+    this.#closed = true;
+    const error = new RedflagError('DISPOSED', 'the detector was disposed');
+    for (const job of this.#queue.splice(0)) job.onError(error);
+    await this.#loop;
+  }
+
+  /** Admits waiting jobs (first come, first served) while the batch and the budget allow. */
+  #admit(): void {
+    while (this.#queue.length > 0 && this.#running.length < this.#o.maxBatch) {
+      const job = this.#queue[0]!;
+      if (job.signal?.aborted) {
+        this.#queue.shift();
+        job.onError(abortError(job.signal));
+        continue;
+      }
+      const bytes = this.bytesFor(job.positions);
+      if (this.#reserved + bytes > this.#o.kvCacheBytes) break;
+      this.#queue.shift();
+      let seq: Sequence | undefined;
+      try {
+        seq = this.#model.newSequence();
+        seq.reserve(job.positions);
+      } catch (error) {
+        seq?.dispose();
+        job.onError(error);
+        continue;
+      }
+      this.#reserved += bytes;
+      this.#running.push({ job, seq, pending: job.prompt.slice(), bytes });
+    }
+  }
+
+  #finish(r: Running, error?: unknown): void {
+    const i = this.#running.indexOf(r);
+    if (i >= 0) this.#running.splice(i, 1);
+    r.seq.dispose();
+    this.#reserved -= r.bytes;
+    if (error !== undefined) r.job.onError(error);
+  }
+
+  async #run(): Promise<void> {
+    for (;;) {
+      for (const r of this.#running.slice()) {
+        if (r.job.signal?.aborted) this.#finish(r, abortError(r.job.signal));
+      }
+      if (this.#closed) {
+        for (const r of this.#running.slice()) this.#finish(r, new RedflagError('DISPOSED', 'the detector was disposed'));
+        return;
+      }
+      this.#admit();
+      if (this.#running.length === 0) return;
+
+      const batch = this.#running.slice();
+      const feed = batch.map((r) => r.pending.splice(0, this.#o.prefillChunk));
+      const topN = Math.max(...batch.map((r) => r.job.topN));
+      let result;
+      try {
+        result = await this.#model.step(
+          batch.map((r) => r.seq),
+          feed,
+          batch.map((r) => r.job.pick),
+          { rfToken: this.#o.rfToken, topN },
+        );
+      } catch (error) {
+        for (const r of batch) this.#finish(r, error);
+        continue;
+      }
+      this.steps++;
+      batch.forEach((r, i) => {
+        if (!this.#running.includes(r)) return;
+        // A prompt still being prefilled in chunks: this step's pick is not a continuation yet.
+        if (r.pending.length > 0) return;
+        const pick: StepPick = {
+          token: result.tokens[i]!,
+          logprob: result.logprobs[i]!,
+          pRf: result.pRf[i]!,
+          topIds: result.topIds.subarray(i * topN, i * topN + r.job.topN),
+          topLogprobs: result.topLogprobs.subarray(i * topN, i * topN + r.job.topN),
+        };
+        this.tokens++;
+        let next: number[] | null;
+        try {
+          next = r.job.onPick(pick);
+        } catch (error) {
+          this.#finish(r, error);
+          return;
+        }
+        if (next === null) {
+          this.#finish(r);
+        } else if (r.seq.length + next.length > r.job.positions) {
+          this.#finish(r, new RedflagError('NATIVE', `a generation asked for more than the ${r.job.positions} positions it reserved`));
+        } else {
+          r.pending = next;
+        }
+      });
+    }
+  }
+}

@@ -1,0 +1,71 @@
+/**
+ * Stop strings on streamed text: tokens are released only once their text cannot be the
+ * start of a stop string, and generation ends at the first stop string, which is not shown.
+ * Shared by {@link Model.generate} and the detector.
+ * @module
+ */
+
+/** Length of the longest suffix of text that is a proper prefix of some stop string. */
+function heldBackLength(text: string, stops: readonly string[]): number {
+  let hold = 0;
+  for (const s of stops) {
+    for (let n = Math.min(s.length - 1, text.length); n > hold; n--) {
+      if (text.endsWith(s.slice(0, n))) {
+        hold = n;
+        break;
+      }
+    }
+  }
+  return hold;
+}
+
+/** Holds back streamed items (anything with a `text`) until their text is decided. */
+export class StopFilter<T extends { text: string }> {
+  readonly #stops: readonly string[];
+  readonly #pending: T[] = [];
+
+  constructor(stops: readonly string[]) {
+    this.#stops = stops;
+  }
+
+  /**
+   * Adds an item; returns the items now safe to show and whether a stop string was reached
+   * (then the items returned end just before it, the last one's text cut, and nothing more
+   * may be pushed).
+   */
+  push(item: T): { ready: T[]; stopped: boolean } {
+    this.#pending.push(item);
+    const text = this.#pending.map((p) => p.text).join('');
+    const hit = this.#stops.reduce((best, s) => {
+      const i = text.indexOf(s);
+      return i >= 0 && i < best ? i : best;
+    }, Infinity);
+    const ready: T[] = [];
+    if (hit !== Infinity) {
+      let budget = hit;
+      while (this.#pending.length > 0 && budget > 0) {
+        const p = this.#pending.shift()!;
+        ready.push({ ...p, text: p.text.slice(0, budget) });
+        budget -= p.text.length;
+      }
+      this.#pending.length = 0;
+      return { ready, stopped: true };
+    }
+    let budget = text.length - heldBackLength(text, this.#stops);
+    while (this.#pending.length > 0 && this.#pending[0]!.text.length <= budget) {
+      const p = this.#pending.shift()!;
+      budget -= p.text.length;
+      ready.push(p);
+    }
+    return { ready, stopped: false };
+  }
+
+  /** Generation ended without a stop string: releases what was held, with `rest` (the decoder's tail) appended. */
+  flush(rest = ''): T[] {
+    if (rest && this.#pending.length > 0) {
+      const last = this.#pending[this.#pending.length - 1]!;
+      this.#pending[this.#pending.length - 1] = { ...last, text: last.text + rest };
+    }
+    return this.#pending.splice(0);
+  }
+}

@@ -1,0 +1,190 @@
+#include "model/decode.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "kernels/ops.h"
+
+namespace rf {
+
+namespace {
+
+// A uniform draw in [0, 1) from (seed, counter): splitmix64, counter-based so a sequence's
+// draws do not depend on the batch it runs in or on how many draws came before.
+double uniform_draw(uint64_t seed, uint64_t counter) {
+  uint64_t z = seed ^ (counter * 0xd1342543de82ef95ull);
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  z ^= z >> 31;
+  return double(z >> 11) * (1.0 / 9007199254740992.0);
+}
+
+// Descending by value, then ascending by id: the order torch.topk / argmax agree with.
+bool before(const std::pair<float, int>& a, const std::pair<float, int>& b) {
+  return a.first > b.first || (a.first == b.first && a.second < b.second);
+}
+
+// The k largest (value, id) pairs of z, sorted with before().
+void top_candidates(const float* z, int n, int k, std::vector<std::pair<float, int>>& out) {
+  out.clear();
+  k = std::min(k, n);
+  // A min-heap (under before()) of the best k so far: most rows reject almost every element
+  // with one comparison against the heap's worst.
+  for (int i = 0; i < n; ++i) {
+    if (int(out.size()) < k) {
+      out.emplace_back(z[i], i);
+      std::push_heap(out.begin(), out.end(), before);
+    } else if (z[i] > out.front().first) {
+      std::pop_heap(out.begin(), out.end(), before);
+      out.back() = {z[i], i};
+      std::push_heap(out.begin(), out.end(), before);
+    }
+  }
+  std::sort_heap(out.begin(), out.end(), before);
+}
+
+int first_argmax(const float* z, int n) {
+  int best = 0;
+  float v = z[0];
+  for (int i = 1; i < n; ++i)
+    if (z[i] > v) v = z[i], best = i;
+  return best;
+}
+
+// Samples from softmax(z / T) restricted by top-k / top-p; returns the token id.
+int sample(const float* z, int n, const PickParams& p, double u, std::vector<std::pair<float, int>>& cand) {
+  const float inv_t = 1.f / p.temperature;
+  if (p.top_k == 0 && p.top_p >= 1.f) {
+    // The whole vocabulary in id order: no sort needed.
+    float mx = z[first_argmax(z, n)];
+    double sum = 0;
+    for (int i = 0; i < n; ++i) sum += std::exp(double((z[i] - mx) * inv_t));
+    double r = u * sum;
+    for (int i = 0; i < n; ++i) {
+      r -= std::exp(double((z[i] - mx) * inv_t));
+      if (r < 0) return i;
+    }
+    return n - 1;
+  }
+  // Candidates in descending order: the top-k, or for top-p alone a growing prefix that is
+  // large enough once its mass reaches top_p of the total.
+  double total = 0;
+  const float mx = z[first_argmax(z, n)];
+  if (p.top_k == 0)
+    for (int i = 0; i < n; ++i) total += std::exp(double((z[i] - mx) * inv_t));
+  int k = p.top_k > 0 ? std::min(p.top_k, n) : std::min(256, n);
+  for (;;) {
+    top_candidates(z, n, k, cand);
+    if (p.top_k > 0 || k == n) break;
+    double mass = 0;
+    for (auto& c : cand) mass += std::exp(double((c.first - mx) * inv_t));
+    if (mass >= double(p.top_p) * total) break;
+    k = std::min(n, k * 8);
+  }
+  std::vector<double> probs(cand.size());
+  double sum = 0;
+  for (size_t i = 0; i < cand.size(); ++i) sum += probs[i] = std::exp(double((cand[i].first - mx) * inv_t));
+  if (p.top_k == 0) sum = total;
+  size_t keep = cand.size();
+  if (p.top_p < 1.f) {
+    double cumulative = 0;
+    for (size_t i = 0; i < cand.size(); ++i) {
+      cumulative += probs[i] / sum;
+      if (cumulative >= double(p.top_p)) {
+        keep = i + 1;
+        break;
+      }
+    }
+  }
+  double kept = 0;
+  for (size_t i = 0; i < keep; ++i) kept += probs[i];
+  double r = u * kept;
+  for (size_t i = 0; i < keep; ++i) {
+    r -= probs[i];
+    if (r < 0) return cand[i].second;
+  }
+  return cand[keep - 1].second;
+}
+
+}  // namespace
+
+Pick logits_pick(const float* z, int n, const PickParams& params, uint64_t counter, int rf_token, int top_n,
+                 uint32_t* top_ids, float* top_logprobs, PickScratch& scratch) {
+  Pick pick;
+  const float lse = logsumexp(z, n);
+  const int token = params.temperature > 0.f
+                        ? sample(z, n, params, uniform_draw(params.seed, counter), scratch.cand)
+                        : first_argmax(z, n);
+  pick.token = uint32_t(token);
+  pick.logprob = z[token] - lse;
+  pick.p_rf = rf_token >= 0 && rf_token < n ? std::exp(z[rf_token] - lse) : 0.f;
+  if (top_n > 0) {
+    top_candidates(z, n, top_n, scratch.cand);
+    for (int i = 0; i < top_n; ++i) {
+      const bool have = i < int(scratch.cand.size());
+      top_ids[i] = have ? uint32_t(scratch.cand[i].second) : 0;
+      top_logprobs[i] = have ? scratch.cand[i].first - lse : -INFINITY;
+    }
+  }
+  return pick;
+}
+
+void decode_step(Model& model, const std::vector<ForwardItem>& items, const std::vector<PickParams>& params,
+                 int rf_token, int top_n, Pick* picks, uint32_t* top_ids, float* top_logprobs,
+                 std::vector<float>& logits, const std::atomic<int>* cancel) {
+  if (params.size() != items.size()) throw std::invalid_argument("decode_step: one PickParams per item is required");
+  for (const ForwardItem& it : items)
+    if (it.n_tokens < 1) throw std::invalid_argument("decode_step: every sequence needs at least one new token");
+  const int V = model.vocab();
+  const long B = long(items.size());
+  logits.resize(size_t(B) * V);
+  model.forward(items, LogitsMode::last, logits.data(), cancel);
+  // Rows are independent; a row costs a few passes over the vocabulary, so split them across
+  // the pool only when there are several.
+  auto pick_rows = [&](long begin, long end) {
+    PickScratch scratch;
+    for (long b = begin; b < end; ++b) {
+      // The counter is the position the new token will take: the same whatever the batch.
+      const uint64_t counter = uint64_t(items[b].cache->length());
+      picks[b] = logits_pick(logits.data() + b * V, V, params[b], counter, rf_token, top_n,
+                             top_n > 0 ? top_ids + b * top_n : nullptr, top_n > 0 ? top_logprobs + b * top_n : nullptr,
+                             scratch);
+    }
+  };
+  if (B == 1 || model.threads() == 1) {
+    pick_rows(0, B);
+  } else {
+    model.pool().parallel_for(B, [&](long begin, long end, int) { pick_rows(begin, end); });
+  }
+}
+
+void token_scores(Model& model, const std::vector<ForwardItem>& items, int rf_token, float* p_rf,
+                  const std::atomic<int>* cancel) {
+  const int V = model.vocab();
+  if (rf_token < 0 || rf_token >= V) throw std::invalid_argument("token_scores: the red-flag token is outside the vocabulary");
+  const long H = model.config().hidden;
+  const long R = Model::logits_rows(items, LogitsMode::all);
+  std::vector<float> hidden(size_t(R) * H);
+  model.forward(items, LogitsMode::hidden, hidden.data(), cancel);
+  // 64 rows of logits at a time: enough rows for the GEMM to reuse each weight panel.
+  constexpr long kChunk = 64;
+  std::vector<float> logits(size_t(std::min(R, kChunk)) * V);
+  for (long r0 = 0; r0 < R; r0 += kChunk) {
+    if (cancel && cancel->load(std::memory_order_relaxed)) throw Cancelled();
+    const long rows = std::min(kChunk, R - r0);
+    model.head_logits(hidden.data() + r0 * H, rows, logits.data());
+    auto score = [&](long begin, long end) {
+      for (long r = begin; r < end; ++r) {
+        const float* z = logits.data() + r * V;
+        p_rf[r0 + r] = std::exp(z[rf_token] - logsumexp(z, V));
+      }
+    };
+    if (model.threads() == 1) score(0, rows);
+    else model.pool().parallel_for(rows, [&](long b, long e, int) { score(b, e); });
+  }
+}
+
+}  // namespace rf

@@ -1,0 +1,51 @@
+// The fused decode step: one forward over a batch of sequences (new prompts and one-token
+// continuations alike), then, per sequence and from the same logits row, the next token
+// (greedy or sampled), its log-probability, p(<rf>) and optionally the top-n log-probabilities.
+// Logits stay in native memory: only a few numbers per sequence go back to JavaScript.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "model/model.h"
+
+namespace rf {
+
+// How to choose a token from one logits row.
+struct PickParams {
+  float temperature = 0.f;  // 0 = greedy (first maximum on ties, as torch.argmax)
+  int top_k = 0;            // keep the k most likely (0 = all)
+  float top_p = 1.f;        // keep the smallest most-likely set reaching this mass (1 = all)
+  uint64_t seed = 0;        // with the counter, gives the uniform draw (batch-independent)
+};
+
+struct Pick {
+  uint32_t token = 0;
+  float logprob = 0.f;  // log p(token) at temperature 1 (the model's distribution)
+  float p_rf = 0.f;     // p(<rf>) at temperature 1; 0 when there is no red-flag token
+};
+
+// Scratch of logits_pick, reused across calls.
+struct PickScratch {
+  std::vector<std::pair<float, int>> cand;
+};
+
+// Chooses the next token from logits [vocab]. `counter` (e.g. the sequence position) and the
+// seed make the random draw depend only on the sequence, never on what else is in the batch.
+// top_n > 0 writes the n most likely tokens (descending, ties by lower id) and their
+// log-probabilities to top_ids / top_logprobs.
+Pick logits_pick(const float* logits, int vocab, const PickParams& params, uint64_t counter, int rf_token,
+                 int top_n, uint32_t* top_ids, float* top_logprobs, PickScratch& scratch);
+
+// One decode step over items (each item's new tokens: a prompt or one token); writes one Pick
+// per item and, with top_n > 0, [items, top_n] top tokens. `logits` is scratch [items, vocab].
+void decode_step(Model& model, const std::vector<ForwardItem>& items, const std::vector<PickParams>& params,
+                 int rf_token, int top_n, Pick* picks, uint32_t* top_ids, float* top_logprobs,
+                 std::vector<float>& logits, const std::atomic<int>* cancel = nullptr);
+
+// Teacher-forced red-flag scores: appends every item's tokens and writes p(<rf>) after each
+// token to p_rf [total tokens], computing the LM head in row chunks so memory stays
+// O(chunk x vocab) however long the input.
+void token_scores(Model& model, const std::vector<ForwardItem>& items, int rf_token, float* p_rf,
+                  const std::atomic<int>* cancel = nullptr);
+
+}  // namespace rf

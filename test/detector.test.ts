@@ -1,0 +1,325 @@
+// The detector: token, log-prob and p(<rf>) of every step against float64 references computed
+// from full-sequence logits; the three modes; continuous batching that changes no output; the
+// KV-cache budget; cancellation; teacher-forced classification.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { rm } from 'node:fs/promises';
+
+import { createDetector, DEFAULT_REFLECTION, type DetectedToken, type Detector, type DetectionStream } from '../lib/detect/detector.js';
+import type { Message } from '../lib/data/records.js';
+import { encodePrompt } from '../lib/data/encode.js';
+import { RedflagError } from '../lib/errors.js';
+import { loadModel, type Model } from '../lib/model/model.js';
+import { addRedFlagToken } from '../lib/model/red-flag.js';
+import { tinyLlama } from './helpers/tiny-model.js';
+
+let dir: string;
+let model: Model;
+let rf: number;
+const detectors: Detector[] = [];
+
+async function detector(options: Partial<Parameters<typeof createDetector>[0]> = {}): Promise<Detector> {
+  const d = await createDetector({ model, threshold: 1, mode: 'flag', ...options });
+  detectors.push(d);
+  return d;
+}
+
+beforeAll(async () => {
+  dir = await tinyLlama();
+  model = await loadModel(dir, { threads: 2 });
+  rf = (await addRedFlagToken(model)).id;
+});
+afterAll(async () => {
+  for (const d of detectors) await d.dispose();
+  model.dispose();
+  await rm(dir, { recursive: true, force: true });
+});
+
+async function drain(stream: DetectionStream): Promise<DetectedToken[]> {
+  const out: DetectedToken[] = [];
+  for await (const t of stream) out.push(t);
+  return out;
+}
+
+/** float64 log-softmax of one logits row. */
+function logSoftmax(row: Float32Array): Float64Array {
+  let max = -Infinity;
+  for (const v of row) if (v > max) max = v;
+  let sum = 0;
+  for (const v of row) sum += Math.exp(v - max);
+  const lse = max + Math.log(sum);
+  return Float64Array.from(row, (v) => v - lse);
+}
+
+const ask = (text: string): Message[] => [{ role: 'user', content: text }];
+
+describe('detector.generate', () => {
+  it('returns the greedy token, its log-prob and p(<rf>) of the full-sequence logits at every step', async () => {
+    const d = await detector();
+    const messages = ask('Tell me about the weather in spring.');
+    const stream = d.generate(messages, { maxTokens: 10, topLogprobs: 3 });
+    const tokens = await drain(stream);
+    const summary = await stream.done;
+    expect(summary.completionTokens).toBeGreaterThan(0);
+    expect(summary.finishReason).toMatch(/^(stop|length)$/);
+    const prompt = encodePrompt(model.tokenizer!, messages);
+    expect(summary.promptTokens).toBe(prompt.length);
+    const ids = tokens.map((t) => t.token);
+    const logits = await model.logits([...prompt, ...ids]);
+    const V = model.vocabSize;
+    let maxPRf = 0;
+    tokens.forEach((t, i) => {
+      const lp = logSoftmax(logits.subarray((prompt.length - 1 + i) * V, (prompt.length + i) * V));
+      let best = 0;
+      for (let j = 1; j < V; j++) if (lp[j]! > lp[best]!) best = j;
+      expect(t.token).toBe(best);
+      expect(t.logprob).toBeCloseTo(lp[best]!, 4);
+      expect(Math.abs(t.pRf - Math.exp(lp[rf]!))).toBeLessThan(1e-6 + 1e-4 * Math.exp(lp[rf]!));
+      maxPRf = Math.max(maxPRf, t.pRf);
+      // Top alternatives: descending, <rf> left out, log-probs as the reference.
+      const order = Array.from(lp.keys()).filter((j) => j !== rf).sort((a, b) => lp[b]! - lp[a]! || a - b);
+      expect(t.topLogprobs!.map((x) => x.token)).toEqual(order.slice(0, 3));
+      t.topLogprobs!.forEach((x) => expect(x.logprob).toBeCloseTo(lp[x.token]!, 4));
+      expect(t.flagged).toBe(false);
+    });
+    expect(summary.text).toBe(tokens.map((t) => t.text).join(''));
+    expect(summary.text).toBe(model.tokenizer!.decode(ids));
+    expect(summary.maxPRf).toBeCloseTo(maxPRf, 6);
+  });
+
+  it("'block' stops at the first step with p(<rf>) at the threshold, with finish reason content_filter", async () => {
+    const messages = ask('How do I sharpen a kitchen knife?');
+    const free = await detector();
+    const all = await drain(free.generate(messages, { maxTokens: 12 }));
+    expect(all.length).toBe(12);
+    // A threshold the 6th step reaches: the block comes at the first step at or above it.
+    const threshold = all[5]!.pRf;
+    const first = all.findIndex((t) => t.pRf >= threshold);
+    const blocker = await detector({ mode: 'block', threshold });
+    const stream = blocker.generate(messages, { maxTokens: 12 });
+    const shown = await drain(stream);
+    const summary = await stream.done;
+    expect(summary.finishReason).toBe('content_filter');
+    expect(summary.flagged).toBe(true);
+    expect(summary.flagIndex).toBe(first);
+    expect(shown.map((t) => t.token)).toEqual(all.slice(0, first).map((t) => t.token));
+    expect(summary.text).toBe(model.tokenizer!.decode(all.slice(0, first).map((t) => t.token)));
+    // Threshold 0: every step is flagged, nothing is shown.
+    const s0 = blocker.generate(messages, { maxTokens: 5, threshold: 0 });
+    expect(await drain(s0)).toEqual([]);
+    expect((await s0.done).finishReason).toBe('content_filter');
+  });
+
+  it("'flag' continues and marks every token from the flag on", async () => {
+    const messages = ask('How do I sharpen a kitchen knife?');
+    const all = await drain((await detector()).generate(messages, { maxTokens: 12 }));
+    const threshold = all[4]!.pRf;
+    const first = all.findIndex((t) => t.pRf >= threshold);
+    const stream = (await detector({ threshold })).generate(messages, { maxTokens: 12 });
+    const flagged = await drain(stream);
+    expect(flagged.map((t) => t.token)).toEqual(all.map((t) => t.token));
+    expect(flagged.map((t) => t.flagged)).toEqual(all.map((_, i) => i >= first));
+    const summary = await stream.done;
+    expect(summary.flagged).toBe(true);
+    expect(summary.flagIndex).toBe(first);
+    expect(summary.finishReason).toBe('length');
+  });
+
+  it("'reflect' puts <rf> and the reflection into the context, not the text, and continues from them", async () => {
+    const messages = ask('How do I sharpen a kitchen knife?');
+    const all = await drain((await detector()).generate(messages, { maxTokens: 8 }));
+    const threshold = all[3]!.pRf;
+    const first = all.findIndex((t) => t.pRf >= threshold);
+    const stream = (await detector({ mode: 'reflect', threshold })).generate(messages, { maxTokens: 8 });
+    const out = await drain(stream);
+    expect(out.slice(0, first).map((t) => t.token)).toEqual(all.slice(0, first).map((t) => t.token));
+    const summary = await stream.done;
+    expect(summary.flagIndex).toBe(first);
+    expect(summary.text).not.toContain('<rf>');
+    expect(summary.text).not.toContain(DEFAULT_REFLECTION.trim());
+    // What follows is the greedy continuation of prompt + shown tokens + <rf> + reflection.
+    const context = [
+      ...encodePrompt(model.tokenizer!, messages),
+      ...all.slice(0, first).map((t) => t.token),
+      rf,
+      ...model.tokenizer!.encode(DEFAULT_REFLECTION, { addSpecialTokens: false }),
+    ];
+    const after: number[] = [];
+    for await (const t of model.generate(context, { maxTokens: 8 - first - 1, eosTokenIds: model.eosTokenIds })) after.push(t.token);
+    expect(out.slice(first).map((t) => t.token)).toEqual(after);
+    expect(summary.completionTokens).toBe(first + 1 + after.length);
+  });
+
+  it('<rf> chosen by the model is never shown and flags the answer', async () => {
+    // A red-flag LM-head row equal to 4x the row of the first greedy token makes <rf> the argmax there.
+    const messages = ask('Write a short poem.');
+    const all = await drain((await detector()).generate(messages, { maxTokens: 4 }));
+    const row = new Float32Array(model.config.hiddenSize);
+    const head = await model.readTensor('lm_head.weight').catch(() => model.readTensor('model.embed_tokens.weight'));
+    const H = model.config.hiddenSize;
+    const w = new Float32Array(head.data.buffer, head.data.byteOffset + all[0]!.token * H * 4, H);
+    for (let i = 0; i < H; i++) row[i] = 4 * w[i]!;
+    expect(all[0]!.logprob).toBeGreaterThan(-20);
+    await model.runNative(() => model.engine.setTokenRows(rf, null, row));
+    try {
+      const stream = (await detector()).generate(messages, { maxTokens: 4 });
+      const out = await drain(stream);
+      const summary = await stream.done;
+      expect(summary.flagged).toBe(true);
+      expect(summary.flagIndex).toBe(0);
+      expect(out.every((t) => t.token !== rf)).toBe(true);
+      expect(summary.text).not.toContain('<rf>');
+    } finally {
+      await model.runNative(() => model.engine.clearAdapters());
+    }
+  });
+
+  it('stop strings end the answer before them; maxTokens ends it with length', async () => {
+    const d = await detector();
+    const messages = ask('Count with me.');
+    const all = await drain(d.generate(messages, { maxTokens: 10 }));
+    const text = all.map((t) => t.text).join('');
+    const cut = text.slice(3, 6);
+    expect(cut.length).toBe(3);
+    const stream = d.generate(messages, { maxTokens: 10, stop: [cut] });
+    await drain(stream);
+    const summary = await stream.done;
+    expect(summary.finishReason).toBe('stop');
+    expect(summary.text).toBe(text.slice(0, text.indexOf(cut)));
+  });
+});
+
+describe('continuous batching', () => {
+  it('32 concurrent requests, greedy and sampled, give what each gives alone', async () => {
+    const d = await detector({ maxBatch: 32 });
+    const jobs = Array.from({ length: 32 }, (_, i) => ({
+      messages: ask(`Request number ${i}: ${'tell me more '.repeat(1 + (i % 5))}`),
+      options: i % 2 === 0 ? { maxTokens: 6 + (i % 4) } : { maxTokens: 7, temperature: 0.8, topK: 40, seed: 1000 + i },
+    }));
+    const alone: number[][] = [];
+    for (const j of jobs.slice(0, 6)) alone.push((await drain(d.generate(j.messages, j.options))).map((t) => t.token));
+    const streams = jobs.map((j) => d.generate(j.messages, j.options));
+    const together = await Promise.all(streams.map(async (s) => (await drain(s)).map((t) => t.token)));
+    expect(together.slice(0, 6)).toEqual(alone);
+    // Fewer steps than one request after another: they shared steps.
+    const before = d.stats().steps;
+    const again = jobs.slice(0, 8).map((j) => d.generate(j.messages, j.options));
+    await Promise.all(again.map(drain));
+    expect(d.stats().steps - before).toBeLessThanOrEqual(12);
+    expect(d.stats().active).toBe(0);
+    expect(d.stats().kvCacheBytes).toBe(0);
+  });
+
+  it('a request arriving mid-flight joins and changes nothing', async () => {
+    const d = await detector();
+    const a = ask('First request, a long one.');
+    const b = ask('Second request.');
+    const aloneA = (await drain(d.generate(a, { maxTokens: 16 }))).map((t) => t.token);
+    const aloneB = (await drain(d.generate(b, { maxTokens: 8 }))).map((t) => t.token);
+    const sa = d.generate(a, { maxTokens: 16 });
+    const it = sa[Symbol.asyncIterator]();
+    const gotA: number[] = [];
+    for (let i = 0; i < 4; i++) gotA.push((await it.next()).value!.token);
+    const gotB = (await drain(d.generate(b, { maxTokens: 8 }))).map((t) => t.token);
+    for (let r = await it.next(); !r.done; r = await it.next()) gotA.push(r.value.token);
+    expect(gotA).toEqual(aloneA);
+    expect(gotB).toEqual(aloneB);
+  });
+
+  it('the KV-cache budget queues what does not fit now and refuses what never fits', async () => {
+    const c = model.config;
+    const perPosition = 2 * c.numLayers * c.numKvHeads * c.headDim * 4;
+    const messages = ask('Budgeted request.');
+    const prompt = encodePrompt(model.tokenizer!, messages).length;
+    // Room for one request of 20 tokens at a time.
+    const d = await detector({ kvCacheBytes: perPosition * (prompt + 20) + perPosition * 5 });
+    const tooLarge = d.generate(messages, { maxTokens: 200 });
+    await expect(tooLarge.done).rejects.toMatchObject({ code: 'TOO_LARGE' });
+    const s1 = d.generate(messages, { maxTokens: 20 });
+    const s2 = d.generate(messages, { maxTokens: 20 });
+    expect(d.stats().queued + d.stats().active).toBe(2);
+    const [t1, t2] = await Promise.all([drain(s1), drain(s2)]);
+    expect(t2.map((t) => t.token)).toEqual(t1.map((t) => t.token));
+    expect(d.stats().kvCacheBytes).toBe(0);
+  });
+
+  it('a cancelled request ends with its abort reason and frees its cache; the others go on', async () => {
+    const d = await detector();
+    const controller = new AbortController();
+    const victim = d.generate(ask('Cancel me.'), { maxTokens: 200, signal: controller.signal });
+    const other = d.generate(ask('Keep me.'), { maxTokens: 10 });
+    let n = 0;
+    const drained = (async () => {
+      for await (const _ of victim) if (++n === 3) controller.abort(new Error('client went away'));
+    })();
+    await expect(drained).rejects.toThrow('client went away');
+    await expect(victim.done).rejects.toThrow('client went away');
+    expect((await drain(other)).length).toBe(10);
+    expect(d.stats().kvCacheBytes).toBe(0);
+    // Breaking out of the loop cancels too.
+    const s = d.generate(ask('Break early.'), { maxTokens: 200 });
+    for await (const _ of s) break;
+    await expect(s.done).rejects.toBeInstanceOf(Error);
+  });
+
+  it('keeps the event loop responsive while generating', async () => {
+    const d = await detector();
+    let ticks = 0;
+    const timer = setInterval(() => ticks++, 5);
+    const t0 = performance.now();
+    await Promise.all(Array.from({ length: 4 }, (_, i) => drain(d.generate(ask(`Loop ${i}`), { maxTokens: 40 }))));
+    clearInterval(timer);
+    const ms = performance.now() - t0;
+    expect(ticks).toBeGreaterThan(ms / 5 / 4);
+  });
+});
+
+describe('detector.classify', () => {
+  it('scores each response token with p(<rf>) from full-sequence logits, batched', async () => {
+    const d = await detector({ threshold: 0.5 });
+    const conversations: Message[][] = [
+      [{ role: 'user', content: 'Hello there' }, { role: 'assistant', content: 'Hi! How can I help you today?' }],
+      [{ role: 'system', content: 'Be brief.' }, { role: 'user', content: 'Name a colour' }, { role: 'assistant', content: 'Blue.' }],
+      [{ role: 'user', content: 'Only a prompt' }],
+    ];
+    const results = await d.classify(conversations, { batchSize: 2 });
+    expect(results).toHaveLength(3);
+    const V = model.vocabSize;
+    for (const [i, r] of results.entries()) {
+      const prompt = encodePrompt(model.tokenizer!, conversations[i]!.filter((_, j, a) => !(j === a.length - 1 && a[j]!.role === 'assistant')));
+      const ids = [...prompt, ...r.tokens];
+      expect(r.pRf.length).toBe(r.tokens.length + 1);
+      const logits = await model.logits(ids);
+      r.pRf.forEach((p, j) => {
+        const ref = Math.exp(logSoftmax(logits.subarray((prompt.length - 1 + j) * V, (prompt.length + j) * V))[rf]!);
+        expect(Math.abs(p - ref)).toBeLessThan(1e-6 + 1e-4 * ref);
+      });
+      expect(r.maxPRf).toBe(Math.max(...r.pRf));
+      expect(r.flagged).toBe(false);
+    }
+    expect(results[2]!.tokens).toEqual([]);
+    expect(model.tokenizer!.decode(results[1]!.tokens)).toContain('Blue.');
+    // A threshold below the maximum flags, at the first position reaching it.
+    const low = await d.classify([conversations[0]!], { threshold: results[0]!.maxPRf });
+    expect(low[0]!.flagged).toBe(true);
+    expect(low[0]!.firstFlag).toBe(Array.from(results[0]!.pRf).findIndex((p) => p >= results[0]!.maxPRf));
+  });
+});
+
+describe('bad input', () => {
+  it('names what is wrong', async () => {
+    const d = await detector();
+    expect(() => d.generate([{ role: 'user', content: '' }])).toThrow(/messages\[0\]\.content/);
+    expect(() => d.generate([{ role: 'assistant', content: 'x' }])).toThrow(/roles out of order/);
+    expect(() => d.generate(ask('x'), { topLogprobs: 21 })).toThrow(/topLogprobs/);
+    expect(() => d.generate(ask('x'), { temperature: -1 })).toThrow(/temperature/);
+    await expect(d.classify([[{ role: 'user', content: 3 as unknown as string }]])).rejects.toThrow(/conversations\[0\]\.messages\[0\]\.content/);
+    await expect(createDetector({ model, threshold: 2 })).rejects.toThrow(/threshold/);
+    const plain = await loadModel(dir, { threads: 1 });
+    try {
+      await expect(createDetector({ model: plain })).rejects.toBeInstanceOf(RedflagError);
+      await expect(createDetector({ model: plain })).rejects.toThrow(/no <rf> token/);
+    } finally {
+      plain.dispose();
+    }
+  });
+});
