@@ -4,7 +4,7 @@
  * @module
  */
 export { RedflagError, type RedflagErrorCode } from './errors.js';
-export { loadModel, Model, Sequence, type LoadModelOptions, type LogitsOptions } from './model/model.js';
+export { loadModel, Model, Sequence, checkPickOptions, type LoadModelOptions, type LogitsOptions, type PickOptions, type StepResult } from './model/model.js';
 export type { GenerateOptions, GeneratedToken } from './model/generate.js';
 export type { ModelConfig, GenerationConfig, RopeScaling, Architecture } from './model/config.js';
 export { loadModelConfig, parseModelConfig, loadGenerationConfig, mergeEosTokenIds } from './model/config.js';
@@ -33,7 +33,7 @@ export {
 } from './model/safetensors.js';
 export { WeightStore, type WeightInfo, type WeightStoreOptions } from './model/weights.js';
 export { writeRandomModel, type RandomModelSpec } from './model/random-model.js';
-export { createRng, sampleToken, argmax, type SamplingOptions } from './model/sampling.js';
+export { createRng } from './model/sampling.js';
 
 // Training: data, the trainer, adapters.
 export {
@@ -60,3 +60,21 @@ export { mergeAdapterTensors, type MergePlan } from './train/merge.js';
 export type { WeightPlan, EngineTensor } from './model/weights-map.js';
 export { applyAdapter, saveMerged } from './train/export.js';
 export { runPipeline, type PipelineOptions, type PipelineResult } from './train/pipeline.js';
+
+// Production detection: generation with red-flag scores, continuous batching, classification.
+export { createDetector, DEFAULT_REFLECTION } from './detect/detector.js';
+export type {
+  Detector,
+  DetectorOptions,
+  DetectorMode,
+  Reflection,
+  DetectGenerateOptions,
+  DetectedToken,
+  DetectionStream,
+  DetectionSummary,
+  FinishReason,
+  ClassifyInput,
+  ClassifyOptions,
+  ClassifyResult,
+  DetectorStats,
+} from './detect/types.js';
