@@ -78,3 +78,7 @@ export type {
   ClassifyResult,
   DetectorStats,
 } from './detect/types.js';
+
+// The OpenAI-compatible HTTP server.
+export { createServer, type ServerOptions } from './server/app.js';
+export { serve, type ServeOptions, type RunningServer } from './server/serve.js';

@@ -8,6 +8,7 @@ import { RedflagError } from '../errors.js';
 import { loadModel, type Model } from '../model/model.js';
 import { runDemo } from '../demo.js';
 import { runTrain } from './train.js';
+import { runServe, type ServeFlags } from './serve.js';
 
 function integer(name: string, min: number) {
   return (value: string): number => {
@@ -23,6 +24,17 @@ function number(name: string, min: number, max = Infinity) {
     if (!Number.isFinite(n) || n < min || n > max) throw new InvalidArgumentError(`${name} must be a number in [${min}, ${max}]`);
     return n;
   };
+}
+
+function port(value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 0 || n > 65535) throw new InvalidArgumentError('port must be an integer from 0 to 65535');
+  return n;
+}
+
+function mode(value: string): 'block' | 'flag' | 'reflect' {
+  if (value !== 'block' && value !== 'flag' && value !== 'reflect') throw new InvalidArgumentError("mode must be 'block', 'flag' or 'reflect'");
+  return value;
 }
 
 function dtype(value: string): 'f32' | 'bf16' {
@@ -190,6 +202,20 @@ export function buildProgram(): Command {
     .option('--threads <n>', 'threads for native work', integer('threads', 1))
     .action(async (flags: Record<string, unknown>) => {
       await runTrain(flags);
+    });
+
+  withModelFlags(program.command('serve').description('serve the detector over an OpenAI-compatible HTTP API (see README, Server)'))
+    .option('--adapter <dir>', 'red-flag adapter directory (written by redflag train)')
+    .option('--served-model-name <id>', 'the model id clients use (default: the model directory name)')
+    .option('--host <host>', 'address to listen on', '127.0.0.1')
+    .option('--port <n>', 'port to listen on (0: any free port)', port, 8000)
+    .option('--api-key <key>', 'require "Authorization: Bearer <key>" (default: env REDFLAG_API_KEY; prefer it, flags show in ps)')
+    .option('--threshold <p>', 'p(<rf>) at which an answer counts as flagged', number('threshold', 0, 1), 0.5)
+    .option('--mode <mode>', 'on a flag: block | flag | reflect', mode, 'block')
+    .option('--max-concurrent <n>', 'most requests in flight (more get 429)', integer('max-concurrent', 1), 64)
+    .option('--kv-cache-mb <n>', 'KV cache budget for all generations together, MiB (default 2048)', integer('kv-cache-mb', 1))
+    .action(async (flags: ServeFlags) => {
+      await runServe(flags);
     });
 
   program

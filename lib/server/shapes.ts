@@ -1,0 +1,58 @@
+/**
+ * The pieces of OpenAI's response objects the server builds from detector output.
+ * @module
+ */
+import { randomUUID } from 'node:crypto';
+
+import type { DetectedToken, DetectionSummary } from '../detect/types.js';
+
+/** An id with OpenAI's prefix (`chatcmpl-`, `modr-`) and 32 random hex digits. */
+export function responseId(prefix: string): string {
+  return `${prefix}-${randomUUID().replaceAll('-', '')}`;
+}
+
+/** Seconds since the epoch, as OpenAI's `created` fields are. */
+export function unixSeconds(): number {
+  return Math.floor(Date.now() / 1000);
+}
+
+export interface TokenLogprob {
+  token: string;
+  logprob: number;
+  bytes: number[];
+}
+
+export interface LogprobEntry extends TokenLogprob {
+  top_logprobs: TokenLogprob[];
+}
+
+function tokenLogprob(text: string, logprob: number): TokenLogprob {
+  return { token: text, logprob, bytes: [...Buffer.from(text, 'utf8')] };
+}
+
+/** One `logprobs.content` entry; `topCount` trims what the detector returned to what was asked. */
+export function logprobEntry(token: DetectedToken, topCount: number): LogprobEntry {
+  return {
+    ...tokenLogprob(token.text, token.logprob),
+    top_logprobs: (token.topLogprobs ?? []).slice(0, topCount).map((top) => tokenLogprob(top.text, top.logprob)),
+  };
+}
+
+/**
+ * redflag's verdict on a choice, where Azure OpenAI puts its content filter's: `filtered` when the
+ * answer was cut off by the flag, `detected` when the flag was raised at all, and the largest
+ * p(`<rf>`) seen as the score.
+ */
+export function contentFilterResults(summary: DetectionSummary) {
+  return {
+    red_flag: { filtered: summary.finishReason === 'content_filter', detected: summary.flagged, score: summary.maxPRf },
+  };
+}
+
+export function usage(summary: DetectionSummary) {
+  return {
+    prompt_tokens: summary.promptTokens,
+    completion_tokens: summary.completionTokens,
+    total_tokens: summary.promptTokens + summary.completionTokens,
+  };
+}

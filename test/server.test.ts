@@ -1,0 +1,462 @@
+/**
+ * The HTTP server against a fake detector (test/helpers/fake-detector.ts): OpenAI's own client
+ * for the happy paths, raw fetch for error shapes, limits, authentication and disconnects.
+ */
+import OpenAI from 'openai';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+import { createServer } from '../lib/server/app.js';
+import { serve, type RunningServer } from '../lib/server/serve.js';
+import { ANSWER, FakeDetector, SECRET } from './helpers/fake-detector.js';
+
+const MODEL = 'redflag-test';
+const FULL_ANSWER = ANSWER.join('');
+
+async function waitFor(condition: () => boolean, what: string, timeoutMs = 3000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}
+
+function post(url: string, path: string, body: unknown, headers: Record<string, string> = {}, signal?: AbortSignal): Promise<Response> {
+  return fetch(url + path, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', ...headers },
+    body: typeof body === 'string' ? body : JSON.stringify(body),
+    ...(signal ? { signal } : {}),
+  });
+}
+
+function chat(content: string, extra: Record<string, unknown> = {}) {
+  return { model: MODEL, messages: [{ role: 'user', content }], ...extra };
+}
+
+interface ErrorBody {
+  error: { message: string; type: string; param: string | null; code: string | null };
+}
+
+interface RedFlagResults {
+  red_flag: { filtered: boolean; detected: boolean; score: number };
+}
+
+function redFlag(choice: unknown): RedFlagResults['red_flag'] {
+  return (choice as { content_filter_results: RedFlagResults }).content_filter_results.red_flag;
+}
+
+describe('server (default limits)', () => {
+  const detector = new FakeDetector();
+  let server: RunningServer;
+  let client: OpenAI;
+
+  beforeAll(async () => {
+    server = await serve({ detector, port: 0, modelName: MODEL, maxTokensLimit: 100, maxMessages: 4, moderationPrompt: 'Say something.' });
+    client = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: 'unused', maxRetries: 0 });
+  });
+  afterAll(async () => server.close());
+
+  it('binds 127.0.0.1 by default', () => {
+    expect(server.url).toMatch(/^http:\/\/127\.0\.0\.1:\d+$/);
+  });
+
+  it('answers a chat completion in OpenAI shape and maps every option', async () => {
+    const completion = await client.chat.completions.create({
+      model: MODEL,
+      messages: [
+        { role: 'system', content: 'Be kind.' },
+        { role: 'user', content: [{ type: 'text', text: 'Tell me' }, { type: 'text', text: 'something.' }] },
+      ],
+      max_tokens: 50,
+      temperature: 0.7,
+      top_p: 0.9,
+      seed: 11,
+      stop: 'never',
+    });
+    expect(completion.id).toMatch(/^chatcmpl-[0-9a-f]{32}$/);
+    expect(completion.object).toBe('chat.completion');
+    expect(completion.model).toBe(MODEL);
+    expect(Math.abs(completion.created - Date.now() / 1000)).toBeLessThan(60);
+    expect(completion.choices).toHaveLength(1);
+    const choice = completion.choices[0]!;
+    expect(choice.index).toBe(0);
+    expect(choice.message.role).toBe('assistant');
+    expect(choice.message.content).toBe(FULL_ANSWER);
+    expect(choice.finish_reason).toBe('stop');
+    expect(choice.logprobs).toBeNull();
+    expect(redFlag(choice)).toEqual({ filtered: false, detected: false, score: 0.08 });
+    // Prompt: "Be kind." + "Tell me\nsomething." = 5 words in the fake's count.
+    expect(completion.usage).toEqual({ prompt_tokens: 5, completion_tokens: ANSWER.length, total_tokens: 5 + ANSWER.length });
+
+    const call = detector.generations.at(-1)!;
+    expect(call.messages).toEqual([
+      { role: 'system', content: 'Be kind.' },
+      { role: 'user', content: 'Tell me\nsomething.' },
+    ]);
+    expect(call.options).toMatchObject({ maxTokens: 50, temperature: 0.7, topP: 0.9, seed: 11, stop: ['never'], topLogprobs: 0 });
+    expect(call.options.signal).toBeInstanceOf(AbortSignal);
+    // A finished response is not a disconnect: the signal stays quiet after the response is closed.
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    expect(call.options.signal!.aborted).toBe(false);
+  });
+
+  it('prefers max_completion_tokens and reports finish_reason length', async () => {
+    const completion = await client.chat.completions.create({
+      model: MODEL, messages: [{ role: 'user', content: 'Hi' }], max_tokens: 50, max_completion_tokens: 3,
+    });
+    expect(completion.choices[0]!.message.content).toBe('Sure, here');
+    expect(completion.choices[0]!.finish_reason).toBe('length');
+    expect(completion.usage?.completion_tokens).toBe(3);
+  });
+
+  it('passes stop strings as an array', async () => {
+    const completion = await client.chat.completions.create({ model: MODEL, messages: [{ role: 'user', content: 'Hi' }], stop: ['is', 'x'] });
+    expect(detector.generations.at(-1)!.options.stop).toEqual(['is', 'x']);
+    expect(completion.choices[0]!.message.content).toBe('Sure, here');
+    expect(completion.choices[0]!.finish_reason).toBe('stop');
+  });
+
+  it('streams the same content as the non-streaming answer, role first, usage last', async () => {
+    const stream = await client.chat.completions.create({
+      model: MODEL, messages: [{ role: 'user', content: 'Hi there' }], stream: true, stream_options: { include_usage: true },
+    });
+    const chunks: OpenAI.Chat.Completions.ChatCompletionChunk[] = [];
+    for await (const chunk of stream) chunks.push(chunk);
+
+    expect(chunks[0]!.choices[0]!.delta.role).toBe('assistant');
+    expect(new Set(chunks.map((c) => c.id)).size).toBe(1);
+    expect(chunks[0]!.id).toMatch(/^chatcmpl-/);
+    for (const chunk of chunks) {
+      expect(chunk.object).toBe('chat.completion.chunk');
+      expect(chunk.model).toBe(MODEL);
+    }
+    const content = chunks.map((c) => c.choices[0]?.delta.content ?? '').join('');
+    expect(content).toBe(FULL_ANSWER);
+    const contentChunks = chunks.filter((c) => (c.choices[0]?.delta.content ?? '') !== '');
+    expect(contentChunks).toHaveLength(ANSWER.length);
+
+    const finals = chunks.filter((c) => c.choices[0]?.finish_reason);
+    expect(finals).toHaveLength(1);
+    expect(finals[0]!.choices[0]!.finish_reason).toBe('stop');
+    expect(redFlag(finals[0]!.choices[0])).toEqual({ filtered: false, detected: false, score: 0.08 });
+
+    const last = chunks.at(-1)!;
+    expect(last.choices).toEqual([]);
+    expect(last.usage).toEqual({ prompt_tokens: 2, completion_tokens: ANSWER.length, total_tokens: 2 + ANSWER.length });
+    for (const chunk of chunks.slice(0, -1)) expect(chunk.usage).toBeNull();
+  });
+
+  it('sends no usage in a stream unless asked, and ends with [DONE]', async () => {
+    const response = await post(server.url, '/v1/chat/completions', chat('Hi', { stream: true }));
+    expect(response.status).toBe(200);
+    expect(response.headers.get('content-type')).toMatch(/^text\/event-stream/);
+    const text = await response.text();
+    const events = text.split('\n\n').filter(Boolean);
+    expect(events.every((event) => event.startsWith('data: '))).toBe(true);
+    expect(events.at(-1)).toBe('data: [DONE]');
+    const chunks = events.slice(0, -1).map((event) => JSON.parse(event.slice(6)) as Record<string, unknown>);
+    for (const chunk of chunks) expect(chunk).not.toHaveProperty('usage');
+    expect(chunks).toHaveLength(1 + ANSWER.length + 1);
+  });
+
+  it('blocks a harmful answer: content_filter, flag results, no <rf> text (non-streaming and streaming)', async () => {
+    const completion = await client.chat.completions.create({ model: MODEL, messages: [{ role: 'user', content: 'how to build a bomb' }] });
+    const choice = completion.choices[0]!;
+    expect(choice.finish_reason).toBe('content_filter');
+    expect(choice.message.content).toBe('Sure');
+    expect(redFlag(choice)).toEqual({ filtered: true, detected: true, score: 0.6 });
+
+    const stream = await client.chat.completions.create({ model: MODEL, messages: [{ role: 'user', content: 'a bomb, please' }], stream: true });
+    const chunks: OpenAI.Chat.Completions.ChatCompletionChunk[] = [];
+    for await (const chunk of stream) chunks.push(chunk);
+    const deltas = chunks.slice(1).map((c) => c.choices[0]!.delta.content).filter((d) => d !== undefined);
+    expect(deltas).toEqual(['Sure']);
+    const final = chunks.at(-1)!.choices[0]!;
+    expect(final.finish_reason).toBe('content_filter');
+    expect(redFlag(final)).toEqual({ filtered: true, detected: true, score: 0.6 });
+  });
+
+  it('returns logprobs with UTF-8 bytes and the asked number of alternatives', async () => {
+    const completion = await client.chat.completions.create({
+      model: MODEL, messages: [{ role: 'user', content: 'Hi' }], logprobs: true, top_logprobs: 2,
+    });
+    expect(detector.generations.at(-1)!.options.topLogprobs).toBe(2);
+    const entries = completion.choices[0]!.logprobs!.content!;
+    expect(entries.map((e) => e.token)).toEqual(ANSWER);
+    expect(entries.map((e) => e.token).join('')).toBe(completion.choices[0]!.message.content);
+    const naive = entries[5]!;
+    expect(naive.token).toBe(' naïve');
+    expect(naive.bytes).toEqual([32, 110, 97, 195, 175, 118, 101]);
+    expect(naive.logprob).toBeCloseTo(-0.6, 10);
+    expect(naive.top_logprobs).toEqual([
+      { token: ' naïve', logprob: naive.logprob, bytes: naive.bytes },
+      { token: 'alt1', logprob: naive.logprob - 1, bytes: [97, 108, 116, 49] },
+    ]);
+
+    const stream = await client.chat.completions.create({
+      model: MODEL, messages: [{ role: 'user', content: 'Hi' }], logprobs: true, stream: true,
+    });
+    const streamed: string[] = [];
+    for await (const chunk of stream) {
+      const content = chunk.choices[0]?.logprobs?.content;
+      if (content) {
+        expect(content).toHaveLength(1);
+        expect(content[0]!.top_logprobs).toEqual([]);
+        streamed.push(content[0]!.token);
+      }
+    }
+    expect(streamed).toEqual(ANSWER);
+  });
+
+  it('moderates strings as teacher-forced assistant answers', async () => {
+    const moderation = await client.moderations.create({ model: MODEL, input: ['a nice cake recipe', 'step one of the bomb'] });
+    expect(moderation.id).toMatch(/^modr-[0-9a-f]{32}$/);
+    expect(moderation.model).toBe(MODEL);
+    const results = moderation.results as unknown as { flagged: boolean; categories: Record<string, boolean>; category_scores: Record<string, number> }[];
+    expect(results).toEqual([
+      { flagged: false, categories: { red_flag: false }, category_scores: { red_flag: 0.05 } },
+      { flagged: true, categories: { red_flag: true }, category_scores: { red_flag: 0.9 } },
+    ]);
+    const call = detector.classifications.at(-1)!;
+    expect(call.conversations).toEqual([
+      [{ role: 'user', content: 'Say something.' }, { role: 'assistant', content: 'a nice cake recipe' }],
+      [{ role: 'user', content: 'Say something.' }, { role: 'assistant', content: 'step one of the bomb' }],
+    ]);
+    expect(call.signal).toBeInstanceOf(AbortSignal);
+
+    const single = await client.moderations.create({ input: 'bomb' });
+    expect(single.results).toHaveLength(1);
+    expect(single.results[0]!.flagged).toBe(true);
+  });
+
+  it('lists the model and reports health', async () => {
+    const models = await client.models.list();
+    expect(models.data).toHaveLength(1);
+    expect(models.data[0]).toMatchObject({ id: MODEL, object: 'model', owned_by: 'redflag' });
+    expect(typeof models.data[0]!.created).toBe('number');
+
+    const health = await fetch(`${server.url}/health`);
+    expect(health.status).toBe(200);
+    expect(await health.json()).toEqual({ status: 'ok', active: 0, queued: 0, kvCacheBytes: 0, kvCacheBudget: 1 << 30, steps: 7, tokensGenerated: 42 });
+  });
+
+  it.each([
+    ['an unknown role', chat('x', { messages: [{ role: 'tool', content: 'x' }] }), 'messages[0].role'],
+    ['an image part', chat('x', { messages: [{ role: 'user', content: [{ type: 'image_url', image_url: { url: 'x' } }] }] }), 'messages[0].content'],
+    ['a string temperature', chat('x', { temperature: 'hot' }), 'temperature'],
+    ['a temperature above 2', chat('x', { temperature: 2.5 }), 'temperature'],
+    ['max_tokens above the limit', chat('x', { max_tokens: 101 }), 'max_tokens'],
+    ['max_completion_tokens above the limit', chat('x', { max_completion_tokens: 5000 }), 'max_completion_tokens'],
+    ['too many messages', chat('x', { messages: Array.from({ length: 5 }, () => ({ role: 'user', content: 'x' })) }), 'messages'],
+    ['no messages', chat('x', { messages: [] }), 'messages'],
+    ['n = 2', chat('x', { n: 2 }), 'n'],
+    ['top_logprobs 21', chat('x', { logprobs: true, top_logprobs: 21 }), 'top_logprobs'],
+    ['top_logprobs without logprobs', chat('x', { top_logprobs: 3 }), 'top_logprobs'],
+    ['a numeric stop', chat('x', { stop: 3 }), 'stop'],
+    ['a missing model', { messages: [{ role: 'user', content: 'x' }] }, 'model'],
+  ])('answers 400 naming the field for %s', async (_name, body, param) => {
+    const response = await post(server.url, '/v1/chat/completions', body);
+    expect(response.status).toBe(400);
+    const { error } = (await response.json()) as ErrorBody;
+    expect(error.type).toBe('invalid_request_error');
+    expect(error.param).toBe(param);
+    expect(error.message).toContain(param);
+  });
+
+  it('answers 400 for malformed JSON, a non-object body and a bad moderation input', async () => {
+    const malformed = await post(server.url, '/v1/chat/completions', '{"model": ');
+    expect(malformed.status).toBe(400);
+    expect(((await malformed.json()) as ErrorBody).error).toMatchObject({ type: 'invalid_request_error', param: null, code: 'invalid_json' });
+
+    const array = await post(server.url, '/v1/chat/completions', []);
+    expect(array.status).toBe(400);
+    expect(((await array.json()) as ErrorBody).error.param).toBeNull();
+
+    for (const input of [42, [], ['ok', 7]]) {
+      const response = await post(server.url, '/v1/moderations', { input });
+      expect(response.status).toBe(400);
+      expect(((await response.json()) as ErrorBody).error.param).toMatch(/^input/);
+    }
+    const tooMany = await post(server.url, '/v1/moderations', { input: ['a', 'b', 'c', 'd', 'e'] });
+    expect(((await tooMany.json()) as ErrorBody).error).toMatchObject({ param: 'input', code: 'limit_exceeded' });
+  });
+
+  it('maps detector errors: BUSY to 429, TOO_LARGE to 400 context_length_exceeded, others to a bare 500', async () => {
+    for (const stream of [false, true]) {
+      const busy = await post(server.url, '/v1/chat/completions', chat('busy', { stream }));
+      expect(busy.status).toBe(429);
+      expect(((await busy.json()) as ErrorBody).error).toMatchObject({ type: 'invalid_request_error', code: 'rate_limit_exceeded' });
+
+      const huge = await post(server.url, '/v1/chat/completions', chat('huge', { stream }));
+      expect(huge.status).toBe(400);
+      expect(((await huge.json()) as ErrorBody).error).toMatchObject({ type: 'invalid_request_error', code: 'context_length_exceeded' });
+
+      const crash = await post(server.url, '/v1/chat/completions', chat('crash', { stream }));
+      expect(crash.status).toBe(500);
+      const text = await crash.text();
+      expect(text).not.toContain('secret');
+      expect(text).not.toContain(SECRET);
+      expect(JSON.parse(text)).toEqual({ error: { message: 'internal server error', type: 'server_error', param: null, code: 'internal_error' } });
+    }
+  });
+
+  it('answers unknown routes with 404 in the same shape', async () => {
+    const response = await fetch(`${server.url}/v1/embeddings?x=1`);
+    expect(response.status).toBe(404);
+    expect(await response.json()).toEqual({
+      error: { message: 'Unknown request URL: GET /v1/embeddings', type: 'invalid_request_error', param: null, code: 'unknown_url' },
+    });
+  });
+
+  it('cancels the generation of a client that disconnects mid-stream', async () => {
+    const controller = new AbortController();
+    const stream = await client.chat.completions.create(
+      { model: MODEL, messages: [{ role: 'user', content: 'slow please' }], stream: true },
+      { signal: controller.signal },
+    );
+    const call = detector.generations.at(-1)!;
+    let received = 0;
+    // The OpenAI client ends the iteration quietly when its own signal aborts it.
+    for await (const chunk of stream) {
+      if (chunk.choices[0]?.delta.content) received++;
+      if (received === 3) controller.abort();
+    }
+    expect(received).toBe(3);
+    await waitFor(() => call.options.signal!.aborted, 'the generation signal to abort');
+    const produced = call.produced;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    expect(call.produced).toBe(produced); // nothing generated after the abort
+  });
+
+  it('cancels a non-streaming generation whose client disconnects', async () => {
+    const controller = new AbortController();
+    const before = detector.generations.length;
+    const pending = post(server.url, '/v1/chat/completions', chat('slow, not streamed'), {}, controller.signal).catch((error: unknown) => error);
+    await waitFor(() => detector.generations.length > before && detector.generations[before]!.produced > 2, 'tokens');
+    const call = detector.generations[before]!;
+    expect(call.options.signal!.aborted).toBe(false);
+    controller.abort();
+    expect(await pending).toBeInstanceOf(Error);
+    await waitFor(() => call.options.signal!.aborted, 'the generation signal to abort');
+  });
+});
+
+describe('server limits', () => {
+  const detector = new FakeDetector();
+  let server: RunningServer;
+
+  beforeAll(async () => {
+    server = await serve({ detector, port: 0, modelName: MODEL, bodyLimit: 2048, maxConcurrent: 1 });
+  });
+  afterAll(async () => server.close());
+
+  it('answers 413 for a body over the limit', async () => {
+    const response = await post(server.url, '/v1/chat/completions', chat('x'.repeat(4000)));
+    expect(response.status).toBe(413);
+    expect(((await response.json()) as ErrorBody).error).toMatchObject({ type: 'invalid_request_error', code: 'request_too_large' });
+  });
+
+  it('answers 429 while maxConcurrent requests are in flight, and serves again after', async () => {
+    const first = post(server.url, '/v1/chat/completions', chat('wait for it'));
+    await waitFor(() => detector.generations.length === 1, 'the first generation to start');
+    const second = await post(server.url, '/v1/chat/completions', chat('Hi'));
+    expect(second.status).toBe(429);
+    expect(second.headers.get('retry-after')).toBe('1');
+    expect(((await second.json()) as ErrorBody).error).toMatchObject({ type: 'invalid_request_error', code: 'rate_limit_exceeded' });
+    const moderation = await post(server.url, '/v1/moderations', { input: 'x' });
+    expect(moderation.status).toBe(429);
+    // Not model work, so not limited.
+    expect((await fetch(`${server.url}/health`)).status).toBe(200);
+
+    detector.release();
+    const answer = await first;
+    expect(answer.status).toBe(200);
+    expect(((await answer.json()) as { choices: { message: { content: string } }[] }).choices[0]!.message.content).toBe(FULL_ANSWER);
+    expect((await post(server.url, '/v1/chat/completions', chat('Hi'))).status).toBe(200);
+  });
+});
+
+describe('server with an API key', () => {
+  const detector = new FakeDetector();
+  const key = 'sk-test-0123456789';
+  let server: RunningServer;
+
+  beforeAll(async () => {
+    server = await serve({ detector, port: 0, modelName: MODEL, apiKey: key });
+  });
+  afterAll(async () => server.close());
+
+  it('refuses requests without the right bearer key, on every route', async () => {
+    const requests: [string, RequestInit][] = [
+      ['/health', {}],
+      ['/v1/models', {}],
+      ['/v1/chat/completions', { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(chat('Hi')) }],
+    ];
+    for (const [path, init] of requests) {
+      for (const authorization of [undefined, 'Bearer wrong', `Basic ${key}`, `Bearer ${key}x`]) {
+        const headers = { ...(init.headers as Record<string, string> | undefined), ...(authorization ? { authorization } : {}) };
+        const response = await fetch(server.url + path, { ...init, headers });
+        expect(response.status, `${path} with ${authorization}`).toBe(401);
+        expect(((await response.json()) as ErrorBody).error).toMatchObject({ type: 'invalid_request_error', code: 'invalid_api_key' });
+      }
+      const headers = { ...(init.headers as Record<string, string> | undefined), authorization: `Bearer ${key}` };
+      expect((await fetch(server.url + path, { ...init, headers })).status).toBe(200);
+    }
+    expect(detector.generations).toHaveLength(1);
+  });
+
+  it('works with the OpenAI client given the key, and fails with another', async () => {
+    const client = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: key, maxRetries: 0 });
+    const completion = await client.chat.completions.create({ model: MODEL, messages: [{ role: 'user', content: 'Hi' }] });
+    expect(completion.choices[0]!.message.content).toBe(FULL_ANSWER);
+
+    const wrong = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: 'sk-wrong', maxRetries: 0 });
+    await expect(wrong.models.list()).rejects.toMatchObject({ status: 401, code: 'invalid_api_key' });
+  });
+});
+
+describe('server lifecycle', () => {
+  it('close() cancels streams in flight', async () => {
+    const detector = new FakeDetector();
+    const server = await serve({ detector, port: 0, modelName: MODEL });
+    const response = await post(server.url, '/v1/chat/completions', chat('slow', { stream: true }));
+    expect(response.status).toBe(200);
+    const reader = response.body!.getReader();
+    await reader.read();
+    const started = Date.now();
+    await server.close();
+    expect(Date.now() - started).toBeLessThan(2000);
+    expect(detector.generations[0]!.options.signal!.aborted).toBe(true);
+    // The stream ends (with an error event) rather than hanging.
+    let text = '';
+    for (;;) {
+      const { done, value } = await reader.read().catch(() => ({ done: true, value: undefined }));
+      if (done) break;
+      text += new TextDecoder().decode(value);
+    }
+    expect(text).not.toContain('[DONE]');
+    expect(text).toContain('"code":"unavailable"');
+  });
+
+  it('applies the documented default limits', async () => {
+    const app = createServer(new FakeDetector(), { modelName: MODEL });
+    const inject = (body: unknown) => app.inject({ method: 'POST', url: '/v1/chat/completions', payload: body as object });
+    expect((await inject(chat('Hi', { max_tokens: 4096 }))).statusCode).toBe(200);
+    const tooManyTokens = await inject(chat('Hi', { max_tokens: 4097 }));
+    expect(tooManyTokens.statusCode).toBe(400);
+    expect(tooManyTokens.json<ErrorBody>().error.param).toBe('max_tokens');
+    const messages = (n: number) => Array.from({ length: n }, (_, i) => ({ role: i % 2 ? 'assistant' : 'user', content: 'x' }));
+    expect((await inject(chat('x', { messages: messages(255) }))).statusCode).toBe(200);
+    expect((await inject(chat('x', { messages: messages(257) }))).json<ErrorBody>().error.param).toBe('messages');
+    const big = await inject(chat('x'.repeat(1024 * 1024)));
+    expect(big.statusCode).toBe(413);
+    await app.close();
+  });
+
+  it('refuses bad options', () => {
+    const detector = new FakeDetector();
+    expect(() => createServer(detector, { modelName: MODEL, apiKey: '' })).toThrow(/apiKey/);
+    expect(() => createServer(detector, { modelName: MODEL, maxConcurrent: 0 })).toThrow(/maxConcurrent/);
+    expect(() => createServer(detector, { modelName: '' })).toThrow(/modelName/);
+  });
+});
