@@ -1,5 +1,5 @@
 /**
- * Benchmarks: `npm run bench -- <gemm|prefill|decode|train|loss|all> [--quick]`. Each prints one
+ * Benchmarks: `npm run bench -- <gemm|prefill|decode|serve|train|loss|all> [--quick]`. Each prints one
  * JSON object. Speeds are reported as ratios to ceilings measured in the same run (FMA peak with
  * a register-only loop, memory bandwidth with a STREAM-like copy) and to peers measured in the
  * same run where installed (PyTorch CPU via Debian's python3-torch). `train` and `loss` run the
@@ -15,6 +15,7 @@ import { promisify } from 'node:util';
 import { loadModel } from '../lib/model/model.js';
 import { writeRandomModel, type RandomModelSpec } from '../lib/model/random-model.js';
 import { loadNative } from '../lib/native.js';
+import { benchServe } from './serve.js';
 
 const run = promisify(execFile);
 const args = process.argv.slice(2);
@@ -108,25 +109,37 @@ function median(xs: number[]): number {
   return s[Math.floor(s.length / 2)]!;
 }
 
+/** Median seconds per call of fn over `reps` calls. */
+async function stepSeconds(fn: () => Promise<unknown>, reps: number): Promise<number> {
+  const times: number[] = [];
+  for (let i = 0; i < reps; i++) {
+    const t0 = performance.now();
+    await fn();
+    times.push((performance.now() - t0) / 1000);
+  }
+  return median(times);
+}
+
 async function benchDecode() {
   const peaks = await ceilings(THREADS);
   const newTokens = quick ? 32 : 128;
+  const rfToken = SMOLLM2.vocabSize - 1; // any row: the extraction reads one logit and the log-sum-exp
+  const prompt = Array.from({ length: 16 }, (_, i) => (i * 7919) % SMOLLM2.vocabSize);
   const results = [];
+  const rfOverhead = [];
+  const batched = [];
   for (const dtype of ['f32', 'bf16'] as const) {
     const dir = await smolModel('F32');
     for (const t of THREADS) {
       const model = await loadModel(dir, { dtype, threads: t });
       try {
+        // Batch 1, plain decode (the fused step picking the token only).
         const runs: number[] = [];
         for (let r = 0; r < 3; r++) {
           const seq = model.newSequence();
-          let logits = await model.forward([seq], [Array.from({ length: 16 }, (_, i) => (i * 7919) % SMOLLM2.vocabSize)]);
-          let token = 0;
+          let token = (await model.step([seq], [prompt], [{}], { scores: false })).tokens[0]!;
           const started = performance.now();
-          for (let i = 0; i < newTokens; i++) {
-            token = argmaxRow(logits);
-            logits = await model.forward([seq], [[token]]);
-          }
+          for (let i = 0; i < newTokens; i++) token = (await model.step([seq], [[token]], [{}], { scores: false })).tokens[0]!;
           runs.push(newTokens / ((performance.now() - started) / 1000));
           seq.dispose();
         }
@@ -139,19 +152,39 @@ async function benchDecode() {
           ofCopyBound: round((tokS * bytes) / 1e9 / c.copyGBs!),
           ofReadBound: round((tokS * bytes) / 1e9 / c.readGBs!),
         });
+        if (t !== 2) continue;
+        // Red-flag extraction: the same step with and without p(<rf>) + log-probs, interleaved
+        // rounds so drift in machine load hits both alike.
+        for (const B of [1, 8, 32]) {
+          const seqs = Array.from({ length: B }, () => model.newSequence());
+          await model.step(seqs, seqs.map(() => prompt), seqs.map(() => ({})), { scores: false });
+          const plain: number[] = [];
+          const fused: number[] = [];
+          const reps = quick ? 8 : 24;
+          for (let round = 0; round < (quick ? 3 : 5); round++) {
+            plain.push(await stepSeconds(() => model.step(seqs, seqs.map(() => [1]), seqs.map(() => ({})), { scores: false }), reps));
+            fused.push(await stepSeconds(() => model.step(seqs, seqs.map(() => [1]), seqs.map(() => ({})), { rfToken }), reps));
+          }
+          for (const s of seqs) s.dispose();
+          const p = median(plain), f = median(fused);
+          rfOverhead.push({ dtype, threads: t, batch: B, plainStepMs: round(p * 1000), fusedStepMs: round(f * 1000), overhead: round(f / p - 1, 2) });
+          batched.push({ dtype, threads: t, batch: B, aggregateTokensPerSecond: round(B / p), perStreamTokensPerSecond: round(1 / p) });
+        }
       } finally {
         model.dispose();
       }
     }
   }
   const peer = quick ? { skipped: '--quick' } : await torchPeer(['--dtypes', 'f32,bf16', '--new-tokens', String(newTokens)]);
-  return { bench: 'decode', model: 'SmolLM2-135M shapes, random weights, batch 1, after a 16-token prompt', ceilings: peaks, results, pytorch: peer };
-}
-
-function argmaxRow(logits: Float32Array): number {
-  let best = 0;
-  for (let i = 1; i < logits.length; i++) if (logits[i]! > logits[best]!) best = i;
-  return best;
+  return {
+    bench: 'decode',
+    model: 'SmolLM2-135M shapes, random weights, after a 16-token prompt',
+    ceilings: peaks,
+    results,
+    rfExtraction: { note: 'fused step (token + log-prob + p(<rf>)) vs plain step (token only); target overhead <= 0.03', results: rfOverhead },
+    batched,
+    pytorch: peer,
+  };
 }
 
 async function benchPrefill() {
@@ -378,6 +411,7 @@ async function benchLoss() {
 
 const benches: Record<string, () => Promise<unknown>> = {
   gemm: benchGemm, prefill: benchPrefill, decode: benchDecode, train: benchTrain, loss: benchLoss,
+  serve: () => benchServe(quick, SMOLLM2),
 };
 const names = which === 'all' ? Object.keys(benches) : [which];
 for (const name of names) {

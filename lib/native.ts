@@ -98,6 +98,8 @@ export interface NativeModel {
     rfToken: number,
     topN: number,
     cancel?: Int32Array,
+    /** false: pick only (a plain decode; logprobs NaN, pRf 0). Default true. */
+    scores?: boolean,
   ): Promise<NativeStepResult>;
   /** Teacher-forced p(<rf>) after every token, sequences in order. */
   tokenScores(sequences: NativeSequence[], tokens: Uint32Array, counts: Uint32Array, rfToken: number, cancel?: Int32Array): Promise<Float32Array>;

@@ -75,7 +75,7 @@ export async function* generate(
     for (let step = 0; step < opts.maxTokens; step++) {
       if (signal?.aborted) throw abortError(signal);
       // The fused native step: the token is picked where the logits are, none cross to JS.
-      const token = (await model.step([sequence], [next], [opts.pick], { rfToken: -1, signal })).tokens[0]!;
+      const token = (await model.step([sequence], [next], [opts.pick], { rfToken: -1, scores: false, signal })).tokens[0]!;
       if (eos.has(token)) break;
       const { ready, stopped } = filter.push({ token, text: decoder ? decoder.push(token) : '' });
       yield* ready;

@@ -398,7 +398,13 @@ export class Model {
     sequences: Sequence[],
     tokens: (Uint32Array | number[])[],
     picks: readonly PickOptions[],
-    options: { rfToken?: number | null; topN?: number; signal?: AbortSignal } = {},
+    options: {
+      rfToken?: number | null;
+      topN?: number;
+      signal?: AbortSignal;
+      /** false: pick the token only, a plain decode (`logprobs` NaN, `pRf` 0, no top-n). Default true. */
+      scores?: boolean;
+    } = {},
   ): Promise<StepResult> {
     const { flat, counts } = this.checkBatch('step', sequences, tokens);
     if (picks.length !== sequences.length) throw new RedflagError('INVALID_ARGUMENT', 'step needs one pick option object per sequence');
@@ -414,7 +420,9 @@ export class Model {
     const topN = options.topN ?? 0;
     if (!Number.isInteger(topN) || topN < 0 || topN > 64) throw new RedflagError('INVALID_ARGUMENT', `topN must be an integer from 0 to 64, got ${topN}`);
     const native = sequences.map((s) => s.native);
-    const r = await this.cancellable(options.signal, (cancel) => this.engine.decodeStep(native, flat, counts, params, rfToken, topN, cancel));
+    const scores = options.scores ?? true;
+    if (!scores && topN > 0) throw new RedflagError('INVALID_ARGUMENT', 'topN needs scores');
+    const r = await this.cancellable(options.signal, (cancel) => this.engine.decodeStep(native, flat, counts, params, rfToken, topN, cancel, scores));
     return { ...r, topN };
   }
 

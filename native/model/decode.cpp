@@ -112,13 +112,17 @@ int sample(const float* z, int n, const PickParams& p, double u, std::vector<std
 }  // namespace
 
 Pick logits_pick(const float* z, int n, const PickParams& params, uint64_t counter, int rf_token, int top_n,
-                 uint32_t* top_ids, float* top_logprobs, PickScratch& scratch) {
+                 uint32_t* top_ids, float* top_logprobs, PickScratch& scratch, bool scores) {
   Pick pick;
-  const float lse = logsumexp(z, n);
   const int token = params.temperature > 0.f
                         ? sample(z, n, params, uniform_draw(params.seed, counter), scratch.cand)
                         : first_argmax(z, n);
   pick.token = uint32_t(token);
+  if (!scores) {
+    pick.logprob = NAN;
+    return pick;
+  }
+  const float lse = logsumexp(z, n);
   pick.logprob = z[token] - lse;
   pick.p_rf = rf_token >= 0 && rf_token < n ? std::exp(z[rf_token] - lse) : 0.f;
   if (top_n > 0) {
@@ -134,7 +138,7 @@ Pick logits_pick(const float* z, int n, const PickParams& params, uint64_t count
 
 void decode_step(Model& model, const std::vector<ForwardItem>& items, const std::vector<PickParams>& params,
                  int rf_token, int top_n, Pick* picks, uint32_t* top_ids, float* top_logprobs,
-                 std::vector<float>& logits, const std::atomic<int>* cancel) {
+                 std::vector<float>& logits, const std::atomic<int>* cancel, bool scores) {
   if (params.size() != items.size()) throw std::invalid_argument("decode_step: one PickParams per item is required");
   for (const ForwardItem& it : items)
     if (it.n_tokens < 1) throw std::invalid_argument("decode_step: every sequence needs at least one new token");
@@ -151,7 +155,7 @@ void decode_step(Model& model, const std::vector<ForwardItem>& items, const std:
       const uint64_t counter = uint64_t(items[b].cache->length());
       picks[b] = logits_pick(logits.data() + b * V, V, params[b], counter, rf_token, top_n,
                              top_n > 0 ? top_ids + b * top_n : nullptr, top_n > 0 ? top_logprobs + b * top_n : nullptr,
-                             scratch);
+                             scratch, scores);
     }
   };
   if (B == 1 || model.threads() == 1) {

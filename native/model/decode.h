@@ -32,15 +32,16 @@ struct PickScratch {
 // Chooses the next token from logits [vocab]. `counter` (e.g. the sequence position) and the
 // seed make the random draw depend only on the sequence, never on what else is in the batch.
 // top_n > 0 writes the n most likely tokens (descending, ties by lower id) and their
-// log-probabilities to top_ids / top_logprobs.
+// log-probabilities to top_ids / top_logprobs. scores = false skips the log-sum-exp (a plain
+// decode: logprob NaN, p_rf 0, no top_n), which is what the red-flag extraction is measured against.
 Pick logits_pick(const float* logits, int vocab, const PickParams& params, uint64_t counter, int rf_token,
-                 int top_n, uint32_t* top_ids, float* top_logprobs, PickScratch& scratch);
+                 int top_n, uint32_t* top_ids, float* top_logprobs, PickScratch& scratch, bool scores = true);
 
 // One decode step over items (each item's new tokens: a prompt or one token); writes one Pick
 // per item and, with top_n > 0, [items, top_n] top tokens. `logits` is scratch [items, vocab].
 void decode_step(Model& model, const std::vector<ForwardItem>& items, const std::vector<PickParams>& params,
                  int rf_token, int top_n, Pick* picks, uint32_t* top_ids, float* top_logprobs,
-                 std::vector<float>& logits, const std::atomic<int>* cancel = nullptr);
+                 std::vector<float>& logits, const std::atomic<int>* cancel = nullptr, bool scores = true);
 
 // Teacher-forced red-flag scores: appends every item's tokens and writes p(<rf>) after each
 // token to p_rf [total tokens], computing the LM head in row chunks so memory stays

@@ -324,7 +324,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   }
 
   // decodeStep(sequences, tokens: Uint32Array, counts: Uint32Array, params: Float64Array
-  //            [n * 4: temperature, topK, topP, seed], rfToken, topN, cancel?)
+  //            [n * 4: temperature, topK, topP, seed], rfToken, topN, cancel?, scores = true)
   //   -> Promise<{ tokens: Uint32Array, logprobs: Float32Array, pRf: Float32Array,
   //                topIds: Uint32Array [n * topN], topLogprobs: Float32Array [n * topN] }>
   Napi::Value DecodeStep(const Napi::CallbackInfo& info) {
@@ -346,6 +346,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       const int top_n = info[5].As<Napi::Number>().Int32Value();
       if (top_n < 0 || top_n > 64) throw std::invalid_argument("decodeStep: topN must be 0 to 64");
       CancelFlag flag = parse_cancel(info, 6);
+      const bool scores = !(info.Length() > 7 && info[7].IsBoolean()) || info[7].As<Napi::Boolean>().Value();
       struct Out {
         std::vector<Pick> picks;
         std::vector<uint32_t> top_ids;
@@ -364,7 +365,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
           [=] {
             struct Release { std::shared_ptr<std::atomic<bool>> b; ~Release() { b->store(false); } } release{busy};
             decode_step(*model, batch.items, params, rf_token, top_n, out->picks.data(), out->top_ids.data(),
-                        out->top_lp.data(), *scratch, flag.flag);
+                        out->top_lp.data(), *scratch, flag.flag, scores);
             (void)batch;
           },
           [out, flag, n](Napi::Env e) -> Napi::Value {
