@@ -39,6 +39,10 @@ export interface PipelineOptions {
    * flag costs about 1/50 of a missed one.
    */
   alphaBenign?: number;
+  /** LoRA settings of both adapters. Default rank 8, alpha 16, dropout 0.05, PEFT's default targets. */
+  lora?: { rank?: number; alpha?: number; dropout?: number; targets?: string[] };
+  /** Learning rate of both adapters. Default 5e-3. */
+  adapterLr?: number;
   /** Progress lines. */
   log?: (line: string) => void;
   onStep?: (stage: 'lm' | 'redflag' | 'refusal', info: StepInfo) => void;
@@ -112,8 +116,8 @@ export async function runPipeline(o: PipelineOptions): Promise<PipelineResult> {
     model: lmModel,
     steps: o.adapterSteps,
     mode: 'lora' as const,
-    lora: { rank: 8, alpha: 16, dropout: 0.05 },
-    optimizer: { lr: 5e-3, warmupSteps: 10, weightDecay: 0.01 },
+    lora: { rank: 8, alpha: 16, dropout: 0.05, ...o.lora },
+    optimizer: { lr: o.adapterLr ?? 5e-3, warmupSteps: 10, weightDecay: 0.01 },
   };
   log(`red-flag adapter: ${o.adapterSteps} steps of LoRA with the red-flag loss`);
   const [rf, rfSeconds] = await timed(() =>

@@ -57,6 +57,8 @@ int first_argmax(const float* z, int n) {
 // Samples from softmax(z / T) restricted by top-k / top-p; returns the token id.
 int sample(const float* z, int n, const PickParams& p, double u, std::vector<std::pair<float, int>>& cand) {
   const float inv_t = 1.f / p.temperature;
+  // A temperature so small that 1/T overflows is the greedy limit.
+  if (!std::isfinite(inv_t)) return first_argmax(z, n);
   if (p.top_k == 0 && p.top_p >= 1.f) {
     // The whole vocabulary in id order: no sort needed.
     float mx = z[first_argmax(z, n)];
