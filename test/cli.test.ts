@@ -1,6 +1,6 @@
 // The command line, run as a user would (through tsx, so no build step is needed).
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -70,4 +70,43 @@ describe('redflag CLI', () => {
     expect(badFlag.code).not.toBe(0);
     expect(badFlag.stderr).toMatch(/temperature/);
   });
+
+  it('serve answers over HTTP with the API key, refuses without it, and exits 0 on SIGINT', async () => {
+    const { loadModel } = await import('../lib/model/model.js');
+    const { addRedFlagToken } = await import('../lib/model/red-flag.js');
+    const rfDir = `${dir}-rf`;
+    const model = await loadModel(dir);
+    await addRedFlagToken(model);
+    await model.save(rfDir);
+    model.dispose();
+    const child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'lib', 'cli.ts'), 'serve', '--model', rfDir, '--port', '0', '--threads', '1'], {
+      cwd: ROOT,
+      env: { ...process.env, REDFLAG_API_KEY: 'sk-cli' },
+    });
+    try {
+      let out = '';
+      const url = await new Promise<string>((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error(`no URL printed: ${out}`)), 60_000);
+        child.stdout.on('data', (d: Buffer) => {
+          out += d.toString();
+          const m = /at (http:\/\/127\.0\.0\.1:\d+)/.exec(out);
+          if (m) {
+            clearTimeout(timer);
+            resolve(m[1]!);
+          }
+        });
+        child.on('exit', (code) => reject(new Error(`serve exited with ${code}: ${out}`)));
+      });
+      expect((await fetch(`${url}/health`)).status).toBe(401);
+      const health = await fetch(`${url}/health`, { headers: { authorization: 'Bearer sk-cli' } });
+      expect(health.status).toBe(200);
+      expect(await health.json()).toMatchObject({ status: 'ok', active: 0 });
+      const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+      child.kill('SIGINT');
+      expect(await exited).toBe(0);
+    } finally {
+      child.kill('SIGKILL');
+      await rm(rfDir, { recursive: true, force: true });
+    }
+  }, 90_000);
 });
