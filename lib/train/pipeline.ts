@@ -39,6 +39,8 @@ export interface PipelineOptions {
    * flag costs about 1/50 of a missed one.
    */
   alphaBenign?: number;
+  /** How the red-flag positions of a harmful response combine. Default 'any'. */
+  rfAggregation?: 'any' | 'mean' | 'single';
   /** LoRA settings of both adapters. Default rank 8, alpha 16, dropout 0.05, PEFT's default targets. */
   lora?: { rank?: number; alpha?: number; dropout?: number; targets?: string[] };
   /** Learning rate of both adapters. Default 5e-3. */
@@ -121,7 +123,7 @@ export async function runPipeline(o: PipelineOptions): Promise<PipelineResult> {
   };
   log(`red-flag adapter: ${o.adapterSteps} steps of LoRA with the red-flag loss`);
   const [rf, rfSeconds] = await timed(() =>
-    train({ ...adapter, output: dirs.redflag, objective: 'redflag', loss: { rfOffset: o.rfOffset ?? 6, alphaBenign: o.alphaBenign ?? 20 } }, {
+    train({ ...adapter, output: dirs.redflag, objective: 'redflag', loss: { rfOffset: o.rfOffset ?? 6, alphaBenign: o.alphaBenign ?? 20, rfAggregation: o.rfAggregation ?? 'any' } }, {
       log,
       onStep: (s) => o.onStep?.('redflag', s),
     }),
