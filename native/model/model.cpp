@@ -345,7 +345,12 @@ void Model::run_forward(const std::vector<ForwardItem>& items, LogitsMode mode, 
   att_.resize(R * Q);
   mlp_.resize(R * MLP_IN);
   act_.resize(c.act == Activation::silu ? R * I : 0);
-  if (trace) trace->layers.assign(c.n_layers, LayerTrace());
+  if (trace) {
+    // A trace passed again (training, step after step) keeps its buffers: the assign() calls
+    // below reuse their capacity instead of allocating (and faulting in) fresh memory.
+    trace->layers.resize(c.n_layers);
+    for (LayerTrace& lt : trace->layers) lt.lora_u.clear();
+  }
   const float dropout = trace ? trace->dropout : 0.f;
   const uint64_t seed = trace ? trace->dropout_seed : 0;
 

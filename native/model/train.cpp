@@ -1,11 +1,19 @@
 #include "model/train.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <functional>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <stdexcept>
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+#include "core/cpu.h"
 #include "kernels/gemm_backward.h"
 #include "kernels/ops.h"
 #include "kernels/ops_backward.h"
@@ -39,11 +47,204 @@ std::string short_name(const std::string& site) { return site.substr(site.find('
 
 void zero(std::vector<float>& v) { std::fill(v.begin(), v.end(), 0.f); }
 
+// Rows per panel of the packed GEMM layout (gemm.cpp's kPanel).
+constexpr int kPackPanel = 32;
+
+// Writes rows [n0, n1) of w [N, K] (row-major f32, n0 a multiple of 32) into the engine's
+// packed copies of W [N, K] and W^T [K, N] in place: the optimizer's alternative to
+// pack_weight + pack_weight_transposed of the whole matrix, which would allocate (and fault
+// in) both packs afresh every step. The layout is gemm.cpp's (see its top comment):
+// panels of 32 rows, an f32 panel is [K][32], a bf16 panel [Kp/2][32][2] with Kp = K rounded
+// up to even; W^T likewise with N and K swapped. The bytes equal what pack_weight writes
+// (bf16: the same f32_to_bf16 rounding). Pads (rows past N, bf16's odd pad k) are never
+// written, so they keep the zeros the first pack left.
+void write_packed_rows(const float* w, int N, int K, int n0, int n1, PackedWeight& W, PackedWeight& WT) {
+  constexpr int P = kPackPanel;
+  const bool bf16 = W.dtype == DType::bf16;
+  const size_t w_panel = size_t(bf16 ? K + (K & 1) : K) * P;  // elements per panel of W
+  const size_t t_panel = size_t(bf16 ? N + (N & 1) : N) * P;  // of W^T
+  // 32 x 32 tiles: a tile of W's panel and one of W^T's are each one contiguous 4 KB (f32)
+  // block, so both writes stay in L1.
+  for (int nb = n0; nb < n1; nb += P) {
+    const int rows = std::min(P, n1 - nb);
+    for (int kb = 0; kb < K; kb += P) {
+      const int cols = std::min(P, K - kb);
+      if (!bf16) {
+        float* wp = reinterpret_cast<float*>(W.data.get()) + size_t(nb / P) * w_panel + size_t(kb) * P;
+        float* tp = reinterpret_cast<float*>(WT.data.get()) + size_t(kb / P) * t_panel + size_t(nb) * P;
+#if defined(__SSE2__)
+        if (rows == P && cols == P) {
+          // Full tile, both 64-byte aligned. Streaming stores: the packs (8 bytes an element)
+          // are far larger than the caches and are next read by the following forward pass,
+          // so fetching their old lines first (write-allocate) would only add traffic. Each
+          // pass fills whole cache lines one after another, as write-combining needs.
+          for (int j = 0; j < P; ++j) {  // W^T: the tile's rows as they are
+            const float* src = w + size_t(nb + j) * K + kb;
+            for (int i = 0; i < P; i += 4) _mm_stream_ps(tp + j * P + i, _mm_loadu_ps(src + i));
+          }
+          for (int i = 0; i < P; i += 4) {  // W: 4 x 4 transposes, 4 rows of the panel at a time
+            for (int j = 0; j < P; j += 4) {
+              const float* src = w + size_t(nb + j) * K + kb + i;
+              __m128 r0 = _mm_loadu_ps(src), r1 = _mm_loadu_ps(src + K);
+              __m128 r2 = _mm_loadu_ps(src + 2 * K), r3 = _mm_loadu_ps(src + 3 * K);
+              _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+              _mm_stream_ps(wp + i * P + j, r0);
+              _mm_stream_ps(wp + (i + 1) * P + j, r1);
+              _mm_stream_ps(wp + (i + 2) * P + j, r2);
+              _mm_stream_ps(wp + (i + 3) * P + j, r3);
+            }
+          }
+          continue;
+        }
+#endif
+        for (int j = 0; j < rows; ++j) {
+          const float* src = w + size_t(nb + j) * K + kb;
+          for (int i = 0; i < cols; ++i) wp[i * P + j] = src[i];
+          std::memcpy(tp + j * P, src, size_t(cols) * 4);
+        }
+      } else {
+        uint16_t* wp = reinterpret_cast<uint16_t*>(W.data.get()) + size_t(nb / P) * w_panel + size_t(kb) * P;
+        uint16_t* tp = reinterpret_cast<uint16_t*>(WT.data.get()) + size_t(kb / P) * t_panel + size_t(nb) * P;
+        for (int j = 0; j < rows; ++j) {
+          const float* src = w + size_t(nb + j) * K + kb;
+          for (int i = 0; i < cols; ++i) {
+            const uint16_t b = f32_to_bf16(src[i]);
+            wp[(i / 2) * 2 * P + j * 2 + (i & 1)] = b;
+            tp[(j / 2) * 2 * P + i * 2 + (j & 1)] = b;
+          }
+        }
+      }
+    }
+  }
+#if defined(__SSE2__)
+  _mm_sfence();  // streaming stores are weakly ordered: complete them before the pool's join
+#endif
+}
+
+// Sum of g[i]^2 in double over four interleaved partial sums (one serial chain of double
+// adds would cost ~4 cycles an element).
+double sum_squares(const float* g, long n) {
+  double a[4] = {0, 0, 0, 0};
+  long i = 0;
+  for (; i + 4 <= n; i += 4)
+    for (int j = 0; j < 4; ++j) a[j] += double(g[i + j]) * g[i + j];
+  for (; i < n; ++i) a[0] += double(g[i]) * g[i];
+  return (a[0] + a[1]) + (a[2] + a[3]);
+}
+
+struct AdamWStep {
+  float lr, beta1, beta2, eps, decay, clip;
+  double bc1, bc2;  // bias corrections 1 - beta^t
+};
+
+// AdamW with decoupled weight decay on n elements; zeroes the gradient. The arithmetic
+// (float moments, double bias correction and step) is the reference the tests and resumed
+// runs compare against bit for bit: keep it.
+__attribute__((always_inline)) inline void adamw_body(float* w, float* g, float* m1, float* m2, long n,
+                                                      const AdamWStep& a) {
+  for (long i = 0; i < n; ++i) {
+    const float gi = g[i] * a.clip;
+    m1[i] = a.beta1 * m1[i] + (1.f - a.beta1) * gi;
+    m2[i] = a.beta2 * m2[i] + (1.f - a.beta2) * gi * gi;
+    const double mhat = m1[i] / a.bc1, vhat = m2[i] / a.bc2;
+    w[i] -= a.decay * w[i];
+    w[i] -= float(a.lr * mhat / (std::sqrt(vhat) + a.eps));
+    g[i] = 0.f;
+  }
+}
+
+// The double divisions and square root dominate; this file is built for baseline x86-64,
+// where they vectorise two at a time. The AVX2 copy does four (measured 1.9x faster).
+// Deliberately AVX2 without FMA: nothing to contract into, so every element is bit-identical
+// to the baseline copy (a target("avx512f") copy built with GCC 12 used FMAs, which round
+// differently).
+__attribute__((target("avx2"))) void adamw_avx2(float* w, float* g, float* m1, float* m2, long n, const AdamWStep& a) {
+  adamw_body(w, g, m1, m2, n, a);
+}
+
+void adamw(float* w, float* g, float* m1, float* m2, long n, const AdamWStep& a) {
+  static const bool avx2 = cpu_features().avx2;
+  if (avx2) adamw_avx2(w, g, m1, m2, n, a);
+  else adamw_body(w, g, m1, m2, n, a);
+}
+
+// Runs fn(begin, end, thread) over [0, n) in blocks of `block` that the pool's threads claim
+// from a shared counter: on a shared machine a thread can lose its core for milliseconds,
+// and the other threads then take over its remaining blocks instead of waiting at the join
+// (pool.parallel_for's fixed shares wait). Inline when there is only one block.
+void parallel_blocks(ThreadPool& pool, long n, long block, const std::function<void(long, long, int)>& fn) {
+  if (n <= 0) return;
+  block = std::max<long>(1, block);
+  if (n <= block || pool.size() == 1) {
+    fn(0, n, 0);
+    return;
+  }
+  std::atomic<long> next{0};
+  pool.run([&](int tid, int) {
+    for (long b; (b = next.fetch_add(block, std::memory_order_relaxed)) < n;) fn(b, std::min(n, b + block), tid);
+  });
+}
+
+// Row loops of the backward pass: ~8 blocks a thread, none under ~16K floats of work
+// (below that a parallel region costs more than it saves).
+void parallel_rows(ThreadPool& pool, long rows, long width, const std::function<void(long, long, int)>& fn) {
+  const long min_rows = std::max<long>(1, (16L << 10) / std::max<long>(1, width));
+  parallel_blocks(pool, rows, std::max(min_rows, rows / (8L * pool.size())), fn);
+}
+
+// Query rows per block of the attention backward: the score products of a block only reach
+// keys up to its last row (causality skips the rest), and its [block, keys] scratch stays small.
+constexpr int kAttnBlock = 32;
+
+// Attention backward of one sequence and one query head, in matrix products per block of
+// query rows (the row-by-row kernel attention_row_backward streams the dK and dV rows once per
+// query row; this measured ~3x faster at T = 128, ~2x at T = 64). For each query head hq of the group, with P the causal (sliding-window) softmax of
+// scale * Q K^T:
+//   dP = dO V^T,  D_t = sum_j P_tj dP_tj (= dO_t . O_t),  dS = scale * P o (dP - D)
+//   dQ = dS K (written),  dK += dS^T Q,  dV += P^T dO.
+// q, dout, dq: the sequence's rows of head hq (row strides ldq, ldo, ldq); k, v [T, hd] the
+// cache; dk, dv [T, hd] accumulated. `solo` is a one-thread pool: this runs inside a task of
+// the model's pool, whose region must not be re-entered. sp, dsp: scratch [kAttnBlock * T].
+void attention_head_backward(ThreadPool& solo, int T, int hd, float scale, int window, const float* q, long ldq,
+                             const float* dout, long ldo, const float* k, const float* v, float* dq, float* dk,
+                             float* dv, float* sp, float* dsp) {
+  for (int t0 = 0; t0 < T; t0 += kAttnBlock) {
+    const int t1 = std::min(T, t0 + kAttnBlock), bq = t1 - t0;
+    const int k0 = window > 0 ? std::max(0, t0 - window + 1) : 0, nk = t1 - k0;  // keys of the block
+    const float* qb = q + size_t(t0) * ldq;
+    const float* ob = dout + size_t(t0) * ldo;
+    gemm_nt_f32(solo, bq, nk, hd, qb, ldq, k + size_t(k0) * hd, hd, sp, nk, false);    // S = Q K^T
+    gemm_nt_f32(solo, bq, nk, hd, ob, ldo, v + size_t(k0) * hd, hd, dsp, nk, false);   // dP = dO V^T
+    for (int i = 0; i < bq; ++i) {
+      const int t = t0 + i;
+      const int j0 = (window > 0 ? std::max(0, t - window + 1) : 0) - k0, j1 = t - k0 + 1;  // keys [j0, j1)
+      float* p = sp + size_t(i) * nk;
+      float* ds = dsp + size_t(i) * nk;
+      for (int j = j0; j < j1; ++j) p[j] *= scale;
+      softmax_scale(p + j0, j1 - j0, logsumexp(p + j0, j1 - j0), 1.f);
+      float D = 0.f;
+      for (int j = j0; j < j1; ++j) D += p[j] * ds[j];
+      for (int j = j0; j < j1; ++j) ds[j] = scale * p[j] * (ds[j] - D);
+      // Masked keys take no part in the products below.
+      std::fill(p, p + j0, 0.f);
+      std::fill(ds, ds + j0, 0.f);
+      std::fill(p + j1, p + nk, 0.f);
+      std::fill(ds + j1, ds + nk, 0.f);
+    }
+    gemm_nn_f32(solo, bq, hd, nk, dsp, nk, k + size_t(k0) * hd, hd, dq + size_t(t0) * ldq, ldq, false);  // dQ
+    gemm_tn_f32(solo, nk, hd, bq, dsp, nk, qb, ldq, dk + size_t(k0) * hd, hd, true);                      // dK
+    gemm_tn_f32(solo, nk, hd, bq, sp, nk, ob, ldo, dv + size_t(k0) * hd, hd, true);                       // dV
+  }
+}
+
 }  // namespace
 
 struct Trainer::Impl {
+  // Kept from step to step, like the scratch below: training repeats the same shapes, and
+  // buffers allocated afresh each step cost their page faults (the kernel clearing every
+  // page) again and again. The forward reuses the trace's capacity.
   ForwardTrace trace;
-  std::vector<KvCache> caches;
+  std::vector<KvCache> caches, ref_caches;  // K, V of the trained batch (read by the backward), of the reference
   std::vector<Param*> params;  // trainable, in a fixed order (checkpoints rely on it)
 
   // Full fine-tuning: f32 masters of every model tensor, by engine name.
@@ -63,8 +264,68 @@ struct Trainer::Impl {
 
   PackedWeight head_t;            // LM head transposed, for the cross-entropy input gradient
 
-  // Scratch.
-  std::vector<float> h, h_ref, dh_rows, dx, dbuf, dmlp, datt, dqkv, dK, dV, tmp_in, du, xd, z;
+  // Where the engine keeps its own copy of a parameter, rewritten after each update (full
+  // mode; LoRA values are read by the engine as they are): a packed matrix with its packed
+  // transpose, or an f32 vector. The untied embedding has neither (sync_untied_embed).
+  struct Mirror {
+    Param* p = nullptr;
+    PackedWeight* w = nullptr;   // [N, K] = p's shape
+    PackedWeight* wt = nullptr;  // [K, N]
+    std::vector<float>* vec = nullptr;
+  };
+  std::vector<Mirror> mirrors;   // one per trainable parameter, in params order
+  // The optimizer's units of work, claimed by the pool's threads: elements [begin, end) of
+  // mirrors[m].p. A packed matrix is cut at whole 32-row panels, so each chunk rewrites its
+  // own panels of W and W^T and no two threads write the same memory. Fixed at construction,
+  // so the gradient norm (summed per chunk, then over chunks in order) does not depend on
+  // the number of threads.
+  struct Chunk { int m; long begin, end; };
+  std::vector<Chunk> chunks;
+  std::vector<double> chunk_sq;  // per chunk: sum of squared gradients
+
+  // Runs fn(chunk index) for every chunk on the pool, threads claiming chunks from a counter
+  // (a thread that loses its core for a while leaves its share to the others).
+  void parallel_chunks(ThreadPool& pool, const std::function<void(size_t)>& fn) {
+    const size_t n = chunks.size();
+    std::atomic<size_t> next{0};
+    pool.run([&](int, int) {
+      for (size_t ci; (ci = next.fetch_add(1, std::memory_order_relaxed)) < n;) fn(ci);
+    });
+  }
+
+  // The packs are written in place: (re)build any whose shape or type does not match its
+  // parameter first (never, unless the engine's tensors were replaced behind the trainer's back).
+  void check_mirrors(DType dtype) {
+    for (Mirror& mr : mirrors) {
+      if (mr.w) {
+        const int N = int(mr.p->shape[0]), K = int(mr.p->shape[1]);
+        if (!mr.w->data || mr.w->N != N || mr.w->K != K || mr.w->dtype != dtype) {
+          pack_weight(*mr.w, mr.p->value.data(), SrcType::f32, N, K, false, dtype);
+          mr.wt->data.reset();
+        }
+        if (!mr.wt->data || mr.wt->N != K || mr.wt->K != N || mr.wt->dtype != dtype) pack_weight_transposed(*mr.wt, *mr.w);
+      } else if (mr.vec) {
+        mr.vec->resize(mr.p->value.size());
+      }
+    }
+  }
+
+  // Copies a chunk of its parameter's values into the engine's copy (full mode).
+  void write_mirror(const Chunk& ch) {
+    const Mirror& mr = mirrors[ch.m];
+    const float* v = mr.p->value.data();
+    if (mr.w) {
+      const int K = int(mr.p->shape[1]);
+      write_packed_rows(v, int(mr.p->shape[0]), K, int(ch.begin / K), int(ch.end / K), *mr.w, *mr.wt);
+    } else if (mr.vec) {
+      std::memcpy(mr.vec->data() + ch.begin, v + ch.begin, size_t(ch.end - ch.begin) * 4);
+    }
+  }
+
+  // Scratch. Sized with resize(): only what a step accumulates into is zeroed explicitly.
+  std::vector<float> h, h_ref, dh_rows, dx, dfinal, dact, dxn, dmlp, datt, dqkv, dK, dV, tmp_in, du, xd, z;
+  std::vector<float> rf_h, rf_href, hc, rcos, rsin, norm_row, norm_dw, norm_db, attn_p, attn_ds;
+  std::vector<std::unique_ptr<ThreadPool>> solo;  // one-thread pools for products inside pool tasks
 };
 
 Trainer::Trainer(Model& model, const TrainOptions& options) : impl_(new Impl), model_(model), options_(options) {
@@ -179,6 +440,52 @@ Trainer::Trainer(Model& model, const TrainOptions& options) : impl_(new Impl), m
   for (int l = 0; l < c.n_layers; ++l)
     for (int i = 0; i < 4; ++i) pack_weight_transposed(model.linear(l, i).wt, model.linear(l, i).w);
   pack_weight_transposed(s.head_t, model.lm_head().w);
+
+  // The engine copies each parameter is written to after an update (full mode).
+  for (Param* p : s.params) s.mirrors.push_back({p});
+  auto mirror = [&](Param* p) -> Impl::Mirror& {
+    for (Impl::Mirror& mi : s.mirrors)
+      if (mi.p == p) return mi;
+    throw std::logic_error("trainer: parameter without a slot");
+  };
+  if (options.mode == TrainMode::full) {
+    for (int l = 0; l < c.n_layers; ++l) {
+      Layer& L = model.layer(l);
+      for (int i = 0; i < 4; ++i) {
+        Linear& lin = model.linear(l, i);
+        Impl::Mirror& mw = mirror(s.full[l].lin[i].w);
+        mw.w = &lin.w;
+        mw.wt = &lin.wt;
+        if (s.full[l].lin[i].b) mirror(s.full[l].lin[i].b).vec = &lin.bias;
+      }
+      Norm* norms[2] = {&L.attn_norm, &L.mlp_norm};
+      for (int j = 0; j < 2; ++j) {
+        if (s.full[l].norm_w[j]) mirror(s.full[l].norm_w[j]).vec = &norms[j]->weight;
+        if (s.full[l].norm_b[j]) mirror(s.full[l].norm_b[j]).vec = &norms[j]->bias;
+      }
+    }
+    if (s.full_final_w) mirror(s.full_final_w).vec = &model.final_norm().weight;
+    if (s.full_final_b) mirror(s.full_final_b).vec = &model.final_norm().bias;
+    if (s.full_pos) mirror(s.full_pos).vec = &model.pos_embed();
+    // The LM head: the embedding itself when tied, else its own matrix. An untied embedding
+    // is reloaded through Model::load_tensor (sync_full_weights).
+    Impl::Mirror& mh = mirror(s.full_head ? s.full_head : s.full_embed);
+    mh.w = &model.lm_head().w;
+    mh.wt = &s.head_t;
+  }
+  // ~64K elements a chunk: a few thousand for a 124M model, each a few tens of µs of work.
+  constexpr long kChunkElems = 1L << 16;
+  for (size_t mi = 0; mi < s.mirrors.size(); ++mi) {
+    const Impl::Mirror& mr = s.mirrors[mi];
+    const long n = mr.p->numel();
+    long step = kChunkElems;
+    if (mr.w) {
+      const long K = mr.p->shape[1];
+      step = std::max<long>(1, kChunkElems / (kPackPanel * K)) * kPackPanel * K;
+    }
+    for (long b = 0; b < n; b += step) s.chunks.push_back({int(mi), b, std::min(n, b + step)});
+  }
+  s.chunk_sq.assign(s.chunks.size(), 0.0);
 }
 
 // LoRA adapters and red-flag rows stay on the model (for inference and saving); the
@@ -282,33 +589,31 @@ LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Se
   }
 
   // 1. Forward with activations (adapter on, LoRA dropout) -> final hidden states [R, H].
-  auto items_for = [&](const std::vector<Sequence>& seqs) {
-    s.caches.clear();
-    s.caches.reserve(seqs.size());
+  auto items_for = [&](const std::vector<Sequence>& seqs, std::vector<KvCache>& caches) {
+    while (caches.size() < seqs.size()) caches.push_back(m.new_cache());
     std::vector<ForwardItem> items;
-    for (const Sequence& q : seqs) {
-      s.caches.push_back(m.new_cache());
-      items.push_back({&s.caches.back(), q.tokens, q.n_tokens});
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      caches[i].truncate(0);  // keeps its memory
+      items.push_back({&caches[i], seqs[i].tokens, seqs[i].n_tokens});
     }
     return items;
   };
-  s.trace = ForwardTrace();
   s.trace.dropout = full ? 0.f : options_.lora.dropout;
   s.trace.dropout_seed = options_.seed * 0x9e3779b97f4a7c15ULL + lopt.dropout_seed;
   s.h.resize(size_t(R) * H);
   m.set_adapter_enabled(true);
   {
-    std::vector<ForwardItem> items = items_for(batch);
+    std::vector<ForwardItem> items = items_for(batch, s.caches);
     m.forward_traced(items, LogitsMode::hidden, s.h.data(), &s.trace, cancel);
   }
-  std::vector<KvCache> caches = std::move(s.caches);  // K, V of the trained batch, for the backward
+  std::vector<KvCache>& caches = s.caches;
 
   // 2. Reference forward: the base model (adapter and red-flag rows off), hidden states only.
   bool any_kl = false;
   for (const LossRow& r : rows) any_kl |= r.kind == LossRow::benign_kl || r.kind == LossRow::after_kl;
   if (any_kl) {
     s.h_ref.resize(size_t(Rref) * H);
-    std::vector<ForwardItem> items = items_for(reference);
+    std::vector<ForwardItem> items = items_for(reference, s.ref_caches);
     m.set_adapter_enabled(false);
     try {
       m.forward(items, LogitsMode::hidden, s.h_ref.data(), cancel);
@@ -317,7 +622,6 @@ LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Se
       throw;
     }
     m.set_adapter_enabled(true);
-    s.caches.clear();
   }
 
   // 3. Losses -> dL/dh for the scored rows, scattered into dH [R, H].
@@ -327,7 +631,10 @@ LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Se
   dH.assign(size_t(R) * H, 0.f);
   std::vector<RfLossRow> rf_rows;
   std::vector<int32_t> rf_src, ce_src, ce_targets;
-  std::vector<float> rf_h, rf_href;
+  std::vector<float>& rf_h = s.rf_h;
+  std::vector<float>& rf_href = s.rf_href;
+  rf_h.clear();
+  rf_href.clear();
   for (const LossRow& r : rows) {
     if (r.kind == LossRow::ce) {
       ce_src.push_back(r.row);
@@ -365,7 +672,7 @@ LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Se
     o.alpha_rf = lopt.alpha_rf * lopt.grad_scale;
     o.alpha_after = lopt.alpha_after * lopt.grad_scale;
     const int n = int(rf_rows.size());
-    s.dh_rows.assign(size_t(n) * H, 0.f);
+    s.dh_rows.resize(size_t(n) * H);  // written by rf_loss
     std::vector<float> dw_rf(H, 0.f);
     const float* w_rf = s.rf_head ? s.rf_head->value.data() : s.rf_head_base.data();
     RfLossResult res = rf_loss(pool, rf_h.data(), n, rf_href.data(), int(rf_href.size() / H), int(H), m.lm_head().w, w_rf,
@@ -383,7 +690,8 @@ LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Se
   }
   if (!ce_src.empty()) {
     const int n = int(ce_src.size());
-    std::vector<float> hc(size_t(n) * H);
+    std::vector<float>& hc = s.hc;
+    hc.resize(size_t(n) * H);
     for (int i = 0; i < n; ++i) std::memcpy(hc.data() + size_t(i) * H, s.h.data() + size_t(ce_src[i]) * H, H * 4);
     s.dh_rows.assign(size_t(n) * H, 0.f);
     const float weight = lopt.alpha_ce * lopt.grad_scale / float(n);
@@ -403,31 +711,48 @@ LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Se
 
   // 4. Backward. dx holds dL/d(residual stream) as we walk down the layers.
   std::vector<float>& dx = s.dx;  // = dH on entry, through the final norm below
-  s.dbuf.assign(size_t(R) * H, 0.f);
-  auto norm_backward_rows = [&](const Norm& n, Param* pw, Param* pb, const float* x, const float* dout, float* dst) {
-    // dst (+)= d norm(x) / dx . dout for every row; norm weight/bias gradients when trained.
-    std::vector<float> dw_local(pw ? H : 0, 0.f), db_local(pb ? H : 0, 0.f);
-    std::vector<float> row(H), dwr(H), dbr(H);
-    for (long r = 0; r < R; ++r) {
-      std::fill(dwr.begin(), dwr.end(), 0.f);
-      std::fill(dbr.begin(), dbr.end(), 0.f);
-      if (c.norm == NormType::rms) {
-        rmsnorm_backward(row.data(), dwr.data(), dout + r * H, x + r * H, n.weight.data(), int(H), c.norm_eps);
-      } else {
-        layernorm_backward(row.data(), dwr.data(), dbr.data(), dout + r * H, x + r * H, n.weight.data(), int(H), c.norm_eps);
+  auto norm_backward_rows = [&](const Norm& n, Param* pw, Param* pb, const float* x, const float* dout, float* dst,
+                                bool accumulate) {
+    // dst (+)= d norm(x) / dx . dout for every row, rows in parallel. The weight and bias
+    // gradients (when trained) take each row's contribution from [R, H] buffers afterwards,
+    // rows in order for every element as a serial loop would, with the columns in parallel.
+    const int nt = pool.size();
+    s.norm_row.resize(size_t(nt) * H);
+    s.norm_dw.resize(size_t(R) * H);
+    s.norm_db.resize(size_t(R) * H);
+    parallel_rows(pool, R, H, [&](long r0, long r1, int tid) {
+      float* row = s.norm_row.data() + size_t(tid) * H;
+      for (long r = r0; r < r1; ++r) {
+        float* dwr = s.norm_dw.data() + r * H;  // the kernels accumulate into these
+        float* dbr = s.norm_db.data() + r * H;
+        std::fill(dwr, dwr + H, 0.f);
+        if (c.norm == NormType::rms) {
+          rmsnorm_backward(row, dwr, dout + r * H, x + r * H, n.weight.data(), int(H), c.norm_eps);
+        } else {
+          std::fill(dbr, dbr + H, 0.f);
+          layernorm_backward(row, dwr, dbr, dout + r * H, x + r * H, n.weight.data(), int(H), c.norm_eps);
+        }
+        if (accumulate) {
+          for (long i = 0; i < H; ++i) dst[r * H + i] += row[i];
+        } else {
+          std::memcpy(dst + r * H, row, H * sizeof(float));
+        }
       }
-      for (long i = 0; i < H; ++i) dst[r * H + i] += row[i];
-      if (pw) for (long i = 0; i < H; ++i) pw->grad[i] += dwr[i];
-      if (pb) for (long i = 0; i < H; ++i) pb->grad[i] += dbr[i];
-    }
+    });
+    if (!pw && !pb) return;
+    parallel_rows(pool, H, R, [&](long i0, long i1, int) {
+      for (long r = 0; r < R; ++r) {
+        if (pw) for (long i = i0; i < i1; ++i) pw->grad[i] += s.norm_dw[r * H + i];
+        if (pb) for (long i = i0; i < i1; ++i) pb->grad[i] += s.norm_db[r * H + i];
+      }
+    });
   };
 
   // Final norm: d x_final = norm'(x_final) . dH
-  {
-    std::vector<float> dfinal(size_t(R) * H, 0.f);
-    norm_backward_rows(m.final_norm(), s.full_final_w, s.full_final_b, s.trace.x_final.data(), dH.data(), dfinal.data());
-    dx.swap(dfinal);
-  }
+  s.dfinal.resize(size_t(R) * H);
+  norm_backward_rows(m.final_norm(), s.full_final_w, s.full_final_b, s.trace.x_final.data(), dH.data(), s.dfinal.data(),
+                     false);
+  dx.swap(s.dfinal);  // both buffers stay with the trainer
 
   // Input gradient through a projection: din (+)= dy . W, plus its adapters; weight gradients
   // (full mode) dW += dy^T x, db += sum dy; adapter gradients dA, dB.
@@ -438,9 +763,14 @@ LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Se
     if (full) {
       Impl::FullLinear& f = s.full[l].lin[index];
       gemm_tn_f32(pool, int(out), int(in), int(R), dy, out, x, in, f.w->grad.data(), in, true);
-      if (f.b)
-        for (long r = 0; r < R; ++r)
-          for (long j = 0; j < out; ++j) f.b->grad[j] += dy[r * out + j];
+      if (f.b) {
+        // Columns in parallel, rows in order within each (the serial loop's sums).
+        float* db = f.b->grad.data();
+        parallel_rows(pool, out, R, [&](long j0, long j1, int) {
+          for (long r = 0; r < R; ++r)
+            for (long j = j0; j < j1; ++j) db[j] += dy[r * out + j];
+        });
+      }
     }
     for (size_t a = 0; a < lin.lora.size(); ++a) {
       const LoraDelta& d = lin.lora[a];
@@ -484,7 +814,8 @@ LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Se
   };
 
   // Rope tables for the trained rows (sequences start at position 0).
-  std::vector<float> rcos, rsin;
+  std::vector<float>& rcos = s.rcos;
+  std::vector<float>& rsin = s.rsin;
   if (c.rope) {
     rcos.resize(size_t(R) * hd / 2);
     rsin.resize(size_t(R) * hd / 2);
@@ -503,38 +834,45 @@ LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Se
     Layer& L = m.layer(l);
 
     // MLP: x_out = x_mid + mlp_out(act(mlp_in(norm(x_mid))))
-    s.dmlp.assign(size_t(R) * MLP_IN, 0.f);
-    std::vector<float> dact(size_t(R) * I, 0.f);
+    // Each buffer below is written whole before it is read (the input-gradient GEMMs run
+    // with accumulate = false, the activation and attention backward write their outputs).
+    s.dmlp.resize(size_t(R) * MLP_IN);
+    std::vector<float>& dact = s.dact;
+    dact.resize(size_t(R) * I);
     {
       size_t ui = u_start(l, 3);
       linear_backward(l, 3, lt.act.data(), I, dx.data(), H, dact.data(), lt, ui, false);
     }
-    for (long r = 0; r < R; ++r) {
-      if (c.act == Activation::silu) {
-        swiglu_backward(s.dmlp.data() + r * MLP_IN, s.dmlp.data() + r * MLP_IN + I, dact.data() + r * I,
-                        lt.mlp.data() + r * MLP_IN, lt.mlp.data() + r * MLP_IN + I, int(I));
-      } else {
-        gelu_new_backward(s.dmlp.data() + r * I, dact.data() + r * I, lt.mlp.data() + r * I, int(I));
+    parallel_rows(pool, R, I, [&](long r0, long r1, int) {
+      for (long r = r0; r < r1; ++r) {
+        if (c.act == Activation::silu) {
+          swiglu_backward(s.dmlp.data() + r * MLP_IN, s.dmlp.data() + r * MLP_IN + I, dact.data() + r * I,
+                          lt.mlp.data() + r * MLP_IN, lt.mlp.data() + r * MLP_IN + I, int(I));
+        } else {
+          gelu_new_backward(s.dmlp.data() + r * I, dact.data() + r * I, lt.mlp.data() + r * I, int(I));
+        }
       }
-    }
-    std::vector<float> dxn(size_t(R) * H, 0.f);
+    });
+    std::vector<float>& dxn = s.dxn;
+    dxn.resize(size_t(R) * H);
     {
       size_t ui = u_start(l, 2);
       linear_backward(l, 2, lt.xn2.data(), H, s.dmlp.data(), MLP_IN, dxn.data(), lt, ui, false);
     }
     norm_backward_rows(L.mlp_norm, full ? s.full[l].norm_w[1] : nullptr, full ? s.full[l].norm_b[1] : nullptr,
-                       lt.x_mid.data(), dxn.data(), dx.data());
+                       lt.x_mid.data(), dxn.data(), dx.data(), true);
 
     // Attention: x_mid = x_in + o(attn(rope(qkv(norm(x_in)))))
-    s.datt.assign(size_t(R) * Q, 0.f);
+    s.datt.resize(size_t(R) * Q);
     {
       size_t ui = u_start(l, 1);
       linear_backward(l, 1, lt.att.data(), Q, dx.data(), H, s.datt.data(), lt, ui, false);
     }
-    s.dqkv.assign(size_t(R) * QKV, 0.f);
+    s.dqkv.resize(size_t(R) * QKV);
     {
       // One task per (sequence, KV head): it owns that head's dK, dV, so no two threads write
-      // the same memory; dq rows of the group's query heads are disjoint too.
+      // the same memory; dq rows of the group's query heads are disjoint too. Threads claim
+      // tasks from a counter, longest sequences first.
       struct Task { int item; long row0; int g; };
       std::vector<Task> tasks;
       long row0 = 0;
@@ -542,32 +880,31 @@ LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Se
         for (int g = 0; g < c.n_kv_heads; ++g) tasks.push_back({int(i), row0, g});
         row0 += batch[i].n_tokens;
       }
+      std::stable_sort(tasks.begin(), tasks.end(),
+                       [&](const Task& a, const Task& b) { return batch[a.item].n_tokens > batch[b.item].n_tokens; });
       long max_t = 0;
       for (const Sequence& q : batch) max_t = std::max<long>(max_t, q.n_tokens);
       const int nt = pool.size();
-      s.dK.assign(size_t(nt) * max_t * hd, 0.f);
-      s.dV.assign(size_t(nt) * max_t * hd, 0.f);
-      std::vector<float> scratch(size_t(nt) * 2 * max_t);
-      pool.run([&](int tid, int n_threads) {
+      while (int(s.solo.size()) < nt) s.solo.push_back(std::make_unique<ThreadPool>(1));
+      s.dK.resize(size_t(nt) * max_t * hd);  // each task zeroes its rows
+      s.dV.resize(size_t(nt) * max_t * hd);
+      const size_t block_elems = size_t(std::min<long>(max_t, kAttnBlock)) * max_t;
+      s.attn_p.resize(size_t(nt) * block_elems);
+      s.attn_ds.resize(size_t(nt) * block_elems);
+      parallel_blocks(pool, long(tasks.size()), 1, [&](long w0, long w1, int tid) {
         float* dK = s.dK.data() + size_t(tid) * max_t * hd;
         float* dV = s.dV.data() + size_t(tid) * max_t * hd;
-        float* sc = scratch.data() + size_t(tid) * 2 * max_t;
-        for (size_t w = tid; w < tasks.size(); w += n_threads) {
+        for (long w = w0; w < w1; ++w) {
           const Task& tk = tasks[w];
           const int T = batch[tk.item].n_tokens;
           KvCache& cache = caches[tk.item];
           std::fill(dK, dK + size_t(T) * hd, 0.f);
           std::fill(dV, dV + size_t(T) * hd, 0.f);
           for (int hq = tk.g * group; hq < (tk.g + 1) * group; ++hq) {
-            for (int t = 0; t < T; ++t) {
-              const long r = tk.row0 + t;
-              long first = 0;
-              if (c.sliding_window > 0) first = std::max(0L, long(t) - c.sliding_window + 1);
-              attention_row_backward(s.dqkv.data() + r * QKV + hq * hd, dK + first * hd, dV + first * hd,
-                                     s.datt.data() + r * Q + hq * hd, lt.qkv.data() + r * QKV + hq * hd,
-                                     cache.k(l, tk.g) + first * hd, cache.v(l, tk.g) + first * hd, hd,
-                                     int(t - first + 1), int(hd), scale, sc);
-            }
+            attention_head_backward(*s.solo[tid], T, int(hd), scale, c.sliding_window,
+                                    lt.qkv.data() + tk.row0 * QKV + hq * hd, QKV, s.datt.data() + tk.row0 * Q + hq * hd, Q,
+                                    cache.k(l, tk.g), cache.v(l, tk.g), s.dqkv.data() + tk.row0 * QKV + hq * hd, dK, dV,
+                                    s.attn_p.data() + size_t(tid) * block_elems, s.attn_ds.data() + size_t(tid) * block_elems);
           }
           for (int t = 0; t < T; ++t) {
             float* dst = s.dqkv.data() + (tk.row0 + t) * QKV;
@@ -578,18 +915,20 @@ LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Se
       });
     }
     if (c.rope) {
-      for (long r = 0; r < R; ++r) {
-        rope_backward(s.dqkv.data() + r * QKV, c.n_heads, int(hd), rcos.data() + r * hd / 2, rsin.data() + r * hd / 2);
-        rope_backward(s.dqkv.data() + r * QKV + Q, c.n_kv_heads, int(hd), rcos.data() + r * hd / 2, rsin.data() + r * hd / 2);
-      }
+      parallel_rows(pool, R, Q + KV, [&](long r0, long r1, int) {
+        for (long r = r0; r < r1; ++r) {
+          rope_backward(s.dqkv.data() + r * QKV, c.n_heads, int(hd), rcos.data() + r * hd / 2, rsin.data() + r * hd / 2);
+          rope_backward(s.dqkv.data() + r * QKV + Q, c.n_kv_heads, int(hd), rcos.data() + r * hd / 2,
+                        rsin.data() + r * hd / 2);
+        }
+      });
     }
-    std::fill(dxn.begin(), dxn.end(), 0.f);
     {
       size_t ui = u_start(l, 0);
       linear_backward(l, 0, lt.xn1.data(), H, s.dqkv.data(), QKV, dxn.data(), lt, ui, false);
     }
     norm_backward_rows(L.attn_norm, full ? s.full[l].norm_w[0] : nullptr, full ? s.full[l].norm_b[0] : nullptr,
-                       lt.x_in.data(), dxn.data(), dx.data());
+                       lt.x_in.data(), dxn.data(), dx.data(), true);
   }
 
   // 5. Embeddings: the rows that were looked up collect their gradient.
@@ -612,66 +951,63 @@ LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Se
       }
     }
   }
-  s.trace = ForwardTrace();
   return terms;
 }
 
 double Trainer::optimizer_step(const AdamWOptions& o) {
   Impl& s = *impl_;
-  double sq = 0;
-  for (Param* p : s.params)
-    for (float g : p->grad) sq += double(g) * g;
-  const double norm = std::sqrt(sq);
-  const float clip = (o.clip_norm > 0.f && norm > o.clip_norm) ? float(o.clip_norm / (norm + 1e-6)) : 1.f;
-  ++adam_step_;
-  const double bc1 = 1.0 - std::pow(double(o.beta1), double(adam_step_));
-  const double bc2 = 1.0 - std::pow(double(o.beta2), double(adam_step_));
-  for (Param* p : s.params) {
-    const long n = p->numel();
-    float* w = p->value.data();
-    float* g = p->grad.data();
-    float* m1 = p->m.data();
-    float* m2 = p->v.data();
-    const float decay = p->decay ? o.lr * o.weight_decay : 0.f;
-    for (long i = 0; i < n; ++i) {
-      const float gi = g[i] * clip;
-      m1[i] = o.beta1 * m1[i] + (1.f - o.beta1) * gi;
-      m2[i] = o.beta2 * m2[i] + (1.f - o.beta2) * gi * gi;
-      const double mhat = m1[i] / bc1, vhat = m2[i] / bc2;
-      w[i] -= decay * w[i];
-      w[i] -= float(o.lr * mhat / (std::sqrt(vhat) + o.eps));
-      g[i] = 0.f;
-    }
+  ThreadPool& pool = model_.pool();
+  // Clipping needs the norm before any update: a pass of its own. Without clipping the norm
+  // is only reported, and each chunk sums its gradient just before updating it.
+  const bool clipping = o.clip_norm > 0.f;
+  auto total_norm = [&] {
+    double sq = 0;
+    for (double v : s.chunk_sq) sq += v;
+    return std::sqrt(sq);
+  };
+  double norm = 0;
+  float clip = 1.f;
+  if (clipping) {
+    s.parallel_chunks(pool, [&](size_t ci) {
+      const Impl::Chunk& ch = s.chunks[ci];
+      s.chunk_sq[ci] = sum_squares(s.mirrors[ch.m].p->grad.data() + ch.begin, ch.end - ch.begin);
+    });
+    norm = total_norm();
+    if (norm > o.clip_norm) clip = float(o.clip_norm / (norm + 1e-6));
   }
-  if (options_.mode == TrainMode::full) sync_full_weights();
+  ++adam_step_;
+  s.check_mirrors(model_.dtype());
+  AdamWStep a{o.lr, o.beta1, o.beta2, o.eps, 0.f, clip,
+              1.0 - std::pow(double(o.beta1), double(adam_step_)), 1.0 - std::pow(double(o.beta2), double(adam_step_))};
+  // AdamW and the engine's copies chunk by chunk, while the chunk's values are in cache.
+  s.parallel_chunks(pool, [&](size_t ci) {
+    const Impl::Chunk& ch = s.chunks[ci];
+    Param* p = s.mirrors[ch.m].p;
+    const long n = ch.end - ch.begin;
+    if (!clipping) s.chunk_sq[ci] = sum_squares(p->grad.data() + ch.begin, n);
+    AdamWStep pa = a;
+    pa.decay = p->decay ? o.lr * o.weight_decay : 0.f;
+    adamw(p->value.data() + ch.begin, p->grad.data() + ch.begin, p->m.data() + ch.begin, p->v.data() + ch.begin, n, pa);
+    s.write_mirror(ch);
+  });
+  if (!clipping) norm = total_norm();
+  if (options_.mode == TrainMode::full) sync_untied_embed();
   return norm;
 }
 
 void Trainer::sync_full_weights() {
-  // The engine runs on packed copies: rebuild them from the f32 masters after each update.
+  // Rewrites the engine's copies from the f32 masters (after a checkpoint restore).
   Impl& s = *impl_;
-  Model& m = model_;
-  const ModelConfig& c = m.config();
-  for (int l = 0; l < c.n_layers; ++l) {
-    for (int i = 0; i < 4; ++i) {
-      Linear& lin = m.linear(l, i);
-      const Impl::FullLinear& f = s.full[l].lin[i];
-      pack_weight(lin.w, f.w->value.data(), SrcType::f32, lin.w.N, lin.w.K, false, m.dtype());
-      pack_weight_transposed(lin.wt, lin.w);
-      if (f.b) lin.bias = f.b->value;
-    }
-    Layer& L = m.layer(l);
-    if (s.full[l].norm_w[0]) L.attn_norm.weight = s.full[l].norm_w[0]->value;
-    if (s.full[l].norm_b[0]) L.attn_norm.bias = s.full[l].norm_b[0]->value;
-    if (s.full[l].norm_w[1]) L.mlp_norm.weight = s.full[l].norm_w[1]->value;
-    if (s.full[l].norm_b[1]) L.mlp_norm.bias = s.full[l].norm_b[1]->value;
-  }
-  if (s.full_final_w) m.final_norm().weight = s.full_final_w->value;
-  if (s.full_final_b) m.final_norm().bias = s.full_final_b->value;
-  m.load_tensor("embed", s.full_embed->value.data(), SrcType::f32, s.full_embed->shape, false);
-  if (s.full_head) m.load_tensor("lm_head", s.full_head->value.data(), SrcType::f32, s.full_head->shape, false);
-  if (s.full_pos) m.pos_embed() = s.full_pos->value;
-  pack_weight_transposed(s.head_t, m.lm_head().w);
+  s.check_mirrors(model_.dtype());
+  s.parallel_chunks(model_.pool(), [&](size_t ci) { s.write_mirror(s.chunks[ci]); });
+  sync_untied_embed();
+}
+
+// The untied embedding's engine copy (private to Model) goes through load_tensor.
+void Trainer::sync_untied_embed() {
+  Impl& s = *impl_;
+  if (options_.mode == TrainMode::full && !model_.config().tied_embeddings)
+    model_.load_tensor("embed", s.full_embed->value.data(), SrcType::f32, s.full_embed->shape, false);
 }
 
 }  // namespace rf

@@ -102,6 +102,7 @@ class Trainer {
 
  private:
   void sync_full_weights();
+  void sync_untied_embed();
   struct Impl;
   std::unique_ptr<Impl> impl_;
   Model& model_;
