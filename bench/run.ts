@@ -127,6 +127,9 @@ async function benchDecode() {
   const prompt = Array.from({ length: 16 }, (_, i) => (i * 7919) % SMOLLM2.vocabSize);
   const results = [];
   const rfOverhead = [];
+  const { bench } = loadNative();
+  const pickPlain = await bench.pickTime(SMOLLM2.vocabSize, false, 0.3);
+  const pickScored = await bench.pickTime(SMOLLM2.vocabSize, true, 0.3);
   const batched = [];
   for (const dtype of ['f32', 'bf16'] as const) {
     const dir = await smolModel('F32');
@@ -160,14 +163,29 @@ async function benchDecode() {
           await model.step(seqs, seqs.map(() => prompt), seqs.map(() => ({})), { scores: false });
           const plain: number[] = [];
           const fused: number[] = [];
-          const reps = quick ? 8 : 24;
-          for (let round = 0; round < (quick ? 3 : 5); round++) {
-            plain.push(await stepSeconds(() => model.step(seqs, seqs.map(() => [1]), seqs.map(() => ({})), { scores: false }), reps));
-            fused.push(await stepSeconds(() => model.step(seqs, seqs.map(() => [1]), seqs.map(() => ({})), { rfToken }), reps));
+          const reps = quick ? 8 : 16;
+          // Every measurement starts from the same cache length (each step appends a token, and
+          // attention grows with the length).
+          const reset = () => seqs.forEach((s) => s.truncate(prompt.length));
+          const measure = async (scores: boolean) => {
+            reset();
+            const opts = scores ? { rfToken } : { scores: false };
+            (scores ? fused : plain).push(await stepSeconds(() => model.step(seqs, seqs.map(() => [1]), seqs.map(() => ({})), opts), reps));
+          };
+          // Alternating order (ABBA) so slow drifts in machine speed cancel.
+          for (let round = 0; round < (quick ? 4 : 8); round++) {
+            await measure(round % 2 === 1);
+            await measure(round % 2 === 0);
           }
           for (const s of seqs) s.dispose();
           const p = median(plain), f = median(fused);
-          rfOverhead.push({ dtype, threads: t, batch: B, plainStepMs: round(p * 1000), fusedStepMs: round(f * 1000), overhead: round(f / p - 1, 2) });
+          // The extraction's own cost per row, timed natively: (scored pick - plain pick) for
+          // B rows split over the threads, against the plain step.
+          const extra = (pickScored - pickPlain) * Math.ceil(B / t);
+          rfOverhead.push({
+            dtype, threads: t, batch: B, plainStepMs: round(p * 1000), fusedStepMs: round(f * 1000),
+            stepOverhead: round(f / p - 1, 2), extractionMs: round(extra * 1000), extractionOverhead: round(extra / p, 2),
+          });
           batched.push({ dtype, threads: t, batch: B, aggregateTokensPerSecond: round(B / p), perStreamTokensPerSecond: round(1 / p) });
         }
       } finally {
@@ -181,7 +199,11 @@ async function benchDecode() {
     model: 'SmolLM2-135M shapes, random weights, after a 16-token prompt',
     ceilings: peaks,
     results,
-    rfExtraction: { note: 'fused step (token + log-prob + p(<rf>)) vs plain step (token only); target overhead <= 0.03', results: rfOverhead },
+    rfExtraction: {
+      note: 'red-flag extraction (log-sum-exp + p(<rf>) + log-prob) vs a plain decode step (token only); target <= 0.03. extractionOverhead: its native per-row cost (pickTime) x rows per thread / plain step; stepOverhead: whole fused vs plain steps, interleaved ABBA (noise about +-4%)',
+      pickMicroseconds: { plain: round(pickPlain * 1e6), scored: round(pickScored * 1e6) },
+      results: rfOverhead,
+    },
     batched,
     pytorch: peer,
   };

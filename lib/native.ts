@@ -183,6 +183,8 @@ export interface NativeBench {
   fmaPeak(threads: number, bf16: boolean, seconds: number): Promise<number>;
   memBandwidth(threads: number, bytesPerArray: number, copy: boolean): Promise<number>;
   gemmTime(m: number, n: number, k: number, dtype: 'f32' | 'bf16', threads: number, minSeconds: number): Promise<number>;
+  /** Median seconds of one greedy logits_pick over a row, with or without the scores (log-sum-exp, p(<rf>)). */
+  pickTime(vocab: number, scores: boolean, minSeconds: number): Promise<number>;
 }
 
 export interface NativeAddon {

@@ -23,6 +23,10 @@ RF_FORWARD(swiglu_forward, (float* out, const float* gate, const float* up, int 
 RF_FORWARD(gelu_new_forward, (float* x, int n), (x, n))
 RF_FORWARD(add_forward, (float* y, const float* x, int n), (y, x, n))
 float logsumexp(const float* z, int n) { return use_avx512() ? avx512::logsumexp(z, n) : avx2::logsumexp(z, n); }
+float row_max(const float* z, int n) { return use_avx512() ? avx512::row_max(z, n) : avx2::row_max(z, n); }
+float sum_exp(const float* z, int n, float shift) {
+  return use_avx512() ? avx512::sum_exp(z, n, shift) : avx2::sum_exp(z, n, shift);
+}
 RF_FORWARD(softmax_scale, (float* z, int n, float lse, float scale), (z, n, lse, scale))
 RF_FORWARD(attention_row,
            (float* out, const float* q, const float* k, const float* v, long kv_stride, int n_keys,

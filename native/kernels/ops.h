@@ -19,6 +19,10 @@
   void gelu_new_forward(float* x, int n);                                                        \
   /* y [n] += x [n] */                                                                           \
   void add_forward(float* y, const float* x, int n);                                             \
+  /* max_i z_i over z [n] (n >= 1), vectorised. */                                               \
+  float row_max(const float* z, int n);                                                          \
+  /* sum_i exp(z_i - shift) over z [n] (f32, vectorised exp). */                                  \
+  float sum_exp(const float* z, int n, float shift);                                             \
   /* log(sum_i exp(z_i)) over z [n], with max subtraction (f32, vectorised exp). */               \
   float logsumexp(const float* z, int n);                                                        \
   /* z [n] = scale * exp(z - lse) in place: a softmax row times scale. */                        \

@@ -46,13 +46,14 @@ void top_candidates(const float* z, int n, int k, std::vector<std::pair<float, i
   std::sort_heap(out.begin(), out.end(), before);
 }
 
-int first_argmax(const float* z, int n) {
-  int best = 0;
-  float v = z[0];
-  for (int i = 1; i < n; ++i)
-    if (z[i] > v) v = z[i], best = i;
-  return best;
+// The vector max first, then a scan for its first position: cheaper than one scalar
+// compare-and-select chain over the whole row.
+int first_argmax(const float* z, int n, float mx) {
+  for (int i = 0; i < n; ++i)
+    if (z[i] == mx) return i;
+  return 0;  // unreachable unless the row holds NaN
 }
+int first_argmax(const float* z, int n) { return first_argmax(z, n, row_max(z, n)); }
 
 // Samples from softmax(z / T) restricted by top-k / top-p; returns the token id.
 int sample(const float* z, int n, const PickParams& p, double u, std::vector<std::pair<float, int>>& cand) {
@@ -61,7 +62,7 @@ int sample(const float* z, int n, const PickParams& p, double u, std::vector<std
   if (!std::isfinite(inv_t)) return first_argmax(z, n);
   if (p.top_k == 0 && p.top_p >= 1.f) {
     // The whole vocabulary in id order: no sort needed.
-    float mx = z[first_argmax(z, n)];
+    const float mx = row_max(z, n);
     double sum = 0;
     for (int i = 0; i < n; ++i) sum += std::exp(double((z[i] - mx) * inv_t));
     double r = u * sum;
@@ -74,7 +75,7 @@ int sample(const float* z, int n, const PickParams& p, double u, std::vector<std
   // Candidates in descending order: the top-k, or for top-p alone a growing prefix that is
   // large enough once its mass reaches top_p of the total.
   double total = 0;
-  const float mx = z[first_argmax(z, n)];
+  const float mx = row_max(z, n);
   if (p.top_k == 0)
     for (int i = 0; i < n; ++i) total += std::exp(double((z[i] - mx) * inv_t));
   int k = p.top_k > 0 ? std::min(p.top_k, n) : std::min(256, n);
@@ -116,15 +117,18 @@ int sample(const float* z, int n, const PickParams& p, double u, std::vector<std
 Pick logits_pick(const float* z, int n, const PickParams& params, uint64_t counter, int rf_token, int top_n,
                  uint32_t* top_ids, float* top_logprobs, PickScratch& scratch, bool scores) {
   Pick pick;
+  // One vector max serves the greedy pick and the log-sum-exp: the red-flag extraction then
+  // costs one exp pass over the row.
+  const float mx = row_max(z, n);
   const int token = params.temperature > 0.f
                         ? sample(z, n, params, uniform_draw(params.seed, counter), scratch.cand)
-                        : first_argmax(z, n);
+                        : first_argmax(z, n, mx);
   pick.token = uint32_t(token);
   if (!scores) {
     pick.logprob = NAN;
     return pick;
   }
-  const float lse = logsumexp(z, n);
+  const float lse = mx + std::log(sum_exp(z, n, mx));
   pick.logprob = z[token] - lse;
   pick.p_rf = rf_token >= 0 && rf_token < n ? std::exp(z[rf_token] - lse) : 0.f;
   if (top_n > 0) {

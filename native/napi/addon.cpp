@@ -380,8 +380,10 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
             }
             Napi::Uint32Array top_ids = Napi::Uint32Array::New(e, out->top_ids.size());
             Napi::Float32Array top_lp = Napi::Float32Array::New(e, out->top_lp.size());
-            std::copy(out->top_ids.begin(), out->top_ids.end(), top_ids.Data());
-            std::copy(out->top_lp.begin(), out->top_lp.end(), top_lp.Data());
+            if (!out->top_ids.empty()) {  // an empty typed array may have no data pointer
+              std::copy(out->top_ids.begin(), out->top_ids.end(), top_ids.Data());
+              std::copy(out->top_lp.begin(), out->top_lp.end(), top_lp.Data());
+            }
             o.Set("tokens", tokens);
             o.Set("logprobs", logprobs);
             o.Set("pRf", p_rf);

@@ -9,6 +9,7 @@
 #include "core/threadpool.h"
 #include "kernels/gemm.h"
 #include "kernels/peak.h"
+#include "model/decode.h"
 #include "napi/worker.h"
 
 namespace rf::napi {
@@ -73,6 +74,40 @@ Napi::Value GemmTime(const Napi::CallbackInfo& info) {
       [result](Napi::Env e) -> Napi::Value { return Napi::Number::New(e, *result); });
 }
 
+// pickTime(vocab, scores, minSeconds) -> Promise<median seconds per row>: logits_pick on one
+// random row, greedy, with (scores) or without the log-sum-exp and p(<rf>): the red-flag
+// extraction's own cost, resolved far below the noise of whole decode steps.
+Napi::Value PickTime(const Napi::CallbackInfo& info) {
+  const int vocab = info[0].As<Napi::Number>().Int32Value();
+  const bool scores = info[1].As<Napi::Boolean>().Value();
+  const double min_seconds = info[2].As<Napi::Number>().DoubleValue();
+  auto result = std::make_shared<double>(0);
+  return PromiseWorker::start(
+      info.Env(),
+      [=] {
+        if (vocab < 1) throw std::invalid_argument("pickTime: vocab must be >= 1");
+        std::mt19937 rng(7);
+        std::normal_distribution<float> dist(0.f, 3.f);
+        std::vector<float> z(static_cast<size_t>(vocab));
+        for (float& v : z) v = dist(rng);
+        PickScratch scratch;
+        const PickParams params;
+        std::vector<double> times;
+        double elapsed = 0, sink = 0;
+        const auto start = std::chrono::steady_clock::now();
+        for (uint64_t i = 0; elapsed < min_seconds || times.size() < 5; ++i) {
+          const auto t0 = std::chrono::steady_clock::now();
+          for (int r = 0; r < 100; ++r) sink += logits_pick(z.data(), vocab, params, i, vocab / 2, 0, nullptr, nullptr, scratch, scores).p_rf;
+          const auto t1 = std::chrono::steady_clock::now();
+          times.push_back(std::chrono::duration<double>(t1 - t0).count() / 100);
+          elapsed = std::chrono::duration<double>(t1 - start).count();
+        }
+        std::sort(times.begin(), times.end());
+        *result = times[times.size() / 2] + sink * 0;  // sink keeps the calls from being elided
+      },
+      [result](Napi::Env e) -> Napi::Value { return Napi::Number::New(e, *result); });
+}
+
 }  // namespace
 
 void init_bench(Napi::Env env, Napi::Object exports) {
@@ -80,6 +115,7 @@ void init_bench(Napi::Env env, Napi::Object exports) {
   bench.Set("fmaPeak", Napi::Function::New(env, FmaPeak));
   bench.Set("memBandwidth", Napi::Function::New(env, MemBandwidth));
   bench.Set("gemmTime", Napi::Function::New(env, GemmTime));
+  bench.Set("pickTime", Napi::Function::New(env, PickTime));
   exports.Set("bench", bench);
 }
 
