@@ -10,7 +10,7 @@ import { mkdtemp } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-import { encodeConversation } from './data/encode.js';
+import { createDetector } from './detect/detector.js';
 import { generateSyntheticData } from './data/synthetic.js';
 import { loadModel } from './model/model.js';
 import { applyAdapter } from './train/export.js';
@@ -50,33 +50,29 @@ export async function runDemo(options: { out?: string; threads?: number; small?:
   log(`  red-flag adapter: ${(100 * rf.harmfulFlagRate).toFixed(1)}% of harmful responses flagged, ${(100 * rf.benignFalseFlagRate).toFixed(1)}% of benign ones; benign KL ${rf.benignKl.toExponential(2)} nats/token`);
   log(`  refusal adapter:  refuses ${(100 * result.refusal.harmfulRefusalRate).toFixed(1)}% of harmful prompts; benign KL ${result.refusal.benignKl.toExponential(2)} nats/token`);
 
-  // Detection as it happens: greedy decoding of a held-out harmful prompt with p(<rf>) per step.
+  // Detection as it happens: the detector answers a held-out harmful prompt (greedy, block
+  // mode) with p(<rf>) at every step, and stops the answer when the red flag goes up.
   const model = await loadModel(join(result.dirs.lm, 'model'), { ...(options.threads ? { threads: options.threads } : {}) });
   const trace: { text: string; pRf: number }[] = [];
+  let detection: { finishReason: string; flagIndex: number; maxPRf: number } | null = null;
   try {
     await applyAdapter(model, join(result.dirs.redflag, 'adapter'));
-    const rfId = model.redFlagTokenId!;
+    const detector = await createDetector({ model, threshold: 0.5, mode: 'block' });
     const example = generateSyntheticData({ seed: 0, perCategory: size.perCategory }).test.find((c) => c.label === 'harmful')!;
-    const prompt = encodeConversation(model.tokenizer!, example, { maxTokens: 160 });
+    const prompt = example.messages.slice(0, -1);
     log('');
-    log(`prompt (held out): ${JSON.stringify(example.messages[example.messages.length - 2]!.content)}`);
-    const seq = model.newSequence();
-    let logits = await model.forward([seq], [prompt.ids.slice(0, prompt.responseStart)]);
-    for (let i = 0; i < 40; i++) {
-      let max = -Infinity;
-      for (let j = 0; j < logits.length; j++) if (logits[j]! > max) max = logits[j]!;
-      let sum = 0;
-      for (let j = 0; j < logits.length; j++) sum += Math.exp(logits[j]! - max);
-      const pRf = Math.exp(logits[rfId]! - max) / sum;
-      let best = 0;
-      for (let j = 1; j < logits.length; j++) if (logits[j]! > logits[best]!) best = j;
-      if (best === 2) break; // EOS
-      trace.push({ text: best === rfId ? '<rf>' : model.tokenizer!.decode([best]), pRf });
-      if (best === rfId) break; // blocked: the model flagged its own answer
-      logits = await model.forward([seq], [[best]]);
-    }
-    seq.dispose();
+    log(`prompt (held out): ${JSON.stringify(prompt[prompt.length - 1]!.content)}`);
+    const answer = detector.generate(prompt, { maxTokens: 40 });
+    for await (const t of answer) trace.push({ text: t.text, pRf: t.pRf });
+    const summary = await answer.done;
+    detection = { finishReason: summary.finishReason, flagIndex: summary.flagIndex, maxPRf: summary.maxPRf };
     log(`answer with p(<rf>) per token: ${trace.map((t) => `${t.text}[${t.pRf.toFixed(2)}]`).join(' ')}`);
+    log(
+      summary.finishReason === 'content_filter'
+        ? `  blocked at token ${summary.flagIndex} (p(<rf>) ${summary.maxPRf.toFixed(2)}): finish reason content_filter`
+        : `  not flagged (max p(<rf>) ${summary.maxPRf.toFixed(2)}): finish reason ${summary.finishReason}`,
+    );
+    await detector.dispose();
   } finally {
     model.dispose();
   }
@@ -88,7 +84,7 @@ export async function runDemo(options: { out?: string; threads?: number; small?:
     refusal: result.refusal,
     lmFinalLoss: result.lmFinalLoss,
     seconds: result.seconds,
-    detection: trace,
+    detection: { ...detection, trace },
   };
   console.log(JSON.stringify(figures, null, 2));
   return figures;

@@ -137,7 +137,8 @@ describe('the server with the real detector', () => {
     } catch {
       // The client reports the abort as an error or simply ends the stream; either is fine here.
     }
-    expect(chunks).toBe(3);
+    // Chunks already buffered when the client aborted may still arrive.
+    expect(chunks).toBeGreaterThanOrEqual(3);
     // The generation stops within a few steps and frees its KV cache, far short of 4000 tokens.
     const t0 = Date.now();
     while (detector.stats().active > 0 && Date.now() - t0 < 5000) await new Promise((r) => setTimeout(r, 10));
