@@ -69,7 +69,7 @@ export async function runDemo(options: { out?: string; threads?: number; small?:
     log(`answer with p(<rf>) per token: ${trace.map((t) => `${t.text}[${t.pRf.toFixed(2)}]`).join(' ')}`);
     log(
       summary.finishReason === 'content_filter'
-        ? `  blocked at token ${summary.flagIndex} (p(<rf>) ${summary.maxPRf.toFixed(2)}): finish reason content_filter`
+        ? `  blocked at token ${summary.flagIndex} (${summary.maxPRf >= 0.5 ? `p(<rf>) ${summary.maxPRf.toFixed(2)} >= 0.5` : 'the model chose <rf>'}): finish reason content_filter`
         : `  not flagged (max p(<rf>) ${summary.maxPRf.toFixed(2)}): finish reason ${summary.finishReason}`,
     );
     await detector.dispose();
