@@ -3,7 +3,7 @@
  * @module
  */
 import type { Message } from '../data/records.js';
-import type { Model } from '../model/model.js';
+import type { Model, PickOptions } from '../model/model.js';
 
 /**
  * What the detector does when the model raises the red flag (samples `<rf>`, or gives it a
@@ -51,18 +51,13 @@ export interface DetectorOptions {
   maxQueued?: number;
 }
 
-/** Options of {@link Detector.generate}. */
-export interface DetectGenerateOptions {
+/**
+ * Options of {@link Detector.generate}: sampling as {@link PickOptions} (greedy by default; the
+ * seed defaults to a random one), plus the stopping rules and red-flag overrides below.
+ */
+export interface DetectGenerateOptions extends PickOptions {
   /** Most tokens to generate. Default 256. */
   maxTokens?: number;
-  /** 0 = greedy. Default 0. */
-  temperature?: number;
-  /** Default 0 (no limit). */
-  topK?: number;
-  /** Default 1. */
-  topP?: number;
-  /** Seed of the sampler; with the same seed, the same tokens whatever else runs alongside. */
-  seed?: number;
   /** Generation ends before the first of these strings. */
   stop?: string[];
   /** Also return the log-probabilities of the n most likely tokens at each step (0 to 20). Default 0. */

@@ -10,18 +10,13 @@ import { checkPickOptions, type Model, type PickOptions } from './model.js';
 import { StopFilter } from './stop-filter.js';
 import { IncrementalDecoder } from './tokenizer.js';
 
-/** Options of {@link Model.generate}. */
-export interface GenerateOptions {
+/**
+ * Options of {@link Model.generate}: sampling (`temperature`, `topK`, `topP`, `seed`, as in
+ * {@link PickOptions}; the seed defaults to a random one) and when to stop.
+ */
+export interface GenerateOptions extends PickOptions {
   /** Most tokens to generate. Default 128. */
   maxTokens?: number;
-  /** 0 = greedy. Default 0. */
-  temperature?: number;
-  /** Sample from the k most likely tokens (0 = no limit). Default 0. */
-  topK?: number;
-  /** Nucleus sampling threshold in (0, 1]. Default 1. */
-  topP?: number;
-  /** Seed of the sampler; the same seed gives the same tokens. Default: random. */
-  seed?: number;
   /** Generation ends when the text contains one of these (it is not included). */
   stop?: string[];
   /** Token ids that end generation. Default: the model's EOS ids. */
