@@ -17,6 +17,7 @@
 #include "kernels/peak.h"
 #include "model/model.h"
 #include "model/train.h"
+#include "tests/random_model.h"
 
 namespace {
 
@@ -60,13 +61,14 @@ rf::ModelConfig config_named(const std::string& name) {
   return c;
 }
 
+// Every tensor uniform with a standard deviation of 0.02 (norm weights around 1), from
+// splitmix64: the timings do not depend on the distribution, and this is ~10x faster than
+// std::normal_distribution on mt19937 (seconds for 124M weights), which keeps back-to-back
+// comparison runs close in time.
 void load_random(rf::Model& m) {
-  const rf::ModelConfig& c = m.config();
-  // Uniform values with a standard deviation of 0.02 from splitmix64: the timings do not depend
-  // on the distribution, and this is ~10x faster than std::normal_distribution on mt19937
-  // (seconds for 124M weights), which keeps back-to-back comparison runs close in time.
+  rf::test::WeightScales s;
+  s.embed = s.lm_head = s.pos_embed = s.norm = s.bias = s.linear = 0.02f;
   uint64_t state = 1;
-  const float half_width = 0.02f * std::sqrt(3.f);
   auto uniform = [&] {
     uint64_t z = (state += 0x9e3779b97f4a7c15ull);
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -74,35 +76,10 @@ void load_random(rf::Model& m) {
     z ^= z >> 31;
     return float(double(z >> 40) * (1.0 / 16777216.0)) * 2.f - 1.f;  // [-1, 1)
   };
-  auto add = [&](const std::string& name, std::vector<long> shape, float mean = 0.f, bool kn = false) {
-    long n = 1;
-    for (long x : shape) n *= x;
-    std::vector<float> v(n);
-    for (float& x : v) x = mean + half_width * uniform();
-    m.load_tensor(name, v.data(), rf::SrcType::f32, shape, kn);
-  };
-  const long H = c.hidden, I = c.intermediate;
-  const bool gpt2 = c.arch == rf::Arch::gpt2;
-  add("embed", {c.vocab, H});
-  if (!c.tied_embeddings) add("lm_head", {c.vocab, H});
-  if (gpt2) add("pos_embed", {c.max_positions, H});
-  add("final_norm.weight", {H}, 1.f);
-  if (gpt2) add("final_norm.bias", {H});
-  for (int l = 0; l < c.n_layers; ++l) {
-    const std::string p = "layers." + std::to_string(l) + ".";
-    for (const char* n : {"attn_norm", "mlp_norm"}) {
-      add(p + n + ".weight", {H}, 1.f);
-      if (gpt2) add(p + n + ".bias", {H});
-    }
-    auto lin = [&](const char* n, long o, long i, bool bias) {
-      add(p + n + ".weight", gpt2 ? std::vector<long>{i, o} : std::vector<long>{o, i}, 0.f, gpt2);
-      if (bias) add(p + n + ".bias", {o});
-    };
-    lin("qkv", c.qkv_dim(), H, c.qkv_bias);
-    lin("o", H, c.q_dim(), c.o_bias);
-    lin("mlp_in", gpt2 ? I : 2 * I, H, c.mlp_bias);
-    lin("mlp_out", H, I, c.mlp_bias);
-  }
+  rf::test::load_random(m, s, [&](float* v, size_t n, float mean, float sd) {
+    const float half_width = sd * std::sqrt(3.f);  // a uniform on [-w, w) has sd w / sqrt(3)
+    for (size_t i = 0; i < n; ++i) v[i] = mean + half_width * uniform();
+  });
 }
 
 double matmul_params(const rf::ModelConfig& c) {

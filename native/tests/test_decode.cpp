@@ -47,8 +47,10 @@
 #include "model/decode.h"
 #include "model/model.h"
 #include "tests/check.h"
+#include "tests/random_model.h"
 
 using rf::test::check;
+using rf::test::randn;
 
 namespace {
 
@@ -186,19 +188,12 @@ void check_greedy_row(const std::vector<float>& z, const std::string& tag, Worst
   check(ok_pad, tag + ": top-n past the vocabulary is padded with id 0 / -inf");
 }
 
-std::vector<float> randn(int n, float scale, float mean = 0.f) {
-  std::normal_distribution<float> d(mean, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = d(rng);
-  return v;
-}
-
 // Rows of one vocabulary size: plain, with ties (quantised values, and the maximum repeated),
 // large magnitudes (spread ~1e3) and a large offset (1e4 + small spread).
 std::vector<std::pair<std::string, std::vector<float>>> test_rows(int n) {
   std::vector<std::pair<std::string, std::vector<float>>> rows;
-  rows.push_back({"normal", randn(n, 3.f)});
-  std::vector<float> ties = randn(n, 2.f);
+  rows.push_back({"normal", randn(rng, n, 3.f)});
+  std::vector<float> ties = randn(rng, n, 2.f);
   for (float& x : ties) x = std::round(x * 2.f) / 2.f;  // many equal values
   if (n > 2) {
     const int a = n / 3, b = n - 1;  // the maximum at a and again at b > a
@@ -207,9 +202,9 @@ std::vector<std::pair<std::string, std::vector<float>>> test_rows(int n) {
   }
   rows.push_back({"ties", ties});
   rows.push_back({"all-equal", std::vector<float>(n, 0.25f)});
-  rows.push_back({"large-spread", randn(n, 1000.f)});
-  rows.push_back({"large-offset", randn(n, 3.f, 1e4f)});
-  rows.push_back({"large-negative", randn(n, 3.f, -2e4f)});
+  rows.push_back({"large-spread", randn(rng, n, 1000.f)});
+  rows.push_back({"large-offset", randn(rng, n, 3.f, 1e4f)});
+  rows.push_back({"large-negative", randn(rng, n, 3.f, -2e4f)});
   return rows;
 }
 
@@ -360,7 +355,7 @@ void test_nucleus_frequencies() {
   };
   double worst_se = 0;
   for (const Case& c : {Case{1000, 6000, 0.5f, 1.f, 0.9f}, Case{5000, 1500, 0.3f, 1.f, 0.95f}}) {
-    const std::vector<float> z = randn(c.n, c.sd);
+    const std::vector<float> z = randn(rng, c.n, c.sd);
     const Dist d = dist64(z.data(), c.n, c.T, 0, c.top_p);
     char tag[96];
     std::snprintf(tag, sizeof tag, "nucleus frequencies V=%d top_p=%.2f (%zu tokens)", c.n, c.top_p, d.ids.size());
@@ -403,47 +398,10 @@ void test_nucleus_frequencies() {
 // ---------------------------------------------------------------------------------------
 // 3 and 4. A small random Llama-style model.
 
-std::unique_ptr<rf::Model> build_model(const rf::ModelConfig& c, int threads, unsigned seed) {
-  auto m = std::make_unique<rf::Model>(c, rf::DType::f32, threads);
-  std::mt19937 g(seed);
-  auto load = [&](const std::string& name, std::vector<long> shape, float scale, float mean = 0.f) {
-    long n = 1;
-    for (long d : shape) n *= d;
-    std::normal_distribution<float> d(mean, scale);
-    std::vector<float> v(n);
-    for (float& x : v) x = d(g);
-    m->load_tensor(name, v.data(), rf::SrcType::f32, shape, false);
-  };
-  const long H = c.hidden, I = c.intermediate;
-  load("embed", {c.vocab, H}, 0.5f);
-  load("lm_head", {c.vocab, H}, 0.3f);
-  load("final_norm.weight", {H}, 0.2f, 1.f);
-  for (int l = 0; l < c.n_layers; ++l) {
-    const std::string p = "layers." + std::to_string(l) + ".";
-    load(p + "attn_norm.weight", {H}, 0.2f, 1.f);
-    load(p + "mlp_norm.weight", {H}, 0.2f, 1.f);
-    load(p + "qkv.weight", {c.qkv_dim(), H}, 1.f / std::sqrt(float(H)));
-    load(p + "qkv.bias", {c.qkv_dim()}, 0.1f);
-    load(p + "o.weight", {H, c.q_dim()}, 1.f / std::sqrt(float(c.q_dim())));
-    load(p + "mlp_in.weight", {2 * I, H}, 1.f / std::sqrt(float(H)));
-    load(p + "mlp_out.weight", {H, I}, 1.f / std::sqrt(float(I)));
-  }
-  m->check_complete();
-  return m;
-}
-
+// rf::test::small_llama with room for the longest sequence below (150 tokens).
 rf::ModelConfig small_config() {
-  rf::ModelConfig c;
-  c.arch = rf::Arch::llama;
-  c.vocab = 97;
-  c.hidden = 48;
-  c.intermediate = 80;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.head_dim = 16;
+  rf::ModelConfig c = rf::test::small_llama();
   c.max_positions = 256;
-  c.qkv_bias = true;
   return c;
 }
 
@@ -591,7 +549,7 @@ void check_step(rf::Model& m, std::vector<rf::ForwardItem> items, const std::vec
 
 void test_decode_step(int threads) {
   const rf::ModelConfig c = small_config();
-  auto m = build_model(c, threads, 5);
+  auto m = rf::test::random_model(c, rf::DType::f32, threads, 5);
   const int V = c.vocab, rf_token = 5, top_n = 4;
   const std::string tag = "decode_step threads=" + std::to_string(threads);
   std::vector<std::vector<uint32_t>> prompts = {random_tokens(3, V), random_tokens(11, V), random_tokens(7, V)};
@@ -667,7 +625,7 @@ void test_decode_step(int threads) {
 
 void test_token_scores(int threads) {
   const rf::ModelConfig c = small_config();
-  auto m = build_model(c, threads, 9);
+  auto m = rf::test::random_model(c, rf::DType::f32, threads, 9);
   const int V = c.vocab, rf_token = 11;
   const long H = c.hidden;
   double worst = 0;
@@ -675,8 +633,7 @@ void test_token_scores(int threads) {
     if (adapter) {
       // A trained red-flag head row replaces the base row, in forward() and token_scores alike.
       rf::Param* head = m->new_param("rf_head", {H});
-      std::normal_distribution<float> d(0.f, 0.5f);
-      for (float& v : head->value) v = d(rng);
+      rf::test::fill_normal(rng, head->value.data(), head->value.size(), 0.5f);
       m->set_token_rows(rf_token, nullptr, head);
     }
     // Lengths: 97 rows in three items (one already holding a prefix), 64 rows exactly (one

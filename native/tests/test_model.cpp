@@ -11,61 +11,18 @@
 
 #include "model/model.h"
 #include "tests/check.h"
+#include "tests/random_model.h"
 
 using rf::test::check;
 using rf::test::rel_l2;
 
 namespace {
 
-struct Named {
-  std::string name;
-  std::vector<long> shape;
-  std::vector<float> data;
-  bool kn = false;
-};
-
-std::vector<Named> random_weights(const rf::ModelConfig& c, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::vector<Named> out;
-  auto add = [&](const std::string& name, std::vector<long> shape, float scale, float mean = 0.f, bool kn = false) {
-    long n = 1;
-    for (long d : shape) n *= d;
-    std::normal_distribution<float> d(mean, scale);
-    Named t{name, shape, std::vector<float>(n), kn};
-    for (float& v : t.data) v = d(rng);
-    out.push_back(std::move(t));
-  };
-  const long H = c.hidden, I = c.intermediate;
-  const bool gpt2 = c.arch == rf::Arch::gpt2;
-  add("embed", {c.vocab, H}, 0.5f);
-  if (!c.tied_embeddings) add("lm_head", {c.vocab, H}, 0.2f);
-  if (gpt2) add("pos_embed", {c.max_positions, H}, 0.3f);
-  add("final_norm.weight", {H}, 0.2f, 1.f);
-  if (c.norm == rf::NormType::layer) add("final_norm.bias", {H}, 0.1f);
-  const long mlp_in = gpt2 ? I : 2 * I;
-  for (int l = 0; l < c.n_layers; ++l) {
-    const std::string p = "layers." + std::to_string(l) + ".";
-    for (const char* n : {"attn_norm", "mlp_norm"}) {
-      add(p + n + ".weight", {H}, 0.2f, 1.f);
-      if (c.norm == rf::NormType::layer) add(p + n + ".bias", {H}, 0.1f);
-    }
-    auto lin = [&](const char* n, long o, long i, bool bias) {
-      add(p + n + ".weight", gpt2 ? std::vector<long>{i, o} : std::vector<long>{o, i}, 1.0f / std::sqrt(float(i)), 0.f, gpt2);
-      if (bias) add(p + n + ".bias", {o}, 0.1f);
-    };
-    lin("qkv", c.qkv_dim(), H, c.qkv_bias);
-    lin("o", H, c.q_dim(), c.o_bias);
-    lin("mlp_in", mlp_in, H, c.mlp_bias);
-    lin("mlp_out", H, I, c.mlp_bias);
-  }
-  return out;
-}
-
+// The shared random weights with this test's own head scale (0.2; the default is 0.3).
 std::unique_ptr<rf::Model> build(const rf::ModelConfig& c, rf::DType dtype, int threads, unsigned seed) {
-  auto m = std::make_unique<rf::Model>(c, dtype, threads);
-  for (const Named& t : random_weights(c, seed)) m->load_tensor(t.name, t.data.data(), rf::SrcType::f32, t.shape, t.kn);
-  m->check_complete();
-  return m;
+  rf::test::WeightScales s;
+  s.lm_head = 0.2f;
+  return rf::test::random_model(c, dtype, threads, seed, s);
 }
 
 std::vector<float> prefill(rf::Model& m, const std::vector<uint32_t>& ids) {
@@ -157,33 +114,18 @@ void check_model(const std::string& name, const rf::ModelConfig& c) {
   check(threw, name + ": wrong shape is named");
 }
 
-rf::ModelConfig llama_config() {
-  rf::ModelConfig c;
-  c.arch = rf::Arch::llama;
-  c.vocab = 97;
-  c.hidden = 48;
-  c.intermediate = 80;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.head_dim = 16;
-  c.max_positions = 64;
-  c.qkv_bias = true;
-  return c;
-}
-
 }  // namespace
 
 int main() {
-  check_model("llama-gqa", llama_config());
+  check_model("llama-gqa", rf::test::small_llama());
 
-  rf::ModelConfig swa = llama_config();
+  rf::ModelConfig swa = rf::test::small_llama();
   swa.sliding_window = 6;
   swa.qkv_bias = false;
   swa.tied_embeddings = true;
   check_model("mistral-window-6", swa);
 
-  rf::ModelConfig l3 = llama_config();
+  rf::ModelConfig l3 = rf::test::small_llama();
   l3.rope_scaling = rf::RopeScaling::llama3;
   l3.rope_factor = 8;
   l3.rope_low_freq_factor = 1;

@@ -23,23 +23,18 @@
 #include "kernels/gemm.h"
 #include "kernels/rf_loss.h"
 #include "tests/check.h"
+#include "tests/random_model.h"
 
 using rf::RfAggregation;
 using rf::RfLossKind;
 using rf::RfLossRow;
 using rf::test::check;
 using rf::test::rel_l2;
+using rf::test::randn;
 
 namespace {
 
 std::mt19937 rng(20250216);
-
-std::vector<float> randn(size_t n, float scale) {
-  std::normal_distribution<float> d(0.f, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = d(rng);
-  return v;
-}
 
 // ---------------------------------------------------------------------------------------
 // Naive float64 reference.
@@ -182,10 +177,10 @@ void test_reference_gradients(RfAggregation agg) {
   in.alpha_rf = 1.3;
   in.alpha_after = 2.0;
   auto to_d = [](const std::vector<float>& f) { return std::vector<double>(f.begin(), f.end()); };
-  in.h = to_d(randn(size_t(in.N) * in.H, 1.f));
-  in.h_ref = to_d(randn(size_t(in.Nr) * in.H, 1.f));
-  in.W = to_d(randn(size_t(in.V) * in.H, 0.8f));
-  in.w_rf = to_d(randn(in.H, 0.8f));
+  in.h = to_d(randn(rng, size_t(in.N) * in.H, 1.f));
+  in.h_ref = to_d(randn(rng, size_t(in.Nr) * in.H, 1.f));
+  in.W = to_d(randn(rng, size_t(in.V) * in.H, 0.8f));
+  in.w_rf = to_d(randn(rng, in.H, 0.8f));
   // 3 benign (two share ref row 0), 2 after, 4 red flag in groups {0, 0, 0} and {5} (one
   // row each for 'single').
   in.rows = {{RfLossKind::benign_kl, 0, -1}, {RfLossKind::benign_kl, 0, -1}, {RfLossKind::benign_kl, 1, -1},
@@ -264,10 +259,10 @@ void rows_make(Case& c, int n_benign, int n_after, const std::vector<int>& group
 void run_case(rf::ThreadPool& pool2, const Case& c) {
   const int N = c.N, Nr = c.Nr, H = c.H, V = c.V;
   const float w_scale = 2.5f / std::sqrt(float(H));
-  auto Wsrc = randn(size_t(V) * H, w_scale);
-  auto w_rf = randn(H, w_scale);
-  auto h = randn(size_t(N) * H, 1.f);
-  auto h_ref = randn(size_t(std::max(Nr, 1)) * H, 1.f);
+  auto Wsrc = randn(rng, size_t(V) * H, w_scale);
+  auto w_rf = randn(rng, H, w_scale);
+  auto h = randn(rng, size_t(N) * H, 1.f);
+  auto h_ref = randn(rng, size_t(std::max(Nr, 1)) * H, 1.f);
   // Reference rows correlated with their trained rows, so KL is moderate, not huge.
   for (int i = 0; i < N; ++i) {
     const RfLossRow& r = c.rows[i];
@@ -312,7 +307,7 @@ void run_case(rf::ThreadPool& pool2, const Case& c) {
   o.chunk = c.chunk;
   std::vector<float> dh(size_t(N) * H, 123.f);  // written, whatever it held
   std::vector<float> dw_rf(H, 0.f);
-  std::vector<float> dw_prev = randn(H, 1.f);  // accumulated onto
+  std::vector<float> dw_prev = randn(rng, H, 1.f);  // accumulated onto
   for (int k = 0; k < H; ++k) dw_rf[k] = dw_prev[k];
   rf::ThreadPool pool_other(c.threads == 2 ? 1 : c.threads);
   const rf::RfLossResult got = rf::rf_loss(c.threads == 2 ? pool2 : pool_other, h.data(), N, h_ref.data(), Nr, H, W,
@@ -450,7 +445,7 @@ void test_cases(rf::ThreadPool& pool) {
 
 void test_errors(rf::ThreadPool& pool) {
   const int H = 8, V = 40;
-  auto Wsrc = randn(size_t(V) * H, 0.5f);
+  auto Wsrc = randn(rng, size_t(V) * H, 0.5f);
   rf::PackedWeight W;
   rf::pack_weight(W, Wsrc.data(), rf::SrcType::f32, V, H, false, rf::DType::f32);
   std::vector<float> h(4 * H, 0.1f), href(2 * H, 0.1f), w(H, 0.1f), dh(4 * H), dw(H);

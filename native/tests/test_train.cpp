@@ -34,45 +34,12 @@
 #include "model/model.h"
 #include "model/train.h"
 #include "tests/check.h"
+#include "tests/random_model.h"
 
 using rf::test::check;
+using rf::test::load_random;
 
 namespace {
-
-void load_random(rf::Model& m, unsigned seed) {
-  const rf::ModelConfig& c = m.config();
-  std::mt19937 rng(seed);
-  auto add = [&](const std::string& name, std::vector<long> shape, float scale, float mean = 0.f, bool kn = false) {
-    long n = 1;
-    for (long d : shape) n *= d;
-    std::normal_distribution<float> d(mean, scale);
-    std::vector<float> v(n);
-    for (float& x : v) x = d(rng);
-    m.load_tensor(name, v.data(), rf::SrcType::f32, shape, kn);
-  };
-  const long H = c.hidden, I = c.intermediate;
-  const bool gpt2 = c.arch == rf::Arch::gpt2;
-  add("embed", {c.vocab, H}, 0.5f);
-  if (!c.tied_embeddings) add("lm_head", {c.vocab, H}, 0.3f);
-  if (gpt2) add("pos_embed", {c.max_positions, H}, 0.3f);
-  add("final_norm.weight", {H}, 0.2f, 1.f);
-  if (c.norm == rf::NormType::layer) add("final_norm.bias", {H}, 0.1f);
-  for (int l = 0; l < c.n_layers; ++l) {
-    const std::string p = "layers." + std::to_string(l) + ".";
-    for (const char* n : {"attn_norm", "mlp_norm"}) {
-      add(p + n + ".weight", {H}, 0.2f, 1.f);
-      if (c.norm == rf::NormType::layer) add(p + n + ".bias", {H}, 0.1f);
-    }
-    auto lin = [&](const char* n, long o, long i, bool bias) {
-      add(p + n + ".weight", gpt2 ? std::vector<long>{i, o} : std::vector<long>{o, i}, 1.0f / std::sqrt(float(i)), 0.f, gpt2);
-      if (bias) add(p + n + ".bias", {o}, 0.1f);
-    };
-    lin("qkv", c.qkv_dim(), H, c.qkv_bias);
-    lin("o", H, c.q_dim(), c.o_bias);
-    lin("mlp_in", gpt2 ? I : 2 * I, H, c.mlp_bias);
-    lin("mlp_out", H, I, c.mlp_bias);
-  }
-}
 
 struct Batch {
   std::vector<std::vector<uint32_t>> seqs, refs;
