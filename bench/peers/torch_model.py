@@ -88,42 +88,55 @@ def skip(reason: str) -> None:
 # ----------------------------------------------------------------------------------
 
 
-def run_best_settings(args, argv) -> int:
-    """One child per dtype at its best OpenMP setting; merge their JSON objects."""
-    passthrough = []
-    skip_next = False
+def strip_args(argv, drop_flags, drop_valued):
+    """argv without the flags in drop_flags and the options (with their values) in drop_valued."""
+    out, skip_next = [], False
     for a in argv:
         if skip_next:
             skip_next = False
             continue
-        if a in ("--best-settings", "--omp-passive"):
+        if a in drop_flags:
             continue
-        if a == "--dtypes":
+        if a in drop_valued:
             skip_next = True
             continue
-        if a.startswith("--dtypes="):
+        if any(a.startswith(f"{v}=") for v in drop_valued):
             continue
-        passthrough.append(a)
+        out.append(a)
+    return out
+
+
+def run_child(script, passthrough, extra, policy):
+    """Runs `script` again with passthrough + extra under an OpenMP wait policy ("PASSIVE" or
+    the default); returns (0, its JSON), (3, a skip object) or (1, an error object)."""
+    env = dict(os.environ)
+    if policy == "PASSIVE":
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    else:
+        env.pop("OMP_WAIT_POLICY", None)
+    p = subprocess.run([sys.executable, os.path.abspath(script), *passthrough, *extra],
+                       env=env, stdout=subprocess.PIPE, text=True)
+    line = (p.stdout.strip().splitlines() or ["{}"])[-1]
+    try:
+        res = json.loads(line)
+    except json.JSONDecodeError:
+        res = {"skipped": f"child {' '.join(extra)} printed no JSON (exit {p.returncode})"}
+    if p.returncode == 3 or "skipped" in res:
+        return 3, res
+    if p.returncode != 0 or "error" in res:
+        return 1, {"error": f"child {' '.join(extra)} failed with exit {p.returncode}: {res.get('error', '')}"}
+    return 0, res
+
+
+def run_best_settings(args, argv) -> int:
+    """One child per dtype at its best OpenMP setting; merge their JSON objects."""
+    passthrough = strip_args(argv, ("--best-settings", "--omp-passive"), ("--dtypes",))
     merged = None
     for dt in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
-        env = dict(os.environ)
-        if dt == "f32":
-            env["OMP_WAIT_POLICY"] = "PASSIVE"
-        else:
-            env.pop("OMP_WAIT_POLICY", None)
-        p = subprocess.run([sys.executable, os.path.abspath(__file__), *passthrough, "--dtypes", dt],
-                           env=env, stdout=subprocess.PIPE, text=True)
-        line = (p.stdout.strip().splitlines() or ["{}"])[-1]
-        try:
-            res = json.loads(line)
-        except json.JSONDecodeError:
-            res = {"skipped": f"child for {dt} printed no JSON (exit {p.returncode})"}
-        if p.returncode == 3 or "skipped" in res:
+        rc, res = run_child(__file__, passthrough, ["--dtypes", dt], "PASSIVE" if dt == "f32" else "default")
+        if rc != 0:
             print(json.dumps(res))
-            return 3
-        if p.returncode != 0:
-            print(json.dumps({"error": f"child for {dt} failed with exit {p.returncode}"}))
-            return 1
+            return rc
         if merged is None:
             merged = res
         else:

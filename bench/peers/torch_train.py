@@ -63,12 +63,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_model import SMOLLM2_135M, skip  # noqa: E402  (no torch import at module level)
+from torch_model import SMOLLM2_135M, run_child, skip, strip_args  # noqa: E402  (no torch import at module level)
 
 GPT2_124M = dict(vocab=50257, positions=1024, layers=12, hidden=768, heads=12, eps=1e-5)
 JOBS = ("lora:f32", "lora:bf16", "full:f32", "lora_rf:f32", "lora_rf:bf16")
@@ -108,49 +107,12 @@ def parse_args(argv):
 # ----------------------------------------------------------------------------------
 
 
-def strip_args(argv, drop_flags, drop_valued):
-    out, skip_next = [], False
-    for a in argv:
-        if skip_next:
-            skip_next = False
-            continue
-        if a in drop_flags:
-            continue
-        if a in drop_valued:
-            skip_next = True
-            continue
-        if any(a.startswith(f"{v}=") for v in drop_valued):
-            continue
-        out.append(a)
-    return out
-
-
 def merge(into, res):
     for k, v in res.items():
         if isinstance(v, dict) and isinstance(into.get(k), dict):
             merge(into[k], v)
         else:
             into.setdefault(k, v)
-
-
-def run_child(job, passthrough, policy):
-    env = dict(os.environ)
-    if policy == "PASSIVE":
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
-    else:
-        env.pop("OMP_WAIT_POLICY", None)
-    p = subprocess.run([sys.executable, os.path.abspath(__file__), *passthrough, "--jobs", job],
-                       env=env, stdout=subprocess.PIPE, text=True)
-    line = (p.stdout.strip().splitlines() or ["{}"])[-1]
-    try:
-        res = json.loads(line)
-    except json.JSONDecodeError:
-        res = {"skipped": f"child for {job} printed no JSON (exit {p.returncode})"}
-    if p.returncode == 3 or "skipped" in res:
-        return 3, res
-    if p.returncode != 0 or "error" in res:
-        return 1, {"error": f"child for {job} failed with exit {p.returncode}: {res.get('error', '')}"}
-    return 0, res
 
 
 def run_best_settings(args, argv) -> int:
@@ -165,7 +127,7 @@ def run_best_settings(args, argv) -> int:
         kind, d = job.split(":")
         best = None
         for policy in (["PASSIVE"] if d == "f32" else ["default", "PASSIVE"]):
-            rc, res = run_child(job, passthrough, policy)
+            rc, res = run_child(__file__, passthrough, ["--jobs", job], policy)
             if rc != 0:
                 print(json.dumps(res))
                 return rc
