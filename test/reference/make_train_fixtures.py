@@ -35,16 +35,15 @@ import json
 import math
 import os
 import sys
-import zlib
 from typing import Dict, List
 
-import numpy as np
 import torch
 
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference as ref  # noqa: E402
 import reference_train as rt  # noqa: E402
+import make_fixtures  # noqa: E402
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 MODELS = os.path.join(REPO, "test", "fixtures", "models")
@@ -56,17 +55,10 @@ BENIGN, RED_FLAG, AFTER, CE = rt.KIND_BENIGN_KL, rt.KIND_RED_FLAG, rt.KIND_AFTER
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class Rng:
-    def __init__(self, name: str):
-        self.rs = np.random.RandomState(zlib.crc32(name.encode("utf-8")) & 0x7FFFFFFF)
+class Rng(make_fixtures.Rng):
+    """make_fixtures' named generator; token ids here avoid one id (the red-flag token)."""
 
-    def normal(self, shape, std: float) -> torch.Tensor:
-        return torch.from_numpy(self.rs.standard_normal(size=shape) * std)
-
-    def uniform(self, shape, lo: float, hi: float) -> torch.Tensor:
-        return torch.from_numpy(self.rs.uniform(lo, hi, size=shape))
-
-    def ids(self, n: int, vocab: int, avoid: int) -> List[int]:
+    def ids(self, n: int, vocab: int, avoid: int) -> List[int]:  # type: ignore[override]
         out = []
         while len(out) < n:
             v = int(self.rs.randint(0, vocab))
