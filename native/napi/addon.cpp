@@ -21,6 +21,17 @@
 namespace rf::napi {
 namespace {
 
+// Ends a worker's hold on the model however the work ends: clears the busy flag (so the next
+// call may start) and releases the progress callback, if there is one.
+struct BusyRelease {
+  std::shared_ptr<std::atomic<bool>> busy;
+  std::shared_ptr<Napi::ThreadSafeFunction> progress = nullptr;
+  ~BusyRelease() {
+    busy->store(false);
+    if (progress) progress->Release();
+  }
+};
+
 int get_int(const Napi::Object& o, const char* key) {
   Napi::Value v = o.Get(key);
   if (!v.IsNumber()) throw std::invalid_argument(std::string("config.") + key + " must be a number");
@@ -196,7 +207,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       return PromiseWorker::start(
           env,
           [=] {
-            struct Release { std::shared_ptr<std::atomic<bool>> b; ~Release() { b->store(false); } } release{busy};
+            const BusyRelease release{busy};
             model->load_tensor(name, bytes, type, shape, kn);
           },
           [keep](Napi::Env e) -> Napi::Value { keep->Reset(); return e.Undefined(); });
@@ -249,11 +260,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       return PromiseWorker::start(
           env,
           [=] {
-            struct Release {
-              std::shared_ptr<std::atomic<bool>> b;
-              std::shared_ptr<Napi::ThreadSafeFunction> f;
-              ~Release() { b->store(false); if (f) f->Release(); }
-            } release{busy, progress_fn};
+            const BusyRelease release{busy, progress_fn};
             out->resize(size_t(rows) * model->vocab());
             std::function<void(int, int)> progress;
             if (progress_fn) {
@@ -363,7 +370,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       return PromiseWorker::start(
           env,
           [=] {
-            struct Release { std::shared_ptr<std::atomic<bool>> b; ~Release() { b->store(false); } } release{busy};
+            const BusyRelease release{busy};
             decode_step(*model, batch.items, params, rf_token, top_n, out->picks.data(), out->top_ids.data(),
                         out->top_lp.data(), *scratch, flag.flag, scores);
             (void)batch;
@@ -412,7 +419,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       return PromiseWorker::start(
           env,
           [=] {
-            struct Release { std::shared_ptr<std::atomic<bool>> b; ~Release() { b->store(false); } } release{busy};
+            const BusyRelease release{busy};
             token_scores(*model, batch.items, rf_token, out->data(), flag.flag);
             (void)batch;
           },
@@ -495,7 +502,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       return PromiseWorker::start(
           env,
           [=] {
-            struct Release { std::shared_ptr<std::atomic<bool>> b; ~Release() { b->store(false); } } release{busy};
+            const BusyRelease release{busy};
             handle->trainer = std::make_unique<Trainer>(*handle->model, opt);
           },
           [=](Napi::Env e) -> Napi::Value {
@@ -557,7 +564,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       return PromiseWorker::start(
           env,
           [=] {
-            struct Release { std::shared_ptr<std::atomic<bool>> b; ~Release() { b->store(false); } } release{busy};
+            const BusyRelease release{busy};
             std::vector<Sequence> batch, reference;
             size_t off = 0;
             for (uint32_t n : counts) { batch.push_back({tokens->data() + off, int(n)}); off += n; }
@@ -603,7 +610,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       return PromiseWorker::start(
           env,
           [=] {
-            struct Release { std::shared_ptr<std::atomic<bool>> b; ~Release() { b->store(false); } } release{busy};
+            const BusyRelease release{busy};
             *norm = handle->trainer->optimizer_step(a);
           },
           [norm](Napi::Env e) -> Napi::Value { return Napi::Number::New(e, *norm); });
