@@ -86,23 +86,30 @@ async function smolModel(dtype: 'F32' | 'BF16'): Promise<string> {
   return dir;
 }
 
-async function torchPeer(extra: string[]): Promise<Record<string, unknown> | { skipped: string }> {
-  const script = join(import.meta.dirname, 'peers', 'torch_model.py');
+/**
+ * Runs a PyTorch peer script (bench/peers) with Debian's python3 and returns its last JSON line:
+ * its figures, or `{ skipped }` when the peer is unavailable.
+ */
+async function pythonPeer(scriptName: string, argv: string[], timeoutMin: number): Promise<Record<string, unknown>> {
+  const script = join(import.meta.dirname, 'peers', scriptName);
+  const lastJson = (out: unknown) => JSON.parse(String(out).trim().split('\n').pop()!) as Record<string, unknown>;
   try {
-    const { stdout } = await run('/usr/bin/python3', [script, '--threads', '2', '--best-settings', ...extra], {
+    const { stdout } = await run('/usr/bin/python3', [script, '--threads', '2', '--best-settings', ...argv], {
       maxBuffer: 1 << 20,
-      timeout: 15 * 60_000,
+      timeout: timeoutMin * 60_000,
     });
-    return JSON.parse(stdout.trim().split('\n').pop()!) as Record<string, unknown>;
+    return lastJson(stdout);
   } catch (error) {
     const e = error as { stdout?: string; message?: string };
     try {
-      return JSON.parse(String(e.stdout).trim().split('\n').pop()!) as { skipped: string };
+      return lastJson(e.stdout);
     } catch {
       return { skipped: `PyTorch peer unavailable (${e.message?.split('\n')[0]}); install Debian's python3-torch` };
     }
   }
 }
+
+const torchPeer = (extra: string[]) => pythonPeer('torch_model.py', extra, 15);
 
 function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
@@ -312,23 +319,7 @@ type TrainResult = {
   [k: string]: unknown;
 };
 
-async function torchTrainPeer(jobs: string[]): Promise<Record<string, unknown>> {
-  const script = join(import.meta.dirname, 'peers', 'torch_train.py');
-  try {
-    const { stdout } = await run('/usr/bin/python3', [script, '--threads', '2', '--best-settings', '--jobs', jobs.join(','), '--steps', '5'], {
-      maxBuffer: 1 << 20,
-      timeout: 30 * 60_000,
-    });
-    return JSON.parse(stdout.trim().split('\n').pop()!) as Record<string, unknown>;
-  } catch (error) {
-    const e = error as { stdout?: string; message?: string };
-    try {
-      return JSON.parse(String(e.stdout).trim().split('\n').pop()!) as Record<string, unknown>;
-    } catch {
-      return { skipped: `PyTorch peer unavailable (${e.message?.split('\n')[0]}); install Debian's python3-torch` };
-    }
-  }
-}
+const torchTrainPeer = (jobs: string[]) => pythonPeer('torch_train.py', ['--jobs', jobs.join(','), '--steps', '5'], 30);
 
 /** Merges the peer's per-job JSON objects (nested dicts merge; the first scalar wins). */
 function mergeInto(into: Record<string, unknown>, from: Record<string, unknown>) {
