@@ -231,8 +231,7 @@ class RedFlagDetector implements Detector {
     const topN = checkInteger(options.topLogprobs ?? 0, 'topLogprobs', 0, 20);
     const threshold = checkThreshold(options.threshold ?? this.threshold, 'threshold');
     const mode = checkMode(options.mode ?? this.mode, 'mode');
-    const stop = options.stop ?? [];
-    if (!Array.isArray(stop) || stop.some((s) => typeof s !== 'string' || s.length === 0)) throw invalid('stop must be an array of non-empty strings');
+    const filter = new StopFilter<DetectedToken>(options.stop ?? []);
     const pick = checkPickOptions({ ...options, seed: options.seed ?? Math.floor(Math.random() * 2 ** 31) }, 'generate');
     let prompt: number[];
     if (typeof input === 'string') {
@@ -246,7 +245,6 @@ class RedFlagDetector implements Detector {
     const s = this.#s;
     const stream = new Stream(options.signal);
     const decoder = new IncrementalDecoder(this.#tokenizer);
-    const filter = new StopFilter<DetectedToken>(stop);
     let completion = 0;
     let flagged = false;
     let flagIndex = -1;

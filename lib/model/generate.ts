@@ -31,16 +31,17 @@ export interface GeneratedToken {
   text: string;
 }
 
-function checkOptions(options: GenerateOptions): { maxTokens: number; stop: string[]; pick: Required<PickOptions> } {
+function checkOptions(options: GenerateOptions) {
   const maxTokens = options.maxTokens ?? 128;
-  const stop = options.stop ?? [];
-  const bad = (msg: string) => new RedflagError('INVALID_ARGUMENT', `generate: ${msg}`);
-  if (!Number.isInteger(maxTokens) || maxTokens < 0) throw bad(`maxTokens must be a non-negative integer, got ${maxTokens}`);
-  if (!Array.isArray(stop) || stop.some((s) => typeof s !== 'string' || s.length === 0)) {
-    throw bad('stop must be an array of non-empty strings');
+  if (!Number.isInteger(maxTokens) || maxTokens < 0) {
+    throw new RedflagError('INVALID_ARGUMENT', `generate: maxTokens must be a non-negative integer, got ${maxTokens}`);
   }
+  const stop = options.stop ?? [];
+  // Text that may be the start of a stop string is held back; a token is yielded only once
+  // all of its text is decided. (The filter checks the stop strings.)
+  const filter = new StopFilter<GeneratedToken>(stop, 'generate: stop');
   const pick = checkPickOptions({ ...options, seed: options.seed ?? randomInt(2 ** 31) }, 'generate');
-  return { maxTokens, stop, pick };
+  return { maxTokens, stop, filter, pick };
 }
 
 /** See {@link Model.generate}. */
@@ -61,9 +62,7 @@ export async function* generate(
   const eos = new Set(options.eosTokenIds ?? model.eosTokenIds);
   const decoder = tokenizer ? new IncrementalDecoder(tokenizer) : null;
   const sequence = model.newSequence();
-  // Text that may be the start of a stop string is held back; a token is yielded only once
-  // all of its text is decided.
-  const filter = new StopFilter<GeneratedToken>(opts.stop);
+  const { filter } = opts;
   try {
     if (opts.maxTokens === 0) return;
     let next: number[] = ids;

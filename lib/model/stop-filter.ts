@@ -4,6 +4,7 @@
  * Shared by {@link Model.generate} and the detector.
  * @module
  */
+import { RedflagError } from '../errors.js';
 
 /** Length of the longest suffix of text that is a proper prefix of some stop string. */
 function heldBackLength(text: string, stops: readonly string[]): number {
@@ -24,8 +25,12 @@ export class StopFilter<T extends { text: string }> {
   readonly #stops: readonly string[];
   readonly #pending: T[] = [];
 
-  constructor(stops: readonly string[]) {
-    this.#stops = stops;
+  /** Throws INVALID_ARGUMENT (its message starting with `what`) unless `stops` is an array of non-empty strings. */
+  constructor(stops: unknown, what = 'stop') {
+    if (!Array.isArray(stops) || stops.some((s) => typeof s !== 'string' || s.length === 0)) {
+      throw new RedflagError('INVALID_ARGUMENT', `${what} must be an array of non-empty strings`);
+    }
+    this.#stops = stops as string[];
   }
 
   /**
