@@ -1,6 +1,7 @@
 #include "model/model.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <sstream>
@@ -16,6 +17,11 @@ namespace {
 // Below this many floats of work a row-wise op runs on the calling thread: waking the
 // pool costs more than it saves (decode of one sequence touches a few hundred floats).
 constexpr long kParallelMinFloats = 1 << 15;
+
+// Attention (Model::attention): items with at least kBlockMinRows new rows take the blocked
+// path, kAttnBlockRows query rows per matrix product.
+constexpr int kBlockMinRows = 16;
+constexpr int kAttnBlockRows = 32;
 
 void for_rows(ThreadPool& pool, long rows, long width, const std::function<void(long)>& fn) {
   if (rows * width < kParallelMinFloats || pool.size() == 1) {
@@ -225,42 +231,88 @@ void Model::embed_rows(const std::vector<ForwardItem>& items, float* x) {
 // Causal (optionally sliding-window) attention of the new rows against each item's cache,
 // which already holds this layer's keys and values for the new positions.
 // qkv [rows, qkv_dim] (q at offset 0), out [rows, q_dim].
+//
+// Two paths, chosen per item (so a sequence's result never depends on what it is batched with):
+//   - an item of kBlockMinRows new rows or more (prefill, training) goes by blocks of
+//     kAttnBlockRows query rows per head: S = Q K^T and O = P V as matrix products over the
+//     block's keys, the causal softmax row by row in between. At T = 128 this is several times
+//     faster than one query row at a time, which streams every key and value row once per
+//     query row with a dot product or an axpy of head_dim;
+//   - fewer rows (a decode step) go one query row at a time (attention_row).
+// The two differ by float rounding only (the sums run in another order).
 void Model::attention(const std::vector<ForwardItem>& items, int layer, const float* qkv, float* out) {
   const ModelConfig& c = config_;
   const int hd = c.head_dim, group = c.n_heads / c.n_kv_heads;
+  const long QKV = c.qkv_dim(), Q = c.q_dim();
   const float scale = 1.0f / std::sqrt(float(hd));
-  std::vector<int> row_item;
-  std::vector<int> row_t;
-  long max_keys = 0;
+  // Work units: a block of query rows [t0, t1) of one head of one item (t1 - t0 = 1 on the row
+  // path), with the row of the batch its first query row is.
+  struct Unit { int item, head, t0, t1; long row0; long keys; };
+  std::vector<Unit> units;
+  long max_keys = 0, max_block_keys = 0, row0 = 0, work = 0;
+  bool any_row = false;
   for (size_t i = 0; i < items.size(); ++i) {
-    for (int t = 0; t < items[i].n_tokens; ++t) {
-      row_item.push_back(int(i));
-      row_t.push_back(t);
+    const ForwardItem& it = items[i];
+    const long L0 = it.cache->length();
+    max_keys = std::max(max_keys, L0 + it.n_tokens);
+    const int step = it.n_tokens >= kBlockMinRows ? kAttnBlockRows : 1;
+    for (int t0 = 0; t0 < it.n_tokens; t0 += step) {
+      const int t1 = std::min(it.n_tokens, t0 + step);
+      const long first = c.sliding_window > 0 ? std::max(0L, L0 + t0 - c.sliding_window + 1) : 0;
+      const long keys = L0 + t1 - first;
+      if (step > 1) max_block_keys = std::max(max_block_keys, keys);
+      any_row |= step == 1;
+      for (int h = 0; h < c.n_heads; ++h) units.push_back({int(i), h, t0, t1, row0 + t0, keys});
+      work += long(t1 - t0) * keys * c.n_heads;
     }
-    max_keys = std::max(max_keys, items[i].cache->length() + items[i].n_tokens);
+    row0 += it.n_tokens;
   }
-  const long n_work = long(row_item.size()) * c.n_heads;
-  scores_.resize(size_t(pool_.size()) * max_keys);
-  auto work = [&](int tid, int nt) {
-    float* scores = scores_.data() + long(tid) * max_keys;
-    // Round-robin over (row, head): causal rows differ in cost, interleaving balances threads.
-    for (long w = tid; w < n_work; w += nt) {
-      const long r = w / c.n_heads;
-      const int h = int(w % c.n_heads), g = h / group;
-      const ForwardItem& it = items[row_item[r]];
-      const long pos = it.cache->length() + row_t[r];
-      long first = 0;
-      if (c.sliding_window > 0) first = std::max(0L, pos - c.sliding_window + 1);
-      KvCache* cache = it.cache;
-      attention_row(out + r * c.q_dim() + long(h) * hd, qkv + r * c.qkv_dim() + long(h) * hd,
-                    cache->k(layer, g) + first * hd, cache->v(layer, g) + first * hd, hd,
-                    int(pos - first + 1), hd, scale, scores);
+  // Costliest units first, so the last ones claimed are small and the threads finish together.
+  std::stable_sort(units.begin(), units.end(),
+                   [](const Unit& a, const Unit& b) { return long(a.t1 - a.t0) * a.keys > long(b.t1 - b.t0) * b.keys; });
+  const int nt = pool_.size();
+  const size_t per_thread = size_t(std::max(any_row ? max_keys : 0L, long(kAttnBlockRows) * max_block_keys));
+  scores_.resize(size_t(nt) * per_thread);
+  while (int(solo_.size()) < nt) solo_.push_back(std::make_unique<ThreadPool>(1));
+
+  std::atomic<size_t> next{0};
+  auto run_units = [&](int tid, int) {
+    float* scores = scores_.data() + size_t(tid) * per_thread;
+    for (size_t u; (u = next.fetch_add(1, std::memory_order_relaxed)) < units.size();) {
+      const Unit& w = units[u];
+      const ForwardItem& it = items[w.item];
+      const int g = w.head / group;
+      const long L0 = it.cache->length();
+      const long first = c.sliding_window > 0 ? std::max(0L, L0 + w.t0 - c.sliding_window + 1) : 0;
+      const float* k = it.cache->k(layer, g) + first * hd;
+      const float* v = it.cache->v(layer, g) + first * hd;
+      const float* q = qkv + w.row0 * QKV + long(w.head) * hd;
+      float* o = out + w.row0 * Q + long(w.head) * hd;
+      const int nk = int(w.keys);
+      if (w.t1 - w.t0 == 1 && it.n_tokens < kBlockMinRows) {
+        attention_row(o, q, k, v, hd, nk, hd, scale, scores);
+        continue;
+      }
+      const int bq = w.t1 - w.t0;
+      gemm_nt_f32(*solo_[tid], bq, nk, hd, q, QKV, k, hd, scores, nk, false);  // S = Q K^T
+      for (int i = 0; i < bq; ++i) {
+        // Query position L0 + t0 + i sees keys [j0, j1) of the block's first..last.
+        const long pos = L0 + w.t0 + i;
+        const int j0 = int((c.sliding_window > 0 ? std::max(0L, pos - c.sliding_window + 1) : 0) - first);
+        const int j1 = int(pos - first + 1);
+        float* p = scores + size_t(i) * nk;
+        for (int j = j0; j < j1; ++j) p[j] *= scale;
+        softmax_scale(p + j0, j1 - j0, logsumexp(p + j0, j1 - j0), 1.f);
+        std::fill(p, p + j0, 0.f);  // masked keys take no part in O = P V
+        std::fill(p + j1, p + nk, 0.f);
+      }
+      gemm_nn_f32(*solo_[tid], bq, hd, nk, scores, nk, v, hd, o, Q, false);  // O = P V
     }
   };
-  if (n_work * max_keys * hd < kParallelMinFloats || pool_.size() == 1) {
-    work(0, 1);
+  if (work * hd < kParallelMinFloats || nt == 1) {
+    run_units(0, 1);
   } else {
-    pool_.run(work);
+    pool_.run(run_units);
   }
 }
 

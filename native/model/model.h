@@ -188,6 +188,7 @@ class Model {
 
   // Scratch reused across forward calls (forward is not re-entrant).
   std::vector<float> x_, xn_, qkv_, att_, mlp_, act_, rows_, rope_cos_, rope_sin_, scores_, lora_x_, lora_u_;
+  std::vector<std::unique_ptr<ThreadPool>> solo_;  // one-thread pools: matrix products inside the pool's tasks
 };
 
 }  // namespace rf
