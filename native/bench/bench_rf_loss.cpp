@@ -14,8 +14,10 @@
 // is the same ratio of process CPU seconds (both threads, spin-waits included).
 // The floor is arithmetic: "macs_ratio" = 2 (N + Nr) / N = 3.5 here, the logits of both
 // models plus the softmax-weighted sums back through W, each as many multiply-adds as a gemm
-// of its rows. For bf16 W on AVX-512 the plain gemm runs bf16 dot products at ~2x the f32 FMA
-// rate while the sums must stay f32 (see kernels/rf_loss.h), so there the floor is ~5.25.
+// of its rows and at that gemm's rate, for both dtypes: with bf16 W on AVX-512 the plain gemm
+// runs bf16 dot products at ~2x the f32 FMA rate, and so do the sums (vdpbf16ps on p rounded
+// to bf16, f32 accumulation; see kernels/rf_loss.h). (While the sums were f32 FMAs the bf16
+// floor was 3 (N + Nr) / N = 5.25.)
 //
 // Memory: "scratch_bytes" is what rf_loss allocates; "peak_extra_bytes" is the measured
 // growth of the process's peak resident set over the call (VmHWM after resetting it with

@@ -20,20 +20,28 @@
 //
 // Per chunk of Vc vocabulary rows (whole 32-row panels), ONE parallel region whose tasks are
 //   - the transpose of the NEXT chunk into the other half of a double buffer
-//     Wt [2][H/32 strips][Vc][32] f32 (bf16 widened): the accumulation's layout, the packed
-//     panels being [H][32] (K-major); done once per chunk, shared by all rows;
+//     Wt [2][H/32 strips][Vc][32] f32 (bf16 widened on AVX2), or for bf16 W on AVX-512
+//     [2][H/32 strips][Vc/2][32] bf16 pair words, word (j/2, kk) = (W[v0+j][32s+kk],
+//     W[v0+j+1][32s+kk]) (the vocabulary paired as vdpbf16ps pairs its operands, an odd tail's
+//     high half zero): the accumulation's layout, the packed panels being [H][32] (K-major, and
+//     for bf16 paired along K); done once per chunk, shared by all rows;
 //   - blocks of up to 48 stream rows (trained or reference), each: Z [rows, Vc] = A . W^T
 //     by a single-threaded gemm() on a view of the chunk's panels, the online-softmax update
 //     turning Z into P = exp(Z - m_new) in place (thread-private, L2-resident), and
 //     E = E * exp(m_old - m_new) + P . Wt with an MR x 32 register-tiled micro-kernel (the
-//     rescale fused into its store), strip by strip so a strip (Vc x 128 B) stays in L2.
+//     rescale fused into its store), strip by strip so a strip (Vc x 128 B f32, 64 B bf16)
+//     stays in L2. For bf16 W on AVX-512, P is first rounded to bf16 pairs (p_j, p_j+1) in
+//     place (row stride unchanged) and the micro-kernel is vdpbf16ps: acc += p_j W_j + p_j+1
+//     W_j+1, two vocabulary rows per instruction, f32 accumulators.
 // Small tasks claimed from a counter keep both threads busy to within one task per chunk
 // (gemm's own split of a chunk is a few coarse tasks per thread), and there is one barrier
 // per chunk. Work: the logits are (N + Nr) V H multiply-adds at gemm speed, the accumulation
-// as many f32 FMAs (at f32 speed even for bf16 W: P must stay f32, as p_theta - p_ref
-// cancels); transpose and softmax are O((N + Nr + H) V) besides.
+// as many, also at gemm speed: f32 FMAs for f32 W (and bf16 W on AVX2), bf16 dot products
+// for bf16 W on AVX-512, where rounding p to bf16 costs less accuracy than gemm's rounding of
+// h already did (kernels/rf_loss.h, Numerics); transpose, softmax and the rounding of P are
+// O((N + Nr + H) V) besides.
 // The trained rows' E live in dh itself (it is written anyway), the reference rows' in
-// scratch: Nr x H + 2 Vc x H + threads x 48 x Vc floats.
+// scratch: Nr x H + 2 Vc x H (half that for bf16 pairs) + threads x 48 x Vc floats.
 #include "kernels/rf_loss.h"
 
 #include <immintrin.h>
@@ -68,9 +76,10 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // ---------------------------------------------------------------------------------------
 // Sizing
 
-// Default chunk: Wt (Vc x H f32) about 4 MB (two of them, this chunk's and the next's, stay in
-// the 32 MB L3 with the chunk's panels while every row task streams past), at most 1024 rows
-// so one Wt strip (Vc x 128 B) and a task's P block (48 x Vc x 4 B) share L2. Fewer, larger
+// Default chunk: Wt (Vc x H f32; half that as bf16 pairs) about 4 MB (two of them, this
+// chunk's and the next's, stay in the 32 MB L3 with the chunk's panels while every row task
+// streams past), at most 1024 rows so one Wt strip (Vc x 128 B) and a task's P block
+// (48 x Vc x 4 B) share L2. Fewer, larger
 // chunks mean fewer barriers and fewer re-reads of the rows' h and E (once per chunk).
 int chunk_choose(int requested, int V, int H) {
   int vc = requested > 0 ? requested : int((4L << 20) / (long(H) * 4));
@@ -116,7 +125,8 @@ PackedWeight view_make(const PackedWeight& W, int p0, int n) {
 
 // ---------------------------------------------------------------------------------------
 // 1. Chunk transpose: strip s of Wt = [Vc][32] f32 holding W[v0 + j][32 s + kk] at j * 32 + kk,
-// columns past H zero. Panels are [H][32] (f32) or [Hp/2][32][2] (bf16).
+// columns past H zero (or, for bf16 W on AVX-512, [Vc/2][32] bf16 pair words: strip_fill_pairs).
+// Panels are [H][32] (f32) or [Hp/2][32][2] (bf16).
 
 // In-register 8 x 8 transpose (AVX: both instruction sets have it): r[i][j] -> r[j][i].
 inline void transpose8(__m256 r[8]) {
@@ -137,6 +147,31 @@ inline void transpose8(__m256 r[8]) {
   }
 }
 
+// The 8 x 8 block of a panel at rows kk = kb .. kb + 7 of strip k0 (kn valid) and columns
+// j = jb .. jb + 7, transposed: r[i] = W[jb + i][k0 + kb .. k0 + kb + 7] as f32 (bf16 widened,
+// exactly), columns kk >= kn zero.
+inline void block_load_t(const uint8_t* panel, bool is_f32, int k0, int kn, int kb, int jb, __m256 r[8]) {
+  if (is_f32) {
+    // Row k of the panel: 32 floats at k * 32.
+    const float* src = reinterpret_cast<const float*>(panel) + size_t(k0 + kb) * kPanel + jb;
+    for (int i = 0; i < 8; ++i) r[i] = kb + i < kn ? _mm256_load_ps(src + i * kPanel) : _mm256_setzero_ps();
+  } else {
+    // Pair word (k even, k + 1) of column j at (k / 2) * 32 + j: even k in the low half.
+    const __m256i hi_mask = _mm256_set1_epi32(int(0xffff0000u));
+    const uint32_t* src = reinterpret_cast<const uint32_t*>(panel) + size_t((k0 + kb) / 2) * kPanel + jb;
+    for (int i = 0; i < 8; i += 2) {
+      if (kb + i < kn) {
+        const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(src + (i / 2) * kPanel));
+        r[i] = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+        r[i + 1] = kb + i + 1 < kn ? _mm256_castsi256_ps(_mm256_and_si256(w, hi_mask)) : _mm256_setzero_ps();
+      } else {
+        r[i] = r[i + 1] = _mm256_setzero_ps();
+      }
+    }
+  }
+  transpose8(r);
+}
+
 // Strip s of the chunk starting at panel p0 (n_panels panels) into dst [n_panels * 32][32],
 // in 8 x 8 blocks: 8 rows kk of 8 columns j in, 8 rows j of 8 columns kk out.
 void strip_fill(const PackedWeight& W, int p0, int n_panels, int s, float* dst) {
@@ -144,36 +179,50 @@ void strip_fill(const PackedWeight& W, int p0, int n_panels, int s, float* dst) 
   const int k0 = s * kPanel, kn = std::min(kPanel, H - k0);
   const size_t pb = panel_bytes(W);
   const bool is_f32 = W.dtype == DType::f32;
-  const __m256i hi_mask = _mm256_set1_epi32(int(0xffff0000u));
   for (int p = 0; p < n_panels; ++p) {
     const uint8_t* panel = W.data.get() + size_t(p0 + p) * pb;
     float* out = dst + size_t(p) * kPanel * kPanel;  // rows j = 32 p .. 32 p + 31 of the strip
     for (int kb = 0; kb < kPanel; kb += 8) {
       for (int jb = 0; jb < kPanel; jb += 8) {
         __m256 r[8];
-        if (is_f32) {
-          // Row k of the panel: 32 floats at k * 32.
-          const float* src = reinterpret_cast<const float*>(panel) + size_t(k0 + kb) * kPanel + jb;
-          for (int i = 0; i < 8; ++i) r[i] = kb + i < kn ? _mm256_load_ps(src + i * kPanel) : _mm256_setzero_ps();
-        } else {
-          // Pair word (k even, k + 1) of column j at (k / 2) * 32 + j: even k in the low half.
-          const uint32_t* src = reinterpret_cast<const uint32_t*>(panel) + size_t((k0 + kb) / 2) * kPanel + jb;
-          for (int i = 0; i < 8; i += 2) {
-            if (kb + i < kn) {
-              const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(src + (i / 2) * kPanel));
-              r[i] = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-              r[i + 1] = kb + i + 1 < kn ? _mm256_castsi256_ps(_mm256_and_si256(w, hi_mask)) : _mm256_setzero_ps();
-            } else {
-              r[i] = r[i + 1] = _mm256_setzero_ps();
-            }
-          }
-        }
-        transpose8(r);
+        block_load_t(panel, is_f32, k0, kn, kb, jb, r);
         for (int i = 0; i < 8; ++i) _mm256_store_ps(out + (jb + i) * kPanel + kb, r[i]);
       }
     }
   }
 }
+
+#if defined(__AVX512BF16__)
+// bf16 W, for vdpbf16ps: strip s of the chunk (n valid vocabulary rows) into dst
+// [n_panels * 16][32] pair words, word (j / 2, kk) = (W[v0 + j][32 s + kk] low half,
+// W[v0 + j + 1][32 s + kk] high half), i.e. the vocabulary dimension paired as vdpbf16ps
+// pairs its operands. Rows j >= n are zero (an odd tail's high half), columns past H zero.
+// Exact: the widened f32 of a bf16 value keeps its bits in the high half.
+void strip_fill_pairs(const PackedWeight& W, int p0, int n_panels, int n, int s, uint32_t* dst) {
+  const int H = W.K;
+  const int k0 = s * kPanel, kn = std::min(kPanel, H - k0);
+  const size_t pb = panel_bytes(W);
+  const __m256i hi_mask = _mm256_set1_epi32(int(0xffff0000u));
+  for (int p = 0; p < n_panels; ++p) {
+    const uint8_t* panel = W.data.get() + size_t(p0 + p) * pb;
+    uint32_t* out = dst + size_t(p) * (kPanel / 2) * kPanel;  // pairs j / 2 = 16 p .. 16 p + 15
+    const int valid = n - p * kPanel;                          // rows j < valid of this panel are W's
+    for (int kb = 0; kb < kPanel; kb += 8) {
+      for (int jb = 0; jb < kPanel; jb += 8) {
+        __m256 r[8];
+        block_load_t(panel, false, k0, kn, kb, jb, r);
+        for (int i = 0; i < 8; i += 2) {
+          const __m256i lo = jb + i < valid ? _mm256_srli_epi32(_mm256_castps_si256(r[i]), 16) : _mm256_setzero_si256();
+          const __m256i hi = jb + i + 1 < valid ? _mm256_and_si256(_mm256_castps_si256(r[i + 1]), hi_mask)
+                                                : _mm256_setzero_si256();
+          _mm256_store_si256(reinterpret_cast<__m256i*>(out + size_t((jb + i) / 2) * kPanel + kb),
+                             _mm256_or_si256(lo, hi));
+        }
+      }
+    }
+  }
+}
+#endif
 
 // ---------------------------------------------------------------------------------------
 // 2a. Online softmax update of one row over one chunk.
@@ -277,6 +326,64 @@ void strip_acc(int rows, int n, const float* P, long ldp, const float* B, float*
     kTileAcc[mr](n, P + r * ldp, ldp, B, E + r * lde, lde, scale + r, cols);
   }
 }
+
+#if defined(__AVX512BF16__)
+// bf16 W: P row [n] -> ceil(n / 2) bf16 pair words (p_j low, p_j+1 high; round to nearest
+// even, as f32_to_bf16 and gemm's rows_to_bf16), an odd tail's high half zero. In place is
+// allowed (dst == src): the stores of block k (bytes [2k, 2k + 64)) never reach the floats
+// of a later block (bytes >= 4k + 128).
+void row_to_bf16_pairs(const float* src, int n, uint16_t* dst) {
+  for (int k = 0; k < n; k += 2 * 16) {
+    const __m512 x0 = _mm512_maskz_loadu_ps(mask_cols(n - k), src + k);
+    const __m512 x1 = _mm512_maskz_loadu_ps(mask_cols(n - k - 16), src + k + 16);
+    _mm512_storeu_si512(dst + k, (__m512i)_mm512_cvtne2ps_pbh(x1, x0));  // low half from x0
+  }
+}
+
+// E [MR, cols] (row stride lde) = E * scale + P [MR, 2 np] . B [2 np][32] with vdpbf16ps:
+// P as pair words [MR][np] (row stride ldp words), B as [np][32] pair words (strip_fill_pairs).
+// Each step adds p_j W_j + p_j+1 W_j+1 (exact bf16 products, f32 sums) to 32 columns of MR rows.
+template <int MR>
+void tile_acc_bf16(int np, const uint32_t* P, long ldp, const uint32_t* B, float* E, long lde, const float* scale,
+                   int cols) {
+  __m512 acc[MR][2];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int j = 0; j < np; ++j) {
+    const __m512bh b0 = (__m512bh)_mm512_load_si512(B + size_t(j) * kPanel);
+    const __m512bh b1 = (__m512bh)_mm512_load_si512(B + size_t(j) * kPanel + 16);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, P + r * ldp + j, 4);
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(int(pair));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+    }
+  }
+  const __mmask16 m0 = mask_cols(cols), m1 = mask_cols(cols - 16);
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    const __m512 sc = _mm512_set1_ps(scale[r]);
+    float* e = E + r * lde;
+    _mm512_mask_storeu_ps(e, m0, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m0, e), sc, acc[r][0]));
+    _mm512_mask_storeu_ps(e + 16, m1, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m1, e + 16), sc, acc[r][1]));
+  }
+}
+
+using TileAccBf16 = void (*)(int, const uint32_t*, long, const uint32_t*, float*, long, const float*, int);
+const TileAccBf16 kTileAccBf16[kMR + 1] = {nullptr,          tile_acc_bf16<1>, tile_acc_bf16<2>,
+                                           tile_acc_bf16<3>, tile_acc_bf16<4>, tile_acc_bf16<5>,
+                                           tile_acc_bf16<6>, tile_acc_bf16<7>, tile_acc_bf16<8>};
+
+void strip_acc_bf16(int rows, int np, const uint32_t* P, long ldp, const uint32_t* B, float* E, long lde,
+                    const float* scale, int cols) {
+  for (int r = 0; r < rows; r += kMR) {
+    const int mr = std::min(kMR, rows - r);
+    kTileAccBf16[mr](np, P + r * ldp, ldp, B, E + r * lde, lde, scale + r, cols);
+  }
+}
+#endif
 
 #else
 constexpr int kMR = 6;  // 6 rows x 16 columns = 12 ymm accumulators (of 16 registers)
@@ -450,8 +557,17 @@ RfLossResult rf_loss(ThreadPool& pool, const float* h, int N, const float* h_ref
   const int vc = chunk_choose(opt.chunk, V, H);
   const int strips = (H + kPanel - 1) / kPanel;
   const int threads = pool.size();
-  const size_t wt_floats = size_t(strips) * vc * kPanel;
-  AlignedFloats wt(2 * wt_floats);                      // Wt [2][strips][vc][32]: this chunk's and the next's
+  // bf16 W on AVX-512: the accumulation runs on vdpbf16ps, Wt holding bf16 pairs.
+#if defined(__AVX512BF16__)
+  const bool pairs = W.dtype == DType::bf16;
+#else
+  const bool pairs = false;
+#endif
+  // Wt [2][strips][vc][32] f32, or [2][strips][vc / 2][32] bf16 pair words: this chunk's and
+  // the next's. Strides in 4-byte units.
+  const size_t strip_stride = size_t(vc) * kPanel / (pairs ? 2 : 1);
+  const size_t wt_floats = size_t(strips) * strip_stride;
+  AlignedFloats wt(2 * wt_floats);
   const int task_rows = task_rows_choose(N + Nr, threads);
   AlignedFloats z(size_t(threads) * task_rows * vc);    // per thread: Z / P [task_rows, vc]
   AlignedFloats e_ref(size_t(Nr) * H);
@@ -485,7 +601,15 @@ RfLossResult rf_loss(ThreadPool& pool, const float* h, int N, const float* h_ref
     chunk_panels(c, p0, n);
     float* dst = wt.p + size_t(c & 1) * wt_floats;
     const int s0 = piece * strips / pieces, s1 = (piece + 1) * strips / pieces;
-    for (int s = s0; s < s1; ++s) strip_fill(W, p0, (n + kPanel - 1) / kPanel, s, dst + size_t(s) * vc * kPanel);
+    for (int s = s0; s < s1; ++s) {
+#if defined(__AVX512BF16__)
+      if (pairs) {
+        strip_fill_pairs(W, p0, (n + kPanel - 1) / kPanel, n, s, reinterpret_cast<uint32_t*>(dst + s * strip_stride));
+        continue;
+      }
+#endif
+      strip_fill(W, p0, (n + kPanel - 1) / kPanel, s, dst + s * strip_stride);
+    }
   };
   pool.parallel_for(pieces, [&](long b, long e, int) {
     for (long piece = b; piece < e; ++piece) transpose_piece(0, int(piece));
@@ -516,8 +640,21 @@ RfLossResult rf_loss(ThreadPool& pool, const float* h, int N, const float* h_ref
         for (int r = 0; r < rows_t; ++r)
           scale[r] = row_softmax_update(zt + size_t(r) * vc, n, rf_local, st.m[a + r], st.S[a + r]);
         float* E = st.E + size_t(a) * H;
+#if defined(__AVX512BF16__)
+        if (pairs) {
+          // P to bf16 pairs in place: row r's words at zt + r vc (row stride vc words).
+          for (int r = 0; r < rows_t; ++r)
+            row_to_bf16_pairs(zt + size_t(r) * vc, n, reinterpret_cast<uint16_t*>(zt + size_t(r) * vc));
+          const uint32_t* p16 = reinterpret_cast<const uint32_t*>(zt);
+          const uint32_t* wt16 = reinterpret_cast<const uint32_t*>(wt_c);
+          for (int s = 0; s < strips; ++s)
+            strip_acc_bf16(rows_t, (n + 1) / 2, p16, vc, wt16 + s * strip_stride, E + s * kPanel, H, scale,
+                           std::min(kPanel, H - s * kPanel));
+          continue;
+        }
+#endif
         for (int s = 0; s < strips; ++s)
-          strip_acc(rows_t, n, zt, vc, wt_c + size_t(s) * vc * kPanel, E + s * kPanel, H, scale,
+          strip_acc(rows_t, n, zt, vc, wt_c + s * strip_stride, E + s * kPanel, H, scale,
                     std::min(kPanel, H - s * kPanel));
       }
     });

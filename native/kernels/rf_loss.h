@@ -23,19 +23,29 @@
 // the AVX-512 path that multiplies the bf16-rounded h (kernels/gemm.h); the rf logits are f32
 // dot products of the unrounded rows (h . w_rf, h_ref . W_rf), and gradients treat that
 // rounding as the identity. Every per-row scalar (log-sum-exp, log p_rf, log(1 - p_rf), group
-// products) is formed in float64 in log space, so p_rf near 0 or 1 and large groups are exact
-// to f32 logit precision; softmax-weighted sums are f32.
+// products) is formed in float64 in log space from f32 softmax sums of the unrounded p, so
+// p_rf near 0 or 1 and large groups are exact to f32 logit precision. The softmax-weighted
+// sums P = sum_{v != rf} p_v W_v (whence dh, and the KL values) accumulate in f32; with bf16 W
+// on AVX-512 they multiply p_v rounded to bf16 (vdpbf16ps, whose bf16 products are exact in
+// f32): p_v (1 + e_v), |e_v| <= 2^-8, rms about 2^-9. That gives up no accuracy the logits
+// have not given up already: rounding h to bf16 (the same relative 2^-9) moves each logit by
+// delta_h . W_v, i.e. each p_v by a relative 2^-9 times the logits' spread, more than rounding p
+// itself once logits spread over more than a unit (an LM head's: several), and independently
+// for p_theta and p_ref, so on their difference p_theta - p_ref (the KL gradient) too. In
+// test_rf_loss (logit spread 2.5) rounding p moves dh by a relative 1e-4 to 1e-3, rounding h
+// by 1e-3 to 6e-3. p_rf, the red-flag term and dw_rf never see p rounded. The AVX2 path
+// (which widens bf16 W) and f32 W keep p f32.
 //
-// Cost: (N + Nr) x V x H multiply-adds for the logits (at gemm speed, bf16 dot products for
-// bf16 W on AVX-512) plus as many f32 FMAs for the softmax-weighted sums back through W (f32
-// for either W: they hold p_theta and p_ref, whose difference is the KL gradient), i.e. at
-// least 2 (N + Nr) / N times one plain f32 gemm of the N rows (3.5x with Nr = 3N/4), and
-// about 3 (N + Nr) / N times one bf16 gemm of them (5.25x; bf16 W on AVX-512, where the bf16
-// dot products run twice as fast as f32 FMAs).
-// Scratch: Nr x H floats (the reference rows' sums) + 2 x chunk x H floats (the current and
-// next chunk of W, transposed to f32) + threads x 48 x chunk floats; dh holds the trained
-// rows' sums during the pass. rf_loss runs parallel regions on pool, so it must not be
-// called from inside one of that pool's regions.
+// Cost: (N + Nr) x V x H multiply-adds for the logits plus as many for the softmax-weighted
+// sums back through W, both at gemm speed: f32 FMAs for f32 W (and for bf16 W on AVX2),
+// bf16 dot products (vdpbf16ps, twice the f32 FMA rate) for bf16 W on AVX-512. So the floor
+// is 2 (N + Nr) / N times one plain gemm of the N rows with the same W: 3.5x with Nr = 3N/4,
+// for either dtype.
+// Scratch: Nr x H floats (the reference rows' sums) + 2 x chunk x H elements (the current and
+// next chunk of W, transposed: f32, or bf16 for bf16 W on AVX-512) + threads x 48 x chunk
+// floats (P, rounded to bf16 in place for the bf16 sums); dh holds the trained rows' sums
+// during the pass. rf_loss runs parallel regions on pool, so it must not be called from
+// inside one of that pool's regions.
 #pragma once
 #include <cstddef>
 #include <cstdint>
