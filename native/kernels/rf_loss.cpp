@@ -288,6 +288,20 @@ constexpr int kMR = 8;  // rows per tile: 8 x 32 columns = 16 zmm accumulators
 
 __mmask16 mask_cols(int n) { return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1); }
 
+// The tile's store, shared by the f32 and bf16 micro-kernels: E [MR, cols] (row stride lde)
+// = E * scale[row] + acc, the online softmax's rescale fused in.
+template <int MR>
+inline void tile_store(const __m512 (&acc)[MR][2], float* E, long lde, const float* scale, int cols) {
+  const __mmask16 m0 = mask_cols(cols), m1 = mask_cols(cols - 16);
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    const __m512 sc = _mm512_set1_ps(scale[r]);
+    float* e = E + r * lde;
+    _mm512_mask_storeu_ps(e, m0, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m0, e), sc, acc[r][0]));
+    _mm512_mask_storeu_ps(e + 16, m1, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m1, e + 16), sc, acc[r][1]));
+  }
+}
+
 // E [MR, cols] (row stride lde) = E * scale + P [MR, n] (row stride ldp) . B [n][32].
 template <int MR>
 void tile_acc(int n, const float* P, long ldp, const float* B, float* E, long lde, const float* scale, int cols) {
@@ -304,14 +318,7 @@ void tile_acc(int n, const float* P, long ldp, const float* B, float* E, long ld
       acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
     }
   }
-  const __mmask16 m0 = mask_cols(cols), m1 = mask_cols(cols - 16);
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) {
-    const __m512 sc = _mm512_set1_ps(scale[r]);
-    float* e = E + r * lde;
-    _mm512_mask_storeu_ps(e, m0, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m0, e), sc, acc[r][0]));
-    _mm512_mask_storeu_ps(e + 16, m1, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m1, e + 16), sc, acc[r][1]));
-  }
+  tile_store<MR>(acc, E, lde, scale, cols);
 }
 
 using TileAcc = void (*)(int, const float*, long, const float*, float*, long, const float*, int);
@@ -361,14 +368,7 @@ void tile_acc_bf16(int np, const uint32_t* P, long ldp, const uint32_t* B, float
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
     }
   }
-  const __mmask16 m0 = mask_cols(cols), m1 = mask_cols(cols - 16);
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) {
-    const __m512 sc = _mm512_set1_ps(scale[r]);
-    float* e = E + r * lde;
-    _mm512_mask_storeu_ps(e, m0, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m0, e), sc, acc[r][0]));
-    _mm512_mask_storeu_ps(e + 16, m1, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m1, e + 16), sc, acc[r][1]));
-  }
+  tile_store<MR>(acc, E, lde, scale, cols);
 }
 
 using TileAccBf16 = void (*)(int, const uint32_t*, long, const uint32_t*, float*, long, const float*, int);
