@@ -27,6 +27,9 @@ float row_max(const float* z, int n) { return use_avx512() ? avx512::row_max(z, 
 float sum_exp(const float* z, int n, float shift) {
   return use_avx512() ? avx512::sum_exp(z, n, shift) : avx2::sum_exp(z, n, shift);
 }
+float exp_shift(float* z, int n, float shift) {
+  return use_avx512() ? avx512::exp_shift(z, n, shift) : avx2::exp_shift(z, n, shift);
+}
 RF_FORWARD(softmax_scale, (float* z, int n, float lse, float scale), (z, n, lse, scale))
 RF_FORWARD(attention_row,
            (float* out, const float* q, const float* k, const float* v, long kv_stride, int n_keys,

@@ -36,6 +36,17 @@ float sum_exp(const float* z, int n, float shift) {
   return sum;
 }
 
+float exp_shift(float* z, int n, float shift) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int i = 0; i < n; ++i) {
+    const float e = exp_f32(z[i] - shift);
+    z[i] = e;
+    sum += e;
+  }
+  return sum;
+}
+
 float logsumexp(const float* z, int n) {
   const float mx = row_max(z, n);
   return mx + __builtin_logf(sum_exp(z, n, mx));

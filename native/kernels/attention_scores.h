@@ -1,7 +1,7 @@
 // The softmax numerators of one query row, shared by attention_row and its backward so that
 // the backward recomputes exactly the probabilities the forward used.
 #pragma once
-#include "kernels/vmath.h"
+#include "kernels/ops.h"
 
 namespace rf {
 namespace RF_ISA {
@@ -19,14 +19,7 @@ static inline float attention_scores(const float* q, const float* k, long kv_str
     scores[j] = s;
     max_score = s > max_score ? s : max_score;
   }
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int j = 0; j < n_keys; ++j) {
-    const float e = exp_f32(scores[j] - max_score);
-    scores[j] = e;
-    sum += e;
-  }
-  return sum;
+  return exp_shift(scores, n_keys, max_score);
 }
 
 }  // namespace RF_ISA

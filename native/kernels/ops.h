@@ -23,6 +23,8 @@
   float row_max(const float* z, int n);                                                          \
   /* sum_i exp(z_i - shift) over z [n] (f32, vectorised exp). */                                  \
   float sum_exp(const float* z, int n, float shift);                                             \
+  /* z [n] = exp(z - shift) in place, returning their sum: softmax numerators (f32, vectorised). */\
+  float exp_shift(float* z, int n, float shift);                                                 \
   /* log(sum_i exp(z_i)) over z [n], with max subtraction (f32, vectorised exp). */               \
   float logsumexp(const float* z, int n);                                                        \
   /* z [n] = scale * exp(z - lse) in place: a softmax row times scale. */                        \

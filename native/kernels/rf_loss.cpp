@@ -59,6 +59,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/ops.h"
 #include "kernels/vmath.h"
 
 #ifndef RF_ISA
@@ -227,33 +228,7 @@ void strip_fill_pairs(const PackedWeight& W, int p0, int n_panels, int n, int s,
 // ---------------------------------------------------------------------------------------
 // 2a. Online softmax update of one row over one chunk.
 
-// max_j z[j] (-inf for n = 0). Intrinsics: GCC leaves this max reduction scalar even under
-// omp simd, which made it half of the softmax's time.
-float row_max(const float* z, int n) {
-  int j = 0;
-#if defined(__AVX512F__)
-  // (mask_max with a full mask: GCC 12 warns about _mm512_max_ps's undefined pass-through)
-  __m512 m = _mm512_set1_ps(kNegInf);
-  for (; j + 16 <= n; j += 16) m = _mm512_mask_max_ps(m, 0xffff, m, _mm512_loadu_ps(z + j));
-  if (j < n) m = _mm512_mask_max_ps(m, __mmask16((1u << (n - j)) - 1), m, _mm512_loadu_ps(z + j));
-  alignas(64) float lanes[16];
-  _mm512_store_ps(lanes, m);
-  float r = kNegInf;
-  for (float x : lanes) r = std::max(r, x);
-  return r;
-#else
-  __m256 m = _mm256_set1_ps(kNegInf);
-  for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(z + j));
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, m);
-  float r = kNegInf;
-  for (float x : lanes) r = std::max(r, x);
-  for (; j < n; ++j) r = std::max(r, z[j]);
-  return r;
-#endif
-}
-
-// z [n] (the chunk's logits, rf_local the rf column or -1) becomes exp(z - m_new) with the
+// z [n] (n >= 1: the chunk's logits, rf_local the rf column or -1) becomes exp(z - m_new) with the
 // rf column 0; (m, S) are updated; returns the factor exp(m_old - m_new) for E.
 float row_softmax_update(float* z, int n, int rf_local, float& m, double& S) {
   if (rf_local >= 0) z[rf_local] = kNegInf;
@@ -263,13 +238,7 @@ float row_softmax_update(float* z, int n, int rf_local, float& m, double& S) {
     for (int j = 0; j < n; ++j) z[j] = 0.f;
     return 1.f;
   }
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int j = 0; j < n; ++j) {
-    const float p = exp_f32(z[j] - m_new);
-    z[j] = p;
-    s += p;
-  }
+  float s = exp_shift(z, n, m_new);
   if (rf_local >= 0) {  // exp_f32 clamps -inf to e^-87: take it out exactly
     s -= z[rf_local];
     z[rf_local] = 0.f;

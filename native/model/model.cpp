@@ -289,7 +289,7 @@ void Model::attention(const std::vector<ForwardItem>& items, int layer, const fl
       const float* q = qkv + w.row0 * QKV + long(w.head) * hd;
       float* o = out + w.row0 * Q + long(w.head) * hd;
       const int nk = int(w.keys);
-      if (w.t1 - w.t0 == 1 && it.n_tokens < kBlockMinRows) {
+      if (it.n_tokens < kBlockMinRows) {  // the row path
         attention_row(o, q, k, v, hd, nk, hd, scale, scores);
         continue;
       }

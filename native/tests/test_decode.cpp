@@ -301,6 +301,13 @@ void test_sampling_rules() {
   check(differ >= 45, "sampling: different seeds give different draws (" + std::to_string(differ) + "/50 differ)");
 }
 
+// |f - want| in standard errors of a frequency over `draws` draws; an outcome of probability 0
+// (or 1) has none, so any deviation from it counts as far outside.
+double deviation_se(double f, double want, int draws) {
+  const double se = std::sqrt(want * (1 - want) / draws);
+  return se > 0 ? std::fabs(f - want) / se : (f == want ? 0 : 1e9);
+}
+
 // Empirical frequencies over counters 0..N-1 against the float64 distribution: each token
 // within 4 standard errors sqrt(p (1 - p) / N), and no draw outside the allowed set.
 void test_frequencies() {
@@ -327,13 +334,7 @@ void test_frequencies() {
     bool ok = true;
     double case_se = 0;
     for (int t = 0; t < 6; ++t) {
-      const double f = double(count[t]) / N;
-      if (want[t] == 0) {
-        ok &= count[t] == 0;
-        continue;
-      }
-      const double se = std::sqrt(want[t] * (1 - want[t]) / N);
-      const double k = std::fabs(f - want[t]) / se;
+      const double k = deviation_se(double(count[t]) / N, want[t], N);
       case_se = std::max(case_se, k);
       ok &= k <= 4;
     }
@@ -382,8 +383,7 @@ void test_nucleus_frequencies() {
     for (size_t b = 0; b + 1 < edges.size() && edges[b] < d.ids.size(); ++b) {
       double want = 0;
       for (size_t i = edges[b]; i < std::min(edges[b + 1], d.ids.size()); ++i) want += d.p[i];
-      const double f = double(count[b]) / c.draws, se = std::sqrt(want * (1 - want) / c.draws);
-      const double k = se > 0 ? std::fabs(f - want) / se : (f == want ? 0 : 1e9);
+      const double k = deviation_se(double(count[b]) / c.draws, want, c.draws);
       case_se = std::max(case_se, k);
       ok &= k <= 4;
     }
