@@ -116,6 +116,7 @@ export interface NativeModel {
     rows: Int32Array,
     options: NativeLossOptions,
     cancel?: Int32Array,
+    embeddings?: NativeEmbeddingOptions,
   ): Promise<NativeLossTerms>;
   optimizerStep(options: NativeAdamWOptions): Promise<number>;
   setOptimizerStep(step: number): void;
@@ -155,8 +156,21 @@ export interface NativeLossOptions {
   dropoutSeed: number;
 }
 
+/**
+ * The input-embedding side of NativeModel.trainStep (embedding-space attacks, adversarial
+ * training): a perturbation added to the trained batch's input embeddings, and whether to
+ * return dL/d(input embeddings).
+ */
+export interface NativeEmbeddingOptions {
+  /** [tokens × hidden], the trained batch's rows in order. */
+  embedDelta?: Float32Array;
+  embedGrad?: boolean;
+}
+
 /** Loss terms of one step (each a mean over its rows or groups). */
 export interface NativeLossTerms {
+  /** dL/d(input embeddings) [tokens × hidden], when asked for. */
+  embedGrad?: Float32Array;
   benign: number;
   redFlag: number;
   after: number;

@@ -70,4 +70,47 @@ describe('the addon', () => {
       model.dispose();
     }
   });
+
+  // The plumbing of trainStep's input-embedding options (native/tests/test_train.cpp checks the
+  // gradient itself against finite differences element by element): a zero perturbation changes
+  // nothing, the returned gradient predicts the loss change along a random direction, and a
+  // perturbation of the wrong size is refused.
+  it('perturbs the input embeddings and returns their gradient from trainStep', async () => {
+    const model = await loadModel(join(FIXTURES, 'llama-gqa'), { threads: 2 });
+    const native = model.engine;
+    try {
+      await native.trainInit({ mode: 'lora', rank: 2, alpha: 4, dropout: 0, rslora: false, targets: ['q_proj', 'down_proj'], rfToken: -1, seed: 1 });
+      const tokens = Uint32Array.of(3, 17, 40, 9, 120, 77, 5, 31, 64, 200);
+      const counts = Uint32Array.of(6, 4);
+      const rows = Int32Array.from(Array.from({ length: 9 }, (_, r) => (r === 5 ? [] : [3, r, -1, -1, (r * 37 + 11) % 256])).flat());
+      const options = { aggregation: 'any' as const, alphaBenign: 1, alphaRf: 1, alphaAfter: 1, alphaCe: 1, gradScale: 1, dropoutSeed: 0 };
+      const H = model.config.hiddenSize;
+      const none = new Uint32Array(0);
+      const loss = async (delta?: Float32Array, grad = false) =>
+        native.trainStep(tokens, counts, none, none, rows, options, undefined, { ...(delta ? { embedDelta: delta } : {}), embedGrad: grad });
+
+      const plain = await loss();
+      expect(plain.embedGrad).toBeUndefined();
+      expect((await loss(new Float32Array(tokens.length * H))).total).toBe(plain.total);
+
+      let seed = 7;
+      const random = () => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31 - 0.5) * 0.1;
+      const delta = Float32Array.from({ length: tokens.length * H }, random);
+      const direction = Float32Array.from({ length: tokens.length * H }, random);
+      const { embedGrad } = await loss(delta, true);
+      expect(embedGrad).toBeInstanceOf(Float32Array);
+      expect(embedGrad!.length).toBe(tokens.length * H);
+      const eps = 1e-2;
+      const along = (s: number) => Float32Array.from(delta, (d, i) => d + s * eps * direction[i]!);
+      const numeric = ((await loss(along(1))).total - (await loss(along(-1))).total) / (2 * eps);
+      const analytic = embedGrad!.reduce((sum, g, i) => sum + g * direction[i]!, 0);
+      expect(Math.abs(numeric)).toBeGreaterThan(1e-4);
+      expect(Math.abs(analytic - numeric)).toBeLessThan(0.03 * Math.abs(numeric) + 1e-4);
+
+      await expect(loss(new Float32Array(5))).rejects.toThrow(/embedDelta must hold tokens x hidden/);
+    } finally {
+      native.trainEnd();
+      model.dispose();
+    }
+  });
 });

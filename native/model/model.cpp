@@ -224,6 +224,10 @@ void Model::embed_rows(const std::vector<ForwardItem>& items, float* x) {
         const float* pe = pos_embed_.data() + (it.cache->length() + t) * H;
         for (long i = 0; i < H; ++i) row[i] += pe[i];
       }
+      if (it.embed_delta) {
+        const float* d = it.embed_delta + size_t(t) * H;
+        for (long i = 0; i < H; ++i) row[i] += d[i];
+      }
     }
   }
 }

@@ -70,6 +70,9 @@ struct ForwardItem {
   KvCache* cache;
   const uint32_t* tokens;
   int n_tokens;
+  // [n_tokens, hidden] added to the new tokens' input embeddings (after position embeddings),
+  // or null: the perturbations of embedding-space attacks and adversarial training.
+  const float* embed_delta = nullptr;
 };
 
 // What forward() writes: logits for every new token or for the last of each item, or the

@@ -594,7 +594,7 @@ LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Se
     std::vector<ForwardItem> items;
     for (size_t i = 0; i < seqs.size(); ++i) {
       caches[i].truncate(0);  // keeps its memory
-      items.push_back({&caches[i], seqs[i].tokens, seqs[i].n_tokens});
+      items.push_back({&caches[i], seqs[i].tokens, seqs[i].n_tokens, seqs[i].embed_delta});
     }
     return items;
   };
@@ -931,10 +931,12 @@ LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Se
                        lt.x_in.data(), dxn.data(), dx.data(), true);
   }
 
-  // 5. Embeddings: the rows that were looked up collect their gradient.
+  // 5. Embeddings: the rows that were looked up collect their gradient, which is also the
+  //    gradient with respect to the input embeddings (and their perturbation).
   {
     long r = 0;
     for (const Sequence& q : batch) {
+      if (q.embed_grad) std::memcpy(q.embed_grad, dx.data() + r * H, size_t(q.n_tokens) * H * sizeof(float));
       for (int t = 0; t < q.n_tokens; ++t, ++r) {
         const uint32_t tok = q.tokens[t];
         const float* g = dx.data() + r * H;

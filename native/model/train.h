@@ -68,6 +68,12 @@ struct LossTerms {
 struct Sequence {
   const uint32_t* tokens;
   int n_tokens;
+  // Trained-batch sequences only, both optional: a perturbation [n_tokens, hidden] added to the
+  // input embeddings, and where step() writes dL/d(input embeddings) [n_tokens, hidden] (the
+  // gradient embedding-space attacks and adversarial training follow; GCG's token gradients
+  // are it times the embedding matrix).
+  const float* embed_delta = nullptr;
+  float* embed_grad = nullptr;
 };
 
 class Trainer {

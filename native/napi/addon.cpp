@@ -4,6 +4,7 @@
 #include <napi.h>
 
 #include <atomic>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -516,7 +517,10 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   }
 
   // trainStep(tokens, counts, refTokens, refCounts, rows: Int32Array [n x 5: kind, row, refRow, group, target],
-  //           { aggregation, alphaBenign, alphaRf, alphaAfter, alphaCe, gradScale }, cancel?) -> Promise<terms>
+  //           { aggregation, alphaBenign, alphaRf, alphaAfter, alphaCe, gradScale }, cancel?,
+  //           { embedDelta?: Float32Array [tokens x hidden], embedGrad?: boolean }?) -> Promise<terms>
+  // embedDelta perturbs the trained batch's input embeddings; with embedGrad the terms carry
+  // embedGrad: Float32Array [tokens x hidden], dL/d(input embeddings).
   Napi::Value TrainStep(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guard(env, [&]() -> Napi::Value {
@@ -558,6 +562,18 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
         cancel_ref = std::make_shared<Napi::ObjectReference>(Napi::Persistent(flag.As<Napi::Object>()));
         cancel = reinterpret_cast<const std::atomic<int>*>(flag.Data());
       }
+      auto embed_delta = std::make_shared<std::vector<float>>();
+      auto embed_grad = std::make_shared<std::vector<float>>();
+      if (info.Length() > 7 && info[7].IsObject()) {
+        Napi::Object e = info[7].As<Napi::Object>();
+        const size_t n = tokens->size() * size_t(handle->model->config().hidden);
+        if (e.Has("embedDelta") && e.Get("embedDelta").IsTypedArray()) {
+          Napi::Float32Array d = e.Get("embedDelta").As<Napi::Float32Array>();
+          if (d.ElementLength() != n) throw std::invalid_argument("embedDelta must hold tokens x hidden floats");
+          embed_delta->assign(d.Data(), d.Data() + n);
+        }
+        if (e.Has("embedGrad") && e.Get("embedGrad").ToBoolean()) embed_grad->assign(n, 0.f);
+      }
       begin_work();
       auto busy = busy_;
       auto terms = std::make_shared<LossTerms>();
@@ -566,15 +582,27 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
           [=] {
             const BusyRelease release{busy};
             std::vector<Sequence> batch, reference;
+            const size_t H = size_t(handle->model->config().hidden);
             size_t off = 0;
-            for (uint32_t n : counts) { batch.push_back({tokens->data() + off, int(n)}); off += n; }
+            for (uint32_t n : counts) {
+              Sequence q{tokens->data() + off, int(n)};
+              if (!embed_delta->empty()) q.embed_delta = embed_delta->data() + off * H;
+              if (!embed_grad->empty()) q.embed_grad = embed_grad->data() + off * H;
+              batch.push_back(q);
+              off += n;
+            }
             off = 0;
             for (uint32_t n : ref_counts) { reference.push_back({ref_tokens->data() + off, int(n)}); off += n; }
             *terms = handle->trainer->step(batch, reference, rows, lo, cancel);
           },
-          [terms, cancel_ref](Napi::Env e) -> Napi::Value {
+          [terms, cancel_ref, embed_grad](Napi::Env e) -> Napi::Value {
             if (cancel_ref) cancel_ref->Reset();
             Napi::Object r = Napi::Object::New(e);
+            if (!embed_grad->empty()) {
+              Napi::Float32Array g = Napi::Float32Array::New(e, embed_grad->size());
+              std::memcpy(g.Data(), embed_grad->data(), embed_grad->size() * sizeof(float));
+              r.Set("embedGrad", g);
+            }
             r.Set("benign", terms->benign);
             r.Set("redFlag", terms->red_flag);
             r.Set("after", terms->after);

@@ -198,6 +198,83 @@ void run_full(const std::string& name, const rf::ModelConfig& c) {
   check(after < before, name + ": one AdamW step lowers the loss (" + std::to_string(before) + " -> " + std::to_string(after) + ")");
 }
 
+// dL/d(input embeddings) written by step() (Sequence::embed_grad) against central finite
+// differences of the loss in the perturbation (Sequence::embed_delta), on every row of both
+// sequences: the gradient embedding-space attacks follow. Same tolerances as check_grads. A
+// zero perturbation must give exactly the unperturbed loss. The attacker's objective is
+// covered too: a negative red-flag weight (lower p(<rf>) while keeping the answer likely).
+void run_embed_grad(const std::string& name, const rf::ModelConfig& c, rf::TrainMode mode) {
+  rf::Model m(c, rf::DType::f32, 2);
+  load_random(m, 3);
+  rf::TrainOptions opt;
+  opt.mode = mode;
+  opt.lora.rank = 2;
+  opt.lora.alpha = 4;
+  opt.lora.targets = {c.arch == rf::Arch::gpt2 ? "c_attn" : "q_proj", c.arch == rf::Arch::gpt2 ? "c_fc" : "down_proj"};
+  opt.rf_token = mode == rf::TrainMode::lora ? 20 : -1;
+  rf::Trainer t(m, opt);
+  Batch b = mixed_batch(20);
+  if (mode == rf::TrainMode::full) {  // no reference model, no red-flag token: CE rows only
+    b.refs.clear();
+    b.rows.clear();
+    for (int r = 0; r < 15; ++r) b.rows.push_back({rf::LossRow::ce, r, -1, -1, int((r * 5 + 2) % c.vocab)});
+  }
+  rf::LossOptions o;
+  o.alpha_rf = -0.8f;
+  o.alpha_ce = 1.f;
+  const long H = c.hidden;
+  std::vector<std::vector<float>> delta(b.seqs.size()), grad(b.seqs.size());
+  std::mt19937 rng(11);
+  std::normal_distribution<float> d(0.f, 0.05f);
+  for (size_t i = 0; i < b.seqs.size(); ++i) {
+    delta[i].resize(b.seqs[i].size() * H);
+    for (float& v : delta[i]) v = d(rng);
+    grad[i].assign(delta[i].size(), NAN);
+  }
+  auto loss = [&](bool perturbed, bool want_grad) {
+    std::vector<rf::Sequence> seqs = view(b.seqs);
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      if (perturbed) seqs[i].embed_delta = delta[i].data();
+      if (want_grad) seqs[i].embed_grad = grad[i].data();
+    }
+    return t.step(seqs, view(b.refs), b.rows, o).total;
+  };
+  {
+    const double plain = loss(false, false);
+    std::vector<std::vector<float>> saved = delta;
+    for (auto& v : delta) std::fill(v.begin(), v.end(), 0.f);
+    const double zero = loss(true, false);
+    delta = saved;
+    check(plain == zero, name + ": a zero embedding perturbation leaves the loss unchanged");
+  }
+  loss(true, true);
+  double num = 0, den = 0;
+  int bad = 0, n = 0;
+  std::string worst;
+  for (size_t i = 0; i < delta.size(); ++i) {
+    for (size_t k = 0; k < delta[i].size(); k += 3) {
+      const float saved = delta[i][k];
+      const float h = 1e-2f;
+      delta[i][k] = saved + h;
+      const double lp = loss(true, false);
+      delta[i][k] = saved - h;
+      const double lm = loss(true, false);
+      delta[i][k] = saved;
+      const double g = (lp - lm) / (2.0 * h), a = grad[i][k];
+      num += (a - g) * (a - g);
+      den += g * g;
+      ++n;
+      if (!(std::fabs(a - g) <= 3e-2 * std::fabs(g) + 2e-4)) {
+        ++bad;
+        worst = "seq " + std::to_string(i) + " [" + std::to_string(k) + "] analytic " + std::to_string(a) + " numeric " + std::to_string(g);
+      }
+    }
+  }
+  const double rel = std::sqrt(num / (den > 0 ? den : 1));
+  check(den > 0 && rel < 1e-2 && bad == 0, name + ": input-embedding gradients vs finite differences over " + std::to_string(n) +
+                                               " elements, rel L2 " + std::to_string(rel) + (bad ? ", e.g. " + worst : ""));
+}
+
 
 // ---------------------------------------------------------------------------------------
 // Full fine-tuning: the packed weights the optimizer writes in place.
@@ -541,6 +618,9 @@ int main() {
   run_lora("gpt2 lora", gpt2(), {"c_attn", "c_proj", "c_fc"}, false, 0.f);
   run_full("llama", llama());
   run_full("gpt2", gpt2());
+  run_embed_grad("llama lora", llama(), rf::TrainMode::lora);
+  run_embed_grad("gpt2 lora", gpt2(), rf::TrainMode::lora);
+  run_embed_grad("llama full", llama(), rf::TrainMode::full);
   for (rf::DType dt : {rf::DType::f32, rf::DType::bf16}) {
     run_full_packed("llama untied 40/72/101", llama_untied_odd(), dt);
     run_full_packed("llama tied 33/37/2049", llama_tied_odd(), dt);
