@@ -102,7 +102,15 @@ export interface NativeModel {
     scores?: boolean,
   ): Promise<NativeStepResult>;
   /** Teacher-forced p(<rf>) after every token, sequences in order. */
-  tokenScores(sequences: NativeSequence[], tokens: Uint32Array, counts: Uint32Array, rfToken: number, cancel?: Int32Array): Promise<Float32Array>;
+  tokenScores(
+    sequences: NativeSequence[],
+    tokens: Uint32Array,
+    counts: Uint32Array,
+    rfToken: number,
+    cancel?: Int32Array,
+    /** [tokens × hidden] added to the input embeddings (embedding-space attacks). */
+    embedDelta?: Float32Array,
+  ): Promise<Float32Array>;
   info(): NativeModelInfo;
   dispose(): void;
 

@@ -429,20 +429,25 @@ export class Model {
   /**
    * Teacher-forced p(`<rf>`) after every token of each sequence's new tokens (appended to the
    * sequences), in order; the LM head runs in row chunks, never over all positions at once.
+   * `embedDelta` [tokens × hidden] (the new tokens in order) is added to their input
+   * embeddings: the perturbation of an embedding-space attack.
    */
   async tokenScores(
     sequences: Sequence[],
     tokens: (Uint32Array | number[])[],
-    options: { rfToken?: number; signal?: AbortSignal } = {},
+    options: { rfToken?: number; signal?: AbortSignal; embedDelta?: Float32Array } = {},
   ): Promise<Float32Array> {
     const { flat, counts } = this.checkBatch('tokenScores', sequences, tokens);
+    if (options.embedDelta !== undefined && (!(options.embedDelta instanceof Float32Array) || options.embedDelta.length !== flat.length * this.config.hiddenSize)) {
+      throw new RedflagError('INVALID_ARGUMENT', `tokenScores: embedDelta must be a Float32Array of tokens x hidden = ${flat.length * this.config.hiddenSize} floats`);
+    }
     const rfToken = options.rfToken ?? this.redFlagTokenId;
     if (rfToken == null) throw new RedflagError('INVALID_ARGUMENT', 'tokenScores: the model has no red-flag token (add one or load an adapter)');
     if (!Number.isInteger(rfToken) || rfToken < 0 || rfToken >= this.vocabSize) {
       throw new RedflagError('INVALID_ARGUMENT', `rfToken must be a token id of this model, got ${rfToken}`);
     }
     const native = sequences.map((s) => s.native);
-    return this.cancellable(options.signal, (cancel) => this.engine.tokenScores(native, flat, counts, rfToken, cancel));
+    return this.cancellable(options.signal, (cancel) => this.engine.tokenScores(native, flat, counts, rfToken, cancel, options.embedDelta));
   }
 
   /**

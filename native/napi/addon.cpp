@@ -413,6 +413,19 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       const int rf_token = info[3].As<Napi::Number>().Int32Value();
       if (rf_token < 0 || rf_token >= model().vocab()) throw std::invalid_argument("tokenScores: rfToken is outside the vocabulary");
       CancelFlag flag = parse_cancel(info, 4);
+      // Optional perturbation of the input embeddings [tokens x hidden] (embedding-space attacks).
+      auto delta = std::make_shared<std::vector<float>>();
+      if (info.Length() > 5 && info[5].IsTypedArray()) {
+        Napi::Float32Array d = info[5].As<Napi::Float32Array>();
+        const size_t H = size_t(model().config().hidden);
+        if (d.ElementLength() != batch.tokens->size() * H) throw std::invalid_argument("tokenScores: embedDelta must hold tokens x hidden floats");
+        delta->assign(d.Data(), d.Data() + d.ElementLength());
+        size_t offset = 0;
+        for (ForwardItem& it : batch.items) {
+          it.embed_delta = delta->data() + offset * H;
+          offset += size_t(it.n_tokens);
+        }
+      }
       auto out = std::make_shared<std::vector<float>>(batch.tokens->size());
       begin_work();
       auto model = model_;
@@ -423,6 +436,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
             const BusyRelease release{busy};
             token_scores(*model, batch.items, rf_token, out->data(), flag.flag);
             (void)batch;
+            (void)delta;
           },
           [out, flag](Napi::Env e) -> Napi::Value {
             Napi::Float32Array arr = Napi::Float32Array::New(e, out->size());
