@@ -110,7 +110,18 @@ export interface NativeModel {
     cancel?: Int32Array,
     /** [tokens × hidden] added to the input embeddings (embedding-space attacks). */
     embedDelta?: Float32Array,
+    logprobs?: false,
   ): Promise<Float32Array>;
+  /** The same, with the log-probability of each sequence's next token (NaN after its last); rfToken may be -1. */
+  tokenScores(
+    sequences: NativeSequence[],
+    tokens: Uint32Array,
+    counts: Uint32Array,
+    rfToken: number,
+    cancel: Int32Array | undefined,
+    embedDelta: Float32Array | undefined,
+    logprobs: true,
+  ): Promise<{ pRf: Float32Array; logprobs: Float32Array }>;
   info(): NativeModelInfo;
   dispose(): void;
 

@@ -31,6 +31,36 @@ describe.each(FIXTURE_NAMES)('%s', (fixture) => {
     }
   });
 
+  // The same logits seen through the teacher-forced path (no [tokens x vocab] leaves native
+  // memory): each next token's log-probability against a float64 log-softmax of the reference's
+  // logits (their ~1e-5 relative error moves a log-probability by well under 1e-3).
+  it('teacher-forced next-token log-probabilities match the reference', async () => {
+    const { cases } = await readReference(fixture);
+    const model = await loadModel(dir, { dtype: 'f32', threads: 2 });
+    try {
+      for (const c of cases) {
+        const seq = model.newSequence();
+        const { pRf, logprobs } = await model.teacherForced([seq], [c.ids]);
+        seq.dispose();
+        const V = model.vocabSize;
+        expect(logprobs).toHaveLength(c.ids.length);
+        expect(pRf.every((p) => p === 0)).toBe(true);
+        for (let t = 0; t + 1 < c.ids.length; t++) {
+          const row = c.logits.subarray(t * V, (t + 1) * V);
+          let max = -Infinity;
+          for (const z of row) max = Math.max(max, z);
+          let sum = 0;
+          for (const z of row) sum += Math.exp(z - max);
+          const want = row[c.ids[t + 1]!]! - max - Math.log(sum);
+          expect(Math.abs(logprobs[t]! - want), `case ${c.name} position ${t}`).toBeLessThan(1e-3);
+        }
+        expect(logprobs[c.ids.length - 1]).toBeNaN();
+      }
+    } finally {
+      model.dispose();
+    }
+  });
+
   it('bf16 logits are within 2e-2 of the reference', async () => {
     const { cases } = await readReference(fixture);
     const model = await loadModel(dir, { dtype: 'bf16', threads: 2 });

@@ -451,6 +451,30 @@ export class Model {
   }
 
   /**
+   * Teacher-forced log-likelihood: for every new token of each sequence (appended to the
+   * sequences), the log-probability of the sequence's next token (NaN after its last) and
+   * p(`<rf>`) (0 when the model has no red-flag token), from the same logits, which never leave
+   * native memory. For perplexity, multiple-choice scoring by log-likelihood and attack
+   * objectives. `embedDelta` as in {@link Model.tokenScores}.
+   */
+  async teacherForced(
+    sequences: Sequence[],
+    tokens: (Uint32Array | number[])[],
+    options: { rfToken?: number; signal?: AbortSignal; embedDelta?: Float32Array } = {},
+  ): Promise<{ pRf: Float32Array; logprobs: Float32Array }> {
+    const { flat, counts } = this.checkBatch('teacherForced', sequences, tokens);
+    const rfToken = options.rfToken ?? this.redFlagTokenId ?? -1;
+    if (!Number.isInteger(rfToken) || rfToken < -1 || rfToken >= this.vocabSize) {
+      throw new RedflagError('INVALID_ARGUMENT', `rfToken must be a token id of this model or -1, got ${rfToken}`);
+    }
+    if (options.embedDelta !== undefined && (!(options.embedDelta instanceof Float32Array) || options.embedDelta.length !== flat.length * this.config.hiddenSize)) {
+      throw new RedflagError('INVALID_ARGUMENT', `teacherForced: embedDelta must be a Float32Array of tokens x hidden = ${flat.length * this.config.hiddenSize} floats`);
+    }
+    const native = sequences.map((s) => s.native);
+    return this.cancellable(options.signal, (cancel) => this.engine.tokenScores(native, flat, counts, rfToken, cancel, options.embedDelta, true));
+  }
+
+  /**
    * Generates tokens after a prompt (token ids, or text encoded with the tokenizer).
    * An async iterator of `{ token, text }`; greedy when temperature is 0.
    */

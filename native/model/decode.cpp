@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -172,11 +173,19 @@ void decode_step(Model& model, const std::vector<ForwardItem>& items, const std:
 }
 
 void token_scores(Model& model, const std::vector<ForwardItem>& items, int rf_token, float* p_rf,
-                  const std::atomic<int>* cancel) {
+                  const std::atomic<int>* cancel, float* logprob_next) {
   const int V = model.vocab();
-  if (rf_token < 0 || rf_token >= V) throw std::invalid_argument("token_scores: the red-flag token is outside the vocabulary");
+  if (rf_token >= V || (rf_token < 0 && (rf_token != -1 || !logprob_next)))
+    throw std::invalid_argument("token_scores: the red-flag token is outside the vocabulary");
   const long H = model.config().hidden;
   const long R = Model::logits_rows(items, LogitsMode::all);
+  // Each row's next token within its item, -1 after an item's last token.
+  std::vector<int64_t> next;
+  if (logprob_next) {
+    next.reserve(size_t(R));
+    for (const ForwardItem& it : items)
+      for (int t = 0; t < it.n_tokens; ++t) next.push_back(t + 1 < it.n_tokens ? int64_t(it.tokens[t + 1]) : -1);
+  }
   std::vector<float> hidden(size_t(R) * H);
   model.forward(items, LogitsMode::hidden, hidden.data(), cancel);
   // 64 rows of logits at a time: enough rows for the GEMM to reuse each weight panel.
@@ -189,7 +198,12 @@ void token_scores(Model& model, const std::vector<ForwardItem>& items, int rf_to
     auto score = [&](long begin, long end) {
       for (long r = begin; r < end; ++r) {
         const float* z = logits.data() + r * V;
-        p_rf[r0 + r] = std::exp(z[rf_token] - logsumexp(z, V));
+        const float lse = logsumexp(z, V);
+        p_rf[r0 + r] = rf_token >= 0 ? std::exp(z[rf_token] - lse) : 0.f;
+        if (logprob_next) {
+          const int64_t n = next[size_t(r0 + r)];
+          logprob_next[r0 + r] = n >= 0 && n < V ? z[n] - lse : std::numeric_limits<float>::quiet_NaN();
+        }
       }
     };
     if (model.threads() == 1) score(0, rows);

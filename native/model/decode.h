@@ -45,8 +45,11 @@ void decode_step(Model& model, const std::vector<ForwardItem>& items, const std:
 
 // Teacher-forced red-flag scores: appends every item's tokens and writes p(<rf>) after each
 // token to p_rf [total tokens], computing the LM head in row chunks so memory stays
-// O(chunk x vocab) however long the input.
+// O(chunk x vocab) however long the input. With logprob_next [total tokens], also the
+// log-probability of each item's next token (NaN after an item's last token): the
+// teacher-forced likelihood (perplexity, multiple-choice scoring, attack objectives) from the
+// same log-sum-exp. rf_token may be -1 (no red-flag token: p_rf is 0) when logprob_next is given.
 void token_scores(Model& model, const std::vector<ForwardItem>& items, int rf_token, float* p_rf,
-                  const std::atomic<int>* cancel = nullptr);
+                  const std::atomic<int>* cancel = nullptr, float* logprob_next = nullptr);
 
 }  // namespace rf

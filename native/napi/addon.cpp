@@ -403,15 +403,19 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     });
   }
 
-  // tokenScores(sequences, tokens, counts, rfToken, cancel?) -> Promise<Float32Array>: p(<rf>)
-  // after every token (items in order), teacher-forced; logits never leave native memory.
+  // tokenScores(sequences, tokens, counts, rfToken, cancel?, embedDelta?, logprobs?) -> Promise<Float32Array>:
+  // p(<rf>) after every token (items in order), teacher-forced; logits never leave native memory.
+  // With logprobs: Promise<{ pRf, logprobs }>, logprobs[r] = log p(next token of the item) (NaN
+  // after an item's last token), and rfToken may be -1 (pRf then 0).
   Napi::Value TokenScores(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guard(env, [&]() -> Napi::Value {
       model();
       Batch batch = parse_batch(info[0].As<Napi::Array>(), info[1].As<Napi::Uint32Array>(), info[2].As<Napi::Uint32Array>());
       const int rf_token = info[3].As<Napi::Number>().Int32Value();
-      if (rf_token < 0 || rf_token >= model().vocab()) throw std::invalid_argument("tokenScores: rfToken is outside the vocabulary");
+      const bool logprobs = info.Length() > 6 && info[6].ToBoolean();
+      if (rf_token >= model().vocab() || (rf_token < 0 && !(rf_token == -1 && logprobs)))
+        throw std::invalid_argument("tokenScores: rfToken is outside the vocabulary");
       CancelFlag flag = parse_cancel(info, 4);
       // Optional perturbation of the input embeddings [tokens x hidden] (embedding-space attacks).
       auto delta = std::make_shared<std::vector<float>>();
@@ -427,6 +431,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
         }
       }
       auto out = std::make_shared<std::vector<float>>(batch.tokens->size());
+      auto lp = std::make_shared<std::vector<float>>(logprobs ? batch.tokens->size() : 0);
       begin_work();
       auto model = model_;
       auto busy = busy_;
@@ -434,15 +439,22 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
           env,
           [=] {
             const BusyRelease release{busy};
-            token_scores(*model, batch.items, rf_token, out->data(), flag.flag);
+            token_scores(*model, batch.items, rf_token, out->data(), flag.flag, logprobs ? lp->data() : nullptr);
             (void)batch;
             (void)delta;
           },
-          [out, flag](Napi::Env e) -> Napi::Value {
-            Napi::Float32Array arr = Napi::Float32Array::New(e, out->size());
-            std::copy(out->begin(), out->end(), arr.Data());
+          [out, lp, logprobs, flag](Napi::Env e) -> Napi::Value {
             if (flag.ref) flag.ref->Reset();
-            return arr;
+            auto array = [&](const std::vector<float>& v) {
+              Napi::Float32Array arr = Napi::Float32Array::New(e, v.size());
+              std::copy(v.begin(), v.end(), arr.Data());
+              return arr;
+            };
+            if (!logprobs) return array(*out);
+            Napi::Object r = Napi::Object::New(e);
+            r.Set("pRf", array(*out));
+            r.Set("logprobs", array(*lp));
+            return r;
           });
     });
   }

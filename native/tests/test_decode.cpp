@@ -16,9 +16,10 @@
 //    and sampled, with top_n 4 and top_n > vocab: bit-for-bit equal to forward(last) on the
 //    same batch + logits_pick with counter = the new token's position; equal to each item run
 //    alone; equal to forward(last) of the whole sequence + a float64 argmax / log-softmax;
-//  - token_scores equals p(<rf>) in float64 from Model::forward(LogitsMode::all), over 97, 64,
-//    65 and 150 rows (the LM head runs in chunks of 64), with and without a trained red-flag
-//    head row, with an item whose cache already holds a prefix.
+//  - token_scores equals p(<rf>) and the next token's log-probability (NaN after each item's
+//    last token) in float64 from Model::forward(LogitsMode::all), over 97, 64, 65 and 150 rows
+//    (the LM head runs in chunks of 64), with and without a trained red-flag head row, with an
+//    item whose cache already holds a prefix; without a red-flag token (-1) p is 0.
 //
 // Tolerances. logits_pick computes lse = logsumexp(z) in f32 (vectorised exp, f32 sum) and
 // returns z[token] - lse in f32, so against float64 the log-probabilities may differ by the
@@ -656,17 +657,30 @@ void test_token_scores(int threads) {
         ref_items.push_back({&ref_caches[i], seqs[i].data(), lens[i]});
         R += lens[i];
       }
-      std::vector<float> p(R, -1.f), logits(R * V);
-      rf::token_scores(*m, items, rf_token, p.data());
+      std::vector<float> p(R, -1.f), lp(R, -1.f), logits(R * V);
+      rf::token_scores(*m, items, rf_token, p.data(), nullptr, lp.data());
       m->forward(ref_items, rf::LogitsMode::all, logits.data());
-      bool ok = true, lengths = true;
-      double e_max = 0;
-      for (long r = 0; r < R; ++r) {
-        const float* z = logits.data() + r * V;
-        const double ref = std::exp(double(z[rf_token]) - lse64(z, V));
-        const double e = std::fabs(double(p[r]) - ref);
-        ok &= e <= 1e-5 * ref + 1e-37;  // 1e-5 relative (p is exp of an f32 log-probability)
-        e_max = std::max(e_max, e / ref);
+      bool ok = true, lengths = true, lp_ok = true;
+      double e_max = 0, lp_max = 0;
+      long r = 0;
+      for (int i = 0; i < n_items; ++i) {
+        for (int t = 0; t < lens[i]; ++t, ++r) {
+          const float* z = logits.data() + r * V;
+          const double lse = lse64(z, V);
+          const double ref = std::exp(double(z[rf_token]) - lse);
+          const double e = std::fabs(double(p[r]) - ref);
+          ok &= e <= 1e-5 * ref + 1e-37;  // 1e-5 relative (p is exp of an f32 log-probability)
+          e_max = std::max(e_max, e / ref);
+          // The next token's log-probability within the item; NaN after the item's last token.
+          if (t + 1 < lens[i]) {
+            const double want = double(z[seqs[i][t + 1]]) - lse;
+            const double d = std::fabs(double(lp[r]) - want);
+            lp_ok &= d <= 1e-5 * (1 + std::fabs(want));
+            lp_max = std::max(lp_max, d);
+          } else {
+            lp_ok &= std::isnan(lp[r]);
+          }
+        }
       }
       for (int i = 0; i < n_items; ++i) lengths &= caches[i].length() == ref_caches[i].length();
       worst = std::max(worst, e_max);
@@ -674,6 +688,8 @@ void test_token_scores(int threads) {
                               " rows=" + std::to_string(R) + " items=" + std::to_string(n_items);
       check(ok, tag + ": equals float64 softmax of forward(all) (max rel err " + std::to_string(e_max) + ")");
       check(lengths, tag + ": caches advance by every token");
+      check(lp_ok, tag + ": next-token log-probabilities equal float64 log-softmax, NaN at item ends (max abs err " +
+                       std::to_string(lp_max) + ")");
     }
   }
   bool threw = false;
@@ -686,6 +702,14 @@ void test_token_scores(int threads) {
     threw = true;
   }
   check(threw, "token_scores: a red-flag token outside the vocabulary throws");
+  {
+    // Without a red-flag token (-1), the likelihood alone; p(<rf>) is 0.
+    rf::KvCache cc = m->new_cache();
+    const uint32_t toks[2] = {1, 2};
+    float pr[2] = {-1, -1}, lps[2] = {0, 0};
+    rf::token_scores(*m, {{&cc, toks, 2}}, -1, pr, nullptr, lps);
+    check(pr[0] == 0.f && pr[1] == 0.f && lps[0] < 0.f && std::isnan(lps[1]), "token_scores without a red-flag token: p 0, log-probabilities");
+  }
   std::printf("token_scores threads=%d: max p(<rf>) rel err %.3g\n", threads, worst);
 }
 
