@@ -49,6 +49,8 @@ export class AttackModel {
     /** The red-flag token, or -1 when the variant has none (then only the cross-entropy is attacked). */
     readonly rfToken: number,
     private readonly embedRows: (ids: readonly number[]) => Promise<Float32Array>,
+    /** The input-embedding matrix [rows × hidden] as the checkpoint holds it (rows may stop short of a grown vocabulary). */
+    private readonly table: Float32Array,
   ) {
     this.hidden = model.config.hiddenSize;
   }
@@ -97,7 +99,12 @@ export class AttackModel {
       }
       return out;
     };
-    return new AttackModel(model, rfToken, rows);
+    return new AttackModel(model, rfToken, rows, table);
+  }
+
+  /** The input-embedding matrix, [rows × hidden] row-major (GCG's token gradients are it times the embedding gradient). */
+  embeddingTable(): Float32Array {
+    return this.table;
   }
 
   /** The l2 norm of each token's input embedding (the scale of a relative perturbation budget). */

@@ -1,15 +1,18 @@
-// The embedding-space attack (lib/attack): a red-flag adapter trained briefly on a tiny model,
-// then projected gradient descent on the prompt's input embeddings against it. Checked: the
-// attack session computes exactly what the detector computes (teacher-forced p(<rf>) at a zero
-// perturbation equals classify's), every prompt token's perturbation stays inside its ball and
-// the answer is never perturbed, a zero radius changes nothing, and a large radius lowers the
-// flag where the adapter raised it.
+// The white-box attacks (lib/attack) against a red-flag adapter trained briefly on a tiny model.
+// Embedding-space PGD: the attack session computes exactly what the detector computes
+// (teacher-forced p(<rf>) at a zero perturbation equals classify's), every prompt token's
+// perturbation stays inside its ball and the answer is never perturbed, a zero radius changes
+// nothing, and a large radius lowers the flag where the adapter raised it. Adaptive GCG: its
+// batched objective equals the native training step's, it never proposes special tokens or
+// <rf>, it does not end worse than it started, and its suffix works as plain text (the
+// detector, reading the suffixed prompt, sees the p(<rf>) the attack reports).
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import { embeddingAttack } from '../lib/attack/embedding.js';
+import { gcgAttack } from '../lib/attack/gcg.js';
 import { AttackModel, type AttackTarget } from '../lib/attack/gradient-model.js';
 import { encodeConversation } from '../lib/data/encode.js';
 import { generateSyntheticData } from '../lib/data/synthetic.js';
@@ -44,8 +47,8 @@ afterAll(async () => {
   await rm(root, { recursive: true, force: true });
 });
 
-describe('embedding-space attack', () => {
-  it('stays in its ball, changes nothing at radius 0, and lowers a raised flag', async () => {
+describe('white-box attacks on a red-flag adapter', () => {
+  it('embedding-space PGD stays in its ball, changes nothing at radius 0, and lowers a raised flag', async () => {
     const adapter = join(root, 'rf', 'adapter');
     const model = await loadModel(base, { threads: 2 });
     const attack = await AttackModel.open(model, adapter);
@@ -82,6 +85,40 @@ describe('embedding-space attack', () => {
       }
       expect(harmful).toHaveLength(4);
       expect(lowered).toBeGreaterThanOrEqual(2);
+    } finally {
+      attack.close();
+      model.dispose();
+      await detector.dispose();
+    }
+  });
+
+  it('adaptive GCG finds a suffix that works as text and does not end worse than it began', async () => {
+    const adapter = join(root, 'rf', 'adapter');
+    const model = await loadModel(base, { threads: 2 });
+    const attack = await AttackModel.open(model, adapter);
+    const detector = await createDetector({ model: base, adapter, threads: 2 });
+    try {
+      const c = generateSyntheticData({ seed: 0, perCategory: 4 }).train.find((x) => x.label === 'harmful')!;
+      const prompt = c.messages.slice(0, -1);
+      const answer = c.messages.at(-1)!.content;
+      const objectives: number[] = [];
+      const result = await gcgAttack(attack, prompt, answer, { length: 6, steps: 4, candidates: 8, topK: 16, lambda: 1, seed: 3, onStep: (_, o) => objectives.push(o) });
+      expect(objectives).toHaveLength(4);
+      expect(result.objectiveAfter).toBeLessThanOrEqual(result.objectiveBefore);
+      expect(result.suffixIds).toHaveLength(6);
+      const specials = new Set(model.tokenizer!.specialTokenIds);
+      for (const id of result.suffixIds) {
+        expect(specials.has(id)).toBe(false);
+        expect(id).not.toBe(attack.rfToken);
+      }
+      // The suffix as text: the detector reads the suffixed conversation and sees what the attack measured.
+      expect(result.messages.at(-1)!.content).toBe(`${prompt.at(-1)!.content} ${result.suffixText}`);
+      const [scores] = await detector.classify([[...result.messages, { role: 'assistant', content: answer }]]);
+      expect(scores!.maxPRf).toBeCloseTo(result.maxPRfAfter, 4);
+      // The batched teacher-forced objective and the training step's agree (two independent paths).
+      const e = encodeConversation(model.tokenizer!, { messages: [...result.messages, { role: 'assistant', content: answer }], label: 'harmful', source: 'x' }, { maxTokens: 512 });
+      const native = await attack.loss({ ids: e.ids, responseStart: e.responseStart, responseEnd: e.responseEnd }, new Float32Array(e.ids.length * attack.hidden), 1);
+      expect(native.objective).toBeCloseTo(result.objectiveAfter, 3);
     } finally {
       attack.close();
       model.dispose();
