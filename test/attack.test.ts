@@ -5,19 +5,23 @@
 // nothing, and a large radius lowers the flag where the adapter raised it. Adaptive GCG: its
 // batched objective equals the native training step's, it never proposes special tokens or
 // <rf>, it does not end worse than it started, and its suffix works as plain text (the
-// detector, reading the suffixed prompt, sees the p(<rf>) the attack reports).
+// detector, reading the suffixed prompt, sees the p(<rf>) the attack reports). Fine-tuning
+// attack: it makes the harmful answers more likely, and a merged adapter computes what the
+// applied adapter computes.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import { embeddingAttack } from '../lib/attack/embedding.js';
+import { fineTuneAttack, mergeAdapterInto } from '../lib/attack/finetune.js';
 import { gcgAttack } from '../lib/attack/gcg.js';
 import { AttackModel, type AttackTarget } from '../lib/attack/gradient-model.js';
 import { encodeConversation } from '../lib/data/encode.js';
 import { generateSyntheticData } from '../lib/data/synthetic.js';
 import { createDetector } from '../lib/detect/detector.js';
 import { loadModel } from '../lib/model/model.js';
+import { applyAdapter } from '../lib/train/export.js';
 import { train } from '../lib/train/trainer.js';
 import { tinyLlama } from './helpers/tiny-model.js';
 
@@ -123,6 +127,52 @@ describe('white-box attacks on a red-flag adapter', () => {
       attack.close();
       model.dispose();
       await detector.dispose();
+    }
+  });
+
+  it('the fine-tuning attack makes harmful answers likelier; a merged adapter equals the applied one', async () => {
+    const harmful = generateSyntheticData({ seed: 0, perCategory: 4 }).train.filter((c) => c.label === 'harmful');
+    const meanLogLikelihood = async (dir: string) => {
+      const model = await loadModel(dir, { threads: 2 });
+      try {
+        let sum = 0;
+        let n = 0;
+        for (const c of harmful) {
+          const e = encodeConversation(model.tokenizer!, c, { maxTokens: 96 });
+          const seq = model.newSequence();
+          const { logprobs } = await model.teacherForced([seq], [e.ids]);
+          seq.dispose();
+          for (let r = e.responseStart - 1; r < e.responseEnd - 1; r++, n++) sum += logprobs[r]!;
+        }
+        return sum / n;
+      } finally {
+        model.dispose();
+      }
+    };
+    const attacked = await fineTuneAttack({ model: base, harmful, output: join(root, 'ft'), steps: 12, batchSize: 4, lr: 1e-2, maxTokens: 96, threads: 2 });
+    const before = await meanLogLikelihood(base);
+    const after = await meanLogLikelihood(attacked);
+    expect(after).toBeGreaterThan(before + 0.1);
+
+    const adapter = join(root, 'rf', 'adapter');
+    const merged = await mergeAdapterInto(base, adapter, join(root, 'merged'), 2);
+    const applied = await loadModel(base, { threads: 2 });
+    const fromMerged = await loadModel(merged, { threads: 2 });
+    try {
+      await applyAdapter(applied, adapter);
+      const ids = encodeConversation(applied.tokenizer!, harmful[0]!, { maxTokens: 96 }).ids;
+      const a = await applied.logits(ids);
+      const b = await fromMerged.logits(ids);
+      let num = 0;
+      let den = 0;
+      for (let i = 0; i < a.length; i++) {
+        num += (a[i]! - b[i]!) ** 2;
+        den += a[i]! ** 2;
+      }
+      expect(Math.sqrt(num / den)).toBeLessThan(1e-5);
+    } finally {
+      applied.dispose();
+      fromMerged.dispose();
     }
   });
 });

@@ -1,0 +1,84 @@
+/**
+ * The fine-tuning attack: someone with the weights fine-tunes the model on harmful answers
+ * (cross-entropy, LoRA, a few hundred steps) to strip its safety behaviour. The defences it is
+ * measured against (the paper's "adapter encapsulation"):
+ * - red flag: the attacker fine-tunes the *base* model; the red-flag adapter, kept apart, is
+ *   applied on top of the attacked weights afterwards (`redflagAfterAttack`);
+ * - refusal: the refusal adapter is merged into the weights the attacker receives, and the
+ *   attack fine-tunes that (`refusalAfterAttack`).
+ * Both write Hugging Face model directories, so every evaluation runs on them unchanged.
+ * @module
+ */
+import { mkdir, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+
+import type { Conversation } from '../data/records.js';
+import { loadModel } from '../model/model.js';
+import { applyAdapter, saveMerged } from '../train/export.js';
+import { train, type StepInfo } from '../train/trainer.js';
+
+/** Options of {@link fineTuneAttack}. */
+export interface FineTuneAttackOptions {
+  /** The model directory the attacker fine-tunes. */
+  model: string;
+  /** The harmful conversations it trains on (their answers are the targets). */
+  harmful: readonly Conversation[];
+  /** Working directory: the attack's data, adapter and merged model go under it. */
+  output: string;
+  /** Default 200. */
+  steps?: number;
+  /** Default 8. */
+  batchSize?: number;
+  /** Default 1e-3. */
+  lr?: number;
+  /** LoRA rank (alpha = 2 × rank). Default 8. */
+  rank?: number;
+  maxTokens?: number;
+  seed?: number;
+  threads?: number;
+  signal?: AbortSignal;
+  onStep?: (info: StepInfo) => void;
+}
+
+/** Fine-tunes `model` on the harmful answers (LoRA, cross-entropy) and returns the directory of the merged, attacked model. */
+export async function fineTuneAttack(o: FineTuneAttackOptions): Promise<string> {
+  await mkdir(o.output, { recursive: true });
+  const data = join(o.output, 'attack-data.jsonl');
+  await writeFile(data, o.harmful.map((c) => JSON.stringify({ messages: c.messages })).join('\n') + '\n');
+  const rank = o.rank ?? 8;
+  const out = join(o.output, 'attack');
+  await train(
+    {
+      model: o.model,
+      output: out,
+      data: [{ file: data, label: 'harmful' }],
+      objective: 'lm',
+      mode: 'lora',
+      harmfulFraction: 1, // every batch from the harmful answers
+      steps: o.steps ?? 200,
+      batchSize: o.batchSize ?? 8,
+      maxTokens: o.maxTokens ?? 512,
+      seed: o.seed ?? 0,
+      evalEvery: 0,
+      checkpointEvery: 0,
+      merge: true,
+      lora: { rank, alpha: 2 * rank, dropout: 0 },
+      optimizer: { lr: o.lr ?? 1e-3, warmupSteps: 10 },
+      ...(o.threads ? { threads: o.threads } : {}),
+    },
+    { ...(o.signal ? { signal: o.signal } : {}), ...(o.onStep ? { onStep: o.onStep } : {}) },
+  );
+  return join(out, 'merged');
+}
+
+/** Writes `model` with `adapter` merged into its weights to `output` (what the refusal baseline ships). */
+export async function mergeAdapterInto(model: string, adapter: string, output: string, threads?: number): Promise<string> {
+  const m = await loadModel(model, { ...(threads ? { threads } : {}) });
+  try {
+    // applyAdapter first adds <rf> to the vocabulary when the adapter has it, as training did.
+    await saveMerged(m, await applyAdapter(m, adapter), output);
+  } finally {
+    m.dispose();
+  }
+  return output;
+}
