@@ -1,0 +1,215 @@
+// Device twins of the CPU row kernels (see ops.h). One block per row for the reductions;
+// grid-stride loops for the elementwise ones. Reductions sum in the block's own order, so
+// results equal the CPU's up to float rounding (the tests state the tolerances).
+#include <cuda_runtime.h>
+
+#include <cfloat>
+#include <cmath>
+
+#include "cuda/ops.h"
+
+namespace rf::cuda {
+
+namespace {
+
+constexpr int kRowThreads = 256;
+constexpr int kPickThreads = 512;
+
+__device__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over the block; every thread gets the result. `scratch` holds one float per warp.
+__device__ float block_sum(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // scratch may still be read by a previous reduction
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < warps; ++w) total += scratch[w];
+  return total;
+}
+
+__global__ void rmsnorm_kernel(float* out, const float* x, const float* w, int n, float eps) {
+  __shared__ float scratch[32];
+  const float* xr = x + long(blockIdx.x) * n;
+  float* yr = out + long(blockIdx.x) * n;
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
+  const float inv = 1.0f / sqrtf(block_sum(ss, scratch) / float(n) + eps);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = w[i] * (xr[i] * inv);
+}
+
+__global__ void layernorm_kernel(float* out, const float* x, const float* w, const float* b, int n, float eps) {
+  __shared__ float scratch[32];
+  const float* xr = x + long(blockIdx.x) * n;
+  float* yr = out + long(blockIdx.x) * n;
+  float s = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) s += xr[i];
+  const float mean = block_sum(s, scratch) / float(n);
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) ss += (xr[i] - mean) * (xr[i] - mean);
+  const float inv = 1.0f / sqrtf(block_sum(ss, scratch) / float(n) + eps);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = (xr[i] - mean) * inv * w[i] + b[i];
+}
+
+// grid (rows, heads); threads over the half head.
+__global__ void rope_kernel(float* x, long row_stride, int head_dim, const float* cos, const float* sin) {
+  const int half = head_dim / 2;
+  float* a = x + long(blockIdx.x) * row_stride + long(blockIdx.y) * head_dim;
+  float* b = a + half;
+  const float* c = cos + long(blockIdx.x) * half;
+  const float* s = sin + long(blockIdx.x) * half;
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    const float x1 = a[i], x2 = b[i];
+    a[i] = x1 * c[i] - x2 * s[i];
+    b[i] = x2 * c[i] + x1 * s[i];
+  }
+}
+
+__global__ void swiglu_kernel(float* out, const float* gate, const float* up, long n) {
+  for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
+    const float g = gate[i];
+    out[i] = g / (1.0f + expf(-g)) * up[i];
+  }
+}
+
+__global__ void gelu_new_kernel(float* x, long n) {
+  const float k = 0.7978845608028654f;  // sqrt(2 / pi)
+  for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
+    const float v = x[i];
+    x[i] = 0.5f * v * (1.0f + tanhf(k * (v + 0.044715f * v * v * v)));
+  }
+}
+
+// The CPU's uniform_draw (native/model/decode.cpp): splitmix64 of (seed, counter), bit for bit.
+__device__ double uniform_draw(uint64_t seed, uint64_t counter) {
+  uint64_t z = seed ^ (counter * 0xd1342543de82ef95ull);
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  z ^= z >> 31;
+  return double(z >> 11) * (1.0 / 9007199254740992.0);
+}
+
+// One block per row. Shared: per-thread (max, index) pairs, then per-thread chunk sums and
+// their exclusive prefix, the total, and the picked id.
+__global__ void pick_kernel(const float* logits, int vocab, const DevicePick* params, int rf_token, uint32_t* token,
+                            float* logprob, float* p_rf) {
+  __shared__ float smax[kPickThreads];
+  __shared__ int sidx[kPickThreads];
+  __shared__ double sw[kPickThreads];
+  __shared__ float scratch[32];
+  __shared__ double stotal;
+  __shared__ int spick;
+  const float* z = logits + long(blockIdx.x) * vocab;
+  const int t = threadIdx.x;
+
+  // 1. The maximum and its first position (torch.argmax's tie rule).
+  float mx = -FLT_MAX;
+  int at = vocab;
+  for (int i = t; i < vocab; i += blockDim.x)
+    if (z[i] > mx) mx = z[i], at = i;  // strided ascending: the first maximum of this thread
+  smax[t] = mx;
+  sidx[t] = at;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (t < s && (smax[t + s] > smax[t] || (smax[t + s] == smax[t] && sidx[t + s] < sidx[t]))) {
+      smax[t] = smax[t + s];
+      sidx[t] = sidx[t + s];
+    }
+    __syncthreads();
+  }
+  mx = smax[0];
+  const int argmax = sidx[0] < vocab ? sidx[0] : 0;
+
+  // 2. log-sum-exp at temperature 1 (f32, as the CPU's sum_exp).
+  float se = 0.f;
+  for (int i = t; i < vocab; i += blockDim.x) se += expf(z[i] - mx);
+  const float lse = mx + logf(block_sum(se, scratch));
+
+  // 3. The pick.
+  const DevicePick p = params[blockIdx.x];
+  int pick = argmax;
+  const float inv_t = p.temperature > 0.f ? 1.f / p.temperature : INFINITY;
+  if (p.temperature > 0.f && isfinite(inv_t)) {
+    // Inverse CDF over the vocabulary in id order, weights exp((z - max) / T) in double as on
+    // the CPU: each thread sums a contiguous chunk; the chunk that holds u * total scans itself.
+    const int chunk = (vocab + blockDim.x - 1) / blockDim.x;
+    const int lo = min(vocab, t * chunk), hi = min(vocab, lo + chunk);
+    double w = 0;
+    for (int i = lo; i < hi; ++i) w += exp(double((z[i] - mx) * inv_t));
+    sw[t] = w;
+    __syncthreads();
+    if (t == 0) {
+      double run = 0;
+      for (int i = 0; i < int(blockDim.x); ++i) {
+        const double c = sw[i];
+        sw[i] = run;  // exclusive prefix
+        run += c;
+      }
+      stotal = run;
+      spick = vocab - 1;  // u * total beyond the total by rounding: the CPU returns the last id too
+    }
+    __syncthreads();
+    const double r = uniform_draw(p.seed, p.counter) * stotal;
+    const double start = sw[t];
+    if (hi > lo && r >= start && r < start + w) {
+      double rem = r - start;
+      int found = hi - 1;
+      for (int i = lo; i < hi; ++i) {
+        rem -= exp(double((z[i] - mx) * inv_t));
+        if (rem < 0) {
+          found = i;
+          break;
+        }
+      }
+      spick = found;
+    }
+    __syncthreads();
+    pick = spick;
+  }
+  if (t == 0) {
+    token[blockIdx.x] = uint32_t(pick);
+    logprob[blockIdx.x] = z[pick] - lse;
+    p_rf[blockIdx.x] = rf_token >= 0 && rf_token < vocab ? expf(z[rf_token] - lse) : 0.f;
+  }
+}
+
+int blocks_for(long n, int threads) {
+  const long b = (n + threads - 1) / threads;
+  return int(b < 65535 ? (b > 0 ? b : 1) : 65535);
+}
+
+}  // namespace
+
+void rmsnorm_rows(float* out, const float* x, const float* w, int rows, int n, float eps, cudaStream_t stream) {
+  if (rows > 0) rmsnorm_kernel<<<rows, kRowThreads, 0, stream>>>(out, x, w, n, eps);
+}
+
+void layernorm_rows(float* out, const float* x, const float* w, const float* b, int rows, int n, float eps,
+                    cudaStream_t stream) {
+  if (rows > 0) layernorm_kernel<<<rows, kRowThreads, 0, stream>>>(out, x, w, b, n, eps);
+}
+
+void rope_rows(float* x, long row_stride, int rows, int n_heads, int head_dim, const float* cos, const float* sin,
+               cudaStream_t stream) {
+  if (rows > 0 && n_heads > 0) rope_kernel<<<dim3(rows, n_heads), 64, 0, stream>>>(x, row_stride, head_dim, cos, sin);
+}
+
+void swiglu(float* out, const float* gate, const float* up, long n, cudaStream_t stream) {
+  if (n > 0) swiglu_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(out, gate, up, n);
+}
+
+void gelu_new(float* x, long n, cudaStream_t stream) {
+  if (n > 0) gelu_new_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(x, n);
+}
+
+void pick_rows(const float* logits, int rows, int vocab, const DevicePick* params, int rf_token, uint32_t* token,
+               float* logprob, float* p_rf, cudaStream_t stream) {
+  if (rows > 0) pick_kernel<<<rows, kPickThreads, 0, stream>>>(logits, vocab, params, rf_token, token, logprob, p_rf);
+}
+
+}  // namespace rf::cuda

@@ -1,0 +1,47 @@
+// CUDA row kernels of the transformer and the fused sampling epilogue, each the device twin
+// of a CPU kernel (native/kernels/ops.h, native/model/decode.h) and tested against it on the
+// same inputs (native/tests/cuda_ops.cpp, on a GPU machine). Pointers are device memory;
+// every launch goes on `stream`; rows are independent (one block per row).
+#pragma once
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace rf::cuda {
+
+// out [rows, n] = w * x / sqrt(mean(x^2) + eps) per row (LlamaRMSNorm).
+void rmsnorm_rows(float* out, const float* x, const float* w, int rows, int n, float eps, cudaStream_t stream);
+
+// out [rows, n] = (x - mean) / sqrt(var + eps) * w + b per row (nn.LayerNorm, biased variance).
+void layernorm_rows(float* out, const float* x, const float* w, const float* b, int rows, int n, float eps,
+                    cudaStream_t stream);
+
+// x [rows, n_heads, head_dim] rotated in place (rotate_half pairs (i, i + head_dim/2)); cos/sin
+// [rows, head_dim/2]: each row's table, computed on the host by rope_angles so every rope
+// variant of the CPU engine (default, linear, dynamic NTK, llama3) is the same numbers here.
+// row_stride: floats between rows' first heads (rows of a fused QKV buffer).
+void rope_rows(float* x, long row_stride, int rows, int n_heads, int head_dim, const float* cos, const float* sin,
+               cudaStream_t stream);
+
+// out [n] = silu(gate) * up.
+void swiglu(float* out, const float* gate, const float* up, long n, cudaStream_t stream);
+
+// x [n] = gelu_new(x) in place.
+void gelu_new(float* x, long n, cudaStream_t stream);
+
+// The per-row parameters of pick_rows (the CPU's PickParams).
+struct DevicePick {
+  float temperature;  // 0: greedy
+  uint64_t seed;      // with counter, the counter-based uniform draw
+  uint64_t counter;   // e.g. the new token's position
+};
+
+// Per row of logits [rows, vocab]: the next token (greedy: the first maximum; sampled: from
+// softmax(z / T) over the whole vocabulary by the inverse CDF in id order, with the CPU's
+// splitmix64 draw of (seed, counter)), its log-probability at temperature 1, and p(<rf>)
+// (rf_token < 0: 0). Writes token [rows], logprob [rows], p_rf [rows]. Top-k / top-p rows are
+// not handled here (the host falls back to the CPU pick for them).
+void pick_rows(const float* logits, int rows, int vocab, const DevicePick* params, int rf_token, uint32_t* token,
+               float* logprob, float* p_rf, cudaStream_t stream);
+
+}  // namespace rf::cuda

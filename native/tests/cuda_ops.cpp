@@ -1,0 +1,158 @@
+// The CUDA row kernels and the fused pick epilogue (native/cuda/ops.h) against the CPU kernels
+// on the same inputs, on a GPU machine; elsewhere it says no device was found and exits 0.
+//
+// Shapes are odd on purpose: row widths not multiples of the block (576, 1000, 4097), head_dim
+// 64/80/128, a vocabulary of 49157 (not a multiple of 64) and rows with many tied maxima.
+// Tolerances: reductions sum in another order than the CPU's vectorised loops, so norms agree to
+// 1e-5 relative per element (a few f32 ulps of the statistics), rope/activations to 1e-5
+// (same formula, device expf/tanhf within 2 ulps), log-probabilities and p(<rf>) to
+// 1e-5 * (1 + |x|). Greedy picks must be equal (the first maximum on both). Sampled picks use
+// the same splitmix64 draw; the chunked inverse CDF sums in another order, so a draw within
+// rounding of a boundary between two tokens may fall either side: at most 0.2% of rows may
+// differ (observed: none is expected at these sizes).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda/cuda.h"
+#include "cuda/ops.h"
+#include "kernels/ops.h"
+#include "model/decode.h"
+#include "tests/check.h"
+
+using rf::test::check;
+
+namespace {
+
+std::mt19937 rng(424242);
+
+std::vector<float> randn(size_t n, float scale = 1.f) {
+  std::normal_distribution<float> d(0.f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = d(rng);
+  return v;
+}
+
+// A device copy that frees itself.
+struct Dev {
+  void* p = nullptr;
+  explicit Dev(size_t bytes) { cudaMalloc(&p, bytes); }
+  ~Dev() { cudaFree(p); }
+  float* f() { return static_cast<float*>(p); }
+};
+
+Dev upload(const std::vector<float>& v) {
+  Dev d(v.size() * sizeof(float));
+  cudaMemcpy(d.p, v.data(), v.size() * sizeof(float), cudaMemcpyHostToDevice);
+  return d;
+}
+
+std::vector<float> download(Dev& d, size_t n) {
+  std::vector<float> v(n);
+  cudaMemcpy(v.data(), d.p, n * sizeof(float), cudaMemcpyDeviceToHost);
+  return v;
+}
+
+double max_rel(const std::vector<float>& a, const std::vector<float>& b) {
+  double worst = 0;
+  for (size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::fabs(double(a[i]) - b[i]) / (1e-6 + std::fabs(double(b[i]))));
+  return worst;
+}
+
+void test_norms() {
+  for (int n : {576, 1000, 4097}) {
+    const int rows = 7;
+    auto x = randn(size_t(rows) * n, 2.f), w = randn(n), b = randn(n);
+    std::vector<float> want(x.size()), want_ln(x.size());
+    for (int r = 0; r < rows; ++r) {
+      rf::rmsnorm_forward(want.data() + size_t(r) * n, x.data() + size_t(r) * n, w.data(), n, 1e-5f);
+      rf::layernorm_forward(want_ln.data() + size_t(r) * n, x.data() + size_t(r) * n, w.data(), b.data(), n, 1e-5f);
+    }
+    Dev dx = upload(x), dw = upload(w), db = upload(b), out(x.size() * 4);
+    rf::cuda::rmsnorm_rows(out.f(), dx.f(), dw.f(), rows, n, 1e-5f, nullptr);
+    const double e1 = max_rel(download(out, x.size()), want);
+    rf::cuda::layernorm_rows(out.f(), dx.f(), dw.f(), db.f(), rows, n, 1e-5f, nullptr);
+    const double e2 = max_rel(download(out, x.size()), want_ln);
+    check(e1 < 1e-5 && e2 < 1e-5, "norms n=" + std::to_string(n) + ": rms rel " + std::to_string(e1) + ", layer rel " + std::to_string(e2));
+  }
+}
+
+void test_rope_and_activations() {
+  for (int hd : {64, 80, 128}) {
+    const int rows = 5, heads = 6;
+    const long stride = long(heads) * hd + 17;  // rows of a wider (fused) buffer
+    auto x = randn(size_t(rows) * stride), cs = randn(size_t(rows) * hd / 2), sn = randn(size_t(rows) * hd / 2);
+    std::vector<float> want = x;
+    for (int r = 0; r < rows; ++r) rf::rope_forward(want.data() + r * stride, heads, hd, cs.data() + r * hd / 2, sn.data() + r * hd / 2);
+    Dev dx = upload(x), dc = upload(cs), ds = upload(sn);
+    rf::cuda::rope_rows(dx.f(), stride, rows, heads, hd, dc.f(), ds.f(), nullptr);
+    const double e = max_rel(download(dx, x.size()), want);
+    check(e < 1e-5, "rope head_dim=" + std::to_string(hd) + ": rel " + std::to_string(e));
+  }
+  const long n = 100003;
+  auto g = randn(n, 3.f), u = randn(n), x = randn(n, 3.f);
+  std::vector<float> want(n), want_gelu = x;
+  rf::swiglu_forward(want.data(), g.data(), u.data(), int(n));
+  rf::gelu_new_forward(want_gelu.data(), int(n));
+  Dev dg = upload(g), du = upload(u), dx = upload(x), out(n * 4);
+  rf::cuda::swiglu(out.f(), dg.f(), du.f(), n, nullptr);
+  rf::cuda::gelu_new(dx.f(), n, nullptr);
+  const double e1 = max_rel(download(out, n), want), e2 = max_rel(download(dx, n), want_gelu);
+  check(e1 < 1e-5 && e2 < 1e-5, "swiglu rel " + std::to_string(e1) + ", gelu_new rel " + std::to_string(e2));
+}
+
+void test_pick() {
+  const int V = 49157, rows = 2000, rf_token = 777;
+  auto z = randn(size_t(rows) * V, 2.5f);
+  // Tied maxima on some rows: the first one must win on both sides.
+  for (int r = 0; r < rows; r += 50) {
+    float* row = z.data() + size_t(r) * V;
+    const float top = *std::max_element(row, row + V) + 1.f;
+    row[V - 3] = row[V / 2] = row[11] = top;
+  }
+  for (bool sampled : {false, true}) {
+    std::vector<rf::cuda::DevicePick> params(rows);
+    for (int r = 0; r < rows; ++r) params[r] = {sampled ? (r % 3 == 0 ? 0.7f : 1.3f) : 0.f, 1234567ull + r % 7, uint64_t(r)};
+    Dev dz = upload(z), dp(rows * sizeof(rf::cuda::DevicePick)), dt(rows * 4), dl(rows * 4), dr(rows * 4);
+    cudaMemcpy(dp.p, params.data(), rows * sizeof(rf::cuda::DevicePick), cudaMemcpyHostToDevice);
+    rf::cuda::pick_rows(dz.f(), rows, V, static_cast<rf::cuda::DevicePick*>(dp.p), rf_token, static_cast<uint32_t*>(dt.p), dl.f(), dr.f(), nullptr);
+    std::vector<uint32_t> tok(rows);
+    cudaMemcpy(tok.data(), dt.p, rows * 4, cudaMemcpyDeviceToHost);
+    const std::vector<float> lp = download(dl, rows), prf = download(dr, rows);
+    int differ = 0, bad_scores = 0;
+    rf::PickScratch scratch;
+    for (int r = 0; r < rows; ++r) {
+      rf::PickParams pp;
+      pp.temperature = params[r].temperature;
+      pp.seed = params[r].seed;
+      const rf::Pick want = rf::logits_pick(z.data() + size_t(r) * V, V, pp, params[r].counter, rf_token, 0, nullptr, nullptr, scratch);
+      if (tok[r] != want.token) {
+        ++differ;
+        continue;
+      }
+      if (std::fabs(lp[r] - want.logprob) > 1e-5 * (1 + std::fabs(want.logprob)) || std::fabs(prf[r] - want.p_rf) > 1e-5 * want.p_rf + 1e-30) ++bad_scores;
+    }
+    const std::string tag = sampled ? "sampled" : "greedy";
+    check(sampled ? differ <= rows / 500 : differ == 0, "pick " + tag + ": " + std::to_string(differ) + " of " + std::to_string(rows) + " tokens differ from the CPU's");
+    check(bad_scores == 0, "pick " + tag + ": log-probability and p(<rf>) equal the CPU's (" + std::to_string(bad_scores) + " off)");
+  }
+}
+
+}  // namespace
+
+int main() {
+  const rf::cuda::DeviceInfo info = rf::cuda::device_info();
+  if (info.count == 0) {
+    std::printf("cuda_ops: no CUDA device visible; skipped\n");
+    return 0;
+  }
+  test_norms();
+  test_rope_and_activations();
+  test_pick();
+  return rf::test::finish("cuda_ops");
+}
