@@ -1,0 +1,41 @@
+// Decode attention over a paged KV cache on the device ("flash-decoding"): one query row per
+// sequence (the token just appended), its keys split into chunks that separate blocks of
+// threads reduce with an online softmax, then one pass combines the chunks. No [T x T] and no
+// per-sequence contiguous cache: keys and values are read through each sequence's block table
+// (native/model/block_pool.h).
+#pragma once
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace rf::cuda {
+
+// The cache of one layer: [n_blocks][n_kv_heads][block_tokens][head_dim] f32 for K and for V.
+struct PagedLayer {
+  const float* k;
+  const float* v;
+  int block_tokens;
+  int n_kv_heads;
+  int head_dim;
+};
+
+// Per sequence s: its block table at tables + table_offsets[s], its cache length lengths[s]
+// (the query is position lengths[s] - 1, already in the cache).
+struct PagedBatch {
+  const int32_t* tables;
+  const int32_t* table_offsets;
+  const int32_t* lengths;
+  int n_seqs;
+  int max_length;  // the longest lengths[s] (sizes the split grid)
+};
+
+// Scratch floats decode_attention needs for a batch (partial maxima, sums and outputs per split).
+long decode_attention_scratch(int n_seqs, int n_heads, int head_dim, int max_length);
+
+// out [n_seqs, n_heads, head_dim] = softmax(scale q.k_j) v_j over each sequence's keys (the
+// last `window` of them when window > 0; causal by construction: the cache ends at the query).
+// q [n_seqs, n_heads, head_dim]; n_heads a multiple of n_kv_heads (GQA); head_dim <= 256.
+void decode_attention(float* out, const float* q, const PagedLayer& layer, const PagedBatch& batch, int n_heads, float scale,
+                      int window, float* scratch, cudaStream_t stream);
+
+}  // namespace rf::cuda
