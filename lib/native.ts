@@ -173,6 +173,8 @@ export interface NativeLossOptions {
   alphaCe: number;
   gradScale: number;
   dropoutSeed: number;
+  /** false: leave the parameters' gradients as they were (steps that only want input-embedding gradients). Default true. */
+  paramGrads?: boolean;
 }
 
 /**

@@ -135,7 +135,8 @@ export class AttackModel {
         none,
         none,
         Int32Array.from(rows),
-        { aggregation: 'any', alphaBenign: 0, alphaRf: -lambda, alphaAfter: 0, alphaCe: 1, gradScale: 1, dropoutSeed: 0 },
+        // The session's parameters never step: their gradients are left alone.
+        { aggregation: 'any', alphaBenign: 0, alphaRf: -lambda, alphaAfter: 0, alphaCe: 1, gradScale: 1, dropoutSeed: 0, paramGrads: false },
         undefined,
         { embedDelta: delta, embedGrad: true },
       ),

@@ -588,6 +588,21 @@ LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Se
     if (r.kind == LossRow::ce && (r.target < 0 || r.target >= c.vocab)) throw std::out_of_range("ce target outside the vocabulary");
   }
 
+  // Without parameter gradients the step still runs the whole backward (the input-embedding
+  // gradient needs it) and puts the gradients accumulated so far back afterwards, also when it
+  // throws. Cheap for LoRA (the only mode adversarial training uses); a full copy in full mode.
+  struct GradGuard {
+    std::vector<Param*> params;
+    std::vector<std::vector<float>> saved;
+    ~GradGuard() {
+      for (size_t i = 0; i < saved.size(); ++i) params[i]->grad.swap(saved[i]);
+    }
+  } grad_guard;
+  if (!lopt.param_grads) {
+    grad_guard.params = s.params;
+    for (Param* p : s.params) grad_guard.saved.push_back(p->grad);
+  }
+
   // 1. Forward with activations (adapter on, LoRA dropout) -> final hidden states [R, H].
   auto items_for = [&](const std::vector<Sequence>& seqs, std::vector<KvCache>& caches) {
     while (caches.size() < seqs.size()) caches.push_back(m.new_cache());

@@ -57,6 +57,9 @@ struct LossOptions {
   float alpha_benign = 1.f, alpha_rf = 1.f, alpha_after = 1.f, alpha_ce = 1.f;
   float grad_scale = 1.f;               // e.g. 1 / accumulation steps
   uint64_t dropout_seed = 0;            // LoRA dropout masks of this micro-batch (resumable runs pass step-derived seeds)
+  // false: the step leaves the parameters' gradients as they were, for steps that only want
+  // input-embedding gradients (an adversarial-training inner attack between two real steps).
+  bool param_grads = true;
 };
 
 struct LossTerms {

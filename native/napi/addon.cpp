@@ -581,6 +581,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       lo.alpha_ce = float(get_double(o, "alphaCe"));
       lo.grad_scale = float(get_double(o, "gradScale"));
       lo.dropout_seed = uint64_t(get_double(o, "dropoutSeed"));
+      if (o.Has("paramGrads")) lo.param_grads = get_bool(o, "paramGrads");
       std::shared_ptr<Napi::ObjectReference> cancel_ref;
       const std::atomic<int>* cancel = nullptr;
       if (info.Length() > 6 && info[6].IsTypedArray()) {

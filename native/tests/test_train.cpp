@@ -273,6 +273,18 @@ void run_embed_grad(const std::string& name, const rf::ModelConfig& c, rf::Train
   const double rel = std::sqrt(num / (den > 0 ? den : 1));
   check(den > 0 && rel < 1e-2 && bad == 0, name + ": input-embedding gradients vs finite differences over " + std::to_string(n) +
                                                " elements, rel L2 " + std::to_string(rel) + (bad ? ", e.g. " + worst : ""));
+
+  // param_grads = false: the same input-embedding gradient, the parameters' gradients untouched.
+  std::vector<std::vector<float>> before;
+  for (rf::Param* p : t.params()) before.push_back(p->grad);
+  std::vector<std::vector<float>> with_params = grad;
+  o.param_grads = false;
+  loss(true, true);
+  o.param_grads = true;
+  bool same_input = grad == with_params, untouched = true;
+  size_t i = 0;
+  for (rf::Param* p : t.params()) untouched &= p->grad == before[i++];
+  check(same_input && untouched, name + ": without parameter gradients, the same input-embedding gradient and the parameters' gradients as they were");
 }
 
 
