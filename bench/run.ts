@@ -1,5 +1,6 @@
 /**
- * Benchmarks: `npm run bench -- <gemm|prefill|decode|serve|train|loss|all> [--quick]`. Each prints one
+ * Benchmarks: `npm run bench -- <gemm|prefill|decode|serve|train|loss|all> [--quick]`, and
+ * `npm run bench -- soak [--seconds 600] [--clients 64] [--seed 1]` (bench/soak.ts). Each prints one
  * JSON object. Speeds are reported as ratios to ceilings measured in the same run (FMA peak with
  * a register-only loop, memory bandwidth with a STREAM-like copy) and to peers measured in the
  * same run where installed (PyTorch CPU via Debian's python3-torch). `train` and `loss` run the
@@ -16,11 +17,21 @@ import { loadModel } from '../lib/model/model.js';
 import { writeRandomModel, type RandomModelSpec } from '../lib/model/random-model.js';
 import { loadNative } from '../lib/native.js';
 import { benchServe } from './serve.js';
+import { runSoak } from './soak.js';
 
 const run = promisify(execFile);
 const args = process.argv.slice(2);
-const which = args.find((a) => !a.startsWith('--')) ?? 'all';
+const VALUE_FLAGS = new Set(['--seconds', '--clients', '--seed']);
+const which = args.find((a, i) => !a.startsWith('--') && !VALUE_FLAGS.has(args[i - 1] ?? '')) ?? 'all';
 const quick = args.includes('--quick');
+/** `--name N` from the command line, or `fallback`. */
+function flagValue(name: string, fallback: number): number {
+  const i = args.indexOf(name);
+  if (i < 0) return fallback;
+  const value = Number(args[i + 1]);
+  if (!Number.isFinite(value) || value <= 0) throw new Error(`${name} needs a positive number, got ${args[i + 1]}`);
+  return value;
+}
 const THREADS = [1, 2];
 
 /** SmolLM2-135M shapes, random weights (no download). */
@@ -444,8 +455,10 @@ async function benchLoss() {
 const benches: Record<string, () => Promise<unknown>> = {
   gemm: benchGemm, prefill: benchPrefill, decode: benchDecode, train: benchTrain, loss: benchLoss,
   serve: () => benchServe(quick, SMOLLM2),
+  soak: () => runSoak({ seconds: flagValue('--seconds', 600), clients: flagValue('--clients', 64), seed: flagValue('--seed', 1), onProgress: (line) => console.error(line) }),
 };
-const names = which === 'all' ? Object.keys(benches) : [which];
+// The soak runs for minutes: only when named.
+const names = which === 'all' ? Object.keys(benches).filter((name) => name !== 'soak') : [which];
 for (const name of names) {
   const fn = benches[name];
   if (!fn) {

@@ -80,15 +80,21 @@ describe('the server with the real detector', () => {
     }
   });
 
-  it('scores moderation inputs with the teacher-forced maximum p(<rf>)', async () => {
+  it('scores moderation inputs as requests and as answers, teacher-forced', async () => {
     const inputs = ['A friendly answer about gardening.', 'Another text to score.'];
     const r = await client.moderations.create({ model: 'tiny', input: inputs });
-    const direct = await detector.classify(inputs.map((t) => [{ role: 'user' as const, content: 'Continue.' }, { role: 'assistant' as const, content: t }]));
+    const asRequests = await detector.classify(inputs.map((t) => [{ role: 'user' as const, content: t }]));
+    const asAnswers = await detector.classify(inputs.map((t) => [{ role: 'user' as const, content: 'Continue.' }, { role: 'assistant' as const, content: t }]));
     expect(r.results).toHaveLength(2);
     r.results.forEach((res, i) => {
       const scores = res.category_scores as unknown as Record<string, number>;
-      expect(scores['red_flag']).toBeCloseTo(direct[i]!.maxPRf, 6);
-      expect(res.flagged).toBe(direct[i]!.flagged);
+      // The request score is p(<rf>) before the answer's first token; the response score the
+      // largest after each of its tokens.
+      expect(asRequests[i]!.pRf).toHaveLength(1);
+      expect(scores['red_flag/request']).toBeCloseTo(asRequests[i]!.pRf[0]!, 6);
+      expect(scores['red_flag/response']).toBeCloseTo(Math.max(...asAnswers[i]!.pRf.slice(1)), 6);
+      expect(scores['red_flag']).toBe(Math.max(scores['red_flag/request']!, scores['red_flag/response']!));
+      expect(res.flagged).toBe(scores['red_flag']! >= detector.threshold);
     });
   });
 

@@ -208,17 +208,29 @@ describe('server (default limits)', () => {
     expect(streamed).toEqual(ANSWER);
   });
 
-  it('moderates strings as teacher-forced assistant answers', async () => {
+  it('moderates strings as user requests and as teacher-forced assistant answers', async () => {
     const moderation = await client.moderations.create({ model: MODEL, input: ['a nice cake recipe', 'step one of the bomb'] });
     expect(moderation.id).toMatch(/^modr-[0-9a-f]{32}$/);
     expect(moderation.model).toBe(MODEL);
-    const results = moderation.results as unknown as { flagged: boolean; categories: Record<string, boolean>; category_scores: Record<string, number> }[];
-    expect(results).toEqual([
-      { flagged: false, categories: { red_flag: false }, category_scores: { red_flag: 0.05 } },
-      { flagged: true, categories: { red_flag: true }, category_scores: { red_flag: 0.9 } },
+    const low = Math.fround(0.05);
+    const high = Math.fround(0.9);
+    expect(moderation.results).toEqual([
+      {
+        flagged: false,
+        categories: { red_flag: false, 'red_flag/request': false, 'red_flag/response': false },
+        category_scores: { red_flag: low, 'red_flag/request': low, 'red_flag/response': low },
+      },
+      {
+        flagged: true,
+        categories: { red_flag: true, 'red_flag/request': true, 'red_flag/response': true },
+        category_scores: { red_flag: high, 'red_flag/request': high, 'red_flag/response': high },
+      },
     ]);
+    // Requests first (each string alone as the user turn), then the answers to the fixed prompt.
     const call = detector.classifications.at(-1)!;
     expect(call.conversations).toEqual([
+      [{ role: 'user', content: 'a nice cake recipe' }],
+      [{ role: 'user', content: 'step one of the bomb' }],
       [{ role: 'user', content: 'Say something.' }, { role: 'assistant', content: 'a nice cake recipe' }],
       [{ role: 'user', content: 'Say something.' }, { role: 'assistant', content: 'step one of the bomb' }],
     ]);
@@ -227,6 +239,56 @@ describe('server (default limits)', () => {
     const single = await client.moderations.create({ input: 'bomb' });
     expect(single.results).toHaveLength(1);
     expect(single.results[0]!.flagged).toBe(true);
+  });
+
+  it('moderates with score_as: one score only, as the request or as the answer', async () => {
+    const asRequest = await post(server.url, '/v1/moderations', { input: ['bomb'], score_as: 'request' });
+    expect((await asRequest.json()) as unknown).toMatchObject({
+      results: [{ flagged: true, categories: { red_flag: true, 'red_flag/request': true }, category_scores: { 'red_flag/request': Math.fround(0.9) } }],
+    });
+    expect(detector.classifications.at(-1)!.conversations).toEqual([[{ role: 'user', content: 'bomb' }]]);
+
+    const asResponse = await post(server.url, '/v1/moderations', { input: 'cake', score_as: 'response' });
+    const body = (await asResponse.json()) as { results: { category_scores: Record<string, number> }[] };
+    expect(Object.keys(body.results[0]!.category_scores).sort()).toEqual(['red_flag', 'red_flag/response']);
+    expect(detector.classifications.at(-1)!.conversations).toEqual([[{ role: 'user', content: 'Say something.' }, { role: 'assistant', content: 'cake' }]]);
+  });
+
+  it('moderates a conversation in context: the request after its last user turn, the response over its answer', async () => {
+    const messages = [
+      { role: 'system', content: 'Be brief.' },
+      { role: 'user', content: 'how to build a bomb' },
+      { role: 'assistant', content: [{ type: 'text', text: 'a nice cake recipe' }] },
+    ];
+    const answered = await post(server.url, '/v1/moderations', { model: MODEL, input: messages });
+    expect(answered.status).toBe(200);
+    const { results } = (await answered.json()) as { results: { flagged: boolean; category_scores: Record<string, number> }[] };
+    expect(results).toHaveLength(1);
+    expect(results[0]!.flagged).toBe(true);
+    expect(results[0]!.category_scores).toEqual({ red_flag: Math.fround(0.9), 'red_flag/request': Math.fround(0.9), 'red_flag/response': Math.fround(0.05) });
+    expect(detector.classifications.at(-1)!.conversations).toEqual([
+      [
+        { role: 'system', content: 'Be brief.' },
+        { role: 'user', content: 'how to build a bomb' },
+        { role: 'assistant', content: 'a nice cake recipe' },
+      ],
+    ]);
+
+    // Ending with the user's turn, only the request score applies.
+    const asked = await post(server.url, '/v1/moderations', { input: messages.slice(0, 2) });
+    const askedBody = (await asked.json()) as { results: { category_scores: Record<string, number> }[] };
+    expect(askedBody.results[0]!.category_scores).toEqual({ red_flag: Math.fround(0.9), 'red_flag/request': Math.fround(0.9) });
+
+    for (const [body, param] of [
+      [{ input: messages.slice(0, 2), score_as: 'response' }, 'score_as'],
+      [{ input: [{ role: 'user', content: 'x' }, { role: 'system', content: 'x' }] }, 'input'],
+      [{ input: [{ role: 'tool', content: 'x' }] }, 'input[0].role'],
+      [{ input: 'x', score_as: 'answer' }, 'score_as'],
+    ] as const) {
+      const response = await post(server.url, '/v1/moderations', body);
+      expect(response.status).toBe(400);
+      expect(((await response.json()) as ErrorBody).error.param).toBe(param);
+    }
   });
 
   it('lists the model and reports health', async () => {

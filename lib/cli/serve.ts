@@ -1,12 +1,18 @@
 /**
- * `redflag serve`: loads the detector, serves it over HTTP until SIGINT/SIGTERM, then cancels
- * requests in flight, closes the server and frees the model.
+ * `redflag serve`: listens at once (`/health` says `loading`, `/health/live` answers), loads the
+ * detector, serves it over HTTP, and stops on a signal:
+ * - SIGTERM drains: new requests get 503 while running generations may finish for
+ *   `--drain-seconds`; the rest are cancelled; then the model is freed and the process exits 0;
+ * - SIGINT (Ctrl-C) stops at once: requests in flight are cancelled.
+ * A second signal during a drain stops at once too. One JSON log line per request goes to
+ * stdout (without prompts and answers unless `--log-content`).
  * @module
  */
 import { basename, resolve } from 'node:path';
 
 import { createDetector } from '../detect/detector.js';
-import type { DetectorMode } from '../detect/types.js';
+import type { Detector, DetectorMode } from '../detect/types.js';
+import { loadModel, type Model } from '../model/model.js';
 import { serve } from '../server/serve.js';
 
 /** The flags of `redflag serve`, as commander parses them. */
@@ -23,19 +29,47 @@ export interface ServeFlags {
   threads?: number;
   maxConcurrent: number;
   kvCacheMb?: number;
+  drainSeconds: number;
+  /** False with `--no-request-log`. */
+  requestLog: boolean;
+  logContent?: boolean;
 }
 
 const LOOPBACK = new Set(['127.0.0.1', '::1', 'localhost']);
 
-function waitForSignal(): Promise<NodeJS.Signals> {
-  return new Promise((resolveSignal) => {
-    const stop = (signal: NodeJS.Signals): void => {
-      process.off('SIGINT', stop);
-      process.off('SIGTERM', stop);
-      resolveSignal(signal);
-    };
-    process.on('SIGINT', stop);
-    process.on('SIGTERM', stop);
+/** SIGINT and SIGTERM in the order they come, until `stop()`; meanwhile they do not kill the process. */
+function listenForSignals(): { next(): Promise<NodeJS.Signals>; stop(): void } {
+  const received: NodeJS.Signals[] = [];
+  const waiting: ((signal: NodeJS.Signals) => void)[] = [];
+  const onSignal = (signal: NodeJS.Signals): void => {
+    const waiter = waiting.shift();
+    if (waiter) waiter(signal);
+    else received.push(signal);
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  return {
+    next: () => {
+      const signal = received.shift();
+      return signal ? Promise.resolve(signal) : new Promise((resolveSignal) => waiting.push(resolveSignal));
+    },
+    stop: () => {
+      process.off('SIGINT', onSignal);
+      process.off('SIGTERM', onSignal);
+    },
+  };
+}
+
+/** Loads the model (cancellable by `signal`) and its detector; the model stays the caller's to free. */
+async function loadDetector(flags: ServeFlags, signal: AbortSignal, loaded: (model: Model) => void): Promise<Detector> {
+  const model = await loadModel(flags.model, { dtype: flags.dtype, signal, ...(flags.threads !== undefined ? { threads: flags.threads } : {}) });
+  loaded(model);
+  return createDetector({
+    model,
+    ...(flags.adapter !== undefined ? { adapter: flags.adapter } : {}),
+    threshold: flags.threshold,
+    mode: flags.mode,
+    ...(flags.kvCacheMb !== undefined ? { kvCacheBytes: flags.kvCacheMb * 2 ** 20 } : {}),
   });
 }
 
@@ -45,30 +79,54 @@ export async function runServe(flags: ServeFlags): Promise<void> {
   if (!LOOPBACK.has(flags.host) && apiKey === undefined) {
     console.error(`redflag: warning: listening on ${flags.host} without an API key (set REDFLAG_API_KEY)`);
   }
-  const detector = await createDetector({
-    model: flags.model,
-    ...(flags.adapter !== undefined ? { adapter: flags.adapter } : {}),
-    threshold: flags.threshold,
-    mode: flags.mode,
-    dtype: flags.dtype,
-    ...(flags.threads !== undefined ? { threads: flags.threads } : {}),
-    ...(flags.kvCacheMb !== undefined ? { kvCacheBytes: flags.kvCacheMb * 2 ** 20 } : {}),
-  });
+  const modelName = flags.servedModelName ?? basename(resolve(flags.model));
+  const signals = listenForSignals();
+  const loading = new AbortController();
+  let model: Model | undefined;
+  const detectorLoad = loadDetector(flags, loading.signal, (m) => (model = m));
+  // Settled below; until then the server reports the failure as `failed`, not the process as unhandled.
+  detectorLoad.catch(() => {});
+  let detector: Detector | undefined;
   try {
-    const modelName = flags.servedModelName ?? basename(resolve(flags.model));
     const server = await serve({
-      detector,
+      detector: detectorLoad,
       host: flags.host,
       port: flags.port,
       modelName,
       maxConcurrent: flags.maxConcurrent,
+      logger: flags.requestLog,
+      logContent: flags.logContent === true,
       ...(apiKey !== undefined ? { apiKey } : {}),
     });
-    console.log(`redflag: serving "${modelName}" at ${server.url} (OpenAI base URL ${server.url}/v1)`);
-    const signal = await waitForSignal();
-    console.error(`redflag: ${signal}, shutting down`);
-    await server.close();
+    try {
+      console.error(`redflag: listening at ${server.url}, loading the model (/health answers 503 "loading" until it is ready)`);
+      const stop = signals.next();
+      const first = await Promise.race([detectorLoad, stop]);
+      if (typeof first === 'string') {
+        console.error(`redflag: ${first} while loading, shutting down`);
+        loading.abort();
+        return;
+      }
+      detector = first;
+      console.log(`redflag: serving "${modelName}" at ${server.url} (OpenAI base URL ${server.url}/v1)`);
+      const signal = await stop;
+      if (signal === 'SIGTERM') {
+        console.error(`redflag: SIGTERM, draining: running requests may finish for ${flags.drainSeconds} s (another signal stops at once)`);
+        // A second signal cancels what is left: close() aborts every request, which ends the drain.
+        void signals.next().then(() => server.close());
+        const { finished, cancelled } = await server.drain(flags.drainSeconds * 1000);
+        console.error(`redflag: drained: ${finished} request(s) finished, ${cancelled} cancelled`);
+      } else {
+        console.error(`redflag: ${signal}, shutting down`);
+      }
+    } finally {
+      await server.close();
+    }
   } finally {
-    await detector.dispose();
+    signals.stop();
+    // A load cut short by a signal rejects; one that finished after the server closed is freed here.
+    detector ??= await detectorLoad.catch(() => undefined);
+    await detector?.dispose();
+    model?.dispose();
   }
 }

@@ -1,20 +1,28 @@
 /**
  * The OpenAI-compatible HTTP server around a {@link Detector}: chat completions (streamed or
- * not) with red-flag scores, moderations, the model list and a health check. Create it with
- * {@link createServer} and `listen` yourself, or let `serve` (serve.ts) do both.
+ * not) with red-flag scores, moderations, the model list, health (readiness and liveness) and
+ * Prometheus metrics. Create it with {@link createServer} (or {@link buildServer}, which also
+ * gives its drain and metrics registry) and `listen` yourself, or let `serve` (serve.ts) do both.
  * @module
  */
-import { createHash, timingSafeEqual } from 'node:crypto';
+import { createHash, randomUUID, timingSafeEqual } from 'node:crypto';
 
-import Fastify, { type FastifyInstance, type FastifyReply } from 'fastify';
+import Fastify, { LogController, type FastifyInstance, type FastifyRequest } from 'fastify';
+import type { Registry } from 'prom-client';
 
 import type { Detector } from '../detect/types.js';
 import { RedflagError } from '../errors.js';
+import { DISCARD_FACTOR, isBodyTooLarge, limitBody } from './body-limit.js';
 import { completeChat, streamChat } from './chat.js';
 import { ApiError, parseBody, toApiError } from './http-errors.js';
+import { ServerLifecycle, type DrainResult, type ServerState } from './lifecycle.js';
+import { ServerMetrics } from './metrics.js';
 import { moderate } from './moderations.js';
+import { RequestTrace } from './request-trace.js';
 import { chatRequestSchema, moderationRequestSchema, type RequestLimits } from './schemas.js';
 import { unixSeconds } from './shapes.js';
+
+export type { DrainResult, ServerState } from './lifecycle.js';
 
 /** Options of {@link createServer}. */
 export interface ServerOptions {
@@ -30,14 +38,36 @@ export interface ServerOptions {
   maxMessages?: number;
   /** Most chat and moderation requests in flight; more are answered 429. Default 64. */
   maxConcurrent?: number;
-  /** The user turn moderation inputs are scored as answers to. Default `'Continue.'`. */
+  /** The user turn that moderation strings answer when scored as responses. Default `'Continue.'`. */
   moderationPrompt?: string;
-  /** Fastify's request logging (pino, to stdout). Default false. */
-  logger?: boolean;
+  /**
+   * Logging (pino, JSON lines): one line per request (see README, Server) and server errors.
+   * `true` writes to stdout; `{ stream }` to that stream. Default false.
+   */
+  logger?: boolean | { stream: { write(line: string): void } };
+  /** Adds each request's prompt and answer to its log line. Default false: they may be personal or harmful. */
+  logContent?: boolean;
+}
+
+/** A server not listening yet, with what `serve` needs to run it. */
+export interface RedflagServer {
+  app: FastifyInstance;
+  /** The server's own Prometheus registry, served at `/metrics`. */
+  registry: Registry;
+  /** `loading` until the detector is ready, then `ok`; `draining` once a drain began; `failed` if loading failed. */
+  readonly state: ServerState;
+  /**
+   * Stops taking new requests (503, `Connection: close`), lets running ones finish for up to `ms`
+   * milliseconds, then cancels the rest. Does not close the server.
+   */
+  drain(ms: number): Promise<DrainResult>;
 }
 
 /** How long close() lets cancelled responses finish before it drops every connection. */
 const CLOSE_GRACE_MS = 500;
+
+/** Routes still answered while draining: probes and scrapes must see the drain. */
+const ANSWERED_WHILE_DRAINING = new Set(['/health', '/health/live', '/metrics']);
 
 function positiveInteger(name: string, value: number | undefined, fallback: number): number {
   const n = value ?? fallback;
@@ -50,7 +80,16 @@ function sha256(text: string): Buffer {
 }
 
 /** Creates the server (not listening yet). */
-export function createServer(detector: Detector, options: ServerOptions): FastifyInstance {
+export function createServer(detector: Detector | PromiseLike<Detector>, options: ServerOptions): FastifyInstance {
+  return buildServer(detector, options).app;
+}
+
+/**
+ * Creates the server (not listening yet), with its drain and metrics. `detector` may be a
+ * promise: the server can listen while the model loads, answering 503 `model_loading` on the
+ * model's routes and `{ status: 'loading' }` on `/health` until it resolves.
+ */
+export function buildServer(detector: Detector | PromiseLike<Detector>, options: ServerOptions): RedflagServer {
   if (typeof options.modelName !== 'string' || options.modelName === '') {
     throw new RedflagError('INVALID_ARGUMENT', 'modelName must be a non-empty string');
   }
@@ -60,17 +99,44 @@ export function createServer(detector: Detector, options: ServerOptions): Fastif
     maxMessages: positiveInteger('maxMessages', options.maxMessages, 256),
   };
   const maxConcurrent = positiveInteger('maxConcurrent', options.maxConcurrent, 64);
+  const bodyLimit = positiveInteger('bodyLimit', options.bodyLimit, 1024 * 1024);
   const chatSchema = chatRequestSchema(limits);
   const moderationSchema = moderationRequestSchema(limits);
   const modelName = options.modelName;
+  const logContent = options.logContent === true;
   const created = unixSeconds();
 
-  const app = Fastify({ logger: options.logger ?? false, bodyLimit: positiveInteger('bodyLimit', options.bodyLimit, 1024 * 1024) });
+  const app = Fastify({
+    logger: options.logger === true ? { level: 'info' } : options.logger ? { level: 'info', stream: options.logger.stream } : false,
+    // Our own line per request (request-trace.ts) replaces Fastify's two; every line carries the request's `id`.
+    logController: new LogController({ disableRequestLogging: true, requestIdLogLabel: 'id' }),
+    genReqId: () => randomUUID(),
+    // Fastify refuses at once only what is past the discard cap; limitBody answers the rest after reading it.
+    bodyLimit: bodyLimit * DISCARD_FACTOR,
+  });
+  const lifecycle = new ServerLifecycle(detector, maxConcurrent, (error) => app.log.error({ err: error }, 'the model failed to load'));
+  const metrics = new ServerMetrics(() => lifecycle.detector?.stats() ?? null);
+
+  const traces = new WeakMap<FastifyRequest, RequestTrace>();
+  const traceOf = (request: FastifyRequest): RequestTrace => {
+    let trace = traces.get(request);
+    if (!trace) traces.set(request, (trace = new RequestTrace(metrics)));
+    return trace;
+  };
+  // First hook: every request is counted and logged, refused ones included. 'close' follows
+  // the end of every response, complete or cut short (Fastify's onResponse misses the latter).
+  app.addHook('onRequest', async (request, reply) => {
+    const trace = traceOf(request);
+    reply.raw.once('close', () => request.log.info(trace.end(request, reply, logContent), 'request'));
+  });
 
   app.setErrorHandler((error, request, reply) => {
     const apiError = toApiError(error);
+    traceOf(request).error = apiError.code;
     if (apiError.status >= 500 && apiError.status !== 503) request.log.error({ err: error }, 'request failed');
-    if (apiError.status === 429) void reply.header('retry-after', '1');
+    if (apiError.status === 429 || apiError.code === 'model_loading') void reply.header('retry-after', '1');
+    // The body was read (or is past the cap): nothing more of this request is worth reading.
+    if (isBodyTooLarge(apiError)) void reply.header('connection', 'close');
     return reply.code(apiError.status).send(apiError.toBody());
   });
   app.setNotFoundHandler((request, reply) => {
@@ -90,38 +156,30 @@ export function createServer(detector: Detector, options: ServerOptions): Fastif
     });
   }
 
-  // Every request that runs the model holds one of these; aborting it cancels that request's work.
-  const inFlight = new Set<AbortController>();
-  async function withSlot<T>(reply: FastifyReply, work: (signal: AbortSignal) => Promise<T>): Promise<T> {
-    if (inFlight.size >= maxConcurrent) {
-      throw new ApiError(429, `the server is busy (${maxConcurrent} requests in flight); retry later`, { code: 'rate_limit_exceeded' });
-    }
-    const controller = new AbortController();
-    // 'close' also follows a completed response; only a response not yet finished means the client left.
-    const onClose = (): void => {
-      if (!reply.raw.writableFinished) controller.abort(new RedflagError('ABORTED', 'the client disconnected'));
-    };
-    inFlight.add(controller);
-    reply.raw.on('close', onClose);
-    try {
-      return await work(controller.signal);
-    } finally {
-      reply.raw.off('close', onClose);
-      inFlight.delete(controller);
-    }
-  }
+  app.addHook('onRequest', async (request, reply) => {
+    if (!lifecycle.draining || ANSWERED_WHILE_DRAINING.has(request.routeOptions.url ?? '')) return;
+    const error = new ApiError(503, 'the server is shutting down', { code: 'unavailable' });
+    traceOf(request).error = error.code;
+    return reply.code(503).header('connection', 'close').send(error.toBody());
+  });
+
+  app.addHook('preParsing', async (_request, _reply, payload) => limitBody(payload, bodyLimit));
+
   app.addHook('preClose', async () => {
     // Without this, close() would wait for every running generation to finish.
-    for (const controller of inFlight) controller.abort(new RedflagError('DISPOSED', 'the server is shutting down'));
+    lifecycle.cancelAll('the server is shutting down');
     // Node counts a connection that has not sent a request yet (clients open spares) as busy, not idle,
     // so close() would wait for the client to drop it; after a moment for the cancelled responses, cut them all.
     setTimeout(() => app.server.closeAllConnections(), CLOSE_GRACE_MS).unref();
   });
 
   app.post('/v1/chat/completions', async (request, reply) => {
+    const detector = lifecycle.requireDetector();
     const body = parseBody(chatSchema, request.body);
-    return withSlot(reply, async (signal) => {
-      const context = { detector, modelName, signal };
+    const trace = traceOf(request);
+    if (logContent) trace.prompt = body.messages;
+    return lifecycle.withSlot(reply, async (signal) => {
+      const context = { detector, modelName, signal, observer: trace };
       if (body.stream !== true) return completeChat(body, context);
       await streamChat(body, context, reply);
       return reply;
@@ -129,9 +187,13 @@ export function createServer(detector: Detector, options: ServerOptions): Fastif
   });
 
   app.post('/v1/moderations', async (request, reply) => {
+    const detector = lifecycle.requireDetector();
     const body = parseBody(moderationSchema, request.body);
     const prompt = options.moderationPrompt ?? 'Continue.';
-    return withSlot(reply, (signal) => moderate(body.input, { detector, modelName, prompt, signal }));
+    if (logContent) traceOf(request).prompt = body.input;
+    const result = await lifecycle.withSlot(reply, (signal) => moderate(body.input, body.score_as ?? 'both', { detector, modelName, prompt, signal }));
+    traceOf(request).moderationFlagged = result.results.some((r) => r.flagged);
+    return result;
   });
 
   app.get('/v1/models', async () => ({
@@ -139,7 +201,23 @@ export function createServer(detector: Detector, options: ServerOptions): Fastif
     data: [{ id: modelName, object: 'model', created, owned_by: 'redflag' }],
   }));
 
-  app.get('/health', async () => ({ status: 'ok', ...detector.stats() }));
+  // Readiness: 200 only while the model serves; load balancers stop sending on 503.
+  app.get('/health', async (_request, reply) => {
+    const state = lifecycle.state;
+    const stats = lifecycle.detector?.stats() ?? {};
+    return reply.code(state === 'ok' ? 200 : 503).send({ status: state, ...stats });
+  });
+  // Liveness: the process answers HTTP (whatever the model does).
+  app.get('/health/live', async () => ({ status: 'alive' }));
 
-  return app;
+  app.get('/metrics', async (_request, reply) => reply.type(metrics.registry.contentType).send(await metrics.registry.metrics()));
+
+  return {
+    app,
+    registry: metrics.registry,
+    get state() {
+      return lifecycle.state;
+    },
+    drain: (ms) => lifecycle.drain(ms),
+  };
 }

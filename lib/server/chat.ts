@@ -9,6 +9,7 @@ import type { FastifyBaseLogger, FastifyReply } from 'fastify';
 
 import type { DetectGenerateOptions, Detector, DetectionStream } from '../detect/types.js';
 import { ApiError, toApiError } from './http-errors.js';
+import type { GenerationObserver } from './request-trace.js';
 import { toMessages, type ChatRequest } from './schemas.js';
 import { contentFilterResults, logprobEntry, responseId, unixSeconds, usage, type LogprobEntry } from './shapes.js';
 
@@ -18,6 +19,8 @@ export interface ChatContext {
   modelName: string;
   /** Aborted when the client disconnects or the server closes. */
   signal: AbortSignal;
+  /** Hears each token and the summary (metrics, the request's log line). */
+  observer: GenerationObserver;
 }
 
 /** How many top alternatives the request wants per token (0 when none, or when logprobs are off). */
@@ -54,10 +57,12 @@ export async function completeChat(request: ChatRequest, context: ChatContext) {
   const topCount = topLogprobCount(request);
   const logprobs: LogprobEntry[] = [];
   for await (const token of stream) {
+    context.observer.token();
     // Empty-text tokens (`<rf>`, part of a character) add nothing a user sees; their entries would not add up to the content.
     if (wantLogprobs && token.text !== '') logprobs.push(logprobEntry(token, topCount));
   }
   const summary = await stream.done;
+  context.observer.finished(summary);
   return {
     id: responseId('chatcmpl'),
     object: 'chat.completion' as const,
@@ -101,6 +106,7 @@ export async function streamChat(request: ChatRequest, context: ChatContext, rep
   const stream = startGeneration(request, context);
   const tokens = stream[Symbol.asyncIterator]();
   let next = await tokens.next();
+  if (!next.done) context.observer.token();
 
   reply.hijack();
   const res = reply.raw;
@@ -138,8 +144,10 @@ export async function streamChat(request: ChatRequest, context: ChatContext, rep
         await writeEvent(res, chunk([{ index: 0, delta: { content: token.text }, logprobs, finish_reason: null }]));
       }
       next = await tokens.next();
+      if (!next.done) context.observer.token();
     }
     const summary = await stream.done;
+    context.observer.finished(summary);
     await writeEvent(res, chunk([{
       index: 0,
       delta: {},
@@ -153,12 +161,13 @@ export async function streamChat(request: ChatRequest, context: ChatContext, rep
   } catch (error) {
     // Stops a generation still running when the failure was ours (a write), not the detector's.
     stream.cancel();
-    reportStreamError(error, res, reply.log);
+    reportStreamError(error, res, reply.log, context.observer);
   }
 }
 
-function reportStreamError(error: unknown, res: ServerResponse, log: FastifyBaseLogger): void {
+function reportStreamError(error: unknown, res: ServerResponse, log: FastifyBaseLogger, observer: GenerationObserver): void {
   const apiError = toApiError(error);
+  observer.failed(apiError.code);
   if (apiError.status >= 500 && apiError.status !== 503) log.error({ err: error }, 'chat completion stream failed');
   if (res.destroyed || res.writableEnded) return;
   res.end(`data: ${JSON.stringify(apiError.toBody())}\n\n`);

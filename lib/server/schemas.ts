@@ -54,20 +54,50 @@ export function chatRequestSchema(limits: RequestLimits) {
 
 export type ChatRequest = z.infer<ReturnType<typeof chatRequestSchema>>;
 
-/** The schema of a `POST /v1/moderations` body (text inputs only). */
+/** How `/v1/moderations` scores an input: as a user request, as an assistant answer, or both. */
+export const SCORE_AS = ['request', 'response', 'both'] as const;
+export type ScoreAs = (typeof SCORE_AS)[number];
+
+/** A moderation input: strings, or one conversation. */
+export type ModerationInput = { texts: string[]; conversation?: never } | { conversation: Message[]; texts?: never };
+
+/**
+ * The schema of a `POST /v1/moderations` body. `input` is OpenAI's string or array of strings,
+ * or (an extension Llama Guard users know) one conversation: an array of chat messages, scored
+ * over its last message in context. `score_as` (an extension) chooses the scores reported.
+ */
 export function moderationRequestSchema(limits: RequestLimits) {
+  const texts = z
+    .array(z.string(), { error: 'must be a string, an array of strings or an array of chat messages' })
+    .min(1, { error: 'must contain at least one string' })
+    .max(limits.maxMessages, { error: `must contain at most ${limits.maxMessages} strings (the server's limit)` });
+  const conversation = z
+    .array(message)
+    .max(limits.maxMessages, { error: `must contain at most ${limits.maxMessages} messages (the server's limit)` })
+    .refine((messages) => messages.at(-1)?.role !== 'system', { error: 'a conversation must end with a user or an assistant message' });
+  const isConversation = (value: unknown) => Array.isArray(value) && typeof value[0] === 'object' && value[0] !== null;
   return z.object({
     model: z.string().nullish(),
-    // A single string is a one-element list; normalising first keeps the list's own errors precise.
-    input: z.preprocess(
-      (value) => (typeof value === 'string' ? [value] : value),
-      z
-        .array(z.string(), { error: 'must be a string or an array of strings' })
-        .min(1, { error: 'must contain at least one string' })
-        .max(limits.maxMessages, { error: `must contain at most ${limits.maxMessages} strings (the server's limit)` }),
-    ),
+    // A single string is a one-element list. The input's shape picks its schema (an array whose
+    // first element is an object is a conversation), so errors name the exact string or message
+    // instead of a union's "invalid input".
+    input: z.preprocess((value) => (typeof value === 'string' ? [value] : value), z.unknown()).transform((value, ctx): ModerationInput => {
+      const forward = (issues: readonly z.core.$ZodIssue[]) => {
+        for (const issue of issues) ctx.addIssue(issue as Parameters<typeof ctx.addIssue>[0]);
+        return z.NEVER;
+      };
+      if (isConversation(value)) {
+        const result = conversation.safeParse(value);
+        return result.success ? { conversation: toMessages(result.data) } : forward(result.error.issues);
+      }
+      const result = texts.safeParse(value);
+      return result.success ? { texts: result.data } : forward(result.error.issues);
+    }),
+    score_as: z.enum(SCORE_AS, { error: 'must be "request", "response" or "both"' }).nullish(),
   });
 }
+
+export type ModerationRequest = z.infer<ReturnType<typeof moderationRequestSchema>>;
 
 /** OpenAI's message content, flattened to the text the chat template takes. */
 export function toMessages(messages: ChatRequest['messages']): Message[] {

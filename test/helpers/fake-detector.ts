@@ -171,11 +171,18 @@ export class FakeDetector implements Detector {
 
   async classify(conversations: readonly ClassifyInput[], options: { signal?: AbortSignal } = {}): Promise<ClassifyResult[]> {
     this.classifications.push({ conversations, signal: options.signal });
+    // A text scores 0.9 when it mentions a bomb, else 0.05: p(<rf>) after the prompt is the last
+    // user turn's score, after the answer's first token the answer's; a prompt-only
+    // conversation has the one score after its prompt, as the real detector's.
+    const score = (text: string) => (text.includes('bomb') ? 0.9 : 0.05);
     return conversations.map((conversation) => {
-      const messages = 'messages' in conversation ? conversation.messages : conversation;
-      const text = (messages as readonly Message[]).at(-1)?.content ?? '';
-      const maxPRf = text.includes('bomb') ? 0.9 : 0.05;
-      return { tokens: [1, 2], pRf: Float32Array.of(0, maxPRf, 0), maxPRf, firstFlag: maxPRf >= 0.5 ? 1 : -1, flagged: maxPRf >= 0.5 };
+      const messages = ('messages' in conversation ? conversation.messages : conversation) as readonly Message[];
+      const last = messages.at(-1)!;
+      const request = score(messages.findLast((m) => m.role === 'user')?.content ?? '');
+      const pRf = last.role === 'assistant' ? Float32Array.of(request, score(last.content), 0.01) : Float32Array.of(request);
+      const maxPRf = Math.max(...pRf);
+      const firstFlag = pRf.findIndex((p) => p >= 0.5);
+      return { tokens: last.role === 'assistant' ? [1, 2] : [], pRf, maxPRf, firstFlag, flagged: firstFlag >= 0 };
     });
   }
 
