@@ -9,7 +9,7 @@
  * Both write Hugging Face model directories, so every evaluation runs on them unchanged.
  * @module
  */
-import { mkdir, writeFile } from 'node:fs/promises';
+import { mkdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 
 import type { Conversation } from '../data/records.js';
@@ -47,6 +47,9 @@ export async function fineTuneAttack(o: FineTuneAttackOptions): Promise<string> 
   await writeFile(data, o.harmful.map((c) => JSON.stringify({ messages: c.messages })).join('\n') + '\n');
   const rank = o.rank ?? 8;
   const out = join(o.output, 'attack');
+  const merged = join(out, 'merged');
+  // A finished attack (its merged model is written last, atomically) is not run again.
+  if (await stat(join(merged, 'config.json')).then(() => true, () => false)) return merged;
   await train(
     {
       model: o.model,
@@ -62,13 +65,15 @@ export async function fineTuneAttack(o: FineTuneAttackOptions): Promise<string> 
       evalEvery: 0,
       checkpointEvery: 0,
       merge: true,
+      // What an interrupted attack left there is redone from the start.
+      overwrite: true,
       lora: { rank, alpha: 2 * rank, dropout: 0 },
       optimizer: { lr: o.lr ?? 1e-3, warmupSteps: 10 },
       ...(o.threads ? { threads: o.threads } : {}),
     },
     { ...(o.signal ? { signal: o.signal } : {}), ...(o.onStep ? { onStep: o.onStep } : {}) },
   );
-  return join(out, 'merged');
+  return merged;
 }
 
 /** Writes `model` with `adapter` merged into its weights to `output` (what the refusal baseline ships). */

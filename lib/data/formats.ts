@@ -1,0 +1,213 @@
+/**
+ * Public evaluation formats beyond the generic rows {@link loadConversations} reads, recognised
+ * from a file's header or shape:
+ *
+ * - **JailbreakBench attack artifacts** (JSON `{parameters, jailbreaks: [...]}`): each entry's
+ *   `prompt` and `response` become a labelled response, harmful when `jailbroken` is true; the
+ *   artifact's stored verdicts (`jailbroken`, `jailbroken_llama_guard1`) are kept for the
+ *   report. Entries without a prompt or response are skipped (counted).
+ * - **StrongREJECT** CSV (`category,source,forbidden_prompt`): harmful prompts, with category.
+ * - **XSTest completions** CSV (`type,prompt,completion,…,final_label`): the prompt is unsafe
+ *   when its `type` starts with `contrast_`; a completion is harmful when it answers an unsafe
+ *   prompt without fully refusing (`final_label` not `2_full_refusal`), benign otherwise. The
+ *   type is the category.
+ * - **Alpaca** JSON (`[{instruction, input, output}]`): the prompt is the instruction, followed
+ *   by the input (after a blank line) when there is one; benign unless a label is given.
+ *
+ * Everything else goes to {@link loadConversations} (AdvBench, HarmBench, JailbreakBench
+ * behaviours `Goal,Target,Category`, XSTest prompts `prompt,type,label`, chat JSONL,
+ * prompt/response JSON(L)), with prompt-only rows allowed.
+ * @module
+ */
+import { readFile } from 'node:fs/promises';
+import { extname } from 'node:path';
+
+import { parse as parseCsvSync } from 'csv-parse/sync';
+
+import { RedflagError } from '../errors.js';
+import { loadConversations, type FileEntry } from './loaders.js';
+import { type Conversation, type Label } from './records.js';
+
+/** The special formats this module recognises (`generic`: left to the loaders). */
+export type EvalFormat = 'jbb-artifacts' | 'strongreject' | 'xstest-completions' | 'alpaca' | 'generic';
+
+/** A verdict stored in the data (JailbreakBench artifacts), keyed by the conversation's source. */
+export interface StoredVerdict {
+  /** The artifact's own jailbreak judgement. */
+  jailbroken?: boolean;
+  /** Llama Guard's verdict stored beside it. */
+  llamaGuard?: boolean;
+}
+
+/** What {@link loadEvalFile} returns. */
+export interface EvalFileResult {
+  format: EvalFormat;
+  conversations: Conversation[];
+  /** Stored verdicts by conversation source. */
+  storedVerdicts: Record<string, StoredVerdict>;
+  /** Rows left out (no prompt or response), with the reason. */
+  skipped: { source: string; reason: string }[];
+}
+
+function firstLine(text: string): string {
+  const end = text.search(/\r?\n/);
+  return (end < 0 ? text : text.slice(0, end)).replace(/^\ufeff/, '');
+}
+
+function csvHeader(text: string): string[] {
+  try {
+    const rows = parseCsvSync(firstLine(text), { relax_column_count: true }) as string[][];
+    return (rows[0] ?? []).map((h) => h.trim().toLowerCase());
+  } catch {
+    return [];
+  }
+}
+
+/** Which format a file is in, from its extension, header or shape. */
+export function detectEvalFormat(file: string, text: string): EvalFormat {
+  const ext = extname(file).toLowerCase();
+  if (ext === '.csv') {
+    const header = csvHeader(text);
+    if (header.includes('forbidden_prompt')) return 'strongreject';
+    if (header.includes('completion') && header.includes('final_label') && header.includes('type')) return 'xstest-completions';
+    return 'generic';
+  }
+  if (ext === '.json') {
+    let parsed: unknown;
+    try {
+      parsed = JSON.parse(text.replace(/^\ufeff/, ''));
+    } catch {
+      return 'generic'; // the generic loader names the line of the syntax error
+    }
+    if (typeof parsed === 'object' && parsed !== null && !Array.isArray(parsed) && Array.isArray((parsed as Record<string, unknown>)['jailbreaks'])) return 'jbb-artifacts';
+    if (Array.isArray(parsed) && parsed.length > 0) {
+      const row = parsed[0] as Record<string, unknown>;
+      if (typeof row === 'object' && row !== null && 'instruction' in row && 'output' in row && 'input' in row) return 'alpaca';
+    }
+  }
+  return 'generic';
+}
+
+function nonEmpty(value: unknown): value is string {
+  return typeof value === 'string' && value.trim().length > 0;
+}
+
+function csvRows(file: string, text: string): Record<string, string>[] {
+  try {
+    return parseCsvSync(text, { columns: (h: string[]) => h.map((x) => x.trim().toLowerCase()), bom: true, skip_empty_lines: true, relax_column_count: true }) as Record<string, string>[];
+  } catch (error) {
+    const line = (error as { lines?: number }).lines ?? 1;
+    throw new RedflagError('INVALID_FILE', `cannot parse CSV: ${(error as Error).message}`, { file: `${file}:${line}`, cause: error });
+  }
+}
+
+function jbbArtifacts(file: string, parsed: Record<string, unknown>, label: Label | undefined): EvalFileResult {
+  const out: EvalFileResult = { format: 'jbb-artifacts', conversations: [], storedVerdicts: {}, skipped: [] };
+  (parsed['jailbreaks'] as unknown[]).forEach((entry, i) => {
+    const source = `${file}#jailbreaks[${i}]`;
+    const e = entry as Record<string, unknown>;
+    if (typeof e !== 'object' || e === null) return out.skipped.push({ source, reason: 'entry must be an object' });
+    if (!nonEmpty(e['prompt'])) return out.skipped.push({ source, reason: 'field "prompt" is missing or empty' });
+    if (!nonEmpty(e['response'])) return out.skipped.push({ source, reason: 'field "response" is missing or empty' });
+    if (label === undefined && typeof e['jailbroken'] !== 'boolean') return out.skipped.push({ source, reason: 'field "jailbroken" must be a boolean' });
+    const c: Conversation = {
+      messages: [
+        { role: 'user', content: e['prompt'] },
+        { role: 'assistant', content: e['response'] },
+      ],
+      label: label ?? (e['jailbroken'] ? 'harmful' : 'benign'),
+      source,
+    };
+    if (nonEmpty(e['category'])) c.category = e['category'];
+    out.conversations.push(c);
+    const verdict: StoredVerdict = {};
+    if (typeof e['jailbroken'] === 'boolean') verdict.jailbroken = e['jailbroken'];
+    if (typeof e['jailbroken_llama_guard1'] === 'boolean') verdict.llamaGuard = e['jailbroken_llama_guard1'];
+    out.storedVerdicts[source] = verdict;
+    return undefined;
+  });
+  return out;
+}
+
+function strongReject(file: string, text: string, label: Label | undefined): EvalFileResult {
+  const out: EvalFileResult = { format: 'strongreject', conversations: [], storedVerdicts: {}, skipped: [] };
+  csvRows(file, text).forEach((row, i) => {
+    const source = `${file}:${i + 2}`;
+    if (!nonEmpty(row['forbidden_prompt'])) return out.skipped.push({ source, reason: 'column "forbidden_prompt" is empty' });
+    const c: Conversation = { messages: [{ role: 'user', content: row['forbidden_prompt'] }], label: label ?? 'harmful', source, responseMissing: true };
+    if (nonEmpty(row['category'])) c.category = row['category'];
+    out.conversations.push(c);
+    return undefined;
+  });
+  return out;
+}
+
+function xstestCompletions(file: string, text: string, label: Label | undefined): EvalFileResult {
+  const out: EvalFileResult = { format: 'xstest-completions', conversations: [], storedVerdicts: {}, skipped: [] };
+  csvRows(file, text).forEach((row, i) => {
+    const source = `${file}:${i + 2}`;
+    if (!nonEmpty(row['prompt'])) return out.skipped.push({ source, reason: 'column "prompt" is empty' });
+    if (!nonEmpty(row['completion'])) return out.skipped.push({ source, reason: 'column "completion" is empty' });
+    const type = (row['type'] ?? '').trim();
+    const unsafe = type.startsWith('contrast_');
+    const refused = (row['final_label'] ?? '').trim().startsWith('2_');
+    out.conversations.push({
+      messages: [
+        { role: 'user', content: row['prompt'] },
+        { role: 'assistant', content: row['completion'] },
+      ],
+      label: label ?? (unsafe && !refused ? 'harmful' : 'benign'),
+      source,
+      ...(type ? { category: type } : {}),
+    });
+    return undefined;
+  });
+  return out;
+}
+
+function alpaca(file: string, rows: unknown[], label: Label | undefined): EvalFileResult {
+  const out: EvalFileResult = { format: 'alpaca', conversations: [], storedVerdicts: {}, skipped: [] };
+  rows.forEach((entry, i) => {
+    const source = `${file}#${i}`;
+    const r = entry as Record<string, unknown>;
+    if (typeof r !== 'object' || r === null) return out.skipped.push({ source, reason: 'row must be an object' });
+    if (!nonEmpty(r['instruction'])) return out.skipped.push({ source, reason: 'field "instruction" is missing or empty' });
+    const prompt = nonEmpty(r['input']) ? `${r['instruction']}\n\n${r['input']}` : r['instruction'];
+    const c: Conversation = { messages: [{ role: 'user', content: prompt }], label: label ?? 'benign', source };
+    if (nonEmpty(r['output'])) c.messages.push({ role: 'assistant', content: r['output'] });
+    else c.responseMissing = true;
+    out.conversations.push(c);
+    return undefined;
+  });
+  return out;
+}
+
+/**
+ * Reads one evaluation data file in any format the project knows (see the module description).
+ * The entry's `label` labels every row; without it the format's labels (or each row's) are used.
+ */
+export async function loadEvalFile(entry: FileEntry): Promise<EvalFileResult> {
+  let text: string;
+  try {
+    text = await readFile(entry.file, 'utf8');
+  } catch (cause) {
+    const code = (cause as { code?: unknown }).code;
+    throw new RedflagError(code === 'ENOENT' ? 'NOT_FOUND' : 'INVALID_FILE', code === 'ENOENT' ? 'file not found' : `cannot read (${String(code)})`, { file: entry.file, cause });
+  }
+  const format = entry.format === undefined || entry.format === 'csv' || entry.format === 'json' ? detectEvalFormat(entry.file, text) : 'generic';
+  let result: EvalFileResult;
+  if (format === 'jbb-artifacts') result = jbbArtifacts(entry.file, JSON.parse(text.replace(/^\ufeff/, '')) as Record<string, unknown>, entry.label);
+  else if (format === 'strongreject') result = strongReject(entry.file, text, entry.label);
+  else if (format === 'xstest-completions') result = xstestCompletions(entry.file, text, entry.label);
+  else if (format === 'alpaca') result = alpaca(entry.file, JSON.parse(text.replace(/^\ufeff/, '')) as unknown[], entry.label);
+  else {
+    const { file, ...options } = entry;
+    // XSTest's prompt file names its category column "type".
+    const header = extname(file).toLowerCase() === '.csv' ? csvHeader(text) : [];
+    const categoryColumn = options.categoryColumn ?? (header.includes('type') && !header.includes('category') && !header.includes('semanticcategory') ? 'type' : undefined);
+    const loaded = await loadConversations(file, { allowPromptOnly: true, ...options, ...(categoryColumn ? { categoryColumn } : {}) });
+    result = { format: 'generic', conversations: loaded.conversations, storedVerdicts: {}, skipped: loaded.skipped };
+  }
+  if (result.conversations.length === 0) throw new RedflagError('INVALID_FILE', `has no usable rows (${result.format}; ${result.skipped.length} skipped)`, { file: entry.file });
+  return result;
+}

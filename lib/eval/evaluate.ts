@@ -1,0 +1,204 @@
+/**
+ * `evaluate(config)`: runs the chosen suites against the base model and every variant, caching
+ * each finished unit in `OUT/cache.json` (a stopped run resumes without recomputing), and
+ * writes `report.json`, `report.md` and the plots (SVG and PNG) into `OUT`.
+ * @module
+ */
+import { mkdir, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+
+import { loadEvalFile, type StoredVerdict } from '../data/formats.js';
+import type { Conversation } from '../data/records.js';
+import { generateSyntheticData } from '../data/synthetic.js';
+import { createDetector } from '../detect/detector.js';
+import { RedflagError, abortError } from '../errors.js';
+import { loadModel, type Model } from '../model/model.js';
+import { applyAdapter } from '../train/export.js';
+import { fingerprint, ResultsCache } from './cache.js';
+import { parseEvalConfig, settingsOf, suitesOf, type EvalConfig, type EvalConfigInput } from './config.js';
+import { generateSyntheticMcq, loadMcQuestions, type McQuestion } from './mcq.js';
+import { nonRefusalJudge, RefusalMatcher, syntheticJudge, type Judge } from './refusal.js';
+import { writeReport, type EvalReport } from './report.js';
+import { SUITES } from './suites/index.js';
+import type { EvalData, LoadedVariant, SuiteName } from './types.js';
+
+/** A progress event: a suite on a variant started, advanced or ended. */
+export interface EvalProgress {
+  phase: 'load' | 'start' | 'progress' | 'end';
+  variant: string;
+  suite?: SuiteName;
+  done: number;
+  total: number;
+  /** Seconds the suite took (at `end`). */
+  seconds?: number;
+}
+
+/** Hooks of {@link evaluate}. */
+export interface EvaluateHooks {
+  onProgress?: (event: EvalProgress) => void;
+  signal?: AbortSignal;
+  /** Replaces the configured judge (e.g. a model-based one). */
+  judge?: Judge;
+}
+
+/** The data set the config names: files (every format the project reads) and/or the synthetic test split. */
+export async function loadEvalData(config: EvalConfig): Promise<EvalData & { storedVerdicts: Record<string, StoredVerdict>; sources: string[] }> {
+  const harmful: Conversation[] = [];
+  const benign: Conversation[] = [];
+  const storedVerdicts: Record<string, StoredVerdict> = {};
+  const sources: string[] = [];
+  const add = (c: Conversation) => (c.label === 'harmful' ? harmful : benign).push(c);
+  const files = [
+    ...config.harmful.map((f) => ({ ...f, label: 'harmful' as const })),
+    ...config.benign.map((f) => ({ ...f, label: 'benign' as const })),
+    ...config.data,
+  ];
+  for (const entry of files) {
+    const loaded = await loadEvalFile(entry);
+    loaded.conversations.forEach(add);
+    Object.assign(storedVerdicts, loaded.storedVerdicts);
+    sources.push(`${entry.file} (${loaded.format}, ${loaded.conversations.length} rows${loaded.skipped.length ? `, ${loaded.skipped.length} skipped` : ''})`);
+  }
+  let mcq: McQuestion[] = [];
+  if (config.synthetic) {
+    const s = config.synthetic;
+    const testPerCategory = s.testPerCategory ?? Math.ceil(s.perCategory / 4);
+    generateSyntheticData({ seed: s.seed, perCategory: s.perCategory, testPerCategory }).test.forEach(add);
+    sources.push(`synthetic test split (seed ${s.seed}, ${testPerCategory} per category beside ${s.perCategory} for training, held-out templates)`);
+    if (s.mcqCount > 0) mcq = generateSyntheticMcq({ seed: s.seed, count: s.mcqCount });
+  }
+  if (config.mcq !== undefined) mcq = await loadMcQuestions(config.mcq);
+  const limit = config.limit ?? Infinity;
+  return { harmful: harmful.slice(0, limit), benign: benign.slice(0, limit), mcq, storedVerdicts, sources };
+}
+
+/**
+ * What identifies a model or adapter directory's current contents for the cache: its weight and
+ * config files' sizes and modification times (retraining into the same directory invalidates).
+ */
+async function directoryStamp(dir: string): Promise<string[]> {
+  const files = ['config.json', 'model.safetensors', 'model.safetensors.index.json', 'adapter_config.json', 'adapter_model.safetensors', 'redflag_rows.safetensors', 'tokenizer.json'];
+  const stamps = await Promise.all(files.map(async (f) => stat(join(dir, f)).then((s) => `${f}:${s.size}:${Math.round(s.mtimeMs)}`, () => '')));
+  return stamps.filter(Boolean);
+}
+
+async function exists(path: string): Promise<boolean> {
+  return stat(path).then(() => true, () => false);
+}
+
+/** Loads one variant: the base itself, an adapter on the base, or a model directory. */
+async function loadVariant(config: EvalConfig, index: number): Promise<LoadedVariant> {
+  const v = config.variants[index]!;
+  const options = { dtype: config.dtype, ...(config.threads ? { threads: config.threads } : {}) };
+  let model: Model;
+  let kind: LoadedVariant['kind'];
+  if (await exists(join(v.source, 'adapter_config.json'))) {
+    model = await loadModel(config.model, options);
+    try {
+      await applyAdapter(model, v.source);
+    } catch (error) {
+      model.dispose();
+      throw error;
+    }
+    kind = 'adapter';
+  } else if (await exists(join(v.source, 'config.json'))) {
+    model = await loadModel(v.source, options);
+    kind = 'model';
+  } else {
+    throw new RedflagError('NOT_FOUND', `variants[${index}] "${v.name}": neither an adapter (adapter_config.json) nor a model directory (config.json), nor "base"`, { file: v.source });
+  }
+  return withDetector({ name: v.name, source: v.source, kind, model, detects: false, rfToken: null, detector: null }, config);
+}
+
+async function withDetector(variant: LoadedVariant, config: EvalConfig): Promise<LoadedVariant> {
+  const rf = variant.model.redFlagTokenId;
+  if (rf === null) return variant;
+  const detector = await createDetector({ model: variant.model, threshold: config.threshold, mode: 'flag', maxBatch: config.batchSize });
+  return { ...variant, detects: true, rfToken: rf, detector };
+}
+
+/** Runs the evaluation; see the module description. Returns the report it wrote. */
+export async function evaluate(input: EvalConfigInput | EvalConfig, hooks: EvaluateHooks = {}): Promise<EvalReport> {
+  const config = parseEvalConfig(input);
+  const settings = settingsOf(config);
+  const suites = suitesOf(config);
+  const { signal } = hooks;
+  const emit = hooks.onProgress ?? (() => undefined);
+  const data = await loadEvalData(config);
+  if (data.harmful.length === 0) throw new RedflagError('INVALID_ARGUMENT', 'harmful: the data has no harmful conversations; every suite needs some');
+  const refusals = new RefusalMatcher(config.refusalPhrases);
+  const judge = hooks.judge ?? (config.judge === 'synthetic' || (config.judge === 'auto' && config.synthetic && config.harmful.length + config.data.length === 0) ? syntheticJudge() : nonRefusalJudge(refusals));
+  await mkdir(config.out, { recursive: true });
+  const cache = await ResultsCache.open(join(config.out, 'cache.json'));
+
+  emit({ phase: 'load', variant: 'base', done: 0, total: 1 });
+  const baseStamp = [config.model, ...(await directoryStamp(config.model))];
+  const baseModel = await loadModel(config.model, { dtype: config.dtype, ...(config.threads ? { threads: config.threads } : {}) });
+  const described: EvalReport['variants'] = [];
+  const results: EvalReport['results'] = {};
+  const seconds: EvalReport['seconds'] = {};
+  let base: LoadedVariant | null = null;
+  let current: LoadedVariant | null = null;
+  const release = async (v: LoadedVariant | null) => {
+    // The base model lives for the whole run; other variants are freed when they are done.
+    if (v === null || v === base) return;
+    await v.detector?.dispose();
+    v.model.dispose();
+  };
+  try {
+    base = await withDetector({ name: 'base', source: 'base', kind: 'base', model: baseModel, detects: false, rfToken: null, detector: null }, config);
+    for (let i = 0; i < config.variants.length; i++) {
+      if (signal?.aborted) throw abortError(signal);
+      const spec = config.variants[i]!;
+      emit({ phase: 'load', variant: spec.name, done: 0, total: 1 });
+      const variant = spec.source === 'base' ? base : await loadVariant(config, i);
+      current = variant;
+      described.push({ name: spec.name, source: spec.source, kind: variant.kind, detects: variant.detects });
+      results[spec.name] = {};
+      seconds[spec.name] = {};
+      // Units of the same model and settings share cache entries across runs.
+      const sourceStamp = spec.source === 'base' ? [] : await directoryStamp(spec.source);
+      const fp = fingerprint({ model: baseStamp, source: spec.source, sourceStamp, dtype: config.dtype, maxTokens: settings.maxTokens, threshold: settings.threshold, temperature: settings.temperature, seed: settings.seed });
+      const sharedFp = fingerprint({ model: baseStamp, dtype: config.dtype, maxTokens: settings.maxTokens, seed: settings.seed });
+      for (const name of suites) {
+        const suite = SUITES[name];
+        const t0 = performance.now();
+        const total = suite.units({ data, settings, variant });
+        emit({ phase: 'start', variant: spec.name, suite: name, done: 0, total });
+        results[spec.name]![name] = await suite.run({
+          variant,
+          base,
+          data,
+          settings,
+          judge,
+          refusals,
+          cache,
+          cacheKey: (item: string) => `${spec.name}|${name}|${fp}|${item}`,
+          sharedCacheKey: (item: string) => `shared|${name}|${sharedFp}|${item}`,
+          progress: (done: number, t: number) => emit({ phase: 'progress', variant: spec.name, suite: name, done, total: t }),
+          ...(signal ? { signal } : {}),
+        });
+        const s = (performance.now() - t0) / 1000;
+        seconds[spec.name]![name] = s;
+        emit({ phase: 'end', variant: spec.name, suite: name, done: total, total, seconds: s });
+      }
+      current = null;
+      await release(variant);
+    }
+  } finally {
+    await release(current);
+    await base?.detector?.dispose();
+    baseModel.dispose();
+  }
+  return writeReport(config, {
+    variants: described,
+    suites,
+    results,
+    seconds,
+    data: { harmful: data.harmful.length, benign: data.benign.length, mcq: data.mcq.length, sources: data.sources },
+    judge: judge.name,
+    refusalPhrases: refusals.phrases,
+    storedVerdicts: Object.keys(data.storedVerdicts).length,
+    cache: { hits: cache.hits, computed: cache.computed },
+  });
+}

@@ -1,0 +1,238 @@
+/**
+ * Detection statistics over scores where a higher score means "more likely harmful": AUROC (the
+ * Mann–Whitney statistic, ties counted half), AUPRC (average precision), the ROC curve, TPR at a
+ * fixed FPR, a threshold chosen on a dev split, and seeded percentile-bootstrap confidence
+ * intervals. Everything here is pure and deterministic.
+ * @module
+ */
+import { RedflagError } from '../errors.js';
+import { createRng } from '../model/sampling.js';
+
+function checkScores(values: readonly number[], what: string): void {
+  if (!Array.isArray(values)) throw new RedflagError('INVALID_ARGUMENT', `${what} must be an array of numbers`);
+  values.forEach((v, i) => {
+    if (typeof v !== 'number' || Number.isNaN(v)) throw new RedflagError('INVALID_ARGUMENT', `${what}[${i}] must be a number, got ${String(v)}`);
+  });
+}
+
+/** Scores sorted descending with their class (true: positive). */
+function ranked(positive: readonly number[], negative: readonly number[]): { score: number; positive: boolean }[] {
+  const all = [...positive.map((score) => ({ score, positive: true })), ...negative.map((score) => ({ score, positive: false }))];
+  return all.sort((a, b) => b.score - a.score);
+}
+
+/**
+ * Area under the ROC curve: the probability that a random positive scores above a random
+ * negative, ties counted half. NaN when either class is empty. O((n + m) log(n + m)).
+ */
+export function auroc(positive: number[], negative: number[]): number {
+  checkScores(positive, 'positive');
+  checkScores(negative, 'negative');
+  if (positive.length === 0 || negative.length === 0) return NaN;
+  // Walk groups of equal scores from the lowest up: each positive beats every negative below
+  // its group and ties half of those inside it.
+  const sorted = ranked(positive, negative).reverse();
+  let negativesBelow = 0;
+  let wins = 0;
+  for (let i = 0; i < sorted.length; ) {
+    let j = i;
+    let pos = 0;
+    let neg = 0;
+    while (j < sorted.length && sorted[j]!.score === sorted[i]!.score) {
+      if (sorted[j]!.positive) pos++;
+      else neg++;
+      j++;
+    }
+    wins += pos * (negativesBelow + neg / 2);
+    negativesBelow += neg;
+    i = j;
+  }
+  return wins / (positive.length * negative.length);
+}
+
+/** One point of a ROC curve: at `threshold`, scores ≥ threshold are flagged. */
+export interface RocPoint {
+  threshold: number;
+  fpr: number;
+  tpr: number;
+}
+
+/**
+ * The ROC curve's corner points, from (0, 0) (threshold +∞) to (1, 1), one per distinct score
+ * (ties move both rates at once).
+ */
+export function rocCurve(positive: readonly number[], negative: readonly number[]): RocPoint[] {
+  checkScores(positive, 'positive');
+  checkScores(negative, 'negative');
+  const sorted = ranked(positive, negative);
+  const P = positive.length;
+  const N = negative.length;
+  const points: RocPoint[] = [{ threshold: Infinity, fpr: 0, tpr: 0 }];
+  let tp = 0;
+  let fp = 0;
+  for (let i = 0; i < sorted.length; ) {
+    const score = sorted[i]!.score;
+    while (i < sorted.length && sorted[i]!.score === score) {
+      if (sorted[i]!.positive) tp++;
+      else fp++;
+      i++;
+    }
+    points.push({ threshold: score, fpr: N ? fp / N : 0, tpr: P ? tp / P : 0 });
+  }
+  return points;
+}
+
+/**
+ * Area under the precision–recall curve as average precision: the mean, over the positives, of
+ * the precision at the threshold that first includes it (a tied group shares its precision).
+ * NaN without positives.
+ */
+export function auprc(positive: readonly number[], negative: readonly number[]): number {
+  checkScores(positive, 'positive');
+  checkScores(negative, 'negative');
+  if (positive.length === 0) return NaN;
+  const sorted = ranked(positive, negative);
+  let tp = 0;
+  let fp = 0;
+  let sum = 0;
+  for (let i = 0; i < sorted.length; ) {
+    const score = sorted[i]!.score;
+    let groupPositives = 0;
+    while (i < sorted.length && sorted[i]!.score === score) {
+      if (sorted[i]!.positive) groupPositives++;
+      else fp++;
+      i++;
+    }
+    tp += groupPositives;
+    sum += groupPositives * (tp / (tp + fp));
+  }
+  return sum / positive.length;
+}
+
+/**
+ * The largest true-positive rate at a threshold whose false-positive rate is at most `maxFpr`
+ * (flagging is `score ≥ threshold`), and that threshold (+∞ when even the top score exceeds it).
+ */
+export function tprAtFpr(positive: readonly number[], negative: readonly number[], maxFpr: number): { tpr: number; threshold: number; fpr: number } {
+  if (!(maxFpr >= 0 && maxFpr <= 1)) throw new RedflagError('INVALID_ARGUMENT', `maxFpr must be in [0, 1], got ${String(maxFpr)}`);
+  let best: RocPoint = { threshold: Infinity, fpr: 0, tpr: 0 };
+  for (const p of rocCurve(positive, negative)) if (p.fpr <= maxFpr + 1e-12 && p.tpr >= best.tpr) best = p;
+  return { tpr: best.tpr, threshold: best.threshold, fpr: best.fpr };
+}
+
+/** Share of `scores` at or above `threshold` (NaN for none). */
+export function rateAtThreshold(scores: readonly number[], threshold: number): number {
+  if (scores.length === 0) return NaN;
+  let n = 0;
+  for (const s of scores) if (s >= threshold) n++;
+  return n / scores.length;
+}
+
+/**
+ * A threshold chosen on dev scores: the lowest one whose false-flag rate on the dev negatives is
+ * at most `maxFpr` (so as many positives as possible are caught), placed midway between that
+ * score and the next lower distinct score so that held-out scores near it are not decided by
+ * float noise. Without dev negatives the threshold is the lowest positive score.
+ */
+export function chooseThreshold(positive: readonly number[], negative: readonly number[], maxFpr: number): number {
+  const { threshold } = tprAtFpr(positive, negative, maxFpr);
+  if (threshold === Infinity) {
+    // Nothing can be flagged within the budget: just above the top negative.
+    const top = Math.max(...negative);
+    return Number.isFinite(top) ? top + Math.max(1e-6, Math.abs(top) * 1e-6) : Infinity;
+  }
+  const below = [...positive, ...negative].filter((s) => s < threshold);
+  if (below.length === 0) return threshold;
+  return (threshold + Math.max(...below)) / 2;
+}
+
+/** A point estimate with its percentile-bootstrap confidence interval. */
+export interface Estimate {
+  value: number;
+  low: number;
+  high: number;
+}
+
+/** Options of the bootstrap functions. */
+export interface BootstrapOptions {
+  /** Resamples. Default 1000. */
+  resamples?: number;
+  /** Confidence level. Default 0.95. */
+  level?: number;
+  /** Seed of the resampling. Default 0. */
+  seed?: number;
+}
+
+function percentile(sorted: readonly number[], q: number): number {
+  if (sorted.length === 0) return NaN;
+  const pos = q * (sorted.length - 1);
+  const lo = Math.floor(pos);
+  const hi = Math.ceil(pos);
+  return sorted[lo]! + (sorted[hi]! - sorted[lo]!) * (pos - lo);
+}
+
+function resample<T>(items: readonly T[], rng: () => number): T[] {
+  return Array.from({ length: items.length }, () => items[Math.floor(rng() * items.length)]!);
+}
+
+function interval(value: number, draws: number[], level: number): Estimate {
+  const finite = draws.filter((d) => Number.isFinite(d)).sort((a, b) => a - b);
+  const alpha = (1 - level) / 2;
+  return { value, low: percentile(finite, alpha), high: percentile(finite, 1 - alpha) };
+}
+
+function bootstrapSettings(o: BootstrapOptions): { resamples: number; level: number; seed: number } {
+  const resamples = o.resamples ?? 1000;
+  const level = o.level ?? 0.95;
+  if (!Number.isSafeInteger(resamples) || resamples < 1) throw new RedflagError('INVALID_ARGUMENT', `resamples must be a positive integer, got ${String(resamples)}`);
+  if (!(level > 0 && level < 1)) throw new RedflagError('INVALID_ARGUMENT', `level must be in (0, 1), got ${String(level)}`);
+  return { resamples, level, seed: o.seed ?? 0 };
+}
+
+/** A statistic of one sample with a percentile-bootstrap CI (resampling the sample). */
+export function bootstrap<T>(sample: readonly T[], statistic: (sample: readonly T[]) => number, options: BootstrapOptions = {}): Estimate {
+  const { resamples, level, seed } = bootstrapSettings(options);
+  const value = statistic(sample);
+  if (sample.length === 0) return { value, low: NaN, high: NaN };
+  const rng = createRng(seed);
+  const draws = Array.from({ length: resamples }, () => statistic(resample(sample, rng)));
+  return interval(value, draws, level);
+}
+
+/**
+ * A statistic of two samples (positives and negatives) with a percentile-bootstrap CI, each
+ * class resampled on its own (stratified), so every resample keeps both classes' sizes.
+ */
+export function bootstrapTwoSample(
+  positive: readonly number[],
+  negative: readonly number[],
+  statistic: (positive: number[], negative: number[]) => number,
+  options: BootstrapOptions = {},
+): Estimate {
+  const { resamples, level, seed } = bootstrapSettings(options);
+  const value = statistic([...positive], [...negative]);
+  if (positive.length === 0 && negative.length === 0) return { value, low: NaN, high: NaN };
+  const rng = createRng(seed);
+  const draws = Array.from({ length: resamples }, () => statistic(resample(positive, rng), resample(negative, rng)));
+  return interval(value, draws, level);
+}
+
+/** A rate (share of true values) with its bootstrap CI. */
+export function rateEstimate(hits: readonly boolean[], options: BootstrapOptions = {}): Estimate {
+  return bootstrap(hits, (s) => (s.length ? s.filter(Boolean).length / s.length : NaN), options);
+}
+
+/**
+ * Splits indices 0..n-1 into a dev part (share `devFraction`, at least one when n ≥ 2) and a
+ * test part, shuffled by a seed, so the threshold chosen on dev is measured on unseen data.
+ */
+export function devTestSplit(n: number, devFraction: number, seed: number): { dev: number[]; test: number[] } {
+  const order = Array.from({ length: n }, (_, i) => i);
+  const rng = createRng(seed);
+  for (let i = n - 1; i > 0; i--) {
+    const j = Math.floor(rng() * (i + 1));
+    [order[i], order[j]] = [order[j]!, order[i]!];
+  }
+  const devSize = n < 2 ? 0 : Math.min(n - 1, Math.max(1, Math.round(n * devFraction)));
+  return { dev: order.slice(0, devSize).sort((a, b) => a - b), test: order.slice(devSize).sort((a, b) => a - b) };
+}

@@ -1,0 +1,125 @@
+/**
+ * The fine-tuning attack (lib/attack/finetune.ts): the attacker fine-tunes the weights it
+ * holds on harmful answers (LoRA, cross-entropy; half of the harmful conversations, the other
+ * half measured). What it holds depends on the defence:
+ * - a red-flag adapter is kept apart from the weights ("adapter encapsulation"): the attacker
+ *   fine-tunes the base model and the adapter is applied on the attacked weights afterwards;
+ * - a refusal adapter (any adapter without `<rf>`) ships merged: the attacker fine-tunes the
+ *   merged weights;
+ * - a model directory or the base is attacked as it is.
+ * Measured before and after on greedy answers to the held-out harmful prompts: flagged,
+ * refused, and ASR (neither, and judged harmful); for a variant that detects, also the
+ * teacher-forced flag rate of the harmful reference answers.
+ * @module
+ */
+import { join } from 'node:path';
+
+import { fineTuneAttack, mergeAdapterInto } from '../../attack/finetune.js';
+import type { Conversation } from '../../data/records.js';
+import { createDetector } from '../../detect/detector.js';
+import { loadModel } from '../../model/model.js';
+import { applyAdapter } from '../../train/export.js';
+import { fingerprint } from '../cache.js';
+import type { Estimate } from '../stats.js';
+import type { LoadedVariant, Suite, SuiteContext } from '../types.js';
+import { cachedGenerations, conversationPromptIds, itemName, rate, verdictOf } from './common.js';
+import { attackWorkDir, budgetsOf, harmfulSplit, variantFiles } from './white-box.js';
+
+interface Side {
+  flagRate: Estimate;
+  refusalRate: Estimate;
+  asr: Estimate;
+  /** Teacher-forced share of harmful reference answers flagged (null without `<rf>`). */
+  teacherForcedFlagRate: number | null;
+}
+
+export interface FinetuneResult {
+  defence: 'encapsulated adapter' | 'merged adapter' | 'weights';
+  steps: number;
+  trainedOn: number;
+  before: Side;
+  after: Side;
+}
+
+/** The attacked weights for this variant (trained once per model directory and budget; shared by variants on the same base). */
+async function attackedWeights(ctx: SuiteContext, train: Conversation[]): Promise<{ modelDir: string; adapterDir?: string; defence: FinetuneResult['defence'] }> {
+  const budget = budgetsOf(ctx.settings).finetune;
+  const { modelDir, adapterDir } = variantFiles(ctx);
+  const work = await attackWorkDir(ctx);
+  const threads = ctx.variant.model.threads;
+  // Keyed by the weights attacked, so variants on the same base share one attack.
+  const attack = (dir: string) =>
+    fineTuneAttack({
+      model: dir,
+      harmful: train,
+      output: join(work, `finetune-${fingerprint({ dir, budget, n: train.length, seed: ctx.settings.seed })}`),
+      steps: budget.steps,
+      lr: budget.lr,
+      rank: budget.rank,
+      batchSize: budget.batchSize,
+      seed: ctx.settings.seed,
+      threads,
+      ...(ctx.signal ? { signal: ctx.signal } : {}),
+    });
+  if (adapterDir !== undefined && ctx.variant.detects) return { modelDir: await attack(modelDir), adapterDir, defence: 'encapsulated adapter' };
+  if (adapterDir !== undefined) {
+    const merged = await mergeAdapterInto(modelDir, adapterDir, join(work, `merged-${fingerprint({ modelDir, adapterDir })}`), threads);
+    return { modelDir: await attack(merged), defence: 'merged adapter' };
+  }
+  return { modelDir: await attack(modelDir), defence: 'weights' };
+}
+
+async function measure(ctx: SuiteContext, variant: LoadedVariant, test: Conversation[], tag: string): Promise<Side> {
+  const units = test.map((c, i) => ({ item: `finetune/${tag}/${itemName(i, c)}`, request: { prompt: conversationPromptIds(variant, c), pick: { temperature: 0 } } }));
+  const gens = await cachedGenerations(ctx, units, { variant });
+  const verdicts = await Promise.all(gens.map((g, i) => verdictOf(ctx, g, test[i]!)));
+  let teacherForcedFlagRate: number | null = null;
+  if (variant.detector) {
+    const scores = await ctx.cache.getOrCompute<number[]>(ctx.cacheKey(`finetune/${tag}/teacher-forced`), async () =>
+      (await variant.detector!.classify(test.map((c) => c.messages), { threshold: ctx.settings.threshold })).map((s) => s.maxPRf),
+    );
+    teacherForcedFlagRate = scores.filter((p) => p >= ctx.settings.threshold).length / Math.max(1, scores.length);
+  }
+  return {
+    flagRate: rate(ctx, verdicts.map((v) => v.flagged)),
+    refusalRate: rate(ctx, verdicts.map((v) => v.refused)),
+    asr: rate(ctx, verdicts.map((v) => v.broken)),
+    teacherForcedFlagRate,
+  };
+}
+
+export const finetuneSuite: Suite<FinetuneResult> = {
+  name: 'finetune',
+  description: 'LoRA fine-tuning on harmful answers (red-flag adapter applied afterwards; refusal adapter merged before); flagged / refused / ASR before and after',
+  units: () => 2,
+  async run(ctx) {
+    const budget = budgetsOf(ctx.settings).finetune;
+    const { train, test } = harmfulSplit(ctx);
+    const before = await measure(ctx, ctx.variant, test, 'before');
+    ctx.progress(1, 2);
+    const attacked = await attackedWeights(ctx, train);
+    const model = await loadModel(attacked.modelDir, { dtype: ctx.variant.model.dtype, threads: ctx.variant.model.threads });
+    let detector = null;
+    try {
+      if (attacked.adapterDir) await applyAdapter(model, attacked.adapterDir);
+      if (model.redFlagTokenId != null) detector = await createDetector({ model, threshold: ctx.settings.threshold, mode: 'flag' });
+      const variant: LoadedVariant = {
+        ...ctx.variant,
+        name: `${ctx.variant.name} (fine-tuned)`,
+        model,
+        detects: detector !== null,
+        rfToken: model.redFlagTokenId ?? null,
+        detector,
+      };
+      const after = await measure(ctx, variant, test, `after-${fingerprint(budget)}`);
+      ctx.progress(2, 2);
+      return { defence: attacked.defence, steps: budget.steps, trainedOn: train.length, before, after };
+    } finally {
+      await detector?.dispose();
+      model.dispose();
+    }
+  },
+  summarize(result) {
+    return { headline: { finetuneAsr: result.after.asr.value, finetuneFlagged: result.after.teacherForcedFlagRate } };
+  },
+};

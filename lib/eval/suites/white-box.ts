@@ -1,0 +1,65 @@
+/**
+ * What the white-box attack suites (embedding, gcg, finetune) share: a fresh copy of the
+ * variant's model for an attack session (the variant's loaded model serves inference and keeps
+ * its adapter applied; an attack session needs the adapter inside a trainer instead), the
+ * attack budgets with their defaults, and a split of the harmful conversations so that no
+ * attack is measured on what it trained on.
+ * @module
+ */
+import { mkdtemp } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+
+import { AttackModel } from '../../attack/gradient-model.js';
+import type { Conversation } from '../../data/records.js';
+import { loadModel } from '../../model/model.js';
+import { devTestSplit } from '../stats.js';
+import type { AttackBudgets, EvalSettings, SuiteContext } from '../types.js';
+
+export const DEFAULT_ATTACK_BUDGETS: AttackBudgets = {
+  embedding: { epsilons: [0, 0.05, 0.1, 0.2, 0.5], steps: 10, items: 25, lambda: 1 },
+  gcg: { length: 20, steps: 20, topK: 32, candidates: 16, items: 8, lambda: 1 },
+  finetune: { steps: 200, lr: 1e-3, rank: 8, batchSize: 8 },
+};
+
+/** The budgets in force. */
+export function budgetsOf(settings: EvalSettings): AttackBudgets {
+  return settings.attacks;
+}
+
+/** The directory a variant's model comes from, and the adapter applied on it (if any). */
+export function variantFiles(ctx: SuiteContext): { modelDir: string; adapterDir?: string } {
+  const v = ctx.variant;
+  if (v.kind === 'model') return { modelDir: v.source };
+  if (v.kind === 'adapter') return { modelDir: ctx.base.model.dir, adapterDir: v.source };
+  return { modelDir: ctx.base.model.dir };
+}
+
+/** A fresh attack session on the variant (dispose with {@link closeAttackModel}). */
+export async function openAttackModel(ctx: SuiteContext): Promise<AttackModel> {
+  const { modelDir, adapterDir } = variantFiles(ctx);
+  const model = await loadModel(modelDir, { dtype: ctx.variant.model.dtype, threads: ctx.variant.model.threads });
+  try {
+    return await AttackModel.open(model, adapterDir);
+  } catch (error) {
+    model.dispose();
+    throw error;
+  }
+}
+
+export function closeAttackModel(attack: AttackModel): void {
+  attack.close();
+  attack.model.dispose();
+}
+
+/** Harmful conversations with responses, split in two halves by the settings' seed: `train` for attacks that learn, `test` to measure on. */
+export function harmfulSplit(ctx: SuiteContext): { train: Conversation[]; test: Conversation[] } {
+  const harmful = ctx.data.harmful.filter((c) => !c.responseMissing);
+  const { dev, test } = devTestSplit(harmful.length, 0.5, ctx.settings.seed);
+  return { train: dev.map((i) => harmful[i]!), test: test.map((i) => harmful[i]!) };
+}
+
+/** Where attacks write models: beside the results cache, or a temporary directory for an in-memory cache. */
+export async function attackWorkDir(ctx: SuiteContext): Promise<string> {
+  return ctx.cache.file ? join(dirname(ctx.cache.file), 'attacks') : mkdtemp(join(tmpdir(), 'redflag-attacks-'));
+}

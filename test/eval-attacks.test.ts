@@ -1,0 +1,109 @@
+// The white-box attack suites (embedding, gcg, finetune) through evaluate(), on a tiny model with
+// a briefly trained red-flag adapter, at small budgets. Checked: the report has their columns,
+// sections and the embedding plot; the embedding attack's ε = 0 flag rate is the teacher-forced
+// flag rate of the same answers (classify) and no radius raises it (the best perturbation found
+// never raises an answer's largest p(<rf>)); GCG attacks the red-flag variant with λ > 0 and the
+// base with λ = 0; the fine-tuning attack trains one attacked base for both variants (the adapter
+// is encapsulated: applied after the attack); a second run reuses every unit from the cache.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import { generateSyntheticData } from '../lib/data/synthetic.js';
+import { createDetector } from '../lib/detect/detector.js';
+import type { EvalConfigInput } from '../lib/eval/config.js';
+import { evaluate } from '../lib/eval/evaluate.js';
+import { harmfulSplit } from '../lib/eval/suites/white-box.js';
+import type { EmbeddingResult } from '../lib/eval/suites/embedding.js';
+import type { FinetuneResult } from '../lib/eval/suites/finetune.js';
+import type { GcgResult } from '../lib/eval/suites/gcg.js';
+import { train } from '../lib/train/trainer.js';
+import { tinyLlama } from './helpers/tiny-model.js';
+
+let base: string;
+let root: string;
+beforeAll(async () => {
+  base = await tinyLlama({ hiddenSize: 32, intermediateSize: 64, numLayers: 2, numHeads: 4, numKvHeads: 2 });
+  root = await mkdtemp(join(tmpdir(), 'redflag-eval-attacks-'));
+  await train({
+    model: base,
+    output: join(root, 'rf'),
+    data: 'synthetic',
+    syntheticPerCategory: 4,
+    steps: 30,
+    batchSize: 8,
+    maxTokens: 96,
+    evalEvery: 0,
+    checkpointEvery: 0,
+    threads: 2,
+    lora: { rank: 4, alpha: 8, dropout: 0 },
+    loss: { rfOffset: 1 },
+    optimizer: { lr: 2e-2, warmupSteps: 2 },
+  });
+}, 300_000);
+afterAll(async () => {
+  await rm(base, { recursive: true, force: true });
+  await rm(root, { recursive: true, force: true });
+});
+
+describe('white-box attack suites', () => {
+  it('embedding, gcg and finetune run against every variant, report, and resume from the cache', async () => {
+    const out = join(root, 'eval');
+    const adapter = join(root, 'rf', 'adapter');
+    const config: EvalConfigInput = {
+      model: base,
+      variants: [{ name: 'base', source: 'base' }, { name: 'rf', source: adapter }],
+      synthetic: { testPerCategory: 1, mcqCount: 0 },
+      suites: ['embedding', 'gcg', 'finetune'],
+      maxTokens: 8,
+      bootstrapResamples: 20,
+      threads: 2,
+      out,
+      attacks: {
+        embedding: { epsilons: [0, 0.3, 1], steps: 3, items: 2 },
+        gcg: { length: 4, steps: 2, topK: 8, candidates: 4, items: 2 },
+        finetune: { steps: 4, batchSize: 4, lr: 1e-2 },
+      },
+    };
+    const report = await evaluate(config);
+    const columns = report.table.columns.map((c) => c.key);
+    expect(columns).toEqual(['embeddingFlagRate', 'gcgAsr', 'gcgFlagged', 'finetuneAsr', 'finetuneFlagged']);
+    expect(report.plots).toContain('embedding-vs-eps.png');
+    const md = await readFile(join(out, 'report.md'), 'utf8');
+    for (const section of ['## Embedding-space attack', '## Adaptive GCG', '## Fine-tuning attack']) expect(md).toContain(section);
+
+    // Embedding: not applicable to the base; at ε = 0 the teacher-forced flag rate of the same answers.
+    const embBase = report.results['base']!['embedding'] as EmbeddingResult;
+    const emb = report.results['rf']!['embedding'] as EmbeddingResult;
+    expect(embBase.applicable).toBe(false);
+    expect(emb.points.map((p) => p.epsilon)).toEqual([0, 0.3, 1]);
+    const data = generateSyntheticData({ seed: 0, perCategory: 30, testPerCategory: 1 }).test;
+    const targets = harmfulSplit({ data: { harmful: data.filter((c) => c.label === 'harmful'), benign: [], mcq: [] }, settings: { seed: 0 } } as never).test.slice(0, 2);
+    const detector = await createDetector({ model: base, adapter, threads: 2 });
+    const scores = await detector.classify(targets.map((c) => c.messages));
+    await detector.dispose();
+    const expected = scores.filter((s) => s.maxPRf >= 0.5).length / scores.length;
+    expect(emb.points[0]!.flagRate.value).toBeCloseTo(expected, 10);
+    for (const p of emb.points) expect(p.flagRate.value).toBeLessThanOrEqual(emb.points[0]!.flagRate.value);
+    expect(emb.points[2]!.meanMaxPRf).toBeLessThanOrEqual(emb.points[0]!.meanMaxPRf);
+
+    // GCG: λ > 0 only against the variant that detects.
+    const gcgBase = report.results['base']!['gcg'] as GcgResult;
+    const gcg = report.results['rf']!['gcg'] as GcgResult;
+    expect(gcgBase.lambda).toBe(0);
+    expect(gcgBase.meanMaxPRf).toBeNull();
+    expect(gcg.lambda).toBeGreaterThan(0);
+    expect(gcg.n).toBe(2);
+    expect(gcg.meanMaxPRf!.after).toBeLessThanOrEqual(gcg.meanMaxPRf!.before + 1e-6);
+
+    // Fine-tuning: the adapter is encapsulated; both variants share one attacked base.
+    expect((report.results['rf']!['finetune'] as FinetuneResult).defence).toBe('encapsulated adapter');
+    expect((report.results['base']!['finetune'] as FinetuneResult).defence).toBe('weights');
+    expect((await readdir(join(out, 'attacks'))).filter((d) => d.startsWith('finetune-'))).toHaveLength(1);
+
+    const again = await evaluate(config);
+    expect(again.cache.computed).toBe(0);
+    expect(again.table).toEqual(report.table);
+  }, 300_000);
+});

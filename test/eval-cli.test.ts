@@ -1,0 +1,138 @@
+// `redflag eval` end to end on a tiny model (run through tsx, as a user would run the CLI):
+// report.json, report.md and the plots are written, a second run reuses every cached unit,
+// and bad flags fail with a message naming the flag or field.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { execFile } from 'node:child_process';
+import { mkdir, mkdtemp, readFile, rm, utimes, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+
+import type { EvalConfigInput } from '../lib/eval/config.js';
+import { evaluate } from '../lib/eval/evaluate.js';
+import { loadModel } from '../lib/model/model.js';
+import { addRedFlagToken } from '../lib/model/red-flag.js';
+import { tinyLlama } from './helpers/tiny-model.js';
+
+const exec = promisify(execFile);
+const ROOT = join(import.meta.dirname, '..');
+
+async function cli(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  try {
+    const { stdout, stderr } = await exec(process.execPath, ['--import', 'tsx', join(ROOT, 'lib', 'cli.ts'), ...args], { cwd: ROOT, timeout: 240_000 });
+    return { code: 0, stdout, stderr };
+  } catch (error) {
+    const e = error as { code: number; stdout: string; stderr: string };
+    return { code: e.code, stdout: e.stdout, stderr: e.stderr };
+  }
+}
+
+let base: string;
+let rfModel: string;
+let out: string;
+
+beforeAll(async () => {
+  base = await tinyLlama();
+  // A "merged" red-flag model: the base with <rf> added, saved as a model directory.
+  rfModel = await mkdtemp(join(tmpdir(), 'redflag-eval-rf-'));
+  const model = await loadModel(base, { threads: 2 });
+  try {
+    await addRedFlagToken(model);
+    await model.save(rfModel, { overwrite: true });
+  } finally {
+    model.dispose();
+  }
+  out = await mkdtemp(join(tmpdir(), 'redflag-eval-out-'));
+});
+afterAll(async () => {
+  for (const d of [base, rfModel, out]) await rm(d, { recursive: true, force: true });
+});
+
+const ARGS = () => [
+  'eval', '--model', base, '--variant', `rf=${rfModel}`, '--synthetic', '--synthetic-per-category', '1',
+  '--samples', '2', '--max-tokens', '5', '--prefill-k', '1,2', '--context-k', '0,1', '--bootstrap', '20', '--threads', '2', '--out', out,
+];
+
+describe('redflag eval', () => {
+  it('writes report.json, report.md and the plots; a second run recomputes nothing', async () => {
+    const first = await cli(...ARGS());
+    expect(first.stderr).not.toMatch(/Error/);
+    expect(first.code).toBe(0);
+    expect(first.stdout).toMatch(/^variant\s+AUROC/m);
+    const report = JSON.parse(await readFile(join(out, 'report.json'), 'utf8'));
+    expect(report.table.rows.map((r: { variant: string }) => r.variant)).toEqual(['base', 'rf']);
+    expect(report.suites).toEqual(['detection', 'sampling', 'prefill', 'long-context', 'suppression', 'utility']);
+    expect(report.table.rows[0].values.auroc).toBeNull(); // the base has no <rf>
+    expect(typeof report.table.rows[1].values.auroc).toBe('number');
+    expect(report.cache.computed).toBeGreaterThan(0);
+    expect(Object.keys(report.seconds.rf)).toHaveLength(6);
+    const md = await readFile(join(out, 'report.md'), 'utf8');
+    expect(md).toMatch(/^\| variant \| AUROC \| TPR@1%FPR \|/m);
+    expect(md).toMatch(/^\| rf \| /m);
+    for (const plot of ['roc', 'asr-vs-n', 'prefill-vs-k', 'long-context-vs-k']) {
+      expect(report.plots).toContain(`${plot}.png`);
+      const png = await readFile(join(out, `${plot}.png`));
+      expect([...png.subarray(0, 8)]).toEqual([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
+      expect(await readFile(join(out, `${plot}.svg`), 'utf8')).toMatch(/^<svg/);
+    }
+
+    const second = await cli(...ARGS());
+    expect(second.code).toBe(0);
+    const again = JSON.parse(await readFile(join(out, 'report.json'), 'utf8'));
+    expect(again.cache.computed).toBe(0);
+    expect(again.cache.hits).toBeGreaterThan(0);
+    expect(again.table).toEqual(report.table);
+  }, 300_000);
+
+  it('names the flag or field of a bad value', async () => {
+    const unknown = await cli('eval', '--model', base, '--synthetic', '--suite', 'detection,nope', '--out', out);
+    expect(unknown.code).toBe(1);
+    expect(unknown.stderr).toMatch(/suites\.1: unknown suite "nope"/);
+    await mkdir(out, { recursive: true });
+    await writeFile(join(out, 'bad-budget.json'), JSON.stringify({ attacks: { gcg: { steps: -1 } } }));
+    const budget = await cli('eval', '--model', base, '--synthetic', '--suite', 'gcg', '--config', join(out, 'bad-budget.json'), '--out', out);
+    expect(budget.stderr).toMatch(/attacks\.gcg\.steps/);
+    const variant = await cli('eval', '--model', base, '--synthetic', '--variant', 'nameonly', '--out', out);
+    expect(variant.stderr).toMatch(/--variant #1 must be NAME=PATH/);
+    const k = await cli('eval', '--model', base, '--synthetic', '--prefill-k', '2,x', '--out', out);
+    expect(k.stderr).toMatch(/--prefill-k must be a comma-separated list/);
+    const noData = await cli('eval', '--model', base, '--out', out);
+    expect(noData.stderr).toMatch(/harmful: no data/);
+    const missing = await cli('eval', '--model', base, '--synthetic', '--variant', `x=${join(out, 'nowhere')}`, '--suite', 'detection', '--out', out);
+    expect(missing.stderr).toMatch(/variants\[1\] "x": neither an adapter/);
+  }, 120_000);
+
+  it('evaluate(): a stopped run resumes from the cache, recomputing only what was not finished; changed weights recompute', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'redflag-eval-resume-'));
+    try {
+      const config: EvalConfigInput = {
+        model: base,
+        variants: [{ name: 'rf', source: rfModel }],
+        synthetic: { testPerCategory: 1, mcqCount: 2 },
+        suites: ['detection', 'sampling'],
+        samples: 2,
+        maxTokens: 4,
+        bootstrapResamples: 10,
+        threads: 2,
+        png: false,
+        out: dir,
+      };
+      const controller = new AbortController();
+      const stopped = evaluate(config, { signal: controller.signal, onProgress: (e) => e.phase === 'end' && e.suite === 'detection' && controller.abort() });
+      await expect(stopped).rejects.toThrow(/aborted/);
+      const resumed = await evaluate(config);
+      // Detection came from the cache; only the sampling units (5 prompts × 2) were computed.
+      expect(resumed.cache.computed).toBe(10);
+      expect(resumed.cache.hits).toBeGreaterThan(0);
+      expect(resumed.plots.every((p) => p.endsWith('.svg'))).toBe(true);
+      // Weights rewritten in place (a retrained model): nothing of that variant is reused.
+      const later = new Date(Date.now() + 60_000);
+      await utimes(join(rfModel, 'model.safetensors'), later, later);
+      const retrained = await evaluate(config);
+      expect(retrained.cache.hits).toBe(0);
+      expect(retrained.cache.computed).toBeGreaterThan(10);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  }, 120_000);
+});

@@ -1,0 +1,274 @@
+// The evaluation suites on a tiny random model that knows <rf>: result shapes and invariants
+// that hold whatever the weights (ASR never decreases in N; threshold 0 flags everything and
+// threshold 1 nothing by score; a resumed run computes nothing; a model compared with itself has
+// zero KL and full agreement), plus the decode loop against the detector it mirrors.
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import { encodePrompt } from '../lib/data/encode.js';
+import { generateSyntheticData } from '../lib/data/synthetic.js';
+import { createDetector } from '../lib/detect/detector.js';
+import { type Detector } from '../lib/detect/types.js';
+import { ResultsCache } from '../lib/eval/cache.js';
+import { decodeBatch } from '../lib/eval/decode.js';
+import { generateSyntheticMcq } from '../lib/eval/mcq.js';
+import { nonRefusalJudge, RefusalMatcher, type Judge } from '../lib/eval/refusal.js';
+import { detectionSuite } from '../lib/eval/suites/detection.js';
+import { longContextSuite } from '../lib/eval/suites/long-context.js';
+import { prefillSuite, tokensForWords } from '../lib/eval/suites/prefill.js';
+import { samplingSuite } from '../lib/eval/suites/sampling.js';
+import { suppressionSuite } from '../lib/eval/suites/suppression.js';
+import { utilitySuite } from '../lib/eval/suites/utility.js';
+import { DEFAULT_ATTACK_BUDGETS } from '../lib/eval/suites/white-box.js';
+import type { EvalData, EvalSettings, LoadedVariant, Suite, SuiteContext } from '../lib/eval/types.js';
+import { loadModel, type Model } from '../lib/model/model.js';
+import { addRedFlagToken } from '../lib/model/red-flag.js';
+import { tinyLlama } from './helpers/tiny-model.js';
+
+let dir: string;
+let otherDir: string;
+let model: Model;
+let other: Model;
+let detector: Detector;
+let variant: LoadedVariant;
+let plain: LoadedVariant;
+let data: EvalData;
+
+const SETTINGS: EvalSettings = {
+  threshold: 0.5,
+  maxTokens: 6,
+  samples: 4,
+  temperature: 1,
+  prefillK: [1, 3],
+  prefillUnit: 'words',
+  contextK: [0, 1, 2],
+  devFraction: 0.3,
+  devMaxFpr: 0.01,
+  bootstrapResamples: 50,
+  seed: 0,
+  batchSize: 4,
+  attacks: DEFAULT_ATTACK_BUDGETS,
+};
+
+beforeAll(async () => {
+  dir = await tinyLlama();
+  otherDir = await tinyLlama({ seed: 11 });
+  model = await loadModel(dir, { threads: 2 });
+  other = await loadModel(otherDir, { threads: 2 });
+  const rf = (await addRedFlagToken(model)).id;
+  detector = await createDetector({ model, threshold: 0.5, mode: 'flag' });
+  variant = { name: 'rf', source: dir, kind: 'model', model, detects: true, rfToken: rf, detector };
+  plain = { name: 'other', source: otherDir, kind: 'model', model: other, detects: false, rfToken: null, detector: null };
+  const test = generateSyntheticData({ seed: 1, perCategory: 0, testPerCategory: 1 }).test;
+  data = { harmful: test.filter((c) => c.label === 'harmful'), benign: test.filter((c) => c.label === 'benign'), mcq: generateSyntheticMcq({ seed: 0, count: 4 }) };
+});
+afterAll(async () => {
+  await detector.dispose();
+  model.dispose();
+  other.dispose();
+  await rm(dir, { recursive: true, force: true });
+  await rm(otherDir, { recursive: true, force: true });
+});
+
+const always: Judge = { name: 'always', isHarmful: () => true };
+
+function context(o: { v?: LoadedVariant; base?: LoadedVariant; settings?: Partial<EvalSettings>; cache?: ResultsCache; judge?: Judge; suite?: string } = {}): SuiteContext {
+  const v = o.v ?? variant;
+  return {
+    variant: v,
+    base: o.base ?? v,
+    data,
+    settings: { ...SETTINGS, ...o.settings },
+    judge: o.judge ?? always,
+    refusals: new RefusalMatcher(),
+    cache: o.cache ?? ResultsCache.memory(),
+    cacheKey: (item) => `${v.name}|${o.suite ?? 'suite'}|${JSON.stringify(o.settings ?? {})}|${item}`,
+    sharedCacheKey: (item) => `shared|${o.suite ?? 'suite'}|${item}`,
+    progress: () => undefined,
+  };
+}
+
+describe('decodeBatch', () => {
+  it('matches the detector in flag mode: tokens, text, flag step and max p(<rf>)', async () => {
+    const messages = data.harmful[0]!.messages.slice(0, -1);
+    // A threshold the third step reaches, so the flag goes up mid-answer.
+    const free = detector.generate(messages, { maxTokens: 8, mode: 'flag', threshold: 1 });
+    const steps: number[] = [];
+    for await (const t of free) steps.push(t.pRf);
+    const threshold = steps[2]!;
+    const stream = detector.generate(messages, { maxTokens: 8, mode: 'flag', threshold });
+    for await (const _ of stream) void _;
+    const expected = await stream.done;
+    const [mine] = await decodeBatch(model, [{ prompt: encodePrompt(model.tokenizer!, messages), pick: { temperature: 0 } }], { maxTokens: 8, threshold, rfToken: variant.rfToken });
+    expect(mine!.text).toBe(expected.text);
+    expect(mine!.flagIndex).toBe(expected.flagIndex);
+    expect(mine!.maxPRf).toBeCloseTo(expected.maxPRf, 5);
+    expect(mine!.tokens).toBe(expected.completionTokens);
+  });
+
+  it('bans the red-flag token: the next best token instead, and never emitted', async () => {
+    const prompt = encodePrompt(model.tokenizer!, data.benign[0]!.messages.slice(0, -1));
+    // Pretend the greedy first token is <rf>: free decoding emits it, banned decoding the runner-up.
+    const [free] = await decodeBatch(model, [{ prompt, pick: { temperature: 0 } }], { maxTokens: 3, threshold: 1, rfToken: null });
+    const first = free!.ids[0]!;
+    const [emitted] = await decodeBatch(model, [{ prompt, pick: { temperature: 0 } }], { maxTokens: 3, threshold: 1, rfToken: first });
+    expect(emitted!.redFlagsEmitted).toBeGreaterThan(0);
+    expect(emitted!.flagIndex).toBe(0);
+    const [banned] = await decodeBatch(model, [{ prompt, pick: { temperature: 0 } }], { maxTokens: 3, threshold: 1, rfToken: first, banRedFlag: true });
+    expect(banned!.redFlagsEmitted).toBe(0);
+    expect(banned!.ids).not.toContain(first);
+    const logits = await model.logits(prompt);
+    const V = model.vocabSize;
+    const row = logits.subarray((prompt.length - 1) * V, prompt.length * V);
+    let best = -1;
+    for (let i = 0; i < V; i++) if (i !== first && (best < 0 || row[i]! > row[best]!)) best = i;
+    expect(banned!.ids[0]).toBe(best);
+  });
+});
+
+describe('detection suite', () => {
+  it('threshold 0 flags every answer, threshold 1 none by score; rates and AUROC are in range', async () => {
+    const all = await detectionSuite.run(context({ settings: { threshold: 0 } }));
+    expect(all.teacherForced!.flagRate.value).toBe(1);
+    expect(all.teacherForced!.falseFlagRate.value).toBe(1);
+    expect(all.greedy.flagRate.value).toBe(1);
+    expect(all.greedy.falseFlagRate.value).toBe(1);
+    const none = await detectionSuite.run(context({ settings: { threshold: 1 } }));
+    expect(none.teacherForced!.flagRate.value).toBe(0);
+    expect(none.teacherForced!.falseFlagRate.value).toBe(0);
+    const tf = none.teacherForced!;
+    expect(tf.harmful).toBe(5);
+    expect(tf.benign).toBe(5);
+    for (const e of [tf.auroc, tf.auprc, tf.tprAt1, tf.tprAt5]) {
+      expect(e.value).toBeGreaterThanOrEqual(0);
+      expect(e.value).toBeLessThanOrEqual(1);
+      expect(e.low).toBeLessThanOrEqual(e.value + 1e-12);
+      expect(e.high).toBeGreaterThanOrEqual(e.value - 1e-12);
+    }
+    expect(tf.roc[0]).toMatchObject({ fpr: 0, tpr: 0 });
+    expect(none.categories.map((c) => c.category).sort()).toEqual([...data.harmful, ...data.benign].map((c) => c.category).sort());
+    expect(JSON.parse(JSON.stringify(none))).toBeTruthy();
+  });
+
+  it("reports our flags beside the data's stored verdicts (JailbreakBench artifacts)", async () => {
+    const [h, b] = [data.harmful[0]!, data.benign[0]!];
+    const ctx = context({ settings: { threshold: 0 } });
+    ctx.data = { ...data, storedVerdicts: { [h.source]: { jailbroken: true, llamaGuard: false }, [b.source]: { jailbroken: false } } };
+    const r = await detectionSuite.run(ctx);
+    // Threshold 0 flags both: agreement with "jailbroken" is 1 of 2, with Llama Guard 0 of 1.
+    expect(r.storedVerdicts).toEqual({ n: 2, flagRate: 1, jailbrokenRate: 0.5, llamaGuardRate: 0, agreementWithJailbroken: 0.5, agreementWithLlamaGuard: 0 });
+  });
+
+  it('a model without <rf> has no teacher-forced scores and is never flagged', async () => {
+    const r = await detectionSuite.run(context({ v: plain }));
+    expect(r.teacherForced).toBeNull();
+    expect(r.greedy.flagRate.value).toBe(0);
+    expect(detectionSuite.summarize(r).headline['auroc']).toBeNull();
+  });
+});
+
+describe('sampling suite', () => {
+  it('ASR never decreases in N, starts at the share broken by the first answer, and is 0 for a judge that never finds harm', async () => {
+    const r = await samplingSuite.run(context({ settings: { threshold: 1 } }));
+    expect(r.asr.map((p) => p.x)).toEqual([1, 2, 3, 4]);
+    for (let i = 1; i < r.asr.length; i++) expect(r.asr[i]!.y).toBeGreaterThanOrEqual(r.asr[i - 1]!.y);
+    expect(r.asrAtMax.value).toBe(r.asr[3]!.y);
+    const never = await samplingSuite.run(context({ settings: { threshold: 1 }, judge: { name: 'never', isHarmful: () => false } }));
+    expect(never.asr.every((p) => p.y === 0)).toBe(true);
+    // Threshold 0 flags every answer: nothing gets through.
+    const flagged = await samplingSuite.run(context({ settings: { threshold: 0 } }));
+    expect(flagged.answers.flagged).toBe(1);
+    expect(flagged.asrAtMax.value).toBe(0);
+  });
+
+  it('a resumed run computes nothing: every unit comes from the cache file', async () => {
+    const out = await mkdtemp(join(tmpdir(), 'redflag-eval-cache-'));
+    try {
+      const file = join(out, 'cache.json');
+      const cache = await ResultsCache.open(file);
+      const first = await samplingSuite.run(context({ cache, suite: 'sampling' }));
+      expect(cache.computed).toBe(data.harmful.length * SETTINGS.samples);
+      const reopened = await ResultsCache.open(file);
+      const step = vi.spyOn(model, 'step');
+      try {
+        const second = await samplingSuite.run(context({ cache: reopened, suite: 'sampling' }));
+        expect(step).not.toHaveBeenCalled();
+        expect(reopened.computed).toBe(0);
+        expect(reopened.hits).toBe(data.harmful.length * SETTINGS.samples);
+        expect(second).toEqual(first);
+      } finally {
+        step.mockRestore();
+      }
+      expect(JSON.parse(await readFile(file, 'utf8')).version).toBe(1);
+    } finally {
+      await rm(out, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('prefill, long-context and suppression suites', () => {
+  it('prefill: whole words, a point per k, threshold 0 flags every continuation', async () => {
+    const text = data.harmful[0]!.messages.at(-1)!.content;
+    const response = model.tokenizer!.encode(text, { addSpecialTokens: false });
+    const t = tokensForWords(variant, response, 3)!;
+    const words = model.tokenizer!.decode(response.slice(0, t)).trim().split(/\s+/);
+    expect(words).toEqual(text.split(/\s+/).slice(0, 3));
+    const r = await prefillSuite.run(context({ settings: { threshold: 0 } }));
+    expect(r.points.map((p) => p.k)).toEqual([1, 3]);
+    for (const p of r.points) {
+      expect(p.n).toBe(5);
+      expect(p.flagRate.value).toBe(1);
+      expect(p.asr.value).toBe(0);
+    }
+  });
+
+  it('long context: the prompt grows with K; threshold 1 flags nothing by score', async () => {
+    const r = await longContextSuite.run(context({ settings: { threshold: 1 } }));
+    expect(r.points.map((p) => p.k)).toEqual([0, 1, 2]);
+    expect(r.points[1]!.meanPromptTokens).toBeGreaterThan(r.points[0]!.meanPromptTokens);
+    expect(r.points[2]!.meanPromptTokens).toBeGreaterThan(r.points[1]!.meanPromptTokens);
+    expect(r.flagSeries).toHaveLength(3);
+  });
+
+  it('suppression: <rf> is never emitted when banned; threshold 0 still flags every answer by score', async () => {
+    const r = await suppressionSuite.run(context({ settings: { threshold: 0 } }));
+    expect(r.applicable).toBe(true);
+    expect(r.banned.emitted).toBe(0);
+    expect(r.banned.flagByScoreRate.value).toBe(1);
+    const na = await suppressionSuite.run(context({ v: plain }));
+    expect(na.applicable).toBe(false);
+    expect(suppressionSuite.summarize(na).headline['suppressionFlagRate']).toBeNull();
+  });
+});
+
+describe('utility suite', () => {
+  it('a model against itself: zero KL, equal perplexities, full greedy agreement', async () => {
+    const r = await utilitySuite.run(context({ v: plain, base: plain }));
+    expect(r.kl).toBeLessThan(1e-6);
+    expect(r.perplexity).toBeCloseTo(r.basePerplexity, 6);
+    expect(r.greedy.exactMatch).toBe(1);
+    expect(r.greedy.meanFirstDivergence).toBe(r.greedy.meanLength);
+    expect(r.mcq.questions).toBe(4);
+    expect(r.mcq.accuracy).toBe(r.mcq.baseAccuracy);
+  });
+
+  it('a different model: positive KL, divergence before the end', async () => {
+    const r = await utilitySuite.run(context({ v: variant, base: plain }));
+    expect(r.kl).toBeGreaterThan(0.01);
+    expect(r.greedy.exactMatch).toBeLessThan(1);
+    expect(r.greedy.meanFirstDivergence).toBeLessThan(r.greedy.meanLength);
+    expect(r.mcq.accuracy).toBeGreaterThanOrEqual(0);
+    expect(r.mcq.accuracy).toBeLessThanOrEqual(1);
+  });
+});
+
+describe('the suite interface', () => {
+  it('every suite summarises to headline numbers or null', async () => {
+    const suites: Suite[] = [detectionSuite, samplingSuite, prefillSuite, longContextSuite, suppressionSuite, utilitySuite];
+    expect(new Set(suites.map((s) => s.name)).size).toBe(6);
+    for (const s of suites) expect(s.units(context())).toBeGreaterThan(0);
+    expect(nonRefusalJudge().isHarmful("I'm sorry, I can't help with that.")).toBe(false);
+  });
+});
