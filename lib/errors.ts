@@ -16,13 +16,31 @@ export type RedflagErrorCode =
   /** A request could never fit the configured limits (e.g. the KV-cache budget). */
   | 'TOO_LARGE';
 
+/**
+ * Characters a terminal may act on, which error messages quoting file contents must not carry
+ * raw: C0 controls but tab and newline (ESC starts escape sequences), DEL, C1 controls (0x9b is
+ * an 8-bit CSI), the line/paragraph separators and the bidirectional overrides.
+ */
+const CONTROL = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g;
+
+/** `text` with every {@link CONTROL} character written as a `\uXXXX` escape. */
+export function escapeControl(text: string): string {
+  return text.replace(CONTROL, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
+}
+
+/** A value read from a file, quoted for an error message: JSON string escapes, control characters escaped, at most `max` characters. */
+export function quoteText(value: string, max = 80): string {
+  return escapeControl(JSON.stringify(value.length > max ? `${value.slice(0, max)}…` : value));
+}
+
 export class RedflagError extends Error {
   readonly code: RedflagErrorCode;
   /** The file the error is about, when there is one. */
   readonly file: string | undefined;
 
   constructor(code: RedflagErrorCode, message: string, options: { file?: string; cause?: unknown } = {}) {
-    super(options.file ? `${options.file}: ${message}` : message, { cause: options.cause });
+    // Messages quote file names and contents: no control character reaches a terminal raw.
+    super(escapeControl(options.file ? `${options.file}: ${message}` : message), { cause: options.cause });
     this.name = 'RedflagError';
     this.code = code;
     this.file = options.file;

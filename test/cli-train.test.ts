@@ -7,6 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import { tinyLlama } from './helpers/tiny-model.js';
+import { findCheckpoint } from '../lib/train/checkpoint.js';
 
 const ROOT = join(import.meta.dirname, '..');
 let base: string;
@@ -90,7 +91,8 @@ describe('redflag train (CLI)', () => {
     });
     expect(r.code, r.stderr).toBe(130);
     expect(r.stderr).toMatch(/checkpoint written at step \d+/);
-    const state = JSON.parse(await readFile(join(dir, 'out-int', 'checkpoint', 'state.json'), 'utf8'));
+    const found = await findCheckpoint(join(dir, 'out-int'));
+    const state = JSON.parse(await readFile(join(found!.dir, 'state.json'), 'utf8'));
     expect(state.step).toBeGreaterThanOrEqual(1);
     const resumed = await run(args('out-int', ['--steps', String(state.step + 2), '--checkpoint-every', '0', '--resume']));
     expect(resumed.code, resumed.stderr).toBe(0);

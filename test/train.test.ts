@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { loadModel } from '../lib/model/model.js';
 import { SafetensorsFile } from '../lib/model/safetensors.js';
 import { parseTrainConfig, type TrainConfigInput } from '../lib/train/config.js';
+import { findCheckpoint } from '../lib/train/checkpoint.js';
 import { applyAdapter } from '../lib/train/export.js';
 import { train } from '../lib/train/trainer.js';
 import { tinyLlama } from './helpers/tiny-model.js';
@@ -72,7 +73,9 @@ describe('train (red-flag LoRA)', () => {
     expect(metrics[0]).toMatchObject({ type: 'step', step: 1 });
     expect(Number.isFinite(metrics[0].loss.redFlag)).toBe(true);
     expect(result.lastLoss!.total).toBeGreaterThan(0);
-    await stat(join(root, 'run-a', 'checkpoint', 'state.json'));
+    const found = await findCheckpoint(join(root, 'run-a'));
+    expect(found).toMatchObject({ step: 6, layout: 'pointer' });
+    await stat(join(found!.dir, 'state.json'));
   });
 
   it('is deterministic: the same config and seed give the same adapter', async () => {
@@ -93,7 +96,8 @@ describe('train (red-flag LoRA)', () => {
         },
       }),
     ).rejects.toMatchObject({ name: 'AbortError' });
-    const state = JSON.parse(await readFile(join(root, 'run-c', 'checkpoint', 'state.json'), 'utf8'));
+    const found = await findCheckpoint(join(root, 'run-c'));
+    const state = JSON.parse(await readFile(join(found!.dir, 'state.json'), 'utf8'));
     expect(state.step).toBe(3);
     await expect(train(config('run-c', { checkpointEvery: 2 }))).rejects.toThrow(/holds a checkpoint/);
     await train(config('run-c', { checkpointEvery: 2 }), { resume: true });

@@ -56,6 +56,7 @@ export async function configFromFlags(flags: Record<string, unknown>): Promise<T
   set('evalEvery', flags['evalEvery']);
   set('checkpointEvery', flags['checkpointEvery']);
   set('merge', flags['merge']);
+  set('overwrite', flags['overwrite']);
   set('dtype', flags['dtype']);
   set('threads', flags['threads']);
   const lora: Record<string, unknown> = {};

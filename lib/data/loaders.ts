@@ -37,7 +37,7 @@ import { createInterface } from 'node:readline';
 
 import { CsvError, parse as parseCsv } from 'csv-parse';
 
-import { RedflagError } from '../errors.js';
+import { RedflagError, quoteText } from '../errors.js';
 import { jsonErrorOffset, lineAndColumn } from '../model/config.js';
 import {
   checkMessages,
@@ -467,7 +467,7 @@ interface ResolvedColumns {
 
 /** Chooses the columns of a CSV header (throws naming the file when one is missing). */
 function resolveCsvColumns(header: readonly string[], file: string, options: LoadOptions): ResolvedColumns {
-  const shown = header.map((name) => JSON.stringify(name)).join(', ');
+  const shown = header.map((name) => quoteText(name, 40)).join(', ');
   const explicit = (name: string | undefined, option: string): number => {
     if (name === undefined) return -1;
     const index = findColumn(header, name);

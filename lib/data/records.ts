@@ -10,7 +10,7 @@
  *
  * @module
  */
-import { RedflagError } from '../errors.js';
+import { RedflagError, escapeControl, quoteText } from '../errors.js';
 
 /** Roles a conversation may use. */
 export type Role = 'system' | 'user' | 'assistant';
@@ -78,7 +78,8 @@ export function recordError(source: string, reason: string, cause?: unknown): Re
 export class RowProblem extends Error {
   /** Creates a problem with its reason (`field "x" is empty`, ...). */
   constructor(reason: string) {
-    super(reason);
+    // Reasons quote file contents and are also reported for skipped rows: no raw control characters.
+    super(escapeControl(reason));
     this.name = 'RowProblem';
   }
 }
@@ -105,7 +106,7 @@ export function parseLabel(value: unknown, what: string): Label {
     if (['harmful', 'unsafe', 'true', 'yes', '1'].includes(text)) return 'harmful';
     if (['benign', 'safe', 'harmless', 'false', 'no', '0'].includes(text)) return 'benign';
   }
-  const shown = typeof value === 'string' ? JSON.stringify(value) : jsonTypeName(value) === 'number' ? String(value) : jsonTypeName(value);
+  const shown = typeof value === 'string' ? quoteText(value) : jsonTypeName(value) === 'number' ? String(value) : jsonTypeName(value);
   throw new RowProblem(`${what} must be "harmful" or "benign" (or a boolean), got ${shown}`);
 }
 
@@ -157,7 +158,7 @@ export function checkMessages(value: unknown, options: CheckMessagesOptions = {}
     if (role === undefined) throw new RowProblem(`missing ${name(index, 'role')}`);
     if (typeof role !== 'string') throw new RowProblem(`${name(index, 'role')} must be a string, got ${jsonTypeName(role)}`);
     if (!(ROLES as readonly string[]).includes(role)) {
-      throw new RowProblem(`${name(index, 'role')} is ${JSON.stringify(role)}; expected "system", "user" or "assistant"`);
+      throw new RowProblem(`${name(index, 'role')} is ${quoteText(role)}; expected "system", "user" or "assistant"`);
     }
     if (content === undefined) throw new RowProblem(`missing ${name(index, 'content')}`);
     if (typeof content !== 'string') throw new RowProblem(`${name(index, 'content')} must be a string, got ${jsonTypeName(content)}`);
@@ -192,7 +193,7 @@ export function validateConversation(conversation: Conversation, options: { allo
   try {
     if (typeof conversation !== 'object' || conversation === null) throw new RowProblem(`must be an object, got ${jsonTypeName(conversation)}`);
     if (conversation.label !== 'harmful' && conversation.label !== 'benign') {
-      throw new RowProblem(`field "label" must be "harmful" or "benign", got ${JSON.stringify(conversation.label)}`);
+      throw new RowProblem(`field "label" must be "harmful" or "benign", got ${quoteText(String(conversation.label))}`);
     }
     const { responseMissing } = checkMessages(conversation.messages, { allowPromptOnly: true });
     if (responseMissing !== (conversation.responseMissing === true)) {

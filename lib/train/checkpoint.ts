@@ -1,0 +1,330 @@
+/**
+ * Training checkpoints that survive a kill at any instant.
+ *
+ * Layout: each checkpoint is a folder `OUT/checkpoints/step-000120-<id>/` (`params.safetensors`,
+ * `state.json`), and `OUT/checkpoint.json` names the current one with its files' sizes.
+ * Publishing a checkpoint writes the new folder completely under a temporary name, renames it
+ * into place, then replaces `checkpoint.json` with one rename: a kill before that rename leaves
+ * the old pointer and its folder untouched, a kill after it the new ones. The superseded folder
+ * is removed after publication; whatever a killed run left (temporary folders, superseded
+ * copies) is removed at the next start. Resume reads the folder the pointer names, checking the
+ * recorded sizes, so a damaged copy is an error that names the file instead of a wrong run.
+ *
+ * The previous layout (`OUT/checkpoint/`, replaced by two renames through `checkpoint.tmp-PID`
+ * and `checkpoint.old-PID`) is still read: the newest complete copy among those folders is
+ * resumed, which recovers from a kill between the two renames, and they are removed once a
+ * checkpoint of the new layout is published.
+ *
+ * One run at a time writes to an output directory: `OUT/.train.lock` holds the writer's pid, and
+ * a lock whose process is gone (killed) is taken over.
+ * @module
+ */
+import { randomBytes } from 'node:crypto';
+import { mkdir, open, readdir, readFile, rename, rm, stat, unlink } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
+
+import { RedflagError } from '../errors.js';
+import type { Model } from '../model/model.js';
+import { SafetensorsFile, writeFileAtomic, writeSafetensors, type RawTensor } from '../model/safetensors.js';
+import type { TrainConfig } from './config.js';
+
+const POINTER = 'checkpoint.json';
+const FOLDER = 'checkpoints';
+const LOCK = '.train.lock';
+const LEGACY = /^checkpoint(\.(tmp|old)-\d+)?$/;
+
+interface CheckpointState {
+  version: 1;
+  step: number;
+  config: TrainConfig;
+  params: string[];
+}
+
+interface Pointer {
+  version: 2;
+  /** The folder, relative to the output directory. */
+  dir: string;
+  step: number;
+  /** Size in bytes of each file of the folder. */
+  files: Record<string, number>;
+}
+
+/** A checkpoint found in an output directory. */
+export interface FoundCheckpoint {
+  /** Its folder (absolute or relative to the working directory, as the output was given). */
+  dir: string;
+  step: number;
+  /** `checkpoint.json` (this layout), or the previous layout's folder. */
+  layout: 'pointer' | 'legacy';
+}
+
+const exists = (path: string) => stat(path).then(() => true, () => false);
+
+/** A test hook: `REDFLAG_TEST_KILL_AT=before-publish:N` (or `after-publish:N`) kills the process at the Nth publication. */
+let publications = 0;
+function testKillPoint(point: 'before-publish' | 'after-publish'): void {
+  const spec = process.env['REDFLAG_TEST_KILL_AT'];
+  if (!spec) return;
+  const [where, n] = spec.split(':');
+  if (where === point && Number(n) === publications) process.kill(process.pid, 'SIGKILL');
+}
+
+async function readPointer(output: string): Promise<Pointer | null> {
+  const file = join(output, POINTER);
+  let text: string;
+  try {
+    text = await readFile(file, 'utf8');
+  } catch (error) {
+    if ((error as { code?: unknown }).code === 'ENOENT') return null;
+    throw new RedflagError('INVALID_FILE', `cannot read the checkpoint pointer (${String((error as { code?: unknown }).code ?? error)})`, { file, cause: error });
+  }
+  try {
+    const p = JSON.parse(text) as Pointer;
+    if (p.version !== 2 || typeof p.dir !== 'string' || !Number.isInteger(p.step) || typeof p.files !== 'object' || p.files === null) throw new Error('unknown layout');
+    return p;
+  } catch (cause) {
+    throw new RedflagError('INVALID_FILE', 'the checkpoint pointer is damaged (expected {"version": 2, "dir", "step", "files"})', { file, cause });
+  }
+}
+
+async function legacyCopies(output: string): Promise<{ dir: string; step: number }[]> {
+  const entries = await readdir(output).catch(() => [] as string[]);
+  const found: { dir: string; step: number }[] = [];
+  for (const name of entries.filter((e) => LEGACY.test(e))) {
+    const dir = join(output, name);
+    try {
+      // state.json is written last into a copy: its presence marks a complete one.
+      const state = JSON.parse(await readFile(join(dir, 'state.json'), 'utf8')) as CheckpointState;
+      if (Number.isInteger(state.step) && (await exists(join(dir, 'params.safetensors')))) found.push({ dir, step: state.step });
+    } catch {
+      // incomplete (killed while writing): not a candidate
+    }
+  }
+  return found.sort((a, b) => b.step - a.step);
+}
+
+/** The checkpoint to resume from in `output`, or null when there is none. */
+export async function findCheckpoint(output: string): Promise<FoundCheckpoint | null> {
+  const pointer = await readPointer(output);
+  if (pointer) return { dir: join(output, pointer.dir), step: pointer.step, layout: 'pointer' };
+  const [newest] = await legacyCopies(output);
+  return newest ? { ...newest, layout: 'legacy' } : null;
+}
+
+/**
+ * Removes what killed runs left in `output`: checkpoint folders the pointer does not name
+ * (temporary or superseded) and, once a pointer exists, the previous layout's folders. Returns
+ * the removed paths. Call it while holding the lock, before writing.
+ */
+export async function removeStaleCheckpoints(output: string): Promise<string[]> {
+  const pointer = await readPointer(output);
+  const removed: string[] = [];
+  const folder = join(output, FOLDER);
+  for (const name of await readdir(folder).catch(() => [] as string[])) {
+    if (pointer && join(FOLDER, name) === pointer.dir) continue;
+    // Without a pointer no folder of this layout was ever published: all are leftovers.
+    await rm(join(folder, name), { recursive: true, force: true });
+    removed.push(join(folder, name));
+  }
+  if (pointer) {
+    for (const name of (await readdir(output)).filter((e) => LEGACY.test(e))) {
+      await rm(join(output, name), { recursive: true, force: true });
+      removed.push(join(output, name));
+    }
+  } else {
+    // Previous layout: keep the newest complete copy (the one resume uses), drop the rest.
+    const [keep] = await legacyCopies(output);
+    for (const name of (await readdir(output).catch(() => [] as string[])).filter((e) => LEGACY.test(e))) {
+      if (keep && join(output, name) === keep.dir) continue;
+      await rm(join(output, name), { recursive: true, force: true });
+      removed.push(join(output, name));
+    }
+  }
+  return removed;
+}
+
+/** Removes every checkpoint in `output`, of either layout (starting over with `overwrite`). */
+export async function removeCheckpoints(output: string): Promise<void> {
+  await rm(join(output, POINTER), { force: true }); // first: a kill below leaves only leftovers
+  await rm(join(output, FOLDER), { recursive: true, force: true });
+  for (const name of (await readdir(output)).filter((e) => LEGACY.test(e))) await rm(join(output, name), { recursive: true, force: true });
+}
+
+/** Writes the trainer state as a new checkpoint and publishes it (see the module description). */
+export async function writeCheckpoint(model: Model, config: TrainConfig, step: number): Promise<void> {
+  const output = config.output;
+  const name = `step-${String(step).padStart(6, '0')}-${randomBytes(4).toString('hex')}`;
+  const folder = join(output, FOLDER);
+  const tmp = join(folder, `${name}.tmp`);
+  await mkdir(tmp, { recursive: true });
+  const params = model.engine.params();
+  const tensors = new Map<string, RawTensor>();
+  for (const p of params) {
+    for (const part of ['value', 'm', 'v'] as const) {
+      const data = model.engine.getParam(p.name, part);
+      tensors.set(`${p.name}#${part}`, { dtype: 'F32', shape: [data.length], data: new Uint8Array(data.buffer, data.byteOffset, data.byteLength) });
+    }
+  }
+  await writeSafetensors(join(tmp, 'params.safetensors'), tensors);
+  const state: CheckpointState = { version: 1, step, config, params: params.map((p) => p.name) };
+  await writeFileAtomic(join(tmp, 'state.json'), [new TextEncoder().encode(JSON.stringify(state, null, 2))]);
+  const files: Record<string, number> = {};
+  for (const f of ['params.safetensors', 'state.json']) files[f] = (await stat(join(tmp, f))).size;
+  await rename(tmp, join(folder, name));
+  await syncDirectory(folder);
+
+  const previous = await readPointer(output);
+  publications++;
+  testKillPoint('before-publish');
+  const pointer: Pointer = { version: 2, dir: join(FOLDER, name), step, files };
+  await writeFileAtomic(join(output, POINTER), [new TextEncoder().encode(JSON.stringify(pointer, null, 2) + '\n')], { overwrite: true });
+  await syncDirectory(output);
+  testKillPoint('after-publish');
+  if (previous && previous.dir !== pointer.dir) await rm(join(output, previous.dir), { recursive: true, force: true });
+  for (const legacy of (await readdir(output)).filter((e) => LEGACY.test(e))) await rm(join(output, legacy), { recursive: true, force: true });
+}
+
+/** Makes a rename in `dir` durable (a directory fsync; skipped where the platform refuses it). */
+async function syncDirectory(dir: string): Promise<void> {
+  const handle = await open(dir, 'r').catch(() => null);
+  if (!handle) return;
+  try {
+    await handle.sync();
+  } catch {
+    // some file systems do not fsync directories
+  } finally {
+    await handle.close();
+  }
+}
+
+/** The configuration fields that differ between a checkpoint's run and this one (steps and intervals may change). */
+export function configDifferences(saved: TrainConfig, current: TrainConfig): string[] {
+  const ignored = new Set(['steps', 'evalEvery', 'checkpointEvery', 'threads', 'overwrite']);
+  const flat = (value: unknown, prefix: string, out: Map<string, string>): Map<string, string> => {
+    if (value !== null && typeof value === 'object' && !Array.isArray(value)) {
+      for (const [k, v] of Object.entries(value)) if (!(prefix === '' && ignored.has(k))) flat(v, prefix ? `${prefix}.${k}` : k, out);
+    } else if (value !== undefined) {
+      out.set(prefix, JSON.stringify(value));
+    }
+    return out;
+  };
+  const a = flat(saved, '', new Map());
+  const b = flat(current, '', new Map());
+  const keys = [...new Set([...a.keys(), ...b.keys()])].sort();
+  return keys.filter((k) => a.get(k) !== b.get(k)).map((k) => `${k}: ${a.get(k) ?? '(unset)'} -> ${b.get(k) ?? '(unset)'}`);
+}
+
+/** Restores the checkpoint in `config.output`; returns the step to continue from. */
+export async function readCheckpoint(model: Model, config: TrainConfig): Promise<number> {
+  const found = await findCheckpoint(config.output);
+  if (!found) throw new RedflagError('NOT_FOUND', 'no checkpoint to resume from', { file: config.output });
+  const stateFile = join(found.dir, 'state.json');
+  if (found.layout === 'pointer') {
+    const pointer = (await readPointer(config.output))!;
+    for (const [file, size] of Object.entries(pointer.files)) {
+      const actual = await stat(join(found.dir, file)).then((s) => s.size, () => -1);
+      if (actual !== size) {
+        throw new RedflagError('INVALID_FILE', `the checkpoint is damaged: ${actual < 0 ? 'missing' : `${actual} bytes, ${size} recorded`}`, { file: join(found.dir, file) });
+      }
+    }
+  }
+  let state: CheckpointState;
+  try {
+    state = JSON.parse(await readFile(stateFile, 'utf8')) as CheckpointState;
+  } catch (cause) {
+    throw new RedflagError('INVALID_FILE', `the checkpoint state is unreadable (${(cause as Error).message})`, { file: stateFile, cause });
+  }
+  const differences = configDifferences(state.config, config);
+  if (differences.length > 0) {
+    throw new RedflagError('INVALID_ARGUMENT', `the checkpoint was written by a run with a different configuration; resume needs the same one (${differences.join('; ')})`, {
+      file: stateFile,
+    });
+  }
+  const file = await SafetensorsFile.open(join(found.dir, 'params.safetensors'));
+  try {
+    for (const name of state.params) {
+      for (const part of ['value', 'm', 'v'] as const) {
+        const t = await file.read(`${name}#${part}`);
+        model.engine.setParam(name, part, new Float32Array(t.data.buffer.slice(t.data.byteOffset, t.data.byteOffset + t.data.byteLength)));
+      }
+    }
+  } finally {
+    await file.close();
+  }
+  model.engine.paramsChanged();
+  model.engine.setOptimizerStep(state.step);
+  return state.step;
+}
+
+/**
+ * Drops the lines of `metrics.jsonl` past `step` (a killed run wrote them after its last
+ * checkpoint; the resumed run writes them again), and with `finalEval` the evaluation line at
+ * `step` too (a run resumed from its final checkpoint evaluates again), rewriting the file
+ * atomically. Returns the number of lines dropped.
+ */
+export async function truncateMetrics(file: string, step: number, options: { finalEval?: boolean } = {}): Promise<number> {
+  let text: string;
+  try {
+    text = await readFile(file, 'utf8');
+  } catch (error) {
+    if ((error as { code?: unknown }).code === 'ENOENT') return 0;
+    throw error;
+  }
+  const lines = text.split('\n').filter((l) => l.length > 0);
+  const kept = lines.filter((line) => {
+    try {
+      const record = JSON.parse(line) as { step?: unknown; type?: unknown };
+      if (typeof record.step !== 'number') return true;
+      return record.step < step || (record.step === step && !(options.finalEval && record.type === 'eval'));
+    } catch {
+      return false; // a line cut by the kill
+    }
+  });
+  if (kept.length === lines.length && text.endsWith('\n')) return 0;
+  await writeFileAtomic(file, [new TextEncoder().encode(kept.map((l) => `${l}\n`).join(''))], { overwrite: true });
+  return lines.length - kept.length;
+}
+
+/** Output directories this process holds the lock of (its pid in the lock file cannot tell two runs of one process apart). */
+const heldHere = new Set<string>();
+
+/** Takes the output directory's lock (one writer at a time); returns its release. */
+export async function lockOutput(output: string): Promise<() => Promise<void>> {
+  const file = join(output, LOCK);
+  const key = resolve(output);
+  if (heldHere.has(key)) throw new RedflagError('INVALID_ARGUMENT', 'another training run of this process is writing to this output directory', { file: output });
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      const handle = await open(file, 'wx');
+      try {
+        await handle.writeFile(`${process.pid}\n`);
+      } finally {
+        await handle.close();
+      }
+      heldHere.add(key);
+      return async () => {
+        heldHere.delete(key);
+        await unlink(file).catch(() => undefined);
+      };
+    } catch (error) {
+      if ((error as { code?: unknown }).code !== 'EEXIST') {
+        throw new RedflagError('INVALID_ARGUMENT', `cannot create the lock file (${String((error as { code?: unknown }).code ?? error)})`, { file, cause: error });
+      }
+      const pid = Number((await readFile(file, 'utf8').catch(() => '')).trim());
+      if (Number.isInteger(pid) && pid > 0 && pid !== process.pid && alive(pid)) {
+        throw new RedflagError('INVALID_ARGUMENT', `another training run (pid ${pid}) is writing to this output directory`, { file: output });
+      }
+      await unlink(file).catch(() => undefined); // its process is gone (killed): take it over
+    }
+  }
+  throw new RedflagError('INVALID_ARGUMENT', 'cannot take the output directory lock', { file });
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return (error as { code?: unknown }).code === 'EPERM';
+  }
+}
