@@ -80,5 +80,37 @@ export type {
 } from './detect/types.js';
 
 // The OpenAI-compatible HTTP server.
-export { createServer, type ServerOptions } from './server/app.js';
+export { buildServer, createServer, type DrainResult, type RedflagServer, type ServerOptions, type ServerState } from './server/app.js';
 export { serve, type ServeOptions, type RunningServer } from './server/serve.js';
+
+// Evaluation: detection statistics, attacks, utility, the report.
+export { evaluate, loadEvalData, type EvalProgress, type EvaluateHooks } from './eval/evaluate.js';
+export { parseEvalConfig, evalConfigSchema, type EvalConfig, type EvalConfigInput } from './eval/config.js';
+export {
+  auroc,
+  auprc,
+  rocCurve,
+  tprAtFpr,
+  chooseThreshold,
+  rateAtThreshold,
+  bootstrap,
+  bootstrapTwoSample,
+  rateEstimate,
+  devTestSplit,
+  type Estimate,
+  type RocPoint,
+  type BootstrapOptions,
+} from './eval/stats.js';
+export { DEFAULT_REFUSAL_PHRASES, RefusalMatcher, isRefusal, nonRefusalJudge, syntheticJudge, type Judge } from './eval/refusal.js';
+export { generateSyntheticMcq, loadMcQuestions, type McQuestion } from './eval/mcq.js';
+export { formatTable, type EvalReport, type ReportTable } from './eval/report.js';
+export { DEFAULT_SUITES, SUITE_NAMES, type AttackBudgets, type Suite, type SuiteContext, type SuiteName, type EvalSettings, type LoadedVariant, type EvalData } from './eval/types.js';
+export { DEFAULT_ATTACK_BUDGETS } from './eval/suites/white-box.js';
+export { judgeSyntheticHarmful, matchSyntheticHarmfulTerms, syntheticHarmfulTerms } from './data/synthetic.js';
+export { loadEvalFile, detectEvalFormat, type EvalFileResult, type EvalFormat, type StoredVerdict } from './data/formats.js';
+
+// White-box attacks (the eval suites embedding, gcg and finetune run them).
+export { AttackModel, type AttackLoss, type AttackTarget } from './attack/gradient-model.js';
+export { embeddingAttack, type EmbeddingAttackOptions, type EmbeddingAttackResult } from './attack/embedding.js';
+export { gcgAttack, type GcgOptions, type GcgResult } from './attack/gcg.js';
+export { fineTuneAttack, mergeAdapterInto, type FineTuneAttackOptions } from './attack/finetune.js';

@@ -7,6 +7,7 @@ import { Command, InvalidArgumentError } from 'commander';
 import { RedflagError } from '../errors.js';
 import { loadModel, type Model } from '../model/model.js';
 import { runDemo } from '../demo.js';
+import { runEval } from './eval.js';
 import { runTrain } from './train.js';
 import { runServe, type ServeFlags } from './serve.js';
 
@@ -197,6 +198,7 @@ export function buildProgram(): Command {
     .option('--eval-every <n>', 'held-out evaluation interval in steps (0: only at the end)', integer('eval-every', 0))
     .option('--checkpoint-every <n>', 'checkpoint interval in steps (0: only at the end)', integer('checkpoint-every', 0))
     .option('--resume', 'continue from the checkpoint in the output directory')
+    .option('--overwrite', 'start over in an output directory that holds an earlier run (its checkpoint, metrics and results are replaced)')
     .option('--merge', 'also write the merged model')
     .option('--dtype <dtype>', "frozen weights: 'f32' or 'bf16'", dtype)
     .option('--threads <n>', 'threads for native work', integer('threads', 1))
@@ -214,8 +216,55 @@ export function buildProgram(): Command {
     .option('--mode <mode>', 'on a flag: block | flag | reflect', mode, 'block')
     .option('--max-concurrent <n>', 'most requests in flight (more get 429)', integer('max-concurrent', 1), 64)
     .option('--kv-cache-mb <n>', 'KV cache budget for all generations together, MiB (default 2048)', integer('kv-cache-mb', 1))
+    .option('--drain-seconds <n>', 'on SIGTERM, how long running requests may finish before they are cancelled', number('drain-seconds', 0), 30)
+    .option('--no-request-log', 'do not write the JSON log line per request to stdout')
+    .option('--log-content', 'add prompts and answers to the request log lines (off: they may be personal or harmful)')
     .action(async (flags: ServeFlags) => {
       await runServe(flags);
+    });
+
+  program
+    .command('eval')
+    .description('measure detection, attacks and utility of variants against the base model (see README, Evaluation)')
+    .option('-c, --config <file>', 'JSON eval config (flags override its fields)')
+    .option('-m, --model <dir>', 'the base model directory')
+    .option('--variant <name=path...>', 'a model under test: NAME=ADAPTER_DIR, NAME=MODEL_DIR or base (repeatable; the base is always included)')
+    .option('--harmful <files...>', 'data files whose conversations are all harmful')
+    .option('--benign <files...>', 'data files whose conversations are all benign')
+    .option('--data <files...>', 'data files labelled per row or by their format (XSTest, JailbreakBench artifacts)')
+    .option('--synthetic', "the built-in synthetic corpus's held-out test split")
+    .option('--synthetic-per-category <n>', 'training conversations per category the synthetic test split is drawn beside, as train and demo draw it (30: demo --small, 60: demo); the test split has a quarter of that', integer('synthetic-per-category', 1))
+    .option('--mcq <file>', 'JSONL of {question, choices, answer} for the utility suite')
+    .option('--prompt-column <name>', 'CSV column with the prompt')
+    .option('--response-column <name>', 'CSV column with the response')
+    .option('--label-column <name>', 'CSV column with the label')
+    .option('--limit <n>', 'at most n harmful and n benign conversations', integer('limit', 1))
+    .option('--suite <names...>', 'suites, comma-separated: detection,sampling,prefill,long-context,suppression,utility,embedding,gcg,finetune (default: the first six; the white-box attacks embedding, gcg and finetune when named)')
+    .option('--samples <n>', 'sampling attack: answers per harmful prompt', integer('samples', 1))
+    .option('--temperature <t>', 'sampling attack: temperature', number('temperature', 0))
+    .option('--max-tokens <n>', 'most tokens per generated answer', integer('max-tokens', 1))
+    .option('--prefill-k <list>', 'prefill attack: answer-start lengths, e.g. 2,4,8,16')
+    .option('--prefill-unit <unit>', "prefill lengths in 'words' or 'tokens'")
+    .option('--context-k <list>', 'long-context attack: benign exchanges before the request, e.g. 0,2,4')
+    .option('--epsilons <list>', 'embedding attack: radii relative to each prompt embedding norm, e.g. 0,0.05,0.1,0.2,0.5')
+    .option('--embedding-steps <n>', 'embedding attack: PGD steps', integer('embedding-steps', 1))
+    .option('--gcg-steps <n>', 'GCG attack: optimisation steps', integer('gcg-steps', 0))
+    .option('--attack-items <n>', 'embedding and GCG attacks: harmful conversations attacked', integer('attack-items', 1))
+    .option('--finetune-steps <n>', 'fine-tuning attack: LoRA steps on harmful answers', integer('finetune-steps', 1))
+    .option('--threshold <p>', 'p(<rf>) at which an answer counts as flagged', number('threshold', 0, 1))
+    .option('--dev-fraction <f>', 'share of labelled data used to choose a threshold', number('dev-fraction', 0, 1))
+    .option('--dev-max-fpr <f>', 'false-flag rate the dev threshold aims at', number('dev-max-fpr', 0, 1))
+    .option('--bootstrap <n>', 'bootstrap resamples per confidence interval', integer('bootstrap', 1))
+    .option('--judge <name>', "harmfulness judge: 'auto', 'synthetic' or 'non-refusal'")
+    .option('--refusal-phrases <file>', 'refusal phrases, one per line (replaces the default list)')
+    .option('--seed <n>', 'seed of sampling, splits and bootstraps', integer('seed', 0))
+    .option('--batch-size <n>', 'sequences decoded together', integer('batch-size', 1))
+    .option('-o, --out <dir>', 'output directory: report.json, report.md, plots, cache.json')
+    .option('--no-png', 'write the plots as SVG only')
+    .option('--dtype <dtype>', "weights in the engine: 'f32' or 'bf16'", dtype)
+    .option('--threads <n>', 'threads for native work', integer('threads', 1))
+    .action(async (flags: Record<string, unknown>) => {
+      await runEval(flags);
     });
 
   program
