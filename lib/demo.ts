@@ -2,14 +2,16 @@
  * `redflag demo` (`npm start`): the end-to-end job on built-in defaults, needing no download.
  * A random-initialised Llama-architecture model (with a real 32000-token tokenizer) learns the
  * language of the project's synthetic chat set; a red-flag LoRA adapter and a refusal LoRA
- * baseline are trained on it; both are measured on held-out templates; and the red-flag model
- * then answers a held-out harmful prompt with p(`<rf>`) shown at every step.
+ * baseline are trained on it; both are measured on held-out templates; the red-flag model
+ * then answers a held-out harmful prompt with p(`<rf>`) shown at every step; and `redflag eval`
+ * compares base, red-flag and refusal models under attacks (lib/demo-eval.ts).
  * @module
  */
 import { mkdtemp } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
+import { runDemoEval } from './demo-eval.js';
 import { createDetector } from './detect/detector.js';
 import { generateSyntheticData } from './data/synthetic.js';
 import { loadModel } from './model/model.js';
@@ -76,6 +78,11 @@ export async function runDemo(options: { out?: string; threads?: number; small?:
   } finally {
     model.dispose();
   }
+  // The eval suite over base / red-flag / refusal on the same held-out templates: attacks,
+  // detection quality and utility in one comparison table, with plots.
+  log('');
+  log('evaluation (redflag eval): detection, sampling, prefill, long-context, suppression, utility and white-box attacks');
+  const evaluation = await runDemoEval(result, size.perCategory, dir, log, options.threads);
   const figures = {
     demo: 'redflag',
     dir,
@@ -85,6 +92,7 @@ export async function runDemo(options: { out?: string; threads?: number; small?:
     lmFinalLoss: result.lmFinalLoss,
     seconds: result.seconds,
     detection: { ...detection, trace },
+    eval: evaluation,
   };
   console.log(JSON.stringify(figures, null, 2));
   return figures;
