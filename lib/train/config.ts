@@ -57,6 +57,13 @@ export const trainConfigSchema = z.strictObject({
       /** Response tokens before the first position where `<rf>` may be asked for. */
       rfOffset: z.number().int().min(0).default(0),
       rfAggregation: z.enum(['any', 'mean', 'single']).default('any'),
+      /**
+       * Positions sampled per harmful conversation, one in each of this many equal strata of the
+       * response, each with its own red-flag group (window): flag targets spread over the answer.
+       */
+      rfSamples: z.number().int().min(1).max(64).default(1),
+      /** Positions in a window, ending at its sampled position; 0: from `rfOffset` on (the paper's). */
+      rfWindow: z.number().int().min(0).default(0),
     })
     .prefault({}),
   optimizer: z
@@ -89,6 +96,11 @@ export const trainConfigSchema = z.strictObject({
   threads: z.number().int().min(1).optional(),
   /** Also write the merged full model (HF format) at the end. */
   merge: z.boolean().default(false),
+  /**
+   * Start over in an output directory that holds a previous run's checkpoint, metrics or results
+   * (adapter/, model/, merged/): they are replaced. Without it such a directory is refused.
+   */
+  overwrite: z.boolean().default(false),
 });
 
 /** A validated training configuration (defaults filled in). */

@@ -9,6 +9,14 @@
  *   inserts `<rf>` before token i, asks for `<rf>` at positions start + rfOffset … i
  *   (aggregated as the loss options say), and adds KL to π_ref on the text without `<rf>` for
  *   the response tokens after the flag. No row ever raises the likelihood of harmful text.
+ *   With `rfSamples` S > 1 it samples S positions, one in each of S equal strata of the
+ *   response, each with its own group (window), so every part of the answer is asked to flag;
+ *   with `rfWindow` W > 0 a window is the W positions ending at its sampled position rather than
+ *   everything from start + rfOffset (with `any` aggregation a window from the start is
+ *   satisfied by one early flag, so later positions never learn to flag: the answer goes
+ *   unflagged once an attacker has prefilled past its opener). `<rf>` is inserted at the
+ *   latest sampled position; every window ends at or before it, so its rows see the text
+ *   without `<rf>`.
  * - `refusal` (the baseline): harmful prompts get cross-entropy to a refusal answer (the
  *   examples carry it as their response); benign conversations the same KL as above.
  * - `lm`: cross-entropy on every response token (language-model training).
@@ -16,6 +24,7 @@
  */
 import type { EncodedConversation } from '../data/encode.js';
 import { insertRedFlag } from '../data/encode.js';
+import { RedflagError } from '../errors.js';
 
 /** The loss kinds the native step understands (native/model/train.h LossRow::Kind). */
 export const enum RowKind {
@@ -36,7 +45,7 @@ export interface StepInput {
   reference: number[][];
   /** Loss rows, 5 integers each: kind, row, reference row, group, target. */
   rows: Int32Array;
-  /** Number of harmful conversations (red-flag groups). */
+  /** Number of red-flag groups (one per window: `rfSamples` per harmful conversation). */
   groups: number;
 }
 
@@ -47,8 +56,43 @@ export interface BuildStepOptions {
   rfToken?: number;
   /** The first response position where the flag may be asked for. */
   rfOffset?: number;
+  /** Positions sampled per harmful conversation, one per stratum (integer ≥ 1). Default 1. */
+  rfSamples?: number;
+  /** Positions in each window, ending at its sampled position; 0 (default): from the first allowed position. */
+  rfWindow?: number;
   /** Uniform random numbers in [0, 1) for the flag position. */
   rng: () => number;
+}
+
+/** One red-flag group: `<rf>` is asked for at positions `from` … `to` (inclusive). */
+export interface FlagWindow {
+  from: number;
+  to: number;
+}
+
+/**
+ * The red-flag windows of one harmful response whose flag may be asked for at positions
+ * `first` … `end − 1`: `samples` positions, the s-th drawn uniformly from the s-th of `samples`
+ * equal strata of that range (strata that come out empty, when the range is shorter than
+ * `samples`, are skipped), each ending a window of `window` positions (0: from `first`).
+ * Ascending by end; one `rng()` draw per window, so `samples` 1 and `window` 0 draw as the
+ * original single-position sampling did.
+ */
+export function sampleFlagWindows(first: number, end: number, options: { samples?: number; window?: number }, rng: () => number): FlagWindow[] {
+  const samples = options.samples ?? 1;
+  const window = options.window ?? 0;
+  if (!Number.isInteger(samples) || samples < 1) throw new RedflagError('INVALID_ARGUMENT', `loss.rfSamples must be an integer ≥ 1, got ${String(samples)}`);
+  if (!Number.isInteger(window) || window < 0) throw new RedflagError('INVALID_ARGUMENT', `loss.rfWindow must be an integer ≥ 0, got ${String(window)}`);
+  const span = end - first;
+  const out: FlagWindow[] = [];
+  for (let s = 0; s < samples; s++) {
+    const lo = first + Math.floor((s * span) / samples);
+    const hi = first + Math.floor(((s + 1) * span) / samples);
+    if (hi <= lo) continue;
+    const to = lo + Math.floor(rng() * (hi - lo));
+    out.push({ from: window > 0 ? Math.max(first, to - window + 1) : first, to });
+  }
+  return out;
 }
 
 /** Builds the native step input for a batch. */
@@ -83,14 +127,17 @@ export function buildStep(examples: readonly EncodedConversation[], options: Bui
     // Harmful, objective redflag.
     if (options.rfToken === undefined) throw new Error('buildStep: the redflag objective needs rfToken');
     const first = Math.min(start + rfOffset, end - 1);
-    const i = first + Math.floor(options.rng() * (end - first));
+    const windows = sampleFlagWindows(first, end, { samples: options.rfSamples ?? 1, window: options.rfWindow ?? 0 }, options.rng);
+    const i = windows[windows.length - 1]!.to;
     const flagged = insertRedFlag(ex, i - start, options.rfToken);
-    const group = groups++;
     batch.push(flagged.ids);
     reference.push(ex.ids);
-    // <rf> wanted at positions first..i: row j - 1 predicts position j (rows before the flag
-    // see the same text as the original).
-    for (let j = first; j <= i; j++) rows.push(RowKind.RedFlag, rowBase + j - 1, -1, group, options.rfToken);
+    // <rf> wanted at each window's positions: row j - 1 predicts position j (rows up to the
+    // flag at i see the same text as the original).
+    for (const w of windows) {
+      const group = groups++;
+      for (let j = w.from; j <= w.to; j++) rows.push(RowKind.RedFlag, rowBase + j - 1, -1, group, options.rfToken);
+    }
     // After the flag: row j of the flagged text and its aligned row in the original predict
     // the same response token; keep the text's distribution where it was.
     for (let j = flagged.rfIndex; j < flagged.ids.length - 1; j++) {

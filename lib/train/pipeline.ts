@@ -6,7 +6,7 @@
  * integration test at a small one.
  * @module
  */
-import { mkdir, readFile } from 'node:fs/promises';
+import { access, mkdir, readFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 
@@ -17,6 +17,7 @@ import { loadModel } from '../model/model.js';
 import { writeRandomModel, type RandomModelSpec } from '../model/random-model.js';
 import { applyAdapter } from './export.js';
 import { evaluateRedFlag, type EvalResult } from './evaluate.js';
+import type { TrainConfigInput } from './config.js';
 import { train, type StepInfo } from './trainer.js';
 
 /** Sizes and step counts of a pipeline run. */
@@ -27,24 +28,50 @@ export interface PipelineOptions {
   /** Synthetic conversations per category. */
   perCategory: number;
   lmSteps: number;
+  /** Steps of each adapter. */
   adapterSteps: number;
+  /**
+   * Steps of the red-flag adapter when it needs more than the refusal baseline: flag targets
+   * spread over the answer (rfSamples, rfWindow) take longer to learn without false flags
+   * (held-out false flags at the integration test's size: 11.2% after 300 steps, 4.0% after 600,
+   * 1.6% after 1200).
+   * Default: 4 × adapterSteps.
+   */
+  redFlagSteps?: number;
   batchSize: number;
   seed?: number;
   threads?: number;
   /** Response tokens before the first position where `<rf>` is asked for. Default 6. */
   rfOffset?: number;
   /**
-   * Weight of the benign KL term. Default 20: the benign KL is a mean over every benign response
-   * token while the red-flag term is a mean over harmful conversations, so at weight 1 one false
-   * flag costs about 1/50 of a missed one.
+   * Weight of the benign KL term. Default 60: the benign KL is a mean over every benign response
+   * token while the red-flag term is a mean over red-flag windows, so at weight 1 one false flag
+   * costs about 1/50 of a missed one; flag targets spread over the answer (rfSamples, rfWindow)
+   * need the larger weight (20 left 4-11% of held-out benign answers flagged with them).
    */
   alphaBenign?: number;
   /** How the red-flag positions of a harmful response combine. Default 'any'. */
   rfAggregation?: 'any' | 'mean' | 'single';
+  /**
+   * Red-flag positions (windows) sampled per harmful response, stratified over it
+   * (`loss.rfSamples`). Default 4: with one window from rfOffset, the adapter learns to flag
+   * right after the opener only, and prefilling 8 words of a harmful answer got past it every
+   * time (scripts/probe-robustness.ts).
+   */
+  rfSamples?: number;
+  /** Positions per red-flag window, ending at its sampled position; 0: from rfOffset (`loss.rfWindow`). Default 4. */
+  rfWindow?: number;
+  /**
+   * The `lm` directory of an earlier run with the same sizes and seed (it holds `model/` and
+   * `metrics.jsonl`): the language model is reused instead of trained, the slow stage.
+   */
+  reuseLm?: string;
   /** LoRA settings of both adapters. Default rank 8, alpha 16, dropout 0.05, PEFT's default targets. */
   lora?: { rank?: number; alpha?: number; dropout?: number; targets?: string[] };
   /** Learning rate of both adapters. Default 5e-3. */
   adapterLr?: number;
+  /** Share of harmful conversations in the red-flag adapter's batches (the rest pay the benign KL). Default 0.5. */
+  harmfulFraction?: number;
   /** Progress lines. */
   log?: (line: string) => void;
   onStep?: (stage: 'lm' | 'redflag' | 'refusal', info: StepInfo) => void;
@@ -81,56 +108,44 @@ export async function packagedTokenizer(): Promise<{ tokenizerJson: unknown; tok
 export async function runPipeline(o: PipelineOptions): Promise<PipelineResult> {
   const log = o.log ?? (() => undefined);
   const seed = o.seed ?? 0;
-  const dirs = { base: join(o.dir, 'base'), lm: join(o.dir, 'lm'), redflag: join(o.dir, 'redflag'), refusal: join(o.dir, 'refusal') };
+  const dirs = { base: join(o.dir, 'base'), lm: o.reuseLm ?? join(o.dir, 'lm'), redflag: join(o.dir, 'redflag'), refusal: join(o.dir, 'refusal') };
   await mkdir(o.dir, { recursive: true });
-  await writeRandomModel(
-    dirs.base,
-    { architecture: 'llama', vocabSize: 32000, seed, bosTokenId: 1, eosTokenId: 2, tokenizer: await packagedTokenizer(), ...o.model },
-    { overwrite: true },
-  );
-  const common = {
-    data: 'synthetic' as const,
-    syntheticPerCategory: o.perCategory,
-    batchSize: o.batchSize,
-    maxTokens: 160,
-    seed,
-    evalEvery: 0,
-    checkpointEvery: 0,
-    ...(o.threads ? { threads: o.threads } : {}),
-  };
   const timed = async <T>(fn: () => Promise<T>): Promise<[T, number]> => {
     const t0 = performance.now();
     const r = await fn();
     return [r, (performance.now() - t0) / 1000];
   };
 
-  log(`language model: ${o.lmSteps} steps of full fine-tuning on the synthetic chat set`);
-  const [lm, lmSeconds] = await timed(() =>
-    train(
-      { ...common, model: dirs.base, output: dirs.lm, objective: 'lm', mode: 'full', steps: o.lmSteps, optimizer: { lr: 3e-3, warmupSteps: 10, minLrRatio: 0.1 } },
-      { log, onStep: (s) => o.onStep?.('lm', s) },
-    ),
-  );
+  let lmFinalLoss: number;
+  let lmSeconds = 0;
+  if (o.reuseLm) {
+    lmFinalLoss = await reusedLmLoss(o.reuseLm);
+    log(`language model: reusing ${join(o.reuseLm, 'model')}`);
+  } else {
+    await writeRandomModel(
+      dirs.base,
+      { architecture: 'llama', vocabSize: 32000, seed, bosTokenId: 1, eosTokenId: 2, tokenizer: await packagedTokenizer(), ...o.model },
+      { overwrite: true },
+    );
+    log(`language model: ${o.lmSteps} steps of full fine-tuning on the synthetic chat set`);
+    let lm;
+    [lm, lmSeconds] = await timed(() =>
+      train(
+        { ...commonConfig(o), model: dirs.base, output: dirs.lm, objective: 'lm', mode: 'full', steps: o.lmSteps, optimizer: { lr: 3e-3, warmupSteps: 10, minLrRatio: 0.1 } },
+        { log, onStep: (s) => o.onStep?.('lm', s) },
+      ),
+    );
+    lmFinalLoss = lm.lastLoss?.ce ?? NaN;
+  }
   const lmModel = join(dirs.lm, 'model');
 
-  const adapter = {
-    ...common,
-    model: lmModel,
-    steps: o.adapterSteps,
-    mode: 'lora' as const,
-    lora: { rank: 8, alpha: 16, dropout: 0.05, ...o.lora },
-    optimizer: { lr: o.adapterLr ?? 5e-3, warmupSteps: 10, weightDecay: 0.01 },
-  };
-  log(`red-flag adapter: ${o.adapterSteps} steps of LoRA with the red-flag loss`);
+  log(`red-flag adapter: ${redFlagSteps(o)} steps of LoRA with the red-flag loss`);
   const [rf, rfSeconds] = await timed(() =>
-    train({ ...adapter, output: dirs.redflag, objective: 'redflag', loss: { rfOffset: o.rfOffset ?? 6, alphaBenign: o.alphaBenign ?? 20, rfAggregation: o.rfAggregation ?? 'any' } }, {
-      log,
-      onStep: (s) => o.onStep?.('redflag', s),
-    }),
+    train(redFlagAdapterConfig(o, lmModel, dirs.redflag), { log, onStep: (s) => o.onStep?.('redflag', s) }),
   );
   log(`refusal baseline: ${o.adapterSteps} steps of LoRA towards refusals`);
   const [, refusalSeconds] = await timed(() =>
-    train({ ...adapter, output: dirs.refusal, objective: 'refusal' } , { log, onStep: (s) => o.onStep?.('refusal', s) }),
+    train({ ...adapterConfig(o, lmModel), output: dirs.refusal, objective: 'refusal' }, { log, onStep: (s) => o.onStep?.('refusal', s) }),
   );
 
   // The refusal adapter's utility cost (benign KL to the base model) and refusal rate, on the
@@ -139,10 +154,86 @@ export async function runPipeline(o: PipelineOptions): Promise<PipelineResult> {
   return {
     redflag: rf.finalEval!,
     refusal,
-    lmFinalLoss: lm.lastLoss?.ce ?? NaN,
+    lmFinalLoss,
     seconds: { lm: lmSeconds, redflag: rfSeconds, refusal: refusalSeconds },
     dirs,
   };
+}
+
+/** What every stage's training config shares. */
+function commonConfig(o: PipelineOptions) {
+  return {
+    data: 'synthetic' as const,
+    syntheticPerCategory: o.perCategory,
+    batchSize: o.batchSize,
+    maxTokens: 160,
+    seed: o.seed ?? 0,
+    evalEvery: 0,
+    checkpointEvery: 0,
+    // The pipeline owns its working directory: a rerun into it (redflag demo --out DIR) starts over.
+    overwrite: true,
+    ...(o.threads ? { threads: o.threads } : {}),
+  };
+}
+
+/** What both adapters' training configs share. */
+function adapterConfig(o: PipelineOptions, lmModel: string) {
+  return {
+    ...commonConfig(o),
+    model: lmModel,
+    steps: o.adapterSteps,
+    mode: 'lora' as const,
+    lora: { rank: 8, alpha: 16, dropout: 0.05, ...o.lora },
+    optimizer: { lr: o.adapterLr ?? 5e-3, warmupSteps: 10, weightDecay: 0.01 },
+  };
+}
+
+/** The red-flag adapter's steps (see {@link PipelineOptions.redFlagSteps}). */
+function redFlagSteps(o: PipelineOptions): number {
+  return o.redFlagSteps ?? 4 * o.adapterSteps;
+}
+
+/** The red-flag adapter's training config: the pipeline's options over the language model `lmModel`, written to `output`. */
+export function redFlagAdapterConfig(o: PipelineOptions, lmModel: string, output: string): TrainConfigInput {
+  return {
+    ...adapterConfig(o, lmModel),
+    steps: redFlagSteps(o),
+    output,
+    objective: 'redflag',
+    ...(o.harmfulFraction !== undefined ? { harmfulFraction: o.harmfulFraction } : {}),
+    loss: {
+      rfOffset: o.rfOffset ?? 6,
+      alphaBenign: o.alphaBenign ?? 60,
+      rfAggregation: o.rfAggregation ?? 'any',
+      rfSamples: o.rfSamples ?? 4,
+      rfWindow: o.rfWindow ?? 4,
+    },
+  };
+}
+
+/** The final LM loss an earlier run recorded in its `lm/metrics.jsonl` (NaN when it has none). */
+async function reusedLmLoss(lmDir: string): Promise<number> {
+  const model = join(lmDir, 'model');
+  try {
+    await access(join(model, 'config.json'));
+  } catch (cause) {
+    throw new RedflagError('NOT_FOUND', `reuseLm: ${model} holds no model (config.json); point reuseLm at the lm directory of an earlier pipeline run`, {
+      file: model,
+      cause,
+    });
+  }
+  const text = await readFile(join(lmDir, 'metrics.jsonl'), 'utf8').catch(() => '');
+  let loss = NaN;
+  for (const line of text.split('\n')) {
+    if (!line.trim()) continue;
+    try {
+      const entry = JSON.parse(line) as { type?: string; loss?: { ce?: number } };
+      if (entry.type === 'step' && typeof entry.loss?.ce === 'number') loss = entry.loss.ce;
+    } catch {
+      // A line cut short by an interrupted run: the earlier lines still count.
+    }
+  }
+  return loss;
 }
 
 async function measureRefusal(modelDir: string, adapterDir: string, perCategory: number, seed: number, threads?: number) {

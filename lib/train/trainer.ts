@@ -5,7 +5,7 @@
  * result as an uninterrupted run, and saves the adapter (PEFT format) and tokenizer.
  * @module
  */
-import { appendFile, mkdir, readFile, rename, rm, stat } from 'node:fs/promises';
+import { appendFile, mkdir, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 
 import { BatchSampler, deriveSeed } from '../data/batches.js';
@@ -16,12 +16,12 @@ import { generateSyntheticData, withRefusals } from '../data/synthetic.js';
 import { RedflagError, abortError } from '../errors.js';
 import { loadModel, type Model } from '../model/model.js';
 import { addRedFlagToken } from '../model/red-flag.js';
-import { SafetensorsFile, writeFileAtomic, writeSafetensors, type RawTensor } from '../model/safetensors.js';
 import { createRng } from '../model/sampling.js';
 import type { NativeLossTerms } from '../native.js';
 import { exportAdapter, saveTrainedModel } from './export.js';
 import { learningRate, parseTrainConfig, type TrainConfig, type TrainConfigInput } from './config.js';
 import { evaluateRedFlag, type EvalResult } from './evaluate.js';
+import { findCheckpoint, lockOutput, readCheckpoint, removeCheckpoints, removeStaleCheckpoints, truncateMetrics, writeCheckpoint } from './checkpoint.js';
 import { buildStep } from './objectives.js';
 
 /** Progress of one optimizer step. */
@@ -112,68 +112,6 @@ async function prepareData(config: TrainConfig, model: Model, log: (m: string) =
   return { train: train.out, eval: evalEncoded.out };
 }
 
-interface CheckpointState {
-  version: 1;
-  step: number;
-  config: TrainConfig;
-  params: string[];
-}
-
-/** Writes the trainer state into output/checkpoint atomically (a new folder, then renames). */
-async function writeCheckpoint(model: Model, config: TrainConfig, step: number): Promise<void> {
-  const dir = join(config.output, 'checkpoint');
-  const tmp = `${dir}.tmp-${process.pid}`;
-  await rm(tmp, { recursive: true, force: true });
-  await mkdir(tmp, { recursive: true });
-  const params = model.engine.params();
-  const tensors = new Map<string, RawTensor>();
-  for (const p of params) {
-    for (const part of ['value', 'm', 'v'] as const) {
-      const data = model.engine.getParam(p.name, part);
-      tensors.set(`${p.name}#${part}`, { dtype: 'F32', shape: [data.length], data: new Uint8Array(data.buffer, data.byteOffset, data.byteLength) });
-    }
-  }
-  await writeSafetensors(join(tmp, 'params.safetensors'), tensors);
-  const state: CheckpointState = { version: 1, step, config, params: params.map((p) => p.name) };
-  await writeFileAtomic(join(tmp, 'state.json'), [new TextEncoder().encode(JSON.stringify(state, null, 2))]);
-  const old = `${dir}.old-${process.pid}`;
-  const exists = await stat(dir).then(() => true, () => false);
-  if (exists) await rename(dir, old);
-  await rename(tmp, dir);
-  if (exists) await rm(old, { recursive: true, force: true });
-}
-
-/** Restores a checkpoint; returns the step to continue from. */
-async function readCheckpoint(model: Model, config: TrainConfig): Promise<number> {
-  const dir = join(config.output, 'checkpoint');
-  const stateFile = join(dir, 'state.json');
-  let state: CheckpointState;
-  try {
-    state = JSON.parse(await readFile(stateFile, 'utf8')) as CheckpointState;
-  } catch (cause) {
-    throw new RedflagError('NOT_FOUND', `no readable checkpoint to resume from (${(cause as Error).message})`, { file: stateFile, cause });
-  }
-  // Everything that shapes the run must match; steps and intervals may change.
-  const same = (a: TrainConfig) => JSON.stringify({ ...a, steps: 0, evalEvery: 0, checkpointEvery: 0, threads: 0 });
-  if (same(state.config) !== same(config)) {
-    throw new RedflagError('INVALID_ARGUMENT', 'the checkpoint was written by a run with a different configuration; resume needs the same one', { file: stateFile });
-  }
-  const file = await SafetensorsFile.open(join(dir, 'params.safetensors'));
-  try {
-    for (const name of state.params) {
-      for (const part of ['value', 'm', 'v'] as const) {
-        const t = await file.read(`${name}#${part}`);
-        model.engine.setParam(name, part, new Float32Array(t.data.buffer.slice(t.data.byteOffset, t.data.byteOffset + t.data.byteLength)));
-      }
-    }
-  } finally {
-    await file.close();
-  }
-  model.engine.paramsChanged();
-  model.engine.setOptimizerStep(state.step);
-  return state.step;
-}
-
 function addTerms(a: StepInfo['loss'], t: NativeLossTerms, w: number): void {
   a.total += t.total * w;
   a.benign += t.benign * w;
@@ -190,13 +128,59 @@ export async function train(input: TrainConfigInput | TrainConfig, hooks: TrainH
   const config = parseTrainConfig(input);
   const log = hooks.log ?? (() => undefined);
   const { signal } = hooks;
-  await mkdir(config.output, { recursive: true });
-  if (!hooks.resume) {
-    const existing = await stat(join(config.output, 'checkpoint')).then(() => true, () => false);
-    if (existing) {
-      throw new RedflagError('INVALID_ARGUMENT', `${config.output} holds a checkpoint: resume it (--resume) or choose another output directory`, {
+  await createOutputDir(config.output);
+  const unlock = await lockOutput(config.output);
+  try {
+    return await trainLocked(config, hooks, log);
+  } finally {
+    await unlock();
+  }
+}
+
+/** Creates the output directory, or says in one line why it cannot be one. */
+async function createOutputDir(output: string): Promise<void> {
+  try {
+    await mkdir(output, { recursive: true });
+  } catch (error) {
+    const code = (error as { code?: unknown }).code;
+    const why =
+      code === 'EEXIST' ? 'is a file, not a directory' : code === 'ENOTDIR' ? 'is under a file, not a directory' : code === 'EACCES' || code === 'EPERM' ? 'cannot be created here (permission denied)' : `cannot be created (${String(code ?? error)})`;
+    throw new RedflagError('INVALID_ARGUMENT', `the output ${output} ${why}`, { cause: error });
+  }
+  const s = await stat(output);
+  if (!s.isDirectory()) throw new RedflagError('INVALID_ARGUMENT', `the output ${output} is a file, not a directory`);
+}
+
+/** What a finished run writes into the output directory. */
+const RESULT_DIRS = ['adapter', 'model', 'merged'];
+
+async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: string) => void): Promise<TrainResult> {
+  const { signal } = hooks;
+  const metricsFile = join(config.output, 'metrics.jsonl');
+  const removed = await removeStaleCheckpoints(config.output);
+  if (removed.length > 0) log(`removed ${removed.length} checkpoint copies left by an interrupted run`);
+  const found = await findCheckpoint(config.output);
+  if (hooks.resume) {
+    if (!found) throw new RedflagError('NOT_FOUND', 'no checkpoint to resume from (--resume)', { file: config.output });
+  } else if (config.overwrite) {
+    // Starting over: the previous run's checkpoint and metrics go; its outputs are replaced at the end.
+    await removeCheckpoints(config.output);
+    await rm(metricsFile, { force: true });
+  } else {
+    if (found) {
+      throw new RedflagError('INVALID_ARGUMENT', `${config.output} holds a checkpoint (step ${found.step}): resume it (--resume), start over (--overwrite) or choose another output directory`, {
         file: config.output,
       });
+    }
+    for (const name of RESULT_DIRS) {
+      if (await stat(join(config.output, name)).then(() => true, () => false)) {
+        throw new RedflagError('INVALID_ARGUMENT', `${join(config.output, name)} already exists and no checkpoint of this run is beside it: pass --overwrite (overwrite: true) to replace it, or choose another output directory`);
+      }
+    }
+    // Metrics without a checkpoint or results are what a run killed before its first checkpoint wrote.
+    if (await stat(metricsFile).then(() => true, () => false)) {
+      await rm(metricsFile, { force: true });
+      log('metrics.jsonl of a run stopped before its first checkpoint: starting it afresh');
     }
   }
 
@@ -228,6 +212,9 @@ export async function train(input: TrainConfigInput | TrainConfig, hooks: TrainH
     if (hooks.resume) {
       step = await readCheckpoint(model, config);
       log(`resumed from the checkpoint at step ${step}`);
+      // Only once the checkpoint is accepted: a refused resume leaves the metrics as they were.
+      const dropped = await truncateMetrics(metricsFile, step, { finalEval: step >= config.steps });
+      if (dropped > 0) log(`metrics.jsonl: dropped ${dropped} lines written after the checkpoint at step ${step}`);
     }
     const microBatches = config.steps * config.gradAccum;
     const probe = new BatchSampler(data.train, { seed: config.seed, batchSize: config.batchSize, harmfulFraction: config.harmfulFraction });
@@ -240,7 +227,6 @@ export async function train(input: TrainConfigInput | TrainConfig, hooks: TrainH
     });
     const batches = sampler.resume(step * config.gradAccum);
 
-    const metricsFile = join(config.output, 'metrics.jsonl');
     const started = performance.now();
     let tokensDone = 0;
     let lastLoss: StepInfo['loss'] | null = null;
@@ -265,7 +251,7 @@ export async function train(input: TrainConfigInput | TrainConfig, hooks: TrainH
           const next = batches.next();
           if (next.done) throw new RedflagError('NATIVE', 'the batch sampler ran out of batches');
           const rng = createRng(deriveSeed(config.seed, 3, step, micro));
-          const input = buildStep(next.value.items, { objective: config.objective, rfToken, rfOffset: config.loss.rfOffset, rng });
+          const input = buildStep(next.value.items, { objective: config.objective, rfToken, rfOffset: config.loss.rfOffset, rfSamples: config.loss.rfSamples, rfWindow: config.loss.rfWindow, rng });
           const flat = (seqs: number[][]) => Uint32Array.from(seqs.flat());
           const counts = (seqs: number[][]) => Uint32Array.from(seqs, (s) => s.length);
           let terms: NativeLossTerms;

@@ -1,0 +1,195 @@
+// Where the red-flag objective asks for <rf>: the loss options rfSamples (positions per harmful
+// response, one per stratum) and rfWindow (positions per window, ending at the sampled one), in
+// sampleFlagWindows and in the loss rows buildStep writes.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import type { EncodedConversation } from '../lib/data/encode.js';
+import { createRng } from '../lib/model/sampling.js';
+import { parseTrainConfig } from '../lib/train/config.js';
+import { buildStep, RowKind, sampleFlagWindows } from '../lib/train/objectives.js';
+import { train } from '../lib/train/trainer.js';
+import { tinyLlama } from './helpers/tiny-model.js';
+
+const RF = 999;
+
+/** A harmful conversation: `prompt` prompt tokens, then `response` response tokens (ids 100…). */
+function harmful(prompt: number, response: number): EncodedConversation {
+  const ids = Array.from({ length: prompt + response }, (_, i) => (i < prompt ? 10 + i : 100 + i));
+  const assistantMask = new Uint8Array(ids.length).fill(1, prompt);
+  return {
+    ids,
+    assistantMask,
+    responseStart: prompt,
+    responseEnd: ids.length,
+    truncated: false,
+    droppedPromptTokens: 0,
+    droppedResponseTokens: 0,
+    hasEndToken: true,
+    format: 'plain',
+    label: 'harmful',
+    source: 'test/harmful',
+  };
+}
+
+/** The red-flag rows of a step, grouped: group id → rows (each the logits row, i.e. position − 1). */
+function flagGroups(rows: Int32Array): Map<number, number[]> {
+  const groups = new Map<number, number[]>();
+  for (let r = 0; r < rows.length; r += 5) {
+    if (rows[r] !== RowKind.RedFlag) continue;
+    expect(rows[r + 4]).toBe(RF);
+    const list = groups.get(rows[r + 3]!) ?? [];
+    list.push(rows[r + 1]!);
+    groups.set(rows[r + 3]!, list);
+  }
+  return groups;
+}
+
+describe('sampleFlagWindows', () => {
+  it('draws one position per stratum, spread over the whole range', () => {
+    const rng = createRng(7);
+    const hits = new Array<number>(40).fill(0);
+    for (let trial = 0; trial < 2000; trial++) {
+      const windows = sampleFlagWindows(10, 50, { samples: 4 }, rng);
+      expect(windows).toHaveLength(4);
+      windows.forEach((w, s) => {
+        // Stratum s of [10, 50) is [10 + 10 s, 20 + 10 s); the window starts at the first position.
+        expect(w.to).toBeGreaterThanOrEqual(10 + 10 * s);
+        expect(w.to).toBeLessThan(20 + 10 * s);
+        expect(w.from).toBe(10);
+        hits[w.to - 10]! += 1;
+      });
+    }
+    // Every position of the range is drawn, about uniformly within its stratum (expected 200 each).
+    expect(Math.min(...hits)).toBeGreaterThan(120);
+    expect(Math.max(...hits)).toBeLessThan(280);
+  });
+
+  it('ends each window of rfWindow positions at its sampled position, clipped at the first one', () => {
+    const rng = createRng(3);
+    for (let trial = 0; trial < 200; trial++) {
+      for (const w of sampleFlagWindows(6, 30, { samples: 3, window: 5 }, rng)) {
+        expect(w.to - w.from + 1).toBe(Math.min(5, w.to - 6 + 1));
+        expect(w.from).toBeGreaterThanOrEqual(6);
+      }
+    }
+  });
+
+  it('skips empty strata when the range is shorter than the samples', () => {
+    const windows = sampleFlagWindows(4, 6, { samples: 5 }, createRng(1));
+    expect(windows.map((w) => w.to).sort()).toEqual([4, 5]);
+  });
+
+  it('is deterministic for a seed, and with one sample draws as the single-position sampling did', () => {
+    const a = sampleFlagWindows(6, 60, { samples: 6, window: 4 }, createRng(11));
+    const b = sampleFlagWindows(6, 60, { samples: 6, window: 4 }, createRng(11));
+    expect(a).toEqual(b);
+    expect(a).not.toEqual(sampleFlagWindows(6, 60, { samples: 6, window: 4 }, createRng(12)));
+    const rng = createRng(5);
+    const expected = 6 + Math.floor(createRng(5)() * (60 - 6));
+    expect(sampleFlagWindows(6, 60, {}, rng)).toEqual([{ from: 6, to: expected }]);
+  });
+
+  it('rejects bad counts, naming the option', () => {
+    expect(() => sampleFlagWindows(0, 10, { samples: 0 }, Math.random)).toThrow(/rfSamples/);
+    expect(() => sampleFlagWindows(0, 10, { window: -1 }, Math.random)).toThrow(/rfWindow/);
+  });
+});
+
+describe('buildStep with several red-flag windows', () => {
+  it('writes one group per window, inserts <rf> at the latest position, and keeps KL after it', () => {
+    const ex = harmful(8, 40);
+    const step = buildStep([ex], { objective: 'redflag', rfToken: RF, rfOffset: 6, rfSamples: 4, rfWindow: 3, rng: createRng(2) });
+    const groups = flagGroups(step.rows);
+    expect(step.groups).toBe(4);
+    expect(groups.size).toBe(4);
+    const ends = [...groups.values()].map((rows) => Math.max(...rows) + 1); // positions
+    const flagAt = step.batch[0]!.indexOf(RF);
+    expect(flagAt).toBe(Math.max(...ends));
+    for (const rows of groups.values()) {
+      // Consecutive positions, at most 3, none before start + rfOffset and none past the flag.
+      expect(rows.length).toBeLessThanOrEqual(3);
+      rows.forEach((r, k) => k > 0 && expect(r).toBe(rows[k - 1]! + 1));
+      expect(Math.min(...rows) + 1).toBeGreaterThanOrEqual(8 + 6);
+      expect(Math.max(...rows) + 1).toBeLessThanOrEqual(flagAt);
+    }
+    // The four windows' ends fall in the four strata of positions 14 … 47.
+    const sorted = ends.slice().sort((a, b) => a - b);
+    sorted.forEach((end, s) => {
+      expect(end).toBeGreaterThanOrEqual(14 + Math.floor((s * 34) / 4));
+      expect(end).toBeLessThan(14 + Math.floor(((s + 1) * 34) / 4));
+    });
+    // After-flag KL rows cover the flagged text from <rf> on; no row is a CE (likelihood) term.
+    const kinds = new Set<number>();
+    for (let r = 0; r < step.rows.length; r += 5) kinds.add(step.rows[r]!);
+    expect(kinds).toEqual(new Set([RowKind.RedFlag, RowKind.AfterKl]));
+    expect(step.reference[0]).toEqual(ex.ids);
+  });
+
+  it('keeps the default rows unchanged: one window from start + rfOffset to the flag', () => {
+    const ex = harmful(5, 20);
+    const a = buildStep([ex], { objective: 'redflag', rfToken: RF, rfOffset: 2, rng: createRng(9) });
+    const b = buildStep([ex], { objective: 'redflag', rfToken: RF, rfOffset: 2, rfSamples: 1, rfWindow: 0, rng: createRng(9) });
+    expect(b.rows).toEqual(a.rows);
+    const [rows] = [...flagGroups(a.rows).values()];
+    const flagAt = a.batch[0]!.indexOf(RF);
+    expect(rows).toEqual(Array.from({ length: flagAt - 7 + 1 }, (_, k) => 6 + k));
+  });
+});
+
+describe('training config: red-flag position options', () => {
+  const base = { model: 'm', output: 'o', data: 'synthetic' as const };
+  it('defaults to the paper’s single window and validates the new fields by name', () => {
+    expect(parseTrainConfig(base).loss).toMatchObject({ rfSamples: 1, rfWindow: 0 });
+    expect(parseTrainConfig({ ...base, loss: { rfSamples: 4, rfWindow: 8 } }).loss).toMatchObject({ rfSamples: 4, rfWindow: 8 });
+    expect(() => parseTrainConfig({ ...base, loss: { rfSamples: 0 } })).toThrow(/loss\.rfSamples/);
+    expect(() => parseTrainConfig({ ...base, loss: { rfSamples: 1.5 } })).toThrow(/loss\.rfSamples/);
+    expect(() => parseTrainConfig({ ...base, loss: { rfWindow: -2 } })).toThrow(/loss\.rfWindow/);
+  });
+});
+
+describe('train with spread red-flag windows', () => {
+  let base: string;
+  let root: string;
+  beforeAll(async () => {
+    base = await tinyLlama({ hiddenSize: 32, intermediateSize: 64, numLayers: 2, numHeads: 4, numKvHeads: 2 });
+    root = await mkdtemp(join(tmpdir(), 'redflag-positions-'));
+  });
+  afterAll(async () => {
+    await rm(base, { recursive: true, force: true });
+    await rm(root, { recursive: true, force: true });
+  });
+
+  // The first step's loss is computed before any update, so it differs only through the rows.
+  const firstLoss = async (output: string, loss: Record<string, unknown>) => {
+    const losses: { redFlag: number; after: number }[] = [];
+    await train(
+      {
+        model: base,
+        output: join(root, output),
+        data: 'synthetic',
+        syntheticPerCategory: 3,
+        steps: 2,
+        batchSize: 4,
+        maxTokens: 96,
+        evalEvery: 0,
+        checkpointEvery: 0,
+        threads: 2,
+        lora: { rank: 4, alpha: 8 },
+        loss: { rfOffset: 1, ...loss },
+      },
+      { onStep: (s) => losses.push({ redFlag: s.loss.redFlag, after: s.loss.after }) },
+    );
+    return losses;
+  };
+
+  it('passes rfSamples and rfWindow from the config to the native step', async () => {
+    const paper = await firstLoss('paper', {});
+    const spread = await firstLoss('spread', { rfSamples: 4, rfWindow: 1 });
+    for (const l of [...paper, ...spread]) expect(Number.isFinite(l.redFlag) && l.redFlag > 0).toBe(true);
+    // Single positions ask more of an untrained model than a noisy-OR over a window from the start.
+    expect(spread[0]!.redFlag).toBeGreaterThan(paper[0]!.redFlag);
+  }, 120_000);
+});
