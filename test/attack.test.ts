@@ -9,8 +9,7 @@
 // attack: it makes the harmful answers more likely, and a merged adapter computes what the
 // applied adapter computes.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 
 import { embeddingAttack } from '../lib/attack/embedding.js';
@@ -22,29 +21,12 @@ import { generateSyntheticData } from '../lib/data/synthetic.js';
 import { createDetector } from '../lib/detect/detector.js';
 import { loadModel } from '../lib/model/model.js';
 import { applyAdapter } from '../lib/train/export.js';
-import { train } from '../lib/train/trainer.js';
-import { tinyLlama } from './helpers/tiny-model.js';
+import { tinyRedFlagModel } from './helpers/red-flag-adapter.js';
 
 let base: string;
 let root: string;
 beforeAll(async () => {
-  base = await tinyLlama({ hiddenSize: 32, intermediateSize: 64, numLayers: 2, numHeads: 4, numKvHeads: 2 });
-  root = await mkdtemp(join(tmpdir(), 'redflag-attack-'));
-  await train({
-    model: base,
-    output: join(root, 'rf'),
-    data: 'synthetic',
-    syntheticPerCategory: 4,
-    steps: 40,
-    batchSize: 8,
-    maxTokens: 96,
-    evalEvery: 0,
-    checkpointEvery: 0,
-    threads: 2,
-    lora: { rank: 4, alpha: 8, dropout: 0 },
-    loss: { rfOffset: 1 },
-    optimizer: { lr: 2e-2, warmupSteps: 2 },
-  });
+  ({ base, root } = await tinyRedFlagModel(40));
 }, 300_000);
 afterAll(async () => {
   await rm(base, { recursive: true, force: true });

@@ -6,8 +6,7 @@
 // base with λ = 0; the fine-tuning attack trains one attacked base for both variants (the adapter
 // is encapsulated: applied after the attack); a second run reuses every unit from the cache.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 
 import { generateSyntheticData } from '../lib/data/synthetic.js';
@@ -18,29 +17,12 @@ import { harmfulSplit } from '../lib/eval/suites/white-box.js';
 import type { EmbeddingResult } from '../lib/eval/suites/embedding.js';
 import type { FinetuneResult } from '../lib/eval/suites/finetune.js';
 import type { GcgResult } from '../lib/eval/suites/gcg.js';
-import { train } from '../lib/train/trainer.js';
-import { tinyLlama } from './helpers/tiny-model.js';
+import { tinyRedFlagModel } from './helpers/red-flag-adapter.js';
 
 let base: string;
 let root: string;
 beforeAll(async () => {
-  base = await tinyLlama({ hiddenSize: 32, intermediateSize: 64, numLayers: 2, numHeads: 4, numKvHeads: 2 });
-  root = await mkdtemp(join(tmpdir(), 'redflag-eval-attacks-'));
-  await train({
-    model: base,
-    output: join(root, 'rf'),
-    data: 'synthetic',
-    syntheticPerCategory: 4,
-    steps: 30,
-    batchSize: 8,
-    maxTokens: 96,
-    evalEvery: 0,
-    checkpointEvery: 0,
-    threads: 2,
-    lora: { rank: 4, alpha: 8, dropout: 0 },
-    loss: { rfOffset: 1 },
-    optimizer: { lr: 2e-2, warmupSteps: 2 },
-  });
+  ({ base, root } = await tinyRedFlagModel(30));
 }, 300_000);
 afterAll(async () => {
   await rm(base, { recursive: true, force: true });

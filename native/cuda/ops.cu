@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "cuda/ops.h"
+#include "model/draw.h"
 
 namespace rf::cuda {
 
@@ -84,16 +85,6 @@ __global__ void gelu_new_kernel(float* x, long n) {
   }
 }
 
-// The CPU's uniform_draw (native/model/decode.cpp): splitmix64 of (seed, counter), bit for bit.
-__device__ double uniform_draw(uint64_t seed, uint64_t counter) {
-  uint64_t z = seed ^ (counter * 0xd1342543de82ef95ull);
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  z ^= z >> 31;
-  return double(z >> 11) * (1.0 / 9007199254740992.0);
-}
-
 // One block per row. Shared: per-thread (max, index) pairs, then per-thread chunk sums and
 // their exclusive prefix, the total, and the picked id.
 __global__ void pick_kernel(const float* logits, int vocab, const DevicePick* params, int rf_token, uint32_t* token,
@@ -154,7 +145,7 @@ __global__ void pick_kernel(const float* logits, int vocab, const DevicePick* pa
       spick = vocab - 1;  // u * total beyond the total by rounding: the CPU returns the last id too
     }
     __syncthreads();
-    const double r = uniform_draw(p.seed, p.counter) * stotal;
+    const double r = rf::uniform_draw(p.seed, p.counter) * stotal;  // the CPU's draw, bit for bit
     const double start = sw[t];
     if (hi > lo && r >= start && r < start + w) {
       double rem = r - start;

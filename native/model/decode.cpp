@@ -7,21 +7,11 @@
 #include <string>
 
 #include "kernels/ops.h"
+#include "model/draw.h"
 
 namespace rf {
 
 namespace {
-
-// A uniform draw in [0, 1) from (seed, counter): splitmix64, counter-based so a sequence's
-// draws do not depend on the batch it runs in or on how many draws came before.
-double uniform_draw(uint64_t seed, uint64_t counter) {
-  uint64_t z = seed ^ (counter * 0xd1342543de82ef95ull);
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  z ^= z >> 31;
-  return double(z >> 11) * (1.0 / 9007199254740992.0);
-}
 
 // Descending by value, then ascending by id: the order torch.topk / argmax agree with.
 bool before(const std::pair<float, int>& a, const std::pair<float, int>& b) {
