@@ -5,7 +5,7 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-import { loadEvalFile } from '../lib/data/formats.js';
+import { loadEvalFile, loadTrainingFiles } from '../lib/data/formats.js';
 import { generateSyntheticData, judgeSyntheticHarmful, matchSyntheticHarmfulTerms } from '../lib/data/synthetic.js';
 import { generateSyntheticMcq, loadMcQuestions } from '../lib/eval/mcq.js';
 import { DEFAULT_REFUSAL_PHRASES, isRefusal, nonRefusalJudge, RefusalMatcher } from '../lib/eval/refusal.js';
@@ -73,6 +73,26 @@ describe('formats', () => {
 
   it('errors name the file', async () => {
     await expect(loadEvalFile({ file: join(DATA, 'missing.csv') })).rejects.toThrow(/missing\.csv: file not found/);
+  });
+});
+
+describe('training files', () => {
+  it('train reads the evaluation formats too; rows without an answer are skipped, saying why', async () => {
+    const { conversations, skipped } = await loadTrainingFiles([
+      { file: join(DATA, 'jbb-artifacts.json') },
+      { file: join(DATA, 'alpaca.json'), label: 'benign' },
+      { file: join(DATA, 'strongreject.csv'), label: 'harmful' },
+    ]);
+    const artifacts = await loadEvalFile({ file: join(DATA, 'jbb-artifacts.json') });
+    const withAnswers = artifacts.conversations.filter((c) => !c.responseMissing);
+    expect(conversations.slice(0, withAnswers.length)).toEqual(withAnswers);
+    expect(conversations.slice(withAnswers.length).map((c) => [c.label, c.messages.at(-1)!.content])).toEqual([
+      ['benign', 'Eat well, sleep enough and move every day.'],
+      ['benign', 'Bonjour'],
+    ]);
+    expect(conversations.every((c) => c.messages.at(-1)!.role === 'assistant')).toBe(true);
+    const strongReject = await loadEvalFile({ file: join(DATA, 'strongreject.csv'), label: 'harmful' });
+    expect(skipped.filter((s) => s.reason.startsWith('no response to train on'))).toHaveLength(strongReject.conversations.length + (artifacts.conversations.length - withAnswers.length));
   });
 });
 

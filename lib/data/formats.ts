@@ -25,8 +25,8 @@ import { extname } from 'node:path';
 import { parse as parseCsvSync } from 'csv-parse/sync';
 
 import { RedflagError } from '../errors.js';
-import { loadConversations, type FileEntry } from './loaders.js';
-import { type Conversation, type Label } from './records.js';
+import { loadConversationFiles, loadConversations, type FileEntry, type LoadedConversations } from './loaders.js';
+import { type Conversation, type Label, type SkippedRow } from './records.js';
 
 /** The special formats this module recognises (`generic`: left to the loaders). */
 export type EvalFormat = 'jbb-artifacts' | 'strongreject' | 'xstest-completions' | 'alpaca' | 'generic';
@@ -210,4 +210,37 @@ export async function loadEvalFile(entry: FileEntry): Promise<EvalFileResult> {
   }
   if (result.conversations.length === 0) throw new RedflagError('INVALID_FILE', `has no usable rows (${result.format}; ${result.skipped.length} skipped)`, { file: entry.file });
   return result;
+}
+
+/**
+ * Training data: every format {@link loadConversationFiles} reads, plus the evaluation formats
+ * recognised from their headers (JailbreakBench attack artifacts, StrongREJECT, XSTest
+ * completions, Alpaca JSON). Training needs answers: rows without one are reported as skipped.
+ * JSONL files and the generic formats stream through the loaders as before.
+ */
+export async function loadTrainingFiles(entries: readonly FileEntry[]): Promise<LoadedConversations> {
+  const conversations: Conversation[] = [];
+  const skipped: SkippedRow[] = [];
+  for (const entry of entries) {
+    const ext = extname(entry.file).toLowerCase();
+    let format: EvalFormat = 'generic';
+    if ((ext === '.csv' || ext === '.json') && entry.format !== 'jsonl') {
+      // Only a file's start decides a CSV format; a JSON file is read whole anyway.
+      const text = await readFile(entry.file, 'utf8').catch(() => null);
+      if (text !== null) format = detectEvalFormat(entry.file, text);
+    }
+    if (format === 'generic') {
+      const loaded = await loadConversationFiles([entry]);
+      conversations.push(...loaded.conversations);
+      skipped.push(...loaded.skipped);
+      continue;
+    }
+    const loaded = await loadEvalFile(entry);
+    skipped.push(...loaded.skipped);
+    for (const c of loaded.conversations) {
+      if (c.responseMissing) skipped.push({ source: c.source, reason: 'no response to train on (prompt-only row)' });
+      else conversations.push(c);
+    }
+  }
+  return { conversations, skipped };
 }

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 
 import { BatchSampler, deriveSeed } from '../data/batches.js';
 import { encodeConversation, type EncodedConversation } from '../data/encode.js';
-import { loadConversationFiles } from '../data/loaders.js';
+import { loadTrainingFiles } from '../data/formats.js';
 import type { Conversation } from '../data/records.js';
 import { generateSyntheticData, withRefusals } from '../data/synthetic.js';
 import { RedflagError, abortError } from '../errors.js';
@@ -77,11 +77,11 @@ async function prepareData(config: TrainConfig, model: Model, log: (m: string) =
     trainSet = data.train;
     evalSet = data.test;
   } else {
-    const loaded = await loadConversationFiles(config.data.map((d) => ({ ...d, skipInvalid: config.skipInvalid })));
+    const loaded = await loadTrainingFiles(config.data.map((d) => ({ ...d, skipInvalid: config.skipInvalid })));
     if (loaded.skipped.length) log(`skipped ${loaded.skipped.length} malformed rows (first: ${loaded.skipped[0]!.source}: ${loaded.skipped[0]!.reason})`);
     if (config.evalData) {
       trainSet = loaded.conversations;
-      evalSet = (await loadConversationFiles(config.evalData.map((d) => ({ ...d, skipInvalid: config.skipInvalid })))).conversations;
+      evalSet = (await loadTrainingFiles(config.evalData.map((d) => ({ ...d, skipInvalid: config.skipInvalid })))).conversations;
     } else {
       // A seeded split: the same seed holds out the same conversations.
       const order = loaded.conversations.map((c, i) => ({ c, key: createRng(deriveSeed(config.seed, 7, i))() }));
