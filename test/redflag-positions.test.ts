@@ -139,6 +139,19 @@ describe('buildStep with several red-flag windows', () => {
   });
 });
 
+describe('buildStep for Fixed-Pos RF (rfPosition start)', () => {
+  it('asks for <rf> at the first answer position only, inserts it there, and keeps KL on the whole answer after it', () => {
+    const ex = harmful(6, 12);
+    const step = buildStep([ex], { objective: 'redflag', rfToken: RF, rfOffset: 4, rfSamples: 4, rfWindow: 3, rfPosition: 'start', rng: createRng(1) });
+    expect([...flagGroups(step.rows).values()]).toEqual([[5]]); // row 5 predicts position 6, the first answer token
+    expect(step.batch[0]!.indexOf(RF)).toBe(6);
+    const after: number[] = [];
+    for (let r = 0; r < step.rows.length; r += 5) if (step.rows[r] === RowKind.AfterKl) after.push(step.rows[r + 1]!);
+    // Rows 6 … 17 of the flagged text (after <rf>) predict the 12 answer tokens.
+    expect(after).toEqual(Array.from({ length: 12 }, (_, k) => 6 + k));
+  });
+});
+
 describe('training config: red-flag position options', () => {
   const base = { model: 'm', output: 'o', data: 'synthetic' as const };
   it('defaults to the paper’s single window and validates the new fields by name', () => {
@@ -147,6 +160,8 @@ describe('training config: red-flag position options', () => {
     expect(() => parseTrainConfig({ ...base, loss: { rfSamples: 0 } })).toThrow(/loss\.rfSamples/);
     expect(() => parseTrainConfig({ ...base, loss: { rfSamples: 1.5 } })).toThrow(/loss\.rfSamples/);
     expect(() => parseTrainConfig({ ...base, loss: { rfWindow: -2 } })).toThrow(/loss\.rfWindow/);
+    expect(parseTrainConfig(base).loss.rfPosition).toBe('sampled');
+    expect(() => parseTrainConfig({ ...base, loss: { rfPosition: 'end' } })).toThrow(/loss\.rfPosition/);
   });
 });
 

@@ -199,6 +199,7 @@ export function buildProgram(): Command {
     .option('--checkpoint-every <n>', 'checkpoint interval in steps (0: only at the end)', integer('checkpoint-every', 0))
     .option('--resume', 'continue from the checkpoint in the output directory')
     .option('--overwrite', 'start over in an output directory that holds an earlier run (its checkpoint, metrics and results are replaced)')
+    .option('--rf-position <where>', "red-flag targets: 'sampled' (the paper's method) or 'start' (the Fixed-Pos RF baseline: the first answer position only)")
     .option('--merge', 'also write the merged model')
     .option('--dtype <dtype>', "frozen weights: 'f32' or 'bf16'", dtype)
     .option('--threads <n>', 'threads for native work', integer('threads', 1))

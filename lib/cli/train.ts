@@ -57,6 +57,7 @@ export async function configFromFlags(flags: Record<string, unknown>): Promise<T
   set('checkpointEvery', flags['checkpointEvery']);
   set('merge', flags['merge']);
   set('overwrite', flags['overwrite']);
+  if (flags['rfPosition'] !== undefined) o['loss'] = { ...((o['loss'] as object) ?? {}), rfPosition: flags['rfPosition'] };
   set('dtype', flags['dtype']);
   set('threads', flags['threads']);
   const lora: Record<string, unknown> = {};
@@ -67,7 +68,7 @@ export async function configFromFlags(flags: Record<string, unknown>): Promise<T
   if (typeof flags['config'] === 'string') {
     const base = await loadTrainConfig(flags['config']);
     return parseTrainConfig(
-      { ...base, ...o, lora: { ...base.lora, ...lora }, optimizer: { ...base.optimizer, ...((o['optimizer'] as object) ?? {}) } },
+      { ...base, ...o, lora: { ...base.lora, ...lora }, optimizer: { ...base.optimizer, ...((o['optimizer'] as object) ?? {}) }, loss: { ...base.loss, ...((o['loss'] as object) ?? {}) } },
       flags['config'],
     );
   }

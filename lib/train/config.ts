@@ -64,6 +64,12 @@ export const trainConfigSchema = z.strictObject({
       rfSamples: z.number().int().min(1).max(64).default(1),
       /** Positions in a window, ending at its sampled position; 0: from `rfOffset` on (the paper's). */
       rfWindow: z.number().int().min(0).default(0),
+      /**
+       * `sampled` (the paper's method): positions sampled in the answer as above. `start`: the
+       * paper's Fixed-Pos RF baseline, the flag trained at the first answer position only
+       * (rfOffset, rfSamples and rfWindow do not apply).
+       */
+      rfPosition: z.enum(['sampled', 'start']).default('sampled'),
     })
     .prefault({}),
   optimizer: z

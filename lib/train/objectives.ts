@@ -16,7 +16,8 @@
  *   satisfied by one early flag, so later positions never learn to flag: the answer goes
  *   unflagged once an attacker has prefilled past its opener). `<rf>` is inserted at the
  *   latest sampled position; every window ends at or before it, so its rows see the text
- *   without `<rf>`.
+ *   without `<rf>`. With `rfPosition: 'start'` (the paper's Fixed-Pos RF baseline) the flag is
+ *   asked for at the first response position only, and `<rf>` inserted there.
  * - `refusal` (the baseline): harmful prompts get cross-entropy to a refusal answer (the
  *   examples carry it as their response); benign conversations the same KL as above.
  * - `lm`: cross-entropy on every response token (language-model training).
@@ -60,6 +61,8 @@ export interface BuildStepOptions {
   rfSamples?: number;
   /** Positions in each window, ending at its sampled position; 0 (default): from the first allowed position. */
   rfWindow?: number;
+  /** `start`: the flag at the first response position only (Fixed-Pos RF); default `sampled`. */
+  rfPosition?: 'sampled' | 'start';
   /** Uniform random numbers in [0, 1) for the flag position. */
   rng: () => number;
 }
@@ -127,7 +130,10 @@ export function buildStep(examples: readonly EncodedConversation[], options: Bui
     // Harmful, objective redflag.
     if (options.rfToken === undefined) throw new Error('buildStep: the redflag objective needs rfToken');
     const first = Math.min(start + rfOffset, end - 1);
-    const windows = sampleFlagWindows(first, end, { samples: options.rfSamples ?? 1, window: options.rfWindow ?? 0 }, options.rng);
+    const windows =
+      options.rfPosition === 'start'
+        ? [{ from: start, to: start }]
+        : sampleFlagWindows(first, end, { samples: options.rfSamples ?? 1, window: options.rfWindow ?? 0 }, options.rng);
     const i = windows[windows.length - 1]!.to;
     const flagged = insertRedFlag(ex, i - start, options.rfToken);
     batch.push(flagged.ids);

@@ -61,6 +61,8 @@ export interface PipelineOptions {
   rfSamples?: number;
   /** Positions per red-flag window, ending at its sampled position; 0: from rfOffset (`loss.rfWindow`). Default 4. */
   rfWindow?: number;
+  /** `start`: the Fixed-Pos RF baseline, the flag at the first answer position only (`loss.rfPosition`). Default `sampled`. */
+  rfPosition?: 'sampled' | 'start';
   /**
    * The `lm` directory of an earlier run with the same sizes and seed (it holds `model/` and
    * `metrics.jsonl`): the language model is reused instead of trained, the slow stage.
@@ -207,6 +209,7 @@ export function redFlagAdapterConfig(o: PipelineOptions, lmModel: string, output
       rfAggregation: o.rfAggregation ?? 'any',
       rfSamples: o.rfSamples ?? 4,
       rfWindow: o.rfWindow ?? 4,
+      ...(o.rfPosition ? { rfPosition: o.rfPosition } : {}),
     },
   };
 }
