@@ -57,6 +57,12 @@ export async function configFromFlags(flags: Record<string, unknown>): Promise<T
   set('checkpointEvery', flags['checkpointEvery']);
   set('merge', flags['merge']);
   set('overwrite', flags['overwrite']);
+  if (flags['adversarial'] !== undefined) {
+    if (flags['adversarial'] !== 'embedding') throw new RedflagError('INVALID_ARGUMENT', `--adversarial must be 'embedding', got ${JSON.stringify(flags['adversarial'])}`);
+    o['adversarial'] = { ...(flags['advEpsilon'] !== undefined ? { epsilon: flags['advEpsilon'] } : {}), ...(flags['advSteps'] !== undefined ? { steps: flags['advSteps'] } : {}) };
+  } else if (flags['advEpsilon'] !== undefined || flags['advSteps'] !== undefined) {
+    throw new RedflagError('INVALID_ARGUMENT', '--adv-epsilon and --adv-steps need --adversarial embedding');
+  }
   if (flags['rfPosition'] !== undefined) o['loss'] = { ...((o['loss'] as object) ?? {}), rfPosition: flags['rfPosition'] };
   set('dtype', flags['dtype']);
   set('threads', flags['threads']);

@@ -103,6 +103,23 @@ export const trainConfigSchema = z.strictObject({
   /** Also write the merged full model (HF format) at the end. */
   merge: z.boolean().default(false),
   /**
+   * RF-AT: the red-flag term of harmful batches on prompts perturbed in embedding space by an
+   * inner attack (lib/train/adversarial.ts). Absent: off. Defaults: ε 0.1 of each prompt token's
+   * embedding norm (the radius at which the embedding-space attack broke the plain adapter on
+   * the demo), 3 PGD steps of half the radius (about 2.5x the harmful sequences' step cost).
+   */
+  adversarial: z
+    .strictObject({
+      epsilon: z.number().min(0).default(0.1),
+      steps: z.number().int().min(1).max(100).default(3),
+      stepSize: z.number().gt(0).max(1).default(0.5),
+      /** Share of micro-batches attacked. */
+      share: z.number().min(0).max(1).default(1),
+      /** ε grows linearly from 0 over these optimizer steps. */
+      warmupSteps: z.number().int().min(0).default(0),
+    })
+    .optional(),
+  /**
    * Start over in an output directory that holds a previous run's checkpoint, metrics or results
    * (adapter/, model/, merged/): they are replaced. Without it such a directory is refused.
    */

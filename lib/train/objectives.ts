@@ -48,6 +48,8 @@ export interface StepInput {
   rows: Int32Array;
   /** Number of red-flag groups (one per window: `rfSamples` per harmful conversation). */
   groups: number;
+  /** The harmful sequences given red-flag rows: their index in `batch` and prompt length (adversarial training perturbs the prompt). */
+  flagged: { index: number; promptLength: number }[];
 }
 
 /** Options of {@link buildStep}. */
@@ -106,6 +108,7 @@ export function buildStep(examples: readonly EncodedConversation[], options: Bui
   let rowBase = 0;
   let refBase = 0;
   let groups = 0;
+  const flaggedSeqs: StepInput['flagged'] = [];
   const rfOffset = options.rfOffset ?? 0;
 
   for (const ex of examples) {
@@ -136,6 +139,7 @@ export function buildStep(examples: readonly EncodedConversation[], options: Bui
         : sampleFlagWindows(first, end, { samples: options.rfSamples ?? 1, window: options.rfWindow ?? 0 }, options.rng);
     const i = windows[windows.length - 1]!.to;
     const flagged = insertRedFlag(ex, i - start, options.rfToken);
+    flaggedSeqs.push({ index: batch.length, promptLength: start });
     batch.push(flagged.ids);
     reference.push(ex.ids);
     // <rf> wanted at each window's positions: row j - 1 predicts position j (rows up to the
@@ -153,5 +157,5 @@ export function buildStep(examples: readonly EncodedConversation[], options: Bui
     rowBase += flagged.ids.length;
     refBase += ex.ids.length;
   }
-  return { batch, reference, rows: Int32Array.from(rows), groups };
+  return { batch, reference, rows: Int32Array.from(rows), groups, flagged: flaggedSeqs };
 }

@@ -63,6 +63,8 @@ export interface PipelineOptions {
   rfWindow?: number;
   /** `start`: the Fixed-Pos RF baseline, the flag at the first answer position only (`loss.rfPosition`). Default `sampled`. */
   rfPosition?: 'sampled' | 'start';
+  /** RF-AT for the red-flag adapter (`adversarial` of the training config). Default off. */
+  adversarial?: { epsilon?: number; steps?: number; stepSize?: number; share?: number; warmupSteps?: number };
   /**
    * The `lm` directory of an earlier run with the same sizes and seed (it holds `model/` and
    * `metrics.jsonl`): the language model is reused instead of trained, the slow stage.
@@ -203,6 +205,7 @@ export function redFlagAdapterConfig(o: PipelineOptions, lmModel: string, output
     output,
     objective: 'redflag',
     ...(o.harmfulFraction !== undefined ? { harmfulFraction: o.harmfulFraction } : {}),
+    ...(o.adversarial ? { adversarial: o.adversarial } : {}),
     loss: {
       rfOffset: o.rfOffset ?? 6,
       alphaBenign: o.alphaBenign ?? 60,

@@ -17,11 +17,12 @@ import { RedflagError, abortError } from '../errors.js';
 import { loadModel, type Model } from '../model/model.js';
 import { addRedFlagToken } from '../model/red-flag.js';
 import { createRng } from '../model/sampling.js';
-import type { NativeLossTerms } from '../native.js';
+import type { NativeEmbeddingOptions, NativeLossTerms } from '../native.js';
 import { exportAdapter, saveTrainedModel } from './export.js';
 import { learningRate, parseTrainConfig, type TrainConfig, type TrainConfigInput } from './config.js';
 import { evaluateRedFlag, type EvalResult } from './evaluate.js';
 import { findCheckpoint, lockOutput, readCheckpoint, removeCheckpoints, removeStaleCheckpoints, truncateMetrics, writeCheckpoint } from './checkpoint.js';
+import { adversarialDelta, embeddingRowNorms, withPerturbedCopies } from './adversarial.js';
 import { buildStep } from './objectives.js';
 
 /** Progress of one optimizer step. */
@@ -235,6 +236,7 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
       return evaluateRedFlag(model, data.eval, { rfToken, threshold: config.threshold, signal });
     };
     const cancel = new Int32Array(1);
+    let embeddingNorms: Float32Array | undefined;
     const onAbort = () => Atomics.store(cancel, 0, 1);
     signal?.addEventListener('abort', onAbort, { once: true });
     try {
@@ -251,18 +253,37 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
           const next = batches.next();
           if (next.done) throw new RedflagError('NATIVE', 'the batch sampler ran out of batches');
           const rng = createRng(deriveSeed(config.seed, 3, step, micro));
-          const input = buildStep(next.value.items, { objective: config.objective, rfToken, rfOffset: config.loss.rfOffset, rfSamples: config.loss.rfSamples, rfWindow: config.loss.rfWindow, rfPosition: config.loss.rfPosition, rng });
+          let input = buildStep(next.value.items, { objective: config.objective, rfToken, rfOffset: config.loss.rfOffset, rfSamples: config.loss.rfSamples, rfWindow: config.loss.rfWindow, rfPosition: config.loss.rfPosition, rng });
           const flat = (seqs: number[][]) => Uint32Array.from(seqs.flat());
           const counts = (seqs: number[][]) => Uint32Array.from(seqs, (s) => s.length);
           let terms: NativeLossTerms;
+          let embeddings: NativeEmbeddingOptions | undefined;
           try {
+            const adv = config.adversarial;
+            if (adv && rfToken >= 0 && input.flagged.length > 0 && createRng(deriveSeed(config.seed, 5, step, micro))() < adv.share) {
+              // RF-AT: the red-flag rows on prompts perturbed against the flag (lib/train/adversarial.ts).
+              const epsilon = adv.warmupSteps > 0 ? adv.epsilon * Math.min(1, (step + 1) / adv.warmupSteps) : adv.epsilon;
+              const split = withPerturbedCopies(input);
+              embeddingNorms ??= await embeddingRowNorms(model);
+              const embedDelta = await adversarialDelta(model, split, embeddingNorms, {
+                epsilon,
+                steps: adv.steps,
+                stepSize: adv.stepSize,
+                aggregation: config.loss.rfAggregation,
+                dropoutSeed: step * config.gradAccum + micro + 1,
+                cancel,
+              });
+              input = split.input;
+              embeddings = { embedDelta };
+            }
+            const stepInput = input;
             terms = await model.runNative(() =>
               model.engine.trainStep(
-                flat(input.batch),
-                counts(input.batch),
-                flat(input.reference),
-                counts(input.reference),
-                input.rows,
+                flat(stepInput.batch),
+                counts(stepInput.batch),
+                flat(stepInput.reference),
+                counts(stepInput.reference),
+                stepInput.rows,
                 {
                   aggregation: config.loss.rfAggregation,
                   alphaBenign: config.loss.alphaBenign,
@@ -273,6 +294,7 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
                   dropoutSeed: step * config.gradAccum + micro + 1,
                 },
                 cancel,
+                embeddings,
               ),
             );
           } catch (error) {

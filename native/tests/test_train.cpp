@@ -274,6 +274,42 @@ void run_embed_grad(const std::string& name, const rf::ModelConfig& c, rf::Train
   check(den > 0 && rel < 1e-2 && bad == 0, name + ": input-embedding gradients vs finite differences over " + std::to_string(n) +
                                                " elements, rel L2 " + std::to_string(rel) + (bad ? ", e.g. " + worst : ""));
 
+  // With the perturbation held fixed, the parameters' gradients still match finite differences
+  // (what adversarial training's outer step relies on).
+  {
+    for (rf::Param* p : t.params()) std::fill(p->grad.begin(), p->grad.end(), 0.f);
+    loss(true, false);
+    std::vector<std::vector<float>> analytic;
+    for (rf::Param* p : t.params()) analytic.push_back(p->grad);
+    double pn = 0, pd = 0;
+    int pbad = 0, pcount = 0;
+    size_t pi = 0;
+    for (rf::Param* p : t.params()) {
+      for (int k = 0; k < 4; ++k) {
+        const long i = long(rng() % p->value.size());
+        const float saved = p->value[i];
+        p->value[i] = saved + 1e-2f;
+        t.params_changed();
+        const double lp = loss(true, false);
+        p->value[i] = saved - 1e-2f;
+        t.params_changed();
+        const double lm = loss(true, false);
+        p->value[i] = saved;
+        t.params_changed();
+        const double g = (lp - lm) / 2e-2, a = analytic[pi][size_t(i)];
+        pn += (a - g) * (a - g);
+        pd += g * g;
+        ++pcount;
+        if (!(std::fabs(a - g) <= 3e-2 * std::fabs(g) + 2e-4)) ++pbad;
+      }
+      ++pi;
+    }
+    for (rf::Param* p : t.params()) std::fill(p->grad.begin(), p->grad.end(), 0.f);
+    const double prel = std::sqrt(pn / (pd > 0 ? pd : 1));
+    check(pd > 0 && prel < 1e-2 && pbad == 0, name + ": parameter gradients with a fixed input perturbation vs finite differences over " +
+                                                  std::to_string(pcount) + " elements, rel L2 " + std::to_string(prel));
+  }
+
   // param_grads = false: the same input-embedding gradient, the parameters' gradients untouched.
   std::vector<std::vector<float>> before;
   for (rf::Param* p : t.params()) before.push_back(p->grad);
