@@ -9,13 +9,14 @@
  * Both write Hugging Face model directories, so every evaluation runs on them unchanged.
  * @module
  */
-import { mkdir, stat, writeFile } from 'node:fs/promises';
+import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 
 import type { Conversation } from '../data/records.js';
 import { loadModel } from '../model/model.js';
 import { applyAdapter, saveMerged } from '../train/export.js';
 import { train, type StepInfo } from '../train/trainer.js';
+import { pathExists } from '../model/safetensors.js';
 
 /** Options of {@link fineTuneAttack}. */
 export interface FineTuneAttackOptions {
@@ -40,16 +41,26 @@ export interface FineTuneAttackOptions {
   onStep?: (info: StepInfo) => void;
 }
 
+/** Where {@link fineTuneAttack} with this `output` leaves the attacked model. */
+export function attackedModelDir(output: string): string {
+  return join(output, 'attack', 'merged');
+}
+
+/** Whether the attack into `output` has finished (its merged model is written last, atomically). */
+export function attackFinished(output: string): Promise<boolean> {
+  return pathExists(join(attackedModelDir(output), 'config.json'));
+}
+
 /** Fine-tunes `model` on the harmful answers (LoRA, cross-entropy) and returns the directory of the merged, attacked model. */
 export async function fineTuneAttack(o: FineTuneAttackOptions): Promise<string> {
+  const merged = attackedModelDir(o.output);
+  // A finished attack is not run again.
+  if (await attackFinished(o.output)) return merged;
   await mkdir(o.output, { recursive: true });
   const data = join(o.output, 'attack-data.jsonl');
   await writeFile(data, o.harmful.map((c) => JSON.stringify({ messages: c.messages })).join('\n') + '\n');
   const rank = o.rank ?? 8;
   const out = join(o.output, 'attack');
-  const merged = join(out, 'merged');
-  // A finished attack (its merged model is written last, atomically) is not run again.
-  if (await stat(join(merged, 'config.json')).then(() => true, () => false)) return merged;
   await train(
     {
       model: o.model,

@@ -15,10 +15,7 @@ import type { Model } from '../model/model.js';
 import { toFloat32 } from '../model/safetensors.js';
 import { loraSites } from '../train/adapter.js';
 import { applyAdapter } from '../train/export.js';
-
-/** Loss rows of the training step, as the native layer takes them (kind, row, refRow, group, target). */
-const CE = 3;
-const RED_FLAG = 1;
+import { RowKind } from '../train/objectives.js';
 
 /** What one attack evaluation returns. */
 export interface AttackLoss {
@@ -123,8 +120,8 @@ export class AttackModel {
     const { ids, responseStart, responseEnd } = target;
     const rows: number[] = [];
     for (let r = responseStart - 1; r < responseEnd - 1; r++) {
-      rows.push(CE, r, -1, -1, ids[r + 1]!);
-      if (this.rfToken >= 0 && lambda !== 0) rows.push(RED_FLAG, r, -1, 0, -1);
+      rows.push(RowKind.Ce, r, -1, -1, ids[r + 1]!);
+      if (this.rfToken >= 0 && lambda !== 0) rows.push(RowKind.RedFlag, r, -1, 0, -1);
     }
     const none = new Uint32Array(0);
     if (signal?.aborted) throw new RedflagError('ABORTED', 'the attack was cancelled');

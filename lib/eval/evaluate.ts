@@ -14,6 +14,7 @@ import { createDetector } from '../detect/detector.js';
 import { RedflagError, abortError } from '../errors.js';
 import { loadModel, type Model } from '../model/model.js';
 import { applyAdapter } from '../train/export.js';
+import { pathExists } from '../model/safetensors.js';
 import { fingerprint, ResultsCache } from './cache.js';
 import { parseEvalConfig, settingsOf, suitesOf, type EvalConfig, type EvalConfigInput } from './config.js';
 import { generateSyntheticMcq, loadMcQuestions, type McQuestion } from './mcq.js';
@@ -82,17 +83,13 @@ async function directoryStamp(dir: string): Promise<string[]> {
   return stamps.filter(Boolean);
 }
 
-async function exists(path: string): Promise<boolean> {
-  return stat(path).then(() => true, () => false);
-}
-
 /** Loads one variant: the base itself, an adapter on the base, or a model directory. */
 async function loadVariant(config: EvalConfig, index: number): Promise<LoadedVariant> {
   const v = config.variants[index]!;
   const options = { dtype: config.dtype, ...(config.threads ? { threads: config.threads } : {}) };
   let model: Model;
   let kind: LoadedVariant['kind'];
-  if (await exists(join(v.source, 'adapter_config.json'))) {
+  if (await pathExists(join(v.source, 'adapter_config.json'))) {
     model = await loadModel(config.model, options);
     try {
       await applyAdapter(model, v.source);
@@ -101,7 +98,7 @@ async function loadVariant(config: EvalConfig, index: number): Promise<LoadedVar
       throw error;
     }
     kind = 'adapter';
-  } else if (await exists(join(v.source, 'config.json'))) {
+  } else if (await pathExists(join(v.source, 'config.json'))) {
     model = await loadModel(v.source, options);
     kind = 'model';
   } else {

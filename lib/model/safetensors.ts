@@ -432,6 +432,14 @@ export class SafetensorsFile {
 // Writing
 // ---------------------------------------------------------------------------------------------
 
+/** Whether something (file or folder) is at `path`. */
+export async function pathExists(path: string): Promise<boolean> {
+  return stat(path).then(
+    () => true,
+    () => false,
+  );
+}
+
 /** Options for {@link writeFileAtomic}. */
 export interface AtomicWriteOptions {
   /** Replace an existing file at the destination. Default false: an existing file is an error. */

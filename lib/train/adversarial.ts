@@ -32,17 +32,24 @@ export interface PerturbedCopy {
   source: number;
 }
 
-/**
- * The step with each harmful sequence duplicated at the end of the batch: the copy takes the
- * sequence's red-flag rows (to be perturbed), the original keeps every other row.
- */
-export function withPerturbedCopies(input: StepInput): { input: StepInput; copies: PerturbedCopy[] } {
+/** Each sequence's first row in the concatenated batch, and the batch's row count. */
+function sequenceOffsets(batch: readonly number[][]): { offsets: number[]; total: number } {
   const offsets: number[] = [];
   let total = 0;
-  for (const seq of input.batch) {
+  for (const seq of batch) {
     offsets.push(total);
     total += seq.length;
   }
+  return { offsets, total };
+}
+
+/**
+ * The step with each harmful sequence duplicated at the end of the batch, in order: the copy
+ * takes the sequence's red-flag rows (to be perturbed), the original keeps every other row.
+ */
+export function withPerturbedCopies(input: StepInput): { input: StepInput; copies: PerturbedCopy[] } {
+  const { offsets, total: end } = sequenceOffsets(input.batch);
+  let total = end; // the next copy's first row
   const batch = input.batch.slice();
   const copies: PerturbedCopy[] = [];
   const moved = new Map<number, number>(); // source index -> copy's row offset
@@ -100,30 +107,18 @@ export async function adversarialDelta(
   if (!(options.epsilon >= 0) || !Number.isInteger(options.steps) || options.steps < 1 || !(options.stepSize > 0)) {
     throw new RedflagError('INVALID_ARGUMENT', `adversarial: epsilon >= 0, steps >= 1 and stepSize > 0 are needed, got ${JSON.stringify(options)}`);
   }
-  const offsets: number[] = [];
-  let total = 0;
-  for (const seq of input.batch) {
-    offsets.push(total);
-    total += seq.length;
-  }
-  // The copies alone, with their red-flag rows moved to the sub-batch's rows.
+  // The copies alone: they stand together at the end of the batch (withPerturbedCopies), so the
+  // sub-batch's rows are the batch's rows from the first copy's on.
+  const { offsets, total } = sequenceOffsets(input.batch);
   const sub = copies.map((c) => input.batch[c.index]!);
-  const subOffsets: number[] = [];
-  let subTotal = 0;
-  for (const seq of sub) {
-    subOffsets.push(subTotal);
-    subTotal += seq.length;
-  }
+  const first = copies.length > 0 ? offsets[copies[0]!.index]! : total;
+  const { offsets: subOffsets, total: subTotal } = sequenceOffsets(sub);
   const rows: number[] = [];
   for (let r = 0; r < input.rows.length; r += 5) {
-    if (input.rows[r] !== RowKind.RedFlag) continue;
-    const row = input.rows[r + 1]!;
-    const k = copies.findIndex((c) => row >= offsets[c.index]! && row < offsets[c.index]! + input.batch[c.index]!.length);
-    if (k < 0) continue;
-    rows.push(RowKind.RedFlag, row - offsets[copies[k]!.index]! + subOffsets[k]!, -1, input.rows[r + 3]!, input.rows[r + 4]!);
+    if (input.rows[r] === RowKind.RedFlag && input.rows[r + 1]! >= first) rows.push(RowKind.RedFlag, input.rows[r + 1]! - first, -1, input.rows[r + 3]!, input.rows[r + 4]!);
   }
   const delta = new Float32Array(subTotal * H);
-  if (rows.length === 0 || options.epsilon === 0) return scatter(delta);
+  if (rows.length === 0 || options.epsilon === 0) return placed(delta);
   const radius = new Float32Array(subTotal);
   copies.forEach((c, k) => {
     for (let t = 0; t < c.promptLength; t++) radius[subOffsets[k]! + t] = options.epsilon * norms[sub[k]![t]!]!;
@@ -165,12 +160,12 @@ export async function adversarialDelta(
       if (dn > radius[t]!) for (let i = 0; i < H; i++) d[i] = (d[i]! * radius[t]!) / dn;
     }
   }
-  return scatter(delta);
+  return placed(delta);
 
-  // The sub-batch's perturbation placed at the copies' tokens of the whole split batch.
-  function scatter(subDelta: Float32Array): Float32Array {
+  // The sub-batch's perturbation at the copies' rows of the whole batch (zero elsewhere).
+  function placed(subDelta: Float32Array): Float32Array {
     const full = new Float32Array(total * H);
-    copies.forEach((c, k) => full.set(subDelta.subarray(subOffsets[k]! * H, (subOffsets[k]! + sub[k]!.length) * H), offsets[c.index]! * H));
+    full.set(subDelta, first * H);
     return full;
   }
 }

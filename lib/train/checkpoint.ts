@@ -25,7 +25,7 @@ import { join, resolve } from 'node:path';
 
 import { RedflagError } from '../errors.js';
 import type { Model } from '../model/model.js';
-import { SafetensorsFile, writeFileAtomic, writeSafetensors, type RawTensor } from '../model/safetensors.js';
+import { pathExists, SafetensorsFile, writeFileAtomic, writeSafetensors, type RawTensor } from '../model/safetensors.js';
 import type { TrainConfig } from './config.js';
 
 const POINTER = 'checkpoint.json';
@@ -57,8 +57,6 @@ export interface FoundCheckpoint {
   /** `checkpoint.json` (this layout), or the previous layout's folder. */
   layout: 'pointer' | 'legacy';
 }
-
-const exists = (path: string) => stat(path).then(() => true, () => false);
 
 /** A test hook: `REDFLAG_TEST_KILL_AT=before-publish:N` (or `after-publish:N`) kills the process at the Nth publication. */
 let publications = 0;
@@ -95,7 +93,7 @@ async function legacyCopies(output: string): Promise<{ dir: string; step: number
     try {
       // state.json is written last into a copy: its presence marks a complete one.
       const state = JSON.parse(await readFile(join(dir, 'state.json'), 'utf8')) as CheckpointState;
-      if (Number.isInteger(state.step) && (await exists(join(dir, 'params.safetensors')))) found.push({ dir, step: state.step });
+      if (Number.isInteger(state.step) && (await pathExists(join(dir, 'params.safetensors')))) found.push({ dir, step: state.step });
     } catch {
       // incomplete (killed while writing): not a candidate
     }

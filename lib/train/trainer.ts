@@ -18,6 +18,7 @@ import { loadModel, type Model } from '../model/model.js';
 import { addRedFlagToken } from '../model/red-flag.js';
 import { createRng } from '../model/sampling.js';
 import type { NativeEmbeddingOptions, NativeLossTerms } from '../native.js';
+import { pathExists } from '../model/safetensors.js';
 import { exportAdapter, saveTrainedModel } from './export.js';
 import { learningRate, parseTrainConfig, type TrainConfig, type TrainConfigInput } from './config.js';
 import { evaluateRedFlag, type EvalResult } from './evaluate.js';
@@ -128,7 +129,6 @@ function addTerms(a: StepInfo['loss'], t: NativeLossTerms, w: number): void {
 export async function train(input: TrainConfigInput | TrainConfig, hooks: TrainHooks = {}): Promise<TrainResult> {
   const config = parseTrainConfig(input);
   const log = hooks.log ?? (() => undefined);
-  const { signal } = hooks;
   await createOutputDir(config.output);
   const unlock = await lockOutput(config.output);
   try {
@@ -174,12 +174,12 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
       });
     }
     for (const name of RESULT_DIRS) {
-      if (await stat(join(config.output, name)).then(() => true, () => false)) {
+      if (await pathExists(join(config.output, name))) {
         throw new RedflagError('INVALID_ARGUMENT', `${join(config.output, name)} already exists and no checkpoint of this run is beside it: pass --overwrite (overwrite: true) to replace it, or choose another output directory`);
       }
     }
     // Metrics without a checkpoint or results are what a run killed before its first checkpoint wrote.
-    if (await stat(metricsFile).then(() => true, () => false)) {
+    if (await pathExists(metricsFile)) {
       await rm(metricsFile, { force: true });
       log('metrics.jsonl of a run stopped before its first checkpoint: starting it afresh');
     }

@@ -24,6 +24,7 @@
 #include "kernels/ops.h"
 #include "model/decode.h"
 #include "tests/check.h"
+#include "tests/random_model.h"
 
 using rf::test::check;
 
@@ -31,12 +32,7 @@ namespace {
 
 std::mt19937 rng(424242);
 
-std::vector<float> randn(size_t n, float scale = 1.f) {
-  std::normal_distribution<float> d(0.f, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = d(rng);
-  return v;
-}
+std::vector<float> randn(size_t n, float scale = 1.f) { return rf::test::randn(rng, n, scale); }
 
 // A device copy that frees itself.
 struct Dev {

@@ -14,7 +14,7 @@ import { encodeConversation } from '../../data/encode.js';
 import type { Estimate } from '../stats.js';
 import type { SeriesPoint, Suite } from '../types.js';
 import { itemName, rate } from './common.js';
-import { budgetsOf, closeAttackModel, harmfulSplit, openAttackModel } from './white-box.js';
+import { closeAttackModel, harmfulSplit, openAttackModel } from './white-box.js';
 
 interface Outcome {
   maxPRfBefore: number;
@@ -47,11 +47,11 @@ export const embeddingSuite: Suite<EmbeddingResult> = {
   name: 'embedding',
   description: 'PGD on the prompt embeddings in per-token l2 balls of relative radius ε against p(<rf>); share still flagged against ε',
   units: (ctx) => {
-    const b = budgetsOf(ctx.settings).embedding;
+    const b = ctx.settings.attacks.embedding;
     return ctx.variant.detects ? Math.min(b.items, Math.ceil(ctx.data.harmful.length / 2)) * b.epsilons.length : 0;
   },
   async run(ctx) {
-    const budget = budgetsOf(ctx.settings).embedding;
+    const budget = ctx.settings.attacks.embedding;
     if (!ctx.variant.detects) return { applicable: false, steps: budget.steps, lambda: budget.lambda, points: [], flagSeries: [] };
     const targets = harmfulSplit(ctx).test.slice(0, budget.items);
     const total = targets.length * budget.epsilons.length;

@@ -14,7 +14,7 @@
  */
 import { join } from 'node:path';
 
-import { fineTuneAttack, mergeAdapterInto } from '../../attack/finetune.js';
+import { attackFinished, fineTuneAttack, mergeAdapterInto } from '../../attack/finetune.js';
 import type { Conversation } from '../../data/records.js';
 import { createDetector } from '../../detect/detector.js';
 import { loadModel } from '../../model/model.js';
@@ -23,7 +23,7 @@ import { fingerprint } from '../cache.js';
 import type { Estimate } from '../stats.js';
 import type { LoadedVariant, Suite, SuiteContext } from '../types.js';
 import { cachedGenerations, conversationPromptIds, itemName, rate, verdictOf } from './common.js';
-import { attackWorkDir, budgetsOf, harmfulSplit, variantFiles } from './white-box.js';
+import { attackWorkDir, harmfulSplit, variantFiles } from './white-box.js';
 
 interface Side {
   flagRate: Estimate;
@@ -43,16 +43,17 @@ export interface FinetuneResult {
 
 /** The attacked weights for this variant (trained once per model directory and budget; shared by variants on the same base). */
 async function attackedWeights(ctx: SuiteContext, train: Conversation[]): Promise<{ modelDir: string; adapterDir?: string; defence: FinetuneResult['defence'] }> {
-  const budget = budgetsOf(ctx.settings).finetune;
+  const budget = ctx.settings.attacks.finetune;
   const { modelDir, adapterDir } = variantFiles(ctx);
   const work = await attackWorkDir(ctx);
   const threads = ctx.variant.model.threads;
   // Keyed by the weights attacked, so variants on the same base share one attack.
+  const outputFor = (dir: string) => join(work, `finetune-${fingerprint({ dir, budget, n: train.length, seed: ctx.settings.seed })}`);
   const attack = (dir: string) =>
     fineTuneAttack({
       model: dir,
       harmful: train,
-      output: join(work, `finetune-${fingerprint({ dir, budget, n: train.length, seed: ctx.settings.seed })}`),
+      output: outputFor(dir),
       steps: budget.steps,
       lr: budget.lr,
       rank: budget.rank,
@@ -63,7 +64,9 @@ async function attackedWeights(ctx: SuiteContext, train: Conversation[]): Promis
     });
   if (adapterDir !== undefined && ctx.variant.detects) return { modelDir: await attack(modelDir), adapterDir, defence: 'encapsulated adapter' };
   if (adapterDir !== undefined) {
-    const merged = await mergeAdapterInto(modelDir, adapterDir, join(work, `merged-${fingerprint({ modelDir, adapterDir })}`), threads);
+    const merged = join(work, `merged-${fingerprint({ modelDir, adapterDir })}`);
+    // The merged weights only feed the attack: once it has finished (a resumed run) they are not needed.
+    if (!(await attackFinished(outputFor(merged)))) await mergeAdapterInto(modelDir, adapterDir, merged, threads);
     return { modelDir: await attack(merged), defence: 'merged adapter' };
   }
   return { modelDir: await attack(modelDir), defence: 'weights' };
@@ -93,7 +96,7 @@ export const finetuneSuite: Suite<FinetuneResult> = {
   description: 'LoRA fine-tuning on harmful answers (red-flag adapter applied afterwards; refusal adapter merged before); flagged / refused / ASR before and after',
   units: () => 2,
   async run(ctx) {
-    const budget = budgetsOf(ctx.settings).finetune;
+    const budget = ctx.settings.attacks.finetune;
     const { train, test } = harmfulSplit(ctx);
     const before = await measure(ctx, ctx.variant, test, 'before');
     ctx.progress(1, 2);

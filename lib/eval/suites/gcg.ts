@@ -12,7 +12,7 @@ import type { Conversation, Message } from '../../data/records.js';
 import type { Estimate } from '../stats.js';
 import type { Suite } from '../types.js';
 import { cachedGenerations, itemName, promptIdsOf, rate, verdictOf, type GenerationUnit } from './common.js';
-import { budgetsOf, closeAttackModel, harmfulSplit, openAttackModel } from './white-box.js';
+import { closeAttackModel, harmfulSplit, openAttackModel } from './white-box.js';
 
 interface Found {
   messages: Message[];
@@ -44,9 +44,9 @@ export interface GcgResult {
 export const gcgSuite: Suite<GcgResult> = {
   name: 'gcg',
   description: 'adaptive GCG: a 20-token suffix against the answer cross-entropy + λ·log p(<rf>); ASR of greedy answers before and after',
-  units: (ctx) => Math.min(budgetsOf(ctx.settings).gcg.items, Math.ceil(ctx.data.harmful.length / 2)),
+  units: (ctx) => Math.min(ctx.settings.attacks.gcg.items, Math.ceil(ctx.data.harmful.length / 2)),
   async run(ctx) {
-    const budget = budgetsOf(ctx.settings).gcg;
+    const budget = ctx.settings.attacks.gcg;
     const lambda = ctx.variant.detects ? budget.lambda : 0;
     const targets: Conversation[] = harmfulSplit(ctx).test.slice(0, budget.items);
     let attack: Awaited<ReturnType<typeof openAttackModel>> | null = null;

@@ -14,18 +14,13 @@ import { AttackModel } from '../../attack/gradient-model.js';
 import type { Conversation } from '../../data/records.js';
 import { loadModel } from '../../model/model.js';
 import { devTestSplit } from '../stats.js';
-import type { AttackBudgets, EvalSettings, SuiteContext } from '../types.js';
+import type { AttackBudgets, SuiteContext } from '../types.js';
 
 export const DEFAULT_ATTACK_BUDGETS: AttackBudgets = {
   embedding: { epsilons: [0, 0.05, 0.1, 0.2, 0.5], steps: 10, items: 25, lambda: 1 },
   gcg: { length: 20, steps: 20, topK: 32, candidates: 16, items: 8, lambda: 1 },
   finetune: { steps: 200, lr: 1e-3, rank: 8, batchSize: 8 },
 };
-
-/** The budgets in force. */
-export function budgetsOf(settings: EvalSettings): AttackBudgets {
-  return settings.attacks;
-}
 
 /** The directory a variant's model comes from, and the adapter applied on it (if any). */
 export function variantFiles(ctx: SuiteContext): { modelDir: string; adapterDir?: string } {
