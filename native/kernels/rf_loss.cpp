@@ -3,8 +3,8 @@
 //
 // Algorithm (flash-attention style, one pass over W in vocabulary chunks):
 //   Every "stream row" (the N trained rows h and the Nr reference rows h_ref alike) keeps a
-//   running max m and sum S of exp(z_v - m) over the vocabulary seen so far, EXCLUDING the rf
-//   column, and the softmax-weighted sum E = sum_v exp(z_v - m) W_v [H] (rescaled by
+//   running max m and sum S of exp(z_v - m) over the vocabulary seen so far, EXCLUDING the flag
+//   columns (one rf, or K flags f_k: below "rf" stands for any of them and sums over them), and the softmax-weighted sum E = sum_v exp(z_v - m) W_v [H] (rescaled by
 //   exp(m_old - m_new) whenever the max grows). After the pass, with the rf logit z_rf
 //   computed apart (h . w_rf for the trained rows, h_ref . W_rf for the reference rows):
 //     lse = logaddexp(m + log S, z_rf),  p_rf = exp(z_rf - lse),  and for v != rf
@@ -228,20 +228,20 @@ void strip_fill_pairs(const PackedWeight& W, int p0, int n_panels, int n, int s,
 // ---------------------------------------------------------------------------------------
 // 2a. Online softmax update of one row over one chunk.
 
-// z [n] (n >= 1: the chunk's logits, rf_local the rf column or -1) becomes exp(z - m_new) with the
-// rf column 0; (m, S) are updated; returns the factor exp(m_old - m_new) for E.
-float row_softmax_update(float* z, int n, int rf_local, float& m, double& S) {
-  if (rf_local >= 0) z[rf_local] = kNegInf;
+// z [n] (n >= 1: the chunk's logits, flags_local the flag columns in it) becomes exp(z - m_new)
+// with the flag columns 0; (m, S) are updated; returns the factor exp(m_old - m_new) for E.
+float row_softmax_update(float* z, int n, const std::vector<int>& flags_local, float& m, double& S) {
+  for (int j : flags_local) z[j] = kNegInf;
   const float cm = row_max(z, n);
   const float m_new = std::max(m, cm);
-  if (m_new == kNegInf) {  // nothing but the rf column seen yet
+  if (m_new == kNegInf) {  // nothing but flag columns seen yet
     for (int j = 0; j < n; ++j) z[j] = 0.f;
     return 1.f;
   }
   float s = exp_shift(z, n, m_new);
-  if (rf_local >= 0) {  // exp_f32 clamps -inf to e^-87: take it out exactly
-    s -= z[rf_local];
-    z[rf_local] = 0.f;
+  for (int j : flags_local) {  // exp_f32 clamps -inf to e^-87: take it out exactly
+    s -= z[j];
+    z[j] = 0.f;
   }
   const float scale = m == kNegInf ? 0.f : float(std::exp(double(m) - double(m_new)));
   S = S * scale + s;
@@ -440,30 +440,42 @@ int task_rows_choose(int rows, int threads) {
 double softplus(double x) { return std::max(x, 0.0) + std::log1p(std::exp(-std::fabs(x))); }
 
 struct RowStats {
-  double lse = 0;      // log sum_v exp(z_v), rf included
-  double log_p = 0;    // log p_rf
-  double log_1mp = 0;  // log(1 - p_rf)
-  double f = 0;        // exp(m - lse): turns E into P = sum_{v != rf} p_v W_v
+  double lse = 0;      // log sum_v exp(z_v), flags included
+  double log_p = 0;    // log p of the row's target flag t
+  double log_1mp = 0;  // log(1 - p_t)
+  double f = 0;        // exp(m - lse): turns E into P = sum_{v not a flag} p_v W_v
   double log_f = -std::numeric_limits<double>::infinity();
 };
 
-RowStats row_stats(float m, double S, double z_rf) {
+// z [K]: the row's flag logits; t: its target flag (0 for rows without one). 1 - p_t is the
+// mass of everything else, rest = log(e^{m} S + sum_{k != t} e^{z_k}), so log(1 - p_t) and
+// log p_t come from the log-odds z_t - rest without a subtraction of probabilities.
+RowStats row_stats(float m, double S, const double* z, int K, int t) {
+  constexpr double kNegInfD = -std::numeric_limits<double>::infinity();
   RowStats st;
-  // lse over v != rf; -inf when the vocabulary is rf alone.
-  const double lse_x = S > 0 ? double(m) + std::log(S) : -std::numeric_limits<double>::infinity();
-  if (!(S > 0)) {
-    st.lse = z_rf;
+  // lse over the streamed vocabulary; -inf when the vocabulary is flags alone.
+  const double lse_x = S > 0 ? double(m) + std::log(S) : kNegInfD;
+  double rest = lse_x;
+  for (int k = 0; k < K; ++k) {
+    if (k == t || z[k] == kNegInfD) continue;
+    const double hi = std::max(rest, z[k]);
+    rest = hi + std::log1p(std::exp(std::min(rest, z[k]) - hi));
+  }
+  if (rest == kNegInfD) {
+    st.lse = z[t];
     st.log_p = 0;
-    st.log_1mp = -std::numeric_limits<double>::infinity();
+    st.log_1mp = kNegInfD;
     st.f = 0;
     return st;
   }
-  const double d = z_rf - lse_x;  // log-odds of rf
-  st.lse = lse_x + softplus(d);
+  const double d = z[t] - rest;  // log-odds of the target flag
+  st.lse = rest + softplus(d);
   st.log_p = -softplus(-d);
   st.log_1mp = -softplus(d);
-  st.log_f = double(m) - st.lse;
-  st.f = std::exp(st.log_f);
+  if (S > 0) {
+    st.log_f = double(m) - st.lse;
+    st.f = std::exp(st.log_f);
+  }
   return st;
 }
 
@@ -487,11 +499,16 @@ RfLossResult rf_loss(ThreadPool& pool, const float* h, int N, const float* h_ref
   if (N < 0 || Nr < 0 || H <= 0) fail("negative or zero size");
   if (H != W.K) fail("H (" + std::to_string(H) + ") != W.K (" + std::to_string(W.K) + ")");
   const int V = W.N;
-  if (opt.rf_token < 0 || opt.rf_token >= V) fail("rf_token out of range");
+  const std::vector<int> flags = opt.flag_tokens.empty() ? std::vector<int>{opt.rf_token} : opt.flag_tokens;
+  const int K = int(flags.size());
+  for (int k = 0; k < K; ++k) {
+    if (flags[k] < 0 || flags[k] >= V) fail(opt.flag_tokens.empty() ? "rf_token out of range" : "flag token out of range");
+    for (int j = 0; j < k; ++j)
+      if (flags[j] == flags[k]) fail("flag token " + std::to_string(flags[k]) + " listed twice");
+  }
   if (opt.chunk < 0) fail("negative chunk");
   if (N == 0) return RfLossResult();
   if (!h || !rows || !dh || !dw_rf || !w_rf || (Nr > 0 && !h_ref)) fail("null pointer");
-  const int rf = opt.rf_token;
 
   RfLossResult res;
   std::map<int32_t, int> group_index;  // group id -> dense index
@@ -506,6 +523,7 @@ RfLossResult rf_loss(ThreadPool& pool, const float* h, int N, const float* h_ref
         break;
       case RfLossKind::red_flag: {
         if (r.group < 0) fail("row " + std::to_string(i) + ": red_flag row without a group");
+        if (r.flag < 0 || r.flag >= K) fail("row " + std::to_string(i) + ": flag index out of range");
         auto it = group_index.emplace(r.group, int(group_index.size())).first;
         row_group[i] = it->second;
         break;
@@ -586,7 +604,9 @@ RfLossResult rf_loss(ThreadPool& pool, const float* h, int N, const float* h_ref
   for (int c = 0; c < chunks; ++c) {
     int p0, n;
     chunk_panels(c, p0, n);
-    const int rf_local = (rf >= c * vc && rf < c * vc + n) ? rf - c * vc : -1;
+    std::vector<int> flags_local;
+    for (int f : flags)
+      if (f >= c * vc && f < c * vc + n) flags_local.push_back(f - c * vc);
     const PackedWeight view = view_make(W, p0, n);
     const float* wt_c = wt.p + size_t(c & 1) * wt_floats;
     // Tasks: first the next chunk's transpose pieces (into the other Wt buffer), then rows.
@@ -607,7 +627,7 @@ RfLossResult rf_loss(ThreadPool& pool, const float* h, int N, const float* h_ref
         const int rows_t = std::min(task_rows, st.count - a);
         RF_ISA::gemm(*solo[tid], rows_t, st.A + size_t(a) * H, H, view, nullptr, zt, vc, false);
         for (int r = 0; r < rows_t; ++r)
-          scale[r] = row_softmax_update(zt + size_t(r) * vc, n, rf_local, st.m[a + r], st.S[a + r]);
+          scale[r] = row_softmax_update(zt + size_t(r) * vc, n, flags_local, st.m[a + r], st.S[a + r]);
         float* E = st.E + size_t(a) * H;
 #if defined(__AVX512BF16__)
         if (pairs) {
@@ -635,20 +655,25 @@ RfLossResult rf_loss(ThreadPool& pool, const float* h, int N, const float* h_ref
 #else
   const bool round_a = false;
 #endif
-  std::vector<float> w_rf_base(H);  // the reference model's rf row: W's own
-  RF_ISA::packed_row(W, rf, w_rf_base.data());
+  std::vector<float> w_flags_base(size_t(K) * H);  // the reference model's flag rows: W's own
+  for (int k = 0; k < K; ++k) RF_ISA::packed_row(W, flags[k], w_flags_base.data() + size_t(k) * H);
+  // Flag logits z [rows, K] and their log-probabilities lp [rows, K] (the target's from the
+  // cancellation-free log-odds, the others as z - lse).
   std::vector<RowStats> st_theta(N), st_ref(Nr);
-  std::vector<double> z_rf_theta(N), z_rf_ref(Nr);
+  std::vector<double> z_theta(size_t(N) * K), z_ref(size_t(Nr) * K), lp_theta(size_t(N) * K), lp_ref(size_t(Nr) * K);
   pool.parallel_for(long(N) + Nr, [&](long b, long e, int) {
     for (long i = b; i < e; ++i) {
-      if (i < N) {
-        z_rf_theta[i] = dot_f64(h + size_t(i) * H, w_rf, H);
-        st_theta[i] = row_stats(m_all[i], s_all[i], z_rf_theta[i]);
-      } else {
-        const long r = i - N;
-        z_rf_ref[r] = dot_f64(h_ref + size_t(r) * H, w_rf_base.data(), H);
-        st_ref[r] = row_stats(m_all[i], s_all[i], z_rf_ref[r]);
-      }
+      const bool trained = i < N;
+      const long r = trained ? i : i - N;
+      const float* x = trained ? h + size_t(r) * H : h_ref + size_t(r) * H;
+      const float* w = trained ? w_rf : w_flags_base.data();
+      double* z = (trained ? z_theta.data() : z_ref.data()) + size_t(r) * K;
+      double* lp = (trained ? lp_theta.data() : lp_ref.data()) + size_t(r) * K;
+      for (int k = 0; k < K; ++k) z[k] = dot_f64(x, w + size_t(k) * H, H);
+      const int t = trained && rows[r].kind == RfLossKind::red_flag ? rows[r].flag : 0;
+      RowStats& st = (trained ? st_theta : st_ref)[r];
+      st = row_stats(m_all[i], s_all[i], z, K, t);
+      for (int k = 0; k < K; ++k) lp[k] = k == t ? st.log_p : z[k] - st.lse;
     }
   });
 
@@ -662,14 +687,17 @@ RfLossResult rf_loss(ThreadPool& pool, const float* h, int N, const float* h_ref
   const double w_after = res.n_after_rows ? opt.alpha_after / double(res.n_after_rows) : 0.0;
   const double w_group = res.n_groups ? opt.alpha_rf / double(res.n_groups) : 0.0;
 
-  // Per trained row: dh = a E_theta - b E_ref + c w_rf and dw_rf += c h (a, b folded with f).
-  std::vector<double> coef_a(N), coef_b(N), coef_c(N), kl(N, 0.0);
+  // Per trained row: dh = a E_theta - b E_ref + sum_k c_k w_rf[k] and dw_rf[k] += c_k h (a, b
+  // folded with f).
+  std::vector<double> coef_a(N), coef_b(N), coef_c(size_t(N) * K), kl(N, 0.0);
   pool.parallel_for(N, [&](long b, long e, int) {
     for (long i = b; i < e; ++i) {
       const RfLossRow& r = rows[i];
       const RowStats& t = st_theta[i];
+      double* c = coef_c.data() + size_t(i) * K;
+      const double* lp = lp_theta.data() + size_t(i) * K;
       if (r.kind == RfLossKind::red_flag) {
-        // dL/dz_v = k (p_v - delta_{v,rf}) with k = w_group x
+        // dL/dz_v = k (p_v - delta_{v,f_t}) with k = w_group x
         //   any:    q/(1-q) p/(1-p)  (dL/dlog(1-p_j) = q/(1-q), dlog(1-p)/dz_v = p/(1-p) (p_v - delta))
         //   mean:   1 / n_g;   single: 1.
         // Summed in log space, so neither 1 - p nor 1 - q is ever formed by a subtraction.
@@ -679,22 +707,31 @@ RfLossResult rf_loss(ThreadPool& pool, const float* h, int N, const float* h_ref
                                  : -std::log(opt.aggregation == RfAggregation::mean ? double(group_size[g]) : 1.0);
         coef_a[i] = w_group * std::exp(log_k + t.log_f);
         coef_b[i] = 0;
-        coef_c[i] = -w_group * std::exp(log_k + t.log_1mp);  // k (p_rf - 1)
+        for (int k = 0; k < K; ++k)
+          c[k] = k == r.flag ? -w_group * std::exp(log_k + t.log_1mp)  // k (p_t - 1)
+                             : w_group * std::exp(log_k + lp[k]);
       } else {
         const double w = r.kind == RfLossKind::benign_kl ? w_benign : w_after;
         const RowStats& q = st_ref[r.ref_row];
-        const double p_t = std::exp(t.log_p), p_r = std::exp(q.log_p);
+        const double* lq = lp_ref.data() + size_t(r.ref_row) * K;
+        const double* zt = z_theta.data() + size_t(i) * K;
+        const double* zq = z_ref.data() + size_t(r.ref_row) * K;
         coef_a[i] = w * t.f;
         coef_b[i] = w * q.f;
-        coef_c[i] = w * (p_t - p_r);
-        // KL = (A'_ref - A') . P_ref + p_ref,rf (z_ref,rf - z_rf) + lse - lse_ref
+        // KL = (A'_ref - A') . P_ref + sum_k p_ref,k (z_ref,k - z_k) + lse - lse_ref
+        double flag_part = 0;
+        for (int k = 0; k < K; ++k) {
+          const double p_r = std::exp(lq[k]);
+          c[k] = w * (std::exp(lp[k]) - p_r);
+          flag_part += p_r * (zq[k] - zt[k]);
+        }
         const float* a = h + size_t(i) * H;
         const float* ar = h_ref + size_t(r.ref_row) * H;
         const float* er = e_ref.p + size_t(r.ref_row) * H;
         double cross = 0;
         for (int k = 0; k < H; ++k)
           cross += (double(logit_input(ar[k], round_a)) - double(logit_input(a[k], round_a))) * double(er[k]);
-        kl[i] = q.f * cross + p_r * (z_rf_ref[r.ref_row] - z_rf_theta[i]) + t.lse - q.lse;
+        kl[i] = q.f * cross + flag_part + t.lse - q.lse;
       }
     }
   });
@@ -722,27 +759,47 @@ RfLossResult rf_loss(ThreadPool& pool, const float* h, int N, const float* h_ref
   pool.parallel_for(N, [&](long b, long e, int) {
     for (long i = b; i < e; ++i) {
       float* d = dh + size_t(i) * H;
-      const double a = coef_a[i], c = coef_c[i];
-      if (rows[i].kind == RfLossKind::red_flag) {
+      const double a = coef_a[i];
+      const double* c = coef_c.data() + size_t(i) * K;
+      if (K == 1) {
+        const double bb = coef_b[i], c0 = c[0];
+        const float* er = bb != 0 ? e_ref.p + size_t(rows[i].ref_row) * H : nullptr;
+        if (er) {
 #pragma omp simd
-        for (int k = 0; k < H; ++k) d[k] = float(a * d[k] + c * w_rf[k]);
-      } else {
+          for (int k = 0; k < H; ++k) d[k] = float(a * d[k] - bb * er[k] + c0 * w_rf[k]);
+        } else {
+#pragma omp simd
+          for (int k = 0; k < H; ++k) d[k] = float(a * d[k] + c0 * w_rf[k]);
+        }
+        continue;
+      }
+      std::vector<double> acc(H);
+      for (int k = 0; k < H; ++k) acc[k] = a * d[k];
+      if (rows[i].kind != RfLossKind::red_flag) {
         const double bb = coef_b[i];
         const float* er = e_ref.p + size_t(rows[i].ref_row) * H;
-#pragma omp simd
-        for (int k = 0; k < H; ++k) d[k] = float(a * d[k] - bb * er[k] + c * w_rf[k]);
+        for (int k = 0; k < H; ++k) acc[k] -= bb * er[k];
       }
+      for (int f = 0; f < K; ++f) {
+        const float* w = w_rf + size_t(f) * H;
+        for (int k = 0; k < H; ++k) acc[k] += c[f] * w[k];
+      }
+      for (int k = 0; k < H; ++k) d[k] = float(acc[k]);
     }
   });
-  // dw_rf [H] += sum_i c_i h_i (the rf logits use the unrounded rows), split over columns.
+  // dw_rf [K, H] += sum_i c_ik h_i (the flag logits use the unrounded rows), split over columns.
   pool.parallel_for(H, [&](long k0, long k1, int) {
-    std::vector<double> acc(size_t(k1 - k0), 0.0);
-    for (int i = 0; i < N; ++i) {
-      const double c = coef_c[i];
-      const float* hi = h + size_t(i) * H;
-      for (long k = k0; k < k1; ++k) acc[k - k0] += c * double(hi[k]);
+    std::vector<double> acc(size_t(k1 - k0));
+    for (int f = 0; f < K; ++f) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int i = 0; i < N; ++i) {
+        const double c = coef_c[size_t(i) * K + f];
+        if (c == 0) continue;
+        const float* hi = h + size_t(i) * H;
+        for (long k = k0; k < k1; ++k) acc[k - k0] += c * double(hi[k]);
+      }
+      for (long k = k0; k < k1; ++k) dw_rf[size_t(f) * H + k] += float(acc[k - k0]);
     }
-    for (long k = k0; k < k1; ++k) dw_rf[k] += float(acc[k - k0]);
   });
   return res;
 }

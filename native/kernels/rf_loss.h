@@ -6,9 +6,11 @@
 //   h     [N, H]   trained model (adapter on), one row per RfLossRow
 //   h_ref [Nr, H]  reference model (adapter off), the rows KL rows point at
 //   W     [V, H]   the frozen LM head, packed (f32 or bf16)
-//   w_rf  [H]      the TRAINABLE f32 head row of the red-flag token rf. The trained model's
-//                  logits use W* = W with row rf replaced by w_rf; the reference model's use
-//                  W itself (its own row rf).
+//   w_rf  [K, H]   the TRAINABLE f32 head rows of the K flag tokens f_0 .. f_K-1 (one red-flag
+//                  token rf, or one per risk category). The trained model's logits use W* = W
+//                  with row f_k replaced by w_rf[k]; the reference model's use W itself.
+// A red_flag row trains the flag its `flag` field names (p_j below is p_theta(f_flag | row j));
+// a KL row compares the whole distributions, flags included.
 // Loss terms (each a mean over its rows / groups in the call; total = weighted sum):
 //   benign    mean over benign_kl rows of KL(p_ref || p_theta) = sum_v p_ref,v (log p_ref,v - log p_theta,v)
 //   red_flag  mean over groups g (the red_flag rows sharing a group id) of
@@ -49,6 +51,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "core/threadpool.h"
 #include "kernels/gemm.h"
@@ -63,10 +66,12 @@ struct RfLossRow {
   RfLossKind kind = RfLossKind::benign_kl;
   int32_t ref_row = -1;  // KL kinds: row of h_ref holding the reference state (several rows may share one)
   int32_t group = -1;    // red_flag: group id (any int >= 0; one harmful conversation's positions)
+  int32_t flag = 0;      // red_flag: the flag it trains, an index into the options' flags
 };
 
 struct RfLossOptions {
-  int rf_token = -1;                                // the red-flag token id, in [0, V)
+  int rf_token = -1;                                // the red-flag token id, in [0, V) (K = 1)
+  std::vector<int> flag_tokens;                     // or K >= 1 distinct flag token ids (then rf_token is unused)
   RfAggregation aggregation = RfAggregation::any;
   float alpha_benign = 1.f, alpha_rf = 1.f, alpha_after = 1.f;
   int chunk = 0;                                    // vocabulary rows per chunk (rounded up to 32);
@@ -87,7 +92,7 @@ struct RfLossResult {
 #define RF_DECLARE_RF_LOSS_KERNELS                                                                   \
   /* Computes the loss terms and their gradients, with the alphas applied:                          \
        dh    [N, H]  written:      dL/dh                                                             \
-       dw_rf [H]     accumulated:  += dL/dw_rf                                                       \
+       dw_rf [K, H]  accumulated:  += dL/dw_rf                                                       \
      Throws std::invalid_argument on inconsistent shapes, ids or row descriptions. */               \
   rf::RfLossResult rf_loss(rf::ThreadPool& pool, const float* h, int N, const float* h_ref, int Nr,  \
                            int H, const rf::PackedWeight& W, const float* w_rf,                      \

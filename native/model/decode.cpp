@@ -105,7 +105,29 @@ int sample(const float* z, int n, const PickParams& p, double u, std::vector<std
 
 }  // namespace
 
-Pick logits_pick(const float* z, int n, const PickParams& params, uint64_t counter, int rf_token, int top_n,
+// Writes each flag's p to p_flags [K] (when given) and returns their total.
+static float flags_read(const float* z, int n, float lse, const Flags& flags, float* p_flags) {
+  float total = 0.f;
+  for (int k = 0; k < flags.size(); ++k) {
+    const int id = flags.ids[k];
+    const float p = id >= 0 && id < n ? std::exp(z[id] - lse) : 0.f;
+    if (p_flags) p_flags[k] = p;
+    total += p;
+  }
+  return total;
+}
+
+// The flag ids must name distinct tokens of the vocabulary.
+static void flags_check(const Flags& flags, int V, const char* who) {
+  for (int k = 0; k < flags.size(); ++k) {
+    if (flags.ids[k] < 0 || flags.ids[k] >= V)
+      throw std::invalid_argument(std::string(who) + ": the red-flag token is outside the vocabulary");
+    for (int j = 0; j < k; ++j)
+      if (flags.ids[j] == flags.ids[k]) throw std::invalid_argument(std::string(who) + ": a flag token is listed twice");
+  }
+}
+
+Pick logits_pick(const float* z, int n, const PickParams& params, uint64_t counter, const Flags& flags, int top_n,
                  uint32_t* top_ids, float* top_logprobs, PickScratch& scratch, bool scores) {
   Pick pick;
   // One vector max serves the greedy pick and the log-sum-exp: the red-flag extraction then
@@ -121,7 +143,7 @@ Pick logits_pick(const float* z, int n, const PickParams& params, uint64_t count
   }
   const float lse = mx + std::log(sum_exp(z, n, mx));
   pick.logprob = z[token] - lse;
-  pick.p_rf = rf_token >= 0 && rf_token < n ? std::exp(z[rf_token] - lse) : 0.f;
+  pick.p_rf = flags_read(z, n, lse, flags, flags.p);
   if (top_n > 0) {
     top_candidates(z, n, top_n, scratch.cand);
     for (int i = 0; i < top_n; ++i) {
@@ -134,9 +156,10 @@ Pick logits_pick(const float* z, int n, const PickParams& params, uint64_t count
 }
 
 void decode_step(Model& model, const std::vector<ForwardItem>& items, const std::vector<PickParams>& params,
-                 int rf_token, int top_n, Pick* picks, uint32_t* top_ids, float* top_logprobs,
+                 const Flags& flags, int top_n, Pick* picks, uint32_t* top_ids, float* top_logprobs,
                  std::vector<float>& logits, const std::atomic<int>* cancel, bool scores) {
   if (params.size() != items.size()) throw std::invalid_argument("decode_step: one PickParams per item is required");
+  flags_check(flags, model.vocab(), "decode_step");
   for (const ForwardItem& it : items)
     if (it.n_tokens < 1) throw std::invalid_argument("decode_step: every sequence needs at least one new token");
   const int V = model.vocab();
@@ -150,7 +173,8 @@ void decode_step(Model& model, const std::vector<ForwardItem>& items, const std:
     for (long b = begin; b < end; ++b) {
       // The counter is the position the new token will take: the same whatever the batch.
       const uint64_t counter = uint64_t(items[b].cache->length());
-      picks[b] = logits_pick(logits.data() + b * V, V, params[b], counter, rf_token, top_n,
+      Flags row_flags(flags.ids, flags.p ? flags.p + b * flags.size() : nullptr);
+      picks[b] = logits_pick(logits.data() + b * V, V, params[b], counter, row_flags, top_n,
                              top_n > 0 ? top_ids + b * top_n : nullptr, top_n > 0 ? top_logprobs + b * top_n : nullptr,
                              scratch, scores);
     }
@@ -162,11 +186,13 @@ void decode_step(Model& model, const std::vector<ForwardItem>& items, const std:
   }
 }
 
-void token_scores(Model& model, const std::vector<ForwardItem>& items, int rf_token, float* p_rf,
+void token_scores(Model& model, const std::vector<ForwardItem>& items, const Flags& flags, float* p_rf,
                   const std::atomic<int>* cancel, float* logprob_next) {
   const int V = model.vocab();
-  if (rf_token >= V || (rf_token < 0 && (rf_token != -1 || !logprob_next)))
+  flags_check(flags, V, "token_scores");
+  if (flags.size() == 0 && !logprob_next)
     throw std::invalid_argument("token_scores: the red-flag token is outside the vocabulary");
+  const int K = flags.size();
   const long H = model.config().hidden;
   const long R = Model::logits_rows(items, LogitsMode::all);
   // Each row's next token within its item, -1 after an item's last token.
@@ -189,7 +215,7 @@ void token_scores(Model& model, const std::vector<ForwardItem>& items, int rf_to
       for (long r = begin; r < end; ++r) {
         const float* z = logits.data() + r * V;
         const float lse = logsumexp(z, V);
-        p_rf[r0 + r] = rf_token >= 0 ? std::exp(z[rf_token] - lse) : 0.f;
+        p_rf[r0 + r] = flags_read(z, V, lse, flags, flags.p ? flags.p + (r0 + r) * K : nullptr);
         if (logprob_next) {
           const int64_t n = next[size_t(r0 + r)];
           logprob_next[r0 + r] = n >= 0 && n < V ? z[n] - lse : std::numeric_limits<float>::quiet_NaN();

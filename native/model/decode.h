@@ -21,7 +21,20 @@ struct PickParams {
 struct Pick {
   uint32_t token = 0;
   float logprob = 0.f;  // log p(token) at temperature 1 (the model's distribution)
-  float p_rf = 0.f;     // p(<rf>) at temperature 1; 0 when there is no red-flag token
+  float p_rf = 0.f;     // p(any flag token) at temperature 1; 0 when there is none
+};
+
+// The flag tokens whose probabilities a step reads: none, the red-flag token <rf>, or several
+// (<rf> and one per risk category). p_rf is their total, the probability that the model emits
+// some flag; `p`, when given, receives each one's [rows, K] (row-major, flags in order). An
+// int converts: -1 is none, anything else one token (validated by the callee).
+struct Flags {
+  std::vector<int> ids;
+  float* p = nullptr;
+  Flags() = default;
+  Flags(int id) { if (id != -1) ids.push_back(id); }  // NOLINT: implicit, so one token reads as before
+  Flags(std::vector<int> list, float* out = nullptr) : ids(std::move(list)), p(out) {}
+  int size() const { return int(ids.size()); }
 };
 
 // Scratch of logits_pick, reused across calls.
@@ -34,13 +47,13 @@ struct PickScratch {
 // top_n > 0 writes the n most likely tokens (descending, ties by lower id) and their
 // log-probabilities to top_ids / top_logprobs. scores = false skips the log-sum-exp (a plain
 // decode: logprob NaN, p_rf 0, no top_n), which is what the red-flag extraction is measured against.
-Pick logits_pick(const float* logits, int vocab, const PickParams& params, uint64_t counter, int rf_token,
+Pick logits_pick(const float* logits, int vocab, const PickParams& params, uint64_t counter, const Flags& flags,
                  int top_n, uint32_t* top_ids, float* top_logprobs, PickScratch& scratch, bool scores = true);
 
 // One decode step over items (each item's new tokens: a prompt or one token); writes one Pick
 // per item and, with top_n > 0, [items, top_n] top tokens. `logits` is scratch [items, vocab].
 void decode_step(Model& model, const std::vector<ForwardItem>& items, const std::vector<PickParams>& params,
-                 int rf_token, int top_n, Pick* picks, uint32_t* top_ids, float* top_logprobs,
+                 const Flags& flags, int top_n, Pick* picks, uint32_t* top_ids, float* top_logprobs,
                  std::vector<float>& logits, const std::atomic<int>* cancel = nullptr, bool scores = true);
 
 // Teacher-forced red-flag scores: appends every item's tokens and writes p(<rf>) after each
@@ -48,8 +61,8 @@ void decode_step(Model& model, const std::vector<ForwardItem>& items, const std:
 // O(chunk x vocab) however long the input. With logprob_next [total tokens], also the
 // log-probability of each item's next token (NaN after an item's last token): the
 // teacher-forced likelihood (perplexity, multiple-choice scoring, attack objectives) from the
-// same log-sum-exp. rf_token may be -1 (no red-flag token: p_rf is 0) when logprob_next is given.
-void token_scores(Model& model, const std::vector<ForwardItem>& items, int rf_token, float* p_rf,
+// same log-sum-exp. flags may be empty (p_rf is then 0) when logprob_next is given.
+void token_scores(Model& model, const std::vector<ForwardItem>& items, const Flags& flags, float* p_rf,
                   const std::atomic<int>* cancel = nullptr, float* logprob_next = nullptr);
 
 }  // namespace rf

@@ -215,8 +215,9 @@ void Model::embed_rows(const std::vector<ForwardItem>& items, float* x) {
     for (int t = 0; t < it.n_tokens; ++t, ++r) {
       const uint32_t tok = it.tokens[t];
       float* row = x + r * H;
-      if (adapter_enabled_ && rf_embed_ && int(tok) == rf_token_) {
-        std::memcpy(row, rf_embed_->value.data(), H * sizeof(float));
+      const int k = adapter_enabled_ && rf_embed_ ? token_rows_index(tok) : -1;
+      if (k >= 0) {
+        std::memcpy(row, rf_embed_->value.data() + size_t(k) * H, H * sizeof(float));
       } else {
         embed_row(tok, row);
       }
@@ -516,12 +517,14 @@ void Model::head_logits(const float* xn, long rows, float* out) {
   const long H = config_.hidden;
   gemm(pool_, int(rows), xn, H, lm_head_.w, nullptr, out, config_.vocab, false);
   if (adapter_enabled_ && rf_head_) {
-    // The trained red-flag row replaces the base row of the LM head.
-    const float* w = rf_head_->value.data();
-    for (long r = 0; r < rows; ++r) {
-      float dot = 0.f;
-      for (long i = 0; i < H; ++i) dot += xn[r * H + i] * w[i];
-      out[r * config_.vocab + rf_token_] = dot;
+    // The trained red-flag rows replace the base rows of the LM head.
+    for (size_t k = 0; k < rf_tokens_.size(); ++k) {
+      const float* w = rf_head_->value.data() + k * H;
+      for (long r = 0; r < rows; ++r) {
+        float dot = 0.f;
+        for (long i = 0; i < H; ++i) dot += xn[r * H + i] * w[i];
+        out[r * config_.vocab + rf_tokens_[k]] = dot;
+      }
     }
   }
 }
@@ -589,16 +592,22 @@ void Model::add_lora(int layer, const std::string& target, Param* A, Param* B, f
 void Model::clear_adapters() {
   for (Layer& L : layers_)
     for (Linear* lin : {&L.qkv, &L.o, &L.mlp_in, &L.mlp_out}) lin->lora.clear();
-  rf_token_ = -1;
+  rf_tokens_.clear();
   rf_embed_ = rf_head_ = nullptr;
   params_.clear();
 }
 
-void Model::set_token_rows(int token, Param* embed, Param* head) {
-  if (token < 0 || token >= config_.vocab) throw std::invalid_argument("red-flag token outside the vocabulary");
+void Model::set_token_rows(const std::vector<int>& tokens, Param* embed, Param* head) {
+  if (tokens.empty()) throw std::invalid_argument("set_token_rows: no token");
+  for (size_t k = 0; k < tokens.size(); ++k) {
+    if (tokens[k] < 0 || tokens[k] >= config_.vocab) throw std::invalid_argument("red-flag token outside the vocabulary");
+    for (size_t j = 0; j < k; ++j)
+      if (tokens[j] == tokens[k]) throw std::invalid_argument("red-flag token listed twice");
+  }
   for (Param* p : {embed, head})
-    if (p && p->numel() != config_.hidden) throw std::invalid_argument("red-flag rows must have hidden_size elements");
-  rf_token_ = token;
+    if (p && p->numel() != long(tokens.size()) * config_.hidden)
+      throw std::invalid_argument("red-flag rows must have hidden_size elements per token");
+  rf_tokens_ = tokens;
   rf_embed_ = embed;
   rf_head_ = head;
 }

@@ -144,10 +144,18 @@ class Model {
   void set_adapter_enabled(bool enabled) { adapter_enabled_ = enabled; }
   bool adapter_enabled() const { return adapter_enabled_; }
   bool has_adapters() const { return !params_.empty(); }
-  // With the adapter enabled, token `token` embeds as `embed` [hidden] and its logit uses
-  // `head` [hidden] instead of the base rows (either may be null).
-  void set_token_rows(int token, Param* embed, Param* head);
-  int token_rows_id() const { return rf_token_; }
+  // With the adapter enabled, token tokens[k] embeds as row k of `embed` [K, hidden] and its
+  // logit uses row k of `head` [K, hidden] instead of the base rows (either may be null): the
+  // trained red-flag token, or several flag tokens.
+  void set_token_rows(const std::vector<int>& tokens, Param* embed, Param* head);
+  void set_token_rows(int token, Param* embed, Param* head) { set_token_rows(std::vector<int>{token}, embed, head); }
+  const std::vector<int>& token_rows_ids() const { return rf_tokens_; }
+  // The index of `token` among the replaced rows, or -1.
+  int token_rows_index(uint32_t token) const {
+    for (size_t k = 0; k < rf_tokens_.size(); ++k)
+      if (uint32_t(rf_tokens_[k]) == token) return int(k);
+    return -1;
+  }
   // The block's projections by index 0 qkv, 1 o, 2 mlp_in, 3 mlp_out.
   Linear& linear(int layer, int index);
   Layer& layer(int i) { return layers_[i]; }
@@ -185,7 +193,7 @@ class Model {
 
   std::vector<std::unique_ptr<Param>> params_;
   bool adapter_enabled_ = true;
-  int rf_token_ = -1;
+  std::vector<int> rf_tokens_;
   Param* rf_embed_ = nullptr;
   Param* rf_head_ = nullptr;
 

@@ -376,19 +376,29 @@ Trainer::Trainer(Model& model, const TrainOptions& options) : impl_(new Impl), m
         throw std::invalid_argument("LoRA target " + lo.targets[t] + " matches no projection; this architecture has " + names);
       }
     }
-    if (options.rf_token >= 0) {
-      if (options.rf_token >= c.vocab) throw std::invalid_argument("red-flag token outside the vocabulary");
-      s.rf_embed = model.new_param("rf.embed", {H}, false);
-      model.embed_row(uint32_t(options.rf_token), s.rf_embed->value.data());
-      s.rf_head_base.resize(H);
-      packed_row(model.lm_head().w, options.rf_token, s.rf_head_base.data());
+    const std::vector<int> flags = options.flags();
+    if (!flags.empty()) {
+      const long K = long(flags.size());
+      for (size_t k = 0; k < flags.size(); ++k) {
+        if (flags[k] < 0 || flags[k] >= c.vocab) throw std::invalid_argument("red-flag token outside the vocabulary");
+        for (size_t j = 0; j < k; ++j)
+          if (flags[j] == flags[k]) throw std::invalid_argument("a flag token is listed twice");
+      }
+      // One token: rows of shape [H] as before; several: [K, H], a row per flag in order.
+      const std::vector<long> shape = K == 1 ? std::vector<long>{H} : std::vector<long>{K, H};
+      s.rf_embed = model.new_param("rf.embed", shape, false);
+      s.rf_head_base.resize(size_t(K) * H);
+      for (long k = 0; k < K; ++k) {
+        model.embed_row(uint32_t(flags[k]), s.rf_embed->value.data() + k * H);
+        packed_row(model.lm_head().w, flags[k], s.rf_head_base.data() + k * H);
+      }
       if (c.tied_embeddings) {
         s.rf_head = s.rf_embed;  // tied: one row serves as both
       } else {
-        s.rf_head = model.new_param("rf.head", {H}, false);
+        s.rf_head = model.new_param("rf.head", shape, false);
         s.rf_head->value = s.rf_head_base;
       }
-      model.set_token_rows(options.rf_token, s.rf_embed, s.rf_head);
+      model.set_token_rows(flags, s.rf_embed, s.rf_head);
       s.params.push_back(s.rf_embed);
       if (s.rf_head != s.rf_embed) s.params.push_back(s.rf_head);
     }
@@ -515,7 +525,7 @@ namespace {
 // [chunk, vocab] logits exist at a time. Adds d loss / d h into dh [n, H] and the head's
 // gradient (full mode: every row; LoRA mode: the red-flag row).
 double ce_loss(ThreadPool& pool, const Model& model, const float* h, int n, const int32_t* targets,
-               const PackedWeight& head, const PackedWeight& head_t, int rf_token, const float* rf_head,
+               const PackedWeight& head, const PackedWeight& head_t, const std::vector<int>& flags, const float* rf_head,
                const float* rf_head_base, float* rf_head_grad, float* head_grad, float weight, float* dh,
                std::vector<float>& z) {
   const long H = model.config().hidden, V = head.N;
@@ -530,9 +540,11 @@ double ce_loss(ThreadPool& pool, const Model& model, const float* h, int n, cons
       float* zr = z.data() + size_t(r) * V;
       const float* hr = h + size_t(r0 + r) * H;
       if (rf_head) {
-        float dot = 0.f;
-        for (long i = 0; i < H; ++i) dot += hr[i] * rf_head[i];
-        zr[rf_token] = dot;
+        for (size_t k = 0; k < flags.size(); ++k) {
+          float dot = 0.f;
+          for (long i = 0; i < H; ++i) dot += hr[i] * rf_head[k * H + i];
+          zr[flags[k]] = dot;
+        }
       }
       const float lse = logsumexp(zr, int(V));
       const int target = targets[r0 + r];
@@ -548,12 +560,14 @@ double ce_loss(ThreadPool& pool, const Model& model, const float* h, int n, cons
     for (int r = 0; r < rows; ++r) {
       loss += row_loss[r];
       if (rf_head) {
-        // The head row in use for rf is the trained one: correct W^T's base row contribution.
-        const float g = z[size_t(r) * V + rf_token];
+        // The head rows in use for the flags are the trained ones: correct W^T's base rows' contribution.
         const float* hr = h + size_t(r0 + r) * H;
-        for (long i = 0; i < H; ++i) {
-          dh[size_t(r0 + r) * H + i] += g * (rf_head[i] - rf_head_base[i]);
-          rf_head_grad[i] += g * hr[i];
+        for (size_t k = 0; k < flags.size(); ++k) {
+          const float g = z[size_t(r) * V + flags[k]];
+          for (long i = 0; i < H; ++i) {
+            dh[size_t(r0 + r) * H + i] += g * (rf_head[k * H + i] - rf_head_base[k * H + i]);
+            rf_head_grad[k * H + i] += g * hr[i];
+          }
         }
       }
     }
@@ -575,6 +589,7 @@ LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Se
   const long I = c.intermediate, MLP_IN = c.act == Activation::silu ? 2 * I : I;
   const bool full = options_.mode == TrainMode::full;
 
+  const std::vector<int> flags = options_.flags();
   long R = 0, Rref = 0;
   for (const Sequence& q : batch) R += q.n_tokens;
   for (const Sequence& q : reference) Rref += q.n_tokens;
@@ -584,7 +599,9 @@ LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Se
     const bool kl = r.kind == LossRow::benign_kl || r.kind == LossRow::after_kl;
     if (kl && (r.ref_row < 0 || r.ref_row >= Rref)) throw std::out_of_range("KL loss row without a reference row");
     if (kl && full) throw std::invalid_argument("KL terms need the reference model: use LoRA mode");
-    if (r.kind == LossRow::red_flag && options_.rf_token < 0) throw std::invalid_argument("red-flag rows need rf_token");
+    if (r.kind == LossRow::red_flag && flags.empty()) throw std::invalid_argument("red-flag rows need rf_token");
+    if (r.kind == LossRow::red_flag && r.target >= 0 && std::find(flags.begin(), flags.end(), r.target) == flags.end())
+      throw std::invalid_argument("red-flag row target " + std::to_string(r.target) + " is not a flag token");
     if (r.kind == LossRow::ce && (r.target < 0 || r.target >= c.vocab)) throw std::out_of_range("ce target outside the vocabulary");
   }
 
@@ -661,6 +678,9 @@ LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Se
              : r.kind == LossRow::red_flag ? RfLossKind::red_flag
                                            : RfLossKind::after_kl;
     q.group = r.group;
+    q.flag = r.kind == LossRow::red_flag && r.target >= 0
+                 ? int32_t(std::find(flags.begin(), flags.end(), r.target) - flags.begin())
+                 : 0;
     q.ref_row = -1;
     if (r.ref_row >= 0 && r.kind != LossRow::red_flag) {
       q.ref_row = int32_t(rf_href.size() / H);
@@ -672,11 +692,11 @@ LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Se
   }
   if (!rf_rows.empty()) {
     RfLossOptions o;
-    o.rf_token = options_.rf_token;
-    if (o.rf_token < 0) {
+    o.flag_tokens = flags;
+    if (flags.empty()) {
       // No red-flag token (refusal baseline): the KL terms need none; any token whose "trained"
       // row is its base row gives exactly the plain KL.
-      o.rf_token = 0;
+      o.flag_tokens = {0};
       s.rf_head_base.resize(H);
       packed_row(m.lm_head().w, 0, s.rf_head_base.data());
     }
@@ -688,7 +708,7 @@ LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Se
     o.alpha_after = lopt.alpha_after * lopt.grad_scale;
     const int n = int(rf_rows.size());
     s.dh_rows.resize(size_t(n) * H);  // written by rf_loss
-    std::vector<float> dw_rf(H, 0.f);
+    std::vector<float> dw_rf(size_t(o.flag_tokens.size()) * H, 0.f);
     const float* w_rf = s.rf_head ? s.rf_head->value.data() : s.rf_head_base.data();
     RfLossResult res = rf_loss(pool, rf_h.data(), n, rf_href.data(), int(rf_href.size() / H), int(H), m.lm_head().w, w_rf,
                                rf_rows.data(), o, s.dh_rows.data(), dw_rf.data());
@@ -701,7 +721,7 @@ LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Se
     for (int i = 0; i < n; ++i)
       for (long j = 0; j < H; ++j) dH[size_t(rf_src[i]) * H + j] += s.dh_rows[size_t(i) * H + j];
     if (s.rf_head)
-      for (long j = 0; j < H; ++j) s.rf_head->grad[j] += dw_rf[j];
+      for (size_t j = 0; j < dw_rf.size(); ++j) s.rf_head->grad[j] += dw_rf[j];
   }
   if (!ce_src.empty()) {
     const int n = int(ce_src.size());
@@ -712,7 +732,7 @@ LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Se
     const float weight = lopt.alpha_ce * lopt.grad_scale / float(n);
     float* head_grad = nullptr;
     if (full) head_grad = s.full_head ? s.full_head->grad.data() : s.full_embed->grad.data();
-    const double loss = ce_loss(pool, m, hc.data(), n, ce_targets.data(), m.lm_head().w, s.head_t, options_.rf_token,
+    const double loss = ce_loss(pool, m, hc.data(), n, ce_targets.data(), m.lm_head().w, s.head_t, flags,
                                 s.rf_head ? s.rf_head->value.data() : nullptr, s.rf_head_base.data(),
                                 s.rf_head ? s.rf_head->grad.data() : nullptr, head_grad, weight, s.dh_rows.data(), s.z);
     terms.ce = loss / n;
@@ -962,8 +982,9 @@ LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Se
             float* pe = s.full_pos->grad.data() + size_t(t) * H;
             for (long i = 0; i < H; ++i) pe[i] += g[i];
           }
-        } else if (s.rf_embed && int(tok) == options_.rf_token) {
-          for (long i = 0; i < H; ++i) s.rf_embed->grad[i] += g[i];
+        } else if (const int k = s.rf_embed ? m.token_rows_index(tok) : -1; k >= 0) {
+          float* e = s.rf_embed->grad.data() + size_t(k) * H;
+          for (long i = 0; i < H; ++i) e[i] += g[i];
         }
       }
     }

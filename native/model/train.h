@@ -30,6 +30,13 @@ struct TrainOptions {
   TrainMode mode = TrainMode::lora;
   LoraOptions lora;
   int rf_token = -1;                    // the red-flag token; its embedding and head rows train (-1: none)
+  std::vector<int> flag_tokens;         // or several flag tokens (<rf> and one per risk category): then
+                                        // rf_token is unused and each one's rows train
+  // The flag tokens in use: flag_tokens, or {rf_token}, or none.
+  std::vector<int> flags() const {
+    if (!flag_tokens.empty()) return flag_tokens;
+    return rf_token >= 0 ? std::vector<int>{rf_token} : std::vector<int>{};
+  }
   uint64_t seed = 0;                    // LoRA init and dropout masks
 };
 
@@ -39,13 +46,14 @@ struct AdamWOptions {
 };
 
 // One loss row: a position of the trained batch whose next-token distribution is scored.
-// kind ce: cross-entropy to `target` (language modelling, refusal baseline).
+// kind ce: cross-entropy to `target` (language modelling, refusal baseline); kind red_flag:
+// `target` is the flag token the row trains (-1: the first flag, <rf>).
 struct LossRow {
   enum Kind : int32_t { benign_kl = 0, red_flag = 1, after_kl = 2, ce = 3 } kind;
   int32_t row;       // row in the trained batch (items concatenated)
   int32_t ref_row;   // row in the reference batch (KL kinds), else -1
   int32_t group;     // red-flag aggregation group, else -1
-  int32_t target;    // ce target token, else -1
+  int32_t target;    // ce target token; red_flag: its flag token or -1; else -1
 };
 
 // How a harmful conversation's red-flag positions combine: emitted at least once (noisy-OR),

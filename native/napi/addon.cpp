@@ -331,10 +331,21 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     return c;
   }
 
+  // The flag tokens of a call: a number (one token, or -1 for none) or an Int32Array (several).
+  static std::vector<int> parse_flags(const Napi::Value& v) {
+    if (v.IsTypedArray()) {
+      Napi::Int32Array a = v.As<Napi::Int32Array>();
+      return std::vector<int>(a.Data(), a.Data() + a.ElementLength());
+    }
+    const int id = v.As<Napi::Number>().Int32Value();
+    return id == -1 ? std::vector<int>{} : std::vector<int>{id};
+  }
+
   // decodeStep(sequences, tokens: Uint32Array, counts: Uint32Array, params: Float64Array
-  //            [n * 4: temperature, topK, topP, seed], rfToken, topN, cancel?, scores = true)
-  //   -> Promise<{ tokens: Uint32Array, logprobs: Float32Array, pRf: Float32Array,
-  //                topIds: Uint32Array [n * topN], topLogprobs: Float32Array [n * topN] }>
+  //            [n * 4: temperature, topK, topP, seed], rfToken | flagTokens: Int32Array, topN, cancel?, scores = true)
+  //   -> Promise<{ tokens: Uint32Array, logprobs: Float32Array, pRf: Float32Array (the flags' total),
+  //                topIds: Uint32Array [n * topN], topLogprobs: Float32Array [n * topN],
+  //                pFlags: Float32Array [n * K] (with flagTokens) }>
   Napi::Value DecodeStep(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guard(env, [&]() -> Napi::Value {
@@ -350,7 +361,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
         params[i].top_p = float(params_js[i * 4 + 2]);
         params[i].seed = uint64_t(params_js[i * 4 + 3]);
       }
-      const int rf_token = info[4].As<Napi::Number>().Int32Value();
+      const bool flag_list = info[4].IsTypedArray();
+      const std::vector<int> flag_ids = parse_flags(info[4]);
       const int top_n = info[5].As<Napi::Number>().Int32Value();
       if (top_n < 0 || top_n > 64) throw std::invalid_argument("decodeStep: topN must be 0 to 64");
       CancelFlag flag = parse_cancel(info, 6);
@@ -359,8 +371,10 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
         std::vector<Pick> picks;
         std::vector<uint32_t> top_ids;
         std::vector<float> top_lp;
+        std::vector<float> p_flags;
       };
       auto out = std::make_shared<Out>();
+      out->p_flags.resize(n * flag_ids.size());
       out->picks.resize(n);
       out->top_ids.resize(n * top_n);
       out->top_lp.resize(n * top_n);
@@ -372,11 +386,11 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
           env,
           [=] {
             const BusyRelease release{busy};
-            decode_step(*model, batch.items, params, rf_token, top_n, out->picks.data(), out->top_ids.data(),
+            decode_step(*model, batch.items, params, Flags(flag_ids, out->p_flags.data()), top_n, out->picks.data(), out->top_ids.data(),
                         out->top_lp.data(), *scratch, flag.flag, scores);
             (void)batch;
           },
-          [out, flag, n](Napi::Env e) -> Napi::Value {
+          [out, flag, n, flag_list](Napi::Env e) -> Napi::Value {
             Napi::Object o = Napi::Object::New(e);
             Napi::Uint32Array tokens = Napi::Uint32Array::New(e, n);
             Napi::Float32Array logprobs = Napi::Float32Array::New(e, n);
@@ -397,25 +411,33 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
             o.Set("pRf", p_rf);
             o.Set("topIds", top_ids);
             o.Set("topLogprobs", top_lp);
+            if (flag_list) {
+              Napi::Float32Array p_flags = Napi::Float32Array::New(e, out->p_flags.size());
+              if (!out->p_flags.empty()) std::copy(out->p_flags.begin(), out->p_flags.end(), p_flags.Data());
+              o.Set("pFlags", p_flags);
+            }
             if (flag.ref) flag.ref->Reset();
             return o;
           });
     });
   }
 
-  // tokenScores(sequences, tokens, counts, rfToken, cancel?, embedDelta?, logprobs?) -> Promise<Float32Array>:
-  // p(<rf>) after every token (items in order), teacher-forced; logits never leave native memory.
-  // With logprobs: Promise<{ pRf, logprobs }>, logprobs[r] = log p(next token of the item) (NaN
-  // after an item's last token), and rfToken may be -1 (pRf then 0).
+  // tokenScores(sequences, tokens, counts, rfToken | flagTokens: Int32Array, cancel?, embedDelta?, logprobs?)
+  //   -> Promise<Float32Array>: p(<rf>) after every token (items in order), teacher-forced; logits
+  // never leave native memory. With logprobs: Promise<{ pRf, logprobs }>, logprobs[r] = log p(next
+  // token of the item) (NaN after an item's last token), and rfToken may be -1 (pRf then 0). With
+  // flagTokens: Promise<{ pRf (the flags' total), pFlags [tokens * K], logprobs? }>.
   Napi::Value TokenScores(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guard(env, [&]() -> Napi::Value {
       model();
       Batch batch = parse_batch(info[0].As<Napi::Array>(), info[1].As<Napi::Uint32Array>(), info[2].As<Napi::Uint32Array>());
-      const int rf_token = info[3].As<Napi::Number>().Int32Value();
+      const bool flag_list = info[3].IsTypedArray();
+      const std::vector<int> flag_ids = parse_flags(info[3]);
       const bool logprobs = info.Length() > 6 && info[6].ToBoolean();
-      if (rf_token >= model().vocab() || (rf_token < 0 && !(rf_token == -1 && logprobs)))
-        throw std::invalid_argument("tokenScores: rfToken is outside the vocabulary");
+      for (int id : flag_ids)
+        if (id < 0 || id >= model().vocab()) throw std::invalid_argument("tokenScores: rfToken is outside the vocabulary");
+      if (flag_ids.empty() && !logprobs) throw std::invalid_argument("tokenScores: rfToken is outside the vocabulary");
       CancelFlag flag = parse_cancel(info, 4);
       // Optional perturbation of the input embeddings [tokens x hidden] (embedding-space attacks).
       auto delta = std::make_shared<std::vector<float>>();
@@ -432,6 +454,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       }
       auto out = std::make_shared<std::vector<float>>(batch.tokens->size());
       auto lp = std::make_shared<std::vector<float>>(logprobs ? batch.tokens->size() : 0);
+      auto each = std::make_shared<std::vector<float>>(flag_list ? batch.tokens->size() * flag_ids.size() : 0);
       begin_work();
       auto model = model_;
       auto busy = busy_;
@@ -439,21 +462,23 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
           env,
           [=] {
             const BusyRelease release{busy};
-            token_scores(*model, batch.items, rf_token, out->data(), flag.flag, logprobs ? lp->data() : nullptr);
+            token_scores(*model, batch.items, Flags(flag_ids, flag_list ? each->data() : nullptr), out->data(), flag.flag,
+                         logprobs ? lp->data() : nullptr);
             (void)batch;
             (void)delta;
           },
-          [out, lp, logprobs, flag](Napi::Env e) -> Napi::Value {
+          [out, lp, each, logprobs, flag_list, flag](Napi::Env e) -> Napi::Value {
             if (flag.ref) flag.ref->Reset();
             auto array = [&](const std::vector<float>& v) {
               Napi::Float32Array arr = Napi::Float32Array::New(e, v.size());
-              std::copy(v.begin(), v.end(), arr.Data());
+              if (!v.empty()) std::copy(v.begin(), v.end(), arr.Data());
               return arr;
             };
-            if (!logprobs) return array(*out);
+            if (!logprobs && !flag_list) return array(*out);
             Napi::Object r = Napi::Object::New(e);
             r.Set("pRf", array(*out));
-            r.Set("logprobs", array(*lp));
+            if (logprobs) r.Set("logprobs", array(*lp));
+            if (flag_list) r.Set("pFlags", array(*each));
             return r;
           });
     });
@@ -503,7 +528,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     return out;
   }
 
-  // trainInit({ mode: 'lora' | 'full', rank, alpha, dropout, rslora, targets: string[], rfToken, seed }) -> Promise<{ trainable }>
+  // trainInit({ mode: 'lora' | 'full', rank, alpha, dropout, rslora, targets: string[], rfToken, flagTokens?: number[],
+  //             seed }) -> Promise<{ trainable }>
   Napi::Value TrainInit(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guard(env, [&]() -> Napi::Value {
@@ -519,6 +545,10 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       Napi::Array targets = o.Get("targets").As<Napi::Array>();
       for (uint32_t i = 0; i < targets.Length(); ++i) opt.lora.targets.push_back(targets.Get(i).As<Napi::String>().Utf8Value());
       opt.rf_token = get_int(o, "rfToken");
+      if (o.Has("flagTokens") && o.Get("flagTokens").IsArray()) {
+        Napi::Array flags = o.Get("flagTokens").As<Napi::Array>();
+        for (uint32_t i = 0; i < flags.Length(); ++i) opt.flag_tokens.push_back(flags.Get(i).As<Napi::Number>().Int32Value());
+      }
       opt.seed = uint64_t(get_double(o, "seed"));
       begin_work();
       auto handle = std::make_shared<TrainerHandle>();
@@ -751,12 +781,12 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     });
   }
 
-  // setTokenRows(token, embed: Float32Array | null, head: Float32Array | null)
+  // setTokenRows(token | tokens: Int32Array, embed: Float32Array | null, head: Float32Array | null): rows [K * hidden]
   void SetTokenRows(const Napi::CallbackInfo& info) {
     guard(info.Env(), [&] {
       if (busy_->load() || trainer_) throw std::invalid_argument("the model is busy or training");
       Model& m = model();
-      const int token = info[0].As<Napi::Number>().Int32Value();
+      const std::vector<int> tokens = parse_flags(info[0]);
       Param* rows[2] = {nullptr, nullptr};
       const char* names[2] = {"rf.embed", "rf.head"};
       for (int i = 0; i < 2; ++i) {
@@ -765,7 +795,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
         rows[i] = m.new_param(names[i], {long(d.ElementLength())}, false);
         rows[i]->value.assign(d.Data(), d.Data() + d.ElementLength());
       }
-      m.set_token_rows(token, rows[0], rows[1]);
+      m.set_token_rows(tokens, rows[0], rows[1]);
     });
   }
 

@@ -713,6 +713,75 @@ void test_token_scores(int threads) {
   std::printf("token_scores threads=%d: max p(<rf>) rel err %.3g\n", threads, worst);
 }
 
+// Several flag tokens: each one's p (with its trained head row) and their total, from
+// token_scores and decode_step alike, against float64 softmax of forward(all).
+void test_flags(int threads) {
+  const rf::ModelConfig c = small_config();
+  auto m = rf::test::random_model(c, rf::DType::f32, threads, 9);
+  const int V = c.vocab;
+  const long H = c.hidden;
+  const std::vector<int> ids = {11, 3, V - 1};
+  const int K = int(ids.size());
+  rf::Param* head = m->new_param("rf_head", {K, H});
+  rf::test::fill_normal(rng, head->value.data(), head->value.size(), 0.5f);
+  head->value[size_t(1) * H] += 40.f;  // flag 1 large somewhere, so the total is not one flag's
+  m->set_token_rows(ids, nullptr, head);
+  const std::vector<uint32_t> seq = random_tokens(40, V);
+  rf::KvCache a = m->new_cache(), b = m->new_cache();
+  std::vector<float> total(seq.size()), each(seq.size() * K), logits(seq.size() * V);
+  rf::token_scores(*m, {{&a, seq.data(), int(seq.size())}}, rf::Flags(ids, each.data()), total.data());
+  m->forward({{&b, seq.data(), int(seq.size())}}, rf::LogitsMode::all, logits.data());
+  bool ok = true;
+  double e_max = 0, p_max = 0;
+  for (size_t r = 0; r < seq.size(); ++r) {
+    const float* z = logits.data() + r * V;
+    const double lse = lse64(z, V);
+    double sum = 0;
+    for (int k = 0; k < K; ++k) {
+      const double want = std::exp(double(z[ids[k]]) - lse);
+      sum += want;
+      p_max = std::max(p_max, want);
+      const double e = std::fabs(double(each[r * K + k]) - want);
+      ok &= e <= 1e-5 * want + 1e-37;
+      e_max = std::max(e_max, e / want);
+    }
+    ok &= std::fabs(double(total[r]) - sum) <= 1e-5 * sum;
+  }
+  const std::string tag = "flags threads=" + std::to_string(threads);
+  check(ok && p_max > 0.1, tag + ": token_scores' per-flag p and total equal float64 (max rel err " +
+                               std::to_string(e_max) + ", largest p " + std::to_string(p_max) + ")");
+  // decode_step: the same numbers from the fused step, for a batch of two (tolerance as above).
+  rf::KvCache c1 = m->new_cache(), c2 = m->new_cache();
+  std::vector<rf::PickParams> params(2);
+  rf::Pick picks[2];
+  std::vector<float> scratch, step_each(2 * K);
+  rf::decode_step(*m, {{&c1, seq.data(), 17}, {&c2, seq.data(), 40}}, params, rf::Flags(ids, step_each.data()), 0,
+                  picks, nullptr, nullptr, scratch);
+  bool step_ok = true;
+  for (int i = 0; i < 2; ++i) {
+    const size_t r = i == 0 ? 16 : 39;
+    double sum = 0;
+    for (int k = 0; k < K; ++k) {
+      sum += each[r * K + k];
+      // Two forwards (last row vs all rows) agree to f32 rounding of the logits: a relative error
+      // of p that grows with |log p|.
+      const double p = each[r * K + k];
+      step_ok &= std::fabs(step_each[i * K + k] - p) <= 1e-5 * (1 - std::log(std::max(p, 1e-300))) * p + 1e-37;
+    }
+    step_ok &= std::fabs(double(picks[i].p_rf) - sum) <= 1e-5 * sum;
+  }
+  check(step_ok, tag + ": decode_step's per-flag p and total equal token_scores'");
+  bool threw = false;
+  try {
+    rf::KvCache cc = m->new_cache();
+    float out;
+    rf::token_scores(*m, {{&cc, seq.data(), 1}}, rf::Flags({3, 3}), &out);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  check(threw, tag + ": a flag listed twice throws");
+}
+
 }  // namespace
 
 int main() {
@@ -723,6 +792,7 @@ int main() {
   for (int threads : {1, 2}) {
     test_decode_step(threads);
     test_token_scores(threads);
+    test_flags(threads);
   }
   return rf::test::finish("test_decode");
 }

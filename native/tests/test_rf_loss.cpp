@@ -57,11 +57,12 @@ std::mt19937 rng(20250216);
 // Naive float64 reference.
 
 struct RefInput {
-  int N = 0, Nr = 0, H = 0, V = 0, rf = 0;
+  int N = 0, Nr = 0, H = 0, V = 0;
+  std::vector<int> flags;          // the flag token ids (one: the red-flag token rf)
   std::vector<double> a, a_ref;    // rows the streamed logits use [N, H], [Nr, H]
-  std::vector<double> h, h_ref;    // rows the rf logits use (and dw_rf)
-  std::vector<double> W;           // [V, H], row rf = the reference model's own row
-  std::vector<double> w_rf;        // [H]
+  std::vector<double> h, h_ref;    // rows the flag logits use (and dw_rf)
+  std::vector<double> W;           // [V, H], flag rows = the reference model's own rows
+  std::vector<double> w_rf;        // [K, H]
   std::vector<RfLossRow> rows;
   RfAggregation agg = RfAggregation::any;
   double alpha_benign = 1, alpha_rf = 1, alpha_after = 1;
@@ -93,23 +94,26 @@ std::vector<double> log_softmax(const std::vector<double>& z) {
 }
 
 RefOutput reference(const RefInput& in) {
-  const int N = in.N, H = in.H, V = in.V, rf = in.rf;
+  const int N = in.N, H = in.H, V = in.V, K = int(in.flags.size());
+  std::vector<int> flag_of(V, -1);  // token -> its flag index, or -1
+  for (int k = 0; k < K; ++k) flag_of[in.flags[k]] = k;
   auto dot = [&](const double* x, const double* y) {
     double s = 0;
     for (int k = 0; k < H; ++k) s += x[k] * y[k];
     return s;
   };
-  // Full logits: trained model with W* (row rf = w_rf), reference with W.
+  // Full logits: trained model with W* (flag rows = w_rf), reference with W.
   std::vector<std::vector<double>> lp(N), lp_ref(in.Nr);
   for (int i = 0; i < N; ++i) {
     std::vector<double> z(V);
-    for (int v = 0; v < V; ++v) z[v] = v == rf ? dot(&in.h[size_t(i) * H], in.w_rf.data()) : dot(&in.a[size_t(i) * H], &in.W[size_t(v) * H]);
+    for (int v = 0; v < V; ++v)
+      z[v] = flag_of[v] >= 0 ? dot(&in.h[size_t(i) * H], &in.w_rf[size_t(flag_of[v]) * H]) : dot(&in.a[size_t(i) * H], &in.W[size_t(v) * H]);
     lp[i] = log_softmax(z);
   }
   for (int r = 0; r < in.Nr; ++r) {
     std::vector<double> z(V);
     for (int v = 0; v < V; ++v)
-      z[v] = v == rf ? dot(&in.h_ref[size_t(r) * H], &in.W[size_t(v) * H]) : dot(&in.a_ref[size_t(r) * H], &in.W[size_t(v) * H]);
+      z[v] = flag_of[v] >= 0 ? dot(&in.h_ref[size_t(r) * H], &in.W[size_t(v) * H]) : dot(&in.a_ref[size_t(r) * H], &in.W[size_t(v) * H]);
     lp_ref[r] = log_softmax(z);
   }
   RefOutput out;
@@ -139,7 +143,7 @@ RefOutput reference(const RefInput& in) {
       kl += pr * (lp_ref[r.ref_row][v] - lp[i][v]);
       g[i][v] = w * (std::exp(lp[i][v]) - pr);
       g_ref[i][v] = -w * pr;
-      if (v != rf)
+      if (flag_of[v] < 0)
         (benign ? c_benign : c_after)[r.ref_row][v] +=
             pr * dot(da.data(), &in.W[size_t(v) * H]) / (benign ? out.n_benign : out.n_after);
     }
@@ -152,6 +156,7 @@ RefOutput reference(const RefInput& in) {
     double log_q = 0;
     for (size_t t = 0; t < members.size(); ++t) {
       const int i = members[t];
+      const int rf = in.flags[in.rows[i].flag];
       const double p = std::exp(lp[i][rf]);
       out.p_rf_min = std::min(out.p_rf_min, p), out.p_rf_max = std::max(out.p_rf_max, p);
       if (p < 0.5) {
@@ -168,6 +173,7 @@ RefOutput reference(const RefInput& in) {
     double loss = 0;
     for (size_t t = 0; t < members.size(); ++t) {
       const int i = members[t];
+      const int rf = in.flags[in.rows[i].flag];
       const double p = std::exp(lp[i][rf]);
       // dL/dz_v = k (p_v - delta_{v,rf})
       double k;
@@ -183,21 +189,22 @@ RefOutput reference(const RefInput& in) {
     out.red_flag += loss / out.n_groups;
   }
   out.total = in.alpha_benign * out.benign + in.alpha_rf * out.red_flag + in.alpha_after * out.after;
-  // dh = g . W*, dw_rf = sum_i g[i][rf] h_i.
+  // dh = g . W*, dw_rf[k] = sum_i g[i][f_k] h_i.
   out.dh.assign(size_t(N) * H, 0.0);
-  out.dw_rf.assign(H, 0.0);
+  out.dw_rf.assign(size_t(K) * H, 0.0);
   for (int i = 0; i < N; ++i)
     for (int v = 0; v < V; ++v) {
-      const double* wv = v == rf ? in.w_rf.data() : &in.W[size_t(v) * H];
+      const double* wv = flag_of[v] >= 0 ? &in.w_rf[size_t(flag_of[v]) * H] : &in.W[size_t(v) * H];
       for (int k = 0; k < H; ++k) out.dh[size_t(i) * H + k] += g[i][v] * wv[k];
     }
-  for (int i = 0; i < N; ++i)
-    for (int k = 0; k < H; ++k) out.dw_rf[k] += g[i][rf] * in.h[size_t(i) * H + k];
-  // bf16 error model: dh_i gets sum_{v != rf} (e_theta,v (g - g_ref)_v + e_ref,v g_ref_v) W_v.
+  for (int f = 0; f < K; ++f)
+    for (int i = 0; i < N; ++i)
+      for (int k = 0; k < H; ++k) out.dw_rf[size_t(f) * H + k] += g[i][in.flags[f]] * in.h[size_t(i) * H + k];
+  // bf16 error model: dh_i gets sum_{v not a flag} (e_theta,v (g - g_ref)_v + e_ref,v g_ref_v) W_v.
   out.dh_var.assign(size_t(N) * H, 0.0);
   for (int i = 0; i < N; ++i)
     for (int v = 0; v < V; ++v) {
-      if (v == rf) continue;
+      if (flag_of[v] >= 0) continue;
       const double gt = g[i][v] - g_ref[i][v], gr = g_ref[i][v];
       const double c2 = kBf16RelVar * (gt * gt + gr * gr);
       const double* wv = &in.W[size_t(v) * H];
@@ -219,13 +226,13 @@ RefOutput reference(const RefInput& in) {
 // The reference's gradients against central differences of its own loss (a tiny problem,
 // no rounding, a = h), for each aggregation.
 
-void test_reference_gradients(RfAggregation agg) {
+void test_reference_gradients(RfAggregation agg, int n_flags) {
   RefInput in;
   in.N = 9;
   in.Nr = 4;
   in.H = 5;
   in.V = 7;
-  in.rf = 3;
+  in.flags = n_flags == 1 ? std::vector<int>{3} : std::vector<int>{3, 0, 6};
   in.agg = agg;
   in.alpha_benign = 0.7;
   in.alpha_rf = 1.3;
@@ -234,13 +241,15 @@ void test_reference_gradients(RfAggregation agg) {
   in.h = to_d(randn(rng, size_t(in.N) * in.H, 1.f));
   in.h_ref = to_d(randn(rng, size_t(in.Nr) * in.H, 1.f));
   in.W = to_d(randn(rng, size_t(in.V) * in.H, 0.8f));
-  in.w_rf = to_d(randn(rng, in.H, 0.8f));
+  in.w_rf = to_d(randn(rng, size_t(n_flags) * in.H, 0.8f));
   // 3 benign (two share ref row 0), 2 after, 4 red flag in groups {0, 0, 0} and {5} (one
   // row each for 'single').
   in.rows = {{RfLossKind::benign_kl, 0, -1}, {RfLossKind::benign_kl, 0, -1}, {RfLossKind::benign_kl, 1, -1},
              {RfLossKind::after_kl, 2, -1},  {RfLossKind::after_kl, 3, -1},  {RfLossKind::red_flag, -1, 0},
              {RfLossKind::red_flag, -1, 0},  {RfLossKind::red_flag, -1, 0},  {RfLossKind::red_flag, -1, 5}};
   if (agg == RfAggregation::single) in.rows[6].group = 1, in.rows[7].group = 2;
+  // Several flags: the rows train different ones (row 6, pushed towards p near 1, trains flag 0).
+  if (n_flags > 1) in.rows[5].flag = 1, in.rows[7].flag = 2, in.rows[8].flag = 1;
   // One red-flag row with p_rf near 1: its state pushed along w_rf.
   double n2 = 0;
   for (double x : in.w_rf) n2 += x * x;
@@ -259,10 +268,10 @@ void test_reference_gradients(RfAggregation agg) {
     in.a = in.h;
     return t;
   };
-  std::vector<double> fd_dh(in.h.size()), fd_dw(in.H);
+  std::vector<double> fd_dh(in.h.size()), fd_dw(in.w_rf.size());
   for (size_t j = 0; j < in.h.size(); ++j)
     fd_dh[j] = (total_at(in.h, j, eps) - total_at(in.h, j, -eps)) / (2 * eps);
-  for (int k = 0; k < in.H; ++k) fd_dw[k] = (total_at(in.w_rf, k, eps) - total_at(in.w_rf, k, -eps)) / (2 * eps);
+  for (size_t k = 0; k < in.w_rf.size(); ++k) fd_dw[k] = (total_at(in.w_rf, k, eps) - total_at(in.w_rf, k, -eps)) / (2 * eps);
   auto rel = [](const std::vector<double>& got, const std::vector<double>& want) {
     double num = 0, den = 0;
     for (size_t i = 0; i < got.size(); ++i) num += (got[i] - want[i]) * (got[i] - want[i]), den += want[i] * want[i];
@@ -270,7 +279,8 @@ void test_reference_gradients(RfAggregation agg) {
   };
   const double e_dh = rel(base.dh, fd_dh), e_dw = rel(base.dw_rf, fd_dw);
   const std::string name = std::string("reference finite differences agg=") +
-                           (agg == RfAggregation::any ? "any" : agg == RfAggregation::mean ? "mean" : "single");
+                           (agg == RfAggregation::any ? "any" : agg == RfAggregation::mean ? "mean" : "single") +
+                           " flags=" + std::to_string(n_flags);
   std::printf("%s: dh %.2e dw_rf %.2e\n", name.c_str(), e_dh, e_dw);
   check(e_dh <= 1e-7, name + " dh");
   check(e_dw <= 1e-7, name + " dw_rf");
@@ -282,6 +292,7 @@ void test_reference_gradients(RfAggregation agg) {
 struct Case {
   std::string name;
   int N = 0, Nr = 0, H = 0, V = 0, rf = 0, chunk = 0, threads = 2;
+  std::vector<int> flags;   // several flag tokens (then rf is unused); red-flag rows cycle through them
   rf::DType dtype = rf::DType::f32;
   RfAggregation agg = RfAggregation::any;
   float alpha_benign = 1.f, alpha_rf = 1.f, alpha_after = 1.f;
@@ -309,6 +320,10 @@ void rows_make(Case& c, int n_benign, int n_after, const std::vector<int>& group
   std::shuffle(c.rows.begin(), c.rows.end(), rng);
   c.N = int(c.rows.size());
   c.push.assign(c.N, 0.f);
+  // Several flags: each red-flag group trains one of them, in turn.
+  if (c.flags.size() > 1)
+    for (RfLossRow& r : c.rows)
+      if (r.kind == RfLossKind::red_flag) r.flag = (r.group / 7) % int(c.flags.size());
 }
 
 void run_case(rf::ThreadPool& pool2, const Case& c) {
@@ -316,7 +331,9 @@ void run_case(rf::ThreadPool& pool2, const Case& c) {
   const float w_scale = 2.5f / std::sqrt(float(H));
   auto Wsrc = randn(rng, size_t(V) * H, w_scale);
   for (int k = 0; k < H; ++k) Wsrc[size_t(V - 1) * H + k] *= c.last_row_scale;
-  auto w_rf = randn(rng, H, w_scale);
+  const std::vector<int> flags = c.flags.empty() ? std::vector<int>{c.rf} : c.flags;
+  const int K = int(flags.size());
+  auto w_rf = randn(rng, size_t(K) * H, w_scale);
   auto h = randn(rng, size_t(N) * H, 1.f);
   auto h_ref = randn(rng, size_t(std::max(Nr, 1)) * H, 1.f);
   // Reference rows correlated with their trained rows, so KL is moderate, not huge.
@@ -325,17 +342,20 @@ void run_case(rf::ThreadPool& pool2, const Case& c) {
     if (r.kind == RfLossKind::red_flag) continue;
     for (int k = 0; k < H; ++k) h_ref[size_t(r.ref_row) * H + k] = 0.7f * h[size_t(i) * H + k] + 0.7f * h_ref[size_t(r.ref_row) * H + k];
   }
-  double n2 = 0;
-  for (float x : w_rf) n2 += double(x) * x;
+  // Pushes along the row's own flag (KL rows: flag 0).
   for (int i = 0; i < N; ++i)
-    if (c.push[i] != 0.f)
-      for (int k = 0; k < H; ++k) h[size_t(i) * H + k] += float(c.push[i] * w_rf[k] / n2);
+    if (c.push[i] != 0.f) {
+      const float* w = w_rf.data() + size_t(c.rows[i].kind == RfLossKind::red_flag ? c.rows[i].flag : 0) * H;
+      double n2 = 0;
+      for (int k = 0; k < H; ++k) n2 += double(w[k]) * w[k];
+      for (int k = 0; k < H; ++k) h[size_t(i) * H + k] += float(c.push[i] * w[k] / n2);
+    }
 
   rf::PackedWeight W;
   rf::pack_weight(W, Wsrc.data(), rf::SrcType::f32, V, H, false, c.dtype);
 
   RefInput in;
-  in.N = N, in.Nr = Nr, in.H = H, in.V = V, in.rf = c.rf, in.rows = c.rows, in.agg = c.agg;
+  in.N = N, in.Nr = Nr, in.H = H, in.V = V, in.flags = flags, in.rows = c.rows, in.agg = c.agg;
   in.alpha_benign = c.alpha_benign, in.alpha_rf = c.alpha_rf, in.alpha_after = c.alpha_after;
   in.W.resize(size_t(V) * H);
   std::vector<float> row(H);
@@ -358,23 +378,23 @@ void run_case(rf::ThreadPool& pool2, const Case& c) {
 
   rf::RfLossOptions o;
   o.rf_token = c.rf;
+  if (!c.flags.empty()) o.flag_tokens = c.flags;
   o.aggregation = c.agg;
   o.alpha_benign = c.alpha_benign, o.alpha_rf = c.alpha_rf, o.alpha_after = c.alpha_after;
   o.chunk = c.chunk;
   std::vector<float> dh(size_t(N) * H, 123.f);  // written, whatever it held
-  std::vector<float> dw_rf(H, 0.f);
-  std::vector<float> dw_prev = randn(rng, H, 1.f);  // accumulated onto
-  for (int k = 0; k < H; ++k) dw_rf[k] = dw_prev[k];
+  std::vector<float> dw_prev = randn(rng, size_t(K) * H, 1.f);  // accumulated onto
+  std::vector<float> dw_rf = dw_prev;
   rf::ThreadPool pool_other(c.threads == 2 ? 1 : c.threads);
   const rf::RfLossResult got = rf::rf_loss(c.threads == 2 ? pool2 : pool_other, h.data(), N, h_ref.data(), Nr, H, W,
                                            w_rf.data(), c.rows.data(), o, dh.data(), dw_rf.data());
-  for (int k = 0; k < H; ++k) dw_rf[k] -= dw_prev[k];
+  for (size_t k = 0; k < dw_rf.size(); ++k) dw_rf[k] -= dw_prev[k];
 
   auto rel_err = [](double g, double w) { return std::fabs(g - w) / std::max(std::fabs(w), 1e-12); };
   const double e_b = rel_err(got.benign, want.benign), e_r = rel_err(got.red_flag, want.red_flag),
                e_a = rel_err(got.after, want.after), e_t = rel_err(got.total, want.total);
   const double e_dh = rel_l2(dh.data(), want.dh.data(), dh.size());
-  const double e_dw = rel_l2(dw_rf.data(), want.dw_rf.data(), H);
+  const double e_dw = rel_l2(dw_rf.data(), want.dw_rf.data(), dw_rf.size());
   std::printf("%-44s benign %.2e rf %.2e after %.2e total %.2e | dh %.2e dw_rf %.2e  (L = %.4g %.4g %.4g)\n",
               c.name.c_str(), e_b, e_r, e_a, e_t, e_dh, e_dw, want.benign, want.red_flag, want.after);
   const double tol = 1e-5;
@@ -546,6 +566,40 @@ void test_odd_tails(rf::ThreadPool& pool) {
   for (const Case& c : cases) run_case(pool, c);
 }
 
+// Several flag tokens (one per risk category): each red-flag group trains its own flag, the
+// KL rows compare whole distributions with every flag row replaced.
+void test_flags(rf::ThreadPool& pool) {
+  std::vector<Case> cases;
+  for (rf::DType dt : {rf::DType::f32, rf::DType::bf16}) {
+    const std::string d = dt == rf::DType::f32 ? " f32" : " bf16";
+    for (RfAggregation agg : {RfAggregation::any, RfAggregation::mean}) {
+      Case c;
+      c.name = std::string("4 flags V=1000 chunk=256 ") + (agg == RfAggregation::any ? "any" : "mean") + d;
+      c.H = 64, c.V = 1000, c.chunk = 256, c.dtype = dt, c.agg = agg;
+      c.flags = {517, 3, 999, 518};  // two in one chunk, the first and last chunks
+      c.alpha_benign = 0.7f, c.alpha_rf = 1.3f, c.alpha_after = 2.f;
+      rows_make(c, 24, 16, {1, 2, 3, 5, 8, 3, 4, 2}, true);
+      int k = 0;
+      for (int i = 0; i < c.N; ++i)
+        if (c.rows[i].kind == RfLossKind::red_flag) {
+          const int j = k++;
+          c.push[i] = j % 3 == 0 ? 40.f : j % 3 == 1 ? -40.f : 0.f;
+        }
+      c.extremes = true;
+      cases.push_back(c);
+    }
+    {
+      Case c;
+      c.name = "3 flags single V=63 chunk=32 H=33" + d;
+      c.H = 33, c.V = 63, c.chunk = 32, c.dtype = dt, c.agg = RfAggregation::single;
+      c.flags = {31, 32, 62};
+      rows_make(c, 7, 4, {1, 1, 1, 1, 1, 1});
+      cases.push_back(c);
+    }
+  }
+  for (const Case& c : cases) run_case(pool, c);
+}
+
 void test_errors(rf::ThreadPool& pool) {
   const int H = 8, V = 40;
   auto Wsrc = randn(rng, size_t(V) * H, 0.5f);
@@ -571,6 +625,13 @@ void test_errors(rf::ThreadPool& pool) {
   bad = o;
   bad.aggregation = RfAggregation::single;
   throws({{RfLossKind::red_flag, -1, 0}, {RfLossKind::red_flag, -1, 0}}, bad, 0, "single with a group of 2");
+  bad = o;
+  bad.flag_tokens = {3, 5, 3};
+  throws({{RfLossKind::red_flag, -1, 0}}, bad, 0, "a flag listed twice");
+  bad.flag_tokens = {3, 5};
+  throws({{RfLossKind::red_flag, -1, 0, 2}}, bad, 0, "flag index out of range");
+  bad.flag_tokens = {3, V};
+  throws({{RfLossKind::red_flag, -1, 0}}, bad, 0, "flag token out of range");
 }
 
 }  // namespace
@@ -578,10 +639,14 @@ void test_errors(rf::ThreadPool& pool) {
 int main() {
   std::printf("isa %s\n", rf::isa_name(rf::active_isa()));
   for (RfAggregation agg : {RfAggregation::any, RfAggregation::mean, RfAggregation::single})
-    test_reference_gradients(agg);
+    test_reference_gradients(agg, 1);
   rf::ThreadPool pool(2);
   test_cases(pool);
   test_odd_tails(pool);
+  // Several flags last, so the shared rng gives the cases above their usual data.
+  for (RfAggregation agg : {RfAggregation::any, RfAggregation::mean, RfAggregation::single})
+    test_reference_gradients(agg, 3);
+  test_flags(pool);
   test_errors(pool);
   return rf::test::finish("test_rf_loss");
 }

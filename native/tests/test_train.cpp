@@ -177,6 +177,64 @@ void run_lora(const std::string& name, const rf::ModelConfig& c, std::vector<std
   check(a == b, name + ": same inputs, same loss");
 }
 
+// Several flag tokens (one per risk category): every flag's embedding and head rows train;
+// red-flag rows name their flag (target), a flag inserted in the text trains its embedding row.
+void run_flags(const std::string& name, const rf::ModelConfig& c) {
+  rf::Model m(c, rf::DType::f32, 2);
+  load_random(m, 3);
+  rf::TrainOptions opt;
+  opt.lora.rank = 3;
+  opt.lora.alpha = 6;
+  opt.lora.targets = {"q_proj", "v_proj", "down_proj"};
+  opt.flag_tokens = {20, 33, 7};
+  opt.seed = 9;
+  rf::Trainer t(m, opt);
+  std::mt19937 rng(4);
+  std::normal_distribution<float> d(0.f, 0.3f);
+  for (rf::Param* p : t.params())
+    if (p->name.find("lora_B") != std::string::npos) for (float& v : p->value) v = d(rng);
+  // Move the flag rows off their base rows, so the KL terms see them.
+  for (rf::Param* p : t.params())
+    if (p->name.rfind("rf.", 0) == 0) for (float& v : p->value) v += d(rng);
+  Batch b = mixed_batch(33);  // <rf:33> inserted in the harmful sequence
+  using K = rf::LossRow;
+  for (K& r : b.rows)
+    if (r.kind == K::red_flag) r.target = 33;
+  b.rows.push_back({K::red_flag, 7 + 6, -1, 1, 7});   // a second group training flag 7
+  b.rows.push_back({K::red_flag, 7 + 7, -1, 1, 7});
+  b.rows.push_back({K::red_flag, 3, -1, 2, -1});       // a third, the first flag (<rf>)
+  for (auto agg : {rf::Aggregation::any, rf::Aggregation::mean}) {
+    rf::LossOptions o;
+    o.aggregation = agg;
+    o.alpha_benign = 1.3f, o.alpha_rf = 0.7f, o.alpha_after = 1.1f, o.alpha_ce = 0.5f;
+    check_grads(name + (agg == rf::Aggregation::any ? " any" : " mean"), t, b, o, 8);
+  }
+  // A target that is not a flag is refused.
+  Batch bad = b;
+  bad.rows.push_back({K::red_flag, 2, -1, 3, 21});
+  bool thrown = false;
+  try {
+    t.step(view(bad.seqs), view(bad.refs), bad.rows, rf::LossOptions());
+  } catch (const std::invalid_argument&) {
+    thrown = true;
+  }
+  check(thrown, name + ": a red-flag target that is not a flag token throws");
+
+  // One flag given as a list trains exactly as rf_token.
+  rf::Model m1(c, rf::DType::f32, 2), m2(c, rf::DType::f32, 2);
+  load_random(m1, 3);
+  load_random(m2, 3);
+  rf::TrainOptions o1 = opt, o2 = opt;
+  o1.flag_tokens.clear();
+  o1.rf_token = 20;
+  o2.flag_tokens = {20};
+  rf::Trainer t1(m1, o1), t2(m2, o2);
+  Batch one = mixed_batch(20);
+  const double l1 = t1.step(view(one.seqs), view(one.refs), one.rows, rf::LossOptions()).total;
+  const double l2 = t2.step(view(one.seqs), view(one.refs), one.rows, rf::LossOptions()).total;
+  check(l1 == l2, name + ": flag_tokens {20} gives rf_token 20's loss");
+}
+
 void run_full(const std::string& name, const rf::ModelConfig& c) {
   rf::Model m(c, rf::DType::f32, 2);
   load_random(m, 3);
@@ -664,6 +722,8 @@ int main() {
   swa.tied_embeddings = true;
   run_lora("llama tied window-3 lora", swa, {"o_proj", "down_proj", "k_proj"}, false, 0.f);
   run_lora("gpt2 lora", gpt2(), {"c_attn", "c_proj", "c_fc"}, false, 0.f);
+  run_flags("llama untied 3 flags", llama());
+  run_flags("llama tied 3 flags", swa);
   run_full("llama", llama());
   run_full("gpt2", gpt2());
   run_embed_grad("llama lora", llama(), rf::TrainMode::lora);
