@@ -60,9 +60,12 @@ export interface NativeSequence {
 export interface NativeStepResult {
   tokens: Uint32Array;
   logprobs: Float32Array;
+  /** p of any flag token (their total). */
   pRf: Float32Array;
   topIds: Uint32Array;
   topLogprobs: Float32Array;
+  /** With flag tokens given as an Int32Array: each one's p, [n × K]. */
+  pFlags?: Float32Array;
 }
 
 export interface NativeModelInfo {
@@ -88,14 +91,15 @@ export interface NativeModel {
   /**
    * The fused decode step (native/model/decode.h): appends each sequence's tokens, then picks
    * each one's next token and reads p(<rf>) from the same logits. params: [n × 4] temperature,
-   * topK, topP, seed; rfToken -1 when there is none.
+   * topK, topP, seed; rfToken -1 when there is none, or an Int32Array of several flag tokens
+   * (pRf their total, pFlags each one's).
    */
   decodeStep(
     sequences: NativeSequence[],
     tokens: Uint32Array,
     counts: Uint32Array,
     params: Float64Array,
-    rfToken: number,
+    rfToken: number | Int32Array,
     topN: number,
     cancel?: Int32Array,
     /** false: pick only (a plain decode; logprobs NaN, pRf 0). Default true. */
@@ -122,6 +126,16 @@ export interface NativeModel {
     embedDelta: Float32Array | undefined,
     logprobs: true,
   ): Promise<{ pRf: Float32Array; logprobs: Float32Array }>;
+  /** Several flag tokens: pRf their total, pFlags [tokens × K] each one's, logprobs with `logprobs`. */
+  tokenScores(
+    sequences: NativeSequence[],
+    tokens: Uint32Array,
+    counts: Uint32Array,
+    flagTokens: Int32Array,
+    cancel: Int32Array | undefined,
+    embedDelta: Float32Array | undefined,
+    logprobs: boolean,
+  ): Promise<{ pRf: Float32Array; pFlags: Float32Array; logprobs?: Float32Array }>;
   info(): NativeModelInfo;
   dispose(): void;
 
@@ -145,7 +159,8 @@ export interface NativeModel {
   getParam(name: string, part?: 'value' | 'grad' | 'm' | 'v'): Float32Array;
   setParam(name: string, part: 'value' | 'grad' | 'm' | 'v', data: Float32Array): void;
   addLora(layer: number, target: string, a: Float32Array, b: Float32Array, rank: number, scale: number): void;
-  setTokenRows(token: number, embed: Float32Array | null, head: Float32Array | null): void;
+  /** Rows [K × hidden] for K tokens (a number: one). */
+  setTokenRows(token: number | Int32Array, embed: Float32Array | null, head: Float32Array | null): void;
   clearAdapters(): void;
   setAdapterEnabled(enabled: boolean): void;
 }
@@ -161,6 +176,8 @@ export interface NativeTrainOptions {
   targets: string[];
   /** The red-flag token whose rows train (-1: none). */
   rfToken: number;
+  /** Or several flag tokens (`<rf>` first, then one per category): rfToken is then ignored. */
+  flagTokens?: number[];
   seed: number;
 }
 

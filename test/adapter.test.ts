@@ -68,6 +68,8 @@ interface MakeOptions {
   layers?: number[];
   redFlag?: boolean;
   tokenId?: number;
+  /** Category flags after <rf>. */
+  categories?: { category: string; id: number }[];
   seed?: number;
   rslora?: boolean;
 }
@@ -93,7 +95,8 @@ function makeAdapter(config: ModelConfig, options: MakeOptions = {}): Adapter {
       });
     }
   }
-  const H = config.hiddenSize;
+  const categories = options.categories ?? [];
+  const H = config.hiddenSize * (1 + categories.length);
   const tied = config.tieWordEmbeddings;
   return {
     rank,
@@ -107,6 +110,7 @@ function makeAdapter(config: ModelConfig, options: MakeOptions = {}): Adapter {
         ? null
         : {
             tokenId: options.tokenId ?? 7,
+            categories,
             embed: randomArray(H, rng),
             head: tied ? null : randomArray(H, rng),
             baseEmbed: randomArray(H, rng),
@@ -282,6 +286,29 @@ describe('saveAdapter / loadAdapter', () => {
     expect(json['redflag']).toMatchObject({ token_id: 40, tied: true });
     expect([...(await readAllTensors(join(dir, RED_FLAG_ROWS_FILE))).keys()]).toEqual(['base_embed']);
     expectSameAdapter(await loadAdapter(dir, config), adapter);
+  });
+
+  it('round-trips category flags: [K, H] rows after <rf>, named in the redflag block', async () => {
+    for (const tied of [false, true]) {
+      const config = llamaConfig(tied);
+      const categories = [
+        { category: 'cyber', id: 40 },
+        { category: 'weapons', id: 3 },
+      ];
+      const adapter = makeAdapter(config, { tokenId: 7, categories });
+      const dir = newDir();
+      await saveAdapter(dir, adapter);
+      const tensors = await readAllTensors(join(dir, ADAPTER_WEIGHTS_FILE));
+      expect(tensors.get('base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta')!.shape).toEqual([3, 16]);
+      const json = await readConfigJson(dir);
+      expect(json['trainable_token_indices']).toEqual(tied ? { embed_tokens: [7, 40, 3] } : { embed_tokens: [7, 40, 3], lm_head: [7, 40, 3] });
+      expect(json['redflag']).toMatchObject({ token_id: 7, categories: { cyber: 40, weapons: 3 } });
+      expect((await readAllTensors(join(dir, RED_FLAG_ROWS_FILE))).get('base_embed')!.shape).toEqual([3, 16]);
+      expectSameAdapter(await loadAdapter(dir, config), adapter);
+    }
+    // Rows that do not match the flags are refused before writing.
+    const bad = makeAdapter(llamaConfig(true), { categories: [{ category: 'cyber', id: 7 }] });
+    expect((await rejection(saveAdapter(newDir(), bad))).message).toMatch(/categories\[0\]\.id must be a token id not used by another flag/);
   });
 
   it('round-trips a GPT-2 adapter (Conv1D: fan_in_fan_out, A [r, in], B [out, r])', async () => {
@@ -465,8 +492,10 @@ describe('loadAdapter rejects malformed adapters', () => {
       [(c) => (c['r'] = 0), /"r" must be a positive integer/],
       [(c) => (c['layers_to_transform'] = [0, 5]), /"layers_to_transform" names layer 5/],
       [(c) => (c['trainable_token_indices'] = { embed_tokens: [7] }), /no "lm_head" entry/],
-      [(c) => (c['trainable_token_indices'] = { embed_tokens: [7, 8], lm_head: [7, 8] }), /exactly one/],
-      [(c) => (c['trainable_token_indices'] = { embed_tokens: [7], lm_head: [8] }), /must name the same token/],
+      [(c) => (c['trainable_token_indices'] = { embed_tokens: [7, 8], lm_head: [7, 8] }), /"redflag.categories" names no category for token 8/],
+      [(c) => (c['trainable_token_indices'] = { embed_tokens: [], lm_head: [] }), /lists no token/],
+      [(c) => (c['trainable_token_indices'] = { embed_tokens: [7], lm_head: [8] }), /must name the same tokens/],
+      [(c) => ((c['redflag'] as Record<string, unknown>)['categories'] = { cyber: 8 }), /"redflag.categories.cyber" is 8, not one of the flag tokens/],
       [(c) => ((c['redflag'] as Record<string, unknown>)['token_id'] = 9), /"redflag.token_id" is 9/],
       [(c) => ((c['redflag'] as Record<string, unknown>)['tied'] = true), /"redflag.tied" is true/],
       [(c) => delete c['redflag'], /"redflag" is missing/],

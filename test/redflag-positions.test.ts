@@ -152,6 +152,20 @@ describe('buildStep for Fixed-Pos RF (rfPosition start)', () => {
   });
 });
 
+describe('buildStep with one flag per category', () => {
+  it("trains each harmful example's category flag: its red-flag rows name it and it is the token inserted", () => {
+    const CYBER = 1001;
+    const a = { ...harmful(5, 10), category: 'cyber' };
+    const b = harmful(5, 10); // no category: <rf>
+    const step = buildStep([a, b], { objective: 'redflag', rfToken: RF, flagOf: (ex) => (ex.category === 'cyber' ? CYBER : RF), rfOffset: 2, rng: createRng(3) });
+    const targets = new Map<number, number>(); // group -> target
+    for (let r = 0; r < step.rows.length; r += 5) if (step.rows[r] === RowKind.RedFlag) targets.set(step.rows[r + 3]!, step.rows[r + 4]!);
+    expect([...targets.values()]).toEqual([CYBER, RF]);
+    expect(step.batch[0]!.includes(CYBER) && !step.batch[0]!.includes(RF)).toBe(true);
+    expect(step.batch[1]!.includes(RF) && !step.batch[1]!.includes(CYBER)).toBe(true);
+  });
+});
+
 describe('training config: red-flag position options', () => {
   const base = { model: 'm', output: 'o', data: 'synthetic' as const };
   it('defaults to the paper’s single window and validates the new fields by name', () => {

@@ -138,6 +138,73 @@ describe('train (red-flag LoRA)', () => {
   });
 });
 
+describe('train (one flag per risk category)', () => {
+  it('adds <rf:NAME> per category, trains each example\'s flag, saves [K, H] rows that load back (adapter, merged model)', async () => {
+    const ids = [1, 4911, 29901, 1128, 437, 306, 2125, 263];
+    let trained: { logits: Float32Array; flags: number[]; categories: string[] } | null = null;
+    const result = await train(config('run-cat', { flagCategories: 'auto', categoryMap: { self_harm: 'self-harm' }, merge: true }), {
+      onTrained: async (model) => {
+        trained = { logits: await model.logits(ids), flags: model.flagTokenIds(), categories: model.flagCategories.map((c) => c.category) };
+      },
+    });
+    // The synthetic set's harmful categories, sorted after the map; ids after <rf> (32000).
+    expect(trained!.categories).toEqual(['cyber_intrusion', 'drugs', 'fraud', 'self-harm', 'weapons']);
+    expect(trained!.flags).toEqual([32000, 32001, 32002, 32003, 32004, 32005]);
+    // The evaluation scores p of any flag and names the most likely one.
+    expect(result.finalEval!.examples.filter((e) => e.label === 'harmful').every((e) => e.flag !== undefined && e.category !== undefined)).toBe(true);
+
+    const dir = join(root, 'run-cat', 'adapter');
+    const json = JSON.parse(await readFile(join(dir, 'adapter_config.json'), 'utf8')) as Record<string, Record<string, unknown>>;
+    expect(json['trainable_token_indices']!['embed_tokens']).toEqual(trained!.flags);
+    expect(json['redflag']!['categories']).toEqual({ cyber_intrusion: 32001, drugs: 32002, fraud: 32003, 'self-harm': 32004, weapons: 32005 });
+    const model = await loadModel(base, { threads: 2 });
+    try {
+      await applyAdapter(model, dir);
+      expect(model.flagTokenIds()).toEqual(trained!.flags);
+      expect(await model.logits(ids)).toEqual(trained!.logits);
+      // Per-flag scores and their total, from the same logits.
+      const seq = model.newSequence();
+      const { pRf, pFlags, flags } = await model.flagScores([seq], [ids]);
+      seq.dispose();
+      expect(flags).toBe(6);
+      const V = model.vocabSize;
+      for (let r = 0; r < ids.length; r++) {
+        const row = trained!.logits.subarray(r * V, (r + 1) * V);
+        const max = Math.max(...row);
+        const lse = max + Math.log(row.reduce((s, z) => s + Math.exp(z - max), 0));
+        let sum = 0;
+        trained!.flags.forEach((id, k) => {
+          const want = Math.exp(row[id]! - lse);
+          sum += want;
+          expect(Math.abs(pFlags[r * 6 + k]! - want)).toBeLessThanOrEqual(1e-5 * want + 1e-30);
+        });
+        expect(Math.abs(pRf[r]! - sum)).toBeLessThanOrEqual(1e-5 * sum);
+      }
+    } finally {
+      model.dispose();
+    }
+    // The merged model has the category tokens in its tokenizer and finds them on load.
+    const merged = await loadModel(join(root, 'run-cat', 'merged'), { threads: 2 });
+    try {
+      expect(merged.flagTokenIds()).toEqual(trained!.flags);
+      expect(merged.flagCategories.map((c) => c.category)).toEqual(trained!.categories);
+    } finally {
+      merged.dispose();
+    }
+  });
+
+  it('a listed category trains its flag; others and uncategorised examples train <rf>; bad names are refused', async () => {
+    let got: string[] = [];
+    await train(config('run-cat2', { flagCategories: ['weapons', 'nonexistent'], steps: 2, evalEvery: 0 }), {
+      onTrained: async (model) => {
+        got = model.flagCategories.map((c) => c.category);
+      },
+    });
+    expect(got).toEqual(['weapons', 'nonexistent']);
+    expect(() => parseTrainConfig({ ...config('x'), flagCategories: ['bad name'] })).toThrow(/flagCategories\.0: a category name/);
+  });
+});
+
 describe('train (refusal baseline)', () => {
   it('trains towards refusals with the benign KL and no red-flag token', async () => {
     const losses: number[] = [];

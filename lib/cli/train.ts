@@ -64,6 +64,11 @@ export async function configFromFlags(flags: Record<string, unknown>): Promise<T
     throw new RedflagError('INVALID_ARGUMENT', '--adv-epsilon and --adv-steps need --adversarial embedding');
   }
   if (flags['rfPosition'] !== undefined) o['loss'] = { ...((o['loss'] as object) ?? {}), rfPosition: flags['rfPosition'] };
+  if (typeof flags['flagCategories'] === 'string') {
+    const list = flags['flagCategories'].split(',').map((s) => s.trim()).filter(Boolean);
+    o['flagCategories'] = list.length === 1 && list[0] === 'auto' ? 'auto' : list;
+  }
+  set('categoryMap', flags['categoryMap']);
   set('dtype', flags['dtype']);
   set('threads', flags['threads']);
   const lora: Record<string, unknown> = {};

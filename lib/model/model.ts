@@ -10,7 +10,7 @@ import { callNative, loadNative, SrcType, type NativeConfig, type NativeModel, t
 import { loadModelConfig, loadGenerationConfig, type GenerationConfig, type ModelConfig } from './config.js';
 import { toFloat32, fromFloat32, type RawTensor } from './safetensors.js';
 import { Tokenizer } from './tokenizer.js';
-import { RED_FLAG_TOKEN } from './red-flag-token.js';
+import { RED_FLAG_TOKEN, flagTokenCategory, type CategoryFlag } from './red-flag-token.js';
 import { planWeights, type WeightPlan } from './weights-map.js';
 import { WeightStore } from './weights.js';
 import { generate, type GenerateOptions, type GeneratedToken } from './generate.js';
@@ -45,11 +45,16 @@ export interface StepResult {
   tokens: Uint32Array;
   /** log p(token) under the model (temperature 1). */
   logprobs: Float32Array;
-  /** p(`<rf>`) from the same logits (0 without a red-flag token). */
+  /**
+   * p(`<rf>`) from the same logits (0 without a red-flag token); with category flags, the
+   * probability of emitting any flag (`<rf>` and every `<rf:NAME>`).
+   */
   pRf: Float32Array;
   topIds: Uint32Array;
   topLogprobs: Float32Array;
   topN: number;
+  /** With category flags: each flag's p, [n × K], flags in {@link Model.flagTokenIds} order. */
+  pFlags?: Float32Array;
 }
 
 /** Validates pick options, filling defaults. */
@@ -95,7 +100,14 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
     const model = new Model(dir, config, generationConfig, tokenizer, store, plan, engine, dtype, threads);
     await model.loadWeights(options.signal, options.onProgress);
     const rf = tokenizer?.tokenToId(RED_FLAG_TOKEN);
-    if (rf !== undefined && rf < config.vocabSize) model.redFlagTokenId = rf;
+    if (rf !== undefined && rf < config.vocabSize) {
+      model.redFlagTokenId = rf;
+      // Category flags saved with it: the tokenizer's <rf:NAME> tokens, in id order.
+      model.flagCategories = (tokenizer?.addedTokens() ?? [])
+        .map((t) => ({ category: flagTokenCategory(t.content), id: t.id }))
+        .filter((f): f is CategoryFlag => f.category !== null && f.id < config.vocabSize && f.id !== rf)
+        .sort((a, b) => a.id - b.id);
+    }
     return model;
   } catch (error) {
     engine?.dispose();
@@ -170,6 +182,13 @@ export class Model {
   readonly overrides = new Map<string, RawTensor>();
   /** The red-flag token's id, once added (or found in a saved tokenizer), else null. */
   redFlagTokenId: number | null = null;
+  /** The risk categories' flag tokens `<rf:NAME>`, when the model has them (in row order). */
+  flagCategories: CategoryFlag[] = [];
+
+  /** Every flag token: `<rf>` then the category flags; empty without a red-flag token. */
+  flagTokenIds(): number[] {
+    return this.redFlagTokenId === null ? [] : [this.redFlagTokenId, ...this.flagCategories.map((f) => f.id)];
+  }
   private queue: Promise<unknown> = Promise.resolve();
   private disposed = false;
 
@@ -417,12 +436,14 @@ export class Model {
     if (!Number.isInteger(rfToken) || rfToken < -1 || rfToken >= this.vocabSize) {
       throw new RedflagError('INVALID_ARGUMENT', `rfToken must be a token id of this model or -1, got ${rfToken}`);
     }
+    // Category flags: every flag's p, and pRf their total (the chance of emitting any flag).
+    const flags = options.rfToken === undefined && this.flagCategories.length > 0 ? Int32Array.from(this.flagTokenIds()) : rfToken;
     const topN = options.topN ?? 0;
     if (!Number.isInteger(topN) || topN < 0 || topN > 64) throw new RedflagError('INVALID_ARGUMENT', `topN must be an integer from 0 to 64, got ${topN}`);
     const native = sequences.map((s) => s.native);
     const scores = options.scores ?? true;
     if (!scores && topN > 0) throw new RedflagError('INVALID_ARGUMENT', 'topN needs scores');
-    const r = await this.cancellable(options.signal, (cancel) => this.engine.decodeStep(native, flat, counts, params, rfToken, topN, cancel, scores));
+    const r = await this.cancellable(options.signal, (cancel) => this.engine.decodeStep(native, flat, counts, params, flags, topN, cancel, scores));
     return { ...r, topN };
   }
 
@@ -447,7 +468,30 @@ export class Model {
       throw new RedflagError('INVALID_ARGUMENT', `rfToken must be a token id of this model, got ${rfToken}`);
     }
     const native = sequences.map((s) => s.native);
+    if (options.rfToken === undefined && this.flagCategories.length > 0) {
+      // Category flags: the chance of emitting any flag.
+      const flags = Int32Array.from(this.flagTokenIds());
+      return (await this.cancellable(options.signal, (cancel) => this.engine.tokenScores(native, flat, counts, flags, cancel, options.embedDelta, false))).pRf;
+    }
     return this.cancellable(options.signal, (cancel) => this.engine.tokenScores(native, flat, counts, rfToken, cancel, options.embedDelta));
+  }
+
+  /**
+   * Teacher-forced p of every flag token (`<rf>` then the category flags, see
+   * {@link Model.flagTokenIds}) after every new token: `pFlags` [tokens × K], and `pRf` their
+   * total. For per-category scores of existing text.
+   */
+  async flagScores(
+    sequences: Sequence[],
+    tokens: (Uint32Array | number[])[],
+    options: { signal?: AbortSignal } = {},
+  ): Promise<{ pRf: Float32Array; pFlags: Float32Array; flags: number }> {
+    const { flat, counts } = this.checkBatch('flagScores', sequences, tokens);
+    const ids = this.flagTokenIds();
+    if (ids.length === 0) throw new RedflagError('INVALID_ARGUMENT', 'flagScores: the model has no red-flag token (add one or load an adapter)');
+    const native = sequences.map((s) => s.native);
+    const r = await this.cancellable(options.signal, (cancel) => this.engine.tokenScores(native, flat, counts, Int32Array.from(ids), cancel, undefined, false));
+    return { pRf: r.pRf, pFlags: r.pFlags, flags: ids.length };
   }
 
   /**

@@ -11,6 +11,39 @@ import type { AddedTokenEntry, Tokenizer } from './tokenizer.js';
 /** The red-flag token's text. */
 export const RED_FLAG_TOKEN = '<rf>';
 
+/** A risk category's flag token: `<rf:NAME>`. */
+export function categoryFlagToken(category: string): string {
+  return `<rf:${category}>`;
+}
+
+/** A risk category's flag token. */
+export interface CategoryFlag {
+  /** The category's name (the token is `<rf:NAME>`). */
+  category: string;
+  /** The token's id. */
+  id: number;
+}
+
+/** A category name a flag token may carry: letters, digits, `_`, `-` and `.`, at most 64. */
+export const CATEGORY_NAME = /^[A-Za-z0-9_.-]{1,64}$/;
+
+/**
+ * A data set's category as a flag category name: lower case, runs of anything but letters,
+ * digits, `_`, `-` and `.` as one `_`, at most 64 characters (HarmBench's
+ * `chemical_biological` stays itself; "Hate speech" becomes `hate_speech`). Null when nothing
+ * is left.
+ */
+export function flagCategoryName(raw: string): string | null {
+  const name = raw.trim().toLowerCase().replace(/[^a-z0-9_.-]+/g, '_').replace(/^_+|_+$/g, '').slice(0, 64);
+  return CATEGORY_NAME.test(name) ? name : null;
+}
+
+/** The category of a `<rf:NAME>` token, or null for any other text. */
+export function flagTokenCategory(content: string): string | null {
+  const m = /^<rf:([^>]+)>$/.exec(content);
+  return m !== null && CATEGORY_NAME.test(m[1]!) ? m[1]! : null;
+}
+
 /**
  * Names of tokens that model authors reserve for later use, most preferred first. Each
  * pattern's number orders candidates: the lowest unused one is taken.

@@ -6,7 +6,7 @@
  */
 import { RedflagError } from '../errors.js';
 import type { Model } from './model.js';
-import { chooseRedFlagToken } from './red-flag-token.js';
+import { CATEGORY_NAME, categoryFlagToken, chooseRedFlagToken, type CategoryFlag } from './red-flag-token.js';
 import { fromFloat32, toFloat32, type RawTensor } from './safetensors.js';
 import type { Tokenizer } from './tokenizer.js';
 
@@ -27,7 +27,15 @@ export interface AddRedFlagTokenOptions {
   reuseReserved?: boolean;
   /** Initial embedding row. Default `'mean'`. */
   init?: RedFlagInit;
+  /**
+   * Risk categories that get a flag of their own, `<rf:NAME>` (e.g. `['cyber', 'weapons']`),
+   * added after `<rf>` in this order; `<rf>` stays the flag of harmful content without a
+   * category. Default none.
+   */
+  categories?: readonly string[];
 }
+
+export type { CategoryFlag } from './red-flag-token.js';
 
 /** What {@link addRedFlagToken} did. */
 export interface RedFlagTokenInfo {
@@ -39,42 +47,52 @@ export interface RedFlagTokenInfo {
   reused: boolean;
   /** Vocabulary size (embedding rows) after the change. */
   vocabSize: number;
+  /** The category flags, in order (empty without `categories`). */
+  categories: CategoryFlag[];
 }
 
-/** Builds the new embedding-like matrix: old rows, grown to `rows`, with row `id` initialised. */
-function withRow(tensor: RawTensor, rows: number, id: number, init: RedFlagInit): RawTensor {
+/** Builds the new embedding-like matrix: old rows, grown to `rows`, with rows `ids` initialised. */
+function withRows(tensor: RawTensor, rows: number, ids: readonly number[], init: RedFlagInit): RawTensor {
   const [oldRows, width] = tensor.shape as [number, number];
   const old = toFloat32(tensor);
   const out = new Float32Array(rows * width);
   out.set(old.subarray(0, Math.min(oldRows, rows) * width));
-  const row = out.subarray(id * width, (id + 1) * width);
+  let mean: Float32Array | null = null;
   if (init === 'mean') {
-    // Mean over the original rows, excluding the row being replaced when it is reused.
+    // Mean over the original rows, excluding the rows being replaced when they are reused.
+    const replaced = new Set(ids);
     const acc = new Float64Array(width);
     let n = 0;
     for (let r = 0; r < oldRows; r++) {
-      if (r === id) continue;
+      if (replaced.has(r)) continue;
       for (let j = 0; j < width; j++) acc[j]! += old[r * width + j]!;
       n++;
     }
-    for (let j = 0; j < width; j++) row[j] = acc[j]! / Math.max(n, 1);
-  } else if (init === 'zeros') {
-    row.fill(0);
-  } else {
-    const from = init.copyFrom;
-    if (!Number.isInteger(from) || from < 0 || from >= oldRows) {
-      throw new RedflagError('INVALID_ARGUMENT', `init.copyFrom must be a token id below ${oldRows}, got ${from}`);
+    mean = Float32Array.from(acc, (v) => v / Math.max(n, 1));
+  }
+  for (const id of ids) {
+    const row = out.subarray(id * width, (id + 1) * width);
+    if (mean !== null) {
+      row.set(mean);
+    } else if (init === 'zeros') {
+      row.fill(0);
+    } else if (typeof init === 'object') {
+      const from = init.copyFrom;
+      if (!Number.isInteger(from) || from < 0 || from >= oldRows) {
+        throw new RedflagError('INVALID_ARGUMENT', `init.copyFrom must be a token id below ${oldRows}, got ${from}`);
+      }
+      row.set(old.subarray(from * width, (from + 1) * width));
     }
-    row.set(old.subarray(from * width, (from + 1) * width));
   }
   const dtype = tensor.dtype === 'BF16' || tensor.dtype === 'F16' ? tensor.dtype : 'F32';
   return fromFloat32(out, [rows, width], dtype);
 }
 
 /**
- * Adds `<rf>` to the model and its tokenizer. The new (or reused) embedding row, and LM-head
- * row when the head is not tied, are initialised by `options.init`; tied heads stay tied.
- * The change lives in memory until {@link Model.save} writes the model back in HF format.
+ * Adds `<rf>` (and with `options.categories` one `<rf:NAME>` per risk category) to the model
+ * and its tokenizer. The new (or reused) embedding rows, and LM-head rows when the head is not
+ * tied, are initialised by `options.init`; tied heads stay tied. The change lives in memory
+ * until {@link Model.save} writes the model back in HF format.
  */
 export async function addRedFlagToken(
   model: Model,
@@ -88,21 +106,29 @@ export async function addRedFlagToken(
   if (init !== 'mean' && init !== 'zeros' && !(typeof init === 'object' && init !== null && 'copyFrom' in init)) {
     throw new RedflagError('INVALID_ARGUMENT', `init must be 'mean', 'zeros' or { copyFrom: id }`);
   }
-  const choice = chooseRedFlagToken(tokenizer, {
-    ...(options.token !== undefined ? { token: options.token } : {}),
-    ...(options.reuseReserved !== undefined ? { reuseReserved: options.reuseReserved } : {}),
-  });
+  const categories = [...(options.categories ?? [])];
+  for (const [i, c] of categories.entries()) {
+    if (typeof c !== 'string' || !CATEGORY_NAME.test(c)) {
+      throw new RedflagError('INVALID_ARGUMENT', `categories[${i}] must be 1-64 letters, digits, "_", "-" or ".", got ${JSON.stringify(c)}`);
+    }
+    if (categories.indexOf(c) !== i) throw new RedflagError('INVALID_ARGUMENT', `categories lists "${c}" twice`);
+  }
+  const reuse = options.reuseReserved !== undefined ? { reuseReserved: options.reuseReserved } : {};
+  const choice = chooseRedFlagToken(tokenizer, { ...(options.token !== undefined ? { token: options.token } : {}), ...reuse });
+  const flags = categories.map((category) => ({ category, id: chooseRedFlagToken(tokenizer, { token: categoryFlagToken(category), ...reuse }).id }));
+  const ids = [choice.id, ...flags.map((f) => f.id)];
   // Checkpoints often have more embedding rows than tokens (padding rows): a new token id
   // may already have a row, and then the matrices keep their size.
-  const rows = Math.max(model.config.vocabSize, choice.id + 1);
+  const rows = Math.max(model.config.vocabSize, ...ids.map((id) => id + 1));
   const targets = [{ engine: 'embed', name: model.plan.embedName }];
   if (model.plan.lmHeadName) targets.push({ engine: 'lm_head', name: model.plan.lmHeadName });
   const grown = await Promise.all(
-    targets.map(async (t) => ({ ...t, tensor: withRow(await model.readTensor(t.name), rows, choice.id, init) })),
+    targets.map(async (t) => ({ ...t, tensor: withRows(await model.readTensor(t.name), rows, ids, init) })),
   );
   for (const g of grown) model.overrides.set(g.name, g.tensor);
   model.setVocabSize(rows);
   for (const g of grown) await model.loadEngineTensor(g.engine, [g.name], false);
   model.redFlagTokenId = choice.id;
-  return { id: choice.id, content: choice.content, reused: choice.reused, vocabSize: rows };
+  model.flagCategories = flags;
+  return { id: choice.id, content: choice.content, reused: choice.reused, vocabSize: rows, categories: flags };
 }

@@ -53,7 +53,7 @@ import { join } from 'node:path';
 
 import { RedflagError } from '../errors.js';
 import { readJsonFile, type ModelConfig } from '../model/config.js';
-import { RED_FLAG_TOKEN } from '../model/red-flag-token.js';
+import { CATEGORY_NAME, RED_FLAG_TOKEN, type CategoryFlag } from '../model/red-flag-token.js';
 import {
   SafetensorsFile,
   fromFloat32,
@@ -87,13 +87,18 @@ export interface LoraModuleWeights {
   B: Float32Array;
 }
 
-/** The trained rows of the red-flag token `<rf>`. */
+/**
+ * The trained rows of the red-flag token `<rf>` and of the category flags `<rf:NAME>` after it:
+ * K = 1 + categories.length rows, in that order, each matrix [K × hiddenSize].
+ */
 export interface RedFlagRows {
-  /** The token's id (its row in the embedding and LM head). */
+  /** The `<rf>` token's id (its row in the embedding and LM head). */
   tokenId: number;
-  /** Trained input-embedding row, [hiddenSize]. */
+  /** The category flags, in row order after `<rf>` (empty for one flag). */
+  categories: CategoryFlag[];
+  /** Trained input-embedding rows, [K × hiddenSize]. */
   embed: Float32Array;
-  /** Trained LM-head row, [hiddenSize]; null when the head is tied to the embedding. */
+  /** Trained LM-head rows, [K × hiddenSize]; null when the head is tied to the embedding. */
   head: Float32Array | null;
   /** The embedding row before training. */
   baseEmbed: Float32Array;
@@ -325,7 +330,16 @@ export function validateAdapter(adapter: Adapter): { sites: string[]; layers: nu
     if (!isIndex(rf.tokenId) || rf.tokenId > config.vocabSize) {
       throw fail(`redFlag.tokenId must be a token id in [0, ${config.vocabSize}], got ${String(rf.tokenId)}`);
     }
-    const H = config.hiddenSize;
+    if (!Array.isArray(rf.categories)) throw fail('redFlag.categories must be an array');
+    const ids = new Set([rf.tokenId]);
+    for (const [i, c] of rf.categories.entries()) {
+      if (typeof c?.category !== 'string' || !CATEGORY_NAME.test(c.category)) throw fail(`redFlag.categories[${i}].category must be a category name, got ${show(c?.category)}`);
+      if (!isIndex(c.id) || c.id >= config.vocabSize + rf.categories.length + 1 || ids.has(c.id)) {
+        throw fail(`redFlag.categories[${i}].id must be a token id not used by another flag, got ${show(c.id)}`);
+      }
+      ids.add(c.id);
+    }
+    const H = config.hiddenSize * (1 + rf.categories.length);
     const tied = config.tieWordEmbeddings;
     const rows: Array<[string, Float32Array | null, boolean]> = [
       ['embed', rf.embed, true],
@@ -339,7 +353,7 @@ export function validateAdapter(adapter: Adapter): { sites: string[]; layers: nu
         continue;
       }
       if (!(row instanceof Float32Array)) throw fail(`redFlag.${name} must be a Float32Array${tied ? '' : ' (the LM head is untied)'}`);
-      if (row.length !== H) throw fail(`redFlag.${name} has ${row.length} values, expected hiddenSize ${H}`);
+      if (row.length !== H) throw fail(`redFlag.${name} has ${row.length} values, expected flags × hiddenSize = ${H}`);
       const bad = firstNonFinite(row);
       if (bad >= 0) throw fail(`redFlag.${name}: value ${bad} is not finite (${row[bad]})`);
     }
@@ -375,8 +389,9 @@ function adapterConfigJson(adapter: Adapter, layers: readonly number[]): Record<
   let trainableTokenIndices: Record<string, number[]> | null = null;
   if (rf !== null) {
     const names = tokenModuleNames(config);
-    trainableTokenIndices = { [names.embed[0]!]: [rf.tokenId] };
-    if (!config.tieWordEmbeddings) trainableTokenIndices[names.head[0]!] = [rf.tokenId];
+    const ids = [rf.tokenId, ...rf.categories.map((c) => c.id)];
+    trainableTokenIndices = { [names.embed[0]!]: ids };
+    if (!config.tieWordEmbeddings) trainableTokenIndices[names.head[0]!] = [...ids];
   }
   const json: Record<string, unknown> = {
     alpha_pattern: {},
@@ -403,6 +418,8 @@ function adapterConfigJson(adapter: Adapter, layers: readonly number[]): Record<
       token_id: rf === null ? null : rf.tokenId,
       tied: rf === null ? null : config.tieWordEmbeddings,
       base_rows_file: rf === null ? null : RED_FLAG_ROWS_FILE,
+      // The category flags' names by token id, in row order after <rf>.
+      ...(rf !== null && rf.categories.length > 0 ? { categories: Object.fromEntries(rf.categories.map((c) => [c.category, c.id])) } : {}),
     },
     revision: null,
     target_modules: [...adapter.targets],
@@ -414,8 +431,8 @@ function adapterConfigJson(adapter: Adapter, layers: readonly number[]): Record<
   return json;
 }
 
-/** A [1, H] F32 tensor holding one row. */
-const rowTensor = (row: Float32Array): RawTensor => fromFloat32(row, [1, row.length], 'F32');
+/** A [K, H] F32 tensor holding K flag rows. */
+const rowTensor = (rows: Float32Array, H: number): RawTensor => fromFloat32(rows, [rows.length / H, H], 'F32');
 
 /**
  * Writes `adapter` to `dir` (created if needed) as a PEFT LoRA adapter: adapter_config.json,
@@ -453,14 +470,14 @@ export async function saveAdapter(dir: string, adapter: Adapter, options: { over
     tensors.set(peftLoraKey(config, m.layer, m.site, 'B'), fromFloat32(m.B, [m.outFeatures, r], 'F32'));
   }
   if (rf !== null) {
-    tensors.set(peftTrainableTokensKey(config, 'embed'), rowTensor(rf.embed));
-    if (rf.head !== null) tensors.set(peftTrainableTokensKey(config, 'head'), rowTensor(rf.head));
+    tensors.set(peftTrainableTokensKey(config, 'embed'), rowTensor(rf.embed, config.hiddenSize));
+    if (rf.head !== null) tensors.set(peftTrainableTokensKey(config, 'head'), rowTensor(rf.head, config.hiddenSize));
   }
   await writeSafetensors(weightsPath, tensors, { metadata: { format: 'pt' }, overwrite });
 
   if (rf !== null) {
-    const base = new Map<string, RawTensor>([['base_embed', rowTensor(rf.baseEmbed)]]);
-    if (rf.baseHead !== null) base.set('base_head', rowTensor(rf.baseHead));
+    const base = new Map<string, RawTensor>([['base_embed', rowTensor(rf.baseEmbed, config.hiddenSize)]]);
+    if (rf.baseHead !== null) base.set('base_head', rowTensor(rf.baseHead, config.hiddenSize));
     await writeSafetensors(rowsPath, base, { metadata: { format: 'pt', token_id: String(rf.tokenId) }, overwrite });
   } else if (overwrite) {
     // A sidecar left by an earlier save would describe rows this adapter does not have.
@@ -496,6 +513,8 @@ interface ParsedAdapterConfig {
   baseModel: string;
   /** The `<rf>` token id, or null when the adapter has no trainable tokens. */
   tokenId: number | null;
+  /** The category flags after `<rf>`. */
+  categories: CategoryFlag[];
   baseRowsFile: string | null;
 }
 
@@ -570,12 +589,16 @@ function parseAdapterConfig(raw: unknown, config: ModelConfig, file: string): Pa
   const baseModel = raw['base_model_name_or_path'] ?? '';
   if (typeof baseModel !== 'string') throw fail('base_model_name_or_path', `must be a string or null, got ${show(baseModel)}`);
 
-  const { tokenId, baseRowsFile } = parseTrainableTokens(raw, config, file);
-  return { rank, alpha, dropout, rslora, targets: [...(targets as string[])], sites, layers, baseModel, tokenId, baseRowsFile };
+  const { tokenId, categories, baseRowsFile } = parseTrainableTokens(raw, config, file);
+  return { rank, alpha, dropout, rslora, targets: [...(targets as string[])], sites, layers, baseModel, tokenId, categories, baseRowsFile };
 }
 
-/** Reads `trainable_token_indices` and the `redflag` block: the `<rf>` id, or null. */
-function parseTrainableTokens(raw: Record<string, unknown>, config: ModelConfig, file: string): { tokenId: number | null; baseRowsFile: string | null } {
+/** Reads `trainable_token_indices` and the `redflag` block: the `<rf>` id (or null) and the category flags after it. */
+function parseTrainableTokens(
+  raw: Record<string, unknown>,
+  config: ModelConfig,
+  file: string,
+): { tokenId: number | null; categories: CategoryFlag[]; baseRowsFile: string | null } {
   const fail = (field: string, message: string, code: 'INVALID_FILE' | 'UNSUPPORTED' = 'INVALID_FILE'): RedflagError =>
     new RedflagError(code, `"${field}" ${message}`, { file });
   const indices = raw['trainable_token_indices'];
@@ -585,7 +608,7 @@ function parseTrainableTokens(raw: Record<string, unknown>, config: ModelConfig,
     if (isPlainObject(block) && block['token_id'] !== undefined && block['token_id'] !== null) {
       throw fail('redflag.token_id', `is ${show(block['token_id'])} but "trainable_token_indices" is missing`);
     }
-    return { tokenId: null, baseRowsFile: null };
+    return { tokenId: null, categories: [], baseRowsFile: null };
   }
 
   // Normalise to { module name: ids }; a plain list targets the input embedding.
@@ -600,7 +623,7 @@ function parseTrainableTokens(raw: Record<string, unknown>, config: ModelConfig,
   for (const [module, ids] of entries) {
     const field = Array.isArray(indices) ? 'trainable_token_indices' : `trainable_token_indices.${module}`;
     if (!Array.isArray(ids) || !ids.every(isIndex)) throw fail(field, `must be a list of token ids, got ${show(ids)}`);
-    if (ids.length !== 1) throw fail(field, `lists ${ids.length} tokens; redflag adapters train exactly one (the red-flag token)`, 'UNSUPPORTED');
+    if (ids.length === 0) throw fail(field, 'lists no token; redflag adapters train the red-flag token (and any category flags after it)', 'UNSUPPORTED');
     if (names.embed.includes(module)) embedIds = ids;
     else if (names.head.includes(module)) headIds = ids;
     else throw fail(field, `names module "${module}"; ${config.hfArchitecture} supports ${[...names.embed, ...names.head].map((n) => `"${n}"`).join(', ')}`, 'UNSUPPORTED');
@@ -608,8 +631,8 @@ function parseTrainableTokens(raw: Record<string, unknown>, config: ModelConfig,
   if (embedIds === null) throw fail('trainable_token_indices', `has no entry for the input embedding ("${names.embed[0]}")`);
   const tokenId = embedIds[0]!;
   if (tokenId > config.vocabSize) throw fail('trainable_token_indices', `names token ${tokenId}, beyond the vocabulary (${config.vocabSize} rows, one new row allowed)`);
-  if (headIds !== null && headIds[0] !== tokenId) {
-    throw fail(`trainable_token_indices.lm_head`, `is ${show(headIds)} but the embedding's is ${show(embedIds)}; they must name the same token`);
+  if (headIds !== null && (headIds.length !== embedIds.length || headIds.some((id, i) => id !== embedIds![i]))) {
+    throw fail(`trainable_token_indices.lm_head`, `is ${show(headIds)} but the embedding's is ${show(embedIds)}; they must name the same tokens`);
   }
   if (!config.tieWordEmbeddings && headIds === null) {
     throw fail('trainable_token_indices', 'has no "lm_head" entry, but the model\'s LM head is untied (its <rf> row must be trained too)');
@@ -620,6 +643,23 @@ function parseTrainableTokens(raw: Record<string, unknown>, config: ModelConfig,
   if (version !== REDFLAG_FORMAT_VERSION) throw fail('redflag.format_version', `is ${show(version)}; this version reads ${REDFLAG_FORMAT_VERSION}`, 'UNSUPPORTED');
   if (block['token_id'] !== tokenId) throw fail('redflag.token_id', `is ${show(block['token_id'])} but trainable_token_indices names ${tokenId}`);
   if (typeof block['token'] !== 'string' || block['token'] === '') throw fail('redflag.token', `must be the token's text, got ${show(block['token'])}`);
+  // Tokens after <rf> are category flags, named in redflag.categories ({ name: id }).
+  const named = block['categories'] ?? {};
+  if (!isPlainObject(named)) throw fail('redflag.categories', `must be an object of category names to token ids, got ${show(named)}`);
+  const byId = new Map<number, string>();
+  for (const [name, id] of Object.entries(named)) {
+    if (!CATEGORY_NAME.test(name)) throw fail(`redflag.categories.${name}`, 'is not a category name (1-64 letters, digits, "_", "-" or ".")');
+    if (!isIndex(id) || !embedIds.slice(1).includes(id)) throw fail(`redflag.categories.${name}`, `is ${show(id)}, not one of the flag tokens after <rf> in trainable_token_indices (${show(embedIds.slice(1))})`);
+    byId.set(id, name);
+  }
+  const categories: CategoryFlag[] = [];
+  for (const id of embedIds.slice(1)) {
+    const category = byId.get(id);
+    if (category === undefined) throw fail('redflag.categories', `names no category for token ${id} of trainable_token_indices`);
+    if (id > config.vocabSize + embedIds.length) throw fail('trainable_token_indices', `names token ${id}, beyond the vocabulary`);
+    categories.push({ category, id });
+  }
+  if (new Set(embedIds).size !== embedIds.length) throw fail('trainable_token_indices', `lists a token twice: ${show(embedIds)}`);
   if (block['tied'] !== config.tieWordEmbeddings) {
     throw fail('redflag.tied', `is ${show(block['tied'])} but the model's tie_word_embeddings is ${config.tieWordEmbeddings}`);
   }
@@ -627,14 +667,14 @@ function parseTrainableTokens(raw: Record<string, unknown>, config: ModelConfig,
   if (typeof rowsFile !== 'string' || rowsFile === '' || /[\\/]/.test(rowsFile) || rowsFile.startsWith('.')) {
     throw fail('redflag.base_rows_file', `must be a file name inside the adapter directory, got ${show(rowsFile)}`);
   }
-  return { tokenId, baseRowsFile: rowsFile };
+  return { tokenId, categories, baseRowsFile: rowsFile };
 }
 
-/** Reads a [1, H] (or [H]) row tensor, checking its shape. */
-async function readRow(file: SafetensorsFile, info: TensorInfo, H: number): Promise<Float32Array> {
-  const ok = (info.shape.length === 2 && info.shape[0] === 1 && info.shape[1] === H) || (info.shape.length === 1 && info.shape[0] === H);
+/** Reads a [K, H] (or, for K = 1, [H]) tensor of K flag rows, checking its shape. */
+async function readRow(file: SafetensorsFile, info: TensorInfo, H: number, K = 1): Promise<Float32Array> {
+  const ok = (info.shape.length === 2 && info.shape[0] === K && info.shape[1] === H) || (K === 1 && info.shape.length === 1 && info.shape[0] === H);
   if (!ok) {
-    throw new RedflagError('INVALID_FILE', `tensor "${info.name}" has shape [${info.shape.join(', ')}], expected [1, ${H}] (one token × hidden size)`, {
+    throw new RedflagError('INVALID_FILE', `tensor "${info.name}" has shape [${info.shape.join(', ')}], expected [${K}, ${H}] (${K === 1 ? 'one token' : `${K} flag tokens`} × hidden size)`, {
       file: file.path,
     });
   }
@@ -685,7 +725,7 @@ export async function loadAdapter(dir: string, config: ModelConfig): Promise<Ada
       const key = info.name;
       if (key === embedKey || (key === headKey && !config.tieWordEmbeddings)) {
         if (parsed.tokenId === null) throw fail(`tensor "${key}" is not expected: ${ADAPTER_CONFIG_FILE} has no trainable_token_indices`);
-        const row = await readRow(file, info, H);
+        const row = await readRow(file, info, H, 1 + parsed.categories.length);
         if (key === embedKey) embedRow = row;
         else headRow = row;
         continue;
@@ -740,8 +780,8 @@ export async function loadAdapter(dir: string, config: ModelConfig): Promise<Ada
     if (parsed.tokenId !== null) {
       if (embedRow === null) throw fail(`tensor "${embedKey}" is missing (${ADAPTER_CONFIG_FILE} declares trainable_token_indices)`);
       if (!config.tieWordEmbeddings && headRow === null) throw fail(`tensor "${headKey}" is missing (the model's LM head is untied)`);
-      const base = await readBaseRows(join(dir, parsed.baseRowsFile!), config, parsed.tokenId);
-      redFlag = { tokenId: parsed.tokenId, embed: embedRow, head: headRow, baseEmbed: base.embed, baseHead: base.head };
+      const base = await readBaseRows(join(dir, parsed.baseRowsFile!), config, parsed.tokenId, 1 + parsed.categories.length);
+      redFlag = { tokenId: parsed.tokenId, categories: parsed.categories, embed: embedRow, head: headRow, baseEmbed: base.embed, baseHead: base.head };
     }
 
     const order = new Map(loraSites(config).map((s, i) => [s.site, i]));
@@ -763,7 +803,7 @@ export async function loadAdapter(dir: string, config: ModelConfig): Promise<Ada
 }
 
 /** Reads redflag_rows.safetensors: the `<rf>` rows before training. */
-async function readBaseRows(path: string, config: ModelConfig, tokenId: number): Promise<{ embed: Float32Array; head: Float32Array | null }> {
+async function readBaseRows(path: string, config: ModelConfig, tokenId: number, K: number): Promise<{ embed: Float32Array; head: Float32Array | null }> {
   const file = await SafetensorsFile.open(path);
   try {
     const fail = (message: string): RedflagError => new RedflagError('INVALID_FILE', message, { file: path });
@@ -776,7 +816,7 @@ async function readBaseRows(path: string, config: ModelConfig, tokenId: number):
     const row = async (name: string): Promise<Float32Array> => {
       const info = file.tensors.get(name);
       if (info === undefined) throw fail(`tensor "${name}" is missing`);
-      return readRow(file, info, config.hiddenSize);
+      return readRow(file, info, config.hiddenSize, K);
     };
     return { embed: await row('base_embed'), head: config.tieWordEmbeddings ? null : await row('base_head') };
   } finally {

@@ -8,6 +8,7 @@ import { z } from 'zod';
 
 import { RedflagError } from '../errors.js';
 import { parseJsonText } from '../model/config.js';
+import { CATEGORY_NAME } from '../model/red-flag-token.js';
 
 const dataFile = z.strictObject({
   /** Path of a .jsonl, .json or .csv file. */
@@ -119,6 +120,18 @@ export const trainConfigSchema = z.strictObject({
       warmupSteps: z.number().int().min(0).default(0),
     })
     .optional(),
+  /**
+   * One flag per risk category (objective `redflag`): `auto` gives every category found in the
+   * harmful training data a flag `<rf:NAME>` (names normalised, see {@link flagCategoryName});
+   * a list names the flagged categories. Harmful examples of other categories, or of none,
+   * train the generic `<rf>`. Absent: `<rf>` alone.
+   */
+  flagCategories: z.union([z.literal('auto'), z.array(z.string().regex(CATEGORY_NAME, 'a category name: 1-64 letters, digits, "_", "-" or "."')).min(1)]).optional(),
+  /**
+   * The data's categories to flag categories, e.g. `{ "chemical_biological": "weapons" }`, or
+   * the path of a JSON file holding that object. Unmapped categories keep their normalised name.
+   */
+  categoryMap: z.union([z.record(z.string(), z.string().regex(CATEGORY_NAME, 'a category name: 1-64 letters, digits, "_", "-" or "."')), z.string().min(1)]).optional(),
   /**
    * Start over in an output directory that holds a previous run's checkpoint, metrics or results
    * (adapter/, model/, merged/): they are replaced. Without it such a directory is refused.

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { RedflagError } from '../errors.js';
 import type { Model } from '../model/model.js';
 import { addRedFlagToken } from '../model/red-flag.js';
-import { RED_FLAG_TOKEN } from '../model/red-flag-token.js';
+import { RED_FLAG_TOKEN, categoryFlagToken } from '../model/red-flag-token.js';
 import { fromFloat32, toFloat32, type RawTensor } from '../model/safetensors.js';
 import { loadAdapter, loraScale, saveAdapter, type Adapter, type LoraModuleWeights } from './adapter.js';
 import { mergeAdapterTensors } from './merge.js';
@@ -17,14 +17,20 @@ import type { TrainConfig } from './config.js';
 
 const LORA_PARAM = /^layers\.(\d+)\.(.+)\.lora_([AB])$/;
 
-/** Reads one row of a checkpoint matrix as f32. */
-async function tensorRow(model: Model, name: string, row: number): Promise<Float32Array> {
+/** Reads rows of a checkpoint matrix as f32, [rows.length × width]. */
+async function tensorRows(model: Model, name: string, rows: readonly number[]): Promise<Float32Array> {
   const t = await model.readTensor(name);
   const width = t.shape[1]!;
-  return toFloat32(t).slice(row * width, (row + 1) * width);
+  const all = toFloat32(t);
+  const out = new Float32Array(rows.length * width);
+  rows.forEach((row, i) => out.set(all.subarray(row * width, (row + 1) * width), i * width));
+  return out;
 }
 
-/** The adapter currently on the model (after training, or as loaded), in memory. */
+/**
+ * The adapter currently on the model (after training, or as loaded), in memory; with
+ * `rfToken` >= 0 its flag rows: `<rf>` and the model's category flags ({@link Model.flagCategories}).
+ */
 export async function currentAdapter(model: Model, options: { rank: number; alpha: number; dropout: number; rslora: boolean; targets: string[] }, rfToken: number): Promise<Adapter> {
   const byModule = new Map<string, Partial<LoraModuleWeights>>();
   let embed: Float32Array | null = null;
@@ -52,6 +58,8 @@ export async function currentAdapter(model: Model, options: { rank: number; alph
   const modules = [...byModule.values()] as LoraModuleWeights[];
   modules.sort((a, b) => a.layer - b.layer || a.site.localeCompare(b.site));
   const tied = model.plan.lmHeadName === null;
+  const categories = model.flagCategories.map((c) => ({ ...c }));
+  const ids = [rfToken, ...categories.map((c) => c.id)];
   return {
     ...options,
     modules,
@@ -59,10 +67,11 @@ export async function currentAdapter(model: Model, options: { rank: number; alph
       rfToken >= 0 && embed
         ? {
             tokenId: rfToken,
+            categories,
             embed,
             head: tied ? null : head,
-            baseEmbed: await tensorRow(model, model.plan.embedName, rfToken),
-            baseHead: tied ? null : await tensorRow(model, model.plan.lmHeadName!, rfToken),
+            baseEmbed: await tensorRows(model, model.plan.embedName, ids),
+            baseHead: tied ? null : await tensorRows(model, model.plan.lmHeadName!, ids),
           }
         : null,
     baseModel: model.dir,
@@ -104,11 +113,14 @@ export async function saveMerged(model: Model, adapter: Adapter, dir: string): P
 export async function applyAdapter(model: Model, dir: string): Promise<Adapter> {
   const adapter = await loadAdapter(dir, model.config);
   const rf = adapter.redFlag;
-  if (rf && (rf.tokenId >= model.vocabSize || model.tokenizer?.idToToken(rf.tokenId) !== RED_FLAG_TOKEN)) {
-    // The base checkpoint predates <rf>: add it the way training did, which must land on the same id.
-    const added = await addRedFlagToken(model);
-    if (added.id !== rf.tokenId) {
-      throw new RedflagError('INVALID_ARGUMENT', `the adapter's <rf> is token ${rf.tokenId}, but adding <rf> to this model gives ${added.id}: is it the adapter's base model?`, {
+  const present = (id: number, text: string) => id < model.vocabSize && model.tokenizer?.idToToken(id) === text;
+  if (rf && !(present(rf.tokenId, RED_FLAG_TOKEN) && rf.categories.every((c) => present(c.id, categoryFlagToken(c.category))))) {
+    // The base checkpoint predates the flags: add them the way training did, which must land on the same ids.
+    const added = await addRedFlagToken(model, model.tokenizer, { categories: rf.categories.map((c) => c.category) });
+    const want = [rf.tokenId, ...rf.categories.map((c) => c.id)];
+    const got = [added.id, ...added.categories.map((c) => c.id)];
+    if (want.some((id, i) => id !== got[i])) {
+      throw new RedflagError('INVALID_ARGUMENT', `the adapter's flag tokens are ${want.join(', ')}, but adding them to this model gives ${got.join(', ')}: is it the adapter's base model?`, {
         file: dir,
       });
     }
@@ -123,10 +135,14 @@ export async function applyAdapter(model: Model, dir: string): Promise<Adapter> 
     }
     if (adapter.redFlag) {
       const head = adapter.redFlag.head ?? adapter.redFlag.embed; // tied: one row serves both
-      model.engine.setTokenRows(adapter.redFlag.tokenId, adapter.redFlag.embed, head);
+      const ids = [adapter.redFlag.tokenId, ...adapter.redFlag.categories.map((c) => c.id)];
+      model.engine.setTokenRows(ids.length === 1 ? ids[0]! : Int32Array.from(ids), adapter.redFlag.embed, head);
     }
   });
-  if (adapter.redFlag) model.redFlagTokenId = adapter.redFlag.tokenId;
+  if (adapter.redFlag) {
+    model.redFlagTokenId = adapter.redFlag.tokenId;
+    model.flagCategories = adapter.redFlag.categories.map((c) => ({ ...c }));
+  }
   return adapter;
 }
 

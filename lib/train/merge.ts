@@ -96,22 +96,24 @@ function mergeModule(name: string, weight: RawTensor, m: LoraModuleWeights, rank
  * matrix's dtype). `id === V` appends the row (the red-flag token was added to the vocabulary).
  * Only the row's bytes are converted; the other rows are copied bit for bit.
  */
-function replaceRow(name: string, matrix: RawTensor, id: number, row: Float32Array): RawTensor {
+/** `matrix` with rows `ids` replaced by `rows` [ids.length × H] (new rows may extend it by as many). */
+function replaceRows(name: string, matrix: RawTensor, ids: readonly number[], rows: Float32Array): RawTensor {
   const dtype = floatDType(name, matrix);
   if (matrix.shape.length !== 2) throw new RedflagError('INVALID_ARGUMENT', `merge: tensor ${name} has shape [${matrix.shape.join(', ')}], expected [vocab, hidden]`);
   const [V, H] = matrix.shape as [number, number];
-  if (H !== row.length) throw new RedflagError('INVALID_ARGUMENT', `merge: tensor ${name} rows have ${H} values, the <rf> row has ${row.length}`);
-  if (id > V) throw new RedflagError('INVALID_ARGUMENT', `merge: <rf> token id ${id} is beyond tensor ${name}'s ${V} rows (only appending row ${V} is possible)`);
+  if (H * ids.length !== rows.length) throw new RedflagError('INVALID_ARGUMENT', `merge: tensor ${name} rows have ${H} values, the ${ids.length} flag row(s) ${rows.length}`);
   const size = dtypeSize(dtype);
   if (matrix.data.byteLength !== V * H * size) {
     throw new RedflagError('INVALID_ARGUMENT', `merge: tensor ${name} has ${matrix.data.byteLength} bytes, expected ${V * H * size} for [${V}, ${H}] ${dtype}`);
   }
-  const rows = Math.max(V, id + 1);
-  const bytes = fromFloat32(row, [H], dtype).data;
-  const data = new Uint8Array(elementCount([rows, H]) * size);
+  const total = Math.max(V, ...ids.map((id) => id + 1));
+  if (total > V + ids.length) {
+    throw new RedflagError('INVALID_ARGUMENT', `merge: flag token ids ${ids.join(', ')} go beyond tensor ${name}'s ${V} rows (only appending rows is possible)`);
+  }
+  const data = new Uint8Array(elementCount([total, H]) * size);
   data.set(matrix.data);
-  data.set(bytes, id * bytes.byteLength);
-  return { dtype, shape: [rows, H], data };
+  ids.forEach((id, k) => data.set(fromFloat32(rows.subarray(k * H, (k + 1) * H), [H], dtype).data, id * H * size));
+  return { dtype, shape: [total, H], data };
 }
 
 /**
@@ -149,10 +151,11 @@ export async function mergeAdapterTensors(
 
   const rf = adapter.redFlag;
   if (rf !== null) {
-    out.set(plan.embedName, replaceRow(plan.embedName, await read(plan.embedName), rf.tokenId, rf.embed));
+    const ids = [rf.tokenId, ...rf.categories.map((c) => c.id)];
+    out.set(plan.embedName, replaceRows(plan.embedName, await read(plan.embedName), ids, rf.embed));
     if (plan.lmHeadName !== null) {
-      // validateAdapter guarantees an untied config has a head row.
-      out.set(plan.lmHeadName, replaceRow(plan.lmHeadName, await read(plan.lmHeadName), rf.tokenId, rf.head!));
+      // validateAdapter guarantees an untied config has head rows.
+      out.set(plan.lmHeadName, replaceRows(plan.lmHeadName, await read(plan.lmHeadName), ids, rf.head!));
     }
   }
   return out;

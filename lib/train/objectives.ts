@@ -57,6 +57,8 @@ export interface BuildStepOptions {
   objective: Objective;
   /** The red-flag token id (objective `redflag`). */
   rfToken?: number;
+  /** The flag token a harmful example trains (one flag per risk category); default: rfToken for all. */
+  flagOf?: (example: EncodedConversation) => number;
   /** The first response position where the flag may be asked for. */
   rfOffset?: number;
   /** Positions sampled per harmful conversation, one per stratum (integer ≥ 1). Default 1. */
@@ -138,7 +140,8 @@ export function buildStep(examples: readonly EncodedConversation[], options: Bui
         ? [{ from: start, to: start }]
         : sampleFlagWindows(first, end, { samples: options.rfSamples ?? 1, window: options.rfWindow ?? 0 }, options.rng);
     const i = windows[windows.length - 1]!.to;
-    const flagged = insertRedFlag(ex, i - start, options.rfToken);
+    const flag = options.flagOf?.(ex) ?? options.rfToken;
+    const flagged = insertRedFlag(ex, i - start, flag);
     flaggedSeqs.push({ index: batch.length, promptLength: start });
     batch.push(flagged.ids);
     reference.push(ex.ids);
@@ -146,7 +149,7 @@ export function buildStep(examples: readonly EncodedConversation[], options: Bui
     // flag at i see the same text as the original).
     for (const w of windows) {
       const group = groups++;
-      for (let j = w.from; j <= w.to; j++) rows.push(RowKind.RedFlag, rowBase + j - 1, -1, group, options.rfToken);
+      for (let j = w.from; j <= w.to; j++) rows.push(RowKind.RedFlag, rowBase + j - 1, -1, group, flag);
     }
     // After the flag: row j of the flagged text and its aligned row in the original predict
     // the same response token; keep the text's distribution where it was.

@@ -25,6 +25,7 @@ import { evaluateRedFlag, type EvalResult } from './evaluate.js';
 import { findCheckpoint, lockOutput, readCheckpoint, removeCheckpoints, removeStaleCheckpoints, truncateMetrics, writeCheckpoint } from './checkpoint.js';
 import { adversarialDelta, embeddingRowNorms, withPerturbedCopies } from './adversarial.js';
 import { buildStep } from './objectives.js';
+import { flagTokenOf, planCategories } from './categories.js';
 
 /** Progress of one optimizer step. */
 export interface StepInfo {
@@ -187,12 +188,20 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
 
   const model = await loadModel(config.model, { dtype: config.dtype, ...(config.threads ? { threads: config.threads } : {}) });
   try {
-    let rfToken = -1;
-    if (config.objective === 'redflag') {
-      rfToken = model.redFlagTokenId ?? (await addRedFlagToken(model)).id;
-      log(`red-flag token <rf> = ${rfToken}`);
-    }
     const data = await prepareData(config, model, log);
+    let rfToken = -1;
+    let flagOf: ((ex: EncodedConversation) => number) | undefined;
+    if (config.objective === 'redflag') {
+      const plan = await planCategories(config, data.train);
+      const wanted = plan?.categories ?? [];
+      const have = model.flagCategories.map((c) => c.category);
+      if (model.redFlagTokenId === null || (plan !== null && (have.length !== wanted.length || have.some((c, i) => c !== wanted[i])))) {
+        await addRedFlagToken(model, model.tokenizer, { categories: wanted });
+      }
+      rfToken = model.redFlagTokenId!;
+      log(`red-flag token <rf> = ${rfToken}${model.flagCategories.length ? `; category flags ${model.flagCategories.map((c) => `<rf:${c.category}> = ${c.id}`).join(', ')}` : ''}`);
+      flagOf = flagTokenOf(plan, model.flagCategories, rfToken);
+    }
     const arch = model.config.architecture === 'gpt2' ? 'gpt2' : 'llama';
     const targets = config.lora.targets ?? DEFAULT_TARGETS[arch]!;
     const { trainable } = await model.runNative(() =>
@@ -204,6 +213,7 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
         rslora: config.lora.rslora,
         targets,
         rfToken,
+        ...(model.flagCategories.length > 0 && rfToken >= 0 ? { flagTokens: model.flagTokenIds() } : {}),
         seed: config.seed,
       }),
     );
@@ -233,7 +243,7 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
     let lastLoss: StepInfo['loss'] | null = null;
     const evaluate = async () => {
       if (config.objective !== 'redflag' || data.eval.length === 0) return null;
-      return evaluateRedFlag(model, data.eval, { rfToken, threshold: config.threshold, signal });
+      return evaluateRedFlag(model, data.eval, { rfToken: model.flagTokenIds(), threshold: config.threshold, signal });
     };
     const cancel = new Int32Array(1);
     let embeddingNorms: Float32Array | undefined;
@@ -253,7 +263,7 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
           const next = batches.next();
           if (next.done) throw new RedflagError('NATIVE', 'the batch sampler ran out of batches');
           const rng = createRng(deriveSeed(config.seed, 3, step, micro));
-          let input = buildStep(next.value.items, { objective: config.objective, rfToken, rfOffset: config.loss.rfOffset, rfSamples: config.loss.rfSamples, rfWindow: config.loss.rfWindow, rfPosition: config.loss.rfPosition, rng });
+          let input = buildStep(next.value.items, { objective: config.objective, rfToken, ...(flagOf ? { flagOf } : {}), rfOffset: config.loss.rfOffset, rfSamples: config.loss.rfSamples, rfWindow: config.loss.rfWindow, rfPosition: config.loss.rfPosition, rng });
           const flat = (seqs: number[][]) => Uint32Array.from(seqs.flat());
           const counts = (seqs: number[][]) => Uint32Array.from(seqs, (s) => s.length);
           let terms: NativeLossTerms;
