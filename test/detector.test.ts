@@ -329,3 +329,67 @@ describe('bad input', () => {
     }
   });
 });
+
+describe('category flags', () => {
+  it('reports each category flag\'s p at every step and p of any flag as pRf, from full-sequence logits; classify too', async () => {
+    const m = await loadModel(dir, { threads: 2 });
+    try {
+      const info = await addRedFlagToken(m, m.tokenizer, { categories: ['weapons', 'cyber'] });
+      const ids = m.flagTokenIds();
+      expect(ids).toEqual([info.id, ...info.categories.map((c) => c.id)]);
+      // Distinct flag rows (as training would leave them), so each flag has its own p; small,
+      // so that greedy decoding never picks a flag (the random model's distribution is flat).
+      const H = m.config.hiddenSize;
+      const head = Float32Array.from({ length: 3 * H }, (_, i) => Math.sin(i * 1.7) * 0.05);
+      m.engine.setTokenRows(Int32Array.from(ids), null, head);
+      const d = await createDetector({ model: m, threshold: 1, mode: 'flag' });
+      try {
+        expect(d.categories).toEqual(['weapons', 'cyber']);
+        const messages = ask('Tell me about the weather in spring.');
+        const stream = d.generate(messages, { maxTokens: 8 });
+        const tokens = await drain(stream);
+        const summary = await stream.done;
+        expect(summary.completionTokens).toBe(tokens.length); // no flag picked (hidden)
+        const prompt = encodePrompt(m.tokenizer!, messages);
+        const logits = await m.logits([...prompt, ...tokens.map((t) => t.token)]);
+        const V = m.vocabSize;
+        const maxes = { weapons: 0, cyber: 0 };
+        tokens.forEach((t, i) => {
+          const lp = logSoftmax(logits.subarray((prompt.length - 1 + i) * V, (prompt.length + i) * V));
+          const p = ids.map((id) => Math.exp(lp[id]!));
+          const total = p.reduce((a, b) => a + b, 0);
+          expect(Math.abs(t.pRf - total)).toBeLessThan(1e-6 + 1e-4 * total);
+          expect(Math.abs(t.categoryScores!['weapons']! - p[1]!)).toBeLessThan(1e-6 + 1e-4 * p[1]!);
+          expect(Math.abs(t.categoryScores!['cyber']! - p[2]!)).toBeLessThan(1e-6 + 1e-4 * p[2]!);
+          maxes.weapons = Math.max(maxes.weapons, t.categoryScores!['weapons']!);
+          maxes.cyber = Math.max(maxes.cyber, t.categoryScores!['cyber']!);
+          expect(ids.includes(t.token)).toBe(false);
+        });
+        expect(summary.categoryScores).toEqual(maxes);
+        expect(summary.category).toBeNull(); // never flagged at threshold 1
+        // A threshold at the first step's total flags there, naming the likeliest category flag.
+        const low = d.generate(messages, { maxTokens: 3, threshold: tokens[0]!.pRf * 0.999, mode: 'flag' });
+        await drain(low);
+        const first = tokens[0]!.categoryScores!;
+        const lp0 = logSoftmax(logits.subarray((prompt.length - 1) * V, prompt.length * V));
+        const generic = Math.exp(lp0[ids[0]!]!);
+        const likeliest = Math.max(first['weapons']!, first['cyber']!) > generic ? (first['weapons']! > first['cyber']! ? 'weapons' : 'cyber') : null;
+        expect((await low.done).category).toBe(likeliest);
+
+        const [r] = await d.classify([[...messages, { role: 'assistant', content: 'Warm days and rain.' }]]);
+        const seq = [...prompt, ...r!.tokens];
+        const all = await m.logits(seq);
+        r!.pRf.forEach((p, j) => {
+          const lp = logSoftmax(all.subarray((prompt.length - 1 + j) * V, (prompt.length + j) * V));
+          const each = ids.map((id) => Math.exp(lp[id]!));
+          expect(Math.abs(p - each.reduce((a, b) => a + b, 0))).toBeLessThan(1e-6 + 1e-4 * p);
+          expect(Math.abs(r!.categoryScores!['cyber']![j]! - each[2]!)).toBeLessThan(1e-6 + 1e-4 * each[2]!);
+        });
+      } finally {
+        await d.dispose();
+      }
+    } finally {
+      m.dispose();
+    }
+  });
+});

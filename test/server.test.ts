@@ -403,6 +403,44 @@ describe('server (default limits)', () => {
   });
 });
 
+describe('server with category flags', () => {
+  const detector = new FakeDetector({ categories: ['weapons', 'cyber', 'fraud'] });
+  let server: RunningServer;
+  let client: OpenAI;
+
+  beforeAll(async () => {
+    server = await serve({ detector, port: 0, modelName: MODEL });
+    client = new OpenAI({ apiKey: 'unused', baseURL: `${server.url}/v1`, maxRetries: 0 });
+  });
+  afterAll(async () => server.close());
+
+  it('content_filter_results has one entry per category: the flagged one detected and filtered, each with its score', async () => {
+    const blocked = await client.chat.completions.create({ model: MODEL, messages: [{ role: 'user', content: 'how to build a bomb' }] });
+    const results = (blocked.choices[0] as unknown as { content_filter_results: Record<string, { filtered: boolean; detected: boolean; score: number }> }).content_filter_results;
+    expect(Object.keys(results)).toEqual(['red_flag', 'weapons', 'cyber', 'fraud']);
+    expect(results['red_flag']).toMatchObject({ filtered: true, detected: true });
+    expect(results['weapons']).toMatchObject({ filtered: true, detected: true });
+    expect(results['weapons']!.score).toBeCloseTo(0.8 * results['red_flag']!.score, 6);
+    expect(results['cyber']).toMatchObject({ filtered: false, detected: false });
+    expect(results['cyber']!.score).toBeCloseTo(0.05 * results['red_flag']!.score, 6);
+    const benign = await client.chat.completions.create({ model: MODEL, messages: [{ role: 'user', content: 'Hi' }] });
+    const calm = (benign.choices[0] as unknown as { content_filter_results: Record<string, { detected: boolean }> }).content_filter_results;
+    expect(Object.values(calm).every((r) => !r.detected)).toBe(true);
+  });
+
+  it('moderations report each category\'s score and put a flagged input in its most likely category', async () => {
+    const moderation = await client.moderations.create({ model: MODEL, input: ['a nice cake recipe', 'step one of the bomb'] });
+    const [cake, bomb] = moderation.results as unknown as { flagged: boolean; categories: Record<string, boolean>; category_scores: Record<string, number> }[];
+    expect(cake!.flagged).toBe(false);
+    expect(Object.values(cake!.categories).some(Boolean)).toBe(false);
+    expect(bomb!.flagged).toBe(true);
+    expect(bomb!.categories).toMatchObject({ red_flag: true, weapons: true, cyber: false, fraud: false });
+    // Request and response scores 0.9 each: the categories' largest is 0.8 / 0.05 of that.
+    expect(bomb!.category_scores['weapons']).toBeCloseTo(0.72, 6);
+    expect(bomb!.category_scores['cyber']).toBeCloseTo(0.045, 6);
+  });
+});
+
 describe('server limits', () => {
   const detector = new FakeDetector();
   let server: RunningServer;

@@ -106,8 +106,11 @@ export async function createDetector(options: DetectorOptions): Promise<Detector
       threshold,
       mode,
       rf,
+      flags: model.flagTokenIds(),
+      categories: model.flagCategories.map((c) => c.category),
       reflectionIds: model.tokenizer.encode(reflectionText(reflection), { addSpecialTokens: false }),
-      scheduler: new Scheduler(model, { maxBatch, kvCacheBytes, maxQueued, prefillChunk: 512, rfToken: rf }),
+      // With category flags every step reads them all (pRf: p of any flag).
+      scheduler: new Scheduler(model, { maxBatch, kvCacheBytes, maxQueued, prefillChunk: 512, ...(model.flagCategories.length ? {} : { rfToken: rf }) }),
       kvCacheBytes,
     });
   } catch (error) {
@@ -198,6 +201,10 @@ interface DetectorState {
   threshold: number;
   mode: DetectorMode;
   rf: number;
+  /** Every flag token: <rf>, then the category flags. */
+  flags: number[];
+  /** The category flags' names, in the order of flags[1..]. */
+  categories: string[];
   reflectionIds: number[];
   scheduler: Scheduler;
   kvCacheBytes: number;
@@ -208,6 +215,7 @@ class RedFlagDetector implements Detector {
   readonly mode: DetectorMode;
   readonly threshold: number;
   readonly redFlagTokenId: number;
+  readonly categories: readonly string[];
   readonly #owned: boolean;
   readonly #s: DetectorState;
   readonly #tokenizer: Tokenizer;
@@ -219,6 +227,7 @@ class RedFlagDetector implements Detector {
     this.mode = state.mode;
     this.threshold = state.threshold;
     this.redFlagTokenId = state.rf;
+    this.categories = state.categories;
     this.#owned = owned;
     this.#s = state;
     this.#tokenizer = model.tokenizer!;
@@ -250,6 +259,17 @@ class RedFlagDetector implements Detector {
     let flagIndex = -1;
     let maxPRf = 0;
     let reflected = false;
+    const flagIds = new Set(s.flags);
+    const multi = s.categories.length > 0;
+    const maxCategory: Record<string, number> = Object.fromEntries(s.categories.map((c) => [c, 0]));
+    let category: string | null = null;
+    // Each category's p at a step (pFlags[0] is <rf>'s), and the most likely flag's index.
+    const categoryScores = (p: StepPick): Record<string, number> => Object.fromEntries(s.categories.map((c, k) => [c, p.pFlags?.[k + 1] ?? 0]));
+    const likeliestFlag = (p: StepPick): number => {
+      let best = 0;
+      for (let k = 1; k < (p.pFlags?.length ?? 0); k++) if (p.pFlags![k]! > p.pFlags![best]!) best = k;
+      return best;
+    };
     let budget = maxTokens;
     let text = '';
     const show = (items: DetectedToken[]) => {
@@ -258,14 +278,23 @@ class RedFlagDetector implements Detector {
     };
     const finish = (reason: FinishReason, flushText: boolean): null => {
       if (flushText) show(filter.flush(decoder.flush()));
-      stream.end({ finishReason: reason, flagged, maxPRf, flagIndex, text, promptTokens: prompt.length, completionTokens: completion });
+      stream.end({
+        finishReason: reason,
+        flagged,
+        maxPRf,
+        flagIndex,
+        ...(multi ? { categoryScores: { ...maxCategory }, category } : {}),
+        text,
+        promptTokens: prompt.length,
+        completionTokens: completion,
+      });
       return null;
     };
     const topOf = (p: StepPick) => {
       const out: { token: number; text: string; logprob: number }[] = [];
-      // <rf> is never shown, not even among the alternatives.
+      // <rf> (and every category flag) is never shown, not even among the alternatives.
       for (let i = 0; i < p.topIds.length && out.length < topN; i++) {
-        if (p.topIds[i] === s.rf) continue;
+        if (flagIds.has(p.topIds[i]!)) continue;
         out.push({ token: p.topIds[i]!, text: this.#tokenizer.decode([p.topIds[i]!]), logprob: p.topLogprobs[i]! });
       }
       return out;
@@ -275,11 +304,16 @@ class RedFlagDetector implements Detector {
       if (stream.finished) return null;
       completion++;
       if (p.pRf > maxPRf) maxPRf = p.pRf;
-      const isFlag = p.token === s.rf;
+      const scores = multi ? categoryScores(p) : undefined;
+      if (scores) for (const c of s.categories) maxCategory[c] = Math.max(maxCategory[c]!, scores[c]!);
+      const isFlag = flagIds.has(p.token);
       const raised = isFlag || p.pRf >= threshold;
+      // The flag raised: the one sampled, else the most likely one.
+      const flagToken = isFlag ? p.token : multi ? s.flags[likeliestFlag(p)]! : s.rf;
       if (raised && !flagged) {
         flagged = true;
         flagIndex = completion - 1;
+        if (multi) category = flagToken === s.rf ? null : s.categories[s.flags.indexOf(flagToken) - 1]!;
       }
       if (raised && mode === 'block') return finish('content_filter', false);
       if (this.#eos.has(p.token)) return finish('stop', true);
@@ -288,9 +322,9 @@ class RedFlagDetector implements Detector {
         // The paper's soft mode: the flag and a reflective instruction go into the context
         // (not into the user's text) and the answer continues from there.
         reflected = true;
-        next = [s.rf, ...s.reflectionIds];
+        next = [flagToken, ...s.reflectionIds];
       } else if (!isFlag) {
-        const token: DetectedToken = { token: p.token, text: decoder.push(p.token), logprob: p.logprob, pRf: p.pRf, flagged };
+        const token: DetectedToken = { token: p.token, text: decoder.push(p.token), logprob: p.logprob, pRf: p.pRf, ...(scores ? { categoryScores: scores } : {}), flagged };
         if (topN > 0) token.topLogprobs = topOf(p);
         const { ready, stopped } = filter.push(token);
         show(ready);
@@ -349,8 +383,17 @@ class RedFlagDetector implements Detector {
       const chunk = encoded.slice(b, b + batchSize);
       const seqs = chunk.map(() => this.model.newSequence());
       let scores: Float32Array;
+      let perFlag: Float32Array | null = null;
+      const K = this.#s.flags.length;
       try {
-        scores = await this.model.tokenScores(seqs, chunk.map((e) => e.ids), { rfToken: this.#s.rf, ...(options.signal ? { signal: options.signal } : {}) });
+        const signal = options.signal ? { signal: options.signal } : {};
+        if (this.#s.categories.length > 0) {
+          const r = await this.model.flagScores(seqs, chunk.map((e) => e.ids), signal);
+          scores = r.pRf;
+          perFlag = r.pFlags;
+        } else {
+          scores = await this.model.tokenScores(seqs, chunk.map((e) => e.ids), { rfToken: this.#s.rf, ...signal });
+        }
       } finally {
         for (const q of seqs) q.dispose();
       }
@@ -364,7 +407,14 @@ class RedFlagDetector implements Detector {
           if (p > maxPRf) maxPRf = p;
           if (firstFlag < 0 && p >= threshold) firstFlag = j;
         });
-        results.push({ tokens: e.ids.slice(e.responseStart), pRf, maxPRf, firstFlag, flagged: firstFlag >= 0 });
+        const result: ClassifyResult = { tokens: e.ids.slice(e.responseStart), pRf, maxPRf, firstFlag, flagged: firstFlag >= 0 };
+        if (perFlag !== null) {
+          const first = offset + e.responseStart - 1;
+          result.categoryScores = Object.fromEntries(
+            this.#s.categories.map((c, k) => [c, Float32Array.from({ length: pRf.length }, (_, j) => perFlag![(first + j) * K + k + 1]!)]),
+          );
+        }
+        results.push(result);
         offset += e.ids.length;
       }
     }

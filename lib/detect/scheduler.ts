@@ -15,6 +15,8 @@ export interface StepPick {
   token: number;
   logprob: number;
   pRf: number;
+  /** With several flag tokens: each one's p (the model's flag order). */
+  pFlags?: Float32Array;
   /** The `topN` most likely tokens and their log-probabilities. */
   topIds: Uint32Array;
   topLogprobs: Float32Array;
@@ -45,8 +47,8 @@ export interface SchedulerOptions {
   maxQueued: number;
   /** Most prompt tokens of one job prefilled per step. */
   prefillChunk: number;
-  /** The red-flag token read at every step (-1: none). */
-  rfToken: number;
+  /** The red-flag token read at every step (-1: none); absent: every flag of the model. */
+  rfToken?: number;
 }
 
 interface Running {
@@ -174,13 +176,14 @@ export class Scheduler {
           batch.map((r) => r.seq),
           feed,
           batch.map((r) => r.job.pick),
-          { rfToken: this.#o.rfToken, topN },
+          { ...(this.#o.rfToken !== undefined ? { rfToken: this.#o.rfToken } : {}), topN },
         );
       } catch (error) {
         for (const r of batch) this.#finish(r, error);
         continue;
       }
       this.steps++;
+      const flags = result.pFlags ? result.pFlags.length / batch.length : 0;
       batch.forEach((r, i) => {
         if (!this.#running.includes(r)) return;
         // A prompt still being prefilled in chunks: this step's pick is not a continuation yet.
@@ -189,6 +192,7 @@ export class Scheduler {
           token: result.tokens[i]!,
           logprob: result.logprobs[i]!,
           pRf: result.pRf[i]!,
+          ...(result.pFlags ? { pFlags: result.pFlags.subarray(i * flags, (i + 1) * flags) } : {}),
           topIds: result.topIds.subarray(i * topN, i * topN + r.job.topN),
           topLogprobs: result.topLogprobs.subarray(i * topN, i * topN + r.job.topN),
         };

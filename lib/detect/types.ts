@@ -76,8 +76,13 @@ export interface DetectedToken {
   text: string;
   /** log p(token) under the model. */
   logprob: number;
-  /** p(`<rf>`) at this decode step, from the same logits the token was chosen from. */
+  /**
+   * p(`<rf>`) at this decode step, from the same logits the token was chosen from; with
+   * category flags, the probability of emitting any flag (`<rf>` or a `<rf:NAME>`).
+   */
   pRf: number;
+  /** With category flags: p of each category's flag `<rf:NAME>` at this step, by name. */
+  categoryScores?: Record<string, number>;
   /** True once the answer has been flagged (this step or before). */
   flagged: boolean;
   /** When asked for: the most likely tokens at this step, descending. */
@@ -96,6 +101,13 @@ export interface DetectionSummary {
   maxPRf: number;
   /** Index among the generated tokens where the flag was raised, or -1. */
   flagIndex: number;
+  /** With category flags: the largest p of each category's flag over the answer. */
+  categoryScores?: Record<string, number>;
+  /**
+   * With category flags: the category whose flag was the most likely where the flag was raised
+   * (null when that was the generic `<rf>`, or nothing was flagged).
+   */
+  category?: string | null;
   /** The text shown to the user. */
   text: string;
   promptTokens: number;
@@ -119,9 +131,11 @@ export type ClassifyInput = readonly Message[] | { messages: readonly Message[] 
 export interface ClassifyResult {
   /** The response's tokens (their ids). */
   tokens: number[];
-  /** p(`<rf>`) before each response token (length = tokens.length + 1: the last is after the response). */
+  /** p(`<rf>`) before each response token (length = tokens.length + 1: the last is after the response); with category flags, p of any flag. */
   pRf: Float32Array;
   maxPRf: number;
+  /** With category flags: each category's flag p at the same positions as pRf, by name. */
+  categoryScores?: Record<string, Float32Array>;
   /** First position with p(`<rf>`) ≥ threshold, or -1. */
   firstFlag: number;
   flagged: boolean;
@@ -152,6 +166,8 @@ export interface Detector {
   readonly threshold: number;
   /** The red-flag token's id. */
   readonly redFlagTokenId: number;
+  /** The category flags `<rf:NAME>` the model has (empty for `<rf>` alone). */
+  readonly categories: readonly string[];
   /** Generates an answer to a conversation (or to raw prompt text), streaming scored tokens. */
   generate(messages: readonly Message[] | string, options?: DetectGenerateOptions): DetectionStream;
   /** Scores existing conversations' last assistant message (teacher-forced, batched). */

@@ -112,6 +112,8 @@ export async function addRedFlagToken(
       throw new RedflagError('INVALID_ARGUMENT', `categories[${i}] must be 1-64 letters, digits, "_", "-" or ".", got ${JSON.stringify(c)}`);
     }
     if (categories.indexOf(c) !== i) throw new RedflagError('INVALID_ARGUMENT', `categories lists "${c}" twice`);
+    // The server reports the overall verdict under this name.
+    if (c === 'red_flag') throw new RedflagError('INVALID_ARGUMENT', 'categories: "red_flag" is reserved for the overall flag');
   }
   const reuse = options.reuseReserved !== undefined ? { reuseReserved: options.reuseReserved } : {};
   const choice = chooseRedFlagToken(tokenizer, { ...(options.token !== undefined ? { token: options.token } : {}), ...reuse });

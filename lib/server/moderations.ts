@@ -32,19 +32,38 @@ export interface ModerationContext {
 interface InputScores {
   request?: number;
   response?: number;
+  /** With category flags: each category's largest flag p over the scores that apply. */
+  categories?: Record<string, number>;
 }
 
 /** The request score: p(<rf>) right after the prompt, before the first answer token. */
-function requestScore(result: ClassifyResult): number {
-  return result.pRf[0] ?? 0;
+function requestScore(p: Float32Array): number {
+  return p[0] ?? 0;
 }
 
 /** The response score: the largest p(<rf>) after each answer token (absent for an empty answer). */
-function responseScore(result: ClassifyResult): number | undefined {
-  if (result.pRf.length < 2) return undefined;
+function responseScore(p: Float32Array): number | undefined {
+  if (p.length < 2) return undefined;
   let max = 0;
-  for (let i = 1; i < result.pRf.length; i++) max = Math.max(max, result.pRf[i]!);
+  for (let i = 1; i < p.length; i++) max = Math.max(max, p[i]!);
   return max;
+}
+
+/** The category scores of the parts of results that apply (request: position 0; response: the rest). */
+function categoryScores(parts: { result: ClassifyResult; request: boolean; response: boolean }[]): Record<string, number> | undefined {
+  const first = parts[0]?.result.categoryScores;
+  if (first === undefined) return undefined;
+  const out: Record<string, number> = {};
+  for (const name of Object.keys(first)) {
+    let max = 0;
+    for (const { result, request, response } of parts) {
+      const p = result.categoryScores![name]!;
+      if (request) max = Math.max(max, requestScore(p));
+      if (response) max = Math.max(max, responseScore(p) ?? 0);
+    }
+    out[name] = max;
+  }
+  return out;
 }
 
 /** The conversations to classify for `input`, and how to read each input's scores from them. */
@@ -59,12 +78,16 @@ function plan(input: ModerationInput, scoreAs: ScoreAs, prompt: string): { conve
     }
     return {
       conversations: [messages],
-      read: ([result]) => [
-        {
-          ...(wantRequest ? { request: requestScore(result!) } : {}),
-          ...(wantResponse && answered ? { response: responseScore(result!) ?? 0 } : {}),
-        },
-      ],
+      read: ([result]) => {
+        const categories = categoryScores([{ result: result!, request: wantRequest, response: wantResponse && answered }]);
+        return [
+          {
+            ...(wantRequest ? { request: requestScore(result!.pRf) } : {}),
+            ...(wantResponse && answered ? { response: responseScore(result!.pRf) ?? 0 } : {}),
+            ...(categories ? { categories } : {}),
+          },
+        ];
+      },
     };
   }
   const texts = input.texts;
@@ -76,10 +99,19 @@ function plan(input: ModerationInput, scoreAs: ScoreAs, prompt: string): { conve
   return {
     conversations,
     read: (results) =>
-      texts.map((_, i) => ({
-        ...(wantRequest ? { request: requestScore(results[i]!) } : {}),
-        ...(wantResponse ? { response: responseScore(results[(wantRequest ? texts.length : 0) + i]!) ?? 0 } : {}),
-      })),
+      texts.map((_, i) => {
+        const asRequest = wantRequest ? results[i]! : undefined;
+        const asResponse = wantResponse ? results[(wantRequest ? texts.length : 0) + i]! : undefined;
+        const categories = categoryScores([
+          ...(asRequest ? [{ result: asRequest, request: true, response: false }] : []),
+          ...(asResponse ? [{ result: asResponse, request: false, response: true }] : []),
+        ]);
+        return {
+          ...(asRequest ? { request: requestScore(asRequest.pRf) } : {}),
+          ...(asResponse ? { response: responseScore(asResponse.pRf) ?? 0 } : {}),
+          ...(categories ? { categories } : {}),
+        };
+      }),
   };
 }
 
@@ -95,8 +127,18 @@ export async function moderate(input: ModerationInput, scoreAs: ScoreAs, context
       if (scores.request !== undefined) categoryScores['red_flag/request'] = scores.request;
       if (scores.response !== undefined) categoryScores['red_flag/response'] = scores.response;
       const redFlag = Math.max(...Object.values(categoryScores));
-      const categories = Object.fromEntries(Object.entries(categoryScores).map(([name, score]) => [name, score >= threshold]));
+      const categories: Record<string, boolean> = Object.fromEntries(Object.entries(categoryScores).map(([name, score]) => [name, score >= threshold]));
       const flagged = redFlag >= threshold;
+      // Category flags: each category's largest p; a flagged input is put in the category whose
+      // flag is the most likely (the one the model names; the total p decides whether it is flagged).
+      if (scores.categories) {
+        const entries = Object.entries(scores.categories);
+        const top = entries.reduce<[string, number] | null>((best, e) => (best === null || e[1] > best[1] ? e : best), null);
+        for (const [name, score] of entries) {
+          categoryScores[name] = score;
+          categories[name] = flagged && top !== null && top[0] === name && score > 0;
+        }
+      }
       return {
         flagged,
         categories: { red_flag: flagged, ...categories },

@@ -41,12 +41,21 @@ export function logprobEntry(token: DetectedToken, topCount: number): LogprobEnt
 /**
  * redflag's verdict on a choice, where Azure OpenAI puts its content filter's: `filtered` when the
  * answer was cut off by the flag, `detected` when the flag was raised at all, and the largest
- * p(`<rf>`) seen as the score.
+ * p(`<rf>`) seen as the score. A model with category flags adds one entry per category (Azure's
+ * shape: one object per category): `detected` for the category whose flag was the most likely
+ * where the flag was raised, `filtered` when that cut the answer off, and the largest p of the
+ * category's flag as its score.
  */
 export function contentFilterResults(summary: DetectionSummary) {
-  return {
-    red_flag: { filtered: summary.finishReason === 'content_filter', detected: summary.flagged, score: summary.maxPRf },
+  const filtered = summary.finishReason === 'content_filter';
+  const out: Record<string, { filtered: boolean; detected: boolean; score: number }> = {
+    red_flag: { filtered, detected: summary.flagged, score: summary.maxPRf },
   };
+  for (const [category, score] of Object.entries(summary.categoryScores ?? {})) {
+    const named = summary.category === category;
+    out[category] = { filtered: filtered && named, detected: named, score };
+  }
+  return out;
 }
 
 export function usage(summary: DetectionSummary) {

@@ -7,6 +7,8 @@
  * - "wait": nothing until {@link FakeDetector.release} (or the signal aborts), then the normal answer;
  * - "busy" / "huge": the first step fails with a BUSY / TOO_LARGE RedflagError;
  * - "crash": the first step fails with a plain Error whose message must not reach clients.
+ * With `categories` (a model with category flags), the first category's flag carries 0.8 of
+ * p(`<rf>`), the others 0.1 / (n - 1) each, at every step and in classify.
  */
 import type {
   ClassifyInput,
@@ -65,10 +67,20 @@ export class FakeDetector implements Detector {
   readonly mode = 'block' as const;
   readonly threshold = 0.5;
   readonly redFlagTokenId = 999;
+  readonly categories: readonly string[];
   readonly generations: GenerationRecord[] = [];
   readonly classifications: { conversations: readonly ClassifyInput[]; signal: AbortSignal | undefined }[] = [];
   private releaseWaiting: () => void = () => {};
   private waiting = new Promise<void>((resolve) => (this.releaseWaiting = resolve));
+
+  constructor(options: { categories?: string[] } = {}) {
+    this.categories = options.categories ?? [];
+  }
+
+  /** Each category's share of p(<rf>): 0.8 for the first, the rest split over the others. */
+  private shares(pRf: number): Record<string, number> {
+    return Object.fromEntries(this.categories.map((c, i) => [c, pRf * (i === 0 ? 0.8 : 0.1 / (this.categories.length - 1))]));
+  }
 
   /** Lets generations of "wait" prompts go on. */
   release(): void {
@@ -130,7 +142,15 @@ export class FakeDetector implements Detector {
     const topCount = options.topLogprobs ?? 0;
     const token = (text: string, index: number, pRf: number, flagged: boolean): DetectedToken => {
       const logprob = -0.1 * (index + 1);
-      return { token: index, text, logprob, pRf, flagged, ...(topCount > 0 ? { topLogprobs: topLogprobs(text, logprob, topCount) } : {}) };
+      return {
+        token: index,
+        text,
+        logprob,
+        pRf,
+        ...(this.categories.length ? { categoryScores: this.shares(pRf) } : {}),
+        flagged,
+        ...(topCount > 0 ? { topLogprobs: topLogprobs(text, logprob, topCount) } : {}),
+      };
     };
 
     if (prompt.includes('slow')) {
@@ -166,7 +186,8 @@ export class FakeDetector implements Detector {
       text += word;
       yield token(word, i, pRf, false);
     }
-    return { finishReason, flagged, maxPRf, flagIndex: flagged ? completionTokens - 1 : -1, text, promptTokens, completionTokens };
+    const categories = this.categories.length ? { categoryScores: this.shares(maxPRf), category: flagged ? this.categories[0]! : null } : {};
+    return { finishReason, flagged, maxPRf, flagIndex: flagged ? completionTokens - 1 : -1, ...categories, text, promptTokens, completionTokens };
   }
 
   async classify(conversations: readonly ClassifyInput[], options: { signal?: AbortSignal } = {}): Promise<ClassifyResult[]> {
@@ -182,7 +203,10 @@ export class FakeDetector implements Detector {
       const pRf = last.role === 'assistant' ? Float32Array.of(request, score(last.content), 0.01) : Float32Array.of(request);
       const maxPRf = Math.max(...pRf);
       const firstFlag = pRf.findIndex((p) => p >= 0.5);
-      return { tokens: last.role === 'assistant' ? [1, 2] : [], pRf, maxPRf, firstFlag, flagged: firstFlag >= 0 };
+      const categoryScores = this.categories.length
+        ? Object.fromEntries(this.categories.map((c) => [c, pRf.map((p) => this.shares(p)[c]!)]))
+        : undefined;
+      return { tokens: last.role === 'assistant' ? [1, 2] : [], pRf, maxPRf, firstFlag, flagged: firstFlag >= 0, ...(categoryScores ? { categoryScores } : {}) };
     });
   }
 
