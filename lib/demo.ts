@@ -3,8 +3,10 @@
  * A random-initialised Llama-architecture model (with a real 32000-token tokenizer) learns the
  * language of the project's synthetic chat set; a red-flag LoRA adapter and a refusal LoRA
  * baseline are trained on it; both are measured on held-out templates; the red-flag model
- * then answers a held-out harmful prompt with p(`<rf>`) shown at every step; and `redflag eval`
- * compares base, red-flag and refusal models under attacks (lib/demo-eval.ts).
+ * then answers a held-out harmful prompt with p(`<rf>`) shown at every step; a multi-flag adapter
+ * (one flag `<rf:NAME>` per risk category) is trained the same way and its per-category confusion
+ * matrix shown; and `redflag eval` compares base, red-flag and refusal models under attacks
+ * (lib/demo-eval.ts).
  * @module
  */
 import { mkdtemp } from 'node:fs/promises';
@@ -15,8 +17,10 @@ import { runDemoEval } from './demo-eval.js';
 import { createDetector } from './detect/detector.js';
 import { generateSyntheticData } from './data/synthetic.js';
 import { loadModel } from './model/model.js';
+import { formatConfusion, trainCategoryFlags } from './train/category-flags.js';
 import { applyAdapter } from './train/export.js';
 import { runPipeline } from './train/pipeline.js';
+import type { StepInfo } from './train/trainer.js';
 
 function log(line: string): void {
   process.stderr.write(`${line}\n`);
@@ -30,13 +34,13 @@ export async function runDemo(options: { out?: string; threads?: number; small?:
     ? { model: { hiddenSize: 64, intermediateSize: 128, numLayers: 2, numHeads: 4, numKvHeads: 2 }, perCategory: 30, lmSteps: 120, adapterSteps: 120 }
     : { model: { hiddenSize: 128, intermediateSize: 256, numLayers: 3, numHeads: 4, numKvHeads: 2 }, perCategory: 60, lmSteps: 400, adapterSteps: 300 };
   let lastReport = 0;
-  const result = await runPipeline({
+  const pipeline = {
     dir,
     ...size,
     batchSize: 8,
     ...(options.threads ? { threads: options.threads } : {}),
-    log: (l) => log(`  ${l}`),
-    onStep: (stage, s) => {
+    log: (l: string) => log(`  ${l}`),
+    onStep: (stage: string, s: StepInfo) => {
       const now = performance.now();
       if (s.step === s.steps || now - lastReport > 5000) {
         lastReport = now;
@@ -45,7 +49,8 @@ export async function runDemo(options: { out?: string; threads?: number; small?:
         log(`  [${stage}] step ${s.step}/${s.steps} ${loss} ${s.tokensPerSecond.toFixed(0)} tok/s`);
       }
     },
-  });
+  };
+  const result = await runPipeline(pipeline);
   const rf = result.redflag;
   log('');
   log(`held-out templates: ${rf.harmful} harmful, ${rf.benign} benign conversations`);
@@ -78,6 +83,15 @@ export async function runDemo(options: { out?: string; threads?: number; small?:
   } finally {
     model.dispose();
   }
+  // One flag per risk category: the same adapter training with a flag <rf:NAME> for each
+  // harmful category of the synthetic set; which flag it raises on held-out harmful templates.
+  log('');
+  log('multi-flag adapter: one flag per risk category, same loss and steps');
+  const multi = await trainCategoryFlags(pipeline, join(result.dirs.lm, 'model'), join(dir, 'redflag-categories'));
+  log(`  ${(100 * multi.eval.harmfulFlagRate).toFixed(1)}% of harmful responses flagged (any flag), ${(100 * multi.eval.benignFalseFlagRate).toFixed(1)}% of benign ones; benign KL ${multi.eval.benignKl.toExponential(2)} nats/token`);
+  log(`  flag raised on held-out harmful responses (rows: true category); right category for ${(100 * multi.confusion.accuracy).toFixed(1)}% of the flagged`);
+  for (const line of formatConfusion(multi.confusion)) log(`    ${line}`);
+
   // The eval suite over base / red-flag / refusal on the same held-out templates: attacks,
   // detection quality and utility in one comparison table, with plots.
   log('');
@@ -92,6 +106,13 @@ export async function runDemo(options: { out?: string; threads?: number; small?:
     lmFinalLoss: result.lmFinalLoss,
     seconds: result.seconds,
     detection: { ...detection, trace },
+    categories: {
+      harmfulFlagRate: multi.eval.harmfulFlagRate,
+      benignFalseFlagRate: multi.eval.benignFalseFlagRate,
+      benignKl: multi.eval.benignKl,
+      confusion: multi.confusion,
+      seconds: multi.seconds,
+    },
     eval: evaluation,
   };
   console.log(JSON.stringify(figures, null, 2));

@@ -123,9 +123,8 @@ export async function gcgAttack(model: AttackModel, prompt: readonly Message[], 
   const rng = createRng(options.seed ?? 0);
   const V = model.model.vocabSize;
   const H = model.hidden;
-  // Never propose special tokens (they do not survive as text) nor <rf>.
-  const banned = new Set<number>(tokenizer.specialTokenIds);
-  if (model.rfToken >= 0) banned.add(model.rfToken);
+  // Never propose special tokens (they do not survive as text) nor a flag token.
+  const banned = new Set<number>([...tokenizer.specialTokenIds, ...model.flagIds]);
 
   const initIds = tokenizer.encode(options.init ?? '!', { addSpecialTokens: false });
   if (initIds.length === 0) throw new RedflagError('INVALID_ARGUMENT', 'GCG: the initial suffix text encodes to no tokens');

@@ -45,6 +45,8 @@ export class AttackModel {
     readonly model: Model,
     /** The red-flag token, or -1 when the variant has none (then only the cross-entropy is attacked). */
     readonly rfToken: number,
+    /** Every flag token (`<rf>` then the category flags); the attack pushes each one down. */
+    readonly flagIds: readonly number[],
     private readonly embedRows: (ids: readonly number[]) => Promise<Float32Array>,
     /** The input-embedding matrix [rows × hidden] as the checkpoint holds it (rows may stop short of a grown vocabulary). */
     private readonly table: Float32Array,
@@ -72,7 +74,11 @@ export class AttackModel {
       }
     }
     const rfToken = model.redFlagTokenId ?? -1;
-    await model.runNative(() => model.engine.trainInit({ mode: 'lora', ...options, dropout: 0, rfToken, seed: 0 }));
+    // Category flags: every flag's rows take the adapter's values ([K, H]), as in inference.
+    const flagIds = model.flagTokenIds();
+    await model.runNative(() =>
+      model.engine.trainInit({ mode: 'lora', ...options, dropout: 0, rfToken, ...(flagIds.length > 1 ? { flagTokens: flagIds } : {}), seed: 0 }),
+    );
     try {
       for (const p of model.engine.params()) {
         const value = values.get(p.name);
@@ -91,12 +97,13 @@ export class AttackModel {
     const rows = async (ids: readonly number[]) => {
       const out = new Float32Array(ids.length * width);
       for (const [t, id] of ids.entries()) {
-        if (id === rfToken && values.has('rf.embed')) out.set(values.get('rf.embed')!, t * width);
+        const k = flagIds.indexOf(id);
+        if (k >= 0 && values.has('rf.embed')) out.set(values.get('rf.embed')!.subarray(k * width, (k + 1) * width), t * width);
         else out.set(table.subarray(id * width, (id + 1) * width), t * width);
       }
       return out;
     };
-    return new AttackModel(model, rfToken, rows, table);
+    return new AttackModel(model, rfToken, flagIds, rows, table);
   }
 
   /** The input-embedding matrix, [rows × hidden] row-major (GCG's token gradients are it times the embedding gradient). */
@@ -114,14 +121,16 @@ export class AttackModel {
   /**
    * The attacker's objective at perturbation `delta` [tokens × hidden] and its gradient:
    * ce − λ · redFlag, ce the answer's mean cross-entropy (keep the harmful answer likely),
-   * redFlag = −log p(`<rf>` at least once before an answer token) (push every p(`<rf>`) down).
+   * redFlag = −log p(`<rf>` at least once before an answer token) (push every p(`<rf>`) down);
+   * with category flags, the mean of that over every flag (each one's own group), since the
+   * detector fires on any of them.
    */
   async loss(target: AttackTarget, delta: Float32Array, lambda: number, signal?: AbortSignal): Promise<AttackLoss> {
     const { ids, responseStart, responseEnd } = target;
     const rows: number[] = [];
     for (let r = responseStart - 1; r < responseEnd - 1; r++) {
       rows.push(RowKind.Ce, r, -1, -1, ids[r + 1]!);
-      if (this.rfToken >= 0 && lambda !== 0) rows.push(RowKind.RedFlag, r, -1, 0, -1);
+      if (this.rfToken >= 0 && lambda !== 0) this.flagIds.forEach((flag, k) => rows.push(RowKind.RedFlag, r, -1, k, flag));
     }
     const none = new Uint32Array(0);
     if (signal?.aborted) throw new RedflagError('ABORTED', 'the attack was cancelled');

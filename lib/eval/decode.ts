@@ -80,12 +80,12 @@ interface Running {
  * sampling, the distribution truncated to the top 64 tokens, which hold nearly all the mass of a
  * trained model).
  */
-function replacement(topIds: Uint32Array, topLogprobs: Float32Array, from: number, topN: number, rf: number, pick: PickOptions, rng: () => number): number {
+function replacement(topIds: Uint32Array, topLogprobs: Float32Array, from: number, topN: number, flags: ReadonlySet<number>, pick: PickOptions, rng: () => number): number {
   const ids: number[] = [];
   const lps: number[] = [];
   for (let j = 0; j < topN; j++) {
     const id = topIds[from + j]!;
-    if (id === rf) continue;
+    if (flags.has(id)) continue;
     ids.push(id);
     lps.push(topLogprobs[from + j]!);
   }
@@ -106,6 +106,8 @@ export async function decodeBatch(model: Model, requests: readonly DecodeRequest
   const tokenizer = model.tokenizer!;
   const eos = new Set(model.eosTokenIds);
   const rf = options.rfToken;
+  // The model's own <rf> stands for all its flags (category flags too): any of them raises the flag.
+  const flags = new Set(rf === null ? [] : rf === model.redFlagTokenId ? model.flagTokenIds() : [rf]);
   const ban = (options.banRedFlag ?? false) && rf !== null;
   const topN = ban ? 64 : 0;
   const batchSize = options.batchSize ?? 16;
@@ -173,10 +175,10 @@ export async function decodeBatch(model: Model, requests: readonly DecodeRequest
       running.forEach((s, i) => {
         let token = r.tokens[i]!;
         const pRf = rf === null ? 0 : r.pRf[i]!;
-        if (ban && token === rf) token = replacement(r.topIds, r.topLogprobs, i * topN, topN, rf, requests[s.index]!.pick, s.rng);
+        if (ban && flags.has(token)) token = replacement(r.topIds, r.topLogprobs, i * topN, topN, flags, requests[s.index]!.pick, s.rng);
         s.tokens++;
         if (pRf > s.maxPRf) s.maxPRf = pRf;
-        const isFlag = rf !== null && token === rf;
+        const isFlag = flags.has(token);
         const raised = isFlag || (rf !== null && pRf >= options.threshold);
         if (raised && s.flagIndex < 0) s.flagIndex = s.tokens - 1;
         if (raised && !s.inEpisode) s.episodes++;

@@ -189,6 +189,14 @@ export class Model {
   flagTokenIds(): number[] {
     return this.redFlagTokenId === null ? [] : [this.redFlagTokenId, ...this.flagCategories.map((f) => f.id)];
   }
+
+  /**
+   * What the native calls read for `rfToken`: the model's own `<rf>` (the default) stands for
+   * all its flags when it has category flags, so scores are p of any flag; any other id, itself.
+   */
+  private flagArgument(rfToken: number): number | Int32Array {
+    return rfToken === this.redFlagTokenId && this.flagCategories.length > 0 ? Int32Array.from(this.flagTokenIds()) : rfToken;
+  }
   private queue: Promise<unknown> = Promise.resolve();
   private disposed = false;
 
@@ -411,7 +419,8 @@ export class Model {
    * token) and, from the same logits, picks each sequence's next token and reads p(`<rf>`)
    * and optionally the `topN` most likely tokens. Logits stay in native memory. Random draws
    * depend only on a sequence's seed and position, so a sequence gets the same tokens whatever
-   * runs alongside it.
+   * runs alongside it. `rfToken` defaults to the model's `<rf>`, which with category flags
+   * means all of them (`pRf` p of any flag, `pFlags` each one's).
    */
   async step(
     sequences: Sequence[],
@@ -437,7 +446,7 @@ export class Model {
       throw new RedflagError('INVALID_ARGUMENT', `rfToken must be a token id of this model or -1, got ${rfToken}`);
     }
     // Category flags: every flag's p, and pRf their total (the chance of emitting any flag).
-    const flags = options.rfToken === undefined && this.flagCategories.length > 0 ? Int32Array.from(this.flagTokenIds()) : rfToken;
+    const flags = this.flagArgument(rfToken);
     const topN = options.topN ?? 0;
     if (!Number.isInteger(topN) || topN < 0 || topN > 64) throw new RedflagError('INVALID_ARGUMENT', `topN must be an integer from 0 to 64, got ${topN}`);
     const native = sequences.map((s) => s.native);
@@ -468,9 +477,9 @@ export class Model {
       throw new RedflagError('INVALID_ARGUMENT', `rfToken must be a token id of this model, got ${rfToken}`);
     }
     const native = sequences.map((s) => s.native);
-    if (options.rfToken === undefined && this.flagCategories.length > 0) {
+    const flags = this.flagArgument(rfToken);
+    if (flags instanceof Int32Array) {
       // Category flags: the chance of emitting any flag.
-      const flags = Int32Array.from(this.flagTokenIds());
       return (await this.cancellable(options.signal, (cancel) => this.engine.tokenScores(native, flat, counts, flags, cancel, options.embedDelta, false))).pRf;
     }
     return this.cancellable(options.signal, (cancel) => this.engine.tokenScores(native, flat, counts, rfToken, cancel, options.embedDelta));
@@ -515,6 +524,11 @@ export class Model {
       throw new RedflagError('INVALID_ARGUMENT', `teacherForced: embedDelta must be a Float32Array of tokens x hidden = ${flat.length * this.config.hiddenSize} floats`);
     }
     const native = sequences.map((s) => s.native);
+    const flags = this.flagArgument(rfToken);
+    if (flags instanceof Int32Array) {
+      const r = await this.cancellable(options.signal, (cancel) => this.engine.tokenScores(native, flat, counts, flags, cancel, options.embedDelta, true));
+      return { pRf: r.pRf, logprobs: r.logprobs! };
+    }
     return this.cancellable(options.signal, (cancel) => this.engine.tokenScores(native, flat, counts, rfToken, cancel, options.embedDelta, true));
   }
 

@@ -17,7 +17,10 @@ export interface ScoredExample {
   maxPRf: number;
   /** First response position (0-based) with p(<rf>) ≥ threshold, or -1. */
   firstFlag: number;
-  /** With several flags: the most likely flag (index into the flag list) where maxPRf is. */
+  /**
+   * With several flags: the flag (index into the flag list) whose p peaks highest over the
+   * response, the one the model names (as the server's per-category scores report it).
+   */
   flag?: number;
   /** The example's category, when it has one. */
   category?: string;
@@ -94,17 +97,16 @@ export async function evaluateRedFlag(
     chunk.forEach((e, i) => {
       let maxPRf = 0;
       let firstFlag = -1;
-      let flag = 0;
+      const peak = flags.map(() => 0);
       for (let j = e.responseStart; j < e.responseEnd; j++) {
         const row = logits[i]!.subarray((j - 1) * V, j * V);
         const each = flags.map((id) => Math.exp(logSoftmaxAt(row, id)));
         const p = each.reduce((a, b) => a + b, 0);
-        if (p > maxPRf) {
-          maxPRf = p;
-          flag = each.indexOf(Math.max(...each));
-        }
+        each.forEach((q, k) => (peak[k] = Math.max(peak[k]!, q)));
+        if (p > maxPRf) maxPRf = p;
         if (firstFlag < 0 && p >= threshold) firstFlag = j - e.responseStart;
       }
+      const flag = peak.indexOf(Math.max(...peak));
       scored.push({
         label: e.label,
         source: e.source,
