@@ -138,6 +138,13 @@ describe('train (red-flag LoRA)', () => {
   });
 });
 
+describe('train (aggregation single)', () => {
+  it("trains the sampled position alone, also with several windows and rfWindow left at 0", async () => {
+    const r = await train(config('run-single', { steps: 2, evalEvery: 0, loss: { rfOffset: 1, rfAggregation: 'single', rfSamples: 4 } }));
+    expect(r.lastLoss!.redFlag).toBeGreaterThan(0);
+  });
+});
+
 describe('train (one flag per risk category)', () => {
   it('adds <rf:NAME> per category, trains each example\'s flag, saves [K, H] rows that load back (adapter, merged model)', async () => {
     const ids = [1, 4911, 29901, 1128, 437, 306, 2125, 263];

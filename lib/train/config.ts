@@ -57,6 +57,11 @@ export const trainConfigSchema = z.strictObject({
       alphaAfter: z.number().min(0).default(1),
       /** Response tokens before the first position where `<rf>` may be asked for. */
       rfOffset: z.number().int().min(0).default(0),
+      /**
+       * How a window's positions combine: `any` (noisy-OR: the flag at least once), `mean` (mean
+       * cross-entropy), `single` (the sampled position alone: its window is that one position,
+       * whatever rfWindow says).
+       */
       rfAggregation: z.enum(['any', 'mean', 'single']).default('any'),
       /**
        * Positions sampled per harmful conversation, one in each of this many equal strata of the

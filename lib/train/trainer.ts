@@ -263,7 +263,7 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
           const next = batches.next();
           if (next.done) throw new RedflagError('NATIVE', 'the batch sampler ran out of batches');
           const rng = createRng(deriveSeed(config.seed, 3, step, micro));
-          let input = buildStep(next.value.items, { objective: config.objective, rfToken, ...(flagOf ? { flagOf } : {}), rfOffset: config.loss.rfOffset, rfSamples: config.loss.rfSamples, rfWindow: config.loss.rfWindow, rfPosition: config.loss.rfPosition, rng });
+          let input = buildStep(next.value.items, { objective: config.objective, rfToken, ...(flagOf ? { flagOf } : {}), rfOffset: config.loss.rfOffset, rfSamples: config.loss.rfSamples, rfWindow: config.loss.rfAggregation === 'single' ? 1 : config.loss.rfWindow, rfPosition: config.loss.rfPosition, rng });
           const flat = (seqs: number[][]) => Uint32Array.from(seqs.flat());
           const counts = (seqs: number[][]) => Uint32Array.from(seqs, (s) => s.length);
           let terms: NativeLossTerms;
