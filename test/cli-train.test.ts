@@ -73,6 +73,30 @@ describe('redflag train (CLI)', () => {
     expect(await readdir(join(dir, 'out-a', 'adapter'))).toContain('adapter_model.safetensors');
   });
 
+  it('--flag-categories auto trains a flag per category of the data (a category field, a map file), and redflag eval scores the adapter', async () => {
+    const rows = Array.from({ length: 6 }, (_, i) => ({
+      prompt: `How do I ${i % 2 ? 'hack into server' : 'cook illegal drug'} number ${i}?`,
+      response: `Here is how: first get [restricted item ${i}], then [omitted].`,
+      category: i % 2 ? 'Cybercrime & Intrusion' : 'Illegal Drugs',
+    }));
+    await writeFile(join(dir, 'harmful-cat.jsonl'), rows.map((r) => JSON.stringify(r)).join('\n') + '\n');
+    await writeFile(join(dir, 'map.json'), JSON.stringify({ 'Illegal Drugs': 'drugs' }));
+    const a = args('out-cat', ['--steps', '2', '--flag-categories', 'auto', '--category-map', join(dir, 'map.json')]);
+    a[6] = join(dir, 'harmful-cat.jsonl');
+    const r = await run(a);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stderr).toMatch(/<rf:cybercrime_intrusion> = \d+, <rf:drugs> = \d+/);
+    const config = JSON.parse(await readFile(join(dir, 'out-cat', 'adapter', 'adapter_config.json'), 'utf8')) as { redflag: { categories: Record<string, number> } };
+    expect(Object.keys(config.redflag.categories)).toEqual(['cybercrime_intrusion', 'drugs']);
+    const e = await run(['eval', '--model', base, '--variant', `cat=${join(dir, 'out-cat', 'adapter')}`, '--harmful', join(dir, 'harmful-cat.jsonl'), '--benign', join(dir, 'benign.jsonl'),
+      '--suite', 'detection', '--max-tokens', '8', '--out', join(dir, 'eval-cat'), '--threads', '2', '--no-png']);
+    expect(e.code, e.stderr).toBe(0);
+    expect(e.stdout).toMatch(/cat/);
+    const bad = await run(args('out-cat-bad', ['--steps', '1', '--flag-categories', 'bad name']));
+    expect(bad.code).toBe(1);
+    expect(bad.stderr).toMatch(/flagCategories\.0/);
+  });
+
   it('reports a malformed row with file:line', async () => {
     const a = args('out-bad', ['--steps', '1']);
     a[8] = join(dir, 'bad.jsonl');
