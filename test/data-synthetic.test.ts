@@ -15,6 +15,7 @@ import {
   SYNTHETIC_PROMPT_FRAMES,
   fillTemplate,
   generateSyntheticData,
+  judgeSyntheticHarmful,
   refusalResponse,
   templateSplit,
   withRefusals,
@@ -254,6 +255,32 @@ describe('generateSyntheticData', () => {
     expect(train.every((c) => c.messages[0]?.role === 'system' && validateConversation(c) === c)).toBe(true);
     expect(() => generateSyntheticData({ seed: 1, categories: ['nuclear'] })).toThrow('unknown synthetic category "nuclear"');
     expect(() => generateSyntheticData({ seed: 1, perCategory: -1 })).toThrow('perCategory must be a non-negative integer, got -1');
+  });
+
+  it('opens a share of training conversations with benign exchanges (multiTurn), leaving the rest and the test split as they were', () => {
+    const plain = generateSyntheticData({ seed: 4, perCategory: 20 });
+    const multi = generateSyntheticData({ seed: 4, perCategory: 20, multiTurn: { share: 0.5, maxExchanges: 3 } });
+    expect(multi.test).toEqual(plain.test);
+    expect(multi.train).toHaveLength(plain.train.length);
+    let opened = 0;
+    multi.train.forEach((c, i) => {
+      const p = plain.train[i]!;
+      // The conversation's own request and answer end it, with its label and category.
+      expect(c.messages.slice(-2)).toEqual(p.messages.slice(-2));
+      expect([c.label, c.category]).toEqual([p.label, p.category]);
+      if (c.messages.length === 2) return;
+      opened++;
+      const k = (c.messages.length - 2) / 2;
+      expect(k).toBeGreaterThanOrEqual(1);
+      expect(k).toBeLessThanOrEqual(3);
+      expect(c.source).toBe(`${p.source}/mt${k}`);
+      expect(validateConversation(c, 'multi').messages.map((m) => m.role)).toEqual([...Array(k + 1).fill(['user', 'assistant']).flat()]);
+      // The exchanges are benign: in the words of the benign training templates, never harmful.
+      for (let j = 0; j < k; j++) expect(judgeSyntheticHarmful(c.messages[2 * j + 1]!.content)).toBe(false);
+    });
+    expect(opened / multi.train.length).toBeGreaterThan(0.4);
+    expect(opened / multi.train.length).toBeLessThan(0.6);
+    expect(() => generateSyntheticData({ seed: 4, multiTurn: { share: 2, maxExchanges: 1 } })).toThrow(/multiTurn.share/);
   });
 
   it('fills templates and reports unknown slots', () => {

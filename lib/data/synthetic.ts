@@ -457,6 +457,15 @@ export interface SyntheticOptions {
   categories?: readonly string[];
   /** A system message put first in every conversation. Default: none. */
   systemPrompt?: string;
+  /**
+   * Multi-turn training conversations: this share of the training split (harmful and benign
+   * alike) gets 1 to `maxExchanges` benign exchanges (a request and its answer, from the benign
+   * categories' training templates) before its own request, so a model trained on it meets
+   * requests and answers deep in a conversation, as the long-context attack puts them. The
+   * test split stays single-turn; without this option the data is exactly as before. Drawn
+   * from a stream of its own: the same seed gives the same single-turn conversations.
+   */
+  multiTurn?: { share: number; maxExchanges: number };
 }
 
 /** The two splits {@link generateSyntheticData} returns. */
@@ -551,7 +560,8 @@ export function generateSyntheticData(options: SyntheticOptions): SyntheticData 
     return category;
   });
   const rng = createRng(Math.trunc(options.seed));
-  const make = (category: SyntheticCategory, split: 'train' | 'test', count: number, templates: TemplateIndices): Conversation[] => {
+  const make = (category: SyntheticCategory, split: 'train' | 'test', count: number, templates: TemplateIndices, draw = rng): Conversation[] => {
+    const rng = draw;
     const out: Conversation[] = [];
     for (let n = 0; n < count; n++) {
       const values: Record<string, string> = {};
@@ -576,7 +586,37 @@ export function generateSyntheticData(options: SyntheticOptions): SyntheticData 
     train.push(...make(category, 'train', perCategory, split.train));
     test.push(...make(category, 'test', testPerCategory, split.test));
   }
-  return { train: shuffle(train, rng), test: shuffle(test, rng) };
+  const data = { train: shuffle(train, rng), test: shuffle(test, rng) };
+  if (options.multiTurn !== undefined) data.train = withHistories(data.train, options.multiTurn, options.seed, heldOut, (c, t, r) => make(c, 'train', 1, t, r)[0]!);
+  return data;
+}
+
+/** Prepends benign exchanges to a share of `train` (see {@link SyntheticOptions.multiTurn}). */
+function withHistories(
+  train: Conversation[],
+  o: { share: number; maxExchanges: number },
+  seed: number,
+  heldOut: boolean,
+  makeOne: (category: SyntheticCategory, templates: TemplateIndices, rng: () => number) => Conversation,
+): Conversation[] {
+  if (!(o.share >= 0 && o.share <= 1)) throw new RedflagError('INVALID_ARGUMENT', `multiTurn.share must be in [0, 1], got ${String(o.share)}`);
+  if (!Number.isSafeInteger(o.maxExchanges) || o.maxExchanges < 1) {
+    throw new RedflagError('INVALID_ARGUMENT', `multiTurn.maxExchanges must be an integer >= 1, got ${String(o.maxExchanges)}`);
+  }
+  const benign = SYNTHETIC_CATEGORIES.filter((c) => c.label === 'benign');
+  const rng = createRng((Math.trunc(seed) ^ 0x6d75) >>> 0); // its own stream ("mu")
+  return train.map((c) => {
+    if (rng() >= o.share) return c;
+    const k = 1 + Math.floor(rng() * o.maxExchanges);
+    const history: Conversation['messages'] = [];
+    for (let j = 0; j < k; j++) {
+      const category = pick(benign, rng);
+      const exchange = makeOne(category, templateSplit(category, heldOut).train, rng);
+      history.push(...exchange.messages.filter((m) => m.role !== 'system'));
+    }
+    const system = c.messages[0]?.role === 'system' ? [c.messages[0]] : [];
+    return { ...c, messages: [...system, ...history, ...c.messages.filter((m) => m.role !== 'system')], source: `${c.source}/mt${k}` };
+  });
 }
 
 function shuffle<T>(items: T[], rng: () => number): T[] {

@@ -31,6 +31,11 @@ export const trainConfigSchema = z.strictObject({
   data: z.union([z.array(dataFile).min(1), z.literal('synthetic')]),
   /** Training conversations per category of the built-in synthetic set. */
   syntheticPerCategory: z.number().int().min(1).max(10000).default(20),
+  /**
+   * Multi-turn synthetic training conversations: `share` of them get 1 to `maxExchanges` benign
+   * exchanges before their request (see `generateSyntheticData`'s `multiTurn`). Absent: single-turn.
+   */
+  syntheticMultiTurn: z.strictObject({ share: z.number().min(0).max(1), maxExchanges: z.number().int().min(1).max(64) }).optional(),
   /** Held-out evaluation files (default: a fraction of the training data). */
   evalData: z.array(dataFile).optional(),
   /** Share of the data held out for evaluation when evalData is not given. */

@@ -76,7 +76,11 @@ async function prepareData(config: TrainConfig, model: Model, log: (m: string) =
   let trainSet: Conversation[];
   let evalSet: Conversation[];
   if (config.data === 'synthetic') {
-    const data = generateSyntheticData({ seed: config.seed, perCategory: config.syntheticPerCategory });
+    const data = generateSyntheticData({
+      seed: config.seed,
+      perCategory: config.syntheticPerCategory,
+      ...(config.syntheticMultiTurn ? { multiTurn: config.syntheticMultiTurn } : {}),
+    });
     trainSet = data.train;
     evalSet = data.test;
   } else {
