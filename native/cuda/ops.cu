@@ -87,8 +87,8 @@ __global__ void gelu_new_kernel(float* x, long n) {
 
 // One block per row. Shared: per-thread (max, index) pairs, then per-thread chunk sums and
 // their exclusive prefix, the total, and the picked id.
-__global__ void pick_kernel(const float* logits, int vocab, const DevicePick* params, int rf_token, uint32_t* token,
-                            float* logprob, float* p_rf) {
+__global__ void pick_kernel(const float* logits, int vocab, const DevicePick* params, const int* flags, int n_flags,
+                            uint32_t* token, float* logprob, float* p_rf, float* p_flags) {
   __shared__ float smax[kPickThreads];
   __shared__ int sidx[kPickThreads];
   __shared__ double sw[kPickThreads];
@@ -165,7 +165,14 @@ __global__ void pick_kernel(const float* logits, int vocab, const DevicePick* pa
   if (t == 0) {
     token[blockIdx.x] = uint32_t(pick);
     logprob[blockIdx.x] = z[pick] - lse;
-    p_rf[blockIdx.x] = rf_token >= 0 && rf_token < vocab ? expf(z[rf_token] - lse) : 0.f;
+    float total = 0.f;
+    for (int k = 0; k < n_flags; ++k) {
+      const int id = flags[k];
+      const float p = id >= 0 && id < vocab ? expf(z[id] - lse) : 0.f;
+      if (p_flags) p_flags[long(blockIdx.x) * n_flags + k] = p;
+      total += p;
+    }
+    p_rf[blockIdx.x] = total;
   }
 }
 
@@ -198,9 +205,10 @@ void gelu_new(float* x, long n, cudaStream_t stream) {
   if (n > 0) gelu_new_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(x, n);
 }
 
-void pick_rows(const float* logits, int rows, int vocab, const DevicePick* params, int rf_token, uint32_t* token,
-               float* logprob, float* p_rf, cudaStream_t stream) {
-  if (rows > 0) pick_kernel<<<rows, kPickThreads, 0, stream>>>(logits, vocab, params, rf_token, token, logprob, p_rf);
+void pick_rows(const float* logits, int rows, int vocab, const DevicePick* params, const int* flags, int n_flags,
+               uint32_t* token, float* logprob, float* p_rf, float* p_flags, cudaStream_t stream) {
+  if (rows > 0)
+    pick_kernel<<<rows, kPickThreads, 0, stream>>>(logits, vocab, params, flags, n_flags, token, logprob, p_rf, p_flags);
 }
 
 }  // namespace rf::cuda

@@ -38,10 +38,12 @@ struct DevicePick {
 
 // Per row of logits [rows, vocab]: the next token (greedy: the first maximum; sampled: from
 // softmax(z / T) over the whole vocabulary by the inverse CDF in id order, with the CPU's
-// splitmix64 draw of (seed, counter)), its log-probability at temperature 1, and p(<rf>)
-// (rf_token < 0: 0). Writes token [rows], logprob [rows], p_rf [rows]. Top-k / top-p rows are
-// not handled here (the host falls back to the CPU pick for them).
-void pick_rows(const float* logits, int rows, int vocab, const DevicePick* params, int rf_token, uint32_t* token,
-               float* logprob, float* p_rf, cudaStream_t stream);
+// splitmix64 draw of (seed, counter)), its log-probability at temperature 1, and the flag
+// tokens' p: flags [n_flags] (device memory; <rf>, or <rf> and the category flags; none: 0)
+// give p_flags [rows, n_flags] (may be null) and their total p_rf [rows], as the CPU's Flags.
+// Writes token [rows], logprob [rows]. Top-k / top-p rows are not handled here (the host falls
+// back to the CPU pick for them).
+void pick_rows(const float* logits, int rows, int vocab, const DevicePick* params, const int* flags, int n_flags,
+               uint32_t* token, float* logprob, float* p_rf, float* p_flags, cudaStream_t stream);
 
 }  // namespace rf::cuda

@@ -103,7 +103,9 @@ void test_rope_and_activations() {
 }
 
 void test_pick() {
-  const int V = 49157, rows = 2000, rf_token = 777;
+  const int V = 49157, rows = 2000;
+  const std::vector<int> flags = {777, 5, V - 1};  // <rf> and two category flags
+  const int K = int(flags.size());
   auto z = randn(size_t(rows) * V, 2.5f);
   // Tied maxima on some rows: the first one must win on both sides.
   for (int r = 0; r < rows; r += 50) {
@@ -114,19 +116,26 @@ void test_pick() {
   for (bool sampled : {false, true}) {
     std::vector<rf::cuda::DevicePick> params(rows);
     for (int r = 0; r < rows; ++r) params[r] = {sampled ? (r % 3 == 0 ? 0.7f : 1.3f) : 0.f, 1234567ull + r % 7, uint64_t(r)};
-    Dev dz = upload(z), dp(rows * sizeof(rf::cuda::DevicePick)), dt(rows * 4), dl(rows * 4), dr(rows * 4);
+    Dev dz = upload(z), dp(rows * sizeof(rf::cuda::DevicePick)), dt(rows * 4), dl(rows * 4), dr(rows * 4), df(K * 4),
+        dpf(size_t(rows) * K * 4);
     cudaMemcpy(dp.p, params.data(), rows * sizeof(rf::cuda::DevicePick), cudaMemcpyHostToDevice);
-    rf::cuda::pick_rows(dz.f(), rows, V, static_cast<rf::cuda::DevicePick*>(dp.p), rf_token, static_cast<uint32_t*>(dt.p), dl.f(), dr.f(), nullptr);
+    cudaMemcpy(df.p, flags.data(), K * 4, cudaMemcpyHostToDevice);
+    rf::cuda::pick_rows(dz.f(), rows, V, static_cast<rf::cuda::DevicePick*>(dp.p), static_cast<const int*>(df.p), K,
+                        static_cast<uint32_t*>(dt.p), dl.f(), dr.f(), dpf.f(), nullptr);
     std::vector<uint32_t> tok(rows);
     cudaMemcpy(tok.data(), dt.p, rows * 4, cudaMemcpyDeviceToHost);
-    const std::vector<float> lp = download(dl, rows), prf = download(dr, rows);
+    const std::vector<float> lp = download(dl, rows), prf = download(dr, rows), pf = download(dpf, size_t(rows) * K);
     int differ = 0, bad_scores = 0;
     rf::PickScratch scratch;
     for (int r = 0; r < rows; ++r) {
       rf::PickParams pp;
       pp.temperature = params[r].temperature;
       pp.seed = params[r].seed;
-      const rf::Pick want = rf::logits_pick(z.data() + size_t(r) * V, V, pp, params[r].counter, rf_token, 0, nullptr, nullptr, scratch);
+      std::vector<float> want_flags(K);
+      const rf::Pick want = rf::logits_pick(z.data() + size_t(r) * V, V, pp, params[r].counter, rf::Flags(flags, want_flags.data()), 0,
+                                            nullptr, nullptr, scratch);
+      for (int k = 0; k < K; ++k)
+        if (std::fabs(pf[size_t(r) * K + k] - want_flags[k]) > 1e-5 * want_flags[k] + 1e-30) ++bad_scores;
       if (tok[r] != want.token) {
         ++differ;
         continue;
@@ -135,7 +144,7 @@ void test_pick() {
     }
     const std::string tag = sampled ? "sampled" : "greedy";
     check(sampled ? differ <= rows / 500 : differ == 0, "pick " + tag + ": " + std::to_string(differ) + " of " + std::to_string(rows) + " tokens differ from the CPU's");
-    check(bad_scores == 0, "pick " + tag + ": log-probability and p(<rf>) equal the CPU's (" + std::to_string(bad_scores) + " off)");
+    check(bad_scores == 0, "pick " + tag + ": log-probability, each flag's p and their total equal the CPU's (" + std::to_string(bad_scores) + " off)");
   }
 }
 
