@@ -274,7 +274,7 @@ describe('generateSyntheticData', () => {
       expect(k).toBeGreaterThanOrEqual(1);
       expect(k).toBeLessThanOrEqual(3);
       expect(c.source).toBe(`${p.source}/mt${k}`);
-      expect(validateConversation(c, 'multi').messages.map((m) => m.role)).toEqual([...Array(k + 1).fill(['user', 'assistant']).flat()]);
+      expect(validateConversation(c).messages.map((m) => m.role)).toEqual([...Array(k + 1).fill(['user', 'assistant']).flat()]);
       // The exchanges are benign: in the words of the benign training templates, never harmful.
       for (let j = 0; j < k; j++) expect(judgeSyntheticHarmful(c.messages[2 * j + 1]!.content)).toBe(false);
     });

@@ -109,8 +109,8 @@ export async function createDetector(options: DetectorOptions): Promise<Detector
       flags: model.flagTokenIds(),
       categories: model.flagCategories.map((c) => c.category),
       reflectionIds: model.tokenizer.encode(reflectionText(reflection), { addSpecialTokens: false }),
-      // With category flags every step reads them all (pRf: p of any flag).
-      scheduler: new Scheduler(model, { maxBatch, kvCacheBytes, maxQueued, prefillChunk: 512, ...(model.flagCategories.length ? {} : { rfToken: rf }) }),
+      // The model's <rf>: with category flags, every step reads them all (pRf: p of any flag).
+      scheduler: new Scheduler(model, { maxBatch, kvCacheBytes, maxQueued, prefillChunk: 512, rfToken: rf }),
       kvCacheBytes,
     });
   } catch (error) {

@@ -47,8 +47,8 @@ export interface SchedulerOptions {
   maxQueued: number;
   /** Most prompt tokens of one job prefilled per step. */
   prefillChunk: number;
-  /** The red-flag token read at every step (-1: none); absent: every flag of the model. */
-  rfToken?: number;
+  /** The red-flag token read at every step (-1: none); the model's own `<rf>` reads all its flags (Model.step). */
+  rfToken: number;
 }
 
 interface Running {
@@ -176,7 +176,7 @@ export class Scheduler {
           batch.map((r) => r.seq),
           feed,
           batch.map((r) => r.job.pick),
-          { ...(this.#o.rfToken !== undefined ? { rfToken: this.#o.rfToken } : {}), topN },
+          { rfToken: this.#o.rfToken, topN },
         );
       } catch (error) {
         for (const r of batch) this.#finish(r, error);
