@@ -19,7 +19,7 @@ import { generateSyntheticData } from './data/synthetic.js';
 import { loadModel } from './model/model.js';
 import { formatConfusion, trainCategoryFlags } from './train/category-flags.js';
 import { applyAdapter } from './train/export.js';
-import { runPipeline } from './train/pipeline.js';
+import { PIPELINE_SIZES, runPipeline } from './train/pipeline.js';
 import type { StepInfo } from './train/trainer.js';
 
 function log(line: string): void {
@@ -30,9 +30,7 @@ function log(line: string): void {
 export async function runDemo(options: { out?: string; threads?: number; small?: boolean } = {}): Promise<Record<string, unknown>> {
   const dir = options.out ?? (await mkdtemp(join(tmpdir(), 'redflag-demo-')));
   log(`redflag demo: working in ${dir}`);
-  const size = options.small
-    ? { model: { hiddenSize: 64, intermediateSize: 128, numLayers: 2, numHeads: 4, numKvHeads: 2 }, perCategory: 30, lmSteps: 120, adapterSteps: 120 }
-    : { model: { hiddenSize: 128, intermediateSize: 256, numLayers: 3, numHeads: 4, numKvHeads: 2 }, perCategory: 60, lmSteps: 400, adapterSteps: 300 };
+  const size = PIPELINE_SIZES[options.small ? 'small' : 'demo'];
   let lastReport = 0;
   const pipeline = {
     dir,

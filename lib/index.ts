@@ -60,6 +60,7 @@ export { mergeAdapterTensors, type MergePlan } from './train/merge.js';
 export type { WeightPlan, EngineTensor } from './model/weights-map.js';
 export { applyAdapter, saveMerged } from './train/export.js';
 export { runPipeline, type PipelineOptions, type PipelineResult } from './train/pipeline.js';
+export * from './study/index.js';
 
 // Production detection: generation with red-flag scores, continuous batching, classification.
 export { createDetector, DEFAULT_REFLECTION } from './detect/detector.js';

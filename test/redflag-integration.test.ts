@@ -27,7 +27,7 @@ import type { PrefillResult } from '../lib/eval/suites/prefill.js';
 import type { SamplingResult } from '../lib/eval/suites/sampling.js';
 import { serve } from '../lib/server/serve.js';
 import { trainCategoryFlags } from '../lib/train/category-flags.js';
-import { runPipeline, type PipelineResult } from '../lib/train/pipeline.js';
+import { PIPELINE_SIZES, runPipeline, type PipelineResult } from '../lib/train/pipeline.js';
 
 const PER_CATEGORY = 100;
 let dir: string;
@@ -171,7 +171,7 @@ describe('red-flag training on the synthetic chat set', () => {
   it('with one flag per risk category: flags as well, names the category, and the server reports it', async () => {
     expect(result, 'the pipeline test above must run first').toBeDefined();
     const multi = await trainCategoryFlags(
-      { dir, model: { hiddenSize: 64, intermediateSize: 128, numLayers: 2, numHeads: 4, numKvHeads: 2 }, perCategory: PER_CATEGORY, lmSteps: 500, adapterSteps: 300, batchSize: 8, threads: 2 },
+      { dir, ...PIPELINE_SIZES.integration, batchSize: 8, threads: 2 },
       join(result!.dirs.lm, 'model'),
       join(dir, 'redflag-categories'),
     );

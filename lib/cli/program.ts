@@ -10,6 +10,7 @@ import { runDemo } from '../demo.js';
 import { runEval } from './eval.js';
 import { runTrain } from './train.js';
 import { runServe, type ServeFlags } from './serve.js';
+import { runStudyCommand } from './study.js';
 
 function integer(name: string, min: number) {
   return (value: string): number => {
@@ -203,6 +204,8 @@ export function buildProgram(): Command {
     .option('--adv-epsilon <f>', 'RF-AT: perturbation radius relative to each prompt embedding norm (default 0.1)', number('adv-epsilon', 0))
     .option('--adv-steps <n>', 'RF-AT: inner attack steps (default 3)', integer('adv-steps', 1))
     .option('--rf-position <where>', "red-flag targets: 'sampled' (the paper's method) or 'start' (the Fixed-Pos RF baseline: the first answer position only)")
+    .option('--flag-categories <list>', "one flag <rf:NAME> per risk category: 'auto' (every category of the harmful data) or NAME,NAME,…; others train <rf>")
+    .option('--category-map <file>', 'JSON object mapping the data\'s categories to flag category names')
     .option('--merge', 'also write the merged model')
     .option('--dtype <dtype>', "frozen weights: 'f32' or 'bf16'", dtype)
     .option('--threads <n>', 'threads for native work', integer('threads', 1))
@@ -269,6 +272,16 @@ export function buildProgram(): Command {
     .option('--threads <n>', 'threads for native work', integer('threads', 1))
     .action(async (flags: Record<string, unknown>) => {
       await runEval(flags);
+    });
+
+  program
+    .command('study')
+    .description('train a grid of variants over seeds, evaluate each, report mean ± 95% CI per cell (see README, Study)')
+    .requiredOption('-c, --config <file>', 'JSON study config')
+    .option('-o, --out <dir>', 'output directory (replaces the config\'s "out")')
+    .option('--threads <n>', 'threads for native work', integer('threads', 1))
+    .action(async (flags: { config: string; out?: string; threads?: number }) => {
+      await runStudyCommand(flags);
     });
 
   program

@@ -236,3 +236,43 @@ export function devTestSplit(n: number, devFraction: number, seed: number): { de
   const devSize = n < 2 ? 0 : Math.min(n - 1, Math.max(1, Math.round(n * devFraction)));
   return { dev: order.slice(0, devSize).sort((a, b) => a - b), test: order.slice(devSize).sort((a, b) => a - b) };
 }
+
+/** t(0.975, df) for df = 1..30: the two-sided 95% quantiles of Student's t distribution. */
+const T975 = [
+  12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139, 2.200985, 2.178813, 2.160369, 2.144787, 2.13145,
+  2.119905, 2.109816, 2.100922, 2.093024, 2.085963, 2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831, 2.048407, 2.04523, 2.042272,
+];
+
+/**
+ * The 0.975 quantile of Student's t distribution with `df` degrees of freedom (the factor of a
+ * two-sided 95% confidence interval): tabulated to df 30, beyond it the Cornish–Fisher expansion
+ * around the normal quantile (error under 1e-5).
+ */
+export function tQuantile975(df: number): number {
+  if (!Number.isInteger(df) || df < 1) throw new RedflagError('INVALID_ARGUMENT', `df must be an integer >= 1, got ${String(df)}`);
+  if (df <= T975.length) return T975[df - 1]!;
+  const z = 1.959963985;
+  const z3 = z ** 3, z5 = z ** 5, z7 = z ** 7;
+  return z + (z3 + z) / (4 * df) + (5 * z5 + 16 * z3 + 3 * z) / (96 * df ** 2) + (3 * z7 + 19 * z5 + 17 * z3 - 15 * z) / (384 * df ** 3);
+}
+
+/** A mean over independent runs (seeds) with its Student-t 95% confidence interval. */
+export interface MeanInterval {
+  n: number;
+  mean: number;
+  /** Sample standard deviation (n - 1 in the denominator); null for one value. */
+  sd: number | null;
+  /** Half-width of the 95% CI, t(0.975, n-1) · sd / √n; null for one value. */
+  halfWidth: number | null;
+}
+
+/** The mean of `values` and its 95% CI (Student t, n - 1 degrees of freedom); NaN mean for none. */
+export function meanInterval(values: readonly number[]): MeanInterval {
+  checkScores(values as number[], 'values');
+  const n = values.length;
+  if (n === 0) return { n, mean: NaN, sd: null, halfWidth: null };
+  const mean = values.reduce((a, b) => a + b, 0) / n;
+  if (n === 1) return { n, mean, sd: null, halfWidth: null };
+  const sd = Math.sqrt(values.reduce((a, b) => a + (b - mean) ** 2, 0) / (n - 1));
+  return { n, mean, sd, halfWidth: (tQuantile975(n - 1) * sd) / Math.sqrt(n) };
+}

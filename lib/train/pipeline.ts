@@ -76,9 +76,18 @@ export interface PipelineOptions {
   adapterLr?: number;
   /** Share of harmful conversations in the red-flag adapter's batches (the rest pay the benign KL). Default 0.5. */
   harmfulFraction?: number;
+  /**
+   * Multi-turn training data for every stage (`syntheticMultiTurn`): a share of the conversations
+   * open with benign exchanges, so the models meet requests deep in a conversation. Default off.
+   */
+  multiTurn?: { share: number; maxExchanges: number };
+  /** Longest training conversation in tokens (prompts cut from the left). Default 160. */
+  maxTokens?: number;
   /** Progress lines. */
   log?: (line: string) => void;
   onStep?: (stage: 'lm' | 'redflag' | 'refusal', info: StepInfo) => void;
+  /** Cancels {@link trainLanguageModel} after its current step. */
+  signal?: AbortSignal;
 }
 
 /** What the pipeline measured on held-out templates. */
@@ -120,27 +129,7 @@ export async function runPipeline(o: PipelineOptions): Promise<PipelineResult> {
     return [r, (performance.now() - t0) / 1000];
   };
 
-  let lmFinalLoss: number;
-  let lmSeconds = 0;
-  if (o.reuseLm) {
-    lmFinalLoss = await reusedLmLoss(o.reuseLm);
-    log(`language model: reusing ${join(o.reuseLm, 'model')}`);
-  } else {
-    await writeRandomModel(
-      dirs.base,
-      { architecture: 'llama', vocabSize: 32000, seed, bosTokenId: 1, eosTokenId: 2, tokenizer: await packagedTokenizer(), ...o.model },
-      { overwrite: true },
-    );
-    log(`language model: ${o.lmSteps} steps of full fine-tuning on the synthetic chat set`);
-    let lm;
-    [lm, lmSeconds] = await timed(() =>
-      train(
-        { ...commonConfig(o), model: dirs.base, output: dirs.lm, objective: 'lm', mode: 'full', steps: o.lmSteps, optimizer: { lr: 3e-3, warmupSteps: 10, minLrRatio: 0.1 } },
-        { log, onStep: (s) => o.onStep?.('lm', s) },
-      ),
-    );
-    lmFinalLoss = lm.lastLoss?.ce ?? NaN;
-  }
+  const lm = await trainLanguageModel(o);
   const lmModel = join(dirs.lm, 'model');
 
   log(`red-flag adapter: ${redFlagSteps(o)} steps of LoRA with the red-flag loss`);
@@ -158,10 +147,50 @@ export async function runPipeline(o: PipelineOptions): Promise<PipelineResult> {
   return {
     redflag: rf.finalEval!,
     refusal,
-    lmFinalLoss,
-    seconds: { lm: lmSeconds, redflag: rfSeconds, refusal: refusalSeconds },
+    lmFinalLoss: lm.finalLoss,
+    seconds: { lm: lm.seconds, redflag: rfSeconds, refusal: refusalSeconds },
     dirs,
   };
+}
+
+/**
+ * The pipeline's sizes: `small` and `demo` are `redflag demo --small` and `redflag demo`'s,
+ * `integration` the integration test's (test/redflag-integration.test.ts).
+ */
+export const PIPELINE_SIZES = {
+  small: { model: { hiddenSize: 64, intermediateSize: 128, numLayers: 2, numHeads: 4, numKvHeads: 2 }, perCategory: 30, lmSteps: 120, adapterSteps: 120 },
+  demo: { model: { hiddenSize: 128, intermediateSize: 256, numLayers: 3, numHeads: 4, numKvHeads: 2 }, perCategory: 60, lmSteps: 400, adapterSteps: 300 },
+  integration: { model: { hiddenSize: 64, intermediateSize: 128, numLayers: 2, numHeads: 4, numKvHeads: 2 }, perCategory: 100, lmSteps: 500, adapterSteps: 300 },
+} as const satisfies Record<string, Pick<PipelineOptions, 'model' | 'perCategory' | 'lmSteps' | 'adapterSteps'>>;
+/** A name of {@link PIPELINE_SIZES}. */
+export type PipelineSize = keyof typeof PIPELINE_SIZES;
+
+/**
+ * The pipeline's first stage alone: a random-initialised model (`DIR/base`) trained on the
+ * synthetic chat set into `DIR/lm` (the model in `DIR/lm/model`); or, with `reuseLm`, that
+ * directory's model and its recorded final loss.
+ */
+export async function trainLanguageModel(o: PipelineOptions): Promise<{ dir: string; finalLoss: number; seconds: number }> {
+  const log = o.log ?? (() => undefined);
+  if (o.reuseLm) {
+    const finalLoss = await reusedLmLoss(o.reuseLm);
+    log(`language model: reusing ${join(o.reuseLm, 'model')}`);
+    return { dir: o.reuseLm, finalLoss, seconds: 0 };
+  }
+  const base = join(o.dir, 'base');
+  const dir = join(o.dir, 'lm');
+  await writeRandomModel(
+    base,
+    { architecture: 'llama', vocabSize: 32000, seed: o.seed ?? 0, bosTokenId: 1, eosTokenId: 2, tokenizer: await packagedTokenizer(), ...o.model },
+    { overwrite: true },
+  );
+  log(`language model: ${o.lmSteps} steps of full fine-tuning on the synthetic chat set`);
+  const t0 = performance.now();
+  const lm = await train(
+    { ...commonConfig(o), model: base, output: dir, objective: 'lm', mode: 'full', steps: o.lmSteps, optimizer: { lr: 3e-3, warmupSteps: 10, minLrRatio: 0.1 } },
+    { log, onStep: (s) => o.onStep?.('lm', s), ...(o.signal ? { signal: o.signal } : {}) },
+  );
+  return { dir, finalLoss: lm.lastLoss?.ce ?? NaN, seconds: (performance.now() - t0) / 1000 };
 }
 
 /** What every stage's training config shares. */
@@ -170,7 +199,8 @@ function commonConfig(o: PipelineOptions) {
     data: 'synthetic' as const,
     syntheticPerCategory: o.perCategory,
     batchSize: o.batchSize,
-    maxTokens: 160,
+    maxTokens: o.maxTokens ?? 160,
+    ...(o.multiTurn ? { syntheticMultiTurn: o.multiTurn } : {}),
     seed: o.seed ?? 0,
     evalEvery: 0,
     checkpointEvery: 0,

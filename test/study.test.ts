@@ -1,0 +1,171 @@
+// `redflag study` at tiny sizes: every cell and seed is trained and evaluated, the table's
+// mean ± 95% CI matches a hand computation on the stored per-seed values, a rerun recomputes
+// nothing, a study stopped during training resumes from the checkpoint, a bad config names the
+// field, and the CLI runs end to end.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { execFile } from 'node:child_process';
+import { mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+
+import { parseStudyConfig, planStudy, type StudyConfigInput } from '../lib/study/config.js';
+import { formatSummary, type StudyReport } from '../lib/study/report.js';
+import { runStudy, type CellResult } from '../lib/study/runner.js';
+import { tinyLlama } from './helpers/tiny-model.js';
+
+const exec = promisify(execFile);
+const ROOT = join(import.meta.dirname, '..');
+
+let base: string;
+let root: string;
+beforeAll(async () => {
+  base = await tinyLlama({ hiddenSize: 32, intermediateSize: 64, numLayers: 2, numHeads: 4, numKvHeads: 2 });
+  root = await mkdtemp(join(tmpdir(), 'redflag-study-'));
+});
+afterAll(async () => {
+  await rm(base, { recursive: true, force: true });
+  await rm(root, { recursive: true, force: true });
+});
+
+const config = (out: string, extra: Partial<StudyConfigInput> = {}): StudyConfigInput => ({
+  out,
+  model: base,
+  threads: 1,
+  train: {
+    syntheticPerCategory: 3,
+    steps: 4,
+    batchSize: 4,
+    maxTokens: 96,
+    lora: { rank: 4, alpha: 8 },
+    loss: { rfOffset: 1 },
+    optimizer: { lr: 1e-2, warmupSteps: 1 },
+  },
+  grid: { 'loss.alphaBenign': [1, 5] },
+  seeds: [0, 1],
+  eval: { suites: ['detection'], synthetic: { testPerCategory: 1, mcqCount: 0 }, maxTokens: 4, bootstrapResamples: 10 },
+  ...extra,
+});
+
+const mtime = async (file: string) => (await stat(file)).mtimeMs;
+
+describe('redflag study', () => {
+  it('trains and evaluates every cell and seed; the table is mean ± t·sd/√n; a rerun recomputes nothing', async () => {
+    const out = join(root, 'grid');
+    const lines: string[] = [];
+    const steps: string[] = [];
+    const report = await runStudy(config(out), { log: (l) => lines.push(l), onStep: (cell, seed, s) => steps.push(`${cell}/${seed}/${s.step}`) });
+    const cells = ['alphaBenign=1', 'alphaBenign=5'];
+    expect(report.cells.map((c) => c.name)).toEqual(cells);
+    expect(steps).toHaveLength(2 * 2 * 4);
+    expect(lines.filter((l) => / training 4 steps$/.test(l))).toHaveLength(4);
+
+    const results: Record<string, CellResult> = {};
+    for (const cell of cells) {
+      for (const seed of [0, 1]) {
+        const r = JSON.parse(await readFile(join(out, 'cells', cell, `seed-${seed}`, 'result.json'), 'utf8')) as CellResult;
+        expect(r).toMatchObject({ cell, seed });
+        expect(r.settings.train).toMatchObject({ seed, loss: { alphaBenign: cell === cells[0] ? 1 : 5 } });
+        expect(typeof r.metrics['auroc']).toBe('number');
+        expect(typeof r.metrics['heldOutBenignKl']).toBe('number');
+        results[`${cell}/${seed}`] = r;
+      }
+    }
+    // The interval by hand: two seeds, t(0.975, 1) = 12.7062, sd = |a - b| / √2.
+    const json = JSON.parse(await readFile(join(out, 'study.json'), 'utf8')) as StudyReport;
+    const md = await readFile(join(out, 'study.md'), 'utf8');
+    for (const [i, cell] of cells.entries()) {
+      for (const key of ['heldOutBenignKl', 'auroc', 'falseFlagRate']) {
+        const [a, b] = [results[`${cell}/0`]!.metrics[key]!, results[`${cell}/1`]!.metrics[key]!];
+        const s = json.cells[i]!.summary[key]!;
+        expect(s.values).toEqual([a, b]);
+        expect(s.n).toBe(2);
+        expect(s.mean).toBeCloseTo((a + b) / 2, 12);
+        expect(s.halfWidth!).toBeCloseTo((12.706205 * (Math.abs(a - b) / Math.SQRT2)) / Math.SQRT2, 9);
+        expect(s.low!).toBeCloseTo(s.mean - s.halfWidth!, 12);
+      }
+      const row = md.split('\n').find((l) => l.startsWith(`| ${cell} |`))!;
+      expect(row).toContain(`| 2 | ${formatSummary(json.cells[i]!.summary['heldOutFlagRate'])} |`);
+      expect(row).toContain(formatSummary(json.cells[i]!.summary['heldOutBenignKl']));
+    }
+    expect(md).toMatch(/^\| cell \| seeds \| held-out flag rate \(trainer\) \|.* AUROC \|/m);
+    // The α axis's sensitivity plot.
+    expect(json.plots).toEqual(['sensitivity-loss.alphaBenign.svg', 'sensitivity-loss.alphaBenign.png']);
+    expect(await readFile(join(out, 'sensitivity-loss.alphaBenign.svg'), 'utf8')).toMatch(/^<svg/);
+
+    // A rerun: every cell is skipped, nothing trains or evaluates, no result file is rewritten.
+    const files = Object.keys(results).map((k) => join(out, 'cells', k.replace('/', '/seed-'), 'result.json'));
+    const before = await Promise.all(files.map(mtime));
+    const again: string[] = [];
+    const againSteps: number[] = [];
+    const second = await runStudy(config(out), { log: (l) => again.push(l), onStep: (_c, _s, s) => againSteps.push(s.step) });
+    expect(again.filter((l) => l.endsWith('finished earlier, skipped'))).toHaveLength(4);
+    expect(again.some((l) => /training|evaluating/.test(l))).toBe(false);
+    expect(againSteps).toEqual([]);
+    expect(await Promise.all(files.map(mtime))).toEqual(before);
+    expect(second.cells.map((c) => c.summary)).toEqual(json.cells.map((c) => c.summary));
+
+    // A finished cell is never recomputed, so one finished with other settings is an error.
+    const changed = config(out);
+    (changed.train as Record<string, unknown>)['steps'] = 5;
+    await expect(runStudy(changed)).rejects.toThrow(/cell "alphaBenign=1" seed 0 was finished with other settings \(train\.steps\)/);
+  }, 120_000);
+
+  it('a study stopped during training resumes from the checkpoint', async () => {
+    const out = join(root, 'stopped');
+    const stopped = config(out, { grid: {}, variants: [{ name: 'fixed-pos', loss: { rfPosition: 'start' } }], seeds: [3] });
+    (stopped.train as Record<string, unknown>)['steps'] = 6;
+    const controller = new AbortController();
+    const first: number[] = [];
+    await expect(
+      runStudy(stopped, {
+        signal: controller.signal,
+        onStep: (_c, _s, s) => {
+          first.push(s.step);
+          if (s.step === 2) controller.abort();
+        },
+      }),
+    ).rejects.toThrow();
+    expect(first).toEqual([1, 2]);
+    const lines: string[] = [];
+    const steps: number[] = [];
+    const report = await runStudy(stopped, { log: (l) => lines.push(l), onStep: (_c, _s, s) => steps.push(s.step) });
+    expect(lines).toContain('[1/1] fixed-pos seed 3: training 6 steps (resuming from the checkpoint)');
+    expect(steps).toEqual([3, 4, 5, 6]);
+    // One seed: the value, no interval.
+    const s = report.cells[0]!.summary['auroc']!;
+    expect(s).toMatchObject({ n: 1, halfWidth: null, low: null });
+    expect(formatSummary(s)).not.toContain('±');
+  }, 60_000);
+
+  it('names the file and field of a bad config', async () => {
+    const bad = (extra: Record<string, unknown>) => () => planStudy(parseStudyConfig({ ...config(join(root, 'bad')), ...extra }, 'study.json'));
+    expect(bad({ grid: { 'loss.rfAggregation': ['any', 'most'] } })).toThrow(/^study\.json: grid\["loss\.rfAggregation"\]\[1\]: Invalid option/);
+    expect(bad({ grid: { 'lora.rnak': [2] } })).toThrow(/grid\["lora\.rnak"\]: no training-config field "lora\.rnak"/);
+    expect(bad({ variants: [{ name: 'fixed', loss: { rfPosition: 'middle' } }] })).toThrow(/variants\[0\]\.loss\.rfPosition: Invalid option/);
+    expect(bad({ train: { lora: { rank: 0 } } })).toThrow(/train\.lora\.rank: Too small/);
+    expect(bad({ eval: { suites: ['nope'] } })).toThrow(/eval\.suites\[0\]: unknown suite "nope"/);
+    expect(bad({ train: { seed: 4 } })).toThrow(/train\.seed: set by the study's "seeds"/);
+    expect(bad({ seeds: [1, 1] })).toThrow(/seeds\[1\]: duplicate seed 1/);
+    expect(bad({ model: undefined })).toThrow(/model: give "model"/);
+  });
+
+  it('redflag study --config FILE runs end to end; a bad file names the file and field', async () => {
+    const out = join(root, 'cli');
+    const file = join(root, 'study.json');
+    await writeFile(file, JSON.stringify(config(join(root, 'ignored'), { grid: {}, variants: [{ name: 'plain' }], seeds: [0] })));
+    const cli = (...args: string[]) => exec(process.execPath, ['--import', 'tsx', join(ROOT, 'lib', 'cli.ts'), 'study', ...args], { cwd: ROOT, timeout: 60_000 });
+    const { stdout, stderr } = await cli('--config', file, '--out', out, '--threads', '1');
+    expect(stderr).toContain('[1/1] plain seed 0: training 4 steps');
+    expect(stdout).toMatch(/^\| plain \| 1 \| /m);
+    expect(JSON.parse(await readFile(join(out, 'study.json'), 'utf8')).cells.map((c: { name: string }) => c.name)).toEqual(['plain']);
+
+    await writeFile(file, JSON.stringify({ ...config(out), grid: { 'loss.rfOffset': [-1] } }));
+    const failed = await cli('--config', file).then(
+      () => null,
+      (e: { code: number; stderr: string }) => e,
+    );
+    expect(failed?.code).toBe(1);
+    expect(failed?.stderr).toContain(`redflag: ${file}: grid["loss.rfOffset"][0]: Too small`);
+  }, 60_000);
+});
