@@ -18,7 +18,7 @@ export {
   type EncodeOptions,
 } from './model/tokenizer.js';
 export { addRedFlagToken, type AddRedFlagTokenOptions, type RedFlagInit, type RedFlagTokenInfo } from './model/red-flag.js';
-export { RED_FLAG_TOKEN } from './model/red-flag-token.js';
+export { RED_FLAG_TOKEN, categoryFlagToken, flagCategoryName, flagTokenCategory, type CategoryFlag } from './model/red-flag-token.js';
 export {
   SafetensorsFile,
   writeSafetensors,
@@ -59,7 +59,8 @@ export { saveAdapter, loadAdapter, loraScale, validateAdapter, loraSites, type A
 export { mergeAdapterTensors, type MergePlan } from './train/merge.js';
 export type { WeightPlan, EngineTensor } from './model/weights-map.js';
 export { applyAdapter, saveMerged } from './train/export.js';
-export { runPipeline, type PipelineOptions, type PipelineResult } from './train/pipeline.js';
+export { runPipeline, trainLanguageModel, PIPELINE_SIZES, type PipelineOptions, type PipelineResult, type PipelineSize } from './train/pipeline.js';
+export { trainCategoryFlags, confusionMatrix, formatConfusion, type ConfusionMatrix, type CategoryFlagsResult } from './train/category-flags.js';
 export * from './study/index.js';
 
 // Production detection: generation with red-flag scores, continuous batching, classification.
