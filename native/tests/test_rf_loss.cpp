@@ -326,6 +326,18 @@ void rows_make(Case& c, int n_benign, int n_after, const std::vector<int>& group
       if (r.kind == RfLossKind::red_flag) r.flag = (r.group / 7) % int(c.flags.size());
 }
 
+// Every third red-flag row pushed to p near 1, the next to p near 0 (extremes the kernel must
+// handle without cancellation).
+void push_extremes(Case& c) {
+  int k = 0;
+  for (int i = 0; i < c.N; ++i)
+    if (c.rows[i].kind == RfLossKind::red_flag) {
+      const int j = k++;
+      c.push[i] = j % 3 == 0 ? 40.f : j % 3 == 1 ? -40.f : 0.f;
+    }
+  c.extremes = true;
+}
+
 void run_case(rf::ThreadPool& pool2, const Case& c) {
   const int N = c.N, Nr = c.Nr, H = c.H, V = c.V;
   const float w_scale = 2.5f / std::sqrt(float(H));
@@ -447,14 +459,7 @@ void test_cases(rf::ThreadPool& pool) {
       c.H = 64, c.V = 1000, c.rf = 517, c.chunk = 256, c.dtype = dt, c.agg = agg;
       c.alpha_benign = 0.7f, c.alpha_rf = 1.3f, c.alpha_after = 2.f;
       rows_make(c, 24, 16, {1, 2, 3, 5, 8, 3}, true);
-      // Red-flag rows with p_rf near 1 and near 0.
-      int k = 0;
-      for (int i = 0; i < c.N; ++i)
-        if (c.rows[i].kind == RfLossKind::red_flag) {
-          const int j = k++;
-          c.push[i] = j % 3 == 0 ? 40.f : j % 3 == 1 ? -40.f : 0.f;
-        }
-      c.extremes = true;
+      push_extremes(c);
       cases.push_back(c);
     }
     {
@@ -579,13 +584,7 @@ void test_flags(rf::ThreadPool& pool) {
       c.flags = {517, 3, 999, 518};  // two in one chunk, the first and last chunks
       c.alpha_benign = 0.7f, c.alpha_rf = 1.3f, c.alpha_after = 2.f;
       rows_make(c, 24, 16, {1, 2, 3, 5, 8, 3, 4, 2}, true);
-      int k = 0;
-      for (int i = 0; i < c.N; ++i)
-        if (c.rows[i].kind == RfLossKind::red_flag) {
-          const int j = k++;
-          c.push[i] = j % 3 == 0 ? 40.f : j % 3 == 1 ? -40.f : 0.f;
-        }
-      c.extremes = true;
+      push_extremes(c);
       cases.push_back(c);
     }
     {
