@@ -36,8 +36,10 @@
  *   another adapter (the LM head of a tied model) saves nothing. An untied LM head listed in
  *   `trainable_token_indices` gets its own `base_model.model.lm_head.token_adapter.trainable_tokens_delta`.
  * - `trainable_token_indices` (LoraConfig, PEFT ≥ 0.15) is a list (the input embedding) or a dict
- *   `{module name suffix: [ids]}`; we always write the dict: `{"embed_tokens": [id]}` (GPT-2:
- *   `{"wte": [id]}`), plus `"lm_head": [id]` when the head is untied. For tied models PEFT ties the
+ *   `{module name suffix: [ids]}`; we always write the dict: `{"embed_tokens": [ids]}` (GPT-2:
+ *   `{"wte": [ids]}`), plus `"lm_head": [ids]` when the head is untied; `ids` is `<rf>`'s, then
+ *   the category flags' (named in the `redflag` block's `categories`), and the delta tensors hold
+ *   one row per id in that order. For tied models PEFT ties the
  *   LM head to the embedding's token adapter itself (`set_additional_trainable_modules`: a
  *   PeftModel method in v0.15 peft_model.py, a function in utils/other.py on main), so the head
  *   needs no entry and no tensor.
@@ -100,9 +102,9 @@ export interface RedFlagRows {
   embed: Float32Array;
   /** Trained LM-head rows, [K × hiddenSize]; null when the head is tied to the embedding. */
   head: Float32Array | null;
-  /** The embedding row before training. */
+  /** The embedding rows before training, [K × hiddenSize]. */
   baseEmbed: Float32Array;
-  /** The LM-head row before training; null when tied. */
+  /** The LM-head rows before training, [K × hiddenSize]; null when tied. */
   baseHead: Float32Array | null;
 }
 
