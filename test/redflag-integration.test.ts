@@ -29,7 +29,7 @@ import { serve } from '../lib/server/serve.js';
 import { trainCategoryFlags } from '../lib/train/category-flags.js';
 import { PIPELINE_SIZES, runPipeline, type PipelineResult } from '../lib/train/pipeline.js';
 
-const PER_CATEGORY = 100;
+const PER_CATEGORY = PIPELINE_SIZES.integration.perCategory;
 let dir: string;
 let result: PipelineResult | undefined;
 afterAll(async () => {
@@ -41,10 +41,7 @@ describe('red-flag training on the synthetic chat set', () => {
     dir = await mkdtemp(join(tmpdir(), 'redflag-integration-'));
     result = await runPipeline({
       dir,
-      model: { hiddenSize: 64, intermediateSize: 128, numLayers: 2, numHeads: 4, numKvHeads: 2 },
-      perCategory: PER_CATEGORY,
-      lmSteps: 500,
-      adapterSteps: 300,
+      ...PIPELINE_SIZES.integration,
       batchSize: 8,
       threads: 2,
     });

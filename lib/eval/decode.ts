@@ -107,7 +107,7 @@ export async function decodeBatch(model: Model, requests: readonly DecodeRequest
   const eos = new Set(model.eosTokenIds);
   const rf = options.rfToken;
   // The model's own <rf> stands for all its flags (category flags too): any of them raises the flag.
-  const flags = new Set(rf === null ? [] : rf === model.redFlagTokenId ? model.flagTokenIds() : [rf]);
+  const flags = new Set(rf === null ? [] : model.flagTokensFor(rf));
   const ban = (options.banRedFlag ?? false) && rf !== null;
   const topN = ban ? 64 : 0;
   const batchSize = options.batchSize ?? 16;

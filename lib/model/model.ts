@@ -191,11 +191,17 @@ export class Model {
   }
 
   /**
-   * What the native calls read for `rfToken`: the model's own `<rf>` (the default) stands for
-   * all its flags when it has category flags, so scores are p of any flag; any other id, itself.
+   * The flag tokens an `rfToken` argument stands for: the model's own `<rf>` for all its flags
+   * (with category flags, scores are then p of any flag), -1 for none, any other id for itself.
    */
+  flagTokensFor(rfToken: number): number[] {
+    return rfToken === this.redFlagTokenId ? this.flagTokenIds() : rfToken === -1 ? [] : [rfToken];
+  }
+
+  /** What the native calls take for `rfToken`: an Int32Array when it stands for several flags. */
   private flagArgument(rfToken: number): number | Int32Array {
-    return rfToken === this.redFlagTokenId && this.flagCategories.length > 0 ? Int32Array.from(this.flagTokenIds()) : rfToken;
+    const ids = this.flagTokensFor(rfToken);
+    return ids.length > 1 ? Int32Array.from(ids) : rfToken;
   }
   private queue: Promise<unknown> = Promise.resolve();
   private disposed = false;

@@ -4,6 +4,8 @@
  * per-category confusion matrix on held-out templates.
  * @module
  */
+import { join } from 'node:path';
+
 import { RedflagError } from '../errors.js';
 import type { EvalResult, ScoredExample } from './evaluate.js';
 import { redFlagAdapterConfig, type PipelineOptions } from './pipeline.js';
@@ -95,6 +97,6 @@ export async function trainCategoryFlags(o: PipelineOptions, lmModel: string, ou
     categories,
     confusion: confusionMatrix(evalResult.examples, categories, 0.5),
     seconds: (performance.now() - t0) / 1000,
-    adapter: `${output}/adapter`,
+    adapter: join(output, 'adapter'),
   };
 }

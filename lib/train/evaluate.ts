@@ -39,21 +39,19 @@ export interface EvalResult {
   examples: ScoredExample[];
 }
 
-function logSoftmaxAt(row: Float32Array, index: number): number {
+/** A logits row's maximum and log of its shifted exponential sum: log-sum-exp = max + logSum. */
+function rowLse(row: Float32Array): { max: number; logSum: number } {
   let max = -Infinity;
   for (let i = 0; i < row.length; i++) if (row[i]! > max) max = row[i]!;
   let sum = 0;
   for (let i = 0; i < row.length; i++) sum += Math.exp(row[i]! - max);
-  return row[index]! - max - Math.log(sum);
+  return { max, logSum: Math.log(sum) };
 }
 
 function klRow(ref: Float32Array, theta: Float32Array): number {
   const lse = (r: Float32Array) => {
-    let max = -Infinity;
-    for (let i = 0; i < r.length; i++) if (r[i]! > max) max = r[i]!;
-    let s = 0;
-    for (let i = 0; i < r.length; i++) s += Math.exp(r[i]! - max);
-    return max + Math.log(s);
+    const { max, logSum } = rowLse(r);
+    return max + logSum;
   };
   const a = lse(ref), b = lse(theta);
   let kl = 0;
@@ -100,7 +98,9 @@ export async function evaluateRedFlag(
       const peak = flags.map(() => 0);
       for (let j = e.responseStart; j < e.responseEnd; j++) {
         const row = logits[i]!.subarray((j - 1) * V, j * V);
-        const each = flags.map((id) => Math.exp(logSoftmaxAt(row, id)));
+        // One pass for the row's log-sum-exp, whatever the number of flags.
+        const { max, logSum } = rowLse(row);
+        const each = flags.map((id) => Math.exp(row[id]! - max - logSum));
         const p = each.reduce((a, b) => a + b, 0);
         each.forEach((q, k) => (peak[k] = Math.max(peak[k]!, q)));
         if (p > maxPRf) maxPRf = p;

@@ -757,6 +757,7 @@ RfLossResult rf_loss(ThreadPool& pool, const float* h, int N, const float* h_ref
   // ---- gradients (coefficients applied in double: a = weight x exp(m - lse) may be far
   // below f32's range for a row whose p_rf is near 1, while a x E is not)
   pool.parallel_for(N, [&](long b, long e, int) {
+    std::vector<double> acc(K == 1 ? 0 : H);  // several flags: the row's sum in double
     for (long i = b; i < e; ++i) {
       float* d = dh + size_t(i) * H;
       const double a = coef_a[i];
@@ -773,7 +774,6 @@ RfLossResult rf_loss(ThreadPool& pool, const float* h, int N, const float* h_ref
         }
         continue;
       }
-      std::vector<double> acc(H);
       for (int k = 0; k < H; ++k) acc[k] = a * d[k];
       if (rows[i].kind != RfLossKind::red_flag) {
         const double bb = coef_b[i];

@@ -170,10 +170,11 @@ void decode_step(Model& model, const std::vector<ForwardItem>& items, const std:
   // the pool only when there are several.
   auto pick_rows = [&](long begin, long end) {
     PickScratch scratch;
+    Flags row_flags(flags.ids);  // one copy of the ids per range; each row points p at its outputs
     for (long b = begin; b < end; ++b) {
       // The counter is the position the new token will take: the same whatever the batch.
       const uint64_t counter = uint64_t(items[b].cache->length());
-      Flags row_flags(flags.ids, flags.p ? flags.p + b * flags.size() : nullptr);
+      row_flags.p = flags.p ? flags.p + b * flags.size() : nullptr;
       picks[b] = logits_pick(logits.data() + b * V, V, params[b], counter, row_flags, top_n,
                              top_n > 0 ? top_ids + b * top_n : nullptr, top_n > 0 ? top_logprobs + b * top_n : nullptr,
                              scratch, scores);
