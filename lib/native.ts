@@ -242,6 +242,8 @@ export interface NativeBench {
 export interface NativeAddon {
   NativeModel: new (config: NativeConfig, dtype: 'f32' | 'bf16', threads: number) => NativeModel;
   cpuInfo(): { avx2: boolean; avx512: boolean; avx512bf16: boolean; isa: string };
+  /** Live KV caches (every model) and the C allocator's bytes in use (glibc; null elsewhere). */
+  memoryInfo(): { liveSequences: number; mallocInUseBytes: number | null };
   bench: NativeBench;
   /** Present in the CUDA build (`npm run build:cuda`). */
   cudaInfo?: () => { count: number; name: string; smMajor: number; smMinor: number; memoryGiB: number; saxpyMaxError: number };

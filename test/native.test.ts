@@ -19,6 +19,29 @@ describe('the addon', () => {
     expect(['avx2', 'avx512']).toContain(cpu.isa);
   });
 
+  it('counts live KV caches and the allocator\'s bytes in use (the soak\'s leak checks)', async () => {
+    const model = await loadModel(join(FIXTURES, 'llama-gqa'), { threads: 1 });
+    try {
+      const before = loadNative().memoryInfo();
+      const seqs = [model.newSequence(), model.newSequence(), model.newSequence()];
+      seqs[0]!.native.reserve(4096);
+      const during = loadNative().memoryInfo();
+      expect(during.liveSequences - before.liveSequences).toBe(3);
+      // glibc (the only C library this project builds against on Linux) reports bytes in use; the
+      // reserved cache alone is 2 (k, v) × layers × kv heads × 4096 × head_dim f32.
+      const cacheBytes = seqs[0]!.native.bytes;
+      expect(cacheBytes).toBeGreaterThan(1 << 20);
+      expect(during.mallocInUseBytes! - before.mallocInUseBytes!).toBeGreaterThanOrEqual(cacheBytes);
+      for (const s of seqs) s.dispose();
+      const after = loadNative().memoryInfo();
+      expect(after.liveSequences).toBe(before.liveSequences);
+      // Freed again (a little slack for what the calls themselves allocate).
+      expect(after.mallocInUseBytes! - before.mallocInUseBytes!).toBeLessThan(cacheBytes / 4);
+    } finally {
+      model.dispose();
+    }
+  });
+
   it('rejects calls with bad arguments instead of crashing', async () => {
     const model = await loadModel(join(FIXTURES, 'llama-gqa'), { threads: 1 });
     try {

@@ -19,12 +19,17 @@ describe('soak', () => {
     expect(report.greedy.examples).toEqual([]);
     expect(report.greedy.mismatches).toBe(0);
     expect(report.ttftMs.p50).toBeGreaterThan(0);
-    // Floors of once-a-second RSS readings under load, right after the warm-up and at the end
-    // (see bench/soak.ts). With a GC before each reading (--expose-gc, or V8's flag set at run
-    // time, which the soak does itself) garbage not yet collected cannot pass for growth: 5%.
-    // Without one, uncollected garbage moves the floor by itself; 15% then still catches a leak
-    // of any size that matters over 30 s.
-    const bound = report.memory.gc ? 0.05 : 0.15;
-    expect(report.memory.rssGrowth, JSON.stringify(report.memory)).toBeLessThan(bound);
+    // Every KV cache made during the load was freed once it ended (a scheduler path that forgets
+    // to dispose a sequence shows here; injecting a leak of 1 finish in 50 left 110 alive while
+    // RSS moved by -0.6%).
+    expect(report.memory.liveSequences).toBe(0);
+    // Floors of once-a-second readings under load, right after the warm-up and at the end (see
+    // bench/soak.ts), each after a GC. Live bytes (V8 heap + the C allocator's bytes in use) do
+    // not move with fragmentation: 1.3% and 0.7% on two runs, so 5% means a leak. Resident
+    // memory creeps while the allocator settles (-1% to +5.2% over 30 s, no leak), so it is only
+    // a backstop against leaks outside both (15%), or the verdict where glibc's count is missing.
+    const mem = JSON.stringify(report.memory);
+    if (report.memory.liveGrowth !== null) expect(report.memory.liveGrowth, mem).toBeLessThan(0.05);
+    expect(report.memory.rssGrowth, mem).toBeLessThan(0.15);
   }, 180_000);
 });

@@ -8,6 +8,9 @@
 #include <memory>
 #include <string>
 #include <vector>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 #include "core/cpu.h"
 #include "model/decode.h"
@@ -90,6 +93,10 @@ ModelConfig parse_config(const Napi::Object& o) {
   c.sliding_window = get_int(o, "slidingWindow");
   return c;
 }
+
+// KV caches made by newSequence() and not yet freed, in every model of the process: a leak
+// check for the scheduler's paths (disconnects, cancels, errors) that RSS cannot give.
+std::atomic<long> g_live_sequences{0};
 
 class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
  public:
@@ -223,7 +230,11 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     return guard(info.Env(), [&]() -> Napi::Value {
       Napi::Object obj = SequenceWrap::ctor.New({});
       SequenceWrap* s = SequenceWrap::Unwrap(obj);
-      s->cache = std::make_shared<KvCache>(model().new_cache());
+      s->cache = std::shared_ptr<KvCache>(new KvCache(model().new_cache()), [](KvCache* c) {
+        delete c;
+        g_live_sequences.fetch_sub(1, std::memory_order_relaxed);
+      });
+      g_live_sequences.fetch_add(1, std::memory_order_relaxed);
       s->owner = model_.get();
       return obj;
     });
@@ -849,6 +860,23 @@ Napi::Value CpuInfo(const Napi::CallbackInfo& info) {
   });
 }
 
+// memoryInfo() -> { liveSequences, mallocInUseBytes }: bytes the C allocator has handed out
+// and not taken back (glibc's mallinfo2: null elsewhere). Unlike RSS it does not move with
+// fragmentation or with arenas kept for reuse, so a leak of native memory shows in it alone.
+Napi::Value MemoryInfo(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), [&]() -> Napi::Value {
+    Napi::Object o = Napi::Object::New(info.Env());
+    o.Set("liveSequences", double(g_live_sequences.load(std::memory_order_relaxed)));
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
+    const struct ::mallinfo2 m = ::mallinfo2();
+    o.Set("mallocInUseBytes", double(m.uordblks + m.hblkhd));
+#else
+    o.Set("mallocInUseBytes", info.Env().Null());
+#endif
+    return o;
+  });
+}
+
 #ifdef RF_HAVE_CUDA
 // cudaInfo() -> { count, name, smMajor, smMinor, memoryGiB, saxpyMaxError }: the smoke test
 // of the CUDA build (count 0 where no GPU is visible).
@@ -876,6 +904,7 @@ Napi::Object InitAddon(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeSequence", seq);
   exports.Set("NativeModel", ModelWrap::Init(env));
   exports.Set("cpuInfo", Napi::Function::New(env, CpuInfo));
+  exports.Set("memoryInfo", Napi::Function::New(env, MemoryInfo));
   init_bench(env, exports);
 #ifdef RF_HAVE_CUDA
   exports.Set("cudaInfo", Napi::Function::New(env, CudaInfo));
