@@ -5,6 +5,7 @@
  */
 export { RedflagError, type RedflagErrorCode } from './errors.js';
 export { loadModel, Model, Sequence, checkPickOptions, type LoadModelOptions, type LogitsOptions, type PickOptions, type StepResult } from './model/model.js';
+export { parseDevice, type Device, type DeviceSpec } from './model/device.js';
 export type { GenerateOptions, GeneratedToken } from './model/generate.js';
 export type { ModelConfig, GenerationConfig, RopeScaling, Architecture } from './model/config.js';
 export { loadModelConfig, parseModelConfig, loadGenerationConfig, mergeEosTokenIds } from './model/config.js';

@@ -74,6 +74,10 @@ export interface NativeModelInfo {
   dtype: 'f32' | 'bf16';
   weightBytes: number;
   isa: string;
+  /** 'cpu' or 'cuda:N'. */
+  device: string;
+  /** Positions a cache grows by: 1 on the CPU, the block size of the GPU's paged cache. */
+  kvBlockTokens: number;
 }
 
 export interface NativeModel {
@@ -137,6 +141,8 @@ export interface NativeModel {
     logprobs: boolean,
   ): Promise<{ pRf: Float32Array; pFlags: Float32Array; logprobs?: Float32Array }>;
   info(): NativeModelInfo;
+  /** The GPU engine's KV pool for all sequences together (ignored on the CPU); only while no sequence is alive. */
+  setKvPoolBytes(bytes: number): void;
   dispose(): void;
 
   // Training (native/model/train.h).
@@ -240,30 +246,50 @@ export interface NativeBench {
 }
 
 export interface NativeAddon {
-  NativeModel: new (config: NativeConfig, dtype: 'f32' | 'bf16', threads: number) => NativeModel;
+  /** device: -1 (or absent) the CPU engine, N the CUDA engine on GPU N (the CUDA build only). */
+  NativeModel: new (config: NativeConfig, dtype: 'f32' | 'bf16', threads: number, device?: number) => NativeModel;
   cpuInfo(): { avx2: boolean; avx512: boolean; avx512bf16: boolean; isa: string };
   /** Live KV caches (every model) and the C allocator's bytes in use (glibc; null elsewhere). */
   memoryInfo(): { liveSequences: number; mallocInUseBytes: number | null };
   bench: NativeBench;
   /** Present in the CUDA build (`npm run build:cuda`). */
-  cudaInfo?: () => { count: number; name: string; smMajor: number; smMinor: number; memoryGiB: number; saxpyMaxError: number };
+  cudaInfo?: () => { count: number; name: string; smMajor: number; smMinor: number; memoryGiB: number; error: string; saxpyMaxError: number };
 }
 
 const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..');
-let addon: NativeAddon | undefined;
-
-/** Where the addon may be: an explicit REDFLAG_ADDON path, the CUDA build, then node-gyp's. */
-function candidatePaths(): string[] {
+/**
+ * Where the addon may be: an explicit REDFLAG_ADDON path, the CUDA build (first with
+ * REDFLAG_BACKEND=cuda; alone for the CUDA backend), then node-gyp's.
+ */
+function candidatePaths(backend: 'default' | 'cuda'): string[] {
+  const cuda = join(packageRoot, 'build-cuda', 'Release', 'redflag_cuda.node');
   const paths: string[] = [];
   if (process.env.REDFLAG_ADDON) paths.push(process.env.REDFLAG_ADDON);
-  if (process.env.REDFLAG_BACKEND === 'cuda') paths.push(join(packageRoot, 'build-cuda', 'Release', 'redflag_cuda.node'));
+  if (backend === 'cuda') return [...paths, cuda];
+  if (process.env.REDFLAG_BACKEND === 'cuda') paths.push(cuda);
   paths.push(join(packageRoot, 'build', 'Release', 'redflag.node'));
   return paths;
 }
 
-/** Loads the addon once; throws one clear error when it has not been built. */
-export function loadNative(): NativeAddon {
-  addon ??= loadAddonFrom(candidatePaths());
+const loaded = new Map<string, NativeAddon>();
+
+/**
+ * Loads the addon once; throws one clear error when it has not been built. `cuda`: the CUDA
+ * build (`npm run build:cuda`), which devices other than the CPU need.
+ */
+export function loadNative(backend: 'default' | 'cuda' = 'default'): NativeAddon {
+  let addon = loaded.get(backend);
+  if (!addon) {
+    try {
+      addon = loadAddonFrom(candidatePaths(backend));
+    } catch (error) {
+      if (backend === 'cuda' && error instanceof RedflagError && /not built/.test(error.message)) {
+        throw new RedflagError('NATIVE', `the CUDA backend needs the CUDA build of the addon, which is not built (looked for ${candidatePaths('cuda').join(', ')}). Run \`npm run build:cuda\` on a machine with nvcc and cuBLAS.`);
+      }
+      throw error;
+    }
+    loaded.set(backend, addon);
+  }
   return addon;
 }
 

@@ -15,8 +15,12 @@ build=build-gpu
 
 generator=()
 command -v ninja >/dev/null && generator=(-G Ninja)
-if ! cmake -S . -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a > "$out/build.log" 2>&1 ||
-   ! cmake --build "$build" -j "$(nproc)" >> "$out/build.log" 2>&1; then
+cmake -S . -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a > "$out/build.log" 2>&1
+configure_rc=$?
+# Which cuBLASLt the build uses (the toolkit's, a pip wheel's, or none: then cuda_gemm is not built).
+grep -h 'redflag: cuBLASLt' "$out/build.log" >> "$out/device.txt" ||
+  echo "redflag: no cuBLASLt line in the configure log" >> "$out/device.txt"
+if [ "$configure_rc" -ne 0 ] || ! cmake --build "$build" -j "$(nproc)" >> "$out/build.log" 2>&1; then
   echo '{"build": "failed"}' > "$out/summary.json"
   tail -40 "$out/build.log"
   exit 1

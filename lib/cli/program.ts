@@ -9,6 +9,7 @@ import { loadModel, type Model } from '../model/model.js';
 import { runDemo } from '../demo.js';
 import { runEval } from './eval.js';
 import { runTrain } from './train.js';
+import { device, modelOptions, type EngineFlags } from './model-flags.js';
 import { runServe, type ServeFlags } from './serve.js';
 import { runStudyCommand } from './study.js';
 
@@ -44,21 +45,20 @@ function dtype(value: string): 'f32' | 'bf16' {
   return value;
 }
 
-interface ModelFlags {
+interface ModelFlags extends EngineFlags {
   model: string;
-  dtype: 'f32' | 'bf16';
-  threads?: number;
 }
 
 function withModelFlags(cmd: Command): Command {
   return cmd
     .requiredOption('-m, --model <dir>', 'Hugging Face model directory (config.json + safetensors)')
-    .option('--dtype <dtype>', "weights in the engine: 'f32' or 'bf16'", dtype, 'f32')
+    .option('--device <device>', "where the model runs: 'cpu', 'cuda' or 'cuda:N' (the CUDA build: npm run build:cuda)", device, 'cpu')
+    .option('--dtype <dtype>', "weights in the engine: 'f32' or 'bf16' (default: f32 on the CPU, bf16 on a GPU)", dtype)
     .option('--threads <n>', 'threads for native work (default: number of cores)', integer('threads', 1));
 }
 
 async function open(flags: ModelFlags): Promise<Model> {
-  return loadModel(flags.model, { dtype: flags.dtype, ...(flags.threads ? { threads: flags.threads } : {}) });
+  return loadModel(flags.model, modelOptions(flags));
 }
 
 function formatBytes(n: number): string {
@@ -92,7 +92,7 @@ export function buildProgram(): Command {
           rope: c.positions === 'rope' ? c.rope : null,
           slidingWindow: c.slidingWindow,
           tiedEmbeddings: c.tieWordEmbeddings,
-          engine: { dtype: model.dtype, threads: model.threads, isa: model.isa, weightBytes: model.weightBytes },
+          engine: { device: model.device.name, dtype: model.dtype, threads: model.threads, isa: model.isa, weightBytes: model.weightBytes },
           unusedTensors: model.plan.unused,
           tokenizer: model.tokenizer
             ? { vocab: model.tokenizer.vocabSize, chatTemplate: model.tokenizer.chatTemplate !== null }
@@ -112,7 +112,7 @@ export function buildProgram(): Command {
         console.log(`  ${info.heads} heads (${info.kvHeads} KV) x ${info.headDim}, ${rope}` +
           (info.slidingWindow ? `, sliding window ${info.slidingWindow}` : ''));
         console.log(`  vocabulary ${info.vocab}${info.tiedEmbeddings ? ', tied embeddings' : ''}, ${info.maxPositions} positions`);
-        console.log(`  engine: ${info.engine.dtype} weights (${formatBytes(info.engine.weightBytes)}), ${info.engine.threads} threads, ${info.engine.isa}`);
+        console.log(`  engine: ${info.engine.device}, ${info.engine.dtype} weights (${formatBytes(info.engine.weightBytes)}), ${info.engine.threads} threads, ${info.engine.isa}`);
         console.log(`  tokenizer: ${info.tokenizer ? `${info.tokenizer.vocab} tokens${info.tokenizer.chatTemplate ? ', chat template' : ''}` : 'none'}`);
         console.log(`  EOS ids: ${info.eosTokenIds.join(', ') || 'none'}; red-flag token: ${info.redFlagTokenId ?? 'not added'}`);
         if (info.unusedTensors.length) console.log(`  unused tensors: ${info.unusedTensors.join(', ')}`);

@@ -14,9 +14,10 @@ import { createDetector } from '../detect/detector.js';
 import type { Detector, DetectorMode } from '../detect/types.js';
 import { loadModel, type Model } from '../model/model.js';
 import { serve } from '../server/serve.js';
+import { modelOptions, type EngineFlags } from './model-flags.js';
 
 /** The flags of `redflag serve`, as commander parses them. */
-export interface ServeFlags {
+export interface ServeFlags extends EngineFlags {
   model: string;
   adapter?: string;
   servedModelName?: string;
@@ -25,8 +26,6 @@ export interface ServeFlags {
   apiKey?: string;
   threshold: number;
   mode: DetectorMode;
-  dtype: 'f32' | 'bf16';
-  threads?: number;
   maxConcurrent: number;
   kvCacheMb?: number;
   drainSeconds: number;
@@ -62,7 +61,7 @@ function listenForSignals(): { next(): Promise<NodeJS.Signals>; stop(): void } {
 
 /** Loads the model (cancellable by `signal`) and its detector; the model stays the caller's to free. */
 async function loadDetector(flags: ServeFlags, signal: AbortSignal, loaded: (model: Model) => void): Promise<Detector> {
-  const model = await loadModel(flags.model, { dtype: flags.dtype, signal, ...(flags.threads !== undefined ? { threads: flags.threads } : {}) });
+  const model = await loadModel(flags.model, { ...modelOptions(flags), signal });
   loaded(model);
   return createDetector({
     model,

@@ -8,6 +8,7 @@ import { encodeConversation, encodePrompt } from '../data/encode.js';
 import { checkMessages, RowProblem, type Message } from '../data/records.js';
 import { RedflagError, abortError } from '../errors.js';
 import { checkPickOptions, loadModel, type Model } from '../model/model.js';
+import { parseDevice } from '../model/device.js';
 import { StopFilter } from '../model/stop-filter.js';
 import { IncrementalDecoder, type Tokenizer } from '../model/tokenizer.js';
 import { applyAdapter } from '../train/export.js';
@@ -89,9 +90,16 @@ export async function createDetector(options: DetectorOptions): Promise<Detector
     throw invalid('reflection must be a string or { instruction, examples? }');
   }
   const owned = typeof options.model === 'string';
+  if (!owned && options.device !== undefined && parseDevice(options.device).name !== (options.model as Model).device.name) {
+    throw invalid(`device ${JSON.stringify(options.device)} was given with a model loaded on '${(options.model as Model).device.name}': load the model there, or pass its directory`);
+  }
   const model =
     typeof options.model === 'string'
-      ? await loadModel(options.model, { ...(options.dtype ? { dtype: options.dtype } : {}), ...(options.threads ? { threads: options.threads } : {}) })
+      ? await loadModel(options.model, {
+        ...(options.device ? { device: options.device } : {}),
+        ...(options.dtype ? { dtype: options.dtype } : {}),
+        ...(options.threads ? { threads: options.threads } : {}),
+      })
       : options.model;
   try {
     if (options.adapter !== undefined) await applyAdapter(model, options.adapter);
@@ -102,6 +110,9 @@ export async function createDetector(options: DetectorOptions): Promise<Detector
       });
     }
     if (!model.tokenizer) throw new RedflagError('NO_TOKENIZER', 'a detector needs the model\'s tokenizer (tokenizer.json)', { file: model.dir });
+    // On a GPU the KV cache is one pool of blocks: size it to the budget (the scheduler keeps
+    // the reservations within it). The CPU allocates per sequence and ignores this.
+    if (model.device.kind === 'cuda') await model.runNative(() => model.engine.setKvPoolBytes(kvCacheBytes));
     return new RedFlagDetector(model, owned, {
       threshold,
       mode,

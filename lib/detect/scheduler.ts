@@ -66,6 +66,7 @@ export class Scheduler {
   readonly #queue: Job[] = [];
   readonly #running: Running[] = [];
   readonly #bytesPerPosition: number;
+  readonly #blockTokens: number;
   #reserved = 0;
   #loop: Promise<void> | null = null;
   #closed = false;
@@ -79,11 +80,13 @@ export class Scheduler {
     const c = model.config;
     // K and V, f32, every layer (native/model/kv_cache.h).
     this.#bytesPerPosition = 2 * c.numLayers * c.numKvHeads * c.headDim * 4;
+    // A paged cache (the GPU's) takes whole blocks.
+    this.#blockTokens = model.kvBlockTokens;
   }
 
   /** Bytes of KV cache a job of `positions` positions reserves. */
   bytesFor(positions: number): number {
-    return positions * this.#bytesPerPosition;
+    return Math.ceil(positions / this.#blockTokens) * this.#blockTokens * this.#bytesPerPosition;
   }
 
   get active(): number {

@@ -3,6 +3,7 @@
  * @module
  */
 import type { Message } from '../data/records.js';
+import type { DeviceSpec } from '../model/device.js';
 import type { Model, PickOptions } from '../model/model.js';
 
 /**
@@ -36,7 +37,8 @@ export interface DetectorOptions {
   mode?: DetectorMode;
   /** Used by `'reflect'`; default: a short instruction to stop and answer safely. */
   reflection?: string | Reflection;
-  /** When `model` is a directory: weights' element type and threads. */
+  /** When `model` is a directory: where it runs (`cpu`, `cuda`, `cuda:N`), weights' element type and threads (see {@link LoadModelOptions}). */
+  device?: DeviceSpec;
   dtype?: 'f32' | 'bf16';
   threads?: number;
   /** Most sequences advanced by one decode step. Default 32. */

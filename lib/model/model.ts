@@ -6,7 +6,8 @@
 import { availableParallelism } from 'node:os';
 
 import { RedflagError, abortError } from '../errors.js';
-import { callNative, loadNative, SrcType, type NativeConfig, type NativeModel, type NativeSequence } from '../native.js';
+import { callNative, SrcType, type NativeConfig, type NativeModel, type NativeSequence } from '../native.js';
+import { addonFor, CPU, parseDevice, type Device, type DeviceSpec } from './device.js';
 import { loadModelConfig, loadGenerationConfig, type GenerationConfig, type ModelConfig } from './config.js';
 import { toFloat32, fromFloat32, type RawTensor } from './safetensors.js';
 import { Tokenizer } from './tokenizer.js';
@@ -18,7 +19,15 @@ import { saveModel } from './save.js';
 
 /** Options of {@link loadModel}. */
 export interface LoadModelOptions {
-  /** Element type the engine keeps weights in: `'f32'` (exact) or `'bf16'` (half the memory, faster). Default `'f32'`. */
+  /**
+   * Where the model runs: `'cpu'` (default), or an NVIDIA GPU, `'cuda'` (device 0) or
+   * `'cuda:N'`, which need the CUDA build of the addon (`npm run build:cuda`).
+   */
+  device?: DeviceSpec;
+  /**
+   * Element type the engine keeps weights in: `'f32'` (exact) or `'bf16'` (half the memory,
+   * faster). Default `'f32'` on the CPU, `'bf16'` on a GPU.
+   */
   dtype?: 'f32' | 'bf16';
   /** Threads for native work. Default: the number of cores. */
   threads?: number;
@@ -80,7 +89,8 @@ export interface LogitsOptions {
 
 /** Loads a Hugging Face model directory (config.json + safetensors, tokenizer optional). */
 export async function loadModel(dir: string, options: LoadModelOptions = {}): Promise<Model> {
-  const dtype = options.dtype ?? 'f32';
+  const device = parseDevice(options.device);
+  const dtype = options.dtype ?? (device.kind === 'cuda' ? 'bf16' : 'f32');
   if (dtype !== 'f32' && dtype !== 'bf16') {
     throw new RedflagError('INVALID_ARGUMENT', `dtype must be 'f32' or 'bf16', got ${JSON.stringify(dtype)}`);
   }
@@ -88,16 +98,19 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
   if (!Number.isInteger(threads) || threads < 1 || threads > 1024) {
     throw new RedflagError('INVALID_ARGUMENT', `threads must be an integer from 1 to 1024, got ${threads}`);
   }
+  // Before any file is read: a device that cannot run fails with the reason at once.
+  const addon = addonFor(device);
   const config = await loadModelConfig(dir);
   const generationConfig = await loadGenerationConfig(dir);
   const tokenizer = await Tokenizer.fromDir(dir);
   const store = await WeightStore.open(dir);
-  const addon = loadNative();
   let engine: NativeModel | undefined;
   try {
     const plan = planWeights(config, store.names(), (n) => store.info(n).shape, dir);
-    engine = await callNative(() => new addon.NativeModel(toNativeConfig(config), dtype, threads));
-    const model = new Model(dir, config, generationConfig, tokenizer, store, plan, engine, dtype, threads);
+    engine = await callNative(() => device.kind === 'cpu'
+      ? new addon.NativeModel(toNativeConfig(config), dtype, threads)
+      : new addon.NativeModel(toNativeConfig(config), dtype, threads, device.index));
+    const model = new Model(dir, config, generationConfig, tokenizer, store, plan, engine, dtype, threads, device);
     await model.loadWeights(options.signal, options.onProgress);
     const rf = tokenizer?.tokenToId(RED_FLAG_TOKEN);
     if (rf !== undefined && rf < config.vocabSize) {
@@ -223,6 +236,8 @@ export class Model {
     readonly dtype: 'f32' | 'bf16',
     /** Threads used for native work. */
     readonly threads: number,
+    /** Where it runs. */
+    readonly device: Device = CPU,
   ) {}
 
   /** @internal Records a grown vocabulary (config.json's vocab_size follows when saved). */
@@ -563,6 +578,11 @@ export class Model {
   /** Bytes of weights held by the engine. */
   get weightBytes(): number {
     return this.engine.info().weightBytes;
+  }
+
+  /** Positions a sequence's KV cache grows by: 1 on the CPU, the block size of the GPU's paged cache. */
+  get kvBlockTokens(): number {
+    return this.engine.info().kvBlockTokens;
   }
 
   /** The instruction set the CPU kernels use (`avx512` or `avx2`). */

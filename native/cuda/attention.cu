@@ -3,6 +3,15 @@
 // the head's dimensions (up to 8 each), a warp-reduced dot product gives the score, and each
 // warp keeps an online softmax (running max m, sum l, weighted values acc); the warps then
 // merge into the split's (m, l, acc). Pass 2: grid (sequence, head) merges the splits.
+//
+// Prefill: grid (query tile, head, sequence), a block of kPrefillWarps warps owning a tile of
+// kPrefillRows new query rows of one head (kRowsPerWarp rows per warp). The block walks the
+// key tiles (kPrefillKeys = 32 keys, one per lane) that its rows' causal / window ranges touch,
+// staging each tile's keys and values from the paged cache in shared memory; per tile a warp
+// computes its rows' 32 scores (lane j: key j), masks them, updates each row's online softmax
+// (m, l) with warp reductions, and accumulates p.V into registers (lane owns dims lane + 32 i).
+// f32 throughout, CUDA cores only; a later change may move the tiles to bf16 and tensor cores
+// (mma / wgmma), where the [rows x keys] products are what those instructions want.
 #include <cuda_runtime.h>
 
 #include <cfloat>
@@ -109,6 +118,168 @@ __global__ void decode_combine(float* out, int n_heads, int hd, int n_splits, co
   }
 }
 
+constexpr int kPrefillWarps = 4;
+constexpr int kPrefillThreads = 32 * kPrefillWarps;
+constexpr int kRowsPerWarp = 8;
+constexpr int kPrefillRows = kPrefillWarps * kRowsPerWarp;  // query rows per block
+constexpr int kPrefillKeys = 32;                             // keys per tile: one per lane
+
+__device__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Dynamic shared memory of one prefill block: key offsets long [kPrefillKeys], then
+// Q f32 [kPrefillRows][hd], K f32 [kPrefillKeys][hd + 1] (the odd stride puts the 32 lanes'
+// keys in 32 banks when each lane reads its own key at the same d), V f32 [kPrefillKeys][hd].
+// 31,104 bytes at hd 80, 49,536 at hd 128, 98,688 at hd 256.
+size_t prefill_smem_bytes(int hd) {
+  return sizeof(long) * kPrefillKeys +
+         sizeof(float) * (size_t(kPrefillRows) * hd + size_t(kPrefillKeys) * (hd + 1) + size_t(kPrefillKeys) * hd);
+}
+
+// kDims: dims per lane, ceil(head_dim / 32) rounded up to 2, 4 or 8, so acc stays in registers.
+template <int kDims>
+__global__ void __launch_bounds__(kPrefillThreads)
+    prefill_kernel(float* out, const float* q, PagedLayer layer, PagedBatch batch, const int32_t* row_offsets,
+                   const int32_t* n_new, int n_heads, float scale, int window) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int hd = layer.head_dim, B = layer.block_tokens, kstride = hd + 1;
+  long* kbase = reinterpret_cast<long*>(smem_raw);  // [kPrefillKeys] cache offset of each key, -1: none
+  float* qs = reinterpret_cast<float*>(kbase + kPrefillKeys);
+  float* ks = qs + kPrefillRows * hd;
+  float* vs = ks + kPrefillKeys * kstride;
+
+  const int s = blockIdx.z, h = blockIdx.y;
+  const int rows = n_new[s];
+  // The last query tiles see the most keys: hand them out first so they do not run alone at the end.
+  const int r0 = (gridDim.x - 1 - blockIdx.x) * kPrefillRows;
+  if (r0 >= rows) return;  // the whole block: past this sequence's new rows
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int length = batch.lengths[s];
+  const int start = length - rows;  // position of new row 0
+  const int r_end = min(rows, r0 + kPrefillRows);
+  // The union of the block's rows' key ranges: [key_lo, key_hi].
+  const int key_hi = start + r_end - 1;
+  const int key_lo = window > 0 ? max(0, start + r0 + 1 - window) : 0;
+  const int kvh = h / (n_heads / layer.n_kv_heads);
+  const int32_t* table = batch.tables + batch.table_offsets[s];
+  const long q_row0 = long(row_offsets[s]) + r0;
+
+  // Q tile, pre-scaled (as decode does); rows past n_new are zeros, computed but never written.
+  for (int e = tid; e < kPrefillRows * hd; e += kPrefillThreads) {
+    const int r = e / hd, d = e - r * hd;
+    qs[e] = r0 + r < rows ? q[((q_row0 + r) * n_heads + h) * hd + d] * scale : 0.f;
+  }
+
+  // This warp's rows: warp * kRowsPerWarp + i of the tile. Row i sees keys [lo[i], hi[i]];
+  // a row past n_new gets an empty range.
+  int lo[kRowsPerWarp], hi[kRowsPerWarp];
+  float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][kDims];
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    const int r = r0 + warp * kRowsPerWarp + i, p = start + r;
+    hi[i] = r < rows ? p : -1;
+    lo[i] = r < rows && window > 0 ? max(0, p + 1 - window) : 0;
+    m[i] = -INFINITY;
+    l[i] = 0.f;
+#pragma unroll
+    for (int c = 0; c < kDims; ++c) acc[i][c] = 0.f;
+  }
+  const float* qw = qs + warp * kRowsPerWarp * hd;
+  const float* kr = ks + lane * kstride;
+
+  // Tiles aligned to kPrefillKeys from the one holding key_lo; the ones before it are skipped.
+  for (int t0 = key_lo - key_lo % kPrefillKeys; t0 <= key_hi; t0 += kPrefillKeys) {
+    __syncthreads();  // the previous tile's K / V are consumed (first time: nothing pending)
+    if (tid < kPrefillKeys) {
+      const int j = t0 + tid;
+      // Only keys in [key_lo, key_hi] are read: past key_hi the table may not reach that far.
+      kbase[tid] = j >= key_lo && j <= key_hi ? ((long(table[j / B]) * layer.n_kv_heads + kvh) * B + j % B) * hd : -1;
+    }
+    __syncthreads();
+    for (int e = tid; e < kPrefillKeys * hd; e += kPrefillThreads) {
+      const int k = e / hd, d = e - k * hd;
+      const long base = kbase[k];
+      ks[k * kstride + d] = base >= 0 ? layer.k[base + d] : 0.f;
+      vs[e] = base >= 0 ? layer.v[base + d] : 0.f;
+    }
+    __syncthreads();  // K / V (and, the first time, Q) staged
+
+    // Scores of the warp's rows against key t0 + lane.
+    float sc[kRowsPerWarp];
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) sc[i] = 0.f;
+    for (int d = 0; d < hd; ++d) {
+      const float kd = kr[d];
+#pragma unroll
+      for (int i = 0; i < kRowsPerWarp; ++i) sc[i] += qw[i * hd + d] * kd;  // qw: a broadcast read
+    }
+
+    // Online softmax per row: m the running max, l the running sum of exp(score - m), acc
+    // the running sum of exp(score - m) v; both rescaled when m grows.
+    const int j = t0 + lane;
+    float p[kRowsPerWarp];
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const bool visible = j >= lo[i] && j <= hi[i];
+      const float score = visible ? sc[i] : -INFINITY;
+      const float m_new = fmaxf(m[i], warp_max(score));  // the same in every lane
+      if (m_new == -INFINITY) {  // warp-uniform: the row has seen no visible key yet
+        p[i] = 0.f;
+        continue;
+      }
+      const float correction = expf(m[i] - m_new);  // 0 while m[i] is still -inf
+      p[i] = visible ? expf(score - m_new) : 0.f;
+      l[i] = l[i] * correction + warp_sum(p[i]);
+#pragma unroll
+      for (int c = 0; c < kDims; ++c) acc[i][c] *= correction;
+      m[i] = m_new;
+    }
+
+    // acc += p.V: key k's weight comes from lane k, its values from shared memory.
+    for (int k = 0; k < kPrefillKeys; ++k) {
+      float vk[kDims];
+#pragma unroll
+      for (int c = 0; c < kDims; ++c) {
+        const int d = lane + 32 * c;
+        vk[c] = d < hd ? vs[k * hd + d] : 0.f;
+      }
+#pragma unroll
+      for (int i = 0; i < kRowsPerWarp; ++i) {
+        const float pk = __shfl_sync(0xffffffffu, p[i], k);
+#pragma unroll
+        for (int c = 0; c < kDims; ++c) acc[i][c] += pk * vk[c];
+      }
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    const int r = r0 + warp * kRowsPerWarp + i;
+    if (r >= rows) continue;
+    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;  // l = 0 only for a row with no key (n_new > length)
+    float* o = out + ((long(row_offsets[s]) + r) * n_heads + h) * hd;
+#pragma unroll
+    for (int c = 0; c < kDims; ++c) {
+      const int d = lane + 32 * c;
+      if (d < hd) o[d] = acc[i][c] * inv;
+    }
+  }
+}
+
+template <int kDims>
+void prefill_launch(dim3 grid, float* out, const float* q, const PagedLayer& layer, const PagedBatch& batch,
+                    const int32_t* row_offsets, const int32_t* n_new, int n_heads, float scale, int window,
+                    cudaStream_t stream) {
+  const size_t smem = prefill_smem_bytes(layer.head_dim);
+  // Past 48 KiB a kernel must opt in to dynamic shared memory (hd > 120 here; the H200 allows 227 KiB).
+  if (smem > 48 * 1024)
+    cudaFuncSetAttribute(prefill_kernel<kDims>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  prefill_kernel<kDims><<<grid, kPrefillThreads, smem, stream>>>(out, q, layer, batch, row_offsets, n_new, n_heads, scale,
+                                                                window);
+}
+
 }  // namespace
 
 long decode_attention_scratch(int n_seqs, int n_heads, int head_dim, int max_length) {
@@ -127,6 +298,19 @@ void decode_attention(float* out, const float* q, const PagedLayer& layer, const
   decode_partial<<<dim3(batch.n_seqs, n_heads, n_splits), 32 * kWarps, 0, stream>>>(q, layer, batch, n_heads, scale, window, n_splits,
                                                                                    m, l, acc);
   decode_combine<<<dim3(batch.n_seqs, n_heads), 128, 0, stream>>>(out, n_heads, layer.head_dim, n_splits, m, l, acc);
+}
+
+void prefill_attention(float* out, const float* q, const PagedLayer& layer, const PagedBatch& batch, const int32_t* row_offsets,
+                       const int32_t* n_new, int total_rows, int max_new, int n_heads, float scale, int window,
+                       cudaStream_t stream) {
+  if (batch.n_seqs <= 0 || total_rows <= 0 || max_new <= 0) return;
+  const dim3 grid((max_new + kPrefillRows - 1) / kPrefillRows, n_heads, batch.n_seqs);
+  if (layer.head_dim <= 64)
+    prefill_launch<2>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, stream);
+  else if (layer.head_dim <= 128)
+    prefill_launch<4>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, stream);
+  else
+    prefill_launch<8>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, stream);
 }
 
 }  // namespace rf::cuda

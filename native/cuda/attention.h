@@ -1,8 +1,10 @@
-// Decode attention over a paged KV cache on the device ("flash-decoding"): one query row per
-// sequence (the token just appended), its keys split into chunks that separate blocks of
-// threads reduce with an online softmax, then one pass combines the chunks. No [T x T] and no
-// per-sequence contiguous cache: keys and values are read through each sequence's block table
-// (native/model/block_pool.h).
+// Attention over a paged KV cache on the device, read through each sequence's block table
+// (native/model/block_pool.h), with no [T x T] score matrix and no per-sequence contiguous cache.
+// Decode ("flash-decoding"): one query row per sequence (the token just appended), its keys
+// split into chunks that separate blocks of threads reduce with an online softmax, then one pass
+// combines the chunks. Prefill (flash-attention style): many new query rows per sequence, tiled
+// over queries and keys with an online softmax per row, so a prompt (or a chunk of one that
+// continues a cache) is one launch instead of one decode step per token.
 #pragma once
 #include <cstdint>
 
@@ -37,5 +39,18 @@ long decode_attention_scratch(int n_seqs, int n_heads, int head_dim, int max_len
 // q [n_seqs, n_heads, head_dim]; n_heads a multiple of n_kv_heads (GQA); head_dim <= 256.
 void decode_attention(float* out, const float* q, const PagedLayer& layer, const PagedBatch& batch, int n_heads, float scale,
                       int window, float* scratch, cudaStream_t stream);
+
+// Prefill: per sequence s, n_new[s] new query rows, its last n_new[s] positions (already
+// appended to the cache, whose length is lengths[s]; n_new[s] <= lengths[s], and fewer when a
+// chunked prefill continues a cache). New row r is position p = lengths[s] - n_new[s] + r and
+// attends causally to keys j in [0, p], or [max(0, p + 1 - window), p] when window > 0 (the
+// last `window` keys including its own).
+// q [total_rows, n_heads, head_dim]: the rows of all sequences in order, row_offsets[s] (device
+// int32 [n_seqs]) the first row of s; out the same shape. n_new device int32 [n_seqs]; max_new
+// the largest n_new[s] (sizes the grid). batch.max_length is not used. n_heads a multiple of
+// n_kv_heads (GQA); head_dim <= 256. With n_new = 1 everywhere it computes what decode_attention does.
+void prefill_attention(float* out, const float* q, const PagedLayer& layer, const PagedBatch& batch, const int32_t* row_offsets,
+                       const int32_t* n_new, int total_rows, int max_new, int n_heads, float scale, int window,
+                       cudaStream_t stream);
 
 }  // namespace rf::cuda

@@ -1,5 +1,4 @@
 // The CUDA backend's entry points, compiled only when nvcc is found (RF_HAVE_CUDA).
-// This issue ships the build path and a smoke kernel; the decode and loss kernels follow.
 #pragma once
 #include <string>
 
@@ -10,9 +9,10 @@ struct DeviceInfo {
   std::string name;           // device 0
   int sm_major = 0, sm_minor = 0;
   double memory_gib = 0;
+  std::string error;          // why no device is usable (no GPU, no or old driver); empty when count > 0
 };
 
-// Devices visible to the runtime; count 0 (and no throw) when there is no driver or GPU.
+// Devices visible to the runtime; count 0 (and no throw, `error` saying why) when there is no driver or GPU.
 DeviceInfo device_info();
 
 // y[i] = a * x[i] + y[i] on device 0, copying in and out; returns max |error| against the

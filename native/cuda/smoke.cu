@@ -1,6 +1,7 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "cuda/cuda.h"
@@ -16,7 +17,11 @@ __global__ void saxpy_kernel(int n, float a, const float* x, float* y) {
 
 DeviceInfo device_info() {
   DeviceInfo info;
-  if (cudaGetDeviceCount(&info.count) != cudaSuccess) {
+  const cudaError_t e = cudaGetDeviceCount(&info.count);
+  if (e != cudaSuccess) {
+    // cudaErrorNoDevice (no GPU), cudaErrorInsufficientDriver / cudaErrorNoKernelImageForDevice
+    // (driver missing or too old): the reason the user must see.
+    info.error = std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e);
     cudaGetLastError();
     info.count = 0;
     return info;

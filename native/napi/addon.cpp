@@ -14,6 +14,7 @@
 
 #include "core/cpu.h"
 #include "model/decode.h"
+#include "model/engine.h"
 #include "model/model.h"
 #include "model/train.h"
 #include "napi/bench.h"
@@ -113,32 +114,32 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
 
   explicit SequenceWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<SequenceWrap>(info) {}
 
-  std::shared_ptr<KvCache> cache;  // null once disposed
-  const void* owner = nullptr;     // the Model it was made for
+  std::shared_ptr<EngineSequence> seq;  // null once disposed
+  const void* owner = nullptr;          // the Engine it was made for
 
  private:
   Napi::Value Length(const Napi::CallbackInfo& info) {
-    return Napi::Number::New(info.Env(), cache ? double(cache->length()) : 0.0);
+    return Napi::Number::New(info.Env(), seq ? double(seq->length()) : 0.0);
   }
   Napi::Value Bytes(const Napi::CallbackInfo& info) {
-    return Napi::Number::New(info.Env(), cache ? double(cache->bytes()) : 0.0);
+    return Napi::Number::New(info.Env(), seq ? double(seq->bytes()) : 0.0);
   }
   void Truncate(const Napi::CallbackInfo& info) {
     guard(info.Env(), [&] {
-      if (!cache) throw std::invalid_argument("the sequence was disposed");
-      cache->truncate(long(info[0].As<Napi::Number>().Int64Value()));
+      if (!seq) throw std::invalid_argument("the sequence was disposed");
+      seq->truncate(long(info[0].As<Napi::Number>().Int64Value()));
     });
   }
   // reserve(n): allocates room for n positions now, so a budgeted generation never grows its
   // cache later (the memory accounting of the detector relies on it).
   void Reserve(const Napi::CallbackInfo& info) {
     guard(info.Env(), [&] {
-      if (!cache) throw std::invalid_argument("the sequence was disposed");
-      cache->reserve(long(info[0].As<Napi::Number>().Int64Value()), true);
+      if (!seq) throw std::invalid_argument("the sequence was disposed");
+      seq->reserve(long(info[0].As<Napi::Number>().Int64Value()));
     });
   }
   // A forward in flight holds its own reference, so the memory goes when that finishes.
-  void Dispose(const Napi::CallbackInfo&) { cache.reset(); }
+  void Dispose(const Napi::CallbackInfo&) { seq.reset(); }
 };
 Napi::FunctionReference SequenceWrap::ctor;
 
@@ -153,6 +154,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
                         InstanceMethod<&ModelWrap::DecodeStep>("decodeStep"),
                         InstanceMethod<&ModelWrap::TokenScores>("tokenScores"),
                         InstanceMethod<&ModelWrap::Info>("info"),
+                        InstanceMethod<&ModelWrap::SetKvPoolBytes>("setKvPoolBytes"),
                         InstanceMethod<&ModelWrap::Dispose>("dispose"),
                         InstanceMethod<&ModelWrap::TrainInit>("trainInit"),
                         InstanceMethod<&ModelWrap::TrainStep>("trainStep"),
@@ -169,20 +171,41 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
                         InstanceMethod<&ModelWrap::ParamsChanged>("paramsChanged")});
   }
 
-  // new NativeModel(config, dtype: 'f32' | 'bf16', threads)
+  // new NativeModel(config, dtype: 'f32' | 'bf16', threads, device = -1): device -1 is the CPU
+  // engine, N >= 0 the CUDA engine on GPU N (lib/model/device.ts has checked that it exists).
   explicit ModelWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<ModelWrap>(info) {
     guard(info.Env(), [&] {
       const ModelConfig config = parse_config(info[0].As<Napi::Object>());
       const DType dtype = info[1].As<Napi::String>().Utf8Value() == "bf16" ? DType::bf16 : DType::f32;
       const int threads = info[2].As<Napi::Number>().Int32Value();
+      const int device = info.Length() > 3 && info[3].IsNumber() ? info[3].As<Napi::Number>().Int32Value() : -1;
+      if (device >= 0) {
+#if defined(RF_HAVE_CUBLASLT)
+        engine_ = make_cuda_engine(config, dtype, device);
+        return;
+#elif defined(RF_HAVE_CUDA)
+        throw std::invalid_argument("device 'cuda:" + std::to_string(device) +
+                                    "': this addon was built without cuBLASLt, which the CUDA engine needs (rebuild with `npm run build:cuda` where the CUDA toolkit has cuBLAS)");
+#else
+        throw std::invalid_argument("device 'cuda:" + std::to_string(device) +
+                                    "': this addon was built without CUDA (run `npm run build:cuda` with nvcc)");
+#endif
+      }
       active_isa();  // fails clearly on a CPU without AVX2
       model_ = std::make_shared<Model>(config, dtype, threads);
+      engine_ = make_cpu_engine(model_);
     });
   }
 
  private:
+  Engine& engine() {
+    if (!engine_) throw std::invalid_argument("the model was disposed");
+    return *engine_;
+  }
+  // The CPU engine's Model: training and its parameters (the CUDA trainer is its own issue).
   Model& model() {
-    if (!model_) throw std::invalid_argument("the model was disposed");
+    engine();
+    if (!model_) throw std::invalid_argument("training and parameter access need the CPU engine (device 'cpu'); this model is on " + engine_->device());
     return *model_;
   }
   void begin_work() {
@@ -193,7 +216,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   Napi::Value LoadTensor(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guard(env, [&]() -> Napi::Value {
-      model();
+      engine();
       std::string name = info[0].As<Napi::String>().Utf8Value();
       auto type = SrcType(info[1].As<Napi::Number>().Int32Value());
       Napi::Array shape_js = info[2].As<Napi::Array>();
@@ -210,32 +233,35 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       begin_work();
       auto keep = std::make_shared<Napi::ObjectReference>(Napi::Persistent(data.As<Napi::Object>()));
       const uint8_t* bytes = data.Data();
-      auto model = model_;
+      auto engine = engine_;
       auto busy = busy_;
       return PromiseWorker::start(
           env,
           [=] {
             const BusyRelease release{busy};
-            model->load_tensor(name, bytes, type, shape, kn);
+            engine->load_tensor(name, bytes, type, shape, kn);
           },
           [keep](Napi::Env e) -> Napi::Value { keep->Reset(); return e.Undefined(); });
     });
   }
 
   void CheckComplete(const Napi::CallbackInfo& info) {
-    guard(info.Env(), [&] { model().check_complete(); });
+    guard(info.Env(), [&] { engine().check_complete(); });
   }
 
   Napi::Value NewSequence(const Napi::CallbackInfo& info) {
     return guard(info.Env(), [&]() -> Napi::Value {
       Napi::Object obj = SequenceWrap::ctor.New({});
       SequenceWrap* s = SequenceWrap::Unwrap(obj);
-      s->cache = std::shared_ptr<KvCache>(new KvCache(model().new_cache()), [](KvCache* c) {
-        delete c;
+      // The count goes down when the last holder (the wrapper, or a call in flight) lets go.
+      std::shared_ptr<EngineSequence> made = engine().new_sequence();
+      EngineSequence* raw = made.get();
+      s->seq = std::shared_ptr<EngineSequence>(raw, [made](EngineSequence*) mutable {
+        made.reset();
         g_live_sequences.fetch_sub(1, std::memory_order_relaxed);
       });
       g_live_sequences.fetch_add(1, std::memory_order_relaxed);
-      s->owner = model_.get();
+      s->owner = engine_.get();
       return obj;
     });
   }
@@ -245,7 +271,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   Napi::Value Forward(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guard(env, [&]() -> Napi::Value {
-      model();
+      engine();
       Napi::Array seqs = info[0].As<Napi::Array>();
       Napi::Uint32Array tokens_js = info[1].As<Napi::Uint32Array>();
       Napi::Uint32Array counts_js = info[2].As<Napi::Uint32Array>();
@@ -253,7 +279,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
 
       Batch batch = parse_batch(seqs, tokens_js, counts_js);
       auto tokens = batch.tokens;
-      auto caches = batch.caches;
+      auto seqs_held = batch.seqs;
       auto items = batch.items;
       CancelFlag flag = parse_cancel(info, 4);
       auto cancel_ref = flag.ref;
@@ -264,16 +290,17 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
             Napi::ThreadSafeFunction::New(env, info[5].As<Napi::Function>(), "redflag-progress", 0, 1));
       }
 
-      const long rows = Model::logits_rows(items, mode);
+      long rows = 0;
+      for (const EngineItem& it : items) rows += mode == LogitsMode::all ? it.n_tokens : 1;
       auto out = std::make_shared<std::vector<float>>();
       begin_work();
-      auto model = model_;
+      auto engine = engine_;
       auto busy = busy_;
       return PromiseWorker::start(
           env,
           [=] {
             const BusyRelease release{busy, progress_fn};
-            out->resize(size_t(rows) * model->vocab());
+            out->resize(size_t(rows) * engine->vocab());
             std::function<void(int, int)> progress;
             if (progress_fn) {
               progress = [progress_fn](int done, int total) {
@@ -282,8 +309,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
                 });
               };
             }
-            model->forward(items, mode, out->data(), cancel, progress);
-            (void)caches;
+            engine->forward(items, mode, out->data(), cancel, progress);
+            (void)seqs_held;
             (void)tokens;
           },
           [out, cancel_ref](Napi::Env e) -> Napi::Value {
@@ -299,8 +326,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   // caches they append to (held so a dispose() from JavaScript cannot free them mid-call).
   struct Batch {
     std::shared_ptr<std::vector<uint32_t>> tokens;
-    std::vector<std::shared_ptr<KvCache>> caches;
-    std::vector<ForwardItem> items;
+    std::vector<std::shared_ptr<EngineSequence>> seqs;
+    std::vector<EngineItem> items;
   };
   Batch parse_batch(const Napi::Array& seqs, const Napi::Uint32Array& tokens_js, const Napi::Uint32Array& counts_js) {
     if (counts_js.ElementLength() != seqs.Length()) throw std::invalid_argument("one token count per sequence is required");
@@ -312,14 +339,14 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       if (!v.IsObject() || !v.As<Napi::Object>().InstanceOf(SequenceWrap::ctor.Value()))
         throw std::invalid_argument("sequences[" + std::to_string(i) + "] is not a sequence");
       SequenceWrap* s = SequenceWrap::Unwrap(v.As<Napi::Object>());
-      if (!s->cache) throw std::invalid_argument("sequences[" + std::to_string(i) + "] was disposed");
-      if (s->owner != model_.get()) throw std::invalid_argument("sequences[" + std::to_string(i) + "] belongs to another model");
-      for (auto& c : b.caches)
-        if (c == s->cache) throw std::invalid_argument("a sequence appears twice in one forward call");
+      if (!s->seq) throw std::invalid_argument("sequences[" + std::to_string(i) + "] was disposed");
+      if (s->owner != engine_.get()) throw std::invalid_argument("sequences[" + std::to_string(i) + "] belongs to another model");
+      for (auto& c : b.seqs)
+        if (c == s->seq) throw std::invalid_argument("a sequence appears twice in one forward call");
       const uint32_t n = counts_js[i];
       if (offset + n > b.tokens->size()) throw std::invalid_argument("token counts exceed the tokens given");
-      b.caches.push_back(s->cache);
-      b.items.push_back({s->cache.get(), b.tokens->data() + offset, int(n)});
+      b.seqs.push_back(s->seq);
+      b.items.push_back({s->seq.get(), b.tokens->data() + offset, int(n)});
       offset += n;
     }
     if (offset != b.tokens->size()) throw std::invalid_argument("token counts do not add up to the tokens given");
@@ -360,7 +387,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   Napi::Value DecodeStep(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guard(env, [&]() -> Napi::Value {
-      model();
+      engine();
       Batch batch = parse_batch(info[0].As<Napi::Array>(), info[1].As<Napi::Uint32Array>(), info[2].As<Napi::Uint32Array>());
       Napi::Float64Array params_js = info[3].As<Napi::Float64Array>();
       const size_t n = batch.items.size();
@@ -390,15 +417,14 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       out->top_ids.resize(n * top_n);
       out->top_lp.resize(n * top_n);
       begin_work();
-      auto model = model_;
+      auto engine = engine_;
       auto busy = busy_;
-      auto scratch = logits_scratch_;
       return PromiseWorker::start(
           env,
           [=] {
             const BusyRelease release{busy};
-            decode_step(*model, batch.items, params, Flags(flag_ids, out->p_flags.data()), top_n, out->picks.data(), out->top_ids.data(),
-                        out->top_lp.data(), *scratch, flag.flag, scores);
+            engine->decode_step(batch.items, params, Flags(flag_ids, out->p_flags.data()), top_n, out->picks.data(),
+                                out->top_ids.data(), out->top_lp.data(), flag.flag, scores);
             (void)batch;
           },
           [out, flag, n, flag_list](Napi::Env e) -> Napi::Value {
@@ -441,24 +467,24 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   Napi::Value TokenScores(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guard(env, [&]() -> Napi::Value {
-      model();
+      engine();
       Batch batch = parse_batch(info[0].As<Napi::Array>(), info[1].As<Napi::Uint32Array>(), info[2].As<Napi::Uint32Array>());
       const bool flag_list = info[3].IsTypedArray();
       const std::vector<int> flag_ids = parse_flags(info[3]);
       const bool logprobs = info.Length() > 6 && info[6].ToBoolean();
       for (int id : flag_ids)
-        if (id < 0 || id >= model().vocab()) throw std::invalid_argument("tokenScores: rfToken is outside the vocabulary");
+        if (id < 0 || id >= engine().vocab()) throw std::invalid_argument("tokenScores: rfToken is outside the vocabulary");
       if (flag_ids.empty() && !logprobs) throw std::invalid_argument("tokenScores: rfToken is outside the vocabulary");
       CancelFlag flag = parse_cancel(info, 4);
       // Optional perturbation of the input embeddings [tokens x hidden] (embedding-space attacks).
       auto delta = std::make_shared<std::vector<float>>();
       if (info.Length() > 5 && info[5].IsTypedArray()) {
         Napi::Float32Array d = info[5].As<Napi::Float32Array>();
-        const size_t H = size_t(model().config().hidden);
+        const size_t H = size_t(engine().config().hidden);
         if (d.ElementLength() != batch.tokens->size() * H) throw std::invalid_argument("tokenScores: embedDelta must hold tokens x hidden floats");
         delta->assign(d.Data(), d.Data() + d.ElementLength());
         size_t offset = 0;
-        for (ForwardItem& it : batch.items) {
+        for (EngineItem& it : batch.items) {
           it.embed_delta = delta->data() + offset * H;
           offset += size_t(it.n_tokens);
         }
@@ -467,13 +493,13 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       auto lp = std::make_shared<std::vector<float>>(logprobs ? batch.tokens->size() : 0);
       auto each = std::make_shared<std::vector<float>>(flag_list ? batch.tokens->size() * flag_ids.size() : 0);
       begin_work();
-      auto model = model_;
+      auto engine = engine_;
       auto busy = busy_;
       return PromiseWorker::start(
           env,
           [=] {
             const BusyRelease release{busy};
-            token_scores(*model, batch.items, Flags(flag_ids, flag_list ? each->data() : nullptr), out->data(), flag.flag,
+            engine->token_scores(batch.items, Flags(flag_ids, flag_list ? each->data() : nullptr), out->data(), flag.flag,
                          logprobs ? lp->data() : nullptr);
             (void)batch;
             (void)delta;
@@ -497,20 +523,33 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
 
   Napi::Value Info(const Napi::CallbackInfo& info) {
     return guard(info.Env(), [&]() -> Napi::Value {
-      Model& m = model();
+      Engine& m = engine();
       Napi::Object o = Napi::Object::New(info.Env());
       o.Set("vocab", m.vocab());
       o.Set("threads", m.threads());
       o.Set("dtype", m.dtype() == DType::bf16 ? "bf16" : "f32");
       o.Set("weightBytes", double(m.weight_bytes()));
       o.Set("isa", isa_name(active_isa()));
+      o.Set("device", m.device());
+      o.Set("kvBlockTokens", m.kv_block_tokens());
       return o;
+    });
+  }
+
+  // setKvPoolBytes(bytes): the paged cache's pool (the GPU engine), while no sequence is alive.
+  void SetKvPoolBytes(const Napi::CallbackInfo& info) {
+    guard(info.Env(), [&] {
+      if (busy_->load()) throw std::invalid_argument("the model is busy");
+      const double bytes = info[0].As<Napi::Number>().DoubleValue();
+      if (!(bytes >= 1)) throw std::invalid_argument("setKvPoolBytes: bytes must be >= 1");
+      engine().set_kv_pool_bytes(size_t(bytes));
     });
   }
 
   // Frees the weights and threads; work in flight keeps its own reference and finishes first.
   void Dispose(const Napi::CallbackInfo&) {
     trainer_.reset();
+    engine_.reset();
     model_.reset();
   }
 
@@ -776,19 +815,12 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   void AddLora(const Napi::CallbackInfo& info) {
     guard(info.Env(), [&] {
       if (busy_->load() || trainer_) throw std::invalid_argument("the model is busy or training");
-      Model& m = model();
       const int layer = info[0].As<Napi::Number>().Int32Value();
       const std::string target = info[1].As<Napi::String>().Utf8Value();
       Napi::Float32Array a = info[2].As<Napi::Float32Array>(), b = info[3].As<Napi::Float32Array>();
       const long rank = info[4].As<Napi::Number>().Int64Value();
       const float scale = float(info[5].As<Napi::Number>().DoubleValue());
-      if (rank <= 0 || a.ElementLength() % rank || b.ElementLength() % rank) throw std::invalid_argument("LoRA shapes do not match the rank");
-      const std::string pre = "layers." + std::to_string(layer) + "." + target + ".";
-      Param* A = m.new_param(pre + "lora_A", {rank, long(a.ElementLength()) / rank});
-      Param* B = m.new_param(pre + "lora_B", {long(b.ElementLength()) / rank, rank});
-      A->value.assign(a.Data(), a.Data() + a.ElementLength());
-      B->value.assign(b.Data(), b.Data() + b.ElementLength());
-      m.add_lora(layer, target, A, B, scale);
+      engine().add_lora(layer, target, a.Data(), long(a.ElementLength()), b.Data(), long(b.ElementLength()), int(rank), scale);
     });
   }
 
@@ -796,15 +828,15 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   void SetTokenRows(const Napi::CallbackInfo& info) {
     guard(info.Env(), [&] {
       if (busy_->load() || trainer_) throw std::invalid_argument("the model is busy or training");
-      Model& m = model();
+      Engine& m = engine();
       const std::vector<int> tokens = parse_flags(info[0]);
-      Param* rows[2] = {nullptr, nullptr};
-      const char* names[2] = {"rf.embed", "rf.head"};
+      const float* rows[2] = {nullptr, nullptr};
       for (int i = 0; i < 2; ++i) {
         if (!info[1 + i].IsTypedArray()) continue;
         Napi::Float32Array d = info[1 + i].As<Napi::Float32Array>();
-        rows[i] = m.new_param(names[i], {long(d.ElementLength())}, false);
-        rows[i]->value.assign(d.Data(), d.Data() + d.ElementLength());
+        if (long(d.ElementLength()) != long(tokens.size()) * m.config().hidden)
+          throw std::invalid_argument("red-flag rows must have hidden_size elements per token");
+        rows[i] = d.Data();
       }
       m.set_token_rows(tokens, rows[0], rows[1]);
     });
@@ -813,14 +845,14 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   void ClearAdapters(const Napi::CallbackInfo& info) {
     guard(info.Env(), [&] {
       if (busy_->load() || trainer_) throw std::invalid_argument("the model is busy or training");
-      model().clear_adapters();
+      engine().clear_adapters();
     });
   }
 
   void SetAdapterEnabled(const Napi::CallbackInfo& info) {
     guard(info.Env(), [&] {
       if (busy_->load()) throw std::invalid_argument("the model is busy");
-      model().set_adapter_enabled(info[0].As<Napi::Boolean>().Value());
+      engine().set_adapter_enabled(info[0].As<Napi::Boolean>().Value());
     });
   }
 
@@ -842,9 +874,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
 
   std::shared_ptr<TrainerHandle> trainer_;
 
-  std::shared_ptr<Model> model_;
-  // Logits rows of decodeStep, kept between steps (calls never overlap: see busy_).
-  std::shared_ptr<std::vector<float>> logits_scratch_ = std::make_shared<std::vector<float>>();
+  std::shared_ptr<Engine> engine_;  // what inference calls go to (the CPU or the CUDA engine)
+  std::shared_ptr<Model> model_;    // the CPU engine's model (training, parameters); null on a GPU
   std::shared_ptr<std::atomic<bool>> busy_ = std::make_shared<std::atomic<bool>>(false);
 };
 
@@ -878,8 +909,8 @@ Napi::Value MemoryInfo(const Napi::CallbackInfo& info) {
 }
 
 #ifdef RF_HAVE_CUDA
-// cudaInfo() -> { count, name, smMajor, smMinor, memoryGiB, saxpyMaxError }: the smoke test
-// of the CUDA build (count 0 where no GPU is visible).
+// cudaInfo() -> { count, name, smMajor, smMinor, memoryGiB, error, saxpyMaxError }: the smoke
+// test of the CUDA build (count 0 and `error` saying why where no GPU is usable).
 Napi::Value CudaInfo(const Napi::CallbackInfo& info) {
   return guard(info.Env(), [&]() -> Napi::Value {
     const cuda::DeviceInfo d = cuda::device_info();
@@ -889,6 +920,7 @@ Napi::Value CudaInfo(const Napi::CallbackInfo& info) {
     o.Set("smMajor", d.sm_major);
     o.Set("smMinor", d.sm_minor);
     o.Set("memoryGiB", d.memory_gib);
+    o.Set("error", d.error);
     o.Set("saxpyMaxError", d.count > 0 ? cuda::smoke_saxpy(1 << 20) : -1.0);
     return o;
   });

@@ -1,23 +1,36 @@
-// Paged decode attention on the device (native/cuda/attention.h) against the CPU's
-// attention_row over the same keys gathered into a contiguous copy, on a GPU machine; elsewhere
-// it says no device was found and exits 0.
+// Paged attention and the paged-cache append on the device (native/cuda/attention.h,
+// native/cuda/paged_cache.h) against the CPU's attention_row over the same keys gathered into a
+// contiguous copy, on a GPU machine; elsewhere it says no device was found and exits 0.
 //
-// Cases: head_dim 64 / 80 / 128; GQA ratios 1, 3 and 8; sequences of 1, 15, 16, 17, 300 and
-// 1000 tokens in blocks of 16 (crossing block and 256-key split boundaries) whose block tables
-// come shuffled out of a BlockPool; no window and a 37-token sliding window. Both sides are f32
-// with max-subtracted softmaxes summed in different orders: outputs agree to
+// Decode cases: head_dim 64 / 80 / 128; GQA ratios 1, 3 and 8; sequences of 1, 15, 16, 17, 300
+// and 1000 tokens in blocks of 16 (crossing block and 256-key split boundaries) whose block
+// tables come shuffled out of a BlockPool; no window and a 37-token sliding window.
+// Prefill cases: the same grid of head_dim / GQA / window, plus head_dim 96 and 256 (the
+// widest register tile and the > 48 KiB shared-memory opt-in) and a 1-token window, over the
+// same six sequences with 1, 15, 7, 17, 300 and 129 new rows (so 16-token and 1000-token
+// caches are continued by a chunk, the others prefilled whole; 300 rows span ten 32-row query
+// tiles, and the 37-token window makes query tiles skip most key tiles); every new row of every
+// head is checked. Prefill with one new row per sequence is checked against decode_attention
+// on the same inputs. Outputs start as NaN, so a row the kernel forgot fails.
+// Both sides are f32 with max-subtracted softmaxes summed in different orders: outputs agree to
 // 2e-5 * (1 + |ref|) per element.
+// kv_append: rows of five sequences (empty, mid-block, block-aligned and long caches; one to
+// forty new tokens each), in shuffled order, from a padded fused-QKV buffer into a pool
+// prefilled with a sentinel; the whole pool must equal the host's placement bit for bit (the
+// slots it should not touch included).
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "cuda/attention.h"
 #include "cuda/cuda.h"
+#include "cuda/paged_cache.h"
 #include "kernels/ops.h"
 #include "model/block_pool.h"
 #include "tests/check.h"
@@ -102,6 +115,234 @@ void run_case(int head_dim, int n_kv_heads, int group, int window) {
                 std::to_string(window) + ": equals attention_row (max abs err " + std::to_string(worst) + ")");
 }
 
+// A paged cache of random keys and values for sequences of the given lengths, block tables
+// scattered through a BlockPool by interleaved growth (as in run_case), on host and device.
+struct Cache {
+  int B = 16, n_kv_heads = 0, head_dim = 0;
+  std::vector<int> lengths;
+  std::vector<rf::BlockTable> tables;
+  std::vector<float> k, v;
+  std::vector<int32_t> flat, offsets, lens;
+  float *dk = nullptr, *dv = nullptr;
+  int32_t *dtables = nullptr, *doffsets = nullptr, *dlens = nullptr;
+
+  Cache(const std::vector<int>& lengths_, int n_kv_heads_, int head_dim_)
+      : n_kv_heads(n_kv_heads_), head_dim(head_dim_), lengths(lengths_), tables(lengths_.size()) {
+    int total_blocks = 0, longest = 0;
+    for (int L : lengths) total_blocks += rf::BlockPool::blocks_for(L, B), longest = std::max(longest, L);
+    rf::BlockPool pool(total_blocks + 9, B);
+    for (int step = 1; step <= longest; step += 13)
+      for (size_t s = 0; s < lengths.size(); ++s) pool.grow(tables[s], std::min(step, lengths[s]));
+    for (size_t s = 0; s < lengths.size(); ++s) pool.grow(tables[s], lengths[s]);
+    std::normal_distribution<float> d(0.f, 1.f);
+    k.resize(size_t(pool.capacity()) * n_kv_heads * B * head_dim);
+    v.resize(k.size());
+    for (float& x : k) x = d(rng);
+    for (float& x : v) x = d(rng);
+    for (size_t s = 0; s < lengths.size(); ++s) {
+      offsets.push_back(int32_t(flat.size()));
+      flat.insert(flat.end(), tables[s].begin(), tables[s].end());
+      lens.push_back(lengths[s]);
+    }
+    dk = to_device(k), dv = to_device(v);
+    dtables = to_device(flat), doffsets = to_device(offsets), dlens = to_device(lens);
+  }
+  ~Cache() {
+    cudaFree(dk), cudaFree(dv), cudaFree(dtables), cudaFree(doffsets), cudaFree(dlens);
+  }
+  Cache(const Cache&) = delete;
+  Cache& operator=(const Cache&) = delete;
+
+  rf::cuda::PagedLayer layer() const { return {dk, dv, B, n_kv_heads, head_dim}; }
+  rf::cuda::PagedBatch batch() const {
+    return {dtables, doffsets, dlens, int(lengths.size()), *std::max_element(lengths.begin(), lengths.end())};
+  }
+  // Sequence s's keys (or values) of kv head kvh as a contiguous [lengths[s], head_dim] copy.
+  std::vector<float> gather(const std::vector<float>& kv, size_t s, int kvh) const {
+    std::vector<float> c(size_t(lengths[s]) * head_dim);
+    for (int j = 0; j < lengths[s]; ++j) {
+      const size_t base = ((size_t(tables[s][size_t(j / B)]) * n_kv_heads + kvh) * B + j % B) * head_dim;
+      std::copy_n(kv.data() + base, head_dim, c.data() + size_t(j) * head_dim);
+    }
+    return c;
+  }
+};
+
+// Whether the launches so far ran: a bad launch (too much shared memory, an illegal address)
+// shows here instead of as a wrong number.
+bool device_ok(const std::string& what) {
+  const cudaError_t e = cudaDeviceSynchronize();
+  const cudaError_t last = cudaGetLastError();
+  const cudaError_t err = e != cudaSuccess ? e : last;
+  check(err == cudaSuccess, what + ": kernels ran (" + cudaGetErrorString(err) + ")");
+  return err == cudaSuccess;
+}
+
+float* device_nan(size_t n) {
+  float* d = nullptr;
+  cudaMalloc(&d, std::max<size_t>(1, n) * sizeof(float));
+  cudaMemset(d, 0xff, n * sizeof(float));  // all-ones bits: a NaN, so an unwritten output fails
+  return d;
+}
+
+// Prefill attention of n_new[s] new rows at the end of each sequence's cache against
+// attention_row over each row's visible keys.
+void prefill_case(int head_dim, int n_kv_heads, int group, int window, const std::vector<int>& lengths,
+                  const std::vector<int>& n_new) {
+  const int n_heads = n_kv_heads * group;
+  const std::string name = "paged prefill attention head_dim=" + std::to_string(head_dim) + " GQA " + std::to_string(group) +
+                           " window " + std::to_string(window);
+  Cache cache(lengths, n_kv_heads, head_dim);
+  std::vector<int32_t> row_offsets, news;
+  int total_rows = 0;
+  for (int n : n_new) row_offsets.push_back(total_rows), news.push_back(n), total_rows += n;
+  const int max_new = *std::max_element(n_new.begin(), n_new.end());
+  std::normal_distribution<float> d(0.f, 1.f);
+  std::vector<float> q(size_t(total_rows) * n_heads * head_dim);
+  for (float& x : q) x = d(rng);
+  const float scale = 1.f / std::sqrt(float(head_dim));
+
+  float *dq = to_device(q), *dout = device_nan(q.size());
+  int32_t *drow_offsets = to_device(row_offsets), *dn_new = to_device(news);
+  rf::cuda::prefill_attention(dout, dq, cache.layer(), cache.batch(), drow_offsets, dn_new, total_rows, max_new, n_heads, scale,
+                              window, nullptr);
+  const bool ran = device_ok(name);
+  std::vector<float> out(q.size());
+  cudaMemcpy(out.data(), dout, out.size() * sizeof(float), cudaMemcpyDeviceToHost);
+  cudaFree(dq), cudaFree(dout), cudaFree(drow_offsets), cudaFree(dn_new);
+  if (!ran) return;
+
+  double worst = 0;
+  bool ok = true;
+  std::vector<float> ref(head_dim), scores;
+  for (size_t s = 0; s < lengths.size(); ++s) {
+    for (int kvh = 0; kvh < n_kv_heads; ++kvh) {
+      const std::vector<float> kc = cache.gather(cache.k, s, kvh), vc = cache.gather(cache.v, s, kvh);
+      for (int r = 0; r < n_new[s]; ++r) {
+        const int p = lengths[s] - n_new[s] + r, first = window > 0 ? std::max(0, p + 1 - window) : 0, n = p + 1 - first;
+        scores.resize(size_t(n));
+        for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
+          const size_t row = (size_t(row_offsets[s] + r) * n_heads + h) * head_dim;
+          rf::attention_row(ref.data(), q.data() + row, kc.data() + size_t(first) * head_dim, vc.data() + size_t(first) * head_dim,
+                            head_dim, n, head_dim, scale, scores.data());
+          for (int i = 0; i < head_dim; ++i) {
+            const double e = std::fabs(double(out[row + i]) - ref[i]);
+            worst = std::max(worst, std::isnan(e) ? INFINITY : e);
+            ok &= e <= 2e-5 * (1 + std::fabs(ref[i]));
+          }
+        }
+      }
+    }
+  }
+  check(ok, name + ": equals attention_row on every new row (max abs err " + std::to_string(worst) + ")");
+}
+
+// Prefill with one new row per sequence is a decode step: both kernels on the same cache and q.
+void prefill_decode_case(int head_dim, int n_kv_heads, int group, int window) {
+  const int n_heads = n_kv_heads * group;
+  const std::vector<int> lengths{1, 15, 16, 17, 300, 1000};
+  const int n_seqs = int(lengths.size());
+  Cache cache(lengths, n_kv_heads, head_dim);
+  std::normal_distribution<float> d(0.f, 1.f);
+  std::vector<float> q(size_t(n_seqs) * n_heads * head_dim);
+  for (float& x : q) x = d(rng);
+  std::vector<int32_t> row_offsets, ones(size_t(n_seqs), 1);
+  for (int s = 0; s < n_seqs; ++s) row_offsets.push_back(s);
+  const float scale = 1.f / std::sqrt(float(head_dim));
+  const rf::cuda::PagedBatch batch = cache.batch();
+
+  float *dq = to_device(q), *dprefill = device_nan(q.size()), *ddecode = device_nan(q.size()), *dscratch = nullptr;
+  int32_t *drow_offsets = to_device(row_offsets), *dones = to_device(ones);
+  cudaMalloc(&dscratch, rf::cuda::decode_attention_scratch(n_seqs, n_heads, head_dim, batch.max_length) * sizeof(float));
+  rf::cuda::prefill_attention(dprefill, dq, cache.layer(), batch, drow_offsets, dones, n_seqs, 1, n_heads, scale, window, nullptr);
+  rf::cuda::decode_attention(ddecode, dq, cache.layer(), batch, n_heads, scale, window, dscratch, nullptr);
+  const std::string name = "paged prefill with n_new 1 head_dim=" + std::to_string(head_dim) + " GQA " + std::to_string(group) +
+                           " window " + std::to_string(window);
+  const bool ran = device_ok(name);
+  std::vector<float> pre(q.size()), dec(q.size());
+  cudaMemcpy(pre.data(), dprefill, pre.size() * sizeof(float), cudaMemcpyDeviceToHost);
+  cudaMemcpy(dec.data(), ddecode, dec.size() * sizeof(float), cudaMemcpyDeviceToHost);
+  cudaFree(dq), cudaFree(dprefill), cudaFree(ddecode), cudaFree(dscratch), cudaFree(drow_offsets), cudaFree(dones);
+  if (!ran) return;
+  // Different tilings sum in different orders: the same 2e-5 * (1 + |decode|) as against the CPU.
+  double worst = 0;
+  bool ok = true;
+  for (size_t i = 0; i < pre.size(); ++i) {
+    const double e = std::fabs(double(pre[i]) - dec[i]);
+    worst = std::max(worst, std::isnan(e) ? INFINITY : e);
+    ok &= e <= 2e-5 * (1 + std::fabs(dec[i]));
+  }
+  check(ok, name + ": equals decode_attention (max abs err " + std::to_string(worst) + ")");
+}
+
+// kv_append: every new row's k and v land in their (block, slot), nothing else changes.
+void kv_append_case() {
+  const int n_kv_heads = 2, head_dim = 80, n_heads = 4, B = 16;
+  const std::vector<int> before{0, 5, 16, 31, 200}, added{3, 12, 1, 40, 1};
+  const int n_seqs = int(before.size());
+  int total_blocks = 0, longest = 0;
+  for (int s = 0; s < n_seqs; ++s) {
+    total_blocks += rf::BlockPool::blocks_for(before[s] + added[s], B);
+    longest = std::max(longest, before[s] + added[s]);
+  }
+  rf::BlockPool pool(total_blocks + 5, B);
+  std::vector<rf::BlockTable> tables(before.size());
+  for (int step = 1; step <= longest; step += 7)
+    for (int s = 0; s < n_seqs; ++s) pool.grow(tables[size_t(s)], std::min(step, before[s] + added[s]));
+  std::vector<int32_t> flat, offsets;
+  for (int s = 0; s < n_seqs; ++s) {
+    offsets.push_back(int32_t(flat.size()));
+    flat.insert(flat.end(), tables[size_t(s)].begin(), tables[size_t(s)].end());
+  }
+  // The batch's rows: every new token of every sequence, shuffled (the kernel takes any order).
+  std::vector<int32_t> row_seq, row_pos;
+  for (int s = 0; s < n_seqs; ++s)
+    for (int p = before[s]; p < before[s] + added[s]; ++p) row_seq.push_back(s), row_pos.push_back(p);
+  std::vector<size_t> order(row_seq.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::shuffle(order.begin(), order.end(), rng);
+  std::vector<int32_t> seq_shuffled, pos_shuffled;
+  for (size_t i : order) seq_shuffled.push_back(row_seq[i]), pos_shuffled.push_back(row_pos[i]);
+  const int rows = int(order.size());
+
+  // A fused QKV buffer with q first, then k, then v, and 3 floats of padding per row (an odd
+  // stride: no alignment assumed).
+  const int k_offset = n_heads * head_dim, v_offset = k_offset + n_kv_heads * head_dim;
+  const long row_stride = v_offset + n_kv_heads * head_dim + 3;
+  std::normal_distribution<float> d(0.f, 1.f);
+  std::vector<float> qkv(size_t(rows) * row_stride);
+  for (float& x : qkv) x = d(rng);
+  const size_t pool_floats = size_t(pool.capacity()) * n_kv_heads * B * head_dim;
+  std::vector<float> k_want(pool_floats, -1234.5f), v_want(pool_floats, -1234.5f);
+  float *dk = to_device(k_want), *dv = to_device(v_want), *dqkv = to_device(qkv);
+  for (int r = 0; r < rows; ++r) {
+    const int s = seq_shuffled[size_t(r)], p = pos_shuffled[size_t(r)];
+    for (int h = 0; h < n_kv_heads; ++h) {
+      const size_t dst = ((size_t(tables[size_t(s)][size_t(p / B)]) * n_kv_heads + h) * B + p % B) * head_dim;
+      const size_t src = size_t(r) * row_stride + size_t(h) * head_dim;
+      std::copy_n(qkv.data() + src + k_offset, head_dim, k_want.data() + dst);
+      std::copy_n(qkv.data() + src + v_offset, head_dim, v_want.data() + dst);
+    }
+  }
+  int32_t *dseq = to_device(seq_shuffled), *dpos = to_device(pos_shuffled), *dtables = to_device(flat),
+          *doffsets = to_device(offsets);
+  rf::cuda::kv_append(dk, dv, dqkv, row_stride, k_offset, v_offset, dseq, dpos, dtables, doffsets, rows, n_kv_heads, head_dim, B,
+                      nullptr);
+  const bool ran = device_ok("kv_append");
+  std::vector<float> k_got(pool_floats), v_got(pool_floats);
+  cudaMemcpy(k_got.data(), dk, pool_floats * sizeof(float), cudaMemcpyDeviceToHost);
+  cudaMemcpy(v_got.data(), dv, pool_floats * sizeof(float), cudaMemcpyDeviceToHost);
+  for (void* p : {static_cast<void*>(dk), static_cast<void*>(dv), static_cast<void*>(dqkv), static_cast<void*>(dseq),
+                  static_cast<void*>(dpos), static_cast<void*>(dtables), static_cast<void*>(doffsets)})
+    cudaFree(p);
+  if (!ran) return;
+  size_t wrong = 0;
+  for (size_t i = 0; i < pool_floats; ++i)
+    wrong += std::memcmp(&k_got[i], &k_want[i], sizeof(float)) != 0 || std::memcmp(&v_got[i], &v_want[i], sizeof(float)) != 0;
+  check(wrong == 0, "kv_append: " + std::to_string(rows) + " rows of 5 sequences land in their slots exactly, nothing else written (" +
+                        std::to_string(wrong) + " of " + std::to_string(pool_floats) + " floats differ)");
+}
+
 }  // namespace
 
 int main() {
@@ -113,5 +354,16 @@ int main() {
   for (int hd : {64, 80, 128})
     for (int group : {1, 3, 8})
       for (int window : {0, 37}) run_case(hd, 2, group, window);
+
+  const std::vector<int> lengths{1, 15, 16, 17, 300, 1000}, n_new{1, 15, 7, 17, 300, 129};
+  for (int hd : {64, 80, 128})
+    for (int group : {1, 3, 8})
+      for (int window : {0, 37}) prefill_case(hd, 2, group, window, lengths, n_new);
+  prefill_case(96, 2, 2, 0, lengths, n_new);
+  prefill_case(256, 2, 4, 37, lengths, n_new);
+  prefill_case(64, 2, 1, 1, lengths, n_new);
+  for (int hd : {64, 128})
+    for (int window : {0, 37}) prefill_decode_case(hd, 2, 3, window);
+  kv_append_case();
   return rf::test::finish("cuda_attention");
 }

@@ -55,9 +55,9 @@ struct WeightScales {
 // Loads every tensor m's config calls for (tied/untied head, GPT-2 positions and [in, out]
 // linears, LayerNorm biases, the configured linear biases), filling each one with
 // fill(float* data, size_t n, float mean, float sd) in a fixed order: the same fill gives
-// the same model.
-template <class Fill>
-void load_random(rf::Model& m, const WeightScales& s, Fill&& fill) {
+// the same model. M: rf::Model, or any engine with its config() and load_tensor() (the CUDA one).
+template <class M, class Fill>
+void load_random(M& m, const WeightScales& s, Fill&& fill) {
   const rf::ModelConfig& c = m.config();
   auto add = [&](const std::string& name, std::vector<long> shape, float sd, float mean = 0.f, bool kn = false) {
     long n = 1;
@@ -94,7 +94,8 @@ void load_random(rf::Model& m, const WeightScales& s, Fill&& fill) {
 }
 
 // Normal weights from std::mt19937(seed).
-inline void load_random(rf::Model& m, unsigned seed, const WeightScales& s = {}) {
+template <class M>
+void load_random(M& m, unsigned seed, const WeightScales& s = {}) {
   std::mt19937 rng(seed);
   load_random(m, s, [&](float* v, size_t n, float mean, float sd) { fill_normal(rng, v, n, sd, mean); });
 }

@@ -1,0 +1,55 @@
+/**
+ * Where a model runs: `cpu` (the default) or an NVIDIA GPU, `cuda` (device 0) or `cuda:N`.
+ * The CUDA engine lives in the CUDA build of the addon (`npm run build:cuda`); asking for it
+ * where it cannot run fails here, before any weight is read, with one error that says which of
+ * the build, the driver or the device is missing.
+ * @module
+ */
+import { RedflagError } from '../errors.js';
+import { loadNative, type NativeAddon } from '../native.js';
+
+/** A device as the options and the CLI spell it: `cpu`, `cuda` or `cuda:N`. */
+export type DeviceSpec = 'cpu' | 'cuda' | `cuda:${number}`;
+
+/** A parsed device: the engine's index is -1 for the CPU. */
+export interface Device {
+  kind: 'cpu' | 'cuda';
+  /** CUDA device ordinal; -1 for the CPU. */
+  index: number;
+  /** As the user wrote it, normalised: `cpu` or `cuda:N`. */
+  name: string;
+}
+
+export const CPU: Device = { kind: 'cpu', index: -1, name: 'cpu' };
+
+/** Parses `cpu`, `cuda` or `cuda:N`; `field` names the option in the error. */
+export function parseDevice(value: unknown, field = 'device'): Device {
+  if (value === undefined || value === 'cpu') return CPU;
+  const m = typeof value === 'string' ? /^cuda(?::(\d{1,3}))?$/.exec(value) : null;
+  if (!m) throw new RedflagError('INVALID_ARGUMENT', `${field} must be 'cpu', 'cuda' or 'cuda:N' (N a device number), got ${JSON.stringify(value)}`);
+  const index = m[1] === undefined ? 0 : Number(m[1]);
+  return { kind: 'cuda', index, name: `cuda:${index}` };
+}
+
+/**
+ * The addon that runs `device`, checked: for the CPU the default addon; for CUDA the CUDA build,
+ * which must have been compiled with nvcc and must see a usable GPU with that ordinal.
+ */
+export function addonFor(device: Device): NativeAddon {
+  return device.kind === 'cpu' ? loadNative() : checkCudaAddon(loadNative('cuda'), device);
+}
+
+/** The checks of {@link addonFor} on a loaded CUDA build. @internal */
+export function checkCudaAddon(addon: NativeAddon, device: Device): NativeAddon {
+  if (!addon.cudaInfo) {
+    throw new RedflagError('NATIVE', `device '${device.name}': the CUDA build of the addon was compiled without CUDA (nvcc was not found when \`npm run build:cuda\` ran); rebuild it on a machine with the CUDA toolkit`);
+  }
+  const info = addon.cudaInfo();
+  if (info.count === 0) {
+    throw new RedflagError('NATIVE', `device '${device.name}': no usable CUDA device (${info.error || 'the runtime reports none'}): a missing or too old NVIDIA driver, or no GPU on this machine`);
+  }
+  if (device.index >= info.count) {
+    throw new RedflagError('INVALID_ARGUMENT', `device '${device.name}': only ${info.count} CUDA device${info.count === 1 ? '' : 's'} visible (cuda:0${info.count > 1 ? `..cuda:${info.count - 1}` : ''})`);
+  }
+  return addon;
+}

@@ -1,0 +1,773 @@
+// The CUDA model engine (see device_model.h). One forward, as Model::run_forward:
+//   x = embed(tokens) (+ flag rows, + learned positions)                         [R, H]
+//   per layer:  xn = norm(x); qkv = xn Wqkv^T (+ b, + LoRA)                       [R, QKV]
+//               rope(q, k); append k, v to the paged cache; att = attention(q)   [R, Q]
+//               x += att Wo^T;  xn = norm(x);  x += act(xn Wmlp_in^T) Wmlp_out^T
+//   final norm on the rows wanted, then the LM head (the flag rows replaced)     [rows, V]
+// R: the new tokens of all sequences; rows: R, or one per sequence. Everything runs on one
+// stream; the host waits once, at the end (or per layer when progress is asked for).
+#include "cuda/device_model.h"
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
+
+#include "cuda/attention.h"
+#include "cuda/gemm.h"
+#include "cuda/model_ops.h"
+#include "cuda/ops.h"
+#include "cuda/paged_cache.h"
+#include "model/rope.h"
+
+namespace rf::cuda {
+
+namespace {
+
+constexpr int kBlockTokens = DeviceModel::kBlockTokens;
+constexpr long kScoreChunk = 256;  // LM-head rows per chunk in token_scores
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("CUDA ") + what + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")");
+}
+
+cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
+
+std::string shape_str(const std::vector<long>& shape) {
+  std::ostringstream s;
+  s << "[";
+  for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
+  s << "]";
+  return s.str();
+}
+
+void expect_shape(const std::string& name, const std::vector<long>& got, const std::vector<long>& want) {
+  if (got != want)
+    throw std::invalid_argument("tensor " + name + " has shape " + shape_str(got) + ", expected " + shape_str(want));
+}
+
+}  // namespace
+
+// Device memory that frees itself. ensure() grows it (contents not kept): scratch that reaches
+// its working size in the first calls and is then reused.
+class Buffer {
+ public:
+  Buffer() = default;
+  ~Buffer() { reset(); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  Buffer(Buffer&& o) noexcept : p_(o.p_), bytes_(o.bytes_) { o.p_ = nullptr, o.bytes_ = 0; }
+  Buffer& operator=(Buffer&& o) noexcept {
+    if (this != &o) {
+      reset();
+      p_ = o.p_, bytes_ = o.bytes_;
+      o.p_ = nullptr, o.bytes_ = 0;
+    }
+    return *this;
+  }
+  void* ensure(size_t bytes) {
+    if (bytes > bytes_) {
+      reset();
+      check(cudaMalloc(&p_, bytes), "cudaMalloc");
+      bytes_ = bytes;
+    }
+    return p_;
+  }
+  // A copy of host memory (synchronous: weights and adapters, uploaded once).
+  void upload(const void* host, size_t bytes) {
+    ensure(bytes);
+    check(cudaMemcpy(p_, host, bytes, cudaMemcpyHostToDevice), "cudaMemcpy (upload)");
+  }
+  void reset() {
+    if (p_) cudaFree(p_);
+    p_ = nullptr, bytes_ = 0;
+  }
+  template <class T = float>
+  T* get() const { return static_cast<T*>(p_); }
+  size_t bytes() const { return bytes_; }
+  bool empty() const { return p_ == nullptr; }
+
+ private:
+  void* p_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// Host int32 arrays of one forward, uploaded on the stream.
+template <class T>
+T* upload_async(Buffer& b, const std::vector<T>& v, cudaStream_t s) {
+  b.ensure(std::max<size_t>(1, v.size()) * sizeof(T));
+  if (!v.empty()) check(cudaMemcpyAsync(b.get(), v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
+  return b.get<T>();
+}
+
+// The KV blocks of every layer: per layer, K then V, each [n_blocks][n_kv_heads][block][head_dim]
+// f32 (PagedLayer's layout). The block pool's bookkeeping is shared by the JavaScript thread
+// (new, reserve, dispose) and the worker running a forward, so it takes a lock.
+class KvPool {
+ public:
+  KvPool(const ModelConfig& c, size_t bytes)
+      : layers_(c.n_layers), per_block_(long(c.n_kv_heads) * kBlockTokens * c.head_dim),
+        blocks_(int(bytes / block_bytes_of(c)), kBlockTokens) {
+    if (blocks_.capacity() == 0)
+      throw std::invalid_argument("KV pool of " + std::to_string(bytes) + " bytes holds no block of " +
+                                  std::to_string(block_bytes_of(c)) + " bytes");
+    mem_.ensure(size_t(blocks_.capacity()) * block_bytes());
+  }
+  static size_t block_bytes_of(const ModelConfig& c) {
+    return size_t(2) * c.n_layers * c.n_kv_heads * kBlockTokens * c.head_dim * sizeof(float);
+  }
+  size_t block_bytes() const { return size_t(2) * layers_ * per_block_ * sizeof(float); }
+  float* k(int layer) const { return mem_.get() + size_t(2 * layer) * blocks_.capacity() * per_block_; }
+  float* v(int layer) const { return mem_.get() + size_t(2 * layer + 1) * blocks_.capacity() * per_block_; }
+  bool grow(BlockTable& t, long tokens) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return blocks_.grow(t, tokens);
+  }
+  void shrink(BlockTable& t, long tokens) {
+    std::lock_guard<std::mutex> lock(mu_);
+    blocks_.shrink(t, tokens);
+  }
+  int free_blocks() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return blocks_.free_count();
+  }
+
+ private:
+  int layers_;
+  long per_block_;
+  std::mutex mu_;
+  BlockPool blocks_;
+  Buffer mem_;
+};
+
+DeviceSequence::~DeviceSequence() { pool_->shrink(table_, 0); }
+long DeviceSequence::capacity() const { return long(table_.size()) * kBlockTokens; }
+size_t DeviceSequence::bytes() const { return table_.size() * pool_->block_bytes(); }
+void DeviceSequence::reserve(long n) {
+  if (!pool_->grow(table_, n))
+    throw std::runtime_error("the GPU KV pool is full: " + std::to_string(n) + " positions need " +
+                             std::to_string(BlockPool::blocks_for(n, kBlockTokens) - long(table_.size())) +
+                             " more blocks, " + std::to_string(pool_->free_blocks()) + " are free");
+}
+void DeviceSequence::truncate(long n) {
+  if (n < 0 || n > length_) throw std::out_of_range("truncate: length out of range");
+  length_ = n;
+  pool_->shrink(table_, n);
+}
+
+struct DLinear {
+  struct Lora {
+    int offset = 0, out = 0, rank = 0;
+    Buffer A;  // [rank, in] f32
+    Buffer B;  // [out, rank] f32, times the adapter's scale
+  };
+  Buffer w;     // [out, in] in the engine's dtype
+  Buffer bias;  // [out] f32, or empty
+  int out = 0, in = 0;
+  std::vector<Lora> lora;
+};
+
+struct DNorm {
+  Buffer w, b;  // [hidden] f32; b only for LayerNorm
+};
+
+struct DLayer {
+  DNorm attn_norm, mlp_norm;
+  DLinear qkv, o, mlp_in, mlp_out;
+};
+
+struct DeviceWeights {
+  std::vector<DLayer> layers;
+  DNorm final_norm;
+  Buffer embed;     // [vocab, hidden] engine dtype; with tied embeddings also the LM head
+  Buffer lm_head;   // [vocab, hidden] engine dtype, untied models only
+  long embed_rows = 0, head_rows = 0;
+  Buffer pos_embed;  // [positions, hidden] f32 (GPT-2)
+  std::vector<int> flag_tokens;
+  Buffer flag_ids, flag_embed, flag_head;  // int32 [K]; f32 [K, hidden] each (either may be empty)
+};
+
+struct DeviceScratch {
+  Buffer x, xn, xb, qkv, q, att, mlp, act, lora_u, lora_d, last, logits, cos, sin, delta, attn;
+  Buffer tokens, positions, row_seq, row_pos, tables, table_offsets, lengths, row_offsets, n_new, last_rows;
+  Buffer pick_params, flags, picked, logprob, p_rf, p_flags, next;
+};
+
+DeviceModel::DeviceModel(const ModelConfig& config, DType dtype, int device)
+    : config_(config), dtype_(dtype), device_(device) {
+  config_.validate();
+  check(cudaSetDevice(device_), "cudaSetDevice");
+  cudaStream_t s = nullptr;
+  check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
+  stream_ = s;
+  w_ = std::make_unique<DeviceWeights>();
+  w_->layers.resize(config_.n_layers);
+  s_ = std::make_unique<DeviceScratch>();
+  gemm_ = std::make_unique<GemmContext>();
+}
+
+DeviceModel::~DeviceModel() {
+  cudaSetDevice(device_);
+  if (stream_) cudaStreamSynchronize(as_stream(stream_));
+  gemm_.reset();
+  s_.reset();
+  w_.reset();
+  pool_.reset();  // the sequences still alive keep the pool's memory until they go
+  if (stream_) cudaStreamDestroy(as_stream(stream_));
+}
+
+size_t DeviceModel::weight_bytes() const {
+  size_t total = w_->embed.bytes() + w_->lm_head.bytes() + w_->pos_embed.bytes() + w_->final_norm.w.bytes() +
+                 w_->final_norm.b.bytes();
+  for (const DLayer& l : w_->layers) {
+    total += l.attn_norm.w.bytes() + l.attn_norm.b.bytes() + l.mlp_norm.w.bytes() + l.mlp_norm.b.bytes();
+    for (const DLinear* lin : {&l.qkv, &l.o, &l.mlp_in, &l.mlp_out}) total += lin->w.bytes() + lin->bias.bytes();
+  }
+  return total;
+}
+
+namespace {
+
+// [rows, cols] row-major in the engine's dtype, from the source ([cols, rows] when src_is_kn).
+void upload_matrix(Buffer& dst, const void* data, SrcType type, long rows, long cols, bool src_is_kn, DType dtype) {
+  const long n = rows * cols;
+  auto at = [&](long r, long c) { return src_load(data, type, src_is_kn ? c * rows + r : r * cols + c); };
+  if (dtype == DType::f32) {
+    std::vector<float> h(static_cast<size_t>(n));
+    for (long r = 0; r < rows; ++r)
+      for (long c = 0; c < cols; ++c) h[size_t(r * cols + c)] = at(r, c);
+    dst.upload(h.data(), h.size() * sizeof(float));
+  } else {
+    std::vector<uint16_t> h(static_cast<size_t>(n));
+    for (long r = 0; r < rows; ++r)
+      for (long c = 0; c < cols; ++c) h[size_t(r * cols + c)] = rf::f32_to_bf16(at(r, c));
+    dst.upload(h.data(), h.size() * sizeof(uint16_t));
+  }
+}
+
+void upload_vector(Buffer& dst, const void* data, SrcType type, long n) {
+  std::vector<float> h(static_cast<size_t>(n));
+  for (long i = 0; i < n; ++i) h[size_t(i)] = src_load(data, type, i);
+  dst.upload(h.data(), h.size() * sizeof(float));
+}
+
+}  // namespace
+
+void DeviceModel::load_tensor(const std::string& name, const void* data, SrcType type, const std::vector<long>& shape,
+                              bool src_is_kn) {
+  check(cudaSetDevice(device_), "cudaSetDevice");
+  const ModelConfig& c = config_;
+  const long H = c.hidden;
+  DeviceWeights& w = *w_;
+  if (name == "embed" || name == "lm_head") {
+    if (shape.size() != 2 || shape[1] != H || shape[0] <= 0)
+      throw std::invalid_argument("tensor " + name + " has shape " + shape_str(shape) + ", expected [vocab, " +
+                                  std::to_string(H) + "]");
+    if (name == "lm_head" && c.tied_embeddings) throw std::invalid_argument("tensor lm_head given for a model with tied embeddings");
+    if (name == "embed") {
+      upload_matrix(w.embed, data, type, shape[0], H, false, dtype_);
+      w.embed_rows = shape[0];
+    } else {
+      upload_matrix(w.lm_head, data, type, shape[0], H, false, dtype_);
+      w.head_rows = shape[0];
+    }
+    config_.vocab = int(shape[0]);
+    return;
+  }
+  if (name == "pos_embed") {
+    expect_shape(name, shape, {c.max_positions, H});
+    return upload_vector(w.pos_embed, data, type, c.max_positions * H);
+  }
+  auto vector = [&](Buffer& b, long n) {
+    expect_shape(name, shape, {n});
+    upload_vector(b, data, type, n);
+  };
+  if (name == "final_norm.weight") return vector(w.final_norm.w, H);
+  if (name == "final_norm.bias") return vector(w.final_norm.b, H);
+
+  int layer = -1;
+  char part[32] = {0}, kind[16] = {0};
+  if (std::sscanf(name.c_str(), "layers.%d.%31[a-z_].%15s", &layer, part, kind) != 3 || layer < 0 || layer >= c.n_layers)
+    throw std::invalid_argument("unknown tensor name " + name);
+  DLayer& L = w.layers[size_t(layer)];
+  const std::string p = part, k = kind;
+  if (p == "attn_norm" || p == "mlp_norm") {
+    DNorm& n = p == "attn_norm" ? L.attn_norm : L.mlp_norm;
+    if (k == "weight") return vector(n.w, H);
+    if (k == "bias") return vector(n.b, H);
+  }
+  const long mlp_in_rows = c.act == Activation::silu ? 2L * c.intermediate : c.intermediate;
+  struct { const char* part; DLinear* lin; long out, in; } linears[] = {
+      {"qkv", &L.qkv, c.qkv_dim(), H},
+      {"o", &L.o, H, c.q_dim()},
+      {"mlp_in", &L.mlp_in, mlp_in_rows, H},
+      {"mlp_out", &L.mlp_out, H, c.intermediate},
+  };
+  for (auto& e : linears) {
+    if (p != e.part) continue;
+    if (k == "weight") {
+      expect_shape(name, shape, src_is_kn ? std::vector<long>{e.in, e.out} : std::vector<long>{e.out, e.in});
+      upload_matrix(e.lin->w, data, type, e.out, e.in, src_is_kn, dtype_);
+      e.lin->out = int(e.out);
+      e.lin->in = int(e.in);
+      return;
+    }
+    if (k == "bias") return vector(e.lin->bias, e.out);
+  }
+  throw std::invalid_argument("unknown tensor name " + name);
+}
+
+void DeviceModel::check_complete() const {
+  const ModelConfig& c = config_;
+  const DeviceWeights& w = *w_;
+  std::vector<std::string> missing;
+  const bool layer_norm = c.norm == NormType::layer;
+  if (w.embed.empty()) missing.push_back("embed");
+  if (!c.tied_embeddings && w.lm_head.empty()) missing.push_back("lm_head");
+  if (c.arch == Arch::gpt2 && w.pos_embed.empty()) missing.push_back("pos_embed");
+  if (w.final_norm.w.empty()) missing.push_back("final_norm.weight");
+  if (layer_norm && w.final_norm.b.empty()) missing.push_back("final_norm.bias");
+  for (int i = 0; i < c.n_layers; ++i) {
+    const DLayer& L = w.layers[size_t(i)];
+    const std::string pre = "layers." + std::to_string(i) + ".";
+    for (auto [n, norm] : {std::pair{"attn_norm", &L.attn_norm}, std::pair{"mlp_norm", &L.mlp_norm}}) {
+      if (norm->w.empty()) missing.push_back(pre + n + ".weight");
+      if (layer_norm && norm->b.empty()) missing.push_back(pre + n + ".bias");
+    }
+    struct { const char* n; const DLinear* lin; bool bias; } linears[] = {
+        {"qkv", &L.qkv, c.qkv_bias}, {"o", &L.o, c.o_bias}, {"mlp_in", &L.mlp_in, c.mlp_bias}, {"mlp_out", &L.mlp_out, c.mlp_bias}};
+    for (auto& e : linears) {
+      if (e.lin->w.empty()) missing.push_back(pre + e.n + ".weight");
+      if (e.bias && e.lin->bias.empty()) missing.push_back(pre + e.n + ".bias");
+    }
+  }
+  if (!c.tied_embeddings && !w.embed.empty() && !w.lm_head.empty() && w.embed_rows != w.head_rows)
+    throw std::invalid_argument("embed has " + std::to_string(w.embed_rows) + " rows but lm_head has " + std::to_string(w.head_rows));
+  if (missing.empty()) return;
+  std::string msg = "model weights incomplete, missing:";
+  for (size_t i = 0; i < missing.size() && i < 12; ++i) msg += " " + missing[i];
+  if (missing.size() > 12) msg += " (and " + std::to_string(missing.size() - 12) + " more)";
+  throw std::invalid_argument(msg);
+}
+
+void DeviceModel::set_kv_pool_bytes(size_t bytes) {
+  if (pool_ && pool_.use_count() > 1)
+    throw std::invalid_argument("the KV pool cannot be resized while sequences hold blocks of it");
+  pool_.reset();  // the next sequence allocates the new size
+  kv_pool_bytes_ = bytes;
+}
+
+std::shared_ptr<DeviceSequence> DeviceModel::new_sequence() {
+  check(cudaSetDevice(device_), "cudaSetDevice");
+  if (!pool_) pool_ = std::make_shared<KvPool>(config_, kv_pool_bytes_);
+  return std::shared_ptr<DeviceSequence>(new DeviceSequence(pool_));
+}
+
+void DeviceModel::check_items(const std::vector<DeviceItem>& items) const {
+  const ModelConfig& c = config_;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const DeviceItem& it = items[i];
+    if (!it.seq || it.seq->pool_ != pool_) throw std::invalid_argument("a sequence belongs to another model");
+    for (size_t j = 0; j < i; ++j)
+      if (items[j].seq == it.seq) throw std::invalid_argument("the same sequence is given twice");
+    if (it.n_tokens < 0) throw std::invalid_argument("negative token count");
+    for (int t = 0; t < it.n_tokens; ++t)
+      if (it.tokens[t] >= uint32_t(c.vocab))
+        throw std::out_of_range("token id " + std::to_string(it.tokens[t]) + " is outside the vocabulary (size " +
+                                std::to_string(c.vocab) + ")");
+    if (c.arch == Arch::gpt2 && it.seq->length() + it.n_tokens > c.max_positions)
+      throw std::out_of_range("sequence of " + std::to_string(it.seq->length() + it.n_tokens) +
+                              " tokens exceeds the model's " + std::to_string(c.max_positions) + " positions");
+  }
+}
+
+const float* DeviceModel::run(const std::vector<DeviceItem>& items, LogitsMode mode, const std::atomic<int>* cancel,
+                              const std::function<void(int, int)>& progress) {
+  check(cudaSetDevice(device_), "cudaSetDevice");
+  check_complete();
+  check_items(items);
+  const ModelConfig& c = config_;
+  const cudaStream_t st = as_stream(stream_);
+  DeviceScratch& s = *s_;
+  const DeviceWeights& w = *w_;
+  const int n = int(items.size());
+  long R = 0;
+  for (const DeviceItem& it : items) R += it.n_tokens;
+  if (R == 0) return nullptr;
+  const long H = c.hidden, QKV = c.qkv_dim(), Q = c.q_dim(), KV = c.kv_dim(), hd = c.head_dim, V = c.vocab;
+  const long I = c.intermediate, MLP_IN = c.act == Activation::silu ? 2 * I : I;
+
+  // Room in the pool for every new token, before anything runs (a full pool fails here whole).
+  for (const DeviceItem& it : items) it.seq->reserve(it.seq->length() + it.n_tokens);
+
+  // Per-row and per-sequence tables on the host.
+  std::vector<int32_t> tokens, positions, row_seq, row_pos, tables, table_offsets, lengths, row_offsets, n_new, last_rows;
+  tokens.reserve(size_t(R));
+  int max_new = 0, max_length = 0;
+  bool all_one = true;
+  for (int i = 0; i < n; ++i) {
+    const DeviceItem& it = items[size_t(i)];
+    const long L0 = it.seq->length();
+    row_offsets.push_back(int32_t(tokens.size()));
+    for (int t = 0; t < it.n_tokens; ++t) {
+      tokens.push_back(int32_t(it.tokens[t]));
+      positions.push_back(int32_t(L0 + t));
+      row_seq.push_back(i);
+      row_pos.push_back(int32_t(L0 + t));
+    }
+    if (it.n_tokens > 0) last_rows.push_back(int32_t(tokens.size() - 1));
+    else last_rows.push_back(std::max(0, int32_t(tokens.size()) - 1));  // no new token: no logits row of its own
+    table_offsets.push_back(int32_t(tables.size()));
+    tables.insert(tables.end(), it.seq->table_.begin(), it.seq->table_.end());
+    lengths.push_back(int32_t(L0 + it.n_tokens));
+    n_new.push_back(it.n_tokens);
+    max_new = std::max(max_new, it.n_tokens);
+    max_length = std::max(max_length, int(L0 + it.n_tokens));
+    all_one &= it.n_tokens == 1;
+  }
+  // Rotary tables per new row, computed as the CPU does (every rope variant, the dynamic NTK
+  // base from the sequence's last position).
+  std::vector<float> cos, sin;
+  if (c.rope) {
+    cos.resize(size_t(R * hd / 2));
+    sin.resize(size_t(R * hd / 2));
+    long r = 0;
+    for (const DeviceItem& it : items) {
+      const std::vector<double> inv_freq = rope_inv_freq(c, it.seq->length() + it.n_tokens - 1);
+      for (int t = 0; t < it.n_tokens; ++t, ++r)
+        rope_angles(inv_freq, it.seq->length() + t, cos.data() + r * hd / 2, sin.data() + r * hd / 2);
+    }
+  }
+  std::vector<float> delta;
+  for (size_t i = 0, r = 0; i < items.size(); r += size_t(items[i].n_tokens), ++i) {
+    if (!items[i].embed_delta) continue;
+    if (delta.empty()) delta.assign(size_t(R * H), 0.f);
+    std::memcpy(delta.data() + r * H, items[i].embed_delta, size_t(items[i].n_tokens) * H * sizeof(float));
+  }
+
+  const int32_t* d_tokens = upload_async(s.tokens, tokens, st);
+  const int32_t* d_positions = upload_async(s.positions, positions, st);
+  const int32_t* d_row_seq = upload_async(s.row_seq, row_seq, st);
+  const int32_t* d_row_pos = upload_async(s.row_pos, row_pos, st);
+  const int32_t* d_tables = upload_async(s.tables, tables, st);
+  const int32_t* d_table_offsets = upload_async(s.table_offsets, table_offsets, st);
+  const int32_t* d_lengths = upload_async(s.lengths, lengths, st);
+  const int32_t* d_row_offsets = upload_async(s.row_offsets, row_offsets, st);
+  const int32_t* d_n_new = upload_async(s.n_new, n_new, st);
+  const int32_t* d_last_rows = upload_async(s.last_rows, last_rows, st);
+  const float* d_cos = c.rope ? upload_async(s.cos, cos, st) : nullptr;
+  const float* d_sin = c.rope ? upload_async(s.sin, sin, st) : nullptr;
+  const float* d_delta = delta.empty() ? nullptr : upload_async(s.delta, delta, st);
+
+  float* x = static_cast<float*>(s.x.ensure(size_t(R * H) * sizeof(float)));
+  float* xn = static_cast<float*>(s.xn.ensure(size_t(R * H) * sizeof(float)));
+  float* qkv = static_cast<float*>(s.qkv.ensure(size_t(R * QKV) * sizeof(float)));
+  float* q = static_cast<float*>(s.q.ensure(size_t(R * Q) * sizeof(float)));
+  float* att = static_cast<float*>(s.att.ensure(size_t(R * Q) * sizeof(float)));
+  float* mlp = static_cast<float*>(s.mlp.ensure(size_t(R * MLP_IN) * sizeof(float)));
+  float* act = c.act == Activation::silu ? static_cast<float*>(s.act.ensure(size_t(R * I) * sizeof(float))) : mlp;
+  // bf16 copies of a product's input: the widest input is max(H, Q, I) per row.
+  if (dtype_ == DType::bf16) s.xb.ensure(size_t(R * std::max({H, Q, I})) * sizeof(__nv_bfloat16));
+
+  const bool flags_on = adapter_enabled_ && !w.flag_tokens.empty();
+  embed_rows(x, w.embed.get<void>(), dtype_ == DType::bf16, d_tokens, int(R), int(H),
+             flags_on && !w.flag_embed.empty() ? w.flag_embed.get() : nullptr, w.flag_ids.get<int32_t>(),
+             int(w.flag_tokens.size()), c.arch == Arch::gpt2 ? w.pos_embed.get() : nullptr, d_positions, d_delta, st);
+
+  auto norm = [&](const DNorm& nm, const float* in, float* out, long rows) {
+    if (c.norm == NormType::rms) rmsnorm_rows(out, in, nm.w.get(), int(rows), int(H), c.norm_eps, st);
+    else layernorm_rows(out, in, nm.w.get(), nm.b.get(), int(rows), int(H), c.norm_eps, st);
+  };
+  // y (+)= x W^T + b, then each LoRA adapter's ((x A^T) (scale B)^T) on its slice of y.
+  auto linear = [&](const DLinear& lin, const float* in, long rows, float* y, bool accumulate) {
+    const void* xin = in;
+    DType xt = DType::f32;
+    if (dtype_ == DType::bf16) {
+      f32_to_bf16(s.xb.get<__nv_bfloat16>(), in, rows * lin.in, st);
+      xin = s.xb.get<void>();
+      xt = DType::bf16;
+    }
+    matmul(*gemm_, y, xin, xt, lin.w.get<void>(), dtype_, int(rows), lin.out, lin.in, lin.bias.empty() ? nullptr : lin.bias.get(),
+           accumulate ? 1.f : 0.f, st);
+    if (!adapter_enabled_) return;
+    for (const DLinear::Lora& a : lin.lora) {
+      float* u = static_cast<float*>(s.lora_u.ensure(size_t(rows * a.rank) * sizeof(float)));
+      float* d = static_cast<float*>(s.lora_d.ensure(size_t(rows * a.out) * sizeof(float)));
+      matmul(*gemm_, u, in, DType::f32, a.A.get<void>(), DType::f32, int(rows), a.rank, lin.in, nullptr, 0.f, st);
+      matmul(*gemm_, d, u, DType::f32, a.B.get<void>(), DType::f32, int(rows), a.out, a.rank, nullptr, 0.f, st);
+      add_into(y + a.offset, lin.out, d, int(rows), a.out, st);
+    }
+  };
+
+  const float scale = 1.0f / std::sqrt(float(hd));
+  if (all_one) s.attn.ensure(size_t(std::max(1L, decode_attention_scratch(n, c.n_heads, int(hd), max_length))) * sizeof(float));
+  for (int l = 0; l < c.n_layers; ++l) {
+    if (cancel && cancel->load(std::memory_order_relaxed)) {
+      cudaStreamSynchronize(st);
+      throw Cancelled();
+    }
+    const DLayer& L = w.layers[size_t(l)];
+    // Attention block: x += o(attn(rope(qkv(norm(x)))))
+    norm(L.attn_norm, x, xn, R);
+    linear(L.qkv, xn, R, qkv, false);
+    if (c.rope) {
+      rope_rows(qkv, QKV, int(R), c.n_heads, int(hd), d_cos, d_sin, st);
+      rope_rows(qkv + Q, QKV, int(R), c.n_kv_heads, int(hd), d_cos, d_sin, st);
+    }
+    kv_append(pool_->k(l), pool_->v(l), qkv, QKV, int(Q), int(Q + KV), d_row_seq, d_row_pos, d_tables, d_table_offsets,
+              int(R), c.n_kv_heads, int(hd), kBlockTokens, st);
+    check(cudaMemcpy2DAsync(q, Q * sizeof(float), qkv, QKV * sizeof(float), Q * sizeof(float), R, cudaMemcpyDeviceToDevice, st),
+          "cudaMemcpy2DAsync (q)");
+    const PagedLayer layer{pool_->k(l), pool_->v(l), kBlockTokens, c.n_kv_heads, int(hd)};
+    const PagedBatch batch{d_tables, d_table_offsets, d_lengths, n, max_length};
+    if (all_one) decode_attention(att, q, layer, batch, c.n_heads, scale, c.sliding_window, s.attn.get(), st);
+    else prefill_attention(att, q, layer, batch, d_row_offsets, d_n_new, int(R), max_new, c.n_heads, scale, c.sliding_window, st);
+    linear(L.o, att, R, x, true);
+
+    // MLP block: x += mlp_out(act(mlp_in(norm(x))))
+    norm(L.mlp_norm, x, xn, R);
+    linear(L.mlp_in, xn, R, mlp, false);
+    if (c.act == Activation::silu) swiglu_rows(act, mlp, int(R), int(I), st);
+    else gelu_new(mlp, R * I, st);
+    linear(L.mlp_out, act, R, x, true);
+    if (progress) {
+      check(cudaStreamSynchronize(st), "forward (layer)");
+      progress(l + 1, c.n_layers);
+    }
+  }
+
+  const float* result;
+  const long rows = mode == LogitsMode::last ? n : R;
+  const float* head_in = x;
+  if (mode == LogitsMode::last) {
+    float* last = static_cast<float*>(s.last.ensure(size_t(n * H) * sizeof(float)));
+    gather_rows(last, x, d_last_rows, n, int(H), st);
+    head_in = last;
+  }
+  norm(w.final_norm, head_in, xn, rows);  // R >= rows: xn has room
+  if (mode == LogitsMode::hidden) {
+    result = xn;
+  } else {
+    float* logits = static_cast<float*>(s.logits.ensure(size_t(rows * V) * sizeof(float)));
+    const Buffer& table = c.tied_embeddings ? w.embed : w.lm_head;
+    const void* xin = xn;
+    DType xt = DType::f32;
+    if (dtype_ == DType::bf16) {
+      f32_to_bf16(s.xb.get<__nv_bfloat16>(), xn, rows * H, st);
+      xin = s.xb.get<void>();
+      xt = DType::bf16;
+    }
+    matmul(*gemm_, logits, xin, xt, table.get<void>(), dtype_, int(rows), int(V), int(H), nullptr, 0.f, st);
+    if (flags_on && !w.flag_head.empty())
+      set_flag_logits(logits, int(V), xn, int(rows), int(H), w.flag_head.get(), w.flag_ids.get<int32_t>(),
+                      int(w.flag_tokens.size()), st);
+    result = logits;
+  }
+  check(cudaStreamSynchronize(st), "forward");
+  for (const DeviceItem& it : items) it.seq->length_ += it.n_tokens;
+  return result;
+}
+
+void DeviceModel::forward(const std::vector<DeviceItem>& items, LogitsMode mode, float* out,
+                          const std::atomic<int>* cancel, const std::function<void(int, int)>& progress) {
+  long R = 0;
+  for (const DeviceItem& it : items) R += it.n_tokens;
+  const float* d = run(items, mode, cancel, progress);
+  if (!d) return;
+  const long rows = mode == LogitsMode::last ? long(items.size()) : R;
+  const long width = mode == LogitsMode::hidden ? config_.hidden : config_.vocab;
+  check(cudaMemcpy(out, d, size_t(rows * width) * sizeof(float), cudaMemcpyDeviceToHost), "cudaMemcpy (logits)");
+}
+
+namespace {
+
+void check_flags(const Flags& flags, int vocab, const char* what) {
+  for (int id : flags.ids)
+    if (id < 0 || id >= vocab) throw std::invalid_argument(std::string(what) + ": a flag token is outside the vocabulary");
+}
+
+}  // namespace
+
+void DeviceModel::decode_step(const std::vector<DeviceItem>& items, const std::vector<PickParams>& params,
+                              const Flags& flags, int top_n, Pick* picks, uint32_t* top_ids, float* top_logprobs,
+                              const std::atomic<int>* cancel, bool scores) {
+  if (params.size() != items.size()) throw std::invalid_argument("decode_step: one PickParams per item is required");
+  check_flags(flags, vocab(), "decode_step");
+  for (const DeviceItem& it : items)
+    if (it.n_tokens < 1) throw std::invalid_argument("decode_step: every sequence needs at least one new token");
+  const float* logits = run(items, LogitsMode::last, cancel, nullptr);
+  if (!logits) return;
+  const cudaStream_t st = as_stream(stream_);
+  DeviceScratch& s = *s_;
+  const int n = int(items.size()), V = vocab(), K = flags.size();
+
+  // Every row is picked on the device (greedy, or the whole-vocabulary draw at a temperature);
+  // rows with top-k, top-p or top_n are redone below on the host from their logits row.
+  std::vector<DevicePick> dp(static_cast<size_t>(n));
+  for (int b = 0; b < n; ++b) {
+    const PickParams& p = params[size_t(b)];
+    // The counter is the position the new token will take, as on the CPU.
+    dp[size_t(b)] = {p.temperature, p.seed, uint64_t(items[size_t(b)].seq->length())};
+  }
+  const DevicePick* d_params = upload_async(s.pick_params, dp, st);
+  const int32_t* d_flags = upload_async(s.flags, std::vector<int32_t>(flags.ids.begin(), flags.ids.end()), st);
+  uint32_t* d_token = static_cast<uint32_t*>(s.picked.ensure(size_t(n) * sizeof(uint32_t)));
+  float* d_logprob = static_cast<float*>(s.logprob.ensure(size_t(n) * sizeof(float)));
+  float* d_p_rf = static_cast<float*>(s.p_rf.ensure(size_t(n) * sizeof(float)));
+  float* d_p_flags = K > 0 ? static_cast<float*>(s.p_flags.ensure(size_t(n) * K * sizeof(float))) : nullptr;
+  pick_rows(logits, n, V, d_params, d_flags, K, d_token, d_logprob, d_p_rf, d_p_flags, st);
+  std::vector<uint32_t> token(static_cast<size_t>(n));
+  std::vector<float> logprob(static_cast<size_t>(n)), p_rf(static_cast<size_t>(n)), p_flags(static_cast<size_t>(n) * K);
+  check(cudaMemcpyAsync(token.data(), d_token, token.size() * sizeof(uint32_t), cudaMemcpyDeviceToHost, st), "cudaMemcpyAsync");
+  check(cudaMemcpyAsync(logprob.data(), d_logprob, logprob.size() * sizeof(float), cudaMemcpyDeviceToHost, st), "cudaMemcpyAsync");
+  check(cudaMemcpyAsync(p_rf.data(), d_p_rf, p_rf.size() * sizeof(float), cudaMemcpyDeviceToHost, st), "cudaMemcpyAsync");
+  if (K > 0) check(cudaMemcpyAsync(p_flags.data(), d_p_flags, p_flags.size() * sizeof(float), cudaMemcpyDeviceToHost, st), "cudaMemcpyAsync");
+  check(cudaStreamSynchronize(st), "decode_step (pick)");
+
+  PickScratch scratch;
+  std::vector<float> row;
+  Flags row_flags(flags.ids);
+  for (int b = 0; b < n; ++b) {
+    const PickParams& p = params[size_t(b)];
+    if (p.top_k > 0 || p.top_p < 1.f || top_n > 0) {
+      row.resize(size_t(V));
+      check(cudaMemcpy(row.data(), logits + long(b) * V, size_t(V) * sizeof(float), cudaMemcpyDeviceToHost), "cudaMemcpy (row)");
+      row_flags.p = flags.p ? flags.p + long(b) * K : nullptr;
+      picks[b] = logits_pick(row.data(), V, p, uint64_t(items[size_t(b)].seq->length()), row_flags, top_n,
+                             top_n > 0 ? top_ids + long(b) * top_n : nullptr, top_n > 0 ? top_logprobs + long(b) * top_n : nullptr,
+                             scratch, scores);
+      continue;
+    }
+    picks[b].token = token[size_t(b)];
+    // scores = false is the plain decode: no log-probability, no flag p (as the CPU reports it).
+    picks[b].logprob = scores ? logprob[size_t(b)] : std::numeric_limits<float>::quiet_NaN();
+    picks[b].p_rf = scores ? p_rf[size_t(b)] : 0.f;
+    if (flags.p)
+      for (int k = 0; k < K; ++k) flags.p[long(b) * K + k] = scores ? p_flags[size_t(b) * K + k] : 0.f;
+  }
+}
+
+void DeviceModel::token_scores(const std::vector<DeviceItem>& items, const Flags& flags, float* p_rf,
+                               const std::atomic<int>* cancel, float* logprob_next) {
+  const int V = vocab(), K = flags.size();
+  check_flags(flags, V, "token_scores");
+  if (K == 0 && !logprob_next) throw std::invalid_argument("token_scores: the red-flag token is outside the vocabulary");
+  std::vector<int32_t> next;
+  for (const DeviceItem& it : items)
+    for (int t = 0; t < it.n_tokens; ++t) next.push_back(t + 1 < it.n_tokens ? int32_t(it.tokens[t + 1]) : -1);
+  const long R = long(next.size());
+  const float* hidden = run(items, LogitsMode::hidden, cancel, nullptr);
+  if (!hidden) return;
+  const cudaStream_t st = as_stream(stream_);
+  DeviceScratch& s = *s_;
+  const DeviceWeights& w = *w_;
+  const long H = config_.hidden;
+  const int32_t* d_next = upload_async(s.next, next, st);
+  const int32_t* d_flags = upload_async(s.flags, std::vector<int32_t>(flags.ids.begin(), flags.ids.end()), st);
+  float* d_p_rf = static_cast<float*>(s.p_rf.ensure(size_t(R) * sizeof(float)));
+  float* d_p_flags = flags.p && K > 0 ? static_cast<float*>(s.p_flags.ensure(size_t(R) * K * sizeof(float))) : nullptr;
+  float* d_logprob = logprob_next ? static_cast<float*>(s.logprob.ensure(size_t(R) * sizeof(float))) : nullptr;
+  const long chunk = std::min(R, kScoreChunk);
+  float* logits = static_cast<float*>(s.logits.ensure(size_t(chunk * V) * sizeof(float)));
+  const bool flags_on = adapter_enabled_ && !w.flag_tokens.empty() && !w.flag_head.empty();
+  const Buffer& table = config_.tied_embeddings ? w.embed : w.lm_head;
+  // The LM head in chunks of rows: memory stays [chunk, vocab] however long the input.
+  for (long r0 = 0; r0 < R; r0 += chunk) {
+    if (cancel && cancel->load(std::memory_order_relaxed)) throw Cancelled();
+    const long rows = std::min(chunk, R - r0);
+    const float* xn = hidden + r0 * H;
+    const void* xin = xn;
+    DType xt = DType::f32;
+    if (dtype_ == DType::bf16) {
+      f32_to_bf16(s.xb.get<__nv_bfloat16>(), xn, rows * H, st);
+      xin = s.xb.get<void>();
+      xt = DType::bf16;
+    }
+    matmul(*gemm_, logits, xin, xt, table.get<void>(), dtype_, int(rows), V, int(H), nullptr, 0.f, st);
+    if (flags_on)
+      set_flag_logits(logits, V, xn, int(rows), int(H), w.flag_head.get(), w.flag_ids.get<int32_t>(), int(w.flag_tokens.size()), st);
+    row_scores(logits, int(rows), V, d_flags, K, d_next + r0, d_p_rf + r0, d_p_flags ? d_p_flags + r0 * K : nullptr,
+               d_logprob ? d_logprob + r0 : nullptr, st);
+  }
+  check(cudaMemcpyAsync(p_rf, d_p_rf, size_t(R) * sizeof(float), cudaMemcpyDeviceToHost, st), "cudaMemcpyAsync");
+  if (d_p_flags) check(cudaMemcpyAsync(flags.p, d_p_flags, size_t(R) * K * sizeof(float), cudaMemcpyDeviceToHost, st), "cudaMemcpyAsync");
+  if (d_logprob) check(cudaMemcpyAsync(logprob_next, d_logprob, size_t(R) * sizeof(float), cudaMemcpyDeviceToHost, st), "cudaMemcpyAsync");
+  check(cudaStreamSynchronize(st), "token_scores");
+}
+
+void DeviceModel::add_lora(int layer, const std::string& target, const float* A, long a_in, const float* B, long b_out, int rank,
+                           float scale) {
+  check(cudaSetDevice(device_), "cudaSetDevice");
+  const ModelConfig& c = config_;
+  if (layer < 0 || layer >= c.n_layers) throw std::invalid_argument("LoRA layer out of range");
+  struct Site { const char* name; int index; long offset, out; };
+  const long Q = c.q_dim(), KV = c.kv_dim(), I = c.intermediate, H = c.hidden;
+  std::vector<Site> sites;
+  if (c.arch == Arch::gpt2) {
+    sites = {{"attn.c_attn", 0, 0, 3 * H}, {"attn.c_proj", 1, 0, H}, {"mlp.c_fc", 2, 0, I}, {"mlp.c_proj", 3, 0, H}};
+  } else {
+    sites = {{"q_proj", 0, 0, Q}, {"k_proj", 0, Q, KV}, {"v_proj", 0, Q + KV, KV}, {"o_proj", 1, 0, H},
+             {"gate_proj", 2, 0, I}, {"up_proj", 2, I, I}, {"down_proj", 3, 0, H}};
+  }
+  DLayer& L = w_->layers[size_t(layer)];
+  DLinear* linears[] = {&L.qkv, &L.o, &L.mlp_in, &L.mlp_out};
+  for (const Site& site : sites) {
+    if (target != site.name) continue;
+    DLinear& lin = *linears[site.index];
+    if (lin.w.empty()) throw std::invalid_argument("LoRA " + target + " of layer " + std::to_string(layer) + ": load the weights first");
+    if (rank <= 0 || a_in != lin.in || b_out != site.out)
+      throw std::invalid_argument("LoRA " + target + " of layer " + std::to_string(layer) + ": A must be [rank, " +
+                                  std::to_string(lin.in) + "] and B [" + std::to_string(site.out) + ", rank]");
+    DLinear::Lora a;
+    a.offset = int(site.offset);
+    a.out = int(site.out);
+    a.rank = rank;
+    a.A.upload(A, size_t(rank) * lin.in * sizeof(float));
+    std::vector<float> b(B, B + size_t(site.out) * rank);
+    for (float& v : b) v *= scale;  // (x A^T)(scale B)^T = scale (x A^T) B^T
+    a.B.upload(b.data(), b.size() * sizeof(float));
+    lin.lora.push_back(std::move(a));
+    return;
+  }
+  throw std::invalid_argument("no projection named " + target + " in a " +
+                              std::string(c.arch == Arch::gpt2 ? "GPT-2" : "Llama-family") + " block");
+}
+
+void DeviceModel::set_token_rows(const std::vector<int>& tokens, const float* embed, const float* head) {
+  check(cudaSetDevice(device_), "cudaSetDevice");
+  if (tokens.empty()) throw std::invalid_argument("set_token_rows: no token");
+  for (size_t k = 0; k < tokens.size(); ++k) {
+    if (tokens[k] < 0 || tokens[k] >= config_.vocab) throw std::invalid_argument("red-flag token outside the vocabulary");
+    for (size_t j = 0; j < k; ++j)
+      if (tokens[j] == tokens[k]) throw std::invalid_argument("red-flag token listed twice");
+  }
+  DeviceWeights& w = *w_;
+  const size_t bytes = tokens.size() * size_t(config_.hidden) * sizeof(float);
+  w.flag_tokens = tokens;
+  const std::vector<int32_t> ids(tokens.begin(), tokens.end());
+  w.flag_ids.upload(ids.data(), ids.size() * sizeof(int32_t));
+  w.flag_embed.reset();
+  w.flag_head.reset();
+  if (embed) w.flag_embed.upload(embed, bytes);
+  if (head) w.flag_head.upload(head, bytes);
+}
+
+void DeviceModel::clear_adapters() {
+  check(cudaSetDevice(device_), "cudaSetDevice");
+  for (DLayer& L : w_->layers)
+    for (DLinear* lin : {&L.qkv, &L.o, &L.mlp_in, &L.mlp_out}) lin->lora.clear();
+  w_->flag_tokens.clear();
+  w_->flag_ids.reset();
+  w_->flag_embed.reset();
+  w_->flag_head.reset();
+}
+
+}  // namespace rf::cuda

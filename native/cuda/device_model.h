@@ -1,0 +1,133 @@
+// The CUDA model engine: the inference half of rf::Model (native/model/model.h) on one GPU.
+// Weights live on the device (bf16 by default, f32 on request; tied embeddings are one buffer),
+// LoRA adapters and the flag rows are applied on the device, and keys and values live in a
+// paged pool of fixed-size blocks (native/model/block_pool.h) that sequences take as they grow
+// and give back when freed. The block is the same as the CPU's, op for op: norms, rope, the
+// cuBLASLt products (native/cuda/gemm.h), paged attention (attention.h) and the glue kernels
+// (model_ops.h); decode_step ends with the fused pick (ops.h: token, log-prob, flag p's on the
+// device, so a few numbers per sequence cross to the host).
+//
+// Calls are not re-entrant (the addon serialises them per model, as for the CPU engine).
+// Errors throw std::runtime_error / std::invalid_argument naming the call; nothing is left
+// half-appended: a sequence's length changes only when a forward has finished.
+#pragma once
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+#include "model/block_pool.h"
+#include "model/config.h"
+#include "model/decode.h"
+#include "model/model.h"
+
+namespace rf::cuda {
+
+class KvPool;
+struct DeviceWeights;
+struct DeviceScratch;
+class GemmContext;
+
+// One sequence's keys and values: its block table in the model's pool, and its length.
+// Destroying it returns its blocks.
+class DeviceSequence {
+ public:
+  ~DeviceSequence();
+  long length() const { return length_; }
+  // Token slots its blocks hold, and their bytes (every layer, K and V).
+  long capacity() const;
+  size_t bytes() const;
+  // Holds at least n positions now (whole blocks); throws when the pool has too few free.
+  void reserve(long n);
+  // Forgets positions from n on (n <= length) and returns the blocks past them.
+  void truncate(long n);
+
+ private:
+  friend class DeviceModel;
+  explicit DeviceSequence(std::shared_ptr<KvPool> pool) : pool_(std::move(pool)) {}
+  std::shared_ptr<KvPool> pool_;
+  BlockTable table_;
+  long length_ = 0;
+};
+
+// One sequence to advance: its new tokens (host memory), and an optional [n_tokens, hidden]
+// host array added to their input embeddings.
+struct DeviceItem {
+  DeviceSequence* seq;
+  const uint32_t* tokens;
+  int n_tokens;
+  const float* embed_delta = nullptr;
+};
+
+class DeviceModel {
+ public:
+  static constexpr int kBlockTokens = 16;  // token slots per KV block
+
+  // Selects GPU `device` for this model (every call switches to it first).
+  DeviceModel(const ModelConfig& config, DType dtype, int device);
+  ~DeviceModel();
+  DeviceModel(const DeviceModel&) = delete;
+  DeviceModel& operator=(const DeviceModel&) = delete;
+
+  const ModelConfig& config() const { return config_; }
+  DType dtype() const { return dtype_; }
+  int vocab() const { return config_.vocab; }
+  int device() const { return device_; }
+  size_t weight_bytes() const;
+
+  // The CPU engine's tensor names and shapes (Model::load_tensor); converted on the host to the
+  // engine's dtype (and transposed from [in, out] when src_is_kn), then uploaded.
+  void load_tensor(const std::string& name, const void* data, SrcType type, const std::vector<long>& shape,
+                   bool src_is_kn);
+  void check_complete() const;
+
+  // Bytes of the KV pool, shared by all this model's sequences; allocated when the first
+  // sequence is made (default 2 GiB). May change while no sequence is alive.
+  void set_kv_pool_bytes(size_t bytes);
+  std::shared_ptr<DeviceSequence> new_sequence();
+
+  // As Model::forward: appends every item's tokens, writes host logits [rows, vocab] (rows: all
+  // new tokens, or the last of each item) or final-norm hidden states [rows, hidden].
+  void forward(const std::vector<DeviceItem>& items, LogitsMode mode, float* out,
+               const std::atomic<int>* cancel = nullptr, const std::function<void(int, int)>& progress = nullptr);
+  // As rf::decode_step (model/decode.h): greedy and plain-temperature rows are picked on the
+  // device; rows with top-k, top-p or top_n copy their logits row back and take the CPU pick,
+  // which draws the same numbers.
+  void decode_step(const std::vector<DeviceItem>& items, const std::vector<PickParams>& params, const Flags& flags,
+                   int top_n, Pick* picks, uint32_t* top_ids, float* top_logprobs,
+                   const std::atomic<int>* cancel = nullptr, bool scores = true);
+  // As rf::token_scores: teacher-forced flag p after every token (and the next token's
+  // log-probability), the LM head in row chunks on the device.
+  void token_scores(const std::vector<DeviceItem>& items, const Flags& flags, float* p_rf,
+                    const std::atomic<int>* cancel = nullptr, float* logprob_next = nullptr);
+
+  // Adapters, as Model::add_lora / set_token_rows (host arrays, copied): A [rank, a_in] and
+  // B [b_out, rank], which must be the projection's input size and the target's output size.
+  void add_lora(int layer, const std::string& target, const float* A, long a_in, const float* B, long b_out, int rank,
+                float scale);
+  void set_token_rows(const std::vector<int>& tokens, const float* embed, const float* head);
+  void clear_adapters();
+  void set_adapter_enabled(bool enabled) { adapter_enabled_ = enabled; }
+
+ private:
+  // The forward on the device: returns device logits [rows, vocab] (or hidden [rows, hidden]).
+  const float* run(const std::vector<DeviceItem>& items, LogitsMode mode, const std::atomic<int>* cancel,
+                   const std::function<void(int, int)>& progress);
+  void check_items(const std::vector<DeviceItem>& items) const;
+
+  ModelConfig config_;
+  DType dtype_;
+  int device_;
+  bool adapter_enabled_ = true;
+  size_t kv_pool_bytes_ = size_t(2) << 30;
+  std::shared_ptr<KvPool> pool_;
+  std::unique_ptr<DeviceWeights> w_;
+  std::unique_ptr<DeviceScratch> s_;
+  std::unique_ptr<GemmContext> gemm_;
+  void* stream_ = nullptr;  // cudaStream_t
+};
+
+}  // namespace rf::cuda

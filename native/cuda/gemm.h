@@ -1,0 +1,71 @@
+// Dense matrix products on the device through cuBLASLt (no GEMM of our own): the model's
+// projections y [M, N] = x [M, K] . W^T (+ bias [N]) (+ beta * y), with x row-major and W
+// row-major [N, K] as PyTorch's nn.Linear stores it (out_features x in_features), the same
+// convention as the CPU's rf::gemm (native/kernels/gemm.h). The output is always f32.
+//
+// Built into rf_cuda only where cuBLASLt is found (RF_HAVE_CUBLASLT); elsewhere CMake compiles
+// gemm.cu against the declarations in native/cuda/check/ so that it still has to compile, but
+// links nothing from it. This header needs no cuBLAS header: the handle lives behind GemmContext.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "core/dtype.h"
+
+namespace rf::cuda {
+
+// Counters of one GemmContext, for tests and logs.
+struct GemmStats {
+  long calls = 0;        // matmul calls that ran a product (M, N > 0)
+  long plans = 0;        // heuristic queries: one per distinct (shape, types, alignments, bias) seen
+  long bias_kernel = 0;  // calls whose bias was added by our kernel instead of the cuBLASLt epilogue
+};
+
+// A cuBLASLt handle, a device workspace (cuBLASLt wants one on Hopper: its fastest kernels for
+// large shapes split K or run stream-K and keep partial sums there) and the plans already chosen:
+// per (M, N, K, dtypes, pointer alignments, bias mode) the descriptors and the heuristic's
+// algorithm, so a repeated shape (every layer of every decode step) pays the heuristic once.
+// Bound to the device current at construction. Not thread-safe, and calls must be ordered on the
+// device (one stream, or streams that are synchronized with each other): they share the
+// workspace.
+class GemmContext {
+ public:
+  static constexpr size_t kDefaultWorkspace = size_t(32) << 20;  // 32 MiB
+
+  // Throws std::runtime_error when the handle or the workspace cannot be made.
+  explicit GemmContext(size_t workspace_bytes = kDefaultWorkspace);
+  ~GemmContext();
+  GemmContext(const GemmContext&) = delete;
+  GemmContext& operator=(const GemmContext&) = delete;
+
+  const GemmStats& stats() const;
+
+  struct Impl;  // gemm.cu
+
+ private:
+  std::unique_ptr<Impl> impl_;
+  friend void matmul(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N,
+                     int K, const float* bias, float beta, cudaStream_t stream);
+};
+
+// y [M, N] = x [M, K] . w^T + bias [N] (when non-null) + beta * y, all row-major, on `stream`.
+// Supported: x f32 with w f32 (f32 products and f32 sums: CUBLAS_COMPUTE_32F, never TF32), and x
+// bf16 with w bf16 (bf16 products summed in f32, f32 output): convert f32 activations with
+// f32_to_bf16 below first. Any other pair throws. beta == 0: y is write-only (its old contents,
+// NaN included, are not read). K == 0: y = bias + beta * y. M or N == 0: nothing.
+// Pointers are device memory and may be views into larger buffers: each plan is chosen for the
+// alignment its pointers have (tested down to 4 bytes for f32 and 16 bytes for bf16; a bias
+// under 16 bytes aligned is added by a separate kernel). Every CUDA and cuBLASLt status is
+// checked: failures throw std::runtime_error naming the call and the status.
+void matmul(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N, int K,
+            const float* bias, float beta, cudaStream_t stream);
+
+// out [n] = in [n] rounded to bf16, to nearest even, NaN kept NaN (quieted): bit for bit the
+// CPU's rf::f32_to_bf16 (native/core/dtype.h), so the device's bf16 activations are the CPU's.
+void f32_to_bf16(__nv_bfloat16* out, const float* in, long n, cudaStream_t stream);
+
+}  // namespace rf::cuda

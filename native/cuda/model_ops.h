@@ -1,0 +1,44 @@
+// The CUDA model engine's glue kernels (native/cuda/device_model.h): what the CPU forward does
+// in loops between its matrix products: embedding rows (with the adapter's flag rows and GPT-2's
+// learned positions), the SwiGLU of a fused gate|up buffer, LoRA's delta added into a slice of
+// a projection's output, the flag rows of the LM head, and the teacher-forced scores of logits
+// rows. Each is the twin of a few lines of native/model/model.cpp or decode.cpp and is tested
+// against them in native/tests/cuda_model_ops.cpp. Pointers are device memory; one stream.
+#pragma once
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace rf::cuda {
+
+// x [rows, hidden] f32 = the embedding row of tokens[r] from `table` [vocab, hidden] (f32, or
+// bf16 when table_bf16), or row k of flag_embed [n_flags, hidden] when tokens[r] ==
+// flag_tokens[k] (flag_embed null: none), plus pos_embed[positions[r]] (null: none, rope models),
+// plus delta [rows, hidden] (null: none; embedding-space attacks).
+void embed_rows(float* x, const void* table, bool table_bf16, const int32_t* tokens, int rows, int hidden,
+                const float* flag_embed, const int32_t* flag_tokens, int n_flags, const float* pos_embed,
+                const int32_t* positions, const float* delta, cudaStream_t stream);
+
+// out [rows, inter] = silu(in[:, :inter]) * in[:, inter:] for in [rows, 2 inter] (gate then up,
+// the fused mlp_in of the Llama block).
+void swiglu_rows(float* out, const float* in, int rows, int inter, cudaStream_t stream);
+
+// y[r, c] += x[r, c] for r < rows, c < cols; y's rows are ldy floats apart, x's cols: a LoRA
+// delta [rows, cols] added into its slice of a projection's output.
+void add_into(float* y, long ldy, const float* x, int rows, int cols, cudaStream_t stream);
+
+// out[i, :] = x[rows[i], :] for i < n (width floats per row): the last row of each sequence.
+void gather_rows(float* out, const float* x, const int32_t* rows, int n, int width, cudaStream_t stream);
+
+// logits[r, tokens[k]] = xn[r] . head[k] for the adapter's flag rows head [n_flags, hidden]:
+// the trained rows replace the base rows of the LM head (Model::head_logits).
+void set_flag_logits(float* logits, int vocab, const float* xn, int rows, int hidden, const float* head,
+                     const int32_t* tokens, int n_flags, cudaStream_t stream);
+
+// Per logits row r of [rows, vocab]: p of each flag (p_flags [rows, n_flags], may be null) and
+// their total p_rf [rows] (flags [n_flags] device ids; n_flags 0: p_rf 0), and, when
+// logprob_next is given, log p(next[r]) (NaN where next[r] < 0): token_scores' numbers.
+void row_scores(const float* logits, int rows, int vocab, const int32_t* flags, int n_flags, const int32_t* next,
+                float* p_rf, float* p_flags, float* logprob_next, cudaStream_t stream);
+
+}  // namespace rf::cuda

@@ -1,0 +1,417 @@
+// The cuBLASLt products (native/cuda/gemm.h) against a double-precision naive reference, on a
+// GPU machine where cuBLASLt links; elsewhere CMake only compiles this file, and without a
+// device it says so and exits 0.
+//
+// Products y [M, N] = x [M, K] . W^T (+ bias) (+ beta * y) for M in {1, 7, 64, 333}, N in
+// {1, 63, 257, 4096}, K in {64, 80, 1000} (every combination), each with and without a bias and
+// with beta 0 (y starts as NaN: it must not be read) and beta 1 (y starts random), for f32 and
+// for bf16 inputs; then views into buffers (pointers 4 and 16 bytes aligned, a bias only 4-byte
+// aligned, which goes to the bias-add kernel), an odd K = 33, K = 0, the pair of types that
+// must throw, that a repeated shape reuses its plan, and the f32 -> bf16 conversion bit for bit
+// against the CPU's rf::f32_to_bf16 (ties, overflow to inf, NaN, subnormals, random patterns).
+// Timings of 8192^3 (bf16 and f32) and of decode-sized products are printed as information.
+//
+// Error measure: ||got - want|| / S, with want = sum_k x w + bias + beta y0 in double, and S^2 =
+// sum over elements of (sum_k (x w)^2 + bias^2 + (beta y0)^2), the sum of squares of the terms
+// added. For these zero-mean random inputs S equals ||want|| in expectation (the relative L2
+// error), but unlike ||want|| it cannot be made arbitrarily small by chance cancellation, which
+// a single-element output (M = N = 1) would otherwise risk.
+// f32 (CUBLAS_COMPUTE_32F: f32 products, f32 sums, no TF32): summing K terms in f32 leaves a
+// relative error near 2^-24 * sqrt(K / 2) * 0.6, about 5e-7 for K = 1000 summed in one chain
+// (less when cuBLASLt splits K). Over all f32 cases pooled the error must be <= 1e-6; per case
+// <= max(1e-6, 2 * 2^-24 * sqrt(K)) (3.8e-6 at K = 1000), which leaves room for one unlucky
+// element of a 1 x 1 output. TF32 (10-bit mantissa) would show 1e-4 or more, so both bounds tell
+// it apart.
+// bf16: the reference multiplies the same bf16-rounded inputs (the rounding is not the error
+// measured); the products of two bf16 values are exact in f32 and the tensor cores sum them in
+// f32, with truncation inside each MMA step: expected about 1e-6..4e-6 at K = 1000; per case
+// <= 1e-5.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/dtype.h"
+#include "core/threadpool.h"
+#include "cuda/cuda.h"
+#include "cuda/gemm.h"
+#include "tests/check.h"
+
+using rf::DType;
+using rf::test::check;
+
+namespace {
+
+std::mt19937 rng(8191);
+
+void cuda_ok(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
+}
+
+// A device allocation that frees itself.
+struct Dev {
+  void* p = nullptr;
+  explicit Dev(size_t bytes) { cuda_ok(cudaMalloc(&p, std::max<size_t>(bytes, 1)), "cudaMalloc"); }
+  ~Dev() { cudaFree(p); }
+  Dev(const Dev&) = delete;
+  Dev& operator=(const Dev&) = delete;
+  template <class T>
+  T* at(size_t offset_elems = 0) {
+    return static_cast<T*>(p) + offset_elems;
+  }
+};
+
+template <class T>
+void upload(T* dst, const std::vector<T>& v) {
+  cuda_ok(cudaMemcpy(dst, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice), "cudaMemcpy to device");
+}
+
+template <class T>
+std::vector<T> download(const T* src, size_t n) {
+  std::vector<T> v(n);
+  cuda_ok(cudaMemcpy(v.data(), src, n * sizeof(T), cudaMemcpyDeviceToHost), "cudaMemcpy to host");
+  return v;
+}
+
+std::vector<float> randn(size_t n, float sd) {
+  std::normal_distribution<float> d(0.f, sd);
+  std::vector<float> v(n);
+  for (auto& f : v) f = d(rng);
+  return v;
+}
+
+float bf16_round(float f) { return rf::bf16_to_f32(rf::f32_to_bf16(f)); }
+
+std::vector<uint16_t> to_bf16_bits(const std::vector<float>& v) {
+  std::vector<uint16_t> b(v.size());
+  for (size_t i = 0; i < v.size(); ++i) b[i] = rf::f32_to_bf16(v[i]);
+  return b;
+}
+
+rf::ThreadPool& pool() {
+  static rf::ThreadPool p(int(std::max(1u, std::min(32u, std::thread::hardware_concurrency()))));
+  return p;
+}
+
+// prod [M, N] = sum_k x w and sq [M, N] = sum_k (x w)^2, in double.
+struct Reference {
+  std::vector<double> prod, sq;
+};
+
+Reference reference(const std::vector<float>& x, const std::vector<float>& w, int M, int N, int K) {
+  Reference r;
+  r.prod.assign(size_t(M) * N, 0.0);
+  r.sq.assign(size_t(M) * N, 0.0);
+  pool().parallel_for(long(M) * N, [&](long begin, long end, int) {
+    for (long i = begin; i < end; ++i) {
+      const float* xr = x.data() + size_t(i / N) * K;
+      const float* wr = w.data() + size_t(i % N) * K;
+      double s = 0, q = 0;
+      for (int k = 0; k < K; ++k) {
+        const double p = double(xr[k]) * double(wr[k]);
+        s += p;
+        q += p * p;
+      }
+      r.prod[size_t(i)] = s;
+      r.sq[size_t(i)] = q;
+    }
+  });
+  return r;
+}
+
+// Squared error and squared scale of one result (see the top of the file).
+struct Error {
+  double err2 = 0, scale2 = 0;
+  double rel() const { return std::sqrt(err2 / (scale2 > 0 ? scale2 : 1e-300)); }
+  void add(const Error& e) {
+    err2 += e.err2;
+    scale2 += e.scale2;
+  }
+};
+
+Error measure(const std::vector<float>& got, const Reference& ref, const float* bias, const std::vector<float>& y0, float beta,
+              int M, int N) {
+  Error e;
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < N; ++n) {
+      const size_t i = size_t(m) * N + n;
+      double want = ref.prod[i], scale2 = ref.sq[i];
+      if (bias) want += bias[n], scale2 += double(bias[n]) * bias[n];
+      if (beta != 0.f) {
+        const double b = double(beta) * y0[i];
+        want += b, scale2 += b * b;
+      }
+      const double d = double(got[i]) - want;
+      e.err2 += std::isfinite(got[i]) ? d * d : std::numeric_limits<double>::infinity();
+      e.scale2 += scale2;
+    }
+  return e;
+}
+
+double f32_case_tol(int K) { return std::max(1e-6, 2.0 * std::ldexp(1.0, -24) * std::sqrt(double(K))); }
+constexpr double kF32Pooled = 1e-6, kBf16Tol = 1e-5;
+
+struct Tally {
+  Error pooled;
+  double worst = 0;
+  std::string worst_case;
+  int cases = 0;
+};
+Tally g_f32, g_bf16;
+
+std::string case_name(DType t, int M, int N, int K, bool bias, float beta, const char* extra = "") {
+  return std::string(t == DType::bf16 ? "bf16" : "f32") + " M=" + std::to_string(M) + " N=" + std::to_string(N) +
+         " K=" + std::to_string(K) + (bias ? " +bias" : "") + (beta != 0.f ? " beta=1" : " beta=0") + extra;
+}
+
+// One shape and type: x, W, bias, y0 drawn once; the four (bias, beta) variants against one
+// reference. offsets (in elements) place x, W, y, bias inside larger buffers (views).
+struct Offsets {
+  size_t x = 0, w = 0, y = 0, bias = 0;
+};
+
+void run_shape(rf::cuda::GemmContext& ctx, DType type, int M, int N, int K, Offsets off = {}, const char* extra = "") {
+  std::vector<float> x = randn(size_t(M) * K, 1.f), w = randn(size_t(N) * K, 1.f / std::sqrt(float(std::max(K, 1))));
+  const std::vector<float> bias = randn(N, 1.f), y0 = randn(size_t(M) * N, 1.f);
+  if (type == DType::bf16) {
+    for (auto& v : x) v = bf16_round(v);
+    for (auto& v : w) v = bf16_round(v);
+  }
+  const Reference ref = reference(x, w, M, N, K);
+
+  const size_t esz = type == DType::bf16 ? 2 : 4;
+  Dev dx_f32(size_t(M) * K * 4 + 64), dx((size_t(M) * K + off.x) * esz + 64), dw((size_t(N) * K + off.w) * esz + 64),
+      dy((size_t(M) * N + off.y) * 4 + 64), db((N + off.bias) * 4 + 64);
+  const void* xp;
+  const void* wp;
+  if (type == DType::bf16) {
+    // Activations go through the device conversion, as the engine's will; weights arrive as bf16.
+    upload(dx_f32.at<float>(), x);
+    rf::cuda::f32_to_bf16(dx.at<__nv_bfloat16>(off.x), dx_f32.at<float>(), long(x.size()), nullptr);
+    upload(dw.at<uint16_t>(off.w), to_bf16_bits(w));
+    xp = dx.at<__nv_bfloat16>(off.x);
+    wp = dw.at<uint16_t>(off.w);
+  } else {
+    upload(dx.at<float>(off.x), x);
+    upload(dw.at<float>(off.w), w);
+    xp = dx.at<float>(off.x);
+    wp = dw.at<float>(off.w);
+  }
+  upload(db.at<float>(off.bias), bias);
+  float* yp = dy.at<float>(off.y);
+
+  Tally& tally = type == DType::bf16 ? g_bf16 : g_f32;
+  const double tol = type == DType::bf16 ? kBf16Tol : f32_case_tol(K);
+  for (bool with_bias : {false, true})
+    for (float beta : {0.f, 1.f}) {
+      const std::string name = case_name(type, M, N, K, with_bias, beta, extra);
+      try {
+        if (beta == 0.f) cuda_ok(cudaMemset(yp, 0xff, size_t(M) * N * 4), "cudaMemset");  // NaN: must not be read
+        else upload(yp, y0);
+        rf::cuda::matmul(ctx, yp, xp, type, wp, type, M, N, K, with_bias ? db.at<float>(off.bias) : nullptr, beta, nullptr);
+        cuda_ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+        const Error e = measure(download(yp, size_t(M) * N), ref, with_bias ? bias.data() : nullptr, y0, beta, M, N);
+        const double rel = e.rel();
+        tally.pooled.add(e);
+        ++tally.cases;
+        if (!(rel <= tally.worst)) {
+          tally.worst = rel;
+          tally.worst_case = name;
+        }
+        char buf[64];
+        std::snprintf(buf, sizeof buf, ": error %.3g (limit %.3g)", rel, tol);
+        check(rel <= tol, name + buf);
+      } catch (const std::exception& ex) {
+        check(false, name + ": threw " + ex.what());
+        cudaGetLastError();
+      }
+    }
+}
+
+void test_shapes(rf::cuda::GemmContext& ctx) {
+  for (DType type : {DType::f32, DType::bf16})
+    for (int M : {1, 7, 64, 333})
+      for (int N : {1, 63, 257, 4096})
+        for (int K : {64, 80, 1000}) run_shape(ctx, type, M, N, K);
+}
+
+// Views into larger buffers and an odd K (no leading dimension a multiple of 8 elements).
+void test_views(rf::cuda::GemmContext& ctx) {
+  const long kernel_before = ctx.stats().bias_kernel;
+  // f32 at 4-byte alignment (one element in): x, W, y, and the bias, which then skips the epilogue.
+  run_shape(ctx, DType::f32, 7, 63, 80, Offsets{1, 1, 1, 1}, " [x, W, y, bias 4-byte aligned]");
+  run_shape(ctx, DType::f32, 5, 37, 33, Offsets{1, 3, 1, 1}, " [odd K, 4-byte aligned views]");
+  // bf16 at 16-byte alignment (eight elements in), as slices of a fused buffer would be.
+  run_shape(ctx, DType::bf16, 64, 257, 1000, Offsets{8, 8, 4, 4}, " [x, W, y, bias 16-byte aligned]");
+  run_shape(ctx, DType::bf16, 5, 37, 33, Offsets{}, " [odd K]");
+  check(ctx.stats().bias_kernel > kernel_before, "a 4-byte-aligned bias was added by the bias kernel (" +
+                                                     std::to_string(ctx.stats().bias_kernel - kernel_before) + " calls)");
+}
+
+void test_k_zero_and_errors(rf::cuda::GemmContext& ctx) {
+  const int M = 3, N = 5;
+  const std::vector<float> bias = randn(N, 1.f), y0 = randn(M * N, 1.f);
+  Dev dy(M * N * 4), db(N * 4), dx(64), dw(64);
+  try {
+    upload(dy.at<float>(), y0);
+    upload(db.at<float>(), bias);
+    rf::cuda::matmul(ctx, dy.at<float>(), dx.p, DType::f32, dw.p, DType::f32, M, N, 0, db.at<float>(), 1.f, nullptr);
+    std::vector<float> got = download(dy.at<float>(), M * N);
+    bool ok = true;
+    for (int i = 0; i < M * N; ++i) ok = ok && got[i] == y0[i] + bias[i % N];
+    cuda_ok(cudaMemset(dy.p, 0xff, M * N * 4), "cudaMemset");
+    rf::cuda::matmul(ctx, dy.at<float>(), dx.p, DType::bf16, dw.p, DType::bf16, M, N, 0, nullptr, 0.f, nullptr);
+    got = download(dy.at<float>(), M * N);
+    for (int i = 0; i < M * N; ++i) ok = ok && got[i] == 0.f;
+    check(ok, "K = 0: y = bias + beta y (and 0 over NaN with beta 0, no bias)");
+  } catch (const std::exception& e) {
+    check(false, std::string("K = 0 threw ") + e.what());
+  }
+  bool threw = false;
+  try {
+    rf::cuda::matmul(ctx, dy.at<float>(), dx.p, DType::f32, dw.p, DType::bf16, M, N, 4, nullptr, 0.f, nullptr);
+  } catch (const std::runtime_error& e) {
+    threw = std::string(e.what()).find("f32_to_bf16") != std::string::npos;
+  }
+  check(threw, "x f32 with W bf16 throws a runtime_error that says to convert x");
+  threw = false;
+  try {
+    rf::cuda::matmul(ctx, dy.at<float>(), dx.p, DType::f32, dw.p, DType::f32, -1, N, 4, nullptr, 0.f, nullptr);
+  } catch (const std::runtime_error&) {
+    threw = true;
+  }
+  check(threw, "a negative size throws");
+}
+
+// A shape seen before runs on its plan: no new heuristic query.
+void test_plan_cache(rf::cuda::GemmContext& ctx) {
+  const rf::cuda::GemmStats before = ctx.stats();
+  run_shape(ctx, DType::f32, 64, 257, 80);
+  run_shape(ctx, DType::bf16, 7, 4096, 1000);
+  const rf::cuda::GemmStats after = ctx.stats();
+  check(after.plans == before.plans && after.calls == before.calls + 8,
+        "repeated shapes reuse their plans (" + std::to_string(after.plans - before.plans) + " new heuristic queries, " +
+            std::to_string(after.calls - before.calls) + " calls)");
+}
+
+void test_convert() {
+  std::vector<uint32_t> bits = {
+      0x00000000u, 0x80000000u, 0x3f800000u, 0xbf800000u,
+      0x3f808000u,  // 1 + 2^-8: a tie between 1 and 1 + 2^-7, to even (down)
+      0x3f818000u,  // a tie with an odd lower neighbour: up
+      0x3f808001u, 0x3f807fffu,  // just above / below a tie
+      0x7f7fffffu, 0xff7fffffu,  // the largest finite floats: round to +-inf
+      0x7f7f7fffu,               // just below the rounding boundary: stays finite
+      0x7f800000u, 0xff800000u,  // inf
+      0x7fc00000u, 0x7f800001u, 0xffc00001u, 0x7fffffffu,  // NaNs (signalling ones too): stay NaN
+      0x00000001u, 0x00008000u, 0x00018000u, 0x807fffffu, 0x00800000u};  // subnormals, the smallest normal
+  std::uniform_int_distribution<uint32_t> any;
+  const size_t n = 1000003;  // not a multiple of the block
+  while (bits.size() < n) bits.push_back(any(rng));
+  std::vector<float> in(n);
+  std::memcpy(in.data(), bits.data(), n * 4);
+  Dev din(n * 4), dout(n * 2);
+  upload(din.at<float>(), in);
+  rf::cuda::f32_to_bf16(dout.at<__nv_bfloat16>(), din.at<float>(), long(n), nullptr);
+  const std::vector<uint16_t> got = download(dout.at<uint16_t>(), n);
+  long differ = 0;
+  for (size_t i = 0; i < n; ++i) differ += got[i] != rf::f32_to_bf16(in[i]);
+  check(differ == 0, "f32_to_bf16 equals the CPU's rf::f32_to_bf16 bit for bit on " + std::to_string(n) + " values (" +
+                         std::to_string(differ) + " differ)");
+}
+
+// Milliseconds per call of fn, from CUDA events around `reps` calls after `warm` calls.
+template <class F>
+double time_ms(F fn, int warm, int reps) {
+  for (int i = 0; i < warm; ++i) fn();
+  cudaEvent_t a, b;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
+  cudaEventRecord(a);
+  for (int i = 0; i < reps; ++i) fn();
+  cudaEventRecord(b);
+  cuda_ok(cudaEventSynchronize(b), "cudaEventSynchronize");
+  float ms = 0;
+  cudaEventElapsedTime(&ms, a, b);
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  return double(ms) / reps;
+}
+
+void print_timings(rf::cuda::GemmContext& ctx) {
+  try {
+    const int S = 8192;
+    const size_t n = size_t(S) * S;
+    std::vector<float> host(n);
+    uint64_t s = 0x9e3779b97f4a7c15ull;
+    for (auto& f : host) {  // xorshift uniform in [-1, 1): fast enough for 2 x 67M values
+      s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+      f = float(int64_t(s >> 40) - (int64_t(1) << 23)) * (1.0f / float(1 << 23));
+    }
+    Dev x32(n * 4), w32(n * 4), x16(n * 2), w16(n * 2), y(n * 4);
+    upload(x32.at<float>(), host);
+    for (auto& f : host) f *= 0.5f;
+    upload(w32.at<float>(), host);
+    host = {};
+    const double conv_ms = time_ms([&] { rf::cuda::f32_to_bf16(x16.at<__nv_bfloat16>(), x32.at<float>(), long(n), nullptr); }, 1, 5);
+    rf::cuda::f32_to_bf16(w16.at<__nv_bfloat16>(), w32.at<float>(), long(n), nullptr);
+    std::printf("cuda_gemm: f32_to_bf16 of %d x %d: %.3f ms, %.0f GB/s (information)\n", S, S, conv_ms, 6.0 * n / conv_ms / 1e6);
+    const double flop = 2.0 * S * S * S;
+    const double bf16_ms = time_ms([&] { rf::cuda::matmul(ctx, y.at<float>(), x16.p, DType::bf16, w16.p, DType::bf16, S, S, S, nullptr, 0.f, nullptr); }, 3, 20);
+    std::printf("cuda_gemm: bf16 %d^3 (f32 out): %.3f ms, %.1f TFLOP/s (information)\n", S, bf16_ms, flop / bf16_ms / 1e9);
+    const double f32_ms = time_ms([&] { rf::cuda::matmul(ctx, y.at<float>(), x32.p, DType::f32, w32.p, DType::f32, S, S, S, nullptr, 0.f, nullptr); }, 1, 5);
+    std::printf("cuda_gemm: f32 %d^3: %.3f ms, %.1f TFLOP/s (information)\n", S, f32_ms, flop / f32_ms / 1e9);
+    // Decode-sized: a few rows against a 4096 x 4096 weight (memory-bound: weight bytes per time).
+    for (int M : {1, 16, 128}) {
+      const int N = 4096, K = 4096;
+      const double ms = time_ms([&] { rf::cuda::matmul(ctx, y.at<float>(), x16.p, DType::bf16, w16.p, DType::bf16, M, N, K, nullptr, 0.f, nullptr); }, 3, 50);
+      std::printf("cuda_gemm: bf16 M=%d N=%d K=%d: %.1f us, weights read at %.0f GB/s (information)\n", M, N, K, ms * 1e3,
+                  2.0 * N * K / ms / 1e6);
+    }
+  } catch (const std::exception& e) {
+    check(false, std::string("timings threw ") + e.what());
+  }
+}
+
+}  // namespace
+
+int main() {
+  const rf::cuda::DeviceInfo info = rf::cuda::device_info();
+  if (info.count == 0) {
+    std::printf("cuda_gemm: no CUDA device visible; skipped\n");
+    return 0;
+  }
+  std::printf("cuda_gemm: %s (sm_%d%d)\n", info.name.c_str(), info.sm_major, info.sm_minor);
+  try {
+    rf::cuda::GemmContext ctx;
+    test_convert();
+    test_shapes(ctx);
+    test_views(ctx);
+    test_k_zero_and_errors(ctx);
+    test_plan_cache(ctx);
+    char buf[256];
+    std::snprintf(buf, sizeof buf, "f32 pooled over %d cases: error %.3g (limit %.3g); worst case %.3g (%s)", g_f32.cases,
+                  g_f32.pooled.rel(), kF32Pooled, g_f32.worst, g_f32.worst_case.c_str());
+    std::printf("cuda_gemm: %s\n", buf);
+    check(g_f32.pooled.rel() <= kF32Pooled, buf);
+    std::printf("cuda_gemm: bf16 pooled over %d cases: error %.3g; worst case %.3g (%s), limit per case %.3g\n", g_bf16.cases,
+                g_bf16.pooled.rel(), g_bf16.worst, g_bf16.worst_case.c_str(), kBf16Tol);
+    print_timings(ctx);
+    const rf::cuda::GemmStats st = ctx.stats();
+    std::printf("cuda_gemm: %ld products, %ld plans (heuristic queries), %ld bias-kernel adds\n", st.calls, st.plans,
+                st.bias_kernel);
+  } catch (const std::exception& e) {
+    check(false, std::string("threw ") + e.what());
+  }
+  return rf::test::finish("cuda_gemm");
+}

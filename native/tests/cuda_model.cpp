@@ -1,0 +1,386 @@
+// The CUDA model engine (native/cuda/device_model.h) against the CPU engine, both loaded with
+// the same random weights through load_tensor, on a GPU machine (elsewhere: "no CUDA device
+// visible; skipped", exit 0). Built where cuBLASLt links.
+//
+// Per config (Llama with GQA and q/k/v biases, head_dim 64 / 80 / 128 with GQA ratios 1 / 3 / 8,
+// Mistral's sliding window, llama3 rope scaling with tied embeddings, GPT-2 with learned
+// positions, LayerNorm, gelu_new and [in, out] weights):
+//  - f32 logits of a batch of mixed-length prompts equal the CPU's: relative L2 <= 1e-4 per row
+//    (both sum in f32, in different orders; cuBLASLt in f32 compute, never TF32);
+//  - decode one token at a time through the paged cache (crossing 16-token block boundaries)
+//    and a chunked prefill that continues a cache equal the CPU's full prefill, same bound;
+//  - with LoRA on every projection and trained flag rows, decode_step's greedy tokens equal the
+//    CPU's (rows whose top two logits are within 1e-3 are near-ties: counted, not compared),
+//    log-probabilities and p(flags) within 1e-4 absolute; a seeded temperature draw picks the
+//    CPU's token (same counter-based draw; near-ties in the CDF excepted the same way);
+//  - token_scores' p(flags) and next-token log-probabilities within 1e-4;
+//  - bf16 weights against the CPU's f32: relative L2 <= 2e-2;
+//  - a batch of 32 mixed-length sequences equals each sequence alone (device against device):
+//    relative L2 <= 1e-5;
+//  - a full pool refuses a sequence with a clear error, and freeing sequences gives the blocks
+//    back; loading and freeing a model 20 times leaves device memory within 1 MiB of its start.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda/cuda.h"
+#include "cuda/device_model.h"
+#include "model/decode.h"
+#include "model/model.h"
+#include "tests/check.h"
+#include "tests/random_model.h"
+
+using rf::test::check;
+using rf::test::rel_l2;
+
+namespace {
+
+struct Pair {
+  std::unique_ptr<rf::Model> cpu;
+  std::unique_ptr<rf::cuda::DeviceModel> gpu;
+};
+
+Pair make_pair(const rf::ModelConfig& c, rf::DType gpu_dtype, unsigned seed) {
+  Pair p;
+  p.cpu = std::make_unique<rf::Model>(c, rf::DType::f32, 2);
+  rf::test::load_random(*p.cpu, seed);
+  p.gpu = std::make_unique<rf::cuda::DeviceModel>(c, gpu_dtype, 0);
+  rf::test::load_random(*p.gpu, seed);
+  p.gpu->set_kv_pool_bytes(size_t(256) << 20);
+  return p;
+}
+
+std::vector<uint32_t> random_ids(std::mt19937& rng, int n, int vocab) {
+  std::vector<uint32_t> ids(static_cast<size_t>(n));
+  for (auto& t : ids) t = rng() % uint32_t(vocab);
+  return ids;
+}
+
+// Worst per-row relative L2 of [rows, width] arrays.
+double worst_row(const std::vector<float>& got, const std::vector<float>& want, long width) {
+  double worst = 0;
+  for (size_t r = 0; r * width < want.size(); ++r) {
+    std::vector<float> a(got.begin() + long(r) * width, got.begin() + long(r + 1) * width);
+    std::vector<float> b(want.begin() + long(r) * width, want.begin() + long(r + 1) * width);
+    worst = std::max(worst, rel_l2(a, b));
+  }
+  return worst;
+}
+
+std::vector<float> cpu_all(rf::Model& m, const std::vector<std::vector<uint32_t>>& seqs) {
+  std::vector<rf::KvCache> caches;
+  for (size_t i = 0; i < seqs.size(); ++i) caches.push_back(m.new_cache());
+  std::vector<rf::ForwardItem> items;
+  for (size_t i = 0; i < seqs.size(); ++i) items.push_back({&caches[i], seqs[i].data(), int(seqs[i].size())});
+  std::vector<float> out(size_t(rf::Model::logits_rows(items, rf::LogitsMode::all)) * m.vocab());
+  m.forward(items, rf::LogitsMode::all, out.data());
+  return out;
+}
+
+std::vector<float> gpu_all(rf::cuda::DeviceModel& m, const std::vector<std::vector<uint32_t>>& seqs) {
+  std::vector<std::shared_ptr<rf::cuda::DeviceSequence>> s;
+  std::vector<rf::cuda::DeviceItem> items;
+  long rows = 0;
+  for (const auto& ids : seqs) {
+    s.push_back(m.new_sequence());
+    items.push_back({s.back().get(), ids.data(), int(ids.size())});
+    rows += long(ids.size());
+  }
+  std::vector<float> out(size_t(rows) * m.vocab());
+  m.forward(items, rf::LogitsMode::all, out.data());
+  return out;
+}
+
+void check_logits(const std::string& tag, Pair& p, double bound) {
+  std::mt19937 rng(5);
+  const int V = p.cpu->vocab();
+  const std::vector<std::vector<uint32_t>> seqs{random_ids(rng, 1, V), random_ids(rng, 5, V), random_ids(rng, 17, V),
+                                                 random_ids(rng, 40, V)};
+  const double e = worst_row(gpu_all(*p.gpu, seqs), cpu_all(*p.cpu, seqs), V);
+  check(e <= bound, tag + ": batched prefill logits equal the CPU's (worst row rel L2 " + std::to_string(e) + ")");
+}
+
+void check_decode(const std::string& tag, Pair& p) {
+  std::mt19937 rng(9);
+  const int V = p.cpu->vocab();
+  const std::vector<uint32_t> ids = random_ids(rng, 37, V);
+  const std::vector<float> full = cpu_all(*p.cpu, {ids});
+  auto seq = p.gpu->new_sequence();
+  std::vector<float> step(size_t(5) * V);
+  p.gpu->forward({{seq.get(), ids.data(), 5}}, rf::LogitsMode::all, step.data());
+  double worst = worst_row(step, std::vector<float>(full.begin(), full.begin() + 5L * V), V);
+  std::vector<float> one(static_cast<size_t>(V));
+  for (size_t t = 5; t < 20; ++t) {
+    p.gpu->forward({{seq.get(), ids.data() + t, 1}}, rf::LogitsMode::last, one.data());
+    worst = std::max(worst, rel_l2(one, std::vector<float>(full.begin() + long(t) * V, full.begin() + long(t + 1) * V)));
+  }
+  // The rest as a chunk that continues the cache.
+  std::vector<float> rest(size_t(ids.size() - 20) * V);
+  p.gpu->forward({{seq.get(), ids.data() + 20, int(ids.size() - 20)}}, rf::LogitsMode::all, rest.data());
+  worst = std::max(worst, worst_row(rest, std::vector<float>(full.begin() + 20L * V, full.end()), V));
+  check(worst <= 1e-4 && seq->length() == long(ids.size()),
+        tag + ": decode and a continuing chunk equal the CPU's prefill (worst rel L2 " + std::to_string(worst) + ")");
+}
+
+// LoRA on every projection and trained flag rows, the same on both engines.
+void add_adapters(Pair& p, unsigned seed) {
+  const rf::ModelConfig& c = p.cpu->config();
+  std::mt19937 rng(seed);
+  const int rank = 4;
+  const long H = c.hidden, Q = c.q_dim(), KV = c.kv_dim(), I = c.intermediate;
+  struct Site { const char* name; long in, out; };
+  std::vector<Site> sites;
+  if (c.arch == rf::Arch::gpt2)
+    sites = {{"attn.c_attn", H, 3 * H}, {"attn.c_proj", H, H}, {"mlp.c_fc", H, I}, {"mlp.c_proj", I, H}};
+  else
+    sites = {{"q_proj", H, Q}, {"k_proj", H, KV}, {"v_proj", H, KV}, {"o_proj", Q, H},
+             {"gate_proj", H, I}, {"up_proj", H, I}, {"down_proj", I, H}};
+  for (int l = 0; l < c.n_layers; ++l)
+    for (const Site& s : sites) {
+      const std::vector<float> A = rf::test::randn(rng, size_t(rank * s.in), 0.1f), B = rf::test::randn(rng, size_t(s.out * rank), 0.1f);
+      const std::string pre = "layers." + std::to_string(l) + "." + s.name + ".";
+      rf::Param* a = p.cpu->new_param(pre + "lora_A", {rank, s.in});
+      rf::Param* b = p.cpu->new_param(pre + "lora_B", {s.out, rank});
+      a->value = A;
+      b->value = B;
+      p.cpu->add_lora(l, s.name, a, b, 2.0f);
+      p.gpu->add_lora(l, s.name, A.data(), s.in, B.data(), s.out, rank, 2.0f);
+    }
+  const std::vector<int> flags{c.vocab - 1, c.vocab - 2, c.vocab - 3};
+  const std::vector<float> embed = rf::test::randn(rng, flags.size() * H, 0.5f), head = rf::test::randn(rng, flags.size() * H, 0.5f);
+  rf::Param* e = p.cpu->new_param("rf.embed", {long(embed.size())}, false);
+  rf::Param* h = p.cpu->new_param("rf.head", {long(head.size())}, false);
+  e->value = embed;
+  h->value = head;
+  p.cpu->set_token_rows(flags, e, h);
+  p.gpu->set_token_rows(flags, embed.data(), head.data());
+}
+
+void check_decode_step(const std::string& tag, Pair& p) {
+  std::mt19937 rng(13);
+  const int V = p.cpu->vocab(), n = 6, K = 3;
+  const rf::ModelConfig& c = p.cpu->config();
+  const std::vector<int> flag_ids{c.vocab - 1, c.vocab - 2, c.vocab - 3};
+  std::vector<std::vector<uint32_t>> prompts;
+  for (int i = 0; i < n; ++i) prompts.push_back(random_ids(rng, 1 + 7 * i, V));
+  std::vector<rf::KvCache> caches;
+  std::vector<std::shared_ptr<rf::cuda::DeviceSequence>> seqs;
+  for (int i = 0; i < n; ++i) caches.push_back(p.cpu->new_cache()), seqs.push_back(p.gpu->new_sequence());
+  std::vector<rf::PickParams> params(static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i) {
+    if (i % 2) params[size_t(i)].temperature = 0.8f;  // odd rows sample with a seed
+    params[size_t(i)].seed = 100 + uint64_t(i);
+  }
+  int compared = 0, ties = 0, token_diff = 0;
+  double worst_lp = 0, worst_p = 0;
+  std::vector<uint32_t> next(static_cast<size_t>(n));
+  for (int step = 0; step < 12; ++step) {
+    std::vector<rf::ForwardItem> ci;
+    std::vector<rf::cuda::DeviceItem> gi;
+    for (int i = 0; i < n; ++i) {
+      const uint32_t* t = step == 0 ? prompts[size_t(i)].data() : &next[size_t(i)];
+      const int nt = step == 0 ? int(prompts[size_t(i)].size()) : 1;
+      ci.push_back({&caches[size_t(i)], t, nt});
+      gi.push_back({seqs[size_t(i)].get(), t, nt});
+    }
+    std::vector<rf::Pick> cp(static_cast<size_t>(n)), gp(static_cast<size_t>(n));
+    std::vector<float> cf(size_t(n) * K), gf(size_t(n) * K), logits;
+    rf::decode_step(*p.cpu, ci, params, rf::Flags(flag_ids, cf.data()), 0, cp.data(), nullptr, nullptr, logits);
+    p.gpu->decode_step(gi, params, rf::Flags(flag_ids, gf.data()), 0, gp.data(), nullptr, nullptr);
+    for (int i = 0; i < n; ++i) {
+      // A near-tie: the CPU's top two logits within 1e-3 (greedy), or the draw landing within
+      // 1e-4 of a CDF boundary is not checked here (sampled rows take the CPU's token afterwards).
+      const float* z = logits.data() + long(i) * V;
+      std::vector<float> sorted(z, z + V);
+      std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<float>());
+      const bool tie = params[size_t(i)].temperature == 0.f && sorted[0] - sorted[1] < 1e-3f;
+      if (tie) {
+        ++ties;
+      } else {
+        ++compared;
+        token_diff += cp[size_t(i)].token != gp[size_t(i)].token;
+        if (cp[size_t(i)].token == gp[size_t(i)].token)
+          worst_lp = std::max(worst_lp, double(std::fabs(cp[size_t(i)].logprob - gp[size_t(i)].logprob)));
+      }
+      worst_p = std::max(worst_p, double(std::fabs(cp[size_t(i)].p_rf - gp[size_t(i)].p_rf)));
+      for (int k = 0; k < K; ++k) worst_p = std::max(worst_p, double(std::fabs(cf[size_t(i) * K + k] - gf[size_t(i) * K + k])));
+      next[size_t(i)] = cp[size_t(i)].token;  // both continue with the CPU's token
+    }
+  }
+  // A sampled row whose draw falls next to a CDF boundary may differ by rounding: allow 1 in 36.
+  check(token_diff <= 1 && compared > 0,
+        tag + ": decode_step picks the CPU's tokens (" + std::to_string(token_diff) + " differ of " + std::to_string(compared) +
+            ", " + std::to_string(ties) + " near-ties)");
+  check(worst_lp <= 1e-4 && worst_p <= 1e-4, tag + ": decode_step log-probs and flag p's equal the CPU's (worst " +
+                                                 std::to_string(worst_lp) + ", " + std::to_string(worst_p) + ")");
+}
+
+void check_token_scores(const std::string& tag, Pair& p) {
+  std::mt19937 rng(17);
+  const int V = p.cpu->vocab(), K = 3;
+  const rf::ModelConfig& c = p.cpu->config();
+  const std::vector<int> flag_ids{c.vocab - 1, c.vocab - 2, c.vocab - 3};
+  const std::vector<uint32_t> a = random_ids(rng, 30, V), b = random_ids(rng, 3, V);
+  rf::KvCache ca = p.cpu->new_cache(), cb = p.cpu->new_cache();
+  auto ga = p.gpu->new_sequence(), gb = p.gpu->new_sequence();
+  const size_t R = a.size() + b.size();
+  std::vector<float> cp(R), gp(R), cf(R * K), gf(R * K), cl(R), gl(R);
+  rf::token_scores(*p.cpu, {{&ca, a.data(), int(a.size())}, {&cb, b.data(), int(b.size())}}, rf::Flags(flag_ids, cf.data()),
+                   cp.data(), nullptr, cl.data());
+  p.gpu->token_scores({{ga.get(), a.data(), int(a.size())}, {gb.get(), b.data(), int(b.size())}}, rf::Flags(flag_ids, gf.data()),
+                      gp.data(), nullptr, gl.data());
+  double worst = 0;
+  for (size_t i = 0; i < R; ++i) {
+    worst = std::max(worst, double(std::fabs(cp[i] - gp[i])));
+    if (!std::isnan(cl[i]) || !std::isnan(gl[i])) worst = std::max(worst, double(std::fabs(cl[i] - gl[i])));
+  }
+  for (size_t i = 0; i < R * K; ++i) worst = std::max(worst, double(std::fabs(cf[i] - gf[i])));
+  check(worst <= 1e-4, tag + ": token_scores equal the CPU's (worst abs " + std::to_string(worst) + ")");
+}
+
+void check_batch_independence(const std::string& tag, rf::cuda::DeviceModel& m) {
+  std::mt19937 rng(21);
+  const int V = m.vocab();
+  std::vector<std::vector<uint32_t>> seqs;
+  for (int i = 0; i < 32; ++i) seqs.push_back(random_ids(rng, 1 + int(rng() % 50), V));
+  const std::vector<float> together = gpu_all(m, seqs);
+  double worst = 0;
+  long offset = 0;
+  for (const auto& s : seqs) {
+    const std::vector<float> alone = gpu_all(m, {s});
+    const std::vector<float> part(together.begin() + offset * V, together.begin() + (offset + long(s.size())) * V);
+    worst = std::max(worst, worst_row(part, alone, V));
+    offset += long(s.size());
+  }
+  check(worst <= 1e-5, tag + ": a batch of 32 mixed-length sequences equals each alone (worst rel L2 " + std::to_string(worst) + ")");
+}
+
+void check_pool(const rf::ModelConfig& c) {
+  rf::cuda::DeviceModel m(c, rf::DType::bf16, 0);
+  rf::test::load_random(m, 3);
+  m.set_kv_pool_bytes(size_t(64) << 10);  // a few blocks only
+  auto a = m.new_sequence();
+  bool refused = false;
+  try {
+    a->reserve(1 << 20);
+  } catch (const std::exception& e) {
+    refused = std::string(e.what()).find("KV pool is full") != std::string::npos;
+  }
+  check(refused && a->capacity() == 0, "a full KV pool refuses a sequence, naming why, and grants nothing");
+  long most = 0;
+  while (true) {
+    try {
+      a->reserve(most + 16);
+      most += 16;
+    } catch (const std::exception&) {
+      break;
+    }
+  }
+  auto b = m.new_sequence();
+  bool b_refused = false;
+  try {
+    b->reserve(1);
+  } catch (const std::exception&) {
+    b_refused = true;
+  }
+  a.reset();  // its blocks go back
+  bool b_fits = true;
+  try {
+    b->reserve(most);
+  } catch (const std::exception&) {
+    b_fits = false;
+  }
+  check(most > 0 && b_refused && b_fits, "freeing a sequence returns its blocks to the pool (" + std::to_string(most) + " positions)");
+}
+
+void check_memory(const rf::ModelConfig& c) {
+  size_t free0 = 0, total = 0, free1 = 0;
+  {
+    rf::cuda::DeviceModel warm(c, rf::DType::bf16, 0);  // the context and cuBLASLt's own state
+    rf::test::load_random(warm, 3);
+  }
+  cudaMemGetInfo(&free0, &total);
+  for (int i = 0; i < 20; ++i) {
+    rf::cuda::DeviceModel m(c, rf::DType::bf16, 0);
+    rf::test::load_random(m, 3);
+    auto s = m.new_sequence();
+    std::vector<uint32_t> ids{1, 2, 3, 4};
+    std::vector<float> out(size_t(m.vocab()));
+    m.forward({{s.get(), ids.data(), 4}}, rf::LogitsMode::last, out.data());
+  }
+  cudaMemGetInfo(&free1, &total);
+  const double diff = (double(free0) - double(free1)) / double(1 << 20);
+  check(std::fabs(diff) <= 1.0, "20 loads and disposals leave device memory where it was (" + std::to_string(diff) + " MiB)");
+}
+
+rf::ModelConfig with(rf::ModelConfig c, int hidden, int heads, int kv, int head_dim) {
+  c.hidden = hidden;
+  c.n_heads = heads;
+  c.n_kv_heads = kv;
+  c.head_dim = head_dim;
+  c.intermediate = 2 * hidden + 16;
+  c.vocab = 1001;  // not a multiple of 64
+  c.max_positions = 128;
+  return c;
+}
+
+void run_config(const std::string& name, const rf::ModelConfig& c) {
+  {
+    Pair p = make_pair(c, rf::DType::f32, 7);
+    check_logits(name + " f32", p, 1e-4);
+    check_decode(name + " f32", p);
+    add_adapters(p, 31);
+    check_logits(name + " f32 + adapters", p, 1e-4);
+    check_decode_step(name + " f32 + adapters", p);
+    check_token_scores(name + " f32 + adapters", p);
+    check_batch_independence(name + " f32 + adapters", *p.gpu);
+  }
+  {
+    Pair p = make_pair(c, rf::DType::bf16, 7);
+    check_logits(name + " bf16", p, 2e-2);
+  }
+}
+
+}  // namespace
+
+int main() {
+  const rf::cuda::DeviceInfo info = rf::cuda::device_info();
+  if (info.count == 0) {
+    std::printf("cuda_model: no CUDA device visible; skipped (%s)\n", info.error.c_str());
+    return 0;
+  }
+  rf::ModelConfig llama = rf::test::small_llama();
+  run_config("llama GQA 2", llama);
+  run_config("llama hd64 GQA1", with(llama, 128, 2, 2, 64));
+  run_config("llama hd80 GQA3", with(llama, 240, 3, 1, 80));
+  run_config("llama hd128 GQA8", with(llama, 256, 8, 1, 128));
+  rf::ModelConfig mistral = llama;
+  mistral.sliding_window = 7;
+  mistral.qkv_bias = false;
+  run_config("mistral window 7", mistral);
+  rf::ModelConfig l3 = llama;
+  l3.tied_embeddings = true;
+  l3.rope_scaling = rf::RopeScaling::llama3;
+  l3.rope_factor = 8;
+  l3.rope_original_max_positions = 16;
+  run_config("llama3 rope, tied", l3);
+  rf::ModelConfig gpt2 = llama;
+  gpt2.arch = rf::Arch::gpt2;
+  gpt2.norm = rf::NormType::layer;
+  gpt2.act = rf::Activation::gelu_new;
+  gpt2.rope = false;
+  gpt2.n_kv_heads = gpt2.n_heads;
+  gpt2.head_dim = gpt2.hidden / gpt2.n_heads;  // GPT-2: c_attn is [3 hidden, hidden]
+  gpt2.qkv_bias = gpt2.o_bias = gpt2.mlp_bias = true;
+  gpt2.tied_embeddings = true;
+  run_config("gpt2", gpt2);
+  check_pool(llama);
+  check_memory(with(llama, 256, 8, 2, 32));
+  return rf::test::finish("cuda_model");
+}

@@ -1,0 +1,101 @@
+// The backend switch: `device` parsing, and one clear error naming what is missing (the CUDA
+// build, CUDA itself in that build, a driver or GPU, the device ordinal) before any weight is read.
+import { describe, expect, it } from 'vitest';
+import { execFile } from 'node:child_process';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+
+import { Scheduler } from '../lib/detect/scheduler.js';
+import { RedflagError } from '../lib/errors.js';
+import { checkCudaAddon, parseDevice } from '../lib/model/device.js';
+import { loadModel, type Model } from '../lib/model/model.js';
+import { loadNative, type NativeAddon } from '../lib/native.js';
+import { FIXTURES } from './helpers/fixtures.js';
+
+const exec = promisify(execFile);
+const ROOT = join(import.meta.dirname, '..');
+
+function fakeAddon(cuda?: { count: number; error: string }): NativeAddon {
+  const base = loadNative();
+  return {
+    ...base,
+    ...(cuda ? { cudaInfo: () => ({ name: 'fake', smMajor: 9, smMinor: 0, memoryGiB: 141, saxpyMaxError: 0, ...cuda }) } : { cudaInfo: undefined }),
+  } as NativeAddon;
+}
+
+/** Whether this machine can run the CUDA engine at all (a GPU machine with the CUDA build). */
+function cudaUsable(): boolean {
+  try {
+    return (loadNative('cuda').cudaInfo?.().count ?? 0) > 0;
+  } catch {
+    return false;
+  }
+}
+
+describe('device', () => {
+  it('parses cpu, cuda and cuda:N, and names the field of anything else', () => {
+    expect(parseDevice(undefined)).toEqual({ kind: 'cpu', index: -1, name: 'cpu' });
+    expect(parseDevice('cpu')).toEqual({ kind: 'cpu', index: -1, name: 'cpu' });
+    expect(parseDevice('cuda')).toEqual({ kind: 'cuda', index: 0, name: 'cuda:0' });
+    expect(parseDevice('cuda:3')).toEqual({ kind: 'cuda', index: 3, name: 'cuda:3' });
+    for (const bad of ['gpu', 'cuda:', 'cuda:-1', 'cuda:x', 'CUDA', 'cuda:1:2', 3, null]) {
+      expect(() => parseDevice(bad, 'options.device')).toThrow(/options\.device must be 'cpu', 'cuda' or 'cuda:N'/);
+    }
+  });
+
+  it('says which of the CUDA build, the driver or the GPU is missing', () => {
+    const cuda = parseDevice('cuda:1');
+    expect(() => checkCudaAddon(fakeAddon(), cuda)).toThrow(/compiled without CUDA \(nvcc was not found/);
+    expect(() => checkCudaAddon(fakeAddon({ count: 0, error: 'cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version' }), cuda))
+      .toThrow(/no usable CUDA device \(cudaErrorInsufficientDriver: .*\): a missing or too old NVIDIA driver, or no GPU/);
+    expect(() => checkCudaAddon(fakeAddon({ count: 1, error: '' }), cuda)).toThrow(/'cuda:1': only 1 CUDA device visible \(cuda:0\)/);
+    const ok = fakeAddon({ count: 2, error: '' });
+    expect(checkCudaAddon(ok, cuda)).toBe(ok);
+  });
+
+  it.skipIf(cudaUsable())('loadModel on a GPU that is not there fails at once, naming the device, and the CPU default is unchanged', async () => {
+    // The directory does not exist: the device check comes before any file is read.
+    const error = await loadModel('/nonexistent/model', { device: 'cuda' }).catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(RedflagError);
+    expect((error as Error).message).toMatch(/CUDA/);
+    expect((error as Error).message).not.toMatch(/nonexistent/);
+    await expect(loadModel(join(FIXTURES, 'llama-gqa'), { device: 'tpu' as never })).rejects.toThrow(/device must be/);
+    const model = await loadModel(join(FIXTURES, 'llama-gqa'), { threads: 1 });
+    expect(model.device.name).toBe('cpu');
+    expect(model.dtype).toBe('f32');
+    model.dispose();
+  });
+
+  it('the scheduler budgets whole blocks of a paged cache, single positions of the CPU\'s', async () => {
+    const model = await loadModel(join(FIXTURES, 'llama-gqa'), { threads: 1 });
+    try {
+      const c = model.config;
+      const perPosition = 2 * c.numLayers * c.numKvHeads * c.headDim * 4;
+      const options = { maxBatch: 1, kvCacheBytes: 1 << 30, maxQueued: 1, prefillChunk: 8, rfToken: -1 };
+      expect(model.kvBlockTokens).toBe(1);
+      expect(new Scheduler(model, options).bytesFor(17)).toBe(17 * perPosition);
+      // A model on a GPU reports its block size (16): 17 positions take two blocks.
+      const paged = Object.create(model, { kvBlockTokens: { value: 16 } }) as Model;
+      expect(new Scheduler(paged, options).bytesFor(17)).toBe(32 * perPosition);
+      expect(new Scheduler(paged, options).bytesFor(16)).toBe(16 * perPosition);
+    } finally {
+      model.dispose();
+    }
+  });
+
+  it('the CLI takes --device and answers a bad one with one line', async () => {
+    const run = async (...args: string[]) => exec(process.execPath, ['--import', 'tsx', join(ROOT, 'lib', 'cli.ts'), ...args], { cwd: ROOT, timeout: 60_000 })
+      .then(({ stdout }) => ({ code: 0, stdout, stderr: '' }), (e: { code: number; stdout: string; stderr: string }) => e);
+    const bad = await run('info', '-m', join(FIXTURES, 'llama-gqa'), '--device', 'gpu');
+    expect(bad.code).toBe(1);
+    expect(bad.stderr).toMatch(/device must be 'cpu', 'cuda' or 'cuda:N'/);
+    const cpu = await run('info', '-m', join(FIXTURES, 'llama-gqa'), '--device', 'cpu', '--json');
+    expect(JSON.parse(cpu.stdout).engine).toMatchObject({ device: 'cpu', dtype: 'f32' });
+    if (!cudaUsable()) {
+      const cuda = await run('info', '-m', join(FIXTURES, 'llama-gqa'), '--device', 'cuda');
+      expect(cuda.code).toBe(1);
+      expect(cuda.stderr.trim().split('\n')).toHaveLength(1);
+      expect(cuda.stderr).toMatch(/CUDA/);
+    }
+  }, 60_000);
+});
