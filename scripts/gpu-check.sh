@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see README "Building"): builds the native tests with CMake and
-# the CUDA sources for sm_90a (H100/H200), runs the CPU tests (ctest) and every CUDA test
-# (native/tests/cuda_*.cpp), and leaves the logs and a JSON summary in OUT_DIR.
+# the CUDA sources for sm_90a (H100/H200), runs every CUDA test (native/tests/cuda_*.cpp) and
+# the GPU benchmark (native/bench/cuda_bench.cu), and leaves the logs, the benchmark's JSON and a
+# summary in OUT_DIR.
 #   bash scripts/gpu-check.sh "$OUT"
 set -uo pipefail
 out="${1:?usage: scripts/gpu-check.sh OUT_DIR}"
@@ -26,17 +27,37 @@ if [ "$configure_rc" -ne 0 ] || ! cmake --build "$build" -j "$(nproc)" >> "$out/
   exit 1
 fi
 
-ctest --test-dir "$build" -j "$(nproc)" --output-on-failure > "$out/ctest.log" 2>&1
-ctest_rc=$?
+# The CPU tests are CI's (here they only cost device time): RF_GPU_CHECK_CTEST=1 runs them too.
+ctest_rc=-1
+if [ "${RF_GPU_CHECK_CTEST:-0}" = 1 ]; then
+  ctest --test-dir "$build" -j "$(nproc)" --output-on-failure > "$out/ctest.log" 2>&1
+  ctest_rc=$?
+fi
 results=()
 for t in "$build"/cuda_*; do
   [ -x "$t" ] || continue
   name=$(basename "$t")
-  "$t" > "$out/$name.log" 2>&1
+  [ "$name" = cuda_bench ] && continue
+  timeout 300 "$t" > "$out/$name.log" 2>&1
   rc=$?
   results+=("\"$name\": $rc")
   tail -3 "$out/$name.log"
 done
-printf '{"build": "ok", "ctest": %d, "cuda": {%s}}\n' "$ctest_rc" "$(IFS=,; echo "${results[*]}")" > "$out/summary.json"
+# The benchmark (JSON on stdout, progress on stderr): RF_GPU_CHECK_BENCH=0 skips it, "quick" shortens it.
+bench_rc=-1
+if [ -x "$build/cuda_bench" ] && [ "${RF_GPU_CHECK_BENCH:-1}" != 0 ]; then
+  bench_args=()
+  [ "${RF_GPU_CHECK_BENCH:-1}" = quick ] && bench_args=(--quick)
+  timeout 420 "$build/cuda_bench" "${bench_args[@]}" > "$out/cuda_bench.json" 2> "$out/cuda_bench.log"
+  bench_rc=$?
+  tail -12 "$out/cuda_bench.log"
+fi
+# The peer on the same GPU: PyTorch + transformers, bf16, static cache, torch.compile where it works.
+peer_rc=-1
+if [ "${RF_GPU_CHECK_BENCH:-1}" != 0 ]; then
+  timeout 420 python3 bench/peers/torch_gpu.py > "$out/torch_gpu.json" 2> "$out/torch_gpu.log"
+  peer_rc=$?
+  tail -6 "$out/torch_gpu.log"
+fi
+printf '{"build": "ok", "ctest": %d, "cuda": {%s}, "bench": %d, "peer": %d}\n' "$ctest_rc" "$(IFS=,; echo "${results[*]}")" "$bench_rc" "$peer_rc" > "$out/summary.json"
 cat "$out/summary.json"
-tail -3 "$out/ctest.log"

@@ -1,0 +1,307 @@
+// The CUDA engine's benchmark (issue "CUDA backend, part 1", item 6), printed as ONE JSON object
+// on stdout (progress on stderr). Every figure comes with its ratio to a ceiling measured in the
+// same run:
+//   - copy bandwidth: a device-to-device copy kernel over 2 x 1 GiB (bytes read + written / s);
+//   - bf16 tensor throughput: cuBLASLt at 8192^3 (bf16 in, f32 sums and out).
+// Models: random weights with the exact shapes of Llama-3.2-1B and Llama-3.1-8B, bf16 on the
+// device, loaded through the engine's load_tensor (the same path as a checkpoint):
+//   - batch-1 decode tokens/s at contexts 128 and 4096, against the bandwidth bound
+//     (weight bytes + the KV bytes a token reads) / copy bandwidth;
+//   - batched decode at 8, 64 and 256 sequences (context 128): aggregate tokens/s;
+//   - a 2048-token prefill: model FLOP/s (2 x non-embedding params x tokens + the causal
+//     attention's 2 x 2 x layers x heads x head_dim x T^2 / 2, + the LM head for the last row)
+//     over the in-run bf16 throughput;
+//   - the fused pick epilogue (token, log-prob, p(<rf>)) on one 128256-logit row, timed alone
+//     with CUDA events, as a fraction of a batch-1 decode step.
+//
+//   cuda_bench [--quick] [--model=1b|8b]     (default: both; --quick: fewer steps)
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cuda/cuda.h"
+#include "cuda/device_model.h"
+#include "cuda/gemm.h"
+#include "cuda/ops.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "cuda_bench: %s: %s\n", what, cudaGetErrorString(e));
+    std::exit(1);
+  }
+}
+
+__global__ void copy_kernel(float4* dst, const float4* src, long n) {
+  for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) dst[i] = src[i];
+}
+
+// Median seconds of `reps` timed runs of fn, timed with CUDA events on the default stream.
+template <class Fn>
+double median_time(int reps, Fn&& fn) {
+  cudaEvent_t a, b;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
+  fn();  // warm-up
+  std::vector<double> t;
+  for (int i = 0; i < reps; ++i) {
+    cudaEventRecord(a);
+    fn();
+    cudaEventRecord(b);
+    cudaEventSynchronize(b);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, a, b);
+    t.push_back(ms / 1e3);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+double copy_bandwidth() {
+  const long bytes = 1L << 30, n = bytes / 16;
+  float4 *src = nullptr, *dst = nullptr;
+  check(cudaMalloc(&src, bytes), "cudaMalloc");
+  check(cudaMalloc(&dst, bytes), "cudaMalloc");
+  cudaMemset(src, 0, bytes);
+  int sms = 0;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
+  const double s = median_time(10, [&] { copy_kernel<<<sms * 8, 512>>>(dst, src, n); });
+  cudaFree(src);
+  cudaFree(dst);
+  return 2.0 * double(bytes) / s;
+}
+
+double bf16_flops() {
+  const int n = 8192;
+  __nv_bfloat16 *a = nullptr, *b = nullptr;
+  float* c = nullptr;
+  check(cudaMalloc(&a, size_t(n) * n * 2), "cudaMalloc");
+  check(cudaMalloc(&b, size_t(n) * n * 2), "cudaMalloc");
+  check(cudaMalloc(&c, size_t(n) * n * 4), "cudaMalloc");
+  cudaMemset(a, 0, size_t(n) * n * 2);
+  cudaMemset(b, 0, size_t(n) * n * 2);
+  rf::cuda::GemmContext ctx;
+  const double s = median_time(10, [&] {
+    rf::cuda::matmul(ctx, c, a, rf::DType::bf16, b, rf::DType::bf16, n, n, n, nullptr, 0.f, nullptr);
+  });
+  cudaFree(a);
+  cudaFree(b);
+  cudaFree(c);
+  return 2.0 * double(n) * n * n / s;
+}
+
+struct Shape {
+  const char* name;
+  rf::ModelConfig c;
+};
+
+rf::ModelConfig llama(int vocab, int hidden, int inter, int layers, int heads, int kv, int hd, bool tied, double factor) {
+  rf::ModelConfig c;
+  c.arch = rf::Arch::llama;
+  c.vocab = vocab;
+  c.hidden = hidden;
+  c.intermediate = inter;
+  c.n_layers = layers;
+  c.n_heads = heads;
+  c.n_kv_heads = kv;
+  c.head_dim = hd;
+  c.max_positions = 131072;
+  c.rope_theta = 500000.0;
+  c.rope_scaling = rf::RopeScaling::llama3;
+  c.rope_factor = factor;
+  c.rope_low_freq_factor = 1.0;
+  c.rope_high_freq_factor = 4.0;
+  c.rope_original_max_positions = 8192;
+  c.tied_embeddings = tied;
+  c.norm_eps = 1e-5f;
+  return c;
+}
+
+// Random bf16 weights (a cheap xorshift: the values do not matter for speed, only their bits
+// being ordinary numbers), loaded under the engine's names.
+void load_random(rf::cuda::DeviceModel& m) {
+  const rf::ModelConfig& c = m.config();
+  uint64_t state = 0x9e3779b97f4a7c15ull;
+  std::vector<uint16_t> buf;
+  auto add = [&](const std::string& name, std::vector<long> shape, float sd, float mean) {
+    long n = 1;
+    for (long d : shape) n *= d;
+    buf.resize(size_t(n));
+    for (long i = 0; i < n; ++i) {
+      state ^= state << 13, state ^= state >> 7, state ^= state << 17;
+      const float u = float(state >> 40) / float(1 << 24) - 0.5f;  // uniform in [-0.5, 0.5)
+      buf[size_t(i)] = rf::f32_to_bf16(mean + sd * 3.46f * u);   // sd of the uniform: 1 / sqrt(12)
+    }
+    m.load_tensor(name, buf.data(), rf::SrcType::bf16, shape, false);
+  };
+  const long H = c.hidden, I = c.intermediate;
+  add("embed", {c.vocab, H}, 0.02f, 0.f);
+  if (!c.tied_embeddings) add("lm_head", {c.vocab, H}, 0.02f, 0.f);
+  add("final_norm.weight", {H}, 0.02f, 1.f);
+  for (int l = 0; l < c.n_layers; ++l) {
+    const std::string p = "layers." + std::to_string(l) + ".";
+    add(p + "attn_norm.weight", {H}, 0.02f, 1.f);
+    add(p + "mlp_norm.weight", {H}, 0.02f, 1.f);
+    add(p + "qkv.weight", {c.qkv_dim(), H}, 0.02f, 0.f);
+    add(p + "o.weight", {H, c.q_dim()}, 0.02f, 0.f);
+    add(p + "mlp_in.weight", {2 * I, H}, 0.02f, 0.f);
+    add(p + "mlp_out.weight", {H, I}, 0.02f, 0.f);
+  }
+  m.check_complete();
+}
+
+double non_embedding_params(const rf::ModelConfig& c) {
+  const double H = c.hidden, I = c.intermediate;
+  return c.n_layers * (H * c.qkv_dim() + double(c.q_dim()) * H + 3 * H * I);
+}
+
+// tokens/s of `steps` greedy decode steps of n sequences at context `context`.
+double decode_rate(rf::cuda::DeviceModel& m, int n, int context, int steps, int rf_token) {
+  std::vector<std::shared_ptr<rf::cuda::DeviceSequence>> seqs;
+  std::vector<uint32_t> prompt(static_cast<size_t>(context));
+  for (int i = 0; i < context; ++i) prompt[size_t(i)] = uint32_t((i * 7919) % m.vocab());
+  for (int i = 0; i < n; ++i) seqs.push_back(m.new_sequence());
+  std::vector<rf::PickParams> params(static_cast<size_t>(n));
+  std::vector<rf::Pick> picks(static_cast<size_t>(n));
+  // Prefill in groups so the activations of one forward stay modest.
+  for (int i = 0; i < n; i += 8) {
+    std::vector<rf::cuda::DeviceItem> items;
+    for (int j = i; j < std::min(n, i + 8); ++j) items.push_back({seqs[size_t(j)].get(), prompt.data(), context});
+    std::vector<rf::PickParams> p(items.size());
+    std::vector<rf::Pick> k(items.size());
+    m.decode_step(items, p, rf::Flags(rf_token), 0, k.data(), nullptr, nullptr);
+  }
+  std::vector<uint32_t> next(static_cast<size_t>(n), 1);
+  auto step = [&] {
+    std::vector<rf::cuda::DeviceItem> items;
+    for (int i = 0; i < n; ++i) items.push_back({seqs[size_t(i)].get(), &next[size_t(i)], 1});
+    m.decode_step(items, params, rf::Flags(rf_token), 0, picks.data(), nullptr, nullptr);
+    for (int i = 0; i < n; ++i) next[size_t(i)] = picks[size_t(i)].token;
+  };
+  step();  // warm-up: plans, scratch
+  const auto t0 = Clock::now();
+  for (int s = 0; s < steps; ++s) step();
+  return double(n) * steps / seconds_since(t0);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool quick = false;
+  std::string only;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--quick") quick = true;
+    else if (a.rfind("--model=", 0) == 0) only = a.substr(8);
+  }
+  const rf::cuda::DeviceInfo info = rf::cuda::device_info();
+  if (info.count == 0) {
+    std::printf("{\"bench\": \"cuda\", \"skipped\": \"no CUDA device visible (%s)\"}\n", info.error.c_str());
+    return 0;
+  }
+  std::fprintf(stderr, "cuda_bench: %s\n", info.name.c_str());
+  const double bw = copy_bandwidth();
+  const double tflops = bf16_flops();
+  std::fprintf(stderr, "ceilings: copy %.0f GB/s, bf16 %.0f TFLOP/s\n", bw / 1e9, tflops / 1e12);
+
+  const std::vector<Shape> shapes{
+      {"llama-3.2-1b", llama(128256, 2048, 8192, 16, 32, 8, 64, true, 32.0)},
+      {"llama-3.1-8b", llama(128256, 4096, 14336, 32, 32, 8, 128, false, 8.0)},
+  };
+  std::string json = "{\"bench\": \"cuda\", \"device\": \"" + info.name + "\", \"ceilings\": {\"copyGBs\": " +
+                     std::to_string(bw / 1e9) + ", \"bf16Tflops\": " + std::to_string(tflops / 1e12) + "}, \"models\": [";
+  bool first = true;
+  for (const Shape& shape : shapes) {
+    if (!only.empty() && std::string(shape.name).find(only) == std::string::npos) continue;
+    const rf::ModelConfig& c = shape.c;
+    std::fprintf(stderr, "%s: loading random bf16 weights\n", shape.name);
+    rf::cuda::DeviceModel m(c, rf::DType::bf16, 0);
+    m.set_kv_pool_bytes(size_t(40) << 30);
+    load_random(m);
+    const int rf_token = c.vocab - 1;
+    const int steps = quick ? 16 : 64;
+    const double kv_per_position = 2.0 * c.n_layers * c.n_kv_heads * c.head_dim * 4;  // f32 K and V
+    std::string r = std::string(first ? "" : ", ") + "{\"model\": \"" + shape.name + "\", \"weightBytes\": " +
+                    std::to_string(double(m.weight_bytes())) + ", \"decode\": [";
+    first = false;
+    double step_seconds_1 = 0;
+    for (int ctx : {128, 4096}) {
+      const double rate = decode_rate(m, 1, ctx, steps, rf_token);
+      const double bound = bw / (double(m.weight_bytes()) + kv_per_position * (ctx + steps / 2.0));
+      if (ctx == 128) step_seconds_1 = 1.0 / rate;
+      std::fprintf(stderr, "%s: batch 1, context %d: %.1f tokens/s (bound %.1f)\n", shape.name, ctx, rate, bound);
+      r += std::string(ctx == 128 ? "" : ", ") + "{\"batch\": 1, \"context\": " + std::to_string(ctx) + ", \"tokensPerSecond\": " +
+           std::to_string(rate) + ", \"bandwidthBound\": " + std::to_string(bound) + ", \"ratioToBound\": " + std::to_string(rate / bound) + "}";
+    }
+    for (int n : {8, 64, 256}) {
+      const double rate = decode_rate(m, n, 128, quick ? 8 : 32, rf_token);
+      std::fprintf(stderr, "%s: batch %d: %.0f tokens/s\n", shape.name, n, rate);
+      r += ", {\"batch\": " + std::to_string(n) + ", \"context\": 128, \"tokensPerSecond\": " + std::to_string(rate) + "}";
+    }
+    r += "]";
+
+    // Prefill of 2048 tokens (logits of the last row only).
+    {
+      const int T = 2048;
+      std::vector<uint32_t> prompt(static_cast<size_t>(T));
+      for (int i = 0; i < T; ++i) prompt[size_t(i)] = uint32_t((i * 104729) % c.vocab);
+      std::vector<float> out(static_cast<size_t>(c.vocab));
+      std::vector<double> times;
+      for (int rep = 0; rep < (quick ? 2 : 5); ++rep) {
+        auto s = m.new_sequence();
+        const auto t0 = Clock::now();
+        m.forward({{s.get(), prompt.data(), T}}, rf::LogitsMode::last, out.data());
+        times.push_back(seconds_since(t0));
+      }
+      std::sort(times.begin(), times.end());
+      const double t = times[times.size() / 2];
+      const double flops = 2.0 * non_embedding_params(c) * T + 2.0 * 2.0 * c.n_layers * c.n_heads * c.head_dim * double(T) * T / 2.0 +
+                           2.0 * double(c.hidden) * c.vocab;
+      std::fprintf(stderr, "%s: prefill %d: %.3f s, %.0f TFLOP/s\n", shape.name, T, t, flops / t / 1e12);
+      r += ", \"prefill\": {\"tokens\": " + std::to_string(T) + ", \"seconds\": " + std::to_string(t) + ", \"tflops\": " +
+           std::to_string(flops / t / 1e12) + ", \"ratioToBf16\": " + std::to_string(flops / t / tflops) + "}";
+    }
+
+    // The fused pick epilogue alone on one row of logits.
+    {
+      float* logits = nullptr;
+      rf::cuda::DevicePick* params = nullptr;
+      int* flags = nullptr;
+      uint32_t* token = nullptr;
+      float *lp = nullptr, *p_rf = nullptr;
+      check(cudaMalloc(&logits, size_t(c.vocab) * 4), "cudaMalloc");
+      check(cudaMalloc(&params, sizeof(rf::cuda::DevicePick)), "cudaMalloc");
+      check(cudaMalloc(&flags, sizeof(int)), "cudaMalloc");
+      check(cudaMalloc(&token, 4), "cudaMalloc");
+      check(cudaMalloc(&lp, 4), "cudaMalloc");
+      check(cudaMalloc(&p_rf, 4), "cudaMalloc");
+      cudaMemset(logits, 0, size_t(c.vocab) * 4);
+      cudaMemset(params, 0, sizeof(rf::cuda::DevicePick));
+      cudaMemcpy(flags, &rf_token, sizeof(int), cudaMemcpyHostToDevice);
+      const double t = median_time(50, [&] { rf::cuda::pick_rows(logits, 1, c.vocab, params, flags, 1, token, lp, p_rf, nullptr, nullptr); });
+      for (void* p : {static_cast<void*>(logits), static_cast<void*>(params), static_cast<void*>(flags), static_cast<void*>(token),
+                      static_cast<void*>(lp), static_cast<void*>(p_rf)})
+        cudaFree(p);
+      std::fprintf(stderr, "%s: pick epilogue %.1f us, %.2f%% of a batch-1 step\n", shape.name, t * 1e6, 100 * t / step_seconds_1);
+      r += ", \"pickEpilogue\": {\"seconds\": " + std::to_string(t) + ", \"fractionOfDecodeStep\": " + std::to_string(t / step_seconds_1) + "}";
+    }
+    json += r + "}";
+  }
+  json += "]}";
+  std::printf("%s\n", json.c_str());
+  return 0;
+}
