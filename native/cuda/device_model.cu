@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <iterator>
 #include <limits>
 #include <mutex>
 #include <sstream>
@@ -710,16 +711,16 @@ void DeviceModel::add_lora(int layer, const std::string& target, const float* A,
   if (layer < 0 || layer >= c.n_layers) throw std::invalid_argument("LoRA layer out of range");
   struct Site { const char* name; int index; long offset, out; };
   const long Q = c.q_dim(), KV = c.kv_dim(), I = c.intermediate, H = c.hidden;
-  std::vector<Site> sites;
-  if (c.arch == Arch::gpt2) {
-    sites = {{"attn.c_attn", 0, 0, 3 * H}, {"attn.c_proj", 1, 0, H}, {"mlp.c_fc", 2, 0, I}, {"mlp.c_proj", 3, 0, H}};
-  } else {
-    sites = {{"q_proj", 0, 0, Q}, {"k_proj", 0, Q, KV}, {"v_proj", 0, Q + KV, KV}, {"o_proj", 1, 0, H},
-             {"gate_proj", 2, 0, I}, {"up_proj", 2, I, I}, {"down_proj", 3, 0, H}};
-  }
+  const Site gpt2_sites[] = {{"attn.c_attn", 0, 0, 3 * H}, {"attn.c_proj", 1, 0, H}, {"mlp.c_fc", 2, 0, I}, {"mlp.c_proj", 3, 0, H}};
+  const Site llama_sites[] = {{"q_proj", 0, 0, Q},     {"k_proj", 0, Q, KV},   {"v_proj", 0, Q + KV, KV}, {"o_proj", 1, 0, H},
+                              {"gate_proj", 2, 0, I}, {"up_proj", 2, I, I}, {"down_proj", 3, 0, H}};
+  const bool gpt2 = c.arch == Arch::gpt2;
+  const Site* first = gpt2 ? gpt2_sites : llama_sites;
+  const Site* last = gpt2 ? std::end(gpt2_sites) : std::end(llama_sites);
   DLayer& L = w_->layers[size_t(layer)];
   DLinear* linears[] = {&L.qkv, &L.o, &L.mlp_in, &L.mlp_out};
-  for (const Site& site : sites) {
+  for (const Site* it = first; it != last; ++it) {
+    const Site& site = *it;
     if (target != site.name) continue;
     DLinear& lin = *linears[site.index];
     if (lin.w.empty()) throw std::invalid_argument("LoRA " + target + " of layer " + std::to_string(layer) + ": load the weights first");

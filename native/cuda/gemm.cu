@@ -13,7 +13,8 @@
 // and TRANSB = N (op(B) = x^T, K x M), C = D = the stored y^T [N, M] (in place; beta scales it).
 // Layout descriptors describe matrices as stored (before op): A is K x N, B is K x M, D is N x M.
 // In cuBLASLt's terms m = N, n = M, k = K. This "TN" form is also the one Hopper's tensor-core
-// kernels prefer (both operands K-contiguous).
+// kernels prefer (both operands K-contiguous). matmul_nn's w is row-major [K, N], i.e. w^T
+// column-major [N, K] with ld N: A = that with TRANSA = N, and D = w^T x^T = (x w)^T.
 //
 // Bias. CUBLASLT_EPILOGUE_BIAS adds a vector with one element per row of D, broadcast over D's
 // columns: rows of D are our output features n, so bias [N] is exactly nn.Linear's bias. Its
@@ -162,8 +163,8 @@ void set_desc(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attr, co
 
 enum BiasMode { kNoBias = 0, kBiasEpilogue = 1, kBiasKernel = 2 };
 
-// M, N, K, x type, w type, alignments of x, w, y, bias mode.
-using PlanKey = std::tuple<int, int, int, int, int, uint32_t, uint32_t, uint32_t, int>;
+// M, N, K, x type, w type, alignments of x, w, y, bias mode, w transposed (matmul) or not (matmul_nn).
+using PlanKey = std::tuple<int, int, int, int, int, uint32_t, uint32_t, uint32_t, int, bool>;
 
 }  // namespace
 
@@ -184,20 +185,25 @@ struct GemmContext::Impl {
   }
 
   std::unique_ptr<Plan> make_plan(int M, int N, int K, DType type, uint32_t align_x, uint32_t align_w, uint32_t align_y,
-                                  const float* bias, BiasMode mode);
+                                  const float* bias, BiasMode mode, bool trans_w);
 };
 
 std::unique_ptr<Plan> GemmContext::Impl::make_plan(int M, int N, int K, DType type, uint32_t align_x, uint32_t align_w,
-                                                   uint32_t align_y, const float* bias, BiasMode mode) {
+                                                   uint32_t align_y, const float* bias, BiasMode mode, bool trans_w) {
   auto plan = std::make_unique<Plan>();
   // f32 sums for both input types; alpha and beta are host f32 (the default pointer mode).
   check_lt(cublasLtMatmulDescCreate(&plan->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
-  const cublasOperation_t trans_a = CUBLAS_OP_T, trans_b = CUBLAS_OP_N;
+  // matmul_nn: w row-major [K, N] is column-major [N, K] with ld N, already op(A) (TRANSA = N).
+  const cublasOperation_t trans_a = trans_w ? CUBLAS_OP_T : CUBLAS_OP_N, trans_b = CUBLAS_OP_N;
   set_desc(plan->desc, CUBLASLT_MATMUL_DESC_TRANSA, trans_a, "cublasLtMatmulDescSetAttribute(TRANSA)");
   set_desc(plan->desc, CUBLASLT_MATMUL_DESC_TRANSB, trans_b, "cublasLtMatmulDescSetAttribute(TRANSB)");
   // As stored, column-major (see the top of this file): A = W^T [K, N], B = x^T [K, M], C = D = y^T [N, M].
-  check_lt(cublasLtMatrixLayoutCreate(&plan->a, cuda_type(type), uint64_t(K), uint64_t(N), int64_t(K)),
-           "cublasLtMatrixLayoutCreate(A = W)");
+  if (trans_w)
+    check_lt(cublasLtMatrixLayoutCreate(&plan->a, cuda_type(type), uint64_t(K), uint64_t(N), int64_t(K)),
+             "cublasLtMatrixLayoutCreate(A = W)");
+  else
+    check_lt(cublasLtMatrixLayoutCreate(&plan->a, cuda_type(type), uint64_t(N), uint64_t(K), int64_t(N)),
+             "cublasLtMatrixLayoutCreate(A = w)");
   check_lt(cublasLtMatrixLayoutCreate(&plan->b, cuda_type(type), uint64_t(K), uint64_t(M), int64_t(K)),
            "cublasLtMatrixLayoutCreate(B = x)");
   check_lt(cublasLtMatrixLayoutCreate(&plan->d, CUDA_R_32F, uint64_t(N), uint64_t(M), int64_t(N)),
@@ -269,10 +275,10 @@ void matmul(GemmContext& ctx, float* y, const void* x, DType x_type, const void*
 
   const uint32_t align_x = pointer_alignment(x), align_w = pointer_alignment(w), align_y = pointer_alignment(y);
   const BiasMode mode = !bias ? kNoBias : pointer_alignment(bias) >= 16 ? kBiasEpilogue : kBiasKernel;
-  const PlanKey key{M, N, K, int(x_type), int(w_type), align_x, align_w, align_y, int(mode)};
+  const PlanKey key{M, N, K, int(x_type), int(w_type), align_x, align_w, align_y, int(mode), true};
   auto it = im.plans.find(key);
   if (it == im.plans.end()) {
-    it = im.plans.emplace(key, im.make_plan(M, N, K, x_type, align_x, align_w, align_y, bias, mode)).first;
+    it = im.plans.emplace(key, im.make_plan(M, N, K, x_type, align_x, align_w, align_y, bias, mode, true)).first;
     ++im.stats.plans;
   }
   Plan& plan = *it->second;
@@ -290,6 +296,35 @@ void matmul(GemmContext& ctx, float* y, const void* x, DType x_type, const void*
     scale_add_bias(y, bias, 1.f, M, N, stream);
     ++im.stats.bias_kernel;
   }
+}
+
+void matmul_nn(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N, int K,
+               float beta, cudaStream_t stream) {
+  if (M < 0 || N < 0 || K < 0)
+    throw std::runtime_error("rf::cuda::matmul_nn: negative size M " + std::to_string(M) + ", N " + std::to_string(N) + ", K " +
+                             std::to_string(K));
+  if (x_type != w_type)
+    throw std::runtime_error(std::string("rf::cuda::matmul_nn: x ") + dtype_name(x_type) + " with w " + dtype_name(w_type) +
+                             " is not supported (both f32, or both bf16)");
+  if (M == 0 || N == 0) return;
+  GemmContext::Impl& im = *ctx.impl_;
+  if (K == 0) {
+    scale_add_bias(y, nullptr, beta, M, N, stream);
+    return;
+  }
+  const uint32_t align_x = pointer_alignment(x), align_w = pointer_alignment(w), align_y = pointer_alignment(y);
+  const PlanKey key{M, N, K, int(x_type), int(w_type), align_x, align_w, align_y, int(kNoBias), false};
+  auto it = im.plans.find(key);
+  if (it == im.plans.end()) {
+    it = im.plans.emplace(key, im.make_plan(M, N, K, x_type, align_x, align_w, align_y, nullptr, kNoBias, false)).first;
+    ++im.stats.plans;
+  }
+  Plan& plan = *it->second;
+  const float alpha = 1.f;
+  check_lt(cublasLtMatmul(im.handle, plan.desc, &alpha, w, plan.a, x, plan.b, &beta, y, plan.d, y, plan.d, &plan.algo,
+                          im.workspace, im.workspace_bytes, stream),
+           "cublasLtMatmul");
+  ++im.stats.calls;
 }
 
 void f32_to_bf16(__nv_bfloat16* out, const float* in, long n, cudaStream_t stream) {

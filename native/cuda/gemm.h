@@ -50,6 +50,8 @@ class GemmContext {
   std::unique_ptr<Impl> impl_;
   friend void matmul(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N,
                      int K, const float* bias, float beta, cudaStream_t stream);
+  friend void matmul_nn(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N,
+                        int K, float beta, cudaStream_t stream);
 };
 
 // y [M, N] = x [M, K] . w^T + bias [N] (when non-null) + beta * y, all row-major, on `stream`.
@@ -63,6 +65,12 @@ class GemmContext {
 // checked: failures throw std::runtime_error naming the call and the status.
 void matmul(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N, int K,
             const float* bias, float beta, cudaStream_t stream);
+
+// y [M, N] = x [M, K] . w [K, N] + beta * y, w row-major [K, N] (not transposed): products back
+// through a weight stored [out, in], e.g. the gradient dh = dz . W of logits z = h . W^T. Same
+// types, checks and plan cache as matmul; no bias.
+void matmul_nn(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N, int K,
+               float beta, cudaStream_t stream);
 
 // out [n] = in [n] rounded to bf16, to nearest even, NaN kept NaN (quieted): bit for bit the
 // CPU's rf::f32_to_bf16 (native/core/dtype.h), so the device's bf16 activations are the CPU's.

@@ -1,0 +1,360 @@
+// The fused red-flag loss on the device (see rf_loss.h).
+#include "cuda/rf_loss.h"
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <limits>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cuda/model_ops.h"
+
+namespace rf::cuda {
+
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kDefaultChunk = 128;
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("CUDA ") + what + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")");
+}
+
+// Block-wide reductions (every thread gets the result); scratch: one slot per warp.
+__device__ float block_max(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float r = -FLT_MAX;
+  for (int w = 0; w < warps; ++w) r = fmaxf(r, scratch[w]);
+  return r;
+}
+
+__device__ double block_sum(double v, double* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  double r = 0;
+  for (int w = 0; w < warps; ++w) r += scratch[w];
+  return r;
+}
+
+// What pass 1 needs per row of the chunk.
+struct RowIn {
+  int kind;     // RfLossKind
+  int target;   // red_flag: the target flag's token id; else -1
+  double w;     // KL rows: the term's weight alpha / n_rows
+};
+struct RowOut {
+  double lse, log_p, log_1mp, kl;
+};
+
+// grid: rows of the chunk. zt [rows, V] trained logits (flags replaced), zr [rows, V] reference
+// logits (KL rows only). Writes RowOut, and dz over zt in place: w (p_theta - p_ref) for KL rows,
+// 0 for red-flag rows (pass 2 fills them).
+__global__ void pass1_kernel(float* zt, const float* zr, int V, const RowIn* in, RowOut* out) {
+  __shared__ float fscratch[32];
+  __shared__ double dscratch[32];
+  const long r = blockIdx.x;
+  float* z = zt + r * V;
+  const RowIn row = in[r];
+  const bool kl = row.kind != int(RfLossKind::red_flag);
+  float m = -FLT_MAX;
+  for (int v = threadIdx.x; v < V; v += blockDim.x) m = fmaxf(m, z[v]);
+  m = block_max(m, fscratch);
+  double s = 0, s_rest = 0;
+  for (int v = threadIdx.x; v < V; v += blockDim.x) {
+    const double e = exp(double(z[v] - m));
+    s += e;
+    if (v != row.target) s_rest += e;
+  }
+  s = block_sum(s, dscratch);
+  s_rest = block_sum(s_rest, dscratch);
+  const double lse = double(m) + log(s);
+  RowOut o{lse, 0, 0, 0};
+  if (!kl) {
+    // log p and log(1 - p) of the target without subtracting probabilities.
+    o.log_p = double(z[row.target]) - lse;
+    o.log_1mp = s_rest > 0 ? double(m) + log(s_rest) - lse : -INFINITY;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) z[v] = 0.f;
+  } else {
+    const float* q = zr + r * V;
+    float mr = -FLT_MAX;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) mr = fmaxf(mr, q[v]);
+    mr = block_max(mr, fscratch);
+    double sr = 0;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) sr += exp(double(q[v] - mr));
+    sr = block_sum(sr, dscratch);
+    const double lse_r = double(mr) + log(sr);
+    // KL(p_ref || p_theta) = sum_v p_ref,v ((z_ref,v - lse_ref) - (z_v - lse)); dz = w (p - p_ref).
+    double klv = 0;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) {
+      const double lr = double(q[v]) - lse_r, lt = double(z[v]) - lse;
+      const double pr = exp(lr);
+      klv += pr * (lr - lt);
+      z[v] = float(row.w * (exp(lt) - pr));
+    }
+    o.kl = block_sum(klv, dscratch);
+  }
+  if (threadIdx.x == 0) out[r] = o;
+}
+
+// What pass 2 needs per red-flag row: its target, log-sum-exp, log(1 - p) and the log of its
+// coefficient k (dL/dz_v = k (p_v - delta_{v, target})).
+struct RfIn {
+  int target;
+  double lse, log_1mp, log_k;
+};
+
+// grid: red-flag rows of the chunk; z [rows, V] their trained logits, overwritten with dz.
+__global__ void pass2_kernel(float* zt, int V, const RfIn* in) {
+  const long r = blockIdx.x;
+  float* z = zt + r * V;
+  const RfIn row = in[r];
+  for (int v = threadIdx.x; v < V; v += blockDim.x)
+    z[v] = v == row.target ? float(-exp(row.log_k + row.log_1mp))  // k (p_t - 1), without 1 - p
+                           : float(exp(row.log_k + double(z[v]) - row.lse));
+}
+
+// dh [rows, H] += sum_k dz[r, f_k] (w_rf[k] - W[f_k]): the flag columns went back through W's
+// own rows in dz W; the trained model's are w_rf's. grid: rows.
+__global__ void flag_correction_kernel(float* dh, int H, const float* dz, int V, const int* flags, int K, const float* w_rf,
+                                       const void* W, bool w_bf16) {
+  const long r = blockIdx.x;
+  for (int i = threadIdx.x; i < H; i += blockDim.x) {
+    double acc = 0;
+    for (int k = 0; k < K; ++k) {
+      const long wi = long(flags[k]) * H + i;
+      const float base = w_bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(W)[wi]) : static_cast<const float*>(W)[wi];
+      acc += double(dz[r * V + flags[k]]) * (double(w_rf[long(k) * H + i]) - double(base));
+    }
+    dh[r * H + i] += float(acc);
+  }
+}
+
+// dw_rf [K, H] += sum_r dz[r, f_k] h[rows[r]] over the chunk's rows in order (deterministic).
+// grid: (K, ceil(H / threads)).
+__global__ void dw_rf_kernel(float* dw_rf, int H, const float* dz, int V, const int* flags, const float* h, const int* rows,
+                             int n) {
+  const int k = blockIdx.x, i = blockIdx.y * blockDim.x + threadIdx.x;
+  if (i >= H) return;
+  double acc = 0;
+  for (int r = 0; r < n; ++r) acc += double(dz[long(r) * V + flags[k]]) * double(h[long(rows[r]) * H + i]);
+  dw_rf[long(k) * H + i] += float(acc);
+}
+
+// dh[rows[j]] = src[j] for j < n (rows of a compacted set back to their places).
+__global__ void scatter_rows_kernel(float* dh, const float* src, const int* rows, int H) {
+  const long j = blockIdx.x;
+  for (int i = threadIdx.x; i < H; i += blockDim.x) dh[long(rows[j]) * H + i] = src[j * H + i];
+}
+
+// Device scratch that frees itself.
+struct Scratch {
+  std::vector<void*> ptrs;
+  ~Scratch() {
+    for (void* p : ptrs) cudaFree(p);
+  }
+  template <class T>
+  T* alloc(size_t n) {
+    void* p = nullptr;
+    check(cudaMalloc(&p, std::max<size_t>(1, n) * sizeof(T)), "cudaMalloc (rf_loss scratch)");
+    ptrs.push_back(p);
+    return static_cast<T*>(p);
+  }
+};
+
+template <class T>
+void upload(T* dst, const std::vector<T>& v, cudaStream_t s) {
+  if (!v.empty()) check(cudaMemcpyAsync(dst, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
+}
+
+}  // namespace
+
+RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_ref, int Nr, int H, const void* W, DType w_type,
+                     int V, const float* w_rf, const RfLossRow* rows, const RfLossOptions& opt, float* dh, float* dw_rf,
+                     cudaStream_t stream) {
+  // ---- validation (as the CPU's, same messages)
+  auto fail = [](const std::string& what) { throw std::invalid_argument("rf_loss: " + what); };
+  if (N < 0 || Nr < 0 || H <= 0 || V <= 0) fail("negative or zero size");
+  const std::vector<int> flags = opt.flag_tokens.empty() ? std::vector<int>{opt.rf_token} : opt.flag_tokens;
+  const int K = int(flags.size());
+  for (int k = 0; k < K; ++k) {
+    if (flags[k] < 0 || flags[k] >= V) fail(opt.flag_tokens.empty() ? "rf_token out of range" : "flag token out of range");
+    for (int j = 0; j < k; ++j)
+      if (flags[j] == flags[k]) fail("flag token " + std::to_string(flags[k]) + " listed twice");
+  }
+  if (opt.chunk < 0) fail("negative chunk");
+  if (N == 0) return RfLossResult();
+  if (!h || !rows || !dh || !dw_rf || !w_rf || !W || (Nr > 0 && !h_ref)) fail("null pointer");
+  RfLossResult res;
+  std::map<int32_t, int> group_index;
+  std::vector<int> row_group(size_t(N), -1);
+  for (int i = 0; i < N; ++i) {
+    const RfLossRow& r = rows[i];
+    switch (r.kind) {
+      case RfLossKind::benign_kl:
+      case RfLossKind::after_kl:
+        if (r.ref_row < 0 || r.ref_row >= Nr) fail("row " + std::to_string(i) + ": ref_row out of range");
+        (r.kind == RfLossKind::benign_kl ? res.n_benign_rows : res.n_after_rows)++;
+        break;
+      case RfLossKind::red_flag: {
+        if (r.group < 0) fail("row " + std::to_string(i) + ": red_flag row without a group");
+        if (r.flag < 0 || r.flag >= K) fail("row " + std::to_string(i) + ": flag index out of range");
+        row_group[size_t(i)] = group_index.emplace(r.group, int(group_index.size())).first->second;
+        break;
+      }
+      default:
+        fail("row " + std::to_string(i) + ": unknown kind");
+    }
+  }
+  res.n_groups = int(group_index.size());
+  std::vector<int> group_size(size_t(res.n_groups), 0);
+  for (int i = 0; i < N; ++i)
+    if (row_group[size_t(i)] >= 0) group_size[size_t(row_group[size_t(i)])]++;
+  if (opt.aggregation == RfAggregation::single)
+    for (int g = 0; g < res.n_groups; ++g)
+      if (group_size[size_t(g)] != 1) fail("aggregation 'single' needs exactly one row per group");
+  const double w_benign = res.n_benign_rows ? opt.alpha_benign / double(res.n_benign_rows) : 0.0;
+  const double w_after = res.n_after_rows ? opt.alpha_after / double(res.n_after_rows) : 0.0;
+  const double w_group = res.n_groups ? opt.alpha_rf / double(res.n_groups) : 0.0;
+
+  // ---- scratch
+  const int C = std::min(N, opt.chunk > 0 ? opt.chunk : kDefaultChunk);
+  const bool bf16 = w_type == DType::bf16;
+  Scratch sc;
+  float* zt = sc.alloc<float>(size_t(C) * V);
+  float* zr = sc.alloc<float>(size_t(C) * V);
+  __nv_bfloat16* xb = bf16 ? sc.alloc<__nv_bfloat16>(std::max(size_t(C) * V, size_t(C) * H)) : nullptr;
+  float* hc = sc.alloc<float>(size_t(C) * H);  // gathered rows (reference rows; compacted red-flag rows)
+  float* dhc = sc.alloc<float>(size_t(C) * H);
+  int32_t* idx = sc.alloc<int32_t>(size_t(C));
+  int* d_flags = sc.alloc<int>(size_t(K));
+  RowIn* d_in = sc.alloc<RowIn>(size_t(C));
+  RowOut* d_out = sc.alloc<RowOut>(size_t(C));
+  RfIn* d_rf = sc.alloc<RfIn>(size_t(C));
+  res.scratch_bytes = size_t(C) * V * (8 + (bf16 ? 2 : 0)) + size_t(C) * H * 8;
+  upload(d_flags, flags, stream);
+
+  // logits [n, V] of rows x [n, H] through W (flag columns replaced by w_rf when `trained`).
+  auto logits = [&](float* z, const float* x, int n, bool trained) {
+    const void* xin = x;
+    if (bf16) {
+      f32_to_bf16(xb, x, long(n) * H, stream);
+      xin = xb;
+    }
+    matmul(gemm, z, xin, w_type, W, w_type, n, V, H, nullptr, 0.f, stream);
+    if (trained) set_flag_logits(z, V, x, n, H, w_rf, d_flags, K, stream);
+  };
+  // out [n, H] = dz [n, V] W* (W with the flag rows replaced by w_rf), and dw_rf += dz^T h.
+  auto back = [&](float* out, const float* dz, int n, const float* hrows_base, const std::vector<int32_t>& hrows) {
+    const void* zin = dz;
+    if (bf16) {
+      f32_to_bf16(xb, dz, long(n) * V, stream);
+      zin = xb;
+    }
+    matmul_nn(gemm, out, zin, w_type, W, w_type, n, H, V, 0.f, stream);
+    flag_correction_kernel<<<n, 256, 0, stream>>>(out, H, dz, V, d_flags, K, w_rf, W, bf16);
+    upload(idx, hrows, stream);
+    dw_rf_kernel<<<dim3(K, (H + 255) / 256), 256, 0, stream>>>(dw_rf, H, dz, V, d_flags, hrows_base, idx, n);
+    check(cudaGetLastError(), "rf_loss kernels (back)");
+  };
+
+  // ---- pass 1: every row
+  std::vector<RowOut> outs(static_cast<size_t>(N));
+  for (int r0 = 0; r0 < N; r0 += C) {
+    const int n = std::min(C, N - r0);
+    std::vector<RowIn> in(static_cast<size_t>(n));
+    std::vector<int32_t> ref(static_cast<size_t>(n), 0), own(static_cast<size_t>(n));
+    bool any_kl = false;
+    for (int j = 0; j < n; ++j) {
+      const RfLossRow& r = rows[r0 + j];
+      const bool kl = r.kind != RfLossKind::red_flag;
+      in[size_t(j)] = {int(r.kind), kl ? -1 : flags[size_t(r.flag)],
+                       r.kind == RfLossKind::benign_kl ? w_benign : r.kind == RfLossKind::after_kl ? w_after : 0.0};
+      if (kl) ref[size_t(j)] = r.ref_row, any_kl = true;
+      own[size_t(j)] = r0 + j;
+    }
+    logits(zt, h + long(r0) * H, n, true);
+    if (any_kl) {
+      upload(idx, ref, stream);
+      gather_rows(hc, h_ref, idx, n, H, stream);
+      logits(zr, hc, n, false);
+    }
+    upload(d_in, in, stream);
+    pass1_kernel<<<n, kThreads, 0, stream>>>(zt, zr, V, d_in, d_out);
+    check(cudaGetLastError(), "rf_loss pass 1");
+    // Red-flag rows have dz = 0 here: their dh rows come out 0 and pass 2 writes them.
+    back(dh + long(r0) * H, zt, n, h, own);
+    check(cudaMemcpyAsync(outs.data() + r0, d_out, size_t(n) * sizeof(RowOut), cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
+  }
+  check(cudaStreamSynchronize(stream), "rf_loss pass 1");
+
+  // ---- the groups (host, double, log space: neither 1 - p nor 1 - q formed by a subtraction)
+  std::vector<double> log_q(size_t(res.n_groups), 0.0), log_1mq(size_t(res.n_groups), 0.0);
+  for (int i = 0; i < N; ++i)
+    if (row_group[size_t(i)] >= 0) log_q[size_t(row_group[size_t(i)])] += outs[size_t(i)].log_1mp;
+  for (int g = 0; g < res.n_groups; ++g) log_1mq[size_t(g)] = std::log(-std::expm1(log_q[size_t(g)]));
+  double sum_benign = 0, sum_after = 0, sum_rf = 0;
+  std::vector<double> group_loss(size_t(res.n_groups), 0.0);
+  std::vector<int32_t> rf_rows;
+  for (int i = 0; i < N; ++i) {
+    const RfLossRow& r = rows[i];
+    if (r.kind == RfLossKind::benign_kl) sum_benign += outs[size_t(i)].kl;
+    if (r.kind == RfLossKind::after_kl) sum_after += outs[size_t(i)].kl;
+    if (r.kind == RfLossKind::red_flag) {
+      rf_rows.push_back(i);
+      if (opt.aggregation != RfAggregation::any)
+        group_loss[size_t(row_group[size_t(i)])] += -outs[size_t(i)].log_p / group_size[size_t(row_group[size_t(i)])];
+    }
+  }
+  for (int g = 0; g < res.n_groups; ++g) {
+    if (opt.aggregation == RfAggregation::any) group_loss[size_t(g)] = -log_1mq[size_t(g)];
+    sum_rf += group_loss[size_t(g)];
+  }
+  res.benign = res.n_benign_rows ? sum_benign / res.n_benign_rows : 0.0;
+  res.after = res.n_after_rows ? sum_after / res.n_after_rows : 0.0;
+  res.red_flag = res.n_groups ? sum_rf / res.n_groups : 0.0;
+  res.total = opt.alpha_benign * res.benign + opt.alpha_rf * res.red_flag + opt.alpha_after * res.after;
+
+  // ---- pass 2: the red-flag rows, compacted
+  for (size_t j0 = 0; j0 < rf_rows.size(); j0 += size_t(C)) {
+    const int n = int(std::min(rf_rows.size() - j0, size_t(C)));
+    const std::vector<int32_t> ids(rf_rows.begin() + long(j0), rf_rows.begin() + long(j0) + n);
+    std::vector<RfIn> in(static_cast<size_t>(n));
+    for (int j = 0; j < n; ++j) {
+      const int i = ids[size_t(j)];
+      const RowOut& o = outs[size_t(i)];
+      const int g = row_group[size_t(i)];
+      // dL/dz_v = k (p_v - delta): any: q/(1-q) p/(1-p); mean: 1/n_g; single: 1 (times w_group).
+      const double log_k = opt.aggregation == RfAggregation::any ? log_q[size_t(g)] - o.log_1mp + o.log_p - log_1mq[size_t(g)]
+                                                                 : -std::log(opt.aggregation == RfAggregation::mean ? double(group_size[size_t(g)]) : 1.0);
+      in[size_t(j)] = {flags[size_t(rows[i].flag)], o.lse, o.log_1mp, std::log(w_group) + log_k};
+    }
+    upload(idx, ids, stream);
+    gather_rows(hc, h, idx, n, H, stream);
+    logits(zt, hc, n, true);
+    upload(d_rf, in, stream);
+    pass2_kernel<<<n, kThreads, 0, stream>>>(zt, V, d_rf);
+    check(cudaGetLastError(), "rf_loss pass 2");
+    back(dhc, zt, n, h, ids);
+    upload(idx, ids, stream);
+    scatter_rows_kernel<<<n, 256, 0, stream>>>(dh, dhc, idx, H);
+    check(cudaGetLastError(), "rf_loss scatter");
+  }
+  check(cudaStreamSynchronize(stream), "rf_loss");
+  return res;
+}
+
+}  // namespace rf::cuda

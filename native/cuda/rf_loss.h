@@ -1,0 +1,38 @@
+// The fused red-flag loss on the device: the same terms, rows, options and results as the CPU's
+// rf::rf_loss (native/kernels/rf_loss.h, which documents the loss), with the gradients dL/dh and
+// dL/dw_rf, never holding [N x V] logits: the rows go through the LM head in chunks of `chunk`
+// rows (options.chunk; 0: 128), each chunk's trained and reference logits [chunk x V] computed
+// with cuBLASLt, reduced by one block per row (log-sum-exp, KL, log p and log(1 - p) of the
+// target flag, all summed in double), turned into dL/dz in place, and sent back through the head
+// (dh = dz W*, W with the flag rows replaced by w_rf) with a second product.
+//
+//   pass 1 (every row): logits, the row scalars, and for KL rows dz = w (p_theta - p_ref) and dh;
+//   host:               the groups' noisy-OR / mean / single coefficients from log p, log(1 - p)
+//                       in log space, as the CPU does;
+//   pass 2 (red-flag rows only): their logits again, dz = k (p - onehot(flag)), and dh.
+// dw_rf[k] += sum_r dz[r, f_k] h[r] is summed row by row in a fixed order (no atomics), so a
+// call gives the same bits every time.
+//
+// Peak scratch: 2 x chunk x V f32 logits (+ chunk x V bf16 for bf16 W) + chunk x H: with V =
+// 128256 and chunk 128, 197 MiB, against the naive 2 x N x V f32 logits and their gradient.
+//
+// Numerics differ from the CPU's in summation order only: logits through cuBLASLt (bf16 W:
+// h rounded to bf16, f32 sums), flag logits as f32 dot products of the unrounded rows, dz rounded
+// to bf16 for the product back through a bf16 W (the CPU's AVX-512 path rounds p the same way).
+#pragma once
+#include <cuda_runtime.h>
+
+#include "core/dtype.h"
+#include "cuda/gemm.h"
+#include "kernels/rf_loss.h"
+
+namespace rf::cuda {
+
+// h [N, H], h_ref [Nr, H], W [V, H] (dtype w_type), w_rf [K, H], dh [N, H] (written), dw_rf
+// [K, H] (accumulated): device memory. rows [N]: host memory. Throws std::invalid_argument on
+// the CPU's inconsistencies (same messages), std::runtime_error on CUDA errors.
+RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_ref, int Nr, int H, const void* W, DType w_type,
+                     int V, const float* w_rf, const RfLossRow* rows, const RfLossOptions& options, float* dh, float* dw_rf,
+                     cudaStream_t stream);
+
+}  // namespace rf::cuda
