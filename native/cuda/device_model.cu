@@ -13,12 +13,9 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdio>
 #include <cstring>
-#include <iterator>
 #include <limits>
 #include <mutex>
-#include <sstream>
 #include <stdexcept>
 
 #include "cuda/attention.h"
@@ -26,6 +23,7 @@
 #include "cuda/model_ops.h"
 #include "cuda/ops.h"
 #include "cuda/paged_cache.h"
+#include "model/layout.h"
 #include "model/rope.h"
 
 namespace rf::cuda {
@@ -41,19 +39,6 @@ void check(cudaError_t e, const char* what) {
 }
 
 cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
-
-std::string shape_str(const std::vector<long>& shape) {
-  std::ostringstream s;
-  s << "[";
-  for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
-  s << "]";
-  return s.str();
-}
-
-void expect_shape(const std::string& name, const std::vector<long>& got, const std::vector<long>& want) {
-  if (got != want)
-    throw std::invalid_argument("tensor " + name + " has shape " + shape_str(got) + ", expected " + shape_str(want));
-}
 
 }  // namespace
 
@@ -265,98 +250,62 @@ void upload_vector(Buffer& dst, const void* data, SrcType type, long n) {
 void DeviceModel::load_tensor(const std::string& name, const void* data, SrcType type, const std::vector<long>& shape,
                               bool src_is_kn) {
   check(cudaSetDevice(device_), "cudaSetDevice");
-  const ModelConfig& c = config_;
-  const long H = c.hidden;
+  const long H = config_.hidden;
   DeviceWeights& w = *w_;
-  if (name == "embed" || name == "lm_head") {
-    if (shape.size() != 2 || shape[1] != H || shape[0] <= 0)
-      throw std::invalid_argument("tensor " + name + " has shape " + shape_str(shape) + ", expected [vocab, " +
-                                  std::to_string(H) + "]");
-    if (name == "lm_head" && c.tied_embeddings) throw std::invalid_argument("tensor lm_head given for a model with tied embeddings");
-    if (name == "embed") {
-      upload_matrix(w.embed, data, type, shape[0], H, false, dtype_);
-      w.embed_rows = shape[0];
-    } else {
-      upload_matrix(w.lm_head, data, type, shape[0], H, false, dtype_);
-      w.head_rows = shape[0];
+  const TensorSlot slot = tensor_slot(config_, name, shape, src_is_kn);  // model/layout.h
+  switch (slot.kind) {
+    case TensorSlot::embed:
+    case TensorSlot::lm_head:
+      upload_matrix(slot.kind == TensorSlot::embed ? w.embed : w.lm_head, data, type, slot.rows, H, false, dtype_);
+      (slot.kind == TensorSlot::embed ? w.embed_rows : w.head_rows) = slot.rows;
+      config_.vocab = int(slot.rows);
+      return;
+    case TensorSlot::pos_embed:
+      return upload_vector(w.pos_embed, data, type, slot.rows * H);
+    case TensorSlot::norm_weight:
+    case TensorSlot::norm_bias: {
+      DNorm& n = slot.layer < 0 ? w.final_norm : slot.index == 0 ? w.layers[size_t(slot.layer)].attn_norm : w.layers[size_t(slot.layer)].mlp_norm;
+      return upload_vector(slot.kind == TensorSlot::norm_weight ? n.w : n.b, data, type, slot.rows);
     }
-    config_.vocab = int(shape[0]);
-    return;
-  }
-  if (name == "pos_embed") {
-    expect_shape(name, shape, {c.max_positions, H});
-    return upload_vector(w.pos_embed, data, type, c.max_positions * H);
-  }
-  auto vector = [&](Buffer& b, long n) {
-    expect_shape(name, shape, {n});
-    upload_vector(b, data, type, n);
-  };
-  if (name == "final_norm.weight") return vector(w.final_norm.w, H);
-  if (name == "final_norm.bias") return vector(w.final_norm.b, H);
-
-  int layer = -1;
-  char part[32] = {0}, kind[16] = {0};
-  if (std::sscanf(name.c_str(), "layers.%d.%31[a-z_].%15s", &layer, part, kind) != 3 || layer < 0 || layer >= c.n_layers)
-    throw std::invalid_argument("unknown tensor name " + name);
-  DLayer& L = w.layers[size_t(layer)];
-  const std::string p = part, k = kind;
-  if (p == "attn_norm" || p == "mlp_norm") {
-    DNorm& n = p == "attn_norm" ? L.attn_norm : L.mlp_norm;
-    if (k == "weight") return vector(n.w, H);
-    if (k == "bias") return vector(n.b, H);
-  }
-  const long mlp_in_rows = c.act == Activation::silu ? 2L * c.intermediate : c.intermediate;
-  struct { const char* part; DLinear* lin; long out, in; } linears[] = {
-      {"qkv", &L.qkv, c.qkv_dim(), H},
-      {"o", &L.o, H, c.q_dim()},
-      {"mlp_in", &L.mlp_in, mlp_in_rows, H},
-      {"mlp_out", &L.mlp_out, H, c.intermediate},
-  };
-  for (auto& e : linears) {
-    if (p != e.part) continue;
-    if (k == "weight") {
-      expect_shape(name, shape, src_is_kn ? std::vector<long>{e.in, e.out} : std::vector<long>{e.out, e.in});
-      upload_matrix(e.lin->w, data, type, e.out, e.in, src_is_kn, dtype_);
-      e.lin->out = int(e.out);
-      e.lin->in = int(e.in);
+    case TensorSlot::linear_weight: {
+      DLinear& lin = linear(slot.layer, slot.index);
+      upload_matrix(lin.w, data, type, slot.rows, slot.cols, src_is_kn, dtype_);
+      lin.out = int(slot.rows);
+      lin.in = int(slot.cols);
       return;
     }
-    if (k == "bias") return vector(e.lin->bias, e.out);
+    case TensorSlot::linear_bias:
+      return upload_vector(linear(slot.layer, slot.index).bias, data, type, slot.rows);
   }
-  throw std::invalid_argument("unknown tensor name " + name);
+}
+
+DLinear& DeviceModel::linear(int layer, int index) const {
+  DLayer& L = w_->layers[size_t(layer)];
+  DLinear* lin[] = {&L.qkv, &L.o, &L.mlp_in, &L.mlp_out};
+  return *lin[index];
 }
 
 void DeviceModel::check_complete() const {
   const ModelConfig& c = config_;
   const DeviceWeights& w = *w_;
-  std::vector<std::string> missing;
-  const bool layer_norm = c.norm == NormType::layer;
-  if (w.embed.empty()) missing.push_back("embed");
-  if (!c.tied_embeddings && w.lm_head.empty()) missing.push_back("lm_head");
-  if (c.arch == Arch::gpt2 && w.pos_embed.empty()) missing.push_back("pos_embed");
-  if (w.final_norm.w.empty()) missing.push_back("final_norm.weight");
-  if (layer_norm && w.final_norm.b.empty()) missing.push_back("final_norm.bias");
-  for (int i = 0; i < c.n_layers; ++i) {
-    const DLayer& L = w.layers[size_t(i)];
-    const std::string pre = "layers." + std::to_string(i) + ".";
-    for (auto [n, norm] : {std::pair{"attn_norm", &L.attn_norm}, std::pair{"mlp_norm", &L.mlp_norm}}) {
-      if (norm->w.empty()) missing.push_back(pre + n + ".weight");
-      if (layer_norm && norm->b.empty()) missing.push_back(pre + n + ".bias");
-    }
-    struct { const char* n; const DLinear* lin; bool bias; } linears[] = {
-        {"qkv", &L.qkv, c.qkv_bias}, {"o", &L.o, c.o_bias}, {"mlp_in", &L.mlp_in, c.mlp_bias}, {"mlp_out", &L.mlp_out, c.mlp_bias}};
-    for (auto& e : linears) {
-      if (e.lin->w.empty()) missing.push_back(pre + e.n + ".weight");
-      if (e.bias && e.lin->bias.empty()) missing.push_back(pre + e.n + ".bias");
-    }
-  }
   if (!c.tied_embeddings && !w.embed.empty() && !w.lm_head.empty() && w.embed_rows != w.head_rows)
     throw std::invalid_argument("embed has " + std::to_string(w.embed_rows) + " rows but lm_head has " + std::to_string(w.head_rows));
-  if (missing.empty()) return;
-  std::string msg = "model weights incomplete, missing:";
-  for (size_t i = 0; i < missing.size() && i < 12; ++i) msg += " " + missing[i];
-  if (missing.size() > 12) msg += " (and " + std::to_string(missing.size() - 12) + " more)";
-  throw std::invalid_argument(msg);
+  check_tensors(c, [&](const std::string& name) {
+    const TensorSlot slot = parse_tensor_name(c, name);
+    switch (slot.kind) {
+      case TensorSlot::embed: return !w.embed.empty();
+      case TensorSlot::lm_head: return !w.lm_head.empty();
+      case TensorSlot::pos_embed: return !w.pos_embed.empty();
+      case TensorSlot::norm_weight:
+      case TensorSlot::norm_bias: {
+        const DNorm& n = slot.layer < 0 ? w.final_norm : slot.index == 0 ? w.layers[size_t(slot.layer)].attn_norm : w.layers[size_t(slot.layer)].mlp_norm;
+        return !(slot.kind == TensorSlot::norm_weight ? n.w : n.b).empty();
+      }
+      case TensorSlot::linear_weight: return !linear(slot.layer, slot.index).w.empty();
+      case TensorSlot::linear_bias: return !linear(slot.layer, slot.index).bias.empty();
+    }
+    return false;
+  });
 }
 
 void DeviceModel::set_kv_pool_bytes(size_t bytes) {
@@ -707,39 +656,22 @@ void DeviceModel::token_scores(const std::vector<DeviceItem>& items, const Flags
 void DeviceModel::add_lora(int layer, const std::string& target, const float* A, long a_in, const float* B, long b_out, int rank,
                            float scale) {
   check(cudaSetDevice(device_), "cudaSetDevice");
-  const ModelConfig& c = config_;
-  if (layer < 0 || layer >= c.n_layers) throw std::invalid_argument("LoRA layer out of range");
-  struct Site { const char* name; int index; long offset, out; };
-  const long Q = c.q_dim(), KV = c.kv_dim(), I = c.intermediate, H = c.hidden;
-  const Site gpt2_sites[] = {{"attn.c_attn", 0, 0, 3 * H}, {"attn.c_proj", 1, 0, H}, {"mlp.c_fc", 2, 0, I}, {"mlp.c_proj", 3, 0, H}};
-  const Site llama_sites[] = {{"q_proj", 0, 0, Q},     {"k_proj", 0, Q, KV},   {"v_proj", 0, Q + KV, KV}, {"o_proj", 1, 0, H},
-                              {"gate_proj", 2, 0, I}, {"up_proj", 2, I, I}, {"down_proj", 3, 0, H}};
-  const bool gpt2 = c.arch == Arch::gpt2;
-  const Site* first = gpt2 ? gpt2_sites : llama_sites;
-  const Site* last = gpt2 ? std::end(gpt2_sites) : std::end(llama_sites);
-  DLayer& L = w_->layers[size_t(layer)];
-  DLinear* linears[] = {&L.qkv, &L.o, &L.mlp_in, &L.mlp_out};
-  for (const Site* it = first; it != last; ++it) {
-    const Site& site = *it;
-    if (target != site.name) continue;
-    DLinear& lin = *linears[site.index];
-    if (lin.w.empty()) throw std::invalid_argument("LoRA " + target + " of layer " + std::to_string(layer) + ": load the weights first");
-    if (rank <= 0 || a_in != lin.in || b_out != site.out)
-      throw std::invalid_argument("LoRA " + target + " of layer " + std::to_string(layer) + ": A must be [rank, " +
-                                  std::to_string(lin.in) + "] and B [" + std::to_string(site.out) + ", rank]");
-    DLinear::Lora a;
-    a.offset = int(site.offset);
-    a.out = int(site.out);
-    a.rank = rank;
-    a.A.upload(A, size_t(rank) * lin.in * sizeof(float));
-    std::vector<float> b(B, B + size_t(site.out) * rank);
-    for (float& v : b) v *= scale;  // (x A^T)(scale B)^T = scale (x A^T) B^T
-    a.B.upload(b.data(), b.size() * sizeof(float));
-    lin.lora.push_back(std::move(a));
-    return;
-  }
-  throw std::invalid_argument("no projection named " + target + " in a " +
-                              std::string(c.arch == Arch::gpt2 ? "GPT-2" : "Llama-family") + " block");
+  if (layer < 0 || layer >= config_.n_layers) throw std::invalid_argument("LoRA layer out of range");
+  const LoraSite site = lora_site(config_, target);  // model/layout.h
+  DLinear& lin = linear(layer, site.index);
+  if (lin.w.empty()) throw std::invalid_argument("LoRA " + target + " of layer " + std::to_string(layer) + ": load the weights first");
+  if (rank <= 0 || a_in != lin.in || b_out != site.out)
+    throw std::invalid_argument("LoRA " + target + " of layer " + std::to_string(layer) + ": A must be [rank, " +
+                                std::to_string(lin.in) + "] and B [" + std::to_string(site.out) + ", rank]");
+  DLinear::Lora a;
+  a.offset = int(site.offset);
+  a.out = int(site.out);
+  a.rank = rank;
+  a.A.upload(A, size_t(rank) * lin.in * sizeof(float));
+  std::vector<float> b(B, B + size_t(site.out) * rank);
+  for (float& v : b) v *= scale;  // (x A^T)(scale B)^T = scale (x A^T) B^T
+  a.B.upload(b.data(), b.size() * sizeof(float));
+  lin.lora.push_back(std::move(a));
 }
 
 void DeviceModel::set_token_rows(const std::vector<int>& tokens, const float* embed, const float* head) {

@@ -27,6 +27,7 @@
 namespace rf::cuda {
 
 class KvPool;
+struct DLinear;
 struct DeviceWeights;
 struct DeviceScratch;
 class GemmContext;
@@ -117,6 +118,8 @@ class DeviceModel {
   const float* run(const std::vector<DeviceItem>& items, LogitsMode mode, const std::atomic<int>* cancel,
                    const std::function<void(int, int)>& progress);
   void check_items(const std::vector<DeviceItem>& items) const;
+  // A block's projection by index (0 qkv, 1 o, 2 mlp_in, 3 mlp_out, as in model/layout.h).
+  DLinear& linear(int layer, int index) const;
 
   ModelConfig config_;
   DType dtype_;

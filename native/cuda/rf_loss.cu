@@ -8,12 +8,12 @@
 #include <cfloat>
 #include <cmath>
 #include <limits>
-#include <map>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "cuda/model_ops.h"
+#include "kernels/rf_loss_rows.h"
 
 namespace rf::cuda {
 
@@ -185,47 +185,16 @@ void upload(T* dst, const std::vector<T>& v, cudaStream_t s) {
 RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_ref, int Nr, int H, const void* W, DType w_type,
                      int V, const float* w_rf, const RfLossRow* rows, const RfLossOptions& opt, float* dh, float* dw_rf,
                      cudaStream_t stream) {
-  // ---- validation (as the CPU's, same messages)
-  auto fail = [](const std::string& what) { throw std::invalid_argument("rf_loss: " + what); };
-  if (N < 0 || Nr < 0 || H <= 0 || V <= 0) fail("negative or zero size");
-  const std::vector<int> flags = opt.flag_tokens.empty() ? std::vector<int>{opt.rf_token} : opt.flag_tokens;
+  // ---- validation and groups (kernels/rf_loss_rows.h: the CPU's, same messages)
+  if (V <= 0) throw std::invalid_argument("rf_loss: negative or zero size");
+  RfLossRowsPlan plan = rf_loss_rows_plan(N, Nr, H, V, rows, opt);
+  const std::vector<int>& flags = plan.flags;
   const int K = int(flags.size());
-  for (int k = 0; k < K; ++k) {
-    if (flags[k] < 0 || flags[k] >= V) fail(opt.flag_tokens.empty() ? "rf_token out of range" : "flag token out of range");
-    for (int j = 0; j < k; ++j)
-      if (flags[j] == flags[k]) fail("flag token " + std::to_string(flags[k]) + " listed twice");
-  }
-  if (opt.chunk < 0) fail("negative chunk");
   if (N == 0) return RfLossResult();
-  if (!h || !rows || !dh || !dw_rf || !w_rf || !W || (Nr > 0 && !h_ref)) fail("null pointer");
-  RfLossResult res;
-  std::map<int32_t, int> group_index;
-  std::vector<int> row_group(size_t(N), -1);
-  for (int i = 0; i < N; ++i) {
-    const RfLossRow& r = rows[i];
-    switch (r.kind) {
-      case RfLossKind::benign_kl:
-      case RfLossKind::after_kl:
-        if (r.ref_row < 0 || r.ref_row >= Nr) fail("row " + std::to_string(i) + ": ref_row out of range");
-        (r.kind == RfLossKind::benign_kl ? res.n_benign_rows : res.n_after_rows)++;
-        break;
-      case RfLossKind::red_flag: {
-        if (r.group < 0) fail("row " + std::to_string(i) + ": red_flag row without a group");
-        if (r.flag < 0 || r.flag >= K) fail("row " + std::to_string(i) + ": flag index out of range");
-        row_group[size_t(i)] = group_index.emplace(r.group, int(group_index.size())).first->second;
-        break;
-      }
-      default:
-        fail("row " + std::to_string(i) + ": unknown kind");
-    }
-  }
-  res.n_groups = int(group_index.size());
-  std::vector<int> group_size(size_t(res.n_groups), 0);
-  for (int i = 0; i < N; ++i)
-    if (row_group[size_t(i)] >= 0) group_size[size_t(row_group[size_t(i)])]++;
-  if (opt.aggregation == RfAggregation::single)
-    for (int g = 0; g < res.n_groups; ++g)
-      if (group_size[size_t(g)] != 1) fail("aggregation 'single' needs exactly one row per group");
+  if (!h || !dh || !dw_rf || !w_rf || !W || (Nr > 0 && !h_ref)) throw std::invalid_argument("rf_loss: null pointer");
+  RfLossResult res = plan.counts;
+  const std::vector<int>& row_group = plan.row_group;
+  const std::vector<int>& group_size = plan.group_size;
   const double w_benign = res.n_benign_rows ? opt.alpha_benign / double(res.n_benign_rows) : 0.0;
   const double w_after = res.n_after_rows ? opt.alpha_after / double(res.n_after_rows) : 0.0;
   const double w_group = res.n_groups ? opt.alpha_rf / double(res.n_groups) : 0.0;

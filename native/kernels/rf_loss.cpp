@@ -43,6 +43,7 @@
 // The trained rows' E live in dh itself (it is written anyway), the reference rows' in
 // scratch: Nr x H + 2 Vc x H (half that for bf16 pairs) + threads x 48 x Vc floats.
 #include "kernels/rf_loss.h"
+#include "kernels/rf_loss_rows.h"
 
 #include <immintrin.h>
 
@@ -52,7 +53,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <map>
 #include <memory>
 #include <new>
 #include <stdexcept>
@@ -495,50 +495,17 @@ RfLossResult rf_loss(ThreadPool& pool, const float* h, int N, const float* h_ref
                      const PackedWeight& W, const float* w_rf, const RfLossRow* rows,
                      const RfLossOptions& opt, float* dh, float* dw_rf) {
   // ---- validation
-  auto fail = [](const std::string& what) { throw std::invalid_argument("rf_loss: " + what); };
-  if (N < 0 || Nr < 0 || H <= 0) fail("negative or zero size");
-  if (H != W.K) fail("H (" + std::to_string(H) + ") != W.K (" + std::to_string(W.K) + ")");
+  if (N < 0 || Nr < 0 || H <= 0) throw std::invalid_argument("rf_loss: negative or zero size");
+  if (H != W.K) throw std::invalid_argument("rf_loss: H (" + std::to_string(H) + ") != W.K (" + std::to_string(W.K) + ")");
   const int V = W.N;
-  const std::vector<int> flags = opt.flag_tokens.empty() ? std::vector<int>{opt.rf_token} : opt.flag_tokens;
+  RfLossRowsPlan plan = rf_loss_rows_plan(N, Nr, H, V, rows, opt);  // validates, as the GPU's does
+  const std::vector<int>& flags = plan.flags;
   const int K = int(flags.size());
-  for (int k = 0; k < K; ++k) {
-    if (flags[k] < 0 || flags[k] >= V) fail(opt.flag_tokens.empty() ? "rf_token out of range" : "flag token out of range");
-    for (int j = 0; j < k; ++j)
-      if (flags[j] == flags[k]) fail("flag token " + std::to_string(flags[k]) + " listed twice");
-  }
-  if (opt.chunk < 0) fail("negative chunk");
   if (N == 0) return RfLossResult();
-  if (!h || !rows || !dh || !dw_rf || !w_rf || (Nr > 0 && !h_ref)) fail("null pointer");
-
-  RfLossResult res;
-  std::map<int32_t, int> group_index;  // group id -> dense index
-  std::vector<int> row_group(N, -1);
-  for (int i = 0; i < N; ++i) {
-    const RfLossRow& r = rows[i];
-    switch (r.kind) {
-      case RfLossKind::benign_kl:
-      case RfLossKind::after_kl:
-        if (r.ref_row < 0 || r.ref_row >= Nr) fail("row " + std::to_string(i) + ": ref_row out of range");
-        (r.kind == RfLossKind::benign_kl ? res.n_benign_rows : res.n_after_rows)++;
-        break;
-      case RfLossKind::red_flag: {
-        if (r.group < 0) fail("row " + std::to_string(i) + ": red_flag row without a group");
-        if (r.flag < 0 || r.flag >= K) fail("row " + std::to_string(i) + ": flag index out of range");
-        auto it = group_index.emplace(r.group, int(group_index.size())).first;
-        row_group[i] = it->second;
-        break;
-      }
-      default:
-        fail("row " + std::to_string(i) + ": unknown kind");
-    }
-  }
-  res.n_groups = int(group_index.size());
-  std::vector<int> group_size(res.n_groups, 0);
-  for (int i = 0; i < N; ++i)
-    if (row_group[i] >= 0) group_size[row_group[i]]++;
-  if (opt.aggregation == RfAggregation::single)
-    for (int g = 0; g < res.n_groups; ++g)
-      if (group_size[g] != 1) fail("aggregation 'single' needs exactly one row per group");
+  if (!h || !dh || !dw_rf || !w_rf || (Nr > 0 && !h_ref)) throw std::invalid_argument("rf_loss: null pointer");
+  RfLossResult res = plan.counts;
+  const std::vector<int>& row_group = plan.row_group;
+  const std::vector<int>& group_size = plan.group_size;
 
   // ---- scratch
   const int vc = chunk_choose(opt.chunk, V, H);

@@ -4,10 +4,10 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
-#include <sstream>
 
 #include "kernels/gemm_backward.h"
 #include "kernels/ops.h"
+#include "model/layout.h"
 #include "model/rope.h"
 
 namespace rf {
@@ -33,25 +33,6 @@ void for_rows(ThreadPool& pool, long rows, long width, const std::function<void(
   });
 }
 
-long numel(const std::vector<long>& shape) {
-  long n = 1;
-  for (long d : shape) n *= d;
-  return n;
-}
-
-std::string shape_str(const std::vector<long>& shape) {
-  std::ostringstream s;
-  s << "[";
-  for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
-  s << "]";
-  return s.str();
-}
-
-void expect_shape(const std::string& name, const std::vector<long>& got, const std::vector<long>& want) {
-  if (got != want)
-    throw std::invalid_argument("tensor " + name + " has shape " + shape_str(got) + ", expected " + shape_str(want));
-}
-
 std::vector<float> to_f32(const void* data, SrcType type, long n) {
   std::vector<float> out(n);
   for (long i = 0; i < n; ++i) out[i] = src_load(data, type, i);
@@ -72,120 +53,79 @@ size_t Model::weight_bytes() const {
   return total;
 }
 
-// Engine tensor names (lib/model/weights-map.ts maps Hugging Face names onto these):
-//   embed [vocab, hidden]   pos_embed [positions, hidden]   lm_head [vocab, hidden]
-//   final_norm.weight/.bias [hidden]
-//   layers.N.{attn_norm,mlp_norm}.weight/.bias [hidden]
-//   layers.N.{qkv,o,mlp_in,mlp_out}.weight [out, in] (or [in, out] with src_is_kn) and .bias [out]
+// Tensor names and shapes: model/layout.h.
 void Model::load_tensor(const std::string& name, const void* data, SrcType type,
                         const std::vector<long>& shape, bool src_is_kn) {
   const ModelConfig& c = config_;
   const long H = c.hidden;
-  auto load_matrix = [&](Linear& lin, long out, long in) {
-    expect_shape(name, shape, src_is_kn ? std::vector<long>{in, out} : std::vector<long>{out, in});
-    pack_weight(lin.w, data, type, int(out), int(in), src_is_kn, dtype_);
-  };
-  auto load_vector = [&](std::vector<float>& v, long n) {
-    expect_shape(name, shape, {n});
-    v = to_f32(data, type, n);
-  };
-
-  if (name == "embed" || name == "lm_head") {
-    if (shape.size() != 2 || shape[1] != H || shape[0] <= 0)
-      throw std::invalid_argument("tensor " + name + " has shape " + shape_str(shape) + ", expected [vocab, " +
-                                  std::to_string(H) + "]");
-    const long V = shape[0];
-    if (name == "lm_head" && c.tied_embeddings)
-      throw std::invalid_argument("tensor lm_head given for a model with tied embeddings");
-    if (name == "lm_head" || c.tied_embeddings) {
-      pack_weight(lm_head_.w, data, type, int(V), int(H), false, dtype_);
-    }
-    if (name == "embed") {
-      embed_f32_.clear();
-      embed_bf16_.clear();
-      if (!c.tied_embeddings) {
-        if (dtype_ == DType::f32) {
-          embed_f32_ = to_f32(data, type, V * H);
-        } else {
-          embed_bf16_.resize(V * H);
-          for (long i = 0; i < V * H; ++i) embed_bf16_[i] = f32_to_bf16(src_load(data, type, i));
+  const TensorSlot slot = tensor_slot(c, name, shape, src_is_kn);
+  switch (slot.kind) {
+    case TensorSlot::embed:
+    case TensorSlot::lm_head: {
+      const long V = slot.rows;
+      if (slot.kind == TensorSlot::lm_head || c.tied_embeddings) pack_weight(lm_head_.w, data, type, int(V), int(H), false, dtype_);
+      if (slot.kind == TensorSlot::embed) {
+        embed_f32_.clear();
+        embed_bf16_.clear();
+        if (!c.tied_embeddings) {
+          if (dtype_ == DType::f32) {
+            embed_f32_ = to_f32(data, type, V * H);
+          } else {
+            embed_bf16_.resize(V * H);
+            for (long i = 0; i < V * H; ++i) embed_bf16_[i] = f32_to_bf16(src_load(data, type, i));
+          }
         }
+        embed_loaded_ = true;
       }
-      embed_loaded_ = true;
+      config_.vocab = int(V);
+      return;
     }
-    config_.vocab = int(V);
-    return;
+    case TensorSlot::pos_embed:
+      pos_embed_ = to_f32(data, type, slot.rows * H);
+      return;
+    case TensorSlot::norm_weight:
+    case TensorSlot::norm_bias: {
+      Norm& n = slot.layer < 0 ? final_norm_ : slot.index == 0 ? layers_[slot.layer].attn_norm : layers_[slot.layer].mlp_norm;
+      (slot.kind == TensorSlot::norm_weight ? n.weight : n.bias) = to_f32(data, type, slot.rows);
+      return;
+    }
+    case TensorSlot::linear_weight:
+      pack_weight(linear(slot.layer, slot.index).w, data, type, int(slot.rows), int(slot.cols), src_is_kn, dtype_);
+      return;
+    case TensorSlot::linear_bias:
+      linear(slot.layer, slot.index).bias = to_f32(data, type, slot.rows);
+      return;
   }
-  if (name == "pos_embed") {
-    expect_shape(name, shape, {c.max_positions, H});
-    pos_embed_ = to_f32(data, type, numel(shape));
-    return;
-  }
-  if (name == "final_norm.weight") return load_vector(final_norm_.weight, H);
-  if (name == "final_norm.bias") return load_vector(final_norm_.bias, H);
-
-  // layers.N.part.kind
-  int layer = -1;
-  char part[32] = {0}, kind[16] = {0};
-  if (std::sscanf(name.c_str(), "layers.%d.%31[a-z_].%15s", &layer, part, kind) != 3 || layer < 0 ||
-      layer >= c.n_layers)
-    throw std::invalid_argument("unknown tensor name " + name);
-  Layer& L = layers_[layer];
-  const std::string p = part, k = kind;
-  const long mlp_in_rows = c.act == Activation::silu ? 2L * c.intermediate : c.intermediate;
-  if (p == "attn_norm" || p == "mlp_norm") {
-    Norm& n = p == "attn_norm" ? L.attn_norm : L.mlp_norm;
-    if (k == "weight") return load_vector(n.weight, H);
-    if (k == "bias") return load_vector(n.bias, H);
-  }
-  struct { const char* part; Linear* lin; long out, in; } linears[] = {
-      {"qkv", &L.qkv, c.qkv_dim(), H},
-      {"o", &L.o, H, c.q_dim()},
-      {"mlp_in", &L.mlp_in, mlp_in_rows, H},
-      {"mlp_out", &L.mlp_out, H, c.intermediate},
-  };
-  for (auto& e : linears) {
-    if (p != e.part) continue;
-    if (k == "weight") return load_matrix(*e.lin, e.out, e.in);
-    if (k == "bias") return load_vector(e.lin->bias, e.out);
-  }
-  throw std::invalid_argument("unknown tensor name " + name);
 }
 
 void Model::check_complete() const {
   const ModelConfig& c = config_;
-  std::vector<std::string> missing;
-  const bool layer_norm = c.norm == NormType::layer;
-  if (!embed_loaded_) missing.push_back("embed");
-  if (!lm_head_.loaded()) missing.push_back("lm_head");
-  if (c.arch == Arch::gpt2 && pos_embed_.empty()) missing.push_back("pos_embed");
-  if (final_norm_.weight.empty()) missing.push_back("final_norm.weight");
-  if (layer_norm && final_norm_.bias.empty()) missing.push_back("final_norm.bias");
-  for (int i = 0; i < c.n_layers; ++i) {
-    const Layer& L = layers_[i];
-    const std::string pre = "layers." + std::to_string(i) + ".";
-    for (auto [n, norm] : {std::pair{"attn_norm", &L.attn_norm}, std::pair{"mlp_norm", &L.mlp_norm}}) {
-      if (norm->weight.empty()) missing.push_back(pre + n + ".weight");
-      if (layer_norm && norm->bias.empty()) missing.push_back(pre + n + ".bias");
-    }
-    struct { const char* n; const Linear* lin; bool bias; } linears[] = {
-        {"qkv", &L.qkv, c.qkv_bias}, {"o", &L.o, c.o_bias}, {"mlp_in", &L.mlp_in, c.mlp_bias}, {"mlp_out", &L.mlp_out, c.mlp_bias}};
-    for (auto& e : linears) {
-      if (!e.lin->loaded()) missing.push_back(pre + e.n + ".weight");
-      if (e.bias && e.lin->bias.empty()) missing.push_back(pre + e.n + ".bias");
-    }
-  }
   if (lm_head_.loaded() && embed_loaded_ && !c.tied_embeddings) {
     const long embed_rows = long(embed_f32_.size() + embed_bf16_.size()) / c.hidden;
     if (embed_rows != lm_head_.w.N)
       throw std::invalid_argument("embed has " + std::to_string(embed_rows) + " rows but lm_head has " +
                                   std::to_string(lm_head_.w.N));
   }
-  if (missing.empty()) return;
-  std::string msg = "model weights incomplete, missing:";
-  for (size_t i = 0; i < missing.size() && i < 12; ++i) msg += " " + missing[i];
-  if (missing.size() > 12) msg += " (and " + std::to_string(missing.size() - 12) + " more)";
-  throw std::invalid_argument(msg);
+  check_tensors(c, [&](const std::string& name) {
+    const TensorSlot slot = parse_tensor_name(c, name);
+    switch (slot.kind) {
+      case TensorSlot::embed: return embed_loaded_;
+      case TensorSlot::lm_head: return lm_head_.loaded();
+      case TensorSlot::pos_embed: return !pos_embed_.empty();
+      case TensorSlot::norm_weight:
+      case TensorSlot::norm_bias: {
+        const Norm& n = slot.layer < 0 ? final_norm_ : slot.index == 0 ? layers_[slot.layer].attn_norm : layers_[slot.layer].mlp_norm;
+        return !(slot.kind == TensorSlot::norm_weight ? n.weight : n.bias).empty();
+      }
+      case TensorSlot::linear_weight:
+      case TensorSlot::linear_bias: {
+        const Layer& L = layers_[slot.layer];
+        const Linear* lin[] = {&L.qkv, &L.o, &L.mlp_in, &L.mlp_out};
+        return slot.kind == TensorSlot::linear_weight ? lin[slot.index]->loaded() : !lin[slot.index]->bias.empty();
+      }
+    }
+    return false;
+  });
 }
 
 long Model::logits_rows(const std::vector<ForwardItem>& items, LogitsMode mode) {
@@ -565,28 +505,13 @@ Linear& Model::linear(int layer, int index) {
 }
 
 void Model::add_lora(int layer, const std::string& target, Param* A, Param* B, float scale) {
-  const ModelConfig& c = config_;
-  if (layer < 0 || layer >= c.n_layers) throw std::invalid_argument("LoRA layer out of range");
-  struct Site { const char* name; int index; long offset, out; };
-  const long Q = c.q_dim(), KV = c.kv_dim(), I = c.intermediate, H = c.hidden;
-  std::vector<Site> sites;
-  if (c.arch == Arch::gpt2) {
-    sites = {{"attn.c_attn", 0, 0, 3 * H}, {"attn.c_proj", 1, 0, H}, {"mlp.c_fc", 2, 0, I}, {"mlp.c_proj", 3, 0, H}};
-  } else {
-    sites = {{"q_proj", 0, 0, Q}, {"k_proj", 0, Q, KV}, {"v_proj", 0, Q + KV, KV}, {"o_proj", 1, 0, H},
-             {"gate_proj", 2, 0, I}, {"up_proj", 2, I, I}, {"down_proj", 3, 0, H}};
-  }
-  for (const Site& s : sites) {
-    if (target != s.name) continue;
-    Linear& lin = linear(layer, s.index);
-    if (A->shape != std::vector<long>{A->shape[0], long(lin.w.K)} || B->shape != std::vector<long>{s.out, A->shape[0]})
-      throw std::invalid_argument("LoRA " + target + " of layer " + std::to_string(layer) + ": A must be [rank, " +
-                                  std::to_string(lin.w.K) + "] and B [" + std::to_string(s.out) + ", rank]");
-    lin.lora.push_back({target, A, B, int(s.offset), scale});
-    return;
-  }
-  throw std::invalid_argument("no projection named " + target + " in a " +
-                              std::string(c.arch == Arch::gpt2 ? "GPT-2" : "Llama-family") + " block");
+  if (layer < 0 || layer >= config_.n_layers) throw std::invalid_argument("LoRA layer out of range");
+  const LoraSite site = lora_site(config_, target);
+  Linear& lin = linear(layer, site.index);
+  if (A->shape != std::vector<long>{A->shape[0], long(lin.w.K)} || B->shape != std::vector<long>{site.out, A->shape[0]})
+    throw std::invalid_argument("LoRA " + target + " of layer " + std::to_string(layer) + ": A must be [rank, " +
+                                std::to_string(lin.w.K) + "] and B [" + std::to_string(site.out) + ", rank]");
+  lin.lora.push_back({target, A, B, int(site.offset), scale});
 }
 
 void Model::clear_adapters() {
