@@ -1,0 +1,161 @@
+// Row-wise backward kernels on the device (see ops_backward.h for the contract and
+// native/kernels/ops_backward.cpp for the formulas, which these follow line for line).
+#include <cuda_runtime.h>
+
+#include <cmath>
+
+#include "cuda/ops_backward.h"
+
+namespace rf::cuda {
+
+namespace {
+
+constexpr int kRowThreads = 256;
+
+int grid_for(long n, int threads) {
+  const long b = (n + threads - 1) / threads;
+  return int(b < 65535 ? (b > 0 ? b : 1) : 65535);
+}
+
+__device__ float block_sum(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < warps; ++w) total += scratch[w];
+  return total;
+}
+
+// grid: rows. Writes dx and the row's inv (r) to stats[row].
+__global__ void rmsnorm_dx_kernel(float* dx, const float* dout, const float* x, const float* w, int n, float eps, float* stats) {
+  __shared__ float scratch[32];
+  const long r = blockIdx.x;
+  const float* xr = x + r * n;
+  const float* dr = dout + r * n;
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
+  const float inv = 1.0f / sqrtf(block_sum(ss, scratch) / float(n) + eps);
+  float gx = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) gx += dr[i] * w[i] * (xr[i] * inv);
+  const float c = block_sum(gx, scratch) / float(n);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) dx[r * n + i] = inv * (dr[i] * w[i] - xr[i] * inv * c);
+  if (threadIdx.x == 0) stats[r] = inv;
+}
+
+// One thread per column: dw[i] += sum_r dout[r, i] * xhat[r, i], rows in order.
+// xhat = (x - mean) * scale with mean = stats[2r] (or 0 when mean_stats is false) and scale =
+// stats[2r + 1] (layernorm) / stats[r] (rmsnorm); db (may be null) += sum_r dout[r, i].
+__global__ void norm_dw_kernel(float* dw, float* db, const float* dout, const float* x, const float* stats, bool layer_norm,
+                               int rows, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float aw = 0.f, ab = 0.f;
+  for (int r = 0; r < rows; ++r) {
+    const float mean = layer_norm ? stats[2 * r] : 0.f;
+    const float scale = layer_norm ? stats[2 * r + 1] : stats[r];
+    const float d = dout[long(r) * n + i];
+    aw += d * ((x[long(r) * n + i] - mean) * scale);
+    ab += d;
+  }
+  dw[i] += aw;
+  if (db) db[i] += ab;
+}
+
+// grid: rows. Writes dx and (mean, rstd) to stats[2 row ...].
+__global__ void layernorm_dx_kernel(float* dx, const float* dout, const float* x, const float* w, int n, float eps, float* stats) {
+  __shared__ float scratch[32];
+  const long r = blockIdx.x;
+  const float* xr = x + r * n;
+  const float* dr = dout + r * n;
+  float s = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) s += xr[i];
+  const float mean = block_sum(s, scratch) / float(n);
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) ss += (xr[i] - mean) * (xr[i] - mean);
+  const float rstd = 1.0f / sqrtf(block_sum(ss, scratch) / float(n) + eps);
+  float g_sum = 0.f, gx_sum = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float g = dr[i] * w[i];
+    g_sum += g;
+    gx_sum += g * ((xr[i] - mean) * rstd);
+  }
+  const float g_mean = block_sum(g_sum, scratch) / float(n);
+  const float gx_mean = block_sum(gx_sum, scratch) / float(n);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float xhat = (xr[i] - mean) * rstd;
+    dx[r * n + i] = rstd * (dr[i] * w[i] - g_mean - xhat * gx_mean);
+  }
+  if (threadIdx.x == 0) stats[2 * r] = mean, stats[2 * r + 1] = rstd;
+}
+
+// grid (rows, heads). The forward's rotation transposed: da = da' c + db' s, db = db' c - da' s.
+__global__ void rope_backward_kernel(float* dx, long row_stride, int head_dim, const float* cos, const float* sin) {
+  const int half = head_dim / 2;
+  float* a = dx + long(blockIdx.x) * row_stride + long(blockIdx.y) * head_dim;
+  float* b = a + half;
+  const float* c = cos + long(blockIdx.x) * half;
+  const float* s = sin + long(blockIdx.x) * half;
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    const float da = a[i], dbv = b[i];
+    a[i] = da * c[i] + dbv * s[i];
+    b[i] = dbv * c[i] - da * s[i];
+  }
+}
+
+__global__ void swiglu_backward_kernel(float* din, const float* dout, const float* in, long n, int inter) {
+  for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
+    const long r = i / inter, col = i % inter;
+    const float g = in[r * 2 * inter + col], u = in[r * 2 * inter + inter + col];
+    const float e = expf(-g);
+    const float s = 1.0f / (1.0f + e);  // sigmoid(g); 1 - s as e * s
+    const float d = dout[i];
+    din[r * 2 * inter + col] = d * u * s * (1.0f + g * (e * s));
+    din[r * 2 * inter + inter + col] = d * g * s;
+  }
+}
+
+__global__ void gelu_new_backward_kernel(float* dx, const float* dout, const float* x, long n) {
+  const float k = 0.7978845608028654f;  // sqrt(2 / pi)
+  const float c = 0.044715f;
+  for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
+    const float v = x[i];
+    const float u = k * (v + c * v * v * v);
+    const float e = expf(-2.0f * u);
+    const float s = 1.0f / (1.0f + e);
+    dx[i] = dout[i] * (s + 2.0f * v * s * (e * s) * k * (1.0f + 3.0f * c * v * v));
+  }
+}
+
+}  // namespace
+
+void rmsnorm_backward_rows(float* dx, float* dw, const float* dout, const float* x, const float* w, int rows, int n, float eps,
+                           float* scratch, cudaStream_t stream) {
+  if (rows <= 0) return;
+  rmsnorm_dx_kernel<<<rows, kRowThreads, 0, stream>>>(dx, dout, x, w, n, eps, scratch);
+  norm_dw_kernel<<<(n + 127) / 128, 128, 0, stream>>>(dw, nullptr, dout, x, scratch, false, rows, n);
+}
+
+void layernorm_backward_rows(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w, int rows,
+                             int n, float eps, float* scratch, cudaStream_t stream) {
+  if (rows <= 0) return;
+  layernorm_dx_kernel<<<rows, kRowThreads, 0, stream>>>(dx, dout, x, w, n, eps, scratch);
+  norm_dw_kernel<<<(n + 127) / 128, 128, 0, stream>>>(dw, db, dout, x, scratch, true, rows, n);
+}
+
+void rope_backward_rows(float* dx, long row_stride, int rows, int n_heads, int head_dim, const float* cos, const float* sin,
+                        cudaStream_t stream) {
+  if (rows > 0 && n_heads > 0) rope_backward_kernel<<<dim3(rows, n_heads), 64, 0, stream>>>(dx, row_stride, head_dim, cos, sin);
+}
+
+void swiglu_backward_rows(float* din, const float* dout, const float* in, int rows, int inter, cudaStream_t stream) {
+  const long n = long(rows) * inter;
+  if (n > 0) swiglu_backward_kernel<<<grid_for(n, 256), 256, 0, stream>>>(din, dout, in, n, inter);
+}
+
+void gelu_new_backward(float* dx, const float* dout, const float* x, long n, cudaStream_t stream) {
+  if (n > 0) gelu_new_backward_kernel<<<grid_for(n, 256), 256, 0, stream>>>(dx, dout, x, n);
+}
+
+}  // namespace rf::cuda

@@ -1,0 +1,34 @@
+// Device twins of the CPU's row-wise backward kernels (native/kernels/ops_backward.h), for the GPU
+// trainer, tested against them in native/tests/cuda_ops_backward.cpp. Same conventions: a row's
+// own gradients (dx, dgate, ...) are written; parameter gradients shared by all rows (norm
+// weights dw, db) are accumulated (+=), here by a second kernel that sums the rows of each column
+// in row order, so a step's result is the same bits every time (no atomics). Statistics (rms,
+// mean) are recomputed from the forward's input. Pointers are device memory; one stream.
+#pragma once
+#include <cuda_runtime.h>
+
+namespace rf::cuda {
+
+// Per row of x [rows, n]: the backward of out = w * x * r (r = 1 / sqrt(mean(x^2) + eps)).
+// dx [rows, n] written; dw [n] accumulated over the rows. scratch: rows floats.
+void rmsnorm_backward_rows(float* dx, float* dw, const float* dout, const float* x, const float* w, int rows, int n, float eps,
+                           float* scratch, cudaStream_t stream);
+
+// Per row: the backward of out = (x - mean) * rstd * w + b. dx written; dw, db accumulated.
+// scratch: 2 * rows floats.
+void layernorm_backward_rows(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w, int rows,
+                             int n, float eps, float* scratch, cudaStream_t stream);
+
+// dx [rows, n_heads, head_dim] (rows row_stride floats apart): on entry dL/d(rotated x), on return
+// dL/dx, in place (the rotation transposed). cos, sin [rows, head_dim / 2]: the forward's tables.
+void rope_backward_rows(float* dx, long row_stride, int rows, int n_heads, int head_dim, const float* cos, const float* sin,
+                        cudaStream_t stream);
+
+// The backward of swiglu_rows (model_ops.h): for in [rows, 2 inter] = gate | up and dout
+// [rows, inter], din [rows, 2 inter] = dgate | dup (written).
+void swiglu_backward_rows(float* din, const float* dout, const float* in, int rows, int inter, cudaStream_t stream);
+
+// dx [n] = dout * gelu_new'(x) (written; dx may alias dout).
+void gelu_new_backward(float* dx, const float* dout, const float* x, long n, cudaStream_t stream);
+
+}  // namespace rf::cuda

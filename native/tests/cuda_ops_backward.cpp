@@ -1,0 +1,134 @@
+// The device backward kernels (native/cuda/ops_backward.h) against the CPU's (kernels/
+// ops_backward.h, themselves checked against finite differences in test_backward) on the same
+// inputs, on a GPU machine; elsewhere "no CUDA device visible; skipped", exit 0.
+//
+// Shapes: rows 1, 7 and 33 of widths 80, 576 and 4097 (not multiples of a block), head_dim 64/128.
+// Tolerances: row reductions sum in another order than the CPU's vectorised loops and the device's
+// expf differs from the CPU's exp_f32 by an ulp or two, so every written gradient agrees to
+// 2e-5 * (1 + |ref|) per element; the accumulated dw / db sum the rows in the same order as the
+// CPU loop over rows, each row's term within f32 rounding of the CPU's: 2e-5 * (1 + |ref|) too.
+// dw and db start from a non-zero value to check that they are accumulated, not written.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda/cuda.h"
+#include "cuda/ops_backward.h"
+#include "kernels/ops_backward.h"
+#include "tests/check.h"
+#include "tests/random_model.h"
+
+using rf::test::check;
+
+namespace {
+
+std::mt19937 rng(99);
+
+std::vector<float> randn(size_t n, float sd = 1.f, float mean = 0.f) { return rf::test::randn(rng, n, sd, mean); }
+
+float* up(const std::vector<float>& v) {
+  float* d = nullptr;
+  cudaMalloc(&d, std::max<size_t>(1, v.size()) * sizeof(float));
+  cudaMemcpy(d, v.data(), v.size() * sizeof(float), cudaMemcpyHostToDevice);
+  return d;
+}
+
+std::vector<float> down(const float* d, size_t n) {
+  std::vector<float> v(n);
+  cudaMemcpy(v.data(), d, n * sizeof(float), cudaMemcpyDeviceToHost);
+  return v;
+}
+
+// Worst |got - want| / (1 + |want|).
+double worst(const std::vector<float>& got, const std::vector<float>& want) {
+  double w = 0;
+  for (size_t i = 0; i < want.size(); ++i) w = std::max(w, std::fabs(double(got[i]) - want[i]) / (1 + std::fabs(double(want[i]))));
+  return w;
+}
+
+void check_close(const std::vector<float>& got, const std::vector<float>& want, const std::string& what) {
+  const double e = worst(got, want);
+  check(e <= 2e-5, what + " (worst " + std::to_string(e) + ")");
+}
+
+void norms(int rows, int n) {
+  const float eps = 1e-5f;
+  const std::vector<float> x = randn(size_t(rows) * n), dout = randn(size_t(rows) * n), w = randn(size_t(n), 0.2f, 1.f),
+                           dw0 = randn(size_t(n)), db0 = randn(size_t(n));
+  const std::string shape = " rows " + std::to_string(rows) + " n " + std::to_string(n);
+  for (bool layer : {false, true}) {
+    std::vector<float> dx(x.size()), dw = dw0, db = db0;
+    for (int r = 0; r < rows; ++r) {
+      const size_t o = size_t(r) * n;
+      if (layer) rf::layernorm_backward(dx.data() + o, dw.data(), db.data(), dout.data() + o, x.data() + o, w.data(), n, eps);
+      else rf::rmsnorm_backward(dx.data() + o, dw.data(), dout.data() + o, x.data() + o, w.data(), n, eps);
+    }
+    float *d_dx = up(std::vector<float>(x.size(), NAN)), *d_dw = up(dw0), *d_db = up(db0), *d_dout = up(dout), *d_x = up(x),
+          *d_w = up(w), *d_s = up(std::vector<float>(size_t(2 * rows)));
+    if (layer) rf::cuda::layernorm_backward_rows(d_dx, d_dw, d_db, d_dout, d_x, d_w, rows, n, eps, d_s, nullptr);
+    else rf::cuda::rmsnorm_backward_rows(d_dx, d_dw, d_dout, d_x, d_w, rows, n, eps, d_s, nullptr);
+    const std::string name = layer ? "layernorm" : "rmsnorm";
+    check(cudaDeviceSynchronize() == cudaSuccess && cudaGetLastError() == cudaSuccess, name + shape + ": kernels ran");
+    check_close(down(d_dx, x.size()), dx, name + "_backward_rows dx" + shape);
+    check_close(down(d_dw, size_t(n)), dw, name + "_backward_rows dw (accumulated)" + shape);
+    if (layer) check_close(down(d_db, size_t(n)), db, name + "_backward_rows db (accumulated)" + shape);
+    for (float* p : {d_dx, d_dw, d_db, d_dout, d_x, d_w, d_s}) cudaFree(p);
+  }
+}
+
+void rope(int rows, int heads, int head_dim) {
+  const long stride = long(heads) * head_dim + 3;  // rows of a wider buffer, as the fused QKV
+  const int half = head_dim / 2;
+  std::vector<float> dx = randn(size_t(rows) * stride), c(size_t(rows) * half), s(size_t(rows) * half);
+  for (size_t i = 0; i < c.size(); ++i) {
+    const float a = float(i % 97) * 0.37f;
+    c[i] = std::cos(a), s[i] = std::sin(a);
+  }
+  std::vector<float> want = dx;
+  for (int r = 0; r < rows; ++r) rf::rope_backward(want.data() + r * stride, heads, head_dim, c.data() + r * half, s.data() + r * half);
+  float *d = up(dx), *dc = up(c), *ds = up(s);
+  rf::cuda::rope_backward_rows(d, stride, rows, heads, head_dim, dc, ds, nullptr);
+  check_close(down(d, dx.size()), want, "rope_backward_rows rows " + std::to_string(rows) + " head_dim " + std::to_string(head_dim));
+  for (float* p : {d, dc, ds}) cudaFree(p);
+}
+
+void activations(int rows, int inter) {
+  const std::vector<float> in = randn(size_t(rows) * 2 * inter, 3.f), dout = randn(size_t(rows) * inter);
+  std::vector<float> want(in.size());
+  for (int r = 0; r < rows; ++r) {
+    const size_t o = size_t(r) * 2 * inter;
+    rf::swiglu_backward(want.data() + o, want.data() + o + inter, dout.data() + size_t(r) * inter, in.data() + o, in.data() + o + inter, inter);
+  }
+  float *d_in = up(in), *d_dout = up(dout), *d_din = up(std::vector<float>(in.size(), NAN));
+  rf::cuda::swiglu_backward_rows(d_din, d_dout, d_in, rows, inter, nullptr);
+  check_close(down(d_din, in.size()), want, "swiglu_backward_rows rows " + std::to_string(rows) + " inter " + std::to_string(inter));
+
+  const long n = long(rows) * inter;
+  const std::vector<float> x = randn(size_t(n), 3.f);
+  std::vector<float> gw(static_cast<size_t>(n));
+  rf::gelu_new_backward(gw.data(), dout.data(), x.data(), int(n));
+  float* d_x = up(x);
+  rf::cuda::gelu_new_backward(d_dout, d_dout, d_x, n, nullptr);  // in place, as allowed
+  check_close(down(d_dout, size_t(n)), gw, "gelu_new_backward in place, n " + std::to_string(n));
+  for (float* p : {d_in, d_dout, d_din, d_x}) cudaFree(p);
+}
+
+}  // namespace
+
+int main() {
+  const rf::cuda::DeviceInfo info = rf::cuda::device_info();
+  if (info.count == 0) {
+    std::printf("cuda_ops_backward: no CUDA device visible; skipped (%s)\n", info.error.c_str());
+    return 0;
+  }
+  for (int rows : {1, 7, 33})
+    for (int n : {80, 576, 4097}) norms(rows, n);
+  for (int hd : {64, 128}) rope(9, 5, hd);
+  for (int inter : {80, 4097}) activations(7, inter);
+  return rf::test::finish("cuda_ops_backward");
+}
