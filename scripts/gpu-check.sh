@@ -7,8 +7,12 @@
 # timeout still returns the tests. RF_GPU_CHECK_BENCH=0 skips the benchmarks.
 #   bash scripts/gpu-check.sh "$OUT"
 set -uo pipefail
-out="${1:?usage: scripts/gpu-check.sh OUT_DIR}"
-mkdir -p "$out"
+dest="${1:?usage: scripts/gpu-check.sh OUT_DIR}"
+mkdir -p "$dest"
+# The device tool returns at most 8 files from OUT: everything goes to a work folder, packed into
+# OUT/gpu-check.tar.xz (with summary.json beside it) when the script ends, however it ends.
+out=$(mktemp -d /tmp/rf-gpu-check.XXXXXX)
+trap 'tar -cJf "$dest/gpu-check.tar.xz" -C "$out" . 2>/dev/null; cp -f "$out/summary.json" "$dest/" 2>/dev/null' EXIT
 cd "$(dirname "$0")/.."
 build=build-gpu
 {
@@ -65,6 +69,19 @@ if [ -f .gpu-pack/node.xz ] && [ -f .gpu-pack/modules.tar.xz ]; then
     tail -20 "$out/addon-build.log"
   fi
 fi
+# PEFT interoperability: an adapter trained by redflag loads with PeftModel.from_pretrained and
+# gives redflag's logits (CPU and GPU), test/reference/peft_interop.py.
+interop_rc=-1
+if [ -n "${addon:-}" ]; then
+  if REDFLAG_ADDON="$PWD/$addon" timeout 300 node scripts/interop-export.mjs /tmp/rf-interop --device cuda > "$out/interop-export.log" 2>&1; then
+    timeout 180 python3 test/reference/peft_interop.py /tmp/rf-interop/interop.json > "$out/interop.json" 2>> "$out/interop-export.log"
+    interop_rc=$?
+    head -c 1200 "$out/interop.json"
+  else
+    interop_rc=2
+    tail -5 "$out/interop-export.log"
+  fi
+fi
 # The benchmark (JSON on stdout, progress on stderr): RF_GPU_CHECK_BENCH=0 skips it, "quick" shortens it.
 bench_rc=-1
 if [ -x "$build/cuda_bench" ] && [ "${RF_GPU_CHECK_BENCH:-1}" != 0 ]; then
@@ -89,5 +106,5 @@ if [ -n "${addon:-}" ] && [ "${RF_GPU_CHECK_BENCH:-1}" != 0 ]; then
   serve_rc=$?
   tail -c 1500 "$out/gpu-serve.json"
 fi
-printf '{"build": "ok", "ctest": %d, "cuda": {%s}, "bench": %d, "peer": %d, "e2e": %d, "serve": %d}\n' "$ctest_rc" "$(IFS=,; echo "${results[*]}")" "$bench_rc" "$peer_rc" "$e2e_rc" "$serve_rc" > "$out/summary.json"
+printf '{"build": "ok", "ctest": %d, "cuda": {%s}, "e2e": %d, "interop": %d, "bench": %d, "peer": %d, "serve": %d}\n' "$ctest_rc" "$(IFS=,; echo "${results[*]}")" "$e2e_rc" "$interop_rc" "$bench_rc" "$peer_rc" "$serve_rc" > "$out/summary.json"
 cat "$out/summary.json"

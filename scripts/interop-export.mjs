@@ -1,0 +1,48 @@
+// The first half of the PEFT interoperability check (issue "CUDA backend, part 1", item 7):
+// trains a small red-flag LoRA adapter with `train()` on a random-weight Llama (LoRA on all seven
+// projections, the <rf> rows as PEFT trainable tokens), then writes redflag's f32 logits of a few
+// token sequences (with <rf> among them) with the adapter applied, on the CPU and on each device
+// named, to OUT/interop.json. test/reference/peft_interop.py loads the same adapter with
+// PeftModel.from_pretrained and compares. Needs dist/ and production dependencies only.
+//   node scripts/interop-export.mjs OUT [--device cuda]
+import { mkdir, writeFile } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
+
+import { applyAdapter, loadModel, train, writeRandomModel } from '../dist/index.js';
+import { packagedTokenizer } from '../dist/train/pipeline.js';
+
+const out = resolve(process.argv[2] ?? 'interop-out');
+const devices = ['cpu', ...(process.argv.includes('--device') ? [process.argv[process.argv.indexOf('--device') + 1]] : [])];
+const base = join(out, 'base');
+await mkdir(out, { recursive: true });
+await writeRandomModel(base, {
+  architecture: 'llama', vocabSize: 32000, hiddenSize: 64, intermediateSize: 128, numLayers: 2, numHeads: 4, numKvHeads: 2,
+  seed: 9, bosTokenId: 1, eosTokenId: 2, tokenizer: await packagedTokenizer(),
+}, { overwrite: true });
+await train({
+  model: base, output: join(out, 'run'), overwrite: true, data: 'synthetic', syntheticPerCategory: 3, steps: 4, batchSize: 4,
+  maxTokens: 64, evalEvery: 0, checkpointEvery: 0, threads: 2,
+  lora: { rank: 4, alpha: 8, dropout: 0, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] },
+  loss: { rfOffset: 1 }, optimizer: { lr: 5e-2, warmupSteps: 0 },
+});
+const adapter = join(out, 'run', 'adapter');
+const result = { base, adapter, sequences: [], logits: {} };
+for (const device of devices) {
+  const model = await loadModel(base, { device, dtype: 'f32', threads: 2 });
+  try {
+    await applyAdapter(model, adapter);
+    const rf = model.redFlagTokenId;
+    if (result.sequences.length === 0) {
+      const text = model.tokenizer.encode('How do I bake bread at home without an oven?');
+      result.sequences = [text, [...text.slice(0, 5), rf, ...text.slice(5)]];
+      result.rfTokenId = rf;
+      result.vocab = model.vocabSize;
+    }
+    result.logits[device] = [];
+    for (const ids of result.sequences) result.logits[device].push(Array.from(await model.logits(ids)));
+  } finally {
+    model.dispose();
+  }
+}
+await writeFile(join(out, 'interop.json'), JSON.stringify(result));
+console.log(JSON.stringify({ interop: join(out, 'interop.json'), devices, sequences: result.sequences.length, rfTokenId: result.rfTokenId }));
