@@ -70,6 +70,8 @@ __global__ void pass1_kernel(float* zt, const float* zr, int V, const RowIn* in,
   float* z = zt + r * V;
   const RowIn row = in[r];
   const bool kl = row.kind != int(RfLossKind::red_flag);
+  // Read before any thread overwrites z with dz below (after the reductions' barriers).
+  const float z_target = kl ? 0.f : z[row.target];
   float m = -FLT_MAX;
   for (int v = threadIdx.x; v < V; v += blockDim.x) m = fmaxf(m, z[v]);
   m = block_max(m, fscratch);
@@ -85,7 +87,7 @@ __global__ void pass1_kernel(float* zt, const float* zr, int V, const RowIn* in,
   RowOut o{lse, 0, 0, 0};
   if (!kl) {
     // log p and log(1 - p) of the target without subtracting probabilities.
-    o.log_p = double(z[row.target]) - lse;
+    o.log_p = double(z_target) - lse;
     o.log_1mp = s_rest > 0 ? double(m) + log(s_rest) - lse : -INFINITY;
     for (int v = threadIdx.x; v < V; v += blockDim.x) z[v] = 0.f;
   } else {

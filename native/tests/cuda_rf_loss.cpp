@@ -11,8 +11,10 @@
 // L2. bf16 W on an AVX-512 host: both round h to bf16 for the streamed logits; the device rounds
 // dz to bf16 for the product back through W where the CPU rounds p, so dh within 1e-2 relative
 // L2 (the rounding of a 2^-8 relative error, far above f32 noise and far below a wrong term);
-// loss terms and dw_rf (which never see that rounding) within 1e-4. On an AVX2 host the CPU does
-// not round h at all: then 3e-2 for everything, test_rf_loss's bound for that difference.
+// the red-flag term and dw_rf (which never see that rounding) within 1e-4; the KL terms within
+// 1e-3, because the CPU forms them from its bf16-rounded p (test_rf_loss bounds that by 4 sigma;
+// 3e-4 was seen under emulation). On an AVX2 host the CPU does not round h at all: then 3e-2 for
+// everything, test_rf_loss's bound for that difference.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -115,8 +117,9 @@ void run_case(int V, int H, int K, rf::RfAggregation agg, rf::DType dtype, int c
                           (b16 ? " bf16" : " f32") + " chunk " + std::to_string(chunk);
   const bool same_rounding = rf::active_isa() == rf::Isa::avx512;
   const double rel = !b16 ? 1e-5 : same_rounding ? 1e-4 : 3e-2;
-  check(close(gpu.benign, cpu.benign, rel) && close(gpu.after, cpu.after, rel) && close(gpu.red_flag, cpu.red_flag, rel) &&
-            close(gpu.total, cpu.total, rel) && gpu.n_groups == cpu.n_groups,
+  const double rel_kl = !b16 ? 1e-5 : same_rounding ? 1e-3 : 3e-2;
+  check(close(gpu.benign, cpu.benign, rel_kl) && close(gpu.after, cpu.after, rel_kl) && close(gpu.red_flag, cpu.red_flag, rel) &&
+            close(gpu.total, cpu.total, rel_kl) && gpu.n_groups == cpu.n_groups,
         tag + ": loss terms equal the CPU's (benign " + std::to_string(gpu.benign) + " / " + std::to_string(cpu.benign) +
             ", red_flag " + std::to_string(gpu.red_flag) + " / " + std::to_string(cpu.red_flag) + ", after " +
             std::to_string(gpu.after) + " / " + std::to_string(cpu.after) + ")");
