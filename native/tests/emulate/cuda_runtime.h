@@ -1,0 +1,64 @@
+// The CUDA runtime as the CPU emulation provides it (see emu.cpp): the subset our sources use.
+#pragma once
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__
+#define __shared__ static
+#define __launch_bounds__(x)
+#define __align__(x) alignas(x)
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
+};
+extern dim3 threadIdx, blockIdx, gridDim, blockDim;
+typedef void* cudaStream_t;
+enum cudaError_t { cudaSuccess = 0 };
+enum cudaMemcpyKind { cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+void* emu_malloc(size_t n);
+void emu_free(void* p);
+template <class T> cudaError_t cudaMalloc(T** p, size_t n) { *p = (T*)emu_malloc(n); return cudaSuccess; }
+inline cudaError_t cudaFree(void* p) { emu_free(p); return cudaSuccess; }
+inline cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind) { memcpy(d, s, n); return cudaSuccess; }
+inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind, cudaStream_t) { memcpy(d, s, n); return cudaSuccess; }
+inline cudaError_t cudaMemset(void* d, int v, size_t n) { memset(d, v, n); return cudaSuccess; }
+inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
+inline const char* cudaGetErrorName(cudaError_t) { return "emulated"; }
+extern size_t emu_max_smem;
+template <class F> cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int v) { emu_max_smem = v; return cudaSuccess; }
+void __syncthreads();
+float __shfl_xor_sync(unsigned, float, int);
+double __shfl_xor_sync(unsigned, double, int);
+float __shfl_sync(unsigned, float, int);
+inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
+inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
+inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dsqrt_rn(double a) { return std::sqrt(a); }
+using std::max;
+using std::min;
+void emu_launch(dim3 grid, dim3 block, size_t smem, std::function<void()> body);
+extern unsigned char* emu_smem;
+enum { cudaStreamNonBlocking = 1 };
+inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
+inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, int) { *s = (void*)1; return cudaSuccess; }
+inline cudaError_t cudaStreamDestroy(cudaStream_t) { return cudaSuccess; }
+inline cudaError_t cudaMemcpy2DAsync(void* d, size_t dp, const void* s, size_t sp, size_t w, size_t h, cudaMemcpyKind, cudaStream_t) {
+  for (size_t r = 0; r < h; ++r) memcpy((char*)d + r * dp, (const char*)s + r * sp, w);
+  return cudaSuccess;
+}
+size_t emu_allocated();
+inline cudaError_t cudaMemGetInfo(size_t* free_b, size_t* total) { *total = size_t(1) << 40; *free_b = *total - emu_allocated(); return cudaSuccess; }
+using std::isfinite; using std::isnan;

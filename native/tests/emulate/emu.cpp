@@ -1,0 +1,112 @@
+// A CPU emulation of the CUDA runtime subset the kernels use, so that their tests run where no
+// GPU is (CI): every CUDA thread of a block is a fiber (ucontext) of one OS thread; blocks run
+// one after another; __syncthreads and the warp shuffles switch fibers until every thread has
+// arrived. The last thread to arrive at a barrier runs on first, so threads interleave in an
+// order no GPU promises either, and a thread that reads what another overwrites without a
+// barrier between shows up (it found such a race in cuda/rf_loss.cu). Shared memory is
+// poisoned (0xff bytes) per block; launches over 1024 threads or over the dynamic shared-memory
+// limit abort. What it cannot catch: races between real warps that need true concurrency,
+// memory-model and coalescing effects, the real hardware limits beyond these, and speed.
+// Kernel launches (<<<...>>>) are rewritten to emu_launch by translate.py; cuBLASLt is replaced
+// by plain loops (gemm.cpp). scripts/cuda-emulate.sh builds and runs the emulated tests.
+#include <ucontext.h>
+#include <cstdio>
+#include <vector>
+#include "cuda_runtime.h"
+dim3 threadIdx, blockIdx, gridDim, blockDim;
+unsigned char* emu_smem;
+size_t emu_max_smem = 48 * 1024;
+namespace {
+struct Fiber { ucontext_t ctx; char* stack; bool done; };
+std::vector<Fiber> fibers;
+ucontext_t sched_ctx;
+int cur, n_alive, block_arrived, block_gen;
+int warp_arrived[64], warp_gen[64];
+float shfl_buf[2048];
+double shfl_dbuf[2048];
+std::function<void()>* body_ptr;
+void yield() { swapcontext(&fibers[cur].ctx, &sched_ctx); }
+void fiber_main() {
+  (*body_ptr)();
+  fibers[cur].done = true;
+  --n_alive;
+  if (block_arrived > 0 && block_arrived == n_alive) block_arrived = 0, ++block_gen;
+  swapcontext(&fibers[cur].ctx, &sched_ctx);
+}
+void warp_sync() {
+  const int w = int(threadIdx.x) / 32, gen = warp_gen[w];
+  if (++warp_arrived[w] == 32) { warp_arrived[w] = 0; ++warp_gen[w]; return; }
+  while (warp_gen[w] == gen) yield();
+}
+}  // namespace
+void __syncthreads() {
+  const int gen = block_gen;
+  if (++block_arrived == n_alive) { block_arrived = 0; ++block_gen; return; }
+  while (block_gen == gen) yield();
+}
+float __shfl_sync(unsigned, float v, int src) {
+  const int t = threadIdx.x;
+  shfl_buf[t] = v;
+  warp_sync();
+  const float r = shfl_buf[(t & ~31) | (src & 31)];
+  warp_sync();
+  return r;
+}
+double __shfl_xor_sync(unsigned, double v, int o) {
+  const int t = threadIdx.x;
+  shfl_dbuf[t] = v;
+  warp_sync();
+  const double r = shfl_dbuf[(t & ~31) | ((t & 31) ^ o)];
+  warp_sync();
+  return r;
+}
+float __shfl_xor_sync(unsigned, float v, int o) {
+  const int t = threadIdx.x;
+  shfl_buf[t] = v;
+  warp_sync();
+  const float r = shfl_buf[(t & ~31) | ((t & 31) ^ o)];
+  warp_sync();
+  return r;
+}
+void emu_launch(dim3 grid, dim3 block, size_t smem, std::function<void()> body) {
+  if (smem > emu_max_smem) { std::printf("EMU: smem %zu over limit %zu\n", smem, emu_max_smem); std::abort(); }
+  if (block.y != 1 || block.z != 1 || block.x > 1024) std::abort();
+  const int n = block.x;
+  body_ptr = &body;
+  gridDim = grid, blockDim = block;
+  fibers.assign(n, Fiber{});
+  for (auto& f : fibers) f.stack = (char*)malloc(1 << 17);
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        blockIdx = dim3(x, y, z);
+        unsigned char* sm = (unsigned char*)malloc(smem ? smem : 1);
+        memset(sm, 0xff, smem);
+        emu_smem = sm;
+        for (int i = 0; i < n; ++i) {
+          getcontext(&fibers[i].ctx);
+          fibers[i].ctx.uc_stack.ss_sp = fibers[i].stack;
+          fibers[i].ctx.uc_stack.ss_size = 1 << 17;
+          fibers[i].ctx.uc_link = nullptr;
+          fibers[i].done = false;
+          makecontext(&fibers[i].ctx, fiber_main, 0);
+        }
+        n_alive = n, block_arrived = 0;
+        for (auto& a : warp_arrived) a = 0;
+        while (n_alive > 0)
+          for (int i = 0; i < n; ++i) {
+            if (fibers[i].done) continue;
+            cur = i;
+            threadIdx = dim3(i);
+            swapcontext(&sched_ctx, &fibers[i].ctx);
+          }
+        free(sm);
+      }
+  for (auto& f : fibers) free(f.stack);
+}
+#include <map>
+static std::map<void*, size_t> g_alloc;
+static size_t g_bytes = 0;
+void* emu_malloc(size_t n) { void* p = malloc(n ? n : 1); g_alloc[p] = n; g_bytes += n; return p; }
+void emu_free(void* p) { if (!p) return; auto it = g_alloc.find(p); if (it != g_alloc.end()) { g_bytes -= it->second; g_alloc.erase(it); } free(p); }
+size_t emu_allocated() { return g_bytes; }

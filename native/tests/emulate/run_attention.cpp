@@ -1,0 +1,26 @@
+// native/tests/cuda_attention.cpp under the CPU emulation (scripts/cuda-emulate.sh), with
+// shorter sequences than on a GPU (the emulation runs a thread at a time); still crossing the
+// 16-token blocks, chunked prefills continuing a cache, GQA, windows and odd head_dims.
+#include "cuda/cuda.h"
+// Under the emulation there is one device.
+rf::cuda::DeviceInfo rf::cuda::device_info() {
+  rf::cuda::DeviceInfo i;
+  i.count = 1;
+  i.name = "emulated";
+  return i;
+}
+#define main test_main
+#include "tests/cuda_attention.cpp"
+#undef main
+int main() {
+  const std::vector<int> lengths{1, 15, 16, 17, 70, 100}, n_new{1, 15, 7, 17, 70, 40};
+  for (int hd : {64, 80})
+    for (int window : {0, 37}) prefill_case(hd, 2, 3, window, lengths, n_new);
+  prefill_case(256, 1, 2, 5, lengths, n_new);
+  prefill_case(96, 1, 1, 1, lengths, n_new);
+  run_case(80, 2, 3, 37);
+  prefill_decode_case(64, 2, 1, 0);
+  prefill_decode_case(128, 1, 2, 37);
+  kv_append_case();
+  return rf::test::finish("cuda_attention (emulated)");
+}

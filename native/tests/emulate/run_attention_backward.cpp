@@ -1,0 +1,17 @@
+// native/tests/cuda_attention_backward.cpp under the CPU emulation, on fewer cases than on a GPU.
+#include "cuda/cuda.h"
+// Under the emulation there is one device.
+rf::cuda::DeviceInfo rf::cuda::device_info() {
+  rf::cuda::DeviceInfo i;
+  i.count = 1;
+  i.name = "emulated";
+  return i;
+}
+#define main test_main
+#include "tests/cuda_attention_backward.cpp"
+#undef main
+int main() {
+  run_case(64, 2, 1, 0);
+  run_case(80, 1, 3, 7);
+  return rf::test::finish("cuda_attention_backward (emulated)");
+}

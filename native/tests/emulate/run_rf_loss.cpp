@@ -1,0 +1,20 @@
+// native/tests/cuda_rf_loss.cpp under the CPU emulation, at vocabulary 1001 (the 128256 cases are
+// the GPU's).
+#include "cuda/cuda.h"
+// Under the emulation there is one device.
+rf::cuda::DeviceInfo rf::cuda::device_info() {
+  rf::cuda::DeviceInfo i;
+  i.count = 1;
+  i.name = "emulated";
+  return i;
+}
+#define main test_main
+#include "tests/cuda_rf_loss.cpp"
+#undef main
+int main() {
+  for (rf::DType dtype : {rf::DType::f32, rf::DType::bf16})
+    for (int K : {1, 3})
+      for (rf::RfAggregation agg : {rf::RfAggregation::any, rf::RfAggregation::mean, rf::RfAggregation::single})
+        run_case(1001, 80, K, agg, dtype, 8);
+  return rf::test::finish("cuda_rf_loss (emulated)");
+}

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Runs the CUDA tests on the CPU under the emulation in native/tests/emulate (no GPU, no nvcc: g++
+# and python3), so every CI run executes the kernels' and the CUDA engine's logic against the CPU
+# references, as a GPU machine does with the real thing (scripts/gpu-check.sh). The cuBLASLt
+# products run as plain loops; see native/tests/emulate/emu.cpp for what emulation cannot catch.
+# Needs the CPU libraries of build-native (npm run test:native builds them first, then calls this).
+#   bash scripts/cuda-emulate.sh [TEST...]     (default: all; names as in native/tests/emulate/run_*.cpp)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+lib=build-native
+out=build-emu
+emu=native/tests/emulate
+for a in librf_core.a librf_kernels_avx2.a librf_kernels_avx512.a; do
+  [ -f "$lib/$a" ] || { echo "cuda-emulate: $lib/$a is missing: build the native tests first (npm run test:native)" >&2; exit 1; }
+done
+mkdir -p "$out/src"
+for f in native/cuda/*.cu; do
+  python3 "$emu/translate.py" "$f" "$out/src/$(basename "$f" .cu).cpp" || exit 1
+done
+flags=(-std=c++17 -O2 -w -I"$emu" -Inative)
+g++ "${flags[@]}" -c "$emu/emu.cpp" -o "$out/emu.o" || exit 1
+# The device sources each test needs (translated), besides the emulated runtime.
+declare -A sources=(
+  [ops]="ops"
+  [ops_backward]="ops_backward"
+  [optim]="optim"
+  [attention]="attention paged_cache"
+  [attention_backward]="attention_backward"
+  [rf_loss]="rf_loss model_ops"
+  [model]="ops attention paged_cache model_ops device_model"
+)
+declare -A stand_in=([rf_loss]="$emu/gemm.cpp" [model]="$emu/gemm.cpp")
+tests=("$@")
+[ ${#tests[@]} -eq 0 ] && tests=(ops ops_backward optim attention attention_backward rf_loss model)
+build_one() {
+  local t=$1 srcs=()
+  for s in ${sources[$t]}; do srcs+=("$out/src/$s.cpp"); done
+  g++ "${flags[@]}" "$emu/run_$t.cpp" "${srcs[@]}" ${stand_in[$t]:-} "$out/emu.o" \
+    "$lib/librf_core.a" "$lib/librf_kernels_avx2.a" "$lib/librf_kernels_avx512.a" "$lib/librf_core.a" -lpthread -o "$out/run_$t"
+}
+run_one() {
+  local t=$1 start=$SECONDS
+  if ! build_one "$t" > "$out/$t.log" 2>&1; then echo "cuda-emulate $t: build failed"; tail -20 "$out/$t.log"; return 1; fi
+  timeout 900 "$out/run_$t" >> "$out/$t.log" 2>&1
+  local rc=$?
+  grep -E '^FAIL' "$out/$t.log" | head -20
+  echo "cuda-emulate $t: $(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$out/$t.log" | tail -1 || echo 'no result') (exit $rc, $((SECONDS - start)) s)"
+  return $rc
+}
+# Two at a time (the machine's cores); each test is one process.
+failed=0
+pids=()
+for t in "${tests[@]}"; do
+  [ -n "${sources[$t]:-}" ] || { echo "cuda-emulate: unknown test $t" >&2; exit 2; }
+  run_one "$t" &
+  pids+=($!)
+  if [ ${#pids[@]} -ge 2 ]; then wait "${pids[0]}" || failed=1; pids=("${pids[@]:1}"); fi
+done
+for p in "${pids[@]}"; do wait "$p" || failed=1; done
+passed=0; fails=0
+for t in "${tests[@]}"; do
+  line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$out/$t.log" | tail -1)
+  [ -n "$line" ] || { failed=1; continue; }
+  passed=$((passed + ${line%% passed*}))
+  f=${line#*, }; fails=$((fails + ${f%% failed}))
+done
+echo "cuda-emulate: $passed passed, $fails failed"
+[ "$failed" = 0 ] && [ "$fails" = 0 ]
