@@ -37,7 +37,7 @@ export interface DetectorOptions {
   mode?: DetectorMode;
   /** Used by `'reflect'`; default: a short instruction to stop and answer safely. */
   reflection?: string | Reflection;
-  /** When `model` is a directory: where it runs (`cpu`, `cuda`, `cuda:N`), weights' element type and threads (see {@link LoadModelOptions}). */
+  /** When `model` is a directory: where it runs (`cpu`, `cuda`, `cuda:N`), weights' element type and threads (as loadModel takes them). */
   device?: DeviceSpec;
   dtype?: 'f32' | 'bf16';
   threads?: number;
