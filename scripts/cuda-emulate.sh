@@ -27,11 +27,12 @@ declare -A sources=(
   [attention]="attention paged_cache"
   [attention_backward]="attention_backward"
   [rf_loss]="rf_loss model_ops"
+  [model_ops]="model_ops"
   [model]="ops attention paged_cache model_ops device_model"
 )
 declare -A stand_in=([rf_loss]="$emu/gemm.cpp" [model]="$emu/gemm.cpp")
 tests=("$@")
-[ ${#tests[@]} -eq 0 ] && tests=(ops ops_backward optim attention attention_backward rf_loss model)
+[ ${#tests[@]} -eq 0 ] && tests=(ops ops_backward optim attention attention_backward rf_loss model_ops model)
 build_one() {
   local t=$1 srcs=()
   for s in ${sources[$t]}; do srcs+=("$out/src/$s.cpp"); done

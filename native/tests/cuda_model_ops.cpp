@@ -1,0 +1,476 @@
+// The CUDA engine's glue kernels (native/cuda/model_ops.h) against host references computed in
+// double on the same inputs, on a GPU machine; elsewhere it says no device was found and exits 0.
+//
+// Shapes are odd on purpose: hidden 80, 129 (and 4096 for the flag-row dot products), rows 1, 7,
+// 33, vocabularies 97, 1001 and 128256, and one case per elementwise kernel past 65535 blocks of
+// 256 threads so that their grid-stride loops take a second turn. Outputs are allocated with a
+// tail of sentinel floats that must come back bit-identical (nothing written past the end).
+//
+// Tolerances, and why:
+//   - embed_rows: a pure copy (table row, flag row) and bf16 -> f32 (exact: a shift of the bits)
+//     must be bit-identical. With pos_embed and/or delta the result is at most two f32 additions,
+//     each correctly rounded, so it is within 2 * 2^-24 * (|row| + |pos| + |delta|) of the exact
+//     sum: checked as |got - ref| <= 1e-6 * (|row| + |pos| + |delta|) against the double sum
+//     (relative to the terms' magnitudes, not |ref|: the terms may cancel).
+//   - swiglu_rows: g / (1 + expf(-g)) * u in f32; device expf is within 2 ulps, the add, divide
+//     and multiply add one rounding each: a few 1e-7 relative. Checked as
+//     |got - ref| <= 2e-6 * (1 + |ref|) against double (2e-6 rather than 1e-6 to leave room for
+//     the host/device expf difference near g = 0, where the quotient is sensitive to it).
+//   - add_into: one f32 addition per element, correctly rounded on both sides: bit-identical to
+//     the host's f32 y + x; every element outside the slice bit-identical to before.
+//   - gather_rows: a copy: bit-identical.
+//   - set_flag_logits: a dot product of `hidden` f32 products summed per thread and then in a
+//     tree: within (depth of the sum) * 2^-24 * sum|x_i w_i|. Checked as
+//     |got - ref| <= 1e-5 * sum_i |x_i w_i| against the double dot (relative to the terms'
+//     magnitudes: the dot itself may be near zero); every other logit bit-identical.
+//   - row_scores: the log-sum-exp is in f32 (max subtraction, then a sum of up to 128256 exps in
+//     512 per-thread partial sums and a tree): its error is a few 1e-6 relative to the sum, plus
+//     the rounding of lse itself (3e-5 / 2 at |lse| ~ 300, the offset row). Probabilities must be
+//     within 1e-5 absolute of double, log-probabilities within 1e-4 absolute; NaN exactly where
+//     the next token is -1; p_rf exactly 0 when there are no flags.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+#include "cuda/cuda.h"
+#include "cuda/model_ops.h"
+#include "tests/check.h"
+
+using rf::test::check;
+
+namespace {
+
+std::mt19937 rng(8675309);
+
+std::vector<float> randn(size_t n, float sd = 1.f) {
+  std::normal_distribution<float> d(0.f, sd);
+  std::vector<float> v(n);
+  for (float& x : v) x = d(rng);
+  return v;
+}
+
+// Cheaper draws for the large grid-stride cases.
+std::vector<float> uniform(size_t n, float lo, float hi) {
+  std::uniform_real_distribution<float> d(lo, hi);
+  std::vector<float> v(n);
+  for (float& x : v) x = d(rng);
+  return v;
+}
+
+int randint(int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); }
+
+std::string fmt(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.3g", v);
+  return buf;
+}
+
+uint32_t bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+// Sentinel floats past the end of every output: a NaN payload no kernel computes.
+constexpr uint32_t kSentinelBits = 0x7fc0beefu;
+constexpr size_t kTail = 37;
+
+float sentinel() {
+  float f;
+  std::memcpy(&f, &kSentinelBits, 4);
+  return f;
+}
+
+// Device memory that frees itself.
+struct Dev {
+  void* p = nullptr;
+  size_t bytes = 0;
+  explicit Dev(size_t n_bytes) : bytes(n_bytes) {
+    if (cudaMalloc(&p, n_bytes ? n_bytes : 1) != cudaSuccess) p = nullptr;
+  }
+  Dev(Dev&& o) noexcept : p(o.p), bytes(o.bytes) { o.p = nullptr; }
+  Dev(const Dev&) = delete;
+  Dev& operator=(const Dev&) = delete;
+  Dev& operator=(Dev&&) = delete;
+  ~Dev() {
+    if (p) cudaFree(p);
+  }
+  float* f() const { return static_cast<float*>(p); }
+  int32_t* i() const { return static_cast<int32_t*>(p); }
+};
+
+template <class T>
+Dev upload(const std::vector<T>& v) {
+  Dev d(v.size() * sizeof(T));
+  if (d.p && !v.empty()) cudaMemcpy(d.p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice);
+  return d;
+}
+
+template <class T>
+std::vector<T> download(const Dev& d, size_t n) {
+  std::vector<T> v(n);
+  if (d.p && n) cudaMemcpy(v.data(), d.p, n * sizeof(T), cudaMemcpyDeviceToHost);
+  return v;
+}
+
+// An output of n floats followed by kTail sentinels.
+Dev output(size_t n) {
+  std::vector<float> v(n + kTail, sentinel());
+  return upload(v);
+}
+
+// Whether floats [from, v.size()) are all the sentinel.
+bool tail_intact(const std::vector<float>& v, size_t from) {
+  for (size_t i = from; i < v.size(); ++i)
+    if (bits(v[i]) != kSentinelBits) return false;
+  return true;
+}
+
+// Waits for the device and checks that the launch (and everything before it) succeeded.
+bool ran(const std::string& what) {
+  cudaError_t e = cudaGetLastError();
+  if (e == cudaSuccess) e = cudaDeviceSynchronize();
+  check(e == cudaSuccess, what + ": CUDA error " + cudaGetErrorString(e));
+  return e == cudaSuccess;
+}
+
+// --- embed_rows --------------------------------------------------------------------------------
+
+void test_embed_rows() {
+  const int vocab = 1000, max_pos = 64;
+  const std::vector<int32_t> flag_tokens = {vocab - 2, 5, 123};
+  const int K = int(flag_tokens.size());
+  int cases = 0;
+  for (int hidden : {80, 129}) {
+    const std::vector<float> table = randn(size_t(vocab) * hidden, 0.05f);
+    std::vector<uint16_t> table_bf16(table.size());
+    for (size_t i = 0; i < table.size(); ++i) table_bf16[i] = rf::f32_to_bf16(table[i]);
+    const std::vector<float> flag_embed = randn(size_t(K) * hidden, 0.05f);
+    const std::vector<float> pos_embed = randn(size_t(max_pos) * hidden, 0.02f);
+    Dev d_table = upload(table), d_table_bf16 = upload(table_bf16), d_flag_embed = upload(flag_embed),
+        d_flag_tokens = upload(flag_tokens), d_pos = upload(pos_embed);
+    for (int rows : {1, 7, 33}) {
+      // Every third token a flag token (row 0 is one); the vocabulary's ends on some rows.
+      std::vector<int32_t> tokens(static_cast<size_t>(rows)), positions(static_cast<size_t>(rows));
+      for (int r = 0; r < rows; ++r) {
+        tokens[r] = r % 3 == 0 ? flag_tokens[(r / 3) % K] : randint(0, vocab - 1);
+        positions[r] = (r * 7 + 3) % max_pos;
+      }
+      if (rows > 2) tokens[1] = vocab - 1, tokens[2] = 0;
+      const std::vector<float> delta = randn(size_t(rows) * hidden, 0.01f);
+      Dev d_tokens = upload(tokens), d_positions = upload(positions), d_delta = upload(delta);
+      for (bool bf16 : {false, true})
+        for (int flags_mode : {0, 1, 2})  // 0: no flags; 1: flag tokens but flag_embed null; 2: flag rows
+          for (bool pos : {false, true})
+            for (bool with_delta : {false, true}) {
+              const std::string tag = std::string("embed_rows ") + (bf16 ? "bf16" : "f32") + " hidden=" + std::to_string(hidden) +
+                                      " rows=" + std::to_string(rows) + " flags=" + std::to_string(flags_mode) +
+                                      (pos ? " pos" : "") + (with_delta ? " delta" : "");
+              const size_t n = size_t(rows) * hidden;
+              Dev d_x = output(n);
+              rf::cuda::embed_rows(d_x.f(), bf16 ? d_table_bf16.p : d_table.p, bf16, d_tokens.i(), rows, hidden,
+                                   flags_mode == 2 ? d_flag_embed.f() : nullptr, flags_mode >= 1 ? d_flag_tokens.i() : nullptr,
+                                   flags_mode >= 1 ? K : 0, pos ? d_pos.f() : nullptr, pos ? d_positions.i() : nullptr,
+                                   with_delta ? d_delta.f() : nullptr, nullptr);
+              if (!ran(tag)) continue;
+              const std::vector<float> x = download<float>(d_x, n + kTail);
+              long bad_copy = 0;
+              double worst = 0;  // |got - ref| / (|row| + |pos| + |delta|)
+              for (int r = 0; r < rows; ++r) {
+                int k = -1;
+                if (flags_mode == 2)
+                  for (int j = 0; j < K; ++j)
+                    if (flag_tokens[j] == tokens[r]) k = j;
+                for (int i = 0; i < hidden; ++i) {
+                  const size_t ti = size_t(tokens[r]) * hidden + i;
+                  const float base = k >= 0 ? flag_embed[size_t(k) * hidden + i]
+                                            : bf16 ? rf::bf16_to_f32(table_bf16[ti]) : table[ti];
+                  const float p = pos ? pos_embed[size_t(positions[r]) * hidden + i] : 0.f;
+                  const float d = with_delta ? delta[size_t(r) * hidden + i] : 0.f;
+                  const float got = x[size_t(r) * hidden + i];
+                  if (!pos && !with_delta) {
+                    if (bits(got) != bits(base)) ++bad_copy;
+                  } else {
+                    const double ref = double(base) + double(p) + double(d);
+                    const double mag = std::fabs(double(base)) + std::fabs(double(p)) + std::fabs(double(d));
+                    const double err = std::fabs(double(got) - ref);
+                    worst = std::max(worst, mag > 0 ? err / mag : (err > 0 ? INFINITY : 0.0));
+                    if (std::isnan(got)) worst = INFINITY;
+                  }
+                }
+              }
+              if (!pos && !with_delta)
+                check(bad_copy == 0, tag + ": rows bit-identical to the table/flag rows (" + std::to_string(bad_copy) + " differ)");
+              else
+                check(worst <= 1e-6, tag + ": |got - ref| / (|row|+|pos|+|delta|) = " + fmt(worst) + " <= 1e-6");
+              check(tail_intact(x, n), tag + ": nothing written past the output");
+              ++cases;
+            }
+    }
+  }
+  check(cases == 144, "embed_rows: all " + std::to_string(cases) + " of 144 cases ran");
+}
+
+// --- swiglu_rows -------------------------------------------------------------------------------
+
+double silu_mul(double g, double u) { return g / (1.0 + std::exp(-g)) * u; }
+
+void swiglu_case(int rows, int inter, bool large) {
+  const size_t n = size_t(rows) * inter;
+  std::vector<float> in = large ? uniform(2 * n, -8.f, 8.f) : randn(2 * n, 3.f);
+  if (!large) {
+    // Extremes of the gate on row 0: silu saturates (and expf(-g) overflows to inf at g = -100).
+    const float extremes[] = {0.f, -0.f, 100.f, -100.f, 20.f, -20.f, 1e-7f, -1e-7f, 88.f, -88.f};
+    for (int j = 0; j < 10 && j < inter; ++j) in[j] = extremes[j];
+  }
+  const std::string tag = "swiglu_rows rows=" + std::to_string(rows) + " inter=" + std::to_string(inter);
+  Dev d_in = upload(in), d_out = output(n);
+  rf::cuda::swiglu_rows(d_out.f(), d_in.f(), rows, inter, nullptr);
+  if (!ran(tag)) return;
+  const std::vector<float> out = download<float>(d_out, n + kTail);
+  double worst = 0;
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < inter; ++c) {
+      const double ref = silu_mul(in[size_t(r) * 2 * inter + c], in[size_t(r) * 2 * inter + inter + c]);
+      const float got = out[size_t(r) * inter + c];
+      const double e = std::isnan(got) ? INFINITY : std::fabs(double(got) - ref) / (1 + std::fabs(ref));
+      worst = std::max(worst, e);
+    }
+  check(worst <= 2e-6, tag + ": |got - ref| / (1 + |ref|) = " + fmt(worst) + " <= 2e-6");
+  check(tail_intact(out, n), tag + ": nothing written past the output");
+}
+
+void test_swiglu_rows() {
+  for (int rows : {1, 7, 33})
+    for (int inter : {80, 129, 1000}) swiglu_case(rows, inter, false);
+  // 33 * 508397 = 16777101 > 65535 * 256 elements: the grid-stride loop's second turn.
+  swiglu_case(33, 508397, true);
+}
+
+// --- add_into ----------------------------------------------------------------------------------
+
+void add_into_case(int rows, int cols, long ldy, long col0, bool large) {
+  const size_t total = size_t(rows + 1) * size_t(ldy);  // one extra row of y that must stay as it was
+  const std::vector<float> y0 = large ? uniform(total, -1.f, 1.f) : randn(total);
+  const std::vector<float> x = large ? uniform(size_t(rows) * cols, -1.f, 1.f) : randn(size_t(rows) * cols);
+  const std::string tag = "add_into rows=" + std::to_string(rows) + " cols=" + std::to_string(cols) + " ldy=" + std::to_string(ldy) +
+                          " at column " + std::to_string(col0);
+  Dev d_y = upload(y0), d_x = upload(x);
+  rf::cuda::add_into(d_y.f() + col0, ldy, d_x.f(), rows, cols, nullptr);
+  if (!ran(tag)) return;
+  const std::vector<float> y = download<float>(d_y, total);
+  long bad_slice = 0, bad_outside = 0;
+  for (size_t idx = 0; idx < total; ++idx) {
+    const long r = long(idx / size_t(ldy)), c = long(idx % size_t(ldy)) - col0;
+    if (r < rows && c >= 0 && c < cols) {
+      const float want = y0[idx] + x[size_t(r) * cols + c];  // one correctly rounded f32 add
+      if (bits(y[idx]) != bits(want)) ++bad_slice;
+    } else if (bits(y[idx]) != bits(y0[idx])) {
+      ++bad_outside;
+    }
+  }
+  check(bad_slice == 0, tag + ": slice equals the host's f32 y + x bit for bit (" + std::to_string(bad_slice) + " differ)");
+  check(bad_outside == 0, tag + ": every element outside the slice unchanged (" + std::to_string(bad_outside) + " changed)");
+}
+
+void test_add_into() {
+  for (int rows : {1, 7, 33}) {
+    add_into_case(rows, 80, 80, 0, false);      // the whole row
+    add_into_case(rows, 80, 3 * 80, 80, false);  // the middle third of a fused q|k|v row
+    add_into_case(rows, 129, 300, 171, false);   // the tail of a row, odd sizes
+    add_into_case(rows, 129, 301, 3, false);
+  }
+  // 4097 * 4100 = 16797700 > 65535 * 256 elements: the grid-stride loop's second turn.
+  add_into_case(4097, 4100, 4133, 29, true);
+}
+
+// --- gather_rows -------------------------------------------------------------------------------
+
+void test_gather_rows() {
+  const int src_rows = 50;
+  for (int width : {80, 129, 4099})
+    for (int n : {1, 7, 33}) {
+      const std::vector<float> x = randn(size_t(src_rows) * width);
+      std::vector<int32_t> idx(static_cast<size_t>(n));
+      for (int i = 0; i < n; ++i) idx[i] = randint(0, src_rows - 1);
+      idx[0] = src_rows - 1;
+      if (n > 2) idx[1] = 0, idx[2] = idx[0];  // both ends, and a repeat
+      const std::string tag = "gather_rows width=" + std::to_string(width) + " n=" + std::to_string(n);
+      const size_t m = size_t(n) * width;
+      Dev d_x = upload(x), d_idx = upload(idx), d_out = output(m);
+      rf::cuda::gather_rows(d_out.f(), d_x.f(), d_idx.i(), n, width, nullptr);
+      if (!ran(tag)) continue;
+      const std::vector<float> out = download<float>(d_out, m + kTail);
+      long bad = 0;
+      for (int i = 0; i < n; ++i)
+        for (int c = 0; c < width; ++c)
+          if (bits(out[size_t(i) * width + c]) != bits(x[size_t(idx[i]) * width + c])) ++bad;
+      check(bad == 0, tag + ": rows bit-identical to the source rows (" + std::to_string(bad) + " differ)");
+      check(tail_intact(out, m), tag + ": nothing written past the output");
+    }
+}
+
+// --- set_flag_logits ---------------------------------------------------------------------------
+
+void test_set_flag_logits() {
+  const int vocab = 1001;
+  for (int hidden : {80, 129, 4096})
+    for (int rows : {1, 7, 33})
+      for (const std::vector<int32_t>& tokens : {std::vector<int32_t>{517}, std::vector<int32_t>{vocab - 1, 0, 517}}) {
+        const int K = int(tokens.size());
+        const std::vector<float> xn = randn(size_t(rows) * hidden), head = randn(size_t(K) * hidden, 0.05f);
+        // The base logits are random markers that must come back bit for bit outside the flag columns.
+        const std::vector<float> logits0 = randn(size_t(rows) * vocab, 4.f);
+        const std::string tag = "set_flag_logits hidden=" + std::to_string(hidden) + " rows=" + std::to_string(rows) +
+                                " flags=" + std::to_string(K);
+        Dev d_xn = upload(xn), d_head = upload(head), d_tokens = upload(tokens), d_logits = upload(logits0);
+        rf::cuda::set_flag_logits(d_logits.f(), vocab, d_xn.f(), rows, hidden, d_head.f(), d_tokens.i(), K, nullptr);
+        if (!ran(tag)) continue;
+        const std::vector<float> logits = download<float>(d_logits, logits0.size());
+        long bad_other = 0;
+        double worst = 0;  // |got - ref| / sum |x_i w_i|
+        for (int r = 0; r < rows; ++r)
+          for (int v = 0; v < vocab; ++v) {
+            const size_t li = size_t(r) * vocab + v;
+            const int k = int(std::find(tokens.begin(), tokens.end(), v) - tokens.begin());
+            if (k == K) {
+              if (bits(logits[li]) != bits(logits0[li])) ++bad_other;
+              continue;
+            }
+            double ref = 0, mag = 0;
+            for (int i = 0; i < hidden; ++i) {
+              const double t = double(xn[size_t(r) * hidden + i]) * head[size_t(k) * hidden + i];
+              ref += t;
+              mag += std::fabs(t);
+            }
+            const double e = std::isnan(logits[li]) ? INFINITY : std::fabs(double(logits[li]) - ref) / (mag > 0 ? mag : 1.0);
+            worst = std::max(worst, e);
+          }
+        check(worst <= 1e-5, tag + ": flag logits |got - ref| / sum|x_i w_i| = " + fmt(worst) + " <= 1e-5");
+        check(bad_other == 0, tag + ": every other logit unchanged (" + std::to_string(bad_other) + " changed)");
+      }
+}
+
+// --- row_scores --------------------------------------------------------------------------------
+
+double row_lse(const float* z, int vocab) {
+  double m = -INFINITY;
+  for (int i = 0; i < vocab; ++i) m = std::max(m, double(z[i]));
+  double s = 0;
+  for (int i = 0; i < vocab; ++i) s += std::exp(double(z[i]) - m);
+  return m + std::log(s);
+}
+
+void row_scores_case(int vocab, int rows) {
+  const std::vector<std::vector<int32_t>> flag_sets = {{}, {vocab / 2}, {3, vocab - 1, vocab / 3}};
+  // Next tokens: -1 on every fourth row and the last (an item's last token), both ends of the
+  // vocabulary on some rows, random elsewhere.
+  std::vector<int32_t> next(static_cast<size_t>(rows));
+  for (int r = 0; r < rows; ++r) next[r] = r % 4 == 3 || r == rows - 1 ? -1 : randint(0, vocab - 1);
+  if (rows > 2) next[0] = 0, next[1] = vocab - 1;
+  // Rows of random logits, with special rows by r % 5: 1 one token (vocab / 2, a flag of two
+  // sets) 20 above the rest (p ~ 1); 2 all logits offset by 300 (exp without max subtraction
+  // would overflow); 3 all equal (p = 1 / vocab); 4 half the logits -1e30 (masked).
+  std::vector<float> z = randn(size_t(rows) * vocab, 2.5f);
+  for (int r = 0; r < rows; ++r) {
+    float* row = z.data() + size_t(r) * vocab;
+    switch (r % 5) {
+      case 1: row[vocab / 2] = *std::max_element(row, row + vocab) + 20.f; break;
+      case 2:
+        for (int i = 0; i < vocab; ++i) row[i] += 300.f;
+        break;
+      case 3: std::fill(row, row + vocab, 0.25f); break;
+      case 4:
+        for (int i = 1; i < vocab; i += 2) {
+          const bool keep = i == next[r] || i == 3 || i == vocab - 1 || i == vocab / 3 || i == vocab / 2;
+          if (!keep) row[i] = -1e30f;
+        }
+        break;
+      default: break;
+    }
+  }
+  std::vector<double> lse(static_cast<size_t>(rows));
+  for (int r = 0; r < rows; ++r) lse[r] = row_lse(z.data() + size_t(r) * vocab, vocab);
+  Dev d_z = upload(z), d_next = upload(next);
+  for (const std::vector<int32_t>& flags : flag_sets) {
+    const int K = int(flags.size());
+    Dev d_flags = upload(flags);
+    for (bool want_p_flags : {true, false})
+      for (bool want_next : {true, false}) {
+        if (K == 0 && want_p_flags) continue;  // p_flags [rows, 0]: nothing to write
+        const std::string tag = "row_scores vocab=" + std::to_string(vocab) + " rows=" + std::to_string(rows) + " flags=" +
+                                std::to_string(K) + (want_p_flags ? " p_flags" : "") + (want_next ? " logprob_next" : "");
+        Dev d_prf = output(size_t(rows)), d_pf = output(size_t(rows) * K), d_lp = output(size_t(rows));
+        rf::cuda::row_scores(d_z.f(), rows, vocab, K ? d_flags.i() : nullptr, K, want_next ? d_next.i() : nullptr, d_prf.f(),
+                             want_p_flags ? d_pf.f() : nullptr, want_next ? d_lp.f() : nullptr, nullptr);
+        if (!ran(tag)) continue;
+        const std::vector<float> prf = download<float>(d_prf, rows + kTail), pf = download<float>(d_pf, size_t(rows) * K + kTail),
+                                 lp = download<float>(d_lp, rows + kTail);
+        double worst_p = 0, worst_lp = 0;
+        long bad_nan = 0, bad_zero = 0;
+        for (int r = 0; r < rows; ++r) {
+          const float* row = z.data() + size_t(r) * vocab;
+          double total = 0;
+          for (int k = 0; k < K; ++k) {
+            const double p = std::exp(double(row[flags[k]]) - lse[r]);
+            total += p;
+            if (want_p_flags) {
+              const float got = pf[size_t(r) * K + k];
+              worst_p = std::max(worst_p, std::isnan(got) ? INFINITY : std::fabs(double(got) - p));
+            }
+          }
+          if (K == 0 && bits(prf[r]) != bits(0.f)) ++bad_zero;
+          worst_p = std::max(worst_p, std::isnan(prf[r]) ? INFINITY : std::fabs(double(prf[r]) - total));
+          if (want_next) {
+            if (next[r] < 0) {
+              if (!std::isnan(lp[r])) ++bad_nan;
+            } else {
+              const double ref = double(row[next[r]]) - lse[r];
+              worst_lp = std::max(worst_lp, std::isnan(lp[r]) ? INFINITY : std::fabs(double(lp[r]) - ref));
+            }
+          }
+        }
+        check(worst_p <= 1e-5, tag + ": p_rf and each flag's p |got - ref| = " + fmt(worst_p) + " <= 1e-5");
+        if (K == 0) check(bad_zero == 0, tag + ": p_rf exactly 0 without flags (" + std::to_string(bad_zero) + " rows not)");
+        if (want_next) {
+          check(worst_lp <= 1e-4, tag + ": log p(next) |got - ref| = " + fmt(worst_lp) + " <= 1e-4");
+          check(bad_nan == 0, tag + ": log p(next) NaN where next is -1 (" + std::to_string(bad_nan) + " rows not)");
+        }
+        check(tail_intact(prf, size_t(rows)) && tail_intact(pf, want_p_flags ? size_t(rows) * K : 0) &&
+                  tail_intact(lp, want_next ? size_t(rows) : 0),
+              tag + ": nothing written past the outputs, nor into those not passed");
+      }
+  }
+}
+
+void test_row_scores() {
+  row_scores_case(97, 7);  // fewer logits than the block's threads
+  for (int rows : {1, 7, 33}) row_scores_case(1001, rows);
+  row_scores_case(128256, 2);
+  row_scores_case(128256, 5);  // one row of each kind
+}
+
+}  // namespace
+
+int main() {
+  const rf::cuda::DeviceInfo info = rf::cuda::device_info();
+  if (info.count == 0) {
+    std::printf("cuda_model_ops: no CUDA device visible; skipped\n");
+    return 0;
+  }
+  test_embed_rows();
+  test_swiglu_rows();
+  test_add_into();
+  test_gather_rows();
+  test_set_flag_logits();
+  test_row_scores();
+  return rf::test::finish("cuda_model_ops");
+}
