@@ -124,6 +124,12 @@ export async function removeStaleCheckpoints(output: string): Promise<string[]> 
     await rm(join(folder, name), { recursive: true, force: true });
     removed.push(join(folder, name));
   }
+  // The pointer's own temporary file (writeFileAtomic's `.NAME.PID.ID.tmp`) from a run killed
+  // while it replaced the pointer: the lock is held, so no writer is using it.
+  for (const name of (await readdir(output).catch(() => [] as string[])).filter((e) => e.startsWith(`.${POINTER}.`) && e.endsWith('.tmp'))) {
+    await rm(join(output, name), { force: true });
+    removed.push(join(output, name));
+  }
   if (pointer) {
     for (const name of (await readdir(output)).filter((e) => LEGACY.test(e))) {
       await rm(join(output, name), { recursive: true, force: true });
