@@ -28,11 +28,13 @@ declare -A sources=(
   [attention_backward]="attention_backward"
   [rf_loss]="rf_loss model_ops"
   [model_ops]="model_ops"
-  [model]="ops attention paged_cache model_ops device_model"
+  [train_ops]="train_ops"
+  [model]="ops attention paged_cache model_ops train_ops device_model"
+  [train]="ops ops_backward optim attention attention_backward paged_cache model_ops train_ops rf_loss device_model device_trainer"
 )
-declare -A stand_in=([rf_loss]="$emu/gemm.cpp" [model]="$emu/gemm.cpp")
+declare -A stand_in=([rf_loss]="$emu/gemm.cpp" [model]="$emu/gemm.cpp" [train]="$emu/gemm.cpp")
 tests=("$@")
-[ ${#tests[@]} -eq 0 ] && tests=(ops ops_backward optim attention attention_backward rf_loss model_ops model)
+[ ${#tests[@]} -eq 0 ] && tests=(ops ops_backward optim attention attention_backward rf_loss model_ops train_ops model train)
 build_one() {
   local t=$1 srcs=()
   for s in ${sources[$t]}; do srcs+=("$out/src/$s.cpp"); done

@@ -10,6 +10,7 @@ import { RedflagError } from '../lib/errors.js';
 import { checkCudaAddon, parseDevice } from '../lib/model/device.js';
 import { loadModel, type Model } from '../lib/model/model.js';
 import { loadNative, type NativeAddon } from '../lib/native.js';
+import { cudaUsable } from './helpers/cuda.js';
 import { FIXTURES } from './helpers/fixtures.js';
 
 const exec = promisify(execFile);
@@ -21,15 +22,6 @@ function fakeAddon(cuda?: { count: number; error: string }): NativeAddon {
     ...base,
     ...(cuda ? { cudaInfo: () => ({ name: 'fake', smMajor: 9, smMinor: 0, memoryGiB: 141, saxpyMaxError: 0, ...cuda }) } : { cudaInfo: undefined }),
   } as NativeAddon;
-}
-
-/** Whether this machine can run the CUDA engine at all (a GPU machine with the CUDA build). */
-function cudaUsable(): boolean {
-  try {
-    return (loadNative('cuda').cudaInfo?.().count ?? 0) > 0;
-  } catch {
-    return false;
-  }
 }
 
 describe('device', () => {

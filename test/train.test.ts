@@ -6,12 +6,14 @@ import { mkdtemp, readFile, readdir, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
+import { RedflagError } from '../lib/errors.js';
 import { loadModel } from '../lib/model/model.js';
 import { SafetensorsFile } from '../lib/model/safetensors.js';
 import { parseTrainConfig, type TrainConfigInput } from '../lib/train/config.js';
 import { findCheckpoint } from '../lib/train/checkpoint.js';
 import { applyAdapter } from '../lib/train/export.js';
 import { train } from '../lib/train/trainer.js';
+import { cudaUsable } from './helpers/cuda.js';
 import { tinyLlama } from './helpers/tiny-model.js';
 
 let base: string;
@@ -250,5 +252,22 @@ describe('training configuration', () => {
     expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', stepz: 3 })).toThrow(/stepz|Unrecognized/);
     expect(() => parseTrainConfig({ model: 'm', output: 'o', data: [] })).toThrow(/data/);
     expect(parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic' })).toMatchObject({ steps: 100, lora: { rank: 8 }, loss: { rfAggregation: 'any' } });
+  });
+
+  it('takes a device: cpu by default, cuda or cuda:N, LoRA only on a GPU', () => {
+    const c = parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic' });
+    expect(c.device).toBe('cpu');
+    expect(c.dtype).toBeUndefined(); // the device's default: f32 on the CPU, bf16 on a GPU
+    expect(parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', device: 'cuda:1' }).device).toBe('cuda:1');
+    expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', device: 'gpu' })).toThrow(/device: must be 'cpu', 'cuda' or 'cuda:N'/);
+    expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', device: 'cuda', mode: 'full' })).toThrow(/mode 'full' .* runs on the CPU only/);
+  });
+
+  it.skipIf(cudaUsable())('on a GPU that is not there, fails at once with the CUDA error and trains nothing', async () => {
+    const out = join(root, 'no-gpu');
+    const error = await train({ ...config('no-gpu'), device: 'cuda' }).catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(RedflagError);
+    expect((error as Error).message).toMatch(/CUDA/);
+    expect(await readdir(out)).toEqual([]); // no metrics, checkpoint or adapter
   });
 });

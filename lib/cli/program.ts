@@ -207,7 +207,8 @@ export function buildProgram(): Command {
     .option('--flag-categories <list>', "one flag <rf:NAME> per risk category: 'auto' (every category of the harmful data) or NAME,NAME,…; others train <rf>")
     .option('--category-map <file>', 'JSON object mapping the data\'s categories to flag category names')
     .option('--merge', 'also write the merged model')
-    .option('--dtype <dtype>', "frozen weights: 'f32' or 'bf16'", dtype)
+    .option('--device <device>', "where training runs: 'cpu', 'cuda' or 'cuda:N' (the CUDA build: npm run build:cuda; LoRA only)", device)
+    .option('--dtype <dtype>', "frozen weights: 'f32' or 'bf16' (default: f32 on the CPU, bf16 on a GPU)", dtype)
     .option('--threads <n>', 'threads for native work', integer('threads', 1))
     .action(async (flags: Record<string, unknown>) => {
       await runTrain(flags);

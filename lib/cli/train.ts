@@ -69,6 +69,7 @@ export async function configFromFlags(flags: Record<string, unknown>): Promise<T
     o['flagCategories'] = list.length === 1 && list[0] === 'auto' ? 'auto' : list;
   }
   set('categoryMap', flags['categoryMap']);
+  set('device', flags['device']);
   set('dtype', flags['dtype']);
   set('threads', flags['threads']);
   const lora: Record<string, unknown> = {};

@@ -109,7 +109,13 @@ export const trainConfigSchema = z.strictObject({
   checkpointEvery: z.number().int().min(0).default(100),
   /** Flag threshold on max p(<rf>) for the evaluation's flag rates. */
   threshold: z.number().gt(0).lt(1).default(0.5),
-  dtype: z.enum(['f32', 'bf16']).default('f32'),
+  /**
+   * Where training runs: 'cpu' (the default), or an NVIDIA GPU, 'cuda' (device 0) or 'cuda:N',
+   * with the CUDA build of the addon (`npm run build:cuda`). LoRA only on a GPU for now.
+   */
+  device: z.string().regex(/^(cpu|cuda(:\d{1,3})?)$/, "must be 'cpu', 'cuda' or 'cuda:N'").default('cpu'),
+  /** Frozen weights in the engine (default: f32 on the CPU, bf16 on a GPU). */
+  dtype: z.enum(['f32', 'bf16']).optional(),
   threads: z.number().int().min(1).optional(),
   /** Also write the merged full model (HF format) at the end. */
   merge: z.boolean().default(false),
@@ -157,7 +163,12 @@ export type TrainConfigInput = z.input<typeof trainConfigSchema>;
 /** Validates a configuration object; errors name each bad field by its path. */
 export function parseTrainConfig(input: unknown, where = 'training config'): TrainConfig {
   const result = trainConfigSchema.safeParse(input);
-  if (result.success) return result.data;
+  if (result.success) {
+    if (result.data.mode === 'full' && result.data.device !== 'cpu') {
+      throw new RedflagError('INVALID_ARGUMENT', `${where}: mode 'full' (full fine-tuning) runs on the CPU only for now; on ${result.data.device} train a LoRA adapter (mode 'lora')`);
+    }
+    return result.data;
+  }
   const problems = result.error.issues.map((i) => `${i.path.length ? i.path.join('.') : '(root)'}: ${i.message}`);
   throw new RedflagError('INVALID_ARGUMENT', `${where}: ${problems.join('; ')}`);
 }

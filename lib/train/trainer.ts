@@ -15,6 +15,7 @@ import type { Conversation } from '../data/records.js';
 import { generateSyntheticData, withRefusals } from '../data/synthetic.js';
 import { RedflagError, abortError } from '../errors.js';
 import { loadModel, type Model } from '../model/model.js';
+import type { DeviceSpec } from '../model/device.js';
 import { addRedFlagToken } from '../model/red-flag.js';
 import { createRng } from '../model/sampling.js';
 import type { NativeEmbeddingOptions, NativeLossTerms } from '../native.js';
@@ -190,7 +191,11 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
     }
   }
 
-  const model = await loadModel(config.model, { dtype: config.dtype, ...(config.threads ? { threads: config.threads } : {}) });
+  const model = await loadModel(config.model, {
+    device: config.device as DeviceSpec,
+    ...(config.dtype ? { dtype: config.dtype } : {}),
+    ...(config.threads ? { threads: config.threads } : {}),
+  });
   try {
     const data = await prepareData(config, model, log);
     let rfToken = -1;

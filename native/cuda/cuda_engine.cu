@@ -2,6 +2,7 @@
 // DeviceSequence as the engine's sequences. Needs cuBLASLt (it links gemm.cu through
 // DeviceModel), so it builds only with it.
 #include "cuda/device_model.h"
+#include "cuda/device_trainer.h"
 #include "model/engine.h"
 
 namespace rf {
@@ -19,6 +20,39 @@ class CudaSequence : public EngineSequence {
 
  private:
   std::shared_ptr<cuda::DeviceSequence> s_;
+};
+
+// The host copies of the parameters are refreshed from the device when asked for after a change.
+class CudaTrainer : public EngineTrainer {
+ public:
+  CudaTrainer(cuda::DeviceModel& model, const TrainOptions& options) : t_(model, options) {}
+  LossTerms step(const std::vector<Sequence>& batch, const std::vector<Sequence>& reference, const std::vector<LossRow>& rows,
+                 const LossOptions& options, const std::atomic<int>* cancel) override {
+    host_current_ = false;
+    return t_.step(batch, reference, rows, options, cancel);
+  }
+  double optimizer_step(const AdamWOptions& options) override {
+    host_current_ = false;
+    return t_.optimizer_step(options);
+  }
+  std::vector<Param*> params() override {
+    if (!host_current_) {
+      t_.download();
+      host_current_ = true;
+    }
+    return t_.params();
+  }
+  // Writes go through params(), which makes the host copies current first: stale copies mean
+  // nothing was written since, and there is nothing to upload.
+  void params_changed() override {
+    if (host_current_) t_.params_changed();
+  }
+  long trainable_count() const override { return t_.trainable_count(); }
+  void set_step_count(long n) override { t_.set_step_count(n); }
+
+ private:
+  cuda::DeviceTrainer t_;
+  bool host_current_ = true;  // the trainer starts with its host values uploaded
 };
 
 class CudaEngine : public Engine {
@@ -63,6 +97,9 @@ class CudaEngine : public Engine {
   }
   void clear_adapters() override { m_.clear_adapters(); }
   void set_adapter_enabled(bool enabled) override { m_.set_adapter_enabled(enabled); }
+  std::unique_ptr<EngineTrainer> new_trainer(const TrainOptions& options) override {
+    return std::make_unique<CudaTrainer>(m_, options);
+  }
 
  private:
   static std::vector<cuda::DeviceItem> device_items(const std::vector<EngineItem>& items) {

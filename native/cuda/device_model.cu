@@ -7,6 +7,7 @@
 // R: the new tokens of all sequences; rows: R, or one per sequence. Everything runs on one
 // stream; the host waits once, at the end (or per layer when progress is asked for).
 #include "cuda/device_model.h"
+#include "cuda/device_model_impl.h"
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -23,6 +24,7 @@
 #include "cuda/model_ops.h"
 #include "cuda/ops.h"
 #include "cuda/paged_cache.h"
+#include "cuda/train_ops.h"
 #include "model/layout.h"
 #include "model/rope.h"
 
@@ -33,66 +35,9 @@ namespace {
 constexpr int kBlockTokens = DeviceModel::kBlockTokens;
 constexpr long kScoreChunk = 256;  // LM-head rows per chunk in token_scores
 
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string("CUDA ") + what + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")");
-}
-
 cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 
 }  // namespace
-
-// Device memory that frees itself. ensure() grows it (contents not kept): scratch that reaches
-// its working size in the first calls and is then reused.
-class Buffer {
- public:
-  Buffer() = default;
-  ~Buffer() { reset(); }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-  Buffer(Buffer&& o) noexcept : p_(o.p_), bytes_(o.bytes_) { o.p_ = nullptr, o.bytes_ = 0; }
-  Buffer& operator=(Buffer&& o) noexcept {
-    if (this != &o) {
-      reset();
-      p_ = o.p_, bytes_ = o.bytes_;
-      o.p_ = nullptr, o.bytes_ = 0;
-    }
-    return *this;
-  }
-  void* ensure(size_t bytes) {
-    if (bytes > bytes_) {
-      reset();
-      check(cudaMalloc(&p_, bytes), "cudaMalloc");
-      bytes_ = bytes;
-    }
-    return p_;
-  }
-  // A copy of host memory (synchronous: weights and adapters, uploaded once).
-  void upload(const void* host, size_t bytes) {
-    ensure(bytes);
-    check(cudaMemcpy(p_, host, bytes, cudaMemcpyHostToDevice), "cudaMemcpy (upload)");
-  }
-  void reset() {
-    if (p_) cudaFree(p_);
-    p_ = nullptr, bytes_ = 0;
-  }
-  template <class T = float>
-  T* get() const { return static_cast<T*>(p_); }
-  size_t bytes() const { return bytes_; }
-  bool empty() const { return p_ == nullptr; }
-
- private:
-  void* p_ = nullptr;
-  size_t bytes_ = 0;
-};
-
-// Host int32 arrays of one forward, uploaded on the stream.
-template <class T>
-T* upload_async(Buffer& b, const std::vector<T>& v, cudaStream_t s) {
-  b.ensure(std::max<size_t>(1, v.size()) * sizeof(T));
-  if (!v.empty()) check(cudaMemcpyAsync(b.get(), v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
-  return b.get<T>();
-}
 
 // The KV blocks of every layer: per layer, K then V, each [n_blocks][n_kv_heads][block][head_dim]
 // f32 (PagedLayer's layout). The block pool's bookkeeping is shared by the JavaScript thread
@@ -148,44 +93,6 @@ void DeviceSequence::truncate(long n) {
   length_ = n;
   pool_->shrink(table_, n);
 }
-
-struct DLinear {
-  struct Lora {
-    int offset = 0, out = 0, rank = 0;
-    Buffer A;  // [rank, in] f32
-    Buffer B;  // [out, rank] f32, times the adapter's scale
-  };
-  Buffer w;     // [out, in] in the engine's dtype
-  Buffer bias;  // [out] f32, or empty
-  int out = 0, in = 0;
-  std::vector<Lora> lora;
-};
-
-struct DNorm {
-  Buffer w, b;  // [hidden] f32; b only for LayerNorm
-};
-
-struct DLayer {
-  DNorm attn_norm, mlp_norm;
-  DLinear qkv, o, mlp_in, mlp_out;
-};
-
-struct DeviceWeights {
-  std::vector<DLayer> layers;
-  DNorm final_norm;
-  Buffer embed;     // [vocab, hidden] engine dtype; with tied embeddings also the LM head
-  Buffer lm_head;   // [vocab, hidden] engine dtype, untied models only
-  long embed_rows = 0, head_rows = 0;
-  Buffer pos_embed;  // [positions, hidden] f32 (GPT-2)
-  std::vector<int> flag_tokens;
-  Buffer flag_ids, flag_embed, flag_head;  // int32 [K]; f32 [K, hidden] each (either may be empty)
-};
-
-struct DeviceScratch {
-  Buffer x, xn, xb, qkv, q, att, mlp, act, lora_u, lora_d, last, logits, cos, sin, delta, attn;
-  Buffer tokens, positions, row_seq, row_pos, tables, table_offsets, lengths, row_offsets, n_new, last_rows;
-  Buffer pick_params, flags, picked, logprob, p_rf, p_flags, next;
-};
 
 DeviceModel::DeviceModel(const ModelConfig& config, DType dtype, int device)
     : config_(config), dtype_(dtype), device_(device) {
@@ -340,7 +247,7 @@ void DeviceModel::check_items(const std::vector<DeviceItem>& items) const {
 }
 
 const float* DeviceModel::run(const std::vector<DeviceItem>& items, LogitsMode mode, const std::atomic<int>* cancel,
-                              const std::function<void(int, int)>& progress) {
+                              const std::function<void(int, int)>& progress, DeviceTrace* trace) {
   check(cudaSetDevice(device_), "cudaSetDevice");
   check_complete();
   check_items(items);
@@ -352,6 +259,7 @@ const float* DeviceModel::run(const std::vector<DeviceItem>& items, LogitsMode m
   long R = 0;
   for (const DeviceItem& it : items) R += it.n_tokens;
   if (R == 0) return nullptr;
+  if (trace && mode != LogitsMode::hidden) throw std::invalid_argument("a traced forward returns hidden states");
   const long H = c.hidden, QKV = c.qkv_dim(), Q = c.q_dim(), KV = c.kv_dim(), hd = c.head_dim, V = c.vocab;
   const long I = c.intermediate, MLP_IN = c.act == Activation::silu ? 2 * I : I;
 
@@ -436,8 +344,17 @@ const float* DeviceModel::run(const std::vector<DeviceItem>& items, LogitsMode m
     if (c.norm == NormType::rms) rmsnorm_rows(out, in, nm.w.get(), int(rows), int(H), c.norm_eps, st);
     else layernorm_rows(out, in, nm.w.get(), nm.b.get(), int(rows), int(H), c.norm_eps, st);
   };
-  // y (+)= x W^T + b, then each LoRA adapter's ((x A^T) (scale B)^T) on its slice of y.
-  auto linear = [&](const DLinear& lin, const float* in, long rows, float* y, bool accumulate) {
+  // A copy of n floats into a trace buffer (sized on first use, then reused).
+  auto keep = [&](Buffer& b, const float* src, long n) {
+    b.ensure(size_t(n) * sizeof(float));
+    check(cudaMemcpyAsync(b.get(), src, size_t(n) * sizeof(float), cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync (trace)");
+  };
+  // y (+)= x W^T + b, then each LoRA adapter's ((x A^T) (scale B)^T) on its slice of y. Traced,
+  // the adapters read dropout(x) (PEFT's lora_dropout; adapter id as the CPU's: index * 16 + a)
+  // and keep u = dropout(x) A^T.
+  DeviceLayerTrace* lt = nullptr;
+  size_t u_next = 0;
+  auto linear = [&](const DLinear& lin, const float* in, long rows, float* y, bool accumulate, int layer, int index) {
     const void* xin = in;
     DType xt = DType::f32;
     if (dtype_ == DType::bf16) {
@@ -448,10 +365,21 @@ const float* DeviceModel::run(const std::vector<DeviceItem>& items, LogitsMode m
     matmul(*gemm_, y, xin, xt, lin.w.get<void>(), dtype_, int(rows), lin.out, lin.in, lin.bias.empty() ? nullptr : lin.bias.get(),
            accumulate ? 1.f : 0.f, st);
     if (!adapter_enabled_) return;
-    for (const DLinear::Lora& a : lin.lora) {
+    for (size_t ai = 0; ai < lin.lora.size(); ++ai) {
+      const DLinear::Lora& a = lin.lora[ai];
       float* u = static_cast<float*>(s.lora_u.ensure(size_t(rows * a.rank) * sizeof(float)));
       float* d = static_cast<float*>(s.lora_d.ensure(size_t(rows * a.out) * sizeof(float)));
-      matmul(*gemm_, u, in, DType::f32, a.A.get<void>(), DType::f32, int(rows), a.rank, lin.in, nullptr, 0.f, st);
+      const float* xa = in;
+      if (trace && trace->dropout > 0.f) {
+        float* xd = static_cast<float*>(s.lora_x.ensure(size_t(rows * lin.in) * sizeof(float)));
+        dropout_rows(xd, in, int(rows), lin.in, trace->dropout_seed, layer, index * 16 + int(ai), trace->dropout, st);
+        xa = xd;
+      }
+      matmul(*gemm_, u, xa, DType::f32, a.A.get<void>(), DType::f32, int(rows), a.rank, lin.in, nullptr, 0.f, st);
+      if (lt) {
+        if (lt->lora_u.size() <= u_next) lt->lora_u.resize(u_next + 1);
+        keep(lt->lora_u[u_next++], u, rows * a.rank);
+      }
       matmul(*gemm_, d, u, DType::f32, a.B.get<void>(), DType::f32, int(rows), a.out, a.rank, nullptr, 0.f, st);
       add_into(y + a.offset, lin.out, d, int(rows), a.out, st);
     }
@@ -465,13 +393,21 @@ const float* DeviceModel::run(const std::vector<DeviceItem>& items, LogitsMode m
       throw Cancelled();
     }
     const DLayer& L = w.layers[size_t(l)];
+    if (trace) {
+      if (trace->layers.size() < size_t(c.n_layers)) trace->layers.resize(size_t(c.n_layers));
+      lt = &trace->layers[size_t(l)];
+      u_next = 0;
+      keep(lt->x_in, x, R * H);
+    }
     // Attention block: x += o(attn(rope(qkv(norm(x)))))
     norm(L.attn_norm, x, xn, R);
-    linear(L.qkv, xn, R, qkv, false);
+    if (lt) keep(lt->xn1, xn, R * H);
+    linear(L.qkv, xn, R, qkv, false, l, 0);
     if (c.rope) {
       rope_rows(qkv, QKV, int(R), c.n_heads, int(hd), d_cos, d_sin, st);
       rope_rows(qkv + Q, QKV, int(R), c.n_kv_heads, int(hd), d_cos, d_sin, st);
     }
+    if (lt) keep(lt->qkv, qkv, R * QKV);
     kv_append(pool_->k(l), pool_->v(l), qkv, QKV, int(Q), int(Q + KV), d_row_seq, d_row_pos, d_tables, d_table_offsets,
               int(R), c.n_kv_heads, int(hd), kBlockTokens, st);
     check(cudaMemcpy2DAsync(q, Q * sizeof(float), qkv, QKV * sizeof(float), Q * sizeof(float), R, cudaMemcpyDeviceToDevice, st),
@@ -480,14 +416,19 @@ const float* DeviceModel::run(const std::vector<DeviceItem>& items, LogitsMode m
     const PagedBatch batch{d_tables, d_table_offsets, d_lengths, n, max_length};
     if (all_one) decode_attention(att, q, layer, batch, c.n_heads, scale, c.sliding_window, s.attn.get(), st);
     else prefill_attention(att, q, layer, batch, d_row_offsets, d_n_new, int(R), max_new, c.n_heads, scale, c.sliding_window, st);
-    linear(L.o, att, R, x, true);
+    if (lt) keep(lt->att, att, R * Q);
+    linear(L.o, att, R, x, true, l, 1);
+    if (lt) keep(lt->x_mid, x, R * H);
 
     // MLP block: x += mlp_out(act(mlp_in(norm(x))))
     norm(L.mlp_norm, x, xn, R);
-    linear(L.mlp_in, xn, R, mlp, false);
+    if (lt) keep(lt->xn2, xn, R * H);
+    linear(L.mlp_in, xn, R, mlp, false, l, 2);
+    if (lt) keep(lt->mlp, mlp, R * MLP_IN);
     if (c.act == Activation::silu) swiglu_rows(act, mlp, int(R), int(I), st);
     else gelu_new(mlp, R * I, st);
-    linear(L.mlp_out, act, R, x, true);
+    if (lt) keep(lt->act, act, R * I);
+    linear(L.mlp_out, act, R, x, true, l, 3);
     if (progress) {
       check(cudaStreamSynchronize(st), "forward (layer)");
       progress(l + 1, c.n_layers);
@@ -502,6 +443,7 @@ const float* DeviceModel::run(const std::vector<DeviceItem>& items, LogitsMode m
     gather_rows(last, x, d_last_rows, n, int(H), st);
     head_in = last;
   }
+  if (trace) keep(trace->x_final, x, R * H);
   norm(w.final_norm, head_in, xn, rows);  // R >= rows: xn has room
   if (mode == LogitsMode::hidden) {
     result = xn;
@@ -667,6 +609,7 @@ void DeviceModel::add_lora(int layer, const std::string& target, const float* A,
   a.offset = int(site.offset);
   a.out = int(site.out);
   a.rank = rank;
+  a.scale = scale;
   a.A.upload(A, size_t(rank) * lin.in * sizeof(float));
   std::vector<float> b(B, B + size_t(site.out) * rank);
   for (float& v : b) v *= scale;  // (x A^T)(scale B)^T = scale (x A^T) B^T

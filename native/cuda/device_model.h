@@ -31,6 +31,8 @@ struct DLinear;
 struct DeviceWeights;
 struct DeviceScratch;
 class GemmContext;
+struct DeviceTrace;
+class DeviceTrainer;
 
 // One sequence's keys and values: its block table in the model's pool, and its length.
 // Destroying it returns its blocks.
@@ -114,9 +116,11 @@ class DeviceModel {
   void set_adapter_enabled(bool enabled) { adapter_enabled_ = enabled; }
 
  private:
+  friend class DeviceTrainer;  // runs traced forwards, reads the weights, keeps its adapters current
   // The forward on the device: returns device logits [rows, vocab] (or hidden [rows, hidden]).
+  // With a trace (mode hidden only), also keeps what the backward needs (device_model_impl.h).
   const float* run(const std::vector<DeviceItem>& items, LogitsMode mode, const std::atomic<int>* cancel,
-                   const std::function<void(int, int)>& progress);
+                   const std::function<void(int, int)>& progress, DeviceTrace* trace = nullptr);
   void check_items(const std::vector<DeviceItem>& items) const;
   // A block's projection by index (0 qkv, 1 o, 2 mlp_in, 3 mlp_out, as in model/layout.h).
   DLinear& linear(int layer, int index) const;

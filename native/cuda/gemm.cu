@@ -15,6 +15,8 @@
 // In cuBLASLt's terms m = N, n = M, k = K. This "TN" form is also the one Hopper's tensor-core
 // kernels prefer (both operands K-contiguous). matmul_nn's w is row-major [K, N], i.e. w^T
 // column-major [N, K] with ld N: A = that with TRANSA = N, and D = w^T x^T = (x w)^T.
+// matmul_tn's x is row-major [K, M], i.e. x^T column-major [M, K] with ld M: B = that with
+// TRANSB = T (op(B) = x, K x M), A = w^T [N, K] as in matmul_nn, and D = w^T x = (x^T w)^T.
 //
 // Bias. CUBLASLT_EPILOGUE_BIAS adds a vector with one element per row of D, broadcast over D's
 // columns: rows of D are our output features n, so bias [N] is exactly nn.Linear's bias. Its
@@ -163,8 +165,11 @@ void set_desc(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attr, co
 
 enum BiasMode { kNoBias = 0, kBiasEpilogue = 1, kBiasKernel = 2 };
 
-// M, N, K, x type, w type, alignments of x, w, y, bias mode, w transposed (matmul) or not (matmul_nn).
-using PlanKey = std::tuple<int, int, int, int, int, uint32_t, uint32_t, uint32_t, int, bool>;
+// Which product: y = x w^T (matmul), x w (matmul_nn) or x^T w (matmul_tn).
+enum Form { kXWt = 0, kXW = 1, kXtW = 2 };
+
+// M, N, K, x type, w type, alignments of x, w, y, bias mode, form.
+using PlanKey = std::tuple<int, int, int, int, int, uint32_t, uint32_t, uint32_t, int, int>;
 
 }  // namespace
 
@@ -185,16 +190,22 @@ struct GemmContext::Impl {
   }
 
   std::unique_ptr<Plan> make_plan(int M, int N, int K, DType type, uint32_t align_x, uint32_t align_w, uint32_t align_y,
-                                  const float* bias, BiasMode mode, bool trans_w);
+                                  const float* bias, BiasMode mode, Form form);
+  // The plan for this key, made on first use.
+  Plan& plan(int M, int N, int K, DType type, const void* x, const void* w, const float* y, const float* bias, BiasMode mode,
+             Form form);
 };
 
 std::unique_ptr<Plan> GemmContext::Impl::make_plan(int M, int N, int K, DType type, uint32_t align_x, uint32_t align_w,
-                                                   uint32_t align_y, const float* bias, BiasMode mode, bool trans_w) {
+                                                   uint32_t align_y, const float* bias, BiasMode mode, Form form) {
   auto plan = std::make_unique<Plan>();
   // f32 sums for both input types; alpha and beta are host f32 (the default pointer mode).
   check_lt(cublasLtMatmulDescCreate(&plan->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
-  // matmul_nn: w row-major [K, N] is column-major [N, K] with ld N, already op(A) (TRANSA = N).
-  const cublasOperation_t trans_a = trans_w ? CUBLAS_OP_T : CUBLAS_OP_N, trans_b = CUBLAS_OP_N;
+  // matmul_nn, matmul_tn: w row-major [K, N] is column-major [N, K] with ld N, already op(A)
+  // (TRANSA = N). matmul_tn: x row-major [K, M] is column-major [M, K] with ld M, op(B) = its
+  // transpose (TRANSB = T).
+  const bool trans_w = form == kXWt;
+  const cublasOperation_t trans_a = trans_w ? CUBLAS_OP_T : CUBLAS_OP_N, trans_b = form == kXtW ? CUBLAS_OP_T : CUBLAS_OP_N;
   set_desc(plan->desc, CUBLASLT_MATMUL_DESC_TRANSA, trans_a, "cublasLtMatmulDescSetAttribute(TRANSA)");
   set_desc(plan->desc, CUBLASLT_MATMUL_DESC_TRANSB, trans_b, "cublasLtMatmulDescSetAttribute(TRANSB)");
   // As stored, column-major (see the top of this file): A = W^T [K, N], B = x^T [K, M], C = D = y^T [N, M].
@@ -204,8 +215,12 @@ std::unique_ptr<Plan> GemmContext::Impl::make_plan(int M, int N, int K, DType ty
   else
     check_lt(cublasLtMatrixLayoutCreate(&plan->a, cuda_type(type), uint64_t(N), uint64_t(K), int64_t(N)),
              "cublasLtMatrixLayoutCreate(A = w)");
-  check_lt(cublasLtMatrixLayoutCreate(&plan->b, cuda_type(type), uint64_t(K), uint64_t(M), int64_t(K)),
-           "cublasLtMatrixLayoutCreate(B = x)");
+  if (form == kXtW)
+    check_lt(cublasLtMatrixLayoutCreate(&plan->b, cuda_type(type), uint64_t(M), uint64_t(K), int64_t(M)),
+             "cublasLtMatrixLayoutCreate(B = x^T)");
+  else
+    check_lt(cublasLtMatrixLayoutCreate(&plan->b, cuda_type(type), uint64_t(K), uint64_t(M), int64_t(K)),
+             "cublasLtMatrixLayoutCreate(B = x)");
   check_lt(cublasLtMatrixLayoutCreate(&plan->d, CUDA_R_32F, uint64_t(N), uint64_t(M), int64_t(N)),
            "cublasLtMatrixLayoutCreate(C = D = y)");
 
@@ -241,10 +256,23 @@ std::unique_ptr<Plan> GemmContext::Impl::make_plan(int M, int N, int K, DType ty
       return plan;
     }
   }
+  static const char* const forms[] = {"x [M, K] . W^T", "x [M, K] . w [K, N]", "x^T (x [K, M]) . w [K, N]"};
   throw std::runtime_error("cublasLtMatmulAlgoGetHeuristic found no algorithm for y [" + std::to_string(M) + ", " +
-                           std::to_string(N) + "] = x [" + std::to_string(M) + ", " + std::to_string(K) + "] . W^T, " +
+                           std::to_string(N) + "] = " + forms[form] + " with K " + std::to_string(K) + ", " +
                            dtype_name(type) + " inputs, alignments x " + std::to_string(align_x) + " / W " +
                            std::to_string(align_w) + " / y " + std::to_string(align_y) + " bytes");
+}
+
+Plan& GemmContext::Impl::plan(int M, int N, int K, DType type, const void* x, const void* w, const float* y, const float* bias,
+                              BiasMode mode, Form form) {
+  const uint32_t align_x = pointer_alignment(x), align_w = pointer_alignment(w), align_y = pointer_alignment(y);
+  const PlanKey key{M, N, K, int(type), int(type), align_x, align_w, align_y, int(mode), int(form)};
+  auto it = plans.find(key);
+  if (it == plans.end()) {
+    it = plans.emplace(key, make_plan(M, N, K, type, align_x, align_w, align_y, bias, mode, form)).first;
+    ++stats.plans;
+  }
+  return *it->second;
 }
 
 GemmContext::GemmContext(size_t workspace_bytes) : impl_(std::make_unique<Impl>()) {
@@ -273,15 +301,8 @@ void matmul(GemmContext& ctx, float* y, const void* x, DType x_type, const void*
     return;
   }
 
-  const uint32_t align_x = pointer_alignment(x), align_w = pointer_alignment(w), align_y = pointer_alignment(y);
   const BiasMode mode = !bias ? kNoBias : pointer_alignment(bias) >= 16 ? kBiasEpilogue : kBiasKernel;
-  const PlanKey key{M, N, K, int(x_type), int(w_type), align_x, align_w, align_y, int(mode), true};
-  auto it = im.plans.find(key);
-  if (it == im.plans.end()) {
-    it = im.plans.emplace(key, im.make_plan(M, N, K, x_type, align_x, align_w, align_y, bias, mode, true)).first;
-    ++im.stats.plans;
-  }
-  Plan& plan = *it->second;
+  Plan& plan = im.plan(M, N, K, x_type, x, w, y, bias, mode, kXWt);
   if (plan.fused_bias) {  // the descriptor keeps the pointer: set this call's
     const void* bias_ptr = bias;
     set_desc(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias_ptr, "cublasLtMatmulDescSetAttribute(BIAS_POINTER)");
@@ -298,33 +319,39 @@ void matmul(GemmContext& ctx, float* y, const void* x, DType x_type, const void*
   }
 }
 
-void matmul_nn(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N, int K,
-               float beta, cudaStream_t stream) {
+namespace {
+
+// matmul_nn and matmul_tn: y = alpha op(x) w + beta y, no bias.
+void matmul_plain(GemmContext::Impl& im, const char* name, Form form, float* y, const void* x, DType x_type, const void* w,
+                  DType w_type, int M, int N, int K, float alpha, float beta, cudaStream_t stream) {
   if (M < 0 || N < 0 || K < 0)
-    throw std::runtime_error("rf::cuda::matmul_nn: negative size M " + std::to_string(M) + ", N " + std::to_string(N) + ", K " +
-                             std::to_string(K));
+    throw std::runtime_error(std::string("rf::cuda::") + name + ": negative size M " + std::to_string(M) + ", N " +
+                             std::to_string(N) + ", K " + std::to_string(K));
   if (x_type != w_type)
-    throw std::runtime_error(std::string("rf::cuda::matmul_nn: x ") + dtype_name(x_type) + " with w " + dtype_name(w_type) +
+    throw std::runtime_error(std::string("rf::cuda::") + name + ": x " + dtype_name(x_type) + " with w " + dtype_name(w_type) +
                              " is not supported (both f32, or both bf16)");
   if (M == 0 || N == 0) return;
-  GemmContext::Impl& im = *ctx.impl_;
   if (K == 0) {
     scale_add_bias(y, nullptr, beta, M, N, stream);
     return;
   }
-  const uint32_t align_x = pointer_alignment(x), align_w = pointer_alignment(w), align_y = pointer_alignment(y);
-  const PlanKey key{M, N, K, int(x_type), int(w_type), align_x, align_w, align_y, int(kNoBias), false};
-  auto it = im.plans.find(key);
-  if (it == im.plans.end()) {
-    it = im.plans.emplace(key, im.make_plan(M, N, K, x_type, align_x, align_w, align_y, nullptr, kNoBias, false)).first;
-    ++im.stats.plans;
-  }
-  Plan& plan = *it->second;
-  const float alpha = 1.f;
+  Plan& plan = im.plan(M, N, K, x_type, x, w, y, nullptr, kNoBias, form);
   check_lt(cublasLtMatmul(im.handle, plan.desc, &alpha, w, plan.a, x, plan.b, &beta, y, plan.d, y, plan.d, &plan.algo,
                           im.workspace, im.workspace_bytes, stream),
            "cublasLtMatmul");
   ++im.stats.calls;
+}
+
+}  // namespace
+
+void matmul_nn(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N, int K,
+               float beta, cudaStream_t stream) {
+  matmul_plain(*ctx.impl_, "matmul_nn", kXW, y, x, x_type, w, w_type, M, N, K, 1.f, beta, stream);
+}
+
+void matmul_tn(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N, int K,
+               float alpha, float beta, cudaStream_t stream) {
+  matmul_plain(*ctx.impl_, "matmul_tn", kXtW, y, x, x_type, w, w_type, M, N, K, alpha, beta, stream);
 }
 
 void f32_to_bf16(__nv_bfloat16* out, const float* in, long n, cudaStream_t stream) {

@@ -52,6 +52,8 @@ class GemmContext {
                      int K, const float* bias, float beta, cudaStream_t stream);
   friend void matmul_nn(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N,
                         int K, float beta, cudaStream_t stream);
+  friend void matmul_tn(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N,
+                        int K, float alpha, float beta, cudaStream_t stream);
 };
 
 // y [M, N] = x [M, K] . w^T + bias [N] (when non-null) + beta * y, all row-major, on `stream`.
@@ -71,6 +73,12 @@ void matmul(GemmContext& ctx, float* y, const void* x, DType x_type, const void*
 // types, checks and plan cache as matmul; no bias.
 void matmul_nn(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N, int K,
                float beta, cudaStream_t stream);
+
+// y [M, N] = alpha x^T . w + beta * y with x row-major [K, M] and w row-major [K, N]: weight
+// gradients, dW [out, in] = dy^T x summed over the K rows of a batch (dy [K, out], x [K, in]).
+// Same types, checks and plan cache as matmul; no bias.
+void matmul_tn(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N, int K,
+               float alpha, float beta, cudaStream_t stream);
 
 // out [n] = in [n] rounded to bf16, to nearest even, NaN kept NaN (quieted): bit for bit the
 // CPU's rf::f32_to_bf16 (native/core/dtype.h), so the device's bf16 activations are the CPU's.

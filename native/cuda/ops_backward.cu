@@ -134,14 +134,14 @@ void rmsnorm_backward_rows(float* dx, float* dw, const float* dout, const float*
                            float* scratch, cudaStream_t stream) {
   if (rows <= 0) return;
   rmsnorm_dx_kernel<<<rows, kRowThreads, 0, stream>>>(dx, dout, x, w, n, eps, scratch);
-  norm_dw_kernel<<<(n + 127) / 128, 128, 0, stream>>>(dw, nullptr, dout, x, scratch, false, rows, n);
+  if (dw) norm_dw_kernel<<<(n + 127) / 128, 128, 0, stream>>>(dw, nullptr, dout, x, scratch, false, rows, n);
 }
 
 void layernorm_backward_rows(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w, int rows,
                              int n, float eps, float* scratch, cudaStream_t stream) {
   if (rows <= 0) return;
   layernorm_dx_kernel<<<rows, kRowThreads, 0, stream>>>(dx, dout, x, w, n, eps, scratch);
-  norm_dw_kernel<<<(n + 127) / 128, 128, 0, stream>>>(dw, db, dout, x, scratch, true, rows, n);
+  if (dw) norm_dw_kernel<<<(n + 127) / 128, 128, 0, stream>>>(dw, db, dout, x, scratch, true, rows, n);
 }
 
 void rope_backward_rows(float* dx, long row_stride, int rows, int n_heads, int head_dim, const float* cos, const float* sin,

@@ -10,12 +10,13 @@
 namespace rf::cuda {
 
 // Per row of x [rows, n]: the backward of out = w * x * r (r = 1 / sqrt(mean(x^2) + eps)).
-// dx [rows, n] written; dw [n] accumulated over the rows. scratch: rows floats.
+// dx [rows, n] written; dw [n] accumulated over the rows (null: not wanted, e.g. a frozen norm
+// under LoRA). scratch: rows floats.
 void rmsnorm_backward_rows(float* dx, float* dw, const float* dout, const float* x, const float* w, int rows, int n, float eps,
                            float* scratch, cudaStream_t stream);
 
-// Per row: the backward of out = (x - mean) * rstd * w + b. dx written; dw, db accumulated.
-// scratch: 2 * rows floats.
+// Per row: the backward of out = (x - mean) * rstd * w + b. dx written; dw, db accumulated (both
+// null: not wanted; dw and db both or neither). scratch: 2 * rows floats.
 void layernorm_backward_rows(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w, int rows,
                              int n, float eps, float* scratch, cudaStream_t stream);
 

@@ -162,6 +162,30 @@ __global__ void scatter_rows_kernel(float* dh, const float* src, const int* rows
   for (int i = threadIdx.x; i < H; i += blockDim.x) dh[long(rows[j]) * H + i] = src[j * H + i];
 }
 
+// grid: rows of the chunk. z [rows, V] logits, overwritten with dz = weight (softmax(z) -
+// onehot(target)); loss[r] = lse - z[target] in double.
+__global__ void ce_kernel(float* zt, int V, const int32_t* targets, float weight, double* loss) {
+  __shared__ float fscratch[32];
+  __shared__ double dscratch[32];
+  const long r = blockIdx.x;
+  float* z = zt + r * V;
+  const int target = targets[r];
+  // Read before any thread overwrites z (the writes come after the reductions' barriers).
+  const float z_target = z[target];
+  float m = -FLT_MAX;
+  for (int v = threadIdx.x; v < V; v += blockDim.x) m = fmaxf(m, z[v]);
+  m = block_max(m, fscratch);
+  double s = 0;
+  for (int v = threadIdx.x; v < V; v += blockDim.x) s += exp(double(z[v] - m));
+  s = block_sum(s, dscratch);
+  const double lse = double(m) + log(s);
+  for (int v = threadIdx.x; v < V; v += blockDim.x) {
+    const float p = float(exp(double(z[v]) - lse));
+    z[v] = weight * p - (v == target ? weight : 0.f);
+  }
+  if (threadIdx.x == 0) loss[r] = lse - double(z_target);
+}
+
 // Device scratch that frees itself.
 struct Scratch {
   std::vector<void*> ptrs;
@@ -326,6 +350,64 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
   }
   check(cudaStreamSynchronize(stream), "rf_loss");
   return res;
+}
+
+double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, DType w_type, int V, const float* w_rf,
+               const std::vector<int>& flags, const int32_t* targets, float weight, float* dh, float* dw_rf, int chunk,
+               cudaStream_t stream) {
+  if (N < 0 || H <= 0 || V <= 0) throw std::invalid_argument("ce_loss: negative or zero size");
+  const int K = int(flags.size());
+  for (int i = 0; i < N; ++i)
+    if (targets[i] < 0 || targets[i] >= V) throw std::out_of_range("ce target outside the vocabulary");
+  for (int f : flags)
+    if (f < 0 || f >= V) throw std::invalid_argument("ce_loss: a flag token is outside the vocabulary");
+  if (N == 0) return 0.0;
+  if (!h || !dh || !W || (K > 0 && (!w_rf || !dw_rf))) throw std::invalid_argument("ce_loss: null pointer");
+  const int C = std::min(N, chunk > 0 ? chunk : kDefaultChunk);
+  const bool bf16 = w_type == DType::bf16;
+  Scratch sc;
+  float* z = sc.alloc<float>(size_t(C) * V);
+  __nv_bfloat16* xb = bf16 ? sc.alloc<__nv_bfloat16>(std::max(size_t(C) * V, size_t(C) * H)) : nullptr;
+  int32_t* d_targets = sc.alloc<int32_t>(size_t(C));
+  int32_t* idx = sc.alloc<int32_t>(size_t(C));
+  int* d_flags = sc.alloc<int>(size_t(std::max(K, 1)));
+  double* d_loss = sc.alloc<double>(size_t(C));
+  upload(d_flags, flags, stream);
+  std::vector<double> loss(static_cast<size_t>(N));
+  for (int r0 = 0; r0 < N; r0 += C) {
+    const int n = std::min(C, N - r0);
+    const float* x = h + long(r0) * H;
+    const void* xin = x;
+    if (bf16) {
+      f32_to_bf16(xb, x, long(n) * H, stream);
+      xin = xb;
+    }
+    matmul(gemm, z, xin, w_type, W, w_type, n, V, H, nullptr, 0.f, stream);
+    if (K > 0) set_flag_logits(z, V, x, n, H, w_rf, d_flags, K, stream);
+    upload(d_targets, std::vector<int32_t>(targets + r0, targets + r0 + n), stream);
+    ce_kernel<<<n, kThreads, 0, stream>>>(z, V, d_targets, weight, d_loss);
+    check(cudaGetLastError(), "ce_loss kernel");
+    check(cudaMemcpyAsync(loss.data() + r0, d_loss, size_t(n) * sizeof(double), cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
+    // dh = dz W*, and the trained flag rows' share (as rf_loss's back()).
+    const void* zin = z;
+    if (bf16) {
+      f32_to_bf16(xb, z, long(n) * V, stream);
+      zin = xb;
+    }
+    matmul_nn(gemm, dh + long(r0) * H, zin, w_type, W, w_type, n, H, V, 0.f, stream);
+    if (K > 0) {
+      flag_correction_kernel<<<n, 256, 0, stream>>>(dh + long(r0) * H, H, z, V, d_flags, K, w_rf, W, bf16);
+      std::vector<int32_t> own(static_cast<size_t>(n));
+      for (int j = 0; j < n; ++j) own[size_t(j)] = r0 + j;
+      upload(idx, own, stream);
+      dw_rf_kernel<<<dim3(K, (H + 255) / 256), 256, 0, stream>>>(dw_rf, H, z, V, d_flags, h, idx, n);
+      check(cudaGetLastError(), "ce_loss kernels (back)");
+    }
+  }
+  check(cudaStreamSynchronize(stream), "ce_loss");
+  double total = 0;
+  for (double l : loss) total += l;
+  return total;
 }
 
 }  // namespace rf::cuda

@@ -22,6 +22,8 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <vector>
+
 #include "core/dtype.h"
 #include "cuda/gemm.h"
 #include "kernels/rf_loss.h"
@@ -34,5 +36,15 @@ namespace rf::cuda {
 RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_ref, int Nr, int H, const void* W, DType w_type,
                      int V, const float* w_rf, const RfLossRow* rows, const RfLossOptions& options, float* dh, float* dw_rf,
                      cudaStream_t stream);
+
+// Cross-entropy rows (language modelling, the refusal baseline), the CPU trainer's ce_loss
+// (native/model/train.cpp) on the device: for h [N, H] and targets [N] (host), the summed loss
+// sum_r (lse_r - z_r[target_r]) (returned), dh [N, H] = dz W* (written) with dz = weight
+// (softmax(z) - onehot(target)), and dw_rf [K, H] += dz[:, flags]^T h (the trained flag rows,
+// whose logits replace W's: w_rf [K, H]; flags empty: none). Rows go through the LM head in chunks
+// of `chunk` rows (0: 128); no [N x V] buffer.
+double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, DType w_type, int V, const float* w_rf,
+               const std::vector<int>& flags, const int32_t* targets, float weight, float* dh, float* dw_rf, int chunk,
+               cudaStream_t stream);
 
 }  // namespace rf::cuda

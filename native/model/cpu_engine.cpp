@@ -22,6 +22,23 @@ class CpuSequence : public EngineSequence {
   KvCache cache_;
 };
 
+class CpuTrainer : public EngineTrainer {
+ public:
+  CpuTrainer(Model& model, const TrainOptions& options) : t_(model, options) {}
+  LossTerms step(const std::vector<Sequence>& batch, const std::vector<Sequence>& reference, const std::vector<LossRow>& rows,
+                 const LossOptions& options, const std::atomic<int>* cancel) override {
+    return t_.step(batch, reference, rows, options, cancel);
+  }
+  double optimizer_step(const AdamWOptions& options) override { return t_.optimizer_step(options); }
+  std::vector<Param*> params() override { return t_.params(); }
+  void params_changed() override { t_.params_changed(); }
+  long trainable_count() const override { return t_.trainable_count(); }
+  void set_step_count(long n) override { t_.set_step_count(n); }
+
+ private:
+  Trainer t_;
+};
+
 class CpuEngine : public Engine {
  public:
   explicit CpuEngine(std::shared_ptr<Model> model) : m_(std::move(model)) {}
@@ -31,6 +48,9 @@ class CpuEngine : public Engine {
   size_t weight_bytes() const override { return m_->weight_bytes(); }
   int threads() const override { return m_->threads(); }
   std::string device() const override { return "cpu"; }
+  std::unique_ptr<EngineTrainer> new_trainer(const TrainOptions& options) override {
+    return std::make_unique<CpuTrainer>(*m_, options);
+  }
 
   void load_tensor(const std::string& name, const void* data, SrcType type, const std::vector<long>& shape,
                    bool src_is_kn) override {

@@ -1,7 +1,7 @@
 // The inference surface that both engines offer: the CPU's rf::Model (native/model) and the
 // CUDA rf::cuda::DeviceModel (native/cuda). The Node-API layer (native/napi/addon.cpp) is written
 // once against it; which engine a model gets is chosen when it is made (device -1: the CPU).
-// Training stays with the CPU engine's Model for now (the CUDA trainer is its own issue).
+// Each engine also makes the trainer that works on its weights (EngineTrainer).
 #pragma once
 #include <atomic>
 #include <cstdint>
@@ -14,6 +14,7 @@
 #include "model/config.h"
 #include "model/decode.h"
 #include "model/model.h"
+#include "model/train.h"
 
 namespace rf {
 
@@ -39,6 +40,24 @@ struct EngineItem {
   const uint32_t* tokens;
   int n_tokens;
   const float* embed_delta = nullptr;
+};
+
+// A trainer on an engine's weights: rf::Trainer (model/train.h) on the CPU,
+// rf::cuda::DeviceTrainer (cuda/device_trainer.h) on a GPU. The same options, loss rows, terms
+// and parameter names on both.
+class EngineTrainer {
+ public:
+  virtual ~EngineTrainer() = default;
+  virtual LossTerms step(const std::vector<Sequence>& batch, const std::vector<Sequence>& reference,
+                         const std::vector<LossRow>& rows, const LossOptions& options, const std::atomic<int>* cancel) = 0;
+  virtual double optimizer_step(const AdamWOptions& options) = 0;
+  // The trainable parameters with current host values, gradients and moments (a GPU trainer
+  // copies them from the device first, once per change).
+  virtual std::vector<Param*> params() = 0;
+  // After writing through params(): the trainer takes the new values (and the engine's copies).
+  virtual void params_changed() = 0;
+  virtual long trainable_count() const = 0;
+  virtual void set_step_count(long n) = 0;
 };
 
 class Engine {
@@ -81,6 +100,9 @@ class Engine {
   virtual void set_token_rows(const std::vector<int>& tokens, const float* embed, const float* head) = 0;
   virtual void clear_adapters() = 0;
   virtual void set_adapter_enabled(bool enabled) = 0;
+
+  // A trainer on this engine's weights (the engine must outlive it).
+  virtual std::unique_ptr<EngineTrainer> new_trainer(const TrainOptions& options) = 0;
 };
 
 // The CPU engine over a Model (shared with the trainer, which works on the same weights).

@@ -338,43 +338,14 @@ Trainer::Trainer(Model& model, const TrainOptions& options) : impl_(new Impl), m
 
   if (options.mode == TrainMode::lora) {
     const LoraOptions& lo = options.lora;
-    if (lo.rank <= 0) throw std::invalid_argument("LoRA rank must be positive");
-    if (lo.dropout < 0.f || lo.dropout >= 1.f) throw std::invalid_argument("LoRA dropout must be in [0, 1)");
-    const float scale = lo.rslora ? lo.alpha / std::sqrt(float(lo.rank)) : lo.alpha / float(lo.rank);
-    std::vector<bool> used(lo.targets.size(), false);
-    for (int l = 0; l < c.n_layers; ++l) {
-      for (const Site& site : block_sites(c.arch)) {
-        bool match = false;
-        for (size_t t = 0; t < lo.targets.size(); ++t)
-          if (target_matches(site.name, lo.targets[t])) match = used[t] = true;
-        if (!match) continue;
-        Linear& lin = model.linear(l, site.index);
-        const std::string pre = "layers." + std::to_string(l) + "." + site.name + ".";
-        long out = 0;
-        // Output rows of this site within the fused projection.
-        if (c.arch == Arch::gpt2) out = site.index == 0 ? 3 * H : site.index == 2 ? c.intermediate : H;
-        else if (site.index == 0) out = std::string(site.name) == "self_attn.q_proj" ? c.q_dim() : c.kv_dim();
-        else out = site.index == 2 ? c.intermediate : H;
-        Param* A = model.new_param(pre + "lora_A", {long(lo.rank), long(lin.w.K)});
-        Param* B = model.new_param(pre + "lora_B", {out, long(lo.rank)});
-        // PEFT's default: A ~ kaiming_uniform(a = sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0,
-        // so the adapted model starts exactly at the base model.
-        const float bound = 1.0f / std::sqrt(float(lin.w.K));
-        std::uniform_real_distribution<float> u(-bound, bound);
-        for (float& v : A->value) v = u(rng);
-        const std::string target = c.arch == Arch::gpt2 ? site.name : short_name(site.name);
-        model.add_lora(l, target, A, B, scale);
-        s.params.push_back(A);
-        s.params.push_back(B);
-      }
-    }
-    for (size_t t = 0; t < lo.targets.size(); ++t) {
-      if (!used[t]) {
-        std::string names;
-        for (const Site& site : block_sites(c.arch)) names += std::string(names.empty() ? "" : ", ") + short_name(site.name);
-        model.clear_adapters();
-        throw std::invalid_argument("LoRA target " + lo.targets[t] + " matches no projection; this architecture has " + names);
-      }
+    for (const LoraSitePlan& site : plan_lora_sites(c, lo)) {
+      const std::string pre = "layers." + std::to_string(site.layer) + "." + site.site + ".";
+      Param* A = model.new_param(pre + "lora_A", {long(lo.rank), site.in});
+      Param* B = model.new_param(pre + "lora_B", {site.out, long(lo.rank)});
+      init_lora_a(rng, A->value, site.in);
+      model.add_lora(site.layer, site.target, A, B, site.scale);
+      s.params.push_back(A);
+      s.params.push_back(B);
     }
     const std::vector<int> flags = options.flags();
     if (!flags.empty()) {
@@ -579,6 +550,65 @@ double ce_loss(ThreadPool& pool, const Model& model, const float* h, int n, cons
 
 }  // namespace
 
+std::vector<LoraSitePlan> plan_lora_sites(const ModelConfig& c, const LoraOptions& lo) {
+  if (lo.rank <= 0) throw std::invalid_argument("LoRA rank must be positive");
+  if (lo.dropout < 0.f || lo.dropout >= 1.f) throw std::invalid_argument("LoRA dropout must be in [0, 1)");
+  const float scale = lo.rslora ? lo.alpha / std::sqrt(float(lo.rank)) : lo.alpha / float(lo.rank);
+  const long H = c.hidden;
+  std::vector<LoraSitePlan> out;
+  std::vector<bool> used(lo.targets.size(), false);
+  for (int l = 0; l < c.n_layers; ++l) {
+    for (const Site& site : block_sites(c.arch)) {
+      bool match = false;
+      for (size_t t = 0; t < lo.targets.size(); ++t)
+        if (target_matches(site.name, lo.targets[t])) match = used[t] = true;
+      if (!match) continue;
+      LoraSitePlan p;
+      p.layer = l;
+      p.index = site.index;
+      p.site = site.name;
+      p.target = c.arch == Arch::gpt2 ? site.name : short_name(site.name);
+      // Output rows of this site within the fused projection; the projection's input size.
+      if (c.arch == Arch::gpt2) p.out = site.index == 0 ? 3 * H : site.index == 2 ? c.intermediate : H;
+      else if (site.index == 0) p.out = std::string(site.name) == "self_attn.q_proj" ? c.q_dim() : c.kv_dim();
+      else p.out = site.index == 2 ? c.intermediate : H;
+      p.in = site.index == 1 ? c.q_dim() : site.index == 3 ? c.intermediate : H;
+      p.scale = scale;
+      out.push_back(p);
+    }
+  }
+  for (size_t t = 0; t < lo.targets.size(); ++t) {
+    if (!used[t]) {
+      std::string names;
+      for (const Site& site : block_sites(c.arch)) names += std::string(names.empty() ? "" : ", ") + short_name(site.name);
+      throw std::invalid_argument("LoRA target " + lo.targets[t] + " matches no projection; this architecture has " + names);
+    }
+  }
+  return out;
+}
+
+void init_lora_a(std::mt19937_64& rng, std::vector<float>& A, long in) {
+  // PEFT's default: A ~ kaiming_uniform(a = sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0, so the
+  // adapted model starts exactly at the base model.
+  const float bound = 1.0f / std::sqrt(float(in));
+  std::uniform_real_distribution<float> u(-bound, bound);
+  for (float& v : A) v = u(rng);
+}
+
+void check_loss_rows(const std::vector<LossRow>& rows, long R, long Rref, const std::vector<int>& flags, int vocab, bool full) {
+  if (R == 0) throw std::invalid_argument("empty training batch");
+  for (const LossRow& r : rows) {
+    if (r.row < 0 || r.row >= R) throw std::out_of_range("loss row outside the batch");
+    const bool kl = r.kind == LossRow::benign_kl || r.kind == LossRow::after_kl;
+    if (kl && (r.ref_row < 0 || r.ref_row >= Rref)) throw std::out_of_range("KL loss row without a reference row");
+    if (kl && full) throw std::invalid_argument("KL terms need the reference model: use LoRA mode");
+    if (r.kind == LossRow::red_flag && flags.empty()) throw std::invalid_argument("red-flag rows need rf_token");
+    if (r.kind == LossRow::red_flag && r.target >= 0 && std::find(flags.begin(), flags.end(), r.target) == flags.end())
+      throw std::invalid_argument("red-flag row target " + std::to_string(r.target) + " is not a flag token");
+    if (r.kind == LossRow::ce && (r.target < 0 || r.target >= vocab)) throw std::out_of_range("ce target outside the vocabulary");
+  }
+}
+
 LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Sequence>& reference,
                         const std::vector<LossRow>& rows, const LossOptions& lopt, const std::atomic<int>* cancel) {
   Model& m = model_;
@@ -593,17 +623,7 @@ LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Se
   long R = 0, Rref = 0;
   for (const Sequence& q : batch) R += q.n_tokens;
   for (const Sequence& q : reference) Rref += q.n_tokens;
-  if (R == 0) throw std::invalid_argument("empty training batch");
-  for (const LossRow& r : rows) {
-    if (r.row < 0 || r.row >= R) throw std::out_of_range("loss row outside the batch");
-    const bool kl = r.kind == LossRow::benign_kl || r.kind == LossRow::after_kl;
-    if (kl && (r.ref_row < 0 || r.ref_row >= Rref)) throw std::out_of_range("KL loss row without a reference row");
-    if (kl && full) throw std::invalid_argument("KL terms need the reference model: use LoRA mode");
-    if (r.kind == LossRow::red_flag && flags.empty()) throw std::invalid_argument("red-flag rows need rf_token");
-    if (r.kind == LossRow::red_flag && r.target >= 0 && std::find(flags.begin(), flags.end(), r.target) == flags.end())
-      throw std::invalid_argument("red-flag row target " + std::to_string(r.target) + " is not a flag token");
-    if (r.kind == LossRow::ce && (r.target < 0 || r.target >= c.vocab)) throw std::out_of_range("ce target outside the vocabulary");
-  }
+  check_loss_rows(rows, R, Rref, flags, c.vocab, full);
 
   // Without parameter gradients the step still runs the whole backward (the input-embedding
   // gradient needs it) and puts the gradients accumulated so far back afterwards, also when it

@@ -5,6 +5,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -86,6 +87,25 @@ struct Sequence {
   const float* embed_delta = nullptr;
   float* embed_grad = nullptr;
 };
+
+// One LoRA adapter a trainer creates: PEFT's module path of the site (e.g. self_attn.q_proj), the
+// engine's target name, the projection (layer, index 0 qkv / 1 o / 2 mlp_in / 3 mlp_out), its input
+// size and the site's output rows, and the scale alpha / rank (rsLoRA: alpha / sqrt(rank)).
+struct LoraSitePlan {
+  int layer = 0, index = 0;
+  std::string site, target;
+  long out = 0, in = 0;
+  float scale = 1.f;
+};
+// Every site the options' targets match, layer by layer in the architecture's order (the order
+// of the trainable parameters: A then B per site). Throws naming a target that matches nothing.
+std::vector<LoraSitePlan> plan_lora_sites(const ModelConfig& config, const LoraOptions& options);
+// PEFT's initialisation of lora_A [rank, in] from the trainer's generator (B starts at 0).
+void init_lora_a(std::mt19937_64& rng, std::vector<float>& A, long in);
+
+// The checks every trainer makes of a step's rows (R rows in the trained batch, Rref in the
+// reference): std::out_of_range / std::invalid_argument with the message that names the fault.
+void check_loss_rows(const std::vector<LossRow>& rows, long R, long Rref, const std::vector<int>& flags, int vocab, bool full);
 
 class Trainer {
  public:

@@ -202,10 +202,10 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     if (!engine_) throw std::invalid_argument("the model was disposed");
     return *engine_;
   }
-  // The CPU engine's Model: training and its parameters (the CUDA trainer is its own issue).
+  // The CPU engine's Model: its parameters outside training (adapters loaded for inference).
   Model& model() {
     engine();
-    if (!model_) throw std::invalid_argument("training and parameter access need the CPU engine (device 'cpu'); this model is on " + engine_->device());
+    if (!model_) throw std::invalid_argument("parameter access outside training needs the CPU engine (device 'cpu'); this model is on " + engine_->device());
     return *model_;
   }
   void begin_work() {
@@ -555,8 +555,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
 
   // --- training ---------------------------------------------------------------------------
   struct TrainerHandle {
-    std::shared_ptr<Model> model;  // kept alive while the trainer uses it
-    std::unique_ptr<Trainer> trainer;
+    std::shared_ptr<Engine> engine;  // kept alive while the trainer uses it
+    std::unique_ptr<EngineTrainer> trainer;
     ~TrainerHandle() { trainer.reset(); }
   };
 
@@ -583,7 +583,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   Napi::Value TrainInit(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guard(env, [&]() -> Napi::Value {
-      model();
+      engine();
       if (trainer_) throw std::invalid_argument("training already started on this model");
       Napi::Object o = info[0].As<Napi::Object>();
       TrainOptions opt;
@@ -602,7 +602,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       opt.seed = uint64_t(get_double(o, "seed"));
       begin_work();
       auto handle = std::make_shared<TrainerHandle>();
-      handle->model = model_;
+      handle->engine = engine_;
       auto busy = busy_;
       auto* self = this;
       auto keep = std::make_shared<Napi::ObjectReference>(Napi::Persistent(Value()));
@@ -610,7 +610,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
           env,
           [=] {
             const BusyRelease release{busy};
-            handle->trainer = std::make_unique<Trainer>(*handle->model, opt);
+            handle->trainer = handle->engine->new_trainer(opt);
           },
           [=](Napi::Env e) -> Napi::Value {
             self->trainer_ = handle;
@@ -673,7 +673,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       auto embed_grad = std::make_shared<std::vector<float>>();
       if (info.Length() > 7 && info[7].IsObject()) {
         Napi::Object e = info[7].As<Napi::Object>();
-        const size_t n = tokens->size() * size_t(handle->model->config().hidden);
+        const size_t n = tokens->size() * size_t(handle->engine->config().hidden);
         if (e.Has("embedDelta") && e.Get("embedDelta").IsTypedArray()) {
           Napi::Float32Array d = e.Get("embedDelta").As<Napi::Float32Array>();
           if (d.ElementLength() != n) throw std::invalid_argument("embedDelta must hold tokens x hidden floats");
@@ -689,7 +689,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
           [=] {
             const BusyRelease release{busy};
             std::vector<Sequence> batch, reference;
-            const size_t H = size_t(handle->model->config().hidden);
+            const size_t H = size_t(handle->engine->config().hidden);
             size_t off = 0;
             for (uint32_t n : counts) {
               Sequence q{tokens->data() + off, int(n)};
@@ -777,8 +777,15 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     });
   }
 
+  // During training the trainer's parameters (host copies current), else the CPU model's.
   Param& param_named(const std::string& name) {
-    Param* p = model().find_param(name);
+    Param* p = nullptr;
+    if (trainer_) {
+      for (Param* q : trainer_->trainer->params())
+        if (q->name == name) p = q;
+    } else {
+      p = model().find_param(name);
+    }
     if (!p) throw std::invalid_argument("no parameter named " + name);
     return *p;
   }

@@ -7,7 +7,8 @@
 // with beta 0 (y starts as NaN: it must not be read) and beta 1 (y starts random), for f32 and
 // for bf16 inputs; then views into buffers (pointers 4 and 16 bytes aligned, a bias only 4-byte
 // aligned, which goes to the bias-add kernel), an odd K = 33, K = 0, the pair of types that
-// must throw, that a repeated shape reuses its plan, and the f32 -> bf16 conversion bit for bit
+// must throw, that a repeated shape reuses its plan, matmul_nn and matmul_tn (the backward's
+// products: y = x w and y = alpha x^T w), and the f32 -> bf16 conversion bit for bit
 // against the CPU's rf::f32_to_bf16 (ties, overflow to inf, NaN, subnormals, random patterns).
 // Timings of 8192^3 (bf16 and f32) and of decode-sized products are printed as information.
 //
@@ -383,6 +384,70 @@ void print_timings(rf::cuda::GemmContext& ctx) {
   }
 }
 
+// matmul_nn (y = x w, w stored [K, N]) and matmul_tn (y = alpha x^T w, x stored [K, M]): the
+// backward's products. Same reference (on transposed copies) and bounds as matmul's, with beta 0
+// (y NaN first) and beta 1, alpha 1 and 0.25 for matmul_tn, f32 and bf16.
+void test_transposed_forms(rf::cuda::GemmContext& ctx) {
+  auto transpose = [](const std::vector<float>& a, int rows, int cols) {
+    std::vector<float> t(a.size());
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < cols; ++c) t[size_t(c) * rows + r] = a[size_t(r) * cols + c];
+    return t;
+  };
+  for (DType type : {DType::f32, DType::bf16})
+    for (int M : {1, 16, 257})
+      for (int N : {1, 63, 1000})
+        for (int K : {8, 80, 777})
+          for (bool tn : {false, true}) {
+            std::vector<float> x = randn(size_t(M) * K, 1.f), w = randn(size_t(N) * K, 1.f / std::sqrt(float(K)));
+            const std::vector<float> y0 = randn(size_t(M) * N, 1.f);
+            if (type == DType::bf16) {
+              for (auto& v : x) v = bf16_round(v);
+              for (auto& v : w) v = bf16_round(v);
+            }
+            const Reference ref = reference(x, w, M, N, K);  // x [M, K], w [N, K]
+            const std::vector<float> xs = tn ? transpose(x, M, K) : x;  // as stored: [K, M] for tn
+            const std::vector<float> ws = transpose(w, N, K);           // [K, N]
+            const size_t esz = type == DType::bf16 ? 2 : 4;
+            Dev dx(xs.size() * esz), dw(ws.size() * esz), dy(size_t(M) * N * 4);
+            if (type == DType::bf16) {
+              upload(dx.at<uint16_t>(), to_bf16_bits(xs));
+              upload(dw.at<uint16_t>(), to_bf16_bits(ws));
+            } else {
+              upload(dx.at<float>(), xs);
+              upload(dw.at<float>(), ws);
+            }
+            const double tol = type == DType::bf16 ? kBf16Tol : f32_case_tol(K);
+            for (float beta : {0.f, 1.f})
+              for (float alpha : {1.f, 0.25f}) {
+                if (!tn && alpha != 1.f) continue;
+                const std::string name = std::string(tn ? "matmul_tn " : "matmul_nn ") + case_name(type, M, N, K, false, beta) +
+                                         (alpha != 1.f ? " alpha=0.25" : "");
+                try {
+                  if (beta == 0.f) cuda_ok(cudaMemset(dy.p, 0xff, size_t(M) * N * 4), "cudaMemset");
+                  else upload(dy.at<float>(), y0);
+                  if (tn) rf::cuda::matmul_tn(ctx, dy.at<float>(), dx.p, type, dw.p, type, M, N, K, alpha, beta, nullptr);
+                  else rf::cuda::matmul_nn(ctx, dy.at<float>(), dx.p, type, dw.p, type, M, N, K, beta, nullptr);
+                  cuda_ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+                  std::vector<float> got = download(dy.at<float>(), size_t(M) * N);
+                  // Compare alpha x^T w + beta y0 with the reference scaled by alpha.
+                  Reference scaled = ref;
+                  for (size_t i = 0; i < scaled.prod.size(); ++i) {
+                    scaled.prod[i] *= alpha;
+                    scaled.sq[i] *= double(alpha) * alpha;
+                  }
+                  const double rel = measure(got, scaled, nullptr, y0, beta, M, N).rel();
+                  char buf[64];
+                  std::snprintf(buf, sizeof buf, ": error %.3g (limit %.3g)", rel, tol);
+                  check(rel <= tol, name + buf);
+                } catch (const std::exception& ex) {
+                  check(false, name + ": threw " + ex.what());
+                  cudaGetLastError();
+                }
+              }
+          }
+}
+
 }  // namespace
 
 int main() {
@@ -397,6 +462,7 @@ int main() {
     test_convert();
     test_shapes(ctx);
     test_views(ctx);
+    test_transposed_forms(ctx);
     test_k_zero_and_errors(ctx);
     test_plan_cache(ctx);
     char buf[256];

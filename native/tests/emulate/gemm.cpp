@@ -31,6 +31,15 @@ void matmul_nn(GemmContext&, float* y, const void* x, DType xt, const void* w, D
       y[long(m) * N + n] = acc + (beta != 0.f ? beta * y[long(m) * N + n] : 0.f);
     }
 }
+void matmul_tn(GemmContext&, float* y, const void* x, DType xt, const void* w, DType wt, int M, int N, int K, float alpha, float beta, cudaStream_t) {
+  if (xt != wt) throw std::runtime_error("matmul_tn: mixed types");
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < N; ++n) {
+      float acc = 0.f;
+      for (int k = 0; k < K; ++k) acc += load(x, xt, long(k) * M + m) * load(w, wt, long(k) * N + n);
+      y[long(m) * N + n] = alpha * acc + (beta != 0.f ? beta * y[long(m) * N + n] : 0.f);
+    }
+}
 void f32_to_bf16(__nv_bfloat16* out, const float* in, long n, cudaStream_t) {
   for (long i = 0; i < n; ++i) { __nv_bfloat16_raw r; r.x = rf::f32_to_bf16(in[i]); out[i] = __nv_bfloat16(r); }
 }

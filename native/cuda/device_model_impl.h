@@ -1,0 +1,131 @@
+// The CUDA engine's internals, shared by the engine (device_model.cu) and the GPU trainer
+// (device_trainer.cu), which reads the weights, runs the forward with a trace and keeps the
+// adapters it trains current: device buffers, the weights by layer, the forward's scratch, and
+// the trace of activations the backward needs.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace rf::cuda {
+
+inline void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("CUDA ") + what + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")");
+}
+
+// Device memory that frees itself. ensure() grows it (contents not kept): scratch that reaches
+// its working size in the first calls and is then reused.
+class Buffer {
+ public:
+  Buffer() = default;
+  ~Buffer() { reset(); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  Buffer(Buffer&& o) noexcept : p_(o.p_), bytes_(o.bytes_) { o.p_ = nullptr, o.bytes_ = 0; }
+  Buffer& operator=(Buffer&& o) noexcept {
+    if (this != &o) {
+      reset();
+      p_ = o.p_, bytes_ = o.bytes_;
+      o.p_ = nullptr, o.bytes_ = 0;
+    }
+    return *this;
+  }
+  void* ensure(size_t bytes) {
+    if (bytes > bytes_) {
+      reset();
+      check(cudaMalloc(&p_, bytes), "cudaMalloc");
+      bytes_ = bytes;
+    }
+    return p_;
+  }
+  // A copy of host memory (synchronous: weights and adapters, uploaded once).
+  void upload(const void* host, size_t bytes) {
+    ensure(bytes);
+    check(cudaMemcpy(p_, host, bytes, cudaMemcpyHostToDevice), "cudaMemcpy (upload)");
+  }
+  void reset() {
+    if (p_) cudaFree(p_);
+    p_ = nullptr, bytes_ = 0;
+  }
+  template <class T = float>
+  T* get() const { return static_cast<T*>(p_); }
+  size_t bytes() const { return bytes_; }
+  bool empty() const { return p_ == nullptr; }
+
+ private:
+  void* p_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// Host int32 arrays of one forward, uploaded on the stream.
+template <class T>
+T* upload_async(Buffer& b, const std::vector<T>& v, cudaStream_t s) {
+  b.ensure(std::max<size_t>(1, v.size()) * sizeof(T));
+  if (!v.empty()) check(cudaMemcpyAsync(b.get(), v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
+  return b.get<T>();
+}
+
+struct DLinear {
+  struct Lora {
+    int offset = 0, out = 0, rank = 0;
+    float scale = 1.f;  // alpha / rank (or / sqrt(rank)), already in B
+    Buffer A;  // [rank, in] f32
+    Buffer B;  // [out, rank] f32, times the adapter's scale
+  };
+  Buffer w;     // [out, in] in the engine's dtype
+  Buffer bias;  // [out] f32, or empty
+  int out = 0, in = 0;
+  std::vector<Lora> lora;
+};
+
+struct DNorm {
+  Buffer w, b;  // [hidden] f32; b only for LayerNorm
+};
+
+struct DLayer {
+  DNorm attn_norm, mlp_norm;
+  DLinear qkv, o, mlp_in, mlp_out;
+};
+
+struct DeviceWeights {
+  std::vector<DLayer> layers;
+  DNorm final_norm;
+  Buffer embed;     // [vocab, hidden] engine dtype; with tied embeddings also the LM head
+  Buffer lm_head;   // [vocab, hidden] engine dtype, untied models only
+  long embed_rows = 0, head_rows = 0;
+  Buffer pos_embed;  // [positions, hidden] f32 (GPT-2)
+  std::vector<int> flag_tokens;
+  Buffer flag_ids, flag_embed, flag_head;  // int32 [K]; f32 [K, hidden] each (either may be empty)
+};
+
+struct DeviceScratch {
+  Buffer x, xn, xb, qkv, q, att, mlp, act, lora_u, lora_d, lora_x, last, logits, cos, sin, delta, attn;
+  Buffer tokens, positions, row_seq, row_pos, tables, table_offsets, lengths, row_offsets, n_new, last_rows;
+  Buffer pick_params, flags, picked, logprob, p_rf, p_flags, next;
+};
+
+// What the backward needs of one block's forward (the CPU's LayerTrace, native/model/model.h):
+// x_in [R, H], xn1 [R, H], qkv [R, QKV] after rope, att [R, Q], x_mid [R, H], xn2 [R, H],
+// mlp [R, MLP_IN] before the activation, act [R, I] (the input of mlp_out), and per LoRA adapter
+// of the block in call order (qkv's, o's, mlp_in's, mlp_out's) u = dropout(x) A^T [R, rank].
+struct DeviceLayerTrace {
+  Buffer x_in, xn1, qkv, att, x_mid, xn2, mlp, act;
+  std::vector<Buffer> lora_u;
+};
+
+// A traced forward (DeviceModel::run with a trace): every layer's activations, the input of the
+// final norm [R, H], and the LoRA dropout applied to the adapters' inputs (rf::dropout_keep's
+// mask of (dropout_seed, layer, adapter, row, col), as the CPU trainer draws it).
+struct DeviceTrace {
+  std::vector<DeviceLayerTrace> layers;
+  Buffer x_final;
+  float dropout = 0.f;
+  uint64_t dropout_seed = 0;
+};
+
+}  // namespace rf::cuda

@@ -1,0 +1,585 @@
+// The GPU trainer (see device_trainer.h). The backward walks the layers top down as the CPU's
+// Trainer::step does (native/model/train.cpp), with the same names for the same quantities:
+//   dx    [R, H]       dL/d(residual stream) below the current point
+//   dact  [R, I]       dL/d(mlp_out's input)        dmlp [R, MLP_IN] dL/d(mlp_in's output)
+//   dxn   [R, H]       dL/d(a norm's output)        datt [R, Q]      dL/d(attention output)
+//   dqkv  [R, QKV]     dL/d(qkv projection output), rope undone
+// and each projection's backward: din = dy W (cuBLASLt, bf16 inputs when the weights are bf16),
+// plus for each LoRA adapter on it, with u = dropout(x) A^T from the trace and B* = scale B (the
+// engine keeps B premultiplied):
+//   dB += scale dy_s^T u    du = dy_s B*    dA += du^T dropout(x)    din += dropout'(du A)
+// where dy_s is the adapter's slice of dy.
+#include "cuda/device_trainer.h"
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <stdexcept>
+#include <string>
+
+#include "cuda/attention_backward.h"
+#include "cuda/device_model.h"
+#include "cuda/device_model_impl.h"
+#include "cuda/gemm.h"
+#include "cuda/model_ops.h"
+#include "cuda/ops_backward.h"
+#include "cuda/optim.h"
+#include "cuda/rf_loss.h"
+#include "cuda/train_ops.h"
+#include "model/rope.h"
+
+namespace rf::cuda {
+
+namespace {
+
+float* floats(Buffer& b, long n) { return static_cast<float*>(b.ensure(size_t(std::max(1L, n)) * sizeof(float))); }
+
+// Row `row` of a [rows, cols] device table in the engine's dtype, as f32 on the host.
+std::vector<float> download_row(const Buffer& table, DType dtype, long row, long cols) {
+  std::vector<float> out(static_cast<size_t>(cols));
+  if (dtype == DType::f32) {
+    check(cudaMemcpy(out.data(), table.get() + row * cols, size_t(cols) * sizeof(float), cudaMemcpyDeviceToHost), "cudaMemcpy (row)");
+  } else {
+    std::vector<uint16_t> b(static_cast<size_t>(cols));
+    check(cudaMemcpy(b.data(), table.get<uint16_t>() + row * cols, size_t(cols) * sizeof(uint16_t), cudaMemcpyDeviceToHost),
+          "cudaMemcpy (row)");
+    for (long i = 0; i < cols; ++i) out[size_t(i)] = bf16_to_f32(b[size_t(i)]);
+  }
+  return out;
+}
+
+// Groups (source index -> destination row) pairs by destination, sources in their order, for
+// add_rows_grouped.
+struct Scatter {
+  std::vector<int32_t> dst_rows, first, index;
+  explicit Scatter(const std::vector<int32_t>& dst_of_src) {
+    std::vector<int32_t> order(dst_of_src.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = int32_t(i);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return dst_of_src[size_t(a)] < dst_of_src[size_t(b)]; });
+    first.push_back(0);
+    for (size_t j = 0; j < order.size(); ++j) {
+      const int32_t d = dst_of_src[size_t(order[j])];
+      if (dst_rows.empty() || dst_rows.back() != d) {
+        if (!dst_rows.empty()) first.push_back(int32_t(j));
+        dst_rows.push_back(d);
+      }
+      index.push_back(order[j]);
+    }
+    first.push_back(int32_t(index.size()));
+    if (dst_rows.empty()) first.assign(1, 0);
+  }
+};
+
+}  // namespace
+
+struct DeviceTrainer::Impl {
+  // Host mirrors of the parameters, and where each lives in the flat device arrays.
+  std::vector<std::unique_ptr<Param>> host;
+  std::vector<long> offset;
+  long total = 0;
+  Buffer value, grad, m1, m2, saved_grad, sum_scratch;
+
+  // The adapters in the engine's order: per (layer, projection index), the A parameter of each
+  // entry of that DLinear's lora list (B is the next parameter).
+  std::vector<std::vector<int>> lora_params;  // [layer * 4 + index] -> parameter index of A
+  int rf_embed = -1, rf_head = -1;            // parameter indices (equal when embeddings are tied)
+  std::vector<int> flags;
+  Buffer flag_ids;
+  Buffer base_row0;  // f32 [H]: the LM head's row 0 (the KL-only loss's stand-in flag, no flag trained)
+
+  DeviceTrace trace;
+  Buffer h, h_ref, dH, dx, dtmp, dact, dmlp, dxn, datt, dqkv, xa, dys, du, tmp_in, xb, rows_h, rows_href, dh_rows, dw_scratch;
+  Buffer norm_scratch, attn_scratch, cos, sin, seq_first, seq_len, row_seq, tokens, idx_a, idx_b, sc_rows, sc_first, sc_index;
+
+  float* val(int p) const { return value.get() + offset[size_t(p)]; }
+  float* grd(int p) const { return grad.get() + offset[size_t(p)]; }
+};
+
+DeviceTrainer::DeviceTrainer(DeviceModel& model, const TrainOptions& options)
+    : impl_(new Impl), model_(model), options_(options) {
+  check(cudaSetDevice(model.device()), "cudaSetDevice");
+  model.check_complete();
+  const ModelConfig& c = model.config();
+  if (options.mode != TrainMode::lora)
+    throw std::invalid_argument("full fine-tuning is not implemented on the GPU yet: train a LoRA adapter there (mode 'lora'), or "
+                                "fine-tune fully on the CPU (device 'cpu')");
+  for (const DLayer& L : model.w_->layers)
+    for (const DLinear* lin : {&L.qkv, &L.o, &L.mlp_in, &L.mlp_out})
+      if (!lin->lora.empty()) throw std::invalid_argument("the model already has an adapter; remove it before training a new one");
+  if (!model.w_->flag_tokens.empty())
+    throw std::invalid_argument("the model already has flag-token rows; remove them before training new ones");
+  Impl& s = *impl_;
+  const long H = c.hidden;
+  std::mt19937_64 rng(options.seed ^ 0x5eedULL);  // the CPU trainer's stream: the same initial values
+  auto add_param = [&](const std::string& name, std::vector<long> shape, bool decay) {
+    auto p = std::make_unique<Param>();
+    p->name = name;
+    p->shape = std::move(shape);
+    p->decay = decay;
+    p->value.assign(size_t(p->numel()), 0.f);
+    s.offset.push_back(s.total);
+    s.total += p->numel();
+    s.host.push_back(std::move(p));
+    return int(s.host.size() - 1);
+  };
+
+  const LoraOptions& lo = options.lora;
+  s.lora_params.resize(size_t(c.n_layers) * 4);
+  for (const LoraSitePlan& site : plan_lora_sites(c, lo)) {
+    const std::string pre = "layers." + std::to_string(site.layer) + "." + site.site + ".";
+    const int a = add_param(pre + "lora_A", {long(lo.rank), site.in}, true);
+    add_param(pre + "lora_B", {site.out, long(lo.rank)}, true);
+    init_lora_a(rng, s.host[size_t(a)]->value, site.in);
+    s.lora_params[size_t(site.layer) * 4 + size_t(site.index)].push_back(a);
+  }
+  s.flags = options.flags();
+  std::vector<float> head_base;
+  if (!s.flags.empty()) {
+    const long K = long(s.flags.size());
+    for (size_t k = 0; k < s.flags.size(); ++k) {
+      if (s.flags[k] < 0 || s.flags[k] >= c.vocab) throw std::invalid_argument("red-flag token outside the vocabulary");
+      for (size_t j = 0; j < k; ++j)
+        if (s.flags[j] == s.flags[k]) throw std::invalid_argument("a flag token is listed twice");
+    }
+    const std::vector<long> shape = K == 1 ? std::vector<long>{H} : std::vector<long>{K, H};
+    s.rf_embed = add_param("rf.embed", shape, false);
+    const Buffer& head_table = c.tied_embeddings ? model.w_->embed : model.w_->lm_head;
+    for (long k = 0; k < K; ++k) {
+      const std::vector<float> e = download_row(model.w_->embed, model.dtype(), s.flags[size_t(k)], H);
+      std::copy(e.begin(), e.end(), s.host[size_t(s.rf_embed)]->value.begin() + k * H);
+      const std::vector<float> hrow = download_row(head_table, model.dtype(), s.flags[size_t(k)], H);
+      head_base.insert(head_base.end(), hrow.begin(), hrow.end());
+    }
+    if (c.tied_embeddings) {
+      s.rf_head = s.rf_embed;
+    } else {
+      s.rf_head = add_param("rf.head", shape, false);
+      s.host[size_t(s.rf_head)]->value = head_base;
+    }
+    const std::vector<int32_t> ids(s.flags.begin(), s.flags.end());
+    s.flag_ids.upload(ids.data(), ids.size() * sizeof(int32_t));
+  } else {
+    const std::vector<float> row0 = download_row(c.tied_embeddings ? model.w_->embed : model.w_->lm_head, model.dtype(), 0, H);
+    s.base_row0.upload(row0.data(), row0.size() * sizeof(float));
+  }
+
+  floats(s.value, s.total);
+  floats(s.grad, s.total);
+  floats(s.m1, s.total);
+  floats(s.m2, s.total);
+  for (Param* p : params()) {
+    p->grad.assign(p->value.size(), 0.f);
+    p->m.assign(p->value.size(), 0.f);
+    p->v.assign(p->value.size(), 0.f);
+  }
+  // The engine's copies: adapters (B premultiplied by the scale: B is 0 at the start) and rows.
+  size_t next = 0;
+  for (const LoraSitePlan& site : plan_lora_sites(c, lo)) {
+    const Param& A = *s.host[next];
+    const Param& B = *s.host[next + 1];
+    model.add_lora(site.layer, site.target, A.value.data(), site.in, B.value.data(), site.out, lo.rank, site.scale);
+    next += 2;
+  }
+  if (!s.flags.empty())
+    model.set_token_rows(s.flags, s.host[size_t(s.rf_embed)]->value.data(), s.host[size_t(s.rf_head)]->value.data());
+  params_changed();  // uploads values, zero gradients and moments
+}
+
+DeviceTrainer::~DeviceTrainer() = default;
+
+std::vector<Param*> DeviceTrainer::params() {
+  std::vector<Param*> out;
+  for (auto& p : impl_->host) out.push_back(p.get());
+  return out;
+}
+
+long DeviceTrainer::trainable_count() const { return impl_->total; }
+
+void DeviceTrainer::download() {
+  Impl& s = *impl_;
+  check(cudaSetDevice(model_.device()), "cudaSetDevice");
+  check(cudaStreamSynchronize(static_cast<cudaStream_t>(model_.stream_)), "trainer (download)");
+  for (size_t i = 0; i < s.host.size(); ++i) {
+    Param& p = *s.host[i];
+    const size_t bytes = size_t(p.numel()) * sizeof(float);
+    const long off = s.offset[i];
+    check(cudaMemcpy(p.value.data(), s.value.get() + off, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy (value)");
+    check(cudaMemcpy(p.grad.data(), s.grad.get() + off, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy (grad)");
+    check(cudaMemcpy(p.m.data(), s.m1.get() + off, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy (m)");
+    check(cudaMemcpy(p.v.data(), s.m2.get() + off, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy (v)");
+  }
+}
+
+// Host values, gradients and moments to the device, then the engine's copies of the adapters.
+void DeviceTrainer::params_changed() {
+  Impl& s = *impl_;
+  check(cudaSetDevice(model_.device()), "cudaSetDevice");
+  const cudaStream_t st = static_cast<cudaStream_t>(model_.stream_);
+  check(cudaStreamSynchronize(st), "trainer (upload)");
+  for (size_t i = 0; i < s.host.size(); ++i) {
+    Param& p = *s.host[i];
+    const size_t n = size_t(p.numel());
+    if (p.value.size() != n || p.grad.size() != n || p.m.size() != n || p.v.size() != n)
+      throw std::invalid_argument(p.name + ": expected " + std::to_string(n) + " values in each of value, grad, m and v");
+    const long off = s.offset[i];
+    check(cudaMemcpy(s.value.get() + off, p.value.data(), n * sizeof(float), cudaMemcpyHostToDevice), "cudaMemcpy (value)");
+    check(cudaMemcpy(s.grad.get() + off, p.grad.data(), n * sizeof(float), cudaMemcpyHostToDevice), "cudaMemcpy (grad)");
+    check(cudaMemcpy(s.m1.get() + off, p.m.data(), n * sizeof(float), cudaMemcpyHostToDevice), "cudaMemcpy (m)");
+    check(cudaMemcpy(s.m2.get() + off, p.v.data(), n * sizeof(float), cudaMemcpyHostToDevice), "cudaMemcpy (v)");
+  }
+  sync_engine();
+}
+
+LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vector<Sequence>& reference,
+                              const std::vector<LossRow>& rows, const LossOptions& lopt, const std::atomic<int>* cancel) {
+  DeviceModel& m = model_;
+  check(cudaSetDevice(m.device()), "cudaSetDevice");
+  const ModelConfig& c = m.config();
+  const cudaStream_t st = static_cast<cudaStream_t>(m.stream_);
+  GemmContext& gemm = *m.gemm_;
+  Impl& s = *impl_;
+  const DeviceWeights& w = *m.w_;
+  const long H = c.hidden, QKV = c.qkv_dim(), Q = c.q_dim(), hd = c.head_dim, V = c.vocab;
+  const long I = c.intermediate, MLP_IN = c.act == Activation::silu ? 2 * I : I;
+  const DType dtype = m.dtype();
+  const bool bf16 = dtype == DType::bf16;
+  const std::vector<int>& flags = s.flags;
+
+  long R = 0, Rref = 0;
+  for (const Sequence& q : batch) R += q.n_tokens;
+  for (const Sequence& q : reference) Rref += q.n_tokens;
+  check_loss_rows(rows, R, Rref, flags, c.vocab, false);
+
+  // Without parameter gradients the step puts the gradients accumulated so far back afterwards,
+  // also when it throws.
+  struct GradGuard {
+    Impl* s = nullptr;
+    cudaStream_t st = nullptr;
+    ~GradGuard() {
+      if (!s) return;
+      cudaMemcpyAsync(s->grad.get(), s->saved_grad.get(), size_t(s->total) * sizeof(float), cudaMemcpyDeviceToDevice, st);
+      cudaStreamSynchronize(st);
+    }
+  } grad_guard;
+  if (!lopt.param_grads) {
+    floats(s.saved_grad, s.total);
+    check(cudaMemcpyAsync(s.saved_grad.get(), s.grad.get(), size_t(s.total) * sizeof(float), cudaMemcpyDeviceToDevice, st),
+          "cudaMemcpyAsync (save gradients)");
+    grad_guard.s = &s;
+    grad_guard.st = st;
+  }
+
+  // A forward of fresh sequences (their KV blocks return to the pool when they go).
+  auto forward = [&](const std::vector<Sequence>& seqs, float* out, DeviceTrace* trace) {
+    std::vector<std::shared_ptr<DeviceSequence>> owned;
+    std::vector<DeviceItem> items;
+    long rows_n = 0;
+    for (const Sequence& q : seqs) {
+      owned.push_back(m.new_sequence());
+      items.push_back({owned.back().get(), q.tokens, q.n_tokens, q.embed_delta});
+      rows_n += q.n_tokens;
+    }
+    const float* hidden = m.run(items, LogitsMode::hidden, cancel, nullptr, trace);
+    check(cudaMemcpyAsync(out, hidden, size_t(rows_n * H) * sizeof(float), cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync (h)");
+  };
+
+  // 1. Forward with activations (adapter on, LoRA dropout) -> h [R, H].
+  s.trace.dropout = options_.lora.dropout;
+  s.trace.dropout_seed = options_.seed * 0x9e3779b97f4a7c15ULL + lopt.dropout_seed;
+  float* h = floats(s.h, R * H);
+  m.set_adapter_enabled(true);
+  forward(batch, h, &s.trace);
+
+  // 2. Reference forward: adapter and flag rows off, hidden states only.
+  bool any_kl = false;
+  for (const LossRow& r : rows) any_kl |= r.kind == LossRow::benign_kl || r.kind == LossRow::after_kl;
+  float* h_ref = nullptr;
+  if (any_kl) {
+    h_ref = floats(s.h_ref, Rref * H);
+    m.set_adapter_enabled(false);
+    try {
+      forward(reference, h_ref, nullptr);
+    } catch (...) {
+      m.set_adapter_enabled(true);
+      throw;
+    }
+    m.set_adapter_enabled(true);
+  }
+
+  // 3. Losses -> dL/dh of the scored rows, added into dH [R, H].
+  LossTerms terms;
+  terms.tokens = R;
+  float* dH = floats(s.dH, R * H);
+  check(cudaMemsetAsync(dH, 0, size_t(R * H) * sizeof(float), st), "cudaMemsetAsync (dH)");
+  const void* W = c.tied_embeddings ? w.embed.get<void>() : w.lm_head.get<void>();
+  float* head_grad = s.rf_head >= 0 ? s.grd(s.rf_head) : nullptr;
+  auto scatter_into_dH = [&](const float* src, const std::vector<int32_t>& dst_of_src) {
+    const Scatter sc(dst_of_src);
+    const int32_t* d_rows = upload_async(s.sc_rows, sc.dst_rows, st);
+    const int32_t* d_first = upload_async(s.sc_first, sc.first, st);
+    const int32_t* d_index = upload_async(s.sc_index, sc.index, st);
+    add_rows_grouped(dH, src, int(H), d_rows, d_first, d_index, int(sc.dst_rows.size()), st);
+    check(cudaStreamSynchronize(st), "loss rows");  // the host lists above must outlive the copies
+  };
+  {
+    std::vector<RfLossRow> rf_rows;
+    std::vector<int32_t> rf_src, ref_src;
+    std::vector<int32_t> ce_src, ce_targets;
+    for (const LossRow& r : rows) {
+      if (r.kind == LossRow::ce) {
+        ce_src.push_back(r.row);
+        ce_targets.push_back(r.target);
+        continue;
+      }
+      RfLossRow q{};
+      q.kind = r.kind == LossRow::benign_kl ? RfLossKind::benign_kl
+               : r.kind == LossRow::red_flag ? RfLossKind::red_flag
+                                             : RfLossKind::after_kl;
+      q.group = r.group;
+      q.flag = r.kind == LossRow::red_flag && r.target >= 0
+                   ? int32_t(std::find(flags.begin(), flags.end(), r.target) - flags.begin())
+                   : 0;
+      q.ref_row = -1;
+      if (r.ref_row >= 0 && r.kind != LossRow::red_flag) {
+        q.ref_row = int32_t(ref_src.size());
+        ref_src.push_back(r.ref_row);
+      }
+      rf_src.push_back(r.row);
+      rf_rows.push_back(q);
+    }
+    if (!rf_rows.empty()) {
+      const int n = int(rf_rows.size()), nr = int(ref_src.size());
+      RfLossOptions o;
+      o.flag_tokens = flags.empty() ? std::vector<int>{0} : flags;  // no flag trained: the plain KL (as the CPU)
+      o.aggregation = lopt.aggregation == Aggregation::any    ? RfAggregation::any
+                      : lopt.aggregation == Aggregation::mean ? RfAggregation::mean
+                                                              : RfAggregation::single;
+      o.alpha_benign = lopt.alpha_benign * lopt.grad_scale;
+      o.alpha_rf = lopt.alpha_rf * lopt.grad_scale;
+      o.alpha_after = lopt.alpha_after * lopt.grad_scale;
+      float* hr = floats(s.rows_h, long(n) * H);
+      gather_rows(hr, h, upload_async(s.idx_a, rf_src, st), n, int(H), st);
+      float* hrr = nullptr;
+      if (nr > 0) {
+        hrr = floats(s.rows_href, long(nr) * H);
+        gather_rows(hrr, h_ref, upload_async(s.idx_b, ref_src, st), nr, int(H), st);
+      }
+      float* dh_rows = floats(s.dh_rows, long(n) * H);
+      const float* w_rf = flags.empty() ? s.base_row0.get() : s.val(s.rf_head);
+      float* dw_rf = flags.empty() ? floats(s.dw_scratch, H) : head_grad;
+      const RfLossResult res = rf_loss(gemm, hr, n, hrr, nr, int(H), W, dtype, int(V), w_rf, rf_rows.data(), o, dh_rows, dw_rf, st);
+      terms.benign = res.benign;
+      terms.red_flag = res.red_flag;
+      terms.after = res.after;
+      terms.n_benign = res.n_benign_rows;
+      terms.n_groups = res.n_groups;
+      terms.n_after = res.n_after_rows;
+      scatter_into_dH(dh_rows, rf_src);
+    }
+    if (!ce_src.empty()) {
+      const int n = int(ce_src.size());
+      float* hc = floats(s.rows_h, long(n) * H);
+      gather_rows(hc, h, upload_async(s.idx_a, ce_src, st), n, int(H), st);
+      float* dh_rows = floats(s.dh_rows, long(n) * H);
+      const float weight = lopt.alpha_ce * lopt.grad_scale / float(n);
+      const double loss = ce_loss(gemm, hc, n, int(H), W, dtype, int(V), flags.empty() ? nullptr : s.val(s.rf_head), flags,
+                                  ce_targets.data(), weight, dh_rows, head_grad, 0, st);
+      terms.ce = loss / n;
+      terms.n_ce = n;
+      scatter_into_dH(dh_rows, ce_src);
+    }
+  }
+  terms.total = lopt.alpha_benign * terms.benign + lopt.alpha_rf * terms.red_flag + lopt.alpha_after * terms.after +
+                lopt.alpha_ce * terms.ce;
+  auto cancelled = [&] {
+    if (cancel && cancel->load(std::memory_order_relaxed)) {
+      cudaStreamSynchronize(st);
+      throw Cancelled();
+    }
+  };
+  cancelled();
+
+  // 4. Backward.
+  float* norm_scratch = floats(s.norm_scratch, 2 * R);
+  float* dtmp = floats(s.dtmp, R * H);
+  // dst (+)= norm'(x) . dout for every row (frozen norm: no weight gradient).
+  auto norm_backward = [&](const DNorm& nm, const float* x, const float* dout, float* dst, bool accumulate) {
+    float* out = accumulate ? dtmp : dst;
+    if (c.norm == NormType::rms) rmsnorm_backward_rows(out, nullptr, dout, x, nm.w.get(), int(R), int(H), c.norm_eps, norm_scratch, st);
+    else layernorm_backward_rows(out, nullptr, nullptr, dout, x, nm.w.get(), int(R), int(H), c.norm_eps, norm_scratch, st);
+    if (accumulate) add_vectors(dst, dtmp, R * H, st);
+  };
+  float* dx = floats(s.dx, R * H);
+  norm_backward(w.final_norm, s.trace.x_final.get(), dH, dx, false);
+  float* dxn = floats(s.dxn, R * H);
+  float* dact = floats(s.dact, R * I);
+  float* dmlp = floats(s.dmlp, R * MLP_IN);
+  float* datt = floats(s.datt, R * Q);
+  float* dqkv = floats(s.dqkv, R * QKV);
+  __nv_bfloat16* dy_bf16 =
+      bf16 ? static_cast<__nv_bfloat16*>(s.xb.ensure(size_t(R * std::max({QKV, MLP_IN, H})) * sizeof(__nv_bfloat16))) : nullptr;
+
+  // Per row: its token, its sequence and the rope tables of its position (the forward's numbers:
+  // sequences start at 0, the dynamic NTK base from each one's last position).
+  std::vector<int32_t> tokens, seq_first, seq_len, row_seq;
+  std::vector<float> cos, sin;
+  if (c.rope) {
+    cos.resize(size_t(R * hd / 2));
+    sin.resize(size_t(R * hd / 2));
+  }
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const Sequence& q = batch[i];
+    seq_first.push_back(int32_t(tokens.size()));
+    seq_len.push_back(q.n_tokens);
+    const std::vector<double> inv = c.rope ? rope_inv_freq(c, q.n_tokens - 1) : std::vector<double>();
+    for (int t = 0; t < q.n_tokens; ++t) {
+      const size_t r = tokens.size();
+      if (c.rope) rope_angles(inv, t, cos.data() + r * hd / 2, sin.data() + r * hd / 2);
+      tokens.push_back(int32_t(q.tokens[t]));
+      row_seq.push_back(int32_t(i));
+    }
+  }
+  const int32_t* d_tokens = upload_async(s.tokens, tokens, st);
+  const float* d_cos = c.rope ? upload_async(s.cos, cos, st) : nullptr;
+  const float* d_sin = c.rope ? upload_async(s.sin, sin, st) : nullptr;
+  AttentionRows arows{upload_async(s.seq_first, seq_first, st), upload_async(s.seq_len, seq_len, st),
+                      upload_async(s.row_seq, row_seq, st), int(batch.size()), int(R), c.n_heads, c.n_kv_heads, int(hd),
+                      c.sliding_window};
+  float* attn_scratch = floats(s.attn_scratch, attention_backward_scratch(arows));
+  const float scale = 1.0f / std::sqrt(float(hd));
+
+  // din = dy W for projection (l, index), plus its adapters' input gradients and their dA, dB.
+  auto linear_backward = [&](int l, int index, const float* x, long in, const float* dy, long out, float* din,
+                             const DeviceLayerTrace& lt) {
+    const DLinear& lin = m.linear(l, index);
+    const void* dy_in = dy;
+    if (bf16) {
+      f32_to_bf16(dy_bf16, dy, R * out, st);
+      dy_in = dy_bf16;
+    }
+    matmul_nn(gemm, din, dy_in, dtype, lin.w.get<void>(), dtype, int(R), int(in), int(out), 0.f, st);
+    size_t ui = 0;  // this projection's first traced u: after the adapters of the projections before it
+    for (int i = 0; i < index; ++i) ui += m.linear(l, i).lora.size();
+    const std::vector<int>& ps = s.lora_params[size_t(l) * 4 + size_t(index)];
+    for (size_t a = 0; a < lin.lora.size(); ++a) {
+      const DLinear::Lora& lora = lin.lora[a];
+      const int r = lora.rank, o = lora.out;
+      const float* dys = dy;
+      if (lora.offset != 0 || o != out) {  // the adapter's slice of dy, made contiguous
+        float* b = floats(s.dys, R * o);
+        check(cudaMemcpy2DAsync(b, size_t(o) * sizeof(float), dy + lora.offset, size_t(out) * sizeof(float),
+                                size_t(o) * sizeof(float), size_t(R), cudaMemcpyDeviceToDevice, st),
+              "cudaMemcpy2DAsync (dy slice)");
+        dys = b;
+      }
+      const float p = s.trace.dropout;
+      const int adapter_id = index * 16 + int(a);
+      const float* xa = x;
+      if (p > 0.f) {
+        float* b = floats(s.xa, R * in);
+        dropout_rows(b, x, int(R), int(in), s.trace.dropout_seed, l, adapter_id, p, st);
+        xa = b;
+      }
+      const float* u = lt.lora_u[ui + a].get();
+      matmul_tn(gemm, s.grd(ps[a] + 1), dys, DType::f32, u, DType::f32, o, r, int(R), lora.scale, 1.f, st);  // dB
+      float* du = floats(s.du, R * r);
+      matmul_nn(gemm, du, dys, DType::f32, lora.B.get<void>(), DType::f32, int(R), r, o, 0.f, st);        // du = dy B*
+      matmul_tn(gemm, s.grd(ps[a]), du, DType::f32, xa, DType::f32, r, int(in), int(R), 1.f, 1.f, st);   // dA
+      if (p > 0.f) {
+        float* t = floats(s.tmp_in, R * in);
+        matmul_nn(gemm, t, du, DType::f32, lora.A.get<void>(), DType::f32, int(R), int(in), r, 0.f, st);
+        dropout_add(din, t, int(R), int(in), s.trace.dropout_seed, l, adapter_id, p, st);
+      } else {
+        matmul_nn(gemm, din, du, DType::f32, lora.A.get<void>(), DType::f32, int(R), int(in), r, 1.f, st);
+      }
+    }
+  };
+
+  for (int l = c.n_layers - 1; l >= 0; --l) {
+    cancelled();
+    const DeviceLayerTrace& lt = s.trace.layers[size_t(l)];
+    const DLayer& L = w.layers[size_t(l)];
+    // MLP: x_out = x_mid + mlp_out(act(mlp_in(norm(x_mid))))
+    linear_backward(l, 3, lt.act.get(), I, dx, H, dact, lt);
+    if (c.act == Activation::silu) swiglu_backward_rows(dmlp, dact, lt.mlp.get(), int(R), int(I), st);
+    else gelu_new_backward(dmlp, dact, lt.mlp.get(), R * I, st);
+    linear_backward(l, 2, lt.xn2.get(), H, dmlp, MLP_IN, dxn, lt);
+    norm_backward(L.mlp_norm, lt.x_mid.get(), dxn, dx, true);
+    // Attention: x_mid = x_in + o(attn(rope(qkv(norm(x_in)))))
+    linear_backward(l, 1, lt.att.get(), Q, dx, H, datt, lt);
+    attention_backward(dqkv, datt, lt.qkv.get(), arows, scale, attn_scratch, st);
+    if (c.rope) {
+      rope_backward_rows(dqkv, QKV, int(R), c.n_heads, int(hd), d_cos, d_sin, st);
+      rope_backward_rows(dqkv + Q, QKV, int(R), c.n_kv_heads, int(hd), d_cos, d_sin, st);
+    }
+    linear_backward(l, 0, lt.xn1.get(), H, dqkv, QKV, dxn, lt);
+    norm_backward(L.attn_norm, lt.x_in.get(), dxn, dx, true);
+  }
+
+  // 5. Embeddings: dx is dL/d(input embeddings); the flag rows that were looked up collect theirs.
+  if (s.rf_embed >= 0)
+    token_rows_grad(s.grd(s.rf_embed), dx, d_tokens, int(R), int(H), s.flag_ids.get<int32_t>(), int(flags.size()), st);
+  long r0 = 0;
+  for (const Sequence& q : batch) {
+    if (q.embed_grad)
+      check(cudaMemcpyAsync(q.embed_grad, dx + r0 * H, size_t(q.n_tokens) * H * sizeof(float), cudaMemcpyDeviceToHost, st),
+            "cudaMemcpyAsync (embed_grad)");
+    r0 += q.n_tokens;
+  }
+  check(cudaStreamSynchronize(st), "train step");
+  return terms;
+}
+
+// The engine reads A as it is, B times the adapter's scale, and its own flag-row buffers: copy
+// the trainer's values there (after an update or an upload).
+void DeviceTrainer::sync_engine() {
+  Impl& s = *impl_;
+  const cudaStream_t st = static_cast<cudaStream_t>(model_.stream_);
+  const ModelConfig& c = model_.config();
+  for (int l = 0; l < c.n_layers; ++l)
+    for (int index = 0; index < 4; ++index) {
+      DLinear& lin = model_.linear(l, index);
+      const std::vector<int>& ps = s.lora_params[size_t(l) * 4 + size_t(index)];
+      for (size_t a = 0; a < ps.size(); ++a) {
+        DLinear::Lora& lora = lin.lora[a];
+        check(cudaMemcpyAsync(lora.A.get(), s.val(ps[a]), size_t(lora.rank) * lin.in * sizeof(float), cudaMemcpyDeviceToDevice, st),
+              "cudaMemcpyAsync (A)");
+        scale_copy(lora.B.get(), s.val(ps[a] + 1), lora.scale, long(lora.out) * lora.rank, st);
+      }
+    }
+  if (!s.flags.empty()) {
+    DeviceWeights& w = *model_.w_;
+    const size_t bytes = s.flags.size() * size_t(c.hidden) * sizeof(float);
+    if (!w.flag_embed.empty())
+      check(cudaMemcpyAsync(w.flag_embed.get(), s.val(s.rf_embed), bytes, cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync (rows)");
+    if (!w.flag_head.empty())
+      check(cudaMemcpyAsync(w.flag_head.get(), s.val(s.rf_head), bytes, cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync (rows)");
+  }
+  check(cudaStreamSynchronize(st), "trainer (engine copies)");
+}
+
+double DeviceTrainer::optimizer_step(const AdamWOptions& o) {
+  Impl& s = *impl_;
+  check(cudaSetDevice(model_.device()), "cudaSetDevice");
+  const cudaStream_t st = static_cast<cudaStream_t>(model_.stream_);
+  double* scratch = static_cast<double*>(s.sum_scratch.ensure(size_t(sum_squares_scratch()) * sizeof(double)));
+  const double norm = std::sqrt(sum_squares(s.grad.get(), s.total, scratch, st));
+  float clip = 1.f;
+  if (o.clip_norm > 0.f && norm > o.clip_norm) clip = float(o.clip_norm / (norm + 1e-6));
+  ++adam_step_;
+  const double bc1 = 1.0 - std::pow(double(o.beta1), double(adam_step_)), bc2 = 1.0 - std::pow(double(o.beta2), double(adam_step_));
+  for (size_t i = 0; i < s.host.size(); ++i) {
+    const Param& p = *s.host[i];
+    AdamWStepParams a{o.lr, o.beta1, o.beta2, o.eps, p.decay ? o.lr * o.weight_decay : 0.f, clip, bc1, bc2};
+    const long off = s.offset[i];
+    adamw(s.value.get() + off, s.grad.get() + off, s.m1.get() + off, s.m2.get() + off, p.numel(), a, st);
+  }
+  sync_engine();  // the engine's copies follow the new values
+  return norm;
+}
+
+}  // namespace rf::cuda

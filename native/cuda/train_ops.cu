@@ -1,0 +1,122 @@
+// The GPU trainer's glue kernels (see train_ops.h).
+#include "cuda/train_ops.h"
+
+#include <stdexcept>
+#include <string>
+
+namespace rf::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+int grid_for(long n, int threads) {
+  const long b = (n + threads - 1) / threads;
+  return int(b < 65535 ? (b > 0 ? b : 1) : 65535);
+}
+
+void check_launch(const char* what) {
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) throw std::runtime_error(std::string("CUDA ") + what + ": " + cudaGetErrorName(e));
+}
+
+// rf::dropout_keep (native/model/model.cpp) on the device: splitmix64 of the element's
+// coordinates, compared in double as there.
+__device__ bool keep_element(uint64_t seed, int layer, int adapter, long row, long col, float p) {
+  uint64_t z = seed ^ (uint64_t(layer) << 48) ^ (uint64_t(adapter) << 40) ^ (uint64_t(row) << 20) ^ uint64_t(col);
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  z ^= z >> 31;
+  return double(z >> 11) * (1.0 / 9007199254740992.0) >= double(p);
+}
+
+__global__ void dropout_kernel(float* out, const float* x, int cols, long n, uint64_t seed, int layer, int adapter, float p,
+                               bool accumulate) {
+  const float keep_scale = 1.0f / (1.0f - p);
+  for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
+    const float v = keep_element(seed, layer, adapter, i / cols, i % cols, p) ? x[i] * keep_scale : 0.f;
+    if (accumulate) out[i] += v;
+    else out[i] = v;
+  }
+}
+
+__global__ void scale_copy_kernel(float* y, const float* x, float a, long n) {
+  for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) y[i] = a * x[i];
+}
+
+__global__ void add_kernel(float* y, const float* x, long n) {
+  for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) y[i] += x[i];
+}
+
+// grid: destination rows; threads over the width.
+__global__ void add_rows_grouped_kernel(float* dst, const float* src, int width, const int32_t* dst_rows,
+                                        const int32_t* first, const int32_t* src_index) {
+  const int d = blockIdx.x;
+  float* out = dst + long(dst_rows[d]) * width;
+  const int j0 = first[d], j1 = first[d + 1];
+  for (int i = threadIdx.x; i < width; i += blockDim.x) {
+    float v = out[i];
+    for (int j = j0; j < j1; ++j) v += src[long(src_index[j]) * width + i];
+    out[i] = v;
+  }
+}
+
+// grid: (n_flags, column blocks); each thread one column of one flag, the rows in order.
+__global__ void token_rows_grad_kernel(float* grad, const float* dx, const int32_t* tokens, int rows, int width,
+                                       const int32_t* flags) {
+  const int k = blockIdx.x, i = blockIdx.y * blockDim.x + threadIdx.x;
+  if (i >= width) return;
+  const int32_t flag = flags[k];
+  float acc = grad[long(k) * width + i];
+  for (int r = 0; r < rows; ++r)
+    if (tokens[r] == flag) acc += dx[long(r) * width + i];
+  grad[long(k) * width + i] = acc;
+}
+
+}  // namespace
+
+void dropout_rows(float* out, const float* x, int rows, int cols, uint64_t seed, int layer, int adapter, float p,
+                  cudaStream_t stream) {
+  const long n = long(rows) * cols;
+  if (n == 0) return;
+  dropout_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(out, x, cols, n, seed, layer, adapter, p, false);
+  check_launch("dropout_rows");
+}
+
+void dropout_add(float* y, const float* x, int rows, int cols, uint64_t seed, int layer, int adapter, float p,
+                 cudaStream_t stream) {
+  const long n = long(rows) * cols;
+  if (n == 0) return;
+  dropout_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(y, x, cols, n, seed, layer, adapter, p, true);
+  check_launch("dropout_add");
+}
+
+void scale_copy(float* y, const float* x, float a, long n, cudaStream_t stream) {
+  if (n == 0) return;
+  scale_copy_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(y, x, a, n);
+  check_launch("scale_copy");
+}
+
+void add_vectors(float* y, const float* x, long n, cudaStream_t stream) {
+  if (n == 0) return;
+  add_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(y, x, n);
+  check_launch("add_vectors");
+}
+
+void add_rows_grouped(float* dst, const float* src, int width, const int32_t* dst_rows, const int32_t* first,
+                      const int32_t* src_index, int n_dst, cudaStream_t stream) {
+  if (n_dst == 0) return;
+  add_rows_grouped_kernel<<<n_dst, kThreads, 0, stream>>>(dst, src, width, dst_rows, first, src_index);
+  check_launch("add_rows_grouped");
+}
+
+void token_rows_grad(float* grad, const float* dx, const int32_t* tokens, int rows, int width, const int32_t* flags,
+                     int n_flags, cudaStream_t stream) {
+  if (n_flags == 0 || rows == 0) return;
+  token_rows_grad_kernel<<<dim3(n_flags, (width + kThreads - 1) / kThreads), kThreads, 0, stream>>>(grad, dx, tokens, rows,
+                                                                                                     width, flags);
+  check_launch("token_rows_grad");
+}
+
+}  // namespace rf::cuda

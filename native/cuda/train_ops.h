@@ -1,0 +1,41 @@
+// The GPU trainer's glue kernels (native/cuda/device_trainer.h): what the CPU trainer does in
+// loops between its products (native/model/train.cpp): LoRA dropout on an adapter's input and
+// its backward, the scaled copy that refreshes the forward's premultiplied LoRA B, the
+// scatter-add of loss rows' gradients into the batch's rows, and the gradient of the trained
+// flag-token embedding rows. Sums run in a fixed order (no atomics): a step gives the same bits
+// every run. Tested against host loops in native/tests/cuda_train_ops.cpp. Pointers are device
+// memory; one stream.
+#pragma once
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace rf::cuda {
+
+// LoRA dropout (PEFT's lora_dropout, inverted): element (r, c) of x [rows, cols] is kept, and
+// scaled by 1 / (1 - p), when the CPU's rf::dropout_keep(seed, layer, adapter, r, c, p) says so
+// (native/model/model.cpp; the same splitmix64 bits). out [rows, cols] = the dropped-out x.
+void dropout_rows(float* out, const float* x, int rows, int cols, uint64_t seed, int layer, int adapter, float p,
+                  cudaStream_t stream);
+// Its backward into an accumulated gradient: y [rows, cols] += the same mask applied to x.
+void dropout_add(float* y, const float* x, int rows, int cols, uint64_t seed, int layer, int adapter, float p,
+                 cudaStream_t stream);
+
+// y [n] = a x [n].
+void scale_copy(float* y, const float* x, float a, long n, cudaStream_t stream);
+
+// y [n] += x [n].
+void add_vectors(float* y, const float* x, long n, cudaStream_t stream);
+
+// Rows of src [n_src, width] added into rows of dst [*, width]: destination row dst_rows[d]
+// (d < n_dst) receives src rows src_index[first[d] .. first[d + 1]) in that order. The host
+// builds the lists, so a destination row named by several sources sums them in a fixed order.
+void add_rows_grouped(float* dst, const float* src, int width, const int32_t* dst_rows, const int32_t* first,
+                      const int32_t* src_index, int n_dst, cudaStream_t stream);
+
+// grad [n_flags, width] += sum over r < rows with tokens[r] == flags[k] of dx [r, :], rows in
+// order: the gradient of trained embedding rows (the flag tokens) from dL/d(input embeddings).
+void token_rows_grad(float* grad, const float* dx, const int32_t* tokens, int rows, int width, const int32_t* flags,
+                     int n_flags, cudaStream_t stream);
+
+}  // namespace rf::cuda

@@ -1,0 +1,353 @@
+// The GPU trainer (native/cuda/device_trainer.h) against the CPU trainer (native/model/train.h):
+// two models with the same random weights, two trainers with the same options and seed, the same
+// micro-batches. On a GPU machine where cuBLASLt links, and in CI under the CPU emulation
+// (native/tests/emulate/run_train.cpp); elsewhere "no CUDA device visible; skipped", exit 0.
+//
+// Per config (Llama with GQA 2 and q/k/v biases, Mistral's sliding window, llama3 rope with tied
+// embeddings, GPT-2 with LayerNorm, gelu_new, biases and tied embeddings; sequences of 5, 17 and
+// 23 tokens, crossing the 16-token KV blocks), LoRA on every projection with dropout 0.1, the
+// flag-token rows trained:
+//  - both trainers start from the same parameters (same names, shapes and values from the seed);
+//  - with B and the flag rows moved off their start (the same random values on both), a red-flag
+//    step (benign KL, red-flag rows in two groups, after-flag KL) and a cross-entropy step: the
+//    loss terms within 1e-5 relative, every parameter's gradient within 1e-4 relative L2
+//    (f32 on both: the sums differ in order only), dL/d(input embeddings) within 1e-4;
+//  - two optimizer steps (the second clipped) from the CPU's gradients: the norm within 1e-12
+//    (double sums in another order), the updated values bit-identical (cuda/optim.h's promise);
+//  - the same step twice from the same state gives the same bits (no atomics), also after the
+//    parameters went to the host and back (download / params_changed: a checkpoint's round trip);
+//  - param_grads = false leaves the gradients as they were and still returns dL/d(embeddings);
+//  - a set cancel flag throws rf::Cancelled; full fine-tuning and a model that already has an
+//    adapter are refused with a message;
+//  - bf16 weights on the GPU against the CPU's bf16 model: gradients within 2e-2 relative L2.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda/cuda.h"
+#include "cuda/device_model.h"
+#include "cuda/device_trainer.h"
+#include "model/model.h"
+#include "model/train.h"
+#include "tests/check.h"
+#include "tests/random_model.h"
+
+using rf::test::check;
+using rf::test::rel_l2;
+
+namespace {
+
+std::string fmt(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.3g", v);
+  return buf;
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+double rel(double got, double want) { return std::fabs(got - want) / std::max(1e-12, std::fabs(want)); }
+
+struct Setup {
+  std::unique_ptr<rf::Model> cpu;
+  std::unique_ptr<rf::cuda::DeviceModel> gpu;
+  std::unique_ptr<rf::Trainer> ct;
+  std::unique_ptr<rf::cuda::DeviceTrainer> gt;
+};
+
+rf::TrainOptions train_options(const rf::ModelConfig& c) {
+  rf::TrainOptions o;
+  o.mode = rf::TrainMode::lora;
+  o.lora.rank = 4;
+  o.lora.alpha = 8;
+  o.lora.dropout = 0.1f;
+  o.lora.targets = c.arch == rf::Arch::gpt2 ? std::vector<std::string>{"c_attn", "c_proj", "c_fc"}
+                                            : std::vector<std::string>{"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                       "up_proj", "down_proj"};
+  o.rf_token = c.vocab - 1;
+  o.seed = 11;
+  return o;
+}
+
+Setup make_setup(const rf::ModelConfig& c, rf::DType dtype, unsigned seed) {
+  Setup s;
+  s.cpu = std::make_unique<rf::Model>(c, dtype, 2);
+  rf::test::load_random(*s.cpu, seed);
+  s.gpu = std::make_unique<rf::cuda::DeviceModel>(c, dtype, 0);
+  rf::test::load_random(*s.gpu, seed);
+  s.gpu->set_kv_pool_bytes(size_t(64) << 20);
+  const rf::TrainOptions o = train_options(c);
+  s.ct = std::make_unique<rf::Trainer>(*s.cpu, o);
+  s.gt = std::make_unique<rf::cuda::DeviceTrainer>(*s.gpu, o);
+  return s;
+}
+
+// Moves B and the flag rows off their start (B = 0 would leave A's gradient 0), the same on both.
+void perturb(Setup& s, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::vector<rf::Param*> cp = s.ct->params(), gp = s.gt->params();
+  for (size_t i = 0; i < cp.size(); ++i) {
+    const std::string& n = cp[i]->name;
+    if (n.find("lora_B") != std::string::npos) rf::test::fill_normal(rng, cp[i]->value.data(), cp[i]->value.size(), 0.2f);
+    if (n.rfind("rf.", 0) == 0)
+      for (float& v : cp[i]->value) v += std::normal_distribution<float>(0.f, 0.1f)(rng);
+    gp[i]->value = cp[i]->value;
+  }
+  s.ct->params_changed();
+  s.gt->params_changed();
+}
+
+struct Batch {
+  std::vector<std::vector<uint32_t>> trained, ref;
+  std::vector<rf::LossRow> rows;
+};
+
+std::vector<rf::Sequence> seqs(std::vector<std::vector<uint32_t>>& v, std::vector<std::vector<float>>* grads = nullptr,
+                               long hidden = 0) {
+  std::vector<rf::Sequence> out;
+  for (size_t i = 0; i < v.size(); ++i) {
+    rf::Sequence q{v[i].data(), int(v[i].size())};
+    if (grads) {
+      (*grads)[i].assign(v[i].size() * size_t(hidden), 0.f);
+      q.embed_grad = (*grads)[i].data();
+    }
+    out.push_back(q);
+  }
+  return out;
+}
+
+// Three trained sequences (5, 17, 23 tokens; the flag token inside the last), two reference ones,
+// and rows of every red-flag kind, or cross-entropy rows.
+Batch make_batch(const rf::ModelConfig& c, bool ce, unsigned seed) {
+  std::mt19937 rng(seed);
+  Batch b;
+  for (int n : {5, 17, 23}) {
+    std::vector<uint32_t> ids(static_cast<size_t>(n));
+    for (auto& t : ids) t = rng() % uint32_t(c.vocab - 1);
+    b.trained.push_back(ids);
+  }
+  b.trained[2][10] = uint32_t(c.vocab - 1);  // <rf> inserted: its embedding row trains
+  b.ref.push_back(b.trained[0]);
+  std::vector<uint32_t> r2(b.trained[2]);
+  r2.erase(r2.begin() + 10);
+  b.ref.push_back(r2);
+  using K = rf::LossRow;
+  if (ce) {
+    for (int r = 0; r < 44; r += 3) b.rows.push_back({K::ce, r, -1, -1, int32_t(rng() % uint32_t(c.vocab))});
+    return b;
+  }
+  for (int r = 0; r < 5; ++r) b.rows.push_back({K::benign_kl, r, r, -1, -1});
+  for (int r = 8; r < 14; ++r) b.rows.push_back({K::red_flag, r, -1, 0, -1});
+  for (int r = 16; r < 20; ++r) b.rows.push_back({K::red_flag, r, -1, 1, -1});
+  for (int r = 33; r < 44; ++r) b.rows.push_back({K::after_kl, r, 5 + (r - 1 - 22), -1, -1});  // after <rf>: one earlier in ref
+  return b;
+}
+
+rf::LossOptions loss_options() {
+  rf::LossOptions o;
+  o.alpha_benign = 1.f;
+  o.alpha_rf = 2.f;
+  o.alpha_after = 0.5f;
+  o.grad_scale = 0.5f;
+  o.dropout_seed = 3;
+  return o;
+}
+
+void compare_params(const std::string& tag, Setup& s, const char* part, double bound) {
+  s.gt->download();
+  std::vector<rf::Param*> cp = s.ct->params(), gp = s.gt->params();
+  double worst = 0;
+  std::string worst_name;
+  bool names = cp.size() == gp.size();
+  for (size_t i = 0; names && i < cp.size(); ++i) {
+    names &= cp[i]->name == gp[i]->name && cp[i]->shape == gp[i]->shape;
+    const std::vector<float>& a = std::strcmp(part, "grad") == 0 ? gp[i]->grad : gp[i]->value;
+    const std::vector<float>& b = std::strcmp(part, "grad") == 0 ? cp[i]->grad : cp[i]->value;
+    const double e = rel_l2(a, b);
+    if (!(e <= worst)) worst = e, worst_name = cp[i]->name;
+  }
+  check(names, tag + ": the same parameters, in the same order");
+  std::printf("cuda_train: %s: %s worst rel L2 %s (%s)\n", tag.c_str(), part, fmt(worst).c_str(), worst_name.c_str());
+  check(worst <= bound, tag + ": every parameter's " + part + " equals the CPU's (worst rel L2 " + fmt(worst) + ", " +
+                            worst_name + "; bound " + fmt(bound) + ")");
+}
+
+void compare_terms(const std::string& tag, const rf::LossTerms& g, const rf::LossTerms& c, double bound) {
+  const double e = std::max({rel(g.benign, c.benign), rel(g.red_flag, c.red_flag), rel(g.after, c.after), rel(g.ce, c.ce),
+                             rel(g.total, c.total)});
+  std::printf("cuda_train: %s: loss terms worst rel %s\n", tag.c_str(), fmt(e).c_str());
+  check(e <= bound && g.n_benign == c.n_benign && g.n_groups == c.n_groups && g.n_after == c.n_after && g.n_ce == c.n_ce &&
+            g.tokens == c.tokens,
+        tag + ": loss terms equal the CPU's (worst rel " + fmt(e) + ", total " + fmt(g.total) + " vs " + fmt(c.total) + ")");
+}
+
+void run_config(const std::string& name, const rf::ModelConfig& c) {
+  Setup s = make_setup(c, rf::DType::f32, 21);
+  compare_params(name + " start", s, "value", 0.0);
+  perturb(s, 5);
+  const long H = c.hidden;
+  for (bool ce : {false, true}) {
+    const std::string tag = name + (ce ? " ce step" : " red-flag step");
+    Batch b = make_batch(c, ce, ce ? 8 : 7);
+    std::vector<std::vector<float>> cg(b.trained.size()), gg(b.trained.size());
+    const rf::LossOptions lo = loss_options();
+    const rf::LossTerms tc = s.ct->step(seqs(b.trained, &cg, H), seqs(b.ref), b.rows, lo);
+    const rf::LossTerms tg = s.gt->step(seqs(b.trained, &gg, H), seqs(b.ref), b.rows, lo);
+    compare_terms(tag, tg, tc, 1e-5);
+    compare_params(tag, s, "grad", 1e-4);
+    double e = 0;
+    for (size_t i = 0; i < cg.size(); ++i) e = std::max(e, rel_l2(gg[i], cg[i]));
+    std::printf("cuda_train: %s: dL/d(embeddings) worst rel L2 %s\n", tag.c_str(), fmt(e).c_str());
+    check(e <= 1e-4, tag + ": dL/d(input embeddings) equals the CPU's (worst rel L2 " + fmt(e) + ")");
+    // AdamW from the same gradients (the CPU's given to the GPU): Adam divides by sqrt(v), so
+    // the 1e-4 differences above would make elements whose gradient is near 0 move apart (up
+    // to 2 lr where the sign flips); from equal gradients the arithmetic is the same bits.
+    s.gt->download();
+    std::vector<rf::Param*> cp = s.ct->params(), gp = s.gt->params();
+    for (size_t i = 0; i < cp.size(); ++i) gp[i]->grad = cp[i]->grad;
+    s.gt->params_changed();
+    rf::AdamWOptions ao;
+    ao.lr = 1e-2f;
+    ao.weight_decay = 0.1f;
+    ao.clip_norm = ce ? 1e-3f : 0.f;  // clipping on the second
+    const double nc = s.ct->optimizer_step(ao), ng = s.gt->optimizer_step(ao);
+    check(rel(ng, nc) <= 1e-12, tag + ": gradient norm " + fmt(ng) + " equals the CPU's " + fmt(nc) + " (double sums)");
+    compare_params(tag + " + AdamW" + (ce ? " clipped" : ""), s, "value", 0.0);
+  }
+
+  // Determinism, and the host round trip of a checkpoint.
+  {
+    Batch b = make_batch(c, false, 9);
+    const rf::LossOptions lo = loss_options();
+    auto grads = [&] {
+      s.gt->download();
+      std::vector<float> all;
+      for (rf::Param* p : s.gt->params()) all.insert(all.end(), p->grad.begin(), p->grad.end());
+      return all;
+    };
+    auto zero_grads = [&] {
+      s.gt->download();
+      for (rf::Param* p : s.gt->params()) std::fill(p->grad.begin(), p->grad.end(), 0.f);
+      s.gt->params_changed();
+    };
+    s.gt->step(seqs(b.trained), seqs(b.ref), b.rows, lo);
+    const std::vector<float> g1 = grads();
+    zero_grads();
+    s.gt->step(seqs(b.trained), seqs(b.ref), b.rows, lo);
+    const std::vector<float> g2 = grads();
+    check(same_bits(g1, g2), name + ": the same step from the same state gives the same bits (after a host round trip)");
+
+    // param_grads = false: gradients kept, the embedding gradient still computed.
+    rf::LossOptions no = lo;
+    no.param_grads = false;
+    std::vector<std::vector<float>> eg(b.trained.size());
+    s.gt->step(seqs(b.trained, &eg, H), seqs(b.ref), b.rows, no);
+    double norm = 0;
+    for (const auto& v : eg)
+      for (float x : v) norm += double(x) * x;
+    check(same_bits(grads(), g2) && norm > 0, name + ": param_grads = false keeps the gradients and returns dL/d(embeddings)");
+
+    std::atomic<int> cancel{1};
+    bool cancelled = false;
+    try {
+      s.gt->step(seqs(b.trained), seqs(b.ref), b.rows, lo, &cancel);
+    } catch (const rf::Cancelled&) {
+      cancelled = true;
+    }
+    check(cancelled, name + ": a set cancel flag stops the step");
+  }
+}
+
+void check_refusals(const rf::ModelConfig& c) {
+  rf::cuda::DeviceModel m(c, rf::DType::f32, 0);
+  rf::test::load_random(m, 3);
+  rf::TrainOptions o = train_options(c);
+  o.mode = rf::TrainMode::full;
+  std::string msg;
+  try {
+    rf::cuda::DeviceTrainer t(m, o);
+  } catch (const std::invalid_argument& e) {
+    msg = e.what();
+  }
+  check(msg.find("full fine-tuning") != std::string::npos, "full fine-tuning on the GPU is refused: " + msg);
+  o.mode = rf::TrainMode::lora;
+  o.lora.targets = {"nonexistent"};
+  msg.clear();
+  try {
+    rf::cuda::DeviceTrainer t(m, o);
+  } catch (const std::invalid_argument& e) {
+    msg = e.what();
+  }
+  check(msg.find("matches no projection") != std::string::npos, "an unknown LoRA target is named: " + msg);
+  o = train_options(c);
+  { rf::cuda::DeviceTrainer first(m, o); }  // its adapters stay on the model
+  msg.clear();
+  try {
+    rf::cuda::DeviceTrainer t(m, o);
+  } catch (const std::invalid_argument& e) {
+    msg = e.what();
+  }
+  check(msg.find("already has an adapter") != std::string::npos, "a second trainer on an adapted model is refused: " + msg);
+}
+
+void run_bf16(const std::string& name, const rf::ModelConfig& c) {
+  Setup s = make_setup(c, rf::DType::bf16, 23);
+  perturb(s, 6);
+  Batch b = make_batch(c, false, 10);
+  const rf::LossOptions lo = loss_options();
+  const rf::LossTerms tc = s.ct->step(seqs(b.trained), seqs(b.ref), b.rows, lo);
+  const rf::LossTerms tg = s.gt->step(seqs(b.trained), seqs(b.ref), b.rows, lo);
+  compare_terms(name + " bf16", tg, tc, 2e-2);
+  compare_params(name + " bf16", s, "grad", 2e-2);
+}
+
+}  // namespace
+
+rf::ModelConfig gpt2_of(rf::ModelConfig c) {
+  c.arch = rf::Arch::gpt2;
+  c.norm = rf::NormType::layer;
+  c.act = rf::Activation::gelu_new;
+  c.rope = false;
+  c.n_kv_heads = c.n_heads;
+  c.head_dim = c.hidden / c.n_heads;
+  c.qkv_bias = c.o_bias = c.mlp_bias = true;
+  c.tied_embeddings = true;
+  return c;
+}
+
+int main() {
+  const rf::cuda::DeviceInfo info = rf::cuda::device_info();
+  if (info.count == 0) {
+    std::printf("cuda_train: no CUDA device visible; skipped\n");
+    return 0;
+  }
+  try {
+    const rf::ModelConfig llama = rf::test::small_llama();
+    run_config("llama GQA 2", llama);
+    rf::ModelConfig mistral = llama;
+    mistral.sliding_window = 7;
+    mistral.qkv_bias = false;
+    run_config("mistral window 7", mistral);
+    rf::ModelConfig l3 = llama;
+    l3.tied_embeddings = true;
+    l3.rope_scaling = rf::RopeScaling::llama3;
+    l3.rope_factor = 8;
+    l3.rope_original_max_positions = 16;
+    run_config("llama3 rope, tied", l3);
+    run_config("gpt2", gpt2_of(llama));
+    run_bf16("llama GQA 2", llama);
+    check_refusals(llama);
+  } catch (const std::exception& e) {
+    check(false, std::string("threw ") + e.what());
+  }
+  return rf::test::finish("cuda_train");
+}

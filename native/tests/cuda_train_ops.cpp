@@ -1,0 +1,202 @@
+// The GPU trainer's glue kernels (native/cuda/train_ops.h) against host loops on the same inputs,
+// on a GPU machine (and under the CPU emulation in CI); without a device it says so and exits 0.
+//
+// Every kernel here either copies, selects or adds f32 values in a stated order, so each result
+// is checked bit for bit against the host doing the same f32 operations in the same order:
+//   - dropout_rows / dropout_add: the mask must be rf::dropout_keep's (model/model.cpp), element
+//     for element (the backward regenerates it), and x * (1 / (1 - p)) is one f32 product;
+//   - scale_copy, add_vectors: one f32 operation per element;
+//   - add_rows_grouped: each destination row's sources added in list order; rows not named keep
+//     their bits;
+//   - token_rows_grad: each flag's rows added in row order.
+// Outputs carry a tail of sentinel floats that must come back unchanged. Shapes are odd (cols 1,
+// 77, 4099; rows 1, 13, 300) and one elementwise case passes 65535 blocks of 256 threads (the
+// grid-stride loops' second turn).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda/cuda.h"
+#include "cuda/train_ops.h"
+#include "model/model.h"
+#include "tests/check.h"
+
+using rf::test::check;
+
+namespace {
+
+std::mt19937 rng(4242);
+
+std::vector<float> randn(size_t n) {
+  std::normal_distribution<float> d(0.f, 1.f);
+  std::vector<float> v(n);
+  for (float& x : v) x = d(rng);
+  return v;
+}
+
+constexpr size_t kTail = 19;
+constexpr uint32_t kSentinel = 0x7fc0beefu;
+
+bool same_bits(float a, float b) { return std::memcmp(&a, &b, 4) == 0; }
+
+// A device copy of host floats with a sentinel tail; back() returns all of it.
+struct DevFloats {
+  float* p = nullptr;
+  size_t n;
+  explicit DevFloats(const std::vector<float>& v) : n(v.size()) {
+    std::vector<float> h(v);
+    float s;
+    std::memcpy(&s, &kSentinel, 4);
+    h.resize(n + kTail, s);
+    cudaMalloc(&p, h.size() * 4);
+    cudaMemcpy(p, h.data(), h.size() * 4, cudaMemcpyHostToDevice);
+  }
+  ~DevFloats() { cudaFree(p); }
+  std::vector<float> back() const {
+    std::vector<float> h(n + kTail);
+    cudaDeviceSynchronize();
+    cudaMemcpy(h.data(), p, h.size() * 4, cudaMemcpyDeviceToHost);
+    return h;
+  }
+};
+
+struct DevInts {
+  int32_t* p = nullptr;
+  explicit DevInts(const std::vector<int32_t>& v) {
+    cudaMalloc(&p, std::max<size_t>(1, v.size()) * 4);
+    if (!v.empty()) cudaMemcpy(p, v.data(), v.size() * 4, cudaMemcpyHostToDevice);
+  }
+  ~DevInts() { cudaFree(p); }
+};
+
+// got (with its tail) against want, bit for bit; the tail must be the sentinel.
+void expect_bits(const std::vector<float>& got, const std::vector<float>& want, const std::string& what) {
+  size_t bad = 0, first = 0;
+  for (size_t i = 0; i < want.size(); ++i)
+    if (!same_bits(got[i], want[i]) && bad++ == 0) first = i;
+  check(bad == 0, what + ": " + std::to_string(bad) + " elements differ (first at " + std::to_string(first) + ")");
+  bool tail = true;
+  for (size_t i = want.size(); i < got.size(); ++i) {
+    uint32_t u;
+    std::memcpy(&u, &got[i], 4);
+    tail &= u == kSentinel;
+  }
+  check(tail, what + ": nothing written past the end");
+}
+
+void test_dropout() {
+  for (int rows : {1, 13, 300})
+    for (int cols : {1, 77, 4099})
+      for (float p : {0.1f, 0.5f}) {
+        const uint64_t seed = rng();
+        const int layer = int(rng() % 40), adapter = int(rng() % 64);
+        const std::vector<float> x = randn(size_t(rows) * cols), y0 = randn(size_t(rows) * cols);
+        std::vector<float> drop(x.size()), add(y0);
+        const float keep = 1.0f / (1.0f - p);
+        long kept = 0;
+        for (int r = 0; r < rows; ++r)
+          for (int c = 0; c < cols; ++c) {
+            const size_t i = size_t(r) * cols + c;
+            const bool k = rf::dropout_keep(seed, layer, adapter, r, c, p);
+            kept += k;
+            drop[i] = k ? x[i] * keep : 0.f;
+            add[i] = y0[i] + (k ? x[i] * keep : 0.f);
+          }
+        const std::string name = "rows " + std::to_string(rows) + " cols " + std::to_string(cols) + " p " + std::to_string(p);
+        DevFloats dx(x), dout(std::vector<float>(x.size(), 0.f)), dy(y0);
+        rf::cuda::dropout_rows(dout.p, dx.p, rows, cols, seed, layer, adapter, p, nullptr);
+        rf::cuda::dropout_add(dy.p, dx.p, rows, cols, seed, layer, adapter, p, nullptr);
+        expect_bits(dout.back(), drop, "dropout_rows " + name);
+        expect_bits(dy.back(), add, "dropout_add " + name);
+        if (rows * cols >= 1000) {  // the mask is a real draw: about 1 - p kept
+          const double frac = double(kept) / (double(rows) * cols);
+          check(frac > 1 - p - 0.05 && frac < 1 - p + 0.05, "dropout " + name + ": kept fraction " + std::to_string(frac));
+        }
+      }
+}
+
+void test_elementwise() {
+  for (long n : {1L, 1000L, 65535L * 256 + 3001}) {
+    const std::vector<float> x = randn(size_t(n)), y0 = randn(size_t(n));
+    std::vector<float> scaled(x.size()), sum(x.size());
+    for (long i = 0; i < n; ++i) {
+      scaled[size_t(i)] = 0.375f * x[size_t(i)];
+      sum[size_t(i)] = y0[size_t(i)] + x[size_t(i)];
+    }
+    DevFloats dx(x), dy(y0), ds(std::vector<float>(x.size(), 0.f));
+    rf::cuda::scale_copy(ds.p, dx.p, 0.375f, n, nullptr);
+    rf::cuda::add_vectors(dy.p, dx.p, n, nullptr);
+    expect_bits(ds.back(), scaled, "scale_copy n " + std::to_string(n));
+    expect_bits(dy.back(), sum, "add_vectors n " + std::to_string(n));
+  }
+}
+
+void test_add_rows_grouped() {
+  for (int width : {1, 77, 2048}) {
+    const int n_src = 50, n_dst_total = 40;
+    const std::vector<float> src = randn(size_t(n_src) * width), dst0 = randn(size_t(n_dst_total) * width);
+    // Sources go to random rows, some rows getting several (in the order listed), some none.
+    std::vector<std::vector<int32_t>> lists(n_dst_total);
+    for (int j = 0; j < n_src; ++j) lists[rng() % 17].push_back(j);  // only rows 0..16 receive
+    std::vector<int32_t> dst_rows, first{0}, index;
+    for (int d = 0; d < n_dst_total; ++d) {
+      if (lists[size_t(d)].empty()) continue;
+      dst_rows.push_back(d);
+      for (int32_t j : lists[size_t(d)]) index.push_back(j);
+      first.push_back(int32_t(index.size()));
+    }
+    std::vector<float> want(dst0);
+    for (size_t d = 0; d < dst_rows.size(); ++d)
+      for (int i = 0; i < width; ++i) {
+        float v = want[size_t(dst_rows[d]) * width + i];
+        for (int32_t j = first[d]; j < first[d + 1]; ++j) v += src[size_t(index[size_t(j)]) * width + i];
+        want[size_t(dst_rows[d]) * width + i] = v;
+      }
+    DevFloats ddst(dst0), dsrc(src);
+    DevInts drows(dst_rows), dfirst(first), dindex(index);
+    rf::cuda::add_rows_grouped(ddst.p, dsrc.p, width, drows.p, dfirst.p, dindex.p, int(dst_rows.size()), nullptr);
+    expect_bits(ddst.back(), want, "add_rows_grouped width " + std::to_string(width));
+  }
+}
+
+void test_token_rows_grad() {
+  for (int width : {1, 77, 4099})
+    for (int rows : {1, 13, 300}) {
+      const std::vector<int32_t> flags{5, 9, 2};
+      std::vector<int32_t> tokens(static_cast<size_t>(rows));
+      for (int32_t& t : tokens) t = int32_t(rng() % 12);
+      const std::vector<float> dx = randn(size_t(rows) * width), g0 = randn(flags.size() * width);
+      std::vector<float> want(g0);
+      for (size_t k = 0; k < flags.size(); ++k)
+        for (int i = 0; i < width; ++i) {
+          float v = want[k * width + i];
+          for (int r = 0; r < rows; ++r)
+            if (tokens[size_t(r)] == flags[k]) v += dx[size_t(r) * width + i];
+          want[k * width + i] = v;
+        }
+      DevFloats dg(g0), ddx(dx);
+      DevInts dt(tokens), df(flags);
+      rf::cuda::token_rows_grad(dg.p, ddx.p, dt.p, rows, width, df.p, int(flags.size()), nullptr);
+      expect_bits(dg.back(), want, "token_rows_grad rows " + std::to_string(rows) + " width " + std::to_string(width));
+    }
+}
+
+}  // namespace
+
+int main() {
+  const rf::cuda::DeviceInfo info = rf::cuda::device_info();
+  if (info.count == 0) {
+    std::printf("cuda_train_ops: no CUDA device visible; skipped\n");
+    return 0;
+  }
+  test_dropout();
+  test_elementwise();
+  test_add_rows_grouped();
+  test_token_rows_grad();
+  return rf::test::finish("cuda_train_ops");
+}
