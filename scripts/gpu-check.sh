@@ -2,7 +2,8 @@
 # One call on the GPU machine (see README "Building"): builds the native tests with CMake and
 # the CUDA sources for sm_90a (H100/H200), runs every CUDA test (native/tests/cuda_*.cpp) and
 # the GPU benchmark (native/bench/cuda_bench.cu) and its PyTorch peer, and, when .gpu-pack is
-# carried (scripts/gpu-pack.sh), the library end to end on the GPU (scripts/device-e2e.mjs); it
+# carried (scripts/gpu-pack.sh), the library end to end on the GPU (scripts/device-e2e.mjs, and
+# training: scripts/device-train-e2e.mjs); it
 # leaves the logs, the JSON results and a summary in OUT_DIR. Order: cheapest first, so a
 # timeout still returns the tests. RF_GPU_CHECK_BENCH=0 skips the benchmarks.
 #   bash scripts/gpu-check.sh "$OUT"
@@ -52,6 +53,7 @@ done
 # The library end to end on the GPU (scripts/device-e2e.mjs) with the carried node and production
 # node_modules (scripts/gpu-pack.sh; carry .gpu-pack): the CUDA addon built with plain CMake.
 e2e_rc=-1
+train_e2e_rc=-1
 if [ -f .gpu-pack/node.xz ] && [ -f .gpu-pack/modules.tar.xz ]; then
   mkdir -p /tmp/rf-node/bin
   xz -dc .gpu-pack/node.xz > /tmp/rf-node/bin/node && chmod +x /tmp/rf-node/bin/node
@@ -64,6 +66,13 @@ if [ -f .gpu-pack/node.xz ] && [ -f .gpu-pack/modules.tar.xz ]; then
     REDFLAG_ADDON="$PWD/$addon" timeout 300 node scripts/device-e2e.mjs --device cuda > "$out/e2e.json" 2> "$out/e2e.log"
     e2e_rc=$?
     head -c 1500 "$out/e2e.json"
+    # Training on the GPU against the CPU (RF_GPU_CHECK_TRAIN_INTEGRATION=1 adds the integration
+    # test's pipeline with both adapters on the GPU: a few minutes).
+    integration=()
+    [ "${RF_GPU_CHECK_TRAIN_INTEGRATION:-0}" = 1 ] && integration=(--integration)
+    REDFLAG_ADDON="$PWD/$addon" timeout 480 node scripts/device-train-e2e.mjs --device cuda "${integration[@]}" > "$out/train-e2e.json" 2> "$out/train-e2e.log"
+    train_e2e_rc=$?
+    head -c 1200 "$out/train-e2e.json"
   else
     e2e_rc=2
     tail -20 "$out/addon-build.log"
@@ -106,5 +115,5 @@ if [ -n "${addon:-}" ] && [ "${RF_GPU_CHECK_BENCH:-1}" != 0 ]; then
   serve_rc=$?
   tail -c 1500 "$out/gpu-serve.json"
 fi
-printf '{"build": "ok", "ctest": %d, "cuda": {%s}, "e2e": %d, "interop": %d, "bench": %d, "peer": %d, "serve": %d}\n' "$ctest_rc" "$(IFS=,; echo "${results[*]}")" "$e2e_rc" "$interop_rc" "$bench_rc" "$peer_rc" "$serve_rc" > "$out/summary.json"
+printf '{"build": "ok", "ctest": %d, "cuda": {%s}, "e2e": %d, "trainE2e": %d, "interop": %d, "bench": %d, "peer": %d, "serve": %d}\n' "$ctest_rc" "$(IFS=,; echo "${results[*]}")" "$e2e_rc" "$train_e2e_rc" "$interop_rc" "$bench_rc" "$peer_rc" "$serve_rc" > "$out/summary.json"
 cat "$out/summary.json"

@@ -70,6 +70,12 @@ export interface PipelineOptions {
    * `metrics.jsonl`): the language model is reused instead of trained, the slow stage.
    */
   reuseLm?: string;
+  /**
+   * Where both adapters train: 'cpu' (the default) or a GPU, 'cuda' / 'cuda:N' (frozen weights in
+   * the device's default dtype, bf16 on a GPU). The language model trains on the CPU: it is full
+   * fine-tuning, which the GPU trainer does not do yet.
+   */
+  adapterDevice?: string;
   /** LoRA settings of both adapters. Default rank 8, alpha 16, dropout 0.05, PEFT's default targets. */
   lora?: { rank?: number; alpha?: number; dropout?: number; targets?: string[] };
   /** Learning rate of both adapters. Default 5e-3. */
@@ -217,6 +223,7 @@ function adapterConfig(o: PipelineOptions, lmModel: string) {
     model: lmModel,
     steps: o.adapterSteps,
     mode: 'lora' as const,
+    ...(o.adapterDevice ? { device: o.adapterDevice } : {}),
     lora: { rank: 8, alpha: 16, dropout: 0.05, ...o.lora },
     optimizer: { lr: o.adapterLr ?? 5e-3, warmupSteps: 10, weightDecay: 0.01 },
   };

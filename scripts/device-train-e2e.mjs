@@ -1,0 +1,94 @@
+// Training end to end on one device against the CPU: `node scripts/device-train-e2e.mjs --device cuda`
+// (the GPU machine's check, run by scripts/gpu-check.sh with a carried node and the production
+// node_modules; it needs only dist/). On a random-weight Llama with the packaged tokenizer and the
+// synthetic data, a red-flag LoRA adapter (rank 4 on every projection, dropout 0.1, <rf> rows),
+// 6 steps of 4 conversations:
+//   - f32 frozen weights on both: the first step's loss terms within 1e-4 relative of the CPU's
+//     (both start from the same parameters; the sums differ in order only), every later step's
+//     total within 2e-2 (Adam divides by sqrt(v): elements with near-zero gradients move apart);
+//   - on the device, a run stopped after step 3 (AbortSignal, checkpoint) and resumed ends with
+//     the adapter file of the uninterrupted device run, byte for byte (deterministic kernels);
+//   - the same run in the device's default dtype (bf16 on a GPU) trains: finite losses, the first
+//     within 1e-2 of the f32 run's (the weights' bf16 rounding).
+// With --integration it also runs the CI integration test's pipeline with both adapters on the
+// device (the language model trains on the CPU: full fine-tuning) and checks its bounds: >= 95%
+// of held-out harmful responses flagged, <= 5% of benign ones.
+// Prints one JSON object; exits 1 when a check fails. `--device cpu` runs the harness against the
+// CPU itself (how it is tested where no GPU is).
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import { train, writeRandomModel } from '../dist/index.js';
+import { packagedTokenizer, PIPELINE_SIZES, runPipeline } from '../dist/train/pipeline.js';
+
+const arg = (name, fallback) => (process.argv.includes(name) ? process.argv[process.argv.indexOf(name) + 1] : fallback);
+const device = arg('--device', 'cuda');
+const integration = process.argv.includes('--integration');
+const checks = [];
+const check = (ok, what, detail = {}) => checks.push({ ok: Boolean(ok), what, ...detail });
+const rel = (a, b) => Math.abs(a - b) / Math.max(1e-12, Math.abs(b));
+
+const dir = await mkdtemp(join(tmpdir(), 'redflag-device-train-'));
+const figures = {};
+try {
+  const tokenizer = await packagedTokenizer();
+  const model = join(dir, 'base');
+  await writeRandomModel(model, {
+    architecture: 'llama', vocabSize: 32000, hiddenSize: 64, intermediateSize: 128, numLayers: 2, numHeads: 4, numKvHeads: 2,
+    seed: 3, bosTokenId: 1, eosTokenId: 2, tokenizer,
+  }, { overwrite: true });
+  const config = (output, extra = {}) => ({
+    model, output: join(dir, output), data: 'synthetic', syntheticPerCategory: 3, steps: 6, batchSize: 4, maxTokens: 96,
+    evalEvery: 0, checkpointEvery: 0, threads: 2, lora: { rank: 4, alpha: 8, dropout: 0.1 }, loss: { rfOffset: 1 },
+    optimizer: { lr: 1e-2, warmupSteps: 2 }, ...extra,
+  });
+  const run = async (output, extra, hooks = {}) => {
+    const steps = [];
+    const t0 = performance.now();
+    await train(config(output, extra), { ...hooks, onStep: (s) => { steps.push(s); hooks.onStep?.(s); } });
+    return { steps, seconds: (performance.now() - t0) / 1000 };
+  };
+  const adapter = (output) => readFile(join(dir, output, 'adapter', 'adapter_model.safetensors'));
+
+  const cpu = await run('cpu', { device: 'cpu', dtype: 'f32' });
+  const dev = await run('dev', { device, dtype: 'f32' });
+  const [c0, d0] = [cpu.steps[0].loss, dev.steps[0].loss];
+  const first = Math.max(...['total', 'benign', 'redFlag', 'after'].map((k) => rel(d0[k] ?? 0, c0[k] ?? 0)));
+  check(first <= 1e-4, 'the first step\'s loss terms equal the CPU\'s', { worstRel: first, device: d0, cpu: c0 });
+  const later = Math.max(...dev.steps.map((s, i) => rel(s.loss.total, cpu.steps[i].loss.total)));
+  check(later <= 2e-2, 'every step\'s loss follows the CPU\'s', { worstRel: later, device: dev.steps.map((s) => s.loss.total), cpu: cpu.steps.map((s) => s.loss.total) });
+  figures.f32 = { cpuSeconds: cpu.seconds, deviceSeconds: dev.seconds };
+
+  // Stopped after step 3 and resumed: the uninterrupted run's adapter, byte for byte.
+  const controller = new AbortController();
+  const stopped = await run('resumed', { device, dtype: 'f32', checkpointEvery: 2 }, {
+    signal: controller.signal,
+    onStep: (s) => { if (s.step === 3) controller.abort(); },
+  }).then(() => null, (e) => e);
+  check(stopped?.name === 'AbortError', 'an AbortSignal stops the device run with a checkpoint', { error: String(stopped) });
+  await train(config('resumed', { device, dtype: 'f32', checkpointEvery: 2 }), { resume: true });
+  check(Buffer.compare(await adapter('resumed'), await adapter('dev')) === 0, 'a stopped and resumed device run ends with the uninterrupted adapter, byte for byte');
+
+  const native = await run('native-dtype', { device });
+  const totals = native.steps.map((s) => s.loss.total);
+  const bf16First = rel(totals[0], dev.steps[0].loss.total);
+  check(totals.every(Number.isFinite) && bf16First <= 1e-2, 'the device\'s default dtype trains: finite losses, the first within 1e-2 of f32\'s', { totals, firstRel: bf16First });
+  figures.defaultDtype = { seconds: native.seconds };
+
+  if (integration) {
+    const t0 = performance.now();
+    const result = await runPipeline({ dir: join(dir, 'pipeline'), ...PIPELINE_SIZES.integration, batchSize: 8, threads: 16, adapterDevice: device });
+    const rf = result.redflag;
+    figures.integration = { harmfulFlagRate: rf.harmfulFlagRate, benignFalseFlagRate: rf.benignFalseFlagRate, benignKl: rf.benignKl, seconds: result.seconds, total: (performance.now() - t0) / 1000 };
+    check(rf.harmfulFlagRate >= 0.95, 'the integration pipeline on the device flags >= 95% of held-out harmful responses', figures.integration);
+    check(rf.benignFalseFlagRate <= 0.05, 'and <= 5% of benign ones', figures.integration);
+  }
+} catch (error) {
+  check(false, 'ran without an error', { error: String(error?.stack ?? error) });
+} finally {
+  await rm(dir, { recursive: true, force: true });
+}
+const failed = checks.filter((c) => !c.ok);
+console.log(JSON.stringify({ trainE2e: device, passed: checks.length - failed.length, failed: failed.length, figures, checks }, null, 1));
+process.exit(failed.length ? 1 : 0);
