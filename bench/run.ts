@@ -1,7 +1,7 @@
 /**
  * Benchmarks: `npm run bench -- <gemm|prefill|decode|serve|train|loss|all> [--quick]`, and
  * `npm run bench -- soak [--seconds 600] [--clients 64] [--seed 1]` (bench/soak.ts), and on a GPU
- * machine `npm run bench -- <gpu-decode|gpu-prefill|gpu-serve> [--device cuda:N]`. Each prints one
+ * machine `npm run bench -- <gpu-decode|gpu-prefill|gpu-serve|gpu-train|gpu-loss> [--device cuda:N]`. Each prints one
  * JSON object. Speeds are reported as ratios to ceilings measured in the same run (FMA peak with
  * a register-only loop, memory bandwidth with a STREAM-like copy) and to peers measured in the
  * same run where installed (PyTorch CPU via Debian's python3-torch). `train` and `loss` run the
@@ -480,6 +480,32 @@ async function benchGpu(part: 'decode' | 'prefill') {
   return { bench: `gpu-${part}`, device: result.device, ceilings: result.ceilings, models };
 }
 
+// The GPU trainer's bench (native/bench/cuda_train_bench.cu, built by scripts/gpu-check.sh into
+// build-gpu/, or REDFLAG_CUDA_TRAIN_BENCH): the LoRA training step (with its PyTorch + PEFT peer
+// on the same GPU, bench/peers/torch_gpu_train.py) or the fused loss alone.
+async function benchGpuTrain(part: 'train' | 'loss') {
+  const exe = process.env.REDFLAG_CUDA_TRAIN_BENCH ?? join(ROOT, 'build-gpu', 'cuda_train_bench');
+  if (!existsSync(exe)) return { bench: `gpu-${part}`, skipped: `${exe} is not built (scripts/gpu-check.sh builds it on a GPU machine with cuBLASLt)` };
+  const result = await runJson(exe, [`--only=${part}`, ...(quick ? ['--quick'] : [])], 30);
+  if ('skipped' in result || part === 'loss') return { bench: `gpu-${part}`, ...result };
+  const script = join(import.meta.dirname, 'peers', 'torch_gpu_train.py');
+  const peer = await run('python3', [script, ...(quick ? ['--batch', '4', '--tokens', '512', '--steps', '2'] : [])], { maxBuffer: 1 << 20, timeout: 30 * 60_000 })
+    .then(({ stdout }) => JSON.parse(stdout.trim().split('\n').pop()!) as Record<string, unknown>)
+    .catch((e: { stdout?: string; message?: string }) => ({ skipped: `PyTorch GPU peer failed: ${e.stdout?.trim().split('\n').pop() ?? e.message}` }));
+  type Row = { model: string; tokensPerSecond?: number; peakDeviceBytes?: number; peakAllocatedBytes?: number };
+  const ours = (result.train as Row[]) ?? [];
+  const theirs = ((peer as { results?: Row[] }).results ?? []);
+  const ratios = ours.map((o) => {
+    const p = theirs.find((t) => t.model === o.model);
+    return {
+      model: o.model,
+      vsPytorchTokensPerSecond: p?.tokensPerSecond ? o.tokensPerSecond! / p.tokensPerSecond : null,
+      memoryVsPytorch: p?.peakAllocatedBytes ? o.peakDeviceBytes! / p.peakAllocatedBytes : null,
+    };
+  });
+  return { bench: 'gpu-train', ...result, peer, ratios };
+}
+
 async function benchLoss() {
   const exe = await nativeBench('bench_rf_loss');
   const binary = binaryInfo(exe);
@@ -497,6 +523,8 @@ const benches: Record<string, () => Promise<unknown>> = {
   }),
   'gpu-decode': () => benchGpu('decode'),
   'gpu-prefill': () => benchGpu('prefill'),
+  'gpu-train': () => benchGpuTrain('train'),
+  'gpu-loss': () => benchGpuTrain('loss'),
   soak: () => runSoak({ seconds: flagValue('--seconds', 600), clients: flagValue('--clients', 64), seed: flagValue('--seed', 1), onProgress: (line) => console.error(line) }),
 };
 // The soak runs for minutes, and the GPU benches need a GPU: only when named.

@@ -26,11 +26,11 @@ declare -A sources=(
   [optim]="optim"
   [attention]="attention paged_cache"
   [attention_backward]="attention_backward"
-  [rf_loss]="rf_loss model_ops"
+  [rf_loss]="rf_loss model_ops memory"
   [model_ops]="model_ops"
   [train_ops]="train_ops"
-  [model]="ops attention paged_cache model_ops train_ops device_model"
-  [train]="ops ops_backward optim attention attention_backward paged_cache model_ops train_ops rf_loss device_model device_trainer"
+  [model]="ops attention paged_cache model_ops train_ops memory device_model"
+  [train]="ops ops_backward optim attention attention_backward paged_cache model_ops train_ops memory rf_loss device_model device_trainer"
 )
 declare -A stand_in=([rf_loss]="$emu/gemm.cpp" [model]="$emu/gemm.cpp" [train]="$emu/gemm.cpp")
 tests=("$@")

@@ -44,7 +44,7 @@ results=()
 for t in "$build"/cuda_*; do
   [ -x "$t" ] || continue
   name=$(basename "$t")
-  [ "$name" = cuda_bench ] && continue
+  case "$name" in cuda_bench | cuda_train_bench) continue ;; esac
   timeout 300 "$t" > "$out/$name.log" 2>&1
   rc=$?
   results+=("\"$name\": $rc")
@@ -93,12 +93,26 @@ if [ -n "${addon:-}" ]; then
 fi
 # The benchmark (JSON on stdout, progress on stderr): RF_GPU_CHECK_BENCH=0 skips it, "quick" shortens it.
 bench_rc=-1
+bench_args=()
+[ "${RF_GPU_CHECK_BENCH:-1}" = quick ] && bench_args=(--quick)
 if [ -x "$build/cuda_bench" ] && [ "${RF_GPU_CHECK_BENCH:-1}" != 0 ]; then
-  bench_args=()
-  [ "${RF_GPU_CHECK_BENCH:-1}" = quick ] && bench_args=(--quick)
   timeout 420 "$build/cuda_bench" "${bench_args[@]}" > "$out/cuda_bench.json" 2> "$out/cuda_bench.log"
   bench_rc=$?
   tail -12 "$out/cuda_bench.log"
+fi
+# The GPU trainer's bench (LoRA step on 1B / 3B shapes, the fused loss alone) and its PyTorch +
+# PEFT peer (bench/peers/torch_gpu_train.py, the same batch and loss mix).
+train_bench_rc=-1
+train_peer_rc=-1
+if [ -x "$build/cuda_train_bench" ] && [ "${RF_GPU_CHECK_BENCH:-1}" != 0 ]; then
+  timeout 420 "$build/cuda_train_bench" "${bench_args[@]}" > "$out/cuda_train_bench.json" 2> "$out/cuda_train_bench.log"
+  train_bench_rc=$?
+  tail -8 "$out/cuda_train_bench.log"
+  peer_args=()
+  [ "${RF_GPU_CHECK_BENCH:-1}" = quick ] && peer_args=(--batch 4 --tokens 512 --steps 2)
+  timeout 420 python3 bench/peers/torch_gpu_train.py "${peer_args[@]}" > "$out/torch_gpu_train.json" 2> "$out/torch_gpu_train.log"
+  train_peer_rc=$?
+  tail -4 "$out/torch_gpu_train.log"
 fi
 # The peer on the same GPU: PyTorch + transformers, bf16, static cache, torch.compile where it works.
 peer_rc=-1
@@ -115,5 +129,5 @@ if [ -n "${addon:-}" ] && [ "${RF_GPU_CHECK_BENCH:-1}" != 0 ]; then
   serve_rc=$?
   tail -c 1500 "$out/gpu-serve.json"
 fi
-printf '{"build": "ok", "ctest": %d, "cuda": {%s}, "e2e": %d, "trainE2e": %d, "interop": %d, "bench": %d, "peer": %d, "serve": %d}\n' "$ctest_rc" "$(IFS=,; echo "${results[*]}")" "$e2e_rc" "$train_e2e_rc" "$interop_rc" "$bench_rc" "$peer_rc" "$serve_rc" > "$out/summary.json"
+printf '{"build": "ok", "ctest": %d, "cuda": {%s}, "e2e": %d, "trainE2e": %d, "interop": %d, "bench": %d, "peer": %d, "trainBench": %d, "trainPeer": %d, "serve": %d}\n' "$ctest_rc" "$(IFS=,; echo "${results[*]}")" "$e2e_rc" "$train_e2e_rc" "$interop_rc" "$bench_rc" "$peer_rc" "$train_bench_rc" "$train_peer_rc" "$serve_rc" > "$out/summary.json"
 cat "$out/summary.json"

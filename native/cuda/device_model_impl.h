@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "cuda/memory.h"
+
 namespace rf::cuda {
 
 inline void check(cudaError_t e, const char* what) {
@@ -38,7 +40,7 @@ class Buffer {
   void* ensure(size_t bytes) {
     if (bytes > bytes_) {
       reset();
-      check(cudaMalloc(&p_, bytes), "cudaMalloc");
+      check(device_alloc(&p_, bytes), "cudaMalloc");
       bytes_ = bytes;
     }
     return p_;
@@ -49,7 +51,7 @@ class Buffer {
     check(cudaMemcpy(p_, host, bytes, cudaMemcpyHostToDevice), "cudaMemcpy (upload)");
   }
   void reset() {
-    if (p_) cudaFree(p_);
+    device_free(p_, bytes_);
     p_ = nullptr, bytes_ = 0;
   }
   template <class T = float>

@@ -47,6 +47,7 @@
 #include <tuple>
 
 #include "cuda/gemm.h"
+#include "cuda/memory.h"
 
 namespace rf::cuda {
 
@@ -185,7 +186,7 @@ struct GemmContext::Impl {
   Impl& operator=(const Impl&) = delete;
   ~Impl() {
     plans.clear();
-    if (workspace) cudaFree(workspace);  // waits for the device, so no queued product still uses it
+    device_free(workspace, workspace_bytes);  // cudaFree waits for the device, so no queued product still uses it
     if (handle) cublasLtDestroy(handle);
   }
 
@@ -278,7 +279,7 @@ Plan& GemmContext::Impl::plan(int M, int N, int K, DType type, const void* x, co
 GemmContext::GemmContext(size_t workspace_bytes) : impl_(std::make_unique<Impl>()) {
   // If anything below throws, impl_ is already a complete member and its destructor cleans up.
   check_lt(cublasLtCreate(&impl_->handle), "cublasLtCreate");
-  if (workspace_bytes > 0) check_cuda(cudaMalloc(&impl_->workspace, workspace_bytes), "cudaMalloc(cuBLASLt workspace)");
+  if (workspace_bytes > 0) check_cuda(device_alloc(&impl_->workspace, workspace_bytes), "cudaMalloc(cuBLASLt workspace)");
   impl_->workspace_bytes = workspace_bytes;
 }
 

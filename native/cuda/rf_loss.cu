@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/memory.h"
 #include "cuda/model_ops.h"
 #include "kernels/rf_loss_rows.h"
 
@@ -188,15 +189,16 @@ __global__ void ce_kernel(float* zt, int V, const int32_t* targets, float weight
 
 // Device scratch that frees itself.
 struct Scratch {
-  std::vector<void*> ptrs;
+  std::vector<std::pair<void*, size_t>> ptrs;
   ~Scratch() {
-    for (void* p : ptrs) cudaFree(p);
+    for (auto& [p, bytes] : ptrs) device_free(p, bytes);
   }
   template <class T>
   T* alloc(size_t n) {
     void* p = nullptr;
-    check(cudaMalloc(&p, std::max<size_t>(1, n) * sizeof(T)), "cudaMalloc (rf_loss scratch)");
-    ptrs.push_back(p);
+    const size_t bytes = std::max<size_t>(1, n) * sizeof(T);
+    check(device_alloc(&p, bytes), "cudaMalloc (rf_loss scratch)");
+    ptrs.emplace_back(p, bytes);
     return static_cast<T*>(p);
   }
 };
