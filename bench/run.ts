@@ -492,13 +492,14 @@ async function benchGpuTrain(part: 'train' | 'loss') {
   const peer = await run('python3', [script, ...(quick ? ['--batch', '4', '--tokens', '512', '--steps', '2'] : [])], { maxBuffer: 1 << 20, timeout: 30 * 60_000 })
     .then(({ stdout }) => JSON.parse(stdout.trim().split('\n').pop()!) as Record<string, unknown>)
     .catch((e: { stdout?: string; message?: string }) => ({ skipped: `PyTorch GPU peer failed: ${e.stdout?.trim().split('\n').pop() ?? e.message}` }));
-  type Row = { model: string; tokensPerSecond?: number; peakDeviceBytes?: number; peakAllocatedBytes?: number };
+  type Row = { model: string; recompute?: boolean; tokensPerSecond?: number; peakDeviceBytes?: number; peakAllocatedBytes?: number };
   const ours = (result.train as Row[]) ?? [];
   const theirs = ((peer as { results?: Row[] }).results ?? []);
   const ratios = ours.map((o) => {
     const p = theirs.find((t) => t.model === o.model);
     return {
       model: o.model,
+      recompute: o.recompute,
       vsPytorchTokensPerSecond: p?.tokensPerSecond ? o.tokensPerSecond! / p.tokensPerSecond : null,
       memoryVsPytorch: p?.peakAllocatedBytes ? o.peakDeviceBytes! / p.peakAllocatedBytes : null,
     };

@@ -185,6 +185,8 @@ export interface NativeTrainOptions {
   /** Or several flag tokens (`<rf>` first, then one per category): rfToken is then ignored. */
   flagTokens?: number[];
   seed: number;
+  /** Activation recomputation (the GPU trainer): keep each block's input only, recompute the rest in the backward. */
+  recompute?: boolean;
 }
 
 /** Options of NativeModel.trainStep. */

@@ -8,6 +8,7 @@
 //     total within 2e-2 (Adam divides by sqrt(v): elements with near-zero gradients move apart);
 //   - on the device, a run stopped after step 3 (AbortSignal, checkpoint) and resumed ends with
 //     the adapter file of the uninterrupted device run, byte for byte (deterministic kernels);
+//   - with activation recomputation (--recompute), the same adapter byte for byte (GPU only);
 //   - the same run in the device's default dtype (bf16 on a GPU) trains: finite losses, the first
 //     within 1e-2 of the f32 run's (the weights' bf16 rounding).
 // With --integration it also runs the CI integration test's pipeline with both adapters on the
@@ -69,6 +70,11 @@ try {
   check(stopped?.name === 'AbortError', 'an AbortSignal stops the device run with a checkpoint', { error: String(stopped) });
   await train(config('resumed', { device, dtype: 'f32', checkpointEvery: 2 }), { resume: true });
   check(Buffer.compare(await adapter('resumed'), await adapter('dev')) === 0, 'a stopped and resumed device run ends with the uninterrupted adapter, byte for byte');
+
+  if (device !== 'cpu') {  // activation recomputation: the same gradients, so the same adapter
+    await run('recomputed', { device, dtype: 'f32', recompute: true });
+    check(Buffer.compare(await adapter('recomputed'), await adapter('dev')) === 0, 'activation recomputation ends with the same adapter, byte for byte');
+  }
 
   const native = await run('native-dtype', { device });
   const totals = native.steps.map((s) => s.loss.total);

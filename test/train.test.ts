@@ -261,6 +261,8 @@ describe('training configuration', () => {
     expect(parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', device: 'cuda:1' }).device).toBe('cuda:1');
     expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', device: 'gpu' })).toThrow(/device: must be 'cpu', 'cuda' or 'cuda:N'/);
     expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', device: 'cuda', mode: 'full' })).toThrow(/mode 'full' .* runs on the CPU only/);
+    expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', recompute: true })).toThrow(/recompute .* is a GPU trainer option/);
+    expect(parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', device: 'cuda', recompute: true }).recompute).toBe(true);
   });
 
   it.skipIf(cudaUsable())('on a GPU that is not there, fails at once with the CUDA error and trains nothing', async () => {

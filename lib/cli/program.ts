@@ -208,6 +208,7 @@ export function buildProgram(): Command {
     .option('--category-map <file>', 'JSON object mapping the data\'s categories to flag category names')
     .option('--merge', 'also write the merged model')
     .option('--device <device>', "where training runs: 'cpu', 'cuda' or 'cuda:N' (the CUDA build: npm run build:cuda; LoRA only)", device)
+    .option('--recompute', 'GPU: recompute each block\'s activations in the backward instead of keeping them (long sequences)')
     .option('--dtype <dtype>', "frozen weights: 'f32' or 'bf16' (default: f32 on the CPU, bf16 on a GPU)", dtype)
     .option('--threads <n>', 'threads for native work', integer('threads', 1))
     .action(async (flags: Record<string, unknown>) => {

@@ -70,6 +70,7 @@ export async function configFromFlags(flags: Record<string, unknown>): Promise<T
   }
   set('categoryMap', flags['categoryMap']);
   set('device', flags['device']);
+  set('recompute', flags['recompute']);
   set('dtype', flags['dtype']);
   set('threads', flags['threads']);
   const lora: Record<string, unknown> = {};

@@ -114,6 +114,12 @@ export const trainConfigSchema = z.strictObject({
    * with the CUDA build of the addon (`npm run build:cuda`). LoRA only on a GPU for now.
    */
   device: z.string().regex(/^(cpu|cuda(:\d{1,3})?)$/, "must be 'cpu', 'cuda' or 'cuda:N'").default('cpu'),
+  /**
+   * Activation recomputation (GPU only): the forward keeps each block's input and the backward
+   * recomputes the block's activations (about one more forward of work; activation memory of one
+   * block instead of all), for long sequences. Gradients are the same bits either way.
+   */
+  recompute: z.boolean().default(false),
   /** Frozen weights in the engine (default: f32 on the CPU, bf16 on a GPU). */
   dtype: z.enum(['f32', 'bf16']).optional(),
   threads: z.number().int().min(1).optional(),
@@ -164,6 +170,9 @@ export type TrainConfigInput = z.input<typeof trainConfigSchema>;
 export function parseTrainConfig(input: unknown, where = 'training config'): TrainConfig {
   const result = trainConfigSchema.safeParse(input);
   if (result.success) {
+    if (result.data.recompute && result.data.device === 'cpu') {
+      throw new RedflagError('INVALID_ARGUMENT', `${where}: recompute (activation recomputation) is a GPU trainer option (device 'cuda'); the CPU trainer keeps every activation`);
+    }
     if (result.data.mode === 'full' && result.data.device !== 'cpu') {
       throw new RedflagError('INVALID_ARGUMENT', `${where}: mode 'full' (full fine-tuning) runs on the CPU only for now; on ${result.data.device} train a LoRA adapter (mode 'lora')`);
     }

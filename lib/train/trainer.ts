@@ -224,6 +224,7 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
         rfToken,
         ...(model.flagCategories.length > 0 && rfToken >= 0 ? { flagTokens: model.flagTokenIds() } : {}),
         seed: config.seed,
+        ...(config.recompute ? { recompute: true } : {}),
       }),
     );
     log(`${data.train.length} training and ${data.eval.length} held-out conversations; ${trainable.toLocaleString()} trainable parameters (${config.mode})`);

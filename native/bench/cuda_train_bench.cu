@@ -16,7 +16,8 @@
 //   the LM head 2 H V per product: 3 per KL row (trained and reference logits, dh), 2 per
 //   red-flag row;
 // with P the non-embedding parameters, L the LoRA parameters, R and Rref the two batches' tokens.
-// MFU = those FLOPs / step time / the in-run bf16 throughput. Memory: the peak of the device
+// MFU = those FLOPs / step time / the in-run bf16 throughput (recomputation's extra forward is
+// work done, not counted). Each model runs without and with activation recomputation. Memory: the peak of the device
 // memory redflag allocated (cuda/memory.h: weights, KV pool, trace, scratch, loss scratch,
 // cuBLASLt workspace), comparable with PyTorch's torch.cuda.max_memory_allocated().
 //
@@ -103,11 +104,23 @@ std::vector<rf::Sequence> seqs(std::vector<std::vector<uint32_t>>& v) {
   return out;
 }
 
-// The train part for one model shape: JSON fields.
+// The train part for one model shape, with and without activation recomputation: JSON objects.
+std::string bench_train_one(const std::string& name, rf::cuda::DeviceModel& m, int B, int T, int steps, double peak_flops,
+                            bool recompute);
+
 std::string bench_train(const std::string& name, const rf::ModelConfig& c, int B, int T, int steps, double peak_flops) {
   std::fprintf(stderr, "%s: loading random bf16 weights\n", name.c_str());
   rf::cuda::DeviceModel m(c, rf::DType::bf16, 0);
   load_random(m);
+  std::string out = bench_train_one(name, m, B, T, steps, peak_flops, false);
+  m.clear_adapters();
+  return out + ", " + bench_train_one(name, m, B, T, steps, peak_flops, true);
+}
+
+std::string bench_train_one(const std::string& name, rf::cuda::DeviceModel& m, int B, int T, int steps, double peak_flops,
+                            bool recompute) {
+  const rf::ModelConfig& c = m.config();
+  rf::cuda::reset_memory_peak();
   Mix mix = make_mix(B, T, c.vocab);
   long R = 0, Rref = 0;
   for (const auto& s : mix.trained) R += long(s.size());
@@ -125,6 +138,7 @@ std::string bench_train(const std::string& name, const rf::ModelConfig& c, int B
   o.lora.dropout = 0.05f;
   o.lora.targets = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
   o.rf_token = c.vocab - 1;
+  o.recompute = recompute;
   rf::cuda::DeviceTrainer trainer(m, o);
   rf::LossOptions lo;
   rf::AdamWOptions ao;
@@ -148,9 +162,9 @@ std::string bench_train(const std::string& name, const rf::ModelConfig& c, int B
   const double flops = 4 * P * R + 6 * L * R + 2 * P * Rref + 3.5 * attention + attention_ref +
                        2 * H * V * (3.0 * mix.kl_rows + 2.0 * mix.rf_rows);
   const rf::cuda::MemoryStats mem = rf::cuda::memory_stats();
-  std::fprintf(stderr, "%s: %d x %d: %.3f s/step, %.0f tokens/s, MFU %.1f%%, peak %.1f GiB\n", name.c_str(), B, T, t, R / t,
-               100 * flops / t / peak_flops, double(mem.peak) / (1 << 30));
-  return "{\"model\": \"" + name + "\", \"batch\": " + std::to_string(B) + ", \"tokens\": " + std::to_string(T) +
+  std::fprintf(stderr, "%s%s: %d x %d: %.3f s/step, %.0f tokens/s, MFU %.1f%%, peak %.1f GiB\n", name.c_str(),
+               recompute ? " (recompute)" : "", B, T, t, R / t, 100 * flops / t / peak_flops, double(mem.peak) / (1 << 30));
+  return "{\"model\": \"" + name + "\", \"recompute\": " + (recompute ? "true" : "false") + ", \"batch\": " + std::to_string(B) + ", \"tokens\": " + std::to_string(T) +
          ", \"trainedTokens\": " + std::to_string(R) + ", \"referenceTokens\": " + std::to_string(Rref) +
          ", \"klRows\": " + std::to_string(mix.kl_rows) + ", \"redFlagRows\": " + std::to_string(mix.rf_rows) +
          ", \"trainable\": " + num(L) + ", \"secondsPerStep\": " + num(t) + ", \"tokensPerSecond\": " + num(R / t) +

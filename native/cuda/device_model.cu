@@ -246,22 +246,15 @@ void DeviceModel::check_items(const std::vector<DeviceItem>& items) const {
   }
 }
 
-const float* DeviceModel::run(const std::vector<DeviceItem>& items, LogitsMode mode, const std::atomic<int>* cancel,
-                              const std::function<void(int, int)>& progress, DeviceTrace* trace) {
-  check(cudaSetDevice(device_), "cudaSetDevice");
-  check_complete();
-  check_items(items);
+void DeviceModel::plan_forward(const std::vector<DeviceItem>& items) {
   const ModelConfig& c = config_;
   const cudaStream_t st = as_stream(stream_);
   DeviceScratch& s = *s_;
-  const DeviceWeights& w = *w_;
+  ForwardPlan& p = s.plan;
   const int n = int(items.size());
   long R = 0;
   for (const DeviceItem& it : items) R += it.n_tokens;
-  if (R == 0) return nullptr;
-  if (trace && mode != LogitsMode::hidden) throw std::invalid_argument("a traced forward returns hidden states");
-  const long H = c.hidden, QKV = c.qkv_dim(), Q = c.q_dim(), KV = c.kv_dim(), hd = c.head_dim, V = c.vocab;
-  const long I = c.intermediate, MLP_IN = c.act == Activation::silu ? 2 * I : I;
+  const long H = c.hidden, hd = c.head_dim;
 
   // Room in the pool for every new token, before anything runs (a full pool fails here whole).
   for (const DeviceItem& it : items) it.seq->reserve(it.seq->length() + it.n_tokens);
@@ -311,124 +304,165 @@ const float* DeviceModel::run(const std::vector<DeviceItem>& items, LogitsMode m
     std::memcpy(delta.data() + r * H, items[i].embed_delta, size_t(items[i].n_tokens) * H * sizeof(float));
   }
 
-  const int32_t* d_tokens = upload_async(s.tokens, tokens, st);
-  const int32_t* d_positions = upload_async(s.positions, positions, st);
-  const int32_t* d_row_seq = upload_async(s.row_seq, row_seq, st);
-  const int32_t* d_row_pos = upload_async(s.row_pos, row_pos, st);
-  const int32_t* d_tables = upload_async(s.tables, tables, st);
-  const int32_t* d_table_offsets = upload_async(s.table_offsets, table_offsets, st);
-  const int32_t* d_lengths = upload_async(s.lengths, lengths, st);
-  const int32_t* d_row_offsets = upload_async(s.row_offsets, row_offsets, st);
-  const int32_t* d_n_new = upload_async(s.n_new, n_new, st);
-  const int32_t* d_last_rows = upload_async(s.last_rows, last_rows, st);
-  const float* d_cos = c.rope ? upload_async(s.cos, cos, st) : nullptr;
-  const float* d_sin = c.rope ? upload_async(s.sin, sin, st) : nullptr;
-  const float* d_delta = delta.empty() ? nullptr : upload_async(s.delta, delta, st);
+  p.R = R;
+  p.n = n;
+  p.max_new = max_new;
+  p.max_length = max_length;
+  p.all_one = all_one;
+  p.tokens = upload_async(s.tokens, tokens, st);
+  p.positions = upload_async(s.positions, positions, st);
+  p.row_seq = upload_async(s.row_seq, row_seq, st);
+  p.row_pos = upload_async(s.row_pos, row_pos, st);
+  p.tables = upload_async(s.tables, tables, st);
+  p.table_offsets = upload_async(s.table_offsets, table_offsets, st);
+  p.lengths = upload_async(s.lengths, lengths, st);
+  p.row_offsets = upload_async(s.row_offsets, row_offsets, st);
+  p.n_new = upload_async(s.n_new, n_new, st);
+  p.last_rows = upload_async(s.last_rows, last_rows, st);
+  p.cos = c.rope ? upload_async(s.cos, cos, st) : nullptr;
+  p.sin = c.rope ? upload_async(s.sin, sin, st) : nullptr;
+  p.delta = delta.empty() ? nullptr : upload_async(s.delta, delta, st);
+  if (all_one)
+    s.attn.ensure(size_t(std::max(1L, decode_attention_scratch(n, c.n_heads, int(hd), max_length))) * sizeof(float));
+}
 
-  float* x = static_cast<float*>(s.x.ensure(size_t(R * H) * sizeof(float)));
+void DeviceModel::keep_rows(Buffer& b, const float* src, long n) {
+  b.ensure(size_t(n) * sizeof(float));
+  check(cudaMemcpyAsync(b.get(), src, size_t(n) * sizeof(float), cudaMemcpyDeviceToDevice, as_stream(stream_)),
+        "cudaMemcpyAsync (trace)");
+}
+
+void DeviceModel::norm_rows(const DNorm& nm, const float* in, float* out, long rows) {
+  const ModelConfig& c = config_;
+  if (c.norm == NormType::rms) rmsnorm_rows(out, in, nm.w.get(), int(rows), c.hidden, c.norm_eps, as_stream(stream_));
+  else layernorm_rows(out, in, nm.w.get(), nm.b.get(), int(rows), c.hidden, c.norm_eps, as_stream(stream_));
+}
+
+// y (+)= x W^T + b, then each LoRA adapter's ((x A^T) (scale B)^T) on its slice of y. Traced,
+// the adapters read dropout(x) (PEFT's lora_dropout; adapter id as the CPU's: index * 16 + a)
+// and lt keeps u = dropout(x) A^T (its lora_u from *u_next on).
+void DeviceModel::linear_rows(const DLinear& lin, const float* in, long rows, float* y, bool accumulate, int layer, int index,
+                              const DeviceTrace* trace, DeviceLayerTrace* lt, size_t* u_next) {
+  DeviceScratch& s = *s_;
+  const cudaStream_t st = as_stream(stream_);
+  const void* xin = in;
+  DType xt = DType::f32;
+  if (dtype_ == DType::bf16) {
+    f32_to_bf16(s.xb.get<__nv_bfloat16>(), in, rows * lin.in, st);
+    xin = s.xb.get<void>();
+    xt = DType::bf16;
+  }
+  matmul(*gemm_, y, xin, xt, lin.w.get<void>(), dtype_, int(rows), lin.out, lin.in, lin.bias.empty() ? nullptr : lin.bias.get(),
+         accumulate ? 1.f : 0.f, st);
+  if (!adapter_enabled_) return;
+  for (size_t ai = 0; ai < lin.lora.size(); ++ai) {
+    const DLinear::Lora& a = lin.lora[ai];
+    float* u = static_cast<float*>(s.lora_u.ensure(size_t(rows * a.rank) * sizeof(float)));
+    float* d = static_cast<float*>(s.lora_d.ensure(size_t(rows * a.out) * sizeof(float)));
+    const float* xa = in;
+    if (trace && trace->dropout > 0.f) {
+      float* xd = static_cast<float*>(s.lora_x.ensure(size_t(rows * lin.in) * sizeof(float)));
+      dropout_rows(xd, in, int(rows), lin.in, trace->dropout_seed, layer, index * 16 + int(ai), trace->dropout, st);
+      xa = xd;
+    }
+    matmul(*gemm_, u, xa, DType::f32, a.A.get<void>(), DType::f32, int(rows), a.rank, lin.in, nullptr, 0.f, st);
+    if (lt) {
+      if (lt->lora_u.size() <= *u_next) lt->lora_u.resize(*u_next + 1);
+      keep_rows(lt->lora_u[(*u_next)++], u, rows * a.rank);
+    }
+    matmul(*gemm_, d, u, DType::f32, a.B.get<void>(), DType::f32, int(rows), a.out, a.rank, nullptr, 0.f, st);
+    add_into(y + a.offset, lin.out, d, int(rows), a.out, st);
+  }
+}
+
+void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const DeviceTrace* trace, bool append_kv) {
+  const ModelConfig& c = config_;
+  const cudaStream_t st = as_stream(stream_);
+  DeviceScratch& s = *s_;
+  const ForwardPlan& p = s.plan;
+  const DLayer& L = w_->layers[size_t(l)];
+  const long R = p.R, H = c.hidden, QKV = c.qkv_dim(), Q = c.q_dim(), KV = c.kv_dim(), hd = c.head_dim;
+  const long I = c.intermediate, MLP_IN = c.act == Activation::silu ? 2 * I : I;
   float* xn = static_cast<float*>(s.xn.ensure(size_t(R * H) * sizeof(float)));
   float* qkv = static_cast<float*>(s.qkv.ensure(size_t(R * QKV) * sizeof(float)));
   float* q = static_cast<float*>(s.q.ensure(size_t(R * Q) * sizeof(float)));
   float* att = static_cast<float*>(s.att.ensure(size_t(R * Q) * sizeof(float)));
   float* mlp = static_cast<float*>(s.mlp.ensure(size_t(R * MLP_IN) * sizeof(float)));
   float* act = c.act == Activation::silu ? static_cast<float*>(s.act.ensure(size_t(R * I) * sizeof(float))) : mlp;
-  // bf16 copies of a product's input: the widest input is max(H, Q, I) per row.
+  if (dtype_ == DType::bf16) s.xb.ensure(size_t(R * std::max({H, Q, I})) * sizeof(__nv_bfloat16));
+  // What the trace keeps: every activation, or the block's input alone (recomputation).
+  DeviceLayerTrace* keep = lt && !trace->inputs_only ? lt : nullptr;
+  size_t u_next = 0;
+  if (lt) keep_rows(lt->x_in, x, R * H);
+
+  // Attention block: x += o(attn(rope(qkv(norm(x)))))
+  norm_rows(L.attn_norm, x, xn, R);
+  if (keep) keep_rows(keep->xn1, xn, R * H);
+  linear_rows(L.qkv, xn, R, qkv, false, l, 0, trace, keep, &u_next);
+  if (c.rope) {
+    rope_rows(qkv, QKV, int(R), c.n_heads, int(hd), p.cos, p.sin, st);
+    rope_rows(qkv + Q, QKV, int(R), c.n_kv_heads, int(hd), p.cos, p.sin, st);
+  }
+  if (keep) keep_rows(keep->qkv, qkv, R * QKV);
+  if (append_kv)
+    kv_append(pool_->k(l), pool_->v(l), qkv, QKV, int(Q), int(Q + KV), p.row_seq, p.row_pos, p.tables, p.table_offsets, int(R),
+              c.n_kv_heads, int(hd), kBlockTokens, st);
+  check(cudaMemcpy2DAsync(q, Q * sizeof(float), qkv, QKV * sizeof(float), Q * sizeof(float), R, cudaMemcpyDeviceToDevice, st),
+        "cudaMemcpy2DAsync (q)");
+  const PagedLayer layer{pool_->k(l), pool_->v(l), kBlockTokens, c.n_kv_heads, int(hd)};
+  const PagedBatch batch{p.tables, p.table_offsets, p.lengths, p.n, p.max_length};
+  const float scale = 1.0f / std::sqrt(float(hd));
+  if (p.all_one) decode_attention(att, q, layer, batch, c.n_heads, scale, c.sliding_window, s.attn.get(), st);
+  else prefill_attention(att, q, layer, batch, p.row_offsets, p.n_new, int(R), p.max_new, c.n_heads, scale, c.sliding_window, st);
+  if (keep) keep_rows(keep->att, att, R * Q);
+  linear_rows(L.o, att, R, x, true, l, 1, trace, keep, &u_next);
+  if (keep) keep_rows(keep->x_mid, x, R * H);
+
+  // MLP block: x += mlp_out(act(mlp_in(norm(x))))
+  norm_rows(L.mlp_norm, x, xn, R);
+  if (keep) keep_rows(keep->xn2, xn, R * H);
+  linear_rows(L.mlp_in, xn, R, mlp, false, l, 2, trace, keep, &u_next);
+  if (keep) keep_rows(keep->mlp, mlp, R * MLP_IN);
+  if (c.act == Activation::silu) swiglu_rows(act, mlp, int(R), int(I), st);
+  else gelu_new(mlp, R * I, st);
+  if (keep) keep_rows(keep->act, act, R * I);
+  linear_rows(L.mlp_out, act, R, x, true, l, 3, trace, keep, &u_next);
+}
+
+const float* DeviceModel::run(const std::vector<DeviceItem>& items, LogitsMode mode, const std::atomic<int>* cancel,
+                              const std::function<void(int, int)>& progress, DeviceTrace* trace) {
+  check(cudaSetDevice(device_), "cudaSetDevice");
+  check_complete();
+  check_items(items);
+  const ModelConfig& c = config_;
+  const cudaStream_t st = as_stream(stream_);
+  DeviceScratch& s = *s_;
+  const DeviceWeights& w = *w_;
+  const int n = int(items.size());
+  long R = 0;
+  for (const DeviceItem& it : items) R += it.n_tokens;
+  if (R == 0) return nullptr;
+  if (trace && mode != LogitsMode::hidden) throw std::invalid_argument("a traced forward returns hidden states");
+  const long H = c.hidden, Q = c.q_dim(), V = c.vocab, I = c.intermediate;
+
+  plan_forward(items);
+  const ForwardPlan& p = s.plan;
+  float* x = static_cast<float*>(s.x.ensure(size_t(R * H) * sizeof(float)));
+  float* xn = static_cast<float*>(s.xn.ensure(size_t(R * H) * sizeof(float)));
+  // bf16 copies of a product's input: the widest input is max(H, Q, I) per row (the LM head's H too).
   if (dtype_ == DType::bf16) s.xb.ensure(size_t(R * std::max({H, Q, I})) * sizeof(__nv_bfloat16));
 
   const bool flags_on = adapter_enabled_ && !w.flag_tokens.empty();
-  embed_rows(x, w.embed.get<void>(), dtype_ == DType::bf16, d_tokens, int(R), int(H),
+  embed_rows(x, w.embed.get<void>(), dtype_ == DType::bf16, p.tokens, int(R), int(H),
              flags_on && !w.flag_embed.empty() ? w.flag_embed.get() : nullptr, w.flag_ids.get<int32_t>(),
-             int(w.flag_tokens.size()), c.arch == Arch::gpt2 ? w.pos_embed.get() : nullptr, d_positions, d_delta, st);
-
-  auto norm = [&](const DNorm& nm, const float* in, float* out, long rows) {
-    if (c.norm == NormType::rms) rmsnorm_rows(out, in, nm.w.get(), int(rows), int(H), c.norm_eps, st);
-    else layernorm_rows(out, in, nm.w.get(), nm.b.get(), int(rows), int(H), c.norm_eps, st);
-  };
-  // A copy of n floats into a trace buffer (sized on first use, then reused).
-  auto keep = [&](Buffer& b, const float* src, long n) {
-    b.ensure(size_t(n) * sizeof(float));
-    check(cudaMemcpyAsync(b.get(), src, size_t(n) * sizeof(float), cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync (trace)");
-  };
-  // y (+)= x W^T + b, then each LoRA adapter's ((x A^T) (scale B)^T) on its slice of y. Traced,
-  // the adapters read dropout(x) (PEFT's lora_dropout; adapter id as the CPU's: index * 16 + a)
-  // and keep u = dropout(x) A^T.
-  DeviceLayerTrace* lt = nullptr;
-  size_t u_next = 0;
-  auto linear = [&](const DLinear& lin, const float* in, long rows, float* y, bool accumulate, int layer, int index) {
-    const void* xin = in;
-    DType xt = DType::f32;
-    if (dtype_ == DType::bf16) {
-      f32_to_bf16(s.xb.get<__nv_bfloat16>(), in, rows * lin.in, st);
-      xin = s.xb.get<void>();
-      xt = DType::bf16;
-    }
-    matmul(*gemm_, y, xin, xt, lin.w.get<void>(), dtype_, int(rows), lin.out, lin.in, lin.bias.empty() ? nullptr : lin.bias.get(),
-           accumulate ? 1.f : 0.f, st);
-    if (!adapter_enabled_) return;
-    for (size_t ai = 0; ai < lin.lora.size(); ++ai) {
-      const DLinear::Lora& a = lin.lora[ai];
-      float* u = static_cast<float*>(s.lora_u.ensure(size_t(rows * a.rank) * sizeof(float)));
-      float* d = static_cast<float*>(s.lora_d.ensure(size_t(rows * a.out) * sizeof(float)));
-      const float* xa = in;
-      if (trace && trace->dropout > 0.f) {
-        float* xd = static_cast<float*>(s.lora_x.ensure(size_t(rows * lin.in) * sizeof(float)));
-        dropout_rows(xd, in, int(rows), lin.in, trace->dropout_seed, layer, index * 16 + int(ai), trace->dropout, st);
-        xa = xd;
-      }
-      matmul(*gemm_, u, xa, DType::f32, a.A.get<void>(), DType::f32, int(rows), a.rank, lin.in, nullptr, 0.f, st);
-      if (lt) {
-        if (lt->lora_u.size() <= u_next) lt->lora_u.resize(u_next + 1);
-        keep(lt->lora_u[u_next++], u, rows * a.rank);
-      }
-      matmul(*gemm_, d, u, DType::f32, a.B.get<void>(), DType::f32, int(rows), a.out, a.rank, nullptr, 0.f, st);
-      add_into(y + a.offset, lin.out, d, int(rows), a.out, st);
-    }
-  };
-
-  const float scale = 1.0f / std::sqrt(float(hd));
-  if (all_one) s.attn.ensure(size_t(std::max(1L, decode_attention_scratch(n, c.n_heads, int(hd), max_length))) * sizeof(float));
+             int(w.flag_tokens.size()), c.arch == Arch::gpt2 ? w.pos_embed.get() : nullptr, p.positions, p.delta, st);
+  if (trace && trace->layers.size() < size_t(c.n_layers)) trace->layers.resize(size_t(c.n_layers));
   for (int l = 0; l < c.n_layers; ++l) {
     if (cancel && cancel->load(std::memory_order_relaxed)) {
       cudaStreamSynchronize(st);
       throw Cancelled();
     }
-    const DLayer& L = w.layers[size_t(l)];
-    if (trace) {
-      if (trace->layers.size() < size_t(c.n_layers)) trace->layers.resize(size_t(c.n_layers));
-      lt = &trace->layers[size_t(l)];
-      u_next = 0;
-      keep(lt->x_in, x, R * H);
-    }
-    // Attention block: x += o(attn(rope(qkv(norm(x)))))
-    norm(L.attn_norm, x, xn, R);
-    if (lt) keep(lt->xn1, xn, R * H);
-    linear(L.qkv, xn, R, qkv, false, l, 0);
-    if (c.rope) {
-      rope_rows(qkv, QKV, int(R), c.n_heads, int(hd), d_cos, d_sin, st);
-      rope_rows(qkv + Q, QKV, int(R), c.n_kv_heads, int(hd), d_cos, d_sin, st);
-    }
-    if (lt) keep(lt->qkv, qkv, R * QKV);
-    kv_append(pool_->k(l), pool_->v(l), qkv, QKV, int(Q), int(Q + KV), d_row_seq, d_row_pos, d_tables, d_table_offsets,
-              int(R), c.n_kv_heads, int(hd), kBlockTokens, st);
-    check(cudaMemcpy2DAsync(q, Q * sizeof(float), qkv, QKV * sizeof(float), Q * sizeof(float), R, cudaMemcpyDeviceToDevice, st),
-          "cudaMemcpy2DAsync (q)");
-    const PagedLayer layer{pool_->k(l), pool_->v(l), kBlockTokens, c.n_kv_heads, int(hd)};
-    const PagedBatch batch{d_tables, d_table_offsets, d_lengths, n, max_length};
-    if (all_one) decode_attention(att, q, layer, batch, c.n_heads, scale, c.sliding_window, s.attn.get(), st);
-    else prefill_attention(att, q, layer, batch, d_row_offsets, d_n_new, int(R), max_new, c.n_heads, scale, c.sliding_window, st);
-    if (lt) keep(lt->att, att, R * Q);
-    linear(L.o, att, R, x, true, l, 1);
-    if (lt) keep(lt->x_mid, x, R * H);
-
-    // MLP block: x += mlp_out(act(mlp_in(norm(x))))
-    norm(L.mlp_norm, x, xn, R);
-    if (lt) keep(lt->xn2, xn, R * H);
-    linear(L.mlp_in, xn, R, mlp, false, l, 2);
-    if (lt) keep(lt->mlp, mlp, R * MLP_IN);
-    if (c.act == Activation::silu) swiglu_rows(act, mlp, int(R), int(I), st);
-    else gelu_new(mlp, R * I, st);
-    if (lt) keep(lt->act, act, R * I);
-    linear(L.mlp_out, act, R, x, true, l, 3);
+    layer_forward(l, x, trace ? &trace->layers[size_t(l)] : nullptr, trace, true);
     if (progress) {
       check(cudaStreamSynchronize(st), "forward (layer)");
       progress(l + 1, c.n_layers);
@@ -440,11 +474,11 @@ const float* DeviceModel::run(const std::vector<DeviceItem>& items, LogitsMode m
   const float* head_in = x;
   if (mode == LogitsMode::last) {
     float* last = static_cast<float*>(s.last.ensure(size_t(n * H) * sizeof(float)));
-    gather_rows(last, x, d_last_rows, n, int(H), st);
+    gather_rows(last, x, p.last_rows, n, int(H), st);
     head_in = last;
   }
-  if (trace) keep(trace->x_final, x, R * H);
-  norm(w.final_norm, head_in, xn, rows);  // R >= rows: xn has room
+  if (trace) keep_rows(trace->x_final, x, R * H);
+  norm_rows(w.final_norm, head_in, xn, rows);  // R >= rows: xn has room
   if (mode == LogitsMode::hidden) {
     result = xn;
   } else {

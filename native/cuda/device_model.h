@@ -32,6 +32,9 @@ struct DeviceWeights;
 struct DeviceScratch;
 class GemmContext;
 struct DeviceTrace;
+struct DeviceLayerTrace;
+struct DNorm;
+class Buffer;
 class DeviceTrainer;
 
 // One sequence's keys and values: its block table in the model's pool, and its length.
@@ -122,6 +125,17 @@ class DeviceModel {
   const float* run(const std::vector<DeviceItem>& items, LogitsMode mode, const std::atomic<int>* cancel,
                    const std::function<void(int, int)>& progress, DeviceTrace* trace = nullptr);
   void check_items(const std::vector<DeviceItem>& items) const;
+  // The forward's pieces (device_model.cu): the device tables of a forward's rows (into the
+  // scratch's plan, reserving the sequences' blocks first), one block on x [R, hidden] in place
+  // (appending the rows' keys and values to the cache, or, append_kv false, reading the cache as
+  // it is: a recomputation after the forward; traced into lt), a norm, a projection with its
+  // adapters, and a copy into a trace buffer.
+  void plan_forward(const std::vector<DeviceItem>& items);
+  void layer_forward(int layer, float* x, DeviceLayerTrace* lt, const DeviceTrace* trace, bool append_kv);
+  void norm_rows(const DNorm& norm, const float* in, float* out, long rows);
+  void linear_rows(const DLinear& lin, const float* in, long rows, float* y, bool accumulate, int layer, int index,
+                   const DeviceTrace* trace, DeviceLayerTrace* lt, size_t* u_next);
+  void keep_rows(Buffer& b, const float* src, long n);
   // A block's projection by index (0 qkv, 1 o, 2 mlp_in, 3 mlp_out, as in model/layout.h).
   DLinear& linear(int layer, int index) const;
 

@@ -105,10 +105,23 @@ struct DeviceWeights {
   Buffer flag_ids, flag_embed, flag_head;  // int32 [K]; f32 [K, hidden] each (either may be empty)
 };
 
+// The device tables of one forward's rows (DeviceModel::plan_forward): per row its token,
+// position, sequence and rope angles; per sequence its block table, length, first row and new
+// rows. Pointers into the scratch's buffers, valid until the next plan.
+struct ForwardPlan {
+  long R = 0;
+  int n = 0, max_new = 0, max_length = 0;
+  bool all_one = true;  // one new row per sequence: decode attention
+  const int32_t *tokens = nullptr, *positions = nullptr, *row_seq = nullptr, *row_pos = nullptr, *tables = nullptr,
+                *table_offsets = nullptr, *lengths = nullptr, *row_offsets = nullptr, *n_new = nullptr, *last_rows = nullptr;
+  const float *cos = nullptr, *sin = nullptr, *delta = nullptr;
+};
+
 struct DeviceScratch {
   Buffer x, xn, xb, qkv, q, att, mlp, act, lora_u, lora_d, lora_x, last, logits, cos, sin, delta, attn;
   Buffer tokens, positions, row_seq, row_pos, tables, table_offsets, lengths, row_offsets, n_new, last_rows;
   Buffer pick_params, flags, picked, logprob, p_rf, p_flags, next;
+  ForwardPlan plan;
 };
 
 // What the backward needs of one block's forward (the CPU's LayerTrace, native/model/model.h):
@@ -120,7 +133,8 @@ struct DeviceLayerTrace {
   std::vector<Buffer> lora_u;
 };
 
-// A traced forward (DeviceModel::run with a trace): every layer's activations, the input of the
+// A traced forward (DeviceModel::run with a trace): every layer's activations (inputs_only: each
+// block's input x_in alone, the rest recomputed block by block in the backward), the input of the
 // final norm [R, H], and the LoRA dropout applied to the adapters' inputs (rf::dropout_keep's
 // mask of (dropout_seed, layer, adapter, row, col), as the CPU trainer draws it).
 struct DeviceTrace {
@@ -128,6 +142,7 @@ struct DeviceTrace {
   Buffer x_final;
   float dropout = 0.f;
   uint64_t dropout_seed = 0;
+  bool inputs_only = false;
 };
 
 }  // namespace rf::cuda

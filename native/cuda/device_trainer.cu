@@ -92,6 +92,8 @@ struct DeviceTrainer::Impl {
   Buffer base_row0;  // f32 [H]: the LM head's row 0 (the KL-only loss's stand-in flag, no flag trained)
 
   DeviceTrace trace;
+  DeviceLayerTrace recomputed;  // one block's activations, recomputed in the backward
+  Buffer x_recompute;
   Buffer h, h_ref, dH, dx, dtmp, dact, dmlp, dxn, datt, dqkv, xa, dys, du, tmp_in, xb, rows_h, rows_href, dh_rows, dw_scratch;
   Buffer norm_scratch, attn_scratch, cos, sin, seq_first, seq_len, row_seq, tokens, idx_a, idx_b, sc_rows, sc_first, sc_index;
 
@@ -273,9 +275,9 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     grad_guard.st = st;
   }
 
-  // A forward of fresh sequences (their KV blocks return to the pool when they go).
-  auto forward = [&](const std::vector<Sequence>& seqs, float* out, DeviceTrace* trace) {
-    std::vector<std::shared_ptr<DeviceSequence>> owned;
+  // A forward of fresh sequences, kept in `owned` (their KV blocks return to the pool when they go).
+  auto forward = [&](const std::vector<Sequence>& seqs, float* out, DeviceTrace* trace,
+                     std::vector<std::shared_ptr<DeviceSequence>>& owned) {
     std::vector<DeviceItem> items;
     long rows_n = 0;
     for (const Sequence& q : seqs) {
@@ -287,14 +289,9 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     check(cudaMemcpyAsync(out, hidden, size_t(rows_n * H) * sizeof(float), cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync (h)");
   };
 
-  // 1. Forward with activations (adapter on, LoRA dropout) -> h [R, H].
-  s.trace.dropout = options_.lora.dropout;
-  s.trace.dropout_seed = options_.seed * 0x9e3779b97f4a7c15ULL + lopt.dropout_seed;
-  float* h = floats(s.h, R * H);
-  m.set_adapter_enabled(true);
-  forward(batch, h, &s.trace);
-
-  // 2. Reference forward: adapter and flag rows off, hidden states only.
+  // 1. Reference forward first: the base model (adapter and flag rows off), hidden states only;
+  //    its sequences go at once. (First, so that the trained batch's forward plan and keys and
+  //    values are the model's last: the backward's recomputation reads them.)
   bool any_kl = false;
   for (const LossRow& r : rows) any_kl |= r.kind == LossRow::benign_kl || r.kind == LossRow::after_kl;
   float* h_ref = nullptr;
@@ -302,13 +299,23 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     h_ref = floats(s.h_ref, Rref * H);
     m.set_adapter_enabled(false);
     try {
-      forward(reference, h_ref, nullptr);
+      std::vector<std::shared_ptr<DeviceSequence>> ref_seqs;
+      forward(reference, h_ref, nullptr, ref_seqs);
     } catch (...) {
       m.set_adapter_enabled(true);
       throw;
     }
-    m.set_adapter_enabled(true);
   }
+  m.set_adapter_enabled(true);
+
+  // 2. Forward with activations (adapter on, LoRA dropout) -> h [R, H]. With recomputation the
+  //    trace keeps each block's input only; the sequences (keys and values) stay for the backward.
+  s.trace.dropout = options_.lora.dropout;
+  s.trace.dropout_seed = options_.seed * 0x9e3779b97f4a7c15ULL + lopt.dropout_seed;
+  s.trace.inputs_only = options_.recompute;
+  float* h = floats(s.h, R * H);
+  std::vector<std::shared_ptr<DeviceSequence>> trained_seqs;
+  forward(batch, h, &s.trace, trained_seqs);
 
   // 3. Losses -> dL/dh of the scored rows, added into dH [R, H].
   LossTerms terms;
@@ -499,9 +506,20 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     }
   };
 
+  DeviceTrace recompute_trace;  // the same dropout masks, every activation kept
+  recompute_trace.dropout = s.trace.dropout;
+  recompute_trace.dropout_seed = s.trace.dropout_seed;
   for (int l = c.n_layers - 1; l >= 0; --l) {
     cancelled();
-    const DeviceLayerTrace& lt = s.trace.layers[size_t(l)];
+    if (options_.recompute) {
+      // The block again from its input, on the cache the forward filled: the same kernels on the
+      // same inputs, so the same bits as the activations the forward would have kept.
+      float* xr = floats(s.x_recompute, R * H);
+      check(cudaMemcpyAsync(xr, s.trace.layers[size_t(l)].x_in.get(), size_t(R * H) * sizeof(float), cudaMemcpyDeviceToDevice, st),
+            "cudaMemcpyAsync (recompute)");
+      m.layer_forward(l, xr, &s.recomputed, &recompute_trace, false);
+    }
+    const DeviceLayerTrace& lt = options_.recompute ? s.recomputed : s.trace.layers[size_t(l)];
     const DLayer& L = w.layers[size_t(l)];
     // MLP: x_out = x_mid + mlp_out(act(mlp_in(norm(x_mid))))
     linear_backward(l, 3, lt.act.get(), I, dx, H, dact, lt);

@@ -39,6 +39,10 @@ struct TrainOptions {
     return rf_token >= 0 ? std::vector<int>{rf_token} : std::vector<int>{};
   }
   uint64_t seed = 0;                    // LoRA init and dropout masks
+  // Activation recomputation (the GPU trainer): keep only each block's input in the forward and
+  // recompute the block's activations in the backward (about one more forward of work, and
+  // activation memory of one block instead of all). The CPU trainer keeps every activation.
+  bool recompute = false;
 };
 
 struct AdamWOptions {

@@ -600,6 +600,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
         for (uint32_t i = 0; i < flags.Length(); ++i) opt.flag_tokens.push_back(flags.Get(i).As<Napi::Number>().Int32Value());
       }
       opt.seed = uint64_t(get_double(o, "seed"));
+      if (o.Has("recompute")) opt.recompute = get_bool(o, "recompute");
       begin_work();
       auto handle = std::make_shared<TrainerHandle>();
       handle->engine = engine_;

@@ -17,6 +17,8 @@
 //  - the same step twice from the same state gives the same bits (no atomics), also after the
 //    parameters went to the host and back (download / params_changed: a checkpoint's round trip);
 //  - param_grads = false leaves the gradients as they were and still returns dL/d(embeddings);
+//  - activation recomputation (TrainOptions::recompute) gives the same bits as keeping every
+//    activation;
 //  - a set cancel flag throws rf::Cancelled; full fine-tuning and a model that already has an
 //    adapter are refused with a message;
 //  - bf16 weights on the GPU against the CPU's bf16 model: gradients within 2e-2 relative L2.
@@ -267,6 +269,35 @@ void run_config(const std::string& name, const rf::ModelConfig& c) {
   }
 }
 
+// Activation recomputation: the same step from the same state gives the same bits as keeping
+// every activation (the same kernels on the same inputs), gradients and dL/d(embeddings) alike.
+void check_recompute(const std::string& name, const rf::ModelConfig& c) {
+  Setup a = make_setup(c, rf::DType::f32, 21);
+  perturb(a, 5);
+  rf::cuda::DeviceModel gm(c, rf::DType::f32, 0);
+  rf::test::load_random(gm, 21);
+  gm.set_kv_pool_bytes(size_t(64) << 20);
+  rf::TrainOptions o = train_options(c);
+  o.recompute = true;
+  rf::cuda::DeviceTrainer gr(gm, o);
+  a.gt->download();
+  std::vector<rf::Param*> from = a.gt->params(), to = gr.params();
+  for (size_t i = 0; i < from.size(); ++i) to[i]->value = from[i]->value;
+  gr.params_changed();
+  Batch b = make_batch(c, false, 12);
+  const long H = c.hidden;
+  std::vector<std::vector<float>> ea(b.trained.size()), er(b.trained.size());
+  const rf::LossOptions lo = loss_options();
+  const rf::LossTerms ta = a.gt->step(seqs(b.trained, &ea, H), seqs(b.ref), b.rows, lo);
+  const rf::LossTerms tr = gr.step(seqs(b.trained, &er, H), seqs(b.ref), b.rows, lo);
+  a.gt->download();
+  gr.download();
+  bool same = ta.total == tr.total;
+  for (size_t i = 0; i < from.size(); ++i) same &= same_bits(from[i]->grad, to[i]->grad);
+  for (size_t i = 0; i < ea.size(); ++i) same &= same_bits(ea[i], er[i]);
+  check(same, name + ": activation recomputation gives the same bits (loss, gradients, dL/d(embeddings))");
+}
+
 void check_refusals(const rf::ModelConfig& c) {
   rf::cuda::DeviceModel m(c, rf::DType::f32, 0);
   rf::test::load_random(m, 3);
@@ -344,6 +375,8 @@ int main() {
     l3.rope_original_max_positions = 16;
     run_config("llama3 rope, tied", l3);
     run_config("gpt2", gpt2_of(llama));
+    check_recompute("llama GQA 2", llama);
+    check_recompute("gpt2", gpt2_of(llama));
     run_bf16("llama GQA 2", llama);
     check_refusals(llama);
   } catch (const std::exception& e) {
