@@ -535,13 +535,14 @@ void DeviceModel::decode_step(const std::vector<DeviceItem>& items, const std::v
   DeviceScratch& s = *s_;
   const int n = int(items.size()), V = vocab(), K = flags.size();
 
-  // Every row is picked on the device (greedy, or the whole-vocabulary draw at a temperature);
-  // rows with top-k, top-p or top_n are redone below on the host from their logits row.
+  // Every row is picked on the device (greedy, the whole-vocabulary draw at a temperature, or
+  // top-k / top-p over up to kPickMaxCandidates sorted candidates); rows with top_n, or whose
+  // nucleus is larger, are redone below on the host from their logits row.
   std::vector<DevicePick> dp(static_cast<size_t>(n));
   for (int b = 0; b < n; ++b) {
     const PickParams& p = params[size_t(b)];
     // The counter is the position the new token will take, as on the CPU.
-    dp[size_t(b)] = {p.temperature, p.seed, uint64_t(items[size_t(b)].seq->length())};
+    dp[size_t(b)] = {p.temperature, p.seed, uint64_t(items[size_t(b)].seq->length()), p.top_k, p.top_p};
   }
   const DevicePick* d_params = upload_async(s.pick_params, dp, st);
   const int32_t* d_flags = upload_async(s.flags, std::vector<int32_t>(flags.ids.begin(), flags.ids.end()), st);
@@ -563,7 +564,7 @@ void DeviceModel::decode_step(const std::vector<DeviceItem>& items, const std::v
   Flags row_flags(flags.ids);
   for (int b = 0; b < n; ++b) {
     const PickParams& p = params[size_t(b)];
-    if (p.top_k > 0 || p.top_p < 1.f || top_n > 0) {
+    if (top_n > 0 || token[size_t(b)] == kPickFallback) {
       row.resize(size_t(V));
       check(cudaMemcpy(row.data(), logits + long(b) * V, size_t(V) * sizeof(float), cudaMemcpyDeviceToHost), "cudaMemcpy (row)");
       row_flags.p = flags.p ? flags.p + long(b) * K : nullptr;

@@ -99,9 +99,9 @@ class DeviceModel {
   // new tokens, or the last of each item) or final-norm hidden states [rows, hidden].
   void forward(const std::vector<DeviceItem>& items, LogitsMode mode, float* out,
                const std::atomic<int>* cancel = nullptr, const std::function<void(int, int)>& progress = nullptr);
-  // As rf::decode_step (model/decode.h): greedy and plain-temperature rows are picked on the
-  // device; rows with top-k, top-p or top_n copy their logits row back and take the CPU pick,
-  // which draws the same numbers.
+  // As rf::decode_step (model/decode.h): rows are picked on the device (greedy, temperature,
+  // top-k and top-p up to cuda/ops.h's kPickMaxCandidates); rows with top_n, or a larger
+  // nucleus, copy their logits row back and take the CPU pick, which draws the same numbers.
   void decode_step(const std::vector<DeviceItem>& items, const std::vector<PickParams>& params, const Flags& flags,
                    int top_n, Pick* picks, uint32_t* top_ids, float* top_logprobs,
                    const std::atomic<int>* cancel = nullptr, bool scores = true);

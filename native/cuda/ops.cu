@@ -85,10 +85,120 @@ __global__ void gelu_new_kernel(float* x, long n) {
   }
 }
 
+// Top-k / top-p candidates (rf::logits_pick's order: logit descending, ties by ascending id).
+// A key that orders floats descending as unsigned integers ascend (NaN aside).
+__device__ __forceinline__ uint32_t descending_key(float f) {
+  const uint32_t u = __float_as_uint(f);
+  const uint32_t ascending = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return ~ascending;
+}
+
+// Whether candidate (va, ia) comes before (vb, ib).
+__device__ __forceinline__ bool cand_before(float va, int ia, float vb, int ib) {
+  return va > vb || (va == vb && ia < ib);
+}
+
+struct NucleusShared {
+  float v[kPickMaxCandidates];
+  int id[kPickMaxCandidates];
+  double prob[kPickMaxCandidates];
+  int hist[256];
+  int count_a[kPickThreads], count_b[kPickThreads];
+  uint32_t prefix;
+  int krem;
+};
+
+// The best k (<= kPickMaxCandidates) of row z, sorted, into sh.v / sh.id. Radix select of the k-th
+// key (four 8-bit passes), then the keys below it and the first ties at it in id order, each
+// thread over a contiguous chunk so the positions come from prefix sums (no races), then a
+// bitonic sort. Every thread must call it.
+__device__ void best_candidates(const float* z, int vocab, int k, NucleusShared& sh) {
+  const int t = threadIdx.x, nt = blockDim.x;
+  uint32_t prefix = 0, mask = 0;
+  int krem = k;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = t; i < 256; i += nt) sh.hist[i] = 0;
+    __syncthreads();
+    for (int i = t; i < vocab; i += nt) {
+      const uint32_t key = descending_key(z[i]);
+      if ((key & mask) == prefix) atomicAdd(&sh.hist[(key >> shift) & 255u], 1);  // integer counts: order-free
+    }
+    __syncthreads();
+    if (t == 0) {
+      int b = 0, below = 0;
+      while (b < 255 && below + sh.hist[b] < krem) below += sh.hist[b++];
+      sh.krem = krem - below;
+      sh.prefix = prefix | (uint32_t(b) << shift);
+    }
+    __syncthreads();
+    krem = sh.krem;
+    prefix = sh.prefix;
+    mask |= 255u << shift;
+    __syncthreads();
+  }
+  // prefix: the k-th key; k - krem keys lie below it; krem ties at it join, lowest ids first.
+  const int chunk = (vocab + nt - 1) / nt;
+  const int lo = min(vocab, t * chunk), hi = min(vocab, lo + chunk);
+  int below = 0, ties = 0;
+  for (int i = lo; i < hi; ++i) {
+    const uint32_t key = descending_key(z[i]);
+    below += key < prefix;
+    ties += key == prefix;
+  }
+  sh.count_a[t] = below;
+  sh.count_b[t] = ties;
+  __syncthreads();
+  if (t == 0) {
+    int a = 0, b = 0;
+    for (int i = 0; i < nt; ++i) {
+      const int ca = sh.count_a[i], cb = sh.count_b[i];
+      sh.count_a[i] = a;
+      sh.count_b[i] = b;
+      a += ca;
+      b += cb;
+    }
+  }
+  __syncthreads();
+  int at_below = sh.count_a[t], at_tie = sh.count_b[t];
+  const int n_below = k - krem;
+  for (int i = lo; i < hi; ++i) {
+    const uint32_t key = descending_key(z[i]);
+    if (key < prefix) {
+      sh.v[at_below] = z[i], sh.id[at_below] = i;
+      ++at_below;
+    } else if (key == prefix) {
+      if (at_tie < krem) sh.v[n_below + at_tie] = z[i], sh.id[n_below + at_tie] = i;
+      ++at_tie;
+    }
+  }
+  // Bitonic sort of the k candidates, padded to a power of two with entries that sort last.
+  int n = 1;
+  while (n < k) n <<= 1;
+  for (int i = k + t; i < n; i += nt) sh.v[i] = -INFINITY, sh.id[i] = 0x7fffffff;
+  __syncthreads();
+  for (int size = 2; size <= n; size <<= 1)
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int i = t; i < n; i += nt) {
+        const int j = i ^ stride;
+        if (j <= i) continue;
+        const bool first = (i & size) == 0;  // this pair's run is ascending in cand_before order
+        const bool swap = first ? cand_before(sh.v[j], sh.id[j], sh.v[i], sh.id[i]) : cand_before(sh.v[i], sh.id[i], sh.v[j], sh.id[j]);
+        if (swap) {
+          const float tv = sh.v[i];
+          const int ti = sh.id[i];
+          sh.v[i] = sh.v[j], sh.id[i] = sh.id[j];
+          sh.v[j] = tv, sh.id[j] = ti;
+        }
+      }
+      __syncthreads();
+    }
+}
+
 // One block per row. Shared: per-thread (max, index) pairs, then per-thread chunk sums and
 // their exclusive prefix, the total, and the picked id.
 __global__ void pick_kernel(const float* logits, int vocab, const DevicePick* params, const int* flags, int n_flags,
                             uint32_t* token, float* logprob, float* p_rf, float* p_flags) {
+  extern __shared__ __align__(16) unsigned char nucleus_smem[];  // NucleusShared, for top-k / top-p rows
   __shared__ float smax[kPickThreads];
   __shared__ int sidx[kPickThreads];
   __shared__ double sw[kPickThreads];
@@ -125,13 +235,15 @@ __global__ void pick_kernel(const float* logits, int vocab, const DevicePick* pa
   const DevicePick p = params[blockIdx.x];
   int pick = argmax;
   const float inv_t = p.temperature > 0.f ? 1.f / p.temperature : INFINITY;
+  const bool nucleus = p.top_k > 0 || p.top_p < 1.f;
   if (p.temperature > 0.f && isfinite(inv_t)) {
-    // Inverse CDF over the vocabulary in id order, weights exp((z - max) / T) in double as on
-    // the CPU: each thread sums a contiguous chunk; the chunk that holds u * total scans itself.
+    // Weights exp((z - max) / T) in double as on the CPU: each thread sums a contiguous chunk (for
+    // the whole-vocabulary draw, and the total that top-p alone measures against).
     const int chunk = (vocab + blockDim.x - 1) / blockDim.x;
     const int lo = min(vocab, t * chunk), hi = min(vocab, lo + chunk);
     double w = 0;
-    for (int i = lo; i < hi; ++i) w += exp(double((z[i] - mx) * inv_t));
+    if (!nucleus || p.top_k == 0)
+      for (int i = lo; i < hi; ++i) w += exp(double((z[i] - mx) * inv_t));
     sw[t] = w;
     __syncthreads();
     if (t == 0) {
@@ -145,22 +257,92 @@ __global__ void pick_kernel(const float* logits, int vocab, const DevicePick* pa
       spick = vocab - 1;  // u * total beyond the total by rounding: the CPU returns the last id too
     }
     __syncthreads();
-    const double r = rf::uniform_draw(p.seed, p.counter) * stotal;  // the CPU's draw, bit for bit
-    const double start = sw[t];
-    if (hi > lo && r >= start && r < start + w) {
-      double rem = r - start;
-      int found = hi - 1;
-      for (int i = lo; i < hi; ++i) {
-        rem -= exp(double((z[i] - mx) * inv_t));
-        if (rem < 0) {
-          found = i;
+    const double u = rf::uniform_draw(p.seed, p.counter);  // the CPU's draw, bit for bit
+    if (!nucleus) {
+      const double r = u * stotal;
+      const double start = sw[t];
+      if (hi > lo && r >= start && r < start + w) {
+        double rem = r - start;
+        int found = hi - 1;
+        for (int i = lo; i < hi; ++i) {
+          rem -= exp(double((z[i] - mx) * inv_t));
+          if (rem < 0) {
+            found = i;
+            break;
+          }
+        }
+        spick = found;
+      }
+      __syncthreads();
+      pick = spick;
+    } else {
+      // rf::logits_pick's sample(): the top-k, or for top-p alone the best 256, then 2048, until
+      // their mass reaches top_p of the total; past kPickMaxCandidates the host picks the row.
+      NucleusShared& sh = *reinterpret_cast<NucleusShared*>(nucleus_smem);
+      int k = p.top_k > 0 ? min(p.top_k, vocab) : min(256, vocab);
+      for (;;) {
+        if (k > kPickMaxCandidates) {
+          pick = -1;
           break;
         }
+        best_candidates(z, vocab, k, sh);
+        for (int i = t; i < k; i += blockDim.x) sh.prob[i] = exp(double((sh.v[i] - mx) * inv_t));
+        __syncthreads();
+        if (t == 0) {
+          // Sequential sums in candidate order, as the CPU's.
+          double mass = 0;
+          for (int i = 0; i < k; ++i) mass += sh.prob[i];
+          int result = -2;  // -2: grow
+          if (p.top_k > 0 || k == vocab || mass >= double(p.top_p) * stotal) {
+            const double sum = p.top_k == 0 ? stotal : mass;
+            int keep = k;
+            if (p.top_p < 1.f) {
+              double cumulative = 0;
+              for (int i = 0; i < k; ++i) {
+                cumulative += sh.prob[i] / sum;
+                if (cumulative >= double(p.top_p)) {
+                  keep = i + 1;
+                  break;
+                }
+              }
+            }
+            double kept = 0;
+            for (int i = 0; i < keep; ++i) kept += sh.prob[i];
+            double r = u * kept;
+            result = sh.id[keep - 1];
+            for (int i = 0; i < keep; ++i) {
+              r -= sh.prob[i];
+              if (r < 0) {
+                result = sh.id[i];
+                break;
+              }
+            }
+          }
+          spick = result;
+        }
+        __syncthreads();
+        if (spick != -2) {
+          pick = spick;
+          break;
+        }
+        __syncthreads();
+        k = min(vocab, k * 8);
       }
-      spick = found;
     }
-    __syncthreads();
-    pick = spick;
+  }
+  if (pick < 0) {  // the host picks this row
+    if (t == 0) {
+      token[blockIdx.x] = kPickFallback;
+      float total = 0.f;
+      for (int k = 0; k < n_flags; ++k) {
+        const int id = flags[k];
+        const float pk = id >= 0 && id < vocab ? expf(z[id] - lse) : 0.f;
+        if (p_flags) p_flags[long(blockIdx.x) * n_flags + k] = pk;
+        total += pk;
+      }
+      p_rf[blockIdx.x] = total;
+    }
+    return;
   }
   if (t == 0) {
     token[blockIdx.x] = uint32_t(pick);
@@ -207,8 +389,11 @@ void gelu_new(float* x, long n, cudaStream_t stream) {
 
 void pick_rows(const float* logits, int rows, int vocab, const DevicePick* params, const int* flags, int n_flags,
                uint32_t* token, float* logprob, float* p_rf, float* p_flags, cudaStream_t stream) {
-  if (rows > 0)
-    pick_kernel<<<rows, kPickThreads, 0, stream>>>(logits, vocab, params, flags, n_flags, token, logprob, p_rf, p_flags);
+  if (rows <= 0) return;
+  // The candidates' arrays in dynamic shared memory: with the static arrays, under the 48 KiB a
+  // kernel gets without opting in.
+  pick_kernel<<<rows, kPickThreads, sizeof(NucleusShared), stream>>>(logits, vocab, params, flags, n_flags, token, logprob, p_rf,
+                                                                      p_flags);
 }
 
 }  // namespace rf::cuda

@@ -34,15 +34,26 @@ struct DevicePick {
   float temperature;  // 0: greedy
   uint64_t seed;      // with counter, the counter-based uniform draw
   uint64_t counter;   // e.g. the new token's position
+  int top_k = 0;      // sampled rows: keep the k most likely (0: all)
+  float top_p = 1.f;  // sampled rows: keep the smallest most-likely set reaching this mass (1: all)
 };
 
+// The most candidates a top-k / top-p row sorts on the device (kPickMaxCandidates): a larger
+// top_k, or a top-p nucleus past it, is answered with token kPickFallback (the host then picks
+// that row from its logits, drawing the same numbers).
+constexpr int kPickMaxCandidates = 2048;
+constexpr uint32_t kPickFallback = 0xffffffffu;
+
 // Per row of logits [rows, vocab]: the next token (greedy: the first maximum; sampled: from
-// softmax(z / T) over the whole vocabulary by the inverse CDF in id order, with the CPU's
-// splitmix64 draw of (seed, counter)), its log-probability at temperature 1, and the flag
-// tokens' p: flags [n_flags] (device memory; <rf>, or <rf> and the category flags; none: 0)
-// give p_flags [rows, n_flags] (may be null) and their total p_rf [rows], as the CPU's Flags.
-// Writes token [rows], logprob [rows]. Top-k / top-p rows are not handled here (the host falls
-// back to the CPU pick for them).
+// softmax(z / T) by the inverse CDF with the CPU's splitmix64 draw of (seed, counter): over the
+// whole vocabulary in id order, or, with top-k / top-p, over the candidates sorted by logit
+// (descending, ties by id) as rf::logits_pick does: the top k, then the shortest prefix whose
+// probability reaches top_p (of the kept mass with top-k, of the whole vocabulary without;
+// top-p alone looks at the best 256, then 2048, as the CPU grows its candidates), its
+// log-probability at temperature 1, and the flag tokens' p: flags [n_flags] (device memory;
+// <rf>, or <rf> and the category flags; none: 0) give p_flags [rows, n_flags] (may be null) and
+// their total p_rf [rows], as the CPU's Flags. Writes token [rows] (kPickFallback for a row
+// whose candidates exceed kPickMaxCandidates: its logprob is not written), logprob [rows].
 void pick_rows(const float* logits, int rows, int vocab, const DevicePick* params, const int* flags, int n_flags,
                uint32_t* token, float* logprob, float* p_rf, float* p_flags, cudaStream_t stream);
 

@@ -151,6 +151,87 @@ void test_pick() {
   }
 }
 
+// Top-k / top-p rows against rf::logits_pick: the same token except at near-ties of the inverse
+// CDF (at most 1 in 500, as for the whole-vocabulary draw), the fallback token exactly where the
+// CPU's candidates exceed kPickMaxCandidates (a top_k past it, or a top-p nucleus whose best 2048
+// hold less than top_p of the mass), and the log-probability and flag p's as for every row.
+void test_pick_nucleus() {
+  const int V = 49157, rows = 600;
+  const std::vector<int> flags = {777, V - 1};
+  const int K = int(flags.size());
+  auto z = randn(size_t(rows) * V, 2.5f);
+  for (int r = 0; r < rows; r += 25) {  // ties inside the candidates: the lower id first
+    float* row = z.data() + size_t(r) * V;
+    const float top = *std::max_element(row, row + V);
+    row[40] = row[V - 2] = row[9000] = top - 0.25f;
+  }
+  const int top_ks[] = {0, 1, 7, 40, 256, 2048, 3000};
+  const float top_ps[] = {1.f, 0.5f, 0.9f, 0.999f};
+  std::vector<rf::cuda::DevicePick> params(rows);
+  for (int r = 0; r < rows; ++r) {
+    rf::cuda::DevicePick& p = params[size_t(r)];
+    p = {r % 5 == 0 ? 0.6f : r % 5 == 1 ? 3.0f : 1.f, 99ull + uint64_t(r % 11), uint64_t(r)};
+    p.top_k = top_ks[r % 7];
+    p.top_p = top_ps[(r / 7) % 4];
+    if (p.top_k == 0 && p.top_p == 1.f) p.top_p = 0.8f;  // every row here is a nucleus row
+  }
+  Dev dz = upload(z), dp(rows * sizeof(rf::cuda::DevicePick)), dt(rows * 4), dl(rows * 4), dr(rows * 4), df(K * 4),
+      dpf(size_t(rows) * K * 4);
+  cudaMemcpy(dp.p, params.data(), rows * sizeof(rf::cuda::DevicePick), cudaMemcpyHostToDevice);
+  cudaMemcpy(df.p, flags.data(), K * 4, cudaMemcpyHostToDevice);
+  rf::cuda::pick_rows(dz.f(), rows, V, static_cast<rf::cuda::DevicePick*>(dp.p), static_cast<const int*>(df.p), K,
+                      static_cast<uint32_t*>(dt.p), dl.f(), dr.f(), dpf.f(), nullptr);
+  std::vector<uint32_t> tok(rows);
+  cudaMemcpy(tok.data(), dt.p, rows * 4, cudaMemcpyDeviceToHost);
+  const std::vector<float> lp = download(dl, rows), prf = download(dr, rows), pf = download(dpf, size_t(rows) * K);
+  int differ = 0, bad_scores = 0, bad_fallback = 0, fallbacks = 0, ambiguous = 0;
+  rf::PickScratch scratch;
+  for (int r = 0; r < rows; ++r) {
+    const rf::cuda::DevicePick& d = params[size_t(r)];
+    const float* row = z.data() + size_t(r) * V;
+    rf::PickParams pp;
+    pp.temperature = d.temperature;
+    pp.seed = d.seed;
+    pp.top_k = d.top_k;
+    pp.top_p = d.top_p;
+    std::vector<float> want_flags(K);
+    const rf::Pick want = rf::logits_pick(row, V, pp, d.counter, rf::Flags(flags, want_flags.data()), 0, nullptr, nullptr, scratch);
+    // Does the CPU's candidate set exceed the device's limit?
+    bool over = d.top_k > rf::cuda::kPickMaxCandidates;
+    if (d.top_k == 0) {
+      const float mx = *std::max_element(row, row + V);
+      const float inv_t = 1.f / d.temperature;
+      std::vector<double> w(static_cast<size_t>(V));
+      double total = 0;
+      for (int i = 0; i < V; ++i) total += w[size_t(i)] = std::exp(double((row[i] - mx) * inv_t));
+      std::sort(w.begin(), w.end(), std::greater<double>());
+      double mass = 0;
+      for (int i = 0; i < rf::cuda::kPickMaxCandidates; ++i) mass += w[size_t(i)];
+      over = mass < double(d.top_p) * total;
+      if (std::fabs(mass - double(d.top_p) * total) <= 1e-9 * total) {
+        ++ambiguous;
+        continue;
+      }
+    }
+    const bool fell_back = tok[size_t(r)] == rf::cuda::kPickFallback;
+    fallbacks += fell_back;
+    if (fell_back != over) ++bad_fallback;
+    for (int k = 0; k < K; ++k)
+      if (std::fabs(pf[size_t(r) * K + k] - want_flags[size_t(k)]) > 1e-5 * want_flags[size_t(k)] + 1e-30) ++bad_scores;
+    if (fell_back) continue;
+    if (tok[size_t(r)] != want.token) {
+      ++differ;
+      continue;
+    }
+    if (std::fabs(lp[size_t(r)] - want.logprob) > 1e-5 * (1 + std::fabs(want.logprob))) ++bad_scores;
+  }
+  check(differ <= rows / 500 + 1, "pick top-k/top-p: " + std::to_string(differ) + " of " + std::to_string(rows) + " tokens differ from the CPU's");
+  check(bad_fallback == 0 && fallbacks > 0, "pick top-k/top-p: the host fallback exactly where the candidates exceed " +
+                                                std::to_string(rf::cuda::kPickMaxCandidates) + " (" + std::to_string(fallbacks) +
+                                                " rows, " + std::to_string(bad_fallback) + " wrong, " + std::to_string(ambiguous) + " at the edge)");
+  check(bad_scores == 0, "pick top-k/top-p: log-probability and flag p's equal the CPU's (" + std::to_string(bad_scores) + " off)");
+}
+
 }  // namespace
 
 int main() {
@@ -162,5 +243,6 @@ int main() {
   test_norms();
   test_rope_and_activations();
   test_pick();
+  test_pick_nucleus();
   return rf::test::finish("cuda_ops");
 }

@@ -41,6 +41,10 @@ void __syncthreads();
 float __shfl_xor_sync(unsigned, float, int);
 double __shfl_xor_sync(unsigned, double, int);
 float __shfl_sync(unsigned, float, int);
+// Fibers switch only at barriers and shuffles, so an atomic is a plain read-modify-write.
+inline int atomicAdd(int* p, int v) { const int old = *p; *p = old + v; return old; }
+inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
+inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
 inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
 inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
 inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
