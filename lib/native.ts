@@ -187,6 +187,8 @@ export interface NativeTrainOptions {
   seed: number;
   /** Activation recomputation (the GPU trainer): keep each block's input only, recompute the rest in the backward. */
   recompute?: boolean;
+  /** Data-parallel training: join this NCCL group (lib/train/data-parallel.ts); resolves once every rank joined. */
+  group?: { id: string; rank: number; world: number };
 }
 
 /** Options of NativeModel.trainStep. */
@@ -255,7 +257,9 @@ export interface NativeAddon {
   memoryInfo(): { liveSequences: number; mallocInUseBytes: number | null };
   bench: NativeBench;
   /** Present in the CUDA build (`npm run build:cuda`). */
-  cudaInfo?: () => { count: number; name: string; smMajor: number; smMinor: number; memoryGiB: number; error: string; saxpyMaxError: number };
+  cudaInfo?: () => { count: number; name: string; smMajor: number; smMinor: number; memoryGiB: number; error: string; saxpyMaxError: number; nccl?: boolean };
+  /** The CUDA build: a new NCCL group id (hex) for data-parallel training; throws without NCCL. */
+  collectiveId?: () => string;
 }
 
 const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..');

@@ -9,6 +9,8 @@
 //   - on the device, a run stopped after step 3 (AbortSignal, checkpoint) and resumed ends with
 //     the adapter file of the uninterrupted device run, byte for byte (deterministic kernels);
 //   - with activation recomputation (--recompute), the same adapter byte for byte (GPU only);
+//   - data-parallel training at world size 1 through NCCL, the same adapter byte for byte (GPU
+//     builds with NCCL);
 //   - the same run in the device's default dtype (bf16 on a GPU) trains: finite losses, the first
 //     within 1e-2 of the f32 run's (the weights' bf16 rounding).
 // With --integration it also runs the CI integration test's pipeline with both adapters on the
@@ -74,6 +76,14 @@ try {
   if (device !== 'cpu') {  // activation recomputation: the same gradients, so the same adapter
     await run('recomputed', { device, dtype: 'f32', recompute: true });
     check(Buffer.compare(await adapter('recomputed'), await adapter('dev')) === 0, 'activation recomputation ends with the same adapter, byte for byte');
+  }
+
+  if (device !== 'cpu') {  // data-parallel at world size 1 (NCCL): the single process's adapter
+    const failed = await run('data-parallel', { device, dtype: 'f32', dataParallel: { worldSize: 1, rank: 0, idFile: join(dir, 'group-id') } })
+      .then(() => null, (e) => e);
+    if (failed && /needs NCCL/.test(String(failed.message))) figures.dataParallel = 'skipped: this build has no NCCL';
+    else check(!failed && Buffer.compare(await adapter('data-parallel'), await adapter('dev')) === 0,
+      'data-parallel training at world size 1 (NCCL all-reduce) ends with the single-process adapter, byte for byte', { error: String(failed) });
   }
 
   const native = await run('native-dtype', { device });

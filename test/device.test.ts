@@ -81,6 +81,13 @@ describe('device', () => {
     const bad = await run('info', '-m', join(FIXTURES, 'llama-gqa'), '--device', 'gpu');
     expect(bad.code).toBe(1);
     expect(bad.stderr).toMatch(/device must be 'cpu', 'cuda' or 'cuda:N'/);
+    // train's data-parallel flags reach the config's checks (a group runs one process per GPU).
+    const model = join(FIXTURES, 'llama-gqa');
+    const dp = await run('train', '--model', model, '--output', '/nonexistent/out', '--synthetic', '--world-size', '2', '--group-file', '/tmp/g');
+    expect(dp.code).toBe(1);
+    expect(dp.stderr).toMatch(/dataParallel runs one process per GPU/);
+    const half = await run('train', '--model', model, '--output', '/nonexistent/out', '--synthetic', '--world-size', '2');
+    expect(half.stderr).toMatch(/needs --world-size and --group-file/);
     const cpu = await run('info', '-m', join(FIXTURES, 'llama-gqa'), '--device', 'cpu', '--json');
     expect(JSON.parse(cpu.stdout).engine).toMatchObject({ device: 'cpu', dtype: 'f32' });
     if (!cudaUsable()) {

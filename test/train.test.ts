@@ -263,6 +263,10 @@ describe('training configuration', () => {
     expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', device: 'cuda', mode: 'full' })).toThrow(/mode 'full' .* runs on the CPU only/);
     expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', recompute: true })).toThrow(/recompute .* is a GPU trainer option/);
     expect(parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', device: 'cuda', recompute: true }).recompute).toBe(true);
+    const group = { worldSize: 2, rank: 1, idFile: '/tmp/g' };
+    expect(parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', device: 'cuda:1', dataParallel: group }).dataParallel).toEqual(group);
+    expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', device: 'cuda', dataParallel: { ...group, rank: 2 } })).toThrow(/rank 2 must be below worldSize 2/);
+    expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', dataParallel: group })).toThrow(/one process per GPU/);
   });
 
   it.skipIf(cudaUsable())('on a GPU that is not there, fails at once with the CUDA error and trains nothing', async () => {

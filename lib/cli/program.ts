@@ -209,6 +209,9 @@ export function buildProgram(): Command {
     .option('--merge', 'also write the merged model')
     .option('--device <device>', "where training runs: 'cpu', 'cuda' or 'cuda:N' (the CUDA build: npm run build:cuda; LoRA only)", device)
     .option('--recompute', 'GPU: recompute each block\'s activations in the backward instead of keeping them (long sequences)')
+    .option('--world-size <n>', 'data-parallel: processes (one per GPU) training together (see README, Training)', integer('world-size', 1))
+    .option('--process-rank <n>', 'data-parallel: this process\'s rank, 0 .. world size - 1 (rank 0 writes the outputs)', integer('process-rank', 0))
+    .option('--group-file <file>', 'data-parallel: where rank 0 leaves the group id for the others (a new path each run)')
     .option('--dtype <dtype>', "frozen weights: 'f32' or 'bf16' (default: f32 on the CPU, bf16 on a GPU)", dtype)
     .option('--threads <n>', 'threads for native work', integer('threads', 1))
     .action(async (flags: Record<string, unknown>) => {

@@ -71,6 +71,12 @@ export async function configFromFlags(flags: Record<string, unknown>): Promise<T
   set('categoryMap', flags['categoryMap']);
   set('device', flags['device']);
   set('recompute', flags['recompute']);
+  if (flags['worldSize'] !== undefined || flags['processRank'] !== undefined || flags['groupFile'] !== undefined) {
+    if (flags['worldSize'] === undefined || flags['groupFile'] === undefined) {
+      throw new RedflagError('INVALID_ARGUMENT', 'data-parallel training needs --world-size and --group-file (and --process-rank on every process but rank 0)');
+    }
+    o['dataParallel'] = { worldSize: flags['worldSize'], rank: flags['processRank'] ?? 0, idFile: flags['groupFile'] };
+  }
   set('dtype', flags['dtype']);
   set('threads', flags['threads']);
   const lora: Record<string, unknown> = {};

@@ -120,6 +120,18 @@ export const trainConfigSchema = z.strictObject({
    * block instead of all), for long sequences. Gradients are the same bits either way.
    */
   recompute: z.boolean().default(false),
+  /**
+   * Data-parallel training over several GPUs, one process per GPU (lib/train/data-parallel.ts):
+   * this process's rank, the number of processes, and a file (on a file system every process sees)
+   * through which rank 0 hands the others the group id. Needs the CUDA build with NCCL.
+   */
+  dataParallel: z
+    .strictObject({
+      worldSize: z.number().int().min(1).max(4096),
+      rank: z.number().int().min(0),
+      idFile: z.string().min(1),
+    })
+    .optional(),
   /** Frozen weights in the engine (default: f32 on the CPU, bf16 on a GPU). */
   dtype: z.enum(['f32', 'bf16']).optional(),
   threads: z.number().int().min(1).optional(),
@@ -172,6 +184,11 @@ export function parseTrainConfig(input: unknown, where = 'training config'): Tra
   if (result.success) {
     if (result.data.recompute && result.data.device === 'cpu') {
       throw new RedflagError('INVALID_ARGUMENT', `${where}: recompute (activation recomputation) is a GPU trainer option (device 'cuda'); the CPU trainer keeps every activation`);
+    }
+    const dp = result.data.dataParallel;
+    if (dp && dp.rank >= dp.worldSize) throw new RedflagError('INVALID_ARGUMENT', `${where}: dataParallel.rank ${dp.rank} must be below worldSize ${dp.worldSize}`);
+    if (dp && result.data.device === 'cpu') {
+      throw new RedflagError('INVALID_ARGUMENT', `${where}: dataParallel runs one process per GPU (device 'cuda:N'), not on the CPU`);
     }
     if (result.data.mode === 'full' && result.data.device !== 'cpu') {
       throw new RedflagError('INVALID_ARGUMENT', `${where}: mode 'full' (full fine-tuning) runs on the CPU only for now; on ${result.data.device} train a LoRA adapter (mode 'lora')`);

@@ -25,6 +25,7 @@ import { learningRate, parseTrainConfig, type TrainConfig, type TrainConfigInput
 import { evaluateRedFlag, type EvalResult } from './evaluate.js';
 import { findCheckpoint, lockOutput, readCheckpoint, removeCheckpoints, removeStaleCheckpoints, truncateMetrics, writeCheckpoint } from './checkpoint.js';
 import { adversarialDelta, embeddingRowNorms, withPerturbedCopies } from './adversarial.js';
+import { exchangeGroupId, groupFormed } from './data-parallel.js';
 import { buildStep } from './objectives.js';
 import { flagTokenOf, planCategories } from './categories.js';
 
@@ -135,6 +136,8 @@ function addTerms(a: StepInfo['loss'], t: NativeLossTerms, w: number): void {
 export async function train(input: TrainConfigInput | TrainConfig, hooks: TrainHooks = {}): Promise<TrainResult> {
   const config = parseTrainConfig(input);
   const log = hooks.log ?? (() => undefined);
+  // Data-parallel ranks other than 0 write nothing: rank 0 holds the output (lib/train/data-parallel.ts).
+  if ((config.dataParallel?.rank ?? 0) > 0) return trainLocked(config, hooks, log);
   await createOutputDir(config.output);
   const unlock = await lockOutput(config.output);
   try {
@@ -164,11 +167,20 @@ const RESULT_DIRS = ['adapter', 'model', 'merged'];
 async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: string) => void): Promise<TrainResult> {
   const { signal } = hooks;
   const metricsFile = join(config.output, 'metrics.jsonl');
-  const removed = await removeStaleCheckpoints(config.output);
+  // The process that writes: the only one, or rank 0 of a data-parallel group.
+  const writer = (config.dataParallel?.rank ?? 0) === 0;
+  const world = config.dataParallel?.worldSize ?? 1;
+  const rank = config.dataParallel?.rank ?? 0;
+  const checkpoint = async (at: number) => {
+    if (writer) await writeCheckpoint(model, config, at);
+  };
+  const removed = writer ? await removeStaleCheckpoints(config.output) : [];
   if (removed.length > 0) log(`removed ${removed.length} checkpoint copies left by an interrupted run`);
   const found = await findCheckpoint(config.output);
   if (hooks.resume) {
     if (!found) throw new RedflagError('NOT_FOUND', 'no checkpoint to resume from (--resume)', { file: config.output });
+  } else if (!writer) {
+    // rank 0 checks and clears the output
   } else if (config.overwrite) {
     // Starting over: the previous run's checkpoint and metrics go; its outputs are replaced at the end.
     await removeCheckpoints(config.output);
@@ -213,6 +225,8 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
     }
     const arch = model.config.architecture === 'gpt2' ? 'gpt2' : 'llama';
     const targets = config.lora.targets ?? DEFAULT_TARGETS[arch]!;
+    const group = config.dataParallel ? await exchangeGroupId(config, signal) : undefined;
+    if (group) log(`data-parallel: rank ${group.rank} of ${group.world}: joining the group`);
     const { trainable } = await model.runNative(() =>
       model.engine.trainInit({
         mode: config.mode,
@@ -225,8 +239,10 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
         ...(model.flagCategories.length > 0 && rfToken >= 0 ? { flagTokens: model.flagTokenIds() } : {}),
         seed: config.seed,
         ...(config.recompute ? { recompute: true } : {}),
+        ...(group ? { group } : {}),
       }),
     );
+    if (group) await groupFormed(config);
     log(`${data.train.length} training and ${data.eval.length} held-out conversations; ${trainable.toLocaleString()} trainable parameters (${config.mode})`);
 
     let step = 0;
@@ -234,10 +250,12 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
       step = await readCheckpoint(model, config);
       log(`resumed from the checkpoint at step ${step}`);
       // Only once the checkpoint is accepted: a refused resume leaves the metrics as they were.
-      const dropped = await truncateMetrics(metricsFile, step, { finalEval: step >= config.steps });
+      const dropped = writer ? await truncateMetrics(metricsFile, step, { finalEval: step >= config.steps }) : 0;
       if (dropped > 0) log(`metrics.jsonl: dropped ${dropped} lines written after the checkpoint at step ${step}`);
     }
-    const microBatches = config.steps * config.gradAccum;
+    // Every step's micro-batches: gradAccum per process, dealt round-robin over the processes.
+    const perStep = config.gradAccum * world;
+    const microBatches = config.steps * perStep;
     const probe = new BatchSampler(data.train, { seed: config.seed, batchSize: config.batchSize, harmfulFraction: config.harmfulFraction });
     const epochs = Math.max(1, Math.ceil(microBatches / Math.max(1, probe.stepsInEpoch(0))));
     const sampler = new BatchSampler(data.train, {
@@ -246,13 +264,13 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
       harmfulFraction: config.harmfulFraction,
       epochs,
     });
-    const batches = sampler.resume(step * config.gradAccum);
+    const batches = sampler.resume(step * perStep);
 
     const started = performance.now();
     let tokensDone = 0;
     let lastLoss: StepInfo['loss'] | null = null;
     const evaluate = async () => {
-      if (config.objective !== 'redflag' || data.eval.length === 0) return null;
+      if (!writer || config.objective !== 'redflag' || data.eval.length === 0) return null;
       return evaluateRedFlag(model, data.eval, { rfToken: model.flagTokenIds(), threshold: config.threshold, signal });
     };
     const cancel = new Int32Array(1);
@@ -262,16 +280,17 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
     try {
       for (; step < config.steps; step++) {
         if (signal?.aborted) {
-          await writeCheckpoint(model, config, step);
+          await checkpoint(step);
           log(`stopped: checkpoint written at step ${step}`);
           throw abortError(signal);
         }
         const lr = learningRate(step, config.steps, config.optimizer);
         const loss = { total: 0, benign: 0, redFlag: 0, after: 0, ce: 0 };
         let stepTokens = 0;
-        for (let micro = 0; micro < config.gradAccum; micro++) {
+        for (let micro = 0; micro < perStep; micro++) {
           const next = batches.next();
           if (next.done) throw new RedflagError('NATIVE', 'the batch sampler ran out of batches');
+          if (micro % world !== rank) continue;  // another process's share
           const rng = createRng(deriveSeed(config.seed, 3, step, micro));
           let input = buildStep(next.value.items, { objective: config.objective, rfToken, ...(flagOf ? { flagOf } : {}), rfOffset: config.loss.rfOffset, rfSamples: config.loss.rfSamples, rfWindow: config.loss.rfAggregation === 'single' ? 1 : config.loss.rfWindow, rfPosition: config.loss.rfPosition, rng });
           const flat = (seqs: number[][]) => Uint32Array.from(seqs.flat());
@@ -290,7 +309,7 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
                 steps: adv.steps,
                 stepSize: adv.stepSize,
                 aggregation: config.loss.rfAggregation,
-                dropoutSeed: step * config.gradAccum + micro + 1,
+                dropoutSeed: step * perStep + micro + 1,
                 cancel,
               });
               input = split.input;
@@ -310,8 +329,8 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
                   alphaRf: config.loss.alphaRf,
                   alphaAfter: config.loss.alphaAfter,
                   alphaCe: 1,
-                  gradScale: 1 / config.gradAccum,
-                  dropoutSeed: step * config.gradAccum + micro + 1,
+                  gradScale: 1 / perStep,
+                  dropoutSeed: step * perStep + micro + 1,
                 },
                 cancel,
                 embeddings,
@@ -320,13 +339,13 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
           } catch (error) {
             if (signal?.aborted) {
               // The step was cut short: gradients are partial, so restart it after resuming.
-              await writeCheckpoint(model, config, step);
+              await checkpoint(step);
               log(`stopped: checkpoint written at step ${step}`);
               throw abortError(signal);
             }
             throw error;
           }
-          addTerms(loss, terms, 1 / config.gradAccum);
+          addTerms(loss, terms, 1 / config.gradAccum);  // this process's share of the step
           stepTokens += terms.tokens;
         }
         const gradNorm = await model.runNative(() =>
@@ -354,17 +373,17 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
           elapsedSeconds: elapsed,
           etaSeconds: (elapsed / (done - (hooks.resume ? 0 : 0))) * (config.steps - done),
         };
-        await appendFile(metricsFile, JSON.stringify({ type: 'step', ...info, time: new Date().toISOString() }) + '\n');
+        if (writer) await appendFile(metricsFile, JSON.stringify({ type: 'step', ...info, time: new Date().toISOString() }) + '\n');
         hooks.onStep?.(info);
         if (signal?.aborted) {
-          await writeCheckpoint(model, config, done);
+          await checkpoint(done);
           log(`stopped: checkpoint written at step ${done}`);
           throw abortError(signal);
         }
         if (config.evalEvery > 0 && done % config.evalEvery === 0 && done < config.steps) {
           const result = await evaluate().catch(async (error: unknown) => {
             if (!signal?.aborted) throw error;
-            await writeCheckpoint(model, config, done); // interrupted while evaluating
+            await checkpoint(done); // interrupted while evaluating
             log(`stopped: checkpoint written at step ${done}`);
             throw abortError(signal);
           });
@@ -374,8 +393,8 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
             hooks.onEval?.(done, result);
           }
         }
-        if (config.checkpointEvery > 0 && done % config.checkpointEvery === 0 && done < config.steps) {
-          await writeCheckpoint(model, config, done);
+        if (writer && config.checkpointEvery > 0 && done % config.checkpointEvery === 0 && done < config.steps) {
+          await checkpoint(done);
           log(`checkpoint written at step ${done}`);
         }
       }
@@ -389,12 +408,14 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
       await appendFile(metricsFile, JSON.stringify({ type: 'eval', step: config.steps, ...figures }) + '\n');
       hooks.onEval?.(config.steps, finalEval);
     }
-    await writeCheckpoint(model, config, config.steps);
+    await checkpoint(config.steps);
     // Export before ending training: full fine-tuning's f32 masters go with the trainer.
-    const saved = config.mode === 'lora' ? await exportAdapter(model, config, rfToken, targets) : await saveTrainedModel(model, config);
+    const saved = !writer ? '' : config.mode === 'lora' ? await exportAdapter(model, config, rfToken, targets) : await saveTrainedModel(model, config);
     model.engine.trainEnd();
-    log(`saved ${saved}`);
-    await hooks.onTrained?.(model);
+    if (writer) {
+      log(`saved ${saved}`);
+      await hooks.onTrained?.(model);
+    }
     return { steps: config.steps, output: config.output, saved, finalEval, lastLoss };
   } finally {
     model.dispose();

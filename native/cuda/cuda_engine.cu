@@ -1,6 +1,7 @@
 // The CUDA engine behind the Engine interface (model/engine.h): DeviceModel's calls, with
 // DeviceSequence as the engine's sequences. Needs cuBLASLt (it links gemm.cu through
 // DeviceModel), so it builds only with it.
+#include "cuda/collective.h"
 #include "cuda/device_model.h"
 #include "cuda/device_trainer.h"
 #include "model/engine.h"
@@ -25,7 +26,7 @@ class CudaSequence : public EngineSequence {
 // The host copies of the parameters are refreshed from the device when asked for after a change.
 class CudaTrainer : public EngineTrainer {
  public:
-  CudaTrainer(cuda::DeviceModel& model, const TrainOptions& options) : t_(model, options) {}
+  CudaTrainer(cuda::DeviceModel& model, const TrainOptions& options) : t_(model, options), device_(model.device()) {}
   LossTerms step(const std::vector<Sequence>& batch, const std::vector<Sequence>& reference, const std::vector<LossRow>& rows,
                  const LossOptions& options, const std::atomic<int>* cancel) override {
     host_current_ = false;
@@ -49,9 +50,13 @@ class CudaTrainer : public EngineTrainer {
   }
   long trainable_count() const override { return t_.trainable_count(); }
   void set_step_count(long n) override { t_.set_step_count(n); }
+  void join_group(const std::string& id, int rank, int world) override {
+    t_.set_collective(std::make_shared<cuda::Collective>(id, rank, world, device_));
+  }
 
  private:
   cuda::DeviceTrainer t_;
+  int device_;
   bool host_current_ = true;  // the trainer starts with its host values uploaded
 };
 

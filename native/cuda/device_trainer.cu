@@ -22,6 +22,7 @@
 #include <string>
 
 #include "cuda/attention_backward.h"
+#include "cuda/collective.h"
 #include "cuda/device_model.h"
 #include "cuda/device_model_impl.h"
 #include "cuda/gemm.h"
@@ -584,6 +585,7 @@ double DeviceTrainer::optimizer_step(const AdamWOptions& o) {
   Impl& s = *impl_;
   check(cudaSetDevice(model_.device()), "cudaSetDevice");
   const cudaStream_t st = static_cast<cudaStream_t>(model_.stream_);
+  if (collective_) collective_->all_reduce_sum(s.grad.get(), s.total, st);  // every replica: the step's whole gradient
   double* scratch = static_cast<double*>(s.sum_scratch.ensure(size_t(sum_squares_scratch()) * sizeof(double)));
   const double norm = std::sqrt(sum_squares(s.grad.get(), s.total, scratch, st));
   float clip = 1.f;

@@ -23,7 +23,7 @@
 // the device's values, gradients and moments into them; after writing them, params_changed()
 // uploads them.
 //
-// Not here yet: full fine-tuning (mode full throws), activation recomputation, NCCL.
+// Not here yet: full fine-tuning (mode full throws).
 #pragma once
 #include <atomic>
 #include <memory>
@@ -34,6 +34,7 @@
 namespace rf::cuda {
 
 class DeviceModel;
+class Collective;
 
 class DeviceTrainer {
  public:
@@ -59,6 +60,11 @@ class DeviceTrainer {
   void set_step_count(long n) { adam_step_ = n; }
   long trainable_count() const;
 
+  // Data-parallel training (cuda/collective.h): from now on optimizer_step first sums the
+  // gradients over the group's processes (each then scales its share of the step's micro-batches
+  // by 1 / (micro-batches of all processes), as gradient accumulation does).
+  void set_collective(std::shared_ptr<Collective> collective) { collective_ = std::move(collective); }
+
  private:
   void sync_engine();
   struct Impl;
@@ -66,6 +72,7 @@ class DeviceTrainer {
   DeviceModel& model_;
   TrainOptions options_;
   long adam_step_ = 0;
+  std::shared_ptr<Collective> collective_;
 };
 
 }  // namespace rf::cuda

@@ -34,6 +34,9 @@ class CpuTrainer : public EngineTrainer {
   void params_changed() override { t_.params_changed(); }
   long trainable_count() const override { return t_.trainable_count(); }
   void set_step_count(long n) override { t_.set_step_count(n); }
+  void join_group(const std::string&, int, int) override {
+    throw std::invalid_argument("data-parallel training runs on GPUs (device 'cuda:N', one process per GPU), not on the CPU");
+  }
 
  private:
   Trainer t_;

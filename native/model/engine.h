@@ -58,6 +58,9 @@ class EngineTrainer {
   virtual void params_changed() = 0;
   virtual long trainable_count() const = 0;
   virtual void set_step_count(long n) = 0;
+  // Data-parallel training: joins the group `id` (cuda::new_collective_id) as `rank` of `world`;
+  // from then on each optimizer step sums the gradients over the group. GPU trainers only.
+  virtual void join_group(const std::string& id, int rank, int world) = 0;
 };
 
 class Engine {

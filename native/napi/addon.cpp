@@ -20,6 +20,7 @@
 #include "napi/bench.h"
 #include "napi/worker.h"
 #ifdef RF_HAVE_CUDA
+#include "cuda/collective.h"
 #include "cuda/cuda.h"
 #endif
 
@@ -601,6 +602,15 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       }
       opt.seed = uint64_t(get_double(o, "seed"));
       if (o.Has("recompute")) opt.recompute = get_bool(o, "recompute");
+      // group: { id, rank, world }: data-parallel training (join_group blocks until every rank joined).
+      std::string group_id;
+      int group_rank = 0, group_world = 1;
+      if (o.Has("group") && o.Get("group").IsObject()) {
+        Napi::Object g = o.Get("group").As<Napi::Object>();
+        group_id = get_string(g, "id");
+        group_rank = get_int(g, "rank");
+        group_world = get_int(g, "world");
+      }
       begin_work();
       auto handle = std::make_shared<TrainerHandle>();
       handle->engine = engine_;
@@ -612,6 +622,15 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
           [=] {
             const BusyRelease release{busy};
             handle->trainer = handle->engine->new_trainer(opt);
+            if (!group_id.empty()) {
+              try {
+                handle->trainer->join_group(group_id, group_rank, group_world);
+              } catch (...) {
+                handle->trainer.reset();  // not training after all: the adapters it added go too
+                handle->engine->clear_adapters();
+                throw;
+              }
+            }
           },
           [=](Napi::Env e) -> Napi::Value {
             self->trainer_ = handle;
@@ -930,8 +949,15 @@ Napi::Value CudaInfo(const Napi::CallbackInfo& info) {
     o.Set("memoryGiB", d.memory_gib);
     o.Set("error", d.error);
     o.Set("saxpyMaxError", d.count > 0 ? cuda::smoke_saxpy(1 << 20) : -1.0);
+    o.Set("nccl", cuda::collective_available());
     return o;
   });
+}
+
+// collectiveId() -> string: a new NCCL unique id (hex) for a data-parallel group; throws where
+// the build has no NCCL.
+Napi::Value CollectiveId(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), [&]() -> Napi::Value { return Napi::String::New(info.Env(), cuda::new_collective_id()); });
 }
 #endif
 
@@ -948,6 +974,7 @@ Napi::Object InitAddon(Napi::Env env, Napi::Object exports) {
   init_bench(env, exports);
 #ifdef RF_HAVE_CUDA
   exports.Set("cudaInfo", Napi::Function::New(env, CudaInfo));
+  exports.Set("collectiveId", Napi::Function::New(env, CollectiveId));
 #endif
   return exports;
 }
