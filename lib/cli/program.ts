@@ -207,7 +207,7 @@ export function buildProgram(): Command {
     .option('--flag-categories <list>', "one flag <rf:NAME> per risk category: 'auto' (every category of the harmful data) or NAME,NAME,…; others train <rf>")
     .option('--category-map <file>', 'JSON object mapping the data\'s categories to flag category names')
     .option('--merge', 'also write the merged model')
-    .option('--device <device>', "where training runs: 'cpu', 'cuda' or 'cuda:N' (the CUDA build: npm run build:cuda; LoRA only)", device)
+    .option('--device <device>', "where training runs: 'cpu', 'cuda' or 'cuda:N' (the CUDA build: npm run build:cuda)", device)
     .option('--recompute', 'GPU: recompute each block\'s activations in the backward instead of keeping them (long sequences)')
     .option('--world-size <n>', 'data-parallel: processes (one per GPU) training together (see README, Training)', integer('world-size', 1))
     .option('--process-rank <n>', 'data-parallel: this process\'s rank, 0 .. world size - 1 (rank 0 writes the outputs)', integer('process-rank', 0))

@@ -111,7 +111,8 @@ export const trainConfigSchema = z.strictObject({
   threshold: z.number().gt(0).lt(1).default(0.5),
   /**
    * Where training runs: 'cpu' (the default), or an NVIDIA GPU, 'cuda' (device 0) or 'cuda:N',
-   * with the CUDA build of the addon (`npm run build:cuda`). LoRA only on a GPU for now.
+   * with the CUDA build of the addon (`npm run build:cuda`). Full fine-tuning on a GPU trains the
+   * `lm` objective only (the other objectives' KL terms need LoRA's reference model).
    */
   device: z.string().regex(/^(cpu|cuda(:\d{1,3})?)$/, "must be 'cpu', 'cuda' or 'cuda:N'").default('cpu'),
   /**
@@ -190,8 +191,8 @@ export function parseTrainConfig(input: unknown, where = 'training config'): Tra
     if (dp && result.data.device === 'cpu') {
       throw new RedflagError('INVALID_ARGUMENT', `${where}: dataParallel runs one process per GPU (device 'cuda:N'), not on the CPU`);
     }
-    if (result.data.mode === 'full' && result.data.device !== 'cpu') {
-      throw new RedflagError('INVALID_ARGUMENT', `${where}: mode 'full' (full fine-tuning) runs on the CPU only for now; on ${result.data.device} train a LoRA adapter (mode 'lora')`);
+    if (result.data.mode === 'full' && result.data.device !== 'cpu' && result.data.objective !== 'lm') {
+      throw new RedflagError('INVALID_ARGUMENT', `${where}: on ${result.data.device}, mode 'full' (full fine-tuning) trains the 'lm' objective; the '${result.data.objective}' objective's KL terms need the reference model: train a LoRA adapter (mode 'lora')`);
     }
     return result.data;
   }

@@ -53,6 +53,20 @@ std::vector<float> download_row(const Buffer& table, DType dtype, long row, long
   return out;
 }
 
+// n values of a device buffer in the engine's dtype (or f32), as f32 on the host.
+std::vector<float> download_all(const Buffer& b, DType dtype, long n) {
+  std::vector<float> out(static_cast<size_t>(n));
+  if (n == 0) return out;
+  if (dtype == DType::f32) {
+    check(cudaMemcpy(out.data(), b.get(), size_t(n) * sizeof(float), cudaMemcpyDeviceToHost), "cudaMemcpy (weights)");
+  } else {
+    std::vector<uint16_t> h(static_cast<size_t>(n));
+    check(cudaMemcpy(h.data(), b.get<uint16_t>(), size_t(n) * sizeof(uint16_t), cudaMemcpyDeviceToHost), "cudaMemcpy (weights)");
+    for (long i = 0; i < n; ++i) out[size_t(i)] = bf16_to_f32(h[size_t(i)]);
+  }
+  return out;
+}
+
 // Groups (source index -> destination row) pairs by destination, sources in their order, for
 // add_rows_grouped.
 struct Scatter {
@@ -88,6 +102,10 @@ struct DeviceTrainer::Impl {
   // entry of that DLinear's lora list (B is the next parameter).
   std::vector<std::vector<int>> lora_params;  // [layer * 4 + index] -> parameter index of A
   int rf_embed = -1, rf_head = -1;            // parameter indices (equal when embeddings are tied)
+  // Full fine-tuning: the parameter index of every engine tensor (-1: none), in the CPU's order.
+  struct FullLayer { int w[4] = {-1, -1, -1, -1}, b[4] = {-1, -1, -1, -1}, norm_w[2] = {-1, -1}, norm_b[2] = {-1, -1}; };
+  std::vector<FullLayer> full;
+  int full_final_w = -1, full_final_b = -1, full_embed = -1, full_head = -1, full_pos = -1;
   std::vector<int> flags;
   Buffer flag_ids;
   Buffer base_row0;  // f32 [H]: the LM head's row 0 (the KL-only loss's stand-in flag, no flag trained)
@@ -107,9 +125,6 @@ DeviceTrainer::DeviceTrainer(DeviceModel& model, const TrainOptions& options)
   check(cudaSetDevice(model.device()), "cudaSetDevice");
   model.check_complete();
   const ModelConfig& c = model.config();
-  if (options.mode != TrainMode::lora)
-    throw std::invalid_argument("full fine-tuning is not implemented on the GPU yet: train a LoRA adapter there (mode 'lora'), or "
-                                "fine-tune fully on the CPU (device 'cpu')");
   for (const DLayer& L : model.w_->layers)
     for (const DLinear* lin : {&L.qkv, &L.o, &L.mlp_in, &L.mlp_out})
       if (!lin->lora.empty()) throw std::invalid_argument("the model already has an adapter; remove it before training a new one");
@@ -130,8 +145,51 @@ DeviceTrainer::DeviceTrainer(DeviceModel& model, const TrainOptions& options)
     return int(s.host.size() - 1);
   };
 
-  const LoraOptions& lo = options.lora;
   s.lora_params.resize(size_t(c.n_layers) * 4);
+  if (options.mode == TrainMode::full) {
+    // Every tensor gets an f32 master, from the engine's copy (bf16 weights: their rounded values,
+    // as the CPU's unpacked masters).
+    DeviceWeights& w = *model.w_;
+    auto master = [&](const std::string& name, const Buffer& b, DType dtype, std::vector<long> shape, bool decay) {
+      if (b.empty()) return -1;
+      const int i = add_param(name, shape, decay);
+      s.host[size_t(i)]->value = download_all(b, dtype, s.host[size_t(i)]->numel());
+      return i;
+    };
+    static const char* names[4] = {"qkv", "o", "mlp_in", "mlp_out"};
+    s.full.resize(size_t(c.n_layers));
+    for (int l = 0; l < c.n_layers; ++l) {
+      const std::string pre = "layers." + std::to_string(l) + ".";
+      for (int i = 0; i < 4; ++i) {
+        const DLinear& lin = model.linear(l, i);
+        s.full[size_t(l)].w[i] = master(pre + names[i] + ".weight", lin.w, model.dtype(), {long(lin.out), long(lin.in)}, true);
+        s.full[size_t(l)].b[i] = master(pre + names[i] + ".bias", lin.bias, DType::f32, {long(lin.out)}, false);
+      }
+      const DNorm* norms[2] = {&w.layers[size_t(l)].attn_norm, &w.layers[size_t(l)].mlp_norm};
+      static const char* norm_names[2] = {"attn_norm", "mlp_norm"};
+      for (int j = 0; j < 2; ++j) {
+        s.full[size_t(l)].norm_w[j] = master(pre + norm_names[j] + ".weight", norms[j]->w, DType::f32, {H}, false);
+        s.full[size_t(l)].norm_b[j] = master(pre + norm_names[j] + ".bias", norms[j]->b, DType::f32, {H}, false);
+      }
+    }
+    s.full_final_w = master("final_norm.weight", w.final_norm.w, DType::f32, {H}, false);
+    s.full_final_b = master("final_norm.bias", w.final_norm.b, DType::f32, {H}, false);
+    s.full_embed = master("embed", w.embed, model.dtype(), {long(c.vocab), H}, true);
+    if (!c.tied_embeddings) s.full_head = master("lm_head", w.lm_head, model.dtype(), {long(c.vocab), H}, true);
+    if (c.arch == Arch::gpt2) s.full_pos = master("pos_embed", w.pos_embed, DType::f32, {long(w.pos_embed.bytes() / sizeof(float))}, true);
+    floats(s.value, s.total);
+    floats(s.grad, s.total);
+    floats(s.m1, s.total);
+    floats(s.m2, s.total);
+    for (Param* p : params()) {
+      p->grad.assign(p->value.size(), 0.f);
+      p->m.assign(p->value.size(), 0.f);
+      p->v.assign(p->value.size(), 0.f);
+    }
+    params_changed();
+    return;
+  }
+  const LoraOptions& lo = options.lora;
   for (const LoraSitePlan& site : plan_lora_sites(c, lo)) {
     const std::string pre = "layers." + std::to_string(site.layer) + "." + site.site + ".";
     const int a = add_param(pre + "lora_A", {long(lo.rank), site.in}, true);
@@ -255,7 +313,12 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
   long R = 0, Rref = 0;
   for (const Sequence& q : batch) R += q.n_tokens;
   for (const Sequence& q : reference) Rref += q.n_tokens;
-  check_loss_rows(rows, R, Rref, flags, c.vocab, false);
+  const bool full = options_.mode == TrainMode::full;
+  check_loss_rows(rows, R, Rref, flags, c.vocab, full);
+  if (full)
+    for (const LossRow& r : rows)
+      if (r.kind != LossRow::ce)
+        throw std::invalid_argument("full fine-tuning on the GPU trains cross-entropy rows (the lm objective); red-flag rows need LoRA");
 
   // Without parameter gradients the step puts the gradients accumulated so far back afterwards,
   // also when it throws.
@@ -311,7 +374,7 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
 
   // 2. Forward with activations (adapter on, LoRA dropout) -> h [R, H]. With recomputation the
   //    trace keeps each block's input only; the sequences (keys and values) stay for the backward.
-  s.trace.dropout = options_.lora.dropout;
+  s.trace.dropout = full ? 0.f : options_.lora.dropout;  // as the CPU: no dropout without adapters
   s.trace.dropout_seed = options_.seed * 0x9e3779b97f4a7c15ULL + lopt.dropout_seed;
   s.trace.inputs_only = options_.recompute;
   float* h = floats(s.h, R * H);
@@ -325,6 +388,8 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
   check(cudaMemsetAsync(dH, 0, size_t(R * H) * sizeof(float), st), "cudaMemsetAsync (dH)");
   const void* W = c.tied_embeddings ? w.embed.get<void>() : w.lm_head.get<void>();
   float* head_grad = s.rf_head >= 0 ? s.grd(s.rf_head) : nullptr;
+  // Full fine-tuning: the LM head's own gradient (the embedding's when tied).
+  float* full_head_grad = !full ? nullptr : s.grd(s.full_head >= 0 ? s.full_head : s.full_embed);
   auto scatter_into_dH = [&](const float* src, const std::vector<int32_t>& dst_of_src) {
     const Scatter sc(dst_of_src);
     const int32_t* d_rows = upload_async(s.sc_rows, sc.dst_rows, st);
@@ -395,7 +460,7 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
       float* dh_rows = floats(s.dh_rows, long(n) * H);
       const float weight = lopt.alpha_ce * lopt.grad_scale / float(n);
       const double loss = ce_loss(gemm, hc, n, int(H), W, dtype, int(V), flags.empty() ? nullptr : s.val(s.rf_head), flags,
-                                  ce_targets.data(), weight, dh_rows, head_grad, 0, st);
+                                  ce_targets.data(), weight, dh_rows, head_grad, 0, st, full_head_grad);
       terms.ce = loss / n;
       terms.n_ce = n;
       scatter_into_dH(dh_rows, ce_src);
@@ -414,15 +479,18 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
   // 4. Backward.
   float* norm_scratch = floats(s.norm_scratch, 2 * R);
   float* dtmp = floats(s.dtmp, R * H);
-  // dst (+)= norm'(x) . dout for every row (frozen norm: no weight gradient).
-  auto norm_backward = [&](const DNorm& nm, const float* x, const float* dout, float* dst, bool accumulate) {
+  // dst (+)= norm'(x) . dout for every row; the norm's weight and bias gradients when trained
+  // (parameter indices pw, pb; -1: frozen).
+  auto norm_backward = [&](const DNorm& nm, int pw, int pb, const float* x, const float* dout, float* dst, bool accumulate) {
     float* out = accumulate ? dtmp : dst;
-    if (c.norm == NormType::rms) rmsnorm_backward_rows(out, nullptr, dout, x, nm.w.get(), int(R), int(H), c.norm_eps, norm_scratch, st);
-    else layernorm_backward_rows(out, nullptr, nullptr, dout, x, nm.w.get(), int(R), int(H), c.norm_eps, norm_scratch, st);
+    float* dw = pw >= 0 ? s.grd(pw) : nullptr;
+    float* db = pb >= 0 ? s.grd(pb) : nullptr;
+    if (c.norm == NormType::rms) rmsnorm_backward_rows(out, dw, dout, x, nm.w.get(), int(R), int(H), c.norm_eps, norm_scratch, st);
+    else layernorm_backward_rows(out, dw, db, dout, x, nm.w.get(), int(R), int(H), c.norm_eps, norm_scratch, st);
     if (accumulate) add_vectors(dst, dtmp, R * H, st);
   };
   float* dx = floats(s.dx, R * H);
-  norm_backward(w.final_norm, s.trace.x_final.get(), dH, dx, false);
+  norm_backward(w.final_norm, s.full_final_w, s.full_final_b, s.trace.x_final.get(), dH, dx, false);
   float* dxn = floats(s.dxn, R * H);
   float* dact = floats(s.dact, R * I);
   float* dmlp = floats(s.dmlp, R * MLP_IN);
@@ -470,6 +538,11 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
       dy_in = dy_bf16;
     }
     matmul_nn(gemm, din, dy_in, dtype, lin.w.get<void>(), dtype, int(R), int(in), int(out), 0.f, st);
+    if (full) {  // dW += dy^T x (f32), db += the column sums of dy
+      const Impl::FullLayer& f = s.full[size_t(l)];
+      matmul_tn(gemm, s.grd(f.w[index]), dy, DType::f32, x, DType::f32, int(out), int(in), int(R), 1.f, 1.f, st);
+      if (f.b[index] >= 0) add_column_sums(s.grd(f.b[index]), dy, int(R), int(out), st);
+    }
     size_t ui = 0;  // this projection's first traced u: after the adapters of the projections before it
     for (int i = 0; i < index; ++i) ui += m.linear(l, i).lora.size();
     const std::vector<int>& ps = s.lora_params[size_t(l) * 4 + size_t(index)];
@@ -527,7 +600,8 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     if (c.act == Activation::silu) swiglu_backward_rows(dmlp, dact, lt.mlp.get(), int(R), int(I), st);
     else gelu_new_backward(dmlp, dact, lt.mlp.get(), R * I, st);
     linear_backward(l, 2, lt.xn2.get(), H, dmlp, MLP_IN, dxn, lt);
-    norm_backward(L.mlp_norm, lt.x_mid.get(), dxn, dx, true);
+    const Impl::FullLayer* fl = full ? &s.full[size_t(l)] : nullptr;
+    norm_backward(L.mlp_norm, fl ? fl->norm_w[1] : -1, fl ? fl->norm_b[1] : -1, lt.x_mid.get(), dxn, dx, true);
     // Attention: x_mid = x_in + o(attn(rope(qkv(norm(x_in)))))
     linear_backward(l, 1, lt.att.get(), Q, dx, H, datt, lt);
     attention_backward(dqkv, datt, lt.qkv.get(), arows, scale, attn_scratch, st);
@@ -536,12 +610,29 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
       rope_backward_rows(dqkv + Q, QKV, int(R), c.n_kv_heads, int(hd), d_cos, d_sin, st);
     }
     linear_backward(l, 0, lt.xn1.get(), H, dqkv, QKV, dxn, lt);
-    norm_backward(L.attn_norm, lt.x_in.get(), dxn, dx, true);
+    norm_backward(L.attn_norm, fl ? fl->norm_w[0] : -1, fl ? fl->norm_b[0] : -1, lt.x_in.get(), dxn, dx, true);
   }
 
   // 5. Embeddings: dx is dL/d(input embeddings); the flag rows that were looked up collect theirs.
   if (s.rf_embed >= 0)
     token_rows_grad(s.grd(s.rf_embed), dx, d_tokens, int(R), int(H), s.flag_ids.get<int32_t>(), int(flags.size()), st);
+  if (full) {
+    // Every looked-up row collects its rows' gradients (and GPT-2's position rows theirs), in row
+    // order per destination.
+    auto scatter = [&](float* grad, const std::vector<int32_t>& dst_of_row) {
+      const Scatter sc(dst_of_row);
+      add_rows_grouped(grad, dx, int(H), upload_async(s.sc_rows, sc.dst_rows, st), upload_async(s.sc_first, sc.first, st),
+                       upload_async(s.sc_index, sc.index, st), int(sc.dst_rows.size()), st);
+      check(cudaStreamSynchronize(st), "embedding gradients");  // the host lists must outlive the copies
+    };
+    scatter(s.grd(s.full_embed), tokens);
+    if (s.full_pos >= 0) {
+      std::vector<int32_t> positions;
+      for (const Sequence& q : batch)
+        for (int t = 0; t < q.n_tokens; ++t) positions.push_back(t);
+      scatter(s.grd(s.full_pos), positions);
+    }
+  }
   long r0 = 0;
   for (const Sequence& q : batch) {
     if (q.embed_grad)
@@ -577,6 +668,35 @@ void DeviceTrainer::sync_engine() {
       check(cudaMemcpyAsync(w.flag_embed.get(), s.val(s.rf_embed), bytes, cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync (rows)");
     if (!w.flag_head.empty())
       check(cudaMemcpyAsync(w.flag_head.get(), s.val(s.rf_head), bytes, cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync (rows)");
+  }
+  if (options_.mode == TrainMode::full) {
+    // The engine's tensors from the f32 masters: weights in the engine's dtype (bf16: rounded as
+    // the CPU rounds its packs), vectors as they are.
+    DeviceWeights& w = *model_.w_;
+    auto write = [&](Buffer& dst, int p, DType dtype) {
+      if (p < 0) return;
+      const long n = s.host[size_t(p)]->numel();
+      if (dtype == DType::bf16) f32_to_bf16(dst.get<__nv_bfloat16>(), s.val(p), n, st);
+      else check(cudaMemcpyAsync(dst.get(), s.val(p), size_t(n) * sizeof(float), cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync (weights)");
+    };
+    for (int l = 0; l < c.n_layers; ++l) {
+      const Impl::FullLayer& f = s.full[size_t(l)];
+      for (int i = 0; i < 4; ++i) {
+        DLinear& lin = model_.linear(l, i);
+        write(lin.w, f.w[i], model_.dtype());
+        write(lin.bias, f.b[i], DType::f32);
+      }
+      DNorm* norms[2] = {&w.layers[size_t(l)].attn_norm, &w.layers[size_t(l)].mlp_norm};
+      for (int j = 0; j < 2; ++j) {
+        write(norms[j]->w, f.norm_w[j], DType::f32);
+        write(norms[j]->b, f.norm_b[j], DType::f32);
+      }
+    }
+    write(w.final_norm.w, s.full_final_w, DType::f32);
+    write(w.final_norm.b, s.full_final_b, DType::f32);
+    write(w.embed, s.full_embed, model_.dtype());
+    write(w.lm_head, s.full_head, model_.dtype());
+    write(w.pos_embed, s.full_pos, DType::f32);
   }
   check(cudaStreamSynchronize(st), "trainer (engine copies)");
 }

@@ -1,17 +1,20 @@
 // Training on the GPU: the CPU trainer (native/model/train.h) on a DeviceModel, with the same
 // options, loss rows, loss terms and parameters. LoRA adapters (every PEFT option the CPU trainer
-// takes: targets, rank, alpha, rsLoRA, dropout) and the trainable flag-token rows; the frozen
-// weights stay in the engine's dtype on the device (bf16 by default), every trainable tensor,
-// its gradient and AdamW's moments are f32 on the device.
+// takes: targets, rank, alpha, rsLoRA, dropout) and the trainable flag-token rows, or full
+// fine-tuning (cross-entropy rows: every tensor has an f32 master, and the engine's copies, bf16
+// or f32, are rewritten from them after each update); the frozen weights stay in the engine's
+// dtype on the device (bf16 by default), every trainable tensor, its gradient and AdamW's moments
+// are f32 on the device.
 //
 // One step, as the CPU's:
-//   1. traced forward of the trained batch (adapter on, LoRA dropout)     -> h [R, H], the trace
-//   2. reference forward (adapter and flag rows off) when KL rows exist   -> h_ref [Rref, H]
+//   1. reference forward (adapter and flag rows off) when KL rows exist   -> h_ref [Rref, H]
+//   2. traced forward of the trained batch (adapter on, LoRA dropout)     -> h [R, H], the trace
 //   3. the loss rows: the fused red-flag loss (cuda/rf_loss.h) and cross-entropy rows, their
 //      dL/dh scattered into dH [R, H]
 //   4. backward through the final norm and every layer (cuBLASLt products; norms, SwiGLU /
 //      gelu_new, rope and attention backward kernels), LoRA's dA and dB, the flag rows' gradients
-//      (head rows from the loss, embedding rows from dL/d(input embeddings))
+//      (head rows from the loss, embedding rows from dL/d(input embeddings)); in full fine-tuning
+//      every weight's dW = dy^T x, biases, norms, the LM head, the embedding and position rows
 // optimizer_step: global-norm clipping and AdamW with the CPU's arithmetic (cuda/optim.h), then
 // the engine's copies of the adapters are refreshed so the next forward uses the new values.
 //

@@ -356,7 +356,7 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
 
 double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, DType w_type, int V, const float* w_rf,
                const std::vector<int>& flags, const int32_t* targets, float weight, float* dh, float* dw_rf, int chunk,
-               cudaStream_t stream) {
+               cudaStream_t stream, float* dW) {
   if (N < 0 || H <= 0 || V <= 0) throw std::invalid_argument("ce_loss: negative or zero size");
   const int K = int(flags.size());
   for (int i = 0; i < N; ++i)
@@ -397,6 +397,7 @@ double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, D
       zin = xb;
     }
     matmul_nn(gemm, dh + long(r0) * H, zin, w_type, W, w_type, n, H, V, 0.f, stream);
+    if (dW) matmul_tn(gemm, dW, z, DType::f32, x, DType::f32, V, H, n, 1.f, 1.f, stream);  // dW += dz^T h
     if (K > 0) {
       flag_correction_kernel<<<n, 256, 0, stream>>>(dh + long(r0) * H, H, z, V, d_flags, K, w_rf, W, bf16);
       std::vector<int32_t> own(static_cast<size_t>(n));

@@ -62,6 +62,14 @@ __global__ void add_rows_grouped_kernel(float* dst, const float* src, int width,
   }
 }
 
+__global__ void column_sums_kernel(float* y, const float* x, int rows, int cols) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  float acc = y[c];
+  for (int r = 0; r < rows; ++r) acc += x[long(r) * cols + c];
+  y[c] = acc;
+}
+
 // grid: (n_flags, column blocks); each thread one column of one flag, the rows in order.
 __global__ void token_rows_grad_kernel(float* grad, const float* dx, const int32_t* tokens, int rows, int width,
                                        const int32_t* flags) {
@@ -109,6 +117,12 @@ void add_rows_grouped(float* dst, const float* src, int width, const int32_t* ds
   if (n_dst == 0) return;
   add_rows_grouped_kernel<<<n_dst, kThreads, 0, stream>>>(dst, src, width, dst_rows, first, src_index);
   check_launch("add_rows_grouped");
+}
+
+void add_column_sums(float* y, const float* x, int rows, int cols, cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return;
+  column_sums_kernel<<<(cols + kThreads - 1) / kThreads, kThreads, 0, stream>>>(y, x, rows, cols);
+  check_launch("add_column_sums");
 }
 
 void token_rows_grad(float* grad, const float* dx, const int32_t* tokens, int rows, int width, const int32_t* flags,

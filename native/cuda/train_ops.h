@@ -33,6 +33,9 @@ void add_vectors(float* y, const float* x, long n, cudaStream_t stream);
 void add_rows_grouped(float* dst, const float* src, int width, const int32_t* dst_rows, const int32_t* first,
                       const int32_t* src_index, int n_dst, cudaStream_t stream);
 
+// y [cols] += sum over r < rows of x [r, :], the rows in order for every column: a bias's gradient.
+void add_column_sums(float* y, const float* x, int rows, int cols, cudaStream_t stream);
+
 // grad [n_flags, width] += sum over r < rows with tokens[r] == flags[k] of dx [r, :], rows in
 // order: the gradient of trained embedding rows (the flag tokens) from dL/d(input embeddings).
 void token_rows_grad(float* grad, const float* dx, const int32_t* tokens, int rows, int width, const int32_t* flags,

@@ -8,7 +8,8 @@
 //   - scale_copy, add_vectors: one f32 operation per element;
 //   - add_rows_grouped: each destination row's sources added in list order; rows not named keep
 //     their bits;
-//   - token_rows_grad: each flag's rows added in row order.
+//   - token_rows_grad: each flag's rows added in row order;
+//   - add_column_sums: each column's rows added in row order.
 // Outputs carry a tail of sentinel floats that must come back unchanged. Shapes are odd (cols 1,
 // 77, 4099; rows 1, 13, 300) and one elementwise case passes 65535 blocks of 256 threads (the
 // grid-stride loops' second turn).
@@ -164,6 +165,22 @@ void test_add_rows_grouped() {
   }
 }
 
+void test_column_sums() {
+  for (int cols : {1, 77, 4099})
+    for (int rows : {1, 13, 300}) {
+      const std::vector<float> x = randn(size_t(rows) * cols), y0 = randn(size_t(cols));
+      std::vector<float> want(y0);
+      for (int c = 0; c < cols; ++c) {
+        float v = want[size_t(c)];
+        for (int r = 0; r < rows; ++r) v += x[size_t(r) * cols + c];
+        want[size_t(c)] = v;
+      }
+      DevFloats dy(y0), dx(x);
+      rf::cuda::add_column_sums(dy.p, dx.p, rows, cols, nullptr);
+      expect_bits(dy.back(), want, "add_column_sums rows " + std::to_string(rows) + " cols " + std::to_string(cols));
+    }
+}
+
 void test_token_rows_grad() {
   for (int width : {1, 77, 4099})
     for (int rows : {1, 13, 300}) {
@@ -198,5 +215,6 @@ int main() {
   test_elementwise();
   test_add_rows_grouped();
   test_token_rows_grad();
+  test_column_sums();
   return rf::test::finish("cuda_train_ops");
 }
