@@ -26,7 +26,6 @@
 // the device's values, gradients and moments into them; after writing them, params_changed()
 // uploads them.
 //
-// Not here yet: full fine-tuning (mode full throws).
 #pragma once
 #include <atomic>
 #include <memory>
