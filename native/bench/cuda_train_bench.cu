@@ -29,7 +29,11 @@
 // memory (the allocations during the call) against the naive logits-and-gradient buffers,
 // 2 x N x V x 4 bytes for the trained rows plus the same for the reference.
 //
-//   cuda_train_bench [--quick] [--only=train|loss] [--model=1b|3b] [--batch=B] [--tokens=T] [--steps=S]
+// full: full fine-tuning of a GPT-2-124M-shaped model (bf16 weights, f32 masters), B x T = 64 x
+// 1024, cross-entropy on every next token: tokens/s for the comparison with llm.c's CUDA trainer
+// (bench/peers/llmc.md: measured separately, its source is not in this repository).
+//
+//   cuda_train_bench [--quick] [--only=train,full,loss] [--model=1b|3b] [--batch=B] [--tokens=T] [--steps=S]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -172,6 +176,98 @@ std::string bench_train_one(const std::string& name, rf::cuda::DeviceModel& m, i
          ", \"peakDeviceBytes\": " + num(double(mem.peak)) + "}";
 }
 
+// GPT-2 124M shapes (the comparison with llm.c's CUDA trainer, train_gpt2cu: bench/peers/llmc.md).
+rf::ModelConfig gpt2_124m() {
+  rf::ModelConfig c;
+  c.arch = rf::Arch::gpt2;
+  c.vocab = 50257;
+  c.hidden = 768;
+  c.intermediate = 3072;
+  c.n_layers = 12;
+  c.n_heads = 12;
+  c.n_kv_heads = 12;
+  c.head_dim = 64;
+  c.max_positions = 1024;
+  c.norm = rf::NormType::layer;
+  c.act = rf::Activation::gelu_new;
+  c.rope = false;
+  c.qkv_bias = c.o_bias = c.mlp_bias = true;
+  c.tied_embeddings = true;
+  c.norm_eps = 1e-5f;
+  return c;
+}
+
+// Full fine-tuning of GPT-2 124M, B sequences of T tokens, cross-entropy on every next token:
+// tokens/s and MFU (6 P R for the non-embedding weights, the attention's 3.5 x 2 T^2 hd heads
+// layers per sequence, 6 H V R for the tied LM head), as llm.c counts a step.
+std::string bench_full(const rf::ModelConfig& c, int B, int T, int steps, double peak_flops) {
+  std::fprintf(stderr, "gpt2-124m: loading random bf16 weights\n");
+  rf::cuda::DeviceModel m(c, rf::DType::bf16, 0);
+  uint64_t state = 0x853c49e6748fea9bull;
+  std::vector<uint16_t> buf;
+  auto add = [&](const std::string& name, std::vector<long> shape, float sd, float mean) {
+    long n = 1;
+    for (long d : shape) n *= d;
+    buf.resize(size_t(n));
+    for (long i = 0; i < n; ++i) {
+      state ^= state << 13, state ^= state >> 7, state ^= state << 17;
+      buf[size_t(i)] = rf::f32_to_bf16(mean + sd * 3.46f * (float(state >> 40) / float(1 << 24) - 0.5f));
+    }
+    m.load_tensor(name, buf.data(), rf::SrcType::bf16, shape, false);
+  };
+  const long H = c.hidden, I = c.intermediate;
+  add("embed", {c.vocab, H}, 0.02f, 0.f);
+  add("pos_embed", {c.max_positions, H}, 0.01f, 0.f);
+  add("final_norm.weight", {H}, 0.02f, 1.f);
+  add("final_norm.bias", {H}, 0.02f, 0.f);
+  for (int l = 0; l < c.n_layers; ++l) {
+    const std::string p = "layers." + std::to_string(l) + ".";
+    for (const char* n : {"attn_norm", "mlp_norm"}) {
+      add(p + n + ".weight", {H}, 0.02f, 1.f);
+      add(p + n + ".bias", {H}, 0.02f, 0.f);
+    }
+    add(p + "qkv.weight", {3 * H, H}, 0.02f, 0.f);
+    add(p + "qkv.bias", {3 * H}, 0.02f, 0.f);
+    add(p + "o.weight", {H, H}, 0.02f, 0.f);
+    add(p + "o.bias", {H}, 0.02f, 0.f);
+    add(p + "mlp_in.weight", {I, H}, 0.02f, 0.f);
+    add(p + "mlp_in.bias", {I}, 0.02f, 0.f);
+    add(p + "mlp_out.weight", {H, I}, 0.02f, 0.f);
+    add(p + "mlp_out.bias", {H}, 0.02f, 0.f);
+  }
+  m.check_complete();
+  m.set_kv_pool_bytes(size_t(double(B) * ((T + 15) / 16 * 16) * 2.0 * c.n_layers * c.n_kv_heads * c.head_dim * 4) + (size_t(1) << 20));
+  std::vector<std::vector<uint32_t>> ids(static_cast<size_t>(B));
+  std::vector<rf::LossRow> rows;
+  for (int b = 0; b < B; ++b) {
+    for (int t = 0; t < T; ++t) ids[size_t(b)].push_back(uint32_t((long(t) * 7919 + long(b) * 104729) % c.vocab));
+    for (int t = 0; t + 1 < T; ++t) rows.push_back({rf::LossRow::ce, int32_t(b * T + t), -1, -1, int32_t(ids[size_t(b)][size_t(t + 1)])});
+  }
+  rf::TrainOptions o;
+  o.mode = rf::TrainMode::full;
+  rf::cuda::reset_memory_peak();
+  rf::cuda::DeviceTrainer trainer(m, o);
+  rf::LossOptions lo;
+  rf::AdamWOptions ao;
+  ao.lr = 1e-4f;
+  std::vector<double> times;
+  for (int s = 0; s <= steps; ++s) {
+    const auto t0 = Clock::now();
+    trainer.step(seqs(ids), {}, rows, lo);
+    trainer.optimizer_step(ao);
+    if (s > 0) times.push_back(seconds_since(t0));
+  }
+  std::sort(times.begin(), times.end());
+  const double t = times[times.size() / 2], R = double(B) * T;
+  const double flops = 6 * non_embedding_params(c) * R + 3.5 * 2.0 * double(T) * T * c.head_dim * c.n_heads * c.n_layers * B +
+                       6.0 * H * c.vocab * R;
+  const rf::cuda::MemoryStats mem = rf::cuda::memory_stats();
+  std::fprintf(stderr, "gpt2-124m full: %d x %d: %.3f s/step, %.0f tokens/s, MFU %.1f%%\n", B, T, t, R / t, 100 * flops / t / peak_flops);
+  return "{\"model\": \"gpt2-124m\", \"mode\": \"full\", \"batch\": " + std::to_string(B) + ", \"tokens\": " + std::to_string(T) +
+         ", \"secondsPerStep\": " + num(t) + ", \"tokensPerSecond\": " + num(R / t) + ", \"modelTflops\": " + num(flops / t / 1e12) +
+         ", \"mfu\": " + num(flops / t / peak_flops) + ", \"peakDeviceBytes\": " + num(double(mem.peak)) + "}";
+}
+
 // The loss part for one hidden size: JSON fields.
 std::string bench_loss(int V, int H, int N, double peak_flops) {
   const int Nr = 3 * N / 4;
@@ -281,7 +377,9 @@ int main(int argc, char** argv) {
   std::fprintf(stderr, "ceiling: bf16 %.0f TFLOP/s\n", peak / 1e12);
   std::string json = "{\"bench\": \"cuda-train\", \"device\": \"" + info.name + "\", \"ceilings\": {\"bf16Tflops\": " +
                      num(peak / 1e12) + "}";
-  if (only.empty() || only == "train") {
+  // --only=a,b: the parts named.
+  auto wants = [&](const char* part) { return only.empty() || ("," + only + ",").find(std::string(",") + part + ",") != std::string::npos; };
+  if (wants("train")) {
     const std::vector<std::pair<std::string, rf::ModelConfig>> shapes{
         {"llama-3.2-1b", llama(128256, 2048, 8192, 16, 32, 8, 64, true, 32.0)},
         {"llama-3.2-3b", llama(128256, 3072, 8192, 28, 24, 8, 128, true, 32.0)},
@@ -295,7 +393,8 @@ int main(int argc, char** argv) {
     }
     json += "]";
   }
-  if (only.empty() || only == "loss") {
+  if (wants("full")) json += ", \"full\": " + bench_full(gpt2_124m(), quick ? 4 : 64, quick ? 256 : 1024, steps, peak);
+  if (wants("loss")) {
     const int N = quick ? 2048 : 16384;
     json += ", \"loss\": [" + bench_loss(128256, 2048, N, peak) + ", " + bench_loss(128256, 3072, N, peak) + "]";
   }

@@ -25,7 +25,6 @@
 // and (from the same seed) initial values, for checkpoints and adapter files: download() copies
 // the device's values, gradients and moments into them; after writing them, params_changed()
 // uploads them.
-//
 #pragma once
 #include <atomic>
 #include <memory>
