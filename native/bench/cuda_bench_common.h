@@ -115,7 +115,7 @@ inline rf::ModelConfig llama(int vocab, int hidden, int inter, int layers, int h
   return c;
 }
 
-// Random bf16 weights (a cheap xorshift: the values do not matter for speed, only their bits
+// Random bf16 weights for any config (a cheap xorshift: the values do not matter for speed, only their bits
 // being ordinary numbers), loaded under the engine's names.
 inline void load_random(rf::cuda::DeviceModel& m) {
   const rf::ModelConfig& c = m.config();
@@ -133,17 +133,28 @@ inline void load_random(rf::cuda::DeviceModel& m) {
     m.load_tensor(name, buf.data(), rf::SrcType::bf16, shape, false);
   };
   const long H = c.hidden, I = c.intermediate;
+  const bool layer_norm = c.norm == rf::NormType::layer;
   add("embed", {c.vocab, H}, 0.02f, 0.f);
   if (!c.tied_embeddings) add("lm_head", {c.vocab, H}, 0.02f, 0.f);
+  if (c.arch == rf::Arch::gpt2) add("pos_embed", {c.max_positions, H}, 0.01f, 0.f);
   add("final_norm.weight", {H}, 0.02f, 1.f);
+  if (layer_norm) add("final_norm.bias", {H}, 0.02f, 0.f);
+  // A projection and, where the config has one, its bias (GPT-2: c_fc is [inter, hidden]; the
+  // Llama family's mlp_in stacks gate and up).
+  auto linear = [&](const std::string& name, long out, long in, bool bias) {
+    add(name + ".weight", {out, in}, 0.02f, 0.f);
+    if (bias) add(name + ".bias", {out}, 0.02f, 0.f);
+  };
   for (int l = 0; l < c.n_layers; ++l) {
     const std::string p = "layers." + std::to_string(l) + ".";
-    add(p + "attn_norm.weight", {H}, 0.02f, 1.f);
-    add(p + "mlp_norm.weight", {H}, 0.02f, 1.f);
-    add(p + "qkv.weight", {c.qkv_dim(), H}, 0.02f, 0.f);
-    add(p + "o.weight", {H, c.q_dim()}, 0.02f, 0.f);
-    add(p + "mlp_in.weight", {2 * I, H}, 0.02f, 0.f);
-    add(p + "mlp_out.weight", {H, I}, 0.02f, 0.f);
+    for (const char* n : {"attn_norm", "mlp_norm"}) {
+      add(p + n + ".weight", {H}, 0.02f, 1.f);
+      if (layer_norm) add(p + n + ".bias", {H}, 0.02f, 0.f);
+    }
+    linear(p + "qkv", c.qkv_dim(), H, c.qkv_bias);
+    linear(p + "o", H, c.q_dim(), c.o_bias);
+    linear(p + "mlp_in", c.act == rf::Activation::silu ? 2 * I : I, H, c.mlp_bias);
+    linear(p + "mlp_out", H, I, c.mlp_bias);
   }
   m.check_complete();
 }

@@ -203,39 +203,7 @@ rf::ModelConfig gpt2_124m() {
 std::string bench_full(const rf::ModelConfig& c, int B, int T, int steps, double peak_flops) {
   std::fprintf(stderr, "gpt2-124m: loading random bf16 weights\n");
   rf::cuda::DeviceModel m(c, rf::DType::bf16, 0);
-  uint64_t state = 0x853c49e6748fea9bull;
-  std::vector<uint16_t> buf;
-  auto add = [&](const std::string& name, std::vector<long> shape, float sd, float mean) {
-    long n = 1;
-    for (long d : shape) n *= d;
-    buf.resize(size_t(n));
-    for (long i = 0; i < n; ++i) {
-      state ^= state << 13, state ^= state >> 7, state ^= state << 17;
-      buf[size_t(i)] = rf::f32_to_bf16(mean + sd * 3.46f * (float(state >> 40) / float(1 << 24) - 0.5f));
-    }
-    m.load_tensor(name, buf.data(), rf::SrcType::bf16, shape, false);
-  };
-  const long H = c.hidden, I = c.intermediate;
-  add("embed", {c.vocab, H}, 0.02f, 0.f);
-  add("pos_embed", {c.max_positions, H}, 0.01f, 0.f);
-  add("final_norm.weight", {H}, 0.02f, 1.f);
-  add("final_norm.bias", {H}, 0.02f, 0.f);
-  for (int l = 0; l < c.n_layers; ++l) {
-    const std::string p = "layers." + std::to_string(l) + ".";
-    for (const char* n : {"attn_norm", "mlp_norm"}) {
-      add(p + n + ".weight", {H}, 0.02f, 1.f);
-      add(p + n + ".bias", {H}, 0.02f, 0.f);
-    }
-    add(p + "qkv.weight", {3 * H, H}, 0.02f, 0.f);
-    add(p + "qkv.bias", {3 * H}, 0.02f, 0.f);
-    add(p + "o.weight", {H, H}, 0.02f, 0.f);
-    add(p + "o.bias", {H}, 0.02f, 0.f);
-    add(p + "mlp_in.weight", {I, H}, 0.02f, 0.f);
-    add(p + "mlp_in.bias", {I}, 0.02f, 0.f);
-    add(p + "mlp_out.weight", {H, I}, 0.02f, 0.f);
-    add(p + "mlp_out.bias", {H}, 0.02f, 0.f);
-  }
-  m.check_complete();
+  load_random(m);
   m.set_kv_pool_bytes(size_t(double(B) * ((T + 15) / 16 * 16) * 2.0 * c.n_layers * c.n_kv_heads * c.head_dim * 4) + (size_t(1) << 20));
   std::vector<std::vector<uint32_t>> ids(static_cast<size_t>(B));
   std::vector<rf::LossRow> rows;
@@ -260,7 +228,7 @@ std::string bench_full(const rf::ModelConfig& c, int B, int T, int steps, double
   std::sort(times.begin(), times.end());
   const double t = times[times.size() / 2], R = double(B) * T;
   const double flops = 6 * non_embedding_params(c) * R + 3.5 * 2.0 * double(T) * T * c.head_dim * c.n_heads * c.n_layers * B +
-                       6.0 * H * c.vocab * R;
+                       6.0 * c.hidden * c.vocab * R;
   const rf::cuda::MemoryStats mem = rf::cuda::memory_stats();
   std::fprintf(stderr, "gpt2-124m full: %d x %d: %.3f s/step, %.0f tokens/s, MFU %.1f%%\n", B, T, t, R / t, 100 * flops / t / peak_flops);
   return "{\"model\": \"gpt2-124m\", \"mode\": \"full\", \"batch\": " + std::to_string(B) + ", \"tokens\": " + std::to_string(T) +

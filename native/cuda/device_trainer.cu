@@ -145,6 +145,18 @@ DeviceTrainer::DeviceTrainer(DeviceModel& model, const TrainOptions& options)
     return int(s.host.size() - 1);
   };
 
+  // The device arrays of values, gradients and moments, and zero host gradients and moments.
+  auto allocate_state = [&] {
+    floats(s.value, s.total);
+    floats(s.grad, s.total);
+    floats(s.m1, s.total);
+    floats(s.m2, s.total);
+    for (Param* p : params()) {
+      p->grad.assign(p->value.size(), 0.f);
+      p->m.assign(p->value.size(), 0.f);
+      p->v.assign(p->value.size(), 0.f);
+    }
+  };
   s.lora_params.resize(size_t(c.n_layers) * 4);
   if (options.mode == TrainMode::full) {
     // Every tensor gets an f32 master, from the engine's copy (bf16 weights: their rounded values,
@@ -177,15 +189,7 @@ DeviceTrainer::DeviceTrainer(DeviceModel& model, const TrainOptions& options)
     s.full_embed = master("embed", w.embed, model.dtype(), {long(c.vocab), H}, true);
     if (!c.tied_embeddings) s.full_head = master("lm_head", w.lm_head, model.dtype(), {long(c.vocab), H}, true);
     if (c.arch == Arch::gpt2) s.full_pos = master("pos_embed", w.pos_embed, DType::f32, {long(w.pos_embed.bytes() / sizeof(float))}, true);
-    floats(s.value, s.total);
-    floats(s.grad, s.total);
-    floats(s.m1, s.total);
-    floats(s.m2, s.total);
-    for (Param* p : params()) {
-      p->grad.assign(p->value.size(), 0.f);
-      p->m.assign(p->value.size(), 0.f);
-      p->v.assign(p->value.size(), 0.f);
-    }
+    allocate_state();
     params_changed();
     return;
   }
@@ -228,26 +232,24 @@ DeviceTrainer::DeviceTrainer(DeviceModel& model, const TrainOptions& options)
     s.base_row0.upload(row0.data(), row0.size() * sizeof(float));
   }
 
-  floats(s.value, s.total);
-  floats(s.grad, s.total);
-  floats(s.m1, s.total);
-  floats(s.m2, s.total);
-  for (Param* p : params()) {
-    p->grad.assign(p->value.size(), 0.f);
-    p->m.assign(p->value.size(), 0.f);
-    p->v.assign(p->value.size(), 0.f);
-  }
+  allocate_state();
   // The engine's copies: adapters (B premultiplied by the scale: B is 0 at the start) and rows.
-  size_t next = 0;
-  for (const LoraSitePlan& site : plan_lora_sites(c, lo)) {
-    const Param& A = *s.host[next];
-    const Param& B = *s.host[next + 1];
-    model.add_lora(site.layer, site.target, A.value.data(), site.in, B.value.data(), site.out, lo.rank, site.scale);
-    next += 2;
+  // A failure part way leaves the model as it was.
+  try {
+    size_t next = 0;
+    for (const LoraSitePlan& site : plan_lora_sites(c, lo)) {
+      const Param& A = *s.host[next];
+      const Param& B = *s.host[next + 1];
+      model.add_lora(site.layer, site.target, A.value.data(), site.in, B.value.data(), site.out, lo.rank, site.scale);
+      next += 2;
+    }
+    if (!s.flags.empty())
+      model.set_token_rows(s.flags, s.host[size_t(s.rf_embed)]->value.data(), s.host[size_t(s.rf_head)]->value.data());
+    params_changed();  // uploads values, zero gradients and moments
+  } catch (...) {
+    model.clear_adapters();
+    throw;
   }
-  if (!s.flags.empty())
-    model.set_token_rows(s.flags, s.host[size_t(s.rf_embed)]->value.data(), s.host[size_t(s.rf_head)]->value.data());
-  params_changed();  // uploads values, zero gradients and moments
 }
 
 DeviceTrainer::~DeviceTrainer() = default;
@@ -399,41 +401,15 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     check(cudaStreamSynchronize(st), "loss rows");  // the host lists above must outlive the copies
   };
   {
-    std::vector<RfLossRow> rf_rows;
-    std::vector<int32_t> rf_src, ref_src;
-    std::vector<int32_t> ce_src, ce_targets;
-    for (const LossRow& r : rows) {
-      if (r.kind == LossRow::ce) {
-        ce_src.push_back(r.row);
-        ce_targets.push_back(r.target);
-        continue;
-      }
-      RfLossRow q{};
-      q.kind = r.kind == LossRow::benign_kl ? RfLossKind::benign_kl
-               : r.kind == LossRow::red_flag ? RfLossKind::red_flag
-                                             : RfLossKind::after_kl;
-      q.group = r.group;
-      q.flag = r.kind == LossRow::red_flag && r.target >= 0
-                   ? int32_t(std::find(flags.begin(), flags.end(), r.target) - flags.begin())
-                   : 0;
-      q.ref_row = -1;
-      if (r.ref_row >= 0 && r.kind != LossRow::red_flag) {
-        q.ref_row = int32_t(ref_src.size());
-        ref_src.push_back(r.ref_row);
-      }
-      rf_src.push_back(r.row);
-      rf_rows.push_back(q);
-    }
+    const SplitRows split = split_loss_rows(rows, flags);
+    const std::vector<RfLossRow>& rf_rows = split.rf;
+    const std::vector<int32_t>& rf_src = split.rf_src;
+    const std::vector<int32_t>& ref_src = split.ref_src;
+    const std::vector<int32_t>& ce_src = split.ce_src;
+    const std::vector<int32_t>& ce_targets = split.ce_targets;
     if (!rf_rows.empty()) {
       const int n = int(rf_rows.size()), nr = int(ref_src.size());
-      RfLossOptions o;
-      o.flag_tokens = flags.empty() ? std::vector<int>{0} : flags;  // no flag trained: the plain KL (as the CPU)
-      o.aggregation = lopt.aggregation == Aggregation::any    ? RfAggregation::any
-                      : lopt.aggregation == Aggregation::mean ? RfAggregation::mean
-                                                              : RfAggregation::single;
-      o.alpha_benign = lopt.alpha_benign * lopt.grad_scale;
-      o.alpha_rf = lopt.alpha_rf * lopt.grad_scale;
-      o.alpha_after = lopt.alpha_after * lopt.grad_scale;
+      const RfLossOptions o = rf_loss_options(lopt, flags);  // no flag trained: token 0's base row (s.base_row0)
       float* hr = floats(s.rows_h, long(n) * H);
       gather_rows(hr, h, upload_async(s.idx_a, rf_src, st), n, int(H), st);
       float* hrr = nullptr;

@@ -595,6 +595,45 @@ void init_lora_a(std::mt19937_64& rng, std::vector<float>& A, long in) {
   for (float& v : A) v = u(rng);
 }
 
+SplitRows split_loss_rows(const std::vector<LossRow>& rows, const std::vector<int>& flags) {
+  SplitRows out;
+  for (const LossRow& r : rows) {
+    if (r.kind == LossRow::ce) {
+      out.ce_src.push_back(r.row);
+      out.ce_targets.push_back(r.target);
+      continue;
+    }
+    RfLossRow q{};
+    q.kind = r.kind == LossRow::benign_kl ? RfLossKind::benign_kl
+             : r.kind == LossRow::red_flag ? RfLossKind::red_flag
+                                           : RfLossKind::after_kl;
+    q.group = r.group;
+    q.flag = r.kind == LossRow::red_flag && r.target >= 0
+                 ? int32_t(std::find(flags.begin(), flags.end(), r.target) - flags.begin())
+                 : 0;
+    q.ref_row = -1;
+    if (r.ref_row >= 0 && r.kind != LossRow::red_flag) {
+      q.ref_row = int32_t(out.ref_src.size());
+      out.ref_src.push_back(r.ref_row);
+    }
+    out.rf_src.push_back(r.row);
+    out.rf.push_back(q);
+  }
+  return out;
+}
+
+RfLossOptions rf_loss_options(const LossOptions& lopt, const std::vector<int>& flags) {
+  RfLossOptions o;
+  o.flag_tokens = flags.empty() ? std::vector<int>{0} : flags;
+  o.aggregation = lopt.aggregation == Aggregation::any    ? RfAggregation::any
+                  : lopt.aggregation == Aggregation::mean ? RfAggregation::mean
+                                                          : RfAggregation::single;
+  o.alpha_benign = lopt.alpha_benign * lopt.grad_scale;
+  o.alpha_rf = lopt.alpha_rf * lopt.grad_scale;
+  o.alpha_after = lopt.alpha_after * lopt.grad_scale;
+  return o;
+}
+
 void check_loss_rows(const std::vector<LossRow>& rows, long R, long Rref, const std::vector<int>& flags, int vocab, bool full) {
   if (R == 0) throw std::invalid_argument("empty training batch");
   for (const LossRow& r : rows) {
@@ -681,51 +720,25 @@ LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Se
   terms.tokens = R;
   std::vector<float>& dH = s.dx;
   dH.assign(size_t(R) * H, 0.f);
-  std::vector<RfLossRow> rf_rows;
-  std::vector<int32_t> rf_src, ce_src, ce_targets;
+  const SplitRows split = split_loss_rows(rows, flags);
+  const std::vector<RfLossRow>& rf_rows = split.rf;
+  const std::vector<int32_t>& rf_src = split.rf_src;
+  const std::vector<int32_t>& ce_src = split.ce_src;
+  const std::vector<int32_t>& ce_targets = split.ce_targets;
   std::vector<float>& rf_h = s.rf_h;
   std::vector<float>& rf_href = s.rf_href;
-  rf_h.clear();
-  rf_href.clear();
-  for (const LossRow& r : rows) {
-    if (r.kind == LossRow::ce) {
-      ce_src.push_back(r.row);
-      ce_targets.push_back(r.target);
-      continue;
-    }
-    RfLossRow q{};
-    q.kind = r.kind == LossRow::benign_kl ? RfLossKind::benign_kl
-             : r.kind == LossRow::red_flag ? RfLossKind::red_flag
-                                           : RfLossKind::after_kl;
-    q.group = r.group;
-    q.flag = r.kind == LossRow::red_flag && r.target >= 0
-                 ? int32_t(std::find(flags.begin(), flags.end(), r.target) - flags.begin())
-                 : 0;
-    q.ref_row = -1;
-    if (r.ref_row >= 0 && r.kind != LossRow::red_flag) {
-      q.ref_row = int32_t(rf_href.size() / H);
-      rf_href.insert(rf_href.end(), s.h_ref.begin() + size_t(r.ref_row) * H, s.h_ref.begin() + size_t(r.ref_row + 1) * H);
-    }
-    rf_h.insert(rf_h.end(), s.h.begin() + size_t(r.row) * H, s.h.begin() + size_t(r.row + 1) * H);
-    rf_src.push_back(r.row);
-    rf_rows.push_back(q);
-  }
+  rf_h.resize(rf_src.size() * size_t(H));
+  rf_href.resize(split.ref_src.size() * size_t(H));
+  for (size_t i = 0; i < rf_src.size(); ++i) std::memcpy(rf_h.data() + i * H, s.h.data() + size_t(rf_src[i]) * H, H * 4);
+  for (size_t i = 0; i < split.ref_src.size(); ++i)
+    std::memcpy(rf_href.data() + i * H, s.h_ref.data() + size_t(split.ref_src[i]) * H, H * 4);
   if (!rf_rows.empty()) {
-    RfLossOptions o;
-    o.flag_tokens = flags;
+    const RfLossOptions o = rf_loss_options(lopt, flags);
     if (flags.empty()) {
-      // No red-flag token (refusal baseline): the KL terms need none; any token whose "trained"
-      // row is its base row gives exactly the plain KL.
-      o.flag_tokens = {0};
+      // No red-flag token (refusal baseline): token 0's base row as the "trained" row (rf_loss_options).
       s.rf_head_base.resize(H);
       packed_row(m.lm_head().w, 0, s.rf_head_base.data());
     }
-    o.aggregation = lopt.aggregation == Aggregation::any    ? RfAggregation::any
-                    : lopt.aggregation == Aggregation::mean ? RfAggregation::mean
-                                                            : RfAggregation::single;
-    o.alpha_benign = lopt.alpha_benign * lopt.grad_scale;
-    o.alpha_rf = lopt.alpha_rf * lopt.grad_scale;
-    o.alpha_after = lopt.alpha_after * lopt.grad_scale;
     const int n = int(rf_rows.size());
     s.dh_rows.resize(size_t(n) * H);  // written by rf_loss
     std::vector<float> dw_rf(size_t(o.flag_tokens.size()) * H, 0.f);

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "kernels/gemm.h"
+#include "kernels/rf_loss.h"
 #include "model/model.h"
 
 namespace rf {
@@ -106,6 +107,21 @@ struct LoraSitePlan {
 std::vector<LoraSitePlan> plan_lora_sites(const ModelConfig& config, const LoraOptions& options);
 // PEFT's initialisation of lora_A [rank, in] from the trainer's generator (B starts at 0).
 void init_lora_a(std::mt19937_64& rng, std::vector<float>& A, long in);
+
+// A step's loss rows as the losses take them: the red-flag loss's rows (rf; their trained rows
+// rf_src; the reference rows their KL rows read, ref_src, which each row's ref_row indexes) and
+// the cross-entropy rows (trained rows ce_src, targets ce_targets). flags: the trained flag
+// tokens (a red-flag row's target picks its flag).
+struct SplitRows {
+  std::vector<RfLossRow> rf;
+  std::vector<int32_t> rf_src, ref_src, ce_src, ce_targets;
+};
+SplitRows split_loss_rows(const std::vector<LossRow>& rows, const std::vector<int>& flags);
+
+// The red-flag loss's options for a step: its weights (times grad_scale) and aggregation, and the
+// flag tokens (none trained, e.g. the refusal baseline: token 0 with its base row, which gives
+// exactly the plain KL).
+RfLossOptions rf_loss_options(const LossOptions& options, const std::vector<int>& flags);
 
 // The checks every trainer makes of a step's rows (R rows in the trained batch, Rref in the
 // reference): std::out_of_range / std::invalid_argument with the message that names the fault.

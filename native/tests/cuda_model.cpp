@@ -360,25 +360,9 @@ int main() {
   run_config("llama hd64 GQA1", with(llama, 128, 2, 2, 64));
   run_config("llama hd80 GQA3", with(llama, 240, 3, 1, 80));
   run_config("llama hd128 GQA8", with(llama, 256, 8, 1, 128));
-  rf::ModelConfig mistral = llama;
-  mistral.sliding_window = 7;
-  mistral.qkv_bias = false;
-  run_config("mistral window 7", mistral);
-  rf::ModelConfig l3 = llama;
-  l3.tied_embeddings = true;
-  l3.rope_scaling = rf::RopeScaling::llama3;
-  l3.rope_factor = 8;
-  l3.rope_original_max_positions = 16;
-  run_config("llama3 rope, tied", l3);
-  rf::ModelConfig gpt2 = llama;
-  gpt2.arch = rf::Arch::gpt2;
-  gpt2.norm = rf::NormType::layer;
-  gpt2.act = rf::Activation::gelu_new;
-  gpt2.rope = false;
-  gpt2.n_kv_heads = gpt2.n_heads;
-  gpt2.head_dim = gpt2.hidden / gpt2.n_heads;  // GPT-2: c_attn is [3 hidden, hidden]
-  gpt2.qkv_bias = gpt2.o_bias = gpt2.mlp_bias = true;
-  gpt2.tied_embeddings = true;
+  run_config("mistral window 7", rf::test::mistral_of(llama));
+  run_config("llama3 rope, tied", rf::test::llama3_tied_of(llama));
+  const rf::ModelConfig gpt2 = rf::test::gpt2_of(llama);
   run_config("gpt2", gpt2);
   check_pool(llama);
   check_memory(with(llama, 256, 8, 2, 32));

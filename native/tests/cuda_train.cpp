@@ -373,18 +373,6 @@ void run_bf16(const std::string& name, const rf::ModelConfig& c) {
 
 }  // namespace
 
-rf::ModelConfig gpt2_of(rf::ModelConfig c) {
-  c.arch = rf::Arch::gpt2;
-  c.norm = rf::NormType::layer;
-  c.act = rf::Activation::gelu_new;
-  c.rope = false;
-  c.n_kv_heads = c.n_heads;
-  c.head_dim = c.hidden / c.n_heads;
-  c.qkv_bias = c.o_bias = c.mlp_bias = true;
-  c.tied_embeddings = true;
-  return c;
-}
-
 int main() {
   const rf::cuda::DeviceInfo info = rf::cuda::device_info();
   if (info.count == 0) {
@@ -392,18 +380,11 @@ int main() {
     return 0;
   }
   try {
+    using rf::test::gpt2_of;
     const rf::ModelConfig llama = rf::test::small_llama();
     run_config("llama GQA 2", llama);
-    rf::ModelConfig mistral = llama;
-    mistral.sliding_window = 7;
-    mistral.qkv_bias = false;
-    run_config("mistral window 7", mistral);
-    rf::ModelConfig l3 = llama;
-    l3.tied_embeddings = true;
-    l3.rope_scaling = rf::RopeScaling::llama3;
-    l3.rope_factor = 8;
-    l3.rope_original_max_positions = 16;
-    run_config("llama3 rope, tied", l3);
+    run_config("mistral window 7", rf::test::mistral_of(llama));
+    run_config("llama3 rope, tied", rf::test::llama3_tied_of(llama));
     run_config("gpt2", gpt2_of(llama));
     run_full("llama GQA 2", llama);
     run_full("gpt2", gpt2_of(llama));

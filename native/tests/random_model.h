@@ -41,6 +41,33 @@ inline rf::ModelConfig small_llama() {
   return c;
 }
 
+// The small config's variants the CUDA tests run: Mistral's sliding window (no q/k/v biases),
+// llama3 rope scaling with tied embeddings, and GPT-2 (learned positions, LayerNorm, gelu_new,
+// biases everywhere, tied embeddings, c_attn [3 hidden, hidden]).
+inline rf::ModelConfig mistral_of(rf::ModelConfig c) {
+  c.sliding_window = 7;
+  c.qkv_bias = false;
+  return c;
+}
+inline rf::ModelConfig llama3_tied_of(rf::ModelConfig c) {
+  c.tied_embeddings = true;
+  c.rope_scaling = rf::RopeScaling::llama3;
+  c.rope_factor = 8;
+  c.rope_original_max_positions = 16;
+  return c;
+}
+inline rf::ModelConfig gpt2_of(rf::ModelConfig c) {
+  c.arch = rf::Arch::gpt2;
+  c.norm = rf::NormType::layer;
+  c.act = rf::Activation::gelu_new;
+  c.rope = false;
+  c.n_kv_heads = c.n_heads;
+  c.head_dim = c.hidden / c.n_heads;
+  c.qkv_bias = c.o_bias = c.mlp_bias = true;
+  c.tied_embeddings = true;
+  return c;
+}
+
 // Standard deviations of the random weights, per kind of tensor. Norm weights are drawn around
 // 1 (the rest around 0) so activations keep their scale through the layers.
 struct WeightScales {
