@@ -235,13 +235,14 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
   float* zr = sc.alloc<float>(size_t(C) * V);
   __nv_bfloat16* xb = bf16 ? sc.alloc<__nv_bfloat16>(std::max(size_t(C) * V, size_t(C) * H)) : nullptr;
   float* hc = sc.alloc<float>(size_t(C) * H);  // gathered rows (reference rows; compacted red-flag rows)
+  float* ht = sc.alloc<float>(size_t(C) * H);  // gathered trained rows of a pass-1 chunk
   float* dhc = sc.alloc<float>(size_t(C) * H);
   int32_t* idx = sc.alloc<int32_t>(size_t(C));
   int* d_flags = sc.alloc<int>(size_t(K));
   RowIn* d_in = sc.alloc<RowIn>(size_t(C));
   RowOut* d_out = sc.alloc<RowOut>(size_t(C));
   RfIn* d_rf = sc.alloc<RfIn>(size_t(C));
-  res.scratch_bytes = size_t(C) * V * (8 + (bf16 ? 2 : 0)) + size_t(C) * H * 8;
+  res.scratch_bytes = size_t(C) * V * (8 + (bf16 ? 2 : 0)) + size_t(C) * H * 12;
   upload(d_flags, flags, stream);
 
   // logits [n, V] of rows x [n, H] through W (flag columns replaced by w_rf when `trained`).
@@ -268,23 +269,33 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
     check(cudaGetLastError(), "rf_loss kernels (back)");
   };
 
-  // ---- pass 1: every row
-  std::vector<RowOut> outs(static_cast<size_t>(N));
-  for (int r0 = 0; r0 < N; r0 += C) {
-    const int n = std::min(C, N - r0);
+  // ---- pass 1: the KL rows (logits of both models, dz, dh), then the red-flag rows (logits and
+  //      the row scalars only: their dz needs the groups; pass 2 makes it and their dh). Each
+  //      chunk's rows are gathered, and the KL rows' dh scattered back.
+  std::vector<int32_t> order;  // KL rows, then red-flag rows
+  for (int i = 0; i < N; ++i)
+    if (rows[i].kind != RfLossKind::red_flag) order.push_back(i);
+  const size_t n_kl = order.size();
+  for (int i = 0; i < N; ++i)
+    if (rows[i].kind == RfLossKind::red_flag) order.push_back(i);
+  std::vector<RowOut> outs_in_order(static_cast<size_t>(N));
+  for (size_t j0 = 0, end = 0; j0 < size_t(N); j0 = end) {
+    const bool kl = j0 < n_kl;
+    end = std::min(kl ? n_kl : size_t(N), j0 + size_t(C));  // chunks never mix the two kinds
+    const int n = int(end - j0);
+    const std::vector<int32_t> ids(order.begin() + long(j0), order.begin() + long(end));
     std::vector<RowIn> in(static_cast<size_t>(n));
-    std::vector<int32_t> ref(static_cast<size_t>(n), 0), own(static_cast<size_t>(n));
-    bool any_kl = false;
+    std::vector<int32_t> ref(static_cast<size_t>(n), 0);
     for (int j = 0; j < n; ++j) {
-      const RfLossRow& r = rows[r0 + j];
-      const bool kl = r.kind != RfLossKind::red_flag;
+      const RfLossRow& r = rows[ids[size_t(j)]];
       in[size_t(j)] = {int(r.kind), kl ? -1 : flags[size_t(r.flag)],
                        r.kind == RfLossKind::benign_kl ? w_benign : r.kind == RfLossKind::after_kl ? w_after : 0.0};
-      if (kl) ref[size_t(j)] = r.ref_row, any_kl = true;
-      own[size_t(j)] = r0 + j;
+      if (kl) ref[size_t(j)] = r.ref_row;
     }
-    logits(zt, h + long(r0) * H, n, true);
-    if (any_kl) {
+    upload(idx, ids, stream);
+    gather_rows(ht, h, idx, n, H, stream);
+    logits(zt, ht, n, true);
+    if (kl) {
       upload(idx, ref, stream);
       gather_rows(hc, h_ref, idx, n, H, stream);
       logits(zr, hc, n, false);
@@ -292,11 +303,18 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
     upload(d_in, in, stream);
     pass1_kernel<<<n, kThreads, 0, stream>>>(zt, zr, V, d_in, d_out);
     check(cudaGetLastError(), "rf_loss pass 1");
-    // Red-flag rows have dz = 0 here: their dh rows come out 0 and pass 2 writes them.
-    back(dh + long(r0) * H, zt, n, h, own);
-    check(cudaMemcpyAsync(outs.data() + r0, d_out, size_t(n) * sizeof(RowOut), cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
+    if (kl) {
+      back(dhc, zt, n, h, ids);
+      upload(idx, ids, stream);
+      scatter_rows_kernel<<<n, 256, 0, stream>>>(dh, dhc, idx, H);
+      check(cudaGetLastError(), "rf_loss scatter");
+    }
+    check(cudaMemcpyAsync(outs_in_order.data() + j0, d_out, size_t(n) * sizeof(RowOut), cudaMemcpyDeviceToHost, stream),
+          "cudaMemcpyAsync");
   }
   check(cudaStreamSynchronize(stream), "rf_loss pass 1");
+  std::vector<RowOut> outs(static_cast<size_t>(N));
+  for (int k = 0; k < N; ++k) outs[size_t(order[size_t(k)])] = outs_in_order[size_t(k)];
 
   // ---- the groups (host, double, log space: neither 1 - p nor 1 - q formed by a subtraction)
   std::vector<double> log_q(size_t(res.n_groups), 0.0), log_1mq(size_t(res.n_groups), 0.0);

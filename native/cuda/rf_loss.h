@@ -6,14 +6,18 @@
 // target flag, all summed in double), turned into dL/dz in place, and sent back through the head
 // (dh = dz W*, W with the flag rows replaced by w_rf) with a second product.
 //
-//   pass 1 (every row): logits, the row scalars, and for KL rows dz = w (p_theta - p_ref) and dh;
+//   pass 1 (every row; KL rows and red-flag rows in chunks of their own): logits, the row
+//           scalars, and for KL rows dz = w (p_theta - p_ref) and dh (red-flag rows skip the
+//           product back: their dz needs the groups);
 //   host:               the groups' noisy-OR / mean / single coefficients from log p, log(1 - p)
 //                       in log space, as the CPU does;
 //   pass 2 (red-flag rows only): their logits again, dz = k (p - onehot(flag)), and dh.
 // dw_rf[k] += sum_r dz[r, f_k] h[r] is summed row by row in a fixed order (no atomics), so a
 // call gives the same bits every time.
 //
-// Peak scratch: 2 x chunk x V f32 logits (+ chunk x V bf16 for bf16 W) + chunk x H: with V =
+// Products: logits of the N trained and Nr reference rows, dh of the N rows, and the red-flag rows'
+// logits a second time: 2N + Nr + N_rf row products against the exact computation's 2N + Nr.
+// Peak scratch: 2 x chunk x V f32 logits (+ chunk x V bf16 for bf16 W) + 3 x chunk x H: with V =
 // 128256 and chunk 128, 197 MiB, against the naive 2 x N x V f32 logits and their gradient.
 //
 // Numerics differ from the CPU's in summation order only: logits through cuBLASLt (bf16 W:
