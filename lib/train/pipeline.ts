@@ -72,8 +72,8 @@ export interface PipelineOptions {
   reuseLm?: string;
   /**
    * Where both adapters train: 'cpu' (the default) or a GPU, 'cuda' / 'cuda:N' (frozen weights in
-   * the device's default dtype, bf16 on a GPU). The language model trains on the CPU: it is full
-   * fine-tuning, which the GPU trainer does not do yet.
+   * the device's default dtype, bf16 on a GPU). The language model trains on the CPU, where the
+   * pipeline's reference figures were measured.
    */
   adapterDevice?: string;
   /** LoRA settings of both adapters. Default rank 8, alpha 16, dropout 0.05, PEFT's default targets. */
