@@ -111,6 +111,7 @@ struct DeviceTrainer::Impl {
   Buffer base_row0;  // f32 [H]: the LM head's row 0 (the KL-only loss's stand-in flag, no flag trained)
 
   DeviceTrace trace;
+  LossScratch loss_scratch;      // the losses' device scratch, kept from step to step
   DeviceLayerTrace recomputed;  // one block's activations, recomputed in the backward
   Buffer x_recompute;
   Buffer h, h_ref, dH, dx, dtmp, dact, dmlp, dxn, datt, dqkv, xa, dys, du, tmp_in, xb, rows_h, rows_href, dh_rows, dw_scratch;
@@ -420,7 +421,8 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
       float* dh_rows = floats(s.dh_rows, long(n) * H);
       const float* w_rf = flags.empty() ? s.base_row0.get() : s.val(s.rf_head);
       float* dw_rf = flags.empty() ? floats(s.dw_scratch, H) : head_grad;
-      const RfLossResult res = rf_loss(gemm, hr, n, hrr, nr, int(H), W, dtype, int(V), w_rf, rf_rows.data(), o, dh_rows, dw_rf, st);
+      const RfLossResult res =
+          rf_loss(gemm, hr, n, hrr, nr, int(H), W, dtype, int(V), w_rf, rf_rows.data(), o, dh_rows, dw_rf, st, &s.loss_scratch);
       terms.benign = res.benign;
       terms.red_flag = res.red_flag;
       terms.after = res.after;
@@ -436,7 +438,7 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
       float* dh_rows = floats(s.dh_rows, long(n) * H);
       const float weight = lopt.alpha_ce * lopt.grad_scale / float(n);
       const double loss = ce_loss(gemm, hc, n, int(H), W, dtype, int(V), flags.empty() ? nullptr : s.val(s.rf_head), flags,
-                                  ce_targets.data(), weight, dh_rows, head_grad, 0, st, full_head_grad);
+                                  ce_targets.data(), weight, dh_rows, head_grad, 0, st, full_head_grad, &s.loss_scratch);
       terms.ce = loss / n;
       terms.n_ce = n;
       scatter_into_dH(dh_rows, ce_src);

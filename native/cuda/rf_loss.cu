@@ -187,22 +187,6 @@ __global__ void ce_kernel(float* zt, int V, const int32_t* targets, float weight
   if (threadIdx.x == 0) loss[r] = lse - double(z_target);
 }
 
-// Device scratch that frees itself.
-struct Scratch {
-  std::vector<std::pair<void*, size_t>> ptrs;
-  ~Scratch() {
-    for (auto& [p, bytes] : ptrs) device_free(p, bytes);
-  }
-  template <class T>
-  T* alloc(size_t n) {
-    void* p = nullptr;
-    const size_t bytes = std::max<size_t>(1, n) * sizeof(T);
-    check(device_alloc(&p, bytes), "cudaMalloc (rf_loss scratch)");
-    ptrs.emplace_back(p, bytes);
-    return static_cast<T*>(p);
-  }
-};
-
 template <class T>
 void upload(T* dst, const std::vector<T>& v, cudaStream_t s) {
   if (!v.empty()) check(cudaMemcpyAsync(dst, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
@@ -210,9 +194,31 @@ void upload(T* dst, const std::vector<T>& v, cudaStream_t s) {
 
 }  // namespace
 
+LossScratch::~LossScratch() {
+  for (Slot& sl : slots_) device_free(sl.p, sl.bytes);
+}
+
+size_t LossScratch::bytes() const {
+  size_t total = 0;
+  for (const Slot& sl : slots_) total += sl.bytes;
+  return total;
+}
+
+void* LossScratch::slot(size_t bytes) {
+  if (next_ == slots_.size()) slots_.emplace_back();
+  Slot& sl = slots_[next_++];
+  if (sl.bytes < bytes) {
+    device_free(sl.p, sl.bytes);
+    sl = Slot();
+    check(device_alloc(&sl.p, bytes), "cudaMalloc (loss scratch)");
+    sl.bytes = bytes;
+  }
+  return sl.p;
+}
+
 RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_ref, int Nr, int H, const void* W, DType w_type,
                      int V, const float* w_rf, const RfLossRow* rows, const RfLossOptions& opt, float* dh, float* dw_rf,
-                     cudaStream_t stream) {
+                     cudaStream_t stream, LossScratch* scratch) {
   // ---- validation and groups (kernels/rf_loss_rows.h: the CPU's, same messages)
   if (V <= 0) throw std::invalid_argument("rf_loss: negative or zero size");
   RfLossRowsPlan plan = rf_loss_rows_plan(N, Nr, H, V, rows, opt);
@@ -230,18 +236,20 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
   // ---- scratch
   const int C = std::min(N, opt.chunk > 0 ? opt.chunk : kDefaultChunk);
   const bool bf16 = w_type == DType::bf16;
-  Scratch sc;
-  float* zt = sc.alloc<float>(size_t(C) * V);
-  float* zr = sc.alloc<float>(size_t(C) * V);
-  __nv_bfloat16* xb = bf16 ? sc.alloc<__nv_bfloat16>(std::max(size_t(C) * V, size_t(C) * H)) : nullptr;
-  float* hc = sc.alloc<float>(size_t(C) * H);  // gathered rows (reference rows; compacted red-flag rows)
-  float* ht = sc.alloc<float>(size_t(C) * H);  // gathered trained rows of a pass-1 chunk
-  float* dhc = sc.alloc<float>(size_t(C) * H);
-  int32_t* idx = sc.alloc<int32_t>(size_t(C));
-  int* d_flags = sc.alloc<int>(size_t(K));
-  RowIn* d_in = sc.alloc<RowIn>(size_t(C));
-  RowOut* d_out = sc.alloc<RowOut>(size_t(C));
-  RfIn* d_rf = sc.alloc<RfIn>(size_t(C));
+  LossScratch local;
+  LossScratch& sc = scratch ? *scratch : local;
+  sc.begin();
+  float* zt = sc.get<float>(size_t(C) * V);
+  float* zr = sc.get<float>(size_t(C) * V);
+  __nv_bfloat16* xb = bf16 ? sc.get<__nv_bfloat16>(std::max(size_t(C) * V, size_t(C) * H)) : nullptr;
+  float* hc = sc.get<float>(size_t(C) * H);  // gathered rows (reference rows; compacted red-flag rows)
+  float* ht = sc.get<float>(size_t(C) * H);  // gathered trained rows of a pass-1 chunk
+  float* dhc = sc.get<float>(size_t(C) * H);
+  int32_t* idx = sc.get<int32_t>(size_t(C));
+  int* d_flags = sc.get<int>(size_t(K));
+  RowIn* d_in = sc.get<RowIn>(size_t(C));
+  RowOut* d_out = sc.get<RowOut>(size_t(C));
+  RfIn* d_rf = sc.get<RfIn>(size_t(C));
   res.scratch_bytes = size_t(C) * V * (8 + (bf16 ? 2 : 0)) + size_t(C) * H * 12;
   upload(d_flags, flags, stream);
 
@@ -374,7 +382,7 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
 
 double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, DType w_type, int V, const float* w_rf,
                const std::vector<int>& flags, const int32_t* targets, float weight, float* dh, float* dw_rf, int chunk,
-               cudaStream_t stream, float* dW) {
+               cudaStream_t stream, float* dW, LossScratch* scratch) {
   if (N < 0 || H <= 0 || V <= 0) throw std::invalid_argument("ce_loss: negative or zero size");
   const int K = int(flags.size());
   for (int i = 0; i < N; ++i)
@@ -385,13 +393,15 @@ double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, D
   if (!h || !dh || !W || (K > 0 && (!w_rf || !dw_rf))) throw std::invalid_argument("ce_loss: null pointer");
   const int C = std::min(N, chunk > 0 ? chunk : kDefaultChunk);
   const bool bf16 = w_type == DType::bf16;
-  Scratch sc;
-  float* z = sc.alloc<float>(size_t(C) * V);
-  __nv_bfloat16* xb = bf16 ? sc.alloc<__nv_bfloat16>(std::max(size_t(C) * V, size_t(C) * H)) : nullptr;
-  int32_t* d_targets = sc.alloc<int32_t>(size_t(C));
-  int32_t* idx = sc.alloc<int32_t>(size_t(C));
-  int* d_flags = sc.alloc<int>(size_t(std::max(K, 1)));
-  double* d_loss = sc.alloc<double>(size_t(C));
+  LossScratch local;
+  LossScratch& sc = scratch ? *scratch : local;
+  sc.begin();
+  float* z = sc.get<float>(size_t(C) * V);
+  __nv_bfloat16* xb = bf16 ? sc.get<__nv_bfloat16>(std::max(size_t(C) * V, size_t(C) * H)) : nullptr;
+  int32_t* d_targets = sc.get<int32_t>(size_t(C));
+  int32_t* idx = sc.get<int32_t>(size_t(C));
+  int* d_flags = sc.get<int>(size_t(std::max(K, 1)));
+  double* d_loss = sc.get<double>(size_t(C));
   upload(d_flags, flags, stream);
   std::vector<double> loss(static_cast<size_t>(N));
   for (int r0 = 0; r0 < N; r0 += C) {

@@ -26,6 +26,7 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "core/dtype.h"
@@ -34,12 +35,41 @@
 
 namespace rf::cuda {
 
+// Device scratch the losses reuse from call to call: each slot grows to the largest request it
+// has seen and stays, so a trainer that keeps one allocates nothing in its steady state (cudaMalloc
+// and cudaFree synchronize the device). A call without one allocates and frees its own. One call
+// at a time; freed by the destructor.
+class LossScratch {
+ public:
+  LossScratch() = default;
+  ~LossScratch();
+  LossScratch(const LossScratch&) = delete;
+  LossScratch& operator=(const LossScratch&) = delete;
+  // Starts a call: its requests take the slots from the first on.
+  void begin() { next_ = 0; }
+  // The next slot, holding at least n elements of T.
+  template <class T>
+  T* get(size_t n) {
+    return static_cast<T*>(slot(std::max<size_t>(1, n) * sizeof(T)));
+  }
+  size_t bytes() const;
+
+ private:
+  struct Slot {
+    void* p = nullptr;
+    size_t bytes = 0;
+  };
+  void* slot(size_t bytes);
+  std::vector<Slot> slots_;
+  size_t next_ = 0;
+};
+
 // h [N, H], h_ref [Nr, H], W [V, H] (dtype w_type), w_rf [K, H], dh [N, H] (written), dw_rf
 // [K, H] (accumulated): device memory. rows [N]: host memory. Throws std::invalid_argument on
 // the CPU's inconsistencies (same messages), std::runtime_error on CUDA errors.
 RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_ref, int Nr, int H, const void* W, DType w_type,
                      int V, const float* w_rf, const RfLossRow* rows, const RfLossOptions& options, float* dh, float* dw_rf,
-                     cudaStream_t stream);
+                     cudaStream_t stream, LossScratch* scratch = nullptr);
 
 // Cross-entropy rows (language modelling, the refusal baseline), the CPU trainer's ce_loss
 // (native/model/train.cpp) on the device: for h [N, H] and targets [N] (host), the summed loss
@@ -50,6 +80,6 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
 // of `chunk` rows (0: 128); no [N x V] buffer.
 double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, DType w_type, int V, const float* w_rf,
                const std::vector<int>& flags, const int32_t* targets, float weight, float* dh, float* dw_rf, int chunk,
-               cudaStream_t stream, float* dW = nullptr);
+               cudaStream_t stream, float* dW = nullptr, LossScratch* scratch = nullptr);
 
 }  // namespace rf::cuda
