@@ -31,7 +31,6 @@
 #include "cuda/optim.h"
 #include "cuda/rf_loss.h"
 #include "cuda/train_ops.h"
-#include "model/rope.h"
 
 namespace rf::cuda {
 
@@ -39,29 +38,16 @@ namespace {
 
 float* floats(Buffer& b, long n) { return static_cast<float*>(b.ensure(size_t(std::max(1L, n)) * sizeof(float))); }
 
-// Row `row` of a [rows, cols] device table in the engine's dtype, as f32 on the host.
-std::vector<float> download_row(const Buffer& table, DType dtype, long row, long cols) {
-  std::vector<float> out(static_cast<size_t>(cols));
-  if (dtype == DType::f32) {
-    check(cudaMemcpy(out.data(), table.get() + row * cols, size_t(cols) * sizeof(float), cudaMemcpyDeviceToHost), "cudaMemcpy (row)");
-  } else {
-    std::vector<uint16_t> b(static_cast<size_t>(cols));
-    check(cudaMemcpy(b.data(), table.get<uint16_t>() + row * cols, size_t(cols) * sizeof(uint16_t), cudaMemcpyDeviceToHost),
-          "cudaMemcpy (row)");
-    for (long i = 0; i < cols; ++i) out[size_t(i)] = bf16_to_f32(b[size_t(i)]);
-  }
-  return out;
-}
-
-// n values of a device buffer in the engine's dtype (or f32), as f32 on the host.
-std::vector<float> download_all(const Buffer& b, DType dtype, long n) {
+// Elements [first, first + n) of a device buffer in the engine's dtype (or f32), as f32 on the host.
+std::vector<float> download_floats(const Buffer& b, DType dtype, long first, long n) {
   std::vector<float> out(static_cast<size_t>(n));
   if (n == 0) return out;
   if (dtype == DType::f32) {
-    check(cudaMemcpy(out.data(), b.get(), size_t(n) * sizeof(float), cudaMemcpyDeviceToHost), "cudaMemcpy (weights)");
+    check(cudaMemcpy(out.data(), b.get() + first, size_t(n) * sizeof(float), cudaMemcpyDeviceToHost), "cudaMemcpy (weights)");
   } else {
     std::vector<uint16_t> h(static_cast<size_t>(n));
-    check(cudaMemcpy(h.data(), b.get<uint16_t>(), size_t(n) * sizeof(uint16_t), cudaMemcpyDeviceToHost), "cudaMemcpy (weights)");
+    check(cudaMemcpy(h.data(), b.get<uint16_t>() + first, size_t(n) * sizeof(uint16_t), cudaMemcpyDeviceToHost),
+          "cudaMemcpy (weights)");
     for (long i = 0; i < n; ++i) out[size_t(i)] = bf16_to_f32(h[size_t(i)]);
   }
   return out;
@@ -115,7 +101,7 @@ struct DeviceTrainer::Impl {
   DeviceLayerTrace recomputed;  // one block's activations, recomputed in the backward
   Buffer x_recompute;
   Buffer h, h_ref, dH, dx, dtmp, dact, dmlp, dxn, datt, dqkv, xa, dys, du, tmp_in, xb, rows_h, rows_href, dh_rows, dw_scratch;
-  Buffer norm_scratch, attn_scratch, cos, sin, seq_first, seq_len, row_seq, tokens, idx_a, idx_b, sc_rows, sc_first, sc_index;
+  Buffer norm_scratch, attn_scratch, idx_a, idx_b, sc_rows, sc_first, sc_index;
 
   float* val(int p) const { return value.get() + offset[size_t(p)]; }
   float* grd(int p) const { return grad.get() + offset[size_t(p)]; }
@@ -166,7 +152,7 @@ DeviceTrainer::DeviceTrainer(DeviceModel& model, const TrainOptions& options)
     auto master = [&](const std::string& name, const Buffer& b, DType dtype, std::vector<long> shape, bool decay) {
       if (b.empty()) return -1;
       const int i = add_param(name, shape, decay);
-      s.host[size_t(i)]->value = download_all(b, dtype, s.host[size_t(i)]->numel());
+      s.host[size_t(i)]->value = download_floats(b, dtype, 0, s.host[size_t(i)]->numel());
       return i;
     };
     static const char* names[4] = {"qkv", "o", "mlp_in", "mlp_out"};
@@ -215,9 +201,9 @@ DeviceTrainer::DeviceTrainer(DeviceModel& model, const TrainOptions& options)
     s.rf_embed = add_param("rf.embed", shape, false);
     const Buffer& head_table = c.tied_embeddings ? model.w_->embed : model.w_->lm_head;
     for (long k = 0; k < K; ++k) {
-      const std::vector<float> e = download_row(model.w_->embed, model.dtype(), s.flags[size_t(k)], H);
+      const std::vector<float> e = download_floats(model.w_->embed, model.dtype(), s.flags[size_t(k)] * H, H);
       std::copy(e.begin(), e.end(), s.host[size_t(s.rf_embed)]->value.begin() + k * H);
-      const std::vector<float> hrow = download_row(head_table, model.dtype(), s.flags[size_t(k)], H);
+      const std::vector<float> hrow = download_floats(head_table, model.dtype(), s.flags[size_t(k)] * H, H);
       head_base.insert(head_base.end(), hrow.begin(), hrow.end());
     }
     if (c.tied_embeddings) {
@@ -229,7 +215,7 @@ DeviceTrainer::DeviceTrainer(DeviceModel& model, const TrainOptions& options)
     const std::vector<int32_t> ids(s.flags.begin(), s.flags.end());
     s.flag_ids.upload(ids.data(), ids.size() * sizeof(int32_t));
   } else {
-    const std::vector<float> row0 = download_row(c.tied_embeddings ? model.w_->embed : model.w_->lm_head, model.dtype(), 0, H);
+    const std::vector<float> row0 = download_floats(c.tied_embeddings ? model.w_->embed : model.w_->lm_head, model.dtype(), 0, H);
     s.base_row0.upload(row0.data(), row0.size() * sizeof(float));
   }
 
@@ -477,31 +463,14 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
   __nv_bfloat16* dy_bf16 =
       bf16 ? static_cast<__nv_bfloat16*>(s.xb.ensure(size_t(R * std::max({QKV, MLP_IN, H})) * sizeof(__nv_bfloat16))) : nullptr;
 
-  // Per row: its token, its sequence and the rope tables of its position (the forward's numbers:
-  // sequences start at 0, the dynamic NTK base from each one's last position).
-  std::vector<int32_t> tokens, seq_first, seq_len, row_seq;
-  std::vector<float> cos, sin;
-  if (c.rope) {
-    cos.resize(size_t(R * hd / 2));
-    sin.resize(size_t(R * hd / 2));
-  }
-  for (size_t i = 0; i < batch.size(); ++i) {
-    const Sequence& q = batch[i];
-    seq_first.push_back(int32_t(tokens.size()));
-    seq_len.push_back(q.n_tokens);
-    const std::vector<double> inv = c.rope ? rope_inv_freq(c, q.n_tokens - 1) : std::vector<double>();
-    for (int t = 0; t < q.n_tokens; ++t) {
-      const size_t r = tokens.size();
-      if (c.rope) rope_angles(inv, t, cos.data() + r * hd / 2, sin.data() + r * hd / 2);
-      tokens.push_back(int32_t(q.tokens[t]));
-      row_seq.push_back(int32_t(i));
-    }
-  }
-  const int32_t* d_tokens = upload_async(s.tokens, tokens, st);
-  const float* d_cos = c.rope ? upload_async(s.cos, cos, st) : nullptr;
-  const float* d_sin = c.rope ? upload_async(s.sin, sin, st) : nullptr;
-  AttentionRows arows{upload_async(s.seq_first, seq_first, st), upload_async(s.seq_len, seq_len, st),
-                      upload_async(s.row_seq, row_seq, st), int(batch.size()), int(R), c.n_heads, c.n_kv_heads, int(hd),
+  // Per row its token, sequence and rope angles, per sequence its first row and length: the
+  // trained forward's plan (the model's last: the reference forward ran before it), on the device.
+  const ForwardPlan& plan = m.s_->plan;
+  const int32_t* d_tokens = plan.tokens;
+  const float* d_cos = plan.cos;
+  const float* d_sin = plan.sin;
+  // Fresh sequences: each one's first row and its new rows are its start and its length.
+  AttentionRows arows{plan.row_offsets, plan.n_new, plan.row_seq, int(batch.size()), int(R), c.n_heads, c.n_kv_heads, int(hd),
                       c.sliding_window};
   float* attn_scratch = floats(s.attn_scratch, attention_backward_scratch(arows));
   const float scale = 1.0f / std::sqrt(float(hd));
@@ -603,13 +572,14 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
                        upload_async(s.sc_index, sc.index, st), int(sc.dst_rows.size()), st);
       check(cudaStreamSynchronize(st), "embedding gradients");  // the host lists must outlive the copies
     };
+    std::vector<int32_t> tokens, positions;
+    for (const Sequence& q : batch)
+      for (int t = 0; t < q.n_tokens; ++t) {
+        tokens.push_back(int32_t(q.tokens[t]));
+        positions.push_back(t);
+      }
     scatter(s.grd(s.full_embed), tokens);
-    if (s.full_pos >= 0) {
-      std::vector<int32_t> positions;
-      for (const Sequence& q : batch)
-        for (int t = 0; t < q.n_tokens; ++t) positions.push_back(t);
-      scatter(s.grd(s.full_pos), positions);
-    }
+    if (s.full_pos >= 0) scatter(s.grd(s.full_pos), positions);
   }
   long r0 = 0;
   for (const Sequence& q : batch) {

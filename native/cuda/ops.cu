@@ -330,23 +330,13 @@ __global__ void pick_kernel(const float* logits, int vocab, const DevicePick* pa
       }
     }
   }
-  if (pick < 0) {  // the host picks this row
-    if (t == 0) {
-      token[blockIdx.x] = kPickFallback;
-      float total = 0.f;
-      for (int k = 0; k < n_flags; ++k) {
-        const int id = flags[k];
-        const float pk = id >= 0 && id < vocab ? expf(z[id] - lse) : 0.f;
-        if (p_flags) p_flags[long(blockIdx.x) * n_flags + k] = pk;
-        total += pk;
-      }
-      p_rf[blockIdx.x] = total;
-    }
-    return;
-  }
   if (t == 0) {
-    token[blockIdx.x] = uint32_t(pick);
-    logprob[blockIdx.x] = z[pick] - lse;
+    if (pick < 0) {
+      token[blockIdx.x] = kPickFallback;  // the host picks this row (logprob left unwritten)
+    } else {
+      token[blockIdx.x] = uint32_t(pick);
+      logprob[blockIdx.x] = z[pick] - lse;
+    }
     float total = 0.f;
     for (int k = 0; k < n_flags; ++k) {
       const int id = flags[k];

@@ -194,6 +194,36 @@ void compare_terms(const std::string& tag, const rf::LossTerms& g, const rf::Los
         tag + ": loss terms equal the CPU's (worst rel " + fmt(e) + ", total " + fmt(g.total) + " vs " + fmt(c.total) + ")");
 }
 
+// One step of the same micro-batch on both trainers: loss terms, every gradient and
+// dL/d(input embeddings) against the CPU's.
+void compare_step(const std::string& tag, Setup& s, Batch& b, bool with_reference) {
+  const long H = s.cpu->config().hidden;
+  std::vector<std::vector<float>> cg(b.trained.size()), gg(b.trained.size());
+  const rf::LossOptions lo = loss_options();
+  const std::vector<rf::Sequence> ref = with_reference ? seqs(b.ref) : std::vector<rf::Sequence>();
+  const rf::LossTerms tc = s.ct->step(seqs(b.trained, &cg, H), ref, b.rows, lo);
+  const rf::LossTerms tg = s.gt->step(seqs(b.trained, &gg, H), ref, b.rows, lo);
+  compare_terms(tag, tg, tc, 1e-5);
+  compare_params(tag, s, "grad", 1e-4);
+  double e = 0;
+  for (size_t i = 0; i < cg.size(); ++i) e = std::max(e, rel_l2(gg[i], cg[i]));
+  std::printf("cuda_train: %s: dL/d(embeddings) worst rel L2 %s\n", tag.c_str(), fmt(e).c_str());
+  check(e <= 1e-4, tag + ": dL/d(input embeddings) equals the CPU's (worst rel L2 " + fmt(e) + ")");
+}
+
+// AdamW from the same gradients (the CPU's given to the GPU): Adam divides by sqrt(v), so the
+// 1e-4 differences of a step would make elements whose gradient is near 0 move apart (up to 2 lr
+// where the sign flips); from equal gradients the arithmetic is the same bits.
+void compare_adamw(const std::string& tag, Setup& s, const rf::AdamWOptions& ao) {
+  s.gt->download();
+  std::vector<rf::Param*> cp = s.ct->params(), gp = s.gt->params();
+  for (size_t i = 0; i < cp.size(); ++i) gp[i]->grad = cp[i]->grad;
+  s.gt->params_changed();
+  const double nc = s.ct->optimizer_step(ao), ng = s.gt->optimizer_step(ao);
+  check(rel(ng, nc) <= 1e-12, tag + ": gradient norm " + fmt(ng) + " equals the CPU's " + fmt(nc) + " (double sums)");
+  compare_params(tag + " + AdamW" + (ao.clip_norm > 0.f ? " clipped" : ""), s, "value", 0.0);
+}
+
 void run_config(const std::string& name, const rf::ModelConfig& c) {
   Setup s = make_setup(c, rf::DType::f32, 21);
   compare_params(name + " start", s, "value", 0.0);
@@ -202,30 +232,12 @@ void run_config(const std::string& name, const rf::ModelConfig& c) {
   for (bool ce : {false, true}) {
     const std::string tag = name + (ce ? " ce step" : " red-flag step");
     Batch b = make_batch(c, ce, ce ? 8 : 7);
-    std::vector<std::vector<float>> cg(b.trained.size()), gg(b.trained.size());
-    const rf::LossOptions lo = loss_options();
-    const rf::LossTerms tc = s.ct->step(seqs(b.trained, &cg, H), seqs(b.ref), b.rows, lo);
-    const rf::LossTerms tg = s.gt->step(seqs(b.trained, &gg, H), seqs(b.ref), b.rows, lo);
-    compare_terms(tag, tg, tc, 1e-5);
-    compare_params(tag, s, "grad", 1e-4);
-    double e = 0;
-    for (size_t i = 0; i < cg.size(); ++i) e = std::max(e, rel_l2(gg[i], cg[i]));
-    std::printf("cuda_train: %s: dL/d(embeddings) worst rel L2 %s\n", tag.c_str(), fmt(e).c_str());
-    check(e <= 1e-4, tag + ": dL/d(input embeddings) equals the CPU's (worst rel L2 " + fmt(e) + ")");
-    // AdamW from the same gradients (the CPU's given to the GPU): Adam divides by sqrt(v), so
-    // the 1e-4 differences above would make elements whose gradient is near 0 move apart (up
-    // to 2 lr where the sign flips); from equal gradients the arithmetic is the same bits.
-    s.gt->download();
-    std::vector<rf::Param*> cp = s.ct->params(), gp = s.gt->params();
-    for (size_t i = 0; i < cp.size(); ++i) gp[i]->grad = cp[i]->grad;
-    s.gt->params_changed();
+    compare_step(tag, s, b, true);
     rf::AdamWOptions ao;
     ao.lr = 1e-2f;
     ao.weight_decay = 0.1f;
     ao.clip_norm = ce ? 1e-3f : 0.f;  // clipping on the second
-    const double nc = s.ct->optimizer_step(ao), ng = s.gt->optimizer_step(ao);
-    check(rel(ng, nc) <= 1e-12, tag + ": gradient norm " + fmt(ng) + " equals the CPU's " + fmt(nc) + " (double sums)");
-    compare_params(tag + " + AdamW" + (ce ? " clipped" : ""), s, "value", 0.0);
+    compare_adamw(tag, s, ao);
   }
 
   // Determinism, and the host round trip of a checkpoint.
@@ -280,29 +292,14 @@ void run_full(const std::string& name, const rf::ModelConfig& c) {
   o.seed = 11;
   Setup s = make_setup(c, rf::DType::f32, 31, &o);
   compare_params(name + " full: start", s, "value", 0.0);
-  const long H = c.hidden;
   for (int round = 0; round < 2; ++round) {
     const std::string tag = name + " full: step " + std::to_string(round + 1);
     Batch b = make_batch(c, true, 13 + round);
-    std::vector<std::vector<float>> cg(b.trained.size()), gg(b.trained.size());
-    rf::LossOptions lo = loss_options();
-    const rf::LossTerms tc = s.ct->step(seqs(b.trained, &cg, H), {}, b.rows, lo);
-    const rf::LossTerms tg = s.gt->step(seqs(b.trained, &gg, H), {}, b.rows, lo);
-    compare_terms(tag, tg, tc, 1e-5);
-    compare_params(tag, s, "grad", 1e-4);
-    double e = 0;
-    for (size_t i = 0; i < cg.size(); ++i) e = std::max(e, rel_l2(gg[i], cg[i]));
-    check(e <= 1e-4, tag + ": dL/d(input embeddings) equals the CPU's (worst rel L2 " + fmt(e) + ")");
-    s.gt->download();
-    std::vector<rf::Param*> cp = s.ct->params(), gp = s.gt->params();
-    for (size_t i = 0; i < cp.size(); ++i) gp[i]->grad = cp[i]->grad;
-    s.gt->params_changed();
+    compare_step(tag, s, b, false);
     rf::AdamWOptions ao;
     ao.lr = 1e-3f;
     ao.weight_decay = 0.1f;
-    const double nc = s.ct->optimizer_step(ao), ng = s.gt->optimizer_step(ao);
-    check(rel(ng, nc) <= 1e-12, tag + ": gradient norm " + fmt(ng) + " equals the CPU's " + fmt(nc));
-    compare_params(tag + " + AdamW", s, "value", 0.0);
+    compare_adamw(tag, s, ao);
   }
 }
 
