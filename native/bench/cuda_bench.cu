@@ -11,6 +11,8 @@
 //   - a 2048-token prefill: model FLOP/s (2 x non-embedding params x tokens + the causal
 //     attention's 2 x 2 x layers x heads x head_dim x T^2 / 2, + the LM head for the last row)
 //     over the in-run bf16 throughput;
+//   - prefill attention alone at 2048 tokens, the f32 kernel against the tensor-core one
+//     (bf16 mma.sync): seconds, the latter's FLOP/s over the bf16 throughput, and the speedup;
 //   - the fused pick epilogue (token, log-prob, p(<rf>)) on one 128256-logit row, timed alone
 //     with CUDA events, as a fraction of a batch-1 decode step.
 //
@@ -20,12 +22,14 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
 
+#include "cuda/attention.h"
 #include "cuda/cuda.h"
 #include "cuda/device_model.h"
 #include "cuda/gemm.h"
@@ -66,6 +70,41 @@ double decode_rate(rf::cuda::DeviceModel& m, int n, int context, int steps, int 
 }
 
 }  // namespace
+
+// Prefill attention alone over one T-token sequence with the model's heads and head_dim: the
+// f32 kernel and the tensor-core one (attention.h) on the same cache, so the tensor cores' gain
+// shows by itself. FLOPs: the causal 2 x 2 x heads x head_dim x T^2 / 2.
+std::string attention_alone(const rf::ModelConfig& c, int T, double tflops, int reps) {
+  const int B = rf::cuda::DeviceModel::kBlockTokens, n_blocks = (T + B - 1) / B, hd = c.head_dim;
+  const size_t kv = size_t(n_blocks) * c.n_kv_heads * B * hd, qn = size_t(T) * c.n_heads * hd;
+  float *k = nullptr, *v = nullptr, *q = nullptr, *out = nullptr;
+  int32_t* ints = nullptr;  // tables [n_blocks] (block i holds positions 16 i..), offset, length, row offset, n_new
+  check(cudaMalloc(&k, kv * 4), "cudaMalloc");
+  check(cudaMalloc(&v, kv * 4), "cudaMalloc");
+  check(cudaMalloc(&q, qn * 4), "cudaMalloc");
+  check(cudaMalloc(&out, qn * 4), "cudaMalloc");
+  check(cudaMalloc(&ints, size_t(n_blocks + 4) * 4), "cudaMalloc");
+  std::vector<int32_t> host(size_t(n_blocks + 4));
+  for (int i = 0; i < n_blocks; ++i) host[size_t(i)] = i;
+  host[size_t(n_blocks)] = 0, host[size_t(n_blocks) + 1] = T, host[size_t(n_blocks) + 2] = 0, host[size_t(n_blocks) + 3] = T;
+  cudaMemcpy(ints, host.data(), host.size() * 4, cudaMemcpyHostToDevice);
+  cudaMemset(k, 0, kv * 4), cudaMemset(v, 0, kv * 4), cudaMemset(q, 0, qn * 4);
+  const rf::cuda::PagedLayer layer{k, v, B, c.n_kv_heads, hd};
+  const rf::cuda::PagedBatch batch{ints, ints + n_blocks, ints + n_blocks + 1, 1, T};
+  const float scale = 1.f / std::sqrt(float(hd));
+  const auto time = [&](auto kernel) {
+    return median_time(reps, [&] { kernel(out, q, layer, batch, ints + n_blocks + 2, ints + n_blocks + 3, T, T, c.n_heads, scale, 0, nullptr); });
+  };
+  const double t32 = time(rf::cuda::prefill_attention), ttc = time(rf::cuda::prefill_attention_tc);
+  for (void* p : {static_cast<void*>(k), static_cast<void*>(v), static_cast<void*>(q), static_cast<void*>(out), static_cast<void*>(ints)})
+    cudaFree(p);
+  const double flops = 2.0 * 2.0 * c.n_heads * hd * double(T) * T / 2.0;
+  std::fprintf(stderr, "attention alone (T %d, hd %d): f32 %.2f ms, tensor cores %.2f ms (%.0f TFLOP/s, %.1fx)\n", T, hd, t32 * 1e3,
+               ttc * 1e3, flops / ttc / 1e12, t32 / ttc);
+  return "{\"tokens\": " + std::to_string(T) + ", \"f32Seconds\": " + std::to_string(t32) + ", \"tensorCoreSeconds\": " +
+         std::to_string(ttc) + ", \"tensorCoreTflops\": " + std::to_string(flops / ttc / 1e12) + ", \"tensorCoreRatioToBf16\": " +
+         std::to_string(flops / ttc / tflops) + ", \"speedup\": " + std::to_string(t32 / ttc) + "}";
+}
 
 int main(int argc, char** argv) {
   bool quick = false;
@@ -142,6 +181,8 @@ int main(int argc, char** argv) {
       r += ", \"prefill\": {\"tokens\": " + std::to_string(T) + ", \"seconds\": " + std::to_string(t) + ", \"tflops\": " +
            std::to_string(flops / t / 1e12) + ", \"ratioToBf16\": " + std::to_string(flops / t / tflops) + "}";
     }
+
+    r += ", \"prefillAttention\": " + attention_alone(c, 2048, tflops, quick ? 3 : 10);
 
     // The fused pick epilogue alone on one row of logits.
     {

@@ -53,4 +53,15 @@ void prefill_attention(float* out, const float* q, const PagedLayer& layer, cons
                        const int32_t* n_new, int total_rows, int max_new, int n_heads, float scale, int window,
                        cudaStream_t stream);
 
+// prefill_attention on the tensor cores (attention_tc.cu): q, keys and values rounded to bf16,
+// products by mma.sync with f32 accumulation, the softmax in f32. For models whose weights are
+// bf16 (their activations carry bf16 error already); f32 models keep prefill_attention. The
+// output differs from prefill_attention on the bf16-rounded inputs by at most 2^-8 max |v| per
+// element (the rounding of the probabilities). head_dim a multiple of 16 up to 128
+// (prefill_attention_tc_supports); other head_dims fall back to prefill_attention.
+bool prefill_attention_tc_supports(int head_dim);
+void prefill_attention_tc(float* out, const float* q, const PagedLayer& layer, const PagedBatch& batch, const int32_t* row_offsets,
+                          const int32_t* n_new, int total_rows, int max_new, int n_heads, float scale, int window,
+                          cudaStream_t stream);
+
 }  // namespace rf::cuda

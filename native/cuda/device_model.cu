@@ -413,7 +413,9 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
   const PagedBatch batch{p.tables, p.table_offsets, p.lengths, p.n, p.max_length};
   const float scale = 1.0f / std::sqrt(float(hd));
   if (p.all_one) decode_attention(att, q, layer, batch, c.n_heads, scale, c.sliding_window, s.attn.get(), st);
-  else prefill_attention(att, q, layer, batch, p.row_offsets, p.n_new, int(R), p.max_new, c.n_heads, scale, c.sliding_window, st);
+  else  // bf16 weights: the tensor-core kernel (its bf16 rounding is below what the weights carry)
+    (dtype_ == DType::bf16 && tc_attention_ ? prefill_attention_tc : prefill_attention)(att, q, layer, batch, p.row_offsets, p.n_new, int(R),
+                                                                       p.max_new, c.n_heads, scale, c.sliding_window, st);
   if (keep) keep_rows(keep->att, att, R * Q);
   linear_rows(L.o, att, R, x, true, l, 1, trace, keep, &u_next);
   if (keep) keep_rows(keep->x_mid, x, R * H);

@@ -143,6 +143,8 @@ class DeviceModel {
   DType dtype_;
   int device_;
   bool adapter_enabled_ = true;
+  // Prefill attention on the tensor cores when the weights are bf16 (off while a trainer is attached).
+  bool tc_attention_ = true;
   size_t kv_pool_bytes_ = size_t(2) << 30;
   std::shared_ptr<KvPool> pool_;
   std::unique_ptr<DeviceWeights> w_;

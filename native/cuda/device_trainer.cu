@@ -111,6 +111,9 @@ DeviceTrainer::DeviceTrainer(DeviceModel& model, const TrainOptions& options)
     : impl_(new Impl), model_(model), options_(options) {
   check(cudaSetDevice(model.device()), "cudaSetDevice");
   model.check_complete();
+  // f32 attention in every forward while training: the f32 attention backward then differentiates
+  // the forward that ran, and the reference forward equals the trained one before any update.
+  model.tc_attention_ = false;
   const ModelConfig& c = model.config();
   for (const DLayer& L : model.w_->layers)
     for (const DLinear* lin : {&L.qkv, &L.o, &L.mlp_in, &L.mlp_out})
@@ -239,7 +242,7 @@ DeviceTrainer::DeviceTrainer(DeviceModel& model, const TrainOptions& options)
   }
 }
 
-DeviceTrainer::~DeviceTrainer() = default;
+DeviceTrainer::~DeviceTrainer() { model_.tc_attention_ = true; }
 
 std::vector<Param*> DeviceTrainer::params() {
   std::vector<Param*> out;

@@ -14,6 +14,10 @@
 // on the same inputs. Outputs start as NaN, so a row the kernel forgot fails.
 // Both sides are f32 with max-subtracted softmaxes summed in different orders: outputs agree to
 // 2e-5 * (1 + |ref|) per element.
+// Tensor-core prefill (prefill_attention_tc): head_dim 32 / 64 / 80 / 96 / 128, GQA 1 / 3 / 8,
+// windows 0 / 37 / 1, the same sequences (300 rows: five 64-row query tiles), against
+// attention_row on the bf16-rounded q, keys and values, within the kernel's stated bound
+// 2^-8 max_j |v_j| per element on top of the f32 slack.
 // kv_append: rows of five sequences (empty, mid-block, block-aligned and long caches; one to
 // forty new tokens each), in shuffled order, from a padded fused-QKV buffer into a pool
 // prefilled with a sentinel; the whole pool must equal the host's placement bit for bit (the
@@ -28,6 +32,7 @@
 #include <string>
 #include <vector>
 
+#include "core/dtype.h"
 #include "cuda/attention.h"
 #include "cuda/cuda.h"
 #include "cuda/paged_cache.h"
@@ -187,11 +192,14 @@ float* device_nan(size_t n) {
 
 // Prefill attention of n_new[s] new rows at the end of each sequence's cache against
 // attention_row over each row's visible keys.
+// With tc, prefill_attention_tc against attention_row on the bf16-rounded q, keys and values:
+// each output element within 2^-8 max_j |v_j| (the kernel's rounding of the probabilities, see
+// attention.h) plus the f32 slack above.
 void prefill_case(int head_dim, int n_kv_heads, int group, int window, const std::vector<int>& lengths,
-                  const std::vector<int>& n_new) {
+                  const std::vector<int>& n_new, bool tc = false) {
   const int n_heads = n_kv_heads * group;
-  const std::string name = "paged prefill attention head_dim=" + std::to_string(head_dim) + " GQA " + std::to_string(group) +
-                           " window " + std::to_string(window);
+  const std::string name = std::string(tc ? "tensor-core " : "") + "paged prefill attention head_dim=" + std::to_string(head_dim) +
+                           " GQA " + std::to_string(group) + " window " + std::to_string(window);
   Cache cache(lengths, n_kv_heads, head_dim);
   std::vector<int32_t> row_offsets, news;
   int total_rows = 0;
@@ -204,23 +212,31 @@ void prefill_case(int head_dim, int n_kv_heads, int group, int window, const std
 
   float *dq = to_device(q), *dout = device_nan(q.size());
   int32_t *drow_offsets = to_device(row_offsets), *dn_new = to_device(news);
-  rf::cuda::prefill_attention(dout, dq, cache.layer(), cache.batch(), drow_offsets, dn_new, total_rows, max_new, n_heads, scale,
-                              window, nullptr);
+  (tc ? rf::cuda::prefill_attention_tc : rf::cuda::prefill_attention)(dout, dq, cache.layer(), cache.batch(), drow_offsets, dn_new,
+                                                                      total_rows, max_new, n_heads, scale, window, nullptr);
   const bool ran = device_ok(name);
   std::vector<float> out(q.size());
   cudaMemcpy(out.data(), dout, out.size() * sizeof(float), cudaMemcpyDeviceToHost);
   cudaFree(dq), cudaFree(dout), cudaFree(drow_offsets), cudaFree(dn_new);
   if (!ran) return;
 
+  const auto round_bf16 = [](std::vector<float>& v) {
+    for (float& x : v) x = rf::bf16_to_f32(rf::f32_to_bf16(x));
+  };
+  if (tc) round_bf16(q);
   double worst = 0;
   bool ok = true;
-  std::vector<float> ref(head_dim), scores;
+  std::vector<float> ref(head_dim), scores, vmax(head_dim);
   for (size_t s = 0; s < lengths.size(); ++s) {
     for (int kvh = 0; kvh < n_kv_heads; ++kvh) {
-      const std::vector<float> kc = cache.gather(cache.k, s, kvh), vc = cache.gather(cache.v, s, kvh);
+      std::vector<float> kc = cache.gather(cache.k, s, kvh), vc = cache.gather(cache.v, s, kvh);
+      if (tc) round_bf16(kc), round_bf16(vc);
       for (int r = 0; r < n_new[s]; ++r) {
         const int p = lengths[s] - n_new[s] + r, first = window > 0 ? std::max(0, p + 1 - window) : 0, n = p + 1 - first;
         scores.resize(size_t(n));
+        std::fill(vmax.begin(), vmax.end(), 0.f);
+        for (int j = first; tc && j <= p; ++j)
+          for (int i = 0; i < head_dim; ++i) vmax[i] = std::max(vmax[i], std::fabs(vc[size_t(j) * head_dim + i]));
         for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
           const size_t row = (size_t(row_offsets[s] + r) * n_heads + h) * head_dim;
           rf::attention_row(ref.data(), q.data() + row, kc.data() + size_t(first) * head_dim, vc.data() + size_t(first) * head_dim,
@@ -228,7 +244,7 @@ void prefill_case(int head_dim, int n_kv_heads, int group, int window, const std
           for (int i = 0; i < head_dim; ++i) {
             const double e = std::fabs(double(out[row + i]) - ref[i]);
             worst = std::max(worst, std::isnan(e) ? INFINITY : e);
-            ok &= e <= 2e-5 * (1 + std::fabs(ref[i]));
+            ok &= e <= 2e-5 * (1 + std::fabs(ref[i])) + std::ldexp(double(vmax[i]), -8);
           }
         }
       }
@@ -364,6 +380,10 @@ int main() {
   prefill_case(64, 2, 1, 1, lengths, n_new);
   for (int hd : {64, 128})
     for (int window : {0, 37}) prefill_decode_case(hd, 2, 3, window);
+  for (int hd : {32, 64, 80, 96, 128})
+    for (int group : {1, 3, 8})
+      for (int window : {0, 37}) prefill_case(hd, 2, group, window, lengths, n_new, true);
+  prefill_case(64, 2, 1, 1, lengths, n_new, true);
   kv_append_case();
   return rf::test::finish("cuda_attention");
 }

@@ -5,7 +5,9 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <cstdint>
 #include <functional>
+#define RF_CUDA_EMULATION 1
 #define __global__
 #define __device__
 #define __host__
@@ -17,6 +19,8 @@ struct dim3 {
   unsigned x = 1, y = 1, z = 1;
   dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
 };
+struct alignas(16) float4 { float x, y, z, w; };
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 extern dim3 threadIdx, blockIdx, gridDim, blockDim;
 typedef void* cudaStream_t;
 enum cudaError_t { cudaSuccess = 0 };
@@ -67,3 +71,6 @@ inline cudaError_t cudaMemcpy2DAsync(void* d, size_t dp, const void* s, size_t s
 size_t emu_allocated();
 inline cudaError_t cudaMemGetInfo(size_t* free_b, size_t* total) { *total = size_t(1) << 40; *free_b = *total - emu_allocated(); return cudaSuccess; }
 using std::isfinite; using std::isnan;
+// mma.sync.m16n8k16 bf16 -> f32 (cuda/mma.h): every lane of the warp passes its fragments; the
+// product is formed from all 32 lanes' registers by the PTX fragment layout.
+void emu_mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);

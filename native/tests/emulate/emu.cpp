@@ -7,6 +7,8 @@
 // poisoned (0xff bytes) per block; launches over 1024 threads or over the dynamic shared-memory
 // limit abort. What it cannot catch: races between real warps that need true concurrency,
 // memory-model and coalescing effects, the real hardware limits beyond these, and speed.
+// A warp's tensor-core product (mma.sync, cuda/mma.h) is formed from the 32 lanes' fragments by
+// the PTX layout, between two warp barriers.
 // Kernel launches (<<<...>>>) are rewritten to emu_launch by translate.py; cuBLASLt is replaced
 // by plain loops (gemm.cpp). scripts/cuda-emulate.sh builds and runs the emulated tests.
 #include <ucontext.h>
@@ -67,6 +69,36 @@ float __shfl_xor_sync(unsigned, float v, int o) {
   const float r = shfl_buf[(t & ~31) | ((t & 31) ^ o)];
   warp_sync();
   return r;
+}
+namespace {
+uint32_t mma_a[1024][4], mma_b[1024][2];
+float bf16_at(uint32_t reg, int half) {
+  const uint32_t u = (half ? reg >> 16 : reg & 0xffffu) << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+}  // namespace
+void emu_mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  const int tid = threadIdx.x, base = tid & ~31, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) mma_a[tid][i] = a[i];
+  mma_b[tid][0] = b[0], mma_b[tid][1] = b[1];
+  warp_sync();
+  // A[m][k] sits in lane 4 (m % 8) + (k % 8) / 2, register (m >= 8) + 2 (k >= 8), half k % 2;
+  // B[k][n] in lane 4 n + (k % 8) / 2, register k >= 8, half k % 2.
+  float r[4];
+  for (int i = 0; i < 4; ++i) {
+    const int m = g + (i >= 2 ? 8 : 0), n = 2 * t + (i & 1);
+    float sum = 0.f;
+    for (int k = 0; k < 16; ++k) {
+      const float av = bf16_at(mma_a[base + 4 * (m % 8) + (k % 8) / 2][(m >= 8) + 2 * (k >= 8)], k & 1);
+      const float bv = bf16_at(mma_b[base + 4 * n + (k % 8) / 2][k >= 8], k & 1);
+      sum += av * bv;
+    }
+    r[i] = d[i] + sum;
+  }
+  warp_sync();  // every lane has read the others' fragments before any reuses the buffers
+  for (int i = 0; i < 4; ++i) d[i] = r[i];
 }
 void emu_launch(dim3 grid, dim3 block, size_t smem, std::function<void()> body) {
   if (smem > emu_max_smem) { std::printf("EMU: smem %zu over limit %zu\n", smem, emu_max_smem); std::abort(); }

@@ -18,6 +18,9 @@ int main() {
     for (int window : {0, 37}) prefill_case(hd, 2, 3, window, lengths, n_new);
   prefill_case(256, 1, 2, 5, lengths, n_new);
   prefill_case(96, 1, 1, 1, lengths, n_new);
+  for (int hd : {32, 80})
+    for (int window : {0, 37}) prefill_case(hd, 2, 3, window, lengths, n_new, true);
+  prefill_case(128, 1, 1, 1, lengths, n_new, true);
   run_case(80, 2, 3, 37);
   prefill_decode_case(64, 2, 1, 0);
   prefill_decode_case(128, 1, 2, 37);
