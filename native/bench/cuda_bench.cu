@@ -6,7 +6,7 @@
 // Models: random weights with the exact shapes of Llama-3.2-1B and Llama-3.1-8B, bf16 on the
 // device, loaded through the engine's load_tensor (the same path as a checkpoint):
 //   - batch-1 decode tokens/s at contexts 128 and 4096, against the bandwidth bound
-//     (weight bytes + the KV bytes a token reads) / copy bandwidth;
+//     (weight bytes + the KV bytes a token reads) / copy bandwidth, and without decode graphs;
 //   - batched decode at 8, 64 and 256 sequences (context 128): aggregate tokens/s;
 //   - a 2048-token prefill: model FLOP/s (2 x non-embedding params x tokens + the causal
 //     attention's 2 x 2 x layers x heads x head_dim x T^2 / 2, + the LM head for the last row)
@@ -63,7 +63,8 @@ double decode_rate(rf::cuda::DeviceModel& m, int n, int context, int steps, int 
     m.decode_step(items, params, rf::Flags(rf_token), 0, picks.data(), nullptr, nullptr);
     for (int i = 0; i < n; ++i) next[size_t(i)] = picks[size_t(i)].token;
   };
-  step();  // warm-up: plans, scratch
+  step();  // warm-up: plans, scratch (the decode graph's eager first run)
+  step();  // its capture
   const auto t0 = Clock::now();
   for (int s = 0; s < steps; ++s) step();
   return double(n) * steps / seconds_since(t0);
@@ -147,11 +148,16 @@ int main(int argc, char** argv) {
     double step_seconds_1 = 0;
     for (int ctx : {128, 4096}) {
       const double rate = decode_rate(m, 1, ctx, steps, rf_token);
+      m.set_graphs(false);  // the same steps launched kernel by kernel: what the decode graphs gain
+      const double eager = decode_rate(m, 1, ctx, steps, rf_token);
+      m.set_graphs(true);
       const double bound = bw / (double(m.weight_bytes()) + kv_per_position * (ctx + steps / 2.0));
       if (ctx == 128) step_seconds_1 = 1.0 / rate;
-      std::fprintf(stderr, "%s: batch 1, context %d: %.1f tokens/s (bound %.1f)\n", shape.name, ctx, rate, bound);
+      std::fprintf(stderr, "%s: batch 1, context %d: %.1f tokens/s (bound %.1f; without graphs %.1f)\n", shape.name, ctx, rate, bound,
+                   eager);
       r += std::string(ctx == 128 ? "" : ", ") + "{\"batch\": 1, \"context\": " + std::to_string(ctx) + ", \"tokensPerSecond\": " +
-           std::to_string(rate) + ", \"bandwidthBound\": " + std::to_string(bound) + ", \"ratioToBound\": " + std::to_string(rate / bound) + "}";
+           std::to_string(rate) + ", \"bandwidthBound\": " + std::to_string(bound) + ", \"ratioToBound\": " + std::to_string(rate / bound) +
+           ", \"withoutGraphsTokensPerSecond\": " + std::to_string(eager) + "}";
     }
     for (int n : {8, 64, 256}) {
       const double rate = decode_rate(m, n, 128, quick ? 8 : 32, rf_token);

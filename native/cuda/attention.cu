@@ -24,10 +24,9 @@ namespace rf::cuda {
 namespace {
 
 constexpr int kWarps = 4;
-constexpr int kKeysPerSplit = 256;
 constexpr int kMaxDimsPerLane = 8;  // head_dim <= 256
 
-int splits_for(int max_length) { return (max_length + kKeysPerSplit - 1) / kKeysPerSplit; }
+int splits_for(int max_length) { return (max_length + kDecodeSplitKeys - 1) / kDecodeSplitKeys; }
 
 __device__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -43,7 +42,7 @@ __global__ void decode_partial(const float* q, PagedLayer layer, PagedBatch batc
   const int kvh = h / (n_heads / layer.n_kv_heads);
   const int length = batch.lengths[s];
   const int first = window > 0 && length > window ? length - window : 0;
-  const int lo = max(first, split * kKeysPerSplit), hi = min(length, (split + 1) * kKeysPerSplit);
+  const int lo = max(first, split * kDecodeSplitKeys), hi = min(length, (split + 1) * kDecodeSplitKeys);
   const int32_t* table = batch.tables + batch.table_offsets[s];
 
   float qv[kMaxDimsPerLane], acc[kMaxDimsPerLane];

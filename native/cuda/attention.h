@@ -28,8 +28,12 @@ struct PagedBatch {
   const int32_t* table_offsets;
   const int32_t* lengths;
   int n_seqs;
-  int max_length;  // the longest lengths[s] (sizes the split grid)
+  int max_length;  // at least the longest lengths[s] (sizes the split grid)
 };
+
+// Keys per split of decode attention: a batch's grid has ceil(max_length / kDecodeSplitKeys)
+// splits per (sequence, head); a larger max_length is allowed (its extra splits find no key).
+constexpr int kDecodeSplitKeys = 256;
 
 // Scratch floats decode_attention needs for a batch (partial maxima, sums and outputs per split).
 long decode_attention_scratch(int n_seqs, int n_heads, int head_dim, int max_length);

@@ -13,10 +13,14 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <mutex>
+#include <set>
 #include <stdexcept>
 
 #include "cuda/attention.h"
@@ -105,11 +109,15 @@ DeviceModel::DeviceModel(const ModelConfig& config, DType dtype, int device)
   w_->layers.resize(config_.n_layers);
   s_ = std::make_unique<DeviceScratch>();
   gemm_ = std::make_unique<GemmContext>();
+  graphs_ = std::make_unique<DecodeGraphs>();
+  const char* env = std::getenv("RF_CUDA_GRAPHS");
+  graphs_on_ = !(env && std::strcmp(env, "0") == 0);
 }
 
 DeviceModel::~DeviceModel() {
   cudaSetDevice(device_);
   if (stream_) cudaStreamSynchronize(as_stream(stream_));
+  graphs_.reset();
   gemm_.reset();
   s_.reset();
   w_.reset();
@@ -304,26 +312,60 @@ void DeviceModel::plan_forward(const std::vector<DeviceItem>& items) {
     std::memcpy(delta.data() + r * H, items[i].embed_delta, size_t(items[i].n_tokens) * H * sizeof(float));
   }
 
+  // Every table in one staging array and one upload (a copy from pageable memory waits for the
+  // stream anyway; fifteen of them cost a decode step more than the copy itself).
+  std::vector<uint32_t>& host = s.plan_host;
+  host.clear();
+  const auto put = [&host](const void* data, size_t n) {
+    const size_t at = host.size();
+    host.resize(at + (n + 15) / 16 * 16);  // each table on a 64-byte boundary
+    if (n) std::memcpy(host.data() + at, data, n * sizeof(uint32_t));
+    return at;
+  };
+  const size_t o_tokens = put(tokens.data(), tokens.size()), o_positions = put(positions.data(), positions.size()),
+               o_row_seq = put(row_seq.data(), row_seq.size()), o_row_pos = put(row_pos.data(), row_pos.size()),
+               o_tables = put(tables.data(), tables.size()), o_table_offsets = put(table_offsets.data(), table_offsets.size()),
+               o_lengths = put(lengths.data(), lengths.size()), o_row_offsets = put(row_offsets.data(), row_offsets.size()),
+               o_n_new = put(n_new.data(), n_new.size()), o_last_rows = put(last_rows.data(), last_rows.size()),
+               o_cos = put(cos.data(), cos.size()), o_sin = put(sin.data(), sin.size()), o_delta = put(delta.data(), delta.size());
+  // Grown by doubling: the tables grow a little every 16 tokens, and a new buffer would retire
+  // the decode graphs that read the old one.
+  const size_t bytes = std::max<size_t>(1, host.size()) * sizeof(uint32_t);
+  if (bytes > s.plan_dev.bytes()) s.plan_dev.ensure(std::max(bytes, 2 * s.plan_dev.bytes()));
+  check(cudaMemcpyAsync(s.plan_dev.get(), host.data(), host.size() * sizeof(uint32_t), cudaMemcpyHostToDevice, st),
+        "cudaMemcpyAsync (plan)");
+  const uint32_t* dev = s.plan_dev.get<uint32_t>();
+  const auto ints = [dev](size_t at) { return reinterpret_cast<const int32_t*>(dev + at); };
+  const auto floats = [dev](size_t at) { return reinterpret_cast<const float*>(dev + at); };
+
   p.R = R;
   p.n = n;
   p.max_new = max_new;
   p.max_length = max_length;
+  // Decode attention's split grid covers a power-of-two number of 256-key splits (the kernels
+  // skip splits past a sequence's end), so a decode graph serves every length up to it.
+  p.attn_length = max_length;
+  if (all_one) {
+    int splits = 1;
+    while (splits * kDecodeSplitKeys < max_length) splits *= 2;
+    p.attn_length = splits * kDecodeSplitKeys;
+  }
   p.all_one = all_one;
-  p.tokens = upload_async(s.tokens, tokens, st);
-  p.positions = upload_async(s.positions, positions, st);
-  p.row_seq = upload_async(s.row_seq, row_seq, st);
-  p.row_pos = upload_async(s.row_pos, row_pos, st);
-  p.tables = upload_async(s.tables, tables, st);
-  p.table_offsets = upload_async(s.table_offsets, table_offsets, st);
-  p.lengths = upload_async(s.lengths, lengths, st);
-  p.row_offsets = upload_async(s.row_offsets, row_offsets, st);
-  p.n_new = upload_async(s.n_new, n_new, st);
-  p.last_rows = upload_async(s.last_rows, last_rows, st);
-  p.cos = c.rope ? upload_async(s.cos, cos, st) : nullptr;
-  p.sin = c.rope ? upload_async(s.sin, sin, st) : nullptr;
-  p.delta = delta.empty() ? nullptr : upload_async(s.delta, delta, st);
+  p.tokens = ints(o_tokens);
+  p.positions = ints(o_positions);
+  p.row_seq = ints(o_row_seq);
+  p.row_pos = ints(o_row_pos);
+  p.tables = ints(o_tables);
+  p.table_offsets = ints(o_table_offsets);
+  p.lengths = ints(o_lengths);
+  p.row_offsets = ints(o_row_offsets);
+  p.n_new = ints(o_n_new);
+  p.last_rows = ints(o_last_rows);
+  p.cos = c.rope ? floats(o_cos) : nullptr;
+  p.sin = c.rope ? floats(o_sin) : nullptr;
+  p.delta = delta.empty() ? nullptr : floats(o_delta);
   if (all_one)
-    s.attn.ensure(size_t(std::max(1L, decode_attention_scratch(n, c.n_heads, int(hd), max_length))) * sizeof(float));
+    s.attn.ensure(size_t(std::max(1L, decode_attention_scratch(n, c.n_heads, int(hd), p.attn_length))) * sizeof(float));
 }
 
 void DeviceModel::keep_rows(Buffer& b, const float* src, long n) {
@@ -410,7 +452,7 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
   check(cudaMemcpy2DAsync(q, Q * sizeof(float), qkv, QKV * sizeof(float), Q * sizeof(float), R, cudaMemcpyDeviceToDevice, st),
         "cudaMemcpy2DAsync (q)");
   const PagedLayer layer{pool_->k(l), pool_->v(l), kBlockTokens, c.n_kv_heads, int(hd)};
-  const PagedBatch batch{p.tables, p.table_offsets, p.lengths, p.n, p.max_length};
+  const PagedBatch batch{p.tables, p.table_offsets, p.lengths, p.n, p.attn_length};
   const float scale = 1.0f / std::sqrt(float(hd));
   if (p.all_one) decode_attention(att, q, layer, batch, c.n_heads, scale, c.sliding_window, s.attn.get(), st);
   else  // bf16 weights: the tensor-core kernel (its bf16 rounding is below what the weights carry)
@@ -432,7 +474,7 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
 }
 
 const float* DeviceModel::run(const std::vector<DeviceItem>& items, LogitsMode mode, const std::atomic<int>* cancel,
-                              const std::function<void(int, int)>& progress, DeviceTrace* trace) {
+                              const std::function<void(int, int)>& progress, DeviceTrace* trace, const Tail* tail) {
   check(cudaSetDevice(device_), "cudaSetDevice");
   check_complete();
   check_items(items);
@@ -449,59 +491,172 @@ const float* DeviceModel::run(const std::vector<DeviceItem>& items, LogitsMode m
 
   plan_forward(items);
   const ForwardPlan& p = s.plan;
+  // Every buffer outside the layers, sized before any work is queued (a decode graph's capture
+  // must not allocate).
+  const long rows = mode == LogitsMode::last ? n : R;
   float* x = static_cast<float*>(s.x.ensure(size_t(R * H) * sizeof(float)));
   float* xn = static_cast<float*>(s.xn.ensure(size_t(R * H) * sizeof(float)));
   // bf16 copies of a product's input: the widest input is max(H, Q, I) per row (the LM head's H too).
   if (dtype_ == DType::bf16) s.xb.ensure(size_t(R * std::max({H, Q, I})) * sizeof(__nv_bfloat16));
-
-  const bool flags_on = adapter_enabled_ && !w.flag_tokens.empty();
-  embed_rows(x, w.embed.get<void>(), dtype_ == DType::bf16, p.tokens, int(R), int(H),
-             flags_on && !w.flag_embed.empty() ? w.flag_embed.get() : nullptr, w.flag_ids.get<int32_t>(),
-             int(w.flag_tokens.size()), c.arch == Arch::gpt2 ? w.pos_embed.get() : nullptr, p.positions, p.delta, st);
+  float* last = mode == LogitsMode::last ? static_cast<float*>(s.last.ensure(size_t(n * H) * sizeof(float))) : nullptr;
+  float* logits = mode == LogitsMode::hidden ? nullptr : static_cast<float*>(s.logits.ensure(size_t(rows * V) * sizeof(float)));
   if (trace && trace->layers.size() < size_t(c.n_layers)) trace->layers.resize(size_t(c.n_layers));
-  for (int l = 0; l < c.n_layers; ++l) {
-    if (cancel && cancel->load(std::memory_order_relaxed)) {
-      cudaStreamSynchronize(st);
-      throw Cancelled();
-    }
-    layer_forward(l, x, trace ? &trace->layers[size_t(l)] : nullptr, trace, true);
-    if (progress) {
-      check(cudaStreamSynchronize(st), "forward (layer)");
-      progress(l + 1, c.n_layers);
-    }
-  }
+  const bool flags_on = adapter_enabled_ && !w.flag_tokens.empty();
 
-  const float* result;
-  const long rows = mode == LogitsMode::last ? n : R;
-  const float* head_in = x;
-  if (mode == LogitsMode::last) {
-    float* last = static_cast<float*>(s.last.ensure(size_t(n * H) * sizeof(float)));
-    gather_rows(last, x, p.last_rows, n, int(H), st);
-    head_in = last;
-  }
-  if (trace) keep_rows(trace->x_final, x, R * H);
-  norm_rows(w.final_norm, head_in, xn, rows);  // R >= rows: xn has room
-  if (mode == LogitsMode::hidden) {
-    result = xn;
-  } else {
-    float* logits = static_cast<float*>(s.logits.ensure(size_t(rows * V) * sizeof(float)));
-    const Buffer& table = c.tied_embeddings ? w.embed : w.lm_head;
-    const void* xin = xn;
-    DType xt = DType::f32;
-    if (dtype_ == DType::bf16) {
-      f32_to_bf16(s.xb.get<__nv_bfloat16>(), xn, rows * H, st);
-      xin = s.xb.get<void>();
-      xt = DType::bf16;
+  // The device work, queued on the stream (or captured into a decode graph).
+  const auto enqueue = [&](bool capturing) {
+    embed_rows(x, w.embed.get<void>(), dtype_ == DType::bf16, p.tokens, int(R), int(H),
+               flags_on && !w.flag_embed.empty() ? w.flag_embed.get() : nullptr, w.flag_ids.get<int32_t>(),
+               int(w.flag_tokens.size()), c.arch == Arch::gpt2 ? w.pos_embed.get() : nullptr, p.positions, p.delta, st);
+    for (int l = 0; l < c.n_layers; ++l) {
+      if (!capturing && cancel && cancel->load(std::memory_order_relaxed)) {
+        cudaStreamSynchronize(st);
+        throw Cancelled();
+      }
+      layer_forward(l, x, trace ? &trace->layers[size_t(l)] : nullptr, trace, true);
+      if (progress) {
+        check(cudaStreamSynchronize(st), "forward (layer)");
+        progress(l + 1, c.n_layers);
+      }
     }
-    matmul(*gemm_, logits, xin, xt, table.get<void>(), dtype_, int(rows), int(V), int(H), nullptr, 0.f, st);
-    if (flags_on && !w.flag_head.empty())
-      set_flag_logits(logits, int(V), xn, int(rows), int(H), w.flag_head.get(), w.flag_ids.get<int32_t>(),
-                      int(w.flag_tokens.size()), st);
-    result = logits;
+    const float* head_in = x;
+    if (last) {
+      gather_rows(last, x, p.last_rows, n, int(H), st);
+      head_in = last;
+    }
+    if (trace) keep_rows(trace->x_final, x, R * H);
+    norm_rows(w.final_norm, head_in, xn, rows);  // R >= rows: xn has room
+    if (logits) {
+      const Buffer& table = c.tied_embeddings ? w.embed : w.lm_head;
+      const void* xin = xn;
+      DType xt = DType::f32;
+      if (dtype_ == DType::bf16) {
+        f32_to_bf16(s.xb.get<__nv_bfloat16>(), xn, rows * H, st);
+        xin = s.xb.get<void>();
+        xt = DType::bf16;
+      }
+      matmul(*gemm_, logits, xin, xt, table.get<void>(), dtype_, int(rows), int(V), int(H), nullptr, 0.f, st);
+      if (flags_on && !w.flag_head.empty())
+        set_flag_logits(logits, int(V), xn, int(rows), int(H), w.flag_head.get(), w.flag_ids.get<int32_t>(),
+                        int(w.flag_tokens.size()), st);
+    }
+    if (tail) tail->enqueue(logits);
+  };
+  if (graphs_on_ && p.all_one && mode == LogitsMode::last && !trace && !progress && !p.delta) {
+    if (cancel && cancel->load(std::memory_order_relaxed)) throw Cancelled();
+    launch_decode_graph(n, p.attn_length, tail ? tail->key : 0, enqueue);
+  } else {
+    enqueue(false);
   }
   check(cudaStreamSynchronize(st), "forward");
   for (const DeviceItem& it : items) it.seq->length_ += it.n_tokens;
-  return result;
+  return logits ? logits : xn;
+}
+
+// The decode graphs of one model: per shape, its instantiated graph and the signature of what it
+// reads; shapes seen once (their scratch sized by an eager run) are captured the next time.
+struct DecodeGraphs {
+  struct Graph {
+    cudaGraphExec_t exec = nullptr;
+    uint64_t signature = 0, used = 0;
+  };
+  static constexpr size_t kMaxGraphs = 64;  // the least recently used beyond this are dropped
+  std::map<std::array<int, 3>, Graph> graphs;
+  std::set<std::array<int, 3>> warm;
+  uint64_t clock = 0;
+  DeviceModel::GraphStats stats;
+
+  ~DecodeGraphs() { clear(); }
+  void clear() {
+    for (auto& g : graphs) cudaGraphExecDestroy(g.second.exec);
+    graphs.clear();
+  }
+  void drop(std::map<std::array<int, 3>, Graph>::iterator it) {
+    cudaGraphExecDestroy(it->second.exec);
+    graphs.erase(it);
+  }
+};
+
+void DeviceModel::set_graphs(bool on) {
+  graphs_on_ = on;
+  if (!on) {
+    check(cudaSetDevice(device_), "cudaSetDevice");
+    check(cudaStreamSynchronize(as_stream(stream_)), "set_graphs");
+    graphs_->clear();
+  }
+}
+
+DeviceModel::GraphStats DeviceModel::graph_stats() const { return graphs_->stats; }
+
+uint64_t DeviceModel::graph_signature() const {
+  uint64_t h = 1469598103934665603ull;  // FNV-1a over 64-bit words
+  const auto mix = [&h](uint64_t v) { h = (h ^ v) * 1099511628211ull; };
+  const auto buf = [&mix](const Buffer& b) { mix(reinterpret_cast<uintptr_t>(b.get<void>())), mix(b.bytes()); };
+  const DeviceScratch& s = *s_;
+  for (const Buffer* b : {&s.x, &s.xn, &s.xb, &s.qkv, &s.q, &s.att, &s.mlp, &s.act, &s.lora_u, &s.lora_d, &s.lora_x, &s.last,
+                          &s.logits, &s.attn, &s.plan_dev, &s.pick_params, &s.flags, &s.picked, &s.logprob, &s.p_rf, &s.p_flags})
+    buf(*b);
+  const DeviceWeights& w = *w_;
+  for (const Buffer* b : {&w.embed, &w.lm_head, &w.pos_embed, &w.final_norm.w, &w.final_norm.b, &w.flag_ids, &w.flag_embed, &w.flag_head})
+    buf(*b);
+  mix(w.flag_tokens.size());
+  for (const DLayer& L : w.layers) {
+    for (const DNorm* nm : {&L.attn_norm, &L.mlp_norm}) buf(nm->w), buf(nm->b);
+    for (const DLinear* lin : {&L.qkv, &L.o, &L.mlp_in, &L.mlp_out}) {
+      buf(lin->w), buf(lin->bias);
+      mix(lin->lora.size());
+      for (const DLinear::Lora& a : lin->lora) mix(uint64_t(a.offset) << 32 | uint32_t(a.rank)), mix(uint64_t(a.out)), buf(a.A), buf(a.B);
+    }
+  }
+  mix(pool_ ? reinterpret_cast<uintptr_t>(pool_->k(0)) : 0);
+  mix(uint64_t(adapter_enabled_) << 1 | uint64_t(tc_attention_));
+  return h;
+}
+
+void DeviceModel::launch_decode_graph(int n, int attn_length, int tail_key, const std::function<void(bool)>& enqueue) {
+  const cudaStream_t st = as_stream(stream_);
+  DecodeGraphs& g = *graphs_;
+  const std::array<int, 3> key{n, attn_length, tail_key};
+  const uint64_t signature = graph_signature();
+  auto it = g.graphs.find(key);
+  if (it != g.graphs.end()) {
+    if (it->second.signature == signature) {
+      it->second.used = ++g.clock;
+      ++g.stats.replays;
+      check(cudaGraphLaunch(it->second.exec, st), "cudaGraphLaunch (decode)");
+      return;
+    }
+    g.drop(it);  // something it reads has moved or changed shape
+  }
+  if (!g.warm.count(key)) {  // first of its shape: eager, which sizes every scratch buffer it uses
+    g.warm.insert(key);
+    ++g.stats.eager;
+    enqueue(false);
+    return;
+  }
+  check(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+  cudaGraph_t graph = nullptr;
+  try {
+    enqueue(true);
+  } catch (...) {
+    cudaStreamEndCapture(st, &graph);  // leaves the stream usable
+    if (graph) cudaGraphDestroy(graph);
+    throw;
+  }
+  check(cudaStreamEndCapture(st, &graph), "cudaStreamEndCapture");
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  check(e, "cudaGraphInstantiate");
+  if (g.graphs.size() >= DecodeGraphs::kMaxGraphs) {
+    auto oldest = g.graphs.begin();
+    for (auto i = g.graphs.begin(); i != g.graphs.end(); ++i)
+      if (i->second.used < oldest->second.used) oldest = i;
+    g.drop(oldest);
+  }
+  g.graphs[key] = {exec, signature, ++g.clock};
+  ++g.stats.captures;
+  check(cudaGraphLaunch(exec, st), "cudaGraphLaunch (decode)");
 }
 
 void DeviceModel::forward(const std::vector<DeviceItem>& items, LogitsMode mode, float* out,
@@ -531,20 +686,24 @@ void DeviceModel::decode_step(const std::vector<DeviceItem>& items, const std::v
   check_flags(flags, vocab(), "decode_step");
   for (const DeviceItem& it : items)
     if (it.n_tokens < 1) throw std::invalid_argument("decode_step: every sequence needs at least one new token");
-  const float* logits = run(items, LogitsMode::last, cancel, nullptr);
-  if (!logits) return;
+  check_items(items);
+  check(cudaSetDevice(device_), "cudaSetDevice");
   const cudaStream_t st = as_stream(stream_);
   DeviceScratch& s = *s_;
   const int n = int(items.size()), V = vocab(), K = flags.size();
+  if (n == 0) return;
 
   // Every row is picked on the device (greedy, the whole-vocabulary draw at a temperature, or
   // top-k / top-p over up to kPickMaxCandidates sorted candidates); rows with top_n, or whose
-  // nucleus is larger, are redone below on the host from their logits row.
+  // nucleus is larger, are redone below on the host from their logits row. Its inputs are
+  // uploaded before the forward, so the pick is part of the decode graph.
   std::vector<DevicePick> dp(static_cast<size_t>(n));
   for (int b = 0; b < n; ++b) {
     const PickParams& p = params[size_t(b)];
-    // The counter is the position the new token will take, as on the CPU.
-    dp[size_t(b)] = {p.temperature, p.seed, uint64_t(items[size_t(b)].seq->length()), p.top_k, p.top_p};
+    // The counter is the position the new token will take, as on the CPU (the forward has not
+    // appended this step's tokens yet).
+    const DeviceItem& it = items[size_t(b)];
+    dp[size_t(b)] = {p.temperature, p.seed, uint64_t(it.seq->length() + it.n_tokens), p.top_k, p.top_p};
   }
   const DevicePick* d_params = upload_async(s.pick_params, dp, st);
   const int32_t* d_flags = upload_async(s.flags, std::vector<int32_t>(flags.ids.begin(), flags.ids.end()), st);
@@ -552,7 +711,11 @@ void DeviceModel::decode_step(const std::vector<DeviceItem>& items, const std::v
   float* d_logprob = static_cast<float*>(s.logprob.ensure(size_t(n) * sizeof(float)));
   float* d_p_rf = static_cast<float*>(s.p_rf.ensure(size_t(n) * sizeof(float)));
   float* d_p_flags = K > 0 ? static_cast<float*>(s.p_flags.ensure(size_t(n) * K * sizeof(float))) : nullptr;
-  pick_rows(logits, n, V, d_params, d_flags, K, d_token, d_logprob, d_p_rf, d_p_flags, st);
+  const Tail pick{1 + K, [&](const float* logits) {
+                    pick_rows(logits, n, V, d_params, d_flags, K, d_token, d_logprob, d_p_rf, d_p_flags, st);
+                  }};
+  const float* logits = run(items, LogitsMode::last, cancel, nullptr, nullptr, &pick);
+  if (!logits) return;
   std::vector<uint32_t> token(static_cast<size_t>(n));
   std::vector<float> logprob(static_cast<size_t>(n)), p_rf(static_cast<size_t>(n)), p_flags(static_cast<size_t>(n) * K);
   check(cudaMemcpyAsync(token.data(), d_token, token.size() * sizeof(uint32_t), cudaMemcpyDeviceToHost, st), "cudaMemcpyAsync");

@@ -36,6 +36,7 @@ struct DeviceLayerTrace;
 struct DNorm;
 class Buffer;
 class DeviceTrainer;
+struct DecodeGraphs;
 
 // One sequence's keys and values: its block table in the model's pool, and its length.
 // Destroying it returns its blocks.
@@ -118,12 +119,35 @@ class DeviceModel {
   void clear_adapters();
   void set_adapter_enabled(bool enabled) { adapter_enabled_ = enabled; }
 
+  // Decode steps (one new token per sequence, logits of the last rows) run as CUDA graphs: the
+  // first step of a shape runs eagerly (sizing the scratch), the second captures its launches
+  // (embedding, every layer, the LM head and the fused pick) into a graph, later ones replay it
+  // with one launch. A graph serves one (sequences, attention length bucket, flag count) and
+  // is retired when any buffer, adapter or pool it reads changes. On by default;
+  // RF_CUDA_GRAPHS=0 in the environment or set_graphs(false) turns it off.
+  struct GraphStats {
+    long eager = 0, captures = 0, replays = 0;
+  };
+  void set_graphs(bool on);
+  GraphStats graph_stats() const;
+
  private:
   friend class DeviceTrainer;  // runs traced forwards, reads the weights, keeps its adapters current
   // The forward on the device: returns device logits [rows, vocab] (or hidden [rows, hidden]).
   // With a trace (mode hidden only), also keeps what the backward needs (device_model_impl.h).
+  // tail: more device work after the logits (decode_step's pick), part of a decode graph; key
+  // tells tails apart (0: none).
+  struct Tail {
+    int key = 0;
+    std::function<void(const float* logits)> enqueue;
+  };
   const float* run(const std::vector<DeviceItem>& items, LogitsMode mode, const std::atomic<int>* cancel,
-                   const std::function<void(int, int)>& progress, DeviceTrace* trace = nullptr);
+                   const std::function<void(int, int)>& progress, DeviceTrace* trace = nullptr, const Tail* tail = nullptr);
+  // Runs enqueue (the device work of a decode step) as the graph of its shape (see set_graphs).
+  void launch_decode_graph(int n, int attn_length, int tail_key, const std::function<void(bool capturing)>& enqueue);
+  // A hash of everything a captured graph reads by address or bakes in: every scratch buffer,
+  // weight, adapter and the KV pool; a graph replays only while it is unchanged.
+  uint64_t graph_signature() const;
   void check_items(const std::vector<DeviceItem>& items) const;
   // The forward's pieces (device_model.cu): the device tables of a forward's rows (into the
   // scratch's plan, reserving the sequences' blocks first), one block on x [R, hidden] in place
@@ -150,6 +174,8 @@ class DeviceModel {
   std::unique_ptr<DeviceWeights> w_;
   std::unique_ptr<DeviceScratch> s_;
   std::unique_ptr<GemmContext> gemm_;
+  std::unique_ptr<DecodeGraphs> graphs_;
+  bool graphs_on_ = true;
   void* stream_ = nullptr;  // cudaStream_t
 };
 

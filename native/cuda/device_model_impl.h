@@ -111,6 +111,7 @@ struct DeviceWeights {
 struct ForwardPlan {
   long R = 0;
   int n = 0, max_new = 0, max_length = 0;
+  int attn_length = 0;  // what sizes decode attention's grid: max_length, rounded up for decode (see plan_forward)
   bool all_one = true;  // one new row per sequence: decode attention
   const int32_t *tokens = nullptr, *positions = nullptr, *row_seq = nullptr, *row_pos = nullptr, *tables = nullptr,
                 *table_offsets = nullptr, *lengths = nullptr, *row_offsets = nullptr, *n_new = nullptr, *last_rows = nullptr;
@@ -118,8 +119,9 @@ struct ForwardPlan {
 };
 
 struct DeviceScratch {
-  Buffer x, xn, xb, qkv, q, att, mlp, act, lora_u, lora_d, lora_x, last, logits, cos, sin, delta, attn;
-  Buffer tokens, positions, row_seq, row_pos, tables, table_offsets, lengths, row_offsets, n_new, last_rows;
+  Buffer x, xn, xb, qkv, q, att, mlp, act, lora_u, lora_d, lora_x, last, logits, attn;
+  Buffer plan_dev;                  // the plan's tables, one upload (ForwardPlan points into it)
+  std::vector<uint32_t> plan_host;  // their staging on the host
   Buffer pick_params, flags, picked, logprob, p_rf, p_flags, next;
   ForwardPlan plan;
 };

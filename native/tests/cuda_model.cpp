@@ -18,6 +18,8 @@
 //    <= 2e-2 for a batch's logits, decode steps and a continuing chunk; batch independence as below;
 //  - a batch of 32 mixed-length sequences equals each sequence alone (device against device):
 //    relative L2 <= 1e-5;
+//  - decode steps replayed from CUDA graphs equal the same steps run eagerly, bit for bit, as
+//    the batch shrinks, the adapter is switched off and on and the flag count changes;
 //  - a full pool refuses a sequence with a clear error, and freeing sequences gives the blocks
 //    back; loading and freeing a model 20 times leaves device memory within 1 MiB of its start.
 #include <cuda_runtime.h>
@@ -25,6 +27,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <memory>
 #include <random>
 #include <string>
@@ -222,6 +225,58 @@ void check_decode_step(const std::string& tag, Pair& p) {
                                                  std::to_string(worst_lp) + ", " + std::to_string(worst_p) + ")");
 }
 
+// Decode steps replayed from CUDA graphs against the same steps run eagerly (a second engine with
+// the same weights and adapters, graphs off): tokens, log-probs and flag p's bit for bit, while
+// the batch shrinks, the adapter is switched off and on (the graphs' signature changes), the
+// flag count changes (another graph), and sequences cross 16-token blocks (the tables grow).
+void check_graphs(const std::string& tag, rf::cuda::DeviceModel& graphed, rf::cuda::DeviceModel& eager, int steps) {
+  eager.set_graphs(false);
+  graphed.set_graphs(true);
+  std::mt19937 rng(17);
+  const int V = graphed.vocab();
+  std::vector<std::vector<uint32_t>> prompts;
+  for (int i = 0; i < 4; ++i) prompts.push_back(random_ids(rng, 3 + 5 * i, V));
+  std::vector<std::shared_ptr<rf::cuda::DeviceSequence>> a, b;
+  for (int i = 0; i < 4; ++i) a.push_back(eager.new_sequence()), b.push_back(graphed.new_sequence());
+  std::vector<uint32_t> next(4);
+  long differ = 0, compared = 0;
+  for (int step = 0; step < steps; ++step) {
+    const int n = step < steps / 2 ? 4 : 3;  // the last sequence stops half-way
+    if (step == steps / 2 + 2) eager.set_adapter_enabled(false), graphed.set_adapter_enabled(false);
+    if (step == steps / 2 + 5) eager.set_adapter_enabled(true), graphed.set_adapter_enabled(true);
+    const std::vector<int> flag_ids = step % 4 == 3 ? std::vector<int>{V - 1} : std::vector<int>{V - 1, V - 2, V - 3};
+    const int K = int(flag_ids.size());
+    std::vector<rf::PickParams> params(static_cast<size_t>(n));
+    for (int i = 0; i < n; ++i) params[size_t(i)].temperature = i % 2 ? 0.9f : 0.f, params[size_t(i)].seed = 5 + uint64_t(i);
+    std::vector<rf::cuda::DeviceItem> ia, ib;
+    for (int i = 0; i < n; ++i) {
+      const uint32_t* t = step == 0 ? prompts[size_t(i)].data() : &next[size_t(i)];
+      const int nt = step == 0 ? int(prompts[size_t(i)].size()) : 1;
+      ia.push_back({a[size_t(i)].get(), t, nt});
+      ib.push_back({b[size_t(i)].get(), t, nt});
+    }
+    std::vector<rf::Pick> pa(static_cast<size_t>(n)), pb(static_cast<size_t>(n));
+    std::vector<float> fa(size_t(n) * K), fb(size_t(n) * K);
+    eager.decode_step(ia, params, rf::Flags(flag_ids, fa.data()), 0, pa.data(), nullptr, nullptr);
+    graphed.decode_step(ib, params, rf::Flags(flag_ids, fb.data()), 0, pb.data(), nullptr, nullptr);
+    for (int i = 0; i < n; ++i) {
+      ++compared;
+      differ += pa[size_t(i)].token != pb[size_t(i)].token || std::memcmp(&pa[size_t(i)].logprob, &pb[size_t(i)].logprob, 4) != 0 ||
+                std::memcmp(&pa[size_t(i)].p_rf, &pb[size_t(i)].p_rf, 4) != 0 ||
+                std::memcmp(fa.data() + i * K, fb.data() + i * K, size_t(K) * 4) != 0;
+      next[size_t(i)] = pa[size_t(i)].token;
+    }
+  }
+  const rf::cuda::DeviceModel::GraphStats g = graphed.graph_stats(), e = eager.graph_stats();
+  check(differ == 0 && compared > 0, tag + ": decode steps replayed from CUDA graphs equal eager ones bit for bit (" +
+                                         std::to_string(differ) + " of " + std::to_string(compared) + " rows differ)");
+  // Shapes: 4 and 3 sequences, each with 3 and 1 flags, and the adapter-off signature: each
+  // runs eagerly once, is captured the next time, then replays.
+  check(g.captures >= 5 && g.replays >= steps / 2 && e.captures == 0 && e.replays == 0,
+        tag + ": graphs captured " + std::to_string(g.captures) + ", replayed " + std::to_string(g.replays) + ", eager first runs " +
+            std::to_string(g.eager) + " (the engine with graphs off: none)");
+}
+
 void check_token_scores(const std::string& tag, Pair& p) {
   std::mt19937 rng(17);
   const int V = p.cpu->vocab(), K = 3;
@@ -341,6 +396,9 @@ void run_config(const std::string& name, const rf::ModelConfig& c) {
     check_decode_step(name + " f32 + adapters", p);
     check_token_scores(name + " f32 + adapters", p);
     check_batch_independence(name + " f32 + adapters", *p.gpu);
+    Pair q = make_pair(c, rf::DType::f32, 7);
+    add_adapters(q, 31);
+    check_graphs(name + " f32 + adapters", *p.gpu, *q.gpu, 24);
   }
   {
     Pair p = make_pair(c, rf::DType::bf16, 7);

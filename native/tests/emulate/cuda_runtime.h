@@ -23,19 +23,56 @@ struct alignas(16) float4 { float x, y, z, w; };
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 extern dim3 threadIdx, blockIdx, gridDim, blockDim;
 typedef void* cudaStream_t;
-enum cudaError_t { cudaSuccess = 0 };
+enum cudaError_t { cudaSuccess = 0, cudaErrorStreamCaptureUnsupported = 900, cudaErrorStreamCaptureInvalidated = 901 };
+// Stream capture (CUDA graphs): while a capture is open, launches, async copies and sets are
+// recorded instead of run (emu_enqueue), and what a real capture refuses (allocating, freeing,
+// synchronizing, a synchronous copy) returns cudaErrorStreamCaptureUnsupported.
+bool emu_capturing();
+void emu_enqueue(std::function<void()> op);
+struct EmuGraph;
+typedef EmuGraph* cudaGraph_t;
+typedef EmuGraph* cudaGraphExec_t;
+enum cudaStreamCaptureMode { cudaStreamCaptureModeGlobal, cudaStreamCaptureModeThreadLocal, cudaStreamCaptureModeRelaxed };
+cudaError_t cudaStreamBeginCapture(cudaStream_t, cudaStreamCaptureMode);
+cudaError_t cudaStreamEndCapture(cudaStream_t, cudaGraph_t* graph);
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t graph, unsigned long long flags);
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t);
+cudaError_t cudaGraphDestroy(cudaGraph_t graph);
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec);
 enum cudaMemcpyKind { cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 void* emu_malloc(size_t n);
 void emu_free(void* p);
-template <class T> cudaError_t cudaMalloc(T** p, size_t n) { *p = (T*)emu_malloc(n); return cudaSuccess; }
-inline cudaError_t cudaFree(void* p) { emu_free(p); return cudaSuccess; }
-inline cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind) { memcpy(d, s, n); return cudaSuccess; }
-inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind, cudaStream_t) { memcpy(d, s, n); return cudaSuccess; }
-inline cudaError_t cudaMemset(void* d, int v, size_t n) { memset(d, v, n); return cudaSuccess; }
-inline cudaError_t cudaMemsetAsync(void* d, int v, size_t n, cudaStream_t) { memset(d, v, n); return cudaSuccess; }
-inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
-inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+template <class T> cudaError_t cudaMalloc(T** p, size_t n) {
+  if (emu_capturing()) return cudaErrorStreamCaptureUnsupported;
+  *p = (T*)emu_malloc(n);
+  return cudaSuccess;
+}
+inline cudaError_t cudaFree(void* p) {
+  if (emu_capturing()) return cudaErrorStreamCaptureUnsupported;
+  emu_free(p);
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind) {
+  if (emu_capturing()) return cudaErrorStreamCaptureUnsupported;
+  memcpy(d, s, n);
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind, cudaStream_t) {
+  emu_enqueue([=] { memcpy(d, s, n); });
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemset(void* d, int v, size_t n) {
+  if (emu_capturing()) return cudaErrorStreamCaptureUnsupported;
+  memset(d, v, n);
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemsetAsync(void* d, int v, size_t n, cudaStream_t) {
+  emu_enqueue([=] { memset(d, v, n); });
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceSynchronize() { return emu_capturing() ? cudaErrorStreamCaptureUnsupported : cudaSuccess; }
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return emu_capturing() ? cudaErrorStreamCaptureUnsupported : cudaSuccess; }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
 inline const char* cudaGetErrorName(cudaError_t) { return "emulated"; }
@@ -65,7 +102,9 @@ inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
 inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, int) { *s = (void*)1; return cudaSuccess; }
 inline cudaError_t cudaStreamDestroy(cudaStream_t) { return cudaSuccess; }
 inline cudaError_t cudaMemcpy2DAsync(void* d, size_t dp, const void* s, size_t sp, size_t w, size_t h, cudaMemcpyKind, cudaStream_t) {
-  for (size_t r = 0; r < h; ++r) memcpy((char*)d + r * dp, (const char*)s + r * sp, w);
+  emu_enqueue([=] {
+    for (size_t r = 0; r < h; ++r) memcpy((char*)d + r * dp, (const char*)s + r * sp, w);
+  });
   return cudaSuccess;
 }
 size_t emu_allocated();

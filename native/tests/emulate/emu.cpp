@@ -100,7 +100,49 @@ void emu_mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&
   warp_sync();  // every lane has read the others' fragments before any reuses the buffers
   for (int i = 0; i < 4; ++i) d[i] = r[i];
 }
+struct EmuGraph {
+  std::vector<std::function<void()>> ops;
+};
+namespace {
+EmuGraph* capture = nullptr;  // the open capture, if any
+void launch_now(dim3 grid, dim3 block, size_t smem, std::function<void()> body);
+}  // namespace
+bool emu_capturing() { return capture != nullptr; }
+void emu_enqueue(std::function<void()> op) {
+  if (capture) capture->ops.push_back(std::move(op));
+  else op();
+}
+cudaError_t cudaStreamBeginCapture(cudaStream_t, cudaStreamCaptureMode) {
+  if (capture) return cudaErrorStreamCaptureUnsupported;
+  capture = new EmuGraph;
+  return cudaSuccess;
+}
+cudaError_t cudaStreamEndCapture(cudaStream_t, cudaGraph_t* graph) {
+  *graph = capture;
+  capture = nullptr;
+  return *graph ? cudaSuccess : cudaErrorStreamCaptureInvalidated;
+}
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t graph, unsigned long long) {
+  *exec = new EmuGraph(*graph);
+  return cudaSuccess;
+}
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t) {
+  for (auto& op : exec->ops) emu_enqueue(op);
+  return cudaSuccess;
+}
+cudaError_t cudaGraphDestroy(cudaGraph_t graph) {
+  delete graph;
+  return cudaSuccess;
+}
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
+  delete exec;
+  return cudaSuccess;
+}
 void emu_launch(dim3 grid, dim3 block, size_t smem, std::function<void()> body) {
+  emu_enqueue([=] { launch_now(grid, block, smem, body); });
+}
+namespace {
+void launch_now(dim3 grid, dim3 block, size_t smem, std::function<void()> body) {
   if (smem > emu_max_smem) { std::printf("EMU: smem %zu over limit %zu\n", smem, emu_max_smem); std::abort(); }
   if (block.y != 1 || block.z != 1 || block.x > 1024) std::abort();
   const int n = block.x;
@@ -136,6 +178,7 @@ void emu_launch(dim3 grid, dim3 block, size_t smem, std::function<void()> body) 
       }
   for (auto& f : fibers) free(f.stack);
 }
+}  // namespace
 #include <map>
 static std::map<void*, size_t> g_alloc;
 static size_t g_bytes = 0;
