@@ -25,12 +25,12 @@ declare -A sources=(
   [ops_backward]="ops_backward"
   [optim]="optim"
   [attention]="attention attention_tc paged_cache"
-  [attention_backward]="attention_backward"
+  [attention_backward]="attention_backward attention_backward_tc"
   [rf_loss]="rf_loss model_ops memory"
   [model_ops]="model_ops"
   [train_ops]="train_ops"
   [model]="ops attention attention_tc paged_cache model_ops train_ops memory device_model"
-  [train]="ops ops_backward optim attention attention_tc attention_backward paged_cache model_ops train_ops memory collective rf_loss device_model device_trainer"
+  [train]="ops ops_backward optim attention attention_tc attention_backward attention_backward_tc paged_cache model_ops train_ops memory collective rf_loss device_model device_trainer"
 )
 declare -A stand_in=([rf_loss]="$emu/gemm.cpp" [model]="$emu/gemm.cpp" [train]="$emu/gemm.cpp")
 tests=("$@")

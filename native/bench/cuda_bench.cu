@@ -93,10 +93,12 @@ std::string attention_alone(const rf::ModelConfig& c, int T, double tflops, int 
   const rf::cuda::PagedLayer layer{k, v, B, c.n_kv_heads, hd};
   const rf::cuda::PagedBatch batch{ints, ints + n_blocks, ints + n_blocks + 1, 1, T};
   const float scale = 1.f / std::sqrt(float(hd));
-  const auto time = [&](auto kernel) {
-    return median_time(reps, [&] { kernel(out, q, layer, batch, ints + n_blocks + 2, ints + n_blocks + 3, T, T, c.n_heads, scale, 0, nullptr); });
-  };
-  const double t32 = time(rf::cuda::prefill_attention), ttc = time(rf::cuda::prefill_attention_tc);
+  const double t32 = median_time(reps, [&] {
+    rf::cuda::prefill_attention(out, q, layer, batch, ints + n_blocks + 2, ints + n_blocks + 3, T, T, c.n_heads, scale, 0, nullptr);
+  });
+  const double ttc = median_time(reps, [&] {
+    rf::cuda::prefill_attention_tc(out, q, layer, batch, ints + n_blocks + 2, ints + n_blocks + 3, T, T, c.n_heads, scale, 0, nullptr);
+  });
   for (void* p : {static_cast<void*>(k), static_cast<void*>(v), static_cast<void*>(q), static_cast<void*>(out), static_cast<void*>(ints)})
     cudaFree(p);
   const double flops = 2.0 * 2.0 * c.n_heads * hd * double(T) * T / 2.0;

@@ -63,9 +63,12 @@ void prefill_attention(float* out, const float* q, const PagedLayer& layer, cons
 // output differs from prefill_attention on the bf16-rounded inputs by at most 2^-8 max |v| per
 // element (the rounding of the probabilities). head_dim a multiple of 16 up to 128
 // (prefill_attention_tc_supports); other head_dims fall back to prefill_attention.
+// lse (optional, [total_rows, n_heads]): each row's log-sum-exp of its scaled scores in base 2,
+// log2 sum_j 2^(scale log2(e) q.k_j), which the tensor-core attention backward reads
+// (attention_backward.h); +inf for a row that sees no key. Only where supported.
 bool prefill_attention_tc_supports(int head_dim);
 void prefill_attention_tc(float* out, const float* q, const PagedLayer& layer, const PagedBatch& batch, const int32_t* row_offsets,
                           const int32_t* n_new, int total_rows, int max_new, int n_heads, float scale, int window,
-                          cudaStream_t stream);
+                          cudaStream_t stream, float* lse = nullptr);
 
 }  // namespace rf::cuda

@@ -8,8 +8,9 @@
 //   3. per key row and kv head: dk_j = scale sum_i ds_ij q_i, dv_j = sum_i p_ij dout_i over the
 //      query rows that see it and the heads of its group (GQA).
 // Each gradient row is owned by one block and summed in a fixed order: no atomics, the same bits
-// every run. Not tiled for speed yet (O(T^2 d) reads per pass, f32): correct first, tested
-// against the CPU's attention_row_backward in native/tests/cuda_attention_backward.cpp.
+// every run. Not tiled (O(T^2 d) reads per pass, f32): the exact path for f32 models, tested
+// against the CPU's attention_row_backward in native/tests/cuda_attention_backward.cpp; bf16
+// models take attention_backward_tc below.
 #pragma once
 #include <cstdint>
 
@@ -33,5 +34,16 @@ long attention_backward_scratch(const AttentionRows& a);
 // attention output). qkv and dqkv have row stride QKV = (n_heads + 2 n_kv_heads) head_dim.
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const AttentionRows& a, float scale, float* scratch,
                         cudaStream_t stream);
+
+// The same gradients on the tensor cores (attention_backward_tc.cu), for the forward that
+// prefill_attention_tc ran (attention.h): q, k, v, dout and the products' operands in bf16, sums
+// in f32, the probabilities recomputed from its lse [rows, n_heads] and D = rowsum(dout * out)
+// from its output out [rows, n_heads * head_dim]. Two kernels, dK/dV per key tile and dQ per
+// query tile, each row written once in a fixed order (no atomics). max_len: the longest
+// sequence. head_dim a multiple of 16 up to 128 (attention_backward_tc_supports).
+bool attention_backward_tc_supports(int head_dim);
+long attention_backward_tc_scratch(const AttentionRows& a);  // floats
+void attention_backward_tc(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
+                           const AttentionRows& a, int max_len, float scale, float* scratch, cudaStream_t stream);
 
 }  // namespace rf::cuda

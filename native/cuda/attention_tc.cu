@@ -12,6 +12,8 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <stdexcept>
+#include <string>
 
 #include "cuda/attention.h"
 #include "cuda/mma.h"
@@ -48,7 +50,7 @@ __device__ __forceinline__ float quad_sum(float v) {
 template <int kK>
 __global__ void __launch_bounds__(kThreads)
     prefill_tc_kernel(float* out, const float* q, PagedLayer layer, PagedBatch batch, const int32_t* row_offsets,
-                      const int32_t* n_new, int n_heads, float scale_log2, int window) {
+                      const int32_t* n_new, int n_heads, float scale_log2, int window, float* lse) {
   constexpr int kHd = 16 * kK, kN = 2 * kK, kQs = kHd + kPad, kVs = kKeys + kPad;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   long* kbase = reinterpret_cast<long*>(smem_raw);  // [kKeys] cache offset of each key, -1: none
@@ -192,6 +194,7 @@ __global__ void __launch_bounds__(kThreads)
     const int r = r0 + wr + g + 8 * i;
     if (r >= rows) continue;
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    if (lse && t == 0) lse[(long(row_offsets[s]) + r) * n_heads + h] = sum > 0.f ? m[i] + log2f(sum) : INFINITY;
     float* orow = out + ((long(row_offsets[s]) + r) * n_heads + h) * kHd;
 #pragma unroll
     for (int n = 0; n < kN; ++n) {
@@ -203,11 +206,12 @@ __global__ void __launch_bounds__(kThreads)
 
 template <int kK>
 void launch(dim3 grid, float* out, const float* q, const PagedLayer& layer, const PagedBatch& batch, const int32_t* row_offsets,
-            const int32_t* n_new, int n_heads, float scale, int window, cudaStream_t stream) {
+            const int32_t* n_new, int n_heads, float scale, int window, float* lse, cudaStream_t stream) {
   const size_t smem = smem_bytes(16 * kK);
   if (smem > 48 * 1024)
     cudaFuncSetAttribute(prefill_tc_kernel<kK>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  prefill_tc_kernel<kK><<<grid, kThreads, smem, stream>>>(out, q, layer, batch, row_offsets, n_new, n_heads, scale * kLog2e, window);
+  prefill_tc_kernel<kK><<<grid, kThreads, smem, stream>>>(out, q, layer, batch, row_offsets, n_new, n_heads, scale * kLog2e, window,
+                                                          lse);
 }
 
 }  // namespace
@@ -216,19 +220,22 @@ bool prefill_attention_tc_supports(int head_dim) { return head_dim % 16 == 0 && 
 
 void prefill_attention_tc(float* out, const float* q, const PagedLayer& layer, const PagedBatch& batch, const int32_t* row_offsets,
                           const int32_t* n_new, int total_rows, int max_new, int n_heads, float scale, int window,
-                          cudaStream_t stream) {
+                          cudaStream_t stream, float* lse) {
   if (batch.n_seqs <= 0 || total_rows <= 0 || max_new <= 0) return;
+  if (!prefill_attention_tc_supports(layer.head_dim)) {
+    if (lse) throw std::invalid_argument("prefill_attention_tc: no log-sum-exp output at head_dim " + std::to_string(layer.head_dim));
+    return prefill_attention(out, q, layer, batch, row_offsets, n_new, total_rows, max_new, n_heads, scale, window, stream);
+  }
   const dim3 grid((max_new + kRows - 1) / kRows, n_heads, batch.n_seqs);
-  switch (layer.head_dim) {
-    case 16: return launch<1>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, stream);
-    case 32: return launch<2>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, stream);
-    case 48: return launch<3>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, stream);
-    case 64: return launch<4>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, stream);
-    case 80: return launch<5>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, stream);
-    case 96: return launch<6>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, stream);
-    case 112: return launch<7>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, stream);
-    case 128: return launch<8>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, stream);
-    default: return prefill_attention(out, q, layer, batch, row_offsets, n_new, total_rows, max_new, n_heads, scale, window, stream);
+  switch (layer.head_dim / 16) {
+    case 1: return launch<1>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
+    case 2: return launch<2>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
+    case 3: return launch<3>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
+    case 4: return launch<4>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
+    case 5: return launch<5>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
+    case 6: return launch<6>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
+    case 7: return launch<7>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
+    default: return launch<8>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
   }
 }
 

@@ -194,6 +194,8 @@ void DeviceModel::load_tensor(const std::string& name, const void* data, SrcType
   }
 }
 
+bool DeviceModel::tc_attention() const { return dtype_ == DType::bf16 && prefill_attention_tc_supports(config_.head_dim); }
+
 DLinear& DeviceModel::linear(int layer, int index) const {
   DLayer& L = w_->layers[size_t(layer)];
   DLinear* lin[] = {&L.qkv, &L.o, &L.mlp_in, &L.mlp_out};
@@ -455,9 +457,11 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
   const PagedBatch batch{p.tables, p.table_offsets, p.lengths, p.n, p.attn_length};
   const float scale = 1.0f / std::sqrt(float(hd));
   if (p.all_one) decode_attention(att, q, layer, batch, c.n_heads, scale, c.sliding_window, s.attn.get(), st);
-  else  // bf16 weights: the tensor-core kernel (its bf16 rounding is below what the weights carry)
-    (dtype_ == DType::bf16 && tc_attention_ ? prefill_attention_tc : prefill_attention)(att, q, layer, batch, p.row_offsets, p.n_new, int(R),
-                                                                       p.max_new, c.n_heads, scale, c.sliding_window, st);
+  else if (tc_attention())
+    prefill_attention_tc(att, q, layer, batch, p.row_offsets, p.n_new, int(R), p.max_new, c.n_heads, scale, c.sliding_window, st,
+                         keep ? static_cast<float*>(keep->lse.ensure(size_t(R * c.n_heads) * sizeof(float))) : nullptr);
+  else
+    prefill_attention(att, q, layer, batch, p.row_offsets, p.n_new, int(R), p.max_new, c.n_heads, scale, c.sliding_window, st);
   if (keep) keep_rows(keep->att, att, R * Q);
   linear_rows(L.o, att, R, x, true, l, 1, trace, keep, &u_next);
   if (keep) keep_rows(keep->x_mid, x, R * H);
@@ -609,7 +613,7 @@ uint64_t DeviceModel::graph_signature() const {
     }
   }
   mix(pool_ ? reinterpret_cast<uintptr_t>(pool_->k(0)) : 0);
-  mix(uint64_t(adapter_enabled_) << 1 | uint64_t(tc_attention_));
+  mix(uint64_t(adapter_enabled_));
   return h;
 }
 

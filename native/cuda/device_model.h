@@ -162,13 +162,15 @@ class DeviceModel {
   void keep_rows(Buffer& b, const float* src, long n);
   // A block's projection by index (0 qkv, 1 o, 2 mlp_in, 3 mlp_out, as in model/layout.h).
   DLinear& linear(int layer, int index) const;
+  // Whether prefill attention runs on the tensor cores: bf16 weights (their activations carry
+  // bf16 error already) and a head_dim the kernels take. Traced, it keeps its log-sum-exp for
+  // the trainer's tensor-core backward, so forward and backward round alike.
+  bool tc_attention() const;
 
   ModelConfig config_;
   DType dtype_;
   int device_;
   bool adapter_enabled_ = true;
-  // Prefill attention on the tensor cores when the weights are bf16 (off while a trainer is attached).
-  bool tc_attention_ = true;
   size_t kv_pool_bytes_ = size_t(2) << 30;
   std::shared_ptr<KvPool> pool_;
   std::unique_ptr<DeviceWeights> w_;

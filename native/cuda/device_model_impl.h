@@ -128,10 +128,13 @@ struct DeviceScratch {
 
 // What the backward needs of one block's forward (the CPU's LayerTrace, native/model/model.h):
 // x_in [R, H], xn1 [R, H], qkv [R, QKV] after rope, att [R, Q], x_mid [R, H], xn2 [R, H],
-// mlp [R, MLP_IN] before the activation, act [R, I] (the input of mlp_out), and per LoRA adapter
+// mlp [R, MLP_IN] before the activation, act [R, I] (the input of mlp_out), lse (see
+// DeviceModel::tc_attention), and per LoRA adapter
 // of the block in call order (qkv's, o's, mlp_in's, mlp_out's) u = dropout(x) A^T [R, rank].
 struct DeviceLayerTrace {
   Buffer x_in, xn1, qkv, att, x_mid, xn2, mlp, act;
+  Buffer lse;  // [R, n_heads] attention's log-sum-exp (base 2), when it ran on the tensor cores
+
   std::vector<Buffer> lora_u;
 };
 

@@ -111,9 +111,6 @@ DeviceTrainer::DeviceTrainer(DeviceModel& model, const TrainOptions& options)
     : impl_(new Impl), model_(model), options_(options) {
   check(cudaSetDevice(model.device()), "cudaSetDevice");
   model.check_complete();
-  // f32 attention in every forward while training: the f32 attention backward then differentiates
-  // the forward that ran, and the reference forward equals the trained one before any update.
-  model.tc_attention_ = false;
   const ModelConfig& c = model.config();
   for (const DLayer& L : model.w_->layers)
     for (const DLinear* lin : {&L.qkv, &L.o, &L.mlp_in, &L.mlp_out})
@@ -242,7 +239,7 @@ DeviceTrainer::DeviceTrainer(DeviceModel& model, const TrainOptions& options)
   }
 }
 
-DeviceTrainer::~DeviceTrainer() { model_.tc_attention_ = true; }
+DeviceTrainer::~DeviceTrainer() = default;
 
 std::vector<Param*> DeviceTrainer::params() {
   std::vector<Param*> out;
@@ -475,7 +472,10 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
   // Fresh sequences: each one's first row and its new rows are its start and its length.
   AttentionRows arows{plan.row_offsets, plan.n_new, plan.row_seq, int(batch.size()), int(R), c.n_heads, c.n_kv_heads, int(hd),
                       c.sliding_window};
-  float* attn_scratch = floats(s.attn_scratch, attention_backward_scratch(arows));
+  // bf16 weights: the forward's attention ran on the tensor cores, and so does its backward.
+  const bool tc = m.tc_attention();
+  float* attn_scratch =
+      floats(s.attn_scratch, tc ? attention_backward_tc_scratch(arows) : attention_backward_scratch(arows));
   const float scale = 1.0f / std::sqrt(float(hd));
 
   // din = dy W for projection (l, index), plus its adapters' input gradients and their dA, dB.
@@ -554,7 +554,10 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     norm_backward(L.mlp_norm, fl ? fl->norm_w[1] : -1, fl ? fl->norm_b[1] : -1, lt.x_mid.get(), dxn, dx, true);
     // Attention: x_mid = x_in + o(attn(rope(qkv(norm(x_in)))))
     linear_backward(l, 1, lt.att.get(), Q, dx, H, datt, lt);
-    attention_backward(dqkv, datt, lt.qkv.get(), arows, scale, attn_scratch, st);
+    if (tc)
+      attention_backward_tc(dqkv, datt, lt.qkv.get(), lt.att.get(), lt.lse.get(), arows, plan.max_new, scale, attn_scratch, st);
+    else
+      attention_backward(dqkv, datt, lt.qkv.get(), arows, scale, attn_scratch, st);
     if (c.rope) {
       rope_backward_rows(dqkv, QKV, int(R), c.n_heads, int(hd), d_cos, d_sin, st);
       rope_backward_rows(dqkv + Q, QKV, int(R), c.n_kv_heads, int(hd), d_cos, d_sin, st);

@@ -210,15 +210,21 @@ void prefill_case(int head_dim, int n_kv_heads, int group, int window, const std
   for (float& x : q) x = d(rng);
   const float scale = 1.f / std::sqrt(float(head_dim));
 
-  float *dq = to_device(q), *dout = device_nan(q.size());
+  float *dq = to_device(q), *dout = device_nan(q.size()), *dlse = tc ? device_nan(size_t(total_rows) * n_heads) : nullptr;
   int32_t *drow_offsets = to_device(row_offsets), *dn_new = to_device(news);
-  (tc ? rf::cuda::prefill_attention_tc : rf::cuda::prefill_attention)(dout, dq, cache.layer(), cache.batch(), drow_offsets, dn_new,
-                                                                      total_rows, max_new, n_heads, scale, window, nullptr);
+  if (tc)
+    rf::cuda::prefill_attention_tc(dout, dq, cache.layer(), cache.batch(), drow_offsets, dn_new, total_rows, max_new, n_heads, scale,
+                                   window, nullptr, dlse);
+  else
+    rf::cuda::prefill_attention(dout, dq, cache.layer(), cache.batch(), drow_offsets, dn_new, total_rows, max_new, n_heads, scale,
+                                window, nullptr);
   const bool ran = device_ok(name);
-  std::vector<float> out(q.size());
+  std::vector<float> out(q.size()), lse(tc ? size_t(total_rows) * n_heads : 0);
   cudaMemcpy(out.data(), dout, out.size() * sizeof(float), cudaMemcpyDeviceToHost);
-  cudaFree(dq), cudaFree(dout), cudaFree(drow_offsets), cudaFree(dn_new);
+  if (tc) cudaMemcpy(lse.data(), dlse, lse.size() * sizeof(float), cudaMemcpyDeviceToHost);
+  cudaFree(dq), cudaFree(dout), cudaFree(dlse), cudaFree(drow_offsets), cudaFree(dn_new);
   if (!ran) return;
+  double worst_lse = 0;
 
   const auto round_bf16 = [](std::vector<float>& v) {
     for (float& x : v) x = rf::bf16_to_f32(rf::f32_to_bf16(x));
@@ -241,6 +247,18 @@ void prefill_case(int head_dim, int n_kv_heads, int group, int window, const std
           const size_t row = (size_t(row_offsets[s] + r) * n_heads + h) * head_dim;
           rf::attention_row(ref.data(), q.data() + row, kc.data() + size_t(first) * head_dim, vc.data() + size_t(first) * head_dim,
                             head_dim, n, head_dim, scale, scores.data());
+          if (tc) {  // the log-sum-exp (base 2) of the scaled scores, in double
+            double mx = -INFINITY, sum = 0;
+            std::vector<double> sc(static_cast<size_t>(n));
+            for (int j = 0; j < n; ++j) {
+              double d = 0;
+              for (int i = 0; i < head_dim; ++i) d += double(q[row + i]) * kc[size_t(first + j) * head_dim + i];
+              mx = std::max(mx, sc[size_t(j)] = d * scale);
+            }
+            for (double x : sc) sum += std::exp(x - mx);
+            const double want = (mx + std::log(sum)) / std::log(2.0), got = lse[size_t(row_offsets[s] + r) * n_heads + h];
+            worst_lse = std::max(worst_lse, std::isnan(got) ? INFINITY : std::fabs(got - want) / (1 + std::fabs(want)));
+          }
           for (int i = 0; i < head_dim; ++i) {
             const double e = std::fabs(double(out[row + i]) - ref[i]);
             worst = std::max(worst, std::isnan(e) ? INFINITY : e);
@@ -251,6 +269,7 @@ void prefill_case(int head_dim, int n_kv_heads, int group, int window, const std
     }
   }
   check(ok, name + ": equals attention_row on every new row (max abs err " + std::to_string(worst) + ")");
+  if (tc) check(worst_lse <= 1e-5, name + ": its log-sum-exp output (worst rel err " + std::to_string(worst_lse) + ")");
 }
 
 // Prefill with one new row per sequence is a decode step: both kernels on the same cache and q.

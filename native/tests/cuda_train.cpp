@@ -23,7 +23,11 @@
 //    bit, and the next step's losses (the engine's copies rewritten) within 1e-5;
 //  - a set cancel flag throws rf::Cancelled; an unknown LoRA target and a model that already has
 //    an adapter are refused with a message;
-//  - bf16 weights on the GPU against the CPU's bf16 model: gradients within 2e-2 relative L2.
+//  - bf16 weights on the GPU against the CPU's bf16 model: loss terms within 2e-2 relative,
+//    gradients within 5e-2 relative L2. The GPU's attention then runs on the tensor cores in
+//    bf16 (forward and backward), the CPU's in f32: that moves the loss by about 2.5e-3, most
+//    gradients by about 1e-2 and the flag embedding row's (the smallest) by about 3.7e-2 here
+//    (6.6e-3 with f32 attention on both); recomputation gives the same bits there too.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -305,10 +309,10 @@ void run_full(const std::string& name, const rf::ModelConfig& c) {
 
 // Activation recomputation: the same step from the same state gives the same bits as keeping
 // every activation (the same kernels on the same inputs), gradients and dL/d(embeddings) alike.
-void check_recompute(const std::string& name, const rf::ModelConfig& c) {
-  Setup a = make_setup(c, rf::DType::f32, 21);
+void check_recompute(const std::string& name, const rf::ModelConfig& c, rf::DType dtype = rf::DType::f32) {
+  Setup a = make_setup(c, dtype, 21);
   perturb(a, 5);
-  rf::cuda::DeviceModel gm(c, rf::DType::f32, 0);
+  rf::cuda::DeviceModel gm(c, dtype, 0);
   rf::test::load_random(gm, 21);
   gm.set_kv_pool_bytes(size_t(64) << 20);
   rf::TrainOptions o = train_options(c);
@@ -365,7 +369,7 @@ void run_bf16(const std::string& name, const rf::ModelConfig& c) {
   const rf::LossTerms tc = s.ct->step(seqs(b.trained), seqs(b.ref), b.rows, lo);
   const rf::LossTerms tg = s.gt->step(seqs(b.trained), seqs(b.ref), b.rows, lo);
   compare_terms(name + " bf16", tg, tc, 2e-2);
-  compare_params(name + " bf16", s, "grad", 2e-2);
+  compare_params(name + " bf16", s, "grad", 5e-2);
 }
 
 }  // namespace
@@ -387,6 +391,7 @@ int main() {
     run_full("gpt2", gpt2_of(llama));
     check_recompute("llama GQA 2", llama);
     check_recompute("gpt2", gpt2_of(llama));
+    check_recompute("llama GQA 2 bf16 (tensor-core attention)", llama, rf::DType::bf16);
     run_bf16("llama GQA 2", llama);
     check_refusals(llama);
   } catch (const std::exception& e) {

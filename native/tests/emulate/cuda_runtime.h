@@ -11,7 +11,7 @@
 #define __global__
 #define __device__
 #define __host__
-#define __forceinline__
+#define __forceinline__ inline
 #define __shared__ static
 #define __launch_bounds__(x)
 #define __align__(x) alignas(x)

@@ -8,7 +8,9 @@
 // limit abort. What it cannot catch: races between real warps that need true concurrency,
 // memory-model and coalescing effects, the real hardware limits beyond these, and speed.
 // A warp's tensor-core product (mma.sync, cuda/mma.h) is formed from the 32 lanes' fragments by
-// the PTX layout, between two warp barriers.
+// the PTX layout, between two warp barriers. A stream capture (CUDA graphs) records launches,
+// async copies and cuBLASLt stand-ins in order and replays them at cudaGraphLaunch; allocating,
+// freeing or synchronizing inside one fails as on a GPU.
 // Kernel launches (<<<...>>>) are rewritten to emu_launch by translate.py; cuBLASLt is replaced
 // by plain loops (gemm.cpp). scripts/cuda-emulate.sh builds and runs the emulated tests.
 #include <ucontext.h>

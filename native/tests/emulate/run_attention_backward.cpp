@@ -13,5 +13,8 @@ rf::cuda::DeviceInfo rf::cuda::device_info() {
 int main() {
   run_case(64, 2, 1, 0);
   run_case(80, 1, 3, 7);
+  run_case(64, 2, 1, 0, true);
+  run_case(80, 1, 3, 7, true);
+  run_case(16, 2, 2, 0, true);
   return rf::test::finish("cuda_attention_backward (emulated)");
 }
