@@ -486,7 +486,7 @@ async function benchGpu(part: 'decode' | 'prefill') {
 async function benchGpuTrain(part: 'train' | 'loss') {
   const exe = process.env.REDFLAG_CUDA_TRAIN_BENCH ?? join(ROOT, 'build-gpu', 'cuda_train_bench');
   if (!existsSync(exe)) return { bench: `gpu-${part}`, skipped: `${exe} is not built (scripts/gpu-check.sh builds it on a GPU machine with cuBLASLt)` };
-  const result = await runJson(exe, [part === 'train' ? '--only=train,full' : '--only=loss', ...(quick ? ['--quick'] : [])], 30);
+  const result = await runJson(exe, [part === 'train' ? '--only=train,attention,full' : '--only=loss', ...(quick ? ['--quick'] : [])], 30);
   if ('skipped' in result || part === 'loss') return { bench: `gpu-${part}`, ...result };
   const script = join(import.meta.dirname, 'peers', 'torch_gpu_train.py');
   const peer = await run('python3', [script, ...(quick ? ['--batch', '4', '--tokens', '512', '--steps', '2'] : [])], { maxBuffer: 1 << 20, timeout: 30 * 60_000 })

@@ -33,11 +33,15 @@
 // 1024, cross-entropy on every next token: tokens/s for the comparison with llm.c's CUDA trainer
 // (bench/peers/llmc.md: measured separately, its source is not in this repository).
 //
-//   cuda_train_bench [--quick] [--only=train,full,loss] [--model=1b|3b] [--batch=B] [--tokens=T] [--steps=S]
+// attention: the training attention alone at B x T with the 1B and 3B shapes: the tensor-core
+// forward and backward against the bf16 throughput, and the f32 backward they replace.
+//
+//   cuda_train_bench [--quick] [--only=train,attention,full,loss] [--model=1b|3b] [--batch=B] [--tokens=T] [--steps=S]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
@@ -45,6 +49,8 @@
 #include <vector>
 
 #include "bench/cuda_bench_common.h"
+#include "cuda/attention.h"
+#include "cuda/attention_backward.h"
 #include "cuda/cuda.h"
 #include "cuda/device_model.h"
 #include "cuda/device_trainer.h"
@@ -315,6 +321,60 @@ std::string bench_loss(int V, int H, int N, double peak_flops) {
          ", \"naiveBytes\": " + num(naive) + ", \"extraFractionOfNaive\": " + num(extra / naive) + "}";
 }
 
+// The training attention alone: B sequences of T rows in a fused QKV buffer, the model's heads
+// and head_dim. The f32 backward (attention_backward) against the tensor-core one
+// (attention_backward_tc, given the forward's lse and output), and the tensor-core forward
+// (prefill_attention_tc over a cache holding the same keys). FLOPs as the train part counts
+// them: forward 2 T^2 hd heads per sequence, backward 2.5x that.
+std::string bench_attention(const std::string& name, const rf::ModelConfig& c, int B, int T, double peak_flops) {
+  const int hd = c.head_dim, Hq = c.n_heads, Hk = c.n_kv_heads, Q = Hq * hd, KV = Hk * hd, QKV = Q + 2 * KV, R = B * T;
+  const int Bt = rf::cuda::DeviceModel::kBlockTokens, blocks = (T + Bt - 1) / Bt;
+  std::vector<int32_t> first, len, row_seq, tables, offsets, n_new;
+  for (int b = 0; b < B; ++b) {
+    first.push_back(b * T), len.push_back(T), offsets.push_back(b * blocks), n_new.push_back(T);
+    for (int t = 0; t < T; ++t) row_seq.push_back(b);
+    for (int i = 0; i < blocks; ++i) tables.push_back(b * blocks + i);
+  }
+  const auto up = [](const std::vector<int32_t>& v) {
+    void* d = nullptr;
+    check(rf::cuda::device_alloc(&d, v.size() * 4), "cudaMalloc");
+    cudaMemcpy(d, v.data(), v.size() * 4, cudaMemcpyHostToDevice);
+    return static_cast<int32_t*>(d);
+  };
+  const auto zeros = [](size_t floats) {
+    void* d = nullptr;
+    check(rf::cuda::device_alloc(&d, floats * 4), "cudaMalloc");
+    cudaMemset(d, 0, floats * 4);
+    return static_cast<float*>(d);
+  };
+  int32_t *d_first = up(first), *d_len = up(len), *d_row_seq = up(row_seq), *d_tables = up(tables), *d_offsets = up(offsets),
+          *d_n_new = up(n_new);
+  const size_t cache = size_t(B) * blocks * Hk * Bt * hd;
+  float *qkv = zeros(size_t(R) * QKV), *dout = zeros(size_t(R) * Q), *out = zeros(size_t(R) * Q), *lse = zeros(size_t(R) * Hq),
+        *dqkv = zeros(size_t(R) * QKV), *k = zeros(cache), *v = zeros(cache), *q = zeros(size_t(R) * Q);
+  const rf::cuda::AttentionRows a{d_first, d_len, d_row_seq, B, R, Hq, Hk, hd, 0};
+  float* scratch = zeros(size_t(std::max(rf::cuda::attention_backward_scratch(a), rf::cuda::attention_backward_tc_scratch(a))));
+  const float scale = 1.f / std::sqrt(float(hd));
+  const rf::cuda::PagedLayer layer{k, v, Bt, Hk, hd};
+  const rf::cuda::PagedBatch batch{d_tables, d_offsets, d_len, B, T};
+  const double fwd = median_time(5, [&] {
+    rf::cuda::prefill_attention_tc(out, q, layer, batch, d_first, d_n_new, R, T, Hq, scale, 0, nullptr, lse);
+  });
+  const double bwd_tc = median_time(5, [&] { rf::cuda::attention_backward_tc(dqkv, dout, qkv, out, lse, a, T, scale, scratch, nullptr); });
+  const double bwd_f32 = median_time(2, [&] { rf::cuda::attention_backward(dqkv, dout, qkv, a, scale, scratch, nullptr); });
+  for (void* p : {static_cast<void*>(d_first), static_cast<void*>(d_len), static_cast<void*>(d_row_seq), static_cast<void*>(d_tables),
+                  static_cast<void*>(d_offsets), static_cast<void*>(d_n_new)})
+    cudaFree(p);
+  for (float* p : {qkv, dout, out, lse, dqkv, k, v, q, scratch}) cudaFree(p);
+  const double f = 2.0 * double(T) * T * hd * Hq * B;
+  std::fprintf(stderr, "attention %s: forward %.2f ms (%.0f TFLOP/s), backward %.2f ms (%.0f TFLOP/s), f32 backward %.2f ms (%.1fx)\n",
+               name.c_str(), fwd * 1e3, f / fwd / 1e12, bwd_tc * 1e3, 2.5 * f / bwd_tc / 1e12, bwd_f32 * 1e3, bwd_f32 / bwd_tc);
+  return "{\"model\": \"" + name + "\", \"batch\": " + std::to_string(B) + ", \"tokens\": " + std::to_string(T) +
+         ", \"forwardSeconds\": " + num(fwd) + ", \"forwardRatioToBf16\": " + num(f / fwd / peak_flops) +
+         ", \"backwardSeconds\": " + num(bwd_tc) + ", \"backwardRatioToBf16\": " + num(2.5 * f / bwd_tc / peak_flops) +
+         ", \"f32BackwardSeconds\": " + num(bwd_f32) + ", \"backwardSpeedup\": " + num(bwd_f32 / bwd_tc) + "}";
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -360,6 +420,10 @@ int main(int argc, char** argv) {
       first = false;
     }
     json += "]";
+  }
+  if (wants("attention")) {
+    json += ", \"attention\": [" + bench_attention("llama-3.2-1b", llama(128256, 2048, 8192, 16, 32, 8, 64, true, 32.0), B, T, peak) +
+            ", " + bench_attention("llama-3.2-3b", llama(128256, 3072, 8192, 28, 24, 8, 128, true, 32.0), B, T, peak) + "]";
   }
   if (wants("full")) json += ", \"full\": " + bench_full(gpt2_124m(), quick ? 4 : 64, quick ? 256 : 1024, steps, peak);
   if (wants("loss")) {
