@@ -100,7 +100,7 @@ struct DeviceTrainer::Impl {
   LossScratch loss_scratch;      // the losses' device scratch, kept from step to step
   DeviceLayerTrace recomputed;  // one block's activations, recomputed in the backward
   Buffer x_recompute;
-  Buffer h, h_ref, dH, dx, dtmp, dact, dmlp, dxn, datt, dqkv, xa, dys, du, tmp_in, xb, rows_h, rows_href, dh_rows, dw_scratch;
+  Buffer h, h_ref, dH, dx, dtmp, dact, dmlp, dxn, datt, dqkv, xa, dys, du, tmp_in, xb, xw, rows_h, rows_href, dh_rows, dw_scratch;
   Buffer norm_scratch, attn_scratch, idx_a, idx_b, sc_rows, sc_first, sc_index;
 
   float* val(int p) const { return value.get() + offset[size_t(p)]; }
@@ -488,9 +488,15 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
       dy_in = dy_bf16;
     }
     matmul_nn(gemm, din, dy_in, dtype, lin.w.get<void>(), dtype, int(R), int(in), int(out), 0.f, st);
-    if (full) {  // dW += dy^T x (f32), db += the column sums of dy
+    if (full) {  // dW += dy^T x, db += the column sums of dy
       const Impl::FullLayer& f = s.full[size_t(l)];
-      matmul_tn(gemm, s.grd(f.w[index]), dy, DType::f32, x, DType::f32, int(out), int(in), int(R), 1.f, 1.f, st);
+      if (bf16) {  // mixed precision, as autocast does: bf16 dy and x, the products summed in f32
+        __nv_bfloat16* xw = static_cast<__nv_bfloat16*>(s.xw.ensure(size_t(R * std::max({H, Q, I})) * sizeof(__nv_bfloat16)));
+        f32_to_bf16(xw, x, R * in, st);
+        matmul_tn(gemm, s.grd(f.w[index]), dy_bf16, DType::bf16, xw, DType::bf16, int(out), int(in), int(R), 1.f, 1.f, st);
+      } else {
+        matmul_tn(gemm, s.grd(f.w[index]), dy, DType::f32, x, DType::f32, int(out), int(in), int(R), 1.f, 1.f, st);
+      }
       if (f.b[index] >= 0) add_column_sums(s.grd(f.b[index]), dy, int(R), int(out), st);
     }
     size_t ui = 0;  // this projection's first traced u: after the adapters of the projections before it

@@ -27,7 +27,8 @@
 //    gradients within 5e-2 relative L2. The GPU's attention then runs on the tensor cores in
 //    bf16 (forward and backward), the CPU's in f32: that moves the loss by about 2.5e-3, most
 //    gradients by about 1e-2 and the flag embedding row's (the smallest) by about 3.7e-2 here
-//    (6.6e-3 with f32 attention on both); recomputation gives the same bits there too.
+//    (6.6e-3 with f32 attention on both); recomputation gives the same bits there too. Full
+//    fine-tuning in bf16 (weight gradients from bf16 products summed in f32): the same bounds.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -307,6 +308,22 @@ void run_full(const std::string& name, const rf::ModelConfig& c) {
   }
 }
 
+// Full fine-tuning with bf16 weights: the weight gradients are bf16 products summed in f32 (the
+// CPU's are f32), attention on the tensor cores: one step's losses and gradients within the
+// bf16 bounds of run_bf16.
+void run_full_bf16(const std::string& name, const rf::ModelConfig& c) {
+  rf::TrainOptions o;
+  o.mode = rf::TrainMode::full;
+  o.seed = 11;
+  Setup s = make_setup(c, rf::DType::bf16, 31, &o);
+  Batch b = make_batch(c, true, 13);
+  const rf::LossOptions lo = loss_options();
+  const rf::LossTerms tc = s.ct->step(seqs(b.trained), {}, b.rows, lo);
+  const rf::LossTerms tg = s.gt->step(seqs(b.trained), {}, b.rows, lo);
+  compare_terms(name + " full bf16", tg, tc, 2e-2);
+  compare_params(name + " full bf16", s, "grad", 5e-2);
+}
+
 // Activation recomputation: the same step from the same state gives the same bits as keeping
 // every activation (the same kernels on the same inputs), gradients and dL/d(embeddings) alike.
 void check_recompute(const std::string& name, const rf::ModelConfig& c, rf::DType dtype = rf::DType::f32) {
@@ -389,6 +406,8 @@ int main() {
     run_config("gpt2", gpt2_of(llama));
     run_full("llama GQA 2", llama);
     run_full("gpt2", gpt2_of(llama));
+    run_full_bf16("llama GQA 2", llama);
+    run_full_bf16("gpt2", gpt2_of(llama));
     check_recompute("llama GQA 2", llama);
     check_recompute("gpt2", gpt2_of(llama));
     check_recompute("llama GQA 2 bf16 (tensor-core attention)", llama, rf::DType::bf16);
