@@ -78,6 +78,8 @@ export interface NativeModelInfo {
   device: string;
   /** Positions a cache grows by: 1 on the CPU, the block size of the GPU's paged cache. */
   kvBlockTokens: number;
+  /** Bytes a position takes in a cache (K and V of every layer): f32 on the CPU, the weights' dtype on the GPU. */
+  kvBytesPerPosition: number;
 }
 
 export interface NativeModel {

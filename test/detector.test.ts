@@ -226,8 +226,7 @@ describe('continuous batching', () => {
   });
 
   it('the KV-cache budget queues what does not fit now and refuses what never fits', async () => {
-    const c = model.config;
-    const perPosition = 2 * c.numLayers * c.numKvHeads * c.headDim * 4;
+    const perPosition = model.kvBytesPerPosition;
     const messages = ask('Budgeted request.');
     const prompt = encodePrompt(model.tokenizer!, messages).length;
     // Room for one request of 20 tokens at a time.

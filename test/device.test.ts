@@ -58,18 +58,20 @@ describe('device', () => {
     model.dispose();
   });
 
-  it('the scheduler budgets whole blocks of a paged cache, single positions of the CPU\'s', async () => {
+  it('the scheduler budgets whole blocks of a paged cache at its bytes per position, single positions of the CPU\'s', async () => {
     const model = await loadModel(join(FIXTURES, 'llama-gqa'), { threads: 1 });
     try {
       const c = model.config;
-      const perPosition = 2 * c.numLayers * c.numKvHeads * c.headDim * 4;
+      const perPosition = 2 * c.numLayers * c.numKvHeads * c.headDim * 4;  // f32 K and V on the CPU
       const options = { maxBatch: 1, kvCacheBytes: 1 << 30, maxQueued: 1, prefillChunk: 8, rfToken: -1 };
       expect(model.kvBlockTokens).toBe(1);
+      expect(model.kvBytesPerPosition).toBe(perPosition);
       expect(new Scheduler(model, options).bytesFor(17)).toBe(17 * perPosition);
-      // A model on a GPU reports its block size (16): 17 positions take two blocks.
-      const paged = Object.create(model, { kvBlockTokens: { value: 16 } }) as Model;
-      expect(new Scheduler(paged, options).bytesFor(17)).toBe(32 * perPosition);
-      expect(new Scheduler(paged, options).bytesFor(16)).toBe(16 * perPosition);
+      // A bf16 model on a GPU reports its block size (16) and its bf16 cache's bytes: 17
+      // positions take two blocks of half the CPU's bytes per position.
+      const paged = Object.create(model, { kvBlockTokens: { value: 16 }, kvBytesPerPosition: { value: perPosition / 2 } }) as Model;
+      expect(new Scheduler(paged, options).bytesFor(17)).toBe(32 * perPosition / 2);
+      expect(new Scheduler(paged, options).bytesFor(16)).toBe(16 * perPosition / 2);
     } finally {
       model.dispose();
     }

@@ -77,9 +77,8 @@ export class Scheduler {
   constructor(model: Model, options: SchedulerOptions) {
     this.#model = model;
     this.#o = options;
-    const c = model.config;
-    // K and V, f32, every layer (native/model/kv_cache.h).
-    this.#bytesPerPosition = 2 * c.numLayers * c.numKvHeads * c.headDim * 4;
+    // K and V of every layer: f32 on the CPU, the weights' dtype in the GPU's pool.
+    this.#bytesPerPosition = model.kvBytesPerPosition;
     // A paged cache (the GPU's) takes whole blocks.
     this.#blockTokens = model.kvBlockTokens;
   }

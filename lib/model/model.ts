@@ -585,6 +585,11 @@ export class Model {
     return this.engine.info().kvBlockTokens;
   }
 
+  /** Bytes one position takes in a sequence's KV cache (every layer's K and V). */
+  get kvBytesPerPosition(): number {
+    return this.engine.info().kvBytesPerPosition;
+  }
+
   /** The instruction set the CPU kernels use (`avx512` or `avx2`). */
   get isa(): string {
     return this.engine.info().isa;

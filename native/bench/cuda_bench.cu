@@ -90,7 +90,7 @@ std::string attention_alone(const rf::ModelConfig& c, int T, double tflops, int 
   host[size_t(n_blocks)] = 0, host[size_t(n_blocks) + 1] = T, host[size_t(n_blocks) + 2] = 0, host[size_t(n_blocks) + 3] = T;
   cudaMemcpy(ints, host.data(), host.size() * 4, cudaMemcpyHostToDevice);
   cudaMemset(k, 0, kv * 4), cudaMemset(v, 0, kv * 4), cudaMemset(q, 0, qn * 4);
-  const rf::cuda::PagedLayer layer{k, v, B, c.n_kv_heads, hd};
+  const rf::cuda::PagedLayer layer{k, v, B, c.n_kv_heads, hd, true};  // a bf16 cache, as the bf16 model keeps
   const rf::cuda::PagedBatch batch{ints, ints + n_blocks, ints + n_blocks + 1, 1, T};
   const float scale = 1.f / std::sqrt(float(hd));
   const double t32 = median_time(reps, [&] {
@@ -143,7 +143,7 @@ int main(int argc, char** argv) {
     load_random(m);
     const int rf_token = c.vocab - 1;
     const int steps = quick ? 16 : 64;
-    const double kv_per_position = 2.0 * c.n_layers * c.n_kv_heads * c.head_dim * 4;  // f32 K and V
+    const double kv_per_position = 2.0 * c.n_layers * c.n_kv_heads * c.head_dim * 2;  // bf16 K and V
     std::string r = std::string(first ? "" : ", ") + "{\"model\": \"" + shape.name + "\", \"weightBytes\": " +
                     std::to_string(double(m.weight_bytes())) + ", \"decode\": [";
     first = false;

@@ -355,7 +355,7 @@ std::string bench_attention(const std::string& name, const rf::ModelConfig& c, i
   const rf::cuda::AttentionRows a{d_first, d_len, d_row_seq, B, R, Hq, Hk, hd, 0};
   float* scratch = zeros(size_t(std::max(rf::cuda::attention_backward_scratch(a), rf::cuda::attention_backward_tc_scratch(a))));
   const float scale = 1.f / std::sqrt(float(hd));
-  const rf::cuda::PagedLayer layer{k, v, Bt, Hk, hd};
+  const rf::cuda::PagedLayer layer{k, v, Bt, Hk, hd, true};  // a bf16 cache, as the bf16 model keeps
   const rf::cuda::PagedBatch batch{d_tables, d_offsets, d_len, B, T};
   const double fwd = median_time(5, [&] {
     rf::cuda::prefill_attention_tc(out, q, layer, batch, d_first, d_n_new, R, T, Hq, scale, 0, nullptr, lse);

@@ -12,6 +12,7 @@
 // (m, l) with warp reductions, and accumulates p.V into registers (lane owns dims lane + 32 i).
 // f32 throughout, CUDA cores only; a later change may move the tiles to bf16 and tensor cores
 // (mma / wgmma), where the [rows x keys] products are what those instructions want.
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cfloat>
@@ -28,12 +29,16 @@ constexpr int kMaxDimsPerLane = 8;  // head_dim <= 256
 
 int splits_for(int max_length) { return (max_length + kDecodeSplitKeys - 1) / kDecodeSplitKeys; }
 
+__device__ __forceinline__ float kv_float(float x) { return x; }
+__device__ __forceinline__ float kv_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
 __device__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
 
-// scratch layout: m [S, H, splits], l [S, H, splits], acc [S, H, splits, head_dim].
+// scratch layout: m [S, H, splits], l [S, H, splits], acc [S, H, splits, head_dim]. T: the cache's type.
+template <class T>
 __global__ void decode_partial(const float* q, PagedLayer layer, PagedBatch batch, int n_heads, float scale, int window,
                                int n_splits, float* m_out, float* l_out, float* acc_out) {
   const int s = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
@@ -55,12 +60,12 @@ __global__ void decode_partial(const float* q, PagedLayer layer, PagedBatch batc
   float m = -FLT_MAX, l = 0.f;
   for (int j = lo + warp; j < hi; j += kWarps) {
     const long base = ((long(table[j / B]) * layer.n_kv_heads + kvh) * B + j % B) * hd;
-    const float* kj = layer.k + base;
-    const float* vj = layer.v + base;
+    const T* kj = static_cast<const T*>(layer.k) + base;
+    const T* vj = static_cast<const T*>(layer.v) + base;
     float dot = 0.f;
     for (int i = 0; i < kMaxDimsPerLane; ++i) {
       const int d = lane + 32 * i;
-      if (d < hd) dot += qv[i] * kj[d];
+      if (d < hd) dot += qv[i] * kv_float(kj[d]);
     }
     const float score = warp_sum(dot);
     const float m_new = fmaxf(m, score);
@@ -69,7 +74,7 @@ __global__ void decode_partial(const float* q, PagedLayer layer, PagedBatch batc
     l = l * correction + p;
     for (int i = 0; i < kMaxDimsPerLane; ++i) {
       const int d = lane + 32 * i;
-      if (d < hd) acc[i] = acc[i] * correction + p * vj[d];
+      if (d < hd) acc[i] = acc[i] * correction + p * kv_float(vj[d]);
     }
     m = m_new;
   }
@@ -138,7 +143,7 @@ size_t prefill_smem_bytes(int hd) {
 }
 
 // kDims: dims per lane, ceil(head_dim / 32) rounded up to 2, 4 or 8, so acc stays in registers.
-template <int kDims>
+template <int kDims, class T>
 __global__ void __launch_bounds__(kPrefillThreads)
     prefill_kernel(float* out, const float* q, PagedLayer layer, PagedBatch batch, const int32_t* row_offsets,
                    const int32_t* n_new, int n_heads, float scale, int window) {
@@ -200,8 +205,8 @@ __global__ void __launch_bounds__(kPrefillThreads)
     for (int e = tid; e < kPrefillKeys * hd; e += kPrefillThreads) {
       const int k = e / hd, d = e - k * hd;
       const long base = kbase[k];
-      ks[k * kstride + d] = base >= 0 ? layer.k[base + d] : 0.f;
-      vs[e] = base >= 0 ? layer.v[base + d] : 0.f;
+      ks[k * kstride + d] = base >= 0 ? kv_float(static_cast<const T*>(layer.k)[base + d]) : 0.f;
+      vs[e] = base >= 0 ? kv_float(static_cast<const T*>(layer.v)[base + d]) : 0.f;
     }
     __syncthreads();  // K / V (and, the first time, Q) staged
 
@@ -273,10 +278,16 @@ void prefill_launch(dim3 grid, float* out, const float* q, const PagedLayer& lay
                     cudaStream_t stream) {
   const size_t smem = prefill_smem_bytes(layer.head_dim);
   // Past 48 KiB a kernel must opt in to dynamic shared memory (hd > 120 here; the H200 allows 227 KiB).
-  if (smem > 48 * 1024)
-    cudaFuncSetAttribute(prefill_kernel<kDims>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  prefill_kernel<kDims><<<grid, kPrefillThreads, smem, stream>>>(out, q, layer, batch, row_offsets, n_new, n_heads, scale,
-                                                                window);
+  if (layer.bf16) {
+    if (smem > 48 * 1024)
+      cudaFuncSetAttribute(prefill_kernel<kDims, __nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    prefill_kernel<kDims, __nv_bfloat16><<<grid, kPrefillThreads, smem, stream>>>(out, q, layer, batch, row_offsets, n_new, n_heads,
+                                                                                 scale, window);
+  } else {
+    if (smem > 48 * 1024) cudaFuncSetAttribute(prefill_kernel<kDims, float>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    prefill_kernel<kDims, float><<<grid, kPrefillThreads, smem, stream>>>(out, q, layer, batch, row_offsets, n_new, n_heads, scale,
+                                                                         window);
+  }
 }
 
 }  // namespace
@@ -294,8 +305,11 @@ void decode_attention(float* out, const float* q, const PagedLayer& layer, const
   float* m = scratch;
   float* l = scratch + slots;
   float* acc = scratch + 2 * slots;
-  decode_partial<<<dim3(batch.n_seqs, n_heads, n_splits), 32 * kWarps, 0, stream>>>(q, layer, batch, n_heads, scale, window, n_splits,
-                                                                                   m, l, acc);
+  const dim3 grid(batch.n_seqs, n_heads, n_splits);
+  if (layer.bf16)
+    decode_partial<__nv_bfloat16><<<grid, 32 * kWarps, 0, stream>>>(q, layer, batch, n_heads, scale, window, n_splits, m, l, acc);
+  else
+    decode_partial<float><<<grid, 32 * kWarps, 0, stream>>>(q, layer, batch, n_heads, scale, window, n_splits, m, l, acc);
   decode_combine<<<dim3(batch.n_seqs, n_heads), 128, 0, stream>>>(out, n_heads, layer.head_dim, n_splits, m, l, acc);
 }
 

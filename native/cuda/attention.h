@@ -12,13 +12,15 @@
 
 namespace rf::cuda {
 
-// The cache of one layer: [n_blocks][n_kv_heads][block_tokens][head_dim] f32 for K and for V.
+// The cache of one layer: [n_blocks][n_kv_heads][block_tokens][head_dim] for K and for V, f32,
+// or bf16 when bf16 is set (bf16 models: half the memory and the bytes a decode step reads).
 struct PagedLayer {
-  const float* k;
-  const float* v;
+  const void* k;
+  const void* v;
   int block_tokens;
   int n_kv_heads;
   int head_dim;
+  bool bf16 = false;
 };
 
 // Per sequence s: its block table at tables + table_offsets[s], its cache length lengths[s]

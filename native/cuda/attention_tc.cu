@@ -46,8 +46,16 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-// kK: head_dim / 16, the k-steps of Q K^T; the output has 2 kK tiles of 8 dims.
-template <int kK>
+// Four consecutive cache values as floats.
+__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float4 load4(const __nv_bfloat16* p) {
+  const uint2 u = *reinterpret_cast<const uint2*>(p);
+  return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u), __uint_as_float(u.y << 16),
+                     __uint_as_float(u.y & 0xffff0000u));
+}
+
+// kK: head_dim / 16, the k-steps of Q K^T; the output has 2 kK tiles of 8 dims. T: the cache's type.
+template <int kK, class T>
 __global__ void __launch_bounds__(kThreads)
     prefill_tc_kernel(float* out, const float* q, PagedLayer layer, PagedBatch batch, const int32_t* row_offsets,
                       const int32_t* n_new, int n_heads, float scale_log2, int window, float* lse) {
@@ -118,8 +126,8 @@ __global__ void __launch_bounds__(kThreads)
       const long base = kbase[k];
       float4 kv = make_float4(0.f, 0.f, 0.f, 0.f), vv = kv;
       if (base >= 0) {
-        kv = *reinterpret_cast<const float4*>(layer.k + base + d);
-        vv = *reinterpret_cast<const float4*>(layer.v + base + d);
+        kv = load4(static_cast<const T*>(layer.k) + base + d);
+        vv = load4(static_cast<const T*>(layer.v) + base + d);
       }
       __nv_bfloat16* kr = ks + k * kQs + d;
       kr[0] = __float2bfloat16_rn(kv.x), kr[1] = __float2bfloat16_rn(kv.y);
@@ -208,10 +216,16 @@ template <int kK>
 void launch(dim3 grid, float* out, const float* q, const PagedLayer& layer, const PagedBatch& batch, const int32_t* row_offsets,
             const int32_t* n_new, int n_heads, float scale, int window, float* lse, cudaStream_t stream) {
   const size_t smem = smem_bytes(16 * kK);
-  if (smem > 48 * 1024)
-    cudaFuncSetAttribute(prefill_tc_kernel<kK>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  prefill_tc_kernel<kK><<<grid, kThreads, smem, stream>>>(out, q, layer, batch, row_offsets, n_new, n_heads, scale * kLog2e, window,
-                                                          lse);
+  if (layer.bf16) {
+    if (smem > 48 * 1024)
+      cudaFuncSetAttribute(prefill_tc_kernel<kK, __nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    prefill_tc_kernel<kK, __nv_bfloat16><<<grid, kThreads, smem, stream>>>(out, q, layer, batch, row_offsets, n_new, n_heads,
+                                                                          scale * kLog2e, window, lse);
+  } else {
+    if (smem > 48 * 1024) cudaFuncSetAttribute(prefill_tc_kernel<kK, float>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    prefill_tc_kernel<kK, float><<<grid, kThreads, smem, stream>>>(out, q, layer, batch, row_offsets, n_new, n_heads, scale * kLog2e,
+                                                                  window, lse);
+  }
 }
 
 }  // namespace

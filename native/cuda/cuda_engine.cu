@@ -70,6 +70,7 @@ class CudaEngine : public Engine {
   int threads() const override { return 1; }
   std::string device() const override { return "cuda:" + std::to_string(m_.device()); }
   int kv_block_tokens() const override { return cuda::DeviceModel::kBlockTokens; }
+  size_t kv_bytes_per_position() const override { return m_.kv_bytes_per_position(); }
   void set_kv_pool_bytes(size_t bytes) override { m_.set_kv_pool_bytes(bytes); }
 
   void load_tensor(const std::string& name, const void* data, SrcType type, const std::vector<long>& shape,

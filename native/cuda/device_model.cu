@@ -44,24 +44,27 @@ cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 }  // namespace
 
 // The KV blocks of every layer: per layer, K then V, each [n_blocks][n_kv_heads][block][head_dim]
-// f32 (PagedLayer's layout). The block pool's bookkeeping is shared by the JavaScript thread
-// (new, reserve, dispose) and the worker running a forward, so it takes a lock.
+// (PagedLayer's layout), bf16 for bf16 models and f32 for f32 ones. The block pool's bookkeeping
+// is shared by the JavaScript thread (new, reserve, dispose) and the worker running a forward,
+// so it takes a lock.
 class KvPool {
  public:
-  KvPool(const ModelConfig& c, size_t bytes)
-      : layers_(c.n_layers), per_block_(long(c.n_kv_heads) * kBlockTokens * c.head_dim),
-        blocks_(int(bytes / block_bytes_of(c)), kBlockTokens) {
+  KvPool(const ModelConfig& c, DType dtype, size_t bytes)
+      : layers_(c.n_layers), per_block_(long(c.n_kv_heads) * kBlockTokens * c.head_dim), elem_(elem_bytes(dtype)),
+        bf16_(dtype == DType::bf16), blocks_(int(bytes / block_bytes_of(c, dtype)), kBlockTokens) {
     if (blocks_.capacity() == 0)
       throw std::invalid_argument("KV pool of " + std::to_string(bytes) + " bytes holds no block of " +
-                                  std::to_string(block_bytes_of(c)) + " bytes");
+                                  std::to_string(block_bytes_of(c, dtype)) + " bytes");
     mem_.ensure(size_t(blocks_.capacity()) * block_bytes());
   }
-  static size_t block_bytes_of(const ModelConfig& c) {
-    return size_t(2) * c.n_layers * c.n_kv_heads * kBlockTokens * c.head_dim * sizeof(float);
+  static size_t elem_bytes(DType dtype) { return dtype == DType::bf16 ? 2 : 4; }
+  static size_t block_bytes_of(const ModelConfig& c, DType dtype) {
+    return size_t(2) * c.n_layers * c.n_kv_heads * kBlockTokens * c.head_dim * elem_bytes(dtype);
   }
-  size_t block_bytes() const { return size_t(2) * layers_ * per_block_ * sizeof(float); }
-  float* k(int layer) const { return mem_.get() + size_t(2 * layer) * blocks_.capacity() * per_block_; }
-  float* v(int layer) const { return mem_.get() + size_t(2 * layer + 1) * blocks_.capacity() * per_block_; }
+  size_t block_bytes() const { return size_t(2) * layers_ * per_block_ * elem_; }
+  bool bf16() const { return bf16_; }
+  void* k(int layer) const { return mem_.get<char>() + size_t(2 * layer) * blocks_.capacity() * per_block_ * elem_; }
+  void* v(int layer) const { return mem_.get<char>() + size_t(2 * layer + 1) * blocks_.capacity() * per_block_ * elem_; }
   bool grow(BlockTable& t, long tokens) {
     std::lock_guard<std::mutex> lock(mu_);
     return blocks_.grow(t, tokens);
@@ -78,6 +81,8 @@ class KvPool {
  private:
   int layers_;
   long per_block_;
+  size_t elem_;
+  bool bf16_;
   std::mutex mu_;
   BlockPool blocks_;
   Buffer mem_;
@@ -232,9 +237,11 @@ void DeviceModel::set_kv_pool_bytes(size_t bytes) {
   kv_pool_bytes_ = bytes;
 }
 
+size_t DeviceModel::kv_bytes_per_position() const { return KvPool::block_bytes_of(config_, dtype_) / kBlockTokens; }
+
 std::shared_ptr<DeviceSequence> DeviceModel::new_sequence() {
   check(cudaSetDevice(device_), "cudaSetDevice");
-  if (!pool_) pool_ = std::make_shared<KvPool>(config_, kv_pool_bytes_);
+  if (!pool_) pool_ = std::make_shared<KvPool>(config_, dtype_, kv_pool_bytes_);
   return std::shared_ptr<DeviceSequence>(new DeviceSequence(pool_));
 }
 
@@ -449,11 +456,11 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
   }
   if (keep) keep_rows(keep->qkv, qkv, R * QKV);
   if (append_kv)
-    kv_append(pool_->k(l), pool_->v(l), qkv, QKV, int(Q), int(Q + KV), p.row_seq, p.row_pos, p.tables, p.table_offsets, int(R),
-              c.n_kv_heads, int(hd), kBlockTokens, st);
+    kv_append(pool_->k(l), pool_->v(l), pool_->bf16(), qkv, QKV, int(Q), int(Q + KV), p.row_seq, p.row_pos, p.tables,
+              p.table_offsets, int(R), c.n_kv_heads, int(hd), kBlockTokens, st);
   check(cudaMemcpy2DAsync(q, Q * sizeof(float), qkv, QKV * sizeof(float), Q * sizeof(float), R, cudaMemcpyDeviceToDevice, st),
         "cudaMemcpy2DAsync (q)");
-  const PagedLayer layer{pool_->k(l), pool_->v(l), kBlockTokens, c.n_kv_heads, int(hd)};
+  const PagedLayer layer{pool_->k(l), pool_->v(l), kBlockTokens, c.n_kv_heads, int(hd), pool_->bf16()};
   const PagedBatch batch{p.tables, p.table_offsets, p.lengths, p.n, p.attn_length};
   const float scale = 1.0f / std::sqrt(float(hd));
   if (p.all_one) decode_attention(att, q, layer, batch, c.n_heads, scale, c.sliding_window, s.attn.get(), st);

@@ -1,7 +1,7 @@
 // The CUDA model engine: the inference half of rf::Model (native/model/model.h) on one GPU.
 // Weights live on the device (bf16 by default, f32 on request; tied embeddings are one buffer),
-// LoRA adapters and the flag rows are applied on the device, and keys and values live in a
-// paged pool of fixed-size blocks (native/model/block_pool.h) that sequences take as they grow
+// LoRA adapters and the flag rows are applied on the device, and keys and values (in the
+// weights' dtype, bf16 or f32) live in a paged pool of fixed-size blocks (native/model/block_pool.h) that sequences take as they grow
 // and give back when freed. The block is the same as the CPU's, op for op: norms, rope, the
 // cuBLASLt products (native/cuda/gemm.h), paged attention (attention.h) and the glue kernels
 // (model_ops.h); decode_step ends with the fused pick (ops.h: token, log-prob, flag p's on the
@@ -94,6 +94,8 @@ class DeviceModel {
   // Bytes of the KV pool, shared by all this model's sequences; allocated when the first
   // sequence is made (default 2 GiB). May change while no sequence is alive.
   void set_kv_pool_bytes(size_t bytes);
+  // Bytes one position takes in the pool (K and V of every layer, in the weights' dtype).
+  size_t kv_bytes_per_position() const;
   std::shared_ptr<DeviceSequence> new_sequence();
 
   // As Model::forward: appends every item's tokens, writes host logits [rows, vocab] (rows: all

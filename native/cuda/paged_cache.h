@@ -1,6 +1,6 @@
 // Writing into the paged KV cache on the device: the new tokens' keys and values, straight out
 // of the fused QKV rows the projection produced, go to their slots in the block pool (layout
-// [n_blocks][n_kv_heads][block_tokens][head_dim] f32, as rf::cuda::PagedLayer reads it; block
+// [n_blocks][n_kv_heads][block_tokens][head_dim] f32 or bf16, as rf::cuda::PagedLayer reads it; block
 // tables from native/model/block_pool.h). One launch for a whole batch, prefill chunks and
 // decode steps alike, so the attention kernels that follow find every key already in place.
 #pragma once
@@ -16,7 +16,8 @@ namespace rf::cuda {
 // ([n_kv_heads, head_dim] each). row_seq, row_pos [rows], tables and table_offsets are device
 // int32; each table must already reach the position (BlockPool::grow before the append).
 // Rows must name distinct (sequence, position) pairs: they are written in no set order.
-void kv_append(float* k_cache, float* v_cache, const float* qkv, long row_stride, int k_offset, int v_offset,
+// The caches hold f32, or bf16 (rounded to nearest even) when bf16 is set.
+void kv_append(void* k_cache, void* v_cache, bool bf16, const float* qkv, long row_stride, int k_offset, int v_offset,
                const int32_t* row_seq, const int32_t* row_pos, const int32_t* tables, const int32_t* table_offsets, int rows,
                int n_kv_heads, int head_dim, int block_tokens, cudaStream_t stream);
 

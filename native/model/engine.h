@@ -77,6 +77,12 @@ class Engine {
   // Positions a sequence's cache grows by: 1 for the CPU's exact caches, the block size of a
   // paged cache (what a reservation of n positions really takes is n rounded up to it).
   virtual int kv_block_tokens() const { return 1; }
+  // Bytes one position takes in a sequence's cache, every layer's K and V: f32 on the CPU; the
+  // GPU's cache holds the weights' dtype.
+  virtual size_t kv_bytes_per_position() const {
+    const ModelConfig& c = config();
+    return size_t(2) * c.n_layers * c.n_kv_heads * c.head_dim * sizeof(float);
+  }
   // The paged cache's pool for all sequences together (the GPU's; the CPU allocates per
   // sequence and ignores it). Only while no sequence is alive.
   virtual void set_kv_pool_bytes(size_t /*bytes*/) {}

@@ -533,6 +533,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       o.Set("isa", isa_name(active_isa()));
       o.Set("device", m.device());
       o.Set("kvBlockTokens", m.kv_block_tokens());
+      o.Set("kvBytesPerPosition", double(m.kv_bytes_per_position()));
       return o;
     });
   }

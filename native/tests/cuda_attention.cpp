@@ -18,6 +18,8 @@
 // windows 0 / 37 / 1, the same sequences (300 rows: five 64-row query tiles), against
 // attention_row on the bf16-rounded q, keys and values, within the kernel's stated bound
 // 2^-8 max_j |v_j| per element on top of the f32 slack.
+// A bf16 cache: the f32 and tensor-core prefill kernels against attention_row on its rounded
+// values, prefill against decode on it, and kv_append's bf16 bits.
 // kv_append: rows of five sequences (empty, mid-block, block-aligned and long caches; one to
 // forty new tokens each), in shuffled order, from a padded fused-QKV buffer into a pool
 // prefilled with a sentinel; the whole pool must equal the host's placement bit for bit (the
@@ -128,11 +130,13 @@ struct Cache {
   std::vector<rf::BlockTable> tables;
   std::vector<float> k, v;
   std::vector<int32_t> flat, offsets, lens;
-  float *dk = nullptr, *dv = nullptr;
+  void *dk = nullptr, *dv = nullptr;
   int32_t *dtables = nullptr, *doffsets = nullptr, *dlens = nullptr;
 
-  Cache(const std::vector<int>& lengths_, int n_kv_heads_, int head_dim_)
-      : n_kv_heads(n_kv_heads_), head_dim(head_dim_), lengths(lengths_), tables(lengths_.size()) {
+  bool bf16 = false;  // the device copy holds bf16 (k and v here are its values, rounded)
+
+  Cache(const std::vector<int>& lengths_, int n_kv_heads_, int head_dim_, bool bf16_ = false)
+      : n_kv_heads(n_kv_heads_), head_dim(head_dim_), lengths(lengths_), tables(lengths_.size()), bf16(bf16_) {
     int total_blocks = 0, longest = 0;
     for (int L : lengths) total_blocks += rf::BlockPool::blocks_for(L, B), longest = std::max(longest, L);
     rf::BlockPool pool(total_blocks + 9, B);
@@ -149,7 +153,14 @@ struct Cache {
       flat.insert(flat.end(), tables[s].begin(), tables[s].end());
       lens.push_back(lengths[s]);
     }
-    dk = to_device(k), dv = to_device(v);
+    if (bf16) {
+      std::vector<uint16_t> kb(k.size()), vb(v.size());
+      for (size_t i = 0; i < k.size(); ++i) kb[i] = rf::f32_to_bf16(k[i]), k[i] = rf::bf16_to_f32(kb[i]);
+      for (size_t i = 0; i < v.size(); ++i) vb[i] = rf::f32_to_bf16(v[i]), v[i] = rf::bf16_to_f32(vb[i]);
+      dk = to_device(kb), dv = to_device(vb);
+    } else {
+      dk = to_device(k), dv = to_device(v);
+    }
     dtables = to_device(flat), doffsets = to_device(offsets), dlens = to_device(lens);
   }
   ~Cache() {
@@ -158,7 +169,7 @@ struct Cache {
   Cache(const Cache&) = delete;
   Cache& operator=(const Cache&) = delete;
 
-  rf::cuda::PagedLayer layer() const { return {dk, dv, B, n_kv_heads, head_dim}; }
+  rf::cuda::PagedLayer layer() const { return {dk, dv, B, n_kv_heads, head_dim, bf16}; }
   rf::cuda::PagedBatch batch() const {
     return {dtables, doffsets, dlens, int(lengths.size()), *std::max_element(lengths.begin(), lengths.end())};
   }
@@ -195,12 +206,13 @@ float* device_nan(size_t n) {
 // With tc, prefill_attention_tc against attention_row on the bf16-rounded q, keys and values:
 // each output element within 2^-8 max_j |v_j| (the kernel's rounding of the probabilities, see
 // attention.h) plus the f32 slack above.
+// bf16_cache: the cache holds bf16 (the reference reads the same rounded keys and values).
 void prefill_case(int head_dim, int n_kv_heads, int group, int window, const std::vector<int>& lengths,
-                  const std::vector<int>& n_new, bool tc = false) {
+                  const std::vector<int>& n_new, bool tc = false, bool bf16_cache = false) {
   const int n_heads = n_kv_heads * group;
   const std::string name = std::string(tc ? "tensor-core " : "") + "paged prefill attention head_dim=" + std::to_string(head_dim) +
-                           " GQA " + std::to_string(group) + " window " + std::to_string(window);
-  Cache cache(lengths, n_kv_heads, head_dim);
+                           " GQA " + std::to_string(group) + " window " + std::to_string(window) + (bf16_cache ? " bf16 cache" : "");
+  Cache cache(lengths, n_kv_heads, head_dim, bf16_cache);
   std::vector<int32_t> row_offsets, news;
   int total_rows = 0;
   for (int n : n_new) row_offsets.push_back(total_rows), news.push_back(n), total_rows += n;
@@ -273,11 +285,11 @@ void prefill_case(int head_dim, int n_kv_heads, int group, int window, const std
 }
 
 // Prefill with one new row per sequence is a decode step: both kernels on the same cache and q.
-void prefill_decode_case(int head_dim, int n_kv_heads, int group, int window) {
+void prefill_decode_case(int head_dim, int n_kv_heads, int group, int window, bool bf16_cache = false) {
   const int n_heads = n_kv_heads * group;
   const std::vector<int> lengths{1, 15, 16, 17, 300, 1000};
   const int n_seqs = int(lengths.size());
-  Cache cache(lengths, n_kv_heads, head_dim);
+  Cache cache(lengths, n_kv_heads, head_dim, bf16_cache);
   std::normal_distribution<float> d(0.f, 1.f);
   std::vector<float> q(size_t(n_seqs) * n_heads * head_dim);
   for (float& x : q) x = d(rng);
@@ -292,7 +304,7 @@ void prefill_decode_case(int head_dim, int n_kv_heads, int group, int window) {
   rf::cuda::prefill_attention(dprefill, dq, cache.layer(), batch, drow_offsets, dones, n_seqs, 1, n_heads, scale, window, nullptr);
   rf::cuda::decode_attention(ddecode, dq, cache.layer(), batch, n_heads, scale, window, dscratch, nullptr);
   const std::string name = "paged prefill with n_new 1 head_dim=" + std::to_string(head_dim) + " GQA " + std::to_string(group) +
-                           " window " + std::to_string(window);
+                           " window " + std::to_string(window) + (bf16_cache ? " bf16 cache" : "");
   const bool ran = device_ok(name);
   std::vector<float> pre(q.size()), dec(q.size());
   cudaMemcpy(pre.data(), dprefill, pre.size() * sizeof(float), cudaMemcpyDeviceToHost);
@@ -311,7 +323,8 @@ void prefill_decode_case(int head_dim, int n_kv_heads, int group, int window) {
 }
 
 // kv_append: every new row's k and v land in their (block, slot), nothing else changes.
-void kv_append_case() {
+// bf16: the cache holds bf16, each value the nearest-even rounding of the f32 row (bit for bit).
+void kv_append_case(bool bf16 = false) {
   const int n_kv_heads = 2, head_dim = 80, n_heads = 4, B = 16;
   const std::vector<int> before{0, 5, 16, 31, 200}, added{3, 12, 1, 40, 1};
   const int n_seqs = int(before.size());
@@ -349,7 +362,14 @@ void kv_append_case() {
   for (float& x : qkv) x = d(rng);
   const size_t pool_floats = size_t(pool.capacity()) * n_kv_heads * B * head_dim;
   std::vector<float> k_want(pool_floats, -1234.5f), v_want(pool_floats, -1234.5f);
-  float *dk = to_device(k_want), *dv = to_device(v_want), *dqkv = to_device(qkv);
+  const auto bits = [](const std::vector<float>& v) {
+    std::vector<uint16_t> b(v.size());
+    for (size_t i = 0; i < v.size(); ++i) b[i] = rf::f32_to_bf16(v[i]);
+    return b;
+  };
+  void* dk = bf16 ? static_cast<void*>(to_device(bits(k_want))) : static_cast<void*>(to_device(k_want));
+  void* dv = bf16 ? static_cast<void*>(to_device(bits(v_want))) : static_cast<void*>(to_device(v_want));
+  float* dqkv = to_device(qkv);
   for (int r = 0; r < rows; ++r) {
     const int s = seq_shuffled[size_t(r)], p = pos_shuffled[size_t(r)];
     for (int h = 0; h < n_kv_heads; ++h) {
@@ -361,21 +381,27 @@ void kv_append_case() {
   }
   int32_t *dseq = to_device(seq_shuffled), *dpos = to_device(pos_shuffled), *dtables = to_device(flat),
           *doffsets = to_device(offsets);
-  rf::cuda::kv_append(dk, dv, dqkv, row_stride, k_offset, v_offset, dseq, dpos, dtables, doffsets, rows, n_kv_heads, head_dim, B,
-                      nullptr);
-  const bool ran = device_ok("kv_append");
-  std::vector<float> k_got(pool_floats), v_got(pool_floats);
-  cudaMemcpy(k_got.data(), dk, pool_floats * sizeof(float), cudaMemcpyDeviceToHost);
-  cudaMemcpy(v_got.data(), dv, pool_floats * sizeof(float), cudaMemcpyDeviceToHost);
-  for (void* p : {static_cast<void*>(dk), static_cast<void*>(dv), static_cast<void*>(dqkv), static_cast<void*>(dseq),
-                  static_cast<void*>(dpos), static_cast<void*>(dtables), static_cast<void*>(doffsets)})
+  rf::cuda::kv_append(dk, dv, bf16, dqkv, row_stride, k_offset, v_offset, dseq, dpos, dtables, doffsets, rows, n_kv_heads, head_dim,
+                      B, nullptr);
+  const std::string name = bf16 ? "kv_append (bf16 cache)" : "kv_append";
+  const bool ran = device_ok(name);
+  const size_t elem = bf16 ? 2 : 4;
+  std::vector<unsigned char> k_got(pool_floats * elem), v_got(pool_floats * elem);
+  cudaMemcpy(k_got.data(), dk, k_got.size(), cudaMemcpyDeviceToHost);
+  cudaMemcpy(v_got.data(), dv, v_got.size(), cudaMemcpyDeviceToHost);
+  for (void* p : {dk, dv, static_cast<void*>(dqkv), static_cast<void*>(dseq), static_cast<void*>(dpos), static_cast<void*>(dtables),
+                  static_cast<void*>(doffsets)})
     cudaFree(p);
   if (!ran) return;
+  const std::vector<uint16_t> kb = bits(k_want), vb = bits(v_want);
+  const void* kw = bf16 ? static_cast<const void*>(kb.data()) : static_cast<const void*>(k_want.data());
+  const void* vw = bf16 ? static_cast<const void*>(vb.data()) : static_cast<const void*>(v_want.data());
   size_t wrong = 0;
   for (size_t i = 0; i < pool_floats; ++i)
-    wrong += std::memcmp(&k_got[i], &k_want[i], sizeof(float)) != 0 || std::memcmp(&v_got[i], &v_want[i], sizeof(float)) != 0;
-  check(wrong == 0, "kv_append: " + std::to_string(rows) + " rows of 5 sequences land in their slots exactly, nothing else written (" +
-                        std::to_string(wrong) + " of " + std::to_string(pool_floats) + " floats differ)");
+    wrong += std::memcmp(k_got.data() + i * elem, static_cast<const char*>(kw) + i * elem, elem) != 0 ||
+             std::memcmp(v_got.data() + i * elem, static_cast<const char*>(vw) + i * elem, elem) != 0;
+  check(wrong == 0, name + ": " + std::to_string(rows) + " rows of 5 sequences land in their slots exactly, nothing else written (" +
+                        std::to_string(wrong) + " of " + std::to_string(pool_floats) + " values differ)");
 }
 
 }  // namespace
@@ -403,6 +429,13 @@ int main() {
     for (int group : {1, 3, 8})
       for (int window : {0, 37}) prefill_case(hd, 2, group, window, lengths, n_new, true);
   prefill_case(64, 2, 1, 1, lengths, n_new, true);
+  // A bf16 cache (bf16 models): every kernel reading it, and the append writing it.
+  for (int hd : {64, 128}) {
+    prefill_case(hd, 2, 3, 37, lengths, n_new, false, true);
+    prefill_case(hd, 2, 3, 0, lengths, n_new, true, true);
+    prefill_decode_case(hd, 2, 3, 37, true);
+  }
   kv_append_case();
+  kv_append_case(true);
   return rf::test::finish("cuda_attention");
 }

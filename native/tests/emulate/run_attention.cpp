@@ -24,6 +24,10 @@ int main() {
   run_case(80, 2, 3, 37);
   prefill_decode_case(64, 2, 1, 0);
   prefill_decode_case(128, 1, 2, 37);
+  prefill_case(80, 2, 3, 37, lengths, n_new, false, true);
+  prefill_case(32, 2, 3, 0, lengths, n_new, true, true);
+  prefill_decode_case(64, 2, 3, 37, true);
   kv_append_case();
+  kv_append_case(true);
   return rf::test::finish("cuda_attention (emulated)");
 }

@@ -34,7 +34,7 @@ def launch(m):
 
 src = open(sys.argv[1]).read()
 src = re.sub(r'extern __shared__ __align__\(16\) unsigned char (\w+)\[\];', r'unsigned char* \1 = emu_smem;', src)
-src = re.sub(r'(\w+(?:<\w+>)?)<<<(.+?)>>>\((.*?)\);', launch, src, flags=re.S)
+src = re.sub(r'(\w+(?:<[\w, ]+>)?)<<<(.+?)>>>\((.*?)\);', launch, src, flags=re.S)
 if '<<<' in src:
     sys.exit(f"translate.py: a kernel launch in {sys.argv[1]} was not rewritten: {src[src.index('<<<') - 60:src.index('<<<') + 40]!r}")
 open(sys.argv[2], 'w').write(src)
