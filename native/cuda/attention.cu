@@ -10,8 +10,8 @@
 // staging each tile's keys and values from the paged cache in shared memory; per tile a warp
 // computes its rows' 32 scores (lane j: key j), masks them, updates each row's online softmax
 // (m, l) with warp reductions, and accumulates p.V into registers (lane owns dims lane + 32 i).
-// f32 throughout, CUDA cores only; a later change may move the tiles to bf16 and tensor cores
-// (mma / wgmma), where the [rows x keys] products are what those instructions want.
+// f32 arithmetic on CUDA cores (the cache f32 or bf16): the exact path, for f32 models; bf16
+// models prefill on the tensor cores (attention_tc.cu).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 

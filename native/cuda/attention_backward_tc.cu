@@ -185,14 +185,9 @@ __global__ void __launch_bounds__(kThreads)
       // dV += P^T dO and dK += dS^T Q, 16 queries per k-step.
 #pragma unroll
       for (int ks2 = 0; ks2 < kQRows / 16; ++ks2) {
-        const float* p0 = st[2 * ks2];
-        const float* p1 = st[2 * ks2 + 1];
-        const float* s0 = dpt[2 * ks2];
-        const float* s1 = dpt[2 * ks2 + 1];
-        const uint32_t pa[4] = {pack_bf16x2(p0[0], p0[1]), pack_bf16x2(p0[2], p0[3]), pack_bf16x2(p1[0], p1[1]),
-                                pack_bf16x2(p1[2], p1[3])};
-        const uint32_t sa[4] = {pack_bf16x2(s0[0], s0[1]), pack_bf16x2(s0[2], s0[3]), pack_bf16x2(s1[0], s1[1]),
-                                pack_bf16x2(s1[2], s1[3])};
+        uint32_t pa[4], sa[4];
+        a_from_accumulators(pa, st[2 * ks2], st[2 * ks2 + 1]);
+        a_from_accumulators(sa, dpt[2 * ks2], dpt[2 * ks2 + 1]);
 #pragma unroll
         for (int n = 0; n < kN; ++n) {
           uint32_t db[2], qb[2];
@@ -306,10 +301,8 @@ __global__ void __launch_bounds__(kThreads)
     // dQ += dS K, 16 keys per k-step.
 #pragma unroll
     for (int kst = 0; kst < kKeys / 16; ++kst) {
-      const float* s0 = dp[2 * kst];
-      const float* s1 = dp[2 * kst + 1];
-      const uint32_t sa[4] = {pack_bf16x2(s0[0], s0[1]), pack_bf16x2(s0[2], s0[3]), pack_bf16x2(s1[0], s1[1]),
-                              pack_bf16x2(s1[2], s1[3])};
+      uint32_t sa[4];
+      a_from_accumulators(sa, dp[2 * kst], dp[2 * kst + 1]);
 #pragma unroll
       for (int n = 0; n < kN; ++n) {
         uint32_t kb[2];

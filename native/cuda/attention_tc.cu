@@ -183,10 +183,8 @@ __global__ void __launch_bounds__(kThreads)
     // O += P V, 16 keys per step: P's A fragment is score tiles 2 ks and 2 ks + 1.
 #pragma unroll
     for (int kst = 0; kst < kKeys / 16; ++kst) {
-      const float* p0 = sc[2 * kst];
-      const float* p1 = sc[2 * kst + 1];
-      const uint32_t pa[4] = {pack_bf16x2(p0[0], p0[1]), pack_bf16x2(p0[2], p0[3]), pack_bf16x2(p1[0], p1[1]),
-                              pack_bf16x2(p1[2], p1[3])};
+      uint32_t pa[4];
+      a_from_accumulators(pa, sc[2 * kst], sc[2 * kst + 1]);
 #pragma unroll
       for (int n = 0; n < kN; ++n) {
         const __nv_bfloat16* v0 = vt + (8 * n + g) * kVs + kst * 16 + 2 * t;

@@ -426,6 +426,25 @@ void DeviceModel::linear_rows(const DLinear& lin, const float* in, long rows, fl
   }
 }
 
+// logits [rows, V] = xn . head^T, the flag rows' logits from their own head rows when flags is set.
+void DeviceModel::head_rows(const float* xn, long rows, float* logits, bool flags) {
+  const ModelConfig& c = config_;
+  const DeviceWeights& w = *w_;
+  const cudaStream_t st = as_stream(stream_);
+  const Buffer& table = c.tied_embeddings ? w.embed : w.lm_head;
+  const void* xin = xn;
+  DType xt = DType::f32;
+  if (dtype_ == DType::bf16) {
+    f32_to_bf16(s_->xb.get<__nv_bfloat16>(), xn, rows * c.hidden, st);
+    xin = s_->xb.get<void>();
+    xt = DType::bf16;
+  }
+  matmul(*gemm_, logits, xin, xt, table.get<void>(), dtype_, int(rows), c.vocab, c.hidden, nullptr, 0.f, st);
+  if (flags && !w.flag_head.empty())
+    set_flag_logits(logits, c.vocab, xn, int(rows), c.hidden, w.flag_head.get(), w.flag_ids.get<int32_t>(), int(w.flag_tokens.size()),
+                    st);
+}
+
 void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const DeviceTrace* trace, bool append_kv) {
   const ModelConfig& c = config_;
   const cudaStream_t st = as_stream(stream_);
@@ -537,20 +556,7 @@ const float* DeviceModel::run(const std::vector<DeviceItem>& items, LogitsMode m
     }
     if (trace) keep_rows(trace->x_final, x, R * H);
     norm_rows(w.final_norm, head_in, xn, rows);  // R >= rows: xn has room
-    if (logits) {
-      const Buffer& table = c.tied_embeddings ? w.embed : w.lm_head;
-      const void* xin = xn;
-      DType xt = DType::f32;
-      if (dtype_ == DType::bf16) {
-        f32_to_bf16(s.xb.get<__nv_bfloat16>(), xn, rows * H, st);
-        xin = s.xb.get<void>();
-        xt = DType::bf16;
-      }
-      matmul(*gemm_, logits, xin, xt, table.get<void>(), dtype_, int(rows), int(V), int(H), nullptr, 0.f, st);
-      if (flags_on && !w.flag_head.empty())
-        set_flag_logits(logits, int(V), xn, int(rows), int(H), w.flag_head.get(), w.flag_ids.get<int32_t>(),
-                        int(w.flag_tokens.size()), st);
-    }
+    if (logits) head_rows(xn, rows, logits, flags_on);
     if (tail) tail->enqueue(logits);
   };
   if (graphs_on_ && p.all_one && mode == LogitsMode::last && !trace && !progress && !p.delta) {
@@ -780,23 +786,12 @@ void DeviceModel::token_scores(const std::vector<DeviceItem>& items, const Flags
   float* d_logprob = logprob_next ? static_cast<float*>(s.logprob.ensure(size_t(R) * sizeof(float))) : nullptr;
   const long chunk = std::min(R, kScoreChunk);
   float* logits = static_cast<float*>(s.logits.ensure(size_t(chunk * V) * sizeof(float)));
-  const bool flags_on = adapter_enabled_ && !w.flag_tokens.empty() && !w.flag_head.empty();
-  const Buffer& table = config_.tied_embeddings ? w.embed : w.lm_head;
+  const bool flags_on = adapter_enabled_ && !w.flag_tokens.empty();
   // The LM head in chunks of rows: memory stays [chunk, vocab] however long the input.
   for (long r0 = 0; r0 < R; r0 += chunk) {
     if (cancel && cancel->load(std::memory_order_relaxed)) throw Cancelled();
     const long rows = std::min(chunk, R - r0);
-    const float* xn = hidden + r0 * H;
-    const void* xin = xn;
-    DType xt = DType::f32;
-    if (dtype_ == DType::bf16) {
-      f32_to_bf16(s.xb.get<__nv_bfloat16>(), xn, rows * H, st);
-      xin = s.xb.get<void>();
-      xt = DType::bf16;
-    }
-    matmul(*gemm_, logits, xin, xt, table.get<void>(), dtype_, int(rows), V, int(H), nullptr, 0.f, st);
-    if (flags_on)
-      set_flag_logits(logits, V, xn, int(rows), int(H), w.flag_head.get(), w.flag_ids.get<int32_t>(), int(w.flag_tokens.size()), st);
+    head_rows(hidden + r0 * H, rows, logits, flags_on);
     row_scores(logits, int(rows), V, d_flags, K, d_next + r0, d_p_rf + r0, d_p_flags ? d_p_flags + r0 * K : nullptr,
                d_logprob ? d_logprob + r0 : nullptr, st);
   }

@@ -159,6 +159,7 @@ class DeviceModel {
   void plan_forward(const std::vector<DeviceItem>& items);
   void layer_forward(int layer, float* x, DeviceLayerTrace* lt, const DeviceTrace* trace, bool append_kv);
   void norm_rows(const DNorm& norm, const float* in, float* out, long rows);
+  void head_rows(const float* xn, long rows, float* logits, bool flags);
   void linear_rows(const DLinear& lin, const float* in, long rows, float* y, bool accumulate, int layer, int index,
                    const DeviceTrace* trace, DeviceLayerTrace* lt, size_t* u_next);
   void keep_rows(Buffer& b, const float* src, long n);

@@ -26,6 +26,15 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
 // Two consecutive bf16 (4-byte aligned) as one register.
 __device__ __forceinline__ uint32_t load_bf16x2(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
+// The A fragment (16 rows x 16 k) made of two f32 accumulator tiles, c0 holding k 0..7 and c1
+// k 8..15, rounded to bf16: probabilities straight into the next product.
+__device__ __forceinline__ void a_from_accumulators(uint32_t (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
+  a[0] = pack_bf16x2(c0[0], c0[1]);
+  a[1] = pack_bf16x2(c0[2], c0[3]);
+  a[2] = pack_bf16x2(c1[0], c1[1]);
+  a[3] = pack_bf16x2(c1[2], c1[3]);
+}
+
 // d += A B for one warp (every lane calls it with its fragments; see the layout above).
 __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 #ifdef RF_CUDA_EMULATION
