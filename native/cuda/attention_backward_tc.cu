@@ -77,23 +77,6 @@ __device__ void stage(__nv_bfloat16* rowmajor, __nv_bfloat16* transposed, int n,
   }
 }
 
-// The A fragment of rows [row0, row0 + 16), k-step kk, from row-major bf16 shared memory.
-__device__ __forceinline__ void load_a(uint32_t (&a)[4], const __nv_bfloat16* m, int stride, int row0, int kk, int g, int t) {
-  const __nv_bfloat16* p = m + (row0 + g) * stride + kk * 16 + 2 * t;
-  a[0] = load_bf16x2(p);
-  a[1] = load_bf16x2(p + 8 * stride);
-  a[2] = load_bf16x2(p + 8);
-  a[3] = load_bf16x2(p + 8 * stride + 8);
-}
-
-// The B fragment of columns [n0, n0 + 8), k-step kk, from memory holding B^T row-major (row n,
-// k along the row): K for S = Q K^T, a transposed tile for products along keys or queries.
-__device__ __forceinline__ void load_b(uint32_t (&b)[2], const __nv_bfloat16* m, int stride, int n0, int kk, int g, int t) {
-  const __nv_bfloat16* p = m + (n0 + g) * stride + kk * 16 + 2 * t;
-  b[0] = load_bf16x2(p);
-  b[1] = load_bf16x2(p + 8);
-}
-
 // dkdv: dynamic shared memory bf16 K [kKeys][hd+kPad], V [kKeys][hd+kPad], Q [kQRows][hd+kPad],
 // Q^T [hd][kQRows+kPad], dO [kQRows][hd+kPad], dO^T [hd][kQRows+kPad], then f32 lse, D [kQRows].
 size_t dkdv_smem(int hd) {
@@ -204,15 +187,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int e2 = 0; e2 < 2; ++e2) {
     const int j = wj + g + 8 * e2;
     if (j >= end) continue;
-    float* krow = dqkv + long(j) * L.qkv + k_col;
-    float* vrow = dqkv + long(j) * L.qkv + v_col;
-#pragma unroll
-    for (int n = 0; n < kN; ++n) {
-      krow[8 * n + 2 * t] = dk[n][2 * e2] * scale;
-      krow[8 * n + 2 * t + 1] = dk[n][2 * e2 + 1] * scale;
-      vrow[8 * n + 2 * t] = dv[n][2 * e2];
-      vrow[8 * n + 2 * t + 1] = dv[n][2 * e2 + 1];
-    }
+    store_accumulator_row(dqkv + long(j) * L.qkv + k_col, dk, e2, scale, t);
+    store_accumulator_row(dqkv + long(j) * L.qkv + v_col, dv, e2, 1.f, t);
   }
 }
 
@@ -315,13 +291,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int e2 = 0; e2 < 2; ++e2) {
     const int i = wr + g + 8 * e2;
-    if (i >= end) continue;
-    float* qrow = dqkv + long(i) * L.qkv + q_col;
-#pragma unroll
-    for (int n = 0; n < kN; ++n) {
-      qrow[8 * n + 2 * t] = dq[n][2 * e2] * scale;
-      qrow[8 * n + 2 * t + 1] = dq[n][2 * e2 + 1] * scale;
-    }
+    if (i < end) store_accumulator_row(dqkv + long(i) * L.qkv + q_col, dq, e2, scale, t);
   }
 }
 

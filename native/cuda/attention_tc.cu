@@ -89,13 +89,7 @@ __global__ void __launch_bounds__(kThreads)
   const int wr = warp * 16;  // the warp's first row in the tile
   uint32_t qa[kK][4];
 #pragma unroll
-  for (int kk = 0; kk < kK; ++kk) {
-    const __nv_bfloat16* q0 = qs + (wr + g) * kQs + kk * 16 + 2 * t;
-    qa[kk][0] = load_bf16x2(q0);
-    qa[kk][1] = load_bf16x2(q0 + 8 * kQs);
-    qa[kk][2] = load_bf16x2(q0 + 8);
-    qa[kk][3] = load_bf16x2(q0 + 8 * kQs + 8);
-  }
+  for (int kk = 0; kk < kK; ++kk) load_a(qa[kk], qs, kQs, wr, kk, g, t);
   // This thread's two rows, g and g + 8 of the warp's 16: visible keys [lo, hi] (hi -1: none).
   int lo[2], hi[2];
 #pragma unroll
@@ -147,8 +141,8 @@ __global__ void __launch_bounds__(kThreads)
       sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < kK; ++kk) {
-        const __nv_bfloat16* k0 = ks + (8 * n + g) * kQs + kk * 16 + 2 * t;
-        const uint32_t b[2] = {load_bf16x2(k0), load_bf16x2(k0 + 8)};
+        uint32_t b[2];
+        load_b(b, ks, kQs, 8 * n, kk, g, t);
         mma_bf16_16816(sc[n], qa[kk], b);
       }
     }
@@ -187,8 +181,8 @@ __global__ void __launch_bounds__(kThreads)
       a_from_accumulators(pa, sc[2 * kst], sc[2 * kst + 1]);
 #pragma unroll
       for (int n = 0; n < kN; ++n) {
-        const __nv_bfloat16* v0 = vt + (8 * n + g) * kVs + kst * 16 + 2 * t;
-        const uint32_t b[2] = {load_bf16x2(v0), load_bf16x2(v0 + 8)};
+        uint32_t b[2];
+        load_b(b, vt, kVs, 8 * n, kst, g, t);
         mma_bf16_16816(o[n], pa, b);
       }
     }
@@ -201,12 +195,7 @@ __global__ void __launch_bounds__(kThreads)
     if (r >= rows) continue;
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
     if (lse && t == 0) lse[(long(row_offsets[s]) + r) * n_heads + h] = sum > 0.f ? m[i] + log2f(sum) : INFINITY;
-    float* orow = out + ((long(row_offsets[s]) + r) * n_heads + h) * kHd;
-#pragma unroll
-    for (int n = 0; n < kN; ++n) {
-      orow[8 * n + 2 * t] = o[n][2 * i] * inv;
-      orow[8 * n + 2 * t + 1] = o[n][2 * i + 1] * inv;
-    }
+    store_accumulator_row(out + ((long(row_offsets[s]) + r) * n_heads + h) * kHd, o, i, inv, t);
   }
 }
 

@@ -26,6 +26,33 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
 // Two consecutive bf16 (4-byte aligned) as one register.
 __device__ __forceinline__ uint32_t load_bf16x2(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
+// The A fragment of rows [row0, row0 + 16), k-step kk, from row-major bf16 memory (k along the row).
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const __nv_bfloat16* m, int stride, int row0, int kk, int g, int t) {
+  const __nv_bfloat16* p = m + (row0 + g) * stride + kk * 16 + 2 * t;
+  a[0] = load_bf16x2(p);
+  a[1] = load_bf16x2(p + 8 * stride);
+  a[2] = load_bf16x2(p + 8);
+  a[3] = load_bf16x2(p + 8 * stride + 8);
+}
+
+// The B fragment of columns [n0, n0 + 8), k-step kk, from memory holding B^T row-major (row n,
+// k along the row): K for S = Q K^T, a transposed tile for products along keys or queries.
+__device__ __forceinline__ void load_b(uint32_t (&b)[2], const __nv_bfloat16* m, int stride, int n0, int kk, int g, int t) {
+  const __nv_bfloat16* p = m + (n0 + g) * stride + kk * 16 + 2 * t;
+  b[0] = load_bf16x2(p);
+  b[1] = load_bf16x2(p + 8);
+}
+
+// Row g + 8 half of kN accumulator tiles (16 x 8 each, side by side) into dst[0 .. 8 kN), times scale.
+template <int kN>
+__device__ __forceinline__ void store_accumulator_row(float* dst, const float (&c)[kN][4], int half, float scale, int t) {
+#pragma unroll
+  for (int n = 0; n < kN; ++n) {
+    dst[8 * n + 2 * t] = c[n][2 * half] * scale;
+    dst[8 * n + 2 * t + 1] = c[n][2 * half + 1] * scale;
+  }
+}
+
 // The A fragment (16 rows x 16 k) made of two f32 accumulator tiles, c0 holding k 0..7 and c1
 // k 8..15, rounded to bf16: probabilities straight into the next product.
 __device__ __forceinline__ void a_from_accumulators(uint32_t (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
