@@ -19,7 +19,8 @@
 // MFU = those FLOPs / step time / the in-run bf16 throughput (recomputation's extra forward is
 // work done, not counted). Each model runs without and with activation recomputation. Memory: the peak of the device
 // memory redflag allocated (cuda/memory.h: weights, KV pool, trace, scratch, loss scratch,
-// cuBLASLt workspace), comparable with PyTorch's torch.cuda.max_memory_allocated().
+// cuBLASLt workspace), comparable with PyTorch's torch.cuda.max_memory_allocated(), and the part
+// of it the forward's trace holds (the activations kept for the backward).
 //
 // loss: the fused red-flag loss alone (cuda/rf_loss.h) at V = 128256, H = 2048 and 3072, N = 16384
 // scored rows (half benign KL, a quarter red flag in groups of 16, a quarter after-flag KL, Nr =
@@ -137,7 +138,7 @@ std::string bench_train_one(const std::string& name, rf::cuda::DeviceModel& m, i
   for (const auto& s : mix.ref) Rref += long(s.size());
   // The pool holds one batch's keys and values at a time (the trained forward's sequences go
   // before the reference forward's come): whole 16-token blocks per sequence.
-  const double kv_token = 2.0 * c.n_layers * c.n_kv_heads * c.head_dim * 4;
+  const double kv_token = double(m.kv_bytes_per_position());
   long blocks = 0;
   for (const auto& s : mix.trained) blocks += (long(s.size()) + 15) / 16;
   m.set_kv_pool_bytes(size_t(double(blocks) * 16 * kv_token) + (size_t(1) << 20));
@@ -172,14 +173,16 @@ std::string bench_train_one(const std::string& name, rf::cuda::DeviceModel& m, i
   const double flops = 4 * P * R + 6 * L * R + 2 * P * Rref + 3.5 * attention + attention_ref +
                        2 * H * V * (3.0 * mix.kl_rows + 2.0 * mix.rf_rows);
   const rf::cuda::MemoryStats mem = rf::cuda::memory_stats();
-  std::fprintf(stderr, "%s%s: %d x %d: %.3f s/step, %.0f tokens/s, MFU %.1f%%, peak %.1f GiB\n", name.c_str(),
-               recompute ? " (recompute)" : "", B, T, t, R / t, 100 * flops / t / peak_flops, double(mem.peak) / (1 << 30));
+  const double trace = double(trainer.trace_bytes());
+  std::fprintf(stderr, "%s%s: %d x %d: %.3f s/step, %.0f tokens/s, MFU %.1f%%, peak %.1f GiB (trace %.1f GiB)\n", name.c_str(),
+               recompute ? " (recompute)" : "", B, T, t, R / t, 100 * flops / t / peak_flops, double(mem.peak) / (1 << 30),
+               trace / (1 << 30));
   return "{\"model\": \"" + name + "\", \"recompute\": " + (recompute ? "true" : "false") + ", \"batch\": " + std::to_string(B) + ", \"tokens\": " + std::to_string(T) +
          ", \"trainedTokens\": " + std::to_string(R) + ", \"referenceTokens\": " + std::to_string(Rref) +
          ", \"klRows\": " + std::to_string(mix.kl_rows) + ", \"redFlagRows\": " + std::to_string(mix.rf_rows) +
          ", \"trainable\": " + num(L) + ", \"secondsPerStep\": " + num(t) + ", \"tokensPerSecond\": " + num(R / t) +
          ", \"modelTflops\": " + num(flops / t / 1e12) + ", \"mfu\": " + num(flops / t / peak_flops) +
-         ", \"peakDeviceBytes\": " + num(double(mem.peak)) + "}";
+         ", \"peakDeviceBytes\": " + num(double(mem.peak)) + ", \"traceBytes\": " + num(trace) + "}";
 }
 
 // GPT-2 124M shapes (the comparison with llm.c's CUDA trainer, train_gpt2cu: bench/peers/llmc.md).

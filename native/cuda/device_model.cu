@@ -383,6 +383,12 @@ void DeviceModel::keep_rows(Buffer& b, const float* src, long n) {
         "cudaMemcpyAsync (trace)");
 }
 
+void DeviceModel::keep_values(Buffer& b, const float* src, long n) {
+  if (dtype_ != DType::bf16) return keep_rows(b, src, n);
+  b.ensure(size_t(n) * sizeof(__nv_bfloat16));
+  f32_to_bf16(b.get<__nv_bfloat16>(), src, n, as_stream(stream_));
+}
+
 void DeviceModel::norm_rows(const DNorm& nm, const float* in, float* out, long rows) {
   const ModelConfig& c = config_;
   if (c.norm == NormType::rms) rmsnorm_rows(out, in, nm.w.get(), int(rows), c.hidden, c.norm_eps, as_stream(stream_));
@@ -460,20 +466,19 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
   float* mlp = static_cast<float*>(s.mlp.ensure(size_t(R * MLP_IN) * sizeof(float)));
   float* act = c.act == Activation::silu ? static_cast<float*>(s.act.ensure(size_t(R * I) * sizeof(float))) : mlp;
   if (dtype_ == DType::bf16) s.xb.ensure(size_t(R * std::max({H, Q, I})) * sizeof(__nv_bfloat16));
-  // What the trace keeps: every activation, or the block's input alone (recomputation).
+  // What the trace keeps (DeviceLayerTrace): the block's input, or with recomputation that alone.
   DeviceLayerTrace* keep = lt && !trace->inputs_only ? lt : nullptr;
   size_t u_next = 0;
   if (lt) keep_rows(lt->x_in, x, R * H);
 
   // Attention block: x += o(attn(rope(qkv(norm(x)))))
   norm_rows(L.attn_norm, x, xn, R);
-  if (keep) keep_rows(keep->xn1, xn, R * H);
   linear_rows(L.qkv, xn, R, qkv, false, l, 0, trace, keep, &u_next);
   if (c.rope) {
     rope_rows(qkv, QKV, int(R), c.n_heads, int(hd), p.cos, p.sin, st);
     rope_rows(qkv + Q, QKV, int(R), c.n_kv_heads, int(hd), p.cos, p.sin, st);
   }
-  if (keep) keep_rows(keep->qkv, qkv, R * QKV);
+  if (keep) keep_values(keep->qkv, qkv, R * QKV);
   if (append_kv)
     kv_append(pool_->k(l), pool_->v(l), pool_->bf16(), qkv, QKV, int(Q), int(Q + KV), p.row_seq, p.row_pos, p.tables,
               p.table_offsets, int(R), c.n_kv_heads, int(hd), kBlockTokens, st);
@@ -488,19 +493,27 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
                          keep ? static_cast<float*>(keep->lse.ensure(size_t(R * c.n_heads) * sizeof(float))) : nullptr);
   else
     prefill_attention(att, q, layer, batch, p.row_offsets, p.n_new, int(R), p.max_new, c.n_heads, scale, c.sliding_window, st);
-  if (keep) keep_rows(keep->att, att, R * Q);
+  if (keep) keep_values(keep->att, att, R * Q);
   linear_rows(L.o, att, R, x, true, l, 1, trace, keep, &u_next);
   if (keep) keep_rows(keep->x_mid, x, R * H);
 
   // MLP block: x += mlp_out(act(mlp_in(norm(x))))
   norm_rows(L.mlp_norm, x, xn, R);
-  if (keep) keep_rows(keep->xn2, xn, R * H);
   linear_rows(L.mlp_in, xn, R, mlp, false, l, 2, trace, keep, &u_next);
-  if (keep) keep_rows(keep->mlp, mlp, R * MLP_IN);
-  if (c.act == Activation::silu) swiglu_rows(act, mlp, int(R), int(I), st);
-  else gelu_new(mlp, R * I, st);
-  if (keep) keep_rows(keep->act, act, R * I);
+  if (keep) keep_values(keep->mlp, mlp, R * MLP_IN);
+  activation_rows(mlp, act, R);
   linear_rows(L.mlp_out, act, R, x, true, l, 3, trace, keep, &u_next);
+}
+
+// act [R, I] = the MLP's activation of mlp [R, MLP_IN]: silu(gate) * up of gate | up, or
+// gelu_new(mlp) (act may be mlp: in place).
+void DeviceModel::activation_rows(const float* mlp, float* act, long rows) {
+  const ModelConfig& c = config_;
+  const cudaStream_t st = as_stream(stream_);
+  if (c.act == Activation::silu) return swiglu_rows(act, mlp, int(rows), int(c.intermediate), st);
+  const long n = rows * c.intermediate;
+  if (act != mlp) check(cudaMemcpyAsync(act, mlp, size_t(n) * sizeof(float), cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync (mlp)");
+  gelu_new(act, n, st);
 }
 
 const float* DeviceModel::run(const std::vector<DeviceItem>& items, LogitsMode mode, const std::atomic<int>* cancel,

@@ -155,7 +155,7 @@ class DeviceModel {
   // scratch's plan, reserving the sequences' blocks first), one block on x [R, hidden] in place
   // (appending the rows' keys and values to the cache, or, append_kv false, reading the cache as
   // it is: a recomputation after the forward; traced into lt), a norm, a projection with its
-  // adapters, and a copy into a trace buffer.
+  // adapters, and a copy into a trace buffer (f32, or the engine's dtype).
   void plan_forward(const std::vector<DeviceItem>& items);
   void layer_forward(int layer, float* x, DeviceLayerTrace* lt, const DeviceTrace* trace, bool append_kv);
   void norm_rows(const DNorm& norm, const float* in, float* out, long rows);
@@ -163,6 +163,10 @@ class DeviceModel {
   void linear_rows(const DLinear& lin, const float* in, long rows, float* y, bool accumulate, int layer, int index,
                    const DeviceTrace* trace, DeviceLayerTrace* lt, size_t* u_next);
   void keep_rows(Buffer& b, const float* src, long n);
+  // Into a trace buffer in the engine's dtype (bf16 models: rounded to bf16).
+  void keep_values(Buffer& b, const float* src, long n);
+  // The MLP's activation: act [rows, I] from mlp [rows, MLP_IN] (act may be mlp for gelu_new).
+  void activation_rows(const float* mlp, float* act, long rows);
   // A block's projection by index (0 qkv, 1 o, 2 mlp_in, 3 mlp_out, as in model/layout.h).
   DLinear& linear(int layer, int index) const;
   // Whether prefill attention runs on the tensor cores: bf16 weights (their activations carry

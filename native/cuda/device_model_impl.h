@@ -126,14 +126,18 @@ struct DeviceScratch {
   ForwardPlan plan;
 };
 
-// What the backward needs of one block's forward (the CPU's LayerTrace, native/model/model.h):
-// x_in [R, H], xn1 [R, H], qkv [R, QKV] after rope, att [R, Q], x_mid [R, H], xn2 [R, H],
-// mlp [R, MLP_IN] before the activation, act [R, I] (the input of mlp_out), lse (see
-// DeviceModel::tc_attention), and per LoRA adapter
-// of the block in call order (qkv's, o's, mlp_in's, mlp_out's) u = dropout(x) A^T [R, rank].
+// What the backward keeps of one block's forward (the CPU's LayerTrace, native/model/model.h,
+// less what is cheap to recompute from it: the two norms' outputs and the activation; see
+// DeviceTrainer's backward): the residual stream before each half, x_in [R, H] and x_mid [R, H],
+// in f32; qkv [R, QKV] after rope, att [R, Q] and mlp [R, MLP_IN] before the activation, in the
+// engine's dtype (bf16 models: bf16, as autocast keeps them, so a token costs about 2H + 2QKV + 2Q
+// + 2 MLP_IN bytes besides the residuals, 58 KB per layer at Llama-3.2-1B's shape against 151 KB
+// for every activation in f32); lse (see DeviceModel::tc_attention), and per LoRA adapter of the
+// block in call order (qkv's, o's, mlp_in's, mlp_out's) u = dropout(x) A^T [R, rank], f32.
 struct DeviceLayerTrace {
-  Buffer x_in, xn1, qkv, att, x_mid, xn2, mlp, act;
-  Buffer lse;  // [R, n_heads] attention's log-sum-exp (base 2), when it ran on the tensor cores
+  Buffer x_in, x_mid;    // f32
+  Buffer qkv, att, mlp;  // the engine's dtype
+  Buffer lse;            // [R, n_heads] attention's log-sum-exp (base 2), when it ran on the tensor cores
 
   std::vector<Buffer> lora_u;
 };

@@ -100,6 +100,7 @@ struct DeviceTrainer::Impl {
   LossScratch loss_scratch;      // the losses' device scratch, kept from step to step
   DeviceLayerTrace recomputed;  // one block's activations, recomputed in the backward
   Buffer x_recompute;
+  Buffer xn, act, wide_a, wide_b;  // the backward's recomputed and widened activations of one block
   Buffer h, h_ref, dH, dx, dtmp, dact, dmlp, dxn, datt, dqkv, xa, dys, du, tmp_in, xb, xw, rows_h, rows_href, dh_rows, dw_scratch;
   Buffer norm_scratch, attn_scratch, idx_a, idx_b, sc_rows, sc_first, sc_index;
 
@@ -245,6 +246,16 @@ std::vector<Param*> DeviceTrainer::params() {
   std::vector<Param*> out;
   for (auto& p : impl_->host) out.push_back(p.get());
   return out;
+}
+
+size_t DeviceTrainer::trace_bytes() const {
+  const DeviceTrace& t = impl_->trace;
+  size_t n = t.x_final.bytes();
+  for (const DeviceLayerTrace& lt : t.layers) {
+    for (const Buffer* b : {&lt.x_in, &lt.x_mid, &lt.qkv, &lt.att, &lt.mlp, &lt.lse}) n += b->bytes();
+    for (const Buffer& u : lt.lora_u) n += u.bytes();
+  }
+  return n;
 }
 
 long DeviceTrainer::trainable_count() const { return impl_->total; }
@@ -536,14 +547,27 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     }
   };
 
-  DeviceTrace recompute_trace;  // the same dropout masks, every activation kept
+  // The trace's values in f32: the kept buffer itself (f32 models), or widened from bf16 into
+  // scratch. The MLP half's mlp and the attention half's qkv share one buffer (never both live).
+  auto widen = [&](Buffer& scratch, const Buffer& kept, long n) -> const float* {
+    if (!bf16) return kept.get();
+    float* out = floats(scratch, n);
+    widen_bf16(out, kept.get<uint16_t>(), n, st);
+    return out;
+  };
+  // What the trace leaves out, recomputed by the forward's kernels from the forward's inputs (so
+  // the same bits as the forward's): a norm's output, the MLP's activation.
+  float* xn = floats(s.xn, R * H);
+  float* act = floats(s.act, R * I);
+
+  DeviceTrace recompute_trace;  // the same dropout masks
   recompute_trace.dropout = s.trace.dropout;
   recompute_trace.dropout_seed = s.trace.dropout_seed;
   for (int l = c.n_layers - 1; l >= 0; --l) {
     cancelled();
     if (options_.recompute) {
       // The block again from its input, on the cache the forward filled: the same kernels on the
-      // same inputs, so the same bits as the activations the forward would have kept.
+      // same inputs, so the same bits as the trace the forward would have kept.
       float* xr = floats(s.x_recompute, R * H);
       check(cudaMemcpyAsync(xr, s.trace.layers[size_t(l)].x_in.get(), size_t(R * H) * sizeof(float), cudaMemcpyDeviceToDevice, st),
             "cudaMemcpyAsync (recompute)");
@@ -551,24 +575,30 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     }
     const DeviceLayerTrace& lt = options_.recompute ? s.recomputed : s.trace.layers[size_t(l)];
     const DLayer& L = w.layers[size_t(l)];
-    // MLP: x_out = x_mid + mlp_out(act(mlp_in(norm(x_mid))))
-    linear_backward(l, 3, lt.act.get(), I, dx, H, dact, lt);
-    if (c.act == Activation::silu) swiglu_backward_rows(dmlp, dact, lt.mlp.get(), int(R), int(I), st);
-    else gelu_new_backward(dmlp, dact, lt.mlp.get(), R * I, st);
-    linear_backward(l, 2, lt.xn2.get(), H, dmlp, MLP_IN, dxn, lt);
     const Impl::FullLayer* fl = full ? &s.full[size_t(l)] : nullptr;
+    // MLP: x_out = x_mid + mlp_out(act(mlp_in(norm(x_mid))))
+    const float* mlp = widen(s.wide_a, lt.mlp, R * MLP_IN);
+    m.activation_rows(mlp, act, R);
+    linear_backward(l, 3, act, I, dx, H, dact, lt);
+    if (c.act == Activation::silu) swiglu_backward_rows(dmlp, dact, mlp, int(R), int(I), st);
+    else gelu_new_backward(dmlp, dact, mlp, R * I, st);
+    m.norm_rows(L.mlp_norm, lt.x_mid.get(), xn, R);
+    linear_backward(l, 2, xn, H, dmlp, MLP_IN, dxn, lt);
     norm_backward(L.mlp_norm, fl ? fl->norm_w[1] : -1, fl ? fl->norm_b[1] : -1, lt.x_mid.get(), dxn, dx, true);
     // Attention: x_mid = x_in + o(attn(rope(qkv(norm(x_in)))))
-    linear_backward(l, 1, lt.att.get(), Q, dx, H, datt, lt);
+    const float* att = widen(s.wide_b, lt.att, R * Q);
+    linear_backward(l, 1, att, Q, dx, H, datt, lt);
+    const float* qkv = widen(s.wide_a, lt.qkv, R * QKV);
     if (tc)
-      attention_backward_tc(dqkv, datt, lt.qkv.get(), lt.att.get(), lt.lse.get(), arows, plan.max_new, scale, attn_scratch, st);
+      attention_backward_tc(dqkv, datt, qkv, att, lt.lse.get(), arows, plan.max_new, scale, attn_scratch, st);
     else
-      attention_backward(dqkv, datt, lt.qkv.get(), arows, scale, attn_scratch, st);
+      attention_backward(dqkv, datt, qkv, arows, scale, attn_scratch, st);
     if (c.rope) {
       rope_backward_rows(dqkv, QKV, int(R), c.n_heads, int(hd), d_cos, d_sin, st);
       rope_backward_rows(dqkv + Q, QKV, int(R), c.n_kv_heads, int(hd), d_cos, d_sin, st);
     }
-    linear_backward(l, 0, lt.xn1.get(), H, dqkv, QKV, dxn, lt);
+    m.norm_rows(L.attn_norm, lt.x_in.get(), xn, R);
+    linear_backward(l, 0, xn, H, dqkv, QKV, dxn, lt);
     norm_backward(L.attn_norm, fl ? fl->norm_w[0] : -1, fl ? fl->norm_b[0] : -1, lt.x_in.get(), dxn, dx, true);
   }
 

@@ -60,6 +60,9 @@ class DeviceTrainer {
   long step_count() const { return adam_step_; }
   void set_step_count(long n) { adam_step_ = n; }
   long trainable_count() const;
+  // Bytes of device memory the forward's trace holds: what the last step kept for its backward
+  // (DeviceLayerTrace per layer, the final norm's input), the largest batch's so far.
+  size_t trace_bytes() const;
 
   // Data-parallel training (cuda/collective.h): from now on optimizer_step first sums the
   // gradients over the group's processes (each then scales its share of the step's micro-batches

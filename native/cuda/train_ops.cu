@@ -41,6 +41,11 @@ __global__ void dropout_kernel(float* out, const float* x, int cols, long n, uin
   }
 }
 
+__global__ void widen_bf16_kernel(float* out, const uint16_t* in, long n) {
+  for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x)
+    out[i] = __uint_as_float(uint32_t(in[i]) << 16);
+}
+
 __global__ void scale_copy_kernel(float* y, const float* x, float a, long n) {
   for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) y[i] = a * x[i];
 }
@@ -98,6 +103,12 @@ void dropout_add(float* y, const float* x, int rows, int cols, uint64_t seed, in
   if (n == 0) return;
   dropout_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(y, x, cols, n, seed, layer, adapter, p, true);
   check_launch("dropout_add");
+}
+
+void widen_bf16(float* out, const uint16_t* in, long n, cudaStream_t stream) {
+  if (n == 0) return;
+  widen_bf16_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(out, in, n);
+  check_launch("widen_bf16");
 }
 
 void scale_copy(float* y, const float* x, float a, long n, cudaStream_t stream) {

@@ -2,7 +2,7 @@
 // loops between its products (native/model/train.cpp): LoRA dropout on an adapter's input and
 // its backward, the scaled copy that refreshes the forward's premultiplied LoRA B, the
 // scatter-add of loss rows' gradients into the batch's rows, and the gradient of the trained
-// flag-token embedding rows. Sums run in a fixed order (no atomics): a step gives the same bits
+// flag-token embedding rows, and the widening of the trace's bf16 activations. Sums run in a fixed order (no atomics): a step gives the same bits
 // every run. Tested against host loops in native/tests/cuda_train_ops.cpp. Pointers are device
 // memory; one stream.
 #pragma once
@@ -20,6 +20,9 @@ void dropout_rows(float* out, const float* x, int rows, int cols, uint64_t seed,
 // Its backward into an accumulated gradient: y [rows, cols] += the same mask applied to x.
 void dropout_add(float* y, const float* x, int rows, int cols, uint64_t seed, int layer, int adapter, float p,
                  cudaStream_t stream);
+
+// out [n] = the bf16 values in [n] (bit patterns) as f32: exact, the CPU's rf::bf16_to_f32.
+void widen_bf16(float* out, const uint16_t* in, long n, cudaStream_t stream);
 
 // y [n] = a x [n].
 void scale_copy(float* y, const float* x, float a, long n, cudaStream_t stream);

@@ -351,6 +351,26 @@ void check_recompute(const std::string& name, const rf::ModelConfig& c, rf::DTyp
   for (size_t i = 0; i < from.size(); ++i) same &= same_bits(from[i]->grad, to[i]->grad);
   for (size_t i = 0; i < ea.size(); ++i) same &= same_bits(ea[i], er[i]);
   check(same, name + ": activation recomputation gives the same bits (loss, gradients, dL/d(embeddings))");
+
+  // What the traces hold (DeviceLayerTrace): per row and layer the two residuals in f32; qkv,
+  // attention's output and the MLP's input in the engine's dtype; the lse of tensor-core attention;
+  // u = x A^T of every adapter in f32. Nothing else (the norms' outputs and the activation are
+  // recomputed), and with recomputation each block's input alone. Plus the final norm's input.
+  long R = 0;
+  for (const auto& t : b.trained) R += long(t.size());
+  long ranks = 0;  // the adapters' ranks, over all layers
+  for (const rf::Param* p : to)
+    if (p->name.find("lora_A") != std::string::npos) ranks += p->shape[0];
+  const long e = dtype == rf::DType::bf16 ? 2 : 4;
+  const bool tc = dtype == rf::DType::bf16;  // small_llama's head_dim is a tensor-core one
+  const long per_layer = 8 * H + e * (c.qkv_dim() + c.q_dim() + (c.act == rf::Activation::silu ? 2 : 1) * c.intermediate) +
+                         (tc ? 4 * c.n_heads : 0);
+  const size_t want_full = size_t(R * (c.n_layers * per_layer + 4 * ranks + 4 * H));
+  const size_t want_recompute = size_t(R * (c.n_layers + 1) * 4 * H);
+  check(a.gt->trace_bytes() == want_full, name + ": the trace holds " + std::to_string(a.gt->trace_bytes()) + " bytes (want " +
+                                              std::to_string(want_full) + ")");
+  check(gr.trace_bytes() == want_recompute, name + ": with recomputation the trace holds " + std::to_string(gr.trace_bytes()) +
+                                               " bytes (want " + std::to_string(want_recompute) + ")");
 }
 
 void check_refusals(const rf::ModelConfig& c) {

@@ -6,6 +6,8 @@
 //   - dropout_rows / dropout_add: the mask must be rf::dropout_keep's (model/model.cpp), element
 //     for element (the backward regenerates it), and x * (1 / (1 - p)) is one f32 product;
 //   - scale_copy, add_vectors: one f32 operation per element;
+//   - widen_bf16: every one of the 65536 bit patterns (NaNs, infinities, subnormals), as the
+//     CPU's rf::bf16_to_f32;
 //   - add_rows_grouped: each destination row's sources added in list order; rows not named keep
 //     their bits;
 //   - token_rows_grad: each flag's rows added in row order;
@@ -22,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "core/dtype.h"
 #include "cuda/cuda.h"
 #include "cuda/train_ops.h"
 #include "model/model.h"
@@ -137,6 +140,20 @@ void test_elementwise() {
   }
 }
 
+void test_widen_bf16() {
+  std::vector<uint16_t> bits(65536 + 3);  // every pattern, and a tail past a block
+  for (size_t i = 0; i < bits.size(); ++i) bits[i] = uint16_t(i * 40503u);  // odd multiplier: a permutation, then wraps
+  std::vector<float> want(bits.size());
+  for (size_t i = 0; i < bits.size(); ++i) want[i] = rf::bf16_to_f32(bits[i]);
+  uint16_t* din = nullptr;
+  cudaMalloc(&din, bits.size() * 2);
+  cudaMemcpy(din, bits.data(), bits.size() * 2, cudaMemcpyHostToDevice);
+  DevFloats out(std::vector<float>(bits.size(), 0.f));
+  rf::cuda::widen_bf16(out.p, din, long(bits.size()), nullptr);
+  expect_bits(out.back(), want, "widen_bf16 of every bf16 bit pattern");
+  cudaFree(din);
+}
+
 void test_add_rows_grouped() {
   for (int width : {1, 77, 2048}) {
     const int n_src = 50, n_dst_total = 40;
@@ -213,6 +230,7 @@ int main() {
   }
   test_dropout();
   test_elementwise();
+  test_widen_bf16();
   test_add_rows_grouped();
   test_token_rows_grad();
   test_column_sums();
