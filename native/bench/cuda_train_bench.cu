@@ -8,8 +8,7 @@
 // harmful, with <rf> inserted at T/2, four windows of four red-flag positions before it and the
 // after-flag KL on every position after it; the reference batch (the same conversations, the
 // harmful ones without <rf>) runs forward with the adapter off in the same step. Timed: step +
-// optimizer step, median of the timed steps after one warm-up. Model FLOPs counted (not the work
-// done: the loss's recomputed red-flag logits are not counted):
+// optimizer step, median of the timed steps after one warm-up. Model FLOPs counted:
 //   trained forward 2 P R, its input gradients through the frozen weights 2 P R, LoRA 6 L R
 //   (forward, dA, dB, and its input gradient), reference forward 2 P Rref, attention
 //   2 T^2 hd heads layers per sequence forward (causal half of QK^T and PV), 2.5x that backward,

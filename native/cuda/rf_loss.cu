@@ -51,6 +51,8 @@ __device__ double block_sum(double v, double* scratch) {
   return r;
 }
 
+__device__ double softplus(double x) { return fmax(x, 0.0) + log1p(exp(-fabs(x))); }
+
 // What pass 1 needs per row of the chunk.
 struct RowIn {
   int kind;     // RfLossKind
@@ -63,7 +65,7 @@ struct RowOut {
 
 // grid: rows of the chunk. zt [rows, V] trained logits (flags replaced), zr [rows, V] reference
 // logits (KL rows only). Writes RowOut, and dz over zt in place: w (p_theta - p_ref) for KL rows,
-// 0 for red-flag rows (pass 2 fills them).
+// the unit p - onehot(target) for red-flag rows (their coefficient k comes from the groups).
 __global__ void pass1_kernel(float* zt, const float* zr, int V, const RowIn* in, RowOut* out) {
   __shared__ float fscratch[32];
   __shared__ double dscratch[32];
@@ -84,14 +86,25 @@ __global__ void pass1_kernel(float* zt, const float* zr, int V, const RowIn* in,
   }
   s = block_sum(s, dscratch);
   s_rest = block_sum(s_rest, dscratch);
-  const double lse = double(m) + log(s);
-  RowOut o{lse, 0, 0, 0};
+  RowOut o{double(m) + log(s), 0, 0, 0};
   if (!kl) {
-    // log p and log(1 - p) of the target without subtracting probabilities.
-    o.log_p = double(z_target) - lse;
-    o.log_1mp = s_rest > 0 ? double(m) + log(s_rest) - lse : -INFINITY;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) z[v] = 0.f;
+    // log p and log(1 - p) of the target from its log-odds d against the rest of the mass, as the
+    // CPU's row_stats: no subtraction of probabilities, and no log(s_rest) - log(s), which
+    // rounds log(1 - p) to 0 once p < 1e-16 (the any-aggregation's 1 - q would then be 0).
+    if (s_rest > 0) {
+      const double d = double(z_target) - (double(m) + log(s_rest));
+      o.lse = double(m) + log(s_rest) + softplus(d);
+      o.log_p = -softplus(-d);
+      o.log_1mp = -softplus(d);
+    } else {
+      o.lse = z_target, o.log_p = 0, o.log_1mp = -INFINITY;
+    }
+    const double lse = o.lse;
+    // The unit dz = p - onehot(target) (the target's entry -(1 - p) without a subtraction).
+    for (int v = threadIdx.x; v < V; v += blockDim.x)
+      z[v] = v == row.target ? float(-exp(o.log_1mp)) : float(exp(double(z[v]) - lse));
   } else {
+    const double lse = o.lse;
     const float* q = zr + r * V;
     float mr = -FLT_MAX;
     for (int v = threadIdx.x; v < V; v += blockDim.x) mr = fmaxf(mr, q[v]);
@@ -111,23 +124,6 @@ __global__ void pass1_kernel(float* zt, const float* zr, int V, const RowIn* in,
     o.kl = block_sum(klv, dscratch);
   }
   if (threadIdx.x == 0) out[r] = o;
-}
-
-// What pass 2 needs per red-flag row: its target, log-sum-exp, log(1 - p) and the log of its
-// coefficient k (dL/dz_v = k (p_v - delta_{v, target})).
-struct RfIn {
-  int target;
-  double lse, log_1mp, log_k;
-};
-
-// grid: red-flag rows of the chunk; z [rows, V] their trained logits, overwritten with dz.
-__global__ void pass2_kernel(float* zt, int V, const RfIn* in) {
-  const long r = blockIdx.x;
-  float* z = zt + r * V;
-  const RfIn row = in[r];
-  for (int v = threadIdx.x; v < V; v += blockDim.x)
-    z[v] = v == row.target ? float(-exp(row.log_k + row.log_1mp))  // k (p_t - 1), without 1 - p
-                           : float(exp(row.log_k + double(z[v]) - row.lse));
 }
 
 // dh [rows, H] += sum_k dz[r, f_k] (w_rf[k] - W[f_k]): the flag columns went back through W's
@@ -154,6 +150,30 @@ __global__ void dw_rf_kernel(float* dw_rf, int H, const float* dz, int V, const 
   if (i >= H) return;
   double acc = 0;
   for (int r = 0; r < n; ++r) acc += double(dz[long(r) * V + flags[k]]) * double(h[long(rows[r]) * H + i]);
+  dw_rf[long(k) * H + i] += float(acc);
+}
+
+// vals [rows, K] = dz[r, f_k]: the flag columns of the red-flag rows' unit dz, for their dw_rf.
+__global__ void flag_values_kernel(float* vals, const float* dz, int V, const int* flags, int K) {
+  const long r = blockIdx.x;
+  for (int k = threadIdx.x; k < K; k += blockDim.x) vals[r * K + k] = dz[r * V + flags[k]];
+}
+
+// The red-flag rows' coefficients applied to their dh: dh[rows[j]] *= coef[j]. grid: rows.
+__global__ void scale_rows_kernel(float* dh, int H, const double* coef, const int* rows) {
+  const long j = blockIdx.x;
+  float* d = dh + long(rows[j]) * H;
+  for (int i = threadIdx.x; i < H; i += blockDim.x) d[i] = float(coef[j] * double(d[i]));
+}
+
+// ... and to their dw_rf: dw_rf [K, H] += sum_j coef[j] vals[j, k] h[rows[j]] over the rows in
+// order (deterministic). grid: (K, ceil(H / threads)).
+__global__ void dw_rf_coef_kernel(float* dw_rf, int H, const float* vals, int K, const double* coef, const float* h,
+                                  const int* rows, int n) {
+  const int k = blockIdx.x, i = blockIdx.y * blockDim.x + threadIdx.x;
+  if (i >= H) return;
+  double acc = 0;
+  for (int j = 0; j < n; ++j) acc += coef[j] * double(vals[long(j) * K + k]) * double(h[long(rows[j]) * H + i]);
   dw_rf[long(k) * H + i] += float(acc);
 }
 
@@ -249,8 +269,11 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
   int* d_flags = sc.get<int>(size_t(K));
   RowIn* d_in = sc.get<RowIn>(size_t(C));
   RowOut* d_out = sc.get<RowOut>(size_t(C));
-  RfIn* d_rf = sc.get<RfIn>(size_t(C));
-  res.scratch_bytes = size_t(C) * V * (8 + (bf16 ? 2 : 0)) + size_t(C) * H * 12;
+  const size_t n_rf = size_t(N) - size_t(res.n_benign_rows) - size_t(res.n_after_rows);
+  float* d_vals = sc.get<float>(n_rf * size_t(K));    // the red-flag rows' unit dz at the flags
+  double* d_coef = sc.get<double>(n_rf);              // and their coefficients k
+  int32_t* d_rf_rows = sc.get<int32_t>(n_rf);
+  res.scratch_bytes = size_t(C) * V * (8 + (bf16 ? 2 : 0)) + size_t(C) * H * 12 + n_rf * (size_t(K) * 4 + 12);
   upload(d_flags, flags, stream);
 
   // logits [n, V] of rows x [n, H] through W (flag columns replaced by w_rf when `trained`).
@@ -263,8 +286,8 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
     matmul(gemm, z, xin, w_type, W, w_type, n, V, H, nullptr, 0.f, stream);
     if (trained) set_flag_logits(z, V, x, n, H, w_rf, d_flags, K, stream);
   };
-  // out [n, H] = dz [n, V] W* (W with the flag rows replaced by w_rf), and dw_rf += dz^T h.
-  auto back = [&](float* out, const float* dz, int n, const float* hrows_base, const std::vector<int32_t>& hrows) {
+  // out [n, H] = dz [n, V] W* (W with the flag rows replaced by w_rf).
+  auto back = [&](float* out, const float* dz, int n) {
     const void* zin = dz;
     if (bf16) {
       f32_to_bf16(xb, dz, long(n) * V, stream);
@@ -272,14 +295,13 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
     }
     matmul_nn(gemm, out, zin, w_type, W, w_type, n, H, V, 0.f, stream);
     flag_correction_kernel<<<n, 256, 0, stream>>>(out, H, dz, V, d_flags, K, w_rf, W, bf16);
-    upload(idx, hrows, stream);
-    dw_rf_kernel<<<dim3(K, (H + 255) / 256), 256, 0, stream>>>(dw_rf, H, dz, V, d_flags, hrows_base, idx, n);
     check(cudaGetLastError(), "rf_loss kernels (back)");
   };
 
-  // ---- pass 1: the KL rows (logits of both models, dz, dh), then the red-flag rows (logits and
-  //      the row scalars only: their dz needs the groups; pass 2 makes it and their dh). Each
-  //      chunk's rows are gathered, and the KL rows' dh scattered back.
+  // ---- one pass over the rows, in chunks of the KL rows, then of the red-flag rows: each
+  //      chunk's rows gathered, their logits, the row scalars, dz and dh (scattered back) and,
+  //      for KL rows, dw_rf. A red-flag row's dz is k (p - onehot(flag)) with k from its group, so
+  //      its dh and flag columns are made for k = 1 here and scaled once the groups are known.
   std::vector<int32_t> order;  // KL rows, then red-flag rows
   for (int i = 0; i < N; ++i)
     if (rows[i].kind != RfLossKind::red_flag) order.push_back(i);
@@ -311,12 +333,12 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
     upload(d_in, in, stream);
     pass1_kernel<<<n, kThreads, 0, stream>>>(zt, zr, V, d_in, d_out);
     check(cudaGetLastError(), "rf_loss pass 1");
-    if (kl) {
-      back(dhc, zt, n, h, ids);
-      upload(idx, ids, stream);
-      scatter_rows_kernel<<<n, 256, 0, stream>>>(dh, dhc, idx, H);
-      check(cudaGetLastError(), "rf_loss scatter");
-    }
+    back(dhc, zt, n);
+    upload(idx, ids, stream);
+    if (kl) dw_rf_kernel<<<dim3(K, (H + 255) / 256), 256, 0, stream>>>(dw_rf, H, zt, V, d_flags, h, idx, n);
+    else if (K > 0) flag_values_kernel<<<n, 32, 0, stream>>>(d_vals + (j0 - n_kl) * size_t(K), zt, V, d_flags, K);
+    scatter_rows_kernel<<<n, 256, 0, stream>>>(dh, dhc, idx, H);
+    check(cudaGetLastError(), "rf_loss scatter");
     check(cudaMemcpyAsync(outs_in_order.data() + j0, d_out, size_t(n) * sizeof(RowOut), cudaMemcpyDeviceToHost, stream),
           "cudaMemcpyAsync");
   }
@@ -351,30 +373,25 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
   res.red_flag = res.n_groups ? sum_rf / res.n_groups : 0.0;
   res.total = opt.alpha_benign * res.benign + opt.alpha_rf * res.red_flag + opt.alpha_after * res.after;
 
-  // ---- pass 2: the red-flag rows, compacted
-  for (size_t j0 = 0; j0 < rf_rows.size(); j0 += size_t(C)) {
-    const int n = int(std::min(rf_rows.size() - j0, size_t(C)));
-    const std::vector<int32_t> ids(rf_rows.begin() + long(j0), rf_rows.begin() + long(j0) + n);
-    std::vector<RfIn> in(static_cast<size_t>(n));
-    for (int j = 0; j < n; ++j) {
-      const int i = ids[size_t(j)];
+  // ---- the red-flag rows' coefficients: dL/dz_v = k (p_v - delta); any: q/(1-q) p/(1-p);
+  //      mean: 1/n_g; single: 1 (times w_group). Their dh and flag columns were made for k = 1.
+  if (!rf_rows.empty()) {
+    std::vector<double> coef(rf_rows.size());
+    for (size_t j = 0; j < rf_rows.size(); ++j) {
+      const int i = rf_rows[j];
       const RowOut& o = outs[size_t(i)];
       const int g = row_group[size_t(i)];
-      // dL/dz_v = k (p_v - delta): any: q/(1-q) p/(1-p); mean: 1/n_g; single: 1 (times w_group).
       const double log_k = opt.aggregation == RfAggregation::any ? log_q[size_t(g)] - o.log_1mp + o.log_p - log_1mq[size_t(g)]
                                                                  : -std::log(opt.aggregation == RfAggregation::mean ? double(group_size[size_t(g)]) : 1.0);
-      in[size_t(j)] = {flags[size_t(rows[i].flag)], o.lse, o.log_1mp, std::log(w_group) + log_k};
+      // p = 1 to double precision (log(1 - p) = -inf): the unit dz is 0, and so is the gradient.
+      coef[j] = o.log_1mp == -INFINITY ? 0.0 : std::exp(std::log(w_group) + log_k);
     }
-    upload(idx, ids, stream);
-    gather_rows(hc, h, idx, n, H, stream);
-    logits(zt, hc, n, true);
-    upload(d_rf, in, stream);
-    pass2_kernel<<<n, kThreads, 0, stream>>>(zt, V, d_rf);
-    check(cudaGetLastError(), "rf_loss pass 2");
-    back(dhc, zt, n, h, ids);
-    upload(idx, ids, stream);
-    scatter_rows_kernel<<<n, 256, 0, stream>>>(dh, dhc, idx, H);
-    check(cudaGetLastError(), "rf_loss scatter");
+    upload(d_coef, coef, stream);
+    upload(d_rf_rows, rf_rows, stream);
+    scale_rows_kernel<<<int(rf_rows.size()), 256, 0, stream>>>(dh, H, d_coef, d_rf_rows);
+    if (K > 0)
+      dw_rf_coef_kernel<<<dim3(K, (H + 255) / 256), 256, 0, stream>>>(dw_rf, H, d_vals, K, d_coef, h, d_rf_rows, int(rf_rows.size()));
+    check(cudaGetLastError(), "rf_loss coefficients");
   }
   check(cudaStreamSynchronize(stream), "rf_loss");
   return res;

@@ -1,28 +1,29 @@
 // The fused red-flag loss on the device: the same terms, rows, options and results as the CPU's
 // rf::rf_loss (native/kernels/rf_loss.h, which documents the loss), with the gradients dL/dh and
 // dL/dw_rf, never holding [N x V] logits: the rows go through the LM head in chunks of `chunk`
-// rows (options.chunk; 0: 128), each chunk's trained and reference logits [chunk x V] computed
-// with cuBLASLt, reduced by one block per row (log-sum-exp, KL, log p and log(1 - p) of the
-// target flag, all summed in double), turned into dL/dz in place, and sent back through the head
-// (dh = dz W*, W with the flag rows replaced by w_rf) with a second product.
-//
-//   pass 1 (every row; KL rows and red-flag rows in chunks of their own): logits, the row
-//           scalars, and for KL rows dz = w (p_theta - p_ref) and dh (red-flag rows skip the
-//           product back: their dz needs the groups);
-//   host:               the groups' noisy-OR / mean / single coefficients from log p, log(1 - p)
-//                       in log space, as the CPU does;
-//   pass 2 (red-flag rows only): their logits again, dz = k (p - onehot(flag)), and dh.
+// rows (options.chunk; 0: 128), KL rows and red-flag rows in chunks of their own, each chunk's
+// trained and reference logits [chunk x V] computed with cuBLASLt, reduced by one block per row
+// (log-sum-exp, KL, log p and log(1 - p) of the target flag from its log-odds, all summed in
+// double), turned into dL/dz in place, and sent back through the head (dh = dz W*, W with the
+// flag rows replaced by w_rf) with a second product. A KL row's dz = w (p_theta - p_ref) is
+// complete there. A red-flag row's dz = k (p - onehot(flag)) needs its group's coefficient k (the
+// noisy-OR / mean / single aggregation over rows that may lie in other chunks), so its chunk
+// makes dz, dh and the flag columns for k = 1; once every row's log p and log(1 - p) are known,
+// the host forms the coefficients in log space, as the CPU does, and one kernel scales those dh
+// rows and adds their dw_rf.
 // dw_rf[k] += sum_r dz[r, f_k] h[r] is summed row by row in a fixed order (no atomics), so a
 // call gives the same bits every time.
 //
-// Products: logits of the N trained and Nr reference rows, dh of the N rows, and the red-flag rows'
-// logits a second time: 2N + Nr + N_rf row products against the exact computation's 2N + Nr.
-// Peak scratch: 2 x chunk x V f32 logits (+ chunk x V bf16 for bf16 W) + 3 x chunk x H: with V =
-// 128256 and chunk 128, 197 MiB, against the naive 2 x N x V f32 logits and their gradient.
+// Products: logits of the N trained and Nr reference rows and dh of the N rows: 2N + Nr row
+// products, the exact computation's.
+// Peak scratch: 2 x chunk x V f32 logits (+ chunk x V bf16 for bf16 W) + 3 x chunk x H, plus K + 3
+// words per red-flag row: with V = 128256 and chunk 128, 197 MiB, against the naive 2 x N x V f32
+// logits and their gradient.
 //
 // Numerics differ from the CPU's in summation order only: logits through cuBLASLt (bf16 W:
 // h rounded to bf16, f32 sums), flag logits as f32 dot products of the unrounded rows, dz rounded
-// to bf16 for the product back through a bf16 W (the CPU's AVX-512 path rounds p the same way).
+// to bf16 for the product back through a bf16 W (the CPU's AVX-512 path rounds p the same way; a
+// red-flag row's is rounded at k = 1 and the product scaled by k, the same relative rounding).
 #pragma once
 #include <cuda_runtime.h>
 

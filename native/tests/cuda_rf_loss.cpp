@@ -5,7 +5,7 @@
 // Cases: one flag and three, aggregations any / mean / single, KL rows sharing reference rows,
 // groups split across chunks (chunk 8 with 41 rows), vocabulary 1001 (odd) and 128256 (Llama-3's;
 // the test the issue asks for: the fused loss at full vocabulary against a reference), f32 and
-// bf16 W.
+// bf16 W, and flags so unlikely (p ~ 1e-30) that log(1 - p) must be formed from the log-odds.
 // Tolerances. f32 W: both sides sum f32 products in different orders with float64 per-row
 // scalars: loss terms within 1e-5 relative (+1e-7 absolute), dh and dw_rf within 1e-4 relative
 // L2. bf16 W on an AVX-512 host: both round h to bf16 for the streamed logits; the device rounds
@@ -57,7 +57,10 @@ std::vector<T> to_host(const T* d, size_t n) {
 
 bool close(double got, double want, double rel) { return std::fabs(got - want) <= rel * std::fabs(want) + 1e-7; }
 
-void run_case(int V, int H, int K, rf::RfAggregation agg, rf::DType dtype, int chunk) {
+// tiny_p: every flag logit near -60 (h's first column 1, w_rf's -60), so p(flag) ~ 1e-30: the
+// red-flag term's log(1 - p) must come from the log-odds (log(s_rest) - log(s) rounds it to 0,
+// and the any-aggregation's loss -log(1 - prod(1 - p)) to infinity).
+void run_case(int V, int H, int K, rf::RfAggregation agg, rf::DType dtype, int chunk, bool tiny_p = false) {
   // 41 trained rows: benign KL, after KL, and red-flag groups of 1 to 4 rows (single: 1).
   const int Nr = 9;
   std::vector<rf::RfLossRow> rows;
@@ -74,9 +77,14 @@ void run_case(int V, int H, int K, rf::RfAggregation agg, rf::DType dtype, int c
     }
   }
   const int N = int(rows.size());
-  const std::vector<float> h = rf::test::randn(rng, size_t(N) * H, 1.f), h_ref = rf::test::randn(rng, size_t(Nr) * H, 1.f);
+  std::vector<float> h = rf::test::randn(rng, size_t(N) * H, 1.f), h_ref = rf::test::randn(rng, size_t(Nr) * H, 1.f);
   std::vector<float> W = rf::test::randn(rng, size_t(V) * H, 1.f / std::sqrt(float(H)) * 2.5f);
-  const std::vector<float> w_rf = rf::test::randn(rng, size_t(K) * H, 1.f / std::sqrt(float(H)) * 2.5f);
+  std::vector<float> w_rf = rf::test::randn(rng, size_t(K) * H, 1.f / std::sqrt(float(H)) * 2.5f);
+  if (tiny_p) {
+    for (int r = 0; r < N; ++r) h[size_t(r) * H] = 1.f;
+    for (int r = 0; r < Nr; ++r) h_ref[size_t(r) * H] = 1.f;
+    for (int k = 0; k < K; ++k) w_rf[size_t(k) * H] = -60.f;
+  }
   rf::RfLossOptions opt;
   for (int k = 0; k < K; ++k) opt.flag_tokens.push_back(V - 1 - 7 * k);
   opt.aggregation = agg;
@@ -114,7 +122,7 @@ void run_case(int V, int H, int K, rf::RfAggregation agg, rf::DType dtype, int c
   const bool b16 = dtype == rf::DType::bf16;
   const std::string tag = "V " + std::to_string(V) + " H " + std::to_string(H) + " K " + std::to_string(K) + " " +
                           (agg == rf::RfAggregation::any ? "any" : agg == rf::RfAggregation::mean ? "mean" : "single") +
-                          (b16 ? " bf16" : " f32") + " chunk " + std::to_string(chunk);
+                          (b16 ? " bf16" : " f32") + " chunk " + std::to_string(chunk) + (tiny_p ? " p(flag) ~ 1e-30" : "");
   const bool same_rounding = rf::active_isa() == rf::Isa::avx512;
   const double rel = !b16 ? 1e-5 : same_rounding ? 1e-4 : 3e-2;
   const double rel_kl = !b16 ? 1e-5 : same_rounding ? 1e-3 : 3e-2;
@@ -142,5 +150,6 @@ int main() {
         run_case(1001, 80, K, agg, dtype, 8);
   run_case(128256, 256, 1, rf::RfAggregation::any, rf::DType::bf16, 0);
   run_case(128256, 256, 3, rf::RfAggregation::mean, rf::DType::f32, 16);
+  for (rf::RfAggregation agg : {rf::RfAggregation::any, rf::RfAggregation::mean}) run_case(1001, 80, 3, agg, rf::DType::f32, 8, true);
   return rf::test::finish("cuda_rf_loss");
 }

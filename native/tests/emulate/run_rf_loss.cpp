@@ -16,5 +16,6 @@ int main() {
     for (int K : {1, 3})
       for (rf::RfAggregation agg : {rf::RfAggregation::any, rf::RfAggregation::mean, rf::RfAggregation::single})
         run_case(1001, 80, K, agg, dtype, 8);
+  for (rf::RfAggregation agg : {rf::RfAggregation::any, rf::RfAggregation::mean}) run_case(1001, 80, 3, agg, rf::DType::f32, 8, true);
   return rf::test::finish("cuda_rf_loss (emulated)");
 }
