@@ -21,22 +21,59 @@ namespace rf::cuda {
 namespace {
 
 constexpr int kThreads = 512;
-constexpr int kDefaultChunk = 128;
+// Rows per chunk: as many as keep the chunk's [rows, V] buffers (two f32 logits, and for bf16 W
+// the bf16 dz) within 256 MiB, in multiples of 64 from 64 to 1024: at V = 128256 and bf16 W, 192
+// rows (235 MiB). The larger the chunk, the fewer times the products read W (V x H: 501 MiB
+// for Llama-3.2-1B's head); at 192 rows each read of W feeds 192 FLOPs per byte, about the H200's
+// ratio of bf16 throughput to memory bandwidth.
+int default_chunk(int V, bool bf16) {
+  const size_t per_row = size_t(V) * (bf16 ? 10 : 8);
+  const size_t rows = (size_t(256) << 20) / per_row / 64 * 64;
+  return int(std::clamp<size_t>(rows, 64, 1024));
+}
 
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess)
     throw std::runtime_error(std::string("CUDA ") + what + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")");
 }
 
-// Block-wide reductions (every thread gets the result); scratch: one slot per warp.
-__device__ float block_max(float v, float* scratch) {
+// Online log-sum-exp: a running maximum m and s = sum exp(z - m) (f32 exponentials, as the CPU's,
+// summed in double), rescaled when the maximum grows, so a row is read once. rest: the same sum
+// without the column `skip` (a red-flag row's target), kept alongside rather than subtracted.
+struct Lse {
+  float m = -FLT_MAX;
+  double s = 0, rest = 0;
+  __device__ void add(float z, bool skip) {
+    if (z > m) {
+      const double scale = expf(m - z);
+      s = s * scale + 1.0;
+      rest = rest * scale + (skip ? 0.0 : 1.0);
+      m = z;
+    } else {
+      const double e = expf(z - m);
+      s += e;
+      if (!skip) rest += e;
+    }
+  }
+  __device__ void merge(float m2, double s2, double rest2) {
+    const float mm = fmaxf(m, m2);
+    const double a = expf(m - mm), b = expf(m2 - mm);
+    s = s * a + s2 * b;
+    rest = rest * a + rest2 * b;
+    m = mm;
+  }
+};
+
+// The block's Lse of its threads' (every thread gets it); scratch: 3 slots per warp.
+__device__ Lse block_lse(Lse l, double* scratch) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o >>= 1)
+    l.merge(__shfl_xor_sync(0xffffffffu, l.m, o), __shfl_xor_sync(0xffffffffu, l.s, o), __shfl_xor_sync(0xffffffffu, l.rest, o));
   __syncthreads();
-  if (lane == 0) scratch[warp] = v;
+  if (lane == 0) scratch[3 * warp] = l.m, scratch[3 * warp + 1] = l.s, scratch[3 * warp + 2] = l.rest;
   __syncthreads();
-  float r = -FLT_MAX;
-  for (int w = 0; w < warps; ++w) r = fmaxf(r, scratch[w]);
+  Lse r;
+  for (int w = 0; w < warps; ++w) r.merge(float(scratch[3 * w]), scratch[3 * w + 1], scratch[3 * w + 2]);
   return r;
 }
 
@@ -53,7 +90,7 @@ __device__ double block_sum(double v, double* scratch) {
 
 __device__ double softplus(double x) { return fmax(x, 0.0) + log1p(exp(-fabs(x))); }
 
-// What pass 1 needs per row of the chunk.
+// What the row kernel needs per row of the chunk.
 struct RowIn {
   int kind;     // RfLossKind
   int target;   // red_flag: the target flag's token id; else -1
@@ -63,118 +100,123 @@ struct RowOut {
   double lse, log_p, log_1mp, kl;
 };
 
+// dL/dz_v of a row: KL rows w (p_theta - p_ref) = w p_ref expm1(d) with d = log p_theta - log
+// p_ref (precise when the two models agree, where p_theta - p_ref would cancel); red-flag rows
+// the unit p - onehot(target), the target's -(1 - p) from log(1 - p). One function for the row's
+// sweep and for its flag columns, so both are the same bits.
+__device__ __forceinline__ float dz_kl(float z, float q, double lse, double lse_r, float w) {
+  const float pr = expf(float(double(q) - lse_r));
+  return w * pr * expm1f(float((double(z) - lse) - (double(q) - lse_r)));
+}
+__device__ __forceinline__ float dz_rf(float z, int v, int target, double lse, float target_dz) {
+  return v == target ? target_dz : expf(float(double(z) - lse));
+}
+
 // grid: rows of the chunk. zt [rows, V] trained logits (flags replaced), zr [rows, V] reference
-// logits (KL rows only). Writes RowOut, and dz over zt in place: w (p_theta - p_ref) for KL rows,
-// the unit p - onehot(target) for red-flag rows (their coefficient k comes from the groups).
-__global__ void pass1_kernel(float* zt, const float* zr, int V, const RowIn* in, RowOut* out) {
-  __shared__ float fscratch[32];
-  __shared__ double dscratch[32];
+// logits (KL rows only). Writes RowOut; dz (w (p_theta - p_ref) for KL rows, the unit p -
+// onehot(target) for red-flag rows, whose coefficient k comes from the groups) over zt in place,
+// or, dzb set, as bf16 into dzb [rows, V] (the product back through a bf16 W reads only that);
+// and fz [rows, K] = dz at the flag columns, in f32.
+__global__ void loss_rows_kernel(float* zt, const float* zr, int V, const RowIn* in, RowOut* out, __nv_bfloat16* dzb,
+                                 const int* flags, int K, float* fz) {
+  __shared__ double scratch[3 * 32];
   const long r = blockIdx.x;
   float* z = zt + r * V;
   const RowIn row = in[r];
   const bool kl = row.kind != int(RfLossKind::red_flag);
-  // Read before any thread overwrites z with dz below (after the reductions' barriers).
-  const float z_target = kl ? 0.f : z[row.target];
-  float m = -FLT_MAX;
-  for (int v = threadIdx.x; v < V; v += blockDim.x) m = fmaxf(m, z[v]);
-  m = block_max(m, fscratch);
-  double s = 0, s_rest = 0;
+  const float* q = kl ? zr + r * V : nullptr;
+  // Read 1: the log-sum-exps (the trained row's, and the reference row's for KL rows).
+  Lse lt, lr;
   for (int v = threadIdx.x; v < V; v += blockDim.x) {
-    const double e = exp(double(z[v] - m));
-    s += e;
-    if (v != row.target) s_rest += e;
+    lt.add(z[v], v == row.target);
+    if (kl) lr.add(q[v], false);
   }
-  s = block_sum(s, dscratch);
-  s_rest = block_sum(s_rest, dscratch);
-  RowOut o{double(m) + log(s), 0, 0, 0};
-  if (!kl) {
+  lt = block_lse(lt, scratch);
+  RowOut o{double(lt.m) + log(lt.s), 0, 0, 0};
+  double lse_r = 0;
+  float target_dz = 0.f;
+  if (kl) {
+    lr = block_lse(lr, scratch);
+    lse_r = double(lr.m) + log(lr.s);
+  } else {
     // log p and log(1 - p) of the target from its log-odds d against the rest of the mass, as the
-    // CPU's row_stats: no subtraction of probabilities, and no log(s_rest) - log(s), which
-    // rounds log(1 - p) to 0 once p < 1e-16 (the any-aggregation's 1 - q would then be 0).
-    if (s_rest > 0) {
-      const double d = double(z_target) - (double(m) + log(s_rest));
-      o.lse = double(m) + log(s_rest) + softplus(d);
+    // CPU's row_stats: no subtraction of probabilities, and no log(rest) - log(s), which rounds
+    // log(1 - p) to 0 once p < 1e-16 (the any-aggregation's 1 - q would then be 0).
+    if (lt.rest > 0) {
+      const double rest = double(lt.m) + log(lt.rest), d = double(z[row.target]) - rest;
+      o.lse = rest + softplus(d);
       o.log_p = -softplus(-d);
       o.log_1mp = -softplus(d);
     } else {
-      o.lse = z_target, o.log_p = 0, o.log_1mp = -INFINITY;
+      o.lse = z[row.target], o.log_p = 0, o.log_1mp = -INFINITY;
     }
-    const double lse = o.lse;
-    // The unit dz = p - onehot(target) (the target's entry -(1 - p) without a subtraction).
-    for (int v = threadIdx.x; v < V; v += blockDim.x)
-      z[v] = v == row.target ? float(-exp(o.log_1mp)) : float(exp(double(z[v]) - lse));
-  } else {
-    const double lse = o.lse;
-    const float* q = zr + r * V;
-    float mr = -FLT_MAX;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) mr = fmaxf(mr, q[v]);
-    mr = block_max(mr, fscratch);
-    double sr = 0;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) sr += exp(double(q[v] - mr));
-    sr = block_sum(sr, dscratch);
-    const double lse_r = double(mr) + log(sr);
-    // KL(p_ref || p_theta) = sum_v p_ref,v ((z_ref,v - lse_ref) - (z_v - lse)); dz = w (p - p_ref).
-    double klv = 0;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) {
-      const double lr = double(q[v]) - lse_r, lt = double(z[v]) - lse;
-      const double pr = exp(lr);
-      klv += pr * (lr - lt);
-      z[v] = float(row.w * (exp(lt) - pr));
-    }
-    o.kl = block_sum(klv, dscratch);
+    target_dz = float(-exp(o.log_1mp));
   }
+  // The flag columns' dz, before the sweep below overwrites z.
+  const float w = float(row.w);
+  for (int k = threadIdx.x; k < K; k += blockDim.x) {
+    const int f = flags[k];
+    fz[r * K + k] = kl ? dz_kl(z[f], q[f], o.lse, lse_r, w) : dz_rf(z[f], f, row.target, o.lse, target_dz);
+  }
+  __syncthreads();
+  // Read 2: dz, and for KL rows KL(p_ref || p_theta) = sum_v p_ref,v ((z_ref,v - lse_ref) - (z_v - lse)).
+  __nv_bfloat16* b = dzb ? dzb + r * V : nullptr;
+  double klv = 0;
+  for (int v = threadIdx.x; v < V; v += blockDim.x) {
+    float d;
+    if (kl) {
+      const double lq = double(q[v]) - lse_r;
+      klv += double(expf(float(lq))) * (lq - (double(z[v]) - o.lse));
+      d = dz_kl(z[v], q[v], o.lse, lse_r, w);
+    } else {
+      d = dz_rf(z[v], v, row.target, o.lse, target_dz);
+    }
+    if (b) b[v] = __float2bfloat16_rn(d);
+    else z[v] = d;
+  }
+  if (kl) o.kl = block_sum(klv, scratch);
   if (threadIdx.x == 0) out[r] = o;
+}
+
+// The flag columns of dz: fz[r, k] = dz[r * stride + (cols ? cols[k] : k)] (a full dz row with
+// the flags' ids, or the row kernel's compact [rows, K]).
+__device__ __forceinline__ float flag_dz(const float* fz, long stride, const int* cols, long r, int k) {
+  return fz[r * stride + (cols ? cols[k] : k)];
 }
 
 // dh [rows, H] += sum_k dz[r, f_k] (w_rf[k] - W[f_k]): the flag columns went back through W's
 // own rows in dz W; the trained model's are w_rf's. grid: rows.
-__global__ void flag_correction_kernel(float* dh, int H, const float* dz, int V, const int* flags, int K, const float* w_rf,
-                                       const void* W, bool w_bf16) {
+__global__ void flag_correction_kernel(float* dh, int H, const float* fz, long stride, const int* cols, const int* flags, int K,
+                                       const float* w_rf, const void* W, bool w_bf16) {
   const long r = blockIdx.x;
   for (int i = threadIdx.x; i < H; i += blockDim.x) {
     double acc = 0;
     for (int k = 0; k < K; ++k) {
       const long wi = long(flags[k]) * H + i;
       const float base = w_bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(W)[wi]) : static_cast<const float*>(W)[wi];
-      acc += double(dz[r * V + flags[k]]) * (double(w_rf[long(k) * H + i]) - double(base));
+      acc += double(flag_dz(fz, stride, cols, r, k)) * (double(w_rf[long(k) * H + i]) - double(base));
     }
     dh[r * H + i] += float(acc);
   }
 }
 
-// dw_rf [K, H] += sum_r dz[r, f_k] h[rows[r]] over the chunk's rows in order (deterministic).
-// grid: (K, ceil(H / threads)).
-__global__ void dw_rf_kernel(float* dw_rf, int H, const float* dz, int V, const int* flags, const float* h, const int* rows,
-                             int n) {
+// dw_rf [K, H] += sum_r coef[r] dz[r, f_k] h[rows[r]] over the rows in order (deterministic;
+// coef null: 1). grid: (K, ceil(H / threads)).
+__global__ void dw_rf_kernel(float* dw_rf, int H, const float* fz, long stride, const int* cols, const double* coef,
+                             const float* h, const int* rows, int n) {
   const int k = blockIdx.x, i = blockIdx.y * blockDim.x + threadIdx.x;
   if (i >= H) return;
   double acc = 0;
-  for (int r = 0; r < n; ++r) acc += double(dz[long(r) * V + flags[k]]) * double(h[long(rows[r]) * H + i]);
+  for (int r = 0; r < n; ++r)
+    acc += (coef ? coef[r] : 1.0) * double(flag_dz(fz, stride, cols, r, k)) * double(h[long(rows[r]) * H + i]);
   dw_rf[long(k) * H + i] += float(acc);
 }
 
-// vals [rows, K] = dz[r, f_k]: the flag columns of the red-flag rows' unit dz, for their dw_rf.
-__global__ void flag_values_kernel(float* vals, const float* dz, int V, const int* flags, int K) {
-  const long r = blockIdx.x;
-  for (int k = threadIdx.x; k < K; k += blockDim.x) vals[r * K + k] = dz[r * V + flags[k]];
-}
-
-// The red-flag rows' coefficients applied to their dh: dh[rows[j]] *= coef[j]. grid: rows.
+// A red-flag row's coefficient applied to its dh: dh[rows[j]] *= coef[j]. grid: rows.
 __global__ void scale_rows_kernel(float* dh, int H, const double* coef, const int* rows) {
   const long j = blockIdx.x;
   float* d = dh + long(rows[j]) * H;
   for (int i = threadIdx.x; i < H; i += blockDim.x) d[i] = float(coef[j] * double(d[i]));
-}
-
-// ... and to their dw_rf: dw_rf [K, H] += sum_j coef[j] vals[j, k] h[rows[j]] over the rows in
-// order (deterministic). grid: (K, ceil(H / threads)).
-__global__ void dw_rf_coef_kernel(float* dw_rf, int H, const float* vals, int K, const double* coef, const float* h,
-                                  const int* rows, int n) {
-  const int k = blockIdx.x, i = blockIdx.y * blockDim.x + threadIdx.x;
-  if (i >= H) return;
-  double acc = 0;
-  for (int j = 0; j < n; ++j) acc += coef[j] * double(vals[long(j) * K + k]) * double(h[long(rows[j]) * H + i]);
-  dw_rf[long(k) * H + i] += float(acc);
 }
 
 // dh[rows[j]] = src[j] for j < n (rows of a compacted set back to their places).
@@ -186,22 +228,18 @@ __global__ void scatter_rows_kernel(float* dh, const float* src, const int* rows
 // grid: rows of the chunk. z [rows, V] logits, overwritten with dz = weight (softmax(z) -
 // onehot(target)); loss[r] = lse - z[target] in double.
 __global__ void ce_kernel(float* zt, int V, const int32_t* targets, float weight, double* loss) {
-  __shared__ float fscratch[32];
-  __shared__ double dscratch[32];
+  __shared__ double scratch[3 * 32];
   const long r = blockIdx.x;
   float* z = zt + r * V;
   const int target = targets[r];
-  // Read before any thread overwrites z (the writes come after the reductions' barriers).
+  // Read before any thread overwrites z (the writes come after the reduction's barriers).
   const float z_target = z[target];
-  float m = -FLT_MAX;
-  for (int v = threadIdx.x; v < V; v += blockDim.x) m = fmaxf(m, z[v]);
-  m = block_max(m, fscratch);
-  double s = 0;
-  for (int v = threadIdx.x; v < V; v += blockDim.x) s += exp(double(z[v] - m));
-  s = block_sum(s, dscratch);
-  const double lse = double(m) + log(s);
+  Lse l;
+  for (int v = threadIdx.x; v < V; v += blockDim.x) l.add(z[v], false);
+  l = block_lse(l, scratch);
+  const double lse = double(l.m) + log(l.s);
   for (int v = threadIdx.x; v < V; v += blockDim.x) {
-    const float p = float(exp(double(z[v]) - lse));
+    const float p = expf(float(double(z[v]) - lse));
     z[v] = weight * p - (v == target ? weight : 0.f);
   }
   if (threadIdx.x == 0) loss[r] = lse - double(z_target);
@@ -254,24 +292,26 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
   const double w_group = res.n_groups ? opt.alpha_rf / double(res.n_groups) : 0.0;
 
   // ---- scratch
-  const int C = std::min(N, opt.chunk > 0 ? opt.chunk : kDefaultChunk);
   const bool bf16 = w_type == DType::bf16;
+  const int C = std::min(N, opt.chunk > 0 ? opt.chunk : default_chunk(V, bf16));
   LossScratch local;
   LossScratch& sc = scratch ? *scratch : local;
   sc.begin();
   float* zt = sc.get<float>(size_t(C) * V);
   float* zr = sc.get<float>(size_t(C) * V);
+  // bf16 W: the rows' bf16 copies for the logits' products, then the bf16 dz for the one back.
   __nv_bfloat16* xb = bf16 ? sc.get<__nv_bfloat16>(std::max(size_t(C) * V, size_t(C) * H)) : nullptr;
-  float* hc = sc.get<float>(size_t(C) * H);  // gathered rows (reference rows; compacted red-flag rows)
-  float* ht = sc.get<float>(size_t(C) * H);  // gathered trained rows of a pass-1 chunk
+  float* hc = sc.get<float>(size_t(C) * H);  // gathered reference rows
+  float* ht = sc.get<float>(size_t(C) * H);  // gathered trained rows
   float* dhc = sc.get<float>(size_t(C) * H);
   int32_t* idx = sc.get<int32_t>(size_t(C));
   int* d_flags = sc.get<int>(size_t(K));
   RowIn* d_in = sc.get<RowIn>(size_t(C));
   RowOut* d_out = sc.get<RowOut>(size_t(C));
+  float* fz = sc.get<float>(size_t(C) * K);  // a KL chunk's dz at the flag columns
   const size_t n_rf = size_t(N) - size_t(res.n_benign_rows) - size_t(res.n_after_rows);
-  float* d_vals = sc.get<float>(n_rf * size_t(K));    // the red-flag rows' unit dz at the flags
-  double* d_coef = sc.get<double>(n_rf);              // and their coefficients k
+  float* d_vals = sc.get<float>(n_rf * size_t(K));  // the red-flag rows' unit dz at the flag columns
+  double* d_coef = sc.get<double>(n_rf);            // and their coefficients k
   int32_t* d_rf_rows = sc.get<int32_t>(n_rf);
   res.scratch_bytes = size_t(C) * V * (8 + (bf16 ? 2 : 0)) + size_t(C) * H * 12 + n_rf * (size_t(K) * 4 + 12);
   upload(d_flags, flags, stream);
@@ -285,17 +325,6 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
     }
     matmul(gemm, z, xin, w_type, W, w_type, n, V, H, nullptr, 0.f, stream);
     if (trained) set_flag_logits(z, V, x, n, H, w_rf, d_flags, K, stream);
-  };
-  // out [n, H] = dz [n, V] W* (W with the flag rows replaced by w_rf).
-  auto back = [&](float* out, const float* dz, int n) {
-    const void* zin = dz;
-    if (bf16) {
-      f32_to_bf16(xb, dz, long(n) * V, stream);
-      zin = xb;
-    }
-    matmul_nn(gemm, out, zin, w_type, W, w_type, n, H, V, 0.f, stream);
-    flag_correction_kernel<<<n, 256, 0, stream>>>(out, H, dz, V, d_flags, K, w_rf, W, bf16);
-    check(cudaGetLastError(), "rf_loss kernels (back)");
   };
 
   // ---- one pass over the rows, in chunks of the KL rows, then of the red-flag rows: each
@@ -331,18 +360,21 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
       logits(zr, hc, n, false);
     }
     upload(d_in, in, stream);
-    pass1_kernel<<<n, kThreads, 0, stream>>>(zt, zr, V, d_in, d_out);
-    check(cudaGetLastError(), "rf_loss pass 1");
-    back(dhc, zt, n);
+    // The row scalars and dz (bf16 W: written as bf16 for the product back, zt left as logits).
+    float* fzc = kl ? fz : d_vals + (j0 - n_kl) * size_t(K);
+    loss_rows_kernel<<<n, kThreads, 0, stream>>>(zt, zr, V, d_in, d_out, xb, d_flags, K, fzc);
+    check(cudaGetLastError(), "rf_loss rows");
+    // dhc [n, H] = dz W*: W's flag rows replaced by w_rf.
+    matmul_nn(gemm, dhc, bf16 ? static_cast<const void*>(xb) : zt, w_type, W, w_type, n, H, V, 0.f, stream);
+    flag_correction_kernel<<<n, 256, 0, stream>>>(dhc, H, fzc, K, nullptr, d_flags, K, w_rf, W, bf16);
     upload(idx, ids, stream);
-    if (kl) dw_rf_kernel<<<dim3(K, (H + 255) / 256), 256, 0, stream>>>(dw_rf, H, zt, V, d_flags, h, idx, n);
-    else if (K > 0) flag_values_kernel<<<n, 32, 0, stream>>>(d_vals + (j0 - n_kl) * size_t(K), zt, V, d_flags, K);
+    if (kl && K > 0) dw_rf_kernel<<<dim3(K, (H + 255) / 256), 256, 0, stream>>>(dw_rf, H, fz, K, nullptr, nullptr, h, idx, n);
     scatter_rows_kernel<<<n, 256, 0, stream>>>(dh, dhc, idx, H);
     check(cudaGetLastError(), "rf_loss scatter");
     check(cudaMemcpyAsync(outs_in_order.data() + j0, d_out, size_t(n) * sizeof(RowOut), cudaMemcpyDeviceToHost, stream),
           "cudaMemcpyAsync");
   }
-  check(cudaStreamSynchronize(stream), "rf_loss pass 1");
+  check(cudaStreamSynchronize(stream), "rf_loss rows");
   std::vector<RowOut> outs(static_cast<size_t>(N));
   for (int k = 0; k < N; ++k) outs[size_t(order[size_t(k)])] = outs_in_order[size_t(k)];
 
@@ -389,8 +421,8 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
     upload(d_coef, coef, stream);
     upload(d_rf_rows, rf_rows, stream);
     scale_rows_kernel<<<int(rf_rows.size()), 256, 0, stream>>>(dh, H, d_coef, d_rf_rows);
-    if (K > 0)
-      dw_rf_coef_kernel<<<dim3(K, (H + 255) / 256), 256, 0, stream>>>(dw_rf, H, d_vals, K, d_coef, h, d_rf_rows, int(rf_rows.size()));
+    dw_rf_kernel<<<dim3(K, (H + 255) / 256), 256, 0, stream>>>(dw_rf, H, d_vals, K, nullptr, d_coef, h, d_rf_rows,
+                                                               int(rf_rows.size()));
     check(cudaGetLastError(), "rf_loss coefficients");
   }
   check(cudaStreamSynchronize(stream), "rf_loss");
@@ -408,7 +440,7 @@ double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, D
     if (f < 0 || f >= V) throw std::invalid_argument("ce_loss: a flag token is outside the vocabulary");
   if (N == 0) return 0.0;
   if (!h || !dh || !W || (K > 0 && (!w_rf || !dw_rf))) throw std::invalid_argument("ce_loss: null pointer");
-  const int C = std::min(N, chunk > 0 ? chunk : kDefaultChunk);
+  const int C = std::min(N, chunk > 0 ? chunk : default_chunk(V, w_type == DType::bf16));
   const bool bf16 = w_type == DType::bf16;
   LossScratch local;
   LossScratch& sc = scratch ? *scratch : local;
@@ -435,7 +467,7 @@ double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, D
     ce_kernel<<<n, kThreads, 0, stream>>>(z, V, d_targets, weight, d_loss);
     check(cudaGetLastError(), "ce_loss kernel");
     check(cudaMemcpyAsync(loss.data() + r0, d_loss, size_t(n) * sizeof(double), cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
-    // dh = dz W*, and the trained flag rows' share (as rf_loss's back()).
+    // dh = dz W*, and the trained flag rows' share (as in rf_loss).
     const void* zin = z;
     if (bf16) {
       f32_to_bf16(xb, z, long(n) * V, stream);
@@ -444,11 +476,11 @@ double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, D
     matmul_nn(gemm, dh + long(r0) * H, zin, w_type, W, w_type, n, H, V, 0.f, stream);
     if (dW) matmul_tn(gemm, dW, z, DType::f32, x, DType::f32, V, H, n, 1.f, 1.f, stream);  // dW += dz^T h
     if (K > 0) {
-      flag_correction_kernel<<<n, 256, 0, stream>>>(dh + long(r0) * H, H, z, V, d_flags, K, w_rf, W, bf16);
+      flag_correction_kernel<<<n, 256, 0, stream>>>(dh + long(r0) * H, H, z, V, d_flags, d_flags, K, w_rf, W, bf16);
       std::vector<int32_t> own(static_cast<size_t>(n));
       for (int j = 0; j < n; ++j) own[size_t(j)] = r0 + j;
       upload(idx, own, stream);
-      dw_rf_kernel<<<dim3(K, (H + 255) / 256), 256, 0, stream>>>(dw_rf, H, z, V, d_flags, h, idx, n);
+      dw_rf_kernel<<<dim3(K, (H + 255) / 256), 256, 0, stream>>>(dw_rf, H, z, V, d_flags, nullptr, h, idx, n);
       check(cudaGetLastError(), "ce_loss kernels (back)");
     }
   }

@@ -1,24 +1,27 @@
 // The fused red-flag loss on the device: the same terms, rows, options and results as the CPU's
 // rf::rf_loss (native/kernels/rf_loss.h, which documents the loss), with the gradients dL/dh and
-// dL/dw_rf, never holding [N x V] logits: the rows go through the LM head in chunks of `chunk`
-// rows (options.chunk; 0: 128), KL rows and red-flag rows in chunks of their own, each chunk's
-// trained and reference logits [chunk x V] computed with cuBLASLt, reduced by one block per row
-// (log-sum-exp, KL, log p and log(1 - p) of the target flag from its log-odds, all summed in
-// double), turned into dL/dz in place, and sent back through the head (dh = dz W*, W with the
-// flag rows replaced by w_rf) with a second product. A KL row's dz = w (p_theta - p_ref) is
-// complete there. A red-flag row's dz = k (p - onehot(flag)) needs its group's coefficient k (the
-// noisy-OR / mean / single aggregation over rows that may lie in other chunks), so its chunk
-// makes dz, dh and the flag columns for k = 1; once every row's log p and log(1 - p) are known,
-// the host forms the coefficients in log space, as the CPU does, and one kernel scales those dh
-// rows and adds their dw_rf.
+// dL/dw_rf, never holding [N x V] logits. The rows go through the LM head in chunks of `chunk`
+// rows (options.chunk; 0: as many as fit 256 MiB, 192 at V = 128256 with bf16 W), KL rows and
+// red-flag rows in chunks of their own:
+//   - each chunk's trained and reference logits [chunk x V] come from cuBLASLt;
+//   - one block per row reduces them: log-sum-exp, KL, and log p and log(1 - p) of the target
+//     flag from its log-odds (f32 exponentials, as the CPU's, summed in double). The row is read
+//     twice: an online log-sum-exp, then dz;
+//   - dL/dz is written in place, or for bf16 W straight as the bf16 operand of the product back;
+//   - dh = dz W* (W with the flag rows replaced by w_rf) is a second product.
+// A KL row's dz = w (p_theta - p_ref) is complete there. A red-flag row's dz = k (p -
+// onehot(flag)) needs its group's coefficient k (the noisy-OR / mean / single aggregation over
+// rows that may lie in other chunks). So its chunk makes dz, dh and the flag columns for k = 1;
+// once every row's log p and log(1 - p) are known, the host forms the coefficients in log space,
+// as the CPU does, and two kernels scale those dh rows and add their dw_rf.
 // dw_rf[k] += sum_r dz[r, f_k] h[r] is summed row by row in a fixed order (no atomics), so a
 // call gives the same bits every time.
 //
 // Products: logits of the N trained and Nr reference rows and dh of the N rows: 2N + Nr row
 // products, the exact computation's.
 // Peak scratch: 2 x chunk x V f32 logits (+ chunk x V bf16 for bf16 W) + 3 x chunk x H, plus K + 3
-// words per red-flag row: with V = 128256 and chunk 128, 197 MiB, against the naive 2 x N x V f32
-// logits and their gradient.
+// words per red-flag row: with V = 128256 and bf16 W, 235 MiB, against the naive 2 x N x V f32
+// logits and their gradient (16 GiB at N = 16384).
 //
 // Numerics differ from the CPU's in summation order only: logits through cuBLASLt (bf16 W:
 // h rounded to bf16, f32 sums), flag logits as f32 dot products of the unrounded rows, dz rounded
@@ -78,7 +81,7 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
 // (softmax(z) - onehot(target)), and dw_rf [K, H] += dz[:, flags]^T h (the trained flag rows,
 // whose logits replace W's: w_rf [K, H]; flags empty: none), and, when dW is given (full
 // fine-tuning), the LM head's gradient dW [V, H] += dz^T h. Rows go through the LM head in chunks
-// of `chunk` rows (0: 128); no [N x V] buffer.
+// of `chunk` rows (0: as rf_loss); no [N x V] buffer.
 double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, DType w_type, int V, const float* w_rf,
                const std::vector<int>& flags, const int32_t* targets, float weight, float* dh, float* dw_rf, int chunk,
                cudaStream_t stream, float* dW = nullptr, LossScratch* scratch = nullptr);
