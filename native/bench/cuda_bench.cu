@@ -94,10 +94,10 @@ std::string attention_alone(const rf::ModelConfig& c, int T, double tflops, int 
   const rf::cuda::PagedBatch batch{ints, ints + n_blocks, ints + n_blocks + 1, 1, T};
   const float scale = 1.f / std::sqrt(float(hd));
   const double t32 = median_time(reps, [&] {
-    rf::cuda::prefill_attention(out, q, layer, batch, ints + n_blocks + 2, ints + n_blocks + 3, T, T, c.n_heads, scale, 0, nullptr);
+    rf::cuda::prefill_attention(out, q, long(c.n_heads) * hd, layer, batch, ints + n_blocks + 2, ints + n_blocks + 3, T, T, c.n_heads, scale, 0, nullptr);
   });
   const double ttc = median_time(reps, [&] {
-    rf::cuda::prefill_attention_tc(out, q, layer, batch, ints + n_blocks + 2, ints + n_blocks + 3, T, T, c.n_heads, scale, 0, nullptr);
+    rf::cuda::prefill_attention_tc(out, q, long(c.n_heads) * hd, layer, batch, ints + n_blocks + 2, ints + n_blocks + 3, T, T, c.n_heads, scale, 0, nullptr);
   });
   for (void* p : {static_cast<void*>(k), static_cast<void*>(v), static_cast<void*>(q), static_cast<void*>(out), static_cast<void*>(ints)})
     cudaFree(p);

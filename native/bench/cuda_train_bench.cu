@@ -360,7 +360,7 @@ std::string bench_attention(const std::string& name, const rf::ModelConfig& c, i
   const rf::cuda::PagedLayer layer{k, v, Bt, Hk, hd, true};  // a bf16 cache, as the bf16 model keeps
   const rf::cuda::PagedBatch batch{d_tables, d_offsets, d_len, B, T};
   const double fwd = median_time(5, [&] {
-    rf::cuda::prefill_attention_tc(out, q, layer, batch, d_first, d_n_new, R, T, Hq, scale, 0, nullptr, lse);
+    rf::cuda::prefill_attention_tc(out, q, Q, layer, batch, d_first, d_n_new, R, T, Hq, scale, 0, nullptr, lse);
   });
   const double bwd_tc = median_time(5, [&] { rf::cuda::attention_backward_tc(dqkv, dout, qkv, out, lse, a, T, scale, scratch, nullptr); });
   const double bwd_f32 = median_time(2, [&] { rf::cuda::attention_backward(dqkv, dout, qkv, a, scale, scratch, nullptr); });

@@ -39,7 +39,7 @@ __device__ float warp_sum(float v) {
 
 // scratch layout: m [S, H, splits], l [S, H, splits], acc [S, H, splits, head_dim]. T: the cache's type.
 template <class T>
-__global__ void decode_partial(const float* q, PagedLayer layer, PagedBatch batch, int n_heads, float scale, int window,
+__global__ void decode_partial(const float* q, long q_stride, PagedLayer layer, PagedBatch batch, int n_heads, float scale, int window,
                                int n_splits, float* m_out, float* l_out, float* acc_out) {
   const int s = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -51,7 +51,7 @@ __global__ void decode_partial(const float* q, PagedLayer layer, PagedBatch batc
   const int32_t* table = batch.tables + batch.table_offsets[s];
 
   float qv[kMaxDimsPerLane], acc[kMaxDimsPerLane];
-  const float* qr = q + (long(s) * n_heads + h) * hd;
+  const float* qr = q + long(s) * q_stride + long(h) * hd;
   for (int i = 0; i < kMaxDimsPerLane; ++i) {
     const int d = lane + 32 * i;
     qv[i] = d < hd ? qr[d] * scale : 0.f;
@@ -145,7 +145,7 @@ size_t prefill_smem_bytes(int hd) {
 // kDims: dims per lane, ceil(head_dim / 32) rounded up to 2, 4 or 8, so acc stays in registers.
 template <int kDims, class T>
 __global__ void __launch_bounds__(kPrefillThreads)
-    prefill_kernel(float* out, const float* q, PagedLayer layer, PagedBatch batch, const int32_t* row_offsets,
+    prefill_kernel(float* out, const float* q, long q_stride, PagedLayer layer, PagedBatch batch, const int32_t* row_offsets,
                    const int32_t* n_new, int n_heads, float scale, int window) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int hd = layer.head_dim, B = layer.block_tokens, kstride = hd + 1;
@@ -173,7 +173,7 @@ __global__ void __launch_bounds__(kPrefillThreads)
   // Q tile, pre-scaled (as decode does); rows past n_new are zeros, computed but never written.
   for (int e = tid; e < kPrefillRows * hd; e += kPrefillThreads) {
     const int r = e / hd, d = e - r * hd;
-    qs[e] = r0 + r < rows ? q[((q_row0 + r) * n_heads + h) * hd + d] * scale : 0.f;
+    qs[e] = r0 + r < rows ? q[(q_row0 + r) * q_stride + h * hd + d] * scale : 0.f;
   }
 
   // This warp's rows: warp * kRowsPerWarp + i of the tile. Row i sees keys [lo[i], hi[i]];
@@ -273,7 +273,7 @@ __global__ void __launch_bounds__(kPrefillThreads)
 }
 
 template <int kDims>
-void prefill_launch(dim3 grid, float* out, const float* q, const PagedLayer& layer, const PagedBatch& batch,
+void prefill_launch(dim3 grid, float* out, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch,
                     const int32_t* row_offsets, const int32_t* n_new, int n_heads, float scale, int window,
                     cudaStream_t stream) {
   const size_t smem = prefill_smem_bytes(layer.head_dim);
@@ -281,11 +281,11 @@ void prefill_launch(dim3 grid, float* out, const float* q, const PagedLayer& lay
   if (layer.bf16) {
     if (smem > 48 * 1024)
       cudaFuncSetAttribute(prefill_kernel<kDims, __nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    prefill_kernel<kDims, __nv_bfloat16><<<grid, kPrefillThreads, smem, stream>>>(out, q, layer, batch, row_offsets, n_new, n_heads,
+    prefill_kernel<kDims, __nv_bfloat16><<<grid, kPrefillThreads, smem, stream>>>(out, q, q_stride, layer, batch, row_offsets, n_new, n_heads,
                                                                                  scale, window);
   } else {
     if (smem > 48 * 1024) cudaFuncSetAttribute(prefill_kernel<kDims, float>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    prefill_kernel<kDims, float><<<grid, kPrefillThreads, smem, stream>>>(out, q, layer, batch, row_offsets, n_new, n_heads, scale,
+    prefill_kernel<kDims, float><<<grid, kPrefillThreads, smem, stream>>>(out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale,
                                                                          window);
   }
 }
@@ -297,7 +297,7 @@ long decode_attention_scratch(int n_seqs, int n_heads, int head_dim, int max_len
   return slots * (2 + head_dim);
 }
 
-void decode_attention(float* out, const float* q, const PagedLayer& layer, const PagedBatch& batch, int n_heads, float scale,
+void decode_attention(float* out, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch, int n_heads, float scale,
                       int window, float* scratch, cudaStream_t stream) {
   if (batch.n_seqs <= 0 || batch.max_length <= 0) return;
   const int n_splits = splits_for(batch.max_length);
@@ -307,23 +307,23 @@ void decode_attention(float* out, const float* q, const PagedLayer& layer, const
   float* acc = scratch + 2 * slots;
   const dim3 grid(batch.n_seqs, n_heads, n_splits);
   if (layer.bf16)
-    decode_partial<__nv_bfloat16><<<grid, 32 * kWarps, 0, stream>>>(q, layer, batch, n_heads, scale, window, n_splits, m, l, acc);
+    decode_partial<__nv_bfloat16><<<grid, 32 * kWarps, 0, stream>>>(q, q_stride, layer, batch, n_heads, scale, window, n_splits, m, l, acc);
   else
-    decode_partial<float><<<grid, 32 * kWarps, 0, stream>>>(q, layer, batch, n_heads, scale, window, n_splits, m, l, acc);
+    decode_partial<float><<<grid, 32 * kWarps, 0, stream>>>(q, q_stride, layer, batch, n_heads, scale, window, n_splits, m, l, acc);
   decode_combine<<<dim3(batch.n_seqs, n_heads), 128, 0, stream>>>(out, n_heads, layer.head_dim, n_splits, m, l, acc);
 }
 
-void prefill_attention(float* out, const float* q, const PagedLayer& layer, const PagedBatch& batch, const int32_t* row_offsets,
+void prefill_attention(float* out, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch, const int32_t* row_offsets,
                        const int32_t* n_new, int total_rows, int max_new, int n_heads, float scale, int window,
                        cudaStream_t stream) {
   if (batch.n_seqs <= 0 || total_rows <= 0 || max_new <= 0) return;
   const dim3 grid((max_new + kPrefillRows - 1) / kPrefillRows, n_heads, batch.n_seqs);
   if (layer.head_dim <= 64)
-    prefill_launch<2>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, stream);
+    prefill_launch<2>(grid, out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale, window, stream);
   else if (layer.head_dim <= 128)
-    prefill_launch<4>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, stream);
+    prefill_launch<4>(grid, out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale, window, stream);
   else
-    prefill_launch<8>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, stream);
+    prefill_launch<8>(grid, out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale, window, stream);
 }
 
 }  // namespace rf::cuda

@@ -57,7 +57,7 @@ __device__ __forceinline__ float4 load4(const __nv_bfloat16* p) {
 // kK: head_dim / 16, the k-steps of Q K^T; the output has 2 kK tiles of 8 dims. T: the cache's type.
 template <int kK, class T>
 __global__ void __launch_bounds__(kThreads)
-    prefill_tc_kernel(float* out, const float* q, PagedLayer layer, PagedBatch batch, const int32_t* row_offsets,
+    prefill_tc_kernel(float* out, const float* q, long q_stride, PagedLayer layer, PagedBatch batch, const int32_t* row_offsets,
                       const int32_t* n_new, int n_heads, float scale_log2, int window, float* lse) {
   constexpr int kHd = 16 * kK, kN = 2 * kK, kQs = kHd + kPad, kVs = kKeys + kPad;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int e = tid; e < kRows * kHd; e += kThreads) {
     const int r = e / kHd, d = e - r * kHd;
-    qs[r * kQs + d] = __float2bfloat16_rn(r0 + r < rows ? q[((q_row0 + r) * n_heads + h) * kHd + d] : 0.f);
+    qs[r * kQs + d] = __float2bfloat16_rn(r0 + r < rows ? q[(q_row0 + r) * q_stride + h * kHd + d] : 0.f);
   }
   __syncthreads();
   const int wr = warp * 16;  // the warp's first row in the tile
@@ -200,17 +200,17 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <int kK>
-void launch(dim3 grid, float* out, const float* q, const PagedLayer& layer, const PagedBatch& batch, const int32_t* row_offsets,
+void launch(dim3 grid, float* out, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch, const int32_t* row_offsets,
             const int32_t* n_new, int n_heads, float scale, int window, float* lse, cudaStream_t stream) {
   const size_t smem = smem_bytes(16 * kK);
   if (layer.bf16) {
     if (smem > 48 * 1024)
       cudaFuncSetAttribute(prefill_tc_kernel<kK, __nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    prefill_tc_kernel<kK, __nv_bfloat16><<<grid, kThreads, smem, stream>>>(out, q, layer, batch, row_offsets, n_new, n_heads,
+    prefill_tc_kernel<kK, __nv_bfloat16><<<grid, kThreads, smem, stream>>>(out, q, q_stride, layer, batch, row_offsets, n_new, n_heads,
                                                                           scale * kLog2e, window, lse);
   } else {
     if (smem > 48 * 1024) cudaFuncSetAttribute(prefill_tc_kernel<kK, float>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    prefill_tc_kernel<kK, float><<<grid, kThreads, smem, stream>>>(out, q, layer, batch, row_offsets, n_new, n_heads, scale * kLog2e,
+    prefill_tc_kernel<kK, float><<<grid, kThreads, smem, stream>>>(out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale * kLog2e,
                                                                   window, lse);
   }
 }
@@ -219,24 +219,24 @@ void launch(dim3 grid, float* out, const float* q, const PagedLayer& layer, cons
 
 bool prefill_attention_tc_supports(int head_dim) { return head_dim % 16 == 0 && head_dim >= 16 && head_dim <= 128; }
 
-void prefill_attention_tc(float* out, const float* q, const PagedLayer& layer, const PagedBatch& batch, const int32_t* row_offsets,
+void prefill_attention_tc(float* out, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch, const int32_t* row_offsets,
                           const int32_t* n_new, int total_rows, int max_new, int n_heads, float scale, int window,
                           cudaStream_t stream, float* lse) {
   if (batch.n_seqs <= 0 || total_rows <= 0 || max_new <= 0) return;
   if (!prefill_attention_tc_supports(layer.head_dim)) {
     if (lse) throw std::invalid_argument("prefill_attention_tc: no log-sum-exp output at head_dim " + std::to_string(layer.head_dim));
-    return prefill_attention(out, q, layer, batch, row_offsets, n_new, total_rows, max_new, n_heads, scale, window, stream);
+    return prefill_attention(out, q, q_stride, layer, batch, row_offsets, n_new, total_rows, max_new, n_heads, scale, window, stream);
   }
   const dim3 grid((max_new + kRows - 1) / kRows, n_heads, batch.n_seqs);
   switch (layer.head_dim / 16) {
-    case 1: return launch<1>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
-    case 2: return launch<2>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
-    case 3: return launch<3>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
-    case 4: return launch<4>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
-    case 5: return launch<5>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
-    case 6: return launch<6>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
-    case 7: return launch<7>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
-    default: return launch<8>(grid, out, q, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
+    case 1: return launch<1>(grid, out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
+    case 2: return launch<2>(grid, out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
+    case 3: return launch<3>(grid, out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
+    case 4: return launch<4>(grid, out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
+    case 5: return launch<5>(grid, out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
+    case 6: return launch<6>(grid, out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
+    case 7: return launch<7>(grid, out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
+    default: return launch<8>(grid, out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
   }
 }
 

@@ -389,24 +389,26 @@ void DeviceModel::keep_values(Buffer& b, const float* src, long n) {
   f32_to_bf16(b.get<__nv_bfloat16>(), src, n, as_stream(stream_));
 }
 
-void DeviceModel::norm_rows(const DNorm& nm, const float* in, float* out, long rows) {
+void DeviceModel::norm_rows(const DNorm& nm, const float* in, float* out, long rows, __nv_bfloat16* out_bf16) {
   const ModelConfig& c = config_;
-  if (c.norm == NormType::rms) rmsnorm_rows(out, in, nm.w.get(), int(rows), c.hidden, c.norm_eps, as_stream(stream_));
-  else layernorm_rows(out, in, nm.w.get(), nm.b.get(), int(rows), c.hidden, c.norm_eps, as_stream(stream_));
+  if (c.norm == NormType::rms) rmsnorm_rows(out, in, nm.w.get(), int(rows), c.hidden, c.norm_eps, as_stream(stream_), out_bf16);
+  else layernorm_rows(out, in, nm.w.get(), nm.b.get(), int(rows), c.hidden, c.norm_eps, as_stream(stream_), out_bf16);
 }
 
-// y (+)= x W^T + b, then each LoRA adapter's ((x A^T) (scale B)^T) on its slice of y. Traced,
+// y (+)= x W^T + b, then each LoRA adapter's ((x A^T) (scale B)^T) on its slice of y; in_bf16:
+// x already rounded to bf16 by the kernel that made it (null: rounded here, bf16 weights). Traced,
 // the adapters read dropout(x) (PEFT's lora_dropout; adapter id as the CPU's: index * 16 + a)
 // and lt keeps u = dropout(x) A^T (its lora_u from *u_next on).
-void DeviceModel::linear_rows(const DLinear& lin, const float* in, long rows, float* y, bool accumulate, int layer, int index,
-                              const DeviceTrace* trace, DeviceLayerTrace* lt, size_t* u_next) {
+void DeviceModel::linear_rows(const DLinear& lin, const float* in, const __nv_bfloat16* in_bf16, long rows, float* y,
+                              bool accumulate, int layer, int index, const DeviceTrace* trace, DeviceLayerTrace* lt,
+                              size_t* u_next) {
   DeviceScratch& s = *s_;
   const cudaStream_t st = as_stream(stream_);
   const void* xin = in;
   DType xt = DType::f32;
   if (dtype_ == DType::bf16) {
-    f32_to_bf16(s.xb.get<__nv_bfloat16>(), in, rows * lin.in, st);
-    xin = s.xb.get<void>();
+    if (!in_bf16) f32_to_bf16(s.xb.get<__nv_bfloat16>(), in, rows * lin.in, st);
+    xin = in_bf16 ? in_bf16 : s.xb.get<__nv_bfloat16>();
     xt = DType::bf16;
   }
   matmul(*gemm_, y, xin, xt, lin.w.get<void>(), dtype_, int(rows), lin.out, lin.in, lin.bias.empty() ? nullptr : lin.bias.get(),
@@ -432,8 +434,9 @@ void DeviceModel::linear_rows(const DLinear& lin, const float* in, long rows, fl
   }
 }
 
-// logits [rows, V] = xn . head^T, the flag rows' logits from their own head rows when flags is set.
-void DeviceModel::head_rows(const float* xn, long rows, float* logits, bool flags) {
+// logits [rows, V] = xn . head^T, the flag rows' logits from their own head rows when flags is set;
+// xn_bf16 as linear_rows' in_bf16.
+void DeviceModel::head_rows(const float* xn, long rows, float* logits, bool flags, const __nv_bfloat16* xn_bf16) {
   const ModelConfig& c = config_;
   const DeviceWeights& w = *w_;
   const cudaStream_t st = as_stream(stream_);
@@ -441,8 +444,8 @@ void DeviceModel::head_rows(const float* xn, long rows, float* logits, bool flag
   const void* xin = xn;
   DType xt = DType::f32;
   if (dtype_ == DType::bf16) {
-    f32_to_bf16(s_->xb.get<__nv_bfloat16>(), xn, rows * c.hidden, st);
-    xin = s_->xb.get<void>();
+    if (!xn_bf16) f32_to_bf16(s_->xb.get<__nv_bfloat16>(), xn, rows * c.hidden, st);
+    xin = xn_bf16 ? xn_bf16 : s_->xb.get<__nv_bfloat16>();
     xt = DType::bf16;
   }
   matmul(*gemm_, logits, xin, xt, table.get<void>(), dtype_, int(rows), c.vocab, c.hidden, nullptr, 0.f, st);
@@ -461,59 +464,61 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
   const long I = c.intermediate, MLP_IN = c.act == Activation::silu ? 2 * I : I;
   float* xn = static_cast<float*>(s.xn.ensure(size_t(R * H) * sizeof(float)));
   float* qkv = static_cast<float*>(s.qkv.ensure(size_t(R * QKV) * sizeof(float)));
-  float* q = static_cast<float*>(s.q.ensure(size_t(R * Q) * sizeof(float)));
   float* att = static_cast<float*>(s.att.ensure(size_t(R * Q) * sizeof(float)));
   float* mlp = static_cast<float*>(s.mlp.ensure(size_t(R * MLP_IN) * sizeof(float)));
   float* act = c.act == Activation::silu ? static_cast<float*>(s.act.ensure(size_t(R * I) * sizeof(float))) : mlp;
-  if (dtype_ == DType::bf16) s.xb.ensure(size_t(R * std::max({H, Q, I})) * sizeof(__nv_bfloat16));
+  // bf16 weights: the norms and the SwiGLU also write their output in bf16 here, the operand of
+  // the product that follows (one kernel instead of two); the others are rounded in linear_rows.
+  __nv_bfloat16* xb =
+      dtype_ == DType::bf16 ? static_cast<__nv_bfloat16*>(s.xb.ensure(size_t(R * std::max({H, Q, I})) * sizeof(__nv_bfloat16)))
+                            : nullptr;
   // What the trace keeps (DeviceLayerTrace): the block's input, or with recomputation that alone.
   DeviceLayerTrace* keep = lt && !trace->inputs_only ? lt : nullptr;
   size_t u_next = 0;
   if (lt) keep_rows(lt->x_in, x, R * H);
 
   // Attention block: x += o(attn(rope(qkv(norm(x)))))
-  norm_rows(L.attn_norm, x, xn, R);
-  linear_rows(L.qkv, xn, R, qkv, false, l, 0, trace, keep, &u_next);
+  norm_rows(L.attn_norm, x, xn, R, xb);
+  linear_rows(L.qkv, xn, xb, R, qkv, false, l, 0, trace, keep, &u_next);
   if (c.rope) {
-    rope_rows(qkv, QKV, int(R), c.n_heads, int(hd), p.cos, p.sin, st);
-    rope_rows(qkv + Q, QKV, int(R), c.n_kv_heads, int(hd), p.cos, p.sin, st);
+    rope_rows(qkv, QKV, int(R), c.n_heads + c.n_kv_heads, int(hd), p.cos, p.sin, st);  // q's heads, then k's
   }
   if (keep) keep_values(keep->qkv, qkv, R * QKV);
   if (append_kv)
     kv_append(pool_->k(l), pool_->v(l), pool_->bf16(), qkv, QKV, int(Q), int(Q + KV), p.row_seq, p.row_pos, p.tables,
               p.table_offsets, int(R), c.n_kv_heads, int(hd), kBlockTokens, st);
-  check(cudaMemcpy2DAsync(q, Q * sizeof(float), qkv, QKV * sizeof(float), Q * sizeof(float), R, cudaMemcpyDeviceToDevice, st),
-        "cudaMemcpy2DAsync (q)");
   const PagedLayer layer{pool_->k(l), pool_->v(l), kBlockTokens, c.n_kv_heads, int(hd), pool_->bf16()};
   const PagedBatch batch{p.tables, p.table_offsets, p.lengths, p.n, p.attn_length};
   const float scale = 1.0f / std::sqrt(float(hd));
-  if (p.all_one) decode_attention(att, q, layer, batch, c.n_heads, scale, c.sliding_window, s.attn.get(), st);
+  // Attention reads q in place: the first Q floats of each qkv row.
+  if (p.all_one) decode_attention(att, qkv, QKV, layer, batch, c.n_heads, scale, c.sliding_window, s.attn.get(), st);
   else if (tc_attention())
-    prefill_attention_tc(att, q, layer, batch, p.row_offsets, p.n_new, int(R), p.max_new, c.n_heads, scale, c.sliding_window, st,
+    prefill_attention_tc(att, qkv, QKV, layer, batch, p.row_offsets, p.n_new, int(R), p.max_new, c.n_heads, scale, c.sliding_window, st,
                          keep ? static_cast<float*>(keep->lse.ensure(size_t(R * c.n_heads) * sizeof(float))) : nullptr);
   else
-    prefill_attention(att, q, layer, batch, p.row_offsets, p.n_new, int(R), p.max_new, c.n_heads, scale, c.sliding_window, st);
+    prefill_attention(att, qkv, QKV, layer, batch, p.row_offsets, p.n_new, int(R), p.max_new, c.n_heads, scale, c.sliding_window, st);
   if (keep) keep_values(keep->att, att, R * Q);
-  linear_rows(L.o, att, R, x, true, l, 1, trace, keep, &u_next);
+  linear_rows(L.o, att, nullptr, R, x, true, l, 1, trace, keep, &u_next);
   if (keep) keep_rows(keep->x_mid, x, R * H);
 
   // MLP block: x += mlp_out(act(mlp_in(norm(x))))
-  norm_rows(L.mlp_norm, x, xn, R);
-  linear_rows(L.mlp_in, xn, R, mlp, false, l, 2, trace, keep, &u_next);
+  norm_rows(L.mlp_norm, x, xn, R, xb);
+  linear_rows(L.mlp_in, xn, xb, R, mlp, false, l, 2, trace, keep, &u_next);
   if (keep) keep_values(keep->mlp, mlp, R * MLP_IN);
-  activation_rows(mlp, act, R);
-  linear_rows(L.mlp_out, act, R, x, true, l, 3, trace, keep, &u_next);
+  activation_rows(mlp, act, R, xb);
+  linear_rows(L.mlp_out, act, xb, R, x, true, l, 3, trace, keep, &u_next);
 }
 
 // act [R, I] = the MLP's activation of mlp [R, MLP_IN]: silu(gate) * up of gate | up, or
-// gelu_new(mlp) (act may be mlp: in place).
-void DeviceModel::activation_rows(const float* mlp, float* act, long rows) {
+// gelu_new(mlp) (act may be mlp: in place); act_bf16 (optional): act rounded to bf16 as well.
+void DeviceModel::activation_rows(const float* mlp, float* act, long rows, __nv_bfloat16* act_bf16) {
   const ModelConfig& c = config_;
   const cudaStream_t st = as_stream(stream_);
-  if (c.act == Activation::silu) return swiglu_rows(act, mlp, int(rows), int(c.intermediate), st);
+  if (c.act == Activation::silu) return swiglu_rows(act, mlp, int(rows), int(c.intermediate), st, act_bf16);
   const long n = rows * c.intermediate;
   if (act != mlp) check(cudaMemcpyAsync(act, mlp, size_t(n) * sizeof(float), cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync (mlp)");
   gelu_new(act, n, st);
+  if (act_bf16) f32_to_bf16(act_bf16, act, n, st);
 }
 
 const float* DeviceModel::run(const std::vector<DeviceItem>& items, LogitsMode mode, const std::atomic<int>* cancel,
@@ -568,8 +573,10 @@ const float* DeviceModel::run(const std::vector<DeviceItem>& items, LogitsMode m
       head_in = last;
     }
     if (trace) keep_rows(trace->x_final, x, R * H);
-    norm_rows(w.final_norm, head_in, xn, rows);  // R >= rows: xn has room
-    if (logits) head_rows(xn, rows, logits, flags_on);
+    // R >= rows: xn and the bf16 scratch have room.
+    __nv_bfloat16* xb = logits && dtype_ == DType::bf16 ? s.xb.get<__nv_bfloat16>() : nullptr;
+    norm_rows(w.final_norm, head_in, xn, rows, xb);
+    if (logits) head_rows(xn, rows, logits, flags_on, xb);
     if (tail) tail->enqueue(logits);
   };
   if (graphs_on_ && p.all_one && mode == LogitsMode::last && !trace && !progress && !p.delta) {
@@ -623,7 +630,7 @@ uint64_t DeviceModel::graph_signature() const {
   const auto mix = [&h](uint64_t v) { h = (h ^ v) * 1099511628211ull; };
   const auto buf = [&mix](const Buffer& b) { mix(reinterpret_cast<uintptr_t>(b.get<void>())), mix(b.bytes()); };
   const DeviceScratch& s = *s_;
-  for (const Buffer* b : {&s.x, &s.xn, &s.xb, &s.qkv, &s.q, &s.att, &s.mlp, &s.act, &s.lora_u, &s.lora_d, &s.lora_x, &s.last,
+  for (const Buffer* b : {&s.x, &s.xn, &s.xb, &s.qkv, &s.att, &s.mlp, &s.act, &s.lora_u, &s.lora_d, &s.lora_x, &s.last,
                           &s.logits, &s.attn, &s.plan_dev, &s.pick_params, &s.flags, &s.picked, &s.logprob, &s.p_rf, &s.p_flags})
     buf(*b);
   const DeviceWeights& w = *w_;

@@ -11,6 +11,8 @@
 // Errors throw std::runtime_error / std::invalid_argument naming the call; nothing is left
 // half-appended: a sequence's length changes only when a forward has finished.
 #pragma once
+#include <cuda_bf16.h>
+
 #include <atomic>
 #include <cstdint>
 #include <functional>
@@ -158,15 +160,15 @@ class DeviceModel {
   // adapters, and a copy into a trace buffer (f32, or the engine's dtype).
   void plan_forward(const std::vector<DeviceItem>& items);
   void layer_forward(int layer, float* x, DeviceLayerTrace* lt, const DeviceTrace* trace, bool append_kv);
-  void norm_rows(const DNorm& norm, const float* in, float* out, long rows);
-  void head_rows(const float* xn, long rows, float* logits, bool flags);
-  void linear_rows(const DLinear& lin, const float* in, long rows, float* y, bool accumulate, int layer, int index,
-                   const DeviceTrace* trace, DeviceLayerTrace* lt, size_t* u_next);
+  void norm_rows(const DNorm& norm, const float* in, float* out, long rows, __nv_bfloat16* out_bf16 = nullptr);
+  void head_rows(const float* xn, long rows, float* logits, bool flags, const __nv_bfloat16* xn_bf16 = nullptr);
+  void linear_rows(const DLinear& lin, const float* in, const __nv_bfloat16* in_bf16, long rows, float* y, bool accumulate,
+                   int layer, int index, const DeviceTrace* trace, DeviceLayerTrace* lt, size_t* u_next);
   void keep_rows(Buffer& b, const float* src, long n);
   // Into a trace buffer in the engine's dtype (bf16 models: rounded to bf16).
   void keep_values(Buffer& b, const float* src, long n);
   // The MLP's activation: act [rows, I] from mlp [rows, MLP_IN] (act may be mlp for gelu_new).
-  void activation_rows(const float* mlp, float* act, long rows);
+  void activation_rows(const float* mlp, float* act, long rows, __nv_bfloat16* act_bf16 = nullptr);
   // A block's projection by index (0 qkv, 1 o, 2 mlp_in, 3 mlp_out, as in model/layout.h).
   DLinear& linear(int layer, int index) const;
   // Whether prefill attention runs on the tensor cores: bf16 weights (their activations carry

@@ -594,8 +594,7 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     else
       attention_backward(dqkv, datt, qkv, arows, scale, attn_scratch, st);
     if (c.rope) {
-      rope_backward_rows(dqkv, QKV, int(R), c.n_heads, int(hd), d_cos, d_sin, st);
-      rope_backward_rows(dqkv + Q, QKV, int(R), c.n_kv_heads, int(hd), d_cos, d_sin, st);
+      rope_backward_rows(dqkv, QKV, int(R), c.n_heads + c.n_kv_heads, int(hd), d_cos, d_sin, st);  // q's heads, then k's
     }
     m.norm_rows(L.attn_norm, lt.x_in.get(), xn, R);
     linear_backward(l, 0, xn, H, dqkv, QKV, dxn, lt);

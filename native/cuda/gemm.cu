@@ -46,6 +46,7 @@
 #include <string>
 #include <tuple>
 
+#include "cuda/bf16.h"
 #include "cuda/gemm.h"
 #include "cuda/memory.h"
 
@@ -95,20 +96,8 @@ int blocks_for(long n, int threads) {
   return int(b < 65535 ? (b > 0 ? b : 1) : 65535);
 }
 
-// Round to nearest even on the bit pattern, NaN quieted: the CPU's rf::f32_to_bf16, bit for bit.
-__device__ __forceinline__ unsigned short bf16_bits_rne(float f) {
-  uint32_t u = __float_as_uint(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (unsigned short)(u >> 16);
-}
-
 __global__ void f32_to_bf16_kernel(__nv_bfloat16* out, const float* in, long n) {
-  for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
-    __nv_bfloat16_raw r;
-    r.x = bf16_bits_rne(in[i]);
-    out[i] = __nv_bfloat16(r);
-  }
+  for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) out[i] = bf16_round(in[i]);
 }
 
 // y [rows, n] = (beta == 0 ? 0 : beta * y) + bias [n] (bias may be null). With beta 1 it is the

@@ -7,6 +7,7 @@
 #include <cfloat>
 #include <cmath>
 
+#include "cuda/bf16.h"
 #include "cuda/model_ops.h"
 
 namespace rf::cuda {
@@ -57,11 +58,13 @@ __global__ void embed_kernel(float* x, const void* table, bool table_bf16, const
   }
 }
 
-__global__ void swiglu_rows_kernel(float* out, const float* in, long n, int inter) {
+__global__ void swiglu_rows_kernel(float* out, const float* in, long n, int inter, __nv_bfloat16* out_bf16) {
   for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
     const long r = i / inter, c = i % inter;
     const float g = in[r * 2 * inter + c], u = in[r * 2 * inter + inter + c];
-    out[i] = g / (1.0f + expf(-g)) * u;  // silu(g) * u, as the CPU's swiglu_forward
+    const float y = g / (1.0f + expf(-g)) * u;  // silu(g) * u, as the CPU's swiglu_forward
+    out[i] = y;
+    if (out_bf16) out_bf16[i] = bf16_round(y);
   }
 }
 
@@ -122,9 +125,9 @@ void embed_rows(float* x, const void* table, bool table_bf16, const int32_t* tok
                                                 pos_embed, positions, delta);
 }
 
-void swiglu_rows(float* out, const float* in, int rows, int inter, cudaStream_t stream) {
+void swiglu_rows(float* out, const float* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16) {
   const long n = long(rows) * inter;
-  if (n > 0) swiglu_rows_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(out, in, n, inter);
+  if (n > 0) swiglu_rows_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(out, in, n, inter, out_bf16);
 }
 
 void add_into(float* y, long ldy, const float* x, int rows, int cols, cudaStream_t stream) {

@@ -7,6 +7,7 @@
 #pragma once
 #include <cstdint>
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 namespace rf::cuda {
@@ -20,8 +21,9 @@ void embed_rows(float* x, const void* table, bool table_bf16, const int32_t* tok
                 const int32_t* positions, const float* delta, cudaStream_t stream);
 
 // out [rows, inter] = silu(in[:, :inter]) * in[:, inter:] for in [rows, 2 inter] (gate then up,
-// the fused mlp_in of the Llama block).
-void swiglu_rows(float* out, const float* in, int rows, int inter, cudaStream_t stream);
+// the fused mlp_in of the Llama block); out_bf16 (optional): the same rounded to bf16, as
+// rmsnorm_rows writes it (ops.h).
+void swiglu_rows(float* out, const float* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16 = nullptr);
 
 // y[r, c] += x[r, c] for r < rows, c < cols; y's rows are ldy floats apart, x's cols: a LoRA
 // delta [rows, cols] added into its slice of a projection's output.

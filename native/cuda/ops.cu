@@ -6,6 +6,7 @@
 #include <cfloat>
 #include <cmath>
 
+#include "cuda/bf16.h"
 #include "cuda/ops.h"
 #include "model/draw.h"
 
@@ -33,27 +34,38 @@ __device__ float block_sum(float v, float* scratch) {
   return total;
 }
 
-__global__ void rmsnorm_kernel(float* out, const float* x, const float* w, int n, float eps) {
+__global__ void rmsnorm_kernel(float* out, const float* x, const float* w, int n, float eps, __nv_bfloat16* out_bf16) {
   __shared__ float scratch[32];
   const float* xr = x + long(blockIdx.x) * n;
   float* yr = out + long(blockIdx.x) * n;
+  __nv_bfloat16* br = out_bf16 ? out_bf16 + long(blockIdx.x) * n : nullptr;
   float ss = 0.f;
   for (int i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
   const float inv = 1.0f / sqrtf(block_sum(ss, scratch) / float(n) + eps);
-  for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = w[i] * (xr[i] * inv);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float y = w[i] * (xr[i] * inv);
+    yr[i] = y;
+    if (br) br[i] = bf16_round(y);
+  }
 }
 
-__global__ void layernorm_kernel(float* out, const float* x, const float* w, const float* b, int n, float eps) {
+__global__ void layernorm_kernel(float* out, const float* x, const float* w, const float* b, int n, float eps,
+                                 __nv_bfloat16* out_bf16) {
   __shared__ float scratch[32];
   const float* xr = x + long(blockIdx.x) * n;
   float* yr = out + long(blockIdx.x) * n;
+  __nv_bfloat16* br = out_bf16 ? out_bf16 + long(blockIdx.x) * n : nullptr;
   float s = 0.f;
   for (int i = threadIdx.x; i < n; i += blockDim.x) s += xr[i];
   const float mean = block_sum(s, scratch) / float(n);
   float ss = 0.f;
   for (int i = threadIdx.x; i < n; i += blockDim.x) ss += (xr[i] - mean) * (xr[i] - mean);
   const float inv = 1.0f / sqrtf(block_sum(ss, scratch) / float(n) + eps);
-  for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = (xr[i] - mean) * inv * w[i] + b[i];
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float y = (xr[i] - mean) * inv * w[i] + b[i];
+    yr[i] = y;
+    if (br) br[i] = bf16_round(y);
+  }
 }
 
 // grid (rows, heads); threads over the half head.
@@ -355,13 +367,14 @@ int blocks_for(long n, int threads) {
 
 }  // namespace
 
-void rmsnorm_rows(float* out, const float* x, const float* w, int rows, int n, float eps, cudaStream_t stream) {
-  if (rows > 0) rmsnorm_kernel<<<rows, kRowThreads, 0, stream>>>(out, x, w, n, eps);
+void rmsnorm_rows(float* out, const float* x, const float* w, int rows, int n, float eps, cudaStream_t stream,
+                  __nv_bfloat16* out_bf16) {
+  if (rows > 0) rmsnorm_kernel<<<rows, kRowThreads, 0, stream>>>(out, x, w, n, eps, out_bf16);
 }
 
 void layernorm_rows(float* out, const float* x, const float* w, const float* b, int rows, int n, float eps,
-                    cudaStream_t stream) {
-  if (rows > 0) layernorm_kernel<<<rows, kRowThreads, 0, stream>>>(out, x, w, b, n, eps);
+                    cudaStream_t stream, __nv_bfloat16* out_bf16) {
+  if (rows > 0) layernorm_kernel<<<rows, kRowThreads, 0, stream>>>(out, x, w, b, n, eps, out_bf16);
 }
 
 void rope_rows(float* x, long row_stride, int rows, int n_heads, int head_dim, const float* cos, const float* sin,

@@ -5,16 +5,21 @@
 #pragma once
 #include <cstdint>
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 namespace rf::cuda {
 
-// out [rows, n] = w * x / sqrt(mean(x^2) + eps) per row (LlamaRMSNorm).
-void rmsnorm_rows(float* out, const float* x, const float* w, int rows, int n, float eps, cudaStream_t stream);
+// out [rows, n] = w * x / sqrt(mean(x^2) + eps) per row (LlamaRMSNorm). out_bf16 (optional,
+// [rows, n]): the same values rounded to bf16 as f32_to_bf16 rounds (cuda/bf16.h), for a bf16
+// product that follows, without a conversion pass.
+void rmsnorm_rows(float* out, const float* x, const float* w, int rows, int n, float eps, cudaStream_t stream,
+                  __nv_bfloat16* out_bf16 = nullptr);
 
-// out [rows, n] = (x - mean) / sqrt(var + eps) * w + b per row (nn.LayerNorm, biased variance).
+// out [rows, n] = (x - mean) / sqrt(var + eps) * w + b per row (nn.LayerNorm, biased variance);
+// out_bf16 as for rmsnorm_rows.
 void layernorm_rows(float* out, const float* x, const float* w, const float* b, int rows, int n, float eps,
-                    cudaStream_t stream);
+                    cudaStream_t stream, __nv_bfloat16* out_bf16 = nullptr);
 
 // x [rows, n_heads, head_dim] rotated in place (rotate_half pairs (i, i + head_dim/2)); cos/sin
 // [rows, head_dim/2]: each row's table, computed on the host by rope_angles so every rope

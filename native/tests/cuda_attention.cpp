@@ -56,6 +56,20 @@ T* to_device(const std::vector<T>& v) {
   return d;
 }
 
+// q's rows (width floats each) on the device kStridePad floats apart, the gaps NaN: the kernels
+// read q in place from a fused QKV buffer, so a row must be found by its stride, and a read
+// past its width fails.
+constexpr int kStridePad = 24;
+float* to_device_strided(const std::vector<float>& q, int width) {
+  const size_t rows = q.size() / size_t(width), stride = size_t(width) + kStridePad;
+  std::vector<float> h(rows * stride, std::nanf(""));
+  for (size_t r = 0; r < rows; ++r) std::copy(q.begin() + long(r * width), q.begin() + long((r + 1) * width), h.begin() + long(r * stride));
+  float* d = nullptr;
+  cudaMalloc(&d, h.size() * sizeof(float));
+  cudaMemcpy(d, h.data(), h.size() * sizeof(float), cudaMemcpyHostToDevice);
+  return d;
+}
+
 void run_case(int head_dim, int n_kv_heads, int group, int window) {
   const int n_heads = n_kv_heads * group, B = 16;
   const std::vector<int> lengths{1, 15, 16, 17, 300, 1000};
@@ -83,14 +97,14 @@ void run_case(int head_dim, int n_kv_heads, int group, int window) {
   const float scale = 1.f / std::sqrt(float(head_dim));
   const int max_length = *std::max_element(lengths.begin(), lengths.end());
 
-  float *dk = to_device(k), *dv = to_device(v), *dq = to_device(q), *dout = nullptr, *dscratch = nullptr;
+  float *dk = to_device(k), *dv = to_device(v), *dq = to_device_strided(q, n_heads * head_dim), *dout = nullptr, *dscratch = nullptr;
   int32_t *dtables = to_device(flat), *doffsets = to_device(offsets), *dlens = to_device(lens);
   const size_t out_n = lengths.size() * n_heads * head_dim;
   cudaMalloc(&dout, out_n * sizeof(float));
   cudaMalloc(&dscratch, rf::cuda::decode_attention_scratch(int(lengths.size()), n_heads, head_dim, max_length) * sizeof(float));
   rf::cuda::PagedLayer layer{dk, dv, B, n_kv_heads, head_dim};
   rf::cuda::PagedBatch batch{dtables, doffsets, dlens, int(lengths.size()), max_length};
-  rf::cuda::decode_attention(dout, dq, layer, batch, n_heads, scale, window, dscratch, nullptr);
+  rf::cuda::decode_attention(dout, dq, n_heads * head_dim + kStridePad, layer, batch, n_heads, scale, window, dscratch, nullptr);
   std::vector<float> out(out_n);
   cudaMemcpy(out.data(), dout, out_n * sizeof(float), cudaMemcpyDeviceToHost);
   for (void* p : {static_cast<void*>(dk), static_cast<void*>(dv), static_cast<void*>(dq), static_cast<void*>(dout),
@@ -222,13 +236,15 @@ void prefill_case(int head_dim, int n_kv_heads, int group, int window, const std
   for (float& x : q) x = d(rng);
   const float scale = 1.f / std::sqrt(float(head_dim));
 
-  float *dq = to_device(q), *dout = device_nan(q.size()), *dlse = tc ? device_nan(size_t(total_rows) * n_heads) : nullptr;
+  float *dq = to_device_strided(q, n_heads * head_dim), *dout = device_nan(q.size()),
+        *dlse = tc ? device_nan(size_t(total_rows) * n_heads) : nullptr;
+  const long q_stride = n_heads * head_dim + kStridePad;
   int32_t *drow_offsets = to_device(row_offsets), *dn_new = to_device(news);
   if (tc)
-    rf::cuda::prefill_attention_tc(dout, dq, cache.layer(), cache.batch(), drow_offsets, dn_new, total_rows, max_new, n_heads, scale,
+    rf::cuda::prefill_attention_tc(dout, dq, q_stride, cache.layer(), cache.batch(), drow_offsets, dn_new, total_rows, max_new, n_heads, scale,
                                    window, nullptr, dlse);
   else
-    rf::cuda::prefill_attention(dout, dq, cache.layer(), cache.batch(), drow_offsets, dn_new, total_rows, max_new, n_heads, scale,
+    rf::cuda::prefill_attention(dout, dq, q_stride, cache.layer(), cache.batch(), drow_offsets, dn_new, total_rows, max_new, n_heads, scale,
                                 window, nullptr);
   const bool ran = device_ok(name);
   std::vector<float> out(q.size()), lse(tc ? size_t(total_rows) * n_heads : 0);
@@ -298,11 +314,13 @@ void prefill_decode_case(int head_dim, int n_kv_heads, int group, int window, bo
   const float scale = 1.f / std::sqrt(float(head_dim));
   const rf::cuda::PagedBatch batch = cache.batch();
 
-  float *dq = to_device(q), *dprefill = device_nan(q.size()), *ddecode = device_nan(q.size()), *dscratch = nullptr;
+  float *dq = to_device_strided(q, n_heads * head_dim), *dprefill = device_nan(q.size()), *ddecode = device_nan(q.size()),
+        *dscratch = nullptr;
+  const long q_stride = n_heads * head_dim + kStridePad;
   int32_t *drow_offsets = to_device(row_offsets), *dones = to_device(ones);
   cudaMalloc(&dscratch, rf::cuda::decode_attention_scratch(n_seqs, n_heads, head_dim, batch.max_length) * sizeof(float));
-  rf::cuda::prefill_attention(dprefill, dq, cache.layer(), batch, drow_offsets, dones, n_seqs, 1, n_heads, scale, window, nullptr);
-  rf::cuda::decode_attention(ddecode, dq, cache.layer(), batch, n_heads, scale, window, dscratch, nullptr);
+  rf::cuda::prefill_attention(dprefill, dq, q_stride, cache.layer(), batch, drow_offsets, dones, n_seqs, 1, n_heads, scale, window, nullptr);
+  rf::cuda::decode_attention(ddecode, dq, q_stride, cache.layer(), batch, n_heads, scale, window, dscratch, nullptr);
   const std::string name = "paged prefill with n_new 1 head_dim=" + std::to_string(head_dim) + " GQA " + std::to_string(group) +
                            " window " + std::to_string(window) + (bf16_cache ? " bf16 cache" : "");
   const bool ran = device_ok(name);

@@ -246,6 +246,15 @@ void swiglu_case(int rows, int inter, bool large) {
     }
   check(worst <= 2e-6, tag + ": |got - ref| / (1 + |ref|) = " + fmt(worst) + " <= 2e-6");
   check(tail_intact(out, n), tag + ": nothing written past the output");
+  if (large) return;
+  // With a bf16 output as well: the f32 output the same bits, the bf16 one rf::f32_to_bf16 of it.
+  Dev d_out2 = output(n), d_bf16(n * 2);
+  rf::cuda::swiglu_rows(d_out2.f(), d_in.f(), rows, inter, nullptr, static_cast<__nv_bfloat16*>(d_bf16.p));
+  const std::vector<float> out2 = download<float>(d_out2, n);
+  const std::vector<uint16_t> bits = download<uint16_t>(d_bf16, n);
+  long differ = 0;
+  for (size_t i = 0; i < n; ++i) differ += std::memcmp(&out[i], &out2[i], 4) != 0 || bits[i] != rf::f32_to_bf16(out[i]);
+  check(differ == 0, tag + " with a bf16 output: f32 the same bits, bf16 = f32_to_bf16 of it (" + std::to_string(differ) + " differ)");
 }
 
 void test_swiglu_rows() {

@@ -15,10 +15,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "core/dtype.h"
 #include "cuda/cuda.h"
 #include "cuda/ops.h"
 #include "kernels/ops.h"
@@ -78,6 +80,25 @@ void test_norms() {
     rf::cuda::layernorm_rows(out.f(), dx.f(), dw.f(), db.f(), rows, n, 1e-5f, nullptr);
     const double e2 = max_rel(download(out, x.size()), want_ln);
     check(e1 < 1e-5 && e2 < 1e-5, "norms n=" + std::to_string(n) + ": rms rel " + std::to_string(e1) + ", layer rel " + std::to_string(e2));
+    // With a bf16 output as well: the f32 output unchanged, the bf16 one its rf::f32_to_bf16 bits.
+    Dev out2(x.size() * 4), outb(x.size() * 2);
+    for (bool layer : {false, true}) {
+      if (layer) {
+        rf::cuda::layernorm_rows(out.f(), dx.f(), dw.f(), db.f(), rows, n, 1e-5f, nullptr);
+        rf::cuda::layernorm_rows(out2.f(), dx.f(), dw.f(), db.f(), rows, n, 1e-5f, nullptr, static_cast<__nv_bfloat16*>(outb.p));
+      } else {
+        rf::cuda::rmsnorm_rows(out.f(), dx.f(), dw.f(), rows, n, 1e-5f, nullptr);
+        rf::cuda::rmsnorm_rows(out2.f(), dx.f(), dw.f(), rows, n, 1e-5f, nullptr, static_cast<__nv_bfloat16*>(outb.p));
+      }
+      const std::vector<float> f = download(out, x.size()), f2 = download(out2, x.size());
+      std::vector<uint16_t> bits(x.size());
+      cudaMemcpy(bits.data(), outb.p, bits.size() * 2, cudaMemcpyDeviceToHost);
+      long differ = 0;
+      for (size_t i = 0; i < f.size(); ++i) differ += std::memcmp(&f[i], &f2[i], 4) != 0 || bits[i] != rf::f32_to_bf16(f[i]);
+      check(differ == 0, std::string(layer ? "layernorm" : "rmsnorm") + " n=" + std::to_string(n) +
+                             " with a bf16 output: f32 the same bits, bf16 = f32_to_bf16 of it (" + std::to_string(differ) +
+                             " differ)");
+    }
   }
 }
 

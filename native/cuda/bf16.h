@@ -1,0 +1,25 @@
+// f32 -> bf16 on the device as the CPU rounds (rf::f32_to_bf16, native/core/dtype.h): to nearest
+// even on the bit pattern, NaN kept NaN (quieted). One definition for every kernel that writes
+// bf16 activations (f32_to_bf16, and the norms and SwiGLU that write their output twice), so a
+// fused kernel's bf16 output is the bits the separate conversion would give.
+#pragma once
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+namespace rf::cuda {
+
+__device__ __forceinline__ __nv_bfloat16 bf16_round(float f) {
+  uint32_t u = __float_as_uint(f);
+  __nv_bfloat16_raw r;
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    r.x = (unsigned short)((u >> 16) | 0x40u);
+  } else {
+    u += 0x7fffu + ((u >> 16) & 1u);
+    r.x = (unsigned short)(u >> 16);
+  }
+  return __nv_bfloat16(r);
+}
+
+}  // namespace rf::cuda
