@@ -447,6 +447,8 @@ double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, D
   sc.begin();
   float* z = sc.get<float>(size_t(C) * V);
   __nv_bfloat16* xb = bf16 ? sc.get<__nv_bfloat16>(std::max(size_t(C) * V, size_t(C) * H)) : nullptr;
+  // bf16 W with dW: the rows' bf16 copy outlives xb's (which then holds dz), for dW's product.
+  __nv_bfloat16* hb = bf16 && dW ? sc.get<__nv_bfloat16>(size_t(C) * H) : nullptr;
   int32_t* d_targets = sc.get<int32_t>(size_t(C));
   int32_t* idx = sc.get<int32_t>(size_t(C));
   int* d_flags = sc.get<int>(size_t(std::max(K, 1)));
@@ -458,8 +460,8 @@ double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, D
     const float* x = h + long(r0) * H;
     const void* xin = x;
     if (bf16) {
-      f32_to_bf16(xb, x, long(n) * H, stream);
-      xin = xb;
+      f32_to_bf16(hb ? hb : xb, x, long(n) * H, stream);
+      xin = hb ? hb : xb;
     }
     matmul(gemm, z, xin, w_type, W, w_type, n, V, H, nullptr, 0.f, stream);
     if (K > 0) set_flag_logits(z, V, x, n, H, w_rf, d_flags, K, stream);
@@ -474,7 +476,10 @@ double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, D
       zin = xb;
     }
     matmul_nn(gemm, dh + long(r0) * H, zin, w_type, W, w_type, n, H, V, 0.f, stream);
-    if (dW) matmul_tn(gemm, dW, z, DType::f32, x, DType::f32, V, H, n, 1.f, 1.f, stream);  // dW += dz^T h
+    // dW += dz^T h; bf16 W: bf16 dz and h, the products summed in f32 (as autocast, and as the
+    // trainer's other weight gradients; an f32 product runs at a tenth of the tensor-core rate).
+    if (dW && bf16) matmul_tn(gemm, dW, xb, DType::bf16, hb, DType::bf16, V, H, n, 1.f, 1.f, stream);
+    else if (dW) matmul_tn(gemm, dW, z, DType::f32, x, DType::f32, V, H, n, 1.f, 1.f, stream);
     if (K > 0) {
       flag_correction_kernel<<<n, 256, 0, stream>>>(dh + long(r0) * H, H, z, V, d_flags, d_flags, K, w_rf, W, bf16);
       std::vector<int32_t> own(static_cast<size_t>(n));

@@ -80,8 +80,9 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
 // sum_r (lse_r - z_r[target_r]) (returned), dh [N, H] = dz W* (written) with dz = weight
 // (softmax(z) - onehot(target)), and dw_rf [K, H] += dz[:, flags]^T h (the trained flag rows,
 // whose logits replace W's: w_rf [K, H]; flags empty: none), and, when dW is given (full
-// fine-tuning), the LM head's gradient dW [V, H] += dz^T h. Rows go through the LM head in chunks
-// of `chunk` rows (0: as rf_loss); no [N x V] buffer.
+// fine-tuning), the LM head's gradient dW [V, H] += dz^T h (bf16 W: from bf16 dz and h, summed
+// in f32). Rows go through the LM head in chunks of `chunk` rows (0: as rf_loss); no [N x V]
+// buffer.
 double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, DType w_type, int V, const float* w_rf,
                const std::vector<int>& flags, const int32_t* targets, float weight, float* dh, float* dw_rf, int chunk,
                cudaStream_t stream, float* dW = nullptr, LossScratch* scratch = nullptr);
