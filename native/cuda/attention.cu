@@ -19,6 +19,7 @@
 #include <cmath>
 
 #include "cuda/attention.h"
+#include "cuda/bf16.h"
 
 namespace rf::cuda {
 
@@ -39,8 +40,8 @@ __device__ float warp_sum(float v) {
 
 // scratch layout: m [S, H, splits], l [S, H, splits], acc [S, H, splits, head_dim]. T: the cache's type.
 template <class T>
-__global__ void decode_partial(const float* q, long q_stride, PagedLayer layer, PagedBatch batch, int n_heads, float scale, int window,
-                               int n_splits, float* m_out, float* l_out, float* acc_out) {
+__global__ void decode_partial(const float* q, long q_stride, PagedLayer layer, PagedBatch batch, int n_heads, float scale,
+                               int window, int n_splits, float* m_out, float* l_out, float* acc_out) {
   const int s = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int hd = layer.head_dim, B = layer.block_tokens;
@@ -104,7 +105,7 @@ __global__ void decode_partial(const float* q, long q_stride, PagedLayer layer, 
 }
 
 __global__ void decode_combine(float* out, int n_heads, int hd, int n_splits, const float* m_in, const float* l_in,
-                               const float* acc_in) {
+                               const float* acc_in, __nv_bfloat16* out_bf16) {
   const int s = blockIdx.x, h = blockIdx.y;
   const long first = (long(s) * n_heads + h) * n_splits;
   float M = -FLT_MAX;
@@ -118,7 +119,9 @@ __global__ void decode_combine(float* out, int n_heads, int hd, int n_splits, co
     float sum = 0.f;
     for (int k = 0; k < n_splits; ++k)
       if (l_in[first + k] > 0.f) sum += acc_in[(first + k) * hd + d] * expf(m_in[first + k] - M);
-    o[d] = L > 0.f ? sum / L : 0.f;
+    const float y = L > 0.f ? sum / L : 0.f;
+    o[d] = y;
+    if (out_bf16) out_bf16[(long(s) * n_heads + h) * hd + d] = bf16_round(y);
   }
 }
 
@@ -281,12 +284,12 @@ void prefill_launch(dim3 grid, float* out, const float* q, long q_stride, const 
   if (layer.bf16) {
     if (smem > 48 * 1024)
       cudaFuncSetAttribute(prefill_kernel<kDims, __nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    prefill_kernel<kDims, __nv_bfloat16><<<grid, kPrefillThreads, smem, stream>>>(out, q, q_stride, layer, batch, row_offsets, n_new, n_heads,
-                                                                                 scale, window);
+    prefill_kernel<kDims, __nv_bfloat16><<<grid, kPrefillThreads, smem, stream>>>(out, q, q_stride, layer, batch, row_offsets,
+                                                                                 n_new, n_heads, scale, window);
   } else {
     if (smem > 48 * 1024) cudaFuncSetAttribute(prefill_kernel<kDims, float>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    prefill_kernel<kDims, float><<<grid, kPrefillThreads, smem, stream>>>(out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale,
-                                                                         window);
+    prefill_kernel<kDims, float><<<grid, kPrefillThreads, smem, stream>>>(out, q, q_stride, layer, batch, row_offsets, n_new,
+                                                                         n_heads, scale, window);
   }
 }
 
@@ -297,8 +300,8 @@ long decode_attention_scratch(int n_seqs, int n_heads, int head_dim, int max_len
   return slots * (2 + head_dim);
 }
 
-void decode_attention(float* out, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch, int n_heads, float scale,
-                      int window, float* scratch, cudaStream_t stream) {
+void decode_attention(float* out, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch, int n_heads,
+                      float scale, int window, float* scratch, cudaStream_t stream, __nv_bfloat16* out_bf16) {
   if (batch.n_seqs <= 0 || batch.max_length <= 0) return;
   const int n_splits = splits_for(batch.max_length);
   const long slots = long(batch.n_seqs) * n_heads * n_splits;
@@ -307,15 +310,17 @@ void decode_attention(float* out, const float* q, long q_stride, const PagedLaye
   float* acc = scratch + 2 * slots;
   const dim3 grid(batch.n_seqs, n_heads, n_splits);
   if (layer.bf16)
-    decode_partial<__nv_bfloat16><<<grid, 32 * kWarps, 0, stream>>>(q, q_stride, layer, batch, n_heads, scale, window, n_splits, m, l, acc);
+    decode_partial<__nv_bfloat16><<<grid, 32 * kWarps, 0, stream>>>(q, q_stride, layer, batch, n_heads, scale, window, n_splits, m,
+                                                                    l, acc);
   else
-    decode_partial<float><<<grid, 32 * kWarps, 0, stream>>>(q, q_stride, layer, batch, n_heads, scale, window, n_splits, m, l, acc);
-  decode_combine<<<dim3(batch.n_seqs, n_heads), 128, 0, stream>>>(out, n_heads, layer.head_dim, n_splits, m, l, acc);
+    decode_partial<float><<<grid, 32 * kWarps, 0, stream>>>(q, q_stride, layer, batch, n_heads, scale, window, n_splits, m, l,
+                                                            acc);
+  decode_combine<<<dim3(batch.n_seqs, n_heads), 128, 0, stream>>>(out, n_heads, layer.head_dim, n_splits, m, l, acc, out_bf16);
 }
 
-void prefill_attention(float* out, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch, const int32_t* row_offsets,
-                       const int32_t* n_new, int total_rows, int max_new, int n_heads, float scale, int window,
-                       cudaStream_t stream) {
+void prefill_attention(float* out, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch,
+                       const int32_t* row_offsets, const int32_t* n_new, int total_rows, int max_new, int n_heads, float scale,
+                       int window, cudaStream_t stream) {
   if (batch.n_seqs <= 0 || total_rows <= 0 || max_new <= 0) return;
   const dim3 grid((max_new + kPrefillRows - 1) / kPrefillRows, n_heads, batch.n_seqs);
   if (layer.head_dim <= 64)

@@ -8,6 +8,7 @@
 #pragma once
 #include <cstdint>
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 namespace rf::cuda {
@@ -44,9 +45,10 @@ long decode_attention_scratch(int n_seqs, int n_heads, int head_dim, int max_len
 // last `window` of them when window > 0; causal by construction: the cache ends at the query).
 // q [n_seqs, n_heads, head_dim] with rows q_stride floats apart (n_heads * head_dim, or the width
 // of a fused QKV buffer whose q part it reads in place); n_heads a multiple of n_kv_heads (GQA);
-// head_dim <= 256.
-void decode_attention(float* out, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch, int n_heads, float scale,
-                      int window, float* scratch, cudaStream_t stream);
+// head_dim <= 256. out_bf16 (optional, out's shape): out rounded to bf16 as well (cuda/bf16.h),
+// the o projection's operand with bf16 weights.
+void decode_attention(float* out, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch, int n_heads,
+                      float scale, int window, float* scratch, cudaStream_t stream, __nv_bfloat16* out_bf16 = nullptr);
 
 // Prefill: per sequence s, n_new[s] new query rows, its last n_new[s] positions (already
 // appended to the cache, whose length is lengths[s]; n_new[s] <= lengths[s], and fewer when a
@@ -55,12 +57,12 @@ void decode_attention(float* out, const float* q, long q_stride, const PagedLaye
 // last `window` keys including its own).
 // q [total_rows, n_heads, head_dim], rows q_stride floats apart: the rows of all sequences in
 // order, row_offsets[s] (device int32 [n_seqs]) the first row of s; out [total_rows, n_heads,
-// head_dim], contiguous. n_new device int32 [n_seqs]; max_new
-// the largest n_new[s] (sizes the grid). batch.max_length is not used. n_heads a multiple of
-// n_kv_heads (GQA); head_dim <= 256. With n_new = 1 everywhere it computes what decode_attention does.
-void prefill_attention(float* out, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch, const int32_t* row_offsets,
-                       const int32_t* n_new, int total_rows, int max_new, int n_heads, float scale, int window,
-                       cudaStream_t stream);
+// head_dim], contiguous. n_new device int32 [n_seqs]; max_new the largest n_new[s] (sizes the
+// grid). batch.max_length is not used. n_heads a multiple of n_kv_heads (GQA); head_dim <= 256.
+// With n_new = 1 everywhere it computes what decode_attention does.
+void prefill_attention(float* out, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch,
+                       const int32_t* row_offsets, const int32_t* n_new, int total_rows, int max_new, int n_heads, float scale,
+                       int window, cudaStream_t stream);
 
 // prefill_attention on the tensor cores (attention_tc.cu): q, keys and values rounded to bf16,
 // products by mma.sync with f32 accumulation, the softmax in f32. For models whose weights are
@@ -72,8 +74,8 @@ void prefill_attention(float* out, const float* q, long q_stride, const PagedLay
 // log2 sum_j 2^(scale log2(e) q.k_j), which the tensor-core attention backward reads
 // (attention_backward.h); +inf for a row that sees no key. Only where supported.
 bool prefill_attention_tc_supports(int head_dim);
-void prefill_attention_tc(float* out, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch, const int32_t* row_offsets,
-                          const int32_t* n_new, int total_rows, int max_new, int n_heads, float scale, int window,
-                          cudaStream_t stream, float* lse = nullptr);
+void prefill_attention_tc(float* out, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch,
+                          const int32_t* row_offsets, const int32_t* n_new, int total_rows, int max_new, int n_heads, float scale,
+                          int window, cudaStream_t stream, float* lse = nullptr);
 
 }  // namespace rf::cuda

@@ -200,18 +200,18 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <int kK>
-void launch(dim3 grid, float* out, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch, const int32_t* row_offsets,
-            const int32_t* n_new, int n_heads, float scale, int window, float* lse, cudaStream_t stream) {
+void launch(dim3 grid, float* out, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch,
+            const int32_t* row_offsets, const int32_t* n_new, int n_heads, float scale, int window, float* lse, cudaStream_t stream) {
   const size_t smem = smem_bytes(16 * kK);
   if (layer.bf16) {
     if (smem > 48 * 1024)
       cudaFuncSetAttribute(prefill_tc_kernel<kK, __nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    prefill_tc_kernel<kK, __nv_bfloat16><<<grid, kThreads, smem, stream>>>(out, q, q_stride, layer, batch, row_offsets, n_new, n_heads,
-                                                                          scale * kLog2e, window, lse);
+    prefill_tc_kernel<kK, __nv_bfloat16><<<grid, kThreads, smem, stream>>>(out, q, q_stride, layer, batch, row_offsets, n_new,
+                                                                          n_heads, scale * kLog2e, window, lse);
   } else {
     if (smem > 48 * 1024) cudaFuncSetAttribute(prefill_tc_kernel<kK, float>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    prefill_tc_kernel<kK, float><<<grid, kThreads, smem, stream>>>(out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale * kLog2e,
-                                                                  window, lse);
+    prefill_tc_kernel<kK, float><<<grid, kThreads, smem, stream>>>(out, q, q_stride, layer, batch, row_offsets, n_new, n_heads,
+                                                                  scale * kLog2e, window, lse);
   }
 }
 
@@ -219,13 +219,14 @@ void launch(dim3 grid, float* out, const float* q, long q_stride, const PagedLay
 
 bool prefill_attention_tc_supports(int head_dim) { return head_dim % 16 == 0 && head_dim >= 16 && head_dim <= 128; }
 
-void prefill_attention_tc(float* out, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch, const int32_t* row_offsets,
-                          const int32_t* n_new, int total_rows, int max_new, int n_heads, float scale, int window,
-                          cudaStream_t stream, float* lse) {
+void prefill_attention_tc(float* out, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch,
+                          const int32_t* row_offsets, const int32_t* n_new, int total_rows, int max_new, int n_heads, float scale,
+                          int window, cudaStream_t stream, float* lse) {
   if (batch.n_seqs <= 0 || total_rows <= 0 || max_new <= 0) return;
   if (!prefill_attention_tc_supports(layer.head_dim)) {
     if (lse) throw std::invalid_argument("prefill_attention_tc: no log-sum-exp output at head_dim " + std::to_string(layer.head_dim));
-    return prefill_attention(out, q, q_stride, layer, batch, row_offsets, n_new, total_rows, max_new, n_heads, scale, window, stream);
+    return prefill_attention(out, q, q_stride, layer, batch, row_offsets, n_new, total_rows, max_new, n_heads, scale, window,
+                             stream);
   }
   const dim3 grid((max_new + kRows - 1) / kRows, n_heads, batch.n_seqs);
   switch (layer.head_dim / 16) {

@@ -491,14 +491,16 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
   const PagedBatch batch{p.tables, p.table_offsets, p.lengths, p.n, p.attn_length};
   const float scale = 1.0f / std::sqrt(float(hd));
   // Attention reads q in place: the first Q floats of each qkv row.
-  if (p.all_one) decode_attention(att, qkv, QKV, layer, batch, c.n_heads, scale, c.sliding_window, s.attn.get(), st);
+  if (p.all_one) decode_attention(att, qkv, QKV, layer, batch, c.n_heads, scale, c.sliding_window, s.attn.get(), st, xb);
   else if (tc_attention())
     prefill_attention_tc(att, qkv, QKV, layer, batch, p.row_offsets, p.n_new, int(R), p.max_new, c.n_heads, scale, c.sliding_window, st,
                          keep ? static_cast<float*>(keep->lse.ensure(size_t(R * c.n_heads) * sizeof(float))) : nullptr);
   else
     prefill_attention(att, qkv, QKV, layer, batch, p.row_offsets, p.n_new, int(R), p.max_new, c.n_heads, scale, c.sliding_window, st);
   if (keep) keep_values(keep->att, att, R * Q);
-  linear_rows(L.o, att, nullptr, R, x, true, l, 1, trace, keep, &u_next);
+  // The o projection's bf16 operand where one exists: decode attention wrote it, or the trace kept it.
+  const __nv_bfloat16* att_bf16 = !xb ? nullptr : p.all_one ? xb : keep ? keep->att.get<__nv_bfloat16>() : nullptr;
+  linear_rows(L.o, att, att_bf16, R, x, true, l, 1, trace, keep, &u_next);
   if (keep) keep_rows(keep->x_mid, x, R * H);
 
   // MLP block: x += mlp_out(act(mlp_in(norm(x))))

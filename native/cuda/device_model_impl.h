@@ -130,9 +130,9 @@ struct DeviceScratch {
 // less what is cheap to recompute from it: the two norms' outputs and the activation; see
 // DeviceTrainer's backward): the residual stream before each half, x_in [R, H] and x_mid [R, H],
 // in f32; qkv [R, QKV] after rope, att [R, Q] and mlp [R, MLP_IN] before the activation, in the
-// engine's dtype (bf16 models: bf16, as autocast keeps them, so a token costs about 2H + 2QKV + 2Q
-// + 2 MLP_IN bytes besides the residuals, 58 KB per layer at Llama-3.2-1B's shape against 151 KB
-// for every activation in f32); lse (see DeviceModel::tc_attention), and per LoRA adapter of the
+// engine's dtype (bf16 models: bf16, as autocast keeps them, so a token costs 8H + 2 (QKV + Q +
+// MLP_IN) bytes per layer, 58 KiB at Llama-3.2-1B's shape against 148 KiB for every activation in
+// f32); lse (see DeviceModel::tc_attention), and per LoRA adapter of the
 // block in call order (qkv's, o's, mlp_in's, mlp_out's) u = dropout(x) A^T [R, rank], f32.
 struct DeviceLayerTrace {
   Buffer x_in, x_mid;    // f32

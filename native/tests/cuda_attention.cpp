@@ -105,10 +105,23 @@ void run_case(int head_dim, int n_kv_heads, int group, int window) {
   rf::cuda::PagedLayer layer{dk, dv, B, n_kv_heads, head_dim};
   rf::cuda::PagedBatch batch{dtables, doffsets, dlens, int(lengths.size()), max_length};
   rf::cuda::decode_attention(dout, dq, n_heads * head_dim + kStridePad, layer, batch, n_heads, scale, window, dscratch, nullptr);
-  std::vector<float> out(out_n);
+  std::vector<float> out(out_n), out2(out_n);
   cudaMemcpy(out.data(), dout, out_n * sizeof(float), cudaMemcpyDeviceToHost);
+  // Again with the bf16 output: the f32 output the same bits, the bf16 one rf::f32_to_bf16 of it.
+  uint16_t* dbf16 = nullptr;
+  cudaMalloc(&dbf16, out_n * 2);
+  rf::cuda::decode_attention(dout, dq, n_heads * head_dim + kStridePad, layer, batch, n_heads, scale, window, dscratch, nullptr,
+                             reinterpret_cast<__nv_bfloat16*>(dbf16));
+  std::vector<uint16_t> bits(out_n);
+  cudaMemcpy(out2.data(), dout, out_n * sizeof(float), cudaMemcpyDeviceToHost);
+  cudaMemcpy(bits.data(), dbf16, out_n * 2, cudaMemcpyDeviceToHost);
+  long differ = 0;
+  for (size_t i = 0; i < out_n; ++i) differ += std::memcmp(&out[i], &out2[i], 4) != 0 || bits[i] != rf::f32_to_bf16(out[i]);
+  check(differ == 0, "decode attention head_dim=" + std::to_string(head_dim) + " GQA " + std::to_string(group) +
+                         " with a bf16 output: f32 the same bits, bf16 = f32_to_bf16 of it (" + std::to_string(differ) + " differ)");
   for (void* p : {static_cast<void*>(dk), static_cast<void*>(dv), static_cast<void*>(dq), static_cast<void*>(dout),
-                  static_cast<void*>(dscratch), static_cast<void*>(dtables), static_cast<void*>(doffsets), static_cast<void*>(dlens)})
+                  static_cast<void*>(dscratch), static_cast<void*>(dtables), static_cast<void*>(doffsets), static_cast<void*>(dlens),
+                  static_cast<void*>(dbf16)})
     cudaFree(p);
 
   double worst = 0;
