@@ -100,8 +100,11 @@ struct DeviceTrainer::Impl {
   LossScratch loss_scratch;      // the losses' device scratch, kept from step to step
   DeviceLayerTrace recomputed;  // one block's activations, recomputed in the backward
   Buffer x_recompute;
-  Buffer xn, act, wide_a, wide_b;  // the backward's recomputed and widened activations of one block
-  Buffer h, h_ref, dH, dx, dtmp, dact, dmlp, dxn, datt, dqkv, xa, dys, du, tmp_in, xb, xw, rows_h, rows_href, dh_rows, dw_scratch;
+  // The backward's recomputed and widened activations of one block, and an adapter's dropped-out
+  // input and slice of dy: the model's idle forward scratch stands in for xn, act, wide_a, xa and
+  // dys unless the backward recomputes blocks (see the backward).
+  Buffer xn, act, wide_a, wide_b, xa, dys;
+  Buffer h, h_ref, dH, dx, dtmp, dact, dmlp, dxn, datt, dqkv, du, tmp_in, xb, xw, rows_h, rows_href, dh_rows, dw_scratch;
   Buffer norm_scratch, attn_scratch, idx_a, idx_b, sc_rows, sc_first, sc_index;
 
   float* val(int p) const { return value.get() + offset[size_t(p)]; }
@@ -489,6 +492,16 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
       floats(s.attn_scratch, tc ? attention_backward_tc_scratch(arows) : attention_backward_scratch(arows));
   const float scale = 1.0f / std::sqrt(float(hd));
 
+  // Scratch the backward can borrow from the forward's: without recomputation the model's buffers
+  // of the same shapes lie idle until the next step (with it, the block's forward reuses them).
+  DeviceScratch& fs = *m.s_;
+  const bool borrow = !options_.recompute;
+  Buffer& xn_buf = borrow ? fs.xn : s.xn;          // [R, H]
+  Buffer& act_buf = borrow ? fs.act : s.act;       // [R, I]
+  Buffer& wide_buf = borrow ? fs.mlp : s.wide_a;   // [R, max(MLP_IN, QKV)]
+  Buffer& xa_buf = borrow ? fs.lora_x : s.xa;      // [R, in] an adapter's dropped-out input
+  Buffer& dys_buf = borrow ? fs.lora_d : s.dys;    // [R, out] an adapter's slice of dy
+
   // din = dy W for projection (l, index), plus its adapters' input gradients and their dA, dB.
   auto linear_backward = [&](int l, int index, const float* x, long in, const float* dy, long out, float* din,
                              const DeviceLayerTrace& lt) {
@@ -518,7 +531,7 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
       const int r = lora.rank, o = lora.out;
       const float* dys = dy;
       if (lora.offset != 0 || o != out) {  // the adapter's slice of dy, made contiguous
-        float* b = floats(s.dys, R * o);
+        float* b = floats(dys_buf, R * o);
         check(cudaMemcpy2DAsync(b, size_t(o) * sizeof(float), dy + lora.offset, size_t(out) * sizeof(float),
                                 size_t(o) * sizeof(float), size_t(R), cudaMemcpyDeviceToDevice, st),
               "cudaMemcpy2DAsync (dy slice)");
@@ -528,7 +541,7 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
       const int adapter_id = index * 16 + int(a);
       const float* xa = x;
       if (p > 0.f) {
-        float* b = floats(s.xa, R * in);
+        float* b = floats(xa_buf, R * in);
         dropout_rows(b, x, int(R), int(in), s.trace.dropout_seed, l, adapter_id, p, st);
         xa = b;
       }
@@ -549,6 +562,7 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
 
   // The trace's values in f32: the kept buffer itself (f32 models), or widened from bf16 into
   // scratch. The MLP half's mlp and the attention half's qkv share one buffer (never both live).
+  // With bf16 weights the trace's values are widened into scratch; f32 ones are read in place.
   auto widen = [&](Buffer& scratch, const Buffer& kept, long n) -> const float* {
     if (!bf16) return kept.get();
     float* out = floats(scratch, n);
@@ -557,8 +571,8 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
   };
   // What the trace leaves out, recomputed by the forward's kernels from the forward's inputs (so
   // the same bits as the forward's): a norm's output, the MLP's activation.
-  float* xn = floats(s.xn, R * H);
-  float* act = floats(s.act, R * I);
+  float* xn = floats(xn_buf, R * H);
+  float* act = floats(act_buf, R * I);
 
   DeviceTrace recompute_trace;  // the same dropout masks
   recompute_trace.dropout = s.trace.dropout;
@@ -577,7 +591,7 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     const DLayer& L = w.layers[size_t(l)];
     const Impl::FullLayer* fl = full ? &s.full[size_t(l)] : nullptr;
     // MLP: x_out = x_mid + mlp_out(act(mlp_in(norm(x_mid))))
-    const float* mlp = widen(s.wide_a, lt.mlp, R * MLP_IN);
+    const float* mlp = widen(wide_buf, lt.mlp, R * MLP_IN);
     m.activation_rows(mlp, act, R);
     linear_backward(l, 3, act, I, dx, H, dact, lt);
     if (c.act == Activation::silu) swiglu_backward_rows(dmlp, dact, mlp, int(R), int(I), st);
@@ -588,7 +602,7 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     // Attention: x_mid = x_in + o(attn(rope(qkv(norm(x_in)))))
     const float* att = widen(s.wide_b, lt.att, R * Q);
     linear_backward(l, 1, att, Q, dx, H, datt, lt);
-    const float* qkv = widen(s.wide_a, lt.qkv, R * QKV);
+    const float* qkv = widen(wide_buf, lt.qkv, R * QKV);
     if (tc)
       attention_backward_tc(dqkv, datt, qkv, att, lt.lse.get(), arows, plan.max_new, scale, attn_scratch, st);
     else
