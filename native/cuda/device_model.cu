@@ -480,9 +480,7 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
   // Attention block: x += o(attn(rope(qkv(norm(x)))))
   norm_rows(L.attn_norm, x, xn, R, xb);
   linear_rows(L.qkv, xn, xb, R, qkv, false, l, 0, trace, keep, &u_next);
-  if (c.rope) {
-    rope_rows(qkv, QKV, int(R), c.n_heads + c.n_kv_heads, int(hd), p.cos, p.sin, st);  // q's heads, then k's
-  }
+  if (c.rope) rope_rows(qkv, QKV, int(R), c.n_heads + c.n_kv_heads, int(hd), p.cos, p.sin, st);  // q's heads, then k's
   if (keep) keep_values(keep->qkv, qkv, R * QKV);
   if (append_kv)
     kv_append(pool_->k(l), pool_->v(l), pool_->bf16(), qkv, QKV, int(Q), int(Q + KV), p.row_seq, p.row_pos, p.tables,
@@ -493,10 +491,12 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
   // Attention reads q in place: the first Q floats of each qkv row.
   if (p.all_one) decode_attention(att, qkv, QKV, layer, batch, c.n_heads, scale, c.sliding_window, s.attn.get(), st, xb);
   else if (tc_attention())
-    prefill_attention_tc(att, qkv, QKV, layer, batch, p.row_offsets, p.n_new, int(R), p.max_new, c.n_heads, scale, c.sliding_window, st,
+    prefill_attention_tc(att, qkv, QKV, layer, batch, p.row_offsets, p.n_new, int(R), p.max_new, c.n_heads, scale,
+                         c.sliding_window, st,
                          keep ? static_cast<float*>(keep->lse.ensure(size_t(R * c.n_heads) * sizeof(float))) : nullptr);
   else
-    prefill_attention(att, qkv, QKV, layer, batch, p.row_offsets, p.n_new, int(R), p.max_new, c.n_heads, scale, c.sliding_window, st);
+    prefill_attention(att, qkv, QKV, layer, batch, p.row_offsets, p.n_new, int(R), p.max_new, c.n_heads, scale,
+                      c.sliding_window, st);
   if (keep) keep_values(keep->att, att, R * Q);
   // The o projection's bf16 operand where one exists: decode attention wrote it, or the trace kept it.
   const __nv_bfloat16* att_bf16 = !xb ? nullptr : p.all_one ? xb : keep ? keep->att.get<__nv_bfloat16>() : nullptr;

@@ -562,7 +562,6 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
 
   // The trace's values in f32: the kept buffer itself (f32 models), or widened from bf16 into
   // scratch. The MLP half's mlp and the attention half's qkv share one buffer (never both live).
-  // With bf16 weights the trace's values are widened into scratch; f32 ones are read in place.
   auto widen = [&](Buffer& scratch, const Buffer& kept, long n) -> const float* {
     if (!bf16) return kept.get();
     float* out = floats(scratch, n);
@@ -607,9 +606,7 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
       attention_backward_tc(dqkv, datt, qkv, att, lt.lse.get(), arows, plan.max_new, scale, attn_scratch, st);
     else
       attention_backward(dqkv, datt, qkv, arows, scale, attn_scratch, st);
-    if (c.rope) {
-      rope_backward_rows(dqkv, QKV, int(R), c.n_heads + c.n_kv_heads, int(hd), d_cos, d_sin, st);  // q's heads, then k's
-    }
+    if (c.rope) rope_backward_rows(dqkv, QKV, int(R), c.n_heads + c.n_kv_heads, int(hd), d_cos, d_sin, st);  // q's heads, then k's
     m.norm_rows(L.attn_norm, lt.x_in.get(), xn, R);
     linear_backward(l, 0, xn, H, dqkv, QKV, dxn, lt);
     norm_backward(L.attn_norm, fl ? fl->norm_w[0] : -1, fl ? fl->norm_b[0] : -1, lt.x_in.get(), dxn, dx, true);
