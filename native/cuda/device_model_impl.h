@@ -132,8 +132,8 @@ struct DeviceScratch {
 // in f32; qkv [R, QKV] after rope, att [R, Q] and mlp [R, MLP_IN] before the activation, in the
 // engine's dtype (bf16 models: bf16, as autocast keeps them, so a token costs 8H + 2 (QKV + Q +
 // MLP_IN) bytes per layer, 58 KiB at Llama-3.2-1B's shape against 148 KiB for every activation in
-// f32); lse (see DeviceModel::tc_attention), and per LoRA adapter of the
-// block in call order (qkv's, o's, mlp_in's, mlp_out's) u = dropout(x) A^T [R, rank], f32.
+// f32); lse (see DeviceModel::tc_attention), and per LoRA adapter of the block in call order
+// (qkv's, o's, mlp_in's, mlp_out's) u = dropout(x) A^T [R, rank], f32.
 struct DeviceLayerTrace {
   Buffer x_in, x_mid;    // f32
   Buffer qkv, att, mlp;  // the engine's dtype

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/bf16.h"
 #include "cuda/memory.h"
 #include "cuda/model_ops.h"
 #include "kernels/rf_loss_rows.h"
@@ -100,16 +101,18 @@ struct RowOut {
   double lse, log_p, log_1mp, kl;
 };
 
+// exp(z - lse): a probability from its logit and its row's log-sum-exp.
+__device__ __forceinline__ float prob(float z, double lse) { return expf(float(double(z) - lse)); }
+
 // dL/dz_v of a row: KL rows w (p_theta - p_ref) = w p_ref expm1(d) with d = log p_theta - log
-// p_ref (precise when the two models agree, where p_theta - p_ref would cancel); red-flag rows
-// the unit p - onehot(target), the target's -(1 - p) from log(1 - p). One function for the row's
-// sweep and for its flag columns, so both are the same bits.
-__device__ __forceinline__ float dz_kl(float z, float q, double lse, double lse_r, float w) {
-  const float pr = expf(float(double(q) - lse_r));
+// p_ref (precise when the two models agree, where p_theta - p_ref would cancel), given pr =
+// prob(q, lse_r); red-flag rows the unit p - onehot(target), the target's -(1 - p) from
+// log(1 - p). One function for the row's sweep and for its flag columns, so both are the same bits.
+__device__ __forceinline__ float dz_kl(float z, float q, float pr, double lse, double lse_r, float w) {
   return w * pr * expm1f(float((double(z) - lse) - (double(q) - lse_r)));
 }
 __device__ __forceinline__ float dz_rf(float z, int v, int target, double lse, float target_dz) {
-  return v == target ? target_dz : expf(float(double(z) - lse));
+  return v == target ? target_dz : prob(z, lse);
 }
 
 // grid: rows of the chunk. zt [rows, V] trained logits (flags replaced), zr [rows, V] reference
@@ -156,7 +159,7 @@ __global__ void loss_rows_kernel(float* zt, const float* zr, int V, const RowIn*
   const float w = float(row.w);
   for (int k = threadIdx.x; k < K; k += blockDim.x) {
     const int f = flags[k];
-    fz[r * K + k] = kl ? dz_kl(z[f], q[f], o.lse, lse_r, w) : dz_rf(z[f], f, row.target, o.lse, target_dz);
+    fz[r * K + k] = kl ? dz_kl(z[f], q[f], prob(q[f], lse_r), o.lse, lse_r, w) : dz_rf(z[f], f, row.target, o.lse, target_dz);
   }
   __syncthreads();
   // Read 2: dz, and for KL rows KL(p_ref || p_theta) = sum_v p_ref,v ((z_ref,v - lse_ref) - (z_v - lse)).
@@ -165,13 +168,13 @@ __global__ void loss_rows_kernel(float* zt, const float* zr, int V, const RowIn*
   for (int v = threadIdx.x; v < V; v += blockDim.x) {
     float d;
     if (kl) {
-      const double lq = double(q[v]) - lse_r;
-      klv += double(expf(float(lq))) * (lq - (double(z[v]) - o.lse));
-      d = dz_kl(z[v], q[v], o.lse, lse_r, w);
+      const float pr = prob(q[v], lse_r);
+      klv += double(pr) * ((double(q[v]) - lse_r) - (double(z[v]) - o.lse));
+      d = dz_kl(z[v], q[v], pr, o.lse, lse_r, w);
     } else {
       d = dz_rf(z[v], v, row.target, o.lse, target_dz);
     }
-    if (b) b[v] = __float2bfloat16_rn(d);
+    if (b) b[v] = bf16_round(d);
     else z[v] = d;
   }
   if (kl) o.kl = block_sum(klv, scratch);
@@ -239,8 +242,7 @@ __global__ void ce_kernel(float* zt, int V, const int32_t* targets, float weight
   l = block_lse(l, scratch);
   const double lse = double(l.m) + log(l.s);
   for (int v = threadIdx.x; v < V; v += blockDim.x) {
-    const float p = expf(float(double(z[v]) - lse));
-    z[v] = weight * p - (v == target ? weight : 0.f);
+    z[v] = weight * prob(z[v], lse) - (v == target ? weight : 0.f);
   }
   if (threadIdx.x == 0) loss[r] = lse - double(z_target);
 }
@@ -440,8 +442,8 @@ double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, D
     if (f < 0 || f >= V) throw std::invalid_argument("ce_loss: a flag token is outside the vocabulary");
   if (N == 0) return 0.0;
   if (!h || !dh || !W || (K > 0 && (!w_rf || !dw_rf))) throw std::invalid_argument("ce_loss: null pointer");
-  const int C = std::min(N, chunk > 0 ? chunk : default_chunk(V, w_type == DType::bf16));
   const bool bf16 = w_type == DType::bf16;
+  const int C = std::min(N, chunk > 0 ? chunk : default_chunk(V, bf16));
   LossScratch local;
   LossScratch& sc = scratch ? *scratch : local;
   sc.begin();
