@@ -114,6 +114,14 @@ if [ -x "$build/cuda_train_bench" ] && [ "${RF_GPU_CHECK_BENCH:-1}" != 0 ]; then
   train_peer_rc=$?
   tail -4 "$out/torch_gpu_train.log"
 fi
+# llm.c's CUDA trainer on the same GPU, the peer of cuda_train_bench's full fine-tuning of GPT-2
+# 124M (scripts/llmc-peer.sh; needs .gpu-pack/llmc.tar.xz).
+llmc_rc=-1
+if [ -f .gpu-pack/llmc.tar.xz ] && [ "${RF_GPU_CHECK_BENCH:-1}" != 0 ]; then
+  LLMC_STEPS=$([ "${RF_GPU_CHECK_BENCH:-1}" = quick ] && echo 6 || echo 12) timeout 420 bash scripts/llmc-peer.sh "$out" > "$out/llmc.json" 2> "$out/llmc-peer.log"
+  llmc_rc=$?
+  head -c 600 "$out/llmc.json"
+fi
 # The peer on the same GPU: PyTorch + transformers, bf16, static cache, torch.compile where it works.
 peer_rc=-1
 if [ "${RF_GPU_CHECK_BENCH:-1}" != 0 ]; then
@@ -129,5 +137,5 @@ if [ -n "${addon:-}" ] && [ "${RF_GPU_CHECK_BENCH:-1}" != 0 ]; then
   serve_rc=$?
   tail -c 1500 "$out/gpu-serve.json"
 fi
-printf '{"build": "ok", "ctest": %d, "cuda": {%s}, "e2e": %d, "trainE2e": %d, "interop": %d, "bench": %d, "peer": %d, "trainBench": %d, "trainPeer": %d, "serve": %d}\n' "$ctest_rc" "$(IFS=,; echo "${results[*]}")" "$e2e_rc" "$train_e2e_rc" "$interop_rc" "$bench_rc" "$peer_rc" "$train_bench_rc" "$train_peer_rc" "$serve_rc" > "$out/summary.json"
+printf '{"build": "ok", "ctest": %d, "cuda": {%s}, "e2e": %d, "trainE2e": %d, "interop": %d, "bench": %d, "peer": %d, "trainBench": %d, "trainPeer": %d, "llmc": %d, "serve": %d}\n' "$ctest_rc" "$(IFS=,; echo "${results[*]}")" "$e2e_rc" "$train_e2e_rc" "$interop_rc" "$bench_rc" "$peer_rc" "$train_bench_rc" "$train_peer_rc" "$llmc_rc" "$serve_rc" > "$out/summary.json"
 cat "$out/summary.json"
