@@ -59,7 +59,7 @@ export { evaluateRedFlag, type EvalResult, type ScoredExample } from './train/ev
 export { saveAdapter, loadAdapter, loraScale, validateAdapter, loraSites, type Adapter, type LoraModuleWeights, type RedFlagRows, type LoraSite } from './train/adapter.js';
 export { mergeAdapterTensors, type MergePlan } from './train/merge.js';
 export type { WeightPlan, EngineTensor } from './model/weights-map.js';
-export { applyAdapter, saveMerged } from './train/export.js';
+export { applyAdapter, saveMerged, type ApplyAdapterOptions } from './train/export.js';
 export { runPipeline, trainLanguageModel, PIPELINE_SIZES, type PipelineOptions, type PipelineResult, type PipelineSize } from './train/pipeline.js';
 export { trainCategoryFlags, confusionMatrix, formatConfusion, type ConfusionMatrix, type CategoryFlagsResult } from './train/category-flags.js';
 export * from './study/index.js';

@@ -167,6 +167,8 @@ export interface NativeModel {
   getParam(name: string, part?: 'value' | 'grad' | 'm' | 'v'): Float32Array;
   setParam(name: string, part: 'value' | 'grad' | 'm' | 'v', data: Float32Array): void;
   addLora(layer: number, target: string, a: Float32Array, b: Float32Array, rank: number, scale: number): void;
+  /** addLora's arguments, folded into the weight (CUDA engine only; irreversible). */
+  mergeLora(layer: number, target: string, a: Float32Array, b: Float32Array, rank: number, scale: number): void;
   /** Rows [K × hidden] for K tokens (a number: one). */
   setTokenRows(token: number | Int32Array, embed: Float32Array | null, head: Float32Array | null): void;
   clearAdapters(): void;

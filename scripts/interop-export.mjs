@@ -2,8 +2,9 @@
 // trains a small red-flag LoRA adapter with `train()` on a random-weight Llama (LoRA on all seven
 // projections, the <rf> rows as PEFT trainable tokens), then writes redflag's f32 logits of a few
 // token sequences (with <rf> among them) with the adapter applied, on the CPU and on each device
-// named, to OUT/interop.json. test/reference/peft_interop.py loads the same adapter with
-// PeftModel.from_pretrained and compares. Needs dist/ and production dependencies only.
+// named (and there also merged into the weights, "DEVICE+merged"), to OUT/interop.json.
+// test/reference/peft_interop.py loads the same adapter with PeftModel.from_pretrained and
+// compares. Needs dist/ and production dependencies only.
 //   node scripts/interop-export.mjs OUT [--device cuda]
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
@@ -27,10 +28,12 @@ await train({
 });
 const adapter = join(out, 'run', 'adapter');
 const result = { base, adapter, sequences: [], logits: {} };
-for (const device of devices) {
+// On a GPU also with the adapter merged into the weights (applyAdapter's merge): "cuda+merged".
+const runs = devices.flatMap((device) => (device === 'cpu' ? [{ device, merge: false }] : [{ device, merge: false }, { device, merge: true }]));
+for (const { device, merge } of runs) {
   const model = await loadModel(base, { device, dtype: 'f32', threads: 2 });
   try {
-    await applyAdapter(model, adapter);
+    await applyAdapter(model, adapter, { merge });
     const rf = model.redFlagTokenId;
     if (result.sequences.length === 0) {
       const text = model.tokenizer.encode('How do I bake bread at home without an oven?');
@@ -38,8 +41,9 @@ for (const device of devices) {
       result.rfTokenId = rf;
       result.vocab = model.vocabSize;
     }
-    result.logits[device] = [];
-    for (const ids of result.sequences) result.logits[device].push(Array.from(await model.logits(ids)));
+    const key = merge ? `${device}+merged` : device;
+    result.logits[key] = [];
+    for (const ids of result.sequences) result.logits[key].push(Array.from(await model.logits(ids)));
   } finally {
     model.dispose();
   }

@@ -319,6 +319,7 @@ describe('bad input', () => {
     expect(() => d.generate(ask('x'), { temperature: -1 })).toThrow(/temperature/);
     await expect(d.classify([[{ role: 'user', content: 3 as unknown as string }]])).rejects.toThrow(/conversations\[0\]\.messages\[0\]\.content/);
     await expect(createDetector({ model, threshold: 2 })).rejects.toThrow(/threshold/);
+    await expect(createDetector({ model, mergeAdapter: true })).rejects.toThrow(/mergeAdapter needs an adapter/);
     const plain = await loadModel(dir, { threads: 1 });
     try {
       await expect(createDetector({ model: plain })).rejects.toBeInstanceOf(RedflagError);

@@ -168,6 +168,9 @@ describe('train (one flag per risk category)', () => {
     expect(json['redflag']!['categories']).toEqual({ cyber_intrusion: 32001, drugs: 32002, fraud: 32003, 'self-harm': 32004, weapons: 32005 });
     const model = await loadModel(base, { threads: 2 });
     try {
+      // Merging into the weights is the GPU engine's; the CPU says so before touching the model.
+      await expect(applyAdapter(model, dir, { merge: true })).rejects.toThrow(/merge is for models on a GPU \(device 'cuda'\); this one is on 'cpu'/);
+      await expect(applyAdapter(model, dir, { merge: 'yes' as unknown as boolean })).rejects.toThrow(/merge must be a boolean/);
       await applyAdapter(model, dir);
       expect(model.flagTokenIds()).toEqual(trained!.flags);
       expect(await model.logits(ids)).toEqual(trained!.logits);

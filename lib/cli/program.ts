@@ -220,6 +220,7 @@ export function buildProgram(): Command {
 
   withModelFlags(program.command('serve').description('serve the detector over an OpenAI-compatible HTTP API (see README, Server)'))
     .option('--adapter <dir>', 'red-flag adapter directory (written by redflag train)')
+    .option('--merge-adapter', "GPU: fold the adapter's LoRA factors into the weights (faster decoding; see README, Server)")
     .option('--served-model-name <id>', 'the model id clients use (default: the model directory name)')
     .option('--host <host>', 'address to listen on', '127.0.0.1')
     .option('--port <n>', 'port to listen on (0: any free port)', port, 8000)

@@ -20,6 +20,7 @@ import { modelOptions, type EngineFlags } from './model-flags.js';
 export interface ServeFlags extends EngineFlags {
   model: string;
   adapter?: string;
+  mergeAdapter?: boolean;
   servedModelName?: string;
   host: string;
   port: number;
@@ -66,6 +67,7 @@ async function loadDetector(flags: ServeFlags, signal: AbortSignal, loaded: (mod
   return createDetector({
     model,
     ...(flags.adapter !== undefined ? { adapter: flags.adapter } : {}),
+    ...(flags.mergeAdapter ? { mergeAdapter: true } : {}),
     threshold: flags.threshold,
     mode: flags.mode,
     ...(flags.kvCacheMb !== undefined ? { kvCacheBytes: flags.kvCacheMb * 2 ** 20 } : {}),

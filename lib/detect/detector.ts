@@ -102,7 +102,8 @@ export async function createDetector(options: DetectorOptions): Promise<Detector
       })
       : options.model;
   try {
-    if (options.adapter !== undefined) await applyAdapter(model, options.adapter);
+    if (options.mergeAdapter && options.adapter === undefined) throw invalid('mergeAdapter needs an adapter');
+    if (options.adapter !== undefined) await applyAdapter(model, options.adapter, { merge: options.mergeAdapter ?? false });
     const rf = model.redFlagTokenId;
     if (rf === null) {
       throw new RedflagError('INVALID_ARGUMENT', 'the model has no <rf> token: pass the red-flag adapter (`adapter`) or a model saved with one', {

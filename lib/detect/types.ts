@@ -31,6 +31,11 @@ export interface DetectorOptions {
   model: Model | string;
   /** A red-flag adapter directory (PEFT format, written by `redflag train`), applied to the model. */
   adapter?: string;
+  /**
+   * GPU only: merge the adapter's LoRA factors into the weights (see `applyAdapter`'s `merge`):
+   * decoding at the base model's speed, the model's weights changed for good. Default false.
+   */
+  mergeAdapter?: boolean;
   /** p(`<rf>`) at or above which a token counts as flagged. Default 0.5. */
   threshold?: number;
   /** Default `'block'`. */

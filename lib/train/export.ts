@@ -106,11 +106,30 @@ export async function saveMerged(model: Model, adapter: Adapter, dir: string): P
   }
 }
 
+/** Options of {@link applyAdapter}. */
+export interface ApplyAdapterOptions {
+  /**
+   * GPU only: fold the LoRA factors into the weights (PEFT's `merge_and_unload`, with
+   * {@link mergeAdapterTensors}' arithmetic) instead of running them beside every projection.
+   * Decoding then costs what the base model's does (a live adapter adds two small matrix
+   * products per adapted projection and step); the weights round once more (bf16: the merged
+   * checkpoint's bits). Irreversible: the adapter can no longer be switched off or replaced, and
+   * the model cannot be trained (reload it). Default false.
+   */
+  merge?: boolean;
+}
+
 /**
  * Loads a saved adapter onto a model for inference: LoRA factors on their projections and the
- * trained `<rf>` rows. The model then computes exactly what the trained model computed.
+ * trained `<rf>` rows. The model then computes exactly what the trained model computed (merged:
+ * up to the rounding of the merged weights, see {@link ApplyAdapterOptions.merge}).
  */
-export async function applyAdapter(model: Model, dir: string): Promise<Adapter> {
+export async function applyAdapter(model: Model, dir: string, options: ApplyAdapterOptions = {}): Promise<Adapter> {
+  const merge = options.merge ?? false;
+  if (typeof merge !== 'boolean') throw new RedflagError('INVALID_ARGUMENT', `applyAdapter: merge must be a boolean, got ${JSON.stringify(merge)}`);
+  if (merge && model.device.kind !== 'cuda') {
+    throw new RedflagError('INVALID_ARGUMENT', `applyAdapter: merge is for models on a GPU (device 'cuda'); this one is on '${model.device.name}', where the adapter runs live at little cost`);
+  }
   const adapter = await loadAdapter(dir, model.config);
   const rf = adapter.redFlag;
   const present = (id: number, text: string) => id < model.vocabSize && model.tokenizer?.idToToken(id) === text;
@@ -131,7 +150,8 @@ export async function applyAdapter(model: Model, dir: string): Promise<Adapter> 
     for (const m of adapter.modules) {
       // The engine names GPT-2 sites by their block path, Llama sites by the projection name.
       const target = model.config.architecture === 'gpt2' ? m.site : m.site.slice(m.site.indexOf('.') + 1);
-      model.engine.addLora(m.layer, target, m.A, m.B, adapter.rank, scale);
+      if (merge) model.engine.mergeLora(m.layer, target, m.A, m.B, adapter.rank, scale);
+      else model.engine.addLora(m.layer, target, m.A, m.B, adapter.rank, scale);
     }
     if (adapter.redFlag) {
       const head = adapter.redFlag.head ?? adapter.redFlag.embed; // tied: one row serves both

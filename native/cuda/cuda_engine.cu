@@ -101,6 +101,11 @@ class CudaEngine : public Engine {
   void set_token_rows(const std::vector<int>& tokens, const float* embed, const float* head) override {
     m_.set_token_rows(tokens, embed, head);
   }
+  void merge_lora(int layer, const std::string& target, const float* A, long a_size, const float* B, long b_size, int rank,
+                  float scale) override {
+    if (rank <= 0 || a_size % rank || b_size % rank) throw std::invalid_argument("LoRA shapes do not match the rank");
+    m_.merge_lora(layer, target, A, a_size / rank, B, b_size / rank, rank, scale);
+  }
   void clear_adapters() override { m_.clear_adapters(); }
   void set_adapter_enabled(bool enabled) override { m_.set_adapter_enabled(enabled); }
   std::unique_ptr<EngineTrainer> new_trainer(const TrainOptions& options) override {

@@ -416,8 +416,13 @@ void DeviceModel::linear_rows(const DLinear& lin, const float* in, const __nv_bf
   if (!adapter_enabled_) return;
   for (size_t ai = 0; ai < lin.lora.size(); ++ai) {
     const DLinear::Lora& a = lin.lora[ai];
-    float* u = static_cast<float*>(s.lora_u.ensure(size_t(rows * a.rank) * sizeof(float)));
-    float* d = static_cast<float*>(s.lora_d.ensure(size_t(rows * a.out) * sizeof(float)));
+    const size_t u_bytes = size_t(rows * a.rank) * sizeof(float);
+    Buffer* u_buf = &s.lora_u;  // traced: u goes straight into the trace
+    if (lt) {
+      if (lt->lora_u.size() <= *u_next) lt->lora_u.resize(*u_next + 1);
+      u_buf = &lt->lora_u[(*u_next)++];
+    }
+    float* u = static_cast<float*>(u_buf->ensure(u_bytes));
     const float* xa = in;
     if (trace && trace->dropout > 0.f) {
       float* xd = static_cast<float*>(s.lora_x.ensure(size_t(rows * lin.in) * sizeof(float)));
@@ -425,12 +430,9 @@ void DeviceModel::linear_rows(const DLinear& lin, const float* in, const __nv_bf
       xa = xd;
     }
     matmul(*gemm_, u, xa, DType::f32, a.A.get<void>(), DType::f32, int(rows), a.rank, lin.in, nullptr, 0.f, st);
-    if (lt) {
-      if (lt->lora_u.size() <= *u_next) lt->lora_u.resize(*u_next + 1);
-      keep_rows(lt->lora_u[(*u_next)++], u, rows * a.rank);
-    }
-    matmul(*gemm_, d, u, DType::f32, a.B.get<void>(), DType::f32, int(rows), a.out, a.rank, nullptr, 0.f, st);
-    add_into(y + a.offset, lin.out, d, int(rows), a.out, st);
+    // y's slice (rows lin.out apart) += u (scale B)^T: the product's beta 1 adds in place.
+    matmul(*gemm_, y + a.offset, u, DType::f32, a.B.get<void>(), DType::f32, int(rows), a.out, a.rank, nullptr, 1.f, st,
+           {0, 0, lin.out});
   }
 }
 
@@ -632,7 +634,7 @@ uint64_t DeviceModel::graph_signature() const {
   const auto mix = [&h](uint64_t v) { h = (h ^ v) * 1099511628211ull; };
   const auto buf = [&mix](const Buffer& b) { mix(reinterpret_cast<uintptr_t>(b.get<void>())), mix(b.bytes()); };
   const DeviceScratch& s = *s_;
-  for (const Buffer* b : {&s.x, &s.xn, &s.xb, &s.qkv, &s.att, &s.mlp, &s.act, &s.lora_u, &s.lora_d, &s.lora_x, &s.last,
+  for (const Buffer* b : {&s.x, &s.xn, &s.xb, &s.qkv, &s.att, &s.mlp, &s.act, &s.lora_u, &s.lora_x, &s.last,
                           &s.logits, &s.attn, &s.plan_dev, &s.pick_params, &s.flags, &s.picked, &s.logprob, &s.p_rf, &s.p_flags})
     buf(*b);
   const DeviceWeights& w = *w_;
@@ -823,16 +825,23 @@ void DeviceModel::token_scores(const std::vector<DeviceItem>& items, const Flags
   check(cudaStreamSynchronize(st), "token_scores");
 }
 
-void DeviceModel::add_lora(int layer, const std::string& target, const float* A, long a_in, const float* B, long b_out, int rank,
-                           float scale) {
+// The projection an adapter of (layer, target) with these shapes goes on, and its rows there.
+DLinear& DeviceModel::lora_target(int layer, const std::string& target, long a_in, long b_out, int rank, LoraSite* site) {
   check(cudaSetDevice(device_), "cudaSetDevice");
   if (layer < 0 || layer >= config_.n_layers) throw std::invalid_argument("LoRA layer out of range");
-  const LoraSite site = lora_site(config_, target);  // model/layout.h
-  DLinear& lin = linear(layer, site.index);
+  *site = lora_site(config_, target);  // model/layout.h
+  DLinear& lin = linear(layer, site->index);
   if (lin.w.empty()) throw std::invalid_argument("LoRA " + target + " of layer " + std::to_string(layer) + ": load the weights first");
-  if (rank <= 0 || a_in != lin.in || b_out != site.out)
+  if (rank <= 0 || a_in != lin.in || b_out != site->out)
     throw std::invalid_argument("LoRA " + target + " of layer " + std::to_string(layer) + ": A must be [rank, " +
-                                std::to_string(lin.in) + "] and B [" + std::to_string(site.out) + ", rank]");
+                                std::to_string(lin.in) + "] and B [" + std::to_string(site->out) + ", rank]");
+  return lin;
+}
+
+void DeviceModel::add_lora(int layer, const std::string& target, const float* A, long a_in, const float* B, long b_out, int rank,
+                           float scale) {
+  LoraSite site;
+  DLinear& lin = lora_target(layer, target, a_in, b_out, rank, &site);
   DLinear::Lora a;
   a.offset = int(site.offset);
   a.out = int(site.out);
@@ -843,6 +852,28 @@ void DeviceModel::add_lora(int layer, const std::string& target, const float* A,
   for (float& v : b) v *= scale;  // (x A^T)(scale B)^T = scale (x A^T) B^T
   a.B.upload(b.data(), b.size() * sizeof(float));
   lin.lora.push_back(std::move(a));
+}
+
+void DeviceModel::merge_lora(int layer, const std::string& target, const float* A, long a_in, const float* B, long b_out,
+                             int rank, float scale) {
+  LoraSite site;
+  DLinear& lin = lora_target(layer, target, a_in, b_out, rank, &site);
+  Buffer a, b;
+  a.upload(A, size_t(rank) * lin.in * sizeof(float));
+  b.upload(B, size_t(site.out) * rank * sizeof(float));
+  const bool bf16 = dtype_ == DType::bf16;
+  char* w = static_cast<char*>(lin.w.get<void>()) + size_t(site.offset) * lin.in * (bf16 ? 2 : 4);  // the target's rows
+  const cudaStream_t st = as_stream(stream_);
+  merge_lora_rows(w, bf16, int(site.out), lin.in, a.get(), b.get(), rank, scale, st);
+  check(cudaGetLastError(), "merge_lora_rows launch");
+  check(cudaStreamSynchronize(st), "merge_lora");  // before a and b are freed
+  merged_ = true;
+}
+
+void DeviceModel::set_adapter_enabled(bool enabled) {
+  if (!enabled && merged_)
+    throw std::invalid_argument("the model has an adapter merged into its weights: the base model cannot be restored (reload it)");
+  adapter_enabled_ = enabled;
 }
 
 void DeviceModel::set_token_rows(const std::vector<int>& tokens, const float* embed, const float* head) {
@@ -866,6 +897,8 @@ void DeviceModel::set_token_rows(const std::vector<int>& tokens, const float* em
 
 void DeviceModel::clear_adapters() {
   check(cudaSetDevice(device_), "cudaSetDevice");
+  if (merged_)
+    throw std::invalid_argument("the model has an adapter merged into its weights: it cannot be removed (reload the model)");
   for (DLayer& L : w_->layers)
     for (DLinear* lin : {&L.qkv, &L.o, &L.mlp_in, &L.mlp_out}) lin->lora.clear();
   w_->flag_tokens.clear();

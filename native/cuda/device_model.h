@@ -24,6 +24,7 @@
 #include "model/block_pool.h"
 #include "model/config.h"
 #include "model/decode.h"
+#include "model/layout.h"
 #include "model/model.h"
 
 namespace rf::cuda {
@@ -120,8 +121,16 @@ class DeviceModel {
   void add_lora(int layer, const std::string& target, const float* A, long a_in, const float* B, long b_out, int rank,
                 float scale);
   void set_token_rows(const std::vector<int>& tokens, const float* embed, const float* head);
+  // The adapter folded into the projection's weight instead (PEFT's merge_and_unload; same
+  // arguments as add_lora): inference then runs no LoRA product at all. The weight becomes the
+  // merged checkpoint's (lib/train/merge.ts) bit for bit when the checkpoint has the engine's
+  // dtype. It cannot be undone: afterwards clear_adapters and set_adapter_enabled(false) throw
+  // (the base model is gone; reload it), and so does a trainer's reference forward.
+  void merge_lora(int layer, const std::string& target, const float* A, long a_in, const float* B, long b_out, int rank,
+                  float scale);
+  bool merged() const { return merged_; }
   void clear_adapters();
-  void set_adapter_enabled(bool enabled) { adapter_enabled_ = enabled; }
+  void set_adapter_enabled(bool enabled);
 
   // Decode steps (one new token per sequence, logits of the last rows) run as CUDA graphs: the
   // first step of a shape runs eagerly (sizing the scratch), the second captures its launches
@@ -171,6 +180,8 @@ class DeviceModel {
   void activation_rows(const float* mlp, float* act, long rows, __nv_bfloat16* act_bf16 = nullptr);
   // A block's projection by index (0 qkv, 1 o, 2 mlp_in, 3 mlp_out, as in model/layout.h).
   DLinear& linear(int layer, int index) const;
+  // add_lora's and merge_lora's checks: the projection of (layer, target), its site in *site.
+  DLinear& lora_target(int layer, const std::string& target, long a_in, long b_out, int rank, LoraSite* site);
   // Whether prefill attention runs on the tensor cores: bf16 weights (their activations carry
   // bf16 error already) and a head_dim the kernels take. Traced, it keeps its log-sum-exp for
   // the trainer's tensor-core backward, so forward and backward round alike.
@@ -180,6 +191,7 @@ class DeviceModel {
   DType dtype_;
   int device_;
   bool adapter_enabled_ = true;
+  bool merged_ = false;  // an adapter was merged into the weights
   size_t kv_pool_bytes_ = size_t(2) << 30;
   std::shared_ptr<KvPool> pool_;
   std::unique_ptr<DeviceWeights> w_;

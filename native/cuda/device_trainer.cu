@@ -101,9 +101,9 @@ struct DeviceTrainer::Impl {
   DeviceLayerTrace recomputed;  // one block's activations, recomputed in the backward
   Buffer x_recompute;
   // The backward's recomputed and widened activations of one block, and an adapter's dropped-out
-  // input and slice of dy: the model's idle forward scratch stands in for xn, act, wide_a, xa and
-  // dys unless the backward recomputes blocks (see the backward).
-  Buffer xn, act, wide_a, wide_b, xa, dys;
+  // input: the model's idle forward scratch stands in for xn, act, wide_a and xa unless the
+  // backward recomputes blocks (see the backward).
+  Buffer xn, act, wide_a, wide_b, xa;
   Buffer h, h_ref, dH, dx, dtmp, dact, dmlp, dxn, datt, dqkv, du, tmp_in, xb, xw, rows_h, rows_href, dh_rows, dw_scratch;
   Buffer norm_scratch, attn_scratch, idx_a, idx_b, sc_rows, sc_first, sc_index;
 
@@ -115,6 +115,8 @@ DeviceTrainer::DeviceTrainer(DeviceModel& model, const TrainOptions& options)
     : impl_(new Impl), model_(model), options_(options) {
   check(cudaSetDevice(model.device()), "cudaSetDevice");
   model.check_complete();
+  if (model.merged())
+    throw std::invalid_argument("training needs the base weights, but an adapter is merged into this model's (reload it)");
   const ModelConfig& c = model.config();
   for (const DLayer& L : model.w_->layers)
     for (const DLinear* lin : {&L.qkv, &L.o, &L.mlp_in, &L.mlp_out})
@@ -500,7 +502,6 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
   Buffer& act_buf = borrow ? fs.act : s.act;       // [R, I]
   Buffer& wide_buf = borrow ? fs.mlp : s.wide_a;   // [R, max(MLP_IN, QKV)]
   Buffer& xa_buf = borrow ? fs.lora_x : s.xa;      // [R, in] an adapter's dropped-out input
-  Buffer& dys_buf = borrow ? fs.lora_d : s.dys;    // [R, out] an adapter's slice of dy
 
   // din = dy W for projection (l, index), plus its adapters' input gradients and their dA, dB.
   auto linear_backward = [&](int l, int index, const float* x, long in, const float* dy, long out, float* din,
@@ -529,14 +530,7 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     for (size_t a = 0; a < lin.lora.size(); ++a) {
       const DLinear::Lora& lora = lin.lora[a];
       const int r = lora.rank, o = lora.out;
-      const float* dys = dy;
-      if (lora.offset != 0 || o != out) {  // the adapter's slice of dy, made contiguous
-        float* b = floats(dys_buf, R * o);
-        check(cudaMemcpy2DAsync(b, size_t(o) * sizeof(float), dy + lora.offset, size_t(out) * sizeof(float),
-                                size_t(o) * sizeof(float), size_t(R), cudaMemcpyDeviceToDevice, st),
-              "cudaMemcpy2DAsync (dy slice)");
-        dys = b;
-      }
+      const float* dys = dy + lora.offset;  // the adapter's slice of dy: [R, o], rows out apart
       const float p = s.trace.dropout;
       const int adapter_id = index * 16 + int(a);
       const float* xa = x;
@@ -546,9 +540,9 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
         xa = b;
       }
       const float* u = lt.lora_u[ui + a].get();
-      matmul_tn(gemm, s.grd(ps[a] + 1), dys, DType::f32, u, DType::f32, o, r, int(R), lora.scale, 1.f, st);  // dB
+      matmul_tn(gemm, s.grd(ps[a] + 1), dys, DType::f32, u, DType::f32, o, r, int(R), lora.scale, 1.f, st, {out, 0, 0});  // dB
       float* du = floats(s.du, R * r);
-      matmul_nn(gemm, du, dys, DType::f32, lora.B.get<void>(), DType::f32, int(R), r, o, 0.f, st);        // du = dy B*
+      matmul_nn(gemm, du, dys, DType::f32, lora.B.get<void>(), DType::f32, int(R), r, o, 0.f, st, {out, 0, 0});  // du = dy B*
       matmul_tn(gemm, s.grd(ps[a]), du, DType::f32, xa, DType::f32, r, int(in), int(R), 1.f, 1.f, st);   // dA
       if (p > 0.f) {
         float* t = floats(s.tmp_in, R * in);

@@ -100,20 +100,21 @@ __global__ void f32_to_bf16_kernel(__nv_bfloat16* out, const float* in, long n) 
   for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) out[i] = bf16_round(in[i]);
 }
 
-// y [rows, n] = (beta == 0 ? 0 : beta * y) + bias [n] (bias may be null). With beta 1 it is the
-// bias-add after a product whose bias the epilogue could not take; with K == 0 it is the whole
-// product. beta == 0 does not read y, as cuBLASLt does not.
-__global__ void scale_add_bias_kernel(float* y, const float* bias, float beta, int n, long total) {
+// y [rows, n] (rows ld apart) = (beta == 0 ? 0 : beta * y) + bias [n] (bias may be null). With
+// beta 1 it is the bias-add after a product whose bias the epilogue could not take; with K == 0
+// it is the whole product. beta == 0 does not read y, as cuBLASLt does not.
+__global__ void scale_add_bias_kernel(float* y, const float* bias, float beta, int n, long ld, long total) {
   for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += long(gridDim.x) * blockDim.x) {
-    float v = beta == 0.f ? 0.f : beta * y[i];
+    float* p = y + i / n * ld + i % n;
+    float v = beta == 0.f ? 0.f : beta * *p;
     if (bias) v += bias[i % n];
-    y[i] = v;
+    *p = v;
   }
 }
 
-void scale_add_bias(float* y, const float* bias, float beta, int rows, int n, cudaStream_t stream) {
+void scale_add_bias(float* y, const float* bias, float beta, int rows, int n, long ld, cudaStream_t stream) {
   const long total = long(rows) * n;
-  scale_add_bias_kernel<<<blocks_for(total, 256), 256, 0, stream>>>(y, bias, beta, n, total);
+  scale_add_bias_kernel<<<blocks_for(total, 256), 256, 0, stream>>>(y, bias, beta, n, ld, total);
   check_cuda(cudaGetLastError(), "scale_add_bias_kernel launch");
 }
 
@@ -158,8 +159,22 @@ enum BiasMode { kNoBias = 0, kBiasEpilogue = 1, kBiasKernel = 2 };
 // Which product: y = x w^T (matmul), x w (matmul_nn) or x^T w (matmul_tn).
 enum Form { kXWt = 0, kXW = 1, kXtW = 2 };
 
-// M, N, K, x type, w type, alignments of x, w, y, bias mode, form.
-using PlanKey = std::tuple<int, int, int, int, int, uint32_t, uint32_t, uint32_t, int, int>;
+// M, N, K, x type, w type, alignments of x, w, y, bias mode, form, leading dimensions of x, w, y.
+using PlanKey = std::tuple<int, int, int, int, int, uint32_t, uint32_t, uint32_t, int, int, long, long, long>;
+
+// The leading dimensions (row strides) of x, w and y: the given ones, 0 replaced by the dense
+// row lengths; one shorter than its row throws.
+Strides leading_dims(const char* name, Form form, int M, int N, int K, Strides s) {
+  const long dense_x = form == kXtW ? M : K, dense_w = form == kXWt ? K : N, dense_y = N;
+  auto pick = [&](long given, long dense, const char* which) {
+    if (given == 0) return dense;
+    if (given < dense)
+      throw std::runtime_error(std::string("rf::cuda::") + name + ": " + which + "'s row stride " + std::to_string(given) +
+                               " is shorter than its rows (" + std::to_string(dense) + ")");
+    return given;
+  };
+  return {pick(s.x, dense_x, "x"), pick(s.w, dense_w, "w"), pick(s.y, dense_y, "y")};
+}
 
 }  // namespace
 
@@ -180,14 +195,15 @@ struct GemmContext::Impl {
   }
 
   std::unique_ptr<Plan> make_plan(int M, int N, int K, DType type, uint32_t align_x, uint32_t align_w, uint32_t align_y,
-                                  const float* bias, BiasMode mode, Form form);
-  // The plan for this key, made on first use.
+                                  const float* bias, BiasMode mode, Form form, Strides ld);
+  // The plan for this key, made on first use; ld: leading_dims' result.
   Plan& plan(int M, int N, int K, DType type, const void* x, const void* w, const float* y, const float* bias, BiasMode mode,
-             Form form);
+             Form form, Strides ld);
 };
 
 std::unique_ptr<Plan> GemmContext::Impl::make_plan(int M, int N, int K, DType type, uint32_t align_x, uint32_t align_w,
-                                                   uint32_t align_y, const float* bias, BiasMode mode, Form form) {
+                                                   uint32_t align_y, const float* bias, BiasMode mode, Form form,
+                                                   Strides ld) {
   auto plan = std::make_unique<Plan>();
   // f32 sums for both input types; alpha and beta are host f32 (the default pointer mode).
   check_lt(cublasLtMatmulDescCreate(&plan->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
@@ -199,19 +215,20 @@ std::unique_ptr<Plan> GemmContext::Impl::make_plan(int M, int N, int K, DType ty
   set_desc(plan->desc, CUBLASLT_MATMUL_DESC_TRANSA, trans_a, "cublasLtMatmulDescSetAttribute(TRANSA)");
   set_desc(plan->desc, CUBLASLT_MATMUL_DESC_TRANSB, trans_b, "cublasLtMatmulDescSetAttribute(TRANSB)");
   // As stored, column-major (see the top of this file): A = W^T [K, N], B = x^T [K, M], C = D = y^T [N, M].
+  // A row-major operand's row stride is its column-major leading dimension.
   if (trans_w)
-    check_lt(cublasLtMatrixLayoutCreate(&plan->a, cuda_type(type), uint64_t(K), uint64_t(N), int64_t(K)),
+    check_lt(cublasLtMatrixLayoutCreate(&plan->a, cuda_type(type), uint64_t(K), uint64_t(N), int64_t(ld.w)),
              "cublasLtMatrixLayoutCreate(A = W)");
   else
-    check_lt(cublasLtMatrixLayoutCreate(&plan->a, cuda_type(type), uint64_t(N), uint64_t(K), int64_t(N)),
+    check_lt(cublasLtMatrixLayoutCreate(&plan->a, cuda_type(type), uint64_t(N), uint64_t(K), int64_t(ld.w)),
              "cublasLtMatrixLayoutCreate(A = w)");
   if (form == kXtW)
-    check_lt(cublasLtMatrixLayoutCreate(&plan->b, cuda_type(type), uint64_t(M), uint64_t(K), int64_t(M)),
+    check_lt(cublasLtMatrixLayoutCreate(&plan->b, cuda_type(type), uint64_t(M), uint64_t(K), int64_t(ld.x)),
              "cublasLtMatrixLayoutCreate(B = x^T)");
   else
-    check_lt(cublasLtMatrixLayoutCreate(&plan->b, cuda_type(type), uint64_t(K), uint64_t(M), int64_t(K)),
+    check_lt(cublasLtMatrixLayoutCreate(&plan->b, cuda_type(type), uint64_t(K), uint64_t(M), int64_t(ld.x)),
              "cublasLtMatrixLayoutCreate(B = x)");
-  check_lt(cublasLtMatrixLayoutCreate(&plan->d, CUDA_R_32F, uint64_t(N), uint64_t(M), int64_t(N)),
+  check_lt(cublasLtMatrixLayoutCreate(&plan->d, CUDA_R_32F, uint64_t(N), uint64_t(M), int64_t(ld.y)),
            "cublasLtMatrixLayoutCreate(C = D = y)");
 
   Preference pref;
@@ -254,12 +271,12 @@ std::unique_ptr<Plan> GemmContext::Impl::make_plan(int M, int N, int K, DType ty
 }
 
 Plan& GemmContext::Impl::plan(int M, int N, int K, DType type, const void* x, const void* w, const float* y, const float* bias,
-                              BiasMode mode, Form form) {
+                              BiasMode mode, Form form, Strides ld) {
   const uint32_t align_x = pointer_alignment(x), align_w = pointer_alignment(w), align_y = pointer_alignment(y);
-  const PlanKey key{M, N, K, int(type), int(type), align_x, align_w, align_y, int(mode), int(form)};
+  const PlanKey key{M, N, K, int(type), int(type), align_x, align_w, align_y, int(mode), int(form), ld.x, ld.w, ld.y};
   auto it = plans.find(key);
   if (it == plans.end()) {
-    it = plans.emplace(key, make_plan(M, N, K, type, align_x, align_w, align_y, bias, mode, form)).first;
+    it = plans.emplace(key, make_plan(M, N, K, type, align_x, align_w, align_y, bias, mode, form, ld)).first;
     ++stats.plans;
   }
   return *it->second;
@@ -277,22 +294,23 @@ GemmContext::~GemmContext() = default;
 const GemmStats& GemmContext::stats() const { return impl_->stats; }
 
 void matmul(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N, int K,
-            const float* bias, float beta, cudaStream_t stream) {
+            const float* bias, float beta, cudaStream_t stream, Strides strides) {
   if (M < 0 || N < 0 || K < 0)
     throw std::runtime_error("rf::cuda::matmul: negative size M " + std::to_string(M) + ", N " + std::to_string(N) + ", K " +
                              std::to_string(K));
   if (x_type != w_type)
     throw std::runtime_error(std::string("rf::cuda::matmul: x ") + dtype_name(x_type) + " with w " + dtype_name(w_type) +
                              " is not supported (both f32, or both bf16: convert activations with rf::cuda::f32_to_bf16)");
+  const Strides ld = leading_dims("matmul", kXWt, M, N, K, strides);
   if (M == 0 || N == 0) return;
   GemmContext::Impl& im = *ctx.impl_;
   if (K == 0) {  // an empty sum: cuBLASLt does not take k = 0
-    scale_add_bias(y, bias, beta, M, N, stream);
+    scale_add_bias(y, bias, beta, M, N, ld.y, stream);
     return;
   }
 
   const BiasMode mode = !bias ? kNoBias : pointer_alignment(bias) >= 16 ? kBiasEpilogue : kBiasKernel;
-  Plan& plan = im.plan(M, N, K, x_type, x, w, y, bias, mode, kXWt);
+  Plan& plan = im.plan(M, N, K, x_type, x, w, y, bias, mode, kXWt, ld);
   if (plan.fused_bias) {  // the descriptor keeps the pointer: set this call's
     const void* bias_ptr = bias;
     set_desc(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias_ptr, "cublasLtMatmulDescSetAttribute(BIAS_POINTER)");
@@ -304,7 +322,7 @@ void matmul(GemmContext& ctx, float* y, const void* x, DType x_type, const void*
            "cublasLtMatmul");
   ++im.stats.calls;
   if (bias && !plan.fused_bias) {
-    scale_add_bias(y, bias, 1.f, M, N, stream);
+    scale_add_bias(y, bias, 1.f, M, N, ld.y, stream);
     ++im.stats.bias_kernel;
   }
 }
@@ -313,19 +331,20 @@ namespace {
 
 // matmul_nn and matmul_tn: y = alpha op(x) w + beta y, no bias.
 void matmul_plain(GemmContext::Impl& im, const char* name, Form form, float* y, const void* x, DType x_type, const void* w,
-                  DType w_type, int M, int N, int K, float alpha, float beta, cudaStream_t stream) {
+                  DType w_type, int M, int N, int K, float alpha, float beta, cudaStream_t stream, Strides strides) {
   if (M < 0 || N < 0 || K < 0)
     throw std::runtime_error(std::string("rf::cuda::") + name + ": negative size M " + std::to_string(M) + ", N " +
                              std::to_string(N) + ", K " + std::to_string(K));
   if (x_type != w_type)
     throw std::runtime_error(std::string("rf::cuda::") + name + ": x " + dtype_name(x_type) + " with w " + dtype_name(w_type) +
                              " is not supported (both f32, or both bf16)");
+  const Strides ld = leading_dims(name, form, M, N, K, strides);
   if (M == 0 || N == 0) return;
   if (K == 0) {
-    scale_add_bias(y, nullptr, beta, M, N, stream);
+    scale_add_bias(y, nullptr, beta, M, N, ld.y, stream);
     return;
   }
-  Plan& plan = im.plan(M, N, K, x_type, x, w, y, nullptr, kNoBias, form);
+  Plan& plan = im.plan(M, N, K, x_type, x, w, y, nullptr, kNoBias, form, ld);
   check_lt(cublasLtMatmul(im.handle, plan.desc, &alpha, w, plan.a, x, plan.b, &beta, y, plan.d, y, plan.d, &plan.algo,
                           im.workspace, im.workspace_bytes, stream),
            "cublasLtMatmul");
@@ -335,13 +354,13 @@ void matmul_plain(GemmContext::Impl& im, const char* name, Form form, float* y, 
 }  // namespace
 
 void matmul_nn(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N, int K,
-               float beta, cudaStream_t stream) {
-  matmul_plain(*ctx.impl_, "matmul_nn", kXW, y, x, x_type, w, w_type, M, N, K, 1.f, beta, stream);
+               float beta, cudaStream_t stream, Strides strides) {
+  matmul_plain(*ctx.impl_, "matmul_nn", kXW, y, x, x_type, w, w_type, M, N, K, 1.f, beta, stream, strides);
 }
 
 void matmul_tn(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N, int K,
-               float alpha, float beta, cudaStream_t stream) {
-  matmul_plain(*ctx.impl_, "matmul_tn", kXtW, y, x, x_type, w, w_type, M, N, K, alpha, beta, stream);
+               float alpha, float beta, cudaStream_t stream, Strides strides) {
+  matmul_plain(*ctx.impl_, "matmul_tn", kXtW, y, x, x_type, w, w_type, M, N, K, alpha, beta, stream, strides);
 }
 
 void f32_to_bf16(__nv_bfloat16* out, const float* in, long n, cudaStream_t stream) {

@@ -25,6 +25,13 @@ struct GemmStats {
   long bias_kernel = 0;  // calls whose bias was added by our kernel instead of the cuBLASLt epilogue
 };
 
+// Row strides, in elements, of a product's row-major operands, for views into wider buffers (a
+// slice of columns of a fused projection's rows): x's, w's and y's as each function below names
+// them. 0: dense (the row length the shapes give).
+struct Strides {
+  long x = 0, w = 0, y = 0;
+};
+
 // A cuBLASLt handle, a device workspace (cuBLASLt wants one on Hopper: its fastest kernels for
 // large shapes split K or run stream-K and keep partial sums there) and the plans already chosen:
 // per (M, N, K, dtypes, pointer alignments, bias mode) the descriptors and the heuristic's
@@ -49,11 +56,11 @@ class GemmContext {
  private:
   std::unique_ptr<Impl> impl_;
   friend void matmul(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N,
-                     int K, const float* bias, float beta, cudaStream_t stream);
+                     int K, const float* bias, float beta, cudaStream_t stream, Strides strides);
   friend void matmul_nn(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N,
-                        int K, float beta, cudaStream_t stream);
+                        int K, float beta, cudaStream_t stream, Strides strides);
   friend void matmul_tn(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N,
-                        int K, float alpha, float beta, cudaStream_t stream);
+                        int K, float alpha, float beta, cudaStream_t stream, Strides strides);
 };
 
 // y [M, N] = x [M, K] . w^T + bias [N] (when non-null) + beta * y, all row-major, on `stream`.
@@ -64,21 +71,22 @@ class GemmContext {
 // Pointers are device memory and may be views into larger buffers: each plan is chosen for the
 // alignment its pointers have (tested down to 4 bytes for f32 and 16 bytes for bf16; a bias
 // under 16 bytes aligned is added by a separate kernel). Every CUDA and cuBLASLt status is
-// checked: failures throw std::runtime_error naming the call and the status.
+// checked: failures throw std::runtime_error naming the call and the status. strides: rows of x,
+// W and y further apart than K, K and N (each at least that; a smaller one throws).
 void matmul(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N, int K,
-            const float* bias, float beta, cudaStream_t stream);
+            const float* bias, float beta, cudaStream_t stream, Strides strides = {});
 
 // y [M, N] = x [M, K] . w [K, N] + beta * y, w row-major [K, N] (not transposed): products back
 // through a weight stored [out, in], e.g. the gradient dh = dz . W of logits z = h . W^T. Same
-// types, checks and plan cache as matmul; no bias.
+// types, checks, strides and plan cache as matmul; no bias.
 void matmul_nn(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N, int K,
-               float beta, cudaStream_t stream);
+               float beta, cudaStream_t stream, Strides strides = {});
 
 // y [M, N] = alpha x^T . w + beta * y with x row-major [K, M] and w row-major [K, N]: weight
 // gradients, dW [out, in] = dy^T x summed over the K rows of a batch (dy [K, out], x [K, in]).
-// Same types, checks and plan cache as matmul; no bias.
+// Same types, checks, strides and plan cache as matmul; no bias.
 void matmul_tn(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N, int K,
-               float alpha, float beta, cudaStream_t stream);
+               float alpha, float beta, cudaStream_t stream, Strides strides = {});
 
 // out [n] = in [n] rounded to bf16, to nearest even, NaN kept NaN (quieted): bit for bit the
 // CPU's rf::f32_to_bf16 (native/core/dtype.h), so the device's bf16 activations are the CPU's.

@@ -68,9 +68,24 @@ __global__ void swiglu_rows_kernel(float* out, const float* in, long n, int inte
   }
 }
 
-__global__ void add_into_kernel(float* y, long ldy, const float* x, long n, int cols) {
-  for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x)
-    y[(i / cols) * ldy + i % cols] += x[i];
+__global__ void merge_lora_kernel(void* w, bool w_bf16, int in, long n, const float* A, const float* B, int rank,
+                                  float scale) {
+  for (long idx = long(blockIdx.x) * blockDim.x + threadIdx.x; idx < n; idx += long(gridDim.x) * blockDim.x) {
+    const long o = idx / in, i = idx % in;
+    double acc = 0.0;  // a product of two floats is exact in double: fused or not, the same sum
+    for (int k = 0; k < rank; ++k) {
+      const float b = B[o * rank + k];
+      if (b != 0.f) acc += double(b) * double(A[long(k) * in + i]);
+    }
+    const float delta = __fmul_rn(float(acc), scale);
+    if (w_bf16) {
+      __nv_bfloat16* p = static_cast<__nv_bfloat16*>(w) + idx;
+      *p = bf16_round(__fadd_rn(__bfloat162float(*p), delta));
+    } else {
+      float* p = static_cast<float*>(w) + idx;
+      *p = __fadd_rn(*p, delta);
+    }
+  }
 }
 
 __global__ void gather_rows_kernel(float* out, const float* x, const int32_t* rows, int width) {
@@ -130,9 +145,10 @@ void swiglu_rows(float* out, const float* in, int rows, int inter, cudaStream_t 
   if (n > 0) swiglu_rows_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(out, in, n, inter, out_bf16);
 }
 
-void add_into(float* y, long ldy, const float* x, int rows, int cols, cudaStream_t stream) {
-  const long n = long(rows) * cols;
-  if (n > 0) add_into_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(y, ldy, x, n, cols);
+void merge_lora_rows(void* w, bool w_bf16, int out, int in, const float* A, const float* B, int rank, float scale,
+                     cudaStream_t stream) {
+  const long n = long(out) * in;
+  if (n > 0) merge_lora_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(w, w_bf16, in, n, A, B, rank, scale);
 }
 
 void gather_rows(float* out, const float* x, const int32_t* rows, int n, int width, cudaStream_t stream) {

@@ -1,9 +1,9 @@
 // The CUDA model engine's glue kernels (native/cuda/device_model.h): what the CPU forward does
 // in loops between its matrix products: embedding rows (with the adapter's flag rows and GPT-2's
-// learned positions), the SwiGLU of a fused gate|up buffer, LoRA's delta added into a slice of
-// a projection's output, the flag rows of the LM head, and the teacher-forced scores of logits
-// rows. Each is the twin of a few lines of native/model/model.cpp or decode.cpp and is tested
-// against them in native/tests/cuda_model_ops.cpp. Pointers are device memory; one stream.
+// learned positions), the SwiGLU of a fused gate|up buffer, the flag rows of the LM head, the
+// teacher-forced scores of logits rows, and an adapter merged into a projection's weight. Each
+// is the twin of a few lines of native/model/model.cpp, decode.cpp or lib/train/merge.ts and is
+// tested against them in native/tests/cuda_model_ops.cpp. Pointers are device memory; one stream.
 #pragma once
 #include <cstdint>
 
@@ -25,9 +25,12 @@ void embed_rows(float* x, const void* table, bool table_bf16, const int32_t* tok
 // rmsnorm_rows writes it (ops.h).
 void swiglu_rows(float* out, const float* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16 = nullptr);
 
-// y[r, c] += x[r, c] for r < rows, c < cols; y's rows are ldy floats apart, x's cols: a LoRA
-// delta [rows, cols] added into its slice of a projection's output.
-void add_into(float* y, long ldy, const float* x, int rows, int cols, cudaStream_t stream);
+// w [out, in] (f32, or bf16 when w_bf16) += scale (B A) for A [rank, in] and B [out, rank] f32:
+// PEFT's merge, with lib/train/merge.ts's arithmetic, so the result is the merged checkpoint's
+// bit for bit: (B A)[o, i] summed over k in order in double (zero B entries skipped), rounded
+// to f32, times scale in f32, added to the weight in f32, rounded once to the weight's dtype.
+void merge_lora_rows(void* w, bool w_bf16, int out, int in, const float* A, const float* B, int rank, float scale,
+                     cudaStream_t stream);
 
 // out[i, :] = x[rows[i], :] for i < n (width floats per row): the last row of each sequence.
 void gather_rows(float* out, const float* x, const int32_t* rows, int n, int width, cudaStream_t stream);

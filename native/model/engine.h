@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -109,6 +110,14 @@ class Engine {
   virtual void set_token_rows(const std::vector<int>& tokens, const float* embed, const float* head) = 0;
   virtual void clear_adapters() = 0;
   virtual void set_adapter_enabled(bool enabled) = 0;
+  // The LoRA adapter folded into the weight instead of applied live (PEFT's merge_and_unload;
+  // add_lora's arguments): irreversible. Only the CUDA engine merges (where a live adapter costs
+  // two small products per projection and step); the CPU engine applies adapters live.
+  virtual void merge_lora(int layer, const std::string& target, const float* A, long a_size, const float* B, long b_size,
+                          int rank, float scale) {
+    (void)layer, (void)target, (void)A, (void)a_size, (void)B, (void)b_size, (void)rank, (void)scale;
+    throw std::invalid_argument("merging an adapter into the weights is done on the CUDA engine only (the CPU engine applies it live)");
+  }
 
   // A trainer on this engine's weights (the engine must outlive it).
   virtual std::unique_ptr<EngineTrainer> new_trainer(const TrainOptions& options) = 0;

@@ -165,6 +165,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
                         InstanceMethod<&ModelWrap::GetParam>("getParam"),
                         InstanceMethod<&ModelWrap::SetParam>("setParam"),
                         InstanceMethod<&ModelWrap::AddLora>("addLora"),
+                        InstanceMethod<&ModelWrap::MergeLora>("mergeLora"),
                         InstanceMethod<&ModelWrap::SetTokenRows>("setTokenRows"),
                         InstanceMethod<&ModelWrap::ClearAdapters>("clearAdapters"),
                         InstanceMethod<&ModelWrap::SetAdapterEnabled>("setAdapterEnabled"),
@@ -840,15 +841,21 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   }
 
   // addLora(layer, target, A: Float32Array [rank*in], B: Float32Array [out*rank], rank, scale)
-  void AddLora(const Napi::CallbackInfo& info) {
+  void AddLora(const Napi::CallbackInfo& info) { ApplyLora(info, false); }
+  // mergeLora(layer, target, A, B, rank, scale): addLora's arguments, folded into the weight.
+  void MergeLora(const Napi::CallbackInfo& info) { ApplyLora(info, true); }
+
+  void ApplyLora(const Napi::CallbackInfo& info, bool merge) {
     guard(info.Env(), [&] {
       if (busy_->load() || trainer_) throw std::invalid_argument("the model is busy or training");
       const int layer = info[0].As<Napi::Number>().Int32Value();
       const std::string target = info[1].As<Napi::String>().Utf8Value();
       Napi::Float32Array a = info[2].As<Napi::Float32Array>(), b = info[3].As<Napi::Float32Array>();
-      const long rank = info[4].As<Napi::Number>().Int64Value();
+      const int rank = int(info[4].As<Napi::Number>().Int64Value());
       const float scale = float(info[5].As<Napi::Number>().DoubleValue());
-      engine().add_lora(layer, target, a.Data(), long(a.ElementLength()), b.Data(), long(b.ElementLength()), int(rank), scale);
+      const long a_size = long(a.ElementLength()), b_size = long(b.ElementLength());
+      if (merge) engine().merge_lora(layer, target, a.Data(), a_size, b.Data(), b_size, rank, scale);
+      else engine().add_lora(layer, target, a.Data(), a_size, b.Data(), b_size, rank, scale);
     });
   }
 

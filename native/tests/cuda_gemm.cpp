@@ -384,6 +384,25 @@ void print_timings(rf::cuda::GemmContext& ctx) {
   }
 }
 
+// x [M, K], w [N, K] (bf16 values for bf16), y0 [M, N] and the product's reference.
+struct Operands {
+  std::vector<float> x, w, y0;
+  Reference ref;
+};
+
+Operands draw(DType type, int M, int N, int K) {
+  Operands o;
+  o.x = randn(size_t(M) * K, 1.f);
+  o.w = randn(size_t(N) * K, 1.f / std::sqrt(float(K)));
+  o.y0 = randn(size_t(M) * N, 1.f);
+  if (type == DType::bf16) {
+    for (auto& v : o.x) v = bf16_round(v);
+    for (auto& v : o.w) v = bf16_round(v);
+  }
+  o.ref = reference(o.x, o.w, M, N, K);
+  return o;
+}
+
 // matmul_nn (y = x w, w stored [K, N]) and matmul_tn (y = alpha x^T w, x stored [K, M]): the
 // backward's products. Same reference (on transposed copies) and bounds as matmul's, with beta 0
 // (y NaN first) and beta 1, alpha 1 and 0.25 for matmul_tn, f32 and bf16.
@@ -399,13 +418,9 @@ void test_transposed_forms(rf::cuda::GemmContext& ctx) {
       for (int N : {1, 63, 1000})
         for (int K : {8, 80, 777})
           for (bool tn : {false, true}) {
-            std::vector<float> x = randn(size_t(M) * K, 1.f), w = randn(size_t(N) * K, 1.f / std::sqrt(float(K)));
-            const std::vector<float> y0 = randn(size_t(M) * N, 1.f);
-            if (type == DType::bf16) {
-              for (auto& v : x) v = bf16_round(v);
-              for (auto& v : w) v = bf16_round(v);
-            }
-            const Reference ref = reference(x, w, M, N, K);  // x [M, K], w [N, K]
+            const Operands op = draw(type, M, N, K);
+            const std::vector<float>&x = op.x, &w = op.w, &y0 = op.y0;
+            const Reference& ref = op.ref;
             const std::vector<float> xs = tn ? transpose(x, M, K) : x;  // as stored: [K, M] for tn
             const std::vector<float> ws = transpose(w, N, K);           // [K, N]
             const size_t esz = type == DType::bf16 ? 2 : 4;
@@ -448,6 +463,74 @@ void test_transposed_forms(rf::cuda::GemmContext& ctx) {
           }
 }
 
+// Strided operands (rows of x, w and y further apart than the shapes say, as for a slice of a
+// fused projection's columns), for each form and type, beta 0 and 1: the results match the dense
+// reference, y's gaps keep their NaN, and a stride shorter than its rows throws.
+void test_strides(rf::cuda::GemmContext& ctx) {
+  const int M = 37, N = 48, K = 72, pad = 24;  // x^T's rows (37 + 24) are not 16-byte aligned
+  for (DType type : {DType::f32, DType::bf16})
+    for (int form = 0; form < 3; ++form)  // y = x w^T, x w, x^T w
+      for (float beta : {0.f, 1.f}) {
+        const Operands op = draw(type, M, N, K);
+        const std::vector<float>&x = op.x, &w = op.w, &y0 = op.y0;
+        const Reference& ref = op.ref;
+        // As stored: x [M, K] (or [K, M] for x^T w), w [N, K] (or [K, N] for x w and x^T w).
+        const int xr = form == 2 ? K : M, xc = form == 2 ? M : K, wr = form == 0 ? N : K, wc = form == 0 ? K : N;
+        const long lx = xc + pad, lw = wc + pad, ly = N + pad;
+        std::vector<float> xs(size_t(xr) * lx, NAN), ws(size_t(wr) * lw, NAN), ys(size_t(M) * ly, NAN);
+        for (int r = 0; r < xr; ++r)
+          for (int c = 0; c < xc; ++c) xs[size_t(r) * lx + c] = form == 2 ? x[size_t(c) * K + r] : x[size_t(r) * K + c];
+        for (int r = 0; r < wr; ++r)
+          for (int c = 0; c < wc; ++c) ws[size_t(r) * lw + c] = form == 0 ? w[size_t(r) * K + c] : w[size_t(c) * K + r];
+        for (int m = 0; m < M; ++m)
+          for (int n = 0; n < N; ++n) ys[size_t(m) * ly + n] = beta != 0.f ? y0[size_t(m) * N + n] : NAN;
+        const size_t esz = type == DType::bf16 ? 2 : 4;
+        Dev dx(xs.size() * esz), dw(ws.size() * esz), dy(ys.size() * 4);
+        if (type == DType::bf16) {
+          upload(dx.at<uint16_t>(), to_bf16_bits(xs));
+          upload(dw.at<uint16_t>(), to_bf16_bits(ws));
+        } else {
+          upload(dx.at<float>(), xs);
+          upload(dw.at<float>(), ws);
+        }
+        upload(dy.at<float>(), ys);
+        static const char* const names[] = {"matmul", "matmul_nn", "matmul_tn"};
+        const std::string name = std::string(names[form]) + " strided " + case_name(type, M, N, K, false, beta);
+        try {
+          const rf::cuda::Strides st{lx, lw, ly};
+          if (form == 0) rf::cuda::matmul(ctx, dy.at<float>(), dx.p, type, dw.p, type, M, N, K, nullptr, beta, nullptr, st);
+          if (form == 1) rf::cuda::matmul_nn(ctx, dy.at<float>(), dx.p, type, dw.p, type, M, N, K, beta, nullptr, st);
+          if (form == 2) rf::cuda::matmul_tn(ctx, dy.at<float>(), dx.p, type, dw.p, type, M, N, K, 1.f, beta, nullptr, st);
+          cuda_ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+          const std::vector<float> got = download(dy.at<float>(), ys.size());
+          std::vector<float> dense(size_t(M) * N);
+          bool gaps = true;
+          for (int m = 0; m < M; ++m)
+            for (int c = 0; c < ly; ++c) {
+              const float v = got[size_t(m) * ly + c];
+              if (c < N) dense[size_t(m) * N + c] = v;
+              else gaps = gaps && std::isnan(v);
+            }
+          const double tol = type == DType::bf16 ? kBf16Tol : f32_case_tol(K);
+          const double rel = measure(dense, ref, nullptr, y0, beta, M, N).rel();
+          char buf[96];
+          std::snprintf(buf, sizeof buf, ": error %.3g (limit %.3g), gaps %s", rel, tol, gaps ? "untouched" : "WRITTEN");
+          check(rel <= tol && gaps, name + buf);
+        } catch (const std::exception& ex) {
+          check(false, name + ": threw " + ex.what());
+          cudaGetLastError();
+        }
+      }
+  bool threw = false;
+  try {
+    Dev d(size_t(64) * 64 * 4);
+    rf::cuda::matmul(ctx, d.at<float>(), d.p, DType::f32, d.p, DType::f32, 4, 8, 16, nullptr, 0.f, nullptr, {8, 0, 0});
+  } catch (const std::runtime_error& e) {
+    threw = std::string(e.what()).find("row stride 8") != std::string::npos;
+  }
+  check(threw, "a row stride shorter than its rows throws and names it");
+}
+
 }  // namespace
 
 int main() {
@@ -463,6 +546,7 @@ int main() {
     test_shapes(ctx);
     test_views(ctx);
     test_transposed_forms(ctx);
+    test_strides(ctx);
     test_k_zero_and_errors(ctx);
     test_plan_cache(ctx);
     char buf[256];

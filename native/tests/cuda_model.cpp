@@ -28,6 +28,8 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <functional>
+#include <stdexcept>
 #include <memory>
 #include <random>
 #include <string>
@@ -35,7 +37,9 @@
 
 #include "cuda/cuda.h"
 #include "cuda/device_model.h"
+#include "core/dtype.h"
 #include "model/decode.h"
+#include "model/layout.h"
 #include "model/model.h"
 #include "tests/check.h"
 #include "tests/random_model.h"
@@ -132,11 +136,23 @@ void check_decode(const std::string& tag, Pair& p, double bound = 1e-4) {
         tag + ": decode and a continuing chunk equal the CPU's prefill (worst rel L2 " + std::to_string(worst) + ")");
 }
 
-// LoRA on every projection and trained flag rows, the same on both engines.
-void add_adapters(Pair& p, unsigned seed) {
-  const rf::ModelConfig& c = p.cpu->config();
+// LoRA factors on every projection and flag rows, drawn from one seed.
+struct AdapterSet {
+  static constexpr int kRank = 4;
+  static constexpr float kScale = 2.f;
+  struct Module {
+    int layer;
+    std::string name;
+    long in, out;
+    std::vector<float> A, B;  // [rank, in], [out, rank]
+  };
+  std::vector<Module> modules;
+  std::vector<int> flags;
+  std::vector<float> embed, head;
+};
+
+AdapterSet random_adapters(const rf::ModelConfig& c, unsigned seed) {
   std::mt19937 rng(seed);
-  const int rank = 4;
   const long H = c.hidden, Q = c.q_dim(), KV = c.kv_dim(), I = c.intermediate;
   struct Site { const char* name; long in, out; };
   std::vector<Site> sites;
@@ -145,25 +161,124 @@ void add_adapters(Pair& p, unsigned seed) {
   else
     sites = {{"q_proj", H, Q}, {"k_proj", H, KV}, {"v_proj", H, KV}, {"o_proj", Q, H},
              {"gate_proj", H, I}, {"up_proj", H, I}, {"down_proj", I, H}};
+  AdapterSet a;
+  const int rank = AdapterSet::kRank;
   for (int l = 0; l < c.n_layers; ++l)
     for (const Site& s : sites) {
-      const std::vector<float> A = rf::test::randn(rng, size_t(rank * s.in), 0.1f), B = rf::test::randn(rng, size_t(s.out * rank), 0.1f);
-      const std::string pre = "layers." + std::to_string(l) + "." + s.name + ".";
-      rf::Param* a = p.cpu->new_param(pre + "lora_A", {rank, s.in});
-      rf::Param* b = p.cpu->new_param(pre + "lora_B", {s.out, rank});
-      a->value = A;
-      b->value = B;
-      p.cpu->add_lora(l, s.name, a, b, 2.0f);
-      p.gpu->add_lora(l, s.name, A.data(), s.in, B.data(), s.out, rank, 2.0f);
+      std::vector<float> A = rf::test::randn(rng, size_t(rank * s.in), 0.1f);
+      std::vector<float> B = rf::test::randn(rng, size_t(s.out * rank), 0.1f);
+      a.modules.push_back({l, s.name, s.in, s.out, std::move(A), std::move(B)});
     }
-  const std::vector<int> flags{c.vocab - 1, c.vocab - 2, c.vocab - 3};
-  const std::vector<float> embed = rf::test::randn(rng, flags.size() * H, 0.5f), head = rf::test::randn(rng, flags.size() * H, 0.5f);
-  rf::Param* e = p.cpu->new_param("rf.embed", {long(embed.size())}, false);
-  rf::Param* h = p.cpu->new_param("rf.head", {long(head.size())}, false);
-  e->value = embed;
-  h->value = head;
-  p.cpu->set_token_rows(flags, e, h);
-  p.gpu->set_token_rows(flags, embed.data(), head.data());
+  a.flags = {c.vocab - 1, c.vocab - 2, c.vocab - 3};
+  a.embed = rf::test::randn(rng, a.flags.size() * H, 0.5f);
+  a.head = rf::test::randn(rng, a.flags.size() * H, 0.5f);
+  return a;
+}
+
+// LoRA on every projection and trained flag rows, the same on both engines.
+void add_adapters(Pair& p, unsigned seed) {
+  const AdapterSet a = random_adapters(p.cpu->config(), seed);
+  for (const AdapterSet::Module& m : a.modules) {
+    const std::string pre = "layers." + std::to_string(m.layer) + "." + m.name + ".";
+    rf::Param* pa = p.cpu->new_param(pre + "lora_A", {AdapterSet::kRank, m.in});
+    rf::Param* pb = p.cpu->new_param(pre + "lora_B", {m.out, AdapterSet::kRank});
+    pa->value = m.A;
+    pb->value = m.B;
+    p.cpu->add_lora(m.layer, m.name, pa, pb, AdapterSet::kScale);
+    p.gpu->add_lora(m.layer, m.name, m.A.data(), m.in, m.B.data(), m.out, AdapterSet::kRank, AdapterSet::kScale);
+  }
+  rf::Param* e = p.cpu->new_param("rf.embed", {long(a.embed.size())}, false);
+  rf::Param* h = p.cpu->new_param("rf.head", {long(a.head.size())}, false);
+  e->value = a.embed;
+  h->value = a.head;
+  p.cpu->set_token_rows(a.flags, e, h);
+  p.gpu->set_token_rows(a.flags, a.embed.data(), a.head.data());
+}
+
+// The merged checkpoint as lib/train/merge.ts writes it, loaded: load_random's tensors with the
+// adapters folded into the projections on the host (checkpoint layout, GPT-2's [in, out]
+// included), in the engine's dtype first (a bf16 checkpoint), rounded once more after.
+struct HostMergedLoader {
+  rf::cuda::DeviceModel& m;
+  const AdapterSet& a;
+  const rf::ModelConfig& config() const { return m.config(); }
+  void load_tensor(const std::string& name, const void* data, rf::SrcType type, const std::vector<long>& shape, bool kn) {
+    const bool bf16 = m.dtype() == rf::DType::bf16;
+    const rf::ModelConfig& c = m.config();
+    static const char* const linears[] = {"qkv", "o", "mlp_in", "mlp_out"};
+    int layer = -1, index = -1;
+    for (int l = 0; l < c.n_layers && index < 0; ++l)
+      for (int k = 0; k < 4; ++k)
+        if (name == "layers." + std::to_string(l) + "." + linears[k] + ".weight") layer = l, index = k;
+    if (index < 0) return m.load_tensor(name, data, type, shape, kn);
+    std::vector<float> w(static_cast<const float*>(data), static_cast<const float*>(data) + shape[0] * shape[1]);
+    const auto round = [&] {
+      if (bf16)
+        for (float& v : w) v = rf::bf16_to_f32(rf::f32_to_bf16(v));
+    };
+    round();
+    const long total_out = kn ? shape[1] : shape[0], in = kn ? shape[0] : shape[1];
+    for (const AdapterSet::Module& mod : a.modules) {
+      const rf::LoraSite site = rf::lora_site(c, mod.name);
+      if (mod.layer != layer || site.index != index) continue;
+      for (long o = 0; o < mod.out; ++o)
+        for (long i = 0; i < in; ++i) {
+          double acc = 0.0;
+          for (int k = 0; k < AdapterSet::kRank; ++k) {
+            const float b = mod.B[size_t(o) * AdapterSet::kRank + k];
+            if (b != 0.f) acc += double(b) * double(mod.A[size_t(k) * in + i]);
+          }
+          const volatile float delta = float(acc) * AdapterSet::kScale;
+          float& v = kn ? w[size_t(i) * total_out + site.offset + o] : w[size_t(site.offset + o) * in + i];
+          v = v + delta;
+        }
+    }
+    round();
+    m.load_tensor(name, w.data(), rf::SrcType::f32, shape, kn);
+  }
+};
+
+// An adapter merged on the device (DeviceModel::merge_lora) gives the same logits, bit for bit,
+// as the merged checkpoint loaded (HostMergedLoader), and the live adapter's up to rounding; once
+// merged, the adapter can be neither switched off nor removed (cuda_train: nor trained).
+void check_merge(const std::string& name, const rf::ModelConfig& c, rf::DType dtype, double bound) {
+  const AdapterSet a = random_adapters(c, 31);
+  auto model = [&](bool host_merged) {
+    auto m = std::make_unique<rf::cuda::DeviceModel>(c, dtype, 0);
+    if (host_merged) {
+      HostMergedLoader loader{*m, a};
+      rf::test::load_random(loader, 7);
+    } else {
+      rf::test::load_random(*m, 7);
+    }
+    m->set_kv_pool_bytes(size_t(64) << 20);
+    m->set_token_rows(a.flags, a.embed.data(), a.head.data());
+    return m;
+  };
+  auto live = model(false), merged = model(false), host = model(true);
+  for (const AdapterSet::Module& mod : a.modules) {
+    live->add_lora(mod.layer, mod.name, mod.A.data(), mod.in, mod.B.data(), mod.out, AdapterSet::kRank, AdapterSet::kScale);
+    merged->merge_lora(mod.layer, mod.name, mod.A.data(), mod.in, mod.B.data(), mod.out, AdapterSet::kRank, AdapterSet::kScale);
+  }
+  std::mt19937 rng(5);
+  const std::vector<std::vector<uint32_t>> seqs{random_ids(rng, 3, c.vocab), random_ids(rng, 19, c.vocab)};
+  const std::vector<float> got = gpu_all(*merged, seqs), want = gpu_all(*host, seqs), with_lora = gpu_all(*live, seqs);
+  long differ = 0;
+  for (size_t i = 0; i < got.size(); ++i) differ += std::memcmp(&got[i], &want[i], sizeof(float)) != 0;
+  check(differ == 0, name + ": merged on the device = the merged checkpoint loaded, bit for bit (" + std::to_string(differ) +
+                         " of " + std::to_string(got.size()) + " logits differ)");
+  const double e = worst_row(got, with_lora, c.vocab);
+  check(e <= bound, name + ": merged logits equal the live adapter's (worst row rel L2 " + std::to_string(e) + ")");
+  auto throws = [](const std::function<void()>& f) {
+    try {
+      f();
+    } catch (const std::invalid_argument& ex) {
+      return std::string(ex.what()).find("merged") != std::string::npos;
+    }
+    return false;
+  };
+  check(throws([&] { merged->set_adapter_enabled(false); }) && throws([&] { merged->clear_adapters(); }),
+        name + ": a merged adapter can be neither switched off nor removed (clear errors)");
 }
 
 void check_decode_step(const std::string& tag, Pair& p) {
@@ -406,6 +521,8 @@ void run_config(const std::string& name, const rf::ModelConfig& c) {
     check_decode(name + " bf16", p, 2e-2);  // prefill on the tensor cores, decode in f32 attention
     check_batch_independence(name + " bf16", *p.gpu);
   }
+  check_merge(name + " f32 merged", c, rf::DType::f32, 1e-4);
+  check_merge(name + " bf16 merged", c, rf::DType::bf16, 2e-2);
 }
 
 }  // namespace

@@ -16,9 +16,10 @@
 //     and multiply add one rounding each: a few 1e-7 relative. Checked as
 //     |got - ref| <= 2e-6 * (1 + |ref|) against double (2e-6 rather than 1e-6 to leave room for
 //     the host/device expf difference near g = 0, where the quotient is sensitive to it).
-//   - add_into: one f32 addition per element, correctly rounded on both sides: bit-identical to
-//     the host's f32 y + x; every element outside the slice bit-identical to before.
 //   - gather_rows: a copy: bit-identical.
+//   - merge_lora_rows: lib/train/merge.ts's arithmetic (double sums of exact products, then f32
+//     roundings in a fixed order, then one rounding to the weight's dtype): bit-identical to the
+//     host's.
 //   - set_flag_logits: a dot product of `hidden` f32 products summed per thread and then in a
 //     tree: within (depth of the sum) * 2^-24 * sum|x_i w_i|. Checked as
 //     |got - ref| <= 1e-5 * sum_i |x_i w_i| against the double dot (relative to the terms'
@@ -264,43 +265,6 @@ void test_swiglu_rows() {
   swiglu_case(33, 508397, true);
 }
 
-// --- add_into ----------------------------------------------------------------------------------
-
-void add_into_case(int rows, int cols, long ldy, long col0, bool large) {
-  const size_t total = size_t(rows + 1) * size_t(ldy);  // one extra row of y that must stay as it was
-  const std::vector<float> y0 = large ? uniform(total, -1.f, 1.f) : randn(total);
-  const std::vector<float> x = large ? uniform(size_t(rows) * cols, -1.f, 1.f) : randn(size_t(rows) * cols);
-  const std::string tag = "add_into rows=" + std::to_string(rows) + " cols=" + std::to_string(cols) + " ldy=" + std::to_string(ldy) +
-                          " at column " + std::to_string(col0);
-  Dev d_y = upload(y0), d_x = upload(x);
-  rf::cuda::add_into(d_y.f() + col0, ldy, d_x.f(), rows, cols, nullptr);
-  if (!ran(tag)) return;
-  const std::vector<float> y = download<float>(d_y, total);
-  long bad_slice = 0, bad_outside = 0;
-  for (size_t idx = 0; idx < total; ++idx) {
-    const long r = long(idx / size_t(ldy)), c = long(idx % size_t(ldy)) - col0;
-    if (r < rows && c >= 0 && c < cols) {
-      const float want = y0[idx] + x[size_t(r) * cols + c];  // one correctly rounded f32 add
-      if (bits(y[idx]) != bits(want)) ++bad_slice;
-    } else if (bits(y[idx]) != bits(y0[idx])) {
-      ++bad_outside;
-    }
-  }
-  check(bad_slice == 0, tag + ": slice equals the host's f32 y + x bit for bit (" + std::to_string(bad_slice) + " differ)");
-  check(bad_outside == 0, tag + ": every element outside the slice unchanged (" + std::to_string(bad_outside) + " changed)");
-}
-
-void test_add_into() {
-  for (int rows : {1, 7, 33}) {
-    add_into_case(rows, 80, 80, 0, false);      // the whole row
-    add_into_case(rows, 80, 3 * 80, 80, false);  // the middle third of a fused q|k|v row
-    add_into_case(rows, 129, 300, 171, false);   // the tail of a row, odd sizes
-    add_into_case(rows, 129, 301, 3, false);
-  }
-  // 4097 * 4100 = 16797700 > 65535 * 256 elements: the grid-stride loop's second turn.
-  add_into_case(4097, 4100, 4133, 29, true);
-}
-
 // --- gather_rows -------------------------------------------------------------------------------
 
 void test_gather_rows() {
@@ -469,6 +433,71 @@ void test_row_scores() {
 
 }  // namespace
 
+// --- merge_lora_rows ---------------------------------------------------------------------------
+
+// w += scale (B A) with lib/train/merge.ts's arithmetic (see model_ops.h), on the host.
+float merged_value(float w, const std::vector<float>& A, const std::vector<float>& B, int o, int i, int in, int rank,
+                   float scale) {
+  double acc = 0.0;
+  for (int k = 0; k < rank; ++k) {
+    const float b = B[size_t(o) * rank + k];
+    if (b != 0.f) acc += double(b) * double(A[size_t(k) * in + i]);
+  }
+  const volatile float delta = float(acc) * scale;  // volatile: two separate roundings, as merge.ts
+  return w + delta;
+}
+
+void merge_case(int out, int in, int rank, bool bf16) {
+  const std::string tag = std::string("merge_lora_rows ") + (bf16 ? "bf16" : "f32") + " out=" + std::to_string(out) +
+                          " in=" + std::to_string(in) + " rank=" + std::to_string(rank);
+  std::vector<float> A = randn(size_t(rank) * in, 0.05f), B = randn(size_t(out) * rank, 0.05f);
+  for (size_t j = 0; j < B.size(); j += 3) B[j] = 0.f;  // zero entries are skipped, as merge.ts does
+  const float scale = 2.f;
+  const std::vector<float> w0 = randn(size_t(out) * in, 0.02f);
+  const size_t n = size_t(out) * in;
+  Dev d_a = upload(A), d_b = upload(B);
+  long bad = 0;
+  bool tail = true;
+  if (bf16) {
+    std::vector<uint16_t> w(n + kTail, 0xbeef);
+    for (size_t j = 0; j < n; ++j) w[j] = rf::f32_to_bf16(w0[j]);
+    Dev d_w = upload(w);
+    rf::cuda::merge_lora_rows(d_w.p, true, out, in, d_a.f(), d_b.f(), rank, scale, nullptr);
+    if (!ran(tag)) return;
+    const std::vector<uint16_t> got = download<uint16_t>(d_w, n + kTail);
+    for (int o = 0; o < out; ++o)
+      for (int i = 0; i < in; ++i) {
+        const size_t j = size_t(o) * in + i;
+        const uint16_t want = rf::f32_to_bf16(merged_value(rf::bf16_to_f32(w[j]), A, B, o, i, in, rank, scale));
+        if (got[j] != want) ++bad;
+      }
+    for (size_t j = n; j < got.size(); ++j) tail = tail && got[j] == 0xbeef;
+  } else {
+    std::vector<float> w(w0);
+    w.resize(n + kTail, sentinel());
+    Dev d_w = upload(w);
+    rf::cuda::merge_lora_rows(d_w.p, false, out, in, d_a.f(), d_b.f(), rank, scale, nullptr);
+    if (!ran(tag)) return;
+    const std::vector<float> got = download<float>(d_w, n + kTail);
+    for (int o = 0; o < out; ++o)
+      for (int i = 0; i < in; ++i) {
+        const size_t j = size_t(o) * in + i;
+        if (bits(got[j]) != bits(merged_value(w0[j], A, B, o, i, in, rank, scale))) ++bad;
+      }
+    tail = tail_intact(got, n);
+  }
+  check(bad == 0, tag + ": the merged checkpoint's arithmetic bit for bit (" + std::to_string(bad) + " differ)");
+  check(tail, tag + ": nothing written past the weight");
+}
+
+void test_merge_lora_rows() {
+  for (bool bf16 : {false, true}) {
+    merge_case(7, 80, 4, bf16);
+    merge_case(33, 129, 16, bf16);
+    merge_case(64, 1000, 8, bf16);
+  }
+}
+
 int main() {
   const rf::cuda::DeviceInfo info = rf::cuda::device_info();
   if (info.count == 0) {
@@ -477,9 +506,9 @@ int main() {
   }
   test_embed_rows();
   test_swiglu_rows();
-  test_add_into();
   test_gather_rows();
   test_set_flag_logits();
   test_row_scores();
+  test_merge_lora_rows();
   return rf::test::finish("cuda_model_ops");
 }

@@ -396,6 +396,18 @@ void check_refusals(const rf::ModelConfig& c) {
     msg = e.what();
   }
   check(msg.find("already has an adapter") != std::string::npos, "a second trainer on an adapted model is refused: " + msg);
+  // A model with an adapter merged into its weights has lost the base model training needs.
+  rf::cuda::DeviceModel merged(c, rf::DType::f32, 0);
+  rf::test::load_random(merged, 3);
+  const std::vector<float> A(size_t(2) * c.q_dim(), 0.01f), B(size_t(c.hidden) * 2, 0.01f);
+  merged.merge_lora(0, c.arch == rf::Arch::gpt2 ? "attn.c_proj" : "o_proj", A.data(), c.q_dim(), B.data(), c.hidden, 2, 1.f);
+  msg.clear();
+  try {
+    rf::cuda::DeviceTrainer t(merged, train_options(c));
+  } catch (const std::invalid_argument& e) {
+    msg = e.what();
+  }
+  check(msg.find("merged") != std::string::npos, "a trainer on a model with a merged adapter is refused: " + msg);
 }
 
 void run_bf16(const std::string& name, const rf::ModelConfig& c) {

@@ -2,8 +2,8 @@
 """PEFT interoperability check (issue "CUDA backend, part 1", item 7), second half.
 
 scripts/interop-export.mjs trains a red-flag LoRA adapter with redflag and writes redflag's f32
-logits of a few sequences (one holding <rf>) with the adapter applied, per device, to
-interop.json. This loads the same base model with Hugging Face transformers, grows its vocabulary
+logits of a few sequences (one holding <rf>) with the adapter applied, per device (on a GPU also
+merged into the weights: "cuda+merged"), to interop.json. This loads the same base model with Hugging Face transformers, grows its vocabulary
 to hold <rf> (as the README says), loads the adapter with PeftModel.from_pretrained (LoRA on the
 seven projections, <rf> rows as trainable tokens), and compares the logits: relative L2 <= 1e-4
 per sequence against each device's (both f32; the sums run in different orders).

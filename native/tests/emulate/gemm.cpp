@@ -2,6 +2,7 @@
 
 #include "cuda/gemm.h"
 #include <stdexcept>
+#include <string>
 #include <vector>
 namespace rf::cuda {
 struct GemmContext::Impl { GemmStats stats; };
@@ -11,39 +12,47 @@ const GemmStats& GemmContext::stats() const { return impl_->stats; }
 static float load(const void* p, DType t, long i) {
   return t == DType::f32 ? static_cast<const float*>(p)[i] : __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
 }
+// The leading dimensions as gemm.cu's leading_dims: 0 is dense, a shorter one throws.
+static long ld_or(long given, long dense, const char* name) {
+  if (given != 0 && given < dense) throw std::runtime_error(std::string(name) + ": row stride shorter than its rows");
+  return given ? given : dense;
+}
 // Each product is queued like a kernel (emu_enqueue: run now, or recorded into a graph's capture).
-void matmul(GemmContext&, float* y, const void* x, DType xt, const void* w, DType wt, int M, int N, int K, const float* bias, float beta, cudaStream_t) {
+void matmul(GemmContext&, float* y, const void* x, DType xt, const void* w, DType wt, int M, int N, int K, const float* bias, float beta, cudaStream_t, Strides s) {
   if (xt != wt) throw std::runtime_error("matmul: mixed types");
+  const long lx = ld_or(s.x, K, "matmul"), lw = ld_or(s.w, K, "matmul"), ly = ld_or(s.y, N, "matmul");
   emu_enqueue([=] {
   for (int m = 0; m < M; ++m)
     for (int n = 0; n < N; ++n) {
       float acc = 0.f;
-      for (int k = 0; k < K; ++k) acc += load(x, xt, long(m) * K + k) * load(w, wt, long(n) * K + k);
+      for (int k = 0; k < K; ++k) acc += load(x, xt, m * lx + k) * load(w, wt, n * lw + k);
       float v = acc + (bias ? bias[n] : 0.f);
-      if (beta != 0.f) v += beta * y[long(m) * N + n];
-      y[long(m) * N + n] = v;
+      if (beta != 0.f) v += beta * y[m * ly + n];
+      y[m * ly + n] = v;
     }
   });
 }
-void matmul_nn(GemmContext&, float* y, const void* x, DType xt, const void* w, DType wt, int M, int N, int K, float beta, cudaStream_t) {
+void matmul_nn(GemmContext&, float* y, const void* x, DType xt, const void* w, DType wt, int M, int N, int K, float beta, cudaStream_t, Strides s) {
   if (xt != wt) throw std::runtime_error("matmul_nn: mixed types");
+  const long lx = ld_or(s.x, K, "matmul_nn"), lw = ld_or(s.w, N, "matmul_nn"), ly = ld_or(s.y, N, "matmul_nn");
   emu_enqueue([=] {
   for (int m = 0; m < M; ++m)
     for (int n = 0; n < N; ++n) {
       float acc = 0.f;
-      for (int k = 0; k < K; ++k) acc += load(x, xt, long(m) * K + k) * load(w, wt, long(k) * N + n);
-      y[long(m) * N + n] = acc + (beta != 0.f ? beta * y[long(m) * N + n] : 0.f);
+      for (int k = 0; k < K; ++k) acc += load(x, xt, m * lx + k) * load(w, wt, k * lw + n);
+      y[m * ly + n] = acc + (beta != 0.f ? beta * y[m * ly + n] : 0.f);
     }
   });
 }
-void matmul_tn(GemmContext&, float* y, const void* x, DType xt, const void* w, DType wt, int M, int N, int K, float alpha, float beta, cudaStream_t) {
+void matmul_tn(GemmContext&, float* y, const void* x, DType xt, const void* w, DType wt, int M, int N, int K, float alpha, float beta, cudaStream_t, Strides s) {
   if (xt != wt) throw std::runtime_error("matmul_tn: mixed types");
+  const long lx = ld_or(s.x, M, "matmul_tn"), lw = ld_or(s.w, N, "matmul_tn"), ly = ld_or(s.y, N, "matmul_tn");
   emu_enqueue([=] {
   for (int m = 0; m < M; ++m)
     for (int n = 0; n < N; ++n) {
       float acc = 0.f;
-      for (int k = 0; k < K; ++k) acc += load(x, xt, long(k) * M + m) * load(w, wt, long(k) * N + n);
-      y[long(m) * N + n] = alpha * acc + (beta != 0.f ? beta * y[long(m) * N + n] : 0.f);
+      for (int k = 0; k < K; ++k) acc += load(x, xt, k * lx + m) * load(w, wt, k * lw + n);
+      y[m * ly + n] = alpha * acc + (beta != 0.f ? beta * y[m * ly + n] : 0.f);
     }
   });
 }
