@@ -544,7 +544,9 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
       float* du = floats(s.du, R * r);
       matmul_nn(gemm, du, dys, DType::f32, lora.B.get<void>(), DType::f32, int(R), r, o, 0.f, st, {out, 0, 0});  // du = dy B*
       matmul_tn(gemm, s.grd(ps[a]), du, DType::f32, xa, DType::f32, r, int(in), int(R), 1.f, 1.f, st);   // dA
-      if (p > 0.f) {
+      if (p > 0.f && r <= kLoraFusedMaxRank) {  // din += mask (du A), du A never written
+        lora_up_dropout_add(din, du, lora.A.get(), int(R), int(in), r, s.trace.dropout_seed, l, adapter_id, p, st);
+      } else if (p > 0.f) {
         float* t = floats(s.tmp_in, R * in);
         matmul_nn(gemm, t, du, DType::f32, lora.A.get<void>(), DType::f32, int(R), int(in), r, 0.f, st);
         dropout_add(din, t, int(R), int(in), s.trace.dropout_seed, l, adapter_id, p, st);

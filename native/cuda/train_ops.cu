@@ -41,6 +41,43 @@ __global__ void dropout_kernel(float* out, const float* x, int cols, long n, uin
   }
 }
 
+// grid (column blocks of kThreads, row blocks of kUpRows); a thread keeps its column of A in
+// registers and walks the block's rows, du's row read from shared memory as float4 (broadcast).
+constexpr int kUpRows = 64;
+
+template <int KMAX>
+__global__ void lora_up_dropout_add_kernel(float* din, const float* du, const float* A, int rows, int in, int rank,
+                                           uint64_t seed, int layer, int adapter, float p) {
+  __shared__ float4 du_s[kUpRows][KMAX / 4];
+  const int r0 = blockIdx.y * kUpRows;
+  const int n_rows = rows - r0 < kUpRows ? rows - r0 : kUpRows;
+  for (int e = threadIdx.x; e < kUpRows * KMAX; e += blockDim.x) {
+    const int r = e / KMAX, k = e % KMAX;
+    reinterpret_cast<float*>(&du_s[r][0])[k] = r < n_rows && k < rank ? du[long(r0 + r) * rank + k] : 0.f;
+  }
+  __syncthreads();
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= in) return;
+  float a[KMAX];
+#pragma unroll
+  for (int k = 0; k < KMAX; ++k) a[k] = k < rank ? A[long(k) * in + i] : 0.f;
+  const float keep_scale = 1.0f / (1.0f - p);
+  for (int r = 0; r < n_rows; ++r) {
+    float acc = 0.f;  // k in order; the zero padding past rank adds exact zeros
+#pragma unroll
+    for (int k4 = 0; k4 < KMAX / 4; ++k4) {
+      const float4 d = du_s[r][k4];
+      acc = fmaf(d.x, a[4 * k4], acc);
+      acc = fmaf(d.y, a[4 * k4 + 1], acc);
+      acc = fmaf(d.z, a[4 * k4 + 2], acc);
+      acc = fmaf(d.w, a[4 * k4 + 3], acc);
+    }
+    const long row = r0 + r;
+    // Two roundings, as dropout_add of the product (no fused multiply-add of them).
+    if (keep_element(seed, layer, adapter, row, i, p)) din[row * in + i] = __fadd_rn(din[row * in + i], __fmul_rn(acc, keep_scale));
+  }
+}
+
 __global__ void widen_bf16_kernel(float* out, const uint16_t* in, long n) {
   for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x)
     out[i] = __uint_as_float(uint32_t(in[i]) << 16);
@@ -103,6 +140,19 @@ void dropout_add(float* y, const float* x, int rows, int cols, uint64_t seed, in
   if (n == 0) return;
   dropout_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(y, x, cols, n, seed, layer, adapter, p, true);
   check_launch("dropout_add");
+}
+
+void lora_up_dropout_add(float* din, const float* du, const float* A, int rows, int in, int rank, uint64_t seed, int layer,
+                         int adapter, float p, cudaStream_t stream) {
+  if (rank < 1 || rank > kLoraFusedMaxRank)
+    throw std::invalid_argument("lora_up_dropout_add: rank " + std::to_string(rank) + " outside 1.." +
+                                std::to_string(kLoraFusedMaxRank));
+  if (rows <= 0 || in <= 0) return;
+  const dim3 grid(unsigned((in + kThreads - 1) / kThreads), unsigned((rows + kUpRows - 1) / kUpRows));
+  if (rank <= 16) lora_up_dropout_add_kernel<16><<<grid, kThreads, 0, stream>>>(din, du, A, rows, in, rank, seed, layer, adapter, p);
+  else if (rank <= 32) lora_up_dropout_add_kernel<32><<<grid, kThreads, 0, stream>>>(din, du, A, rows, in, rank, seed, layer, adapter, p);
+  else lora_up_dropout_add_kernel<64><<<grid, kThreads, 0, stream>>>(din, du, A, rows, in, rank, seed, layer, adapter, p);
+  check_launch("lora_up_dropout_add");
 }
 
 void widen_bf16(float* out, const uint16_t* in, long n, cudaStream_t stream) {

@@ -21,6 +21,14 @@ void dropout_rows(float* out, const float* x, int rows, int cols, uint64_t seed,
 void dropout_add(float* y, const float* x, int rows, int cols, uint64_t seed, int layer, int adapter, float p,
                  cudaStream_t stream);
 
+// The adapter's input gradient through its dropout, fused: din [rows, in] += the mask applied to
+// du A (du [rows, rank], A [rank, in]), the product never written (dropout_add of matmul's du A,
+// without its [rows, in] buffer and second pass). Each element sums its rank products in k
+// order. rank <= kLoraFusedMaxRank.
+constexpr int kLoraFusedMaxRank = 64;
+void lora_up_dropout_add(float* din, const float* du, const float* A, int rows, int in, int rank, uint64_t seed, int layer,
+                         int adapter, float p, cudaStream_t stream);
+
 // out [n] = the bf16 values in [n] (bit patterns) as f32: exact, the CPU's rf::bf16_to_f32.
 void widen_bf16(float* out, const uint16_t* in, long n, cudaStream_t stream);
 

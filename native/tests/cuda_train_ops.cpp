@@ -17,10 +17,12 @@
 // grid-stride loops' second turn).
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -122,6 +124,43 @@ void test_dropout() {
           check(frac > 1 - p - 0.05 && frac < 1 - p + 0.05, "dropout " + name + ": kept fraction " + std::to_string(frac));
         }
       }
+}
+
+// lora_up_dropout_add: the mask of dropout_add on du A, each element's rank products fused in k
+// order (zero-padded to the kernel's 16, 32 or 64, which adds exact zeros), then scaled and added
+// with one rounding each: bit for bit this host loop; dropped elements untouched.
+void test_lora_up_dropout_add() {
+  for (int rows : {1, 13, 130})
+    for (int in : {1, 77, 300})
+      for (int rank : {1, 4, 16, 17, 33, 64}) {
+        const float p = rank % 2 ? 0.5f : 0.1f;
+        const uint64_t seed = rng();
+        const int layer = int(rng() % 40), adapter = int(rng() % 64);
+        const std::vector<float> du = randn(size_t(rows) * rank), A = randn(size_t(rank) * in), y0 = randn(size_t(rows) * in);
+        const int kmax = rank <= 16 ? 16 : rank <= 32 ? 32 : 64;
+        const float keep = 1.0f / (1.0f - p);
+        std::vector<float> want(y0);
+        for (int r = 0; r < rows; ++r)
+          for (int i = 0; i < in; ++i) {
+            if (!rf::dropout_keep(seed, layer, adapter, r, i, p)) continue;
+            float acc = 0.f;
+            for (int k = 0; k < kmax; ++k)
+              acc = std::fma(k < rank ? du[size_t(r) * rank + k] : 0.f, k < rank ? A[size_t(k) * in + i] : 0.f, acc);
+            const volatile float scaled = acc * keep;
+            want[size_t(r) * in + i] = y0[size_t(r) * in + i] + scaled;
+          }
+        DevFloats ddu(du), dA(A), dy(y0);
+        rf::cuda::lora_up_dropout_add(dy.p, ddu.p, dA.p, rows, in, rank, seed, layer, adapter, p, nullptr);
+        expect_bits(dy.back(), want,
+                    "lora_up_dropout_add rows " + std::to_string(rows) + " in " + std::to_string(in) + " rank " + std::to_string(rank));
+      }
+  bool threw = false;
+  try {
+    rf::cuda::lora_up_dropout_add(nullptr, nullptr, nullptr, 1, 1, rf::cuda::kLoraFusedMaxRank + 1, 0, 0, 0, 0.1f, nullptr);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  check(threw, "lora_up_dropout_add refuses a rank past kLoraFusedMaxRank");
 }
 
 void test_elementwise() {
@@ -229,6 +268,7 @@ int main() {
     return 0;
   }
   test_dropout();
+  test_lora_up_dropout_add();
   test_elementwise();
   test_widen_bf16();
   test_add_rows_grouped();
