@@ -228,9 +228,16 @@ __global__ void scatter_rows_kernel(float* dh, const float* src, const int* rows
   for (int i = threadIdx.x; i < H; i += blockDim.x) dh[long(rows[j]) * H + i] = src[j * H + i];
 }
 
-// grid: rows of the chunk. z [rows, V] logits, overwritten with dz = weight (softmax(z) -
-// onehot(target)); loss[r] = lse - z[target] in double.
-__global__ void ce_kernel(float* zt, int V, const int32_t* targets, float weight, double* loss) {
+// dL/dz_v of a cross-entropy row: weight (softmax(z)_v - onehot(target)_v).
+__device__ __forceinline__ float dz_ce(float z, int v, int target, double lse, float weight) {
+  return weight * prob(z, lse) - (v == target ? weight : 0.f);
+}
+
+// grid: rows of the chunk. z [rows, V] logits; loss[r] = lse - z[target] in double; dz over z in
+// place, or, dzb set, as bf16 into dzb [rows, V] (the products back through a bf16 W read only
+// that); and fz [rows, K] = dz at the flag columns, in f32, as loss_rows_kernel.
+__global__ void ce_kernel(float* zt, int V, const int32_t* targets, float weight, double* loss, __nv_bfloat16* dzb,
+                          const int* flags, int K, float* fz) {
   __shared__ double scratch[3 * 32];
   const long r = blockIdx.x;
   float* z = zt + r * V;
@@ -241,8 +248,13 @@ __global__ void ce_kernel(float* zt, int V, const int32_t* targets, float weight
   for (int v = threadIdx.x; v < V; v += blockDim.x) l.add(z[v], false);
   l = block_lse(l, scratch);
   const double lse = double(l.m) + log(l.s);
+  for (int k = threadIdx.x; k < K; k += blockDim.x) fz[r * K + k] = dz_ce(z[flags[k]], flags[k], target, lse, weight);
+  __syncthreads();  // the flag columns are read before the sweep may overwrite them
+  __nv_bfloat16* b = dzb ? dzb + r * V : nullptr;
   for (int v = threadIdx.x; v < V; v += blockDim.x) {
-    z[v] = weight * prob(z[v], lse) - (v == target ? weight : 0.f);
+    const float d = dz_ce(z[v], v, target, lse, weight);
+    if (b) b[v] = bf16_round(d);
+    else z[v] = d;
   }
   if (threadIdx.x == 0) loss[r] = lse - double(z_target);
 }
@@ -455,6 +467,7 @@ double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, D
   int32_t* idx = sc.get<int32_t>(size_t(C));
   int* d_flags = sc.get<int>(size_t(std::max(K, 1)));
   double* d_loss = sc.get<double>(size_t(C));
+  float* fz = sc.get<float>(size_t(C) * std::max(K, 1));  // the flag columns' dz
   upload(d_flags, flags, stream);
   std::vector<double> loss(static_cast<size_t>(N));
   for (int r0 = 0; r0 < N; r0 += C) {
@@ -468,26 +481,23 @@ double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, D
     matmul(gemm, z, xin, w_type, W, w_type, n, V, H, nullptr, 0.f, stream);
     if (K > 0) set_flag_logits(z, V, x, n, H, w_rf, d_flags, K, stream);
     upload(d_targets, std::vector<int32_t>(targets + r0, targets + r0 + n), stream);
-    ce_kernel<<<n, kThreads, 0, stream>>>(z, V, d_targets, weight, d_loss);
+    // bf16 W: dz goes straight to bf16 (xb: the logits' product has read its copy of h by now).
+    ce_kernel<<<n, kThreads, 0, stream>>>(z, V, d_targets, weight, d_loss, bf16 ? xb : nullptr, d_flags, K, fz);
     check(cudaGetLastError(), "ce_loss kernel");
     check(cudaMemcpyAsync(loss.data() + r0, d_loss, size_t(n) * sizeof(double), cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
     // dh = dz W*, and the trained flag rows' share (as in rf_loss).
-    const void* zin = z;
-    if (bf16) {
-      f32_to_bf16(xb, z, long(n) * V, stream);
-      zin = xb;
-    }
+    const void* zin = bf16 ? static_cast<const void*>(xb) : z;
     matmul_nn(gemm, dh + long(r0) * H, zin, w_type, W, w_type, n, H, V, 0.f, stream);
     // dW += dz^T h; bf16 W: bf16 dz and h, the products summed in f32 (as autocast, and as the
     // trainer's other weight gradients; an f32 product runs at a tenth of the tensor-core rate).
     if (dW && bf16) matmul_tn(gemm, dW, xb, DType::bf16, hb, DType::bf16, V, H, n, 1.f, 1.f, stream);
     else if (dW) matmul_tn(gemm, dW, z, DType::f32, x, DType::f32, V, H, n, 1.f, 1.f, stream);
     if (K > 0) {
-      flag_correction_kernel<<<n, 256, 0, stream>>>(dh + long(r0) * H, H, z, V, d_flags, d_flags, K, w_rf, W, bf16);
+      flag_correction_kernel<<<n, 256, 0, stream>>>(dh + long(r0) * H, H, fz, K, nullptr, d_flags, K, w_rf, W, bf16);
       std::vector<int32_t> own(static_cast<size_t>(n));
       for (int j = 0; j < n; ++j) own[size_t(j)] = r0 + j;
       upload(idx, own, stream);
-      dw_rf_kernel<<<dim3(K, (H + 255) / 256), 256, 0, stream>>>(dw_rf, H, z, V, d_flags, nullptr, h, idx, n);
+      dw_rf_kernel<<<dim3(K, (H + 255) / 256), 256, 0, stream>>>(dw_rf, H, fz, K, nullptr, nullptr, h, idx, n);
       check(cudaGetLastError(), "ce_loss kernels (back)");
     }
   }

@@ -419,6 +419,15 @@ void run_bf16(const std::string& name, const rf::ModelConfig& c) {
   const rf::LossTerms tg = s.gt->step(seqs(b.trained), seqs(b.ref), b.rows, lo);
   compare_terms(name + " bf16", tg, tc, 2e-2);
   compare_params(name + " bf16", s, "grad", 5e-2);
+  // Cross-entropy rows on the bf16 head with the flag rows trained (the loss's bf16 dz and its
+  // compact flag columns), from fresh gradients.
+  Setup sc = make_setup(c, rf::DType::bf16, 23);
+  perturb(sc, 6);
+  Batch bc = make_batch(c, true, 11);
+  const rf::LossTerms cc = sc.ct->step(seqs(bc.trained), seqs(bc.ref), bc.rows, lo);
+  const rf::LossTerms cg = sc.gt->step(seqs(bc.trained), seqs(bc.ref), bc.rows, lo);
+  compare_terms(name + " bf16 ce", cg, cc, 2e-2);
+  compare_params(name + " bf16 ce", sc, "grad", 5e-2);
 }
 
 }  // namespace
