@@ -423,13 +423,18 @@ void DeviceModel::linear_rows(const DLinear& lin, const float* in, const __nv_bf
       u_buf = &lt->lora_u[(*u_next)++];
     }
     float* u = static_cast<float*>(u_buf->ensure(u_bytes));
-    const float* xa = in;
-    if (trace && trace->dropout > 0.f) {
-      float* xd = static_cast<float*>(s.lora_x.ensure(size_t(rows * lin.in) * sizeof(float)));
-      dropout_rows(xd, in, int(rows), lin.in, trace->dropout_seed, layer, index * 16 + int(ai), trace->dropout, st);
-      xa = xd;
+    const float p = trace ? trace->dropout : 0.f;
+    if (p > 0.f && a.rank <= kLoraFusedMaxRank) {  // the mask applied as x is read: no dropped-out copy
+      lora_down_dropout(u, in, a.A.get(), int(rows), lin.in, a.rank, trace->dropout_seed, layer, index * 16 + int(ai), p, st);
+    } else {
+      const float* xa = in;
+      if (p > 0.f) {
+        float* xd = static_cast<float*>(s.lora_x.ensure(size_t(rows * lin.in) * sizeof(float)));
+        dropout_rows(xd, in, int(rows), lin.in, trace->dropout_seed, layer, index * 16 + int(ai), p, st);
+        xa = xd;
+      }
+      matmul(*gemm_, u, xa, DType::f32, a.A.get<void>(), DType::f32, int(rows), a.rank, lin.in, nullptr, 0.f, st);
     }
-    matmul(*gemm_, u, xa, DType::f32, a.A.get<void>(), DType::f32, int(rows), a.rank, lin.in, nullptr, 0.f, st);
     // y's slice (rows lin.out apart) += u (scale B)^T: the product's beta 1 adds in place.
     matmul(*gemm_, y + a.offset, u, DType::f32, a.B.get<void>(), DType::f32, int(rows), a.out, a.rank, nullptr, 1.f, st,
            {0, 0, lin.out});

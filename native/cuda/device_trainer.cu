@@ -104,7 +104,8 @@ struct DeviceTrainer::Impl {
   // input: the model's idle forward scratch stands in for xn, act, wide_a and xa unless the
   // backward recomputes blocks (see the backward).
   Buffer xn, act, wide_a, wide_b, xa;
-  Buffer h, h_ref, dH, dx, dtmp, dact, dmlp, dxn, datt, dqkv, du, tmp_in, xb, xw, rows_h, rows_href, dh_rows, dw_scratch;
+  Buffer h, h_ref, dH, dx, dtmp, dact, dmlp, dxn, datt, dqkv, du, da_parts, tmp_in, xb, xw, rows_h, rows_href, dh_rows,
+      dw_scratch;
   Buffer norm_scratch, attn_scratch, idx_a, idx_b, sc_rows, sc_first, sc_index;
 
   float* val(int p) const { return value.get() + offset[size_t(p)]; }
@@ -533,18 +534,26 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
       const float* dys = dy + lora.offset;  // the adapter's slice of dy: [R, o], rows out apart
       const float p = s.trace.dropout;
       const int adapter_id = index * 16 + int(a);
-      const float* xa = x;
-      if (p > 0.f) {
-        float* b = floats(xa_buf, R * in);
-        dropout_rows(b, x, int(R), int(in), s.trace.dropout_seed, l, adapter_id, p, st);
-        xa = b;
-      }
+      // Dropout with a rank the fused kernels take: they apply the mask as they read x, so the
+      // dropped-out input [R, in] and the product du A [R, in] are never written.
+      const bool fused = p > 0.f && r <= kLoraFusedMaxRank;
       const float* u = lt.lora_u[ui + a].get();
       matmul_tn(gemm, s.grd(ps[a] + 1), dys, DType::f32, u, DType::f32, o, r, int(R), lora.scale, 1.f, st, {out, 0, 0});  // dB
       float* du = floats(s.du, R * r);
       matmul_nn(gemm, du, dys, DType::f32, lora.B.get<void>(), DType::f32, int(R), r, o, 0.f, st, {out, 0, 0});  // du = dy B*
-      matmul_tn(gemm, s.grd(ps[a]), du, DType::f32, xa, DType::f32, r, int(in), int(R), 1.f, 1.f, st);   // dA
-      if (p > 0.f && r <= kLoraFusedMaxRank) {  // din += mask (du A), du A never written
+      if (fused) {  // dA += du^T dropout(x)
+        float* parts = floats(s.da_parts, lora_da_scratch_floats(int(R), int(in), r));
+        lora_da_dropout(s.grd(ps[a]), du, x, int(R), int(in), r, s.trace.dropout_seed, l, adapter_id, p, parts, st);
+      } else {
+        const float* xa = x;
+        if (p > 0.f) {
+          float* b = floats(xa_buf, R * in);
+          dropout_rows(b, x, int(R), int(in), s.trace.dropout_seed, l, adapter_id, p, st);
+          xa = b;
+        }
+        matmul_tn(gemm, s.grd(ps[a]), du, DType::f32, xa, DType::f32, r, int(in), int(R), 1.f, 1.f, st);  // dA
+      }
+      if (fused) {  // din += mask (du A)
         lora_up_dropout_add(din, du, lora.A.get(), int(R), int(in), r, s.trace.dropout_seed, l, adapter_id, p, st);
       } else if (p > 0.f) {
         float* t = floats(s.tmp_in, R * in);

@@ -41,6 +41,130 @@ __global__ void dropout_kernel(float* out, const float* x, int cols, long n, uin
   }
 }
 
+// The fused LoRA-with-dropout kernels (train_ops.h): a tile of kTile columns (lora_down) or
+// rows (lora_da) of x goes into shared memory with the mask applied; each thread then computes a
+// 4 x 4 block of outputs from one float4 of one operand and four floats of the other per step.
+constexpr int kTile = 32;
+
+// grid: blocks of 4096 / KMAX rows. Thread t: rows 4 (t / (KMAX / 4)) + 0..3, ranks
+// 4 (t % (KMAX / 4)) + 0..3 of its block.
+template <int KMAX>
+__global__ void __launch_bounds__(256) lora_down_dropout_kernel(float* u, const float* x, const float* A, int rows, int in,
+                                                                int rank, uint64_t seed, int layer, int adapter, float p) {
+  constexpr int TM = 4096 / KMAX, RG = KMAX / 4;
+  __shared__ float xs[TM][kTile + 1];                 // [row][column]: the odd stride spreads rows over banks
+  __align__(16) __shared__ float as[kTile][KMAX + 4];  // [column][rank]
+  const int t = threadIdx.x, rg = t % RG, mg = t / RG;
+  const long r0 = long(blockIdx.x) * TM;
+  const float keep_scale = 1.0f / (1.0f - p);
+  float acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+  for (int c0 = 0; c0 < in; c0 += kTile) {
+    for (int e = t; e < TM * kTile; e += blockDim.x) {
+      const int m = e / kTile, k = e % kTile, col = c0 + k;
+      const long row = r0 + m;
+      float v = 0.f;
+      if (row < rows && col < in && keep_element(seed, layer, adapter, row, col, p)) v = x[row * in + col] * keep_scale;
+      xs[m][k] = v;
+    }
+    for (int e = t; e < KMAX * kTile; e += blockDim.x) {
+      const int j = e / kTile, k = e % kTile, col = c0 + k;
+      as[k][j] = j < rank && col < in ? A[long(j) * in + col] : 0.f;
+    }
+    __syncthreads();
+    for (int k = 0; k < kTile; ++k) {
+      const float4 a = *reinterpret_cast<const float4*>(&as[k][4 * rg]);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float v = xs[4 * mg + i][k];
+        acc[i][0] = fmaf(v, a.x, acc[i][0]);
+        acc[i][1] = fmaf(v, a.y, acc[i][1]);
+        acc[i][2] = fmaf(v, a.z, acc[i][2]);
+        acc[i][3] = fmaf(v, a.w, acc[i][3]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const long row = r0 + 4 * mg + i;
+    if (row >= rows) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      if (4 * rg + j < rank) u[row * rank + 4 * rg + j] = acc[i][j];
+  }
+}
+
+// grid (column blocks of 4096 / KMAX, row parts). Thread t: ranks 4 (t / (TN / 4)) + 0..3,
+// columns 4 (t % (TN / 4)) + 0..3 of its block; the part's rows in order, into part [KMAX, in].
+template <int KMAX>
+__global__ void __launch_bounds__(256) lora_da_dropout_kernel(float* parts, const float* du, const float* x, int rows, int in,
+                                                              int rank, int rows_per_part, uint64_t seed, int layer,
+                                                              int adapter, float p) {
+  constexpr int TN = 4096 / KMAX, CG = TN / 4;
+  __align__(16) __shared__ float xs[kTile][TN + 4];    // [row][column]
+  __align__(16) __shared__ float ds[kTile][KMAX + 4];  // [row][rank]
+  const int t = threadIdx.x, cg = t % CG, jg = t / CG;
+  const int c0 = blockIdx.x * TN;
+  const long first = long(blockIdx.y) * rows_per_part;
+  const long last = first + rows_per_part < rows ? first + rows_per_part : rows;
+  const float keep_scale = 1.0f / (1.0f - p);
+  float acc[4][4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[j][c] = 0.f;
+  for (long r0 = first; r0 < last; r0 += kTile) {
+    for (int e = t; e < kTile * TN; e += blockDim.x) {
+      const int m = e / TN, c = e % TN, col = c0 + c;
+      const long row = r0 + m;
+      float v = 0.f;
+      if (row < last && col < in && keep_element(seed, layer, adapter, row, col, p)) v = x[row * in + col] * keep_scale;
+      xs[m][c] = v;
+    }
+    for (int e = t; e < kTile * KMAX; e += blockDim.x) {
+      const int m = e / KMAX, j = e % KMAX;
+      const long row = r0 + m;
+      ds[m][j] = row < last && j < rank ? du[row * rank + j] : 0.f;
+    }
+    __syncthreads();
+    for (int m = 0; m < kTile; ++m) {
+      const float4 xv = *reinterpret_cast<const float4*>(&xs[m][4 * cg]);
+      const float4 dv = *reinterpret_cast<const float4*>(&ds[m][4 * jg]);
+      const float d[4] = {dv.x, dv.y, dv.z, dv.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        acc[j][0] = fmaf(d[j], xv.x, acc[j][0]);
+        acc[j][1] = fmaf(d[j], xv.y, acc[j][1]);
+        acc[j][2] = fmaf(d[j], xv.z, acc[j][2]);
+        acc[j][3] = fmaf(d[j], xv.w, acc[j][3]);
+      }
+    }
+    __syncthreads();
+  }
+  float* part = parts + long(blockIdx.y) * KMAX * in;
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int col = c0 + 4 * cg + c;
+      if (col < in) part[long(4 * jg + j) * in + col] = acc[j][c];
+    }
+}
+
+// dA [rank, in] += the parts [n_parts][KMAX, in] summed in order.
+__global__ void lora_da_reduce_kernel(float* dA, const float* parts, int rank, int in, int kmax, int n_parts) {
+  const long n = long(rank) * in;
+  for (long e = long(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += long(gridDim.x) * blockDim.x) {
+    float acc = 0.f;
+    for (int s = 0; s < n_parts; ++s) acc += parts[long(s) * kmax * in + e];
+    dA[e] += acc;
+  }
+}
+
 // grid (column blocks of kThreads, row blocks of kUpRows); a thread keeps its column of A in
 // registers and walks the block's rows, du's row read from shared memory as float4 (broadcast).
 constexpr int kUpRows = 64;
@@ -142,15 +266,73 @@ void dropout_add(float* y, const float* x, int rows, int cols, uint64_t seed, in
   check_launch("dropout_add");
 }
 
+namespace {
+
+int lora_kmax(const char* what, int rank) {
+  if (rank < 1 || rank > kLoraFusedMaxRank)
+    throw std::invalid_argument(std::string(what) + ": rank " + std::to_string(rank) + " outside 1.." +
+                                std::to_string(kLoraFusedMaxRank));
+  return rank <= 16 ? 16 : rank <= 32 ? 32 : 64;
+}
+
+// Row parts for lora_da: enough blocks for a large GPU (a fixed target, not the device's count,
+// so the sums' order, and so the bits, are the same on every GPU), in whole tiles.
+constexpr int kDaTargetBlocks = 264;
+
+int da_rows_per_part(int rows, int in, int kmax) {
+  const int col_blocks = (in + 4096 / kmax - 1) / (4096 / kmax);
+  const int tiles = (rows + kTile - 1) / kTile;
+  int parts = (kDaTargetBlocks + col_blocks - 1) / col_blocks;
+  parts = parts < tiles ? parts : tiles;
+  parts = parts > 0 ? parts : 1;
+  return ((tiles + parts - 1) / parts) * kTile;
+}
+
+}  // namespace
+
+void lora_down_dropout(float* u, const float* x, const float* A, int rows, int in, int rank, uint64_t seed, int layer,
+                       int adapter, float p, cudaStream_t stream) {
+  const int kmax = lora_kmax("lora_down_dropout", rank);
+  if (rows <= 0) return;
+  const int tm = 4096 / kmax, grid = (rows + tm - 1) / tm;
+  if (kmax == 16) lora_down_dropout_kernel<16><<<grid, kThreads, 0, stream>>>(u, x, A, rows, in, rank, seed, layer, adapter, p);
+  else if (kmax == 32) lora_down_dropout_kernel<32><<<grid, kThreads, 0, stream>>>(u, x, A, rows, in, rank, seed, layer, adapter, p);
+  else lora_down_dropout_kernel<64><<<grid, kThreads, 0, stream>>>(u, x, A, rows, in, rank, seed, layer, adapter, p);
+  check_launch("lora_down_dropout");
+}
+
+int lora_da_rows_per_part(int rows, int in, int rank) {
+  return da_rows_per_part(rows, in, lora_kmax("lora_da_rows_per_part", rank));
+}
+
+long lora_da_scratch_floats(int rows, int in, int rank) {
+  const int kmax = lora_kmax("lora_da_scratch_floats", rank);
+  if (rows <= 0 || in <= 0) return 0;
+  const int per = da_rows_per_part(rows, in, kmax);
+  return long((rows + per - 1) / per) * kmax * in;
+}
+
+void lora_da_dropout(float* dA, const float* du, const float* x, int rows, int in, int rank, uint64_t seed, int layer,
+                     int adapter, float p, float* scratch, cudaStream_t stream) {
+  const int kmax = lora_kmax("lora_da_dropout", rank);
+  if (rows <= 0 || in <= 0) return;
+  const int per = da_rows_per_part(rows, in, kmax), parts = (rows + per - 1) / per;
+  const dim3 grid(unsigned((in + 4096 / kmax - 1) / (4096 / kmax)), unsigned(parts));
+  if (kmax == 16) lora_da_dropout_kernel<16><<<grid, kThreads, 0, stream>>>(scratch, du, x, rows, in, rank, per, seed, layer, adapter, p);
+  else if (kmax == 32) lora_da_dropout_kernel<32><<<grid, kThreads, 0, stream>>>(scratch, du, x, rows, in, rank, per, seed, layer, adapter, p);
+  else lora_da_dropout_kernel<64><<<grid, kThreads, 0, stream>>>(scratch, du, x, rows, in, rank, per, seed, layer, adapter, p);
+  check_launch("lora_da_dropout");
+  lora_da_reduce_kernel<<<grid_for(long(rank) * in, kThreads), kThreads, 0, stream>>>(dA, scratch, rank, in, kmax, parts);
+  check_launch("lora_da_dropout (sum of parts)");
+}
+
 void lora_up_dropout_add(float* din, const float* du, const float* A, int rows, int in, int rank, uint64_t seed, int layer,
                          int adapter, float p, cudaStream_t stream) {
-  if (rank < 1 || rank > kLoraFusedMaxRank)
-    throw std::invalid_argument("lora_up_dropout_add: rank " + std::to_string(rank) + " outside 1.." +
-                                std::to_string(kLoraFusedMaxRank));
+  const int kmax = lora_kmax("lora_up_dropout_add", rank);
   if (rows <= 0 || in <= 0) return;
   const dim3 grid(unsigned((in + kThreads - 1) / kThreads), unsigned((rows + kUpRows - 1) / kUpRows));
-  if (rank <= 16) lora_up_dropout_add_kernel<16><<<grid, kThreads, 0, stream>>>(din, du, A, rows, in, rank, seed, layer, adapter, p);
-  else if (rank <= 32) lora_up_dropout_add_kernel<32><<<grid, kThreads, 0, stream>>>(din, du, A, rows, in, rank, seed, layer, adapter, p);
+  if (kmax == 16) lora_up_dropout_add_kernel<16><<<grid, kThreads, 0, stream>>>(din, du, A, rows, in, rank, seed, layer, adapter, p);
+  else if (kmax == 32) lora_up_dropout_add_kernel<32><<<grid, kThreads, 0, stream>>>(din, du, A, rows, in, rank, seed, layer, adapter, p);
   else lora_up_dropout_add_kernel<64><<<grid, kThreads, 0, stream>>>(din, du, A, rows, in, rank, seed, layer, adapter, p);
   check_launch("lora_up_dropout_add");
 }

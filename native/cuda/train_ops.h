@@ -21,11 +21,28 @@ void dropout_rows(float* out, const float* x, int rows, int cols, uint64_t seed,
 void dropout_add(float* y, const float* x, int rows, int cols, uint64_t seed, int layer, int adapter, float p,
                  cudaStream_t stream);
 
-// The adapter's input gradient through its dropout, fused: din [rows, in] += the mask applied to
-// du A (du [rows, rank], A [rank, in]), the product never written (dropout_add of matmul's du A,
-// without its [rows, in] buffer and second pass). Each element sums its rank products in k
-// order. rank <= kLoraFusedMaxRank.
+// LoRA with dropout, fused: the adapter's dropped-out input ([rows, in], as dropout_rows makes
+// it) is never written; each kernel applies the mask as it reads x. Ranks up to
+// kLoraFusedMaxRank; every sum runs in a fixed order (the same bits every run, on any GPU).
 constexpr int kLoraFusedMaxRank = 64;
+
+// The forward's u [rows, rank] = dropout(x) A^T (x [rows, in], A [rank, in]). Each output sums
+// its in products in column order (fused multiply-adds; columns past in add zeros).
+void lora_down_dropout(float* u, const float* x, const float* A, int rows, int in, int rank, uint64_t seed, int layer,
+                       int adapter, float p, cudaStream_t stream);
+
+// dA [rank, in] += du^T dropout(x) (du [rows, rank]): the rows split into consecutive parts of
+// lora_da_rows_per_part(rows, in, rank) rows (whole 32-row tiles; rows past the end add zeros),
+// each part summed in row order (fused multiply-adds) into scratch (lora_da_scratch_floats), then
+// the parts summed in order and added.
+int lora_da_rows_per_part(int rows, int in, int rank);
+long lora_da_scratch_floats(int rows, int in, int rank);
+void lora_da_dropout(float* dA, const float* du, const float* x, int rows, int in, int rank, uint64_t seed, int layer,
+                     int adapter, float p, float* scratch, cudaStream_t stream);
+
+// The input gradient: din [rows, in] += the mask applied to du A, the product never written
+// (dropout_add of matmul's du A, without its [rows, in] buffer and second pass). Each element
+// sums its rank products in k order.
 void lora_up_dropout_add(float* din, const float* du, const float* A, int rows, int in, int rank, uint64_t seed, int layer,
                          int adapter, float p, cudaStream_t stream);
 

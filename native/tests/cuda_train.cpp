@@ -44,6 +44,7 @@
 #include "cuda/cuda.h"
 #include "cuda/device_model.h"
 #include "cuda/device_trainer.h"
+#include "cuda/train_ops.h"
 #include "model/model.h"
 #include "model/train.h"
 #include "tests/check.h"
@@ -410,6 +411,18 @@ void check_refusals(const rf::ModelConfig& c) {
   check(msg.find("merged") != std::string::npos, "a trainer on a model with a merged adapter is refused: " + msg);
 }
 
+// A rank past the fused dropout kernels' (kLoraFusedMaxRank): the adapters' dropout goes through
+// a dropped-out copy and products, in the forward and the backward; one red-flag step.
+void run_large_rank(const std::string& name, const rf::ModelConfig& c) {
+  rf::TrainOptions o = train_options(c);
+  o.lora.rank = rf::cuda::kLoraFusedMaxRank + 1;
+  o.lora.alpha = float(o.lora.rank);
+  Setup s = make_setup(c, rf::DType::f32, 25, &o);
+  perturb(s, 7);
+  Batch b = make_batch(c, false, 12);
+  compare_step(name + " rank " + std::to_string(o.lora.rank), s, b, true);
+}
+
 void run_bf16(const std::string& name, const rf::ModelConfig& c) {
   Setup s = make_setup(c, rf::DType::bf16, 23);
   perturb(s, 6);
@@ -453,6 +466,7 @@ int main() {
     check_recompute("gpt2", gpt2_of(llama));
     check_recompute("llama GQA 2 bf16 (tensor-core attention)", llama, rf::DType::bf16);
     run_bf16("llama GQA 2", llama);
+    run_large_rank("llama GQA 2", llama);
     check_refusals(llama);
   } catch (const std::exception& e) {
     check(false, std::string("threw ") + e.what());

@@ -17,6 +17,7 @@
 // grid-stride loops' second turn).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -123,6 +124,74 @@ void test_dropout() {
           const double frac = double(kept) / (double(rows) * cols);
           check(frac > 1 - p - 0.05 && frac < 1 - p + 0.05, "dropout " + name + ": kept fraction " + std::to_string(frac));
         }
+      }
+}
+
+// lora_down_dropout: u = dropout(x) A^T, each output's columns in order with fused
+// multiply-adds (the dropped-out x rounded first, as dropout_rows makes it; columns past in
+// padded to the 32-column tile with zeros): bit for bit this host loop.
+void test_lora_down_dropout() {
+  for (int rows : {1, 13, 300})
+    for (int in : {1, 77, 300})
+      for (int rank : {1, 4, 16, 17, 33, 64}) {
+        const float p = rank % 2 ? 0.5f : 0.1f, keep = 1.0f / (1.0f - p);
+        const uint64_t seed = rng();
+        const int layer = int(rng() % 40), adapter = int(rng() % 64);
+        const std::vector<float> x = randn(size_t(rows) * in), A = randn(size_t(rank) * in);
+        std::vector<float> want(size_t(rows) * rank);
+        const int padded = (in + 31) / 32 * 32;
+        for (int r = 0; r < rows; ++r)
+          for (int j = 0; j < rank; ++j) {
+            float acc = 0.f;
+            for (int c = 0; c < padded; ++c) {
+              volatile float v = 0.f;
+              if (c < in && rf::dropout_keep(seed, layer, adapter, r, c, p)) v = x[size_t(r) * in + c] * keep;
+              acc = std::fma(v, c < in ? A[size_t(j) * in + c] : 0.f, acc);
+            }
+            want[size_t(r) * rank + j] = acc;
+          }
+        DevFloats dx(x), dA(A), du(std::vector<float>(want.size(), 0.f));
+        rf::cuda::lora_down_dropout(du.p, dx.p, dA.p, rows, in, rank, seed, layer, adapter, p, nullptr);
+        expect_bits(du.back(), want,
+                    "lora_down_dropout rows " + std::to_string(rows) + " in " + std::to_string(in) + " rank " + std::to_string(rank));
+      }
+}
+
+// lora_da_dropout: dA += du^T dropout(x), each part of lora_da_rows_per_part rows summed in row
+// order with fused multiply-adds (padded to whole 32-row tiles with zeros), the parts then added
+// in order: bit for bit this host loop, with one part and with many.
+void test_lora_da_dropout() {
+  for (int rows : {1, 13, 300, 1000})
+    for (int in : {1, 77, 300})
+      for (int rank : {1, 4, 17, 64}) {
+        const float p = rank % 2 ? 0.5f : 0.1f, keep = 1.0f / (1.0f - p);
+        const uint64_t seed = rng();
+        const int layer = int(rng() % 40), adapter = int(rng() % 64);
+        const std::vector<float> x = randn(size_t(rows) * in), du = randn(size_t(rows) * rank), dA0 = randn(size_t(rank) * in);
+        const int per = rf::cuda::lora_da_rows_per_part(rows, in, rank);
+        std::vector<float> want(dA0);
+        for (int j = 0; j < rank; ++j)
+          for (int c = 0; c < in; ++c) {
+            float total = 0.f;
+            for (int first = 0; first < rows; first += per) {
+              const int last = std::min(rows, first + per);
+              float acc = 0.f;
+              for (int r0 = first; r0 < last; r0 += 32)
+                for (int r = r0; r < r0 + 32; ++r) {
+                  volatile float v = 0.f;
+                  if (r < last && rf::dropout_keep(seed, layer, adapter, r, c, p)) v = x[size_t(r) * in + c] * keep;
+                  acc = std::fma(r < last ? du[size_t(r) * rank + j] : 0.f, v, acc);
+                }
+              total += acc;
+            }
+            want[size_t(j) * in + c] = dA0[size_t(j) * in + c] + total;
+          }
+        const std::string name = "lora_da_dropout rows " + std::to_string(rows) + " in " + std::to_string(in) + " rank " +
+                                 std::to_string(rank) + " (" + std::to_string((rows + per - 1) / per) + " parts)";
+        DevFloats dx(x), ddu(du), dA(dA0),
+            scratch(std::vector<float>(size_t(rf::cuda::lora_da_scratch_floats(rows, in, rank)), 0.f));
+        rf::cuda::lora_da_dropout(dA.p, ddu.p, dx.p, rows, in, rank, seed, layer, adapter, p, scratch.p, nullptr);
+        expect_bits(dA.back(), want, name);
       }
 }
 
@@ -268,6 +337,8 @@ int main() {
     return 0;
   }
   test_dropout();
+  test_lora_down_dropout();
+  test_lora_da_dropout();
   test_lora_up_dropout_add();
   test_elementwise();
   test_widen_bf16();
