@@ -46,12 +46,14 @@ __global__ void dropout_kernel(float* out, const float* x, int cols, long n, uin
 // 4 x 4 block of outputs from one float4 of one operand and four floats of the other per step.
 constexpr int kTile = 32;
 
-// grid: blocks of 4096 / KMAX rows. Thread t: rows 4 (t / (KMAX / 4)) + 0..3, ranks
-// 4 (t % (KMAX / 4)) + 0..3 of its block.
+// grid: blocks of kDownRows rows, 4 KMAX threads each (small blocks: 16k rows make 256 of them).
+// Thread t: rows 4 (t / (KMAX / 4)) + 0..3, ranks 4 (t % (KMAX / 4)) + 0..3 of its block.
+constexpr int kDownRows = 64;
+
 template <int KMAX>
 __global__ void __launch_bounds__(256) lora_down_dropout_kernel(float* u, const float* x, const float* A, int rows, int in,
                                                                 int rank, uint64_t seed, int layer, int adapter, float p) {
-  constexpr int TM = 4096 / KMAX, RG = KMAX / 4;
+  constexpr int TM = kDownRows, RG = KMAX / 4;
   __shared__ float xs[TM][kTile + 1];                 // [row][column]: the odd stride spreads rows over banks
   __align__(16) __shared__ float as[kTile][KMAX + 4];  // [column][rank]
   const int t = threadIdx.x, rg = t % RG, mg = t / RG;
@@ -294,10 +296,10 @@ void lora_down_dropout(float* u, const float* x, const float* A, int rows, int i
                        int adapter, float p, cudaStream_t stream) {
   const int kmax = lora_kmax("lora_down_dropout", rank);
   if (rows <= 0) return;
-  const int tm = 4096 / kmax, grid = (rows + tm - 1) / tm;
-  if (kmax == 16) lora_down_dropout_kernel<16><<<grid, kThreads, 0, stream>>>(u, x, A, rows, in, rank, seed, layer, adapter, p);
-  else if (kmax == 32) lora_down_dropout_kernel<32><<<grid, kThreads, 0, stream>>>(u, x, A, rows, in, rank, seed, layer, adapter, p);
-  else lora_down_dropout_kernel<64><<<grid, kThreads, 0, stream>>>(u, x, A, rows, in, rank, seed, layer, adapter, p);
+  const int grid = (rows + kDownRows - 1) / kDownRows, threads = 4 * kmax;  // 16 outputs per thread
+  if (kmax == 16) lora_down_dropout_kernel<16><<<grid, threads, 0, stream>>>(u, x, A, rows, in, rank, seed, layer, adapter, p);
+  else if (kmax == 32) lora_down_dropout_kernel<32><<<grid, threads, 0, stream>>>(u, x, A, rows, in, rank, seed, layer, adapter, p);
+  else lora_down_dropout_kernel<64><<<grid, threads, 0, stream>>>(u, x, A, rows, in, rank, seed, layer, adapter, p);
   check_launch("lora_down_dropout");
 }
 
