@@ -467,7 +467,9 @@ void test_transposed_forms(rf::cuda::GemmContext& ctx) {
 // fused projection's columns), for each form and type, beta 0 and 1: the results match the dense
 // reference, y's gaps keep their NaN, and a stride shorter than its rows throws.
 void test_strides(rf::cuda::GemmContext& ctx) {
-  const int M = 37, N = 48, K = 72, pad = 24;  // x^T's rows (37 + 24) are not 16-byte aligned
+  // Every stride a multiple of 8 elements (16 bytes of bf16), as the engine's are (it strides f32
+  // operands only: LoRA's slices of a fused projection's output and of its gradient).
+  const int M = 40, N = 48, K = 72, pad = 24;
   for (DType type : {DType::f32, DType::bf16})
     for (int form = 0; form < 3; ++form)  // y = x w^T, x w, x^T w
       for (float beta : {0.f, 1.f}) {
