@@ -22,4 +22,9 @@ __device__ __forceinline__ __nv_bfloat16 bf16_round(float f) {
   return __nv_bfloat16(r);
 }
 
+// An activation as f32, whether kept in f32 or bf16 (exact: bf16 widens by a shift), so one
+// kernel template reads either and computes the same bits from the same values.
+__device__ __forceinline__ float as_f32(float v) { return v; }
+__device__ __forceinline__ float as_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
 }  // namespace rf::cuda

@@ -530,6 +530,13 @@ void DeviceModel::activation_rows(const float* mlp, float* act, long rows, __nv_
   if (act_bf16) f32_to_bf16(act_bf16, act, n, st);
 }
 
+void DeviceModel::activation_rows(const __nv_bfloat16* mlp, float* act, long rows) {
+  const ModelConfig& c = config_;
+  const cudaStream_t st = as_stream(stream_);
+  if (c.act == Activation::silu) return swiglu_rows(act, mlp, int(rows), int(c.intermediate), st);
+  gelu_new(act, mlp, rows * c.intermediate, st);
+}
+
 const float* DeviceModel::run(const std::vector<DeviceItem>& items, LogitsMode mode, const std::atomic<int>* cancel,
                               const std::function<void(int, int)>& progress, DeviceTrace* trace, const Tail* tail) {
   check(cudaSetDevice(device_), "cudaSetDevice");

@@ -501,7 +501,7 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
   const bool borrow = !options_.recompute;
   Buffer& xn_buf = borrow ? fs.xn : s.xn;          // [R, H]
   Buffer& act_buf = borrow ? fs.act : s.act;       // [R, I]
-  Buffer& wide_buf = borrow ? fs.mlp : s.wide_a;   // [R, max(MLP_IN, QKV)]
+  Buffer& wide_buf = borrow ? fs.mlp : s.wide_a;   // [R, QKV]
   Buffer& xa_buf = borrow ? fs.lora_x : s.xa;      // [R, in] an adapter's dropped-out input
 
   // din = dy W for projection (l, index), plus its adapters' input gradients and their dA, dB.
@@ -565,8 +565,8 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     }
   };
 
-  // The trace's values in f32: the kept buffer itself (f32 models), or widened from bf16 into
-  // scratch. The MLP half's mlp and the attention half's qkv share one buffer (never both live).
+  // The attention half's trace values in f32: the kept buffer itself (f32 models), or widened
+  // from bf16 into scratch. (The MLP half's kernels read its bf16 mlp directly.)
   auto widen = [&](Buffer& scratch, const Buffer& kept, long n) -> const float* {
     if (!bf16) return kept.get();
     float* out = floats(scratch, n);
@@ -594,12 +594,16 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     const DeviceLayerTrace& lt = options_.recompute ? s.recomputed : s.trace.layers[size_t(l)];
     const DLayer& L = w.layers[size_t(l)];
     const Impl::FullLayer* fl = full ? &s.full[size_t(l)] : nullptr;
-    // MLP: x_out = x_mid + mlp_out(act(mlp_in(norm(x_mid))))
-    const float* mlp = widen(wide_buf, lt.mlp, R * MLP_IN);
-    m.activation_rows(mlp, act, R);
-    linear_backward(l, 3, act, I, dx, H, dact, lt);
-    if (c.act == Activation::silu) swiglu_backward_rows(dmlp, dact, mlp, int(R), int(I), st);
-    else gelu_new_backward(dmlp, dact, mlp, R * I, st);
+    // MLP: x_out = x_mid + mlp_out(act(mlp_in(norm(x_mid)))). The activation and its backward
+    // read the trace's mlp as kept (bf16: widened in registers, the same bits as widened first).
+    auto mlp_backward = [&](const auto* mlp) {
+      m.activation_rows(mlp, act, R);
+      linear_backward(l, 3, act, I, dx, H, dact, lt);
+      if (c.act == Activation::silu) swiglu_backward_rows(dmlp, dact, mlp, int(R), int(I), st);
+      else gelu_new_backward(dmlp, dact, mlp, R * I, st);
+    };
+    if (bf16) mlp_backward(lt.mlp.get<__nv_bfloat16>());
+    else mlp_backward(lt.mlp.get<float>());
     m.norm_rows(L.mlp_norm, lt.x_mid.get(), xn, R);
     linear_backward(l, 2, xn, H, dmlp, MLP_IN, dxn, lt);
     norm_backward(L.mlp_norm, fl ? fl->norm_w[1] : -1, fl ? fl->norm_b[1] : -1, lt.x_mid.get(), dxn, dx, true);

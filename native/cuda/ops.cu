@@ -89,11 +89,13 @@ __global__ void swiglu_kernel(float* out, const float* gate, const float* up, lo
   }
 }
 
-__global__ void gelu_new_kernel(float* x, long n) {
+// out [n] = gelu_new(x) (out may be x); x f32 or bf16.
+template <class T>
+__global__ void gelu_new_kernel(float* out, const T* x, long n) {
   const float k = 0.7978845608028654f;  // sqrt(2 / pi)
   for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
-    const float v = x[i];
-    x[i] = 0.5f * v * (1.0f + tanhf(k * (v + 0.044715f * v * v * v)));
+    const float v = as_f32(x[i]);
+    out[i] = 0.5f * v * (1.0f + tanhf(k * (v + 0.044715f * v * v * v)));
   }
 }
 
@@ -387,7 +389,11 @@ void swiglu(float* out, const float* gate, const float* up, long n, cudaStream_t
 }
 
 void gelu_new(float* x, long n, cudaStream_t stream) {
-  if (n > 0) gelu_new_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(x, n);
+  if (n > 0) gelu_new_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(x, x, n);
+}
+
+void gelu_new(float* out, const __nv_bfloat16* x, long n, cudaStream_t stream) {
+  if (n > 0) gelu_new_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(out, x, n);
 }
 
 void pick_rows(const float* logits, int rows, int vocab, const DevicePick* params, const int* flags, int n_flags,

@@ -1,9 +1,11 @@
 // Row-wise backward kernels on the device (see ops_backward.h for the contract and
 // native/kernels/ops_backward.cpp for the formulas, which these follow line for line).
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
 
+#include "cuda/bf16.h"
 #include "cuda/ops_backward.h"
 
 namespace rf::cuda {
@@ -104,10 +106,11 @@ __global__ void rope_backward_kernel(float* dx, long row_stride, int head_dim, c
   }
 }
 
-__global__ void swiglu_backward_kernel(float* din, const float* dout, const float* in, long n, int inter) {
+template <class T>
+__global__ void swiglu_backward_kernel(float* din, const float* dout, const T* in, long n, int inter) {
   for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
     const long r = i / inter, col = i % inter;
-    const float g = in[r * 2 * inter + col], u = in[r * 2 * inter + inter + col];
+    const float g = as_f32(in[r * 2 * inter + col]), u = as_f32(in[r * 2 * inter + inter + col]);
     const float e = expf(-g);
     const float s = 1.0f / (1.0f + e);  // sigmoid(g); 1 - s as e * s
     const float d = dout[i];
@@ -116,11 +119,12 @@ __global__ void swiglu_backward_kernel(float* din, const float* dout, const floa
   }
 }
 
-__global__ void gelu_new_backward_kernel(float* dx, const float* dout, const float* x, long n) {
+template <class T>
+__global__ void gelu_new_backward_kernel(float* dx, const float* dout, const T* x, long n) {
   const float k = 0.7978845608028654f;  // sqrt(2 / pi)
   const float c = 0.044715f;
   for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
-    const float v = x[i];
+    const float v = as_f32(x[i]);
     const float u = k * (v + c * v * v * v);
     const float e = expf(-2.0f * u);
     const float s = 1.0f / (1.0f + e);
@@ -154,7 +158,16 @@ void swiglu_backward_rows(float* din, const float* dout, const float* in, int ro
   if (n > 0) swiglu_backward_kernel<<<grid_for(n, 256), 256, 0, stream>>>(din, dout, in, n, inter);
 }
 
+void swiglu_backward_rows(float* din, const float* dout, const __nv_bfloat16* in, int rows, int inter, cudaStream_t stream) {
+  const long n = long(rows) * inter;
+  if (n > 0) swiglu_backward_kernel<<<grid_for(n, 256), 256, 0, stream>>>(din, dout, in, n, inter);
+}
+
 void gelu_new_backward(float* dx, const float* dout, const float* x, long n, cudaStream_t stream) {
+  if (n > 0) gelu_new_backward_kernel<<<grid_for(n, 256), 256, 0, stream>>>(dx, dout, x, n);
+}
+
+void gelu_new_backward(float* dx, const float* dout, const __nv_bfloat16* x, long n, cudaStream_t stream) {
   if (n > 0) gelu_new_backward_kernel<<<grid_for(n, 256), 256, 0, stream>>>(dx, dout, x, n);
 }
 

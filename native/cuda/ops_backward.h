@@ -5,6 +5,7 @@
 // in row order, so a step's result is the same bits every time (no atomics). Statistics (rms,
 // mean) are recomputed from the forward's input. Pointers are device memory; one stream.
 #pragma once
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 namespace rf::cuda {
@@ -27,9 +28,12 @@ void rope_backward_rows(float* dx, long row_stride, int rows, int n_heads, int h
 
 // The backward of swiglu_rows (model_ops.h): for in [rows, 2 inter] = gate | up and dout
 // [rows, inter], din [rows, 2 inter] = dgate | dup (written).
+// in may be the trainer's bf16 copy (the same result as on its f32 widening, without one).
 void swiglu_backward_rows(float* din, const float* dout, const float* in, int rows, int inter, cudaStream_t stream);
+void swiglu_backward_rows(float* din, const float* dout, const __nv_bfloat16* in, int rows, int inter, cudaStream_t stream);
 
-// dx [n] = dout * gelu_new'(x) (written; dx may alias dout).
+// dx [n] = dout * gelu_new'(x) (written; dx may alias dout); x f32 or bf16, as above.
 void gelu_new_backward(float* dx, const float* dout, const float* x, long n, cudaStream_t stream);
+void gelu_new_backward(float* dx, const float* dout, const __nv_bfloat16* x, long n, cudaStream_t stream);
 
 }  // namespace rf::cuda

@@ -256,6 +256,17 @@ void swiglu_case(int rows, int inter, bool large) {
   long differ = 0;
   for (size_t i = 0; i < n; ++i) differ += std::memcmp(&out[i], &out2[i], 4) != 0 || bits[i] != rf::f32_to_bf16(out[i]);
   check(differ == 0, tag + " with a bf16 output: f32 the same bits, bf16 = f32_to_bf16 of it (" + std::to_string(differ) + " differ)");
+  // From a bf16 input (the trainer's trace): the f32 version's bits on the widened values.
+  std::vector<uint16_t> in_bits(in.size());
+  std::vector<float> widened(in.size());
+  for (size_t i = 0; i < in.size(); ++i) in_bits[i] = rf::f32_to_bf16(in[i]), widened[i] = rf::bf16_to_f32(in_bits[i]);
+  Dev d_wide = upload(widened), d_bits = upload(in_bits), d_a = output(n), d_b = output(n);
+  rf::cuda::swiglu_rows(d_a.f(), d_wide.f(), rows, inter, nullptr);
+  rf::cuda::swiglu_rows(d_b.f(), static_cast<const __nv_bfloat16*>(d_bits.p), rows, inter, nullptr);
+  if (!ran(tag + " from bf16")) return;
+  const std::vector<float> a = download<float>(d_a, n + kTail), b = download<float>(d_b, n + kTail);
+  check(std::memcmp(a.data(), b.data(), (n + kTail) * 4) == 0,
+        tag + " from a bf16 input: the f32 version's bits on the widened values, nothing past the output");
 }
 
 void test_swiglu_rows() {

@@ -124,6 +124,16 @@ void test_rope_and_activations() {
   rf::cuda::gelu_new(dx.f(), n, nullptr);
   const double e1 = max_rel(download(out, n), want), e2 = max_rel(download(dx, n), want_gelu);
   check(e1 < 1e-5 && e2 < 1e-5, "swiglu rel " + std::to_string(e1) + ", gelu_new rel " + std::to_string(e2));
+  // gelu_new of a bf16 input into its own output: in place on the widened values, bit for bit.
+  std::vector<uint16_t> bits(static_cast<size_t>(n));
+  std::vector<float> widened(static_cast<size_t>(n));
+  for (long i = 0; i < n; ++i) bits[size_t(i)] = rf::f32_to_bf16(x[size_t(i)]), widened[size_t(i)] = rf::bf16_to_f32(bits[size_t(i)]);
+  Dev dw = upload(widened), db(n * 2), out2(n * 4);
+  cudaMemcpy(db.p, bits.data(), size_t(n) * 2, cudaMemcpyHostToDevice);
+  rf::cuda::gelu_new(dw.f(), n, nullptr);
+  rf::cuda::gelu_new(out2.f(), static_cast<const __nv_bfloat16*>(db.p), n, nullptr);
+  const std::vector<float> a = download(dw, n), b = download(out2, n);
+  check(std::memcmp(a.data(), b.data(), size_t(n) * 4) == 0, "gelu_new of a bf16 input: in place on the widened values, bit for bit");
 }
 
 void test_pick() {

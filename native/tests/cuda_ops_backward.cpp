@@ -12,11 +12,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "core/dtype.h"
 #include "cuda/cuda.h"
 #include "cuda/ops_backward.h"
 #include "kernels/ops_backward.h"
@@ -97,6 +100,32 @@ void rope(int rows, int heads, int head_dim) {
   for (float* p : {d, dc, ds}) cudaFree(p);
 }
 
+// The bf16-input overloads (the trainer's bf16 trace) give the f32 versions' bits on the widened
+// values.
+void activations_bf16_input(int rows, int inter) {
+  std::vector<float> in = randn(size_t(rows) * 2 * inter, 3.f);
+  std::vector<uint16_t> bits(in.size());
+  for (size_t i = 0; i < in.size(); ++i) bits[i] = rf::f32_to_bf16(in[i]), in[i] = rf::bf16_to_f32(bits[i]);
+  const std::vector<float> dout = randn(in.size());  // enough for both products
+  __nv_bfloat16* d_bits = nullptr;
+  cudaMalloc(&d_bits, bits.size() * sizeof(uint16_t));
+  cudaMemcpy(d_bits, bits.data(), bits.size() * sizeof(uint16_t), cudaMemcpyHostToDevice);
+  float *d_in = up(in), *d_dout = up(dout), *a = up(std::vector<float>(in.size(), NAN)), *b = up(std::vector<float>(in.size(), NAN));
+  auto same = [&](size_t n, const std::string& what) {
+    const std::vector<float> x = down(a, n), y = down(b, n);
+    check(std::memcmp(x.data(), y.data(), n * sizeof(float)) == 0, what + " from bf16 equals the f32 version on the widened values, bit for bit");
+  };
+  const std::string shape = " rows " + std::to_string(rows) + " inter " + std::to_string(inter);
+  rf::cuda::swiglu_backward_rows(a, d_dout, d_in, rows, inter, nullptr);
+  rf::cuda::swiglu_backward_rows(b, d_dout, d_bits, rows, inter, nullptr);
+  same(in.size(), "swiglu_backward_rows" + shape);
+  rf::cuda::gelu_new_backward(a, d_dout, d_in, long(in.size()), nullptr);
+  rf::cuda::gelu_new_backward(b, d_dout, d_bits, long(in.size()), nullptr);
+  same(in.size(), "gelu_new_backward" + shape);
+  for (float* p : {d_in, d_dout, a, b}) cudaFree(p);
+  cudaFree(d_bits);
+}
+
 void activations(int rows, int inter) {
   const std::vector<float> in = randn(size_t(rows) * 2 * inter, 3.f), dout = randn(size_t(rows) * inter);
   std::vector<float> want(in.size());
@@ -116,6 +145,7 @@ void activations(int rows, int inter) {
   rf::cuda::gelu_new_backward(d_dout, d_dout, d_x, n, nullptr);  // in place, as allowed
   check_close(down(d_dout, size_t(n)), gw, "gelu_new_backward in place, n " + std::to_string(n));
   for (float* p : {d_in, d_dout, d_din, d_x}) cudaFree(p);
+  activations_bf16_input(rows, inter);
 }
 
 }  // namespace
