@@ -42,11 +42,18 @@ fi
 # The Makefile's flags for train_gpt2cu (PRECISION=BF16, USE_CUDNN=0, NO_MULTI_GPU=1), for sm_90.
 flags=(--threads=0 -t=0 --use_fast_math -std=c++17 -O3 -DENABLE_BF16
        --generate-code "arch=compute_90,code=[compute_90,sm_90]")
-# llmc/mfu.h uses NVML (GPU clock readings in its log, not part of the step) when nvml.h is found;
-# link it from the driver's library when the toolkit has no unversioned libnvidia-ml.so.
-nvml=$(ldconfig -p 2>/dev/null | awk '/libnvidia-ml.so.1 /{print $NF; exit}')
-[ -n "$nvml" ] && ln -sf "$nvml" "$src/libnvidia-ml.so"
-if ! nvcc "${flags[@]}" train_gpt2.cu "${blas[@]}" -L"$src" -lcublas -lcublasLt -lnvidia-ml -o train_gpt2cu > "$logs/llmc-build.log" 2>&1; then
+# llmc/mfu.h uses NVML (GPU clock readings in its log, not part of the step) when nvml.h is found:
+# then link the driver's libnvidia-ml.so.1 through an unversioned name.
+nvml=()
+printf '#include <nvml.h>\nint main() { return 0; }\n' > nvml_probe.cu
+if nvcc nvml_probe.cu -o nvml_probe > /dev/null 2>&1; then
+  for f in $(ldconfig -p 2>/dev/null | awk '/libnvidia-ml.so.1 /{print $NF}') /usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1 \
+           /usr/lib64/libnvidia-ml.so.1 /usr/local/nvidia/lib64/libnvidia-ml.so.1; do
+    if [ -e "$f" ]; then ln -sf "$f" "$src/libnvidia-ml.so"; break; fi
+  done
+  nvml=(-L"$src" -lnvidia-ml)
+fi
+if ! nvcc "${flags[@]}" train_gpt2.cu "${blas[@]}" -lcublas -lcublasLt "${nvml[@]}" -o train_gpt2cu > "$logs/llmc-build.log" 2>&1; then
   tail -20 "$logs/llmc-build.log" >&2
   fail "train_gpt2cu did not build (llmc-build.log)"
 fi

@@ -1,10 +1,11 @@
 // The GPU trainer's glue kernels (native/cuda/device_trainer.h): what the CPU trainer does in
 // loops between its products (native/model/train.cpp): LoRA dropout on an adapter's input and
-// its backward, the scaled copy that refreshes the forward's premultiplied LoRA B, the
-// scatter-add of loss rows' gradients into the batch's rows, and the gradient of the trained
-// flag-token embedding rows, and the widening of the trace's bf16 activations. Sums run in a fixed order (no atomics): a step gives the same bits
-// every run. Tested against host loops in native/tests/cuda_train_ops.cpp. Pointers are device
-// memory; one stream.
+// its backward (alone, or fused with the adapter's products), the scaled copy that refreshes the
+// forward's premultiplied LoRA B, the scatter-add of loss rows' gradients into the batch's rows,
+// the gradient of the trained flag-token embedding rows, and the widening of the trace's bf16
+// activations. Sums run in a fixed order (no atomics): a step gives the same bits every run.
+// Tested against host loops in native/tests/cuda_train_ops.cpp. Pointers are device memory; one
+// stream.
 #pragma once
 #include <cstdint>
 
