@@ -99,6 +99,12 @@ std::vector<uint16_t> to_bf16_bits(const std::vector<float>& v) {
   return b;
 }
 
+// An operand in the product's type: f32 as is, bf16 rounded to nearest even.
+void upload_as(Dev& dst, const std::vector<float>& v, DType type) {
+  if (type == DType::bf16) upload(dst.at<uint16_t>(), to_bf16_bits(v));
+  else upload(dst.at<float>(), v);
+}
+
 rf::ThreadPool& pool() {
   static rf::ThreadPool p(int(std::max(1u, std::min(32u, std::thread::hardware_concurrency()))));
   return p;
@@ -425,13 +431,8 @@ void test_transposed_forms(rf::cuda::GemmContext& ctx) {
             const std::vector<float> ws = transpose(w, N, K);           // [K, N]
             const size_t esz = type == DType::bf16 ? 2 : 4;
             Dev dx(xs.size() * esz), dw(ws.size() * esz), dy(size_t(M) * N * 4);
-            if (type == DType::bf16) {
-              upload(dx.at<uint16_t>(), to_bf16_bits(xs));
-              upload(dw.at<uint16_t>(), to_bf16_bits(ws));
-            } else {
-              upload(dx.at<float>(), xs);
-              upload(dw.at<float>(), ws);
-            }
+            upload_as(dx, xs, type);
+            upload_as(dw, ws, type);
             const double tol = type == DType::bf16 ? kBf16Tol : f32_case_tol(K);
             for (float beta : {0.f, 1.f})
               for (float alpha : {1.f, 0.25f}) {
@@ -488,13 +489,8 @@ void test_strides(rf::cuda::GemmContext& ctx) {
           for (int n = 0; n < N; ++n) ys[size_t(m) * ly + n] = beta != 0.f ? y0[size_t(m) * N + n] : NAN;
         const size_t esz = type == DType::bf16 ? 2 : 4;
         Dev dx(xs.size() * esz), dw(ws.size() * esz), dy(ys.size() * 4);
-        if (type == DType::bf16) {
-          upload(dx.at<uint16_t>(), to_bf16_bits(xs));
-          upload(dw.at<uint16_t>(), to_bf16_bits(ws));
-        } else {
-          upload(dx.at<float>(), xs);
-          upload(dw.at<float>(), ws);
-        }
+        upload_as(dx, xs, type);
+        upload_as(dw, ws, type);
         upload(dy.at<float>(), ys);
         static const char* const names[] = {"matmul", "matmul_nn", "matmul_tn"};
         const std::string name = std::string(names[form]) + " strided " + case_name(type, M, N, K, false, beta);
