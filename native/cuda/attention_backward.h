@@ -14,6 +14,7 @@
 #pragma once
 #include <cstdint>
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 namespace rf::cuda {
@@ -41,9 +42,14 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
 // from its output out [rows, n_heads * head_dim]. Two kernels, dK/dV per key tile and dQ per
 // query tile, each row written once in a fixed order (no atomics). max_len: the longest
 // sequence. head_dim a multiple of 16 up to 128 (attention_backward_tc_supports).
+// qkv and out in f32 (rounded to bf16 as staged) or as a bf16 model's trace keeps them: the bf16
+// overload reads half the bytes and needs no widening pass, and gives the same bits as the f32
+// one on the widened values.
 bool attention_backward_tc_supports(int head_dim);
 long attention_backward_tc_scratch(const AttentionRows& a);  // floats
 void attention_backward_tc(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
+                           const AttentionRows& a, int max_len, float scale, float* scratch, cudaStream_t stream);
+void attention_backward_tc(float* dqkv, const float* dout, const __nv_bfloat16* qkv, const __nv_bfloat16* out, const float* lse,
                            const AttentionRows& a, int max_len, float scale, float* scratch, cudaStream_t stream);
 
 }  // namespace rf::cuda

@@ -20,6 +20,7 @@
 #include <string>
 
 #include "cuda/attention_backward.h"
+#include "cuda/bf16.h"
 #include "cuda/mma.h"
 
 namespace rf::cuda {
@@ -47,32 +48,45 @@ __device__ __forceinline__ Dims dims_of(const AttentionRows& a) {
 __device__ __forceinline__ bool sees(int i, int j, int window) { return j <= i && (window <= 0 || i - j < window); }
 
 // D [rows, n_heads] = sum_d dout * out: one warp per (row, head).
-__global__ void delta_kernel(float* D, const float* dout, const float* out, int rows, int n_heads, int hd) {
+template <class T>
+__global__ void delta_kernel(float* D, const float* dout, const T* out, int rows, int n_heads, int hd) {
   const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
   if (warp >= rows * n_heads) return;
   const long base = long(warp) * hd;  // [row][head][d] is [rows, n_heads * hd]
   float sum = 0.f;
-  for (int d = lane; d < hd; d += 32) sum += dout[base + d] * out[base + d];
+  for (int d = lane; d < hd; d += 32) sum += dout[base + d] * as_f32(out[base + d]);
   for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
   if (lane == 0) D[warp] = sum;
 }
 
-// Stages rows [r0, r0 + n) (buffer rows; rows at or past end are zeros) of an f32 matrix's
-// columns [col, col + kHd) into bf16 shared memory, row-major [n][kHd + kPad] and/or transposed
-// [kHd][n + kPad] (either may be null).
-template <int kHd>
-__device__ void stage(__nv_bfloat16* rowmajor, __nv_bfloat16* transposed, int n, const float* src, long stride, long col, int r0,
+// Four consecutive elements (16-byte aligned f32, 8-byte aligned bf16) as bf16: f32 rounded to
+// nearest even, bf16 as it is (the same bits as rounding its widened value).
+__device__ __forceinline__ void load4_bf16(__nv_bfloat16 (&b)[4], const float* p) {
+  const float4 v = *reinterpret_cast<const float4*>(p);
+  b[0] = __float2bfloat16_rn(v.x), b[1] = __float2bfloat16_rn(v.y), b[2] = __float2bfloat16_rn(v.z), b[3] = __float2bfloat16_rn(v.w);
+}
+struct alignas(8) Bf16x4 {
+  __nv_bfloat16 v[4];
+};
+__device__ __forceinline__ void load4_bf16(__nv_bfloat16 (&b)[4], const __nv_bfloat16* p) {
+  const Bf16x4 v = *reinterpret_cast<const Bf16x4*>(p);  // one 8-byte load
+  b[0] = v.v[0], b[1] = v.v[1], b[2] = v.v[2], b[3] = v.v[3];
+}
+
+// Stages rows [r0, r0 + n) (buffer rows; rows at or past end are zeros) of an f32 or bf16
+// matrix's columns [col, col + kHd) into bf16 shared memory, row-major [n][kHd + kPad] and/or
+// transposed [kHd][n + kPad] (either may be null).
+template <int kHd, class T>
+__device__ void stage(__nv_bfloat16* rowmajor, __nv_bfloat16* transposed, int n, const T* src, long stride, long col, int r0,
                       int end) {
   for (int e = threadIdx.x; e < n * (kHd / 4); e += kThreads) {
     const int r = e / (kHd / 4), d = 4 * (e - r * (kHd / 4));
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (r0 + r < end) v = *reinterpret_cast<const float4*>(src + long(r0 + r) * stride + col + d);
-    const float f[4] = {v.x, v.y, v.z, v.w};
+    __nv_bfloat16 b[4] = {__float2bfloat16_rn(0.f), __float2bfloat16_rn(0.f), __float2bfloat16_rn(0.f), __float2bfloat16_rn(0.f)};
+    if (r0 + r < end) load4_bf16(b, src + long(r0 + r) * stride + col + d);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const __nv_bfloat16 b = __float2bfloat16_rn(f[i]);
-      if (rowmajor) rowmajor[r * (kHd + kPad) + d + i] = b;
-      if (transposed) transposed[(d + i) * (n + kPad) + r] = b;
+      if (rowmajor) rowmajor[r * (kHd + kPad) + d + i] = b[i];
+      if (transposed) transposed[(d + i) * (n + kPad) + r] = b[i];
     }
   }
 }
@@ -84,9 +98,9 @@ size_t dkdv_smem(int hd) {
          sizeof(float) * 2 * kQRows;
 }
 
-template <int kK>
+template <int kK, class T>
 __global__ void __launch_bounds__(kThreads)
-    dkdv_kernel(float* dqkv, const float* dout, const float* qkv, const float* lse, const float* D, AttentionRows a,
+    dkdv_kernel(float* dqkv, const float* dout, const T* qkv, const float* lse, const float* D, AttentionRows a,
                 float scale) {
   constexpr int kHd = 16 * kK, kN = 2 * kK, kS = kHd + kPad, kTs = kQRows + kPad;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -198,9 +212,9 @@ size_t dq_smem(int hd) {
   return sizeof(__nv_bfloat16) * (size_t(2 * kRows + 2 * kKeys) * (hd + kPad) + size_t(hd) * (kKeys + kPad));
 }
 
-template <int kK>
+template <int kK, class T>
 __global__ void __launch_bounds__(kThreads)
-    dq_kernel(float* dqkv, const float* dout, const float* qkv, const float* lse, const float* D, AttentionRows a, float scale) {
+    dq_kernel(float* dqkv, const float* dout, const T* qkv, const float* lse, const float* D, AttentionRows a, float scale) {
   constexpr int kHd = 16 * kK, kN = 2 * kK, kS = kHd + kPad, kTs = kKeys + kPad;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(smem_raw);
@@ -295,25 +309,21 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <int kK>
-void launch(float* dqkv, const float* dout, const float* qkv, const float* lse, const float* D, const AttentionRows& a,
-            int max_len, float scale, cudaStream_t stream) {
+template <int kK, class T>
+void launch(float* dqkv, const float* dout, const T* qkv, const float* lse, const float* D, const AttentionRows& a, int max_len,
+            float scale, cudaStream_t stream) {
   const size_t s1 = dkdv_smem(16 * kK), s2 = dq_smem(16 * kK);
-  if (s1 > 48 * 1024) cudaFuncSetAttribute(dkdv_kernel<kK>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(s1));
-  if (s2 > 48 * 1024) cudaFuncSetAttribute(dq_kernel<kK>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(s2));
-  dkdv_kernel<kK><<<dim3((max_len + kKeys - 1) / kKeys, a.n_kv_heads, a.n_seqs), kThreads, s1, stream>>>(dqkv, dout, qkv, lse, D, a,
-                                                                                                         scale);
-  dq_kernel<kK><<<dim3((max_len + kRows - 1) / kRows, a.n_heads, a.n_seqs), kThreads, s2, stream>>>(dqkv, dout, qkv, lse, D, a, scale);
+  if (s1 > 48 * 1024) cudaFuncSetAttribute(dkdv_kernel<kK, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(s1));
+  if (s2 > 48 * 1024) cudaFuncSetAttribute(dq_kernel<kK, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(s2));
+  dkdv_kernel<kK, T><<<dim3((max_len + kKeys - 1) / kKeys, a.n_kv_heads, a.n_seqs), kThreads, s1, stream>>>(dqkv, dout, qkv, lse, D,
+                                                                                                            a, scale);
+  dq_kernel<kK, T><<<dim3((max_len + kRows - 1) / kRows, a.n_heads, a.n_seqs), kThreads, s2, stream>>>(dqkv, dout, qkv, lse, D, a,
+                                                                                                      scale);
 }
 
-}  // namespace
-
-bool attention_backward_tc_supports(int head_dim) { return head_dim % 16 == 0 && head_dim >= 16 && head_dim <= 128; }
-
-long attention_backward_tc_scratch(const AttentionRows& a) { return long(a.rows) * a.n_heads; }
-
-void attention_backward_tc(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
-                           const AttentionRows& a, int max_len, float scale, float* scratch, cudaStream_t stream) {
+template <class T>
+void backward_tc(float* dqkv, const float* dout, const T* qkv, const T* out, const float* lse, const AttentionRows& a, int max_len,
+                 float scale, float* scratch, cudaStream_t stream) {
   if (a.rows <= 0) return;
   if (!attention_backward_tc_supports(a.head_dim))
     throw std::invalid_argument("attention_backward_tc: head_dim " + std::to_string(a.head_dim) + " is not supported");
@@ -330,6 +340,22 @@ void attention_backward_tc(float* dqkv, const float* dout, const float* qkv, con
     case 7: return launch<7>(dqkv, dout, qkv, lse, D, a, max_len, scale, stream);
     default: return launch<8>(dqkv, dout, qkv, lse, D, a, max_len, scale, stream);
   }
+}
+
+}  // namespace
+
+bool attention_backward_tc_supports(int head_dim) { return head_dim % 16 == 0 && head_dim >= 16 && head_dim <= 128; }
+
+long attention_backward_tc_scratch(const AttentionRows& a) { return long(a.rows) * a.n_heads; }
+
+void attention_backward_tc(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
+                           const AttentionRows& a, int max_len, float scale, float* scratch, cudaStream_t stream) {
+  backward_tc(dqkv, dout, qkv, out, lse, a, max_len, scale, scratch, stream);
+}
+
+void attention_backward_tc(float* dqkv, const float* dout, const __nv_bfloat16* qkv, const __nv_bfloat16* out, const float* lse,
+                           const AttentionRows& a, int max_len, float scale, float* scratch, cudaStream_t stream) {
+  backward_tc(dqkv, dout, qkv, out, lse, a, max_len, scale, scratch, stream);
 }
 
 }  // namespace rf::cuda

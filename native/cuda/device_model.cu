@@ -526,15 +526,14 @@ void DeviceModel::activation_rows(const float* mlp, float* act, long rows, __nv_
   if (c.act == Activation::silu) return swiglu_rows(act, mlp, int(rows), int(c.intermediate), st, act_bf16);
   const long n = rows * c.intermediate;
   if (act != mlp) check(cudaMemcpyAsync(act, mlp, size_t(n) * sizeof(float), cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync (mlp)");
-  gelu_new(act, n, st);
-  if (act_bf16) f32_to_bf16(act_bf16, act, n, st);
+  gelu_new(act, n, st, act_bf16);
 }
 
-void DeviceModel::activation_rows(const __nv_bfloat16* mlp, float* act, long rows) {
+void DeviceModel::activation_rows(const __nv_bfloat16* mlp, float* act, long rows, __nv_bfloat16* act_bf16) {
   const ModelConfig& c = config_;
   const cudaStream_t st = as_stream(stream_);
-  if (c.act == Activation::silu) return swiglu_rows(act, mlp, int(rows), int(c.intermediate), st);
-  gelu_new(act, mlp, rows * c.intermediate, st);
+  if (c.act == Activation::silu) return swiglu_rows(act, mlp, int(rows), int(c.intermediate), st, act_bf16);
+  gelu_new(act, mlp, rows * c.intermediate, st, act_bf16);
 }
 
 const float* DeviceModel::run(const std::vector<DeviceItem>& items, LogitsMode mode, const std::atomic<int>* cancel,

@@ -179,7 +179,7 @@ class DeviceModel {
   // The MLP's activation: act [rows, I] from mlp [rows, MLP_IN] (act may be mlp for gelu_new).
   void activation_rows(const float* mlp, float* act, long rows, __nv_bfloat16* act_bf16 = nullptr);
   // The same from the trace's bf16 copy of mlp: the bits the f32 version gives on its widening.
-  void activation_rows(const __nv_bfloat16* mlp, float* act, long rows);
+  void activation_rows(const __nv_bfloat16* mlp, float* act, long rows, __nv_bfloat16* act_bf16 = nullptr);
   // A block's projection by index (0 qkv, 1 o, 2 mlp_in, 3 mlp_out, as in model/layout.h).
   DLinear& linear(int layer, int index) const;
   // add_lora's and merge_lora's checks: the projection of (layer, target), its site in *site.

@@ -504,24 +504,53 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
   Buffer& wide_buf = borrow ? fs.mlp : s.wide_a;   // [R, QKV]
   Buffer& xa_buf = borrow ? fs.lora_x : s.xa;      // [R, in] an adapter's dropped-out input
 
+  // Full fine-tuning of a bf16 model: dW's bf16 operand x, written by the kernel that makes x
+  // (a recomputed norm or activation) or made from it here.
+  __nv_bfloat16* xw = full && bf16 ? static_cast<__nv_bfloat16*>(s.xw.ensure(size_t(R * std::max({H, Q, I})) * sizeof(__nv_bfloat16)))
+                                   : nullptr;
+
+  // A projection's input as its backward reads it: in f32 (for dA, and dW of f32 models) and in
+  // bf16 (dW of bf16 models). Either may be absent; it is made on first use: f32 widened from
+  // bf16 into wide, bf16 rounded from f32 into xw. Nothing is made that no product reads (a
+  // frozen projection without adapters reads neither).
+  struct Input {
+    const float* f32;
+    const __nv_bfloat16* bf16;
+    Buffer* wide;
+  };
   // din = dy W for projection (l, index), plus its adapters' input gradients and their dA, dB.
-  auto linear_backward = [&](int l, int index, const float* x, long in, const float* dy, long out, float* din,
+  // bf16 models: dy16 is dy rounded to bf16 when the kernel that wrote dy wrote it too (else null:
+  // rounded here into dy_bf16).
+  auto linear_backward = [&](int l, int index, Input x, long in, const float* dy, const __nv_bfloat16* dy16, long out, float* din,
                              const DeviceLayerTrace& lt) {
     const DLinear& lin = m.linear(l, index);
+    auto x_f32 = [&]() -> const float* {
+      if (!x.f32) {
+        float* w = floats(*x.wide, R * in);
+        widen_bf16(w, reinterpret_cast<const uint16_t*>(x.bf16), R * in, st);
+        x.f32 = w;
+      }
+      return x.f32;
+    };
     const void* dy_in = dy;
     if (bf16) {
-      f32_to_bf16(dy_bf16, dy, R * out, st);
-      dy_in = dy_bf16;
+      if (!dy16) {
+        f32_to_bf16(dy_bf16, dy, R * out, st);
+        dy16 = dy_bf16;
+      }
+      dy_in = dy16;
     }
     matmul_nn(gemm, din, dy_in, dtype, lin.w.get<void>(), dtype, int(R), int(in), int(out), 0.f, st);
     if (full) {  // dW += dy^T x, db += the column sums of dy
       const Impl::FullLayer& f = s.full[size_t(l)];
       if (bf16) {  // mixed precision, as autocast does: bf16 dy and x, the products summed in f32
-        __nv_bfloat16* xw = static_cast<__nv_bfloat16*>(s.xw.ensure(size_t(R * std::max({H, Q, I})) * sizeof(__nv_bfloat16)));
-        f32_to_bf16(xw, x, R * in, st);
-        matmul_tn(gemm, s.grd(f.w[index]), dy_bf16, DType::bf16, xw, DType::bf16, int(out), int(in), int(R), 1.f, 1.f, st);
+        if (!x.bf16) {
+          f32_to_bf16(xw, x.f32, R * in, st);
+          x.bf16 = xw;
+        }
+        matmul_tn(gemm, s.grd(f.w[index]), dy16, DType::bf16, x.bf16, DType::bf16, int(out), int(in), int(R), 1.f, 1.f, st);
       } else {
-        matmul_tn(gemm, s.grd(f.w[index]), dy, DType::f32, x, DType::f32, int(out), int(in), int(R), 1.f, 1.f, st);
+        matmul_tn(gemm, s.grd(f.w[index]), dy, DType::f32, x_f32(), DType::f32, int(out), int(in), int(R), 1.f, 1.f, st);
       }
       if (f.b[index] >= 0) add_column_sums(s.grd(f.b[index]), dy, int(R), int(out), st);
     }
@@ -543,12 +572,12 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
       matmul_nn(gemm, du, dys, DType::f32, lora.B.get<void>(), DType::f32, int(R), r, o, 0.f, st, {out, 0, 0});  // du = dy B*
       if (fused) {  // dA += du^T dropout(x)
         float* parts = floats(s.da_parts, lora_da_scratch_floats(int(R), int(in), r));
-        lora_da_dropout(s.grd(ps[a]), du, x, int(R), int(in), r, s.trace.dropout_seed, l, adapter_id, p, parts, st);
+        lora_da_dropout(s.grd(ps[a]), du, x_f32(), int(R), int(in), r, s.trace.dropout_seed, l, adapter_id, p, parts, st);
       } else {
-        const float* xa = x;
+        const float* xa = x_f32();
         if (p > 0.f) {
           float* b = floats(xa_buf, R * in);
-          dropout_rows(b, x, int(R), int(in), s.trace.dropout_seed, l, adapter_id, p, st);
+          dropout_rows(b, xa, int(R), int(in), s.trace.dropout_seed, l, adapter_id, p, st);
           xa = b;
         }
         matmul_tn(gemm, s.grd(ps[a]), du, DType::f32, xa, DType::f32, r, int(in), int(R), 1.f, 1.f, st);  // dA
@@ -565,14 +594,6 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     }
   };
 
-  // The attention half's trace values in f32: the kept buffer itself (f32 models), or widened
-  // from bf16 into scratch. (The MLP half's kernels read its bf16 mlp directly.)
-  auto widen = [&](Buffer& scratch, const Buffer& kept, long n) -> const float* {
-    if (!bf16) return kept.get();
-    float* out = floats(scratch, n);
-    widen_bf16(out, kept.get<uint16_t>(), n, st);
-    return out;
-  };
   // What the trace leaves out, recomputed by the forward's kernels from the forward's inputs (so
   // the same bits as the forward's): a norm's output, the MLP's activation.
   float* xn = floats(xn_buf, R * H);
@@ -597,27 +618,34 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     // MLP: x_out = x_mid + mlp_out(act(mlp_in(norm(x_mid)))). The activation and its backward
     // read the trace's mlp as kept (bf16: widened in registers, the same bits as widened first).
     auto mlp_backward = [&](const auto* mlp) {
-      m.activation_rows(mlp, act, R);
-      linear_backward(l, 3, act, I, dx, H, dact, lt);
-      if (c.act == Activation::silu) swiglu_backward_rows(dmlp, dact, mlp, int(R), int(I), st);
-      else gelu_new_backward(dmlp, dact, mlp, R * I, st);
+      m.activation_rows(mlp, act, R, xw);
+      linear_backward(l, 3, {act, xw, nullptr}, I, dx, nullptr, H, dact, lt);
+      // dmlp, and in bf16 models dmlp rounded: mlp_in's dy in both forms, from one kernel.
+      if (c.act == Activation::silu) swiglu_backward_rows(dmlp, dact, mlp, int(R), int(I), st, dy_bf16);
+      else gelu_new_backward(dmlp, dact, mlp, R * I, st, dy_bf16);
     };
     if (bf16) mlp_backward(lt.mlp.get<__nv_bfloat16>());
     else mlp_backward(lt.mlp.get<float>());
-    m.norm_rows(L.mlp_norm, lt.x_mid.get(), xn, R);
-    linear_backward(l, 2, xn, H, dmlp, MLP_IN, dxn, lt);
+    m.norm_rows(L.mlp_norm, lt.x_mid.get(), xn, R, xw);
+    linear_backward(l, 2, {xn, xw, nullptr}, H, dmlp, dy_bf16, MLP_IN, dxn, lt);
     norm_backward(L.mlp_norm, fl ? fl->norm_w[1] : -1, fl ? fl->norm_b[1] : -1, lt.x_mid.get(), dxn, dx, true);
     // Attention: x_mid = x_in + o(attn(rope(qkv(norm(x_in)))))
-    const float* att = widen(s.wide_b, lt.att, R * Q);
-    linear_backward(l, 1, att, Q, dx, H, datt, lt);
-    const float* qkv = widen(wide_buf, lt.qkv, R * QKV);
-    if (tc)
-      attention_backward_tc(dqkv, datt, qkv, att, lt.lse.get(), arows, plan.max_new, scale, attn_scratch, st);
-    else
+    // The trace keeps att and qkv in the model's dtype; the tensor-core backward reads bf16 as kept.
+    if (bf16) linear_backward(l, 1, {nullptr, lt.att.get<__nv_bfloat16>(), &s.wide_b}, Q, dx, nullptr, H, datt, lt);
+    else linear_backward(l, 1, {lt.att.get(), nullptr, nullptr}, Q, dx, nullptr, H, datt, lt);
+    if (tc) {
+      attention_backward_tc(dqkv, datt, lt.qkv.get<__nv_bfloat16>(), lt.att.get<__nv_bfloat16>(), lt.lse.get(), arows, plan.max_new,
+                            scale, attn_scratch, st);
+    } else if (bf16) {  // a head_dim the tensor-core kernels do not take
+      float* qkv = floats(wide_buf, R * QKV);
+      widen_bf16(qkv, lt.qkv.get<uint16_t>(), R * QKV, st);
       attention_backward(dqkv, datt, qkv, arows, scale, attn_scratch, st);
+    } else {
+      attention_backward(dqkv, datt, lt.qkv.get(), arows, scale, attn_scratch, st);
+    }
     if (c.rope) rope_backward_rows(dqkv, QKV, int(R), c.n_heads + c.n_kv_heads, int(hd), d_cos, d_sin, st);  // q's heads, then k's
-    m.norm_rows(L.attn_norm, lt.x_in.get(), xn, R);
-    linear_backward(l, 0, xn, H, dqkv, QKV, dxn, lt);
+    m.norm_rows(L.attn_norm, lt.x_in.get(), xn, R, xw);
+    linear_backward(l, 0, {xn, xw, nullptr}, H, dqkv, nullptr, QKV, dxn, lt);
     norm_backward(L.attn_norm, fl ? fl->norm_w[0] : -1, fl ? fl->norm_b[0] : -1, lt.x_in.get(), dxn, dx, true);
   }
 

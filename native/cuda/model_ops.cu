@@ -146,9 +146,9 @@ void swiglu_rows(float* out, const float* in, int rows, int inter, cudaStream_t 
   if (n > 0) swiglu_rows_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(out, in, n, inter, out_bf16);
 }
 
-void swiglu_rows(float* out, const __nv_bfloat16* in, int rows, int inter, cudaStream_t stream) {
+void swiglu_rows(float* out, const __nv_bfloat16* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16) {
   const long n = long(rows) * inter;
-  if (n > 0) swiglu_rows_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(out, in, n, inter, nullptr);
+  if (n > 0) swiglu_rows_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(out, in, n, inter, out_bf16);
 }
 
 void merge_lora_rows(void* w, bool w_bf16, int out, int in, const float* A, const float* B, int rank, float scale,

@@ -25,7 +25,7 @@ void embed_rows(float* x, const void* table, bool table_bf16, const int32_t* tok
 // rmsnorm_rows writes it (ops.h).
 void swiglu_rows(float* out, const float* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16 = nullptr);
 // The same from a bf16 in (the trainer's copy): the bits swiglu_rows gives on its f32 widening.
-void swiglu_rows(float* out, const __nv_bfloat16* in, int rows, int inter, cudaStream_t stream);
+void swiglu_rows(float* out, const __nv_bfloat16* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16 = nullptr);
 
 // w [out, in] (f32, or bf16 when w_bf16) += scale (B A) for A [rank, in] and B [out, rank] f32:
 // PEFT's merge, with lib/train/merge.ts's arithmetic, so the result is the merged checkpoint's

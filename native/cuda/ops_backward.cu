@@ -107,20 +107,25 @@ __global__ void rope_backward_kernel(float* dx, long row_stride, int head_dim, c
 }
 
 template <class T>
-__global__ void swiglu_backward_kernel(float* din, const float* dout, const T* in, long n, int inter) {
+__global__ void swiglu_backward_kernel(float* din, const float* dout, const T* in, long n, int inter, __nv_bfloat16* din_bf16) {
   for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
     const long r = i / inter, col = i % inter;
     const float g = as_f32(in[r * 2 * inter + col]), u = as_f32(in[r * 2 * inter + inter + col]);
     const float e = expf(-g);
     const float s = 1.0f / (1.0f + e);  // sigmoid(g); 1 - s as e * s
     const float d = dout[i];
-    din[r * 2 * inter + col] = d * u * s * (1.0f + g * (e * s));
-    din[r * 2 * inter + inter + col] = d * g * s;
+    const float dg = d * u * s * (1.0f + g * (e * s)), du = d * g * s;
+    din[r * 2 * inter + col] = dg;
+    din[r * 2 * inter + inter + col] = du;
+    if (din_bf16) {
+      din_bf16[r * 2 * inter + col] = bf16_round(dg);
+      din_bf16[r * 2 * inter + inter + col] = bf16_round(du);
+    }
   }
 }
 
 template <class T>
-__global__ void gelu_new_backward_kernel(float* dx, const float* dout, const T* x, long n) {
+__global__ void gelu_new_backward_kernel(float* dx, const float* dout, const T* x, long n, __nv_bfloat16* dx_bf16) {
   const float k = 0.7978845608028654f;  // sqrt(2 / pi)
   const float c = 0.044715f;
   for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
@@ -128,7 +133,9 @@ __global__ void gelu_new_backward_kernel(float* dx, const float* dout, const T* 
     const float u = k * (v + c * v * v * v);
     const float e = expf(-2.0f * u);
     const float s = 1.0f / (1.0f + e);
-    dx[i] = dout[i] * (s + 2.0f * v * s * (e * s) * k * (1.0f + 3.0f * c * v * v));
+    const float d = dout[i] * (s + 2.0f * v * s * (e * s) * k * (1.0f + 3.0f * c * v * v));
+    dx[i] = d;
+    if (dx_bf16) dx_bf16[i] = bf16_round(d);
   }
 }
 
@@ -153,22 +160,24 @@ void rope_backward_rows(float* dx, long row_stride, int rows, int n_heads, int h
   if (rows > 0 && n_heads > 0) rope_backward_kernel<<<dim3(rows, n_heads), 64, 0, stream>>>(dx, row_stride, head_dim, cos, sin);
 }
 
-void swiglu_backward_rows(float* din, const float* dout, const float* in, int rows, int inter, cudaStream_t stream) {
+void swiglu_backward_rows(float* din, const float* dout, const float* in, int rows, int inter, cudaStream_t stream,
+                          __nv_bfloat16* din_bf16) {
   const long n = long(rows) * inter;
-  if (n > 0) swiglu_backward_kernel<<<grid_for(n, 256), 256, 0, stream>>>(din, dout, in, n, inter);
+  if (n > 0) swiglu_backward_kernel<<<grid_for(n, 256), 256, 0, stream>>>(din, dout, in, n, inter, din_bf16);
 }
 
-void swiglu_backward_rows(float* din, const float* dout, const __nv_bfloat16* in, int rows, int inter, cudaStream_t stream) {
+void swiglu_backward_rows(float* din, const float* dout, const __nv_bfloat16* in, int rows, int inter, cudaStream_t stream,
+                          __nv_bfloat16* din_bf16) {
   const long n = long(rows) * inter;
-  if (n > 0) swiglu_backward_kernel<<<grid_for(n, 256), 256, 0, stream>>>(din, dout, in, n, inter);
+  if (n > 0) swiglu_backward_kernel<<<grid_for(n, 256), 256, 0, stream>>>(din, dout, in, n, inter, din_bf16);
 }
 
-void gelu_new_backward(float* dx, const float* dout, const float* x, long n, cudaStream_t stream) {
-  if (n > 0) gelu_new_backward_kernel<<<grid_for(n, 256), 256, 0, stream>>>(dx, dout, x, n);
+void gelu_new_backward(float* dx, const float* dout, const float* x, long n, cudaStream_t stream, __nv_bfloat16* dx_bf16) {
+  if (n > 0) gelu_new_backward_kernel<<<grid_for(n, 256), 256, 0, stream>>>(dx, dout, x, n, dx_bf16);
 }
 
-void gelu_new_backward(float* dx, const float* dout, const __nv_bfloat16* x, long n, cudaStream_t stream) {
-  if (n > 0) gelu_new_backward_kernel<<<grid_for(n, 256), 256, 0, stream>>>(dx, dout, x, n);
+void gelu_new_backward(float* dx, const float* dout, const __nv_bfloat16* x, long n, cudaStream_t stream, __nv_bfloat16* dx_bf16) {
+  if (n > 0) gelu_new_backward_kernel<<<grid_for(n, 256), 256, 0, stream>>>(dx, dout, x, n, dx_bf16);
 }
 
 }  // namespace rf::cuda

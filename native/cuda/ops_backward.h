@@ -29,11 +29,16 @@ void rope_backward_rows(float* dx, long row_stride, int rows, int n_heads, int h
 // The backward of swiglu_rows (model_ops.h): for in [rows, 2 inter] = gate | up and dout
 // [rows, inter], din [rows, 2 inter] = dgate | dup (written).
 // in may be the trainer's bf16 copy (the same result as on its f32 widening, without one).
-void swiglu_backward_rows(float* din, const float* dout, const float* in, int rows, int inter, cudaStream_t stream);
-void swiglu_backward_rows(float* din, const float* dout, const __nv_bfloat16* in, int rows, int inter, cudaStream_t stream);
+// din_bf16 (optional): din rounded to bf16 as well (the bits f32_to_bf16 gives), the operand of
+// the next product in a bf16 model, without a conversion pass over din.
+void swiglu_backward_rows(float* din, const float* dout, const float* in, int rows, int inter, cudaStream_t stream,
+                          __nv_bfloat16* din_bf16 = nullptr);
+void swiglu_backward_rows(float* din, const float* dout, const __nv_bfloat16* in, int rows, int inter, cudaStream_t stream,
+                          __nv_bfloat16* din_bf16 = nullptr);
 
-// dx [n] = dout * gelu_new'(x) (written; dx may alias dout); x f32 or bf16, as above.
-void gelu_new_backward(float* dx, const float* dout, const float* x, long n, cudaStream_t stream);
-void gelu_new_backward(float* dx, const float* dout, const __nv_bfloat16* x, long n, cudaStream_t stream);
+// dx [n] = dout * gelu_new'(x) (written; dx may alias dout); x f32 or bf16, dx_bf16 as above.
+void gelu_new_backward(float* dx, const float* dout, const float* x, long n, cudaStream_t stream, __nv_bfloat16* dx_bf16 = nullptr);
+void gelu_new_backward(float* dx, const float* dout, const __nv_bfloat16* x, long n, cudaStream_t stream,
+                       __nv_bfloat16* dx_bf16 = nullptr);
 
 }  // namespace rf::cuda

@@ -8,11 +8,13 @@
 // 1e-4 * (1 + |ref|) per element, and a relative L2 of 1e-5 over each gradient.
 // The tensor-core backward (attention_backward_tc): head_dim 32 / 64 / 80 / 128, the same GQA
 // ratios and windows, against the reference on bf16-rounded inputs (see run_case).
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -76,7 +78,8 @@ void forward_stats(const std::vector<float>& qkv, const std::vector<int32_t>& fi
 // tc: attention_backward_tc on bf16-rounded q, k, v and dout against the reference on the same
 // rounded inputs; it also rounds the probabilities and dS to bf16 for its products, so each of
 // dq, dk and dv is held to a relative L2 of 5e-3 (each term rounded by up to 2^-8; about
-// 1.7e-3 seen).
+// 1.7e-3 seen). The forward's output is rounded to bf16 too, as a bf16 model's trace keeps it,
+// and the bf16 overload (qkv and out as bf16) must give the f32 overload's bits.
 void run_case(int head_dim, int n_kv, int group, int window, bool tc = false) {
   const int n_heads = n_kv * group, Q = n_heads * head_dim, KV = n_kv * head_dim, QKV = Q + 2 * KV;
   const std::vector<int> lens{1, 17, 64, 100};
@@ -127,13 +130,26 @@ void run_case(int head_dim, int n_kv, int group, int window, bool tc = false) {
   float *d_qkv = up(qkv), *d_dout = up(dout), *d_dqkv = up(std::vector<float>(qkv.size(), NAN)), *d_scratch = nullptr;
   const rf::cuda::AttentionRows a{d_first, d_len, d_row_seq, int(lens.size()), rows, n_heads, n_kv, head_dim, window};
   float *d_lse = nullptr, *d_out = nullptr;
+  std::vector<float> got_bf16;  // the bf16 overload's dqkv
   if (tc) {
     std::vector<float> lse, out;
     forward_stats(qkv, first, len, n_heads, n_kv, head_dim, window, scale, lse, out);
+    for (float& x : out) x = rf::bf16_to_f32(rf::f32_to_bf16(x));
     d_lse = up(lse), d_out = up(out);
     cudaMalloc(&d_scratch, size_t(rf::cuda::attention_backward_tc_scratch(a)) * sizeof(float));
-    rf::cuda::attention_backward_tc(d_dqkv, d_dout, d_qkv, d_out, d_lse, a, *std::max_element(lens.begin(), lens.end()), scale, d_scratch,
-                                    nullptr);
+    const int max_len = *std::max_element(lens.begin(), lens.end());
+    auto bits = [](const std::vector<float>& v) {
+      std::vector<uint16_t> b(v.size());
+      for (size_t i = 0; i < v.size(); ++i) b[i] = rf::f32_to_bf16(v[i]);
+      return b;
+    };
+    uint16_t *b_qkv = up(bits(qkv)), *b_out = up(bits(out));
+    rf::cuda::attention_backward_tc(d_dqkv, d_dout, reinterpret_cast<const __nv_bfloat16*>(b_qkv),
+                                    reinterpret_cast<const __nv_bfloat16*>(b_out), d_lse, a, max_len, scale, d_scratch, nullptr);
+    got_bf16.resize(qkv.size());
+    cudaMemcpy(got_bf16.data(), d_dqkv, got_bf16.size() * sizeof(float), cudaMemcpyDeviceToHost);
+    cudaFree(b_qkv), cudaFree(b_out);
+    rf::cuda::attention_backward_tc(d_dqkv, d_dout, d_qkv, d_out, d_lse, a, max_len, scale, d_scratch, nullptr);
   } else {
     cudaMalloc(&d_scratch, size_t(rf::cuda::attention_backward_scratch(a)) * sizeof(float));
     rf::cuda::attention_backward(d_dqkv, d_dout, d_qkv, a, scale, d_scratch, nullptr);
@@ -149,6 +165,8 @@ void run_case(int head_dim, int n_kv, int group, int window, bool tc = false) {
                           std::to_string(group) + " window " + std::to_string(window);
   check(ran, tag + ": kernels ran");
   if (tc) {
+    check(std::memcmp(got.data(), got_bf16.data(), got.size() * sizeof(float)) == 0,
+          tag + ": bf16 qkv and out give the bits of their widened f32 values");
     // Per part (q, k, v columns) over all rows.
     double worst_l2 = 0;
     const char* worst_part = "";

@@ -260,13 +260,18 @@ void swiglu_case(int rows, int inter, bool large) {
   std::vector<uint16_t> in_bits(in.size());
   std::vector<float> widened(in.size());
   for (size_t i = 0; i < in.size(); ++i) in_bits[i] = rf::f32_to_bf16(in[i]), widened[i] = rf::bf16_to_f32(in_bits[i]);
-  Dev d_wide = upload(widened), d_bits = upload(in_bits), d_a = output(n), d_b = output(n);
+  Dev d_wide = upload(widened), d_bits = upload(in_bits), d_a = output(n), d_b = output(n), d_b16(n * 2);
   rf::cuda::swiglu_rows(d_a.f(), d_wide.f(), rows, inter, nullptr);
-  rf::cuda::swiglu_rows(d_b.f(), static_cast<const __nv_bfloat16*>(d_bits.p), rows, inter, nullptr);
+  rf::cuda::swiglu_rows(d_b.f(), static_cast<const __nv_bfloat16*>(d_bits.p), rows, inter, nullptr,
+                        static_cast<__nv_bfloat16*>(d_b16.p));
   if (!ran(tag + " from bf16")) return;
   const std::vector<float> a = download<float>(d_a, n + kTail), b = download<float>(d_b, n + kTail);
   check(std::memcmp(a.data(), b.data(), (n + kTail) * 4) == 0,
         tag + " from a bf16 input: the f32 version's bits on the widened values, nothing past the output");
+  const std::vector<uint16_t> b16 = download<uint16_t>(d_b16, n);
+  differ = 0;
+  for (size_t i = 0; i < n; ++i) differ += b16[i] != rf::f32_to_bf16(b[i]);
+  check(differ == 0, tag + " from a bf16 input with a bf16 output: f32_to_bf16 of the f32 one (" + std::to_string(differ) + " differ)");
 }
 
 void test_swiglu_rows() {

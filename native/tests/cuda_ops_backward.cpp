@@ -101,7 +101,7 @@ void rope(int rows, int heads, int head_dim) {
 }
 
 // The bf16-input overloads (the trainer's bf16 trace) give the f32 versions' bits on the widened
-// values.
+// values; their bf16 outputs (the next product's operand) are f32_to_bf16 of their f32 outputs.
 void activations_bf16_input(int rows, int inter) {
   std::vector<float> in = randn(size_t(rows) * 2 * inter, 3.f);
   std::vector<uint16_t> bits(in.size());
@@ -111,19 +111,27 @@ void activations_bf16_input(int rows, int inter) {
   cudaMalloc(&d_bits, bits.size() * sizeof(uint16_t));
   cudaMemcpy(d_bits, bits.data(), bits.size() * sizeof(uint16_t), cudaMemcpyHostToDevice);
   float *d_in = up(in), *d_dout = up(dout), *a = up(std::vector<float>(in.size(), NAN)), *b = up(std::vector<float>(in.size(), NAN));
+  __nv_bfloat16* d_out16 = nullptr;
+  cudaMalloc(&d_out16, in.size() * sizeof(uint16_t));
   auto same = [&](size_t n, const std::string& what) {
     const std::vector<float> x = down(a, n), y = down(b, n);
     check(std::memcmp(x.data(), y.data(), n * sizeof(float)) == 0, what + " from bf16 equals the f32 version on the widened values, bit for bit");
+    std::vector<uint16_t> y16(n);
+    cudaMemcpy(y16.data(), d_out16, n * sizeof(uint16_t), cudaMemcpyDeviceToHost);
+    long differ = 0;
+    for (size_t i = 0; i < n; ++i) differ += y16[i] != rf::f32_to_bf16(y[i]);
+    check(differ == 0, what + ": its bf16 output is f32_to_bf16 of its f32 output (" + std::to_string(differ) + " differ)");
   };
   const std::string shape = " rows " + std::to_string(rows) + " inter " + std::to_string(inter);
   rf::cuda::swiglu_backward_rows(a, d_dout, d_in, rows, inter, nullptr);
-  rf::cuda::swiglu_backward_rows(b, d_dout, d_bits, rows, inter, nullptr);
+  rf::cuda::swiglu_backward_rows(b, d_dout, d_bits, rows, inter, nullptr, d_out16);
   same(in.size(), "swiglu_backward_rows" + shape);
   rf::cuda::gelu_new_backward(a, d_dout, d_in, long(in.size()), nullptr);
-  rf::cuda::gelu_new_backward(b, d_dout, d_bits, long(in.size()), nullptr);
+  rf::cuda::gelu_new_backward(b, d_dout, d_bits, long(in.size()), nullptr, d_out16);
   same(in.size(), "gelu_new_backward" + shape);
   for (float* p : {d_in, d_dout, a, b}) cudaFree(p);
   cudaFree(d_bits);
+  cudaFree(d_out16);
 }
 
 void activations(int rows, int inter) {
