@@ -13,11 +13,15 @@ emu=native/tests/emulate
 for a in librf_core.a librf_kernels_avx2.a librf_kernels_avx512.a; do
   [ -f "$lib/$a" ] || { echo "cuda-emulate: $lib/$a is missing: build the native tests first (npm run test:native)" >&2; exit 1; }
 done
-mkdir -p "$out/src"
+mkdir -p "$out/src" "$out/include/cuda"
 for f in native/cuda/*.cu; do
   python3 "$emu/translate.py" "$f" "$out/src/$(basename "$f" .cu).cpp" || exit 1
 done
-flags=(-std=c++17 -O2 -w -I"$emu" -Inative)
+# Device headers (launches in templates) are translated too, found before native/'s own.
+for f in native/cuda/*.cuh; do
+  python3 "$emu/translate.py" "$f" "$out/include/cuda/$(basename "$f")" || exit 1
+done
+flags=(-std=c++17 -O2 -w -I"$emu" -I"$out/include" -Inative)
 g++ "${flags[@]}" -c "$emu/emu.cpp" -o "$out/emu.o" || exit 1
 # The device sources each test needs (translated), besides the emulated runtime.
 declare -A sources=(

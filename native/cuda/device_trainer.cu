@@ -104,7 +104,7 @@ struct DeviceTrainer::Impl {
   // input: the model's idle forward scratch stands in for xn, act, wide_a and xa unless the
   // backward recomputes blocks (see the backward).
   Buffer xn, act, wide_a, wide_b, xa;
-  Buffer h, h_ref, dH, dx, dtmp, dact, dmlp, dxn, datt, dqkv, du, da_parts, tmp_in, xb, xw, rows_h, rows_href, dh_rows,
+  Buffer h, h_ref, dH, dx, dtmp, dact, dmlp, dxn, datt, dqkv, du, da_parts, colsum, tmp_in, xb, xw, rows_h, rows_href, dh_rows,
       dw_scratch;
   Buffer norm_scratch, attn_scratch, idx_a, idx_b, sc_rows, sc_first, sc_index;
 
@@ -458,7 +458,7 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
   cancelled();
 
   // 4. Backward.
-  float* norm_scratch = floats(s.norm_scratch, 2 * R);
+  float* norm_scratch = floats(s.norm_scratch, norm_backward_scratch_floats(int(R), int(H)));
   float* dtmp = floats(s.dtmp, R * H);
   // dst (+)= norm'(x) . dout for every row; the norm's weight and bias gradients when trained
   // (parameter indices pw, pb; -1: frozen).
@@ -552,7 +552,8 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
       } else {
         matmul_tn(gemm, s.grd(f.w[index]), dy, DType::f32, x_f32(), DType::f32, int(out), int(in), int(R), 1.f, 1.f, st);
       }
-      if (f.b[index] >= 0) add_column_sums(s.grd(f.b[index]), dy, int(R), int(out), st);
+      if (f.b[index] >= 0)
+        add_column_sums(s.grd(f.b[index]), dy, int(R), int(out), floats(s.colsum, column_sum_scratch_floats(int(R), int(out))), st);
     }
     size_t ui = 0;  // this projection's first traced u: after the adapters of the projections before it
     for (int i = 0; i < index; ++i) ui += m.linear(l, i).lora.size();

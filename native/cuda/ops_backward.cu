@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "cuda/bf16.h"
+#include "cuda/column_reduce.cuh"
 #include "cuda/ops_backward.h"
 
 namespace rf::cuda {
@@ -46,24 +47,21 @@ __global__ void rmsnorm_dx_kernel(float* dx, const float* dout, const float* x, 
   if (threadIdx.x == 0) stats[r] = inv;
 }
 
-// One thread per column: dw[i] += sum_r dout[r, i] * xhat[r, i], rows in order.
-// xhat = (x - mean) * scale with mean = stats[2r] (or 0 when mean_stats is false) and scale =
-// stats[2r + 1] (layernorm) / stats[r] (rmsnorm); db (may be null) += sum_r dout[r, i].
-__global__ void norm_dw_kernel(float* dw, float* db, const float* dout, const float* x, const float* stats, bool layer_norm,
-                               int rows, int n) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  float aw = 0.f, ab = 0.f;
-  for (int r = 0; r < rows; ++r) {
-    const float mean = layer_norm ? stats[2 * r] : 0.f;
-    const float scale = layer_norm ? stats[2 * r + 1] : stats[r];
+// Row r's terms of the norm's parameter gradients at column i, for colsum::column_sums:
+// dout[r, i] * xhat[r, i] (dw) and dout[r, i] (db, layernorm). xhat = (x - mean) * scale with
+// mean = stats[2r] and scale = stats[2r + 1] (layernorm), mean 0 and scale stats[r] (rmsnorm).
+template <int K>
+struct NormTerms {
+  const float *dout, *x, *stats;
+  int n;
+  __device__ void operator()(int r, int i, float (&v)[K]) const {
+    const float mean = K == 2 ? stats[2 * r] : 0.f;
+    const float scale = K == 2 ? stats[2 * r + 1] : stats[r];
     const float d = dout[long(r) * n + i];
-    aw += d * ((x[long(r) * n + i] - mean) * scale);
-    ab += d;
+    v[0] = d * ((x[long(r) * n + i] - mean) * scale);
+    if (K == 2) v[K - 1] = d;
   }
-  dw[i] += aw;
-  if (db) db[i] += ab;
-}
+};
 
 // grid: rows. Writes dx and (mean, rstd) to stats[2 row ...].
 __global__ void layernorm_dx_kernel(float* dx, const float* dout, const float* x, const float* w, int n, float eps, float* stats) {
@@ -141,18 +139,20 @@ __global__ void gelu_new_backward_kernel(float* dx, const float* dout, const T* 
 
 }  // namespace
 
+long norm_backward_scratch_floats(int rows, int n) { return 2 * long(rows) + colsum::scratch_floats(rows, n, 2); }
+
 void rmsnorm_backward_rows(float* dx, float* dw, const float* dout, const float* x, const float* w, int rows, int n, float eps,
                            float* scratch, cudaStream_t stream) {
   if (rows <= 0) return;
   rmsnorm_dx_kernel<<<rows, kRowThreads, 0, stream>>>(dx, dout, x, w, n, eps, scratch);
-  if (dw) norm_dw_kernel<<<(n + 127) / 128, 128, 0, stream>>>(dw, nullptr, dout, x, scratch, false, rows, n);
+  if (dw) colsum::column_sums<1>(dw, nullptr, rows, n, scratch + 2 * long(rows), NormTerms<1>{dout, x, scratch, n}, stream);
 }
 
 void layernorm_backward_rows(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w, int rows,
                              int n, float eps, float* scratch, cudaStream_t stream) {
   if (rows <= 0) return;
   layernorm_dx_kernel<<<rows, kRowThreads, 0, stream>>>(dx, dout, x, w, n, eps, scratch);
-  if (dw) norm_dw_kernel<<<(n + 127) / 128, 128, 0, stream>>>(dw, db, dout, x, scratch, true, rows, n);
+  if (dw) colsum::column_sums<2>(dw, db, rows, n, scratch + 2 * long(rows), NormTerms<2>{dout, x, scratch, n}, stream);
 }
 
 void rope_backward_rows(float* dx, long row_stride, int rows, int n_heads, int head_dim, const float* cos, const float* sin,

@@ -12,12 +12,14 @@ namespace rf::cuda {
 
 // Per row of x [rows, n]: the backward of out = w * x * r (r = 1 / sqrt(mean(x^2) + eps)).
 // dx [rows, n] written; dw [n] accumulated over the rows (null: not wanted, e.g. a frozen norm
-// under LoRA). scratch: rows floats.
+// under LoRA), in parallel over row parts summed in a fixed order (cuda/column_reduce.cuh).
+// scratch: norm_backward_scratch_floats(rows, n).
+long norm_backward_scratch_floats(int rows, int n);
 void rmsnorm_backward_rows(float* dx, float* dw, const float* dout, const float* x, const float* w, int rows, int n, float eps,
                            float* scratch, cudaStream_t stream);
 
 // Per row: the backward of out = (x - mean) * rstd * w + b. dx written; dw, db accumulated (both
-// null: not wanted; dw and db both or neither). scratch: 2 * rows floats.
+// null: not wanted; dw and db both or neither). scratch as above.
 void layernorm_backward_rows(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w, int rows,
                              int n, float eps, float* scratch, cudaStream_t stream);
 

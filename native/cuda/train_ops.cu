@@ -4,6 +4,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda/column_reduce.cuh"
+
 namespace rf::cuda {
 
 namespace {
@@ -230,13 +232,12 @@ __global__ void add_rows_grouped_kernel(float* dst, const float* src, int width,
   }
 }
 
-__global__ void column_sums_kernel(float* y, const float* x, int rows, int cols) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= cols) return;
-  float acc = y[c];
-  for (int r = 0; r < rows; ++r) acc += x[long(r) * cols + c];
-  y[c] = acc;
-}
+// A row's value for column_sums: x [r, c].
+struct RowValue {
+  const float* x;
+  int cols;
+  __device__ void operator()(int r, int c, float (&v)[1]) const { v[0] = x[long(r) * cols + c]; }
+};
 
 // grid: (n_flags, column blocks); each thread one column of one flag, the rows in order.
 __global__ void token_rows_grad_kernel(float* grad, const float* dx, const int32_t* tokens, int rows, int width,
@@ -364,9 +365,12 @@ void add_rows_grouped(float* dst, const float* src, int width, const int32_t* ds
   check_launch("add_rows_grouped");
 }
 
-void add_column_sums(float* y, const float* x, int rows, int cols, cudaStream_t stream) {
-  if (rows == 0 || cols == 0) return;
-  column_sums_kernel<<<(cols + kThreads - 1) / kThreads, kThreads, 0, stream>>>(y, x, rows, cols);
+int column_sum_rows_per_part(int rows, int cols) { return colsum::rows_per_part(rows, cols); }
+
+long column_sum_scratch_floats(int rows, int cols) { return colsum::scratch_floats(rows, cols, 1); }
+
+void add_column_sums(float* y, const float* x, int rows, int cols, float* scratch, cudaStream_t stream) {
+  colsum::column_sums<1>(y, nullptr, rows, cols, scratch, RowValue{x, cols}, stream);
   check_launch("add_column_sums");
 }
 

@@ -62,8 +62,13 @@ void add_vectors(float* y, const float* x, long n, cudaStream_t stream);
 void add_rows_grouped(float* dst, const float* src, int width, const int32_t* dst_rows, const int32_t* first,
                       const int32_t* src_index, int n_dst, cudaStream_t stream);
 
-// y [cols] += sum over r < rows of x [r, :], the rows in order for every column: a bias's gradient.
-void add_column_sums(float* y, const float* x, int rows, int cols, cudaStream_t stream);
+// y [cols] += sum over r < rows of x [r, :]: a bias's gradient. The order (cuda/column_reduce.cuh):
+// parts of column_sum_rows_per_part rows; in a part, lane j of 8 sums rows j, j + 8, ... in
+// order, then lanes 0..7 in order; then the parts in order; then y + that total.
+// scratch: column_sum_scratch_floats(rows, cols).
+int column_sum_rows_per_part(int rows, int cols);
+long column_sum_scratch_floats(int rows, int cols);
+void add_column_sums(float* y, const float* x, int rows, int cols, float* scratch, cudaStream_t stream);
 
 // grad [n_flags, width] += sum over r < rows with tokens[r] == flags[k] of dx [r, :], rows in
 // order: the gradient of trained embedding rows (the flag tokens) from dL/d(input embeddings).

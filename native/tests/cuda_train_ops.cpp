@@ -11,7 +11,8 @@
 //   - add_rows_grouped: each destination row's sources added in list order; rows not named keep
 //     their bits;
 //   - token_rows_grad: each flag's rows added in row order;
-//   - add_column_sums: each column's rows added in row order.
+//   - add_column_sums: each column's rows added in the stated order of parts and lanes
+//     (train_ops.h), the host following it with column_sum_rows_per_part.
 // Outputs carry a tail of sentinel floats that must come back unchanged. Shapes are odd (cols 1,
 // 77, 4099; rows 1, 13, 300) and one elementwise case passes 65535 blocks of 256 threads (the
 // grid-stride loops' second turn).
@@ -295,13 +296,23 @@ void test_column_sums() {
     for (int rows : {1, 13, 300}) {
       const std::vector<float> x = randn(size_t(rows) * cols), y0 = randn(size_t(cols));
       std::vector<float> want(y0);
+      const int per = rf::cuda::column_sum_rows_per_part(rows, cols), lanes = 8;
       for (int c = 0; c < cols; ++c) {
-        float v = want[size_t(c)];
-        for (int r = 0; r < rows; ++r) v += x[size_t(r) * cols + c];
-        want[size_t(c)] = v;
+        float total = 0.f;
+        for (int r0 = 0; r0 < rows; r0 += per) {
+          const int r1 = std::min(rows, r0 + per);
+          float part = 0.f;
+          for (int j = 0; j < lanes; ++j) {
+            float lane = 0.f;
+            for (int r = r0 + j; r < r1; r += lanes) lane += x[size_t(r) * cols + c];
+            part = j == 0 ? lane : part + lane;
+          }
+          total = r0 == 0 ? part : total + part;
+        }
+        want[size_t(c)] += total;
       }
-      DevFloats dy(y0), dx(x);
-      rf::cuda::add_column_sums(dy.p, dx.p, rows, cols, nullptr);
+      DevFloats dy(y0), dx(x), scratch(std::vector<float>(size_t(rf::cuda::column_sum_scratch_floats(rows, cols)) + 1, 0.f));
+      rf::cuda::add_column_sums(dy.p, dx.p, rows, cols, scratch.p, nullptr);
       expect_bits(dy.back(), want, "add_column_sums rows " + std::to_string(rows) + " cols " + std::to_string(cols));
     }
 }
