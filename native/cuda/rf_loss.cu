@@ -311,12 +311,12 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
   LossScratch local;
   LossScratch& sc = scratch ? *scratch : local;
   sc.begin();
-  float* zt = sc.get<float>(size_t(C) * V);
-  float* zr = sc.get<float>(size_t(C) * V);
-  // bf16 W: the rows' bf16 copies for the logits' products, then the bf16 dz for the one back.
-  __nv_bfloat16* xb = bf16 ? sc.get<__nv_bfloat16>(std::max(size_t(C) * V, size_t(C) * H)) : nullptr;
-  float* hc = sc.get<float>(size_t(C) * H);  // gathered reference rows
-  float* ht = sc.get<float>(size_t(C) * H);  // gathered trained rows
+  // A KL chunk's n trained rows and their n reference rows stacked, [2n, H], so that one product
+  // reads W once for both logits, [2n, V]: the trained rows' then the reference rows'.
+  float* z = sc.get<float>(2 * size_t(C) * V);
+  float* hs = sc.get<float>(2 * size_t(C) * H);
+  // bf16 W: the rows' bf16 copies for the logits' product, then the bf16 dz for the one back.
+  __nv_bfloat16* xb = bf16 ? sc.get<__nv_bfloat16>(std::max(size_t(C) * V, 2 * size_t(C) * H)) : nullptr;
   float* dhc = sc.get<float>(size_t(C) * H);
   int32_t* idx = sc.get<int32_t>(size_t(C));
   int* d_flags = sc.get<int>(size_t(K));
@@ -330,15 +330,16 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
   res.scratch_bytes = size_t(C) * V * (8 + (bf16 ? 2 : 0)) + size_t(C) * H * 12 + n_rf * (size_t(K) * 4 + 12);
   upload(d_flags, flags, stream);
 
-  // logits [n, V] of rows x [n, H] through W (flag columns replaced by w_rf when `trained`).
-  auto logits = [&](float* z, const float* x, int n, bool trained) {
+  // logits [n, V] of rows x [n, H] through W; the first n_trained rows' flag columns replaced by
+  // w_rf's.
+  auto logits = [&](float* z, const float* x, int n, int n_trained) {
     const void* xin = x;
     if (bf16) {
       f32_to_bf16(xb, x, long(n) * H, stream);
       xin = xb;
     }
     matmul(gemm, z, xin, w_type, W, w_type, n, V, H, nullptr, 0.f, stream);
-    if (trained) set_flag_logits(z, V, x, n, H, w_rf, d_flags, K, stream);
+    set_flag_logits(z, V, x, n_trained, H, w_rf, d_flags, K, stream);
   };
 
   // ---- one pass over the rows, in chunks of the KL rows, then of the red-flag rows: each
@@ -365,14 +366,14 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
                        r.kind == RfLossKind::benign_kl ? w_benign : r.kind == RfLossKind::after_kl ? w_after : 0.0};
       if (kl) ref[size_t(j)] = r.ref_row;
     }
+    float *ht = hs, *zt = z, *zr = z + size_t(n) * V;
     upload(idx, ids, stream);
     gather_rows(ht, h, idx, n, H, stream);
-    logits(zt, ht, n, true);
     if (kl) {
       upload(idx, ref, stream);
-      gather_rows(hc, h_ref, idx, n, H, stream);
-      logits(zr, hc, n, false);
+      gather_rows(hs + size_t(n) * H, h_ref, idx, n, H, stream);
     }
+    logits(z, hs, kl ? 2 * n : n, n);
     upload(d_in, in, stream);
     // The row scalars and dz (bf16 W: written as bf16 for the product back, zt left as logits).
     float* fzc = kl ? fz : d_vals + (j0 - n_kl) * size_t(K);
