@@ -318,16 +318,20 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
   // bf16 W: the rows' bf16 copies for the logits' product, then the bf16 dz for the one back.
   __nv_bfloat16* xb = bf16 ? sc.get<__nv_bfloat16>(std::max(size_t(C) * V, 2 * size_t(C) * H)) : nullptr;
   float* dhc = sc.get<float>(size_t(C) * H);
-  int32_t* idx = sc.get<int32_t>(size_t(C));
+  // Every row's index, reference row, inputs and outputs for the whole call: one copy each way,
+  // not one per chunk (a copy from pageable memory waits for the stream, one to it for the copy).
+  int32_t* d_order = sc.get<int32_t>(size_t(N));
+  int32_t* d_ref = sc.get<int32_t>(size_t(N));
   int* d_flags = sc.get<int>(size_t(K));
-  RowIn* d_in = sc.get<RowIn>(size_t(C));
-  RowOut* d_out = sc.get<RowOut>(size_t(C));
+  RowIn* d_in = sc.get<RowIn>(size_t(N));
+  RowOut* d_out = sc.get<RowOut>(size_t(N));
   float* fz = sc.get<float>(size_t(C) * K);  // a KL chunk's dz at the flag columns
   const size_t n_rf = size_t(N) - size_t(res.n_benign_rows) - size_t(res.n_after_rows);
   float* d_vals = sc.get<float>(n_rf * size_t(K));  // the red-flag rows' unit dz at the flag columns
   double* d_coef = sc.get<double>(n_rf);            // and their coefficients k
   int32_t* d_rf_rows = sc.get<int32_t>(n_rf);
-  res.scratch_bytes = size_t(C) * V * (8 + (bf16 ? 2 : 0)) + size_t(C) * H * 12 + n_rf * (size_t(K) * 4 + 12);
+  res.scratch_bytes = size_t(C) * V * (8 + (bf16 ? 2 : 0)) + size_t(C) * H * 12 + n_rf * (size_t(K) * 4 + 12) +
+                      size_t(N) * (8 + sizeof(RowIn) + sizeof(RowOut));
   upload(d_flags, flags, stream);
 
   // logits [n, V] of rows x [n, H] through W; the first n_trained rows' flag columns replaced by
@@ -352,43 +356,40 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
   const size_t n_kl = order.size();
   for (int i = 0; i < N; ++i)
     if (rows[i].kind == RfLossKind::red_flag) order.push_back(i);
-  std::vector<RowOut> outs_in_order(static_cast<size_t>(N));
+  std::vector<RowIn> in(static_cast<size_t>(N));
+  std::vector<int32_t> ref(static_cast<size_t>(N), 0);
+  for (size_t j = 0; j < size_t(N); ++j) {
+    const RfLossRow& r = rows[order[j]];
+    const bool kl = j < n_kl;
+    in[j] = {int(r.kind), kl ? -1 : flags[size_t(r.flag)],
+             r.kind == RfLossKind::benign_kl ? w_benign : r.kind == RfLossKind::after_kl ? w_after : 0.0};
+    if (kl) ref[j] = r.ref_row;
+  }
+  upload(d_order, order, stream);
+  upload(d_ref, ref, stream);
+  upload(d_in, in, stream);
   for (size_t j0 = 0, end = 0; j0 < size_t(N); j0 = end) {
     const bool kl = j0 < n_kl;
     end = std::min(kl ? n_kl : size_t(N), j0 + size_t(C));  // chunks never mix the two kinds
     const int n = int(end - j0);
-    const std::vector<int32_t> ids(order.begin() + long(j0), order.begin() + long(end));
-    std::vector<RowIn> in(static_cast<size_t>(n));
-    std::vector<int32_t> ref(static_cast<size_t>(n), 0);
-    for (int j = 0; j < n; ++j) {
-      const RfLossRow& r = rows[ids[size_t(j)]];
-      in[size_t(j)] = {int(r.kind), kl ? -1 : flags[size_t(r.flag)],
-                       r.kind == RfLossKind::benign_kl ? w_benign : r.kind == RfLossKind::after_kl ? w_after : 0.0};
-      if (kl) ref[size_t(j)] = r.ref_row;
-    }
+    const int32_t* ids = d_order + j0;
     float *ht = hs, *zt = z, *zr = z + size_t(n) * V;
-    upload(idx, ids, stream);
-    gather_rows(ht, h, idx, n, H, stream);
-    if (kl) {
-      upload(idx, ref, stream);
-      gather_rows(hs + size_t(n) * H, h_ref, idx, n, H, stream);
-    }
+    gather_rows(ht, h, ids, n, H, stream);
+    if (kl) gather_rows(hs + size_t(n) * H, h_ref, d_ref + j0, n, H, stream);
     logits(z, hs, kl ? 2 * n : n, n);
-    upload(d_in, in, stream);
     // The row scalars and dz (bf16 W: written as bf16 for the product back, zt left as logits).
     float* fzc = kl ? fz : d_vals + (j0 - n_kl) * size_t(K);
-    loss_rows_kernel<<<n, kThreads, 0, stream>>>(zt, zr, V, d_in, d_out, xb, d_flags, K, fzc);
+    loss_rows_kernel<<<n, kThreads, 0, stream>>>(zt, zr, V, d_in + j0, d_out + j0, xb, d_flags, K, fzc);
     check(cudaGetLastError(), "rf_loss rows");
     // dhc [n, H] = dz W*: W's flag rows replaced by w_rf.
     matmul_nn(gemm, dhc, bf16 ? static_cast<const void*>(xb) : zt, w_type, W, w_type, n, H, V, 0.f, stream);
     flag_correction_kernel<<<n, 256, 0, stream>>>(dhc, H, fzc, K, nullptr, d_flags, K, w_rf, W, bf16);
-    upload(idx, ids, stream);
-    if (kl && K > 0) dw_rf_kernel<<<dim3(K, (H + 255) / 256), 256, 0, stream>>>(dw_rf, H, fz, K, nullptr, nullptr, h, idx, n);
-    scatter_rows_kernel<<<n, 256, 0, stream>>>(dh, dhc, idx, H);
+    if (kl && K > 0) dw_rf_kernel<<<dim3(K, (H + 255) / 256), 256, 0, stream>>>(dw_rf, H, fz, K, nullptr, nullptr, h, ids, n);
+    scatter_rows_kernel<<<n, 256, 0, stream>>>(dh, dhc, ids, H);
     check(cudaGetLastError(), "rf_loss scatter");
-    check(cudaMemcpyAsync(outs_in_order.data() + j0, d_out, size_t(n) * sizeof(RowOut), cudaMemcpyDeviceToHost, stream),
-          "cudaMemcpyAsync");
   }
+  std::vector<RowOut> outs_in_order(static_cast<size_t>(N));
+  check(cudaMemcpyAsync(outs_in_order.data(), d_out, size_t(N) * sizeof(RowOut), cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
   check(cudaStreamSynchronize(stream), "rf_loss rows");
   std::vector<RowOut> outs(static_cast<size_t>(N));
   for (int k = 0; k < N; ++k) outs[size_t(order[size_t(k)])] = outs_in_order[size_t(k)];
@@ -464,13 +465,19 @@ double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, D
   __nv_bfloat16* xb = bf16 ? sc.get<__nv_bfloat16>(std::max(size_t(C) * V, size_t(C) * H)) : nullptr;
   // bf16 W with dW: the rows' bf16 copy outlives xb's (which then holds dz), for dW's product.
   __nv_bfloat16* hb = bf16 && dW ? sc.get<__nv_bfloat16>(size_t(C) * H) : nullptr;
-  int32_t* d_targets = sc.get<int32_t>(size_t(C));
-  int32_t* idx = sc.get<int32_t>(size_t(C));
+  // Every row's target, index and loss for the whole call: one copy each way (as rf_loss).
+  int32_t* d_targets = sc.get<int32_t>(size_t(N));
+  int32_t* d_rows = sc.get<int32_t>(size_t(N));  // 0, 1, ..., N - 1: the rows dw_rf_kernel reads
   int* d_flags = sc.get<int>(size_t(std::max(K, 1)));
-  double* d_loss = sc.get<double>(size_t(C));
+  double* d_loss = sc.get<double>(size_t(N));
   float* fz = sc.get<float>(size_t(C) * std::max(K, 1));  // the flag columns' dz
   upload(d_flags, flags, stream);
-  std::vector<double> loss(static_cast<size_t>(N));
+  upload(d_targets, std::vector<int32_t>(targets, targets + N), stream);
+  if (K > 0) {
+    std::vector<int32_t> iota(static_cast<size_t>(N));
+    for (int i = 0; i < N; ++i) iota[size_t(i)] = i;
+    upload(d_rows, iota, stream);
+  }
   for (int r0 = 0; r0 < N; r0 += C) {
     const int n = std::min(C, N - r0);
     const float* x = h + long(r0) * H;
@@ -481,11 +488,9 @@ double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, D
     }
     matmul(gemm, z, xin, w_type, W, w_type, n, V, H, nullptr, 0.f, stream);
     if (K > 0) set_flag_logits(z, V, x, n, H, w_rf, d_flags, K, stream);
-    upload(d_targets, std::vector<int32_t>(targets + r0, targets + r0 + n), stream);
     // bf16 W: dz goes straight to bf16 (xb: the logits' product has read its copy of h by now).
-    ce_kernel<<<n, kThreads, 0, stream>>>(z, V, d_targets, weight, d_loss, bf16 ? xb : nullptr, d_flags, K, fz);
+    ce_kernel<<<n, kThreads, 0, stream>>>(z, V, d_targets + r0, weight, d_loss + r0, bf16 ? xb : nullptr, d_flags, K, fz);
     check(cudaGetLastError(), "ce_loss kernel");
-    check(cudaMemcpyAsync(loss.data() + r0, d_loss, size_t(n) * sizeof(double), cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
     // dh = dz W*, and the trained flag rows' share (as in rf_loss).
     const void* zin = bf16 ? static_cast<const void*>(xb) : z;
     matmul_nn(gemm, dh + long(r0) * H, zin, w_type, W, w_type, n, H, V, 0.f, stream);
@@ -495,13 +500,12 @@ double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, D
     else if (dW) matmul_tn(gemm, dW, z, DType::f32, x, DType::f32, V, H, n, 1.f, 1.f, stream);
     if (K > 0) {
       flag_correction_kernel<<<n, 256, 0, stream>>>(dh + long(r0) * H, H, fz, K, nullptr, d_flags, K, w_rf, W, bf16);
-      std::vector<int32_t> own(static_cast<size_t>(n));
-      for (int j = 0; j < n; ++j) own[size_t(j)] = r0 + j;
-      upload(idx, own, stream);
-      dw_rf_kernel<<<dim3(K, (H + 255) / 256), 256, 0, stream>>>(dw_rf, H, fz, K, nullptr, nullptr, h, idx, n);
+      dw_rf_kernel<<<dim3(K, (H + 255) / 256), 256, 0, stream>>>(dw_rf, H, fz, K, nullptr, nullptr, h, d_rows + r0, n);
       check(cudaGetLastError(), "ce_loss kernels (back)");
     }
   }
+  std::vector<double> loss(static_cast<size_t>(N));
+  check(cudaMemcpyAsync(loss.data(), d_loss, size_t(N) * sizeof(double), cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
   check(cudaStreamSynchronize(stream), "ce_loss");
   double total = 0;
   for (double l : loss) total += l;

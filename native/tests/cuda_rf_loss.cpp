@@ -2,6 +2,7 @@
 // against float64 and finite differences in test_rf_loss) on the same inputs, on a GPU machine
 // (elsewhere: "no CUDA device visible; skipped", exit 0). Built where cuBLASLt links.
 //
+// Also ce_loss (cross-entropy rows) against float64: see ce_case.
 // Cases: one flag and three, aggregations any / mean / single, KL rows sharing reference rows,
 // groups split across chunks (chunk 8 with 41 rows), vocabulary 1001 (odd) and 128256 (Llama-3's;
 // the test the issue asks for: the fused loss at full vocabulary against a reference), f32 and
@@ -136,6 +137,84 @@ void run_case(int V, int H, int K, rf::RfAggregation agg, rf::DType dtype, int c
   check(e_dw <= (!b16 || same_rounding ? 1e-4 : 3e-2), tag + ": dw_rf equals the CPU's (rel L2 " + std::to_string(e_dw) + ")");
 }
 
+// ce_loss (cross-entropy rows: the lm objective and full fine-tuning) against float64 on the same
+// inputs: 41 rows in chunks of 8, a trained flag row or none, with and without the LM head's own
+// gradient dW. The reference follows the device's roundings of its inputs: with bf16 W the
+// logits' product reads h rounded to bf16 (the flag columns h itself, through w_rf), so the loss
+// and dw_rf (formed from the f32 logits) within 1e-5 / 1e-4; dh and dW read dz rounded to bf16
+// (and dW h too): 3e-3 relative L2 (7e-4 seen under the emulation; a bf16 rounding is up to
+// 2^-9 relative). f32 W: 1e-5 for the loss, 1e-4 for the rest (under 1e-6 seen).
+void ce_case(rf::DType dtype, int K, bool with_dW) {
+  const int N = 41, V = 1001, H = 80, chunk = 8;
+  const float weight = 0.5f;
+  const bool b16 = dtype == rf::DType::bf16;
+  std::vector<float> h = rf::test::randn(rng, size_t(N) * H, 1.f);
+  std::vector<float> W = rf::test::randn(rng, size_t(V) * H, 2.5f / std::sqrt(float(H)));
+  const std::vector<float> w_rf = rf::test::randn(rng, size_t(K) * H, 2.5f / std::sqrt(float(H)));
+  const std::vector<int> flags = K > 0 ? std::vector<int>{V - 3} : std::vector<int>{};
+  std::vector<int32_t> targets(static_cast<size_t>(N));
+  for (int32_t& t : targets) t = int32_t(rng() % uint32_t(V));
+  targets[0] = V - 3;  // a row whose target is the flag column
+  auto q = [&](float x) { return b16 ? double(rf::bf16_to_f32(rf::f32_to_bf16(x))) : double(x); };
+
+  // Reference: z, p, loss, dz; dh = dz W* (flag rows w_rf), dw_rf += dz[:, flag] h, dW += dz^T h.
+  double loss = 0;
+  std::vector<double> dh(size_t(N) * H, 0.0), dw(size_t(K) * H, 0.0), dWr(size_t(V) * H, 0.0), z(size_t(V), 0.0);
+  for (int r = 0; r < N; ++r) {
+    const float* hr = h.data() + size_t(r) * H;
+    double mx = -INFINITY, sum = 0;
+    for (int v = 0; v < V; ++v) {
+      double acc = 0;
+      for (int i = 0; i < H; ++i) acc += K > 0 && v == flags[0] ? double(hr[i]) * w_rf[size_t(i)] : q(hr[i]) * q(W[size_t(v) * H + i]);
+      z[size_t(v)] = acc;
+      mx = std::max(mx, acc);
+    }
+    for (int v = 0; v < V; ++v) sum += std::exp(z[size_t(v)] - mx);
+    const double lse = mx + std::log(sum);
+    loss += lse - z[size_t(targets[size_t(r)])];
+    for (int v = 0; v < V; ++v) {
+      const double dz = weight * (std::exp(z[size_t(v)] - lse) - (v == targets[size_t(r)] ? 1.0 : 0.0));
+      const bool flag = K > 0 && v == flags[0];
+      for (int i = 0; i < H; ++i) {
+        dh[size_t(r) * H + i] += dz * (flag ? double(w_rf[size_t(i)]) : q(W[size_t(v) * H + i]));
+        if (with_dW) dWr[size_t(v) * H + i] += dz * q(hr[i]);
+        if (flag) dw[size_t(i)] += dz * hr[i];
+      }
+    }
+  }
+
+  void* dWt = nullptr;
+  if (b16) {
+    std::vector<uint16_t> wb(W.size());
+    for (size_t i = 0; i < W.size(); ++i) wb[i] = rf::f32_to_bf16(W[i]);
+    dWt = to_device(wb);
+  } else {
+    dWt = to_device(W);
+  }
+  float *h_d = to_device(h), *dh_d = to_device(std::vector<float>(size_t(N) * H, NAN)), *wrf_d = to_device(w_rf),
+        *dw_d = to_device(std::vector<float>(size_t(K) * H, 0.f)), *dW_d = to_device(std::vector<float>(with_dW ? size_t(V) * H : 0, 0.f));
+  rf::cuda::GemmContext gemm;
+  const double got = rf::cuda::ce_loss(gemm, h_d, N, H, dWt, dtype, V, K > 0 ? wrf_d : nullptr, flags, targets.data(), weight, dh_d,
+                                       K > 0 ? dw_d : nullptr, chunk, nullptr, with_dW ? dW_d : nullptr);
+  const std::vector<float> dh_g = to_host(dh_d, dh.size()), dw_g = to_host(dw_d, dw.size()), dW_g = to_host(dW_d, with_dW ? dWr.size() : 0);
+  for (void* p : {dWt, static_cast<void*>(h_d), static_cast<void*>(dh_d), static_cast<void*>(wrf_d), static_cast<void*>(dw_d),
+                  static_cast<void*>(dW_d)})
+    cudaFree(p);
+  auto l2 = [](const std::vector<float>& a, const std::vector<double>& b) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < b.size(); ++i) num += (a[i] - b[i]) * (a[i] - b[i]), den += b[i] * b[i];
+    return std::sqrt(num / std::max(den, 1e-300));
+  };
+  const std::string tag = std::string("ce_loss ") + (b16 ? "bf16" : "f32") + " K " + std::to_string(K) + (with_dW ? " with dW" : "") +
+                          " chunk 8";
+  char buf[160];
+  std::snprintf(buf, sizeof buf, ": loss %.9g / %.9g, dh %.3g, dw_rf %.3g, dW %.3g", got, loss, l2(dh_g, dh),
+                K > 0 ? l2(dw_g, dw) : 0.0, with_dW ? l2(dW_g, dWr) : 0.0);
+  check(close(got, loss, 1e-5) && l2(dh_g, dh) <= (b16 ? 3e-3 : 1e-4) && (K == 0 || l2(dw_g, dw) <= 1e-4) &&
+            (!with_dW || l2(dW_g, dWr) <= (b16 ? 3e-3 : 1e-4)),
+        tag + " against float64" + buf);
+}
+
 }  // namespace
 
 int main() {
@@ -151,5 +230,8 @@ int main() {
   run_case(128256, 256, 1, rf::RfAggregation::any, rf::DType::bf16, 0);
   run_case(128256, 256, 3, rf::RfAggregation::mean, rf::DType::f32, 16);
   for (rf::RfAggregation agg : {rf::RfAggregation::any, rf::RfAggregation::mean}) run_case(1001, 80, 3, agg, rf::DType::f32, 8, true);
+  for (rf::DType dtype : {rf::DType::f32, rf::DType::bf16})
+    for (int K : {0, 1})
+      for (bool with_dW : {false, true}) ce_case(dtype, K, with_dW);
   return rf::test::finish("cuda_rf_loss");
 }

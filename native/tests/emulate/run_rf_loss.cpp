@@ -17,5 +17,8 @@ int main() {
       for (rf::RfAggregation agg : {rf::RfAggregation::any, rf::RfAggregation::mean, rf::RfAggregation::single})
         run_case(1001, 80, K, agg, dtype, 8);
   for (rf::RfAggregation agg : {rf::RfAggregation::any, rf::RfAggregation::mean}) run_case(1001, 80, 3, agg, rf::DType::f32, 8, true);
+  for (rf::DType dtype : {rf::DType::f32, rf::DType::bf16})
+    for (int K : {0, 1})
+      for (bool with_dW : {false, true}) ce_case(dtype, K, with_dW);
   return rf::test::finish("cuda_rf_loss (emulated)");
 }
