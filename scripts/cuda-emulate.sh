@@ -34,7 +34,7 @@ declare -A sources=(
   [model_ops]="model_ops"
   [train_ops]="train_ops"
   [model]="ops attention attention_tc paged_cache model_ops train_ops memory device_model"
-  [train]="ops ops_backward optim attention attention_tc attention_backward attention_backward_tc paged_cache model_ops train_ops memory collective rf_loss device_model device_trainer"
+  [train]="ops ops_backward optim attention attention_tc attention_backward attention_backward_tc paged_cache model_ops train_ops memory collective rf_loss device_model device_trainer phase_clock"
 )
 declare -A stand_in=([rf_loss]="$emu/gemm.cpp" [model]="$emu/gemm.cpp" [train]="$emu/gemm.cpp")
 tests=("$@")

@@ -118,6 +118,27 @@ std::vector<rf::Sequence> seqs(std::vector<std::vector<uint32_t>>& v) {
 std::string bench_train_one(const std::string& name, rf::cuda::DeviceModel& m, int B, int T, int steps, double peak_flops,
                             bool recompute);
 
+// One more step and optimizer step with the trainer's phase clock on (after the timed ones, so
+// its events never touch them): where the step's device time goes, as JSON fields in seconds,
+// and one line on stderr in percent of their sum.
+template <class StepFn>
+std::string profile_phases(const std::string& tag, rf::cuda::DeviceTrainer& trainer, StepFn step_once) {
+  trainer.set_profiling(true);
+  step_once();
+  trainer.set_profiling(false);
+  const std::vector<double> ph = trainer.phase_seconds();
+  double total = 0;
+  for (double v : ph) total += v;
+  std::string json = ", \"phaseSeconds\": {", line;
+  for (size_t p = 0; p < ph.size(); ++p) {
+    const char* name = rf::cuda::DeviceTrainer::phase_name(int(p));
+    json += std::string(p ? ", " : "") + "\"" + name + "\": " + num(ph[p]);
+    if (ph[p] > 0) line += std::string(" ") + name + " " + std::to_string(int(std::lround(100 * ph[p] / total))) + "%";
+  }
+  std::fprintf(stderr, "%s phases (%.3f s):%s\n", tag.c_str(), total, line.c_str());
+  return json + "}";
+}
+
 std::string bench_train(const std::string& name, const rf::ModelConfig& c, int B, int T, int steps, double peak_flops) {
   std::fprintf(stderr, "%s: loading random bf16 weights\n", name.c_str());
   rf::cuda::DeviceModel m(c, rf::DType::bf16, 0);
@@ -164,6 +185,10 @@ std::string bench_train_one(const std::string& name, rf::cuda::DeviceModel& m, i
   }
   std::sort(times.begin(), times.end());
   const double t = times[times.size() / 2];
+  const std::string phases = profile_phases(name + (recompute ? " (recompute)" : ""), trainer, [&] {
+    trainer.step(seqs(mix.trained), seqs(mix.ref), mix.rows, lo);
+    trainer.optimizer_step(ao);
+  });
   const double P = non_embedding_params(c), L = double(trainer.trainable_count()), H = c.hidden, V = c.vocab;
   double attention = 0;
   for (const auto& s : mix.trained) attention += 2.0 * double(s.size()) * double(s.size()) * c.head_dim * c.n_heads * c.n_layers;
@@ -181,7 +206,7 @@ std::string bench_train_one(const std::string& name, rf::cuda::DeviceModel& m, i
          ", \"klRows\": " + std::to_string(mix.kl_rows) + ", \"redFlagRows\": " + std::to_string(mix.rf_rows) +
          ", \"trainable\": " + num(L) + ", \"secondsPerStep\": " + num(t) + ", \"tokensPerSecond\": " + num(R / t) +
          ", \"modelTflops\": " + num(flops / t / 1e12) + ", \"mfu\": " + num(flops / t / peak_flops) +
-         ", \"peakDeviceBytes\": " + num(double(mem.peak)) + ", \"traceBytes\": " + num(trace) + "}";
+         ", \"peakDeviceBytes\": " + num(double(mem.peak)) + ", \"traceBytes\": " + num(trace) + phases + "}";
 }
 
 // GPT-2 124M shapes (the comparison with llm.c's CUDA trainer, train_gpt2cu: bench/peers/llmc.md).
@@ -235,13 +260,17 @@ std::string bench_full(const rf::ModelConfig& c, int B, int T, int steps, double
   }
   std::sort(times.begin(), times.end());
   const double t = times[times.size() / 2], R = double(B) * T;
+  const std::string phases = profile_phases("gpt2-124m full", trainer, [&] {
+    trainer.step(seqs(ids), {}, rows, lo);
+    trainer.optimizer_step(ao);
+  });
   const double flops = 6 * non_embedding_params(c) * R + 3.5 * 2.0 * double(T) * T * c.head_dim * c.n_heads * c.n_layers * B +
                        6.0 * c.hidden * c.vocab * R;
   const rf::cuda::MemoryStats mem = rf::cuda::memory_stats();
   std::fprintf(stderr, "gpt2-124m full: %d x %d: %.3f s/step, %.0f tokens/s, MFU %.1f%%\n", B, T, t, R / t, 100 * flops / t / peak_flops);
   return "{\"model\": \"gpt2-124m\", \"mode\": \"full\", \"batch\": " + std::to_string(B) + ", \"tokens\": " + std::to_string(T) +
          ", \"secondsPerStep\": " + num(t) + ", \"tokensPerSecond\": " + num(R / t) + ", \"modelTflops\": " + num(flops / t / 1e12) +
-         ", \"mfu\": " + num(flops / t / peak_flops) + ", \"peakDeviceBytes\": " + num(double(mem.peak)) + "}";
+         ", \"mfu\": " + num(flops / t / peak_flops) + ", \"peakDeviceBytes\": " + num(double(mem.peak)) + phases + "}";
 }
 
 // The loss part for one hidden size: JSON fields.

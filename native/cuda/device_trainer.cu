@@ -29,6 +29,7 @@
 #include "cuda/model_ops.h"
 #include "cuda/ops_backward.h"
 #include "cuda/optim.h"
+#include "cuda/phase_clock.h"
 #include "cuda/rf_loss.h"
 #include "cuda/train_ops.h"
 
@@ -98,6 +99,7 @@ struct DeviceTrainer::Impl {
 
   DeviceTrace trace;
   LossScratch loss_scratch;      // the losses' device scratch, kept from step to step
+  PhaseClock clock{DeviceTrainer::kPhases};
   DeviceLayerTrace recomputed;  // one block's activations, recomputed in the backward
   Buffer x_recompute;
   // The backward's recomputed and widened activations of one block, and an adapter's dropped-out
@@ -359,6 +361,10 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     check(cudaMemcpyAsync(out, hidden, size_t(rows_n * H) * sizeof(float), cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync (h)");
   };
 
+  // Profiling: the device time from each mark to the next counts as the marked phase.
+  s.clock.reset();
+  auto phase = [&](Phase p) { s.clock.mark(p, st); };
+
   // 1. Reference forward first: the base model (adapter and flag rows off), hidden states only;
   //    its sequences go at once. (First, so that the trained batch's forward plan and keys and
   //    values are the model's last: the backward's recomputation reads them.)
@@ -366,6 +372,7 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
   for (const LossRow& r : rows) any_kl |= r.kind == LossRow::benign_kl || r.kind == LossRow::after_kl;
   float* h_ref = nullptr;
   if (any_kl) {
+    phase(kReferenceForward);
     h_ref = floats(s.h_ref, Rref * H);
     m.set_adapter_enabled(false);
     try {
@@ -383,11 +390,13 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
   s.trace.dropout = full ? 0.f : options_.lora.dropout;  // as the CPU: no dropout without adapters
   s.trace.dropout_seed = options_.seed * 0x9e3779b97f4a7c15ULL + lopt.dropout_seed;
   s.trace.inputs_only = options_.recompute;
+  phase(kForward);
   float* h = floats(s.h, R * H);
   std::vector<std::shared_ptr<DeviceSequence>> trained_seqs;
   forward(batch, h, &s.trace, trained_seqs);
 
   // 3. Losses -> dL/dh of the scored rows, added into dH [R, H].
+  phase(kLoss);
   LossTerms terms;
   terms.tokens = R;
   float* dH = floats(s.dH, R * H);
@@ -458,6 +467,7 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
   cancelled();
 
   // 4. Backward.
+  phase(kBackwardOther);
   float* norm_scratch = floats(s.norm_scratch, norm_backward_scratch_floats(int(R), int(H)));
   float* dtmp = floats(s.dtmp, R * H);
   // dst (+)= norm'(x) . dout for every row; the norm's weight and bias gradients when trained
@@ -523,6 +533,7 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
   // rounded here into dy_bf16).
   auto linear_backward = [&](int l, int index, Input x, long in, const float* dy, const __nv_bfloat16* dy16, long out, float* din,
                              const DeviceLayerTrace& lt) {
+    phase(kBackwardLinear);
     const DLinear& lin = m.linear(l, index);
     auto x_f32 = [&]() -> const float* {
       if (!x.f32) {
@@ -558,6 +569,7 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     size_t ui = 0;  // this projection's first traced u: after the adapters of the projections before it
     for (int i = 0; i < index; ++i) ui += m.linear(l, i).lora.size();
     const std::vector<int>& ps = s.lora_params[size_t(l) * 4 + size_t(index)];
+    if (!lin.lora.empty()) phase(kBackwardLora);
     for (size_t a = 0; a < lin.lora.size(); ++a) {
       const DLinear::Lora& lora = lin.lora[a];
       const int r = lora.rank, o = lora.out;
@@ -606,6 +618,7 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
   for (int l = c.n_layers - 1; l >= 0; --l) {
     cancelled();
     if (options_.recompute) {
+      phase(kBackwardRecompute);
       // The block again from its input, on the cache the forward filled: the same kernels on the
       // same inputs, so the same bits as the trace the forward would have kept.
       float* xr = floats(s.x_recompute, R * H);
@@ -619,9 +632,11 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     // MLP: x_out = x_mid + mlp_out(act(mlp_in(norm(x_mid)))). The activation and its backward
     // read the trace's mlp as kept (bf16: widened in registers, the same bits as widened first).
     auto mlp_backward = [&](const auto* mlp) {
+      phase(kBackwardOther);
       m.activation_rows(mlp, act, R, xw);
       linear_backward(l, 3, {act, xw, nullptr}, I, dx, nullptr, H, dact, lt);
       // dmlp, and in bf16 models dmlp rounded: mlp_in's dy in both forms, from one kernel.
+      phase(kBackwardOther);
       if (c.act == Activation::silu) swiglu_backward_rows(dmlp, dact, mlp, int(R), int(I), st, dy_bf16);
       else gelu_new_backward(dmlp, dact, mlp, R * I, st, dy_bf16);
     };
@@ -629,11 +644,13 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     else mlp_backward(lt.mlp.get<float>());
     m.norm_rows(L.mlp_norm, lt.x_mid.get(), xn, R, xw);
     linear_backward(l, 2, {xn, xw, nullptr}, H, dmlp, dy_bf16, MLP_IN, dxn, lt);
+    phase(kBackwardOther);
     norm_backward(L.mlp_norm, fl ? fl->norm_w[1] : -1, fl ? fl->norm_b[1] : -1, lt.x_mid.get(), dxn, dx, true);
     // Attention: x_mid = x_in + o(attn(rope(qkv(norm(x_in)))))
     // The trace keeps att and qkv in the model's dtype; the tensor-core backward reads bf16 as kept.
     if (bf16) linear_backward(l, 1, {nullptr, lt.att.get<__nv_bfloat16>(), &s.wide_b}, Q, dx, nullptr, H, datt, lt);
     else linear_backward(l, 1, {lt.att.get(), nullptr, nullptr}, Q, dx, nullptr, H, datt, lt);
+    phase(kBackwardAttention);
     if (tc) {
       attention_backward_tc(dqkv, datt, lt.qkv.get<__nv_bfloat16>(), lt.att.get<__nv_bfloat16>(), lt.lse.get(), arows, plan.max_new,
                             scale, attn_scratch, st);
@@ -644,13 +661,16 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     } else {
       attention_backward(dqkv, datt, lt.qkv.get(), arows, scale, attn_scratch, st);
     }
+    phase(kBackwardOther);
     if (c.rope) rope_backward_rows(dqkv, QKV, int(R), c.n_heads + c.n_kv_heads, int(hd), d_cos, d_sin, st);  // q's heads, then k's
     m.norm_rows(L.attn_norm, lt.x_in.get(), xn, R, xw);
     linear_backward(l, 0, {xn, xw, nullptr}, H, dqkv, nullptr, QKV, dxn, lt);
+    phase(kBackwardOther);
     norm_backward(L.attn_norm, fl ? fl->norm_w[0] : -1, fl ? fl->norm_b[0] : -1, lt.x_in.get(), dxn, dx, true);
   }
 
   // 5. Embeddings: dx is dL/d(input embeddings); the flag rows that were looked up collect theirs.
+  phase(kEmbeddings);
   if (s.rf_embed >= 0)
     token_rows_grad(s.grd(s.rf_embed), dx, d_tokens, int(R), int(H), s.flag_ids.get<int32_t>(), int(flags.size()), st);
   if (full) {
@@ -679,6 +699,7 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     r0 += q.n_tokens;
   }
   check(cudaStreamSynchronize(st), "train step");
+  s.clock.collect(st);
   return terms;
 }
 
@@ -743,6 +764,7 @@ double DeviceTrainer::optimizer_step(const AdamWOptions& o) {
   Impl& s = *impl_;
   check(cudaSetDevice(model_.device()), "cudaSetDevice");
   const cudaStream_t st = static_cast<cudaStream_t>(model_.stream_);
+  s.clock.mark(kOptimizer, st);
   if (collective_) collective_->all_reduce_sum(s.grad.get(), s.total, st);  // every replica: the step's whole gradient
   double* scratch = static_cast<double*>(s.sum_scratch.ensure(size_t(sum_squares_scratch()) * sizeof(double)));
   const double norm = std::sqrt(sum_squares(s.grad.get(), s.total, scratch, st));
@@ -757,7 +779,21 @@ double DeviceTrainer::optimizer_step(const AdamWOptions& o) {
     adamw(s.value.get() + off, s.grad.get() + off, s.m1.get() + off, s.m2.get() + off, p.numel(), a, st);
   }
   sync_engine();  // the engine's copies follow the new values
+  s.clock.collect(st);
   return norm;
 }
+
+const char* DeviceTrainer::phase_name(int phase) {
+  static const char* const names[kPhases] = {"referenceForward", "forward",           "loss",          "backwardRecompute", "backwardLinear",
+                                             "backwardLora",     "backwardAttention", "backwardOther", "embeddings",        "optimizer"};
+  return phase >= 0 && phase < kPhases ? names[phase] : "?";
+}
+
+void DeviceTrainer::set_profiling(bool on) {
+  impl_->clock.set_enabled(on);
+  impl_->clock.reset();
+}
+
+std::vector<double> DeviceTrainer::phase_seconds() const { return impl_->clock.seconds(); }
 
 }  // namespace rf::cuda

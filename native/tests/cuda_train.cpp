@@ -344,6 +344,7 @@ void check_recompute(const std::string& name, const rf::ModelConfig& c, rf::DTyp
   const long H = c.hidden;
   std::vector<std::vector<float>> ea(b.trained.size()), er(b.trained.size());
   const rf::LossOptions lo = loss_options();
+  gr.set_profiling(true);  // the recomputing trainer's step is timed by phase; a's is not
   const rf::LossTerms ta = a.gt->step(seqs(b.trained, &ea, H), seqs(b.ref), b.rows, lo);
   const rf::LossTerms tr = gr.step(seqs(b.trained, &er, H), seqs(b.ref), b.rows, lo);
   a.gt->download();
@@ -351,7 +352,18 @@ void check_recompute(const std::string& name, const rf::ModelConfig& c, rf::DTyp
   bool same = ta.total == tr.total;
   for (size_t i = 0; i < from.size(); ++i) same &= same_bits(from[i]->grad, to[i]->grad);
   for (size_t i = 0; i < ea.size(); ++i) same &= same_bits(ea[i], er[i]);
-  check(same, name + ": activation recomputation gives the same bits (loss, gradients, dL/d(embeddings))");
+  check(same, name + ": activation recomputation (and profiling) gives the same bits (loss, gradients, dL/d(embeddings))");
+  // Profiling: every phase this step ran has time, the optimizer's after its step; off, none.
+  gr.optimizer_step(rf::AdamWOptions());
+  const std::vector<double> ph = gr.phase_seconds(), off = a.gt->phase_seconds();
+  std::string missing;
+  for (int p = 0; p < rf::cuda::DeviceTrainer::kPhases; ++p)
+    if (!(ph[size_t(p)] > 0)) missing += std::string(" ") + rf::cuda::DeviceTrainer::phase_name(p);
+  bool off_zero = off.size() == size_t(rf::cuda::DeviceTrainer::kPhases);
+  for (double v : off) off_zero &= v == 0;
+  check(ph.size() == size_t(rf::cuda::DeviceTrainer::kPhases) && missing.empty() && off_zero,
+        name + ": profiling times every phase of a LoRA step with recomputation" + (missing.empty() ? "" : ", not:" + missing) +
+            (off_zero ? "" : "; unprofiled trainer has times"));
 
   // What the traces hold (DeviceLayerTrace): per row and layer the two residuals in f32; qkv,
   // attention's output and the MLP's input in the engine's dtype; the lse of tensor-core attention;

@@ -108,6 +108,15 @@ inline cudaError_t cudaMemcpy2DAsync(void* d, size_t dp, const void* s, size_t s
   });
   return cudaSuccess;
 }
+// Events: the host's clock when recorded (the emulation runs each call's work as it is queued).
+struct EmuEvent { double ms = 0; };
+typedef EmuEvent* cudaEvent_t;
+double emu_now_ms();
+inline cudaError_t cudaEventCreate(cudaEvent_t* e) { *e = new EmuEvent; return cudaSuccess; }
+inline cudaError_t cudaEventDestroy(cudaEvent_t e) { delete e; return cudaSuccess; }
+inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t = nullptr) { e->ms = emu_now_ms(); return cudaSuccess; }
+inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) { *ms = float(b->ms - a->ms); return cudaSuccess; }
 size_t emu_allocated();
 inline cudaError_t cudaMemGetInfo(size_t* free_b, size_t* total) { *total = size_t(1) << 40; *free_b = *total - emu_allocated(); return cudaSuccess; }
 using std::isfinite; using std::isnan;

@@ -14,6 +14,7 @@
 // Kernel launches (<<<...>>>) are rewritten to emu_launch by translate.py; cuBLASLt is replaced
 // by plain loops (gemm.cpp). scripts/cuda-emulate.sh builds and runs the emulated tests.
 #include <ucontext.h>
+#include <chrono>
 #include <cstdio>
 #include <vector>
 #include "cuda_runtime.h"
@@ -187,3 +188,7 @@ static size_t g_bytes = 0;
 void* emu_malloc(size_t n) { void* p = malloc(n ? n : 1); g_alloc[p] = n; g_bytes += n; return p; }
 void emu_free(void* p) { if (!p) return; auto it = g_alloc.find(p); if (it != g_alloc.end()) { g_bytes -= it->second; g_alloc.erase(it); } free(p); }
 size_t emu_allocated() { return g_bytes; }
+
+double emu_now_ms() {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}

@@ -1,0 +1,33 @@
+// Device time per phase of a stream's work, for a benchmark's breakdown of where a step goes.
+// mark(p) records an event on the stream: the work queued from there until the next mark counts
+// as phase p. collect() (after the work: it synchronizes the last event) adds the intervals into
+// seconds() and forgets the marks. Off (the default) it records nothing and costs nothing.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <vector>
+
+namespace rf::cuda {
+
+class PhaseClock {
+ public:
+  explicit PhaseClock(int n_phases) : seconds_(size_t(n_phases), 0.0) {}
+  ~PhaseClock();
+  PhaseClock(const PhaseClock&) = delete;
+  PhaseClock& operator=(const PhaseClock&) = delete;
+
+  void set_enabled(bool on) { on_ = on; }
+  bool enabled() const { return on_; }
+  void mark(int phase, cudaStream_t stream);
+  void collect(cudaStream_t stream);  // ends the last interval, then adds every interval up
+  void reset();                       // seconds back to zero
+  const std::vector<double>& seconds() const { return seconds_; }
+
+ private:
+  bool on_ = false;
+  std::vector<cudaEvent_t> events_;  // created on first use, reused
+  std::vector<int> phase_of_mark_;
+  std::vector<double> seconds_;
+};
+
+}  // namespace rf::cuda
