@@ -33,7 +33,7 @@ declare -A sources=(
   [rf_loss]="rf_loss model_ops memory"
   [model_ops]="model_ops"
   [train_ops]="train_ops"
-  [model]="ops attention attention_tc paged_cache model_ops train_ops memory device_model"
+  [model]="ops attention attention_tc paged_cache model_ops train_ops memory device_model phase_clock"
   [train]="ops ops_backward optim attention attention_tc attention_backward attention_backward_tc paged_cache model_ops train_ops memory collective rf_loss device_model device_trainer phase_clock"
 )
 declare -A stand_in=([rf_loss]="$emu/gemm.cpp" [model]="$emu/gemm.cpp" [train]="$emu/gemm.cpp")

@@ -56,6 +56,7 @@
 #include "cuda/device_trainer.h"
 #include "cuda/gemm.h"
 #include "cuda/memory.h"
+#include "cuda/phase_clock.h"
 #include "cuda/rf_loss.h"
 
 namespace {
@@ -131,7 +132,7 @@ std::string profile_phases(const std::string& tag, rf::cuda::DeviceTrainer& trai
   for (double v : ph) total += v;
   std::string json = ", \"phaseSeconds\": {", line;
   for (size_t p = 0; p < ph.size(); ++p) {
-    const char* name = rf::cuda::DeviceTrainer::phase_name(int(p));
+    const char* name = rf::cuda::train_phase_name(int(p));
     json += std::string(p ? ", " : "") + "\"" + name + "\": " + num(ph[p]);
     if (ph[p] > 0) line += std::string(" ") + name + " " + std::to_string(int(std::lround(100 * ph[p] / total))) + "%";
   }

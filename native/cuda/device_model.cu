@@ -41,6 +41,11 @@ constexpr long kScoreChunk = 256;  // LM-head rows per chunk in token_scores
 
 cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 
+// A traced forward's phase, on the trainer's clock when it has one (the profiled step).
+void mark(const DeviceTrace* trace, TrainPhase phase, cudaStream_t st) {
+  if (trace && trace->clock) trace->clock->mark(phase, st);
+}
+
 }  // namespace
 
 // The KV blocks of every layer: per layer, K then V, each [n_blocks][n_kv_heads][block][head_dim]
@@ -411,9 +416,14 @@ void DeviceModel::linear_rows(const DLinear& lin, const float* in, const __nv_bf
     xin = in_bf16 ? in_bf16 : s.xb.get<__nv_bfloat16>();
     xt = DType::bf16;
   }
+  mark(trace, kForwardLinear, st);
   matmul(*gemm_, y, xin, xt, lin.w.get<void>(), dtype_, int(rows), lin.out, lin.in, lin.bias.empty() ? nullptr : lin.bias.get(),
          accumulate ? 1.f : 0.f, st);
-  if (!adapter_enabled_) return;
+  if (!adapter_enabled_ || lin.lora.empty()) {
+    mark(trace, kForwardOther, st);
+    return;
+  }
+  mark(trace, kForwardLora, st);
   for (size_t ai = 0; ai < lin.lora.size(); ++ai) {
     const DLinear::Lora& a = lin.lora[ai];
     const size_t u_bytes = size_t(rows * a.rank) * sizeof(float);
@@ -439,6 +449,7 @@ void DeviceModel::linear_rows(const DLinear& lin, const float* in, const __nv_bf
     matmul(*gemm_, y + a.offset, u, DType::f32, a.B.get<void>(), DType::f32, int(rows), a.out, a.rank, nullptr, 1.f, st,
            {0, 0, lin.out});
   }
+  mark(trace, kForwardOther, st);
 }
 
 // logits [rows, V] = xn . head^T, the flag rows' logits from their own head rows when flags is set;
@@ -495,6 +506,7 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
   const PagedLayer layer{pool_->k(l), pool_->v(l), kBlockTokens, c.n_kv_heads, int(hd), pool_->bf16()};
   const PagedBatch batch{p.tables, p.table_offsets, p.lengths, p.n, p.attn_length};
   const float scale = 1.0f / std::sqrt(float(hd));
+  mark(trace, kForwardAttention, st);
   // Attention reads q in place: the first Q floats of each qkv row.
   if (p.all_one) decode_attention(att, qkv, QKV, layer, batch, c.n_heads, scale, c.sliding_window, s.attn.get(), st, xb);
   else if (tc_attention())
@@ -504,6 +516,7 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
   else
     prefill_attention(att, qkv, QKV, layer, batch, p.row_offsets, p.n_new, int(R), p.max_new, c.n_heads, scale,
                       c.sliding_window, st);
+  mark(trace, kForwardOther, st);
   if (keep) keep_values(keep->att, att, R * Q);
   // The o projection's bf16 operand where one exists: decode attention wrote it, or the trace kept it.
   const __nv_bfloat16* att_bf16 = !xb ? nullptr : p.all_one ? xb : keep ? keep->att.get<__nv_bfloat16>() : nullptr;

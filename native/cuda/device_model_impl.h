@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cuda/memory.h"
+#include "cuda/phase_clock.h"
 
 namespace rf::cuda {
 
@@ -145,13 +146,15 @@ struct DeviceLayerTrace {
 // A traced forward (DeviceModel::run with a trace): every layer's activations (inputs_only: each
 // block's input x_in alone, the rest recomputed block by block in the backward), the input of the
 // final norm [R, H], and the LoRA dropout applied to the adapters' inputs (rf::dropout_keep's
-// mask of (dropout_seed, layer, adapter, row, col), as the CPU trainer draws it).
+// mask of (dropout_seed, layer, adapter, row, col), as the CPU trainer draws it). clock: the
+// trainer's phase clock, marked at each forward phase (cuda/phase_clock.h), or none.
 struct DeviceTrace {
   std::vector<DeviceLayerTrace> layers;
   Buffer x_final;
   float dropout = 0.f;
   uint64_t dropout_seed = 0;
   bool inputs_only = false;
+  PhaseClock* clock = nullptr;
 };
 
 }  // namespace rf::cuda

@@ -99,7 +99,7 @@ struct DeviceTrainer::Impl {
 
   DeviceTrace trace;
   LossScratch loss_scratch;      // the losses' device scratch, kept from step to step
-  PhaseClock clock{DeviceTrainer::kPhases};
+  PhaseClock clock{kTrainPhases};
   DeviceLayerTrace recomputed;  // one block's activations, recomputed in the backward
   Buffer x_recompute;
   // The backward's recomputed and widened activations of one block, and an adapter's dropped-out
@@ -363,7 +363,8 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
 
   // Profiling: the device time from each mark to the next counts as the marked phase.
   s.clock.reset();
-  auto phase = [&](Phase p) { s.clock.mark(p, st); };
+  auto phase = [&](TrainPhase p) { s.clock.mark(p, st); };
+  s.trace.clock = &s.clock;  // the trained forward marks its own phases
 
   // 1. Reference forward first: the base model (adapter and flag rows off), hidden states only;
   //    its sequences go at once. (First, so that the trained batch's forward plan and keys and
@@ -390,7 +391,7 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
   s.trace.dropout = full ? 0.f : options_.lora.dropout;  // as the CPU: no dropout without adapters
   s.trace.dropout_seed = options_.seed * 0x9e3779b97f4a7c15ULL + lopt.dropout_seed;
   s.trace.inputs_only = options_.recompute;
-  phase(kForward);
+  phase(kForwardOther);
   float* h = floats(s.h, R * H);
   std::vector<std::shared_ptr<DeviceSequence>> trained_seqs;
   forward(batch, h, &s.trace, trained_seqs);
@@ -781,12 +782,6 @@ double DeviceTrainer::optimizer_step(const AdamWOptions& o) {
   sync_engine();  // the engine's copies follow the new values
   s.clock.collect(st);
   return norm;
-}
-
-const char* DeviceTrainer::phase_name(int phase) {
-  static const char* const names[kPhases] = {"referenceForward", "forward",           "loss",          "backwardRecompute", "backwardLinear",
-                                             "backwardLora",     "backwardAttention", "backwardOther", "embeddings",        "optimizer"};
-  return phase >= 0 && phase < kPhases ? names[phase] : "?";
 }
 
 void DeviceTrainer::set_profiling(bool on) {

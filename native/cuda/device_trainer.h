@@ -65,23 +65,9 @@ class DeviceTrainer {
   size_t trace_bytes() const;
 
   // Where a step's device time goes, for the benchmarks: with profiling on, each step records an
-  // event at the start of every phase (cuda/phase_clock.h; a few hundred per step) and
-  // phase_seconds()[p] is phase p's device time in the last step and the optimizer step after it.
-  // Off (the default), nothing is recorded.
-  enum Phase {
-    kReferenceForward,
-    kForward,
-    kLoss,
-    kBackwardRecompute,  // --recompute: a block's forward again
-    kBackwardLinear,     // the frozen (or fully trained) projections' products
-    kBackwardLora,       // the adapters' products and kernels
-    kBackwardAttention,
-    kBackwardOther,  // norms, activations, rope, conversions
-    kEmbeddings,
-    kOptimizer,  // gradient norm, clipping, AdamW (and the all-reduce when data-parallel)
-    kPhases
-  };
-  static const char* phase_name(int phase);
+  // event at the start of every phase (cuda/phase_clock.h: TrainPhase; a few hundred per step)
+  // and phase_seconds()[p] is phase p's device time in the last step and the optimizer step
+  // after it. Off (the default), nothing is recorded.
   void set_profiling(bool on);
   std::vector<double> phase_seconds() const;
 

@@ -15,6 +15,14 @@ void check(cudaError_t e, const char* what) {
 
 }  // namespace
 
+const char* train_phase_name(int phase) {
+  static const char* const names[kTrainPhases] = {
+      "referenceForward", "forwardLinear",     "forwardLora",   "forwardAttention",  "forwardOther",
+      "loss",             "backwardRecompute", "backwardLinear", "backwardLora",     "backwardAttention",
+      "backwardOther",    "embeddings",        "optimizer"};
+  return phase >= 0 && phase < kTrainPhases ? names[phase] : "?";
+}
+
 PhaseClock::~PhaseClock() {
   for (cudaEvent_t e : events_) cudaEventDestroy(e);
 }

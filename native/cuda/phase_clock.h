@@ -9,6 +9,26 @@
 
 namespace rf::cuda {
 
+// A training step's phases (DeviceTrainer::phase_seconds). The trained forward's are marked by
+// DeviceModel::layer_forward when its trace carries a clock.
+enum TrainPhase {
+  kReferenceForward,
+  kForwardLinear,  // the projections' products
+  kForwardLora,    // the adapters' products and kernels
+  kForwardAttention,
+  kForwardOther,  // embeddings, norms, rope, activations, the trace's copies
+  kLoss,
+  kBackwardRecompute,  // --recompute: a block's forward again
+  kBackwardLinear,     // the frozen (or fully trained) projections' products
+  kBackwardLora,
+  kBackwardAttention,
+  kBackwardOther,  // norms, activations, rope, conversions
+  kEmbeddings,
+  kOptimizer,  // gradient norm, clipping, AdamW (and the all-reduce when data-parallel)
+  kTrainPhases
+};
+const char* train_phase_name(int phase);
+
 class PhaseClock {
  public:
   explicit PhaseClock(int n_phases) : seconds_(size_t(n_phases), 0.0) {}

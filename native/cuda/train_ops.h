@@ -63,7 +63,7 @@ void add_rows_grouped(float* dst, const float* src, int width, const int32_t* ds
                       const int32_t* src_index, int n_dst, cudaStream_t stream);
 
 // y [cols] += sum over r < rows of x [r, :]: a bias's gradient. The order (cuda/column_reduce.cuh):
-// parts of column_sum_rows_per_part rows; in a part, lane j of 8 sums rows j, j + 8, ... in
+// parts of column_sum_rows_per_part rows; in a part, lane j of 8 sums its rows j, j + 8, ... in
 // order, then lanes 0..7 in order; then the parts in order; then y + that total.
 // scratch: column_sum_scratch_floats(rows, cols).
 int column_sum_rows_per_part(int rows, int cols);

@@ -44,6 +44,7 @@
 #include "cuda/cuda.h"
 #include "cuda/device_model.h"
 #include "cuda/device_trainer.h"
+#include "cuda/phase_clock.h"
 #include "cuda/train_ops.h"
 #include "model/model.h"
 #include "model/train.h"
@@ -357,11 +358,11 @@ void check_recompute(const std::string& name, const rf::ModelConfig& c, rf::DTyp
   gr.optimizer_step(rf::AdamWOptions());
   const std::vector<double> ph = gr.phase_seconds(), off = a.gt->phase_seconds();
   std::string missing;
-  for (int p = 0; p < rf::cuda::DeviceTrainer::kPhases; ++p)
-    if (!(ph[size_t(p)] > 0)) missing += std::string(" ") + rf::cuda::DeviceTrainer::phase_name(p);
-  bool off_zero = off.size() == size_t(rf::cuda::DeviceTrainer::kPhases);
+  for (int p = 0; p < rf::cuda::kTrainPhases; ++p)
+    if (!(ph[size_t(p)] > 0)) missing += std::string(" ") + rf::cuda::train_phase_name(p);
+  bool off_zero = off.size() == size_t(rf::cuda::kTrainPhases);
   for (double v : off) off_zero &= v == 0;
-  check(ph.size() == size_t(rf::cuda::DeviceTrainer::kPhases) && missing.empty() && off_zero,
+  check(ph.size() == size_t(rf::cuda::kTrainPhases) && missing.empty() && off_zero,
         name + ": profiling times every phase of a LoRA step with recomputation" + (missing.empty() ? "" : ", not:" + missing) +
             (off_zero ? "" : "; unprofiled trainer has times"));
 
