@@ -107,7 +107,7 @@ train_peer_rc=-1
 if [ -x "$build/cuda_train_bench" ] && [ "${RF_GPU_CHECK_BENCH:-1}" != 0 ]; then
   timeout 420 "$build/cuda_train_bench" "${bench_args[@]}" > "$out/cuda_train_bench.json" 2> "$out/cuda_train_bench.log"
   train_bench_rc=$?
-  tail -8 "$out/cuda_train_bench.log"
+  tail -16 "$out/cuda_train_bench.log"  # step times, their phase breakdowns, the loss
   peer_args=()
   [ "${RF_GPU_CHECK_BENCH:-1}" = quick ] && peer_args=(--batch 4 --tokens 512 --steps 2)
   timeout 420 python3 bench/peers/torch_gpu_train.py "${peer_args[@]}" > "$out/torch_gpu_train.json" 2> "$out/torch_gpu_train.log"
