@@ -526,20 +526,25 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
   // MLP block: x += mlp_out(act(mlp_in(norm(x))))
   norm_rows(L.mlp_norm, x, xn, R, xb);
   linear_rows(L.mlp_in, xn, xb, R, mlp, false, l, 2, trace, keep, &u_next);
-  if (keep) keep_values(keep->mlp, mlp, R * MLP_IN);
-  activation_rows(mlp, act, R, xb);
+  // The trace's mlp: bf16 models round it as the activation reads it (no pass of its own).
+  __nv_bfloat16* keep_mlp = nullptr;
+  if (keep && dtype_ == DType::bf16)
+    keep_mlp = static_cast<__nv_bfloat16*>(keep->mlp.ensure(size_t(R * MLP_IN) * sizeof(__nv_bfloat16)));
+  else if (keep)
+    keep_values(keep->mlp, mlp, R * MLP_IN);
+  activation_rows(mlp, act, R, xb, keep_mlp);
   linear_rows(L.mlp_out, act, xb, R, x, true, l, 3, trace, keep, &u_next);
 }
 
 // act [R, I] = the MLP's activation of mlp [R, MLP_IN]: silu(gate) * up of gate | up, or
 // gelu_new(mlp) (act may be mlp: in place); act_bf16 (optional): act rounded to bf16 as well.
-void DeviceModel::activation_rows(const float* mlp, float* act, long rows, __nv_bfloat16* act_bf16) {
+void DeviceModel::activation_rows(const float* mlp, float* act, long rows, __nv_bfloat16* act_bf16, __nv_bfloat16* mlp_bf16) {
   const ModelConfig& c = config_;
   const cudaStream_t st = as_stream(stream_);
-  if (c.act == Activation::silu) return swiglu_rows(act, mlp, int(rows), int(c.intermediate), st, act_bf16);
+  if (c.act == Activation::silu) return swiglu_rows(act, mlp, int(rows), int(c.intermediate), st, act_bf16, mlp_bf16);
   const long n = rows * c.intermediate;
   if (act != mlp) check(cudaMemcpyAsync(act, mlp, size_t(n) * sizeof(float), cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync (mlp)");
-  gelu_new(act, n, st, act_bf16);
+  gelu_new(act, n, st, act_bf16, mlp_bf16);
 }
 
 void DeviceModel::activation_rows(const __nv_bfloat16* mlp, float* act, long rows, __nv_bfloat16* act_bf16) {

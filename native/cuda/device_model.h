@@ -176,8 +176,10 @@ class DeviceModel {
   void keep_rows(Buffer& b, const float* src, long n);
   // Into a trace buffer in the engine's dtype (bf16 models: rounded to bf16).
   void keep_values(Buffer& b, const float* src, long n);
-  // The MLP's activation: act [rows, I] from mlp [rows, MLP_IN] (act may be mlp for gelu_new).
-  void activation_rows(const float* mlp, float* act, long rows, __nv_bfloat16* act_bf16 = nullptr);
+  // The MLP's activation: act [rows, I] from mlp [rows, MLP_IN] (act may be mlp for gelu_new);
+  // act_bf16, mlp_bf16 (optional): act and mlp rounded to bf16 as well.
+  void activation_rows(const float* mlp, float* act, long rows, __nv_bfloat16* act_bf16 = nullptr,
+                       __nv_bfloat16* mlp_bf16 = nullptr);
   // The same from the trace's bf16 copy of mlp: the bits the f32 version gives on its widening.
   void activation_rows(const __nv_bfloat16* mlp, float* act, long rows, __nv_bfloat16* act_bf16 = nullptr);
   // A block's projection by index (0 qkv, 1 o, 2 mlp_in, 3 mlp_out, as in model/layout.h).

@@ -59,13 +59,14 @@ __global__ void embed_kernel(float* x, const void* table, bool table_bf16, const
 }
 
 template <class T>
-__global__ void swiglu_rows_kernel(float* out, const T* in, long n, int inter, __nv_bfloat16* out_bf16) {
+__global__ void swiglu_rows_kernel(float* out, const T* in, long n, int inter, __nv_bfloat16* out_bf16, __nv_bfloat16* in_bf16) {
   for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
     const long r = i / inter, c = i % inter;
     const float g = as_f32(in[r * 2 * inter + c]), u = as_f32(in[r * 2 * inter + inter + c]);
     const float y = g / (1.0f + expf(-g)) * u;  // silu(g) * u, as the CPU's swiglu_forward
     out[i] = y;
     if (out_bf16) out_bf16[i] = bf16_round(y);
+    if (in_bf16) in_bf16[r * 2 * inter + c] = bf16_round(g), in_bf16[r * 2 * inter + inter + c] = bf16_round(u);
   }
 }
 
@@ -141,14 +142,15 @@ void embed_rows(float* x, const void* table, bool table_bf16, const int32_t* tok
                                                 pos_embed, positions, delta);
 }
 
-void swiglu_rows(float* out, const float* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16) {
+void swiglu_rows(float* out, const float* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16,
+                 __nv_bfloat16* in_bf16) {
   const long n = long(rows) * inter;
-  if (n > 0) swiglu_rows_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(out, in, n, inter, out_bf16);
+  if (n > 0) swiglu_rows_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(out, in, n, inter, out_bf16, in_bf16);
 }
 
 void swiglu_rows(float* out, const __nv_bfloat16* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16) {
   const long n = long(rows) * inter;
-  if (n > 0) swiglu_rows_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(out, in, n, inter, out_bf16);
+  if (n > 0) swiglu_rows_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(out, in, n, inter, out_bf16, nullptr);
 }
 
 void merge_lora_rows(void* w, bool w_bf16, int out, int in, const float* A, const float* B, int rank, float scale,

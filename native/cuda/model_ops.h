@@ -22,8 +22,10 @@ void embed_rows(float* x, const void* table, bool table_bf16, const int32_t* tok
 
 // out [rows, inter] = silu(in[:, :inter]) * in[:, inter:] for in [rows, 2 inter] (gate then up,
 // the fused mlp_in of the Llama block); out_bf16 (optional): the same rounded to bf16, as
-// rmsnorm_rows writes it (ops.h).
-void swiglu_rows(float* out, const float* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16 = nullptr);
+// rmsnorm_rows writes it (ops.h); in_bf16 (optional): in rounded to bf16 as it is read (the
+// trainer's trace copy of the MLP's input, without a pass of its own).
+void swiglu_rows(float* out, const float* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16 = nullptr,
+                 __nv_bfloat16* in_bf16 = nullptr);
 // The same from a bf16 in (the trainer's copy): the bits swiglu_rows gives on its f32 widening.
 void swiglu_rows(float* out, const __nv_bfloat16* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16 = nullptr);
 

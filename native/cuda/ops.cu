@@ -89,12 +89,14 @@ __global__ void swiglu_kernel(float* out, const float* gate, const float* up, lo
   }
 }
 
-// out [n] = gelu_new(x) (out may be x); x f32 or bf16; out_bf16 (optional) the same rounded.
+// out [n] = gelu_new(x) (out may be x); x f32 or bf16; out_bf16 (optional) the same rounded,
+// in_bf16 (optional) x rounded (read before out is written: in place too).
 template <class T>
-__global__ void gelu_new_kernel(float* out, const T* x, long n, __nv_bfloat16* out_bf16) {
+__global__ void gelu_new_kernel(float* out, const T* x, long n, __nv_bfloat16* out_bf16, __nv_bfloat16* in_bf16) {
   const float k = 0.7978845608028654f;  // sqrt(2 / pi)
   for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
     const float v = as_f32(x[i]);
+    if (in_bf16) in_bf16[i] = bf16_round(v);
     const float y = 0.5f * v * (1.0f + tanhf(k * (v + 0.044715f * v * v * v)));
     out[i] = y;
     if (out_bf16) out_bf16[i] = bf16_round(y);
@@ -390,12 +392,12 @@ void swiglu(float* out, const float* gate, const float* up, long n, cudaStream_t
   if (n > 0) swiglu_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(out, gate, up, n);
 }
 
-void gelu_new(float* x, long n, cudaStream_t stream, __nv_bfloat16* out_bf16) {
-  if (n > 0) gelu_new_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(x, x, n, out_bf16);
+void gelu_new(float* x, long n, cudaStream_t stream, __nv_bfloat16* out_bf16, __nv_bfloat16* in_bf16) {
+  if (n > 0) gelu_new_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(x, x, n, out_bf16, in_bf16);
 }
 
 void gelu_new(float* out, const __nv_bfloat16* x, long n, cudaStream_t stream, __nv_bfloat16* out_bf16) {
-  if (n > 0) gelu_new_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(out, x, n, out_bf16);
+  if (n > 0) gelu_new_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(out, x, n, out_bf16, nullptr);
 }
 
 void pick_rows(const float* logits, int rows, int vocab, const DevicePick* params, const int* flags, int n_flags,

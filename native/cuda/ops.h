@@ -33,8 +33,9 @@ void swiglu(float* out, const float* gate, const float* up, long n, cudaStream_t
 
 // x [n] = gelu_new(x) in place; or out [n] = gelu_new(x) of bf16 x (the same bits as in place
 // on its f32 widening). out_bf16 (optional): the result rounded to bf16 as well, the bits
-// f32_to_bf16 of it gives.
-void gelu_new(float* x, long n, cudaStream_t stream, __nv_bfloat16* out_bf16 = nullptr);
+// f32_to_bf16 of it gives; in_bf16 (optional, in place only): the input x rounded to bf16 (the
+// trainer's trace copy of the MLP's input).
+void gelu_new(float* x, long n, cudaStream_t stream, __nv_bfloat16* out_bf16 = nullptr, __nv_bfloat16* in_bf16 = nullptr);
 void gelu_new(float* out, const __nv_bfloat16* x, long n, cudaStream_t stream, __nv_bfloat16* out_bf16 = nullptr);
 
 // The per-row parameters of pick_rows (the CPU's PickParams).

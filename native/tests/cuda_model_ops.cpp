@@ -248,14 +248,18 @@ void swiglu_case(int rows, int inter, bool large) {
   check(worst <= 2e-6, tag + ": |got - ref| / (1 + |ref|) = " + fmt(worst) + " <= 2e-6");
   check(tail_intact(out, n), tag + ": nothing written past the output");
   if (large) return;
-  // With a bf16 output as well: the f32 output the same bits, the bf16 one rf::f32_to_bf16 of it.
-  Dev d_out2 = output(n), d_bf16(n * 2);
-  rf::cuda::swiglu_rows(d_out2.f(), d_in.f(), rows, inter, nullptr, static_cast<__nv_bfloat16*>(d_bf16.p));
+  // With a bf16 output as well: the f32 output the same bits, the bf16 one rf::f32_to_bf16 of it;
+  // and the input rounded to bf16 as it is read (the trainer's trace copy): f32_to_bf16 of in.
+  Dev d_out2 = output(n), d_bf16(n * 2), d_in16(in.size() * 2);
+  rf::cuda::swiglu_rows(d_out2.f(), d_in.f(), rows, inter, nullptr, static_cast<__nv_bfloat16*>(d_bf16.p),
+                        static_cast<__nv_bfloat16*>(d_in16.p));
   const std::vector<float> out2 = download<float>(d_out2, n);
-  const std::vector<uint16_t> bits = download<uint16_t>(d_bf16, n);
+  const std::vector<uint16_t> bits = download<uint16_t>(d_bf16, n), in16 = download<uint16_t>(d_in16, in.size());
   long differ = 0;
   for (size_t i = 0; i < n; ++i) differ += std::memcmp(&out[i], &out2[i], 4) != 0 || bits[i] != rf::f32_to_bf16(out[i]);
-  check(differ == 0, tag + " with a bf16 output: f32 the same bits, bf16 = f32_to_bf16 of it (" + std::to_string(differ) + " differ)");
+  for (size_t i = 0; i < in.size(); ++i) differ += in16[i] != rf::f32_to_bf16(in[i]);
+  check(differ == 0, tag + " with bf16 copies: f32 the same bits, bf16 out = f32_to_bf16 of it, bf16 in = f32_to_bf16 of in (" +
+                         std::to_string(differ) + " differ)");
   // From a bf16 input (the trainer's trace): the f32 version's bits on the widened values.
   std::vector<uint16_t> in_bits(in.size());
   std::vector<float> widened(in.size());

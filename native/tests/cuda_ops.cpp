@@ -129,18 +129,23 @@ void test_rope_and_activations() {
   std::vector<float> widened(static_cast<size_t>(n));
   for (long i = 0; i < n; ++i) bits[size_t(i)] = rf::f32_to_bf16(x[size_t(i)]), widened[size_t(i)] = rf::bf16_to_f32(bits[size_t(i)]);
   // Each also rounding its output to bf16 (the trainer's dW operand): f32_to_bf16 of its f32 output.
-  Dev dw = upload(widened), db(n * 2), out2(n * 4), a16(n * 2), b16(n * 2);
+  // In place, the input's bf16 copy too (the trainer's trace copy): f32_to_bf16 of the input.
+  Dev dw = upload(widened), db(n * 2), out2(n * 4), a16(n * 2), b16(n * 2), in16(n * 2);
   cudaMemcpy(db.p, bits.data(), size_t(n) * 2, cudaMemcpyHostToDevice);
-  rf::cuda::gelu_new(dw.f(), n, nullptr, static_cast<__nv_bfloat16*>(a16.p));
+  rf::cuda::gelu_new(dw.f(), n, nullptr, static_cast<__nv_bfloat16*>(a16.p), static_cast<__nv_bfloat16*>(in16.p));
   rf::cuda::gelu_new(out2.f(), static_cast<const __nv_bfloat16*>(db.p), n, nullptr, static_cast<__nv_bfloat16*>(b16.p));
   const std::vector<float> a = download(dw, n), b = download(out2, n);
   check(std::memcmp(a.data(), b.data(), size_t(n) * 4) == 0, "gelu_new of a bf16 input: in place on the widened values, bit for bit");
   std::vector<uint16_t> ra(static_cast<size_t>(n)), rb(static_cast<size_t>(n));
   cudaMemcpy(ra.data(), a16.p, size_t(n) * 2, cudaMemcpyDeviceToHost);
   cudaMemcpy(rb.data(), b16.p, size_t(n) * 2, cudaMemcpyDeviceToHost);
+  std::vector<uint16_t> rin(static_cast<size_t>(n));
+  cudaMemcpy(rin.data(), in16.p, size_t(n) * 2, cudaMemcpyDeviceToHost);
   long differ = 0;
-  for (long i = 0; i < n; ++i) differ += ra[size_t(i)] != rf::f32_to_bf16(a[size_t(i)]) || rb[size_t(i)] != rf::f32_to_bf16(b[size_t(i)]);
-  check(differ == 0, "gelu_new's bf16 outputs: f32_to_bf16 of the f32 ones (" + std::to_string(differ) + " differ)");
+  for (long i = 0; i < n; ++i)
+    differ += ra[size_t(i)] != rf::f32_to_bf16(a[size_t(i)]) || rb[size_t(i)] != rf::f32_to_bf16(b[size_t(i)]) ||
+              rin[size_t(i)] != bits[size_t(i)];
+  check(differ == 0, "gelu_new's bf16 outputs and input copy: f32_to_bf16 of the f32 values (" + std::to_string(differ) + " differ)");
 }
 
 void test_pick() {
