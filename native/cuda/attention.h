@@ -72,10 +72,12 @@ void prefill_attention(float* out, const float* q, long q_stride, const PagedLay
 // (prefill_attention_tc_supports); other head_dims fall back to prefill_attention.
 // lse (optional, [total_rows, n_heads]): each row's log-sum-exp of its scaled scores in base 2,
 // log2 sum_j 2^(scale log2(e) q.k_j), which the tensor-core attention backward reads
-// (attention_backward.h); +inf for a row that sees no key. Only where supported.
+// (attention_backward.h); +inf for a row that sees no key. out_bf16 (optional, [total_rows,
+// n_heads * head_dim]): out rounded to bf16 as well (the o projection's operand, the trainer's
+// trace copy), the bits f32_to_bf16 gives. Both only where supported.
 bool prefill_attention_tc_supports(int head_dim);
 void prefill_attention_tc(float* out, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch,
                           const int32_t* row_offsets, const int32_t* n_new, int total_rows, int max_new, int n_heads, float scale,
-                          int window, cudaStream_t stream, float* lse = nullptr);
+                          int window, cudaStream_t stream, float* lse = nullptr, __nv_bfloat16* out_bf16 = nullptr);
 
 }  // namespace rf::cuda

@@ -16,6 +16,7 @@
 #include <string>
 
 #include "cuda/attention.h"
+#include "cuda/bf16.h"
 #include "cuda/mma.h"
 
 namespace rf::cuda {
@@ -58,7 +59,7 @@ __device__ __forceinline__ float4 load4(const __nv_bfloat16* p) {
 template <int kK, class T>
 __global__ void __launch_bounds__(kThreads)
     prefill_tc_kernel(float* out, const float* q, long q_stride, PagedLayer layer, PagedBatch batch, const int32_t* row_offsets,
-                      const int32_t* n_new, int n_heads, float scale_log2, int window, float* lse) {
+                      const int32_t* n_new, int n_heads, float scale_log2, int window, float* lse, __nv_bfloat16* out_bf16) {
   constexpr int kHd = 16 * kK, kN = 2 * kK, kQs = kHd + kPad, kVs = kKeys + kPad;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   long* kbase = reinterpret_cast<long*>(smem_raw);  // [kKeys] cache offset of each key, -1: none
@@ -195,23 +196,32 @@ __global__ void __launch_bounds__(kThreads)
     if (r >= rows) continue;
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
     if (lse && t == 0) lse[(long(row_offsets[s]) + r) * n_heads + h] = sum > 0.f ? m[i] + log2f(sum) : INFINITY;
-    store_accumulator_row(out + ((long(row_offsets[s]) + r) * n_heads + h) * kHd, o, i, inv, t);
+    const long at = ((long(row_offsets[s]) + r) * n_heads + h) * kHd;
+    store_accumulator_row(out + at, o, i, inv, t);
+    if (out_bf16)
+#pragma unroll
+      for (int n = 0; n < kN; ++n) {
+        // The bits f32_to_bf16 gives on out (each value's product with inv, as stored above).
+        out_bf16[at + 8 * n + 2 * t] = bf16_round(o[n][2 * i] * inv);
+        out_bf16[at + 8 * n + 2 * t + 1] = bf16_round(o[n][2 * i + 1] * inv);
+      }
   }
 }
 
 template <int kK>
 void launch(dim3 grid, float* out, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch,
-            const int32_t* row_offsets, const int32_t* n_new, int n_heads, float scale, int window, float* lse, cudaStream_t stream) {
+            const int32_t* row_offsets, const int32_t* n_new, int n_heads, float scale, int window, float* lse, __nv_bfloat16* out_bf16,
+            cudaStream_t stream) {
   const size_t smem = smem_bytes(16 * kK);
   if (layer.bf16) {
     if (smem > 48 * 1024)
       cudaFuncSetAttribute(prefill_tc_kernel<kK, __nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     prefill_tc_kernel<kK, __nv_bfloat16><<<grid, kThreads, smem, stream>>>(out, q, q_stride, layer, batch, row_offsets, n_new,
-                                                                          n_heads, scale * kLog2e, window, lse);
+                                                                          n_heads, scale * kLog2e, window, lse, out_bf16);
   } else {
     if (smem > 48 * 1024) cudaFuncSetAttribute(prefill_tc_kernel<kK, float>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     prefill_tc_kernel<kK, float><<<grid, kThreads, smem, stream>>>(out, q, q_stride, layer, batch, row_offsets, n_new, n_heads,
-                                                                  scale * kLog2e, window, lse);
+                                                                  scale * kLog2e, window, lse, out_bf16);
   }
 }
 
@@ -221,23 +231,24 @@ bool prefill_attention_tc_supports(int head_dim) { return head_dim % 16 == 0 && 
 
 void prefill_attention_tc(float* out, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch,
                           const int32_t* row_offsets, const int32_t* n_new, int total_rows, int max_new, int n_heads, float scale,
-                          int window, cudaStream_t stream, float* lse) {
+                          int window, cudaStream_t stream, float* lse, __nv_bfloat16* out_bf16) {
   if (batch.n_seqs <= 0 || total_rows <= 0 || max_new <= 0) return;
   if (!prefill_attention_tc_supports(layer.head_dim)) {
-    if (lse) throw std::invalid_argument("prefill_attention_tc: no log-sum-exp output at head_dim " + std::to_string(layer.head_dim));
+    if (lse || out_bf16)
+      throw std::invalid_argument("prefill_attention_tc: no log-sum-exp or bf16 output at head_dim " + std::to_string(layer.head_dim));
     return prefill_attention(out, q, q_stride, layer, batch, row_offsets, n_new, total_rows, max_new, n_heads, scale, window,
                              stream);
   }
   const dim3 grid((max_new + kRows - 1) / kRows, n_heads, batch.n_seqs);
   switch (layer.head_dim / 16) {
-    case 1: return launch<1>(grid, out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
-    case 2: return launch<2>(grid, out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
-    case 3: return launch<3>(grid, out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
-    case 4: return launch<4>(grid, out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
-    case 5: return launch<5>(grid, out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
-    case 6: return launch<6>(grid, out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
-    case 7: return launch<7>(grid, out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
-    default: return launch<8>(grid, out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, stream);
+    case 1: return launch<1>(grid, out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, out_bf16, stream);
+    case 2: return launch<2>(grid, out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, out_bf16, stream);
+    case 3: return launch<3>(grid, out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, out_bf16, stream);
+    case 4: return launch<4>(grid, out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, out_bf16, stream);
+    case 5: return launch<5>(grid, out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, out_bf16, stream);
+    case 6: return launch<6>(grid, out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, out_bf16, stream);
+    case 7: return launch<7>(grid, out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, out_bf16, stream);
+    default: return launch<8>(grid, out, q, q_stride, layer, batch, row_offsets, n_new, n_heads, scale, window, lse, out_bf16, stream);
   }
 }
 

@@ -507,19 +507,25 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
   const PagedBatch batch{p.tables, p.table_offsets, p.lengths, p.n, p.attn_length};
   const float scale = 1.0f / std::sqrt(float(hd));
   mark(trace, kForwardAttention, st);
+  // bf16 models: the attention kernels write their output rounded to bf16 as well, the o
+  // projection's operand (into the trace when it keeps att); the f32 fallback's is rounded below.
+  __nv_bfloat16* att_bf16 = nullptr;
+  if (xb && (p.all_one || tc_attention()))
+    att_bf16 = keep ? static_cast<__nv_bfloat16*>(keep->att.ensure(size_t(R * Q) * sizeof(__nv_bfloat16))) : xb;
   // Attention reads q in place: the first Q floats of each qkv row.
-  if (p.all_one) decode_attention(att, qkv, QKV, layer, batch, c.n_heads, scale, c.sliding_window, s.attn.get(), st, xb);
+  if (p.all_one) decode_attention(att, qkv, QKV, layer, batch, c.n_heads, scale, c.sliding_window, s.attn.get(), st, att_bf16);
   else if (tc_attention())
     prefill_attention_tc(att, qkv, QKV, layer, batch, p.row_offsets, p.n_new, int(R), p.max_new, c.n_heads, scale,
                          c.sliding_window, st,
-                         keep ? static_cast<float*>(keep->lse.ensure(size_t(R * c.n_heads) * sizeof(float))) : nullptr);
+                         keep ? static_cast<float*>(keep->lse.ensure(size_t(R * c.n_heads) * sizeof(float))) : nullptr, att_bf16);
   else
     prefill_attention(att, qkv, QKV, layer, batch, p.row_offsets, p.n_new, int(R), p.max_new, c.n_heads, scale,
                       c.sliding_window, st);
   mark(trace, kForwardOther, st);
-  if (keep) keep_values(keep->att, att, R * Q);
-  // The o projection's bf16 operand where one exists: decode attention wrote it, or the trace kept it.
-  const __nv_bfloat16* att_bf16 = !xb ? nullptr : p.all_one ? xb : keep ? keep->att.get<__nv_bfloat16>() : nullptr;
+  if (keep && !att_bf16) {
+    keep_values(keep->att, att, R * Q);
+    if (xb) att_bf16 = keep->att.get<__nv_bfloat16>();
+  }
   linear_rows(L.o, att, att_bf16, R, x, true, l, 1, trace, keep, &u_next);
   if (keep) keep_rows(keep->x_mid, x, R * H);
 

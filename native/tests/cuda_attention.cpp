@@ -24,6 +24,7 @@
 // forty new tokens each), in shuffled order, from a padded fused-QKV buffer into a pool
 // prefilled with a sentinel; the whole pool must equal the host's placement bit for bit (the
 // slots it should not touch included).
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -251,20 +252,29 @@ void prefill_case(int head_dim, int n_kv_heads, int group, int window, const std
 
   float *dq = to_device_strided(q, n_heads * head_dim), *dout = device_nan(q.size()),
         *dlse = tc ? device_nan(size_t(total_rows) * n_heads) : nullptr;
+  __nv_bfloat16* dout16 = nullptr;  // tc: the output's bf16 copy too
+  if (tc) cudaMalloc(&dout16, q.size() * sizeof(uint16_t));
   const long q_stride = n_heads * head_dim + kStridePad;
   int32_t *drow_offsets = to_device(row_offsets), *dn_new = to_device(news);
   if (tc)
     rf::cuda::prefill_attention_tc(dout, dq, q_stride, cache.layer(), cache.batch(), drow_offsets, dn_new, total_rows, max_new, n_heads, scale,
-                                   window, nullptr, dlse);
+                                   window, nullptr, dlse, dout16);
   else
     rf::cuda::prefill_attention(dout, dq, q_stride, cache.layer(), cache.batch(), drow_offsets, dn_new, total_rows, max_new, n_heads, scale,
                                 window, nullptr);
   const bool ran = device_ok(name);
   std::vector<float> out(q.size()), lse(tc ? size_t(total_rows) * n_heads : 0);
+  std::vector<uint16_t> out16(tc ? q.size() : 0);
   cudaMemcpy(out.data(), dout, out.size() * sizeof(float), cudaMemcpyDeviceToHost);
   if (tc) cudaMemcpy(lse.data(), dlse, lse.size() * sizeof(float), cudaMemcpyDeviceToHost);
-  cudaFree(dq), cudaFree(dout), cudaFree(dlse), cudaFree(drow_offsets), cudaFree(dn_new);
+  if (tc) cudaMemcpy(out16.data(), dout16, out16.size() * sizeof(uint16_t), cudaMemcpyDeviceToHost);
+  cudaFree(dq), cudaFree(dout), cudaFree(dlse), cudaFree(drow_offsets), cudaFree(dn_new), cudaFree(dout16);
   if (!ran) return;
+  if (tc) {
+    long differ = 0;
+    for (size_t i = 0; i < out.size(); ++i) differ += out16[i] != rf::f32_to_bf16(out[i]);
+    check(differ == 0, name + ": its bf16 output is f32_to_bf16 of its f32 output (" + std::to_string(differ) + " differ)");
+  }
   double worst_lse = 0;
 
   const auto round_bf16 = [](std::vector<float>& v) {
