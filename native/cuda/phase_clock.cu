@@ -27,28 +27,27 @@ PhaseClock::~PhaseClock() {
   for (cudaEvent_t e : events_) cudaEventDestroy(e);
 }
 
-void PhaseClock::mark(int phase, cudaStream_t stream) {
-  if (!on_) return;
-  if (phase < 0 || size_t(phase) >= seconds_.size()) throw std::out_of_range("PhaseClock::mark: no phase " + std::to_string(phase));
-  const size_t i = phase_of_mark_.size();
+// Records event i (created on first use; i <= the events so far) on the stream.
+void PhaseClock::record(size_t i, cudaStream_t stream) {
   if (i == events_.size()) {
     cudaEvent_t e;
     check(cudaEventCreate(&e), "cudaEventCreate");
     events_.push_back(e);
   }
   check(cudaEventRecord(events_[i], stream), "cudaEventRecord");
+}
+
+void PhaseClock::mark(int phase, cudaStream_t stream) {
+  if (!on_) return;
+  if (phase < 0 || size_t(phase) >= seconds_.size()) throw std::out_of_range("PhaseClock::mark: no phase " + std::to_string(phase));
+  record(phase_of_mark_.size(), stream);
   phase_of_mark_.push_back(phase);
 }
 
 void PhaseClock::collect(cudaStream_t stream) {
   if (!on_ || phase_of_mark_.empty()) return;
   const size_t n = phase_of_mark_.size();
-  if (n == events_.size()) {
-    cudaEvent_t e;
-    check(cudaEventCreate(&e), "cudaEventCreate");
-    events_.push_back(e);
-  }
-  check(cudaEventRecord(events_[n], stream), "cudaEventRecord");
+  record(n, stream);
   check(cudaEventSynchronize(events_[n]), "cudaEventSynchronize");
   for (size_t i = 0; i < n; ++i) {
     float ms = 0.f;

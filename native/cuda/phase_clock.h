@@ -44,6 +44,7 @@ class PhaseClock {
   const std::vector<double>& seconds() const { return seconds_; }
 
  private:
+  void record(size_t i, cudaStream_t stream);
   bool on_ = false;
   std::vector<cudaEvent_t> events_;  // created on first use, reused
   std::vector<int> phase_of_mark_;
