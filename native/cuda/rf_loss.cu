@@ -334,18 +334,6 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
                       size_t(N) * (8 + sizeof(RowIn) + sizeof(RowOut));
   upload(d_flags, flags, stream);
 
-  // logits [n, V] of rows x [n, H] through W; the first n_trained rows' flag columns replaced by
-  // w_rf's.
-  auto logits = [&](float* z, const float* x, int n, int n_trained) {
-    const void* xin = x;
-    if (bf16) {
-      f32_to_bf16(xb, x, long(n) * H, stream);
-      xin = xb;
-    }
-    matmul(gemm, z, xin, w_type, W, w_type, n, V, H, nullptr, 0.f, stream);
-    set_flag_logits(z, V, x, n_trained, H, w_rf, d_flags, K, stream);
-  };
-
   // ---- one pass over the rows, in chunks of the KL rows, then of the red-flag rows: each
   //      chunk's rows gathered, their logits, the row scalars, dz and dh (scattered back) and,
   //      for KL rows, dw_rf. A red-flag row's dz is k (p - onehot(flag)) with k from its group, so
@@ -373,10 +361,19 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
     end = std::min(kl ? n_kl : size_t(N), j0 + size_t(C));  // chunks never mix the two kinds
     const int n = int(end - j0);
     const int32_t* ids = d_order + j0;
-    float *ht = hs, *zt = z, *zr = z + size_t(n) * V;
-    gather_rows(ht, h, ids, n, H, stream);
+    // The rows [m, H] (trained, then for KL rows reference) and their logits [m, V] through W; the
+    // trained rows' flag columns from w_rf.
+    const int m = kl ? 2 * n : n;
+    float *zt = z, *zr = z + size_t(n) * V;
+    gather_rows(hs, h, ids, n, H, stream);
     if (kl) gather_rows(hs + size_t(n) * H, h_ref, d_ref + j0, n, H, stream);
-    logits(z, hs, kl ? 2 * n : n, n);
+    const void* hin = hs;
+    if (bf16) {
+      f32_to_bf16(xb, hs, long(m) * H, stream);
+      hin = xb;
+    }
+    matmul(gemm, z, hin, w_type, W, w_type, m, V, H, nullptr, 0.f, stream);
+    set_flag_logits(zt, V, hs, n, H, w_rf, d_flags, K, stream);
     // The row scalars and dz (bf16 W: written as bf16 for the product back, zt left as logits).
     float* fzc = kl ? fz : d_vals + (j0 - n_kl) * size_t(K);
     loss_rows_kernel<<<n, kThreads, 0, stream>>>(zt, zr, V, d_in + j0, d_out + j0, xb, d_flags, K, fzc);
