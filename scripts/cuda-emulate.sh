@@ -14,7 +14,7 @@ for a in librf_core.a librf_kernels_avx2.a librf_kernels_avx512.a; do
   [ -f "$lib/$a" ] || { echo "cuda-emulate: $lib/$a is missing: build the native tests first (npm run test:native)" >&2; exit 1; }
 done
 mkdir -p "$out/src" "$out/include/cuda"
-for f in native/cuda/*.cu; do
+for f in native/cuda/*.cu "$emu"/*.cu; do
   python3 "$emu/translate.py" "$f" "$out/src/$(basename "$f" .cu).cpp" || exit 1
 done
 # Device headers (launches in templates) are translated too, found before native/'s own.
@@ -25,6 +25,7 @@ flags=(-std=c++17 -O2 -w -I"$emu" -I"$out/include" -Inative)
 g++ "${flags[@]}" -c "$emu/emu.cpp" -o "$out/emu.o" || exit 1
 # The device sources each test needs (translated), besides the emulated runtime.
 declare -A sources=(
+  [emulator]="emulator_test"
   [ops]="ops"
   [ops_backward]="ops_backward"
   [optim]="optim"
@@ -38,7 +39,7 @@ declare -A sources=(
 )
 declare -A stand_in=([rf_loss]="$emu/gemm.cpp" [model]="$emu/gemm.cpp" [train]="$emu/gemm.cpp")
 tests=("$@")
-[ ${#tests[@]} -eq 0 ] && tests=(ops ops_backward optim attention attention_backward rf_loss model_ops train_ops model train)
+[ ${#tests[@]} -eq 0 ] && tests=(emulator ops ops_backward optim attention attention_backward rf_loss model_ops train_ops model train)
 build_one() {
   local t=$1 srcs=()
   for s in ${sources[$t]}; do srcs+=("$out/src/$s.cpp"); done

@@ -24,7 +24,7 @@ struct alignas(8) uint2 { unsigned x, y; };
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 extern dim3 threadIdx, blockIdx, gridDim, blockDim;
 typedef void* cudaStream_t;
-enum cudaError_t { cudaSuccess = 0, cudaErrorStreamCaptureUnsupported = 900, cudaErrorStreamCaptureInvalidated = 901 };
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2, cudaErrorStreamCaptureUnsupported = 900, cudaErrorStreamCaptureInvalidated = 901 };
 // Stream capture (CUDA graphs): while a capture is open, launches, async copies and sets are
 // recorded instead of run (emu_enqueue), and what a real capture refuses (allocating, freeing,
 // synchronizing, a synchronous copy) returns cudaErrorStreamCaptureUnsupported.
@@ -47,7 +47,7 @@ void emu_free(void* p);
 template <class T> cudaError_t cudaMalloc(T** p, size_t n) {
   if (emu_capturing()) return cudaErrorStreamCaptureUnsupported;
   *p = (T*)emu_malloc(n);
-  return cudaSuccess;
+  return *p ? cudaSuccess : cudaErrorMemoryAllocation;
 }
 inline cudaError_t cudaFree(void* p) {
   if (emu_capturing()) return cudaErrorStreamCaptureUnsupported;
@@ -77,8 +77,10 @@ inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return emu_capturing() 
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
 inline const char* cudaGetErrorName(cudaError_t) { return "emulated"; }
-extern size_t emu_max_smem;
-template <class F> cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int v) { emu_max_smem = v; return cudaSuccess; }
+// A kernel's dynamic shared memory over 48 KiB needs its own attribute, up to the GPU's opt-in
+// limit (an H100's and H200's: 227 KiB); the key is the kernel's address (EmuKernel::key).
+cudaError_t emu_set_max_smem(const void* key, int bytes);
+template <class F> cudaError_t cudaFuncSetAttribute(F f, cudaFuncAttribute, int v) { return emu_set_max_smem((const void*)f, v); }
 void __syncthreads();
 float __shfl_xor_sync(unsigned, float, int);
 double __shfl_xor_sync(unsigned, double, int);
@@ -96,7 +98,18 @@ inline double __dadd_rn(double a, double b) { return a + b; }
 inline double __dsqrt_rn(double a) { return std::sqrt(a); }
 using std::max;
 using std::min;
-void emu_launch(dim3 grid, dim3 block, size_t smem, std::function<void()> body);
+// A launch names its kernel (for the emulation's messages), its address (the key of its
+// shared-memory attribute; null when translate.py cannot take it) and its __launch_bounds__ (0:
+// none known); translate.py writes them.
+struct EmuKernel {
+  const char* name;
+  const void* key;
+  int bounds;
+};
+void emu_launch(dim3 grid, dim3 block, size_t smem, EmuKernel kernel, std::function<void()> body);
+// Poisons a static __shared__ variable once per block (translate.py calls it after each one's
+// declaration; the first thread of a block to get there poisons it, the rest leave it).
+void emu_poison_shared(void* p, size_t bytes);
 extern unsigned char* emu_smem;
 enum { cudaStreamNonBlocking = 1 };
 inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }

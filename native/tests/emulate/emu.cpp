@@ -1,42 +1,117 @@
 // A CPU emulation of the CUDA runtime subset the kernels use, so that their tests run where no
-// GPU is (CI): every CUDA thread of a block is a fiber (ucontext) of one OS thread; blocks run
-// one after another; __syncthreads and the warp shuffles switch fibers until every thread has
-// arrived. The last thread to arrive at a barrier runs on first, so threads interleave in an
+// GPU is (CI): every CUDA thread of a block is a fiber of one OS thread (a stack of its own,
+// switched by the few instructions of emu_switch below; ucontext's swapcontext made a system call
+// per switch, which was most of the emulation's time); blocks run one after another;
+// __syncthreads and the warp shuffles switch fibers until every thread has arrived. The last thread to arrive at a barrier runs on first, so threads interleave in an
 // order no GPU promises either, and a thread that reads what another overwrites without a
-// barrier between shows up (it found such a race in cuda/rf_loss.cu). Shared memory is
-// poisoned (0xff bytes) per block; launches over 1024 threads or over the dynamic shared-memory
-// limit abort. What it cannot catch: races between real warps that need true concurrency,
-// memory-model and coalescing effects, the real hardware limits beyond these, and speed.
+// barrier between shows up (it found such a race in cuda/rf_loss.cu). Every other block runs its
+// threads from the last to the first, which turns the other half of such races (a read that the
+// forward order happens to place after the write it needs) into wrong results too;
+// EMU_SCHEDULE=forward or reverse fixes one order for every block.
+// Memory a GPU leaves undefined is poisoned (0xff bytes: NaN as f32 and bf16, -1 as integers):
+// fresh device allocations, and shared memory, dynamic and static, at the start of every block.
+// Each device allocation ends at a guard page, so a read or write past its end (beyond the
+// 256-byte granule cudaMalloc rounds to) stops the test with the kernel's name; writes within
+// the granule's slack are caught by a canary checked after every launch and at cudaFree. A freed
+// allocation is unmapped, so a use after free stops the test too. Launches a GPU refuses abort:
+// over 1024 threads or the kernel's __launch_bounds__, a grid over its limits, dynamic shared
+// memory over 48 KiB without the kernel's attribute, or over 227 KiB.
+// What it cannot catch: races between real warps that need true concurrency, memory-model and
+// coalescing effects, the real hardware limits beyond these, and speed.
 // A warp's tensor-core product (mma.sync, cuda/mma.h) is formed from the 32 lanes' fragments by
 // the PTX layout, between two warp barriers. A stream capture (CUDA graphs) records launches,
 // async copies and cuBLASLt stand-ins in order and replays them at cudaGraphLaunch; allocating,
 // freeing or synchronizing inside one fails as on a GPU.
 // Kernel launches (<<<...>>>) are rewritten to emu_launch by translate.py; cuBLASLt is replaced
 // by plain loops (gemm.cpp). scripts/cuda-emulate.sh builds and runs the emulated tests.
-#include <ucontext.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #include <chrono>
 #include <cstdio>
+#include <map>
 #include <vector>
 #include "cuda_runtime.h"
+// Saves the callee-saved registers and the floating-point control words on the current stack,
+// stores its pointer in *from, and resumes the stack `to` (System V x86-64).
+extern "C" void emu_switch(void** from, void* to);
+asm(R"(
+  .text
+  .globl emu_switch
+  .type emu_switch, @function
+emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size emu_switch, .-emu_switch
+)");
 dim3 threadIdx, blockIdx, gridDim, blockDim;
 unsigned char* emu_smem;
-size_t emu_max_smem = 48 * 1024;
 namespace {
-struct Fiber { ucontext_t ctx; char* stack; bool done; };
+constexpr unsigned char kPoison = 0xff, kCanary = 0xfd;
+constexpr size_t kDefaultSmem = 48 * 1024, kOptInSmem = 227 * 1024;
+const char* running = "(no kernel)";  // the kernel now running, for the messages
+unsigned long block_serial = 0;       // counts blocks, so that each poisons its shared memory once
+std::map<const void*, size_t> smem_limit;
+}  // namespace
+cudaError_t emu_set_max_smem(const void* key, int bytes) {
+  if (bytes < 0 || size_t(bytes) > kOptInSmem) return cudaErrorInvalidValue;
+  if (key) smem_limit[key] = size_t(bytes);
+  return cudaSuccess;
+}
+void emu_poison_shared(void* p, size_t bytes) {
+  static std::map<void*, unsigned long> poisoned;
+  unsigned long& at = poisoned[p];
+  if (at != block_serial) memset(p, kPoison, bytes), at = block_serial;
+}
+namespace {
+struct Fiber { void* sp; char* stack; bool done; };
 std::vector<Fiber> fibers;
-ucontext_t sched_ctx;
+void* sched_sp;  // the scheduler's stack pointer while a fiber runs
 int cur, n_alive, block_arrived, block_gen;
 int warp_arrived[64], warp_gen[64];
 float shfl_buf[2048];
 double shfl_dbuf[2048];
 std::function<void()>* body_ptr;
-void yield() { swapcontext(&fibers[cur].ctx, &sched_ctx); }
+void yield() { emu_switch(&fibers[cur].sp, sched_sp); }
 void fiber_main() {
   (*body_ptr)();
   fibers[cur].done = true;
   --n_alive;
   if (block_arrived > 0 && block_arrived == n_alive) block_arrived = 0, ++block_gen;
-  swapcontext(&fibers[cur].ctx, &sched_ctx);
+  emu_switch(&fibers[cur].sp, sched_sp);  // never resumed
+}
+constexpr size_t kStack = 1 << 17;
+// A fresh fiber's stack, laid out as emu_switch leaves a suspended one: the control words, the
+// six callee-saved registers, and the "return address" fiber_main, at a 16-byte boundary so that
+// fiber_main starts with the stack aligned as after a call.
+void* fiber_start(char* stack) {
+  uint64_t* top = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(stack + kStack) & ~uintptr_t(15));
+  top -= 2;  // the return address' slot at 16-byte alignment, and one slot of padding above it
+  top[0] = reinterpret_cast<uint64_t>(&fiber_main);
+  top -= 6;  // rbp, rbx, r12 .. r15: zero
+  for (int i = 0; i < 6; ++i) top[i] = 0;
+  top -= 1;
+  top[0] = 0x1F80u | (uint64_t(0x037Fu) << 32);  // MXCSR (round to nearest, exceptions masked), x87 control word
+  return top;
 }
 void warp_sync() {
   const int w = int(threadIdx.x) / 32, gen = warp_gen[w];
@@ -141,53 +216,173 @@ cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
   delete exec;
   return cudaSuccess;
 }
-void emu_launch(dim3 grid, dim3 block, size_t smem, std::function<void()> body) {
-  emu_enqueue([=] { launch_now(grid, block, smem, body); });
+namespace {
+[[noreturn]] void refuse(const EmuKernel& k, const char* why, size_t a, size_t b) {
+  std::printf("EMU: kernel %s: %s (%zu, limit %zu)\n", k.name, why, a, b);
+  std::fflush(stdout);
+  std::abort();
+}
+void check_canaries(const char* after);
+}  // namespace
+void emu_launch(dim3 grid, dim3 block, size_t smem, EmuKernel kernel, std::function<void()> body) {
+  // What the GPU checks at launch, checked when the launch is made (a capture's too).
+  const auto it = kernel.key ? smem_limit.find(kernel.key) : smem_limit.end();
+  const size_t limit = it == smem_limit.end() ? kDefaultSmem : std::max(kDefaultSmem, it->second);
+  if (smem > limit) refuse(kernel, "dynamic shared memory over the kernel's limit", smem, limit);
+  if (block.y != 1 || block.z != 1) refuse(kernel, "a 2-D or 3-D block (the emulation runs 1-D ones)", block.y * block.z, 1);
+  if (block.x == 0 || block.x > 1024) refuse(kernel, "threads per block", block.x, 1024);
+  if (kernel.bounds > 0 && block.x > unsigned(kernel.bounds)) refuse(kernel, "threads per block over __launch_bounds__", block.x, kernel.bounds);
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) refuse(kernel, "an empty grid", 0, 1);
+  if (grid.y > 65535 || grid.z > 65535) refuse(kernel, "grid.y or grid.z", std::max(grid.y, grid.z), 65535);
+  emu_enqueue([=] {
+    running = kernel.name;
+    launch_now(grid, block, smem, body);
+    check_canaries(kernel.name);
+    running = "(no kernel)";
+  });
 }
 namespace {
+// Whether a block runs its threads from the last to the first: EMU_SCHEDULE=forward or reverse
+// for every block; by default, odd blocks reverse (read at each launch, so a test may switch).
+bool reverse_order(unsigned long block) {
+  const char* s = getenv("EMU_SCHEDULE");
+  if (s && strcmp(s, "forward") == 0) return false;
+  if (s && strcmp(s, "reverse") == 0) return true;
+  return block % 2 == 1;
+}
 void launch_now(dim3 grid, dim3 block, size_t smem, std::function<void()> body) {
-  if (smem > emu_max_smem) { std::printf("EMU: smem %zu over limit %zu\n", smem, emu_max_smem); std::abort(); }
-  if (block.y != 1 || block.z != 1 || block.x > 1024) std::abort();
   const int n = block.x;
   body_ptr = &body;
   gridDim = grid, blockDim = block;
+  // The stacks stay from launch to launch (each malloc of one would map and unmap its pages).
+  static std::vector<char*> stacks;
+  while (stacks.size() < size_t(n)) stacks.push_back(static_cast<char*>(malloc(kStack)));
   fibers.assign(n, Fiber{});
-  for (auto& f : fibers) f.stack = (char*)malloc(1 << 17);
+  for (int i = 0; i < n; ++i) fibers[i].stack = stacks[i];
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         blockIdx = dim3(x, y, z);
-        unsigned char* sm = (unsigned char*)malloc(smem ? smem : 1);
-        memset(sm, 0xff, smem);
-        emu_smem = sm;
+        ++block_serial;
+        const bool reverse = reverse_order(block_serial);
+        alignas(128) static unsigned char shared[kOptInSmem];  // the launch checks kept smem within it
+        memset(shared, kPoison, smem);
+        emu_smem = shared;
         for (int i = 0; i < n; ++i) {
-          getcontext(&fibers[i].ctx);
-          fibers[i].ctx.uc_stack.ss_sp = fibers[i].stack;
-          fibers[i].ctx.uc_stack.ss_size = 1 << 17;
-          fibers[i].ctx.uc_link = nullptr;
+          fibers[i].sp = fiber_start(fibers[i].stack);
           fibers[i].done = false;
-          makecontext(&fibers[i].ctx, fiber_main, 0);
         }
         n_alive = n, block_arrived = 0;
         for (auto& a : warp_arrived) a = 0;
         while (n_alive > 0)
-          for (int i = 0; i < n; ++i) {
+          for (int j = 0; j < n; ++j) {
+            const int i = reverse ? n - 1 - j : j;
             if (fibers[i].done) continue;
             cur = i;
             threadIdx = dim3(i);
-            swapcontext(&sched_ctx, &fibers[i].ctx);
+            emu_switch(&sched_sp, fibers[i].sp);
           }
-        free(sm);
       }
-  for (auto& f : fibers) free(f.stack);
 }
 }  // namespace
-#include <map>
-static std::map<void*, size_t> g_alloc;
-static size_t g_bytes = 0;
-void* emu_malloc(size_t n) { void* p = malloc(n ? n : 1); g_alloc[p] = n; g_bytes += n; return p; }
-void emu_free(void* p) { if (!p) return; auto it = g_alloc.find(p); if (it != g_alloc.end()) { g_bytes -= it->second; g_alloc.erase(it); } free(p); }
-size_t emu_allocated() { return g_bytes; }
+// Device memory: each allocation rounded up to cudaMalloc's 256-byte granule and placed so that
+// the granule ends where an inaccessible guard page begins. Its pages are poisoned on first touch
+// (mapped inaccessible, made accessible and poisoned by the fault handler): poisoning them all at
+// cudaMalloc would write every page of the engine's 2 GiB KV pool, most of which a test never uses.
+namespace {
+struct Allocation {
+  char* map;
+  size_t map_bytes, bytes, granule;
+};
+std::map<char*, Allocation> allocations;  // by the address handed out
+size_t allocated_bytes = 0;
+const size_t page = size_t(sysconf(_SC_PAGESIZE));
+// The first byte of the granule's slack that is no longer the canary, or null.
+const char* slack_written(const char* p, const Allocation& a) {
+  for (size_t i = a.bytes; i < a.granule; ++i)
+    if ((unsigned char)p[i] != kCanary) return p + i;
+  return nullptr;
+}
+void check_canaries(const char* after) {
+  for (const auto& [p, a] : allocations)
+    if (const char* bad = slack_written(p, a)) {
+      std::printf("EMU: %s wrote past the end of a %zu-byte device allocation (byte %zu)\n", after, a.bytes, size_t(bad - p));
+      std::fflush(stdout);
+      std::abort();
+    }
+}
+// The allocation whose pages hold address a (between its mapping's start and its guard page), or null.
+const Allocation* allocation_at(const char* a) {
+  auto it = allocations.upper_bound(const_cast<char*>(a));  // the first handed out above a: a may be in its first page
+  if (it != allocations.end() && a >= it->second.map) return &it->second;
+  if (it == allocations.begin()) return nullptr;
+  --it;
+  return a < it->second.map + it->second.map_bytes - page ? &it->second : nullptr;
+}
+void on_fault(int, siginfo_t* info, void*) {
+  // A first touch of a device page: make it accessible, poisoned, and let the access run again.
+  // (mprotect and memset only; the allocation table is not being changed by the faulting code.)
+  char* a = static_cast<char*>(info->si_addr);
+  if (allocation_at(a)) {
+    char* pg = reinterpret_cast<char*>(reinterpret_cast<uintptr_t>(a) & ~uintptr_t(page - 1));
+    if (mprotect(pg, page, PROT_READ | PROT_WRITE) == 0) {
+      memset(pg, kPoison, page);
+      return;
+    }
+  }
+  // Only async-signal-safe calls here.
+  char msg[256];
+  const int n = snprintf(msg, sizeof msg, "EMU: invalid memory access at %p in %s (past the end of a device allocation, freed memory, or a host bug)\n", info->si_addr, running);
+  if (n > 0) (void)!write(2, msg, size_t(n));
+  _exit(134);
+}
+// The fibers run on stacks of their own, so the handler gets an alternate stack.
+const bool fault_handler_installed = [] {
+  static char alt[1 << 16];
+  stack_t ss{};
+  ss.ss_sp = alt, ss.ss_size = sizeof alt;
+  sigaltstack(&ss, nullptr);
+  struct sigaction sa{};
+  sa.sa_sigaction = on_fault;
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+  sigaction(SIGSEGV, &sa, nullptr);
+  sigaction(SIGBUS, &sa, nullptr);
+  return true;
+}();
+}  // namespace
+void* emu_malloc(size_t n) {
+  const size_t granule = (std::max<size_t>(n, 1) + 255) / 256 * 256, data = (granule + page - 1) / page * page;
+  void* m = mmap(nullptr, data + page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (m == MAP_FAILED) return nullptr;
+  char* map = static_cast<char*>(m);
+  // The last data page now: it holds the canary, which must be there before any kernel runs.
+  char* last = map + data - page;
+  if (mprotect(last, page, PROT_READ | PROT_WRITE) != 0) { munmap(map, data + page); return nullptr; }
+  memset(last, kPoison, page);
+  char* p = map + data - granule;
+  memset(p + n, kCanary, granule - n);
+  allocations[p] = Allocation{map, data + page, n, granule};
+  allocated_bytes += n;
+  return p;
+}
+void emu_free(void* ptr) {
+  if (!ptr) return;
+  const auto it = allocations.find(static_cast<char*>(ptr));
+  if (it == allocations.end()) {
+    std::printf("EMU: cudaFree of %p, which is not a device allocation (or freed twice)\n", ptr);
+    std::fflush(stdout);
+    std::abort();
+  }
+  if (const char* bad = slack_written(it->first, it->second)) {
+    std::printf("EMU: a %zu-byte device allocation was written past its end (byte %zu), found at cudaFree\n", it->second.bytes, size_t(bad - it->first));
+    std::fflush(stdout);
+    std::abort();
+  }
+  allocated_bytes -= it->second.bytes;
+  munmap(it->second.map, it->second.map_bytes);
+  allocations.erase(it);
+}
+size_t emu_allocated() { return allocated_bytes; }
 
 double emu_now_ms() {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();

@@ -1,15 +1,21 @@
 #!/usr/bin/env python3
-"""Rewrites a .cu source for the CPU emulation (see emu.cpp): each kernel launch
-`name<<<grid, block[, smem[, stream]]>>>(args);` becomes
-`emu_launch(dim3(grid), dim3(block), smem, [=] { name(args); });`, and the dynamic shared-memory
-declaration points at the emulation's buffer.  Usage: translate.py IN.cu OUT.cpp
+"""Rewrites a .cu source for the CPU emulation (see emu.cpp):
+- each kernel launch `name<<<grid, block[, smem[, stream]]>>>(args);` becomes
+  `emu_launch(dim3(grid), dim3(block), smem, {"name", key, bounds}, [=] { name(args); });`, where
+  key identifies the kernel for its shared-memory attribute (cudaFuncSetAttribute) and bounds is
+  its __launch_bounds__ when this file defines it (0: none known), so that the emulation refuses a
+  launch a GPU would refuse;
+- the dynamic shared-memory declaration points at the emulation's buffer;
+- each static __shared__ declaration is followed by a call that poisons it once per block, as the
+  dynamic buffer is, so that a read before any write shows up.
+Usage: translate.py IN.cu OUT.cpp
 """
 import re
 import sys
 
 
 def split_top(s):
-    """Splits a launch configuration at its top-level commas."""
+    """Splits a launch configuration or declarator list at its top-level commas."""
     out, depth, cur = [], 0, ''
     for ch in s:
         if ch in '([{':
@@ -25,15 +31,34 @@ def split_top(s):
     return [x.strip() for x in out]
 
 
+src = open(sys.argv[1]).read()
+
+# The launch bounds of the kernels defined here, and the kernels given a shared-memory attribute.
+bounds = dict((m.group(2), m.group(1)) for m in re.finditer(r'__global__\s+void\s+__launch_bounds__\(([^)]*)\)\s*(\w+)', src))
+attributed = set(re.findall(r'cudaFuncSetAttribute\(\s*([\w]+(?:<[\w, ]+>)?)\s*,', src))
+
+
 def launch(m):
     name, cfg, args = m.group(1), m.group(2), m.group(3)
+    base = name.split('<')[0]
     c = split_top(cfg)
     smem = c[2] if len(c) > 2 else '0'
-    return 'emu_launch(dim3(%s), dim3(%s), %s, [=] { %s(%s); });' % (c[0], c[1], smem, name, args)
+    # Only a kernel given the attribute needs a key (the address of the same name, so the same
+    # instantiation); the others keep the default 48 KiB limit, as on a GPU.
+    key = '(const void*)&%s' % name if name in attributed else 'nullptr'
+    bound = 'int(%s)' % bounds[base] if base in bounds else '0'
+    return 'emu_launch(dim3(%s), dim3(%s), %s, EmuKernel{"%s", %s, %s}, [=] { %s(%s); });' % (
+        c[0], c[1], smem, base, key, bound, name, args)
 
 
-src = open(sys.argv[1]).read()
+def poison_shared(m):
+    decl = m.group(0)
+    names = [re.match(r'\w+', d).group(0) for d in split_top(m.group(2))]
+    return decl + ''.join(' emu_poison_shared(&%s, sizeof(%s));' % (n, n) for n in names)
+
+
 src = re.sub(r'extern __shared__ __align__\(16\) unsigned char (\w+)\[\];', r'unsigned char* \1 = emu_smem;', src)
+src = re.sub(r'(?<!extern )(?:__align__\(\d+\)\s+)?__shared__\s+([\w:]+)\s+([^;]+);', poison_shared, src)
 src = re.sub(r'(\w+(?:<[\w, ]+>)?)<<<(.+?)>>>\((.*?)\);', launch, src, flags=re.S)
 if '<<<' in src:
     sys.exit(f"translate.py: a kernel launch in {sys.argv[1]} was not rewritten: {src[src.index('<<<') - 60:src.index('<<<') + 40]!r}")

@@ -1,0 +1,68 @@
+// Kernels that break the rules the CPU emulation of CUDA enforces (emu.cpp), one rule each, for
+// run_emulator.cpp, which checks that the emulation catches every one of them. Never built by nvcc.
+#include <cuda_runtime.h>
+
+namespace emutest {
+
+// Thread 0 of each block reads a static shared value before anyone writes it, then writes it.
+__global__ void read_shared_before_write_kernel(float* out) {
+  __shared__ float s[4];
+  if (threadIdx.x == 0) {
+    out[blockIdx.x] = s[1];
+    s[1] = 1.f;
+  }
+}
+
+// The same with dynamic shared memory.
+__global__ void read_dynamic_shared_kernel(float* out) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* s = reinterpret_cast<float*>(smem);
+  if (threadIdx.x == 0) {
+    out[blockIdx.x] = s[0];
+    s[0] = 1.f;
+  }
+}
+
+// Each thread takes a ticket in the order the threads run.
+__global__ void ticket_kernel(int* order, int* counter) { order[threadIdx.x] = atomicAdd(counter, 1); }
+
+// Thread 1 reads what thread 0 writes with no barrier between: right only when thread 0 runs first.
+__global__ void missing_barrier_kernel(float* out) {
+  __shared__ float s;
+  if (threadIdx.x == 0) s = 2.f;
+  if (threadIdx.x == 1) out[0] = s;
+}
+
+// Writes x[i] for i < n + extra: past the end by `extra` elements.
+__global__ void write_kernel(float* x, int n, int extra) {
+  for (int i = threadIdx.x; i < n + extra; i += blockDim.x) x[i] = 3.f;
+}
+
+// Reads x[i] for i < n (into nothing that matters).
+__global__ void read_kernel(const float* x, int n, float* sink) {
+  float s = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) s += x[i];
+  if (threadIdx.x == 0) sink[0] = s;
+}
+
+__global__ void __launch_bounds__(64) bounded_kernel(float* x) { x[threadIdx.x] = 1.f; }
+
+__global__ void big_smem_kernel(float* x) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  if (threadIdx.x == 0) x[0] = float(smem[0]);
+}
+
+void read_shared_before_write(float* out, int blocks) { read_shared_before_write_kernel<<<blocks, 32>>>(out); }
+void read_dynamic_shared(float* out, int blocks) { read_dynamic_shared_kernel<<<blocks, 32, 64>>>(out); }
+void ticket(int* order, int* counter, int threads) { ticket_kernel<<<1, threads>>>(order, counter); }
+void missing_barrier(float* out) { missing_barrier_kernel<<<1, 32>>>(out); }
+void write(float* x, int n, int extra) { write_kernel<<<1, 64>>>(x, n, extra); }
+void read(const float* x, int n, float* sink) { read_kernel<<<1, 64>>>(x, n, sink); }
+void bounded(float* x, int threads) { bounded_kernel<<<1, threads>>>(x); }
+void big_smem(float* x, int smem, bool raise) {
+  if (raise) cudaFuncSetAttribute(big_smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  big_smem_kernel<<<1, 32, smem>>>(x);
+}
+void grid_y(float* x, unsigned y) { bounded_kernel<<<dim3(1, y), 32>>>(x); }
+
+}  // namespace emutest
