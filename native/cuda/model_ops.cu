@@ -97,7 +97,7 @@ __global__ void gather_rows_kernel(float* out, const float* x, const int32_t* ro
 }
 
 // grid: (rows, n_flags); one dot product per block.
-__global__ void flag_logits_kernel(float* logits, int vocab, const float* xn, int hidden, const float* head,
+__global__ void flag_logits_kernel(float* logits, long ld, const float* xn, int hidden, const float* head,
                                    const int32_t* tokens) {
   __shared__ float scratch[32];
   const long r = blockIdx.x;
@@ -105,7 +105,7 @@ __global__ void flag_logits_kernel(float* logits, int vocab, const float* xn, in
   float dot = 0.f;
   for (int i = threadIdx.x; i < hidden; i += blockDim.x) dot += xn[r * hidden + i] * head[long(k) * hidden + i];
   dot = block_reduce(dot, scratch, false);
-  if (threadIdx.x == 0) logits[r * vocab + tokens[k]] = dot;
+  if (threadIdx.x == 0) logits[r * ld + tokens[k]] = dot;
 }
 
 // grid: rows. The log-sum-exp with max subtraction in f32, as the CPU's logsumexp.
@@ -163,10 +163,10 @@ void gather_rows(float* out, const float* x, const int32_t* rows, int n, int wid
   if (n > 0) gather_rows_kernel<<<n, kThreads, 0, stream>>>(out, x, rows, width);
 }
 
-void set_flag_logits(float* logits, int vocab, const float* xn, int rows, int hidden, const float* head,
+void set_flag_logits(float* logits, long ld, const float* xn, int rows, int hidden, const float* head,
                      const int32_t* tokens, int n_flags, cudaStream_t stream) {
   if (rows > 0 && n_flags > 0)
-    flag_logits_kernel<<<dim3(rows, n_flags), kThreads, 0, stream>>>(logits, vocab, xn, hidden, head, tokens);
+    flag_logits_kernel<<<dim3(rows, n_flags), kThreads, 0, stream>>>(logits, ld, xn, hidden, head, tokens);
 }
 
 void row_scores(const float* logits, int rows, int vocab, const int32_t* flags, int n_flags, const int32_t* next,

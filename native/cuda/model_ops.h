@@ -40,8 +40,9 @@ void merge_lora_rows(void* w, bool w_bf16, int out, int in, const float* A, cons
 void gather_rows(float* out, const float* x, const int32_t* rows, int n, int width, cudaStream_t stream);
 
 // logits[r, tokens[k]] = xn[r] . head[k] for the adapter's flag rows head [n_flags, hidden]:
-// the trained rows replace the base rows of the LM head (Model::head_logits).
-void set_flag_logits(float* logits, int vocab, const float* xn, int rows, int hidden, const float* head,
+// the trained rows replace the base rows of the LM head (Model::head_logits). Logits rows are
+// `ld` floats apart (the vocabulary, or a padded stride).
+void set_flag_logits(float* logits, long ld, const float* xn, int rows, int hidden, const float* head,
                      const int32_t* tokens, int n_flags, cudaStream_t stream);
 
 // Per logits row r of [rows, vocab]: p of each flag (p_flags [rows, n_flags], may be null) and

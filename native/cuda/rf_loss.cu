@@ -22,15 +22,23 @@ namespace rf::cuda {
 namespace {
 
 constexpr int kThreads = 512;
+
+// The row stride of the [rows, V] buffers (logits, dz): V rounded up to 128 elements, so that
+// every row of an f32 or a bf16 buffer starts 256-byte aligned, as cuBLASLt's fastest kernels
+// want of each row of an operand. Llama's and Qwen's vocabularies are multiples
+// of 128 already; GPT-2's 50257 becomes 50304 (as llm.c pads it), without which the bf16 dz rows
+// fall on 2-byte boundaries and the products back through the head take unvectorized kernels.
+long padded_ld(int V) { return (long(V) + 127) / 128 * 128; }
+
 // Rows per chunk: as many as keep the chunk's [rows, V] buffers (two f32 logits, and for bf16 W
-// the bf16 dz) within 256 MiB, in multiples of 64 from 64 to 1024: at V = 128256 and bf16 W, 192
-// rows (235 MiB). The larger the chunk, the fewer times the products read W (V x H: 501 MiB
-// for Llama-3.2-1B's head); at 192 rows each read of W feeds 192 FLOPs per byte, about the H200's
-// ratio of bf16 throughput to memory bandwidth.
-int default_chunk(int V, bool bf16) {
-  const size_t per_row = size_t(V) * (bf16 ? 10 : 8);
-  const size_t rows = (size_t(256) << 20) / per_row / 64 * 64;
-  return int(std::clamp<size_t>(rows, 64, 1024));
+// the bf16 dz) within `budget` bytes, in multiples of 64 from 64 to 4096: with 256 MiB at V =
+// 128256 and bf16 W, 192 rows (235 MiB). The larger the chunk, the fewer times the products read
+// W (V x H: 501 MiB for Llama-3.2-1B's head); at 192 rows each read of W feeds 192 FLOPs per
+// byte, about the H200's ratio of bf16 throughput to memory bandwidth.
+int default_chunk(int V, bool bf16, size_t budget = size_t(256) << 20) {
+  const size_t per_row = size_t(padded_ld(V)) * (bf16 ? 10 : 8);
+  const size_t rows = budget / per_row / 64 * 64;
+  return int(std::clamp<size_t>(rows, 64, 4096));
 }
 
 void check(cudaError_t e, const char* what) {
@@ -116,18 +124,18 @@ __device__ __forceinline__ float dz_rf(float z, int v, int target, double lse, f
 }
 
 // grid: rows of the chunk. zt [rows, V] trained logits (flags replaced), zr [rows, V] reference
-// logits (KL rows only). Writes RowOut; dz (w (p_theta - p_ref) for KL rows, the unit p -
+// logits (KL rows only), rows ld apart (as dzb's). Writes RowOut; dz (w (p_theta - p_ref) for KL rows, the unit p -
 // onehot(target) for red-flag rows, whose coefficient k comes from the groups) over zt in place,
 // or, dzb set, as bf16 into dzb [rows, V] (the product back through a bf16 W reads only that);
 // and fz [rows, K] = dz at the flag columns, in f32.
-__global__ void loss_rows_kernel(float* zt, const float* zr, int V, const RowIn* in, RowOut* out, __nv_bfloat16* dzb,
+__global__ void loss_rows_kernel(float* zt, const float* zr, int V, long ld, const RowIn* in, RowOut* out, __nv_bfloat16* dzb,
                                  const int* flags, int K, float* fz) {
   __shared__ double scratch[3 * 32];
   const long r = blockIdx.x;
-  float* z = zt + r * V;
+  float* z = zt + r * ld;
   const RowIn row = in[r];
   const bool kl = row.kind != int(RfLossKind::red_flag);
-  const float* q = kl ? zr + r * V : nullptr;
+  const float* q = kl ? zr + r * ld : nullptr;
   // Read 1: the log-sum-exps (the trained row's, and the reference row's for KL rows).
   Lse lt, lr;
   for (int v = threadIdx.x; v < V; v += blockDim.x) {
@@ -163,7 +171,7 @@ __global__ void loss_rows_kernel(float* zt, const float* zr, int V, const RowIn*
   }
   __syncthreads();
   // Read 2: dz, and for KL rows KL(p_ref || p_theta) = sum_v p_ref,v ((z_ref,v - lse_ref) - (z_v - lse)).
-  __nv_bfloat16* b = dzb ? dzb + r * V : nullptr;
+  __nv_bfloat16* b = dzb ? dzb + r * ld : nullptr;
   double klv = 0;
   for (int v = threadIdx.x; v < V; v += blockDim.x) {
     float d;
@@ -233,14 +241,14 @@ __device__ __forceinline__ float dz_ce(float z, int v, int target, double lse, f
   return weight * prob(z, lse) - (v == target ? weight : 0.f);
 }
 
-// grid: rows of the chunk. z [rows, V] logits; loss[r] = lse - z[target] in double; dz over z in
+// grid: rows of the chunk. z [rows, V] logits (rows ld apart, as dzb's); loss[r] = lse - z[target] in double; dz over z in
 // place, or, dzb set, as bf16 into dzb [rows, V] (the products back through a bf16 W read only
 // that); and fz [rows, K] = dz at the flag columns, in f32, as loss_rows_kernel.
-__global__ void ce_kernel(float* zt, int V, const int32_t* targets, float weight, double* loss, __nv_bfloat16* dzb,
+__global__ void ce_kernel(float* zt, int V, long ld, const int32_t* targets, float weight, double* loss, __nv_bfloat16* dzb,
                           const int* flags, int K, float* fz) {
   __shared__ double scratch[3 * 32];
   const long r = blockIdx.x;
-  float* z = zt + r * V;
+  float* z = zt + r * ld;
   const int target = targets[r];
   // Read before any thread overwrites z (the writes come after the reduction's barriers).
   const float z_target = z[target];
@@ -250,7 +258,7 @@ __global__ void ce_kernel(float* zt, int V, const int32_t* targets, float weight
   const double lse = double(l.m) + log(l.s);
   for (int k = threadIdx.x; k < K; k += blockDim.x) fz[r * K + k] = dz_ce(z[flags[k]], flags[k], target, lse, weight);
   __syncthreads();  // the flag columns are read before the sweep may overwrite them
-  __nv_bfloat16* b = dzb ? dzb + r * V : nullptr;
+  __nv_bfloat16* b = dzb ? dzb + r * ld : nullptr;
   for (int v = threadIdx.x; v < V; v += blockDim.x) {
     const float d = dz_ce(z[v], v, target, lse, weight);
     if (b) b[v] = bf16_round(d);
@@ -308,15 +316,16 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
   // ---- scratch
   const bool bf16 = w_type == DType::bf16;
   const int C = std::min(N, opt.chunk > 0 ? opt.chunk : default_chunk(V, bf16));
+  const long ld = padded_ld(V);
   LossScratch local;
   LossScratch& sc = scratch ? *scratch : local;
   sc.begin();
   // A KL chunk's n trained rows and their n reference rows stacked, [2n, H], so that one product
-  // reads W once for both logits, [2n, V]: the trained rows' then the reference rows'.
-  float* z = sc.get<float>(2 * size_t(C) * V);
+  // reads W once for both logits, [2n, V] (rows ld apart): the trained rows' then the reference rows'.
+  float* z = sc.get<float>(2 * size_t(C) * ld);
   float* hs = sc.get<float>(2 * size_t(C) * H);
   // bf16 W: the rows' bf16 copies for the logits' product, then the bf16 dz for the one back.
-  __nv_bfloat16* xb = bf16 ? sc.get<__nv_bfloat16>(std::max(size_t(C) * V, 2 * size_t(C) * H)) : nullptr;
+  __nv_bfloat16* xb = bf16 ? sc.get<__nv_bfloat16>(std::max(size_t(C) * ld, 2 * size_t(C) * H)) : nullptr;
   float* dhc = sc.get<float>(size_t(C) * H);
   // Every row's index, reference row, inputs and outputs for the whole call: one copy each way,
   // not one per chunk (a copy from pageable memory waits for the stream, one to it for the copy).
@@ -330,7 +339,7 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
   float* d_vals = sc.get<float>(n_rf * size_t(K));  // the red-flag rows' unit dz at the flag columns
   double* d_coef = sc.get<double>(n_rf);            // and their coefficients k
   int32_t* d_rf_rows = sc.get<int32_t>(n_rf);
-  res.scratch_bytes = size_t(C) * V * (8 + (bf16 ? 2 : 0)) + size_t(C) * H * 12 + n_rf * (size_t(K) * 4 + 12) +
+  res.scratch_bytes = size_t(C) * ld * (8 + (bf16 ? 2 : 0)) + size_t(C) * H * 12 + n_rf * (size_t(K) * 4 + 12) +
                       size_t(N) * (8 + sizeof(RowIn) + sizeof(RowOut));
   upload(d_flags, flags, stream);
 
@@ -364,7 +373,7 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
     // The rows [m, H] (trained, then for KL rows reference) and their logits [m, V] through W; the
     // trained rows' flag columns from w_rf.
     const int m = kl ? 2 * n : n;
-    float *zt = z, *zr = z + size_t(n) * V;
+    float *zt = z, *zr = z + size_t(n) * ld;
     gather_rows(hs, h, ids, n, H, stream);
     if (kl) gather_rows(hs + size_t(n) * H, h_ref, d_ref + j0, n, H, stream);
     const void* hin = hs;
@@ -372,14 +381,14 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
       f32_to_bf16(xb, hs, long(m) * H, stream);
       hin = xb;
     }
-    matmul(gemm, z, hin, w_type, W, w_type, m, V, H, nullptr, 0.f, stream);
-    set_flag_logits(zt, V, hs, n, H, w_rf, d_flags, K, stream);
+    matmul(gemm, z, hin, w_type, W, w_type, m, V, H, nullptr, 0.f, stream, Strides{0, 0, ld});
+    set_flag_logits(zt, ld, hs, n, H, w_rf, d_flags, K, stream);
     // The row scalars and dz (bf16 W: written as bf16 for the product back, zt left as logits).
     float* fzc = kl ? fz : d_vals + (j0 - n_kl) * size_t(K);
-    loss_rows_kernel<<<n, kThreads, 0, stream>>>(zt, zr, V, d_in + j0, d_out + j0, xb, d_flags, K, fzc);
+    loss_rows_kernel<<<n, kThreads, 0, stream>>>(zt, zr, V, ld, d_in + j0, d_out + j0, xb, d_flags, K, fzc);
     check(cudaGetLastError(), "rf_loss rows");
     // dhc [n, H] = dz W*: W's flag rows replaced by w_rf.
-    matmul_nn(gemm, dhc, bf16 ? static_cast<const void*>(xb) : zt, w_type, W, w_type, n, H, V, 0.f, stream);
+    matmul_nn(gemm, dhc, bf16 ? static_cast<const void*>(xb) : zt, w_type, W, w_type, n, H, V, 0.f, stream, Strides{ld, 0, 0});
     flag_correction_kernel<<<n, 256, 0, stream>>>(dhc, H, fzc, K, nullptr, d_flags, K, w_rf, W, bf16);
     if (kl && K > 0) dw_rf_kernel<<<dim3(K, (H + 255) / 256), 256, 0, stream>>>(dw_rf, H, fz, K, nullptr, nullptr, h, ids, n);
     scatter_rows_kernel<<<n, 256, 0, stream>>>(dh, dhc, ids, H);
@@ -454,12 +463,17 @@ double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, D
   if (N == 0) return 0.0;
   if (!h || !dh || !W || (K > 0 && (!w_rf || !dw_rf))) throw std::invalid_argument("ce_loss: null pointer");
   const bool bf16 = w_type == DType::bf16;
-  const int C = std::min(N, chunk > 0 ? chunk : default_chunk(V, bf16));
+  // With the head's gradient, each chunk also reads and writes all of dW (f32, V x H: 154 MB for
+  // GPT-2, 1 GB for Llama-3.2-1B) in its product's epilogue, a cost per chunk, not per row: 1 GiB
+  // of chunk buffers makes that 4x rarer than the 256 MiB that suit the other products (GPT-2 at
+  // 64 x 1024 rows: 32 chunks of 2048 rows, 9.9 GB of dW traffic a step instead of 40 GB).
+  const int C = std::min(N, chunk > 0 ? chunk : default_chunk(V, bf16, dW ? size_t(1) << 30 : size_t(256) << 20));
+  const long ld = padded_ld(V);
   LossScratch local;
   LossScratch& sc = scratch ? *scratch : local;
   sc.begin();
-  float* z = sc.get<float>(size_t(C) * V);
-  __nv_bfloat16* xb = bf16 ? sc.get<__nv_bfloat16>(std::max(size_t(C) * V, size_t(C) * H)) : nullptr;
+  float* z = sc.get<float>(size_t(C) * ld);
+  __nv_bfloat16* xb = bf16 ? sc.get<__nv_bfloat16>(std::max(size_t(C) * ld, size_t(C) * H)) : nullptr;
   // bf16 W with dW: the rows' bf16 copy outlives xb's (which then holds dz), for dW's product.
   __nv_bfloat16* hb = bf16 && dW ? sc.get<__nv_bfloat16>(size_t(C) * H) : nullptr;
   // Every row's target, index and loss for the whole call: one copy each way (as rf_loss).
@@ -483,18 +497,18 @@ double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, D
       f32_to_bf16(hb ? hb : xb, x, long(n) * H, stream);
       xin = hb ? hb : xb;
     }
-    matmul(gemm, z, xin, w_type, W, w_type, n, V, H, nullptr, 0.f, stream);
-    if (K > 0) set_flag_logits(z, V, x, n, H, w_rf, d_flags, K, stream);
+    matmul(gemm, z, xin, w_type, W, w_type, n, V, H, nullptr, 0.f, stream, Strides{0, 0, ld});
+    if (K > 0) set_flag_logits(z, ld, x, n, H, w_rf, d_flags, K, stream);
     // bf16 W: dz goes straight to bf16 (xb: the logits' product has read its copy of h by now).
-    ce_kernel<<<n, kThreads, 0, stream>>>(z, V, d_targets + r0, weight, d_loss + r0, bf16 ? xb : nullptr, d_flags, K, fz);
+    ce_kernel<<<n, kThreads, 0, stream>>>(z, V, ld, d_targets + r0, weight, d_loss + r0, bf16 ? xb : nullptr, d_flags, K, fz);
     check(cudaGetLastError(), "ce_loss kernel");
     // dh = dz W*, and the trained flag rows' share (as in rf_loss).
     const void* zin = bf16 ? static_cast<const void*>(xb) : z;
-    matmul_nn(gemm, dh + long(r0) * H, zin, w_type, W, w_type, n, H, V, 0.f, stream);
+    matmul_nn(gemm, dh + long(r0) * H, zin, w_type, W, w_type, n, H, V, 0.f, stream, Strides{ld, 0, 0});
     // dW += dz^T h; bf16 W: bf16 dz and h, the products summed in f32 (as autocast, and as the
     // trainer's other weight gradients; an f32 product runs at a tenth of the tensor-core rate).
-    if (dW && bf16) matmul_tn(gemm, dW, xb, DType::bf16, hb, DType::bf16, V, H, n, 1.f, 1.f, stream);
-    else if (dW) matmul_tn(gemm, dW, z, DType::f32, x, DType::f32, V, H, n, 1.f, 1.f, stream);
+    if (dW && bf16) matmul_tn(gemm, dW, xb, DType::bf16, hb, DType::bf16, V, H, n, 1.f, 1.f, stream, Strides{ld, 0, 0});
+    else if (dW) matmul_tn(gemm, dW, z, DType::f32, x, DType::f32, V, H, n, 1.f, 1.f, stream, Strides{ld, 0, 0});
     if (K > 0) {
       flag_correction_kernel<<<n, 256, 0, stream>>>(dh + long(r0) * H, H, fz, K, nullptr, d_flags, K, w_rf, W, bf16);
       dw_rf_kernel<<<dim3(K, (H + 255) / 256), 256, 0, stream>>>(dw_rf, H, fz, K, nullptr, nullptr, h, d_rows + r0, n);

@@ -3,7 +3,8 @@
 // dL/dw_rf, never holding [N x V] logits. The rows go through the LM head in chunks of `chunk`
 // rows (options.chunk; 0: as many as fit 256 MiB, 192 at V = 128256 with bf16 W), KL rows and
 // red-flag rows in chunks of their own:
-//   - each chunk's trained and reference logits [chunk x V] come from cuBLASLt;
+//   - each chunk's trained and reference logits [chunk x V] come from cuBLASLt, their rows V'
+//     apart (V rounded up to 128 elements: 256-byte aligned rows for the products, see rf_loss.cu);
 //   - one block per row reduces them: log-sum-exp, KL, and log p and log(1 - p) of the target
 //     flag from its log-odds (f32 exponentials, as the CPU's, summed in double). The row is read
 //     twice: an online log-sum-exp, then dz;
@@ -19,7 +20,7 @@
 //
 // Products: logits of the N trained and Nr reference rows and dh of the N rows: 2N + Nr row
 // products, the exact computation's.
-// Peak scratch: 2 x chunk x V f32 logits (+ chunk x V bf16 for bf16 W) + 3 x chunk x H, plus K + 3
+// Peak scratch: 2 x chunk x V' f32 logits (+ chunk x V' bf16 for bf16 W) + 3 x chunk x H, plus K + 3
 // words per red-flag row: with V = 128256 and bf16 W, 235 MiB, against the naive 2 x N x V f32
 // logits and their gradient (16 GiB at N = 16384).
 //
@@ -81,8 +82,8 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
 // (softmax(z) - onehot(target)), and dw_rf [K, H] += dz[:, flags]^T h (the trained flag rows,
 // whose logits replace W's: w_rf [K, H]; flags empty: none), and, when dW is given (full
 // fine-tuning), the LM head's gradient dW [V, H] += dz^T h (bf16 W: from bf16 dz and h, summed
-// in f32). Rows go through the LM head in chunks of `chunk` rows (0: as rf_loss); no [N x V]
-// buffer.
+// in f32). Rows go through the LM head in chunks of `chunk` rows (0: as rf_loss, or with dW as
+// many as fit 1 GiB, since each chunk's dW product reads and writes all of dW); no [N x V] buffer.
 double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, DType w_type, int V, const float* w_rf,
                const std::vector<int>& flags, const int32_t* targets, float weight, float* dh, float* dw_rf, int chunk,
                cudaStream_t stream, float* dW = nullptr, LossScratch* scratch = nullptr);
