@@ -84,6 +84,7 @@ struct DeviceTrainer::Impl {
   std::vector<long> offset;
   long total = 0;
   Buffer value, grad, m1, m2, saved_grad, sum_scratch;
+  Buffer tensor_end, tensor_decay;  // the parameters' ends in the flat arrays and decay flags (adamw_tensors)
 
   // The adapters in the engine's order: per (layer, projection index), the A parameter of each
   // entry of that DLinear's lora list (B is the next parameter).
@@ -147,6 +148,14 @@ DeviceTrainer::DeviceTrainer(DeviceModel& model, const TrainOptions& options)
     floats(s.grad, s.total);
     floats(s.m1, s.total);
     floats(s.m2, s.total);
+    std::vector<long> end;
+    std::vector<int32_t> decay;
+    for (size_t i = 0; i < s.host.size(); ++i) {
+      end.push_back(s.offset[i] + s.host[i]->numel());
+      decay.push_back(s.host[i]->decay ? 1 : 0);
+    }
+    s.tensor_end.upload(end.data(), end.size() * sizeof(long));
+    s.tensor_decay.upload(decay.data(), decay.size() * sizeof(int32_t));
     for (Param* p : params()) {
       p->grad.assign(p->value.size(), 0.f);
       p->m.assign(p->value.size(), 0.f);
@@ -767,21 +776,20 @@ double DeviceTrainer::optimizer_step(const AdamWOptions& o) {
   const cudaStream_t st = static_cast<cudaStream_t>(model_.stream_);
   s.clock.mark(kOptimizer, st);
   if (collective_) collective_->all_reduce_sum(s.grad.get(), s.total, st);  // every replica: the step's whole gradient
+  // The norm, the clip factor and every tensor's update stay on the device (one launch for all
+  // tensors); the norm comes back once the step is done.
   double* scratch = static_cast<double*>(s.sum_scratch.ensure(size_t(sum_squares_scratch()) * sizeof(double)));
-  const double norm = std::sqrt(sum_squares(s.grad.get(), s.total, scratch, st));
-  float clip = 1.f;
-  if (o.clip_norm > 0.f && norm > o.clip_norm) clip = float(o.clip_norm / (norm + 1e-6));
+  sum_squares_async(s.grad.get(), s.total, scratch, st);
   ++adam_step_;
   const double bc1 = 1.0 - std::pow(double(o.beta1), double(adam_step_)), bc2 = 1.0 - std::pow(double(o.beta2), double(adam_step_));
-  for (size_t i = 0; i < s.host.size(); ++i) {
-    const Param& p = *s.host[i];
-    AdamWStepParams a{o.lr, o.beta1, o.beta2, o.eps, p.decay ? o.lr * o.weight_decay : 0.f, clip, bc1, bc2};
-    const long off = s.offset[i];
-    adamw(s.value.get() + off, s.grad.get() + off, s.m1.get() + off, s.m2.get() + off, p.numel(), a, st);
-  }
-  sync_engine();  // the engine's copies follow the new values
+  const AdamWTensorsParams a{o.lr, o.beta1, o.beta2, o.eps, o.lr * o.weight_decay, o.clip_norm, bc1, bc2};
+  adamw_tensors(s.value.get(), s.grad.get(), s.m1.get(), s.m2.get(),
+                {s.tensor_end.get<long>(), s.tensor_decay.get<int32_t>(), int(s.host.size()), s.total}, a, sum_squares_result(scratch), st);
+  sync_engine();  // the engine's copies follow the new values; waits for the stream
+  double sum_sq = 0;
+  check(cudaMemcpy(&sum_sq, sum_squares_result(scratch), sizeof(double), cudaMemcpyDeviceToHost), "cudaMemcpy (gradient norm)");
   s.clock.collect(st);
-  return norm;
+  return std::sqrt(sum_sq);
 }
 
 void DeviceTrainer::set_profiling(bool on) {

@@ -13,18 +13,35 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kBlocks = 1024;  // fixed: the partial sums' order, and so the result, never changes
 
-// __fmul_rn / __fadd_rn / __fsub_rn are never contracted into FMAs: each operation rounds as the
-// CPU's separate multiply and add do.
+// One element's update. __fmul_rn / __fadd_rn / __fsub_rn are never contracted into FMAs: each
+// operation rounds as the CPU's separate multiply and add do.
+__device__ __forceinline__ void adamw_element(float* w, float* g, float* m1, float* m2, long i, float lr, float beta1,
+                                              float beta2, float eps, float decay, float clip, double bc1, double bc2) {
+  const float gi = __fmul_rn(g[i], clip);
+  m1[i] = __fadd_rn(__fmul_rn(beta1, m1[i]), __fmul_rn(__fsub_rn(1.f, beta1), gi));
+  m2[i] = __fadd_rn(__fmul_rn(beta2, m2[i]), __fmul_rn(__fmul_rn(__fsub_rn(1.f, beta2), gi), gi));
+  const double mhat = __ddiv_rn(double(m1[i]), bc1), vhat = __ddiv_rn(double(m2[i]), bc2);
+  float wi = __fsub_rn(w[i], __fmul_rn(decay, w[i]));
+  wi = __fsub_rn(wi, float(__ddiv_rn(__dmul_rn(double(lr), mhat), __dadd_rn(__dsqrt_rn(vhat), double(eps)))));
+  w[i] = wi;
+  g[i] = 0.f;
+}
+
 __global__ void adamw_kernel(float* w, float* g, float* m1, float* m2, long n, AdamWStepParams a) {
+  for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x)
+    adamw_element(w, g, m1, m2, i, a.lr, a.beta1, a.beta2, a.eps, a.decay, a.clip, a.bc1, a.bc2);
+}
+
+// n = t.total = t.end[t.n - 1]. A thread's elements only grow, so its tensor index only moves
+// forward.
+__global__ void adamw_tensors_kernel(float* w, float* g, float* m1, float* m2, long n, AdamWTensors t, AdamWTensorsParams a,
+                                     const double* sum_sq) {
+  const double norm = __dsqrt_rn(*sum_sq);
+  const float clip = a.clip_norm > 0.f && norm > double(a.clip_norm) ? float(__ddiv_rn(double(a.clip_norm), __dadd_rn(norm, 1e-6))) : 1.f;
+  int k = 0;
   for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
-    const float gi = __fmul_rn(g[i], a.clip);
-    m1[i] = __fadd_rn(__fmul_rn(a.beta1, m1[i]), __fmul_rn(__fsub_rn(1.f, a.beta1), gi));
-    m2[i] = __fadd_rn(__fmul_rn(a.beta2, m2[i]), __fmul_rn(__fmul_rn(__fsub_rn(1.f, a.beta2), gi), gi));
-    const double mhat = __ddiv_rn(double(m1[i]), a.bc1), vhat = __ddiv_rn(double(m2[i]), a.bc2);
-    float wi = __fsub_rn(w[i], __fmul_rn(a.decay, w[i]));
-    wi = __fsub_rn(wi, float(__ddiv_rn(__dmul_rn(double(a.lr), mhat), __dadd_rn(__dsqrt_rn(vhat), double(a.eps)))));
-    w[i] = wi;
-    g[i] = 0.f;
+    while (t.end[k] <= i) ++k;
+    adamw_element(w, g, m1, m2, i, a.lr, a.beta1, a.beta2, a.eps, t.decay[k] ? a.decay : 0.f, clip, a.bc1, a.bc2);
   }
 }
 
@@ -63,15 +80,34 @@ void adamw(float* w, float* g, float* m1, float* m2, long n, const AdamWStepPara
   check(cudaGetLastError(), "adamw launch");
 }
 
+void adamw_tensors(float* w, float* g, float* m1, float* m2, const AdamWTensors& tensors, const AdamWTensorsParams& p,
+                   const double* sum_sq, cudaStream_t stream) {
+  const long n = tensors.total;
+  if (tensors.n <= 0 || n <= 0) return;
+  const long blocks = (n + kThreads - 1) / kThreads;
+  adamw_tensors_kernel<<<int(blocks < 65535 ? blocks : 65535), kThreads, 0, stream>>>(w, g, m1, m2, n, tensors, p, sum_sq);
+  check(cudaGetLastError(), "adamw_tensors launch");
+}
+
 long sum_squares_scratch() { return kBlocks + 1; }
 
-double sum_squares(const float* g, long n, double* scratch, cudaStream_t stream) {
-  if (n <= 0) return 0;
+void sum_squares_async(const float* g, long n, double* scratch, cudaStream_t stream) {
+  if (n <= 0) {
+    check(cudaMemsetAsync(scratch + kBlocks, 0, sizeof(double), stream), "cudaMemsetAsync");
+    return;
+  }
   sum_squares_partial<<<kBlocks, kThreads, 0, stream>>>(g, n, scratch);
   sum_partials<<<1, 32, 0, stream>>>(scratch, kBlocks);
   check(cudaGetLastError(), "sum_squares launch");
+}
+
+const double* sum_squares_result(const double* scratch) { return scratch + kBlocks; }
+
+double sum_squares(const float* g, long n, double* scratch, cudaStream_t stream) {
+  if (n <= 0) return 0;
+  sum_squares_async(g, n, scratch, stream);
   double total = 0;
-  check(cudaMemcpyAsync(&total, scratch + kBlocks, sizeof(double), cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
+  check(cudaMemcpyAsync(&total, sum_squares_result(scratch), sizeof(double), cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
   check(cudaStreamSynchronize(stream), "sum_squares");
   return total;
 }

@@ -4,6 +4,10 @@
 //    reference bit for bit (the device avoids fused multiply-adds, as the CPU build does), g zeroed.
 //    The reference is adamw_body of native/model/train.cpp, restated here: a change there must
 //    change it here too (the CPU trainer's own tests pin that arithmetic).
+//  - AdamW over a flat array of tensors in one launch (adamw_tensors): 5 tensors (one empty) with
+//    decay on some, 3 steps (no clipping; a norm under the clip; a norm over it, the factor made on
+//    the device from sum_squares_async's result): bit for bit the reference per tensor, with the
+//    factor the host makes from the same norm.
 //  - sum of squares: within 1e-12 relative of a double sum, and the same bits on a second call.
 #include <cuda_runtime.h>
 
@@ -80,6 +84,51 @@ int main() {
   }
   check(equal, "adamw: 3 steps (decay, clipping, bias correction) equal the CPU's arithmetic bit for bit");
   check(zeroed, "adamw zeroes the gradient");
+
+  // adamw_tensors over 5 tensors in one flat array.
+  {
+    const std::vector<long> sizes = {1000, 0, 257, 50000, 3};
+    const std::vector<int32_t> decay = {1, 0, 1, 0, 1};
+    std::vector<long> end;
+    long total = 0;
+    for (long sz : sizes) end.push_back(total += sz);
+    std::vector<float> tw = rf::test::randn(rng, size_t(total), 1.f), tm1(size_t(total), 0.f), tm2(size_t(total), 0.f);
+    float *dtw = up(tw), *dtm1 = up(tm1), *dtm2 = up(tm2), *dtg = nullptr;
+    cudaMalloc(&dtg, size_t(total) * sizeof(float));
+    long* dend = up(end);
+    int32_t* ddecay = up(decay);
+    double* sq = nullptr;
+    cudaMalloc(&sq, size_t(rf::cuda::sum_squares_scratch()) * sizeof(double));
+    bool same = true, cleared = true;
+    int clipped = 0;
+    for (int t = 1; t <= 3; ++t) {
+      std::vector<float> g = rf::test::randn(rng, size_t(total), 0.02f * float(t));
+      cudaMemcpy(dtg, g.data(), g.size() * sizeof(float), cudaMemcpyHostToDevice);
+      const double norm = std::sqrt(rf::cuda::sum_squares(dtg, total, sq, nullptr));
+      const float clip_norm = t == 1 ? 0.f : t == 2 ? float(2 * norm) : float(norm / 3);
+      const float clip = clip_norm > 0.f && norm > clip_norm ? float(clip_norm / (norm + 1e-6)) : 1.f;
+      clipped += clip != 1.f;
+      const rf::cuda::AdamWTensorsParams p{1e-3f, 0.9f, 0.999f, 1e-8f, 1e-3f * 0.1f, clip_norm, 1.0 - std::pow(0.9, t),
+                                           1.0 - std::pow(0.999, t)};
+      for (size_t k = 0; k < sizes.size(); ++k) {
+        const long off = end[k] - sizes[k];
+        const rf::cuda::AdamWStepParams a{p.lr, p.beta1, p.beta2, p.eps, decay[k] ? p.decay : 0.f, clip, p.bc1, p.bc2};
+        adamw_reference(tw.data() + off, g.data() + off, tm1.data() + off, tm2.data() + off, sizes[k], a);
+      }
+      rf::cuda::sum_squares_async(dtg, total, sq, nullptr);
+      rf::cuda::adamw_tensors(dtw, dtg, dtm1, dtm2, {dend, ddecay, int(sizes.size()), total}, p, rf::cuda::sum_squares_result(sq),
+                              nullptr);
+      same &= same_bits(down(dtw, size_t(total)), tw) && same_bits(down(dtm1, size_t(total)), tm1) &&
+              same_bits(down(dtm2, size_t(total)), tm2);
+      for (float v : down(dtg, size_t(total))) cleared &= v == 0.f;
+    }
+    check(clipped == 1, "adamw_tensors: the third step clips and the others do not");
+    check(same, "adamw_tensors: 3 steps over 5 tensors (decay per tensor, clipping on the device) equal the reference bit for bit");
+    check(cleared, "adamw_tensors zeroes the gradient");
+    for (void* q : {static_cast<void*>(dtw), static_cast<void*>(dtm1), static_cast<void*>(dtm2), static_cast<void*>(dtg),
+                    static_cast<void*>(dend), static_cast<void*>(ddecay), static_cast<void*>(sq)})
+      cudaFree(q);
+  }
 
   const std::vector<float> g = rf::test::randn(rng, size_t(n), 2.f);
   double want = 0;
