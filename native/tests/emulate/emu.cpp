@@ -15,7 +15,9 @@
 // the granule's slack are caught by a canary checked after every launch and at cudaFree. A freed
 // allocation is unmapped, so a use after free stops the test too. Launches a GPU refuses abort:
 // over 1024 threads or the kernel's __launch_bounds__, a grid over its limits, dynamic shared
-// memory over 48 KiB without the kernel's attribute, or over 227 KiB.
+// memory over 48 KiB without the kernel's attribute, or over 227 KiB. A block whose threads all
+// wait with none arriving anywhere (a warp shuffle in a warp with exited lanes or under 32
+// threads) stops the test with the kernel's name instead of hanging it.
 // What it cannot catch: races between real warps that need true concurrency, memory-model and
 // coalescing effects, the real hardware limits beyond these, and speed.
 // A warp's tensor-core product (mma.sync, cuda/mma.h) is formed from the 32 lanes' fragments by
@@ -87,6 +89,7 @@ struct Fiber { void* sp; char* stack; bool done; };
 std::vector<Fiber> fibers;
 void* sched_sp;  // the scheduler's stack pointer while a fiber runs
 int cur, n_alive, block_arrived, block_gen;
+unsigned long arrivals = 0;  // barrier arrivals and finished threads: a pass over the block without one is a deadlock
 int warp_arrived[64], warp_gen[64];
 float shfl_buf[2048];
 double shfl_dbuf[2048];
@@ -96,6 +99,7 @@ void fiber_main() {
   (*body_ptr)();
   fibers[cur].done = true;
   --n_alive;
+  ++arrivals;
   if (block_arrived > 0 && block_arrived == n_alive) block_arrived = 0, ++block_gen;
   emu_switch(&fibers[cur].sp, sched_sp);  // never resumed
 }
@@ -115,12 +119,14 @@ void* fiber_start(char* stack) {
 }
 void warp_sync() {
   const int w = int(threadIdx.x) / 32, gen = warp_gen[w];
+  ++arrivals;
   if (++warp_arrived[w] == 32) { warp_arrived[w] = 0; ++warp_gen[w]; return; }
   while (warp_gen[w] == gen) yield();
 }
 }  // namespace
 void __syncthreads() {
   const int gen = block_gen;
+  ++arrivals;
   if (++block_arrived == n_alive) { block_arrived = 0; ++block_gen; return; }
   while (block_gen == gen) yield();
 }
@@ -274,7 +280,8 @@ void launch_now(dim3 grid, dim3 block, size_t smem, std::function<void()> body) 
         }
         n_alive = n, block_arrived = 0;
         for (auto& a : warp_arrived) a = 0;
-        while (n_alive > 0)
+        while (n_alive > 0) {
+          const unsigned long before = arrivals;
           for (int j = 0; j < n; ++j) {
             const int i = reverse ? n - 1 - j : j;
             if (fibers[i].done) continue;
@@ -282,6 +289,15 @@ void launch_now(dim3 grid, dim3 block, size_t smem, std::function<void()> body) 
             threadIdx = dim3(i);
             emu_switch(&sched_sp, fibers[i].sp);
           }
+          // Every live thread waited and none arrived anywhere: on a GPU, a hang or undefined.
+          if (arrivals == before) {
+            std::printf("EMU: kernel %s: block (%u, %u, %u) deadlocks: %d threads wait at a warp shuffle or __syncthreads that "
+                        "the rest never reach (a warp with exited lanes or under 32 threads)\n",
+                        running, x, y, z, n_alive);
+            std::fflush(stdout);
+            std::abort();
+          }
+        }
       }
 }
 }  // namespace

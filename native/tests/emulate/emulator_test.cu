@@ -52,6 +52,14 @@ __global__ void big_smem_kernel(float* x) {
   if (threadIdx.x == 0) x[0] = float(smem[0]);
 }
 
+// A warp sum by shuffles over `threads` threads, of which those at or past `live` return first.
+__global__ void warp_sum_kernel(float* out, int live) {
+  if (int(threadIdx.x) >= live) return;
+  float v = 1.f;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (threadIdx.x == 0) out[0] = v;
+}
+
 void read_shared_before_write(float* out, int blocks) { read_shared_before_write_kernel<<<blocks, 32>>>(out); }
 void read_dynamic_shared(float* out, int blocks) { read_dynamic_shared_kernel<<<blocks, 32, 64>>>(out); }
 void ticket(int* order, int* counter, int threads) { ticket_kernel<<<1, threads>>>(order, counter); }
@@ -63,6 +71,7 @@ void big_smem(float* x, int smem, bool raise) {
   if (raise) cudaFuncSetAttribute(big_smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   big_smem_kernel<<<1, 32, smem>>>(x);
 }
+void warp_sum(float* out, int threads, int live) { warp_sum_kernel<<<1, threads>>>(out, live); }
 void grid_y(float* x, unsigned y) { bounded_kernel<<<dim3(1, y), 32>>>(x); }
 
 }  // namespace emutest

@@ -22,6 +22,7 @@ void read(const float* x, int n, float* sink);
 void bounded(float* x, int threads);
 void big_smem(float* x, int smem, bool raise);
 void grid_y(float* x, unsigned y);
+void warp_sum(float* out, int threads, int live);
 }  // namespace emutest
 
 // Runs f in a child process: true when the child stopped abnormally (the emulation's abort or
@@ -109,6 +110,17 @@ int main() {
     check(stops([] { float* x = device<float>(1); big_smem(x, 228 * 1024, true); }), "228 KiB, over the opt-in limit, stop the test");
     check(!stops([] { float* x = device<float>(1024); grid_y(x, 65535); }), "grid.y of 65535 passes");
     check(stops([] { float* x = device<float>(1024); grid_y(x, 65536); }), "grid.y of 65536 stops the test");
+  }
+  // A warp shuffle that not all 32 lanes reach (undefined on a GPU, a hang here before) stops the
+  // test with the kernel's name. (Threads that exit are dropped from __syncthreads' count, as on
+  // a GPU, so a barrier that the exited threads skip is no deadlock.)
+  {
+    float* out = device<float>(64);
+    warp_sum(out, 32, 32);
+    check(out[0] == 32.f, "a warp sum over a full warp gives 32");
+    check(stops([] { float* o = device<float>(1); warp_sum(o, 32, 31); }), "a shuffle in a warp with an exited lane stops the test");
+    check(stops([] { float* o = device<float>(1); warp_sum(o, 48, 48); }), "a shuffle in a warp of 16 threads stops the test");
+    cudaFree(out);
   }
   return finish("emulator");
 }
