@@ -25,9 +25,9 @@ constexpr int kThreads = 512;
 
 // The row stride of the [rows, V] buffers (logits, dz): V rounded up to 128 elements, so that
 // every row of an f32 or a bf16 buffer starts 256-byte aligned, as cuBLASLt's fastest kernels
-// want of each row of an operand. Llama's and Qwen's vocabularies are multiples
-// of 128 already; GPT-2's 50257 becomes 50304 (as llm.c pads it), without which the bf16 dz rows
-// fall on 2-byte boundaries and the products back through the head take unvectorized kernels.
+// want of each row of an operand. Llama's and Qwen's vocabularies are multiples of 128 already;
+// GPT-2's 50257 becomes 50304 (as llm.c pads it), without which the bf16 dz rows fall on 2-byte
+// boundaries and the products back through the head take unvectorized kernels.
 long padded_ld(int V) { return (long(V) + 127) / 128 * 128; }
 
 // Rows per chunk: as many as keep the chunk's [rows, V] buffers (two f32 logits, and for bf16 W
@@ -124,8 +124,9 @@ __device__ __forceinline__ float dz_rf(float z, int v, int target, double lse, f
 }
 
 // grid: rows of the chunk. zt [rows, V] trained logits (flags replaced), zr [rows, V] reference
-// logits (KL rows only), rows ld apart (as dzb's). Writes RowOut; dz (w (p_theta - p_ref) for KL rows, the unit p -
-// onehot(target) for red-flag rows, whose coefficient k comes from the groups) over zt in place,
+// logits (KL rows only), rows ld apart (as dzb's). Writes RowOut; dz (w (p_theta - p_ref) for
+// KL rows, the unit p - onehot(target) for red-flag rows, whose coefficient k comes from the
+// groups) over zt in place,
 // or, dzb set, as bf16 into dzb [rows, V] (the product back through a bf16 W reads only that);
 // and fz [rows, K] = dz at the flag columns, in f32.
 __global__ void loss_rows_kernel(float* zt, const float* zr, int V, long ld, const RowIn* in, RowOut* out, __nv_bfloat16* dzb,
@@ -241,8 +242,8 @@ __device__ __forceinline__ float dz_ce(float z, int v, int target, double lse, f
   return weight * prob(z, lse) - (v == target ? weight : 0.f);
 }
 
-// grid: rows of the chunk. z [rows, V] logits (rows ld apart, as dzb's); loss[r] = lse - z[target] in double; dz over z in
-// place, or, dzb set, as bf16 into dzb [rows, V] (the products back through a bf16 W read only
+// grid: rows of the chunk. z [rows, V] logits (rows ld apart, as dzb's); loss[r] = lse -
+// z[target] in double; dz over z in place, or, dzb set, as bf16 into dzb [rows, V] (the products back through a bf16 W read only
 // that); and fz [rows, K] = dz at the flag columns, in f32, as loss_rows_kernel.
 __global__ void ce_kernel(float* zt, int V, long ld, const int32_t* targets, float weight, double* loss, __nv_bfloat16* dzb,
                           const int* flags, int K, float* fz) {

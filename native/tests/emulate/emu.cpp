@@ -2,14 +2,16 @@
 // GPU is (CI): every CUDA thread of a block is a fiber of one OS thread (a stack of its own,
 // switched by the few instructions of emu_switch below; ucontext's swapcontext made a system call
 // per switch, which was most of the emulation's time); blocks run one after another;
-// __syncthreads and the warp shuffles switch fibers until every thread has arrived. The last thread to arrive at a barrier runs on first, so threads interleave in an
-// order no GPU promises either, and a thread that reads what another overwrites without a
-// barrier between shows up (it found such a race in cuda/rf_loss.cu). Every other block runs its
-// threads from the last to the first, which turns the other half of such races (a read that the
-// forward order happens to place after the write it needs) into wrong results too;
-// EMU_SCHEDULE=forward or reverse fixes one order for every block.
+// __syncthreads and the warp shuffles switch fibers until every thread has arrived. The last
+// thread to arrive at a barrier runs on first, so threads interleave in an order no GPU promises
+// either, and a thread that reads what another overwrites without a barrier between shows up (it
+// found such a race in cuda/rf_loss.cu). Every other block runs its threads from the last to the
+// first, which turns the other half of such races (a read that the forward order happens to
+// place after the write it needs) into wrong results too; EMU_SCHEDULE=forward or reverse fixes
+// one order for every block.
 // Memory a GPU leaves undefined is poisoned (0xff bytes: NaN as f32 and bf16, -1 as integers):
-// fresh device allocations, and shared memory, dynamic and static, at the start of every block.
+// fresh device allocations (each page on first touch), and shared memory, dynamic and static,
+// at the start of every block.
 // Each device allocation ends at a guard page, so a read or write past its end (beyond the
 // 256-byte granule cudaMalloc rounds to) stops the test with the kernel's name; writes within
 // the granule's slack are caught by a canary checked after every launch and at cudaFree. A freed
