@@ -13,27 +13,9 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kBlocks = 1024;  // fixed: the partial sums' order, and so the result, never changes
 
-// One element's update. __fmul_rn / __fadd_rn / __fsub_rn are never contracted into FMAs: each
-// operation rounds as the CPU's separate multiply and add do.
-__device__ __forceinline__ void adamw_element(float* w, float* g, float* m1, float* m2, long i, float lr, float beta1,
-                                              float beta2, float eps, float decay, float clip, double bc1, double bc2) {
-  const float gi = __fmul_rn(g[i], clip);
-  m1[i] = __fadd_rn(__fmul_rn(beta1, m1[i]), __fmul_rn(__fsub_rn(1.f, beta1), gi));
-  m2[i] = __fadd_rn(__fmul_rn(beta2, m2[i]), __fmul_rn(__fmul_rn(__fsub_rn(1.f, beta2), gi), gi));
-  const double mhat = __ddiv_rn(double(m1[i]), bc1), vhat = __ddiv_rn(double(m2[i]), bc2);
-  float wi = __fsub_rn(w[i], __fmul_rn(decay, w[i]));
-  wi = __fsub_rn(wi, float(__ddiv_rn(__dmul_rn(double(lr), mhat), __dadd_rn(__dsqrt_rn(vhat), double(eps)))));
-  w[i] = wi;
-  g[i] = 0.f;
-}
-
-__global__ void adamw_kernel(float* w, float* g, float* m1, float* m2, long n, AdamWStepParams a) {
-  for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x)
-    adamw_element(w, g, m1, m2, i, a.lr, a.beta1, a.beta2, a.eps, a.decay, a.clip, a.bc1, a.bc2);
-}
-
 // n = t.total = t.end[t.n - 1]. A thread's elements only grow, so its tensor index only moves
-// forward.
+// forward. __fmul_rn / __fadd_rn / __fsub_rn are never contracted into FMAs: each operation
+// rounds as the CPU's separate multiply and add do.
 __global__ void adamw_tensors_kernel(float* w, float* g, float* m1, float* m2, long n, AdamWTensors t, AdamWTensorsParams a,
                                      const double* sum_sq) {
   const double norm = __dsqrt_rn(*sum_sq);
@@ -41,7 +23,15 @@ __global__ void adamw_tensors_kernel(float* w, float* g, float* m1, float* m2, l
   int k = 0;
   for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
     while (t.end[k] <= i) ++k;
-    adamw_element(w, g, m1, m2, i, a.lr, a.beta1, a.beta2, a.eps, t.decay[k] ? a.decay : 0.f, clip, a.bc1, a.bc2);
+    const float decay = t.decay[k] ? a.decay : 0.f;
+    const float gi = __fmul_rn(g[i], clip);
+    m1[i] = __fadd_rn(__fmul_rn(a.beta1, m1[i]), __fmul_rn(__fsub_rn(1.f, a.beta1), gi));
+    m2[i] = __fadd_rn(__fmul_rn(a.beta2, m2[i]), __fmul_rn(__fmul_rn(__fsub_rn(1.f, a.beta2), gi), gi));
+    const double mhat = __ddiv_rn(double(m1[i]), a.bc1), vhat = __ddiv_rn(double(m2[i]), a.bc2);
+    float wi = __fsub_rn(w[i], __fmul_rn(decay, w[i]));
+    wi = __fsub_rn(wi, float(__ddiv_rn(__dmul_rn(double(a.lr), mhat), __dadd_rn(__dsqrt_rn(vhat), double(a.eps)))));
+    w[i] = wi;
+    g[i] = 0.f;
   }
 }
 
@@ -72,13 +62,6 @@ void check(cudaError_t e, const char* what) {
 }
 
 }  // namespace
-
-void adamw(float* w, float* g, float* m1, float* m2, long n, const AdamWStepParams& p, cudaStream_t stream) {
-  if (n <= 0) return;
-  const long blocks = (n + kThreads - 1) / kThreads;
-  adamw_kernel<<<int(blocks < 65535 ? blocks : 65535), kThreads, 0, stream>>>(w, g, m1, m2, n, p);
-  check(cudaGetLastError(), "adamw launch");
-}
 
 void adamw_tensors(float* w, float* g, float* m1, float* m2, const AdamWTensors& tensors, const AdamWTensorsParams& p,
                    const double* sum_sq, cudaStream_t stream) {

@@ -11,16 +11,6 @@
 
 namespace rf::cuda {
 
-struct AdamWStepParams {
-  float lr, beta1, beta2, eps;
-  float decay;  // lr * weight_decay for decayed parameters, else 0
-  float clip;   // the gradient's scale from clipping (1: none)
-  double bc1, bc2;  // bias corrections 1 - beta^t
-};
-
-// w, m1, m2 updated and g zeroed, n elements.
-void adamw(float* w, float* g, float* m1, float* m2, long n, const AdamWStepParams& p, cudaStream_t stream);
-
 // The tensors of one flat array of parameters: tensor t holds elements [end[t - 1], end[t])
 // (end[-1] = 0; empty tensors allowed) and is decayed when decay[t] != 0. end and decay are
 // device arrays of n; total = end[n - 1], given by the host so that nothing is read back.
@@ -31,21 +21,21 @@ struct AdamWTensors {
   long total;
 };
 
-// One step's settings for adamw_tensors: adamw's, with the decay as lr * weight_decay for the
-// decayed tensors, and the clipping as the norm to clip to (0: none) instead of the factor.
+// One step's settings for adamw_tensors.
 struct AdamWTensorsParams {
   float lr, beta1, beta2, eps;
-  float decay;      // lr * weight_decay
-  float clip_norm;  // 0: no clipping
-  double bc1, bc2;
+  float decay;      // lr * weight_decay, for the decayed tensors
+  float clip_norm;  // the norm to clip to (0: no clipping)
+  double bc1, bc2;  // bias corrections 1 - beta^t
 };
 
-// adamw over every tensor of a flat array in one launch (the trainer has one to a few hundred
-// tensors; a launch each costs more than the update of a small one), each with p.decay or 0 by
-// its flag, and the clip factor computed on the device from the squared norm *sum_sq (device
-// memory: sum_squares_async's result), as the host would: with norm = sqrt(*sum_sq), clip_norm /
-// (norm + 1e-6) in double rounded to f32 where clip_norm > 0 and norm > clip_norm, else 1. So no
-// number crosses to the host between the norm and the update. The same bits as adamw per tensor.
+// One AdamW step (w, m1, m2 updated, g zeroed) over every tensor of a flat array in one launch
+// (the trainer has one to a few hundred tensors; a launch each costs more than the update of a
+// small one), each with p.decay or 0 by its flag, and the clip factor computed on the device
+// from the squared norm *sum_sq (device memory: sum_squares_async's result), as the host would:
+// with norm = sqrt(*sum_sq), clip_norm / (norm + 1e-6) in double rounded to f32 where clip_norm
+// > 0 and norm > clip_norm, else 1. So no number crosses to the host between the norm and the
+// update.
 void adamw_tensors(float* w, float* g, float* m1, float* m2, const AdamWTensors& tensors, const AdamWTensorsParams& p,
                    const double* sum_sq, cudaStream_t stream);
 
