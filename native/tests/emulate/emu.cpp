@@ -250,16 +250,15 @@ void emu_launch(dim3 grid, dim3 block, size_t smem, EmuKernel kernel, std::funct
   });
 }
 namespace {
-// Whether a block runs its threads from the last to the first: EMU_SCHEDULE=forward or reverse
-// for every block; by default, odd blocks reverse (read at each launch, so a test may switch).
-bool reverse_order(unsigned long block) {
+// Whether a launch's blocks run their threads from the last to the first: EMU_SCHEDULE=forward
+// or reverse for every block; by default, odd blocks reverse. Read at each launch, so a test may
+// switch. Returns +1 (every block forward), -1 (every block reversed) or 0 (alternate).
+int schedule() {
   const char* s = getenv("EMU_SCHEDULE");
-  if (s && strcmp(s, "forward") == 0) return false;
-  if (s && strcmp(s, "reverse") == 0) return true;
-  return block % 2 == 1;
+  return s && strcmp(s, "forward") == 0 ? 1 : s && strcmp(s, "reverse") == 0 ? -1 : 0;
 }
 void launch_now(dim3 grid, dim3 block, size_t smem, std::function<void()> body) {
-  const int n = block.x;
+  const int n = block.x, order = schedule();
   body_ptr = &body;
   gridDim = grid, blockDim = block;
   // The stacks stay from launch to launch (each malloc of one would map and unmap its pages).
@@ -272,7 +271,7 @@ void launch_now(dim3 grid, dim3 block, size_t smem, std::function<void()> body) 
       for (unsigned x = 0; x < grid.x; ++x) {
         blockIdx = dim3(x, y, z);
         ++block_serial;
-        const bool reverse = reverse_order(block_serial);
+        const bool reverse = order == 0 ? block_serial % 2 == 1 : order < 0;
         alignas(128) static unsigned char shared[kOptInSmem];  // the launch checks kept smem within it
         memset(shared, kPoison, smem);
         emu_smem = shared;
