@@ -26,8 +26,9 @@
 // 3N/4 reference rows), bf16 W. Its arithmetic floor: the products the exact computation needs,
 // trained logits (N rows), reference logits (Nr) and dh back through W (N), timed as cuBLASLt
 // products of those shapes in the same run; the ratio is the loss's time over that. Peak extra
-// memory (the allocations during the call) against the naive logits-and-gradient buffers,
-// 2 x N x V x 4 bytes for the trained rows plus the same for the reference.
+// memory (the allocations during the call) against the naive logits-and-gradient buffers, counted
+// at their smallest: the trained rows' f32 logits and their gradient, 2 x N x V x 4 bytes (none
+// for the reference rows' logits).
 //
 // full: full fine-tuning of a GPT-2-124M-shaped model (bf16 weights, f32 masters), B x T = 64 x
 // 1024, cross-entropy on every next token: tokens/s for the comparison with llm.c's CUDA trainer
@@ -339,7 +340,7 @@ std::string bench_loss(int V, int H, int N, double peak_flops) {
                       static_cast<float*>(dwrf), rows.data(), o, static_cast<float*>(ddh), static_cast<float*>(ddw), nullptr);
     extra = std::max(extra, double(rf::cuda::memory_stats().peak - before));
   });
-  const double naive = 2.0 * 2.0 * double(N) * V * 4;
+  const double naive = 2.0 * double(N) * V * 4;
   for (auto [p, b] : {std::pair<void*, size_t>{dW, w.size() * 2}, {dh, h.size() * 4}, {dhr, hr.size() * 4}, {dwrf, size_t(H) * 4},
                       {ddh, h.size() * 4}, {ddw, size_t(H) * 4}})
     rf::cuda::device_free(p, b);

@@ -30,14 +30,16 @@ constexpr int kThreads = 512;
 // boundaries and the products back through the head take unvectorized kernels.
 long padded_ld(int V) { return (long(V) + 127) / 128 * 128; }
 
-// Rows per chunk: as many as keep the chunk's [rows, V] buffers (two f32 logits, and for bf16 W
-// the bf16 dz) within `budget` bytes, in multiples of 64 from 64 to 4096: with 256 MiB at V =
-// 128256 and bf16 W, 192 rows (235 MiB). The larger the chunk, the fewer times the products read
-// W (V x H: 501 MiB for Llama-3.2-1B's head); at 192 rows each read of W feeds 192 FLOPs per
-// byte, about the H200's ratio of bf16 throughput to memory bandwidth.
-int default_chunk(int V, bool bf16, size_t budget = size_t(256) << 20) {
-  const size_t per_row = size_t(padded_ld(V)) * (bf16 ? 10 : 8);
-  const size_t rows = budget / per_row / 64 * 64;
+// Rows per chunk: as many as keep the chunk's [rows, V'] buffers, `bytes` per element, within
+// `budget`, in multiples of 64 from 64 to 4096. rf_loss: 8 bytes (a KL row's trained and reference
+// logits in f32, its dz written in place) in 160 MiB: 128 rows at V = 128256, whose buffers (125
+// MiB, the largest part of the scratch) stay under 1% of the naive ones at 16k rows (the trained
+// rows' f32 logits and their gradient: 15.7 GiB). The larger the chunk, the fewer times the
+// products read W (V x H: 501 MiB for Llama-3.2-1B's head): the KL logits' product reads it once
+// for 2 x 128 rows, 256 FLOPs per byte, above the H200's ratio of bf16 throughput to memory
+// bandwidth (about 200); the product back, 128 FLOPs per byte, is a little under it.
+int default_chunk(int V, size_t bytes, size_t budget) {
+  const size_t rows = budget / (size_t(padded_ld(V)) * bytes) / 64 * 64;
   return int(std::clamp<size_t>(rows, 64, 4096));
 }
 
@@ -123,13 +125,29 @@ __device__ __forceinline__ float dz_rf(float z, int v, int target, double lse, f
   return v == target ? target_dz : prob(z, lse);
 }
 
+// Stores one sweep step's dz over the row's own logits z (each thread's d for element v0 + tid,
+// valid or not). f32: in place. bf16: the row's 2-byte elements packed at its start, so element v
+// lands inside f32 element v / 2, and in no element the sweep has yet to read: the step's reads
+// all come before its barrier (v / 2 < v0 + blockDim.x, the next step's first), and the first
+// step's writes, over elements that step itself reads, wait for the barrier. Every thread of the
+// block calls it at every step (the barrier).
+__device__ __forceinline__ void store_dz(float* z, int v0, bool valid, float d, bool bf16) {
+  const int v = v0 + threadIdx.x;
+  if (!bf16) {
+    if (valid) z[v] = d;
+    return;
+  }
+  __syncthreads();
+  if (valid) reinterpret_cast<__nv_bfloat16*>(z)[v] = bf16_round(d);
+}
+
 // grid: rows of the chunk. zt [rows, V] trained logits (flags replaced), zr [rows, V] reference
-// logits (KL rows only), rows ld apart (as dzb's). Writes RowOut; dz (w (p_theta - p_ref) for
-// KL rows, the unit p - onehot(target) for red-flag rows, whose coefficient k comes from the
-// groups) over zt in place,
-// or, dzb set, as bf16 into dzb [rows, V] (the product back through a bf16 W reads only that);
-// and fz [rows, K] = dz at the flag columns, in f32.
-__global__ void loss_rows_kernel(float* zt, const float* zr, int V, long ld, const RowIn* in, RowOut* out, __nv_bfloat16* dzb,
+// logits (KL rows only; null in a red-flag chunk), rows ld apart. Writes RowOut; dz (w (p_theta -
+// p_ref) for KL rows, the unit p - onehot(target) for red-flag rows, whose coefficient k comes
+// from the groups) over zt in place: f32, or, bf16_dz, as the bf16 operand of the product back
+// through a bf16 W, row r at element 2 r ld of zt seen as bf16 (see store_dz); and fz [rows, K] =
+// dz at the flag columns, in f32.
+__global__ void loss_rows_kernel(float* zt, const float* zr, int V, long ld, const RowIn* in, RowOut* out, bool bf16_dz,
                                  const int* flags, int K, float* fz) {
   __shared__ double scratch[3 * 32];
   const long r = blockIdx.x;
@@ -172,19 +190,18 @@ __global__ void loss_rows_kernel(float* zt, const float* zr, int V, long ld, con
   }
   __syncthreads();
   // Read 2: dz, and for KL rows KL(p_ref || p_theta) = sum_v p_ref,v ((z_ref,v - lse_ref) - (z_v - lse)).
-  __nv_bfloat16* b = dzb ? dzb + r * ld : nullptr;
   double klv = 0;
-  for (int v = threadIdx.x; v < V; v += blockDim.x) {
-    float d;
-    if (kl) {
+  for (int v0 = 0; v0 < V; v0 += blockDim.x) {
+    const int v = v0 + threadIdx.x;
+    float d = 0.f;
+    if (v < V && kl) {
       const float pr = prob(q[v], lse_r);
       klv += double(pr) * ((double(q[v]) - lse_r) - (double(z[v]) - o.lse));
       d = dz_kl(z[v], q[v], pr, o.lse, lse_r, w);
-    } else {
+    } else if (v < V) {
       d = dz_rf(z[v], v, row.target, o.lse, target_dz);
     }
-    if (b) b[v] = bf16_round(d);
-    else z[v] = d;
+    store_dz(z, v0, v < V, d, bf16_dz);
   }
   if (kl) o.kl = block_sum(klv, scratch);
   if (threadIdx.x == 0) out[r] = o;
@@ -242,10 +259,10 @@ __device__ __forceinline__ float dz_ce(float z, int v, int target, double lse, f
   return weight * prob(z, lse) - (v == target ? weight : 0.f);
 }
 
-// grid: rows of the chunk. z [rows, V] logits (rows ld apart, as dzb's); loss[r] = lse -
-// z[target] in double; dz over z in place, or, dzb set, as bf16 into dzb [rows, V] (the products back through a bf16 W read only
-// that); and fz [rows, K] = dz at the flag columns, in f32, as loss_rows_kernel.
-__global__ void ce_kernel(float* zt, int V, long ld, const int32_t* targets, float weight, double* loss, __nv_bfloat16* dzb,
+// grid: rows of the chunk. z [rows, V] logits (rows ld apart); loss[r] = lse - z[target] in
+// double; dz over z in place, f32 or, bf16_dz, bf16 as loss_rows_kernel's (store_dz); and fz
+// [rows, K] = dz at the flag columns, in f32.
+__global__ void ce_kernel(float* zt, int V, long ld, const int32_t* targets, float weight, double* loss, bool bf16_dz,
                           const int* flags, int K, float* fz) {
   __shared__ double scratch[3 * 32];
   const long r = blockIdx.x;
@@ -259,11 +276,9 @@ __global__ void ce_kernel(float* zt, int V, long ld, const int32_t* targets, flo
   const double lse = double(l.m) + log(l.s);
   for (int k = threadIdx.x; k < K; k += blockDim.x) fz[r * K + k] = dz_ce(z[flags[k]], flags[k], target, lse, weight);
   __syncthreads();  // the flag columns are read before the sweep may overwrite them
-  __nv_bfloat16* b = dzb ? dzb + r * ld : nullptr;
-  for (int v = threadIdx.x; v < V; v += blockDim.x) {
-    const float d = dz_ce(z[v], v, target, lse, weight);
-    if (b) b[v] = bf16_round(d);
-    else z[v] = d;
+  for (int v0 = 0; v0 < V; v0 += blockDim.x) {
+    const int v = v0 + threadIdx.x;
+    store_dz(z, v0, v < V, v < V ? dz_ce(z[v], v, target, lse, weight) : 0.f, bf16_dz);
   }
   if (threadIdx.x == 0) loss[r] = lse - double(z_target);
 }
@@ -316,18 +331,20 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
 
   // ---- scratch
   const bool bf16 = w_type == DType::bf16;
-  const int C = std::min(N, opt.chunk > 0 ? opt.chunk : default_chunk(V, bf16));
+  // C trained rows per KL chunk (with their C reference rows), 2 C per red-flag chunk: the same
+  // buffers.
+  const int C = std::min(N, opt.chunk > 0 ? opt.chunk : default_chunk(V, 8, size_t(160) << 20));
   const long ld = padded_ld(V);
   LossScratch local;
   LossScratch& sc = scratch ? *scratch : local;
   sc.begin();
   // A KL chunk's n trained rows and their n reference rows stacked, [2n, H], so that one product
-  // reads W once for both logits, [2n, V] (rows ld apart): the trained rows' then the reference rows'.
+  // reads W once for both logits, [2n, V] (rows ld apart): the trained rows' then the reference
+  // rows'. dz goes over the trained rows' logits (loss_rows_kernel): no buffer of its own.
   float* z = sc.get<float>(2 * size_t(C) * ld);
   float* hs = sc.get<float>(2 * size_t(C) * H);
-  // bf16 W: the rows' bf16 copies for the logits' product, then the bf16 dz for the one back.
-  __nv_bfloat16* xb = bf16 ? sc.get<__nv_bfloat16>(std::max(size_t(C) * ld, 2 * size_t(C) * H)) : nullptr;
-  float* dhc = sc.get<float>(size_t(C) * H);
+  __nv_bfloat16* xb = bf16 ? sc.get<__nv_bfloat16>(2 * size_t(C) * H) : nullptr;  // bf16 W: hs rounded
+  float* dhc = sc.get<float>(2 * size_t(C) * H);
   // Every row's index, reference row, inputs and outputs for the whole call: one copy each way,
   // not one per chunk (a copy from pageable memory waits for the stream, one to it for the copy).
   int32_t* d_order = sc.get<int32_t>(size_t(N));
@@ -340,8 +357,8 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
   float* d_vals = sc.get<float>(n_rf * size_t(K));  // the red-flag rows' unit dz at the flag columns
   double* d_coef = sc.get<double>(n_rf);            // and their coefficients k
   int32_t* d_rf_rows = sc.get<int32_t>(n_rf);
-  res.scratch_bytes = size_t(C) * ld * (8 + (bf16 ? 2 : 0)) + size_t(C) * H * 12 + n_rf * (size_t(K) * 4 + 12) +
-                      size_t(N) * (8 + sizeof(RowIn) + sizeof(RowOut));
+  res.scratch_bytes = size_t(C) * ld * 8 + size_t(C) * H * (16 + (bf16 ? 4 : 0)) + size_t(C) * K * 4 +
+                      n_rf * (size_t(K) * 4 + 12) + size_t(N) * (8 + sizeof(RowIn) + sizeof(RowOut)) + size_t(K) * 4;
   upload(d_flags, flags, stream);
 
   // ---- one pass over the rows, in chunks of the KL rows, then of the red-flag rows: each
@@ -368,13 +385,13 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
   upload(d_in, in, stream);
   for (size_t j0 = 0, end = 0; j0 < size_t(N); j0 = end) {
     const bool kl = j0 < n_kl;
-    end = std::min(kl ? n_kl : size_t(N), j0 + size_t(C));  // chunks never mix the two kinds
+    end = std::min(kl ? n_kl : size_t(N), j0 + size_t(kl ? C : 2 * C));  // chunks never mix the two kinds
     const int n = int(end - j0);
     const int32_t* ids = d_order + j0;
     // The rows [m, H] (trained, then for KL rows reference) and their logits [m, V] through W; the
     // trained rows' flag columns from w_rf.
     const int m = kl ? 2 * n : n;
-    float *zt = z, *zr = z + size_t(n) * ld;
+    float *zt = z, *zr = kl ? z + size_t(n) * ld : nullptr;
     gather_rows(hs, h, ids, n, H, stream);
     if (kl) gather_rows(hs + size_t(n) * H, h_ref, d_ref + j0, n, H, stream);
     const void* hin = hs;
@@ -384,12 +401,12 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
     }
     matmul(gemm, z, hin, w_type, W, w_type, m, V, H, nullptr, 0.f, stream, Strides{0, 0, ld});
     set_flag_logits(zt, ld, hs, n, H, w_rf, d_flags, K, stream);
-    // The row scalars and dz (bf16 W: written as bf16 for the product back, zt left as logits).
+    // The row scalars and dz over zt (bf16 W: as bf16, rows 2 ld elements apart, for the product back).
     float* fzc = kl ? fz : d_vals + (j0 - n_kl) * size_t(K);
-    loss_rows_kernel<<<n, kThreads, 0, stream>>>(zt, zr, V, ld, d_in + j0, d_out + j0, xb, d_flags, K, fzc);
+    loss_rows_kernel<<<n, kThreads, 0, stream>>>(zt, zr, V, ld, d_in + j0, d_out + j0, bf16, d_flags, K, fzc);
     check(cudaGetLastError(), "rf_loss rows");
     // dhc [n, H] = dz W*: W's flag rows replaced by w_rf.
-    matmul_nn(gemm, dhc, bf16 ? static_cast<const void*>(xb) : zt, w_type, W, w_type, n, H, V, 0.f, stream, Strides{ld, 0, 0});
+    matmul_nn(gemm, dhc, zt, w_type, W, w_type, n, H, V, 0.f, stream, Strides{bf16 ? 2 * ld : ld, 0, 0});
     flag_correction_kernel<<<n, 256, 0, stream>>>(dhc, H, fzc, K, nullptr, d_flags, K, w_rf, W, bf16);
     if (kl && K > 0) dw_rf_kernel<<<dim3(K, (H + 255) / 256), 256, 0, stream>>>(dw_rf, H, fz, K, nullptr, nullptr, h, ids, n);
     scatter_rows_kernel<<<n, 256, 0, stream>>>(dh, dhc, ids, H);
@@ -464,19 +481,18 @@ double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, D
   if (N == 0) return 0.0;
   if (!h || !dh || !W || (K > 0 && (!w_rf || !dw_rf))) throw std::invalid_argument("ce_loss: null pointer");
   const bool bf16 = w_type == DType::bf16;
-  // With the head's gradient, each chunk also reads and writes all of dW (f32, V x H: 154 MB for
-  // GPT-2, 1 GB for Llama-3.2-1B) in its product's epilogue, a cost per chunk, not per row: 1 GiB
-  // of chunk buffers makes that 4x rarer than the 256 MiB that suit the other products (GPT-2 at
-  // 64 x 1024 rows: 32 chunks of 2048 rows, 9.9 GB of dW traffic a step instead of 40 GB).
-  const int C = std::min(N, chunk > 0 ? chunk : default_chunk(V, bf16, dW ? size_t(1) << 30 : size_t(256) << 20));
+  // Chunk buffers: the f32 logits, dz in place. With the head's gradient, each chunk also reads
+  // and writes all of dW (f32, V x H: 154 MB for GPT-2, 1 GB for Llama-3.2-1B) in its product's
+  // epilogue, a cost per chunk, not per row: 1 GiB of chunk buffers makes that 4x rarer than the
+  // 256 MiB that suit the other products (GPT-2 at 64 x 1024 rows: 16 chunks of 4096 rows, 4.9 GB
+  // of dW traffic a step).
+  const int C = std::min(N, chunk > 0 ? chunk : default_chunk(V, 4, dW ? size_t(1) << 30 : size_t(256) << 20));
   const long ld = padded_ld(V);
   LossScratch local;
   LossScratch& sc = scratch ? *scratch : local;
   sc.begin();
   float* z = sc.get<float>(size_t(C) * ld);
-  __nv_bfloat16* xb = bf16 ? sc.get<__nv_bfloat16>(std::max(size_t(C) * ld, size_t(C) * H)) : nullptr;
-  // bf16 W with dW: the rows' bf16 copy outlives xb's (which then holds dz), for dW's product.
-  __nv_bfloat16* hb = bf16 && dW ? sc.get<__nv_bfloat16>(size_t(C) * H) : nullptr;
+  __nv_bfloat16* hb = bf16 ? sc.get<__nv_bfloat16>(size_t(C) * H) : nullptr;  // bf16 W: the rows rounded
   // Every row's target, index and loss for the whole call: one copy each way (as rf_loss).
   int32_t* d_targets = sc.get<int32_t>(size_t(N));
   int32_t* d_rows = sc.get<int32_t>(size_t(N));  // 0, 1, ..., N - 1: the rows dw_rf_kernel reads
@@ -495,21 +511,21 @@ double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, D
     const float* x = h + long(r0) * H;
     const void* xin = x;
     if (bf16) {
-      f32_to_bf16(hb ? hb : xb, x, long(n) * H, stream);
-      xin = hb ? hb : xb;
+      f32_to_bf16(hb, x, long(n) * H, stream);
+      xin = hb;
     }
     matmul(gemm, z, xin, w_type, W, w_type, n, V, H, nullptr, 0.f, stream, Strides{0, 0, ld});
     if (K > 0) set_flag_logits(z, ld, x, n, H, w_rf, d_flags, K, stream);
-    // bf16 W: dz goes straight to bf16 (xb: the logits' product has read its copy of h by now).
-    ce_kernel<<<n, kThreads, 0, stream>>>(z, V, ld, d_targets + r0, weight, d_loss + r0, bf16 ? xb : nullptr, d_flags, K, fz);
+    // dz over z (bf16 W: as bf16, rows 2 ld elements apart, the operand of the products back).
+    ce_kernel<<<n, kThreads, 0, stream>>>(z, V, ld, d_targets + r0, weight, d_loss + r0, bf16, d_flags, K, fz);
     check(cudaGetLastError(), "ce_loss kernel");
     // dh = dz W*, and the trained flag rows' share (as in rf_loss).
-    const void* zin = bf16 ? static_cast<const void*>(xb) : z;
-    matmul_nn(gemm, dh + long(r0) * H, zin, w_type, W, w_type, n, H, V, 0.f, stream, Strides{ld, 0, 0});
+    const long dz_ld = bf16 ? 2 * ld : ld;
+    matmul_nn(gemm, dh + long(r0) * H, z, w_type, W, w_type, n, H, V, 0.f, stream, Strides{dz_ld, 0, 0});
     // dW += dz^T h; bf16 W: bf16 dz and h, the products summed in f32 (as autocast, and as the
     // trainer's other weight gradients; an f32 product runs at a tenth of the tensor-core rate).
-    if (dW && bf16) matmul_tn(gemm, dW, xb, DType::bf16, hb, DType::bf16, V, H, n, 1.f, 1.f, stream, Strides{ld, 0, 0});
-    else if (dW) matmul_tn(gemm, dW, z, DType::f32, x, DType::f32, V, H, n, 1.f, 1.f, stream, Strides{ld, 0, 0});
+    if (dW && bf16) matmul_tn(gemm, dW, z, DType::bf16, hb, DType::bf16, V, H, n, 1.f, 1.f, stream, Strides{dz_ld, 0, 0});
+    else if (dW) matmul_tn(gemm, dW, z, DType::f32, x, DType::f32, V, H, n, 1.f, 1.f, stream, Strides{dz_ld, 0, 0});
     if (K > 0) {
       flag_correction_kernel<<<n, 256, 0, stream>>>(dh + long(r0) * H, H, fz, K, nullptr, d_flags, K, w_rf, W, bf16);
       dw_rf_kernel<<<dim3(K, (H + 255) / 256), 256, 0, stream>>>(dw_rf, H, fz, K, nullptr, nullptr, h, d_rows + r0, n);

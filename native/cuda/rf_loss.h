@@ -1,14 +1,15 @@
 // The fused red-flag loss on the device: the same terms, rows, options and results as the CPU's
 // rf::rf_loss (native/kernels/rf_loss.h, which documents the loss), with the gradients dL/dh and
-// dL/dw_rf, never holding [N x V] logits. The rows go through the LM head in chunks of `chunk`
-// rows (options.chunk; 0: as many as fit 256 MiB, 192 at V = 128256 with bf16 W), KL rows and
-// red-flag rows in chunks of their own:
-//   - each chunk's trained and reference logits [chunk x V] come from cuBLASLt, their rows V'
+// dL/dw_rf, never holding [N x V] logits. The rows go through the LM head in chunks
+// (options.chunk; 0: 128 at V = 128256, see default_chunk): C trained rows with their reference
+// rows in a KL chunk, 2 C rows in a red-flag chunk, so both fill the same buffers:
+//   - each chunk's trained and reference logits [rows x V] come from cuBLASLt, their rows V'
 //     apart (V rounded up to 128 elements: 256-byte aligned rows for the products, see rf_loss.cu);
 //   - one block per row reduces them: log-sum-exp, KL, and log p and log(1 - p) of the target
 //     flag from its log-odds (f32 exponentials, as the CPU's, summed in double). The row is read
 //     twice: an online log-sum-exp, then dz;
-//   - dL/dz is written in place, or for bf16 W straight as the bf16 operand of the product back;
+//   - dL/dz is written over the trained row's logits, in f32, or for bf16 W straight as the bf16
+//     operand of the product back (2 bytes in place of each 4, as the row is read);
 //   - dh = dz W* (W with the flag rows replaced by w_rf) is a second product.
 // A KL row's dz = w (p_theta - p_ref) is complete there. A red-flag row's dz = k (p -
 // onehot(flag)) needs its group's coefficient k (the noisy-OR / mean / single aggregation over
@@ -20,9 +21,10 @@
 //
 // Products: logits of the N trained and Nr reference rows and dh of the N rows: 2N + Nr row
 // products, the exact computation's.
-// Peak scratch: 2 x chunk x V' f32 logits (+ chunk x V' bf16 for bf16 W) + 3 x chunk x H, plus K + 3
-// words per red-flag row: with V = 128256 and bf16 W, 235 MiB, against the naive 2 x N x V f32
-// logits and their gradient (16 GiB at N = 16384).
+// Peak scratch: 2 C x V' f32 logits + 2 C x H x (20 bytes for bf16 W, 16 for f32), plus K + 3
+// words per red-flag row and 7 per row: with V = 128256 and bf16 W, C = 128: 131 MiB at H = 2048
+// and 16k rows, 0.82% of the naive f32 logits of the trained rows and their gradient (2 x N x V x
+// 4 bytes: 15.7 GiB at N = 16384).
 //
 // Numerics differ from the CPU's in summation order only: logits through cuBLASLt (bf16 W:
 // h rounded to bf16, f32 sums), flag logits as f32 dot products of the unrounded rows, dz rounded
@@ -82,8 +84,9 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
 // (softmax(z) - onehot(target)), and dw_rf [K, H] += dz[:, flags]^T h (the trained flag rows,
 // whose logits replace W's: w_rf [K, H]; flags empty: none), and, when dW is given (full
 // fine-tuning), the LM head's gradient dW [V, H] += dz^T h (bf16 W: from bf16 dz and h, summed
-// in f32). Rows go through the LM head in chunks of `chunk` rows (0: as rf_loss, or with dW as
-// many as fit 1 GiB, since each chunk's dW product reads and writes all of dW); no [N x V] buffer.
+// in f32). Rows go through the LM head in chunks of `chunk` rows (0: as many as keep their f32
+// logits, dz written in place, within 256 MiB, or with dW 1 GiB, since each chunk's dW product
+// reads and writes all of dW); no [N x V] buffer.
 double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, DType w_type, int V, const float* w_rf,
                const std::vector<int>& flags, const int32_t* targets, float weight, float* dh, float* dw_rf, int chunk,
                cudaStream_t stream, float* dW = nullptr, LossScratch* scratch = nullptr);

@@ -1,8 +1,11 @@
-// Tiny test harness shared by the standalone C++ tests: each check prints one line,
-// failures are counted, and main() ends with the "N passed, M failed" line.
+// Tiny test harness shared by the standalone C++ tests: each failed check prints one line (every
+// check with RF_TEST_VERBOSE=1: its message carries the measured errors, so two builds' logs can
+// be diffed), failures are counted, and main() ends with the "N passed, M failed" line.
 #pragma once
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -11,8 +14,13 @@ namespace rf::test {
 inline int g_passed = 0, g_failed = 0;
 
 inline void check(bool ok, const std::string& what) {
+  static const bool verbose = [] {
+    const char* v = std::getenv("RF_TEST_VERBOSE");
+    return v && std::strcmp(v, "1") == 0;
+  }();
   if (ok) {
     ++g_passed;
+    if (verbose) std::printf("ok %s\n", what.c_str());
   } else {
     ++g_failed;
     std::printf("FAIL %s\n", what.c_str());
