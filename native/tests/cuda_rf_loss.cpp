@@ -114,7 +114,9 @@ void run_case(int V, int H, int K, rf::RfAggregation agg, rf::DType dtype, int c
   float *dh_d = to_device(std::vector<float>(size_t(N) * H, NAN)), *dw_d = to_device(std::vector<float>(size_t(K) * H, 0.f));
   float *h_d = to_device(h), *href_d = to_device(h_ref), *wrf_d = to_device(w_rf);
   rf::cuda::GemmContext gemm;
-  const rf::RfLossResult gpu = rf::cuda::rf_loss(gemm, h_d, N, href_d, Nr, H, dW, dtype, V, wrf_d, rows.data(), opt, dh_d, dw_d, nullptr);
+  rf::cuda::LossScratch scratch;
+  const rf::RfLossResult gpu =
+      rf::cuda::rf_loss(gemm, h_d, N, href_d, Nr, H, dW, dtype, V, wrf_d, rows.data(), opt, dh_d, dw_d, nullptr, &scratch);
   const std::vector<float> dh_gpu = to_host(dh_d, size_t(N) * H), dw_gpu = to_host(dw_d, size_t(K) * H);
   for (void* p : {dW, static_cast<void*>(dh_d), static_cast<void*>(dw_d), static_cast<void*>(h_d), static_cast<void*>(href_d),
                   static_cast<void*>(wrf_d)})
@@ -135,6 +137,9 @@ void run_case(int V, int H, int K, rf::RfAggregation agg, rf::DType dtype, int c
   const double e_dh = rel_l2(dh_gpu, dh_cpu), e_dw = rel_l2(dw_gpu, dw_cpu);
   check(e_dh <= (!b16 ? 1e-4 : same_rounding ? 1e-2 : 3e-2), tag + ": dh equals the CPU's (rel L2 " + std::to_string(e_dh) + ")");
   check(e_dw <= (!b16 || same_rounding ? 1e-4 : 3e-2), tag + ": dw_rf equals the CPU's (rel L2 " + std::to_string(e_dw) + ")");
+  // The scratch the call reports (and the bench's memory figure relies on) is what it allocated.
+  check(gpu.scratch_bytes == scratch.bytes(), tag + ": scratch_bytes " + std::to_string(gpu.scratch_bytes) +
+                                                  " is the scratch allocated, " + std::to_string(scratch.bytes()));
 }
 
 // ce_loss (cross-entropy rows: the lm objective and full fine-tuning) against float64 on the same
