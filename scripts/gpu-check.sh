@@ -5,7 +5,8 @@
 # carried (scripts/gpu-pack.sh), the library end to end on the GPU (scripts/device-e2e.mjs, and
 # training: scripts/device-train-e2e.mjs); it
 # leaves the logs, the JSON results and a summary in OUT_DIR. Order: cheapest first, so a
-# timeout still returns the tests. RF_GPU_CHECK_BENCH=0 skips the benchmarks.
+# timeout still returns the tests. RF_GPU_CHECK_BENCH=0 skips the benchmarks, RF_GPU_CHECK_TESTS=0
+# the tests.
 #   bash scripts/gpu-check.sh "$OUT"
 set -uo pipefail
 dest="${1:?usage: scripts/gpu-check.sh OUT_DIR}"
@@ -21,14 +22,29 @@ build=build-gpu
   nvcc --version | tail -1
 } > "$out/device.txt" 2>&1
 
+# The carried node and production node_modules (scripts/gpu-pack.sh; carry .gpu-pack), unpacked
+# first: the addon's configure asks node for node-addon-api's headers, and one build then makes
+# both the C++ tests and the addon, compiling the CUDA sources once.
+addon_args=()
+if [ -f .gpu-pack/node.xz ] && [ -f .gpu-pack/modules.tar.xz ]; then
+  mkdir -p /tmp/rf-node/bin
+  xz -dc .gpu-pack/node.xz > /tmp/rf-node/bin/node && chmod +x /tmp/rf-node/bin/node
+  tar -xJf .gpu-pack/modules.tar.xz
+  export PATH="/tmp/rf-node/bin:$PATH"
+  addon_args=(-DREDFLAG_ADDON=ON -DCMAKE_JS_INC="$PWD/node_modules/node-api-headers/include")
+fi
 generator=()
 command -v ninja >/dev/null && generator=(-G Ninja)
-cmake -S . -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a > "$out/build.log" 2>&1
+cmake -S . -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a "${addon_args[@]}" \
+  > "$out/build.log" 2>&1
 configure_rc=$?
+# The CUDA tests and benchmarks only (target gpu_check), unless the CPU tests run too.
+targets=(--target gpu_check)
+[ "${RF_GPU_CHECK_CTEST:-0}" = 1 ] && targets=()
 # Which cuBLASLt the build uses (the toolkit's, a pip wheel's, or none: then cuda_gemm is not built).
 grep -h 'redflag: cuBLASLt' "$out/build.log" >> "$out/device.txt" ||
   echo "redflag: no cuBLASLt line in the configure log" >> "$out/device.txt"
-if [ "$configure_rc" -ne 0 ] || ! cmake --build "$build" -j "$(nproc)" >> "$out/build.log" 2>&1; then
+if [ "$configure_rc" -ne 0 ] || ! cmake --build "$build" -j "$(nproc)" "${targets[@]}" >> "$out/build.log" 2>&1; then
   echo '{"build": "failed"}' > "$out/summary.json"
   tail -40 "$out/build.log"
   exit 1
@@ -40,8 +56,12 @@ if [ "${RF_GPU_CHECK_CTEST:-0}" = 1 ]; then
   ctest --test-dir "$build" -j "$(nproc)" --output-on-failure > "$out/ctest.log" 2>&1
   ctest_rc=$?
 fi
+# RF_GPU_CHECK_TESTS=0 skips the tests (the C++ ones, end to end, interop): a second call on the
+# same warm machine that only runs the benchmarks (the build is kept between calls).
+tests=${RF_GPU_CHECK_TESTS:-1}
 results=()
 for t in "$build"/cuda_*; do
+  [ "$tests" = 0 ] && break
   [ -x "$t" ] || continue
   name=$(basename "$t")
   case "$name" in cuda_bench | cuda_train_bench) continue ;; esac
@@ -50,38 +70,36 @@ for t in "$build"/cuda_*; do
   results+=("\"$name\": $rc")
   tail -3 "$out/$name.log"
 done
-# The library end to end on the GPU (scripts/device-e2e.mjs) with the carried node and production
-# node_modules (scripts/gpu-pack.sh; carry .gpu-pack): the CUDA addon built with plain CMake.
-e2e_rc=-1
-train_e2e_rc=-1
-if [ -f .gpu-pack/node.xz ] && [ -f .gpu-pack/modules.tar.xz ]; then
-  mkdir -p /tmp/rf-node/bin
-  xz -dc .gpu-pack/node.xz > /tmp/rf-node/bin/node && chmod +x /tmp/rf-node/bin/node
-  tar -xJf .gpu-pack/modules.tar.xz
-  export PATH="/tmp/rf-node/bin:$PATH"
-  if cmake -S . -B build-gpu-addon "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a \
-       -DREDFLAG_ADDON=ON -DREDFLAG_TESTS=OFF -DCMAKE_JS_INC="$PWD/node_modules/node-api-headers/include" > "$out/addon-build.log" 2>&1 &&
-     cmake --build build-gpu-addon -j "$(nproc)" >> "$out/addon-build.log" 2>&1; then
-    addon=$(find build-gpu-addon -name redflag_cuda.node | head -1)
-    REDFLAG_ADDON="$PWD/$addon" timeout 300 node scripts/device-e2e.mjs --device cuda > "$out/e2e.json" 2> "$out/e2e.log"
-    e2e_rc=$?
-    head -c 1500 "$out/e2e.json"
-    # Training on the GPU against the CPU (RF_GPU_CHECK_TRAIN_INTEGRATION=1 adds the integration
-    # test's pipeline with both adapters on the GPU: a few minutes).
-    integration=()
-    [ "${RF_GPU_CHECK_TRAIN_INTEGRATION:-0}" = 1 ] && integration=(--integration)
-    REDFLAG_ADDON="$PWD/$addon" timeout 480 node scripts/device-train-e2e.mjs --device cuda "${integration[@]}" > "$out/train-e2e.json" 2> "$out/train-e2e.log"
-    train_e2e_rc=$?
-    head -c 1200 "$out/train-e2e.json"
+# The CUDA addon (for the end-to-end tests and gpu-serve), linked in the same build from the
+# objects the tests used.
+addon=
+addon_rc=-1
+if [ ${#addon_args[@]} -gt 0 ]; then
+  cmake --build "$build" -j "$(nproc)" --target redflag_cuda > "$out/addon-build.log" 2>&1
+  addon_rc=$?
+  if [ "$addon_rc" -eq 0 ]; then
+    addon=$(find "$build" -name redflag_cuda.node | head -1)
   else
-    e2e_rc=2
     tail -20 "$out/addon-build.log"
   fi
 fi
-# PEFT interoperability: an adapter trained by redflag loads with PeftModel.from_pretrained and
-# gives redflag's logits (CPU and GPU), test/reference/peft_interop.py.
+# The library end to end on the GPU (scripts/device-e2e.mjs) with the carried node.
+e2e_rc=-1
+train_e2e_rc=-1
 interop_rc=-1
-if [ -n "${addon:-}" ]; then
+if [ -n "$addon" ] && [ "$tests" != 0 ]; then
+  REDFLAG_ADDON="$PWD/$addon" timeout 300 node scripts/device-e2e.mjs --device cuda > "$out/e2e.json" 2> "$out/e2e.log"
+  e2e_rc=$?
+  head -c 1500 "$out/e2e.json"
+  # Training on the GPU against the CPU (RF_GPU_CHECK_TRAIN_INTEGRATION=1 adds the integration
+  # test's pipeline with both adapters on the GPU: a few minutes).
+  integration=()
+  [ "${RF_GPU_CHECK_TRAIN_INTEGRATION:-0}" = 1 ] && integration=(--integration)
+  REDFLAG_ADDON="$PWD/$addon" timeout 480 node scripts/device-train-e2e.mjs --device cuda "${integration[@]}" > "$out/train-e2e.json" 2> "$out/train-e2e.log"
+  train_e2e_rc=$?
+  head -c 1200 "$out/train-e2e.json"
+  # PEFT interoperability: an adapter trained by redflag loads with PeftModel.from_pretrained and
+  # gives redflag's logits (CPU and GPU), test/reference/peft_interop.py.
   if REDFLAG_ADDON="$PWD/$addon" timeout 300 node scripts/interop-export.mjs /tmp/rf-interop --device cuda > "$out/interop-export.log" 2>&1; then
     timeout 180 python3 test/reference/peft_interop.py /tmp/rf-interop/interop.json > "$out/interop.json" 2>> "$out/interop-export.log"
     interop_rc=$?
@@ -137,5 +155,5 @@ if [ -n "${addon:-}" ] && [ "${RF_GPU_CHECK_BENCH:-1}" != 0 ]; then
   serve_rc=$?
   tail -c 1500 "$out/gpu-serve.json"
 fi
-printf '{"build": "ok", "ctest": %d, "cuda": {%s}, "e2e": %d, "trainE2e": %d, "interop": %d, "bench": %d, "peer": %d, "trainBench": %d, "trainPeer": %d, "llmc": %d, "serve": %d}\n' "$ctest_rc" "$(IFS=,; echo "${results[*]}")" "$e2e_rc" "$train_e2e_rc" "$interop_rc" "$bench_rc" "$peer_rc" "$train_bench_rc" "$train_peer_rc" "$llmc_rc" "$serve_rc" > "$out/summary.json"
+printf '{"build": "ok", "ctest": %d, "cuda": {%s}, "addon": %d, "e2e": %d, "trainE2e": %d, "interop": %d, "bench": %d, "peer": %d, "trainBench": %d, "trainPeer": %d, "llmc": %d, "serve": %d}\n' "$ctest_rc" "$(IFS=,; echo "${results[*]}")" "$addon_rc" "$e2e_rc" "$train_e2e_rc" "$interop_rc" "$bench_rc" "$peer_rc" "$train_bench_rc" "$train_peer_rc" "$llmc_rc" "$serve_rc" > "$out/summary.json"
 cat "$out/summary.json"
