@@ -21,7 +21,10 @@ namespace rf::cuda {
 
 namespace {
 
-constexpr int kThreads = 512;
+// Threads of the row kernels, one block per row: a whole chunk's rows (128) fill a GPU's SMs about
+// once, so each block brings all its SM's memory parallelism, 16 KB in flight per 16-byte load
+// step of a reference row pair (kept to 64 registers by __launch_bounds__).
+constexpr int kThreads = 1024;
 
 // The row stride of the [rows, V] buffers (logits, dz): V rounded up to 128 elements, so that
 // every row of an f32 or a bf16 buffer starts 256-byte aligned, as cuBLASLt's fastest kernels
@@ -125,29 +128,72 @@ __device__ __forceinline__ float dz_rf(float z, int v, int target, double lse, f
   return v == target ? target_dz : prob(z, lse);
 }
 
-// Stores one sweep step's dz over the row's own logits z (each thread's d for element v0 + tid,
-// valid or not). f32: in place. bf16: the row's 2-byte elements packed at its start, so element v
-// lands inside f32 element v / 2, and in no element the sweep has yet to read: the step's reads
-// all come before its barrier (v / 2 < v0 + blockDim.x, the next step's first), and the first
-// step's writes, over elements that step itself reads, wait for the barrier. Every thread of the
-// block calls it at every step (the barrier).
-__device__ __forceinline__ void store_dz(float* z, int v0, bool valid, float d, bool bf16) {
-  const int v = v0 + threadIdx.x;
-  if (!bf16) {
-    if (valid) z[v] = d;
-    return;
+// A row's sweeps, 4 elements per thread and step (one 16-byte load: rows are ld, a multiple of
+// 128 elements, apart, so 512-byte aligned), the last V % 4 elements one per thread.
+//
+// sweep: f(v, z[v], q[v]) for every element (q null: f gets z[v] again), in each thread's order.
+template <class F>
+__device__ __forceinline__ void sweep(const float* z, const float* q, int V, F f) {
+  const int V4 = V / 4;
+#pragma unroll 2
+  for (int j = threadIdx.x; j < V4; j += blockDim.x) {
+    const float4 a = reinterpret_cast<const float4*>(z)[j];
+    const float4 b = q ? reinterpret_cast<const float4*>(q)[j] : a;
+    f(4 * j, a.x, b.x);
+    f(4 * j + 1, a.y, b.y);
+    f(4 * j + 2, a.z, b.z);
+    f(4 * j + 3, a.w, b.w);
   }
-  __syncthreads();
-  if (valid) reinterpret_cast<__nv_bfloat16*>(z)[v] = bf16_round(d);
+  for (int v = 4 * V4 + int(threadIdx.x); v < V; v += blockDim.x) f(v, z[v], q ? q[v] : z[v]);
+}
+
+// sweep_dz: dz_v = f(v, z[v], q[v]) over the row's own logits z: f32 in place, or bf16 packed at
+// the row's start, so that element v lands inside f32 element v / 2. That is never an element the
+// sweep has yet to read: a step of n elements from v0 writes f32 elements below (v0 + n) / 2,
+// which this step or an earlier one read, and the writes wait for a barrier after the step's
+// reads. Every thread of the block calls it (the barriers).
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  return uint32_t(__bfloat16_as_ushort(bf16_round(lo))) | (uint32_t(__bfloat16_as_ushort(bf16_round(hi))) << 16);
+}
+template <class F>
+__device__ __forceinline__ void sweep_dz(float* z, const float* q, int V, bool bf16, F f) {
+  const int V4 = V / 4;
+  for (int j0 = 0; j0 < V4; j0 += blockDim.x) {
+    const int j = j0 + threadIdx.x;
+    float4 d = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (j < V4) {
+      const float4 a = reinterpret_cast<const float4*>(z)[j];
+      const float4 b = q ? reinterpret_cast<const float4*>(q)[j] : a;
+      d.x = f(4 * j, a.x, b.x);
+      d.y = f(4 * j + 1, a.y, b.y);
+      d.z = f(4 * j + 2, a.z, b.z);
+      d.w = f(4 * j + 3, a.w, b.w);
+    }
+    if (!bf16) {
+      if (j < V4) reinterpret_cast<float4*>(z)[j] = d;
+    } else {
+      __syncthreads();
+      if (j < V4) reinterpret_cast<uint2*>(z)[j] = make_uint2(pack_bf16(d.x, d.y), pack_bf16(d.z, d.w));
+    }
+  }
+  // The last V % 4 (< 4 <= blockDim.x) elements, one step.
+  const int v = 4 * V4 + threadIdx.x;
+  const float d = v < V ? f(v, z[v], q ? q[v] : z[v]) : 0.f;
+  if (!bf16) {
+    if (v < V) z[v] = d;
+  } else {
+    __syncthreads();
+    if (v < V) reinterpret_cast<__nv_bfloat16*>(z)[v] = bf16_round(d);
+  }
 }
 
 // grid: rows of the chunk. zt [rows, V] trained logits (flags replaced), zr [rows, V] reference
 // logits (KL rows only; null in a red-flag chunk), rows ld apart. Writes RowOut; dz (w (p_theta -
 // p_ref) for KL rows, the unit p - onehot(target) for red-flag rows, whose coefficient k comes
 // from the groups) over zt in place: f32, or, bf16_dz, as the bf16 operand of the product back
-// through a bf16 W, row r at element 2 r ld of zt seen as bf16 (see store_dz); and fz [rows, K] =
+// through a bf16 W, row r at element 2 r ld of zt seen as bf16 (see sweep_dz); and fz [rows, K] =
 // dz at the flag columns, in f32.
-__global__ void loss_rows_kernel(float* zt, const float* zr, int V, long ld, const RowIn* in, RowOut* out, bool bf16_dz,
+__global__ void __launch_bounds__(kThreads) loss_rows_kernel(float* zt, const float* zr, int V, long ld, const RowIn* in, RowOut* out, bool bf16_dz,
                                  const int* flags, int K, float* fz) {
   __shared__ double scratch[3 * 32];
   const long r = blockIdx.x;
@@ -157,10 +203,10 @@ __global__ void loss_rows_kernel(float* zt, const float* zr, int V, long ld, con
   const float* q = kl ? zr + r * ld : nullptr;
   // Read 1: the log-sum-exps (the trained row's, and the reference row's for KL rows).
   Lse lt, lr;
-  for (int v = threadIdx.x; v < V; v += blockDim.x) {
-    lt.add(z[v], v == row.target);
-    if (kl) lr.add(q[v], false);
-  }
+  sweep(z, q, V, [&](int v, float zv, float qv) {
+    lt.add(zv, v == row.target);
+    if (kl) lr.add(qv, false);
+  });
   lt = block_lse(lt, scratch);
   RowOut o{double(lt.m) + log(lt.s), 0, 0, 0};
   double lse_r = 0;
@@ -191,17 +237,14 @@ __global__ void loss_rows_kernel(float* zt, const float* zr, int V, long ld, con
   __syncthreads();
   // Read 2: dz, and for KL rows KL(p_ref || p_theta) = sum_v p_ref,v ((z_ref,v - lse_ref) - (z_v - lse)).
   double klv = 0;
-  for (int v0 = 0; v0 < V; v0 += blockDim.x) {
-    const int v = v0 + threadIdx.x;
-    float d = 0.f;
-    if (v < V && kl) {
-      const float pr = prob(q[v], lse_r);
-      klv += double(pr) * ((double(q[v]) - lse_r) - (double(z[v]) - o.lse));
-      d = dz_kl(z[v], q[v], pr, o.lse, lse_r, w);
-    } else if (v < V) {
-      d = dz_rf(z[v], v, row.target, o.lse, target_dz);
-    }
-    store_dz(z, v0, v < V, d, bf16_dz);
+  if (kl) {
+    sweep_dz(z, q, V, bf16_dz, [&](int, float zv, float qv) {
+      const float pr = prob(qv, lse_r);
+      klv += double(pr) * ((double(qv) - lse_r) - (double(zv) - o.lse));
+      return dz_kl(zv, qv, pr, o.lse, lse_r, w);
+    });
+  } else {
+    sweep_dz(z, nullptr, V, bf16_dz, [&](int v, float zv, float) { return dz_rf(zv, v, row.target, o.lse, target_dz); });
   }
   if (kl) o.kl = block_sum(klv, scratch);
   if (threadIdx.x == 0) out[r] = o;
@@ -260,9 +303,9 @@ __device__ __forceinline__ float dz_ce(float z, int v, int target, double lse, f
 }
 
 // grid: rows of the chunk. z [rows, V] logits (rows ld apart); loss[r] = lse - z[target] in
-// double; dz over z in place, f32 or, bf16_dz, bf16 as loss_rows_kernel's (store_dz); and fz
+// double; dz over z in place, f32 or, bf16_dz, bf16 as loss_rows_kernel's (sweep_dz); and fz
 // [rows, K] = dz at the flag columns, in f32.
-__global__ void ce_kernel(float* zt, int V, long ld, const int32_t* targets, float weight, double* loss, bool bf16_dz,
+__global__ void __launch_bounds__(kThreads) ce_kernel(float* zt, int V, long ld, const int32_t* targets, float weight, double* loss, bool bf16_dz,
                           const int* flags, int K, float* fz) {
   __shared__ double scratch[3 * 32];
   const long r = blockIdx.x;
@@ -271,15 +314,12 @@ __global__ void ce_kernel(float* zt, int V, long ld, const int32_t* targets, flo
   // Read before any thread overwrites z (the writes come after the reduction's barriers).
   const float z_target = z[target];
   Lse l;
-  for (int v = threadIdx.x; v < V; v += blockDim.x) l.add(z[v], false);
+  sweep(z, nullptr, V, [&](int, float zv, float) { l.add(zv, false); });
   l = block_lse(l, scratch);
   const double lse = double(l.m) + log(l.s);
   for (int k = threadIdx.x; k < K; k += blockDim.x) fz[r * K + k] = dz_ce(z[flags[k]], flags[k], target, lse, weight);
   __syncthreads();  // the flag columns are read before the sweep may overwrite them
-  for (int v0 = 0; v0 < V; v0 += blockDim.x) {
-    const int v = v0 + threadIdx.x;
-    store_dz(z, v0, v < V, v < V ? dz_ce(z[v], v, target, lse, weight) : 0.f, bf16_dz);
-  }
+  sweep_dz(z, nullptr, V, bf16_dz, [&](int v, float zv, float) { return dz_ce(zv, v, target, lse, weight); });
   if (threadIdx.x == 0) loss[r] = lse - double(z_target);
 }
 
