@@ -250,38 +250,61 @@ __global__ void __launch_bounds__(kThreads) loss_rows_kernel(float* zt, const fl
   if (threadIdx.x == 0) out[r] = o;
 }
 
-// The flag columns of dz: fz[r, k] = dz[r * stride + (cols ? cols[k] : k)] (a full dz row with
-// the flags' ids, or the row kernel's compact [rows, K]).
-__device__ __forceinline__ float flag_dz(const float* fz, long stride, const int* cols, long r, int k) {
-  return fz[r * stride + (cols ? cols[k] : k)];
-}
 
-// dh [rows, H] += sum_k dz[r, f_k] (w_rf[k] - W[f_k]): the flag columns went back through W's
-// own rows in dz W; the trained model's are w_rf's. grid: rows.
-__global__ void flag_correction_kernel(float* dh, int H, const float* fz, long stride, const int* cols, const int* flags, int K,
-                                       const float* w_rf, const void* W, bool w_bf16) {
+// dh [rows, H] += sum_k fz[r, k] (w_rf[k] - W[f_k]), fz [rows, K] the dz of the flag columns,
+// which went back through W's own rows in dz W; the trained model's are w_rf's. grid: rows.
+__global__ void flag_correction_kernel(float* dh, int H, const float* fz, const int* flags, int K, const float* w_rf, const void* W,
+                                       bool w_bf16) {
   const long r = blockIdx.x;
   for (int i = threadIdx.x; i < H; i += blockDim.x) {
     double acc = 0;
     for (int k = 0; k < K; ++k) {
       const long wi = long(flags[k]) * H + i;
       const float base = w_bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(W)[wi]) : static_cast<const float*>(W)[wi];
-      acc += double(flag_dz(fz, stride, cols, r, k)) * (double(w_rf[long(k) * H + i]) - double(base));
+      acc += double(fz[r * K + k]) * (double(w_rf[long(k) * H + i]) - double(base));
     }
     dh[r * H + i] += float(acc);
   }
 }
 
-// dw_rf [K, H] += sum_r coef[r] dz[r, f_k] h[rows[r]] over the rows in order (deterministic;
-// coef null: 1). grid: (K, ceil(H / threads)).
-__global__ void dw_rf_kernel(float* dw_rf, int H, const float* fz, long stride, const int* cols, const double* coef,
-                             const float* h, const int* rows, int n) {
-  const int k = blockIdx.x, i = blockIdx.y * blockDim.x + threadIdx.x;
+// dw_rf [K, H] += sum_r coef[r] fz[r, k] h[rows[r]] (coef null: 1; rows null: row r), summed in
+// double in an order fixed by the row count alone (not by the GPU: the same bits everywhere, and
+// no atomics): each part of kDwRows rows in order (dw_rf_part_kernel, one thread per (part, k,
+// column)), then the parts in order (dw_rf_sum_kernel). Once per call over every row, so the
+// serial part is 256 rows, not a whole chunk's or all the red-flag rows' per column.
+constexpr int kDwRows = 256;
+int dw_rf_parts(int n) { return (n + kDwRows - 1) / kDwRows; }
+
+// grid: (parts, K, ceil(H / threads)). part [parts, K, H].
+__global__ void dw_rf_part_kernel(double* part, int H, const float* fz, int K, const double* coef, const float* h,
+                                  const int* rows, int n) {
+  const int p = blockIdx.x, k = blockIdx.y, i = blockIdx.z * blockDim.x + threadIdx.x;
   if (i >= H) return;
+  const int r1 = min(n, (p + 1) * kDwRows);
   double acc = 0;
-  for (int r = 0; r < n; ++r)
-    acc += (coef ? coef[r] : 1.0) * double(flag_dz(fz, stride, cols, r, k)) * double(h[long(rows[r]) * H + i]);
-  dw_rf[long(k) * H + i] += float(acc);
+  for (int r = p * kDwRows; r < r1; ++r)
+    acc += (coef ? coef[r] : 1.0) * double(fz[long(r) * K + k]) * double(h[long(rows ? rows[r] : r) * H + i]);
+  part[(long(p) * K + k) * H + i] = acc;
+}
+
+// dw_rf[e] += sum_p part[p, e] for e < K H, in order.
+__global__ void dw_rf_sum_kernel(float* dw_rf, long KH, const double* part, int parts) {
+  const long e = blockIdx.x * long(blockDim.x) + threadIdx.x;
+  if (e >= KH) return;
+  double acc = 0;
+  for (int p = 0; p < parts; ++p) acc += part[p * KH + e];
+  dw_rf[e] += float(acc);
+}
+
+// part: dw_rf_parts(n) x K x H doubles of scratch.
+void dw_rf_add(float* dw_rf, int H, const float* fz, int K, const double* coef, const float* h, const int* rows, int n,
+               double* part, cudaStream_t stream) {
+  if (K == 0 || n == 0) return;
+  const int parts = dw_rf_parts(n);
+  dw_rf_part_kernel<<<dim3(parts, K, (H + 255) / 256), 256, 0, stream>>>(part, H, fz, K, coef, h, rows, n);
+  const long KH = long(K) * H;
+  dw_rf_sum_kernel<<<unsigned((KH + 255) / 256), 256, 0, stream>>>(dw_rf, KH, part, parts);
+  check(cudaGetLastError(), "dw_rf");
 }
 
 // A red-flag row's coefficient applied to its dh: dh[rows[j]] *= coef[j]. grid: rows.
@@ -392,13 +415,12 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
   int* d_flags = sc.get<int>(size_t(K));
   RowIn* d_in = sc.get<RowIn>(size_t(N));
   RowOut* d_out = sc.get<RowOut>(size_t(N));
-  float* fz = sc.get<float>(size_t(C) * K);  // a KL chunk's dz at the flag columns
-  const size_t n_rf = size_t(N) - size_t(res.n_benign_rows) - size_t(res.n_after_rows);
-  float* d_vals = sc.get<float>(n_rf * size_t(K));  // the red-flag rows' unit dz at the flag columns
-  double* d_coef = sc.get<double>(n_rf);            // and their coefficients k
-  int32_t* d_rf_rows = sc.get<int32_t>(n_rf);
-  res.scratch_bytes = size_t(C) * ld * 8 + size_t(C) * H * (16 + (bf16 ? 4 : 0)) + size_t(C) * K * 4 +
-                      n_rf * (size_t(K) * 4 + 12) + size_t(N) * (8 + sizeof(RowIn) + sizeof(RowOut)) + size_t(K) * 4;
+  // Every row's dz at the flag columns (a red-flag row's for k = 1) and coefficient (KL rows: 1;
+  // red-flag rows: their k), for dw_rf once all rows are done.
+  float* fz = sc.get<float>(size_t(N) * K);
+  double* d_coef = sc.get<double>(size_t(N));
+  double* dw_part = sc.get<double>(size_t(dw_rf_parts(N)) * K * H);
+  res.scratch_bytes = sc.requested();
   upload(d_flags, flags, stream);
 
   // ---- one pass over the rows, in chunks of the KL rows, then of the red-flag rows: each
@@ -442,13 +464,12 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
     matmul(gemm, z, hin, w_type, W, w_type, m, V, H, nullptr, 0.f, stream, Strides{0, 0, ld});
     set_flag_logits(zt, ld, hs, n, H, w_rf, d_flags, K, stream);
     // The row scalars and dz over zt (bf16 W: as bf16, rows 2 ld elements apart, for the product back).
-    float* fzc = kl ? fz : d_vals + (j0 - n_kl) * size_t(K);
+    float* fzc = fz + j0 * size_t(K);
     loss_rows_kernel<<<n, kThreads, 0, stream>>>(zt, zr, V, ld, d_in + j0, d_out + j0, bf16, d_flags, K, fzc);
     check(cudaGetLastError(), "rf_loss rows");
     // dhc [n, H] = dz W*: W's flag rows replaced by w_rf.
     matmul_nn(gemm, dhc, zt, w_type, W, w_type, n, H, V, 0.f, stream, Strides{bf16 ? 2 * ld : ld, 0, 0});
-    flag_correction_kernel<<<n, 256, 0, stream>>>(dhc, H, fzc, K, nullptr, d_flags, K, w_rf, W, bf16);
-    if (kl && K > 0) dw_rf_kernel<<<dim3(K, (H + 255) / 256), 256, 0, stream>>>(dw_rf, H, fz, K, nullptr, nullptr, h, ids, n);
+    flag_correction_kernel<<<n, 256, 0, stream>>>(dhc, H, fzc, d_flags, K, w_rf, W, bf16);
     scatter_rows_kernel<<<n, 256, 0, stream>>>(dh, dhc, ids, H);
     check(cudaGetLastError(), "rf_loss scatter");
   }
@@ -487,24 +508,21 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
 
   // ---- the red-flag rows' coefficients: dL/dz_v = k (p_v - delta); any: q/(1-q) p/(1-p);
   //      mean: 1/n_g; single: 1 (times w_group). Their dh and flag columns were made for k = 1.
-  if (!rf_rows.empty()) {
-    std::vector<double> coef(rf_rows.size());
-    for (size_t j = 0; j < rf_rows.size(); ++j) {
-      const int i = rf_rows[j];
-      const RowOut& o = outs[size_t(i)];
-      const int g = row_group[size_t(i)];
-      const double log_k = opt.aggregation == RfAggregation::any ? log_q[size_t(g)] - o.log_1mp + o.log_p - log_1mq[size_t(g)]
-                                                                 : -std::log(opt.aggregation == RfAggregation::mean ? double(group_size[size_t(g)]) : 1.0);
-      // p = 1 to double precision (log(1 - p) = -inf): the unit dz is 0, and so is the gradient.
-      coef[j] = o.log_1mp == -INFINITY ? 0.0 : std::exp(std::log(w_group) + log_k);
-    }
-    upload(d_coef, coef, stream);
-    upload(d_rf_rows, rf_rows, stream);
-    scale_rows_kernel<<<int(rf_rows.size()), 256, 0, stream>>>(dh, H, d_coef, d_rf_rows);
-    dw_rf_kernel<<<dim3(K, (H + 255) / 256), 256, 0, stream>>>(dw_rf, H, d_vals, K, nullptr, d_coef, h, d_rf_rows,
-                                                               int(rf_rows.size()));
-    check(cudaGetLastError(), "rf_loss coefficients");
+  //      coef follows `order` (KL rows, whose dz is complete: 1; then the red-flag rows, rf_rows).
+  std::vector<double> coef(static_cast<size_t>(N), 1.0);
+  for (size_t j = 0; j < rf_rows.size(); ++j) {
+    const int i = rf_rows[j];
+    const RowOut& o = outs[size_t(i)];
+    const int g = row_group[size_t(i)];
+    const double log_k = opt.aggregation == RfAggregation::any ? log_q[size_t(g)] - o.log_1mp + o.log_p - log_1mq[size_t(g)]
+                                                               : -std::log(opt.aggregation == RfAggregation::mean ? double(group_size[size_t(g)]) : 1.0);
+    // p = 1 to double precision (log(1 - p) = -inf): the unit dz is 0, and so is the gradient.
+    coef[n_kl + j] = o.log_1mp == -INFINITY ? 0.0 : std::exp(std::log(w_group) + log_k);
   }
+  upload(d_coef, coef, stream);
+  if (!rf_rows.empty()) scale_rows_kernel<<<int(rf_rows.size()), 256, 0, stream>>>(dh, H, d_coef + n_kl, d_order + n_kl);
+  check(cudaGetLastError(), "rf_loss coefficients");
+  dw_rf_add(dw_rf, H, fz, K, d_coef, h, d_order, N, dw_part, stream);
   check(cudaStreamSynchronize(stream), "rf_loss");
   return res;
 }
@@ -533,19 +551,15 @@ double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, D
   sc.begin();
   float* z = sc.get<float>(size_t(C) * ld);
   __nv_bfloat16* hb = bf16 ? sc.get<__nv_bfloat16>(size_t(C) * H) : nullptr;  // bf16 W: the rows rounded
-  // Every row's target, index and loss for the whole call: one copy each way (as rf_loss).
+  // Every row's target and loss for the whole call: one copy each way (as rf_loss); every row's
+  // dz at the flag columns, for dw_rf once all rows are done.
   int32_t* d_targets = sc.get<int32_t>(size_t(N));
-  int32_t* d_rows = sc.get<int32_t>(size_t(N));  // 0, 1, ..., N - 1: the rows dw_rf_kernel reads
-  int* d_flags = sc.get<int>(size_t(std::max(K, 1)));
+  int* d_flags = sc.get<int>(size_t(K));
   double* d_loss = sc.get<double>(size_t(N));
-  float* fz = sc.get<float>(size_t(C) * std::max(K, 1));  // the flag columns' dz
+  float* fz = sc.get<float>(size_t(N) * K);
+  double* dw_part = sc.get<double>(size_t(dw_rf_parts(N)) * K * H);
   upload(d_flags, flags, stream);
   upload(d_targets, std::vector<int32_t>(targets, targets + N), stream);
-  if (K > 0) {
-    std::vector<int32_t> iota(static_cast<size_t>(N));
-    for (int i = 0; i < N; ++i) iota[size_t(i)] = i;
-    upload(d_rows, iota, stream);
-  }
   for (int r0 = 0; r0 < N; r0 += C) {
     const int n = std::min(C, N - r0);
     const float* x = h + long(r0) * H;
@@ -557,7 +571,7 @@ double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, D
     matmul(gemm, z, xin, w_type, W, w_type, n, V, H, nullptr, 0.f, stream, Strides{0, 0, ld});
     if (K > 0) set_flag_logits(z, ld, x, n, H, w_rf, d_flags, K, stream);
     // dz over z (bf16 W: as bf16, rows 2 ld elements apart, the operand of the products back).
-    ce_kernel<<<n, kThreads, 0, stream>>>(z, V, ld, d_targets + r0, weight, d_loss + r0, bf16, d_flags, K, fz);
+    ce_kernel<<<n, kThreads, 0, stream>>>(z, V, ld, d_targets + r0, weight, d_loss + r0, bf16, d_flags, K, fz + size_t(r0) * K);
     check(cudaGetLastError(), "ce_loss kernel");
     // dh = dz W*, and the trained flag rows' share (as in rf_loss).
     const long dz_ld = bf16 ? 2 * ld : ld;
@@ -567,11 +581,11 @@ double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, D
     if (dW && bf16) matmul_tn(gemm, dW, z, DType::bf16, hb, DType::bf16, V, H, n, 1.f, 1.f, stream, Strides{dz_ld, 0, 0});
     else if (dW) matmul_tn(gemm, dW, z, DType::f32, x, DType::f32, V, H, n, 1.f, 1.f, stream, Strides{dz_ld, 0, 0});
     if (K > 0) {
-      flag_correction_kernel<<<n, 256, 0, stream>>>(dh + long(r0) * H, H, fz, K, nullptr, d_flags, K, w_rf, W, bf16);
-      dw_rf_kernel<<<dim3(K, (H + 255) / 256), 256, 0, stream>>>(dw_rf, H, fz, K, nullptr, nullptr, h, d_rows + r0, n);
-      check(cudaGetLastError(), "ce_loss kernels (back)");
+      flag_correction_kernel<<<n, 256, 0, stream>>>(dh + long(r0) * H, H, fz + size_t(r0) * K, d_flags, K, w_rf, W, bf16);
+      check(cudaGetLastError(), "ce_loss flag rows");
     }
   }
+  dw_rf_add(dw_rf, H, fz, K, nullptr, h, nullptr, N, dw_part, stream);
   std::vector<double> loss(static_cast<size_t>(N));
   check(cudaMemcpyAsync(loss.data(), d_loss, size_t(N) * sizeof(double), cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
   check(cudaStreamSynchronize(stream), "ce_loss");

@@ -16,15 +16,16 @@
 // rows that may lie in other chunks). So its chunk makes dz, dh and the flag columns for k = 1;
 // once every row's log p and log(1 - p) are known, the host forms the coefficients in log space,
 // as the CPU does, and two kernels scale those dh rows and add their dw_rf.
-// dw_rf[k] += sum_r dz[r, f_k] h[r] is summed row by row in a fixed order (no atomics), so a
-// call gives the same bits every time.
+// dw_rf[k] += sum_r dz[r, f_k] h[r] is summed once all rows are done, in double, over parts of
+// 256 rows and then over the parts, an order fixed by the row count (no atomics): a call gives
+// the same bits every time, on every GPU.
 //
 // Products: logits of the N trained and Nr reference rows and dh of the N rows: 2N + Nr row
 // products, the exact computation's.
-// Peak scratch: 2 C x V' f32 logits + 2 C x H x (20 bytes for bf16 W, 16 for f32), plus K + 3
-// words per red-flag row and 7 per row: with V = 128256 and bf16 W, C = 128: 131 MiB at H = 2048
-// and 16k rows, 0.82% of the naive f32 logits of the trained rows and their gradient (2 x N x V x
-// 4 bytes: 15.7 GiB at N = 16384).
+// Peak scratch (RfLossResult::scratch_bytes): 2 C x V' f32 logits + 2 C x H x (20 bytes for
+// bf16 W, 16 for f32), 64 + 4 K bytes per row, and dw_rf's partial sums, K x H doubles per 256
+// rows: with V = 128256 and bf16 W, C = 128: 132 MiB at H = 2048 and 16k rows, 0.83% of the
+// naive f32 logits of the trained rows and their gradient (2 x N x V x 4 bytes: 15.7 GiB).
 //
 // Numerics differ from the CPU's in summation order only: logits through cuBLASLt (bf16 W:
 // h rounded to bf16, f32 sums), flag logits as f32 dot products of the unrounded rows, dz rounded
@@ -53,13 +54,17 @@ class LossScratch {
   LossScratch(const LossScratch&) = delete;
   LossScratch& operator=(const LossScratch&) = delete;
   // Starts a call: its requests take the slots from the first on.
-  void begin() { next_ = 0; }
+  void begin() { next_ = 0, requested_ = 0; }
   // The next slot, holding at least n elements of T.
   template <class T>
   T* get(size_t n) {
-    return static_cast<T*>(slot(std::max<size_t>(1, n) * sizeof(T)));
+    const size_t b = std::max<size_t>(1, n) * sizeof(T);
+    requested_ += b;
+    return static_cast<T*>(slot(b));
   }
+  // Bytes held, and bytes the current call asked for (what it allocates with a fresh scratch).
   size_t bytes() const;
+  size_t requested() const { return requested_; }
 
  private:
   struct Slot {
@@ -68,7 +73,7 @@ class LossScratch {
   };
   void* slot(size_t bytes);
   std::vector<Slot> slots_;
-  size_t next_ = 0;
+  size_t next_ = 0, requested_ = 0;
 };
 
 // h [N, H], h_ref [Nr, H], W [V, H] (dtype w_type), w_rf [K, H], dh [N, H] (written), dw_rf

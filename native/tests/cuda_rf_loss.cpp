@@ -4,9 +4,10 @@
 //
 // Also ce_loss (cross-entropy rows) against float64: see ce_case.
 // Cases: one flag and three, aggregations any / mean / single, KL rows sharing reference rows,
-// groups split across chunks (chunk 8 with 41 rows), vocabulary 1001 (odd) and 128256 (Llama-3's;
-// the test the issue asks for: the fused loss at full vocabulary against a reference), f32 and
-// bf16 W, and flags so unlikely (p ~ 1e-30) that log(1 - p) must be formed from the log-odds.
+// groups split across chunks (chunk 8 with 41 rows), 600 rows (dw_rf's sum over parts of 256
+// rows), vocabulary 1001 (odd) and 128256 (Llama-3's; the test the issue asks for: the fused loss
+// at full vocabulary against a reference), f32 and bf16 W, and flags so unlikely (p ~ 1e-30)
+// that log(1 - p) must be formed from the log-odds.
 // Tolerances. f32 W: both sides sum f32 products in different orders with float64 per-row
 // scalars: loss terms within 1e-5 relative (+1e-7 absolute), dh and dw_rf within 1e-4 relative
 // L2. bf16 W on an AVX-512 host: both round h to bf16 for the streamed logits; the device rounds
@@ -61,17 +62,17 @@ bool close(double got, double want, double rel) { return std::fabs(got - want) <
 // tiny_p: every flag logit near -60 (h's first column 1, w_rf's -60), so p(flag) ~ 1e-30: the
 // red-flag term's log(1 - p) must come from the log-odds (log(s_rest) - log(s) rounds it to 0,
 // and the any-aggregation's loss -log(1 - prod(1 - p)) to infinity).
-void run_case(int V, int H, int K, rf::RfAggregation agg, rf::DType dtype, int chunk, bool tiny_p = false) {
-  // 41 trained rows: benign KL, after KL, and red-flag groups of 1 to 4 rows (single: 1).
+void run_case(int V, int H, int K, rf::RfAggregation agg, rf::DType dtype, int chunk, bool tiny_p = false, int n_rows = 41) {
+  // n_rows trained rows: benign KL, after KL, and red-flag groups of 1 to 4 rows (single: 1).
   const int Nr = 9;
   std::vector<rf::RfLossRow> rows;
   int group = 0;
-  while (rows.size() < 41) {
+  while (rows.size() < size_t(n_rows)) {
     const int kind = int(rows.size()) % 3;
     if (kind == 2) {
       const int size = agg == rf::RfAggregation::single ? 1 : 1 + int(rng() % 4);
       const int flag = int(rng() % uint32_t(K));
-      for (int j = 0; j < size && rows.size() < 41; ++j) rows.push_back({rf::RfLossKind::red_flag, -1, group, flag});
+      for (int j = 0; j < size && rows.size() < size_t(n_rows); ++j) rows.push_back({rf::RfLossKind::red_flag, -1, group, flag});
       ++group;
     } else {
       rows.push_back({kind == 0 ? rf::RfLossKind::benign_kl : rf::RfLossKind::after_kl, int32_t(rng() % Nr), -1, 0});
@@ -125,7 +126,8 @@ void run_case(int V, int H, int K, rf::RfAggregation agg, rf::DType dtype, int c
   const bool b16 = dtype == rf::DType::bf16;
   const std::string tag = "V " + std::to_string(V) + " H " + std::to_string(H) + " K " + std::to_string(K) + " " +
                           (agg == rf::RfAggregation::any ? "any" : agg == rf::RfAggregation::mean ? "mean" : "single") +
-                          (b16 ? " bf16" : " f32") + " chunk " + std::to_string(chunk) + (tiny_p ? " p(flag) ~ 1e-30" : "");
+                          (b16 ? " bf16" : " f32") + " chunk " + std::to_string(chunk) + (tiny_p ? " p(flag) ~ 1e-30" : "") +
+                          (n_rows != 41 ? " rows " + std::to_string(n_rows) : "");
   const bool same_rounding = rf::active_isa() == rf::Isa::avx512;
   const double rel = !b16 ? 1e-5 : same_rounding ? 1e-4 : 3e-2;
   const double rel_kl = !b16 ? 1e-5 : same_rounding ? 1e-3 : 3e-2;
@@ -228,6 +230,7 @@ int main() {
     for (int K : {1, 3})
       for (rf::RfAggregation agg : {rf::RfAggregation::any, rf::RfAggregation::mean, rf::RfAggregation::single})
         run_case(1001, 80, K, agg, dtype, 8);
+  run_case(1001, 80, 3, rf::RfAggregation::mean, rf::DType::f32, 64, false, 600);  // dw_rf over 3 parts of rows
   run_case(128256, 256, 1, rf::RfAggregation::any, rf::DType::bf16, 0);
   run_case(128256, 256, 3, rf::RfAggregation::mean, rf::DType::f32, 16);
   for (rf::RfAggregation agg : {rf::RfAggregation::any, rf::RfAggregation::mean}) run_case(1001, 80, 3, agg, rf::DType::f32, 8, true);
