@@ -682,7 +682,8 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
   // 5. Embeddings: dx is dL/d(input embeddings); the flag rows that were looked up collect theirs.
   phase(kEmbeddings);
   if (s.rf_embed >= 0)
-    token_rows_grad(s.grd(s.rf_embed), dx, d_tokens, int(R), int(H), s.flag_ids.get<int32_t>(), int(flags.size()), st);
+    token_rows_grad(s.grd(s.rf_embed), dx, d_tokens, int(R), int(H), s.flag_ids.get<int32_t>(), int(flags.size()),
+                    floats(s.colsum, column_sum_scratch_floats(int(R), int(H))), st);
   if (full) {
     // Every looked-up row collects its rows' gradients (and GPT-2's position rows theirs), in row
     // order per destination.

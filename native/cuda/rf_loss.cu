@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cuda/bf16.h"
+#include "cuda/column_reduce.cuh"
 #include "cuda/memory.h"
 #include "cuda/model_ops.h"
 #include "kernels/rf_loss_rows.h"
@@ -267,43 +268,28 @@ __global__ void flag_correction_kernel(float* dh, int H, const float* fz, const 
   }
 }
 
-// dw_rf [K, H] += sum_r coef[r] fz[r, k] h[rows[r]] (coef null: 1; rows null: row r), summed in
-// double in an order fixed by the row count alone (not by the GPU: the same bits everywhere, and
-// no atomics): each part of kDwRows rows in order (dw_rf_part_kernel, one thread per (part, k,
-// column)), then the parts in order (dw_rf_sum_kernel). Once per call over every row, so the
-// serial part is 256 rows, not a whole chunk's or all the red-flag rows' per column.
-constexpr int kDwRows = 256;
-int dw_rf_parts(int n) { return (n + kDwRows - 1) / kDwRows; }
+// Row r's term of dw_rf[k] at column c, for colsum::column_sums: coef[r] fz[r, k] h[rows[r], c]
+// (coef null: 1; rows null: row r).
+struct DwRfTerm {
+  const float* fz;
+  int K, k;
+  const double* coef;
+  const float* h;
+  const int* rows;
+  int H;
+  __device__ void operator()(int r, int c, float (&v)[1]) const {
+    const float d = coef ? float(coef[r] * double(fz[long(r) * K + k])) : fz[long(r) * K + k];
+    v[0] = d * h[long(rows ? rows[r] : r) * H + c];
+  }
+};
 
-// grid: (parts, K, ceil(H / threads)). part [parts, K, H].
-__global__ void dw_rf_part_kernel(double* part, int H, const float* fz, int K, const double* coef, const float* h,
-                                  const int* rows, int n) {
-  const int p = blockIdx.x, k = blockIdx.y, i = blockIdx.z * blockDim.x + threadIdx.x;
-  if (i >= H) return;
-  const int r1 = min(n, (p + 1) * kDwRows);
-  double acc = 0;
-  for (int r = p * kDwRows; r < r1; ++r)
-    acc += (coef ? coef[r] : 1.0) * double(fz[long(r) * K + k]) * double(h[long(rows ? rows[r] : r) * H + i]);
-  part[(long(p) * K + k) * H + i] = acc;
-}
-
-// dw_rf[e] += sum_p part[p, e] for e < K H, in order.
-__global__ void dw_rf_sum_kernel(float* dw_rf, long KH, const double* part, int parts) {
-  const long e = blockIdx.x * long(blockDim.x) + threadIdx.x;
-  if (e >= KH) return;
-  double acc = 0;
-  for (int p = 0; p < parts; ++p) acc += part[p * KH + e];
-  dw_rf[e] += float(acc);
-}
-
-// part: dw_rf_parts(n) x K x H doubles of scratch.
+// dw_rf [K, H] += sum_r coef[r] fz[r, k] h[rows[r]] over every row of the call at once, in the
+// fixed order of column_reduce.cuh (parts of rows, then the parts: the same bits on every GPU,
+// no atomics). partials: colsum::scratch_floats(n, H, 1) floats.
 void dw_rf_add(float* dw_rf, int H, const float* fz, int K, const double* coef, const float* h, const int* rows, int n,
-               double* part, cudaStream_t stream) {
-  if (K == 0 || n == 0) return;
-  const int parts = dw_rf_parts(n);
-  dw_rf_part_kernel<<<dim3(parts, K, (H + 255) / 256), 256, 0, stream>>>(part, H, fz, K, coef, h, rows, n);
-  const long KH = long(K) * H;
-  dw_rf_sum_kernel<<<unsigned((KH + 255) / 256), 256, 0, stream>>>(dw_rf, KH, part, parts);
+               float* partials, cudaStream_t stream) {
+  for (int k = 0; k < K; ++k)
+    colsum::column_sums<1>(dw_rf + long(k) * H, nullptr, n, H, partials, DwRfTerm{fz, K, k, coef, h, rows, H}, stream);
   check(cudaGetLastError(), "dw_rf");
 }
 
@@ -419,7 +405,7 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
   // red-flag rows: their k), for dw_rf once all rows are done.
   float* fz = sc.get<float>(size_t(N) * K);
   double* d_coef = sc.get<double>(size_t(N));
-  double* dw_part = sc.get<double>(size_t(dw_rf_parts(N)) * K * H);
+  float* dw_part = sc.get<float>(size_t(colsum::scratch_floats(N, H, 1)));
   res.scratch_bytes = sc.requested();
   upload(d_flags, flags, stream);
 
@@ -557,7 +543,7 @@ double ce_loss(GemmContext& gemm, const float* h, int N, int H, const void* W, D
   int* d_flags = sc.get<int>(size_t(K));
   double* d_loss = sc.get<double>(size_t(N));
   float* fz = sc.get<float>(size_t(N) * K);
-  double* dw_part = sc.get<double>(size_t(dw_rf_parts(N)) * K * H);
+  float* dw_part = sc.get<float>(size_t(colsum::scratch_floats(N, H, 1)));
   upload(d_flags, flags, stream);
   upload(d_targets, std::vector<int32_t>(targets, targets + N), stream);
   for (int r0 = 0; r0 < N; r0 += C) {

@@ -16,16 +16,17 @@
 // rows that may lie in other chunks). So its chunk makes dz, dh and the flag columns for k = 1;
 // once every row's log p and log(1 - p) are known, the host forms the coefficients in log space,
 // as the CPU does, and two kernels scale those dh rows and add their dw_rf.
-// dw_rf[k] += sum_r dz[r, f_k] h[r] is summed once all rows are done, in double, over parts of
-// 256 rows and then over the parts, an order fixed by the row count (no atomics): a call gives
-// the same bits every time, on every GPU.
+// dw_rf[k] += sum_r dz[r, f_k] h[r] is summed once all rows are done, over parts of rows and
+// then over the parts (column_reduce.cuh), an order fixed by the shapes (no atomics): a call
+// gives the same bits every time, on every GPU.
 //
 // Products: logits of the N trained and Nr reference rows and dh of the N rows: 2N + Nr row
 // products, the exact computation's.
 // Peak scratch (RfLossResult::scratch_bytes): 2 C x V' f32 logits + 2 C x H x (20 bytes for
-// bf16 W, 16 for f32), 64 + 4 K bytes per row, and dw_rf's partial sums, K x H doubles per 256
-// rows: with V = 128256 and bf16 W, C = 128: 132 MiB at H = 2048 and 16k rows, 0.83% of the
-// naive f32 logits of the trained rows and their gradient (2 x N x V x 4 bytes: 15.7 GiB).
+// bf16 W, 16 for f32), 64 + 4 K bytes per row, and dw_rf's partial sums (H floats per part of
+// rows, at most 1056 / ceil(H / 32) parts: 128 KB at H = 2048). With V = 128256 and bf16 W, C =
+// 128: 131 MiB at H = 2048 and 16k rows, 0.82% of the naive f32 logits of the trained rows and
+// their gradient (2 x N x V x 4 bytes: 15.7 GiB).
 //
 // Numerics differ from the CPU's in summation order only: logits through cuBLASLt (bf16 W:
 // h rounded to bf16, f32 sums), flag logits as f32 dot products of the unrounded rows, dz rounded

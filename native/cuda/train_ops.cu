@@ -239,17 +239,14 @@ struct RowValue {
   __device__ void operator()(int r, int c, float (&v)[1]) const { v[0] = x[long(r) * cols + c]; }
 };
 
-// grid: (n_flags, column blocks); each thread one column of one flag, the rows in order.
-__global__ void token_rows_grad_kernel(float* grad, const float* dx, const int32_t* tokens, int rows, int width,
-                                       const int32_t* flags) {
-  const int k = blockIdx.x, i = blockIdx.y * blockDim.x + threadIdx.x;
-  if (i >= width) return;
-  const int32_t flag = flags[k];
-  float acc = grad[long(k) * width + i];
-  for (int r = 0; r < rows; ++r)
-    if (tokens[r] == flag) acc += dx[long(r) * width + i];
-  grad[long(k) * width + i] = acc;
-}
+// A row's value for token_rows_grad's column_sums: dx [r, c] where the row's token is the flag.
+struct TokenRowValue {
+  const float* dx;
+  const int32_t* tokens;
+  const int32_t* flags;
+  int k, width;
+  __device__ void operator()(int r, int c, float (&v)[1]) const { v[0] = tokens[r] == flags[k] ? dx[long(r) * width + c] : 0.f; }
+};
 
 }  // namespace
 
@@ -375,10 +372,9 @@ void add_column_sums(float* y, const float* x, int rows, int cols, float* scratc
 }
 
 void token_rows_grad(float* grad, const float* dx, const int32_t* tokens, int rows, int width, const int32_t* flags,
-                     int n_flags, cudaStream_t stream) {
-  if (n_flags == 0 || rows == 0) return;
-  token_rows_grad_kernel<<<dim3(n_flags, (width + kThreads - 1) / kThreads), kThreads, 0, stream>>>(grad, dx, tokens, rows,
-                                                                                                     width, flags);
+                     int n_flags, float* scratch, cudaStream_t stream) {
+  for (int k = 0; k < n_flags; ++k)
+    colsum::column_sums<1>(grad + long(k) * width, nullptr, rows, width, scratch, TokenRowValue{dx, tokens, flags, k, width}, stream);
   check_launch("token_rows_grad");
 }
 

@@ -70,9 +70,11 @@ int column_sum_rows_per_part(int rows, int cols);
 long column_sum_scratch_floats(int rows, int cols);
 void add_column_sums(float* y, const float* x, int rows, int cols, float* scratch, cudaStream_t stream);
 
-// grad [n_flags, width] += sum over r < rows with tokens[r] == flags[k] of dx [r, :], rows in
-// order: the gradient of trained embedding rows (the flag tokens) from dL/d(input embeddings).
+// grad [n_flags, width] += sum over r < rows with tokens[r] == flags[k] of dx [r, :]: the
+// gradient of trained embedding rows (the flag tokens) from dL/d(input embeddings). Summed as
+// add_column_sums sums (the other rows adding zeros); scratch: column_sum_scratch_floats(rows,
+// width) floats.
 void token_rows_grad(float* grad, const float* dx, const int32_t* tokens, int rows, int width, const int32_t* flags,
-                     int n_flags, cudaStream_t stream);
+                     int n_flags, float* scratch, cudaStream_t stream);
 
 }  // namespace rf::cuda

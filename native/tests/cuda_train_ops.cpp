@@ -10,7 +10,7 @@
 //     CPU's rf::bf16_to_f32;
 //   - add_rows_grouped: each destination row's sources added in list order; rows not named keep
 //     their bits;
-//   - token_rows_grad: each flag's rows added in row order;
+//   - token_rows_grad: each flag's rows added in add_column_sums' order (the other rows as zeros);
 //   - add_column_sums: each column's rows added in the stated order of parts and lanes
 //     (train_ops.h), the host following it with column_sum_rows_per_part.
 // Outputs carry a tail of sentinel floats that must come back unchanged. Shapes are odd (cols 1,
@@ -291,26 +291,33 @@ void test_add_rows_grouped() {
   }
 }
 
+// y [cols] += the column sums of x [rows, cols] in add_column_sums' order: parts of
+// column_sum_rows_per_part rows, each the sum of 8 lanes (rows r0 + j, r0 + j + 8, ...) in order,
+// then the parts in order.
+void column_sums_ref(std::vector<float>& y, const std::vector<float>& x, int rows, int cols) {
+  const int per = rf::cuda::column_sum_rows_per_part(rows, cols), lanes = 8;
+  for (int c = 0; c < cols; ++c) {
+    float total = 0.f;
+    for (int r0 = 0; r0 < rows; r0 += per) {
+      const int r1 = std::min(rows, r0 + per);
+      float part = 0.f;
+      for (int j = 0; j < lanes; ++j) {
+        float lane = 0.f;
+        for (int r = r0 + j; r < r1; r += lanes) lane += x[size_t(r) * cols + c];
+        part = j == 0 ? lane : part + lane;
+      }
+      total = r0 == 0 ? part : total + part;
+    }
+    y[size_t(c)] += total;
+  }
+}
+
 void test_column_sums() {
   for (int cols : {1, 77, 4099})
     for (int rows : {1, 13, 300}) {
       const std::vector<float> x = randn(size_t(rows) * cols), y0 = randn(size_t(cols));
       std::vector<float> want(y0);
-      const int per = rf::cuda::column_sum_rows_per_part(rows, cols), lanes = 8;
-      for (int c = 0; c < cols; ++c) {
-        float total = 0.f;
-        for (int r0 = 0; r0 < rows; r0 += per) {
-          const int r1 = std::min(rows, r0 + per);
-          float part = 0.f;
-          for (int j = 0; j < lanes; ++j) {
-            float lane = 0.f;
-            for (int r = r0 + j; r < r1; r += lanes) lane += x[size_t(r) * cols + c];
-            part = j == 0 ? lane : part + lane;
-          }
-          total = r0 == 0 ? part : total + part;
-        }
-        want[size_t(c)] += total;
-      }
+      column_sums_ref(want, x, rows, cols);
       DevFloats dy(y0), dx(x), scratch(std::vector<float>(size_t(rf::cuda::column_sum_scratch_floats(rows, cols)) + 1, 0.f));
       rf::cuda::add_column_sums(dy.p, dx.p, rows, cols, scratch.p, nullptr);
       expect_bits(dy.back(), want, "add_column_sums rows " + std::to_string(rows) + " cols " + std::to_string(cols));
@@ -324,17 +331,19 @@ void test_token_rows_grad() {
       std::vector<int32_t> tokens(static_cast<size_t>(rows));
       for (int32_t& t : tokens) t = int32_t(rng() % 12);
       const std::vector<float> dx = randn(size_t(rows) * width), g0 = randn(flags.size() * width);
-      std::vector<float> want(g0);
-      for (size_t k = 0; k < flags.size(); ++k)
-        for (int i = 0; i < width; ++i) {
-          float v = want[k * width + i];
-          for (int r = 0; r < rows; ++r)
-            if (tokens[size_t(r)] == flags[k]) v += dx[size_t(r) * width + i];
-          want[k * width + i] = v;
-        }
-      DevFloats dg(g0), ddx(dx);
+      // Each flag's column sums of dx with the other tokens' rows zeroed, in add_column_sums' order.
+      std::vector<float> want;
+      for (size_t k = 0; k < flags.size(); ++k) {
+        std::vector<float> masked(dx.size(), 0.f), y(g0.begin() + long(k) * width, g0.begin() + long(k + 1) * width);
+        for (int r = 0; r < rows; ++r)
+          if (tokens[size_t(r)] == flags[k])
+            std::copy(dx.begin() + long(r) * width, dx.begin() + long(r + 1) * width, masked.begin() + long(r) * width);
+        column_sums_ref(y, masked, rows, width);
+        want.insert(want.end(), y.begin(), y.end());
+      }
+      DevFloats dg(g0), ddx(dx), scratch(std::vector<float>(size_t(rf::cuda::column_sum_scratch_floats(rows, width)) + 1, 0.f));
       DevInts dt(tokens), df(flags);
-      rf::cuda::token_rows_grad(dg.p, ddx.p, dt.p, rows, width, df.p, int(flags.size()), nullptr);
+      rf::cuda::token_rows_grad(dg.p, ddx.p, dt.p, rows, width, df.p, int(flags.size()), scratch.p, nullptr);
       expect_bits(dg.back(), want, "token_rows_grad rows " + std::to_string(rows) + " width " + std::to_string(width));
     }
 }
