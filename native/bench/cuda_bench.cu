@@ -205,12 +205,14 @@ int main(int argc, char** argv) {
       check(cudaMalloc(&token, 4), "cudaMalloc");
       check(cudaMalloc(&lp, 4), "cudaMalloc");
       check(cudaMalloc(&p_rf, 4), "cudaMalloc");
+      void* pick_scratch = nullptr;
+      check(cudaMalloc(&pick_scratch, rf::cuda::pick_scratch_bytes(1, c.vocab)), "cudaMalloc");
       cudaMemset(logits, 0, size_t(c.vocab) * 4);
       cudaMemset(params, 0, sizeof(rf::cuda::DevicePick));
       cudaMemcpy(flags, &rf_token, sizeof(int), cudaMemcpyHostToDevice);
-      const double t = median_time(50, [&] { rf::cuda::pick_rows(logits, 1, c.vocab, params, flags, 1, token, lp, p_rf, nullptr, nullptr); });
+      const double t = median_time(50, [&] { rf::cuda::pick_rows(logits, 1, c.vocab, params, flags, 1, token, lp, p_rf, nullptr, pick_scratch, nullptr); });
       for (void* p : {static_cast<void*>(logits), static_cast<void*>(params), static_cast<void*>(flags), static_cast<void*>(token),
-                      static_cast<void*>(lp), static_cast<void*>(p_rf)})
+                      static_cast<void*>(lp), static_cast<void*>(p_rf), pick_scratch})
         cudaFree(p);
       std::fprintf(stderr, "%s: pick epilogue %.1f us, %.2f%% of a batch-1 step\n", shape.name, t * 1e6, 100 * t / step_seconds_1);
       r += ", \"pickEpilogue\": {\"seconds\": " + std::to_string(t) + ", \"fractionOfDecodeStep\": " + std::to_string(t / step_seconds_1) + "}";

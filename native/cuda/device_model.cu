@@ -670,7 +670,8 @@ uint64_t DeviceModel::graph_signature() const {
   const auto buf = [&mix](const Buffer& b) { mix(reinterpret_cast<uintptr_t>(b.get<void>())), mix(b.bytes()); };
   const DeviceScratch& s = *s_;
   for (const Buffer* b : {&s.x, &s.xn, &s.xb, &s.qkv, &s.att, &s.mlp, &s.act, &s.lora_u, &s.lora_x, &s.last,
-                          &s.logits, &s.attn, &s.plan_dev, &s.pick_params, &s.flags, &s.picked, &s.logprob, &s.p_rf, &s.p_flags})
+                          &s.logits, &s.attn, &s.plan_dev, &s.pick_params, &s.flags, &s.picked, &s.logprob, &s.p_rf, &s.p_flags,
+                          &s.pick_scratch})
     buf(*b);
   const DeviceWeights& w = *w_;
   for (const Buffer* b : {&w.embed, &w.lm_head, &w.pos_embed, &w.final_norm.w, &w.final_norm.b, &w.flag_ids, &w.flag_embed, &w.flag_head})
@@ -787,8 +788,9 @@ void DeviceModel::decode_step(const std::vector<DeviceItem>& items, const std::v
   float* d_logprob = static_cast<float*>(s.logprob.ensure(size_t(n) * sizeof(float)));
   float* d_p_rf = static_cast<float*>(s.p_rf.ensure(size_t(n) * sizeof(float)));
   float* d_p_flags = K > 0 ? static_cast<float*>(s.p_flags.ensure(size_t(n) * K * sizeof(float))) : nullptr;
+  void* d_pick_scratch = s.pick_scratch.ensure(pick_scratch_bytes(n, V));
   const Tail pick{1 + K, [&](const float* logits) {
-                    pick_rows(logits, n, V, d_params, d_flags, K, d_token, d_logprob, d_p_rf, d_p_flags, st);
+                    pick_rows(logits, n, V, d_params, d_flags, K, d_token, d_logprob, d_p_rf, d_p_flags, d_pick_scratch, st);
                   }};
   const float* logits = run(items, LogitsMode::last, cancel, nullptr, nullptr, &pick);
   if (!logits) return;

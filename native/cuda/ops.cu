@@ -1,8 +1,9 @@
-// Device twins of the CPU row kernels (see ops.h). One block per row for the reductions;
-// grid-stride loops for the elementwise ones. Reductions sum in the block's own order, so
+// Device twins of the CPU row kernels (see ops.h). One block per row for the reductions (the
+// pick's statistics: many blocks per row); grid-stride loops for the elementwise ones. Reductions sum in the block's own order, so
 // results equal the CPU's up to float rounding (the tests state the tolerances).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 
@@ -16,6 +17,18 @@ namespace {
 
 constexpr int kRowThreads = 256;
 constexpr int kPickThreads = 512;
+constexpr int kStatThreads = 256;
+
+// A slice of a logits row: its maximum, the maximum's first position, sum exp(z - max).
+struct PickStat {
+  float max;
+  int at;
+  float sum;
+};
+
+// Slices per row: about 4096 logits each (32 at V = 128256), at most 64 (a warp's two per lane in
+// pick_kernel). A function of the vocabulary alone, so the sums' order is the same on every GPU.
+int pick_slices(int vocab) { return std::max(1, std::min(64, (vocab + 4095) / 4096)); }
 
 __device__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -212,42 +225,86 @@ __device__ void best_candidates(const float* z, int vocab, int k, NucleusShared&
     }
 }
 
-// One block per row. Shared: per-thread (max, index) pairs, then per-thread chunk sums and
-// their exclusive prefix, the total, and the picked id.
-__global__ void pick_kernel(const float* logits, int vocab, const DevicePick* params, const int* flags, int n_flags,
-                            uint32_t* token, float* logprob, float* p_rf, float* p_flags) {
-  extern __shared__ __align__(16) unsigned char nucleus_smem[];  // NucleusShared, for top-k / top-p rows
-  __shared__ float smax[kPickThreads];
-  __shared__ int sidx[kPickThreads];
-  __shared__ double sw[kPickThreads];
-  __shared__ float scratch[32];
-  __shared__ double stotal;
-  __shared__ int spick;
-  const float* z = logits + long(blockIdx.x) * vocab;
-  const int t = threadIdx.x;
+// (m, at) wins over (m2, at2): the larger logit, on a tie the first position (torch.argmax's rule).
+__device__ __forceinline__ bool max_before(float m, int at, float m2, int at2) { return m > m2 || (m == m2 && at < at2); }
 
-  // 1. The maximum and its first position (torch.argmax's tie rule).
-  float mx = -FLT_MAX;
-  int at = vocab;
-  for (int i = t; i < vocab; i += blockDim.x)
-    if (z[i] > mx) mx = z[i], at = i;  // strided ascending: the first maximum of this thread
+// The maximum over the block and its first position (every thread gets them): per-thread pairs
+// in smax / sidx [blockDim.x], a power of two.
+__device__ void block_argmax(float& mx, int& at, float* smax, int* sidx) {
+  const int t = threadIdx.x;
   smax[t] = mx;
   sidx[t] = at;
   __syncthreads();
   for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-    if (t < s && (smax[t + s] > smax[t] || (smax[t + s] == smax[t] && sidx[t + s] < sidx[t]))) {
+    if (t < s && max_before(smax[t + s], sidx[t + s], smax[t], sidx[t])) {
       smax[t] = smax[t + s];
       sidx[t] = sidx[t + s];
     }
     __syncthreads();
   }
   mx = smax[0];
-  const int argmax = sidx[0] < vocab ? sidx[0] : 0;
+  at = sidx[0];
+  __syncthreads();  // smax / sidx may be reused
+}
 
-  // 2. log-sum-exp at temperature 1 (f32, as the CPU's sum_exp).
+// Step 1 of the pick: per slice of a row, its maximum, the maximum's first position and sum
+// exp(z - that maximum) in f32. grid (rows, slices): a batch-1 decode's one row is read by
+// pick_slices(vocab) blocks on as many SMs, not by one block (one SM's memory parallelism).
+// stats [rows, slices].
+__global__ void __launch_bounds__(kStatThreads) pick_stats_kernel(const float* logits, int vocab, PickStat* stats) {
+  __shared__ float smax[kStatThreads];
+  __shared__ int sidx[kStatThreads];
+  __shared__ float scratch[32];
+  const float* z = logits + long(blockIdx.x) * vocab;
+  const int per = (vocab + gridDim.y - 1) / gridDim.y;
+  const int lo = min(vocab, int(blockIdx.y) * per), hi = min(vocab, lo + per);
+  float mx = -FLT_MAX;
+  int at = vocab;
+#pragma unroll 4
+  for (int i = lo + threadIdx.x; i < hi; i += blockDim.x)
+    if (z[i] > mx) mx = z[i], at = i;  // strided ascending: the first maximum of this thread
+  block_argmax(mx, at, smax, sidx);
   float se = 0.f;
-  for (int i = t; i < vocab; i += blockDim.x) se += expf(z[i] - mx);
-  const float lse = mx + logf(block_sum(se, scratch));
+#pragma unroll 4
+  for (int i = lo + threadIdx.x; i < hi; i += blockDim.x) se += expf(z[i] - mx);
+  se = block_sum(se, scratch);
+  if (threadIdx.x == 0) stats[long(blockIdx.x) * gridDim.y + blockIdx.y] = {mx, at, se};
+}
+
+// One block per row, after pick_stats_kernel. Shared: per-thread chunk sums and their exclusive
+// prefix, the total, and the picked id.
+__global__ void pick_kernel(const float* logits, int vocab, const PickStat* stats, int slices, const DevicePick* params,
+                            const int* flags, int n_flags, uint32_t* token, float* logprob, float* p_rf, float* p_flags) {
+  extern __shared__ __align__(16) unsigned char nucleus_smem[];  // NucleusShared, for top-k / top-p rows
+  __shared__ double sw[kPickThreads];
+  __shared__ float s_lse, s_mx;
+  __shared__ int s_at;
+  __shared__ double stotal;
+  __shared__ int spick;
+  const float* z = logits + long(blockIdx.x) * vocab;
+  const int t = threadIdx.x;
+
+  // 1 and 2. The row's maximum and its first position, and log-sum-exp at temperature 1 (f32, as
+  // the CPU's sum_exp): the slices' maxima in order, then sum_s sum_s * exp(max_s - max).
+  if (t < 32) {  // one warp, a slice or two per lane
+    const PickStat* st = stats + long(blockIdx.x) * slices;
+    float mx = -FLT_MAX;
+    int at = vocab;
+    for (int j = t; j < slices; j += 32)
+      if (max_before(st[j].max, st[j].at, mx, at)) mx = st[j].max, at = st[j].at;
+    for (int o = 16; o > 0; o >>= 1) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, mx, o);
+      const int a2 = __shfl_xor_sync(0xffffffffu, at, o);
+      if (max_before(m2, a2, mx, at)) mx = m2, at = a2;
+    }
+    float se = 0.f;
+    for (int j = t; j < slices; j += 32) se += st[j].sum * expf(st[j].max - mx);
+    se = warp_sum(se);
+    if (t == 0) s_mx = mx, s_at = at, s_lse = mx + logf(se);
+  }
+  __syncthreads();
+  const float mx = s_mx, lse = s_lse;
+  const int argmax = s_at < vocab ? s_at : 0;
 
   // 3. The pick.
   const DevicePick p = params[blockIdx.x];
@@ -400,13 +457,18 @@ void gelu_new(float* out, const __nv_bfloat16* x, long n, cudaStream_t stream, _
   if (n > 0) gelu_new_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(out, x, n, out_bf16, nullptr);
 }
 
+size_t pick_scratch_bytes(int rows, int vocab) { return size_t(std::max(rows, 1)) * pick_slices(vocab) * sizeof(PickStat); }
+
 void pick_rows(const float* logits, int rows, int vocab, const DevicePick* params, const int* flags, int n_flags,
-               uint32_t* token, float* logprob, float* p_rf, float* p_flags, cudaStream_t stream) {
+               uint32_t* token, float* logprob, float* p_rf, float* p_flags, void* scratch, cudaStream_t stream) {
   if (rows <= 0) return;
+  const int slices = pick_slices(vocab);
+  PickStat* stats = static_cast<PickStat*>(scratch);
+  pick_stats_kernel<<<dim3(rows, slices), kStatThreads, 0, stream>>>(logits, vocab, stats);
   // The candidates' arrays in dynamic shared memory: with the static arrays, under the 48 KiB a
   // kernel gets without opting in.
-  pick_kernel<<<rows, kPickThreads, sizeof(NucleusShared), stream>>>(logits, vocab, params, flags, n_flags, token, logprob, p_rf,
-                                                                      p_flags);
+  pick_kernel<<<rows, kPickThreads, sizeof(NucleusShared), stream>>>(logits, vocab, stats, slices, params, flags, n_flags, token,
+                                                                      logprob, p_rf, p_flags);
 }
 
 }  // namespace rf::cuda

@@ -63,7 +63,10 @@ constexpr uint32_t kPickFallback = 0xffffffffu;
 // <rf>, or <rf> and the category flags; none: 0) give p_flags [rows, n_flags] (may be null) and
 // their total p_rf [rows], as the CPU's Flags. Writes token [rows] (kPickFallback for a row
 // whose candidates exceed kPickMaxCandidates: its logprob is not written), logprob [rows].
+// scratch: pick_scratch_bytes(rows, vocab) bytes of device memory (each row's statistics, taken
+// over slices of it by many blocks: a batch-1 step's one row is not left to one SM).
+size_t pick_scratch_bytes(int rows, int vocab);
 void pick_rows(const float* logits, int rows, int vocab, const DevicePick* params, const int* flags, int n_flags,
-               uint32_t* token, float* logprob, float* p_rf, float* p_flags, cudaStream_t stream);
+               uint32_t* token, float* logprob, float* p_rf, float* p_flags, void* scratch, cudaStream_t stream);
 
 }  // namespace rf::cuda

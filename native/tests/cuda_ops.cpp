@@ -166,8 +166,9 @@ void test_pick() {
         dpf(size_t(rows) * K * 4);
     cudaMemcpy(dp.p, params.data(), rows * sizeof(rf::cuda::DevicePick), cudaMemcpyHostToDevice);
     cudaMemcpy(df.p, flags.data(), K * 4, cudaMemcpyHostToDevice);
+    Dev dscratch(rf::cuda::pick_scratch_bytes(rows, V));
     rf::cuda::pick_rows(dz.f(), rows, V, static_cast<rf::cuda::DevicePick*>(dp.p), static_cast<const int*>(df.p), K,
-                        static_cast<uint32_t*>(dt.p), dl.f(), dr.f(), dpf.f(), nullptr);
+                        static_cast<uint32_t*>(dt.p), dl.f(), dr.f(), dpf.f(), dscratch.p, nullptr);
     std::vector<uint32_t> tok(rows);
     cudaMemcpy(tok.data(), dt.p, rows * 4, cudaMemcpyDeviceToHost);
     const std::vector<float> lp = download(dl, rows), prf = download(dr, rows), pf = download(dpf, size_t(rows) * K);
@@ -222,8 +223,9 @@ void test_pick_nucleus() {
       dpf(size_t(rows) * K * 4);
   cudaMemcpy(dp.p, params.data(), rows * sizeof(rf::cuda::DevicePick), cudaMemcpyHostToDevice);
   cudaMemcpy(df.p, flags.data(), K * 4, cudaMemcpyHostToDevice);
+  Dev dscratch(rf::cuda::pick_scratch_bytes(rows, V));
   rf::cuda::pick_rows(dz.f(), rows, V, static_cast<rf::cuda::DevicePick*>(dp.p), static_cast<const int*>(df.p), K,
-                      static_cast<uint32_t*>(dt.p), dl.f(), dr.f(), dpf.f(), nullptr);
+                      static_cast<uint32_t*>(dt.p), dl.f(), dr.f(), dpf.f(), dscratch.p, nullptr);
   std::vector<uint32_t> tok(rows);
   cudaMemcpy(tok.data(), dt.p, rows * 4, cudaMemcpyDeviceToHost);
   const std::vector<float> lp = download(dl, rows), prf = download(dr, rows), pf = download(dpf, size_t(rows) * K);

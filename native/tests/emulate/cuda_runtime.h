@@ -85,6 +85,7 @@ template <class F> cudaError_t cudaFuncSetAttribute(F f, cudaFuncAttribute, int 
 void __syncthreads();
 float __shfl_xor_sync(unsigned, float, int);
 double __shfl_xor_sync(unsigned, double, int);
+int __shfl_xor_sync(unsigned, int, int);
 float __shfl_sync(unsigned, float, int);
 // Fibers switch only at barriers and shuffles, so an atomic is a plain read-modify-write.
 inline int atomicAdd(int* p, int v) { const int old = *p; *p = old + v; return old; }

@@ -156,6 +156,7 @@ float __shfl_xor_sync(unsigned, float v, int o) {
   warp_sync();
   return r;
 }
+int __shfl_xor_sync(unsigned m, int v, int o) { return int(__shfl_xor_sync(m, double(v), o)); }  // exact in a double
 namespace {
 uint32_t mma_a[1024][4], mma_b[1024][2];
 float bf16_at(uint32_t reg, int half) {
