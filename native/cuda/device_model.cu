@@ -498,11 +498,13 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
   // Attention block: x += o(attn(rope(qkv(norm(x)))))
   norm_rows(L.attn_norm, x, xn, R, xb);
   linear_rows(L.qkv, xn, xb, R, qkv, false, l, 0, trace, keep, &u_next);
-  if (c.rope) rope_rows(qkv, QKV, int(R), c.n_heads + c.n_kv_heads, int(hd), p.cos, p.sin, st);  // q's heads, then k's
-  if (keep) keep_values(keep->qkv, qkv, R * QKV);
+  // Rope on q's heads, then k's, and the keys and values into the cache: one launch when both.
+  if (c.rope && !append_kv) rope_rows(qkv, QKV, int(R), c.n_heads + c.n_kv_heads, int(hd), p.cos, p.sin, st);
   if (append_kv)
     kv_append(pool_->k(l), pool_->v(l), pool_->bf16(), qkv, QKV, int(Q), int(Q + KV), p.row_seq, p.row_pos, p.tables,
-              p.table_offsets, int(R), c.n_kv_heads, int(hd), kBlockTokens, st);
+              p.table_offsets, int(R), c.n_kv_heads, int(hd), kBlockTokens, st,
+              c.rope ? AppendRope{c.n_heads, p.cos, p.sin} : AppendRope{});
+  if (keep) keep_values(keep->qkv, qkv, R * QKV);
   const PagedLayer layer{pool_->k(l), pool_->v(l), kBlockTokens, c.n_kv_heads, int(hd), pool_->bf16()};
   const PagedBatch batch{p.tables, p.table_offsets, p.lengths, p.n, p.attn_length};
   const float scale = 1.0f / std::sqrt(float(hd));

@@ -9,6 +9,7 @@
 
 #include "cuda/bf16.h"
 #include "cuda/ops.h"
+#include "cuda/rope.cuh"
 #include "model/draw.h"
 
 namespace rf::cuda {
@@ -89,9 +90,10 @@ __global__ void rope_kernel(float* x, long row_stride, int head_dim, const float
   const float* c = cos + long(blockIdx.x) * half;
   const float* s = sin + long(blockIdx.x) * half;
   for (int i = threadIdx.x; i < half; i += blockDim.x) {
-    const float x1 = a[i], x2 = b[i];
-    a[i] = x1 * c[i] - x2 * s[i];
-    b[i] = x2 * c[i] + x1 * s[i];
+    float x1 = a[i], x2 = b[i];
+    rope_rotate(x1, x2, c[i], s[i]);
+    a[i] = x1;
+    b[i] = x2;
   }
 }
 

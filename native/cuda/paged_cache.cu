@@ -1,10 +1,11 @@
 // KV append into the paged cache (see paged_cache.h): one block per row, its threads over the
-// row's n_kv_heads * head_dim values, so the reads of a row's k and v are coalesced and each
-// head's write is a contiguous head_dim run in its slot.
+// row's n_kv_heads * head_dim values (with rope: over its rotated pairs), so the reads of a row's
+// k and v are coalesced and each head's write is a contiguous head_dim run in its slot.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include "cuda/paged_cache.h"
+#include "cuda/rope.cuh"
 
 namespace rf::cuda {
 
@@ -16,38 +17,55 @@ __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 template <class T>
-__global__ void kv_append_kernel(T* k_cache, T* v_cache, const float* qkv, long row_stride, int k_offset,
-                                 int v_offset, const int32_t* row_seq, const int32_t* row_pos, const int32_t* tables,
-                                 const int32_t* table_offsets, int n_kv_heads, int head_dim, int block_tokens) {
+__global__ void kv_append_kernel(T* k_cache, T* v_cache, float* qkv, long row_stride, int k_offset, int v_offset,
+                                 const int32_t* row_seq, const int32_t* row_pos, const int32_t* tables,
+                                 const int32_t* table_offsets, int n_kv_heads, int head_dim, int block_tokens, AppendRope rope) {
   const int r = blockIdx.x;
   const int pos = row_pos[r];
   const long block = tables[table_offsets[row_seq[r]] + pos / block_tokens];
   const int slot = pos % block_tokens;
-  const float* k = qkv + long(r) * row_stride + k_offset;
-  const float* v = qkv + long(r) * row_stride + v_offset;
+  float* row = qkv + long(r) * row_stride;
+  float* k = row + k_offset;
+  const float* v = row + v_offset;
   const int n = n_kv_heads * head_dim;
-  for (int e = threadIdx.x; e < n; e += blockDim.x) {
-    const int h = e / head_dim, d = e - h * head_dim;
-    const long dst = ((block * n_kv_heads + h) * block_tokens + slot) * head_dim + d;
-    store(k_cache + dst, k[e]);
-    store(v_cache + dst, v[e]);
+  const auto dst = [&](int h, int d) { return ((block * n_kv_heads + h) * block_tokens + slot) * head_dim + d; };
+  if (rope.cos) {
+    // One thread per rotated pair (i, i + half): its reads come before its writes, and no other
+    // thread touches the pair.
+    const int half = head_dim / 2;
+    const float* c = rope.cos + long(r) * half;
+    const float* s = rope.sin + long(r) * half;
+    for (int e = threadIdx.x; e < rope.n_q_heads * half; e += blockDim.x) {
+      float* q = row + (e / half) * head_dim + e % half;
+      rope_rotate(q[0], q[half], c[e % half], s[e % half]);
+    }
+    for (int e = threadIdx.x; e < n_kv_heads * half; e += blockDim.x) {
+      const int h = e / half, i = e % half;
+      float* kh = k + h * head_dim + i;
+      rope_rotate(kh[0], kh[half], c[i], s[i]);
+      store(k_cache + dst(h, i), kh[0]);
+      store(k_cache + dst(h, i + half), kh[half]);
+    }
+  } else {
+    for (int e = threadIdx.x; e < n; e += blockDim.x) store(k_cache + dst(e / head_dim, e % head_dim), k[e]);
   }
+  for (int e = threadIdx.x; e < n; e += blockDim.x) store(v_cache + dst(e / head_dim, e % head_dim), v[e]);
 }
 
 }  // namespace
 
-void kv_append(void* k_cache, void* v_cache, bool bf16, const float* qkv, long row_stride, int k_offset, int v_offset,
+void kv_append(void* k_cache, void* v_cache, bool bf16, float* qkv, long row_stride, int k_offset, int v_offset,
                const int32_t* row_seq, const int32_t* row_pos, const int32_t* tables, const int32_t* table_offsets, int rows,
-               int n_kv_heads, int head_dim, int block_tokens, cudaStream_t stream) {
+               int n_kv_heads, int head_dim, int block_tokens, cudaStream_t stream, const AppendRope& rope) {
   if (rows <= 0) return;
   if (bf16)
     kv_append_kernel<__nv_bfloat16><<<rows, kAppendThreads, 0, stream>>>(
         static_cast<__nv_bfloat16*>(k_cache), static_cast<__nv_bfloat16*>(v_cache), qkv, row_stride, k_offset, v_offset, row_seq,
-        row_pos, tables, table_offsets, n_kv_heads, head_dim, block_tokens);
+        row_pos, tables, table_offsets, n_kv_heads, head_dim, block_tokens, rope);
   else
     kv_append_kernel<float><<<rows, kAppendThreads, 0, stream>>>(static_cast<float*>(k_cache), static_cast<float*>(v_cache), qkv,
                                                                  row_stride, k_offset, v_offset, row_seq, row_pos, tables,
-                                                                 table_offsets, n_kv_heads, head_dim, block_tokens);
+                                                                 table_offsets, n_kv_heads, head_dim, block_tokens, rope);
 }
 
 }  // namespace rf::cuda

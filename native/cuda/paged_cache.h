@@ -17,8 +17,16 @@ namespace rf::cuda {
 // int32; each table must already reach the position (BlockPool::grow before the append).
 // Rows must name distinct (sequence, position) pairs: they are written in no set order.
 // The caches hold f32, or bf16 (rounded to nearest even) when bf16 is set.
-void kv_append(void* k_cache, void* v_cache, bool bf16, const float* qkv, long row_stride, int k_offset, int v_offset,
+// rope (optional, cos set): the rotary embedding on the way, rope_rows' rotation (ops.h, the same
+// bits): the row's n_q_heads query heads at column 0 and its key heads are turned in place in
+// qkv, and the turned keys go to the cache; one launch where rope_rows and the append took two.
+struct AppendRope {
+  int n_q_heads = 0;
+  const float* cos = nullptr;  // [rows, head_dim / 2], as rope_rows'
+  const float* sin = nullptr;
+};
+void kv_append(void* k_cache, void* v_cache, bool bf16, float* qkv, long row_stride, int k_offset, int v_offset,
                const int32_t* row_seq, const int32_t* row_pos, const int32_t* tables, const int32_t* table_offsets, int rows,
-               int n_kv_heads, int head_dim, int block_tokens, cudaStream_t stream);
+               int n_kv_heads, int head_dim, int block_tokens, cudaStream_t stream, const AppendRope& rope = {});
 
 }  // namespace rf::cuda

@@ -23,7 +23,7 @@
 // kv_append: rows of five sequences (empty, mid-block, block-aligned and long caches; one to
 // forty new tokens each), in shuffled order, from a padded fused-QKV buffer into a pool
 // prefilled with a sentinel; the whole pool must equal the host's placement bit for bit (the
-// slots it should not touch included).
+// slots it should not touch included); with the fused rope, of the rows rope_rows turns.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -38,6 +38,7 @@
 #include "core/dtype.h"
 #include "cuda/attention.h"
 #include "cuda/cuda.h"
+#include "cuda/ops.h"
 #include "cuda/paged_cache.h"
 #include "kernels/ops.h"
 #include "model/block_pool.h"
@@ -365,7 +366,9 @@ void prefill_decode_case(int head_dim, int n_kv_heads, int group, int window, bo
 
 // kv_append: every new row's k and v land in their (block, slot), nothing else changes.
 // bf16: the cache holds bf16, each value the nearest-even rounding of the f32 row (bit for bit).
-void kv_append_case(bool bf16 = false) {
+// rope: the fused rotation, against rope_rows on the same rows bit for bit: the rows of qkv
+// after (q and k turned in place, v and the padding untouched) and the turned keys in the cache.
+void kv_append_case(bool bf16 = false, bool rope = false) {
   const int n_kv_heads = 2, head_dim = 80, n_heads = 4, B = 16;
   const std::vector<int> before{0, 5, 16, 31, 200}, added{3, 12, 1, 40, 1};
   const int n_seqs = int(before.size());
@@ -408,6 +411,21 @@ void kv_append_case(bool bf16 = false) {
     for (size_t i = 0; i < v.size(); ++i) b[i] = rf::f32_to_bf16(v[i]);
     return b;
   };
+  // rope: each row's tables (angles of any size), and the rows as rope_rows turns them.
+  const int half = head_dim / 2;
+  std::vector<float> cos_t(size_t(rows) * half), sin_t(size_t(rows) * half);
+  for (size_t i = 0; i < cos_t.size(); ++i) {
+    const float angle = 3.f * d(rng);
+    cos_t[i] = std::cos(angle), sin_t[i] = std::sin(angle);
+  }
+  float *dcos = to_device(cos_t), *dsin = to_device(sin_t);
+  std::vector<float> turned = qkv;
+  if (rope) {
+    float* dref = to_device(qkv);
+    rf::cuda::rope_rows(dref, row_stride, rows, n_heads + n_kv_heads, head_dim, dcos, dsin, nullptr);
+    cudaMemcpy(turned.data(), dref, turned.size() * sizeof(float), cudaMemcpyDeviceToHost);
+    cudaFree(dref);
+  }
   void* dk = bf16 ? static_cast<void*>(to_device(bits(k_want))) : static_cast<void*>(to_device(k_want));
   void* dv = bf16 ? static_cast<void*>(to_device(bits(v_want))) : static_cast<void*>(to_device(v_want));
   float* dqkv = to_device(qkv);
@@ -416,22 +434,24 @@ void kv_append_case(bool bf16 = false) {
     for (int h = 0; h < n_kv_heads; ++h) {
       const size_t dst = ((size_t(tables[size_t(s)][size_t(p / B)]) * n_kv_heads + h) * B + p % B) * head_dim;
       const size_t src = size_t(r) * row_stride + size_t(h) * head_dim;
-      std::copy_n(qkv.data() + src + k_offset, head_dim, k_want.data() + dst);
+      std::copy_n(turned.data() + src + k_offset, head_dim, k_want.data() + dst);
       std::copy_n(qkv.data() + src + v_offset, head_dim, v_want.data() + dst);
     }
   }
   int32_t *dseq = to_device(seq_shuffled), *dpos = to_device(pos_shuffled), *dtables = to_device(flat),
           *doffsets = to_device(offsets);
   rf::cuda::kv_append(dk, dv, bf16, dqkv, row_stride, k_offset, v_offset, dseq, dpos, dtables, doffsets, rows, n_kv_heads, head_dim,
-                      B, nullptr);
-  const std::string name = bf16 ? "kv_append (bf16 cache)" : "kv_append";
+                      B, nullptr, rope ? rf::cuda::AppendRope{n_heads, dcos, dsin} : rf::cuda::AppendRope{});
+  const std::string name = std::string("kv_append") + (rope ? " with rope" : "") + (bf16 ? " (bf16 cache)" : "");
   const bool ran = device_ok(name);
   const size_t elem = bf16 ? 2 : 4;
   std::vector<unsigned char> k_got(pool_floats * elem), v_got(pool_floats * elem);
   cudaMemcpy(k_got.data(), dk, k_got.size(), cudaMemcpyDeviceToHost);
   cudaMemcpy(v_got.data(), dv, v_got.size(), cudaMemcpyDeviceToHost);
+  std::vector<float> qkv_got(qkv.size());
+  cudaMemcpy(qkv_got.data(), dqkv, qkv_got.size() * sizeof(float), cudaMemcpyDeviceToHost);
   for (void* p : {dk, dv, static_cast<void*>(dqkv), static_cast<void*>(dseq), static_cast<void*>(dpos), static_cast<void*>(dtables),
-                  static_cast<void*>(doffsets)})
+                  static_cast<void*>(doffsets), static_cast<void*>(dcos), static_cast<void*>(dsin)})
     cudaFree(p);
   if (!ran) return;
   const std::vector<uint16_t> kb = bits(k_want), vb = bits(v_want);
@@ -443,6 +463,8 @@ void kv_append_case(bool bf16 = false) {
              std::memcmp(v_got.data() + i * elem, static_cast<const char*>(vw) + i * elem, elem) != 0;
   check(wrong == 0, name + ": " + std::to_string(rows) + " rows of 5 sequences land in their slots exactly, nothing else written (" +
                         std::to_string(wrong) + " of " + std::to_string(pool_floats) + " values differ)");
+  check(std::memcmp(qkv_got.data(), turned.data(), turned.size() * sizeof(float)) == 0,
+        name + ": the qkv rows after are " + (rope ? "rope_rows' bit for bit" : "unchanged"));
 }
 
 }  // namespace
@@ -478,5 +500,7 @@ int main() {
   }
   kv_append_case();
   kv_append_case(true);
+  kv_append_case(false, true);
+  kv_append_case(true, true);
   return rf::test::finish("cuda_attention");
 }

@@ -29,5 +29,7 @@ int main() {
   prefill_decode_case(64, 2, 3, 37, true);
   kv_append_case();
   kv_append_case(true);
+  kv_append_case(false, true);
+  kv_append_case(true, true);
   return rf::test::finish("cuda_attention (emulated)");
 }
