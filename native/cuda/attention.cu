@@ -2,7 +2,8 @@
 // each block of kWarps warps takes the split's keys, a warp per key at a time: the lanes share
 // the head's dimensions (up to 8 each), a warp-reduced dot product gives the score, and each
 // warp keeps an online softmax (running max m, sum l, weighted values acc); the warps then
-// merge into the split's (m, l, acc). Pass 2: grid (sequence, head) merges the splits.
+// merge into the split's (m, l, acc). Pass 2: grid (sequence, head) merges the splits; with one
+// split (lengths up to kDecodeSplitKeys), pass 1 writes the output and pass 2 is not launched.
 //
 // Prefill: grid (query tile, head, sequence), a block of kPrefillWarps warps owning a tile of
 // kPrefillRows new query rows of one head (kRowsPerWarp rows per warp). The block walks the
@@ -39,9 +40,12 @@ __device__ float warp_sum(float v) {
 }
 
 // scratch layout: m [S, H, splits], l [S, H, splits], acc [S, H, splits, head_dim]. T: the cache's type.
+// y set (one split): the block writes the output y [S, H, head_dim] itself, as decode_combine would from its one
+// split (the same bits: its terms scaled by exp(0) = 1), and the launch of decode_combine is saved.
 template <class T>
 __global__ void decode_partial(const float* q, long q_stride, PagedLayer layer, PagedBatch batch, int n_heads, float scale,
-                               int window, int n_splits, float* m_out, float* l_out, float* acc_out) {
+                               int window, int n_splits, float* m_out, float* l_out, float* acc_out, float* y,
+                               __nv_bfloat16* y_bf16) {
   const int s = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int hd = layer.head_dim, B = layer.block_tokens;
@@ -95,6 +99,17 @@ __global__ void decode_partial(const float* q, long q_stride, PagedLayer layer, 
     const float c = expf(sm[w] - M);
     L += sl[w] * c;
     for (int i = 0; i < kMaxDimsPerLane; ++i) out[i] += sacc[w][lane + 32 * i] * c;
+  }
+  if (y) {
+    const long row = long(s) * n_heads + h;
+    for (int i = 0; i < kMaxDimsPerLane; ++i) {
+      const int d = lane + 32 * i;
+      if (d >= hd) continue;
+      const float v = L > 0.f ? out[i] / L : 0.f;
+      y[row * hd + d] = v;
+      if (y_bf16) y_bf16[row * hd + d] = bf16_round(v);
+    }
+    return;
   }
   const long slot = (long(s) * n_heads + h) * n_splits + split;
   if (lane == 0) m_out[slot] = M, l_out[slot] = L;
@@ -309,13 +324,17 @@ void decode_attention(float* out, const float* q, long q_stride, const PagedLaye
   float* l = scratch + slots;
   float* acc = scratch + 2 * slots;
   const dim3 grid(batch.n_seqs, n_heads, n_splits);
+  // One split (every length up to kDecodeSplitKeys): its block writes the output, no combine.
+  float* y = n_splits == 1 ? out : nullptr;
+  __nv_bfloat16* y_bf16 = n_splits == 1 ? out_bf16 : nullptr;
   if (layer.bf16)
     decode_partial<__nv_bfloat16><<<grid, 32 * kWarps, 0, stream>>>(q, q_stride, layer, batch, n_heads, scale, window, n_splits, m,
-                                                                    l, acc);
+                                                                    l, acc, y, y_bf16);
   else
     decode_partial<float><<<grid, 32 * kWarps, 0, stream>>>(q, q_stride, layer, batch, n_heads, scale, window, n_splits, m, l,
-                                                            acc);
-  decode_combine<<<dim3(batch.n_seqs, n_heads), 128, 0, stream>>>(out, n_heads, layer.head_dim, n_splits, m, l, acc, out_bf16);
+                                                            acc, y, y_bf16);
+  if (n_splits > 1)
+    decode_combine<<<dim3(batch.n_seqs, n_heads), 128, 0, stream>>>(out, n_heads, layer.head_dim, n_splits, m, l, acc, out_bf16);
 }
 
 void prefill_attention(float* out, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch,

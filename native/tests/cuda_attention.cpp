@@ -72,15 +72,14 @@ float* to_device_strided(const std::vector<float>& q, int width) {
   return d;
 }
 
-void run_case(int head_dim, int n_kv_heads, int group, int window) {
+void run_case(int head_dim, int n_kv_heads, int group, int window, const std::vector<int>& lengths = {1, 15, 16, 17, 300, 1000}) {
   const int n_heads = n_kv_heads * group, B = 16;
-  const std::vector<int> lengths{1, 15, 16, 17, 300, 1000};
   int total_blocks = 0;
   for (int L : lengths) total_blocks += rf::BlockPool::blocks_for(L, B);
   rf::BlockPool pool(total_blocks + 9, B);
   // Interleaved growth so each table's blocks are scattered through the pool.
   std::vector<rf::BlockTable> tables(lengths.size());
-  for (int step = 1; step <= 1000; step += 13)
+  for (int step = 1; step <= *std::max_element(lengths.begin(), lengths.end()); step += 13)
     for (size_t s = 0; s < lengths.size(); ++s) pool.grow(tables[s], std::min(step, lengths[s]));
   for (size_t s = 0; s < lengths.size(); ++s) pool.grow(tables[s], lengths[s]);
 
@@ -103,7 +102,10 @@ void run_case(int head_dim, int n_kv_heads, int group, int window) {
   int32_t *dtables = to_device(flat), *doffsets = to_device(offsets), *dlens = to_device(lens);
   const size_t out_n = lengths.size() * n_heads * head_dim;
   cudaMalloc(&dout, out_n * sizeof(float));
-  cudaMalloc(&dscratch, rf::cuda::decode_attention_scratch(int(lengths.size()), n_heads, head_dim, max_length) * sizeof(float));
+  // Scratch for a split more than the lengths need (the one-split check below).
+  cudaMalloc(&dscratch, rf::cuda::decode_attention_scratch(int(lengths.size()), n_heads, head_dim,
+                                                           std::max(max_length, rf::cuda::kDecodeSplitKeys + 1)) *
+                            sizeof(float));
   rf::cuda::PagedLayer layer{dk, dv, B, n_kv_heads, head_dim};
   rf::cuda::PagedBatch batch{dtables, doffsets, dlens, int(lengths.size()), max_length};
   rf::cuda::decode_attention(dout, dq, n_heads * head_dim + kStridePad, layer, batch, n_heads, scale, window, dscratch, nullptr);
@@ -121,6 +123,15 @@ void run_case(int head_dim, int n_kv_heads, int group, int window) {
   for (size_t i = 0; i < out_n; ++i) differ += std::memcmp(&out[i], &out2[i], 4) != 0 || bits[i] != rf::f32_to_bf16(out[i]);
   check(differ == 0, "decode attention head_dim=" + std::to_string(head_dim) + " GQA " + std::to_string(group) +
                          " with a bf16 output: f32 the same bits, bf16 = f32_to_bf16 of it (" + std::to_string(differ) + " differ)");
+  if (max_length <= rf::cuda::kDecodeSplitKeys) {
+    // One split writes the output itself: the same bits as its merge by decode_combine, which a
+    // batch claiming one key more (a second, empty split) takes.
+    rf::cuda::PagedBatch two{dtables, doffsets, dlens, int(lengths.size()), rf::cuda::kDecodeSplitKeys + 1};
+    rf::cuda::decode_attention(dout, dq, n_heads * head_dim + kStridePad, layer, two, n_heads, scale, window, dscratch, nullptr);
+    cudaMemcpy(out2.data(), dout, out_n * sizeof(float), cudaMemcpyDeviceToHost);
+    check(std::memcmp(out.data(), out2.data(), out_n * sizeof(float)) == 0,
+          "decode attention head_dim=" + std::to_string(head_dim) + ", one split: decode_combine's bits");
+  }
   for (void* p : {static_cast<void*>(dk), static_cast<void*>(dv), static_cast<void*>(dq), static_cast<void*>(dout),
                   static_cast<void*>(dscratch), static_cast<void*>(dtables), static_cast<void*>(doffsets), static_cast<void*>(dlens),
                   static_cast<void*>(dbf16)})
@@ -498,6 +509,7 @@ int main() {
     prefill_case(hd, 2, 3, 0, lengths, n_new, true, true);
     prefill_decode_case(hd, 2, 3, 37, true);
   }
+  run_case(64, 2, 3, 0, {1, 15, 16, 17, 200, 256});  // one split
   kv_append_case();
   kv_append_case(true);
   kv_append_case(false, true);

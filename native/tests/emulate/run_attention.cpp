@@ -27,6 +27,7 @@ int main() {
   prefill_case(80, 2, 3, 37, lengths, n_new, false, true);
   prefill_case(32, 2, 3, 0, lengths, n_new, true, true);
   prefill_decode_case(64, 2, 3, 37, true);
+  run_case(64, 2, 3, 0, {1, 15, 16, 17, 200, 256});  // one split
   kv_append_case();
   kv_append_case(true);
   kv_append_case(false, true);
