@@ -22,9 +22,10 @@ namespace rf::cuda {
 
 namespace {
 
-// Threads of the row kernels, one block per row: a whole chunk's rows (128) fill a GPU's SMs about
-// once, so each block brings all its SM's memory parallelism, 16 KB in flight per 16-byte load
-// step of a reference row pair (kept to 64 registers by __launch_bounds__).
+// Threads of the row kernels, one block per row: a chunk's 128 KL rows fill a GPU's SMs about
+// once, so each block must bring all its SM's memory parallelism: a KL row's step loads 16 bytes
+// of the trained and 16 of the reference logits per thread, 32 KB in flight (4 KB with the scalar
+// loads of 512 threads). __launch_bounds__ keeps them to 64 registers.
 constexpr int kThreads = 1024;
 
 // The row stride of the [rows, V] buffers (logits, dz): V rounded up to 128 elements, so that
@@ -194,8 +195,9 @@ __device__ __forceinline__ void sweep_dz(float* z, const float* q, int V, bool b
 // from the groups) over zt in place: f32, or, bf16_dz, as the bf16 operand of the product back
 // through a bf16 W, row r at element 2 r ld of zt seen as bf16 (see sweep_dz); and fz [rows, K] =
 // dz at the flag columns, in f32.
-__global__ void __launch_bounds__(kThreads) loss_rows_kernel(float* zt, const float* zr, int V, long ld, const RowIn* in, RowOut* out, bool bf16_dz,
-                                 const int* flags, int K, float* fz) {
+__global__ void __launch_bounds__(kThreads)
+    loss_rows_kernel(float* zt, const float* zr, int V, long ld, const RowIn* in, RowOut* out, bool bf16_dz, const int* flags, int K,
+                     float* fz) {
   __shared__ double scratch[3 * 32];
   const long r = blockIdx.x;
   float* z = zt + r * ld;
@@ -250,7 +252,6 @@ __global__ void __launch_bounds__(kThreads) loss_rows_kernel(float* zt, const fl
   if (kl) o.kl = block_sum(klv, scratch);
   if (threadIdx.x == 0) out[r] = o;
 }
-
 
 // dh [rows, H] += sum_k fz[r, k] (w_rf[k] - W[f_k]), fz [rows, K] the dz of the flag columns,
 // which went back through W's own rows in dz W; the trained model's are w_rf's. grid: rows.
@@ -314,8 +315,9 @@ __device__ __forceinline__ float dz_ce(float z, int v, int target, double lse, f
 // grid: rows of the chunk. z [rows, V] logits (rows ld apart); loss[r] = lse - z[target] in
 // double; dz over z in place, f32 or, bf16_dz, bf16 as loss_rows_kernel's (sweep_dz); and fz
 // [rows, K] = dz at the flag columns, in f32.
-__global__ void __launch_bounds__(kThreads) ce_kernel(float* zt, int V, long ld, const int32_t* targets, float weight, double* loss, bool bf16_dz,
-                          const int* flags, int K, float* fz) {
+__global__ void __launch_bounds__(kThreads)
+    ce_kernel(float* zt, int V, long ld, const int32_t* targets, float weight, double* loss, bool bf16_dz, const int* flags, int K,
+              float* fz) {
   __shared__ double scratch[3 * 32];
   const long r = blockIdx.x;
   float* z = zt + r * ld;
