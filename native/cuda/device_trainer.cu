@@ -587,15 +587,21 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
       const float p = s.trace.dropout;
       const int adapter_id = index * 16 + int(a);
       // Dropout with a rank the fused kernels take: they apply the mask as they read x, so the
-      // dropped-out input [R, in] and the product du A [R, in] are never written.
+      // dropped-out input [R, in] and the product du A [R, in] are never written. dA takes the
+      // fused kernel at any dropout (p = 0: no mask), reading the trace's bf16 x as it is: no
+      // widened f32 copy of x ([R, in], written and read back) for it.
       const bool fused = p > 0.f && r <= kLoraFusedMaxRank;
+      const bool fused_da = r <= kLoraFusedMaxRank;
       const float* u = lt.lora_u[ui + a].get();
       matmul_tn(gemm, s.grd(ps[a] + 1), dys, DType::f32, u, DType::f32, o, r, int(R), lora.scale, 1.f, st, {out, 0, 0});  // dB
       float* du = floats(s.du, R * r);
       matmul_nn(gemm, du, dys, DType::f32, lora.B.get<void>(), DType::f32, int(R), r, o, 0.f, st, {out, 0, 0});  // du = dy B*
-      if (fused) {  // dA += du^T dropout(x)
+      if (fused_da) {  // dA += du^T dropout(x)
         float* parts = floats(s.da_parts, lora_da_scratch_floats(int(R), int(in), r));
-        lora_da_dropout(s.grd(ps[a]), du, x_f32(), int(R), int(in), r, s.trace.dropout_seed, l, adapter_id, p, parts, st);
+        if (x.f32 || !x.bf16)
+          lora_da_dropout(s.grd(ps[a]), du, x_f32(), int(R), int(in), r, s.trace.dropout_seed, l, adapter_id, p, parts, st);
+        else
+          lora_da_dropout(s.grd(ps[a]), du, x.bf16, int(R), int(in), r, s.trace.dropout_seed, l, adapter_id, p, parts, st);
       } else {
         const float* xa = x_f32();
         if (p > 0.f) {

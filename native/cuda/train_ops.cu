@@ -4,6 +4,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda/bf16.h"
 #include "cuda/column_reduce.cuh"
 
 namespace rf::cuda {
@@ -104,8 +105,9 @@ __global__ void __launch_bounds__(256) lora_down_dropout_kernel(float* u, const 
 
 // grid (column blocks of 4096 / KMAX, row parts). Thread t: ranks 4 (t / (TN / 4)) + 0..3,
 // columns 4 (t % (TN / 4)) + 0..3 of its block; the part's rows in order, into part [KMAX, in].
-template <int KMAX>
-__global__ void __launch_bounds__(256) lora_da_dropout_kernel(float* parts, const float* du, const float* x, int rows, int in,
+// x: f32, or bf16 (the trace's copy, widened exactly as it is read: the same sums as from f32).
+template <int KMAX, class T>
+__global__ void __launch_bounds__(256) lora_da_dropout_kernel(float* parts, const float* du, const T* x, int rows, int in,
                                                               int rank, int rows_per_part, uint64_t seed, int layer,
                                                               int adapter, float p) {
   constexpr int TN = 4096 / KMAX, CG = TN / 4;
@@ -126,7 +128,8 @@ __global__ void __launch_bounds__(256) lora_da_dropout_kernel(float* parts, cons
       const int m = e / TN, c = e % TN, col = c0 + c;
       const long row = r0 + m;
       float v = 0.f;
-      if (row < last && col < in && keep_element(seed, layer, adapter, row, col, p)) v = x[row * in + col] * keep_scale;
+      if (row < last && col < in && (p == 0.f || keep_element(seed, layer, adapter, row, col, p)))
+        v = as_f32(x[row * in + col]) * keep_scale;
       xs[m][c] = v;
     }
     for (int e = t; e < kTile * KMAX; e += blockDim.x) {
@@ -312,18 +315,36 @@ long lora_da_scratch_floats(int rows, int in, int rank) {
   return long((rows + per - 1) / per) * kmax * in;
 }
 
-void lora_da_dropout(float* dA, const float* du, const float* x, int rows, int in, int rank, uint64_t seed, int layer,
-                     int adapter, float p, float* scratch, cudaStream_t stream) {
+namespace {
+
+template <class T>
+void lora_da_launch(float* dA, const float* du, const T* x, int rows, int in, int rank, uint64_t seed, int layer, int adapter,
+                    float p, float* scratch, cudaStream_t stream) {
   const int kmax = lora_kmax("lora_da_dropout", rank);
   if (rows <= 0 || in <= 0) return;
   const int per = da_rows_per_part(rows, in, kmax), parts = (rows + per - 1) / per;
   const dim3 grid(unsigned((in + 4096 / kmax - 1) / (4096 / kmax)), unsigned(parts));
-  if (kmax == 16) lora_da_dropout_kernel<16><<<grid, kThreads, 0, stream>>>(scratch, du, x, rows, in, rank, per, seed, layer, adapter, p);
-  else if (kmax == 32) lora_da_dropout_kernel<32><<<grid, kThreads, 0, stream>>>(scratch, du, x, rows, in, rank, per, seed, layer, adapter, p);
-  else lora_da_dropout_kernel<64><<<grid, kThreads, 0, stream>>>(scratch, du, x, rows, in, rank, per, seed, layer, adapter, p);
+  if (kmax == 16)
+    lora_da_dropout_kernel<16, T><<<grid, kThreads, 0, stream>>>(scratch, du, x, rows, in, rank, per, seed, layer, adapter, p);
+  else if (kmax == 32)
+    lora_da_dropout_kernel<32, T><<<grid, kThreads, 0, stream>>>(scratch, du, x, rows, in, rank, per, seed, layer, adapter, p);
+  else
+    lora_da_dropout_kernel<64, T><<<grid, kThreads, 0, stream>>>(scratch, du, x, rows, in, rank, per, seed, layer, adapter, p);
   check_launch("lora_da_dropout");
   lora_da_reduce_kernel<<<grid_for(long(rank) * in, kThreads), kThreads, 0, stream>>>(dA, scratch, rank, in, kmax, parts);
   check_launch("lora_da_dropout (sum of parts)");
+}
+
+}  // namespace
+
+void lora_da_dropout(float* dA, const float* du, const float* x, int rows, int in, int rank, uint64_t seed, int layer,
+                     int adapter, float p, float* scratch, cudaStream_t stream) {
+  lora_da_launch(dA, du, x, rows, in, rank, seed, layer, adapter, p, scratch, stream);
+}
+
+void lora_da_dropout(float* dA, const float* du, const __nv_bfloat16* x, int rows, int in, int rank, uint64_t seed, int layer,
+                     int adapter, float p, float* scratch, cudaStream_t stream) {
+  lora_da_launch(dA, du, x, rows, in, rank, seed, layer, adapter, p, scratch, stream);
 }
 
 void lora_up_dropout_add(float* din, const float* du, const float* A, int rows, int in, int rank, uint64_t seed, int layer,

@@ -9,6 +9,7 @@
 #pragma once
 #include <cstdint>
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 namespace rf::cuda {
@@ -38,7 +39,11 @@ void lora_down_dropout(float* u, const float* x, const float* A, int rows, int i
 // the parts summed in order and added.
 int lora_da_rows_per_part(int rows, int in, int rank);
 long lora_da_scratch_floats(int rows, int in, int rank);
+// x f32, or bf16 (the trace's copy: the same sums as from its exact f32 widening). p = 0: no
+// mask (every element kept, as dropout_rows with p = 0 leaves x).
 void lora_da_dropout(float* dA, const float* du, const float* x, int rows, int in, int rank, uint64_t seed, int layer,
+                     int adapter, float p, float* scratch, cudaStream_t stream);
+void lora_da_dropout(float* dA, const float* du, const __nv_bfloat16* x, int rows, int in, int rank, uint64_t seed, int layer,
                      int adapter, float p, float* scratch, cudaStream_t stream);
 
 // The input gradient: din [rows, in] += the mask applied to du A, the product never written

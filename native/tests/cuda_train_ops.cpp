@@ -160,15 +160,19 @@ void test_lora_down_dropout() {
 
 // lora_da_dropout: dA += du^T dropout(x), each part of lora_da_rows_per_part rows summed in row
 // order with fused multiply-adds (padded to whole 32-row tiles with zeros), the parts then added
-// in order: bit for bit this host loop, with one part and with many.
+// in order: bit for bit this host loop, with one part and with many, without dropout (p = 0) and
+// with, from f32 x and from the same values in bf16 (the trainer's trace).
 void test_lora_da_dropout() {
   for (int rows : {1, 13, 300, 1000})
     for (int in : {1, 77, 300})
       for (int rank : {1, 4, 17, 64}) {
-        const float p = rank % 2 ? 0.5f : 0.1f, keep = 1.0f / (1.0f - p);
+        const float p = in == 77 ? 0.f : rank % 2 ? 0.5f : 0.1f, keep = 1.0f / (1.0f - p);
         const uint64_t seed = rng();
         const int layer = int(rng() % 40), adapter = int(rng() % 64);
-        const std::vector<float> x = randn(size_t(rows) * in), du = randn(size_t(rows) * rank), dA0 = randn(size_t(rank) * in);
+        std::vector<float> x = randn(size_t(rows) * in);
+        std::vector<uint16_t> xb(x.size());
+        for (size_t i = 0; i < x.size(); ++i) xb[i] = rf::f32_to_bf16(x[i]), x[i] = rf::bf16_to_f32(xb[i]);  // bf16 values
+        const std::vector<float> du = randn(size_t(rows) * rank), dA0 = randn(size_t(rank) * in);
         const int per = rf::cuda::lora_da_rows_per_part(rows, in, rank);
         std::vector<float> want(dA0);
         for (int j = 0; j < rank; ++j)
@@ -188,11 +192,18 @@ void test_lora_da_dropout() {
             want[size_t(j) * in + c] = dA0[size_t(j) * in + c] + total;
           }
         const std::string name = "lora_da_dropout rows " + std::to_string(rows) + " in " + std::to_string(in) + " rank " +
-                                 std::to_string(rank) + " (" + std::to_string((rows + per - 1) / per) + " parts)";
-        DevFloats dx(x), ddu(du), dA(dA0),
+                                 std::to_string(rank) + " p " + std::to_string(p) + " (" + std::to_string((rows + per - 1) / per) +
+                                 " parts)";
+        DevFloats dx(x), ddu(du), dA(dA0), dA_b(dA0),
             scratch(std::vector<float>(size_t(rf::cuda::lora_da_scratch_floats(rows, in, rank)), 0.f));
         rf::cuda::lora_da_dropout(dA.p, ddu.p, dx.p, rows, in, rank, seed, layer, adapter, p, scratch.p, nullptr);
         expect_bits(dA.back(), want, name);
+        __nv_bfloat16* dxb = nullptr;
+        cudaMalloc(&dxb, xb.size() * 2 + 2);
+        cudaMemcpy(dxb, xb.data(), xb.size() * 2, cudaMemcpyHostToDevice);
+        rf::cuda::lora_da_dropout(dA_b.p, ddu.p, dxb, rows, in, rank, seed, layer, adapter, p, scratch.p, nullptr);
+        expect_bits(dA_b.back(), want, name + ", bf16 x");
+        cudaFree(dxb);
       }
 }
 
