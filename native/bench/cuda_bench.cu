@@ -210,7 +210,8 @@ int main(int argc, char** argv) {
       cudaMemset(logits, 0, size_t(c.vocab) * 4);
       cudaMemset(params, 0, sizeof(rf::cuda::DevicePick));
       cudaMemcpy(flags, &rf_token, sizeof(int), cudaMemcpyHostToDevice);
-      const double t = median_time(50, [&] { rf::cuda::pick_rows(logits, 1, c.vocab, params, flags, 1, token, lp, p_rf, nullptr, pick_scratch, nullptr); });
+      const double t = median_time(50, [&] { rf::cuda::pick_rows(logits, 1, c.vocab, params, flags, 1, token, lp, p_rf, nullptr, 0, nullptr, nullptr, pick_scratch,
+                                                           nullptr); });
       for (void* p : {static_cast<void*>(logits), static_cast<void*>(params), static_cast<void*>(flags), static_cast<void*>(token),
                       static_cast<void*>(lp), static_cast<void*>(p_rf), pick_scratch})
         cudaFree(p);

@@ -673,7 +673,7 @@ uint64_t DeviceModel::graph_signature() const {
   const DeviceScratch& s = *s_;
   for (const Buffer* b : {&s.x, &s.xn, &s.xb, &s.qkv, &s.att, &s.mlp, &s.act, &s.lora_u, &s.lora_x, &s.last,
                           &s.logits, &s.attn, &s.plan_dev, &s.pick_params, &s.flags, &s.picked, &s.logprob, &s.p_rf, &s.p_flags,
-                          &s.pick_scratch})
+                          &s.pick_scratch, &s.top_ids, &s.top_logprobs})
     buf(*b);
   const DeviceWeights& w = *w_;
   for (const Buffer* b : {&w.embed, &w.lm_head, &w.pos_embed, &w.final_norm.w, &w.final_norm.b, &w.flag_ids, &w.flag_embed, &w.flag_head})
@@ -762,6 +762,8 @@ void DeviceModel::decode_step(const std::vector<DeviceItem>& items, const std::v
                               const Flags& flags, int top_n, Pick* picks, uint32_t* top_ids, float* top_logprobs,
                               const std::atomic<int>* cancel, bool scores) {
   if (params.size() != items.size()) throw std::invalid_argument("decode_step: one PickParams per item is required");
+  if (top_n < 0 || top_n > kPickMaxTopN)
+    throw std::invalid_argument("decode_step: top_n outside 0.." + std::to_string(kPickMaxTopN));
   check_flags(flags, vocab(), "decode_step");
   for (const DeviceItem& it : items)
     if (it.n_tokens < 1) throw std::invalid_argument("decode_step: every sequence needs at least one new token");
@@ -773,8 +775,8 @@ void DeviceModel::decode_step(const std::vector<DeviceItem>& items, const std::v
   if (n == 0) return;
 
   // Every row is picked on the device (greedy, the whole-vocabulary draw at a temperature, or
-  // top-k / top-p over up to kPickMaxCandidates sorted candidates); rows with top_n, or whose
-  // nucleus is larger, are redone below on the host from their logits row. Its inputs are
+  // top-k / top-p over up to kPickMaxCandidates sorted candidates), with its top_n; rows whose
+  // nucleus is larger are redone below on the host from their logits row. Its inputs are
   // uploaded before the forward, so the pick is part of the decode graph.
   std::vector<DevicePick> dp(static_cast<size_t>(n));
   for (int b = 0; b < n; ++b) {
@@ -791,8 +793,13 @@ void DeviceModel::decode_step(const std::vector<DeviceItem>& items, const std::v
   float* d_p_rf = static_cast<float*>(s.p_rf.ensure(size_t(n) * sizeof(float)));
   float* d_p_flags = K > 0 ? static_cast<float*>(s.p_flags.ensure(size_t(n) * K * sizeof(float))) : nullptr;
   void* d_pick_scratch = s.pick_scratch.ensure(pick_scratch_bytes(n, V));
-  const Tail pick{1 + K, [&](const float* logits) {
-                    pick_rows(logits, n, V, d_params, d_flags, K, d_token, d_logprob, d_p_rf, d_p_flags, d_pick_scratch, st);
+  // The top n only with scores, as the CPU's (a plain decode writes none).
+  const int dev_top_n = scores ? top_n : 0;
+  uint32_t* d_top_ids = static_cast<uint32_t*>(s.top_ids.ensure(size_t(std::max(1, n * dev_top_n)) * sizeof(uint32_t)));
+  float* d_top_logprobs = static_cast<float*>(s.top_logprobs.ensure(size_t(std::max(1, n * dev_top_n)) * sizeof(float)));
+  const Tail pick{1 + K + 4096 * dev_top_n, [&](const float* logits) {
+                    pick_rows(logits, n, V, d_params, d_flags, K, d_token, d_logprob, d_p_rf, d_p_flags, dev_top_n, d_top_ids,
+                              d_top_logprobs, d_pick_scratch, st);
                   }};
   const float* logits = run(items, LogitsMode::last, cancel, nullptr, nullptr, &pick);
   if (!logits) return;
@@ -802,6 +809,15 @@ void DeviceModel::decode_step(const std::vector<DeviceItem>& items, const std::v
   check(cudaMemcpyAsync(logprob.data(), d_logprob, logprob.size() * sizeof(float), cudaMemcpyDeviceToHost, st), "cudaMemcpyAsync");
   check(cudaMemcpyAsync(p_rf.data(), d_p_rf, p_rf.size() * sizeof(float), cudaMemcpyDeviceToHost, st), "cudaMemcpyAsync");
   if (K > 0) check(cudaMemcpyAsync(p_flags.data(), d_p_flags, p_flags.size() * sizeof(float), cudaMemcpyDeviceToHost, st), "cudaMemcpyAsync");
+  std::vector<uint32_t> dev_top_ids(size_t(n) * dev_top_n);
+  std::vector<float> dev_top_logprobs(size_t(n) * dev_top_n);
+  if (dev_top_n > 0) {
+    check(cudaMemcpyAsync(dev_top_ids.data(), d_top_ids, dev_top_ids.size() * sizeof(uint32_t), cudaMemcpyDeviceToHost, st),
+          "cudaMemcpyAsync");
+    check(cudaMemcpyAsync(dev_top_logprobs.data(), d_top_logprobs, dev_top_logprobs.size() * sizeof(float), cudaMemcpyDeviceToHost,
+                          st),
+          "cudaMemcpyAsync");
+  }
   check(cudaStreamSynchronize(st), "decode_step (pick)");
 
   PickScratch scratch;
@@ -809,7 +825,7 @@ void DeviceModel::decode_step(const std::vector<DeviceItem>& items, const std::v
   Flags row_flags(flags.ids);
   for (int b = 0; b < n; ++b) {
     const PickParams& p = params[size_t(b)];
-    if (top_n > 0 || token[size_t(b)] == kPickFallback) {
+    if (token[size_t(b)] == kPickFallback) {
       row.resize(size_t(V));
       check(cudaMemcpy(row.data(), logits + long(b) * V, size_t(V) * sizeof(float), cudaMemcpyDeviceToHost), "cudaMemcpy (row)");
       row_flags.p = flags.p ? flags.p + long(b) * K : nullptr;
@@ -819,6 +835,10 @@ void DeviceModel::decode_step(const std::vector<DeviceItem>& items, const std::v
       continue;
     }
     picks[b].token = token[size_t(b)];
+    if (dev_top_n > 0) {
+      std::copy_n(dev_top_ids.begin() + long(b) * top_n, top_n, top_ids + long(b) * top_n);
+      std::copy_n(dev_top_logprobs.begin() + long(b) * top_n, top_n, top_logprobs + long(b) * top_n);
+    }
     // scores = false is the plain decode: no log-probability, no flag p (as the CPU reports it).
     picks[b].logprob = scores ? logprob[size_t(b)] : std::numeric_limits<float>::quiet_NaN();
     picks[b].p_rf = scores ? p_rf[size_t(b)] : 0.f;

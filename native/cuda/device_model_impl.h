@@ -123,7 +123,7 @@ struct DeviceScratch {
   Buffer x, xn, xb, qkv, att, mlp, act, lora_u, lora_x, last, logits, attn;
   Buffer plan_dev;                  // the plan's tables, one upload (ForwardPlan points into it)
   std::vector<uint32_t> plan_host;  // their staging on the host
-  Buffer pick_params, flags, picked, logprob, p_rf, p_flags, pick_scratch, next;
+  Buffer pick_params, flags, picked, logprob, p_rf, p_flags, pick_scratch, top_ids, top_logprobs, next;
   ForwardPlan plan;
 };
 

@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <stdexcept>
+#include <string>
 
 #include "cuda/bf16.h"
 #include "cuda/ops.h"
@@ -276,7 +278,8 @@ __global__ void __launch_bounds__(kStatThreads) pick_stats_kernel(const float* l
 // One block per row, after pick_stats_kernel. Shared: per-thread chunk sums and their exclusive
 // prefix, the total, and the picked id.
 __global__ void pick_kernel(const float* logits, int vocab, const PickStat* stats, int slices, const DevicePick* params,
-                            const int* flags, int n_flags, uint32_t* token, float* logprob, float* p_rf, float* p_flags) {
+                            const int* flags, int n_flags, uint32_t* token, float* logprob, float* p_rf, float* p_flags, int top_n,
+                            uint32_t* top_ids, float* top_logprobs) {
   extern __shared__ __align__(16) unsigned char nucleus_smem[];  // NucleusShared, for top-k / top-p rows
   __shared__ double sw[kPickThreads];
   __shared__ float s_lse, s_mx;
@@ -407,6 +410,18 @@ __global__ void pick_kernel(const float* logits, int vocab, const PickStat* stat
       }
     }
   }
+  // 4. The top n, as rf::logits_pick's (descending, ties by the lower id; log-probabilities at
+  //    temperature 1, -inf past the vocabulary), but for a row the host redoes.
+  if (top_n > 0 && pick >= 0) {
+    NucleusShared& sh = *reinterpret_cast<NucleusShared*>(nucleus_smem);
+    const int k = min(top_n, vocab);
+    best_candidates(z, vocab, k, sh);
+    for (int i = t; i < top_n; i += blockDim.x) {
+      const long o = long(blockIdx.x) * top_n + i;
+      top_ids[o] = i < k ? uint32_t(sh.id[i]) : 0u;
+      top_logprobs[o] = i < k ? sh.v[i] - lse : -INFINITY;
+    }
+  }
   if (t == 0) {
     if (pick < 0) {
       token[blockIdx.x] = kPickFallback;  // the host picks this row (logprob left unwritten)
@@ -462,15 +477,17 @@ void gelu_new(float* out, const __nv_bfloat16* x, long n, cudaStream_t stream, _
 size_t pick_scratch_bytes(int rows, int vocab) { return size_t(std::max(rows, 1)) * pick_slices(vocab) * sizeof(PickStat); }
 
 void pick_rows(const float* logits, int rows, int vocab, const DevicePick* params, const int* flags, int n_flags,
-               uint32_t* token, float* logprob, float* p_rf, float* p_flags, void* scratch, cudaStream_t stream) {
+               uint32_t* token, float* logprob, float* p_rf, float* p_flags, int top_n, uint32_t* top_ids, float* top_logprobs,
+               void* scratch, cudaStream_t stream) {
   if (rows <= 0) return;
+  if (top_n < 0 || top_n > kPickMaxTopN) throw std::invalid_argument("pick_rows: top_n outside 0.." + std::to_string(kPickMaxTopN));
   const int slices = pick_slices(vocab);
   PickStat* stats = static_cast<PickStat*>(scratch);
   pick_stats_kernel<<<dim3(rows, slices), kStatThreads, 0, stream>>>(logits, vocab, stats);
   // The candidates' arrays in dynamic shared memory: with the static arrays, under the 48 KiB a
   // kernel gets without opting in.
   pick_kernel<<<rows, kPickThreads, sizeof(NucleusShared), stream>>>(logits, vocab, stats, slices, params, flags, n_flags, token,
-                                                                      logprob, p_rf, p_flags);
+                                                                      logprob, p_rf, p_flags, top_n, top_ids, top_logprobs);
 }
 
 }  // namespace rf::cuda

@@ -63,10 +63,16 @@ constexpr uint32_t kPickFallback = 0xffffffffu;
 // <rf>, or <rf> and the category flags; none: 0) give p_flags [rows, n_flags] (may be null) and
 // their total p_rf [rows], as the CPU's Flags. Writes token [rows] (kPickFallback for a row
 // whose candidates exceed kPickMaxCandidates: its logprob is not written), logprob [rows].
+// top_n (0 to kPickMaxTopN; 0: none): top_ids / top_logprobs [rows, top_n] (device) get each
+// row's n most likely tokens, as rf::logits_pick's top_n (descending, ties by the lower id,
+// log-probabilities at temperature 1; past the vocabulary id 0 and -inf), but for the rows
+// answered kPickFallback, which the host redoes whole.
 // scratch: pick_scratch_bytes(rows, vocab) bytes of device memory (each row's statistics, taken
 // over slices of it by many blocks: a batch-1 step's one row is not left to one SM).
+constexpr int kPickMaxTopN = 64;
 size_t pick_scratch_bytes(int rows, int vocab);
 void pick_rows(const float* logits, int rows, int vocab, const DevicePick* params, const int* flags, int n_flags,
-               uint32_t* token, float* logprob, float* p_rf, float* p_flags, void* scratch, cudaStream_t stream);
+               uint32_t* token, float* logprob, float* p_rf, float* p_flags, int top_n, uint32_t* top_ids, float* top_logprobs,
+               void* scratch, cudaStream_t stream);
 
 }  // namespace rf::cuda

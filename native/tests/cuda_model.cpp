@@ -12,7 +12,9 @@
 //  - with LoRA on every projection and trained flag rows, decode_step's greedy tokens equal the
 //    CPU's (rows whose top two logits are within 1e-3 are near-ties: counted, not compared),
 //    log-probabilities and p(flags) within 1e-4 absolute; a seeded temperature draw picks the
-//    CPU's token (same counter-based draw; near-ties in the CDF excepted the same way);
+//    CPU's token (same counter-based draw; near-ties in the CDF excepted the same way); every
+//    third step's top 4 tokens the CPU's at each place 1e-3 clear of its neighbours, their
+//    log-probabilities within 1e-4;
 //  - token_scores' p(flags) and next-token log-probabilities within 1e-4;
 //  - bf16 weights (prefill attention on the tensor cores) against the CPU's f32: relative L2
 //    <= 2e-2 for a batch's logits, decode steps and a continuing chunk; batch independence as below;
@@ -296,10 +298,14 @@ void check_decode_step(const std::string& tag, Pair& p) {
     if (i % 2) params[size_t(i)].temperature = 0.8f;  // odd rows sample with a seed
     params[size_t(i)].seed = 100 + uint64_t(i);
   }
-  int compared = 0, ties = 0, token_diff = 0;
-  double worst_lp = 0, worst_p = 0;
+  int compared = 0, ties = 0, token_diff = 0, top_compared = 0, top_diff = 0;
+  double worst_lp = 0, worst_p = 0, worst_top_lp = 0;
   std::vector<uint32_t> next(static_cast<size_t>(n));
   for (int step = 0; step < 12; ++step) {
+    // Every third step also asks for each row's 4 most likely tokens (picked on the device).
+    const int top_n = step % 3 == 2 ? 4 : 0;
+    std::vector<uint32_t> cti(size_t(n) * 4), gti(size_t(n) * 4);
+    std::vector<float> ctl(size_t(n) * 4), gtl(size_t(n) * 4);
     std::vector<rf::ForwardItem> ci;
     std::vector<rf::cuda::DeviceItem> gi;
     for (int i = 0; i < n; ++i) {
@@ -310,14 +316,22 @@ void check_decode_step(const std::string& tag, Pair& p) {
     }
     std::vector<rf::Pick> cp(static_cast<size_t>(n)), gp(static_cast<size_t>(n));
     std::vector<float> cf(size_t(n) * K), gf(size_t(n) * K), logits;
-    rf::decode_step(*p.cpu, ci, params, rf::Flags(flag_ids, cf.data()), 0, cp.data(), nullptr, nullptr, logits);
-    p.gpu->decode_step(gi, params, rf::Flags(flag_ids, gf.data()), 0, gp.data(), nullptr, nullptr);
+    rf::decode_step(*p.cpu, ci, params, rf::Flags(flag_ids, cf.data()), top_n, cp.data(), cti.data(), ctl.data(), logits);
+    p.gpu->decode_step(gi, params, rf::Flags(flag_ids, gf.data()), top_n, gp.data(), gti.data(), gtl.data());
     for (int i = 0; i < n; ++i) {
       // A near-tie: the CPU's top two logits within 1e-3 (greedy), or the draw landing within
       // 1e-4 of a CDF boundary is not checked here (sampled rows take the CPU's token afterwards).
       const float* z = logits.data() + long(i) * V;
       std::vector<float> sorted(z, z + V);
-      std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<float>());
+      std::partial_sort(sorted.begin(), sorted.begin() + 5, sorted.end(), std::greater<float>());
+      // The top n: each place whose logit is 1e-3 clear of its neighbours names the CPU's token.
+      for (int j = 0; j < top_n; ++j) {
+        if (sorted[j] - sorted[j + 1] < 1e-3f || (j > 0 && sorted[j - 1] - sorted[j] < 1e-3f)) continue;
+        ++top_compared;
+        const size_t o = size_t(i) * 4 + size_t(j);
+        if (cti[o] != gti[o]) ++top_diff;
+        else worst_top_lp = std::max(worst_top_lp, double(std::fabs(ctl[o] - gtl[o])));
+      }
       const bool tie = params[size_t(i)].temperature == 0.f && sorted[0] - sorted[1] < 1e-3f;
       if (tie) {
         ++ties;
@@ -338,6 +352,9 @@ void check_decode_step(const std::string& tag, Pair& p) {
             ", " + std::to_string(ties) + " near-ties)");
   check(worst_lp <= 1e-4 && worst_p <= 1e-4, tag + ": decode_step log-probs and flag p's equal the CPU's (worst " +
                                                  std::to_string(worst_lp) + ", " + std::to_string(worst_p) + ")");
+  check(top_compared > 0 && top_diff == 0 && worst_top_lp <= 1e-4,
+        tag + ": decode_step's top 4 equal the CPU's (" + std::to_string(top_diff) + " of " + std::to_string(top_compared) +
+            " places differ, worst log-prob " + std::to_string(worst_top_lp) + ")");
 }
 
 // Decode steps replayed from CUDA graphs against the same steps run eagerly (a second engine with

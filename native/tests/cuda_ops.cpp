@@ -162,15 +162,20 @@ void test_pick() {
   for (bool sampled : {false, true}) {
     std::vector<rf::cuda::DevicePick> params(rows);
     for (int r = 0; r < rows; ++r) params[r] = {sampled ? (r % 3 == 0 ? 0.7f : 1.3f) : 0.f, 1234567ull + r % 7, uint64_t(r)};
+    const int top_n = 5;  // each row's 5 most likely tokens too
     Dev dz = upload(z), dp(rows * sizeof(rf::cuda::DevicePick)), dt(rows * 4), dl(rows * 4), dr(rows * 4), df(K * 4),
-        dpf(size_t(rows) * K * 4);
+        dpf(size_t(rows) * K * 4), dti(size_t(rows) * top_n * 4), dtl(size_t(rows) * top_n * 4);
     cudaMemcpy(dp.p, params.data(), rows * sizeof(rf::cuda::DevicePick), cudaMemcpyHostToDevice);
     cudaMemcpy(df.p, flags.data(), K * 4, cudaMemcpyHostToDevice);
     Dev dscratch(rf::cuda::pick_scratch_bytes(rows, V));
     rf::cuda::pick_rows(dz.f(), rows, V, static_cast<rf::cuda::DevicePick*>(dp.p), static_cast<const int*>(df.p), K,
-                        static_cast<uint32_t*>(dt.p), dl.f(), dr.f(), dpf.f(), dscratch.p, nullptr);
-    std::vector<uint32_t> tok(rows);
+                        static_cast<uint32_t*>(dt.p), dl.f(), dr.f(), dpf.f(), top_n, static_cast<uint32_t*>(dti.p), dtl.f(),
+                        dscratch.p, nullptr);
+    std::vector<uint32_t> tok(rows), top_ids(size_t(rows) * top_n);
     cudaMemcpy(tok.data(), dt.p, rows * 4, cudaMemcpyDeviceToHost);
+    cudaMemcpy(top_ids.data(), dti.p, top_ids.size() * 4, cudaMemcpyDeviceToHost);
+    const std::vector<float> top_lp = download(dtl, size_t(rows) * top_n);
+    int bad_top = 0;
     const std::vector<float> lp = download(dl, rows), prf = download(dr, rows), pf = download(dpf, size_t(rows) * K);
     int differ = 0, bad_scores = 0;
     rf::PickScratch scratch;
@@ -179,8 +184,14 @@ void test_pick() {
       pp.temperature = params[r].temperature;
       pp.seed = params[r].seed;
       std::vector<float> want_flags(K);
-      const rf::Pick want = rf::logits_pick(z.data() + size_t(r) * V, V, pp, params[r].counter, rf::Flags(flags, want_flags.data()), 0,
-                                            nullptr, nullptr, scratch);
+      std::vector<uint32_t> want_ids(top_n);
+      std::vector<float> want_lp(top_n);
+      const rf::Pick want = rf::logits_pick(z.data() + size_t(r) * V, V, pp, params[r].counter, rf::Flags(flags, want_flags.data()),
+                                            top_n, want_ids.data(), want_lp.data(), scratch);
+      for (int i = 0; i < top_n; ++i)
+        if (top_ids[size_t(r) * top_n + i] != want_ids[i] ||
+            std::fabs(top_lp[size_t(r) * top_n + i] - want_lp[i]) > 1e-5 * (1 + std::fabs(want_lp[i])))
+          ++bad_top;
       for (int k = 0; k < K; ++k)
         if (std::fabs(pf[size_t(r) * K + k] - want_flags[k]) > 1e-5 * want_flags[k] + 1e-30) ++bad_scores;
       if (tok[r] != want.token) {
@@ -192,6 +203,7 @@ void test_pick() {
     const std::string tag = sampled ? "sampled" : "greedy";
     check(sampled ? differ <= rows / 500 : differ == 0, "pick " + tag + ": " + std::to_string(differ) + " of " + std::to_string(rows) + " tokens differ from the CPU's");
     check(bad_scores == 0, "pick " + tag + ": log-probability, each flag's p and their total equal the CPU's (" + std::to_string(bad_scores) + " off)");
+    check(bad_top == 0, "pick " + tag + ": the top 5 tokens and their log-probabilities equal the CPU's (" + std::to_string(bad_top) + " off)");
   }
 }
 
@@ -225,7 +237,7 @@ void test_pick_nucleus() {
   cudaMemcpy(df.p, flags.data(), K * 4, cudaMemcpyHostToDevice);
   Dev dscratch(rf::cuda::pick_scratch_bytes(rows, V));
   rf::cuda::pick_rows(dz.f(), rows, V, static_cast<rf::cuda::DevicePick*>(dp.p), static_cast<const int*>(df.p), K,
-                      static_cast<uint32_t*>(dt.p), dl.f(), dr.f(), dpf.f(), dscratch.p, nullptr);
+                      static_cast<uint32_t*>(dt.p), dl.f(), dr.f(), dpf.f(), 0, nullptr, nullptr, dscratch.p, nullptr);
   std::vector<uint32_t> tok(rows);
   cudaMemcpy(tok.data(), dt.p, rows * 4, cudaMemcpyDeviceToHost);
   const std::vector<float> lp = download(dl, rows), prf = download(dr, rows), pf = download(dpf, size_t(rows) * K);
