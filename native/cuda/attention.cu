@@ -40,8 +40,9 @@ __device__ float warp_sum(float v) {
 }
 
 // scratch layout: m [S, H, splits], l [S, H, splits], acc [S, H, splits, head_dim]. T: the cache's type.
-// y set (one split): the block writes the output y [S, H, head_dim] itself, as decode_combine would from its one
-// split (the same bits: its terms scaled by exp(0) = 1), and the launch of decode_combine is saved.
+// y set (one split): the block writes the output y [S, H, head_dim] itself, as decode_combine
+// would from its one split (the same bits: its terms scaled by exp(0) = 1), and the launch of
+// decode_combine is saved.
 template <class T>
 __global__ void decode_partial(const float* q, long q_stride, PagedLayer layer, PagedBatch batch, int n_heads, float scale,
                                int window, int n_splits, float* m_out, float* l_out, float* acc_out, float* y,

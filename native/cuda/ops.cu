@@ -1,6 +1,7 @@
 // Device twins of the CPU row kernels (see ops.h). One block per row for the reductions (the
-// pick's statistics: many blocks per row); grid-stride loops for the elementwise ones. Reductions sum in the block's own order, so
-// results equal the CPU's up to float rounding (the tests state the tolerances).
+// pick's statistics: many blocks per row); grid-stride loops for the elementwise ones.
+// Reductions sum in the block's own order, so results equal the CPU's up to float rounding (the
+// tests state the tolerances).
 #include <cuda_runtime.h>
 
 #include <algorithm>
