@@ -6,15 +6,48 @@
 # training: scripts/device-train-e2e.mjs); it
 # leaves the logs, the JSON results and a summary in OUT_DIR. Order: cheapest first, so a
 # timeout still returns the tests. RF_GPU_CHECK_BENCH=0 skips the benchmarks, RF_GPU_CHECK_TESTS=0
-# the tests.
+# the tests. RF_GPU_CHECK_DEADLINE (seconds, default 540): the whole call's budget, under the
+# device tool's timeout; no stage runs past it, and the logs are packed after every stage.
 #   bash scripts/gpu-check.sh "$OUT"
 set -uo pipefail
 dest="${1:?usage: scripts/gpu-check.sh OUT_DIR}"
 mkdir -p "$dest"
 # The device tool returns at most 8 files from OUT: everything goes to a work folder, packed into
-# OUT/gpu-check.tar.xz (with summary.json beside it) when the script ends, however it ends.
+# OUT/gpu-check.tar.xz (with summary.json beside it) after every stage and when the script ends:
+# a call the tool kills at its timeout (no exit trap runs) still returns the stages before.
 out=$(mktemp -d /tmp/rf-gpu-check.XXXXXX)
-trap 'tar -cJf "$dest/gpu-check.tar.xz" -C "$out" . 2>/dev/null; cp -f "$out/summary.json" "$dest/" 2>/dev/null' EXIT
+# Each part's exit status (-1: not run, -2: no time left), and the summary of them so far.
+build_state=running
+ctest_rc=-1 addon_rc=-1 e2e_rc=-1 train_e2e_rc=-1 interop_rc=-1 bench_rc=-1 peer_rc=-1 train_bench_rc=-1 train_peer_rc=-1
+llmc_rc=-1 serve_rc=-1
+results=()
+save() {
+  [ "$build_state" = failed ] ||
+    printf '{"build": "%s", "ctest": %d, "cuda": {%s}, "addon": %d, "e2e": %d, "trainE2e": %d, "interop": %d, "bench": %d, "peer": %d, "trainBench": %d, "trainPeer": %d, "llmc": %d, "serve": %d}\n' \
+      "$build_state" "$ctest_rc" "$(IFS=,; echo "${results[*]}")" "$addon_rc" "$e2e_rc" "$train_e2e_rc" "$interop_rc" "$bench_rc" \
+      "$peer_rc" "$train_bench_rc" "$train_peer_rc" "$llmc_rc" "$serve_rc" > "$out/summary.json"
+  cp -f "$out/summary.json" "$dest/" 2>/dev/null
+  tar -cJf "$dest/gpu-check.tar.xz.part" -C "$out" . 2>/dev/null && mv -f "$dest/gpu-check.tar.xz.part" "$dest/gpu-check.tar.xz"
+}
+trap save EXIT
+# The deadline: each stage's time limit is cut to what is left of RF_GPU_CHECK_DEADLINE (less 15 s
+# to pack), and a stage with under 20 s left does not start (status -2).
+start=$(date +%s)
+deadline=${RF_GPU_CHECK_DEADLINE:-540}
+# stage SECONDS COMMAND...: COMMAND under min(SECONDS, what is left); its status in rc; then save.
+stage() {
+  local left=$((deadline - ($(date +%s) - start) - 15)) limit=$1
+  shift
+  if [ "$left" -lt 20 ]; then
+    rc=-2
+    echo "gpu-check: no time left for: $*" >&2
+  else
+    [ "$limit" -gt "$left" ] && limit=$left
+    timeout "$limit" "$@"
+    rc=$?
+  fi
+  save
+}
 cd "$(dirname "$0")/.."
 build=build-gpu
 {
@@ -44,39 +77,39 @@ targets=(--target gpu_check)
 # Which cuBLASLt the build uses (the toolkit's, a pip wheel's, or none: then cuda_gemm is not built).
 grep -h 'redflag: cuBLASLt' "$out/build.log" >> "$out/device.txt" ||
   echo "redflag: no cuBLASLt line in the configure log" >> "$out/device.txt"
-if [ "$configure_rc" -ne 0 ] || ! cmake --build "$build" -j "$(nproc)" "${targets[@]}" >> "$out/build.log" 2>&1; then
-  echo '{"build": "failed"}' > "$out/summary.json"
+build_rc=$configure_rc
+[ "$configure_rc" -eq 0 ] && { stage 420 cmake --build "$build" -j "$(nproc)" "${targets[@]}" >> "$out/build.log" 2>&1; build_rc=$rc; }
+if [ "$build_rc" -ne 0 ]; then
+  build_state=failed
+  echo "{\"build\": \"failed\", \"status\": $build_rc}" > "$out/summary.json"
   tail -40 "$out/build.log"
   exit 1
 fi
+build_state=ok
 
 # The CPU tests are CI's (here they only cost device time): RF_GPU_CHECK_CTEST=1 runs them too.
-ctest_rc=-1
 if [ "${RF_GPU_CHECK_CTEST:-0}" = 1 ]; then
-  ctest --test-dir "$build" -j "$(nproc)" --output-on-failure > "$out/ctest.log" 2>&1
-  ctest_rc=$?
+  stage 300 ctest --test-dir "$build" -j "$(nproc)" --output-on-failure > "$out/ctest.log" 2>&1
+  ctest_rc=$rc
 fi
 # RF_GPU_CHECK_TESTS=0 skips the tests (the C++ ones, end to end, interop): a second call on the
 # same warm machine that only runs the benchmarks (the build is kept between calls).
 tests=${RF_GPU_CHECK_TESTS:-1}
-results=()
 for t in "$build"/cuda_*; do
   [ "$tests" = 0 ] && break
   [ -x "$t" ] || continue
   name=$(basename "$t")
   case "$name" in cuda_bench | cuda_train_bench) continue ;; esac
-  timeout 300 "$t" > "$out/$name.log" 2>&1
-  rc=$?
+  stage 300 "$t" > "$out/$name.log" 2>&1
   results+=("\"$name\": $rc")
   tail -3 "$out/$name.log"
 done
 # The CUDA addon (for the end-to-end tests and gpu-serve), linked in the same build from the
 # objects the tests used.
 addon=
-addon_rc=-1
 if [ ${#addon_args[@]} -gt 0 ]; then
-  cmake --build "$build" -j "$(nproc)" --target redflag_cuda > "$out/addon-build.log" 2>&1
-  addon_rc=$?
+  stage 300 cmake --build "$build" -j "$(nproc)" --target redflag_cuda > "$out/addon-build.log" 2>&1
+  addon_rc=$rc
   if [ "$addon_rc" -eq 0 ]; then
     addon=$(find "$build" -name redflag_cuda.node | head -1)
   else
@@ -84,25 +117,24 @@ if [ ${#addon_args[@]} -gt 0 ]; then
   fi
 fi
 # The library end to end on the GPU (scripts/device-e2e.mjs) with the carried node.
-e2e_rc=-1
-train_e2e_rc=-1
-interop_rc=-1
 if [ -n "$addon" ] && [ "$tests" != 0 ]; then
-  REDFLAG_ADDON="$PWD/$addon" timeout 300 node scripts/device-e2e.mjs --device cuda > "$out/e2e.json" 2> "$out/e2e.log"
-  e2e_rc=$?
+  stage 300 env REDFLAG_ADDON="$PWD/$addon" node scripts/device-e2e.mjs --device cuda > "$out/e2e.json" 2> "$out/e2e.log"
+  e2e_rc=$rc
   head -c 1500 "$out/e2e.json"
   # Training on the GPU against the CPU (RF_GPU_CHECK_TRAIN_INTEGRATION=1 adds the integration
   # test's pipeline with both adapters on the GPU: a few minutes).
   integration=()
   [ "${RF_GPU_CHECK_TRAIN_INTEGRATION:-0}" = 1 ] && integration=(--integration)
-  REDFLAG_ADDON="$PWD/$addon" timeout 480 node scripts/device-train-e2e.mjs --device cuda "${integration[@]}" > "$out/train-e2e.json" 2> "$out/train-e2e.log"
-  train_e2e_rc=$?
+  stage 480 env REDFLAG_ADDON="$PWD/$addon" node scripts/device-train-e2e.mjs --device cuda "${integration[@]}" \
+    > "$out/train-e2e.json" 2> "$out/train-e2e.log"
+  train_e2e_rc=$rc
   head -c 1200 "$out/train-e2e.json"
   # PEFT interoperability: an adapter trained by redflag loads with PeftModel.from_pretrained and
   # gives redflag's logits (CPU and GPU), test/reference/peft_interop.py.
-  if REDFLAG_ADDON="$PWD/$addon" timeout 300 node scripts/interop-export.mjs /tmp/rf-interop --device cuda > "$out/interop-export.log" 2>&1; then
-    timeout 180 python3 test/reference/peft_interop.py /tmp/rf-interop/interop.json > "$out/interop.json" 2>> "$out/interop-export.log"
-    interop_rc=$?
+  stage 300 env REDFLAG_ADDON="$PWD/$addon" node scripts/interop-export.mjs /tmp/rf-interop --device cuda > "$out/interop-export.log" 2>&1
+  if [ "$rc" -eq 0 ]; then
+    stage 180 python3 test/reference/peft_interop.py /tmp/rf-interop/interop.json > "$out/interop.json" 2>> "$out/interop-export.log"
+    interop_rc=$rc
     head -c 1200 "$out/interop.json"
   else
     interop_rc=2
@@ -110,50 +142,45 @@ if [ -n "$addon" ] && [ "$tests" != 0 ]; then
   fi
 fi
 # The benchmark (JSON on stdout, progress on stderr): RF_GPU_CHECK_BENCH=0 skips it, "quick" shortens it.
-bench_rc=-1
 bench_args=()
 [ "${RF_GPU_CHECK_BENCH:-1}" = quick ] && bench_args=(--quick)
 if [ -x "$build/cuda_bench" ] && [ "${RF_GPU_CHECK_BENCH:-1}" != 0 ]; then
-  timeout 420 "$build/cuda_bench" "${bench_args[@]}" > "$out/cuda_bench.json" 2> "$out/cuda_bench.log"
-  bench_rc=$?
+  stage 420 "$build/cuda_bench" "${bench_args[@]}" > "$out/cuda_bench.json" 2> "$out/cuda_bench.log"
+  bench_rc=$rc
   tail -12 "$out/cuda_bench.log"
 fi
 # The GPU trainer's bench (LoRA step on 1B / 3B shapes, the fused loss alone) and its PyTorch +
 # PEFT peer (bench/peers/torch_gpu_train.py, the same batch and loss mix).
-train_bench_rc=-1
-train_peer_rc=-1
 if [ -x "$build/cuda_train_bench" ] && [ "${RF_GPU_CHECK_BENCH:-1}" != 0 ]; then
-  timeout 420 "$build/cuda_train_bench" "${bench_args[@]}" > "$out/cuda_train_bench.json" 2> "$out/cuda_train_bench.log"
-  train_bench_rc=$?
+  stage 420 "$build/cuda_train_bench" "${bench_args[@]}" > "$out/cuda_train_bench.json" 2> "$out/cuda_train_bench.log"
+  train_bench_rc=$rc
   tail -16 "$out/cuda_train_bench.log"  # step times, their phase breakdowns, the loss
   peer_args=()
   [ "${RF_GPU_CHECK_BENCH:-1}" = quick ] && peer_args=(--batch 4 --tokens 512 --steps 2)
-  timeout 420 python3 bench/peers/torch_gpu_train.py "${peer_args[@]}" > "$out/torch_gpu_train.json" 2> "$out/torch_gpu_train.log"
-  train_peer_rc=$?
+  stage 420 python3 bench/peers/torch_gpu_train.py "${peer_args[@]}" > "$out/torch_gpu_train.json" 2> "$out/torch_gpu_train.log"
+  train_peer_rc=$rc
   tail -4 "$out/torch_gpu_train.log"
 fi
 # llm.c's CUDA trainer on the same GPU, the peer of cuda_train_bench's full fine-tuning of GPT-2
 # 124M (scripts/llmc-peer.sh; needs .gpu-pack/llmc.tar.xz).
-llmc_rc=-1
 if [ -f .gpu-pack/llmc.tar.xz ] && [ "${RF_GPU_CHECK_BENCH:-1}" != 0 ]; then
-  LLMC_STEPS=$([ "${RF_GPU_CHECK_BENCH:-1}" = quick ] && echo 6 || echo 12) timeout 420 bash scripts/llmc-peer.sh "$out" > "$out/llmc.json" 2> "$out/llmc-peer.log"
-  llmc_rc=$?
+  stage 420 env LLMC_STEPS="$([ "${RF_GPU_CHECK_BENCH:-1}" = quick ] && echo 6 || echo 12)" bash scripts/llmc-peer.sh "$out" \
+    > "$out/llmc.json" 2> "$out/llmc-peer.log"
+  llmc_rc=$rc
   head -c 600 "$out/llmc.json"
 fi
 # The peer on the same GPU: PyTorch + transformers, bf16, static cache, torch.compile where it works.
-peer_rc=-1
 if [ "${RF_GPU_CHECK_BENCH:-1}" != 0 ]; then
-  timeout 420 python3 bench/peers/torch_gpu.py > "$out/torch_gpu.json" 2> "$out/torch_gpu.log"
-  peer_rc=$?
+  stage 420 python3 bench/peers/torch_gpu.py > "$out/torch_gpu.json" 2> "$out/torch_gpu.log"
+  peer_rc=$rc
   tail -6 "$out/torch_gpu.log"
 fi
 # The server over HTTP on the GPU (npm run bench -- gpu-serve: Llama-3.2-1B shapes, bf16, 1 / 32 /
 # 128 streams), with the carried node and tsx.
-serve_rc=-1
 if [ -n "${addon:-}" ] && [ "${RF_GPU_CHECK_BENCH:-1}" != 0 ]; then
-  REDFLAG_ADDON="$PWD/$addon" timeout 300 node --import tsx bench/run.ts gpu-serve > "$out/gpu-serve.json" 2> "$out/gpu-serve.log"
-  serve_rc=$?
+  stage 300 env REDFLAG_ADDON="$PWD/$addon" node --import tsx bench/run.ts gpu-serve > "$out/gpu-serve.json" 2> "$out/gpu-serve.log"
+  serve_rc=$rc
   tail -c 1500 "$out/gpu-serve.json"
 fi
-printf '{"build": "ok", "ctest": %d, "cuda": {%s}, "addon": %d, "e2e": %d, "trainE2e": %d, "interop": %d, "bench": %d, "peer": %d, "trainBench": %d, "trainPeer": %d, "llmc": %d, "serve": %d}\n' "$ctest_rc" "$(IFS=,; echo "${results[*]}")" "$addon_rc" "$e2e_rc" "$train_e2e_rc" "$interop_rc" "$bench_rc" "$peer_rc" "$train_bench_rc" "$train_peer_rc" "$llmc_rc" "$serve_rc" > "$out/summary.json"
+save
 cat "$out/summary.json"
