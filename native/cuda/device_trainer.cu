@@ -580,21 +580,27 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     for (int i = 0; i < index; ++i) ui += m.linear(l, i).lora.size();
     const std::vector<int>& ps = s.lora_params[size_t(l) * 4 + size_t(index)];
     if (!lin.lora.empty()) phase(kBackwardLora);
-    for (size_t a = 0; a < lin.lora.size(); ++a) {
+    // din += each adapter's (masked) du A. With every adapter's rank within the fused kernel's, one
+    // pass over din after the loop takes them all (q, k and v of the fused projection; gate and
+    // up), in order, the same bits as one pass each; each du is kept until then.
+    long du_cols = 0;
+    bool up_fused = true;
+    for (const DLinear::Lora& lora : lin.lora) du_cols += lora.rank, up_fused &= lora.rank <= kLoraFusedMaxRank;
+    float* du_all = floats(s.du, R * du_cols);
+    std::vector<LoraUpTerm> up_terms;
+    for (size_t a = 0, du_col = 0; a < lin.lora.size(); du_col += size_t(lin.lora[a].rank), ++a) {
       const DLinear::Lora& lora = lin.lora[a];
       const int r = lora.rank, o = lora.out;
       const float* dys = dy + lora.offset;  // the adapter's slice of dy: [R, o], rows out apart
       const float p = s.trace.dropout;
       const int adapter_id = index * 16 + int(a);
-      // Dropout with a rank the fused kernels take: they apply the mask as they read x, so the
-      // dropped-out input [R, in] and the product du A [R, in] are never written. dA takes the
-      // fused kernel at any dropout (p = 0: no mask), reading the trace's bf16 x as it is: no
-      // widened f32 copy of x ([R, in], written and read back) for it.
-      const bool fused = p > 0.f && r <= kLoraFusedMaxRank;
+      // Ranks the fused kernels take (any dropout; p = 0: no mask): they apply the mask as they
+      // read x, so the dropped-out input [R, in] and the product du A [R, in] are never written;
+      // dA reads the trace's bf16 x as it is (no widened f32 copy written and read back).
       const bool fused_da = r <= kLoraFusedMaxRank;
       const float* u = lt.lora_u[ui + a].get();
       matmul_tn(gemm, s.grd(ps[a] + 1), dys, DType::f32, u, DType::f32, o, r, int(R), lora.scale, 1.f, st, {out, 0, 0});  // dB
-      float* du = floats(s.du, R * r);
+      float* du = du_all + R * long(du_col);  // [R, r]
       matmul_nn(gemm, du, dys, DType::f32, lora.B.get<void>(), DType::f32, int(R), r, o, 0.f, st, {out, 0, 0});  // du = dy B*
       if (fused_da) {  // dA += du^T dropout(x)
         float* parts = floats(s.da_parts, lora_da_scratch_floats(int(R), int(in), r));
@@ -611,8 +617,8 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
         }
         matmul_tn(gemm, s.grd(ps[a]), du, DType::f32, xa, DType::f32, r, int(in), int(R), 1.f, 1.f, st);  // dA
       }
-      if (fused) {  // din += mask (du A)
-        lora_up_dropout_add(din, du, lora.A.get(), int(R), int(in), r, s.trace.dropout_seed, l, adapter_id, p, st);
+      if (up_fused) {  // din += mask (du A), after the loop
+        up_terms.push_back({du, lora.A.get(), r, adapter_id});
       } else if (p > 0.f) {
         float* t = floats(s.tmp_in, R * in);
         matmul_nn(gemm, t, du, DType::f32, lora.A.get<void>(), DType::f32, int(R), int(in), r, 0.f, st);
@@ -621,6 +627,8 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
         matmul_nn(gemm, din, du, DType::f32, lora.A.get<void>(), DType::f32, int(R), int(in), r, 1.f, st);
       }
     }
+    if (!up_terms.empty())
+      lora_up_dropout_add(din, up_terms.data(), int(up_terms.size()), int(R), int(in), s.trace.dropout_seed, l, s.trace.dropout, st);
   };
 
   // What the trace leaves out, recomputed by the forward's kernels from the forward's inputs (so

@@ -1,6 +1,7 @@
 // The GPU trainer's glue kernels (see train_ops.h).
 #include "cuda/train_ops.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -172,40 +173,58 @@ __global__ void lora_da_reduce_kernel(float* dA, const float* parts, int rank, i
   }
 }
 
-// grid (column blocks of kThreads, row blocks of kUpRows); a thread keeps its column of A in
-// registers and walks the block's rows, du's row read from shared memory as float4 (broadcast).
+// grid (column blocks of kThreads, row blocks of kUpRows); a thread keeps its column of each
+// adapter's A in registers and walks the block's rows, the adapters' du rows read from shared
+// memory as float4 (broadcast). NA adapters (1 to 3, NA KMAX <= 64 registers of A): each row's
+// din is read once, gets the adapters' terms in order with one rounding each, as NA launches of
+// one adapter would give it (the same bits), and is written once.
 constexpr int kUpRows = 64;
+constexpr int kUpMaxAdapters = 3;
 
-template <int KMAX>
-__global__ void lora_up_dropout_add_kernel(float* din, const float* du, const float* A, int rows, int in, int rank,
-                                           uint64_t seed, int layer, int adapter, float p) {
-  __shared__ float4 du_s[kUpRows][KMAX / 4];
+struct UpTerms {
+  const float* du[kUpMaxAdapters];
+  const float* A[kUpMaxAdapters];
+  int rank[kUpMaxAdapters];
+  int adapter[kUpMaxAdapters];
+};
+
+template <int KMAX, int NA>
+__global__ void lora_up_dropout_add_kernel(float* din, UpTerms terms, int rows, int in, uint64_t seed, int layer, float p) {
+  __shared__ float4 du_s[NA][kUpRows][KMAX / 4];
   const int r0 = blockIdx.y * kUpRows;
   const int n_rows = rows - r0 < kUpRows ? rows - r0 : kUpRows;
-  for (int e = threadIdx.x; e < kUpRows * KMAX; e += blockDim.x) {
-    const int r = e / KMAX, k = e % KMAX;
-    reinterpret_cast<float*>(&du_s[r][0])[k] = r < n_rows && k < rank ? du[long(r0 + r) * rank + k] : 0.f;
-  }
+  for (int a = 0; a < NA; ++a)
+    for (int e = threadIdx.x; e < kUpRows * KMAX; e += blockDim.x) {
+      const int r = e / KMAX, k = e % KMAX;
+      reinterpret_cast<float*>(&du_s[a][r][0])[k] = r < n_rows && k < terms.rank[a] ? terms.du[a][long(r0 + r) * terms.rank[a] + k] : 0.f;
+    }
   __syncthreads();
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= in) return;
-  float a[KMAX];
+  float w[NA][KMAX];
 #pragma unroll
-  for (int k = 0; k < KMAX; ++k) a[k] = k < rank ? A[long(k) * in + i] : 0.f;
+  for (int a = 0; a < NA; ++a)
+#pragma unroll
+    for (int k = 0; k < KMAX; ++k) w[a][k] = k < terms.rank[a] ? terms.A[a][long(k) * in + i] : 0.f;
   const float keep_scale = 1.0f / (1.0f - p);
   for (int r = 0; r < n_rows; ++r) {
-    float acc = 0.f;  // k in order; the zero padding past rank adds exact zeros
-#pragma unroll
-    for (int k4 = 0; k4 < KMAX / 4; ++k4) {
-      const float4 d = du_s[r][k4];
-      acc = fmaf(d.x, a[4 * k4], acc);
-      acc = fmaf(d.y, a[4 * k4 + 1], acc);
-      acc = fmaf(d.z, a[4 * k4 + 2], acc);
-      acc = fmaf(d.w, a[4 * k4 + 3], acc);
-    }
     const long row = r0 + r;
-    // Two roundings, as dropout_add of the product (no fused multiply-add of them).
-    if (keep_element(seed, layer, adapter, row, i, p)) din[row * in + i] = __fadd_rn(din[row * in + i], __fmul_rn(acc, keep_scale));
+    float v = din[row * in + i];
+#pragma unroll
+    for (int a = 0; a < NA; ++a) {
+      float acc = 0.f;  // k in order; the zero padding past rank adds exact zeros
+#pragma unroll
+      for (int k4 = 0; k4 < KMAX / 4; ++k4) {
+        const float4 d = du_s[a][r][k4];
+        acc = fmaf(d.x, w[a][4 * k4], acc);
+        acc = fmaf(d.y, w[a][4 * k4 + 1], acc);
+        acc = fmaf(d.z, w[a][4 * k4 + 2], acc);
+        acc = fmaf(d.w, w[a][4 * k4 + 3], acc);
+      }
+      // Two roundings, as dropout_add of the product (no fused multiply-add of them).
+      if (p == 0.f || keep_element(seed, layer, terms.adapter[a], row, i, p)) v = __fadd_rn(v, __fmul_rn(acc, keep_scale));
+    }
+    din[row * in + i] = v;
   }
 }
 
@@ -349,13 +368,41 @@ void lora_da_dropout(float* dA, const float* du, const __nv_bfloat16* x, int row
 
 void lora_up_dropout_add(float* din, const float* du, const float* A, int rows, int in, int rank, uint64_t seed, int layer,
                          int adapter, float p, cudaStream_t stream) {
-  const int kmax = lora_kmax("lora_up_dropout_add", rank);
-  if (rows <= 0 || in <= 0) return;
+  const LoraUpTerm one{du, A, rank, adapter};
+  lora_up_dropout_add(din, &one, 1, rows, in, seed, layer, p, stream);
+}
+
+namespace {
+
+template <int KMAX, int NA>
+void up_launch(float* din, const UpTerms& t, int rows, int in, uint64_t seed, int layer, float p, cudaStream_t stream) {
   const dim3 grid(unsigned((in + kThreads - 1) / kThreads), unsigned((rows + kUpRows - 1) / kUpRows));
-  if (kmax == 16) lora_up_dropout_add_kernel<16><<<grid, kThreads, 0, stream>>>(din, du, A, rows, in, rank, seed, layer, adapter, p);
-  else if (kmax == 32) lora_up_dropout_add_kernel<32><<<grid, kThreads, 0, stream>>>(din, du, A, rows, in, rank, seed, layer, adapter, p);
-  else lora_up_dropout_add_kernel<64><<<grid, kThreads, 0, stream>>>(din, du, A, rows, in, rank, seed, layer, adapter, p);
-  check_launch("lora_up_dropout_add");
+  lora_up_dropout_add_kernel<KMAX, NA><<<grid, kThreads, 0, stream>>>(din, t, rows, in, seed, layer, p);
+}
+
+}  // namespace
+
+void lora_up_dropout_add(float* din, const LoraUpTerm* terms, int n, int rows, int in, uint64_t seed, int layer, float p,
+                         cudaStream_t stream) {
+  int kmax = 16;
+  for (int j = 0; j < n; ++j) kmax = std::max(kmax, lora_kmax("lora_up_dropout_add", terms[j].rank));
+  if (rows <= 0 || in <= 0 || n <= 0) return;
+  // One launch for up to 3 adapters whose A columns fit 64 registers (3 of rank <= 16, 2 of <=
+  // 32); otherwise one per adapter, which gives the same bits.
+  const int na = n <= kUpMaxAdapters && n * kmax <= 64 ? n : 1;
+  for (int j0 = 0; j0 < n; j0 += na) {
+    UpTerms t{};
+    for (int j = 0; j < na; ++j) t.du[j] = terms[j0 + j].du, t.A[j] = terms[j0 + j].A, t.rank[j] = terms[j0 + j].rank,
+                                 t.adapter[j] = terms[j0 + j].adapter;
+    const int km = na == 1 ? lora_kmax("lora_up_dropout_add", terms[j0].rank) : kmax;
+    if (na == 3) up_launch<16, 3>(din, t, rows, in, seed, layer, p, stream);
+    else if (na == 2 && km == 16) up_launch<16, 2>(din, t, rows, in, seed, layer, p, stream);
+    else if (na == 2) up_launch<32, 2>(din, t, rows, in, seed, layer, p, stream);
+    else if (km == 16) up_launch<16, 1>(din, t, rows, in, seed, layer, p, stream);
+    else if (km == 32) up_launch<32, 1>(din, t, rows, in, seed, layer, p, stream);
+    else up_launch<64, 1>(din, t, rows, in, seed, layer, p, stream);
+    check_launch("lora_up_dropout_add");
+  }
 }
 
 void widen_bf16(float* out, const uint16_t* in, long n, cudaStream_t stream) {

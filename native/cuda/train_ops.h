@@ -48,9 +48,20 @@ void lora_da_dropout(float* dA, const float* du, const __nv_bfloat16* x, int row
 
 // The input gradient: din [rows, in] += the mask applied to du A, the product never written
 // (dropout_add of matmul's du A, without its [rows, in] buffer and second pass). Each element
-// sums its rank products in k order.
+// sums its rank products in k order. p = 0: no mask.
 void lora_up_dropout_add(float* din, const float* du, const float* A, int rows, int in, int rank, uint64_t seed, int layer,
                          int adapter, float p, cudaStream_t stream);
+// The same for several adapters of one input (q, k and v of a fused projection; gate and up):
+// din += each term in order, one rounding each, the same bits as one call per term; up to 3
+// terms of rank <= 16 (or 2 of rank <= 32) in one pass over din, which is read and written once.
+struct LoraUpTerm {
+  const float* du;  // [rows, rank]
+  const float* A;   // [rank, in]
+  int rank;
+  int adapter;  // the dropout mask's adapter id
+};
+void lora_up_dropout_add(float* din, const LoraUpTerm* terms, int n, int rows, int in, uint64_t seed, int layer, float p,
+                         cudaStream_t stream);
 
 // out [n] = the bf16 values in [n] (bit patterns) as f32: exact, the CPU's rf::bf16_to_f32.
 void widen_bf16(float* out, const uint16_t* in, long n, cudaStream_t stream);

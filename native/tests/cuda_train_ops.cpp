@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -242,6 +243,30 @@ void test_lora_up_dropout_add() {
     threw = true;
   }
   check(threw, "lora_up_dropout_add refuses a rank past kLoraFusedMaxRank");
+  // Several adapters of one input in one call (one pass over din when they fit: 3 of rank <= 16, 2
+  // of <= 32; else one each): the same bits as one call per adapter in order. Without dropout too.
+  const std::vector<std::vector<int>> rank_sets{{16, 4, 7}, {32, 17}, {33, 2}, {8, 8, 8}};
+  for (const std::vector<int>& ranks : rank_sets)
+    for (float p : {0.f, 0.3f}) {
+      const int rows = 130, in = 300, layer = 5;
+      const uint64_t seed = rng();
+      const std::vector<float> y0 = randn(size_t(rows) * in);
+      std::vector<std::vector<float>> du, A;
+      for (int r : ranks) du.push_back(randn(size_t(rows) * r)), A.push_back(randn(size_t(r) * in));
+      std::vector<std::unique_ptr<DevFloats>> ddu, dA;
+      std::vector<rf::cuda::LoraUpTerm> terms;
+      for (size_t j = 0; j < ranks.size(); ++j) {
+        ddu.push_back(std::make_unique<DevFloats>(du[j])), dA.push_back(std::make_unique<DevFloats>(A[j]));
+        terms.push_back({ddu.back()->p, dA.back()->p, ranks[j], int(j) + 1});
+      }
+      DevFloats one_each(y0), together(y0);
+      for (const rf::cuda::LoraUpTerm& t : terms)
+        rf::cuda::lora_up_dropout_add(one_each.p, t.du, t.A, rows, in, t.rank, seed, layer, t.adapter, p, nullptr);
+      rf::cuda::lora_up_dropout_add(together.p, terms.data(), int(terms.size()), rows, in, seed, layer, p, nullptr);
+      std::string name = "lora_up_dropout_add of ranks";
+      for (int r : ranks) name += " " + std::to_string(r);
+      expect_bits(together.back(), one_each.back(), name + " p " + std::to_string(p) + " in one call");
+    }
 }
 
 void test_elementwise() {
