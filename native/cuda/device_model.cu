@@ -424,17 +424,35 @@ void DeviceModel::linear_rows(const DLinear& lin, const float* in, const __nv_bf
     return;
   }
   mark(trace, kForwardLora, st);
-  for (size_t ai = 0; ai < lin.lora.size(); ++ai) {
+  // Traced (training) with every rank within the fused kernel's: all the adapters' u from one read
+  // of x (q, k and v; gate and up), the mask, if any, applied as x is read; else one at a time.
+  const float p = trace ? trace->dropout : 0.f;
+  bool down_fused = trace != nullptr;
+  for (const DLinear::Lora& a : lin.lora) down_fused &= a.rank <= kLoraFusedMaxRank;
+  // Each adapter's u [rows, rank]: kept by the trace, or side by side in lora_u.
+  long u_cols = 0;
+  for (const DLinear::Lora& a : lin.lora) u_cols += a.rank;
+  float* u_all = lt ? nullptr : static_cast<float*>(s.lora_u.ensure(size_t(std::max(1L, rows * u_cols)) * sizeof(float)));
+  std::vector<float*> us(lin.lora.size());
+  std::vector<LoraDownTerm> down_terms;
+  for (size_t ai = 0, col = 0; ai < lin.lora.size(); col += size_t(lin.lora[ai].rank), ++ai) {
     const DLinear::Lora& a = lin.lora[ai];
-    const size_t u_bytes = size_t(rows * a.rank) * sizeof(float);
-    Buffer* u_buf = &s.lora_u;  // traced: u goes straight into the trace
     if (lt) {
       if (lt->lora_u.size() <= *u_next) lt->lora_u.resize(*u_next + 1);
-      u_buf = &lt->lora_u[(*u_next)++];
+      us[ai] = static_cast<float*>(lt->lora_u[(*u_next)++].ensure(size_t(rows * a.rank) * sizeof(float)));
+    } else {
+      us[ai] = u_all + rows * long(col);
     }
-    float* u = static_cast<float*>(u_buf->ensure(u_bytes));
-    const float p = trace ? trace->dropout : 0.f;
-    if (p > 0.f && a.rank <= kLoraFusedMaxRank) {  // the mask applied as x is read: no dropped-out copy
+    down_terms.push_back({us[ai], a.A.get(), a.rank, index * 16 + int(ai)});
+  }
+  if (down_fused)
+    lora_down_dropout(down_terms.data(), int(down_terms.size()), in, int(rows), lin.in, trace->dropout_seed, layer, p, st);
+  for (size_t ai = 0; ai < lin.lora.size(); ++ai) {
+    const DLinear::Lora& a = lin.lora[ai];
+    float* u = us[ai];
+    if (down_fused) {
+      // u made above
+    } else if (p > 0.f && a.rank <= kLoraFusedMaxRank) {  // the mask applied as x is read: no dropped-out copy
       lora_down_dropout(u, in, a.A.get(), int(rows), lin.in, a.rank, trace->dropout_seed, layer, index * 16 + int(ai), p, st);
     } else {
       const float* xa = in;

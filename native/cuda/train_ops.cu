@@ -54,13 +54,23 @@ constexpr int kTile = 32;
 // Thread t: rows 4 (t / (KMAX / 4)) + 0..3, ranks 4 (t % (KMAX / 4)) + 0..3 of its block.
 constexpr int kDownRows = 64;
 
-template <int KMAX>
-__global__ void __launch_bounds__(256) lora_down_dropout_kernel(float* u, const float* x, const float* A, int rows, int in,
-                                                                int rank, uint64_t seed, int layer, int adapter, float p) {
+// NA adapters of one input (1 to 3; NA KMAX <= 64, so 4 NA KMAX <= 256 threads): thread t
+// works for adapter t / (4 KMAX) exactly as it would alone, on that adapter's masked copy of the
+// x tile; x itself is read once for them all.
+struct DownTerms {
+  float* u[3];
+  const float* A[3];
+  int rank[3];
+  int adapter[3];
+};
+
+template <int KMAX, int NA>
+__global__ void __launch_bounds__(256) lora_down_dropout_kernel(DownTerms terms, const float* x, int rows, int in, uint64_t seed,
+                                                                int layer, float p) {
   constexpr int TM = kDownRows, RG = KMAX / 4;
-  __shared__ float xs[TM][kTile + 1];                 // [row][column]: the odd stride spreads rows over banks
-  __align__(16) __shared__ float as[kTile][KMAX + 4];  // [column][rank]
-  const int t = threadIdx.x, rg = t % RG, mg = t / RG;
+  __shared__ float xs[NA][TM][kTile + 1];                 // [row][column]: the odd stride spreads rows over banks
+  __align__(16) __shared__ float as[NA][kTile][KMAX + 4];  // [column][rank]
+  const int t = threadIdx.x, ad = t / (4 * KMAX), rg = t % RG, mg = (t % (4 * KMAX)) / RG;
   const long r0 = long(blockIdx.x) * TM;
   const float keep_scale = 1.0f / (1.0f - p);
   float acc[4][4];
@@ -72,20 +82,22 @@ __global__ void __launch_bounds__(256) lora_down_dropout_kernel(float* u, const 
     for (int e = t; e < TM * kTile; e += blockDim.x) {
       const int m = e / kTile, k = e % kTile, col = c0 + k;
       const long row = r0 + m;
-      float v = 0.f;
-      if (row < rows && col < in && keep_element(seed, layer, adapter, row, col, p)) v = x[row * in + col] * keep_scale;
-      xs[m][k] = v;
+      const bool inside = row < rows && col < in;
+      const float xv = inside ? x[row * in + col] : 0.f;
+#pragma unroll
+      for (int a = 0; a < NA; ++a)
+        xs[a][m][k] = inside && (p == 0.f || keep_element(seed, layer, terms.adapter[a], row, col, p)) ? xv * keep_scale : 0.f;
     }
-    for (int e = t; e < KMAX * kTile; e += blockDim.x) {
-      const int j = e / kTile, k = e % kTile, col = c0 + k;
-      as[k][j] = j < rank && col < in ? A[long(j) * in + col] : 0.f;
+    for (int e = t; e < NA * KMAX * kTile; e += blockDim.x) {
+      const int a = e / (KMAX * kTile), j = (e / kTile) % KMAX, k = e % kTile, col = c0 + k;
+      as[a][k][j] = j < terms.rank[a] && col < in ? terms.A[a][long(j) * in + col] : 0.f;
     }
     __syncthreads();
     for (int k = 0; k < kTile; ++k) {
-      const float4 a = *reinterpret_cast<const float4*>(&as[k][4 * rg]);
+      const float4 a = *reinterpret_cast<const float4*>(&as[ad][k][4 * rg]);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const float v = xs[4 * mg + i][k];
+        const float v = xs[ad][4 * mg + i][k];
         acc[i][0] = fmaf(v, a.x, acc[i][0]);
         acc[i][1] = fmaf(v, a.y, acc[i][1]);
         acc[i][2] = fmaf(v, a.z, acc[i][2]);
@@ -94,6 +106,8 @@ __global__ void __launch_bounds__(256) lora_down_dropout_kernel(float* u, const 
     }
     __syncthreads();
   }
+  const int rank = terms.rank[ad];
+  float* u = terms.u[ad];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const long row = r0 + 4 * mg + i;
@@ -314,13 +328,41 @@ int da_rows_per_part(int rows, int in, int kmax) {
 
 void lora_down_dropout(float* u, const float* x, const float* A, int rows, int in, int rank, uint64_t seed, int layer,
                        int adapter, float p, cudaStream_t stream) {
-  const int kmax = lora_kmax("lora_down_dropout", rank);
-  if (rows <= 0) return;
-  const int grid = (rows + kDownRows - 1) / kDownRows, threads = 4 * kmax;  // 16 outputs per thread
-  if (kmax == 16) lora_down_dropout_kernel<16><<<grid, threads, 0, stream>>>(u, x, A, rows, in, rank, seed, layer, adapter, p);
-  else if (kmax == 32) lora_down_dropout_kernel<32><<<grid, threads, 0, stream>>>(u, x, A, rows, in, rank, seed, layer, adapter, p);
-  else lora_down_dropout_kernel<64><<<grid, threads, 0, stream>>>(u, x, A, rows, in, rank, seed, layer, adapter, p);
-  check_launch("lora_down_dropout");
+  const LoraDownTerm one{u, A, rank, adapter};
+  lora_down_dropout(&one, 1, x, rows, in, seed, layer, p, stream);
+}
+
+namespace {
+
+template <int KMAX, int NA>
+void down_launch(const DownTerms& t, const float* x, int rows, int in, uint64_t seed, int layer, float p, cudaStream_t stream) {
+  const int grid = (rows + kDownRows - 1) / kDownRows;  // 4 NA KMAX threads: 16 outputs each
+  lora_down_dropout_kernel<KMAX, NA><<<grid, 4 * KMAX * NA, 0, stream>>>(t, x, rows, in, seed, layer, p);
+}
+
+}  // namespace
+
+void lora_down_dropout(const LoraDownTerm* terms, int n, const float* x, int rows, int in, uint64_t seed, int layer, float p,
+                       cudaStream_t stream) {
+  int kmax = 16;
+  for (int j = 0; j < n; ++j) kmax = std::max(kmax, lora_kmax("lora_down_dropout", terms[j].rank));
+  if (rows <= 0 || n <= 0) return;
+  // One launch for up to 3 adapters (3 of rank <= 16, 2 of <= 32), else one per adapter: the same
+  // bits either way.
+  const int na = n <= 3 && n * kmax <= 64 ? n : 1;
+  for (int j0 = 0; j0 < n; j0 += na) {
+    DownTerms t{};
+    for (int j = 0; j < na; ++j) t.u[j] = terms[j0 + j].u, t.A[j] = terms[j0 + j].A, t.rank[j] = terms[j0 + j].rank,
+                                 t.adapter[j] = terms[j0 + j].adapter;
+    const int km = na == 1 ? lora_kmax("lora_down_dropout", terms[j0].rank) : kmax;
+    if (na == 3) down_launch<16, 3>(t, x, rows, in, seed, layer, p, stream);
+    else if (na == 2 && km == 16) down_launch<16, 2>(t, x, rows, in, seed, layer, p, stream);
+    else if (na == 2) down_launch<32, 2>(t, x, rows, in, seed, layer, p, stream);
+    else if (km == 16) down_launch<16, 1>(t, x, rows, in, seed, layer, p, stream);
+    else if (km == 32) down_launch<32, 1>(t, x, rows, in, seed, layer, p, stream);
+    else down_launch<64, 1>(t, x, rows, in, seed, layer, p, stream);
+    check_launch("lora_down_dropout");
+  }
 }
 
 int lora_da_rows_per_part(int rows, int in, int rank) {

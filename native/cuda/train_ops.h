@@ -32,6 +32,17 @@ constexpr int kLoraFusedMaxRank = 64;
 // its in products in column order (fused multiply-adds; columns past in add zeros).
 void lora_down_dropout(float* u, const float* x, const float* A, int rows, int in, int rank, uint64_t seed, int layer,
                        int adapter, float p, cudaStream_t stream);
+// The same for several adapters of one input (q, k and v; gate and up), each with its own mask:
+// up to 3 of rank <= 16 (or 2 of <= 32) from one read of x, the same bits as one call each.
+// p = 0: no mask.
+struct LoraDownTerm {
+  float* u;         // [rows, rank]
+  const float* A;   // [rank, in]
+  int rank;
+  int adapter;  // the dropout mask's adapter id
+};
+void lora_down_dropout(const LoraDownTerm* terms, int n, const float* x, int rows, int in, uint64_t seed, int layer, float p,
+                       cudaStream_t stream);
 
 // dA [rank, in] += du^T dropout(x) (du [rows, rank]): the rows split into consecutive parts of
 // lora_da_rows_per_part(rows, in, rank) rows (whole 32-row tiles; rows past the end add zeros),

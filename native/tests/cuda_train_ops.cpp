@@ -157,6 +157,31 @@ void test_lora_down_dropout() {
         expect_bits(du.back(), want,
                     "lora_down_dropout rows " + std::to_string(rows) + " in " + std::to_string(in) + " rank " + std::to_string(rank));
       }
+  // Several adapters of one input, each its own mask, in one call (one read of x when they fit: 3
+  // of rank <= 16, 2 of <= 32; else one each): each u the bits of its own call. Without dropout too.
+  const std::vector<std::vector<int>> rank_sets{{16, 4, 7}, {32, 17}, {33, 2}, {8, 8, 8}};
+  for (const std::vector<int>& ranks : rank_sets)
+    for (float p : {0.f, 0.3f}) {
+      const int rows = 130, in = 300, layer = 9;
+      const uint64_t seed = rng();
+      const std::vector<float> x = randn(size_t(rows) * in);
+      DevFloats dx(x);
+      std::vector<std::unique_ptr<DevFloats>> dA, alone, together;
+      std::vector<rf::cuda::LoraDownTerm> terms;
+      for (size_t j = 0; j < ranks.size(); ++j) {
+        const int r = ranks[j];
+        dA.push_back(std::make_unique<DevFloats>(randn(size_t(r) * in)));
+        alone.push_back(std::make_unique<DevFloats>(std::vector<float>(size_t(rows) * r, 0.f)));
+        together.push_back(std::make_unique<DevFloats>(std::vector<float>(size_t(rows) * r, 0.f)));
+        terms.push_back({together.back()->p, dA.back()->p, r, int(j) + 3});
+        rf::cuda::lora_down_dropout(alone.back()->p, dx.p, dA.back()->p, rows, in, r, seed, layer, int(j) + 3, p, nullptr);
+      }
+      rf::cuda::lora_down_dropout(terms.data(), int(terms.size()), dx.p, rows, in, seed, layer, p, nullptr);
+      std::string name = "lora_down_dropout of ranks";
+      for (int r : ranks) name += " " + std::to_string(r);
+      for (size_t j = 0; j < ranks.size(); ++j)
+        expect_bits(together[j]->back(), alone[j]->back(), name + " p " + std::to_string(p) + " in one call: adapter " + std::to_string(j));
+    }
 }
 
 // lora_da_dropout: dA += du^T dropout(x), each part of lora_da_rows_per_part rows summed in row
