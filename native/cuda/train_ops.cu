@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "cuda/bf16.h"
 #include "cuda/column_reduce.cuh"
@@ -54,18 +55,21 @@ constexpr int kTile = 32;
 // Thread t: rows 4 (t / (KMAX / 4)) + 0..3, ranks 4 (t % (KMAX / 4)) + 0..3 of its block.
 constexpr int kDownRows = 64;
 
-// NA adapters of one input (1 to 3; NA KMAX <= 64, so 4 NA KMAX <= 256 threads): thread t
-// works for adapter t / (4 KMAX) exactly as it would alone, on that adapter's masked copy of the
-// x tile; x itself is read once for them all.
-struct DownTerms {
-  float* u[3];
-  const float* A[3];
-  int rank[3];
-  int adapter[3];
+// NA adapters of one input (1 to kMaxTerms; NA KMAX <= 64, so 4 NA KMAX <= 256 threads): thread
+// t works for adapter t / (4 KMAX) exactly as it would alone (rows and ranks as above, within its
+// adapter's 4 KMAX threads), on that adapter's masked copy of the x tile; x is read once for all.
+constexpr int kMaxTerms = 3;
+// The kernels' view of a group of adapters: m is each one's u (lora_down: written) or du
+// (lora_up: read).
+struct GroupTerms {
+  float* m[kMaxTerms];
+  const float* A[kMaxTerms];
+  int rank[kMaxTerms];
+  int adapter[kMaxTerms];
 };
 
 template <int KMAX, int NA>
-__global__ void __launch_bounds__(256) lora_down_dropout_kernel(DownTerms terms, const float* x, int rows, int in, uint64_t seed,
+__global__ void __launch_bounds__(256) lora_down_dropout_kernel(GroupTerms terms, const float* x, int rows, int in, uint64_t seed,
                                                                 int layer, float p) {
   constexpr int TM = kDownRows, RG = KMAX / 4;
   __shared__ float xs[NA][TM][kTile + 1];                 // [row][column]: the odd stride spreads rows over banks
@@ -107,7 +111,7 @@ __global__ void __launch_bounds__(256) lora_down_dropout_kernel(DownTerms terms,
     __syncthreads();
   }
   const int rank = terms.rank[ad];
-  float* u = terms.u[ad];
+  float* u = terms.m[ad];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const long row = r0 + 4 * mg + i;
@@ -193,24 +197,16 @@ __global__ void lora_da_reduce_kernel(float* dA, const float* parts, int rank, i
 // din is read once, gets the adapters' terms in order with one rounding each, as NA launches of
 // one adapter would give it (the same bits), and is written once.
 constexpr int kUpRows = 64;
-constexpr int kUpMaxAdapters = 3;
-
-struct UpTerms {
-  const float* du[kUpMaxAdapters];
-  const float* A[kUpMaxAdapters];
-  int rank[kUpMaxAdapters];
-  int adapter[kUpMaxAdapters];
-};
 
 template <int KMAX, int NA>
-__global__ void lora_up_dropout_add_kernel(float* din, UpTerms terms, int rows, int in, uint64_t seed, int layer, float p) {
+__global__ void lora_up_dropout_add_kernel(float* din, GroupTerms terms, int rows, int in, uint64_t seed, int layer, float p) {
   __shared__ float4 du_s[NA][kUpRows][KMAX / 4];
   const int r0 = blockIdx.y * kUpRows;
   const int n_rows = rows - r0 < kUpRows ? rows - r0 : kUpRows;
   for (int a = 0; a < NA; ++a)
     for (int e = threadIdx.x; e < kUpRows * KMAX; e += blockDim.x) {
       const int r = e / KMAX, k = e % KMAX;
-      reinterpret_cast<float*>(&du_s[a][r][0])[k] = r < n_rows && k < terms.rank[a] ? terms.du[a][long(r0 + r) * terms.rank[a] + k] : 0.f;
+      reinterpret_cast<float*>(&du_s[a][r][0])[k] = r < n_rows && k < terms.rank[a] ? terms.m[a][long(r0 + r) * terms.rank[a] + k] : 0.f;
     }
   __syncthreads();
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -334,35 +330,80 @@ void lora_down_dropout(float* u, const float* x, const float* A, int rows, int i
 
 namespace {
 
-template <int KMAX, int NA>
-void down_launch(const DownTerms& t, const float* x, int rows, int in, uint64_t seed, int layer, float p, cudaStream_t stream) {
-  const int grid = (rows + kDownRows - 1) / kDownRows;  // 4 NA KMAX threads: 16 outputs each
-  lora_down_dropout_kernel<KMAX, NA><<<grid, 4 * KMAX * NA, 0, stream>>>(t, x, rows, in, seed, layer, p);
+// Several adapters' terms in launches of up to kMaxTerms whose A columns fit 64 registers (3 of
+// rank <= 16, 2 of <= 32), else one per term: launch.template run<KMAX, NA>(first term) for each
+// group. ranks [n]; who names the caller in the rank's error.
+template <class Launch>
+void run_groups(const int* ranks, int n, const char* who, const Launch& launch) {
+  int kmax = 16;
+  for (int j = 0; j < n; ++j) kmax = std::max(kmax, lora_kmax(who, ranks[j]));
+  const int na = n <= kMaxTerms && n * kmax <= 64 ? n : 1;
+  for (int j0 = 0; j0 < n; j0 += na) {
+    const int km = na == 1 ? lora_kmax(who, ranks[j0]) : kmax;
+    if (na == 3) launch.template run<16, 3>(j0);
+    else if (na == 2 && km == 16) launch.template run<16, 2>(j0);
+    else if (na == 2) launch.template run<32, 2>(j0);
+    else if (km == 16) launch.template run<16, 1>(j0);
+    else if (km == 32) launch.template run<32, 1>(j0);
+    else launch.template run<64, 1>(j0);
+    check_launch(who);
+  }
+}
+
+// The terms j0 .. j0 + na as the kernels take them.
+float* group_m(const LoraDownTerm& t) { return t.u; }
+float* group_m(const LoraUpTerm& t) { return const_cast<float*>(t.du); }  // read only by lora_up
+template <class Term>
+GroupTerms group(const Term* terms, int j0, int na) {
+  GroupTerms g{};
+  for (int j = 0; j < na; ++j)
+    g.m[j] = group_m(terms[j0 + j]), g.A[j] = terms[j0 + j].A, g.rank[j] = terms[j0 + j].rank, g.adapter[j] = terms[j0 + j].adapter;
+  return g;
+}
+
+struct GroupArgs {
+  int rows, in;
+  uint64_t seed;
+  int layer;
+  float p;
+  cudaStream_t stream;
+};
+
+struct DownLaunch : GroupArgs {
+  const LoraDownTerm* terms;
+  const float* x;
+  template <int KMAX, int NA>
+  void run(int j0) const {
+    const int grid = (rows + kDownRows - 1) / kDownRows;  // 4 NA KMAX threads: 16 outputs each
+    lora_down_dropout_kernel<KMAX, NA><<<grid, 4 * KMAX * NA, 0, stream>>>(group(terms, j0, NA), x, rows, in, seed, layer, p);
+  }
+};
+
+struct UpLaunch : GroupArgs {
+  const LoraUpTerm* terms;
+  float* din;
+  template <int KMAX, int NA>
+  void run(int j0) const {
+    const dim3 grid(unsigned((in + kThreads - 1) / kThreads), unsigned((rows + kUpRows - 1) / kUpRows));
+    lora_up_dropout_add_kernel<KMAX, NA><<<grid, kThreads, 0, stream>>>(din, group(terms, j0, NA), rows, in, seed, layer, p);
+  }
+};
+
+template <class Term>
+std::vector<int> ranks_of(const Term* terms, int n) {
+  std::vector<int> r(static_cast<size_t>(std::max(n, 0)));
+  for (int j = 0; j < n; ++j) r[size_t(j)] = terms[j].rank;
+  return r;
 }
 
 }  // namespace
 
 void lora_down_dropout(const LoraDownTerm* terms, int n, const float* x, int rows, int in, uint64_t seed, int layer, float p,
                        cudaStream_t stream) {
-  int kmax = 16;
-  for (int j = 0; j < n; ++j) kmax = std::max(kmax, lora_kmax("lora_down_dropout", terms[j].rank));
+  const std::vector<int> ranks = ranks_of(terms, n);
+  for (int r : ranks) lora_kmax("lora_down_dropout", r);  // the ranks checked before any early return
   if (rows <= 0 || n <= 0) return;
-  // One launch for up to 3 adapters (3 of rank <= 16, 2 of <= 32), else one per adapter: the same
-  // bits either way.
-  const int na = n <= 3 && n * kmax <= 64 ? n : 1;
-  for (int j0 = 0; j0 < n; j0 += na) {
-    DownTerms t{};
-    for (int j = 0; j < na; ++j) t.u[j] = terms[j0 + j].u, t.A[j] = terms[j0 + j].A, t.rank[j] = terms[j0 + j].rank,
-                                 t.adapter[j] = terms[j0 + j].adapter;
-    const int km = na == 1 ? lora_kmax("lora_down_dropout", terms[j0].rank) : kmax;
-    if (na == 3) down_launch<16, 3>(t, x, rows, in, seed, layer, p, stream);
-    else if (na == 2 && km == 16) down_launch<16, 2>(t, x, rows, in, seed, layer, p, stream);
-    else if (na == 2) down_launch<32, 2>(t, x, rows, in, seed, layer, p, stream);
-    else if (km == 16) down_launch<16, 1>(t, x, rows, in, seed, layer, p, stream);
-    else if (km == 32) down_launch<32, 1>(t, x, rows, in, seed, layer, p, stream);
-    else down_launch<64, 1>(t, x, rows, in, seed, layer, p, stream);
-    check_launch("lora_down_dropout");
-  }
+  run_groups(ranks.data(), n, "lora_down_dropout", DownLaunch{{rows, in, seed, layer, p, stream}, terms, x});
 }
 
 int lora_da_rows_per_part(int rows, int in, int rank) {
@@ -414,37 +455,12 @@ void lora_up_dropout_add(float* din, const float* du, const float* A, int rows, 
   lora_up_dropout_add(din, &one, 1, rows, in, seed, layer, p, stream);
 }
 
-namespace {
-
-template <int KMAX, int NA>
-void up_launch(float* din, const UpTerms& t, int rows, int in, uint64_t seed, int layer, float p, cudaStream_t stream) {
-  const dim3 grid(unsigned((in + kThreads - 1) / kThreads), unsigned((rows + kUpRows - 1) / kUpRows));
-  lora_up_dropout_add_kernel<KMAX, NA><<<grid, kThreads, 0, stream>>>(din, t, rows, in, seed, layer, p);
-}
-
-}  // namespace
-
 void lora_up_dropout_add(float* din, const LoraUpTerm* terms, int n, int rows, int in, uint64_t seed, int layer, float p,
                          cudaStream_t stream) {
-  int kmax = 16;
-  for (int j = 0; j < n; ++j) kmax = std::max(kmax, lora_kmax("lora_up_dropout_add", terms[j].rank));
+  const std::vector<int> ranks = ranks_of(terms, n);
+  for (int r : ranks) lora_kmax("lora_up_dropout_add", r);  // the ranks checked before any early return
   if (rows <= 0 || in <= 0 || n <= 0) return;
-  // One launch for up to 3 adapters whose A columns fit 64 registers (3 of rank <= 16, 2 of <=
-  // 32); otherwise one per adapter, which gives the same bits.
-  const int na = n <= kUpMaxAdapters && n * kmax <= 64 ? n : 1;
-  for (int j0 = 0; j0 < n; j0 += na) {
-    UpTerms t{};
-    for (int j = 0; j < na; ++j) t.du[j] = terms[j0 + j].du, t.A[j] = terms[j0 + j].A, t.rank[j] = terms[j0 + j].rank,
-                                 t.adapter[j] = terms[j0 + j].adapter;
-    const int km = na == 1 ? lora_kmax("lora_up_dropout_add", terms[j0].rank) : kmax;
-    if (na == 3) up_launch<16, 3>(din, t, rows, in, seed, layer, p, stream);
-    else if (na == 2 && km == 16) up_launch<16, 2>(din, t, rows, in, seed, layer, p, stream);
-    else if (na == 2) up_launch<32, 2>(din, t, rows, in, seed, layer, p, stream);
-    else if (km == 16) up_launch<16, 1>(din, t, rows, in, seed, layer, p, stream);
-    else if (km == 32) up_launch<32, 1>(din, t, rows, in, seed, layer, p, stream);
-    else up_launch<64, 1>(din, t, rows, in, seed, layer, p, stream);
-    check_launch("lora_up_dropout_add");
-  }
+  run_groups(ranks.data(), n, "lora_up_dropout_add", UpLaunch{{rows, in, seed, layer, p, stream}, terms, din});
 }
 
 void widen_bf16(float* out, const uint16_t* in, long n, cudaStream_t stream) {
