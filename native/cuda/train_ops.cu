@@ -51,7 +51,7 @@ __global__ void dropout_kernel(float* out, const float* x, int cols, long n, uin
 // 4 x 4 block of outputs from one float4 of one operand and four floats of the other per step.
 constexpr int kTile = 32;
 
-// grid: blocks of kDownRows rows, 4 KMAX threads each (small blocks: 16k rows make 256 of them).
+// grid: blocks of kDownRows rows, 4 NA KMAX threads each (small blocks: 16k rows make 256 of them).
 // Thread t: rows 4 (t / (KMAX / 4)) + 0..3, ranks 4 (t % (KMAX / 4)) + 0..3 of its block.
 constexpr int kDownRows = 64;
 
