@@ -516,13 +516,18 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
   // Attention block: x += o(attn(rope(qkv(norm(x)))))
   norm_rows(L.attn_norm, x, xn, R, xb);
   linear_rows(L.qkv, xn, xb, R, qkv, false, l, 0, trace, keep, &u_next);
-  // Rope on q's heads, then k's, and the keys and values into the cache: one launch when both.
+  // Rope on q's heads, then k's, and the keys and values into the cache: one launch when both,
+  // which for bf16 models also writes the trace's bf16 copy of the rows.
+  const bool fused_append = c.rope && append_kv;
+  __nv_bfloat16* keep_qkv16 = fused_append && keep && dtype_ == DType::bf16
+                                  ? static_cast<__nv_bfloat16*>(keep->qkv.ensure(size_t(R * QKV) * sizeof(__nv_bfloat16)))
+                                  : nullptr;
   if (c.rope && !append_kv) rope_rows(qkv, QKV, int(R), c.n_heads + c.n_kv_heads, int(hd), p.cos, p.sin, st);
   if (append_kv)
     kv_append(pool_->k(l), pool_->v(l), pool_->bf16(), qkv, QKV, int(Q), int(Q + KV), p.row_seq, p.row_pos, p.tables,
               p.table_offsets, int(R), c.n_kv_heads, int(hd), kBlockTokens, st,
-              c.rope ? AppendRope{c.n_heads, p.cos, p.sin} : AppendRope{});
-  if (keep) keep_values(keep->qkv, qkv, R * QKV);
+              fused_append ? AppendRope{c.n_heads, p.cos, p.sin, keep_qkv16} : AppendRope{});
+  if (keep && !keep_qkv16) keep_values(keep->qkv, qkv, R * QKV);
   const PagedLayer layer{pool_->k(l), pool_->v(l), kBlockTokens, c.n_kv_heads, int(hd), pool_->bf16()};
   const PagedBatch batch{p.tables, p.table_offsets, p.lengths, p.n, p.attn_length};
   const float scale = 1.0f / std::sqrt(float(hd));

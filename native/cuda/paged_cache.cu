@@ -4,6 +4,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include "cuda/bf16.h"
 #include "cuda/paged_cache.h"
 #include "cuda/rope.cuh"
 
@@ -35,9 +36,11 @@ __global__ void kv_append_kernel(T* k_cache, T* v_cache, float* qkv, long row_st
     const int half = head_dim / 2;
     const float* c = rope.cos + long(r) * half;
     const float* s = rope.sin + long(r) * half;
+    __nv_bfloat16* b = rope.qkv_bf16 ? rope.qkv_bf16 + long(r) * row_stride : nullptr;
     for (int e = threadIdx.x; e < rope.n_q_heads * half; e += blockDim.x) {
-      float* q = row + (e / half) * head_dim + e % half;
-      rope_rotate(q[0], q[half], c[e % half], s[e % half]);
+      const int at = (e / half) * head_dim + e % half;
+      rope_rotate(row[at], row[at + half], c[e % half], s[e % half]);
+      if (b) b[at] = bf16_round(row[at]), b[at + half] = bf16_round(row[at + half]);
     }
     for (int e = threadIdx.x; e < n_kv_heads * half; e += blockDim.x) {
       const int h = e / half, i = e % half;
@@ -45,7 +48,10 @@ __global__ void kv_append_kernel(T* k_cache, T* v_cache, float* qkv, long row_st
       rope_rotate(kh[0], kh[half], c[i], s[i]);
       store(k_cache + dst(h, i), kh[0]);
       store(k_cache + dst(h, i + half), kh[half]);
+      if (b) b[k_offset + h * head_dim + i] = bf16_round(kh[0]), b[k_offset + h * head_dim + i + half] = bf16_round(kh[half]);
     }
+    if (b)
+      for (int e = threadIdx.x; e < n; e += blockDim.x) b[v_offset + e] = bf16_round(v[e]);
   } else {
     for (int e = threadIdx.x; e < n; e += blockDim.x) store(k_cache + dst(e / head_dim, e % head_dim), k[e]);
   }

@@ -6,6 +6,7 @@
 #pragma once
 #include <cstdint>
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 namespace rf::cuda {
@@ -20,10 +21,13 @@ namespace rf::cuda {
 // rope (optional, cos set): the rotary embedding on the way, rope_rows' rotation (ops.h, the same
 // bits): the row's n_q_heads query heads at column 0 and its key heads are turned in place in
 // qkv, and the turned keys go to the cache; one launch where rope_rows and the append took two.
+// qkv_bf16 (optional): the rows after, q, k and v, rounded to bf16 as f32_to_bf16 rounds them
+// ([rows, row_stride], the padding past v not written): the trainer's trace copy, no pass of its own.
 struct AppendRope {
   int n_q_heads = 0;
   const float* cos = nullptr;  // [rows, head_dim / 2], as rope_rows'
   const float* sin = nullptr;
+  __nv_bfloat16* qkv_bf16 = nullptr;
 };
 void kv_append(void* k_cache, void* v_cache, bool bf16, float* qkv, long row_stride, int k_offset, int v_offset,
                const int32_t* row_seq, const int32_t* row_pos, const int32_t* tables, const int32_t* table_offsets, int rows,

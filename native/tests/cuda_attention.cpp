@@ -451,8 +451,13 @@ void kv_append_case(bool bf16 = false, bool rope = false) {
   }
   int32_t *dseq = to_device(seq_shuffled), *dpos = to_device(pos_shuffled), *dtables = to_device(flat),
           *doffsets = to_device(offsets);
+  // With rope, also the rows' bf16 copy (the trainer's trace), into a buffer of sentinels.
+  uint16_t* dqkv16 = nullptr;
+  cudaMalloc(&dqkv16, qkv.size() * 2);
+  cudaMemset(dqkv16, 0xff, qkv.size() * 2);
   rf::cuda::kv_append(dk, dv, bf16, dqkv, row_stride, k_offset, v_offset, dseq, dpos, dtables, doffsets, rows, n_kv_heads, head_dim,
-                      B, nullptr, rope ? rf::cuda::AppendRope{n_heads, dcos, dsin} : rf::cuda::AppendRope{});
+                      B, nullptr,
+                      rope ? rf::cuda::AppendRope{n_heads, dcos, dsin, reinterpret_cast<__nv_bfloat16*>(dqkv16)} : rf::cuda::AppendRope{});
   const std::string name = std::string("kv_append") + (rope ? " with rope" : "") + (bf16 ? " (bf16 cache)" : "");
   const bool ran = device_ok(name);
   const size_t elem = bf16 ? 2 : 4;
@@ -461,6 +466,9 @@ void kv_append_case(bool bf16 = false, bool rope = false) {
   cudaMemcpy(v_got.data(), dv, v_got.size(), cudaMemcpyDeviceToHost);
   std::vector<float> qkv_got(qkv.size());
   cudaMemcpy(qkv_got.data(), dqkv, qkv_got.size() * sizeof(float), cudaMemcpyDeviceToHost);
+  std::vector<uint16_t> qkv16_got(qkv.size());
+  cudaMemcpy(qkv16_got.data(), dqkv16, qkv16_got.size() * 2, cudaMemcpyDeviceToHost);
+  cudaFree(dqkv16);
   for (void* p : {dk, dv, static_cast<void*>(dqkv), static_cast<void*>(dseq), static_cast<void*>(dpos), static_cast<void*>(dtables),
                   static_cast<void*>(doffsets), static_cast<void*>(dcos), static_cast<void*>(dsin)})
     cudaFree(p);
@@ -476,6 +484,16 @@ void kv_append_case(bool bf16 = false, bool rope = false) {
                         std::to_string(wrong) + " of " + std::to_string(pool_floats) + " values differ)");
   check(std::memcmp(qkv_got.data(), turned.data(), turned.size() * sizeof(float)) == 0,
         name + ": the qkv rows after are " + (rope ? "rope_rows' bit for bit" : "unchanged"));
+  if (rope) {
+    // The bf16 copy: f32_to_bf16 of the turned rows, the padding past v left alone.
+    size_t bad = 0;
+    for (int r = 0; r < rows; ++r)
+      for (long col = 0; col < row_stride; ++col) {
+        const size_t i = size_t(r) * size_t(row_stride) + size_t(col);
+        bad += qkv16_got[i] != (col < v_offset + n_kv_heads * head_dim ? rf::f32_to_bf16(turned[i]) : uint16_t(0xffff));
+      }
+    check(bad == 0, name + ": the rows' bf16 copy is f32_to_bf16 of them (" + std::to_string(bad) + " values differ)");
+  }
 }
 
 }  // namespace
