@@ -443,18 +443,17 @@ void DeviceModel::linear_rows(const DLinear& lin, const float* in, const __nv_bf
     } else {
       us[ai] = u_all + rows * long(col);
     }
-    down_terms.push_back({us[ai], a.A.get(), a.rank, index * 16 + int(ai)});
+    if (down_fused) down_terms.push_back({us[ai], a.A.get(), a.rank, index * 16 + int(ai)});
   }
   if (down_fused)
     lora_down_dropout(down_terms.data(), int(down_terms.size()), in, int(rows), lin.in, trace->dropout_seed, layer, p, st);
   for (size_t ai = 0; ai < lin.lora.size(); ++ai) {
     const DLinear::Lora& a = lin.lora[ai];
     float* u = us[ai];
-    if (down_fused) {
-      // u made above
-    } else if (p > 0.f && a.rank <= kLoraFusedMaxRank) {  // the mask applied as x is read: no dropped-out copy
+    // Untraced (p = 0), or a projection with a rank past the fused kernel's: u alone.
+    if (!down_fused && p > 0.f && a.rank <= kLoraFusedMaxRank) {  // the mask applied as x is read: no dropped-out copy
       lora_down_dropout(u, in, a.A.get(), int(rows), lin.in, a.rank, trace->dropout_seed, layer, index * 16 + int(ai), p, st);
-    } else {
+    } else if (!down_fused) {
       const float* xa = in;
       if (p > 0.f) {
         float* xd = static_cast<float*>(s.lora_x.ensure(size_t(rows * lin.in) * sizeof(float)));

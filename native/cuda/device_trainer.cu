@@ -619,6 +619,8 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
       }
       if (up_fused) {  // din += mask (du A), after the loop
         up_terms.push_back({du, lora.A.get(), r, adapter_id});
+      } else if (p > 0.f && r <= kLoraFusedMaxRank) {  // a projection with a rank past it: this one alone
+        lora_up_dropout_add(din, du, lora.A.get(), int(R), int(in), r, s.trace.dropout_seed, l, adapter_id, p, st);
       } else if (p > 0.f) {
         float* t = floats(s.tmp_in, R * in);
         matmul_nn(gemm, t, du, DType::f32, lora.A.get<void>(), DType::f32, int(R), int(in), r, 0.f, st);

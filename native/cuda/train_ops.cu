@@ -4,7 +4,6 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
-#include <vector>
 
 #include "cuda/bf16.h"
 #include "cuda/column_reduce.cuh"
@@ -330,16 +329,23 @@ void lora_down_dropout(float* u, const float* x, const float* A, int rows, int i
 
 namespace {
 
+// The widest kernel (KMAX 16, 32 or 64) the terms' ranks need; a rank outside 1..kLoraFusedMaxRank
+// throws, naming who.
+template <class Term>
+int terms_kmax(const Term* terms, int n, const char* who) {
+  int kmax = 16;
+  for (int j = 0; j < n; ++j) kmax = std::max(kmax, lora_kmax(who, terms[j].rank));
+  return kmax;
+}
+
 // Several adapters' terms in launches of up to kMaxTerms whose A columns fit 64 registers (3 of
 // rank <= 16, 2 of <= 32), else one per term: launch.template run<KMAX, NA>(first term) for each
-// group. ranks [n]; who names the caller in the rank's error.
-template <class Launch>
-void run_groups(const int* ranks, int n, const char* who, const Launch& launch) {
-  int kmax = 16;
-  for (int j = 0; j < n; ++j) kmax = std::max(kmax, lora_kmax(who, ranks[j]));
+// group. kmax: terms_kmax's.
+template <class Term, class Launch>
+void run_groups(const Term* terms, int n, int kmax, const char* who, const Launch& launch) {
   const int na = n <= kMaxTerms && n * kmax <= 64 ? n : 1;
   for (int j0 = 0; j0 < n; j0 += na) {
-    const int km = na == 1 ? lora_kmax(who, ranks[j0]) : kmax;
+    const int km = na == 1 ? lora_kmax(who, terms[j0].rank) : kmax;
     if (na == 3) launch.template run<16, 3>(j0);
     else if (na == 2 && km == 16) launch.template run<16, 2>(j0);
     else if (na == 2) launch.template run<32, 2>(j0);
@@ -389,21 +395,13 @@ struct UpLaunch : GroupArgs {
   }
 };
 
-template <class Term>
-std::vector<int> ranks_of(const Term* terms, int n) {
-  std::vector<int> r(static_cast<size_t>(std::max(n, 0)));
-  for (int j = 0; j < n; ++j) r[size_t(j)] = terms[j].rank;
-  return r;
-}
-
 }  // namespace
 
 void lora_down_dropout(const LoraDownTerm* terms, int n, const float* x, int rows, int in, uint64_t seed, int layer, float p,
                        cudaStream_t stream) {
-  const std::vector<int> ranks = ranks_of(terms, n);
-  for (int r : ranks) lora_kmax("lora_down_dropout", r);  // the ranks checked before any early return
+  const int kmax = terms_kmax(terms, n, "lora_down_dropout");  // the ranks checked before any early return
   if (rows <= 0 || n <= 0) return;
-  run_groups(ranks.data(), n, "lora_down_dropout", DownLaunch{{rows, in, seed, layer, p, stream}, terms, x});
+  run_groups(terms, n, kmax, "lora_down_dropout", DownLaunch{{rows, in, seed, layer, p, stream}, terms, x});
 }
 
 int lora_da_rows_per_part(int rows, int in, int rank) {
@@ -457,10 +455,9 @@ void lora_up_dropout_add(float* din, const float* du, const float* A, int rows, 
 
 void lora_up_dropout_add(float* din, const LoraUpTerm* terms, int n, int rows, int in, uint64_t seed, int layer, float p,
                          cudaStream_t stream) {
-  const std::vector<int> ranks = ranks_of(terms, n);
-  for (int r : ranks) lora_kmax("lora_up_dropout_add", r);  // the ranks checked before any early return
+  const int kmax = terms_kmax(terms, n, "lora_up_dropout_add");  // the ranks checked before any early return
   if (rows <= 0 || in <= 0 || n <= 0) return;
-  run_groups(ranks.data(), n, "lora_up_dropout_add", UpLaunch{{rows, in, seed, layer, p, stream}, terms, din});
+  run_groups(terms, n, kmax, "lora_up_dropout_add", UpLaunch{{rows, in, seed, layer, p, stream}, terms, din});
 }
 
 void widen_bf16(float* out, const uint16_t* in, long n, cudaStream_t stream) {

@@ -132,6 +132,16 @@ void test_dropout() {
 // lora_down_dropout: u = dropout(x) A^T, each output's columns in order with fused
 // multiply-adds (the dropped-out x rounded first, as dropout_rows makes it; columns past in
 // padded to the 32-column tile with zeros): bit for bit this host loop.
+// The adapter groups the several-adapter LoRA calls are checked with: three in one launch (16/4/7,
+// 8/8/8), two (32/17), and ranks too wide to share one (33/2: a launch each).
+const std::vector<std::vector<int>> kTermRankSets{{16, 4, 7}, {32, 17}, {33, 2}, {8, 8, 8}};
+
+std::string terms_name(const char* what, const std::vector<int>& ranks, float p) {
+  std::string name = std::string(what) + " of ranks";
+  for (int r : ranks) name += " " + std::to_string(r);
+  return name + " p " + std::to_string(p) + " in one call";
+}
+
 void test_lora_down_dropout() {
   for (int rows : {1, 13, 300})
     for (int in : {1, 77, 300})
@@ -159,8 +169,7 @@ void test_lora_down_dropout() {
       }
   // Several adapters of one input, each its own mask, in one call (one read of x when they fit: 3
   // of rank <= 16, 2 of <= 32; else one each): each u the bits of its own call. Without dropout too.
-  const std::vector<std::vector<int>> rank_sets{{16, 4, 7}, {32, 17}, {33, 2}, {8, 8, 8}};
-  for (const std::vector<int>& ranks : rank_sets)
+  for (const std::vector<int>& ranks : kTermRankSets)
     for (float p : {0.f, 0.3f}) {
       const int rows = 130, in = 300, layer = 9;
       const uint64_t seed = rng();
@@ -177,10 +186,8 @@ void test_lora_down_dropout() {
         rf::cuda::lora_down_dropout(alone.back()->p, dx.p, dA.back()->p, rows, in, r, seed, layer, int(j) + 3, p, nullptr);
       }
       rf::cuda::lora_down_dropout(terms.data(), int(terms.size()), dx.p, rows, in, seed, layer, p, nullptr);
-      std::string name = "lora_down_dropout of ranks";
-      for (int r : ranks) name += " " + std::to_string(r);
       for (size_t j = 0; j < ranks.size(); ++j)
-        expect_bits(together[j]->back(), alone[j]->back(), name + " p " + std::to_string(p) + " in one call: adapter " + std::to_string(j));
+        expect_bits(together[j]->back(), alone[j]->back(), terms_name("lora_down_dropout", ranks, p) + ": adapter " + std::to_string(j));
     }
 }
 
@@ -270,8 +277,7 @@ void test_lora_up_dropout_add() {
   check(threw, "lora_up_dropout_add refuses a rank past kLoraFusedMaxRank");
   // Several adapters of one input in one call (one pass over din when they fit: 3 of rank <= 16, 2
   // of <= 32; else one each): the same bits as one call per adapter in order. Without dropout too.
-  const std::vector<std::vector<int>> rank_sets{{16, 4, 7}, {32, 17}, {33, 2}, {8, 8, 8}};
-  for (const std::vector<int>& ranks : rank_sets)
+  for (const std::vector<int>& ranks : kTermRankSets)
     for (float p : {0.f, 0.3f}) {
       const int rows = 130, in = 300, layer = 5;
       const uint64_t seed = rng();
@@ -288,9 +294,7 @@ void test_lora_up_dropout_add() {
       for (const rf::cuda::LoraUpTerm& t : terms)
         rf::cuda::lora_up_dropout_add(one_each.p, t.du, t.A, rows, in, t.rank, seed, layer, t.adapter, p, nullptr);
       rf::cuda::lora_up_dropout_add(together.p, terms.data(), int(terms.size()), rows, in, seed, layer, p, nullptr);
-      std::string name = "lora_up_dropout_add of ranks";
-      for (int r : ranks) name += " " + std::to_string(r);
-      expect_bits(together.back(), one_each.back(), name + " p " + std::to_string(p) + " in one call");
+      expect_bits(together.back(), one_each.back(), terms_name("lora_up_dropout_add", ranks, p));
     }
 }
 
