@@ -33,13 +33,14 @@ declare -A sources=(
   [attention_backward]="attention_backward attention_backward_tc"
   [rf_loss]="rf_loss model_ops memory"
   [model_ops]="model_ops"
+  [gemv]="gemv"
   [train_ops]="train_ops"
-  [model]="ops attention attention_tc paged_cache model_ops train_ops memory device_model phase_clock"
-  [train]="ops ops_backward optim attention attention_tc attention_backward attention_backward_tc paged_cache model_ops train_ops memory collective rf_loss device_model device_trainer phase_clock"
+  [model]="ops attention attention_tc paged_cache model_ops train_ops gemv memory device_model phase_clock"
+  [train]="ops ops_backward optim attention attention_tc attention_backward attention_backward_tc paged_cache model_ops train_ops gemv memory collective rf_loss device_model device_trainer phase_clock"
 )
 declare -A stand_in=([rf_loss]="$emu/gemm.cpp" [model]="$emu/gemm.cpp" [train]="$emu/gemm.cpp")
 tests=("$@")
-[ ${#tests[@]} -eq 0 ] && tests=(emulator ops ops_backward optim attention attention_backward rf_loss model_ops train_ops model train)
+[ ${#tests[@]} -eq 0 ] && tests=(emulator ops ops_backward optim attention attention_backward rf_loss model_ops gemv train_ops model train)
 build_one() {
   local t=$1 srcs=()
   for s in ${sources[$t]}; do srcs+=("$out/src/$s.cpp"); done

@@ -6,15 +6,20 @@
 // Models: random weights with the exact shapes of Llama-3.2-1B and Llama-3.1-8B, bf16 on the
 // device, loaded through the engine's load_tensor (the same path as a checkpoint):
 //   - batch-1 decode tokens/s at contexts 128 and 4096, against the bandwidth bound
-//     (weight bytes + the KV bytes a token reads) / copy bandwidth, and without decode graphs;
-//   - batched decode at 8, 64 and 256 sequences (context 128): aggregate tokens/s;
+//     (weight bytes + the KV bytes a token reads) / copy bandwidth, without decode graphs, and
+//     with the few-row products on cuBLASLt instead of gemv_rows (cuda/gemv.h): each one's gain;
+//   - batched decode at 8, 64 and 256 sequences (context 128): aggregate tokens/s (at 8, also
+//     without gemv_rows);
 //   - a 2048-token prefill: model FLOP/s (2 x non-embedding params x tokens + the causal
 //     attention's 2 x 2 x layers x heads x head_dim x T^2 / 2, + the LM head for the last row)
 //     over the in-run bf16 throughput;
 //   - prefill attention alone at 2048 tokens, the f32 kernel against the tensor-core one
 //     (bf16 mma.sync): seconds, the latter's FLOP/s over the bf16 throughput, and the speedup;
 //   - the fused pick epilogue (token, log-prob, p(<rf>)) on one 128256-logit row, timed alone
-//     with CUDA events, as a fraction of a batch-1 decode step.
+//     with CUDA events, as a fraction of a batch-1 decode step;
+//   - the detector as served by default: an unmerged LoRA adapter of rank 16 on all seven
+//     projections with a flag row, batch-1 and batch-8 decode at context 128 against the bound
+//     (now with the adapter's f32 factors), with gemv_rows (adapters fused) and without.
 //
 //   cuda_bench [--quick] [--model=1b|8b]     (default: both; --quick: fewer steps)
 #include <cuda_bf16.h>
@@ -26,13 +31,16 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda/attention.h"
 #include "cuda/cuda.h"
 #include "cuda/device_model.h"
 #include "cuda/gemm.h"
+#include "cuda/gemv.h"
 #include "cuda/ops.h"
 #include "bench/cuda_bench_common.h"
 
@@ -68,6 +76,47 @@ double decode_rate(rf::cuda::DeviceModel& m, int n, int context, int steps, int 
   const auto t0 = Clock::now();
   for (int s = 0; s < steps; ++s) step();
   return double(n) * steps / seconds_since(t0);
+}
+
+// decode_rate with the few-row products through gemv_rows, then through cuBLASLt: {on, off}.
+std::pair<double, double> decode_rates(rf::cuda::DeviceModel& m, int n, int context, int steps, int rf_token) {
+  const double on = decode_rate(m, n, context, steps, rf_token);
+  m.set_gemv(false);
+  const double off = decode_rate(m, n, context, steps, rf_token);
+  m.set_gemv(true);
+  return {on, off};
+}
+
+// A random LoRA adapter of rank r on all seven projections of every layer (PEFT's scale
+// alpha / r = 2) and a flag row for <rf>: the detector's default serving setup. Returns the
+// adapter's device bytes (f32 A and B), which a decode step reads.
+double add_random_adapter(rf::cuda::DeviceModel& m, int r, int rf_token) {
+  const rf::ModelConfig& c = m.config();
+  const long H = c.hidden, Q = c.q_dim(), KV = c.kv_dim(), I = c.intermediate;
+  struct Target {
+    const char* name;
+    long in, out;
+  };
+  const Target targets[] = {{"q_proj", H, Q},     {"k_proj", H, KV},    {"v_proj", H, KV},   {"o_proj", Q, H},
+                            {"gate_proj", H, I}, {"up_proj", H, I}, {"down_proj", I, H}};
+  uint64_t state = 0x2545f4914f6cdd1dull;
+  const auto draw = [&state](float sd) {  // uniform on [-sd, sd]: weights need only be finite and small
+    state ^= state << 13, state ^= state >> 7, state ^= state << 17;
+    return sd * (2.f * float(state >> 40) / float(1 << 24) - 1.f);
+  };
+  double bytes = 0;
+  for (int l = 0; l < c.n_layers; ++l)
+    for (const Target& t : targets) {
+      std::vector<float> A(size_t(r) * t.in), B(size_t(t.out) * r);
+      for (float& v : A) v = draw(0.02f);
+      for (float& v : B) v = draw(0.02f);
+      m.add_lora(l, t.name, A.data(), t.in, B.data(), t.out, r, 2.f);
+      bytes += 4.0 * (A.size() + B.size());
+    }
+  std::vector<float> row(static_cast<size_t>(H));
+  for (float& v : row) v = draw(0.02f);
+  m.set_token_rows({rf_token}, row.data(), row.data());
+  return bytes;
 }
 
 }  // namespace
@@ -149,22 +198,26 @@ int main(int argc, char** argv) {
     first = false;
     double step_seconds_1 = 0;
     for (int ctx : {128, 4096}) {
-      const double rate = decode_rate(m, 1, ctx, steps, rf_token);
+      const auto [rate, no_gemv] = decode_rates(m, 1, ctx, steps, rf_token);
       m.set_graphs(false);  // the same steps launched kernel by kernel: what the decode graphs gain
       const double eager = decode_rate(m, 1, ctx, steps, rf_token);
       m.set_graphs(true);
       const double bound = bw / (double(m.weight_bytes()) + kv_per_position * (ctx + steps / 2.0));
       if (ctx == 128) step_seconds_1 = 1.0 / rate;
-      std::fprintf(stderr, "%s: batch 1, context %d: %.1f tokens/s (bound %.1f; without graphs %.1f)\n", shape.name, ctx, rate, bound,
-                   eager);
+      std::fprintf(stderr, "%s: batch 1, context %d: %.1f tokens/s (bound %.1f; without graphs %.1f; without gemv %.1f)\n", shape.name,
+                   ctx, rate, bound, eager, no_gemv);
       r += std::string(ctx == 128 ? "" : ", ") + "{\"batch\": 1, \"context\": " + std::to_string(ctx) + ", \"tokensPerSecond\": " +
            std::to_string(rate) + ", \"bandwidthBound\": " + std::to_string(bound) + ", \"ratioToBound\": " + std::to_string(rate / bound) +
-           ", \"withoutGraphsTokensPerSecond\": " + std::to_string(eager) + "}";
+           ", \"withoutGraphsTokensPerSecond\": " + std::to_string(eager) + ", \"withoutGemvTokensPerSecond\": " +
+           std::to_string(no_gemv) + "}";
     }
     for (int n : {8, 64, 256}) {
-      const double rate = decode_rate(m, n, 128, quick ? 8 : 32, rf_token);
+      const int batch_steps = quick ? 8 : 32;
+      const auto [rate, no_gemv] = n <= rf::cuda::kGemvMaxRows ? decode_rates(m, n, 128, batch_steps, rf_token)
+                                                              : std::pair<double, double>{decode_rate(m, n, 128, batch_steps, rf_token), 0};
       std::fprintf(stderr, "%s: batch %d: %.0f tokens/s\n", shape.name, n, rate);
-      r += ", {\"batch\": " + std::to_string(n) + ", \"context\": 128, \"tokensPerSecond\": " + std::to_string(rate) + "}";
+      r += ", {\"batch\": " + std::to_string(n) + ", \"context\": 128, \"tokensPerSecond\": " + std::to_string(rate) +
+           (no_gemv > 0 ? ", \"withoutGemvTokensPerSecond\": " + std::to_string(no_gemv) : std::string()) + "}";
     }
     r += "]";
 
@@ -217,6 +270,28 @@ int main(int argc, char** argv) {
         cudaFree(p);
       std::fprintf(stderr, "%s: pick epilogue %.1f us, %.2f%% of a batch-1 step\n", shape.name, t * 1e6, 100 * t / step_seconds_1);
       r += ", \"pickEpilogue\": {\"seconds\": " + std::to_string(t) + ", \"fractionOfDecodeStep\": " + std::to_string(t / step_seconds_1) + "}";
+    }
+
+    // The detector's default: the adapter unmerged (last: it stays on the model). A failure here
+    // is reported in the JSON and leaves the figures above standing.
+    try {
+      const double adapter_bytes = add_random_adapter(m, 16, rf_token);
+      std::string a = ", \"adapterDecode\": {\"rank\": 16, \"adapterBytes\": " + std::to_string(adapter_bytes) + ", \"steps\": [";
+      for (int n : {1, 8}) {
+        const auto [rate, no_gemv] = decode_rates(m, n, 128, steps, rf_token);
+        const double bound = double(n) * bw / (double(m.weight_bytes()) + adapter_bytes + n * kv_per_position * (128 + steps / 2.0));
+        std::fprintf(stderr, "%s: with the adapter, batch %d: %.1f tokens/s (bound %.1f; without gemv %.1f)\n", shape.name, n, rate,
+                     bound, no_gemv);
+        a += std::string(n == 1 ? "" : ", ") + "{\"batch\": " + std::to_string(n) + ", \"context\": 128, \"tokensPerSecond\": " +
+             std::to_string(rate) + ", \"bandwidthBound\": " + std::to_string(bound) + ", \"ratioToBound\": " +
+             std::to_string(rate / bound) + ", \"withoutGemvTokensPerSecond\": " + std::to_string(no_gemv) + "}";
+      }
+      r += a + "]}";
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "%s: adapter decode failed: %s\n", shape.name, e.what());
+      std::string msg = e.what();
+      std::replace(msg.begin(), msg.end(), '"', '\'');  // stays a JSON string
+      r += ", \"adapterDecodeError\": \"" + msg + "\"";
     }
     json += r + "}";
   }

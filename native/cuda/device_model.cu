@@ -25,6 +25,7 @@
 
 #include "cuda/attention.h"
 #include "cuda/gemm.h"
+#include "cuda/gemv.h"
 #include "cuda/model_ops.h"
 #include "cuda/ops.h"
 #include "cuda/paged_cache.h"
@@ -122,6 +123,8 @@ DeviceModel::DeviceModel(const ModelConfig& config, DType dtype, int device)
   graphs_ = std::make_unique<DecodeGraphs>();
   const char* env = std::getenv("RF_CUDA_GRAPHS");
   graphs_on_ = !(env && std::strcmp(env, "0") == 0);
+  const char* gemv = std::getenv("RF_CUDA_GEMV");
+  gemv_on_ = !(gemv && std::strcmp(gemv, "0") == 0);
 }
 
 DeviceModel::~DeviceModel() {
@@ -407,6 +410,7 @@ void DeviceModel::norm_rows(const DNorm& nm, const float* in, float* out, long r
 void DeviceModel::linear_rows(const DLinear& lin, const float* in, const __nv_bfloat16* in_bf16, long rows, float* y,
                               bool accumulate, int layer, int index, const DeviceTrace* trace, DeviceLayerTrace* lt,
                               size_t* u_next) {
+  if (gemv_applies(lin, in, in_bf16, rows, trace)) return linear_rows_gemv(lin, in, in_bf16, rows, y, accumulate, false);
   DeviceScratch& s = *s_;
   const cudaStream_t st = as_stream(stream_);
   const void* xin = in;
@@ -469,6 +473,48 @@ void DeviceModel::linear_rows(const DLinear& lin, const float* in, const __nv_bf
   mark(trace, kForwardOther, st);
 }
 
+bool DeviceModel::gemv_applies(const DLinear& lin, const float* in, const __nv_bfloat16* in_bf16, long rows,
+                               const DeviceTrace* trace) const {
+  if (!gemv_on_ || trace || rows > kGemvMaxRows) return false;
+  if (adapter_enabled_ && lin.lora.size() > size_t(kGemvMaxLora)) return false;
+  const void* x = dtype_ == DType::bf16 ? (in_bf16 ? static_cast<const void*>(in_bf16) : s_->xb.get<void>()) : in;
+  return gemv_supports(x, lin.in, lin.w.get<void>(), dtype_, int(rows), lin.in);
+}
+
+// The adapters' u from the f32 input in one launch (side by side in lora_u), then the product
+// with their up products, the bias, the residual and the SwiGLU in its epilogue.
+void DeviceModel::linear_rows_gemv(const DLinear& lin, const float* in, const __nv_bfloat16* in_bf16, long rows, float* y,
+                                   bool accumulate, bool glu, __nv_bfloat16* y_bf16) {
+  DeviceScratch& s = *s_;
+  const cudaStream_t st = as_stream(stream_);
+  GemvArgs g;
+  g.x = in;
+  g.type = dtype_;
+  if (dtype_ == DType::bf16) {
+    if (!in_bf16) f32_to_bf16(s.xb.get<__nv_bfloat16>(), in, rows * lin.in, st);
+    g.x = in_bf16 ? in_bf16 : s.xb.get<__nv_bfloat16>();
+  }
+  g.w = lin.w.get<void>();
+  g.rows = int(rows), g.N = lin.out, g.K = lin.in;
+  g.bias = lin.bias.empty() ? nullptr : lin.bias.get();
+  g.y = y, g.accumulate = accumulate, g.glu = glu, g.y_bf16 = y_bf16;
+  if (adapter_enabled_ && !lin.lora.empty()) {
+    long u_cols = 0;
+    for (const DLinear::Lora& a : lin.lora) u_cols += a.rank;
+    float* u = static_cast<float*>(s.lora_u.ensure(size_t(rows * u_cols) * sizeof(float)));
+    GemvDown down[kGemvMaxLora];
+    g.n_lora = int(lin.lora.size());
+    for (int i = 0; i < g.n_lora; ++i) {
+      const DLinear::Lora& a = lin.lora[size_t(i)];
+      down[i] = {a.A.get(), u, a.rank};
+      g.lora[i] = {u, a.B.get(), a.offset, a.out, a.rank};
+      u += rows * a.rank;
+    }
+    lora_down_rows(down, g.n_lora, in, lin.in, int(rows), lin.in, st);
+  }
+  gemv_rows(g, st);
+}
+
 // logits [rows, V] = xn . head^T, the flag rows' logits from their own head rows when flags is set;
 // xn_bf16 as linear_rows' in_bf16.
 void DeviceModel::head_rows(const float* xn, long rows, float* logits, bool flags, const __nv_bfloat16* xn_bf16) {
@@ -483,7 +529,14 @@ void DeviceModel::head_rows(const float* xn, long rows, float* logits, bool flag
     xin = xn_bf16 ? xn_bf16 : s_->xb.get<__nv_bfloat16>();
     xt = DType::bf16;
   }
-  matmul(*gemm_, logits, xin, xt, table.get<void>(), dtype_, int(rows), c.vocab, c.hidden, nullptr, 0.f, st);
+  if (gemv_on_ && gemv_supports(xin, c.hidden, table.get<void>(), dtype_, int(rows), c.hidden)) {  // a decode step's few rows
+    GemvArgs g;
+    g.x = xin, g.w = table.get<void>(), g.type = dtype_;
+    g.rows = int(rows), g.N = c.vocab, g.K = c.hidden, g.y = logits;
+    gemv_rows(g, st);
+  } else {
+    matmul(*gemm_, logits, xin, xt, table.get<void>(), dtype_, int(rows), c.vocab, c.hidden, nullptr, 0.f, st);
+  }
   if (flags && !w.flag_head.empty())
     set_flag_logits(logits, c.vocab, xn, int(rows), c.hidden, w.flag_head.get(), w.flag_ids.get<int32_t>(), int(w.flag_tokens.size()),
                     st);
@@ -555,6 +608,14 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
 
   // MLP block: x += mlp_out(act(mlp_in(norm(x))))
   norm_rows(L.mlp_norm, x, xn, R, xb);
+  // A decode step's few rows: the gate|up product and the SwiGLU in one launch (gemv.h); its bf16
+  // output goes beside xb, which that launch reads.
+  if (c.act == Activation::silu && gemv_applies(L.mlp_in, xn, xb, R, trace)) {
+    __nv_bfloat16* actb = xb ? static_cast<__nv_bfloat16*>(s.actb.ensure(size_t(R * I) * sizeof(__nv_bfloat16))) : nullptr;
+    linear_rows_gemv(L.mlp_in, xn, xb, R, act, false, true, actb);
+    linear_rows(L.mlp_out, act, actb, R, x, true, l, 3, trace, keep, &u_next);
+    return;
+  }
   linear_rows(L.mlp_in, xn, xb, R, mlp, false, l, 2, trace, keep, &u_next);
   // The trace's mlp: bf16 models round it as the activation reads it (no pass of its own).
   __nv_bfloat16* keep_mlp = nullptr;
@@ -688,12 +749,20 @@ void DeviceModel::set_graphs(bool on) {
 
 DeviceModel::GraphStats DeviceModel::graph_stats() const { return graphs_->stats; }
 
+void DeviceModel::set_gemv(bool on) {
+  if (on == gemv_on_) return;
+  check(cudaSetDevice(device_), "cudaSetDevice");
+  check(cudaStreamSynchronize(as_stream(stream_)), "set_gemv");
+  gemv_on_ = on;
+  graphs_->clear();  // they launch the other path's kernels
+}
+
 uint64_t DeviceModel::graph_signature() const {
   uint64_t h = 1469598103934665603ull;  // FNV-1a over 64-bit words
   const auto mix = [&h](uint64_t v) { h = (h ^ v) * 1099511628211ull; };
   const auto buf = [&mix](const Buffer& b) { mix(reinterpret_cast<uintptr_t>(b.get<void>())), mix(b.bytes()); };
   const DeviceScratch& s = *s_;
-  for (const Buffer* b : {&s.x, &s.xn, &s.xb, &s.qkv, &s.att, &s.mlp, &s.act, &s.lora_u, &s.lora_x, &s.last,
+  for (const Buffer* b : {&s.x, &s.xn, &s.xb, &s.qkv, &s.att, &s.mlp, &s.act, &s.lora_u, &s.lora_x, &s.last, &s.actb,
                           &s.logits, &s.attn, &s.plan_dev, &s.pick_params, &s.flags, &s.picked, &s.logprob, &s.p_rf, &s.p_flags,
                           &s.pick_scratch, &s.top_ids, &s.top_logprobs})
     buf(*b);

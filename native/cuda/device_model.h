@@ -143,6 +143,10 @@ class DeviceModel {
   };
   void set_graphs(bool on);
   GraphStats graph_stats() const;
+  // Products of a step's few rows (up to cuda/gemv.h's kGemvMaxRows: decode) go through gemv_rows,
+  // with the adapters' up products and the SwiGLU fused in, instead of cuBLASLt. On by default;
+  // RF_CUDA_GEMV=0 in the environment or set_gemv(false) turns it off (the benchmark measures both).
+  void set_gemv(bool on);
 
  private:
   friend class DeviceTrainer;  // runs traced forwards, reads the weights, keeps its adapters current
@@ -173,6 +177,12 @@ class DeviceModel {
   void head_rows(const float* xn, long rows, float* logits, bool flags, const __nv_bfloat16* xn_bf16 = nullptr);
   void linear_rows(const DLinear& lin, const float* in, const __nv_bfloat16* in_bf16, long rows, float* y, bool accumulate,
                    int layer, int index, const DeviceTrace* trace, DeviceLayerTrace* lt, size_t* u_next);
+  // linear_rows through gemv_rows: whether it applies (untraced, few rows, operands it takes, at
+  // most kGemvMaxLora adapters), and the product with its adapters; glu: y [rows, I] is the SwiGLU
+  // of the gate|up outputs, y_bf16 (optional) y rounded to bf16 too.
+  bool gemv_applies(const DLinear& lin, const float* in, const __nv_bfloat16* in_bf16, long rows, const DeviceTrace* trace) const;
+  void linear_rows_gemv(const DLinear& lin, const float* in, const __nv_bfloat16* in_bf16, long rows, float* y, bool accumulate,
+                        bool glu, __nv_bfloat16* y_bf16 = nullptr);
   void keep_rows(Buffer& b, const float* src, long n);
   // Into a trace buffer in the engine's dtype (bf16 models: rounded to bf16).
   void keep_values(Buffer& b, const float* src, long n);
@@ -203,6 +213,7 @@ class DeviceModel {
   std::unique_ptr<GemmContext> gemm_;
   std::unique_ptr<DecodeGraphs> graphs_;
   bool graphs_on_ = true;
+  bool gemv_on_ = true;
   void* stream_ = nullptr;  // cudaStream_t
 };
 

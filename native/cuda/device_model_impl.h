@@ -121,6 +121,7 @@ struct ForwardPlan {
 
 struct DeviceScratch {
   Buffer x, xn, xb, qkv, att, mlp, act, lora_u, lora_x, last, logits, attn;
+  Buffer actb;  // the MLP activation in bf16 where a decode step's fused SwiGLU makes it (xb is its input then)
   Buffer plan_dev;                  // the plan's tables, one upload (ForwardPlan points into it)
   std::vector<uint32_t> plan_host;  // their staging on the host
   Buffer pick_params, flags, picked, logprob, p_rf, p_flags, pick_scratch, top_ids, top_logprobs, next;

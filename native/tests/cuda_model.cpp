@@ -19,9 +19,10 @@
 //  - bf16 weights (prefill attention on the tensor cores) against the CPU's f32: relative L2
 //    <= 2e-2 for a batch's logits, decode steps and a continuing chunk; batch independence as below;
 //  - a batch of 32 mixed-length sequences equals each sequence alone (device against device):
-//    relative L2 <= 1e-5;
+//    relative L2 <= 1e-5 (the batch's products through cuBLASLt, each alone's through gemv_rows);
 //  - decode steps replayed from CUDA graphs equal the same steps run eagerly, bit for bit, as
-//    the batch shrinks, the adapter is switched off and on and the flag count changes;
+//    the batch shrinks, the adapter is switched off and on, the flag count changes and the
+//    decode products move from gemv_rows (cuda/gemv.h, the default at <= 8 rows) to cuBLASLt;
 //  - a full pool refuses a sequence with a clear error, and freeing sequences gives the blocks
 //    back; loading and freeing a model 20 times leaves device memory within 1 MiB of its start.
 #include <cuda_runtime.h>
@@ -360,7 +361,8 @@ void check_decode_step(const std::string& tag, Pair& p) {
 // Decode steps replayed from CUDA graphs against the same steps run eagerly (a second engine with
 // the same weights and adapters, graphs off): tokens, log-probs and flag p's bit for bit, while
 // the batch shrinks, the adapter is switched off and on (the graphs' signature changes), the
-// flag count changes (another graph), and sequences cross 16-token blocks (the tables grow).
+// flag count changes (another graph), sequences cross 16-token blocks (the tables grow), and the
+// few-row products move from gemv_rows to cuBLASLt (set_gemv(false): the graphs are retired).
 void check_graphs(const std::string& tag, rf::cuda::DeviceModel& graphed, rf::cuda::DeviceModel& eager, int steps) {
   eager.set_graphs(false);
   graphed.set_graphs(true);
@@ -376,6 +378,7 @@ void check_graphs(const std::string& tag, rf::cuda::DeviceModel& graphed, rf::cu
     const int n = step < steps / 2 ? 4 : 3;  // the last sequence stops half-way
     if (step == steps / 2 + 2) eager.set_adapter_enabled(false), graphed.set_adapter_enabled(false);
     if (step == steps / 2 + 5) eager.set_adapter_enabled(true), graphed.set_adapter_enabled(true);
+    if (step == steps / 2 + 7) eager.set_gemv(false), graphed.set_gemv(false);  // cuBLASLt's products: new graphs
     const std::vector<int> flag_ids = step % 4 == 3 ? std::vector<int>{V - 1} : std::vector<int>{V - 1, V - 2, V - 3};
     const int K = int(flag_ids.size());
     std::vector<rf::PickParams> params(static_cast<size_t>(n));

@@ -1,0 +1,242 @@
+// Decode-sized products and their fused epilogue (see gemv.h).
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "cuda/bf16.h"
+#include "cuda/gemv.h"
+
+namespace rf::cuda {
+
+namespace {
+
+constexpr int kWarps = 8;    // a block's warps: gemv_rows gives each an output (or a gate|up pair)
+constexpr int kThreads = 32 * kWarps;
+constexpr int kUnroll = 4;   // 16-byte chunks of W each lane has in flight: 2 KB a warp
+
+struct Terms {
+  GemvLora t[kGemvMaxLora];
+  int n;
+};
+
+// acc + the dot product of 16 bytes of W and x, element by element in order.
+__device__ __forceinline__ float dot_chunk(const uint4& w, const uint4& x, float acc) {  // 8 bf16
+  const uint32_t wv[4] = {w.x, w.y, w.z, w.w}, xv[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    acc = fmaf(__uint_as_float(wv[i] << 16), __uint_as_float(xv[i] << 16), acc);
+    acc = fmaf(__uint_as_float(wv[i] & 0xffff0000u), __uint_as_float(xv[i] & 0xffff0000u), acc);
+  }
+  return acc;
+}
+__device__ __forceinline__ float dot_chunk(const float4& w, const float4& x, float acc) {  // 4 f32
+  acc = fmaf(w.x, x.x, acc);
+  acc = fmaf(w.y, x.y, acc);
+  acc = fmaf(w.z, x.z, acc);
+  return fmaf(w.w, x.w, acc);
+}
+
+// Output column `col` of row r from its dot product z: the bias, then each adapter whose slice
+// holds the column (its u B^T summed in rank order).
+__device__ __forceinline__ float finish(float z, int col, int r, const float* bias, const Terms& terms) {
+  if (bias) z += bias[col];
+  for (int a = 0; a < terms.n; ++a) {
+    const GemvLora& t = terms.t[a];
+    if (col < t.offset || col >= t.offset + t.out) continue;
+    const float* u = t.u + long(r) * t.rank;
+    const float* b = t.B + long(col - t.offset) * t.rank;
+    float s = 0.f;
+    for (int q = 0; q < t.rank; ++q) s = fmaf(u[q], b[q], s);
+    z += s;
+  }
+  return z;
+}
+
+// grid: outputs / kWarps blocks of kWarps warps; warp j computes output j of every row of x (with
+// GLU, W's rows j and half + j, gate and up). V: 16 bytes of the operands' type; kv: V chunks per
+// row of W; ldx in chunks. Lane l sums chunks l, l + 32, ... (kUnroll of W's loaded ahead), then
+// the warp's xor tree; lane r writes row r.
+template <class V, bool GLU>
+__global__ void __launch_bounds__(kThreads) gemv_kernel(const V* __restrict__ x, long ldx, const V* __restrict__ w, int rows,
+                                                       int units, int kv, long half, const float* bias, Terms terms, float* y,
+                                                       long ldy, bool accumulate, __nv_bfloat16* y_bf16) {
+  const int lane = threadIdx.x & 31;
+  const int j = blockIdx.x * kWarps + (threadIdx.x >> 5);
+  if (j >= units) return;
+  float acc[GLU ? 2 : 1][kGemvMaxRows];
+#pragma unroll
+  for (int r = 0; r < kGemvMaxRows; ++r) {
+    acc[0][r] = 0.f;
+    if (GLU) acc[GLU ? 1 : 0][r] = 0.f;
+  }
+  const V* w0 = w + long(j) * kv;
+  const V* w1 = w + (long(j) + half) * kv;  // GLU only
+  for (int c0 = lane; c0 < kv; c0 += 32 * kUnroll) {
+    V a[kUnroll], b[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = c0 + 32 * u;
+      a[u] = c < kv ? w0[c] : V{};
+      if (GLU) b[u] = c < kv ? w1[c] : V{};
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = c0 + 32 * u;
+      if (c < kv) {
+#pragma unroll
+        for (int r = 0; r < kGemvMaxRows; ++r) {
+          if (r < rows) {
+            const V xv = x[r * ldx + c];
+            acc[0][r] = dot_chunk(a[u], xv, acc[0][r]);
+            if (GLU) acc[GLU ? 1 : 0][r] = dot_chunk(b[u], xv, acc[GLU ? 1 : 0][r]);
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int p = 0; p < (GLU ? 2 : 1); ++p)
+#pragma unroll
+    for (int r = 0; r < kGemvMaxRows; ++r)
+      if (r < rows)
+        for (int o = 16; o > 0; o >>= 1) acc[p][r] += __shfl_xor_sync(0xffffffffu, acc[p][r], o);
+  if (lane >= rows) return;
+  const int r = lane;
+  float z0 = 0.f, z1 = 0.f;
+#pragma unroll
+  for (int q = 0; q < kGemvMaxRows; ++q)
+    if (q == r) z0 = acc[0][q], z1 = acc[GLU ? 1 : 0][q];
+  float v = finish(z0, j, r, bias, terms);
+  if (GLU) {
+    const float up = finish(z1, int(half) + j, r, bias, terms);
+    v = v / (1.0f + expf(-v)) * up;  // silu(gate) * up, as swiglu_rows
+  }
+  float* out = y + r * ldy + j;
+  if (accumulate) v = *out + v;
+  *out = v;
+  if (y_bf16) y_bf16[r * ldy + j] = bf16_round(v);
+}
+
+struct DownTerms {
+  const float* A[kGemvMaxLora];
+  float* u[kGemvMaxLora];
+  int rank[kGemvMaxLora];
+  int n;
+};
+
+// grid: one block per row of the terms' A, in term order; its threads stride over K (thread t:
+// elements t, t + kThreads, ...), then the warps' xor trees, then warp sums in order.
+__global__ void __launch_bounds__(kThreads) lora_down_rows_kernel(DownTerms t, const float* __restrict__ x, long ldx, int rows,
+                                                                 int K) {
+  // This block's term and row of its A (unrolled, so the parameters are not indexed at run time).
+  const float* A = nullptr;
+  float* u = nullptr;
+  int rank = 0, q = 0;
+#pragma unroll
+  for (int i = 0, first = 0; i < kGemvMaxLora; first += t.rank[i], ++i)
+    if (i < t.n && int(blockIdx.x) >= first && int(blockIdx.x) < first + t.rank[i])
+      A = t.A[i], u = t.u[i], rank = t.rank[i], q = int(blockIdx.x) - first;
+  A += long(q) * K;
+  float acc[kGemvMaxRows];
+#pragma unroll
+  for (int r = 0; r < kGemvMaxRows; ++r) acc[r] = 0.f;
+#pragma unroll 4
+  for (int k = threadIdx.x; k < K; k += kThreads) {
+    const float av = A[k];
+#pragma unroll
+    for (int r = 0; r < kGemvMaxRows; ++r)
+      if (r < rows) acc[r] = fmaf(av, x[r * ldx + k], acc[r]);
+  }
+  __shared__ float part[kWarps][kGemvMaxRows];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int r = 0; r < kGemvMaxRows; ++r) {
+    if (r < rows) {
+      for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+      if (lane == 0) part[warp][r] = acc[r];
+    }
+  }
+  __syncthreads();
+  if (int(threadIdx.x) < rows) {
+    float s = 0.f;
+    for (int wi = 0; wi < kWarps; ++wi) s += part[wi][threadIdx.x];
+    u[long(threadIdx.x) * rank + q] = s;
+  }
+}
+
+void check_launch(const char* what) {
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) throw std::runtime_error(std::string("CUDA ") + what + " launch: " + cudaGetErrorString(e));
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+}  // namespace
+
+bool gemv_supports(const void* x, long ldx, const void* w, DType type, int rows, int K) {
+  if (type != DType::bf16 && type != DType::f32) return false;
+  const int vec = type == DType::bf16 ? 8 : 4;
+  if (ldx == 0) ldx = K;
+  return rows >= 1 && rows <= kGemvMaxRows && K > 0 && K % vec == 0 && ldx % vec == 0 && ldx >= K && aligned16(x) &&
+         aligned16(w);
+}
+
+void gemv_rows(const GemvArgs& a, cudaStream_t stream) {
+  if (!gemv_supports(a.x, a.ldx, a.w, a.type, a.rows, a.K))
+    throw std::invalid_argument("gemv_rows: rows must be 1.." + std::to_string(kGemvMaxRows) +
+                                " and x's and W's rows 16-byte aligned (K = " + std::to_string(a.K) + ")");
+  if (a.N <= 0 || (a.glu && a.N % 2 != 0)) throw std::invalid_argument("gemv_rows: N must be positive (even with glu)");
+  if (a.n_lora < 0 || a.n_lora > kGemvMaxLora)
+    throw std::invalid_argument("gemv_rows: at most " + std::to_string(kGemvMaxLora) + " adapters");
+  Terms terms{};
+  terms.n = a.n_lora;
+  for (int i = 0; i < a.n_lora; ++i) {
+    const GemvLora& t = a.lora[i];
+    if (!t.u || !t.B || t.rank <= 0 || t.out <= 0 || t.offset < 0 || long(t.offset) + t.out > a.N)
+      throw std::invalid_argument("gemv_rows: adapter " + std::to_string(i) + " needs u, B, a rank and columns within N");
+    terms.t[i] = t;
+  }
+  const int units = a.glu ? a.N / 2 : a.N;
+  const long ldy = a.ldy ? a.ldy : units;
+  if (ldy < units) throw std::invalid_argument("gemv_rows: ldy is shorter than a row of y");
+  const int vec = a.type == DType::bf16 ? 8 : 4;
+  const long ldx = (a.ldx ? a.ldx : a.K) / vec;
+  const int kv = a.K / vec;
+  const unsigned grid = unsigned((units + kWarps - 1) / kWarps);
+  if (a.type == DType::bf16) {
+    const uint4* x = static_cast<const uint4*>(a.x);
+    const uint4* w = static_cast<const uint4*>(a.w);
+    if (a.glu) gemv_kernel<uint4, true><<<grid, kThreads, 0, stream>>>(x, ldx, w, a.rows, units, kv, units, a.bias, terms, a.y, ldy, a.accumulate, a.y_bf16);
+    else gemv_kernel<uint4, false><<<grid, kThreads, 0, stream>>>(x, ldx, w, a.rows, units, kv, 0, a.bias, terms, a.y, ldy, a.accumulate, a.y_bf16);
+  } else {
+    const float4* x = static_cast<const float4*>(a.x);
+    const float4* w = static_cast<const float4*>(a.w);
+    if (a.glu) gemv_kernel<float4, true><<<grid, kThreads, 0, stream>>>(x, ldx, w, a.rows, units, kv, units, a.bias, terms, a.y, ldy, a.accumulate, a.y_bf16);
+    else gemv_kernel<float4, false><<<grid, kThreads, 0, stream>>>(x, ldx, w, a.rows, units, kv, 0, a.bias, terms, a.y, ldy, a.accumulate, a.y_bf16);
+  }
+  check_launch("gemv_rows");
+}
+
+void lora_down_rows(const GemvDown* terms, int n, const float* x, long ldx, int rows, int K, cudaStream_t stream) {
+  if (rows < 1 || rows > kGemvMaxRows || n < 1 || n > kGemvMaxLora || K <= 0)
+    throw std::invalid_argument("lora_down_rows: 1.." + std::to_string(kGemvMaxRows) + " rows and 1.." +
+                                std::to_string(kGemvMaxLora) + " adapters");
+  if (ldx == 0) ldx = K;
+  if (ldx < K) throw std::invalid_argument("lora_down_rows: ldx is shorter than a row of x");
+  DownTerms t{};
+  t.n = n;
+  int blocks = 0;
+  for (int i = 0; i < n; ++i) {
+    if (!terms[i].A || !terms[i].u || terms[i].rank <= 0)
+      throw std::invalid_argument("lora_down_rows: adapter " + std::to_string(i) + " needs A, u and a rank");
+    t.A[i] = terms[i].A, t.u[i] = terms[i].u, t.rank[i] = terms[i].rank;
+    blocks += terms[i].rank;
+  }
+  lora_down_rows_kernel<<<blocks, kThreads, 0, stream>>>(t, x, ldx, rows, K);
+  check_launch("lora_down_rows");
+}
+
+}  // namespace rf::cuda

@@ -1,0 +1,78 @@
+// Decode-sized products: y [rows, N] = x [rows, K] . W^T for a few rows (rows <= kGemvMaxRows),
+// W row-major [N, K] as nn.Linear stores it, what matmul (gemm.h) computes, by a kernel of our own
+// with the projection's neighbours fused into it.
+//
+// Why not cuBLASLt at these rows: a decode step's product uses each weight once per row (rows
+// FLOPs per byte of W), so its time is W's bytes over the memory bandwidth plus a launch, and what
+// pays is fewer launches and fewer passes over activations. gemv_rows' epilogue adds, per output,
+// the bias, each LoRA adapter's up product (u B^T on the adapter's slice of the outputs, which
+// was a second product per adapter), the residual (y +=), and SwiGLU (a warp reads the gate row
+// and the up row of one output, so the activation's launch and the f32 gate|up buffer go).
+// lora_down_rows makes every adapter's u = x A^T of one projection in one launch. With an unmerged
+// adapter on all seven projections a Llama block's decode then runs 12 launches instead of 23,
+// and 8 instead of 9 without one (device_model.cu). Larger batches are a GEMM's regime and stay
+// on cuBLASLt. The model takes this path unless set_gemv(false) or RF_CUDA_GEMV=0, which the
+// benchmark uses to measure both in one run.
+//
+// Numerics: f32 products of the bf16 (or f32) operands summed in f32, as matmul's, in a fixed
+// order (each lane a strided partial sum, then the same xor tree over the warp): the same bits on
+// every run and every GPU, equal to matmul's up to summation order.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "core/dtype.h"
+
+namespace rf::cuda {
+
+constexpr int kGemvMaxRows = 8;
+constexpr int kGemvMaxLora = 4;
+
+// One adapter's up product on y's columns [offset, offset + out): y[r, offset + o] +=
+// sum_q u[r, q] B[o, q], summed in q order.
+struct GemvLora {
+  const float* u = nullptr;  // [rows, rank]
+  const float* B = nullptr;  // [out, rank], the adapter's scale folded in
+  int offset = 0, out = 0, rank = 0;
+};
+
+struct GemvArgs {
+  const void* x = nullptr;  // [rows, K], rows ldx elements apart (0: K)
+  long ldx = 0;
+  const void* w = nullptr;  // [N, K]
+  DType type = DType::bf16;  // x's and W's: both bf16 (f32 sums) or both f32
+  int rows = 0, N = 0, K = 0;
+  const float* bias = nullptr;  // [N] or null
+  GemvLora lora[kGemvMaxLora];  // columns of the N outputs (before SwiGLU pairs them)
+  int n_lora = 0;
+  // y [rows, Ny], rows ldy elements apart (0: Ny), Ny = N, or N / 2 with glu: W's rows are gate
+  // then up (N = 2 I) and y[r, j] = silu(z[r, j]) z[r, I + j], as swiglu_rows computes it.
+  float* y = nullptr;
+  long ldy = 0;
+  bool accumulate = false;  // y = y + z (the residual) instead of y = z; z with the bias, then the adapters
+  bool glu = false;
+  __nv_bfloat16* y_bf16 = nullptr;  // optional: y's values rounded as f32_to_bf16 does, rows ldy apart
+};
+
+// Whether gemv_rows takes x and W as they are: 1 <= rows <= kGemvMaxRows, x's and W's rows 16-byte
+// aligned (K and ldx multiples of 8 bf16 or 4 f32 elements, pointers 16-byte aligned). Otherwise
+// use matmul.
+bool gemv_supports(const void* x, long ldx, const void* w, DType type, int rows, int K);
+
+// The product above on `stream`. Throws std::invalid_argument on shapes gemv_supports refuses,
+// an odd N with glu, more than kGemvMaxLora adapters or an adapter's columns outside the N.
+void gemv_rows(const GemvArgs& a, cudaStream_t stream);
+
+// One adapter's down product for lora_down_rows: u [rows, rank] = x A^T, A [rank, K] f32.
+struct GemvDown {
+  const float* A = nullptr;
+  float* u = nullptr;
+  int rank = 0;
+};
+
+// Each term's u from x [rows, K] f32 (rows ldx apart): one launch, one block per row of every A,
+// each summed in a fixed order (per thread, then the block's tree). 1 <= rows <= kGemvMaxRows,
+// 1 <= n <= kGemvMaxLora; throws std::invalid_argument otherwise.
+void lora_down_rows(const GemvDown* terms, int n, const float* x, long ldx, int rows, int K, cudaStream_t stream);
+
+}  // namespace rf::cuda

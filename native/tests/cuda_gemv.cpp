@@ -1,0 +1,341 @@
+// The decode-sized products (native/cuda/gemv.h) against float64 on the same inputs, on a GPU
+// machine (and in CI under the CPU emulation); elsewhere it says no device was found and exits 0.
+//
+// Cases: bf16 and f32 operands; rows 1, 3, 5 and 8; N 37, 300 and 1001 (not multiples of the
+// block's 8 warps); K 64, 80, 2048 and 8192 (K not a multiple of the 32 lanes' 4-chunk stride,
+// a chunk loop that ends mid-stride); x a slice of wider rows (ldx > K) and y too (ldy > N: the
+// columns between rows must stay untouched); with and without bias, residual (y +=), up to four
+// LoRA adapters on overlapping-free slices (ranks 16, 8, 5, 1, like q, k and v of a fused
+// projection), SwiGLU pairs, and the bf16 copy of y.
+//
+// Tolerances, and why:
+//   - gemv_rows: bf16 operands multiply exactly in f32, so the only error is the f32 summation:
+//     each lane sums K / 256 (bf16) or K / 128 (f32) chunks of 8 or 4 products in sequence, then a
+//     5-level tree, then the bias, adapters and residual: at most (K / 32 + 5 + 4) roundings,
+//     each within 2^-24 of the running magnitude, bounded by S = sum |x w| + |bias| + sum |u B| +
+//     |y0|. Checked as |got - ref| <= (K / 32 + 16) * 2^-24 * S against the double sum (f32
+//     operands add one rounding per product, inside the same bound's margin). With SwiGLU, the
+//     gate's and the up's bounds propagate through silu(g) u (|d silu / dg| <= 1.1), and expf's
+//     few ulps and the divide add 4e-7 relative.
+//   - y_bf16: the kernel's own f32 result rounded as rf::f32_to_bf16 does: bit-identical.
+//   - a second run: bit-identical (a fixed summation order); nothing written past an output's end
+//     or between its rows.
+//   - lora_down_rows: f32 sums of K products: each thread K / 256 of them, the warp's 5-level
+//     tree, then 8 warps in order: checked as |got - ref| <= (K / 256 + 16) * 2^-24 * sum |a x|.
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+#include "cuda/cuda.h"
+#include "cuda/gemv.h"
+#include "tests/check.h"
+
+using rf::test::check;
+
+namespace {
+
+std::mt19937 rng(20261206);
+
+std::vector<float> randn(size_t n, float sd = 1.f) {
+  std::normal_distribution<float> d(0.f, sd);
+  std::vector<float> v(n);
+  for (float& x : v) x = d(rng);
+  return v;
+}
+
+std::string fmt(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.3g", v);
+  return buf;
+}
+
+uint32_t bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+constexpr uint32_t kSentinelBits = 0x7fc0beefu;  // a NaN payload no kernel computes
+float sentinel() {
+  float f;
+  std::memcpy(&f, &kSentinelBits, 4);
+  return f;
+}
+
+struct Dev {
+  void* p = nullptr;
+  explicit Dev(size_t bytes) {
+    if (cudaMalloc(&p, bytes ? bytes : 1) != cudaSuccess) p = nullptr;
+  }
+  Dev(const Dev&) = delete;
+  Dev& operator=(const Dev&) = delete;
+  ~Dev() {
+    if (p) cudaFree(p);
+  }
+};
+
+template <class T>
+void put(Dev& d, const std::vector<T>& v) {
+  cudaMemcpy(d.p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice);
+}
+template <class T>
+std::vector<T> get(const Dev& d, size_t n) {
+  std::vector<T> v(n);
+  cudaMemcpy(v.data(), d.p, n * sizeof(T), cudaMemcpyDeviceToHost);
+  return v;
+}
+
+bool ran(const std::string& what) {
+  const cudaError_t e = cudaDeviceSynchronize();
+  const cudaError_t l = cudaGetLastError();
+  const bool ok = e == cudaSuccess && l == cudaSuccess;
+  check(ok, what + ": ran (" + cudaGetErrorString(ok ? e : (e != cudaSuccess ? e : l)) + ")");
+  return ok;
+}
+
+struct Case {
+  bool bf16;
+  int rows, N, K;
+  int x_pad = 0, y_pad = 0;  // extra elements per row of x and y
+  bool bias = false, accumulate = false, glu = false, y_bf16 = false;
+  std::vector<int> ranks;  // adapters, side by side over the N columns (split evenly; with glu, gate then up)
+};
+
+std::string name(const Case& c) {
+  std::string s = std::string(c.bf16 ? "bf16" : "f32") + " rows " + std::to_string(c.rows) + " N " + std::to_string(c.N) + " K " +
+                  std::to_string(c.K);
+  if (c.x_pad) s += " ldx+" + std::to_string(c.x_pad);
+  if (c.y_pad) s += " ldy+" + std::to_string(c.y_pad);
+  if (c.bias) s += " bias";
+  if (c.accumulate) s += " +=";
+  if (c.glu) s += " glu";
+  if (!c.ranks.empty()) s += " lora x" + std::to_string(c.ranks.size());
+  return s;
+}
+
+void test_gemv(const Case& c) {
+  const std::string what = "gemv_rows " + name(c);
+  const long ldx = c.K + c.x_pad, units = c.glu ? c.N / 2 : c.N, ldy = units + c.y_pad;
+  // Operands, rounded to bf16 on the host for the bf16 case so the double reference sees the same values.
+  std::vector<float> x = randn(size_t(c.rows) * ldx), w = randn(size_t(c.N) * c.K, 0.05f);
+  if (c.bf16) {
+    for (float& v : x) v = rf::bf16_to_f32(rf::f32_to_bf16(v));
+    for (float& v : w) v = rf::bf16_to_f32(rf::f32_to_bf16(v));
+  }
+  const std::vector<float> bias = randn(size_t(c.N), 0.5f);
+  std::vector<float> y0 = randn(size_t(c.rows) * ldy);
+  for (long r = 0; r < c.rows; ++r)
+    for (long j = units; j < ldy; ++j) y0[size_t(r * ldy + j)] = sentinel();  // between rows: untouched
+  y0.push_back(sentinel());                                                   // past the end
+  // Adapters on consecutive slices of the N columns.
+  struct Ad {
+    int offset, out, rank;
+    std::vector<float> u, B;
+  };
+  std::vector<Ad> ads;
+  for (size_t i = 0, off = 0; i < c.ranks.size(); ++i) {
+    const int out = int(i + 1 == c.ranks.size() ? c.N - long(off) : std::min<long>(c.N / long(c.ranks.size()), c.N - long(off)));
+    ads.push_back({int(off), out, c.ranks[i], randn(size_t(c.rows) * c.ranks[i]), randn(size_t(out) * c.ranks[i], 0.1f)});
+    off += size_t(out);
+  }
+
+  Dev dx(x.size() * 4), dw(w.size() * 4), db(bias.size() * 4), dy(y0.size() * 4), dyb(y0.size() * 2);
+  if (c.bf16) {
+    std::vector<uint16_t> xb(x.size()), wb(w.size());
+    for (size_t i = 0; i < x.size(); ++i) xb[i] = rf::f32_to_bf16(x[i]);
+    for (size_t i = 0; i < w.size(); ++i) wb[i] = rf::f32_to_bf16(w[i]);
+    put(dx, xb), put(dw, wb);
+  } else {
+    put(dx, x), put(dw, w);
+  }
+  put(db, bias);
+  std::vector<uint16_t> yb0(y0.size(), 0xffffu);
+  put(dyb, yb0);
+  std::vector<Dev*> keep;
+  rf::cuda::GemvArgs a;
+  a.x = dx.p, a.ldx = ldx, a.w = dw.p, a.type = c.bf16 ? rf::DType::bf16 : rf::DType::f32;
+  a.rows = c.rows, a.N = c.N, a.K = c.K, a.bias = c.bias ? static_cast<const float*>(db.p) : nullptr;
+  a.y = static_cast<float*>(dy.p), a.ldy = ldy, a.accumulate = c.accumulate, a.glu = c.glu;
+  a.y_bf16 = c.y_bf16 ? static_cast<__nv_bfloat16*>(dyb.p) : nullptr;
+  a.n_lora = int(ads.size());
+  for (size_t i = 0; i < ads.size(); ++i) {
+    Dev* du = new Dev(ads[i].u.size() * 4);
+    Dev* dB = new Dev(ads[i].B.size() * 4);
+    put(*du, ads[i].u), put(*dB, ads[i].B);
+    keep.push_back(du), keep.push_back(dB);
+    a.lora[i] = {static_cast<const float*>(du->p), static_cast<const float*>(dB->p), ads[i].offset, ads[i].out, ads[i].rank};
+  }
+  std::vector<float> got, again;
+  std::vector<uint16_t> got_b;
+  for (int run = 0; run < 2; ++run) {
+    put(dy, y0);
+    rf::cuda::gemv_rows(a, nullptr);
+    if (!ran(what)) break;
+    (run == 0 ? got : again) = get<float>(dy, y0.size());
+    if (run == 0) got_b = get<uint16_t>(dyb, y0.size());
+  }
+  for (Dev* d : keep) delete d;
+  if (got.size() != y0.size() || again.size() != y0.size()) return;
+
+  // z and its error bound S per (row, column of W), in double.
+  const auto column = [&](long r, long col, double* bound) {
+    double z = 0, s = 0;
+    for (long k = 0; k < c.K; ++k) {
+      const double p = double(x[size_t(r * ldx + k)]) * w[size_t(col * c.K + k)];
+      z += p, s += std::fabs(p);
+    }
+    if (c.bias) z += bias[size_t(col)], s += std::fabs(bias[size_t(col)]);
+    for (const Ad& ad : ads) {
+      if (col < ad.offset || col >= ad.offset + ad.out) continue;
+      for (int q = 0; q < ad.rank; ++q) {
+        const double p = double(ad.u[size_t(r * ad.rank + q)]) * ad.B[size_t((col - ad.offset) * ad.rank + q)];
+        z += p, s += std::fabs(p);
+      }
+    }
+    *bound = (double(c.K) / 32 + 16) * std::ldexp(1.0, -24) * s;
+    return z;
+  };
+  double worst = 0;  // the largest error over its tolerance
+  bool bf16_ok = true, same = true;
+  for (long r = 0; r < c.rows; ++r) {
+    for (long j = 0; j < units; ++j) {
+      const size_t i = size_t(r * ldy + j);
+      double bound, ref = column(r, j, &bound);
+      if (c.glu) {
+        double bu;
+        const double g = ref, up = column(r, units + j, &bu), sg = g / (1 + std::exp(-g));
+        ref = sg * up;
+        bound = 1.1 * bound * std::fabs(up) + bu * std::fabs(sg) + 4e-7 * std::fabs(ref);
+      }
+      if (c.accumulate) ref += y0[i], bound += std::ldexp(1.0, -24) * (std::fabs(y0[i]) + std::fabs(ref));
+      worst = std::max(worst, std::fabs(got[i] - ref) / std::max(bound, 1e-30));
+      if (c.y_bf16 && got_b[i] != rf::f32_to_bf16(got[i])) bf16_ok = false;
+    }
+  }
+  for (size_t i = 0; i < got.size(); ++i) same &= bits(got[i]) == bits(again[i]);
+  bool untouched = true;
+  for (long r = 0; r < c.rows; ++r)
+    for (long j = units; j < ldy; ++j) untouched &= bits(got[size_t(r * ldy + j)]) == kSentinelBits;
+  untouched &= bits(got.back()) == kSentinelBits;
+  if (c.y_bf16) {
+    for (long r = 0; r < c.rows; ++r)
+      for (long j = units; j < ldy; ++j) untouched &= got_b[size_t(r * ldy + j)] == 0xffffu;
+    untouched &= got_b.back() == 0xffffu;
+  }
+  check(worst <= 1.0, what + ": within tolerance (worst error / bound " + fmt(worst) + ")");
+  check(same, what + ": the same bits on a second run");
+  check(untouched, what + ": nothing written between rows or past the end");
+  if (c.y_bf16) check(bf16_ok, what + ": y_bf16 is y rounded as f32_to_bf16");
+}
+
+void test_lora_down(int rows, int K, const std::vector<int>& ranks, int x_pad) {
+  std::string what = "lora_down_rows rows " + std::to_string(rows) + " K " + std::to_string(K) + " ranks";
+  for (int r : ranks) what += " " + std::to_string(r);
+  const long ldx = K + x_pad;
+  const std::vector<float> x = randn(size_t(rows) * ldx);
+  Dev dx(x.size() * 4);
+  put(dx, x);
+  std::vector<std::vector<float>> As;
+  std::vector<Dev*> keep;
+  std::vector<rf::cuda::GemvDown> terms;
+  for (int rank : ranks) {
+    As.push_back(randn(size_t(rank) * K, 0.05f));
+    Dev* dA = new Dev(As.back().size() * 4);
+    Dev* du = new Dev((size_t(rows) * rank + 1) * 4);
+    put(*dA, As.back());
+    std::vector<float> init(size_t(rows) * rank + 1, sentinel());
+    put(*du, init);
+    keep.push_back(dA), keep.push_back(du);
+    terms.push_back({static_cast<const float*>(dA->p), static_cast<float*>(du->p), rank});
+  }
+  rf::cuda::lora_down_rows(terms.data(), int(terms.size()), static_cast<const float*>(dx.p), ldx, rows, K, nullptr);
+  if (ran(what)) {
+    double worst = 0;
+    bool tail = true;
+    for (size_t t = 0; t < ranks.size(); ++t) {
+      const std::vector<float> u = get<float>(*keep[2 * t + 1], size_t(rows) * ranks[t] + 1);
+      tail &= bits(u.back()) == kSentinelBits;
+      for (int r = 0; r < rows; ++r)
+        for (int q = 0; q < ranks[t]; ++q) {
+          double z = 0, s = 0;
+          for (int k = 0; k < K; ++k) {
+            const double p = double(As[t][size_t(q) * K + k]) * x[size_t(r * ldx + k)];
+            z += p, s += std::fabs(p);
+          }
+          const double bound = (double(K) / 256 + 16) * std::ldexp(1.0, -24) * s;
+          worst = std::max(worst, std::fabs(u[size_t(r * ranks[t] + q)] - z) / std::max(bound, 1e-30));
+        }
+    }
+    check(worst <= 1.0, what + ": within tolerance (worst error / bound " + fmt(worst) + ")");
+    check(tail, what + ": nothing written past u's end");
+  }
+  for (Dev* d : keep) delete d;
+}
+
+void test_refusals() {
+  Dev d(1 << 16);
+  const char* p = static_cast<const char*>(d.p);
+  using rf::cuda::gemv_supports;
+  check(gemv_supports(p, 0, p, rf::DType::bf16, 1, 64) && gemv_supports(p, 0, p, rf::DType::f32, 8, 4),
+        "gemv_supports: 1 to 8 rows of aligned rows");
+  check(!gemv_supports(p, 0, p, rf::DType::bf16, 0, 64) && !gemv_supports(p, 0, p, rf::DType::bf16, 9, 64),
+        "gemv_supports: refuses 0 and 9 rows");
+  check(!gemv_supports(p, 0, p, rf::DType::bf16, 1, 68) && !gemv_supports(p, 66, p, rf::DType::bf16, 1, 64) &&
+            !gemv_supports(p + 8, 0, p, rf::DType::bf16, 1, 64) && !gemv_supports(p, 0, p + 4, rf::DType::f32, 1, 64),
+        "gemv_supports: refuses rows that are not 16-byte aligned");
+  bool threw = false;
+  rf::cuda::GemvArgs a;
+  a.x = p, a.w = p, a.rows = 2, a.N = 5, a.K = 64, a.glu = true, a.y = static_cast<float*>(d.p);
+  try {
+    rf::cuda::gemv_rows(a, nullptr);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  check(threw, "gemv_rows: an odd N with glu throws");
+  threw = false;
+  a.glu = false, a.n_lora = 1, a.lora[0] = {static_cast<const float*>(d.p), static_cast<const float*>(d.p), 3, 3, 4};
+  try {
+    rf::cuda::gemv_rows(a, nullptr);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  check(threw, "gemv_rows: an adapter's columns past N throw");
+  threw = false;
+  rf::cuda::GemvDown t[5];
+  try {
+    rf::cuda::lora_down_rows(t, 5, static_cast<const float*>(d.p), 0, 1, 64, nullptr);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  check(threw, "lora_down_rows: five adapters throw");
+}
+
+}  // namespace
+
+int main() {
+  const rf::cuda::DeviceInfo info = rf::cuda::device_info();
+  if (info.count == 0) {
+    std::printf("cuda_gemv: no CUDA device visible; skipped\n");
+    return 0;
+  }
+  for (bool bf16 : {true, false}) {
+    test_gemv({bf16, 1, 37, 64});
+    test_gemv({bf16, 3, 1001, 80, 8, 0, true});
+    test_gemv({bf16, 8, 300, 2048, 0, 5, true, true, false, true, {16, 8, 5}});
+    test_gemv({bf16, 5, 300, 8192, 16, 3, false, false, true, true, {16, 1}});
+    test_gemv({bf16, 2, 64, 128, 0, 0, true, true, true, false, {4, 4, 2, 1}});
+  }
+  test_lora_down(1, 2048, {16, 8, 8}, 0);
+  test_lora_down(8, 80, {16}, 4);
+  test_lora_down(3, 8192, {5, 1, 16, 2}, 0);
+  test_refusals();
+  return rf::test::finish("cuda_gemv");
+}
