@@ -10,15 +10,15 @@
 
 namespace rf::cuda {
 
+__device__ __forceinline__ uint32_t bf16_bits(float f) {
+  const uint32_t u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
 __device__ __forceinline__ __nv_bfloat16 bf16_round(float f) {
-  uint32_t u = __float_as_uint(f);
   __nv_bfloat16_raw r;
-  if ((u & 0x7fffffffu) > 0x7f800000u) {
-    r.x = (unsigned short)((u >> 16) | 0x40u);
-  } else {
-    u += 0x7fffu + ((u >> 16) & 1u);
-    r.x = (unsigned short)(u >> 16);
-  }
+  r.x = (unsigned short)bf16_bits(f);
   return __nv_bfloat16(r);
 }
 

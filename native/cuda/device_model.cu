@@ -474,23 +474,28 @@ void DeviceModel::linear_rows(const DLinear& lin, const float* in, const __nv_bf
 }
 
 bool DeviceModel::gemv_applies(const DLinear& lin, const float* in, const __nv_bfloat16* in_bf16, long rows,
-                               const DeviceTrace* trace) const {
+                               const DeviceTrace* trace, bool norm) const {
   if (!gemv_on_ || trace || rows > kGemvMaxRows) return false;
+  if (norm && config_.norm != NormType::rms) return false;
   if (adapter_enabled_ && lin.lora.size() > size_t(kGemvMaxLora)) return false;
-  const void* x = dtype_ == DType::bf16 ? (in_bf16 ? static_cast<const void*>(in_bf16) : s_->xb.get<void>()) : in;
-  return gemv_supports(x, lin.in, lin.w.get<void>(), dtype_, int(rows), lin.in);
+  const void* x = dtype_ == DType::bf16 && !norm ? (in_bf16 ? static_cast<const void*>(in_bf16) : s_->xb.get<void>()) : in;
+  return gemv_supports(x, lin.in, lin.w.get<void>(), dtype_, int(rows), lin.in, norm);
 }
 
 // The adapters' u from the f32 input in one launch (side by side in lora_u), then the product
-// with their up products, the bias, the residual and the SwiGLU in its epilogue.
+// with their up products, the bias, the residual and the SwiGLU in its epilogue; with norm, both
+// launches normalize the rows as they read them (no norm launch, no xn).
 void DeviceModel::linear_rows_gemv(const DLinear& lin, const float* in, const __nv_bfloat16* in_bf16, long rows, float* y,
-                                   bool accumulate, bool glu, __nv_bfloat16* y_bf16) {
+                                   bool accumulate, bool glu, __nv_bfloat16* y_bf16, const DNorm* norm) {
   DeviceScratch& s = *s_;
   const cudaStream_t st = as_stream(stream_);
   GemvArgs g;
   g.x = in;
   g.type = dtype_;
-  if (dtype_ == DType::bf16) {
+  const float* norm_w = norm ? norm->w.get() : nullptr;
+  if (norm) {
+    g.norm_w = norm_w, g.norm_eps = config_.norm_eps;
+  } else if (dtype_ == DType::bf16) {
     if (!in_bf16) f32_to_bf16(s.xb.get<__nv_bfloat16>(), in, rows * lin.in, st);
     g.x = in_bf16 ? in_bf16 : s.xb.get<__nv_bfloat16>();
   }
@@ -510,7 +515,7 @@ void DeviceModel::linear_rows_gemv(const DLinear& lin, const float* in, const __
       g.lora[i] = {u, a.B.get(), a.offset, a.out, a.rank};
       u += rows * a.rank;
     }
-    lora_down_rows(down, g.n_lora, in, lin.in, int(rows), lin.in, st);
+    lora_down_rows(down, g.n_lora, in, lin.in, int(rows), lin.in, st, norm_w, config_.norm_eps);
   }
   gemv_rows(g, st);
 }
@@ -565,9 +570,14 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
   size_t u_next = 0;
   if (lt) keep_rows(lt->x_in, x, R * H);
 
-  // Attention block: x += o(attn(rope(qkv(norm(x)))))
-  norm_rows(L.attn_norm, x, xn, R, xb);
-  linear_rows(L.qkv, xn, xb, R, qkv, false, l, 0, trace, keep, &u_next);
+  // Attention block: x += o(attn(rope(qkv(norm(x))))); a decode step's few rows normalize as the
+  // products read them (gemv.h: no norm launch).
+  if (gemv_applies(L.qkv, x, nullptr, R, trace, true)) {
+    linear_rows_gemv(L.qkv, x, nullptr, R, qkv, false, false, nullptr, &L.attn_norm);
+  } else {
+    norm_rows(L.attn_norm, x, xn, R, xb);
+    linear_rows(L.qkv, xn, xb, R, qkv, false, l, 0, trace, keep, &u_next);
+  }
   // Rope on q's heads, then k's, and the keys and values into the cache: one launch when both,
   // which for bf16 models also writes the trace's bf16 copy of the rows.
   const bool fused_append = c.rope && append_kv;
@@ -606,16 +616,15 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
   linear_rows(L.o, att, att_bf16, R, x, true, l, 1, trace, keep, &u_next);
   if (keep) keep_rows(keep->x_mid, x, R * H);
 
-  // MLP block: x += mlp_out(act(mlp_in(norm(x))))
-  norm_rows(L.mlp_norm, x, xn, R, xb);
-  // A decode step's few rows: the gate|up product and the SwiGLU in one launch (gemv.h); its bf16
-  // output goes beside xb, which that launch reads.
-  if (c.act == Activation::silu && gemv_applies(L.mlp_in, xn, xb, R, trace)) {
+  // MLP block: x += mlp_out(act(mlp_in(norm(x)))). A decode step's few rows: the norm, the
+  // gate|up product and the SwiGLU in one launch (gemv.h); its bf16 output goes beside xb.
+  if (c.act == Activation::silu && gemv_applies(L.mlp_in, x, nullptr, R, trace, true)) {
     __nv_bfloat16* actb = xb ? static_cast<__nv_bfloat16*>(s.actb.ensure(size_t(R * I) * sizeof(__nv_bfloat16))) : nullptr;
-    linear_rows_gemv(L.mlp_in, xn, xb, R, act, false, true, actb);
+    linear_rows_gemv(L.mlp_in, x, nullptr, R, act, false, true, actb, &L.mlp_norm);
     linear_rows(L.mlp_out, act, actb, R, x, true, l, 3, trace, keep, &u_next);
     return;
   }
+  norm_rows(L.mlp_norm, x, xn, R, xb);
   linear_rows(L.mlp_in, xn, xb, R, mlp, false, l, 2, trace, keep, &u_next);
   // The trace's mlp: bf16 models round it as the activation reads it (no pass of its own).
   __nv_bfloat16* keep_mlp = nullptr;

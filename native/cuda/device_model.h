@@ -178,11 +178,13 @@ class DeviceModel {
   void linear_rows(const DLinear& lin, const float* in, const __nv_bfloat16* in_bf16, long rows, float* y, bool accumulate,
                    int layer, int index, const DeviceTrace* trace, DeviceLayerTrace* lt, size_t* u_next);
   // linear_rows through gemv_rows: whether it applies (untraced, few rows, operands it takes, at
-  // most kGemvMaxLora adapters), and the product with its adapters; glu: y [rows, I] is the SwiGLU
-  // of the gate|up outputs, y_bf16 (optional) y rounded to bf16 too.
-  bool gemv_applies(const DLinear& lin, const float* in, const __nv_bfloat16* in_bf16, long rows, const DeviceTrace* trace) const;
+  // most kGemvMaxLora adapters; norm: RMSNorm fused, in is then the f32 residual stream), and the
+  // product with its adapters; glu: y [rows, I] is the SwiGLU of the gate|up outputs, y_bf16
+  // (optional) y rounded to bf16 too; norm (optional): the block's RMSNorm applied to in first.
+  bool gemv_applies(const DLinear& lin, const float* in, const __nv_bfloat16* in_bf16, long rows, const DeviceTrace* trace,
+                    bool norm = false) const;
   void linear_rows_gemv(const DLinear& lin, const float* in, const __nv_bfloat16* in_bf16, long rows, float* y, bool accumulate,
-                        bool glu, __nv_bfloat16* y_bf16 = nullptr);
+                        bool glu, __nv_bfloat16* y_bf16 = nullptr, const DNorm* norm = nullptr);
   void keep_rows(Buffer& b, const float* src, long n);
   // Into a trace buffer in the engine's dtype (bf16 models: rounded to bf16).
   void keep_values(Buffer& b, const float* src, long n);

@@ -2,11 +2,13 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 
 #include "cuda/bf16.h"
+#include "cuda/block_sum.cuh"
 #include "cuda/gemv.h"
 
 namespace rf::cuda {
@@ -16,6 +18,15 @@ namespace {
 constexpr int kWarps = 8;    // a block's warps: gemv_rows gives each an output (or a gate|up pair)
 constexpr int kThreads = 32 * kWarps;
 constexpr int kUnroll = 4;   // 16-byte chunks of W each lane has in flight: 2 KB a warp
+// gemv_rows' most blocks: past them a warp takes several outputs (grid stride), so the LM head's
+// 128256 outputs do not make 16032 blocks that each normalize the same rows again.
+constexpr int kMaxBlocks = 2048;
+
+// The RMSNorm the rows go through before the product (w null: none; see GemvArgs::norm_w).
+struct Norm {
+  const float* w;
+  float eps;
+};
 
 struct Terms {
   GemvLora t[kGemvMaxLora];
@@ -39,6 +50,31 @@ __device__ __forceinline__ float dot_chunk(const float4& w, const float4& x, flo
   return fmaf(w.w, x.w, acc);
 }
 
+// Chunk c (16 bytes of W's type) of row r of the product's input: with NORM, from the f32 row
+// (ldx floats apart) and the norm's weights, each element as rmsnorm_rows writes it (its bf16
+// copy for bf16 W: the bits the unfused path reads); else straight from x (ldx chunks apart). The
+// unused last argument picks the overload by W's type.
+template <bool NORM>
+__device__ __forceinline__ uint4 x_chunk(const void* x, long ldx, int r, int c, const float* nw, float inv, uint4*) {
+  if (!NORM) return static_cast<const uint4*>(x)[r * ldx + c];
+  const float4* xr = reinterpret_cast<const float4*>(static_cast<const float*>(x) + r * ldx) + 2 * c;
+  const float4* wr = reinterpret_cast<const float4*>(nw) + 2 * c;
+  const float4 a = xr[0], b = xr[1], wa = wr[0], wb = wr[1];
+  uint4 o;
+  o.x = bf16_bits(wa.x * (a.x * inv)) | (bf16_bits(wa.y * (a.y * inv)) << 16);
+  o.y = bf16_bits(wa.z * (a.z * inv)) | (bf16_bits(wa.w * (a.w * inv)) << 16);
+  o.z = bf16_bits(wb.x * (b.x * inv)) | (bf16_bits(wb.y * (b.y * inv)) << 16);
+  o.w = bf16_bits(wb.z * (b.z * inv)) | (bf16_bits(wb.w * (b.w * inv)) << 16);
+  return o;
+}
+template <bool NORM>
+__device__ __forceinline__ float4 x_chunk(const void* x, long ldx, int r, int c, const float* nw, float inv, float4*) {
+  if (!NORM) return static_cast<const float4*>(x)[r * ldx + c];
+  const float4 a = reinterpret_cast<const float4*>(static_cast<const float*>(x) + r * ldx)[c];
+  const float4 wa = reinterpret_cast<const float4*>(nw)[c];
+  return make_float4(wa.x * (a.x * inv), wa.y * (a.y * inv), wa.z * (a.z * inv), wa.w * (a.w * inv));
+}
+
 // Output column `col` of row r from its dot product z: the bias, then each adapter whose slice
 // holds the column (its u B^T summed in rank order).
 __device__ __forceinline__ float finish(float z, int col, int r, const float* bias, const Terms& terms) {
@@ -55,69 +91,79 @@ __device__ __forceinline__ float finish(float z, int col, int r, const float* bi
   return z;
 }
 
-// grid: outputs / kWarps blocks of kWarps warps; warp j computes output j of every row of x (with
-// GLU, W's rows j and half + j, gate and up). V: 16 bytes of the operands' type; kv: V chunks per
-// row of W; ldx in chunks. Lane l sums chunks l, l + 32, ... (kUnroll of W's loaded ahead), then
-// the warp's xor tree; lane r writes row r.
-template <class V, bool GLU>
-__global__ void __launch_bounds__(kThreads) gemv_kernel(const V* __restrict__ x, long ldx, const V* __restrict__ w, int rows,
-                                                       int units, int kv, long half, const float* bias, Terms terms, float* y,
-                                                       long ldy, bool accumulate, __nv_bfloat16* y_bf16) {
-  const int lane = threadIdx.x & 31;
-  const int j = blockIdx.x * kWarps + (threadIdx.x >> 5);
-  if (j >= units) return;
-  float acc[GLU ? 2 : 1][kGemvMaxRows];
+// grid: up to kMaxBlocks blocks of kWarps warps; warp w of block b computes outputs j = b kWarps +
+// w, then j + gridDim.x kWarps, ... of every row of x (with GLU, W's rows j and half + j, gate and
+// up). V: 16 bytes of W's type; kv: V chunks per row of W. With NORM the block first takes each
+// row's 1 / rms as rmsnorm_rows does (same reduction, same bits). Lane l sums chunks l, l + 32,
+// ... (kUnroll of W's loaded ahead), then the warp's xor tree; lane r writes row r.
+template <class V, bool GLU, bool NORM>
+__global__ void __launch_bounds__(kThreads) gemv_kernel(const void* __restrict__ x, long ldx, const V* __restrict__ w, int rows,
+                                                       int units, int kv, long half, Norm norm, int K, const float* bias,
+                                                       Terms terms, float* y, long ldy, bool accumulate, __nv_bfloat16* y_bf16) {
+  __shared__ float scratch[kWarps];
+  float inv[kGemvMaxRows];
 #pragma unroll
-  for (int r = 0; r < kGemvMaxRows; ++r) {
-    acc[0][r] = 0.f;
-    if (GLU) acc[GLU ? 1 : 0][r] = 0.f;
+  for (int r = 0; r < kGemvMaxRows; ++r) inv[r] = 1.f;
+  if (NORM) {
+#pragma unroll
+    for (int r = 0; r < kGemvMaxRows; ++r)
+      if (r < rows) inv[r] = rms_inv(static_cast<const float*>(x) + r * ldx, K, norm.eps, scratch);
   }
-  const V* w0 = w + long(j) * kv;
-  const V* w1 = w + (long(j) + half) * kv;  // GLU only
-  for (int c0 = lane; c0 < kv; c0 += 32 * kUnroll) {
-    V a[kUnroll], b[kUnroll];
+  const int lane = threadIdx.x & 31;
+  for (int j = blockIdx.x * kWarps + (threadIdx.x >> 5); j < units; j += gridDim.x * kWarps) {
+    float acc[GLU ? 2 : 1][kGemvMaxRows];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int c = c0 + 32 * u;
-      a[u] = c < kv ? w0[c] : V{};
-      if (GLU) b[u] = c < kv ? w1[c] : V{};
+    for (int r = 0; r < kGemvMaxRows; ++r) {
+      acc[0][r] = 0.f;
+      if (GLU) acc[GLU ? 1 : 0][r] = 0.f;
     }
+    const V* w0 = w + long(j) * kv;
+    const V* w1 = w + (long(j) + half) * kv;  // GLU only
+    for (int c0 = lane; c0 < kv; c0 += 32 * kUnroll) {
+      V a[kUnroll], b[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int c = c0 + 32 * u;
-      if (c < kv) {
+      for (int u = 0; u < kUnroll; ++u) {
+        const int c = c0 + 32 * u;
+        a[u] = c < kv ? w0[c] : V{};
+        if (GLU) b[u] = c < kv ? w1[c] : V{};
+      }
 #pragma unroll
-        for (int r = 0; r < kGemvMaxRows; ++r) {
-          if (r < rows) {
-            const V xv = x[r * ldx + c];
-            acc[0][r] = dot_chunk(a[u], xv, acc[0][r]);
-            if (GLU) acc[GLU ? 1 : 0][r] = dot_chunk(b[u], xv, acc[GLU ? 1 : 0][r]);
+      for (int u = 0; u < kUnroll; ++u) {
+        const int c = c0 + 32 * u;
+        if (c < kv) {
+#pragma unroll
+          for (int r = 0; r < kGemvMaxRows; ++r) {
+            if (r < rows) {
+              const V xv = x_chunk<NORM>(x, ldx, r, c, norm.w, inv[r], static_cast<V*>(nullptr));
+              acc[0][r] = dot_chunk(a[u], xv, acc[0][r]);
+              if (GLU) acc[GLU ? 1 : 0][r] = dot_chunk(b[u], xv, acc[GLU ? 1 : 0][r]);
+            }
           }
         }
       }
     }
+#pragma unroll
+    for (int p = 0; p < (GLU ? 2 : 1); ++p)
+#pragma unroll
+      for (int r = 0; r < kGemvMaxRows; ++r)
+        if (r < rows) acc[p][r] = warp_sum(acc[p][r]);
+    if (lane < rows) {
+      const int r = lane;
+      float z0 = 0.f, z1 = 0.f;
+#pragma unroll
+      for (int q = 0; q < kGemvMaxRows; ++q)
+        if (q == r) z0 = acc[0][q], z1 = acc[GLU ? 1 : 0][q];
+      float v = finish(z0, j, r, bias, terms);
+      if (GLU) {
+        const float up = finish(z1, int(half) + j, r, bias, terms);
+        v = v / (1.0f + expf(-v)) * up;  // silu(gate) * up, as swiglu_rows
+      }
+      float* out = y + r * ldy + j;
+      if (accumulate) v = *out + v;
+      *out = v;
+      if (y_bf16) y_bf16[r * ldy + j] = bf16_round(v);
+    }
   }
-#pragma unroll
-  for (int p = 0; p < (GLU ? 2 : 1); ++p)
-#pragma unroll
-    for (int r = 0; r < kGemvMaxRows; ++r)
-      if (r < rows)
-        for (int o = 16; o > 0; o >>= 1) acc[p][r] += __shfl_xor_sync(0xffffffffu, acc[p][r], o);
-  if (lane >= rows) return;
-  const int r = lane;
-  float z0 = 0.f, z1 = 0.f;
-#pragma unroll
-  for (int q = 0; q < kGemvMaxRows; ++q)
-    if (q == r) z0 = acc[0][q], z1 = acc[GLU ? 1 : 0][q];
-  float v = finish(z0, j, r, bias, terms);
-  if (GLU) {
-    const float up = finish(z1, int(half) + j, r, bias, terms);
-    v = v / (1.0f + expf(-v)) * up;  // silu(gate) * up, as swiglu_rows
-  }
-  float* out = y + r * ldy + j;
-  if (accumulate) v = *out + v;
-  *out = v;
-  if (y_bf16) y_bf16[r * ldy + j] = bf16_round(v);
 }
 
 struct DownTerms {
@@ -128,9 +174,19 @@ struct DownTerms {
 };
 
 // grid: one block per row of the terms' A, in term order; its threads stride over K (thread t:
-// elements t, t + kThreads, ...), then the warps' xor trees, then warp sums in order.
+// elements t, t + kThreads, ...), then the warps' xor trees, then warp sums in order. With the
+// norm, x's rows are normalized as read, as rmsnorm_rows writes them (the same 1 / rms bits).
 __global__ void __launch_bounds__(kThreads) lora_down_rows_kernel(DownTerms t, const float* __restrict__ x, long ldx, int rows,
-                                                                 int K) {
+                                                                 int K, Norm norm) {
+  __shared__ float scratch[kWarps];
+  float inv[kGemvMaxRows];
+#pragma unroll
+  for (int r = 0; r < kGemvMaxRows; ++r) inv[r] = 1.f;
+  if (norm.w) {
+#pragma unroll
+    for (int r = 0; r < kGemvMaxRows; ++r)
+      if (r < rows) inv[r] = rms_inv(x + r * ldx, K, norm.eps, scratch);
+  }
   // This block's term and row of its A (unrolled, so the parameters are not indexed at run time).
   const float* A = nullptr;
   float* u = nullptr;
@@ -148,14 +204,14 @@ __global__ void __launch_bounds__(kThreads) lora_down_rows_kernel(DownTerms t, c
     const float av = A[k];
 #pragma unroll
     for (int r = 0; r < kGemvMaxRows; ++r)
-      if (r < rows) acc[r] = fmaf(av, x[r * ldx + k], acc[r]);
+      if (r < rows) acc[r] = fmaf(av, norm.w ? norm.w[k] * (x[r * ldx + k] * inv[r]) : x[r * ldx + k], acc[r]);
   }
   __shared__ float part[kWarps][kGemvMaxRows];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int r = 0; r < kGemvMaxRows; ++r) {
     if (r < rows) {
-      for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+      acc[r] = warp_sum(acc[r]);
       if (lane == 0) part[warp][r] = acc[r];
     }
   }
@@ -174,18 +230,35 @@ void check_launch(const char* what) {
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+// gemv_kernel's instance for the arguments (V: 16 bytes of W's type).
+template <class V, bool GLU, bool NORM>
+void launch(const GemvArgs& a, unsigned grid, long ldx, int kv, int units, long half, Norm nm, const Terms& terms, long ldy,
+            cudaStream_t stream) {
+  gemv_kernel<V, GLU, NORM><<<grid, kThreads, 0, stream>>>(a.x, ldx, static_cast<const V*>(a.w), a.rows, units, kv, half, nm, a.K,
+                                                           a.bias, terms, a.y, ldy, a.accumulate, a.y_bf16);
+}
+template <class V>
+void launch(const GemvArgs& a, bool norm, unsigned grid, long ldx, int kv, int units, long half, Norm nm, const Terms& terms,
+            long ldy, cudaStream_t stream) {
+  if (a.glu && norm) launch<V, true, true>(a, grid, ldx, kv, units, half, nm, terms, ldy, stream);
+  else if (a.glu) launch<V, true, false>(a, grid, ldx, kv, units, half, nm, terms, ldy, stream);
+  else if (norm) launch<V, false, true>(a, grid, ldx, kv, units, half, nm, terms, ldy, stream);
+  else launch<V, false, false>(a, grid, ldx, kv, units, half, nm, terms, ldy, stream);
+}
+
 }  // namespace
 
-bool gemv_supports(const void* x, long ldx, const void* w, DType type, int rows, int K) {
+bool gemv_supports(const void* x, long ldx, const void* w, DType type, int rows, int K, bool norm) {
   if (type != DType::bf16 && type != DType::f32) return false;
-  const int vec = type == DType::bf16 ? 8 : 4;
+  const int vec = type == DType::bf16 ? 8 : 4, xvec = norm ? 4 : vec;  // normalized as read: x is f32
   if (ldx == 0) ldx = K;
-  return rows >= 1 && rows <= kGemvMaxRows && K > 0 && K % vec == 0 && ldx % vec == 0 && ldx >= K && aligned16(x) &&
+  return rows >= 1 && rows <= kGemvMaxRows && K > 0 && K % vec == 0 && ldx % xvec == 0 && ldx >= K && aligned16(x) &&
          aligned16(w);
 }
 
 void gemv_rows(const GemvArgs& a, cudaStream_t stream) {
-  if (!gemv_supports(a.x, a.ldx, a.w, a.type, a.rows, a.K))
+  const bool norm = a.norm_w != nullptr;
+  if (!gemv_supports(a.x, a.ldx, a.w, a.type, a.rows, a.K, norm))
     throw std::invalid_argument("gemv_rows: rows must be 1.." + std::to_string(kGemvMaxRows) +
                                 " and x's and W's rows 16-byte aligned (K = " + std::to_string(a.K) + ")");
   if (a.N <= 0 || (a.glu && a.N % 2 != 0)) throw std::invalid_argument("gemv_rows: N must be positive (even with glu)");
@@ -203,24 +276,18 @@ void gemv_rows(const GemvArgs& a, cudaStream_t stream) {
   const long ldy = a.ldy ? a.ldy : units;
   if (ldy < units) throw std::invalid_argument("gemv_rows: ldy is shorter than a row of y");
   const int vec = a.type == DType::bf16 ? 8 : 4;
-  const long ldx = (a.ldx ? a.ldx : a.K) / vec;
+  const long ldx = (a.ldx ? a.ldx : a.K) / (norm ? 1 : vec);  // the kernel's unit: floats with the norm, else chunks
   const int kv = a.K / vec;
-  const unsigned grid = unsigned((units + kWarps - 1) / kWarps);
-  if (a.type == DType::bf16) {
-    const uint4* x = static_cast<const uint4*>(a.x);
-    const uint4* w = static_cast<const uint4*>(a.w);
-    if (a.glu) gemv_kernel<uint4, true><<<grid, kThreads, 0, stream>>>(x, ldx, w, a.rows, units, kv, units, a.bias, terms, a.y, ldy, a.accumulate, a.y_bf16);
-    else gemv_kernel<uint4, false><<<grid, kThreads, 0, stream>>>(x, ldx, w, a.rows, units, kv, 0, a.bias, terms, a.y, ldy, a.accumulate, a.y_bf16);
-  } else {
-    const float4* x = static_cast<const float4*>(a.x);
-    const float4* w = static_cast<const float4*>(a.w);
-    if (a.glu) gemv_kernel<float4, true><<<grid, kThreads, 0, stream>>>(x, ldx, w, a.rows, units, kv, units, a.bias, terms, a.y, ldy, a.accumulate, a.y_bf16);
-    else gemv_kernel<float4, false><<<grid, kThreads, 0, stream>>>(x, ldx, w, a.rows, units, kv, 0, a.bias, terms, a.y, ldy, a.accumulate, a.y_bf16);
-  }
+  const Norm nm{a.norm_w, a.norm_eps};
+  const unsigned grid = unsigned(std::min<long>(kMaxBlocks, (units + kWarps - 1) / kWarps));
+  const long half = a.glu ? units : 0;
+  if (a.type == DType::bf16) launch<uint4>(a, norm, grid, ldx, kv, units, half, nm, terms, ldy, stream);
+  else launch<float4>(a, norm, grid, ldx, kv, units, half, nm, terms, ldy, stream);
   check_launch("gemv_rows");
 }
 
-void lora_down_rows(const GemvDown* terms, int n, const float* x, long ldx, int rows, int K, cudaStream_t stream) {
+void lora_down_rows(const GemvDown* terms, int n, const float* x, long ldx, int rows, int K, cudaStream_t stream,
+                    const float* norm_w, float norm_eps) {
   if (rows < 1 || rows > kGemvMaxRows || n < 1 || n > kGemvMaxLora || K <= 0)
     throw std::invalid_argument("lora_down_rows: 1.." + std::to_string(kGemvMaxRows) + " rows and 1.." +
                                 std::to_string(kGemvMaxLora) + " adapters");
@@ -235,7 +302,7 @@ void lora_down_rows(const GemvDown* terms, int n, const float* x, long ldx, int 
     t.A[i] = terms[i].A, t.u[i] = terms[i].u, t.rank[i] = terms[i].rank;
     blocks += terms[i].rank;
   }
-  lora_down_rows_kernel<<<blocks, kThreads, 0, stream>>>(t, x, ldx, rows, K);
+  lora_down_rows_kernel<<<blocks, kThreads, 0, stream>>>(t, x, ldx, rows, K, Norm{norm_w, norm_eps});
   check_launch("lora_down_rows");
 }
 

@@ -8,9 +8,10 @@
 // the bias, each LoRA adapter's up product (u B^T on the adapter's slice of the outputs, which
 // was a second product per adapter), the residual (y +=), and SwiGLU (a warp reads the gate row
 // and the up row of one output, so the activation's launch and the f32 gate|up buffer go).
-// lora_down_rows makes every adapter's u = x A^T of one projection in one launch. With an unmerged
-// adapter on all seven projections a Llama block's decode then runs 12 launches instead of 23,
-// and 8 instead of 9 without one (device_model.cu). Larger batches are a GEMM's regime and stay
+// lora_down_rows makes every adapter's u = x A^T of one projection in one launch. Both can apply
+// the block's RMSNorm to the rows as they read them (the norm's launch goes). With an unmerged
+// adapter on all seven projections a Llama block's decode then runs 10 launches instead of 23,
+// and 6 instead of 9 without one (device_model.cu). Larger batches are a GEMM's regime and stay
 // on cuBLASLt. The model takes this path unless set_gemv(false) or RF_CUDA_GEMV=0, which the
 // benchmark uses to measure both in one run.
 //
@@ -42,6 +43,11 @@ struct GemvArgs {
   const void* w = nullptr;  // [N, K]
   DType type = DType::bf16;  // x's and W's: both bf16 (f32 sums) or both f32
   int rows = 0, N = 0, K = 0;
+  // RMSNorm first (norm_w [K]; null: none): x is then f32 (the residual stream, ldx floats apart)
+  // and each element enters as rmsnorm_rows(norm_w, norm_eps) writes it (its bf16 copy for bf16 W),
+  // the same bits, so the norm's launch goes. Each block takes the rows' 1 / rms itself.
+  const float* norm_w = nullptr;
+  float norm_eps = 0.f;
   const float* bias = nullptr;  // [N] or null
   GemvLora lora[kGemvMaxLora];  // columns of the N outputs (before SwiGLU pairs them)
   int n_lora = 0;
@@ -55,9 +61,9 @@ struct GemvArgs {
 };
 
 // Whether gemv_rows takes x and W as they are: 1 <= rows <= kGemvMaxRows, x's and W's rows 16-byte
-// aligned (K and ldx multiples of 8 bf16 or 4 f32 elements, pointers 16-byte aligned). Otherwise
-// use matmul.
-bool gemv_supports(const void* x, long ldx, const void* w, DType type, int rows, int K);
+// aligned (K a multiple of 8 bf16 or 4 f32 elements, ldx of x's, pointers 16-byte aligned); norm:
+// x is f32 (GemvArgs::norm_w). Otherwise use matmul.
+bool gemv_supports(const void* x, long ldx, const void* w, DType type, int rows, int K, bool norm = false);
 
 // The product above on `stream`. Throws std::invalid_argument on shapes gemv_supports refuses,
 // an odd N with glu, more than kGemvMaxLora adapters or an adapter's columns outside the N.
@@ -71,8 +77,10 @@ struct GemvDown {
 };
 
 // Each term's u from x [rows, K] f32 (rows ldx apart): one launch, one block per row of every A,
-// each summed in a fixed order (per thread, then the block's tree). 1 <= rows <= kGemvMaxRows,
-// 1 <= n <= kGemvMaxLora; throws std::invalid_argument otherwise.
-void lora_down_rows(const GemvDown* terms, int n, const float* x, long ldx, int rows, int K, cudaStream_t stream);
+// each summed in a fixed order (per thread, then the block's tree). norm_w (optional, [K]): x's
+// rows go through RMSNorm first, as GemvArgs::norm_w (in f32, rmsnorm_rows' f32 output).
+// 1 <= rows <= kGemvMaxRows, 1 <= n <= kGemvMaxLora; throws std::invalid_argument otherwise.
+void lora_down_rows(const GemvDown* terms, int n, const float* x, long ldx, int rows, int K, cudaStream_t stream,
+                    const float* norm_w = nullptr, float norm_eps = 0.f);
 
 }  // namespace rf::cuda

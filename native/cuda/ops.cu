@@ -11,6 +11,7 @@
 #include <string>
 
 #include "cuda/bf16.h"
+#include "cuda/block_sum.cuh"
 #include "cuda/ops.h"
 #include "cuda/rope.cuh"
 #include "model/draw.h"
@@ -34,31 +35,12 @@ struct PickStat {
 // pick_kernel). A function of the vocabulary alone, so the sums' order is the same on every GPU.
 int pick_slices(int vocab) { return std::max(1, std::min(64, (vocab + 4095) / 4096)); }
 
-__device__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// Sum over the block; every thread gets the result. `scratch` holds one float per warp.
-__device__ float block_sum(float v, float* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-  v = warp_sum(v);
-  __syncthreads();  // scratch may still be read by a previous reduction
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  float total = 0.f;
-  for (int w = 0; w < warps; ++w) total += scratch[w];
-  return total;
-}
-
 __global__ void rmsnorm_kernel(float* out, const float* x, const float* w, int n, float eps, __nv_bfloat16* out_bf16) {
   __shared__ float scratch[32];
   const float* xr = x + long(blockIdx.x) * n;
   float* yr = out + long(blockIdx.x) * n;
   __nv_bfloat16* br = out_bf16 ? out_bf16 + long(blockIdx.x) * n : nullptr;
-  float ss = 0.f;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
-  const float inv = 1.0f / sqrtf(block_sum(ss, scratch) / float(n) + eps);
+  const float inv = rms_inv(xr, n, eps, scratch);
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const float y = w[i] * (xr[i] * inv);
     yr[i] = y;

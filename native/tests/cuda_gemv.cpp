@@ -22,6 +22,11 @@
 //     or between its rows.
 //   - lora_down_rows: f32 sums of K products: each thread K / 256 of them, the warp's 5-level
 //     tree, then 8 warps in order: checked as |got - ref| <= (K / 256 + 16) * 2^-24 * sum |a x|.
+//   - the fused RMSNorm (GemvArgs::norm_w, lora_down_rows' norm_w): bit-identical to rmsnorm_rows
+//     (ops.h) followed by the unfused products on its output (its bf16 copy for bf16 W), since
+//     the kernels share the reduction (block_sum.cuh) and the element's arithmetic; rows 1, 4
+//     and 8, K 80, 2048 and 8192, with SwiGLU, adapters and the LM head's grid stride (N past
+//     2048 blocks of 8 outputs).
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -36,6 +41,7 @@
 #include "core/dtype.h"
 #include "cuda/cuda.h"
 #include "cuda/gemv.h"
+#include "cuda/ops.h"
 #include "tests/check.h"
 
 using rf::test::check;
@@ -280,6 +286,73 @@ void test_lora_down(int rows, int K, const std::vector<int>& ranks, int x_pad) {
   for (Dev* d : keep) delete d;
 }
 
+// gemv_rows and lora_down_rows with the norm fused against rmsnorm_rows, then the same products.
+void test_norm_fused(bool bf16, int rows, int N, int K, bool glu, const std::vector<int>& ranks) {
+  std::string what = std::string("fused RMSNorm ") + (bf16 ? "bf16" : "f32") + " rows " + std::to_string(rows) + " N " +
+                     std::to_string(N) + " K " + std::to_string(K) + (glu ? " glu" : "") + " lora x" + std::to_string(ranks.size());
+  const float eps = 1e-5f;
+  std::vector<float> x = randn(size_t(rows) * K, 3.f), nw = randn(size_t(K), 0.2f), w = randn(size_t(N) * K, 0.05f);
+  for (float& v : nw) v += 1.f;
+  Dev dx(x.size() * 4), dnw(nw.size() * 4), dw(w.size() * 4), dxn(x.size() * 4), dxb(x.size() * 2);
+  put(dx, x), put(dnw, nw);
+  if (bf16) {
+    std::vector<uint16_t> wb(w.size());
+    for (size_t i = 0; i < w.size(); ++i) wb[i] = rf::f32_to_bf16(w[i]);
+    put(dw, wb);
+  } else {
+    put(dw, w);
+  }
+  const long units = glu ? N / 2 : N;
+  Dev y_ref(size_t(rows) * units * 4), y_got(size_t(rows) * units * 4);
+  std::vector<Dev*> keep;
+  std::vector<rf::cuda::GemvDown> down_ref, down_got;
+  rf::cuda::GemvArgs a;
+  a.w = dw.p, a.type = bf16 ? rf::DType::bf16 : rf::DType::f32, a.rows = rows, a.N = N, a.K = K, a.glu = glu;
+  a.n_lora = int(ranks.size());
+  for (size_t i = 0, off = 0; i < ranks.size(); ++i) {
+    const int out = int(N / long(ranks.size()));
+    const std::vector<float> A = randn(size_t(ranks[i]) * K, 0.05f), B = randn(size_t(out) * ranks[i], 0.1f);
+    Dev* dA = new Dev(A.size() * 4);
+    Dev* dB = new Dev(B.size() * 4);
+    Dev* ur = new Dev(size_t(rows) * ranks[i] * 4);
+    Dev* ug = new Dev(size_t(rows) * ranks[i] * 4);
+    put(*dA, A), put(*dB, B);
+    keep.insert(keep.end(), {dA, dB, ur, ug});
+    down_ref.push_back({static_cast<const float*>(dA->p), static_cast<float*>(ur->p), ranks[i]});
+    down_got.push_back({static_cast<const float*>(dA->p), static_cast<float*>(ug->p), ranks[i]});
+    a.lora[i] = {nullptr, static_cast<const float*>(dB->p), int(off), out, ranks[i]};
+    off += size_t(out);
+  }
+  // Unfused: the norm's launch, then the products on its output.
+  rf::cuda::rmsnorm_rows(static_cast<float*>(dxn.p), static_cast<const float*>(dx.p), static_cast<const float*>(dnw.p), rows, K, eps,
+                         nullptr, static_cast<__nv_bfloat16*>(dxb.p));
+  if (!ranks.empty()) rf::cuda::lora_down_rows(down_ref.data(), int(ranks.size()), static_cast<const float*>(dxn.p), K, rows, K, nullptr);
+  rf::cuda::GemvArgs r = a;
+  for (size_t i = 0; i < ranks.size(); ++i) r.lora[i].u = down_ref[i].u;
+  r.x = bf16 ? dxb.p : dxn.p, r.y = static_cast<float*>(y_ref.p);
+  rf::cuda::gemv_rows(r, nullptr);
+  // Fused.
+  if (!ranks.empty())
+    rf::cuda::lora_down_rows(down_got.data(), int(ranks.size()), static_cast<const float*>(dx.p), K, rows, K, nullptr,
+                             static_cast<const float*>(dnw.p), eps);
+  rf::cuda::GemvArgs g = a;
+  for (size_t i = 0; i < ranks.size(); ++i) g.lora[i].u = down_got[i].u;
+  g.x = dx.p, g.norm_w = static_cast<const float*>(dnw.p), g.norm_eps = eps, g.y = static_cast<float*>(y_got.p);
+  rf::cuda::gemv_rows(g, nullptr);
+  if (ran(what)) {
+    const std::vector<float> yr = get<float>(y_ref, size_t(rows) * units), yg = get<float>(y_got, size_t(rows) * units);
+    long differ = 0;
+    for (size_t i = 0; i < yr.size(); ++i) differ += bits(yr[i]) != bits(yg[i]);
+    for (size_t i = 0; i < ranks.size(); ++i) {
+      const std::vector<float> ur = get<float>(*keep[4 * i + 2], size_t(rows) * ranks[i]),
+                               ug = get<float>(*keep[4 * i + 3], size_t(rows) * ranks[i]);
+      for (size_t k = 0; k < ur.size(); ++k) differ += bits(ur[k]) != bits(ug[k]);
+    }
+    check(differ == 0, what + ": bit-identical to rmsnorm_rows then the products (" + std::to_string(differ) + " values differ)");
+  }
+  for (Dev* d : keep) delete d;
+}
+
 void test_refusals() {
   Dev d(1 << 16);
   const char* p = static_cast<const char*>(d.p);
@@ -336,6 +409,12 @@ int main() {
   test_lora_down(1, 2048, {16, 8, 8}, 0);
   test_lora_down(8, 80, {16}, 4);
   test_lora_down(3, 8192, {5, 1, 16, 2}, 0);
+  for (bool bf16 : {true, false}) {
+    test_norm_fused(bf16, 1, 96, 2048, false, {});
+    test_norm_fused(bf16, 4, 64, 80, true, {16, 8});
+    test_norm_fused(bf16, 8, 200, 8192, false, {16, 4, 1});
+  }
+  test_norm_fused(true, 1, 2048 * 8 + 40, 64, false, {});  // more outputs than 2048 blocks: a warp takes several
   test_refusals();
   return rf::test::finish("cuda_gemv");
 }
