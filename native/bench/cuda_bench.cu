@@ -17,6 +17,9 @@
 //     (bf16 mma.sync): seconds, the latter's FLOP/s over the bf16 throughput, and the speedup;
 //   - the fused pick epilogue (token, log-prob, p(<rf>)) on one 128256-logit row, timed alone
 //     with CUDA events, as a fraction of a batch-1 decode step;
+//   - each decode product alone (QKV, o, gate|up with its SwiGLU, down, LM head) at 1 and 8 rows,
+//     gemv_rows against cuBLASLt's matmul on the same shapes: W's bytes per second over the copy
+//     bandwidth (W rotated through copies past the 50 MB L2, 20 launches per timing);
 //   - the detector as served by default: an unmerged LoRA adapter of rank 16 on all seven
 //     projections with a flag row, batch-1 and batch-8 decode at context 128 against the bound
 //     (now with the adapter's f32 factors), with gemv_rows (adapters fused) and without.
@@ -158,6 +161,63 @@ std::string attention_alone(const rf::ModelConfig& c, int T, double tflops, int 
          std::to_string(flops / ttc / tflops) + ", \"speedup\": " + std::to_string(t32 / ttc) + "}";
 }
 
+// The decode step's products alone, gemv_rows against matmul (cuBLASLt), bf16 W and x, on W copies
+// that together exceed the L2 (so W comes from memory, as in a decode step), 20 launches per
+// timing (the launch gaps a graph replay also has). The gate|up product runs with its SwiGLU on
+// gemv_rows and as the bare product on cuBLASLt (the unfused path adds a launch for the SwiGLU).
+std::string gemv_alone(const rf::ModelConfig& c, double bw, int reps) {
+  struct P {
+    const char* name;
+    int N, K;
+    bool glu;
+  };
+  const int H = c.hidden, I = c.intermediate;
+  const P products[] = {{"qkv", int(c.q_dim() + 2 * c.kv_dim()), H, false}, {"o", H, int(c.q_dim()), false}, {"mlp_in", 2 * I, H, true},
+                        {"down", H, I, false}, {"head", c.vocab, H, false}};
+  rf::cuda::GemmContext ctx;
+  std::string out = "[";
+  for (const P& p : products) {
+    const size_t wbytes = size_t(p.N) * p.K * 2;
+    const int copies = int(std::max<size_t>(1, (size_t(256) << 20) / wbytes + 1));
+    std::vector<void*> ws(static_cast<size_t>(copies));
+    for (void*& w : ws) {
+      check(cudaMalloc(&w, wbytes), "cudaMalloc");
+      cudaMemset(w, 0, wbytes);
+    }
+    void *x = nullptr, *y = nullptr;
+    check(cudaMalloc(&x, size_t(rf::cuda::kGemvMaxRows) * p.K * 2), "cudaMalloc");
+    check(cudaMalloc(&y, size_t(rf::cuda::kGemvMaxRows) * p.N * 4), "cudaMalloc");
+    cudaMemset(x, 0, size_t(rf::cuda::kGemvMaxRows) * p.K * 2);
+    for (int rows : {1, rf::cuda::kGemvMaxRows}) {
+      constexpr int kLaunches = 20;
+      rf::cuda::GemvArgs a;
+      a.x = x, a.type = rf::DType::bf16, a.rows = rows, a.N = p.N, a.K = p.K, a.glu = p.glu, a.y = static_cast<float*>(y);
+      const double tg = median_time(reps, [&] {
+                          for (int i = 0; i < kLaunches; ++i) {
+                            a.w = ws[size_t(i % copies)];
+                            rf::cuda::gemv_rows(a, nullptr);
+                          }
+                        }) / kLaunches;
+      const double tl = median_time(reps, [&] {
+                          for (int i = 0; i < kLaunches; ++i)
+                            rf::cuda::matmul(ctx, static_cast<float*>(y), x, rf::DType::bf16, ws[size_t(i % copies)], rf::DType::bf16,
+                                             rows, p.N, p.K, nullptr, 0.f, nullptr);
+                        }) / kLaunches;
+      std::fprintf(stderr, "%s alone, rows %d: gemv_rows %.1f us (%.0f%% of copy), cuBLASLt %.1f us (%.0f%%)\n", p.name, rows, tg * 1e6,
+                   100 * wbytes / tg / bw, tl * 1e6, 100 * wbytes / tl / bw);
+      out += std::string(out.size() > 1 ? ", " : "") + "{\"product\": \"" + p.name + "\", \"rows\": " + std::to_string(rows) +
+             ", \"N\": " + std::to_string(p.N) + ", \"K\": " + std::to_string(p.K) + ", \"swiglu\": " + (p.glu ? "true" : "false") +
+             ", \"gemvSeconds\": " + std::to_string(tg) + ", \"cublasLtSeconds\": " + std::to_string(tl) +
+             ", \"gemvRatioToCopy\": " + std::to_string(wbytes / tg / bw) + ", \"cublasLtRatioToCopy\": " +
+             std::to_string(wbytes / tl / bw) + "}";
+    }
+    for (void* w : ws) cudaFree(w);
+    cudaFree(x);
+    cudaFree(y);
+  }
+  return out + "]";
+}
+
 int main(int argc, char** argv) {
   bool quick = false;
   std::string only;
@@ -244,6 +304,7 @@ int main(int argc, char** argv) {
     }
 
     r += ", \"prefillAttention\": " + attention_alone(c, 2048, tflops, quick ? 3 : 10);
+    r += ", \"gemvAlone\": " + gemv_alone(c, bw, quick ? 5 : 20);
 
     // The fused pick epilogue alone on one row of logits.
     {
