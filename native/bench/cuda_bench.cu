@@ -21,8 +21,10 @@
 //     gemv_rows against cuBLASLt's matmul on the same shapes: W's bytes per second over the copy
 //     bandwidth (W rotated through copies past the 50 MB L2, 20 launches per timing);
 //   - the detector as served by default: an unmerged LoRA adapter of rank 16 on all seven
-//     projections with a flag row, batch-1 and batch-8 decode at context 128 against the bound
-//     (now with the adapter's f32 factors), with gemv_rows (adapters fused) and without.
+//     projections with a flag row, decode at batch 1, 8 and 32, context 128, against the bound
+//     (now with the adapter's f32 factors), with gemv_rows (adapters fused; at 32 sequences the
+//     adapters' products in two launches a projection, lora_down_rows / lora_up_rows) and
+//     without (cuBLASLt, two products per adapter).
 //
 //   cuda_bench [--quick] [--model=1b|8b]     (default: both; --quick: fewer steps)
 #include <cuda_bf16.h>
@@ -338,7 +340,7 @@ int main(int argc, char** argv) {
     try {
       const double adapter_bytes = add_random_adapter(m, 16, rf_token);
       std::string a = ", \"adapterDecode\": {\"rank\": 16, \"adapterBytes\": " + std::to_string(adapter_bytes) + ", \"steps\": [";
-      for (int n : {1, 8}) {
+      for (int n : {1, 8, 32}) {
         const auto [rate, no_gemv] = decode_rates(m, n, 128, steps, rf_token);
         const double bound = double(n) * bw / (double(m.weight_bytes()) + adapter_bytes + n * kv_per_position * (128 + steps / 2.0));
         std::fprintf(stderr, "%s: with the adapter, batch %d: %.1f tokens/s (bound %.1f; without gemv %.1f)\n", shape.name, n, rate,

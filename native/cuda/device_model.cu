@@ -428,6 +428,15 @@ void DeviceModel::linear_rows(const DLinear& lin, const float* in, const __nv_bf
     return;
   }
   mark(trace, kForwardLora, st);
+  // A batched decode step's rows, untraced: the adapters' down products in one launch, their up
+  // products in one more (gemv.h), not two cuBLASLt products per adapter of almost no work.
+  if (!trace && gemv_on_ && rows <= kLoraMaxRows && lin.lora.size() <= size_t(kGemvMaxLora)) {
+    GemvLora up[kGemvMaxLora];
+    const int n = lora_down_all(lin, in, rows, nullptr, up);
+    lora_up_rows(up, n, int(rows), y, lin.out, st);
+    mark(trace, kForwardOther, st);
+    return;
+  }
   // Traced (training) with every rank within the fused kernel's: all the adapters' u from one read
   // of x (q, k and v; gate and up), the mask, if any, applied as x is read; else one at a time.
   const float p = trace ? trace->dropout : 0.f;
@@ -503,21 +512,25 @@ void DeviceModel::linear_rows_gemv(const DLinear& lin, const float* in, const __
   g.rows = int(rows), g.N = lin.out, g.K = lin.in;
   g.bias = lin.bias.empty() ? nullptr : lin.bias.get();
   g.y = y, g.accumulate = accumulate, g.glu = glu, g.y_bf16 = y_bf16;
-  if (adapter_enabled_ && !lin.lora.empty()) {
-    long u_cols = 0;
-    for (const DLinear::Lora& a : lin.lora) u_cols += a.rank;
-    float* u = static_cast<float*>(s.lora_u.ensure(size_t(rows * u_cols) * sizeof(float)));
-    GemvDown down[kGemvMaxLora];
-    g.n_lora = int(lin.lora.size());
-    for (int i = 0; i < g.n_lora; ++i) {
-      const DLinear::Lora& a = lin.lora[size_t(i)];
-      down[i] = {a.A.get(), u, a.rank};
-      g.lora[i] = {u, a.B.get(), a.offset, a.out, a.rank};
-      u += rows * a.rank;
-    }
-    lora_down_rows(down, g.n_lora, in, lin.in, int(rows), lin.in, st, norm_w, config_.norm_eps);
-  }
+  if (adapter_enabled_ && !lin.lora.empty()) g.n_lora = lora_down_all(lin, in, rows, norm_w, g.lora);
   gemv_rows(g, st);
+}
+
+// The adapters' u [rows, rank] side by side in lora_u.
+int DeviceModel::lora_down_all(const DLinear& lin, const float* in, long rows, const float* norm_w, GemvLora* up) {
+  long u_cols = 0;
+  for (const DLinear::Lora& a : lin.lora) u_cols += a.rank;
+  float* u = static_cast<float*>(s_->lora_u.ensure(size_t(rows * u_cols) * sizeof(float)));
+  GemvDown down[kGemvMaxLora];
+  const int n = int(lin.lora.size());
+  for (int i = 0; i < n; ++i) {
+    const DLinear::Lora& a = lin.lora[size_t(i)];
+    down[i] = {a.A.get(), u, a.rank};
+    up[i] = {u, a.B.get(), a.offset, a.out, a.rank};
+    u += rows * a.rank;
+  }
+  lora_down_rows(down, n, in, lin.in, int(rows), lin.in, as_stream(stream_), norm_w, config_.norm_eps);
+  return n;
 }
 
 // logits [rows, V] = xn . head^T, the flag rows' logits from their own head rows when flags is set;

@@ -37,6 +37,7 @@ class GemmContext;
 struct DeviceTrace;
 struct DeviceLayerTrace;
 struct DNorm;
+struct GemvLora;
 class Buffer;
 class DeviceTrainer;
 struct DecodeGraphs;
@@ -185,6 +186,9 @@ class DeviceModel {
                     bool norm = false) const;
   void linear_rows_gemv(const DLinear& lin, const float* in, const __nv_bfloat16* in_bf16, long rows, float* y, bool accumulate,
                         bool glu, __nv_bfloat16* y_bf16 = nullptr, const DNorm* norm = nullptr);
+  // Every adapter's down product of lin from its f32 input in one launch (gemv.h's
+  // lora_down_rows; norm_w: its RMSNorm fused); up[] gets their up-product terms; returns how many.
+  int lora_down_all(const DLinear& lin, const float* in, long rows, const float* norm_w, GemvLora* up);
   void keep_rows(Buffer& b, const float* src, long n);
   // Into a trace buffer in the engine's dtype (bf16 models: rounded to bf16).
   void keep_values(Buffer& b, const float* src, long n);

@@ -173,20 +173,14 @@ struct DownTerms {
   int n;
 };
 
-// grid: one block per row of the terms' A, in term order; its threads stride over K (thread t:
-// elements t, t + kThreads, ...), then the warps' xor trees, then warp sums in order. With the
-// norm, x's rows are normalized as read, as rmsnorm_rows writes them (the same 1 / rms bits).
+// grid: one block per row of the terms' A, in term order; the rows of x in groups of
+// kGemvMaxRows, and per group its threads stride over K (thread t: elements t, t + kThreads, ...),
+// then the warps' xor trees, then warp sums in order. With the norm, x's rows are normalized as
+// read, as rmsnorm_rows writes them (the same 1 / rms bits).
 __global__ void __launch_bounds__(kThreads) lora_down_rows_kernel(DownTerms t, const float* __restrict__ x, long ldx, int rows,
                                                                  int K, Norm norm) {
   __shared__ float scratch[kWarps];
-  float inv[kGemvMaxRows];
-#pragma unroll
-  for (int r = 0; r < kGemvMaxRows; ++r) inv[r] = 1.f;
-  if (norm.w) {
-#pragma unroll
-    for (int r = 0; r < kGemvMaxRows; ++r)
-      if (r < rows) inv[r] = rms_inv(x + r * ldx, K, norm.eps, scratch);
-  }
+  __shared__ float part[kWarps][kGemvMaxRows];
   // This block's term and row of its A (unrolled, so the parameters are not indexed at run time).
   const float* A = nullptr;
   float* u = nullptr;
@@ -196,30 +190,67 @@ __global__ void __launch_bounds__(kThreads) lora_down_rows_kernel(DownTerms t, c
     if (i < t.n && int(blockIdx.x) >= first && int(blockIdx.x) < first + t.rank[i])
       A = t.A[i], u = t.u[i], rank = t.rank[i], q = int(blockIdx.x) - first;
   A += long(q) * K;
-  float acc[kGemvMaxRows];
-#pragma unroll
-  for (int r = 0; r < kGemvMaxRows; ++r) acc[r] = 0.f;
-#pragma unroll 4
-  for (int k = threadIdx.x; k < K; k += kThreads) {
-    const float av = A[k];
-#pragma unroll
-    for (int r = 0; r < kGemvMaxRows; ++r)
-      if (r < rows) acc[r] = fmaf(av, norm.w ? norm.w[k] * (x[r * ldx + k] * inv[r]) : x[r * ldx + k], acc[r]);
-  }
-  __shared__ float part[kWarps][kGemvMaxRows];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int r0 = 0; r0 < rows; r0 += kGemvMaxRows) {
+    const int n = min(kGemvMaxRows, rows - r0);
+    const float* xg = x + r0 * ldx;
+    float inv[kGemvMaxRows];
 #pragma unroll
-  for (int r = 0; r < kGemvMaxRows; ++r) {
-    if (r < rows) {
-      acc[r] = warp_sum(acc[r]);
-      if (lane == 0) part[warp][r] = acc[r];
+    for (int r = 0; r < kGemvMaxRows; ++r) inv[r] = 1.f;
+    if (norm.w) {
+#pragma unroll
+      for (int r = 0; r < kGemvMaxRows; ++r)
+        if (r < n) inv[r] = rms_inv(xg + r * ldx, K, norm.eps, scratch);
+    }
+    float acc[kGemvMaxRows];
+#pragma unroll
+    for (int r = 0; r < kGemvMaxRows; ++r) acc[r] = 0.f;
+#pragma unroll 4
+    for (int k = threadIdx.x; k < K; k += kThreads) {
+      const float av = A[k];
+#pragma unroll
+      for (int r = 0; r < kGemvMaxRows; ++r)
+        if (r < n) acc[r] = fmaf(av, norm.w ? norm.w[k] * (xg[r * ldx + k] * inv[r]) : xg[r * ldx + k], acc[r]);
+    }
+#pragma unroll
+    for (int r = 0; r < kGemvMaxRows; ++r) {
+      if (r < n) {
+        acc[r] = warp_sum(acc[r]);
+        if (lane == 0) part[warp][r] = acc[r];
+      }
+    }
+    __syncthreads();
+    if (int(threadIdx.x) < n) {
+      float s = 0.f;
+      for (int wi = 0; wi < kWarps; ++wi) s += part[wi][threadIdx.x];
+      u[long(r0 + threadIdx.x) * rank + q] = s;
+    }
+    __syncthreads();  // part is read before the next group writes it
+  }
+}
+
+// grid (column blocks of kThreads over the terms' columns side by side, row blocks of kUpRows):
+// thread o adds its column's up product to each row of its block, summed in rank order.
+constexpr int kUpRows = 16;
+__global__ void __launch_bounds__(kThreads) lora_up_rows_kernel(Terms terms, int rows, float* y, long ldy) {
+  int col = int(blockIdx.x) * kThreads + int(threadIdx.x);
+  GemvLora t{};
+  bool found = false;
+#pragma unroll
+  for (int i = 0; i < kGemvMaxLora; ++i) {
+    if (!found && i < terms.n) {
+      if (col < terms.t[i].out) t = terms.t[i], found = true;
+      else col -= terms.t[i].out;
     }
   }
-  __syncthreads();
-  if (int(threadIdx.x) < rows) {
+  if (!found) return;
+  const float* b = t.B + long(col) * t.rank;
+  const int r1 = min(rows, int(blockIdx.y + 1) * kUpRows);
+  for (int r = int(blockIdx.y) * kUpRows; r < r1; ++r) {
+    const float* u = t.u + long(r) * t.rank;
     float s = 0.f;
-    for (int wi = 0; wi < kWarps; ++wi) s += part[wi][threadIdx.x];
-    u[long(threadIdx.x) * rank + q] = s;
+    for (int q = 0; q < t.rank; ++q) s = fmaf(u[q], b[q], s);
+    y[r * ldy + t.offset + col] += s;
   }
 }
 
@@ -288,8 +319,8 @@ void gemv_rows(const GemvArgs& a, cudaStream_t stream) {
 
 void lora_down_rows(const GemvDown* terms, int n, const float* x, long ldx, int rows, int K, cudaStream_t stream,
                     const float* norm_w, float norm_eps) {
-  if (rows < 1 || rows > kGemvMaxRows || n < 1 || n > kGemvMaxLora || K <= 0)
-    throw std::invalid_argument("lora_down_rows: 1.." + std::to_string(kGemvMaxRows) + " rows and 1.." +
+  if (rows < 1 || rows > kLoraMaxRows || n < 1 || n > kGemvMaxLora || K <= 0)
+    throw std::invalid_argument("lora_down_rows: 1.." + std::to_string(kLoraMaxRows) + " rows and 1.." +
                                 std::to_string(kGemvMaxLora) + " adapters");
   if (ldx == 0) ldx = K;
   if (ldx < K) throw std::invalid_argument("lora_down_rows: ldx is shorter than a row of x");
@@ -304,6 +335,25 @@ void lora_down_rows(const GemvDown* terms, int n, const float* x, long ldx, int 
   }
   lora_down_rows_kernel<<<blocks, kThreads, 0, stream>>>(t, x, ldx, rows, K, Norm{norm_w, norm_eps});
   check_launch("lora_down_rows");
+}
+
+void lora_up_rows(const GemvLora* terms, int n, int rows, float* y, long ldy, cudaStream_t stream) {
+  if (rows < 1 || rows > kLoraMaxRows || n < 1 || n > kGemvMaxLora)
+    throw std::invalid_argument("lora_up_rows: 1.." + std::to_string(kLoraMaxRows) + " rows and 1.." +
+                                std::to_string(kGemvMaxLora) + " adapters");
+  Terms t{};
+  t.n = n;
+  long cols = 0;
+  for (int i = 0; i < n; ++i) {
+    const GemvLora& a = terms[i];
+    if (!a.u || !a.B || a.rank <= 0 || a.out <= 0 || a.offset < 0 || long(a.offset) + a.out > ldy)
+      throw std::invalid_argument("lora_up_rows: adapter " + std::to_string(i) + " needs u, B, a rank and columns within ldy");
+    t.t[i] = a;
+    cols += a.out;
+  }
+  const dim3 grid(unsigned((cols + kThreads - 1) / kThreads), unsigned((rows + kUpRows - 1) / kUpRows));
+  lora_up_rows_kernel<<<grid, kThreads, 0, stream>>>(t, rows, y, ldy);
+  check_launch("lora_up_rows");
 }
 
 }  // namespace rf::cuda

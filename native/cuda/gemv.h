@@ -12,7 +12,8 @@
 // the block's RMSNorm to the rows as they read them (the norm's launch goes). With an unmerged
 // adapter on all seven projections a Llama block's decode then runs 10 launches instead of 23,
 // and 6 instead of 9 without one (device_model.cu). Larger batches are a GEMM's regime and stay
-// on cuBLASLt. The model takes this path unless set_gemv(false) or RF_CUDA_GEMV=0, which the
+// on cuBLASLt, but up to kLoraMaxRows rows their adapters still take two launches a projection
+// (lora_down_rows, lora_up_rows) instead of two cuBLASLt products per adapter: 17 a block. The model takes this path unless set_gemv(false) or RF_CUDA_GEMV=0, which the
 // benchmark uses to measure both in one run.
 //
 // Numerics: f32 products of the bf16 (or f32) operands summed in f32, as matmul's, in a fixed
@@ -28,6 +29,9 @@ namespace rf::cuda {
 
 constexpr int kGemvMaxRows = 8;
 constexpr int kGemvMaxLora = 4;
+// lora_down_rows' and lora_up_rows' most rows: a batched decode step's, where per-adapter
+// cuBLASLt products would be launches of almost no work.
+constexpr int kLoraMaxRows = 64;
 
 // One adapter's up product on y's columns [offset, offset + out): y[r, offset + o] +=
 // sum_q u[r, q] B[o, q], summed in q order.
@@ -79,8 +83,14 @@ struct GemvDown {
 // Each term's u from x [rows, K] f32 (rows ldx apart): one launch, one block per row of every A,
 // each summed in a fixed order (per thread, then the block's tree). norm_w (optional, [K]): x's
 // rows go through RMSNorm first, as GemvArgs::norm_w (in f32, rmsnorm_rows' f32 output).
-// 1 <= rows <= kGemvMaxRows, 1 <= n <= kGemvMaxLora; throws std::invalid_argument otherwise.
+// 1 <= rows <= kLoraMaxRows, 1 <= n <= kGemvMaxLora; throws std::invalid_argument otherwise.
 void lora_down_rows(const GemvDown* terms, int n, const float* x, long ldx, int rows, int K, cudaStream_t stream,
                     const float* norm_w = nullptr, float norm_eps = 0.f);
+
+// The adapters' up products for rows past gemv_rows' (its epilogue does them up to
+// kGemvMaxRows): y [rows, ldy] += each term's u B^T on its columns, one launch for them all (each
+// sum in rank order, then added). 1 <= rows <= kLoraMaxRows, 1 <= n <= kGemvMaxLora, columns
+// within ldy; throws std::invalid_argument otherwise.
+void lora_up_rows(const GemvLora* terms, int n, int rows, float* y, long ldy, cudaStream_t stream);
 
 }  // namespace rf::cuda

@@ -22,6 +22,9 @@
 //     or between its rows.
 //   - lora_down_rows: f32 sums of K products: each thread K / 256 of them, the warp's 5-level
 //     tree, then 8 warps in order: checked as |got - ref| <= (K / 256 + 16) * 2^-24 * sum |a x|.
+//   - lora_up_rows: y0 + (the rank-long f32 sum): within (rank + 2) * 2^-24 * (|y0| + sum |u B|)
+//     of double; columns outside every adapter's slice, and the padding past the rows' width,
+//     bit-identical (untouched); rows 1, 16, 17 and 64 (the 16-row blocks' edges).
 //   - the fused RMSNorm (GemvArgs::norm_w, lora_down_rows' norm_w): bit-identical to rmsnorm_rows
 //     (ops.h) followed by the unfused products on its output (its bf16 copy for bf16 W), since
 //     the kernels share the reduction (block_sum.cuh) and the element's arithmetic; rows 1, 4
@@ -353,6 +356,80 @@ void test_norm_fused(bool bf16, int rows, int N, int K, bool glu, const std::vec
   for (Dev* d : keep) delete d;
 }
 
+void test_lora_up(int rows, const std::vector<int>& ranks, const std::vector<int>& outs, long ldy) {
+  std::string what = "lora_up_rows rows " + std::to_string(rows) + " ldy " + std::to_string(ldy) + " ranks";
+  for (int r : ranks) what += " " + std::to_string(r);
+  std::vector<float> y0 = randn(size_t(rows) * ldy);
+  Dev dy(y0.size() * 4);
+  put(dy, y0);
+  std::vector<Dev*> keep;
+  std::vector<rf::cuda::GemvLora> terms;
+  std::vector<std::vector<float>> us, Bs;
+  long off = 3;  // the slices start past column 0, with gaps between them
+  for (size_t i = 0; i < ranks.size(); ++i) {
+    us.push_back(randn(size_t(rows) * ranks[i]));
+    Bs.push_back(randn(size_t(outs[i]) * ranks[i], 0.1f));
+    Dev* du = new Dev(us.back().size() * 4);
+    Dev* dB = new Dev(Bs.back().size() * 4);
+    put(*du, us.back()), put(*dB, Bs.back());
+    keep.push_back(du), keep.push_back(dB);
+    terms.push_back({static_cast<const float*>(du->p), static_cast<const float*>(dB->p), int(off), outs[i], ranks[i]});
+    off += outs[i] + 2;
+  }
+  rf::cuda::lora_up_rows(terms.data(), int(terms.size()), rows, static_cast<float*>(dy.p), ldy, nullptr);
+  if (ran(what)) {
+    const std::vector<float> y = get<float>(dy, y0.size());
+    double worst = 0;
+    long touched = 0;
+    for (long r = 0; r < rows; ++r) {
+      for (long j = 0; j < ldy; ++j) {
+        const size_t i = size_t(r * ldy + j);
+        double ref = y0[i], sum_abs = std::fabs(y0[i]);
+        int rank = 0;
+        bool in_slice = false;
+        for (size_t a = 0; a < terms.size(); ++a) {
+          if (j < terms[a].offset || j >= terms[a].offset + terms[a].out) continue;
+          in_slice = true, rank = terms[a].rank;
+          for (int q = 0; q < rank; ++q) {
+            const double p = double(us[a][size_t(r * rank + q)]) * Bs[a][size_t((j - terms[a].offset) * rank + q)];
+            ref += p, sum_abs += std::fabs(p);
+          }
+        }
+        if (!in_slice) {
+          touched += bits(y[i]) != bits(y0[i]);
+          continue;
+        }
+        const double bound = (rank + 2) * std::ldexp(1.0, -24) * sum_abs;
+        worst = std::max(worst, std::fabs(y[i] - ref) / std::max(bound, 1e-30));
+      }
+    }
+    check(worst <= 1.0, what + ": within tolerance (worst error / bound " + fmt(worst) + ")");
+    check(touched == 0, what + ": columns outside the adapters' slices untouched (" + std::to_string(touched) + " changed)");
+  }
+  for (Dev* d : keep) delete d;
+}
+
+// lora_down_rows past one group of kGemvMaxRows rows with the norm fused: bit-identical to
+// rmsnorm_rows and then the unfused call.
+void test_down_norm_rows(int rows, int K) {
+  const std::string what = "lora_down_rows with RMSNorm, rows " + std::to_string(rows) + " K " + std::to_string(K);
+  const std::vector<float> x = randn(size_t(rows) * K, 2.f), nw = randn(size_t(K), 0.3f), A = randn(size_t(16) * K, 0.05f);
+  Dev dx(x.size() * 4), dnw(nw.size() * 4), dA(A.size() * 4), dxn(x.size() * 4), ur(size_t(rows) * 16 * 4), ug(size_t(rows) * 16 * 4);
+  put(dx, x), put(dnw, nw), put(dA, A);
+  rf::cuda::rmsnorm_rows(static_cast<float*>(dxn.p), static_cast<const float*>(dx.p), static_cast<const float*>(dnw.p), rows, K, 1e-6f,
+                         nullptr);
+  const rf::cuda::GemvDown tr{static_cast<const float*>(dA.p), static_cast<float*>(ur.p), 16};
+  const rf::cuda::GemvDown tg{static_cast<const float*>(dA.p), static_cast<float*>(ug.p), 16};
+  rf::cuda::lora_down_rows(&tr, 1, static_cast<const float*>(dxn.p), K, rows, K, nullptr);
+  rf::cuda::lora_down_rows(&tg, 1, static_cast<const float*>(dx.p), K, rows, K, nullptr, static_cast<const float*>(dnw.p), 1e-6f);
+  if (ran(what)) {
+    const std::vector<float> a = get<float>(ur, size_t(rows) * 16), b = get<float>(ug, size_t(rows) * 16);
+    long differ = 0;
+    for (size_t i = 0; i < a.size(); ++i) differ += bits(a[i]) != bits(b[i]);
+    check(differ == 0, what + ": bit-identical to rmsnorm_rows then lora_down_rows (" + std::to_string(differ) + " differ)");
+  }
+}
+
 void test_refusals() {
   Dev d(1 << 16);
   const char* p = static_cast<const char*>(d.p);
@@ -389,6 +466,21 @@ void test_refusals() {
     threw = true;
   }
   check(threw, "lora_down_rows: five adapters throw");
+  threw = false;
+  try {
+    rf::cuda::lora_down_rows(t, 1, static_cast<const float*>(d.p), 0, rf::cuda::kLoraMaxRows + 1, 64, nullptr);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  check(threw, "lora_down_rows: more than kLoraMaxRows rows throw");
+  threw = false;
+  const rf::cuda::GemvLora up{static_cast<const float*>(d.p), static_cast<const float*>(d.p), 10, 8, 4};
+  try {
+    rf::cuda::lora_up_rows(&up, 1, 2, static_cast<float*>(d.p), 16, nullptr);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  check(threw, "lora_up_rows: an adapter's columns past ldy throw");
 }
 
 }  // namespace
@@ -409,6 +501,13 @@ int main() {
   test_lora_down(1, 2048, {16, 8, 8}, 0);
   test_lora_down(8, 80, {16}, 4);
   test_lora_down(3, 8192, {5, 1, 16, 2}, 0);
+  test_lora_down(13, 2048, {16, 4}, 8);  // two groups of rows, the second short
+  test_lora_down(64, 128, {8}, 0);
+  test_down_norm_rows(20, 2048);
+  test_lora_up(1, {16, 8, 8}, {256, 64, 64}, 400);
+  test_lora_up(16, {16}, {1000}, 1003);
+  test_lora_up(17, {5, 1, 32, 2}, {70, 300, 33, 257}, 700);
+  test_lora_up(64, {16, 16}, {512, 512}, 1040);
   for (bool bf16 : {true, false}) {
     test_norm_fused(bf16, 1, 96, 2048, false, {});
     test_norm_fused(bf16, 4, 64, 80, true, {16, 8});
