@@ -16,7 +16,8 @@
 //   - prefill attention alone at 2048 tokens, the f32 kernel against the tensor-core one
 //     (bf16 mma.sync): seconds, the latter's FLOP/s over the bf16 throughput, and the speedup;
 //   - the fused pick epilogue (token, log-prob, p(<rf>)) on one 128256-logit row, timed alone
-//     with CUDA events, as a fraction of a batch-1 decode step;
+//     with CUDA events, as a fraction of a batch-1 decode step: greedy (the target's figure),
+//     and sampled (temperature alone, with top-p 0.9, with top-k 50);
 //   - each decode product alone (QKV, o, gate|up with its SwiGLU, down, LM head) at 1 and 8 rows,
 //     gemv_rows against cuBLASLt's matmul on the same shapes: W's bytes per second over the copy
 //     bandwidth (W rotated through copies past the 50 MB L2, 20 launches per timing);
@@ -323,16 +324,50 @@ int main(int argc, char** argv) {
       check(cudaMalloc(&p_rf, 4), "cudaMalloc");
       void* pick_scratch = nullptr;
       check(cudaMalloc(&pick_scratch, rf::cuda::pick_scratch_bytes(1, c.vocab)), "cudaMalloc");
-      cudaMemset(logits, 0, size_t(c.vocab) * 4);
-      cudaMemset(params, 0, sizeof(rf::cuda::DevicePick));
+      // Logits spread like a model's (a sum of uniforms, sd about 3), so the sampled picks' sorts
+      // and sums see realistic keys.
+      std::vector<float> z(static_cast<size_t>(c.vocab));
+      uint64_t state = 0x853c49e6748fea9bull;
+      for (float& v : z) {
+        float sum = 0.f;
+        for (int k = 0; k < 4; ++k) {
+          state ^= state << 13, state ^= state >> 7, state ^= state << 17;
+          sum += float(state >> 40) / float(1 << 24) - 0.5f;
+        }
+        v = 5.2f * sum;
+      }
+      cudaMemcpy(logits, z.data(), z.size() * 4, cudaMemcpyHostToDevice);
       cudaMemcpy(flags, &rf_token, sizeof(int), cudaMemcpyHostToDevice);
-      const double t = median_time(50, [&] { rf::cuda::pick_rows(logits, 1, c.vocab, params, flags, 1, token, lp, p_rf, nullptr, 0, nullptr, nullptr, pick_scratch,
-                                                           nullptr); });
+      const auto time_pick = [&](float temperature, int top_k, float top_p) {
+        rf::cuda::DevicePick dp{temperature, 7, 1};
+        dp.top_k = top_k, dp.top_p = top_p;
+        cudaMemcpy(params, &dp, sizeof dp, cudaMemcpyHostToDevice);
+        return median_time(50, [&] {
+          rf::cuda::pick_rows(logits, 1, c.vocab, params, flags, 1, token, lp, p_rf, nullptr, 0, nullptr, nullptr, pick_scratch, nullptr);
+        });
+      };
+      const double t = time_pick(0.f, 0, 1.f);  // greedy
+      // Sampled: temperature alone, Llama-3's generation_config (0.6, top-p 0.9), and top-k 50.
+      struct Sampled {
+        float temperature;
+        int top_k;
+        float top_p;
+      };
+      std::string sampled;
+      for (const Sampled& sp : {Sampled{1.f, 0, 1.f}, Sampled{0.6f, 0, 0.9f}, Sampled{0.7f, 50, 1.f}}) {
+        const double ts = time_pick(sp.temperature, sp.top_k, sp.top_p);
+        std::fprintf(stderr, "%s: pick epilogue, temperature %.1f top-k %d top-p %.1f: %.1f us, %.2f%% of a batch-1 step\n", shape.name,
+                     sp.temperature, sp.top_k, sp.top_p, ts * 1e6, 100 * ts / step_seconds_1);
+        sampled += std::string(sampled.empty() ? "" : ", ") + "{\"temperature\": " + std::to_string(sp.temperature) +
+                   ", \"topK\": " + std::to_string(sp.top_k) + ", \"topP\": " + std::to_string(sp.top_p) + ", \"seconds\": " +
+                   std::to_string(ts) + ", \"fractionOfDecodeStep\": " + std::to_string(ts / step_seconds_1) + "}";
+      }
       for (void* p : {static_cast<void*>(logits), static_cast<void*>(params), static_cast<void*>(flags), static_cast<void*>(token),
                       static_cast<void*>(lp), static_cast<void*>(p_rf), pick_scratch})
         cudaFree(p);
       std::fprintf(stderr, "%s: pick epilogue %.1f us, %.2f%% of a batch-1 step\n", shape.name, t * 1e6, 100 * t / step_seconds_1);
-      r += ", \"pickEpilogue\": {\"seconds\": " + std::to_string(t) + ", \"fractionOfDecodeStep\": " + std::to_string(t / step_seconds_1) + "}";
+      r += ", \"pickEpilogue\": {\"seconds\": " + std::to_string(t) + ", \"fractionOfDecodeStep\": " + std::to_string(t / step_seconds_1) +
+           ", \"sampled\": [" + sampled + "]}";
     }
 
     // The detector's default: the adapter unmerged (last: it stays on the model). A failure here
