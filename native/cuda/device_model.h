@@ -145,8 +145,10 @@ class DeviceModel {
   void set_graphs(bool on);
   GraphStats graph_stats() const;
   // Products of a step's few rows (up to cuda/gemv.h's kGemvMaxRows: decode) go through gemv_rows,
-  // with the adapters' up products and the SwiGLU fused in, instead of cuBLASLt. On by default;
-  // RF_CUDA_GEMV=0 in the environment or set_gemv(false) turns it off (the benchmark measures both).
+  // with the norm, the adapters' up products and the SwiGLU fused in, instead of cuBLASLt, and up
+  // to kLoraMaxRows a projection's adapters take two launches (lora_down_rows, lora_up_rows), not
+  // two cuBLASLt products each. On by default; RF_CUDA_GEMV=0 in the environment or
+  // set_gemv(false) turns both off (the benchmark measures both ways).
   void set_gemv(bool on);
 
  private:

@@ -258,17 +258,54 @@ __global__ void __launch_bounds__(kStatThreads) pick_stats_kernel(const float* l
   if (threadIdx.x == 0) stats[long(blockIdx.x) * gridDim.y + blockIdx.y] = {mx, at, se};
 }
 
-// One block per row, after pick_stats_kernel. Shared: per-thread chunk sums and their exclusive
+// A sampled row's maximum, as pick_kernel takes it from its slices' statistics.
+__device__ float row_max(const PickStat* st, int slices, int vocab) {
+  float mx = -FLT_MAX;
+  int at = vocab;
+  for (int j = 0; j < slices; ++j)
+    if (max_before(st[j].max, st[j].at, mx, at)) mx = st[j].max, at = st[j].at;
+  return mx;
+}
+
+// Whether pick_kernel draws from the whole vocabulary's weights for this row (temperature > 0,
+// and no top-k: temperature alone, or top-p alone, which measures against their total).
+__device__ __forceinline__ bool whole_weights(const DevicePick& p) {
+  const float inv_t = p.temperature > 0.f ? 1.f / p.temperature : INFINITY;
+  return p.temperature > 0.f && isfinite(inv_t) && p.top_k == 0;
+}
+
+// Step 2 of a sampled pick, before pick_kernel: the kPickThreads chunk sums of exp((z - max) / T)
+// in double that pick_kernel's threads would each take (the same contiguous chunks, each summed
+// in order: the same bits), 32 chunks a block, so one row's double exponentials (FP64 is a
+// fraction of an SM's throughput) are spread over kPickThreads / 32 SMs instead of one.
+// grid (rows, kPickThreads / 32), 32 threads; weights [rows, kPickThreads]; greedy rows and top-k
+// rows write nothing (pick_kernel does not read theirs).
+__global__ void pick_weights_kernel(const float* logits, int vocab, const PickStat* stats, int slices, const DevicePick* params,
+                                    double* weights) {
+  const DevicePick p = params[blockIdx.x];
+  if (!whole_weights(p)) return;
+  const float mx = row_max(stats + long(blockIdx.x) * slices, slices, vocab), inv_t = 1.f / p.temperature;
+  const int t = int(blockIdx.y) * 32 + int(threadIdx.x);  // pick_kernel's thread
+  const int chunk = (vocab + kPickThreads - 1) / kPickThreads;
+  const int lo = min(vocab, t * chunk), hi = min(vocab, lo + chunk);
+  const float* z = logits + long(blockIdx.x) * vocab;
+  double w = 0;
+  for (int i = lo; i < hi; ++i) w += exp(double((z[i] - mx) * inv_t));
+  weights[long(blockIdx.x) * kPickThreads + t] = w;
+}
+
+// One block per row, after pick_stats_kernel (and pick_weights_kernel). Shared: per-thread chunk sums and their exclusive
 // prefix, the total, and the picked id.
-__global__ void pick_kernel(const float* logits, int vocab, const PickStat* stats, int slices, const DevicePick* params,
-                            const int* flags, int n_flags, uint32_t* token, float* logprob, float* p_rf, float* p_flags, int top_n,
+__global__ void pick_kernel(const float* logits, int vocab, const PickStat* stats, int slices, const double* weights,
+                            const DevicePick* params, const int* flags, int n_flags, uint32_t* token, float* logprob, float* p_rf, float* p_flags, int top_n,
                             uint32_t* top_ids, float* top_logprobs) {
   extern __shared__ __align__(16) unsigned char nucleus_smem[];  // NucleusShared, for top-k / top-p rows
   __shared__ double sw[kPickThreads];
   __shared__ float s_lse, s_mx;
   __shared__ int s_at;
   __shared__ double stotal;
-  __shared__ int spick;
+  __shared__ int spick, s_owner;
+  __shared__ double s_rem;
   const float* z = logits + long(blockIdx.x) * vocab;
   const int t = threadIdx.x;
 
@@ -300,32 +337,58 @@ __global__ void pick_kernel(const float* logits, int vocab, const PickStat* stat
   const float inv_t = p.temperature > 0.f ? 1.f / p.temperature : INFINITY;
   const bool nucleus = p.top_k > 0 || p.top_p < 1.f;
   if (p.temperature > 0.f && isfinite(inv_t)) {
-    // Weights exp((z - max) / T) in double as on the CPU: each thread sums a contiguous chunk (for
-    // the whole-vocabulary draw, and the total that top-p alone measures against).
+    // Weights exp((z - max) / T) in double as on the CPU: thread t's contiguous chunk's sum, from
+    // pick_weights_kernel (for the whole-vocabulary draw, and the total that top-p alone measures
+    // against).
     const int chunk = (vocab + blockDim.x - 1) / blockDim.x;
     const int lo = min(vocab, t * chunk), hi = min(vocab, lo + chunk);
-    double w = 0;
-    if (!nucleus || p.top_k == 0)
-      for (int i = lo; i < hi; ++i) w += exp(double((z[i] - mx) * inv_t));
+    const double w = whole_weights(p) ? weights[long(blockIdx.x) * kPickThreads + t] : 0.0;
     sw[t] = w;
     __syncthreads();
     if (t == 0) {
+      // The exclusive prefix in order, eight loads ahead of the dependent adds.
       double run = 0;
-      for (int i = 0; i < int(blockDim.x); ++i) {
-        const double c = sw[i];
-        sw[i] = run;  // exclusive prefix
-        run += c;
+      for (int i = 0; i < kPickThreads; i += 8) {
+        double c[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) c[j] = sw[i + j];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) sw[i + j] = run, run += c[j];
       }
       stotal = run;
+      s_owner = -1;
       spick = vocab - 1;  // u * total beyond the total by rounding: the CPU returns the last id too
     }
     __syncthreads();
     const double u = rf::uniform_draw(p.seed, p.counter);  // the CPU's draw, bit for bit
     if (!nucleus) {
+      // The chunk holding u * total (its owner), then the walk through it: its weights computed by
+      // the whole block into shared memory, then subtracted in order by one thread (the same
+      // numbers and order as the owner walking alone, without a chain of dependent exponentials).
       const double r = u * stotal;
       const double start = sw[t];
-      if (hi > lo && r >= start && r < start + w) {
-        double rem = r - start;
+      if (hi > lo && r >= start && r < start + w) s_owner = t, s_rem = r - start;
+      __syncthreads();
+      const int owner = s_owner;
+      if (owner >= 0 && chunk <= kPickMaxCandidates) {
+        const int olo = owner * chunk, ohi = min(vocab, olo + chunk);
+        double* wt = reinterpret_cast<NucleusShared*>(nucleus_smem)->prob;
+        for (int i = olo + t; i < ohi; i += blockDim.x) wt[i - olo] = exp(double((z[i] - mx) * inv_t));
+        __syncthreads();
+        if (t == 0) {
+          double rem = s_rem;
+          int found = ohi - 1;
+          for (int i = olo; i < ohi; ++i) {
+            rem -= wt[i - olo];
+            if (rem < 0) {
+              found = i;
+              break;
+            }
+          }
+          spick = found;
+        }
+      } else if (owner == t) {  // a chunk past the buffer (a vocabulary past 2^20): the owner walks alone
+        double rem = s_rem;
         int found = hi - 1;
         for (int i = lo; i < hi; ++i) {
           rem -= exp(double((z[i] - mx) * inv_t));
@@ -457,7 +520,14 @@ void gelu_new(float* out, const __nv_bfloat16* x, long n, cudaStream_t stream, _
   if (n > 0) gelu_new_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(out, x, n, out_bf16, nullptr);
 }
 
-size_t pick_scratch_bytes(int rows, int vocab) { return size_t(std::max(rows, 1)) * pick_slices(vocab) * sizeof(PickStat); }
+// The scratch: the slices' statistics [rows, slices], then (256-byte aligned) the chunk weights
+// [rows, kPickThreads] doubles.
+size_t pick_weights_offset(int rows, int vocab) {
+  return (size_t(std::max(rows, 1)) * pick_slices(vocab) * sizeof(PickStat) + 255) / 256 * 256;
+}
+size_t pick_scratch_bytes(int rows, int vocab) {
+  return pick_weights_offset(rows, vocab) + size_t(std::max(rows, 1)) * kPickThreads * sizeof(double);
+}
 
 void pick_rows(const float* logits, int rows, int vocab, const DevicePick* params, const int* flags, int n_flags,
                uint32_t* token, float* logprob, float* p_rf, float* p_flags, int top_n, uint32_t* top_ids, float* top_logprobs,
@@ -466,10 +536,12 @@ void pick_rows(const float* logits, int rows, int vocab, const DevicePick* param
   if (top_n < 0 || top_n > kPickMaxTopN) throw std::invalid_argument("pick_rows: top_n outside 0.." + std::to_string(kPickMaxTopN));
   const int slices = pick_slices(vocab);
   PickStat* stats = static_cast<PickStat*>(scratch);
+  double* weights = reinterpret_cast<double*>(static_cast<char*>(scratch) + pick_weights_offset(rows, vocab));
   pick_stats_kernel<<<dim3(rows, slices), kStatThreads, 0, stream>>>(logits, vocab, stats);
+  pick_weights_kernel<<<dim3(rows, kPickThreads / 32), 32, 0, stream>>>(logits, vocab, stats, slices, params, weights);
   // The candidates' arrays in dynamic shared memory: with the static arrays, under the 48 KiB a
   // kernel gets without opting in.
-  pick_kernel<<<rows, kPickThreads, sizeof(NucleusShared), stream>>>(logits, vocab, stats, slices, params, flags, n_flags, token,
+  pick_kernel<<<rows, kPickThreads, sizeof(NucleusShared), stream>>>(logits, vocab, stats, slices, weights, params, flags, n_flags, token,
                                                                       logprob, p_rf, p_flags, top_n, top_ids, top_logprobs);
 }
 

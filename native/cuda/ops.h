@@ -68,7 +68,8 @@ constexpr uint32_t kPickFallback = 0xffffffffu;
 // log-probabilities at temperature 1; past the vocabulary id 0 and -inf), but for the rows
 // answered kPickFallback, which the host redoes whole.
 // scratch: pick_scratch_bytes(rows, vocab) bytes of device memory (each row's statistics, taken
-// over slices of it by many blocks: a batch-1 step's one row is not left to one SM).
+// over slices of it by many blocks, and a sampled row's weight sums in double over 512 chunks of
+// it, 32 chunks a block: a batch-1 step's one row is not left to one SM).
 constexpr int kPickMaxTopN = 64;
 size_t pick_scratch_bytes(int rows, int vocab);
 void pick_rows(const float* logits, int rows, int vocab, const DevicePick* params, const int* flags, int n_flags,

@@ -441,46 +441,27 @@ void test_refusals() {
   check(!gemv_supports(p, 0, p, rf::DType::bf16, 1, 68) && !gemv_supports(p, 66, p, rf::DType::bf16, 1, 64) &&
             !gemv_supports(p + 8, 0, p, rf::DType::bf16, 1, 64) && !gemv_supports(p, 0, p + 4, rf::DType::f32, 1, 64),
         "gemv_supports: refuses rows that are not 16-byte aligned");
-  bool threw = false;
+  const auto throws = [](auto&& fn) {
+    try {
+      fn();
+    } catch (const std::invalid_argument&) {
+      return true;
+    }
+    return false;
+  };
+  const float* f = static_cast<const float*>(d.p);
   rf::cuda::GemvArgs a;
   a.x = p, a.w = p, a.rows = 2, a.N = 5, a.K = 64, a.glu = true, a.y = static_cast<float*>(d.p);
-  try {
-    rf::cuda::gemv_rows(a, nullptr);
-  } catch (const std::invalid_argument&) {
-    threw = true;
-  }
-  check(threw, "gemv_rows: an odd N with glu throws");
-  threw = false;
-  a.glu = false, a.n_lora = 1, a.lora[0] = {static_cast<const float*>(d.p), static_cast<const float*>(d.p), 3, 3, 4};
-  try {
-    rf::cuda::gemv_rows(a, nullptr);
-  } catch (const std::invalid_argument&) {
-    threw = true;
-  }
-  check(threw, "gemv_rows: an adapter's columns past N throw");
-  threw = false;
+  check(throws([&] { rf::cuda::gemv_rows(a, nullptr); }), "gemv_rows: an odd N with glu throws");
+  a.glu = false, a.n_lora = 1, a.lora[0] = {f, f, 3, 3, 4};
+  check(throws([&] { rf::cuda::gemv_rows(a, nullptr); }), "gemv_rows: an adapter's columns past N throw");
   rf::cuda::GemvDown t[5];
-  try {
-    rf::cuda::lora_down_rows(t, 5, static_cast<const float*>(d.p), 0, 1, 64, nullptr);
-  } catch (const std::invalid_argument&) {
-    threw = true;
-  }
-  check(threw, "lora_down_rows: five adapters throw");
-  threw = false;
-  try {
-    rf::cuda::lora_down_rows(t, 1, static_cast<const float*>(d.p), 0, rf::cuda::kLoraMaxRows + 1, 64, nullptr);
-  } catch (const std::invalid_argument&) {
-    threw = true;
-  }
-  check(threw, "lora_down_rows: more than kLoraMaxRows rows throw");
-  threw = false;
-  const rf::cuda::GemvLora up{static_cast<const float*>(d.p), static_cast<const float*>(d.p), 10, 8, 4};
-  try {
-    rf::cuda::lora_up_rows(&up, 1, 2, static_cast<float*>(d.p), 16, nullptr);
-  } catch (const std::invalid_argument&) {
-    threw = true;
-  }
-  check(threw, "lora_up_rows: an adapter's columns past ldy throw");
+  check(throws([&] { rf::cuda::lora_down_rows(t, 5, f, 0, 1, 64, nullptr); }), "lora_down_rows: five adapters throw");
+  check(throws([&] { rf::cuda::lora_down_rows(t, 1, f, 0, rf::cuda::kLoraMaxRows + 1, 64, nullptr); }),
+        "lora_down_rows: more than kLoraMaxRows rows throw");
+  const rf::cuda::GemvLora up{f, f, 10, 8, 4};
+  check(throws([&] { rf::cuda::lora_up_rows(&up, 1, 2, static_cast<float*>(d.p), 16, nullptr); }),
+        "lora_up_rows: an adapter's columns past ldy throw");
 }
 
 }  // namespace
