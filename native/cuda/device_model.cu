@@ -495,7 +495,8 @@ bool DeviceModel::gemv_applies(const DLinear& lin, const float* in, const __nv_b
 // with their up products, the bias, the residual and the SwiGLU in its epilogue; with norm, both
 // launches normalize the rows as they read them (no norm launch, no xn).
 void DeviceModel::linear_rows_gemv(const DLinear& lin, const float* in, const __nv_bfloat16* in_bf16, long rows, float* y,
-                                   bool accumulate, bool glu, __nv_bfloat16* y_bf16, const DNorm* norm) {
+                                   bool accumulate, bool glu, __nv_bfloat16* y_bf16, const DNorm* norm,
+                                   const GemvAppend* append) {
   DeviceScratch& s = *s_;
   const cudaStream_t st = as_stream(stream_);
   GemvArgs g;
@@ -512,6 +513,7 @@ void DeviceModel::linear_rows_gemv(const DLinear& lin, const float* in, const __
   g.rows = int(rows), g.N = lin.out, g.K = lin.in;
   g.bias = lin.bias.empty() ? nullptr : lin.bias.get();
   g.y = y, g.accumulate = accumulate, g.glu = glu, g.y_bf16 = y_bf16;
+  if (append) g.append = *append;
   if (adapter_enabled_ && !lin.lora.empty()) g.n_lora = lora_down_all(lin, in, rows, norm_w, g.lora);
   gemv_rows(g, st);
 }
@@ -583,22 +585,29 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
   size_t u_next = 0;
   if (lt) keep_rows(lt->x_in, x, R * H);
 
-  // Attention block: x += o(attn(rope(qkv(norm(x))))); a decode step's few rows normalize as the
-  // products read them (gemv.h: no norm launch).
+  // Attention block: x += o(attn(rope(qkv(norm(x))))). A decode step's few rows (gemv.h): the
+  // product normalizes the rows as it reads them (no norm launch), and with rope turns q and k
+  // and appends k and v to the cache in its epilogue (no kv_append launch).
+  const bool fused_append = c.rope && append_kv;
+  bool appended = false;
   if (gemv_applies(L.qkv, x, nullptr, R, trace, true)) {
-    linear_rows_gemv(L.qkv, x, nullptr, R, qkv, false, false, nullptr, &L.attn_norm);
+    GemvAppend ap;
+    if (fused_append)
+      ap = {c.n_heads,  c.n_kv_heads, int(hd), kBlockTokens, p.cos,    p.sin,           pool_->k(l),
+            pool_->v(l), pool_->bf16(), p.row_seq, p.row_pos,  p.tables, p.table_offsets};
+    linear_rows_gemv(L.qkv, x, nullptr, R, qkv, false, false, nullptr, &L.attn_norm, fused_append ? &ap : nullptr);
+    appended = fused_append;
   } else {
     norm_rows(L.attn_norm, x, xn, R, xb);
     linear_rows(L.qkv, xn, xb, R, qkv, false, l, 0, trace, keep, &u_next);
   }
   // Rope on q's heads, then k's, and the keys and values into the cache: one launch when both,
   // which for bf16 models also writes the trace's bf16 copy of the rows.
-  const bool fused_append = c.rope && append_kv;
   __nv_bfloat16* keep_qkv16 = fused_append && keep && dtype_ == DType::bf16
                                   ? static_cast<__nv_bfloat16*>(keep->qkv.ensure(size_t(R * QKV) * sizeof(__nv_bfloat16)))
                                   : nullptr;
   if (c.rope && !append_kv) rope_rows(qkv, QKV, int(R), c.n_heads + c.n_kv_heads, int(hd), p.cos, p.sin, st);
-  if (append_kv)
+  if (append_kv && !appended)
     kv_append(pool_->k(l), pool_->v(l), pool_->bf16(), qkv, QKV, int(Q), int(Q + KV), p.row_seq, p.row_pos, p.tables,
               p.table_offsets, int(R), c.n_kv_heads, int(hd), kBlockTokens, st,
               fused_append ? AppendRope{c.n_heads, p.cos, p.sin, keep_qkv16} : AppendRope{});

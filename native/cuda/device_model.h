@@ -38,6 +38,7 @@ struct DeviceTrace;
 struct DeviceLayerTrace;
 struct DNorm;
 struct GemvLora;
+struct GemvAppend;
 class Buffer;
 class DeviceTrainer;
 struct DecodeGraphs;
@@ -183,11 +184,13 @@ class DeviceModel {
   // linear_rows through gemv_rows: whether it applies (untraced, few rows, operands it takes, at
   // most kGemvMaxLora adapters; norm: RMSNorm fused, in is then the f32 residual stream), and the
   // product with its adapters; glu: y [rows, I] is the SwiGLU of the gate|up outputs, y_bf16
-  // (optional) y rounded to bf16 too; norm (optional): the block's RMSNorm applied to in first.
+  // (optional) y rounded to bf16 too; norm (optional): the block's RMSNorm applied to in first;
+  // append (optional, QKV): rope and kv_append's cache writes in the product's epilogue.
   bool gemv_applies(const DLinear& lin, const float* in, const __nv_bfloat16* in_bf16, long rows, const DeviceTrace* trace,
                     bool norm = false) const;
   void linear_rows_gemv(const DLinear& lin, const float* in, const __nv_bfloat16* in_bf16, long rows, float* y, bool accumulate,
-                        bool glu, __nv_bfloat16* y_bf16 = nullptr, const DNorm* norm = nullptr);
+                        bool glu, __nv_bfloat16* y_bf16 = nullptr, const DNorm* norm = nullptr,
+                        const GemvAppend* append = nullptr);
   // Every adapter's down product of lin from its f32 input in one launch (gemv.h's
   // lora_down_rows; norm_w: its RMSNorm fused); up[] gets their up-product terms; returns how many.
   int lora_down_all(const DLinear& lin, const float* in, long rows, const float* norm_w, GemvLora* up);

@@ -10,6 +10,7 @@
 #include "cuda/bf16.h"
 #include "cuda/block_sum.cuh"
 #include "cuda/gemv.h"
+#include "cuda/rope.cuh"
 
 namespace rf::cuda {
 
@@ -91,15 +92,29 @@ __device__ __forceinline__ float finish(float z, int col, int r, const float* bi
   return z;
 }
 
-// grid: up to kMaxBlocks blocks of kWarps warps; warp w of block b computes outputs j = b kWarps +
-// w, then j + gridDim.x kWarps, ... of every row of x (with GLU, W's rows j and half + j, gate and
-// up). V: 16 bytes of W's type; kv: V chunks per row of W. With NORM the block first takes each
-// row's 1 / rms as rmsnorm_rows does (same reduction, same bits). Lane l sums chunks l, l + 32,
-// ... (kUnroll of W's loaded ahead), then the warp's xor tree; lane r writes row r.
-template <class V, bool GLU, bool NORM>
+// What gemv_kernel's epilogue does with its outputs: write them (plain), pair gate and up rows
+// into SwiGLU (glu), or turn q and k pairs by rope and append k and v to the paged cache (rope).
+enum class Epilogue { plain, glu, rope };
+
+// A key or value element into the cache, as kv_append stores it (paged_cache.cu).
+__device__ __forceinline__ void cache_store(void* cache, bool bf16, long at, float v) {
+  if (bf16) static_cast<__nv_bfloat16*>(cache)[at] = __float2bfloat16_rn(v);
+  else static_cast<float*>(cache)[at] = v;
+}
+
+// grid: up to kMaxBlocks blocks of kWarps warps; warp w of block b takes units j = b kWarps + w,
+// then j + gridDim.x kWarps, ..., for every row of x. A unit is one row of W (plain; with rope, a
+// value column), or two: with glu, gate row j and up row half + j; with rope, the pair (a, a +
+// head_dim / 2) of a q or k head (unit j < pairs: head j / (head_dim / 2)). V: 16 bytes of W's
+// type; kv: V chunks per row of W. With NORM the block first takes each row's 1 / rms as
+// rmsnorm_rows does (same reduction, same bits). Lane l sums chunks l, l + 32, ... (kUnroll of
+// W's loaded ahead), then the warp's xor tree; lane r writes row r.
+template <class V, Epilogue E, bool NORM>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(const void* __restrict__ x, long ldx, const V* __restrict__ w, int rows,
                                                        int units, int kv, long half, Norm norm, int K, const float* bias,
-                                                       Terms terms, float* y, long ldy, bool accumulate, __nv_bfloat16* y_bf16) {
+                                                       Terms terms, float* y, long ldy, bool accumulate, __nv_bfloat16* y_bf16,
+                                                       GemvAppend ap) {
+  constexpr bool PAIRS = E != Epilogue::plain;
   __shared__ float scratch[kWarps];
   float inv[kGemvMaxRows];
 #pragma unroll
@@ -110,22 +125,31 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const void* __restrict__
       if (r < rows) inv[r] = rms_inv(static_cast<const float*>(x) + r * ldx, K, norm.eps, scratch);
   }
   const int lane = threadIdx.x & 31;
+  const int hh = ap.head_dim / 2, pairs = (ap.n_q_heads + ap.n_kv_heads) * hh;  // rope only
   for (int j = blockIdx.x * kWarps + (threadIdx.x >> 5); j < units; j += gridDim.x * kWarps) {
-    float acc[GLU ? 2 : 1][kGemvMaxRows];
+    // This unit's rows of W: j0, and j1 when it has two (the same for the whole warp).
+    long j0 = j, j1 = j + half;
+    bool two = E == Epilogue::glu;
+    if (E == Epilogue::rope) {
+      two = j < pairs;
+      j0 = two ? long(j / hh) * ap.head_dim + j % hh : long(pairs) * 2 + (j - pairs);
+      j1 = j0 + hh;
+    }
+    float acc[PAIRS ? 2 : 1][kGemvMaxRows];
 #pragma unroll
     for (int r = 0; r < kGemvMaxRows; ++r) {
       acc[0][r] = 0.f;
-      if (GLU) acc[GLU ? 1 : 0][r] = 0.f;
+      if (PAIRS) acc[PAIRS ? 1 : 0][r] = 0.f;
     }
-    const V* w0 = w + long(j) * kv;
-    const V* w1 = w + (long(j) + half) * kv;  // GLU only
+    const V* w0 = w + j0 * kv;
+    const V* w1 = w + j1 * kv;  // read only when two
     for (int c0 = lane; c0 < kv; c0 += 32 * kUnroll) {
       V a[kUnroll], b[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int c = c0 + 32 * u;
         a[u] = c < kv ? w0[c] : V{};
-        if (GLU) b[u] = c < kv ? w1[c] : V{};
+        if (PAIRS) b[u] = two && c < kv ? w1[c] : V{};
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
@@ -136,26 +160,50 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const void* __restrict__
             if (r < rows) {
               const V xv = x_chunk<NORM>(x, ldx, r, c, norm.w, inv[r], static_cast<V*>(nullptr));
               acc[0][r] = dot_chunk(a[u], xv, acc[0][r]);
-              if (GLU) acc[GLU ? 1 : 0][r] = dot_chunk(b[u], xv, acc[GLU ? 1 : 0][r]);
+              if (PAIRS && two) acc[PAIRS ? 1 : 0][r] = dot_chunk(b[u], xv, acc[PAIRS ? 1 : 0][r]);
             }
           }
         }
       }
     }
 #pragma unroll
-    for (int p = 0; p < (GLU ? 2 : 1); ++p)
+    for (int p = 0; p < (PAIRS ? 2 : 1); ++p)
 #pragma unroll
       for (int r = 0; r < kGemvMaxRows; ++r)
-        if (r < rows) acc[p][r] = warp_sum(acc[p][r]);
+        if (r < rows && (p == 0 || two)) acc[p][r] = warp_sum(acc[p][r]);
     if (lane < rows) {
       const int r = lane;
       float z0 = 0.f, z1 = 0.f;
 #pragma unroll
       for (int q = 0; q < kGemvMaxRows; ++q)
-        if (q == r) z0 = acc[0][q], z1 = acc[GLU ? 1 : 0][q];
-      float v = finish(z0, j, r, bias, terms);
-      if (GLU) {
-        const float up = finish(z1, int(half) + j, r, bias, terms);
+        if (q == r) z0 = acc[0][q], z1 = acc[PAIRS ? 1 : 0][q];
+      float v = finish(z0, int(j0), r, bias, terms);
+      if (E == Epilogue::rope) {
+        // kv_append's work for this unit: the pair turned (q and k) or the value, into y and,
+        // for k and v, into the cache at the row's position.
+        const int pos = ap.row_pos[r];
+        const long block = ap.tables[ap.table_offsets[ap.row_seq[r]] + pos / ap.block_tokens];
+        const long slot = block * ap.n_kv_heads * ap.block_tokens + pos % ap.block_tokens;
+        const long q_cols = long(ap.n_q_heads) * ap.head_dim, kv_cols = long(ap.n_kv_heads) * ap.head_dim;
+        if (two) {
+          float v1 = finish(z1, int(j1), r, bias, terms);
+          const int i = j % hh;
+          rope_rotate(v, v1, ap.cos[long(r) * hh + i], ap.sin[long(r) * hh + i]);
+          y[r * ldy + j0] = v, y[r * ldy + j1] = v1;
+          if (j0 >= q_cols) {
+            const long h = (j0 - q_cols) / ap.head_dim;
+            const long at = (slot + h * ap.block_tokens) * ap.head_dim + i;
+            cache_store(ap.k_cache, ap.cache_bf16, at, v), cache_store(ap.k_cache, ap.cache_bf16, at + hh, v1);
+          }
+        } else {
+          y[r * ldy + j0] = v;
+          const long e = j0 - q_cols - kv_cols;  // the value's element within the kv heads
+          cache_store(ap.v_cache, ap.cache_bf16, (slot + e / ap.head_dim * ap.block_tokens) * ap.head_dim + e % ap.head_dim, v);
+        }
+        continue;
+      }
+      if (E == Epilogue::glu) {
+        const float up = finish(z1, int(j1), r, bias, terms);
         v = v / (1.0f + expf(-v)) * up;  // silu(gate) * up, as swiglu_rows
       }
       float* out = y + r * ldy + j;
@@ -262,19 +310,24 @@ void check_launch(const char* what) {
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // gemv_kernel's instance for the arguments (V: 16 bytes of W's type).
-template <class V, bool GLU, bool NORM>
+template <class V, Epilogue E, bool NORM>
 void launch(const GemvArgs& a, unsigned grid, long ldx, int kv, int units, long half, Norm nm, const Terms& terms, long ldy,
             cudaStream_t stream) {
-  gemv_kernel<V, GLU, NORM><<<grid, kThreads, 0, stream>>>(a.x, ldx, static_cast<const V*>(a.w), a.rows, units, kv, half, nm, a.K,
-                                                           a.bias, terms, a.y, ldy, a.accumulate, a.y_bf16);
+  gemv_kernel<V, E, NORM><<<grid, kThreads, 0, stream>>>(a.x, ldx, static_cast<const V*>(a.w), a.rows, units, kv, half, nm, a.K,
+                                                         a.bias, terms, a.y, ldy, a.accumulate, a.y_bf16, a.append);
+}
+template <class V, Epilogue E>
+void launch(const GemvArgs& a, bool norm, unsigned grid, long ldx, int kv, int units, long half, Norm nm, const Terms& terms,
+            long ldy, cudaStream_t stream) {
+  if (norm) launch<V, E, true>(a, grid, ldx, kv, units, half, nm, terms, ldy, stream);
+  else launch<V, E, false>(a, grid, ldx, kv, units, half, nm, terms, ldy, stream);
 }
 template <class V>
 void launch(const GemvArgs& a, bool norm, unsigned grid, long ldx, int kv, int units, long half, Norm nm, const Terms& terms,
             long ldy, cudaStream_t stream) {
-  if (a.glu && norm) launch<V, true, true>(a, grid, ldx, kv, units, half, nm, terms, ldy, stream);
-  else if (a.glu) launch<V, true, false>(a, grid, ldx, kv, units, half, nm, terms, ldy, stream);
-  else if (norm) launch<V, false, true>(a, grid, ldx, kv, units, half, nm, terms, ldy, stream);
-  else launch<V, false, false>(a, grid, ldx, kv, units, half, nm, terms, ldy, stream);
+  if (a.append.k_cache) launch<V, Epilogue::rope>(a, norm, grid, ldx, kv, units, half, nm, terms, ldy, stream);
+  else if (a.glu) launch<V, Epilogue::glu>(a, norm, grid, ldx, kv, units, half, nm, terms, ldy, stream);
+  else launch<V, Epilogue::plain>(a, norm, grid, ldx, kv, units, half, nm, terms, ldy, stream);
 }
 
 }  // namespace
@@ -303,9 +356,19 @@ void gemv_rows(const GemvArgs& a, cudaStream_t stream) {
       throw std::invalid_argument("gemv_rows: adapter " + std::to_string(i) + " needs u, B, a rank and columns within N");
     terms.t[i] = t;
   }
-  const int units = a.glu ? a.N / 2 : a.N;
-  const long ldy = a.ldy ? a.ldy : units;
-  if (ldy < units) throw std::invalid_argument("gemv_rows: ldy is shorter than a row of y");
+  const GemvAppend& ap = a.append;
+  if (ap.k_cache) {
+    if (a.glu || a.accumulate || a.y_bf16 || !ap.v_cache || !ap.cos || !ap.sin || !ap.row_seq || !ap.row_pos || !ap.tables ||
+        !ap.table_offsets || ap.head_dim <= 0 || ap.head_dim % 2 != 0 || ap.block_tokens <= 0 || ap.n_q_heads <= 0 ||
+        ap.n_kv_heads <= 0 || long(a.N) != long(ap.n_q_heads + 2 * ap.n_kv_heads) * ap.head_dim)
+      throw std::invalid_argument("gemv_rows: the append epilogue needs the QKV product (N = (q heads + 2 kv heads) x head_dim, "
+                                  "an even head_dim), rope tables, the cache and its tables, and no glu, residual or bf16 copy");
+  }
+  // Units: outputs, gate|up pairs, or rope pairs of q and k heads and then the value columns.
+  const int units = ap.k_cache ? (ap.n_q_heads + ap.n_kv_heads) * (ap.head_dim / 2) + ap.n_kv_heads * ap.head_dim
+                               : a.glu ? a.N / 2 : a.N;
+  const long ldy = a.ldy ? a.ldy : (a.glu ? a.N / 2 : a.N);
+  if (ldy < (a.glu ? a.N / 2 : a.N)) throw std::invalid_argument("gemv_rows: ldy is shorter than a row of y");
   const int vec = a.type == DType::bf16 ? 8 : 4;
   const long ldx = (a.ldx ? a.ldx : a.K) / (norm ? 1 : vec);  // the kernel's unit: floats with the norm, else chunks
   const int kv = a.K / vec;

@@ -9,9 +9,10 @@
 // was a second product per adapter), the residual (y +=), and SwiGLU (a warp reads the gate row
 // and the up row of one output, so the activation's launch and the f32 gate|up buffer go).
 // lora_down_rows makes every adapter's u = x A^T of one projection in one launch. Both can apply
-// the block's RMSNorm to the rows as they read them (the norm's launch goes). With an unmerged
-// adapter on all seven projections a Llama block's decode then runs 10 launches instead of 23,
-// and 6 instead of 9 without one (device_model.cu). Larger batches are a GEMM's regime and stay
+// the block's RMSNorm to the rows as they read them (the norm's launch goes), and the QKV
+// product can do kv_append's rope and cache writes in its epilogue (GemvAppend). With an
+// unmerged adapter on all seven projections a Llama block's decode then runs 9 launches instead
+// of 23, and 5 instead of 9 without one (device_model.cu). Larger batches are a GEMM's regime and stay
 // on cuBLASLt, but up to kLoraMaxRows rows their adapters still take two launches a projection
 // (lora_down_rows, lora_up_rows) instead of two cuBLASLt products per adapter: 17 a block. The model takes this path unless set_gemv(false) or RF_CUDA_GEMV=0, which the
 // benchmark uses to measure both in one run.
@@ -20,6 +21,8 @@
 // order (each lane a strided partial sum, then the same xor tree over the warp): the same bits on
 // every run and every GPU, equal to matmul's up to summation order.
 #pragma once
+#include <cstdint>
+
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -39,6 +42,21 @@ struct GemvLora {
   const float* u = nullptr;  // [rows, rank]
   const float* B = nullptr;  // [out, rank], the adapter's scale folded in
   int offset = 0, out = 0, rank = 0;
+};
+
+// The QKV product's epilogue in place of kv_append (paged_cache.h) at a decode step: each q and
+// k head's rope pairs (i, i + head_dim / 2) are one warp's two outputs, turned by rope_rotate as
+// kv_append turns them (the same bits); the turned q and k and v go to y (columns: q heads, k
+// heads, v heads), and k and v into the paged cache at each row's position, as kv_append stores
+// them. Set k_cache to use it (GemvArgs::append); everything else as kv_append's arguments.
+struct GemvAppend {
+  int n_q_heads = 0, n_kv_heads = 0, head_dim = 0, block_tokens = 0;
+  const float* cos = nullptr;  // [rows, head_dim / 2], as rope_rows'
+  const float* sin = nullptr;
+  void* k_cache = nullptr;
+  void* v_cache = nullptr;
+  bool cache_bf16 = false;
+  const int32_t *row_seq = nullptr, *row_pos = nullptr, *tables = nullptr, *table_offsets = nullptr;
 };
 
 struct GemvArgs {
@@ -62,6 +80,7 @@ struct GemvArgs {
   bool accumulate = false;  // y = y + z (the residual) instead of y = z; z with the bias, then the adapters
   bool glu = false;
   __nv_bfloat16* y_bf16 = nullptr;  // optional: y's values rounded as f32_to_bf16 does, rows ldy apart
+  GemvAppend append;                 // k_cache set: rope and the cache append (no glu, residual or y_bf16)
 };
 
 // Whether gemv_rows takes x and W as they are: 1 <= rows <= kGemvMaxRows, x's and W's rows 16-byte

@@ -25,6 +25,10 @@
 //   - lora_up_rows: y0 + (the rank-long f32 sum): within (rank + 2) * 2^-24 * (|y0| + sum |u B|)
 //     of double; columns outside every adapter's slice, and the padding past the rows' width,
 //     bit-identical (untouched); rows 1, 16, 17 and 64 (the 16-row blocks' edges).
+//   - the append epilogue (GemvArgs::append): y and both paged caches (bf16 and f32) bit-identical
+//     to the plain product followed by kv_append with its fused rope, for rows of three sequences
+//     at positions in different cache blocks, GQA 2, with the norm, a bias and adapters; the
+//     caches' other slots untouched.
 //   - the fused RMSNorm (GemvArgs::norm_w, lora_down_rows' norm_w): bit-identical to rmsnorm_rows
 //     (ops.h) followed by the unfused products on its output (its bf16 copy for bf16 W), since
 //     the kernels share the reduction (block_sum.cuh) and the element's arithmetic; rows 1, 4
@@ -45,6 +49,7 @@
 #include "cuda/cuda.h"
 #include "cuda/gemv.h"
 #include "cuda/ops.h"
+#include "cuda/paged_cache.h"
 #include "tests/check.h"
 
 using rf::test::check;
@@ -430,6 +435,67 @@ void test_down_norm_rows(int rows, int K) {
   }
 }
 
+// gemv_rows with the append epilogue against the plain product and then kv_append.
+void test_append(bool bf16_w, bool bf16_cache) {
+  const std::string what = std::string("gemv_rows append ") + (bf16_w ? "bf16" : "f32") + " W, " + (bf16_cache ? "bf16" : "f32") +
+                           " cache";
+  const int nq = 4, nkv = 2, hd = 16, bt = 16, K = 64, rows = 3, n_blocks = 6;
+  const int N = (nq + 2 * nkv) * hd, hh = hd / 2;
+  std::vector<float> x = randn(size_t(rows) * K, 2.f), nw = randn(size_t(K), 0.2f), w = randn(size_t(N) * K, 0.1f),
+                     bias = randn(size_t(N), 0.3f), cs = randn(size_t(rows) * hh), sn = randn(size_t(rows) * hh);
+  for (float& v : nw) v += 1.f;
+  Dev dx(x.size() * 4), dnw(nw.size() * 4), dw(w.size() * 4), db(bias.size() * 4), dc(cs.size() * 4), ds(sn.size() * 4);
+  put(dx, x), put(dnw, nw), put(db, bias), put(dc, cs), put(ds, sn);
+  if (bf16_w) {
+    std::vector<uint16_t> wb(w.size());
+    for (size_t i = 0; i < w.size(); ++i) wb[i] = rf::f32_to_bf16(w[i]);
+    put(dw, wb);
+  } else {
+    put(dw, w);
+  }
+  // Three sequences of two blocks each; the rows at positions 17, 3 and 30.
+  const std::vector<int32_t> ints{5, 1, 3, 0, 2, 4, /*offsets*/ 0, 2, 4, /*row_seq*/ 0, 1, 2, /*row_pos*/ 17, 3, 30};
+  Dev di(ints.size() * 4);
+  put(di, ints);
+  const int32_t* tables = static_cast<const int32_t*>(di.p);
+  const size_t cache_elems = size_t(n_blocks) * nkv * bt * hd, esize = bf16_cache ? 2 : 4;
+  const std::vector<uint8_t> fill(cache_elems * esize, 0xab);
+  Dev k_ref(cache_elems * esize), v_ref(cache_elems * esize), k_got(cache_elems * esize), v_got(cache_elems * esize);
+  put(k_ref, fill), put(v_ref, fill), put(k_got, fill), put(v_got, fill);
+  const std::vector<float> A = randn(size_t(8) * K, 0.1f), B = randn(size_t(nkv * hd) * 8, 0.1f);
+  Dev dA(A.size() * 4), dB(B.size() * 4), du(size_t(rows) * 8 * 4);
+  put(dA, A), put(dB, B);
+  const rf::cuda::GemvDown down{static_cast<const float*>(dA.p), static_cast<float*>(du.p), 8};
+  rf::cuda::lora_down_rows(&down, 1, static_cast<const float*>(dx.p), K, rows, K, nullptr, static_cast<const float*>(dnw.p), 1e-5f);
+  rf::cuda::GemvArgs a;
+  a.x = dx.p, a.w = dw.p, a.type = bf16_w ? rf::DType::bf16 : rf::DType::f32, a.rows = rows, a.N = N, a.K = K;
+  a.norm_w = static_cast<const float*>(dnw.p), a.norm_eps = 1e-5f, a.bias = static_cast<const float*>(db.p);
+  a.n_lora = 1, a.lora[0] = {static_cast<const float*>(du.p), static_cast<const float*>(dB.p), nq * hd, nkv * hd, 8};  // on k
+  Dev y_ref(size_t(rows) * N * 4), y_got(size_t(rows) * N * 4);
+  // Unfused: the product, then kv_append with the rope.
+  a.y = static_cast<float*>(y_ref.p);
+  rf::cuda::gemv_rows(a, nullptr);
+  rf::cuda::kv_append(k_ref.p, v_ref.p, bf16_cache, static_cast<float*>(y_ref.p), N, nq * hd, (nq + nkv) * hd, tables + 9, tables + 12,
+                      tables, tables + 6, rows, nkv, hd, bt, nullptr,
+                      rf::cuda::AppendRope{nq, static_cast<const float*>(dc.p), static_cast<const float*>(ds.p), nullptr});
+  // Fused.
+  a.y = static_cast<float*>(y_got.p);
+  a.append = {nq, nkv, hd, bt, static_cast<const float*>(dc.p), static_cast<const float*>(ds.p), k_got.p, v_got.p, bf16_cache,
+              tables + 9, tables + 12, tables, tables + 6};
+  rf::cuda::gemv_rows(a, nullptr);
+  if (ran(what)) {
+    long differ = 0;
+    const std::vector<float> yr = get<float>(y_ref, size_t(rows) * N), yg = get<float>(y_got, size_t(rows) * N);
+    for (size_t i = 0; i < yr.size(); ++i) differ += bits(yr[i]) != bits(yg[i]);
+    for (const auto& [r, g] : {std::pair<const Dev*, const Dev*>{&k_ref, &k_got}, {&v_ref, &v_got}}) {
+      const std::vector<uint8_t> cr = get<uint8_t>(*r, cache_elems * esize), cg = get<uint8_t>(*g, cache_elems * esize);
+      differ += std::memcmp(cr.data(), cg.data(), cr.size()) != 0;
+    }
+    check(differ == 0, what + ": y and both caches bit-identical to the product then kv_append (" + std::to_string(differ) +
+                           " differ)");
+  }
+}
+
 void test_refusals() {
   Dev d(1 << 16);
   const char* p = static_cast<const char*>(d.p);
@@ -495,6 +561,8 @@ int main() {
     test_norm_fused(bf16, 8, 200, 8192, false, {16, 4, 1});
   }
   test_norm_fused(true, 1, 2048 * 8 + 40, 64, false, {});  // more outputs than 2048 blocks: a warp takes several
+  for (bool bf16_w : {true, false})
+    for (bool bf16_cache : {true, false}) test_append(bf16_w, bf16_cache);
   test_refusals();
   return rf::test::finish("cuda_gemv");
 }
