@@ -549,7 +549,8 @@ void DeviceModel::head_rows(const float* xn, long rows, float* logits, bool flag
     xin = xn_bf16 ? xn_bf16 : s_->xb.get<__nv_bfloat16>();
     xt = DType::bf16;
   }
-  if (gemv_on_ && gemv_supports(xin, c.hidden, table.get<void>(), dtype_, int(rows), c.hidden)) {  // a decode step's few rows
+  // A decode step's few rows: gemv_rows (gemv.h).
+  if (gemv_on_ && gemv_supports(xin, c.hidden, table.get<void>(), dtype_, int(rows), c.hidden)) {
     GemvArgs g;
     g.x = xin, g.w = table.get<void>(), g.type = dtype_;
     g.rows = int(rows), g.N = c.vocab, g.K = c.hidden, g.y = logits;

@@ -364,11 +364,11 @@ void gemv_rows(const GemvArgs& a, cudaStream_t stream) {
       throw std::invalid_argument("gemv_rows: the append epilogue needs the QKV product (N = (q heads + 2 kv heads) x head_dim, "
                                   "an even head_dim), rope tables, the cache and its tables, and no glu, residual or bf16 copy");
   }
-  // Units: outputs, gate|up pairs, or rope pairs of q and k heads and then the value columns.
-  const int units = ap.k_cache ? (ap.n_q_heads + ap.n_kv_heads) * (ap.head_dim / 2) + ap.n_kv_heads * ap.head_dim
-                               : a.glu ? a.N / 2 : a.N;
-  const long ldy = a.ldy ? a.ldy : (a.glu ? a.N / 2 : a.N);
-  if (ldy < (a.glu ? a.N / 2 : a.N)) throw std::invalid_argument("gemv_rows: ldy is shorter than a row of y");
+  // Units: y's columns (gate|up pairs with glu), or the rope pairs of q and k heads, then v's columns.
+  const int outputs = a.glu ? a.N / 2 : a.N;
+  const int units = ap.k_cache ? (ap.n_q_heads + ap.n_kv_heads) * (ap.head_dim / 2) + ap.n_kv_heads * ap.head_dim : outputs;
+  const long ldy = a.ldy ? a.ldy : outputs;
+  if (ldy < outputs) throw std::invalid_argument("gemv_rows: ldy is shorter than a row of y");
   const int vec = a.type == DType::bf16 ? 8 : 4;
   const long ldx = (a.ldx ? a.ldx : a.K) / (norm ? 1 : vec);  // the kernel's unit: floats with the norm, else chunks
   const int kv = a.K / vec;

@@ -4,18 +4,19 @@
 //
 // Why not cuBLASLt at these rows: a decode step's product uses each weight once per row (rows
 // FLOPs per byte of W), so its time is W's bytes over the memory bandwidth plus a launch, and what
-// pays is fewer launches and fewer passes over activations. gemv_rows' epilogue adds, per output,
-// the bias, each LoRA adapter's up product (u B^T on the adapter's slice of the outputs, which
-// was a second product per adapter), the residual (y +=), and SwiGLU (a warp reads the gate row
-// and the up row of one output, so the activation's launch and the f32 gate|up buffer go).
-// lora_down_rows makes every adapter's u = x A^T of one projection in one launch. Both can apply
-// the block's RMSNorm to the rows as they read them (the norm's launch goes), and the QKV
-// product can do kv_append's rope and cache writes in its epilogue (GemvAppend). With an
-// unmerged adapter on all seven projections a Llama block's decode then runs 9 launches instead
-// of 23, and 5 instead of 9 without one (device_model.cu). Larger batches are a GEMM's regime and stay
-// on cuBLASLt, but up to kLoraMaxRows rows their adapters still take two launches a projection
-// (lora_down_rows, lora_up_rows) instead of two cuBLASLt products per adapter: 17 a block. The model takes this path unless set_gemv(false) or RF_CUDA_GEMV=0, which the
-// benchmark uses to measure both in one run.
+// pays is fewer launches and fewer passes over activations. Fused into gemv_rows:
+//   - before the product, the block's RMSNorm, applied to the rows as they are read (norm_w);
+//   - in its epilogue, per output: the bias, each LoRA adapter's up product (u B^T on its slice
+//     of the outputs), the residual (y +=), SwiGLU (one warp reads an output's gate row and up
+//     row: no activation launch, no f32 gate|up buffer), or, for the QKV product, rope and the
+//     paged cache's append (GemvAppend: no kv_append launch).
+// lora_down_rows makes all of a projection's adapters' u = x A^T in one launch (the norm fused
+// too). A Llama block's decode step then runs 5 launches without an adapter (9 before) and 9 with
+// an unmerged one on all seven projections (23) (device_model.cu). Larger batches are a GEMM's
+// regime and stay on cuBLASLt, but up to kLoraMaxRows rows their adapters still take two
+// launches a projection (lora_down_rows, lora_up_rows) instead of two cuBLASLt products per
+// adapter: 17 a block. The model takes these paths unless set_gemv(false) or RF_CUDA_GEMV=0,
+// which the benchmark uses to measure both in one run.
 //
 // Numerics: f32 products of the bf16 (or f32) operands summed in f32, as matmul's, in a fixed
 // order (each lane a strided partial sum, then the same xor tree over the warp): the same bits on

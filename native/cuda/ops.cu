@@ -294,11 +294,11 @@ __global__ void pick_weights_kernel(const float* logits, int vocab, const PickSt
   weights[long(blockIdx.x) * kPickThreads + t] = w;
 }
 
-// One block per row, after pick_stats_kernel (and pick_weights_kernel). Shared: per-thread chunk sums and their exclusive
-// prefix, the total, and the picked id.
+// One block per row, after pick_stats_kernel and pick_weights_kernel. Shared: per-thread chunk
+// sums and their exclusive prefix, the total, and the picked id.
 __global__ void pick_kernel(const float* logits, int vocab, const PickStat* stats, int slices, const double* weights,
-                            const DevicePick* params, const int* flags, int n_flags, uint32_t* token, float* logprob, float* p_rf, float* p_flags, int top_n,
-                            uint32_t* top_ids, float* top_logprobs) {
+                            const DevicePick* params, const int* flags, int n_flags, uint32_t* token, float* logprob, float* p_rf,
+                            float* p_flags, int top_n, uint32_t* top_ids, float* top_logprobs) {
   extern __shared__ __align__(16) unsigned char nucleus_smem[];  // NucleusShared, for top-k / top-p rows
   __shared__ double sw[kPickThreads];
   __shared__ float s_lse, s_mx;
@@ -541,8 +541,8 @@ void pick_rows(const float* logits, int rows, int vocab, const DevicePick* param
   pick_weights_kernel<<<dim3(rows, kPickThreads / 32), 32, 0, stream>>>(logits, vocab, stats, slices, params, weights);
   // The candidates' arrays in dynamic shared memory: with the static arrays, under the 48 KiB a
   // kernel gets without opting in.
-  pick_kernel<<<rows, kPickThreads, sizeof(NucleusShared), stream>>>(logits, vocab, stats, slices, weights, params, flags, n_flags, token,
-                                                                      logprob, p_rf, p_flags, top_n, top_ids, top_logprobs);
+  pick_kernel<<<rows, kPickThreads, sizeof(NucleusShared), stream>>>(logits, vocab, stats, slices, weights, params, flags, n_flags,
+                                                                      token, logprob, p_rf, p_flags, top_n, top_ids, top_logprobs);
 }
 
 }  // namespace rf::cuda
