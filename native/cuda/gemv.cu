@@ -107,34 +107,60 @@ __device__ __forceinline__ void cache_store(void* cache, bool bf16, long at, flo
 // value column), or two: with glu, gate row j and up row half + j; with rope, the pair (a, a +
 // head_dim / 2) of a q or k head (unit j < pairs: head j / (head_dim / 2)). V: 16 bytes of W's
 // type; kv: V chunks per row of W. With NORM the block first takes each row's 1 / rms as
-// rmsnorm_rows does (same reduction, same bits). Lane l sums chunks l, l + 32, ... (kUnroll of
-// W's loaded ahead), then the warp's xor tree; lane r writes row r.
+// rmsnorm_rows does (same reduction, same bits), its first weights already requested. Lane l
+// sums chunks l, l + 32, ... (kUnroll of W's loaded ahead), then the warp's xor tree; lane r
+// writes row r.
 template <class V, Epilogue E, bool NORM>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(const void* __restrict__ x, long ldx, const V* __restrict__ w, int rows,
                                                        int units, int kv, long half, Norm norm, int K, const float* bias,
                                                        Terms terms, float* y, long ldy, bool accumulate, __nv_bfloat16* y_bf16,
                                                        GemvAppend ap) {
   constexpr bool PAIRS = E != Epilogue::plain;
-  __shared__ float scratch[kWarps];
-  float inv[kGemvMaxRows];
-#pragma unroll
-  for (int r = 0; r < kGemvMaxRows; ++r) inv[r] = 1.f;
-  if (NORM) {
-#pragma unroll
-    for (int r = 0; r < kGemvMaxRows; ++r)
-      if (r < rows) inv[r] = rms_inv(static_cast<const float*>(x) + r * ldx, K, norm.eps, scratch);
-  }
   const int lane = threadIdx.x & 31;
   const int hh = ap.head_dim / 2, pairs = (ap.n_q_heads + ap.n_kv_heads) * hh;  // rope only
-  for (int j = blockIdx.x * kWarps + (threadIdx.x >> 5); j < units; j += gridDim.x * kWarps) {
-    // This unit's rows of W: j0, and j1 when it has two (the same for the whole warp).
-    long j0 = j, j1 = j + half;
-    bool two = E == Epilogue::glu;
+  // Unit j's rows of W: j0, and j1 when it has two (the same for the whole warp).
+  const auto unit_rows = [&](int j, long& j0, long& j1, bool& two) {
+    j0 = j, j1 = j + half, two = E == Epilogue::glu;
     if (E == Epilogue::rope) {
       two = j < pairs;
       j0 = two ? long(j / hh) * ap.head_dim + j % hh : long(pairs) * 2 + (j - pairs);
       j1 = j0 + hh;
     }
+  };
+  // kUnroll chunks of W's row(s) from chunk c0 on (zeros past the row).
+  V a[kUnroll], b[kUnroll];
+  const auto load = [&](const V* w0, const V* w1, bool two, int c0) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = c0 + 32 * u;
+      a[u] = c < kv ? w0[c] : V{};
+      if (PAIRS) b[u] = two && c < kv ? w1[c] : V{};
+    }
+  };
+  int j = blockIdx.x * kWarps + (threadIdx.x >> 5);
+  bool loaded = false;  // a and b hold the first unit's first chunks
+  __shared__ float scratch[kWarps];
+  float inv[kGemvMaxRows];
+#pragma unroll
+  for (int r = 0; r < kGemvMaxRows; ++r) inv[r] = 1.f;
+  if (NORM) {
+    // The first chunks of W go out before the rows' 1 / rms is taken, so the norm's reads of x
+    // and its reduction overlap the first weights' latency instead of preceding it.
+    if (j < units) {
+      long j0, j1;
+      bool two;
+      unit_rows(j, j0, j1, two);
+      load(w + j0 * kv, w + j1 * kv, two, lane);
+      loaded = true;
+    }
+#pragma unroll
+    for (int r = 0; r < kGemvMaxRows; ++r)
+      if (r < rows) inv[r] = rms_inv(static_cast<const float*>(x) + r * ldx, K, norm.eps, scratch);
+  }
+  for (; j < units; j += gridDim.x * kWarps) {
+    long j0, j1;
+    bool two;
+    unit_rows(j, j0, j1, two);
     float acc[PAIRS ? 2 : 1][kGemvMaxRows];
 #pragma unroll
     for (int r = 0; r < kGemvMaxRows; ++r) {
@@ -144,13 +170,8 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const void* __restrict__
     const V* w0 = w + j0 * kv;
     const V* w1 = w + j1 * kv;  // read only when two
     for (int c0 = lane; c0 < kv; c0 += 32 * kUnroll) {
-      V a[kUnroll], b[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int c = c0 + 32 * u;
-        a[u] = c < kv ? w0[c] : V{};
-        if (PAIRS) b[u] = two && c < kv ? w1[c] : V{};
-      }
+      if (!loaded) load(w0, w1, two, c0);
+      loaded = false;
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int c = c0 + 32 * u;
