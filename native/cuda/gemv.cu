@@ -10,6 +10,7 @@
 #include "cuda/bf16.h"
 #include "cuda/block_sum.cuh"
 #include "cuda/gemv.h"
+#include "cuda/paged_cache.cuh"
 #include "cuda/rope.cuh"
 
 namespace rf::cuda {
@@ -96,10 +97,10 @@ __device__ __forceinline__ float finish(float z, int col, int r, const float* bi
 // into SwiGLU (glu), or turn q and k pairs by rope and append k and v to the paged cache (rope).
 enum class Epilogue { plain, glu, rope };
 
-// A key or value element into the cache, as kv_append stores it (paged_cache.cu).
-__device__ __forceinline__ void cache_store(void* cache, bool bf16, long at, float v) {
-  if (bf16) static_cast<__nv_bfloat16*>(cache)[at] = __float2bfloat16_rn(v);
-  else static_cast<float*>(cache)[at] = v;
+// A key or value element into the cache (f32 or bf16), as kv_append stores it.
+__device__ __forceinline__ void store(void* cache, bool bf16, long at, float v) {
+  if (bf16) cache_store(static_cast<__nv_bfloat16*>(cache) + at, v);
+  else cache_store(static_cast<float*>(cache) + at, v);
 }
 
 // grid: up to kMaxBlocks blocks of kWarps warps; warp w of block b takes units j = b kWarps + w,
@@ -202,9 +203,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const void* __restrict__
       if (E == Epilogue::rope) {
         // kv_append's work for this unit: the pair turned (q and k) or the value, into y and,
         // for k and v, into the cache at the row's position.
-        const int pos = ap.row_pos[r];
-        const long block = ap.tables[ap.table_offsets[ap.row_seq[r]] + pos / ap.block_tokens];
-        const long slot = block * ap.n_kv_heads * ap.block_tokens + pos % ap.block_tokens;
+        const long row = cache_row(ap.tables, ap.table_offsets, ap.row_seq[r], ap.row_pos[r], ap.n_kv_heads, ap.block_tokens);
         const long q_cols = long(ap.n_q_heads) * ap.head_dim, kv_cols = long(ap.n_kv_heads) * ap.head_dim;
         if (two) {
           float v1 = finish(z1, int(j1), r, bias, terms);
@@ -212,14 +211,13 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const void* __restrict__
           rope_rotate(v, v1, ap.cos[long(r) * hh + i], ap.sin[long(r) * hh + i]);
           y[r * ldy + j0] = v, y[r * ldy + j1] = v1;
           if (j0 >= q_cols) {
-            const long h = (j0 - q_cols) / ap.head_dim;
-            const long at = (slot + h * ap.block_tokens) * ap.head_dim + i;
-            cache_store(ap.k_cache, ap.cache_bf16, at, v), cache_store(ap.k_cache, ap.cache_bf16, at + hh, v1);
+            const long at = cache_at(row, int((j0 - q_cols) / ap.head_dim), i, ap.block_tokens, ap.head_dim);
+            store(ap.k_cache, ap.cache_bf16, at, v), store(ap.k_cache, ap.cache_bf16, at + hh, v1);
           }
         } else {
           y[r * ldy + j0] = v;
           const long e = j0 - q_cols - kv_cols;  // the value's element within the kv heads
-          cache_store(ap.v_cache, ap.cache_bf16, (slot + e / ap.head_dim * ap.block_tokens) * ap.head_dim + e % ap.head_dim, v);
+          store(ap.v_cache, ap.cache_bf16, cache_at(row, int(e / ap.head_dim), int(e % ap.head_dim), ap.block_tokens, ap.head_dim), v);
         }
         continue;
       }

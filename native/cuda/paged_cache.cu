@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/bf16.h"
+#include "cuda/paged_cache.cuh"
 #include "cuda/paged_cache.h"
 #include "cuda/rope.cuh"
 
@@ -14,22 +15,17 @@ namespace {
 
 constexpr int kAppendThreads = 128;
 
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
 template <class T>
 __global__ void kv_append_kernel(T* k_cache, T* v_cache, float* qkv, long row_stride, int k_offset, int v_offset,
                                  const int32_t* row_seq, const int32_t* row_pos, const int32_t* tables,
                                  const int32_t* table_offsets, int n_kv_heads, int head_dim, int block_tokens, AppendRope rope) {
   const int r = blockIdx.x;
-  const int pos = row_pos[r];
-  const long block = tables[table_offsets[row_seq[r]] + pos / block_tokens];
-  const int slot = pos % block_tokens;
+  const long slot = cache_row(tables, table_offsets, row_seq[r], row_pos[r], n_kv_heads, block_tokens);
   float* row = qkv + long(r) * row_stride;
   float* k = row + k_offset;
   const float* v = row + v_offset;
   const int n = n_kv_heads * head_dim;
-  const auto dst = [&](int h, int d) { return ((block * n_kv_heads + h) * block_tokens + slot) * head_dim + d; };
+  const auto dst = [&](int h, int d) { return cache_at(slot, h, d, block_tokens, head_dim); };
   if (rope.cos) {
     // One thread per rotated pair (i, i + half): its reads come before its writes, and no other
     // thread touches the pair.
@@ -46,16 +42,16 @@ __global__ void kv_append_kernel(T* k_cache, T* v_cache, float* qkv, long row_st
       const int h = e / half, i = e % half;
       float* kh = k + h * head_dim + i;
       rope_rotate(kh[0], kh[half], c[i], s[i]);
-      store(k_cache + dst(h, i), kh[0]);
-      store(k_cache + dst(h, i + half), kh[half]);
+      cache_store(k_cache + dst(h, i), kh[0]);
+      cache_store(k_cache + dst(h, i + half), kh[half]);
       if (b) b[k_offset + h * head_dim + i] = bf16_round(kh[0]), b[k_offset + h * head_dim + i + half] = bf16_round(kh[half]);
     }
     if (b)
       for (int e = threadIdx.x; e < n; e += blockDim.x) b[v_offset + e] = bf16_round(v[e]);
   } else {
-    for (int e = threadIdx.x; e < n; e += blockDim.x) store(k_cache + dst(e / head_dim, e % head_dim), k[e]);
+    for (int e = threadIdx.x; e < n; e += blockDim.x) cache_store(k_cache + dst(e / head_dim, e % head_dim), k[e]);
   }
-  for (int e = threadIdx.x; e < n; e += blockDim.x) store(v_cache + dst(e / head_dim, e % head_dim), v[e]);
+  for (int e = threadIdx.x; e < n; e += blockDim.x) cache_store(v_cache + dst(e / head_dim, e % head_dim), v[e]);
 }
 
 }  // namespace
