@@ -267,6 +267,14 @@ __device__ float row_max(const PickStat* st, int slices, int vocab) {
   return mx;
 }
 
+// A sampled row's weights are summed in kPickThreads contiguous chunks of pick_chunk(vocab)
+// elements, thread (or chunk) t's being [lo, hi): the same split in pick_weights_kernel, which
+// sums them, and in pick_kernel, which walks one, so the sums are the bits the walk expects.
+__device__ __forceinline__ int pick_chunk(int vocab) { return (vocab + kPickThreads - 1) / kPickThreads; }
+__device__ __forceinline__ void pick_chunk_range(int vocab, int t, int& lo, int& hi) {
+  lo = min(vocab, t * pick_chunk(vocab)), hi = min(vocab, lo + pick_chunk(vocab));
+}
+
 // Whether pick_kernel draws from the whole vocabulary's weights for this row (temperature > 0,
 // and no top-k: temperature alone, or top-p alone, which measures against their total).
 __device__ __forceinline__ bool whole_weights(const DevicePick& p) {
@@ -286,8 +294,8 @@ __global__ void pick_weights_kernel(const float* logits, int vocab, const PickSt
   if (!whole_weights(p)) return;
   const float mx = row_max(stats + long(blockIdx.x) * slices, slices, vocab), inv_t = 1.f / p.temperature;
   const int t = int(blockIdx.y) * 32 + int(threadIdx.x);  // pick_kernel's thread
-  const int chunk = (vocab + kPickThreads - 1) / kPickThreads;
-  const int lo = min(vocab, t * chunk), hi = min(vocab, lo + chunk);
+  int lo, hi;
+  pick_chunk_range(vocab, t, lo, hi);
   const float* z = logits + long(blockIdx.x) * vocab;
   double w = 0;
   for (int i = lo; i < hi; ++i) w += exp(double((z[i] - mx) * inv_t));
@@ -340,8 +348,9 @@ __global__ void pick_kernel(const float* logits, int vocab, const PickStat* stat
     // Weights exp((z - max) / T) in double as on the CPU: thread t's contiguous chunk's sum, from
     // pick_weights_kernel (for the whole-vocabulary draw, and the total that top-p alone measures
     // against).
-    const int chunk = (vocab + blockDim.x - 1) / blockDim.x;
-    const int lo = min(vocab, t * chunk), hi = min(vocab, lo + chunk);
+    const int chunk = pick_chunk(vocab);
+    int lo, hi;
+    pick_chunk_range(vocab, t, lo, hi);
     const double w = whole_weights(p) ? weights[long(blockIdx.x) * kPickThreads + t] : 0.0;
     sw[t] = w;
     __syncthreads();
