@@ -409,7 +409,7 @@ void DeviceModel::norm_rows(const DNorm& nm, const float* in, float* out, long r
 // and lt keeps u = dropout(x) A^T (its lora_u from *u_next on).
 void DeviceModel::linear_rows(const DLinear& lin, const float* in, const __nv_bfloat16* in_bf16, long rows, float* y,
                               bool accumulate, int layer, int index, const DeviceTrace* trace, DeviceLayerTrace* lt,
-                              size_t* u_next) {
+                              size_t* u_next, SwigluLora* glu_up) {
   if (gemv_applies(lin, in, in_bf16, rows, trace)) return linear_rows_gemv(lin, in, in_bf16, rows, y, accumulate, false);
   DeviceScratch& s = *s_;
   const cudaStream_t st = as_stream(stream_);
@@ -428,9 +428,13 @@ void DeviceModel::linear_rows(const DLinear& lin, const float* in, const __nv_bf
     return;
   }
   mark(trace, kForwardLora, st);
-  // A batched decode step's rows, untraced: the adapters' down products in one launch, their up
-  // products in one more (gemv.h), not two cuBLASLt products per adapter of almost no work.
-  if (!trace && gemv_on_ && rows <= kLoraMaxRows && lin.lora.size() <= size_t(kGemvMaxLora)) {
+  // The gate|up projection of a SwiGLU block, every adapter on one half with a rank swiglu_rows
+  // takes: the up products are left to it (glu_up), which adds them as it reads y, instead of a
+  // product's read and write of all of y here (at 16k rows and I = 8192, 2 GB per layer).
+  const bool defer_up = glu_up && swiglu_lora_applies(lin);
+  if (!defer_up && !trace && gemv_on_ && rows <= kLoraMaxRows && lin.lora.size() <= size_t(kGemvMaxLora)) {
+    // A batched decode step's rows, untraced: the adapters' down products in one launch, their up
+    // products in one more (gemv.h), not two cuBLASLt products per adapter of almost no work.
     GemvLora up[kGemvMaxLora];
     const int n = lora_down_all(lin, in, rows, nullptr, up);
     lora_up_rows(up, n, int(rows), y, lin.out, st);
@@ -475,11 +479,30 @@ void DeviceModel::linear_rows(const DLinear& lin, const float* in, const __nv_bf
       }
       matmul(*gemm_, u, xa, DType::f32, a.A.get<void>(), DType::f32, int(rows), a.rank, lin.in, nullptr, 0.f, st);
     }
+    if (defer_up) {
+      glu_up[a.offset == 0 ? 0 : 1] = {u, a.B.get(), a.rank};
+      continue;
+    }
     // y's slice (rows lin.out apart) += u (scale B)^T: the product's beta 1 adds in place.
     matmul(*gemm_, y + a.offset, u, DType::f32, a.B.get<void>(), DType::f32, int(rows), a.out, a.rank, nullptr, 1.f, st,
            {0, 0, lin.out});
   }
   mark(trace, kForwardOther, st);
+}
+
+// Whether swiglu_rows can add lin's adapters (SwigluLora): each one on all of the gate half or
+// all of the up half, one per half, ranks within kSwigluLoraMaxRank.
+bool DeviceModel::swiglu_lora_applies(const DLinear& lin) const {
+  const long I = config_.intermediate;
+  if (config_.act != Activation::silu || lin.out != 2 * I || lin.lora.size() > 2) return false;
+  bool half[2] = {false, false};
+  for (const DLinear::Lora& a : lin.lora) {
+    if (a.out != I || (a.offset != 0 && a.offset != I) || a.rank > kSwigluLoraMaxRank) return false;
+    bool& h = half[a.offset == 0 ? 0 : 1];
+    if (h) return false;
+    h = true;
+  }
+  return true;
 }
 
 bool DeviceModel::gemv_applies(const DLinear& lin, const float* in, const __nv_bfloat16* in_bf16, long rows,
@@ -648,23 +671,32 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
     return;
   }
   norm_rows(L.mlp_norm, x, xn, R, xb);
-  linear_rows(L.mlp_in, xn, xb, R, mlp, false, l, 2, trace, keep, &u_next);
-  // The trace's mlp: bf16 models round it as the activation reads it (no pass of its own).
+  // SwiGLU: the gate|up adapters' up products, when linear_rows leaves them to swiglu_rows.
+  SwigluLora glu_up[2];
+  linear_rows(L.mlp_in, xn, xb, R, mlp, false, l, 2, trace, keep, &u_next, c.act == Activation::silu ? glu_up : nullptr);
+  // The trace's mlp: the SwiGLU writes it as it reads mlp (bf16 rounded, or f32; adapters added),
+  // no pass of its own; gelu_new's bf16 rounded likewise, or copied.
   __nv_bfloat16* keep_mlp = nullptr;
+  float* keep_mlp32 = nullptr;
   if (keep && dtype_ == DType::bf16)
     keep_mlp = static_cast<__nv_bfloat16*>(keep->mlp.ensure(size_t(R * MLP_IN) * sizeof(__nv_bfloat16)));
+  else if (keep && c.act == Activation::silu)
+    keep_mlp32 = static_cast<float*>(keep->mlp.ensure(size_t(R * MLP_IN) * sizeof(float)));
   else if (keep)
     keep_values(keep->mlp, mlp, R * MLP_IN);
-  activation_rows(mlp, act, R, xb, keep_mlp);
+  activation_rows(mlp, act, R, xb, keep_mlp, glu_up, keep_mlp32);
   linear_rows(L.mlp_out, act, xb, R, x, true, l, 3, trace, keep, &u_next);
 }
 
 // act [R, I] = the MLP's activation of mlp [R, MLP_IN]: silu(gate) * up of gate | up, or
 // gelu_new(mlp) (act may be mlp: in place); act_bf16 (optional): act rounded to bf16 as well.
-void DeviceModel::activation_rows(const float* mlp, float* act, long rows, __nv_bfloat16* act_bf16, __nv_bfloat16* mlp_bf16) {
+void DeviceModel::activation_rows(const float* mlp, float* act, long rows, __nv_bfloat16* act_bf16, __nv_bfloat16* mlp_bf16,
+                                  const SwigluLora* glu_up, float* mlp_f32) {
   const ModelConfig& c = config_;
   const cudaStream_t st = as_stream(stream_);
-  if (c.act == Activation::silu) return swiglu_rows(act, mlp, int(rows), int(c.intermediate), st, act_bf16, mlp_bf16);
+  if (c.act == Activation::silu)
+    return swiglu_rows(act, mlp, int(rows), int(c.intermediate), st, act_bf16, mlp_bf16, glu_up ? glu_up[0] : SwigluLora{},
+                       glu_up ? glu_up[1] : SwigluLora{}, mlp_f32);
   const long n = rows * c.intermediate;
   if (act != mlp) check(cudaMemcpyAsync(act, mlp, size_t(n) * sizeof(float), cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync (mlp)");
   gelu_new(act, n, st, act_bf16, mlp_bf16);

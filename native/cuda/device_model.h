@@ -39,6 +39,7 @@ struct DeviceLayerTrace;
 struct DNorm;
 struct GemvLora;
 struct GemvAppend;
+struct SwigluLora;
 class Buffer;
 class DeviceTrainer;
 struct DecodeGraphs;
@@ -179,8 +180,13 @@ class DeviceModel {
   void layer_forward(int layer, float* x, DeviceLayerTrace* lt, const DeviceTrace* trace, bool append_kv);
   void norm_rows(const DNorm& norm, const float* in, float* out, long rows, __nv_bfloat16* out_bf16 = nullptr);
   void head_rows(const float* xn, long rows, float* logits, bool flags, const __nv_bfloat16* xn_bf16 = nullptr);
+  // glu_up (optional; SwiGLU's gate|up projection): where swiglu_lora_applies, the adapters' up
+  // products are not added to y but left to swiglu_rows: glu_up[0] gets the gate half's, [1] the
+  // up half's (a half without an adapter is left as it was).
   void linear_rows(const DLinear& lin, const float* in, const __nv_bfloat16* in_bf16, long rows, float* y, bool accumulate,
-                   int layer, int index, const DeviceTrace* trace, DeviceLayerTrace* lt, size_t* u_next);
+                   int layer, int index, const DeviceTrace* trace, DeviceLayerTrace* lt, size_t* u_next,
+                   SwigluLora* glu_up = nullptr);
+  bool swiglu_lora_applies(const DLinear& lin) const;
   // linear_rows through gemv_rows: whether it applies (untraced, few rows, operands it takes, at
   // most kGemvMaxLora adapters; norm: RMSNorm fused, in is then the f32 residual stream), and the
   // product with its adapters; glu: y [rows, I] is the SwiGLU of the gate|up outputs, y_bf16
@@ -198,9 +204,11 @@ class DeviceModel {
   // Into a trace buffer in the engine's dtype (bf16 models: rounded to bf16).
   void keep_values(Buffer& b, const float* src, long n);
   // The MLP's activation: act [rows, I] from mlp [rows, MLP_IN] (act may be mlp for gelu_new);
-  // act_bf16, mlp_bf16 (optional): act and mlp rounded to bf16 as well.
+  // act_bf16, mlp_bf16 (optional): act and mlp rounded to bf16 as well. SwiGLU only: glu_up
+  // (optional) the deferred adapters (linear_rows), added to mlp as it is read; mlp_f32
+  // (optional) mlp with them, in f32.
   void activation_rows(const float* mlp, float* act, long rows, __nv_bfloat16* act_bf16 = nullptr,
-                       __nv_bfloat16* mlp_bf16 = nullptr);
+                       __nv_bfloat16* mlp_bf16 = nullptr, const SwigluLora* glu_up = nullptr, float* mlp_f32 = nullptr);
   // The same from the trace's bf16 copy of mlp: the bits the f32 version gives on its widening.
   void activation_rows(const __nv_bfloat16* mlp, float* act, long rows, __nv_bfloat16* act_bf16 = nullptr);
   // A block's projection by index (0 qkv, 1 o, 2 mlp_in, 3 mlp_out, as in model/layout.h).

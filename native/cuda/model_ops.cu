@@ -4,8 +4,11 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <stdexcept>
+#include <string>
 
 #include "cuda/bf16.h"
 #include "cuda/model_ops.h"
@@ -58,16 +61,106 @@ __global__ void embed_kernel(float* x, const void* table, bool table_bf16, const
   }
 }
 
-template <class T>
-__global__ void swiglu_rows_kernel(float* out, const T* in, long n, int inter, __nv_bfloat16* out_bf16, __nv_bfloat16* in_bf16) {
-  for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
-    const long r = i / inter, c = i % inter;
-    const float g = as_f32(in[r * 2 * inter + c]), u = as_f32(in[r * 2 * inter + inter + c]);
-    const float y = g / (1.0f + expf(-g)) * u;  // silu(g) * u, as the CPU's swiglu_forward
-    out[i] = y;
-    if (out_bf16) out_bf16[i] = bf16_round(y);
-    if (in_bf16) in_bf16[r * 2 * inter + c] = bf16_round(g), in_bf16[r * 2 * inter + inter + c] = bf16_round(u);
+// grid: (column blocks, row tiles of kSwigluRows); a thread owns one column c of the gate and of
+// the up half and walks the tile's rows, so no index is divided. KMAX > 0: the adapters' up
+// products are added as in is read, each from its u rows (shared, zero past the rank) and the
+// thread's B row (registers): g = g + sum_k u[r, k] B[c, k], the sum in k order (fused
+// multiply-adds; the zero padding adds exact zeros), one rounding for the add. A half without an
+// adapter is read as it is.
+// Three blocks per SM up to rank 16 (their registers fit 85 per thread without spilling; rank
+// 32's B rows alone take 64).
+constexpr int kSwigluRows = 32, kSwigluLoads = 4;
+
+template <class T, int KMAX>
+__global__ void __launch_bounds__(kThreads, KMAX <= 16 ? 3 : 1) swiglu_rows_kernel(float* out, const T* in, int rows, int inter, __nv_bfloat16* out_bf16,
+                                                               __nv_bfloat16* in_bf16, float* in_f32, SwigluLora gate, SwigluLora up) {
+  constexpr int K4 = KMAX > 0 ? KMAX / 4 : 1;
+  __shared__ float4 u_s[2][kSwigluRows][K4];
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  const bool live = c < inter;
+  const SwigluLora terms[2] = {gate, up};
+  float b[2][KMAX > 0 ? KMAX : 1];
+  if constexpr (KMAX > 0)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int k = 0; k < KMAX; ++k) b[h][k] = live && terms[h].u && k < terms[h].rank ? terms[h].B[long(c) * terms[h].rank + k] : 0.f;
+  for (long r0 = long(blockIdx.y) * kSwigluRows; r0 < rows; r0 += long(gridDim.y) * kSwigluRows) {
+    const int n_rows = rows - r0 < kSwigluRows ? int(rows - r0) : kSwigluRows;
+    if constexpr (KMAX > 0) {
+      __syncthreads();  // the previous tile's u is read
+      for (int h = 0; h < 2; ++h)
+        for (int e = threadIdx.x; e < kSwigluRows * KMAX; e += blockDim.x) {
+          const int r = e / KMAX, k = e % KMAX;
+          reinterpret_cast<float*>(&u_s[h][r][0])[k] =
+              terms[h].u && r < n_rows && k < terms[h].rank ? terms[h].u[(r0 + r) * terms[h].rank + k] : 0.f;
+        }
+      __syncthreads();
+    }
+    if (!live) continue;
+    // kSwigluLoads rows' loads issued before any of their stores (in_f32 may alias in, so the
+    // compiler would not hoist a row's loads above the previous row's stores): loads in flight.
+    for (int r1 = 0; r1 < n_rows; r1 += kSwigluLoads) {
+      const long first = (r0 + r1) * inter + c;  // the group's first output; its input at 2 first - c
+      float v[kSwigluLoads][2];
+#pragma unroll
+      for (int j = 0; j < kSwigluLoads; ++j)
+        if (r1 + j < n_rows) {
+          const T* g = in + 2 * (first + long(j) * inter) - c;
+          v[j][0] = as_f32(g[0]);
+          v[j][1] = as_f32(g[inter]);
+        }
+#pragma unroll
+      for (int j = 0; j < kSwigluLoads; ++j) {
+        const int r = r1 + j;
+        if (r >= n_rows) continue;
+        if constexpr (KMAX > 0)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            if (!terms[h].u) continue;
+            float acc = 0.f;
+#pragma unroll
+            for (int k4 = 0; k4 < K4; ++k4) {
+              const float4 q = u_s[h][r][k4];
+              acc = fmaf(q.x, b[h][4 * k4], acc);
+              acc = fmaf(q.y, b[h][4 * k4 + 1], acc);
+              acc = fmaf(q.z, b[h][4 * k4 + 2], acc);
+              acc = fmaf(q.w, b[h][4 * k4 + 3], acc);
+            }
+            v[j][h] = __fadd_rn(v[j][h], acc);
+          }
+        const float g = v[j][0], u = v[j][1];
+        const float y = g / (1.0f + expf(-g)) * u;  // silu(g) * u, as the CPU's swiglu_forward
+        const long o = first + long(j) * inter, i = 2 * o - c;
+        out[o] = y;
+        if (out_bf16) out_bf16[o] = bf16_round(y);
+        if (in_bf16) in_bf16[i] = bf16_round(g), in_bf16[i + inter] = bf16_round(u);
+        if (in_f32) in_f32[i] = g, in_f32[i + inter] = u;
+      }
+    }
   }
+}
+
+template <class T, int KMAX>
+void swiglu_launch(float* out, const T* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16,
+                   __nv_bfloat16* in_bf16, float* in_f32, SwigluLora gate, SwigluLora up) {
+  const dim3 grid((inter + kThreads - 1) / kThreads, unsigned(std::min<long>(65535, (long(rows) + kSwigluRows - 1) / kSwigluRows)));
+  swiglu_rows_kernel<T, KMAX><<<grid, kThreads, 0, stream>>>(out, in, rows, inter, out_bf16, in_bf16, in_f32, gate, up);
+}
+
+// The smallest instance that holds both adapters' ranks (0: none).
+template <class T>
+void swiglu_any(float* out, const T* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16, __nv_bfloat16* in_bf16,
+                float* in_f32, SwigluLora gate, SwigluLora up) {
+  if (rows <= 0 || inter <= 0) return;
+  for (const SwigluLora& t : {gate, up})
+    if (t.u && (t.rank < 1 || t.rank > kSwigluLoraMaxRank || !t.B))
+      throw std::invalid_argument("swiglu_rows: an adapter needs B and a rank in 1.." + std::to_string(kSwigluLoraMaxRank));
+  const int rank = std::max(gate.u ? gate.rank : 0, up.u ? up.rank : 0);
+  if (rank == 0) swiglu_launch<T, 0>(out, in, rows, inter, stream, out_bf16, in_bf16, in_f32, gate, up);
+  else if (rank <= 8) swiglu_launch<T, 8>(out, in, rows, inter, stream, out_bf16, in_bf16, in_f32, gate, up);
+  else if (rank <= 16) swiglu_launch<T, 16>(out, in, rows, inter, stream, out_bf16, in_bf16, in_f32, gate, up);
+  else swiglu_launch<T, 32>(out, in, rows, inter, stream, out_bf16, in_bf16, in_f32, gate, up);
 }
 
 __global__ void merge_lora_kernel(void* w, bool w_bf16, int in, long n, const float* A, const float* B, int rank,
@@ -143,14 +236,12 @@ void embed_rows(float* x, const void* table, bool table_bf16, const int32_t* tok
 }
 
 void swiglu_rows(float* out, const float* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16,
-                 __nv_bfloat16* in_bf16) {
-  const long n = long(rows) * inter;
-  if (n > 0) swiglu_rows_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(out, in, n, inter, out_bf16, in_bf16);
+                 __nv_bfloat16* in_bf16, SwigluLora gate, SwigluLora up, float* in_f32) {
+  swiglu_any(out, in, rows, inter, stream, out_bf16, in_bf16, in_f32, gate, up);
 }
 
 void swiglu_rows(float* out, const __nv_bfloat16* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16) {
-  const long n = long(rows) * inter;
-  if (n > 0) swiglu_rows_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(out, in, n, inter, out_bf16, nullptr);
+  swiglu_any(out, in, rows, inter, stream, out_bf16, nullptr, nullptr, SwigluLora{}, SwigluLora{});
 }
 
 void merge_lora_rows(void* w, bool w_bf16, int out, int in, const float* A, const float* B, int rank, float scale,

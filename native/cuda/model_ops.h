@@ -20,12 +20,24 @@ void embed_rows(float* x, const void* table, bool table_bf16, const int32_t* tok
                 const float* flag_embed, const int32_t* flag_tokens, int n_flags, const float* pos_embed,
                 const int32_t* positions, const float* delta, cudaStream_t stream);
 
-// out [rows, inter] = silu(in[:, :inter]) * in[:, inter:] for in [rows, 2 inter] (gate then up,
-// the fused mlp_in of the Llama block); out_bf16 (optional): the same rounded to bf16, as
-// rmsnorm_rows writes it (ops.h); in_bf16 (optional): in rounded to bf16 as it is read (the
-// trainer's trace copy of the MLP's input, without a pass of its own).
+// An adapter of the fused gate|up projection whose up product swiglu_rows adds to its half of
+// in as it reads it, instead of a product's read and write of [rows, 2 inter] before it: u
+// [rows, rank] = the adapter's dropout(x) A^T, B [inter, rank] its scaled B. u null: none.
+struct SwigluLora {
+  const float* u = nullptr;
+  const float* B = nullptr;
+  int rank = 0;
+};
+constexpr int kSwigluLoraMaxRank = 32;
+
+// out [rows, inter] = silu(g) * u for g | u = in [rows, 2 inter] (gate then up, the fused mlp_in
+// of the Llama block), plus gate's and up's adapter terms when given (ranks up to
+// kSwigluLoraMaxRank: each element + its k-ordered sum of u B products, one rounding);
+// out_bf16 (optional): the same rounded to bf16, as rmsnorm_rows writes it (ops.h); in_bf16 and
+// in_f32 (optional): g | u as the product left them, adapters added, rounded to bf16 or in f32
+// (the trainer's trace copy of the MLP's input, without a pass of its own; in_f32 may be in).
 void swiglu_rows(float* out, const float* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16 = nullptr,
-                 __nv_bfloat16* in_bf16 = nullptr);
+                 __nv_bfloat16* in_bf16 = nullptr, SwigluLora gate = {}, SwigluLora up = {}, float* in_f32 = nullptr);
 // The same from a bf16 in (the trainer's copy): the bits swiglu_rows gives on its f32 widening.
 void swiglu_rows(float* out, const __nv_bfloat16* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16 = nullptr);
 

@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "cuda/bf16.h"
@@ -104,20 +105,36 @@ __global__ void rope_backward_kernel(float* dx, long row_stride, int head_dim, c
   }
 }
 
+// grid: (column blocks, tiles of kSwigluRows rows); a thread owns one column and walks the tile's
+// rows (no index divided), issuing kSwigluLoads rows' loads before their stores.
+constexpr int kSwigluRows = 32, kSwigluLoads = 4;
+
 template <class T>
-__global__ void swiglu_backward_kernel(float* din, const float* dout, const T* in, long n, int inter, __nv_bfloat16* din_bf16) {
-  for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
-    const long r = i / inter, col = i % inter;
-    const float g = as_f32(in[r * 2 * inter + col]), u = as_f32(in[r * 2 * inter + inter + col]);
-    const float e = expf(-g);
-    const float s = 1.0f / (1.0f + e);  // sigmoid(g); 1 - s as e * s
-    const float d = dout[i];
-    const float dg = d * u * s * (1.0f + g * (e * s)), du = d * g * s;
-    din[r * 2 * inter + col] = dg;
-    din[r * 2 * inter + inter + col] = du;
-    if (din_bf16) {
-      din_bf16[r * 2 * inter + col] = bf16_round(dg);
-      din_bf16[r * 2 * inter + inter + col] = bf16_round(du);
+__global__ void swiglu_backward_kernel(float* din, const float* dout, const T* in, int rows, int inter, __nv_bfloat16* din_bf16) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= inter) return;
+  for (long r0 = long(blockIdx.y) * kSwigluRows; r0 < rows; r0 += long(gridDim.y) * kSwigluRows) {
+    const int n_rows = rows - r0 < kSwigluRows ? int(rows - r0) : kSwigluRows;
+    for (int r1 = 0; r1 < n_rows; r1 += kSwigluLoads) {
+      const long first = (r0 + r1) * inter + c;  // the group's first dout; its in at 2 first - c
+      float g[kSwigluLoads], u[kSwigluLoads], d[kSwigluLoads];
+#pragma unroll
+      for (int j = 0; j < kSwigluLoads; ++j)
+        if (r1 + j < n_rows) {
+          const long o = first + long(j) * inter, i = 2 * o - c;
+          g[j] = as_f32(in[i]), u[j] = as_f32(in[i + inter]), d[j] = dout[o];
+        }
+#pragma unroll
+      for (int j = 0; j < kSwigluLoads; ++j) {
+        if (r1 + j >= n_rows) continue;
+        const long i = 2 * (first + long(j) * inter) - c;
+        const float e = expf(-g[j]);
+        const float s = 1.0f / (1.0f + e);  // sigmoid(g); 1 - s as e * s
+        const float dg = d[j] * u[j] * s * (1.0f + g[j] * (e * s)), du = d[j] * g[j] * s;
+        din[i] = dg;
+        din[i + inter] = du;
+        if (din_bf16) din_bf16[i] = bf16_round(dg), din_bf16[i + inter] = bf16_round(du);
+      }
     }
   }
 }
@@ -160,16 +177,22 @@ void rope_backward_rows(float* dx, long row_stride, int rows, int n_heads, int h
   if (rows > 0 && n_heads > 0) rope_backward_kernel<<<dim3(rows, n_heads), 64, 0, stream>>>(dx, row_stride, head_dim, cos, sin);
 }
 
+template <class T>
+void swiglu_backward_launch(float* din, const float* dout, const T* in, int rows, int inter, cudaStream_t stream,
+                            __nv_bfloat16* din_bf16) {
+  if (rows <= 0 || inter <= 0) return;
+  const dim3 grid((inter + 255) / 256, unsigned(std::min<long>(65535, (long(rows) + kSwigluRows - 1) / kSwigluRows)));
+  swiglu_backward_kernel<<<grid, 256, 0, stream>>>(din, dout, in, rows, inter, din_bf16);
+}
+
 void swiglu_backward_rows(float* din, const float* dout, const float* in, int rows, int inter, cudaStream_t stream,
                           __nv_bfloat16* din_bf16) {
-  const long n = long(rows) * inter;
-  if (n > 0) swiglu_backward_kernel<<<grid_for(n, 256), 256, 0, stream>>>(din, dout, in, n, inter, din_bf16);
+  swiglu_backward_launch(din, dout, in, rows, inter, stream, din_bf16);
 }
 
 void swiglu_backward_rows(float* din, const float* dout, const __nv_bfloat16* in, int rows, int inter, cudaStream_t stream,
                           __nv_bfloat16* din_bf16) {
-  const long n = long(rows) * inter;
-  if (n > 0) swiglu_backward_kernel<<<grid_for(n, 256), 256, 0, stream>>>(din, dout, in, n, inter, din_bf16);
+  swiglu_backward_launch(din, dout, in, rows, inter, stream, din_bf16);
 }
 
 void gelu_new_backward(float* dx, const float* dout, const float* x, long n, cudaStream_t stream, __nv_bfloat16* dx_bf16) {

@@ -2,8 +2,9 @@
 // double on the same inputs, on a GPU machine; elsewhere it says no device was found and exits 0.
 //
 // Shapes are odd on purpose: hidden 80, 129 (and 4096 for the flag-row dot products), rows 1, 7,
-// 33, vocabularies 97, 1001 and 128256, and one case per elementwise kernel past 65535 blocks of
-// 256 threads so that their grid-stride loops take a second turn. Outputs are allocated with a
+// 33, vocabularies 97, 1001 and 128256, and one case per elementwise kernel past its grid's
+// limit (65535 blocks of 256 threads; swiglu_rows: 65535 tiles of 32 rows) so that their loops
+// take a second turn. Outputs are allocated with a
 // tail of sentinel floats that must come back bit-identical (nothing written past the end).
 //
 // Tolerances, and why:
@@ -15,7 +16,9 @@
 //   - swiglu_rows: g / (1 + expf(-g)) * u in f32; device expf is within 2 ulps, the add, divide
 //     and multiply add one rounding each: a few 1e-7 relative. Checked as
 //     |got - ref| <= 2e-6 * (1 + |ref|) against double (2e-6 rather than 1e-6 to leave room for
-//     the host/device expf difference near g = 0, where the quotient is sensitive to it).
+//     the host/device expf difference near g = 0, where the quotient is sensitive to it). With
+//     the adapters' up products added as in is read, the sums are checked first, through the
+//     in_f32 copy, within their f32 bound (swiglu_lora_case), and out against the device's sums.
 //   - gather_rows: a copy: bit-identical.
 //   - merge_lora_rows: lib/train/merge.ts's arithmetic (double sums of exact products, then f32
 //     roundings in a fixed order, then one rounding to the weight's dtype): bit-identical to the
@@ -37,7 +40,9 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/dtype.h"
@@ -278,11 +283,98 @@ void swiglu_case(int rows, int inter, bool large) {
   check(differ == 0, tag + " from a bf16 input with a bf16 output: f32_to_bf16 of the f32 one (" + std::to_string(differ) + " differ)");
 }
 
+// With the gate|up adapters' up products added as in is read (SwigluLora): ranks gate_rank and
+// up_rank (0: no adapter on that half). The sums first, through in_f32: g = in + sum_k u_k B_k
+// in f32 (fused multiply-adds in k order, then one add), so within (rank + 1) * 2^-24 *
+// (|in| + sum_k |u_k B_k|) of the double sum, that bound checked (a half without an adapter:
+// in's bits exactly). Then out against silu_mul of the device's own
+// sums in double (swiglu_case's 2e-6 bound), the bf16 copies as f32_to_bf16 of the f32 ones, and
+// in place (in_f32 = in) the same bits.
+void swiglu_lora_case(int rows, int inter, int gate_rank, int up_rank) {
+  const size_t n = size_t(rows) * inter;
+  const std::vector<float> in = randn(2 * n, 2.f);
+  const int ranks[2] = {gate_rank, up_rank};
+  std::vector<float> u[2], B[2];
+  for (int h = 0; h < 2; ++h) u[h] = randn(size_t(rows) * std::max(1, ranks[h])), B[h] = randn(size_t(inter) * std::max(1, ranks[h]), 0.3f);
+  const std::string tag = "swiglu_rows + lora rows=" + std::to_string(rows) + " inter=" + std::to_string(inter) +
+                          " ranks=" + std::to_string(gate_rank) + "," + std::to_string(up_rank);
+  Dev d_in = upload(in), d_out = output(n), d_out16(n * 2), d_in32 = output(2 * n), d_in16(2 * n * 2);
+  Dev d_u0 = upload(u[0]), d_u1 = upload(u[1]), d_b0 = upload(B[0]), d_b1 = upload(B[1]);
+  rf::cuda::SwigluLora terms[2];
+  if (gate_rank) terms[0] = {d_u0.f(), d_b0.f(), gate_rank};
+  if (up_rank) terms[1] = {d_u1.f(), d_b1.f(), up_rank};
+  rf::cuda::swiglu_rows(d_out.f(), d_in.f(), rows, inter, nullptr, static_cast<__nv_bfloat16*>(d_out16.p),
+                        static_cast<__nv_bfloat16*>(d_in16.p), terms[0], terms[1], d_in32.f());
+  if (!ran(tag)) return;
+  const std::vector<float> out = download<float>(d_out, n + kTail), sums = download<float>(d_in32, 2 * n + kTail);
+  double worst_sum = 0, worst = 0;
+  long exact_differ = 0;
+  for (int r = 0; r < rows; ++r)
+    for (int h = 0; h < 2; ++h)
+      for (int c = 0; c < inter; ++c) {
+        const size_t i = size_t(r) * 2 * inter + size_t(h) * inter + c;
+        if (!ranks[h]) {
+          exact_differ += bits(sums[i]) != bits(in[i]);
+          continue;
+        }
+        double ref = in[i], mag = std::fabs(in[i]);
+        for (int k = 0; k < ranks[h]; ++k) {
+          const double t = double(u[h][size_t(r) * ranks[h] + k]) * B[h][size_t(c) * ranks[h] + k];
+          ref += t, mag += std::fabs(t);
+        }
+        const double bound = (ranks[h] + 1) * std::ldexp(1.0, -24) * mag;  // in units of the bound
+        worst_sum = std::max(worst_sum, std::isnan(sums[i]) ? INFINITY : std::fabs(sums[i] - ref) / bound);
+      }
+  check(worst_sum <= 1 && exact_differ == 0, tag + ": the sums within (rank + 1) 2^-24 (|in| + sum |u B|) (" + fmt(worst_sum) +
+                                                 " of it), halves without an adapter as they were (" + std::to_string(exact_differ) +
+                                                 " differ)");
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < inter; ++c) {
+      const size_t i = size_t(r) * 2 * inter + c;
+      const double ref = silu_mul(sums[i], sums[i + inter]);
+      const float got = out[size_t(r) * inter + c];
+      worst = std::max(worst, std::isnan(got) ? INFINITY : std::fabs(double(got) - ref) / (1 + std::fabs(ref)));
+    }
+  check(worst <= 2e-6, tag + ": out against the device's sums, |got - ref| / (1 + |ref|) = " + fmt(worst) + " <= 2e-6");
+  check(tail_intact(out, n) && tail_intact(sums, 2 * n), tag + ": nothing written past out or in_f32");
+  const std::vector<uint16_t> out16 = download<uint16_t>(d_out16, n), in16 = download<uint16_t>(d_in16, 2 * n);
+  long differ = 0;
+  for (size_t i = 0; i < n; ++i) differ += out16[i] != rf::f32_to_bf16(out[i]);
+  for (size_t i = 0; i < 2 * n; ++i) differ += in16[i] != rf::f32_to_bf16(sums[i]);
+  check(differ == 0, tag + ": the bf16 copies f32_to_bf16 of out and of the sums (" + std::to_string(differ) + " differ)");
+  // In place: in_f32 = in, the same bits.
+  Dev d_out2 = output(n);
+  rf::cuda::swiglu_rows(d_out2.f(), d_in.f(), rows, inter, nullptr, nullptr, nullptr, terms[0], terms[1], d_in.f());
+  const std::vector<float> out2 = download<float>(d_out2, n), sums2 = download<float>(d_in, 2 * n);
+  check(std::memcmp(out.data(), out2.data(), n * 4) == 0 && std::memcmp(sums.data(), sums2.data(), 2 * n * 4) == 0,
+        tag + " in place (in_f32 = in): the same bits");
+}
+
 void test_swiglu_rows() {
   for (int rows : {1, 7, 33})
     for (int inter : {80, 129, 1000}) swiglu_case(rows, inter, false);
-  // 33 * 508397 = 16777101 > 65535 * 256 elements: the grid-stride loop's second turn.
-  swiglu_case(33, 508397, true);
+  // 65535 * 32 + 67 rows: past the grid's 65535 tiles of 32 rows, the tile loop's second turn.
+  swiglu_case(65535 * 32 + 67, 3, true);
+  // Each instance (ranks up to 8, 16, 32), partial ranks, one half or both, a partial last tile
+  // of rows and a partial block of columns.
+  for (const auto& rk : std::vector<std::pair<int, int>>{{8, 8}, {16, 0}, {0, 16}, {3, 13}, {32, 32}, {20, 1}})
+    for (int rows : {1, 45}) swiglu_lora_case(rows, 129, rk.first, rk.second);
+  swiglu_lora_case(70, 300, 16, 16);
+  // Refused: a rank past kSwigluLoraMaxRank, an adapter without B.
+  Dev d(64);
+  bool refused = false;
+  try {
+    rf::cuda::swiglu_rows(d.f(), d.f(), 1, 4, nullptr, nullptr, nullptr, {d.f(), d.f(), rf::cuda::kSwigluLoraMaxRank + 1});
+  } catch (const std::invalid_argument&) {
+    refused = true;
+  }
+  bool refused_b = false;
+  try {
+    rf::cuda::swiglu_rows(d.f(), d.f(), 1, 4, nullptr, nullptr, nullptr, {}, {d.f(), nullptr, 4});
+  } catch (const std::invalid_argument&) {
+    refused_b = true;
+  }
+  check(refused && refused_b, "swiglu_rows refuses an adapter rank past kSwigluLoraMaxRank and an adapter without B");
 }
 
 // --- gather_rows -------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 // inputs, on a GPU machine; elsewhere "no CUDA device visible; skipped", exit 0.
 //
 // Shapes: rows 1, 7 and 33 of widths 80, 576 and 4097 (not multiples of a block), and 1000 rows
-// of 80 (the parameter gradients' sums split into row parts), head_dim 64/128.
+// of 80 (the parameter gradients' sums split into row parts), head_dim 64/128, and the activations
+// at 2097157 rows (past the SwiGLU backward's grid of row tiles).
 // Tolerances: row reductions sum in another order than the CPU's vectorised loops and the device's
 // expf differs from the CPU's exp_f32 by an ulp or two, so every written gradient agrees to
 // 2e-5 * (1 + |ref|) per element. The accumulated dw / db (sums over rows in parts, in f32) are
@@ -192,5 +193,8 @@ int main() {
   norms(1000, 80);  // parameter gradients summed over several row parts
   for (int hd : {64, 128}) rope(9, 5, hd);
   for (int inter : {80, 4097}) activations(7, inter);
+  // Past swiglu_backward_rows' grid of 65535 tiles of 32 rows: the tile loop's second turn, its
+  // last tile partial.
+  activations(65535 * 32 + 37, 2);
   return rf::test::finish("cuda_ops_backward");
 }

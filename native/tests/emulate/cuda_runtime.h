@@ -13,7 +13,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __shared__ static
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __align__(x) alignas(x)
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;

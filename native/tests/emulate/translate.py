@@ -34,7 +34,9 @@ def split_top(s):
 src = open(sys.argv[1]).read()
 
 # The launch bounds of the kernels defined here, and the kernels given a shared-memory attribute.
-bounds = dict((m.group(2), m.group(1)) for m in re.finditer(r'__global__\s+void\s+__launch_bounds__\(([^)]*)\)\s*(\w+)', src))
+# (The first argument: the most threads a block may have; the second, blocks per SM, is a hint.)
+bounds = dict((m.group(2), split_top(m.group(1))[0])
+              for m in re.finditer(r'__global__\s+void\s+__launch_bounds__\(((?:[^()]|\([^()]*\))*)\)\s*(\w+)', src))
 attributed = set(re.findall(r'cudaFuncSetAttribute\(\s*([\w]+(?:<[\w, ]+>)?)\s*,', src))
 
 
