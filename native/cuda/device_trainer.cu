@@ -540,9 +540,10 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
   };
   // din = dy W for projection (l, index), plus its adapters' input gradients and their dA, dB.
   // bf16 models: dy16 is dy rounded to bf16 when the kernel that wrote dy wrote it too (else null:
-  // rounded here into dy_bf16).
+  // rounded here into dy_bf16). defer_up (optional): a lone adapter's input gradient, if the
+  // SwiGLU backward can add it (DoutLora), is left to it instead of read and written into din here.
   auto linear_backward = [&](int l, int index, Input x, long in, const float* dy, const __nv_bfloat16* dy16, long out, float* din,
-                             const DeviceLayerTrace& lt) {
+                             const DeviceLayerTrace& lt, DoutLora* defer_up = nullptr) {
     phase(kBackwardLinear);
     const DLinear& lin = m.linear(l, index);
     auto x_f32 = [&]() -> const float* {
@@ -617,7 +618,9 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
         }
         matmul_tn(gemm, s.grd(ps[a]), du, DType::f32, xa, DType::f32, r, int(in), int(R), 1.f, 1.f, st);  // dA
       }
-      if (up_fused) {  // din += mask (du A), after the loop
+      if (defer_up && lin.lora.size() == 1 && r <= kDoutLoraMaxRank) {
+        *defer_up = {du, lora.A.get(), r, adapter_id, s.trace.dropout_seed, l, p};
+      } else if (up_fused) {  // din += mask (du A), after the loop
         up_terms.push_back({du, lora.A.get(), r, adapter_id});
       } else if (p > 0.f && r <= kLoraFusedMaxRank) {  // a projection with a rank past it: this one alone
         lora_up_dropout_add(din, du, lora.A.get(), int(R), int(in), r, s.trace.dropout_seed, l, adapter_id, p, st);
@@ -660,10 +663,14 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     auto mlp_backward = [&](const auto* mlp) {
       phase(kBackwardOther);
       m.activation_rows(mlp, act, R, xw);
-      linear_backward(l, 3, {act, xw, nullptr}, I, dx, nullptr, H, dact, lt);
+      // The down projection's adapter's input gradient: added by the SwiGLU backward as it reads
+      // dact (the same bits), not by a pass of its own over dact.
+      DoutLora down_lora;
+      const bool glu = c.act == Activation::silu;
+      linear_backward(l, 3, {act, xw, nullptr}, I, dx, nullptr, H, dact, lt, glu ? &down_lora : nullptr);
       // dmlp, and in bf16 models dmlp rounded: mlp_in's dy in both forms, from one kernel.
       phase(kBackwardOther);
-      if (c.act == Activation::silu) swiglu_backward_rows(dmlp, dact, mlp, int(R), int(I), st, dy_bf16);
+      if (glu) swiglu_backward_rows(dmlp, dact, mlp, int(R), int(I), st, dy_bf16, down_lora);
       else gelu_new_backward(dmlp, dact, mlp, R * I, st, dy_bf16);
     };
     if (bf16) mlp_backward(lt.mlp.get<__nv_bfloat16>());

@@ -5,9 +5,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <stdexcept>
+#include <string>
 
 #include "cuda/bf16.h"
 #include "cuda/column_reduce.cuh"
+#include "cuda/dropout.cuh"
 #include "cuda/ops_backward.h"
 
 namespace rf::cuda {
@@ -106,15 +109,35 @@ __global__ void rope_backward_kernel(float* dx, long row_stride, int head_dim, c
 }
 
 // grid: (column blocks, tiles of kSwigluRows rows); a thread owns one column and walks the tile's
-// rows (no index divided), issuing kSwigluLoads rows' loads before their stores.
+// rows (no index divided), issuing kSwigluLoads rows' loads before their stores. KMAX > 0: the
+// adapter's term added to dout as lora_up_dropout_add_kernel adds it (its A column in registers,
+// the tile's du rows in shared memory, zero past the rank: the same k-ordered fused sums over
+// KMAX, the same two roundings), so the same bits.
 constexpr int kSwigluRows = 32, kSwigluLoads = 4;
 
-template <class T>
-__global__ void swiglu_backward_kernel(float* din, const float* dout, const T* in, int rows, int inter, __nv_bfloat16* din_bf16) {
+template <class T, int KMAX>
+__global__ void __launch_bounds__(256, 3) swiglu_backward_kernel(float* din, const float* dout, const T* in, int rows, int inter,
+                                                              __nv_bfloat16* din_bf16, DoutLora lora) {
+  constexpr int K4 = KMAX > 0 ? KMAX / 4 : 1;
+  __shared__ float4 du_s[kSwigluRows][K4];
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= inter) return;
+  const bool live = c < inter;
+  float a[KMAX > 0 ? KMAX : 1];
+  if constexpr (KMAX > 0)
+#pragma unroll
+    for (int k = 0; k < KMAX; ++k) a[k] = live && k < lora.rank ? lora.A[long(k) * inter + c] : 0.f;
+  const float keep_scale = 1.0f / (1.0f - lora.p);
   for (long r0 = long(blockIdx.y) * kSwigluRows; r0 < rows; r0 += long(gridDim.y) * kSwigluRows) {
     const int n_rows = rows - r0 < kSwigluRows ? int(rows - r0) : kSwigluRows;
+    if constexpr (KMAX > 0) {
+      __syncthreads();  // the previous tile's du is read
+      for (int e = threadIdx.x; e < kSwigluRows * KMAX; e += blockDim.x) {
+        const int r = e / KMAX, k = e % KMAX;
+        reinterpret_cast<float*>(&du_s[r][0])[k] = r < n_rows && k < lora.rank ? lora.du[(r0 + r) * lora.rank + k] : 0.f;
+      }
+      __syncthreads();
+    }
+    if (!live) continue;
     for (int r1 = 0; r1 < n_rows; r1 += kSwigluLoads) {
       const long first = (r0 + r1) * inter + c;  // the group's first dout; its in at 2 first - c
       float g[kSwigluLoads], u[kSwigluLoads], d[kSwigluLoads];
@@ -127,6 +150,19 @@ __global__ void swiglu_backward_kernel(float* din, const float* dout, const T* i
 #pragma unroll
       for (int j = 0; j < kSwigluLoads; ++j) {
         if (r1 + j >= n_rows) continue;
+        if constexpr (KMAX > 0) {
+          float acc = 0.f;
+#pragma unroll
+          for (int k4 = 0; k4 < K4; ++k4) {
+            const float4 q = du_s[r1 + j][k4];
+            acc = fmaf(q.x, a[4 * k4], acc);
+            acc = fmaf(q.y, a[4 * k4 + 1], acc);
+            acc = fmaf(q.z, a[4 * k4 + 2], acc);
+            acc = fmaf(q.w, a[4 * k4 + 3], acc);
+          }
+          if (lora.p == 0.f || keep_element(lora.seed, lora.layer, lora.adapter, r0 + r1 + j, c, lora.p))
+            d[j] = __fadd_rn(d[j], __fmul_rn(acc, keep_scale));
+        }
         const long i = 2 * (first + long(j) * inter) - c;
         const float e = expf(-g[j]);
         const float s = 1.0f / (1.0f + e);  // sigmoid(g); 1 - s as e * s
@@ -179,20 +215,25 @@ void rope_backward_rows(float* dx, long row_stride, int rows, int n_heads, int h
 
 template <class T>
 void swiglu_backward_launch(float* din, const float* dout, const T* in, int rows, int inter, cudaStream_t stream,
-                            __nv_bfloat16* din_bf16) {
+                            __nv_bfloat16* din_bf16, const DoutLora& lora) {
+  if (lora.du && (lora.rank < 1 || lora.rank > kDoutLoraMaxRank || !lora.A))
+    throw std::invalid_argument("swiglu_backward_rows: an adapter needs A and a rank in 1.." + std::to_string(kDoutLoraMaxRank));
   if (rows <= 0 || inter <= 0) return;
   const dim3 grid((inter + 255) / 256, unsigned(std::min<long>(65535, (long(rows) + kSwigluRows - 1) / kSwigluRows)));
-  swiglu_backward_kernel<<<grid, 256, 0, stream>>>(din, dout, in, rows, inter, din_bf16);
+  // The widths lora_up_dropout_add takes for these ranks (16 or 32), for its bits.
+  if (!lora.du) swiglu_backward_kernel<T, 0><<<grid, 256, 0, stream>>>(din, dout, in, rows, inter, din_bf16, lora);
+  else if (lora.rank <= 16) swiglu_backward_kernel<T, 16><<<grid, 256, 0, stream>>>(din, dout, in, rows, inter, din_bf16, lora);
+  else swiglu_backward_kernel<T, 32><<<grid, 256, 0, stream>>>(din, dout, in, rows, inter, din_bf16, lora);
 }
 
 void swiglu_backward_rows(float* din, const float* dout, const float* in, int rows, int inter, cudaStream_t stream,
-                          __nv_bfloat16* din_bf16) {
-  swiglu_backward_launch(din, dout, in, rows, inter, stream, din_bf16);
+                          __nv_bfloat16* din_bf16, const DoutLora& lora) {
+  swiglu_backward_launch(din, dout, in, rows, inter, stream, din_bf16, lora);
 }
 
 void swiglu_backward_rows(float* din, const float* dout, const __nv_bfloat16* in, int rows, int inter, cudaStream_t stream,
-                          __nv_bfloat16* din_bf16) {
-  swiglu_backward_launch(din, dout, in, rows, inter, stream, din_bf16);
+                          __nv_bfloat16* din_bf16, const DoutLora& lora) {
+  swiglu_backward_launch(din, dout, in, rows, inter, stream, din_bf16, lora);
 }
 
 void gelu_new_backward(float* dx, const float* dout, const float* x, long n, cudaStream_t stream, __nv_bfloat16* dx_bf16) {

@@ -28,15 +28,31 @@ void layernorm_backward_rows(float* dx, float* dw, float* db, const float* dout,
 void rope_backward_rows(float* dx, long row_stride, int rows, int n_heads, int head_dim, const float* cos, const float* sin,
                         cudaStream_t stream);
 
+// The MLP's down projection's adapter, whose input gradient swiglu_backward_rows adds to dout as
+// it reads it: the dropout mask applied to du A (du [rows, rank], A [rank, inter]) with
+// lora_up_dropout_add's arithmetic and order (train_ops.h), so the same bits as that call on dout
+// first, without its read and write of dout. du null: none.
+struct DoutLora {
+  const float* du = nullptr;
+  const float* A = nullptr;
+  int rank = 0;
+  int adapter = 0;  // the mask's adapter id
+  uint64_t seed = 0;
+  int layer = 0;
+  float p = 0.f;  // 0: no mask
+};
+constexpr int kDoutLoraMaxRank = 32;
+
 // The backward of swiglu_rows (model_ops.h): for in [rows, 2 inter] = gate | up and dout
 // [rows, inter], din [rows, 2 inter] = dgate | dup (written).
 // in may be the trainer's bf16 copy (the same result as on its f32 widening, without one).
 // din_bf16 (optional): din rounded to bf16 as well (the bits f32_to_bf16 gives), the operand of
-// the next product in a bf16 model, without a conversion pass over din.
+// the next product in a bf16 model, without a conversion pass over din. lora (optional, rank up
+// to kDoutLoraMaxRank): added to dout as it is read (dout itself is not written).
 void swiglu_backward_rows(float* din, const float* dout, const float* in, int rows, int inter, cudaStream_t stream,
-                          __nv_bfloat16* din_bf16 = nullptr);
+                          __nv_bfloat16* din_bf16 = nullptr, const DoutLora& lora = {});
 void swiglu_backward_rows(float* din, const float* dout, const __nv_bfloat16* in, int rows, int inter, cudaStream_t stream,
-                          __nv_bfloat16* din_bf16 = nullptr);
+                          __nv_bfloat16* din_bf16 = nullptr, const DoutLora& lora = {});
 
 // dx [n] = dout * gelu_new'(x) (written; dx may alias dout); x f32 or bf16, dx_bf16 as above.
 void gelu_new_backward(float* dx, const float* dout, const float* x, long n, cudaStream_t stream, __nv_bfloat16* dx_bf16 = nullptr);

@@ -7,6 +7,7 @@
 
 #include "cuda/bf16.h"
 #include "cuda/column_reduce.cuh"
+#include "cuda/dropout.cuh"
 
 namespace rf::cuda {
 
@@ -22,17 +23,6 @@ int grid_for(long n, int threads) {
 void check_launch(const char* what) {
   const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) throw std::runtime_error(std::string("CUDA ") + what + ": " + cudaGetErrorName(e));
-}
-
-// rf::dropout_keep (native/model/model.cpp) on the device: splitmix64 of the element's
-// coordinates, compared in double as there.
-__device__ bool keep_element(uint64_t seed, int layer, int adapter, long row, long col, float p) {
-  uint64_t z = seed ^ (uint64_t(layer) << 48) ^ (uint64_t(adapter) << 40) ^ (uint64_t(row) << 20) ^ uint64_t(col);
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  z ^= z >> 31;
-  return double(z >> 11) * (1.0 / 9007199254740992.0) >= double(p);
 }
 
 __global__ void dropout_kernel(float* out, const float* x, int cols, long n, uint64_t seed, int layer, int adapter, float p,

@@ -4,7 +4,8 @@
 //
 // Shapes: rows 1, 7 and 33 of widths 80, 576 and 4097 (not multiples of a block), and 1000 rows
 // of 80 (the parameter gradients' sums split into row parts), head_dim 64/128, and the activations
-// at 2097157 rows (past the SwiGLU backward's grid of row tiles).
+// at 2097157 rows (past the SwiGLU backward's grid of row tiles). The SwiGLU backward with the
+// down projection's adapter term must give the bits of the two launches it replaces.
 // Tolerances: row reductions sum in another order than the CPU's vectorised loops and the device's
 // expf differs from the CPU's exp_f32 by an ulp or two, so every written gradient agrees to
 // 2e-5 * (1 + |ref|) per element. The accumulated dw / db (sums over rows in parts, in f32) are
@@ -19,12 +20,14 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "core/dtype.h"
 #include "cuda/cuda.h"
 #include "cuda/ops_backward.h"
+#include "cuda/train_ops.h"
 #include "kernels/ops_backward.h"
 #include "tests/check.h"
 #include "tests/random_model.h"
@@ -158,6 +161,40 @@ void activations_bf16_input(int rows, int inter) {
   cudaFree(d_out16);
 }
 
+// swiglu_backward_rows with the down projection's adapter term (DoutLora) against the two
+// launches it replaces: lora_up_dropout_add into a copy of dout, then swiglu_backward_rows: the
+// same bits in din and its bf16 copy (ranks 4, 16, 17 and 32: both kernel widths; with and
+// without dropout; a partial last row tile), and dout left as it was.
+void activations_down_lora(int rows, int inter, int rank, float p) {
+  const uint64_t seed = 0x5eed1234abcdull;
+  const int layer = 3, adapter = 3 * 16;
+  const std::vector<float> in = randn(size_t(rows) * 2 * inter, 3.f), dout = randn(size_t(rows) * inter),
+                           du = randn(size_t(rows) * rank), A = randn(size_t(rank) * inter, 0.3f);
+  float *d_in = up(in), *d_dout = up(dout), *d_dout2 = up(dout), *d_du = up(du), *d_A = up(A),
+        *d_a = up(std::vector<float>(in.size(), NAN)), *d_b = up(std::vector<float>(in.size(), NAN));
+  __nv_bfloat16 *d_a16 = nullptr, *d_b16 = nullptr;
+  cudaMalloc(&d_a16, in.size() * sizeof(uint16_t));
+  cudaMalloc(&d_b16, in.size() * sizeof(uint16_t));
+  rf::cuda::lora_up_dropout_add(d_dout2, d_du, d_A, rows, inter, rank, seed, layer, adapter, p, nullptr);
+  rf::cuda::swiglu_backward_rows(d_a, d_dout2, d_in, rows, inter, nullptr, d_a16);
+  rf::cuda::swiglu_backward_rows(d_b, d_dout, d_in, rows, inter, nullptr, d_b16, {d_du, d_A, rank, adapter, seed, layer, p});
+  const std::string what = "swiglu_backward_rows + the down adapter's term rows " + std::to_string(rows) + " inter " +
+                           std::to_string(inter) + " rank " + std::to_string(rank) + " p " + std::to_string(p);
+  check(cudaDeviceSynchronize() == cudaSuccess && cudaGetLastError() == cudaSuccess, what + ": kernels ran");
+  const std::vector<float> a = down(d_a, in.size()), b = down(d_b, in.size()), kept = down(d_dout, dout.size()),
+                           added = down(d_dout2, dout.size());
+  std::vector<uint16_t> a16(in.size()), b16(in.size());
+  cudaMemcpy(a16.data(), d_a16, in.size() * 2, cudaMemcpyDeviceToHost);
+  cudaMemcpy(b16.data(), d_b16, in.size() * 2, cudaMemcpyDeviceToHost);
+  check(std::memcmp(a.data(), b.data(), a.size() * 4) == 0 && std::memcmp(a16.data(), b16.data(), a16.size() * 2) == 0,
+        what + ": din and its bf16 copy the bits of lora_up_dropout_add then swiglu_backward_rows");
+  check(std::memcmp(kept.data(), dout.data(), dout.size() * 4) == 0 && std::memcmp(added.data(), dout.data(), dout.size() * 4) != 0,
+        what + ": dout left as it was (and the term not zero)");
+  for (float* q : {d_in, d_dout, d_dout2, d_du, d_A, d_a, d_b}) cudaFree(q);
+  cudaFree(d_a16);
+  cudaFree(d_b16);
+}
+
 void activations(int rows, int inter) {
   const std::vector<float> in = randn(size_t(rows) * 2 * inter, 3.f), dout = randn(size_t(rows) * inter);
   std::vector<float> want(in.size());
@@ -196,5 +233,15 @@ int main() {
   // Past swiglu_backward_rows' grid of 65535 tiles of 32 rows: the tile loop's second turn, its
   // last tile partial.
   activations(65535 * 32 + 37, 2);
+  for (int rank : {4, 16, 17, 32})
+    for (float p : {0.f, 0.3f}) activations_down_lora(45, 300, rank, p);
+  bool refused = false;
+  try {
+    float* d = up(std::vector<float>(8));
+    rf::cuda::swiglu_backward_rows(d, d, d, 1, 4, nullptr, nullptr, {d, d, rf::cuda::kDoutLoraMaxRank + 1});
+  } catch (const std::invalid_argument&) {
+    refused = true;
+  }
+  check(refused, "swiglu_backward_rows refuses an adapter rank past kDoutLoraMaxRank");
   return rf::test::finish("cuda_ops_backward");
 }
