@@ -404,7 +404,8 @@ void DeviceModel::norm_rows(const DNorm& nm, const float* in, float* out, long r
 }
 
 // y (+)= x W^T + b, then each LoRA adapter's ((x A^T) (scale B)^T) on its slice of y; in_bf16:
-// x already rounded to bf16 by the kernel that made it (null: rounded here, bf16 weights). Traced,
+// x already rounded to bf16 by the kernel that made it (null: rounded here, bf16 weights); in:
+// x in f32, null where reads_f32_input says nothing reads it (in_bf16 is then given). Traced,
 // the adapters read dropout(x) (PEFT's lora_dropout; adapter id as the CPU's: index * 16 + a)
 // and lt keeps u = dropout(x) A^T (its lora_u from *u_next on).
 void DeviceModel::linear_rows(const DLinear& lin, const float* in, const __nv_bfloat16* in_bf16, long rows, float* y,
@@ -415,6 +416,7 @@ void DeviceModel::linear_rows(const DLinear& lin, const float* in, const __nv_bf
   const cudaStream_t st = as_stream(stream_);
   const void* xin = in;
   DType xt = DType::f32;
+  if (!in && (dtype_ != DType::bf16 || !in_bf16)) throw std::logic_error("linear_rows: no input");
   if (dtype_ == DType::bf16) {
     if (!in_bf16) f32_to_bf16(s.xb.get<__nv_bfloat16>(), in, rows * lin.in, st);
     xin = in_bf16 ? in_bf16 : s.xb.get<__nv_bfloat16>();
@@ -432,19 +434,25 @@ void DeviceModel::linear_rows(const DLinear& lin, const float* in, const __nv_bf
   // takes: the up products are left to it (glu_up), which adds them as it reads y, instead of a
   // product's read and write of all of y here (at 16k rows and I = 8192, 2 GB per layer).
   const bool defer_up = glu_up && swiglu_lora_applies(lin);
-  if (!defer_up && !trace && gemv_on_ && rows <= kLoraMaxRows && lin.lora.size() <= size_t(kGemvMaxLora)) {
+  if (lora_batched(lin, rows, trace)) {
     // A batched decode step's rows, untraced: the adapters' down products in one launch, their up
     // products in one more (gemv.h), not two cuBLASLt products per adapter of almost no work.
     GemvLora up[kGemvMaxLora];
     const int n = lora_down_all(lin, in, rows, nullptr, up);
-    lora_up_rows(up, n, int(rows), y, lin.out, st);
+    if (defer_up)
+      for (int i = 0; i < n; ++i) glu_up[up[i].offset == 0 ? 0 : 1] = {up[i].u, up[i].B, up[i].rank};
+    else
+      lora_up_rows(up, n, int(rows), y, lin.out, st);
     mark(trace, kForwardOther, st);
     return;
   }
-  // Traced (training) with every rank within the fused kernel's: all the adapters' u from one read
-  // of x (q, k and v; gate and up), the mask, if any, applied as x is read; else one at a time.
+  // Every rank within the fused kernel's: all the adapters' u from one read of x (q, k and v; gate
+  // and up), the mask, if any, applied as x is read; bf16 models read the product's own bf16
+  // operand (as PEFT under autocast gives lora_A the bf16 activation), so no f32 copy of x need
+  // exist. Else each adapter alone, from the f32 x.
   const float p = trace ? trace->dropout : 0.f;
-  bool down_fused = trace != nullptr;
+  const uint64_t seed = trace ? trace->dropout_seed : 0;
+  bool down_fused = true;
   for (const DLinear::Lora& a : lin.lora) down_fused &= a.rank <= kLoraFusedMaxRank;
   // Each adapter's u [rows, rank]: kept by the trace, or side by side in lora_u.
   long u_cols = 0;
@@ -462,19 +470,22 @@ void DeviceModel::linear_rows(const DLinear& lin, const float* in, const __nv_bf
     }
     if (down_fused) down_terms.push_back({us[ai], a.A.get(), a.rank, index * 16 + int(ai)});
   }
-  if (down_fused)
-    lora_down_dropout(down_terms.data(), int(down_terms.size()), in, int(rows), lin.in, trace->dropout_seed, layer, p, st);
+  if (down_fused && xt == DType::bf16)
+    lora_down_dropout(down_terms.data(), int(down_terms.size()), static_cast<const __nv_bfloat16*>(xin), int(rows), lin.in, seed,
+                      layer, p, st);
+  else if (down_fused)
+    lora_down_dropout(down_terms.data(), int(down_terms.size()), in, int(rows), lin.in, seed, layer, p, st);
   for (size_t ai = 0; ai < lin.lora.size(); ++ai) {
     const DLinear::Lora& a = lin.lora[ai];
     float* u = us[ai];
-    // Untraced (p = 0), or a projection with a rank past the fused kernel's: u alone.
+    // A projection with a rank past the fused kernel's: u alone, from f32 x (lora_reads_f32).
     if (!down_fused && p > 0.f && a.rank <= kLoraFusedMaxRank) {  // the mask applied as x is read: no dropped-out copy
-      lora_down_dropout(u, in, a.A.get(), int(rows), lin.in, a.rank, trace->dropout_seed, layer, index * 16 + int(ai), p, st);
+      lora_down_dropout(u, in, a.A.get(), int(rows), lin.in, a.rank, seed, layer, index * 16 + int(ai), p, st);
     } else if (!down_fused) {
       const float* xa = in;
       if (p > 0.f) {
         float* xd = static_cast<float*>(s.lora_x.ensure(size_t(rows * lin.in) * sizeof(float)));
-        dropout_rows(xd, in, int(rows), lin.in, trace->dropout_seed, layer, index * 16 + int(ai), p, st);
+        dropout_rows(xd, in, int(rows), lin.in, seed, layer, index * 16 + int(ai), p, st);
         xa = xd;
       }
       matmul(*gemm_, u, xa, DType::f32, a.A.get<void>(), DType::f32, int(rows), a.rank, lin.in, nullptr, 0.f, st);
@@ -488,6 +499,20 @@ void DeviceModel::linear_rows(const DLinear& lin, const float* in, const __nv_bf
            {0, 0, lin.out});
   }
   mark(trace, kForwardOther, st);
+}
+
+// A batched decode step's adapters (untraced, up to kLoraMaxRows rows): lora_down_all's path.
+bool DeviceModel::lora_batched(const DLinear& lin, long rows, const DeviceTrace* trace) const {
+  return !trace && gemv_on_ && rows <= kLoraMaxRows && lin.lora.size() <= size_t(kGemvMaxLora);
+}
+
+bool DeviceModel::reads_f32_input(const DLinear& lin, long rows, const DeviceTrace* trace) const {
+  if (dtype_ != DType::bf16) return true;
+  if (!adapter_enabled_ || lin.lora.empty()) return false;
+  if (lora_batched(lin, rows, trace)) return true;
+  for (const DLinear::Lora& a : lin.lora)
+    if (a.rank > kLoraFusedMaxRank) return true;
+  return false;
 }
 
 // Whether swiglu_rows can add lin's adapters (SwigluLora): each one on all of the gate half or
@@ -622,8 +647,10 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
     linear_rows_gemv(L.qkv, x, nullptr, R, qkv, false, false, nullptr, &L.attn_norm, fused_append ? &ap : nullptr);
     appended = fused_append;
   } else {
-    norm_rows(L.attn_norm, x, xn, R, xb);
-    linear_rows(L.qkv, xn, xb, R, qkv, false, l, 0, trace, keep, &u_next);
+    // bf16 models: the f32 norm output only where an adapter reads it (reads_f32_input).
+    float* xn_qkv = reads_f32_input(L.qkv, R, trace) ? xn : nullptr;
+    norm_rows(L.attn_norm, x, xn_qkv, R, xb);
+    linear_rows(L.qkv, xn_qkv, xb, R, qkv, false, l, 0, trace, keep, &u_next);
   }
   // Rope on q's heads, then k's, and the keys and values into the cache: one launch when both,
   // which for bf16 models also writes the trace's bf16 copy of the rows.
@@ -670,10 +697,11 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
     linear_rows(L.mlp_out, act, actb, R, x, true, l, 3, trace, keep, &u_next);
     return;
   }
-  norm_rows(L.mlp_norm, x, xn, R, xb);
+  float* xn_mlp = reads_f32_input(L.mlp_in, R, trace) ? xn : nullptr;
+  norm_rows(L.mlp_norm, x, xn_mlp, R, xb);
   // SwiGLU: the gate|up adapters' up products, when linear_rows leaves them to swiglu_rows.
   SwigluLora glu_up[2];
-  linear_rows(L.mlp_in, xn, xb, R, mlp, false, l, 2, trace, keep, &u_next, c.act == Activation::silu ? glu_up : nullptr);
+  linear_rows(L.mlp_in, xn_mlp, xb, R, mlp, false, l, 2, trace, keep, &u_next, c.act == Activation::silu ? glu_up : nullptr);
   // The trace's mlp: the SwiGLU writes it as it reads mlp (bf16 rounded, or f32; adapters added),
   // no pass of its own; gelu_new's bf16 rounded likewise, or copied.
   __nv_bfloat16* keep_mlp = nullptr;
@@ -684,8 +712,10 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
     keep_mlp32 = static_cast<float*>(keep->mlp.ensure(size_t(R * MLP_IN) * sizeof(float)));
   else if (keep)
     keep_values(keep->mlp, mlp, R * MLP_IN);
-  activation_rows(mlp, act, R, xb, keep_mlp, glu_up, keep_mlp32);
-  linear_rows(L.mlp_out, act, xb, R, x, true, l, 3, trace, keep, &u_next);
+  // SwiGLU of a bf16 model: the f32 activation only where an adapter of mlp_out reads it.
+  float* act_f32 = c.act != Activation::silu || reads_f32_input(L.mlp_out, R, trace) ? act : nullptr;
+  activation_rows(mlp, act_f32, R, xb, keep_mlp, glu_up, keep_mlp32);
+  linear_rows(L.mlp_out, act_f32, xb, R, x, true, l, 3, trace, keep, &u_next);
 }
 
 // act [R, I] = the MLP's activation of mlp [R, MLP_IN]: silu(gate) * up of gate | up, or

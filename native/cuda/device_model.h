@@ -187,6 +187,12 @@ class DeviceModel {
                    int layer, int index, const DeviceTrace* trace, DeviceLayerTrace* lt, size_t* u_next,
                    SwigluLora* glu_up = nullptr);
   bool swiglu_lora_applies(const DLinear& lin) const;
+  bool lora_batched(const DLinear& lin, long rows, const DeviceTrace* trace) const;
+  // Whether linear_rows reads lin's f32 input at these rows: always for f32 weights; for bf16 only
+  // where an adapter's down product does (a batched decode step's lora_down_all, or a rank past
+  // the fused kernel's), the product and the fused down kernel reading its bf16 operand. Where it
+  // does not, the kernel that makes the input writes its bf16 copy alone (in may be null).
+  bool reads_f32_input(const DLinear& lin, long rows, const DeviceTrace* trace) const;
   // linear_rows through gemv_rows: whether it applies (untraced, few rows, operands it takes, at
   // most kGemvMaxLora adapters; norm: RMSNorm fused, in is then the f32 residual stream), and the
   // product with its adapters; glu: y [rows, I] is the SwiGLU of the gate|up outputs, y_bf16

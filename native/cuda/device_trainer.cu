@@ -524,10 +524,20 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
   Buffer& wide_buf = borrow ? fs.mlp : s.wide_a;   // [R, QKV]
   Buffer& xa_buf = borrow ? fs.lora_x : s.xa;      // [R, in] an adapter's dropped-out input
 
-  // Full fine-tuning of a bf16 model: dW's bf16 operand x, written by the kernel that makes x
-  // (a recomputed norm or activation) or made from it here.
-  __nv_bfloat16* xw = full && bf16 ? static_cast<__nv_bfloat16*>(s.xw.ensure(size_t(R * std::max({H, Q, I})) * sizeof(__nv_bfloat16)))
-                                   : nullptr;
+  // bf16 models: a projection's input in bf16, written by the kernel that makes it (a recomputed
+  // norm or activation): dW's operand in full fine-tuning, and what an adapter's dA reads, as its
+  // forward's down product read it (DeviceModel::reads_f32_input). The f32 input is made only
+  // where something reads it (f32_input below).
+  __nv_bfloat16* xw = bf16 ? static_cast<__nv_bfloat16*>(s.xw.ensure(size_t(R * std::max({H, Q, I})) * sizeof(__nv_bfloat16)))
+                           : nullptr;
+  // Whether projection (l, index)'s backward reads its input in f32: f32 models, and an adapter
+  // whose rank the fused kernels do not take (its forward read f32 x, and its dA does too).
+  auto f32_input = [&](int l, int index) {
+    if (!bf16) return true;
+    for (const DLinear::Lora& a : m.linear(l, index).lora)
+      if (a.rank > kLoraFusedMaxRank) return true;
+    return false;
+  };
 
   // A projection's input as its backward reads it: in f32 (for dA, and dW of f32 models) and in
   // bf16 (dW of bf16 models). Either may be absent; it is made on first use: f32 widened from
@@ -662,12 +672,13 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     // read the trace's mlp as kept (bf16: widened in registers, the same bits as widened first).
     auto mlp_backward = [&](const auto* mlp) {
       phase(kBackwardOther);
-      m.activation_rows(mlp, act, R, xw);
+      const bool glu = c.act == Activation::silu;
+      float* act_f32 = !glu || f32_input(l, 3) ? act : nullptr;  // gelu_new writes f32 always
+      m.activation_rows(mlp, act_f32, R, xw);
       // The down projection's adapter's input gradient: added by the SwiGLU backward as it reads
       // dact (the same bits), not by a pass of its own over dact.
       DoutLora down_lora;
-      const bool glu = c.act == Activation::silu;
-      linear_backward(l, 3, {act, xw, nullptr}, I, dx, nullptr, H, dact, lt, glu ? &down_lora : nullptr);
+      linear_backward(l, 3, {act_f32, xw, &act_buf}, I, dx, nullptr, H, dact, lt, glu ? &down_lora : nullptr);
       // dmlp, and in bf16 models dmlp rounded: mlp_in's dy in both forms, from one kernel.
       phase(kBackwardOther);
       if (glu) swiglu_backward_rows(dmlp, dact, mlp, int(R), int(I), st, dy_bf16, down_lora);
@@ -675,8 +686,9 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     };
     if (bf16) mlp_backward(lt.mlp.get<__nv_bfloat16>());
     else mlp_backward(lt.mlp.get<float>());
-    m.norm_rows(L.mlp_norm, lt.x_mid.get(), xn, R, xw);
-    linear_backward(l, 2, {xn, xw, nullptr}, H, dmlp, dy_bf16, MLP_IN, dxn, lt);
+    float* xn_mlp = f32_input(l, 2) ? xn : nullptr;
+    m.norm_rows(L.mlp_norm, lt.x_mid.get(), xn_mlp, R, xw);
+    linear_backward(l, 2, {xn_mlp, xw, &xn_buf}, H, dmlp, dy_bf16, MLP_IN, dxn, lt);
     phase(kBackwardOther);
     norm_backward(L.mlp_norm, fl ? fl->norm_w[1] : -1, fl ? fl->norm_b[1] : -1, lt.x_mid.get(), dxn, dx, true);
     // Attention: x_mid = x_in + o(attn(rope(qkv(norm(x_in)))))
@@ -696,8 +708,9 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     }
     phase(kBackwardOther);
     if (c.rope) rope_backward_rows(dqkv, QKV, int(R), c.n_heads + c.n_kv_heads, int(hd), d_cos, d_sin, st);  // q's heads, then k's
-    m.norm_rows(L.attn_norm, lt.x_in.get(), xn, R, xw);
-    linear_backward(l, 0, {xn, xw, nullptr}, H, dqkv, nullptr, QKV, dxn, lt);
+    float* xn_qkv = f32_input(l, 0) ? xn : nullptr;
+    m.norm_rows(L.attn_norm, lt.x_in.get(), xn_qkv, R, xw);
+    linear_backward(l, 0, {xn_qkv, xw, &xn_buf}, H, dqkv, nullptr, QKV, dxn, lt);
     phase(kBackwardOther);
     norm_backward(L.attn_norm, fl ? fl->norm_w[0] : -1, fl ? fl->norm_b[0] : -1, lt.x_in.get(), dxn, dx, true);
   }

@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(kThreads, KMAX <= 16 ? 3 : 1) swiglu_rows_kern
         const float g = v[j][0], u = v[j][1];
         const float y = g / (1.0f + expf(-g)) * u;  // silu(g) * u, as the CPU's swiglu_forward
         const long o = first + long(j) * inter, i = 2 * o - c;
-        out[o] = y;
+        if (out) out[o] = y;
         if (out_bf16) out_bf16[o] = bf16_round(y);
         if (in_bf16) in_bf16[i] = bf16_round(g), in_bf16[i + inter] = bf16_round(u);
         if (in_f32) in_f32[i] = g, in_f32[i + inter] = u;

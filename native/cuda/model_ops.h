@@ -33,7 +33,8 @@ constexpr int kSwigluLoraMaxRank = 32;
 // out [rows, inter] = silu(g) * u for g | u = in [rows, 2 inter] (gate then up, the fused mlp_in
 // of the Llama block), plus gate's and up's adapter terms when given (ranks up to
 // kSwigluLoraMaxRank: each element + its k-ordered sum of u B products, one rounding);
-// out_bf16 (optional): the same rounded to bf16, as rmsnorm_rows writes it (ops.h); in_bf16 and
+// out_bf16 (optional): the same rounded to bf16, as rmsnorm_rows writes it (ops.h), out then
+// optional too (a bf16 model whose next readers all read bf16); in_bf16 and
 // in_f32 (optional): g | u as the product left them, adapters added, rounded to bf16 or in f32
 // (the trainer's trace copy of the MLP's input, without a pass of its own; in_f32 may be in).
 void swiglu_rows(float* out, const float* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16 = nullptr,

@@ -38,12 +38,12 @@ int pick_slices(int vocab) { return std::max(1, std::min(64, (vocab + 4095) / 40
 __global__ void rmsnorm_kernel(float* out, const float* x, const float* w, int n, float eps, __nv_bfloat16* out_bf16) {
   __shared__ float scratch[32];
   const float* xr = x + long(blockIdx.x) * n;
-  float* yr = out + long(blockIdx.x) * n;
+  float* yr = out ? out + long(blockIdx.x) * n : nullptr;
   __nv_bfloat16* br = out_bf16 ? out_bf16 + long(blockIdx.x) * n : nullptr;
   const float inv = rms_inv(xr, n, eps, scratch);
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const float y = w[i] * (xr[i] * inv);
-    yr[i] = y;
+    if (yr) yr[i] = y;
     if (br) br[i] = bf16_round(y);
   }
 }
@@ -52,7 +52,7 @@ __global__ void layernorm_kernel(float* out, const float* x, const float* w, con
                                  __nv_bfloat16* out_bf16) {
   __shared__ float scratch[32];
   const float* xr = x + long(blockIdx.x) * n;
-  float* yr = out + long(blockIdx.x) * n;
+  float* yr = out ? out + long(blockIdx.x) * n : nullptr;
   __nv_bfloat16* br = out_bf16 ? out_bf16 + long(blockIdx.x) * n : nullptr;
   float s = 0.f;
   for (int i = threadIdx.x; i < n; i += blockDim.x) s += xr[i];
@@ -62,7 +62,7 @@ __global__ void layernorm_kernel(float* out, const float* x, const float* w, con
   const float inv = 1.0f / sqrtf(block_sum(ss, scratch) / float(n) + eps);
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const float y = (xr[i] - mean) * inv * w[i] + b[i];
-    yr[i] = y;
+    if (yr) yr[i] = y;
     if (br) br[i] = bf16_round(y);
   }
 }

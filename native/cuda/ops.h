@@ -12,7 +12,7 @@ namespace rf::cuda {
 
 // out [rows, n] = w * x / sqrt(mean(x^2) + eps) per row (LlamaRMSNorm). out_bf16 (optional,
 // [rows, n]): the same values rounded to bf16 as f32_to_bf16 rounds (cuda/bf16.h), for a bf16
-// product that follows, without a conversion pass.
+// product that follows, without a conversion pass; out may then be null (only bf16 is read).
 void rmsnorm_rows(float* out, const float* x, const float* w, int rows, int n, float eps, cudaStream_t stream,
                   __nv_bfloat16* out_bf16 = nullptr);
 

@@ -57,8 +57,9 @@ struct GroupTerms {
   int adapter[kMaxTerms];
 };
 
-template <int KMAX, int NA>
-__global__ void __launch_bounds__(256) lora_down_dropout_kernel(GroupTerms terms, const float* x, int rows, int in, uint64_t seed,
+// x: f32, or bf16 (a bf16 model's activation, widened exactly as it is read).
+template <int KMAX, int NA, class T>
+__global__ void __launch_bounds__(256) lora_down_dropout_kernel(GroupTerms terms, const T* x, int rows, int in, uint64_t seed,
                                                                 int layer, float p) {
   constexpr int TM = kDownRows, RG = KMAX / 4;
   __shared__ float xs[NA][TM][kTile + 1];                 // [row][column]: the odd stride spreads rows over banks
@@ -76,7 +77,7 @@ __global__ void __launch_bounds__(256) lora_down_dropout_kernel(GroupTerms terms
       const int m = e / kTile, k = e % kTile, col = c0 + k;
       const long row = r0 + m;
       const bool inside = row < rows && col < in;
-      const float xv = inside ? x[row * in + col] : 0.f;
+      const float xv = inside ? as_f32(x[row * in + col]) : 0.f;
 #pragma unroll
       for (int a = 0; a < NA; ++a)
         xs[a][m][k] = inside && (p == 0.f || keep_element(seed, layer, terms.adapter[a], row, col, p)) ? xv * keep_scale : 0.f;
@@ -317,6 +318,12 @@ void lora_down_dropout(float* u, const float* x, const float* A, int rows, int i
   lora_down_dropout(&one, 1, x, rows, in, seed, layer, p, stream);
 }
 
+void lora_down_dropout(float* u, const __nv_bfloat16* x, const float* A, int rows, int in, int rank, uint64_t seed, int layer,
+                       int adapter, float p, cudaStream_t stream) {
+  const LoraDownTerm one{u, A, rank, adapter};
+  lora_down_dropout(&one, 1, x, rows, in, seed, layer, p, stream);
+}
+
 namespace {
 
 // The widest kernel (KMAX 16, 32 or 64) the terms' ranks need; a rank outside 1..kLoraFusedMaxRank
@@ -365,15 +372,24 @@ struct GroupArgs {
   cudaStream_t stream;
 };
 
+template <class T>
 struct DownLaunch : GroupArgs {
   const LoraDownTerm* terms;
-  const float* x;
+  const T* x;
   template <int KMAX, int NA>
   void run(int j0) const {
     const int grid = (rows + kDownRows - 1) / kDownRows;  // 4 NA KMAX threads: 16 outputs each
-    lora_down_dropout_kernel<KMAX, NA><<<grid, 4 * KMAX * NA, 0, stream>>>(group(terms, j0, NA), x, rows, in, seed, layer, p);
+    lora_down_dropout_kernel<KMAX, NA, T><<<grid, 4 * KMAX * NA, 0, stream>>>(group(terms, j0, NA), x, rows, in, seed, layer, p);
   }
 };
+
+template <class T>
+void lora_down_groups(const LoraDownTerm* terms, int n, const T* x, int rows, int in, uint64_t seed, int layer, float p,
+                      cudaStream_t stream) {
+  const int kmax = terms_kmax(terms, n, "lora_down_dropout");  // the ranks checked before any early return
+  if (rows <= 0 || n <= 0) return;
+  run_groups(terms, n, kmax, "lora_down_dropout", DownLaunch<T>{{rows, in, seed, layer, p, stream}, terms, x});
+}
 
 struct UpLaunch : GroupArgs {
   const LoraUpTerm* terms;
@@ -389,9 +405,12 @@ struct UpLaunch : GroupArgs {
 
 void lora_down_dropout(const LoraDownTerm* terms, int n, const float* x, int rows, int in, uint64_t seed, int layer, float p,
                        cudaStream_t stream) {
-  const int kmax = terms_kmax(terms, n, "lora_down_dropout");  // the ranks checked before any early return
-  if (rows <= 0 || n <= 0) return;
-  run_groups(terms, n, kmax, "lora_down_dropout", DownLaunch{{rows, in, seed, layer, p, stream}, terms, x});
+  lora_down_groups(terms, n, x, rows, in, seed, layer, p, stream);
+}
+
+void lora_down_dropout(const LoraDownTerm* terms, int n, const __nv_bfloat16* x, int rows, int in, uint64_t seed, int layer,
+                       float p, cudaStream_t stream) {
+  lora_down_groups(terms, n, x, rows, in, seed, layer, p, stream);
 }
 
 int lora_da_rows_per_part(int rows, int in, int rank) {

@@ -342,6 +342,11 @@ void swiglu_lora_case(int rows, int inter, int gate_rank, int up_rank) {
   for (size_t i = 0; i < n; ++i) differ += out16[i] != rf::f32_to_bf16(out[i]);
   for (size_t i = 0; i < 2 * n; ++i) differ += in16[i] != rf::f32_to_bf16(sums[i]);
   check(differ == 0, tag + ": the bf16 copies f32_to_bf16 of out and of the sums (" + std::to_string(differ) + " differ)");
+  // The bf16 output alone (out null): the same bf16 bits.
+  Dev d_alone16(n * 2);
+  rf::cuda::swiglu_rows(nullptr, d_in.f(), rows, inter, nullptr, static_cast<__nv_bfloat16*>(d_alone16.p), nullptr, terms[0],
+                        terms[1]);
+  check(download<uint16_t>(d_alone16, n) == out16, tag + " with the bf16 output alone: the same bits");
   // In place: in_f32 = in, the same bits.
   Dev d_out2 = output(n);
   rf::cuda::swiglu_rows(d_out2.f(), d_in.f(), rows, inter, nullptr, nullptr, nullptr, terms[0], terms[1], d_in.f());

@@ -98,6 +98,16 @@ void test_norms() {
       check(differ == 0, std::string(layer ? "layernorm" : "rmsnorm") + " n=" + std::to_string(n) +
                              " with a bf16 output: f32 the same bits, bf16 = f32_to_bf16 of it (" + std::to_string(differ) +
                              " differ)");
+      // The bf16 output alone (out null): the same bf16 bits.
+      Dev outc(x.size() * 2);
+      if (layer)
+        rf::cuda::layernorm_rows(nullptr, dx.f(), dw.f(), db.f(), rows, n, 1e-5f, nullptr, static_cast<__nv_bfloat16*>(outc.p));
+      else
+        rf::cuda::rmsnorm_rows(nullptr, dx.f(), dw.f(), rows, n, 1e-5f, nullptr, static_cast<__nv_bfloat16*>(outc.p));
+      std::vector<uint16_t> alone(x.size());
+      cudaMemcpy(alone.data(), outc.p, alone.size() * 2, cudaMemcpyDeviceToHost);
+      check(cudaGetLastError() == cudaSuccess && alone == bits,
+            std::string(layer ? "layernorm" : "rmsnorm") + " n=" + std::to_string(n) + " with the bf16 output alone: the same bits");
     }
   }
 }

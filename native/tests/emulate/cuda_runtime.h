@@ -7,6 +7,7 @@
 #include <cstring>
 #include <cstdint>
 #include <functional>
+#include <tuple>
 #define RF_CUDA_EMULATION 1
 #define __global__
 #define __device__

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Rewrites a .cu source for the CPU emulation (see emu.cpp):
 - each kernel launch `name<<<grid, block[, smem[, stream]]>>>(args);` becomes
-  `emu_launch(dim3(grid), dim3(block), smem, {"name", key, bounds}, [=] { name(args); });`, where
+  `emu_launch(dim3(grid), dim3(block), smem, {"name", key, bounds}, [=, emu_args = tuple(args)]
+  { name(emu_args...); });` (the arguments evaluated at the launch, as on a GPU), where
   key identifies the kernel for its shared-memory attribute (cudaFuncSetAttribute) and bounds is
   its __launch_bounds__ when this file defines it (0: none known), so that the emulation refuses a
   launch a GPU would refuse;
@@ -49,8 +50,10 @@ def launch(m):
     # instantiation); the others keep the default 48 KiB limit, as on a GPU.
     key = '(const void*)&%s' % name if name in attributed else 'nullptr'
     bound = 'int(%s)' % bounds[base] if base in bounds else '0'
-    return 'emu_launch(dim3(%s), dim3(%s), %s, EmuKernel{"%s", %s, %s}, [=] { %s(%s); });' % (
-        c[0], c[1], smem, base, key, bound, name, args)
+    # The arguments are evaluated at the launch, as a GPU evaluates them (a captured graph keeps
+    # their values), not when the emulation runs the kernel, which may be at a graph's replay.
+    return ('emu_launch(dim3(%s), dim3(%s), %s, EmuKernel{"%s", %s, %s}, [=, emu_args = std::make_tuple(%s)] '
+            '{ std::apply([](const auto&... a) { %s(a...); }, emu_args); });') % (c[0], c[1], smem, base, key, bound, args, name)
 
 
 def poison_shared(m):
