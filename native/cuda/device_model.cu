@@ -410,7 +410,7 @@ void DeviceModel::norm_rows(const DNorm& nm, const float* in, float* out, long r
 // and lt keeps u = dropout(x) A^T (its lora_u from *u_next on).
 void DeviceModel::linear_rows(const DLinear& lin, const float* in, const __nv_bfloat16* in_bf16, long rows, float* y,
                               bool accumulate, int layer, int index, const DeviceTrace* trace, DeviceLayerTrace* lt,
-                              size_t* u_next, SwigluLora* glu_up) {
+                              size_t* u_next, SwigluLora* glu_up, __nv_bfloat16* y16) {
   if (gemv_applies(lin, in, in_bf16, rows, trace)) return linear_rows_gemv(lin, in, in_bf16, rows, y, accumulate, false);
   DeviceScratch& s = *s_;
   const cudaStream_t st = as_stream(stream_);
@@ -423,8 +423,15 @@ void DeviceModel::linear_rows(const DLinear& lin, const float* in, const __nv_bf
     xt = DType::bf16;
   }
   mark(trace, kForwardLinear, st);
-  matmul(*gemm_, y, xin, xt, lin.w.get<void>(), dtype_, int(rows), lin.out, lin.in, lin.bias.empty() ? nullptr : lin.bias.get(),
-         accumulate ? 1.f : 0.f, st);
+  if (y16) {
+    if (!glu_up || accumulate || !lin.bias.empty() || xt != DType::bf16 ||
+        (adapter_enabled_ && !lin.lora.empty() && !swiglu_lora_applies(lin)))
+      throw std::logic_error("linear_rows: a bf16 y needs bf16 weights, no bias, no accumulation and deferred adapters");
+    matmul_bf16(*gemm_, y16, xin, xt, lin.w.get<void>(), dtype_, int(rows), lin.out, lin.in, st);
+  } else {
+    matmul(*gemm_, y, xin, xt, lin.w.get<void>(), dtype_, int(rows), lin.out, lin.in, lin.bias.empty() ? nullptr : lin.bias.get(),
+           accumulate ? 1.f : 0.f, st);
+  }
   if (!adapter_enabled_ || lin.lora.empty()) {
     mark(trace, kForwardOther, st);
     return;
@@ -499,6 +506,12 @@ void DeviceModel::linear_rows(const DLinear& lin, const float* in, const __nv_bf
            {0, 0, lin.out});
   }
   mark(trace, kForwardOther, st);
+}
+
+bool DeviceModel::mlp_bf16_applies(const DLinear& lin, long rows, const DeviceTrace* trace) const {
+  if (!bf16_mlp_ || dtype_ != DType::bf16 || config_.act != Activation::silu || !lin.bias.empty()) return false;
+  if (adapter_enabled_ && !lin.lora.empty() && !swiglu_lora_applies(lin)) return false;
+  return !gemv_applies(lin, nullptr, s_->xb.get<__nv_bfloat16>(), rows, trace);
 }
 
 // A batched decode step's adapters (untraced, up to kLoraMaxRows rows): lora_down_all's path.
@@ -701,6 +714,20 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
   norm_rows(L.mlp_norm, x, xn_mlp, R, xb);
   // SwiGLU: the gate|up adapters' up products, when linear_rows leaves them to swiglu_rows.
   SwigluLora glu_up[2];
+  // SwiGLU of a bf16 model: the f32 activation only where an adapter of mlp_out reads it.
+  float* act_f32 = c.act != Activation::silu || reads_f32_input(L.mlp_out, R, trace) ? act : nullptr;
+  if (mlp_bf16_applies(L.mlp_in, R, trace)) {
+    // The gate|up product in bf16, the widest output of the block: half the bytes to write and for
+    // the SwiGLU to read. Traced, it goes straight into the trace's mlp, which the SwiGLU rewrites
+    // in place with the adapters' terms added, if any (no copy of its own).
+    const bool adapters = adapter_enabled_ && !L.mlp_in.lora.empty();
+    __nv_bfloat16* mlp16 = keep ? static_cast<__nv_bfloat16*>(keep->mlp.ensure(size_t(R * MLP_IN) * sizeof(__nv_bfloat16)))
+                                : reinterpret_cast<__nv_bfloat16*>(mlp);  // s.mlp holds R * MLP_IN floats
+    linear_rows(L.mlp_in, xn_mlp, xb, R, nullptr, false, l, 2, trace, keep, &u_next, glu_up, mlp16);
+    activation_rows(mlp16, act_f32, R, xb, glu_up, keep && adapters ? mlp16 : nullptr);
+    linear_rows(L.mlp_out, act_f32, xb, R, x, true, l, 3, trace, keep, &u_next);
+    return;
+  }
   linear_rows(L.mlp_in, xn_mlp, xb, R, mlp, false, l, 2, trace, keep, &u_next, c.act == Activation::silu ? glu_up : nullptr);
   // The trace's mlp: the SwiGLU writes it as it reads mlp (bf16 rounded, or f32; adapters added),
   // no pass of its own; gelu_new's bf16 rounded likewise, or copied.
@@ -712,8 +739,6 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
     keep_mlp32 = static_cast<float*>(keep->mlp.ensure(size_t(R * MLP_IN) * sizeof(float)));
   else if (keep)
     keep_values(keep->mlp, mlp, R * MLP_IN);
-  // SwiGLU of a bf16 model: the f32 activation only where an adapter of mlp_out reads it.
-  float* act_f32 = c.act != Activation::silu || reads_f32_input(L.mlp_out, R, trace) ? act : nullptr;
   activation_rows(mlp, act_f32, R, xb, keep_mlp, glu_up, keep_mlp32);
   linear_rows(L.mlp_out, act_f32, xb, R, x, true, l, 3, trace, keep, &u_next);
 }
@@ -732,10 +757,13 @@ void DeviceModel::activation_rows(const float* mlp, float* act, long rows, __nv_
   gelu_new(act, n, st, act_bf16, mlp_bf16);
 }
 
-void DeviceModel::activation_rows(const __nv_bfloat16* mlp, float* act, long rows, __nv_bfloat16* act_bf16) {
+void DeviceModel::activation_rows(const __nv_bfloat16* mlp, float* act, long rows, __nv_bfloat16* act_bf16,
+                                  const SwigluLora* glu_up, __nv_bfloat16* mlp_bf16) {
   const ModelConfig& c = config_;
   const cudaStream_t st = as_stream(stream_);
-  if (c.act == Activation::silu) return swiglu_rows(act, mlp, int(rows), int(c.intermediate), st, act_bf16);
+  if (c.act == Activation::silu)
+    return swiglu_rows(act, mlp, int(rows), int(c.intermediate), st, act_bf16, mlp_bf16, glu_up ? glu_up[0] : SwigluLora{},
+                       glu_up ? glu_up[1] : SwigluLora{});
   gelu_new(act, mlp, rows * c.intermediate, st, act_bf16);
 }
 

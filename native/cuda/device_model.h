@@ -183,9 +183,14 @@ class DeviceModel {
   // glu_up (optional; SwiGLU's gate|up projection): where swiglu_lora_applies, the adapters' up
   // products are not added to y but left to swiglu_rows: glu_up[0] gets the gate half's, [1] the
   // up half's (a half without an adapter is left as it was).
+  // y16 (optional; bf16 weights, no bias, not accumulated, the adapters left to glu_up): y written
+  // in bf16 instead (matmul_bf16), y unused.
   void linear_rows(const DLinear& lin, const float* in, const __nv_bfloat16* in_bf16, long rows, float* y, bool accumulate,
                    int layer, int index, const DeviceTrace* trace, DeviceLayerTrace* lt, size_t* u_next,
-                   SwigluLora* glu_up = nullptr);
+                   SwigluLora* glu_up = nullptr, __nv_bfloat16* y16 = nullptr);
+  // Whether the SwiGLU block's gate|up product is written in bf16 (linear_rows' y16): a trainer's
+  // forward (bf16_mlp_), bf16 weights, no bias, every adapter left to swiglu_rows.
+  bool mlp_bf16_applies(const DLinear& lin, long rows, const DeviceTrace* trace) const;
   bool swiglu_lora_applies(const DLinear& lin) const;
   bool lora_batched(const DLinear& lin, long rows, const DeviceTrace* trace) const;
   // Whether linear_rows reads lin's f32 input at these rows: always for f32 weights; for bf16 only
@@ -215,8 +220,11 @@ class DeviceModel {
   // (optional) mlp with them, in f32.
   void activation_rows(const float* mlp, float* act, long rows, __nv_bfloat16* act_bf16 = nullptr,
                        __nv_bfloat16* mlp_bf16 = nullptr, const SwigluLora* glu_up = nullptr, float* mlp_f32 = nullptr);
-  // The same from the trace's bf16 copy of mlp: the bits the f32 version gives on its widening.
-  void activation_rows(const __nv_bfloat16* mlp, float* act, long rows, __nv_bfloat16* act_bf16 = nullptr);
+  // The same from a bf16 mlp (the trace's copy, or a bf16 gate|up product): the bits the f32
+  // version gives on its widening; SwiGLU only: glu_up as above, mlp_bf16 mlp with them, rounded
+  // (may be mlp: in place).
+  void activation_rows(const __nv_bfloat16* mlp, float* act, long rows, __nv_bfloat16* act_bf16 = nullptr,
+                       const SwigluLora* glu_up = nullptr, __nv_bfloat16* mlp_bf16 = nullptr);
   // A block's projection by index (0 qkv, 1 o, 2 mlp_in, 3 mlp_out, as in model/layout.h).
   DLinear& linear(int layer, int index) const;
   // add_lora's and merge_lora's checks: the projection of (layer, target), its site in *site.
@@ -230,6 +238,10 @@ class DeviceModel {
   DType dtype_;
   int device_;
   bool adapter_enabled_ = true;
+  // Set by the trainer for its forwards (training's mixed precision, as autocast's): the SwiGLU's
+  // gate|up product written in bf16 (mlp_bf16_applies). Inference keeps it in f32, so that a
+  // batch's rows equal each sequence's alone (decode's gemv_rows keeps f32) up to f32 rounding.
+  bool bf16_mlp_ = false;
   bool merged_ = false;  // an adapter was merged into the weights
   size_t kv_pool_bytes_ = size_t(2) << 30;
   std::shared_ptr<KvPool> pool_;

@@ -370,6 +370,14 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     check(cudaMemcpyAsync(out, hidden, size_t(rows_n * H) * sizeof(float), cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync (h)");
   };
 
+  // The step's forwards in training's mixed precision (DeviceModel::bf16_mlp_), the model back
+  // to inference's after it, however the step ends.
+  struct Bf16MlpGuard {
+    DeviceModel& m;
+    explicit Bf16MlpGuard(DeviceModel& model) : m(model) { m.bf16_mlp_ = true; }
+    ~Bf16MlpGuard() { m.bf16_mlp_ = false; }
+  } bf16_mlp_guard(m);
+
   // Profiling: the device time from each mark to the next counts as the marked phase.
   s.clock.reset();
   auto phase = [&](TrainPhase p) { s.clock.mark(p, st); };

@@ -159,8 +159,8 @@ enum BiasMode { kNoBias = 0, kBiasEpilogue = 1, kBiasKernel = 2 };
 // Which product: y = x w^T (matmul), x w (matmul_nn) or x^T w (matmul_tn).
 enum Form { kXWt = 0, kXW = 1, kXtW = 2 };
 
-// M, N, K, x type, w type, alignments of x, w, y, bias mode, form, leading dimensions of x, w, y.
-using PlanKey = std::tuple<int, int, int, int, int, uint32_t, uint32_t, uint32_t, int, int, long, long, long>;
+// M, N, K, x type, w type, y type, alignments of x, w, y, bias mode, form, leading dimensions of x, w, y.
+using PlanKey = std::tuple<int, int, int, int, int, int, uint32_t, uint32_t, uint32_t, int, int, long, long, long>;
 
 // The leading dimensions (row strides) of x, w and y: the given ones, 0 replaced by the dense
 // row lengths; one shorter than its row throws.
@@ -194,16 +194,17 @@ struct GemmContext::Impl {
     if (handle) cublasLtDestroy(handle);
   }
 
-  std::unique_ptr<Plan> make_plan(int M, int N, int K, DType type, uint32_t align_x, uint32_t align_w, uint32_t align_y,
-                                  const float* bias, BiasMode mode, Form form, Strides ld);
-  // The plan for this key, made on first use; ld: leading_dims' result.
-  Plan& plan(int M, int N, int K, DType type, const void* x, const void* w, const float* y, const float* bias, BiasMode mode,
-             Form form, Strides ld);
+  std::unique_ptr<Plan> make_plan(int M, int N, int K, DType type, DType y_type, uint32_t align_x, uint32_t align_w,
+                                  uint32_t align_y, const float* bias, BiasMode mode, Form form, Strides ld);
+  // The plan for this key, made on first use; ld: leading_dims' result; y_type: y's (f32, or bf16
+  // for matmul_bf16).
+  Plan& plan(int M, int N, int K, DType type, const void* x, const void* w, const void* y, const float* bias, BiasMode mode,
+             Form form, Strides ld, DType y_type = DType::f32);
 };
 
-std::unique_ptr<Plan> GemmContext::Impl::make_plan(int M, int N, int K, DType type, uint32_t align_x, uint32_t align_w,
-                                                   uint32_t align_y, const float* bias, BiasMode mode, Form form,
-                                                   Strides ld) {
+std::unique_ptr<Plan> GemmContext::Impl::make_plan(int M, int N, int K, DType type, DType y_type, uint32_t align_x,
+                                                   uint32_t align_w, uint32_t align_y, const float* bias, BiasMode mode,
+                                                   Form form, Strides ld) {
   auto plan = std::make_unique<Plan>();
   // f32 sums for both input types; alpha and beta are host f32 (the default pointer mode).
   check_lt(cublasLtMatmulDescCreate(&plan->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
@@ -228,7 +229,7 @@ std::unique_ptr<Plan> GemmContext::Impl::make_plan(int M, int N, int K, DType ty
   else
     check_lt(cublasLtMatrixLayoutCreate(&plan->b, cuda_type(type), uint64_t(K), uint64_t(M), int64_t(ld.x)),
              "cublasLtMatrixLayoutCreate(B = x)");
-  check_lt(cublasLtMatrixLayoutCreate(&plan->d, CUDA_R_32F, uint64_t(N), uint64_t(M), int64_t(ld.y)),
+  check_lt(cublasLtMatrixLayoutCreate(&plan->d, cuda_type(y_type), uint64_t(N), uint64_t(M), int64_t(ld.y)),
            "cublasLtMatrixLayoutCreate(C = D = y)");
 
   Preference pref;
@@ -266,17 +267,18 @@ std::unique_ptr<Plan> GemmContext::Impl::make_plan(int M, int N, int K, DType ty
   static const char* const forms[] = {"x [M, K] . W^T", "x [M, K] . w [K, N]", "x^T (x [K, M]) . w [K, N]"};
   throw std::runtime_error("cublasLtMatmulAlgoGetHeuristic found no algorithm for y [" + std::to_string(M) + ", " +
                            std::to_string(N) + "] = " + forms[form] + " with K " + std::to_string(K) + ", " +
-                           dtype_name(type) + " inputs, alignments x " + std::to_string(align_x) + " / W " +
+                           dtype_name(type) + " inputs, " + dtype_name(y_type) + " output, alignments x " +
+                           std::to_string(align_x) + " / W " +
                            std::to_string(align_w) + " / y " + std::to_string(align_y) + " bytes");
 }
 
-Plan& GemmContext::Impl::plan(int M, int N, int K, DType type, const void* x, const void* w, const float* y, const float* bias,
-                              BiasMode mode, Form form, Strides ld) {
+Plan& GemmContext::Impl::plan(int M, int N, int K, DType type, const void* x, const void* w, const void* y, const float* bias,
+                              BiasMode mode, Form form, Strides ld, DType y_type) {
   const uint32_t align_x = pointer_alignment(x), align_w = pointer_alignment(w), align_y = pointer_alignment(y);
-  const PlanKey key{M, N, K, int(type), int(type), align_x, align_w, align_y, int(mode), int(form), ld.x, ld.w, ld.y};
+  const PlanKey key{M, N, K, int(type), int(type), int(y_type), align_x, align_w, align_y, int(mode), int(form), ld.x, ld.w, ld.y};
   auto it = plans.find(key);
   if (it == plans.end()) {
-    it = plans.emplace(key, make_plan(M, N, K, type, align_x, align_w, align_y, bias, mode, form, ld)).first;
+    it = plans.emplace(key, make_plan(M, N, K, type, y_type, align_x, align_w, align_y, bias, mode, form, ld)).first;
     ++stats.plans;
   }
   return *it->second;
@@ -325,6 +327,30 @@ void matmul(GemmContext& ctx, float* y, const void* x, DType x_type, const void*
     scale_add_bias(y, bias, 1.f, M, N, ld.y, stream);
     ++im.stats.bias_kernel;
   }
+}
+
+void matmul_bf16(GemmContext& ctx, __nv_bfloat16* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N,
+                 int K, cudaStream_t stream, Strides strides) {
+  if (M < 0 || N < 0 || K < 0)
+    throw std::runtime_error("rf::cuda::matmul_bf16: negative size M " + std::to_string(M) + ", N " + std::to_string(N) + ", K " +
+                             std::to_string(K));
+  if (x_type != DType::bf16 || w_type != DType::bf16)
+    throw std::runtime_error(std::string("rf::cuda::matmul_bf16: x ") + dtype_name(x_type) + " with w " + dtype_name(w_type) +
+                             " is not supported (both bf16)");
+  const Strides ld = leading_dims("matmul_bf16", kXWt, M, N, K, strides);
+  if (M == 0 || N == 0) return;
+  GemmContext::Impl& im = *ctx.impl_;
+  if (K == 0) {  // an empty sum: zeros (bf16 +0 is all zero bits)
+    check_cuda(cudaMemset2DAsync(y, size_t(ld.y) * sizeof(__nv_bfloat16), 0, size_t(N) * sizeof(__nv_bfloat16), size_t(M), stream),
+               "cudaMemset2DAsync (matmul_bf16, K = 0)");
+    return;
+  }
+  Plan& plan = im.plan(M, N, K, x_type, x, w, y, nullptr, kNoBias, kXWt, ld, DType::bf16);
+  const float alpha = 1.f, beta = 0.f;
+  check_lt(cublasLtMatmul(im.handle, plan.desc, &alpha, w, plan.a, x, plan.b, &beta, y, plan.d, y, plan.d, &plan.algo,
+                          im.workspace, im.workspace_bytes, stream),
+           "cublasLtMatmul");
+  ++im.stats.calls;
 }
 
 namespace {

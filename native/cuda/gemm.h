@@ -1,7 +1,8 @@
 // Dense matrix products on the device through cuBLASLt (no GEMM of our own): the model's
 // projections y [M, N] = x [M, K] . W^T (+ bias [N]) (+ beta * y), with x row-major and W
 // row-major [N, K] as PyTorch's nn.Linear stores it (out_features x in_features), the same
-// convention as the CPU's rf::gemm (native/kernels/gemm.h). The output is always f32.
+// convention as the CPU's rf::gemm (native/kernels/gemm.h). The output is f32 (matmul_bf16:
+// bf16).
 //
 // Built into rf_cuda only where cuBLASLt is found (RF_HAVE_CUBLASLT); elsewhere CMake compiles
 // gemm.cu against the declarations in native/cuda/check/ so that it still has to compile, but
@@ -57,6 +58,8 @@ class GemmContext {
   std::unique_ptr<Impl> impl_;
   friend void matmul(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N,
                      int K, const float* bias, float beta, cudaStream_t stream, Strides strides);
+  friend void matmul_bf16(GemmContext& ctx, __nv_bfloat16* y, const void* x, DType x_type, const void* w, DType w_type, int M,
+                          int N, int K, cudaStream_t stream, Strides strides);
   friend void matmul_nn(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N,
                         int K, float beta, cudaStream_t stream, Strides strides);
   friend void matmul_tn(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N,
@@ -75,6 +78,13 @@ class GemmContext {
 // W and y further apart than K, K and N (each at least that; a smaller one throws).
 void matmul(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N, int K,
             const float* bias, float beta, cudaStream_t stream, Strides strides = {});
+
+// y [M, N] = x [M, K] . w^T with y in bf16: x and w bf16, the products summed in f32 and the sum
+// rounded once to bf16 (to nearest even), for a product whose only reader takes bf16 (the
+// SwiGLU's gate|up rows): half the bytes of an f32 y to write and to read back. No bias and no
+// beta (y is written). Same checks, strides and plan cache as matmul; other types throw.
+void matmul_bf16(GemmContext& ctx, __nv_bfloat16* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N,
+                 int K, cudaStream_t stream, Strides strides = {});
 
 // y [M, N] = x [M, K] . w [K, N] + beta * y, w row-major [K, N] (not transposed): products back
 // through a weight stored [out, in], e.g. the gradient dh = dz . W of logits z = h . W^T. Same

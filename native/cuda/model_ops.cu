@@ -240,8 +240,9 @@ void swiglu_rows(float* out, const float* in, int rows, int inter, cudaStream_t 
   swiglu_any(out, in, rows, inter, stream, out_bf16, in_bf16, in_f32, gate, up);
 }
 
-void swiglu_rows(float* out, const __nv_bfloat16* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16) {
-  swiglu_any(out, in, rows, inter, stream, out_bf16, nullptr, nullptr, SwigluLora{}, SwigluLora{});
+void swiglu_rows(float* out, const __nv_bfloat16* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16,
+                 __nv_bfloat16* in_bf16, SwigluLora gate, SwigluLora up) {
+  swiglu_any(out, in, rows, inter, stream, out_bf16, in_bf16, nullptr, gate, up);
 }
 
 void merge_lora_rows(void* w, bool w_bf16, int out, int in, const float* A, const float* B, int rank, float scale,

@@ -39,8 +39,10 @@ constexpr int kSwigluLoraMaxRank = 32;
 // (the trainer's trace copy of the MLP's input, without a pass of its own; in_f32 may be in).
 void swiglu_rows(float* out, const float* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16 = nullptr,
                  __nv_bfloat16* in_bf16 = nullptr, SwigluLora gate = {}, SwigluLora up = {}, float* in_f32 = nullptr);
-// The same from a bf16 in (the trainer's copy): the bits swiglu_rows gives on its f32 widening.
-void swiglu_rows(float* out, const __nv_bfloat16* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16 = nullptr);
+// The same from a bf16 in (the trainer's copy, or a bf16 gate|up product): the bits swiglu_rows
+// gives on its f32 widening; in_bf16 may be in (the sums written back in place).
+void swiglu_rows(float* out, const __nv_bfloat16* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16 = nullptr,
+                 __nv_bfloat16* in_bf16 = nullptr, SwigluLora gate = {}, SwigluLora up = {});
 
 // w [out, in] (f32, or bf16 when w_bf16) += scale (B A) for A [rank, in] and B [out, rank] f32:
 // PEFT's merge, with lib/train/merge.ts's arithmetic, so the result is the merged checkpoint's

@@ -8,7 +8,8 @@
 // for bf16 inputs; then views into buffers (pointers 4 and 16 bytes aligned, a bias only 4-byte
 // aligned, which goes to the bias-add kernel), an odd K = 33, K = 0, the pair of types that
 // must throw, that a repeated shape reuses its plan, matmul_nn and matmul_tn (the backward's
-// products: y = x w and y = alpha x^T w), and the f32 -> bf16 conversion bit for bit
+// products: y = x w and y = alpha x^T w), matmul_bf16 (a bf16 y: within half an ulp of the sum),
+// and the f32 -> bf16 conversion bit for bit
 // against the CPU's rf::f32_to_bf16 (ties, overflow to inf, NaN, subnormals, random patterns).
 // Timings of 8192^3 (bf16 and f32) and of decode-sized products are printed as information.
 //
@@ -529,6 +530,65 @@ void test_strides(rf::cuda::GemmContext& ctx) {
   check(threw, "a row stride shorter than its rows throws and names it");
 }
 
+// matmul_bf16 (y in bf16): per element within half a bf16 ulp of the double sum (2^-8 |want|:
+// the one rounding) plus the f32 sum's own error (kBf16Tol of the terms' scale, as above); y as a
+// strided view whose gaps keep their NaN; K = 0 writes zeros; f32 operands throw.
+void test_bf16_output(rf::cuda::GemmContext& ctx) {
+  const int pad = 8;
+  for (int M : {1, 7, 333})
+    for (int N : {64, 4096})
+      for (int K : {80, 1000}) {
+        const Operands op = draw(DType::bf16, M, N, K);
+        const long ly = N + pad;
+        Dev dx(op.x.size() * 2), dw(op.w.size() * 2), dy(size_t(M) * ly * 2);
+        upload_as(dx, op.x, DType::bf16);
+        upload_as(dw, op.w, DType::bf16);
+        cuda_ok(cudaMemset(dy.p, 0xff, size_t(M) * ly * 2), "cudaMemset");  // NaN
+        const std::string name = "matmul_bf16 M=" + std::to_string(M) + " N=" + std::to_string(N) + " K=" + std::to_string(K);
+        try {
+          rf::cuda::matmul_bf16(ctx, dy.at<__nv_bfloat16>(), dx.p, DType::bf16, dw.p, DType::bf16, M, N, K, nullptr, {0, 0, ly});
+          cuda_ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+          const std::vector<uint16_t> got = download(dy.at<uint16_t>(), size_t(M) * ly);
+          double worst = 0;  // in units of the bound
+          bool gaps = true;
+          for (int m = 0; m < M; ++m)
+            for (int c = 0; c < ly; ++c) {
+              const float v = rf::bf16_to_f32(got[size_t(m) * ly + c]);
+              if (c >= N) {
+                gaps = gaps && std::isnan(v);
+                continue;
+              }
+              const size_t i = size_t(m) * N + c;
+              const double want = op.ref.prod[i];
+              const double bound = std::ldexp(std::fabs(want), -8) + kBf16Tol * std::sqrt(op.ref.sq[i]) + 1e-30;
+              worst = std::max(worst, std::isfinite(v) ? std::fabs(v - want) / bound : INFINITY);
+            }
+          char buf[96];
+          std::snprintf(buf, sizeof buf, ": worst %.3g of (half an ulp + the sum's error), gaps %s", worst,
+                        gaps ? "untouched" : "WRITTEN");
+          check(worst <= 1 && gaps, name + buf);
+        } catch (const std::exception& ex) {
+          check(false, name + ": threw " + ex.what());
+          cudaGetLastError();
+        }
+      }
+  Dev d(size_t(64) * 64 * 4);
+  cuda_ok(cudaMemset(d.p, 0xff, size_t(64) * 64 * 4), "cudaMemset");
+  rf::cuda::matmul_bf16(ctx, d.at<__nv_bfloat16>(), d.p, DType::bf16, d.p, DType::bf16, 3, 5, 0, nullptr, {0, 0, 8});
+  cuda_ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  const std::vector<uint16_t> z = download(d.at<uint16_t>(), 24);
+  bool zeros = true;
+  for (int i = 0; i < 24; ++i) zeros = zeros && (i % 8 < 5 ? z[size_t(i)] == 0 : z[size_t(i)] == 0xffff);
+  check(zeros, "matmul_bf16 with K = 0 writes zeros, and only within the rows");
+  bool threw = false;
+  try {
+    rf::cuda::matmul_bf16(ctx, d.at<__nv_bfloat16>(), d.p, DType::f32, d.p, DType::f32, 4, 8, 16, nullptr);
+  } catch (const std::runtime_error&) {
+    threw = true;
+  }
+  check(threw, "matmul_bf16 refuses f32 operands");
+}
+
 }  // namespace
 
 int main() {
@@ -545,6 +605,7 @@ int main() {
     test_views(ctx);
     test_transposed_forms(ctx);
     test_strides(ctx);
+    test_bf16_output(ctx);
     test_k_zero_and_errors(ctx);
     test_plan_cache(ctx);
     char buf[256];

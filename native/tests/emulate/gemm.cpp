@@ -32,6 +32,18 @@ void matmul(GemmContext&, float* y, const void* x, DType xt, const void* w, DTyp
     }
   });
 }
+void matmul_bf16(GemmContext&, __nv_bfloat16* y, const void* x, DType xt, const void* w, DType wt, int M, int N, int K, cudaStream_t, Strides s) {
+  if (xt != DType::bf16 || wt != DType::bf16) throw std::runtime_error("matmul_bf16: both bf16");
+  const long lx = ld_or(s.x, K, "matmul_bf16"), lw = ld_or(s.w, K, "matmul_bf16"), ly = ld_or(s.y, N, "matmul_bf16");
+  emu_enqueue([=] {
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < N; ++n) {
+      float acc = 0.f;
+      for (int k = 0; k < K; ++k) acc += load(x, xt, m * lx + k) * load(w, wt, n * lw + k);
+      __nv_bfloat16_raw r; r.x = rf::f32_to_bf16(acc); y[m * ly + n] = __nv_bfloat16(r);
+    }
+  });
+}
 void matmul_nn(GemmContext&, float* y, const void* x, DType xt, const void* w, DType wt, int M, int N, int K, float beta, cudaStream_t, Strides s) {
   if (xt != wt) throw std::runtime_error("matmul_nn: mixed types");
   const long lx = ld_or(s.x, K, "matmul_nn"), lw = ld_or(s.w, N, "matmul_nn"), ly = ld_or(s.y, N, "matmul_nn");
