@@ -108,7 +108,7 @@ struct DeviceTrainer::Impl {
   // backward recomputes blocks (see the backward).
   Buffer xn, act, wide_a, wide_b, xa;
   Buffer h, h_ref, dH, dx, dtmp, dact, dmlp, dxn, datt, dqkv, du, da_parts, colsum, tmp_in, xb, xw, rows_h, rows_href, dh_rows,
-      dw_scratch;
+      dw_scratch, lora16;
   Buffer norm_scratch, attn_scratch, idx_a, idx_b, sc_rows, sc_first, sc_index;
 
   float* val(int p) const { return value.get() + offset[size_t(p)]; }
@@ -556,10 +556,26 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     const __nv_bfloat16* bf16;
     Buffer* wide;
   };
+  // bf16 models: an adapter's dB and du read dy in bf16, the dX product's operand (as autocast's
+  // LoRA backward does), with bf16 copies of u and of its scaled B: half the bytes of dy's f32
+  // slice, read twice. A slice whose bf16 rows would sit under 16 bytes aligned reads f32 dy
+  // (cuBLASLt's bf16 kernels are chosen for 16).
+  auto lora_dy_bf16 = [&](const DLinear::Lora& lora, long out) { return bf16 && lora.offset % 8 == 0 && out % 8 == 0; };
+  // Whether projection (l, index)'s backward reads dy in f32 (if not, the kernel that makes dy
+  // may write its bf16 copy alone): f32 models, full fine-tuning (dW and a bias's column sums),
+  // and an adapter's slice lora_dy_bf16 refuses.
+  auto f32_dy = [&](int l, int index) {
+    if (!bf16 || full) return true;
+    const DLinear& lin = m.linear(l, index);
+    for (const DLinear::Lora& a : lin.lora)
+      if (!lora_dy_bf16(a, lin.out)) return true;
+    return false;
+  };
   // din = dy W for projection (l, index), plus its adapters' input gradients and their dA, dB.
   // bf16 models: dy16 is dy rounded to bf16 when the kernel that wrote dy wrote it too (else null:
-  // rounded here into dy_bf16). defer_up (optional): a lone adapter's input gradient, if the
-  // SwiGLU backward can add it (DoutLora), is left to it instead of read and written into din here.
+  // rounded here into dy_bf16); dy may then be null where f32_dy says nothing reads it. defer_up
+  // (optional): a lone adapter's input gradient, if the SwiGLU backward can add it (DoutLora), is
+  // left to it instead of read and written into din here.
   auto linear_backward = [&](int l, int index, Input x, long in, const float* dy, const __nv_bfloat16* dy16, long out, float* din,
                              const DeviceLayerTrace& lt, DoutLora* defer_up = nullptr) {
     phase(kBackwardLinear);
@@ -610,7 +626,6 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     for (size_t a = 0, du_col = 0; a < lin.lora.size(); du_col += size_t(lin.lora[a].rank), ++a) {
       const DLinear::Lora& lora = lin.lora[a];
       const int r = lora.rank, o = lora.out;
-      const float* dys = dy + lora.offset;  // the adapter's slice of dy: [R, o], rows out apart
       const float p = s.trace.dropout;
       const int adapter_id = index * 16 + int(a);
       // Ranks the fused kernels take (any dropout; p = 0: no mask): they apply the mask as they
@@ -618,9 +633,20 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
       // dA reads the trace's bf16 x as it is (no widened f32 copy written and read back).
       const bool fused_da = r <= kLoraFusedMaxRank;
       const float* u = lt.lora_u[ui + a].get();
-      matmul_tn(gemm, s.grd(ps[a] + 1), dys, DType::f32, u, DType::f32, o, r, int(R), lora.scale, 1.f, st, {out, 0, 0});  // dB
       float* du = du_all + R * long(du_col);  // [R, r]
-      matmul_nn(gemm, du, dys, DType::f32, lora.B.get<void>(), DType::f32, int(R), r, o, 0.f, st, {out, 0, 0});  // du = dy B*
+      if (lora_dy_bf16(lora, out)) {
+        __nv_bfloat16* u16 = static_cast<__nv_bfloat16*>(s.lora16.ensure(size_t(R + o) * r * sizeof(__nv_bfloat16)));
+        __nv_bfloat16* b16 = u16 + R * r;
+        f32_to_bf16(u16, u, R * r, st);
+        f32_to_bf16(b16, lora.B.get(), long(o) * r, st);
+        const __nv_bfloat16* dys16 = dy16 + lora.offset;  // its slice of dy in bf16
+        matmul_tn(gemm, s.grd(ps[a] + 1), dys16, DType::bf16, u16, DType::bf16, o, r, int(R), lora.scale, 1.f, st, {out, 0, 0});  // dB
+        matmul_nn(gemm, du, dys16, DType::bf16, b16, DType::bf16, int(R), r, o, 0.f, st, {out, 0, 0});  // du = dy B*
+      } else {
+        const float* dys = dy + lora.offset;  // the adapter's slice of dy: [R, o], rows out apart
+        matmul_tn(gemm, s.grd(ps[a] + 1), dys, DType::f32, u, DType::f32, o, r, int(R), lora.scale, 1.f, st, {out, 0, 0});  // dB
+        matmul_nn(gemm, du, dys, DType::f32, lora.B.get<void>(), DType::f32, int(R), r, o, 0.f, st, {out, 0, 0});  // du = dy B*
+      }
       if (fused_da) {  // dA += du^T dropout(x)
         float* parts = floats(s.da_parts, lora_da_scratch_floats(int(R), int(in), r));
         if (x.f32 || !x.bf16)
@@ -678,6 +704,8 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     const Impl::FullLayer* fl = full ? &s.full[size_t(l)] : nullptr;
     // MLP: x_out = x_mid + mlp_out(act(mlp_in(norm(x_mid)))). The activation and its backward
     // read the trace's mlp as kept (bf16: widened in registers, the same bits as widened first).
+    // mlp_in's dy: in f32 only where something reads it (f32_dy; gelu_new's backward writes it).
+    float* dmlp_f32 = c.act != Activation::silu || f32_dy(l, 2) ? dmlp : nullptr;
     auto mlp_backward = [&](const auto* mlp) {
       phase(kBackwardOther);
       const bool glu = c.act == Activation::silu;
@@ -689,14 +717,14 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
       linear_backward(l, 3, {act_f32, xw, &act_buf}, I, dx, nullptr, H, dact, lt, glu ? &down_lora : nullptr);
       // dmlp, and in bf16 models dmlp rounded: mlp_in's dy in both forms, from one kernel.
       phase(kBackwardOther);
-      if (glu) swiglu_backward_rows(dmlp, dact, mlp, int(R), int(I), st, dy_bf16, down_lora);
+      if (glu) swiglu_backward_rows(dmlp_f32, dact, mlp, int(R), int(I), st, dy_bf16, down_lora);
       else gelu_new_backward(dmlp, dact, mlp, R * I, st, dy_bf16);
     };
     if (bf16) mlp_backward(lt.mlp.get<__nv_bfloat16>());
     else mlp_backward(lt.mlp.get<float>());
     float* xn_mlp = f32_input(l, 2) ? xn : nullptr;
     m.norm_rows(L.mlp_norm, lt.x_mid.get(), xn_mlp, R, xw);
-    linear_backward(l, 2, {xn_mlp, xw, &xn_buf}, H, dmlp, dy_bf16, MLP_IN, dxn, lt);
+    linear_backward(l, 2, {xn_mlp, xw, &xn_buf}, H, dmlp_f32, dy_bf16, MLP_IN, dxn, lt);
     phase(kBackwardOther);
     norm_backward(L.mlp_norm, fl ? fl->norm_w[1] : -1, fl ? fl->norm_b[1] : -1, lt.x_mid.get(), dxn, dx, true);
     // Attention: x_mid = x_in + o(attn(rope(qkv(norm(x_in)))))

@@ -167,8 +167,7 @@ __global__ void __launch_bounds__(256, 3) swiglu_backward_kernel(float* din, con
         const float e = expf(-g[j]);
         const float s = 1.0f / (1.0f + e);  // sigmoid(g); 1 - s as e * s
         const float dg = d[j] * u[j] * s * (1.0f + g[j] * (e * s)), du = d[j] * g[j] * s;
-        din[i] = dg;
-        din[i + inter] = du;
+        if (din) din[i] = dg, din[i + inter] = du;
         if (din_bf16) din_bf16[i] = bf16_round(dg), din_bf16[i + inter] = bf16_round(du);
       }
     }

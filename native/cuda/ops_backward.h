@@ -47,8 +47,9 @@ constexpr int kDoutLoraMaxRank = 32;
 // [rows, inter], din [rows, 2 inter] = dgate | dup (written).
 // in may be the trainer's bf16 copy (the same result as on its f32 widening, without one).
 // din_bf16 (optional): din rounded to bf16 as well (the bits f32_to_bf16 gives), the operand of
-// the next product in a bf16 model, without a conversion pass over din. lora (optional, rank up
-// to kDoutLoraMaxRank): added to dout as it is read (dout itself is not written).
+// the next product in a bf16 model, without a conversion pass over din; din may then be null
+// (only bf16 is read). lora (optional, rank up to kDoutLoraMaxRank): added to dout as it is read
+// (dout itself is not written).
 void swiglu_backward_rows(float* din, const float* dout, const float* in, int rows, int inter, cudaStream_t stream,
                           __nv_bfloat16* din_bf16 = nullptr, const DoutLora& lora = {});
 void swiglu_backward_rows(float* din, const float* dout, const __nv_bfloat16* in, int rows, int inter, cudaStream_t stream,
