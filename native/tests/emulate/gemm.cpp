@@ -17,6 +17,12 @@ static long ld_or(long given, long dense, const char* name) {
   if (given != 0 && given < dense) throw std::runtime_error(std::string(name) + ": row stride shorter than its rows");
   return given ? given : dense;
 }
+// Row m of x [M, K] (rows lx apart) dot row n of w [N, K] (rows lw apart), in k order.
+static float dot_xwt(const void* x, DType xt, long lx, const void* w, DType wt, long lw, int m, int n, int K) {
+  float acc = 0.f;
+  for (int k = 0; k < K; ++k) acc += load(x, xt, m * lx + k) * load(w, wt, n * lw + k);
+  return acc;
+}
 // Each product is queued like a kernel (emu_enqueue: run now, or recorded into a graph's capture).
 void matmul(GemmContext&, float* y, const void* x, DType xt, const void* w, DType wt, int M, int N, int K, const float* bias, float beta, cudaStream_t, Strides s) {
   if (xt != wt) throw std::runtime_error("matmul: mixed types");
@@ -24,8 +30,7 @@ void matmul(GemmContext&, float* y, const void* x, DType xt, const void* w, DTyp
   emu_enqueue([=] {
   for (int m = 0; m < M; ++m)
     for (int n = 0; n < N; ++n) {
-      float acc = 0.f;
-      for (int k = 0; k < K; ++k) acc += load(x, xt, m * lx + k) * load(w, wt, n * lw + k);
+      const float acc = dot_xwt(x, xt, lx, w, wt, lw, m, n, K);
       float v = acc + (bias ? bias[n] : 0.f);
       if (beta != 0.f) v += beta * y[m * ly + n];
       y[m * ly + n] = v;
@@ -38,9 +43,9 @@ void matmul_bf16(GemmContext&, __nv_bfloat16* y, const void* x, DType xt, const 
   emu_enqueue([=] {
   for (int m = 0; m < M; ++m)
     for (int n = 0; n < N; ++n) {
-      float acc = 0.f;
-      for (int k = 0; k < K; ++k) acc += load(x, xt, m * lx + k) * load(w, wt, n * lw + k);
-      __nv_bfloat16_raw r; r.x = rf::f32_to_bf16(acc); y[m * ly + n] = __nv_bfloat16(r);
+      __nv_bfloat16_raw r;
+      r.x = rf::f32_to_bf16(dot_xwt(x, xt, lx, w, wt, lw, m, n, K));
+      y[m * ly + n] = __nv_bfloat16(r);
     }
   });
 }
