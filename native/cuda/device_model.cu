@@ -485,7 +485,7 @@ void DeviceModel::linear_rows(const DLinear& lin, const float* in, const __nv_bf
   for (size_t ai = 0; ai < lin.lora.size(); ++ai) {
     const DLinear::Lora& a = lin.lora[ai];
     float* u = us[ai];
-    // A projection with a rank past the fused kernel's: u alone, from f32 x (lora_reads_f32).
+    // A projection with a rank past the fused kernel's: u alone, from f32 x (reads_f32_input).
     if (!down_fused && p > 0.f && a.rank <= kLoraFusedMaxRank) {  // the mask applied as x is read: no dropped-out copy
       lora_down_dropout(u, in, a.A.get(), int(rows), lin.in, a.rank, seed, layer, index * 16 + int(ai), p, st);
     } else if (!down_fused) {
