@@ -558,9 +558,11 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
   };
   // bf16 models: an adapter's dB and du read dy in bf16, the dX product's operand (as autocast's
   // LoRA backward does), with bf16 copies of u and of its scaled B: half the bytes of dy's f32
-  // slice, read twice. A slice whose bf16 rows would sit under 16 bytes aligned reads f32 dy
-  // (cuBLASLt's bf16 kernels are chosen for 16).
-  auto lora_dy_bf16 = [&](const DLinear::Lora& lora, long out) { return bf16 && lora.offset % 8 == 0 && out % 8 == 0; };
+  // slice, read twice. Where a bf16 operand's rows (dy's slice, u's and B's rank columns) would
+  // sit under 16 bytes aligned, dy is read in f32 (cuBLASLt's bf16 tensor-core kernels want 16).
+  auto lora_dy_bf16 = [&](const DLinear::Lora& lora, long out) {
+    return bf16 && lora.offset % 8 == 0 && out % 8 == 0 && lora.rank % 8 == 0;
+  };
   // Whether projection (l, index)'s backward reads dy in f32 (if not, the kernel that makes dy
   // may write its bf16 copy alone): f32 models, full fine-tuning (dW and a bias's column sums),
   // and an adapter's slice lora_dy_bf16 refuses.
@@ -635,8 +637,9 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
       const float* u = lt.lora_u[ui + a].get();
       float* du = du_all + R * long(du_col);  // [R, r]
       if (lora_dy_bf16(lora, out)) {
-        __nv_bfloat16* u16 = static_cast<__nv_bfloat16*>(s.lora16.ensure(size_t(R + o) * r * sizeof(__nv_bfloat16)));
-        __nv_bfloat16* b16 = u16 + R * r;
+        const long u_len = (R * r + 127) / 128 * 128;  // B's copy at a 256-byte boundary
+        __nv_bfloat16* u16 = static_cast<__nv_bfloat16*>(s.lora16.ensure(size_t(u_len + long(o) * r) * sizeof(__nv_bfloat16)));
+        __nv_bfloat16* b16 = u16 + u_len;
         f32_to_bf16(u16, u, R * r, st);
         f32_to_bf16(b16, lora.B.get(), long(o) * r, st);
         const __nv_bfloat16* dys16 = dy16 + lora.offset;  // its slice of dy in bf16
