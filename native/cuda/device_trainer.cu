@@ -643,7 +643,8 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
         f32_to_bf16(u16, u, R * r, st);
         f32_to_bf16(b16, lora.B.get(), long(o) * r, st);
         const __nv_bfloat16* dys16 = dy16 + lora.offset;  // its slice of dy in bf16
-        matmul_tn(gemm, s.grd(ps[a] + 1), dys16, DType::bf16, u16, DType::bf16, o, r, int(R), lora.scale, 1.f, st, {out, 0, 0});  // dB
+        matmul_tn(gemm, s.grd(ps[a] + 1), dys16, DType::bf16, u16, DType::bf16, o, r, int(R), lora.scale, 1.f, st,
+                  {out, 0, 0});  // dB
         matmul_nn(gemm, du, dys16, DType::bf16, b16, DType::bf16, int(R), r, o, 0.f, st, {out, 0, 0});  // du = dy B*
       } else {
         const float* dys = dy + lora.offset;  // the adapter's slice of dy: [R, o], rows out apart

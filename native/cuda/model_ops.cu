@@ -72,8 +72,9 @@ __global__ void embed_kernel(float* x, const void* table, bool table_bf16, const
 constexpr int kSwigluRows = 32, kSwigluLoads = 4;
 
 template <class T, int KMAX>
-__global__ void __launch_bounds__(kThreads, KMAX <= 16 ? 3 : 1) swiglu_rows_kernel(float* out, const T* in, int rows, int inter, __nv_bfloat16* out_bf16,
-                                                               __nv_bfloat16* in_bf16, float* in_f32, SwigluLora gate, SwigluLora up) {
+__global__ void __launch_bounds__(kThreads, KMAX <= 16 ? 3 : 1)
+    swiglu_rows_kernel(float* out, const T* in, int rows, int inter, __nv_bfloat16* out_bf16, __nv_bfloat16* in_bf16,
+                       float* in_f32, SwigluLora gate, SwigluLora up) {
   constexpr int K4 = KMAX > 0 ? KMAX / 4 : 1;
   __shared__ float4 u_s[2][kSwigluRows][K4];
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
@@ -84,7 +85,8 @@ __global__ void __launch_bounds__(kThreads, KMAX <= 16 ? 3 : 1) swiglu_rows_kern
 #pragma unroll
     for (int h = 0; h < 2; ++h)
 #pragma unroll
-      for (int k = 0; k < KMAX; ++k) b[h][k] = live && terms[h].u && k < terms[h].rank ? terms[h].B[long(c) * terms[h].rank + k] : 0.f;
+      for (int k = 0; k < KMAX; ++k)
+        b[h][k] = live && terms[h].u && k < terms[h].rank ? terms[h].B[long(c) * terms[h].rank + k] : 0.f;
   for (long r0 = long(blockIdx.y) * kSwigluRows; r0 < rows; r0 += long(gridDim.y) * kSwigluRows) {
     const int n_rows = rows - r0 < kSwigluRows ? int(rows - r0) : kSwigluRows;
     if constexpr (KMAX > 0) {
@@ -144,7 +146,8 @@ __global__ void __launch_bounds__(kThreads, KMAX <= 16 ? 3 : 1) swiglu_rows_kern
 template <class T, int KMAX>
 void swiglu_launch(float* out, const T* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16,
                    __nv_bfloat16* in_bf16, float* in_f32, SwigluLora gate, SwigluLora up) {
-  const dim3 grid((inter + kThreads - 1) / kThreads, unsigned(std::min<long>(65535, (long(rows) + kSwigluRows - 1) / kSwigluRows)));
+  const long tiles = (long(rows) + kSwigluRows - 1) / kSwigluRows;
+  const dim3 grid((inter + kThreads - 1) / kThreads, unsigned(std::min<long>(65535, tiles)));
   swiglu_rows_kernel<T, KMAX><<<grid, kThreads, 0, stream>>>(out, in, rows, inter, out_bf16, in_bf16, in_f32, gate, up);
 }
 
