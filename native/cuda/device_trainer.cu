@@ -107,7 +107,7 @@ struct DeviceTrainer::Impl {
   // input: the model's idle forward scratch stands in for xn, act, wide_a and xa unless the
   // backward recomputes blocks (see the backward).
   Buffer xn, act, wide_a, wide_b, xa;
-  Buffer h, h_ref, dH, dx, dtmp, dact, dmlp, dxn, datt, dqkv, du, da_parts, colsum, tmp_in, xb, xw, rows_h, rows_href, dh_rows,
+  Buffer h, h_ref, dH, dx, dact, dmlp, dxn, datt, dqkv, du, da_parts, colsum, tmp_in, xb, xw, rows_h, rows_href, dh_rows,
       dw_scratch, lora16;
   Buffer norm_scratch, attn_scratch, idx_a, idx_b, sc_rows, sc_first, sc_index;
 
@@ -487,16 +487,22 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
   // 4. Backward.
   phase(kBackwardOther);
   float* norm_scratch = floats(s.norm_scratch, norm_backward_scratch_floats(int(R), int(H)));
-  float* dtmp = floats(s.dtmp, R * H);
-  // dst (+)= norm'(x) . dout for every row; the norm's weight and bias gradients when trained
-  // (parameter indices pw, pb; -1: frozen).
+  // bf16 models: a product's dy rounded to bf16 (see linear_backward), written by the kernel that
+  // makes dy where it can.
+  __nv_bfloat16* dy_bf16 =
+      bf16 ? static_cast<__nv_bfloat16*>(s.xb.ensure(size_t(R * std::max({QKV, MLP_IN, H})) * sizeof(__nv_bfloat16))) : nullptr;
+  // dst (+)= norm'(x) . dout for every row, in one pass (the add in the norm's kernel); the norm's
+  // weight and bias gradients when trained (parameter indices pw, pb; -1: frozen). bf16 models:
+  // dst as written, rounded into dy_bf16 too: the operand of the next product's backward (the o
+  // projection's, or the layer below's down projection's), without a conversion pass over dst.
   auto norm_backward = [&](const DNorm& nm, int pw, int pb, const float* x, const float* dout, float* dst, bool accumulate) {
-    float* out = accumulate ? dtmp : dst;
     float* dw = pw >= 0 ? s.grd(pw) : nullptr;
     float* db = pb >= 0 ? s.grd(pb) : nullptr;
-    if (c.norm == NormType::rms) rmsnorm_backward_rows(out, dw, dout, x, nm.w.get(), int(R), int(H), c.norm_eps, norm_scratch, st);
-    else layernorm_backward_rows(out, dw, db, dout, x, nm.w.get(), int(R), int(H), c.norm_eps, norm_scratch, st);
-    if (accumulate) add_vectors(dst, dtmp, R * H, st);
+    __nv_bfloat16* dst16 = bf16 ? dy_bf16 : nullptr;
+    if (c.norm == NormType::rms)
+      rmsnorm_backward_rows(dst, dw, dout, x, nm.w.get(), int(R), int(H), c.norm_eps, norm_scratch, st, accumulate, dst16);
+    else
+      layernorm_backward_rows(dst, dw, db, dout, x, nm.w.get(), int(R), int(H), c.norm_eps, norm_scratch, st, accumulate, dst16);
   };
   float* dx = floats(s.dx, R * H);
   norm_backward(w.final_norm, s.full_final_w, s.full_final_b, s.trace.x_final.get(), dH, dx, false);
@@ -505,8 +511,6 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
   float* dmlp = floats(s.dmlp, R * MLP_IN);
   float* datt = floats(s.datt, R * Q);
   float* dqkv = floats(s.dqkv, R * QKV);
-  __nv_bfloat16* dy_bf16 =
-      bf16 ? static_cast<__nv_bfloat16*>(s.xb.ensure(size_t(R * std::max({QKV, MLP_IN, H})) * sizeof(__nv_bfloat16))) : nullptr;
 
   // Per row its token, sequence and rope angles, per sequence its first row and length: the
   // trained forward's plan (the model's last: the reference forward ran before it), on the device.
@@ -718,7 +722,9 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
       // The down projection's adapter's input gradient: added by the SwiGLU backward as it reads
       // dact (the same bits), not by a pass of its own over dact.
       DoutLora down_lora;
-      linear_backward(l, 3, {act_f32, xw, &act_buf}, I, dx, nullptr, H, dact, lt, glu ? &down_lora : nullptr);
+      // dy: dx, rounded to bf16 by the norm backward that wrote it (bf16 models; dy_bf16 is null
+      // otherwise).
+      linear_backward(l, 3, {act_f32, xw, &act_buf}, I, dx, dy_bf16, H, dact, lt, glu ? &down_lora : nullptr);
       // dmlp, and in bf16 models dmlp rounded: mlp_in's dy in both forms, from one kernel.
       phase(kBackwardOther);
       if (glu) swiglu_backward_rows(dmlp_f32, dact, mlp, int(R), int(I), st, dy_bf16, down_lora);
@@ -733,7 +739,7 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     norm_backward(L.mlp_norm, fl ? fl->norm_w[1] : -1, fl ? fl->norm_b[1] : -1, lt.x_mid.get(), dxn, dx, true);
     // Attention: x_mid = x_in + o(attn(rope(qkv(norm(x_in)))))
     // The trace keeps att and qkv in the model's dtype; the tensor-core backward reads bf16 as kept.
-    if (bf16) linear_backward(l, 1, {nullptr, lt.att.get<__nv_bfloat16>(), &s.wide_b}, Q, dx, nullptr, H, datt, lt);
+    if (bf16) linear_backward(l, 1, {nullptr, lt.att.get<__nv_bfloat16>(), &s.wide_b}, Q, dx, dy_bf16, H, datt, lt);
     else linear_backward(l, 1, {lt.att.get(), nullptr, nullptr}, Q, dx, nullptr, H, datt, lt);
     phase(kBackwardAttention);
     if (tc) {

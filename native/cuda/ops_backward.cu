@@ -35,8 +35,17 @@ __device__ float block_sum(float v, float* scratch) {
   return total;
 }
 
-// grid: rows. Writes dx and the row's inv (r) to stats[row].
-__global__ void rmsnorm_dx_kernel(float* dx, const float* dout, const float* x, const float* w, int n, float eps, float* stats) {
+// dx[i] = v, or with accumulate dx[i] + v (one rounding, never contracted with v's product: the
+// bits of v stored and added by a second pass), and its bf16 copy.
+__device__ __forceinline__ void store_dx(float* dx, __nv_bfloat16* dx_bf16, long i, float v, bool accumulate) {
+  const float o = accumulate ? __fadd_rn(dx[i], v) : v;
+  dx[i] = o;
+  if (dx_bf16) dx_bf16[i] = bf16_round(o);
+}
+
+// grid: rows. Writes (or adds to) dx and the row's inv (r) to stats[row].
+__global__ void rmsnorm_dx_kernel(float* dx, const float* dout, const float* x, const float* w, int n, float eps, float* stats,
+                                  bool accumulate, __nv_bfloat16* dx_bf16) {
   __shared__ float scratch[32];
   const long r = blockIdx.x;
   const float* xr = x + r * n;
@@ -47,7 +56,10 @@ __global__ void rmsnorm_dx_kernel(float* dx, const float* dout, const float* x, 
   float gx = 0.f;
   for (int i = threadIdx.x; i < n; i += blockDim.x) gx += dr[i] * w[i] * (xr[i] * inv);
   const float c = block_sum(gx, scratch) / float(n);
-  for (int i = threadIdx.x; i < n; i += blockDim.x) dx[r * n + i] = inv * (dr[i] * w[i] - xr[i] * inv * c);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float v = inv * (dr[i] * w[i] - xr[i] * inv * c);
+    store_dx(dx, dx_bf16, r * n + i, v, accumulate);
+  }
   if (threadIdx.x == 0) stats[r] = inv;
 }
 
@@ -67,8 +79,9 @@ struct NormTerms {
   }
 };
 
-// grid: rows. Writes dx and (mean, rstd) to stats[2 row ...].
-__global__ void layernorm_dx_kernel(float* dx, const float* dout, const float* x, const float* w, int n, float eps, float* stats) {
+// grid: rows. Writes (or adds to) dx and (mean, rstd) to stats[2 row ...].
+__global__ void layernorm_dx_kernel(float* dx, const float* dout, const float* x, const float* w, int n, float eps, float* stats,
+                                    bool accumulate, __nv_bfloat16* dx_bf16) {
   __shared__ float scratch[32];
   const long r = blockIdx.x;
   const float* xr = x + r * n;
@@ -89,7 +102,8 @@ __global__ void layernorm_dx_kernel(float* dx, const float* dout, const float* x
   const float gx_mean = block_sum(gx_sum, scratch) / float(n);
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const float xhat = (xr[i] - mean) * rstd;
-    dx[r * n + i] = rstd * (dr[i] * w[i] - g_mean - xhat * gx_mean);
+    const float v = rstd * (dr[i] * w[i] - g_mean - xhat * gx_mean);
+    store_dx(dx, dx_bf16, r * n + i, v, accumulate);
   }
   if (threadIdx.x == 0) stats[2 * r] = mean, stats[2 * r + 1] = rstd;
 }
@@ -194,16 +208,16 @@ __global__ void gelu_new_backward_kernel(float* dx, const float* dout, const T* 
 long norm_backward_scratch_floats(int rows, int n) { return 2 * long(rows) + colsum::scratch_floats(rows, n, 2); }
 
 void rmsnorm_backward_rows(float* dx, float* dw, const float* dout, const float* x, const float* w, int rows, int n, float eps,
-                           float* scratch, cudaStream_t stream) {
+                           float* scratch, cudaStream_t stream, bool accumulate, __nv_bfloat16* dx_bf16) {
   if (rows <= 0) return;
-  rmsnorm_dx_kernel<<<rows, kRowThreads, 0, stream>>>(dx, dout, x, w, n, eps, scratch);
+  rmsnorm_dx_kernel<<<rows, kRowThreads, 0, stream>>>(dx, dout, x, w, n, eps, scratch, accumulate, dx_bf16);
   if (dw) colsum::column_sums<1>(dw, nullptr, rows, n, scratch + 2 * long(rows), NormTerms<1>{dout, x, scratch, n}, stream);
 }
 
 void layernorm_backward_rows(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w, int rows,
-                             int n, float eps, float* scratch, cudaStream_t stream) {
+                             int n, float eps, float* scratch, cudaStream_t stream, bool accumulate, __nv_bfloat16* dx_bf16) {
   if (rows <= 0) return;
-  layernorm_dx_kernel<<<rows, kRowThreads, 0, stream>>>(dx, dout, x, w, n, eps, scratch);
+  layernorm_dx_kernel<<<rows, kRowThreads, 0, stream>>>(dx, dout, x, w, n, eps, scratch, accumulate, dx_bf16);
   if (dw) colsum::column_sums<2>(dw, db, rows, n, scratch + 2 * long(rows), NormTerms<2>{dout, x, scratch, n}, stream);
 }
 

@@ -11,17 +11,21 @@
 namespace rf::cuda {
 
 // Per row of x [rows, n]: the backward of out = w * x * r (r = 1 / sqrt(mean(x^2) + eps)).
-// dx [rows, n] written; dw [n] accumulated over the rows (null: not wanted, e.g. a frozen norm
-// under LoRA), in parallel over row parts summed in a fixed order (cuda/column_reduce.cuh).
+// dx [rows, n] written, or with accumulate added to (the residual stream's gradient: each element
+// its own gradient rounded to f32, then one add, the bits of writing it and adding it in a second
+// pass); dx_bf16 (optional): dx as written, rounded to bf16 (the next product's operand). dw [n]
+// accumulated over the rows (null: not wanted, e.g. a frozen norm under LoRA), in parallel over
+// row parts summed in a fixed order (cuda/column_reduce.cuh).
 // scratch: norm_backward_scratch_floats(rows, n).
 long norm_backward_scratch_floats(int rows, int n);
 void rmsnorm_backward_rows(float* dx, float* dw, const float* dout, const float* x, const float* w, int rows, int n, float eps,
-                           float* scratch, cudaStream_t stream);
+                           float* scratch, cudaStream_t stream, bool accumulate = false, __nv_bfloat16* dx_bf16 = nullptr);
 
-// Per row: the backward of out = (x - mean) * rstd * w + b. dx written; dw, db accumulated (both
-// null: not wanted; dw and db both or neither). scratch as above.
+// Per row: the backward of out = (x - mean) * rstd * w + b. dx, accumulate and dx_bf16 as above;
+// dw, db accumulated (both null: not wanted; dw and db both or neither). scratch as above.
 void layernorm_backward_rows(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w, int rows,
-                             int n, float eps, float* scratch, cudaStream_t stream);
+                             int n, float eps, float* scratch, cudaStream_t stream, bool accumulate = false,
+                             __nv_bfloat16* dx_bf16 = nullptr);
 
 // dx [rows, n_heads, head_dim] (rows row_stride floats apart): on entry dL/d(rotated x), on return
 // dL/dx, in place (the rotation transposed). cos, sin [rows, head_dim / 2]: the forward's tables.

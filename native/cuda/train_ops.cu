@@ -237,10 +237,6 @@ __global__ void scale_copy_kernel(float* y, const float* x, float a, long n) {
   for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) y[i] = a * x[i];
 }
 
-__global__ void add_kernel(float* y, const float* x, long n) {
-  for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) y[i] += x[i];
-}
-
 // grid: destination rows; threads over the width.
 __global__ void add_rows_grouped_kernel(float* dst, const float* src, int width, const int32_t* dst_rows,
                                         const int32_t* first, const int32_t* src_index) {
@@ -479,12 +475,6 @@ void scale_copy(float* y, const float* x, float a, long n, cudaStream_t stream) 
   if (n == 0) return;
   scale_copy_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(y, x, a, n);
   check_launch("scale_copy");
-}
-
-void add_vectors(float* y, const float* x, long n, cudaStream_t stream) {
-  if (n == 0) return;
-  add_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(y, x, n);
-  check_launch("add_vectors");
 }
 
 void add_rows_grouped(float* dst, const float* src, int width, const int32_t* dst_rows, const int32_t* first,

@@ -86,9 +86,6 @@ void widen_bf16(float* out, const uint16_t* in, long n, cudaStream_t stream);
 // y [n] = a x [n].
 void scale_copy(float* y, const float* x, float a, long n, cudaStream_t stream);
 
-// y [n] += x [n].
-void add_vectors(float* y, const float* x, long n, cudaStream_t stream);
-
 // Rows of src [n_src, width] added into rows of dst [*, width]: destination row dst_rows[d]
 // (d < n_dst) receives src rows src_index[first[d] .. first[d + 1]) in that order. The host
 // builds the lists, so a destination row named by several sources sums them in a fixed order.

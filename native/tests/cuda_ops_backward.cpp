@@ -106,6 +106,28 @@ void norms(int rows, int n) {
       check(worst <= 2e-6, what + buf);
     };
     close_sums(down(d_dw, size_t(n)), rw, aw, name + "_backward_rows dw (accumulated)" + shape);
+    // Added to dx (the residual stream's gradient) with its bf16 copy, in one pass: the bits of
+    // the written dx added in f32 on the host, and f32_to_bf16 of the sum.
+    {
+      const std::vector<float> dx0 = randn(x.size()), written = down(d_dx, x.size());
+      float* d_acc = up(dx0);
+      __nv_bfloat16* d_acc16 = nullptr;
+      cudaMalloc(&d_acc16, x.size() * sizeof(uint16_t));
+      if (layer) rf::cuda::layernorm_backward_rows(d_acc, nullptr, nullptr, d_dout, d_x, d_w, rows, n, eps, d_s, nullptr, true, d_acc16);
+      else rf::cuda::rmsnorm_backward_rows(d_acc, nullptr, d_dout, d_x, d_w, rows, n, eps, d_s, nullptr, true, d_acc16);
+      const std::vector<float> got = down(d_acc, x.size());
+      std::vector<uint16_t> got16(x.size());
+      cudaMemcpy(got16.data(), d_acc16, x.size() * sizeof(uint16_t), cudaMemcpyDeviceToHost);
+      long differ = 0;
+      for (size_t i = 0; i < x.size(); ++i) {
+        const float want = dx0[i] + written[i];
+        differ += std::memcmp(&got[i], &want, 4) != 0 || got16[i] != rf::f32_to_bf16(want);
+      }
+      check(differ == 0, name + "_backward_rows accumulating into dx with a bf16 copy" + shape +
+                             ": dx0 + the written dx, bit for bit, and its bf16 rounding (" + std::to_string(differ) + " differ)");
+      cudaFree(d_acc);
+      cudaFree(d_acc16);
+    }
     if (layer) close_sums(down(d_db, size_t(n)), rb, ab, name + "_backward_rows db (accumulated)" + shape);
     for (float* p : {d_dx, d_dw, d_db, d_dout, d_x, d_w, d_s}) cudaFree(p);
   }
