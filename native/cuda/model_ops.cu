@@ -12,6 +12,7 @@
 
 #include "cuda/bf16.h"
 #include "cuda/model_ops.h"
+#include "cuda/rank_rows.cuh"
 
 namespace rf::cuda {
 
@@ -91,12 +92,7 @@ __global__ void __launch_bounds__(kThreads, KMAX <= 16 ? 3 : 1)
     const int n_rows = rows - r0 < kSwigluRows ? int(rows - r0) : kSwigluRows;
     if constexpr (KMAX > 0) {
       __syncthreads();  // the previous tile's u is read
-      for (int h = 0; h < 2; ++h)
-        for (int e = threadIdx.x; e < kSwigluRows * KMAX; e += blockDim.x) {
-          const int r = e / KMAX, k = e % KMAX;
-          reinterpret_cast<float*>(&u_s[h][r][0])[k] =
-              terms[h].u && r < n_rows && k < terms[h].rank ? terms[h].u[(r0 + r) * terms[h].rank + k] : 0.f;
-        }
+      for (int h = 0; h < 2; ++h) load_rank_rows<KMAX, kSwigluRows>(u_s[h], terms[h].u, terms[h].rank, r0, n_rows);
       __syncthreads();
     }
     if (!live) continue;
@@ -119,17 +115,7 @@ __global__ void __launch_bounds__(kThreads, KMAX <= 16 ? 3 : 1)
         if constexpr (KMAX > 0)
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            if (!terms[h].u) continue;
-            float acc = 0.f;
-#pragma unroll
-            for (int k4 = 0; k4 < K4; ++k4) {
-              const float4 q = u_s[h][r][k4];
-              acc = fmaf(q.x, b[h][4 * k4], acc);
-              acc = fmaf(q.y, b[h][4 * k4 + 1], acc);
-              acc = fmaf(q.z, b[h][4 * k4 + 2], acc);
-              acc = fmaf(q.w, b[h][4 * k4 + 3], acc);
-            }
-            v[j][h] = __fadd_rn(v[j][h], acc);
+            if (terms[h].u) v[j][h] = __fadd_rn(v[j][h], rank_dot(u_s[h][r], b[h]));
           }
         const float g = v[j][0], u = v[j][1];
         const float y = g / (1.0f + expf(-g)) * u;  // silu(g) * u, as the CPU's swiglu_forward

@@ -10,7 +10,8 @@
 
 #include "cuda/bf16.h"
 #include "cuda/column_reduce.cuh"
-#include "cuda/dropout.cuh"
+#include "cuda/rank_rows.cuh"
+#include "model/dropout_keep.h"
 #include "cuda/ops_backward.h"
 
 namespace rf::cuda {
@@ -126,7 +127,7 @@ __global__ void rope_backward_kernel(float* dx, long row_stride, int head_dim, c
 // rows (no index divided), issuing kSwigluLoads rows' loads before their stores. KMAX > 0: the
 // adapter's term added to dout as lora_up_dropout_add_kernel adds it (its A column in registers,
 // the tile's du rows in shared memory, zero past the rank: the same k-ordered fused sums over
-// KMAX, the same two roundings), so the same bits.
+// KMAX through rank_rows.cuh, the same two roundings), so the same bits.
 constexpr int kSwigluRows = 32, kSwigluLoads = 4;
 
 template <class T, int KMAX>
@@ -145,10 +146,7 @@ __global__ void __launch_bounds__(256, 3) swiglu_backward_kernel(float* din, con
     const int n_rows = rows - r0 < kSwigluRows ? int(rows - r0) : kSwigluRows;
     if constexpr (KMAX > 0) {
       __syncthreads();  // the previous tile's du is read
-      for (int e = threadIdx.x; e < kSwigluRows * KMAX; e += blockDim.x) {
-        const int r = e / KMAX, k = e % KMAX;
-        reinterpret_cast<float*>(&du_s[r][0])[k] = r < n_rows && k < lora.rank ? lora.du[(r0 + r) * lora.rank + k] : 0.f;
-      }
+      load_rank_rows<KMAX, kSwigluRows>(du_s, lora.du, lora.rank, r0, n_rows);
       __syncthreads();
     }
     if (!live) continue;
@@ -165,16 +163,8 @@ __global__ void __launch_bounds__(256, 3) swiglu_backward_kernel(float* din, con
       for (int j = 0; j < kSwigluLoads; ++j) {
         if (r1 + j >= n_rows) continue;
         if constexpr (KMAX > 0) {
-          float acc = 0.f;
-#pragma unroll
-          for (int k4 = 0; k4 < K4; ++k4) {
-            const float4 q = du_s[r1 + j][k4];
-            acc = fmaf(q.x, a[4 * k4], acc);
-            acc = fmaf(q.y, a[4 * k4 + 1], acc);
-            acc = fmaf(q.z, a[4 * k4 + 2], acc);
-            acc = fmaf(q.w, a[4 * k4 + 3], acc);
-          }
-          if (lora.p == 0.f || keep_element(lora.seed, lora.layer, lora.adapter, r0 + r1 + j, c, lora.p))
+          const float acc = rank_dot(du_s[r1 + j], a);
+          if (lora.p == 0.f || dropout_keep(lora.seed, lora.layer, lora.adapter, r0 + r1 + j, c, lora.p))
             d[j] = __fadd_rn(d[j], __fmul_rn(acc, keep_scale));
         }
         const long i = 2 * (first + long(j) * inter) - c;

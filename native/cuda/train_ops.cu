@@ -7,7 +7,8 @@
 
 #include "cuda/bf16.h"
 #include "cuda/column_reduce.cuh"
-#include "cuda/dropout.cuh"
+#include "cuda/rank_rows.cuh"
+#include "model/dropout_keep.h"
 
 namespace rf::cuda {
 
@@ -29,7 +30,7 @@ __global__ void dropout_kernel(float* out, const float* x, int cols, long n, uin
                                bool accumulate) {
   const float keep_scale = 1.0f / (1.0f - p);
   for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
-    const float v = keep_element(seed, layer, adapter, i / cols, i % cols, p) ? x[i] * keep_scale : 0.f;
+    const float v = dropout_keep(seed, layer, adapter, i / cols, i % cols, p) ? x[i] * keep_scale : 0.f;
     if (accumulate) out[i] += v;
     else out[i] = v;
   }
@@ -80,7 +81,7 @@ __global__ void __launch_bounds__(256) lora_down_dropout_kernel(GroupTerms terms
       const float xv = inside ? as_f32(x[row * in + col]) : 0.f;
 #pragma unroll
       for (int a = 0; a < NA; ++a)
-        xs[a][m][k] = inside && (p == 0.f || keep_element(seed, layer, terms.adapter[a], row, col, p)) ? xv * keep_scale : 0.f;
+        xs[a][m][k] = inside && (p == 0.f || dropout_keep(seed, layer, terms.adapter[a], row, col, p)) ? xv * keep_scale : 0.f;
     }
     for (int e = t; e < NA * KMAX * kTile; e += blockDim.x) {
       const int a = e / (KMAX * kTile), j = (e / kTile) % KMAX, k = e % kTile, col = c0 + k;
@@ -137,7 +138,7 @@ __global__ void __launch_bounds__(256) lora_da_dropout_kernel(float* parts, cons
       const int m = e / TN, c = e % TN, col = c0 + c;
       const long row = r0 + m;
       float v = 0.f;
-      if (row < last && col < in && (p == 0.f || keep_element(seed, layer, adapter, row, col, p)))
+      if (row < last && col < in && (p == 0.f || dropout_keep(seed, layer, adapter, row, col, p)))
         v = as_f32(x[row * in + col]) * keep_scale;
       xs[m][c] = v;
     }
@@ -193,11 +194,7 @@ __global__ void lora_up_dropout_add_kernel(float* din, GroupTerms terms, int row
   __shared__ float4 du_s[NA][kUpRows][KMAX / 4];
   const int r0 = blockIdx.y * kUpRows;
   const int n_rows = rows - r0 < kUpRows ? rows - r0 : kUpRows;
-  for (int a = 0; a < NA; ++a)
-    for (int e = threadIdx.x; e < kUpRows * KMAX; e += blockDim.x) {
-      const int r = e / KMAX, k = e % KMAX;
-      reinterpret_cast<float*>(&du_s[a][r][0])[k] = r < n_rows && k < terms.rank[a] ? terms.m[a][long(r0 + r) * terms.rank[a] + k] : 0.f;
-    }
+  for (int a = 0; a < NA; ++a) load_rank_rows<KMAX, kUpRows>(du_s[a], terms.m[a], terms.rank[a], r0, n_rows);
   __syncthreads();
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= in) return;
@@ -212,17 +209,9 @@ __global__ void lora_up_dropout_add_kernel(float* din, GroupTerms terms, int row
     float v = din[row * in + i];
 #pragma unroll
     for (int a = 0; a < NA; ++a) {
-      float acc = 0.f;  // k in order; the zero padding past rank adds exact zeros
-#pragma unroll
-      for (int k4 = 0; k4 < KMAX / 4; ++k4) {
-        const float4 d = du_s[a][r][k4];
-        acc = fmaf(d.x, w[a][4 * k4], acc);
-        acc = fmaf(d.y, w[a][4 * k4 + 1], acc);
-        acc = fmaf(d.z, w[a][4 * k4 + 2], acc);
-        acc = fmaf(d.w, w[a][4 * k4 + 3], acc);
-      }
+      const float acc = rank_dot(du_s[a][r], w[a]);
       // Two roundings, as dropout_add of the product (no fused multiply-add of them).
-      if (p == 0.f || keep_element(seed, layer, terms.adapter[a], row, i, p)) v = __fadd_rn(v, __fmul_rn(acc, keep_scale));
+      if (p == 0.f || dropout_keep(seed, layer, terms.adapter[a], row, i, p)) v = __fadd_rn(v, __fmul_rn(acc, keep_scale));
     }
     din[row * in + i] = v;
   }

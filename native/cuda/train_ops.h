@@ -15,8 +15,9 @@
 namespace rf::cuda {
 
 // LoRA dropout (PEFT's lora_dropout, inverted): element (r, c) of x [rows, cols] is kept, and
-// scaled by 1 / (1 - p), when the CPU's rf::dropout_keep(seed, layer, adapter, r, c, p) says so
-// (native/model/model.cpp; the same splitmix64 bits). out [rows, cols] = the dropped-out x.
+// scaled by 1 / (1 - p), when rf::dropout_keep(seed, layer, adapter, r, c, p) says so
+// (model/dropout_keep.h: the CPU's own function, compiled for the device). out [rows, cols] = the
+// dropped-out x.
 void dropout_rows(float* out, const float* x, int rows, int cols, uint64_t seed, int layer, int adapter, float p,
                   cudaStream_t stream);
 // Its backward into an accumulated gradient: y [rows, cols] += the same mask applied to x.

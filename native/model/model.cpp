@@ -303,17 +303,6 @@ void Model::linear_forward(const Linear& lin, int layer, int index, const float*
   }
 }
 
-bool dropout_keep(uint64_t seed, int layer, int adapter, long row, long col, float p) {
-  // splitmix64 of the element's coordinates: a counter-based generator, so the backward
-  // pass regenerates the same mask without storing it.
-  uint64_t z = seed ^ (uint64_t(layer) << 48) ^ (uint64_t(adapter) << 40) ^ (uint64_t(row) << 20) ^ uint64_t(col);
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  z ^= z >> 31;
-  return double(z >> 11) * (1.0 / 9007199254740992.0) >= double(p);
-}
-
 void Model::run_forward(const std::vector<ForwardItem>& items, LogitsMode mode, float* out, ForwardTrace* trace,
                         const std::atomic<int>* cancel, const std::function<void(int, int)>& progress) {
   check_complete();

@@ -14,6 +14,7 @@
 #include "core/threadpool.h"
 #include "kernels/gemm.h"
 #include "model/config.h"
+#include "model/dropout_keep.h"
 #include "model/kv_cache.h"
 
 namespace rf {
@@ -99,8 +100,7 @@ struct ForwardTrace {
   uint64_t dropout_seed = 0;
 };
 
-// The keep decision of LoRA dropout for one element, reproducible in the backward pass.
-bool dropout_keep(uint64_t seed, int layer, int adapter, long row, long col, float p);
+// dropout_keep: the keep decision of LoRA dropout for one element (model/dropout_keep.h).
 
 class Model {
  public:

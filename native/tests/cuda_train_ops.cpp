@@ -3,7 +3,7 @@
 //
 // Every kernel here either copies, selects or adds f32 values in a stated order, so each result
 // is checked bit for bit against the host doing the same f32 operations in the same order:
-//   - dropout_rows / dropout_add: the mask must be rf::dropout_keep's (model/model.cpp), element
+//   - dropout_rows / dropout_add: the mask must be rf::dropout_keep's (model/dropout_keep.h), element
 //     for element (the backward regenerates it), and x * (1 / (1 - p)) is one f32 product;
 //   - scale_copy: one f32 product per element;
 //   - widen_bf16: every one of the 65536 bit patterns (NaNs, infinities, subnormals), as the
