@@ -19,7 +19,11 @@
 // over 1024 threads or the kernel's __launch_bounds__, a grid over its limits, dynamic shared
 // memory over 48 KiB without the kernel's attribute, or over 227 KiB. A block whose threads all
 // wait with none arriving anywhere (a warp shuffle in a warp with exited lanes or under 32
-// threads) stops the test with the kernel's name instead of hanging it.
+// threads) stops the test with the kernel's name instead of hanging it. A vector load or store
+// off its type's alignment (a float4 or uint4 not on 16 bytes, a uint2 not on 8), which a GPU
+// stops as a misaligned address while x86 just runs it, stops the test with the source line:
+// scripts/cuda-emulate.sh compiles with -fsanitize=alignment, and float4 / uint4 / uint2 here
+// carry the GPU's alignments.
 // What it cannot catch: races between real warps that need true concurrency, memory-model and
 // coalescing effects, the real hardware limits beyond these, and speed.
 // A warp's tensor-core product (mma.sync, cuda/mma.h) is formed from the 32 lanes' fragments by

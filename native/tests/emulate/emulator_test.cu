@@ -45,6 +45,12 @@ __global__ void read_kernel(const float* x, int n, float* sink) {
   if (threadIdx.x == 0) sink[0] = s;
 }
 
+// Sums x[offset..offset + 4) by one float4 load: misaligned unless offset is a multiple of 4.
+__global__ void load4_kernel(const float* x, int offset, float* out) {
+  const float4 v = *reinterpret_cast<const float4*>(x + offset);
+  out[0] = v.x + v.y + v.z + v.w;
+}
+
 __global__ void __launch_bounds__(64) bounded_kernel(float* x) { x[threadIdx.x] = 1.f; }
 
 __global__ void big_smem_kernel(float* x) {
@@ -66,6 +72,7 @@ void ticket(int* order, int* counter, int threads) { ticket_kernel<<<1, threads>
 void missing_barrier(float* out) { missing_barrier_kernel<<<1, 32>>>(out); }
 void write(float* x, int n, int extra) { write_kernel<<<1, 64>>>(x, n, extra); }
 void read(const float* x, int n, float* sink) { read_kernel<<<1, 64>>>(x, n, sink); }
+void load4(const float* x, int offset, float* out) { load4_kernel<<<1, 1>>>(x, offset, out); }
 void bounded(float* x, int threads) { bounded_kernel<<<1, threads>>>(x); }
 void big_smem(float* x, int smem, bool raise) {
   if (raise) cudaFuncSetAttribute(big_smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);

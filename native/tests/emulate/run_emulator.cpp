@@ -22,6 +22,7 @@ void read(const float* x, int n, float* sink);
 void bounded(float* x, int threads);
 void big_smem(float* x, int smem, bool raise);
 void grid_y(float* x, unsigned y);
+void load4(const float* x, int offset, float* out);
 void warp_sum(float* out, int threads, int live);
 }  // namespace emutest
 
@@ -98,6 +99,9 @@ int main() {
     check(stops([] { float* x = device<float>(128); float* s = device<float>(1); read(x, 129, s); }), "a read past a full granule stops the test");
     check(stops([] { float* x = device<float>(128); float* s = device<float>(1); cudaFree(x); read(x, 128, s); }), "a read after cudaFree stops the test");
     check(stops([] { float* x = device<float>(8); cudaFree(x); cudaFree(x); }), "freeing twice stops the test");
+    // A float4 off 16 bytes: a GPU's misaligned address, x86's ordinary load (-fsanitize=alignment).
+    check(!stops([] { float* x = device<float>(8); float* s = device<float>(1); load4(x, 4, s); }), "a float4 load on 16 bytes passes");
+    check(stops([] { float* x = device<float>(8); float* s = device<float>(1); load4(x, 2, s); }), "a float4 load on 8 bytes stops the test");
   }
   // Launches a GPU refuses.
   {
