@@ -1,7 +1,10 @@
 // A CPU emulation of the CUDA runtime subset the kernels use, so that their tests run where no
 // GPU is (CI): every CUDA thread of a block is a fiber of one OS thread (a stack of its own,
 // switched by the few instructions of emu_switch below; ucontext's swapcontext made a system call
-// per switch, which was most of the emulation's time); blocks run one after another;
+// per switch, which was most of the emulation's time); blocks run one after another, every
+// other launch from the last block to the first (EMU_BLOCKS=forward or reverse fixes one order),
+// so a block that reads what another block of its launch writes gives a wrong result in one of
+// the two orders;
 // __syncthreads and the warp shuffles switch fibers until every thread has arrived. The last
 // thread to arrive at a barrier runs on first, so threads interleave in an order no GPU promises
 // either, and a thread that reads what another overwrites without a barrier between shows up (it
@@ -262,8 +265,18 @@ int schedule() {
   const char* s = getenv("EMU_SCHEDULE");
   return s && strcmp(s, "forward") == 0 ? 1 : s && strcmp(s, "reverse") == 0 ? -1 : 0;
 }
+// Whether a launch runs its blocks from the last to the first: EMU_BLOCKS=forward or reverse for
+// every launch; by default every other launch. No launch may read what another of its blocks
+// writes (a GPU runs them in any order, at once), and one order alone hides half of such reads.
+bool blocks_reversed() {
+  static unsigned long launches = 0;
+  const char* s = getenv("EMU_BLOCKS");
+  ++launches;
+  return s && strcmp(s, "forward") == 0 ? false : s && strcmp(s, "reverse") == 0 ? true : launches % 2 == 0;
+}
 void launch_now(dim3 grid, dim3 block, size_t smem, std::function<void()> body) {
   const int n = block.x, order = schedule();
+  const bool blocks_back = blocks_reversed();
   body_ptr = &body;
   gridDim = grid, blockDim = block;
   // The stacks stay from launch to launch (each malloc of one would map and unmap its pages).
@@ -271,40 +284,41 @@ void launch_now(dim3 grid, dim3 block, size_t smem, std::function<void()> body) 
   while (stacks.size() < size_t(n)) stacks.push_back(static_cast<char*>(malloc(kStack)));
   fibers.assign(n, Fiber{});
   for (int i = 0; i < n; ++i) fibers[i].stack = stacks[i];
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        blockIdx = dim3(x, y, z);
-        ++block_serial;
-        const bool reverse = order == 0 ? block_serial % 2 == 1 : order < 0;
-        alignas(128) static unsigned char shared[kOptInSmem];  // the launch checks kept smem within it
-        memset(shared, kPoison, smem);
-        emu_smem = shared;
-        for (int i = 0; i < n; ++i) {
-          fibers[i].sp = fiber_start(fibers[i].stack);
-          fibers[i].done = false;
-        }
-        n_alive = n, block_arrived = 0;
-        for (auto& a : warp_arrived) a = 0;
-        while (n_alive > 0) {
-          const unsigned long before = arrivals;
-          for (int j = 0; j < n; ++j) {
-            const int i = reverse ? n - 1 - j : j;
-            if (fibers[i].done) continue;
-            cur = i;
-            threadIdx = dim3(i);
-            emu_switch(&sched_sp, fibers[i].sp);
-          }
-          // Every live thread waited and none arrived anywhere: on a GPU, a hang or undefined.
-          if (arrivals == before) {
-            std::printf("EMU: kernel %s: block (%u, %u, %u) deadlocks: %d threads wait at a warp shuffle or __syncthreads that "
-                        "the rest never reach (a warp with exited lanes or under 32 threads)\n",
-                        running, x, y, z, n_alive);
-            std::fflush(stdout);
-            std::abort();
-          }
-        }
+  const unsigned long blocks = (unsigned long)grid.x * grid.y * grid.z;
+  for (unsigned long b = 0; b < blocks; ++b) {
+    const unsigned long lin = blocks_back ? blocks - 1 - b : b;
+    const unsigned x = unsigned(lin % grid.x), y = unsigned(lin / grid.x % grid.y), z = unsigned(lin / grid.x / grid.y);
+    blockIdx = dim3(x, y, z);
+    ++block_serial;
+    const bool reverse = order == 0 ? block_serial % 2 == 1 : order < 0;
+    alignas(128) static unsigned char shared[kOptInSmem];  // the launch checks kept smem within it
+    memset(shared, kPoison, smem);
+    emu_smem = shared;
+    for (int i = 0; i < n; ++i) {
+      fibers[i].sp = fiber_start(fibers[i].stack);
+      fibers[i].done = false;
+    }
+    n_alive = n, block_arrived = 0;
+    for (auto& a : warp_arrived) a = 0;
+    while (n_alive > 0) {
+      const unsigned long before = arrivals;
+      for (int j = 0; j < n; ++j) {
+        const int i = reverse ? n - 1 - j : j;
+        if (fibers[i].done) continue;
+        cur = i;
+        threadIdx = dim3(i);
+        emu_switch(&sched_sp, fibers[i].sp);
       }
+      // Every live thread waited and none arrived anywhere: on a GPU, a hang or undefined.
+      if (arrivals == before) {
+        std::printf("EMU: kernel %s: block (%u, %u, %u) deadlocks: %d threads wait at a warp shuffle or __syncthreads that "
+                    "the rest never reach (a warp with exited lanes or under 32 threads)\n",
+                    running, x, y, z, n_alive);
+        std::fflush(stdout);
+        std::abort();
+      }
+    }
+  }
 }
 }  // namespace
 // Device memory: each allocation rounded up to cudaMalloc's 256-byte granule and placed so that

@@ -26,6 +26,12 @@ __global__ void read_dynamic_shared_kernel(float* out) {
 // Each thread takes a ticket in the order the threads run.
 __global__ void ticket_kernel(int* order, int* counter) { order[threadIdx.x] = atomicAdd(counter, 1); }
 
+// Block 1 reads what block 0 writes in the same launch: right only when block 0 runs first.
+__global__ void cross_block_kernel(float* x) {
+  if (blockIdx.x == 0) x[0] = 2.f;
+  if (blockIdx.x == 1) x[1] = x[0];
+}
+
 // Thread 1 reads what thread 0 writes with no barrier between: right only when thread 0 runs first.
 __global__ void missing_barrier_kernel(float* out) {
   __shared__ float s;
@@ -69,6 +75,7 @@ __global__ void warp_sum_kernel(float* out, int live) {
 void read_shared_before_write(float* out, int blocks) { read_shared_before_write_kernel<<<blocks, 32>>>(out); }
 void read_dynamic_shared(float* out, int blocks) { read_dynamic_shared_kernel<<<blocks, 32, 64>>>(out); }
 void ticket(int* order, int* counter, int threads) { ticket_kernel<<<1, threads>>>(order, counter); }
+void cross_block(float* x) { cross_block_kernel<<<2, 1>>>(x); }
 void missing_barrier(float* out) { missing_barrier_kernel<<<1, 32>>>(out); }
 void write(float* x, int n, int extra) { write_kernel<<<1, 64>>>(x, n, extra); }
 void read(const float* x, int n, float* sink) { read_kernel<<<1, 64>>>(x, n, sink); }

@@ -22,6 +22,7 @@ void read(const float* x, int n, float* sink);
 void bounded(float* x, int threads);
 void big_smem(float* x, int smem, bool raise);
 void grid_y(float* x, unsigned y);
+void cross_block(float* x);
 void load4(const float* x, int offset, float* out);
 void warp_sum(float* out, int threads, int live);
 }  // namespace emutest
@@ -88,6 +89,22 @@ int main() {
     unsetenv("EMU_SCHEDULE");
     cudaFree(out);
     cudaFree(order);
+    // Blocks: forward runs block 0 first, reverse the last first, and the default alternates by
+    // launch, so of two launches one gives a wrong result when a block reads another's write.
+    float* x = device<float>(2);
+    const auto read_back = [&](const char* blocks) {
+      if (blocks) setenv("EMU_BLOCKS", blocks, 1);
+      cudaMemset(x, 0, 2 * sizeof(float));
+      cross_block(x);
+      cudaDeviceSynchronize();
+      return x[1];
+    };
+    check(read_back("forward") == 2.f, "forward blocks: block 1 happens to read block 0's write");
+    check(read_back("reverse") == 0.f, "reverse blocks: block 1 runs first and reads the zero");
+    unsetenv("EMU_BLOCKS");
+    const float a = read_back(nullptr), b = read_back(nullptr);
+    check((a == 2.f) != (b == 2.f), "by default, one of two launches runs the blocks in reverse");
+    cudaFree(x);
     cudaFree(counter);
   }
   // Out-of-bounds and freed memory. 100 floats are 400 bytes in a 512-byte granule: one element
