@@ -117,8 +117,9 @@ export const trainConfigSchema = z.strictObject({
   device: z.string().regex(/^(cpu|cuda(:\d{1,3})?)$/, "must be 'cpu', 'cuda' or 'cuda:N'").default('cpu'),
   /**
    * Activation recomputation (GPU only): the forward keeps each block's input and the backward
-   * recomputes the block's activations (about one more forward of work; activation memory of one
-   * block instead of all), for long sequences. Gradients are the same bits either way.
+   * recomputes the block's activations (about one more forward of work, less the MLP's down
+   * product; activation memory of one block instead of all), for long sequences. Gradients are
+   * the same bits either way.
    */
   recompute: z.boolean().default(false),
   /**

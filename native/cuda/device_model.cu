@@ -403,15 +403,21 @@ void DeviceModel::norm_rows(const DNorm& nm, const float* in, float* out, long r
   else layernorm_rows(out, in, nm.w.get(), nm.b.get(), int(rows), c.hidden, c.norm_eps, as_stream(stream_), out_bf16);
 }
 
-// y (+)= x W^T + b, then each LoRA adapter's ((x A^T) (scale B)^T) on its slice of y; in_bf16:
+// y = [addend +] x W^T + b, then each LoRA adapter's ((x A^T) (scale B)^T) added on its slice of
+// y; addend: null (y written), y itself (in place), or a buffer of y's shape apart from it (the
+// product's C apart from its D: a residual stream's next state without a copy); in_bf16:
 // x already rounded to bf16 by the kernel that made it (null: rounded here, bf16 weights); in:
 // x in f32, null where reads_f32_input says nothing reads it (in_bf16 is then given). Traced,
 // the adapters read dropout(x) (PEFT's lora_dropout; adapter id as the CPU's: index * 16 + a)
-// and lt keeps u = dropout(x) A^T (its lora_u from *u_next on).
+// and lt keeps u = dropout(x) A^T (its lora_u from *u_next on). y and y16 both null (traced): a
+// recomputation that needs the adapters' u alone; no product runs.
 void DeviceModel::linear_rows(const DLinear& lin, const float* in, const __nv_bfloat16* in_bf16, long rows, float* y,
-                              bool accumulate, int layer, int index, const DeviceTrace* trace, DeviceLayerTrace* lt,
+                              const float* addend, int layer, int index, const DeviceTrace* trace, DeviceLayerTrace* lt,
                               size_t* u_next, SwigluLora* glu_up, __nv_bfloat16* y16) {
-  if (gemv_applies(lin, in, in_bf16, rows, trace)) return linear_rows_gemv(lin, in, in_bf16, rows, y, accumulate, false);
+  if (gemv_applies(lin, in, in_bf16, rows, trace)) {
+    if (addend && addend != y) throw std::logic_error("linear_rows: the decode products add in place only");
+    return linear_rows_gemv(lin, in, in_bf16, rows, y, addend != nullptr, false);
+  }
   DeviceScratch& s = *s_;
   const cudaStream_t st = as_stream(stream_);
   const void* xin = in;
@@ -422,15 +428,17 @@ void DeviceModel::linear_rows(const DLinear& lin, const float* in, const __nv_bf
     xin = in_bf16 ? in_bf16 : s.xb.get<__nv_bfloat16>();
     xt = DType::bf16;
   }
+  const bool product = y || y16;
+  if (!product && !lt) throw std::logic_error("linear_rows: no output");
   mark(trace, kForwardLinear, st);
   if (y16) {
-    if (!glu_up || accumulate || !lin.bias.empty() || xt != DType::bf16 ||
+    if (!glu_up || addend || !lin.bias.empty() || xt != DType::bf16 ||
         (adapter_enabled_ && !lin.lora.empty() && !swiglu_lora_applies(lin)))
       throw std::logic_error("linear_rows: a bf16 y needs bf16 weights, no bias, no accumulation and deferred adapters");
     matmul_bf16(*gemm_, y16, xin, xt, lin.w.get<void>(), dtype_, int(rows), lin.out, lin.in, st);
-  } else {
+  } else if (y) {
     matmul(*gemm_, y, xin, xt, lin.w.get<void>(), dtype_, int(rows), lin.out, lin.in, lin.bias.empty() ? nullptr : lin.bias.get(),
-           accumulate ? 1.f : 0.f, st);
+           addend ? 1.f : 0.f, st, {}, addend);
   }
   if (!adapter_enabled_ || lin.lora.empty()) {
     mark(trace, kForwardOther, st);
@@ -497,6 +505,7 @@ void DeviceModel::linear_rows(const DLinear& lin, const float* in, const __nv_bf
       }
       matmul(*gemm_, u, xa, DType::f32, a.A.get<void>(), DType::f32, int(rows), a.rank, lin.in, nullptr, 0.f, st);
     }
+    if (!product) continue;
     if (defer_up) {
       glu_up[a.offset == 0 ? 0 : 1] = {u, a.B.get(), a.rank};
       continue;
@@ -624,7 +633,8 @@ void DeviceModel::head_rows(const float* xn, long rows, float* logits, bool flag
                     st);
 }
 
-void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const DeviceTrace* trace, bool append_kv) {
+void DeviceModel::layer_forward(int l, const float* x, float* x_out, DeviceLayerTrace* lt, const DeviceTrace* trace,
+                                bool append_kv) {
   const ModelConfig& c = config_;
   const cudaStream_t st = as_stream(stream_);
   DeviceScratch& s = *s_;
@@ -642,14 +652,18 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
   __nv_bfloat16* xb =
       dtype_ == DType::bf16 ? static_cast<__nv_bfloat16*>(s.xb.ensure(size_t(R * std::max({H, Q, I})) * sizeof(__nv_bfloat16)))
                             : nullptr;
-  // What the trace keeps (DeviceLayerTrace): the block's input, or with recomputation that alone.
+  // What the trace keeps (DeviceLayerTrace) besides the block's input (the caller's x: see run):
+  // everything, or with recomputation nothing. The residual stream after attention, x_mid, is
+  // the o product's output (its C the input, apart from its D): kept, or straight in x_out.
+  // x_out null: a recomputation, which wants the trace alone (the mlp_out product is skipped).
   DeviceLayerTrace* keep = lt && !trace->inputs_only ? lt : nullptr;
+  if (!x_out && !keep) throw std::logic_error("layer_forward: no output and nothing traced");
+  float* x_mid = keep ? static_cast<float*>(keep->x_mid.ensure(size_t(R * H) * sizeof(float))) : x_out;
   size_t u_next = 0;
-  if (lt) keep_rows(lt->x_in, x, R * H);
 
-  // Attention block: x += o(attn(rope(qkv(norm(x))))). A decode step's few rows (gemv.h): the
-  // product normalizes the rows as it reads them (no norm launch), and with rope turns q and k
-  // and appends k and v to the cache in its epilogue (no kv_append launch).
+  // Attention block: x_mid = x + o(attn(rope(qkv(norm(x))))). A decode step's few rows (gemv.h):
+  // the product normalizes the rows as it reads them (no norm launch), and with rope turns q and
+  // k and appends k and v to the cache in its epilogue (no kv_append launch).
   const bool fused_append = c.rope && append_kv;
   bool appended = false;
   if (gemv_applies(L.qkv, x, nullptr, R, trace, true)) {
@@ -663,7 +677,7 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
     // bf16 models: the f32 norm output only where an adapter reads it (reads_f32_input).
     float* xn_qkv = reads_f32_input(L.qkv, R, trace) ? xn : nullptr;
     norm_rows(L.attn_norm, x, xn_qkv, R, xb);
-    linear_rows(L.qkv, xn_qkv, xb, R, qkv, false, l, 0, trace, keep, &u_next);
+    linear_rows(L.qkv, xn_qkv, xb, R, qkv, nullptr, l, 0, trace, keep, &u_next);
   }
   // Rope on q's heads, then k's, and the keys and values into the cache: one launch when both,
   // which for bf16 models also writes the trace's bf16 copy of the rows.
@@ -699,19 +713,19 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
     keep_values(keep->att, att, R * Q);
     if (xb) att_bf16 = keep->att.get<__nv_bfloat16>();
   }
-  linear_rows(L.o, att, att_bf16, R, x, true, l, 1, trace, keep, &u_next);
-  if (keep) keep_rows(keep->x_mid, x, R * H);
+  linear_rows(L.o, att, att_bf16, R, x_mid, x, l, 1, trace, keep, &u_next);
 
-  // MLP block: x += mlp_out(act(mlp_in(norm(x)))). A decode step's few rows: the norm, the
-  // gate|up product and the SwiGLU in one launch (gemv.h); its bf16 output goes beside xb.
-  if (c.act == Activation::silu && gemv_applies(L.mlp_in, x, nullptr, R, trace, true)) {
+  // MLP block: x_out = x_mid + mlp_out(act(mlp_in(norm(x_mid)))). A decode step's few rows: the
+  // norm, the gate|up product and the SwiGLU in one launch (gemv.h); its bf16 output goes beside
+  // xb.
+  if (c.act == Activation::silu && gemv_applies(L.mlp_in, x_mid, nullptr, R, trace, true)) {
     __nv_bfloat16* actb = xb ? static_cast<__nv_bfloat16*>(s.actb.ensure(size_t(R * I) * sizeof(__nv_bfloat16))) : nullptr;
-    linear_rows_gemv(L.mlp_in, x, nullptr, R, act, false, true, actb, &L.mlp_norm);
-    linear_rows(L.mlp_out, act, actb, R, x, true, l, 3, trace, keep, &u_next);
+    linear_rows_gemv(L.mlp_in, x_mid, nullptr, R, act, false, true, actb, &L.mlp_norm);
+    linear_rows(L.mlp_out, act, actb, R, x_out, x_mid, l, 3, trace, keep, &u_next);
     return;
   }
   float* xn_mlp = reads_f32_input(L.mlp_in, R, trace) ? xn : nullptr;
-  norm_rows(L.mlp_norm, x, xn_mlp, R, xb);
+  norm_rows(L.mlp_norm, x_mid, xn_mlp, R, xb);
   // SwiGLU: the gate|up adapters' up products, when linear_rows leaves them to swiglu_rows.
   SwigluLora glu_up[2];
   // SwiGLU of a bf16 model: the f32 activation only where an adapter of mlp_out reads it.
@@ -723,12 +737,12 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
     const bool adapters = adapter_enabled_ && !L.mlp_in.lora.empty();
     __nv_bfloat16* mlp16 = keep ? static_cast<__nv_bfloat16*>(keep->mlp.ensure(size_t(R * MLP_IN) * sizeof(__nv_bfloat16)))
                                 : reinterpret_cast<__nv_bfloat16*>(mlp);  // s.mlp holds R * MLP_IN floats
-    linear_rows(L.mlp_in, xn_mlp, xb, R, nullptr, false, l, 2, trace, keep, &u_next, glu_up, mlp16);
+    linear_rows(L.mlp_in, xn_mlp, xb, R, nullptr, nullptr, l, 2, trace, keep, &u_next, glu_up, mlp16);
     activation_rows(mlp16, act_f32, R, xb, glu_up, keep && adapters ? mlp16 : nullptr);
-    linear_rows(L.mlp_out, act_f32, xb, R, x, true, l, 3, trace, keep, &u_next);
+    linear_rows(L.mlp_out, act_f32, xb, R, x_out, x_mid, l, 3, trace, keep, &u_next);
     return;
   }
-  linear_rows(L.mlp_in, xn_mlp, xb, R, mlp, false, l, 2, trace, keep, &u_next, c.act == Activation::silu ? glu_up : nullptr);
+  linear_rows(L.mlp_in, xn_mlp, xb, R, mlp, nullptr, l, 2, trace, keep, &u_next, c.act == Activation::silu ? glu_up : nullptr);
   // The trace's mlp: the SwiGLU writes it as it reads mlp (bf16 rounded, or f32; adapters added),
   // no pass of its own; gelu_new's bf16 rounded likewise, or copied.
   __nv_bfloat16* keep_mlp = nullptr;
@@ -740,7 +754,7 @@ void DeviceModel::layer_forward(int l, float* x, DeviceLayerTrace* lt, const Dev
   else if (keep)
     keep_values(keep->mlp, mlp, R * MLP_IN);
   activation_rows(mlp, act_f32, R, xb, keep_mlp, glu_up, keep_mlp32);
-  linear_rows(L.mlp_out, act_f32, xb, R, x, true, l, 3, trace, keep, &u_next);
+  linear_rows(L.mlp_out, act_f32, xb, R, x_out, x_mid, l, 3, trace, keep, &u_next);
 }
 
 // act [R, I] = the MLP's activation of mlp [R, MLP_IN]: silu(gate) * up of gate | up, or
@@ -788,18 +802,26 @@ const float* DeviceModel::run(const std::vector<DeviceItem>& items, LogitsMode m
   // Every buffer outside the layers, sized before any work is queued (a decode graph's capture
   // must not allocate).
   const long rows = mode == LogitsMode::last ? n : R;
-  float* x = static_cast<float*>(s.x.ensure(size_t(R * H) * sizeof(float)));
+  if (trace && trace->layers.size() < size_t(c.n_layers)) trace->layers.resize(size_t(c.n_layers));
+  // The residual stream: untraced, x in place through every block; traced, the trace's buffers,
+  // each block reading its input where the trace keeps it and writing its output straight into
+  // the next block's (the last's into x_final), so that nothing is copied into the trace.
+  std::vector<float*> xs(size_t(c.n_layers) + 1);
+  for (int l = 0; l <= c.n_layers; ++l) {
+    Buffer& b = !trace ? s.x : l < c.n_layers ? trace->layers[size_t(l)].x_in : trace->x_final;
+    xs[size_t(l)] = static_cast<float*>(b.ensure(size_t(R * H) * sizeof(float)));
+  }
+  float* x = xs.back();  // the last block's output
   float* xn = static_cast<float*>(s.xn.ensure(size_t(R * H) * sizeof(float)));
   // bf16 copies of a product's input: the widest input is max(H, Q, I) per row (the LM head's H too).
   if (dtype_ == DType::bf16) s.xb.ensure(size_t(R * std::max({H, Q, I})) * sizeof(__nv_bfloat16));
   float* last = mode == LogitsMode::last ? static_cast<float*>(s.last.ensure(size_t(n * H) * sizeof(float))) : nullptr;
   float* logits = mode == LogitsMode::hidden ? nullptr : static_cast<float*>(s.logits.ensure(size_t(rows * V) * sizeof(float)));
-  if (trace && trace->layers.size() < size_t(c.n_layers)) trace->layers.resize(size_t(c.n_layers));
   const bool flags_on = adapter_enabled_ && !w.flag_tokens.empty();
 
   // The device work, queued on the stream (or captured into a decode graph).
   const auto enqueue = [&](bool capturing) {
-    embed_rows(x, w.embed.get<void>(), dtype_ == DType::bf16, p.tokens, int(R), int(H),
+    embed_rows(xs[0], w.embed.get<void>(), dtype_ == DType::bf16, p.tokens, int(R), int(H),
                flags_on && !w.flag_embed.empty() ? w.flag_embed.get() : nullptr, w.flag_ids.get<int32_t>(),
                int(w.flag_tokens.size()), c.arch == Arch::gpt2 ? w.pos_embed.get() : nullptr, p.positions, p.delta, st);
     for (int l = 0; l < c.n_layers; ++l) {
@@ -807,7 +829,7 @@ const float* DeviceModel::run(const std::vector<DeviceItem>& items, LogitsMode m
         cudaStreamSynchronize(st);
         throw Cancelled();
       }
-      layer_forward(l, x, trace ? &trace->layers[size_t(l)] : nullptr, trace, true);
+      layer_forward(l, xs[size_t(l)], xs[size_t(l) + 1], trace ? &trace->layers[size_t(l)] : nullptr, trace, true);
       if (progress) {
         check(cudaStreamSynchronize(st), "forward (layer)");
         progress(l + 1, c.n_layers);
@@ -818,7 +840,6 @@ const float* DeviceModel::run(const std::vector<DeviceItem>& items, LogitsMode m
       gather_rows(last, x, p.last_rows, n, int(H), st);
       head_in = last;
     }
-    if (trace) keep_rows(trace->x_final, x, R * H);
     // R >= rows: xn and the bf16 scratch have room.
     __nv_bfloat16* xb = logits && dtype_ == DType::bf16 ? s.xb.get<__nv_bfloat16>() : nullptr;
     norm_rows(w.final_norm, head_in, xn, rows, xb);

@@ -172,12 +172,14 @@ class DeviceModel {
   uint64_t graph_signature() const;
   void check_items(const std::vector<DeviceItem>& items) const;
   // The forward's pieces (device_model.cu): the device tables of a forward's rows (into the
-  // scratch's plan, reserving the sequences' blocks first), one block on x [R, hidden] in place
-  // (appending the rows' keys and values to the cache, or, append_kv false, reading the cache as
-  // it is: a recomputation after the forward; traced into lt), a norm, a projection with its
-  // adapters, and a copy into a trace buffer (f32, or the engine's dtype).
+  // scratch's plan, reserving the sequences' blocks first), one block from x [R, hidden] to x_out
+  // (x itself: in place; traced, x is lt's x_in, and x_out must not be x; null: the trace alone,
+  // the last product skipped) (appending the rows' keys and values to the cache, or, append_kv
+  // false, reading the cache as it is: a recomputation after the forward; traced into lt), a
+  // norm, a projection with its adapters, and a copy into a trace buffer (f32, or the engine's
+  // dtype).
   void plan_forward(const std::vector<DeviceItem>& items);
-  void layer_forward(int layer, float* x, DeviceLayerTrace* lt, const DeviceTrace* trace, bool append_kv);
+  void layer_forward(int layer, const float* x, float* x_out, DeviceLayerTrace* lt, const DeviceTrace* trace, bool append_kv);
   void norm_rows(const DNorm& norm, const float* in, float* out, long rows, __nv_bfloat16* out_bf16 = nullptr);
   void head_rows(const float* xn, long rows, float* logits, bool flags, const __nv_bfloat16* xn_bf16 = nullptr);
   // glu_up (optional; SwiGLU's gate|up projection): where swiglu_lora_applies, the adapters' up
@@ -185,7 +187,7 @@ class DeviceModel {
   // up half's (a half without an adapter is left as it was).
   // y16 (optional; bf16 weights, no bias, not accumulated, the adapters left to glu_up): y written
   // in bf16 instead (matmul_bf16), y unused.
-  void linear_rows(const DLinear& lin, const float* in, const __nv_bfloat16* in_bf16, long rows, float* y, bool accumulate,
+  void linear_rows(const DLinear& lin, const float* in, const __nv_bfloat16* in_bf16, long rows, float* y, const float* addend,
                    int layer, int index, const DeviceTrace* trace, DeviceLayerTrace* lt, size_t* u_next,
                    SwigluLora* glu_up = nullptr, __nv_bfloat16* y16 = nullptr);
   // Whether the SwiGLU block's gate|up product is written in bf16 (linear_rows' y16): a trainer's

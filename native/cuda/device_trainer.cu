@@ -102,7 +102,6 @@ struct DeviceTrainer::Impl {
   LossScratch loss_scratch;      // the losses' device scratch, kept from step to step
   PhaseClock clock{kTrainPhases};
   DeviceLayerTrace recomputed;  // one block's activations, recomputed in the backward
-  Buffer x_recompute;
   // The backward's recomputed and widened activations of one block, and an adapter's dropped-out
   // input: the model's idle forward scratch stands in for xn, act, wide_a and xa unless the
   // backward recomputes blocks (see the backward).
@@ -701,13 +700,12 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     if (options_.recompute) {
       phase(kBackwardRecompute);
       // The block again from its input, on the cache the forward filled: the same kernels on the
-      // same inputs, so the same bits as the trace the forward would have kept.
-      float* xr = floats(s.x_recompute, R * H);
-      check(cudaMemcpyAsync(xr, s.trace.layers[size_t(l)].x_in.get(), size_t(R * H) * sizeof(float), cudaMemcpyDeviceToDevice, st),
-            "cudaMemcpyAsync (recompute)");
-      m.layer_forward(l, xr, &s.recomputed, &recompute_trace, false);
+      // same inputs, so the same bits as the trace the forward would have kept; not its output
+      // (no x_out), which the backward does not read: the mlp_out product is skipped.
+      m.layer_forward(l, s.trace.layers[size_t(l)].x_in.get(), nullptr, &s.recomputed, &recompute_trace, false);
     }
     const DeviceLayerTrace& lt = options_.recompute ? s.recomputed : s.trace.layers[size_t(l)];
+    const float* x_in = s.trace.layers[size_t(l)].x_in.get();  // the block's input: the forward's trace keeps it
     const DLayer& L = w.layers[size_t(l)];
     const Impl::FullLayer* fl = full ? &s.full[size_t(l)] : nullptr;
     // MLP: x_out = x_mid + mlp_out(act(mlp_in(norm(x_mid)))). The activation and its backward
@@ -755,10 +753,10 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     phase(kBackwardOther);
     if (c.rope) rope_backward_rows(dqkv, QKV, int(R), c.n_heads + c.n_kv_heads, int(hd), d_cos, d_sin, st);  // q's heads, then k's
     float* xn_qkv = f32_input(l, 0) ? xn : nullptr;
-    m.norm_rows(L.attn_norm, lt.x_in.get(), xn_qkv, R, xw);
+    m.norm_rows(L.attn_norm, x_in, xn_qkv, R, xw);
     linear_backward(l, 0, {xn_qkv, xw, &xn_buf}, H, dqkv, nullptr, QKV, dxn, lt);
     phase(kBackwardOther);
-    norm_backward(L.attn_norm, fl ? fl->norm_w[0] : -1, fl ? fl->norm_b[0] : -1, lt.x_in.get(), dxn, dx, true);
+    norm_backward(L.attn_norm, fl ? fl->norm_w[0] : -1, fl ? fl->norm_b[0] : -1, x_in, dxn, dx, true);
   }
 
   // 5. Embeddings: dx is dL/d(input embeddings); the flag rows that were looked up collect theirs.

@@ -40,6 +40,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <stdexcept>
@@ -100,21 +101,23 @@ __global__ void f32_to_bf16_kernel(__nv_bfloat16* out, const float* in, long n) 
   for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) out[i] = bf16_round(in[i]);
 }
 
-// y [rows, n] (rows ld apart) = (beta == 0 ? 0 : beta * y) + bias [n] (bias may be null). With
-// beta 1 it is the bias-add after a product whose bias the epilogue could not take; with K == 0
-// it is the whole product. beta == 0 does not read y, as cuBLASLt does not.
-__global__ void scale_add_bias_kernel(float* y, const float* bias, float beta, int n, long ld, long total) {
+// y [rows, n] (rows ld apart) = (beta == 0 ? 0 : beta * c) + bias [n] (bias may be null; c has
+// y's strides, and may be y). With beta 1 and c = y it is the bias-add after a product whose bias
+// the epilogue could not take; with K == 0 it is the whole product. beta == 0 does not read c, as
+// cuBLASLt does not.
+__global__ void scale_add_bias_kernel(float* y, const float* c, const float* bias, float beta, int n, long ld, long total) {
   for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += long(gridDim.x) * blockDim.x) {
-    float* p = y + i / n * ld + i % n;
-    float v = beta == 0.f ? 0.f : beta * *p;
+    const long at = i / n * ld + i % n;
+    float v = beta == 0.f ? 0.f : beta * c[at];
     if (bias) v += bias[i % n];
-    *p = v;
+    y[at] = v;
   }
 }
 
-void scale_add_bias(float* y, const float* bias, float beta, int rows, int n, long ld, cudaStream_t stream) {
+void scale_add_bias(float* y, const float* bias, float beta, int rows, int n, long ld, cudaStream_t stream,
+                    const float* c = nullptr) {
   const long total = long(rows) * n;
-  scale_add_bias_kernel<<<blocks_for(total, 256), 256, 0, stream>>>(y, bias, beta, n, ld, total);
+  scale_add_bias_kernel<<<blocks_for(total, 256), 256, 0, stream>>>(y, c ? c : y, bias, beta, n, ld, total);
   check_cuda(cudaGetLastError(), "scale_add_bias_kernel launch");
 }
 
@@ -199,7 +202,7 @@ struct GemmContext::Impl {
   // The plan for this key, made on first use; ld: leading_dims' result; y_type: y's (f32, or bf16
   // for matmul_bf16).
   Plan& plan(int M, int N, int K, DType type, const void* x, const void* w, const void* y, const float* bias, BiasMode mode,
-             Form form, Strides ld, DType y_type = DType::f32);
+             Form form, Strides ld, DType y_type = DType::f32, const void* c = nullptr);
 };
 
 std::unique_ptr<Plan> GemmContext::Impl::make_plan(int M, int N, int K, DType type, DType y_type, uint32_t align_x,
@@ -273,8 +276,10 @@ std::unique_ptr<Plan> GemmContext::Impl::make_plan(int M, int N, int K, DType ty
 }
 
 Plan& GemmContext::Impl::plan(int M, int N, int K, DType type, const void* x, const void* w, const void* y, const float* bias,
-                              BiasMode mode, Form form, Strides ld, DType y_type) {
-  const uint32_t align_x = pointer_alignment(x), align_w = pointer_alignment(w), align_y = pointer_alignment(y);
+                              BiasMode mode, Form form, Strides ld, DType y_type, const void* c) {
+  // C's alignment with D's: the plan is chosen for the lesser (C = D but for matmul's c).
+  const uint32_t align_x = pointer_alignment(x), align_w = pointer_alignment(w),
+                 align_y = std::min(pointer_alignment(y), c ? pointer_alignment(c) : 256u);
   const PlanKey key{M, N, K, int(type), int(type), int(y_type), align_x, align_w, align_y, int(mode), int(form), ld.x, ld.w, ld.y};
   auto it = plans.find(key);
   if (it == plans.end()) {
@@ -296,7 +301,7 @@ GemmContext::~GemmContext() = default;
 const GemmStats& GemmContext::stats() const { return impl_->stats; }
 
 void matmul(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N, int K,
-            const float* bias, float beta, cudaStream_t stream, Strides strides) {
+            const float* bias, float beta, cudaStream_t stream, Strides strides, const float* c) {
   if (M < 0 || N < 0 || K < 0)
     throw std::runtime_error("rf::cuda::matmul: negative size M " + std::to_string(M) + ", N " + std::to_string(N) + ", K " +
                              std::to_string(K));
@@ -306,20 +311,21 @@ void matmul(GemmContext& ctx, float* y, const void* x, DType x_type, const void*
   const Strides ld = leading_dims("matmul", kXWt, M, N, K, strides);
   if (M == 0 || N == 0) return;
   GemmContext::Impl& im = *ctx.impl_;
+  if (!c) c = y;
   if (K == 0) {  // an empty sum: cuBLASLt does not take k = 0
-    scale_add_bias(y, bias, beta, M, N, ld.y, stream);
+    scale_add_bias(y, bias, beta, M, N, ld.y, stream, c);
     return;
   }
 
   const BiasMode mode = !bias ? kNoBias : pointer_alignment(bias) >= 16 ? kBiasEpilogue : kBiasKernel;
-  Plan& plan = im.plan(M, N, K, x_type, x, w, y, bias, mode, kXWt, ld);
+  Plan& plan = im.plan(M, N, K, x_type, x, w, y, bias, mode, kXWt, ld, DType::f32, c);
   if (plan.fused_bias) {  // the descriptor keeps the pointer: set this call's
     const void* bias_ptr = bias;
     set_desc(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias_ptr, "cublasLtMatmulDescSetAttribute(BIAS_POINTER)");
   }
   const float alpha = 1.f;
-  // A = W, B = x, C = D = y (see the top of this file).
-  check_lt(cublasLtMatmul(im.handle, plan.desc, &alpha, w, plan.a, x, plan.b, &beta, y, plan.d, y, plan.d, &plan.algo,
+  // A = W, B = x, C = c (y unless given), D = y (see the top of this file); C and D share a layout.
+  check_lt(cublasLtMatmul(im.handle, plan.desc, &alpha, w, plan.a, x, plan.b, &beta, c, plan.d, y, plan.d, &plan.algo,
                           im.workspace, im.workspace_bytes, stream),
            "cublasLtMatmul");
   ++im.stats.calls;

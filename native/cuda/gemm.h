@@ -57,7 +57,7 @@ class GemmContext {
  private:
   std::unique_ptr<Impl> impl_;
   friend void matmul(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N,
-                     int K, const float* bias, float beta, cudaStream_t stream, Strides strides);
+                     int K, const float* bias, float beta, cudaStream_t stream, Strides strides, const float* c);
   friend void matmul_bf16(GemmContext& ctx, __nv_bfloat16* y, const void* x, DType x_type, const void* w, DType w_type, int M,
                           int N, int K, cudaStream_t stream, Strides strides);
   friend void matmul_nn(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N,
@@ -75,9 +75,12 @@ class GemmContext {
 // alignment its pointers have (tested down to 4 bytes for f32 and 16 bytes for bf16; a bias
 // under 16 bytes aligned is added by a separate kernel). Every CUDA and cuBLASLt status is
 // checked: failures throw std::runtime_error naming the call and the status. strides: rows of x,
-// W and y further apart than K, K and N (each at least that; a smaller one throws).
+// W and y further apart than K, K and N (each at least that; a smaller one throws). c (optional):
+// beta's operand when it is not y, y = x . w^T + bias + beta * c (cuBLASLt's C apart from its D),
+// with y's strides; it must be y itself or not overlap it. A residual stream's sum into a buffer
+// of its own, y = c + x w^T, then needs no copy of c first.
 void matmul(GemmContext& ctx, float* y, const void* x, DType x_type, const void* w, DType w_type, int M, int N, int K,
-            const float* bias, float beta, cudaStream_t stream, Strides strides = {});
+            const float* bias, float beta, cudaStream_t stream, Strides strides = {}, const float* c = nullptr);
 
 // y [M, N] = x [M, K] . w^T with y in bf16: x and w bf16, the products summed in f32 and the sum
 // rounded once to bf16 (to nearest even), for a product whose only reader takes bf16 (the

@@ -4,8 +4,8 @@
 //
 // Products y [M, N] = x [M, K] . W^T (+ bias) (+ beta * y) for M in {1, 7, 64, 333}, N in
 // {1, 63, 257, 4096}, K in {64, 80, 1000} (every combination), each with and without a bias and
-// with beta 0 (y starts as NaN: it must not be read) and beta 1 (y starts random), for f32 and
-// for bf16 inputs; then views into buffers (pointers 4 and 16 bytes aligned, a bias only 4-byte
+// with beta 0 (y starts as NaN: it must not be read), beta 1 (y starts random) and beta 1 with
+// c apart from y (y starts as NaN, c random and left unchanged), for f32 and for bf16 inputs; then views into buffers (pointers 4 and 16 bytes aligned, a bias only 4-byte
 // aligned, which goes to the bias-add kernel), an odd K = 33, K = 0, the pair of types that
 // must throw, that a repeated shape reuses its plan, matmul_nn and matmul_tn (the backward's
 // products: y = x w and y = alpha x^T w), matmul_bf16 (a bf16 y: within half an ulp of the sum),
@@ -199,7 +199,7 @@ void run_shape(rf::cuda::GemmContext& ctx, DType type, int M, int N, int K, Offs
 
   const size_t esz = type == DType::bf16 ? 2 : 4;
   Dev dx_f32(size_t(M) * K * 4 + 64), dx((size_t(M) * K + off.x) * esz + 64), dw((size_t(N) * K + off.w) * esz + 64),
-      dy((size_t(M) * N + off.y) * 4 + 64), db((N + off.bias) * 4 + 64);
+      dy((size_t(M) * N + off.y) * 4 + 64), db((N + off.bias) * 4 + 64), dc((size_t(M) * N + off.y) * 4 + 64);
   const void* xp;
   const void* wp;
   if (type == DType::bf16) {
@@ -217,17 +217,25 @@ void run_shape(rf::cuda::GemmContext& ctx, DType type, int M, int N, int K, Offs
   }
   upload(db.at<float>(off.bias), bias);
   float* yp = dy.at<float>(off.y);
+  float* cp = dc.at<float>(off.y);  // beta's operand apart from y (matmul's c), at y's alignment
 
   Tally& tally = type == DType::bf16 ? g_bf16 : g_f32;
   const double tol = type == DType::bf16 ? kBf16Tol : f32_case_tol(K);
   for (bool with_bias : {false, true})
-    for (float beta : {0.f, 1.f}) {
-      const std::string name = case_name(type, M, N, K, with_bias, beta, extra);
+    for (float beta : {0.f, 1.f, -1.f}) {
+      // beta -1 stands for beta 1 with c apart from y: y starts NaN (not to be read), c holds y0
+      // and must come back unchanged.
+      const bool apart = beta < 0.f;
+      if (apart) beta = 1.f;
+      const std::string name = case_name(type, M, N, K, with_bias, beta, apart ? " c apart from y" : "") + extra;
       try {
-        if (beta == 0.f) cuda_ok(cudaMemset(yp, 0xff, size_t(M) * N * 4), "cudaMemset");  // NaN: must not be read
+        if (beta == 0.f || apart) cuda_ok(cudaMemset(yp, 0xff, size_t(M) * N * 4), "cudaMemset");  // NaN: must not be read
         else upload(yp, y0);
-        rf::cuda::matmul(ctx, yp, xp, type, wp, type, M, N, K, with_bias ? db.at<float>(off.bias) : nullptr, beta, nullptr);
+        if (apart) upload(cp, y0);
+        rf::cuda::matmul(ctx, yp, xp, type, wp, type, M, N, K, with_bias ? db.at<float>(off.bias) : nullptr, beta, nullptr, {},
+                         apart ? cp : nullptr);
         cuda_ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+        if (apart) check(download(cp, size_t(M) * N) == y0, name + ": c unchanged");
         const Error e = measure(download(yp, size_t(M) * N), ref, with_bias ? bias.data() : nullptr, y0, beta, M, N);
         const double rel = e.rel();
         tally.pooled.add(e);
@@ -281,7 +289,15 @@ void test_k_zero_and_errors(rf::cuda::GemmContext& ctx) {
     rf::cuda::matmul(ctx, dy.at<float>(), dx.p, DType::bf16, dw.p, DType::bf16, M, N, 0, nullptr, 0.f, nullptr);
     got = download(dy.at<float>(), M * N);
     for (int i = 0; i < M * N; ++i) ok = ok && got[i] == 0.f;
-    check(ok, "K = 0: y = bias + beta y (and 0 over NaN with beta 0, no bias)");
+    // With c apart from y: y = bias + beta c, y's NaN unread.
+    Dev dc(M * N * 4);
+    upload(dc.at<float>(), y0);
+    cuda_ok(cudaMemset(dy.p, 0xff, M * N * 4), "cudaMemset");
+    rf::cuda::matmul(ctx, dy.at<float>(), dx.p, DType::f32, dw.p, DType::f32, M, N, 0, db.at<float>(), 1.f, nullptr, {},
+                     dc.at<float>());
+    got = download(dy.at<float>(), M * N);
+    for (int i = 0; i < M * N; ++i) ok = ok && got[i] == y0[i] + bias[i % N];
+    check(ok, "K = 0: y = bias + beta y, or + beta c apart from y (and 0 over NaN with beta 0, no bias)");
   } catch (const std::exception& e) {
     check(false, std::string("K = 0 threw ") + e.what());
   }

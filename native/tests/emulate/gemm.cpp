@@ -24,7 +24,8 @@ static float dot_xwt(const void* x, DType xt, long lx, const void* w, DType wt, 
   return acc;
 }
 // Each product is queued like a kernel (emu_enqueue: run now, or recorded into a graph's capture).
-void matmul(GemmContext&, float* y, const void* x, DType xt, const void* w, DType wt, int M, int N, int K, const float* bias, float beta, cudaStream_t, Strides s) {
+void matmul(GemmContext&, float* y, const void* x, DType xt, const void* w, DType wt, int M, int N, int K, const float* bias, float beta, cudaStream_t, Strides s,
+            const float* c) {
   if (xt != wt) throw std::runtime_error("matmul: mixed types");
   const long lx = ld_or(s.x, K, "matmul"), lw = ld_or(s.w, K, "matmul"), ly = ld_or(s.y, N, "matmul");
   emu_enqueue([=] {
@@ -32,7 +33,7 @@ void matmul(GemmContext&, float* y, const void* x, DType xt, const void* w, DTyp
     for (int n = 0; n < N; ++n) {
       const float acc = dot_xwt(x, xt, lx, w, wt, lw, m, n, K);
       float v = acc + (bias ? bias[n] : 0.f);
-      if (beta != 0.f) v += beta * y[m * ly + n];
+      if (beta != 0.f) v += beta * (c ? c : y)[m * ly + n];
       y[m * ly + n] = v;
     }
   });
