@@ -74,7 +74,8 @@ void prefill_attention(float* out, const float* q, long q_stride, const PagedLay
 // log2 sum_j 2^(scale log2(e) q.k_j), which the tensor-core attention backward reads
 // (attention_backward.h); +inf for a row that sees no key. out_bf16 (optional, [total_rows,
 // n_heads * head_dim]): out rounded to bf16 as well (the o projection's operand, the trainer's
-// trace copy), the bits f32_to_bf16 gives. Both only where supported.
+// trace copy), the bits f32_to_bf16 gives; out may then be null (a bf16 model whose o projection
+// reads that copy alone: no f32 output written). Both only where supported.
 bool prefill_attention_tc_supports(int head_dim);
 void prefill_attention_tc(float* out, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch,
                           const int32_t* row_offsets, const int32_t* n_new, int total_rows, int max_new, int n_heads, float scale,

@@ -197,7 +197,7 @@ __global__ void __launch_bounds__(kThreads)
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
     if (lse && t == 0) lse[(long(row_offsets[s]) + r) * n_heads + h] = sum > 0.f ? m[i] + log2f(sum) : INFINITY;
     const long at = ((long(row_offsets[s]) + r) * n_heads + h) * kHd;
-    store_accumulator_row(out + at, o, i, inv, t);
+    if (out) store_accumulator_row(out + at, o, i, inv, t);
     if (out_bf16)
 #pragma unroll
       for (int n = 0; n < kN; ++n) {
@@ -233,6 +233,7 @@ void prefill_attention_tc(float* out, const float* q, long q_stride, const Paged
                           const int32_t* row_offsets, const int32_t* n_new, int total_rows, int max_new, int n_heads, float scale,
                           int window, cudaStream_t stream, float* lse, __nv_bfloat16* out_bf16) {
   if (batch.n_seqs <= 0 || total_rows <= 0 || max_new <= 0) return;
+  if (!out && !out_bf16) throw std::invalid_argument("prefill_attention_tc: no output");
   if (!prefill_attention_tc_supports(layer.head_dim)) {
     if (lse || out_bf16)
       throw std::invalid_argument("prefill_attention_tc: no log-sum-exp or bf16 output at head_dim " + std::to_string(layer.head_dim));

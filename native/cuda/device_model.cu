@@ -700,14 +700,18 @@ void DeviceModel::layer_forward(int l, const float* x, float* x_out, DeviceLayer
   if (xb && (p.all_one || tc_attention()))
     att_bf16 = keep ? static_cast<__nv_bfloat16*>(keep->att.ensure(size_t(R * Q) * sizeof(__nv_bfloat16))) : xb;
   // Attention reads q in place: the first Q floats of each qkv row.
-  if (p.all_one) decode_attention(att, qkv, QKV, layer, batch, c.n_heads, scale, c.sliding_window, s.attn.get(), st, att_bf16);
-  else if (tc_attention())
+  if (p.all_one) {
+    decode_attention(att, qkv, QKV, layer, batch, c.n_heads, scale, c.sliding_window, s.attn.get(), st, att_bf16);
+  } else if (tc_attention()) {
+    // Its f32 output only where the o projection reads it (reads_f32_input): else the bf16 alone.
+    if (!reads_f32_input(L.o, R, trace)) att = nullptr;
     prefill_attention_tc(att, qkv, QKV, layer, batch, p.row_offsets, p.n_new, int(R), p.max_new, c.n_heads, scale,
                          c.sliding_window, st,
                          keep ? static_cast<float*>(keep->lse.ensure(size_t(R * c.n_heads) * sizeof(float))) : nullptr, att_bf16);
-  else
+  } else {
     prefill_attention(att, qkv, QKV, layer, batch, p.row_offsets, p.n_new, int(R), p.max_new, c.n_heads, scale,
                       c.sliding_window, st);
+  }
   mark(trace, kForwardOther, st);
   if (keep && !att_bf16) {
     keep_values(keep->att, att, R * Q);

@@ -268,24 +268,31 @@ void prefill_case(int head_dim, int n_kv_heads, int group, int window, const std
   if (tc) cudaMalloc(&dout16, q.size() * sizeof(uint16_t));
   const long q_stride = n_heads * head_dim + kStridePad;
   int32_t *drow_offsets = to_device(row_offsets), *dn_new = to_device(news);
-  if (tc)
+  // tc: a second run with no f32 output (a bf16 model's o projection reads the bf16 copy alone).
+  __nv_bfloat16* dalone16 = nullptr;
+  if (tc) {
     rf::cuda::prefill_attention_tc(dout, dq, q_stride, cache.layer(), cache.batch(), drow_offsets, dn_new, total_rows, max_new, n_heads, scale,
                                    window, nullptr, dlse, dout16);
-  else
+    cudaMalloc(&dalone16, q.size() * sizeof(uint16_t));
+    rf::cuda::prefill_attention_tc(nullptr, dq, q_stride, cache.layer(), cache.batch(), drow_offsets, dn_new, total_rows, max_new, n_heads,
+                                   scale, window, nullptr, nullptr, dalone16);
+  } else
     rf::cuda::prefill_attention(dout, dq, q_stride, cache.layer(), cache.batch(), drow_offsets, dn_new, total_rows, max_new, n_heads, scale,
                                 window, nullptr);
   const bool ran = device_ok(name);
   std::vector<float> out(q.size()), lse(tc ? size_t(total_rows) * n_heads : 0);
-  std::vector<uint16_t> out16(tc ? q.size() : 0);
+  std::vector<uint16_t> out16(tc ? q.size() : 0), alone16(out16.size());
   cudaMemcpy(out.data(), dout, out.size() * sizeof(float), cudaMemcpyDeviceToHost);
   if (tc) cudaMemcpy(lse.data(), dlse, lse.size() * sizeof(float), cudaMemcpyDeviceToHost);
   if (tc) cudaMemcpy(out16.data(), dout16, out16.size() * sizeof(uint16_t), cudaMemcpyDeviceToHost);
-  cudaFree(dq), cudaFree(dout), cudaFree(dlse), cudaFree(drow_offsets), cudaFree(dn_new), cudaFree(dout16);
+  if (tc) cudaMemcpy(alone16.data(), dalone16, alone16.size() * sizeof(uint16_t), cudaMemcpyDeviceToHost);
+  cudaFree(dq), cudaFree(dout), cudaFree(dlse), cudaFree(drow_offsets), cudaFree(dn_new), cudaFree(dout16), cudaFree(dalone16);
   if (!ran) return;
   if (tc) {
     long differ = 0;
     for (size_t i = 0; i < out.size(); ++i) differ += out16[i] != rf::f32_to_bf16(out[i]);
     check(differ == 0, name + ": its bf16 output is f32_to_bf16 of its f32 output (" + std::to_string(differ) + " differ)");
+    check(alone16 == out16, name + ": with no f32 output, the same bf16 output");
   }
   double worst_lse = 0;
 
