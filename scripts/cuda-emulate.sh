@@ -29,7 +29,7 @@ g++ "${flags[@]}" -c "$emu/emu.cpp" -o "$out/emu.o" || exit 1
 declare -A sources=(
   [emulator]="emulator_test"
   [ops]="ops"
-  [ops_backward]="ops_backward train_ops"
+  [ops_backward]="ops_backward train_ops model_ops"
   [optim]="optim"
   [attention]="attention attention_tc paged_cache ops"
   [attention_backward]="attention_backward attention_backward_tc"

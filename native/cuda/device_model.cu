@@ -730,57 +730,58 @@ void DeviceModel::layer_forward(int l, const float* x, float* x_out, DeviceLayer
   }
   float* xn_mlp = reads_f32_input(L.mlp_in, R, trace) ? xn : nullptr;
   norm_rows(L.mlp_norm, x_mid, xn_mlp, R, xb);
-  // SwiGLU: the gate|up adapters' up products, when linear_rows leaves them to swiglu_rows.
+  // SwiGLU: the gate|up adapters' up products, when linear_rows leaves them to swiglu_rows. The
+  // trace's mlp then keeps the product before their terms (the backward adds them again as it
+  // reads it, swiglu_backward_rows): no pass writes the sums back.
   SwigluLora glu_up[2];
   // SwiGLU of a bf16 model: the f32 activation only where an adapter of mlp_out reads it.
   float* act_f32 = c.act != Activation::silu || reads_f32_input(L.mlp_out, R, trace) ? act : nullptr;
   if (mlp_bf16_applies(L.mlp_in, R, trace)) {
     // The gate|up product in bf16, the widest output of the block: half the bytes to write and for
-    // the SwiGLU to read. Traced, it goes straight into the trace's mlp, which the SwiGLU rewrites
-    // in place with the adapters' terms added, if any (no copy of its own).
-    const bool adapters = adapter_enabled_ && !L.mlp_in.lora.empty();
+    // the SwiGLU to read. Traced, it goes straight into the trace's mlp (no copy of its own).
     __nv_bfloat16* mlp16 = keep ? static_cast<__nv_bfloat16*>(keep->mlp.ensure(size_t(R * MLP_IN) * sizeof(__nv_bfloat16)))
                                 : reinterpret_cast<__nv_bfloat16*>(mlp);  // s.mlp holds R * MLP_IN floats
     linear_rows(L.mlp_in, xn_mlp, xb, R, nullptr, nullptr, l, 2, trace, keep, &u_next, glu_up, mlp16);
-    activation_rows(mlp16, act_f32, R, xb, glu_up, keep && adapters ? mlp16 : nullptr);
+    activation_rows(mlp16, act_f32, R, xb, glu_up);
     linear_rows(L.mlp_out, act_f32, xb, R, x_out, x_mid, l, 3, trace, keep, &u_next);
     return;
   }
-  linear_rows(L.mlp_in, xn_mlp, xb, R, mlp, nullptr, l, 2, trace, keep, &u_next, c.act == Activation::silu ? glu_up : nullptr);
-  // The trace's mlp: the SwiGLU writes it as it reads mlp (bf16 rounded, or f32; adapters added),
-  // no pass of its own; gelu_new's bf16 rounded likewise, or copied.
+  // The trace's mlp, as the product wrote it: f32 SwiGLU, the product straight into it; bf16,
+  // rounded by the activation as it reads mlp (its bf16 copy of mlp is the sums with any adapter
+  // left to it: then a pass of its own, f32_to_bf16); f32 gelu_new (in place on mlp), copied.
+  const bool silu = c.act == Activation::silu;
+  if (keep && silu && dtype_ != DType::bf16) mlp = static_cast<float*>(keep->mlp.ensure(size_t(R * MLP_IN) * sizeof(float)));
+  linear_rows(L.mlp_in, xn_mlp, xb, R, mlp, nullptr, l, 2, trace, keep, &u_next, silu ? glu_up : nullptr);
+  const bool deferred = glu_up[0].u || glu_up[1].u;
   __nv_bfloat16* keep_mlp = nullptr;
-  float* keep_mlp32 = nullptr;
-  if (keep && dtype_ == DType::bf16)
+  if (keep && dtype_ == DType::bf16 && !deferred)
     keep_mlp = static_cast<__nv_bfloat16*>(keep->mlp.ensure(size_t(R * MLP_IN) * sizeof(__nv_bfloat16)));
-  else if (keep && c.act == Activation::silu)
-    keep_mlp32 = static_cast<float*>(keep->mlp.ensure(size_t(R * MLP_IN) * sizeof(float)));
-  else if (keep)
+  else if (keep && (dtype_ == DType::bf16 || !silu))
     keep_values(keep->mlp, mlp, R * MLP_IN);
-  activation_rows(mlp, act_f32, R, xb, keep_mlp, glu_up, keep_mlp32);
+  activation_rows(mlp, act_f32, R, xb, glu_up, keep_mlp);
   linear_rows(L.mlp_out, act_f32, xb, R, x_out, x_mid, l, 3, trace, keep, &u_next);
 }
 
 // act [R, I] = the MLP's activation of mlp [R, MLP_IN]: silu(gate) * up of gate | up, or
 // gelu_new(mlp) (act may be mlp: in place); act_bf16 (optional): act rounded to bf16 as well.
-void DeviceModel::activation_rows(const float* mlp, float* act, long rows, __nv_bfloat16* act_bf16, __nv_bfloat16* mlp_bf16,
-                                  const SwigluLora* glu_up, float* mlp_f32) {
+void DeviceModel::activation_rows(const float* mlp, float* act, long rows, __nv_bfloat16* act_bf16, const SwigluLora* glu_up,
+                                  __nv_bfloat16* mlp_bf16) {
   const ModelConfig& c = config_;
   const cudaStream_t st = as_stream(stream_);
   if (c.act == Activation::silu)
     return swiglu_rows(act, mlp, int(rows), int(c.intermediate), st, act_bf16, mlp_bf16, glu_up ? glu_up[0] : SwigluLora{},
-                       glu_up ? glu_up[1] : SwigluLora{}, mlp_f32);
+                       glu_up ? glu_up[1] : SwigluLora{});
   const long n = rows * c.intermediate;
   if (act != mlp) check(cudaMemcpyAsync(act, mlp, size_t(n) * sizeof(float), cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync (mlp)");
   gelu_new(act, n, st, act_bf16, mlp_bf16);
 }
 
 void DeviceModel::activation_rows(const __nv_bfloat16* mlp, float* act, long rows, __nv_bfloat16* act_bf16,
-                                  const SwigluLora* glu_up, __nv_bfloat16* mlp_bf16) {
+                                  const SwigluLora* glu_up) {
   const ModelConfig& c = config_;
   const cudaStream_t st = as_stream(stream_);
   if (c.act == Activation::silu)
-    return swiglu_rows(act, mlp, int(rows), int(c.intermediate), st, act_bf16, mlp_bf16, glu_up ? glu_up[0] : SwigluLora{},
+    return swiglu_rows(act, mlp, int(rows), int(c.intermediate), st, act_bf16, glu_up ? glu_up[0] : SwigluLora{},
                        glu_up ? glu_up[1] : SwigluLora{});
   gelu_new(act, mlp, rows * c.intermediate, st, act_bf16);
 }

@@ -217,16 +217,15 @@ class DeviceModel {
   // Into a trace buffer in the engine's dtype (bf16 models: rounded to bf16).
   void keep_values(Buffer& b, const float* src, long n);
   // The MLP's activation: act [rows, I] from mlp [rows, MLP_IN] (act may be mlp for gelu_new);
-  // act_bf16, mlp_bf16 (optional): act and mlp rounded to bf16 as well. SwiGLU only: glu_up
-  // (optional) the deferred adapters (linear_rows), added to mlp as it is read; mlp_f32
-  // (optional) mlp with them, in f32.
+  // act_bf16 (optional): act rounded to bf16 as well. SwiGLU only: glu_up (optional) the
+  // deferred adapters (linear_rows), added to mlp as it is read. mlp_bf16 (optional): mlp rounded
+  // to bf16 as it is read (with glu_up's terms added).
   void activation_rows(const float* mlp, float* act, long rows, __nv_bfloat16* act_bf16 = nullptr,
-                       __nv_bfloat16* mlp_bf16 = nullptr, const SwigluLora* glu_up = nullptr, float* mlp_f32 = nullptr);
-  // The same from a bf16 mlp (the trace's copy, or a bf16 gate|up product): the bits the f32
-  // version gives on its widening; SwiGLU only: glu_up as above, mlp_bf16 mlp with them, rounded
-  // (may be mlp: in place).
-  void activation_rows(const __nv_bfloat16* mlp, float* act, long rows, __nv_bfloat16* act_bf16 = nullptr,
                        const SwigluLora* glu_up = nullptr, __nv_bfloat16* mlp_bf16 = nullptr);
+  // The same from a bf16 mlp (the trace's copy, or a bf16 gate|up product): the bits the f32
+  // version gives on its widening.
+  void activation_rows(const __nv_bfloat16* mlp, float* act, long rows, __nv_bfloat16* act_bf16 = nullptr,
+                       const SwigluLora* glu_up = nullptr);
   // A block's projection by index (0 qkv, 1 o, 2 mlp_in, 3 mlp_out, as in model/layout.h).
   DLinear& linear(int layer, int index) const;
   // add_lora's and merge_lora's checks: the projection of (layer, target), its site in *site.

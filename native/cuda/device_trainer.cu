@@ -712,11 +712,23 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     // read the trace's mlp as kept (bf16: widened in registers, the same bits as widened first).
     // mlp_in's dy: in f32 only where something reads it (f32_dy; gelu_new's backward writes it).
     float* dmlp_f32 = c.act != Activation::silu || f32_dy(l, 2) ? dmlp : nullptr;
+    // The gate|up adapters the forward left to the SwiGLU (swiglu_lora_applies): the trace keeps
+    // the product before their terms, which the activation and its backward add again as they
+    // read it, from the trace's u, at the forward's bits.
+    SwigluLora glu_up[2];
+    const DLinear& mlp_in = m.linear(l, 2);
+    if (c.act == Activation::silu && m.adapter_enabled_ && !mlp_in.lora.empty() && m.swiglu_lora_applies(mlp_in)) {
+      const size_t ui = m.linear(l, 0).lora.size() + m.linear(l, 1).lora.size();  // mlp_in's first u
+      for (size_t a = 0; a < mlp_in.lora.size(); ++a) {
+        const DLinear::Lora& lora = mlp_in.lora[a];
+        glu_up[lora.offset == 0 ? 0 : 1] = {lt.lora_u[ui + a].get(), lora.B.get(), lora.rank};
+      }
+    }
     auto mlp_backward = [&](const auto* mlp) {
       phase(kBackwardOther);
       const bool glu = c.act == Activation::silu;
       float* act_f32 = !glu || f32_input(l, 3) ? act : nullptr;  // gelu_new writes f32 always
-      m.activation_rows(mlp, act_f32, R, xw);
+      m.activation_rows(mlp, act_f32, R, xw, glu_up);
       // The down projection's adapter's input gradient: added by the SwiGLU backward as it reads
       // dact (the same bits), not by a pass of its own over dact.
       DoutLora down_lora;
@@ -725,7 +737,7 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
       linear_backward(l, 3, {act_f32, xw, &act_buf}, I, dx, dy_bf16, H, dact, lt, glu ? &down_lora : nullptr);
       // dmlp, and in bf16 models dmlp rounded: mlp_in's dy in both forms, from one kernel.
       phase(kBackwardOther);
-      if (glu) swiglu_backward_rows(dmlp_f32, dact, mlp, int(R), int(I), st, dy_bf16, down_lora);
+      if (glu) swiglu_backward_rows(dmlp_f32, dact, mlp, int(R), int(I), st, dy_bf16, down_lora, glu_up[0], glu_up[1]);
       else gelu_new_backward(dmlp, dact, mlp, R * I, st, dy_bf16);
     };
     if (bf16) mlp_backward(lt.mlp.get<__nv_bfloat16>());

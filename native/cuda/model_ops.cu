@@ -84,10 +84,7 @@ __global__ void __launch_bounds__(kThreads, KMAX <= 16 ? 3 : 1)
   float b[2][KMAX > 0 ? KMAX : 1];
   if constexpr (KMAX > 0)
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int k = 0; k < KMAX; ++k)
-        b[h][k] = live && terms[h].u && k < terms[h].rank ? terms[h].B[long(c) * terms[h].rank + k] : 0.f;
+    for (int h = 0; h < 2; ++h) load_rank_row(b[h], terms[h].u ? terms[h].B : nullptr, terms[h].rank, c, live);
   for (long r0 = long(blockIdx.y) * kSwigluRows; r0 < rows; r0 += long(gridDim.y) * kSwigluRows) {
     const int n_rows = rows - r0 < kSwigluRows ? int(rows - r0) : kSwigluRows;
     if constexpr (KMAX > 0) {
@@ -137,18 +134,15 @@ void swiglu_launch(float* out, const T* in, int rows, int inter, cudaStream_t st
   swiglu_rows_kernel<T, KMAX><<<grid, kThreads, 0, stream>>>(out, in, rows, inter, out_bf16, in_bf16, in_f32, gate, up);
 }
 
-// The smallest instance that holds both adapters' ranks (0: none).
+// The smallest instance that holds both adapters' ranks (swiglu_lora_width).
 template <class T>
 void swiglu_any(float* out, const T* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16, __nv_bfloat16* in_bf16,
                 float* in_f32, SwigluLora gate, SwigluLora up) {
+  const int width = swiglu_lora_width(gate, up, "swiglu_rows");
   if (rows <= 0 || inter <= 0) return;
-  for (const SwigluLora& t : {gate, up})
-    if (t.u && (t.rank < 1 || t.rank > kSwigluLoraMaxRank || !t.B))
-      throw std::invalid_argument("swiglu_rows: an adapter needs B and a rank in 1.." + std::to_string(kSwigluLoraMaxRank));
-  const int rank = std::max(gate.u ? gate.rank : 0, up.u ? up.rank : 0);
-  if (rank == 0) swiglu_launch<T, 0>(out, in, rows, inter, stream, out_bf16, in_bf16, in_f32, gate, up);
-  else if (rank <= 8) swiglu_launch<T, 8>(out, in, rows, inter, stream, out_bf16, in_bf16, in_f32, gate, up);
-  else if (rank <= 16) swiglu_launch<T, 16>(out, in, rows, inter, stream, out_bf16, in_bf16, in_f32, gate, up);
+  if (width == 0) swiglu_launch<T, 0>(out, in, rows, inter, stream, out_bf16, in_bf16, in_f32, gate, up);
+  else if (width == 8) swiglu_launch<T, 8>(out, in, rows, inter, stream, out_bf16, in_bf16, in_f32, gate, up);
+  else if (width == 16) swiglu_launch<T, 16>(out, in, rows, inter, stream, out_bf16, in_bf16, in_f32, gate, up);
   else swiglu_launch<T, 32>(out, in, rows, inter, stream, out_bf16, in_bf16, in_f32, gate, up);
 }
 
@@ -224,14 +218,22 @@ void embed_rows(float* x, const void* table, bool table_bf16, const int32_t* tok
                                                 pos_embed, positions, delta);
 }
 
+int swiglu_lora_width(const SwigluLora& gate, const SwigluLora& up, const char* who) {
+  for (const SwigluLora& t : {gate, up})
+    if (t.u && (t.rank < 1 || t.rank > kSwigluLoraMaxRank || !t.B))
+      throw std::invalid_argument(std::string(who) + ": an adapter needs B and a rank in 1.." + std::to_string(kSwigluLoraMaxRank));
+  const int rank = std::max(gate.u ? gate.rank : 0, up.u ? up.rank : 0);
+  return rank == 0 ? 0 : rank <= 8 ? 8 : rank <= 16 ? 16 : 32;
+}
+
 void swiglu_rows(float* out, const float* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16,
                  __nv_bfloat16* in_bf16, SwigluLora gate, SwigluLora up, float* in_f32) {
   swiglu_any(out, in, rows, inter, stream, out_bf16, in_bf16, in_f32, gate, up);
 }
 
 void swiglu_rows(float* out, const __nv_bfloat16* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16,
-                 __nv_bfloat16* in_bf16, SwigluLora gate, SwigluLora up) {
-  swiglu_any(out, in, rows, inter, stream, out_bf16, in_bf16, nullptr, gate, up);
+                 SwigluLora gate, SwigluLora up) {
+  swiglu_any(out, in, rows, inter, stream, out_bf16, nullptr, nullptr, gate, up);
 }
 
 void merge_lora_rows(void* w, bool w_bf16, int out, int in, const float* A, const float* B, int rank, float scale,

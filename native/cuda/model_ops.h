@@ -29,20 +29,27 @@ struct SwigluLora {
   int rank = 0;
 };
 constexpr int kSwigluLoraMaxRank = 32;
+// The width (0, 8, 16 or 32) of the kernel instance that adds gate's and up's terms: the smallest
+// that holds both ranks. swiglu_rows and swiglu_backward_rows (ops_backward.h) take the same, so
+// that the backward's sums are the forward's bits. Throws std::invalid_argument, naming `who`,
+// for an adapter without B or with a rank outside 1..kSwigluLoraMaxRank.
+int swiglu_lora_width(const SwigluLora& gate, const SwigluLora& up, const char* who);
 
 // out [rows, inter] = silu(g) * u for g | u = in [rows, 2 inter] (gate then up, the fused mlp_in
 // of the Llama block), plus gate's and up's adapter terms when given (ranks up to
 // kSwigluLoraMaxRank: each element + its k-ordered sum of u B products, one rounding);
 // out_bf16 (optional): the same rounded to bf16, as rmsnorm_rows writes it (ops.h), out then
-// optional too (a bf16 model whose next readers all read bf16); in_bf16 and
-// in_f32 (optional): g | u as the product left them, adapters added, rounded to bf16 or in f32
-// (the trainer's trace copy of the MLP's input, without a pass of its own; in_f32 may be in).
+// optional too (a bf16 model whose next readers all read bf16); in_bf16 and in_f32 (optional):
+// g | u as read, the adapters' terms added, rounded to bf16 (the trainer's trace copy of an f32
+// product with no adapter left to it, without a pass of its own) or in f32 (the sums the tests
+// check; in_f32 may be in). A trace that keeps in as the product wrote it, before the terms,
+// needs neither: swiglu_backward_rows (ops_backward.h) adds them again.
 void swiglu_rows(float* out, const float* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16 = nullptr,
                  __nv_bfloat16* in_bf16 = nullptr, SwigluLora gate = {}, SwigluLora up = {}, float* in_f32 = nullptr);
-// The same from a bf16 in (the trainer's copy, or a bf16 gate|up product): the bits swiglu_rows
-// gives on its f32 widening; in_bf16 may be in (the sums written back in place).
+// The same from a bf16 in (the trainer's trace, or a bf16 gate|up product): the bits swiglu_rows
+// gives on its f32 widening.
 void swiglu_rows(float* out, const __nv_bfloat16* in, int rows, int inter, cudaStream_t stream, __nv_bfloat16* out_bf16 = nullptr,
-                 __nv_bfloat16* in_bf16 = nullptr, SwigluLora gate = {}, SwigluLora up = {});
+                 SwigluLora gate = {}, SwigluLora up = {});
 
 // w [out, in] (f32, or bf16 when w_bf16) += scale (B A) for A [rank, in] and B [out, rank] f32:
 // PEFT's merge, with lib/train/merge.ts's arithmetic, so the result is the merged checkpoint's

@@ -127,28 +127,37 @@ __global__ void rope_backward_kernel(float* dx, long row_stride, int head_dim, c
 // rows (no index divided), issuing kSwigluLoads rows' loads before their stores. KMAX > 0: the
 // adapter's term added to dout as lora_up_dropout_add_kernel adds it (its A column in registers,
 // the tile's du rows in shared memory, zero past the rank: the same k-ordered fused sums over
-// KMAX through rank_rows.cuh, the same two roundings), so the same bits.
+// KMAX through rank_rows.cuh, the same two roundings), so the same bits. GMAX > 0: the gate and
+// up adapters' terms added to in as swiglu_rows_kernel (model_ops.cu) adds them, at the same
+// width (swiglu_lora_width), so the backward differentiates at the forward's sums, bit for bit.
 constexpr int kSwigluRows = 32, kSwigluLoads = 4;
 
-template <class T, int KMAX>
-__global__ void __launch_bounds__(256, 3) swiglu_backward_kernel(float* din, const float* dout, const T* in, int rows, int inter,
-                                                              __nv_bfloat16* din_bf16, DoutLora lora) {
-  constexpr int K4 = KMAX > 0 ? KMAX / 4 : 1;
+template <class T, int KMAX, int GMAX>
+__global__ void __launch_bounds__(256, KMAX + 2 * GMAX <= 32 ? 3 : KMAX + 2 * GMAX <= 64 ? 2 : 1)
+    swiglu_backward_kernel(float* din, const float* dout, const T* in, int rows, int inter, __nv_bfloat16* din_bf16,
+                           DoutLora lora, SwigluLora gate, SwigluLora up) {
+  constexpr int K4 = KMAX > 0 ? KMAX / 4 : 1, G4 = GMAX > 0 ? GMAX / 4 : 1;
   __shared__ float4 du_s[kSwigluRows][K4];
+  __shared__ float4 u_s[2][kSwigluRows][G4];
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   const bool live = c < inter;
+  const SwigluLora terms[2] = {gate, up};
   float a[KMAX > 0 ? KMAX : 1];
   if constexpr (KMAX > 0)
 #pragma unroll
     for (int k = 0; k < KMAX; ++k) a[k] = live && k < lora.rank ? lora.A[long(k) * inter + c] : 0.f;
+  float b[2][GMAX > 0 ? GMAX : 1];
+  if constexpr (GMAX > 0)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) load_rank_row(b[h], terms[h].u ? terms[h].B : nullptr, terms[h].rank, c, live);
   const float keep_scale = 1.0f / (1.0f - lora.p);
   for (long r0 = long(blockIdx.y) * kSwigluRows; r0 < rows; r0 += long(gridDim.y) * kSwigluRows) {
     const int n_rows = rows - r0 < kSwigluRows ? int(rows - r0) : kSwigluRows;
-    if constexpr (KMAX > 0) {
-      __syncthreads();  // the previous tile's du is read
-      load_rank_rows<KMAX, kSwigluRows>(du_s, lora.du, lora.rank, r0, n_rows);
-      __syncthreads();
-    }
+    if constexpr (KMAX > 0 || GMAX > 0) __syncthreads();  // the previous tile's du and u are read
+    if constexpr (KMAX > 0) load_rank_rows<KMAX, kSwigluRows>(du_s, lora.du, lora.rank, r0, n_rows);
+    if constexpr (GMAX > 0)
+      for (int h = 0; h < 2; ++h) load_rank_rows<GMAX, kSwigluRows>(u_s[h], terms[h].u, terms[h].rank, r0, n_rows);
+    if constexpr (KMAX > 0 || GMAX > 0) __syncthreads();
     if (!live) continue;
     for (int r1 = 0; r1 < n_rows; r1 += kSwigluLoads) {
       const long first = (r0 + r1) * inter + c;  // the group's first dout; its in at 2 first - c
@@ -162,6 +171,10 @@ __global__ void __launch_bounds__(256, 3) swiglu_backward_kernel(float* din, con
 #pragma unroll
       for (int j = 0; j < kSwigluLoads; ++j) {
         if (r1 + j >= n_rows) continue;
+        if constexpr (GMAX > 0) {
+          if (terms[0].u) g[j] = __fadd_rn(g[j], rank_dot(u_s[0][r1 + j], b[0]));
+          if (terms[1].u) u[j] = __fadd_rn(u[j], rank_dot(u_s[1][r1 + j], b[1]));
+        }
         if constexpr (KMAX > 0) {
           const float acc = rank_dot(du_s[r1 + j], a);
           if (lora.p == 0.f || dropout_keep(lora.seed, lora.layer, lora.adapter, r0 + r1 + j, c, lora.p))
@@ -216,27 +229,37 @@ void rope_backward_rows(float* dx, long row_stride, int rows, int n_heads, int h
   if (rows > 0 && n_heads > 0) rope_backward_kernel<<<dim3(rows, n_heads), 64, 0, stream>>>(dx, row_stride, head_dim, cos, sin);
 }
 
+template <class T, int KMAX>
+void swiglu_backward_width(dim3 grid, float* din, const float* dout, const T* in, int rows, int inter, cudaStream_t stream,
+                           __nv_bfloat16* din_bf16, const DoutLora& lora, const SwigluLora& gate, const SwigluLora& up, int width) {
+  if (width == 0) swiglu_backward_kernel<T, KMAX, 0><<<grid, 256, 0, stream>>>(din, dout, in, rows, inter, din_bf16, lora, gate, up);
+  else if (width == 8) swiglu_backward_kernel<T, KMAX, 8><<<grid, 256, 0, stream>>>(din, dout, in, rows, inter, din_bf16, lora, gate, up);
+  else if (width == 16) swiglu_backward_kernel<T, KMAX, 16><<<grid, 256, 0, stream>>>(din, dout, in, rows, inter, din_bf16, lora, gate, up);
+  else swiglu_backward_kernel<T, KMAX, 32><<<grid, 256, 0, stream>>>(din, dout, in, rows, inter, din_bf16, lora, gate, up);
+}
+
 template <class T>
 void swiglu_backward_launch(float* din, const float* dout, const T* in, int rows, int inter, cudaStream_t stream,
-                            __nv_bfloat16* din_bf16, const DoutLora& lora) {
+                            __nv_bfloat16* din_bf16, const DoutLora& lora, const SwigluLora& gate, const SwigluLora& up) {
   if (lora.du && (lora.rank < 1 || lora.rank > kDoutLoraMaxRank || !lora.A))
     throw std::invalid_argument("swiglu_backward_rows: an adapter needs A and a rank in 1.." + std::to_string(kDoutLoraMaxRank));
+  const int width = swiglu_lora_width(gate, up, "swiglu_backward_rows");  // the forward's instance
   if (rows <= 0 || inter <= 0) return;
   const dim3 grid((inter + 255) / 256, unsigned(std::min<long>(65535, (long(rows) + kSwigluRows - 1) / kSwigluRows)));
   // The widths lora_up_dropout_add takes for these ranks (16 or 32), for its bits.
-  if (!lora.du) swiglu_backward_kernel<T, 0><<<grid, 256, 0, stream>>>(din, dout, in, rows, inter, din_bf16, lora);
-  else if (lora.rank <= 16) swiglu_backward_kernel<T, 16><<<grid, 256, 0, stream>>>(din, dout, in, rows, inter, din_bf16, lora);
-  else swiglu_backward_kernel<T, 32><<<grid, 256, 0, stream>>>(din, dout, in, rows, inter, din_bf16, lora);
+  if (!lora.du) swiglu_backward_width<T, 0>(grid, din, dout, in, rows, inter, stream, din_bf16, lora, gate, up, width);
+  else if (lora.rank <= 16) swiglu_backward_width<T, 16>(grid, din, dout, in, rows, inter, stream, din_bf16, lora, gate, up, width);
+  else swiglu_backward_width<T, 32>(grid, din, dout, in, rows, inter, stream, din_bf16, lora, gate, up, width);
 }
 
 void swiglu_backward_rows(float* din, const float* dout, const float* in, int rows, int inter, cudaStream_t stream,
-                          __nv_bfloat16* din_bf16, const DoutLora& lora) {
-  swiglu_backward_launch(din, dout, in, rows, inter, stream, din_bf16, lora);
+                          __nv_bfloat16* din_bf16, const DoutLora& lora, const SwigluLora& gate, const SwigluLora& up) {
+  swiglu_backward_launch(din, dout, in, rows, inter, stream, din_bf16, lora, gate, up);
 }
 
 void swiglu_backward_rows(float* din, const float* dout, const __nv_bfloat16* in, int rows, int inter, cudaStream_t stream,
-                          __nv_bfloat16* din_bf16, const DoutLora& lora) {
-  swiglu_backward_launch(din, dout, in, rows, inter, stream, din_bf16, lora);
+                          __nv_bfloat16* din_bf16, const DoutLora& lora, const SwigluLora& gate, const SwigluLora& up) {
+  swiglu_backward_launch(din, dout, in, rows, inter, stream, din_bf16, lora, gate, up);
 }
 
 void gelu_new_backward(float* dx, const float* dout, const float* x, long n, cudaStream_t stream, __nv_bfloat16* dx_bf16) {

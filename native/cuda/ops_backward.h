@@ -8,6 +8,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include "cuda/model_ops.h"  // SwigluLora
+
 namespace rf::cuda {
 
 // Per row of x [rows, n]: the backward of out = w * x * r (r = 1 / sqrt(mean(x^2) + eps)).
@@ -53,11 +55,16 @@ constexpr int kDoutLoraMaxRank = 32;
 // din_bf16 (optional): din rounded to bf16 as well (the bits f32_to_bf16 gives), the operand of
 // the next product in a bf16 model, without a conversion pass over din; din may then be null
 // (only bf16 is read). lora (optional, rank up to kDoutLoraMaxRank): added to dout as it is read
-// (dout itself is not written).
+// (dout itself is not written). gate, up (optional): the gate|up adapters' terms, added to in as
+// it is read with swiglu_rows' arithmetic (model_ops.h), so that a trace of the product before
+// them (the forward left them to swiglu_rows and kept in as the product wrote it) is
+// differentiated at the forward's own sums, bit for bit.
 void swiglu_backward_rows(float* din, const float* dout, const float* in, int rows, int inter, cudaStream_t stream,
-                          __nv_bfloat16* din_bf16 = nullptr, const DoutLora& lora = {});
+                          __nv_bfloat16* din_bf16 = nullptr, const DoutLora& lora = {}, const SwigluLora& gate = {},
+                          const SwigluLora& up = {});
 void swiglu_backward_rows(float* din, const float* dout, const __nv_bfloat16* in, int rows, int inter, cudaStream_t stream,
-                          __nv_bfloat16* din_bf16 = nullptr, const DoutLora& lora = {});
+                          __nv_bfloat16* din_bf16 = nullptr, const DoutLora& lora = {}, const SwigluLora& gate = {},
+                          const SwigluLora& up = {});
 
 // dx [n] = dout * gelu_new'(x) (written; dx may alias dout); x f32 or bf16, dx_bf16 as above.
 void gelu_new_backward(float* dx, const float* dout, const float* x, long n, cudaStream_t stream, __nv_bfloat16* dx_bf16 = nullptr);

@@ -1,7 +1,7 @@
 // The pieces the kernels that add an adapter's low-rank product as they stream a matrix share
 // (swiglu_rows, swiglu_backward_rows, lora_up_dropout_add): a tile of rows of u or du [rows, rank]
-// in shared memory, zero past the rank, and one row's k-ordered fused sum with a thread's column
-// of B or A in registers. One definition, so the kernels that must give each other's bits (the
+// in shared memory, zero past the rank, a thread's row of B in registers, and one row's k-ordered
+// fused sum with a thread's column of B or A. One definition, so the kernels that must give each other's bits (the
 // SwiGLU backward's down-adapter term and lora_up_dropout_add) run the same arithmetic.
 #pragma once
 #include <cuda_runtime.h>
@@ -16,6 +16,14 @@ __device__ __forceinline__ void load_rank_rows(float4 (*tile)[KMAX / 4], const f
     const int r = e / KMAX, k = e % KMAX;
     reinterpret_cast<float*>(&tile[r][0])[k] = m && r < n_rows && k < rank ? m[(r0 + r) * rank + k] : 0.f;
   }
+}
+
+// w = row c of m [*, rank] (rank <= KMAX), zeros past the rank, all zeros when m is null or the
+// thread's column is not live: a thread's row of an adapter's B in registers.
+template <int KMAX>
+__device__ __forceinline__ void load_rank_row(float (&w)[KMAX], const float* m, int rank, long c, bool live) {
+#pragma unroll
+  for (int k = 0; k < KMAX; ++k) w[k] = live && m && k < rank ? m[c * rank + k] : 0.f;
 }
 
 // sum over k < KMAX of row[k] w[k], in k order with fused multiply-adds (the zero padding past

@@ -5,7 +5,8 @@
 // Shapes: rows 1, 7 and 33 of widths 80, 576 and 4097 (not multiples of a block), and 1000 rows
 // of 80 (the parameter gradients' sums split into row parts), head_dim 64/128, and the activations
 // at 2097157 rows (past the SwiGLU backward's grid of row tiles). The SwiGLU backward with the
-// down projection's adapter term must give the bits of the two launches it replaces.
+// down projection's adapter term must give the bits of the two launches it replaces, and with the
+// gate|up adapters' terms the bits of the backward on the forward's sums.
 // Tolerances: row reductions sum in another order than the CPU's vectorised loops and the device's
 // expf differs from the CPU's exp_f32 by an ulp or two, so every written gradient agrees to
 // 2e-5 * (1 + |ref|) per element. The accumulated dw / db (sums over rows in parts, in f32) are
@@ -15,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -217,6 +219,64 @@ void activations_down_lora(int rows, int inter, int rank, float p) {
   cudaFree(d_b16);
 }
 
+// swiglu_backward_rows with the gate|up adapters' terms (SwigluLora) on the product before them
+// against swiglu_backward_rows on the forward's sums (swiglu_rows' in_f32, the same terms): the
+// same bits in din and its bf16 copy, from an f32 and from a bf16 in (whose sums are those of its
+// widening), with the down adapter's term at once or not; ranks on either half, both, uneven.
+void activations_glu_lora(int rows, int inter, int gate_rank, int up_rank, int down_rank) {
+  const uint64_t seed = 0x5eed1234abcdull;
+  std::vector<float> in = randn(size_t(rows) * 2 * inter, 3.f);
+  std::vector<uint16_t> bits(in.size());
+  for (size_t i = 0; i < in.size(); ++i) bits[i] = rf::f32_to_bf16(in[i]), in[i] = rf::bf16_to_f32(bits[i]);
+  const std::vector<float> dout = randn(size_t(rows) * inter), du = randn(size_t(rows) * std::max(1, down_rank)),
+                           A = randn(size_t(std::max(1, down_rank)) * inter, 0.3f);
+  const int ranks[2] = {gate_rank, up_rank};
+  float *d_in = up(in), *d_dout = up(dout), *d_du = up(du), *d_A = up(A), *d_sums = up(std::vector<float>(in.size(), NAN)),
+        *d_act = up(std::vector<float>(size_t(rows) * inter, NAN));
+  float* d_u[2];
+  float* d_B[2];
+  rf::cuda::SwigluLora terms[2];
+  for (int h = 0; h < 2; ++h) {
+    d_u[h] = up(randn(size_t(rows) * std::max(1, ranks[h])));
+    d_B[h] = up(randn(size_t(inter) * std::max(1, ranks[h]), 0.3f));
+    if (ranks[h]) terms[h] = {d_u[h], d_B[h], ranks[h]};
+  }
+  __nv_bfloat16* d_bits = nullptr;
+  cudaMalloc(&d_bits, bits.size() * sizeof(uint16_t));
+  cudaMemcpy(d_bits, bits.data(), bits.size() * sizeof(uint16_t), cudaMemcpyHostToDevice);
+  const rf::cuda::DoutLora down_lora =
+      down_rank ? rf::cuda::DoutLora{d_du, d_A, down_rank, 48, seed, 2, 0.25f} : rf::cuda::DoutLora{};
+  rf::cuda::swiglu_rows(d_act, d_in, rows, inter, nullptr, nullptr, nullptr, terms[0], terms[1], d_sums);  // the forward's sums
+  std::vector<float*> outs;
+  std::vector<__nv_bfloat16*> outs16;
+  for (int k = 0; k < 3; ++k) {
+    outs.push_back(up(std::vector<float>(in.size(), NAN)));
+    __nv_bfloat16* p16 = nullptr;
+    cudaMalloc(&p16, in.size() * sizeof(uint16_t));
+    outs16.push_back(p16);
+  }
+  rf::cuda::swiglu_backward_rows(outs[0], d_dout, d_sums, rows, inter, nullptr, outs16[0], down_lora);
+  rf::cuda::swiglu_backward_rows(outs[1], d_dout, d_in, rows, inter, nullptr, outs16[1], down_lora, terms[0], terms[1]);
+  rf::cuda::swiglu_backward_rows(outs[2], d_dout, d_bits, rows, inter, nullptr, outs16[2], down_lora, terms[0], terms[1]);
+  const std::string what = "swiglu_backward_rows + the gate|up adapters' terms rows " + std::to_string(rows) + " inter " +
+                           std::to_string(inter) + " ranks " + std::to_string(gate_rank) + "," + std::to_string(up_rank) +
+                           " down " + std::to_string(down_rank);
+  check(cudaDeviceSynchronize() == cudaSuccess && cudaGetLastError() == cudaSuccess, what + ": kernels ran");
+  const std::vector<float> want = down(outs[0], in.size());
+  std::vector<uint16_t> want16(in.size()), got16(in.size());
+  cudaMemcpy(want16.data(), outs16[0], in.size() * 2, cudaMemcpyDeviceToHost);
+  for (int k = 1; k < 3; ++k) {
+    const std::vector<float> got = down(outs[k], in.size());
+    cudaMemcpy(got16.data(), outs16[k], in.size() * 2, cudaMemcpyDeviceToHost);
+    check(std::memcmp(got.data(), want.data(), want.size() * 4) == 0 && got16 == want16,
+          what + (k == 1 ? " (f32 in)" : " (bf16 in)") + ": din and its bf16 copy the bits of the backward on the forward's sums");
+  }
+  for (float* q : {d_in, d_dout, d_du, d_A, d_sums, d_act, d_u[0], d_u[1], d_B[0], d_B[1]}) cudaFree(q);
+  for (float* q : outs) cudaFree(q);
+  for (__nv_bfloat16* q : outs16) cudaFree(q);
+  cudaFree(d_bits);
+}
+
 void activations(int rows, int inter) {
   const std::vector<float> in = randn(size_t(rows) * 2 * inter, 3.f), dout = randn(size_t(rows) * inter);
   std::vector<float> want(in.size());
@@ -257,6 +317,10 @@ int main() {
   activations(65535 * 32 + 37, 2);
   for (int rank : {4, 16, 17, 32})
     for (float p : {0.f, 0.3f}) activations_down_lora(45, 300, rank, p);
+  // Every width the forward takes (8, 16, 32), each half alone and both, with and without the
+  // down adapter's term (its widths 16 and 32); a partial last row tile.
+  for (const auto& r : std::vector<std::array<int, 3>>{{4, 0, 0}, {0, 16, 0}, {8, 8, 16}, {3, 17, 0}, {32, 32, 32}, {16, 16, 16}})
+    activations_glu_lora(45, 300, r[0], r[1], r[2]);
   bool refused = false;
   try {
     float* d = up(std::vector<float>(8));
@@ -265,5 +329,13 @@ int main() {
     refused = true;
   }
   check(refused, "swiglu_backward_rows refuses an adapter rank past kDoutLoraMaxRank");
+  refused = false;
+  try {
+    float* d = up(std::vector<float>(8));
+    rf::cuda::swiglu_backward_rows(d, d, d, 1, 4, nullptr, nullptr, {}, {d, d, rf::cuda::kSwigluLoraMaxRank + 1});
+  } catch (const std::invalid_argument&) {
+    refused = true;
+  }
+  check(refused, "swiglu_backward_rows refuses a gate adapter rank past kSwigluLoraMaxRank");
   return rf::test::finish("cuda_ops_backward");
 }
