@@ -232,10 +232,14 @@ void rope_backward_rows(float* dx, long row_stride, int rows, int n_heads, int h
 template <class T, int KMAX>
 void swiglu_backward_width(dim3 grid, float* din, const float* dout, const T* in, int rows, int inter, cudaStream_t stream,
                            __nv_bfloat16* din_bf16, const DoutLora& lora, const SwigluLora& gate, const SwigluLora& up, int width) {
-  if (width == 0) swiglu_backward_kernel<T, KMAX, 0><<<grid, 256, 0, stream>>>(din, dout, in, rows, inter, din_bf16, lora, gate, up);
-  else if (width == 8) swiglu_backward_kernel<T, KMAX, 8><<<grid, 256, 0, stream>>>(din, dout, in, rows, inter, din_bf16, lora, gate, up);
-  else if (width == 16) swiglu_backward_kernel<T, KMAX, 16><<<grid, 256, 0, stream>>>(din, dout, in, rows, inter, din_bf16, lora, gate, up);
-  else swiglu_backward_kernel<T, KMAX, 32><<<grid, 256, 0, stream>>>(din, dout, in, rows, inter, din_bf16, lora, gate, up);
+  if (width == 0)
+    swiglu_backward_kernel<T, KMAX, 0><<<grid, 256, 0, stream>>>(din, dout, in, rows, inter, din_bf16, lora, gate, up);
+  else if (width == 8)
+    swiglu_backward_kernel<T, KMAX, 8><<<grid, 256, 0, stream>>>(din, dout, in, rows, inter, din_bf16, lora, gate, up);
+  else if (width == 16)
+    swiglu_backward_kernel<T, KMAX, 16><<<grid, 256, 0, stream>>>(din, dout, in, rows, inter, din_bf16, lora, gate, up);
+  else
+    swiglu_backward_kernel<T, KMAX, 32><<<grid, 256, 0, stream>>>(din, dout, in, rows, inter, din_bf16, lora, gate, up);
 }
 
 template <class T>

@@ -1,8 +1,9 @@
 // The pieces the kernels that add an adapter's low-rank product as they stream a matrix share
 // (swiglu_rows, swiglu_backward_rows, lora_up_dropout_add): a tile of rows of u or du [rows, rank]
 // in shared memory, zero past the rank, a thread's row of B in registers, and one row's k-ordered
-// fused sum with a thread's column of B or A. One definition, so the kernels that must give each other's bits (the
-// SwiGLU backward's down-adapter term and lora_up_dropout_add) run the same arithmetic.
+// fused sum with a thread's column of B or A. One definition, so the kernels that must give each
+// other's bits (the SwiGLU backward's down-adapter term and lora_up_dropout_add; its gate|up
+// terms and swiglu_rows') run the same arithmetic.
 #pragma once
 #include <cuda_runtime.h>
 
