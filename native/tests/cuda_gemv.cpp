@@ -51,69 +51,12 @@
 #include "cuda/ops.h"
 #include "cuda/paged_cache.h"
 #include "tests/check.h"
+#include "tests/cuda_test.h"
 
 using rf::test::check;
+using namespace rf::test::cuda;
 
 namespace {
-
-std::mt19937 rng(20261206);
-
-std::vector<float> randn(size_t n, float sd = 1.f) {
-  std::normal_distribution<float> d(0.f, sd);
-  std::vector<float> v(n);
-  for (float& x : v) x = d(rng);
-  return v;
-}
-
-std::string fmt(double v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.3g", v);
-  return buf;
-}
-
-uint32_t bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-
-constexpr uint32_t kSentinelBits = 0x7fc0beefu;  // a NaN payload no kernel computes
-float sentinel() {
-  float f;
-  std::memcpy(&f, &kSentinelBits, 4);
-  return f;
-}
-
-struct Dev {
-  void* p = nullptr;
-  explicit Dev(size_t bytes) {
-    if (cudaMalloc(&p, bytes ? bytes : 1) != cudaSuccess) p = nullptr;
-  }
-  Dev(const Dev&) = delete;
-  Dev& operator=(const Dev&) = delete;
-  ~Dev() {
-    if (p) cudaFree(p);
-  }
-};
-
-template <class T>
-void put(Dev& d, const std::vector<T>& v) {
-  cudaMemcpy(d.p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice);
-}
-template <class T>
-std::vector<T> get(const Dev& d, size_t n) {
-  std::vector<T> v(n);
-  cudaMemcpy(v.data(), d.p, n * sizeof(T), cudaMemcpyDeviceToHost);
-  return v;
-}
-
-bool ran(const std::string& what) {
-  const cudaError_t e = cudaDeviceSynchronize();
-  const cudaError_t l = cudaGetLastError();
-  const bool ok = e == cudaSuccess && l == cudaSuccess;
-  check(ok, what + ": ran (" + cudaGetErrorString(ok ? e : (e != cudaSuccess ? e : l)) + ")");
-  return ok;
-}
 
 struct Case {
   bool bf16;
@@ -193,8 +136,8 @@ void test_gemv(const Case& c) {
     put(dy, y0);
     rf::cuda::gemv_rows(a, nullptr);
     if (!ran(what)) break;
-    (run == 0 ? got : again) = get<float>(dy, y0.size());
-    if (run == 0) got_b = get<uint16_t>(dyb, y0.size());
+    (run == 0 ? got : again) = download<float>(dy, y0.size());
+    if (run == 0) got_b = download<uint16_t>(dyb, y0.size());
   }
   for (Dev* d : keep) delete d;
   if (got.size() != y0.size() || again.size() != y0.size()) return;
@@ -275,7 +218,7 @@ void test_lora_down(int rows, int K, const std::vector<int>& ranks, int x_pad) {
     double worst = 0;
     bool tail = true;
     for (size_t t = 0; t < ranks.size(); ++t) {
-      const std::vector<float> u = get<float>(*keep[2 * t + 1], size_t(rows) * ranks[t] + 1);
+      const std::vector<float> u = download<float>(*keep[2 * t + 1], size_t(rows) * ranks[t] + 1);
       tail &= bits(u.back()) == kSentinelBits;
       for (int r = 0; r < rows; ++r)
         for (int q = 0; q < ranks[t]; ++q) {
@@ -348,12 +291,12 @@ void test_norm_fused(bool bf16, int rows, int N, int K, bool glu, const std::vec
   g.x = dx.p, g.norm_w = static_cast<const float*>(dnw.p), g.norm_eps = eps, g.y = static_cast<float*>(y_got.p);
   rf::cuda::gemv_rows(g, nullptr);
   if (ran(what)) {
-    const std::vector<float> yr = get<float>(y_ref, size_t(rows) * units), yg = get<float>(y_got, size_t(rows) * units);
+    const std::vector<float> yr = download<float>(y_ref, size_t(rows) * units), yg = download<float>(y_got, size_t(rows) * units);
     long differ = 0;
     for (size_t i = 0; i < yr.size(); ++i) differ += bits(yr[i]) != bits(yg[i]);
     for (size_t i = 0; i < ranks.size(); ++i) {
-      const std::vector<float> ur = get<float>(*keep[4 * i + 2], size_t(rows) * ranks[i]),
-                               ug = get<float>(*keep[4 * i + 3], size_t(rows) * ranks[i]);
+      const std::vector<float> ur = download<float>(*keep[4 * i + 2], size_t(rows) * ranks[i]),
+                               ug = download<float>(*keep[4 * i + 3], size_t(rows) * ranks[i]);
       for (size_t k = 0; k < ur.size(); ++k) differ += bits(ur[k]) != bits(ug[k]);
     }
     check(differ == 0, what + ": bit-identical to rmsnorm_rows then the products (" + std::to_string(differ) + " values differ)");
@@ -383,7 +326,7 @@ void test_lora_up(int rows, const std::vector<int>& ranks, const std::vector<int
   }
   rf::cuda::lora_up_rows(terms.data(), int(terms.size()), rows, static_cast<float*>(dy.p), ldy, nullptr);
   if (ran(what)) {
-    const std::vector<float> y = get<float>(dy, y0.size());
+    const std::vector<float> y = download<float>(dy, y0.size());
     double worst = 0;
     long touched = 0;
     for (long r = 0; r < rows; ++r) {
@@ -428,7 +371,7 @@ void test_down_norm_rows(int rows, int K) {
   rf::cuda::lora_down_rows(&tr, 1, static_cast<const float*>(dxn.p), K, rows, K, nullptr);
   rf::cuda::lora_down_rows(&tg, 1, static_cast<const float*>(dx.p), K, rows, K, nullptr, static_cast<const float*>(dnw.p), 1e-6f);
   if (ran(what)) {
-    const std::vector<float> a = get<float>(ur, size_t(rows) * 16), b = get<float>(ug, size_t(rows) * 16);
+    const std::vector<float> a = download<float>(ur, size_t(rows) * 16), b = download<float>(ug, size_t(rows) * 16);
     long differ = 0;
     for (size_t i = 0; i < a.size(); ++i) differ += bits(a[i]) != bits(b[i]);
     check(differ == 0, what + ": bit-identical to rmsnorm_rows then lora_down_rows (" + std::to_string(differ) + " differ)");
@@ -485,10 +428,10 @@ void test_append(bool bf16_w, bool bf16_cache) {
   rf::cuda::gemv_rows(a, nullptr);
   if (ran(what)) {
     long differ = 0;
-    const std::vector<float> yr = get<float>(y_ref, size_t(rows) * N), yg = get<float>(y_got, size_t(rows) * N);
+    const std::vector<float> yr = download<float>(y_ref, size_t(rows) * N), yg = download<float>(y_got, size_t(rows) * N);
     for (size_t i = 0; i < yr.size(); ++i) differ += bits(yr[i]) != bits(yg[i]);
     for (const auto& [r, g] : {std::pair<const Dev*, const Dev*>{&k_ref, &k_got}, {&v_ref, &v_got}}) {
-      const std::vector<uint8_t> cr = get<uint8_t>(*r, cache_elems * esize), cg = get<uint8_t>(*g, cache_elems * esize);
+      const std::vector<uint8_t> cr = download<uint8_t>(*r, cache_elems * esize), cg = download<uint8_t>(*g, cache_elems * esize);
       differ += std::memcmp(cr.data(), cg.data(), cr.size()) != 0;
     }
     check(differ == 0, what + ": y and both caches bit-identical to the product then kv_append (" + std::to_string(differ) +
@@ -538,6 +481,7 @@ int main() {
     std::printf("cuda_gemv: no CUDA device visible; skipped\n");
     return 0;
   }
+  rng().seed(20261206);
   for (bool bf16 : {true, false}) {
     test_gemv({bf16, 1, 37, 64});
     test_gemv({bf16, 3, 1001, 80, 8, 0, true});

@@ -49,104 +49,22 @@
 #include "cuda/cuda.h"
 #include "cuda/model_ops.h"
 #include "tests/check.h"
+#include "tests/cuda_test.h"
 
 using rf::test::check;
+using namespace rf::test::cuda;
 
 namespace {
-
-std::mt19937 rng(8675309);
-
-std::vector<float> randn(size_t n, float sd = 1.f) {
-  std::normal_distribution<float> d(0.f, sd);
-  std::vector<float> v(n);
-  for (float& x : v) x = d(rng);
-  return v;
-}
 
 // Cheaper draws for the large grid-stride cases.
 std::vector<float> uniform(size_t n, float lo, float hi) {
   std::uniform_real_distribution<float> d(lo, hi);
   std::vector<float> v(n);
-  for (float& x : v) x = d(rng);
+  for (float& x : v) x = d(rng());
   return v;
 }
 
-int randint(int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); }
-
-std::string fmt(double v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.3g", v);
-  return buf;
-}
-
-uint32_t bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-
-// Sentinel floats past the end of every output: a NaN payload no kernel computes.
-constexpr uint32_t kSentinelBits = 0x7fc0beefu;
-constexpr size_t kTail = 37;
-
-float sentinel() {
-  float f;
-  std::memcpy(&f, &kSentinelBits, 4);
-  return f;
-}
-
-// Device memory that frees itself.
-struct Dev {
-  void* p = nullptr;
-  size_t bytes = 0;
-  explicit Dev(size_t n_bytes) : bytes(n_bytes) {
-    if (cudaMalloc(&p, n_bytes ? n_bytes : 1) != cudaSuccess) p = nullptr;
-  }
-  Dev(Dev&& o) noexcept : p(o.p), bytes(o.bytes) { o.p = nullptr; }
-  Dev(const Dev&) = delete;
-  Dev& operator=(const Dev&) = delete;
-  Dev& operator=(Dev&&) = delete;
-  ~Dev() {
-    if (p) cudaFree(p);
-  }
-  float* f() const { return static_cast<float*>(p); }
-  int32_t* i() const { return static_cast<int32_t*>(p); }
-};
-
-template <class T>
-Dev upload(const std::vector<T>& v) {
-  Dev d(v.size() * sizeof(T));
-  if (d.p && !v.empty()) cudaMemcpy(d.p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice);
-  return d;
-}
-
-template <class T>
-std::vector<T> download(const Dev& d, size_t n) {
-  std::vector<T> v(n);
-  if (d.p && n) cudaMemcpy(v.data(), d.p, n * sizeof(T), cudaMemcpyDeviceToHost);
-  return v;
-}
-
-// An output of n floats followed by kTail sentinels.
-Dev output(size_t n) {
-  std::vector<float> v(n + kTail, sentinel());
-  return upload(v);
-}
-
-// Whether floats [from, v.size()) are all the sentinel.
-bool tail_intact(const std::vector<float>& v, size_t from) {
-  for (size_t i = from; i < v.size(); ++i)
-    if (bits(v[i]) != kSentinelBits) return false;
-  return true;
-}
-
-// Waits for the device and checks that the launch (and everything before it) succeeded.
-bool ran(const std::string& what) {
-  cudaError_t e = cudaGetLastError();
-  if (e == cudaSuccess) e = cudaDeviceSynchronize();
-  check(e == cudaSuccess, what + ": CUDA error " + cudaGetErrorString(e));
-  return e == cudaSuccess;
-}
+int randint(int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng()); }
 
 // --- embed_rows --------------------------------------------------------------------------------
 
@@ -621,6 +539,7 @@ int main() {
     std::printf("cuda_model_ops: no CUDA device visible; skipped\n");
     return 0;
   }
+  rng().seed(8675309);
   test_embed_rows();
   test_swiglu_rows();
   test_gather_rows();
