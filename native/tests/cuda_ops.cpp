@@ -26,35 +26,13 @@
 #include "kernels/ops.h"
 #include "model/decode.h"
 #include "tests/check.h"
+#include "tests/cuda_test.h"
 #include "tests/random_model.h"
 
 using rf::test::check;
+using namespace rf::test::cuda;
 
 namespace {
-
-std::mt19937 rng(424242);
-
-std::vector<float> randn(size_t n, float scale = 1.f) { return rf::test::randn(rng, n, scale); }
-
-// A device copy that frees itself.
-struct Dev {
-  void* p = nullptr;
-  explicit Dev(size_t bytes) { cudaMalloc(&p, bytes); }
-  ~Dev() { cudaFree(p); }
-  float* f() { return static_cast<float*>(p); }
-};
-
-Dev upload(const std::vector<float>& v) {
-  Dev d(v.size() * sizeof(float));
-  cudaMemcpy(d.p, v.data(), v.size() * sizeof(float), cudaMemcpyHostToDevice);
-  return d;
-}
-
-std::vector<float> download(Dev& d, size_t n) {
-  std::vector<float> v(n);
-  cudaMemcpy(v.data(), d.p, n * sizeof(float), cudaMemcpyDeviceToHost);
-  return v;
-}
 
 // Worst |a - b| / (1 + |b|): relative for large values, absolute for small ones. (A plain relative
 // error with a 1e-6 floor failed under the CPU emulation on elements near zero: gelu_new of a
@@ -76,9 +54,9 @@ void test_norms() {
     }
     Dev dx = upload(x), dw = upload(w), db = upload(b), out(x.size() * 4);
     rf::cuda::rmsnorm_rows(out.f(), dx.f(), dw.f(), rows, n, 1e-5f, nullptr);
-    const double e1 = max_rel(download(out, x.size()), want);
+    const double e1 = max_rel(download<float>(out, x.size()), want);
     rf::cuda::layernorm_rows(out.f(), dx.f(), dw.f(), db.f(), rows, n, 1e-5f, nullptr);
-    const double e2 = max_rel(download(out, x.size()), want_ln);
+    const double e2 = max_rel(download<float>(out, x.size()), want_ln);
     check(e1 < 1e-5 && e2 < 1e-5, "norms n=" + std::to_string(n) + ": rms rel " + std::to_string(e1) + ", layer rel " + std::to_string(e2));
     // With a bf16 output as well: the f32 output unchanged, the bf16 one its rf::f32_to_bf16 bits.
     Dev out2(x.size() * 4), outb(x.size() * 2);
@@ -90,7 +68,7 @@ void test_norms() {
         rf::cuda::rmsnorm_rows(out.f(), dx.f(), dw.f(), rows, n, 1e-5f, nullptr);
         rf::cuda::rmsnorm_rows(out2.f(), dx.f(), dw.f(), rows, n, 1e-5f, nullptr, static_cast<__nv_bfloat16*>(outb.p));
       }
-      const std::vector<float> f = download(out, x.size()), f2 = download(out2, x.size());
+      const std::vector<float> f = download<float>(out, x.size()), f2 = download<float>(out2, x.size());
       std::vector<uint16_t> bits(x.size());
       cudaMemcpy(bits.data(), outb.p, bits.size() * 2, cudaMemcpyDeviceToHost);
       long differ = 0;
@@ -121,7 +99,7 @@ void test_rope_and_activations() {
     for (int r = 0; r < rows; ++r) rf::rope_forward(want.data() + r * stride, heads, hd, cs.data() + r * hd / 2, sn.data() + r * hd / 2);
     Dev dx = upload(x), dc = upload(cs), ds = upload(sn);
     rf::cuda::rope_rows(dx.f(), stride, rows, heads, hd, dc.f(), ds.f(), nullptr);
-    const double e = max_rel(download(dx, x.size()), want);
+    const double e = max_rel(download<float>(dx, x.size()), want);
     check(e < 1e-5, "rope head_dim=" + std::to_string(hd) + ": rel " + std::to_string(e));
   }
   const long n = 100003;
@@ -132,7 +110,7 @@ void test_rope_and_activations() {
   Dev dg = upload(g), du = upload(u), dx = upload(x), out(n * 4);
   rf::cuda::swiglu(out.f(), dg.f(), du.f(), n, nullptr);
   rf::cuda::gelu_new(dx.f(), n, nullptr);
-  const double e1 = max_rel(download(out, n), want), e2 = max_rel(download(dx, n), want_gelu);
+  const double e1 = max_rel(download<float>(out, n), want), e2 = max_rel(download<float>(dx, n), want_gelu);
   check(e1 < 1e-5 && e2 < 1e-5, "swiglu rel " + std::to_string(e1) + ", gelu_new rel " + std::to_string(e2));
   // gelu_new of a bf16 input into its own output: in place on the widened values, bit for bit.
   std::vector<uint16_t> bits(static_cast<size_t>(n));
@@ -144,7 +122,7 @@ void test_rope_and_activations() {
   cudaMemcpy(db.p, bits.data(), size_t(n) * 2, cudaMemcpyHostToDevice);
   rf::cuda::gelu_new(dw.f(), n, nullptr, static_cast<__nv_bfloat16*>(a16.p), static_cast<__nv_bfloat16*>(in16.p));
   rf::cuda::gelu_new(out2.f(), static_cast<const __nv_bfloat16*>(db.p), n, nullptr, static_cast<__nv_bfloat16*>(b16.p));
-  const std::vector<float> a = download(dw, n), b = download(out2, n);
+  const std::vector<float> a = download<float>(dw, n), b = download<float>(out2, n);
   check(std::memcmp(a.data(), b.data(), size_t(n) * 4) == 0, "gelu_new of a bf16 input: in place on the widened values, bit for bit");
   std::vector<uint16_t> ra(static_cast<size_t>(n)), rb(static_cast<size_t>(n));
   cudaMemcpy(ra.data(), a16.p, size_t(n) * 2, cudaMemcpyDeviceToHost);
@@ -184,9 +162,9 @@ void test_pick() {
     std::vector<uint32_t> tok(rows), top_ids(size_t(rows) * top_n);
     cudaMemcpy(tok.data(), dt.p, rows * 4, cudaMemcpyDeviceToHost);
     cudaMemcpy(top_ids.data(), dti.p, top_ids.size() * 4, cudaMemcpyDeviceToHost);
-    const std::vector<float> top_lp = download(dtl, size_t(rows) * top_n);
+    const std::vector<float> top_lp = download<float>(dtl, size_t(rows) * top_n);
     int bad_top = 0;
-    const std::vector<float> lp = download(dl, rows), prf = download(dr, rows), pf = download(dpf, size_t(rows) * K);
+    const std::vector<float> lp = download<float>(dl, rows), prf = download<float>(dr, rows), pf = download<float>(dpf, size_t(rows) * K);
     int differ = 0, bad_scores = 0;
     rf::PickScratch scratch;
     for (int r = 0; r < rows; ++r) {
@@ -250,7 +228,7 @@ void test_pick_nucleus() {
                       static_cast<uint32_t*>(dt.p), dl.f(), dr.f(), dpf.f(), 0, nullptr, nullptr, dscratch.p, nullptr);
   std::vector<uint32_t> tok(rows);
   cudaMemcpy(tok.data(), dt.p, rows * 4, cudaMemcpyDeviceToHost);
-  const std::vector<float> lp = download(dl, rows), prf = download(dr, rows), pf = download(dpf, size_t(rows) * K);
+  const std::vector<float> lp = download<float>(dl, rows), prf = download<float>(dr, rows), pf = download<float>(dpf, size_t(rows) * K);
   int differ = 0, bad_scores = 0, bad_fallback = 0, fallbacks = 0, ambiguous = 0;
   rf::PickScratch scratch;
   for (int r = 0; r < rows; ++r) {
@@ -307,6 +285,7 @@ int main() {
     std::printf("cuda_ops: no CUDA device visible; skipped\n");
     return 0;
   }
+  rng().seed(424242);
   test_norms();
   test_rope_and_activations();
   test_pick();
