@@ -607,11 +607,24 @@ int DeviceModel::lora_down_all(const DLinear& lin, const float* in, long rows, c
 
 // logits [rows, V] = xn . head^T, the flag rows' logits from their own head rows when flags is set;
 // xn_bf16 as linear_rows' in_bf16.
-void DeviceModel::head_rows(const float* xn, long rows, float* logits, bool flags, const __nv_bfloat16* xn_bf16) {
+void DeviceModel::head_rows(const float* xn, long rows, float* logits, bool flags, const __nv_bfloat16* xn_bf16,
+                            const DNorm* norm) {
   const ModelConfig& c = config_;
   const DeviceWeights& w = *w_;
   const cudaStream_t st = as_stream(stream_);
   const Buffer& table = c.tied_embeddings ? w.embed : w.lm_head;
+  if (norm) {  // a decode step's rows, normalized as the product and the flag rows read them
+    if (!head_fuses_norm(xn, rows)) throw std::logic_error("head_rows: the norm is fused into decode products only");
+    GemvArgs g;
+    g.x = xn, g.norm_w = norm->w.get(), g.norm_eps = c.norm_eps;
+    g.w = table.get<void>(), g.type = dtype_;
+    g.rows = int(rows), g.N = c.vocab, g.K = c.hidden, g.y = logits;
+    gemv_rows(g, st);
+    if (flags && !w.flag_head.empty())
+      set_flag_logits(logits, c.vocab, xn, int(rows), c.hidden, w.flag_head.get(), w.flag_ids.get<int32_t>(),
+                      int(w.flag_tokens.size()), st, norm->w.get(), c.norm_eps);
+    return;
+  }
   const void* xin = xn;
   DType xt = DType::f32;
   if (dtype_ == DType::bf16) {
@@ -631,6 +644,12 @@ void DeviceModel::head_rows(const float* xn, long rows, float* logits, bool flag
   if (flags && !w.flag_head.empty())
     set_flag_logits(logits, c.vocab, xn, int(rows), c.hidden, w.flag_head.get(), w.flag_ids.get<int32_t>(), int(w.flag_tokens.size()),
                     st);
+}
+
+bool DeviceModel::head_fuses_norm(const float* x, long rows) const {
+  const ModelConfig& c = config_;
+  const Buffer& table = c.tied_embeddings ? w_->embed : w_->lm_head;
+  return gemv_on_ && c.norm == NormType::rms && gemv_supports(x, c.hidden, table.get<void>(), dtype_, int(rows), c.hidden, true);
 }
 
 void DeviceModel::layer_forward(int l, const float* x, float* x_out, DeviceLayerTrace* lt, const DeviceTrace* trace,
@@ -847,10 +866,16 @@ const float* DeviceModel::run(const std::vector<DeviceItem>& items, LogitsMode m
       gather_rows(last, x, p.last_rows, n, int(H), st);
       head_in = last;
     }
-    // R >= rows: xn and the bf16 scratch have room.
-    __nv_bfloat16* xb = logits && dtype_ == DType::bf16 ? s.xb.get<__nv_bfloat16>() : nullptr;
-    norm_rows(w.final_norm, head_in, xn, rows, xb);
-    if (logits) head_rows(xn, rows, logits, flags_on, xb);
+    if (logits && head_fuses_norm(head_in, rows)) {
+      // A decode step's few rows: the head product and the flag rows normalize them as they read
+      // them (no norm launch, no xn).
+      head_rows(head_in, rows, logits, flags_on, nullptr, &w.final_norm);
+    } else {
+      // R >= rows: xn and the bf16 scratch have room.
+      __nv_bfloat16* xb = logits && dtype_ == DType::bf16 ? s.xb.get<__nv_bfloat16>() : nullptr;
+      norm_rows(w.final_norm, head_in, xn, rows, xb);
+      if (logits) head_rows(xn, rows, logits, flags_on, xb);
+    }
     if (tail) tail->enqueue(logits);
   };
   if (graphs_on_ && p.all_one && mode == LogitsMode::last && !trace && !progress && !p.delta) {

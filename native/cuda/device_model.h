@@ -181,7 +181,11 @@ class DeviceModel {
   void plan_forward(const std::vector<DeviceItem>& items);
   void layer_forward(int layer, const float* x, float* x_out, DeviceLayerTrace* lt, const DeviceTrace* trace, bool append_kv);
   void norm_rows(const DNorm& norm, const float* in, float* out, long rows, __nv_bfloat16* out_bf16 = nullptr);
-  void head_rows(const float* xn, long rows, float* logits, bool flags, const __nv_bfloat16* xn_bf16 = nullptr);
+  // norm (optional, where head_fuses_norm): xn is the final norm's input, which the decode
+  // products normalize as they read it (gemv.h, set_flag_logits), the same bits as norm_rows first.
+  void head_rows(const float* xn, long rows, float* logits, bool flags, const __nv_bfloat16* xn_bf16 = nullptr,
+                 const DNorm* norm = nullptr);
+  bool head_fuses_norm(const float* x, long rows) const;
   // glu_up (optional; SwiGLU's gate|up projection): where swiglu_lora_applies, the adapters' up
   // products are not added to y but left to swiglu_rows: glu_up[0] gets the gate half's, [1] the
   // up half's (a half without an adapter is left as it was).

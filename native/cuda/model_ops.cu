@@ -11,6 +11,7 @@
 #include <string>
 
 #include "cuda/bf16.h"
+#include "cuda/block_sum.cuh"
 #include "cuda/model_ops.h"
 #include "cuda/rank_rows.cuh"
 
@@ -173,13 +174,18 @@ __global__ void gather_rows_kernel(float* out, const float* x, const int32_t* ro
 }
 
 // grid: (rows, n_flags); one dot product per block.
-__global__ void flag_logits_kernel(float* logits, long ld, const float* xn, int hidden, const float* head,
-                                   const int32_t* tokens) {
-  __shared__ float scratch[32];
+// norm_w set: x is the final norm's input, each element normalized as rmsnorm_rows does it (the
+// row's rms_inv at the same block size, then w[i] * (x[i] * inv)): the same bits as on its output.
+__global__ void flag_logits_kernel(float* logits, long ld, const float* x, int hidden, const float* head,
+                                   const int32_t* tokens, const float* norm_w, float norm_eps) {
+  __shared__ float scratch[32], norm_scratch[32];
   const long r = blockIdx.x;
   const int k = blockIdx.y;
+  const float* xr = x + r * hidden;
+  const float inv = norm_w ? rms_inv(xr, hidden, norm_eps, norm_scratch) : 1.f;
   float dot = 0.f;
-  for (int i = threadIdx.x; i < hidden; i += blockDim.x) dot += xn[r * hidden + i] * head[long(k) * hidden + i];
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+    dot += (norm_w ? norm_w[i] * (xr[i] * inv) : xr[i]) * head[long(k) * hidden + i];
   dot = block_reduce(dot, scratch, false);
   if (threadIdx.x == 0) logits[r * ld + tokens[k]] = dot;
 }
@@ -247,9 +253,9 @@ void gather_rows(float* out, const float* x, const int32_t* rows, int n, int wid
 }
 
 void set_flag_logits(float* logits, long ld, const float* xn, int rows, int hidden, const float* head,
-                     const int32_t* tokens, int n_flags, cudaStream_t stream) {
+                     const int32_t* tokens, int n_flags, cudaStream_t stream, const float* norm_w, float norm_eps) {
   if (rows > 0 && n_flags > 0)
-    flag_logits_kernel<<<dim3(rows, n_flags), kThreads, 0, stream>>>(logits, ld, xn, hidden, head, tokens);
+    flag_logits_kernel<<<dim3(rows, n_flags), kThreads, 0, stream>>>(logits, ld, xn, hidden, head, tokens, norm_w, norm_eps);
 }
 
 void row_scores(const float* logits, int rows, int vocab, const int32_t* flags, int n_flags, const int32_t* next,

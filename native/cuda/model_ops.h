@@ -63,9 +63,12 @@ void gather_rows(float* out, const float* x, const int32_t* rows, int n, int wid
 
 // logits[r, tokens[k]] = xn[r] . head[k] for the adapter's flag rows head [n_flags, hidden]:
 // the trained rows replace the base rows of the LM head (Model::head_logits). Logits rows are
-// `ld` floats apart (the vocabulary, or a padded stride).
+// `ld` floats apart (the vocabulary, or a padded stride). norm_w (optional): xn is the final
+// RMSNorm's input instead, normalized as rmsnorm_rows(norm_w, norm_eps) would (ops.h; the same
+// bits), for a decode step whose head product normalizes its rows too (gemv.h): no norm launch.
 void set_flag_logits(float* logits, long ld, const float* xn, int rows, int hidden, const float* head,
-                     const int32_t* tokens, int n_flags, cudaStream_t stream);
+                     const int32_t* tokens, int n_flags, cudaStream_t stream, const float* norm_w = nullptr,
+                     float norm_eps = 0.f);
 
 // Per logits row r of [rows, vocab]: p of each flag (p_flags [rows, n_flags], may be null) and
 // their total p_rf [rows] (flags [n_flags] device ids; n_flags 0: p_rf 0), and, when

@@ -26,7 +26,8 @@
 //   - set_flag_logits: a dot product of `hidden` f32 products summed per thread and then in a
 //     tree: within (depth of the sum) * 2^-24 * sum|x_i w_i|. Checked as
 //     |got - ref| <= 1e-5 * sum_i |x_i w_i| against the double dot (relative to the terms'
-//     magnitudes: the dot itself may be near zero); every other logit bit-identical.
+//     magnitudes: the dot itself may be near zero); every other logit bit-identical; with
+//     norm_w (normalizing its input as it reads it) the bits it gives on rmsnorm_rows' output.
 //   - row_scores: the log-sum-exp is in f32 (max subtraction, then a sum of up to 128256 exps in
 //     512 per-thread partial sums and a tree): its error is a few 1e-6 relative to the sum, plus
 //     the rounding of lse itself (3e-5 / 2 at |lse| ~ 300, the offset row). Probabilities must be
@@ -48,6 +49,7 @@
 #include "core/dtype.h"
 #include "cuda/cuda.h"
 #include "cuda/model_ops.h"
+#include "cuda/ops.h"
 #include "tests/check.h"
 #include "tests/cuda_test.h"
 
@@ -364,6 +366,17 @@ void test_set_flag_logits() {
           }
         check(worst <= 1e-5, tag + ": flag logits |got - ref| / sum|x_i w_i| = " + fmt(worst) + " <= 1e-5");
         check(bad_other == 0, tag + ": every other logit unchanged (" + std::to_string(bad_other) + " changed)");
+        // Normalizing as it reads (norm_w: a decode step's head): the bits of set_flag_logits on
+        // rmsnorm_rows' output.
+        const std::vector<float> x = randn(size_t(rows) * hidden, 3.f), norm_w = randn(size_t(hidden), 0.5f, 1.f);
+        Dev d_x = upload(x), d_norm = upload(norm_w), d_normed(x.size() * 4), d_a = upload(logits0), d_b = upload(logits0);
+        rf::cuda::rmsnorm_rows(d_normed.f(), d_x.f(), d_norm.f(), rows, hidden, 1e-5f, nullptr);
+        rf::cuda::set_flag_logits(d_a.f(), vocab, d_normed.f(), rows, hidden, d_head.f(), d_tokens.i(), K, nullptr);
+        rf::cuda::set_flag_logits(d_b.f(), vocab, d_x.f(), rows, hidden, d_head.f(), d_tokens.i(), K, nullptr, d_norm.f(), 1e-5f);
+        if (!ran(tag + " normalizing")) continue;
+        const std::vector<float> a = download<float>(d_a, logits0.size()), b = download<float>(d_b, logits0.size());
+        check(std::memcmp(a.data(), b.data(), a.size() * 4) == 0,
+              tag + " normalizing its input: the bits of set_flag_logits on rmsnorm_rows' output");
       }
 }
 

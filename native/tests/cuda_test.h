@@ -22,7 +22,7 @@ inline std::mt19937& rng() {
   return generator;
 }
 
-inline std::vector<float> randn(size_t n, float sd = 1.f) { return rf::test::randn(rng(), n, sd); }
+inline std::vector<float> randn(size_t n, float sd = 1.f, float mean = 0.f) { return rf::test::randn(rng(), n, sd, mean); }
 
 inline std::string fmt(double v) {
   char buf[32];
