@@ -841,7 +841,8 @@ const float* DeviceModel::run(const std::vector<DeviceItem>& items, LogitsMode m
   if (dtype_ == DType::bf16) s.xb.ensure(size_t(R * std::max({H, Q, I})) * sizeof(__nv_bfloat16));
   // Each sequence's last row gathered, unless every sequence has one row (a decode step): then the
   // last rows are all the rows, in order, and the head reads x itself (no gather launch).
-  float* last = mode == LogitsMode::last && !p.all_one ? static_cast<float*>(s.last.ensure(size_t(n * H) * sizeof(float))) : nullptr;
+  float* last =
+      mode == LogitsMode::last && !p.all_one ? static_cast<float*>(s.last.ensure(size_t(n * H) * sizeof(float))) : nullptr;
   float* logits = mode == LogitsMode::hidden ? nullptr : static_cast<float*>(s.logits.ensure(size_t(rows * V) * sizeof(float)));
   const bool flags_on = adapter_enabled_ && !w.flag_tokens.empty();
 
