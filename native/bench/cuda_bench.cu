@@ -343,7 +343,8 @@ int main(int argc, char** argv) {
         dp.top_k = top_k, dp.top_p = top_p;
         cudaMemcpy(params, &dp, sizeof dp, cudaMemcpyHostToDevice);
         return median_time(50, [&] {
-          rf::cuda::pick_rows(logits, 1, c.vocab, params, flags, 1, token, lp, p_rf, nullptr, 0, nullptr, nullptr, pick_scratch, nullptr);
+          rf::cuda::pick_rows(logits, 1, c.vocab, params, flags, 1, token, lp, p_rf, nullptr, 0, nullptr, nullptr, pick_scratch, nullptr,
+                              rf::cuda::pick_draws_whole(dp));  // as decode_step: no weights' launch for a greedy row
         });
       };
       const double t = time_pick(0.f, 0, 1.f);  // greedy

@@ -1046,12 +1046,14 @@ void DeviceModel::decode_step(const std::vector<DeviceItem>& items, const std::v
   // nucleus is larger are redone below on the host from their logits row. Its inputs are
   // uploaded before the forward, so the pick is part of the decode graph.
   std::vector<DevicePick> dp(static_cast<size_t>(n));
+  bool whole_draws = false;  // any row drawn from the whole vocabulary: the pick's weights launch
   for (int b = 0; b < n; ++b) {
     const PickParams& p = params[size_t(b)];
     // The counter is the position the new token will take, as on the CPU (the forward has not
     // appended this step's tokens yet).
     const DeviceItem& it = items[size_t(b)];
     dp[size_t(b)] = {p.temperature, p.seed, uint64_t(it.seq->length() + it.n_tokens), p.top_k, p.top_p};
+    whole_draws |= pick_draws_whole(dp[size_t(b)]);
   }
   const DevicePick* d_params = upload_async(s.pick_params, dp, st);
   const int32_t* d_flags = upload_async(s.flags, std::vector<int32_t>(flags.ids.begin(), flags.ids.end()), st);
@@ -1064,9 +1066,11 @@ void DeviceModel::decode_step(const std::vector<DeviceItem>& items, const std::v
   const int dev_top_n = scores ? top_n : 0;
   uint32_t* d_top_ids = static_cast<uint32_t*>(s.top_ids.ensure(size_t(std::max(1, n * dev_top_n)) * sizeof(uint32_t)));
   float* d_top_logprobs = static_cast<float*>(s.top_logprobs.ensure(size_t(std::max(1, n * dev_top_n)) * sizeof(float)));
-  const Tail pick{1 + K + 4096 * dev_top_n, [&](const float* logits) {
+  // The tail's key tells the decode graphs apart by what they launch: the flags, the top n, and
+  // whether the weights' launch runs (a greedy step has none).
+  const Tail pick{1 + K + 4096 * dev_top_n + (whole_draws ? 1 << 20 : 0), [&](const float* logits) {
                     pick_rows(logits, n, V, d_params, d_flags, K, d_token, d_logprob, d_p_rf, d_p_flags, dev_top_n, d_top_ids,
-                              d_top_logprobs, d_pick_scratch, st);
+                              d_top_logprobs, d_pick_scratch, st, whole_draws);
                   }};
   const float* logits = run(items, LogitsMode::last, cancel, nullptr, nullptr, &pick);
   if (!logits) return;

@@ -275,23 +275,16 @@ __device__ __forceinline__ void pick_chunk_range(int vocab, int t, int& lo, int&
   lo = min(vocab, t * pick_chunk(vocab)), hi = min(vocab, lo + pick_chunk(vocab));
 }
 
-// Whether pick_kernel draws from the whole vocabulary's weights for this row (temperature > 0,
-// and no top-k: temperature alone, or top-p alone, which measures against their total).
-__device__ __forceinline__ bool whole_weights(const DevicePick& p) {
-  const float inv_t = p.temperature > 0.f ? 1.f / p.temperature : INFINITY;
-  return p.temperature > 0.f && isfinite(inv_t) && p.top_k == 0;
-}
-
 // Step 2 of a sampled pick, before pick_kernel: the kPickThreads chunk sums of exp((z - max) / T)
 // in double that pick_kernel's threads would each take (the same contiguous chunks, each summed
 // in order: the same bits), 32 chunks a block, so one row's double exponentials (FP64 is a
 // fraction of an SM's throughput) are spread over kPickThreads / 32 SMs instead of one.
-// grid (rows, kPickThreads / 32), 32 threads; weights [rows, kPickThreads]; greedy rows and top-k
-// rows write nothing (pick_kernel does not read theirs).
+// grid (rows, kPickThreads / 32), 32 threads; weights [rows, kPickThreads]; only the rows
+// pick_draws_whole (ops.h) write theirs (pick_kernel reads no other's).
 __global__ void pick_weights_kernel(const float* logits, int vocab, const PickStat* stats, int slices, const DevicePick* params,
                                     double* weights) {
   const DevicePick p = params[blockIdx.x];
-  if (!whole_weights(p)) return;
+  if (!pick_draws_whole(p)) return;
   const float mx = row_max(stats + long(blockIdx.x) * slices, slices, vocab), inv_t = 1.f / p.temperature;
   const int t = int(blockIdx.y) * 32 + int(threadIdx.x);  // pick_kernel's thread
   int lo, hi;
@@ -351,7 +344,7 @@ __global__ void pick_kernel(const float* logits, int vocab, const PickStat* stat
     const int chunk = pick_chunk(vocab);
     int lo, hi;
     pick_chunk_range(vocab, t, lo, hi);
-    const double w = whole_weights(p) ? weights[long(blockIdx.x) * kPickThreads + t] : 0.0;
+    const double w = pick_draws_whole(p) ? weights[long(blockIdx.x) * kPickThreads + t] : 0.0;
     sw[t] = w;
     __syncthreads();
     if (t == 0) {
@@ -540,14 +533,15 @@ size_t pick_scratch_bytes(int rows, int vocab) {
 
 void pick_rows(const float* logits, int rows, int vocab, const DevicePick* params, const int* flags, int n_flags,
                uint32_t* token, float* logprob, float* p_rf, float* p_flags, int top_n, uint32_t* top_ids, float* top_logprobs,
-               void* scratch, cudaStream_t stream) {
+               void* scratch, cudaStream_t stream, bool whole_draws) {
   if (rows <= 0) return;
   if (top_n < 0 || top_n > kPickMaxTopN) throw std::invalid_argument("pick_rows: top_n outside 0.." + std::to_string(kPickMaxTopN));
   const int slices = pick_slices(vocab);
   PickStat* stats = static_cast<PickStat*>(scratch);
   double* weights = reinterpret_cast<double*>(static_cast<char*>(scratch) + pick_weights_offset(rows, vocab));
   pick_stats_kernel<<<dim3(rows, slices), kStatThreads, 0, stream>>>(logits, vocab, stats);
-  pick_weights_kernel<<<dim3(rows, kPickThreads / 32), 32, 0, stream>>>(logits, vocab, stats, slices, params, weights);
+  if (whole_draws)
+    pick_weights_kernel<<<dim3(rows, kPickThreads / 32), 32, 0, stream>>>(logits, vocab, stats, slices, params, weights);
   // The candidates' arrays in dynamic shared memory: with the static arrays, under the 48 KiB a
   // kernel gets without opting in.
   pick_kernel<<<rows, kPickThreads, sizeof(NucleusShared), stream>>>(logits, vocab, stats, slices, weights, params, flags, n_flags,

@@ -3,6 +3,7 @@
 // same inputs (native/tests/cuda_ops.cpp, on a GPU machine). Pointers are device memory;
 // every launch goes on `stream`; rows are independent (one block per row).
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #include <cuda_bf16.h>
@@ -47,6 +48,16 @@ struct DevicePick {
   float top_p = 1.f;  // sampled rows: keep the smallest most-likely set reaching this mass (1: all)
 };
 
+// Whether a row draws from the whole vocabulary's weights (sampled at a finite 1 / T, no top_k:
+// temperature alone, or top-p alone, which measures against their total): the rows whose weights
+// pick_rows sums in a launch of its own. Host and device, one definition.
+#ifdef __CUDACC__
+__host__ __device__
+#endif
+inline bool pick_draws_whole(const DevicePick& p) {
+  return p.temperature > 0.f && 1.f / p.temperature < INFINITY && p.top_k == 0;
+}
+
 // The most candidates a top-k / top-p row sorts on the device (kPickMaxCandidates): a larger
 // top_k, or a top-p nucleus past it, is answered with token kPickFallback (the host then picks
 // that row from its logits, drawing the same numbers).
@@ -69,11 +80,13 @@ constexpr uint32_t kPickFallback = 0xffffffffu;
 // answered kPickFallback, which the host redoes whole.
 // scratch: pick_scratch_bytes(rows, vocab) bytes of device memory (each row's statistics, taken
 // over slices of it by many blocks, and a sampled row's weight sums in double over 512 chunks of
-// it, 32 chunks a block: a batch-1 step's one row is not left to one SM).
+// it, 32 chunks a block: a batch-1 step's one row is not left to one SM). whole_draws: whether
+// any row is pick_draws_whole (the caller knows its parameters); false skips the weights' launch
+// (a greedy step's), which must then be true of every row.
 constexpr int kPickMaxTopN = 64;
 size_t pick_scratch_bytes(int rows, int vocab);
 void pick_rows(const float* logits, int rows, int vocab, const DevicePick* params, const int* flags, int n_flags,
                uint32_t* token, float* logprob, float* p_rf, float* p_flags, int top_n, uint32_t* top_ids, float* top_logprobs,
-               void* scratch, cudaStream_t stream);
+               void* scratch, cudaStream_t stream, bool whole_draws = true);
 
 }  // namespace rf::cuda

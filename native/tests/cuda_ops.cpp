@@ -156,9 +156,13 @@ void test_pick() {
     cudaMemcpy(dp.p, params.data(), rows * sizeof(rf::cuda::DevicePick), cudaMemcpyHostToDevice);
     cudaMemcpy(df.p, flags.data(), K * 4, cudaMemcpyHostToDevice);
     Dev dscratch(rf::cuda::pick_scratch_bytes(rows, V));
+    // Greedy rows skip the weights' launch (whole_draws false), as a greedy decode step does.
+    bool whole_draws = false;
+    for (const rf::cuda::DevicePick& p : params) whole_draws |= rf::cuda::pick_draws_whole(p);
+    check(whole_draws == sampled, std::string("pick ") + (sampled ? "sampled" : "greedy") + ": pick_draws_whole says so");
     rf::cuda::pick_rows(dz.f(), rows, V, static_cast<rf::cuda::DevicePick*>(dp.p), static_cast<const int*>(df.p), K,
                         static_cast<uint32_t*>(dt.p), dl.f(), dr.f(), dpf.f(), top_n, static_cast<uint32_t*>(dti.p), dtl.f(),
-                        dscratch.p, nullptr);
+                        dscratch.p, nullptr, whole_draws);
     std::vector<uint32_t> tok(rows), top_ids(size_t(rows) * top_n);
     cudaMemcpy(tok.data(), dt.p, rows * 4, cudaMemcpyDeviceToHost);
     cudaMemcpy(top_ids.data(), dti.p, top_ids.size() * 4, cudaMemcpyDeviceToHost);
