@@ -9,6 +9,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include "core/host_device.h"
+
 namespace rf::cuda {
 
 // out [rows, n] = w * x / sqrt(mean(x^2) + eps) per row (LlamaRMSNorm). out_bf16 (optional,
@@ -51,10 +53,7 @@ struct DevicePick {
 // Whether a row draws from the whole vocabulary's weights (sampled at a finite 1 / T, no top_k:
 // temperature alone, or top-p alone, which measures against their total): the rows whose weights
 // pick_rows sums in a launch of its own. Host and device, one definition.
-#ifdef __CUDACC__
-__host__ __device__
-#endif
-inline bool pick_draws_whole(const DevicePick& p) {
+RF_HOST_DEVICE inline bool pick_draws_whole(const DevicePick& p) {
   return p.temperature > 0.f && 1.f / p.temperature < INFINITY && p.top_k == 0;
 }
 

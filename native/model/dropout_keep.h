@@ -6,15 +6,11 @@
 #pragma once
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define RF_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define RF_HOST_DEVICE inline
-#endif
+#include "core/host_device.h"
 
 namespace rf {
 
-RF_HOST_DEVICE bool dropout_keep(uint64_t seed, int layer, int adapter, long row, long col, float p) {
+RF_HOST_DEVICE inline bool dropout_keep(uint64_t seed, int layer, int adapter, long row, long col, float p) {
   uint64_t z = seed ^ (uint64_t(layer) << 48) ^ (uint64_t(adapter) << 40) ^ (uint64_t(row) << 20) ^ uint64_t(col);
   z += 0x9e3779b97f4a7c15ull;
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
