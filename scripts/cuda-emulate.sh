@@ -54,7 +54,7 @@ run_one() {
   if ! build_one "$t" > "$out/$t.log" 2>&1; then echo "cuda-emulate $t: build failed"; tail -20 "$out/$t.log"; return 1; fi
   timeout 900 "$out/run_$t" >> "$out/$t.log" 2>&1
   local rc=$?
-  grep -E '^FAIL|runtime error' "$out/$t.log" | head -20
+  grep -E '^FAIL|runtime error|^EMU:' "$out/$t.log" | head -20
   echo "cuda-emulate $t: $(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$out/$t.log" | tail -1 || echo 'no result') (exit $rc, $((SECONDS - start)) s)"
   return $rc
 }

@@ -103,6 +103,12 @@ for t in "$build"/cuda_*; do
   stage 300 "$t" > "$out/$name.log" 2>&1
   results+=("\"$name\": $rc")
   tail -3 "$out/$name.log"
+  # A failure, once more with every kernel waiting for the previous one (cuda/launch.h): whether
+  # the dependent launches are what failed.
+  if [ "$rc" -ne 0 ]; then
+    stage 300 env RF_CUDA_PDL=0 "$t" > "$out/$name.serial.log" 2>&1
+    results+=("\"$name with RF_CUDA_PDL=0\": $rc")
+  fi
 done
 # The CUDA addon (for the end-to-end tests and gpu-serve), linked in the same build from the
 # objects the tests used.

@@ -6,8 +6,9 @@
 // Models: random weights with the exact shapes of Llama-3.2-1B and Llama-3.1-8B, bf16 on the
 // device, loaded through the engine's load_tensor (the same path as a checkpoint):
 //   - batch-1 decode tokens/s at contexts 128 and 4096, against the bandwidth bound
-//     (weight bytes + the KV bytes a token reads) / copy bandwidth, without decode graphs, and
-//     with the few-row products on cuBLASLt instead of gemv_rows (cuda/gemv.h): each one's gain;
+//     (weight bytes + the KV bytes a token reads) / copy bandwidth, without decode graphs, with
+//     the few-row products on cuBLASLt instead of gemv_rows (cuda/gemv.h), and without dependent
+//     launches (cuda/launch.h: each kernel waits for the previous one to end): each one's gain;
 //   - batched decode at 8, 64 and 256 sequences (context 128): aggregate tokens/s (at 8, also
 //     without gemv_rows);
 //   - a 2048-token prefill: model FLOP/s (2 x non-embedding params x tokens + the causal
@@ -47,6 +48,7 @@
 #include "cuda/device_model.h"
 #include "cuda/gemm.h"
 #include "cuda/gemv.h"
+#include "cuda/launch.h"
 #include "cuda/ops.h"
 #include "bench/cuda_bench_common.h"
 
@@ -265,14 +267,20 @@ int main(int argc, char** argv) {
       m.set_graphs(false);  // the same steps launched kernel by kernel: what the decode graphs gain
       const double eager = decode_rate(m, 1, ctx, steps, rf_token);
       m.set_graphs(true);
+      // Every kernel waiting for the previous one to end (the graphs are keyed by the setting).
+      const bool dependent = rf::cuda::dependent_launch_on();
+      rf::cuda::set_dependent_launch(false);
+      const double serial = decode_rate(m, 1, ctx, steps, rf_token);
+      rf::cuda::set_dependent_launch(dependent);
       const double bound = bw / (double(m.weight_bytes()) + kv_per_position * (ctx + steps / 2.0));
       if (ctx == 128) step_seconds_1 = 1.0 / rate;
-      std::fprintf(stderr, "%s: batch 1, context %d: %.1f tokens/s (bound %.1f; without graphs %.1f; without gemv %.1f)\n", shape.name,
-                   ctx, rate, bound, eager, no_gemv);
+      std::fprintf(stderr, "%s: batch 1, context %d: %.1f tokens/s (bound %.1f; without graphs %.1f; without gemv %.1f; without "
+                   "dependent launches %.1f)\n", shape.name, ctx, rate, bound, eager, no_gemv, serial);
       r += std::string(ctx == 128 ? "" : ", ") + "{\"batch\": 1, \"context\": " + std::to_string(ctx) + ", \"tokensPerSecond\": " +
            std::to_string(rate) + ", \"bandwidthBound\": " + std::to_string(bound) + ", \"ratioToBound\": " + std::to_string(rate / bound) +
            ", \"withoutGraphsTokensPerSecond\": " + std::to_string(eager) + ", \"withoutGemvTokensPerSecond\": " +
-           std::to_string(no_gemv) + "}";
+           std::to_string(no_gemv) + ", \"dependentLaunch\": " + (dependent ? "true" : "false") +
+           ", \"withoutDependentLaunchTokensPerSecond\": " + std::to_string(serial) + "}";
     }
     for (int n : {8, 64, 256}) {
       const int batch_steps = quick ? 8 : 32;

@@ -21,6 +21,7 @@
 
 #include "cuda/attention.h"
 #include "cuda/bf16.h"
+#include "cuda/launch.cuh"
 
 namespace rf::cuda {
 
@@ -47,6 +48,8 @@ template <class T>
 __global__ void decode_partial(const float* q, long q_stride, PagedLayer layer, PagedBatch batch, int n_heads, float scale,
                                int window, int n_splits, float* m_out, float* l_out, float* acc_out, float* y,
                                __nv_bfloat16* y_bf16) {
+  grid_dependents_launch();
+  grid_dependency_wait();
   const int s = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int hd = layer.head_dim, B = layer.block_tokens;
@@ -122,6 +125,8 @@ __global__ void decode_partial(const float* q, long q_stride, PagedLayer layer, 
 
 __global__ void decode_combine(float* out, int n_heads, int hd, int n_splits, const float* m_in, const float* l_in,
                                const float* acc_in, __nv_bfloat16* out_bf16) {
+  grid_dependents_launch();
+  grid_dependency_wait();
   const int s = blockIdx.x, h = blockIdx.y;
   const long first = (long(s) * n_heads + h) * n_splits;
   float M = -FLT_MAX;
@@ -329,13 +334,14 @@ void decode_attention(float* out, const float* q, long q_stride, const PagedLaye
   float* y = n_splits == 1 ? out : nullptr;
   __nv_bfloat16* y_bf16 = n_splits == 1 ? out_bf16 : nullptr;
   if (layer.bf16)
-    decode_partial<__nv_bfloat16><<<grid, 32 * kWarps, 0, stream>>>(q, q_stride, layer, batch, n_heads, scale, window, n_splits, m,
-                                                                    l, acc, y, y_bf16);
+    launch_dependent(decode_partial<__nv_bfloat16>, grid, 32 * kWarps, 0, stream, q, q_stride, layer, batch, n_heads, scale, window,
+                     n_splits, m, l, acc, y, y_bf16);
   else
-    decode_partial<float><<<grid, 32 * kWarps, 0, stream>>>(q, q_stride, layer, batch, n_heads, scale, window, n_splits, m, l,
-                                                            acc, y, y_bf16);
+    launch_dependent(decode_partial<float>, grid, 32 * kWarps, 0, stream, q, q_stride, layer, batch, n_heads, scale, window, n_splits,
+                     m, l, acc, y, y_bf16);
   if (n_splits > 1)
-    decode_combine<<<dim3(batch.n_seqs, n_heads), 128, 0, stream>>>(out, n_heads, layer.head_dim, n_splits, m, l, acc, out_bf16);
+    launch_dependent(decode_combine, dim3(batch.n_seqs, n_heads), 128, 0, stream, out, n_heads, layer.head_dim, n_splits, m, l, acc,
+                     out_bf16);
 }
 
 void prefill_attention(float* out, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch,

@@ -26,6 +26,7 @@
 #include "cuda/attention.h"
 #include "cuda/gemm.h"
 #include "cuda/gemv.h"
+#include "cuda/launch.h"
 #include "cuda/model_ops.h"
 #include "cuda/ops.h"
 #include "cuda/paged_cache.h"
@@ -956,6 +957,7 @@ uint64_t DeviceModel::graph_signature() const {
   }
   mix(pool_ ? reinterpret_cast<uintptr_t>(pool_->k(0)) : 0);
   mix(uint64_t(adapter_enabled_));
+  mix(uint64_t(dependent_launch_on()));  // how its kernels were launched (cuda/launch.h)
   return h;
 }
 

@@ -10,6 +10,7 @@
 #include "cuda/bf16.h"
 #include "cuda/block_sum.cuh"
 #include "cuda/gemv.h"
+#include "cuda/launch.cuh"
 #include "cuda/paged_cache.cuh"
 #include "cuda/rope.cuh"
 
@@ -138,22 +139,26 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const void* __restrict__
       if (PAIRS) b[u] = two && c < kv ? w1[c] : V{};
     }
   };
+  grid_dependents_launch();
+  // The first chunks of W go out first: before the wait for the kernels this one follows (W is
+  // weights, which no kernel in flight writes: cuda/launch.h), so that with a dependent launch
+  // they load while the previous kernel finishes, and before the rows' 1 / rms is taken, whose
+  // reads of x and reduction then overlap the weights' latency instead of preceding it.
   int j = blockIdx.x * kWarps + (threadIdx.x >> 5);
   bool loaded = false;  // a and b hold the first unit's first chunks
+  if (j < units) {
+    long j0, j1;
+    bool two;
+    unit_rows(j, j0, j1, two);
+    load(w + j0 * kv, w + j1 * kv, two, lane);
+    loaded = true;
+  }
+  grid_dependency_wait();
   __shared__ float scratch[kWarps];
   float inv[kGemvMaxRows];
 #pragma unroll
   for (int r = 0; r < kGemvMaxRows; ++r) inv[r] = 1.f;
   if (NORM) {
-    // The first chunks of W go out before the rows' 1 / rms is taken, so the norm's reads of x
-    // and its reduction overlap the first weights' latency instead of preceding it.
-    if (j < units) {
-      long j0, j1;
-      bool two;
-      unit_rows(j, j0, j1, two);
-      load(w + j0 * kv, w + j1 * kv, two, lane);
-      loaded = true;
-    }
 #pragma unroll
     for (int r = 0; r < kGemvMaxRows; ++r)
       if (r < rows) inv[r] = rms_inv(static_cast<const float*>(x) + r * ldx, K, norm.eps, scratch);
@@ -246,6 +251,8 @@ struct DownTerms {
 // read, as rmsnorm_rows writes them (the same 1 / rms bits).
 __global__ void __launch_bounds__(kThreads) lora_down_rows_kernel(DownTerms t, const float* __restrict__ x, long ldx, int rows,
                                                                  int K, Norm norm) {
+  grid_dependents_launch();
+  grid_dependency_wait();
   __shared__ float scratch[kWarps];
   __shared__ float part[kWarps][kGemvMaxRows];
   // This block's term and row of its A (unrolled, so the parameters are not indexed at run time).
@@ -300,6 +307,8 @@ __global__ void __launch_bounds__(kThreads) lora_down_rows_kernel(DownTerms t, c
 // thread o adds its column's up product to each row of its block, summed in rank order.
 constexpr int kUpRows = 16;
 __global__ void __launch_bounds__(kThreads) lora_up_rows_kernel(Terms terms, int rows, float* y, long ldy) {
+  grid_dependents_launch();
+  grid_dependency_wait();
   int col = int(blockIdx.x) * kThreads + int(threadIdx.x);
   GemvLora t{};
   bool found = false;
@@ -332,8 +341,8 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 template <class V, Epilogue E, bool NORM>
 void launch(const GemvArgs& a, unsigned grid, long ldx, int kv, int units, long half, Norm nm, const Terms& terms, long ldy,
             cudaStream_t stream) {
-  gemv_kernel<V, E, NORM><<<grid, kThreads, 0, stream>>>(a.x, ldx, static_cast<const V*>(a.w), a.rows, units, kv, half, nm, a.K,
-                                                         a.bias, terms, a.y, ldy, a.accumulate, a.y_bf16, a.append);
+  launch_dependent(gemv_kernel<V, E, NORM>, grid, kThreads, 0, stream, a.x, ldx, static_cast<const V*>(a.w), a.rows, units, kv, half,
+                   nm, a.K, a.bias, terms, a.y, ldy, a.accumulate, a.y_bf16, a.append);
 }
 template <class V, Epilogue E>
 void launch(const GemvArgs& a, bool norm, unsigned grid, long ldx, int kv, int units, long half, Norm nm, const Terms& terms,
@@ -415,7 +424,7 @@ void lora_down_rows(const GemvDown* terms, int n, const float* x, long ldx, int 
     t.A[i] = terms[i].A, t.u[i] = terms[i].u, t.rank[i] = terms[i].rank;
     blocks += terms[i].rank;
   }
-  lora_down_rows_kernel<<<blocks, kThreads, 0, stream>>>(t, x, ldx, rows, K, Norm{norm_w, norm_eps});
+  launch_dependent(lora_down_rows_kernel, blocks, kThreads, 0, stream, t, x, ldx, rows, K, Norm{norm_w, norm_eps});
   check_launch("lora_down_rows");
 }
 
@@ -434,7 +443,7 @@ void lora_up_rows(const GemvLora* terms, int n, int rows, float* y, long ldy, cu
     cols += a.out;
   }
   const dim3 grid(unsigned((cols + kThreads - 1) / kThreads), unsigned((rows + kUpRows - 1) / kUpRows));
-  lora_up_rows_kernel<<<grid, kThreads, 0, stream>>>(t, rows, y, ldy);
+  launch_dependent(lora_up_rows_kernel, grid, kThreads, 0, stream, t, rows, y, ldy);
   check_launch("lora_up_rows");
 }
 

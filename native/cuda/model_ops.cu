@@ -12,6 +12,7 @@
 
 #include "cuda/bf16.h"
 #include "cuda/block_sum.cuh"
+#include "cuda/launch.cuh"
 #include "cuda/model_ops.h"
 #include "cuda/rank_rows.cuh"
 
@@ -45,6 +46,8 @@ __device__ float block_reduce(float v, float* scratch, bool is_max) {
 __global__ void embed_kernel(float* x, const void* table, bool table_bf16, const int32_t* tokens, int hidden,
                              const float* flag_embed, const int32_t* flag_tokens, int n_flags, const float* pos_embed,
                              const int32_t* positions, const float* delta) {
+  grid_dependents_launch();
+  grid_dependency_wait();
   const long r = blockIdx.x;
   const int tok = tokens[r];
   int k = -1;
@@ -168,6 +171,8 @@ __global__ void merge_lora_kernel(void* w, bool w_bf16, int in, long n, const fl
 }
 
 __global__ void gather_rows_kernel(float* out, const float* x, const int32_t* rows, int width) {
+  grid_dependents_launch();
+  grid_dependency_wait();
   const float* src = x + long(rows[blockIdx.x]) * width;
   float* dst = out + long(blockIdx.x) * width;
   for (int i = threadIdx.x; i < width; i += blockDim.x) dst[i] = src[i];
@@ -178,6 +183,8 @@ __global__ void gather_rows_kernel(float* out, const float* x, const int32_t* ro
 // row's rms_inv at the same block size, then w[i] * (x[i] * inv)): the same bits as on its output.
 __global__ void flag_logits_kernel(float* logits, long ld, const float* x, int hidden, const float* head,
                                    const int32_t* tokens, const float* norm_w, float norm_eps) {
+  grid_dependents_launch();
+  grid_dependency_wait();
   __shared__ float scratch[32], norm_scratch[32];
   const long r = blockIdx.x;
   const int k = blockIdx.y;
@@ -193,6 +200,8 @@ __global__ void flag_logits_kernel(float* logits, long ld, const float* x, int h
 // grid: rows. The log-sum-exp with max subtraction in f32, as the CPU's logsumexp.
 __global__ void row_scores_kernel(const float* logits, int vocab, const int32_t* flags, int n_flags, const int32_t* next,
                                   float* p_rf, float* p_flags, float* logprob_next) {
+  grid_dependents_launch();
+  grid_dependency_wait();
   __shared__ float scratch[32];
   const long r = blockIdx.x;
   const float* z = logits + r * vocab;
@@ -220,8 +229,8 @@ void embed_rows(float* x, const void* table, bool table_bf16, const int32_t* tok
                 const float* flag_embed, const int32_t* flag_tokens, int n_flags, const float* pos_embed,
                 const int32_t* positions, const float* delta, cudaStream_t stream) {
   if (rows > 0)
-    embed_kernel<<<rows, kThreads, 0, stream>>>(x, table, table_bf16, tokens, hidden, flag_embed, flag_tokens, n_flags,
-                                                pos_embed, positions, delta);
+    launch_dependent(embed_kernel, rows, kThreads, 0, stream, x, table, table_bf16, tokens, hidden, flag_embed, flag_tokens, n_flags,
+                     pos_embed, positions, delta);
 }
 
 int swiglu_lora_width(const SwigluLora& gate, const SwigluLora& up, const char* who) {
@@ -249,19 +258,19 @@ void merge_lora_rows(void* w, bool w_bf16, int out, int in, const float* A, cons
 }
 
 void gather_rows(float* out, const float* x, const int32_t* rows, int n, int width, cudaStream_t stream) {
-  if (n > 0) gather_rows_kernel<<<n, kThreads, 0, stream>>>(out, x, rows, width);
+  if (n > 0) launch_dependent(gather_rows_kernel, n, kThreads, 0, stream, out, x, rows, width);
 }
 
 void set_flag_logits(float* logits, long ld, const float* xn, int rows, int hidden, const float* head,
                      const int32_t* tokens, int n_flags, cudaStream_t stream, const float* norm_w, float norm_eps) {
   if (rows > 0 && n_flags > 0)
-    flag_logits_kernel<<<dim3(rows, n_flags), kThreads, 0, stream>>>(logits, ld, xn, hidden, head, tokens, norm_w, norm_eps);
+    launch_dependent(flag_logits_kernel, dim3(rows, n_flags), kThreads, 0, stream, logits, ld, xn, hidden, head, tokens, norm_w, norm_eps);
 }
 
 void row_scores(const float* logits, int rows, int vocab, const int32_t* flags, int n_flags, const int32_t* next,
                 float* p_rf, float* p_flags, float* logprob_next, cudaStream_t stream) {
   if (rows > 0)
-    row_scores_kernel<<<rows, 512, 0, stream>>>(logits, vocab, flags, n_flags, next, p_rf, p_flags, logprob_next);
+    launch_dependent(row_scores_kernel, rows, 512, 0, stream, logits, vocab, flags, n_flags, next, p_rf, p_flags, logprob_next);
 }
 
 }  // namespace rf::cuda

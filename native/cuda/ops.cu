@@ -12,6 +12,7 @@
 
 #include "cuda/bf16.h"
 #include "cuda/block_sum.cuh"
+#include "cuda/launch.cuh"
 #include "cuda/ops.h"
 #include "cuda/rope.cuh"
 #include "model/draw.h"
@@ -36,6 +37,8 @@ struct PickStat {
 int pick_slices(int vocab) { return std::max(1, std::min(64, (vocab + 4095) / 4096)); }
 
 __global__ void rmsnorm_kernel(float* out, const float* x, const float* w, int n, float eps, __nv_bfloat16* out_bf16) {
+  grid_dependents_launch();
+  grid_dependency_wait();
   __shared__ float scratch[32];
   const float* xr = x + long(blockIdx.x) * n;
   float* yr = out ? out + long(blockIdx.x) * n : nullptr;
@@ -50,6 +53,8 @@ __global__ void rmsnorm_kernel(float* out, const float* x, const float* w, int n
 
 __global__ void layernorm_kernel(float* out, const float* x, const float* w, const float* b, int n, float eps,
                                  __nv_bfloat16* out_bf16) {
+  grid_dependents_launch();
+  grid_dependency_wait();
   __shared__ float scratch[32];
   const float* xr = x + long(blockIdx.x) * n;
   float* yr = out ? out + long(blockIdx.x) * n : nullptr;
@@ -69,6 +74,8 @@ __global__ void layernorm_kernel(float* out, const float* x, const float* w, con
 
 // grid (rows, heads); threads over the half head.
 __global__ void rope_kernel(float* x, long row_stride, int head_dim, const float* cos, const float* sin) {
+  grid_dependents_launch();
+  grid_dependency_wait();
   const int half = head_dim / 2;
   float* a = x + long(blockIdx.x) * row_stride + long(blockIdx.y) * head_dim;
   float* b = a + half;
@@ -83,6 +90,8 @@ __global__ void rope_kernel(float* x, long row_stride, int head_dim, const float
 }
 
 __global__ void swiglu_kernel(float* out, const float* gate, const float* up, long n) {
+  grid_dependents_launch();
+  grid_dependency_wait();
   for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
     const float g = gate[i];
     out[i] = g / (1.0f + expf(-g)) * up[i];
@@ -93,6 +102,8 @@ __global__ void swiglu_kernel(float* out, const float* gate, const float* up, lo
 // in_bf16 (optional) x rounded (read before out is written: in place too).
 template <class T>
 __global__ void gelu_new_kernel(float* out, const T* x, long n, __nv_bfloat16* out_bf16, __nv_bfloat16* in_bf16) {
+  grid_dependents_launch();
+  grid_dependency_wait();
   const float k = 0.7978845608028654f;  // sqrt(2 / pi)
   for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
     const float v = as_f32(x[i]);
@@ -239,6 +250,8 @@ __device__ void block_argmax(float& mx, int& at, float* smax, int* sidx) {
 // pick_slices(vocab) blocks on as many SMs, not by one block (one SM's memory parallelism).
 // stats [rows, slices].
 __global__ void __launch_bounds__(kStatThreads) pick_stats_kernel(const float* logits, int vocab, PickStat* stats) {
+  grid_dependents_launch();
+  grid_dependency_wait();
   __shared__ float smax[kStatThreads];
   __shared__ int sidx[kStatThreads];
   __shared__ float scratch[32];
@@ -283,6 +296,8 @@ __device__ __forceinline__ void pick_chunk_range(int vocab, int t, int& lo, int&
 // pick_draws_whole (ops.h) write theirs (pick_kernel reads no other's).
 __global__ void pick_weights_kernel(const float* logits, int vocab, const PickStat* stats, int slices, const DevicePick* params,
                                     double* weights) {
+  grid_dependents_launch();
+  grid_dependency_wait();
   const DevicePick p = params[blockIdx.x];
   if (!pick_draws_whole(p)) return;
   const float mx = row_max(stats + long(blockIdx.x) * slices, slices, vocab), inv_t = 1.f / p.temperature;
@@ -300,6 +315,8 @@ __global__ void pick_weights_kernel(const float* logits, int vocab, const PickSt
 __global__ void pick_kernel(const float* logits, int vocab, const PickStat* stats, int slices, const double* weights,
                             const DevicePick* params, const int* flags, int n_flags, uint32_t* token, float* logprob, float* p_rf,
                             float* p_flags, int top_n, uint32_t* top_ids, float* top_logprobs) {
+  grid_dependents_launch();
+  grid_dependency_wait();
   extern __shared__ __align__(16) unsigned char nucleus_smem[];  // NucleusShared, for top-k / top-p rows
   __shared__ double sw[kPickThreads];
   __shared__ float s_lse, s_mx;
@@ -497,29 +514,29 @@ int blocks_for(long n, int threads) {
 
 void rmsnorm_rows(float* out, const float* x, const float* w, int rows, int n, float eps, cudaStream_t stream,
                   __nv_bfloat16* out_bf16) {
-  if (rows > 0) rmsnorm_kernel<<<rows, kRowThreads, 0, stream>>>(out, x, w, n, eps, out_bf16);
+  if (rows > 0) launch_dependent(rmsnorm_kernel, rows, kRowThreads, 0, stream, out, x, w, n, eps, out_bf16);
 }
 
 void layernorm_rows(float* out, const float* x, const float* w, const float* b, int rows, int n, float eps,
                     cudaStream_t stream, __nv_bfloat16* out_bf16) {
-  if (rows > 0) layernorm_kernel<<<rows, kRowThreads, 0, stream>>>(out, x, w, b, n, eps, out_bf16);
+  if (rows > 0) launch_dependent(layernorm_kernel, rows, kRowThreads, 0, stream, out, x, w, b, n, eps, out_bf16);
 }
 
 void rope_rows(float* x, long row_stride, int rows, int n_heads, int head_dim, const float* cos, const float* sin,
                cudaStream_t stream) {
-  if (rows > 0 && n_heads > 0) rope_kernel<<<dim3(rows, n_heads), 64, 0, stream>>>(x, row_stride, head_dim, cos, sin);
+  if (rows > 0 && n_heads > 0) launch_dependent(rope_kernel, dim3(rows, n_heads), 64, 0, stream, x, row_stride, head_dim, cos, sin);
 }
 
 void swiglu(float* out, const float* gate, const float* up, long n, cudaStream_t stream) {
-  if (n > 0) swiglu_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(out, gate, up, n);
+  if (n > 0) launch_dependent(swiglu_kernel, blocks_for(n, 256), 256, 0, stream, out, gate, up, n);
 }
 
 void gelu_new(float* x, long n, cudaStream_t stream, __nv_bfloat16* out_bf16, __nv_bfloat16* in_bf16) {
-  if (n > 0) gelu_new_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(x, x, n, out_bf16, in_bf16);
+  if (n > 0) launch_dependent(gelu_new_kernel<float>, blocks_for(n, 256), 256, 0, stream, x, x, n, out_bf16, in_bf16);
 }
 
 void gelu_new(float* out, const __nv_bfloat16* x, long n, cudaStream_t stream, __nv_bfloat16* out_bf16) {
-  if (n > 0) gelu_new_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(out, x, n, out_bf16, nullptr);
+  if (n > 0) launch_dependent(gelu_new_kernel<__nv_bfloat16>, blocks_for(n, 256), 256, 0, stream, out, x, n, out_bf16, nullptr);
 }
 
 // The scratch: the slices' statistics [rows, slices], then (256-byte aligned) the chunk weights
@@ -539,13 +556,13 @@ void pick_rows(const float* logits, int rows, int vocab, const DevicePick* param
   const int slices = pick_slices(vocab);
   PickStat* stats = static_cast<PickStat*>(scratch);
   double* weights = reinterpret_cast<double*>(static_cast<char*>(scratch) + pick_weights_offset(rows, vocab));
-  pick_stats_kernel<<<dim3(rows, slices), kStatThreads, 0, stream>>>(logits, vocab, stats);
+  launch_dependent(pick_stats_kernel, dim3(rows, slices), kStatThreads, 0, stream, logits, vocab, stats);
   if (whole_draws)
-    pick_weights_kernel<<<dim3(rows, kPickThreads / 32), 32, 0, stream>>>(logits, vocab, stats, slices, params, weights);
+    launch_dependent(pick_weights_kernel, dim3(rows, kPickThreads / 32), 32, 0, stream, logits, vocab, stats, slices, params, weights);
   // The candidates' arrays in dynamic shared memory: with the static arrays, under the 48 KiB a
   // kernel gets without opting in.
-  pick_kernel<<<rows, kPickThreads, sizeof(NucleusShared), stream>>>(logits, vocab, stats, slices, weights, params, flags, n_flags,
-                                                                      token, logprob, p_rf, p_flags, top_n, top_ids, top_logprobs);
+  launch_dependent(pick_kernel, rows, kPickThreads, sizeof(NucleusShared), stream, logits, vocab, stats, slices, weights, params,
+                   flags, n_flags, token, logprob, p_rf, p_flags, top_n, top_ids, top_logprobs);
 }
 
 }  // namespace rf::cuda

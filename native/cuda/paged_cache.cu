@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/bf16.h"
+#include "cuda/launch.cuh"
 #include "cuda/paged_cache.cuh"
 #include "cuda/paged_cache.h"
 #include "cuda/rope.cuh"
@@ -19,6 +20,8 @@ template <class T>
 __global__ void kv_append_kernel(T* k_cache, T* v_cache, float* qkv, long row_stride, int k_offset, int v_offset,
                                  const int32_t* row_seq, const int32_t* row_pos, const int32_t* tables,
                                  const int32_t* table_offsets, int n_kv_heads, int head_dim, int block_tokens, AppendRope rope) {
+  grid_dependents_launch();
+  grid_dependency_wait();
   const int r = blockIdx.x;
   const long slot = cache_row(tables, table_offsets, row_seq[r], row_pos[r], n_kv_heads, block_tokens);
   float* row = qkv + long(r) * row_stride;
@@ -61,13 +64,13 @@ void kv_append(void* k_cache, void* v_cache, bool bf16, float* qkv, long row_str
                int n_kv_heads, int head_dim, int block_tokens, cudaStream_t stream, const AppendRope& rope) {
   if (rows <= 0) return;
   if (bf16)
-    kv_append_kernel<__nv_bfloat16><<<rows, kAppendThreads, 0, stream>>>(
-        static_cast<__nv_bfloat16*>(k_cache), static_cast<__nv_bfloat16*>(v_cache), qkv, row_stride, k_offset, v_offset, row_seq,
-        row_pos, tables, table_offsets, n_kv_heads, head_dim, block_tokens, rope);
+    launch_dependent(kv_append_kernel<__nv_bfloat16>, rows, kAppendThreads, 0, stream, static_cast<__nv_bfloat16*>(k_cache),
+                     static_cast<__nv_bfloat16*>(v_cache), qkv, row_stride, k_offset, v_offset, row_seq, row_pos, tables,
+                     table_offsets, n_kv_heads, head_dim, block_tokens, rope);
   else
-    kv_append_kernel<float><<<rows, kAppendThreads, 0, stream>>>(static_cast<float*>(k_cache), static_cast<float*>(v_cache), qkv,
-                                                                 row_stride, k_offset, v_offset, row_seq, row_pos, tables,
-                                                                 table_offsets, n_kv_heads, head_dim, block_tokens, rope);
+    launch_dependent(kv_append_kernel<float>, rows, kAppendThreads, 0, stream, static_cast<float*>(k_cache),
+                     static_cast<float*>(v_cache), qkv, row_stride, k_offset, v_offset, row_seq, row_pos, tables, table_offsets,
+                     n_kv_heads, head_dim, block_tokens, rope);
 }
 
 }  // namespace rf::cuda

@@ -40,6 +40,7 @@
 
 #include "cuda/cuda.h"
 #include "cuda/device_model.h"
+#include "cuda/launch.h"
 #include "core/dtype.h"
 #include "model/decode.h"
 #include "model/layout.h"
@@ -364,9 +365,13 @@ void check_decode_step(const std::string& tag, Pair& p) {
 // flag count changes (another graph), steps turn all greedy and back (another graph, without the
 // pick's weights launch), sequences cross 16-token blocks (the tables grow), and the
 // few-row products move from gemv_rows to cuBLASLt (set_gemv(false): the graphs are retired).
+// The graphs are captured with dependent launches where the GPU has them (cuda/launch.h), the
+// eager steps run without: a kernel that reads its predecessor's output before waiting for it
+// differs here.
 void check_graphs(const std::string& tag, rf::cuda::DeviceModel& graphed, rf::cuda::DeviceModel& eager, int steps) {
   eager.set_graphs(false);
   graphed.set_graphs(true);
+  const bool dependent = rf::cuda::dependent_launch_on();
   std::mt19937 rng(17);
   const int V = graphed.vocab();
   std::vector<std::vector<uint32_t>> prompts;
@@ -396,7 +401,9 @@ void check_graphs(const std::string& tag, rf::cuda::DeviceModel& graphed, rf::cu
     }
     std::vector<rf::Pick> pa(static_cast<size_t>(n)), pb(static_cast<size_t>(n));
     std::vector<float> fa(size_t(n) * K), fb(size_t(n) * K);
+    rf::cuda::set_dependent_launch(false);
     eager.decode_step(ia, params, rf::Flags(flag_ids, fa.data()), 0, pa.data(), nullptr, nullptr);
+    rf::cuda::set_dependent_launch(dependent);
     graphed.decode_step(ib, params, rf::Flags(flag_ids, fb.data()), 0, pb.data(), nullptr, nullptr);
     for (int i = 0; i < n; ++i) {
       ++compared;

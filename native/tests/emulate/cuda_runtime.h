@@ -106,11 +106,15 @@ using std::min;
 // A launch names its kernel (for the emulation's messages), its address (the key of its
 // shared-memory attribute; null when translate.py cannot take it) and its __launch_bounds__ (0:
 // none known); translate.py writes them.
+// dependent: launched with launch_dependent (cuda/launch.cuh), whose every thread must call
+// grid_dependency_wait (emu_grid_dependency_wait) before it ends.
 struct EmuKernel {
   const char* name;
   const void* key;
   int bounds;
+  bool dependent = false;
 };
+void emu_grid_dependency_wait();
 void emu_launch(dim3 grid, dim3 block, size_t smem, EmuKernel kernel, std::function<void()> body);
 // Poisons a static __shared__ variable once per block (translate.py calls it after each one's
 // declaration; the first thread of a block to get there poisons it, the rest leave it).
@@ -118,6 +122,12 @@ void emu_poison_shared(void* p, size_t bytes);
 extern unsigned char* emu_smem;
 enum { cudaStreamNonBlocking = 1 };
 inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
+inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
+// An H100's or H200's compute capability; the runtime and driver of CUDA 13.0.
+enum cudaDeviceAttr { cudaDevAttrComputeCapabilityMajor };
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) { *v = 9; return cudaSuccess; }
+inline cudaError_t cudaRuntimeGetVersion(int* v) { *v = 13000; return cudaSuccess; }
+inline cudaError_t cudaDriverGetVersion(int* v) { *v = 13000; return cudaSuccess; }
 inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, int) { *s = (void*)1; return cudaSuccess; }
 inline cudaError_t cudaStreamDestroy(cudaStream_t) { return cudaSuccess; }
 inline cudaError_t cudaMemcpy2DAsync(void* d, size_t dp, const void* s, size_t sp, size_t w, size_t h, cudaMemcpyKind, cudaStream_t) {

@@ -27,6 +27,10 @@
 // stops as a misaligned address while x86 just runs it, stops the test with the source line:
 // scripts/cuda-emulate.sh compiles with -fsanitize=alignment, and float4 / uint4 / uint2 here
 // carry the GPU's alignments.
+// A kernel launched with launch_dependent (cuda/launch.cuh), which a GPU may start before the
+// kernel it follows has ended, stops the test when one of its threads ends without having called
+// grid_dependency_wait (the emulation runs launches one after another, so it cannot show a read
+// placed before the wait; the contract in cuda/launch.h keeps those to the weights).
 // What it cannot catch: races between real warps that need true concurrency, memory-model and
 // coalescing effects, the real hardware limits beyond these, and speed.
 // A warp's tensor-core product (mma.sync, cuda/mma.h) is formed from the 32 lanes' fragments by
@@ -80,6 +84,7 @@ namespace {
 constexpr unsigned char kPoison = 0xff, kCanary = 0xfd;
 constexpr size_t kDefaultSmem = 48 * 1024, kOptInSmem = 227 * 1024;
 const char* running = "(no kernel)";  // the kernel now running, for the messages
+bool running_dependent = false;       // whether it was launched with launch_dependent
 unsigned long block_serial = 0;       // counts blocks, so that each poisons its shared memory once
 std::map<const void*, size_t> smem_limit;
 }  // namespace
@@ -94,7 +99,7 @@ void emu_poison_shared(void* p, size_t bytes) {
   if (at != block_serial) memset(p, kPoison, bytes), at = block_serial;
 }
 namespace {
-struct Fiber { void* sp; char* stack; bool done; };
+struct Fiber { void* sp; char* stack; bool done, waited; };
 std::vector<Fiber> fibers;
 void* sched_sp;  // the scheduler's stack pointer while a fiber runs
 int cur, n_alive, block_arrived, block_gen;
@@ -106,6 +111,13 @@ std::function<void()>* body_ptr;
 void yield() { emu_switch(&fibers[cur].sp, sched_sp); }
 void fiber_main() {
   (*body_ptr)();
+  if (running_dependent && !fibers[cur].waited) {
+    std::printf("EMU: kernel %s: thread %u of block (%u, %u, %u) ended without grid_dependency_wait, which every thread of a kernel "
+                "launched with launch_dependent must call (cuda/launch.cuh)\n",
+                running, threadIdx.x, blockIdx.x, blockIdx.y, blockIdx.z);
+    std::fflush(stdout);
+    std::abort();
+  }
   fibers[cur].done = true;
   --n_alive;
   ++arrivals;
@@ -133,6 +145,7 @@ void warp_sync() {
   while (warp_gen[w] == gen) yield();
 }
 }  // namespace
+void emu_grid_dependency_wait() { fibers[cur].waited = true; }
 void __syncthreads() {
   const int gen = block_gen;
   ++arrivals;
@@ -251,10 +264,10 @@ void emu_launch(dim3 grid, dim3 block, size_t smem, EmuKernel kernel, std::funct
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) refuse(kernel, "an empty grid", 0, 1);
   if (grid.y > 65535 || grid.z > 65535) refuse(kernel, "grid.y or grid.z", std::max(grid.y, grid.z), 65535);
   emu_enqueue([=] {
-    running = kernel.name;
+    running = kernel.name, running_dependent = kernel.dependent;
     launch_now(grid, block, smem, body);
     check_canaries(kernel.name);
-    running = "(no kernel)";
+    running = "(no kernel)", running_dependent = false;
   });
 }
 namespace {
@@ -296,7 +309,7 @@ void launch_now(dim3 grid, dim3 block, size_t smem, std::function<void()> body) 
     emu_smem = shared;
     for (int i = 0; i < n; ++i) {
       fibers[i].sp = fiber_start(fibers[i].stack);
-      fibers[i].done = false;
+      fibers[i].done = fibers[i].waited = false;
     }
     n_alive = n, block_arrived = 0;
     for (auto& a : warp_arrived) a = 0;

@@ -2,6 +2,8 @@
 // run_emulator.cpp, which checks that the emulation catches every one of them. Never built by nvcc.
 #include <cuda_runtime.h>
 
+#include "cuda/launch.cuh"
+
 namespace emutest {
 
 // Thread 0 of each block reads a static shared value before anyone writes it, then writes it.
@@ -72,6 +74,15 @@ __global__ void warp_sum_kernel(float* out, int live) {
   if (threadIdx.x == 0) out[0] = v;
 }
 
+// Launched as a dependent kernel: threads at or past `skip` return before waiting for the kernels
+// before them, the rest wait and write.
+__global__ void dependent_kernel(float* x, int skip) {
+  rf::cuda::grid_dependents_launch();
+  if (int(threadIdx.x) >= skip) return;
+  rf::cuda::grid_dependency_wait();
+  x[threadIdx.x] = 1.f;
+}
+
 void read_shared_before_write(float* out, int blocks) { read_shared_before_write_kernel<<<blocks, 32>>>(out); }
 void read_dynamic_shared(float* out, int blocks) { read_dynamic_shared_kernel<<<blocks, 32, 64>>>(out); }
 void ticket(int* order, int* counter, int threads) { ticket_kernel<<<1, threads>>>(order, counter); }
@@ -87,5 +98,6 @@ void big_smem(float* x, int smem, bool raise) {
 }
 void warp_sum(float* out, int threads, int live) { warp_sum_kernel<<<1, threads>>>(out, live); }
 void grid_y(float* x, unsigned y) { bounded_kernel<<<dim3(1, y), 32>>>(x); }
+void dependent(float* x, int threads, int skip) { rf::cuda::launch_dependent(dependent_kernel, 2, threads, 0, nullptr, x, skip); }
 
 }  // namespace emutest

@@ -25,6 +25,7 @@ void grid_y(float* x, unsigned y);
 void cross_block(float* x);
 void load4(const float* x, int offset, float* out);
 void warp_sum(float* out, int threads, int live);
+void dependent(float* x, int threads, int skip);
 }  // namespace emutest
 
 // Runs f in a child process: true when the child stopped abnormally (the emulation's abort or
@@ -142,6 +143,12 @@ int main() {
     check(stops([] { float* o = device<float>(1); warp_sum(o, 32, 31); }), "a shuffle in a warp with an exited lane stops the test");
     check(stops([] { float* o = device<float>(1); warp_sum(o, 48, 48); }), "a shuffle in a warp of 16 threads stops the test");
     cudaFree(out);
+  }
+  // A kernel launched with launch_dependent may start before the kernels it follows have ended:
+  // every thread must wait for them (grid_dependency_wait), which one returning early skips.
+  {
+    check(!stops([] { float* x = device<float>(64); dependent(x, 64, 64); }), "a dependent kernel whose every thread waits passes");
+    check(stops([] { float* x = device<float>(64); dependent(x, 64, 63); }), "a dependent kernel with one thread that never waits stops the test");
   }
   return finish("emulator");
 }

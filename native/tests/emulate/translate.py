@@ -2,7 +2,9 @@
 """Rewrites a .cu source for the CPU emulation (see emu.cpp):
 - each kernel launch `name<<<grid, block[, smem[, stream]]>>>(args);` becomes
   `emu_launch(dim3(grid), dim3(block), smem, {"name", key, bounds}, [=, emu_args = tuple(args)]
-  { name(emu_args...); });` (the arguments evaluated at the launch, as on a GPU), where
+  { name(emu_args...); });` (the arguments evaluated at the launch, as on a GPU), and each
+  `launch_dependent(name, grid, block, smem, stream, args...);` (cuda/launch.cuh) the same, marked
+  dependent (every thread must call grid_dependency_wait), where
   key identifies the kernel for its shared-memory attribute (cudaFuncSetAttribute) and bounds is
   its __launch_bounds__ when this file defines it (0: none known), so that the emulation refuses a
   launch a GPU would refuse;
@@ -41,10 +43,8 @@ bounds = dict((m.group(2), split_top(m.group(1))[0])
 attributed = set(re.findall(r'cudaFuncSetAttribute\(\s*([\w]+(?:<[\w, ]+>)?)\s*,', src))
 
 
-def launch(m):
-    name, cfg, args = m.group(1), m.group(2), m.group(3)
+def emu_launch(name, c, args, dependent):
     base = name.split('<')[0]
-    c = split_top(cfg)
     smem = c[2] if len(c) > 2 else '0'
     # Only a kernel given the attribute needs a key (the address of the same name, so the same
     # instantiation); the others keep the default 48 KiB limit, as on a GPU.
@@ -52,8 +52,36 @@ def launch(m):
     bound = 'int(%s)' % bounds[base] if base in bounds else '0'
     # The arguments are evaluated at the launch, as a GPU evaluates them (a captured graph keeps
     # their values), not when the emulation runs the kernel, which may be at a graph's replay.
-    return ('emu_launch(dim3(%s), dim3(%s), %s, EmuKernel{"%s", %s, %s}, [=, emu_args = std::make_tuple(%s)] '
-            '{ std::apply([](const auto&... a) { %s(a...); }, emu_args); });') % (c[0], c[1], smem, base, key, bound, args, name)
+    return ('emu_launch(dim3(%s), dim3(%s), %s, EmuKernel{"%s", %s, %s, %s}, [=, emu_args = std::make_tuple(%s)] '
+            '{ std::apply([](const auto&... a) { %s(a...); }, emu_args); });') % (
+                c[0], c[1], smem, base, key, bound, 'true' if dependent else 'false', args, name)
+
+
+def launch(m):
+    return emu_launch(m.group(1), split_top(m.group(2)), m.group(3), False)
+
+
+def dependent_launches(src):
+    """Rewrites each `launch_dependent(name, grid, block, smem, stream, args...);` call."""
+    out, at = '', 0
+    for m in re.finditer(r'(?<![\w:])(?:\w+::)*launch_dependent\(', src):
+        if m.start() < at:
+            continue
+        depth, i = 1, m.end()
+        while depth:
+            depth += {'(': 1, ')': -1}.get(src[i], 0)
+            i += 1
+        # The kernel's name (a template's commas are not split_top's), then the launch's four
+        # settings and the arguments.
+        name = re.match(r'\s*(\w+(?:<[\w, ]+>)?)\s*,', src[m.end():i - 1])
+        parts = split_top(src[m.end() + name.end():i - 1]) if name else []
+        if len(parts) < 4:
+            continue  # the template's own definition
+        if src[i] != ';':
+            sys.exit(f"translate.py: a launch_dependent call in {sys.argv[1]} is not a statement: {src[m.start():i + 20]!r}")
+        out += src[at:m.start()] + emu_launch(name.group(1), parts[:4], ', '.join(parts[4:]), True)
+        at = i + 1
+    return out + src[at:]
 
 
 def poison_shared(m):
@@ -65,6 +93,7 @@ def poison_shared(m):
 src = re.sub(r'extern __shared__ __align__\(16\) unsigned char (\w+)\[\];', r'unsigned char* \1 = emu_smem;', src)
 src = re.sub(r'(?<!extern )(?:__align__\(\d+\)\s+)?__shared__\s+([\w:]+)\s+([^;]+);', poison_shared, src)
 src = re.sub(r'(\w+(?:<[\w, ]+>)?)<<<(.+?)>>>\((.*?)\);', launch, src, flags=re.S)
+src = dependent_launches(src)
 if '<<<' in src:
     sys.exit(f"translate.py: a kernel launch in {sys.argv[1]} was not rewritten: {src[src.index('<<<') - 60:src.index('<<<') + 40]!r}")
 open(sys.argv[2], 'w').write(src)
