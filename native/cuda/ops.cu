@@ -137,6 +137,12 @@ struct NucleusShared {
   int krem;
 };
 
+// Loads of the row a thread has in flight in best_candidates' passes: one block reads the whole
+// row five times, so each pass is bound by the latency of its loads unless several are issued
+// before any is used (the histogram's shared-memory atomics would otherwise keep the compiler
+// from hoisting the next load above them).
+constexpr int kSelectLoads = 8;
+
 // The best k (<= kPickMaxCandidates) of row z, sorted, into sh.v / sh.id. Radix select of the k-th
 // key (four 8-bit passes), then the keys below it and the first ties at it in id order, each
 // thread over a contiguous chunk so the positions come from prefix sums (no races), then a
@@ -148,9 +154,16 @@ __device__ void best_candidates(const float* z, int vocab, int k, NucleusShared&
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int i = t; i < 256; i += nt) sh.hist[i] = 0;
     __syncthreads();
-    for (int i = t; i < vocab; i += nt) {
-      const uint32_t key = descending_key(z[i]);
-      if ((key & mask) == prefix) atomicAdd(&sh.hist[(key >> shift) & 255u], 1);  // integer counts: order-free
+    for (int i0 = t; i0 < vocab; i0 += kSelectLoads * nt) {
+      uint32_t key[kSelectLoads];
+#pragma unroll
+      for (int u = 0; u < kSelectLoads; ++u) {
+        const int i = i0 + u * nt;
+        key[u] = i < vocab ? descending_key(z[i]) : 0u;
+      }
+#pragma unroll
+      for (int u = 0; u < kSelectLoads; ++u)  // integer counts: order-free
+        if (i0 + u * nt < vocab && (key[u] & mask) == prefix) atomicAdd(&sh.hist[(key[u] >> shift) & 255u], 1);
     }
     __syncthreads();
     if (t == 0) {
@@ -169,10 +182,13 @@ __device__ void best_candidates(const float* z, int vocab, int k, NucleusShared&
   const int chunk = (vocab + nt - 1) / nt;
   const int lo = min(vocab, t * chunk), hi = min(vocab, lo + chunk);
   int below = 0, ties = 0;
-  for (int i = lo; i < hi; ++i) {
-    const uint32_t key = descending_key(z[i]);
-    below += key < prefix;
-    ties += key == prefix;
+  for (int i0 = lo; i0 < hi; i0 += kSelectLoads) {
+    uint32_t key[kSelectLoads];
+#pragma unroll
+    for (int u = 0; u < kSelectLoads; ++u) key[u] = i0 + u < hi ? descending_key(z[i0 + u]) : 0u;
+#pragma unroll
+    for (int u = 0; u < kSelectLoads; ++u)
+      if (i0 + u < hi) below += key[u] < prefix, ties += key[u] == prefix;
   }
   sh.count_a[t] = below;
   sh.count_b[t] = ties;
@@ -190,14 +206,22 @@ __device__ void best_candidates(const float* z, int vocab, int k, NucleusShared&
   __syncthreads();
   int at_below = sh.count_a[t], at_tie = sh.count_b[t];
   const int n_below = k - krem;
-  for (int i = lo; i < hi; ++i) {
-    const uint32_t key = descending_key(z[i]);
-    if (key < prefix) {
-      sh.v[at_below] = z[i], sh.id[at_below] = i;
-      ++at_below;
-    } else if (key == prefix) {
-      if (at_tie < krem) sh.v[n_below + at_tie] = z[i], sh.id[n_below + at_tie] = i;
-      ++at_tie;
+  for (int i0 = lo; i0 < hi; i0 += kSelectLoads) {
+    float v[kSelectLoads];
+#pragma unroll
+    for (int u = 0; u < kSelectLoads; ++u) v[u] = i0 + u < hi ? z[i0 + u] : 0.f;
+#pragma unroll
+    for (int u = 0; u < kSelectLoads; ++u) {
+      const int i = i0 + u;
+      const uint32_t key = descending_key(v[u]);
+      if (i >= hi) break;
+      if (key < prefix) {
+        sh.v[at_below] = v[u], sh.id[at_below] = i;
+        ++at_below;
+      } else if (key == prefix) {
+        if (at_tie < krem) sh.v[n_below + at_tie] = v[u], sh.id[n_below + at_tie] = i;
+        ++at_tie;
+      }
     }
   }
   // Bitonic sort of the k candidates, padded to a power of two with entries that sort last.

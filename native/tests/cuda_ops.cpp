@@ -214,6 +214,12 @@ void test_pick_nucleus() {
     row[40] = row[V - 2] = row[9000] = top - 0.25f;
   }
   const int top_ks[] = {0, 1, 7, 40, 256, 2048, 3000};
+  for (int r = 0; r < rows; r += 3) {  // the maximum tied four ways: with top-k 1, ties at the k-th key
+    if (r % 7 != 1 && r % 7 != 2) continue;
+    float* row = z.data() + size_t(r) * V;
+    const float top = *std::max_element(row, row + V);
+    row[12] = row[30000] = row[V - 9] = top;
+  }
   const float top_ps[] = {1.f, 0.5f, 0.9f, 0.999f};
   std::vector<rf::cuda::DevicePick> params(rows);
   for (int r = 0; r < rows; ++r) {
