@@ -1,8 +1,8 @@
 // Flash-decoding over a paged cache (see attention.h). Pass 1: grid (sequence, head, split);
 // each block of kWarps warps takes the split's keys, a warp per key at a time: the lanes share
 // the head's dimensions (up to 8 each), a warp-reduced dot product gives the score, and each
-// warp keeps an online softmax (running max m, sum l, weighted values acc); the warps then
-// merge into the split's (m, l, acc). Pass 2: grid (sequence, head) merges the splits; with one
+// warp keeps an online softmax (running max m, sum l, weighted values acc), its next keys' and
+// values' rows loaded several keys ahead; the warps then merge into the split's (m, l, acc). Pass 2: grid (sequence, head) merges the splits; with one
 // split (lengths up to kDecodeSplitKeys), pass 1 writes the output and pass 2 is not launched.
 //
 // Prefill: grid (query tile, head, sequence), a block of kPrefillWarps warps owning a tile of
@@ -18,6 +18,7 @@
 
 #include <cfloat>
 #include <cmath>
+#include <type_traits>
 
 #include "cuda/attention.h"
 #include "cuda/bf16.h"
@@ -44,7 +45,13 @@ __device__ float warp_sum(float v) {
 // y set (one split): the block writes the output y [S, H, head_dim] itself, as decode_combine
 // would from its one split (the same bits: its terms scaled by exp(0) = 1), and the launch of
 // decode_combine is saved.
-template <class T>
+// DPL: dimensions per lane (head_dim <= 32 DPL). A warp's keys are j = lo + warp, + kWarps, ...,
+// taken into its online softmax one at a time in that order; their table entries, then their key
+// and value rows, are loaded KEYS at a time before any is used, and their scores' warp reductions
+// run side by side, so a warp waits for memory about once per KEYS keys instead of twice per key,
+// and for one shuffle tree's latency instead of KEYS (a decode step's few blocks have few warps
+// to hide either with).
+template <class T, int DPL, int KEYS>
 __global__ void decode_partial(const float* q, long q_stride, PagedLayer layer, PagedBatch batch, int n_heads, float scale,
                                int window, int n_splits, float* m_out, float* l_out, float* acc_out, float* y,
                                __nv_bfloat16* y_bf16) {
@@ -59,54 +66,76 @@ __global__ void decode_partial(const float* q, long q_stride, PagedLayer layer, 
   const int lo = max(first, split * kDecodeSplitKeys), hi = min(length, (split + 1) * kDecodeSplitKeys);
   const int32_t* table = batch.tables + batch.table_offsets[s];
 
-  float qv[kMaxDimsPerLane], acc[kMaxDimsPerLane];
+  float qv[DPL], acc[DPL];
   const float* qr = q + long(s) * q_stride + long(h) * hd;
-  for (int i = 0; i < kMaxDimsPerLane; ++i) {
+#pragma unroll
+  for (int i = 0; i < DPL; ++i) {
     const int d = lane + 32 * i;
     qv[i] = d < hd ? qr[d] * scale : 0.f;
     acc[i] = 0.f;
   }
   float m = -FLT_MAX, l = 0.f;
-  for (int j = lo + warp; j < hi; j += kWarps) {
-    const long base = ((long(table[j / B]) * layer.n_kv_heads + kvh) * B + j % B) * hd;
-    const T* kj = static_cast<const T*>(layer.k) + base;
-    const T* vj = static_cast<const T*>(layer.v) + base;
-    float dot = 0.f;
-    for (int i = 0; i < kMaxDimsPerLane; ++i) {
-      const int d = lane + 32 * i;
-      if (d < hd) dot += qv[i] * kv_float(kj[d]);
+  for (int j0 = lo + warp; j0 < hi; j0 += KEYS * kWarps) {
+    long base[KEYS];
+#pragma unroll
+    for (int u = 0; u < KEYS; ++u) {
+      const int j = j0 + u * kWarps;
+      base[u] = j < hi ? ((long(table[j / B]) * layer.n_kv_heads + kvh) * B + j % B) * hd : 0;
     }
-    const float score = warp_sum(dot);
-    const float m_new = fmaxf(m, score);
-    const float correction = expf(m - m_new);
-    const float p = expf(score - m_new);
-    l = l * correction + p;
-    for (int i = 0; i < kMaxDimsPerLane; ++i) {
-      const int d = lane + 32 * i;
-      if (d < hd) acc[i] = acc[i] * correction + p * kv_float(vj[d]);
+    float kf[KEYS][DPL], vf[KEYS][DPL];
+#pragma unroll
+    for (int u = 0; u < KEYS; ++u)
+#pragma unroll
+      for (int i = 0; i < DPL; ++i) {
+        const int d = lane + 32 * i;
+        const bool in = j0 + u * kWarps < hi && d < hd;
+        kf[u][i] = in ? kv_float(static_cast<const T*>(layer.k)[base[u] + d]) : 0.f;
+        vf[u][i] = in ? kv_float(static_cast<const T*>(layer.v)[base[u] + d]) : 0.f;
+      }
+    // The keys' scores, whose warp reductions are independent of one another, before the
+    // softmax's chain through them.
+    float score[KEYS];
+#pragma unroll
+    for (int u = 0; u < KEYS; ++u) {
+      float dot = 0.f;
+#pragma unroll
+      for (int i = 0; i < DPL; ++i)
+        if (lane + 32 * i < hd) dot += qv[i] * kf[u][i];
+      score[u] = warp_sum(dot);
     }
-    m = m_new;
+#pragma unroll
+    for (int u = 0; u < KEYS; ++u) {
+      if (j0 + u * kWarps >= hi) break;  // the same for the whole warp
+      const float m_new = fmaxf(m, score[u]);
+      const float correction = expf(m - m_new);
+      const float p = expf(score[u] - m_new);
+      l = l * correction + p;
+#pragma unroll
+      for (int i = 0; i < DPL; ++i)
+        if (lane + 32 * i < hd) acc[i] = acc[i] * correction + p * vf[u][i];
+      m = m_new;
+    }
   }
 
   // Merge the warps: each writes its (m, l, acc) to shared memory, warp 0 combines.
   __shared__ float sm[kWarps], sl[kWarps], sacc[kWarps][32 * kMaxDimsPerLane];
   if (lane == 0) sm[warp] = m, sl[warp] = l;
-  for (int i = 0; i < kMaxDimsPerLane; ++i) sacc[warp][lane + 32 * i] = acc[i];
+  for (int i = 0; i < DPL; ++i) sacc[warp][lane + 32 * i] = acc[i];
   __syncthreads();
   if (warp != 0) return;
   float M = -FLT_MAX;
   for (int w = 0; w < kWarps; ++w) M = fmaxf(M, sm[w]);
   float L = 0.f;
-  float out[kMaxDimsPerLane] = {};
+  float out[DPL] = {};
   for (int w = 0; w < kWarps; ++w) {
     if (sl[w] == 0.f) continue;  // a warp that saw no key
     const float c = expf(sm[w] - M);
     L += sl[w] * c;
-    for (int i = 0; i < kMaxDimsPerLane; ++i) out[i] += sacc[w][lane + 32 * i] * c;
+    for (int i = 0; i < DPL; ++i) out[i] += sacc[w][lane + 32 * i] * c;
   }
   if (y) {
     const long row = long(s) * n_heads + h;
-    for (int i = 0; i < kMaxDimsPerLane; ++i) {
+    for (int i = 0; i < DPL; ++i) {
       const int d = lane + 32 * i;
       if (d >= hd) continue;
       const float v = L > 0.f ? out[i] / L : 0.f;
@@ -117,7 +146,7 @@ __global__ void decode_partial(const float* q, long q_stride, PagedLayer layer, 
   }
   const long slot = (long(s) * n_heads + h) * n_splits + split;
   if (lane == 0) m_out[slot] = M, l_out[slot] = L;
-  for (int i = 0; i < kMaxDimsPerLane; ++i) {
+  for (int i = 0; i < DPL; ++i) {
     const int d = lane + 32 * i;
     if (d < hd) acc_out[slot * hd + d] = out[i];
   }
@@ -321,6 +350,35 @@ long decode_attention_scratch(int n_seqs, int n_heads, int head_dim, int max_len
   return slots * (2 + head_dim);
 }
 
+namespace {
+
+// decode_partial's instance for the head size: as many dimensions per lane as it needs, and keys
+// in flight per warp so that a warp's rows stay at 32 floats of registers.
+template <class T, int DPL>
+void decode_partial_dpl(dim3 grid, cudaStream_t stream, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch,
+                        int n_heads, float scale, int window, int n_splits, float* m, float* l, float* acc, float* y,
+                        __nv_bfloat16* y_bf16) {
+  constexpr int kKeys = DPL <= 2 ? 8 : 16 / DPL;
+  launch_dependent(decode_partial<T, DPL, kKeys>, grid, 32 * kWarps, 0, stream, q, q_stride, layer, batch, n_heads, scale, window,
+                   n_splits, m, l, acc, y, y_bf16);
+}
+template <class T>
+void decode_partial_launch(dim3 grid, cudaStream_t stream, const float* q, long q_stride, const PagedLayer& layer,
+                           const PagedBatch& batch, int n_heads, float scale, int window, int n_splits, float* m, float* l, float* acc,
+                           float* y, __nv_bfloat16* y_bf16) {
+  const int hd = layer.head_dim;
+  const auto go = [&](auto dpl) {
+    decode_partial_dpl<T, decltype(dpl)::value>(grid, stream, q, q_stride, layer, batch, n_heads, scale, window, n_splits, m, l, acc,
+                                                y, y_bf16);
+  };
+  if (hd <= 32) go(std::integral_constant<int, 1>());
+  else if (hd <= 64) go(std::integral_constant<int, 2>());
+  else if (hd <= 128) go(std::integral_constant<int, 4>());
+  else go(std::integral_constant<int, 8>());
+}
+
+}  // namespace
+
 void decode_attention(float* out, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch, int n_heads,
                       float scale, int window, float* scratch, cudaStream_t stream, __nv_bfloat16* out_bf16) {
   if (batch.n_seqs <= 0 || batch.max_length <= 0) return;
@@ -334,11 +392,9 @@ void decode_attention(float* out, const float* q, long q_stride, const PagedLaye
   float* y = n_splits == 1 ? out : nullptr;
   __nv_bfloat16* y_bf16 = n_splits == 1 ? out_bf16 : nullptr;
   if (layer.bf16)
-    launch_dependent(decode_partial<__nv_bfloat16>, grid, 32 * kWarps, 0, stream, q, q_stride, layer, batch, n_heads, scale, window,
-                     n_splits, m, l, acc, y, y_bf16);
+    decode_partial_launch<__nv_bfloat16>(grid, stream, q, q_stride, layer, batch, n_heads, scale, window, n_splits, m, l, acc, y, y_bf16);
   else
-    launch_dependent(decode_partial<float>, grid, 32 * kWarps, 0, stream, q, q_stride, layer, batch, n_heads, scale, window, n_splits,
-                     m, l, acc, y, y_bf16);
+    decode_partial_launch<float>(grid, stream, q, q_stride, layer, batch, n_heads, scale, window, n_splits, m, l, acc, y, y_bf16);
   if (n_splits > 1)
     launch_dependent(decode_combine, dim3(batch.n_seqs, n_heads), 128, 0, stream, out, n_heads, layer.head_dim, n_splits, m, l, acc,
                      out_bf16);

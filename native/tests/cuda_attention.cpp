@@ -2,9 +2,10 @@
 // native/cuda/paged_cache.h) against the CPU's attention_row over the same keys gathered into a
 // contiguous copy, on a GPU machine; elsewhere it says no device was found and exits 0.
 //
-// Decode cases: head_dim 64 / 80 / 128; GQA ratios 1, 3 and 8; sequences of 1, 15, 16, 17, 300
-// and 1000 tokens in blocks of 16 (crossing block and 256-key split boundaries) whose block
-// tables come shuffled out of a BlockPool; no window and a 37-token sliding window.
+// Decode cases: head_dim 64 / 80 / 128 (and 32 and 256 once); GQA ratios 1, 3 and 8; sequences
+// of 1, 15, 16, 17, 300 and 1000 tokens in blocks of 16 (crossing block and 256-key split
+// boundaries) whose block tables come shuffled out of a BlockPool; no window and a 37-token
+// sliding window.
 // Prefill cases: the same grid of head_dim / GQA / window, plus head_dim 96 and 256 (the
 // widest register tile and the > 48 KiB shared-memory opt-in) and a 1-token window, over the
 // same six sequences with 1, 15, 7, 17, 300 and 129 new rows (so 16-token and 1000-token
@@ -514,6 +515,9 @@ int main() {
   for (int hd : {64, 80, 128})
     for (int group : {1, 3, 8})
       for (int window : {0, 37}) run_case(hd, 2, group, window);
+  // The narrowest and widest instances of the decode kernel (one and eight dimensions a lane).
+  run_case(32, 2, 3, 0);
+  run_case(256, 2, 3, 37);
 
   const std::vector<int> lengths{1, 15, 16, 17, 300, 1000}, n_new{1, 15, 7, 17, 300, 129};
   for (int hd : {64, 80, 128})

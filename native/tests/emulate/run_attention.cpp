@@ -28,6 +28,8 @@ int main() {
   prefill_case(32, 2, 3, 0, lengths, n_new, true, true);
   prefill_decode_case(64, 2, 3, 37, true);
   run_case(64, 2, 3, 0, {1, 15, 16, 17, 200, 256});  // one split
+  run_case(32, 2, 3, 0, {1, 15, 16, 17, 70, 300});   // one dimension a lane, two splits
+  run_case(256, 1, 2, 37, {1, 15, 16, 17, 70, 300}); // eight a lane, a window
   kv_append_case();
   kv_append_case(true);
   kv_append_case(false, true);
