@@ -28,7 +28,7 @@ namespace rf::cuda {
 
 namespace {
 
-constexpr int kWarps = 4;
+constexpr int kWarps = 8;  // decode: a split's 256 keys are 32 a warp
 constexpr int kMaxDimsPerLane = 8;  // head_dim <= 256
 
 int splits_for(int max_length) { return (max_length + kDecodeSplitKeys - 1) / kDecodeSplitKeys; }
