@@ -455,47 +455,66 @@ __global__ void pick_kernel(const float* logits, int vocab, const PickStat* stat
           break;
         }
         best_candidates(z, vocab, k, sh);
-        for (int i = t; i < k; i += blockDim.x) sh.prob[i] = exp(double((sh.v[i] - mx) * inv_t));
+        // The candidates' weights, by every thread (the same expression wherever it is formed, so
+        // the same bits when formed again below).
+        const auto weigh = [&](int n) {
+          for (int i = t; i < n; i += blockDim.x) sh.prob[i] = exp(double((sh.v[i] - mx) * inv_t));
+        };
+        weigh(k);
         __syncthreads();
+        // Sequential sums in candidate order, as the CPU's, by thread 0; the divisions, which do
+        // not depend on one another, by every thread first.
         if (t == 0) {
-          // Sequential sums in candidate order, as the CPU's.
           double mass = 0;
           for (int i = 0; i < k; ++i) mass += sh.prob[i];
-          int result = -2;  // -2: grow
-          if (p.top_k > 0 || k == vocab || mass >= double(p.top_p) * stotal) {
-            const double sum = p.top_k == 0 ? stotal : mass;
-            int keep = k;
-            if (p.top_p < 1.f) {
-              double cumulative = 0;
-              for (int i = 0; i < k; ++i) {
-                cumulative += sh.prob[i] / sum;
-                if (cumulative >= double(p.top_p)) {
-                  keep = i + 1;
-                  break;
-                }
-              }
-            }
-            double kept = 0;
-            for (int i = 0; i < keep; ++i) kept += sh.prob[i];
-            double r = u * kept;
-            result = sh.id[keep - 1];
-            for (int i = 0; i < keep; ++i) {
-              r -= sh.prob[i];
-              if (r < 0) {
-                result = sh.id[i];
+          s_rem = mass;
+        }
+        __syncthreads();
+        const double mass = s_rem;
+        if (!(p.top_k > 0 || k == vocab || mass >= double(p.top_p) * stotal)) {  // too little mass: grow
+          __syncthreads();  // s_rem is read before it is written again
+          k = min(vocab, k * 8);
+          continue;
+        }
+        int keep = k;
+        if (p.top_p < 1.f) {
+          const double sum = p.top_k == 0 ? stotal : mass;
+          for (int i = t; i < k; i += blockDim.x) sh.prob[i] /= sum;  // each candidate's share
+          __syncthreads();
+          if (t == 0) {
+            double cumulative = 0;
+            int n = k;
+            for (int i = 0; i < k; ++i) {
+              cumulative += sh.prob[i];
+              if (cumulative >= double(p.top_p)) {
+                n = i + 1;
                 break;
               }
+            }
+            spick = n;
+          }
+          __syncthreads();
+          keep = spick;
+          weigh(keep);  // the weights again, over the shares
+          __syncthreads();
+        }
+        if (t == 0) {
+          double kept = 0;
+          for (int i = 0; i < keep; ++i) kept += sh.prob[i];
+          double r = u * kept;
+          int result = sh.id[keep - 1];
+          for (int i = 0; i < keep; ++i) {
+            r -= sh.prob[i];
+            if (r < 0) {
+              result = sh.id[i];
+              break;
             }
           }
           spick = result;
         }
         __syncthreads();
-        if (spick != -2) {
-          pick = spick;
-          break;
-        }
-        __syncthreads();
-        k = min(vocab, k * 8);
+        pick = spick;
+        break;
       }
     }
   }
