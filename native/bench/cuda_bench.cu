@@ -19,6 +19,8 @@
 //   - the fused pick epilogue (token, log-prob, p(<rf>)) on one 128256-logit row, timed alone
 //     with CUDA events, as a fraction of a batch-1 decode step: greedy (the target's figure),
 //     and sampled (temperature alone, with top-p 0.9, with top-k 50);
+//   - decode attention alone (one layer's launch) at 1 x 128, 1 x 4096 and 8 x 4096 cached tokens:
+//     seconds, the key and value bytes over the copy bandwidth, and the n_layers launches of a step;
 //   - each decode product alone (QKV, o, gate|up with its SwiGLU, down, LM head) at 1 and 8 rows,
 //     gemv_rows against cuBLASLt's matmul on the same shapes: W's bytes per second over the copy
 //     bandwidth (W rotated through copies past the 50 MB L2, 20 launches per timing);
@@ -164,6 +166,57 @@ std::string attention_alone(const rf::ModelConfig& c, int T, double tflops, int 
   return "{\"tokens\": " + std::to_string(T) + ", \"f32Seconds\": " + std::to_string(t32) + ", \"tensorCoreSeconds\": " +
          std::to_string(ttc) + ", \"tensorCoreTflops\": " + std::to_string(flops / ttc / 1e12) + ", \"tensorCoreRatioToBf16\": " +
          std::to_string(flops / ttc / tflops) + ", \"speedup\": " + std::to_string(t32 / ttc) + "}";
+}
+
+// Decode attention alone (one layer's launch, as a decode step makes it): S sequences of `context`
+// cached tokens each in a bf16 paged cache (every sequence its own blocks), the model's heads and
+// head_dim, 20 launches per timing over caches that together exceed the L2 (so the keys come from
+// memory, as in a decode step of a large model). Bytes: every key and value row once, against the
+// copy bandwidth; the step's share is n_layers launches.
+std::string decode_attention_alone(const rf::ModelConfig& c, double bw, int reps) {
+  const int B = rf::cuda::DeviceModel::kBlockTokens, hd = c.head_dim;
+  const float scale = 1.f / std::sqrt(float(hd));
+  std::string out = "[";
+  for (const auto& [S, context] : {std::pair<int, int>{1, 128}, {1, 4096}, {8, 4096}}) {
+    const int per_seq = (context + B - 1) / B, n_blocks = S * per_seq;
+    const size_t kv_bytes = size_t(n_blocks) * c.n_kv_heads * B * hd * 2;  // K or V, bf16
+    const int copies = int(std::max<size_t>(1, (size_t(256) << 20) / (2 * kv_bytes) + 1));
+    std::vector<void*> caches(size_t(2 * copies));
+    for (void*& p : caches) {
+      check(cudaMalloc(&p, kv_bytes), "cudaMalloc");
+      cudaMemset(p, 0x3c, kv_bytes);  // about 0.0115 in every bf16: not zeros
+    }
+    std::vector<int32_t> host(size_t(n_blocks + 2 * S));  // tables, table offsets, lengths
+    for (int i = 0; i < n_blocks; ++i) host[size_t(i)] = i;
+    for (int s = 0; s < S; ++s) host[size_t(n_blocks + s)] = s * per_seq, host[size_t(n_blocks + S + s)] = context;
+    int32_t* ints = nullptr;
+    float *q = nullptr, *o = nullptr, *scratch = nullptr;
+    check(cudaMalloc(&ints, host.size() * 4), "cudaMalloc");
+    cudaMemcpy(ints, host.data(), host.size() * 4, cudaMemcpyHostToDevice);
+    check(cudaMalloc(&q, size_t(S) * c.n_heads * hd * 4), "cudaMalloc");
+    check(cudaMalloc(&o, size_t(S) * c.n_heads * hd * 4), "cudaMalloc");
+    check(cudaMalloc(&scratch, size_t(rf::cuda::decode_attention_scratch(S, c.n_heads, hd, context)) * 4), "cudaMalloc");
+    cudaMemset(q, 0x3c, size_t(S) * c.n_heads * hd * 4);
+    const rf::cuda::PagedBatch batch{ints, ints + n_blocks, ints + n_blocks + S, S, context};
+    constexpr int kLaunches = 20;
+    const double t = median_time(reps, [&] {
+                       for (int i = 0; i < kLaunches; ++i) {
+                         const int j = i % copies;
+                         const rf::cuda::PagedLayer layer{caches[size_t(2 * j)], caches[size_t(2 * j + 1)], B, c.n_kv_heads, hd, true};
+                         rf::cuda::decode_attention(o, q, long(c.n_heads) * hd, layer, batch, c.n_heads, scale, 0, scratch, nullptr);
+                       }
+                     }) / kLaunches;
+    check(cudaGetLastError(), "decode_attention");
+    for (void* p : caches) cudaFree(p);
+    for (void* p : {static_cast<void*>(ints), static_cast<void*>(q), static_cast<void*>(o), static_cast<void*>(scratch)}) cudaFree(p);
+    const double bytes = 2.0 * double(S) * context * c.n_kv_heads * hd * 2;
+    std::fprintf(stderr, "decode attention alone (%d x %d tokens, hd %d): %.1f us a layer (%.0f%% of copy), %.0f us a step\n", S, context,
+                 hd, t * 1e6, 100 * bytes / t / bw, t * c.n_layers * 1e6);
+    out += std::string(out.size() > 1 ? ", " : "") + "{\"sequences\": " + std::to_string(S) + ", \"context\": " +
+           std::to_string(context) + ", \"seconds\": " + std::to_string(t) + ", \"bytes\": " + std::to_string(bytes) +
+           ", \"ratioToCopy\": " + std::to_string(bytes / t / bw) + ", \"stepSeconds\": " + std::to_string(t * c.n_layers) + "}";
+  }
+  return out + "]";
 }
 
 // The decode step's products alone, gemv_rows against matmul (cuBLASLt), bf16 W and x, on W copies
@@ -316,6 +369,7 @@ int main(int argc, char** argv) {
 
     r += ", \"prefillAttention\": " + attention_alone(c, 2048, tflops, quick ? 3 : 10);
     r += ", \"gemvAlone\": " + gemv_alone(c, bw, quick ? 5 : 20);
+    r += ", \"decodeAttentionAlone\": " + decode_attention_alone(c, bw, quick ? 5 : 20);
 
     // The fused pick epilogue alone on one row of logits.
     {
