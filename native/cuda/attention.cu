@@ -2,8 +2,9 @@
 // each block of kWarps warps takes the split's keys, a warp per key at a time: the lanes share
 // the head's dimensions (up to 8 each), a warp-reduced dot product gives the score, and each
 // warp keeps an online softmax (running max m, sum l, weighted values acc), its next keys' and
-// values' rows loaded several keys ahead; the warps then merge into the split's (m, l, acc). Pass 2: grid (sequence, head) merges the splits; with one
-// split (lengths up to kDecodeSplitKeys), pass 1 writes the output and pass 2 is not launched.
+// values' rows loaded several keys ahead; the warps then merge into the split's (m, l, acc).
+// Pass 2: grid (sequence, head) merges the splits; with one split (lengths up to
+// kDecodeSplitKeys), pass 1 writes the output and pass 2 is not launched.
 //
 // Prefill: grid (query tile, head, sequence), a block of kPrefillWarps warps owning a tile of
 // kPrefillRows new query rows of one head (kRowsPerWarp rows per warp). The block walks the

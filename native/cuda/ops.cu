@@ -347,7 +347,7 @@ __global__ void pick_kernel(const float* logits, int vocab, const PickStat* stat
   __shared__ int s_at;
   __shared__ double stotal;
   __shared__ int spick, s_owner;
-  __shared__ double s_rem;
+  __shared__ double s_rem, s_mass;
   const float* z = logits + long(blockIdx.x) * vocab;
   const int t = threadIdx.x;
 
@@ -467,12 +467,12 @@ __global__ void pick_kernel(const float* logits, int vocab, const PickStat* stat
         if (t == 0) {
           double mass = 0;
           for (int i = 0; i < k; ++i) mass += sh.prob[i];
-          s_rem = mass;
+          s_mass = mass;
         }
         __syncthreads();
-        const double mass = s_rem;
+        const double mass = s_mass;
         if (!(p.top_k > 0 || k == vocab || mass >= double(p.top_p) * stotal)) {  // too little mass: grow
-          __syncthreads();  // s_rem is read before it is written again
+          __syncthreads();  // s_mass is read before it is written again
           k = min(vocab, k * 8);
           continue;
         }
