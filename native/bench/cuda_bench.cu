@@ -9,6 +9,7 @@
 //     (weight bytes + the KV bytes a token reads) / copy bandwidth, without decode graphs, with
 //     the few-row products on cuBLASLt instead of gemv_rows (cuda/gemv.h), and without dependent
 //     launches (cuda/launch.h: each kernel waits for the previous one to end): each one's gain;
+//     and the launches of a step (its decode graph's nodes);
 //   - batched decode at 8, 64 and 256 sequences (context 128): aggregate tokens/s (at 8, also
 //     without gemv_rows);
 //   - a 2048-token prefill: model FLOP/s (2 x non-embedding params x tokens + the causal
@@ -324,6 +325,7 @@ int main(int argc, char** argv) {
       const bool dependent = rf::cuda::dependent_launch_on();
       rf::cuda::set_dependent_launch(false);
       const double serial = decode_rate(m, 1, ctx, steps, rf_token);
+      const long launches = m.graph_stats().last_nodes;  // that step's graph: gemv_rows, as by default
       rf::cuda::set_dependent_launch(dependent);
       const double bound = bw / (double(m.weight_bytes()) + kv_per_position * (ctx + steps / 2.0));
       if (ctx == 128) step_seconds_1 = 1.0 / rate;
@@ -332,7 +334,8 @@ int main(int argc, char** argv) {
       r += std::string(ctx == 128 ? "" : ", ") + "{\"batch\": 1, \"context\": " + std::to_string(ctx) + ", \"tokensPerSecond\": " +
            std::to_string(rate) + ", \"bandwidthBound\": " + std::to_string(bound) + ", \"ratioToBound\": " + std::to_string(rate / bound) +
            ", \"withoutGraphsTokensPerSecond\": " + std::to_string(eager) + ", \"withoutGemvTokensPerSecond\": " +
-           std::to_string(no_gemv) + ", \"dependentLaunch\": " + (dependent ? "true" : "false") +
+           std::to_string(no_gemv) + ", \"launchesPerStep\": " + std::to_string(launches) + ", \"dependentLaunch\": " +
+           (dependent ? "true" : "false") +
            ", \"withoutDependentLaunchTokensPerSecond\": " + std::to_string(serial) + "}";
     }
     for (int n : {8, 64, 256}) {

@@ -992,6 +992,8 @@ void DeviceModel::launch_decode_graph(int n, int attn_length, int tail_key, cons
     throw;
   }
   check(cudaStreamEndCapture(st, &graph), "cudaStreamEndCapture");
+  size_t nodes = 0;
+  g.stats.last_nodes = cudaGraphGetNodes(graph, nullptr, &nodes) == cudaSuccess ? long(nodes) : -1;
   cudaGraphExec_t exec = nullptr;
   const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
   cudaGraphDestroy(graph);

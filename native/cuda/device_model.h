@@ -141,8 +141,9 @@ class DeviceModel {
   // with one launch. A graph serves one (sequences, attention length bucket, flag count) and
   // is retired when any buffer, adapter or pool it reads changes. On by default;
   // RF_CUDA_GRAPHS=0 in the environment or set_graphs(false) turns it off.
+  // last_nodes: the nodes (kernels, copies) of the graph captured last: a decode step's launches.
   struct GraphStats {
-    long eager = 0, captures = 0, replays = 0;
+    long eager = 0, captures = 0, replays = 0, last_nodes = 0;
   };
   void set_graphs(bool on);
   GraphStats graph_stats() const;

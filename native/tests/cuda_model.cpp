@@ -22,7 +22,10 @@
 //    relative L2 <= 1e-5 (the batch's products through cuBLASLt, each alone's through gemv_rows);
 //  - decode steps replayed from CUDA graphs equal the same steps run eagerly, bit for bit, as
 //    the batch shrinks, the adapter is switched off and on, the flag count changes and the
-//    decode products move from gemv_rows (cuda/gemv.h, the default at <= 8 rows) to cuBLASLt;
+//    decode products move from gemv_rows (cuda/gemv.h, the default at <= 8 rows) to cuBLASLt,
+//    the graphs captured with dependent launches (cuda/launch.h) and the eager steps without;
+//  - a captured decode step has the launches the README counts (check_launches), bf16 alone
+//    and f32 with adapters on every projection;
 //  - a full pool refuses a sequence with a clear error, and freeing sequences gives the blocks
 //    back; loading and freeing a model 20 times leaves device memory within 1 MiB of its start.
 #include <cuda_runtime.h>
@@ -423,6 +426,44 @@ void check_graphs(const std::string& tag, rf::cuda::DeviceModel& graphed, rf::cu
             std::to_string(g.eager) + " (the engine with graphs off: none)");
 }
 
+// The launches of a captured decode step (greedy, one sequence, one flag row): the graph's nodes.
+long decode_launches(rf::cuda::DeviceModel& m) {
+  m.set_gemv(true);     // the few-row products' own path, whatever an earlier test left
+  m.set_graphs(false);  // retires any graph, so the one read below is this shape's
+  m.set_graphs(true);
+  std::mt19937 rng(29);
+  auto seq = m.new_sequence();
+  const std::vector<uint32_t> prompt = random_ids(rng, 5, m.vocab());
+  std::vector<rf::PickParams> params(1);
+  std::vector<rf::Pick> pick(1);
+  float p_flag = 0.f;
+  uint32_t next = 0;
+  for (int step = 0; step < 4; ++step) {  // the prompt, then one eager step, the capture and a replay
+    const rf::cuda::DeviceItem item{seq.get(), step == 0 ? prompt.data() : &next, step == 0 ? 5 : 1};
+    m.decode_step({item}, params, rf::Flags(std::vector<int>{m.vocab() - 1}, &p_flag), 0, pick.data(), nullptr, nullptr);
+    next = pick[0].token;
+  }
+  return m.graph_stats().last_nodes;
+}
+
+// A decode step's launches, as the README counts them (up to 256 cached tokens, gemv_rows on):
+// the embedding, then per layer
+//   Llama family: the QKV product (norm, rope and cache append fused), attention, o, gate|up
+//     (norm and SwiGLU fused), down: 5; with an adapter on all seven projections, a launch of
+//     each projection's down products more: 9;
+//   GPT-2: ln_1, c_attn, the cache append, attention, c_proj, ln_2, c_fc, gelu_new, c_proj: 9;
+//     with adapters on its four projections, 13;
+// then the final norm (GPT-2's LayerNorm; RMSNorm is fused into the head's product), the LM head,
+// the trained flag rows' logits (with adapters), and the greedy pick's two launches.
+void check_launches(const std::string& tag, rf::cuda::DeviceModel& m, bool adapters) {
+  const rf::ModelConfig& c = m.config();
+  const bool gpt2 = c.arch == rf::Arch::gpt2;
+  const long per_layer = gpt2 ? (adapters ? 13 : 9) : (adapters ? 9 : 5);
+  const long want = 1 + per_layer * c.n_layers + (gpt2 ? 1 : 0) + 1 + (adapters ? 1 : 0) + 2;
+  const long got = decode_launches(m);
+  check(got == want, tag + ": a captured decode step is " + std::to_string(got) + " launches (" + std::to_string(want) + " expected)");
+}
+
 void check_token_scores(const std::string& tag, Pair& p) {
   std::mt19937 rng(17);
   const int V = p.cpu->vocab(), K = 3;
@@ -545,12 +586,14 @@ void run_config(const std::string& name, const rf::ModelConfig& c) {
     Pair q = make_pair(c, rf::DType::f32, 7);
     add_adapters(q, 31);
     check_graphs(name + " f32 + adapters", *p.gpu, *q.gpu, 24);
+    check_launches(name + " f32 + adapters", *p.gpu, true);
   }
   {
     Pair p = make_pair(c, rf::DType::bf16, 7);
     check_logits(name + " bf16", p, 2e-2);
     check_decode(name + " bf16", p, 2e-2);  // prefill on the tensor cores, decode in f32 attention
     check_batch_independence(name + " bf16", *p.gpu);
+    check_launches(name + " bf16", *p.gpu, false);
   }
   check_merge(name + " f32 merged", c, rf::DType::f32, 1e-4);
   check_merge(name + " bf16 merged", c, rf::DType::bf16, 2e-2);
