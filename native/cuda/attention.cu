@@ -344,34 +344,18 @@ void prefill_launch(dim3 grid, float* out, const float* q, long q_stride, const 
   }
 }
 
-}  // namespace
-
-long decode_attention_scratch(int n_seqs, int n_heads, int head_dim, int max_length) {
-  const long slots = long(n_seqs) * n_heads * splits_for(max_length);
-  return slots * (2 + head_dim);
-}
-
-namespace {
-
-// decode_partial's instance for the head size: as many dimensions per lane as it needs, and keys
-// in flight per warp so that a warp's rows stay at 32 floats of registers.
-template <class T, int DPL>
-void decode_partial_dpl(dim3 grid, cudaStream_t stream, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch,
-                        int n_heads, float scale, int window, int n_splits, float* m, float* l, float* acc, float* y,
-                        __nv_bfloat16* y_bf16) {
-  constexpr int kKeys = DPL <= 2 ? 8 : 16 / DPL;
-  launch_dependent(decode_partial<T, DPL, kKeys>, grid, 32 * kWarps, 0, stream, q, q_stride, layer, batch, n_heads, scale, window,
-                   n_splits, m, l, acc, y, y_bf16);
-}
+// decode_partial's instance for the head size: as many dimensions per lane as it needs (DPL), and
+// keys in flight per warp so that a warp's rows stay at 32 floats of registers.
 template <class T>
 void decode_partial_launch(dim3 grid, cudaStream_t stream, const float* q, long q_stride, const PagedLayer& layer,
                            const PagedBatch& batch, int n_heads, float scale, int window, int n_splits, float* m, float* l, float* acc,
                            float* y, __nv_bfloat16* y_bf16) {
-  const int hd = layer.head_dim;
-  const auto go = [&](auto dpl) {
-    decode_partial_dpl<T, decltype(dpl)::value>(grid, stream, q, q_stride, layer, batch, n_heads, scale, window, n_splits, m, l, acc,
-                                                y, y_bf16);
+  const auto go = [&](auto dims_per_lane) {
+    constexpr int DPL = decltype(dims_per_lane)::value, kKeys = DPL <= 2 ? 8 : 16 / DPL;
+    launch_dependent(decode_partial<T, DPL, kKeys>, grid, 32 * kWarps, 0, stream, q, q_stride, layer, batch, n_heads, scale, window,
+                     n_splits, m, l, acc, y, y_bf16);
   };
+  const int hd = layer.head_dim;
   if (hd <= 32) go(std::integral_constant<int, 1>());
   else if (hd <= 64) go(std::integral_constant<int, 2>());
   else if (hd <= 128) go(std::integral_constant<int, 4>());
@@ -379,6 +363,11 @@ void decode_partial_launch(dim3 grid, cudaStream_t stream, const float* q, long 
 }
 
 }  // namespace
+
+long decode_attention_scratch(int n_seqs, int n_heads, int head_dim, int max_length) {
+  const long slots = long(n_seqs) * n_heads * splits_for(max_length);
+  return slots * (2 + head_dim);
+}
 
 void decode_attention(float* out, const float* q, long q_stride, const PagedLayer& layer, const PagedBatch& batch, int n_heads,
                       float scale, int window, float* scratch, cudaStream_t stream, __nv_bfloat16* out_bf16) {
