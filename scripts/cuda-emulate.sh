@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the CUDA tests on the CPU under the emulation in native/tests/emulate (no GPU, no nvcc: g++
 # and python3), so every CI run executes the kernels' and the CUDA engine's logic against the CPU
-# references, as a GPU machine does with the real thing (scripts/gpu-check.sh). The cuBLASLt
-# products run as plain loops; see native/tests/emulate/emu.cpp for what emulation cannot catch.
+# references, as a GPU machine does with the real thing (scripts/gpu-check.sh). cuBLASLt is
+# emulated from its documented semantics (native/tests/emulate/cublaslt.cpp), so cuda/gemm.cu runs
+# too; see native/tests/emulate/emu.cpp for what emulation cannot catch.
 # Needs the CPU libraries of build-native (npm run test:native builds them first, then calls this).
 #   bash scripts/cuda-emulate.sh [TEST...]     (default: all; names as in native/tests/emulate/run_*.cpp)
 set -uo pipefail
@@ -21,6 +22,14 @@ done
 for f in native/cuda/*.cuh; do
   python3 "$emu/translate.py" "$f" "$out/include/cuda/$(basename "$f")" || exit 1
 done
+# cuda/gemm.cu's cuBLASLt declarations: the subset header (its enum values are the emulation's).
+cp native/cuda/check/cublasLt.h "$out/include/" || exit 1
+# The GPU benchmarks (run with --tiny), and their shared header, which launches a kernel.
+mkdir -p "$out/include/bench"
+for f in native/bench/cuda_*.cu; do
+  python3 "$emu/translate.py" "$f" "$out/src/$(basename "$f" .cu).cpp" || exit 1
+done
+python3 "$emu/translate.py" native/bench/cuda_bench_common.h "$out/include/bench/cuda_bench_common.h" || exit 1
 # -fsanitize=alignment: a misaligned vector access, which runs on x86 and faults on a GPU, stops
 # the test with its line (see emu.cpp).
 flags=(-std=c++17 -O2 -w -fsanitize=alignment -fno-sanitize-recover=alignment -I"$emu" -I"$out/include" -Inative)
@@ -33,16 +42,22 @@ declare -A sources=(
   [optim]="optim"
   [attention]="attention attention_tc paged_cache ops"
   [attention_backward]="attention_backward attention_backward_tc"
-  [rf_loss]="rf_loss model_ops memory"
+  [rf_loss]="rf_loss model_ops memory gemm"
   [model_ops]="model_ops ops"
   [gemv]="gemv ops paged_cache"
+  [gemm]="gemm memory"
   [train_ops]="train_ops"
-  [model]="ops attention attention_tc paged_cache model_ops train_ops gemv memory device_model phase_clock"
-  [train]="ops ops_backward optim attention attention_tc attention_backward attention_backward_tc paged_cache model_ops train_ops gemv memory collective rf_loss device_model device_trainer phase_clock"
+  [model]="ops attention attention_tc paged_cache model_ops train_ops gemv memory gemm device_model phase_clock"
+  [train]="ops ops_backward optim attention attention_tc attention_backward attention_backward_tc paged_cache model_ops train_ops gemv memory gemm collective rf_loss device_model device_trainer phase_clock"
+  [bench]="cuda_bench ops attention attention_tc paged_cache model_ops train_ops gemv memory gemm device_model phase_clock"
+  [train_bench]="cuda_train_bench ops ops_backward optim attention attention_tc attention_backward attention_backward_tc paged_cache model_ops train_ops gemv memory gemm collective rf_loss device_model device_trainer phase_clock"
 )
-declare -A stand_in=([rf_loss]="$emu/gemm.cpp" [model]="$emu/gemm.cpp" [train]="$emu/gemm.cpp")
+declare -A stand_in=([emulator]="$emu/cublaslt.cpp" [gemm]="$emu/cublaslt.cpp" [rf_loss]="$emu/cublaslt.cpp" [model]="$emu/cublaslt.cpp"
+  [train]="$emu/cublaslt.cpp" [bench]="$emu/cublaslt.cpp" [train_bench]="$emu/cublaslt.cpp")
+# The benchmarks print one JSON object, which check_bench.py checks and tallies.
+declare -A bench_kind=([bench]=cuda [train_bench]=cuda-train)
 tests=("$@")
-[ ${#tests[@]} -eq 0 ] && tests=(emulator ops ops_backward optim attention attention_backward rf_loss model_ops gemv train_ops model train)
+[ ${#tests[@]} -eq 0 ] && tests=(emulator ops ops_backward optim attention attention_backward rf_loss model_ops gemv gemm train_ops model train bench train_bench)
 build_one() {
   local t=$1 srcs=()
   for s in ${sources[$t]}; do srcs+=("$out/src/$s.cpp"); done
@@ -52,8 +67,15 @@ build_one() {
 run_one() {
   local t=$1 start=$SECONDS
   if ! build_one "$t" > "$out/$t.log" 2>&1; then echo "cuda-emulate $t: build failed"; tail -20 "$out/$t.log"; return 1; fi
-  timeout 900 "$out/run_$t" >> "$out/$t.log" 2>&1
-  local rc=$?
+  local rc
+  if [ -n "${bench_kind[$t]:-}" ]; then
+    timeout 900 "$out/run_$t" --tiny > "$out/$t.json" 2>> "$out/$t.log"
+    rc=$?
+    python3 "$emu/check_bench.py" "${bench_kind[$t]}" "$out/$t.json" >> "$out/$t.log" 2>&1 || [ $rc -ne 0 ] || rc=1
+  else
+    timeout 900 "$out/run_$t" >> "$out/$t.log" 2>&1
+    rc=$?
+  fi
   grep -E '^FAIL|runtime error|^EMU:' "$out/$t.log" | head -20
   echo "cuda-emulate $t: $(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$out/$t.log" | tail -1 || echo 'no result') (exit $rc, $((SECONDS - start)) s)"
   return $rc

@@ -32,6 +32,7 @@
 //     without (cuBLASLt, two products per adapter).
 //
 //   cuda_bench [--quick] [--model=1b|8b]     (default: both; --quick: fewer steps)
+//   cuda_bench --tiny                        (every part on two tiny models: the CPU emulation's smoke run)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -164,9 +165,9 @@ std::string attention_alone(const rf::ModelConfig& c, int T, double tflops, int 
   const double flops = 2.0 * 2.0 * c.n_heads * hd * double(T) * T / 2.0;
   std::fprintf(stderr, "attention alone (T %d, hd %d): f32 %.2f ms, tensor cores %.2f ms (%.0f TFLOP/s, %.1fx)\n", T, hd, t32 * 1e3,
                ttc * 1e3, flops / ttc / 1e12, t32 / ttc);
-  return "{\"tokens\": " + std::to_string(T) + ", \"f32Seconds\": " + std::to_string(t32) + ", \"tensorCoreSeconds\": " +
-         std::to_string(ttc) + ", \"tensorCoreTflops\": " + std::to_string(flops / ttc / 1e12) + ", \"tensorCoreRatioToBf16\": " +
-         std::to_string(flops / ttc / tflops) + ", \"speedup\": " + std::to_string(t32 / ttc) + "}";
+  return "{\"tokens\": " + num(T) + ", \"f32Seconds\": " + num(t32) + ", \"tensorCoreSeconds\": " +
+         num(ttc) + ", \"tensorCoreTflops\": " + num(flops / ttc / 1e12) + ", \"tensorCoreRatioToBf16\": " +
+         num(flops / ttc / tflops) + ", \"speedup\": " + num(t32 / ttc) + "}";
 }
 
 // Decode attention alone (one layer's launch, as a decode step makes it): S sequences of `context`
@@ -174,14 +175,16 @@ std::string attention_alone(const rf::ModelConfig& c, int T, double tflops, int 
 // head_dim, 20 launches per timing over caches that together exceed the L2 (so the keys come from
 // memory, as in a decode step of a large model). Bytes: every key and value row once, against the
 // copy bandwidth; the step's share is n_layers launches.
-std::string decode_attention_alone(const rf::ModelConfig& c, double bw, int reps) {
+// cases: {sequences, context}; l2_bytes: the bytes the copies must exceed.
+std::string decode_attention_alone(const rf::ModelConfig& c, double bw, int reps, const std::vector<std::pair<int, int>>& cases,
+                                   size_t l2_bytes) {
   const int B = rf::cuda::DeviceModel::kBlockTokens, hd = c.head_dim;
   const float scale = 1.f / std::sqrt(float(hd));
   std::string out = "[";
-  for (const auto& [S, context] : {std::pair<int, int>{1, 128}, {1, 4096}, {8, 4096}}) {
+  for (const auto& [S, context] : cases) {
     const int per_seq = (context + B - 1) / B, n_blocks = S * per_seq;
     const size_t kv_bytes = size_t(n_blocks) * c.n_kv_heads * B * hd * 2;  // K or V, bf16
-    const int copies = int(std::max<size_t>(1, (size_t(256) << 20) / (2 * kv_bytes) + 1));
+    const int copies = int(std::max<size_t>(1, l2_bytes / (2 * kv_bytes) + 1));
     std::vector<void*> caches(size_t(2 * copies));
     for (void*& p : caches) {
       check(cudaMalloc(&p, kv_bytes), "cudaMalloc");
@@ -213,9 +216,9 @@ std::string decode_attention_alone(const rf::ModelConfig& c, double bw, int reps
     const double bytes = 2.0 * double(S) * context * c.n_kv_heads * hd * 2;
     std::fprintf(stderr, "decode attention alone (%d x %d tokens, hd %d): %.1f us a layer (%.0f%% of copy), %.0f us a step\n", S, context,
                  hd, t * 1e6, 100 * bytes / t / bw, t * c.n_layers * 1e6);
-    out += std::string(out.size() > 1 ? ", " : "") + "{\"sequences\": " + std::to_string(S) + ", \"context\": " +
-           std::to_string(context) + ", \"seconds\": " + std::to_string(t) + ", \"bytes\": " + std::to_string(bytes) +
-           ", \"ratioToCopy\": " + std::to_string(bytes / t / bw) + ", \"stepSeconds\": " + std::to_string(t * c.n_layers) + "}";
+    out += std::string(out.size() > 1 ? ", " : "") + "{\"sequences\": " + num(S) + ", \"context\": " +
+           num(context) + ", \"seconds\": " + num(t) + ", \"bytes\": " + num(bytes) +
+           ", \"ratioToCopy\": " + num(bytes / t / bw) + ", \"stepSeconds\": " + num(t * c.n_layers) + "}";
   }
   return out + "]";
 }
@@ -224,7 +227,7 @@ std::string decode_attention_alone(const rf::ModelConfig& c, double bw, int reps
 // that together exceed the L2 (so W comes from memory, as in a decode step), 20 launches per
 // timing (the launch gaps a graph replay also has). The gate|up product runs with its SwiGLU on
 // gemv_rows and as the bare product on cuBLASLt (the unfused path adds a launch for the SwiGLU).
-std::string gemv_alone(const rf::ModelConfig& c, double bw, int reps) {
+std::string gemv_alone(const rf::ModelConfig& c, double bw, int reps, size_t l2_bytes) {
   struct P {
     const char* name;
     int N, K;
@@ -237,7 +240,7 @@ std::string gemv_alone(const rf::ModelConfig& c, double bw, int reps) {
   std::string out = "[";
   for (const P& p : products) {
     const size_t wbytes = size_t(p.N) * p.K * 2;
-    const int copies = int(std::max<size_t>(1, (size_t(256) << 20) / wbytes + 1));
+    const int copies = int(std::max<size_t>(1, l2_bytes / wbytes + 1));
     std::vector<void*> ws(static_cast<size_t>(copies));
     for (void*& w : ws) {
       check(cudaMalloc(&w, wbytes), "cudaMalloc");
@@ -264,11 +267,11 @@ std::string gemv_alone(const rf::ModelConfig& c, double bw, int reps) {
                         }) / kLaunches;
       std::fprintf(stderr, "%s alone, rows %d: gemv_rows %.1f us (%.0f%% of copy), cuBLASLt %.1f us (%.0f%%)\n", p.name, rows, tg * 1e6,
                    100 * wbytes / tg / bw, tl * 1e6, 100 * wbytes / tl / bw);
-      out += std::string(out.size() > 1 ? ", " : "") + "{\"product\": \"" + p.name + "\", \"rows\": " + std::to_string(rows) +
-             ", \"N\": " + std::to_string(p.N) + ", \"K\": " + std::to_string(p.K) + ", \"swiglu\": " + (p.glu ? "true" : "false") +
-             ", \"gemvSeconds\": " + std::to_string(tg) + ", \"cublasLtSeconds\": " + std::to_string(tl) +
-             ", \"gemvRatioToCopy\": " + std::to_string(wbytes / tg / bw) + ", \"cublasLtRatioToCopy\": " +
-             std::to_string(wbytes / tl / bw) + "}";
+      out += std::string(out.size() > 1 ? ", " : "") + "{\"product\": \"" + p.name + "\", \"rows\": " + num(rows) +
+             ", \"N\": " + num(p.N) + ", \"K\": " + num(p.K) + ", \"swiglu\": " + (p.glu ? "true" : "false") +
+             ", \"gemvSeconds\": " + num(tg) + ", \"cublasLtSeconds\": " + num(tl) +
+             ", \"gemvRatioToCopy\": " + num(wbytes / tg / bw) + ", \"cublasLtRatioToCopy\": " +
+             num(wbytes / tl / bw) + "}";
     }
     for (void* w : ws) cudaFree(w);
     cudaFree(x);
@@ -278,11 +281,12 @@ std::string gemv_alone(const rf::ModelConfig& c, double bw, int reps) {
 }
 
 int main(int argc, char** argv) {
-  bool quick = false;
+  bool quick = false, tiny = false;
   std::string only;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--quick") quick = true;
+    else if (a == "--tiny") tiny = quick = true;
     else if (a.rfind("--model=", 0) == 0) only = a.substr(8);
   }
   const rf::cuda::DeviceInfo info = rf::cuda::device_info();
@@ -291,32 +295,44 @@ int main(int argc, char** argv) {
     return 0;
   }
   std::fprintf(stderr, "cuda_bench: %s\n", info.name.c_str());
-  const double bw = copy_bandwidth();
-  const double tflops = bf16_flops();
+  const double bw = tiny ? copy_bandwidth(1L << 20) : copy_bandwidth();
+  const double tflops = tiny ? bf16_flops(64) : bf16_flops();
   std::fprintf(stderr, "ceilings: copy %.0f GB/s, bf16 %.0f TFLOP/s\n", bw / 1e9, tflops / 1e12);
 
-  const std::vector<Shape> shapes{
-      {"llama-3.2-1b", llama(128256, 2048, 8192, 16, 32, 8, 64, true, 32.0)},
-      {"llama-3.1-8b", llama(128256, 4096, 14336, 32, 32, 8, 128, false, 8.0)},
-  };
+  const std::vector<Shape> shapes =
+      tiny ? std::vector<Shape>{{"tiny-tied", tiny_llama(1000, 64, 2, 1, 32, true)}, {"tiny", tiny_llama(1003, 128, 4, 2, 32, false)}}
+           : std::vector<Shape>{
+                 {"llama-3.2-1b", llama(128256, 2048, 8192, 16, 32, 8, 64, true, 32.0)},
+                 {"llama-3.1-8b", llama(128256, 4096, 14336, 32, 32, 8, 128, false, 8.0)},
+             };
+  // The sizes of each part (--tiny: a few tokens and sequences, on either side of the kernels'
+  // limits: kGemvMaxRows, a KV block).
+  const std::vector<int> contexts = tiny ? std::vector<int>{16, 40} : std::vector<int>{128, 4096};
+  const int short_context = contexts[0];
+  const std::vector<int> batches = tiny ? std::vector<int>{2, rf::cuda::kGemvMaxRows + 1} : std::vector<int>{8, 64, 256};
+  const std::vector<int> adapter_batches = tiny ? std::vector<int>{1, 2, rf::cuda::kGemvMaxRows + 1} : std::vector<int>{1, 8, 32};
+  const std::vector<std::pair<int, int>> attention_cases =
+      tiny ? std::vector<std::pair<int, int>>{{1, 16}, {2, 40}} : std::vector<std::pair<int, int>>{{1, 128}, {1, 4096}, {8, 4096}};
+  const int prefill_tokens = tiny ? 40 : 2048;
+  const size_t l2_bytes = tiny ? 0 : size_t(256) << 20;  // what the products' and attention's copies exceed
   std::string json = "{\"bench\": \"cuda\", \"device\": \"" + info.name + "\", \"ceilings\": {\"copyGBs\": " +
-                     std::to_string(bw / 1e9) + ", \"bf16Tflops\": " + std::to_string(tflops / 1e12) + "}, \"models\": [";
+                     num(bw / 1e9) + ", \"bf16Tflops\": " + num(tflops / 1e12) + "}, \"models\": [";
   bool first = true;
   for (const Shape& shape : shapes) {
     if (!only.empty() && std::string(shape.name).find(only) == std::string::npos) continue;
     const rf::ModelConfig& c = shape.c;
     std::fprintf(stderr, "%s: loading random bf16 weights\n", shape.name);
     rf::cuda::DeviceModel m(c, rf::DType::bf16, 0);
-    m.set_kv_pool_bytes(size_t(40) << 30);
+    m.set_kv_pool_bytes(tiny ? size_t(64) << 20 : size_t(40) << 30);
     load_random(m);
     const int rf_token = c.vocab - 1;
-    const int steps = quick ? 16 : 64;
+    const int steps = tiny ? 2 : quick ? 16 : 64;
     const double kv_per_position = 2.0 * c.n_layers * c.n_kv_heads * c.head_dim * 2;  // bf16 K and V
     std::string r = std::string(first ? "" : ", ") + "{\"model\": \"" + shape.name + "\", \"weightBytes\": " +
-                    std::to_string(double(m.weight_bytes())) + ", \"decode\": [";
+                    num(double(m.weight_bytes())) + ", \"decode\": [";
     first = false;
     double step_seconds_1 = 0;
-    for (int ctx : {128, 4096}) {
+    for (int ctx : contexts) {
       const auto [rate, no_gemv] = decode_rates(m, 1, ctx, steps, rf_token);
       m.set_graphs(false);  // the same steps launched kernel by kernel: what the decode graphs gain
       const double eager = decode_rate(m, 1, ctx, steps, rf_token);
@@ -328,34 +344,36 @@ int main(int argc, char** argv) {
       const long launches = m.graph_stats().last_nodes;  // that step's graph: gemv_rows, as by default
       rf::cuda::set_dependent_launch(dependent);
       const double bound = bw / (double(m.weight_bytes()) + kv_per_position * (ctx + steps / 2.0));
-      if (ctx == 128) step_seconds_1 = 1.0 / rate;
+      if (ctx == short_context) step_seconds_1 = 1.0 / rate;
       std::fprintf(stderr, "%s: batch 1, context %d: %.1f tokens/s (bound %.1f; without graphs %.1f; without gemv %.1f; without "
                    "dependent launches %.1f)\n", shape.name, ctx, rate, bound, eager, no_gemv, serial);
-      r += std::string(ctx == 128 ? "" : ", ") + "{\"batch\": 1, \"context\": " + std::to_string(ctx) + ", \"tokensPerSecond\": " +
-           std::to_string(rate) + ", \"bandwidthBound\": " + std::to_string(bound) + ", \"ratioToBound\": " + std::to_string(rate / bound) +
-           ", \"withoutGraphsTokensPerSecond\": " + std::to_string(eager) + ", \"withoutGemvTokensPerSecond\": " +
-           std::to_string(no_gemv) + ", \"launchesPerStep\": " + std::to_string(launches) + ", \"dependentLaunch\": " +
+      r += std::string(ctx == short_context ? "" : ", ") + "{\"batch\": 1, \"context\": " + num(ctx) + ", \"tokensPerSecond\": " +
+           num(rate) + ", \"bandwidthBound\": " + num(bound) + ", \"ratioToBound\": " + num(rate / bound) +
+           ", \"withoutGraphsTokensPerSecond\": " + num(eager) + ", \"withoutGemvTokensPerSecond\": " +
+           num(no_gemv) + ", \"launchesPerStep\": " + num(launches) + ", \"dependentLaunch\": " +
            (dependent ? "true" : "false") +
-           ", \"withoutDependentLaunchTokensPerSecond\": " + std::to_string(serial) + "}";
+           ", \"withoutDependentLaunchTokensPerSecond\": " + num(serial) + "}";
     }
-    for (int n : {8, 64, 256}) {
-      const int batch_steps = quick ? 8 : 32;
-      const auto [rate, no_gemv] = n <= rf::cuda::kGemvMaxRows ? decode_rates(m, n, 128, batch_steps, rf_token)
-                                                              : std::pair<double, double>{decode_rate(m, n, 128, batch_steps, rf_token), 0};
+    for (int n : batches) {
+      const int batch_steps = tiny ? 2 : quick ? 8 : 32;
+      const auto [rate, no_gemv] = n <= rf::cuda::kGemvMaxRows
+                                       ? decode_rates(m, n, short_context, batch_steps, rf_token)
+                                       : std::pair<double, double>{decode_rate(m, n, short_context, batch_steps, rf_token), 0};
       std::fprintf(stderr, "%s: batch %d: %.0f tokens/s\n", shape.name, n, rate);
-      r += ", {\"batch\": " + std::to_string(n) + ", \"context\": 128, \"tokensPerSecond\": " + std::to_string(rate) +
-           (no_gemv > 0 ? ", \"withoutGemvTokensPerSecond\": " + std::to_string(no_gemv) : std::string()) + "}";
+      r += ", {\"batch\": " + num(n) + ", \"context\": " + num(short_context) + ", \"tokensPerSecond\": " +
+           num(rate) +
+           (no_gemv > 0 ? ", \"withoutGemvTokensPerSecond\": " + num(no_gemv) : std::string()) + "}";
     }
     r += "]";
 
     // Prefill of 2048 tokens (logits of the last row only).
     {
-      const int T = 2048;
+      const int T = prefill_tokens;
       std::vector<uint32_t> prompt(static_cast<size_t>(T));
       for (int i = 0; i < T; ++i) prompt[size_t(i)] = uint32_t((i * 104729) % c.vocab);
       std::vector<float> out(static_cast<size_t>(c.vocab));
       std::vector<double> times;
-      for (int rep = 0; rep < (quick ? 2 : 5); ++rep) {
+      for (int rep = 0; rep < (tiny ? 1 : quick ? 2 : 5); ++rep) {
         auto s = m.new_sequence();
         const auto t0 = Clock::now();
         m.forward({{s.get(), prompt.data(), T}}, rf::LogitsMode::last, out.data());
@@ -366,13 +384,14 @@ int main(int argc, char** argv) {
       const double flops = 2.0 * non_embedding_params(c) * T + 2.0 * 2.0 * c.n_layers * c.n_heads * c.head_dim * double(T) * T / 2.0 +
                            2.0 * double(c.hidden) * c.vocab;
       std::fprintf(stderr, "%s: prefill %d: %.3f s, %.0f TFLOP/s\n", shape.name, T, t, flops / t / 1e12);
-      r += ", \"prefill\": {\"tokens\": " + std::to_string(T) + ", \"seconds\": " + std::to_string(t) + ", \"tflops\": " +
-           std::to_string(flops / t / 1e12) + ", \"ratioToBf16\": " + std::to_string(flops / t / tflops) + "}";
+      r += ", \"prefill\": {\"tokens\": " + num(T) + ", \"seconds\": " + num(t) + ", \"tflops\": " +
+           num(flops / t / 1e12) + ", \"ratioToBf16\": " + num(flops / t / tflops) + "}";
     }
 
-    r += ", \"prefillAttention\": " + attention_alone(c, 2048, tflops, quick ? 3 : 10);
-    r += ", \"gemvAlone\": " + gemv_alone(c, bw, quick ? 5 : 20);
-    r += ", \"decodeAttentionAlone\": " + decode_attention_alone(c, bw, quick ? 5 : 20);
+    const int reps = tiny ? 1 : quick ? 5 : 20;
+    r += ", \"prefillAttention\": " + attention_alone(c, prefill_tokens, tflops, tiny ? 1 : quick ? 3 : 10);
+    r += ", \"gemvAlone\": " + gemv_alone(c, bw, reps, l2_bytes);
+    r += ", \"decodeAttentionAlone\": " + decode_attention_alone(c, bw, reps, attention_cases, l2_bytes);
 
     // The fused pick epilogue alone on one row of logits.
     {
@@ -407,7 +426,7 @@ int main(int argc, char** argv) {
         rf::cuda::DevicePick dp{temperature, 7, 1};
         dp.top_k = top_k, dp.top_p = top_p;
         cudaMemcpy(params, &dp, sizeof dp, cudaMemcpyHostToDevice);
-        return median_time(50, [&] {
+        return median_time(tiny ? 1 : 50, [&] {
           rf::cuda::pick_rows(logits, 1, c.vocab, params, flags, 1, token, lp, p_rf, nullptr, 0, nullptr, nullptr, pick_scratch, nullptr,
                               rf::cuda::pick_draws_whole(dp));  // as decode_step: no weights' launch for a greedy row
         });
@@ -424,15 +443,15 @@ int main(int argc, char** argv) {
         const double ts = time_pick(sp.temperature, sp.top_k, sp.top_p);
         std::fprintf(stderr, "%s: pick epilogue, temperature %.1f top-k %d top-p %.1f: %.1f us, %.2f%% of a batch-1 step\n", shape.name,
                      sp.temperature, sp.top_k, sp.top_p, ts * 1e6, 100 * ts / step_seconds_1);
-        sampled += std::string(sampled.empty() ? "" : ", ") + "{\"temperature\": " + std::to_string(sp.temperature) +
-                   ", \"topK\": " + std::to_string(sp.top_k) + ", \"topP\": " + std::to_string(sp.top_p) + ", \"seconds\": " +
-                   std::to_string(ts) + ", \"fractionOfDecodeStep\": " + std::to_string(ts / step_seconds_1) + "}";
+        sampled += std::string(sampled.empty() ? "" : ", ") + "{\"temperature\": " + num(sp.temperature) +
+                   ", \"topK\": " + num(sp.top_k) + ", \"topP\": " + num(sp.top_p) + ", \"seconds\": " +
+                   num(ts) + ", \"fractionOfDecodeStep\": " + num(ts / step_seconds_1) + "}";
       }
       for (void* p : {static_cast<void*>(logits), static_cast<void*>(params), static_cast<void*>(flags), static_cast<void*>(token),
                       static_cast<void*>(lp), static_cast<void*>(p_rf), pick_scratch})
         cudaFree(p);
       std::fprintf(stderr, "%s: pick epilogue %.1f us, %.2f%% of a batch-1 step\n", shape.name, t * 1e6, 100 * t / step_seconds_1);
-      r += ", \"pickEpilogue\": {\"seconds\": " + std::to_string(t) + ", \"fractionOfDecodeStep\": " + std::to_string(t / step_seconds_1) +
+      r += ", \"pickEpilogue\": {\"seconds\": " + num(t) + ", \"fractionOfDecodeStep\": " + num(t / step_seconds_1) +
            ", \"sampled\": [" + sampled + "]}";
     }
 
@@ -440,15 +459,17 @@ int main(int argc, char** argv) {
     // is reported in the JSON and leaves the figures above standing.
     try {
       const double adapter_bytes = add_random_adapter(m, 16, rf_token);
-      std::string a = ", \"adapterDecode\": {\"rank\": 16, \"adapterBytes\": " + std::to_string(adapter_bytes) + ", \"steps\": [";
-      for (int n : {1, 8, 32}) {
-        const auto [rate, no_gemv] = decode_rates(m, n, 128, steps, rf_token);
-        const double bound = double(n) * bw / (double(m.weight_bytes()) + adapter_bytes + n * kv_per_position * (128 + steps / 2.0));
+      std::string a = ", \"adapterDecode\": {\"rank\": 16, \"adapterBytes\": " + num(adapter_bytes) + ", \"steps\": [";
+      for (int n : adapter_batches) {
+        const auto [rate, no_gemv] = decode_rates(m, n, short_context, steps, rf_token);
+        const double bound =
+            double(n) * bw / (double(m.weight_bytes()) + adapter_bytes + n * kv_per_position * (short_context + steps / 2.0));
         std::fprintf(stderr, "%s: with the adapter, batch %d: %.1f tokens/s (bound %.1f; without gemv %.1f)\n", shape.name, n, rate,
                      bound, no_gemv);
-        a += std::string(n == 1 ? "" : ", ") + "{\"batch\": " + std::to_string(n) + ", \"context\": 128, \"tokensPerSecond\": " +
-             std::to_string(rate) + ", \"bandwidthBound\": " + std::to_string(bound) + ", \"ratioToBound\": " +
-             std::to_string(rate / bound) + ", \"withoutGemvTokensPerSecond\": " + std::to_string(no_gemv) + "}";
+        a += std::string(n == 1 ? "" : ", ") + "{\"batch\": " + num(n) + ", \"context\": " + num(short_context) +
+             ", \"tokensPerSecond\": " +
+             num(rate) + ", \"bandwidthBound\": " + num(bound) + ", \"ratioToBound\": " +
+             num(rate / bound) + ", \"withoutGemvTokensPerSecond\": " + num(no_gemv) + "}";
       }
       r += a + "]}";
     } catch (const std::exception& e) {

@@ -1,6 +1,12 @@
 // What the GPU benchmarks share (native/bench/cuda_bench.cu, cuda_train_bench.cu): timing, the
 // in-run ceilings (copy bandwidth, bf16 tensor throughput through cuBLASLt at 8192^3), the Llama
 // shapes and their random bf16 weights.
+//
+// Both benchmarks take --tiny: every part once on shapes small enough for the CPU emulation of
+// CUDA (tiny_llama below, a few tokens, a 64^3 product for the ceiling), which
+// scripts/cuda-emulate.sh runs in CI so that the benchmarks' own code (setup, the engine calls,
+// the JSON that gpu-check.sh keeps) has run before a GPU's minutes are spent on it. Its figures
+// mean nothing.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -20,6 +26,14 @@ namespace rf::bench {
 using Clock = std::chrono::steady_clock;
 
 inline double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// A number for the JSON: 9 significant digits (std::to_string's fixed 6 decimals would print a
+// 3-microsecond launch as 0.000003, and one under half a microsecond as 0).
+inline std::string num(double v) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.9g", v);
+  return b;
+}
 
 inline void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) {
@@ -55,8 +69,9 @@ double median_time(int reps, Fn&& fn) {
   return t[t.size() / 2];
 }
 
-inline double copy_bandwidth() {
-  const long bytes = 1L << 30, n = bytes / 16;
+// Bytes read + written per second by a copy kernel over `bytes` (two buffers of that size).
+inline double copy_bandwidth(long bytes = 1L << 30) {
+  const long n = bytes / 16;
   float4 *src = nullptr, *dst = nullptr;
   check(cudaMalloc(&src, bytes), "cudaMalloc");
   check(cudaMalloc(&dst, bytes), "cudaMalloc");
@@ -69,8 +84,8 @@ inline double copy_bandwidth() {
   return 2.0 * double(bytes) / s;
 }
 
-inline double bf16_flops() {
-  const int n = 8192;
+// FLOP/s of cuBLASLt's bf16 product at n^3 (f32 sums and output).
+inline double bf16_flops(int n = 8192) {
   __nv_bfloat16 *a = nullptr, *b = nullptr;
   float* c = nullptr;
   check(cudaMalloc(&a, size_t(n) * n * 2), "cudaMalloc");
@@ -112,6 +127,14 @@ inline rf::ModelConfig llama(int vocab, int hidden, int inter, int layers, int h
   c.rope_original_max_positions = 8192;
   c.tied_embeddings = tied;
   c.norm_eps = 1e-5f;
+  return c;
+}
+
+// A Llama-family config for --tiny: 2 layers, every dimension small, vocabulary and head_dim
+// given (a vocabulary not a multiple of 64 takes the kernels' ragged edges).
+inline rf::ModelConfig tiny_llama(int vocab, int hidden, int heads, int kv, int hd, bool tied) {
+  rf::ModelConfig c = llama(vocab, hidden, 2 * hidden, 2, heads, kv, hd, tied, 32.0);
+  c.max_positions = 4096;
   return c;
 }
 

@@ -38,6 +38,7 @@
 // forward and backward against the bf16 throughput, and the f32 backward they replace.
 //
 //   cuda_train_bench [--quick] [--only=train,attention,full,loss] [--model=1b|3b] [--batch=B] [--tokens=T] [--steps=S]
+//   cuda_train_bench --tiny     (every part on tiny shapes, 2 x 64 tokens, one step: the CPU emulation's smoke run)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -63,8 +64,6 @@
 namespace {
 
 using namespace rf::bench;
-
-std::string num(double v) { return std::to_string(v); }
 
 // One micro-batch of the red-flag mix (see the top of the file).
 struct Mix {
@@ -411,12 +410,13 @@ std::string bench_attention(const std::string& name, const rf::ModelConfig& c, i
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false;
+  bool quick = false, tiny = false;
   std::string only, model;
   int B = 8, T = 2048, steps = 5;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--quick") quick = true;
+    else if (a == "--tiny") tiny = quick = true;
     else if (a.rfind("--only=", 0) == 0) only = a.substr(7);
     else if (a.rfind("--model=", 0) == 0) model = a.substr(8);
     else if (a.rfind("--batch=", 0) == 0) B = std::atoi(a.c_str() + 8);
@@ -424,6 +424,7 @@ int main(int argc, char** argv) {
     else if (a.rfind("--steps=", 0) == 0) steps = std::atoi(a.c_str() + 8);
   }
   if (quick) B = std::min(B, 4), T = std::min(T, 512), steps = std::min(steps, 2);
+  if (tiny) B = 2, T = 64, steps = 1;
   if (B < 2 || T < 64 || steps < 1) {
     std::fprintf(stderr, "cuda_train_bench: --batch >= 2, --tokens >= 64 and --steps >= 1\n");
     return 2;
@@ -434,17 +435,20 @@ int main(int argc, char** argv) {
     return 0;
   }
   std::fprintf(stderr, "cuda_train_bench: %s\n", info.name.c_str());
-  const double peak = bf16_flops();
+  const double peak = tiny ? bf16_flops(64) : bf16_flops();
   std::fprintf(stderr, "ceiling: bf16 %.0f TFLOP/s\n", peak / 1e12);
   std::string json = "{\"bench\": \"cuda-train\", \"device\": \"" + info.name + "\", \"ceilings\": {\"bf16Tflops\": " +
                      num(peak / 1e12) + "}";
   // --only=a,b: the parts named.
   auto wants = [&](const char* part) { return only.empty() || ("," + only + ",").find(std::string(",") + part + ",") != std::string::npos; };
+  const std::vector<std::pair<std::string, rf::ModelConfig>> shapes =
+      tiny ? std::vector<std::pair<std::string, rf::ModelConfig>>{{"tiny-tied", tiny_llama(1000, 64, 2, 1, 32, true)},
+                                                                 {"tiny", tiny_llama(1003, 128, 4, 2, 32, false)}}
+           : std::vector<std::pair<std::string, rf::ModelConfig>>{
+                 {"llama-3.2-1b", llama(128256, 2048, 8192, 16, 32, 8, 64, true, 32.0)},
+                 {"llama-3.2-3b", llama(128256, 3072, 8192, 28, 24, 8, 128, true, 32.0)},
+             };
   if (wants("train")) {
-    const std::vector<std::pair<std::string, rf::ModelConfig>> shapes{
-        {"llama-3.2-1b", llama(128256, 2048, 8192, 16, 32, 8, 64, true, 32.0)},
-        {"llama-3.2-3b", llama(128256, 3072, 8192, 28, 24, 8, 128, true, 32.0)},
-    };
     json += ", \"train\": [";
     bool first = true;
     for (const auto& [name, c] : shapes) {
@@ -455,13 +459,17 @@ int main(int argc, char** argv) {
     json += "]";
   }
   if (wants("attention")) {
-    json += ", \"attention\": [" + bench_attention("llama-3.2-1b", llama(128256, 2048, 8192, 16, 32, 8, 64, true, 32.0), B, T, peak) +
-            ", " + bench_attention("llama-3.2-3b", llama(128256, 3072, 8192, 28, 24, 8, 128, true, 32.0), B, T, peak) + "]";
+    json += ", \"attention\": [" + bench_attention(shapes[0].first, shapes[0].second, B, T, peak) + ", " +
+            bench_attention(shapes[1].first, shapes[1].second, B, T, peak) + "]";
   }
-  if (wants("full")) json += ", \"full\": " + bench_full(gpt2_124m(), quick ? 4 : 64, quick ? 256 : 1024, steps, peak);
+  if (wants("full")) {
+    rf::ModelConfig c = gpt2_124m();
+    if (tiny) c.vocab = 1003, c.hidden = 64, c.intermediate = 256, c.n_layers = 2, c.n_heads = c.n_kv_heads = 2, c.head_dim = 32;
+    json += ", \"full\": " + bench_full(c, tiny ? 2 : quick ? 4 : 64, tiny ? 64 : quick ? 256 : 1024, steps, peak);
+  }
   if (wants("loss")) {
-    const int N = quick ? 2048 : 16384;
-    json += ", \"loss\": [" + bench_loss(128256, 2048, N, peak) + ", " + bench_loss(128256, 3072, N, peak) + "]";
+    const int N = tiny ? 256 : quick ? 2048 : 16384, V = tiny ? 1003 : 128256;
+    json += ", \"loss\": [" + bench_loss(V, tiny ? 64 : 2048, N, peak) + ", " + bench_loss(V, tiny ? 96 : 3072, N, peak) + "]";
   }
   std::printf("%s}\n", json.c_str());
   return 0;

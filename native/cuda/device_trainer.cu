@@ -887,7 +887,7 @@ double DeviceTrainer::optimizer_step(const AdamWOptions& o) {
 
 void DeviceTrainer::set_profiling(bool on) {
   impl_->clock.set_enabled(on);
-  impl_->clock.reset();
+  if (on) impl_->clock.reset();  // off keeps the last figures for phase_seconds()
 }
 
 std::vector<double> DeviceTrainer::phase_seconds() const { return impl_->clock.seconds(); }

@@ -67,7 +67,8 @@ class DeviceTrainer {
   // Where a step's device time goes, for the benchmarks: with profiling on, each step records an
   // event at the start of every phase (cuda/phase_clock.h: TrainPhase; a few hundred per step)
   // and phase_seconds()[p] is phase p's device time in the last step and the optimizer step
-  // after it. Off (the default), nothing is recorded.
+  // after it. Off (the default), nothing is recorded; turning it on starts from zero, turning it
+  // off keeps the figures of the steps it timed.
   void set_profiling(bool on);
   std::vector<double> phase_seconds() const;
 

@@ -1,6 +1,7 @@
 // The cuBLASLt products (native/cuda/gemm.h) against a double-precision naive reference, on a
 // GPU machine where cuBLASLt links; elsewhere CMake only compiles this file, and without a
-// device it says so and exits 0.
+// device it says so and exits 0. scripts/cuda-emulate.sh runs it on the CPU over an emulated
+// cuBLASLt (native/tests/emulate/run_gemm.cpp: all but the timings, a smaller shapes grid).
 //
 // Products y [M, N] = x [M, K] . W^T (+ bias) (+ beta * y) for M in {1, 7, 64, 333}, N in
 // {1, 63, 257, 4096}, K in {64, 80, 1000} (every combination), each with and without a bias and
@@ -323,7 +324,8 @@ void test_plan_cache(rf::cuda::GemmContext& ctx) {
   run_shape(ctx, DType::f32, 64, 257, 80);
   run_shape(ctx, DType::bf16, 7, 4096, 1000);
   const rf::cuda::GemmStats after = ctx.stats();
-  check(after.plans == before.plans && after.calls == before.calls + 8,
+  // run_shape's 6 products a shape: with and without a bias, each with beta 0, 1 and c apart from y.
+  check(after.plans == before.plans && after.calls == before.calls + 2 * 6,
         "repeated shapes reuse their plans (" + std::to_string(after.plans - before.plans) + " new heuristic queries, " +
             std::to_string(after.calls - before.calls) + " calls)");
 }
@@ -482,60 +484,67 @@ void test_transposed_forms(rf::cuda::GemmContext& ctx) {
 }
 
 // Strided operands (rows of x, w and y further apart than the shapes say, as for a slice of a
-// fused projection's columns), for each form and type, beta 0 and 1: the results match the dense
-// reference, y's gaps keep their NaN, and a stride shorter than its rows throws.
+// fused projection's columns), all three and each alone, for each form and type, beta 0 and 1:
+// the results match the dense reference, y's gaps keep their NaN, the dense shape after them
+// gets a plan of its own, and a stride shorter than its rows throws.
 void test_strides(rf::cuda::GemmContext& ctx) {
   // Every stride a multiple of 8 elements (16 bytes of bf16), as the engine's are (it strides f32
   // operands only: LoRA's slices of a fused projection's output and of its gradient).
   const int M = 40, N = 48, K = 72, pad = 24;
   for (DType type : {DType::f32, DType::bf16})
     for (int form = 0; form < 3; ++form)  // y = x w^T, x w, x^T w
-      for (float beta : {0.f, 1.f}) {
-        const Operands op = draw(type, M, N, K);
-        const std::vector<float>&x = op.x, &w = op.w, &y0 = op.y0;
-        const Reference& ref = op.ref;
-        // As stored: x [M, K] (or [K, M] for x^T w), w [N, K] (or [K, N] for x w and x^T w).
-        const int xr = form == 2 ? K : M, xc = form == 2 ? M : K, wr = form == 0 ? N : K, wc = form == 0 ? K : N;
-        const long lx = xc + pad, lw = wc + pad, ly = N + pad;
-        std::vector<float> xs(size_t(xr) * lx, NAN), ws(size_t(wr) * lw, NAN), ys(size_t(M) * ly, NAN);
-        for (int r = 0; r < xr; ++r)
-          for (int c = 0; c < xc; ++c) xs[size_t(r) * lx + c] = form == 2 ? x[size_t(c) * K + r] : x[size_t(r) * K + c];
-        for (int r = 0; r < wr; ++r)
-          for (int c = 0; c < wc; ++c) ws[size_t(r) * lw + c] = form == 0 ? w[size_t(r) * K + c] : w[size_t(c) * K + r];
-        for (int m = 0; m < M; ++m)
-          for (int n = 0; n < N; ++n) ys[size_t(m) * ly + n] = beta != 0.f ? y0[size_t(m) * N + n] : NAN;
-        const size_t esz = type == DType::bf16 ? 2 : 4;
-        Dev dx(xs.size() * esz), dw(ws.size() * esz), dy(ys.size() * 4);
-        upload_as(dx, xs, type);
-        upload_as(dw, ws, type);
-        upload(dy.at<float>(), ys);
-        static const char* const names[] = {"matmul", "matmul_nn", "matmul_tn"};
-        const std::string name = std::string(names[form]) + " strided " + case_name(type, M, N, K, false, beta);
-        try {
-          const rf::cuda::Strides st{lx, lw, ly};
-          if (form == 0) rf::cuda::matmul(ctx, dy.at<float>(), dx.p, type, dw.p, type, M, N, K, nullptr, beta, nullptr, st);
-          if (form == 1) rf::cuda::matmul_nn(ctx, dy.at<float>(), dx.p, type, dw.p, type, M, N, K, beta, nullptr, st);
-          if (form == 2) rf::cuda::matmul_tn(ctx, dy.at<float>(), dx.p, type, dw.p, type, M, N, K, 1.f, beta, nullptr, st);
-          cuda_ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-          const std::vector<float> got = download(dy.at<float>(), ys.size());
-          std::vector<float> dense(size_t(M) * N);
-          bool gaps = true;
+      for (float beta : {0.f, 1.f})
+        for (int padded = 0; padded < 4; ++padded) {  // all three strided, then x, w or y alone
+          const Operands op = draw(type, M, N, K);
+          const std::vector<float>&x = op.x, &w = op.w, &y0 = op.y0;
+          const Reference& ref = op.ref;
+          // As stored: x [M, K] (or [K, M] for x^T w), w [N, K] (or [K, N] for x w and x^T w).
+          const int xr = form == 2 ? K : M, xc = form == 2 ? M : K, wr = form == 0 ? N : K, wc = form == 0 ? K : N;
+          const long lx = xc + (padded == 0 || padded == 1 ? pad : 0), lw = wc + (padded == 0 || padded == 2 ? pad : 0),
+                     ly = N + (padded == 0 || padded == 3 ? pad : 0);
+          std::vector<float> xs(size_t(xr) * lx, NAN), ws(size_t(wr) * lw, NAN), ys(size_t(M) * ly, NAN);
+          for (int r = 0; r < xr; ++r)
+            for (int c = 0; c < xc; ++c) xs[size_t(r) * lx + c] = form == 2 ? x[size_t(c) * K + r] : x[size_t(r) * K + c];
+          for (int r = 0; r < wr; ++r)
+            for (int c = 0; c < wc; ++c) ws[size_t(r) * lw + c] = form == 0 ? w[size_t(r) * K + c] : w[size_t(c) * K + r];
           for (int m = 0; m < M; ++m)
-            for (int c = 0; c < ly; ++c) {
-              const float v = got[size_t(m) * ly + c];
-              if (c < N) dense[size_t(m) * N + c] = v;
-              else gaps = gaps && std::isnan(v);
-            }
-          const double tol = type == DType::bf16 ? kBf16Tol : f32_case_tol(K);
-          const double rel = measure(dense, ref, nullptr, y0, beta, M, N).rel();
-          char buf[96];
-          std::snprintf(buf, sizeof buf, ": error %.3g (limit %.3g), gaps %s", rel, tol, gaps ? "untouched" : "WRITTEN");
-          check(rel <= tol && gaps, name + buf);
-        } catch (const std::exception& ex) {
-          check(false, name + ": threw " + ex.what());
-          cudaGetLastError();
+            for (int n = 0; n < N; ++n) ys[size_t(m) * ly + n] = beta != 0.f ? y0[size_t(m) * N + n] : NAN;
+          const size_t esz = type == DType::bf16 ? 2 : 4;
+          Dev dx(xs.size() * esz), dw(ws.size() * esz), dy(ys.size() * 4);
+          upload_as(dx, xs, type);
+          upload_as(dw, ws, type);
+          upload(dy.at<float>(), ys);
+          static const char* const names[] = {"matmul", "matmul_nn", "matmul_tn"};
+          static const char* const which[] = {"x, w, y", "x", "w", "y"};
+          const std::string name = std::string(names[form]) + " strided " + which[padded] + " " + case_name(type, M, N, K, false, beta);
+          try {
+            const rf::cuda::Strides st{lx, lw, ly};
+            if (form == 0) rf::cuda::matmul(ctx, dy.at<float>(), dx.p, type, dw.p, type, M, N, K, nullptr, beta, nullptr, st);
+            if (form == 1) rf::cuda::matmul_nn(ctx, dy.at<float>(), dx.p, type, dw.p, type, M, N, K, beta, nullptr, st);
+            if (form == 2) rf::cuda::matmul_tn(ctx, dy.at<float>(), dx.p, type, dw.p, type, M, N, K, 1.f, beta, nullptr, st);
+            cuda_ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+            const std::vector<float> got = download(dy.at<float>(), ys.size());
+            std::vector<float> dense(size_t(M) * N);
+            bool gaps = true;
+            for (int m = 0; m < M; ++m)
+              for (int c = 0; c < ly; ++c) {
+                const float v = got[size_t(m) * ly + c];
+                if (c < N) dense[size_t(m) * N + c] = v;
+                else gaps = gaps && std::isnan(v);
+              }
+            const double tol = type == DType::bf16 ? kBf16Tol : f32_case_tol(K);
+            const double rel = measure(dense, ref, nullptr, y0, beta, M, N).rel();
+            char buf[96];
+            std::snprintf(buf, sizeof buf, ": error %.3g (limit %.3g), gaps %s", rel, tol, gaps ? "untouched" : "WRITTEN");
+            check(rel <= tol && gaps, name + buf);
+          } catch (const std::exception& ex) {
+            check(false, name + ": threw " + ex.what());
+            cudaGetLastError();
+          }
         }
-      }
+  // The same shape dense after its strided plans: a plan is keyed by all three strides, or this
+  // one would run on a plan whose layouts have one of them padded.
+  for (DType type : {DType::f32, DType::bf16}) run_shape(ctx, type, M, N, K, {}, " [dense after strided]");
   bool threw = false;
   try {
     Dev d(size_t(64) * 64 * 4);

@@ -1,6 +1,8 @@
 // Tests the CPU emulation of CUDA itself (emu.cpp): every rule it enforces is broken once by a
 // kernel of emulator_test.cu and must be caught, and the legal neighbour of each case must pass,
-// so that a kernel test passing under the emulation means what emu.cpp says it means.
+// so that a kernel test passing under the emulation means what emu.cpp says it means. The
+// emulated cuBLASLt (cublaslt.cpp) is checked the same way: a small product worked by hand in
+// each operand form, then each call it must refuse.
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -8,6 +10,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <vector>
+
+#include <cublasLt.h>
 
 #include "cuda_runtime.h"
 #include "tests/check.h"
@@ -50,6 +55,62 @@ static T* device(size_t n) {
   if (cudaMalloc(&p, n * sizeof(T)) != cudaSuccess) std::abort();
   return p;
 }
+
+
+// One cuBLASLt product of f32 matrices through the emulated API: descriptor, layouts (rows,
+// cols, ld of A, B and C = D as stored, column-major), the heuristic's algorithm (for `for_m`
+// rows of D when given: an algorithm of another problem), then the call. Returns the first status
+// that is not success.
+struct LtCall {
+  int32_t ta = CUBLAS_OP_N, tb = CUBLAS_OP_N;
+  uint64_t a[3], b[3], d[3];
+  cudaDataType_t d_type = CUDA_R_32F;
+  uint32_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+  const void* bias = nullptr;
+  uint64_t workspace_pref = 0;
+  size_t workspace_given = 0;
+  uint32_t align_a = 256;
+  float alpha = 1.f, beta = 0.f;
+  bool other_problem = false;
+  cublasStatus_t run(const void* A, const void* B, const void* C, void* D) const {
+    cublasLtHandle_t h;
+    cublasLtCreate(&h);
+    cublasLtMatmulDesc_t desc;
+    cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta);
+    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb);
+    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof epilogue);
+    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);
+    cublasLtMatrixLayout_t la, lb, ld, lo;
+    cublasLtMatrixLayoutCreate(&la, CUDA_R_32F, a[0], a[1], int64_t(a[2]));
+    cublasLtMatrixLayoutCreate(&lb, CUDA_R_32F, b[0], b[1], int64_t(b[2]));
+    cublasLtMatrixLayoutCreate(&ld, d_type, d[0], d[1], int64_t(d[2]));
+    cublasLtMatrixLayoutCreate(&lo, CUDA_R_32F, d[0], d[1] + 1, int64_t(d[2]));  // D with one more column
+    cublasLtMatmulPreference_t pref;
+    cublasLtMatmulPreferenceCreate(&pref);
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_pref, sizeof workspace_pref);
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a, sizeof align_a);
+    cublasLtMatmulHeuristicResult_t r[1];
+    int found = 0;
+    // Another problem: B and D with one more column.
+    cublasLtMatrixLayout_t lb2 = nullptr;
+    if (other_problem) cublasLtMatrixLayoutCreate(&lb2, CUDA_R_32F, b[0], b[1] + 1, int64_t(b[2]));
+    cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(h, desc, la, other_problem ? lb2 : lb, other_problem ? lo : ld,
+                                                      other_problem ? lo : ld, pref, 1, r, &found);
+    void* ws = nullptr;
+    if (s == CUBLAS_STATUS_SUCCESS) {
+      if (workspace_given) cudaMalloc(&ws, workspace_given);
+      s = cublasLtMatmul(h, desc, &alpha, A, la, B, lb, &beta, C, ld, D, ld, &r[0].algo, ws, workspace_given, nullptr);
+      cudaFree(ws);
+    }
+    if (lb2) cublasLtMatrixLayoutDestroy(lb2);
+    for (cublasLtMatrixLayout_t l : {la, lb, ld, lo}) cublasLtMatrixLayoutDestroy(l);
+    cublasLtMatmulPreferenceDestroy(pref);
+    cublasLtMatmulDescDestroy(desc);
+    cublasLtDestroy(h);
+    return s;
+  }
+};
 
 int main() {
   using namespace emutest;
@@ -149,6 +210,67 @@ int main() {
   {
     check(!stops([] { float* x = device<float>(64); dependent(x, 64, 64); }), "a dependent kernel whose every thread waits passes");
     check(stops([] { float* x = device<float>(64); dependent(x, 64, 63); }), "a dependent kernel with one thread that never waits stops the test");
+  }
+  // The emulated cuBLASLt. A = [[1, 3, 5], [2, 4, 6]] (2 x 3), B = [[1, 0], [0, 1], [2, 1]]
+  // (3 x 2): A B = [[11, 8], [14, 10]], column-major 11, 14, 8, 10; stored as given, or each as
+  // its transpose with TRANSA / TRANSB = T; plus a bias per row of D (100, 200), alpha 2 and
+  // beta 1 over D in place.
+  {
+    // At 64 floats (256 bytes: the alignment an algorithm asks for by default) the transposes.
+    float* A = device<float>(128);  // A column-major [2 x 3] (ld 2), and its transpose [3 x 2] (ld 3)
+    float* B = device<float>(128);  // B column-major [3 x 2] (ld 3), and its transpose [2 x 3] (ld 2)
+    float* D = device<float>(64);
+    float* C = device<float>(64);
+    float* bias = device<float>(4);
+    const float a[6] = {1, 2, 3, 4, 5, 6}, at[6] = {1, 3, 5, 2, 4, 6}, b[6] = {1, 0, 2, 0, 1, 1}, bt[6] = {1, 0, 0, 1, 2, 1};
+    for (int i = 0; i < 6; ++i) A[i] = a[i], A[64 + i] = at[i], B[i] = b[i], B[64 + i] = bt[i];
+    bias[0] = 100, bias[1] = 200;
+    const auto result = [&](const LtCall& c, const float* Ap, const float* Bp) {
+      for (int i = 0; i < 4; ++i) D[i] = 1.f;
+      return c.run(Ap, Bp, D, D) == CUBLAS_STATUS_SUCCESS ? std::vector<float>(D, D + 4) : std::vector<float>{};
+    };
+    LtCall nn;
+    nn.a[0] = 2, nn.a[1] = 3, nn.a[2] = 2, nn.b[0] = 3, nn.b[1] = 2, nn.b[2] = 3, nn.d[0] = 2, nn.d[1] = 2, nn.d[2] = 2;
+    check(result(nn, A, B) == std::vector<float>{11, 14, 8, 10}, "cuBLASLt: A B, column-major");
+    LtCall tt = nn;
+    tt.ta = tt.tb = CUBLAS_OP_T;
+    tt.a[0] = 3, tt.a[1] = 2, tt.a[2] = 3, tt.b[0] = 2, tt.b[1] = 3, tt.b[2] = 2;
+    check(result(tt, A + 64, B + 64) == std::vector<float>{11, 14, 8, 10}, "cuBLASLt: TRANSA and TRANSB = T read the stored transposes");
+    LtCall fused = nn;
+    fused.epilogue = CUBLASLT_EPILOGUE_BIAS, fused.bias = bias, fused.alpha = 2.f, fused.beta = 1.f;
+    check(result(fused, A, B) == std::vector<float>{123, 229, 117, 221}, "cuBLASLt: alpha A B + beta C + a bias per row of D");
+    const auto status = [&](LtCall c, const float* Ap = nullptr, const float* C = nullptr) {
+      return c.run(Ap ? Ap : A, B, C ? C : D, D);
+    };
+    LtCall bad = nn;
+    bad.a[2] = 1;
+    check(status(bad) == CUBLAS_STATUS_INVALID_VALUE, "cuBLASLt refuses a leading dimension under its rows");
+    bad = nn, bad.a[1] = 4;
+    check(status(bad) == CUBLAS_STATUS_INVALID_VALUE, "cuBLASLt refuses op(A) and op(B) whose k differ");
+    bad = nn, bad.other_problem = true;
+    check(status(bad) == CUBLAS_STATUS_INVALID_VALUE, "cuBLASLt refuses an algorithm chosen for another problem");
+    bad = nn, bad.workspace_pref = 4096, bad.workspace_given = 1024;
+    check(status(bad) == CUBLAS_STATUS_INVALID_VALUE, "cuBLASLt refuses a workspace smaller than the algorithm's");
+    bad.workspace_given = 4096;
+    check(status(bad) == CUBLAS_STATUS_SUCCESS, "cuBLASLt takes the workspace the algorithm asked for");
+    check(status(nn, A + 1) == CUBLAS_STATUS_INVALID_VALUE, "cuBLASLt refuses A less aligned than the algorithm was chosen for");
+    bad = nn, bad.align_a = 4;
+    check(status(bad, A + 1) == CUBLAS_STATUS_SUCCESS, "cuBLASLt takes A on 4 bytes for an algorithm chosen for 4");
+    bad = nn, bad.beta = 1.f;
+    check(status(bad, nullptr, C) == CUBLAS_STATUS_SUCCESS, "cuBLASLt takes a C apart from D that does not overlap it");
+    {
+      // D's columns 64 floats apart: its second column (256 bytes in, aligned) is where this C starts.
+      float* wide = device<float>(256);
+      bad.d[2] = 64;
+      check(bad.run(A, B, wide + 64, wide) == CUBLAS_STATUS_INVALID_VALUE, "cuBLASLt refuses a C apart from D that overlaps it");
+      check(bad.run(A, B, wide + 128, wide) == CUBLAS_STATUS_SUCCESS, "cuBLASLt takes that C past D's last column");
+      cudaFree(wide);
+    }
+    bad = nn, bad.d_type = CUDA_R_16BF;
+    check(status(bad) == CUBLAS_STATUS_NOT_SUPPORTED, "cuBLASLt has no bf16 D from f32 inputs");
+    bad = nn, bad.epilogue = CUBLASLT_EPILOGUE_BIAS, bad.bias = bias + 1;
+    check(status(bad) == CUBLAS_STATUS_INVALID_VALUE, "cuBLASLt (as gemm.cu assumes) refuses a bias under 16 bytes aligned");
+    for (float* p : {A, B, C, D, bias}) cudaFree(p);
   }
   return finish("emulator");
 }

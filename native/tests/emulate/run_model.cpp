@@ -1,5 +1,5 @@
-// native/tests/cuda_model.cpp under the CPU emulation (the cuBLASLt products by plain loops,
-// gemm.cpp): the whole CUDA engine against the CPU engine on the small configs.
+// native/tests/cuda_model.cpp under the CPU emulation (over the emulated cuBLASLt, cublaslt.cpp):
+// the whole CUDA engine against the CPU engine on the small configs.
 #include "cuda/cuda.h"
 // Under the emulation there is one device.
 rf::cuda::DeviceInfo rf::cuda::device_info() {

@@ -1,5 +1,5 @@
 // Runs native/tests/cuda_train.cpp whole under the CPU emulation (scripts/cuda-emulate.sh): the GPU
-// trainer against the CPU trainer, the cuBLASLt products by plain loops (gemm.cpp).
+// trainer against the CPU trainer, over the emulated cuBLASLt (cublaslt.cpp).
 #include "cuda/cuda.h"
 // Under the emulation there is one device.
 rf::cuda::DeviceInfo rf::cuda::device_info() {
