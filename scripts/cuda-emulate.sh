@@ -4,8 +4,10 @@
 # references, as a GPU machine does with the real thing (scripts/gpu-check.sh). cuBLASLt is
 # emulated from its documented semantics (native/tests/emulate/cublaslt.cpp), so cuda/gemm.cu runs
 # too; see native/tests/emulate/emu.cpp for what emulation cannot catch.
-# Needs the CPU libraries of build-native (npm run test:native builds them first, then calls this).
-#   bash scripts/cuda-emulate.sh [TEST...]     (default: all; names as in native/tests/emulate/run_*.cpp)
+# Needs the CPU libraries of build-native (npm run test:native builds them first, then calls this),
+# and for the end-to-end tests the CPU addon's build/ and dist/ (npm ci makes both).
+#   bash scripts/cuda-emulate.sh [TEST...]     (default: all; names as in native/tests/emulate/run_*.cpp,
+#                                               and e2e, train_e2e)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 lib=build-native
@@ -54,24 +56,67 @@ declare -A sources=(
 )
 declare -A stand_in=([emulator]="$emu/cublaslt.cpp" [gemm]="$emu/cublaslt.cpp" [rf_loss]="$emu/cublaslt.cpp" [model]="$emu/cublaslt.cpp"
   [train]="$emu/cublaslt.cpp" [bench]="$emu/cublaslt.cpp" [train_bench]="$emu/cublaslt.cpp")
-# The benchmarks print one JSON object, which check_bench.py checks and tallies.
+# The benchmarks print one JSON object, which check_json.py checks and tallies.
 declare -A bench_kind=([bench]=cuda [train_bench]=cuda-train)
+# The library end to end on the emulated GPU: the GPU machine's end-to-end scripts with --device
+# cuda against the CPU engine, in Node, on an addon built from the emulated CUDA sources (all of
+# native/cuda, the N-API layer with RF_HAVE_CUDA) and the CPU addon's objects (build_addon).
+declare -A e2e_script=([e2e]=scripts/device-e2e.mjs [train_e2e]=scripts/device-train-e2e.mjs)
 tests=("$@")
-[ ${#tests[@]} -eq 0 ] && tests=(emulator ops ops_backward optim attention attention_backward rf_loss model_ops gemv gemm train_ops model train bench train_bench)
+[ ${#tests[@]} -eq 0 ] && tests=(e2e train_e2e emulator ops ops_backward optim attention attention_backward rf_loss model_ops gemv gemm train_ops model train bench train_bench)
 build_one() {
   local t=$1 srcs=()
   for s in ${sources[$t]}; do srcs+=("$out/src/$s.cpp"); done
   g++ "${flags[@]}" "$emu/run_$t.cpp" "${srcs[@]}" ${stand_in[$t]:-} "$out/emu.o" \
     "$lib/librf_core.a" "$lib/librf_kernels_avx2.a" "$lib/librf_kernels_avx512.a" "$lib/librf_core.a" -lpthread -o "$out/run_$t"
 }
+# The emulated addon, $out/redflag_emu.node: every object position-independent; the CPU engine's
+# from the CPU addon's node-gyp build (npm ci builds it), which also names Node's headers.
+build_addon() {
+  local gyp=build/Release obj=build/Release/obj.target/redflag/native
+  for f in "$gyp/rf_kernels_avx2.a" "$gyp/rf_kernels_avx512.a" "$obj/model/cpu_engine.o" build/config.gypi dist/index.js; do
+    [ -f "$f" ] || { echo "cuda-emulate: $f is missing: build the CPU addon and the TypeScript first (npm ci)"; return 1; }
+  done
+  local nodedir napi
+  nodedir=$(sed -n 's/^ *"nodedir": "\(.*\)",*$/\1/p' build/config.gypi)
+  napi=$(node -p "require('node-addon-api').include_dir") || return 1
+  rm -rf "$out/addon" && mkdir -p "$out/addon"
+  local pic=("${flags[@]}" -fPIC -pthread) jobs=()
+  compile() {  # two at a time
+    g++ "$@" &
+    jobs+=($!)
+    if [ ${#jobs[@]} -ge 2 ]; then wait "${jobs[0]}" || return 1; jobs=("${jobs[@]:1}"); fi
+  }
+  for f in native/cuda/*.cu; do
+    s=$(basename "$f" .cu)
+    compile "${pic[@]}" -c "$out/src/$s.cpp" -o "$out/addon/$s.o" || return 1
+  done
+  compile "${pic[@]}" -c "$emu/emu.cpp" -o "$out/addon/emu.o" || return 1
+  compile "${pic[@]}" -c "$emu/cublaslt.cpp" -o "$out/addon/cublaslt.o" || return 1
+  for f in native/napi/*.cpp; do
+    compile "${pic[@]}" -fexceptions -I"$nodedir/include/node" -I"$napi" -DNAPI_VERSION=8 -DNODE_ADDON_API_DISABLE_DEPRECATED \
+      -DNODE_ADDON_API_CPP_EXCEPTIONS -DRF_HAVE_CUDA=1 -DRF_HAVE_CUBLASLT=1 -c "$f" -o "$out/addon/napi_$(basename "$f" .cpp).o" || return 1
+  done
+  for p in "${jobs[@]}"; do wait "$p" || return 1; done
+  g++ -shared -pthread -fsanitize=alignment -o "$out/redflag_emu.node" "$out"/addon/*.o "$obj"/{core,dispatch,model}/*.o \
+    "$gyp/rf_kernels_avx2.a" "$gyp/rf_kernels_avx512.a"
+}
 run_one() {
-  local t=$1 start=$SECONDS
+  local t=$1 start=$SECONDS rc
+  if [ -n "${e2e_script[$t]:-}" ]; then
+    : > "$out/$t.log"
+    REDFLAG_ADDON="$PWD/$out/redflag_emu.node" timeout 1800 node "${e2e_script[$t]}" --device cuda > "$out/$t.json" 2>> "$out/$t.log"
+    rc=$?
+    python3 "$emu/check_json.py" e2e "$out/$t.json" >> "$out/$t.log" 2>&1 || [ $rc -ne 0 ] || rc=1
+    grep -E '^FAIL|runtime error|^EMU:' "$out/$t.log" | head -20
+    echo "cuda-emulate $t: $(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$out/$t.log" | tail -1 || echo 'no result') (exit $rc, $((SECONDS - start)) s)"
+    return $rc
+  fi
   if ! build_one "$t" > "$out/$t.log" 2>&1; then echo "cuda-emulate $t: build failed"; tail -20 "$out/$t.log"; return 1; fi
-  local rc
   if [ -n "${bench_kind[$t]:-}" ]; then
     timeout 900 "$out/run_$t" --tiny > "$out/$t.json" 2>> "$out/$t.log"
     rc=$?
-    python3 "$emu/check_bench.py" "${bench_kind[$t]}" "$out/$t.json" >> "$out/$t.log" 2>&1 || [ $rc -ne 0 ] || rc=1
+    python3 "$emu/check_json.py" "${bench_kind[$t]}" "$out/$t.json" >> "$out/$t.log" 2>&1 || [ $rc -ne 0 ] || rc=1
   else
     timeout 900 "$out/run_$t" >> "$out/$t.log" 2>&1
     rc=$?
@@ -80,11 +125,22 @@ run_one() {
   echo "cuda-emulate $t: $(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$out/$t.log" | tail -1 || echo 'no result') (exit $rc, $((SECONDS - start)) s)"
   return $rc
 }
+for t in "${tests[@]}"; do
+  [ -n "${sources[$t]:-}" ] || [ -n "${e2e_script[$t]:-}" ] || { echo "cuda-emulate: unknown test $t" >&2; exit 2; }
+done
+# The addon first, when an end-to-end test runs (the two share it).
+for t in "${tests[@]}"; do
+  if [ -n "${e2e_script[$t]:-}" ]; then
+    start=$SECONDS
+    build_addon > "$out/addon.log" 2>&1 || { echo "cuda-emulate: the emulated addon did not build"; tail -20 "$out/addon.log"; exit 1; }
+    echo "cuda-emulate: built the emulated addon ($((SECONDS - start)) s)"
+    break
+  fi
+done
 # Two at a time (the machine's cores); each test is one process.
 failed=0
 pids=()
 for t in "${tests[@]}"; do
-  [ -n "${sources[$t]:-}" ] || { echo "cuda-emulate: unknown test $t" >&2; exit 2; }
   run_one "$t" &
   pids+=($!)
   if [ ${#pids[@]} -ge 2 ]; then wait "${pids[0]}" || failed=1; pids=("${pids[@]:1}"); fi

@@ -4,7 +4,9 @@
 // synthetic data, a red-flag LoRA adapter (rank 4 on every projection, dropout 0.1, <rf> rows),
 // 6 steps of 4 conversations:
 //   - f32 frozen weights on both: the first step's loss terms within 1e-4 relative of the CPU's
-//     (both start from the same parameters; the sums differ in order only), every later step's
+//     (both start from the same parameters; the sums differ in order only; a term under 1e-3 of
+//     the step's total, relative to the total: the benign KL starts at 0, where both engines
+//     give rounding noise of either sign), every later step's
 //     total within 2e-2 (Adam divides by sqrt(v): elements with near-zero gradients move apart);
 //   - on the device, a run stopped after step 3 (AbortSignal, checkpoint) and resumed ends with
 //     the adapter file of the uninterrupted device run, byte for byte (deterministic kernels);
@@ -57,7 +59,8 @@ try {
   const cpu = await run('cpu', { device: 'cpu', dtype: 'f32' });
   const dev = await run('dev', { device, dtype: 'f32' });
   const [c0, d0] = [cpu.steps[0].loss, dev.steps[0].loss];
-  const first = Math.max(...['total', 'benign', 'redFlag', 'after'].map((k) => rel(d0[k] ?? 0, c0[k] ?? 0)));
+  const termRel = (k) => Math.abs((d0[k] ?? 0) - (c0[k] ?? 0)) / Math.max(Math.abs(c0[k] ?? 0), 1e-3 * Math.abs(c0.total), 1e-12);
+  const first = Math.max(...['total', 'benign', 'redFlag', 'after'].map(termRel));
   check(first <= 1e-4, 'the first step\'s loss terms equal the CPU\'s', { worstRel: first, device: d0, cpu: c0 });
   const later = Math.max(...dev.steps.map((s, i) => rel(s.loss.total, cpu.steps[i].loss.total)));
   check(later <= 2e-2, 'every step\'s loss follows the CPU\'s', { worstRel: later, device: dev.steps.map((s) => s.loss.total), cpu: cpu.steps.map((s) => s.loss.total) });

@@ -125,6 +125,20 @@ void emu_launch(dim3 grid, dim3 block, size_t smem, EmuKernel kernel, std::funct
 void emu_poison_shared(void* p, size_t bytes);
 extern unsigned char* emu_smem;
 enum { cudaStreamNonBlocking = 1 };
+// One device, named for what it is, with an H100's or H200's compute capability and memory.
+inline cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }
+struct cudaDeviceProp {
+  char name[256];
+  int major, minor;
+  size_t totalGlobalMem;
+};
+inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) {
+  *p = cudaDeviceProp{};
+  strcpy(p->name, "emulated on the CPU");
+  p->major = 9, p->minor = 0;
+  p->totalGlobalMem = size_t(80) << 30;
+  return cudaSuccess;
+}
 inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
 inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 // An H100's or H200's compute capability; the runtime and driver of CUDA 13.0.

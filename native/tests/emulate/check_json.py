@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
-"""Checks what a GPU benchmark printed under the CPU emulation (cuda_bench / cuda_train_bench
---tiny, scripts/cuda-emulate.sh): one strict JSON object (no nan or inf: printf writes them bare,
-which no JSON parser takes), every number finite, every time and rate above zero (and a profiled
-step's phases), and the parts that gpu-check.sh and the closing notes read, each present and
-without an error. The figures themselves mean nothing under emulation. Prints the emulated
-tests' tally line.
+"""Checks what a GPU benchmark or an end-to-end script printed under the CPU emulation of CUDA
+(scripts/cuda-emulate.sh) and prints the emulated tests' tally line.
 
-    check_bench.py cuda|cuda-train FILE.json
+cuda, cuda-train: cuda_bench / cuda_train_bench --tiny. One strict JSON object (no nan or inf:
+printf writes them bare, which no JSON parser takes), every number finite, every time and rate
+above zero (and a profiled step's phases), and the parts that gpu-check.sh and the closing notes
+read, each present and without an error. The figures themselves mean nothing under emulation.
+
+e2e: scripts/device-e2e.mjs or device-train-e2e.mjs --device cuda (their own checks, one per
+line of the tally; a failed one printed with its details).
+
+    check_json.py cuda|cuda-train|e2e FILE.json
 """
 import json
 import math
@@ -37,6 +41,8 @@ def problems(kind, text):
         doc = json.loads(text, parse_constant=reject)
     except ValueError as e:
         return [f"not one JSON object: {e}"]
+    if not isinstance(doc, dict):
+        return ["not one JSON object"]
     out = []
     if doc.get("bench") != kind:
         out.append(f'"bench" is {doc.get("bench")!r}, not {kind!r}')
@@ -61,9 +67,31 @@ def problems(kind, text):
     return out
 
 
+def e2e(path):
+    try:
+        doc = json.load(open(path))
+        checks = doc["checks"]
+    except (ValueError, KeyError) as e:
+        print(f"FAIL {path}: not the end-to-end script's JSON ({e})")
+        print("0 passed, 1 failed")
+        return 1
+    failed = [c for c in checks if not c.get("ok")]
+    for c in failed:
+        detail = {k: v for k, v in c.items() if k not in ("ok", "what")}
+        print(f"FAIL {c.get('what')}: {json.dumps(detail)[:2000]}")
+    print(f"{len(checks) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed or not checks else 0
+
+
 def main():
     kind, path = sys.argv[1], sys.argv[2]
-    found = problems(kind, open(path).read())
+    if kind == "e2e":
+        return e2e(path)
+    try:
+        text = open(path).read()
+    except OSError:
+        text = ""
+    found = problems(kind, text)
     for p in found:
         print(f"FAIL {path}: {p}")
     print(f"{0 if found else 1} passed, {1 if found else 0} failed")
