@@ -64,10 +64,13 @@ declare -A bench_kind=([bench]=cuda [train_bench]=cuda-train)
 declare -A e2e_script=([e2e]=scripts/device-e2e.mjs [train_e2e]=scripts/device-train-e2e.mjs)
 tests=("$@")
 [ ${#tests[@]} -eq 0 ] && tests=(e2e train_e2e emulator ops ops_backward optim attention attention_backward rf_loss model_ops gemv gemm train_ops model train bench train_bench)
+# A test's program: its run_*.cpp (the benchmarks have their own main), its device sources, and
+# smoke.cu's device_info (the emulation's one device).
 build_one() {
   local t=$1 srcs=()
-  for s in ${sources[$t]}; do srcs+=("$out/src/$s.cpp"); done
-  g++ "${flags[@]}" "$emu/run_$t.cpp" "${srcs[@]}" ${stand_in[$t]:-} "$out/emu.o" \
+  [ -f "$emu/run_$t.cpp" ] && srcs+=("$emu/run_$t.cpp")
+  for s in ${sources[$t]} smoke; do srcs+=("$out/src/$s.cpp"); done
+  g++ "${flags[@]}" "${srcs[@]}" ${stand_in[$t]:-} "$out/emu.o" \
     "$lib/librf_core.a" "$lib/librf_kernels_avx2.a" "$lib/librf_kernels_avx512.a" "$lib/librf_core.a" -lpthread -o "$out/run_$t"
 }
 # The emulated addon, $out/redflag_emu.node: every object position-independent; the CPU engine's

@@ -2,13 +2,6 @@
 // shorter sequences than on a GPU (the emulation runs a thread at a time); still crossing the
 // 16-token blocks, chunked prefills continuing a cache, GQA, windows and odd head_dims.
 #include "cuda/cuda.h"
-// Under the emulation there is one device.
-rf::cuda::DeviceInfo rf::cuda::device_info() {
-  rf::cuda::DeviceInfo i;
-  i.count = 1;
-  i.name = "emulated";
-  return i;
-}
 #define main test_main
 #include "tests/cuda_attention.cpp"
 #undef main

@@ -1,12 +1,5 @@
 // native/tests/cuda_attention_backward.cpp under the CPU emulation, on fewer cases than on a GPU.
 #include "cuda/cuda.h"
-// Under the emulation there is one device.
-rf::cuda::DeviceInfo rf::cuda::device_info() {
-  rf::cuda::DeviceInfo i;
-  i.count = 1;
-  i.name = "emulated";
-  return i;
-}
 #define main test_main
 #include "tests/cuda_attention_backward.cpp"
 #undef main

@@ -3,13 +3,6 @@
 // loops run in seconds (M up to 64; the views, transposed forms, strides and bf16
 // outputs keep their shapes, up to 333 x 4096 x 1000).
 #include "cuda/cuda.h"
-// Under the emulation there is one device.
-rf::cuda::DeviceInfo rf::cuda::device_info() {
-  rf::cuda::DeviceInfo i;
-  i.count = 1;
-  i.name = "emulated";
-  return i;
-}
 #define main test_main
 #include "tests/cuda_gemm.cpp"
 #undef main

@@ -1,12 +1,5 @@
 // Runs native/tests/cuda_gemv.cpp whole under the CPU emulation (scripts/cuda-emulate.sh).
 #include "cuda/cuda.h"
-// Under the emulation there is one device.
-rf::cuda::DeviceInfo rf::cuda::device_info() {
-  rf::cuda::DeviceInfo i;
-  i.count = 1;
-  i.name = "emulated";
-  return i;
-}
 #define main test_main
 #include "tests/cuda_gemv.cpp"
 #undef main

@@ -1,13 +1,6 @@
 // native/tests/cuda_model.cpp under the CPU emulation (over the emulated cuBLASLt, cublaslt.cpp):
 // the whole CUDA engine against the CPU engine on the small configs.
 #include "cuda/cuda.h"
-// Under the emulation there is one device.
-rf::cuda::DeviceInfo rf::cuda::device_info() {
-  rf::cuda::DeviceInfo i;
-  i.count = 1;
-  i.name = "emulated";
-  return i;
-}
 #define main test_main
 #include "tests/cuda_model.cpp"
 #undef main

@@ -1,13 +1,6 @@
 // native/tests/cuda_rf_loss.cpp under the CPU emulation, at vocabulary 1001 (the 128256 cases are
 // the GPU's).
 #include "cuda/cuda.h"
-// Under the emulation there is one device.
-rf::cuda::DeviceInfo rf::cuda::device_info() {
-  rf::cuda::DeviceInfo i;
-  i.count = 1;
-  i.name = "emulated";
-  return i;
-}
 #define main test_main
 #include "tests/cuda_rf_loss.cpp"
 #undef main

@@ -1,13 +1,6 @@
 // Runs native/tests/cuda_train.cpp whole under the CPU emulation (scripts/cuda-emulate.sh): the GPU
 // trainer against the CPU trainer, over the emulated cuBLASLt (cublaslt.cpp).
 #include "cuda/cuda.h"
-// Under the emulation there is one device.
-rf::cuda::DeviceInfo rf::cuda::device_info() {
-  rf::cuda::DeviceInfo i;
-  i.count = 1;
-  i.name = "emulated";
-  return i;
-}
 #define main test_main
 #include "tests/cuda_train.cpp"
 #undef main
