@@ -33,10 +33,18 @@ for f in native/bench/cuda_*.cu; do
 done
 python3 "$emu/translate.py" native/bench/cuda_bench_common.h "$out/include/bench/cuda_bench_common.h" || exit 1
 # -fsanitize=alignment: a misaligned vector access, which runs on x86 and faults on a GPU, stops
-# the test with its line (see emu.cpp).
-flags=(-std=c++17 -O2 -w -fsanitize=alignment -fno-sanitize-recover=alignment -I"$emu" -I"$out/include" -Inative)
-g++ "${flags[@]}" -c "$emu/emu.cpp" -o "$out/emu.o" || exit 1
-# The device sources each test needs (translated), besides the emulated runtime.
+# the test with its line (see emu.cpp). Position-independent, so that the tests and the emulated
+# addon link the same objects: each source is compiled once.
+flags=(-std=c++17 -O2 -w -fsanitize=alignment -fno-sanitize-recover=alignment -fPIC -pthread -I"$emu" -I"$out/include" -Inative)
+link=(-pthread -fsanitize=alignment)
+# RF_EMU_COVERAGE=1: which lines of native/cuda the run executed (coverage.py, after the tests):
+# a line that no emulated test reaches runs for the first time on a GPU.
+# Counted in native/cuda's objects only, without atomic updates (each test's kernels run on one
+# thread at a time), which would make the emulation many times slower.
+coverage=${RF_EMU_COVERAGE:-0}
+[ "$coverage" = 1 ] && link+=(--coverage)
+# The device sources each test needs (translated), besides smoke.cu's device_info (the emulation's
+# one device) and the emulated runtime.
 declare -A sources=(
   [emulator]="emulator_test"
   [ops]="ops"
@@ -54,54 +62,88 @@ declare -A sources=(
   [bench]="cuda_bench ops attention attention_tc paged_cache model_ops train_ops gemv memory gemm device_model phase_clock"
   [train_bench]="cuda_train_bench ops ops_backward optim attention attention_tc attention_backward attention_backward_tc paged_cache model_ops train_ops gemv memory gemm collective rf_loss device_model device_trainer phase_clock"
 )
-declare -A stand_in=([emulator]="$emu/cublaslt.cpp" [gemm]="$emu/cublaslt.cpp" [rf_loss]="$emu/cublaslt.cpp" [model]="$emu/cublaslt.cpp"
-  [train]="$emu/cublaslt.cpp" [bench]="$emu/cublaslt.cpp" [train_bench]="$emu/cublaslt.cpp")
+declare -A stand_in=([emulator]=cublaslt [gemm]=cublaslt [rf_loss]=cublaslt [model]=cublaslt [train]=cublaslt [bench]=cublaslt
+  [train_bench]=cublaslt)
 # The benchmarks print one JSON object, which check_json.py checks and tallies.
 declare -A bench_kind=([bench]=cuda [train_bench]=cuda-train)
 # The library end to end on the emulated GPU: the GPU machine's end-to-end scripts with --device
 # cuda against the CPU engine, in Node, on an addon built from the emulated CUDA sources (all of
-# native/cuda, the N-API layer with RF_HAVE_CUDA) and the CPU addon's objects (build_addon).
+# native/cuda, the N-API layer with RF_HAVE_CUDA) and the CPU addon's objects (link_addon).
 declare -A e2e_script=([e2e]=scripts/device-e2e.mjs [train_e2e]=scripts/device-train-e2e.mjs)
 tests=("$@")
 [ ${#tests[@]} -eq 0 ] && tests=(e2e train_e2e emulator ops ops_backward optim attention attention_backward rf_loss model_ops gemv gemm train_ops model train bench train_bench)
-# A test's program: its run_*.cpp (the benchmarks have their own main), its device sources, and
-# smoke.cu's device_info (the emulation's one device).
-build_one() {
-  local t=$1 srcs=()
-  [ -f "$emu/run_$t.cpp" ] && srcs+=("$emu/run_$t.cpp")
-  for s in ${sources[$t]} smoke; do srcs+=("$out/src/$s.cpp"); done
-  g++ "${flags[@]}" "${srcs[@]}" ${stand_in[$t]:-} "$out/emu.o" \
-    "$lib/librf_core.a" "$lib/librf_kernels_avx2.a" "$lib/librf_kernels_avx512.a" "$lib/librf_core.a" -lpthread -o "$out/run_$t"
-}
-# The emulated addon, $out/redflag_emu.node: every object position-independent; the CPU engine's
-# from the CPU addon's node-gyp build (npm ci builds it), which also names Node's headers.
-build_addon() {
-  local gyp=build/Release obj=build/Release/obj.target/redflag/native
-  for f in "$gyp/rf_kernels_avx2.a" "$gyp/rf_kernels_avx512.a" "$obj/model/cpu_engine.o" build/config.gypi dist/index.js; do
-    [ -f "$f" ] || { echo "cuda-emulate: $f is missing: build the CPU addon and the TypeScript first (npm ci)"; return 1; }
+addon=0
+for t in "${tests[@]}"; do
+  [ -n "${sources[$t]:-}" ] || [ -n "${e2e_script[$t]:-}" ] || { echo "cuda-emulate: unknown test $t" >&2; exit 2; }
+  [ -n "${e2e_script[$t]:-}" ] && addon=1
+done
+# The addon's CPU engine comes from the CPU addon's node-gyp build (npm ci), which also names
+# Node's headers.
+gyp=build/Release
+gyp_obj=build/Release/obj.target/redflag/native
+napi_flags=()
+if [ "$addon" = 1 ]; then
+  for f in "$gyp/rf_kernels_avx2.a" "$gyp/rf_kernels_avx512.a" "$gyp_obj/model/cpu_engine.o" build/config.gypi dist/index.js; do
+    [ -f "$f" ] || { echo "cuda-emulate: $f is missing: build the CPU addon and the TypeScript first (npm ci)" >&2; exit 1; }
   done
-  local nodedir napi
   nodedir=$(sed -n 's/^ *"nodedir": "\(.*\)",*$/\1/p' build/config.gypi)
-  napi=$(node -p "require('node-addon-api').include_dir") || return 1
-  rm -rf "$out/addon" && mkdir -p "$out/addon"
-  local pic=("${flags[@]}" -fPIC -pthread) jobs=()
-  compile() {  # two at a time
-    g++ "$@" &
-    jobs+=($!)
-    if [ ${#jobs[@]} -ge 2 ]; then wait "${jobs[0]}" || return 1; jobs=("${jobs[@]:1}"); fi
-  }
-  for f in native/cuda/*.cu; do
-    s=$(basename "$f" .cu)
-    compile "${pic[@]}" -c "$out/src/$s.cpp" -o "$out/addon/$s.o" || return 1
-  done
-  compile "${pic[@]}" -c "$emu/emu.cpp" -o "$out/addon/emu.o" || return 1
-  compile "${pic[@]}" -c "$emu/cublaslt.cpp" -o "$out/addon/cublaslt.o" || return 1
-  for f in native/napi/*.cpp; do
-    compile "${pic[@]}" -fexceptions -I"$nodedir/include/node" -I"$napi" -DNAPI_VERSION=8 -DNODE_ADDON_API_DISABLE_DEPRECATED \
-      -DNODE_ADDON_API_CPP_EXCEPTIONS -DRF_HAVE_CUDA=1 -DRF_HAVE_CUBLASLT=1 -c "$f" -o "$out/addon/napi_$(basename "$f" .cpp).o" || return 1
-  done
-  for p in "${jobs[@]}"; do wait "$p" || return 1; done
-  g++ -shared -pthread -fsanitize=alignment -o "$out/redflag_emu.node" "$out"/addon/*.o "$obj"/{core,dispatch,model}/*.o \
+  napi=$(node -p "require('node-addon-api').include_dir") || exit 1
+  napi_flags=(-fexceptions -I"$nodedir/include/node" -I"$napi" -DNAPI_VERSION=8 -DNODE_ADDON_API_DISABLE_DEPRECATED
+    -DNODE_ADDON_API_CPP_EXCEPTIONS -DRF_HAVE_CUDA=1 -DRF_HAVE_CUBLASLT=1)
+fi
+# Every object the requested tests need, each compiled once into $obj, two compilers at a time:
+# the translated sources, the emulated runtime and cuBLASLt, each test's run_*.cpp, and for the
+# addon all of native/cuda and native/napi.
+obj=$out/obj
+rm -rf "$obj" && mkdir -p "$obj"
+declare -A want=([smoke]=1 [emu]=1)
+for t in "${tests[@]}"; do
+  for s in ${sources[$t]:-} ${stand_in[$t]:-}; do want[$s]=1; done
+  [ -f "$emu/run_$t.cpp" ] && want[run_$t]=1
+done
+if [ "$addon" = 1 ]; then
+  want[cublaslt]=1
+  for f in native/cuda/*.cu; do want[$(basename "$f" .cu)]=1; done
+  for f in native/napi/*.cpp; do want[napi_$(basename "$f" .cpp)]=1; done
+fi
+source_of() {  # an object's name: its source
+  case "$1" in
+    emu | cublaslt | run_*) echo "$emu/$1.cpp" ;;
+    napi_*) echo "native/napi/${1#napi_}.cpp" ;;
+    *) echo "$out/src/$1.cpp" ;;
+  esac
+}
+start=$SECONDS
+running=0 compile_failed=0
+for o in "${!want[@]}"; do
+  extra=()
+  [[ $o == napi_* ]] && extra=("${napi_flags[@]}")
+  [ "$coverage" = 1 ] && [ -f "native/cuda/$o.cu" ] && extra=(--coverage -fprofile-update=single -O0)
+  g++ "${flags[@]}" "${extra[@]}" -c "$(source_of "$o")" -o "$obj/$o.o" > "$obj/$o.log" 2>&1 &
+  running=$((running + 1))
+  if [ "$running" -ge 2 ]; then wait -n || compile_failed=1; running=$((running - 1)); fi
+done
+while [ "$running" -gt 0 ]; do wait -n || compile_failed=1; running=$((running - 1)); done
+if [ "$compile_failed" = 1 ]; then
+  for o in "${!want[@]}"; do [ -f "$obj/$o.o" ] || { echo "cuda-emulate: $(source_of "$o") did not compile"; tail -20 "$obj/$o.log"; }; done
+  exit 1
+fi
+echo "cuda-emulate: compiled ${#want[@]} sources ($((SECONDS - start)) s)"
+cpu_libs=("$lib/librf_core.a" "$lib/librf_kernels_avx2.a" "$lib/librf_kernels_avx512.a" "$lib/librf_core.a")
+# A test's program: its run_*.cpp (the benchmarks have their own main) and its objects.
+link_one() {
+  local t=$1 objs=()
+  [ -f "$emu/run_$t.cpp" ] && objs+=("$obj/run_$t.o")
+  for s in ${sources[$t]} ${stand_in[$t]:-} smoke emu; do objs+=("$obj/$s.o"); done
+  g++ "${link[@]}" "${objs[@]}" "${cpu_libs[@]}" -o "$out/run_$t"
+}
+# The emulated addon, $out/redflag_emu.node: the emulated CUDA engine and N-API layer, and the CPU
+# engine's objects from the CPU addon's build.
+link_addon() {
+  local objs=()
+  for f in native/cuda/*.cu; do objs+=("$obj/$(basename "$f" .cu).o"); done
+  for f in native/napi/*.cpp; do objs+=("$obj/napi_$(basename "$f" .cpp).o"); done
+  g++ -shared "${link[@]}" -o "$out/redflag_emu.node" "${objs[@]}" "$obj/emu.o" "$obj/cublaslt.o" "$gyp_obj"/{core,dispatch,model}/*.o \
     "$gyp/rf_kernels_avx2.a" "$gyp/rf_kernels_avx512.a"
 }
 run_one() {
@@ -115,7 +157,7 @@ run_one() {
     echo "cuda-emulate $t: $(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$out/$t.log" | tail -1 || echo 'no result') (exit $rc, $((SECONDS - start)) s)"
     return $rc
   fi
-  if ! build_one "$t" > "$out/$t.log" 2>&1; then echo "cuda-emulate $t: build failed"; tail -20 "$out/$t.log"; return 1; fi
+  if ! link_one "$t" > "$out/$t.log" 2>&1; then echo "cuda-emulate $t: link failed"; tail -20 "$out/$t.log"; return 1; fi
   if [ -n "${bench_kind[$t]:-}" ]; then
     timeout 900 "$out/run_$t" --tiny > "$out/$t.json" 2>> "$out/$t.log"
     rc=$?
@@ -128,18 +170,10 @@ run_one() {
   echo "cuda-emulate $t: $(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$out/$t.log" | tail -1 || echo 'no result') (exit $rc, $((SECONDS - start)) s)"
   return $rc
 }
-for t in "${tests[@]}"; do
-  [ -n "${sources[$t]:-}" ] || [ -n "${e2e_script[$t]:-}" ] || { echo "cuda-emulate: unknown test $t" >&2; exit 2; }
-done
 # The addon first, when an end-to-end test runs (the two share it).
-for t in "${tests[@]}"; do
-  if [ -n "${e2e_script[$t]:-}" ]; then
-    start=$SECONDS
-    build_addon > "$out/addon.log" 2>&1 || { echo "cuda-emulate: the emulated addon did not build"; tail -20 "$out/addon.log"; exit 1; }
-    echo "cuda-emulate: built the emulated addon ($((SECONDS - start)) s)"
-    break
-  fi
-done
+if [ "$addon" = 1 ]; then
+  link_addon > "$out/addon.log" 2>&1 || { echo "cuda-emulate: the emulated addon did not link"; tail -20 "$out/addon.log"; exit 1; }
+fi
 # Two at a time (the machine's cores); each test is one process.
 failed=0
 pids=()
@@ -157,4 +191,8 @@ for t in "${tests[@]}"; do
   f=${line#*, }; fails=$((fails + ${f%% failed}))
 done
 echo "cuda-emulate: $passed passed, $fails failed"
+if [ "$coverage" = 1 ]; then
+  python3 "$emu/coverage.py" "$obj" > "$out/coverage.txt" && sed -n '1,/^$/p' "$out/coverage.txt"
+  echo "cuda-emulate: the lines never run are listed in $out/coverage.txt"
+fi
 [ "$failed" = 0 ] && [ "$fails" = 0 ]

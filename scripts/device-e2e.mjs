@@ -4,18 +4,25 @@
 // the packaged tokenizer and a red-flag token, f32 on both engines:
 //   - logits of a prompt: relative L2 <= 1e-4 against the CPU;
 //   - greedy generation of 4 prompts: the CPU's tokens;
-//   - teacher-forced flag scores: within 1e-5;
+//   - teacher-forced flag scores: within 1e-4 relative, also with a per-token embedding offset
+//     (embedDelta);
+//   - a forward's progress reports: the CPU's, layer by layer;
 //   - the detector with continuous batching (8 requests at once, mode flag): each answer equals
-//     the CPU detector's, and its p(<rf>) within 1e-5;
+//     the CPU detector's, and its p(<rf>) within 1e-4 relative;
 //   - the OpenAI-compatible server over HTTP: chat completions (whole and streamed) equal the
-//     detector's answer, and /v1/moderations' score within 1e-5 of the CPU's.
+//     detector's answer, and /v1/moderations' score within 1e-4 relative of the CPU's;
+//   - a sequence cut back (Sequence.truncate) and continued: the logits of a fresh sequence, and
+//     the CPU's, relative L2 <= 1e-4, with the blocks past the cut freed;
+//   - a saved adapter (LoRA on every projection, trained <rf> rows) applied live (applyAdapter's
+//     default) and merged into the weights: logits and teacher-forced p(<rf>) as the CPU's with
+//     the adapter live, greedy tokens the CPU's.
 // Prints one JSON object; exits 1 when a check fails. `--device cpu` runs the harness against
 // the CPU itself (how it is tested where no GPU is).
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-import { addRedFlagToken, createDetector, loadModel, serve, writeRandomModel } from '../dist/index.js';
+import { addRedFlagToken, applyAdapter, createDetector, createRng, loadModel, loraSites, saveAdapter, serve, writeRandomModel } from '../dist/index.js';
 import { packagedTokenizer } from '../dist/train/pipeline.js';
 
 const device = process.argv.includes('--device') ? process.argv[process.argv.indexOf('--device') + 1] : 'cuda';
@@ -42,6 +49,7 @@ async function answer(detector, messages, maxTokens) {
 const dir = await mkdtemp(join(tmpdir(), 'redflag-device-e2e-'));
 let cpu;
 let dev;
+let merged;
 let server;
 let cpuServer;
 const detectors = [];
@@ -81,9 +89,39 @@ try {
       s.dispose();
     }
   };
+  // Relative: p(<rf>) of the random model is about 2e-5, where an absolute bound says nothing.
+  const relMax = (a, b) => Math.max(...Array.from(a, (v, i) => Math.abs(v - b[i]) / Math.max(Math.abs(b[i]), 1e-30)));
   const [sd, sc] = [await scores(dev), await scores(cpu)];
-  const worst = Math.max(...Array.from(sd, (v, i) => Math.abs(v - sc[i])));
-  check(worst <= 1e-5, 'teacher-forced p(<rf>) equals the CPU engine', { worstAbs: worst });
+  const worst = relMax(sd, sc);
+  check(worst <= 1e-4, 'teacher-forced p(<rf>) equals the CPU engine', { worstRel: worst });
+
+  // A per-token offset to the input embeddings (embedDelta, the embedding attack's input) moves
+  // the scores as on the CPU; a forward reports its layers (onProgress) as on the CPU.
+  const rngDelta = createRng(3);
+  const delta = Float32Array.from({ length: seq.length * dev.config.hiddenSize }, () => (rngDelta() * 2 - 1) * 2);
+  const shifted = async (m) => {
+    const s = m.newSequence();
+    try {
+      return await m.tokenScores([s], [seq], { embedDelta: delta });
+    } finally {
+      s.dispose();
+    }
+  };
+  const [dd, dc] = [await shifted(dev), await shifted(cpu)];
+  const worstDelta = relMax(dd, dc), movedDelta = relMax(dc, sc);
+  check(worstDelta <= 1e-4 && movedDelta > 1e-3, 'teacher-forced p(<rf>) with embedDelta equals the CPU engine', { worstRel: worstDelta, movedRel: movedDelta });
+  const layers = async (m) => {
+    const s = m.newSequence();
+    const seen = [];
+    try {
+      await m.forward([s], [prompt], { onProgress: (done, total) => seen.push(`${done}/${total}`) });
+    } finally {
+      s.dispose();
+    }
+    return seen.join(' ');
+  };
+  const [pDev, pCpu] = [await layers(dev), await layers(cpu)];
+  check(pDev === pCpu && pDev.length > 0, 'a forward reports its layers as on the CPU', { device: pDev, cpu: pCpu });
 
   const [dDev, dCpu] = [await createDetector({ model: dev, threshold: 1, mode: 'flag' }), await createDetector({ model: cpu, threshold: 1, mode: 'flag' })];
   detectors.push(dDev, dCpu);
@@ -91,8 +129,8 @@ try {
   const together = await Promise.all(questions.map((q) => answer(dDev, q, 16)));
   for (const [i, q] of questions.entries()) {
     const alone = await answer(dCpu, q, 16);
-    const dp = Math.max(0, ...together[i].pRf.map((v, j) => Math.abs(v - (alone.pRf[j] ?? Infinity))));
-    check(together[i].text === alone.text && dp <= 1e-5, `detector answer ${i} (batched) equals the CPU's alone`, { maxPRfDiff: dp });
+    const dp = together[i].pRf.length === alone.pRf.length ? relMax(together[i].pRf, alone.pRf) : Infinity;
+    check(together[i].text === alone.text && dp <= 1e-4, `detector answer ${i} (batched) equals the CPU's alone`, { maxPRfRel: dp });
   }
 
   server = await serve({ detector: dDev, port: 0, modelName: 'e2e' });
@@ -109,7 +147,77 @@ try {
   const moderation = { input: 'How do I bake bread without yeast?' };
   const [md, mc] = [await (await post(server, '/v1/moderations', moderation)).json(), await (await post(cpuServer, '/v1/moderations', moderation)).json()];
   const modDev = md.results?.[0]?.category_scores?.red_flag, modCpu = mc.results?.[0]?.category_scores?.red_flag;
-  check(Number.isFinite(modDev) && Math.abs(modDev - modCpu) <= 1e-5, "/v1/moderations scores as on the CPU", { device: modDev, cpu: modCpu });
+  check(Number.isFinite(modDev) && Math.abs(modDev - modCpu) <= 1e-4 * modCpu, "/v1/moderations scores as on the CPU", { device: modDev, cpu: modCpu });
+
+  // Sequence.truncate: 40 tokens (three 16-token blocks) cut back to 5 and continued compute
+  // what a fresh sequence of the same 5 + 12 tokens computes; the cut frees two blocks, and the
+  // 12 tokens overwrite the cut ones.
+  const head = [...seq, ...seq].slice(0, 40), rest = head.slice(22, 34); // rest: other tokens than the cut ones
+  const continued = async (m, cut) => {
+    const s = m.newSequence();
+    try {
+      let freed = true;
+      if (cut) {
+        await m.forward([s], [head]);
+        const before = s.bytes;
+        s.truncate(5);
+        freed = s.length === 5 && (m.device.kind !== 'cuda' || s.bytes < before); // the CPU's cache keeps its capacity
+      } else await m.forward([s], [head.slice(0, 5)]);
+      return { logits: await m.forward([s], [rest], { all: true }), freed };
+    } finally {
+      s.dispose();
+    }
+  };
+  const [cutDev, freshDev, cutCpu] = [await continued(dev, true), await continued(dev, false), await continued(cpu, true)];
+  const eCut = relL2(cutDev.logits, freshDev.logits), eCutCpu = relL2(cutDev.logits, cutCpu.logits);
+  check(cutDev.freed && eCut <= 1e-4 && eCutCpu <= 1e-4, 'a truncated sequence continues as a fresh one, and as on the CPU', {
+    relL2Fresh: eCut, relL2Cpu: eCutCpu, blocksFreed: cutDev.freed,
+  });
+
+  // An adapter as training saves it: LoRA (rank 4) on every projection of both layers and the
+  // <rf> rows, random, large enough to move the logits. Live (the engine's add_lora: the factors
+  // beside the weights) on the device and the CPU, and merged into a second device model's weights.
+  const rng = createRng(11);
+  const uniform = (n, a) => Float32Array.from({ length: n }, () => (rng() * 2 - 1) * a);
+  const H = dev.config.hiddenSize, rank = 4;
+  const modules = [];
+  for (let layer = 0; layer < dev.config.numLayers; layer++) {
+    for (const site of loraSites(dev.config)) {
+      modules.push({ layer, site: site.site, inFeatures: site.inFeatures, outFeatures: site.outFeatures,
+        A: uniform(rank * site.inFeatures, 0.2), B: uniform(site.outFeatures * rank, 0.2) });
+    }
+  }
+  const adapterDir = join(dir, 'adapter');
+  await saveAdapter(adapterDir, {
+    rank, alpha: 8, dropout: 0, rslora: false, targets: loraSites(dev.config).map((x) => x.site.split('.')[1]), modules,
+    redFlag: { tokenId: dev.redFlagTokenId, categories: [], embed: uniform(H, 0.5), head: uniform(H, 0.5), baseEmbed: new Float32Array(H), baseHead: new Float32Array(H) },
+    baseModel: dir, config: dev.config,
+  });
+  const lBase = await cpu.logits(prompt);
+  for (const m of [dev, cpu]) await applyAdapter(m, adapterDir);
+  merged = await loadModel(dir, { device, dtype: 'f32', threads: 2 });
+  await addRedFlagToken(merged);
+  if (device === 'cuda') await applyAdapter(merged, adapterDir, { merge: true });
+  else await applyAdapter(merged, adapterDir);
+  const [lDev, lCpu, lMerged] = [await dev.logits(prompt), await cpu.logits(prompt), await merged.logits(prompt)];
+  const eLive = relL2(lDev, lCpu), eMerged = relL2(lMerged, lCpu), moved = relL2(lBase, lCpu);
+  check(moved > 1e-2 && eLive <= 1e-4, 'logits with the adapter live equal the CPU engine', { relL2: eLive, adapterMoved: moved });
+  check(eMerged <= 1e-4, 'logits with the adapter merged equal the CPU engine with it live', { relL2: eMerged });
+  const [aDev, aCpu, aMerged] = [await scores(dev), await scores(cpu), await scores(merged)];
+  const worstLive = relMax(aDev, aCpu), worstMerged = relMax(aMerged, aCpu);
+  check(worstLive <= 1e-4 && worstMerged <= 1e-4, 'teacher-forced p(<rf>) with the adapter (live, merged) equals the CPU engine', {
+    worstRelLive: worstLive, worstRelMerged: worstMerged,
+  });
+  for (const [i, p] of prompts.slice(0, 2).entries()) {
+    const ids = dev.tokenizer.encode(p);
+    const take = async (m) => {
+      const out = [];
+      for await (const t of m.generate(ids, { maxTokens: 16 })) out.push(t.id);
+      return out.join();
+    };
+    const [a, b, c] = [await take(dev), await take(cpu), await take(merged)];
+    check(a === b && c === b, `greedy generation ${i} with the adapter (live, merged) equals the CPU engine`, a === b && c === b ? {} : { live: a, merged: c, cpu: b });
+  }
 } catch (error) {
   check(false, 'ran without an error', { error: String(error?.stack ?? error) });
 } finally {
@@ -117,6 +225,7 @@ try {
   await cpuServer?.close();
   for (const d of detectors) await d.dispose();
   dev?.dispose();
+  merged?.dispose();
   cpu?.dispose();
   await rm(dir, { recursive: true, force: true });
 }

@@ -303,12 +303,6 @@ void lora_down_dropout(float* u, const float* x, const float* A, int rows, int i
   lora_down_dropout(&one, 1, x, rows, in, seed, layer, p, stream);
 }
 
-void lora_down_dropout(float* u, const __nv_bfloat16* x, const float* A, int rows, int in, int rank, uint64_t seed, int layer,
-                       int adapter, float p, cudaStream_t stream) {
-  const LoraDownTerm one{u, A, rank, adapter};
-  lora_down_dropout(&one, 1, x, rows, in, seed, layer, p, stream);
-}
-
 namespace {
 
 // The widest kernel (KMAX 16, 32 or 64) the terms' ranks need; a rank outside 1..kLoraFusedMaxRank

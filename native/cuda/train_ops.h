@@ -30,16 +30,13 @@ void dropout_add(float* y, const float* x, int rows, int cols, uint64_t seed, in
 constexpr int kLoraFusedMaxRank = 64;
 
 // The forward's u [rows, rank] = dropout(x) A^T (x [rows, in], A [rank, in]). Each output sums
-// its in products in column order (fused multiply-adds; columns past in add zeros). x f32, or
-// bf16 (a bf16 model's activation as its product reads it: the same sums as from its exact f32
-// widening).
+// its in products in column order (fused multiply-adds; columns past in add zeros).
 void lora_down_dropout(float* u, const float* x, const float* A, int rows, int in, int rank, uint64_t seed, int layer,
-                       int adapter, float p, cudaStream_t stream);
-void lora_down_dropout(float* u, const __nv_bfloat16* x, const float* A, int rows, int in, int rank, uint64_t seed, int layer,
                        int adapter, float p, cudaStream_t stream);
 // The same for several adapters of one input (q, k and v; gate and up), each with its own mask:
 // up to 3 of rank <= 16 (or 2 of <= 32) from one read of x, the same bits as one call each.
-// p = 0: no mask.
+// p = 0: no mask. x f32, or bf16 (a bf16 model's activation as its product reads it: the same
+// sums as from its exact f32 widening).
 struct LoraDownTerm {
   float* u;         // [rows, rank]
   const float* A;   // [rank, in]

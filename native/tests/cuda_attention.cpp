@@ -16,11 +16,12 @@
 // Both sides are f32 with max-subtracted softmaxes summed in different orders: outputs agree to
 // 2e-5 * (1 + |ref|) per element.
 // Tensor-core prefill (prefill_attention_tc): head_dim 32 / 64 / 80 / 96 / 128, GQA 1 / 3 / 8,
-// windows 0 / 37 / 1, the same sequences (300 rows: five 64-row query tiles), against
+// windows 0 / 37 / 1 (and 16, 48 and 112 once: every instance of the kernel), the same sequences (300 rows: five 64-row query tiles), against
 // attention_row on the bf16-rounded q, keys and values, within the kernel's stated bound
 // 2^-8 max_j |v_j| per element on top of the f32 slack.
-// A bf16 cache: the f32 and tensor-core prefill kernels against attention_row on its rounded
-// values, prefill against decode on it, and kv_append's bf16 bits.
+// A bf16 cache: the f32 and tensor-core prefill kernels (every tensor-core instance) against
+// attention_row on its rounded values, prefill against decode on it (head_dim 32 to 256: every
+// decode instance), and kv_append's bf16 bits.
 // kv_append: rows of five sequences (empty, mid-block, block-aligned and long caches; one to
 // forty new tokens each), in shuffled order, from a padded fused-QKV buffer into a pool
 // prefilled with a sentinel; the whole pool must equal the host's placement bit for bit (the
@@ -531,6 +532,7 @@ int main() {
   for (int hd : {32, 64, 80, 96, 128})
     for (int group : {1, 3, 8})
       for (int window : {0, 37}) prefill_case(hd, 2, group, window, lengths, n_new, true);
+  for (int hd : {16, 48, 112}) prefill_case(hd, 2, 3, 37, lengths, n_new, true);  // every other instance
   prefill_case(64, 2, 1, 1, lengths, n_new, true);
   // A bf16 cache (bf16 models): every kernel reading it, and the append writing it.
   for (int hd : {64, 128}) {
@@ -538,6 +540,9 @@ int main() {
     prefill_case(hd, 2, 3, 0, lengths, n_new, true, true);
     prefill_decode_case(hd, 2, 3, 37, true);
   }
+  for (int hd : {16, 48, 80, 96, 112}) prefill_case(hd, 2, 3, 0, lengths, n_new, true, true);
+  prefill_decode_case(32, 2, 3, 0, true);    // one dimension a lane
+  prefill_decode_case(256, 1, 2, 37, true);  // eight a lane; the scalar prefill past 48 KiB of shared memory
   run_case(64, 2, 3, 0, {1, 15, 16, 17, 200, 256});  // one split
   kv_append_case();
   kv_append_case(true);

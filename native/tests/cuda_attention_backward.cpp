@@ -6,7 +6,7 @@
 // 3 and 4; no window and a 7-token window. Tolerance: both sides are f32 with max-subtracted
 // softmaxes summed in different orders, dk and dv summing up to 100 query rows times the group:
 // 1e-4 * (1 + |ref|) per element, and a relative L2 of 1e-5 over each gradient.
-// The tensor-core backward (attention_backward_tc): head_dim 32 / 64 / 80 / 128, the same GQA
+// The tensor-core backward (attention_backward_tc): head_dim 16 to 128 by 16, the same GQA
 // ratios and windows, against the reference on bf16-rounded inputs (see run_case).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -199,7 +199,7 @@ int main() {
   for (int hd : {64, 80, 128})
     for (int group : {1, 3, 4})
       for (int window : {0, 7}) run_case(hd, 2, group, window);
-  for (int hd : {32, 64, 80, 128})
+  for (int hd : {16, 32, 48, 64, 80, 96, 112, 128})
     for (int group : {1, 3, 4})
       for (int window : {0, 7}) run_case(hd, 2, group, window, true);
   return rf::test::finish("cuda_attention_backward");

@@ -378,10 +378,11 @@ void test_down_norm_rows(int rows, int K) {
   }
 }
 
-// gemv_rows with the append epilogue against the plain product and then kv_append.
-void test_append(bool bf16_w, bool bf16_cache) {
+// gemv_rows with the append epilogue against the plain product and then kv_append; with the
+// norm fused (the model's QKV product) or without (x taken as it is).
+void test_append(bool bf16_w, bool bf16_cache, bool norm = true) {
   const std::string what = std::string("gemv_rows append ") + (bf16_w ? "bf16" : "f32") + " W, " + (bf16_cache ? "bf16" : "f32") +
-                           " cache";
+                           " cache" + (norm ? "" : ", no norm");
   const int nq = 4, nkv = 2, hd = 16, bt = 16, K = 64, rows = 3, n_blocks = 6;
   const int N = (nq + 2 * nkv) * hd, hh = hd / 2;
   std::vector<float> x = randn(size_t(rows) * K, 2.f), nw = randn(size_t(K), 0.2f), w = randn(size_t(N) * K, 0.1f),
@@ -409,10 +410,11 @@ void test_append(bool bf16_w, bool bf16_cache) {
   Dev dA(A.size() * 4), dB(B.size() * 4), du(size_t(rows) * 8 * 4);
   put(dA, A), put(dB, B);
   const rf::cuda::GemvDown down{static_cast<const float*>(dA.p), static_cast<float*>(du.p), 8};
-  rf::cuda::lora_down_rows(&down, 1, static_cast<const float*>(dx.p), K, rows, K, nullptr, static_cast<const float*>(dnw.p), 1e-5f);
+  const float* norm_w = norm ? static_cast<const float*>(dnw.p) : nullptr;
+  rf::cuda::lora_down_rows(&down, 1, static_cast<const float*>(dx.p), K, rows, K, nullptr, norm_w, 1e-5f);
   rf::cuda::GemvArgs a;
   a.x = dx.p, a.w = dw.p, a.type = bf16_w ? rf::DType::bf16 : rf::DType::f32, a.rows = rows, a.N = N, a.K = K;
-  a.norm_w = static_cast<const float*>(dnw.p), a.norm_eps = 1e-5f, a.bias = static_cast<const float*>(db.p);
+  a.norm_w = norm_w, a.norm_eps = 1e-5f, a.bias = static_cast<const float*>(db.p);
   a.n_lora = 1, a.lora[0] = {static_cast<const float*>(du.p), static_cast<const float*>(dB.p), nq * hd, nkv * hd, 8};  // on k
   Dev y_ref(size_t(rows) * N * 4), y_got(size_t(rows) * N * 4);
   // Unfused: the product, then kv_append with the rope.
@@ -507,6 +509,7 @@ int main() {
   test_norm_fused(true, 1, 2048 * 8 + 40, 64, false, {});  // more outputs than 2048 blocks: a warp takes several
   for (bool bf16_w : {true, false})
     for (bool bf16_cache : {true, false}) test_append(bf16_w, bf16_cache);
+  for (bool bf16_w : {true, false}) test_append(bf16_w, false, false);
   test_refusals();
   return rf::test::finish("cuda_gemv");
 }

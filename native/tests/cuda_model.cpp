@@ -44,6 +44,7 @@
 #include "cuda/cuda.h"
 #include "cuda/device_model.h"
 #include "cuda/launch.h"
+#include "cuda/ops.h"
 #include "core/dtype.h"
 #include "model/decode.h"
 #include "model/layout.h"
@@ -362,6 +363,141 @@ void check_decode_step(const std::string& tag, Pair& p) {
             " places differ, worst log-prob " + std::to_string(worst_top_lp) + ")");
 }
 
+// Rows the device leaves to the host (kPickFallback: a top_k, or a top-p nucleus, past
+// kPickMaxCandidates = 2048 candidates), in one batch with rows it picks itself: a vocabulary of
+// 4099, where a flat random model's 0.999 nucleus holds about 4000 tokens. Tokens, log-probs,
+// flag p's and the top 3 as the CPU's decode_step, as in check_decode_step.
+void check_pick_fallback(rf::ModelConfig c) {
+  c.vocab = 4099;
+  Pair p = make_pair(c, rf::DType::f32, 9);
+  std::mt19937 rng(23);
+  const int V = c.vocab, n = 4, K = 2, top_n = 3;
+  const std::vector<int> flag_ids{V - 1, V - 2};
+  std::vector<rf::PickParams> params(static_cast<size_t>(n));
+  params[1].temperature = 1.f, params[1].top_p = 0.999f;  // the nucleus: past 2048
+  params[2].temperature = 1.f, params[2].top_k = 3000;    // top_k past 2048
+  params[3].temperature = 0.7f, params[3].top_k = 40, params[3].top_p = 0.9f;  // on the device
+  for (int i = 0; i < n; ++i) params[size_t(i)].seed = 40 + uint64_t(i);
+  std::vector<rf::KvCache> caches;
+  std::vector<std::shared_ptr<rf::cuda::DeviceSequence>> seqs;
+  std::vector<std::vector<uint32_t>> prompts;
+  for (int i = 0; i < n; ++i)
+    caches.push_back(p.cpu->new_cache()), seqs.push_back(p.gpu->new_sequence()), prompts.push_back(random_ids(rng, 2 + 3 * i, V));
+  std::vector<uint32_t> next(static_cast<size_t>(n));
+  int token_diff = 0, compared = 0, smallest_nucleus = V;
+  double worst = 0;
+  for (int step = 0; step < 3; ++step) {
+    std::vector<rf::ForwardItem> ci;
+    std::vector<rf::cuda::DeviceItem> gi;
+    for (int i = 0; i < n; ++i) {
+      const uint32_t* t = step == 0 ? prompts[size_t(i)].data() : &next[size_t(i)];
+      const int nt = step == 0 ? int(prompts[size_t(i)].size()) : 1;
+      ci.push_back({&caches[size_t(i)], t, nt});
+      gi.push_back({seqs[size_t(i)].get(), t, nt});
+    }
+    std::vector<rf::Pick> cp(static_cast<size_t>(n)), gp(static_cast<size_t>(n));
+    std::vector<float> cf(size_t(n) * K), gf(size_t(n) * K), ctl(size_t(n) * top_n), gtl(size_t(n) * top_n), logits;
+    std::vector<uint32_t> cti(size_t(n) * top_n), gti(size_t(n) * top_n);
+    rf::decode_step(*p.cpu, ci, params, rf::Flags(flag_ids, cf.data()), top_n, cp.data(), cti.data(), ctl.data(), logits);
+    p.gpu->decode_step(gi, params, rf::Flags(flag_ids, gf.data()), top_n, gp.data(), gti.data(), gtl.data());
+    {  // row 1's nucleus, from the CPU's logits: the test is only what it says while it passes 2048
+      const float* z = logits.data() + V;
+      std::vector<double> pr(z, z + V);
+      const double mx = *std::max_element(pr.begin(), pr.end());
+      double total = 0, mass = 0;
+      for (double& x : pr) total += (x = std::exp(x - mx));
+      std::sort(pr.begin(), pr.end(), std::greater<double>());
+      int k = 0;
+      while (mass < 0.999 * total) mass += pr[size_t(k++)];
+      smallest_nucleus = std::min(smallest_nucleus, k);
+    }
+    for (int i = 0; i < n; ++i) {
+      ++compared;
+      token_diff += cp[size_t(i)].token != gp[size_t(i)].token;
+      if (cp[size_t(i)].token == gp[size_t(i)].token) worst = std::max(worst, double(std::fabs(cp[size_t(i)].logprob - gp[size_t(i)].logprob)));
+      worst = std::max(worst, double(std::fabs(cp[size_t(i)].p_rf - gp[size_t(i)].p_rf)));
+      for (int k = 0; k < K; ++k) worst = std::max(worst, double(std::fabs(cf[size_t(i) * K + k] - gf[size_t(i) * K + k])));
+      for (int j = 0; j < top_n; ++j) {  // the random model's top 3 are far apart at this scale: compared outright
+        const size_t o = size_t(i) * top_n + size_t(j);
+        ++compared;
+        token_diff += cti[o] != gti[o];
+        worst = std::max(worst, double(std::fabs(ctl[o] - gtl[o])));
+      }
+      next[size_t(i)] = cp[size_t(i)].token;
+    }
+  }
+  check(smallest_nucleus > rf::cuda::kPickMaxCandidates,
+        "pick fallback: the 0.999 nucleus holds " + std::to_string(smallest_nucleus) + " tokens, past the device's 2048");
+  check(token_diff <= 1 && worst <= 1e-4, "pick fallback: rows the host picks (top_k and a nucleus past 2048) beside rows the "
+                                          "device picks equal the CPU's decode_step (" + std::to_string(token_diff) + " of " +
+                                          std::to_string(compared) + " tokens or top-3 places differ, worst " + std::to_string(worst) + ")");
+}
+
+// More decode shapes than the graph cache keeps (DecodeGraphs::kMaxGraphs = 64): 6 batch sizes x
+// 11 flag counts, each run twice (eager once, then captured); the least recently used graphs are
+// dropped, and a dropped shape is captured again when it comes back. Every step bit for bit as a
+// second engine running eagerly; the counts of captures and replays pin which graphs were kept.
+void check_graph_eviction(const rf::ModelConfig& c) {
+  rf::cuda::DeviceModel graphed(c, rf::DType::f32, 0), eager(c, rf::DType::f32, 0);
+  rf::test::load_random(graphed, 5);
+  rf::test::load_random(eager, 5);
+  graphed.set_kv_pool_bytes(size_t(64) << 20);
+  eager.set_kv_pool_bytes(size_t(64) << 20);
+  graphed.set_graphs(true);
+  eager.set_graphs(false);
+  const int V = c.vocab, seqs_n = 6, flags_n = 11;
+  std::mt19937 rng(31);
+  std::vector<std::shared_ptr<rf::cuda::DeviceSequence>> a, b;
+  std::vector<uint32_t> next(seqs_n);
+  long differ = 0;
+  const auto step = [&](int n, int K, const std::vector<uint32_t>* prompt) {
+    std::vector<int> flag_ids;
+    for (int k = 0; k < K; ++k) flag_ids.push_back(V - 1 - k);
+    std::vector<rf::PickParams> params(static_cast<size_t>(n));  // greedy
+    std::vector<rf::cuda::DeviceItem> ia, ib;
+    for (int i = 0; i < n; ++i) {
+      const uint32_t* t = prompt ? prompt->data() : &next[size_t(i)];
+      const int nt = prompt ? int(prompt->size()) : 1;
+      ia.push_back({a[size_t(i)].get(), t, nt});
+      ib.push_back({b[size_t(i)].get(), t, nt});
+    }
+    std::vector<rf::Pick> pa(static_cast<size_t>(n)), pb(static_cast<size_t>(n));
+    std::vector<float> fa(size_t(n) * K), fb(size_t(n) * K);
+    eager.decode_step(ia, params, rf::Flags(flag_ids, fa.data()), 0, pa.data(), nullptr, nullptr);
+    graphed.decode_step(ib, params, rf::Flags(flag_ids, fb.data()), 0, pb.data(), nullptr, nullptr);
+    for (int i = 0; i < n; ++i) {
+      differ += pa[size_t(i)].token != pb[size_t(i)].token || std::memcmp(&pa[size_t(i)].logprob, &pb[size_t(i)].logprob, 4) != 0 ||
+                std::memcmp(fa.data() + i * K, fb.data() + i * K, size_t(K) * 4) != 0;
+      next[size_t(i)] = pa[size_t(i)].token;
+    }
+  };
+  for (int i = 0; i < seqs_n; ++i) {
+    a.push_back(eager.new_sequence()), b.push_back(graphed.new_sequence());
+    const std::vector<uint32_t> prompt = random_ids(rng, 4, V);
+    std::vector<std::shared_ptr<rf::cuda::DeviceSequence>> a1{a.back()}, b1{b.back()};
+    std::swap(a, a1), std::swap(b, b1);
+    step(1, 1, &prompt);  // each sequence's prompt, alone
+    std::swap(a, a1), std::swap(b, b1);
+  }
+  // The largest shape first, eagerly: it sizes every scratch buffer, so that no graph is retired
+  // below because a buffer it reads moved (only because it was dropped).
+  step(seqs_n, flags_n, nullptr);
+  const rf::cuda::DeviceModel::GraphStats before = graphed.graph_stats();
+  for (int n = 1; n <= seqs_n; ++n)
+    for (int K = 1; K <= flags_n; ++K) step(n, K, nullptr), step(n, K, nullptr);  // 66 shapes: eager (but the first), then captured
+  const rf::cuda::DeviceModel::GraphStats full = graphed.graph_stats();
+  for (int K = 1; K <= 3; ++K) step(1, K, nullptr);  // the two dropped first come back, then a third
+  const rf::cuda::DeviceModel::GraphStats back = graphed.graph_stats();
+  step(1, 1, nullptr);  // kept since: replayed
+  const rf::cuda::DeviceModel::GraphStats last = graphed.graph_stats();
+  check(differ == 0, "graph cache past 64 shapes: every step bit for bit as the eager engine's (" + std::to_string(differ) + " rows differ)");
+  check(full.captures - before.captures == 66 && full.replays == before.replays + 1 && back.captures - full.captures == 3 &&
+            back.replays == full.replays && last.replays == back.replays + 1,
+        "graph cache past 64 shapes: the least recently used dropped and captured again on return (captures " +
+            std::to_string(full.captures - before.captures) + " then " + std::to_string(back.captures - full.captures) +
+            ", replays " + std::to_string(back.replays - before.replays) + " then " + std::to_string(last.replays - back.replays) + ")");
+}
+
 // Decode steps replayed from CUDA graphs against the same steps run eagerly (a second engine with
 // the same weights and adapters, graphs off): tokens, log-probs and flag p's bit for bit, while
 // the batch shrinks, the adapter is switched off and on (the graphs' signature changes), the
@@ -618,5 +754,7 @@ int main() {
   run_config("gpt2", gpt2);
   check_pool(llama);
   check_memory(with(llama, 256, 8, 2, 32));
+  check_pick_fallback(llama);
+  check_graph_eviction(llama);
   return rf::test::finish("cuda_model");
 }

@@ -273,6 +273,17 @@ void swiglu_lora_case(int rows, int inter, int gate_rank, int up_rank) {
   const std::vector<float> out2 = download<float>(d_out2, n), sums2 = download<float>(d_in, 2 * n);
   check(std::memcmp(out.data(), out2.data(), n * 4) == 0 && std::memcmp(sums.data(), sums2.data(), 2 * n * 4) == 0,
         tag + " in place (in_f32 = in): the same bits");
+  // From a bf16 in (a bf16 model's gate|up product): the f32 version's bits on its widening.
+  std::vector<uint16_t> in_bits(2 * n);
+  std::vector<float> widened(2 * n);
+  for (size_t i = 0; i < 2 * n; ++i) in_bits[i] = rf::f32_to_bf16(in[i]), widened[i] = rf::bf16_to_f32(in_bits[i]);
+  Dev d_wide = upload(widened), d_bits = upload(in_bits), d_a = output(n), d_b = output(n), d_a16(n * 2), d_b16(n * 2);
+  rf::cuda::swiglu_rows(d_a.f(), d_wide.f(), rows, inter, nullptr, static_cast<__nv_bfloat16*>(d_a16.p), nullptr, terms[0], terms[1]);
+  rf::cuda::swiglu_rows(d_b.f(), static_cast<const __nv_bfloat16*>(d_bits.p), rows, inter, nullptr,
+                        static_cast<__nv_bfloat16*>(d_b16.p), terms[0], terms[1]);
+  const std::vector<float> wa = download<float>(d_a, n + kTail), wb = download<float>(d_b, n + kTail);  // the tails: NaN bits
+  check(std::memcmp(wa.data(), wb.data(), (n + kTail) * 4) == 0 && download<uint16_t>(d_a16, n) == download<uint16_t>(d_b16, n),
+        tag + " from a bf16 input: the f32 version's bits on the widened values, nothing past the output");
 }
 
 void test_swiglu_rows() {

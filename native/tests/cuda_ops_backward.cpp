@@ -318,8 +318,10 @@ int main() {
   for (int rank : {4, 16, 17, 32})
     for (float p : {0.f, 0.3f}) activations_down_lora(45, 300, rank, p);
   // Every width the forward takes (8, 16, 32), each half alone and both, with and without the
-  // down adapter's term (its widths 16 and 32); a partial last row tile.
-  for (const auto& r : std::vector<std::array<int, 3>>{{4, 0, 0}, {0, 16, 0}, {8, 8, 16}, {3, 17, 0}, {32, 32, 32}, {16, 16, 16}})
+  // down adapter's term (its widths 16 and 32), and the down adapter's alone: every instance of
+  // the kernel, from f32 and bf16 sums; a partial last row tile.
+  for (const auto& r : std::vector<std::array<int, 3>>{{4, 0, 0}, {0, 16, 0}, {8, 8, 16}, {3, 17, 0}, {32, 32, 32}, {16, 16, 16},
+                                                       {8, 8, 32}, {16, 0, 32}, {0, 32, 16}, {0, 0, 16}, {0, 0, 32}})
     activations_glu_lora(45, 300, r[0], r[1], r[2]);
   bool refused = false;
   try {

@@ -21,6 +21,8 @@
 //    activation;
 //  - full fine-tuning (cross-entropy rows): every tensor's gradient within 1e-4, AdamW bit for
 //    bit, and the next step's losses (the engine's copies rewritten) within 1e-5;
+//  - LoRA without flag-token rows (the refusal baseline's and the lm objective's cross-entropy
+//    rows): the same bounds, f32 and bf16;
 //  - a set cancel flag throws rf::Cancelled; an unknown LoRA target and a model that already has
 //    an adapter are refused with a message;
 //  - bf16 weights on the GPU against the CPU's bf16 model: loss terms within 2e-2 relative,
@@ -446,6 +448,35 @@ void run_large_rank(const std::string& name, const rf::ModelConfig& c) {
   compare_params(name + " rank " + std::to_string(o.lora.rank) + " bf16", s16, "grad", 5e-2);
 }
 
+// LoRA without flag-token rows (the refusal baseline, and the lm objective): cross-entropy rows
+// and benign KL rows (the refusal objective's retention term, whose loss then stands in token 0's
+// frozen head row for the flag's), the LM head's rows all frozen. Loss, every gradient and
+// dL/d(embeddings) as the CPU's, in f32 and in bf16, and no flag-row parameters on either.
+void run_no_flags(const std::string& name, const rf::ModelConfig& c) {
+  rf::TrainOptions o = train_options(c);
+  o.rf_token = -1;
+  for (rf::DType dtype : {rf::DType::f32, rf::DType::bf16}) {
+    const bool bf16 = dtype == rf::DType::bf16;
+    const std::string tag = name + " LoRA without flag rows" + (bf16 ? " bf16" : "");
+    Setup s = make_setup(c, dtype, 27, &o);
+    perturb(s, 8);
+    bool rows = false;
+    for (rf::Param* p : s.gt->params()) rows |= p->name.rfind("rf.", 0) == 0;
+    check(!rows && s.gt->params().size() == s.ct->params().size(), tag + ": no flag-row parameters");
+    Batch b = make_batch(c, true, 13);
+    for (int r : {1, 2, 4}) b.rows.push_back({rf::LossRow::benign_kl, r, r, -1, -1});  // not on a cross-entropy row
+    if (!bf16) {
+      compare_step(tag, s, b, true);
+      continue;
+    }
+    const rf::LossOptions lo = loss_options();
+    const rf::LossTerms tc = s.ct->step(seqs(b.trained), seqs(b.ref), b.rows, lo);
+    const rf::LossTerms tg = s.gt->step(seqs(b.trained), seqs(b.ref), b.rows, lo);
+    compare_terms(tag, tg, tc, 2e-2);
+    compare_params(tag, s, "grad", 5e-2);
+  }
+}
+
 // bf16 LoRA at rank 8: its dB and du read dy in bf16 (the trainer does so for ranks that are
 // multiples of 8; the rank-65 case below keeps f32).
 void run_bf16(const std::string& name, const rf::ModelConfig& c) {
@@ -495,6 +526,8 @@ int main() {
     check_recompute("llama GQA 2 bf16 (tensor-core attention)", llama, rf::DType::bf16);
     run_bf16("llama GQA 2", llama);
     run_large_rank("llama GQA 2", llama);
+    run_no_flags("llama GQA 2", llama);
+    run_no_flags("gpt2", gpt2_of(llama));
     check_refusals(llama);
   } catch (const std::exception& e) {
     check(false, std::string("threw ") + e.what());

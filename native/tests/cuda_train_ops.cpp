@@ -133,8 +133,8 @@ void test_dropout() {
 // multiply-adds (the dropped-out x rounded first, as dropout_rows makes it; columns past in
 // padded to the 32-column tile with zeros): bit for bit this host loop.
 // The adapter groups the several-adapter LoRA calls are checked with: three in one launch (16/4/7,
-// 8/8/8), two (32/17), and ranks too wide to share one (33/2: a launch each).
-const std::vector<std::vector<int>> kTermRankSets{{16, 4, 7}, {32, 17}, {33, 2}, {8, 8, 8}};
+// 8/8/8), two (32/17), one alone (20), and ranks too wide to share one (33/2: a launch each).
+const std::vector<std::vector<int>> kTermRankSets{{16, 4, 7}, {32, 17}, {33, 2}, {8, 8, 8}, {20}};
 
 std::string terms_name(const char* what, const std::vector<int>& ranks, float p) {
   std::string name = std::string(what) + " of ranks";
@@ -168,12 +168,16 @@ void test_lora_down_dropout() {
                     "lora_down_dropout rows " + std::to_string(rows) + " in " + std::to_string(in) + " rank " + std::to_string(rank));
       }
   // Several adapters of one input, each its own mask, in one call (one read of x when they fit: 3
-  // of rank <= 16, 2 of <= 32; else one each): each u the bits of its own call. Without dropout too.
+  // of rank <= 16, 2 of <= 32; else one each): each u the bits of its own call. Without dropout
+  // too. x holds bf16 values, so that the call from its bf16 copy (a bf16 model's activation)
+  // must give the same bits.
   for (const std::vector<int>& ranks : kTermRankSets)
     for (float p : {0.f, 0.3f}) {
       const int rows = 130, in = 300, layer = 9;
       const uint64_t seed = rng();
-      const std::vector<float> x = randn(size_t(rows) * in);
+      std::vector<float> x = randn(size_t(rows) * in);
+      std::vector<uint16_t> xb(x.size());
+      for (size_t i = 0; i < x.size(); ++i) xb[i] = rf::f32_to_bf16(x[i]), x[i] = rf::bf16_to_f32(xb[i]);
       DevFloats dx(x);
       std::vector<std::unique_ptr<DevFloats>> dA, alone, together;
       std::vector<rf::cuda::LoraDownTerm> terms;
@@ -188,6 +192,19 @@ void test_lora_down_dropout() {
       rf::cuda::lora_down_dropout(terms.data(), int(terms.size()), dx.p, rows, in, seed, layer, p, nullptr);
       for (size_t j = 0; j < ranks.size(); ++j)
         expect_bits(together[j]->back(), alone[j]->back(), terms_name("lora_down_dropout", ranks, p) + ": adapter " + std::to_string(j));
+      __nv_bfloat16* dxb = nullptr;
+      cudaMalloc(&dxb, xb.size() * 2);
+      cudaMemcpy(dxb, xb.data(), xb.size() * 2, cudaMemcpyHostToDevice);
+      std::vector<std::unique_ptr<DevFloats>> from_bf16;
+      for (size_t j = 0; j < ranks.size(); ++j) {
+        from_bf16.push_back(std::make_unique<DevFloats>(std::vector<float>(size_t(rows) * ranks[j], 0.f)));
+        terms[j].u = from_bf16.back()->p;
+      }
+      rf::cuda::lora_down_dropout(terms.data(), int(terms.size()), dxb, rows, in, seed, layer, p, nullptr);
+      for (size_t j = 0; j < ranks.size(); ++j)
+        expect_bits(from_bf16[j]->back(), alone[j]->back(),
+                    terms_name("lora_down_dropout", ranks, p) + " from bf16 x: adapter " + std::to_string(j));
+      cudaFree(dxb);
     }
 }
 

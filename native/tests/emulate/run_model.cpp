@@ -12,5 +12,7 @@ int main() {
   run_config("gpt2", rf::test::gpt2_of(llama));
   check_pool(llama);
   check_memory(with(llama, 64, 4, 2, 16));
+  check_pick_fallback(llama);
+  check_graph_eviction(llama);
   return rf::test::finish("cuda_model (emulated)");
 }

@@ -35,6 +35,7 @@ def split_top(s):
 
 
 src = open(sys.argv[1]).read()
+lines = src.count('\n')
 
 # The launch bounds of the kernels defined here, and the kernels given a shared-memory attribute.
 # (The first argument: the most threads a block may have; the second, blocks per SM, is a hint.)
@@ -57,8 +58,14 @@ def emu_launch(name, c, args, dependent):
                 c[0], c[1], smem, base, key, bound, 'true' if dependent else 'false', args, name)
 
 
+def keep_lines(new, old):
+    """new, followed by the line breaks of old that it lacks (the arguments keep theirs)."""
+    return new + '\n' * (old.count('\n') - new.count('\n'))
+
+
 def launch(m):
-    return emu_launch(m.group(1), split_top(m.group(2)), m.group(3), False)
+    # The launch's line breaks kept after it, so every later line keeps its number (#line below).
+    return keep_lines(emu_launch(m.group(1), split_top(m.group(2)), m.group(3), False), m.group(0))
 
 
 def dependent_launches(src):
@@ -79,7 +86,7 @@ def dependent_launches(src):
             continue  # the template's own definition
         if src[i] != ';':
             sys.exit(f"translate.py: a launch_dependent call in {sys.argv[1]} is not a statement: {src[m.start():i + 20]!r}")
-        out += src[at:m.start()] + emu_launch(name.group(1), parts[:4], ', '.join(parts[4:]), True)
+        out += src[at:m.start()] + keep_lines(emu_launch(name.group(1), parts[:4], ', '.join(parts[4:]), True), src[m.start():i])
         at = i + 1
     return out + src[at:]
 
@@ -96,4 +103,8 @@ src = re.sub(r'(\w+(?:<[\w, ]+>)?)<<<(.+?)>>>\((.*?)\);', launch, src, flags=re.
 src = dependent_launches(src)
 if '<<<' in src:
     sys.exit(f"translate.py: a kernel launch in {sys.argv[1]} was not rewritten: {src[src.index('<<<') - 60:src.index('<<<') + 40]!r}")
-open(sys.argv[2], 'w').write(src)
+# Every line keeps its number and the directive names the original, so a compiler message, a
+# CUDA_CHECK's __FILE__:__LINE__ and the coverage report (cuda-emulate.sh) point into the .cu source.
+if src.count('\n') != lines:
+    sys.exit(f"translate.py: {sys.argv[1]}: the rewrite changed the number of lines")
+open(sys.argv[2], 'w').write('#line 1 "%s"\n' % sys.argv[1] + src)
