@@ -1,8 +1,8 @@
 /**
  * Benchmarks: `npm run bench -- <gemm|prefill|decode|serve|train|loss|all> [--quick]`, and
  * `npm run bench -- soak [--seconds 600] [--clients 64] [--seed 1]` (bench/soak.ts), and on a GPU
- * machine `npm run bench -- <gpu-decode|gpu-prefill|gpu-serve|gpu-train|gpu-loss> [--device cuda:N]`. Each prints one
- * JSON object. Speeds are reported as ratios to ceilings measured in the same run (FMA peak with
+ * machine `npm run bench -- <gpu-decode|gpu-prefill|gpu-serve|gpu-train|gpu-loss> [--device cuda:N]` (`gpu-serve --tiny`:
+ * a two-layer model, for the CPU emulation of CUDA). Each prints one JSON object. Speeds are reported as ratios to ceilings measured in the same run (FMA peak with
  * a register-only loop, memory bandwidth with a STREAM-like copy) and to peers measured in the
  * same run where installed (PyTorch CPU via Debian's python3-torch). `train` and `loss` run the
  * standalone native benches (bench_train, bench_rf_loss) from build-native/, building them with
@@ -26,6 +26,7 @@ const args = process.argv.slice(2);
 const VALUE_FLAGS = new Set(['--seconds', '--clients', '--seed', '--device']);
 const which = args.find((a, i) => !a.startsWith('--') && !VALUE_FLAGS.has(args[i - 1] ?? '')) ?? 'all';
 const quick = args.includes('--quick');
+const tiny = args.includes('--tiny');
 /** `--name N` from the command line, or `fallback`. */
 function flagString(name: string, fallback: string): string {
   const i = args.indexOf(name);
@@ -75,6 +76,21 @@ const LLAMA32_1B: RandomModelSpec = {
   maxPositions: 131072,
   seed: 1,
   dtype: 'BF16',
+};
+
+// A two-layer model with Llama-3.2's layout, for `gpu-serve --tiny`: the harness and the CUDA
+// engine's bf16 path under the CPU emulation of CUDA (scripts/cuda-emulate.sh), whose figures mean
+// nothing.
+const TINY_LLAMA: RandomModelSpec = {
+  ...LLAMA32_1B,
+  vocabSize: 32000,
+  hiddenSize: 64,
+  intermediateSize: 128,
+  numLayers: 2,
+  numHeads: 4,
+  numKvHeads: 2,
+  headDim: 16,
+  maxPositions: 2048,
 };
 
 const SMOLLM2_BODY_MATMUL_PARAMS = 30 * (576 * 960 + 576 * 576 + 3 * 576 * 1536);
@@ -519,9 +535,11 @@ const benches: Record<string, () => Promise<unknown>> = {
   gemm: benchGemm, prefill: benchPrefill, decode: benchDecode, train: benchTrain, loss: benchLoss,
   serve: () => benchServe(quick, SMOLLM2, { label: 'SmolLM2-135M shapes, 2 threads', cacheName: 'redflag-bench-smollm2-135m-tokenizer' }),
   // The GPU benches (issue "CUDA backend, part 1"): the server on a GPU, and the C++ engine bench.
-  'gpu-serve': () => benchServe(quick, LLAMA32_1B, {
-    name: 'gpu-serve', label: 'Llama-3.2-1B shapes', cacheName: 'redflag-bench-llama32-1b-tokenizer',
-    device: flagString('--device', 'cuda') as DeviceSpec, dtype: 'bf16', concurrencies: [1, 32, 128],
+  // --tiny: 1 and 12 streams (past the 8 rows of a decode step's gemv path) on TINY_LLAMA.
+  'gpu-serve': () => benchServe(quick || tiny, tiny ? TINY_LLAMA : LLAMA32_1B, {
+    name: 'gpu-serve', label: tiny ? 'a tiny Llama (2 layers, hidden 64)' : 'Llama-3.2-1B shapes',
+    cacheName: tiny ? 'redflag-bench-tiny-llama-tokenizer' : 'redflag-bench-llama32-1b-tokenizer',
+    device: flagString('--device', 'cuda') as DeviceSpec, dtype: 'bf16', concurrencies: tiny ? [1, 12] : [1, 32, 128],
   }),
   'gpu-decode': () => benchGpu('decode'),
   'gpu-prefill': () => benchGpu('prefill'),

@@ -7,7 +7,7 @@
 # Needs the CPU libraries of build-native (npm run test:native builds them first, then calls this),
 # and for the end-to-end tests the CPU addon's build/ and dist/ (npm ci makes both).
 #   bash scripts/cuda-emulate.sh [TEST...]     (default: all; names as in native/tests/emulate/run_*.cpp,
-#                                               and e2e, train_e2e)
+#                                               and e2e, train_e2e, serve)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 lib=build-native
@@ -38,9 +38,10 @@ python3 "$emu/translate.py" native/bench/cuda_bench_common.h "$out/include/bench
 flags=(-std=c++17 -O2 -w -fsanitize=alignment -fno-sanitize-recover=alignment -fPIC -pthread -I"$emu" -I"$out/include" -Inative)
 link=(-pthread -fsanitize=alignment)
 # RF_EMU_COVERAGE=1: which lines of native/cuda the run executed (coverage.py, after the tests):
-# a line that no emulated test reaches runs for the first time on a GPU.
-# Counted in native/cuda's objects only, without atomic updates (each test's kernels run on one
-# thread at a time), which would make the emulation many times slower.
+# a line that no emulated test reaches runs for the first time on a GPU. Counted in native/cuda's
+# objects only, at -O0 (so that lines and template instances keep their own counts), without
+# atomic updates (each test's kernels run on one thread at a time), which would make the
+# emulation many times slower.
 coverage=${RF_EMU_COVERAGE:-0}
 [ "$coverage" = 1 ] && link+=(--coverage)
 # The device sources each test needs (translated), besides smoke.cu's device_info (the emulation's
@@ -66,12 +67,16 @@ declare -A stand_in=([emulator]=cublaslt [gemm]=cublaslt [rf_loss]=cublaslt [mod
   [train_bench]=cublaslt)
 # The benchmarks print one JSON object, which check_json.py checks and tallies.
 declare -A bench_kind=([bench]=cuda [train_bench]=cuda-train)
-# The library end to end on the emulated GPU: the GPU machine's end-to-end scripts with --device
-# cuda against the CPU engine, in Node, on an addon built from the emulated CUDA sources (all of
-# native/cuda, the N-API layer with RF_HAVE_CUDA) and the CPU addon's objects (link_addon).
-declare -A e2e_script=([e2e]=scripts/device-e2e.mjs [train_e2e]=scripts/device-train-e2e.mjs)
+# The library end to end on the emulated GPU, in Node, on an addon built from the emulated CUDA
+# sources (all of native/cuda, the N-API layer with RF_HAVE_CUDA) and the CPU addon's objects
+# (link_addon): the GPU machine's end-to-end scripts with --device cuda against the CPU engine,
+# and its server bench (npm run bench -- gpu-serve) on a tiny model in bf16; check_json.py
+# checks what each printed.
+declare -A e2e_script=([e2e]="scripts/device-e2e.mjs --device cuda" [train_e2e]="scripts/device-train-e2e.mjs --device cuda"
+  [serve]="--import tsx bench/run.ts gpu-serve --tiny")
+declare -A e2e_kind=([e2e]=e2e [train_e2e]=e2e [serve]=gpu-serve)
 tests=("$@")
-[ ${#tests[@]} -eq 0 ] && tests=(e2e train_e2e emulator ops ops_backward optim attention attention_backward rf_loss model_ops gemv gemm train_ops model train bench train_bench)
+[ ${#tests[@]} -eq 0 ] && tests=(e2e train_e2e serve emulator ops ops_backward optim attention attention_backward rf_loss model_ops gemv gemm train_ops model train bench train_bench)
 addon=0
 for t in "${tests[@]}"; do
   [ -n "${sources[$t]:-}" ] || [ -n "${e2e_script[$t]:-}" ] || { echo "cuda-emulate: unknown test $t" >&2; exit 2; }
@@ -150,9 +155,10 @@ run_one() {
   local t=$1 start=$SECONDS rc
   if [ -n "${e2e_script[$t]:-}" ]; then
     : > "$out/$t.log"
-    REDFLAG_ADDON="$PWD/$out/redflag_emu.node" timeout 1800 node "${e2e_script[$t]}" --device cuda > "$out/$t.json" 2>> "$out/$t.log"
+    # shellcheck disable=SC2086  # the script and its arguments
+    REDFLAG_ADDON="$PWD/$out/redflag_emu.node" timeout 1800 node ${e2e_script[$t]} > "$out/$t.json" 2>> "$out/$t.log"
     rc=$?
-    python3 "$emu/check_json.py" e2e "$out/$t.json" >> "$out/$t.log" 2>&1 || [ $rc -ne 0 ] || rc=1
+    python3 "$emu/check_json.py" "${e2e_kind[$t]}" "$out/$t.json" >> "$out/$t.log" 2>&1 || [ $rc -ne 0 ] || rc=1
     grep -E '^FAIL|runtime error|^EMU:' "$out/$t.log" | head -20
     echo "cuda-emulate $t: $(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$out/$t.log" | tail -1 || echo 'no result') (exit $rc, $((SECONDS - start)) s)"
     return $rc

@@ -16,7 +16,8 @@
 // Both sides are f32 with max-subtracted softmaxes summed in different orders: outputs agree to
 // 2e-5 * (1 + |ref|) per element.
 // Tensor-core prefill (prefill_attention_tc): head_dim 32 / 64 / 80 / 96 / 128, GQA 1 / 3 / 8,
-// windows 0 / 37 / 1 (and 16, 48 and 112 once: every instance of the kernel), the same sequences (300 rows: five 64-row query tiles), against
+// windows 0 / 37 / 1 (and 16, 48 and 112 once: every instance of the kernel), the same
+// sequences (300 rows: five 64-row query tiles), against
 // attention_row on the bf16-rounded q, keys and values, within the kernel's stated bound
 // 2^-8 max_j |v_j| per element on top of the f32 slack.
 // A bf16 cache: the f32 and tensor-core prefill kernels (every tensor-core instance) against

@@ -7,10 +7,13 @@ printf writes them bare, which no JSON parser takes), every number finite, every
 above zero (and a profiled step's phases), and the parts that gpu-check.sh and the closing notes
 read, each present and without an error. The figures themselves mean nothing under emulation.
 
+gpu-serve: npm run bench -- gpu-serve --tiny (the server over HTTP on the emulated GPU): the
+same, with its streams and classify parts.
+
 e2e: scripts/device-e2e.mjs or device-train-e2e.mjs --device cuda (their own checks, one per
 line of the tally; a failed one printed with its details).
 
-    check_json.py cuda|cuda-train|e2e FILE.json
+    check_json.py cuda|cuda-train|gpu-serve|e2e FILE.json
 """
 import json
 import math
@@ -20,6 +23,7 @@ REQUIRED = {
     # per model of cuda_bench
     "cuda": ["decode", "prefill", "prefillAttention", "gemvAlone", "decodeAttentionAlone", "pickEpilogue", "adapterDecode"],
     "cuda-train": ["train", "attention", "full", "loss"],
+    "gpu-serve": ["streams", "classify"],
 }
 
 
@@ -61,6 +65,12 @@ def problems(kind, text):
         key = p.rsplit(".", 1)[-1]
         if ".phaseSeconds." not in p and (key.lower().endswith("seconds") or key.endswith("PerSecond")) and not v > 0:
             out.append(f"{p} = {v}, not above zero")
+    if kind == "gpu-serve":  # every stream count answered, each with its first token
+        for i, st in enumerate(doc.get("streams", [])):
+            if not (st.get("completionTokens", 0) > 0 and st.get("ttftMsMedian", 0) > 0):
+                out.append(f"streams[{i}]: no tokens or no time to the first")
+        if len(doc.get("streams", [])) != 2:
+            out.append(f"{len(doc.get('streams', []))} stream counts, not 2")
     for i, step in enumerate(doc.get("train", [])):
         if not sum(step.get("phaseSeconds", {}).values()) > 0:
             out.append(f"train[{i}].phaseSeconds: no phase has time")

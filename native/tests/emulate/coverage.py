@@ -38,6 +38,9 @@ for gcda in gcdas:
             lines[n] = max(lines.get(n, 0), ln['count'])
 
 
+def source_lines(src):
+    return open(src).read().split('\n') if os.path.exists(src) else []
+
 
 def signature(name):
     """A function's demangled name without its parameters (the first '(' outside <...>)."""
@@ -65,17 +68,16 @@ for src, n, r, _ in report:
 # A template's instantiations share their lines, so a kernel instantiation that never ran hides
 # in the lines of one that did: the kernels are listed apart, by their template arguments.
 print('\nkernels never launched (each template instantiation apart):')
+texts = {src: source_lines(src) for src in ran}
 for (src, line, name), n in sorted(calls.items()):
-    text = open(src).read().split('\n') if os.path.exists(src) else []
-    head = ' '.join(text[max(0, line - 3):line])  # a kernel's __global__ may sit a line or two above its name
+    head = ' '.join(texts[src][max(0, line - 3):line])  # a kernel's __global__ may sit a line or two above its name
     if n == 0 and '__global__' in head and not name.startswith('_Z') and 'lambda' not in name:
         print(f'  {src}:{line}: {signature(name)}')
 print('\nlines never run (first line of each range):')
 for src, _, _, missed in report:
     if not missed:
         continue
-    lines = ran[src]
-    text = open(src).read().split('\n') if os.path.exists(src) else []
+    lines, text = ran[src], texts[src]
     start = prev = None
     ranges = []
     for n in missed + [None]:
