@@ -9,6 +9,10 @@
 #   bash scripts/cuda-emulate.sh [TEST...]     (default: all; names as in native/tests/emulate/run_*.cpp,
 #                                               and e2e, train_e2e, serve)
 set -uo pipefail
+# The script is one compound command, which bash reads whole before running it (and which exits
+# within): a run takes minutes, and bash otherwise reads a script as it goes, so an edit made
+# meanwhile would change what the running copy does next.
+{
 cd "$(dirname "$0")/.."
 lib=build-native
 out=build-emu
@@ -202,3 +206,5 @@ if [ "$coverage" = 1 ]; then
   echo "cuda-emulate: the lines never run are listed in $out/coverage.txt"
 fi
 [ "$failed" = 0 ] && [ "$fails" = 0 ]
+exit  # inside the braces: nothing after them is read
+}
