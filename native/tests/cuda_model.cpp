@@ -462,12 +462,13 @@ void check_graph_eviction(const rf::ModelConfig& c) {
   std::vector<std::shared_ptr<rf::cuda::DeviceSequence>> a, b;
   std::vector<uint32_t> next(seqs_n);
   long differ = 0;
-  const auto step = [&](int n, int K, const std::vector<uint32_t>* prompt) {
+  // A greedy step of sequences first .. first + n - 1 with K flags: their prompts, or next.
+  const auto step = [&](int first, int n, int K, const std::vector<uint32_t>* prompt = nullptr) {
     std::vector<int> flag_ids;
     for (int k = 0; k < K; ++k) flag_ids.push_back(V - 1 - k);
-    std::vector<rf::PickParams> params(static_cast<size_t>(n));  // greedy
+    std::vector<rf::PickParams> params(static_cast<size_t>(n));
     std::vector<rf::cuda::DeviceItem> ia, ib;
-    for (int i = 0; i < n; ++i) {
+    for (int i = first; i < first + n; ++i) {
       const uint32_t* t = prompt ? prompt->data() : &next[size_t(i)];
       const int nt = prompt ? int(prompt->size()) : 1;
       ia.push_back({a[size_t(i)].get(), t, nt});
@@ -480,27 +481,24 @@ void check_graph_eviction(const rf::ModelConfig& c) {
     for (int i = 0; i < n; ++i) {
       differ += pa[size_t(i)].token != pb[size_t(i)].token || std::memcmp(&pa[size_t(i)].logprob, &pb[size_t(i)].logprob, 4) != 0 ||
                 std::memcmp(fa.data() + i * K, fb.data() + i * K, size_t(K) * 4) != 0;
-      next[size_t(i)] = pa[size_t(i)].token;
+      next[size_t(first + i)] = pa[size_t(i)].token;
     }
   };
   for (int i = 0; i < seqs_n; ++i) {
     a.push_back(eager.new_sequence()), b.push_back(graphed.new_sequence());
     const std::vector<uint32_t> prompt = random_ids(rng, 4, V);
-    std::vector<std::shared_ptr<rf::cuda::DeviceSequence>> a1{a.back()}, b1{b.back()};
-    std::swap(a, a1), std::swap(b, b1);
-    step(1, 1, &prompt);  // each sequence's prompt, alone
-    std::swap(a, a1), std::swap(b, b1);
+    step(i, 1, 1, &prompt);  // each sequence's prompt, alone
   }
   // The largest shape first, eagerly: it sizes every scratch buffer, so that no graph is retired
   // below because a buffer it reads moved (only because it was dropped).
-  step(seqs_n, flags_n, nullptr);
+  step(0, seqs_n, flags_n);
   const rf::cuda::DeviceModel::GraphStats before = graphed.graph_stats();
   for (int n = 1; n <= seqs_n; ++n)
-    for (int K = 1; K <= flags_n; ++K) step(n, K, nullptr), step(n, K, nullptr);  // 66 shapes: eager (but the first), then captured
+    for (int K = 1; K <= flags_n; ++K) step(0, n, K), step(0, n, K);  // 66 shapes: eager (but the first), then captured
   const rf::cuda::DeviceModel::GraphStats full = graphed.graph_stats();
-  for (int K = 1; K <= 3; ++K) step(1, K, nullptr);  // the two dropped first come back, then a third
+  for (int K = 1; K <= 3; ++K) step(0, 1, K);  // the two dropped first come back, then a third
   const rf::cuda::DeviceModel::GraphStats back = graphed.graph_stats();
-  step(1, 1, nullptr);  // kept since: replayed
+  step(0, 1, 1);  // kept since: replayed
   const rf::cuda::DeviceModel::GraphStats last = graphed.graph_stats();
   check(differ == 0, "graph cache past 64 shapes: every step bit for bit as the eager engine's (" + std::to_string(differ) + " rows differ)");
   check(full.captures - before.captures == 66 && full.replays == before.replays + 1 && back.captures - full.captures == 3 &&

@@ -22,7 +22,7 @@
 //  - full fine-tuning (cross-entropy rows): every tensor's gradient within 1e-4, AdamW bit for
 //    bit, and the next step's losses (the engine's copies rewritten) within 1e-5;
 //  - LoRA without flag-token rows (the refusal baseline's and the lm objective's cross-entropy
-//    rows): the same bounds, f32 and bf16;
+//    rows, with benign KL rows): the same bounds, f32 and bf16;
 //  - a set cancel flag throws rf::Cancelled; an unknown LoRA target and a model that already has
 //    an adapter are refused with a message;
 //  - bf16 weights on the GPU against the CPU's bf16 model: loss terms within 2e-2 relative,
