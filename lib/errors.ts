@@ -14,7 +14,12 @@ export type RedflagErrorCode =
   /** A detector's queue is full: try again later. */
   | 'BUSY'
   /** A request could never fit the configured limits (e.g. the KV-cache budget). */
-  | 'TOO_LARGE';
+  | 'TOO_LARGE'
+  /**
+   * Device (GPU) or host memory ran out. Nothing was changed: the same call with less work
+   * (a smaller batch, kvCacheBytes or model, dtype bf16) may succeed.
+   */
+  | 'OUT_OF_MEMORY';
 
 /**
  * Characters a terminal may act on, which error messages quoting file contents must not carry

@@ -264,6 +264,10 @@ export interface NativeAddon {
   cudaInfo?: () => { count: number; name: string; smMajor: number; smMinor: number; memoryGiB: number; error: string; saxpyMaxError: number; nccl?: boolean };
   /** The CUDA build: a new NCCL group id (hex) for data-parallel training; throws without NCCL. */
   collectiveId?: () => string;
+  /** The CUDA build: a device's free and total bytes (free cut to the limit) and the bytes redflag holds on all devices, with its limit (0: none). */
+  cudaMemory?: (device: number) => { free: number; total: number; held: number; limit: number };
+  /** The CUDA build: caps the bytes redflag may hold on the devices (0: no cap); past it an allocation fails with OUT_OF_MEMORY. */
+  cudaSetMemoryLimit?: (bytes: number) => void;
 }
 
 const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..');
@@ -330,7 +334,7 @@ export function nativeError(error: unknown): Error {
   if (error instanceof RedflagError) return error;
   const e = error as { code?: unknown; message?: unknown };
   const code: RedflagErrorCode =
-    e?.code === 'ABORTED' ? 'ABORTED' : e?.code === 'INVALID_ARGUMENT' ? 'INVALID_ARGUMENT' : 'NATIVE';
+    e?.code === 'ABORTED' || e?.code === 'INVALID_ARGUMENT' || e?.code === 'OUT_OF_MEMORY' ? e.code : 'NATIVE';
   return new RedflagError(code, String(e?.message ?? error), { cause: error });
 }
 

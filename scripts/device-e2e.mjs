@@ -15,7 +15,10 @@
 //     the CPU's, relative L2 <= 1e-4, with the blocks past the cut freed;
 //   - a saved adapter (LoRA on every projection, trained <rf> rows) applied live (applyAdapter's
 //     default) and merged into the weights: logits and teacher-forced p(<rf>) as the CPU's with
-//     the adapter live, greedy tokens the CPU's.
+//     the adapter live, greedy tokens the CPU's;
+//   - on a GPU, out of device memory on purpose: a model, a KV cache and an adapter that do not
+//     fit fail with OUT_OF_MEMORY (the adapter leaving none of itself applied), and concurrent
+//     requests whose batched steps do not fit are split into steps that do, each answer as alone.
 // Prints one JSON object; exits 1 when a check fails. `--device cpu` runs the harness against
 // the CPU itself (how it is tested where no GPU is).
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -24,6 +27,7 @@ import { join } from 'node:path';
 
 import { addRedFlagToken, applyAdapter, createDetector, createRng, loadModel, loraSites, saveAdapter, serve, writeRandomModel } from '../dist/index.js';
 import { packagedTokenizer } from '../dist/train/pipeline.js';
+import { loadNative } from '../dist/native.js';
 
 const device = process.argv.includes('--device') ? process.argv[process.argv.indexOf('--device') + 1] : 'cuda';
 const checks = [];
@@ -50,6 +54,7 @@ const dir = await mkdtemp(join(tmpdir(), 'redflag-device-e2e-'));
 let cpu;
 let dev;
 let merged;
+let tight;
 let server;
 let cpuServer;
 const detectors = [];
@@ -218,6 +223,50 @@ try {
     const [a, b, c] = [await take(dev), await take(cpu), await take(merged)];
     check(a === b && c === b, `greedy generation ${i} with the adapter (live, merged) equals the CPU engine`, a === b && c === b ? {} : { live: a, merged: c, cpu: b });
   }
+
+  // Out of device memory, on purpose (the addon's cudaSetMemoryLimit: past it an allocation
+  // fails as on a full GPU): a model that does not fit is refused before its weights are read, a
+  // KV cache that does not fit when the detector is created, and concurrent requests whose
+  // batched steps do not fit are split into steps that do, each answer what it is alone.
+  if (dev.device.kind === 'cuda') {
+    const native = loadNative('cuda');
+    try {
+      const base = native.cudaMemory(0).held;
+      native.cudaSetMemoryLimit(base + 2 ** 20);
+      const tooBig = await loadModel(dir, { device, dtype: 'f32', threads: 2 }).then((m) => (m.dispose(), null), (error) => error);
+      check(tooBig?.code === 'OUT_OF_MEMORY' && /the weights/.test(tooBig.message) && native.cudaMemory(0).held === base,
+        'a model that does not fit fails to load with OUT_OF_MEMORY, naming the weights, and holds nothing', { message: String(tooBig?.message) });
+      native.cudaSetMemoryLimit(0);
+      tight = await loadModel(dir, { device, dtype: 'f32', threads: 2 });
+      await addRedFlagToken(tight);
+      native.cudaSetMemoryLimit(native.cudaMemory(0).held + 2 ** 20);
+      const kv = await createDetector({ model: tight, threshold: 1, mode: 'flag', kvCacheBytes: 64 * 2 ** 20 }).then(async (d) => (await d.dispose(), null), (error) => error);
+      check(kv?.code === 'OUT_OF_MEMORY' && /kvCacheBytes/.test(kv.message), 'a KV cache that does not fit fails createDetector with OUT_OF_MEMORY', { message: String(kv?.message) });
+      native.cudaSetMemoryLimit(0);
+      const d = await createDetector({ model: tight, threshold: 1, mode: 'flag', kvCacheBytes: 32 * 2 ** 20 });
+      detectors.push(d);
+      const asked = questions.slice(0, 4);
+      const alone = [];
+      for (const q of asked) alone.push(await answer(d, q, 12));
+      native.cudaSetMemoryLimit(native.cudaMemory(0).held); // no buffer may grow past what one request alone used
+      const together = await Promise.all(asked.map((q) => answer(d, q, 12)));
+      native.cudaSetMemoryLimit(0);
+      const worst = Math.max(...together.map((t, i) => (t.pRf.length === alone[i].pRf.length ? relMax(t.pRf, alone[i].pRf) : Infinity)));
+      check(together.every((t, i) => t.text === alone[i].text) && worst <= 1e-5 && d.stats().oomSplits > 0,
+        'out of device memory, batched steps are split and every answer equals the one alone', { oomSplits: d.stats().oomSplits, maxPRfRel: worst });
+      // An adapter whose factors do not all fit: none of it stays applied.
+      const lPlain = await tight.logits(prompt);
+      native.cudaSetMemoryLimit(native.cudaMemory(0).held + 16 * 1024);
+      const half = await applyAdapter(tight, adapterDir).then(() => null, (error) => error);
+      native.cudaSetMemoryLimit(0);
+      const lAfter = await tight.logits(prompt);
+      check(half?.code === 'OUT_OF_MEMORY' && relL2(lAfter, lPlain) === 0, 'an adapter that does not fit fails applyAdapter with OUT_OF_MEMORY and leaves none of it applied', {
+        message: String(half?.message), relL2: relL2(lAfter, lPlain),
+      });
+    } finally {
+      native.cudaSetMemoryLimit(0);
+    }
+  }
 } catch (error) {
   check(false, 'ran without an error', { error: String(error?.stack ?? error) });
 } finally {
@@ -226,6 +275,7 @@ try {
   for (const d of detectors) await d.dispose();
   dev?.dispose();
   merged?.dispose();
+  tight?.dispose();
   cpu?.dispose();
   await rm(dir, { recursive: true, force: true });
 }

@@ -241,6 +241,49 @@ describe('continuous batching', () => {
     expect(d.stats().kvCacheBytes).toBe(0);
   });
 
+  it('a step that runs out of memory is split into smaller ones, and every request gives what it gives alone', async () => {
+    const d = await detector();
+    const jobs = Array.from({ length: 5 }, (_, i) => ({
+      messages: ask(`Memory request ${i}: ${'and more '.repeat(1 + 2 * i)}`),
+      options: i === 3 ? { maxTokens: 10, temperature: 0.9, topK: 30, seed: 77 } : { maxTokens: 8 + i },
+    }));
+    const summary = (tokens: DetectedToken[]) => tokens.map((t) => [t.token, t.pRf, t.logprob]);
+    const alone: number[][][] = [];
+    for (const j of jobs) alone.push(summary(await drain(d.generate(j.messages, j.options))));
+    // As a GPU whose scratch holds 5 rows: a step of more new tokens fails, and changes nothing.
+    const original = model.step;
+    let failures = 0;
+    model.step = async function (this: Model, sequences, tokens, ...rest) {
+      if (tokens.reduce((n, t) => n + t.length, 0) > 5) {
+        failures++;
+        throw new RedflagError('OUT_OF_MEMORY', 'out of GPU memory (a test\'s limit)');
+      }
+      return original.call(this, sequences, tokens, ...rest);
+    };
+    try {
+      const together = await Promise.all(jobs.map(async (j) => summary(await drain(d.generate(j.messages, j.options)))));
+      expect(failures).toBeGreaterThan(10);
+      expect(d.stats().oomSplits).toBe(failures);
+      together.forEach((got, i) => {
+        expect(got.map((t) => t[0])).toEqual(alone[i]!.map((t) => t[0]));
+        got.forEach((t, k) => {
+          expect(t[1]).toBeCloseTo(alone[i]![k]![1]!, 6);
+          expect(t[2]).toBeCloseTo(alone[i]![k]![2]!, 4);
+        });
+      });
+      // No room even for one token: each request fails alone with the error, and frees its cache.
+      model.step = async () => {
+        throw new RedflagError('OUT_OF_MEMORY', 'out of GPU memory (a test\'s limit)');
+      };
+      const failed = jobs.slice(0, 3).map((j) => d.generate(j.messages, j.options));
+      for (const s of failed) await expect(s.done).rejects.toMatchObject({ code: 'OUT_OF_MEMORY' });
+      expect(d.stats().active).toBe(0);
+      expect(d.stats().kvCacheBytes).toBe(0);
+    } finally {
+      model.step = original;
+    }
+  });
+
   it('a cancelled request ends with its abort reason and frees its cache; the others go on', async () => {
     const d = await detector();
     const controller = new AbortController();

@@ -7,7 +7,7 @@ import { promisify } from 'node:util';
 
 import { Scheduler } from '../lib/detect/scheduler.js';
 import { RedflagError } from '../lib/errors.js';
-import { checkCudaAddon, parseDevice } from '../lib/model/device.js';
+import { checkCudaAddon, checkDeviceRoom, parseDevice } from '../lib/model/device.js';
 import { loadModel, type Model } from '../lib/model/model.js';
 import { loadNative, type NativeAddon } from '../lib/native.js';
 import { cudaUsable } from './helpers/cuda.js';
@@ -43,6 +43,25 @@ describe('device', () => {
     expect(() => checkCudaAddon(fakeAddon({ count: 1, error: '' }), cuda)).toThrow(/'cuda:1': only 1 CUDA device visible \(cuda:0\)/);
     const ok = fakeAddon({ count: 2, error: '' });
     expect(checkCudaAddon(ok, cuda)).toBe(ok);
+  });
+
+  it('refuses what does not fit a GPU with OUT_OF_MEMORY and the sizes, before allocating; the CPU is not checked', () => {
+    const memory = { free: 3 * 2 ** 28, total: 80 * 2 ** 30, held: 2 ** 30, limit: 0 };
+    const addon = { ...fakeAddon({ count: 1, error: '' }), cudaMemory: () => memory } as NativeAddon;
+    const cuda = parseDevice('cuda');
+    expect(() => checkDeviceRoom(addon, cuda, 3 * 2 ** 28, 'the weights (bf16)', '/m')).not.toThrow();
+    const refused = (() => {
+      try {
+        checkDeviceRoom(addon, cuda, 2 * 2 ** 30, 'the weights (bf16)', '/m');
+      } catch (error) {
+        return error as RedflagError;
+      }
+    })();
+    expect(refused?.code).toBe('OUT_OF_MEMORY');
+    expect(refused?.message).toBe('/m: the weights (bf16) need 2.00 GiB on cuda:0, which has 768.0 MiB free of 80.00 GiB');
+    memory.limit = 2 * 2 ** 30;
+    expect(() => checkDeviceRoom(addon, cuda, 2 * 2 ** 30, 'the weights (bf16)')).toThrow(/768\.0 MiB free of 80\.00 GiB \(redflag holds 1\.00 GiB of the 2\.00 GiB it may use\)$/);
+    expect(() => checkDeviceRoom(addon, parseDevice('cpu'), 2 ** 50, 'the weights')).not.toThrow();
   });
 
   it.skipIf(cudaUsable())('loadModel on a GPU that is not there fails at once, naming the device, and the CPU default is unchanged', async () => {

@@ -102,8 +102,9 @@ describe('GET /metrics', () => {
     // Gaps between consecutive tokens: 7 + 1 + 7.
     expect(delta(before, after, 'redflag_inter_token_latency_seconds_count')).toBe(15);
     expect(metricValue(after, 'redflag_time_to_first_token_seconds_bucket', { le: '+Inf' })).toBe(metricValue(after, 'redflag_time_to_first_token_seconds_count'));
-    // Gauges read from detector.stats() (the fake's: nothing running, a 1 GiB budget) and the process's own.
+    // Gauges (and the OOM-split counter) read from detector.stats() (the fake's: nothing running, a 1 GiB budget, 3 splits) and the process's own.
     expect(metricValue(after, 'redflag_kv_cache_budget_bytes')).toBe(2 ** 30);
+    expect(metricValue(after, 'redflag_oom_splits_total')).toBe(3);
     for (const name of ['redflag_queue_depth', 'redflag_running_sequences', 'redflag_kv_cache_bytes']) {
       expect(after.some((s) => s.name === name)).toBe(true);
     }

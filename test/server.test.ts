@@ -299,7 +299,7 @@ describe('server (default limits)', () => {
 
     const health = await fetch(`${server.url}/health`);
     expect(health.status).toBe(200);
-    expect(await health.json()).toEqual({ status: 'ok', active: 0, queued: 0, kvCacheBytes: 0, kvCacheBudget: 1 << 30, steps: 7, tokensGenerated: 42 });
+    expect(await health.json()).toEqual({ status: 'ok', active: 0, queued: 0, kvCacheBytes: 0, kvCacheBudget: 1 << 30, steps: 7, tokensGenerated: 42, oomSplits: 3 });
   });
 
   it.each([
@@ -343,7 +343,7 @@ describe('server (default limits)', () => {
     expect(((await tooMany.json()) as ErrorBody).error).toMatchObject({ param: 'input', code: 'limit_exceeded' });
   });
 
-  it('maps detector errors: BUSY to 429, TOO_LARGE to 400 context_length_exceeded, others to a bare 500', async () => {
+  it('maps detector errors: BUSY to 429, TOO_LARGE to 400 context_length_exceeded, OUT_OF_MEMORY to 503, others to a bare 500', async () => {
     for (const stream of [false, true]) {
       const busy = await post(server.url, '/v1/chat/completions', chat('busy', { stream }));
       expect(busy.status).toBe(429);
@@ -352,6 +352,13 @@ describe('server (default limits)', () => {
       const huge = await post(server.url, '/v1/chat/completions', chat('huge', { stream }));
       expect(huge.status).toBe(400);
       expect(((await huge.json()) as ErrorBody).error).toMatchObject({ type: 'invalid_request_error', code: 'context_length_exceeded' });
+
+      const oom = await post(server.url, '/v1/chat/completions', chat('oom', { stream }));
+      expect(oom.status).toBe(503);
+      expect(oom.headers.get('retry-after')).toBe('1');
+      const oomText = await oom.text();
+      expect(oomText).not.toContain(SECRET);
+      expect((JSON.parse(oomText) as ErrorBody).error).toMatchObject({ type: 'server_error', code: 'out_of_memory' });
 
       const crash = await post(server.url, '/v1/chat/completions', chat('crash', { stream }));
       expect(crash.status).toBe(500);

@@ -442,6 +442,7 @@ class RedFlagDetector implements Detector {
       kvCacheBudget: this.#s.kvCacheBytes,
       steps: q.steps,
       tokensGenerated: q.tokens,
+      oomSplits: q.oomSplits,
     };
   }
 

@@ -51,6 +51,9 @@ export interface SchedulerOptions {
   rfToken: number;
 }
 
+/** A sequence's share of a step: its pick, or the error that failed it. */
+type Outcome = { pick: StepPick } | { error: unknown };
+
 interface Running {
   job: Job;
   seq: Sequence;
@@ -73,6 +76,8 @@ export class Scheduler {
   /** Counters for stats. */
   steps = 0;
   tokens = 0;
+  /** Steps split because memory ran out (see #step). */
+  oomSplits = 0;
 
   constructor(model: Model, options: SchedulerOptions) {
     this.#model = model;
@@ -157,6 +162,51 @@ export class Scheduler {
     if (error !== undefined) r.job.onError(error);
   }
 
+  /**
+   * One native step over `batch`, each sequence fed `feed[i]`. When memory runs out
+   * (OUT_OF_MEMORY: the engine then leaves every sequence as it was), the step is split and its
+   * parts run one after the other: the batch in halves, and a lone sequence's tokens in halves
+   * (the rest go back to its pending tokens, for the next step), so that memory pressure costs
+   * speed, not requests. A lone sequence that cannot take even one token fails alone. Each step
+   * tries the whole batch first: the pressure may have passed.
+   */
+  async #step(batch: Running[], feed: number[][]): Promise<Outcome[]> {
+    const topN = Math.max(...batch.map((r) => r.job.topN));
+    let result;
+    try {
+      result = await this.#model.step(
+        batch.map((r) => r.seq),
+        feed,
+        batch.map((r) => r.job.pick),
+        { rfToken: this.#o.rfToken, topN },
+      );
+    } catch (error) {
+      if (!(error instanceof RedflagError && error.code === 'OUT_OF_MEMORY')) return batch.map(() => ({ error }));
+      this.oomSplits++;
+      if (batch.length > 1) {
+        const h = batch.length >> 1;
+        return [...(await this.#step(batch.slice(0, h), feed.slice(0, h))), ...(await this.#step(batch.slice(h), feed.slice(h)))];
+      }
+      const tokens = feed[0]!;
+      if (tokens.length === 1) return [{ error }];
+      const h = tokens.length >> 1;
+      batch[0]!.pending.unshift(...tokens.slice(h));
+      return this.#step(batch, [tokens.slice(0, h)]);
+    }
+    this.steps++;
+    const flags = result.pFlags ? result.pFlags.length / batch.length : 0;
+    return batch.map((r, i) => ({
+      pick: {
+        token: result.tokens[i]!,
+        logprob: result.logprobs[i]!,
+        pRf: result.pRf[i]!,
+        ...(result.pFlags ? { pFlags: result.pFlags.subarray(i * flags, (i + 1) * flags) } : {}),
+        topIds: result.topIds.subarray(i * topN, i * topN + r.job.topN),
+        topLogprobs: result.topLogprobs.subarray(i * topN, i * topN + r.job.topN),
+      },
+    }));
+  }
+
   async #run(): Promise<void> {
     for (;;) {
       for (const r of this.#running.slice()) {
@@ -170,34 +220,17 @@ export class Scheduler {
       if (this.#running.length === 0) return;
 
       const batch = this.#running.slice();
-      const feed = batch.map((r) => r.pending.splice(0, this.#o.prefillChunk));
-      const topN = Math.max(...batch.map((r) => r.job.topN));
-      let result;
-      try {
-        result = await this.#model.step(
-          batch.map((r) => r.seq),
-          feed,
-          batch.map((r) => r.job.pick),
-          { rfToken: this.#o.rfToken, topN },
-        );
-      } catch (error) {
-        for (const r of batch) this.#finish(r, error);
-        continue;
-      }
-      this.steps++;
-      const flags = result.pFlags ? result.pFlags.length / batch.length : 0;
+      const outcomes = await this.#step(batch, batch.map((r) => r.pending.splice(0, this.#o.prefillChunk)));
       batch.forEach((r, i) => {
+        const outcome = outcomes[i]!;
         if (!this.#running.includes(r)) return;
+        if ('error' in outcome) {
+          this.#finish(r, outcome.error);
+          return;
+        }
         // A prompt still being prefilled in chunks: this step's pick is not a continuation yet.
         if (r.pending.length > 0) return;
-        const pick: StepPick = {
-          token: result.tokens[i]!,
-          logprob: result.logprobs[i]!,
-          pRf: result.pRf[i]!,
-          ...(result.pFlags ? { pFlags: result.pFlags.subarray(i * flags, (i + 1) * flags) } : {}),
-          topIds: result.topIds.subarray(i * topN, i * topN + r.job.topN),
-          topLogprobs: result.topLogprobs.subarray(i * topN, i * topN + r.job.topN),
-        };
+        const pick = outcome.pick;
         this.tokens++;
         let next: number[] | null;
         try {

@@ -164,6 +164,8 @@ export interface DetectorStats {
   kvCacheBudget: number;
   steps: number;
   tokensGenerated: number;
+  /** Steps that ran out of device memory and were split into smaller ones (none when memory suffices). */
+  oomSplits: number;
 }
 
 /** A model serving generations with red-flag scores; see {@link createDetector}. */

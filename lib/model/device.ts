@@ -53,3 +53,22 @@ export function checkCudaAddon(addon: NativeAddon, device: Device): NativeAddon 
   }
   return addon;
 }
+
+/** A size for a message, as the native side writes them: KiB below a MiB, MiB below a GiB. */
+const sizeText = (bytes: number) =>
+  bytes < 2 ** 20 ? `${(bytes / 2 ** 10).toFixed(1)} KiB` : bytes < 2 ** 30 ? `${(bytes / 2 ** 20).toFixed(1)} MiB` : `${(bytes / 2 ** 30).toFixed(2)} GiB`;
+
+/**
+ * Fails with OUT_OF_MEMORY when `device` (a GPU) has less than `bytes` free for `what`, before
+ * any of it is read or allocated: a model that cannot fit says so at once, with the sizes, instead
+ * of after reading gigabytes of weights. The CPU is not checked (the OS pages).
+ */
+export function checkDeviceRoom(addon: NativeAddon, device: Device, bytes: number, what: string, file?: string): void {
+  if (device.kind !== 'cuda' || !addon.cudaMemory) return;
+  const m = addon.cudaMemory(device.index);
+  if (m.total === 0 || bytes <= m.free) return;
+  const limit = m.limit ? ` (redflag holds ${sizeText(m.held)} of the ${sizeText(m.limit)} it may use)` : '';
+  throw new RedflagError('OUT_OF_MEMORY', `${what} need ${sizeText(bytes)} on ${device.name}, which has ${sizeText(m.free)} free of ${sizeText(m.total)}${limit}`, {
+    ...(file ? { file } : {}),
+  });
+}

@@ -7,7 +7,7 @@ import { availableParallelism } from 'node:os';
 
 import { RedflagError, abortError } from '../errors.js';
 import { callNative, SrcType, type NativeConfig, type NativeModel, type NativeSequence } from '../native.js';
-import { addonFor, CPU, parseDevice, type Device, type DeviceSpec } from './device.js';
+import { addonFor, checkDeviceRoom, CPU, parseDevice, type Device, type DeviceSpec } from './device.js';
 import { loadModelConfig, loadGenerationConfig, type GenerationConfig, type ModelConfig } from './config.js';
 import { toFloat32, fromFloat32, type RawTensor } from './safetensors.js';
 import { Tokenizer } from './tokenizer.js';
@@ -107,6 +107,9 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
   let engine: NativeModel | undefined;
   try {
     const plan = planWeights(config, store.names(), (n) => store.info(n).shape, dir);
+    // At least every element at the engine's width (vectors are f32 on the device: a little more).
+    const elements = plan.tensors.reduce((sum, t) => sum + t.shapes.reduce((n, shape) => n + shape.reduce((a, b) => a * b, 1), 0), 0);
+    checkDeviceRoom(addon, device, elements * (dtype === 'bf16' ? 2 : 4), `the weights (${dtype === 'bf16' ? 'bf16' : "f32; dtype 'bf16' halves them"})`, dir);
     engine = await callNative(() => device.kind === 'cpu'
       ? new addon.NativeModel(toNativeConfig(config), dtype, threads)
       : new addon.NativeModel(toNativeConfig(config), dtype, threads, device.index));

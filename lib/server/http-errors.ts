@@ -91,6 +91,12 @@ export function toApiError(error: unknown): ApiError {
         return new ApiError(499, 'the request was cancelled', { code: 'cancelled' });
       case 'DISPOSED':
         return new ApiError(503, 'the server is shutting down', { code: 'unavailable' });
+      case 'OUT_OF_MEMORY':
+        // Even alone (the scheduler splits steps first) the request did not fit the GPU's memory
+        // now: others' requests may be holding it. The sizes stay in the server's log.
+        return new ApiError(503, 'the server has no memory for this request now: try again later, or with a shorter prompt or max_tokens', {
+          code: 'out_of_memory',
+        });
       default:
         return new ApiError(500, 'internal server error', { code: 'internal_error' });
     }

@@ -80,6 +80,17 @@ export class ServerMetrics {
     fromStats('redflag_running_sequences', 'Generations advancing in the shared decode steps', (s) => s.active);
     fromStats('redflag_kv_cache_bytes', 'KV-cache bytes reserved by running generations', (s) => s.kvCacheBytes);
     fromStats('redflag_kv_cache_budget_bytes', 'KV-cache bytes all generations together may reserve', (s) => s.kvCacheBudget);
+    // A counter by meaning (it only grows); read at each scrape like the gauges.
+    new Counter({
+      name: 'redflag_oom_splits_total',
+      help: 'Decode steps that ran out of device memory and were split into smaller ones',
+      registers,
+      collect() {
+        const s = stats();
+        this.reset();
+        if (s) this.inc(s.oomSplits);
+      },
+    });
     new Gauge({
       name: 'redflag_model_ready',
       help: '1 once the model is loaded and serving, 0 while it loads',

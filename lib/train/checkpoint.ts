@@ -201,9 +201,13 @@ async function syncDirectory(dir: string): Promise<void> {
   }
 }
 
-/** The configuration fields that differ between a checkpoint's run and this one (steps and intervals may change). */
+/**
+ * The configuration fields that differ between a checkpoint's run and this one (steps and
+ * intervals may change, and recompute, which changes memory and time but not one bit of a result:
+ * the way on after a run out of GPU memory).
+ */
 export function configDifferences(saved: TrainConfig, current: TrainConfig): string[] {
-  const ignored = new Set(['steps', 'evalEvery', 'checkpointEvery', 'threads', 'overwrite']);
+  const ignored = new Set(['steps', 'evalEvery', 'checkpointEvery', 'threads', 'overwrite', 'recompute']);
   const flat = (value: unknown, prefix: string, out: Map<string, string>): Map<string, string> => {
     if (value !== null && typeof value === 'object' && !Array.isArray(value)) {
       for (const [k, v] of Object.entries(value)) if (!(prefix === '' && ignored.has(k))) flat(v, prefix ? `${prefix}.${k}` : k, out);

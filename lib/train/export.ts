@@ -7,6 +7,7 @@
 import { join } from 'node:path';
 
 import { RedflagError } from '../errors.js';
+import { nativeError } from '../native.js';
 import type { Model } from '../model/model.js';
 import { addRedFlagToken } from '../model/red-flag.js';
 import { RED_FLAG_TOKEN, categoryFlagToken } from '../model/red-flag-token.js';
@@ -147,16 +148,27 @@ export async function applyAdapter(model: Model, dir: string, options: ApplyAdap
   const scale = loraScale(adapter);
   await model.runNative(() => {
     model.engine.clearAdapters();
-    for (const m of adapter.modules) {
-      // The engine names GPT-2 sites by their block path, Llama sites by the projection name.
-      const target = model.config.architecture === 'gpt2' ? m.site : m.site.slice(m.site.indexOf('.') + 1);
-      if (merge) model.engine.mergeLora(m.layer, target, m.A, m.B, adapter.rank, scale);
-      else model.engine.addLora(m.layer, target, m.A, m.B, adapter.rank, scale);
-    }
-    if (adapter.redFlag) {
-      const head = adapter.redFlag.head ?? adapter.redFlag.embed; // tied: one row serves both
-      const ids = [adapter.redFlag.tokenId, ...adapter.redFlag.categories.map((c) => c.id)];
-      model.engine.setTokenRows(ids.length === 1 ? ids[0]! : Int32Array.from(ids), adapter.redFlag.embed, head);
+    try {
+      for (const m of adapter.modules) {
+        // The engine names GPT-2 sites by their block path, Llama sites by the projection name.
+        const target = model.config.architecture === 'gpt2' ? m.site : m.site.slice(m.site.indexOf('.') + 1);
+        if (merge) model.engine.mergeLora(m.layer, target, m.A, m.B, adapter.rank, scale);
+        else model.engine.addLora(m.layer, target, m.A, m.B, adapter.rank, scale);
+      }
+      if (adapter.redFlag) {
+        const head = adapter.redFlag.head ?? adapter.redFlag.embed; // tied: one row serves both
+        const ids = [adapter.redFlag.tokenId, ...adapter.redFlag.categories.map((c) => c.id)];
+        model.engine.setTokenRows(ids.length === 1 ? ids[0]! : Int32Array.from(ids), adapter.redFlag.embed, head);
+      }
+    } catch (error) {
+      // Out of GPU memory part way: never a model that runs half an adapter. Live factors come
+      // off again; merged ones are in the weights for good.
+      if (!merge) {
+        model.engine.clearAdapters();
+        throw error;
+      }
+      const e = nativeError(error);
+      throw new RedflagError(e instanceof RedflagError ? e.code : 'NATIVE', `${e.message}; the adapter is partly merged into the weights: reload the model`, { file: dir, cause: error });
     }
   });
   if (adapter.redFlag) {

@@ -343,6 +343,15 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
               log(`stopped: checkpoint written at step ${step}`);
               throw abortError(signal);
             }
+            if (error instanceof RedflagError && error.code === 'OUT_OF_MEMORY') {
+              // The same: nothing of this step was applied. Keep the run's progress, and say how to go on.
+              await checkpoint(step);
+              throw new RedflagError(
+                'OUT_OF_MEMORY',
+                `${error.message}. Training stopped at step ${step}${writer ? ' with a checkpoint written' : ''}: resume it (--resume) with recompute on (GPU; it changes no result), or start over with a smaller batchSize (and a larger gradAccum for the same step) or a smaller maxTokens`,
+                { cause: error },
+              );
+            }
             throw error;
           }
           addTerms(loss, terms, 1 / config.gradAccum);  // this process's share of the step

@@ -1,5 +1,6 @@
 // The CUDA backend's entry points, compiled only when nvcc is found (RF_HAVE_CUDA).
 #pragma once
+#include <cstddef>
 #include <string>
 
 namespace rf::cuda {
@@ -18,5 +19,18 @@ DeviceInfo device_info();
 // y[i] = a * x[i] + y[i] on device 0, copying in and out; returns max |error| against the
 // host result, or -1 when no device is available. Proves the toolchain and runtime work.
 double smoke_saxpy(int n);
+
+// One device's memory: free and total as cudaMemGetInfo gives them (free cut to what the limit
+// leaves), and the bytes redflag holds on all devices together with its limit (0: none).
+struct DeviceMemory {
+  size_t free = 0, total = 0, held = 0, limit = 0;
+};
+DeviceMemory device_memory(int device);
+
+// Caps the bytes redflag holds on the devices (0: no cap): an allocation past it fails as one on a
+// full device does (rf::OutOfMemory). Tests use it to run out of memory on purpose, on a GPU as
+// under the emulation; a process that shares its GPU may use it to leave room for the others (as
+// PyTorch's set_per_process_memory_fraction does).
+void set_memory_limit(size_t bytes);
 
 }  // namespace rf::cuda

@@ -60,9 +60,10 @@ class KvPool {
       : layers_(c.n_layers), per_block_(long(c.n_kv_heads) * kBlockTokens * c.head_dim), elem_(elem_bytes(dtype)),
         bf16_(dtype == DType::bf16), blocks_(int(bytes / block_bytes_of(c, dtype)), kBlockTokens) {
     if (blocks_.capacity() == 0)
-      throw std::invalid_argument("KV pool of " + std::to_string(bytes) + " bytes holds no block of " +
-                                  std::to_string(block_bytes_of(c, dtype)) + " bytes");
-    mem_.ensure(size_t(blocks_.capacity()) * block_bytes());
+      throw std::invalid_argument("a KV cache of " + std::to_string(bytes) + " bytes (kvCacheBytes) holds no block of " +
+                                  std::to_string(kBlockTokens) + " positions (" + std::to_string(block_bytes_of(c, dtype)) +
+                                  " bytes)");
+    mem_.ensure(size_t(blocks_.capacity()) * block_bytes(), "the KV cache (kvCacheBytes)");
   }
   static size_t elem_bytes(DType dtype) { return dtype == DType::bf16 ? 2 : 4; }
   static size_t block_bytes_of(const ModelConfig& c, DType dtype) {
@@ -242,8 +243,12 @@ void DeviceModel::check_complete() const {
 void DeviceModel::set_kv_pool_bytes(size_t bytes) {
   if (pool_ && pool_.use_count() > 1)
     throw std::invalid_argument("the KV pool cannot be resized while sequences hold blocks of it");
-  pool_.reset();  // the next sequence allocates the new size
+  pool_.reset();  // freed before the new one is allocated
   kv_pool_bytes_ = bytes;
+  // Allocated now, so that a pool the device cannot hold fails here (when a detector is created)
+  // rather than at its first request; after a failure the next sequence tries again.
+  check(cudaSetDevice(device_), "cudaSetDevice");
+  pool_ = std::make_shared<KvPool>(config_, dtype_, kv_pool_bytes_);
 }
 
 size_t DeviceModel::kv_bytes_per_position() const { return KvPool::block_bytes_of(config_, dtype_) / kBlockTokens; }
@@ -1181,10 +1186,10 @@ void DeviceModel::add_lora(int layer, const std::string& target, const float* A,
   a.out = int(site.out);
   a.rank = rank;
   a.scale = scale;
-  a.A.upload(A, size_t(rank) * lin.in * sizeof(float));
+  a.A.upload(A, size_t(rank) * lin.in * sizeof(float), "a LoRA adapter");
   std::vector<float> b(B, B + size_t(site.out) * rank);
   for (float& v : b) v *= scale;  // (x A^T)(scale B)^T = scale (x A^T) B^T
-  a.B.upload(b.data(), b.size() * sizeof(float));
+  a.B.upload(b.data(), b.size() * sizeof(float), "a LoRA adapter");
   lin.lora.push_back(std::move(a));
 }
 
@@ -1193,8 +1198,8 @@ void DeviceModel::merge_lora(int layer, const std::string& target, const float* 
   LoraSite site;
   DLinear& lin = lora_target(layer, target, a_in, b_out, rank, &site);
   Buffer a, b;
-  a.upload(A, size_t(rank) * lin.in * sizeof(float));
-  b.upload(B, size_t(site.out) * rank * sizeof(float));
+  a.upload(A, size_t(rank) * lin.in * sizeof(float), "a LoRA adapter");
+  b.upload(B, size_t(site.out) * rank * sizeof(float), "a LoRA adapter");
   const bool bf16 = dtype_ == DType::bf16;
   char* w = static_cast<char*>(lin.w.get<void>()) + size_t(site.offset) * lin.in * (bf16 ? 2 : 4);  // the target's rows
   const cudaStream_t st = as_stream(stream_);

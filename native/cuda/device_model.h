@@ -97,8 +97,9 @@ class DeviceModel {
                    bool src_is_kn);
   void check_complete() const;
 
-  // Bytes of the KV pool, shared by all this model's sequences; allocated when the first
-  // sequence is made (default 2 GiB). May change while no sequence is alive.
+  // Bytes of the KV pool, shared by all this model's sequences (default 2 GiB, allocated when the
+  // first sequence is made); set here, allocated at once (rf::OutOfMemory now, not at the first
+  // request). May change while no sequence is alive.
   void set_kv_pool_bytes(size_t bytes);
   // Bytes one position takes in the pool (K and V of every layer, in the weights' dtype).
   size_t kv_bytes_per_position() const;

@@ -38,17 +38,18 @@ class Buffer {
     }
     return *this;
   }
-  void* ensure(size_t bytes) {
+  // `what` names the buffer in the out-of-memory error (OutOfMemory, model/model.h).
+  void* ensure(size_t bytes, const char* what = "scratch") {
     if (bytes > bytes_) {
       reset();
-      check(device_alloc(&p_, bytes), "cudaMalloc");
+      device_alloc_or_throw(&p_, bytes, what);
       bytes_ = bytes;
     }
     return p_;
   }
   // A copy of host memory (synchronous: weights and adapters, uploaded once).
-  void upload(const void* host, size_t bytes) {
-    ensure(bytes);
+  void upload(const void* host, size_t bytes, const char* what = "weights") {
+    ensure(bytes, what);
     check(cudaMemcpy(p_, host, bytes, cudaMemcpyHostToDevice), "cudaMemcpy (upload)");
   }
   void reset() {

@@ -292,7 +292,7 @@ Plan& GemmContext::Impl::plan(int M, int N, int K, DType type, const void* x, co
 GemmContext::GemmContext(size_t workspace_bytes) : impl_(std::make_unique<Impl>()) {
   // If anything below throws, impl_ is already a complete member and its destructor cleans up.
   check_lt(cublasLtCreate(&impl_->handle), "cublasLtCreate");
-  if (workspace_bytes > 0) check_cuda(device_alloc(&impl_->workspace, workspace_bytes), "cudaMalloc(cuBLASLt workspace)");
+  if (workspace_bytes > 0) device_alloc_or_throw(&impl_->workspace, workspace_bytes, "the cuBLASLt workspace");
   impl_->workspace_bytes = workspace_bytes;
 }
 

@@ -12,11 +12,16 @@ namespace rf::cuda {
 
 struct MemoryStats {
   size_t current = 0, peak = 0;
+  size_t limit = 0;  // set_memory_limit's (cuda/cuda.h); 0: none
 };
 
-// cudaMalloc / cudaFree, counted. device_free takes the size that was allocated.
+// cudaMalloc / cudaFree, counted. device_free takes the size that was allocated. An allocation
+// past the limit fails as cudaMalloc does when the device is full (cudaErrorMemoryAllocation).
 cudaError_t device_alloc(void** p, size_t bytes);
 void device_free(void* p, size_t bytes);
+// device_alloc, or rf::OutOfMemory (model/model.h) naming `what`, its size, what redflag holds
+// and what the device has free; any other CUDA error as std::runtime_error.
+void device_alloc_or_throw(void** p, size_t bytes, const char* what);
 
 MemoryStats memory_stats();
 // The peak becomes the current figure.

@@ -357,7 +357,7 @@ void* LossScratch::slot(size_t bytes) {
   if (sl.bytes < bytes) {
     device_free(sl.p, sl.bytes);
     sl = Slot();
-    check(device_alloc(&sl.p, bytes), "cudaMalloc (loss scratch)");
+    device_alloc_or_throw(&sl.p, bytes, "the loss's scratch");
     sl.bytes = bytes;
   }
   return sl.p;

@@ -24,6 +24,13 @@ struct Cancelled : std::runtime_error {
   Cancelled() : std::runtime_error("the operation was aborted") {}
 };
 
+// Thrown when device or host memory runs out mid-call; the sequences' caches and the engine's
+// weights are left as they were (a step advances no sequence unless it completes), so the caller
+// may retry with less work (the scheduler splits its step).
+struct OutOfMemory : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 // A tensor the model learns or was adapted with: value, and (while training) its gradient
 // and AdamW moments, all f32.
 struct Param {

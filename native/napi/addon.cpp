@@ -962,6 +962,27 @@ Napi::Value CudaInfo(const Napi::CallbackInfo& info) {
   });
 }
 
+// cudaMemory(device) -> { free, total, held, limit }: bytes (cuda::device_memory).
+Napi::Value CudaMemory(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), [&]() -> Napi::Value {
+    const cuda::DeviceMemory m = cuda::device_memory(info[0].As<Napi::Number>().Int32Value());
+    Napi::Object o = Napi::Object::New(info.Env());
+    o.Set("free", double(m.free));
+    o.Set("total", double(m.total));
+    o.Set("held", double(m.held));
+    o.Set("limit", double(m.limit));
+    return o;
+  });
+}
+
+// cudaSetMemoryLimit(bytes): caps redflag's device memory (0: no cap); see cuda::set_memory_limit.
+Napi::Value CudaSetMemoryLimit(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), [&]() -> Napi::Value {
+    cuda::set_memory_limit(size_t(info[0].As<Napi::Number>().DoubleValue()));
+    return info.Env().Undefined();
+  });
+}
+
 // collectiveId() -> string: a new NCCL unique id (hex) for a data-parallel group; throws where
 // the build has no NCCL.
 Napi::Value CollectiveId(const Napi::CallbackInfo& info) {
@@ -983,6 +1004,8 @@ Napi::Object InitAddon(Napi::Env env, Napi::Object exports) {
 #ifdef RF_HAVE_CUDA
   exports.Set("cudaInfo", Napi::Function::New(env, CudaInfo));
   exports.Set("collectiveId", Napi::Function::New(env, CollectiveId));
+  exports.Set("cudaMemory", Napi::Function::New(env, CudaMemory));
+  exports.Set("cudaSetMemoryLimit", Napi::Function::New(env, CudaSetMemoryLimit));
 #endif
   return exports;
 }

@@ -1,6 +1,6 @@
 // Runs native work on a libuv worker thread and settles a Promise with the result.
 // No C++ exception crosses into JavaScript: every exception becomes a rejected Promise
-// whose error carries a `code` (ABORTED, INVALID_ARGUMENT or NATIVE) that lib/native.ts maps.
+// whose error carries a `code` (ABORTED, INVALID_ARGUMENT, OUT_OF_MEMORY or NATIVE) that lib/native.ts maps.
 #pragma once
 #include <napi.h>
 
@@ -29,6 +29,10 @@ auto guard(Napi::Env env, Fn&& fn) -> decltype(fn()) {
     throw make_error(env, "INVALID_ARGUMENT", e.what());
   } catch (const std::out_of_range& e) {
     throw make_error(env, "INVALID_ARGUMENT", e.what());
+  } catch (const OutOfMemory& e) {
+    throw make_error(env, "OUT_OF_MEMORY", e.what());
+  } catch (const std::bad_alloc&) {
+    throw make_error(env, "OUT_OF_MEMORY", "out of host memory");
   } catch (const std::exception& e) {
     throw make_error(env, "NATIVE", e.what());
   } catch (...) {
@@ -65,8 +69,10 @@ class PromiseWorker : public Napi::AsyncWorker {
       fail("INVALID_ARGUMENT", e.what());
     } catch (const std::out_of_range& e) {
       fail("INVALID_ARGUMENT", e.what());
+    } catch (const OutOfMemory& e) {
+      fail("OUT_OF_MEMORY", e.what());
     } catch (const std::bad_alloc&) {
-      fail("NATIVE", "out of memory");
+      fail("OUT_OF_MEMORY", "out of host memory");
     } catch (const std::exception& e) {
       fail("NATIVE", e.what());
     } catch (...) {

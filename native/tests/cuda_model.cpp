@@ -27,7 +27,8 @@
 //  - a captured decode step has the launches the README counts (check_launches), bf16 alone
 //    and f32 with adapters on every projection;
 //  - a full pool refuses a sequence with a clear error, and freeing sequences gives the blocks
-//    back; loading and freeing a model 20 times leaves device memory within 1 MiB of its start.
+//    back; loading and freeing a model 20 times leaves device memory within 1 MiB of its start;
+//  - out of device memory (check_out_of_memory), every call fails cleanly and changes nothing.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -44,6 +45,7 @@
 #include "cuda/cuda.h"
 #include "cuda/device_model.h"
 #include "cuda/launch.h"
+#include "cuda/memory.h"
 #include "cuda/ops.h"
 #include "core/dtype.h"
 #include "model/decode.h"
@@ -163,12 +165,11 @@ AdapterSet random_adapters(const rf::ModelConfig& c, unsigned seed) {
   std::mt19937 rng(seed);
   const long H = c.hidden, Q = c.q_dim(), KV = c.kv_dim(), I = c.intermediate;
   struct Site { const char* name; long in, out; };
-  std::vector<Site> sites;
-  if (c.arch == rf::Arch::gpt2)
-    sites = {{"attn.c_attn", H, 3 * H}, {"attn.c_proj", H, H}, {"mlp.c_fc", H, I}, {"mlp.c_proj", I, H}};
-  else
-    sites = {{"q_proj", H, Q}, {"k_proj", H, KV}, {"v_proj", H, KV}, {"o_proj", Q, H},
-             {"gate_proj", H, I}, {"up_proj", H, I}, {"down_proj", I, H}};
+  const std::vector<Site> sites =
+      c.arch == rf::Arch::gpt2
+          ? std::vector<Site>{{"attn.c_attn", H, 3 * H}, {"attn.c_proj", H, H}, {"mlp.c_fc", H, I}, {"mlp.c_proj", I, H}}
+          : std::vector<Site>{{"q_proj", H, Q},     {"k_proj", H, KV}, {"v_proj", H, KV},  {"o_proj", Q, H},
+                              {"gate_proj", H, I}, {"up_proj", H, I}, {"down_proj", I, H}};
   AdapterSet a;
   const int rank = AdapterSet::kRank;
   for (int l = 0; l < c.n_layers; ++l)
@@ -708,6 +709,102 @@ void check_memory(const rf::ModelConfig& c) {
   check(std::fabs(diff) <= 1.0, "20 loads and disposals leave device memory where it was (" + std::to_string(diff) + " MiB)");
 }
 
+// Running out of device memory, on purpose (cuda::set_memory_limit: past it an allocation fails
+// as on a full device): loading weights, sizing the KV pool, a prefill and a decode step of more
+// rows each throw rf::OutOfMemory naming what it was allocating, and change nothing: once memory
+// is back, the same calls give, bit for bit, what a twin engine that never ran out gives. The
+// sequences keep their lengths meanwhile, and everything is freed afterwards.
+void check_out_of_memory(const rf::ModelConfig& c) {
+  const size_t start = rf::cuda::memory_stats().current;
+  const auto held = [] { return rf::cuda::memory_stats().current; };
+  // Whether f throws OutOfMemory whose message names `what` and the device.
+  const auto out_of_memory = [](const std::function<void()>& f, const std::string& what) {
+    try {
+      f();
+    } catch (const rf::OutOfMemory& e) {
+      const std::string m = e.what();
+      return m.find("allocating " + what) != std::string::npos && m.find("cuda:0") != std::string::npos;
+    } catch (const std::exception& e) {
+      std::printf("  unexpected: %s\n", e.what());
+    }
+    return false;
+  };
+  {
+    rf::cuda::DeviceModel a(c, rf::DType::f32, 0), b(c, rf::DType::f32, 0);
+    rf::cuda::set_memory_limit(held() + 4096);
+    const bool weights = out_of_memory([&] { rf::test::load_random(a, 8); }, "weights");
+    rf::cuda::set_memory_limit(0);
+    rf::test::load_random(a, 8);
+    rf::test::load_random(b, 8);
+    rf::cuda::set_memory_limit(held() + (size_t(1) << 20));
+    const bool pool = out_of_memory([&] { a.set_kv_pool_bytes(size_t(16) << 20); }, "the KV cache");
+    rf::cuda::set_memory_limit(0);
+    a.set_kv_pool_bytes(size_t(16) << 20);
+    b.set_kv_pool_bytes(size_t(16) << 20);
+    check(weights && pool, "out of device memory: loading weights and sizing the KV pool throw OutOfMemory naming them");
+
+    const int V = c.vocab;
+    std::mt19937 rng(41);
+    std::vector<std::shared_ptr<rf::cuda::DeviceSequence>> sa, sb;
+    std::vector<std::vector<uint32_t>> prompts;
+    for (int i = 0; i < 3; ++i) {
+      sa.push_back(a.new_sequence()), sb.push_back(b.new_sequence());
+      prompts.push_back(random_ids(rng, 3 + i, V));
+    }
+    std::vector<float> la(static_cast<size_t>(V)), lb(static_cast<size_t>(V));
+    a.forward({{sa[0].get(), prompts[0].data(), 3}}, rf::LogitsMode::last, la.data());
+    b.forward({{sb[0].get(), prompts[0].data(), 3}}, rf::LogitsMode::last, lb.data());
+    // A batched prefill of more rows than any before: its scratch cannot grow.
+    const std::vector<uint32_t> more = random_ids(rng, 40, V);
+    const auto items = [&](std::vector<std::shared_ptr<rf::cuda::DeviceSequence>>& s) {
+      return std::vector<rf::cuda::DeviceItem>{{s[0].get(), more.data(), 40}, {s[1].get(), prompts[1].data(), 4}, {s[2].get(), prompts[2].data(), 5}};
+    };
+    std::vector<float> pa(size_t(3) * V), pb(size_t(3) * V);
+    rf::cuda::set_memory_limit(held());
+    const bool prefill = out_of_memory([&] { a.forward(items(sa), rf::LogitsMode::last, pa.data()); }, "scratch");
+    const bool kept = sa[0]->length() == 3 && sa[1]->length() == 0 && sa[2]->length() == 0;
+    rf::cuda::set_memory_limit(0);
+    a.forward(items(sa), rf::LogitsMode::last, pa.data());
+    b.forward(items(sb), rf::LogitsMode::last, pb.data());
+    check(prefill && kept && std::memcmp(pa.data(), pb.data(), pa.size() * 4) == 0,
+          "out of device memory: a prefill throws, the sequences keep their lengths, and the retry equals a twin's bit for bit");
+
+    // Decode steps of the three, then of six (new sequences with one-token prompts): the pick's
+    // buffers for six rows cannot grow.
+    for (int i = 0; i < 3; ++i) sa.push_back(a.new_sequence()), sb.push_back(b.new_sequence());
+    std::vector<uint32_t> next(6, 1);
+    bool step_oom = true, step_kept = true;
+    long differ = 0;
+    for (int n : {3, 6, 6}) {
+      std::vector<rf::cuda::DeviceItem> ia, ib;
+      for (int i = 0; i < n; ++i) ia.push_back({sa[size_t(i)].get(), &next[size_t(i)], 1}), ib.push_back({sb[size_t(i)].get(), &next[size_t(i)], 1});
+      std::vector<rf::PickParams> params(static_cast<size_t>(n));
+      std::vector<rf::Pick> ka(static_cast<size_t>(n)), kb(static_cast<size_t>(n));
+      std::vector<float> fa(static_cast<size_t>(n)), fb(static_cast<size_t>(n));
+      const std::vector<int> flag{V - 1};
+      if (n == 6 && step_kept && sa[5]->length() == 0) {
+        std::vector<long> lengths;
+        for (auto& s : sa) lengths.push_back(s->length());
+        rf::cuda::set_memory_limit(held());
+        step_oom = out_of_memory([&] { a.decode_step(ia, params, rf::Flags(flag, fa.data()), 0, ka.data(), nullptr, nullptr); }, "scratch");
+        rf::cuda::set_memory_limit(0);
+        for (size_t i = 0; i < sa.size(); ++i) step_kept &= sa[i]->length() == lengths[i];
+      }
+      a.decode_step(ia, params, rf::Flags(flag, fa.data()), 0, ka.data(), nullptr, nullptr);
+      b.decode_step(ib, params, rf::Flags(flag, fb.data()), 0, kb.data(), nullptr, nullptr);
+      for (int i = 0; i < n; ++i) {
+        differ += ka[size_t(i)].token != kb[size_t(i)].token || std::memcmp(&ka[size_t(i)].logprob, &kb[size_t(i)].logprob, 4) != 0 ||
+                  std::memcmp(&fa[size_t(i)], &fb[size_t(i)], 4) != 0;
+        next[size_t(i)] = ka[size_t(i)].token;
+      }
+    }
+    check(step_oom && step_kept && differ == 0,
+          "out of device memory: a decode step throws, changes no sequence, and the steps after equal a twin's bit for bit (" +
+              std::to_string(differ) + " rows differ)");
+  }
+  check(held() == start, "out of device memory: everything is freed afterwards (" + std::to_string(long(held() - start)) + " bytes left)");
+}
+
 rf::ModelConfig with(rf::ModelConfig c, int hidden, int heads, int kv, int head_dim) {
   c.hidden = hidden;
   c.n_heads = heads;
@@ -766,5 +863,6 @@ int main() {
   check_memory(with(llama, 256, 8, 2, 32));
   check_pick_fallback(llama);
   check_graph_eviction(llama);
+  check_out_of_memory(llama);
   return rf::test::finish("cuda_model");
 }

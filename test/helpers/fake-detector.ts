@@ -5,7 +5,7 @@
  * - "bomb": p(`<rf>`) rises fast, the second token is `<rf>` (empty text) and the answer is blocked;
  * - "slow": endless "tick" tokens 10 ms apart, until the signal aborts;
  * - "wait": nothing until {@link FakeDetector.release} (or the signal aborts), then the normal answer;
- * - "busy" / "huge": the first step fails with a BUSY / TOO_LARGE RedflagError;
+ * - "busy" / "huge" / "oom": the first step fails with a BUSY / TOO_LARGE / OUT_OF_MEMORY RedflagError;
  * - "crash": the first step fails with a plain Error whose message must not reach clients.
  * With `categories` (a model with category flags), the first category's flag carries 0.8 of
  * p(`<rf>`), the others 0.1 / (n - 1) each, at every step and in classify.
@@ -129,6 +129,7 @@ export class FakeDetector implements Detector {
     await sleep(0, signal);
     if (prompt.includes('busy')) throw new RedflagError('BUSY', 'the detector queue is full');
     if (prompt.includes('huge')) throw new RedflagError('TOO_LARGE', 'the prompt needs more KV cache than the budget');
+    if (prompt.includes('oom')) throw new RedflagError('OUT_OF_MEMORY', `out of GPU memory on cuda:0 allocating scratch (${SECRET})`);
     if (prompt.includes('crash')) throw new Error(SECRET);
     if (prompt.includes('wait')) {
       const stopWaiting = new AbortController();
@@ -211,7 +212,7 @@ export class FakeDetector implements Detector {
   }
 
   stats(): DetectorStats {
-    return { active: 0, queued: 0, kvCacheBytes: 0, kvCacheBudget: 1 << 30, steps: 7, tokensGenerated: 42 };
+    return { active: 0, queued: 0, kvCacheBytes: 0, kvCacheBudget: 1 << 30, steps: 7, tokensGenerated: 42, oomSplits: 3 };
   }
 
   async dispose(): Promise<void> {}

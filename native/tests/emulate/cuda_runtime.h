@@ -82,8 +82,12 @@ inline cudaError_t cudaMemsetAsync(void* d, int v, size_t n, cudaStream_t) {
 inline cudaError_t cudaDeviceSynchronize() { return emu_capturing() ? cudaErrorStreamCaptureUnsupported : cudaSuccess; }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return emu_capturing() ? cudaErrorStreamCaptureUnsupported : cudaSuccess; }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-inline const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
-inline const char* cudaGetErrorName(cudaError_t) { return "emulated"; }
+inline const char* cudaGetErrorString(cudaError_t e) {
+  return e == cudaSuccess ? "no error" : e == cudaErrorMemoryAllocation ? "out of memory" : e == cudaErrorInvalidValue ? "invalid argument" : "emulated";
+}
+inline const char* cudaGetErrorName(cudaError_t e) {
+  return e == cudaSuccess ? "cudaSuccess" : e == cudaErrorMemoryAllocation ? "cudaErrorMemoryAllocation" : e == cudaErrorInvalidValue ? "cudaErrorInvalidValue" : "emulated";
+}
 // A kernel's dynamic shared memory over 48 KiB needs its own attribute, up to the GPU's opt-in
 // limit (an H100's and H200's: 227 KiB); the key is the kernel's address (EmuKernel::key).
 cudaError_t emu_set_max_smem(const void* key, int bytes);

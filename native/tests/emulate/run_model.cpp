@@ -14,5 +14,6 @@ int main() {
   check_memory(with(llama, 64, 4, 2, 16));
   check_pick_fallback(llama);
   check_graph_eviction(llama);
+  check_out_of_memory(llama);
   return rf::test::finish("cuda_model (emulated)");
 }

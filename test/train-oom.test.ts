@@ -1,0 +1,97 @@
+// Training that runs out of (GPU) memory mid-run: the engine's train step fails with
+// OUT_OF_MEMORY (here injected into the CPU engine, as a GPU's would fail), the run stops with a
+// checkpoint of the steps done and a message saying how to go on, and --resume, with recompute
+// changed (it changes memory, not results), finishes the run as if nothing had happened.
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import { RedflagError } from '../lib/errors.js';
+import { configDifferences, findCheckpoint } from '../lib/train/checkpoint.js';
+import { parseTrainConfig, type TrainConfigInput } from '../lib/train/config.js';
+import { train } from '../lib/train/trainer.js';
+import { tinyLlama } from './helpers/tiny-model.js';
+
+// Which engine train step (counted from 1) fails; null: none.
+let failAt: number | null = null;
+let trainSteps = 0;
+
+vi.mock('../lib/model/model.js', async (importOriginal) => {
+  const original = await importOriginal<typeof import('../lib/model/model.js')>();
+  return {
+    ...original,
+    loadModel: async (...args: Parameters<typeof original.loadModel>) => {
+      const model = await original.loadModel(...args);
+      const engine = model.engine;
+      // The native object's methods are read-only: a proxy stands in for it.
+      const proxy = new Proxy(engine, {
+        get(target, key) {
+          if (key === 'trainStep' && failAt !== null && ++trainSteps === failAt) {
+            return () => {
+              throw new RedflagError('OUT_OF_MEMORY', 'out of GPU memory on cuda:0 allocating scratch (a test\'s failure)');
+            };
+          }
+          const value: unknown = Reflect.get(target, key);
+          return typeof value === 'function' ? (value as (...a: unknown[]) => unknown).bind(target) : value;
+        },
+      });
+      Object.defineProperty(model, 'engine', { value: proxy });
+      return model;
+    },
+  };
+});
+
+let base: string;
+let dir: string;
+
+beforeAll(async () => {
+  base = await tinyLlama({ hiddenSize: 32, intermediateSize: 64, numLayers: 1, numHeads: 2, numKvHeads: 1 });
+  dir = await mkdtemp(join(tmpdir(), 'redflag-train-oom-'));
+});
+afterAll(async () => {
+  await rm(base, { recursive: true, force: true });
+  await rm(dir, { recursive: true, force: true });
+});
+
+function config(output: string, extra: Partial<TrainConfigInput> = {}): TrainConfigInput {
+  return {
+    model: base,
+    output: join(dir, output),
+    data: 'synthetic',
+    syntheticPerCategory: 2,
+    steps: 5,
+    batchSize: 4,
+    maxTokens: 64,
+    evalEvery: 0,
+    checkpointEvery: 0,
+    threads: 2,
+    lora: { rank: 2, alpha: 4, dropout: 0 },
+    optimizer: { lr: 1e-2 },
+    ...extra,
+  };
+}
+
+describe('train: out of memory', () => {
+  it('stops with a checkpoint of the steps done, and --resume finishes the run as an uninterrupted one', async () => {
+    failAt = null;
+    const whole = await train(parseTrainConfig(config('whole')));
+    expect(whole.steps).toBe(5);
+
+    failAt = 4; // the fourth step: three are done
+    trainSteps = 0;
+    const stopped = train(parseTrainConfig(config('oom')));
+    await expect(stopped).rejects.toMatchObject({ code: 'OUT_OF_MEMORY' });
+    await expect(stopped).rejects.toThrow(/out of GPU memory on cuda:0.*Training stopped at step 3 with a checkpoint written: resume it \(--resume\) with recompute on/);
+    expect((await findCheckpoint(join(dir, 'oom')))?.step).toBe(3);
+
+    // Resumed. The message's advice holds: recompute (a GPU option) is no difference to a resume.
+    const saved = parseTrainConfig(config('oom'));
+    expect(configDifferences(saved, { ...saved, recompute: true })).toEqual([]);
+    failAt = null;
+    const resumed = await train(parseTrainConfig(config('oom')), { resume: true });
+    expect(resumed.steps).toBe(5);
+    const adapter = (name: string) => readFile(join(dir, name, 'adapter', 'adapter_model.safetensors'));
+    expect((await adapter('oom')).equals(await adapter('whole'))).toBe(true);
+  });
+});
