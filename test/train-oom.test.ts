@@ -9,9 +9,10 @@ import { join } from 'node:path';
 
 import { RedflagError } from '../lib/errors.js';
 import { configDifferences, findCheckpoint } from '../lib/train/checkpoint.js';
-import { parseTrainConfig, type TrainConfigInput } from '../lib/train/config.js';
+import { parseTrainConfig } from '../lib/train/config.js';
 import { train } from '../lib/train/trainer.js';
 import { tinyLlama } from './helpers/tiny-model.js';
+import { smallTrainConfig } from './helpers/train-config.js';
 
 // Which engine train step (counted from 1) fails; null: none.
 let failAt: number | null = null;
@@ -54,23 +55,8 @@ afterAll(async () => {
   await rm(dir, { recursive: true, force: true });
 });
 
-function config(output: string, extra: Partial<TrainConfigInput> = {}): TrainConfigInput {
-  return {
-    model: base,
-    output: join(dir, output),
-    data: 'synthetic',
-    syntheticPerCategory: 2,
-    steps: 5,
-    batchSize: 4,
-    maxTokens: 64,
-    evalEvery: 0,
-    checkpointEvery: 0,
-    threads: 2,
-    lora: { rank: 2, alpha: 4, dropout: 0 },
-    optimizer: { lr: 1e-2 },
-    ...extra,
-  };
-}
+// Five steps, checkpoints only when the run stops.
+const config = (output: string) => smallTrainConfig(base, dir, output, { steps: 5, checkpointEvery: 0 });
 
 describe('train: out of memory', () => {
   it('stops with a checkpoint of the steps done, and --resume finishes the run as an uninterrupted one', async () => {

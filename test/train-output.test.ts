@@ -13,6 +13,7 @@ import { findCheckpoint, lockOutput } from '../lib/train/checkpoint.js';
 import { loadTrainConfig, type TrainConfigInput } from '../lib/train/config.js';
 import { train } from '../lib/train/trainer.js';
 import { tinyLlama } from './helpers/tiny-model.js';
+import { smallTrainConfig } from './helpers/train-config.js';
 
 const ROOT = join(import.meta.dirname, '..');
 let base: string;
@@ -27,23 +28,7 @@ afterAll(async () => {
   await rm(dir, { recursive: true, force: true });
 });
 
-function config(output: string, extra: Partial<TrainConfigInput> = {}): TrainConfigInput {
-  return {
-    model: base,
-    output: join(dir, output),
-    data: 'synthetic',
-    syntheticPerCategory: 2,
-    steps: 4,
-    batchSize: 4,
-    maxTokens: 64,
-    evalEvery: 0,
-    checkpointEvery: 1,
-    threads: 2,
-    lora: { rank: 2, alpha: 4, dropout: 0 },
-    optimizer: { lr: 1e-2 },
-    ...extra,
-  };
-}
+const config = (output: string, extra: Partial<TrainConfigInput> = {}) => smallTrainConfig(base, dir, output, extra);
 
 function cli(args: string[]): Promise<{ code: number | null; stderr: string }> {
   return new Promise((resolve) => {
