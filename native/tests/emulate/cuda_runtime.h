@@ -66,7 +66,10 @@ inline cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind) 
   memcpy(d, s, n);
   return cudaSuccess;
 }
-inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind, cudaStream_t) {
+// A copy to or from the host inside a stream capture fails, as on a GPU for pageable host memory
+// (every host buffer of ours: none is pinned), whose copies synchronize with the stream.
+inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind kind, cudaStream_t) {
+  if (emu_capturing() && kind != cudaMemcpyDeviceToDevice) return cudaErrorStreamCaptureUnsupported;
   emu_enqueue([=] { memcpy(d, s, n); });
   return cudaSuccess;
 }
@@ -161,7 +164,8 @@ inline cudaError_t cudaMemset2DAsync(void* d, size_t pitch, int v, size_t w, siz
   });
   return cudaSuccess;
 }
-inline cudaError_t cudaMemcpy2DAsync(void* d, size_t dp, const void* s, size_t sp, size_t w, size_t h, cudaMemcpyKind, cudaStream_t) {
+inline cudaError_t cudaMemcpy2DAsync(void* d, size_t dp, const void* s, size_t sp, size_t w, size_t h, cudaMemcpyKind kind, cudaStream_t) {
+  if (emu_capturing() && kind != cudaMemcpyDeviceToDevice) return cudaErrorStreamCaptureUnsupported;
   emu_enqueue([=] {
     for (size_t r = 0; r < h; ++r) memcpy((char*)d + r * dp, (const char*)s + r * sp, w);
   });

@@ -36,7 +36,8 @@
 // A warp's tensor-core product (mma.sync, cuda/mma.h) is formed from the 32 lanes' fragments by
 // the PTX layout, between two warp barriers. A stream capture (CUDA graphs) records launches,
 // async copies and cuBLASLt products in order and replays them at cudaGraphLaunch; allocating,
-// freeing or synchronizing inside one fails as on a GPU.
+// freeing, synchronizing or copying to or from host memory (pageable, as all of ours is) inside
+// one fails as on a GPU.
 // Kernel launches (<<<...>>>) are rewritten to emu_launch by translate.py; cuBLASLt's API is
 // emulated (cublaslt.cpp), its products by plain loops. scripts/cuda-emulate.sh builds and runs
 // the emulated tests.

@@ -211,6 +211,27 @@ int main() {
     check(!stops([] { float* x = device<float>(64); dependent(x, 64, 64); }), "a dependent kernel whose every thread waits passes");
     check(stops([] { float* x = device<float>(64); dependent(x, 64, 63); }), "a dependent kernel with one thread that never waits stops the test");
   }
+  // A stream capture refuses what a GPU's refuses: allocating, synchronizing, and copying to or
+  // from pageable host memory (every host buffer of ours); a copy between device buffers and a
+  // set are captured.
+  {
+    float* x = device<float>(4);
+    float host[4] = {1, 2, 3, 4};
+    cudaStream_t st = nullptr;
+    cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking);
+    cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal);
+    float* y = nullptr;
+    const bool refused = cudaMalloc(&y, 16) == cudaErrorStreamCaptureUnsupported && cudaStreamSynchronize(st) == cudaErrorStreamCaptureUnsupported &&
+                         cudaMemcpyAsync(x, host, 16, cudaMemcpyHostToDevice, st) == cudaErrorStreamCaptureUnsupported &&
+                         cudaMemcpyAsync(host, x, 16, cudaMemcpyDeviceToHost, st) == cudaErrorStreamCaptureUnsupported;
+    const bool taken = cudaMemcpyAsync(x + 2, x, 8, cudaMemcpyDeviceToDevice, st) == cudaSuccess && cudaMemsetAsync(x, 0, 4, st) == cudaSuccess;
+    cudaGraph_t graph = nullptr;
+    cudaStreamEndCapture(st, &graph);
+    cudaGraphDestroy(graph);
+    cudaStreamDestroy(st);
+    cudaFree(x);
+    check(refused && taken, "a stream capture refuses allocating, synchronizing and host copies; takes device copies and sets");
+  }
   // The emulated cuBLASLt. A = [[1, 3, 5], [2, 4, 6]] (2 x 3), B = [[1, 0], [0, 1], [2, 1]]
   // (3 x 2): A B = [[11, 8], [14, 10]], column-major 11, 14, 8, 10; stored as given, or each as
   // its transpose with TRANSA / TRANSB = T; plus a bias per row of D (100, 200), alpha 2 and
