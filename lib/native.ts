@@ -330,7 +330,7 @@ export function loadAddonFrom(paths: string[]): NativeAddon {
 }
 
 /** Maps an error from native code (which carries a `code`) to a RedflagError. */
-export function nativeError(error: unknown): Error {
+export function nativeError(error: unknown): RedflagError {
   if (error instanceof RedflagError) return error;
   const e = error as { code?: unknown; message?: unknown };
   const code: RedflagErrorCode =

@@ -239,7 +239,10 @@ try {
       native.cudaSetMemoryLimit(0);
       tight = await loadModel(dir, { device, dtype: 'f32', threads: 2 });
       await addRedFlagToken(tight);
-      native.cudaSetMemoryLimit(native.cudaMemory(0).held + 2 ** 20);
+      const held = native.cudaMemory(0).held;
+      native.cudaSetMemoryLimit(held + 2 ** 20);
+      const memory = tight.deviceMemory();
+      check(memory?.total > 0 && memory.held === held && memory.free <= 2 ** 20, "the model reports its GPU's memory, the free bytes cut to redflag's cap", { memory });
       const kv = await createDetector({ model: tight, threshold: 1, mode: 'flag', kvCacheBytes: 64 * 2 ** 20 }).then(async (d) => (await d.dispose(), null), (error) => error);
       check(kv?.code === 'OUT_OF_MEMORY' && /kvCacheBytes/.test(kv.message), 'a KV cache that does not fit fails createDetector with OUT_OF_MEMORY', { message: String(kv?.message) });
       native.cudaSetMemoryLimit(0);

@@ -37,6 +37,8 @@ describe('redflag CLI', () => {
     expect(code).toBe(0);
     const info = JSON.parse(stdout);
     expect(info).toMatchObject({ architecture: 'Qwen2ForCausalLM', layers: 2, heads: 4, kvHeads: 2, tiedEmbeddings: true, tokenizer: null });
+    // K and V of every layer in f32: 2 * layers * kvHeads * headDim * 4 bytes.
+    expect(info.engine.kvBytesPerPosition).toBe(2 * info.layers * info.kvHeads * info.headDim * 4);
   });
 
   it('info prints a readable summary', async () => {

@@ -110,7 +110,7 @@ describe('device', () => {
     const half = await run('train', '--model', model, '--output', '/nonexistent/out', '--synthetic', '--world-size', '2');
     expect(half.stderr).toMatch(/needs --world-size and --group-file/);
     const cpu = await run('info', '-m', join(FIXTURES, 'llama-gqa'), '--device', 'cpu', '--json');
-    expect(JSON.parse(cpu.stdout).engine).toMatchObject({ device: 'cpu', dtype: 'f32' });
+    expect(JSON.parse(cpu.stdout).engine).toMatchObject({ device: 'cpu', dtype: 'f32', deviceMemory: null });
     if (!cudaUsable()) {
       const cuda = await run('info', '-m', join(FIXTURES, 'llama-gqa'), '--device', 'cuda');
       expect(cuda.code).toBe(1);

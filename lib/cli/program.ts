@@ -62,7 +62,7 @@ async function open(flags: ModelFlags): Promise<Model> {
 }
 
 function formatBytes(n: number): string {
-  return n >= 1e9 ? `${(n / 1e9).toFixed(2)} GB` : `${(n / 1e6).toFixed(1)} MB`;
+  return n >= 1e9 ? `${(n / 1e9).toFixed(2)} GB` : n >= 1e6 ? `${(n / 1e6).toFixed(1)} MB` : `${(n / 1e3).toFixed(1)} kB`;
 }
 
 export function buildProgram(): Command {
@@ -92,7 +92,16 @@ export function buildProgram(): Command {
           rope: c.positions === 'rope' ? c.rope : null,
           slidingWindow: c.slidingWindow,
           tiedEmbeddings: c.tieWordEmbeddings,
-          engine: { device: model.device.name, dtype: model.dtype, threads: model.threads, isa: model.isa, weightBytes: model.weightBytes },
+          engine: {
+            device: model.device.name,
+            dtype: model.dtype,
+            threads: model.threads,
+            isa: model.isa,
+            weightBytes: model.weightBytes,
+            kvBytesPerPosition: model.kvBytesPerPosition,
+            // A GPU's memory with the weights loaded: what is left for the KV cache (--kv-cache-mb).
+            deviceMemory: model.deviceMemory(),
+          },
           unusedTensors: model.plan.unused,
           tokenizer: model.tokenizer
             ? { vocab: model.tokenizer.vocabSize, chatTemplate: model.tokenizer.chatTemplate !== null }
@@ -113,6 +122,12 @@ export function buildProgram(): Command {
           (info.slidingWindow ? `, sliding window ${info.slidingWindow}` : ''));
         console.log(`  vocabulary ${info.vocab}${info.tiedEmbeddings ? ', tied embeddings' : ''}, ${info.maxPositions} positions`);
         console.log(`  engine: ${info.engine.device}, ${info.engine.dtype} weights (${formatBytes(info.engine.weightBytes)}), ${info.engine.threads} threads, ${info.engine.isa}`);
+        const memory = info.engine.deviceMemory;
+        if (memory) {
+          const positions = Math.floor(memory.free / info.engine.kvBytesPerPosition);
+          console.log(`  GPU memory: ${formatBytes(memory.free)} free of ${formatBytes(memory.total)} with the weights loaded: ` +
+            `room for about ${positions.toLocaleString('en-US')} KV-cache positions (${formatBytes(info.engine.kvBytesPerPosition)} each; --kv-cache-mb)`);
+        }
         console.log(`  tokenizer: ${info.tokenizer ? `${info.tokenizer.vocab} tokens${info.tokenizer.chatTemplate ? ', chat template' : ''}` : 'none'}`);
         console.log(`  EOS ids: ${info.eosTokenIds.join(', ') || 'none'}; red-flag token: ${info.redFlagTokenId ?? 'not added'}`);
         if (info.unusedTensors.length) console.log(`  unused tensors: ${info.unusedTensors.join(', ')}`);

@@ -593,6 +593,16 @@ export class Model {
     return this.engine.info().kvBytesPerPosition;
   }
 
+  /**
+   * On a GPU: its free and total bytes now (free cut to what redflag's cap leaves), and what
+   * redflag holds; null on the CPU.
+   */
+  deviceMemory(): { free: number; total: number; held: number } | null {
+    if (this.device.kind !== 'cuda') return null;
+    const m = addonFor(this.device).cudaMemory?.(this.device.index);
+    return m ? { free: m.free, total: m.total, held: m.held } : null;
+  }
+
   /** The instruction set the CPU kernels use (`avx512` or `avx2`). */
   get isa(): string {
     return this.engine.info().isa;

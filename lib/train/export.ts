@@ -168,7 +168,7 @@ export async function applyAdapter(model: Model, dir: string, options: ApplyAdap
         throw error;
       }
       const e = nativeError(error);
-      throw new RedflagError(e instanceof RedflagError ? e.code : 'NATIVE', `${e.message}; the adapter is partly merged into the weights: reload the model`, { file: dir, cause: error });
+      throw new RedflagError(e.code, `${e.message}; the adapter is partly merged into the weights: reload the model`, { file: dir, cause: error });
     }
   });
   if (adapter.redFlag) {

@@ -1,14 +1,13 @@
 // Counted device allocations (see memory.h).
 #include "cuda/memory.h"
 
-#include "cuda/cuda.h"
-
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <stdexcept>
 #include <string>
 
+#include "cuda/cuda.h"
 #include "model/model.h"
 
 namespace rf::cuda {

@@ -965,6 +965,7 @@ Napi::Value CudaInfo(const Napi::CallbackInfo& info) {
 // cudaMemory(device) -> { free, total, held, limit }: bytes (cuda::device_memory).
 Napi::Value CudaMemory(const Napi::CallbackInfo& info) {
   return guard(info.Env(), [&]() -> Napi::Value {
+    if (!info[0].IsNumber()) throw std::invalid_argument("cudaMemory: the device must be a number");
     const cuda::DeviceMemory m = cuda::device_memory(info[0].As<Napi::Number>().Int32Value());
     Napi::Object o = Napi::Object::New(info.Env());
     o.Set("free", double(m.free));
@@ -978,7 +979,9 @@ Napi::Value CudaMemory(const Napi::CallbackInfo& info) {
 // cudaSetMemoryLimit(bytes): caps redflag's device memory (0: no cap); see cuda::set_memory_limit.
 Napi::Value CudaSetMemoryLimit(const Napi::CallbackInfo& info) {
   return guard(info.Env(), [&]() -> Napi::Value {
-    cuda::set_memory_limit(size_t(info[0].As<Napi::Number>().DoubleValue()));
+    const double bytes = info[0].IsNumber() ? info[0].As<Napi::Number>().DoubleValue() : -1;
+    if (!(bytes >= 0 && bytes <= 9007199254740991.0)) throw std::invalid_argument("cudaSetMemoryLimit: bytes must be a number from 0 to 2^53 - 1");
+    cuda::set_memory_limit(size_t(bytes));
     return info.Env().Undefined();
   });
 }

@@ -149,6 +149,17 @@ void test_embed_rows() {
 
 double silu_mul(double g, double u) { return g / (1.0 + std::exp(-g)) * u; }
 
+// x rounded to bf16: its bits, and those bits widened back to f32 (the values a bf16 input holds).
+struct Bf16Copy {
+  std::vector<uint16_t> bits;
+  std::vector<float> widened;
+};
+Bf16Copy bf16_copy(const std::vector<float>& x) {
+  Bf16Copy c{std::vector<uint16_t>(x.size()), std::vector<float>(x.size())};
+  for (size_t i = 0; i < x.size(); ++i) c.bits[i] = rf::f32_to_bf16(x[i]), c.widened[i] = rf::bf16_to_f32(c.bits[i]);
+  return c;
+}
+
 void swiglu_case(int rows, int inter, bool large) {
   const size_t n = size_t(rows) * inter;
   std::vector<float> in = large ? uniform(2 * n, -8.f, 8.f) : randn(2 * n, 3.f);
@@ -186,10 +197,8 @@ void swiglu_case(int rows, int inter, bool large) {
   check(differ == 0, tag + " with bf16 copies: f32 the same bits, bf16 out = f32_to_bf16 of it, bf16 in = f32_to_bf16 of in (" +
                          std::to_string(differ) + " differ)");
   // From a bf16 input (the trainer's trace): the f32 version's bits on the widened values.
-  std::vector<uint16_t> in_bits(in.size());
-  std::vector<float> widened(in.size());
-  for (size_t i = 0; i < in.size(); ++i) in_bits[i] = rf::f32_to_bf16(in[i]), widened[i] = rf::bf16_to_f32(in_bits[i]);
-  Dev d_wide = upload(widened), d_bits = upload(in_bits), d_a = output(n), d_b = output(n), d_b16(n * 2);
+  const Bf16Copy in_copy = bf16_copy(in);
+  Dev d_wide = upload(in_copy.widened), d_bits = upload(in_copy.bits), d_a = output(n), d_b = output(n), d_b16(n * 2);
   rf::cuda::swiglu_rows(d_a.f(), d_wide.f(), rows, inter, nullptr);
   rf::cuda::swiglu_rows(d_b.f(), static_cast<const __nv_bfloat16*>(d_bits.p), rows, inter, nullptr,
                         static_cast<__nv_bfloat16*>(d_b16.p));
@@ -274,10 +283,8 @@ void swiglu_lora_case(int rows, int inter, int gate_rank, int up_rank) {
   check(std::memcmp(out.data(), out2.data(), n * 4) == 0 && std::memcmp(sums.data(), sums2.data(), 2 * n * 4) == 0,
         tag + " in place (in_f32 = in): the same bits");
   // From a bf16 in (a bf16 model's gate|up product): the f32 version's bits on its widening.
-  std::vector<uint16_t> in_bits(2 * n);
-  std::vector<float> widened(2 * n);
-  for (size_t i = 0; i < 2 * n; ++i) in_bits[i] = rf::f32_to_bf16(in[i]), widened[i] = rf::bf16_to_f32(in_bits[i]);
-  Dev d_wide = upload(widened), d_bits = upload(in_bits), d_a = output(n), d_b = output(n), d_a16(n * 2), d_b16(n * 2);
+  const Bf16Copy in_copy = bf16_copy(in);
+  Dev d_wide = upload(in_copy.widened), d_bits = upload(in_copy.bits), d_a = output(n), d_b = output(n), d_a16(n * 2), d_b16(n * 2);
   rf::cuda::swiglu_rows(d_a.f(), d_wide.f(), rows, inter, nullptr, static_cast<__nv_bfloat16*>(d_a16.p), nullptr, terms[0], terms[1]);
   rf::cuda::swiglu_rows(d_b.f(), static_cast<const __nv_bfloat16*>(d_bits.p), rows, inter, nullptr,
                         static_cast<__nv_bfloat16*>(d_b16.p), terms[0], terms[1]);

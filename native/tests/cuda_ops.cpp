@@ -2,11 +2,13 @@
 // on the same inputs, on a GPU machine; elsewhere it says no device was found and exits 0.
 //
 // Shapes are odd on purpose: row widths not multiples of the block (576, 1000, 4097), head_dim
-// 64/80/128, a vocabulary of 49157 (not a multiple of 64) and rows with many tied maxima.
+// 64/80/128, a vocabulary of 49157 (not a multiple of 64) and rows with many tied maxima, and one
+// past 2^20 (the pick's other walk).
 // Tolerances: reductions sum in another order than the CPU's vectorised loops, so norms agree to
 // 1e-5 * (1 + |ref|) per element (a few f32 ulps of the statistics), rope/activations too
-// (same formula, device expf/tanhf within 2 ulps), log-probabilities and p(<rf>) to
-// 1e-5 * (1 + |x|). Greedy picks must be equal (the first maximum on both). Sampled picks use
+// (same formula, device expf/tanhf within 2 ulps); the pick's log-probabilities to
+// 1e-5 * (1 + |x|) and p(<rf>) to 1e-5 relative of float64 (against the CPU's, whose f32 sum of a
+// million logits is off by about that much itself, the large vocabulary failed). Greedy picks must be equal (the first maximum on both). Sampled picks use
 // the same splitmix64 draw; the chunked inverse CDF sums in another order, so a draw within
 // rounding of a boundary between two tokens may fall either side: at most 0.2% of rows may
 // differ (observed: none is expected at these sizes).
@@ -136,8 +138,9 @@ void test_rope_and_activations() {
   check(differ == 0, "gelu_new's bf16 outputs and input copy: f32_to_bf16 of the f32 values (" + std::to_string(differ) + " differ)");
 }
 
-void test_pick() {
-  const int V = 49157, rows = 2000;
+// rows rows of vocabulary V; past 2^20 (kPickThreads chunks of more than kPickMaxCandidates) the
+// whole-vocabulary draw's walk runs in the owner thread alone, not through shared memory.
+void test_pick(int V, int rows) {
   const std::vector<int> flags = {777, 5, V - 1};  // <rf> and two category flags
   const int K = int(flags.size());
   auto z = randn(size_t(rows) * V, 2.5f);
@@ -178,24 +181,37 @@ void test_pick() {
       std::vector<float> want_flags(K);
       std::vector<uint32_t> want_ids(top_n);
       std::vector<float> want_lp(top_n);
-      const rf::Pick want = rf::logits_pick(z.data() + size_t(r) * V, V, pp, params[r].counter, rf::Flags(flags, want_flags.data()),
-                                            top_n, want_ids.data(), want_lp.data(), scratch);
-      for (int i = 0; i < top_n; ++i)
-        if (top_ids[size_t(r) * top_n + i] != want_ids[i] ||
-            std::fabs(top_lp[size_t(r) * top_n + i] - want_lp[i]) > 1e-5 * (1 + std::fabs(want_lp[i])))
+      const float* row = z.data() + size_t(r) * V;
+      const rf::Pick want = rf::logits_pick(row, V, pp, params[r].counter, rf::Flags(flags, want_flags.data()), top_n,
+                                            want_ids.data(), want_lp.data(), scratch);
+      // The scores against float64 (the CPU's f32 sum of a million terms is itself off by ~1e-5).
+      const double mx = *std::max_element(row, row + V);
+      double se = 0;
+      for (int i = 0; i < V; ++i) se += std::exp(double(row[i]) - mx);
+      const double lse = mx + std::log(se);
+      const auto logp = [&](uint32_t id) { return double(row[id]) - lse; };
+      for (int i = 0; i < top_n; ++i) {
+        const double ref = logp(want_ids[i]);
+        if (top_ids[size_t(r) * top_n + i] != want_ids[i] || std::fabs(top_lp[size_t(r) * top_n + i] - ref) > 1e-5 * (1 + std::fabs(ref)))
           ++bad_top;
-      for (int k = 0; k < K; ++k)
-        if (std::fabs(pf[size_t(r) * K + k] - want_flags[k]) > 1e-5 * want_flags[k] + 1e-30) ++bad_scores;
+      }
+      double p_any = 0;
+      for (int k = 0; k < K; ++k) {
+        const double ref = std::exp(logp(uint32_t(flags[k])));
+        p_any += ref;
+        if (std::fabs(pf[size_t(r) * K + k] - ref) > 1e-5 * ref + 1e-30) ++bad_scores;
+      }
       if (tok[r] != want.token) {
         ++differ;
         continue;
       }
-      if (std::fabs(lp[r] - want.logprob) > 1e-5 * (1 + std::fabs(want.logprob)) || std::fabs(prf[r] - want.p_rf) > 1e-5 * want.p_rf + 1e-30) ++bad_scores;
+      const double ref_lp = logp(tok[r]);
+      if (std::fabs(lp[r] - ref_lp) > 1e-5 * (1 + std::fabs(ref_lp)) || std::fabs(prf[r] - p_any) > 1e-5 * p_any + 1e-30) ++bad_scores;
     }
-    const std::string tag = sampled ? "sampled" : "greedy";
+    const std::string tag = std::string(sampled ? "sampled" : "greedy") + " (vocabulary " + std::to_string(V) + ")";
     check(sampled ? differ <= rows / 500 : differ == 0, "pick " + tag + ": " + std::to_string(differ) + " of " + std::to_string(rows) + " tokens differ from the CPU's");
-    check(bad_scores == 0, "pick " + tag + ": log-probability, each flag's p and their total equal the CPU's (" + std::to_string(bad_scores) + " off)");
-    check(bad_top == 0, "pick " + tag + ": the top 5 tokens and their log-probabilities equal the CPU's (" + std::to_string(bad_top) + " off)");
+    check(bad_scores == 0, "pick " + tag + ": log-probability, each flag's p and their total as float64's (" + std::to_string(bad_scores) + " off)");
+    check(bad_top == 0, "pick " + tag + ": the top 5 tokens the CPU's, their log-probabilities float64's (" + std::to_string(bad_top) + " off)");
   }
 }
 
@@ -298,7 +314,8 @@ int main() {
   rng().seed(424242);
   test_norms();
   test_rope_and_activations();
-  test_pick();
+  test_pick(49157, 2000);
+  test_pick((1 << 20) + 4099, 24);
   test_pick_nucleus();
   return rf::test::finish("cuda_ops");
 }

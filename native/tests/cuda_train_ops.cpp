@@ -54,6 +54,21 @@ constexpr uint32_t kSentinel = 0x7fc0beefu;
 bool same_bits(float a, float b) { return std::memcmp(&a, &b, 4) == 0; }
 
 // A device copy of host floats with a sentinel tail; back() returns all of it.
+// x rounded to bf16 in place (so that f32 and bf16 calls read the same values), its bits on the
+// device with `pad` bytes more, freed with it.
+struct DevBf16 {
+  __nv_bfloat16* p = nullptr;
+  explicit DevBf16(std::vector<float>& x, size_t pad = 0) {
+    std::vector<uint16_t> bits(x.size());
+    for (size_t i = 0; i < x.size(); ++i) bits[i] = rf::f32_to_bf16(x[i]), x[i] = rf::bf16_to_f32(bits[i]);
+    cudaMalloc(&p, bits.size() * 2 + pad);
+    cudaMemcpy(p, bits.data(), bits.size() * 2, cudaMemcpyHostToDevice);
+  }
+  DevBf16(const DevBf16&) = delete;
+  DevBf16& operator=(const DevBf16&) = delete;
+  ~DevBf16() { cudaFree(p); }
+};
+
 struct DevFloats {
   float* p = nullptr;
   size_t n;
@@ -176,8 +191,7 @@ void test_lora_down_dropout() {
       const int rows = 130, in = 300, layer = 9;
       const uint64_t seed = rng();
       std::vector<float> x = randn(size_t(rows) * in);
-      std::vector<uint16_t> xb(x.size());
-      for (size_t i = 0; i < x.size(); ++i) xb[i] = rf::f32_to_bf16(x[i]), x[i] = rf::bf16_to_f32(xb[i]);
+      const DevBf16 dxb(x);
       DevFloats dx(x);
       std::vector<std::unique_ptr<DevFloats>> dA, alone, together;
       std::vector<rf::cuda::LoraDownTerm> terms;
@@ -192,19 +206,15 @@ void test_lora_down_dropout() {
       rf::cuda::lora_down_dropout(terms.data(), int(terms.size()), dx.p, rows, in, seed, layer, p, nullptr);
       for (size_t j = 0; j < ranks.size(); ++j)
         expect_bits(together[j]->back(), alone[j]->back(), terms_name("lora_down_dropout", ranks, p) + ": adapter " + std::to_string(j));
-      __nv_bfloat16* dxb = nullptr;
-      cudaMalloc(&dxb, xb.size() * 2);
-      cudaMemcpy(dxb, xb.data(), xb.size() * 2, cudaMemcpyHostToDevice);
       std::vector<std::unique_ptr<DevFloats>> from_bf16;
       for (size_t j = 0; j < ranks.size(); ++j) {
         from_bf16.push_back(std::make_unique<DevFloats>(std::vector<float>(size_t(rows) * ranks[j], 0.f)));
         terms[j].u = from_bf16.back()->p;
       }
-      rf::cuda::lora_down_dropout(terms.data(), int(terms.size()), dxb, rows, in, seed, layer, p, nullptr);
+      rf::cuda::lora_down_dropout(terms.data(), int(terms.size()), dxb.p, rows, in, seed, layer, p, nullptr);
       for (size_t j = 0; j < ranks.size(); ++j)
         expect_bits(from_bf16[j]->back(), alone[j]->back(),
                     terms_name("lora_down_dropout", ranks, p) + " from bf16 x: adapter " + std::to_string(j));
-      cudaFree(dxb);
     }
 }
 
@@ -220,8 +230,7 @@ void test_lora_da_dropout() {
         const uint64_t seed = rng();
         const int layer = int(rng() % 40), adapter = int(rng() % 64);
         std::vector<float> x = randn(size_t(rows) * in);
-        std::vector<uint16_t> xb(x.size());
-        for (size_t i = 0; i < x.size(); ++i) xb[i] = rf::f32_to_bf16(x[i]), x[i] = rf::bf16_to_f32(xb[i]);  // bf16 values
+        const DevBf16 dxb(x, 2);  // x now holds bf16 values
         const std::vector<float> du = randn(size_t(rows) * rank), dA0 = randn(size_t(rank) * in);
         const int per = rf::cuda::lora_da_rows_per_part(rows, in, rank);
         std::vector<float> want(dA0);
@@ -248,12 +257,8 @@ void test_lora_da_dropout() {
             scratch(std::vector<float>(size_t(rf::cuda::lora_da_scratch_floats(rows, in, rank)), 0.f));
         rf::cuda::lora_da_dropout(dA.p, ddu.p, dx.p, rows, in, rank, seed, layer, adapter, p, scratch.p, nullptr);
         expect_bits(dA.back(), want, name);
-        __nv_bfloat16* dxb = nullptr;
-        cudaMalloc(&dxb, xb.size() * 2 + 2);
-        cudaMemcpy(dxb, xb.data(), xb.size() * 2, cudaMemcpyHostToDevice);
-        rf::cuda::lora_da_dropout(dA_b.p, ddu.p, dxb, rows, in, rank, seed, layer, adapter, p, scratch.p, nullptr);
+        rf::cuda::lora_da_dropout(dA_b.p, ddu.p, dxb.p, rows, in, rank, seed, layer, adapter, p, scratch.p, nullptr);
         expect_bits(dA_b.back(), want, name + ", bf16 x");
-        cudaFree(dxb);
       }
 }
 

@@ -49,32 +49,40 @@ cudaError_t cudaGraphDestroy(cudaGraph_t graph);
 cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec);
 enum cudaMemcpyKind { cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+// The runtime's last error, as on a GPU: a failing call records it, and cudaGetLastError returns
+// and clears it (so that an error left uncleared shows at the next launch check).
+inline cudaError_t emu_last_error = cudaSuccess;
+inline cudaError_t emu_fail(cudaError_t e) { return emu_last_error = e; }
 void* emu_malloc(size_t n);
 void emu_free(void* p);
+// The emulated device's memory (0: as much as the host gives): past it cudaMalloc fails with
+// cudaErrorMemoryAllocation, as on a full GPU, and cudaMemGetInfo reports it as the total.
+void emu_set_device_memory(size_t bytes);
+size_t emu_device_memory();
 template <class T> cudaError_t cudaMalloc(T** p, size_t n) {
-  if (emu_capturing()) return cudaErrorStreamCaptureUnsupported;
+  if (emu_capturing()) return emu_fail(cudaErrorStreamCaptureUnsupported);
   *p = (T*)emu_malloc(n);
-  return *p ? cudaSuccess : cudaErrorMemoryAllocation;
+  return *p ? cudaSuccess : emu_fail(cudaErrorMemoryAllocation);
 }
 inline cudaError_t cudaFree(void* p) {
-  if (emu_capturing()) return cudaErrorStreamCaptureUnsupported;
+  if (emu_capturing()) return emu_fail(cudaErrorStreamCaptureUnsupported);
   emu_free(p);
   return cudaSuccess;
 }
 inline cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind) {
-  if (emu_capturing()) return cudaErrorStreamCaptureUnsupported;
+  if (emu_capturing()) return emu_fail(cudaErrorStreamCaptureUnsupported);
   memcpy(d, s, n);
   return cudaSuccess;
 }
 // A copy to or from the host inside a stream capture fails, as on a GPU for pageable host memory
 // (every host buffer of ours: none is pinned), whose copies synchronize with the stream.
 inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind kind, cudaStream_t) {
-  if (emu_capturing() && kind != cudaMemcpyDeviceToDevice) return cudaErrorStreamCaptureUnsupported;
+  if (emu_capturing() && kind != cudaMemcpyDeviceToDevice) return emu_fail(cudaErrorStreamCaptureUnsupported);
   emu_enqueue([=] { memcpy(d, s, n); });
   return cudaSuccess;
 }
 inline cudaError_t cudaMemset(void* d, int v, size_t n) {
-  if (emu_capturing()) return cudaErrorStreamCaptureUnsupported;
+  if (emu_capturing()) return emu_fail(cudaErrorStreamCaptureUnsupported);
   memset(d, v, n);
   return cudaSuccess;
 }
@@ -82,9 +90,13 @@ inline cudaError_t cudaMemsetAsync(void* d, int v, size_t n, cudaStream_t) {
   emu_enqueue([=] { memset(d, v, n); });
   return cudaSuccess;
 }
-inline cudaError_t cudaDeviceSynchronize() { return emu_capturing() ? cudaErrorStreamCaptureUnsupported : cudaSuccess; }
-inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return emu_capturing() ? cudaErrorStreamCaptureUnsupported : cudaSuccess; }
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline cudaError_t cudaDeviceSynchronize() { return emu_capturing() ? emu_fail(cudaErrorStreamCaptureUnsupported) : cudaSuccess; }
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return emu_capturing() ? emu_fail(cudaErrorStreamCaptureUnsupported) : cudaSuccess; }
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t e = emu_last_error;
+  emu_last_error = cudaSuccess;
+  return e;
+}
 inline const char* cudaGetErrorString(cudaError_t e) {
   return e == cudaSuccess ? "no error" : e == cudaErrorMemoryAllocation ? "out of memory" : e == cudaErrorInvalidValue ? "invalid argument" : "emulated";
 }
@@ -165,7 +177,7 @@ inline cudaError_t cudaMemset2DAsync(void* d, size_t pitch, int v, size_t w, siz
   return cudaSuccess;
 }
 inline cudaError_t cudaMemcpy2DAsync(void* d, size_t dp, const void* s, size_t sp, size_t w, size_t h, cudaMemcpyKind kind, cudaStream_t) {
-  if (emu_capturing() && kind != cudaMemcpyDeviceToDevice) return cudaErrorStreamCaptureUnsupported;
+  if (emu_capturing() && kind != cudaMemcpyDeviceToDevice) return emu_fail(cudaErrorStreamCaptureUnsupported);
   emu_enqueue([=] {
     for (size_t r = 0; r < h; ++r) memcpy((char*)d + r * dp, (const char*)s + r * sp, w);
   });
@@ -181,7 +193,11 @@ inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t = nullptr) { e->m
 inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
 inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) { *ms = float(b->ms - a->ms); return cudaSuccess; }
 size_t emu_allocated();
-inline cudaError_t cudaMemGetInfo(size_t* free_b, size_t* total) { *total = size_t(1) << 40; *free_b = *total - emu_allocated(); return cudaSuccess; }
+inline cudaError_t cudaMemGetInfo(size_t* free_b, size_t* total) {
+  *total = emu_device_memory() ? emu_device_memory() : size_t(1) << 40;
+  *free_b = *total > emu_allocated() ? *total - emu_allocated() : 0;
+  return cudaSuccess;
+}
 using std::isfinite; using std::isnan;
 // mma.sync.m16n8k16 bf16 -> f32 (cuda/mma.h): every lane of the warp passes its fragments; the
 // product is formed from all 32 lanes' registers by the PTX fragment layout.

@@ -37,7 +37,8 @@
 // the PTX layout, between two warp barriers. A stream capture (CUDA graphs) records launches,
 // async copies and cuBLASLt products in order and replays them at cudaGraphLaunch; allocating,
 // freeing, synchronizing or copying to or from host memory (pageable, as all of ours is) inside
-// one fails as on a GPU.
+// one fails as on a GPU. A failing runtime call stays the last error until cudaGetLastError reads
+// it, and emu_set_device_memory gives the device a size past which cudaMalloc fails (a full GPU).
 // Kernel launches (<<<...>>>) are rewritten to emu_launch by translate.py; cuBLASLt's API is
 // emulated (cublaslt.cpp), its products by plain loops. scripts/cuda-emulate.sh builds and runs
 // the emulated tests.
@@ -406,7 +407,13 @@ const bool fault_handler_installed = [] {
   return true;
 }();
 }  // namespace
+namespace {
+size_t device_bytes = 0;  // emu_set_device_memory's; 0: as much as the host gives
+}  // namespace
+void emu_set_device_memory(size_t bytes) { device_bytes = bytes; }
+size_t emu_device_memory() { return device_bytes; }
 void* emu_malloc(size_t n) {
+  if (device_bytes && allocated_bytes + n > device_bytes) return nullptr;  // the device is full
   const size_t granule = (std::max<size_t>(n, 1) + 255) / 256 * 256, data = (granule + page - 1) / page * page;
   void* m = mmap(nullptr, data + page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (m == MAP_FAILED) return nullptr;
