@@ -782,7 +782,7 @@ void check_out_of_memory(const rf::ModelConfig& c) {
       std::vector<rf::Pick> ka(static_cast<size_t>(n)), kb(static_cast<size_t>(n));
       std::vector<float> fa(static_cast<size_t>(n)), fb(static_cast<size_t>(n));
       const std::vector<int> flag{V - 1};
-      if (n == 6 && step_kept && sa[5]->length() == 0) {
+      if (n == 6 && sa[5]->length() == 0) {  // the first step of six
         std::vector<long> lengths;
         for (auto& s : sa) lengths.push_back(s->length());
         rf::cuda::set_memory_limit(held());
