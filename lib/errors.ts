@@ -19,7 +19,14 @@ export type RedflagErrorCode =
    * Device (GPU) or host memory ran out. Nothing was changed: the same call with less work
    * (a smaller batch, kvCacheBytes or model, dtype bf16) may succeed.
    */
-  | 'OUT_OF_MEMORY';
+  | 'OUT_OF_MEMORY'
+  /**
+   * The GPU failed (a fault in a kernel, an uncorrectable memory error): its CUDA context is
+   * lost, and nothing more runs on it in this process. A detector stays failed (the server's
+   * `/health` answers 503 `failed`); start a new process, and resume training from its last
+   * checkpoint.
+   */
+  | 'DEVICE_FAILED';
 
 /**
  * Characters a terminal may act on, which error messages quoting file contents must not carry

@@ -268,6 +268,8 @@ export interface NativeAddon {
   cudaMemory?: (device: number) => { free: number; total: number; held: number; limit: number };
   /** The CUDA build: caps the bytes redflag may hold on the devices (0: no cap); past it an allocation fails with OUT_OF_MEMORY. */
   cudaSetMemoryLimit?: (bytes: number) => void;
+  /** The CUDA build, for tests: traps a kernel on the device, which loses the process's CUDA context for good (every later call fails with DEVICE_FAILED). */
+  cudaLoseContext?: (device: number) => string;
 }
 
 const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..');
@@ -334,7 +336,7 @@ export function nativeError(error: unknown): RedflagError {
   if (error instanceof RedflagError) return error;
   const e = error as { code?: unknown; message?: unknown };
   const code: RedflagErrorCode =
-    e?.code === 'ABORTED' || e?.code === 'INVALID_ARGUMENT' || e?.code === 'OUT_OF_MEMORY' ? e.code : 'NATIVE';
+    e?.code === 'ABORTED' || e?.code === 'INVALID_ARGUMENT' || e?.code === 'OUT_OF_MEMORY' || e?.code === 'DEVICE_FAILED' ? e.code : 'NATIVE';
   return new RedflagError(code, String(e?.message ?? error), { cause: error });
 }
 

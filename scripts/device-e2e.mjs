@@ -130,6 +130,13 @@ try {
 
   const [dDev, dCpu] = [await createDetector({ model: dev, threshold: 1, mode: 'flag' }), await createDetector({ model: cpu, threshold: 1, mode: 'flag' })];
   detectors.push(dDev, dCpu);
+  if (dev.device.kind === 'cuda') {
+    // The GPU's default KV cache ('auto', gpuMemoryFraction 0.9): what is left after the weights
+    // and the largest step, less a tenth of the device kept free, in whole blocks.
+    const m = dev.deviceMemory(), block = dev.kvBlockTokens * dev.kvBytesPerPosition, budget = dDev.stats().kvCacheBudget;
+    check(budget % block === 0 && m.free >= 0.1 * m.total - 4 * 2 ** 20 && m.free < 0.1 * m.total + block + 4 * 2 ** 20,
+      "the GPU's default KV cache fills the device to 90%, in whole blocks", { budget, free: m.free, total: m.total, block });
+  }
   const questions = Array.from({ length: 8 }, (_, i) => [{ role: 'user', content: `Question ${i}: ${'why is the sky blue? '.repeat(1 + (i % 4))}` }]);
   const together = await Promise.all(questions.map((q) => answer(dDev, q, 16)));
   for (const [i, q] of questions.entries()) {
@@ -266,9 +273,54 @@ try {
       check(half?.code === 'OUT_OF_MEMORY' && relL2(lAfter, lPlain) === 0, 'an adapter that does not fit fails applyAdapter with OUT_OF_MEMORY and leaves none of it applied', {
         message: String(half?.message), relL2: relL2(lAfter, lPlain),
       });
+      // kvCacheBytes 'auto', last: its probe grows the engine's buffers to a full step's.
+      await d.dispose();
+      native.cudaSetMemoryLimit(1); // no room for anything: the probe's pool fails
+      const noStep = await createDetector({ model: tight, threshold: 1, mode: 'flag' }).then(async (d) => (await d.dispose(), null), (error) => error);
+      check(noStep?.code === 'OUT_OF_MEMORY' && /sizing the KV cache/.test(noStep.message) && /maxStepTokens/.test(noStep.message),
+        "kvCacheBytes 'auto' with no room for a step says so", { message: String(noStep?.message) });
+      // 'auto' under redflag's cap with gpuMemoryFraction 1: the cache takes all the cap leaves
+      // after the weights and a step, to the block.
+      const block = tight.kvBlockTokens * tight.kvBytesPerPosition;
+      native.cudaSetMemoryLimit(native.cudaMemory(0).held + 48 * 2 ** 20);
+      const auto = await createDetector({ model: tight, threshold: 1, mode: 'flag', kvCacheBytes: 'auto', gpuMemoryFraction: 1 });
+      const [autoBudget, autoLeft] = [auto.stats().kvCacheBudget, native.cudaMemory(0).free];
+      const autoAnswer = await answer(auto, questions[0], 12);
+      await auto.dispose();
+      native.cudaSetMemoryLimit(0);
+      check(autoBudget >= 16 * 2 ** 20 && autoBudget % block === 0 && autoLeft < block, "kvCacheBytes 'auto' takes what the cap leaves after the weights and a step, in whole blocks", {
+        budget: autoBudget, left: autoLeft, block,
+      });
+      const noRoom = await createDetector({ model: tight, threshold: 1, mode: 'flag', gpuMemoryFraction: 0.01 }).then(async (d) => (await d.dispose(), null), (error) => error);
+      check(noRoom?.code === 'OUT_OF_MEMORY' && /no GPU memory is left for the KV cache/.test(noRoom.message), "kvCacheBytes 'auto' with no room left for a block says so", { message: String(noRoom?.message) });
+      check(autoAnswer.text === alone[0].text && relMax(autoAnswer.pRf, alone[0].pRf) <= 1e-6, "a detector with the 'auto' cache answers as one with a fixed cache");
     } finally {
       native.cudaSetMemoryLimit(0);
     }
+
+    // Last, for the process's CUDA context stays lost: the GPU fails mid-request (cudaLoseContext:
+    // a kernel traps, as after any fault in a kernel). The running request fails with
+    // DEVICE_FAILED, so does every later one, the server's /health answers 503 failed and its
+    // requests 503 device_failed; freeing every model afterwards is clean (the finally below).
+    const stream = dDev.generate(questions[2], { maxTokens: 64 });
+    const tokens = stream[Symbol.asyncIterator]();
+    const first = await tokens.next();
+    const trapped = await dev.runNative(() => native.cudaLoseContext(0)); // between two of its steps (the emulation is one thread)
+    const failure = await stream.done.then(() => null, (error) => error);
+    await (async () => {
+      for (;;) if ((await tokens.next()).done) return;
+    })().catch(() => {});
+    const later = await dDev.generate(questions[3], { maxTokens: 4 }).done.then(() => null, (error) => error);
+    const health = await fetch(`${server.url}/health`);
+    const healthBody = await health.json();
+    const chatAfter = await post(server, '/v1/chat/completions', chat);
+    const chatBody = await chatAfter.json();
+    check(!first.done && trapped === 'cudaErrorLaunchFailure' && failure?.code === 'DEVICE_FAILED' && /cuda:0 failed/.test(failure.message) &&
+      later?.code === 'DEVICE_FAILED' && dDev.stats().deviceFailed && health.status === 503 && healthBody.status === 'failed' &&
+      chatAfter.status === 503 && chatBody.error?.code === 'device_failed',
+      'a GPU that fails: the running request and every later one fail with DEVICE_FAILED, /health answers 503 failed', {
+        trapped, failure: String(failure?.message), later: String(later?.code), health: healthBody, chat: chatBody,
+      });
   }
 } catch (error) {
   check(false, 'ran without an error', { error: String(error?.stack ?? error) });

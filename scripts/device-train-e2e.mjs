@@ -18,6 +18,7 @@
 // With --integration it also runs the CI integration test's pipeline with both adapters on the
 // device (the language model trains on the CPU: full fine-tuning) and checks its bounds: >= 95%
 // of held-out harmful responses flagged, <= 5% of benign ones.
+// Last (on a GPU), the GPU fails mid-run: DEVICE_FAILED naming the last checkpoint on disk.
 // Prints one JSON object; exits 1 when a check fails. `--device cpu` runs the harness against the
 // CPU itself (how it is tested where no GPU is).
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
@@ -25,6 +26,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import { train, writeRandomModel } from '../dist/index.js';
+import { loadNative } from '../dist/native.js';
+import { findCheckpoint } from '../dist/train/checkpoint.js';
 import { packagedTokenizer, PIPELINE_SIZES, runPipeline } from '../dist/train/pipeline.js';
 
 const arg = (name, fallback) => (process.argv.includes(name) ? process.argv[process.argv.indexOf(name) + 1] : fallback);
@@ -102,6 +105,20 @@ try {
     figures.integration = { harmfulFlagRate: rf.harmfulFlagRate, benignFalseFlagRate: rf.benignFalseFlagRate, benignKl: rf.benignKl, seconds: result.seconds, total: (performance.now() - t0) / 1000 };
     check(rf.harmfulFlagRate >= 0.95, 'the integration pipeline on the device flags >= 95% of held-out harmful responses', figures.integration);
     check(rf.benignFalseFlagRate <= 0.05, 'and <= 5% of benign ones', figures.integration);
+  }
+
+  // Last, for the process's CUDA context stays lost: the GPU fails during a run (cudaLoseContext
+  // after step 3; checkpoints every 2). The run stops with DEVICE_FAILED naming the checkpoint of
+  // step 2 to resume from in a new process, writes none after it, and frees the model cleanly.
+  if (device.startsWith('cuda')) {
+    const addon = loadNative('cuda');
+    const failure = await train(config('failed', { device, dtype: 'f32', checkpointEvery: 2 }), {
+      onStep: (s) => { if (s.step === 3) addon.cudaLoseContext(0); },
+    }).then(() => null, (error) => error);
+    const saved = await findCheckpoint(join(dir, 'failed'));
+    check(failure?.code === 'DEVICE_FAILED' && /cuda:0 failed/.test(failure.message) &&
+      /Training stopped at step 3: start a new process and resume from the checkpoint of step 2 \(--resume\)/.test(failure.message) && saved?.step === 2,
+      'a GPU that fails mid-run stops it with DEVICE_FAILED, naming the last checkpoint on disk', { message: String(failure?.message), checkpoint: saved?.step });
   }
 } catch (error) {
   check(false, 'ran without an error', { error: String(error?.stack ?? error) });

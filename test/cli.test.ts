@@ -81,7 +81,11 @@ describe('redflag CLI', () => {
     await addRedFlagToken(model);
     await model.save(rfDir);
     model.dispose();
-    const child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'lib', 'cli.ts'), 'serve', '--model', rfDir, '--port', '0', '--threads', '1'], {
+    const badKv = await cli('serve', '--model', rfDir, '--kv-cache-mb', 'lots');
+    expect(badKv.code).not.toBe(0);
+    expect(badKv.stderr).toMatch(/kv-cache-mb must be 'auto' or an integer/);
+    const child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'lib', 'cli.ts'), 'serve', '--model', rfDir, '--port', '0', '--threads', '1',
+      '--kv-cache-mb', '64', '--max-batch', '4', '--max-step-tokens', '64', '--gpu-memory-fraction', '0.5'], {
       cwd: ROOT,
       env: { ...process.env, REDFLAG_API_KEY: 'sk-cli' },
     });
@@ -103,6 +107,8 @@ describe('redflag CLI', () => {
       const health = await fetch(`${url}/health`, { headers: { authorization: 'Bearer sk-cli' } });
       expect(health.status).toBe(200);
       expect(await health.json()).toMatchObject({ status: 'ok', active: 0 });
+      const metrics = await (await fetch(`${url}/metrics`, { headers: { authorization: 'Bearer sk-cli' } })).text();
+      expect(metrics).toMatch(/^redflag_kv_cache_budget_bytes 67108864$/m);
       const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
       child.kill('SIGINT');
       expect(await exited).toBe(0);

@@ -284,6 +284,69 @@ describe('continuous batching', () => {
     }
   });
 
+  it('a step takes at most maxStepTokens tokens: every request one, prompts share the rest; answers as alone', async () => {
+    const d = await detector({ maxBatch: 4, maxStepTokens: 9 });
+    const jobs = Array.from({ length: 4 }, (_, i) => ({ messages: ask(`Step budget ${i}: ${'and again '.repeat(3 + 4 * i)}`), options: { maxTokens: 6 + i } }));
+    const summary = (tokens: DetectedToken[]) => tokens.map((t) => [t.token, t.pRf]);
+    const alone: number[][][] = [];
+    for (const j of jobs) alone.push(summary(await drain(d.generate(j.messages, j.options))));
+    const original = model.step;
+    const steps: number[][] = [];
+    model.step = async function (this: Model, sequences, tokens, ...rest) {
+      steps.push(tokens.map((t) => t.length));
+      return original.call(this, sequences, tokens, ...rest);
+    };
+    try {
+      const together = await Promise.all(jobs.map(async (j) => summary(await drain(d.generate(j.messages, j.options)))));
+      together.forEach((got, i) => {
+        expect(got.map((t) => t[0])).toEqual(alone[i]!.map((t) => t[0]));
+        got.forEach((t, k) => expect(t[1]).toBeCloseTo(alone[i]![k]![1]!, 6));
+      });
+    } finally {
+      model.step = original;
+    }
+    // Every step within the budget, every sequence in it fed, and the budget used while prompts wait.
+    const prompts = jobs.map((j) => encodePrompt(model.tokenizer!, j.messages).length);
+    expect(Math.min(...prompts)).toBeGreaterThan(9);
+    for (const s of steps) {
+      expect(s.reduce((a, b) => a + b, 0)).toBeLessThanOrEqual(9);
+      expect(Math.min(...s)).toBeGreaterThanOrEqual(1);
+    }
+    expect(steps[0]).toEqual([9]);
+    expect(steps.some((s) => s.length === 4 && s.reduce((a, b) => a + b, 0) === 9)).toBe(true);
+    expect(steps.reduce((n, s) => n + s.reduce((a, b) => a + b, 0), 0)).toBe(prompts.reduce((a, b) => a + b, 0) + jobs.reduce((n, j) => n + j.options.maxTokens - 1, 0));
+  });
+
+  it('a failed GPU (DEVICE_FAILED) fails every running and waiting request, and every later one at once', async () => {
+    const d = await detector({ maxBatch: 2 });
+    const original = model.step;
+    let steps = 0;
+    model.step = async function (this: Model, ...args) {
+      if (++steps === 3) throw new RedflagError('DEVICE_FAILED', 'the GPU cuda:0 failed (a test\'s fault)');
+      return original.apply(this, args);
+    };
+    try {
+      // Two running (maxBatch 2), two waiting for a place.
+      const streams = [0, 1, 2, 3].map((i) => d.generate(ask(`Doomed request ${i}.`), { maxTokens: 30 }));
+      for (const s of streams) await expect(s.done).rejects.toMatchObject({ code: 'DEVICE_FAILED', message: /a test's fault/ });
+      expect(steps).toBe(3);
+      expect(d.stats()).toMatchObject({ deviceFailed: true, active: 0, queued: 0, kvCacheBytes: 0 });
+      await expect(d.generate(ask('After the fault.'), { maxTokens: 3 }).done).rejects.toMatchObject({ code: 'DEVICE_FAILED' });
+      await expect(d.classify([ask('After the fault.')])).rejects.toMatchObject({ code: 'DEVICE_FAILED' });
+      expect(steps).toBe(3);
+    } finally {
+      model.step = original;
+    }
+  });
+
+  it('checks the step and memory limits', async () => {
+    await expect(detector({ maxBatch: 8, maxStepTokens: 4 })).rejects.toThrow(/maxStepTokens must be an integer from 8/);
+    await expect(detector({ gpuMemoryFraction: 0 })).rejects.toThrow(/gpuMemoryFraction must be a number in \(0, 1\]/);
+    await expect(detector({ kvCacheBytes: 'all' as unknown as number })).rejects.toThrow(/kvCacheBytes must be an integer/);
+    // On the CPU 'auto' is the default budget (the CPU allocates per sequence).
+    expect((await detector({ kvCacheBytes: 'auto' })).stats().kvCacheBudget).toBe(2 * 2 ** 30);
+  });
+
   it('a cancelled request ends with its abort reason and frees its cache; the others go on', async () => {
     const d = await detector();
     const controller = new AbortController();

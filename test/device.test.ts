@@ -82,7 +82,7 @@ describe('device', () => {
     try {
       const c = model.config;
       const perPosition = 2 * c.numLayers * c.numKvHeads * c.headDim * 4;  // f32 K and V on the CPU
-      const options = { maxBatch: 1, kvCacheBytes: 1 << 30, maxQueued: 1, prefillChunk: 8, rfToken: -1 };
+      const options = { maxBatch: 1, kvCacheBytes: 1 << 30, maxQueued: 1, prefillChunk: 8, maxStepTokens: 8, rfToken: -1 };
       expect(model.kvBlockTokens).toBe(1);
       expect(model.kvBytesPerPosition).toBe(perPosition);
       expect(new Scheduler(model, options).bytesFor(17)).toBe(17 * perPosition);

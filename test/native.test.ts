@@ -3,7 +3,7 @@ import { describe, expect, it } from 'vitest';
 import { join } from 'node:path';
 
 import { loadModel } from '../lib/model/model.js';
-import { loadAddonFrom, loadNative } from '../lib/native.js';
+import { loadAddonFrom, loadNative, nativeError } from '../lib/native.js';
 import { FIXTURES, relL2 } from './helpers/fixtures.js';
 
 describe('the addon', () => {
@@ -11,6 +11,13 @@ describe('the addon', () => {
     expect(() => loadAddonFrom(['/nonexistent/build/Release/redflag.node'])).toThrow(
       /native addon is not built .*npm run build:native/,
     );
+  });
+
+  it("keeps the codes the addon's errors carry, and calls the rest NATIVE", () => {
+    for (const code of ['ABORTED', 'INVALID_ARGUMENT', 'OUT_OF_MEMORY', 'DEVICE_FAILED']) {
+      expect(nativeError(Object.assign(new Error('x'), { code }))).toMatchObject({ code, message: 'x' });
+    }
+    expect(nativeError(Object.assign(new Error('y'), { code: 'SOMETHING_ELSE' }))).toMatchObject({ code: 'NATIVE', message: 'y' });
   });
 
   it('reports the CPU features it dispatches on', () => {

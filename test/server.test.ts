@@ -299,7 +299,7 @@ describe('server (default limits)', () => {
 
     const health = await fetch(`${server.url}/health`);
     expect(health.status).toBe(200);
-    expect(await health.json()).toEqual({ status: 'ok', active: 0, queued: 0, kvCacheBytes: 0, kvCacheBudget: 1 << 30, steps: 7, tokensGenerated: 42, oomSplits: 3 });
+    expect(await health.json()).toEqual({ status: 'ok', active: 0, queued: 0, kvCacheBytes: 0, kvCacheBudget: 1 << 30, steps: 7, tokensGenerated: 42, oomSplits: 3, deviceFailed: false });
   });
 
   it.each([
@@ -407,6 +407,34 @@ describe('server (default limits)', () => {
     controller.abort();
     expect(await pending).toBeInstanceOf(Error);
     await waitFor(() => call.options.signal!.aborted, 'the generation signal to abort');
+  });
+});
+
+describe('server on a GPU that fails', () => {
+  it('answers 503 device_failed from the failure on, and /health and /metrics report it for the supervisor', async () => {
+    const detector = new FakeDetector();
+    const server = await serve({ detector, port: 0, modelName: MODEL });
+    try {
+      expect((await fetch(`${server.url}/health`)).status).toBe(200);
+      for (const [i, prompt] of ['gpu fault', 'hello', 'hello again'].entries()) {
+        const response = await post(server.url, '/v1/chat/completions', chat(prompt, { stream: i === 2 }));
+        expect(response.status).toBe(503);
+        expect(response.headers.get('retry-after')).toBeNull();
+        const text = await response.text();
+        expect(text).not.toContain(SECRET);
+        expect((JSON.parse(text) as ErrorBody).error).toMatchObject({ type: 'server_error', code: 'device_failed' });
+      }
+      const moderation = await post(server.url, '/v1/moderations', { input: 'hello' });
+      expect(moderation.status).toBe(503);
+      expect(((await moderation.json()) as ErrorBody).error.code).toBe('device_failed');
+      const health = await fetch(`${server.url}/health`);
+      expect(health.status).toBe(503);
+      expect(await health.json()).toMatchObject({ status: 'failed', deviceFailed: true });
+      expect((await fetch(`${server.url}/health/live`)).status).toBe(200);
+      expect(await (await fetch(`${server.url}/metrics`)).text()).toMatch(/^redflag_device_failed 1$/m);
+    } finally {
+      await server.close();
+    }
   });
 });
 

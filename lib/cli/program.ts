@@ -29,6 +29,13 @@ function number(name: string, min: number, max = Infinity) {
   };
 }
 
+function kvCacheMb(value: string): number | 'auto' {
+  const n = Number(value);
+  if (value === 'auto') return 'auto';
+  if (!Number.isInteger(n) || n < 1) throw new InvalidArgumentError("kv-cache-mb must be 'auto' or an integer >= 1");
+  return n;
+}
+
 function port(value: string): number {
   const n = Number(value);
   if (!Number.isInteger(n) || n < 0 || n > 65535) throw new InvalidArgumentError('port must be an integer from 0 to 65535');
@@ -243,7 +250,10 @@ export function buildProgram(): Command {
     .option('--threshold <p>', 'p(<rf>) at which an answer counts as flagged', number('threshold', 0, 1), 0.5)
     .option('--mode <mode>', 'on a flag: block | flag | reflect', mode, 'block')
     .option('--max-concurrent <n>', 'most requests in flight (more get 429)', integer('max-concurrent', 1), 64)
-    .option('--kv-cache-mb <n>', 'KV cache budget for all generations together, MiB (default 2048)', integer('kv-cache-mb', 1))
+    .option('--kv-cache-mb <n|auto>', "KV cache for all generations together, MiB, or 'auto': a GPU's memory left after the weights and a step (default: auto on a GPU, 2048 on the CPU)", kvCacheMb)
+    .option('--gpu-memory-fraction <f>', "with --kv-cache-mb auto: the share of the GPU's memory to fill (default 0.9)", number('gpu-memory-fraction', 0.01, 1))
+    .option('--max-batch <n>', 'most generations advanced together in one step (default 32)', integer('max-batch', 1))
+    .option('--max-step-tokens <n>', 'most tokens one step takes, all generations together; prompts are read in chunks within it (default 2048)', integer('max-step-tokens', 1))
     .option('--drain-seconds <n>', 'on SIGTERM, how long running requests may finish before they are cancelled', number('drain-seconds', 0), 30)
     .option('--no-request-log', 'do not write the JSON log line per request to stdout')
     .option('--log-content', 'add prompts and answers to the request log lines (off: they may be personal or harmful)')

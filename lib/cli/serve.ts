@@ -28,7 +28,10 @@ export interface ServeFlags extends EngineFlags {
   threshold: number;
   mode: DetectorMode;
   maxConcurrent: number;
-  kvCacheMb?: number;
+  kvCacheMb?: number | 'auto';
+  gpuMemoryFraction?: number;
+  maxBatch?: number;
+  maxStepTokens?: number;
   drainSeconds: number;
   /** False with `--no-request-log`. */
   requestLog: boolean;
@@ -70,7 +73,10 @@ async function loadDetector(flags: ServeFlags, signal: AbortSignal, loaded: (mod
     ...(flags.mergeAdapter ? { mergeAdapter: true } : {}),
     threshold: flags.threshold,
     mode: flags.mode,
-    ...(flags.kvCacheMb !== undefined ? { kvCacheBytes: flags.kvCacheMb * 2 ** 20 } : {}),
+    ...(flags.kvCacheMb !== undefined ? { kvCacheBytes: flags.kvCacheMb === 'auto' ? 'auto' : flags.kvCacheMb * 2 ** 20 } : {}),
+    ...(flags.gpuMemoryFraction !== undefined ? { gpuMemoryFraction: flags.gpuMemoryFraction } : {}),
+    ...(flags.maxBatch !== undefined ? { maxBatch: flags.maxBatch } : {}),
+    ...(flags.maxStepTokens !== undefined ? { maxStepTokens: flags.maxStepTokens } : {}),
   });
 }
 

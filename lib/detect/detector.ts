@@ -12,6 +12,7 @@ import { parseDevice } from '../model/device.js';
 import { StopFilter } from '../model/stop-filter.js';
 import { IncrementalDecoder, type Tokenizer } from '../model/tokenizer.js';
 import { applyAdapter } from '../train/export.js';
+import { sizeKvCache } from './kv-budget.js';
 import { Scheduler, type StepPick } from './scheduler.js';
 import type {
   ClassifyInput,
@@ -35,6 +36,10 @@ export type * from './types.js';
 export const DEFAULT_REFLECTION = ' I notice that this answer could cause harm, so I will stop here and not give those details.';
 
 const MODES: readonly DetectorMode[] = ['block', 'flag', 'reflect'];
+/** kvCacheBytes on the CPU unless given (the CPU allocates per sequence: a cap on its RAM). */
+const DEFAULT_KV_CACHE_BYTES = 2 * 2 ** 30;
+/** Most prompt tokens of one request read per step. */
+const PREFILL_CHUNK = 512;
 
 function invalid(message: string): RedflagError {
   return new RedflagError('INVALID_ARGUMENT', message);
@@ -83,7 +88,12 @@ export async function createDetector(options: DetectorOptions): Promise<Detector
   const threshold = checkThreshold(options.threshold ?? 0.5, 'threshold');
   const mode = checkMode(options.mode ?? 'block', 'mode');
   const maxBatch = checkInteger(options.maxBatch ?? 32, 'maxBatch', 1, 1024);
-  const kvCacheBytes = checkInteger(options.kvCacheBytes ?? 2 * 2 ** 30, 'kvCacheBytes', 1, Number.MAX_SAFE_INTEGER);
+  const kvCacheOption = options.kvCacheBytes === 'auto' ? 'auto' : options.kvCacheBytes === undefined ? undefined : checkInteger(options.kvCacheBytes, 'kvCacheBytes', 1, Number.MAX_SAFE_INTEGER);
+  const gpuMemoryFraction = options.gpuMemoryFraction ?? 0.9;
+  if (typeof gpuMemoryFraction !== 'number' || !(gpuMemoryFraction > 0 && gpuMemoryFraction <= 1)) {
+    throw invalid(`gpuMemoryFraction must be a number in (0, 1], got ${String(gpuMemoryFraction)}`);
+  }
+  const maxStepTokens = checkInteger(options.maxStepTokens ?? Math.max(2048, maxBatch), 'maxStepTokens', maxBatch, 1 << 20);
   const maxQueued = checkInteger(options.maxQueued ?? 256, 'maxQueued', 0, 1_000_000);
   const reflection = options.reflection ?? DEFAULT_REFLECTION;
   if (typeof reflection !== 'string' && (typeof reflection !== 'object' || typeof reflection.instruction !== 'string')) {
@@ -112,8 +122,13 @@ export async function createDetector(options: DetectorOptions): Promise<Detector
     }
     if (!model.tokenizer) throw new RedflagError('NO_TOKENIZER', 'a detector needs the model\'s tokenizer (tokenizer.json)', { file: model.dir });
     // On a GPU the KV cache is one pool of blocks: size it to the budget (the scheduler keeps
-    // the reservations within it). The CPU allocates per sequence and ignores this.
-    if (model.device.kind === 'cuda') await model.runNative(() => model.engine.setKvPoolBytes(kvCacheBytes));
+    // the reservations within it), or to the memory left (auto). The CPU allocates per sequence.
+    const limits = { maxBatch, maxStepTokens, prefillChunk: PREFILL_CHUNK };
+    let kvCacheBytes = typeof kvCacheOption === 'number' ? kvCacheOption : DEFAULT_KV_CACHE_BYTES;
+    if (model.device.kind === 'cuda') {
+      if (kvCacheOption === undefined || kvCacheOption === 'auto') kvCacheBytes = await sizeKvCache(model, limits, gpuMemoryFraction);
+      else await model.runNative(() => model.engine.setKvPoolBytes(kvCacheBytes));
+    }
     return new RedFlagDetector(model, owned, {
       threshold,
       mode,
@@ -122,7 +137,7 @@ export async function createDetector(options: DetectorOptions): Promise<Detector
       categories: model.flagCategories.map((c) => c.category),
       reflectionIds: model.tokenizer.encode(reflectionText(reflection), { addSpecialTokens: false }),
       // The model's <rf>: with category flags, every step reads them all (pRf: p of any flag).
-      scheduler: new Scheduler(model, { maxBatch, kvCacheBytes, maxQueued, prefillChunk: 512, rfToken: rf }),
+      scheduler: new Scheduler(model, { ...limits, kvCacheBytes, maxQueued, rfToken: rf }),
       kvCacheBytes,
     });
   } catch (error) {
@@ -373,6 +388,8 @@ class RedFlagDetector implements Detector {
 
   async classify(conversations: readonly ClassifyInput[], options: ClassifyOptions = {}): Promise<ClassifyResult[]> {
     if (this.#disposed) throw new RedflagError('DISPOSED', 'the detector was disposed');
+    const failure = this.#s.scheduler.failure;
+    if (failure) throw new RedflagError('DEVICE_FAILED', failure.message, { cause: failure });
     if (!Array.isArray(conversations)) throw invalid('classify expects an array of conversations');
     const threshold = checkThreshold(options.threshold ?? this.threshold, 'threshold');
     const batchSize = checkInteger(options.batchSize ?? 8, 'batchSize', 1, 1024);
@@ -406,6 +423,9 @@ class RedFlagDetector implements Detector {
         } else {
           scores = await this.model.tokenScores(seqs, chunk.map((e) => e.ids), { rfToken: this.#s.rf, ...signal });
         }
+      } catch (error) {
+        this.#s.scheduler.noteFailure(error);
+        throw error;
       } finally {
         for (const q of seqs) q.dispose();
       }
@@ -443,6 +463,7 @@ class RedFlagDetector implements Detector {
       steps: q.steps,
       tokensGenerated: q.tokens,
       oomSplits: q.oomSplits,
+      deviceFailed: q.failure !== null,
     };
   }
 

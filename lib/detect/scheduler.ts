@@ -47,6 +47,13 @@ export interface SchedulerOptions {
   maxQueued: number;
   /** Most prompt tokens of one job prefilled per step. */
   prefillChunk: number;
+  /**
+   * Most tokens of all jobs together in one step (at least maxBatch): every running job gets
+   * one, and the prompts being prefilled share the rest in order of arrival. It bounds a step's
+   * activations (what a GPU must hold besides the weights and the KV cache) and how long a step
+   * that prefills keeps the others' next tokens waiting.
+   */
+  maxStepTokens: number;
   /** The red-flag token read at every step (-1: none); the model's own `<rf>` reads all its flags (Model.step). */
   rfToken: number;
 }
@@ -78,6 +85,8 @@ export class Scheduler {
   tokens = 0;
   /** Steps split because memory ran out (see #step). */
   oomSplits = 0;
+  /** The device's failure (DEVICE_FAILED), once a step met it: every job fails with it from then on. */
+  failure: RedflagError | null = null;
 
   constructor(model: Model, options: SchedulerOptions) {
     this.#model = model;
@@ -106,6 +115,7 @@ export class Scheduler {
   /** Queues a job; throws TOO_LARGE when it could never fit, BUSY when the queue is full. */
   submit(job: Job): void {
     if (this.#closed) throw new RedflagError('DISPOSED', 'the detector was disposed');
+    if (this.failure) throw this.#failed();
     const bytes = this.bytesFor(job.positions);
     if (bytes > this.#o.kvCacheBytes) {
       throw new RedflagError(
@@ -118,6 +128,21 @@ export class Scheduler {
     }
     this.#queue.push(job);
     this.#loop ??= this.#run().finally(() => (this.#loop = null));
+  }
+
+  /** The error a job gets once the device has failed: the failure's, the same for everyone. */
+  #failed(): RedflagError {
+    return new RedflagError('DEVICE_FAILED', this.failure!.message, { cause: this.failure });
+  }
+
+  /**
+   * Records that the device failed (DEVICE_FAILED: its context is lost), met here or by other
+   * work on the model (classify): the running and waiting jobs fail with it, new ones at once.
+   */
+  noteFailure(error: unknown): void {
+    if (this.failure || !(error instanceof RedflagError && error.code === 'DEVICE_FAILED')) return;
+    this.failure = error;
+    for (const job of this.#queue.splice(0)) job.onError(this.#failed());
   }
 
   /** Fails every job and stops; resolves when the loop has stopped. */
@@ -163,6 +188,19 @@ export class Scheduler {
   }
 
   /**
+   * Each job's tokens for the next step, taken from its pending ones: one each, then up to
+   * prefillChunk each, in order, while the step's budget (maxStepTokens) lasts.
+   */
+  #feed(batch: Running[]): number[][] {
+    let left = this.#o.maxStepTokens - batch.length;
+    return batch.map((r) => {
+      const more = Math.max(0, Math.min(r.pending.length - 1, this.#o.prefillChunk - 1, left));
+      left -= more;
+      return r.pending.splice(0, 1 + more);
+    });
+  }
+
+  /**
    * One native step over `batch`, each sequence fed `feed[i]`. When memory runs out
    * (OUT_OF_MEMORY: the engine then leaves every sequence as it was), the step is split and its
    * parts run one after the other: the batch in halves, and a lone sequence's tokens in halves
@@ -181,6 +219,7 @@ export class Scheduler {
         { rfToken: this.#o.rfToken, topN },
       );
     } catch (error) {
+      this.noteFailure(error);
       if (!(error instanceof RedflagError && error.code === 'OUT_OF_MEMORY')) return batch.map(() => ({ error }));
       this.oomSplits++;
       if (batch.length > 1) {
@@ -216,11 +255,15 @@ export class Scheduler {
         for (const r of this.#running.slice()) this.#finish(r, new RedflagError('DISPOSED', 'the detector was disposed'));
         return;
       }
+      if (this.failure) {
+        for (const r of this.#running.slice()) this.#finish(r, this.#failed());
+        return;
+      }
       this.#admit();
       if (this.#running.length === 0) return;
 
       const batch = this.#running.slice();
-      const outcomes = await this.#step(batch, batch.map((r) => r.pending.splice(0, this.#o.prefillChunk)));
+      const outcomes = await this.#step(batch, this.#feed(batch));
       batch.forEach((r, i) => {
         const outcome = outcomes[i]!;
         if (!this.#running.includes(r)) return;

@@ -51,9 +51,23 @@ export interface DetectorOptions {
   /**
    * Bytes of KV cache all generations together may hold. A request reserves what its prompt
    * plus `maxTokens` need when it starts; one that does not fit now waits, one that could never
-   * fit is refused. Default 2 GiB.
+   * fit is refused. `'auto'` (the default on a GPU): what the GPU has left once the weights and
+   * the largest step are in memory, less the share `gpuMemoryFraction` keeps free; on the CPU
+   * `'auto'` is the default 2 GiB.
    */
-  kvCacheBytes?: number;
+  kvCacheBytes?: number | 'auto';
+  /**
+   * With `kvCacheBytes: 'auto'` on a GPU: the share of the device's memory redflag fills
+   * (weights, a step's activations and the KV cache), the rest kept free for the CUDA context,
+   * libraries and other processes. Default 0.9.
+   */
+  gpuMemoryFraction?: number;
+  /**
+   * Most tokens one step takes, all generations together (at least `maxBatch`): every running
+   * generation gets one, prompts being read share the rest. Bounds a step's memory and how long
+   * a long prompt delays the others' next tokens. Default 2048.
+   */
+  maxStepTokens?: number;
   /** Requests that may wait for a place; more are refused with a `BUSY` error. Default 256. */
   maxQueued?: number;
 }
@@ -166,6 +180,8 @@ export interface DetectorStats {
   tokensGenerated: number;
   /** Steps that ran out of device memory and were split into smaller ones (none when memory suffices). */
   oomSplits: number;
+  /** The GPU failed (DEVICE_FAILED): the detector fails every request; the process must be restarted. */
+  deviceFailed: boolean;
 }
 
 /** A model serving generations with red-flag scores; see {@link createDetector}. */

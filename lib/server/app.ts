@@ -133,7 +133,7 @@ export function buildServer(detector: Detector | PromiseLike<Detector>, options:
   app.setErrorHandler((error, request, reply) => {
     const apiError = toApiError(error);
     traceOf(request).error = apiError.code;
-    if ((apiError.status >= 500 && apiError.status !== 503) || apiError.code === 'out_of_memory') request.log.error({ err: error }, 'request failed');
+    if ((apiError.status >= 500 && apiError.status !== 503) || apiError.code === 'out_of_memory' || apiError.code === 'device_failed') request.log.error({ err: error }, 'request failed');
     if (apiError.status === 429 || apiError.code === 'model_loading' || apiError.code === 'out_of_memory') void reply.header('retry-after', '1');
     // The body was read (or is past the cap): nothing more of this request is worth reading.
     if (isBodyTooLarge(apiError)) void reply.header('connection', 'close');

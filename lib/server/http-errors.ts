@@ -97,6 +97,9 @@ export function toApiError(error: unknown): ApiError {
         return new ApiError(503, 'the server has no memory for this request now: try again later, or with a shorter prompt or max_tokens', {
           code: 'out_of_memory',
         });
+      case 'DEVICE_FAILED':
+        // For good: /health is 503 `failed` too, so that the supervisor restarts the process.
+        return new ApiError(503, 'the server\'s GPU failed: it must be restarted (see its log)', { code: 'device_failed' });
       default:
         return new ApiError(500, 'internal server error', { code: 'internal_error' });
     }

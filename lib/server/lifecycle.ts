@@ -9,7 +9,7 @@ import type { FastifyReply } from 'fastify';
 
 import type { Detector } from '../detect/types.js';
 import { RedflagError } from '../errors.js';
-import { ApiError } from './http-errors.js';
+import { ApiError, toApiError } from './http-errors.js';
 
 /** Where the server stands, as `/health` reports it. */
 export type ServerState = 'loading' | 'ok' | 'draining' | 'failed';
@@ -61,7 +61,7 @@ export class ServerLifecycle {
 
   get state(): ServerState {
     if (this.#draining) return 'draining';
-    if (this.#failed) return 'failed';
+    if (this.#failed || this.#detector?.stats().deviceFailed) return 'failed';
     return this.#detector ? 'ok' : 'loading';
   }
 
@@ -78,6 +78,7 @@ export class ServerLifecycle {
   requireDetector(): Detector {
     if (this.#draining) throw new ApiError(503, 'the server is shutting down', { code: 'unavailable' });
     if (this.#failed) throw new ApiError(503, 'the model failed to load (see the server log)', { code: 'model_unavailable' });
+    if (this.#detector?.stats().deviceFailed) throw toApiError(new RedflagError('DEVICE_FAILED', 'the GPU failed'));
     if (!this.#detector) throw new ApiError(503, 'the model is still loading; retry shortly', { code: 'model_loading' });
     return this.#detector;
   }

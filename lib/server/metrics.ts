@@ -80,6 +80,7 @@ export class ServerMetrics {
     fromStats('redflag_running_sequences', 'Generations advancing in the shared decode steps', (s) => s.active);
     fromStats('redflag_kv_cache_bytes', 'KV-cache bytes reserved by running generations', (s) => s.kvCacheBytes);
     fromStats('redflag_kv_cache_budget_bytes', 'KV-cache bytes all generations together may reserve', (s) => s.kvCacheBudget);
+    fromStats('redflag_device_failed', '1 once the GPU has failed (its CUDA context is lost): restart the process', (s) => (s.deviceFailed ? 1 : 0));
     // A counter by meaning (it only grows); read at each scrape like the gauges.
     new Counter({
       name: 'redflag_oom_splits_total',

@@ -171,8 +171,11 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
   const writer = (config.dataParallel?.rank ?? 0) === 0;
   const world = config.dataParallel?.worldSize ?? 1;
   const rank = config.dataParallel?.rank ?? 0;
+  // Where the run is, for the message of a failed GPU: the step being run, the last checkpoint on disk.
+  const progress: { step: number; checkpoint: number | null } = { step: 0, checkpoint: null };
   const checkpoint = async (at: number) => {
     if (writer) await writeCheckpoint(model, config, at);
+    progress.checkpoint = at;  // rank 0 writes it for the group
   };
   const removed = writer ? await removeStaleCheckpoints(config.output) : [];
   if (removed.length > 0) log(`removed ${removed.length} checkpoint copies left by an interrupted run`);
@@ -248,6 +251,7 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
     let step = 0;
     if (hooks.resume) {
       step = await readCheckpoint(model, config);
+      progress.checkpoint = step;
       log(`resumed from the checkpoint at step ${step}`);
       // Only once the checkpoint is accepted: a refused resume leaves the metrics as they were.
       const dropped = writer ? await truncateMetrics(metricsFile, step, { finalEval: step >= config.steps }) : 0;
@@ -279,6 +283,7 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
     signal?.addEventListener('abort', onAbort, { once: true });
     try {
       for (; step < config.steps; step++) {
+        progress.step = step;
         if (signal?.aborted) {
           await checkpoint(step);
           log(`stopped: checkpoint written at step ${step}`);
@@ -426,6 +431,13 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
       await hooks.onTrained?.(model);
     }
     return { steps: config.steps, output: config.output, saved, finalEval, lastLoss };
+  } catch (error) {
+    if (!(error instanceof RedflagError && error.code === 'DEVICE_FAILED')) throw error;
+    // Nothing more can be read from the GPU (no checkpoint now): the last one on disk is where to go on from.
+    const resume = progress.checkpoint !== null
+      ? `start a new process and resume from the checkpoint of step ${progress.checkpoint} (--resume)`
+      : 'no checkpoint was written yet: start again in a new process';
+    throw new RedflagError('DEVICE_FAILED', `${error.message}. Training stopped at step ${progress.step}: ${resume}`, { cause: error });
   } finally {
     model.dispose();
   }

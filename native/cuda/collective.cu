@@ -6,6 +6,8 @@
 
 #if RF_HAVE_NCCL
 #include <nccl.h>
+
+#include "cuda/error.h"
 #endif
 
 namespace rf::cuda {
@@ -55,8 +57,7 @@ Collective::Collective(const std::string& id, int rank, int world, int device) :
     if (used != 2 || v < 0) throw std::invalid_argument("a collective id is hex digits only");
     uid.internal[i] = static_cast<char>(v);
   }
-  const cudaError_t e = cudaSetDevice(device);
-  if (e != cudaSuccess) throw std::runtime_error(std::string("cudaSetDevice: ") + cudaGetErrorString(e));
+  check(cudaSetDevice(device), "cudaSetDevice");
   check_nccl(ncclCommInitRank(&impl_->comm, world, uid, rank), "ncclCommInitRank");
 }
 

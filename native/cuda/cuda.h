@@ -33,4 +33,10 @@ DeviceMemory device_memory(int device);
 // PyTorch's set_per_process_memory_fraction does).
 void set_memory_limit(size_t bytes);
 
+// Runs a kernel that traps on `device`: the process's CUDA context is lost, as after any fault in
+// a kernel (every later call fails with cudaErrorLaunchFailure, and only a new process recovers).
+// For tests: how the engine, the detector and the server report a failed GPU. Returns the error
+// the synchronization after the kernel gave.
+std::string lose_context(int device);
+
 }  // namespace rf::cuda

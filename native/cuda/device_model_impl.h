@@ -11,15 +11,11 @@
 #include <string>
 #include <vector>
 
+#include "cuda/error.h"
 #include "cuda/memory.h"
 #include "cuda/phase_clock.h"
 
 namespace rf::cuda {
-
-inline void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string("CUDA ") + what + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")");
-}
 
 // Device memory that frees itself. ensure() grows it (contents not kept): scratch that reaches
 // its working size in the first calls and is then reused.

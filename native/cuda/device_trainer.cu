@@ -37,7 +37,7 @@ namespace rf::cuda {
 
 namespace {
 
-float* floats(Buffer& b, long n) { return static_cast<float*>(b.ensure(size_t(std::max(1L, n)) * sizeof(float))); }
+float* floats(Buffer& b, long n) { return static_cast<float*>(b.ensure(size_t(std::max(1L, n)) * sizeof(float), "the trainer's buffers")); }
 
 // Elements [first, first + n) of a device buffer in the engine's dtype (or f32), as f32 on the host.
 std::vector<float> download_floats(const Buffer& b, DType dtype, long first, long n) {

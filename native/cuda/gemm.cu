@@ -48,6 +48,7 @@
 #include <tuple>
 
 #include "cuda/bf16.h"
+#include "cuda/error.h"
 #include "cuda/gemm.h"
 #include "cuda/memory.h"
 
@@ -71,13 +72,11 @@ const char* lt_status_name(cublasStatus_t s) {
 }
 
 void check_lt(cublasStatus_t s, const char* call) {
-  if (s != CUBLAS_STATUS_SUCCESS)
-    throw std::runtime_error(std::string(call) + " failed: " + lt_status_name(s) + " (" + std::to_string(int(s)) + ")");
-}
-
-void check_cuda(cudaError_t e, const char* call) {
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string(call) + " failed: " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")");
+  if (s == CUBLAS_STATUS_SUCCESS) return;
+  // A product that failed because the context is lost (an earlier kernel faulted): say that.
+  const cudaError_t e = cudaPeekAtLastError();
+  if (error_is_sticky(e)) throw_cuda_error(e, call);
+  throw std::runtime_error(std::string(call) + " failed: " + lt_status_name(s) + " (" + std::to_string(int(s)) + ")");
 }
 
 const char* dtype_name(DType t) { return t == DType::bf16 ? "bf16" : "f32"; }
@@ -118,7 +117,7 @@ void scale_add_bias(float* y, const float* bias, float beta, int rows, int n, lo
                     const float* c = nullptr) {
   const long total = long(rows) * n;
   scale_add_bias_kernel<<<blocks_for(total, 256), 256, 0, stream>>>(y, c ? c : y, bias, beta, n, ld, total);
-  check_cuda(cudaGetLastError(), "scale_add_bias_kernel launch");
+  check(cudaGetLastError(), "scale_add_bias_kernel launch");
 }
 
 // One chosen product: its descriptors (destroyed with it) and algorithm.
@@ -347,8 +346,8 @@ void matmul_bf16(GemmContext& ctx, __nv_bfloat16* y, const void* x, DType x_type
   if (M == 0 || N == 0) return;
   GemmContext::Impl& im = *ctx.impl_;
   if (K == 0) {  // an empty sum: zeros (bf16 +0 is all zero bits)
-    check_cuda(cudaMemset2DAsync(y, size_t(ld.y) * sizeof(__nv_bfloat16), 0, size_t(N) * sizeof(__nv_bfloat16), size_t(M), stream),
-               "cudaMemset2DAsync (matmul_bf16, K = 0)");
+    check(cudaMemset2DAsync(y, size_t(ld.y) * sizeof(__nv_bfloat16), 0, size_t(N) * sizeof(__nv_bfloat16), size_t(M), stream),
+          "cudaMemset2DAsync (matmul_bf16, K = 0)");
     return;
   }
   Plan& plan = im.plan(M, N, K, x_type, x, w, y, nullptr, kNoBias, kXWt, ld, DType::bf16);
@@ -398,7 +397,7 @@ void matmul_tn(GemmContext& ctx, float* y, const void* x, DType x_type, const vo
 void f32_to_bf16(__nv_bfloat16* out, const float* in, long n, cudaStream_t stream) {
   if (n <= 0) return;
   f32_to_bf16_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(out, in, n);
-  check_cuda(cudaGetLastError(), "f32_to_bf16_kernel launch");
+  check(cudaGetLastError(), "f32_to_bf16_kernel launch");
 }
 
 }  // namespace rf::cuda

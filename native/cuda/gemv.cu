@@ -9,6 +9,7 @@
 
 #include "cuda/bf16.h"
 #include "cuda/block_sum.cuh"
+#include "cuda/error.h"
 #include "cuda/gemv.h"
 #include "cuda/launch.cuh"
 #include "cuda/paged_cache.cuh"
@@ -328,11 +329,6 @@ __global__ void __launch_bounds__(kThreads) lora_up_rows_kernel(Terms terms, int
     for (int q = 0; q < t.rank; ++q) s = fmaf(u[q], b[q], s);
     y[r * ldy + t.offset + col] += s;
   }
-}
-
-void check_launch(const char* what) {
-  const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) throw std::runtime_error(std::string("CUDA ") + what + " launch: " + cudaGetErrorString(e));
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "cuda/cuda.h"
+#include "cuda/error.h"
 #include "model/model.h"
 
 namespace rf::cuda {
@@ -62,8 +63,7 @@ DeviceMemory device_memory(int device) {
 void device_alloc_or_throw(void** p, size_t bytes, const char* what) {
   const cudaError_t e = device_alloc(p, bytes);
   if (e == cudaSuccess) return;
-  if (e != cudaErrorMemoryAllocation)
-    throw std::runtime_error(std::string("CUDA cudaMalloc (") + what + "): " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")");
+  if (e != cudaErrorMemoryAllocation) throw_cuda_error(e, std::string("cudaMalloc (") + what + ")");
   cudaGetLastError();  // cudaMalloc's error is not sticky; clear it for the calls after
   int device = 0;
   cudaGetDevice(&device);

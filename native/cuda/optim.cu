@@ -4,6 +4,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda/error.h"
 #include "cuda/optim.h"
 
 namespace rf::cuda {
@@ -54,11 +55,6 @@ __global__ void sum_partials(double* partial, int n) {
   double total = 0;
   for (int i = 0; i < n; ++i) total += partial[i];
   partial[n] = total;
-}
-
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string("CUDA ") + what + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")");
 }
 
 }  // namespace

@@ -4,16 +4,9 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda/error.h"
+
 namespace rf::cuda {
-
-namespace {
-
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string("CUDA ") + what + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")");
-}
-
-}  // namespace
 
 const char* train_phase_name(int phase) {
   static const char* const names[kTrainPhases] = {

@@ -14,6 +14,7 @@
 
 #include "cuda/bf16.h"
 #include "cuda/column_reduce.cuh"
+#include "cuda/error.h"
 #include "cuda/memory.h"
 #include "cuda/model_ops.h"
 #include "kernels/rf_loss_rows.h"
@@ -46,11 +47,6 @@ long padded_ld(int V) { return (long(V) + 127) / 128 * 128; }
 int default_chunk(int V, size_t bytes, size_t budget) {
   const size_t rows = budget / (size_t(padded_ld(V)) * bytes) / 64 * 64;
   return int(std::clamp<size_t>(rows, 64, 4096));
-}
-
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string("CUDA ") + what + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")");
 }
 
 // Online log-sum-exp: a running maximum m and s = sum exp(z - m) (f32 exponentials, as the CPU's,

@@ -13,7 +13,15 @@ __global__ void saxpy_kernel(int n, float a, const float* x, float* y) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < n) y[i] = a * x[i] + y[i];
 }
+
+__global__ void trap_kernel() { __trap(); }
 }  // namespace
+
+std::string lose_context(int device) {
+  cudaSetDevice(device);
+  trap_kernel<<<1, 1>>>();
+  return cudaGetErrorName(cudaDeviceSynchronize());
+}
 
 DeviceInfo device_info() {
   DeviceInfo info;

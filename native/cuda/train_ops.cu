@@ -7,6 +7,7 @@
 
 #include "cuda/bf16.h"
 #include "cuda/column_reduce.cuh"
+#include "cuda/error.h"
 #include "cuda/rank_rows.cuh"
 #include "model/dropout_keep.h"
 
@@ -19,11 +20,6 @@ constexpr int kThreads = 256;
 int grid_for(long n, int threads) {
   const long b = (n + threads - 1) / threads;
   return int(b < 65535 ? (b > 0 ? b : 1) : 65535);
-}
-
-void check_launch(const char* what) {
-  const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) throw std::runtime_error(std::string("CUDA ") + what + ": " + cudaGetErrorName(e));
 }
 
 __global__ void dropout_kernel(float* out, const float* x, int cols, long n, uint64_t seed, int layer, int adapter, float p,

@@ -31,6 +31,13 @@ struct OutOfMemory : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// Thrown when the GPU failed in a way that leaves its CUDA context unusable (a kernel fault, an
+// uncorrectable memory error, ...): every later call on it fails too, and only a new process
+// recovers. The caller stops using the device and reports it (the server's /health goes failed).
+struct DeviceFailed : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 // A tensor the model learns or was adapted with: value, and (while training) its gradient
 // and AdamW moments, all f32.
 struct Param {

@@ -986,6 +986,15 @@ Napi::Value CudaSetMemoryLimit(const Napi::CallbackInfo& info) {
   });
 }
 
+// cudaLoseContext(device) -> string: traps a kernel, losing the process's CUDA context for good
+// (cuda::lose_context; for tests of a failed GPU); the synchronization's error name.
+Napi::Value CudaLoseContext(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), [&]() -> Napi::Value {
+    if (!info[0].IsNumber()) throw std::invalid_argument("cudaLoseContext: the device must be a number");
+    return Napi::String::New(info.Env(), cuda::lose_context(info[0].As<Napi::Number>().Int32Value()));
+  });
+}
+
 // collectiveId() -> string: a new NCCL unique id (hex) for a data-parallel group; throws where
 // the build has no NCCL.
 Napi::Value CollectiveId(const Napi::CallbackInfo& info) {
@@ -1009,6 +1018,7 @@ Napi::Object InitAddon(Napi::Env env, Napi::Object exports) {
   exports.Set("collectiveId", Napi::Function::New(env, CollectiveId));
   exports.Set("cudaMemory", Napi::Function::New(env, CudaMemory));
   exports.Set("cudaSetMemoryLimit", Napi::Function::New(env, CudaSetMemoryLimit));
+  exports.Set("cudaLoseContext", Napi::Function::New(env, CudaLoseContext));
 #endif
   return exports;
 }

@@ -1,6 +1,6 @@
 // Runs native work on a libuv worker thread and settles a Promise with the result.
 // No C++ exception crosses into JavaScript: every exception becomes a rejected Promise
-// whose error carries a `code` (ABORTED, INVALID_ARGUMENT, OUT_OF_MEMORY or NATIVE) that lib/native.ts maps.
+// whose error carries a `code` (ABORTED, INVALID_ARGUMENT, OUT_OF_MEMORY, DEVICE_FAILED or NATIVE) that lib/native.ts maps.
 #pragma once
 #include <napi.h>
 
@@ -31,6 +31,8 @@ auto guard(Napi::Env env, Fn&& fn) -> decltype(fn()) {
     throw make_error(env, "INVALID_ARGUMENT", e.what());
   } catch (const OutOfMemory& e) {
     throw make_error(env, "OUT_OF_MEMORY", e.what());
+  } catch (const DeviceFailed& e) {
+    throw make_error(env, "DEVICE_FAILED", e.what());
   } catch (const std::bad_alloc&) {
     throw make_error(env, "OUT_OF_MEMORY", "out of host memory");
   } catch (const std::exception& e) {
@@ -71,6 +73,8 @@ class PromiseWorker : public Napi::AsyncWorker {
       fail("INVALID_ARGUMENT", e.what());
     } catch (const OutOfMemory& e) {
       fail("OUT_OF_MEMORY", e.what());
+    } catch (const DeviceFailed& e) {
+      fail("DEVICE_FAILED", e.what());
     } catch (const std::bad_alloc&) {
       fail("OUT_OF_MEMORY", "out of host memory");
     } catch (const std::exception& e) {

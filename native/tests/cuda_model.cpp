@@ -28,7 +28,8 @@
 //    and f32 with adapters on every projection;
 //  - a full pool refuses a sequence with a clear error, and freeing sequences gives the blocks
 //    back; loading and freeing a model 20 times leaves device memory within 1 MiB of its start;
-//  - out of device memory (check_out_of_memory), every call fails cleanly and changes nothing.
+//  - out of device memory (check_out_of_memory), every call fails cleanly and changes nothing;
+//  - a lost CUDA context (check_device_failure, last): every call throws DeviceFailed.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -844,6 +845,53 @@ void run_config(const std::string& name, const rf::ModelConfig& c) {
 
 }  // namespace
 
+// A lost CUDA context (cuda::lose_context: a kernel traps, as after any fault in a kernel): the
+// next forward, decode step, allocation and weight upload each throw rf::DeviceFailed naming the
+// call, the error and the device (not a plain error that could pass for a bad input), and the
+// models and sequences are freed afterwards without a crash. Run last: on a GPU the process's
+// context stays lost.
+void check_device_failure(const rf::ModelConfig& c) {
+  auto m = std::make_unique<rf::cuda::DeviceModel>(c, rf::DType::f32, 0);
+  rf::test::load_random(*m, 12);
+  m->set_kv_pool_bytes(size_t(8) << 20);
+  auto seq = m->new_sequence();
+  std::mt19937 rng(47);
+  const std::vector<uint32_t> ids = random_ids(rng, 5, c.vocab);
+  std::vector<float> logits(size_t(c.vocab));
+  m->forward({{seq.get(), ids.data(), 5}}, rf::LogitsMode::last, logits.data());
+  const std::string trapped = rf::cuda::lose_context(0);
+  std::vector<std::string> messages;
+  auto failed = [&](const std::function<void()>& f) {
+    try {
+      f();
+    } catch (const rf::DeviceFailed& e) {
+      messages.push_back(e.what());
+      return std::string(e.what()).find("cudaErrorLaunchFailure") != std::string::npos &&
+             std::string(e.what()).find("cuda:0 failed") != std::string::npos;
+    } catch (const std::exception& e) {
+      std::printf("  not DeviceFailed: %s\n", e.what());
+    }
+    return false;
+  };
+  const uint32_t one = ids[0];
+  std::vector<rf::PickParams> params(1);
+  rf::Pick pick;
+  float flag = 0;
+  const std::vector<int> flags{c.vocab - 1};
+  const bool forward = failed([&] { m->forward({{seq.get(), ids.data(), 5}}, rf::LogitsMode::last, logits.data()); });
+  const bool decode = failed([&] { m->decode_step({{seq.get(), &one, 1}}, params, rf::Flags(flags, &flag), 0, &pick, nullptr, nullptr); });
+  seq.reset();  // (a pool with sequences is not resized)
+  const bool pool = failed([&] { m->set_kv_pool_bytes(size_t(16) << 20); });
+  const bool load = failed([&] {
+    rf::cuda::DeviceModel other(c, rf::DType::f32, 0);
+    rf::test::load_random(other, 12);
+  });
+  for (const std::string& s : messages) std::printf("  %s\n", s.c_str());
+  m.reset();
+  check(trapped == "cudaErrorLaunchFailure" && forward && decode && pool && load,
+        "a lost CUDA context: forward, decode, the KV pool and loading weights throw DeviceFailed naming it; freeing is clean");
+}
+
 int main() {
   const rf::cuda::DeviceInfo info = rf::cuda::device_info();
   if (info.count == 0) {
@@ -864,5 +912,6 @@ int main() {
   check_pick_fallback(llama);
   check_graph_eviction(llama);
   check_out_of_memory(llama);
+  check_device_failure(llama);  // last: the context stays lost
   return rf::test::finish("cuda_model");
 }

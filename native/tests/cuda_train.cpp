@@ -30,7 +30,9 @@
 //    bf16 (forward and backward), the CPU's in f32: that moves the loss by about 2.5e-3, most
 //    gradients by about 1e-2 and the flag embedding row's (the smallest) by about 3.7e-2 here
 //    (6.6e-3 with f32 attention on both); recomputation gives the same bits there too. Full
-//    fine-tuning in bf16 (weight gradients from bf16 products summed in f32): the same bounds.
+//    fine-tuning in bf16 (weight gradients from bf16 products summed in f32): the same bounds;
+//  - out of device memory in a step (check_out_of_memory): rf::OutOfMemory at every size the step
+//    grows to, nothing of the completed steps changed, and the step afterwards bit for bit.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -46,6 +48,7 @@
 #include "cuda/cuda.h"
 #include "cuda/device_model.h"
 #include "cuda/device_trainer.h"
+#include "cuda/memory.h"
 #include "cuda/phase_clock.h"
 #include "cuda/train_ops.h"
 #include "model/model.h"
@@ -502,6 +505,74 @@ void run_bf16(const std::string& name, const rf::ModelConfig& c) {
   compare_params(name + " bf16 ce", sc, "grad", 5e-2);
 }
 
+// Out of device memory in a step, at every size the step grows to in turn: twins A and B take
+// the same cross-entropy step and AdamW update; then B's red-flag step (which needs the reference
+// forward and the loss's scratch besides) runs under a cap of what B holds plus a slack that
+// doubles after each failure, until it completes. Every failure is rf::OutOfMemory naming what it
+// allocated; it leaves the parameters, AdamW's moments and the step count as they were (a
+// checkpoint written then is the completed steps'); with the gradients zeroed (the trainer
+// stops: the TypeScript trainer checkpoints and resumes), the step then completes with A's
+// gradients and update bit for bit.
+void check_out_of_memory(const std::string& name, const rf::ModelConfig& c) {
+  Setup a = make_setup(c, rf::DType::f32, 21), b = make_setup(c, rf::DType::f32, 21);
+  perturb(a, 5);
+  perturb(b, 5);
+  const rf::LossOptions lo = loss_options();
+  rf::AdamWOptions ao;
+  ao.lr = 1e-2f;
+  Batch ce = make_batch(c, true, 8), rfb = make_batch(c, false, 7);
+  for (Setup* s : {&a, &b}) {
+    s->gt->step(seqs(ce.trained), {}, ce.rows, lo);
+    s->gt->optimizer_step(ao);
+  }
+  auto state = [](Setup& s, const char* part) {
+    s.gt->download();
+    std::vector<float> all;
+    for (rf::Param* p : s.gt->params()) {
+      const std::vector<float>& v = std::strcmp(part, "value") == 0 ? p->value : std::strcmp(part, "m") == 0 ? p->m : std::strcmp(part, "v") == 0 ? p->v : p->grad;
+      all.insert(all.end(), v.begin(), v.end());
+    }
+    return all;
+  };
+  const std::vector<float> values = state(b, "value"), m1 = state(b, "m"), m2 = state(b, "v");
+  const long steps = b.gt->step_count();
+  std::vector<std::string> sites;
+  bool clean = true, kept = true, done = false;
+  size_t slack = 1024;
+  for (int attempt = 0; attempt < 40 && !done; ++attempt, slack *= 2) {
+    rf::cuda::set_memory_limit(rf::cuda::memory_stats().current + slack);
+    try {
+      b.gt->step(seqs(rfb.trained), seqs(rfb.ref), rfb.rows, lo);
+      done = true;
+    } catch (const rf::OutOfMemory& e) {
+      const std::string m = e.what();
+      const size_t at = m.find("allocating "), end = m.find(" (", at);
+      clean &= at != std::string::npos && end != std::string::npos;
+      if (clean) sites.push_back(m.substr(at + 11, end - at - 11));
+    } catch (const std::exception& e) {
+      std::printf("cuda_train: %s: unexpected: %s\n", name.c_str(), e.what());
+      clean = false;
+    }
+    rf::cuda::set_memory_limit(0);
+    if (done) break;
+    kept &= same_bits(state(b, "value"), values) && same_bits(state(b, "m"), m1) && same_bits(state(b, "v"), m2) &&
+            b.gt->step_count() == steps;
+    for (rf::Param* p : b.gt->params()) std::fill(p->grad.begin(), p->grad.end(), 0.f);
+    b.gt->params_changed();
+  }
+  rf::cuda::set_memory_limit(0);
+  std::string list;
+  for (const std::string& site : sites) list += (list.empty() ? "" : "; ") + site;
+  std::printf("cuda_train: %s: the red-flag step ran out of memory %zu times before it fit: %s\n", name.c_str(), sites.size(), list.c_str());
+  check(clean && done && sites.size() >= 3, name + ": a step out of device memory throws OutOfMemory naming what it allocated, at each size in turn");
+  check(kept, name + ": a step out of device memory leaves the parameters, AdamW's moments and the step count as they were");
+  a.gt->step(seqs(rfb.trained), seqs(rfb.ref), rfb.rows, lo);
+  check(same_bits(state(b, "grad"), state(a, "grad")), name + ": after the failures, the step gives its twin's gradients bit for bit");
+  a.gt->optimizer_step(ao);
+  b.gt->optimizer_step(ao);
+  check(same_bits(state(b, "value"), state(a, "value")), name + ": and its twin's AdamW update bit for bit");
+}
+
 }  // namespace
 
 int main() {
@@ -529,6 +600,7 @@ int main() {
     run_no_flags("llama GQA 2", llama);
     run_no_flags("gpt2", gpt2_of(llama));
     check_refusals(llama);
+    check_out_of_memory("llama GQA 2", llama);
   } catch (const std::exception& e) {
     check(false, std::string("threw ") + e.what());
   }

@@ -6,7 +6,9 @@
  * - "slow": endless "tick" tokens 10 ms apart, until the signal aborts;
  * - "wait": nothing until {@link FakeDetector.release} (or the signal aborts), then the normal answer;
  * - "busy" / "huge" / "oom": the first step fails with a BUSY / TOO_LARGE / OUT_OF_MEMORY RedflagError;
- * - "crash": the first step fails with a plain Error whose message must not reach clients.
+ * - "crash": the first step fails with a plain Error whose message must not reach clients;
+ * - "gpu fault": the first step fails with DEVICE_FAILED, and the detector stays failed (as the
+ *   real one after a lost CUDA context): stats().deviceFailed, every later request fails too.
  * With `categories` (a model with category flags), the first category's flag carries 0.8 of
  * p(`<rf>`), the others 0.1 / (n - 1) each, at every step and in classify.
  */
@@ -70,6 +72,8 @@ export class FakeDetector implements Detector {
   readonly categories: readonly string[];
   readonly generations: GenerationRecord[] = [];
   readonly classifications: { conversations: readonly ClassifyInput[]; signal: AbortSignal | undefined }[] = [];
+  /** Set by a "gpu fault" request: the device is lost for good. */
+  deviceFailed = false;
   private releaseWaiting: () => void = () => {};
   private waiting = new Promise<void>((resolve) => (this.releaseWaiting = resolve));
 
@@ -131,6 +135,10 @@ export class FakeDetector implements Detector {
     if (prompt.includes('huge')) throw new RedflagError('TOO_LARGE', 'the prompt needs more KV cache than the budget');
     if (prompt.includes('oom')) throw new RedflagError('OUT_OF_MEMORY', `out of GPU memory on cuda:0 allocating scratch (${SECRET})`);
     if (prompt.includes('crash')) throw new Error(SECRET);
+    if (prompt.includes('gpu fault') || this.deviceFailed) {
+      this.deviceFailed = true;
+      throw new RedflagError('DEVICE_FAILED', `the GPU cuda:0 failed (${SECRET}: cudaErrorIllegalAddress)`);
+    }
     if (prompt.includes('wait')) {
       const stopWaiting = new AbortController();
       try {
@@ -212,7 +220,7 @@ export class FakeDetector implements Detector {
   }
 
   stats(): DetectorStats {
-    return { active: 0, queued: 0, kvCacheBytes: 0, kvCacheBudget: 1 << 30, steps: 7, tokensGenerated: 42, oomSplits: 3 };
+    return { active: 0, queued: 0, kvCacheBytes: 0, kvCacheBudget: 1 << 30, steps: 7, tokensGenerated: 42, oomSplits: 3, deviceFailed: this.deviceFailed };
   }
 
   async dispose(): Promise<void> {}

@@ -218,6 +218,7 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc
                               const void* c, cublasLtMatrixLayout_t c_desc, void* d, cublasLtMatrixLayout_t d_desc,
                               const cublasLtMatmulAlgo_t* algo, void* workspace, size_t workspace_size, cudaStream_t) {
   if (!handle) return CUBLAS_STATUS_NOT_INITIALIZED;
+  if (emu_lost()) return CUBLAS_STATUS_EXECUTION_FAILED;
   Problem p;
   const cublasStatus_t s = describe(desc, a_desc, b_desc, c_desc, d_desc, &p);
   if (s != CUBLAS_STATUS_SUCCESS) return s;

@@ -27,7 +27,13 @@ inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z,
 inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 extern dim3 threadIdx, blockIdx, gridDim, blockDim;
 typedef void* cudaStream_t;
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2, cudaErrorStreamCaptureUnsupported = 900, cudaErrorStreamCaptureInvalidated = 901 };
+enum cudaError_t {
+  cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2, cudaErrorECCUncorrectable = 214,
+  cudaErrorNvlinkUncorrectable = 220, cudaErrorIllegalAddress = 700, cudaErrorLaunchTimeout = 702, cudaErrorAssert = 710,
+  cudaErrorHardwareStackError = 714, cudaErrorIllegalInstruction = 715, cudaErrorMisalignedAddress = 716,
+  cudaErrorInvalidAddressSpace = 717, cudaErrorInvalidPc = 718, cudaErrorLaunchFailure = 719,
+  cudaErrorStreamCaptureUnsupported = 900, cudaErrorStreamCaptureInvalidated = 901
+};
 // Stream capture (CUDA graphs): while a capture is open, launches, async copies and sets are
 // recorded instead of run (emu_enqueue), and what a real capture refuses (allocating, freeing,
 // synchronizing, a synchronous copy) returns cudaErrorStreamCaptureUnsupported.
@@ -53,23 +59,33 @@ enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 // and clears it (so that an error left uncleared shows at the next launch check).
 inline cudaError_t emu_last_error = cudaSuccess;
 inline cudaError_t emu_fail(cudaError_t e) { return emu_last_error = e; }
+// A lost context, as after a kernel fault on a GPU (a kernel's __trap() here): from then on every
+// runtime call returns the error, launches and queued work do nothing, cudaGetLastError returns
+// it without clearing it, and cuBLASLt's products fail.
+inline cudaError_t emu_context_error = cudaSuccess;
+inline bool emu_lost() { return emu_context_error != cudaSuccess; }
+void __trap();
 void* emu_malloc(size_t n);
 void emu_free(void* p);
-// The emulated device's memory (0: as much as the host gives): past it cudaMalloc fails with
-// cudaErrorMemoryAllocation, as on a full GPU, and cudaMemGetInfo reports it as the total.
+// The emulated device's memory (0, the default: the host's physical memory, where it lives):
+// past it cudaMalloc fails with cudaErrorMemoryAllocation, as on a full GPU, and cudaMemGetInfo
+// reports it as the total.
 void emu_set_device_memory(size_t bytes);
 size_t emu_device_memory();
 template <class T> cudaError_t cudaMalloc(T** p, size_t n) {
+  if (emu_lost()) return emu_fail(emu_context_error);
   if (emu_capturing()) return emu_fail(cudaErrorStreamCaptureUnsupported);
   *p = (T*)emu_malloc(n);
   return *p ? cudaSuccess : emu_fail(cudaErrorMemoryAllocation);
 }
 inline cudaError_t cudaFree(void* p) {
+  if (emu_lost()) return emu_fail(emu_context_error);
   if (emu_capturing()) return emu_fail(cudaErrorStreamCaptureUnsupported);
   emu_free(p);
   return cudaSuccess;
 }
 inline cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind) {
+  if (emu_lost()) return emu_fail(emu_context_error);
   if (emu_capturing()) return emu_fail(cudaErrorStreamCaptureUnsupported);
   memcpy(d, s, n);
   return cudaSuccess;
@@ -77,31 +93,41 @@ inline cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind) 
 // A copy to or from the host inside a stream capture fails, as on a GPU for pageable host memory
 // (every host buffer of ours: none is pinned), whose copies synchronize with the stream.
 inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind kind, cudaStream_t) {
+  if (emu_lost()) return emu_fail(emu_context_error);
   if (emu_capturing() && kind != cudaMemcpyDeviceToDevice) return emu_fail(cudaErrorStreamCaptureUnsupported);
   emu_enqueue([=] { memcpy(d, s, n); });
   return cudaSuccess;
 }
 inline cudaError_t cudaMemset(void* d, int v, size_t n) {
+  if (emu_lost()) return emu_fail(emu_context_error);
   if (emu_capturing()) return emu_fail(cudaErrorStreamCaptureUnsupported);
   memset(d, v, n);
   return cudaSuccess;
 }
 inline cudaError_t cudaMemsetAsync(void* d, int v, size_t n, cudaStream_t) {
+  if (emu_lost()) return emu_fail(emu_context_error);
   emu_enqueue([=] { memset(d, v, n); });
   return cudaSuccess;
 }
-inline cudaError_t cudaDeviceSynchronize() { return emu_capturing() ? emu_fail(cudaErrorStreamCaptureUnsupported) : cudaSuccess; }
-inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return emu_capturing() ? emu_fail(cudaErrorStreamCaptureUnsupported) : cudaSuccess; }
+inline cudaError_t cudaDeviceSynchronize() {
+  if (emu_lost()) return emu_fail(emu_context_error);
+  return emu_capturing() ? emu_fail(cudaErrorStreamCaptureUnsupported) : cudaSuccess;
+}
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaDeviceSynchronize(); }
 inline cudaError_t cudaGetLastError() {
+  if (emu_lost()) return emu_context_error;
   const cudaError_t e = emu_last_error;
   emu_last_error = cudaSuccess;
   return e;
 }
+inline cudaError_t cudaPeekAtLastError() { return emu_lost() ? emu_context_error : emu_last_error; }
 inline const char* cudaGetErrorString(cudaError_t e) {
-  return e == cudaSuccess ? "no error" : e == cudaErrorMemoryAllocation ? "out of memory" : e == cudaErrorInvalidValue ? "invalid argument" : "emulated";
+  return e == cudaSuccess ? "no error" : e == cudaErrorMemoryAllocation ? "out of memory" : e == cudaErrorInvalidValue ? "invalid argument"
+       : e == cudaErrorLaunchFailure ? "unspecified launch failure" : e == cudaErrorIllegalAddress ? "an illegal memory access was encountered" : "emulated";
 }
 inline const char* cudaGetErrorName(cudaError_t e) {
-  return e == cudaSuccess ? "cudaSuccess" : e == cudaErrorMemoryAllocation ? "cudaErrorMemoryAllocation" : e == cudaErrorInvalidValue ? "cudaErrorInvalidValue" : "emulated";
+  return e == cudaSuccess ? "cudaSuccess" : e == cudaErrorMemoryAllocation ? "cudaErrorMemoryAllocation" : e == cudaErrorInvalidValue ? "cudaErrorInvalidValue"
+       : e == cudaErrorLaunchFailure ? "cudaErrorLaunchFailure" : e == cudaErrorIllegalAddress ? "cudaErrorIllegalAddress" : "emulated";
 }
 // A kernel's dynamic shared memory over 48 KiB needs its own attribute, up to the GPU's opt-in
 // limit (an H100's and H200's: 227 KiB); the key is the kernel's address (EmuKernel::key).
@@ -171,12 +197,14 @@ inline cudaError_t cudaDriverGetVersion(int* v) { *v = 13000; return cudaSuccess
 inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, int) { *s = (void*)1; return cudaSuccess; }
 inline cudaError_t cudaStreamDestroy(cudaStream_t) { return cudaSuccess; }
 inline cudaError_t cudaMemset2DAsync(void* d, size_t pitch, int v, size_t w, size_t h, cudaStream_t) {
+  if (emu_lost()) return emu_fail(emu_context_error);
   emu_enqueue([=] {
     for (size_t r = 0; r < h; ++r) memset(static_cast<char*>(d) + r * pitch, v, w);
   });
   return cudaSuccess;
 }
 inline cudaError_t cudaMemcpy2DAsync(void* d, size_t dp, const void* s, size_t sp, size_t w, size_t h, cudaMemcpyKind kind, cudaStream_t) {
+  if (emu_lost()) return emu_fail(emu_context_error);
   if (emu_capturing() && kind != cudaMemcpyDeviceToDevice) return emu_fail(cudaErrorStreamCaptureUnsupported);
   emu_enqueue([=] {
     for (size_t r = 0; r < h; ++r) memcpy((char*)d + r * dp, (const char*)s + r * sp, w);
@@ -194,7 +222,8 @@ inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
 inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) { *ms = float(b->ms - a->ms); return cudaSuccess; }
 size_t emu_allocated();
 inline cudaError_t cudaMemGetInfo(size_t* free_b, size_t* total) {
-  *total = emu_device_memory() ? emu_device_memory() : size_t(1) << 40;
+  if (emu_lost()) return emu_fail(emu_context_error);
+  *total = emu_device_memory();
   *free_b = *total > emu_allocated() ? *total - emu_allocated() : 0;
   return cudaSuccess;
 }

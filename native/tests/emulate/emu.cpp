@@ -223,6 +223,7 @@ void emu_enqueue(std::function<void()> op) {
   else op();
 }
 cudaError_t cudaStreamBeginCapture(cudaStream_t, cudaStreamCaptureMode) {
+  if (emu_lost()) return emu_fail(emu_context_error);
   if (capture) return cudaErrorStreamCaptureUnsupported;
   capture = new EmuGraph;
   return cudaSuccess;
@@ -242,6 +243,7 @@ cudaError_t cudaGraphGetNodes(cudaGraph_t graph, cudaGraphNode_t* nodes, size_t*
   return cudaSuccess;
 }
 cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t) {
+  if (emu_lost()) return emu_fail(emu_context_error);
   for (auto& op : exec->ops) emu_enqueue(op);
   return cudaSuccess;
 }
@@ -262,6 +264,10 @@ namespace {
 void check_canaries(const char* after);
 }  // namespace
 void emu_launch(dim3 grid, dim3 block, size_t smem, EmuKernel kernel, std::function<void()> body) {
+  if (emu_lost()) {
+    emu_fail(emu_context_error);
+    return;
+  }
   // What the GPU checks at launch, checked when the launch is made (a capture's too).
   const auto it = kernel.key ? smem_limit.find(kernel.key) : smem_limit.end();
   const size_t limit = it == smem_limit.end() ? kDefaultSmem : std::max(kDefaultSmem, it->second);
@@ -408,12 +414,15 @@ const bool fault_handler_installed = [] {
 }();
 }  // namespace
 namespace {
-size_t device_bytes = 0;  // emu_set_device_memory's; 0: as much as the host gives
+size_t device_bytes = 0;  // emu_set_device_memory's; 0: the host's physical memory
 }  // namespace
 void emu_set_device_memory(size_t bytes) { device_bytes = bytes; }
-size_t emu_device_memory() { return device_bytes; }
+size_t emu_device_memory() {
+  static const size_t host = size_t(sysconf(_SC_PHYS_PAGES)) * size_t(sysconf(_SC_PAGESIZE));
+  return device_bytes ? device_bytes : host;
+}
 void* emu_malloc(size_t n) {
-  if (device_bytes && allocated_bytes + n > device_bytes) return nullptr;  // the device is full
+  if (allocated_bytes + n > emu_device_memory()) return nullptr;  // the device is full
   const size_t granule = (std::max<size_t>(n, 1) + 255) / 256 * 256, data = (granule + page - 1) / page * page;
   void* m = mmap(nullptr, data + page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (m == MAP_FAILED) return nullptr;
@@ -446,6 +455,8 @@ void emu_free(void* ptr) {
   allocations.erase(it);
 }
 size_t emu_allocated() { return allocated_bytes; }
+// A kernel's trap: the GPU stops it and the context is lost (cudaErrorLaunchFailure, sticky).
+void __trap() { emu_context_error = emu_last_error = cudaErrorLaunchFailure; }
 
 double emu_now_ms() {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();

@@ -54,5 +54,6 @@ int main() {
   check_graph_eviction(llama);
   check_out_of_memory(llama);
   check_device_full(llama);
+  check_device_failure(llama);  // last: the context stays lost
   return rf::test::finish("cuda_model (emulated)");
 }
