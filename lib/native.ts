@@ -253,6 +253,24 @@ export interface NativeBench {
   pickTime(vocab: number, scores: boolean, minSeconds: number): Promise<number>;
 }
 
+/** What the CUDA build says of the GPUs (`cudaInfo`). */
+export interface CudaInfo {
+  /** GPUs visible; 0 where there is no driver or GPU (`error` says which). */
+  count: number;
+  /** The device asked about: its name and compute capability (empty past the last device). */
+  name: string;
+  smMajor: number;
+  smMinor: number;
+  memoryGiB: number;
+  error: string;
+  /** Why this build cannot run on the device (too old a GPU, or no code for it); empty when it can. */
+  unsupported: string;
+  /** The GPU architectures the build holds code for, as CMake named them (`80-real,90`). */
+  architectures: string;
+  /** Whether the build has NCCL (data-parallel training). */
+  nccl?: boolean;
+}
+
 export interface NativeAddon {
   /** device: -1 (or absent) the CPU engine, N the CUDA engine on GPU N (the CUDA build only). */
   NativeModel: new (config: NativeConfig, dtype: 'f32' | 'bf16', threads: number, device?: number) => NativeModel;
@@ -260,8 +278,8 @@ export interface NativeAddon {
   /** Live KV caches (every model) and the C allocator's bytes in use (glibc; null elsewhere). */
   memoryInfo(): { liveSequences: number; mallocInUseBytes: number | null };
   bench: NativeBench;
-  /** Present in the CUDA build (`npm run build:cuda`). */
-  cudaInfo?: () => { count: number; name: string; smMajor: number; smMinor: number; memoryGiB: number; error: string; saxpyMaxError: number; nccl?: boolean };
+  /** The CUDA build (`npm run build:cuda`): the GPUs it sees, and `device` (default 0) among them. */
+  cudaInfo?: (device?: number) => CudaInfo;
   /** The CUDA build: a new NCCL group id (hex) for data-parallel training; throws without NCCL. */
   collectiveId?: () => string;
   /** The CUDA build: a device's free and total bytes (free cut to the limit) and the bytes redflag holds on all devices, with its limit (0: none). */

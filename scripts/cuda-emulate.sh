@@ -7,7 +7,8 @@
 # Needs the CPU libraries of build-native (npm run test:native builds them first, then calls this),
 # and for the end-to-end tests the CPU addon's build/ and dist/ (npm ci makes both).
 #   bash scripts/cuda-emulate.sh [TEST...]     (default: all; names as in native/tests/emulate/run_*.cpp,
-#                                               and e2e, train_e2e, serve)
+#                                               and e2e, train_e2e, serve; attention_sm86 and
+#                                               attention_backward_sm86 on an emulated 8.6 GPU)
 set -uo pipefail
 # The script is one compound command, which bash reads whole before running it (and which exits
 # within): a run takes minutes, and bash otherwise reads a script as it goes, so an edit made
@@ -52,6 +53,7 @@ coverage=${RF_EMU_COVERAGE:-0}
 # one device) and the emulated runtime.
 declare -A sources=(
   [emulator]="emulator_test"
+  [smoke]="smoke"
   [ops]="ops"
   [ops_backward]="ops_backward train_ops model_ops"
   [optim]="optim"
@@ -67,6 +69,12 @@ declare -A sources=(
   [bench]="cuda_bench ops attention attention_tc paged_cache model_ops train_ops gemv memory gemm device_model phase_clock"
   [train_bench]="cuda_train_bench ops ops_backward optim attention attention_tc attention_backward attention_backward_tc paged_cache model_ops train_ops gemv memory gemm collective rf_loss device_model device_trainer phase_clock"
 )
+# Tests run again on the emulated device as another GPU (RF_EMU_DEVICE): the attention kernels,
+# whose shared memory is the largest, on an 8.6 GPU (A10, RTX 30xx), which opts in to 99 KiB a
+# block (227 KiB on 9.0), and where launches are ordinary (no dependent launches before 9.0).
+declare -A base_of=([attention_sm86]=attention [attention_backward_sm86]=attention_backward)
+declare -A device_of=([attention_sm86]=8.6 [attention_backward_sm86]=8.6)
+base() { echo "${base_of[$1]:-$1}"; }
 declare -A stand_in=([emulator]=cublaslt [gemm]=cublaslt [rf_loss]=cublaslt [model]=cublaslt [train]=cublaslt [bench]=cublaslt
   [train_bench]=cublaslt)
 # The benchmarks print one JSON object, which check_json.py checks and tallies.
@@ -80,10 +88,11 @@ declare -A e2e_script=([e2e]="scripts/device-e2e.mjs --device cuda" [train_e2e]=
   [serve]="--import tsx bench/run.ts gpu-serve --tiny")
 declare -A e2e_kind=([e2e]=e2e [train_e2e]=e2e [serve]=gpu-serve)
 tests=("$@")
-[ ${#tests[@]} -eq 0 ] && tests=(e2e train_e2e serve emulator ops ops_backward optim attention attention_backward rf_loss model_ops gemv gemm train_ops model train bench train_bench)
+[ ${#tests[@]} -eq 0 ] && tests=(e2e train_e2e serve emulator smoke ops ops_backward optim attention attention_backward attention_sm86 attention_backward_sm86 rf_loss model_ops gemv gemm train_ops model train bench train_bench)
 addon=0
 for t in "${tests[@]}"; do
-  [ -n "${sources[$t]:-}" ] || [ -n "${e2e_script[$t]:-}" ] || { echo "cuda-emulate: unknown test $t" >&2; exit 2; }
+  b=$(base "$t")
+  [ -n "${sources[$b]:-}" ] || [ -n "${e2e_script[$t]:-}" ] || { echo "cuda-emulate: unknown test $t" >&2; exit 2; }
   [ -n "${e2e_script[$t]:-}" ] && addon=1
 done
 # The addon's CPU engine comes from the CPU addon's node-gyp build (npm ci), which also names
@@ -107,8 +116,9 @@ obj=$out/obj
 rm -rf "$obj" && mkdir -p "$obj"
 declare -A want=([smoke]=1 [emu]=1)
 for t in "${tests[@]}"; do
-  for s in ${sources[$t]:-} ${stand_in[$t]:-}; do want[$s]=1; done
-  [ -f "$emu/run_$t.cpp" ] && want[run_$t]=1
+  b=$(base "$t")
+  for s in ${sources[$b]:-} ${stand_in[$b]:-}; do want[$s]=1; done
+  [ -f "$emu/run_$b.cpp" ] && want[run_$b]=1
 done
 if [ "$addon" = 1 ]; then
   want[cublaslt]=1
@@ -141,9 +151,10 @@ echo "cuda-emulate: compiled ${#want[@]} sources ($((SECONDS - start)) s)"
 cpu_libs=("$lib/librf_core.a" "$lib/librf_kernels_avx2.a" "$lib/librf_kernels_avx512.a" "$lib/librf_core.a")
 # A test's program: its run_*.cpp (the benchmarks have their own main) and its objects.
 link_one() {
-  local t=$1 objs=()
-  [ -f "$emu/run_$t.cpp" ] && objs+=("$obj/run_$t.o")
-  for s in ${sources[$t]} ${stand_in[$t]:-} smoke emu; do objs+=("$obj/$s.o"); done
+  local t=$1 b objs=()
+  b=$(base "$t")
+  [ -f "$emu/run_$b.cpp" ] && objs+=("$obj/run_$b.o")
+  for s in $(printf '%s\n' ${sources[$b]} ${stand_in[$b]:-} smoke emu | sort -u); do objs+=("$obj/$s.o"); done
   g++ "${link[@]}" "${objs[@]}" "${cpu_libs[@]}" -o "$out/run_$t"
 }
 # The emulated addon, $out/redflag_emu.node: the emulated CUDA engine and N-API layer, and the CPU
@@ -173,7 +184,7 @@ run_one() {
     rc=$?
     python3 "$emu/check_json.py" "${bench_kind[$t]}" "$out/$t.json" >> "$out/$t.log" 2>&1 || [ $rc -ne 0 ] || rc=1
   else
-    timeout 900 "$out/run_$t" >> "$out/$t.log" 2>&1
+    RF_EMU_DEVICE=${device_of[$t]:-${RF_EMU_DEVICE:-}} timeout 900 "$out/run_$t" >> "$out/$t.log" 2>&1
     rc=$?
   fi
   grep -E '^FAIL|runtime error|^EMU:' "$out/$t.log" | head -20

@@ -68,6 +68,11 @@ try {
   dev = await loadModel(dir, { device, dtype: 'f32', threads: 2 });
   for (const m of [cpu, dev]) await addRedFlagToken(m);
   check(dev.device.name === (device === 'cuda' ? 'cuda:0' : device), 'the model runs where it was asked to', { device: dev.device.name });
+  if (device !== 'cpu') {
+    const gpu = dev.gpuInfo();
+    check(gpu && gpu.name && /^\d+\.\d$/.test(gpu.computeCapability) && /^\d/.test(gpu.architectures),
+      'the GPU is named, with its compute capability and the architectures the build holds', { gpu });
+  }
 
   const prompt = dev.tokenizer.encode('The river runs through a valley where birds sing and old stones keep the memory of rain');
   const e = relL2(await dev.logits(prompt), await cpu.logits(prompt));

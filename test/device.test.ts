@@ -16,11 +16,18 @@ import { FIXTURES } from './helpers/fixtures.js';
 const exec = promisify(execFile);
 const ROOT = join(import.meta.dirname, '..');
 
-function fakeAddon(cuda?: { count: number; error: string }): NativeAddon {
+function fakeAddon(cuda?: { count: number; error: string; unsupported?: (device: number) => string }): NativeAddon {
   const base = loadNative();
   return {
     ...base,
-    ...(cuda ? { cudaInfo: () => ({ name: 'fake', smMajor: 9, smMinor: 0, memoryGiB: 141, saxpyMaxError: 0, ...cuda }) } : { cudaInfo: undefined }),
+    ...(cuda
+      ? {
+          cudaInfo: (device = 0) => ({
+            name: 'fake', smMajor: 9, smMinor: 0, memoryGiB: 141, architectures: '90', ...cuda,
+            unsupported: device < cuda.count ? (cuda.unsupported?.(device) ?? '') : '',
+          }),
+        }
+      : { cudaInfo: undefined }),
   } as NativeAddon;
 }
 
@@ -43,6 +50,21 @@ describe('device', () => {
     expect(() => checkCudaAddon(fakeAddon({ count: 1, error: '' }), cuda)).toThrow(/'cuda:1': only 1 CUDA device visible \(cuda:0\)/);
     const ok = fakeAddon({ count: 2, error: '' });
     expect(checkCudaAddon(ok, cuda)).toBe(ok);
+  });
+
+  it('refuses a GPU the build cannot run on with UNSUPPORTED and the native reason, for that device only', () => {
+    const why = 'this build holds GPU code for 90 (CMake\'s CUDA_ARCHITECTURES), none of which runs on cuda:1 (A10, compute capability 8.6): rebuild it';
+    const addon = fakeAddon({ count: 2, error: '', unsupported: (device) => (device === 1 ? why : '') });
+    expect(checkCudaAddon(addon, parseDevice('cuda:0'))).toBe(addon);
+    const refused = (() => {
+      try {
+        checkCudaAddon(addon, parseDevice('cuda:1'));
+      } catch (error) {
+        return error as RedflagError;
+      }
+    })();
+    expect(refused?.code).toBe('UNSUPPORTED');
+    expect(refused?.message).toBe(`device 'cuda:1': ${why}`);
   });
 
   it('refuses what does not fit a GPU with OUT_OF_MEMORY and the sizes, before allocating; the CPU is not checked', () => {

@@ -108,6 +108,7 @@ export function buildProgram(): Command {
             kvBytesPerPosition: model.kvBytesPerPosition,
             // A GPU's memory with the weights loaded: what is left for the KV cache (--kv-cache-mb).
             deviceMemory: model.deviceMemory(),
+            gpu: model.gpuInfo(),
           },
           unusedTensors: model.plan.unused,
           tokenizer: model.tokenizer
@@ -129,6 +130,8 @@ export function buildProgram(): Command {
           (info.slidingWindow ? `, sliding window ${info.slidingWindow}` : ''));
         console.log(`  vocabulary ${info.vocab}${info.tiedEmbeddings ? ', tied embeddings' : ''}, ${info.maxPositions} positions`);
         console.log(`  engine: ${info.engine.device}, ${info.engine.dtype} weights (${formatBytes(info.engine.weightBytes)}), ${info.engine.threads} threads, ${info.engine.isa}`);
+        const gpu = info.engine.gpu;
+        if (gpu) console.log(`  GPU: ${gpu.name}, compute capability ${gpu.computeCapability}; the build holds code for ${gpu.architectures}`);
         const memory = info.engine.deviceMemory;
         if (memory) {
           const positions = Math.floor(memory.free / info.engine.kvBytesPerPosition);

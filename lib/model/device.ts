@@ -36,21 +36,31 @@ export function parseDevice(value: unknown, field = 'device'): Device {
  * which must have been compiled with nvcc and must see a usable GPU with that ordinal.
  */
 export function addonFor(device: Device): NativeAddon {
-  return device.kind === 'cpu' ? loadNative() : checkCudaAddon(loadNative('cuda'), device);
+  if (device.kind === 'cpu') return loadNative();
+  const addon = loadNative('cuda');
+  // A process keeps its GPUs and its build: each device is checked once.
+  if (!checkedDevices.has(device.index)) {
+    checkCudaAddon(addon, device);
+    checkedDevices.add(device.index);
+  }
+  return addon;
 }
+
+const checkedDevices = new Set<number>();
 
 /** The checks of {@link addonFor} on a loaded CUDA build. @internal */
 export function checkCudaAddon(addon: NativeAddon, device: Device): NativeAddon {
   if (!addon.cudaInfo) {
     throw new RedflagError('NATIVE', `device '${device.name}': the CUDA build of the addon was compiled without CUDA (nvcc was not found when \`npm run build:cuda\` ran); rebuild it on a machine with the CUDA toolkit`);
   }
-  const info = addon.cudaInfo();
+  const info = addon.cudaInfo(device.index);
   if (info.count === 0) {
     throw new RedflagError('NATIVE', `device '${device.name}': no usable CUDA device (${info.error || 'the runtime reports none'}): a missing or too old NVIDIA driver, or no GPU on this machine`);
   }
   if (device.index >= info.count) {
     throw new RedflagError('INVALID_ARGUMENT', `device '${device.name}': only ${info.count} CUDA device${info.count === 1 ? '' : 's'} visible (cuda:0${info.count > 1 ? `..cuda:${info.count - 1}` : ''})`);
   }
+  if (info.unsupported) throw new RedflagError('UNSUPPORTED', `device '${device.name}': ${info.unsupported}`);
   return addon;
 }
 

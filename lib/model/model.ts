@@ -603,6 +603,16 @@ export class Model {
     return m ? { free: m.free, total: m.total, held: m.held } : null;
   }
 
+  /**
+   * On a GPU: its name and compute capability, and the GPU architectures the CUDA build holds code
+   * for (CMake's list, e.g. `80-real,90`); null on the CPU.
+   */
+  gpuInfo(): { name: string; computeCapability: string; architectures: string } | null {
+    if (this.device.kind !== 'cuda') return null;
+    const info = addonFor(this.device).cudaInfo?.(this.device.index);
+    return info ? { name: info.name, computeCapability: `${info.smMajor}.${info.smMinor}`, architectures: info.architectures } : null;
+  }
+
   /** The instruction set the CPU kernels use (`avx512` or `avx2`). */
   get isa(): string {
     return this.engine.info().isa;

@@ -7,14 +7,28 @@ namespace rf::cuda {
 
 struct DeviceInfo {
   int count = 0;              // CUDA devices visible
-  std::string name;           // device 0
+  std::string name;           // the device asked about (none past the last)
   int sm_major = 0, sm_minor = 0;
   double memory_gib = 0;
   std::string error;          // why no device is usable (no GPU, no or old driver); empty when count > 0
+  std::string unsupported;    // device_support's reason, empty when this build runs on the device
 };
 
-// Devices visible to the runtime; count 0 (and no throw, `error` saying why) when there is no driver or GPU.
-DeviceInfo device_info();
+// Devices visible to the runtime, and one of them; count 0 (and no throw, `error` saying why)
+// when there is no driver or GPU.
+DeviceInfo device_info(int device = 0);
+
+// The GPU architectures this build holds code for, as CMake's CUDA_ARCHITECTURES named them
+// ("80-real,90": a cubin for compute capability 8.0, which every 8.x GPU runs, and one for 9.0
+// with its PTX, which the driver compiles for newer GPUs).
+const char* built_architectures();
+
+// Why this build cannot run on `device`, or "" when it can: a GPU older than compute capability
+// 8.0 (the kernels use bf16 tensor-core mma.sync), or one the build holds no code for (the
+// runtime's verdict on one of our kernels), with what to rebuild. The CUDA engine checks it
+// before it allocates anything. A CUDA call that fails otherwise throws (DeviceFailed on a lost
+// context: cuda/error.h), and so does device_info, which calls it for a device that exists.
+std::string device_support(int device);
 
 // y[i] = a * x[i] + y[i] on device 0, copying in and out; returns max |error| against the
 // host result, or -1 when no device is available. Proves the toolchain and runtime work.

@@ -24,6 +24,7 @@
 #include <stdexcept>
 
 #include "cuda/attention.h"
+#include "cuda/cuda.h"
 #include "cuda/gemm.h"
 #include "cuda/gemv.h"
 #include "cuda/launch.h"
@@ -115,6 +116,8 @@ DeviceModel::DeviceModel(const ModelConfig& config, DType dtype, int device)
     : config_(config), dtype_(dtype), device_(device) {
   config_.validate();
   check(cudaSetDevice(device_), "cudaSetDevice");
+  // A GPU this build has no code for fails every launch: say so, and what to rebuild, first.
+  if (const std::string why = device_support(device_); !why.empty()) throw std::runtime_error(why);
   cudaStream_t s = nullptr;
   check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
   stream_ = s;

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "cuda/cuda.h"
+#include "cuda/error.h"
 
 namespace rf::cuda {
 
@@ -23,7 +24,42 @@ std::string lose_context(int device) {
   return cudaGetErrorName(cudaDeviceSynchronize());
 }
 
-DeviceInfo device_info() {
+const char* built_architectures() {
+#if defined(RF_CUDA_EMULATION)
+  return emu_architectures();  // the emulated build's (RF_EMU_ARCHITECTURES)
+#elif defined(RF_CUDA_ARCHITECTURES)
+  return RF_CUDA_ARCHITECTURES;  // CMake's list (CMakeLists.txt)
+#else
+  return "(not recorded)";
+#endif
+}
+
+std::string device_support(int device) {
+  cudaDeviceProp p;
+  check(cudaGetDeviceProperties(&p, device), "cudaGetDeviceProperties");
+  const std::string cc = std::to_string(p.major) + "." + std::to_string(p.minor);
+  const std::string gpu = "cuda:" + std::to_string(device) + " (" + p.name + ", compute capability " + cc + ")";
+  if (p.major < 8)
+    return "the GPU " + gpu + " is older than redflag's CUDA engine supports: its kernels need compute capability 8.0 or " +
+           "newer (Ampere and later: bf16 tensor cores)";
+  // The runtime knows which of the build's cubins and PTX the device runs: ask it about a kernel
+  // (every kernel of the build is compiled for the same architectures).
+  int previous = 0;
+  cudaGetDevice(&previous);
+  cudaSetDevice(device);
+  cudaFuncAttributes attributes;
+  const cudaError_t e = cudaFuncGetAttributes(&attributes, saxpy_kernel);
+  if (e != cudaSuccess && e != cudaErrorNoKernelImageForDevice && e != cudaErrorInvalidDeviceFunction)
+    throw_cuda_error(e, "cudaFuncGetAttributes");  // on `device`, which its message names
+  cudaSetDevice(previous);
+  if (e == cudaSuccess) return "";
+  cudaGetLastError();
+  return std::string("this build holds GPU code for ") + built_architectures() + " (CMake's CUDA_ARCHITECTURES), none of which runs on " +
+           gpu + ": rebuild it on that machine with `npm run build:cuda` (it builds for the GPUs it finds), or for that GPU with " +
+           "`npm run build:cuda -- --CDCMAKE_CUDA_ARCHITECTURES=" + std::to_string(p.major) + std::to_string(p.minor) + "`";
+}
+
+DeviceInfo device_info(int device) {
   DeviceInfo info;
   const cudaError_t e = cudaGetDeviceCount(&info.count);
   if (e != cudaSuccess) {
@@ -34,14 +70,16 @@ DeviceInfo device_info() {
     info.count = 0;
     return info;
   }
-  if (info.count > 0) {
+  if (device >= 0 && device < info.count) {
     cudaDeviceProp p;
-    if (cudaGetDeviceProperties(&p, 0) == cudaSuccess) {
+    if (cudaGetDeviceProperties(&p, device) == cudaSuccess) {
       info.name = p.name;
       info.sm_major = p.major;
       info.sm_minor = p.minor;
       info.memory_gib = double(p.totalGlobalMem) / double(1ull << 30);
     }
+    cudaGetLastError();
+    info.unsupported = device_support(device);
   }
   return info;
 }

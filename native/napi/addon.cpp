@@ -944,11 +944,14 @@ Napi::Value MemoryInfo(const Napi::CallbackInfo& info) {
 }
 
 #ifdef RF_HAVE_CUDA
-// cudaInfo() -> { count, name, smMajor, smMinor, memoryGiB, error, saxpyMaxError }: the smoke
-// test of the CUDA build (count 0 and `error` saying why where no GPU is usable).
+// cudaInfo(device = 0) -> { count, name, smMajor, smMinor, memoryGiB, error, unsupported,
+// architectures, nccl }: the GPUs the CUDA build sees and one of them (count 0 and `error` saying
+// why where none is usable; `unsupported` saying why this build cannot run on that one).
 Napi::Value CudaInfo(const Napi::CallbackInfo& info) {
   return guard(info.Env(), [&]() -> Napi::Value {
-    const cuda::DeviceInfo d = cuda::device_info();
+    if (info.Length() > 0 && !info[0].IsUndefined() && !info[0].IsNumber()) throw std::invalid_argument("cudaInfo: the device must be a number");
+    const int device = info.Length() > 0 && info[0].IsNumber() ? info[0].As<Napi::Number>().Int32Value() : 0;
+    const cuda::DeviceInfo d = cuda::device_info(device);
     Napi::Object o = Napi::Object::New(info.Env());
     o.Set("count", d.count);
     o.Set("name", d.name);
@@ -956,7 +959,8 @@ Napi::Value CudaInfo(const Napi::CallbackInfo& info) {
     o.Set("smMinor", d.sm_minor);
     o.Set("memoryGiB", d.memory_gib);
     o.Set("error", d.error);
-    o.Set("saxpyMaxError", d.count > 0 ? cuda::smoke_saxpy(1 << 20) : -1.0);
+    o.Set("unsupported", d.unsupported);
+    o.Set("architectures", cuda::built_architectures());
     o.Set("nccl", cuda::collective_available());
     return o;
   });

@@ -28,7 +28,8 @@ inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 extern dim3 threadIdx, blockIdx, gridDim, blockDim;
 typedef void* cudaStream_t;
 enum cudaError_t {
-  cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2, cudaErrorECCUncorrectable = 214,
+  cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2, cudaErrorInvalidDeviceFunction = 98,
+  cudaErrorNoKernelImageForDevice = 209, cudaErrorECCUncorrectable = 214,
   cudaErrorNvlinkUncorrectable = 220, cudaErrorIllegalAddress = 700, cudaErrorLaunchTimeout = 702, cudaErrorAssert = 710,
   cudaErrorHardwareStackError = 714, cudaErrorIllegalInstruction = 715, cudaErrorMisalignedAddress = 716,
   cudaErrorInvalidAddressSpace = 717, cudaErrorInvalidPc = 718, cudaErrorLaunchFailure = 719,
@@ -123,11 +124,13 @@ inline cudaError_t cudaGetLastError() {
 inline cudaError_t cudaPeekAtLastError() { return emu_lost() ? emu_context_error : emu_last_error; }
 inline const char* cudaGetErrorString(cudaError_t e) {
   return e == cudaSuccess ? "no error" : e == cudaErrorMemoryAllocation ? "out of memory" : e == cudaErrorInvalidValue ? "invalid argument"
-       : e == cudaErrorLaunchFailure ? "unspecified launch failure" : e == cudaErrorIllegalAddress ? "an illegal memory access was encountered" : "emulated";
+       : e == cudaErrorLaunchFailure ? "unspecified launch failure" : e == cudaErrorIllegalAddress ? "an illegal memory access was encountered"
+       : e == cudaErrorNoKernelImageForDevice ? "no kernel image is available for execution on the device" : "emulated";
 }
 inline const char* cudaGetErrorName(cudaError_t e) {
   return e == cudaSuccess ? "cudaSuccess" : e == cudaErrorMemoryAllocation ? "cudaErrorMemoryAllocation" : e == cudaErrorInvalidValue ? "cudaErrorInvalidValue"
-       : e == cudaErrorLaunchFailure ? "cudaErrorLaunchFailure" : e == cudaErrorIllegalAddress ? "cudaErrorIllegalAddress" : "emulated";
+       : e == cudaErrorLaunchFailure ? "cudaErrorLaunchFailure" : e == cudaErrorIllegalAddress ? "cudaErrorIllegalAddress"
+       : e == cudaErrorNoKernelImageForDevice ? "cudaErrorNoKernelImageForDevice" : "emulated";
 }
 // A kernel's dynamic shared memory over 48 KiB needs its own attribute, up to the GPU's opt-in
 // limit (an H100's and H200's: 227 KiB); the key is the kernel's address (EmuKernel::key).
@@ -170,7 +173,22 @@ void emu_launch(dim3 grid, dim3 block, size_t smem, EmuKernel kernel, std::funct
 void emu_poison_shared(void* p, size_t bytes);
 extern unsigned char* emu_smem;
 enum { cudaStreamNonBlocking = 1 };
-// One device, named for what it is, with an H100's or H200's compute capability and memory.
+// One device, named for what it is, with an H100's or H200's compute capability (9.0) unless
+// RF_EMU_DEVICE (for example 8.6) or emu_set_device names another: its opt-in shared memory per
+// block follows (227 KiB on 9.0 and 10.0, 163 KiB on 8.0 and 8.7, 99 KiB on 8.6, 8.9 and 12.x),
+// and so does which code of the emulated build it runs (emu_architectures).
+struct EmuDevice { int major, minor; };
+EmuDevice emu_device();
+void emu_set_device(int major, int minor);
+// The GPU architectures the emulated build holds, as CMake names them ("80-real,90", the default
+// of a build without a GPU; RF_EMU_ARCHITECTURES or emu_set_architectures names others): a kernel
+// runs on the device when one of them does, as the CUDA runtime decides (emu_image_runs).
+const char* emu_architectures();
+void emu_set_architectures(const char* archs);
+// The runtime's rule: a cubin (N, N-real, Na) runs on the same major at the same or a later minor
+// (an "a" cubin on its own minor only); PTX (N, N-virtual; not Na's) on any device at least as new.
+bool emu_image_runs(const char* archs, int major, int minor);
+size_t emu_opt_in_smem();
 inline cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }
 struct cudaDeviceProp {
   char name[256];
@@ -180,18 +198,33 @@ struct cudaDeviceProp {
 inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) {
   *p = cudaDeviceProp{};
   strcpy(p->name, "emulated on the CPU");
-  p->major = 9, p->minor = 0;
-  p->totalGlobalMem = size_t(80) << 30;
+  p->major = emu_device().major, p->minor = emu_device().minor;
+  p->totalGlobalMem = emu_device_memory();
   return cudaSuccess;
 }
 inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
 inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
-// An H100's or H200's compute capability; the runtime and driver of CUDA 13.0.
-enum cudaDeviceAttr { cudaDevAttrComputeCapabilityMajor, cudaDevAttrMultiProcessorCount };
+enum cudaDeviceAttr {
+  cudaDevAttrComputeCapabilityMajor, cudaDevAttrComputeCapabilityMinor, cudaDevAttrMultiProcessorCount,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin
+};
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
-  *v = a == cudaDevAttrMultiProcessorCount ? 132 : 9;  // an H100's or H200's SMs
+  *v = a == cudaDevAttrMultiProcessorCount ? 132  // an H100's or H200's SMs
+     : a == cudaDevAttrComputeCapabilityMajor ? emu_device().major
+     : a == cudaDevAttrComputeCapabilityMinor ? emu_device().minor : int(emu_opt_in_smem());
   return cudaSuccess;
 }
+// A kernel's attributes: only whether the device runs it (cudaErrorNoKernelImageForDevice when
+// none of the build's code does) and its binary's version.
+struct cudaFuncAttributes { int binaryVersion, ptxVersion; };
+inline cudaError_t emu_func_attributes(cudaFuncAttributes* a) {
+  if (emu_lost()) return emu_fail(emu_context_error);
+  if (!emu_image_runs(emu_architectures(), emu_device().major, emu_device().minor)) return emu_fail(cudaErrorNoKernelImageForDevice);
+  *a = cudaFuncAttributes{10 * emu_device().major + emu_device().minor, 10 * emu_device().major + emu_device().minor};
+  return cudaSuccess;
+}
+template <class F> cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F) { return emu_func_attributes(a); }
+// The runtime and driver of CUDA 13.0.
 inline cudaError_t cudaRuntimeGetVersion(int* v) { *v = 13000; return cudaSuccess; }
 inline cudaError_t cudaDriverGetVersion(int* v) { *v = 13000; return cudaSuccess; }
 inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, int) { *s = (void*)1; return cudaSuccess; }

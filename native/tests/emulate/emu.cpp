@@ -20,7 +20,8 @@
 // the granule's slack are caught by a canary checked after every launch and at cudaFree. A freed
 // allocation is unmapped, so a use after free stops the test too. Launches a GPU refuses abort:
 // over 1024 threads or the kernel's __launch_bounds__, a grid over its limits, dynamic shared
-// memory over 48 KiB without the kernel's attribute, or over 227 KiB. A block whose threads all
+// memory over 48 KiB without the kernel's attribute, or over the device's opt-in limit (227 KiB on
+// the default compute capability 9.0; see emu_set_device). A block whose threads all
 // wait with none arriving anywhere (a warp shuffle in a warp with exited lanes or under 32
 // threads) stops the test with the kernel's name instead of hanging it. A vector load or store
 // off its type's alignment (a float4 or uint4 not on 16 bytes, a uint2 not on 8), which a GPU
@@ -39,6 +40,9 @@
 // freeing, synchronizing or copying to or from host memory (pageable, as all of ours is) inside
 // one fails as on a GPU. A failing runtime call stays the last error until cudaGetLastError reads
 // it, and emu_set_device_memory gives the device a size past which cudaMalloc fails (a full GPU).
+// The device is an H100's or H200's 9.0 unless RF_EMU_DEVICE names another compute capability,
+// and the build holds code for RF_EMU_ARCHITECTURES (default 80-real,90): a device none of it runs
+// on fails every launch with cudaErrorNoKernelImageForDevice, as on a GPU.
 // Kernel launches (<<<...>>>) are rewritten to emu_launch by translate.py; cuBLASLt's API is
 // emulated (cublaslt.cpp), its products by plain loops. scripts/cuda-emulate.sh builds and runs
 // the emulated tests.
@@ -48,6 +52,7 @@
 #include <chrono>
 #include <cstdio>
 #include <map>
+#include <string>
 #include <vector>
 #include "cuda_runtime.h"
 // Saves the callee-saved registers and the floating-point control words on the current stack,
@@ -85,14 +90,59 @@ dim3 threadIdx, blockIdx, gridDim, blockDim;
 unsigned char* emu_smem;
 namespace {
 constexpr unsigned char kPoison = 0xff, kCanary = 0xfd;
-constexpr size_t kDefaultSmem = 48 * 1024, kOptInSmem = 227 * 1024;
+constexpr size_t kDefaultSmem = 48 * 1024, kMaxSmem = 227 * 1024;  // the most any device opts in to
 const char* running = "(no kernel)";  // the kernel now running, for the messages
 bool running_dependent = false;       // whether it was launched with launch_dependent
 unsigned long block_serial = 0;       // counts blocks, so that each poisons its shared memory once
 std::map<const void*, size_t> smem_limit;
 }  // namespace
+namespace {
+EmuDevice device_cc{-1, 0};     // emu_device's; major -1: not yet read from RF_EMU_DEVICE
+std::string architectures;      // emu_architectures'; empty: not yet read from RF_EMU_ARCHITECTURES
+int image_runs = -1;            // whether the device runs the build's code; -1: not yet decided
+}  // namespace
+EmuDevice emu_device() {
+  if (device_cc.major < 0) {
+    device_cc = {9, 0};
+    const char* env = getenv("RF_EMU_DEVICE");
+    int major = 0, minor = 0;
+    if (env && sscanf(env, "%d.%d", &major, &minor) == 2) device_cc = {major, minor};
+  }
+  return device_cc;
+}
+void emu_set_device(int major, int minor) { device_cc = {major, minor}, image_runs = -1; }
+const char* emu_architectures() {
+  if (architectures.empty()) {
+    const char* env = getenv("RF_EMU_ARCHITECTURES");
+    architectures = env && *env ? env : "80-real,90";
+  }
+  return architectures.c_str();
+}
+void emu_set_architectures(const char* archs) { architectures = archs, image_runs = -1; }
+bool emu_image_runs(const char* archs, int major, int minor) {
+  const int device = 10 * major + minor;
+  for (const char* p = archs; *p;) {
+    const char* end = strchr(p, ',');
+    const std::string item(p, end ? size_t(end - p) : strlen(p));
+    p = end ? end + 1 : p + item.size();
+    int arch = 0, used = 0;
+    if (sscanf(item.c_str(), "%d%n", &arch, &used) != 1) continue;
+    const std::string kind = item.substr(size_t(used));  // "", "a", "-real", "-virtual", "a-real", ...
+    const bool specific = !kind.empty() && kind[0] == 'a';
+    const bool cubin = kind.find("-virtual") == std::string::npos, ptx = kind.find("-real") == std::string::npos;
+    if (cubin && arch / 10 == major && (specific ? arch == device : arch <= device)) return true;
+    if (ptx && !specific && arch <= device) return true;
+  }
+  return false;
+}
+size_t emu_opt_in_smem() {
+  const EmuDevice d = emu_device();
+  const int cc = 10 * d.major + d.minor;
+  return size_t(cc == 80 || cc == 87 ? 163 : cc >= 90 && cc < 120 ? 227 : 99) * 1024;
+}
 cudaError_t emu_set_max_smem(const void* key, int bytes) {
-  if (bytes < 0 || size_t(bytes) > kOptInSmem) return cudaErrorInvalidValue;
+  if (emu_lost()) return emu_fail(emu_context_error);
+  if (bytes < 0 || size_t(bytes) > emu_opt_in_smem()) return emu_fail(cudaErrorInvalidValue);
   if (key) smem_limit[key] = size_t(bytes);
   return cudaSuccess;
 }
@@ -268,6 +318,12 @@ void emu_launch(dim3 grid, dim3 block, size_t smem, EmuKernel kernel, std::funct
     emu_fail(emu_context_error);
     return;
   }
+  // A device none of the build's code runs on fails every launch, as on a GPU.
+  if (image_runs < 0) image_runs = emu_image_runs(emu_architectures(), emu_device().major, emu_device().minor);
+  if (!image_runs) {
+    emu_fail(cudaErrorNoKernelImageForDevice);
+    return;
+  }
   // What the GPU checks at launch, checked when the launch is made (a capture's too).
   const auto it = kernel.key ? smem_limit.find(kernel.key) : smem_limit.end();
   const size_t limit = it == smem_limit.end() ? kDefaultSmem : std::max(kDefaultSmem, it->second);
@@ -318,7 +374,7 @@ void launch_now(dim3 grid, dim3 block, size_t smem, std::function<void()> body) 
     blockIdx = dim3(x, y, z);
     ++block_serial;
     const bool reverse = order == 0 ? block_serial % 2 == 1 : order < 0;
-    alignas(128) static unsigned char shared[kOptInSmem];  // the launch checks kept smem within it
+    alignas(128) static unsigned char shared[kMaxSmem];  // the launch checks kept smem within it
     memset(shared, kPoison, smem);
     emu_smem = shared;
     for (int i = 0; i < n; ++i) {

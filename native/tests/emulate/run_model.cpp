@@ -42,6 +42,29 @@ void check_device_full(const rf::ModelConfig& c) {
         "a full device: OutOfMemory, its error cleared, and the retry equals a twin's bit for bit");
 }
 
+// A GPU this build cannot run on (the emulated device as a 7.5 one, then as an 8.6 one with a
+// build for 9.0 alone): the engine refuses it with device_support's reason before it allocates.
+void check_unsupported_device(const rf::ModelConfig& c) {
+  const size_t held = rf::cuda::device_memory(0).held;
+  auto refused = [&](int major, int minor, const char* archs, const char* part) {
+    emu_set_device(major, minor);
+    emu_set_architectures(archs);
+    std::string message;
+    try {
+      rf::cuda::DeviceModel m(c, rf::DType::bf16, 0);
+    } catch (const std::exception& e) {
+      message = e.what();
+    }
+    emu_set_device(9, 0);
+    emu_set_architectures("80-real,90");
+    check(message.find(part) != std::string::npos && rf::cuda::device_memory(0).held == held && cudaGetLastError() == cudaSuccess,
+          std::string("the engine on an unsupported ") + std::to_string(major) + "." + std::to_string(minor) +
+              " device: refused before allocating ('" + message + "')");
+  };
+  refused(7, 5, "80-real,90", "need compute capability 8.0 or newer");
+  refused(8, 6, "90", "none of which runs on cuda:0");
+}
+
 int main() {
   const rf::ModelConfig llama = rf::test::small_llama();
   run_config("llama GQA 2", llama);
@@ -54,6 +77,7 @@ int main() {
   check_graph_eviction(llama);
   check_out_of_memory(llama);
   check_device_full(llama);
+  check_unsupported_device(llama);
   check_device_failure(llama);  // last: the context stays lost
   return rf::test::finish("cuda_model (emulated)");
 }
