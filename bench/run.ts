@@ -18,6 +18,7 @@ import type { DeviceSpec } from '../lib/model/device.js';
 import { loadModel } from '../lib/model/model.js';
 import { writeRandomModel, type RandomModelSpec } from '../lib/model/random-model.js';
 import { loadNative } from '../lib/native.js';
+import { benchHost } from './host.js';
 import { benchServe } from './serve.js';
 import { runSoak } from './soak.js';
 
@@ -533,6 +534,7 @@ async function benchLoss() {
 
 const benches: Record<string, () => Promise<unknown>> = {
   gemm: benchGemm, prefill: benchPrefill, decode: benchDecode, train: benchTrain, loss: benchLoss,
+  host: () => benchHost(quick),
   serve: () => benchServe(quick, SMOLLM2, { label: 'SmolLM2-135M shapes, 2 threads', cacheName: 'redflag-bench-smollm2-135m-tokenizer' }),
   // The GPU benches (issue "CUDA backend, part 1"): the server on a GPU, and the C++ engine bench.
   // --tiny: 1 and 12 streams (past the 8 rows of a decode step's gemv path) on TINY_LLAMA.

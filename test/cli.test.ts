@@ -1,5 +1,5 @@
 // The command line, run as a user would (through tsx, so no build step is needed).
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { execFile, spawn } from 'node:child_process';
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -85,7 +85,7 @@ describe('redflag CLI', () => {
     expect(badKv.code).not.toBe(0);
     expect(badKv.stderr).toMatch(/kv-cache-mb must be 'auto' or an integer/);
     const child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'lib', 'cli.ts'), 'serve', '--model', rfDir, '--port', '0', '--threads', '1',
-      '--kv-cache-mb', '64', '--max-batch', '4', '--max-step-tokens', '64', '--gpu-memory-fraction', '0.5'], {
+      '--kv-cache-mb', '64', '--max-batch', '4', '--max-step-tokens', '64', '--gpu-memory-fraction', '0.5', '--overlap-steps'], {
       cwd: ROOT,
       env: { ...process.env, REDFLAG_API_KEY: 'sk-cli' },
     });
@@ -109,6 +109,17 @@ describe('redflag CLI', () => {
       expect(await health.json()).toMatchObject({ status: 'ok', active: 0 });
       const metrics = await (await fetch(`${url}/metrics`, { headers: { authorization: 'Bearer sk-cli' } })).text();
       expect(metrics).toMatch(/^redflag_kv_cache_budget_bytes 67108864$/m);
+      // --overlap-steps: the answer's steps overlap, and one guess past its end is dropped.
+      const chat = await fetch(`${url}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { authorization: 'Bearer sk-cli', 'content-type': 'application/json' },
+        body: JSON.stringify({ model: 'x', messages: [{ role: 'user', content: 'Hello' }], max_tokens: 3 }),
+      });
+      expect(chat.status).toBe(200);
+      await vi.waitFor(async () => {
+        const m = await (await fetch(`${url}/metrics`, { headers: { authorization: 'Bearer sk-cli' } })).text();
+        expect(m).toMatch(/^redflag_guesses_dropped_total 1$/m);
+      });
       const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
       child.kill('SIGINT');
       expect(await exited).toBe(0);

@@ -1,7 +1,7 @@
 // The detector: token, log-prob and p(<rf>) of every step against float64 references computed
 // from full-sequence logits; the three modes; continuous batching that changes no output; the
 // KV-cache budget; cancellation; teacher-forced classification.
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { rm } from 'node:fs/promises';
 
 import { createDetector, DEFAULT_REFLECTION, type DetectedToken, type Detector, type DetectionStream } from '../lib/detect/detector.js';
@@ -381,6 +381,121 @@ describe('continuous batching', () => {
     for (let i = 1; i < ticks.length; i++) longest = Math.max(longest, ticks[i]! - ticks[i - 1]!);
     expect(ticks.length, `${ticks.length - 2} ticks in ${ms.toFixed(0)} ms`).toBeGreaterThan(4);
     expect(longest, `longest gap ${longest.toFixed(0)} ms of ${ms.toFixed(0)} ms`).toBeLessThan(ms / 2);
+  });
+});
+
+describe('overlapped steps (overlapSteps, the GPU default)', () => {
+  // Everything a generation shows and reports, to compare the two schedules exactly.
+  async function run(d: Detector, messages: Message[], options: Parameters<Detector['generate']>[1]) {
+    const stream = d.generate(messages, options);
+    const tokens = (await drain(stream)).map((t) => [t.token, t.text, t.pRf, t.logprob, t.flagged]);
+    return { tokens, summary: await stream.done };
+  }
+
+  it('start each step before the last one is read, on the picked tokens, and answer exactly as one step after another', async () => {
+    const messages = ask('How do I sharpen a kitchen knife?');
+    const all = await drain((await detector()).generate(messages, { maxTokens: 12 }));
+    const text = all.map((t) => t.text).join('');
+    const cases: [Partial<Parameters<typeof createDetector>[0]>, Parameters<Detector['generate']>[1]][] = [
+      [{}, { maxTokens: 12 }],
+      [{ threshold: all[4]!.pRf }, { maxTokens: 12 }],
+      [{ mode: 'block', threshold: all[5]!.pRf }, { maxTokens: 12 }],
+      [{ mode: 'reflect', threshold: all[3]!.pRf }, { maxTokens: 10 }],
+      [{}, { maxTokens: 12, stop: [text.slice(3, 6)] }],
+      [{}, { maxTokens: 9, temperature: 0.9, topK: 40, seed: 5, topLogprobs: 2 }],
+      [{ mode: 'block' }, { maxTokens: 5, threshold: 0 }],
+    ];
+    for (const [options, generate] of cases) {
+      const one = await run(await detector({ ...options, overlapSteps: false }), messages, generate);
+      const overlapped = await detector({ ...options, overlapSteps: true });
+      expect(await run(overlapped, messages, generate), JSON.stringify([options, generate])).toEqual(one);
+      // The answer ends while its guessed step runs; the cache is freed when that step is back.
+      await vi.waitFor(() => expect(overlapped.stats().active).toBe(0));
+      expect(overlapped.stats().kvCacheBytes).toBe(0);
+    }
+    // The reflection drops the guess made at the flag (its one token is cut back), block drops
+    // the guess at the block, and every answer drops the one guessed past its end.
+    const reflect = await detector({ mode: 'reflect', threshold: all[3]!.pRf, overlapSteps: true });
+    await run(reflect, messages, { maxTokens: 10 });
+    await vi.waitFor(() => expect(reflect.stats().active).toBe(0));
+    expect(reflect.stats().guessesDropped).toBe(2);
+  });
+
+  it('32 concurrent requests, a cancelled one and one out of memory: as one step after another', async () => {
+    const jobs = Array.from({ length: 32 }, (_, i) => ({
+      messages: ask(`Request number ${i}: ${'tell me more '.repeat(1 + (i % 5))}`),
+      options: i % 2 === 0 ? { maxTokens: 4 + (i % 7) } : { maxTokens: 7, temperature: 0.8, topK: 40, seed: 1000 + i },
+    }));
+    const one = await detector({ maxBatch: 32, overlapSteps: false });
+    const want = await Promise.all(jobs.map((j) => run(one, j.messages, j.options)));
+    const overlapped = await detector({ maxBatch: 32, overlapSteps: true, mode: 'flag' });
+    // The same tokens and text; the scores up to rounding (the batches differ: the guessed steps).
+    const same = (got: Awaited<ReturnType<typeof run>>[], expected: typeof got) => {
+      expect(got.map((g) => ({ ...g.summary, maxPRf: 0, tokens: g.tokens.map((t) => [t[0], t[1], t[4]]) })))
+        .toEqual(expected.map((g) => ({ ...g.summary, maxPRf: 0, tokens: g.tokens.map((t) => [t[0], t[1], t[4]]) })));
+      got.forEach((g, i) => g.tokens.forEach((t, k) => {
+        expect(t[2] as number).toBeCloseTo(expected[i]!.tokens[k]![2] as number, 6);
+        expect(t[3] as number).toBeCloseTo(expected[i]!.tokens[k]![3] as number, 4);
+      }));
+    };
+    same(await Promise.all(jobs.map((j) => run(overlapped, j.messages, j.options))), want);
+    // A step over 5 tokens runs out of memory: the guessed steps split like any other.
+    const original = model.step;
+    model.step = async function (this: Model, sequences, tokens, ...rest) {
+      if (tokens.reduce((n, t) => n + t.length, 0) > 5) throw new RedflagError('OUT_OF_MEMORY', 'out of GPU memory (a test\'s limit)');
+      return original.call(this, sequences, tokens, ...rest);
+    };
+    try {
+      const controller = new AbortController();
+      const victim = overlapped.generate(ask('Cancel me.'), { maxTokens: 200, signal: controller.signal });
+      let n = 0;
+      const drained = (async () => {
+        for await (const _ of victim) if (++n === 3) controller.abort(new Error('client went away'));
+      })().catch((error: unknown) => error);
+      const got = await Promise.all(jobs.slice(0, 6).map((j) => run(overlapped, j.messages, j.options)));
+      expect(await drained).toMatchObject({ message: 'client went away' });
+      await expect(victim.done).rejects.toThrow('client went away');
+      same(got, want.slice(0, 6));
+      // No room even for one token: each request fails alone, and the others are not fed nothing.
+      model.step = async () => {
+        throw new RedflagError('OUT_OF_MEMORY', 'out of GPU memory (a test\'s limit)');
+      };
+      const failed = jobs.slice(0, 3).map((j) => overlapped.generate(j.messages, j.options));
+      for (const f of failed) await expect(f.done).rejects.toMatchObject({ code: 'OUT_OF_MEMORY' });
+    } finally {
+      model.step = original;
+    }
+    await vi.waitFor(() => expect(overlapped.stats().active).toBe(0));
+    expect(overlapped.stats().kvCacheBytes).toBe(0);
+  });
+
+  it('the next step reaches the engine before the last one\'s tokens reach their generation', async () => {
+    const seen = async (overlapSteps: boolean) => {
+      const d = await detector({ overlapSteps });
+      const at: number[] = [];  // tokens handed out when each step reached the engine
+      const engine = model.engine;
+      // The engine's methods are read-only properties of a native object: a proxy answers for it.
+      const watched = new Proxy(engine, {
+        get(target, key) {
+          const value = Reflect.get(target, key) as unknown;
+          if (typeof value !== 'function') return value;
+          const bound = (value as (...a: unknown[]) => unknown).bind(target);
+          return key === 'decodeStep' ? (...args: unknown[]) => (at.push(d.stats().tokensGenerated), bound(...args)) : bound;
+        },
+      });
+      Object.defineProperty(model, 'engine', { value: watched });
+      try {
+        await drain(d.generate(ask('Count with me.'), { maxTokens: 5 }));
+        await vi.waitFor(() => expect(d.stats().active).toBe(0));
+      } finally {
+        Object.defineProperty(model, 'engine', { value: engine });
+      }
+      return at;
+    };
+    // The prompt's step, then one step a token; overlapped, each starts before the token before
+    // it is read, and one more (the guess past the end) runs.
+    expect(await seen(false)).toEqual([0, 1, 2, 3, 4]);
+    expect(await seen(true)).toEqual([0, 0, 1, 2, 3, 4]);
   });
 });
 

@@ -105,6 +105,7 @@ describe('GET /metrics', () => {
     // Gauges (and the OOM-split counter) read from detector.stats() (the fake's: nothing running, a 1 GiB budget, 3 splits) and the process's own.
     expect(metricValue(after, 'redflag_kv_cache_budget_bytes')).toBe(2 ** 30);
     expect(metricValue(after, 'redflag_oom_splits_total')).toBe(3);
+    expect(metricValue(after, 'redflag_guesses_dropped_total')).toBe(2);
     for (const name of ['redflag_queue_depth', 'redflag_running_sequences', 'redflag_kv_cache_bytes']) {
       expect(after.some((s) => s.name === name)).toBe(true);
     }

@@ -299,7 +299,7 @@ describe('server (default limits)', () => {
 
     const health = await fetch(`${server.url}/health`);
     expect(health.status).toBe(200);
-    expect(await health.json()).toEqual({ status: 'ok', active: 0, queued: 0, kvCacheBytes: 0, kvCacheBudget: 1 << 30, steps: 7, tokensGenerated: 42, oomSplits: 3, deviceFailed: false });
+    expect(await health.json()).toEqual({ status: 'ok', active: 0, queued: 0, kvCacheBytes: 0, kvCacheBudget: 1 << 30, steps: 7, tokensGenerated: 42, oomSplits: 3, guessesDropped: 2, deviceFailed: false });
   });
 
   it.each([

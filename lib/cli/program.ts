@@ -257,6 +257,8 @@ export function buildProgram(): Command {
     .option('--gpu-memory-fraction <f>', "with --kv-cache-mb auto: the share of the GPU's memory to fill (default 0.9)", number('gpu-memory-fraction', 0.01, 1))
     .option('--max-batch <n>', 'most generations advanced together in one step (default 32)', integer('max-batch', 1))
     .option('--max-step-tokens <n>', 'most tokens one step takes, all generations together; prompts are read in chunks within it (default 2048)', integer('max-step-tokens', 1))
+    .option('--overlap-steps', 'start each decode step before the last one\'s tokens are handed out (default on a GPU)')
+    .option('--no-overlap-steps', 'one decode step after another (default on the CPU)')
     .option('--drain-seconds <n>', 'on SIGTERM, how long running requests may finish before they are cancelled', number('drain-seconds', 0), 30)
     .option('--no-request-log', 'do not write the JSON log line per request to stdout')
     .option('--log-content', 'add prompts and answers to the request log lines (off: they may be personal or harmful)')

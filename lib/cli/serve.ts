@@ -32,6 +32,8 @@ export interface ServeFlags extends EngineFlags {
   gpuMemoryFraction?: number;
   maxBatch?: number;
   maxStepTokens?: number;
+  /** --overlap-steps / --no-overlap-steps; undefined: the device's default. */
+  overlapSteps?: boolean;
   drainSeconds: number;
   /** False with `--no-request-log`. */
   requestLog: boolean;
@@ -77,6 +79,7 @@ async function loadDetector(flags: ServeFlags, signal: AbortSignal, loaded: (mod
     ...(flags.gpuMemoryFraction !== undefined ? { gpuMemoryFraction: flags.gpuMemoryFraction } : {}),
     ...(flags.maxBatch !== undefined ? { maxBatch: flags.maxBatch } : {}),
     ...(flags.maxStepTokens !== undefined ? { maxStepTokens: flags.maxStepTokens } : {}),
+    ...(flags.overlapSteps !== undefined ? { overlapSteps: flags.overlapSteps } : {}),
   });
 }
 

@@ -95,6 +95,7 @@ export async function createDetector(options: DetectorOptions): Promise<Detector
   }
   const maxStepTokens = checkInteger(options.maxStepTokens ?? Math.max(2048, maxBatch), 'maxStepTokens', maxBatch, 1 << 20);
   const maxQueued = checkInteger(options.maxQueued ?? 256, 'maxQueued', 0, 1_000_000);
+  if (options.overlapSteps !== undefined && typeof options.overlapSteps !== 'boolean') throw invalid('overlapSteps must be true or false');
   const reflection = options.reflection ?? DEFAULT_REFLECTION;
   if (typeof reflection !== 'string' && (typeof reflection !== 'object' || typeof reflection.instruction !== 'string')) {
     throw invalid('reflection must be a string or { instruction, examples? }');
@@ -137,7 +138,7 @@ export async function createDetector(options: DetectorOptions): Promise<Detector
       categories: model.flagCategories.map((c) => c.category),
       reflectionIds: model.tokenizer.encode(reflectionText(reflection), { addSpecialTokens: false }),
       // The model's <rf>: with category flags, every step reads them all (pRf: p of any flag).
-      scheduler: new Scheduler(model, { ...limits, kvCacheBytes, maxQueued, rfToken: rf }),
+      scheduler: new Scheduler(model, { ...limits, kvCacheBytes, maxQueued, rfToken: rf, overlap: options.overlapSteps ?? model.device.kind === 'cuda' }),
       kvCacheBytes,
     });
   } catch (error) {
@@ -463,6 +464,7 @@ class RedFlagDetector implements Detector {
       steps: q.steps,
       tokensGenerated: q.tokens,
       oomSplits: q.oomSplits,
+      guessesDropped: q.guessesDropped,
       deviceFailed: q.failure !== null,
     };
   }

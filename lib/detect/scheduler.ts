@@ -5,6 +5,13 @@
  * decode. Each admitted request reserves the KV cache its prompt plus its token budget need,
  * so the budget holds without any cache growing later; a request that does not fit waits, one
  * that could never fit is refused.
+ *
+ * With `overlap` (the GPU's default) the host's share of a step runs while the device computes
+ * the next one: when a step returns, the next is started at once on the tokens it picked (a
+ * guess: the job's onPick decides), and the picks are handed to their jobs meanwhile. A job that
+ * stops there wastes one speculative token; one that continues otherwise (a reflection) has it
+ * cut back before its own tokens go in. The device never waits for JavaScript, which at large
+ * batches would otherwise add its per-token work to every step.
  * @module
  */
 import { RedflagError, abortError } from '../errors.js';
@@ -56,6 +63,8 @@ export interface SchedulerOptions {
   maxStepTokens: number;
   /** The red-flag token read at every step (-1: none); the model's own `<rf>` reads all its flags (Model.step). */
   rfToken: number;
+  /** Start each step before the last one's picks are handed out (see the module description). Default false. */
+  overlap?: boolean;
 }
 
 /** A sequence's share of a step: its pick, or the error that failed it. */
@@ -67,7 +76,24 @@ interface Running {
   /** Tokens to append at the next step. */
   pending: number[];
   bytes: number;
+  /** Overlap: the last pick, put in pending before the job's onPick has accepted it (null: none). */
+  guessed: number | null;
+  /** Finished: no longer running (its outcomes in records are ignored). */
+  done: boolean;
 }
+
+/**
+ * A step's sequences and outcomes; `continues[i]`: its pick continues the text (no prompt left).
+ * An outcome already dealt with (a guess cut back) is null.
+ */
+interface StepRecord {
+  batch: Running[];
+  outcomes: (Outcome | null)[];
+  continues: boolean[];
+}
+
+/** What a job's onPick decided, applied once no step is in flight: stop (error: failed), or go on with `next`. */
+type Decision = { r: Running; stop: true; error?: unknown } | { r: Running; stop: false; next: number[] };
 
 /** Runs jobs on a model in shared decode steps; see the module description. */
 export class Scheduler {
@@ -85,6 +111,8 @@ export class Scheduler {
   tokens = 0;
   /** Steps split because memory ran out (see #step). */
   oomSplits = 0;
+  /** Overlap: guessed tokens a step computed and its job did not take (it stopped or reflected). */
+  guessesDropped = 0;
   /** The device's failure (DEVICE_FAILED), once a step met it: every job fails with it from then on. */
   failure: RedflagError | null = null;
 
@@ -97,9 +125,10 @@ export class Scheduler {
     this.#blockTokens = model.kvBlockTokens;
   }
 
-  /** Bytes of KV cache a job of `positions` positions reserves. */
+  /** Bytes of KV cache a job of `positions` positions reserves (one more with overlap: its guessed token). */
   bytesFor(positions: number): number {
-    return Math.ceil(positions / this.#blockTokens) * this.#blockTokens * this.#bytesPerPosition;
+    const n = positions + (this.#o.overlap ? 1 : 0);
+    return Math.ceil(n / this.#blockTokens) * this.#blockTokens * this.#bytesPerPosition;
   }
 
   get active(): number {
@@ -168,20 +197,22 @@ export class Scheduler {
       let seq: Sequence | undefined;
       try {
         seq = this.#model.newSequence();
-        seq.reserve(job.positions);
+        seq.reserve(job.positions + (this.#o.overlap ? 1 : 0));
       } catch (error) {
         seq?.dispose();
         job.onError(error);
         continue;
       }
       this.#reserved += bytes;
-      this.#running.push({ job, seq, pending: job.prompt.slice(), bytes });
+      this.#running.push({ job, seq, pending: job.prompt.slice(), bytes, guessed: null, done: false });
     }
   }
 
   #finish(r: Running, error?: unknown): void {
+    if (r.done) return;
     const i = this.#running.indexOf(r);
     if (i >= 0) this.#running.splice(i, 1);
+    r.done = true;
     r.seq.dispose();
     this.#reserved -= r.bytes;
     if (error !== undefined) r.job.onError(error);
@@ -247,7 +278,10 @@ export class Scheduler {
   }
 
   async #run(): Promise<void> {
+    // Overlap: the step whose picks are handed out while the next one runs.
+    let unread: StepRecord | null = null;
     for (;;) {
+      // No step is in flight here: sequences may be freed, cut and made.
       for (const r of this.#running.slice()) {
         if (r.job.signal?.aborted) this.#finish(r, abortError(r.job.signal));
       }
@@ -263,33 +297,100 @@ export class Scheduler {
       if (this.#running.length === 0) return;
 
       const batch = this.#running.slice();
-      const outcomes = await this.#step(batch, this.#feed(batch));
-      batch.forEach((r, i) => {
-        const outcome = outcomes[i]!;
-        if (!this.#running.includes(r)) return;
-        if ('error' in outcome) {
-          this.#finish(r, outcome.error);
-          return;
+      const running = this.#step(batch, this.#feed(batch));
+      // While the device computes: the previous step's picks to their jobs, once the step has
+      // reached the engine (the model makes its native calls from a promise chain: one turn of
+      // the event loop runs them).
+      if (unread) await new Promise<void>((resolve) => setImmediate(resolve));
+      const decisions = unread ? this.#read(unread) : [];
+      const outcomes = await running;
+      // A prompt with tokens left (a chunk, or a step split for memory) is not continued yet.
+      const record: StepRecord = { batch, outcomes, continues: batch.map((r) => r.pending.length === 0) };
+      this.#apply(decisions, record);
+      if (this.#o.overlap) {
+        record.batch.forEach((r, i) => {
+          const o = record.outcomes[i];
+          if (!o || r.done) return;
+          if ('error' in o) {
+            // Failed: finished now, as one step after another would (it has nothing to feed).
+            this.#finish(r, o.error);
+            record.outcomes[i] = null;
+          } else if (record.continues[i]) {
+            // Guess that the job goes on with its pick, so the next step can start before it says.
+            r.pending = [o.pick.token];
+            r.guessed = o.pick.token;
+          }
+        });
+        unread = record;
+      } else {
+        this.#apply(this.#read(record), null);
+      }
+    }
+  }
+
+  /**
+   * Hands a step's picks to their jobs (JavaScript only: no native call, so it may run while a
+   * step is in flight) and returns what each decided; a failed sequence's outcome stops it.
+   */
+  #read(record: StepRecord): Decision[] {
+    const decisions: Decision[] = [];
+    record.batch.forEach((r, i) => {
+      const outcome = record.outcomes[i];
+      if (!outcome || r.done) return;
+      if ('error' in outcome) {
+        decisions.push({ r, stop: true, error: outcome.error });
+        return;
+      }
+      // A prompt still being prefilled in chunks: this step's pick is not a continuation yet.
+      if (!record.continues[i]) return;
+      this.tokens++;
+      try {
+        const next = r.job.onPick(outcome.pick);
+        decisions.push(next === null ? { r, stop: true } : { r, stop: false, next });
+      } catch (error) {
+        decisions.push({ r, stop: true, error });
+      }
+    });
+    return decisions;
+  }
+
+  /**
+   * Applies the jobs' decisions once no step is in flight. `after`: the step that ran while they
+   * were made (overlap), in which a job may have appended the guessed token: a stopped job's
+   * outcome there is dropped; a job that goes on with other tokens has the guess cut back (or,
+   * had its guessed step failed for memory, which leaves a sequence as it was, simply goes on).
+   */
+  #apply(decisions: Decision[], after: StepRecord | null): void {
+    const index = new Map(after ? after.batch.map((r, i) => [r, i]) : []);
+    for (const d of decisions) {
+      const r = d.r;
+      if (r.done) continue;
+      const at = index.get(r) ?? -1;
+      const guessed = r.guessed;
+      const guess = at >= 0 && guessed !== null ? (after!.outcomes[at] ?? null) : null;
+      r.guessed = null;
+      // The guess was right: the token is in, and the step's pick continues the job (read next).
+      const right = !d.stop && guess !== null && 'pick' in guess && d.next.length === 1 && d.next[0] === guessed;
+      if (guess && 'pick' in guess && !right) this.guessesDropped++;
+      if (d.stop) {
+        this.#finish(r, d.error);
+        continue;
+      }
+      if (!right) {
+        if (guess) {
+          const failed = 'error' in guess;
+          if (failed && !(guess.error instanceof RedflagError && guess.error.code === 'OUT_OF_MEMORY')) {
+            this.#finish(r, guess.error);
+            continue;
+          }
+          if (!failed) r.seq.truncate(r.seq.length - 1);
+          after!.outcomes[at] = null;  // not a continuation of the job's text
         }
-        // A prompt still being prefilled in chunks: this step's pick is not a continuation yet.
-        if (r.pending.length > 0) return;
-        const pick = outcome.pick;
-        this.tokens++;
-        let next: number[] | null;
-        try {
-          next = r.job.onPick(pick);
-        } catch (error) {
-          this.#finish(r, error);
-          return;
-        }
-        if (next === null) {
-          this.#finish(r);
-        } else if (r.seq.length + next.length > r.job.positions) {
-          this.#finish(r, new RedflagError('NATIVE', `a generation asked for more than the ${r.job.positions} positions it reserved`));
-        } else {
-          r.pending = next;
-        }
-      });
+        r.pending = d.next;
+      }
+      if (r.seq.length + r.pending.length > r.job.positions) {
+        this.#finish(r, new RedflagError('NATIVE', `a generation asked for more than the ${r.job.positions} positions it reserved`));
+      }
     }
   }
 }

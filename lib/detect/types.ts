@@ -70,6 +70,14 @@ export interface DetectorOptions {
   maxStepTokens?: number;
   /** Requests that may wait for a place; more are refused with a `BUSY` error. Default 256. */
   maxQueued?: number;
+  /**
+   * Start each decode step before the previous one's tokens are handed to their generations, on
+   * the guess that each goes on with the token it picked (a generation that stops or reflects
+   * instead has that one token dropped), so the device never waits for the host's per-token work
+   * (decoding text, stop strings, the server's events). The same answers either way. Default:
+   * true on a GPU, false on the CPU (whose cores the host's work would take from the step).
+   */
+  overlapSteps?: boolean;
 }
 
 /**
@@ -180,6 +188,8 @@ export interface DetectorStats {
   tokensGenerated: number;
   /** Steps that ran out of device memory and were split into smaller ones (none when memory suffices). */
   oomSplits: number;
+  /** With overlapSteps: tokens computed on the guess that a generation goes on, which it did not take (it stopped or reflected). */
+  guessesDropped: number;
   /** The GPU failed (DEVICE_FAILED): the detector fails every request; the process must be restarted. */
   deviceFailed: boolean;
 }

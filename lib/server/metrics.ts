@@ -81,17 +81,20 @@ export class ServerMetrics {
     fromStats('redflag_kv_cache_bytes', 'KV-cache bytes reserved by running generations', (s) => s.kvCacheBytes);
     fromStats('redflag_kv_cache_budget_bytes', 'KV-cache bytes all generations together may reserve', (s) => s.kvCacheBudget);
     fromStats('redflag_device_failed', '1 once the GPU has failed (its CUDA context is lost): restart the process', (s) => (s.deviceFailed ? 1 : 0));
-    // A counter by meaning (it only grows); read at each scrape like the gauges.
-    new Counter({
-      name: 'redflag_oom_splits_total',
-      help: 'Decode steps that ran out of device memory and were split into smaller ones',
-      registers,
-      collect() {
-        const s = stats();
-        this.reset();
-        if (s) this.inc(s.oomSplits);
-      },
-    });
+    // Counters by meaning (they only grow); read at each scrape like the gauges.
+    const counterFromStats = (name: string, help: string, read: (s: DetectorStats) => number) =>
+      new Counter({
+        name,
+        help,
+        registers,
+        collect() {
+          const s = stats();
+          this.reset();
+          if (s) this.inc(read(s));
+        },
+      });
+    counterFromStats('redflag_oom_splits_total', 'Decode steps that ran out of device memory and were split into smaller ones', (s) => s.oomSplits);
+    counterFromStats('redflag_guesses_dropped_total', 'Tokens computed on the guess that a generation goes on (overlapped steps) which it did not take', (s) => s.guessesDropped);
     new Gauge({
       name: 'redflag_model_ready',
       help: '1 once the model is loaded and serving, 0 while it loads',

@@ -220,7 +220,7 @@ export class FakeDetector implements Detector {
   }
 
   stats(): DetectorStats {
-    return { active: 0, queued: 0, kvCacheBytes: 0, kvCacheBudget: 1 << 30, steps: 7, tokensGenerated: 42, oomSplits: 3, deviceFailed: this.deviceFailed };
+    return { active: 0, queued: 0, kvCacheBytes: 0, kvCacheBudget: 1 << 30, steps: 7, tokensGenerated: 42, oomSplits: 3, guessesDropped: 2, deviceFailed: this.deviceFailed };
   }
 
   async dispose(): Promise<void> {}
