@@ -541,7 +541,7 @@ const benches: Record<string, () => Promise<unknown>> = {
   'gpu-serve': () => benchServe(quick || tiny, tiny ? TINY_LLAMA : LLAMA32_1B, {
     name: 'gpu-serve', label: tiny ? 'a tiny Llama (2 layers, hidden 64)' : 'Llama-3.2-1B shapes',
     cacheName: tiny ? 'redflag-bench-tiny-llama-tokenizer' : 'redflag-bench-llama32-1b-tokenizer',
-    device: flagString('--device', 'cuda') as DeviceSpec, dtype: 'bf16', concurrencies: tiny ? [1, 12] : [1, 32, 128],
+    device: flagString('--device', 'cuda') as DeviceSpec, dtype: 'bf16', concurrencies: tiny ? [1, 12] : [1, 32, 128], compareOverlap: true,
   }),
   'gpu-decode': () => benchGpu('decode'),
   'gpu-prefill': () => benchGpu('prefill'),

