@@ -52,6 +52,20 @@ function logSoftmax(row: Float32Array): Float64Array {
 
 const ask = (text: string): Message[] => [{ role: 'user', content: text }];
 
+/**
+ * `model.step` as on a GPU whose scratch holds `rows` new tokens: a larger step fails with
+ * OUT_OF_MEMORY and changes nothing (`onFail` counts the failures); rows 0: no step fits.
+ */
+function stepWithin(rows: number, original: Model['step'], onFail = () => {}): Model['step'] {
+  return async function (this: Model, sequences, tokens, ...rest) {
+    if (tokens.reduce((n, t) => n + t.length, 0) > rows) {
+      onFail();
+      throw new RedflagError('OUT_OF_MEMORY', 'out of GPU memory (a test\'s limit)');
+    }
+    return original.call(this, sequences, tokens, ...rest);
+  };
+}
+
 describe('detector.generate', () => {
   it('returns the greedy token, its log-prob and p(<rf>) of the full-sequence logits at every step', async () => {
     const d = await detector();
@@ -253,13 +267,7 @@ describe('continuous batching', () => {
     // As a GPU whose scratch holds 5 rows: a step of more new tokens fails, and changes nothing.
     const original = model.step;
     let failures = 0;
-    model.step = async function (this: Model, sequences, tokens, ...rest) {
-      if (tokens.reduce((n, t) => n + t.length, 0) > 5) {
-        failures++;
-        throw new RedflagError('OUT_OF_MEMORY', 'out of GPU memory (a test\'s limit)');
-      }
-      return original.call(this, sequences, tokens, ...rest);
-    };
+    model.step = stepWithin(5, original, () => failures++);
     try {
       const together = await Promise.all(jobs.map(async (j) => summary(await drain(d.generate(j.messages, j.options)))));
       expect(failures).toBeGreaterThan(10);
@@ -272,9 +280,7 @@ describe('continuous batching', () => {
         });
       });
       // No room even for one token: each request fails alone with the error, and frees its cache.
-      model.step = async () => {
-        throw new RedflagError('OUT_OF_MEMORY', 'out of GPU memory (a test\'s limit)');
-      };
+      model.step = stepWithin(0, original);
       const failed = jobs.slice(0, 3).map((j) => d.generate(j.messages, j.options));
       for (const s of failed) await expect(s.done).rejects.toMatchObject({ code: 'OUT_OF_MEMORY' });
       expect(d.stats().active).toBe(0);
@@ -441,10 +447,7 @@ describe('overlapped steps (overlapSteps, the GPU default)', () => {
     same(await Promise.all(jobs.map((j) => run(overlapped, j.messages, j.options))), want);
     // A step over 5 tokens runs out of memory: the guessed steps split like any other.
     const original = model.step;
-    model.step = async function (this: Model, sequences, tokens, ...rest) {
-      if (tokens.reduce((n, t) => n + t.length, 0) > 5) throw new RedflagError('OUT_OF_MEMORY', 'out of GPU memory (a test\'s limit)');
-      return original.call(this, sequences, tokens, ...rest);
-    };
+    model.step = stepWithin(5, original);
     try {
       const controller = new AbortController();
       const victim = overlapped.generate(ask('Cancel me.'), { maxTokens: 200, signal: controller.signal });
@@ -457,9 +460,7 @@ describe('overlapped steps (overlapSteps, the GPU default)', () => {
       await expect(victim.done).rejects.toThrow('client went away');
       same(got, want.slice(0, 6));
       // No room even for one token: each request fails alone, and the others are not fed nothing.
-      model.step = async () => {
-        throw new RedflagError('OUT_OF_MEMORY', 'out of GPU memory (a test\'s limit)');
-      };
+      model.step = stepWithin(0, original);
       const failed = jobs.slice(0, 3).map((j) => overlapped.generate(j.messages, j.options));
       for (const f of failed) await expect(f.done).rejects.toMatchObject({ code: 'OUT_OF_MEMORY' });
     } finally {

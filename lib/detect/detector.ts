@@ -389,8 +389,7 @@ class RedFlagDetector implements Detector {
 
   async classify(conversations: readonly ClassifyInput[], options: ClassifyOptions = {}): Promise<ClassifyResult[]> {
     if (this.#disposed) throw new RedflagError('DISPOSED', 'the detector was disposed');
-    const failure = this.#s.scheduler.failure;
-    if (failure) throw new RedflagError('DEVICE_FAILED', failure.message, { cause: failure });
+    if (this.#s.scheduler.failure) throw this.#s.scheduler.failedError();
     if (!Array.isArray(conversations)) throw invalid('classify expects an array of conversations');
     const threshold = checkThreshold(options.threshold ?? this.threshold, 'threshold');
     const batchSize = checkInteger(options.batchSize ?? 8, 'batchSize', 1, 1024);

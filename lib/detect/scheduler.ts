@@ -144,7 +144,7 @@ export class Scheduler {
   /** Queues a job; throws TOO_LARGE when it could never fit, BUSY when the queue is full. */
   submit(job: Job): void {
     if (this.#closed) throw new RedflagError('DISPOSED', 'the detector was disposed');
-    if (this.failure) throw this.#failed();
+    if (this.failure) throw this.failedError();
     const bytes = this.bytesFor(job.positions);
     if (bytes > this.#o.kvCacheBytes) {
       throw new RedflagError(
@@ -159,8 +159,8 @@ export class Scheduler {
     this.#loop ??= this.#run().finally(() => (this.#loop = null));
   }
 
-  /** The error a job gets once the device has failed: the failure's, the same for everyone. */
-  #failed(): RedflagError {
+  /** The error a job (or a classify) gets once the device has failed: the failure's, the same for everyone. */
+  failedError(): RedflagError {
     return new RedflagError('DEVICE_FAILED', this.failure!.message, { cause: this.failure });
   }
 
@@ -171,7 +171,7 @@ export class Scheduler {
   noteFailure(error: unknown): void {
     if (this.failure || !(error instanceof RedflagError && error.code === 'DEVICE_FAILED')) return;
     this.failure = error;
-    for (const job of this.#queue.splice(0)) job.onError(this.#failed());
+    for (const job of this.#queue.splice(0)) job.onError(this.failedError());
   }
 
   /** Fails every job and stops; resolves when the loop has stopped. */
@@ -290,7 +290,7 @@ export class Scheduler {
         return;
       }
       if (this.failure) {
-        for (const r of this.#running.slice()) this.#finish(r, this.#failed());
+        for (const r of this.#running.slice()) this.#finish(r, this.failedError());
         return;
       }
       this.#admit();

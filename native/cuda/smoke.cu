@@ -34,9 +34,9 @@ const char* built_architectures() {
 #endif
 }
 
-std::string device_support(int device) {
-  cudaDeviceProp p;
-  check(cudaGetDeviceProperties(&p, device), "cudaGetDeviceProperties");
+namespace {
+// device_support for a device whose properties were read (p).
+std::string support_of(int device, const cudaDeviceProp& p) {
   const std::string cc = std::to_string(p.major) + "." + std::to_string(p.minor);
   const std::string gpu = "cuda:" + std::to_string(device) + " (" + p.name + ", compute capability " + cc + ")";
   if (p.major < 8)
@@ -58,6 +58,13 @@ std::string device_support(int device) {
            gpu + ": rebuild it on that machine with `npm run build:cuda` (it builds for the GPUs it finds), or for that GPU with " +
            "`npm run build:cuda -- --CDCMAKE_CUDA_ARCHITECTURES=" + std::to_string(p.major) + std::to_string(p.minor) + "`";
 }
+}  // namespace
+
+std::string device_support(int device) {
+  cudaDeviceProp p;
+  check(cudaGetDeviceProperties(&p, device), "cudaGetDeviceProperties");
+  return support_of(device, p);
+}
 
 DeviceInfo device_info(int device) {
   DeviceInfo info;
@@ -72,14 +79,12 @@ DeviceInfo device_info(int device) {
   }
   if (device >= 0 && device < info.count) {
     cudaDeviceProp p;
-    if (cudaGetDeviceProperties(&p, device) == cudaSuccess) {
-      info.name = p.name;
-      info.sm_major = p.major;
-      info.sm_minor = p.minor;
-      info.memory_gib = double(p.totalGlobalMem) / double(1ull << 30);
-    }
-    cudaGetLastError();
-    info.unsupported = device_support(device);
+    check(cudaGetDeviceProperties(&p, device), "cudaGetDeviceProperties");
+    info.name = p.name;
+    info.sm_major = p.major;
+    info.sm_minor = p.minor;
+    info.memory_gib = double(p.totalGlobalMem) / double(1ull << 30);
+    info.unsupported = support_of(device, p);
   }
   return info;
 }
