@@ -267,6 +267,8 @@ export interface CudaInfo {
   unsupported: string;
   /** The GPU architectures the build holds code for, as CMake named them (`80-real,90`). */
   architectures: string;
+  /** Whether the build has the CUDA engine, which needs cuBLASLt (a build without it only describes GPUs). */
+  cublasLt?: boolean;
   /** Whether the build has NCCL (data-parallel training). */
   nccl?: boolean;
 }

@@ -16,14 +16,14 @@ import { FIXTURES } from './helpers/fixtures.js';
 const exec = promisify(execFile);
 const ROOT = join(import.meta.dirname, '..');
 
-function fakeAddon(cuda?: { count: number; error: string; unsupported?: (device: number) => string }): NativeAddon {
+function fakeAddon(cuda?: { count: number; error: string; cublasLt?: boolean; unsupported?: (device: number) => string }): NativeAddon {
   const base = loadNative();
   return {
     ...base,
     ...(cuda
       ? {
           cudaInfo: (device = 0) => ({
-            name: 'fake', smMajor: 9, smMinor: 0, memoryGiB: 141, architectures: '90', ...cuda,
+            name: 'fake', smMajor: 9, smMinor: 0, memoryGiB: 141, architectures: '90', cublasLt: true, ...cuda,
             unsupported: device < cuda.count ? (cuda.unsupported?.(device) ?? '') : '',
           }),
         }
@@ -42,12 +42,15 @@ describe('device', () => {
     }
   });
 
-  it('says which of the CUDA build, the driver or the GPU is missing', () => {
+  it('says which of the CUDA build, its cuBLASLt, the driver or the GPU is missing', () => {
     const cuda = parseDevice('cuda:1');
     expect(() => checkCudaAddon(fakeAddon(), cuda)).toThrow(/compiled without CUDA \(nvcc was not found/);
     expect(() => checkCudaAddon(fakeAddon({ count: 0, error: 'cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version' }), cuda))
       .toThrow(/no usable CUDA device \(cudaErrorInsufficientDriver: .*\): a missing or too old NVIDIA driver, or no GPU/);
     expect(() => checkCudaAddon(fakeAddon({ count: 1, error: '' }), cuda)).toThrow(/'cuda:1': only 1 CUDA device visible \(cuda:0\)/);
+    // A CUDA build without cuBLASLt describes GPUs but has no engine: said before the driver is.
+    expect(() => checkCudaAddon(fakeAddon({ count: 0, error: 'cudaErrorNoDevice', cublasLt: false }), cuda))
+      .toThrow(/'cuda:1': the CUDA build of the addon has no CUDA engine: cuBLASLt, which it needs, was not found .*--CDRF_CUBLASLT_ROOT=DIR/);
     const ok = fakeAddon({ count: 2, error: '' });
     expect(checkCudaAddon(ok, cuda)).toBe(ok);
   });

@@ -54,6 +54,9 @@ export function checkCudaAddon(addon: NativeAddon, device: Device): NativeAddon 
     throw new RedflagError('NATIVE', `device '${device.name}': the CUDA build of the addon was compiled without CUDA (nvcc was not found when \`npm run build:cuda\` ran); rebuild it on a machine with the CUDA toolkit`);
   }
   const info = addon.cudaInfo(device.index);
+  if (info.cublasLt === false) {
+    throw new RedflagError('NATIVE', `device '${device.name}': the CUDA build of the addon has no CUDA engine: cuBLASLt, which it needs, was not found when \`npm run build:cuda\` ran; rebuild it where the CUDA toolkit has cuBLAS, or name a folder with include/cublasLt.h and lib/libcublasLt.so* (\`npm run build:cuda -- --CDRF_CUBLASLT_ROOT=DIR\`)`);
+  }
   if (info.count === 0) {
     throw new RedflagError('NATIVE', `device '${device.name}': no usable CUDA device (${info.error || 'the runtime reports none'}): a missing or too old NVIDIA driver, or no GPU on this machine`);
   }

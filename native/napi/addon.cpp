@@ -945,8 +945,9 @@ Napi::Value MemoryInfo(const Napi::CallbackInfo& info) {
 
 #ifdef RF_HAVE_CUDA
 // cudaInfo(device = 0) -> { count, name, smMajor, smMinor, memoryGiB, error, unsupported,
-// architectures, nccl }: the GPUs the CUDA build sees and one of them (count 0 and `error` saying
-// why where none is usable; `unsupported` saying why this build cannot run on that one).
+// architectures, cublasLt, nccl }: the GPUs the CUDA build sees and one of them (count 0 and
+// `error` saying why where none is usable; `unsupported` saying why this build cannot run on that
+// one); cublasLt: whether the build has the CUDA engine, which needs cuBLASLt.
 Napi::Value CudaInfo(const Napi::CallbackInfo& info) {
   return guard(info.Env(), [&]() -> Napi::Value {
     if (info.Length() > 0 && !info[0].IsUndefined() && !info[0].IsNumber()) throw std::invalid_argument("cudaInfo: the device must be a number");
@@ -961,6 +962,11 @@ Napi::Value CudaInfo(const Napi::CallbackInfo& info) {
     o.Set("error", d.error);
     o.Set("unsupported", d.unsupported);
     o.Set("architectures", cuda::built_architectures());
+#ifdef RF_HAVE_CUBLASLT
+    o.Set("cublasLt", true);
+#else
+    o.Set("cublasLt", false);
+#endif
     o.Set("nccl", cuda::collective_available());
     return o;
   });
