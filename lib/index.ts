@@ -56,7 +56,20 @@ export { generateSyntheticData, withRefusals, SYNTHETIC_CATEGORIES, type Synthet
 export { train, type TrainHooks, type TrainResult, type StepInfo } from './train/trainer.js';
 export { parseTrainConfig, loadTrainConfig, learningRate, trainConfigSchema, type TrainConfig, type TrainConfigInput } from './train/config.js';
 export { evaluateRedFlag, type EvalResult, type ScoredExample } from './train/evaluate.js';
-export { saveAdapter, loadAdapter, loraScale, validateAdapter, loraSites, type Adapter, type LoraModuleWeights, type RedFlagRows, type LoraSite } from './train/adapter.js';
+export {
+  saveAdapter,
+  loadAdapter,
+  loraScale,
+  moduleLora,
+  selectModules,
+  peftModuleName,
+  validateAdapter,
+  loraSites,
+  type Adapter,
+  type LoraModuleWeights,
+  type RedFlagRows,
+  type LoraSite,
+} from './train/adapter.js';
 export { mergeAdapterTensors, type MergePlan } from './train/merge.js';
 export type { WeightPlan, EngineTensor } from './model/weights-map.js';
 export { applyAdapter, saveMerged, type ApplyAdapterOptions } from './train/export.js';

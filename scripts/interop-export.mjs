@@ -2,14 +2,16 @@
 // trains a small red-flag LoRA adapter with `train()` on a random-weight Llama (LoRA on all seven
 // projections, the <rf> rows as PEFT trainable tokens), then writes redflag's f32 logits of a few
 // token sequences (with <rf> among them) with the adapter applied, on the CPU and on each device
-// named (and there also merged into the weights, "DEVICE+merged"), to OUT/interop.json.
-// test/reference/peft_interop.py loads the same adapter with PeftModel.from_pretrained and
-// compares. Needs dist/ and production dependencies only.
+// named (and there also merged into the weights, "DEVICE+merged"), to OUT/interop.json; and the
+// same for a second adapter, drawn at random without <rf> rows, in PEFT's per-module forms
+// (target_modules as a pattern, exclude_modules, rank_pattern, alpha_pattern).
+// test/reference/peft_interop.py loads both with PeftModel.from_pretrained and compares. Needs
+// dist/ and production dependencies only.
 //   node scripts/interop-export.mjs OUT [--device cuda]
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 
-import { applyAdapter, loadModel, train, writeRandomModel } from '../dist/index.js';
+import { applyAdapter, loadModel, loraSites, moduleLora, saveAdapter, selectModules, train, writeRandomModel } from '../dist/index.js';
 import { packagedTokenizer } from '../dist/train/pipeline.js';
 
 const out = resolve(process.argv[2] ?? 'interop-out');
@@ -44,6 +46,37 @@ for (const { device, merge } of runs) {
     const key = merge ? `${device}+merged` : device;
     result.logits[key] = [];
     for (const ids of result.sequences) result.logits[key].push(Array.from(await model.logits(ids)));
+  } finally {
+    model.dispose();
+  }
+}
+
+// The per-module forms, on the base model as it is (no <rf>): PEFT must give each module the
+// rank, alpha and selection redflag gives it.
+const patterns = join(out, 'patterns');
+{
+  const model = await loadModel(base, { threads: 2 });
+  const config = model.config;
+  model.dispose();
+  const adapter = {
+    rank: 4, alpha: 8, dropout: 0, rslora: false, targets: '.*\\.(q_proj|v_proj|gate_proj|down_proj)', exclude: ['layers.1.mlp.gate_proj'],
+    rankPattern: { v_proj: 2, 'layers\\.1\\.self_attn\\.q_proj': 8 }, alphaPattern: { down_proj: 24 }, modules: [], redFlag: null, baseModel: base, config,
+  };
+  let state = 12345;
+  const draw = (n) => Float32Array.from({ length: n }, () => ((state = (state * 1103515245 + 12345) % 2 ** 31) / 2 ** 31 - 0.5) * 0.2);
+  for (const { layer, site } of selectModules(config, adapter.targets, null, adapter.exclude)) {
+    const { inFeatures, outFeatures } = loraSites(config).find((s) => s.site === site);
+    const { rank } = moduleLora(adapter, layer, site);
+    adapter.modules.push({ layer, site, inFeatures, outFeatures, A: draw(rank * inFeatures), B: draw(outFeatures * rank) });
+  }
+  await saveAdapter(patterns, adapter, { overwrite: true });
+}
+result.patterns = { adapter: patterns, logits: {} };
+for (const { device, merge } of runs) {
+  const model = await loadModel(base, { device, dtype: 'f32', threads: 2 });
+  try {
+    await applyAdapter(model, patterns, { merge });
+    result.patterns.logits[merge ? `${device}+merged` : device] = [Array.from(await model.logits(result.sequences[0]))];
   } finally {
     model.dispose();
   }

@@ -17,14 +17,22 @@ import {
   loadAdapter,
   loraScale,
   loraSites,
+  moduleLora,
+  patternValue,
   peftLoraKey,
+  peftModuleName,
   peftTrainableTokensKey,
   resolveTargets,
   saveAdapter,
+  selectModules,
   type Adapter,
   type LoraModuleWeights,
 } from '../lib/train/adapter.js';
+import { AttackModel } from '../lib/attack/gradient-model.js';
+import { applyAdapter } from '../lib/train/export.js';
 import { mergeAdapterTensors } from '../lib/train/merge.js';
+import { loadModel } from '../lib/model/model.js';
+import { FIXTURES } from './helpers/fixtures.js';
 
 let root: string;
 let counter = 0;
@@ -207,6 +215,161 @@ describe('adapter names', () => {
     expect(() => resolveTargets(llamaConfig(), ['c_attn'])).toThrow(/c_attn.*matches no adaptable layer/);
     expect(() => resolveTargets(llamaConfig(), ['proj'])).toThrow(RedflagError);
     expect(() => resolveTargets(llamaConfig(), [])).toThrow(RedflagError);
+  });
+});
+
+// PEFT's per-module forms: target_modules as a pattern, exclude_modules, rank_pattern and
+// alpha_pattern (peft tuners_utils.check_target_module_exists, utils/other.get_pattern_key).
+describe('PEFT module patterns', () => {
+  it('match module names as PEFT does', () => {
+    const llama = llamaConfig();
+    const q1 = peftModuleName(llama, 1, 'self_attn.q_proj');
+    expect(q1).toBe('model.layers.1.self_attn.q_proj');
+    expect(peftModuleName(gpt2Config(), 0, 'attn.c_attn')).toBe('transformer.h.0.attn.c_attn');
+    // A key matches the end of the name, after a dot or from the start; the first that matches wins.
+    const value = (pattern: Record<string, number>) => patternValue(pattern, q1)?.value;
+    expect(value({ q_proj: 4 })).toBe(4);
+    expect(value({ 'self_attn.q_proj': 4 })).toBe(4);
+    expect(value({ 'layers.1.self_attn.q_proj': 4 })).toBe(4);
+    expect(value({ 'model\\.layers\\.[0-9]+\\.self_attn\\.(q|k)_proj': 4 })).toBe(4);
+    expect(value({ proj: 4 })).toBeUndefined();  // not at a dot
+    expect(value({ 'layers.0.self_attn.q_proj': 4 })).toBeUndefined();
+    expect(value({ q_pro: 4 })).toBeUndefined();  // not to the end
+    expect(patternValue({ v_proj: 1, '.*_proj': 2, q_proj: 3 }, q1)).toEqual({ key: '.*_proj', value: 2 });
+    expect(patternValue({ '(?P<p>q)_proj': 5 }, q1)?.value).toBe(5);  // Python's named group
+
+    const ids = (list: Array<{ layer: number; site: string }>) => list.map((m) => `${m.layer}/${m.site}`);
+    expect(ids(selectModules(llama, '.*\\.layers\\.1\\.(self_attn\\.q_proj|mlp\\.down_proj)', null))).toEqual(['1/self_attn.q_proj', '1/mlp.down_proj']);
+    expect(ids(selectModules(llama, '.*q_proj', null, ['layers.0.self_attn.q_proj']))).toEqual(['1/self_attn.q_proj']);
+    expect(ids(selectModules(llama, ['q_proj', 'v_proj'], [1], '.*v_proj'))).toEqual(['1/self_attn.q_proj']);
+    expect(selectModules(llama, 'all-linear', null)).toHaveLength(2 * 7);
+    expect(ids(selectModules(gpt2Config(), 'transformer\\.h\\.0\\.mlp\\..*', null))).toEqual(['0/mlp.c_fc', '0/mlp.c_proj']);
+    expect(selectModules(llama, 'q_proj', null)).toEqual([]);  // a whole-name match: the bare name is no module's
+  });
+
+  /** A Llama adapter with PEFT's per-module forms, its modules drawn at their ranks. */
+  function patternAdapter(config: ModelConfig, seed = 3): Adapter {
+    const rng = createRng(seed);
+    const adapter: Adapter = {
+      rank: 2,
+      alpha: 4,
+      dropout: 0,
+      rslora: false,
+      targets: '.*\\.(q_proj|v_proj|down_proj)',
+      exclude: ['layers.1.mlp.down_proj'],
+      rankPattern: { v_proj: 3, 'layers\\.1\\.self_attn\\.q_proj': 5 },
+      alphaPattern: { down_proj: 12 },
+      modules: [],
+      redFlag: null,
+      baseModel: '',
+      config,
+    };
+    const table = new Map(loraSites(config).map((s) => [s.site, s]));
+    for (const { layer, site } of selectModules(config, adapter.targets, null, adapter.exclude)) {
+      const { inFeatures, outFeatures } = table.get(site)!;
+      const { rank } = moduleLora(adapter, layer, site);
+      adapter.modules.push({ layer, site, inFeatures, outFeatures, A: randomArray(rank * inFeatures, rng, 0.3), B: randomArray(outFeatures * rank, rng, 0.3) });
+    }
+    return adapter;
+  }
+
+  it('give each module its rank and scale, and round-trip through adapter_config.json as PEFT writes them', async () => {
+    const config = llamaConfig();
+    const adapter = patternAdapter(config);
+    expect(adapter.modules.map((m) => [m.layer, m.site, moduleLora(adapter, m.layer, m.site)])).toEqual([
+      [0, 'self_attn.q_proj', { rank: 2, alpha: 4, scale: 2 }],
+      [0, 'self_attn.v_proj', { rank: 3, alpha: 4, scale: 4 / 3 }],
+      [0, 'mlp.down_proj', { rank: 2, alpha: 12, scale: 6 }],
+      [1, 'self_attn.q_proj', { rank: 5, alpha: 4, scale: 4 / 5 }],
+      [1, 'self_attn.v_proj', { rank: 3, alpha: 4, scale: 4 / 3 }],
+    ]);
+    const dir = newDir();
+    await saveAdapter(dir, adapter);
+    const json = await readConfigJson(dir);
+    expect(json).toMatchObject({
+      target_modules: adapter.targets,
+      exclude_modules: adapter.exclude,
+      rank_pattern: adapter.rankPattern,
+      alpha_pattern: adapter.alphaPattern,
+      layers_to_transform: null,
+      r: 2,
+      lora_alpha: 4,
+    });
+    const tensors = await readAllTensors(join(dir, ADAPTER_WEIGHTS_FILE));
+    expect(tensors.get(peftLoraKey(config, 1, 'self_attn.q_proj', 'A'))!.shape).toEqual([5, 16]);
+    expect(tensors.get(peftLoraKey(config, 0, 'self_attn.v_proj', 'B'))!.shape).toEqual([8, 3]);
+    const loaded = await loadAdapter(dir, config);
+    expectSameAdapter(loaded, adapter);
+    expect([loaded.exclude, loaded.rankPattern, loaded.alphaPattern]).toEqual([adapter.exclude, adapter.rankPattern, adapter.alphaPattern]);
+
+    // Exactly the modules the patterns select: one more (the excluded one), or one fewer, is an error.
+    const extra = await corrupted(adapter, { tensors: (t) => t.set(peftLoraKey(config, 1, 'mlp.down_proj', 'A'), fromFloat32(new Float32Array(2 * 24), [2, 24], 'F32')) });
+    expect((await rejection(loadAdapter(extra, config))).message).toMatch(/model\.layers\.1\.mlp\.down_proj is excluded by exclude_modules \["layers\.1\.mlp\.down_proj"\]/);
+    const unmatched = await corrupted(adapter, { tensors: (t) => t.set(peftLoraKey(config, 0, 'self_attn.k_proj', 'A'), fromFloat32(new Float32Array(2 * 16), [2, 16], 'F32')) });
+    expect((await rejection(loadAdapter(unmatched, config))).message).toMatch(/model\.layers\.0\.self_attn\.k_proj is not selected by target_modules/);
+    const missing = await corrupted(adapter, { tensors: (t) => t.delete(peftLoraKey(config, 0, 'mlp.down_proj', 'B')) });
+    expect((await rejection(loadAdapter(missing, config))).message).toMatch(/layers\.0\.mlp\.down_proj\.lora_B\.weight" is missing \(target_modules in adapter_config\.json select it\)/);
+    const short = { ...adapter, modules: adapter.modules.slice(1) };
+    await expect(saveAdapter(newDir(), short)).rejects.toThrow(/layers\.0\.self_attn\.q_proj\.lora_A\.weight is missing: targets .* select it/);
+  });
+
+  it('compute what a uniform adapter holding the same products computes, live and merged', async () => {
+    const model = await loadModel(join(FIXTURES, 'llama-gqa'), { threads: 1 });
+    try {
+      const config = model.config;
+      const adapter = patternAdapter(config, 5);
+      // The same deltas at one rank (5) and scale (1): each module's factors padded with zero
+      // rows and columns, its scale folded into B; the excluded module present with B = 0.
+      const R = 5;
+      const uniform: Adapter = { rank: R, alpha: R, dropout: 0, rslora: false, targets: ['q_proj', 'v_proj', 'down_proj'], modules: [], redFlag: null, baseModel: '', config };
+      for (const { layer, site, inFeatures, outFeatures } of selectModules(config, uniform.targets, null).map((m) => ({ ...m, ...loraSites(config).find((s) => s.site === m.site)! }))) {
+        const A = new Float32Array(R * inFeatures), B = new Float32Array(outFeatures * R);
+        const m = adapter.modules.find((x) => x.layer === layer && x.site === site);
+        if (m) {
+          const { rank, scale } = moduleLora(adapter, layer, site);
+          A.set(m.A);
+          for (let o = 0; o < outFeatures; o++) for (let k = 0; k < rank; k++) B[o * R + k] = m.B[o * rank + k]! * scale;
+        }
+        uniform.modules.push({ layer, site, inFeatures, outFeatures, A, B });
+      }
+      const [patternDir, uniformDir] = [newDir(), newDir()];
+      await saveAdapter(patternDir, adapter);
+      await saveAdapter(uniformDir, uniform);
+      const ids = [1, 17, 42, 99, 5, 230, 64, 8];
+      const base = await model.logits(ids);
+      await applyAdapter(model, patternDir);
+      const patterned = await model.logits(ids);
+      await applyAdapter(model, uniformDir);
+      const padded = await model.logits(ids);
+      let diff = 0, norm = 0, moved = 0;
+      for (let i = 0; i < base.length; i++) {
+        diff += (patterned[i]! - padded[i]!) ** 2;
+        norm += padded[i]! ** 2;
+        moved += (padded[i]! - base[i]!) ** 2;
+      }
+      expect(Math.sqrt(diff / norm)).toBeLessThan(1e-5);
+      expect(Math.sqrt(moved / norm)).toBeGreaterThan(1e-3);  // the adapters do change the logits
+      // The white-box attacks differentiate through one rank on listed sites: refused by name.
+      const refused = await rejection(AttackModel.open(model, patternDir));
+      expect([refused.code, refused.file]).toEqual(['UNSUPPORTED', patternDir]);
+      expect(refused.message).toMatch(/rank_pattern or alpha_pattern/);
+
+      // Merged: each weight W + s·B·A at the module's own rank and scale, in float64.
+      const { plan, tensors, read } = checkpoint(llamaSpec(false), 'F32');
+      const small = patternAdapter(parseModelConfig(randomModelConfig(llamaSpec(false))), 7);
+      const merged = await mergeAdapterTensors(small, read, plan);
+      expect([...merged.keys()].sort()).toEqual(small.modules.map((m) => `model.layers.${m.layer}.${m.site}.weight`).sort());
+      for (const m of small.modules) {
+        const { rank, scale } = moduleLora(small, m.layer, m.site);
+        const name = `model.layers.${m.layer}.${m.site}.weight`;
+        const before = toFloat32(tensors.get(name)!), after = toFloat32(merged.get(name)!);
+        for (let o = 0; o < m.outFeatures; o++) {
+          for (let i = 0; i < m.inFeatures; i++) expect(Math.abs(after[o * m.inFeatures + i]! - before[o * m.inFeatures + i]! - naiveDelta(m, rank, scale, o, i))).toBeLessThan(1e-6);
+        }
+      }
+    } finally {
+      model.dispose();
+    }
   });
 });
 
@@ -450,6 +613,9 @@ describe('loadAdapter rejects malformed adapters', () => {
       tensors: (t) => t.set(q0A, fromFloat32(new Float32Array(3 * 16), [3, 16], 'F32')),
     });
     expect((await rejection(loadAdapter(mixed, config))).message).toContain(`"${q0A}" has shape [3, 16], expected [2, 16]: rank 3 does not match r = 2`);
+
+    const patterned = await corrupted(makeAdapter(config, { rank: 2 }), { config: (c) => (c['rank_pattern'] = { 'layers\\.0\\.self_attn\\.q_proj': 4 }) });
+    expect((await rejection(loadAdapter(patterned, config))).message).toContain(`"${q0A}" has shape [2, 16], expected [4, 16]: rank 2 does not match rank_pattern "layers\\\\.0\\\\.self_attn\\\\.q_proj": 4`);
   });
 
   it('a layer out of range', async () => {
@@ -485,10 +651,15 @@ describe('loadAdapter rejects malformed adapters', () => {
       [(c) => (c['peft_type'] = 'IA3'), /"peft_type" is "IA3"/],
       [(c) => (c['fan_in_fan_out'] = true), /"fan_in_fan_out" is true/],
       [(c) => (c['use_dora'] = true), /"use_dora" is true/],
-      [(c) => (c['rank_pattern'] = { q_proj: 4 }), /"rank_pattern"/],
+      [(c) => (c['rank_pattern'] = { q_proj: 0 }), /"rank_pattern\.q_proj" must be a positive integer, got 0/],
+      [(c) => (c['rank_pattern'] = { '(q_proj': 2 }), /"rank_pattern" key is "\(q_proj", not a regular expression redflag can read/],
+      [(c) => (c['alpha_pattern'] = [8]), /"alpha_pattern" must be an object of module patterns to alphas/],
+      [(c) => (c['target_modules'] = '(?i).*Q_PROJ'), /"target_modules" is "\(\?i\)\.\*Q_PROJ", whose inline flags redflag does not support/],
+      [(c) => (c['target_modules'] = '.*\\.lm_head'), /"target_modules" is ".*\\\\.lm_head", which selects no adaptable layer of LlamaForCausalLM \(module names like "model\.layers\.0\.self_attn\.q_proj"\)/],
+      [(c) => ((c['target_modules'] = '.*q_proj'), (c['layers_to_transform'] = [0])), /"layers_to_transform" is \[0\], but target_modules is a pattern/],
+      [(c) => (c['exclude_modules'] = ['q_proj', 'v_proj']), /"target_modules" is \["q_proj","v_proj"\] less exclude_modules .* selects no adaptable layer/],
       [(c) => (c['bias'] = 'all'), /"bias" is "all"/],
       [(c) => (c['target_modules'] = ['q_proj', 'c_attn']), /"c_attn" matches no adaptable layer/],
-      [(c) => (c['target_modules'] = 'all-linear'), /"target_modules" is the pattern/],
       [(c) => (c['r'] = 0), /"r" must be a positive integer/],
       [(c) => (c['layers_to_transform'] = [0, 5]), /"layers_to_transform" names layer 5/],
       [(c) => (c['trainable_token_indices'] = { embed_tokens: [7] }), /no "lm_head" entry/],

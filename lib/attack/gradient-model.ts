@@ -65,6 +65,10 @@ export class AttackModel {
       // applyAdapter validates the adapter and adds <rf> to the vocabulary as training did; the
       // trainer then takes over its values (it refuses a model that already has adapters).
       const adapter = await applyAdapter(model, adapterDir);
+      // The trainer gives every module one rank and alpha, on the sites of a list in every layer.
+      if (typeof adapter.targets === 'string' || adapter.exclude || adapter.rankPattern || adapter.alphaPattern) {
+        throw new RedflagError('UNSUPPORTED', 'the gradient attacks train through the adapter with one rank and alpha on listed sites; this one has target_modules as a pattern, exclude_modules, rank_pattern or alpha_pattern', { file: adapterDir });
+      }
       await model.runNative(() => model.engine.clearAdapters());
       options = { rank: adapter.rank, alpha: adapter.alpha, rslora: adapter.rslora, targets: adapter.targets };
       values = new Map(adapter.modules.flatMap((m) => [[`layers.${m.layer}.${m.site}.lora_A`, m.A], [`layers.${m.layer}.${m.site}.lora_B`, m.B]] as const));

@@ -83,7 +83,7 @@ export interface LoraModuleWeights {
   inFeatures: number;
   /** Output width of the layer. */
   outFeatures: number;
-  /** `lora_A.weight`, [rank, inFeatures] row-major. */
+  /** `lora_A.weight`, [rank, inFeatures] row-major (the module's rank: {@link moduleLora}). */
   A: Float32Array;
   /** `lora_B.weight`, [outFeatures, rank] row-major. */
   B: Float32Array;
@@ -119,10 +119,22 @@ export interface Adapter {
   /** Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r. */
   rslora: boolean;
   /**
-   * PEFT `target_modules`: each a site (`self_attn.q_proj`) or a dotted suffix of one
-   * (`q_proj`; GPT-2 `c_proj` means both `attn.c_proj` and `mlp.c_proj`).
+   * PEFT `target_modules`: a list, each a site (`self_attn.q_proj`) or a dotted suffix of one
+   * (`q_proj`; GPT-2 `c_proj` means both `attn.c_proj` and `mlp.c_proj`), or one regular
+   * expression (Python's syntax) that a module's whole name ({@link peftModuleName}) must match;
+   * `"all-linear"` is every adaptable layer.
    */
-  targets: string[];
+  targets: string[] | string;
+  /** PEFT `exclude_modules`, in the same two forms: the modules it names are not adapted. */
+  exclude?: string[] | string;
+  /**
+   * PEFT `rank_pattern`: `{ key: rank }` for the modules whose rank is not {@link Adapter.rank}. A
+   * key is a regular expression matched against the end of a module's name, after a dot or
+   * from its start (PEFT's `get_pattern_key`); the first key that matches wins.
+   */
+  rankPattern?: Record<string, number>;
+  /** PEFT `alpha_pattern`: the same for alpha. */
+  alphaPattern?: Record<string, number>;
   /** One entry per adapted (layer, site). */
   modules: LoraModuleWeights[];
   /** The `<rf>` rows, or null when the adapter does not train them. */
@@ -214,11 +226,91 @@ export function resolveTargets(config: ModelConfig, targets: readonly string[], 
   return sites.filter((site) => targets.some((t) => targetMatches(t, site)));
 }
 
+/**
+ * A block module's name in the Hugging Face model, the name PEFT matches target_modules,
+ * exclude_modules, rank_pattern and alpha_pattern against: `model.layers.3.self_attn.q_proj`
+ * (GPT-2: `transformer.h.3.attn.c_attn`).
+ */
+export function peftModuleName(config: ModelConfig, layer: number, site: string): string {
+  return config.architecture === 'gpt2' ? `transformer.h.${layer}.${site}` : `model.layers.${layer}.${site}`;
+}
+
 /** The HF module name of a block site, as PEFT sees it inside the PeftModel. */
 function peftModulePath(config: ModelConfig, layer: number, site: string): string {
-  return config.architecture === 'gpt2'
-    ? `base_model.model.transformer.h.${layer}.${site}`
-    : `base_model.model.model.layers.${layer}.${site}`;
+  return `base_model.model.${peftModuleName(config, layer, site)}`;
+}
+
+// PEFT's module selection and per-module ranks (tuners_utils.check_target_module_exists and
+// utils/other.get_pattern_key), on the names above. Its patterns are Python regular
+// expressions: named groups are spelt differently in JavaScript, and \A \Z are ^ $; the rest
+// that module patterns use (classes, groups, alternation, \d, \.) means the same in both.
+
+/** A Python `re` pattern as a JavaScript RegExp source; `fail` names the field it came from. */
+function pythonPattern(pattern: string, fail: (message: string, code?: 'INVALID_FILE' | 'UNSUPPORTED') => RedflagError): string {
+  if (/\(\?[aiLmsux-]+[:)]/.test(pattern)) throw fail(`is ${show(pattern)}, whose inline flags redflag does not support`, 'UNSUPPORTED');
+  const source = pattern.replace(/\(\?P</g, '(?<').replace(/\(\?P=(\w+)\)/g, '\\k<$1>').replace(/\\A/g, '^').replace(/\\Z/g, '$');
+  try {
+    new RegExp(source);
+  } catch (error) {
+    throw fail(`is ${show(pattern)}, not a regular expression redflag can read (${(error as Error).message})`);
+  }
+  return source;
+}
+
+/** Python's `re.fullmatch(pattern, name)`, for a source from {@link pythonPattern}. */
+const fullMatch = (source: string, name: string): boolean => new RegExp(`^(?:${source})$`).test(name);
+
+/** Whether PEFT's `target_modules` or `exclude_modules` (a list or a pattern) names the module `name`. */
+function namesModule(spec: readonly string[] | string, name: string): boolean {
+  if (typeof spec === 'string') return spec === 'all-linear' || fullMatch(pythonPattern(spec, (m) => new RedflagError('INVALID_ARGUMENT', `adapter: pattern ${m}`)), name);
+  return spec.some((t) => name === t || name.endsWith(`.${t}`));
+}
+
+/**
+ * The block modules PEFT adapts, in layer then {@link loraSites} order: those `targets` names
+ * (a list: its sites in `layers`, every layer when null; a pattern: every module whose whole name
+ * matches it, `layers` must then be null), less those `exclude` names.
+ */
+export function selectModules(
+  config: ModelConfig,
+  targets: readonly string[] | string,
+  layers: readonly number[] | null,
+  exclude?: readonly string[] | string,
+): Array<{ layer: number; site: string }> {
+  const chosen = layers === null ? Array.from({ length: config.numLayers }, (_, i) => i) : [...layers];
+  const out: Array<{ layer: number; site: string }> = [];
+  for (const layer of chosen) {
+    for (const { site } of loraSites(config)) {
+      const name = peftModuleName(config, layer, site);
+      if (namesModule(targets, name) && !(exclude !== undefined && namesModule(exclude, name))) out.push({ layer, site });
+    }
+  }
+  return out;
+}
+
+/**
+ * The value of PEFT's `rank_pattern` or `alpha_pattern` for the module `name`, with the key that
+ * gave it: the first key matching the end of the name after a dot or from its start
+ * (`re.match(rf"(.*\.)?({key})$", name)`), or undefined when none does.
+ */
+export function patternValue(pattern: Readonly<Record<string, number>> | undefined, name: string): { key: string; value: number } | undefined {
+  for (const [key, value] of Object.entries(pattern ?? {})) {
+    const source = pythonPattern(key, (m) => new RedflagError('INVALID_ARGUMENT', `adapter: pattern key ${m}`));
+    if (new RegExp(`^(?:.*\\.)?(?:${source})$`).test(name)) return { key, value };
+  }
+  return undefined;
+}
+
+/** One module's LoRA rank, alpha and scale: the adapter's, or those its rank_pattern and alpha_pattern give the module. */
+export function moduleLora(
+  adapter: Pick<Adapter, 'rank' | 'alpha' | 'rslora' | 'rankPattern' | 'alphaPattern' | 'config'>,
+  layer: number,
+  site: string,
+): { rank: number; alpha: number; scale: number } {
+  const name = peftModuleName(adapter.config, layer, site);
+  const rank = patternValue(adapter.rankPattern, name)?.value ?? adapter.rank;
+  const alpha = patternValue(adapter.alphaPattern, name)?.value ?? adapter.alpha;
+  return { rank, alpha, scale: loraScale({ rank, alpha, rslora: adapter.rslora }) };
 }
 
 /** The adapter_model.safetensors key of a LoRA factor, e.g. `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`. */
@@ -263,12 +355,13 @@ function firstNonFinite(values: Float32Array): number {
 }
 
 /**
- * Checks an in-memory adapter against its model config: hyperparameters, targets, every
- * module's layer, site, widths and factor sizes, that each adapted layer has every targeted
- * site, and the `<rf>` rows. Throws INVALID_ARGUMENT naming the PEFT key that is wrong.
- * Returns the targeted sites and the adapted layers (sorted).
+ * Checks an in-memory adapter against its model config: hyperparameters, targets and patterns,
+ * every module's layer, site, widths and factor sizes (at its rank: {@link moduleLora}), that it
+ * holds exactly the modules its targets select (a list: every targeted site of each adapted
+ * layer), and the `<rf>` rows. Throws INVALID_ARGUMENT naming the PEFT key that is wrong.
+ * Returns the adapted layers (sorted).
  */
-export function validateAdapter(adapter: Adapter): { sites: string[]; layers: number[] } {
+export function validateAdapter(adapter: Adapter): { layers: number[] } {
   const fail = (message: string): RedflagError => new RedflagError('INVALID_ARGUMENT', `adapter: ${message}`);
   if (typeof adapter !== 'object' || adapter === null) throw fail('must be an object');
   const config = adapter.config;
@@ -282,11 +375,27 @@ export function validateAdapter(adapter: Adapter): { sites: string[]; layers: nu
   }
   if (typeof adapter.rslora !== 'boolean') throw fail('rslora must be a boolean');
   if (typeof adapter.baseModel !== 'string') throw fail('baseModel must be a string');
-  const sites = resolveTargets(config, adapter.targets);
+  const pattern = (what: string) => (m: string) => fail(`${what} ${m}`);
+  if (typeof adapter.targets === 'string') {
+    if (adapter.targets !== 'all-linear') pythonPattern(adapter.targets, pattern('targets'));
+  } else {
+    resolveTargets(config, adapter.targets);
+  }
+  if (typeof adapter.exclude === 'string') pythonPattern(adapter.exclude, pattern('exclude'));
+  else if (adapter.exclude !== undefined && !(Array.isArray(adapter.exclude) && adapter.exclude.every((e) => typeof e === 'string' && e !== ''))) {
+    throw fail(`exclude must be a list of module names or a pattern, got ${show(adapter.exclude)}`);
+  }
+  for (const [what, values, integer] of [['rankPattern', adapter.rankPattern, true], ['alphaPattern', adapter.alphaPattern, false]] as const) {
+    if (values === undefined) continue;
+    if (!isPlainObject(values)) throw fail(`${what} must be an object of module patterns to values`);
+    for (const [key, v] of Object.entries(values)) {
+      pythonPattern(key, pattern(`${what} key`));
+      if (!(integer ? isPositiveInt(v) : typeof v === 'number' && Number.isFinite(v) && v > 0)) throw fail(`${what}[${show(key)}] must be a positive ${integer ? 'integer' : 'number'}, got ${show(v)}`);
+    }
+  }
   const table = new Map(loraSites(config).map((s) => [s.site, s]));
   if (!Array.isArray(adapter.modules) || adapter.modules.length === 0) throw fail('has no LoRA modules');
 
-  const r = adapter.rank;
   const present = new Set<string>();
   const layers = new Set<number>();
   for (const m of adapter.modules) {
@@ -297,7 +406,9 @@ export function validateAdapter(adapter: Adapter): { sites: string[]; layers: nu
     }
     const spec = table.get(m.site);
     if (spec === undefined) throw fail(`${key('A')}: "${String(m.site)}" is not an adaptable layer (known: ${[...table.keys()].join(', ')})`);
-    if (!sites.includes(m.site)) throw fail(`${key('A')}: site ${m.site} is not selected by targets ${JSON.stringify(adapter.targets)}`);
+    if (!namesModule(adapter.targets, peftModuleName(config, m.layer, m.site)) || (adapter.exclude !== undefined && namesModule(adapter.exclude, peftModuleName(config, m.layer, m.site)))) {
+      throw fail(`${key('A')}: ${unselectedWhy({ targets: adapter.targets, exclude: adapter.exclude, layers: null }, config, m.layer, m.site)}`);
+    }
     if (m.inFeatures !== spec.inFeatures || m.outFeatures !== spec.outFeatures) {
       throw fail(`${key('A')}: inFeatures × outFeatures is ${m.inFeatures} × ${m.outFeatures}, the model's ${m.site} is ${spec.inFeatures} × ${spec.outFeatures}`);
     }
@@ -305,6 +416,7 @@ export function validateAdapter(adapter: Adapter): { sites: string[]; layers: nu
     if (present.has(id)) throw fail(`${key('A')}: layer ${m.layer} ${m.site} appears twice`);
     present.add(id);
     layers.add(m.layer);
+    const r = moduleLora(adapter, m.layer, m.site).rank;
     for (const [factor, values, size, shape] of [
       ['A', m.A, r * spec.inFeatures, `[${r}, ${spec.inFeatures}]`],
       ['B', m.B, spec.outFeatures * r, `[${spec.outFeatures}, ${r}]`],
@@ -315,13 +427,13 @@ export function validateAdapter(adapter: Adapter): { sites: string[]; layers: nu
       if (bad >= 0) throw fail(`${key(factor)}: value ${bad} is not finite (${values[bad]})`);
     }
   }
-  // PEFT adapts every targeted site of every selected layer (layers_to_transform): no gaps.
+  // PEFT adapts every module its targets select: with a list, every targeted site of every
+  // adapted layer (layers_to_transform); with a pattern, every module whose name it matches.
   const sortedLayers = [...layers].sort((a, b) => a - b);
-  for (const layer of sortedLayers) {
-    for (const site of sites) {
-      if (!present.has(`${layer}/${site}`)) {
-        throw fail(`${peftLoraKey(config, layer, site, 'A')} is missing: layer ${layer} is adapted, so every targeted site (${sites.join(', ')}) must be`);
-      }
+  const listed = typeof adapter.targets !== 'string';
+  for (const { layer, site } of selectModules(config, adapter.targets, listed ? sortedLayers : null, adapter.exclude)) {
+    if (!present.has(`${layer}/${site}`)) {
+      throw fail(`${peftLoraKey(config, layer, site, 'A')} is missing: ${listed ? `layer ${layer} is adapted, so every targeted site must be` : `targets ${show(adapter.targets)} select it`}`);
     }
   }
 
@@ -360,7 +472,7 @@ export function validateAdapter(adapter: Adapter): { sites: string[]; layers: nu
       if (bad >= 0) throw fail(`redFlag.${name}: value ${bad} is not finite (${row[bad]})`);
     }
   }
-  return { sites, layers: sortedLayers };
+  return { layers: sortedLayers };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -386,7 +498,8 @@ async function exists(path: string): Promise<boolean> {
 function adapterConfigJson(adapter: Adapter, layers: readonly number[]): Record<string, unknown> {
   const config = adapter.config;
   const gpt2 = config.architecture === 'gpt2';
-  const allLayers = layers.length === config.numLayers;
+  // A pattern names the layers itself (PEFT refuses layers_to_transform beside one).
+  const allLayers = layers.length === config.numLayers || typeof adapter.targets === 'string';
   const rf = adapter.redFlag;
   let trainableTokenIndices: Record<string, number[]> | null = null;
   if (rf !== null) {
@@ -396,11 +509,11 @@ function adapterConfigJson(adapter: Adapter, layers: readonly number[]): Record<
     if (!config.tieWordEmbeddings) trainableTokenIndices[names.head[0]!] = [...ids];
   }
   const json: Record<string, unknown> = {
-    alpha_pattern: {},
+    alpha_pattern: { ...adapter.alphaPattern },
     auto_mapping: null,
     base_model_name_or_path: adapter.baseModel === '' ? null : adapter.baseModel,
     bias: 'none',
-    exclude_modules: null,
+    exclude_modules: adapter.exclude === undefined ? null : typeof adapter.exclude === 'string' ? adapter.exclude : [...adapter.exclude],
     fan_in_fan_out: gpt2,
     inference_mode: true,
     init_lora_weights: true,
@@ -412,7 +525,7 @@ function adapterConfigJson(adapter: Adapter, layers: readonly number[]): Record<
     modules_to_save: null,
     peft_type: 'LORA',
     r: adapter.rank,
-    rank_pattern: {},
+    rank_pattern: { ...adapter.rankPattern },
     redflag: {
       format_version: REDFLAG_FORMAT_VERSION,
       architecture: config.hfArchitecture,
@@ -424,7 +537,7 @@ function adapterConfigJson(adapter: Adapter, layers: readonly number[]): Record<
       ...(rf !== null && rf.categories.length > 0 ? { categories: Object.fromEntries(rf.categories.map((c) => [c.category, c.id])) } : {}),
     },
     revision: null,
-    target_modules: [...adapter.targets],
+    target_modules: typeof adapter.targets === 'string' ? adapter.targets : [...adapter.targets],
     task_type: 'CAUSAL_LM',
     trainable_token_indices: trainableTokenIndices,
     use_dora: false,
@@ -466,8 +579,8 @@ export async function saveAdapter(dir: string, adapter: Adapter, options: { over
   }
 
   const tensors = new Map<string, RawTensor>();
-  const r = adapter.rank;
   for (const m of adapter.modules) {
+    const r = moduleLora(adapter, m.layer, m.site).rank;
     tensors.set(peftLoraKey(config, m.layer, m.site, 'A'), fromFloat32(m.A, [r, m.inFeatures], 'F32'));
     tensors.set(peftLoraKey(config, m.layer, m.site, 'B'), fromFloat32(m.B, [m.outFeatures, r], 'F32'));
   }
@@ -509,9 +622,14 @@ interface ParsedAdapterConfig {
   alpha: number;
   dropout: number;
   rslora: boolean;
-  targets: string[];
-  sites: string[];
-  layers: number[];
+  targets: string[] | string;
+  exclude: string[] | string | undefined;
+  rankPattern: Record<string, number> | undefined;
+  alphaPattern: Record<string, number> | undefined;
+  /** layers_to_transform (sorted), or null for every layer. */
+  layers: number[] | null;
+  /** The modules the adapter must hold, by `layer/site`. */
+  selected: Array<{ layer: number; site: string }>;
   baseModel: string;
   /** The `<rf>` token id, or null when the adapter has no trainable tokens. */
   tokenId: number | null;
@@ -549,31 +667,44 @@ function parseAdapterConfig(raw: unknown, config: ModelConfig, file: string): Pa
   for (const key of ['use_dora', 'lora_bias', 'use_qalora']) {
     if ((raw[key] ?? false) !== false) throw fail(key, `is ${show(raw[key])}, which is not supported`, 'UNSUPPORTED');
   }
-  for (const key of ['rank_pattern', 'alpha_pattern']) {
+  // Per-module ranks and alphas: { pattern key: value }.
+  const perModule = (key: 'rank_pattern' | 'alpha_pattern'): Record<string, number> | undefined => {
     const value = raw[key];
-    if (value !== undefined && value !== null && !(isPlainObject(value) && Object.keys(value).length === 0)) {
-      throw fail(key, `is ${show(value)}; per-module ranks and alphas are not supported`, 'UNSUPPORTED');
+    if (value === undefined || value === null) return undefined;
+    if (!isPlainObject(value)) throw fail(key, `must be an object of module patterns to ${key === 'rank_pattern' ? 'ranks' : 'alphas'}, got ${show(value)}`);
+    for (const [k, v] of Object.entries(value)) {
+      pythonPattern(k, (m, code) => fail(key, `key ${m}`, code));
+      const ok = key === 'rank_pattern' ? isPositiveInt(v) : typeof v === 'number' && Number.isFinite(v) && v > 0;
+      if (!ok) throw fail(`${key}.${k}`, `must be a positive ${key === 'rank_pattern' ? 'integer' : 'number'}, got ${show(v)}`);
     }
-  }
-  for (const key of ['modules_to_save', 'layer_replication', 'target_parameters', 'alora_invocation_tokens', 'exclude_modules']) {
+    return Object.keys(value).length === 0 ? undefined : (value as Record<string, number>);
+  };
+  const rankPattern = perModule('rank_pattern');
+  const alphaPattern = perModule('alpha_pattern');
+  for (const key of ['modules_to_save', 'layer_replication', 'target_parameters', 'alora_invocation_tokens']) {
     const value = raw[key];
     if (value !== undefined && value !== null && !(Array.isArray(value) && value.length === 0)) {
       throw fail(key, `is ${show(value)}, which is not supported`, 'UNSUPPORTED');
     }
   }
 
-  const targets = raw['target_modules'];
-  if (typeof targets === 'string') {
-    throw fail('target_modules', `is the pattern ${show(targets)}; only a list of module names is supported`, 'UNSUPPORTED');
-  }
-  if (!Array.isArray(targets)) throw fail('target_modules', `must be a list of module names, got ${show(targets)}`);
-  const sites = resolveTargets(config, targets as string[], file);
+  // target_modules and exclude_modules: a list of names, or one pattern (PEFT's two forms).
+  const moduleSpec = (key: 'target_modules' | 'exclude_modules'): string[] | string => {
+    const value = raw[key];
+    if (typeof value === 'string') return value === 'all-linear' && key === 'target_modules' ? value : (pythonPattern(value, (m, code) => fail(key, m, code)), value);
+    if (key === 'target_modules') resolveTargets(config, value as string[], file);
+    else if (!Array.isArray(value) || !value.every((v) => typeof v === 'string' && v !== '')) throw fail(key, `must be a list of module names or a pattern, got ${show(value)}`);
+    return [...(value as string[])];
+  };
+  const targets = moduleSpec('target_modules');
+  const excludeRaw = raw['exclude_modules'];
+  const exclude = excludeRaw === undefined || excludeRaw === null || (Array.isArray(excludeRaw) && excludeRaw.length === 0) ? undefined : moduleSpec('exclude_modules');
 
-  let layers: number[];
+  let layers: number[] | null = null;
   const toTransform = raw['layers_to_transform'];
-  if (toTransform === undefined || toTransform === null) {
-    layers = Array.from({ length: config.numLayers }, (_, i) => i);
-  } else {
+  if (toTransform !== undefined && toTransform !== null) {
+    // PEFT refuses the pair too (LoraConfig.__post_init__): a pattern names whole modules, layers included.
+    if (typeof targets === 'string') throw fail('layers_to_transform', `is ${show(toTransform)}, but target_modules is a pattern, which names the layers itself`);
     const list = typeof toTransform === 'number' ? [toTransform] : toTransform;
     if (!Array.isArray(list) || list.length === 0 || !list.every(isIndex)) {
       throw fail('layers_to_transform', `must be a layer index or a non-empty list of them, got ${show(toTransform)}`);
@@ -588,11 +719,29 @@ function parseAdapterConfig(raw: unknown, config: ModelConfig, file: string): Pa
     if (!patterns.includes(expected)) throw fail('layers_pattern', `is ${show(pattern)}; ${config.hfArchitecture} blocks are under "${expected}"`);
   }
 
+  const selected = selectModules(config, targets, layers, exclude);
+  if (selected.length === 0) {
+    throw fail('target_modules', `is ${show(targets)}${exclude === undefined ? '' : ` less exclude_modules ${show(exclude)}`}, which selects no adaptable layer of ${config.hfArchitecture} (module names like "${peftModuleName(config, 0, loraSites(config)[0]!.site)}")`);
+  }
+
   const baseModel = raw['base_model_name_or_path'] ?? '';
   if (typeof baseModel !== 'string') throw fail('base_model_name_or_path', `must be a string or null, got ${show(baseModel)}`);
 
   const { tokenId, categories, baseRowsFile } = parseTrainableTokens(raw, config, file);
-  return { rank, alpha, dropout, rslora, targets: [...(targets as string[])], sites, layers, baseModel, tokenId, categories, baseRowsFile };
+  return { rank, alpha, dropout, rslora, targets, exclude, rankPattern, alphaPattern, layers, selected, baseModel, tokenId, categories, baseRowsFile };
+}
+
+/** Why the module (layer, site) is not one that target_modules, layers_to_transform and exclude_modules select. */
+function unselectedWhy(
+  p: { targets: string[] | string; exclude?: string[] | string | undefined; layers: number[] | null },
+  config: ModelConfig,
+  layer: number,
+  site: string,
+): string {
+  const name = peftModuleName(config, layer, site);
+  if (p.exclude !== undefined && namesModule(p.exclude, name)) return `${name} is excluded by exclude_modules ${show(p.exclude)}`;
+  if (!namesModule(p.targets, name)) return `${typeof p.targets === 'string' ? name : site} is not selected by target_modules ${show(p.targets)}`;
+  return `layer ${layer} is not in layers_to_transform ${show(p.layers)}`;
 }
 
 /** Reads `trainable_token_indices` and the `redflag` block: the `<rf>` id (or null) and the category flags after it. */
@@ -705,10 +854,10 @@ export async function loadAdapter(dir: string, config: ModelConfig): Promise<Ada
   const configPath = join(dir, ADAPTER_CONFIG_FILE);
   const weightsPath = join(dir, ADAPTER_WEIGHTS_FILE);
   const parsed = parseAdapterConfig(await readJsonFile(configPath), config, configPath);
-  const r = parsed.rank;
   const H = config.hiddenSize;
   const table = new Map(loraSites(config).map((s) => [s.site, s]));
-  const adaptedLayers = new Set(parsed.layers);
+  const selected = new Set(parsed.selected.map((m) => `${m.layer}/${m.site}`));
+  const shape = { ...parsed, config };  // moduleLora's view of the adapter
 
   // Which key means what: built from the config, so anything else is unknown.
   const layerPrefix = config.architecture === 'gpt2' ? 'base_model.model.transformer.h.' : 'base_model.model.model.layers.';
@@ -745,17 +894,18 @@ export async function loadAdapter(dir: string, config: ModelConfig): Promise<Ada
       }
       const spec = table.get(site);
       if (spec === undefined) throw fail(`tensor "${key}": "${site}" is not an adaptable layer of ${config.hfArchitecture} (known: ${[...table.keys()].join(', ')})`);
-      if (!parsed.sites.includes(site)) throw fail(`tensor "${key}": ${site} is not selected by target_modules ${show(parsed.targets)} in ${ADAPTER_CONFIG_FILE}`);
-      if (!adaptedLayers.has(layer)) throw fail(`tensor "${key}": layer ${layer} is not in layers_to_transform ${show(parsed.layers)} in ${ADAPTER_CONFIG_FILE}`);
+      if (!selected.has(`${layer}/${site}`)) throw fail(`tensor "${key}": ${unselectedWhy(parsed, config, layer, site)} in ${ADAPTER_CONFIG_FILE}`);
+      const r = moduleLora(shape, layer, site).rank;
       const want = factor === 'A' ? [r, spec.inFeatures] : [spec.outFeatures, r];
-      const shape = info.shape;
-      if (shape.length !== 2 || shape[0] !== want[0] || shape[1] !== want[1]) {
-        const rankDim = factor === 'A' ? shape[0] : shape[1];
+      const dims = info.shape;
+      if (dims.length !== 2 || dims[0] !== want[0] || dims[1] !== want[1]) {
+        const rankDim = factor === 'A' ? dims[0] : dims[1];
+        const given = patternValue(parsed.rankPattern, peftModuleName(config, layer, site));
         const why =
-          shape.length === 2 && rankDim !== r && (factor === 'A' ? shape[1] === spec.inFeatures : shape[0] === spec.outFeatures)
-            ? `: rank ${rankDim} does not match r = ${r} in ${ADAPTER_CONFIG_FILE}`
+          dims.length === 2 && rankDim !== r && (factor === 'A' ? dims[1] === spec.inFeatures : dims[0] === spec.outFeatures)
+            ? `: rank ${rankDim} does not match ${given ? `rank_pattern ${show(given.key)}: ${r}` : `r = ${r}`} in ${ADAPTER_CONFIG_FILE}`
             : ` (lora_${factor} of ${site} is ${factor === 'A' ? '[r, in]' : '[out, r]'})`;
-        throw fail(`tensor "${key}" has shape [${shape.join(', ')}], expected [${want.join(', ')}]${why}`);
+        throw fail(`tensor "${key}" has shape [${dims.join(', ')}], expected [${want.join(', ')}]${why}`);
       }
       const id = `${layer}/${site}`;
       let m = modules.get(id);
@@ -766,14 +916,12 @@ export async function loadAdapter(dir: string, config: ModelConfig): Promise<Ada
       m[factor] = await readFloat(file, info);
     }
 
-    // Every adapted layer must have both factors of every targeted site.
-    for (const layer of parsed.layers) {
-      for (const site of parsed.sites) {
-        const m = modules.get(`${layer}/${site}`);
-        for (const factor of ['A', 'B'] as const) {
-          if (m === undefined || m[factor].length === 0) {
-            throw fail(`tensor "${peftLoraKey(config, layer, site, factor)}" is missing (target_modules and layers_to_transform in ${ADAPTER_CONFIG_FILE} select it)`);
-          }
+    // Every selected module must have both factors.
+    for (const { layer, site } of parsed.selected) {
+      const m = modules.get(`${layer}/${site}`);
+      for (const factor of ['A', 'B'] as const) {
+        if (m === undefined || m[factor].length === 0) {
+          throw fail(`tensor "${peftLoraKey(config, layer, site, factor)}" is missing (target_modules${parsed.layers ? ' and layers_to_transform' : ''} in ${ADAPTER_CONFIG_FILE} select it)`);
         }
       }
     }
@@ -789,11 +937,14 @@ export async function loadAdapter(dir: string, config: ModelConfig): Promise<Ada
     const order = new Map(loraSites(config).map((s, i) => [s.site, i]));
     const sorted = [...modules.values()].sort((a, b) => a.layer - b.layer || order.get(a.site)! - order.get(b.site)!);
     return {
-      rank: r,
+      rank: parsed.rank,
       alpha: parsed.alpha,
       dropout: parsed.dropout,
       rslora: parsed.rslora,
       targets: parsed.targets,
+      ...(parsed.exclude !== undefined ? { exclude: parsed.exclude } : {}),
+      ...(parsed.rankPattern !== undefined ? { rankPattern: parsed.rankPattern } : {}),
+      ...(parsed.alphaPattern !== undefined ? { alphaPattern: parsed.alphaPattern } : {}),
       modules: sorted,
       redFlag,
       baseModel: parsed.baseModel,

@@ -12,7 +12,7 @@ import type { Model } from '../model/model.js';
 import { addRedFlagToken } from '../model/red-flag.js';
 import { RED_FLAG_TOKEN, categoryFlagToken } from '../model/red-flag-token.js';
 import { fromFloat32, toFloat32, type RawTensor } from '../model/safetensors.js';
-import { loadAdapter, loraScale, saveAdapter, type Adapter, type LoraModuleWeights } from './adapter.js';
+import { loadAdapter, moduleLora, saveAdapter, type Adapter, type LoraModuleWeights } from './adapter.js';
 import { mergeAdapterTensors } from './merge.js';
 import type { TrainConfig } from './config.js';
 
@@ -145,15 +145,15 @@ export async function applyAdapter(model: Model, dir: string, options: ApplyAdap
       });
     }
   }
-  const scale = loraScale(adapter);
   await model.runNative(() => {
     model.engine.clearAdapters();
     try {
       for (const m of adapter.modules) {
         // The engine names GPT-2 sites by their block path, Llama sites by the projection name.
         const target = model.config.architecture === 'gpt2' ? m.site : m.site.slice(m.site.indexOf('.') + 1);
-        if (merge) model.engine.mergeLora(m.layer, target, m.A, m.B, adapter.rank, scale);
-        else model.engine.addLora(m.layer, target, m.A, m.B, adapter.rank, scale);
+        const { rank, scale } = moduleLora(adapter, m.layer, m.site);
+        if (merge) model.engine.mergeLora(m.layer, target, m.A, m.B, rank, scale);
+        else model.engine.addLora(m.layer, target, m.A, m.B, rank, scale);
       }
       if (adapter.redFlag) {
         const head = adapter.redFlag.head ?? adapter.redFlag.embed; // tied: one row serves both

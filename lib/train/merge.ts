@@ -1,6 +1,6 @@
 /**
  * Folding a trained adapter into the base model's Hugging Face tensors, the equivalent of
- * PEFT's `merge_and_unload()`: each adapted weight becomes W' = W + s·B·A (s = {@link loraScale}),
+ * PEFT's `merge_and_unload()`: each adapted weight becomes W' = W + s·B·A (s = the module's scale, {@link moduleLora}),
  * and the `<rf>` rows replace the embedding row (and the untied LM-head row).
  *
  * Numerics follow PEFT (`tuners/lora/layer.py` `Linear.merge` / `get_delta_weight`) with its
@@ -19,7 +19,7 @@
 import { RedflagError } from '../errors.js';
 import type { WeightPlan } from '../model/weights-map.js';
 import { dtypeSize, elementCount, fromFloat32, toFloat32, type RawTensor } from '../model/safetensors.js';
-import { loraScale, loraSites, validateAdapter, type Adapter, type LoraModuleWeights } from './adapter.js';
+import { loraSites, moduleLora, validateAdapter, type Adapter, type LoraModuleWeights } from './adapter.js';
 
 /** The parts of a {@link WeightPlan} the merge needs: the checkpoint's tensor names. */
 export type MergePlan = Pick<WeightPlan, 'tensors' | 'embedName' | 'lmHeadName'>;
@@ -139,14 +139,14 @@ export async function mergeAdapterTensors(
       `merge: the plan ${tiedPlan ? 'has no separate LM head' : `has an LM head (${plan.lmHeadName})`} but the adapter's config says tie_word_embeddings is ${config.tieWordEmbeddings}`,
     );
   }
-  const scale = loraScale(adapter);
   const sites = new Map(loraSites(config).map((s) => [s.site, s]));
   const out = new Map<string, RawTensor>();
 
   for (const m of adapter.modules) {
     const name = hfWeightName(adapter, plan, m.layer, m.site);
     if (out.has(name)) throw new RedflagError('INVALID_ARGUMENT', `merge: two modules of the adapter target ${name}`);
-    out.set(name, mergeModule(name, await read(name), m, adapter.rank, scale, sites.get(m.site)!.conv1d));
+    const { rank, scale } = moduleLora(adapter, m.layer, m.site);
+    out.set(name, mergeModule(name, await read(name), m, rank, scale, sites.get(m.site)!.conv1d));
   }
 
   const rf = adapter.redFlag;

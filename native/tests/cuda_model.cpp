@@ -147,14 +147,16 @@ void check_decode(const std::string& tag, Pair& p, double bound = 1e-4) {
         tag + ": decode and a continuing chunk equal the CPU's prefill (worst rel L2 " + std::to_string(worst) + ")");
 }
 
-// LoRA factors on every projection and flag rows, drawn from one seed.
+// LoRA factors on every projection and flag rows, drawn from one seed. The ranks and scales
+// differ from one projection to the next (PEFT's rank_pattern and alpha_pattern), so the fused
+// q|k|v and gate|up products see adapters of different ranks side by side.
 struct AdapterSet {
-  static constexpr int kRank = 4;
-  static constexpr float kScale = 2.f;
   struct Module {
     int layer;
     std::string name;
     long in, out;
+    int rank;
+    float scale;               // alpha / rank, alpha 8
     std::vector<float> A, B;  // [rank, in], [out, rank]
   };
   std::vector<Module> modules;
@@ -172,12 +174,14 @@ AdapterSet random_adapters(const rf::ModelConfig& c, unsigned seed) {
           : std::vector<Site>{{"q_proj", H, Q},     {"k_proj", H, KV}, {"v_proj", H, KV},  {"o_proj", Q, H},
                               {"gate_proj", H, I}, {"up_proj", H, I}, {"down_proj", I, H}};
   AdapterSet a;
-  const int rank = AdapterSet::kRank;
+  const int ranks[] = {4, 2, 5, 3, 6, 1, 4};  // by site; the layers shift them
   for (int l = 0; l < c.n_layers; ++l)
-    for (const Site& s : sites) {
+    for (size_t si = 0; si < sites.size(); ++si) {
+      const Site& s = sites[si];
+      const int rank = ranks[(si + size_t(l)) % 7];
       std::vector<float> A = rf::test::randn(rng, size_t(rank * s.in), 0.1f);
       std::vector<float> B = rf::test::randn(rng, size_t(s.out * rank), 0.1f);
-      a.modules.push_back({l, s.name, s.in, s.out, std::move(A), std::move(B)});
+      a.modules.push_back({l, s.name, s.in, s.out, rank, 8.f / float(rank), std::move(A), std::move(B)});
     }
   a.flags = {c.vocab - 1, c.vocab - 2, c.vocab - 3};
   a.embed = rf::test::randn(rng, a.flags.size() * H, 0.5f);
@@ -190,12 +194,12 @@ void add_adapters(Pair& p, unsigned seed) {
   const AdapterSet a = random_adapters(p.cpu->config(), seed);
   for (const AdapterSet::Module& m : a.modules) {
     const std::string pre = "layers." + std::to_string(m.layer) + "." + m.name + ".";
-    rf::Param* pa = p.cpu->new_param(pre + "lora_A", {AdapterSet::kRank, m.in});
-    rf::Param* pb = p.cpu->new_param(pre + "lora_B", {m.out, AdapterSet::kRank});
+    rf::Param* pa = p.cpu->new_param(pre + "lora_A", {m.rank, m.in});
+    rf::Param* pb = p.cpu->new_param(pre + "lora_B", {m.out, m.rank});
     pa->value = m.A;
     pb->value = m.B;
-    p.cpu->add_lora(m.layer, m.name, pa, pb, AdapterSet::kScale);
-    p.gpu->add_lora(m.layer, m.name, m.A.data(), m.in, m.B.data(), m.out, AdapterSet::kRank, AdapterSet::kScale);
+    p.cpu->add_lora(m.layer, m.name, pa, pb, m.scale);
+    p.gpu->add_lora(m.layer, m.name, m.A.data(), m.in, m.B.data(), m.out, m.rank, m.scale);
   }
   rf::Param* e = p.cpu->new_param("rf.embed", {long(a.embed.size())}, false);
   rf::Param* h = p.cpu->new_param("rf.head", {long(a.head.size())}, false);
@@ -234,11 +238,11 @@ struct HostMergedLoader {
       for (long o = 0; o < mod.out; ++o)
         for (long i = 0; i < in; ++i) {
           double acc = 0.0;
-          for (int k = 0; k < AdapterSet::kRank; ++k) {
-            const float b = mod.B[size_t(o) * AdapterSet::kRank + k];
+          for (int k = 0; k < mod.rank; ++k) {
+            const float b = mod.B[size_t(o) * mod.rank + k];
             if (b != 0.f) acc += double(b) * double(mod.A[size_t(k) * in + i]);
           }
-          const volatile float delta = float(acc) * AdapterSet::kScale;
+          const volatile float delta = float(acc) * mod.scale;
           float& v = kn ? w[size_t(i) * total_out + site.offset + o] : w[size_t(site.offset + o) * in + i];
           v = v + delta;
         }
@@ -267,8 +271,8 @@ void check_merge(const std::string& name, const rf::ModelConfig& c, rf::DType dt
   };
   auto live = model(false), merged = model(false), host = model(true);
   for (const AdapterSet::Module& mod : a.modules) {
-    live->add_lora(mod.layer, mod.name, mod.A.data(), mod.in, mod.B.data(), mod.out, AdapterSet::kRank, AdapterSet::kScale);
-    merged->merge_lora(mod.layer, mod.name, mod.A.data(), mod.in, mod.B.data(), mod.out, AdapterSet::kRank, AdapterSet::kScale);
+    live->add_lora(mod.layer, mod.name, mod.A.data(), mod.in, mod.B.data(), mod.out, mod.rank, mod.scale);
+    merged->merge_lora(mod.layer, mod.name, mod.A.data(), mod.in, mod.B.data(), mod.out, mod.rank, mod.scale);
   }
   std::mt19937 rng(5);
   const std::vector<std::vector<uint32_t>> seqs{random_ids(rng, 3, c.vocab), random_ids(rng, 19, c.vocab)};

@@ -6,7 +6,10 @@ logits of a few sequences (one holding <rf>) with the adapter applied, per devic
 merged into the weights: "cuda+merged"), to interop.json. This loads the same base model with Hugging Face transformers, grows its vocabulary
 to hold <rf> (as the README says), loads the adapter with PeftModel.from_pretrained (LoRA on the
 seven projections, <rf> rows as trainable tokens), and compares the logits: relative L2 <= 1e-4
-per sequence against each device's (both f32; the sums run in different orders).
+per sequence against each device's (both f32; the sums run in different orders). Then the same
+for the second adapter ("patterns": target_modules as a pattern, exclude_modules, rank_pattern,
+alpha_pattern) on the base model as it is: PEFT must select, rank and scale its modules as
+redflag did.
 
     python3 test/reference/peft_interop.py OUT/interop.json
 
@@ -46,6 +49,16 @@ def main() -> int:
                 ok &= passed
                 results.append({"sequence": i, "device": device, "relL2": rel, "ok": passed,
                                 "holdsRf": data["rfTokenId"] in ids})
+        if "patterns" in data:
+            plain = AutoModelForCausalLM.from_pretrained(data["base"], torch_dtype=torch.float32)
+            patterned = PeftModel.from_pretrained(plain, data["patterns"]["adapter"]).eval()
+            logits = patterned(torch.tensor([data["sequences"][0]])).logits[0].double()
+            for device, per_seq in data["patterns"]["logits"].items():
+                theirs = torch.tensor(per_seq[0], dtype=torch.float64).reshape(logits.shape)
+                rel = float(torch.linalg.norm(theirs - logits) / torch.linalg.norm(logits))
+                passed = rel <= 1e-4
+                ok &= passed
+                results.append({"adapter": "patterns", "sequence": 0, "device": device, "relL2": rel, "ok": passed})
     print(json.dumps({"interop": "peft", "torch": torch.__version__, "transformers": transformers.__version__,
                       "peft": peft.__version__, "ok": ok, "results": results}))
     return 0 if ok else 1
