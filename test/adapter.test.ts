@@ -22,9 +22,9 @@ import {
   peftLoraKey,
   peftModuleName,
   peftTrainableTokensKey,
-  resolveTargets,
   saveAdapter,
   selectModules,
+  validateAdapter,
   type Adapter,
   type LoraModuleWeights,
 } from '../lib/train/adapter.js';
@@ -86,7 +86,7 @@ function makeAdapter(config: ModelConfig, options: MakeOptions = {}): Adapter {
   const rng = createRng(options.seed ?? 1);
   const rank = options.rank ?? 2;
   const targets = options.targets ?? (config.architecture === 'gpt2' ? ['c_attn'] : ['q_proj', 'v_proj']);
-  const sites = resolveTargets(config, targets);
+  const sites = selectModules(config, targets, [0]).map((m) => m.site);
   const table = new Map(loraSites(config).map((s) => [s.site, s]));
   const layers = options.layers ?? Array.from({ length: config.numLayers }, (_, i) => i);
   const modules: LoraModuleWeights[] = [];
@@ -208,13 +208,23 @@ describe('adapter names', () => {
     expect(peftTrainableTokensKey(gpt2, 'embed')).toBe('base_model.model.transformer.wte.token_adapter.trainable_tokens_delta');
   });
 
-  it('resolves PEFT target_modules by suffix', () => {
-    expect(resolveTargets(llamaConfig(), ['q_proj', 'mlp.down_proj'])).toEqual(['self_attn.q_proj', 'mlp.down_proj']);
-    expect(resolveTargets(gpt2Config(), ['c_proj'])).toEqual(['attn.c_proj', 'mlp.c_proj']);
-    expect(resolveTargets(gpt2Config(), ['attn.c_proj'])).toEqual(['attn.c_proj']);
-    expect(() => resolveTargets(llamaConfig(), ['c_attn'])).toThrow(/c_attn.*matches no adaptable layer/);
-    expect(() => resolveTargets(llamaConfig(), ['proj'])).toThrow(RedflagError);
-    expect(() => resolveTargets(llamaConfig(), [])).toThrow(RedflagError);
+  it('resolves PEFT target_modules lists by suffix after a dot, or the whole name', () => {
+    const sites = (config: ModelConfig, targets: string[]) => selectModules(config, targets, [1]).map((m) => m.site);
+    expect(sites(llamaConfig(), ['q_proj', 'mlp.down_proj'])).toEqual(['self_attn.q_proj', 'mlp.down_proj']);
+    expect(sites(gpt2Config(), ['c_proj'])).toEqual(['attn.c_proj', 'mlp.c_proj']);
+    expect(sites(gpt2Config(), ['attn.c_proj'])).toEqual(['attn.c_proj']);
+    expect(sites(llamaConfig(), ['model.layers.1.self_attn.k_proj', 'layers.0.mlp.up_proj'])).toEqual(['self_attn.k_proj']);
+    expect(sites(llamaConfig(), ['c_attn', 'proj'])).toEqual([]);
+    // An in-memory adapter's targets are checked the same way, each entry naming some module.
+    const adapter = makeAdapter(llamaConfig());
+    for (const [targets, message] of [
+      [['c_attn'], /targets entry "c_attn" matches no adaptable layer of LlamaForCausalLM/],
+      [['proj'], /targets entry "proj" matches no adaptable layer/],
+      [[], /targets must be a non-empty list/],
+      [['q_proj', 'q_proj'], /targets lists "q_proj" twice/],
+    ] as const) {
+      expect(() => validateAdapter({ ...adapter, targets: [...targets] })).toThrow(message);
+    }
   });
 });
 

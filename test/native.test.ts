@@ -73,6 +73,40 @@ describe('the addon', () => {
     }
   });
 
+  it('checks every decode step\'s tokens and pick options, naming the bad one, and leaves the sequences as they were', async () => {
+    const model = await loadModel(join(FIXTURES, 'llama-gqa'), { threads: 1 });
+    try {
+      const [a, b] = [model.newSequence(), model.newSequence()];
+      const ok = { temperature: 0.7, topK: 5, topP: 0.9, seed: 3 };
+      const cases: Array<[unknown[][], object[], RegExp]> = [
+        [[[1], [2, 256]], [ok, ok], /tokens\[1\]\[1\] = 256 is not a token id of this model \(0 to 255\)/],
+        [[[1], []], [ok, ok], /tokens\[1\] is empty/],
+        [[[1], [2.5]], [ok, ok], /tokens\[1\]\[0\] = 2\.5 is not a token id/],
+        [[[1], [2]], [ok], /one pick option object per sequence/],
+        [[[1], [2]], [ok, { ...ok, temperature: -1 }], /picks\[1\]: temperature must be a finite number >= 0, got -1/],
+        [[[1], [2]], [ok, { ...ok, temperature: Number.NaN }], /picks\[1\]: temperature must be a finite number/],
+        [[[1], [2]], [ok, { ...ok, temperature: '0.5' }], /picks\[1\]: temperature must be a finite number/],
+        [[[1], [2]], [{ ...ok, topK: 1.5 }, ok], /picks\[0\]: topK must be a non-negative integer, got 1\.5/],
+        [[[1], [2]], [ok, { ...ok, topP: 0 }], /picks\[1\]: topP must be in \(0, 1\], got 0/],
+        [[[1], [2]], [ok, { ...ok, topP: 1.5 }], /picks\[1\]: topP must be in \(0, 1\]/],
+        [[[1], [2]], [ok, { ...ok, seed: -1 }], /picks\[1\]: seed must be an integer from 0 to 2\^53 - 1, got -1/],
+        [[[1], [2]], [ok, { ...ok, seed: 2 ** 53 }], /picks\[1\]: seed must be an integer/],
+      ];
+      for (const [tokens, picks, message] of cases) {
+        await expect(model.step([a, b], tokens as number[][], picks), String(message)).rejects.toMatchObject({ code: 'INVALID_ARGUMENT', message: expect.stringMatching(message) });
+      }
+      expect([a.length, b.length]).toEqual([0, 0]);
+      await expect(model.step([a, a], [[1], [2]], [ok, ok])).rejects.toThrow(/a sequence appears twice in one step call/);
+      // Defaults filled in: greedy, and the same token as an explicit greedy pick.
+      const greedy = await model.step([a], [[1, 2, 3]], [{}]);
+      const explicit = await model.step([b], [[1, 2, 3]], [{ temperature: 0, topK: 0, topP: 1, seed: 0 }]);
+      expect(greedy.tokens).toEqual(explicit.tokens);
+      expect([a.length, b.length]).toEqual([3, 3]);
+    } finally {
+      model.dispose();
+    }
+  });
+
   it('serialises concurrent calls on one model and gets the same results', async () => {
     const model = await loadModel(join(FIXTURES, 'qwen2-bias'), { threads: 2 });
     try {

@@ -398,28 +398,41 @@ export class Model {
     if (sequences.length !== tokens.length) {
       throw new RedflagError('INVALID_ARGUMENT', `${what} needs one token array per sequence`);
     }
-    const checked = tokens.map((t, i) => this.checkIds(t, `tokens[${i}]`));
+    // One pass into the flat array, no allocation per sequence: a decode step runs this for
+    // every running sequence, between the device's steps.
+    const counts = new Uint32Array(sequences.length);
+    let total = 0;
+    for (let i = 0; i < tokens.length; i++) {
+      const t = tokens[i];
+      if (t === null || typeof t !== 'object' || typeof t.length !== 'number') throw new RedflagError('INVALID_ARGUMENT', `tokens[${i}] must be an array of token ids`);
+      if (t.length === 0) throw new RedflagError('INVALID_ARGUMENT', `tokens[${i}] is empty`);
+      counts[i] = t.length;
+      total += t.length;
+    }
     if (new Set(sequences).size !== sequences.length) {
       throw new RedflagError('INVALID_ARGUMENT', `a sequence appears twice in one ${what} call`);
     }
-    for (const [i, s] of sequences.entries()) {
+    const flat = new Uint32Array(total);
+    const V = this.config.vocabSize;
+    const learned = this.config.positions === 'learned';
+    for (let i = 0, offset = 0; i < sequences.length; i++) {
+      const s = sequences[i];
       if (!(s instanceof Sequence) || s.disposed) {
         throw new RedflagError('INVALID_ARGUMENT', `sequences[${i}] is not a live sequence of this model`);
       }
-      if (this.config.positions === 'learned' && s.length + checked[i]!.length > this.config.maxPositions) {
-        throw new RedflagError(
-          'INVALID_ARGUMENT',
-          `sequence ${i} would reach ${s.length + checked[i]!.length} tokens; this model has ${this.config.maxPositions} positions`,
-        );
+      const t = tokens[i]!;
+      for (let j = 0; j < t.length; j++) {
+        const id = t[j]!;
+        if (!Number.isInteger(id) || id < 0 || id >= V) {
+          throw new RedflagError('INVALID_ARGUMENT', `tokens[${i}][${j}] = ${id} is not a token id of this model (0 to ${V - 1})`);
+        }
+        flat[offset++] = id;
+      }
+      if (learned && s.length + t.length > this.config.maxPositions) {
+        throw new RedflagError('INVALID_ARGUMENT', `sequence ${i} would reach ${s.length + t.length} tokens; this model has ${this.config.maxPositions} positions`);
       }
     }
-    const flat = new Uint32Array(checked.reduce((n, t) => n + t.length, 0));
-    let offset = 0;
-    for (const t of checked) {
-      flat.set(t, offset);
-      offset += t.length;
-    }
-    return { flat, counts: Uint32Array.from(checked, (t) => t.length) };
+    return { flat, counts };
   }
 
   /** Runs a cancellable native call: an abort of `signal` stops it between layers. */
@@ -461,10 +474,18 @@ export class Model {
     const { flat, counts } = this.checkBatch('step', sequences, tokens);
     if (picks.length !== sequences.length) throw new RedflagError('INVALID_ARGUMENT', 'step needs one pick option object per sequence');
     const params = new Float64Array(picks.length * 4);
-    picks.forEach((p, i) => {
-      const c = checkPickOptions(p, `picks[${i}]`);
-      params.set([c.temperature, c.topK, c.topP, c.seed], i * 4);
-    });
+    for (let i = 0; i < picks.length; i++) {
+      const p = picks[i]!;
+      const temperature = p.temperature ?? 0, topK = p.topK ?? 0, topP = p.topP ?? 1, seed = p.seed ?? 0;
+      // The common case checked inline (this runs per sequence and step); checkPickOptions says what is wrong.
+      if (!(Number.isFinite(temperature) && temperature >= 0 && Number.isInteger(topK) && topK >= 0 && topP > 0 && topP <= 1 && Number.isSafeInteger(seed) && seed >= 0)) {
+        checkPickOptions(p, `picks[${i}]`);
+      }
+      params[i * 4] = temperature;
+      params[i * 4 + 1] = topK;
+      params[i * 4 + 2] = topP;
+      params[i * 4 + 3] = seed;
+    }
     const rfToken = options.rfToken ?? this.redFlagTokenId ?? -1;
     if (!Number.isInteger(rfToken) || rfToken < -1 || rfToken >= this.vocabSize) {
       throw new RedflagError('INVALID_ARGUMENT', `rfToken must be a token id of this model or -1, got ${rfToken}`);

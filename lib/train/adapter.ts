@@ -199,33 +199,6 @@ export function loraSites(config: ModelConfig): LoraSite[] {
   ];
 }
 
-/** Whether PEFT's `target_modules` entry `target` selects the block module `site`. */
-function targetMatches(target: string, site: string): boolean {
-  return site === target || site.endsWith(`.${target}`);
-}
-
-/**
- * The sites (in {@link loraSites} order) that a PEFT `target_modules` list selects. Throws
- * INVALID_ARGUMENT (or INVALID_FILE when `file` is given) for an empty list, duplicates, or an
- * entry that selects no adaptable layer of this architecture.
- */
-export function resolveTargets(config: ModelConfig, targets: readonly string[], file?: string): string[] {
-  const fail = (message: string): RedflagError =>
-    file === undefined ? new RedflagError('INVALID_ARGUMENT', `adapter: ${message}`) : new RedflagError('INVALID_FILE', message, { file });
-  if (!Array.isArray(targets) || targets.length === 0) throw fail('target_modules must be a non-empty list of module names');
-  const sites = loraSites(config).map((s) => s.site);
-  const seen = new Set<string>();
-  for (const target of targets) {
-    if (typeof target !== 'string' || target === '') throw fail(`target_modules entries must be non-empty strings, got ${JSON.stringify(target)}`);
-    if (seen.has(target)) throw fail(`target_modules lists "${target}" twice`);
-    seen.add(target);
-    if (!sites.some((site) => targetMatches(target, site))) {
-      throw fail(`target_modules entry "${target}" matches no adaptable layer of ${config.hfArchitecture} (layers: ${sites.join(', ')})`);
-    }
-  }
-  return sites.filter((site) => targets.some((t) => targetMatches(t, site)));
-}
-
 /**
  * A block module's name in the Hugging Face model, the name PEFT matches target_modules,
  * exclude_modules, rank_pattern and alpha_pattern against: `model.layers.3.self_attn.q_proj`
@@ -264,6 +237,25 @@ const fullMatch = (source: string, name: string): boolean => new RegExp(`^(?:${s
 function namesModule(spec: readonly string[] | string, name: string): boolean {
   if (typeof spec === 'string') return spec === 'all-linear' || fullMatch(pythonPattern(spec, (m) => new RedflagError('INVALID_ARGUMENT', `adapter: pattern ${m}`)), name);
   return spec.some((t) => name === t || name.endsWith(`.${t}`));
+}
+
+/**
+ * Checks a PEFT `target_modules` or `exclude_modules` list (`what`): non-empty, its entries
+ * non-empty strings without repeats, each naming a module of this model (PEFT's rule: the whole
+ * name, or its end after a dot). `fail` makes the error.
+ */
+function checkModuleList(config: ModelConfig, list: unknown, what: string, fail: (message: string) => RedflagError): string[] {
+  if (!Array.isArray(list) || list.length === 0) throw fail(`${what} must be a non-empty list of module names or a pattern, got ${show(list)}`);
+  const seen = new Set<string>();
+  for (const entry of list) {
+    if (typeof entry !== 'string' || entry === '') throw fail(`${what} entries must be non-empty strings, got ${show(entry)}`);
+    if (seen.has(entry)) throw fail(`${what} lists "${entry}" twice`);
+    seen.add(entry);
+    if (selectModules(config, [entry], null).length === 0) {
+      throw fail(`${what} entry "${entry}" matches no adaptable layer of ${config.hfArchitecture} (layers: ${loraSites(config).map((s) => s.site).join(', ')})`);
+    }
+  }
+  return [...(list as string[])];
 }
 
 /**
@@ -376,15 +368,10 @@ export function validateAdapter(adapter: Adapter): { layers: number[] } {
   if (typeof adapter.rslora !== 'boolean') throw fail('rslora must be a boolean');
   if (typeof adapter.baseModel !== 'string') throw fail('baseModel must be a string');
   const pattern = (what: string) => (m: string) => fail(`${what} ${m}`);
-  if (typeof adapter.targets === 'string') {
-    if (adapter.targets !== 'all-linear') pythonPattern(adapter.targets, pattern('targets'));
-  } else {
-    resolveTargets(config, adapter.targets);
-  }
+  if (typeof adapter.targets !== 'string') checkModuleList(config, adapter.targets, 'targets', fail);
+  else if (adapter.targets !== 'all-linear') pythonPattern(adapter.targets, pattern('targets'));
   if (typeof adapter.exclude === 'string') pythonPattern(adapter.exclude, pattern('exclude'));
-  else if (adapter.exclude !== undefined && !(Array.isArray(adapter.exclude) && adapter.exclude.every((e) => typeof e === 'string' && e !== ''))) {
-    throw fail(`exclude must be a list of module names or a pattern, got ${show(adapter.exclude)}`);
-  }
+  else if (adapter.exclude !== undefined) checkModuleList(config, adapter.exclude, 'exclude', fail);
   for (const [what, values, integer] of [['rankPattern', adapter.rankPattern, true], ['alphaPattern', adapter.alphaPattern, false]] as const) {
     if (values === undefined) continue;
     if (!isPlainObject(values)) throw fail(`${what} must be an object of module patterns to values`);
@@ -406,7 +393,8 @@ export function validateAdapter(adapter: Adapter): { layers: number[] } {
     }
     const spec = table.get(m.site);
     if (spec === undefined) throw fail(`${key('A')}: "${String(m.site)}" is not an adaptable layer (known: ${[...table.keys()].join(', ')})`);
-    if (!namesModule(adapter.targets, peftModuleName(config, m.layer, m.site)) || (adapter.exclude !== undefined && namesModule(adapter.exclude, peftModuleName(config, m.layer, m.site)))) {
+    const name = peftModuleName(config, m.layer, m.site);
+    if (!namesModule(adapter.targets, name) || (adapter.exclude !== undefined && namesModule(adapter.exclude, name))) {
       throw fail(`${key('A')}: ${unselectedWhy({ targets: adapter.targets, exclude: adapter.exclude, layers: null }, config, m.layer, m.site)}`);
     }
     if (m.inFeatures !== spec.inFeatures || m.outFeatures !== spec.outFeatures) {
@@ -691,10 +679,9 @@ function parseAdapterConfig(raw: unknown, config: ModelConfig, file: string): Pa
   // target_modules and exclude_modules: a list of names, or one pattern (PEFT's two forms).
   const moduleSpec = (key: 'target_modules' | 'exclude_modules'): string[] | string => {
     const value = raw[key];
-    if (typeof value === 'string') return value === 'all-linear' && key === 'target_modules' ? value : (pythonPattern(value, (m, code) => fail(key, m, code)), value);
-    if (key === 'target_modules') resolveTargets(config, value as string[], file);
-    else if (!Array.isArray(value) || !value.every((v) => typeof v === 'string' && v !== '')) throw fail(key, `must be a list of module names or a pattern, got ${show(value)}`);
-    return [...(value as string[])];
+    if (typeof value !== 'string') return checkModuleList(config, value, key, (m) => new RedflagError('INVALID_FILE', m, { file }));
+    if (!(value === 'all-linear' && key === 'target_modules')) pythonPattern(value, (m, code) => fail(key, m, code));
+    return value;
   };
   const targets = moduleSpec('target_modules');
   const excludeRaw = raw['exclude_modules'];
