@@ -6,8 +6,9 @@
 # training: scripts/device-train-e2e.mjs); it
 # leaves the logs, the JSON results and a summary in OUT_DIR. Order: cheapest first, so a
 # timeout still returns the tests. RF_GPU_CHECK_BENCH=0 skips the benchmarks, RF_GPU_CHECK_TESTS=0
-# the tests. RF_GPU_CHECK_DEADLINE (seconds, default 540): the whole call's budget, under the
-# device tool's timeout; no stage runs past it, and the logs are packed after every stage.
+# the tests; RF_GPU_CHECK_SANITIZE=1 runs the kernel tests under compute-sanitizer.
+# RF_GPU_CHECK_DEADLINE (seconds, default 540): the whole call's budget, under the device tool's
+# timeout; no stage runs past it, and the logs are packed after every stage.
 #   bash scripts/gpu-check.sh "$OUT"
 set -uo pipefail
 dest="${1:?usage: scripts/gpu-check.sh OUT_DIR}"
@@ -110,6 +111,26 @@ for t in "$build"/cuda_*; do
     results+=("\"$name with RF_CUDA_PDL=0\": $rc")
   fi
 done
+# RF_GPU_CHECK_SANITIZE=1 (a call of its own: RF_GPU_CHECK_TESTS=0 RF_GPU_CHECK_BENCH=0 on the
+# warm machine): the kernel tests under NVIDIA's compute-sanitizer, which sees what the CPU
+# emulation cannot: memcheck (out-of-bounds and misaligned device accesses), racecheck (shared
+# memory races between real warps) and synccheck (barriers and warp shuffles some threads miss).
+# Where compute-sanitizer cannot read the GPU (gVisor machines), each says so in its log.
+if [ "${RF_GPU_CHECK_SANITIZE:-0}" = 1 ]; then
+  if command -v compute-sanitizer > /dev/null; then
+    for tool in memcheck racecheck synccheck; do
+      for name in cuda_ops cuda_gemv cuda_attention cuda_rf_loss cuda_model_ops cuda_ops_backward cuda_attention_backward cuda_train_ops cuda_optim; do
+        [ -x "$build/$name" ] || continue
+        stage 150 compute-sanitizer --tool "$tool" --error-exitcode 3 "$build/$name" > "$out/sanitize-$tool-$name.log" 2>&1
+        results+=("\"$tool $name\": $rc")
+        grep -m 3 -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|race|Barrier" "$out/sanitize-$tool-$name.log"
+      done
+    done
+  else
+    results+=("\"sanitize\": -3")
+    echo "gpu-check: compute-sanitizer is not on this machine" >&2
+  fi
+fi
 # The CUDA addon (for the end-to-end tests and gpu-serve), linked in the same build from the
 # objects the tests used.
 addon=
