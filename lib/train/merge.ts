@@ -1,7 +1,7 @@
 /**
  * Folding a trained adapter into the base model's Hugging Face tensors, the equivalent of
- * PEFT's `merge_and_unload()`: each adapted weight becomes W' = W + s·B·A (s = the module's scale, {@link moduleLora}),
- * and the `<rf>` rows replace the embedding row (and the untied LM-head row).
+ * PEFT's `merge_and_unload()`: each adapted weight becomes W' = W + s·B·A (s: the module's scale,
+ * {@link moduleLora}), and the `<rf>` rows replace the embedding row (and the untied LM-head row).
  *
  * Numerics follow PEFT (`tuners/lora/layer.py` `Linear.merge` / `get_delta_weight`) with its
  * default float32 adapter weights: the delta B·A·s is computed in float32 and added to the
