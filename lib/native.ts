@@ -339,9 +339,8 @@ export function loadAddonFrom(paths: string[]): NativeAddon {
     try {
       return require(path) as NativeAddon;
     } catch (cause) {
-      throw new RedflagError('NATIVE', `the redflag native addon at ${path} failed to load: ${(cause as Error).message}`, {
-        cause,
-      });
+      const message = (cause as Error).message;
+      throw new RedflagError('NATIVE', `the redflag native addon at ${path} failed to load: ${message}${loadHint(message)}`, { cause });
     }
   }
   throw new RedflagError(
@@ -349,6 +348,17 @@ export function loadAddonFrom(paths: string[]): NativeAddon {
     `the redflag native addon is not built (looked for ${tried.join(', ')}). ` +
       'Run `npm run build:native` (needs a C++17 compiler and Python for node-gyp) or `npm run build:cuda`.',
   );
+}
+
+/**
+ * What to do about a load failure the message names: a CUDA library the CUDA build was linked
+ * against (cuBLASLt, the CUDA runtime, NCCL) that the loader cannot find, which is how a build
+ * moved away from its toolkit, or its pip wheel uninstalled, fails. '' for anything else. @internal
+ */
+export function loadHint(message: string): string {
+  const lib = /\b(lib(?:cublasLt|cublas|cudart|nccl)\.so[.\d]*): cannot open shared object file/.exec(message)?.[1];
+  if (lib === undefined) return '';
+  return `. The CUDA build was linked against ${lib}, which the loader no longer finds: put its folder on LD_LIBRARY_PATH, or rebuild with \`npm run build:cuda\` (RF_CUBLASLT_ROOT / RF_NCCL_ROOT name where they are)`;
 }
 
 /** Maps an error from native code (which carries a `code`) to a RedflagError. */

@@ -3,7 +3,7 @@ import { describe, expect, it } from 'vitest';
 import { join } from 'node:path';
 
 import { loadModel } from '../lib/model/model.js';
-import { loadAddonFrom, loadNative, nativeError } from '../lib/native.js';
+import { loadAddonFrom, loadHint, loadNative, nativeError } from '../lib/native.js';
 import { FIXTURES, relL2 } from './helpers/fixtures.js';
 
 describe('the addon', () => {
@@ -11,6 +11,14 @@ describe('the addon', () => {
     expect(() => loadAddonFrom(['/nonexistent/build/Release/redflag.node'])).toThrow(
       /native addon is not built .*npm run build:native/,
     );
+  });
+
+  it('says what to do when a CUDA library the CUDA build needs cannot be found, and only then', () => {
+    const missing = 'libcublasLt.so.12: cannot open shared object file: No such file or directory';
+    expect(loadHint(missing)).toMatch(/^\. The CUDA build was linked against libcublasLt\.so\.12, which the loader no longer finds: put its folder on LD_LIBRARY_PATH, or rebuild/);
+    expect(loadHint('libnccl.so.2: cannot open shared object file: No such file or directory')).toMatch(/libnccl\.so\.2/);
+    expect(loadHint('/lib/x86_64-linux-gnu/libc.so.6: version `GLIBC_2.38\' not found')).toBe('');
+    expect(loadHint('libfoo.so.1: cannot open shared object file')).toBe('');
   });
 
   it("keeps the codes the addon's errors carry, and calls the rest NATIVE", () => {
