@@ -49,14 +49,27 @@ std::string support_of(int device, const cudaDeviceProp& p) {
   cudaSetDevice(device);
   cudaFuncAttributes attributes;
   const cudaError_t e = cudaFuncGetAttributes(&attributes, saxpy_kernel);
-  if (e != cudaSuccess && e != cudaErrorNoKernelImageForDevice && e != cudaErrorInvalidDeviceFunction)
-    throw_cuda_error(e, "cudaFuncGetAttributes");  // on `device`, which its message names
   cudaSetDevice(previous);
   if (e == cudaSuccess) return "";
+  const std::string rebuild = "`npm run build:cuda -- --CDCMAKE_CUDA_ARCHITECTURES=" + std::to_string(p.major) + std::to_string(p.minor) + "`";
+  // Only the build's PTX would run there, and the driver cannot compile it: PTX from a newer
+  // toolkit than the driver (CUDA's minor version compatibility runs cubins, not PTX), or no JIT.
+  if (e == cudaErrorUnsupportedPtxVersion || e == cudaErrorInvalidPtx || e == cudaErrorJitCompilerNotFound ||
+      e == cudaErrorJitCompilationDisabled) {
+    cudaGetLastError();
+    int driver = 0, runtime = 0;
+    cudaDriverGetVersion(&driver);
+    cudaRuntimeGetVersion(&runtime);
+    const auto version = [](int v) { return std::to_string(v / 1000) + "." + std::to_string(v % 1000 / 10); };
+    return std::string("the NVIDIA driver (CUDA ") + version(driver) + ") cannot compile this build's PTX for " + gpu + " (" +
+           cudaGetErrorName(e) + "): of the GPU code the build holds (" + built_architectures() + "), only PTX from CUDA " +
+           version(runtime) + " would run there; update the driver, or rebuild with machine code for that GPU: " + rebuild;
+  }
+  if (e != cudaErrorNoKernelImageForDevice && e != cudaErrorInvalidDeviceFunction)
+    throw_cuda_error(e, "cudaFuncGetAttributes");  // on `device`, which its message names
   cudaGetLastError();
   return std::string("this build holds GPU code for ") + built_architectures() + " (CMake's CUDA_ARCHITECTURES), none of which runs on " +
-           gpu + ": rebuild it on that machine with `npm run build:cuda` (it builds for the GPUs it finds), or for that GPU with " +
-           "`npm run build:cuda -- --CDCMAKE_CUDA_ARCHITECTURES=" + std::to_string(p.major) + std::to_string(p.minor) + "`";
+           gpu + ": rebuild it on that machine with `npm run build:cuda` (it builds for the GPUs it finds), or for that GPU with " + rebuild;
 }
 }  // namespace
 

@@ -51,6 +51,21 @@ void check_other_devices() {
   check_support(8, 9, "86-real", {});                                        // a cubin runs on later minors
   check_support(8, 0, "86-real", {"holds GPU code for 86-real", "=80"});    // ... not on earlier ones
   check_support(8, 6, "80-virtual", {});                                     // PTX alone
+  // A driver older than the runtime (CUDA 13.1's build on a 13.0 driver) runs the cubins but
+  // cannot compile the PTX: the GPUs only the PTX serves are refused, saying so.
+  emu_set_versions(13010, 13000);
+  for (auto [major, minor] : {std::pair{8, 0}, {8, 6}, {9, 0}}) check_support(major, minor, "80-real,90", {});
+  for (auto [major, minor] : {std::pair{10, 0}, {12, 0}}) {
+    const std::string cc = std::to_string(major) + std::to_string(minor);
+    check_support(major, minor, "80-real,90", {"the NVIDIA driver (CUDA 13.0) cannot compile this build's PTX for cuda:0", "compute capability",
+                                               "cudaErrorUnsupportedPtxVersion", "(80-real,90), only PTX from CUDA 13.1 would run there",
+                                               "update the driver", "--CDCMAKE_CUDA_ARCHITECTURES=" + cc});
+  }
+  check_support(8, 6, "80-virtual", {"cannot compile this build's PTX", "=86"});
+  emu_set_device(12, 0);
+  check(rf::cuda::smoke_saxpy(1024) != 0 && cudaGetLastError() == cudaErrorUnsupportedPtxVersion,
+        "a kernel whose PTX the driver cannot compile fails with cudaErrorUnsupportedPtxVersion");
+  emu_set_versions(13000, 13000);
   // A kernel launched on a device the build holds no code for fails, as on a GPU.
   emu_set_device(8, 6);
   emu_set_architectures("90");

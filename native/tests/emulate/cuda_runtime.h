@@ -29,8 +29,9 @@ extern dim3 threadIdx, blockIdx, gridDim, blockDim;
 typedef void* cudaStream_t;
 enum cudaError_t {
   cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2, cudaErrorInvalidDeviceFunction = 98,
-  cudaErrorNoKernelImageForDevice = 209, cudaErrorECCUncorrectable = 214,
-  cudaErrorNvlinkUncorrectable = 220, cudaErrorIllegalAddress = 700, cudaErrorLaunchTimeout = 702, cudaErrorAssert = 710,
+  cudaErrorNoKernelImageForDevice = 209, cudaErrorECCUncorrectable = 214, cudaErrorInvalidPtx = 218,
+  cudaErrorNvlinkUncorrectable = 220, cudaErrorJitCompilerNotFound = 221, cudaErrorUnsupportedPtxVersion = 222,
+  cudaErrorJitCompilationDisabled = 223, cudaErrorIllegalAddress = 700, cudaErrorLaunchTimeout = 702, cudaErrorAssert = 710,
   cudaErrorHardwareStackError = 714, cudaErrorIllegalInstruction = 715, cudaErrorMisalignedAddress = 716,
   cudaErrorInvalidAddressSpace = 717, cudaErrorInvalidPc = 718, cudaErrorLaunchFailure = 719,
   cudaErrorStreamCaptureUnsupported = 900, cudaErrorStreamCaptureInvalidated = 901
@@ -125,12 +126,14 @@ inline cudaError_t cudaPeekAtLastError() { return emu_lost() ? emu_context_error
 inline const char* cudaGetErrorString(cudaError_t e) {
   return e == cudaSuccess ? "no error" : e == cudaErrorMemoryAllocation ? "out of memory" : e == cudaErrorInvalidValue ? "invalid argument"
        : e == cudaErrorLaunchFailure ? "unspecified launch failure" : e == cudaErrorIllegalAddress ? "an illegal memory access was encountered"
-       : e == cudaErrorNoKernelImageForDevice ? "no kernel image is available for execution on the device" : "emulated";
+       : e == cudaErrorNoKernelImageForDevice ? "no kernel image is available for execution on the device"
+       : e == cudaErrorUnsupportedPtxVersion ? "the provided PTX was compiled with an unsupported toolchain." : "emulated";
 }
 inline const char* cudaGetErrorName(cudaError_t e) {
   return e == cudaSuccess ? "cudaSuccess" : e == cudaErrorMemoryAllocation ? "cudaErrorMemoryAllocation" : e == cudaErrorInvalidValue ? "cudaErrorInvalidValue"
        : e == cudaErrorLaunchFailure ? "cudaErrorLaunchFailure" : e == cudaErrorIllegalAddress ? "cudaErrorIllegalAddress"
-       : e == cudaErrorNoKernelImageForDevice ? "cudaErrorNoKernelImageForDevice" : "emulated";
+       : e == cudaErrorNoKernelImageForDevice ? "cudaErrorNoKernelImageForDevice"
+       : e == cudaErrorUnsupportedPtxVersion ? "cudaErrorUnsupportedPtxVersion" : "emulated";
 }
 // A kernel's dynamic shared memory over 48 KiB needs its own attribute, up to the GPU's opt-in
 // limit (an H100's and H200's: 227 KiB); the key is the kernel's address (EmuKernel::key).
@@ -188,6 +191,19 @@ void emu_set_architectures(const char* archs);
 // The runtime's rule: a cubin (N, N-real, Na) runs on the same major at the same or a later minor
 // (an "a" cubin on its own minor only); PTX (N, N-virtual; not Na's) on any device at least as new.
 bool emu_image_runs(const char* archs, int major, int minor);
+// Whether a cubin of archs runs there (PTX aside): a device that only the PTX serves needs the
+// driver to compile it, which a driver older than the toolkit that wrote it cannot do.
+bool emu_image_cubin(const char* archs, int major, int minor);
+// The CUDA runtime's and the driver's versions (1000 * major + 10 * minor; both 13.0 unless set):
+// a driver older than the runtime (the same major: CUDA's minor version compatibility) runs its
+// cubins but not its PTX, whose launches fail with cudaErrorUnsupportedPtxVersion.
+void emu_set_versions(int runtime, int driver);
+int emu_runtime_version();
+int emu_driver_version();
+// What a launch on the emulated device gets from the build's code: cudaSuccess,
+// cudaErrorNoKernelImageForDevice (no code for it) or cudaErrorUnsupportedPtxVersion (PTX only,
+// and a driver too old to compile it).
+cudaError_t emu_image_error();
 size_t emu_opt_in_smem();
 inline cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }
 struct cudaDeviceProp {
@@ -214,19 +230,17 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
      : a == cudaDevAttrComputeCapabilityMinor ? emu_device().minor : int(emu_opt_in_smem());
   return cudaSuccess;
 }
-// A kernel's attributes: only whether the device runs it (cudaErrorNoKernelImageForDevice when
-// none of the build's code does) and its binary's version.
+// A kernel's attributes: only whether the device runs it (emu_image_error) and its binary's version.
 struct cudaFuncAttributes { int binaryVersion, ptxVersion; };
 inline cudaError_t emu_func_attributes(cudaFuncAttributes* a) {
   if (emu_lost()) return emu_fail(emu_context_error);
-  if (!emu_image_runs(emu_architectures(), emu_device().major, emu_device().minor)) return emu_fail(cudaErrorNoKernelImageForDevice);
+  if (const cudaError_t e = emu_image_error(); e != cudaSuccess) return emu_fail(e);
   *a = cudaFuncAttributes{10 * emu_device().major + emu_device().minor, 10 * emu_device().major + emu_device().minor};
   return cudaSuccess;
 }
 template <class F> cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F) { return emu_func_attributes(a); }
-// The runtime and driver of CUDA 13.0.
-inline cudaError_t cudaRuntimeGetVersion(int* v) { *v = 13000; return cudaSuccess; }
-inline cudaError_t cudaDriverGetVersion(int* v) { *v = 13000; return cudaSuccess; }
+inline cudaError_t cudaRuntimeGetVersion(int* v) { *v = emu_runtime_version(); return cudaSuccess; }
+inline cudaError_t cudaDriverGetVersion(int* v) { *v = emu_driver_version(); return cudaSuccess; }
 inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, int) { *s = (void*)1; return cudaSuccess; }
 inline cudaError_t cudaStreamDestroy(cudaStream_t) { return cudaSuccess; }
 inline cudaError_t cudaMemset2DAsync(void* d, size_t pitch, int v, size_t w, size_t h, cudaStream_t) {

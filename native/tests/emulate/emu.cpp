@@ -42,7 +42,9 @@
 // it, and emu_set_device_memory gives the device a size past which cudaMalloc fails (a full GPU).
 // The device is an H100's or H200's 9.0 unless RF_EMU_DEVICE names another compute capability,
 // and the build holds code for RF_EMU_ARCHITECTURES (default 80-real,90): a device none of it runs
-// on fails every launch with cudaErrorNoKernelImageForDevice, as on a GPU.
+// on fails every launch with cudaErrorNoKernelImageForDevice, as on a GPU, and one that only its
+// PTX serves with cudaErrorUnsupportedPtxVersion when the driver is older than the runtime
+// (emu_set_versions).
 // Kernel launches (<<<...>>>) are rewritten to emu_launch by translate.py; cuBLASLt's API is
 // emulated (cublaslt.cpp), its products by plain loops. scripts/cuda-emulate.sh builds and runs
 // the emulated tests.
@@ -99,7 +101,8 @@ std::map<const void*, size_t> smem_limit;
 namespace {
 EmuDevice device_cc{-1, 0};     // emu_device's; major -1: not yet read from RF_EMU_DEVICE
 std::string architectures;      // emu_architectures'; empty: not yet read from RF_EMU_ARCHITECTURES
-int image_runs = -1;            // whether the device runs the build's code; -1: not yet decided
+int image_error = -1;           // emu_image_error's answer; -1: not yet decided
+int runtime_version = 13000, driver_version = 13000;
 }  // namespace
 EmuDevice emu_device() {
   if (device_cc.major < 0) {
@@ -110,7 +113,7 @@ EmuDevice emu_device() {
   }
   return device_cc;
 }
-void emu_set_device(int major, int minor) { device_cc = {major, minor}, image_runs = -1; }
+void emu_set_device(int major, int minor) { device_cc = {major, minor}, image_error = -1; }
 const char* emu_architectures() {
   if (architectures.empty()) {
     const char* env = getenv("RF_EMU_ARCHITECTURES");
@@ -118,8 +121,22 @@ const char* emu_architectures() {
   }
   return architectures.c_str();
 }
-void emu_set_architectures(const char* archs) { architectures = archs, image_runs = -1; }
-bool emu_image_runs(const char* archs, int major, int minor) {
+void emu_set_architectures(const char* archs) { architectures = archs, image_error = -1; }
+void emu_set_versions(int runtime, int driver) { runtime_version = runtime, driver_version = driver, image_error = -1; }
+int emu_runtime_version() { return runtime_version; }
+int emu_driver_version() { return driver_version; }
+cudaError_t emu_image_error() {
+  if (image_error < 0) {
+    const EmuDevice d = emu_device();
+    image_error = !emu_image_runs(emu_architectures(), d.major, d.minor)                                      ? cudaErrorNoKernelImageForDevice
+                  : emu_image_cubin(emu_architectures(), d.major, d.minor) || driver_version >= runtime_version ? cudaSuccess
+                                                                                                                : cudaErrorUnsupportedPtxVersion;
+  }
+  return cudaError_t(image_error);
+}
+namespace {
+// Whether a cubin (kinds & 1) or the PTX (kinds & 2) of archs runs on the device.
+bool image_kinds(const char* archs, int major, int minor, int kinds) {
   const int device = 10 * major + minor;
   for (const char* p = archs; *p;) {
     const char* end = strchr(p, ',');
@@ -130,11 +147,14 @@ bool emu_image_runs(const char* archs, int major, int minor) {
     const std::string kind = item.substr(size_t(used));  // "", "a", "-real", "-virtual", "a-real", ...
     const bool specific = !kind.empty() && kind[0] == 'a';
     const bool cubin = kind.find("-virtual") == std::string::npos, ptx = kind.find("-real") == std::string::npos;
-    if (cubin && arch / 10 == major && (specific ? arch == device : arch <= device)) return true;
-    if (ptx && !specific && arch <= device) return true;
+    if ((kinds & 1) && cubin && arch / 10 == major && (specific ? arch == device : arch <= device)) return true;
+    if ((kinds & 2) && ptx && !specific && arch <= device) return true;
   }
   return false;
 }
+}  // namespace
+bool emu_image_runs(const char* archs, int major, int minor) { return image_kinds(archs, major, minor, 3); }
+bool emu_image_cubin(const char* archs, int major, int minor) { return image_kinds(archs, major, minor, 1); }
 size_t emu_opt_in_smem() {
   const EmuDevice d = emu_device();
   const int cc = 10 * d.major + d.minor;
@@ -318,10 +338,10 @@ void emu_launch(dim3 grid, dim3 block, size_t smem, EmuKernel kernel, std::funct
     emu_fail(emu_context_error);
     return;
   }
-  // A device none of the build's code runs on fails every launch, as on a GPU.
-  if (image_runs < 0) image_runs = emu_image_runs(emu_architectures(), emu_device().major, emu_device().minor);
-  if (!image_runs) {
-    emu_fail(cudaErrorNoKernelImageForDevice);
+  // A device none of the build's code runs on fails every launch, as on a GPU (and one only its
+  // PTX serves, when the driver cannot compile that PTX).
+  if (const cudaError_t e = emu_image_error(); e != cudaSuccess) {
+    emu_fail(e);
     return;
   }
   // What the GPU checks at launch, checked when the launch is made (a capture's too).
