@@ -4,8 +4,10 @@
 // default build's does, and asking it for a GPU fails with the runtime's reason where there is
 // none (and matches the golden logits where there is one). Skipped where it is not built.
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
+import { promisify } from 'node:util';
 
 import { RedflagError } from '../lib/errors.js';
 import { loadModel } from '../lib/model/model.js';
@@ -34,6 +36,15 @@ describe.skipIf(info === undefined)('the CUDA build of the addon', () => {
     expect(typeof info!.cublasLt).toBe('boolean');
     if (FETCHED_CUBLASLT) expect(info!.cublasLt, 'cuBLASLt was fetched into .cuda-deps/, but the CUDA build did not link it').toBe(true);
     if (info!.count === 0) expect(info!.error).toMatch(/^cuda\w+: ./);
+  });
+
+  it('binds every symbol it needs at load (cuBLASLt\'s among them): none is missing from the libraries it was linked against', async () => {
+    // A shared object links with undefined symbols left for the loader, which binds a function at
+    // its first call; LD_BIND_NOW binds them all at load, so a missing one fails here, not on a GPU.
+    const { stdout } = await promisify(execFile)(process.execPath, ['-e', `console.log(typeof require(${JSON.stringify(ADDON)}).cudaInfo)`], {
+      env: { ...process.env, LD_BIND_NOW: '1' },
+    });
+    expect(stdout.trim()).toBe('function');
   });
 
   it.each(['llama-gqa', 'gpt2'])('its CPU engine matches the golden logits of %s in f32 and bf16', async (fixture) => {
