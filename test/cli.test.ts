@@ -48,6 +48,44 @@ describe('redflag CLI', () => {
     expect(stdout).toMatch(/tokenizer: 32000 tokens, chat template/);
   });
 
+  it('info --adapter says what an adapter adapts, at which ranks (PEFT\'s per-module forms included)', async () => {
+    const { loadModel } = await import('../lib/model/model.js');
+    const { loraSites, moduleLora, saveAdapter, selectModules } = await import('../lib/train/adapter.js');
+    const fixture = join(FIXTURES, 'llama-gqa');
+    const model = await loadModel(fixture, { threads: 1 });
+    const config = model.config;
+    model.dispose();
+    const adapter = {
+      rank: 4, alpha: 8, dropout: 0, rslora: false, targets: '.*\\.(q_proj|v_proj)', rankPattern: { v_proj: 2 },
+      modules: [] as import('../lib/train/adapter.js').LoraModuleWeights[], redFlag: null, baseModel: '', config,
+    };
+    for (const { layer, site } of selectModules(config, adapter.targets, null)) {
+      const { inFeatures, outFeatures } = loraSites(config).find((s) => s.site === site)!;
+      const { rank } = moduleLora(adapter, layer, site);
+      adapter.modules.push({ layer, site, inFeatures, outFeatures, A: new Float32Array(rank * inFeatures).fill(0.01), B: new Float32Array(outFeatures * rank).fill(0.01) });
+    }
+    const adapterDir = join(dir, 'pattern-adapter');
+    await saveAdapter(adapterDir, adapter);
+
+    const json = await cli('info', '--model', fixture, '--adapter', adapterDir, '--json');
+    expect(json.code).toBe(0);
+    expect(JSON.parse(json.stdout).adapter).toMatchObject({
+      dir: adapterDir, targets: adapter.targets, rankPattern: { v_proj: 2 }, exclude: null, layers: [0, 1], sites: ['self_attn.q_proj', 'self_attn.v_proj'],
+      groups: [
+        { rank: 4, alpha: 8, scale: 2, modules: ['0/self_attn.q_proj', '1/self_attn.q_proj'] },
+        { rank: 2, alpha: 8, scale: 4, modules: ['0/self_attn.v_proj', '1/self_attn.v_proj'] },
+      ],
+      redFlag: null,
+    });
+    const text = await cli('info', '--model', fixture, '--adapter', adapterDir);
+    expect(text.stdout).toMatch(/adapter .*pattern-adapter: LoRA on 4 modules \(layers 0, 1; self_attn\.q_proj, self_attn\.v_proj\), no <rf> rows\n/);
+    expect(text.stdout).toMatch(/ {4}rank 2, alpha 8 \(scale 4\): 0\/self_attn\.v_proj, 1\/self_attn\.v_proj\n/);
+    // An adapter for another model: the loader's error, naming the file.
+    const other = await cli('info', '--model', join(FIXTURES, 'gpt2'), '--adapter', adapterDir);
+    expect(other.code).toBe(1);
+    expect(other.stderr).toMatch(/redflag: .*adapter_config\.json: "fan_in_fan_out"/);
+  });
+
   it('generate --chat streams text equal to the library’s greedy output', async () => {
     const { code, stdout, stderr } = await cli('generate', '--model', dir, '--prompt', 'Hello there', '--chat', '-n', '8');
     expect(code).toBe(0);

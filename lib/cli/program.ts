@@ -6,6 +6,8 @@ import { Command, InvalidArgumentError } from 'commander';
 
 import { RedflagError } from '../errors.js';
 import { loadModel, type Model } from '../model/model.js';
+import { moduleLora, type Adapter } from '../train/adapter.js';
+import { applyAdapter } from '../train/export.js';
 import { runDemo } from '../demo.js';
 import { runEval } from './eval.js';
 import { runTrain } from './train.js';
@@ -68,6 +70,35 @@ async function open(flags: ModelFlags): Promise<Model> {
   return loadModel(flags.model, modelOptions(flags));
 }
 
+/**
+ * What an adapter adapts, at which rank and scale: its PEFT settings, and its modules grouped by
+ * (rank, alpha), each group with its scale and `layer/site` ids (for `redflag info --adapter`).
+ */
+function describeAdapter(dir: string, adapter: Adapter) {
+  const groups = new Map<string, { rank: number; alpha: number; scale: number; modules: string[] }>();
+  for (const m of adapter.modules) {
+    const { rank, alpha, scale } = moduleLora(adapter, m.layer, m.site);
+    const key = `${rank}/${alpha}`;
+    if (!groups.has(key)) groups.set(key, { rank, alpha, scale, modules: [] });
+    groups.get(key)!.modules.push(`${m.layer}/${m.site}`);
+  }
+  const rf = adapter.redFlag;
+  return {
+    dir,
+    rank: adapter.rank,
+    alpha: adapter.alpha,
+    rslora: adapter.rslora,
+    targets: adapter.targets,
+    exclude: adapter.exclude ?? null,
+    rankPattern: adapter.rankPattern ?? null,
+    alphaPattern: adapter.alphaPattern ?? null,
+    layers: [...new Set(adapter.modules.map((m) => m.layer))],
+    sites: [...new Set(adapter.modules.map((m) => m.site))],
+    groups: [...groups.values()],
+    redFlag: rf ? { tokenId: rf.tokenId, categories: rf.categories } : null,
+  };
+}
+
 function formatBytes(n: number): string {
   return n >= 1e9 ? `${(n / 1e9).toFixed(2)} GB` : n >= 1e6 ? `${(n / 1e6).toFixed(1)} MB` : `${(n / 1e3).toFixed(1)} kB`;
 }
@@ -78,11 +109,14 @@ export function buildProgram(): Command {
     .description('Turn a language model into its own harmfulness detector with a red-flag token.')
     .showHelpAfterError();
 
-  withModelFlags(program.command('info').description('describe a model directory'))
+  withModelFlags(program.command('info').description('describe a model directory (and an adapter for it)'))
+    .option('--adapter <dir>', "a LoRA adapter for the model (redflag train's or PEFT's): what it adapts, at which ranks")
     .option('--json', 'print JSON')
-    .action(async (flags: ModelFlags & { json?: boolean }) => {
+    .action(async (flags: ModelFlags & { json?: boolean; adapter?: string }) => {
       const model = await open(flags);
       try {
+        // Applied as generate and serve apply it: checked against the model, <rf> added.
+        const adapter = flags.adapter === undefined ? null : describeAdapter(flags.adapter, await applyAdapter(model, flags.adapter));
         const c = model.config;
         const info = {
           dir: model.dir,
@@ -116,6 +150,7 @@ export function buildProgram(): Command {
             : null,
           eosTokenIds: model.eosTokenIds,
           redFlagTokenId: model.redFlagTokenId,
+          adapter,
         };
         if (flags.json) {
           console.log(JSON.stringify(info, null, 2));
@@ -141,6 +176,15 @@ export function buildProgram(): Command {
         console.log(`  tokenizer: ${info.tokenizer ? `${info.tokenizer.vocab} tokens${info.tokenizer.chatTemplate ? ', chat template' : ''}` : 'none'}`);
         console.log(`  EOS ids: ${info.eosTokenIds.join(', ') || 'none'}; red-flag token: ${info.redFlagTokenId ?? 'not added'}`);
         if (info.unusedTensors.length) console.log(`  unused tensors: ${info.unusedTensors.join(', ')}`);
+        if (adapter) {
+          const flag = adapter.redFlag ? `<rf> ${adapter.redFlag.tokenId}${adapter.redFlag.categories.length ? ` and ${adapter.redFlag.categories.length} category flags` : ''}` : 'no <rf> rows';
+          console.log(`  adapter ${adapter.dir}: LoRA on ${adapter.groups.reduce((n, g) => n + g.modules.length, 0)} modules ` +
+            `(layers ${adapter.layers.join(', ')}; ${adapter.sites.join(', ')}), ${flag}${adapter.rslora ? ', rsLoRA' : ''}`);
+          for (const g of adapter.groups) {
+            const list = g.modules.length <= 6 ? g.modules.join(', ') : `${g.modules.slice(0, 5).join(', ')}, ... (${g.modules.length})`;
+            console.log(`    rank ${g.rank}, alpha ${g.alpha} (scale ${Number(g.scale.toPrecision(4))}): ${list}`);
+          }
+        }
       } finally {
         model.dispose();
       }
