@@ -17,6 +17,11 @@ if [ -f "$dir/include/cublasLt.h" ] && compgen -G "$dir/lib/libcublasLt.so.*" > 
   echo "cuda-deps: $dir already holds cuBLASLt"
   exit 0
 fi
+# Only a folder this script made (its marker inside) is replaced: never a user's own.
+if [ -e "$dir" ] && [ ! -f "$dir/.redflag-cuda-deps" ] && [ -n "$(ls -A "$dir" 2>/dev/null || echo file)" ]; then
+  echo "cuda-deps: $dir exists and is not a folder this script made: name a new one" >&2
+  exit 2
+fi
 suite=${RF_CUDA_DEPS_SUITE:-trixie}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -37,6 +42,7 @@ cp -P "$work"/x/usr/lib/x86_64-linux-gnu/libcublasLt.so.* "$work/out/lib/"
 soname=$(basename "$(ls "$work"/out/lib/libcublasLt.so.* | sort | head -1)")
 ln -s "$soname" "$work/out/lib/libcublasLt.so"
 version=$(grep -E '#define CUBLAS_VER_(MAJOR|MINOR|PATCH) ' "$work/out/include/cublas_api.h" | awk '{print $3}' | paste -sd.)
+echo "cuBLASLt $version from Debian $suite's non-free archive (scripts/cuda-deps.sh)" > "$work/out/.redflag-cuda-deps"
 # Into place in one rename: an interrupted fetch leaves no half-filled DIR behind.
 mkdir -p "$(dirname "$dir")"
 rm -rf "$dir.partial"
