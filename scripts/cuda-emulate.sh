@@ -7,7 +7,7 @@
 # Needs the CPU libraries of build-native (npm run test:native builds them first, then calls this),
 # and for the end-to-end tests the CPU addon's build/ and dist/ (npm ci makes both).
 #   bash scripts/cuda-emulate.sh [TEST...]     (default: all; names as in native/tests/emulate/run_*.cpp,
-#                                               and e2e, train_e2e, serve; attention_sm86 and
+#                                               and e2e, train_e2e, eval_e2e, serve; attention_sm86 and
 #                                               attention_backward_sm86 on an emulated 8.6 GPU)
 set -uo pipefail
 # The script is one compound command, which bash reads whole before running it (and which exits
@@ -85,10 +85,10 @@ declare -A bench_kind=([bench]=cuda [train_bench]=cuda-train)
 # and its server bench (npm run bench -- gpu-serve) on a tiny model in bf16; check_json.py
 # checks what each printed.
 declare -A e2e_script=([e2e]="scripts/device-e2e.mjs --device cuda" [train_e2e]="scripts/device-train-e2e.mjs --device cuda"
-  [serve]="--import tsx bench/run.ts gpu-serve --tiny")
-declare -A e2e_kind=([e2e]=e2e [train_e2e]=e2e [serve]=gpu-serve)
+  [eval_e2e]="scripts/device-eval-e2e.mjs --device cuda" [serve]="--import tsx bench/run.ts gpu-serve --tiny")
+declare -A e2e_kind=([e2e]=e2e [train_e2e]=e2e [eval_e2e]=e2e [serve]=gpu-serve)
 tests=("$@")
-[ ${#tests[@]} -eq 0 ] && tests=(e2e train_e2e serve emulator smoke ops ops_backward optim attention attention_backward attention_sm86 attention_backward_sm86 rf_loss model_ops gemv gemm train_ops model train bench train_bench)
+[ ${#tests[@]} -eq 0 ] && tests=(e2e train_e2e eval_e2e serve emulator smoke ops ops_backward optim attention attention_backward attention_sm86 attention_backward_sm86 rf_loss model_ops gemv gemm train_ops model train bench train_bench)
 addon=0
 for t in "${tests[@]}"; do
   b=$(base "$t")

@@ -2,8 +2,8 @@
 # One call on the GPU machine (see README "Building"): builds the native tests with CMake and
 # the CUDA sources for sm_90a (H100/H200), runs every CUDA test (native/tests/cuda_*.cpp) and
 # the GPU benchmark (native/bench/cuda_bench.cu) and its PyTorch peer, and, when .gpu-pack is
-# carried (scripts/gpu-pack.sh), the library end to end on the GPU (scripts/device-e2e.mjs, and
-# training: scripts/device-train-e2e.mjs); it
+# carried (scripts/gpu-pack.sh), the library end to end on the GPU (scripts/device-e2e.mjs,
+# training: scripts/device-train-e2e.mjs, the evaluation: scripts/device-eval-e2e.mjs); it
 # leaves the logs, the JSON results and a summary in OUT_DIR. Order: cheapest first, so a
 # timeout still returns the tests. RF_GPU_CHECK_BENCH=0 skips the benchmarks, RF_GPU_CHECK_TESTS=0
 # the tests; RF_GPU_CHECK_SANITIZE=1 runs the kernel tests under compute-sanitizer.
@@ -19,13 +19,13 @@ mkdir -p "$dest"
 out=$(mktemp -d /tmp/rf-gpu-check.XXXXXX)
 # Each part's exit status (-1: not run, -2: no time left), and the summary of them so far.
 build_state=running
-ctest_rc=-1 addon_rc=-1 e2e_rc=-1 train_e2e_rc=-1 interop_rc=-1 bench_rc=-1 peer_rc=-1 train_bench_rc=-1 train_peer_rc=-1
+ctest_rc=-1 addon_rc=-1 e2e_rc=-1 train_e2e_rc=-1 eval_e2e_rc=-1 interop_rc=-1 bench_rc=-1 peer_rc=-1 train_bench_rc=-1 train_peer_rc=-1
 llmc_rc=-1 serve_rc=-1
 results=()
 save() {
   [ "$build_state" = failed ] ||
-    printf '{"build": "%s", "ctest": %d, "cuda": {%s}, "addon": %d, "e2e": %d, "trainE2e": %d, "interop": %d, "bench": %d, "peer": %d, "trainBench": %d, "trainPeer": %d, "llmc": %d, "serve": %d}\n' \
-      "$build_state" "$ctest_rc" "$(IFS=,; echo "${results[*]}")" "$addon_rc" "$e2e_rc" "$train_e2e_rc" "$interop_rc" "$bench_rc" \
+    printf '{"build": "%s", "ctest": %d, "cuda": {%s}, "addon": %d, "e2e": %d, "trainE2e": %d, "evalE2e": %d, "interop": %d, "bench": %d, "peer": %d, "trainBench": %d, "trainPeer": %d, "llmc": %d, "serve": %d}\n' \
+      "$build_state" "$ctest_rc" "$(IFS=,; echo "${results[*]}")" "$addon_rc" "$e2e_rc" "$train_e2e_rc" "$eval_e2e_rc" "$interop_rc" "$bench_rc" \
       "$peer_rc" "$train_bench_rc" "$train_peer_rc" "$llmc_rc" "$serve_rc" > "$out/summary.json"
   cp -f "$out/summary.json" "$dest/" 2>/dev/null
   tar -cJf "$dest/gpu-check.tar.xz.part" -C "$out" . 2>/dev/null && mv -f "$dest/gpu-check.tar.xz.part" "$dest/gpu-check.tar.xz"
@@ -156,6 +156,10 @@ if [ -n "$addon" ] && [ "$tests" != 0 ]; then
     > "$out/train-e2e.json" 2> "$out/train-e2e.log"
   train_e2e_rc=$rc
   head -c 1200 "$out/train-e2e.json"
+  # The evaluation's suites (white-box attacks and the fine-tuning attack included) against the CPU.
+  stage 240 env REDFLAG_ADDON="$PWD/$addon" node scripts/device-eval-e2e.mjs --device cuda > "$out/eval-e2e.json" 2> "$out/eval-e2e.log"
+  eval_e2e_rc=$rc
+  head -c 1200 "$out/eval-e2e.json"
   # PEFT interoperability: an adapter trained by redflag loads with PeftModel.from_pretrained and
   # gives redflag's logits (CPU and GPU), test/reference/peft_interop.py.
   stage 300 env REDFLAG_ADDON="$PWD/$addon" node scripts/interop-export.mjs /tmp/rf-interop --device cuda > "$out/interop-export.log" 2>&1

@@ -28,4 +28,11 @@ describe('device end-to-end scripts, against the CPU', () => {
     expect(r.checks.filter((c) => !c.ok)).toEqual([]);
     expect(r.passed).toBe(5);
   }, 240_000);
+
+  it('device-eval-e2e.mjs: every eval suite, white-box and fine-tuning attacks included', async () => {
+    const r = await runScript('device-eval-e2e.mjs');
+    expect(r.checks.filter((c) => !c.ok)).toEqual([]);
+    // where it ran, the cache, and one comparison per suite (9)
+    expect(r.passed).toBe(11);
+  }, 240_000);
 });

@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 
-import type { EvalConfigInput } from '../lib/eval/config.js';
+import { parseEvalConfig, type EvalConfigInput } from '../lib/eval/config.js';
 import { evaluate } from '../lib/eval/evaluate.js';
 import { loadModel } from '../lib/model/model.js';
 import { addRedFlagToken } from '../lib/model/red-flag.js';
@@ -100,6 +100,25 @@ describe('redflag eval', () => {
     expect(noData.stderr).toMatch(/harmful: no data/);
     const missing = await cli('eval', '--model', base, '--synthetic', '--variant', `x=${join(out, 'nowhere')}`, '--suite', 'detection', '--out', out);
     expect(missing.stderr).toMatch(/variants\[1\] "x": neither an adapter/);
+  }, 120_000);
+
+  it('--device: where every model runs, with the device\'s default dtype; a device that cannot run fails before any data is read', async () => {
+    const cfg = (extra: Partial<EvalConfigInput>) => parseEvalConfig({ model: base, out, synthetic: {}, ...extra });
+    expect([cfg({}).device, cfg({}).dtype]).toEqual(['cpu', 'f32']);
+    expect([cfg({ device: 'cuda' }).device, cfg({ device: 'cuda' }).dtype]).toEqual(['cuda:0', 'bf16']);
+    expect([cfg({ device: 'cuda:1', dtype: 'f32' }).device, cfg({ device: 'cuda:1', dtype: 'f32' }).dtype]).toEqual(['cuda:1', 'f32']);
+    expect(() => cfg({ device: 'gpu' })).toThrow(/device: must be 'cpu', 'cuda' or 'cuda:N'/);
+    expect(cfg({}).kvCacheBytes).toBe(2 * 2 ** 30);
+    expect(() => cfg({ kvCacheBytes: 1000 })).toThrow(/kvCacheBytes/);
+    const flag = await cli('eval', '--model', base, '--synthetic', '--device', 'gpu', '--out', out);
+    expect(flag.code).toBe(1);
+    expect(flag.stderr).toMatch(/--device.*must be 'cpu', 'cuda' or 'cuda:N'/);
+    // No GPU here: the device's own reason, before the (missing) data file is read or the output made.
+    const where = join(out, 'on-cuda');
+    const error = await evaluate({ model: base, out: where, harmful: [{ file: join(out, 'absent.jsonl') }], device: 'cuda' }).then(() => null, (e: unknown) => e);
+    expect(error).toMatchObject({ code: expect.stringMatching(/^(NATIVE|UNSUPPORTED)$/) });
+    expect(String((error as Error).message)).toMatch(/cuda/i);
+    await expect(readFile(join(where, 'cache.json'))).rejects.toThrow(/ENOENT/);
   }, 120_000);
 
   it('evaluate(): a stopped run resumes from the cache, recomputing only what was not finished; changed weights recompute', async () => {

@@ -49,6 +49,7 @@ const SETTINGS: EvalSettings = {
   bootstrapResamples: 50,
   seed: 0,
   batchSize: 4,
+  kvCacheBytes: 2 ** 30,
   attacks: DEFAULT_ATTACK_BUDGETS,
 };
 

@@ -13,6 +13,7 @@ import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 
 import type { Conversation } from '../data/records.js';
+import type { DeviceSpec } from '../model/device.js';
 import { loadModel } from '../model/model.js';
 import { applyAdapter, saveMerged } from '../train/export.js';
 import { train, type StepInfo } from '../train/trainer.js';
@@ -36,6 +37,10 @@ export interface FineTuneAttackOptions {
   rank?: number;
   maxTokens?: number;
   seed?: number;
+  /** Where the attack trains: 'cpu' (the default), 'cuda' or 'cuda:N'. */
+  device?: DeviceSpec;
+  /** Frozen weights' element type (default the device's: f32 on the CPU, bf16 on a GPU). */
+  dtype?: 'f32' | 'bf16';
   threads?: number;
   signal?: AbortSignal;
   onStep?: (info: StepInfo) => void;
@@ -80,6 +85,8 @@ export async function fineTuneAttack(o: FineTuneAttackOptions): Promise<string> 
       overwrite: true,
       lora: { rank, alpha: 2 * rank, dropout: 0 },
       optimizer: { lr: o.lr ?? 1e-3, warmupSteps: 10 },
+      ...(o.device ? { device: o.device } : {}),
+      ...(o.dtype ? { dtype: o.dtype } : {}),
       ...(o.threads ? { threads: o.threads } : {}),
     },
     { ...(o.signal ? { signal: o.signal } : {}), ...(o.onStep ? { onStep: o.onStep } : {}) },

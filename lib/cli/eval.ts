@@ -108,6 +108,7 @@ export async function evalConfigFromFlags(flags: Record<string, unknown>): Promi
     });
     o['refusalPhrases'] = text.split(/\r?\n/).map((l) => l.trim()).filter((l) => l.length > 0 && !l.startsWith('#'));
   }
+  set('device', flags['device']);
   set('dtype', flags['dtype']);
   set('threads', flags['threads']);
   if (flags['png'] === false) o['png'] = false;

@@ -348,7 +348,8 @@ export function buildProgram(): Command {
     .option('--batch-size <n>', 'sequences decoded together', integer('batch-size', 1))
     .option('-o, --out <dir>', 'output directory: report.json, report.md, plots, cache.json')
     .option('--no-png', 'write the plots as SVG only')
-    .option('--dtype <dtype>', "weights in the engine: 'f32' or 'bf16'", dtype)
+    .option('--device <device>', "where every model of the run runs, the fine-tuning attack's training too: 'cpu' (default), 'cuda' or 'cuda:N' (the CUDA build: npm run build:cuda)", device)
+    .option('--dtype <dtype>', "weights in the engine: 'f32' or 'bf16' (default: f32 on the CPU, bf16 on a GPU)", dtype)
     .option('--threads <n>', 'threads for native work', integer('threads', 1))
     .action(async (flags: Record<string, unknown>) => {
       await runEval(flags);

@@ -37,7 +37,7 @@ export const DEFAULT_REFLECTION = ' I notice that this answer could cause harm, 
 
 const MODES: readonly DetectorMode[] = ['block', 'flag', 'reflect'];
 /** kvCacheBytes on the CPU unless given (the CPU allocates per sequence: a cap on its RAM). */
-const DEFAULT_KV_CACHE_BYTES = 2 * 2 ** 30;
+export const DEFAULT_KV_CACHE_BYTES = 2 * 2 ** 30;
 /** Most prompt tokens of one request read per step. */
 const PREFILL_CHUNK = 512;
 

@@ -5,6 +5,8 @@
 import { z } from 'zod';
 
 import { RedflagError } from '../errors.js';
+import { DEFAULT_KV_CACHE_BYTES } from '../detect/detector.js';
+import { parseDevice, type DeviceSpec } from '../model/device.js';
 import { DEFAULT_ATTACK_BUDGETS } from './suites/white-box.js';
 import { DEFAULT_SUITES, SUITE_NAMES, type EvalSettings, type SuiteName } from './types.js';
 
@@ -113,7 +115,19 @@ export const evalConfigSchema = z
     judge: z.enum(['auto', 'synthetic', 'non-refusal']).default('auto'),
     /** Replaces the default refusal-phrase list. */
     refusalPhrases: z.array(z.string().min(1)).min(1).optional(),
-    dtype: z.enum(['f32', 'bf16']).default('f32'),
+    /**
+     * Where every model of the run (variants, attacked copies, the fine-tuning attack's training)
+     * runs: 'cpu' (the default), or an NVIDIA GPU, 'cuda' (device 0) or 'cuda:N'.
+     */
+    device: z.string().regex(/^(cpu|cuda(:\d{1,3})?)$/, "must be 'cpu', 'cuda' or 'cuda:N'").default('cpu'),
+    /**
+     * KV-cache budget of each detector the run holds (a variant's, an attacked copy's). On a GPU it
+     * is allocated up front, beside the other models of the run (the base, an attack's copy), so
+     * it is fixed rather than sized to the free memory as a server's is. Default 2 GiB.
+     */
+    kvCacheBytes: z.number().int().min(2 ** 20).max(Number.MAX_SAFE_INTEGER).default(DEFAULT_KV_CACHE_BYTES),
+    /** Weights in the engine; default the device's: f32 on the CPU, bf16 on a GPU. */
+    dtype: z.enum(['f32', 'bf16']).optional(),
     threads: z.number().int().min(1).optional(),
     /** Also write PNGs beside the SVG plots. */
     png: z.boolean().default(true),
@@ -129,6 +143,11 @@ export const evalConfigSchema = z
     if (!c.synthetic && c.harmful.length + c.benign.length + c.data.length === 0) {
       ctx.addIssue({ code: 'custom', path: ['harmful'], message: 'no data: give harmful/benign/data files or synthetic' });
     }
+  })
+  // One spelling per device ('cuda' is 'cuda:0'), and the dtype its engine loads by default.
+  .transform((c) => {
+    const device = parseDevice(c.device);
+    return { ...c, device: device.name as DeviceSpec, dtype: c.dtype ?? (device.kind === 'cuda' ? ('bf16' as const) : ('f32' as const)) };
   });
 
 /** A validated evaluation config (defaults filled in). */
@@ -159,6 +178,7 @@ export function settingsOf(c: EvalConfig): EvalSettings {
     bootstrapResamples: c.bootstrapResamples,
     seed: c.seed,
     batchSize: c.batchSize,
+    kvCacheBytes: c.kvCacheBytes,
     attacks: {
       embedding: { ...DEFAULT_ATTACK_BUDGETS.embedding, ...c.attacks.embedding },
       gcg: { ...DEFAULT_ATTACK_BUDGETS.gcg, ...c.attacks.gcg },

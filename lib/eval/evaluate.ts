@@ -12,7 +12,8 @@ import type { Conversation } from '../data/records.js';
 import { generateSyntheticData } from '../data/synthetic.js';
 import { createDetector } from '../detect/detector.js';
 import { RedflagError, abortError } from '../errors.js';
-import { loadModel, type Model } from '../model/model.js';
+import { addonFor, parseDevice } from '../model/device.js';
+import { loadModel, type LoadModelOptions, type Model } from '../model/model.js';
 import { applyAdapter } from '../train/export.js';
 import { pathExists } from '../model/safetensors.js';
 import { fingerprint, ResultsCache } from './cache.js';
@@ -83,10 +84,20 @@ async function directoryStamp(dir: string): Promise<string[]> {
   return stamps.filter(Boolean);
 }
 
+/** Where and how every model of the run is loaded. */
+function engineOptions(config: EvalConfig): LoadModelOptions {
+  return { device: config.device, dtype: config.dtype, ...(config.threads ? { threads: config.threads } : {}) };
+}
+
+/** The device in a cache fingerprint: absent on the CPU, so caches written before it was a setting stay valid. */
+function onDevice(config: EvalConfig): { device?: string } {
+  return config.device === 'cpu' ? {} : { device: config.device };
+}
+
 /** Loads one variant: the base itself, an adapter on the base, or a model directory. */
 async function loadVariant(config: EvalConfig, index: number): Promise<LoadedVariant> {
   const v = config.variants[index]!;
-  const options = { dtype: config.dtype, ...(config.threads ? { threads: config.threads } : {}) };
+  const options = engineOptions(config);
   let model: Model;
   let kind: LoadedVariant['kind'];
   if (await pathExists(join(v.source, 'adapter_config.json'))) {
@@ -110,13 +121,15 @@ async function loadVariant(config: EvalConfig, index: number): Promise<LoadedVar
 async function withDetector(variant: LoadedVariant, config: EvalConfig): Promise<LoadedVariant> {
   const rf = variant.model.redFlagTokenId;
   if (rf === null) return variant;
-  const detector = await createDetector({ model: variant.model, threshold: config.threshold, mode: 'flag', maxBatch: config.batchSize });
+  const detector = await createDetector({ model: variant.model, threshold: config.threshold, mode: 'flag', maxBatch: config.batchSize, kvCacheBytes: config.kvCacheBytes });
   return { ...variant, detects: true, rfToken: rf, detector };
 }
 
 /** Runs the evaluation; see the module description. Returns the report it wrote. */
 export async function evaluate(input: EvalConfigInput | EvalConfig, hooks: EvaluateHooks = {}): Promise<EvalReport> {
   const config = parseEvalConfig(input);
+  // A device that cannot run fails now, with its reason, before any data is read.
+  addonFor(parseDevice(config.device));
   const settings = settingsOf(config);
   const suites = suitesOf(config);
   const { signal } = hooks;
@@ -130,7 +143,7 @@ export async function evaluate(input: EvalConfigInput | EvalConfig, hooks: Evalu
 
   emit({ phase: 'load', variant: 'base', done: 0, total: 1 });
   const baseStamp = [config.model, ...(await directoryStamp(config.model))];
-  const baseModel = await loadModel(config.model, { dtype: config.dtype, ...(config.threads ? { threads: config.threads } : {}) });
+  const baseModel = await loadModel(config.model, engineOptions(config));
   const described: EvalReport['variants'] = [];
   const results: EvalReport['results'] = {};
   const seconds: EvalReport['seconds'] = {};
@@ -155,8 +168,8 @@ export async function evaluate(input: EvalConfigInput | EvalConfig, hooks: Evalu
       seconds[spec.name] = {};
       // Units of the same model and settings share cache entries across runs.
       const sourceStamp = spec.source === 'base' ? [] : await directoryStamp(spec.source);
-      const fp = fingerprint({ model: baseStamp, source: spec.source, sourceStamp, dtype: config.dtype, maxTokens: settings.maxTokens, threshold: settings.threshold, temperature: settings.temperature, seed: settings.seed });
-      const sharedFp = fingerprint({ model: baseStamp, dtype: config.dtype, maxTokens: settings.maxTokens, seed: settings.seed });
+      const fp = fingerprint({ model: baseStamp, source: spec.source, sourceStamp, ...onDevice(config), dtype: config.dtype, maxTokens: settings.maxTokens, threshold: settings.threshold, temperature: settings.temperature, seed: settings.seed });
+      const sharedFp = fingerprint({ model: baseStamp, ...onDevice(config), dtype: config.dtype, maxTokens: settings.maxTokens, seed: settings.seed });
       for (const name of suites) {
         const suite = SUITES[name];
         const t0 = performance.now();

@@ -61,6 +61,8 @@ export interface EvalSettings {
   seed: number;
   /** Sequences decoded together. */
   batchSize: number;
+  /** KV-cache budget of each detector the run holds. */
+  kvCacheBytes: number;
   /** The white-box attacks' budgets. */
   attacks: AttackBudgets;
 }

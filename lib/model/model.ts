@@ -243,6 +243,11 @@ export class Model {
     readonly device: Device = CPU,
   ) {}
 
+  /** The options that load another model onto this one's engine: the same device, dtype and threads. */
+  loadOptions(): LoadModelOptions {
+    return { device: this.device.name as DeviceSpec, dtype: this.dtype, threads: this.threads };
+  }
+
   /** @internal Records a grown vocabulary (config.json's vocab_size follows when saved). */
   setVocabSize(rows: number): void {
     this.config.vocabSize = rows;

@@ -501,7 +501,8 @@ RfLossResult rf_loss(GemmContext& gemm, const float* h, int N, const float* h_re
     const double log_k = opt.aggregation == RfAggregation::any ? log_q[size_t(g)] - o.log_1mp + o.log_p - log_1mq[size_t(g)]
                                                                : -std::log(opt.aggregation == RfAggregation::mean ? double(group_size[size_t(g)]) : 1.0);
     // p = 1 to double precision (log(1 - p) = -inf): the unit dz is 0, and so is the gradient.
-    coef[n_kl + j] = o.log_1mp == -INFINITY ? 0.0 : std::exp(std::log(w_group) + log_k);
+    // w_group is negative where the term is maximised (the white-box attacks' alpha_rf < 0).
+    coef[n_kl + j] = o.log_1mp == -INFINITY ? 0.0 : w_group * std::exp(log_k);
   }
   upload(d_coef, coef, stream);
   if (!rf_rows.empty()) scale_rows_kernel<<<int(rf_rows.size()), 256, 0, stream>>>(dh, H, d_coef + n_kl, d_order + n_kl);

@@ -4,6 +4,7 @@
 //
 // Also ce_loss (cross-entropy rows) against float64: see ce_case.
 // Cases: one flag and three, aggregations any / mean / single, KL rows sharing reference rows,
+// a negative red-flag weight (the white-box attacks'),
 // groups split across chunks (chunk 8 with 41 rows), 600 rows (dw_rf's sum over parts of 256
 // rows), vocabulary 1001 (odd) and 128256 (Llama-3's; the test the issue asks for: the fused loss
 // at full vocabulary against a reference), f32 and bf16 W, and flags so unlikely (p ~ 1e-30)
@@ -62,7 +63,10 @@ bool close(double got, double want, double rel) { return std::fabs(got - want) <
 // tiny_p: every flag logit near -60 (h's first column 1, w_rf's -60), so p(flag) ~ 1e-30: the
 // red-flag term's log(1 - p) must come from the log-odds (log(s_rest) - log(s) rounds it to 0,
 // and the any-aggregation's loss -log(1 - prod(1 - p)) to infinity).
-void run_case(int V, int H, int K, rf::RfAggregation agg, rf::DType dtype, int chunk, bool tiny_p = false, int n_rows = 41) {
+// alpha_rf < 0: the red-flag term maximised, as the white-box attacks weigh it (their objective
+// is ce - lambda red_flag); every coefficient changes sign with it.
+void run_case(int V, int H, int K, rf::RfAggregation agg, rf::DType dtype, int chunk, bool tiny_p = false, int n_rows = 41,
+              float alpha_rf = 1.f) {
   // n_rows trained rows: benign KL, after KL, and red-flag groups of 1 to 4 rows (single: 1).
   const int Nr = 9;
   std::vector<rf::RfLossRow> rows;
@@ -90,7 +94,7 @@ void run_case(int V, int H, int K, rf::RfAggregation agg, rf::DType dtype, int c
   rf::RfLossOptions opt;
   for (int k = 0; k < K; ++k) opt.flag_tokens.push_back(V - 1 - 7 * k);
   opt.aggregation = agg;
-  opt.alpha_benign = 2.f, opt.alpha_rf = 1.f, opt.alpha_after = 0.5f;
+  opt.alpha_benign = 2.f, opt.alpha_rf = alpha_rf, opt.alpha_after = 0.5f;
   opt.chunk = chunk;
 
   // CPU.
@@ -127,7 +131,8 @@ void run_case(int V, int H, int K, rf::RfAggregation agg, rf::DType dtype, int c
   const std::string tag = "V " + std::to_string(V) + " H " + std::to_string(H) + " K " + std::to_string(K) + " " +
                           (agg == rf::RfAggregation::any ? "any" : agg == rf::RfAggregation::mean ? "mean" : "single") +
                           (b16 ? " bf16" : " f32") + " chunk " + std::to_string(chunk) + (tiny_p ? " p(flag) ~ 1e-30" : "") +
-                          (n_rows != 41 ? " rows " + std::to_string(n_rows) : "");
+                          (n_rows != 41 ? " rows " + std::to_string(n_rows) : "") +
+                          (alpha_rf != 1.f ? " alpha_rf " + std::to_string(alpha_rf) : "");
   const bool same_rounding = rf::active_isa() == rf::Isa::avx512;
   const double rel = !b16 ? 1e-5 : same_rounding ? 1e-4 : 3e-2;
   const double rel_kl = !b16 ? 1e-5 : same_rounding ? 1e-3 : 3e-2;
@@ -234,6 +239,8 @@ int main() {
   run_case(128256, 256, 1, rf::RfAggregation::any, rf::DType::bf16, 0);
   run_case(128256, 256, 3, rf::RfAggregation::mean, rf::DType::f32, 16);
   for (rf::RfAggregation agg : {rf::RfAggregation::any, rf::RfAggregation::mean}) run_case(1001, 80, 3, agg, rf::DType::f32, 8, true);
+  for (rf::RfAggregation agg : {rf::RfAggregation::any, rf::RfAggregation::mean, rf::RfAggregation::single})
+    run_case(1001, 80, 3, agg, rf::DType::f32, 8, false, 41, -0.75f);
   for (rf::DType dtype : {rf::DType::f32, rf::DType::bf16})
     for (int K : {0, 1})
       for (bool with_dW : {false, true}) ce_case(dtype, K, with_dW);

@@ -46,9 +46,11 @@ async function attackedWeights(ctx: SuiteContext, train: Conversation[]): Promis
   const budget = ctx.settings.attacks.finetune;
   const { modelDir, adapterDir } = variantFiles(ctx);
   const work = await attackWorkDir(ctx);
-  const threads = ctx.variant.model.threads;
-  // Keyed by the weights attacked, so variants on the same base share one attack.
-  const outputFor = (dir: string) => join(work, `finetune-${fingerprint({ dir, budget, n: train.length, seed: ctx.settings.seed })}`);
+  const { device, dtype, threads } = ctx.variant.model.loadOptions();
+  // Keyed by the weights attacked, so variants on the same base share one attack, and by the
+  // engine that trains it where it is not the CPU's f32 (the keys of earlier versions).
+  const onDevice = { ...(device !== 'cpu' ? { device } : {}), ...(dtype !== 'f32' ? { dtype } : {}) };
+  const outputFor = (dir: string) => join(work, `finetune-${fingerprint({ dir, budget, n: train.length, seed: ctx.settings.seed, ...onDevice })}`);
   const attack = (dir: string) =>
     fineTuneAttack({
       model: dir,
@@ -59,7 +61,9 @@ async function attackedWeights(ctx: SuiteContext, train: Conversation[]): Promis
       rank: budget.rank,
       batchSize: budget.batchSize,
       seed: ctx.settings.seed,
-      threads,
+      ...(device ? { device } : {}),
+      ...(dtype ? { dtype } : {}),
+      ...(threads ? { threads } : {}),
       ...(ctx.signal ? { signal: ctx.signal } : {}),
     });
   if (adapterDir !== undefined && ctx.variant.detects) return { modelDir: await attack(modelDir), adapterDir, defence: 'encapsulated adapter' };
@@ -101,11 +105,11 @@ export const finetuneSuite: Suite<FinetuneResult> = {
     const before = await measure(ctx, ctx.variant, test, 'before');
     ctx.progress(1, 2);
     const attacked = await attackedWeights(ctx, train);
-    const model = await loadModel(attacked.modelDir, { dtype: ctx.variant.model.dtype, threads: ctx.variant.model.threads });
+    const model = await loadModel(attacked.modelDir, ctx.variant.model.loadOptions());
     let detector = null;
     try {
       if (attacked.adapterDir) await applyAdapter(model, attacked.adapterDir);
-      if (model.redFlagTokenId != null) detector = await createDetector({ model, threshold: ctx.settings.threshold, mode: 'flag' });
+      if (model.redFlagTokenId != null) detector = await createDetector({ model, threshold: ctx.settings.threshold, mode: 'flag', maxBatch: ctx.settings.batchSize, kvCacheBytes: ctx.settings.kvCacheBytes });
       const variant: LoadedVariant = {
         ...ctx.variant,
         name: `${ctx.variant.name} (fine-tuned)`,

@@ -33,7 +33,7 @@ export function variantFiles(ctx: SuiteContext): { modelDir: string; adapterDir?
 /** A fresh attack session on the variant (dispose with {@link closeAttackModel}). */
 export async function openAttackModel(ctx: SuiteContext): Promise<AttackModel> {
   const { modelDir, adapterDir } = variantFiles(ctx);
-  const model = await loadModel(modelDir, { dtype: ctx.variant.model.dtype, threads: ctx.variant.model.threads });
+  const model = await loadModel(modelDir, ctx.variant.model.loadOptions());
   try {
     return await AttackModel.open(model, adapterDir);
   } catch (error) {

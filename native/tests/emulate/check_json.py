@@ -10,7 +10,7 @@ read, each present and without an error. The figures themselves mean nothing und
 gpu-serve: npm run bench -- gpu-serve --tiny (the server over HTTP on the emulated GPU): the
 same, with its streams and classify parts.
 
-e2e: scripts/device-e2e.mjs or device-train-e2e.mjs --device cuda (their own checks, one per
+e2e: scripts/device-e2e.mjs, device-train-e2e.mjs or device-eval-e2e.mjs --device cuda (their own checks, one per
 line of the tally; a failed one printed with its details).
 
     check_json.py cuda|cuda-train|gpu-serve|e2e FILE.json

@@ -12,6 +12,8 @@ int main() {
   run_case(1001, 80, 1, rf::RfAggregation::any, rf::DType::bf16, 0);  // the default chunk: one of each kind
   run_case(1001, 80, 3, rf::RfAggregation::mean, rf::DType::f32, 64, false, 600);  // dw_rf over 3 parts of rows
   for (rf::RfAggregation agg : {rf::RfAggregation::any, rf::RfAggregation::mean}) run_case(1001, 80, 3, agg, rf::DType::f32, 8, true);
+  for (rf::RfAggregation agg : {rf::RfAggregation::any, rf::RfAggregation::mean, rf::RfAggregation::single})
+    run_case(1001, 80, 3, agg, rf::DType::f32, 8, false, 41, -0.75f);  // the white-box attacks' negative weight
   for (rf::DType dtype : {rf::DType::f32, rf::DType::bf16})
     for (int K : {0, 1})
       for (bool with_dW : {false, true}) ce_case(dtype, K, with_dW);
