@@ -8,6 +8,8 @@
 //     the step's total, relative to the total: the benign KL starts at 0, where both engines
 //     give rounding noise of either sign), every later step's
 //     total within 2e-2 (Adam divides by sqrt(v): elements with near-zero gradients move apart);
+//     the same for 3 steps of RF-AT (adversarial: its inner attack's gradients), of a flag per
+//     risk category (flagCategories auto) and of the refusal objective;
 //   - on the device, a run stopped after step 3 (AbortSignal, checkpoint) and resumed ends with
 //     the adapter file of the uninterrupted device run, byte for byte (deterministic kernels);
 //   - with activation recomputation (--recompute), the same adapter byte for byte (GPU only);
@@ -59,15 +61,31 @@ try {
   };
   const adapter = (output) => readFile(join(dir, output, 'adapter', 'adapter_model.safetensors'));
 
+  // The device's run against the CPU's, f32 on both: the first step's terms, then every total.
+  const compare = (what, cpu, dev) => {
+    const [c0, d0] = [cpu.steps[0].loss, dev.steps[0].loss];
+    const termRel = (k) => Math.abs((d0[k] ?? 0) - (c0[k] ?? 0)) / Math.max(Math.abs(c0[k] ?? 0), 1e-3 * Math.abs(c0.total), 1e-12);
+    const first = Math.max(...['total', 'benign', 'redFlag', 'after', 'ce'].map(termRel));
+    check(first <= 1e-4, `${what}: the first step's loss terms equal the CPU's`, { worstRel: first, device: d0, cpu: c0 });
+    const later = Math.max(...dev.steps.map((s, i) => rel(s.loss.total, cpu.steps[i].loss.total)));
+    check(later <= 2e-2, `${what}: every step's loss follows the CPU's`, { worstRel: later, device: dev.steps.map((s) => s.loss.total), cpu: cpu.steps.map((s) => s.loss.total) });
+  };
   const cpu = await run('cpu', { device: 'cpu', dtype: 'f32' });
   const dev = await run('dev', { device, dtype: 'f32' });
-  const [c0, d0] = [cpu.steps[0].loss, dev.steps[0].loss];
-  const termRel = (k) => Math.abs((d0[k] ?? 0) - (c0[k] ?? 0)) / Math.max(Math.abs(c0[k] ?? 0), 1e-3 * Math.abs(c0.total), 1e-12);
-  const first = Math.max(...['total', 'benign', 'redFlag', 'after'].map(termRel));
-  check(first <= 1e-4, 'the first step\'s loss terms equal the CPU\'s', { worstRel: first, device: d0, cpu: c0 });
-  const later = Math.max(...dev.steps.map((s, i) => rel(s.loss.total, cpu.steps[i].loss.total)));
-  check(later <= 2e-2, 'every step\'s loss follows the CPU\'s', { worstRel: later, device: dev.steps.map((s) => s.loss.total), cpu: cpu.steps.map((s) => s.loss.total) });
+  compare('red flag', cpu, dev);
   figures.f32 = { cpuSeconds: cpu.seconds, deviceSeconds: dev.seconds };
+  // What else the trainer does on a device: RF-AT (its inner attack maximises the red-flag term:
+  // a negative weight, and input-embedding gradients), a flag per risk category, the refusal
+  // baseline's objective (cross-entropy rows beside the KL).
+  const variants = {
+    'RF-AT': { adversarial: { steps: 2 } },
+    'category flags': { flagCategories: 'auto' },
+    'refusal objective': { objective: 'refusal' },
+  };
+  for (const [what, extra] of Object.entries(variants)) {
+    const name = what.replace(/\W+/g, '-');
+    compare(what, await run(`${name}-cpu`, { device: 'cpu', dtype: 'f32', steps: 3, ...extra }), await run(`${name}-dev`, { device, dtype: 'f32', steps: 3, ...extra }));
+  }
 
   // Stopped after step 3 and resumed: the uninterrupted run's adapter, byte for byte.
   const controller = new AbortController();
