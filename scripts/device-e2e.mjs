@@ -8,7 +8,8 @@
 //     (embedDelta);
 //   - a forward's progress reports: the CPU's, layer by layer;
 //   - the detector with continuous batching (8 requests at once, mode flag): each answer equals
-//     the CPU detector's, and its p(<rf>) within 1e-4 relative;
+//     the CPU detector's, and its p(<rf>) within 1e-4 relative; modes block and reflect flagged
+//     mid-answer: the CPU's text, flag index and finish reason;
 //   - the OpenAI-compatible server over HTTP: chat completions (whole and streamed) equal the
 //     detector's answer, and /v1/moderations' score within 1e-4 relative of the CPU's;
 //   - a sequence cut back (Sequence.truncate) and continued: the logits of a fresh sequence, and
@@ -43,8 +44,8 @@ function relL2(a, b) {
   return Math.sqrt(num / (den || 1e-300));
 }
 
-async function answer(detector, messages, maxTokens) {
-  const stream = detector.generate(messages, { maxTokens });
+async function answer(detector, messages, maxTokens, options = {}) {
+  const stream = detector.generate(messages, { maxTokens, ...options });
   const pRf = [];
   for await (const t of stream) pRf.push(t.pRf);
   return { ...(await stream.done), pRf };
@@ -148,6 +149,19 @@ try {
     const alone = await answer(dCpu, q, 16);
     const dp = together[i].pRf.length === alone.pRf.length ? relMax(together[i].pRf, alone.pRf) : Infinity;
     check(together[i].text === alone.text && dp <= 1e-4, `detector answer ${i} (batched) equals the CPU's alone`, { maxPRfRel: dp });
+  }
+  // Block and reflect at a threshold the CPU's answer crosses by its fourth token (a thousandth
+  // under its p(<rf>) there, beyond a device's rounding). On a GPU the detector overlaps its
+  // steps (its default there, not on the CPU): it must take back the token it guessed past the
+  // flag, and for reflect continue from the reflection instead.
+  const probe = together[2];
+  const threshold = probe.pRf[3] * (1 - 1e-3);
+  for (const mode of ['block', 'reflect']) {
+    const [a, b] = [await answer(dDev, questions[2], 16, { mode, threshold }), await answer(dCpu, questions[2], 16, { mode, threshold })];
+    const same = a.text === b.text && a.finishReason === b.finishReason && a.flagIndex === b.flagIndex && a.pRf.length === b.pRf.length;
+    check(same && b.flagIndex >= 0 && b.flagIndex <= 3, `mode ${mode}: the answer, where it was flagged and how it ended equal the CPU's`, {
+      device: { text: a.text, finishReason: a.finishReason, flagIndex: a.flagIndex }, cpu: { text: b.text, finishReason: b.finishReason, flagIndex: b.flagIndex },
+    });
   }
 
   server = await serve({ detector: dDev, port: 0, modelName: 'e2e' });

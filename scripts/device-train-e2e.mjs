@@ -9,7 +9,8 @@
 //     give rounding noise of either sign), every later step's
 //     total within 2e-2 (Adam divides by sqrt(v): elements with near-zero gradients move apart);
 //     the same for 3 steps of RF-AT (adversarial: its inner attack's gradients), of a flag per
-//     risk category (flagCategories auto) and of the refusal objective;
+//     risk category (flagCategories auto; its held-out evaluation after step 3, evalEvery: KL
+//     and examples' p(<rf>) within 5e-2) and of the refusal objective;
 //   - on the device, a run stopped after step 3 (AbortSignal, checkpoint) and resumed ends with
 //     the adapter file of the uninterrupted device run, byte for byte (deterministic kernels);
 //   - with activation recomputation (--recompute), the same adapter byte for byte (GPU only);
@@ -77,14 +78,30 @@ try {
   // What else the trainer does on a device: RF-AT (its inner attack maximises the red-flag term:
   // a negative weight, and input-embedding gradients), a flag per risk category, the refusal
   // baseline's objective (cross-entropy rows beside the KL).
+  // The category-flag runs also evaluate on their held-out split after step 3 (evalEvery: the
+  // inference forward inside a training session, the adapter switched off for the KL's base).
   const variants = {
     'RF-AT': { adversarial: { steps: 2 } },
-    'category flags': { flagCategories: 'auto' },
+    'category flags': { flagCategories: 'auto', evalEvery: 3 },
     'refusal objective': { objective: 'refusal' },
   };
   for (const [what, extra] of Object.entries(variants)) {
     const name = what.replace(/\W+/g, '-');
-    compare(what, await run(`${name}-cpu`, { device: 'cpu', dtype: 'f32', steps: 3, ...extra }), await run(`${name}-dev`, { device, dtype: 'f32', steps: 3, ...extra }));
+    const evals = { cpu: [], dev: [] };
+    const [c, d] = [
+      await run(`${name}-cpu`, { device: 'cpu', dtype: 'f32', steps: 3, ...extra }, { onEval: (_step, r) => evals.cpu.push(r) }),
+      await run(`${name}-dev`, { device, dtype: 'f32', steps: 3, ...extra }, { onEval: (_step, r) => evals.dev.push(r) }),
+    ];
+    compare(what, c, d);
+    if (extra.evalEvery) {
+      const [ec, ed] = [evals.cpu.at(-1), evals.dev.at(-1)];
+      const maxP = (r) => r?.examples.map((x) => x.maxPRf) ?? [];
+      const pRel = Math.max(...maxP(ed).map((p, i) => rel(p, maxP(ec)[i])));
+      check(ec && ed && ed.harmful === ec.harmful && ed.benign === ec.benign && rel(ed.benignKl, ec.benignKl) <= 5e-2 && pRel <= 5e-2,
+        `${what}: the held-out evaluation during training (evalEvery) gives the CPU's figures, after 3 steps`, {
+          device: ed && { benignKl: ed.benignKl, harmfulFlagRate: ed.harmfulFlagRate }, cpu: ec && { benignKl: ec.benignKl, harmfulFlagRate: ec.harmfulFlagRate }, maxPRfRel: pRel,
+        });
+    }
   }
 
   // Stopped after step 3 and resumed: the uninterrupted run's adapter, byte for byte.

@@ -26,7 +26,7 @@ describe('device end-to-end scripts, against the CPU', () => {
   it('device-train-e2e.mjs: training, resume and the device default dtype', async () => {
     const r = await runScript('device-train-e2e.mjs');
     expect(r.checks.filter((c) => !c.ok)).toEqual([]);
-    expect(r.passed).toBe(11);
+    expect(r.passed).toBe(12);
   }, 240_000);
 
   it('device-eval-e2e.mjs: every eval suite, white-box and fine-tuning attacks included', async () => {

@@ -10,6 +10,7 @@ import { promisify } from 'node:util';
 
 import { parseEvalConfig, type EvalConfigInput } from '../lib/eval/config.js';
 import { evaluate } from '../lib/eval/evaluate.js';
+import { evalConfigFromFlags } from '../lib/cli/eval.js';
 import { loadModel } from '../lib/model/model.js';
 import { addRedFlagToken } from '../lib/model/red-flag.js';
 import { tinyLlama } from './helpers/tiny-model.js';
@@ -69,6 +70,8 @@ describe('redflag eval', () => {
     const md = await readFile(join(out, 'report.md'), 'utf8');
     expect(md).toMatch(/^\| variant \| AUROC \| TPR@1%FPR \|/m);
     expect(md).toMatch(/^\| rf \| /m);
+    expect(md).toMatch(/ · cpu, f32 weights · /);
+    expect([report.settings.device, report.settings.dtype]).toEqual(['cpu', 'f32']);
     for (const plot of ['roc', 'asr-vs-n', 'prefill-vs-k', 'long-context-vs-k']) {
       expect(report.plots).toContain(`${plot}.png`);
       const png = await readFile(join(out, `${plot}.png`));
@@ -113,6 +116,8 @@ describe('redflag eval', () => {
     const flag = await cli('eval', '--model', base, '--synthetic', '--device', 'gpu', '--out', out);
     expect(flag.code).toBe(1);
     expect(flag.stderr).toMatch(/--device.*must be 'cpu', 'cuda' or 'cuda:N'/);
+    const small = await evalConfigFromFlags({ model: base, out, synthetic: true, kvCacheMb: 64, device: 'cuda:0' });
+    expect([small.kvCacheBytes, small.device, small.dtype]).toEqual([64 * 2 ** 20, 'cuda:0', 'bf16']);
     // No GPU here: the device's own reason, before the (missing) data file is read or the output made.
     const where = join(out, 'on-cuda');
     const error = await evaluate({ model: base, out: where, harmful: [{ file: join(out, 'absent.jsonl') }], device: 'cuda' }).then(() => null, (e: unknown) => e);

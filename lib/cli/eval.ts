@@ -109,6 +109,7 @@ export async function evalConfigFromFlags(flags: Record<string, unknown>): Promi
     o['refusalPhrases'] = text.split(/\r?\n/).map((l) => l.trim()).filter((l) => l.length > 0 && !l.startsWith('#'));
   }
   set('device', flags['device']);
+  if (flags['kvCacheMb'] !== undefined) o['kvCacheBytes'] = (flags['kvCacheMb'] as number) * 2 ** 20;
   set('dtype', flags['dtype']);
   set('threads', flags['threads']);
   if (flags['png'] === false) o['png'] = false;

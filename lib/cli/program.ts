@@ -349,6 +349,7 @@ export function buildProgram(): Command {
     .option('-o, --out <dir>', 'output directory: report.json, report.md, plots, cache.json')
     .option('--no-png', 'write the plots as SVG only')
     .option('--device <device>', "where every model of the run runs, the fine-tuning attack's training too: 'cpu' (default), 'cuda' or 'cuda:N' (the CUDA build: npm run build:cuda)", device)
+    .option('--kv-cache-mb <n>', 'KV cache of each detector of the run, MiB (default 2048)', integer('kv-cache-mb', 1))
     .option('--dtype <dtype>', "weights in the engine: 'f32' or 'bf16' (default: f32 on the CPU, bf16 on a GPU)", dtype)
     .option('--threads <n>', 'threads for native work', integer('threads', 1))
     .action(async (flags: Record<string, unknown>) => {

@@ -155,7 +155,7 @@ function markdown(report: Omit<EvalReport, 'files'>): string {
   const p = report;
   const lines: string[] = [];
   lines.push('# redflag evaluation', '');
-  lines.push(`${p.createdAt} · base model \`${p.settings.model}\` · judge: ${p.judge} · threshold ${p.settings.threshold} · ${p.data.harmful} harmful, ${p.data.benign} benign conversations${p.data.mcq ? `, ${p.data.mcq} multiple-choice questions` : ''}`, '');
+  lines.push(`${p.createdAt} · base model \`${p.settings.model}\` · judge: ${p.judge} · threshold ${p.settings.threshold} · ${p.settings.device}, ${p.settings.dtype} weights · ${p.data.harmful} harmful, ${p.data.benign} benign conversations${p.data.mcq ? `, ${p.data.mcq} multiple-choice questions` : ''}`, '');
   lines.push(...p.data.sources.map((s) => `- data: ${s}`), '');
   lines.push('## Comparison', '');
   lines.push(mdTable(['variant', ...p.table.columns.map((c) => c.title)], p.table.rows.map((r) => [r.variant, ...p.table.columns.map((c) => fmt(r.values[c.key]))])));
