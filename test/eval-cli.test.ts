@@ -117,7 +117,8 @@ describe('redflag eval', () => {
     expect(flag.code).toBe(1);
     expect(flag.stderr).toMatch(/--device.*must be 'cpu', 'cuda' or 'cuda:N'/);
     const small = await evalConfigFromFlags({ model: base, out, synthetic: true, kvCacheMb: 64, device: 'cuda:0' });
-    expect([small.kvCacheBytes, small.device, small.dtype]).toEqual([64 * 2 ** 20, 'cuda:0', 'bf16']);
+    expect([small.kvCacheBytes, small.device, small.dtype, small.batchSize]).toEqual([64 * 2 ** 20, 'cuda:0', 'bf16', 64]);
+    expect([cfg({}).batchSize, cfg({ device: 'cuda', batchSize: 8 }).batchSize]).toEqual([16, 8]);
     // No GPU here: the device's own reason, before the (missing) data file is read or the output made.
     const where = join(out, 'on-cuda');
     const error = await evaluate({ model: base, out: where, harmful: [{ file: join(out, 'absent.jsonl') }], device: 'cuda' }).then(() => null, (e: unknown) => e);

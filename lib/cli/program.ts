@@ -345,7 +345,7 @@ export function buildProgram(): Command {
     .option('--judge <name>', "harmfulness judge: 'auto', 'synthetic' or 'non-refusal'")
     .option('--refusal-phrases <file>', 'refusal phrases, one per line (replaces the default list)')
     .option('--seed <n>', 'seed of sampling, splits and bootstraps', integer('seed', 0))
-    .option('--batch-size <n>', 'sequences decoded together', integer('batch-size', 1))
+    .option('--batch-size <n>', 'sequences decoded together (default 16 on the CPU, 64 on a GPU)', integer('batch-size', 1))
     .option('-o, --out <dir>', 'output directory: report.json, report.md, plots, cache.json')
     .option('--no-png', 'write the plots as SVG only')
     .option('--device <device>', "where every model of the run runs, the fine-tuning attack's training too: 'cpu' (default), 'cuda' or 'cuda:N' (the CUDA build: npm run build:cuda)", device)

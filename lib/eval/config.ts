@@ -110,7 +110,8 @@ export const evalConfigSchema = z
     devMaxFpr: z.number().min(0).max(1).default(0.01),
     bootstrapResamples: z.number().int().min(1).max(1_000_000).default(1000),
     seed: z.number().int().min(0).max(2 ** 31).default(0),
-    batchSize: z.number().int().min(1).max(1024).default(16),
+    /** Sequences decoded together; default 16 on the CPU, 64 on a GPU (draws are per sequence: the batch changes answers only by rounding). */
+    batchSize: z.number().int().min(1).max(1024).optional(),
     /** `auto`: the synthetic judge for synthetic data, else the non-refusal (keyword) judge. */
     judge: z.enum(['auto', 'synthetic', 'non-refusal']).default('auto'),
     /** Replaces the default refusal-phrase list. */
@@ -144,10 +145,10 @@ export const evalConfigSchema = z
       ctx.addIssue({ code: 'custom', path: ['harmful'], message: 'no data: give harmful/benign/data files or synthetic' });
     }
   })
-  // One spelling per device ('cuda' is 'cuda:0'), and the dtype its engine loads by default.
+  // One spelling per device ('cuda' is 'cuda:0'), and the dtype and batch its engine takes by default.
   .transform((c) => {
-    const device = parseDevice(c.device);
-    return { ...c, device: device.name as DeviceSpec, dtype: c.dtype ?? (device.kind === 'cuda' ? ('bf16' as const) : ('f32' as const)) };
+    const gpu = parseDevice(c.device).kind === 'cuda';
+    return { ...c, device: parseDevice(c.device).name as DeviceSpec, dtype: c.dtype ?? (gpu ? ('bf16' as const) : ('f32' as const)), batchSize: c.batchSize ?? (gpu ? 64 : 16) };
   });
 
 /** A validated evaluation config (defaults filled in). */
