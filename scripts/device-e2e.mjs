@@ -9,7 +9,8 @@
 //   - a forward's progress reports: the CPU's, layer by layer;
 //   - the detector with continuous batching (8 requests at once, mode flag): each answer equals
 //     the CPU detector's, and its p(<rf>) within 1e-4 relative; modes block and reflect flagged
-//     mid-answer: the CPU's text, flag index and finish reason;
+//     mid-answer: the CPU's text, flag index and finish reason; a stop string cuts the CPU's
+//     text; a request cancelled mid-answer throws AbortError and frees its KV cache;
 //   - the OpenAI-compatible server over HTTP: chat completions (whole and streamed) equal the
 //     detector's answer, and /v1/moderations' score within 1e-4 relative of the CPU's;
 //   - a sequence cut back (Sequence.truncate) and continued: the logits of a fresh sequence, and
@@ -163,6 +164,34 @@ try {
       device: { text: a.text, finishReason: a.finishReason, flagIndex: a.flagIndex }, cpu: { text: b.text, finishReason: b.finishReason, flagIndex: b.flagIndex },
     });
   }
+
+  // A stop string from the middle of the CPU's answer: the same text, cut at the same place, on
+  // the device (whose overlapped step guessed past it). Then a request cancelled after its third
+  // token: it throws the AbortError, its KV cache is released, and the next answer is the CPU's.
+  const full = together[3];
+  const stopAt = full.text.slice(Math.floor(full.text.length / 2), Math.floor(full.text.length / 2) + 3);
+  const [stopDev, stopCpu] = [await answer(dDev, questions[3], 16, { stop: [stopAt] }), await answer(dCpu, questions[3], 16, { stop: [stopAt] })];
+  check(stopAt.length === 3 && stopDev.text === stopCpu.text && stopDev.finishReason === 'stop' && stopCpu.finishReason === 'stop' && stopDev.text.length < full.text.length,
+    'a stop string ends the device\'s answer where it ends the CPU\'s', { stop: stopAt, device: stopDev.text, cpu: stopCpu.text, finishReason: stopDev.finishReason });
+  const controller = new AbortController();
+  const cancelled = dDev.generate(questions[4], { maxTokens: 64, signal: controller.signal });
+  let seen = 0;
+  const thrown = await (async () => {
+    for await (const _t of cancelled) if (++seen === 3) controller.abort();
+  })().then(() => null, (e) => e);
+  await cancelled.done.catch(() => undefined);
+  const again = await answer(dDev, questions[4], 16);
+  const againCpu = await answer(dCpu, questions[4], 16);
+  // The scheduler lets go of a request at its next step, after `done` has settled (with
+  // overlapped steps, once the step it guessed ahead has come back): wait for it to be idle.
+  let after = dDev.stats();
+  for (const t0 = Date.now(); (after.active > 0 || after.kvCacheBytes > 0) && Date.now() - t0 < 60_000; after = dDev.stats()) {
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  check(thrown?.name === 'AbortError' && seen === 3 && after.active === 0 && after.kvCacheBytes === 0 && again.text === againCpu.text,
+    'a cancelled request stops with AbortError and releases its KV cache; the next answer is the CPU\'s', {
+      error: String(thrown), tokensSeen: seen, active: after.active, kvCacheBytes: after.kvCacheBytes,
+    });
 
   server = await serve({ detector: dDev, port: 0, modelName: 'e2e' });
   cpuServer = await serve({ detector: dCpu, port: 0, modelName: 'e2e' });
