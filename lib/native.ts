@@ -161,6 +161,11 @@ export interface NativeModel {
   ): Promise<NativeLossTerms>;
   optimizerStep(options: NativeAdamWOptions): Promise<number>;
   setOptimizerStep(step: number): void;
+  /**
+   * Makes values written by setParam during training reach the engine now (the CPU trainer's
+   * packed weights, the GPU's copies). Optional: the next forward, decodeStep, tokenScores,
+   * trainStep, optimizerStep or trainEnd does it first.
+   */
   paramsChanged(): void;
   trainEnd(): void;
   params(): { name: string; shape: number[] }[];

@@ -95,7 +95,6 @@ describe.each(CASES)('%s', (name) => {
       for (const p of spec.params) {
         if (p.value) model.engine.setParam(p.name, 'value', get(`value.${p.name}`));
       }
-      model.engine.paramsChanged();
 
       const batch = concat(spec.sequences);
       const reference = concat(spec.reference);
@@ -149,4 +148,27 @@ describe.each(CASES)('%s', (name) => {
       model.dispose();
     }
   });
+});
+
+// setParam during training needs no paramsChanged: the next call that reads the parameters
+// (forward, trainStep, optimizerStep, trainEnd) takes the written values first. In full
+// fine-tuning the CPU engine multiplies by packed copies of the f32 masters, so a forward that
+// skipped the rebuild would give the old logits.
+it('values written with setParam reach the next forward without paramsChanged (full fine-tuning)', async () => {
+  const model = await loadModel(join(FIXTURES, 'llama-gqa'), { dtype: 'f32', threads: 2 });
+  try {
+    await model.engine.trainInit({ mode: 'full', rank: 0, alpha: 0, dropout: 0, rslora: false, targets: [], rfToken: -1, seed: 0 });
+    const ids = [1, 5, 9, 14, 3];
+    const before = await model.logits(ids);
+    const name = model.engine.params().find((p) => /^layers\.0\.mlp_out\.weight$/.test(p.name))!.name;
+    const original = model.engine.getParam(name);
+    model.engine.setParam(name, 'value', original.map((v) => v * 3));
+    const changed = await model.logits(ids);
+    expect(relL2(changed, before)).toBeGreaterThan(1e-3);
+    model.engine.setParam(name, 'value', original);
+    expect(relL2(await model.logits(ids), before)).toBe(0);
+    model.engine.trainEnd();
+  } finally {
+    model.dispose();
+  }
 });

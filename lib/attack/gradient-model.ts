@@ -91,9 +91,6 @@ export class AttackModel {
       }
       const missing = [...values.keys()].filter((name) => !model.engine.params().some((p) => p.name === name));
       if (missing.length > 0) throw new RedflagError('INVALID_ARGUMENT', `the attack model has no parameter for ${missing.join(', ')}`, { file: adapterDir });
-      // The values written reach the engine's forward: on a GPU the trainer uploads them here
-      // (the CPU's forward reads them where they are).
-      model.engine.paramsChanged();
     } catch (error) {
       model.engine.trainEnd();
       throw error;

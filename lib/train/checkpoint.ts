@@ -259,7 +259,6 @@ export async function readCheckpoint(model: Model, config: TrainConfig): Promise
   } finally {
     await file.close();
   }
-  model.engine.paramsChanged();
   model.engine.setOptimizerStep(state.step);
   return state.step;
 }

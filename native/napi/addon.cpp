@@ -213,6 +213,13 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   void begin_work() {
     if (busy_->exchange(true)) throw std::invalid_argument("the model is busy: calls must not overlap");
   }
+  // Values written by setParam during training reach the engine before its next use: the CPU
+  // trainer rebuilds its packed weights (full fine-tuning), the GPU trainer uploads them. Every
+  // call that reads the parameters on a worker flushes first, so no caller can forget to.
+  void flush_params() {
+    if (params_dirty_ && trainer_) trainer_->trainer->params_changed();
+    params_dirty_ = false;
+  }
 
   // loadTensor(name, srcType: 0 f32 | 1 f16 | 2 bf16, shape: number[], srcIsKN, data: Uint8Array) -> Promise<void>
   Napi::Value LoadTensor(const Napi::CallbackInfo& info) {
@@ -274,6 +281,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     Napi::Env env = info.Env();
     return guard(env, [&]() -> Napi::Value {
       engine();
+      flush_params();
       Napi::Array seqs = info[0].As<Napi::Array>();
       Napi::Uint32Array tokens_js = info[1].As<Napi::Uint32Array>();
       Napi::Uint32Array counts_js = info[2].As<Napi::Uint32Array>();
@@ -390,6 +398,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     Napi::Env env = info.Env();
     return guard(env, [&]() -> Napi::Value {
       engine();
+      flush_params();
       Batch batch = parse_batch(info[0].As<Napi::Array>(), info[1].As<Napi::Uint32Array>(), info[2].As<Napi::Uint32Array>());
       Napi::Float64Array params_js = info[3].As<Napi::Float64Array>();
       const size_t n = batch.items.size();
@@ -470,6 +479,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     Napi::Env env = info.Env();
     return guard(env, [&]() -> Napi::Value {
       engine();
+      flush_params();
       Batch batch = parse_batch(info[0].As<Napi::Array>(), info[1].As<Napi::Uint32Array>(), info[2].As<Napi::Uint32Array>());
       const bool flag_list = info[3].IsTypedArray();
       const std::vector<int> flag_ids = parse_flags(info[3]);
@@ -654,6 +664,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     return guard(env, [&]() -> Napi::Value {
       auto handle = trainer_;
       trainer();
+      flush_params();
       auto tokens = std::make_shared<std::vector<uint32_t>>();
       auto ref_tokens = std::make_shared<std::vector<uint32_t>>();
       Napi::Uint32Array t_js = info[0].As<Napi::Uint32Array>(), c_js = info[1].As<Napi::Uint32Array>();
@@ -753,6 +764,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     return guard(env, [&]() -> Napi::Value {
       auto handle = trainer_;
       trainer();
+      flush_params();
       Napi::Object o = info[0].As<Napi::Object>();
       AdamWOptions a;
       a.lr = float(get_double(o, "lr"));
@@ -778,6 +790,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   void TrainEnd(const Napi::CallbackInfo& info) {
     guard(info.Env(), [&] {
       if (busy_->load()) throw std::invalid_argument("the model is busy");
+      flush_params();  // the adapters stay on the model with the values last written
       trainer_.reset();
     });
   }
@@ -837,6 +850,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
         throw std::invalid_argument(p.name + ": expected " + std::to_string(p.numel()) + " values, got " +
                                     std::to_string(data.ElementLength()));
       v.assign(data.Data(), data.Data() + data.ElementLength());
+      if (trainer_) params_dirty_ = true;
     });
   }
 
@@ -899,15 +913,16 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     });
   }
 
-  // paramsChanged(): after setParam calls, rebuild what the engine derives from the values.
+  // paramsChanged(): what the next forward, step or trainEnd does anyway (flush_params), now.
   void ParamsChanged(const Napi::CallbackInfo& info) {
     guard(info.Env(), [&] {
       if (busy_->load()) throw std::invalid_argument("the model is busy");
-      if (trainer_) trainer_->trainer->params_changed();
+      flush_params();
     });
   }
 
   std::shared_ptr<TrainerHandle> trainer_;
+  bool params_dirty_ = false;  // setParam wrote training parameters the engine has not taken yet
 
   std::shared_ptr<Engine> engine_;  // what inference calls go to (the CPU or the CUDA engine)
   std::shared_ptr<Model> model_;    // the CPU engine's model (training, parameters); null on a GPU
