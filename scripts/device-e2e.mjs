@@ -27,23 +27,12 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-import { addRedFlagToken, applyAdapter, createDetector, createRng, loadModel, loraSites, saveAdapter, serve, writeRandomModel } from '../dist/index.js';
-import { packagedTokenizer } from '../dist/train/pipeline.js';
+import { addRedFlagToken, applyAdapter, createDetector, createRng, loadModel, loraSites, saveAdapter, serve } from '../dist/index.js';
 import { loadNative } from '../dist/native.js';
+import { checklist, deviceArg, deviceName, relL2, writeTinyLlama } from './e2e-common.mjs';
 
-const device = process.argv.includes('--device') ? process.argv[process.argv.indexOf('--device') + 1] : 'cuda';
-const checks = [];
-const check = (ok, what, detail = {}) => checks.push({ ok: Boolean(ok), what, ...detail });
-
-function relL2(a, b) {
-  let num = 0;
-  let den = 0;
-  for (let i = 0; i < a.length; i++) {
-    num += (a[i] - b[i]) ** 2;
-    den += b[i] ** 2;
-  }
-  return Math.sqrt(num / (den || 1e-300));
-}
+const device = deviceArg();
+const { check, finish } = checklist();
 
 async function answer(detector, messages, maxTokens, options = {}) {
   const stream = detector.generate(messages, { maxTokens, ...options });
@@ -61,15 +50,11 @@ let server;
 let cpuServer;
 const detectors = [];
 try {
-  const tokenizer = await packagedTokenizer();
-  await writeRandomModel(dir, {
-    architecture: 'llama', vocabSize: 32000, hiddenSize: 128, intermediateSize: 256, numLayers: 2, numHeads: 4, numKvHeads: 2,
-    seed: 5, bosTokenId: 1, eosTokenId: 2, tokenizer,
-  }, { overwrite: true });
+  await writeTinyLlama(dir, { hiddenSize: 128, seed: 5 });
   cpu = await loadModel(dir, { threads: 2 });
   dev = await loadModel(dir, { device, dtype: 'f32', threads: 2 });
   for (const m of [cpu, dev]) await addRedFlagToken(m);
-  check(dev.device.name === (device === 'cuda' ? 'cuda:0' : device), 'the model runs where it was asked to', { device: dev.device.name });
+  check(dev.device.name === deviceName(device), 'the model runs where it was asked to', { device: dev.device.name });
   if (device !== 'cpu') {
     const gpu = dev.gpuInfo();
     check(gpu && gpu.name && /^\d+\.\d$/.test(gpu.computeCapability) && /^\d/.test(gpu.architectures),
@@ -382,6 +367,4 @@ try {
   cpu?.dispose();
   await rm(dir, { recursive: true, force: true });
 }
-const failed = checks.filter((c) => !c.ok);
-console.log(JSON.stringify({ e2e: device, passed: checks.length - failed.length, failed: failed.length, checks }, null, 1));
-process.exit(failed.length ? 1 : 0);
+finish('e2e', device);

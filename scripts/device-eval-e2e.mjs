@@ -20,13 +20,11 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-import { evaluate, train, writeRandomModel } from '../dist/index.js';
-import { packagedTokenizer } from '../dist/train/pipeline.js';
+import { evaluate, train } from '../dist/index.js';
+import { checklist, deviceArg, deviceName, writeTinyLlama } from './e2e-common.mjs';
 
-const arg = (name, fallback) => (process.argv.includes(name) ? process.argv[process.argv.indexOf(name) + 1] : fallback);
-const device = arg('--device', 'cuda');
-const checks = [];
-const check = (ok, what, detail = {}) => checks.push({ ok: Boolean(ok), what, ...detail });
+const device = deviceArg();
+const { check, finish } = checklist();
 
 /** Paths where `a` and `b` differ: numbers beyond `rel` relative (or 1e-9 absolute), anything else not equal. */
 function differences(a, b, rel, path = '', out = []) {
@@ -44,12 +42,8 @@ function differences(a, b, rel, path = '', out = []) {
 const dir = await mkdtemp(join(tmpdir(), 'redflag-device-eval-'));
 const figures = {};
 try {
-  const tokenizer = await packagedTokenizer();
   const model = join(dir, 'base');
-  await writeRandomModel(model, {
-    architecture: 'llama', vocabSize: 32000, hiddenSize: 64, intermediateSize: 128, numLayers: 2, numHeads: 4, numKvHeads: 2,
-    seed: 3, bosTokenId: 1, eosTokenId: 2, tokenizer,
-  }, { overwrite: true });
+  await writeTinyLlama(model);
   await train({
     model, output: join(dir, 'redflag'), data: 'synthetic', syntheticPerCategory: 3, steps: 4, batchSize: 4, maxTokens: 96,
     evalEvery: 0, checkpointEvery: 0, threads: 2, lora: { rank: 4, alpha: 8, dropout: 0 }, loss: { rfOffset: 1 },
@@ -79,8 +73,7 @@ try {
   figures.deviceSeconds = (performance.now() - t0) / 1000;
   figures.suiteSeconds = { cpu: cpu.seconds.redflag, device: dev.seconds.redflag };
 
-  const name = device === 'cuda' ? 'cuda:0' : device;
-  check(dev.settings.device === name && dev.settings.dtype === 'f32', 'the report says where it ran', { device: dev.settings.device, dtype: dev.settings.dtype });
+  check(dev.settings.device === deviceName(device) && dev.settings.dtype === 'f32', 'the report says where it ran', { device: dev.settings.device, dtype: dev.settings.dtype });
   check(dev.cache.hits === 0 && dev.cache.computed > 0, device === 'cpu' ? 'the second CPU run computes every unit (its own output directory)' : 'the CPU run\'s cache entries are not read for the device', dev.cache);
   for (const suite of cpu.suites) {
     const diff = differences(dev.results.redflag[suite], cpu.results.redflag[suite], 1e-3);
@@ -91,6 +84,4 @@ try {
 } finally {
   await rm(dir, { recursive: true, force: true });
 }
-const failed = checks.filter((c) => !c.ok);
-console.log(JSON.stringify({ evalE2e: device, passed: checks.length - failed.length, failed: failed.length, figures, checks }, null, 1));
-process.exit(failed.length ? 1 : 0);
+finish('evalE2e', device, { figures });

@@ -28,27 +28,22 @@ import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-import { train, writeRandomModel } from '../dist/index.js';
+import { train } from '../dist/index.js';
 import { loadNative } from '../dist/native.js';
 import { findCheckpoint } from '../dist/train/checkpoint.js';
-import { packagedTokenizer, PIPELINE_SIZES, runPipeline } from '../dist/train/pipeline.js';
+import { PIPELINE_SIZES, runPipeline } from '../dist/train/pipeline.js';
+import { checklist, deviceArg, writeTinyLlama } from './e2e-common.mjs';
 
-const arg = (name, fallback) => (process.argv.includes(name) ? process.argv[process.argv.indexOf(name) + 1] : fallback);
-const device = arg('--device', 'cuda');
+const device = deviceArg();
 const integration = process.argv.includes('--integration');
-const checks = [];
-const check = (ok, what, detail = {}) => checks.push({ ok: Boolean(ok), what, ...detail });
+const { check, finish } = checklist();
 const rel = (a, b) => Math.abs(a - b) / Math.max(1e-12, Math.abs(b));
 
 const dir = await mkdtemp(join(tmpdir(), 'redflag-device-train-'));
 const figures = {};
 try {
-  const tokenizer = await packagedTokenizer();
   const model = join(dir, 'base');
-  await writeRandomModel(model, {
-    architecture: 'llama', vocabSize: 32000, hiddenSize: 64, intermediateSize: 128, numLayers: 2, numHeads: 4, numKvHeads: 2,
-    seed: 3, bosTokenId: 1, eosTokenId: 2, tokenizer,
-  }, { overwrite: true });
+  await writeTinyLlama(model);
   const config = (output, extra = {}) => ({
     model, output: join(dir, output), data: 'synthetic', syntheticPerCategory: 3, steps: 6, batchSize: 4, maxTokens: 96,
     evalEvery: 0, checkpointEvery: 0, threads: 2, lora: { rank: 4, alpha: 8, dropout: 0.1 }, loss: { rfOffset: 1 },
@@ -160,6 +155,4 @@ try {
 } finally {
   await rm(dir, { recursive: true, force: true });
 }
-const failed = checks.filter((c) => !c.ok);
-console.log(JSON.stringify({ trainE2e: device, passed: checks.length - failed.length, failed: failed.length, figures, checks }, null, 1));
-process.exit(failed.length ? 1 : 0);
+finish('trainE2e', device, { figures });

@@ -147,8 +147,9 @@ export const evalConfigSchema = z
   })
   // One spelling per device ('cuda' is 'cuda:0'), and the dtype and batch its engine takes by default.
   .transform((c) => {
-    const gpu = parseDevice(c.device).kind === 'cuda';
-    return { ...c, device: parseDevice(c.device).name as DeviceSpec, dtype: c.dtype ?? (gpu ? ('bf16' as const) : ('f32' as const)), batchSize: c.batchSize ?? (gpu ? 64 : 16) };
+    const device = parseDevice(c.device);
+    const gpu = device.kind === 'cuda';
+    return { ...c, device: device.name as DeviceSpec, dtype: c.dtype ?? (gpu ? ('bf16' as const) : ('f32' as const)), batchSize: c.batchSize ?? (gpu ? 64 : 16) };
   });
 
 /** A validated evaluation config (defaults filled in). */
