@@ -35,6 +35,7 @@ describe.skipIf(info === undefined)('the CUDA build of the addon', () => {
     expect(info!.architectures).toMatch(/^\d{2,3}/);
     expect(typeof info!.cublasLt).toBe('boolean');
     if (FETCHED_CUBLASLT) expect(info!.cublasLt, 'cuBLASLt was fetched into .cuda-deps/, but the CUDA build did not link it').toBe(true);
+    expect(typeof info!.nccl).toBe('boolean');
     if (info!.count === 0) expect(info!.error).toMatch(/^cuda\w+: ./);
   });
 
