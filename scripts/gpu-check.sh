@@ -17,15 +17,17 @@ mkdir -p "$dest"
 # OUT/gpu-check.tar.xz (with summary.json beside it) after every stage and when the script ends:
 # a call the tool kills at its timeout (no exit trap runs) still returns the stages before.
 out=$(mktemp -d /tmp/rf-gpu-check.XXXXXX)
-# Each part's exit status (-1: not run, -2: no time left), and the summary of them so far.
+# Each part's exit status (-1: not run, -2: no time left, -3: ran but saw no GPU), whether the
+# tests saw a GPU (gpu: ok, none or unknown), and the summary of them so far.
 build_state=running
+gpu_state=unknown
 ctest_rc=-1 addon_rc=-1 e2e_rc=-1 train_e2e_rc=-1 eval_e2e_rc=-1 interop_rc=-1 bench_rc=-1 peer_rc=-1 train_bench_rc=-1 train_peer_rc=-1
 llmc_rc=-1 serve_rc=-1
 results=()
 save() {
   [ "$build_state" = failed ] ||
-    printf '{"build": "%s", "ctest": %d, "cuda": {%s}, "addon": %d, "e2e": %d, "trainE2e": %d, "evalE2e": %d, "interop": %d, "bench": %d, "peer": %d, "trainBench": %d, "trainPeer": %d, "llmc": %d, "serve": %d}\n' \
-      "$build_state" "$ctest_rc" "$(IFS=,; echo "${results[*]}")" "$addon_rc" "$e2e_rc" "$train_e2e_rc" "$eval_e2e_rc" "$interop_rc" "$bench_rc" \
+    printf '{"build": "%s", "gpu": "%s", "ctest": %d, "cuda": {%s}, "addon": %d, "e2e": %d, "trainE2e": %d, "evalE2e": %d, "interop": %d, "bench": %d, "peer": %d, "trainBench": %d, "trainPeer": %d, "llmc": %d, "serve": %d}\n' \
+      "$build_state" "$gpu_state" "$ctest_rc" "$(IFS=,; echo "${results[*]}")" "$addon_rc" "$e2e_rc" "$train_e2e_rc" "$eval_e2e_rc" "$interop_rc" "$bench_rc" \
       "$peer_rc" "$train_bench_rc" "$train_peer_rc" "$llmc_rc" "$serve_rc" > "$out/summary.json"
   cp -f "$out/summary.json" "$dest/" 2>/dev/null
   tar -cJf "$dest/gpu-check.tar.xz.part" -C "$out" . 2>/dev/null && mv -f "$dest/gpu-check.tar.xz.part" "$dest/gpu-check.tar.xz"
@@ -49,6 +51,10 @@ stage() {
   fi
   save
 }
+# A CUDA test or benchmark that sees no GPU says so and exits 0 (CI's way, where none is); here that
+# is no result (-3), and the summary says the machine showed no GPU: a driver older than the
+# toolkit, say, must not read as every test passing.
+saw_no_gpu() { grep -q "no CUDA device visible" "$1" 2> /dev/null; }
 cd "$(dirname "$0")/.."
 build=build-gpu
 {
@@ -102,11 +108,16 @@ for t in "$build"/cuda_*; do
   name=$(basename "$t")
   case "$name" in cuda_bench | cuda_train_bench) continue ;; esac
   stage 300 "$t" > "$out/$name.log" 2>&1
+  if [ "$rc" -eq 0 ] && saw_no_gpu "$out/$name.log"; then
+    rc=-3 gpu_state=none
+  elif [ "$rc" -ge 0 ] && [ "$gpu_state" = unknown ]; then
+    gpu_state=ok
+  fi
   results+=("\"$name\": $rc")
   tail -3 "$out/$name.log"
   # A failure, once more with every kernel waiting for the previous one (cuda/launch.h): whether
   # the dependent launches are what failed.
-  if [ "$rc" -ne 0 ]; then
+  if [ "$rc" -gt 0 ]; then
     stage 300 env RF_CUDA_PDL=0 "$t" > "$out/$name.serial.log" 2>&1
     results+=("\"$name with RF_CUDA_PDL=0\": $rc")
   fi
@@ -178,6 +189,7 @@ bench_args=()
 if [ -x "$build/cuda_bench" ] && [ "${RF_GPU_CHECK_BENCH:-1}" != 0 ]; then
   stage 420 "$build/cuda_bench" "${bench_args[@]}" > "$out/cuda_bench.json" 2> "$out/cuda_bench.log"
   bench_rc=$rc
+  [ "$rc" -eq 0 ] && saw_no_gpu "$out/cuda_bench.json" && bench_rc=-3 gpu_state=none
   tail -12 "$out/cuda_bench.log"
 fi
 # The GPU trainer's bench (LoRA step on 1B / 3B shapes, the fused loss alone) and its PyTorch +
@@ -185,6 +197,7 @@ fi
 if [ -x "$build/cuda_train_bench" ] && [ "${RF_GPU_CHECK_BENCH:-1}" != 0 ]; then
   stage 420 "$build/cuda_train_bench" "${bench_args[@]}" > "$out/cuda_train_bench.json" 2> "$out/cuda_train_bench.log"
   train_bench_rc=$rc
+  [ "$rc" -eq 0 ] && saw_no_gpu "$out/cuda_train_bench.json" && train_bench_rc=-3 gpu_state=none
   tail -16 "$out/cuda_train_bench.log"  # step times, their phase breakdowns, the loss
   peer_args=()
   [ "${RF_GPU_CHECK_BENCH:-1}" = quick ] && peer_args=(--batch 4 --tokens 512 --steps 2)
