@@ -5,7 +5,7 @@
 // never raises an answer's largest p(<rf>)); GCG attacks the red-flag variant with λ > 0 and the
 // base with λ = 0; the fine-tuning attack trains one attacked base for both variants (the adapter
 // is encapsulated: applied after the attack); a second run reuses every unit from the cache.
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 
@@ -18,6 +18,28 @@ import type { EmbeddingResult } from '../lib/eval/suites/embedding.js';
 import type { FinetuneResult } from '../lib/eval/suites/finetune.js';
 import type { GcgResult } from '../lib/eval/suites/gcg.js';
 import { tinyRedFlagModel } from './helpers/red-flag-adapter.js';
+
+// Every model any part of the run loads (the variants, the base, the attacks' copies), counted
+// while it lives: evaluate() must not hold three copies of the weights at once.
+const models = vi.hoisted(() => ({ live: 0, peak: 0 }));
+vi.mock('../lib/model/model.js', async (importOriginal) => {
+  const actual = await importOriginal<typeof import('../lib/model/model.js')>();
+  return {
+    ...actual,
+    loadModel: async (...args: Parameters<typeof actual.loadModel>) => {
+      const model = await actual.loadModel(...args);
+      models.peak = Math.max(models.peak, ++models.live);
+      const dispose = model.dispose.bind(model);
+      let counted = true;
+      model.dispose = () => {
+        if (counted) models.live--;
+        counted = false;
+        dispose();
+      };
+      return model;
+    },
+  };
+});
 
 let base: string;
 let root: string;
@@ -87,5 +109,35 @@ describe('white-box attack suites', () => {
     const again = await evaluate(config);
     expect(again.cache.computed).toBe(0);
     expect(again.table).toEqual(report.table);
+  }, 300_000);
+
+  it('holds at most two copies of the weights: the base is loaded for the suites that compare with it and freed after them', async () => {
+    models.live = 0;
+    models.peak = 0;
+    const suites: string[] = [];
+    const report = await evaluate(
+      {
+        model: base,
+        variants: [{ name: 'base', source: 'base' }, { name: 'rf', source: join(root, 'rf', 'adapter') }],
+        synthetic: { testPerCategory: 1, mcqCount: 2 },
+        suites: ['detection', 'utility', 'embedding'],
+        maxTokens: 4,
+        bootstrapResamples: 10,
+        threads: 2,
+        out: join(root, 'eval-memory'),
+        attacks: { embedding: { epsilons: [0, 0.3], steps: 1, items: 1 } },
+      },
+      // What is loaded when each suite of the red-flag variant starts: the variant alone.
+      { onProgress: (e) => void (e.phase === 'start' && e.variant === 'rf' && suites.push(`${e.suite}:${models.live}`)) },
+    );
+    expect(suites).toEqual(['detection:1', 'utility:1', 'embedding:1']);
+    // The variant and the base during utility, the variant and the attack's copy during embedding.
+    expect(models.peak).toBe(2);
+    expect(models.live).toBe(0);
+    // The comparison still ran against the base: its perplexity is the base variant's own.
+    const u = (name: string) => report.results[name]!['utility'] as { perplexity: number; basePerplexity: number; kl: number };
+    expect(u('rf').basePerplexity).toBeCloseTo(u('base').perplexity, 6);
+    expect(u('base').kl).toBe(0);
+    expect(u('rf').kl).toBeGreaterThan(0);
   }, 300_000);
 });

@@ -79,7 +79,8 @@ function context(o: { v?: LoadedVariant; base?: LoadedVariant; settings?: Partia
   const v = o.v ?? variant;
   return {
     variant: v,
-    base: o.base ?? v,
+    base: async () => o.base ?? v,
+    baseDir: (o.base ?? v).model.dir,
     data,
     settings: { ...SETTINGS, ...o.settings },
     judge: o.judge ?? always,

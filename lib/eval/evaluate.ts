@@ -121,8 +121,44 @@ async function loadVariant(config: EvalConfig, index: number): Promise<LoadedVar
 async function withDetector(variant: LoadedVariant, config: EvalConfig): Promise<LoadedVariant> {
   const rf = variant.model.redFlagTokenId;
   if (rf === null) return variant;
-  const detector = await createDetector({ model: variant.model, threshold: config.threshold, mode: 'flag', maxBatch: config.batchSize, kvCacheBytes: config.kvCacheBytes });
-  return { ...variant, detects: true, rfToken: rf, detector };
+  try {
+    const detector = await createDetector({ model: variant.model, threshold: config.threshold, mode: 'flag', maxBatch: config.batchSize, kvCacheBytes: config.kvCacheBytes });
+    return { ...variant, detects: true, rfToken: rf, detector };
+  } catch (error) {
+    variant.model.dispose();
+    throw error;
+  }
+}
+
+/**
+ * The base model, loaded when first asked for: as the base variant, or by a suite that compares
+ * with it (utility). Outside the base variant it is freed after each suite, so a run holds at
+ * most two copies of the weights at once (a variant and the base, or a variant and a white-box
+ * attack's copy), not three.
+ */
+class BaseModel {
+  #loading: Promise<LoadedVariant> | null = null;
+  constructor(
+    readonly config: EvalConfig,
+    private readonly emit: (event: EvalProgress) => void,
+  ) {}
+
+  get(): Promise<LoadedVariant> {
+    this.#loading ??= (async () => {
+      this.emit({ phase: 'load', variant: 'base', done: 0, total: 1 });
+      const model = await loadModel(this.config.model, engineOptions(this.config));
+      return withDetector({ name: 'base', source: 'base', kind: 'base', model, detects: false, rfToken: null, detector: null }, this.config);
+    })();
+    return this.#loading;
+  }
+
+  async release(): Promise<void> {
+    const loading = this.#loading;
+    this.#loading = null;
+    const base = await loading?.catch(() => null);
+    await base?.detector?.dispose();
+    base?.model.dispose();
+  }
 }
 
 /** Runs the evaluation; see the module description. Returns the report it wrote. */
@@ -141,27 +177,24 @@ export async function evaluate(input: EvalConfigInput | EvalConfig, hooks: Evalu
   await mkdir(config.out, { recursive: true });
   const cache = await ResultsCache.open(join(config.out, 'cache.json'));
 
-  emit({ phase: 'load', variant: 'base', done: 0, total: 1 });
   const baseStamp = [config.model, ...(await directoryStamp(config.model))];
-  const baseModel = await loadModel(config.model, engineOptions(config));
   const described: EvalReport['variants'] = [];
   const results: EvalReport['results'] = {};
   const seconds: EvalReport['seconds'] = {};
-  let base: LoadedVariant | null = null;
+  const base = new BaseModel(config, emit);
   let current: LoadedVariant | null = null;
   const release = async (v: LoadedVariant | null) => {
-    // The base model lives for the whole run; other variants are freed when they are done.
-    if (v === null || v === base) return;
+    if (v === null) return;
+    if (v.kind === 'base') return base.release();
     await v.detector?.dispose();
     v.model.dispose();
   };
   try {
-    base = await withDetector({ name: 'base', source: 'base', kind: 'base', model: baseModel, detects: false, rfToken: null, detector: null }, config);
     for (let i = 0; i < config.variants.length; i++) {
       if (signal?.aborted) throw abortError(signal);
       const spec = config.variants[i]!;
-      emit({ phase: 'load', variant: spec.name, done: 0, total: 1 });
-      const variant = spec.source === 'base' ? base : await loadVariant(config, i);
+      if (spec.source !== 'base') emit({ phase: 'load', variant: spec.name, done: 0, total: 1 });
+      const variant = spec.source === 'base' ? await base.get() : await loadVariant(config, i);
       current = variant;
       described.push({ name: spec.name, source: spec.source, kind: variant.kind, detects: variant.detects });
       results[spec.name] = {};
@@ -177,7 +210,8 @@ export async function evaluate(input: EvalConfigInput | EvalConfig, hooks: Evalu
         emit({ phase: 'start', variant: spec.name, suite: name, done: 0, total });
         results[spec.name]![name] = await suite.run({
           variant,
-          base,
+          base: () => base.get(),
+          baseDir: config.model,
           data,
           settings,
           judge,
@@ -191,14 +225,14 @@ export async function evaluate(input: EvalConfigInput | EvalConfig, hooks: Evalu
         const s = (performance.now() - t0) / 1000;
         seconds[spec.name]![name] = s;
         emit({ phase: 'end', variant: spec.name, suite: name, done: total, total, seconds: s });
+        if (variant.kind !== 'base') await base.release();
       }
       current = null;
       await release(variant);
     }
   } finally {
     await release(current);
-    await base?.detector?.dispose();
-    baseModel.dispose();
+    await base.release();
   }
   return writeReport(config, {
     variants: described,

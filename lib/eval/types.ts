@@ -105,8 +105,14 @@ export interface SuiteProgress {
 /** What a suite runs with. */
 export interface SuiteContext {
   variant: LoadedVariant;
-  /** The base model (utility compares with it); the same object as `variant` for the base variant. */
-  base: LoadedVariant;
+  /**
+   * The base model (utility compares with it), loaded at the first call; the same object as
+   * `variant` for the base variant. Outside the base variant it is freed after the suite, so the
+   * copy a white-box attack loads never sits beside it.
+   */
+  base: () => Promise<LoadedVariant>;
+  /** The base model's directory (what adapter variants are applied on). */
+  baseDir: string;
   data: EvalData;
   settings: EvalSettings;
   judge: Judge;

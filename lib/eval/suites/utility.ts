@@ -37,15 +37,15 @@ function logSumExp(row: Float32Array, from: number, n: number): number {
 }
 
 /** KL and NLL over one conversation's response tokens (end token included). */
-async function klUnit(ctx: SuiteContext, conversation: Conversation): Promise<KlUnit> {
+async function klUnit(ctx: SuiteContext, base: LoadedVariant, conversation: Conversation): Promise<KlUnit> {
   const { prompt, response } = encodedResponse(ctx.variant, conversation);
   const eos = ctx.variant.model.eosTokenIds[0];
   const ids = [...prompt, ...response, ...(eos !== undefined ? [eos] : [])];
   const signal = ctx.signal ? { signal: ctx.signal } : {};
   const [v] = await ctx.variant.model.logitsBatch([ids], signal);
-  const [b] = ctx.variant === ctx.base ? [v!] : await ctx.base.model.logitsBatch([ids], signal);
+  const [b] = ctx.variant === base ? [v!] : await base.model.logitsBatch([ids], signal);
   const Vv = ctx.variant.model.vocabSize;
-  const Vb = ctx.base.model.vocabSize;
+  const Vb = base.model.vocabSize;
   let kl = 0, nll = 0, baseNll = 0, tokens = 0;
   for (let j = prompt.length; j < ids.length; j++) {
     const vo = (j - 1) * Vv;
@@ -84,6 +84,7 @@ export const utilitySuite: Suite<UtilityResult> = {
   units: ({ data }) => withResponses(data.benign).length + 2 * data.benign.length + 2 * data.mcq.length,
   async run(ctx) {
     const { data } = ctx;
+    const base = await ctx.base();
     const benign = withResponses(data.benign);
     let done = 0;
     const total = utilitySuite.units(ctx);
@@ -91,7 +92,7 @@ export const utilitySuite: Suite<UtilityResult> = {
 
     const kls: KlUnit[] = [];
     for (const [i, c] of benign.entries()) {
-      kls.push(await ctx.cache.getOrCompute(ctx.cacheKey(`kl/${itemName(i, c)}`), () => klUnit(ctx, c)));
+      kls.push(await ctx.cache.getOrCompute(ctx.cacheKey(`kl/${itemName(i, c)}`), () => klUnit(ctx, base, c)));
       tick();
     }
     const tokens = kls.reduce((s, u) => s + u.tokens, 0);
@@ -99,9 +100,9 @@ export const utilitySuite: Suite<UtilityResult> = {
     const units = (variant: LoadedVariant): GenerationUnit[] =>
       data.benign.map((c, i) => ({ item: `greedy/${itemName(i, c)}`, request: { prompt: conversationPromptIds(variant, c), pick: { temperature: 0 } } }));
     const own = await cachedGenerations(ctx, units(ctx.variant), { keepIds: true, onChunk: () => tick(ctx.settings.batchSize) });
-    const reference = await cachedGenerations(ctx, units(ctx.base), {
+    const reference = await cachedGenerations(ctx, units(base), {
       keepIds: true,
-      variant: ctx.base,
+      variant: base,
       keyPrefix: ctx.sharedCacheKey('base-greedy/'),
       onChunk: () => tick(ctx.settings.batchSize),
     });
@@ -127,7 +128,7 @@ export const utilitySuite: Suite<UtilityResult> = {
       return right / data.mcq.length;
     };
     const accuracy = await mcqAccuracy(ctx.variant, ctx.cacheKey);
-    const baseAccuracy = ctx.variant === ctx.base ? accuracy : await mcqAccuracy(ctx.base, ctx.sharedCacheKey);
+    const baseAccuracy = ctx.variant === base ? accuracy : await mcqAccuracy(base, ctx.sharedCacheKey);
     const n = Math.max(1, own.length);
     return {
       benignResponses: benign.length,

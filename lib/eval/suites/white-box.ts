@@ -26,8 +26,8 @@ export const DEFAULT_ATTACK_BUDGETS: AttackBudgets = {
 export function variantFiles(ctx: SuiteContext): { modelDir: string; adapterDir?: string } {
   const v = ctx.variant;
   if (v.kind === 'model') return { modelDir: v.source };
-  if (v.kind === 'adapter') return { modelDir: ctx.base.model.dir, adapterDir: v.source };
-  return { modelDir: ctx.base.model.dir };
+  if (v.kind === 'adapter') return { modelDir: ctx.baseDir, adapterDir: v.source };
+  return { modelDir: ctx.baseDir };
 }
 
 /** A fresh attack session on the variant (dispose with {@link closeAttackModel}). */
