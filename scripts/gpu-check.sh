@@ -8,7 +8,9 @@
 # timeout still returns the tests. RF_GPU_CHECK_BENCH=0 skips the benchmarks, RF_GPU_CHECK_TESTS=0
 # the tests; RF_GPU_CHECK_SANITIZE=1 runs the kernel tests under compute-sanitizer.
 # RF_GPU_CHECK_DEADLINE (seconds, default 540): the whole call's budget, under the device tool's
-# timeout; no stage runs past it, and the logs are packed after every stage.
+# timeout; no stage runs past it, and the logs are packed after every stage. RF_GPU_CHECK_BUILD=0
+# runs what an earlier call built (in RF_GPU_CHECK_BUILD_DIR, default build-gpu) without
+# configuring or building again (test/gpu-check.test.ts runs the script that way on stand-ins).
 #   bash scripts/gpu-check.sh "$OUT"
 set -uo pipefail
 dest="${1:?usage: scripts/gpu-check.sh OUT_DIR}"
@@ -56,7 +58,8 @@ stage() {
 # toolkit, say, must not read as every test passing.
 saw_no_gpu() { grep -q "no CUDA device visible" "$1" 2> /dev/null; }
 cd "$(dirname "$0")/.."
-build=build-gpu
+build=${RF_GPU_CHECK_BUILD_DIR:-build-gpu}
+rebuild=${RF_GPU_CHECK_BUILD:-1}
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
   nvcc --version | tail -1
@@ -73,19 +76,29 @@ if [ -f .gpu-pack/node.xz ] && [ -f .gpu-pack/modules.tar.xz ]; then
   export PATH="/tmp/rf-node/bin:$PATH"
   addon_args=(-DREDFLAG_ADDON=ON -DCMAKE_JS_INC="$PWD/node_modules/node-api-headers/include")
 fi
-generator=()
-command -v ninja >/dev/null && generator=(-G Ninja)
-cmake -S . -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a "${addon_args[@]}" \
-  > "$out/build.log" 2>&1
-configure_rc=$?
-# The CUDA tests and benchmarks only (target gpu_check), unless the CPU tests run too.
-targets=(--target gpu_check)
-[ "${RF_GPU_CHECK_CTEST:-0}" = 1 ] && targets=()
-# Which cuBLASLt the build uses (the toolkit's, a pip wheel's, or none: then cuda_gemm is not built).
-grep -h 'redflag: cuBLASLt' "$out/build.log" >> "$out/device.txt" ||
-  echo "redflag: no cuBLASLt line in the configure log" >> "$out/device.txt"
-build_rc=$configure_rc
-[ "$configure_rc" -eq 0 ] && { stage 420 cmake --build "$build" -j "$(nproc)" "${targets[@]}" >> "$out/build.log" 2>&1; build_rc=$rc; }
+if [ "$rebuild" = 0 ]; then
+  if [ -d "$build" ]; then
+    echo "gpu-check: RF_GPU_CHECK_BUILD=0: running what $build holds" > "$out/build.log"
+    build_rc=0
+  else
+    echo "gpu-check: RF_GPU_CHECK_BUILD=0, but there is no $build to run" | tee "$out/build.log" >&2
+    build_rc=2
+  fi
+else
+  generator=()
+  command -v ninja >/dev/null && generator=(-G Ninja)
+  cmake -S . -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a "${addon_args[@]}" \
+    > "$out/build.log" 2>&1
+  configure_rc=$?
+  # The CUDA tests and benchmarks only (target gpu_check), unless the CPU tests run too.
+  targets=(--target gpu_check)
+  [ "${RF_GPU_CHECK_CTEST:-0}" = 1 ] && targets=()
+  # Which cuBLASLt the build uses (the toolkit's, a pip wheel's, or none: then cuda_gemm is not built).
+  grep -h 'redflag: cuBLASLt' "$out/build.log" >> "$out/device.txt" ||
+    echo "redflag: no cuBLASLt line in the configure log" >> "$out/device.txt"
+  build_rc=$configure_rc
+  [ "$configure_rc" -eq 0 ] && { stage 420 cmake --build "$build" -j "$(nproc)" "${targets[@]}" >> "$out/build.log" 2>&1; build_rc=$rc; }
+fi
 if [ "$build_rc" -ne 0 ]; then
   build_state=failed
   echo "{\"build\": \"failed\", \"status\": $build_rc}" > "$out/summary.json"
@@ -146,34 +159,39 @@ fi
 # objects the tests used.
 addon=
 if [ ${#addon_args[@]} -gt 0 ]; then
-  stage 300 cmake --build "$build" -j "$(nproc)" --target redflag_cuda > "$out/addon-build.log" 2>&1
-  addon_rc=$rc
+  if [ "$rebuild" = 0 ]; then
+    addon_rc=0
+    [ -n "$(find "$build" -name redflag_cuda.node | head -1)" ] || addon_rc=2
+  else
+    stage 300 cmake --build "$build" -j "$(nproc)" --target redflag_cuda > "$out/addon-build.log" 2>&1
+    addon_rc=$rc
+  fi
   if [ "$addon_rc" -eq 0 ]; then
-    addon=$(find "$build" -name redflag_cuda.node | head -1)
+    addon=$(realpath "$(find "$build" -name redflag_cuda.node | head -1)")
   else
     tail -20 "$out/addon-build.log"
   fi
 fi
 # The library end to end on the GPU (scripts/device-e2e.mjs) with the carried node.
 if [ -n "$addon" ] && [ "$tests" != 0 ]; then
-  stage 300 env REDFLAG_ADDON="$PWD/$addon" node scripts/device-e2e.mjs --device cuda > "$out/e2e.json" 2> "$out/e2e.log"
+  stage 300 env REDFLAG_ADDON="$addon" node scripts/device-e2e.mjs --device cuda > "$out/e2e.json" 2> "$out/e2e.log"
   e2e_rc=$rc
   head -c 1500 "$out/e2e.json"
   # Training on the GPU against the CPU (RF_GPU_CHECK_TRAIN_INTEGRATION=1 adds the integration
   # test's pipeline with both adapters on the GPU: a few minutes).
   integration=()
   [ "${RF_GPU_CHECK_TRAIN_INTEGRATION:-0}" = 1 ] && integration=(--integration)
-  stage 480 env REDFLAG_ADDON="$PWD/$addon" node scripts/device-train-e2e.mjs --device cuda "${integration[@]}" \
+  stage 480 env REDFLAG_ADDON="$addon" node scripts/device-train-e2e.mjs --device cuda "${integration[@]}" \
     > "$out/train-e2e.json" 2> "$out/train-e2e.log"
   train_e2e_rc=$rc
   head -c 1200 "$out/train-e2e.json"
   # The evaluation's suites (white-box attacks and the fine-tuning attack included) against the CPU.
-  stage 240 env REDFLAG_ADDON="$PWD/$addon" node scripts/device-eval-e2e.mjs --device cuda > "$out/eval-e2e.json" 2> "$out/eval-e2e.log"
+  stage 240 env REDFLAG_ADDON="$addon" node scripts/device-eval-e2e.mjs --device cuda > "$out/eval-e2e.json" 2> "$out/eval-e2e.log"
   eval_e2e_rc=$rc
   head -c 1200 "$out/eval-e2e.json"
   # PEFT interoperability: an adapter trained by redflag loads with PeftModel.from_pretrained and
   # gives redflag's logits (CPU and GPU), test/reference/peft_interop.py.
-  stage 300 env REDFLAG_ADDON="$PWD/$addon" node scripts/interop-export.mjs /tmp/rf-interop --device cuda > "$out/interop-export.log" 2>&1
+  stage 300 env REDFLAG_ADDON="$addon" node scripts/interop-export.mjs /tmp/rf-interop --device cuda > "$out/interop-export.log" 2>&1
   if [ "$rc" -eq 0 ]; then
     stage 180 python3 test/reference/peft_interop.py /tmp/rf-interop/interop.json > "$out/interop.json" 2>> "$out/interop-export.log"
     interop_rc=$rc
@@ -222,7 +240,7 @@ fi
 # The server over HTTP on the GPU (npm run bench -- gpu-serve: Llama-3.2-1B shapes, bf16, 1 / 32 /
 # 128 streams), with the carried node and tsx.
 if [ -n "${addon:-}" ] && [ "${RF_GPU_CHECK_BENCH:-1}" != 0 ]; then
-  stage 300 env REDFLAG_ADDON="$PWD/$addon" node --import tsx bench/run.ts gpu-serve > "$out/gpu-serve.json" 2> "$out/gpu-serve.log"
+  stage 300 env REDFLAG_ADDON="$addon" node --import tsx bench/run.ts gpu-serve > "$out/gpu-serve.json" 2> "$out/gpu-serve.log"
   serve_rc=$rc
   tail -c 1500 "$out/gpu-serve.json"
 fi
