@@ -22,7 +22,7 @@ export interface DemoEval {
 }
 
 /** The evaluation config the demo runs (exported for the test that checks its bounds). */
-export function demoEvalConfig(result: PipelineResult, perCategory: number, out: string, threads?: number): EvalConfigInput {
+export function demoEvalConfig(result: PipelineResult, perCategory: number, out: string, threads?: number, device = 'cpu'): EvalConfigInput {
   return {
     model: join(result.dirs.lm, 'model'),
     variants: [
@@ -46,15 +46,16 @@ export function demoEvalConfig(result: PipelineResult, perCategory: number, out:
       finetune: { steps: 100 },
     },
     ...(threads ? { threads } : {}),
+    ...(device !== 'cpu' ? { device } : {}),
     out,
   };
 }
 
 /** Runs the demo's evaluation into `dir/eval`; `log` gets progress lines and the table. */
-export async function runDemoEval(result: PipelineResult, perCategory: number, dir: string, log: (line: string) => void, threads?: number): Promise<DemoEval> {
+export async function runDemoEval(result: PipelineResult, perCategory: number, dir: string, log: (line: string) => void, threads?: number, device = 'cpu'): Promise<DemoEval> {
   const out = join(dir, 'eval');
   let last = 0;
-  const report = await evaluate(demoEvalConfig(result, perCategory, out, threads), {
+  const report = await evaluate(demoEvalConfig(result, perCategory, out, threads, device), {
     onProgress: (e) => {
       const now = performance.now();
       if (e.phase === 'end') log(`  [eval] ${e.variant} ${e.suite}: ${e.seconds!.toFixed(1)} s`);

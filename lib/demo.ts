@@ -6,7 +6,9 @@
  * then answers a held-out harmful prompt with p(`<rf>`) shown at every step; a multi-flag adapter
  * (one flag `<rf:NAME>` per risk category) is trained the same way and its per-category confusion
  * matrix shown; and `redflag eval` compares base, red-flag and refusal models under attacks
- * (lib/demo-eval.ts).
+ * (lib/demo-eval.ts). With `device` ('cuda', 'cuda:N') the adapters train there, the detector
+ * answers there and the evaluation runs there; the language model still trains on the CPU, where
+ * the pipeline's reference figures were measured.
  * @module
  */
 import { mkdtemp } from 'node:fs/promises';
@@ -16,6 +18,7 @@ import { join } from 'node:path';
 import { runDemoEval } from './demo-eval.js';
 import { createDetector } from './detect/detector.js';
 import { generateSyntheticData } from './data/synthetic.js';
+import { addonFor, parseDevice, type DeviceSpec } from './model/device.js';
 import { loadModel } from './model/model.js';
 import { formatConfusion, trainCategoryFlags } from './train/category-flags.js';
 import { applyAdapter } from './train/export.js';
@@ -27,9 +30,12 @@ function log(line: string): void {
 }
 
 /** Runs the demo and prints its figures as JSON on stdout. */
-export async function runDemo(options: { out?: string; threads?: number; small?: boolean } = {}): Promise<Record<string, unknown>> {
+export async function runDemo(options: { out?: string; threads?: number; small?: boolean; device?: DeviceSpec } = {}): Promise<Record<string, unknown>> {
+  const device = parseDevice(options.device ?? 'cpu', 'device').name as DeviceSpec;
+  // A device that cannot run fails now, with its reason, before the language model trains.
+  addonFor(parseDevice(device));
   const dir = options.out ?? (await mkdtemp(join(tmpdir(), 'redflag-demo-')));
-  log(`redflag demo: working in ${dir}`);
+  log(`redflag demo: working in ${dir}${device === 'cpu' ? '' : ` (adapters, detector and evaluation on ${device})`}`);
   const size = PIPELINE_SIZES[options.small ? 'small' : 'demo'];
   let lastReport = 0;
   const pipeline = {
@@ -37,6 +43,7 @@ export async function runDemo(options: { out?: string; threads?: number; small?:
     ...size,
     batchSize: 8,
     ...(options.threads ? { threads: options.threads } : {}),
+    ...(device !== 'cpu' ? { adapterDevice: device } : {}),
     log: (l: string) => log(`  ${l}`),
     onStep: (stage: string, s: StepInfo) => {
       const now = performance.now();
@@ -57,7 +64,7 @@ export async function runDemo(options: { out?: string; threads?: number; small?:
 
   // Detection as it happens: the detector answers a held-out harmful prompt (greedy, block
   // mode) with p(<rf>) at every step, and stops the answer when the red flag goes up.
-  const model = await loadModel(join(result.dirs.lm, 'model'), { ...(options.threads ? { threads: options.threads } : {}) });
+  const model = await loadModel(join(result.dirs.lm, 'model'), { device, ...(options.threads ? { threads: options.threads } : {}) });
   const trace: { text: string; pRf: number }[] = [];
   let detection: { finishReason: string; flagIndex: number; maxPRf: number } | null = null;
   try {
@@ -94,10 +101,11 @@ export async function runDemo(options: { out?: string; threads?: number; small?:
   // detection quality and utility in one comparison table, with plots.
   log('');
   log('evaluation (redflag eval): detection, sampling, prefill, long-context, suppression, utility and white-box attacks');
-  const evaluation = await runDemoEval(result, size.perCategory, dir, log, options.threads);
+  const evaluation = await runDemoEval(result, size.perCategory, dir, log, options.threads, device);
   const figures = {
     demo: 'redflag',
     dir,
+    device,
     heldOut: { harmful: rf.harmful, benign: rf.benign },
     redflag: { harmfulFlagRate: rf.harmfulFlagRate, benignFalseFlagRate: rf.benignFalseFlagRate, benignKl: rf.benignKl },
     refusal: result.refusal,

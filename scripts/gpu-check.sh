@@ -6,7 +6,8 @@
 # training: scripts/device-train-e2e.mjs, the evaluation: scripts/device-eval-e2e.mjs); it
 # leaves the logs, the JSON results and a summary in OUT_DIR. Order: cheapest first, so a
 # timeout still returns the tests. RF_GPU_CHECK_BENCH=0 skips the benchmarks, RF_GPU_CHECK_TESTS=0
-# the tests; RF_GPU_CHECK_SANITIZE=1 runs the kernel tests under compute-sanitizer.
+# the tests; RF_GPU_CHECK_SANITIZE=1 runs the kernel tests under compute-sanitizer;
+# RF_GPU_CHECK_DEMO=1 adds `redflag demo --small --device cuda` after the end-to-end tests.
 # RF_GPU_CHECK_DEADLINE (seconds, default 540): the whole call's budget, under the device tool's
 # timeout; no stage runs past it, and the logs are packed after every stage. RF_GPU_CHECK_BUILD=0
 # runs what an earlier call built (in RF_GPU_CHECK_BUILD_DIR, default build-gpu) without
@@ -24,13 +25,13 @@ out=$(mktemp -d /tmp/rf-gpu-check.XXXXXX)
 build_state=running
 gpu_state=unknown
 ctest_rc=-1 addon_rc=-1 e2e_rc=-1 train_e2e_rc=-1 eval_e2e_rc=-1 interop_rc=-1 bench_rc=-1 peer_rc=-1 train_bench_rc=-1 train_peer_rc=-1
-llmc_rc=-1 serve_rc=-1
+llmc_rc=-1 serve_rc=-1 demo_rc=-1
 results=()
 save() {
   [ "$build_state" = failed ] ||
-    printf '{"build": "%s", "gpu": "%s", "ctest": %d, "cuda": {%s}, "addon": %d, "e2e": %d, "trainE2e": %d, "evalE2e": %d, "interop": %d, "bench": %d, "peer": %d, "trainBench": %d, "trainPeer": %d, "llmc": %d, "serve": %d}\n' \
+    printf '{"build": "%s", "gpu": "%s", "ctest": %d, "cuda": {%s}, "addon": %d, "e2e": %d, "trainE2e": %d, "evalE2e": %d, "interop": %d, "bench": %d, "peer": %d, "trainBench": %d, "trainPeer": %d, "llmc": %d, "serve": %d, "demo": %d}\n' \
       "$build_state" "$gpu_state" "$ctest_rc" "$(IFS=,; echo "${results[*]}")" "$addon_rc" "$e2e_rc" "$train_e2e_rc" "$eval_e2e_rc" "$interop_rc" "$bench_rc" \
-      "$peer_rc" "$train_bench_rc" "$train_peer_rc" "$llmc_rc" "$serve_rc" > "$out/summary.json"
+      "$peer_rc" "$train_bench_rc" "$train_peer_rc" "$llmc_rc" "$serve_rc" "$demo_rc" > "$out/summary.json"
   cp -f "$out/summary.json" "$dest/" 2>/dev/null
   tar -cJf "$dest/gpu-check.tar.xz.part" -C "$out" . 2>/dev/null && mv -f "$dest/gpu-check.tar.xz.part" "$dest/gpu-check.tar.xz"
 }
@@ -199,6 +200,14 @@ if [ -n "$addon" ] && [ "$tests" != 0 ]; then
   else
     interop_rc=2
     tail -5 "$out/interop-export.log"
+  fi
+  # RF_GPU_CHECK_DEMO=1: the README's main job with its adapters, detector and evaluation on the
+  # GPU (redflag demo --small --device cuda; the language model trains on the CPU's cores).
+  if [ "${RF_GPU_CHECK_DEMO:-0}" = 1 ]; then
+    stage 420 env REDFLAG_ADDON="$addon" node dist/cli.js demo --small --device cuda --threads "$(nproc)" --out /tmp/rf-demo \
+      > "$out/demo.json" 2> "$out/demo.log"
+    demo_rc=$rc
+    tail -12 "$out/demo.log"
   fi
 fi
 # The benchmark (JSON on stdout, progress on stderr): RF_GPU_CHECK_BENCH=0 skips it, "quick" shortens it.

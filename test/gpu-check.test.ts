@@ -53,7 +53,7 @@ describe('scripts/gpu-check.sh', () => {
       cuda_bench: `echo '{"bench": "cuda", "skipped": "no CUDA device visible (cudaErrorNoDevice)"}'`,
     });
     const { summary, out } = await gpuCheck(build, { RF_GPU_CHECK_BENCH: 'quick' });
-    expect(summary).toMatchObject({ build: 'ok', gpu: 'none', cuda: { cuda_ops: -3, cuda_smoke: -3 }, bench: -3, addon: -1, e2e: -1 });
+    expect(summary).toMatchObject({ build: 'ok', gpu: 'none', cuda: { cuda_ops: -3, cuda_smoke: -3 }, bench: -3, addon: -1, e2e: -1, demo: -1 });
     // The logs come back packed beside the summary.
     const { stdout } = await promisify(execFile)('tar', ['-tJf', join(out, 'gpu-check.tar.xz')]);
     expect(stdout.split('\n')).toEqual(expect.arrayContaining(['./summary.json', './cuda_ops.log', './cuda_bench.json', './device.txt']));

@@ -6,6 +6,7 @@ import { Command, InvalidArgumentError } from 'commander';
 
 import { RedflagError } from '../errors.js';
 import { loadModel, type Model } from '../model/model.js';
+import type { DeviceSpec } from '../model/device.js';
 import { moduleLora, type Adapter } from '../train/adapter.js';
 import { applyAdapter } from '../train/export.js';
 import { runDemo } from '../demo.js';
@@ -372,7 +373,8 @@ export function buildProgram(): Command {
     .option('--out <dir>', 'working directory (default: a new temporary directory)')
     .option('--threads <n>', 'threads for native work', integer('threads', 1))
     .option('--small', 'a smaller, faster run')
-    .action(async (flags: { out?: string; threads?: number; small?: boolean }) => {
+    .option('--device <device>', 'where the adapters train, the detector answers and the evaluation runs: cpu, cuda or cuda:N (the language model trains on the CPU)', device, 'cpu')
+    .action(async (flags: { out?: string; threads?: number; small?: boolean; device: DeviceSpec }) => {
       await runDemo(flags);
     });
 
