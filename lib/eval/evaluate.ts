@@ -139,7 +139,7 @@ async function withDetector(variant: LoadedVariant, config: EvalConfig): Promise
 class BaseModel {
   #loading: Promise<LoadedVariant> | null = null;
   constructor(
-    readonly config: EvalConfig,
+    private readonly config: EvalConfig,
     private readonly emit: (event: EvalProgress) => void,
   ) {}
 
