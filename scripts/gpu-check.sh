@@ -201,14 +201,15 @@ if [ -n "$addon" ] && [ "$tests" != 0 ]; then
     interop_rc=2
     tail -5 "$out/interop-export.log"
   fi
-  # RF_GPU_CHECK_DEMO=1: the README's main job with its adapters, detector and evaluation on the
-  # GPU (redflag demo --small --device cuda; the language model trains on the CPU's cores).
-  if [ "${RF_GPU_CHECK_DEMO:-0}" = 1 ]; then
-    stage 420 env REDFLAG_ADDON="$addon" node dist/cli.js demo --small --device cuda --threads "$(nproc)" --out /tmp/rf-demo \
-      > "$out/demo.json" 2> "$out/demo.log"
-    demo_rc=$rc
-    tail -12 "$out/demo.log"
-  fi
+fi
+# RF_GPU_CHECK_DEMO=1 (also in a call with RF_GPU_CHECK_TESTS=0): the README's main job with its
+# adapters, detector and evaluation on the GPU (redflag demo --small --device cuda; the language
+# model trains on the CPU's cores).
+if [ -n "$addon" ] && [ "${RF_GPU_CHECK_DEMO:-0}" = 1 ]; then
+  stage 420 env REDFLAG_ADDON="$addon" node dist/cli.js demo --small --device cuda --threads "$(nproc)" --out /tmp/rf-demo \
+    > "$out/demo.json" 2> "$out/demo.log"
+  demo_rc=$rc
+  tail -12 "$out/demo.log"
 fi
 # The benchmark (JSON on stdout, progress on stderr): RF_GPU_CHECK_BENCH=0 skips it, "quick" shortens it.
 bench_args=()
