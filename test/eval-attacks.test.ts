@@ -13,21 +13,26 @@ import { generateSyntheticData } from '../lib/data/synthetic.js';
 import { createDetector } from '../lib/detect/detector.js';
 import type { EvalConfigInput } from '../lib/eval/config.js';
 import { evaluate } from '../lib/eval/evaluate.js';
-import { harmfulSplit } from '../lib/eval/suites/white-box.js';
+import { closeAttackModel, harmfulSplit, openAttackModel } from '../lib/eval/suites/white-box.js';
+import type { LoadedVariant, SuiteContext } from '../lib/eval/types.js';
+import { loadModel } from '../lib/model/model.js';
+import { applyAdapter } from '../lib/train/export.js';
 import type { EmbeddingResult } from '../lib/eval/suites/embedding.js';
 import type { FinetuneResult } from '../lib/eval/suites/finetune.js';
 import type { GcgResult } from '../lib/eval/suites/gcg.js';
 import { tinyRedFlagModel } from './helpers/red-flag-adapter.js';
 
-// Every model any part of the run loads (the variants, the base, the attacks' copies), counted
-// while it lives: evaluate() must not hold three copies of the weights at once.
-const models = vi.hoisted(() => ({ live: 0, peak: 0 }));
+// Every model any part of the run loads (the variants, the base), counted while it lives, and what
+// the run was doing when it was loaded: evaluate() must not hold three copies of the weights at
+// once, and an attack takes none of its own.
+const models = vi.hoisted(() => ({ live: 0, peak: 0, loads: [] as string[], doing: '' }));
 vi.mock('../lib/model/model.js', async (importOriginal) => {
   const actual = await importOriginal<typeof import('../lib/model/model.js')>();
   return {
     ...actual,
     loadModel: async (...args: Parameters<typeof actual.loadModel>) => {
       const model = await actual.loadModel(...args);
+      models.loads.push(models.doing);
       models.peak = Math.max(models.peak, ++models.live);
       const dispose = model.dispose.bind(model);
       let counted = true;
@@ -111,9 +116,8 @@ describe('white-box attack suites', () => {
     expect(again.table).toEqual(report.table);
   }, 300_000);
 
-  it('holds at most two copies of the weights: the base is loaded for the suites that compare with it and freed after them', async () => {
-    models.live = 0;
-    models.peak = 0;
+  it('holds at most two copies of the weights: the base is loaded for the suites that compare with it and freed after them; an attack runs on the variant itself', async () => {
+    Object.assign(models, { live: 0, peak: 0, loads: [], doing: '' });
     const suites: string[] = [];
     const report = await evaluate(
       {
@@ -127,11 +131,19 @@ describe('white-box attack suites', () => {
         out: join(root, 'eval-memory'),
         attacks: { embedding: { epsilons: [0, 0.3], steps: 1, items: 1 } },
       },
-      // What is loaded when each suite of the red-flag variant starts: the variant alone.
-      { onProgress: (e) => void (e.phase === 'start' && e.variant === 'rf' && suites.push(`${e.suite}:${models.live}`)) },
+      {
+        onProgress: (e) => {
+          if (e.phase === 'load') models.doing = `load ${e.variant}`;
+          if (e.phase !== 'start') return;
+          models.doing = `${e.variant} ${e.suite}`;
+          // What is loaded when each suite of the red-flag variant starts: the variant alone.
+          if (e.variant === 'rf') suites.push(`${e.suite}:${models.live}`);
+        },
+      },
     );
     expect(suites).toEqual(['detection:1', 'utility:1', 'embedding:1']);
-    // The variant and the base during utility, the variant and the attack's copy during embedding.
+    // The base (a variant), the red-flag variant, the base again for its utility; no attack copy.
+    expect(models.loads).toEqual(['load base', 'load rf', 'load base']);
     expect(models.peak).toBe(2);
     expect(models.live).toBe(0);
     // The comparison still ran against the base: its perplexity is the base variant's own.
@@ -140,4 +152,37 @@ describe('white-box attack suites', () => {
     expect(u('base').kl).toBe(0);
     expect(u('rf').kl).toBeGreaterThan(0);
   }, 300_000);
+
+  it('an attack session on the variant leaves it exactly as it was: its scores bit for bit, with and without an adapter', async () => {
+    const adapter = join(root, 'rf', 'adapter');
+    const conversations = generateSyntheticData({ seed: 0, perCategory: 30, testPerCategory: 1 }).test.slice(0, 4).map((c) => c.messages);
+    const model = await loadModel(base, { threads: 2 });
+    let detector: Awaited<ReturnType<typeof createDetector>> | null = null;
+    try {
+      const plainIds = model.tokenizer!.encode('The river runs through the valley');
+      const plainBefore = await model.logits(plainIds);
+      // The base (no adapter): the attack's rank-1 zero adapter comes off again.
+      const asBase = { variant: { name: 'base', source: 'base', kind: 'base', model, detects: false, rfToken: null, detector: null }, baseDir: base } as SuiteContext;
+      await closeAttackModel(asBase, await openAttackModel(asBase));
+      expect(await model.logits(plainIds)).toEqual(plainBefore);
+
+      await applyAdapter(model, adapter);
+      detector = await createDetector({ model, threshold: 0.5, mode: 'flag' });
+      const variant: LoadedVariant = { name: 'rf', source: adapter, kind: 'adapter', model, detects: true, rfToken: model.redFlagTokenId, detector };
+      const ctx = { variant, baseDir: base } as SuiteContext;
+      const before = await detector.classify(conversations);
+      const attack = await openAttackModel(ctx);
+      // The session computes through the adapter (its gradients need it in a trainer).
+      const ids = attack.model.tokenizer!.encode('How do I pick a lock?');
+      expect((await attack.loss({ ids, responseStart: 2, responseEnd: ids.length }, new Float32Array(ids.length * attack.hidden), 1)).grad.length).toBe(ids.length * attack.hidden);
+      await closeAttackModel(ctx, attack);
+      expect(await detector.classify(conversations)).toEqual(before);
+      // What the check can see: without the adapter the scores differ.
+      await model.runNative(() => model.engine.clearAdapters());
+      expect(await detector.classify(conversations)).not.toEqual(before);
+    } finally {
+      await detector?.dispose();
+      model.dispose();
+    }
+  }, 120_000);
 });

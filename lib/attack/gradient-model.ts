@@ -55,8 +55,10 @@ export class AttackModel {
   }
 
   /**
-   * Prepares `model` (which must carry no adapter yet) with the adapter in `adapterDir`, or with
-   * none. Close it with {@link AttackModel.close}; the model keeps the adapter for inference.
+   * Prepares `model` with the adapter in `adapterDir` (whatever adapter the model carried is
+   * cleared first), or with none (then the model must carry none). Close it with
+   * {@link AttackModel.close}; the model then runs the trainer's copy of the adapter (the eval
+   * suites apply the adapter again, lib/eval/suites/white-box.ts).
    */
   static async open(model: Model, adapterDir?: string): Promise<AttackModel> {
     let options = { rank: 1, alpha: 1, rslora: false, targets: [loraSites(model.config)[0]!.site] };
@@ -166,7 +168,7 @@ export class AttackModel {
     }
   }
 
-  /** Ends the attack session; the model keeps the variant's adapter for inference. */
+  /** Ends the attack session; the model keeps the trainer's adapter (and flag rows) for inference. */
   close(): void {
     this.model.engine.trainEnd();
   }

@@ -117,14 +117,15 @@ export const evalConfigSchema = z
     /** Replaces the default refusal-phrase list. */
     refusalPhrases: z.array(z.string().min(1)).min(1).optional(),
     /**
-     * Where every model of the run (variants, attacked copies, the fine-tuning attack's training)
-     * runs: 'cpu' (the default), or an NVIDIA GPU, 'cuda' (device 0) or 'cuda:N'.
+     * Where every model of the run (the variants, the base, the fine-tuning attack's training and
+     * its attacked models) runs: 'cpu' (the default), or an NVIDIA GPU, 'cuda' (device 0) or 'cuda:N'.
      */
     device: z.string().regex(/^(cpu|cuda(:\d{1,3})?)$/, "must be 'cpu', 'cuda' or 'cuda:N'").default('cpu'),
     /**
-     * KV-cache budget of each detector the run holds (a variant's, an attacked copy's). On a GPU it
-     * is allocated up front, beside the other models of the run (the base, an attack's copy), so
-     * it is fixed rather than sized to the free memory as a server's is. Default 2 GiB.
+     * KV-cache budget of each detector the run holds (a variant's, a fine-tuned attacked model's).
+     * On a GPU it is allocated up front, beside the other model of the run (the base during
+     * utility, an attacked model), so it is fixed rather than sized to the free memory as a
+     * server's is. Default 2 GiB.
      */
     kvCacheBytes: z.number().int().min(2 ** 20).max(Number.MAX_SAFE_INTEGER).default(DEFAULT_KV_CACHE_BYTES),
     /** Weights in the engine; default the device's: f32 on the CPU, bf16 on a GPU. */

@@ -132,9 +132,9 @@ async function withDetector(variant: LoadedVariant, config: EvalConfig): Promise
 
 /**
  * The base model, loaded when first asked for: as the base variant, or by a suite that compares
- * with it (utility). Outside the base variant it is freed after each suite, so a run holds at
- * most two copies of the weights at once (a variant and the base, or a variant and a white-box
- * attack's copy), not three.
+ * with it (utility). Outside the base variant it is freed after each suite, so a run holds two
+ * copies of the weights only while utility runs (the white-box attacks take none: they run on the
+ * variant's own model, lib/eval/suites/white-box.ts).
  */
 class BaseModel {
   #loading: Promise<LoadedVariant> | null = null;

@@ -80,7 +80,7 @@ export const embeddingSuite: Suite<EmbeddingResult> = {
         outcomes.set(epsilon, list);
       }
     } finally {
-      if (attack) closeAttackModel(attack);
+      if (attack) await closeAttackModel(ctx, attack);
     }
     const points = budget.epsilons.map((epsilon) => {
       const list = outcomes.get(epsilon)!;

@@ -72,7 +72,7 @@ export const gcgSuite: Suite<GcgResult> = {
         ctx.progress(i + 1, targets.length);
       }
     } finally {
-      if (attack) closeAttackModel(attack);
+      if (attack) await closeAttackModel(ctx, attack);
     }
     const units = (attacked: boolean): GenerationUnit[] =>
       targets.map((c, i) => ({

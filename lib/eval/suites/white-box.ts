@@ -1,7 +1,7 @@
 /**
- * What the white-box attack suites (embedding, gcg, finetune) share: a fresh copy of the
- * variant's model for an attack session (the variant's loaded model serves inference and keeps
- * its adapter applied; an attack session needs the adapter inside a trainer instead), the
+ * What the white-box attack suites (embedding, gcg, finetune) share: an attack session on the
+ * variant's own model (its adapter moves into a trainer, which the gradients need, and is put
+ * back exactly as it was afterwards, so an attack holds no second copy of the weights), the
  * attack budgets with their defaults, and a split of the harmful conversations so that no
  * attack is measured on what it trained on.
  * @module
@@ -12,7 +12,7 @@ import { dirname, join } from 'node:path';
 
 import { AttackModel } from '../../attack/gradient-model.js';
 import type { Conversation } from '../../data/records.js';
-import { loadModel } from '../../model/model.js';
+import { applyAdapter } from '../../train/export.js';
 import { devTestSplit } from '../stats.js';
 import type { AttackBudgets, SuiteContext } from '../types.js';
 
@@ -30,21 +30,32 @@ export function variantFiles(ctx: SuiteContext): { modelDir: string; adapterDir?
   return { modelDir: ctx.baseDir };
 }
 
-/** A fresh attack session on the variant (dispose with {@link closeAttackModel}). */
+/**
+ * An attack session on the variant's model (end it with {@link closeAttackModel} before the
+ * variant answers anything again). Its detector must be idle: the suites run one at a time.
+ */
 export async function openAttackModel(ctx: SuiteContext): Promise<AttackModel> {
-  const { modelDir, adapterDir } = variantFiles(ctx);
-  const model = await loadModel(modelDir, ctx.variant.model.loadOptions());
   try {
-    return await AttackModel.open(model, adapterDir);
+    return await AttackModel.open(ctx.variant.model, variantFiles(ctx).adapterDir);
   } catch (error) {
-    model.dispose();
+    await restoreVariant(ctx);
     throw error;
   }
 }
 
-export function closeAttackModel(attack: AttackModel): void {
+/** Ends the session and puts the variant's model back as loadVariant left it. */
+export async function closeAttackModel(ctx: SuiteContext, attack: AttackModel): Promise<void> {
   attack.close();
-  attack.model.dispose();
+  await restoreVariant(ctx);
+}
+
+/** The variant's adapter applied again as loading applied it (live factors, flag rows), or none. */
+async function restoreVariant(ctx: SuiteContext): Promise<void> {
+  const model = ctx.variant.model;
+  const { adapterDir } = variantFiles(ctx);
+  // applyAdapter clears what the trainer left first; without an adapter, clearing is all.
+  if (adapterDir !== undefined) await applyAdapter(model, adapterDir);
+  else await model.runNative(() => model.engine.clearAdapters());
 }
 
 /** Harmful conversations with responses, split in two halves by the settings' seed: `train` for attacks that learn, `test` to measure on. */
