@@ -14,7 +14,7 @@
 # Nothing fetched here runs (no GPU): it is a compile and link check; .ci/run uses it when it can.
 # Debian's packages may be older than the toolkit (cuBLASLt 12.4, NCCL 2.22 beside nvcc 13): the
 # API redflag uses is the same in both.
-# Usage: scripts/cuda-deps.sh DIR   (does nothing when DIR already holds both)
+# Usage: scripts/cuda-deps.sh DIR   (does nothing when DIR already holds all of it)
 set -euo pipefail
 [ $# -eq 1 ] || { echo "usage: $0 DIR" >&2; exit 2; }
 dir=$1
@@ -39,8 +39,8 @@ apt=(-o Dir::Etc::SourceList="$work/sources.list" -o Dir::Etc::SourceParts=/dev/
   -o Acquire::Retries=2 -o Acquire::http::Timeout=60 -qq)
 apt-get "${apt[@]}" update
 (cd "$work" && apt-get "${apt[@]}" download nvidia-cuda-dev libcublaslt12 libnccl-dev)
-# The two headers only (nvidia-cuda-dev is the whole toolkit's: its cuda_runtime.h must not
-# shadow nvcc's own), and the library with its version links.
+# cuBLASLt's two headers only (nvidia-cuda-dev is the whole toolkit's: its cuda_runtime.h must not
+# shadow nvcc's own) and NCCL's one, and cuBLASLt's library with its version links.
 dpkg-deb --fsys-tarfile "$work"/nvidia-cuda-dev_*.deb | tar -xf - -C "$work/x" ./usr/include/cublasLt.h ./usr/include/cublas_api.h
 dpkg-deb --fsys-tarfile "$work"/libnccl-dev_*.deb | tar -xf - -C "$work/x" ./usr/include/nccl.h
 dpkg-deb -x "$work"/libcublaslt12_*.deb "$work/x"
