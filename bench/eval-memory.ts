@@ -1,0 +1,65 @@
+/**
+ * `npm run bench -- eval-memory [--quick]`: what `redflag eval` holds in memory, in copies of
+ * the model's weights. A random Llama (hidden 1024, 8 layers, vocabulary 32000: 612 MB of f32
+ * weights; `--quick`: hidden 512, 4 layers) and a red-flag adapter trained one step on it; then
+ * `evaluate` over `base` and the adapter with the utility suite (which compares with the base)
+ * and the embedding attack (which differentiates through the variant), while the process's RSS
+ * is sampled every 20 ms. Reported: the peak RSS over the RSS before the run, divided by the
+ * weights' bytes (about 1 when a run holds one copy beyond what is already loaded, 2 for two).
+ */
+import { mkdtemp, rm, stat } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import { evaluate } from '../lib/eval/evaluate.js';
+import { writeRandomModel } from '../lib/model/random-model.js';
+import { packagedTokenizer } from '../lib/train/pipeline.js';
+import { train } from '../lib/train/trainer.js';
+
+const MiB = 2 ** 20;
+
+export async function benchEvalMemory(quick: boolean) {
+  const dir = await mkdtemp(join(tmpdir(), 'redflag-bench-eval-memory-'));
+  try {
+    const hiddenSize = quick ? 512 : 1024;
+    const numLayers = quick ? 4 : 8;
+    const base = join(dir, 'base');
+    await writeRandomModel(base, {
+      architecture: 'llama', vocabSize: 32000, hiddenSize, intermediateSize: Math.round((hiddenSize * 11) / 4), numLayers,
+      numHeads: hiddenSize / 64, numKvHeads: hiddenSize / 128, seed: 3, bosTokenId: 1, eosTokenId: 2, tokenizer: await packagedTokenizer(),
+    }, { overwrite: true });
+    const weightBytes = (await stat(join(base, 'model.safetensors'))).size;
+    await train({
+      model: base, output: join(dir, 'rf'), data: 'synthetic', syntheticPerCategory: 2, steps: 1, batchSize: 2, maxTokens: 64,
+      evalEvery: 0, checkpointEvery: 0, threads: 2, lora: { rank: 4, alpha: 8, dropout: 0 }, device: 'cpu', dtype: 'f32',
+    });
+    globalThis.gc?.();
+    const before = process.memoryUsage().rss;
+    let peak = before;
+    const sample = () => void (peak = Math.max(peak, process.memoryUsage().rss));
+    const timer = setInterval(sample, 20);
+    const t0 = performance.now();
+    try {
+      await evaluate({
+        model: base,
+        variants: [{ name: 'base', source: 'base' }, { name: 'rf', source: join(dir, 'rf', 'adapter') }],
+        synthetic: { testPerCategory: 1, mcqCount: 2 }, limit: 2, suites: ['utility', 'embedding'], maxTokens: 4,
+        bootstrapResamples: 10, threads: 2, out: join(dir, 'eval'), png: false, dtype: 'f32',
+        attacks: { embedding: { epsilons: [0, 0.3], steps: 1, items: 1 } },
+      }, { onProgress: sample });
+    } finally {
+      clearInterval(timer);
+    }
+    const seconds = (performance.now() - t0) / 1000;
+    return {
+      bench: 'eval-memory',
+      model: { hiddenSize, numLayers, weightMiB: Math.round(weightBytes / MiB) },
+      rssBeforeMiB: Math.round(before / MiB),
+      peakRssMiB: Math.round(peak / MiB),
+      peakOverBeforeInWeightCopies: Number(((peak - before) / weightBytes).toFixed(2)),
+      seconds: Number(seconds.toFixed(1)),
+    };
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
