@@ -31,9 +31,10 @@ function log(line: string): void {
 
 /** Runs the demo and prints its figures as JSON on stdout. */
 export async function runDemo(options: { out?: string; threads?: number; small?: boolean; device?: DeviceSpec } = {}): Promise<Record<string, unknown>> {
-  const device = parseDevice(options.device ?? 'cpu', 'device').name as DeviceSpec;
+  const spec = parseDevice(options.device ?? 'cpu', 'device');
   // A device that cannot run fails now, with its reason, before the language model trains.
-  addonFor(parseDevice(device));
+  addonFor(spec);
+  const device = spec.name as DeviceSpec;
   const dir = options.out ?? (await mkdtemp(join(tmpdir(), 'redflag-demo-')));
   log(`redflag demo: working in ${dir}${device === 'cpu' ? '' : ` (adapters, detector and evaluation on ${device})`}`);
   const size = PIPELINE_SIZES[options.small ? 'small' : 'demo'];
