@@ -15,6 +15,7 @@ import { evaluate } from '../lib/eval/evaluate.js';
 import { writeRandomModel } from '../lib/model/random-model.js';
 import { packagedTokenizer } from '../lib/train/pipeline.js';
 import { train } from '../lib/train/trainer.js';
+import { measurePeakRss } from './rss.js';
 
 const MiB = 2 ** 20;
 
@@ -33,24 +34,13 @@ export async function benchEvalMemory(quick: boolean) {
       model: base, output: join(dir, 'rf'), data: 'synthetic', syntheticPerCategory: 2, steps: 1, batchSize: 2, maxTokens: 64,
       evalEvery: 0, checkpointEvery: 0, threads: 2, lora: { rank: 4, alpha: 8, dropout: 0 }, device: 'cpu', dtype: 'f32',
     });
-    globalThis.gc?.();
-    const before = process.memoryUsage().rss;
-    let peak = before;
-    const sample = () => void (peak = Math.max(peak, process.memoryUsage().rss));
-    const timer = setInterval(sample, 20);
-    const t0 = performance.now();
-    try {
-      await evaluate({
-        model: base,
-        variants: [{ name: 'base', source: 'base' }, { name: 'rf', source: join(dir, 'rf', 'adapter') }],
-        synthetic: { testPerCategory: 1, mcqCount: 2 }, limit: 2, suites: ['utility', 'embedding'], maxTokens: 4,
-        bootstrapResamples: 10, threads: 2, out: join(dir, 'eval'), png: false, dtype: 'f32',
-        attacks: { embedding: { epsilons: [0, 0.3], steps: 1, items: 1 } },
-      }, { onProgress: sample });
-    } finally {
-      clearInterval(timer);
-    }
-    const seconds = (performance.now() - t0) / 1000;
+    const { beforeBytes: before, peakBytes: peak, seconds } = await measurePeakRss((sample) => evaluate({
+      model: base,
+      variants: [{ name: 'base', source: 'base' }, { name: 'rf', source: join(dir, 'rf', 'adapter') }],
+      synthetic: { testPerCategory: 1, mcqCount: 2 }, limit: 2, suites: ['utility', 'embedding'], maxTokens: 4,
+      bootstrapResamples: 10, threads: 2, out: join(dir, 'eval'), png: false, dtype: 'f32',
+      attacks: { embedding: { epsilons: [0, 0.3], steps: 1, items: 1 } },
+    }, { onProgress: sample }));
     return {
       bench: 'eval-memory',
       model: { hiddenSize, numLayers, weightMiB: Math.round(weightBytes / MiB) },

@@ -1,5 +1,5 @@
 /**
- * Benchmarks: `npm run bench -- <gemm|prefill|decode|serve|host|eval-memory|train|loss|all> [--quick]`, and
+ * Benchmarks: `npm run bench -- <gemm|prefill|decode|serve|host|eval-memory|merge-memory|train|loss|all> [--quick]`, and
  * `npm run bench -- soak [--seconds 600] [--clients 64] [--seed 1]` (bench/soak.ts), and on a GPU
  * machine `npm run bench -- <gpu-decode|gpu-prefill|gpu-serve|gpu-train|gpu-loss> [--device cuda:N]` (`gpu-serve --tiny`:
  * a two-layer model, for the CPU emulation of CUDA). Each prints one JSON object. Speeds are reported as ratios to ceilings measured in the same run (FMA peak with
@@ -19,6 +19,7 @@ import { loadModel } from '../lib/model/model.js';
 import { writeRandomModel, type RandomModelSpec } from '../lib/model/random-model.js';
 import { loadNative } from '../lib/native.js';
 import { benchEvalMemory } from './eval-memory.js';
+import { benchMergeMemory } from './merge-memory.js';
 import { benchHost } from './host.js';
 import { benchServe } from './serve.js';
 import { runSoak } from './soak.js';
@@ -537,6 +538,7 @@ const benches: Record<string, () => Promise<unknown>> = {
   gemm: benchGemm, prefill: benchPrefill, decode: benchDecode, train: benchTrain, loss: benchLoss,
   host: () => benchHost(quick),
   'eval-memory': () => benchEvalMemory(quick),
+  'merge-memory': () => benchMergeMemory(quick),
   serve: () => benchServe(quick, SMOLLM2, { label: 'SmolLM2-135M shapes, 2 threads', cacheName: 'redflag-bench-smollm2-135m-tokenizer' }),
   // The GPU benches (issue "CUDA backend, part 1"): the server on a GPU, and the C++ engine bench.
   // --tiny: 1 and 12 streams (past the 8 rows of a decode step's gemv path) on TINY_LLAMA.

@@ -25,6 +25,7 @@ export {
   writeSafetensors,
   toFloat32,
   fromFloat32,
+  type DeferredTensor,
   type RawTensor,
   type TensorInfo,
   type SafetensorsDType,
@@ -70,9 +71,9 @@ export {
   type RedFlagRows,
   type LoraSite,
 } from './train/adapter.js';
-export { mergeAdapterTensors, type MergePlan } from './train/merge.js';
+export { mergeAdapterTensors, planAdapterMerge, type MergePlan, type TensorShape } from './train/merge.js';
 export type { WeightPlan, EngineTensor } from './model/weights-map.js';
-export { applyAdapter, saveMerged, type ApplyAdapterOptions } from './train/export.js';
+export { applyAdapter, mergeAdapterInto, saveMerged, type ApplyAdapterOptions } from './train/export.js';
 export { runPipeline, trainLanguageModel, PIPELINE_SIZES, type PipelineOptions, type PipelineResult, type PipelineSize } from './train/pipeline.js';
 export { trainCategoryFlags, confusionMatrix, formatConfusion, type ConfusionMatrix, type CategoryFlagsResult } from './train/category-flags.js';
 export * from './study/index.js';
@@ -129,4 +130,4 @@ export { loadEvalFile, detectEvalFormat, type EvalFileResult, type EvalFormat, t
 export { AttackModel, type AttackLoss, type AttackTarget } from './attack/gradient-model.js';
 export { embeddingAttack, type EmbeddingAttackOptions, type EmbeddingAttackResult } from './attack/embedding.js';
 export { gcgAttack, type GcgOptions, type GcgResult } from './attack/gcg.js';
-export { fineTuneAttack, mergeAdapterInto, type FineTuneAttackOptions } from './attack/finetune.js';
+export { fineTuneAttack, type FineTuneAttackOptions } from './attack/finetune.js';

@@ -13,14 +13,14 @@ import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 
 import { embeddingAttack } from '../lib/attack/embedding.js';
-import { fineTuneAttack, mergeAdapterInto } from '../lib/attack/finetune.js';
+import { fineTuneAttack } from '../lib/attack/finetune.js';
 import { gcgAttack } from '../lib/attack/gcg.js';
 import { AttackModel, type AttackTarget } from '../lib/attack/gradient-model.js';
 import { encodeConversation } from '../lib/data/encode.js';
 import { generateSyntheticData } from '../lib/data/synthetic.js';
 import { createDetector } from '../lib/detect/detector.js';
 import { loadModel } from '../lib/model/model.js';
-import { applyAdapter } from '../lib/train/export.js';
+import { applyAdapter, mergeAdapterInto } from '../lib/train/export.js';
 import { tinyRedFlagModel } from './helpers/red-flag-adapter.js';
 
 let base: string;
@@ -137,7 +137,7 @@ describe('white-box attacks on a red-flag adapter', () => {
     expect(after).toBeGreaterThan(before + 0.1);
 
     const adapter = join(root, 'rf', 'adapter');
-    const merged = await mergeAdapterInto(base, adapter, join(root, 'merged'), 2);
+    const merged = await mergeAdapterInto(base, adapter, join(root, 'merged'));
     const applied = await loadModel(base, { threads: 2 });
     const fromMerged = await loadModel(merged, { threads: 2 });
     try {

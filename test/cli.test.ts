@@ -86,6 +86,57 @@ describe('redflag CLI', () => {
     expect(other.stderr).toMatch(/redflag: .*adapter_config\.json: "fan_in_fan_out"/);
   });
 
+  it('merge writes the base with an adapter folded in: the logits of the adapter applied live; never over a model without --overwrite', async () => {
+    const { loadModel } = await import('../lib/model/model.js');
+    const { applyAdapter } = await import('../lib/train/export.js');
+    const { loraSites, saveAdapter, selectModules } = await import('../lib/train/adapter.js');
+    const fixture = join(FIXTURES, 'llama-gqa');
+    const model = await loadModel(fixture, { threads: 1 });
+    try {
+      const config = model.config;
+      const adapter = {
+        rank: 2, alpha: 4, dropout: 0, rslora: false, targets: ['q_proj', 'down_proj'],
+        modules: [] as import('../lib/train/adapter.js').LoraModuleWeights[], redFlag: null, baseModel: '', config,
+      };
+      let k = 0;
+      const values = (n: number) => Float32Array.from({ length: n }, () => Math.sin(++k) * 0.05);
+      for (const { layer, site } of selectModules(config, adapter.targets, null)) {
+        const { inFeatures, outFeatures } = loraSites(config).find((s) => s.site === site)!;
+        adapter.modules.push({ layer, site, inFeatures, outFeatures, A: values(2 * inFeatures), B: values(outFeatures * 2) });
+      }
+      const adapterDir = join(dir, 'merge-adapter');
+      await saveAdapter(adapterDir, adapter);
+      const out = join(dir, 'merged');
+      const merged = await cli('merge', '--model', fixture, '--adapter', adapterDir, '--output', out);
+      expect(merged.code).toBe(0);
+      expect(merged.stderr).toMatch(/merged .*merge-adapter into .*llama-gqa: .*merged \([\d.]+ s\)/);
+
+      const ids = [1, 5, 9, 2, 7];
+      await applyAdapter(model, adapterDir);
+      const want = await model.logits(ids);
+      const folded = await loadModel(out, { threads: 1 });
+      const got = await folded.logits(ids);
+      folded.dispose();
+      let num = 0, den = 0;
+      for (let i = 0; i < want.length; i++) {
+        num += (got[i]! - want[i]!) ** 2;
+        den += want[i]! ** 2;
+      }
+      expect(Math.sqrt(num / den)).toBeLessThan(1e-5); // W + sBA formed once vs applied per call
+      expect(Math.sqrt(num / den)).toBeGreaterThan(0); // and the adapter did change something
+
+      const again = await cli('merge', '--model', fixture, '--adapter', adapterDir, '--output', out);
+      expect(again.code).toBe(1);
+      expect(again.stderr).toMatch(/redflag: .*merged is not empty; .*--overwrite/);
+      expect((await cli('merge', '--model', fixture, '--adapter', adapterDir, '--output', out, '--overwrite')).code).toBe(0);
+      const self = await cli('merge', '--model', fixture, '--adapter', adapterDir, '--output', `${fixture}/`, '--overwrite');
+      expect(self.code).toBe(1);
+      expect(self.stderr).toMatch(/would replace the base model it is made from/);
+    } finally {
+      model.dispose();
+    }
+  });
+
   it('generate --chat streams text equal to the library’s greedy output', async () => {
     const { code, stdout, stderr } = await cli('generate', '--model', dir, '--prompt', 'Hello there', '--chat', '-n', '8');
     expect(code).toBe(0);

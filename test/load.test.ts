@@ -167,3 +167,35 @@ describe('addRedFlagToken', () => {
     model.dispose();
   });
 });
+
+describe('Model.save', () => {
+  it('shards above shardBytes with an index; overwritten with one file, no stale shard or index is left to load', async () => {
+    const dir = await tinyLlama({ hiddenSize: 32, intermediateSize: 64, numLayers: 2, numHeads: 4, numKvHeads: 2 });
+    cleanup.push(dir);
+    const model = await loadModel(dir, { threads: 1 });
+    const ids = [1, 450, 4996];
+    try {
+      const want = await model.logits(ids);
+      const saved = join(await tempDir(), 'saved');
+      // The 4 MB embedding gets a shard of its own; the layers' small tensors share the rest.
+      await model.save(saved, { shardBytes: 64 * 1024 });
+      const sharded = (await readdir(saved)).filter((f) => f.startsWith('model'));
+      expect(sharded).toContain('model.safetensors.index.json');
+      expect(sharded.filter((f) => /^model-\d{5}-of-\d{5}\.safetensors$/.test(f)).length).toBeGreaterThan(1);
+      const index = JSON.parse(await readFile(join(saved, 'model.safetensors.index.json'), 'utf8'));
+      expect(Object.keys(index.weight_map).sort()).toEqual(model.plan.tensors.flatMap((t) => t.sources).sort());
+      const reloaded = await loadModel(saved, { threads: 1 });
+      expect(await reloaded.logits(ids)).toEqual(want);
+      reloaded.dispose();
+
+      await expect(model.save(saved)).rejects.toThrow(/not empty; pass overwrite: true \(on the command line: --overwrite\)/);
+      await model.save(saved, { overwrite: true });
+      expect((await readdir(saved)).filter((f) => f.startsWith('model'))).toEqual(['model.safetensors']);
+      const again = await loadModel(saved, { threads: 1 });
+      expect(await again.logits(ids)).toEqual(want);
+      again.dispose();
+    } finally {
+      model.dispose();
+    }
+  });
+});

@@ -232,6 +232,39 @@ describe('writeSafetensors + SafetensorsFile', () => {
     expect((await readdir(dir)).some((name) => name === path.split('/').pop())).toBe(false);
   });
 
+  it('writes deferred tensors as the same bytes, reading each once, in data order, only when the writer reaches it', async () => {
+    const tensors: Record<string, RawTensor> = {
+      b: fromFloat32(new Float32Array([1, 2, 3]), [3], 'F32'),
+      a: fromFloat32(new Float32Array([4, 5]), [2], 'BF16'),
+      c: fromFloat32(new Float32Array([6]), [1], 'F32'),
+    };
+    const eager = nextPath();
+    await writeSafetensors(eager, tensors, { metadata: { format: 'pt' } });
+    const reads: string[] = [];
+    const deferred = Object.fromEntries(
+      Object.entries(tensors).map(([name, t]) => [name, { dtype: t.dtype, shape: t.shape, read: async () => (reads.push(name), t.data) }]),
+    );
+    const lazy = nextPath();
+    const writing = writeSafetensors(lazy, deferred, { metadata: { format: 'pt' } });
+    expect(reads).toEqual([]); // nothing is read before the header is out
+    await writing;
+    expect(reads).toEqual(['b', 'c', 'a']); // F32 before BF16, then by name
+    expect(await readFile(lazy)).toEqual(await readFile(eager));
+  });
+
+  it('a deferred tensor of the wrong size or a failing read leaves no file behind, naming the tensor and the file', async () => {
+    const path = nextPath();
+    const short = { x: { dtype: 'F32' as const, shape: [3], read: async () => new Uint8Array(8) } };
+    await expect(writeSafetensors(path, short)).rejects.toMatchObject({
+      file: path,
+      message: expect.stringMatching(/tensor "x": data is 8 bytes but shape \[3\] of F32 needs 12/),
+    });
+    const failing = { x: { dtype: 'F32' as const, shape: [1], read: async () => Promise.reject(new RedflagError('INVALID_FILE', 'shard truncated')) } };
+    await expect(writeSafetensors(path, failing)).rejects.toThrow(/shard truncated/);
+    const names = await readdir(dir);
+    expect(names.some((name) => name === path.split('/').pop() || name.endsWith('.tmp'))).toBe(false);
+  });
+
   it('reads only the requested tensor, and not after close', async () => {
     const path = nextPath();
     await writeSafetensors(path, { a: fromFloat32(new Float32Array([1, 2]), [2], 'F32') });

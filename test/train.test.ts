@@ -11,7 +11,7 @@ import { loadModel } from '../lib/model/model.js';
 import { SafetensorsFile } from '../lib/model/safetensors.js';
 import { parseTrainConfig, type TrainConfigInput } from '../lib/train/config.js';
 import { findCheckpoint } from '../lib/train/checkpoint.js';
-import { applyAdapter } from '../lib/train/export.js';
+import { applyAdapter, mergeAdapterInto } from '../lib/train/export.js';
 import { train } from '../lib/train/trainer.js';
 import { cudaUsable } from './helpers/cuda.js';
 import { tinyLlama } from './helpers/tiny-model.js';
@@ -26,6 +26,14 @@ afterAll(async () => {
   await rm(base, { recursive: true, force: true });
   await rm(root, { recursive: true, force: true });
 });
+
+/** Every file of two directories, byte for byte. */
+async function expectSameFiles(a: string, b: string): Promise<void> {
+  const names = (await readdir(a)).sort();
+  expect((await readdir(b)).sort()).toEqual(names);
+  // Buffer.equals: toEqual walks a 4 MB buffer element by element for a minute.
+  for (const name of names) expect((await readFile(join(b, name))).equals(await readFile(join(a, name))), name).toBe(true);
+}
 
 function config(output: string, extra: Partial<TrainConfigInput> = {}): TrainConfigInput {
   return {
@@ -137,6 +145,9 @@ describe('train (red-flag LoRA)', () => {
     } finally {
       merged.dispose();
     }
+    // Merging the saved adapter from the files alone (no engine, one tensor at a time) writes what training wrote.
+    await mergeAdapterInto(base, join(root, 'run-d', 'adapter'), join(root, 'run-d', 'merged-files'));
+    await expectSameFiles(join(root, 'run-d', 'merged'), join(root, 'run-d', 'merged-files'));
   });
 });
 
@@ -203,6 +214,8 @@ describe('train (one flag per risk category)', () => {
     } finally {
       merged.dispose();
     }
+    await mergeAdapterInto(base, dir, join(root, 'run-cat', 'merged-files'));
+    await expectSameFiles(join(root, 'run-cat', 'merged'), join(root, 'run-cat', 'merged-files'));
   });
 
   it('a listed category trains its flag; others and uncategorised examples train <rf>; bad names are refused', async () => {

@@ -93,15 +93,3 @@ export async function fineTuneAttack(o: FineTuneAttackOptions): Promise<string> 
   );
   return merged;
 }
-
-/** Writes `model` with `adapter` merged into its weights to `output` (what the refusal baseline ships). */
-export async function mergeAdapterInto(model: string, adapter: string, output: string, threads?: number): Promise<string> {
-  const m = await loadModel(model, { ...(threads ? { threads } : {}) });
-  try {
-    // applyAdapter first adds <rf> to the vocabulary when the adapter has it, as training did.
-    await saveMerged(m, await applyAdapter(m, adapter), output);
-  } finally {
-    m.dispose();
-  }
-  return output;
-}

@@ -8,7 +8,7 @@ import { RedflagError } from '../errors.js';
 import { loadModel, type Model } from '../model/model.js';
 import type { DeviceSpec } from '../model/device.js';
 import { moduleLora, type Adapter } from '../train/adapter.js';
-import { applyAdapter } from '../train/export.js';
+import { applyAdapter, mergeAdapterInto } from '../train/export.js';
 import { runDemo } from '../demo.js';
 import { runEval } from './eval.js';
 import { runTrain } from './train.js';
@@ -286,6 +286,19 @@ export function buildProgram(): Command {
     .option('--threads <n>', 'threads for native work', integer('threads', 1))
     .action(async (flags: Record<string, unknown>) => {
       await runTrain(flags);
+    });
+
+  program
+    .command('merge')
+    .description("write a model with a LoRA adapter merged into its weights (PEFT's merge_and_unload), from the files alone")
+    .requiredOption('-m, --model <dir>', 'the base model directory (config.json + safetensors)')
+    .requiredOption('--adapter <dir>', "the adapter (redflag train's or PEFT's); its <rf> rows go into the embedding")
+    .requiredOption('-o, --output <dir>', 'where the merged model goes (a new or empty directory)')
+    .option('--overwrite', 'replace the files of a model already in the output directory')
+    .action(async (flags: { model: string; adapter: string; output: string; overwrite?: boolean }) => {
+      const t0 = performance.now();
+      await mergeAdapterInto(flags.model, flags.adapter, flags.output, { overwrite: flags.overwrite ?? false });
+      console.error(`merged ${flags.adapter} into ${flags.model}: ${flags.output} (${((performance.now() - t0) / 1000).toFixed(1)} s)`);
     });
 
   withModelFlags(program.command('serve').description('serve the detector over an OpenAI-compatible HTTP API (see README, Server)'))

@@ -9,7 +9,7 @@ import { RedflagError, abortError } from '../errors.js';
 import { callNative, SrcType, type NativeConfig, type NativeModel, type NativeSequence } from '../native.js';
 import { addonFor, checkDeviceRoom, CPU, parseDevice, type Device, type DeviceSpec } from './device.js';
 import { loadModelConfig, loadGenerationConfig, type GenerationConfig, type ModelConfig } from './config.js';
-import { toFloat32, fromFloat32, type RawTensor } from './safetensors.js';
+import { toFloat32, fromFloat32, type DeferredTensor, type RawTensor } from './safetensors.js';
 import { Tokenizer } from './tokenizer.js';
 import { RED_FLAG_TOKEN, flagTokenCategory, type CategoryFlag } from './red-flag-token.js';
 import { planWeights, type WeightPlan } from './weights-map.js';
@@ -87,6 +87,32 @@ export interface LogitsOptions {
   onProgress?: (done: number, total: number) => void;
 }
 
+/** A model directory's files, opened without the engine: enough to read, merge and save tensors. */
+export interface ModelFiles {
+  dir: string;
+  config: ModelConfig;
+  generationConfig: GenerationConfig | null;
+  tokenizer: Tokenizer | null;
+  /** Close it when done. */
+  store: WeightStore;
+  plan: WeightPlan;
+}
+
+/** Opens a Hugging Face model directory's config, tokenizer and weight headers (no tensor is read). */
+export async function openModelFiles(dir: string): Promise<ModelFiles> {
+  const config = await loadModelConfig(dir);
+  const generationConfig = await loadGenerationConfig(dir);
+  const tokenizer = await Tokenizer.fromDir(dir);
+  const store = await WeightStore.open(dir);
+  try {
+    const plan = planWeights(config, store.names(), (n) => store.info(n).shape, dir);
+    return { dir, config, generationConfig, tokenizer, store, plan };
+  } catch (error) {
+    await store.close();
+    throw error;
+  }
+}
+
 /** Loads a Hugging Face model directory (config.json + safetensors, tokenizer optional). */
 export async function loadModel(dir: string, options: LoadModelOptions = {}): Promise<Model> {
   const device = parseDevice(options.device);
@@ -100,13 +126,9 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
   }
   // Before any file is read: a device that cannot run fails with the reason at once.
   const addon = addonFor(device);
-  const config = await loadModelConfig(dir);
-  const generationConfig = await loadGenerationConfig(dir);
-  const tokenizer = await Tokenizer.fromDir(dir);
-  const store = await WeightStore.open(dir);
+  const { config, generationConfig, tokenizer, store, plan } = await openModelFiles(dir);
   let engine: NativeModel | undefined;
   try {
-    const plan = planWeights(config, store.names(), (n) => store.info(n).shape, dir);
     // At least every element at the engine's width (vectors are f32 on the device: a little more).
     const elements = plan.tensors.reduce((sum, t) => sum + t.shapes.reduce((n, shape) => n + shape.reduce((a, b) => a * b, 1), 0), 0);
     checkDeviceRoom(addon, device, elements * (dtype === 'bf16' ? 2 : 4), `the weights (${dtype === 'bf16' ? 'bf16' : "f32; dtype 'bf16' halves them"})`, dir);
@@ -275,6 +297,12 @@ export class Model {
     for (const id of this.generationConfig?.eosTokenIds ?? []) ids.add(id);
     if (ids.size === 0 && this.tokenizer?.eosTokenId != null) ids.add(this.tokenizer.eosTokenId);
     return [...ids];
+  }
+
+  /** @internal A checkpoint tensor or its in-memory replacement: dtype and shape, bytes on demand. */
+  tensor(name: string): DeferredTensor {
+    const o = this.overrides.get(name);
+    return o ? { dtype: o.dtype, shape: o.shape, read: async () => o.data } : this.store.deferred(name);
   }
 
   /** Reads a checkpoint tensor, or its in-memory replacement. */

@@ -6,7 +6,7 @@
  */
 import { RedflagError } from '../errors.js';
 import type { Model } from './model.js';
-import { CATEGORY_NAME, categoryFlagToken, chooseRedFlagToken, type CategoryFlag } from './red-flag-token.js';
+import { CATEGORY_NAME, categoryFlagToken, chooseRedFlagToken, type CategoryFlag, type RedFlagTokenChoice } from './red-flag-token.js';
 import { fromFloat32, toFloat32, type RawTensor } from './safetensors.js';
 import type { Tokenizer } from './tokenizer.js';
 
@@ -89,6 +89,29 @@ function withRows(tensor: RawTensor, rows: number, ids: readonly number[], init:
 }
 
 /**
+ * Adds `<rf>` and the category flags `<rf:NAME>` to a tokenizer, in that order (reusing a
+ * reserved special token where `options.reuseReserved` allows): the ids the model's new rows get.
+ */
+export function addFlagTokens(
+  tokenizer: Tokenizer,
+  options: Pick<AddRedFlagTokenOptions, 'token' | 'categories' | 'reuseReserved'> = {},
+): { choice: RedFlagTokenChoice; flags: CategoryFlag[] } {
+  const categories = [...(options.categories ?? [])];
+  for (const [i, c] of categories.entries()) {
+    if (typeof c !== 'string' || !CATEGORY_NAME.test(c)) {
+      throw new RedflagError('INVALID_ARGUMENT', `categories[${i}] must be 1-64 letters, digits, "_", "-" or ".", got ${JSON.stringify(c)}`);
+    }
+    if (categories.indexOf(c) !== i) throw new RedflagError('INVALID_ARGUMENT', `categories lists "${c}" twice`);
+    // The server reports the overall verdict under this name.
+    if (c === 'red_flag') throw new RedflagError('INVALID_ARGUMENT', 'categories: "red_flag" is reserved for the overall flag');
+  }
+  const reuse = options.reuseReserved !== undefined ? { reuseReserved: options.reuseReserved } : {};
+  const choice = chooseRedFlagToken(tokenizer, { ...(options.token !== undefined ? { token: options.token } : {}), ...reuse });
+  const flags: CategoryFlag[] = categories.map((category) => ({ category, id: chooseRedFlagToken(tokenizer, { token: categoryFlagToken(category), ...reuse }).id }));
+  return { choice, flags };
+}
+
+/**
  * Adds `<rf>` (and with `options.categories` one `<rf:NAME>` per risk category) to the model
  * and its tokenizer. The new (or reused) embedding rows, and LM-head rows when the head is not
  * tied, are initialised by `options.init`; tied heads stay tied. The change lives in memory
@@ -106,18 +129,7 @@ export async function addRedFlagToken(
   if (init !== 'mean' && init !== 'zeros' && !(typeof init === 'object' && init !== null && 'copyFrom' in init)) {
     throw new RedflagError('INVALID_ARGUMENT', `init must be 'mean', 'zeros' or { copyFrom: id }`);
   }
-  const categories = [...(options.categories ?? [])];
-  for (const [i, c] of categories.entries()) {
-    if (typeof c !== 'string' || !CATEGORY_NAME.test(c)) {
-      throw new RedflagError('INVALID_ARGUMENT', `categories[${i}] must be 1-64 letters, digits, "_", "-" or ".", got ${JSON.stringify(c)}`);
-    }
-    if (categories.indexOf(c) !== i) throw new RedflagError('INVALID_ARGUMENT', `categories lists "${c}" twice`);
-    // The server reports the overall verdict under this name.
-    if (c === 'red_flag') throw new RedflagError('INVALID_ARGUMENT', 'categories: "red_flag" is reserved for the overall flag');
-  }
-  const reuse = options.reuseReserved !== undefined ? { reuseReserved: options.reuseReserved } : {};
-  const choice = chooseRedFlagToken(tokenizer, { ...(options.token !== undefined ? { token: options.token } : {}), ...reuse });
-  const flags = categories.map((category) => ({ category, id: chooseRedFlagToken(tokenizer, { token: categoryFlagToken(category), ...reuse }).id }));
+  const { choice, flags } = addFlagTokens(tokenizer, options);
   const ids = [choice.id, ...flags.map((f) => f.id)];
   // Checkpoints often have more embedding rows than tokens (padding rows): a new token id
   // may already have a row, and then the matrices keep their size.

@@ -88,6 +88,19 @@ export interface RawTensor {
   data: Uint8Array;
 }
 
+/**
+ * A tensor whose bytes are made only when the writer reaches it: {@link writeSafetensors} then
+ * holds one such tensor in memory at a time, not the whole file (a merged 8B model is 16 GB).
+ */
+export interface DeferredTensor {
+  /** Element type. */
+  dtype: SafetensorsDType;
+  /** Dimensions, outermost first; `[]` is a scalar. */
+  shape: number[];
+  /** Makes the bytes, product(shape) × dtypeSize(dtype) of them (called once). */
+  read: () => Promise<Uint8Array>;
+}
+
 /** Options for {@link SafetensorsFile.open}. */
 export interface SafetensorsOpenOptions {
   /**
@@ -454,7 +467,7 @@ export interface AtomicWriteOptions {
  */
 export async function writeFileAtomic(
   path: string,
-  chunks: Iterable<Uint8Array>,
+  chunks: Iterable<Uint8Array> | AsyncIterable<Uint8Array>,
   options: AtomicWriteOptions = {},
 ): Promise<void> {
   const target = resolve(path);
@@ -484,7 +497,7 @@ export async function writeFileAtomic(
   let published = false;
   try {
     try {
-      for (const chunk of chunks) {
+      for await (const chunk of chunks) {
         let done = 0;
         while (done < chunk.byteLength) {
           const { bytesWritten } = await handle.write(chunk, done, Math.min(chunk.byteLength - done, 1 << 30));
@@ -552,33 +565,39 @@ export interface WriteSafetensorsOptions {
 }
 
 /** Validates a tensor handed to the writer; returns its byte length. */
-function checkRawTensor(name: string, tensor: RawTensor): number {
+function checkTensor(name: string, tensor: RawTensor | DeferredTensor): number {
   const where = `tensor "${name}"`;
-  if (typeof tensor !== 'object' || tensor === null) throw new RedflagError('INVALID_ARGUMENT', `${where} must be { dtype, shape, data }`);
+  if (typeof tensor !== 'object' || tensor === null) throw new RedflagError('INVALID_ARGUMENT', `${where} must be { dtype, shape, data } or { dtype, shape, read }`);
   if (!isSafetensorsDType(tensor.dtype)) {
     throw new RedflagError('INVALID_ARGUMENT', `${where}: unknown dtype ${describe(tensor.dtype)} (known: ${SAFETENSORS_DTYPES.join(', ')})`);
   }
   const count = checkedElementCount(tensor.shape);
   if (typeof count === 'string') throw new RedflagError('INVALID_ARGUMENT', `${where}: ${count}`);
-  if (!(tensor.data instanceof Uint8Array)) throw new RedflagError('INVALID_ARGUMENT', `${where}: data must be a Uint8Array`);
   const expected = count * DTYPE_SIZES[tensor.dtype];
-  if (tensor.data.byteLength !== expected) {
-    throw new RedflagError(
-      'INVALID_ARGUMENT',
-      `${where}: data is ${tensor.data.byteLength} bytes but shape ${JSON.stringify(tensor.shape)} of ${tensor.dtype} needs ${expected}`,
-    );
+  if ('read' in tensor) {
+    if (typeof tensor.read !== 'function') throw new RedflagError('INVALID_ARGUMENT', `${where}: read must be a function`);
+    return expected;
   }
+  checkTensorData(where, tensor.data, tensor, expected);
   return expected;
+}
+
+function checkTensorData(where: string, data: unknown, tensor: { dtype: SafetensorsDType; shape: number[] }, expected: number): asserts data is Uint8Array {
+  if (!(data instanceof Uint8Array)) throw new RedflagError('INVALID_ARGUMENT', `${where}: data must be a Uint8Array`);
+  if (data.byteLength !== expected) {
+    throw new RedflagError('INVALID_ARGUMENT', `${where}: data is ${data.byteLength} bytes but shape ${JSON.stringify(tensor.shape)} of ${tensor.dtype} needs ${expected}`);
+  }
 }
 
 /**
  * Serializes tensors to a safetensors file, atomically. Header keys are sorted by name; the data
  * is laid out contiguously, largest element size first (then by name), so every tensor starts
  * at a multiple of its element size, and the header is padded with spaces to a multiple of 8.
+ * A {@link DeferredTensor}'s bytes are read when the writer reaches it and dropped after.
  */
 export async function writeSafetensors(
   path: string,
-  tensors: Map<string, RawTensor> | Record<string, RawTensor>,
+  tensors: Map<string, RawTensor | DeferredTensor> | Record<string, RawTensor | DeferredTensor>,
   options: WriteSafetensorsOptions = {},
 ): Promise<void> {
   const entries = tensors instanceof Map ? [...tensors.entries()] : Object.entries(tensors);
@@ -586,7 +605,7 @@ export async function writeSafetensors(
   for (const [name, tensor] of entries) {
     if (name === METADATA_KEY) throw new RedflagError('INVALID_ARGUMENT', `"${METADATA_KEY}" is reserved and cannot name a tensor`, { file: path });
     try {
-      sizes.set(name, checkRawTensor(name, tensor));
+      sizes.set(name, checkTensor(name, tensor));
     } catch (error) {
       if (error instanceof RedflagError) throw new RedflagError(error.code, error.message, { file: path });
       throw error;
@@ -626,10 +645,22 @@ export async function writeSafetensors(
   const prefix = new Uint8Array(8);
   new DataView(prefix.buffer).setBigUint64(0, BigInt(paddedLength), true);
 
-  function* chunks(): Iterable<Uint8Array> {
+  async function* chunks(): AsyncIterable<Uint8Array> {
     yield prefix;
     yield headerBytes;
-    for (const [, tensor] of dataOrder) yield tensor.data;
+    for (const [name, tensor] of dataOrder) {
+      if (!('read' in tensor)) {
+        yield tensor.data;
+        continue;
+      }
+      const data = await tensor.read();
+      try {
+        checkTensorData(`tensor "${name}"`, data, tensor, sizes.get(name)!);
+      } catch (error) {
+        throw new RedflagError((error as RedflagError).code, (error as RedflagError).message, { file: path });
+      }
+      yield data;
+    }
   }
   await writeFileAtomic(path, chunks(), { overwrite: options.overwrite ?? false });
 }

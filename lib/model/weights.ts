@@ -10,7 +10,7 @@ import { isAbsolute, join, normalize, sep } from 'node:path';
 
 import { RedflagError } from '../errors.js';
 import { readJsonFile } from './config.js';
-import { SafetensorsFile, type RawTensor, type SafetensorsOpenOptions, type TensorInfo } from './safetensors.js';
+import { SafetensorsFile, type DeferredTensor, type RawTensor, type SafetensorsOpenOptions, type TensorInfo } from './safetensors.js';
 
 /** File name of an unsharded checkpoint. */
 export const SINGLE_WEIGHTS_FILE = 'model.safetensors';
@@ -202,6 +202,12 @@ export class WeightStore {
   }
 
   /** Where the tensor lives: dtype, shape, byte range and the file that holds it. */
+  /** A tensor's dtype and shape, with its bytes read on demand (what the writer streams). */
+  deferred(name: string): DeferredTensor {
+    const { dtype, shape } = this.info(name);
+    return { dtype, shape: [...shape], read: async () => (await this.read(name)).data };
+  }
+
   info(name: string): WeightInfo {
     const file = this.#fileOf(name);
     const info = file.info(name);

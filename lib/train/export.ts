@@ -4,16 +4,18 @@
  * fine-tuned weights written as a Hugging Face model.
  * @module
  */
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 
 import { RedflagError } from '../errors.js';
 import { nativeError } from '../native.js';
-import type { Model } from '../model/model.js';
-import { addRedFlagToken } from '../model/red-flag.js';
+import { openModelFiles, type Model } from '../model/model.js';
+import { addFlagTokens, addRedFlagToken } from '../model/red-flag.js';
 import { RED_FLAG_TOKEN, categoryFlagToken } from '../model/red-flag-token.js';
-import { fromFloat32, toFloat32, type RawTensor } from '../model/safetensors.js';
+import { fromFloat32, toFloat32, type DeferredTensor } from '../model/safetensors.js';
+import { saveModel } from '../model/save.js';
+import type { Tokenizer } from '../model/tokenizer.js';
 import { loadAdapter, moduleLora, saveAdapter, type Adapter, type LoraModuleWeights } from './adapter.js';
-import { mergeAdapterTensors } from './merge.js';
+import { planAdapterMerge } from './merge.js';
 import type { TrainConfig } from './config.js';
 
 const LORA_PARAM = /^layers\.(\d+)\.(.+)\.lora_([AB])$/;
@@ -94,16 +96,62 @@ export async function exportAdapter(model: Model, config: TrainConfig, rfToken: 
   return dir;
 }
 
-/** Writes base weights with the adapter merged in, as a Hugging Face model directory. */
+/**
+ * Writes base weights with the adapter merged in, as a Hugging Face model directory. Each merged
+ * tensor is made as the writer reaches it: one tensor at a time beyond the model's memory.
+ */
 export async function saveMerged(model: Model, adapter: Adapter, dir: string): Promise<void> {
-  const merged = await mergeAdapterTensors(adapter, (name) => model.readTensor(name), model.plan);
-  const saved = new Map(model.overrides);
+  const merged = planAdapterMerge(adapter, model.plan, (name) => model.tensor(name), (name) => model.readTensor(name));
+  await saveModel(model, dir, { overwrite: true, replace: merged });
+}
+
+/**
+ * Writes the model in `modelDir` with the adapter in `adapterDir` merged into its weights to
+ * `output`, as a Hugging Face model directory (what the refusal baseline ships; PEFT's
+ * `merge_and_unload` + `save_pretrained`). Works on the files alone: no engine, and one tensor
+ * at a time in memory, so an 8B model merges on a machine with a few GB free. A non-empty
+ * `output` is an error unless `options.overwrite`; `output` may never be `modelDir`.
+ */
+export async function mergeAdapterInto(modelDir: string, adapterDir: string, output: string, options: { overwrite?: boolean } = {}): Promise<string> {
+  if (resolve(output) === resolve(modelDir)) {
+    throw new RedflagError('INVALID_ARGUMENT', 'the merged model would replace the base model it is made from: choose another output directory', { file: output });
+  }
+  const files = await openModelFiles(modelDir);
   try {
-    for (const [name, tensor] of merged) model.overrides.set(name, tensor);
-    await model.save(dir, { overwrite: true });
+    const adapter = await loadAdapter(adapterDir, files.config);
+    const rf = adapter.redFlag;
+    if (rf && lacksFlags(files.tokenizer, files.config.vocabSize, rf)) {
+      // As applyAdapter: the flags go into the tokenizer and config; the merge grows the matrices.
+      if (!files.tokenizer) throw new RedflagError('NO_TOKENIZER', `${modelDir} has no tokenizer.json; the adapter's red-flag token needs one`);
+      const { choice, flags } = addFlagTokens(files.tokenizer, { categories: rf.categories.map((c) => c.category) });
+      const ids = [choice.id, ...flags.map((f) => f.id)];
+      checkFlagIds(rf, ids, adapterDir);
+      const rows = Math.max(files.config.vocabSize, ...ids.map((id) => id + 1));
+      files.config.vocabSize = rows;
+      files.config.raw['vocab_size'] = rows;
+    }
+    const { store } = files;
+    const merged = planAdapterMerge(adapter, files.plan, (name) => store.info(name), (name) => store.read(name));
+    await saveModel({ ...files, tensor: (name) => store.deferred(name) }, output, { overwrite: options.overwrite ?? false, replace: merged });
   } finally {
-    model.overrides.clear();
-    for (const [k, v] of saved) model.overrides.set(k, v);
+    await files.store.close();
+  }
+  return output;
+}
+
+/** Whether the tokenizer lacks the adapter's flag tokens at their ids (a base that predates them). */
+function lacksFlags(tokenizer: Tokenizer | null, vocabSize: number, rf: NonNullable<Adapter['redFlag']>): boolean {
+  const present = (id: number, text: string) => id < vocabSize && tokenizer?.idToToken(id) === text;
+  return !(present(rf.tokenId, RED_FLAG_TOKEN) && rf.categories.every((c) => present(c.id, categoryFlagToken(c.category))));
+}
+
+/** Adding the flags to the base must give the ids the adapter was trained with. */
+function checkFlagIds(rf: NonNullable<Adapter['redFlag']>, got: readonly number[], dir: string): void {
+  const want = [rf.tokenId, ...rf.categories.map((c) => c.id)];
+  if (want.some((id, i) => id !== got[i])) {
+    throw new RedflagError('INVALID_ARGUMENT', `the adapter's flag tokens are ${want.join(', ')}, but adding them to this model gives ${got.join(', ')}: is it the adapter's base model?`, {
+      file: dir,
+    });
   }
 }
 
@@ -133,17 +181,10 @@ export async function applyAdapter(model: Model, dir: string, options: ApplyAdap
   }
   const adapter = await loadAdapter(dir, model.config);
   const rf = adapter.redFlag;
-  const present = (id: number, text: string) => id < model.vocabSize && model.tokenizer?.idToToken(id) === text;
-  if (rf && !(present(rf.tokenId, RED_FLAG_TOKEN) && rf.categories.every((c) => present(c.id, categoryFlagToken(c.category))))) {
+  if (rf && lacksFlags(model.tokenizer, model.vocabSize, rf)) {
     // The base checkpoint predates the flags: add them the way training did, which must land on the same ids.
     const added = await addRedFlagToken(model, model.tokenizer, { categories: rf.categories.map((c) => c.category) });
-    const want = [rf.tokenId, ...rf.categories.map((c) => c.id)];
-    const got = [added.id, ...added.categories.map((c) => c.id)];
-    if (want.some((id, i) => id !== got[i])) {
-      throw new RedflagError('INVALID_ARGUMENT', `the adapter's flag tokens are ${want.join(', ')}, but adding them to this model gives ${got.join(', ')}: is it the adapter's base model?`, {
-        file: dir,
-      });
-    }
+    checkFlagIds(rf, [added.id, ...added.categories.map((c) => c.id)], dir);
   }
   await model.runNative(() => {
     model.engine.clearAdapters();
@@ -178,33 +219,46 @@ export async function applyAdapter(model: Model, dir: string, options: ApplyAdap
   return adapter;
 }
 
-/** Writes a fully fine-tuned model (the engine's f32 masters) as a Hugging Face directory. */
+/**
+ * Writes a fully fine-tuned model (the engine's f32 masters) as a Hugging Face directory, in each
+ * tensor's checkpoint dtype (F32 when that is not a float type); tensors are fetched from the
+ * engine as the writer reaches them.
+ */
 export async function saveTrainedModel(model: Model, config: TrainConfig): Promise<string> {
   const dir = join(config.output, 'model');
   const names = new Set(model.engine.params().map((p) => p.name));
+  const trained = new Map<string, DeferredTensor>();
   for (const t of model.plan.tensors) {
     if (!names.has(t.name)) throw new RedflagError('NATIVE', `no trained tensor ${t.name}`);
-    const value = model.engine.getParam(t.name, 'value'); // [rows, cols] as the engine holds it ([out, in])
     let row = 0;
     for (const [i, source] of t.sources.entries()) {
       const shape = t.shapes[i]!;
-      const original = await model.store.read(source).catch(() => null);
-      const dtype = original && (original.dtype === 'BF16' || original.dtype === 'F16') ? original.dtype : 'F32';
-      let data: Float32Array;
-      if (t.srcIsKN) {
-        // GPT-2 Conv1D: HF stores [in, out]; the engine holds [out, in].
-        const [inF, outF] = shape as [number, number];
-        data = new Float32Array(inF * outF);
-        for (let o = 0; o < outF; o++) for (let k = 0; k < inF; k++) data[k * outF + o] = value[o * inF + k]!;
-      } else {
-        const count = shape.reduce((a, b) => a * b, 1);
-        const width = count / shape[0]!;
-        data = value.slice(row * width, row * width + count);
-        row += shape[0]!;
-      }
-      model.overrides.set(source, fromFloat32(data, shape, dtype) as RawTensor);
+      const original = model.store.has(source) ? model.store.info(source).dtype : null;
+      const dtype = original === 'BF16' || original === 'F16' ? original : 'F32';
+      const first = row; // this source's first row in the engine's [rows, cols] tensor
+      row += shape[0]!;
+      trained.set(source, {
+        dtype,
+        shape,
+        read: async () => {
+          // The engine holds [rows, cols] ([out, in]); a tensor with several sources is fetched once per source.
+          const value = model.engine.getParam(t.name, 'value');
+          let data: Float32Array;
+          if (t.srcIsKN) {
+            // GPT-2 Conv1D: HF stores [in, out]; the engine holds [out, in].
+            const [inF, outF] = shape as [number, number];
+            data = new Float32Array(inF * outF);
+            for (let o = 0; o < outF; o++) for (let k = 0; k < inF; k++) data[k * outF + o] = value[o * inF + k]!;
+          } else {
+            const count = shape.reduce((a, b) => a * b, 1);
+            const width = count / shape[0]!;
+            data = value.slice(first * width, first * width + count);
+          }
+          return fromFloat32(data, shape, dtype).data;
+        },
+      });
     }
   }
-  await model.save(dir, { overwrite: true });
+  await saveModel(model, dir, { overwrite: true, replace: trained });
   return dir;
 }

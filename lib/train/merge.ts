@@ -18,7 +18,7 @@
  */
 import { RedflagError } from '../errors.js';
 import type { WeightPlan } from '../model/weights-map.js';
-import { dtypeSize, elementCount, fromFloat32, toFloat32, type RawTensor } from '../model/safetensors.js';
+import { dtypeSize, elementCount, fromFloat32, toFloat32, type DeferredTensor, type RawTensor } from '../model/safetensors.js';
 import { loraSites, moduleLora, validateAdapter, type Adapter, type LoraModuleWeights } from './adapter.js';
 
 /** The parts of a {@link WeightPlan} the merge needs: the checkpoint's tensor names. */
@@ -92,11 +92,10 @@ function mergeModule(name: string, weight: RawTensor, m: LoraModuleWeights, rank
 }
 
 /**
- * A copy of an embedding-like matrix [V, H] with row `id` replaced by `row` (rounded to the
- * matrix's dtype). `id === V` appends the row (the red-flag token was added to the vocabulary).
- * Only the row's bytes are converted; the other rows are copied bit for bit.
+ * A copy of an embedding-like matrix [V, H] with rows `ids` replaced by `rows` [ids.length × H]
+ * (rounded to the matrix's dtype); ids from V on append rows (the flags were added to the
+ * vocabulary). Only those rows' bytes are converted; the others are copied bit for bit.
  */
-/** `matrix` with rows `ids` replaced by `rows` [ids.length × H] (new rows may extend it by as many). */
 function replaceRows(name: string, matrix: RawTensor, ids: readonly number[], rows: Float32Array): RawTensor {
   const dtype = floatDType(name, matrix);
   if (matrix.shape.length !== 2) throw new RedflagError('INVALID_ARGUMENT', `merge: tensor ${name} has shape [${matrix.shape.join(', ')}], expected [vocab, hidden]`);
@@ -116,6 +115,82 @@ function replaceRows(name: string, matrix: RawTensor, ids: readonly number[], ro
   return { dtype, shape: [total, H], data };
 }
 
+/** A checkpoint tensor's dtype and shape, without its bytes. */
+export type TensorShape = Pick<RawTensor, 'dtype' | 'shape'>;
+
+/** The merged [rows, H] shape of an embedding-like matrix whose rows `ids` are replaced. */
+function grownShape(name: string, matrix: TensorShape, ids: readonly number[]): number[] {
+  floatDType(name, matrix as RawTensor);
+  if (matrix.shape.length !== 2) throw new RedflagError('INVALID_ARGUMENT', `merge: tensor ${name} has shape [${matrix.shape.join(', ')}], expected [vocab, hidden]`);
+  const [V, H] = matrix.shape as [number, number];
+  const total = Math.max(V, ...ids.map((id) => id + 1));
+  if (total > V + ids.length) {
+    throw new RedflagError('INVALID_ARGUMENT', `merge: flag token ids ${ids.join(', ')} go beyond tensor ${name}'s ${V} rows (only appending rows is possible)`);
+  }
+  return [total, H];
+}
+
+/**
+ * The Hugging Face tensors that change when `adapter` is merged into the model, by checkpoint
+ * name, as {@link DeferredTensor}s: dtype and shape now (every shape is checked here, before
+ * anything is written), the merged bytes only when read, one tensor at a time, so merging an
+ * 8B model never holds more than one of its tensors twice. Which tensors, and their values:
+ * see {@link mergeAdapterTensors}. `info` gives a checkpoint tensor's dtype and shape; `read`
+ * its bytes (called once per read of a merged tensor; its result is not modified).
+ */
+export function planAdapterMerge(
+  adapter: Adapter,
+  plan: MergePlan,
+  info: (hfName: string) => TensorShape,
+  read: (hfName: string) => Promise<RawTensor>,
+): Map<string, DeferredTensor> {
+  validateAdapter(adapter);
+  const config = adapter.config;
+  const tiedPlan = plan.lmHeadName === null;
+  if (tiedPlan !== config.tieWordEmbeddings) {
+    throw new RedflagError(
+      'INVALID_ARGUMENT',
+      `merge: the plan ${tiedPlan ? 'has no separate LM head' : `has an LM head (${plan.lmHeadName})`} but the adapter's config says tie_word_embeddings is ${config.tieWordEmbeddings}`,
+    );
+  }
+  const sites = new Map(loraSites(config).map((s) => [s.site, s]));
+  const out = new Map<string, DeferredTensor>();
+
+  for (const m of adapter.modules) {
+    const name = hfWeightName(adapter, plan, m.layer, m.site);
+    if (out.has(name)) throw new RedflagError('INVALID_ARGUMENT', `merge: two modules of the adapter target ${name}`);
+    const { rank, scale } = moduleLora(adapter, m.layer, m.site);
+    const conv1d = sites.get(m.site)!.conv1d;
+    const weight = info(name);
+    const dtype = floatDType(name, weight as RawTensor);
+    const want = conv1d ? [m.inFeatures, m.outFeatures] : [m.outFeatures, m.inFeatures];
+    if (!sameShape(weight.shape, want)) {
+      throw new RedflagError(
+        'INVALID_ARGUMENT',
+        `merge: tensor ${name} has shape [${weight.shape.join(', ')}], expected [${want.join(', ')}] (${conv1d ? 'Conv1D [in, out]' : 'Linear [out, in]'})`,
+      );
+    }
+    out.set(name, { dtype, shape: [...weight.shape], read: async () => mergeModule(name, await read(name), m, rank, scale, conv1d).data });
+  }
+
+  const rf = adapter.redFlag;
+  if (rf !== null) {
+    const ids = [rf.tokenId, ...rf.categories.map((c) => c.id)];
+    const rows: [string, Float32Array][] = [[plan.embedName, rf.embed]];
+    // validateAdapter guarantees an untied config has head rows.
+    if (plan.lmHeadName !== null) rows.push([plan.lmHeadName, rf.head!]);
+    for (const [name, values] of rows) {
+      const matrix = info(name);
+      out.set(name, {
+        dtype: matrix.dtype,
+        shape: grownShape(name, matrix, ids),
+        read: async () => replaceRows(name, await read(name), ids, values).data,
+      });
+    }
+  }
+  return out;
+}
+
 /**
  * The Hugging Face tensors that change when `adapter` is merged into the model, by checkpoint
  * name, in each tensor's original dtype: every adapted weight (W + s·B·A; Llama q/k/v/gate/up
@@ -131,32 +206,13 @@ export async function mergeAdapterTensors(
   plan: MergePlan,
 ): Promise<Map<string, RawTensor>> {
   validateAdapter(adapter);
-  const config = adapter.config;
-  const tiedPlan = plan.lmHeadName === null;
-  if (tiedPlan !== config.tieWordEmbeddings) {
-    throw new RedflagError(
-      'INVALID_ARGUMENT',
-      `merge: the plan ${tiedPlan ? 'has no separate LM head' : `has an LM head (${plan.lmHeadName})`} but the adapter's config says tie_word_embeddings is ${config.tieWordEmbeddings}`,
-    );
-  }
-  const sites = new Map(loraSites(config).map((s) => [s.site, s]));
+  // Every tensor the merge changes, read once, up front: the shapes come from the tensors.
+  const names = adapter.modules.map((m) => hfWeightName(adapter, plan, m.layer, m.site));
+  if (adapter.redFlag !== null) names.push(plan.embedName, ...(plan.lmHeadName !== null ? [plan.lmHeadName] : []));
+  const tensors = new Map<string, RawTensor>();
+  for (const name of names) if (!tensors.has(name)) tensors.set(name, await read(name));
+  const merged = planAdapterMerge(adapter, plan, (name) => tensors.get(name)!, async (name) => tensors.get(name)!);
   const out = new Map<string, RawTensor>();
-
-  for (const m of adapter.modules) {
-    const name = hfWeightName(adapter, plan, m.layer, m.site);
-    if (out.has(name)) throw new RedflagError('INVALID_ARGUMENT', `merge: two modules of the adapter target ${name}`);
-    const { rank, scale } = moduleLora(adapter, m.layer, m.site);
-    out.set(name, mergeModule(name, await read(name), m, rank, scale, sites.get(m.site)!.conv1d));
-  }
-
-  const rf = adapter.redFlag;
-  if (rf !== null) {
-    const ids = [rf.tokenId, ...rf.categories.map((c) => c.id)];
-    out.set(plan.embedName, replaceRows(plan.embedName, await read(plan.embedName), ids, rf.embed));
-    if (plan.lmHeadName !== null) {
-      // validateAdapter guarantees an untied config has head rows.
-      out.set(plan.lmHeadName, replaceRows(plan.lmHeadName, await read(plan.lmHeadName), ids, rf.head!));
-    }
-  }
+  for (const [name, t] of merged) out.set(name, { dtype: t.dtype, shape: t.shape, data: await t.read() });
   return out;
 }

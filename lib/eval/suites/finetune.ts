@@ -14,7 +14,8 @@
  */
 import { join } from 'node:path';
 
-import { attackFinished, fineTuneAttack, mergeAdapterInto } from '../../attack/finetune.js';
+import { attackFinished, fineTuneAttack } from '../../attack/finetune.js';
+import { mergeAdapterInto } from '../../train/export.js';
 import type { Conversation } from '../../data/records.js';
 import { createDetector } from '../../detect/detector.js';
 import { loadModel } from '../../model/model.js';
@@ -70,7 +71,7 @@ async function attackedWeights(ctx: SuiteContext, train: Conversation[]): Promis
   if (adapterDir !== undefined) {
     const merged = join(work, `merged-${fingerprint({ modelDir, adapterDir })}`);
     // The merged weights only feed the attack: once it has finished (a resumed run) they are not needed.
-    if (!(await attackFinished(outputFor(merged)))) await mergeAdapterInto(modelDir, adapterDir, merged, threads);
+    if (!(await attackFinished(outputFor(merged)))) await mergeAdapterInto(modelDir, adapterDir, merged, { overwrite: true });
     return { modelDir: await attack(merged), defence: 'merged adapter' };
   }
   return { modelDir: await attack(modelDir), defence: 'weights' };
