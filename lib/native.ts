@@ -35,6 +35,8 @@ export interface NativeConfig {
   ropeOriginalMaxPositions: number;
   qkvBias: boolean;
   oBias: boolean;
+  /** Qwen3's per-head q/k RMSNorms (tensors layers.N.q_norm.weight, k_norm.weight). */
+  qkNorm: boolean;
   mlpBias: boolean;
   tiedEmbeddings: boolean;
   slidingWindow: number;

@@ -106,6 +106,33 @@ const qwen25_05b = {
   use_sliding_window: false,
   vocab_size: 151936,
 };
+// Qwen/Qwen3-0.6B's config.json: head_dim 128 with hidden 1024 and 16 heads (q is 2048 wide).
+const qwen3_06b = {
+  architectures: ['Qwen3ForCausalLM'],
+  attention_bias: false,
+  attention_dropout: 0.0,
+  bos_token_id: 151643,
+  eos_token_id: 151645,
+  head_dim: 128,
+  hidden_act: 'silu',
+  hidden_size: 1024,
+  intermediate_size: 3072,
+  max_position_embeddings: 40960,
+  max_window_layers: 28,
+  model_type: 'qwen3',
+  num_attention_heads: 16,
+  num_hidden_layers: 28,
+  num_key_value_heads: 8,
+  rms_norm_eps: 1e-6,
+  rope_scaling: null,
+  rope_theta: 1000000,
+  sliding_window: null,
+  tie_word_embeddings: true,
+  torch_dtype: 'bfloat16',
+  use_cache: true,
+  use_sliding_window: false,
+  vocab_size: 151936,
+};
 const gpt2 = {
   activation_function: 'gelu_new',
   architectures: ['GPT2LMHeadModel'],
@@ -142,6 +169,7 @@ describe('parseModelConfig: real configs', () => {
       qkvBias: false,
       oBias: false,
       mlpBias: false,
+      qkNorm: false,
       tieWordEmbeddings: true,
       slidingWindow: null,
       bosTokenId: 128000,
@@ -184,6 +212,27 @@ describe('parseModelConfig: real configs', () => {
     });
   });
 
+  it('Qwen3 0.6B (per-head q/k norms, head_dim 128 ≠ hidden / heads, tied)', () => {
+    expect(parseModelConfig(qwen3_06b)).toMatchObject({
+      architecture: 'qwen3',
+      hiddenSize: 1024,
+      numHeads: 16,
+      numKvHeads: 8,
+      headDim: 128,
+      qkvBias: false,
+      oBias: false,
+      qkNorm: true,
+      slidingWindow: null,
+      tieWordEmbeddings: true,
+      rope: { theta: 1000000, scaling: null },
+      eosTokenIds: [151645],
+    });
+    // Sliding windows on some layers: refused as for Qwen2.
+    expect(failure({ ...qwen3_06b, use_sliding_window: true, sliding_window: 4096, max_window_layers: 20 }).message).toMatch(
+      /field "use_sliding_window" enables sliding-window attention on some layers/,
+    );
+  });
+
   it('GPT-2', () => {
     expect(withoutRaw(parseModelConfig(gpt2))).toEqual({
       architecture: 'gpt2',
@@ -204,6 +253,7 @@ describe('parseModelConfig: real configs', () => {
       qkvBias: true,
       oBias: true,
       mlpBias: true,
+      qkNorm: false,
       tieWordEmbeddings: true,
       slidingWindow: null,
       bosTokenId: 50256,
@@ -233,6 +283,7 @@ describe('parseModelConfig: transformers defaults', () => {
       qkvBias: false,
       oBias: false,
       mlpBias: false,
+      qkNorm: false,
       tieWordEmbeddings: false,
       slidingWindow: null,
       bosTokenId: 1,
@@ -269,6 +320,26 @@ describe('parseModelConfig: transformers defaults', () => {
       bosTokenId: null,
       eosTokenIds: [],
     });
+  });
+
+  it('Qwen3Config defaults (head_dim 128 whatever the hidden size, no biases, per-head q/k norms)', () => {
+    expect(parseModelConfig({ model_type: 'qwen3', hidden_size: 1024 })).toMatchObject({
+      architecture: 'qwen3',
+      hfArchitecture: 'Qwen3ForCausalLM',
+      vocabSize: 151936,
+      headDim: 128,
+      numKvHeads: 32,
+      qkvBias: false,
+      oBias: false,
+      mlpBias: false,
+      qkNorm: true,
+      tieWordEmbeddings: false,
+      bosTokenId: null,
+    });
+    expect(parseModelConfig({ model_type: 'qwen3', attention_bias: true })).toMatchObject({ qkvBias: true, oBias: true, mlpBias: false });
+    // Only Qwen3 has the per-head norms.
+    expect(parseModelConfig({ model_type: 'qwen2' }).qkNorm).toBe(false);
+    expect(parseModelConfig({ model_type: 'llama' }).qkNorm).toBe(false);
   });
 
   it('GPT2Config defaults, n_inner null → 4·n_embd', () => {
@@ -345,7 +416,7 @@ describe('parseModelConfig: unsupported and invalid', () => {
     const error = failure({ architectures: ['GemmaForCausalLM'], model_type: 'gemma' });
     expect(error.code).toBe('UNSUPPORTED');
     expect(error.message).toBe(
-      'config.json: field "architectures" names "GemmaForCausalLM", which is not supported (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel)',
+      'config.json: field "architectures" names "GemmaForCausalLM", which is not supported (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GPT2LMHeadModel)',
     );
     // A Llama body with a classification head is not a causal LM.
     expect(failure({ architectures: ['LlamaForSequenceClassification'], model_type: 'llama' }).code).toBe('UNSUPPORTED');

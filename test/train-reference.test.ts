@@ -2,7 +2,8 @@
 // (test/reference/reference_train.py, fixtures from test/reference/make_train_fixtures.py):
 // the loss terms and the gradient of every trainable parameter, for LoRA (PEFT semantics,
 // red-flag rows, KL / red-flag / cross-entropy rows) and full fine-tuning, on Llama (GQA),
-// Qwen2 (biases, tied, rsLoRA) and GPT-2 (Conv1D, tied, learned positions).
+// Qwen2 (biases, tied, rsLoRA), Qwen3 (per-head q/k norms, tied) and GPT-2 (Conv1D, tied,
+// learned positions).
 import { readFileSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 
@@ -48,7 +49,7 @@ function relErr(a: number, b: number): number {
   return b === 0 ? Math.abs(a) : Math.abs(a - b) / Math.abs(b);
 }
 
-it('has the six training cases', () => {
+it('has the eight training cases', () => {
   expect(CASES).toEqual([
     'gpt2-full',
     'gpt2-lora',
@@ -56,6 +57,8 @@ it('has the six training cases', () => {
     'llama-gqa-lora-any',
     'llama-gqa-lora-mean',
     'qwen2-bias-lora-rslora',
+    'qwen3-qk-norm-full',
+    'qwen3-qk-norm-lora',
   ]);
 });
 

@@ -14,7 +14,8 @@ import { findCheckpoint } from '../lib/train/checkpoint.js';
 import { applyAdapter, mergeAdapterInto } from '../lib/train/export.js';
 import { train } from '../lib/train/trainer.js';
 import { cudaUsable } from './helpers/cuda.js';
-import { tinyLlama } from './helpers/tiny-model.js';
+import { packagedTokenizer, tinyLlama } from './helpers/tiny-model.js';
+import { writeRandomModel } from '../lib/model/random-model.js';
 
 let base: string;
 let root: string;
@@ -148,6 +149,37 @@ describe('train (red-flag LoRA)', () => {
     // Merging the saved adapter from the files alone (no engine, one tensor at a time) writes what training wrote.
     await mergeAdapterInto(base, join(root, 'run-d', 'adapter'), join(root, 'run-d', 'merged-files'));
     await expectSameFiles(join(root, 'run-d', 'merged'), join(root, 'run-d', 'merged-files'));
+  });
+});
+
+describe('train (Qwen3: per-head q/k norms, the Qwen3 tokenizer)', () => {
+  it('trains a red-flag adapter whose saved form loads back to the trained logits, and merges from the files', async () => {
+    // Qwen3-0.6B's layout in miniature: head_dim 16 with hidden 32 (q is 64 wide), tied
+    // embeddings, 151936 rows for the tokenizer's 151669 tokens (<rf> takes a padding row).
+    const qwen3 = join(root, 'qwen3-base');
+    await writeRandomModel(qwen3, {
+      architecture: 'qwen3', vocabSize: 151936, hiddenSize: 32, intermediateSize: 64, numLayers: 2, numHeads: 4, numKvHeads: 2,
+      headDim: 16, tieWordEmbeddings: true, seed: 5, eosTokenId: 151645, tokenizer: await packagedTokenizer('qwen3'),
+    });
+    const ids = [151644, 872, 198, 9707, 11, 1246, 525, 498];
+    let trained: Float32Array | null = null;
+    await train({ ...config('run-qwen3', { steps: 3, evalEvery: 0, merge: true }), model: qwen3 }, {
+      onTrained: async (model) => {
+        expect(model.config.qkNorm).toBe(true);
+        expect(model.redFlagTokenId).toBeLessThan(151936);
+        expect(model.vocabSize).toBe(151936);
+        trained = await model.logits(ids);
+      },
+    });
+    const model = await loadModel(qwen3, { threads: 2 });
+    try {
+      await applyAdapter(model, join(root, 'run-qwen3', 'adapter'));
+      expect(await model.logits(ids)).toEqual(trained);
+    } finally {
+      model.dispose();
+    }
+    await mergeAdapterInto(qwen3, join(root, 'run-qwen3', 'adapter'), join(root, 'run-qwen3', 'merged-files'));
+    await expectSameFiles(join(root, 'run-qwen3', 'merged'), join(root, 'run-qwen3', 'merged-files'));
   });
 });
 

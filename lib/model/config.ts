@@ -15,7 +15,7 @@ import { z } from 'zod';
 import { RedflagError } from '../errors.js';
 
 /** The model families the engine implements. */
-export type Architecture = 'llama' | 'mistral' | 'qwen2' | 'gpt2';
+export type Architecture = 'llama' | 'mistral' | 'qwen2' | 'qwen3' | 'gpt2';
 
 /** How RoPE frequencies are rescaled for longer contexts (null: plain RoPE). */
 export type RopeScaling =
@@ -68,6 +68,8 @@ export interface ModelConfig {
   oBias: boolean;
   /** Whether the MLP projections have biases. */
   mlpBias: boolean;
+  /** Qwen3: an RMSNorm over each head of q and of k (weights [headDim]) before RoPE. */
+  qkNorm: boolean;
   /** Whether the output head reuses the token embedding matrix. */
   tieWordEmbeddings: boolean;
   /** Sliding-window attention span in tokens, or null for full attention. */
@@ -85,6 +87,7 @@ export const SUPPORTED_ARCHITECTURES: Readonly<Record<string, Architecture>> = {
   LlamaForCausalLM: 'llama',
   MistralForCausalLM: 'mistral',
   Qwen2ForCausalLM: 'qwen2',
+  Qwen3ForCausalLM: 'qwen3',
   GPT2LMHeadModel: 'gpt2',
 };
 
@@ -92,6 +95,7 @@ const MODEL_TYPE_CLASSES: Readonly<Record<string, string>> = {
   llama: 'LlamaForCausalLM',
   mistral: 'MistralForCausalLM',
   qwen2: 'Qwen2ForCausalLM',
+  qwen3: 'Qwen3ForCausalLM',
   gpt2: 'GPT2LMHeadModel',
 };
 
@@ -348,6 +352,7 @@ function parseLlamaFamily(fields: FieldReader, architecture: Exclude<Architectur
     llama: { vocab: 32000, intermediate: 11008, kvHeads: null as number | null, maxPositions: 2048, bos: 1 as number | null, eos: [2] },
     mistral: { vocab: 32000, intermediate: 14336, kvHeads: 8 as number | null, maxPositions: 4096 * 32, bos: 1, eos: [2] },
     qwen2: { vocab: 151936, intermediate: 22016, kvHeads: 32 as number | null, maxPositions: 32768, bos: null, eos: [] as number[] },
+    qwen3: { vocab: 151936, intermediate: 22016, kvHeads: 32 as number | null, maxPositions: 32768, bos: null, eos: [] as number[] },
   }[architecture];
 
   const vocabSize = fields.get('vocab_size', positiveInt, defaults.vocab);
@@ -363,8 +368,10 @@ function parseLlamaFamily(fields: FieldReader, architecture: Exclude<Architectur
     throw fields.error('num_key_value_heads', `(${numKvHeads}) must divide num_attention_heads (${numHeads})`);
   }
 
-  // Qwen2Config has no head_dim: it is always hidden_size / num_attention_heads.
-  const explicitHeadDim = architecture === 'qwen2' ? null : fields.get<number | null>('head_dim', positiveInt, null);
+  // Qwen2Config has no head_dim: it is always hidden_size / num_attention_heads. Qwen3Config's
+  // defaults to 128, whatever the hidden size.
+  const explicitHeadDim =
+    architecture === 'qwen2' ? null : fields.get<number | null>('head_dim', positiveInt, architecture === 'qwen3' ? 128 : null);
   if (explicitHeadDim === null && hiddenSize % numHeads !== 0) {
     throw fields.error('hidden_size', `(${hiddenSize}) must be a multiple of num_attention_heads (${numHeads})`);
   }
@@ -386,6 +393,9 @@ function parseLlamaFamily(fields: FieldReader, architecture: Exclude<Architectur
     mlpBias = fields.get('mlp_bias', z.boolean(), false);
   } else if (architecture === 'qwen2') {
     qkvBias = true;
+  } else if (architecture === 'qwen3') {
+    // Qwen3Attention: attention_bias for q, k, v and o; the MLP has none.
+    qkvBias = oBias = fields.get('attention_bias', z.boolean(), false);
   }
 
   const maxPositions = fields.get('max_position_embeddings', positiveInt, defaults.maxPositions);
@@ -408,6 +418,7 @@ function parseLlamaFamily(fields: FieldReader, architecture: Exclude<Architectur
     qkvBias,
     oBias,
     mlpBias,
+    qkNorm: architecture === 'qwen3',
     tieWordEmbeddings: fields.get('tie_word_embeddings', z.boolean(), false),
     slidingWindow,
     bosTokenId: tokenId(fields, 'bos_token_id', defaults.bos),
@@ -420,12 +431,12 @@ function parseSlidingWindow(fields: FieldReader, architecture: Exclude<Architect
     // MistralConfig defaults to 4096 when absent; null (Mistral v0.2+) disables it.
     return fields.has('sliding_window') ? fields.get<number | null>('sliding_window', positiveInt, null) : 4096;
   }
-  if (architecture === 'qwen2') {
+  if (architecture === 'qwen2' || architecture === 'qwen3') {
     const useSlidingWindow = fields.get('use_sliding_window', z.boolean(), false);
     const maxWindowLayers = fields.get('max_window_layers', nonNegativeInt, 28);
     const layerTypes = fields.get<string[]>('layer_types', z.array(z.string()), []);
     const slidingLayers = layerTypes.includes('sliding_attention');
-    // Qwen2 slides only layers >= max_window_layers; when there are none, every layer is full attention.
+    // Qwen2 and Qwen3 slide only layers >= max_window_layers; when there are none, every layer is full attention.
     if ((useSlidingWindow && maxWindowLayers < numLayers) || slidingLayers) {
       throw fields.error(
         slidingLayers ? 'layer_types' : 'use_sliding_window',
@@ -537,6 +548,7 @@ function parseGpt2(fields: FieldReader): ArchitectureFields {
     qkvBias: true,
     oBias: true,
     mlpBias: true,
+    qkNorm: false,
     // GPT2LMHeadModel always ties lm_head to wte; checkpoints carry no separate head.
     tieWordEmbeddings: true,
     slidingWindow: null,

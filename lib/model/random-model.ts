@@ -12,7 +12,7 @@ import { fromFloat32, writeFileAtomic, writeSafetensors, type RawTensor } from '
 
 /** Shape and numerics of a random model. */
 export interface RandomModelSpec {
-  architecture: 'llama' | 'mistral' | 'qwen2' | 'gpt2';
+  architecture: 'llama' | 'mistral' | 'qwen2' | 'qwen3' | 'gpt2';
   vocabSize: number;
   hiddenSize: number;
   intermediateSize: number;
@@ -42,6 +42,7 @@ const HF_CLASS = {
   llama: ['LlamaForCausalLM', 'llama'],
   mistral: ['MistralForCausalLM', 'mistral'],
   qwen2: ['Qwen2ForCausalLM', 'qwen2'],
+  qwen3: ['Qwen3ForCausalLM', 'qwen3'],
   gpt2: ['GPT2LMHeadModel', 'gpt2'],
 } as const;
 
@@ -89,6 +90,7 @@ export function randomModelConfig(spec: RandomModelSpec): Record<string, unknown
     tie_word_embeddings: spec.tieWordEmbeddings ?? false,
     ...(spec.architecture === 'llama' ? { attention_bias: false, mlp_bias: false } : {}),
     ...(spec.architecture === 'qwen2' ? { use_sliding_window: false } : {}),
+    ...(spec.architecture === 'qwen3' ? { attention_bias: false, use_sliding_window: false } : {}),
   };
 }
 
@@ -128,6 +130,7 @@ export function randomModelShapes(spec: RandomModelSpec): [string, number[]][] {
     if (spec.architecture === 'qwen2') {
       out.push([`${p}self_attn.q_proj.bias`, [q]], [`${p}self_attn.k_proj.bias`, [kv]], [`${p}self_attn.v_proj.bias`, [kv]]);
     }
+    if (spec.architecture === 'qwen3') out.push([`${p}self_attn.q_norm.weight`, [hd]], [`${p}self_attn.k_norm.weight`, [hd]]);
   }
   return out;
 }

@@ -89,6 +89,12 @@ function llamaTensors(c: ModelConfig): EngineTensor[] {
       t(`${e}mlp_out.weight`, [`${p}mlp.down_proj.weight`], [[H, I]]),
     );
     if (c.qkvBias) out.push(t(`${e}qkv.bias`, attn.map((n) => `${n}.bias`), [[q], [kv], [kv]]));
+    if (c.qkNorm) {
+      out.push(
+        t(`${e}q_norm.weight`, [`${p}self_attn.q_norm.weight`], [[c.headDim]]),
+        t(`${e}k_norm.weight`, [`${p}self_attn.k_norm.weight`], [[c.headDim]]),
+      );
+    }
     if (c.oBias) out.push(t(`${e}o.bias`, [`${p}self_attn.o_proj.bias`], [[H]]));
     if (c.mlpBias) {
       out.push(

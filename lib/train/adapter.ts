@@ -44,7 +44,7 @@
  *   PeftModel method in v0.15 peft_model.py, a function in utils/other.py on main), so the head
  *   needs no entry and no tensor.
  * - `utils/constants.py` `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`: PEFT's default
- *   targets are `["q_proj", "v_proj"]` for llama/mistral/qwen2 and `["c_attn"]` for gpt2
+ *   targets are `["q_proj", "v_proj"]` for llama/mistral/qwen2/qwen3 and `["c_attn"]` for gpt2
  *   ({@link DEFAULT_LORA_TARGETS}). A target matches a module whose name equals it or ends with
  *   `.` + target (`check_target_module_exists`).
  *
@@ -169,6 +169,7 @@ export const DEFAULT_LORA_TARGETS: Readonly<Record<ModelConfig['architecture'], 
   llama: ['q_proj', 'v_proj'],
   mistral: ['q_proj', 'v_proj'],
   qwen2: ['q_proj', 'v_proj'],
+  qwen3: ['q_proj', 'v_proj'],
   gpt2: ['c_attn'],
 };
 

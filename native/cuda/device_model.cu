@@ -115,6 +115,8 @@ void DeviceSequence::truncate(long n) {
 DeviceModel::DeviceModel(const ModelConfig& config, DType dtype, int device)
     : config_(config), dtype_(dtype), device_(device) {
   config_.validate();
+  // Qwen3's per-head q/k norms have no CUDA kernels yet (lib/model/device.ts says so before this).
+  if (config_.qk_norm) throw std::invalid_argument("per-head q/k norms (Qwen3) run on the CPU engine only so far");
   check(cudaSetDevice(device_), "cudaSetDevice");
   // A GPU this build has no code for fails every launch: say so, and what to rebuild, first.
   if (const std::string why = device_support(device_); !why.empty()) throw std::runtime_error(why);

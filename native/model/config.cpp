@@ -18,6 +18,7 @@ void ModelConfig::validate() const {
   require(head_dim > 0 && head_dim % 2 == 0, "head_dim must be positive and even");
   require(norm_eps >= 0.f, "norm epsilon must be non-negative");
   require(sliding_window >= 0, "sliding_window must be non-negative");
+  if (qk_norm) require(arch == Arch::llama && norm == NormType::rms, "per-head q/k norms need a Llama-family block with RMSNorm");
   if (arch == Arch::gpt2) {
     require(max_positions > 0, "n_positions must be positive");
     require(q_dim() == hidden, "GPT-2 needs n_head * head_dim == n_embd");

@@ -5,7 +5,7 @@
 
 namespace rf {
 
-enum class Arch { llama, gpt2 };        // llama also covers Mistral and Qwen2 (same block)
+enum class Arch { llama, gpt2 };        // llama also covers Mistral, Qwen2 and Qwen3 (same block)
 enum class NormType { rms, layer };
 enum class Activation { silu, gelu_new };
 enum class RopeScaling { none, linear, dynamic, llama3 };
@@ -25,6 +25,7 @@ struct ModelConfig {
   int rope_original_max_positions = 0;
   bool qkv_bias = false, o_bias = false, mlp_bias = false;
   bool tied_embeddings = false;
+  bool qk_norm = false;                // Qwen3: RMSNorm over each head of q and of k (weights [head_dim]) before rope
   int sliding_window = 0;              // 0: none; else a query at i sees keys j with i - j < window
 
   int q_dim() const { return n_heads * head_dim; }

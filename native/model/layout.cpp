@@ -55,6 +55,8 @@ TensorSlot parse_tensor_name(const ModelConfig& c, const std::string& name) {
   const std::string p = part, k = kind;
   if ((p == "attn_norm" || p == "mlp_norm") && (k == "weight" || k == "bias"))
     return {k == "weight" ? TensorSlot::norm_weight : TensorSlot::norm_bias, layer, p == "attn_norm" ? 0 : 1, H, 0};
+  if (c.qk_norm && (p == "q_norm" || p == "k_norm") && k == "weight")
+    return {TensorSlot::norm_weight, layer, p == "q_norm" ? 2 : 3, long(c.head_dim), 0};
   LinearSpec linears[4];
   block_linears(c, linears);
   for (int i = 0; i < 4; ++i) {
@@ -107,6 +109,7 @@ void check_tensors(const ModelConfig& c, const std::function<bool(const std::str
       need(pre + n + ".weight");
       if (layer_norm) need(pre + n + ".bias");
     }
+    if (c.qk_norm) need(pre + "q_norm.weight"), need(pre + "k_norm.weight");
     for (const LinearSpec& e : linears) {
       need(pre + e.part + ".weight");
       if (e.bias) need(pre + e.part + ".bias");

@@ -8,6 +8,7 @@
 //   embed [vocab, hidden]   pos_embed [positions, hidden]   lm_head [vocab, hidden]
 //   final_norm.weight/.bias [hidden]
 //   layers.N.{attn_norm,mlp_norm}.weight/.bias [hidden]
+//   layers.N.{q_norm,k_norm}.weight [head_dim] (qk_norm: Qwen3)
 //   layers.N.{qkv,o,mlp_in,mlp_out}.weight [out, in] (or [in, out] with src_is_kn) and .bias [out]
 #pragma once
 #include <functional>
@@ -21,7 +22,7 @@ namespace rf {
 struct TensorSlot {
   enum Kind { embed, lm_head, pos_embed, norm_weight, norm_bias, linear_weight, linear_bias } kind;
   int layer = -1;  // the block; -1 outside the blocks (the final norm is a norm of layer -1)
-  int index = 0;   // norms: 0 attn_norm, 1 mlp_norm; linears: 0 qkv, 1 o, 2 mlp_in, 3 mlp_out
+  int index = 0;   // norms: 0 attn_norm, 1 mlp_norm, 2 q_norm, 3 k_norm; linears: 0 qkv, 1 o, 2 mlp_in, 3 mlp_out
   long rows = 0;   // embed / lm_head: the vocabulary; linears: out; vectors: their length
   long cols = 0;   // the hidden size, or a linear's in
 };

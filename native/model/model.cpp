@@ -85,7 +85,7 @@ void Model::load_tensor(const std::string& name, const void* data, SrcType type,
       return;
     case TensorSlot::norm_weight:
     case TensorSlot::norm_bias: {
-      Norm& n = slot.layer < 0 ? final_norm_ : slot.index == 0 ? layers_[slot.layer].attn_norm : layers_[slot.layer].mlp_norm;
+      Norm& n = slot.layer < 0 ? final_norm_ : layers_[slot.layer].norm(slot.index);
       (slot.kind == TensorSlot::norm_weight ? n.weight : n.bias) = to_f32(data, type, slot.rows);
       return;
     }
@@ -114,7 +114,7 @@ void Model::check_complete() const {
       case TensorSlot::pos_embed: return !pos_embed_.empty();
       case TensorSlot::norm_weight:
       case TensorSlot::norm_bias: {
-        const Norm& n = slot.layer < 0 ? final_norm_ : slot.index == 0 ? layers_[slot.layer].attn_norm : layers_[slot.layer].mlp_norm;
+        const Norm& n = slot.layer < 0 ? final_norm_ : layers_[slot.layer].norm(slot.index);
         return !(slot.kind == TensorSlot::norm_weight ? n.weight : n.bias).empty();
       }
       case TensorSlot::linear_weight:
@@ -374,6 +374,19 @@ void Model::run_forward(const std::vector<ForwardItem>& items, LogitsMode mode, 
     norm_rows(L.attn_norm, x, xn, R);
     if (lt) lt->xn1.assign(xn, xn + R * H);
     linear_forward(L.qkv, l, 0, xn, H, int(R), qkv_.data(), QKV, false, lt, dropout, seed);
+    if (c.qk_norm) {
+      // Qwen3: every head of q and of k through an RMSNorm of its own weights [head_dim], before rope.
+      if (lt) {
+        lt->qk_pre.resize(R * (Q + KV));
+        for (long r = 0; r < R; ++r) std::memcpy(lt->qk_pre.data() + r * (Q + KV), qkv_.data() + r * QKV, (Q + KV) * sizeof(float));
+      }
+      for_rows(pool_, R, QKV, [&](long r) {
+        float* q = qkv_.data() + r * QKV;
+        for (int h = 0; h < c.n_heads; ++h) rmsnorm_forward(q + h * hd, q + h * hd, L.q_norm.weight.data(), int(hd), c.norm_eps);
+        for (int g = 0; g < c.n_kv_heads; ++g)
+          rmsnorm_forward(q + Q + g * hd, q + Q + g * hd, L.k_norm.weight.data(), int(hd), c.norm_eps);
+      });
+    }
     {
       long r = 0;
       for (const ForwardItem& it : items) {

@@ -74,6 +74,10 @@ struct Norm {
 
 struct Layer {
   Norm attn_norm, mlp_norm;
+  Norm q_norm, k_norm;  // qk_norm (Qwen3): weights [head_dim], applied to every head of q and of k
+  // The norm a TensorSlot of this block names (index 0 attn_norm, 1 mlp_norm, 2 q_norm, 3 k_norm).
+  Norm& norm(int index) { return index == 0 ? attn_norm : index == 1 ? mlp_norm : index == 2 ? q_norm : k_norm; }
+  const Norm& norm(int index) const { return const_cast<Layer*>(this)->norm(index); }
   Linear qkv;       // [q_dim + 2 kv_dim, hidden]: q, k, v stacked (GPT-2 c_attn; Llama q/k/v_proj)
   Linear o;         // [hidden, q_dim]
   Linear mlp_in;    // SwiGLU: [2 intermediate, hidden] = gate then up; GELU: [intermediate, hidden]
@@ -100,6 +104,7 @@ struct LayerTrace {
   std::vector<float> x_in;   // [rows, hidden]   input of the block
   std::vector<float> xn1;    // [rows, hidden]   attention norm output
   std::vector<float> qkv;    // [rows, qkv_dim]  after rope
+  std::vector<float> qk_pre; // [rows, q_dim + kv_dim] q and k before their per-head norms (qk_norm only)
   std::vector<float> att;    // [rows, q_dim]    attention output
   std::vector<float> x_mid;  // [rows, hidden]   after the attention residual
   std::vector<float> xn2;    // [rows, hidden]   MLP norm output

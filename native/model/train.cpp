@@ -249,7 +249,11 @@ struct Trainer::Impl {
 
   // Full fine-tuning: f32 masters of every model tensor, by engine name.
   struct FullLinear { Param* w = nullptr; Param* b = nullptr; };
-  struct FullLayer { FullLinear lin[4]; Param* norm_w[2] = {nullptr, nullptr}; Param* norm_b[2] = {nullptr, nullptr}; };
+  struct FullLayer {
+    FullLinear lin[4];
+    Param* norm_w[4] = {nullptr, nullptr, nullptr, nullptr};  // attn_norm, mlp_norm, q_norm, k_norm (Layer::norm order)
+    Param* norm_b[2] = {nullptr, nullptr};
+  };
   std::vector<FullLayer> full;
   Param* full_embed = nullptr;
   Param* full_head = nullptr;     // untied only
@@ -324,7 +328,7 @@ struct Trainer::Impl {
 
   // Scratch. Sized with resize(): only what a step accumulates into is zeroed explicitly.
   std::vector<float> h, h_ref, dh_rows, dx, dfinal, dact, dxn, dmlp, datt, dqkv, dK, dV, tmp_in, du, xd, z;
-  std::vector<float> rf_h, rf_href, hc, rcos, rsin, norm_row, norm_dw, norm_db, attn_p, attn_ds;
+  std::vector<float> rf_h, rf_href, hc, rcos, rsin, norm_row, norm_dw, norm_db, qk_norm_dw, attn_p, attn_ds;
   std::vector<std::unique_ptr<ThreadPool>> solo;  // one-thread pools for products inside pool tasks
 };
 
@@ -402,6 +406,8 @@ Trainer::Trainer(Model& model, const TrainOptions& options) : impl_(new Impl), m
       s.full[l].norm_b[0] = vec(pre + "attn_norm.bias", L.attn_norm.bias, false);
       s.full[l].norm_w[1] = vec(pre + "mlp_norm.weight", L.mlp_norm.weight, false);
       s.full[l].norm_b[1] = vec(pre + "mlp_norm.bias", L.mlp_norm.bias, false);
+      s.full[l].norm_w[2] = vec(pre + "q_norm.weight", L.q_norm.weight, false);  // qk_norm only (else empty: none)
+      s.full[l].norm_w[3] = vec(pre + "k_norm.weight", L.k_norm.weight, false);
     }
     s.full_final_w = vec("final_norm.weight", model.final_norm().weight, false);
     s.full_final_b = vec("final_norm.bias", model.final_norm().bias, false);
@@ -439,11 +445,10 @@ Trainer::Trainer(Model& model, const TrainOptions& options) : impl_(new Impl), m
         mw.wt = &lin.wt;
         if (s.full[l].lin[i].b) mirror(s.full[l].lin[i].b).vec = &lin.bias;
       }
-      Norm* norms[2] = {&L.attn_norm, &L.mlp_norm};
-      for (int j = 0; j < 2; ++j) {
-        if (s.full[l].norm_w[j]) mirror(s.full[l].norm_w[j]).vec = &norms[j]->weight;
-        if (s.full[l].norm_b[j]) mirror(s.full[l].norm_b[j]).vec = &norms[j]->bias;
-      }
+      for (int j = 0; j < 4; ++j)
+        if (s.full[l].norm_w[j]) mirror(s.full[l].norm_w[j]).vec = &L.norm(j).weight;
+      for (int j = 0; j < 2; ++j)
+        if (s.full[l].norm_b[j]) mirror(s.full[l].norm_b[j]).vec = &L.norm(j).bias;
     }
     if (s.full_final_w) mirror(s.full_final_w).vec = &model.final_norm().weight;
     if (s.full_final_b) mirror(s.full_final_b).vec = &model.final_norm().bias;
@@ -990,6 +995,30 @@ LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Se
                         rsin.data() + r * hd / 2);
         }
       });
+    }
+    if (c.qk_norm) {
+      // Qwen3's per-head norms, in place: d(q, k before the norms) from d(q, k after them).
+      // Each row's weight gradients (summed over its heads in order) go to [R, 2, head_dim]
+      // and into the trained weights in row order, as the block norms' do.
+      Param* pw[2] = {full ? s.full[l].norm_w[2] : nullptr, full ? s.full[l].norm_w[3] : nullptr};
+      s.qk_norm_dw.resize(size_t(R) * 2 * hd);
+      parallel_rows(pool, R, Q + KV, [&](long r0, long r1, int) {
+        for (long r = r0; r < r1; ++r) {
+          float* d = s.dqkv.data() + r * QKV;
+          const float* x = lt.qk_pre.data() + r * (Q + KV);
+          float* dw = s.qk_norm_dw.data() + r * 2 * hd;
+          std::fill(dw, dw + 2 * hd, 0.f);
+          for (int h = 0; h < c.n_heads; ++h)
+            rmsnorm_backward(d + h * hd, dw, d + h * hd, x + h * hd, L.q_norm.weight.data(), int(hd), c.norm_eps);
+          for (int g = 0; g < c.n_kv_heads; ++g)
+            rmsnorm_backward(d + Q + g * hd, dw + hd, d + Q + g * hd, x + Q + g * hd, L.k_norm.weight.data(), int(hd),
+                             c.norm_eps);
+        }
+      });
+      for (int j = 0; j < 2; ++j)
+        if (pw[j])
+          for (long r = 0; r < R; ++r)
+            for (long i = 0; i < hd; ++i) pw[j]->grad[i] += s.qk_norm_dw[size_t(r) * 2 * hd + j * hd + i];
     }
     {
       size_t ui = u_start(l, 0);

@@ -89,6 +89,7 @@ ModelConfig parse_config(const Napi::Object& o) {
   c.rope_high_freq_factor = get_double(o, "ropeHighFreqFactor");
   c.rope_original_max_positions = get_int(o, "ropeOriginalMaxPositions");
   c.qkv_bias = get_bool(o, "qkvBias");
+  c.qk_norm = get_bool(o, "qkNorm");
   c.o_bias = get_bool(o, "oBias");
   c.mlp_bias = get_bool(o, "mlpBias");
   c.tied_embeddings = get_bool(o, "tiedEmbeddings");

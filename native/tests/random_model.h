@@ -56,6 +56,12 @@ inline rf::ModelConfig llama3_tied_of(rf::ModelConfig c) {
   c.rope_original_max_positions = 16;
   return c;
 }
+// Qwen3: per-head RMSNorms on q and k before rope, no q/k/v biases.
+inline rf::ModelConfig qwen3_of(rf::ModelConfig c) {
+  c.qk_norm = true;
+  c.qkv_bias = false;
+  return c;
+}
 inline rf::ModelConfig gpt2_of(rf::ModelConfig c) {
   c.arch = rf::Arch::gpt2;
   c.norm = rf::NormType::layer;
@@ -80,7 +86,7 @@ struct WeightScales {
 };
 
 // Loads every tensor m's config calls for (tied/untied head, GPT-2 positions and [in, out]
-// linears, LayerNorm biases, the configured linear biases), filling each one with
+// linears, LayerNorm biases, the configured linear biases, Qwen3's q/k norms), filling each one with
 // fill(float* data, size_t n, float mean, float sd) in a fixed order: the same fill gives
 // the same model. M: rf::Model, or any engine with its config() and load_tensor() (the CUDA one).
 template <class M, class Fill>
@@ -107,6 +113,8 @@ void load_random(M& m, const WeightScales& s, Fill&& fill) {
       add(p + n + ".weight", {H}, s.norm, 1.f);
       if (layer_norm) add(p + n + ".bias", {H}, s.bias);
     }
+    if (c.qk_norm)
+      for (const char* n : {"q_norm", "k_norm"}) add(p + n + ".weight", {long(c.head_dim)}, s.norm, 1.f);
     // GPT-2 checkpoints store linears as [in, out] (Conv1D); load_tensor takes them with kn.
     auto lin = [&](const char* n, long o, long i, bool bias) {
       const float sd = s.linear > 0 ? s.linear : 1.f / std::sqrt(float(i));

@@ -112,6 +112,38 @@ void check_model(const std::string& name, const rf::ModelConfig& c) {
     threw = std::string(e.what()).find("layers.0.qkv.weight") != std::string::npos;
   }
   check(threw, name + ": wrong shape is named");
+  if (c.qk_norm) {
+    // Every tensor but the q/k norms: the model is incomplete and names them.
+    rf::ModelConfig plain = c;
+    plain.qk_norm = false;
+    struct WithoutQkNorm {
+      rf::Model& m;
+      const rf::ModelConfig& c;
+      const rf::ModelConfig& config() const { return c; }
+      void load_tensor(const std::string& n, const float* d, rf::SrcType t, const std::vector<long>& s, bool kn) {
+        m.load_tensor(n, d, t, s, kn);
+      }
+    };
+    rf::Model partial(c, rf::DType::f32, 1);
+    WithoutQkNorm loader{partial, plain};
+    rf::test::load_random(loader, 7);
+    threw = false;
+    try {
+      partial.check_complete();
+    } catch (const std::invalid_argument& e) {
+      threw = std::string(e.what()).find("layers.0.q_norm.weight layers.0.k_norm.weight") != std::string::npos;
+    }
+    check(threw, name + ": missing q/k norms are named");
+    rf::Model other(plain, rf::DType::f32, 1);
+    threw = false;
+    try {
+      std::vector<float> w(c.head_dim, 1.f);
+      other.load_tensor("layers.0.q_norm.weight", w.data(), rf::SrcType::f32, {long(c.head_dim)}, false);
+    } catch (const std::invalid_argument& e) {
+      threw = std::string(e.what()).find("unknown tensor name layers.0.q_norm.weight") != std::string::npos;
+    }
+    check(threw, name + ": a model without qk_norm refuses q_norm");
+  }
 }
 
 }  // namespace
@@ -132,6 +164,7 @@ int main() {
   l3.rope_high_freq_factor = 4;
   l3.rope_original_max_positions = 16;
   check_model("llama3-rope", l3);
+  check_model("qwen3-qk-norm", rf::test::qwen3_of(rf::test::small_llama()));
 
   rf::ModelConfig g;
   g.arch = rf::Arch::gpt2;

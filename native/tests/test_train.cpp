@@ -722,13 +722,16 @@ int main() {
   swa.tied_embeddings = true;
   run_lora("llama tied window-3 lora", swa, {"o_proj", "down_proj", "k_proj"}, false, 0.f);
   run_lora("gpt2 lora", gpt2(), {"c_attn", "c_proj", "c_fc"}, false, 0.f);
+  run_lora("qwen3 qk-norm lora", rf::test::qwen3_of(llama()), {"q_proj", "k_proj", "v_proj", "o_proj"}, false, 0.f);
   run_flags("llama untied 3 flags", llama());
   run_flags("llama tied 3 flags", swa);
   run_full("llama", llama());
   run_full("gpt2", gpt2());
+  run_full("qwen3 qk-norm", rf::test::qwen3_of(llama()));
   run_embed_grad("llama lora", llama(), rf::TrainMode::lora);
   run_embed_grad("gpt2 lora", gpt2(), rf::TrainMode::lora);
   run_embed_grad("llama full", llama(), rf::TrainMode::full);
+  run_embed_grad("qwen3 qk-norm full", rf::test::qwen3_of(llama()), rf::TrainMode::full);
   for (rf::DType dt : {rf::DType::f32, rf::DType::bf16}) {
     run_full_packed("llama untied 40/72/101", llama_untied_odd(), dt);
     run_full_packed("llama tied 33/37/2049", llama_tied_odd(), dt);

@@ -14,6 +14,7 @@ export const FIXTURE_NAMES = [
   'llama-f16',
   'mistral-swa',
   'qwen2-bias',
+  'qwen3-qk-norm',
   'gpt2',
   'gpt2-noprefix',
 ] as const;

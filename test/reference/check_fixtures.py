@@ -54,7 +54,7 @@ DEFAULT_ROOT = os.path.join(REPO, "test", "fixtures", "models")
 
 EXPECTED = [
     "llama-gqa", "llama3-rope-tied", "llama-rope-linear", "llama-rope-dynamic",
-    "llama-bf16-sharded", "llama-f16", "mistral-swa", "qwen2-bias", "gpt2", "gpt2-noprefix",
+    "llama-bf16-sharded", "llama-f16", "mistral-swa", "qwen2-bias", "qwen3-qk-norm", "gpt2", "gpt2-noprefix",
 ]
 
 FAILURES = []
@@ -141,7 +141,7 @@ def naive_decoder(W: Dict[str, np.ndarray], c: dict, ids, opts: Optional[dict] =
     window = None
     if mt == "mistral":
         window = c.get("sliding_window")
-    elif mt == "qwen2" and c.get("use_sliding_window"):
+    elif mt in ("qwen2", "qwen3") and c.get("use_sliding_window"):
         window = c.get("sliding_window")
     if opts.get("window") == "off":
         window = None
@@ -166,12 +166,24 @@ def naive_decoder(W: Dict[str, np.ndarray], c: dict, ids, opts: Optional[dict] =
         xs = [rms(h, W[p + "input_layernorm.weight"]) for h in hs]
         Q = [lin(x, p + "self_attn.q_proj").reshape(nh, hd) for x in xs]
         K = [lin(x, p + "self_attn.k_proj").reshape(nkv, hd) for x in xs]
+        qk_norm = mt == "qwen3" and not opts.get("no_qk_norm")
+
+        def norm_heads():
+            # Each head's row through its own RMSNorm (before the rotation, unless mutated).
+            for t in range(T):
+                Q[t] = np.stack([rms(q, W[p + "self_attn.q_norm.weight"]) for q in Q[t]])
+                K[t] = np.stack([rms(k, W[p + "self_attn.k_norm.weight"]) for k in K[t]])
+
+        if qk_norm and not opts.get("qk_norm_after_rope"):
+            norm_heads()
         V = [lin(x, p + "self_attn.v_proj").reshape(nkv, hd) for x in xs]
         for t in range(T):
             for h in range(nh):
                 Q[t][h] = rotate(Q[t][h], t, inv, style)
             for h in range(nkv):
                 K[t][h] = rotate(K[t][h], t, inv, style)
+        if qk_norm and opts.get("qk_norm_after_rope"):
+            norm_heads()
         new = []
         for i in range(T):
             outs = []
@@ -263,6 +275,8 @@ MUTATIONS = {
     "mistral-swa": [("sliding window ignored", {"window": "off"}),
                     ("window i - j <= W (off by one)", {"window": "inclusive"})],
     "qwen2-bias": [("q/k/v biases ignored", {"no_bias": True})],
+    "qwen3-qk-norm": [("q/k norms ignored", {"no_qk_norm": True}),
+                      ("q/k norms after RoPE", {"qk_norm_after_rope": True})],
     # erf-GELU and gelu_new differ by <= ~5e-4 absolute, so this bug moves the logits by only
     # ~1.6e-4: engine tests on GPT-2 should use a tolerance of ~2e-5 (f32 engines reach ~1e-6)
     "gpt2": [("exact erf GELU instead of gelu_new", {"gelu": "exact", "min": 1e-4}),
@@ -318,8 +332,10 @@ def expected_names(c: dict, fx: str) -> set:
         names |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight"}
         for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
             names.add(p + f"self_attn.{n}.weight")
-            if (mt == "qwen2" and n != "o_proj") or (mt == "llama" and c.get("attention_bias")):
+            if (mt == "qwen2" and n != "o_proj") or (mt in ("llama", "qwen3") and c.get("attention_bias")):
                 names.add(p + f"self_attn.{n}.bias")
+        if mt == "qwen3":
+            names |= {p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"}
         for n in ("gate_proj", "up_proj", "down_proj"):
             names.add(p + f"mlp.{n}.weight")
             if mt == "llama" and c.get("mlp_bias"):

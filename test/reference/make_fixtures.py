@@ -82,7 +82,7 @@ def to_storage(tensors: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str
 
 
 def llama_like_weights(rng: Rng, c: dict) -> Dict[str, torch.Tensor]:
-    """HF names for LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM."""
+    """HF names for LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM."""
     H = c["hidden_size"]
     I = c["intermediate_size"]
     nh = c["num_attention_heads"]
@@ -96,6 +96,9 @@ def llama_like_weights(rng: Rng, c: dict) -> Dict[str, torch.Tensor]:
         mlp_bias = c.get("mlp_bias", False)
     elif mt == "qwen2":
         qkv_bias, o_bias, mlp_bias = True, False, False
+    elif mt == "qwen3":
+        qkv_bias = o_bias = c.get("attention_bias", False)
+        mlp_bias = False
     else:
         qkv_bias = o_bias = mlp_bias = False
 
@@ -123,6 +126,11 @@ def llama_like_weights(rng: Rng, c: dict) -> Dict[str, torch.Tensor]:
             t[p + "mlp.gate_proj.bias"] = rng.normal((I,), 0.2)
             t[p + "mlp.up_proj.bias"] = rng.normal((I,), 0.2)
             t[p + "mlp.down_proj.bias"] = rng.normal((H,), 0.2)
+        if mt == "qwen3":
+            # Drawn last in the layer, so no other fixture's weights move. Wider than the block
+            # norms' range: the per-head norm weights set the attention's sharpness.
+            t[p + "self_attn.q_norm.weight"] = rng.uniform((hd,), 0.5, 2.0)
+            t[p + "self_attn.k_norm.weight"] = rng.uniform((hd,), 0.5, 2.0)
     t["model.norm.weight"] = rng.uniform((H,), 0.8, 1.2)
     if not tied:
         t["lm_head.weight"] = rng.normal((V, H), 3.0 / H ** 0.5)
@@ -227,6 +235,32 @@ def qwen2_config(**kw) -> dict:
         "rms_norm_eps": 1e-06,
         "rope_scaling": None,
         "rope_theta": 1000000.0,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+        "transformers_version": TRANSFORMERS_VERSION,
+        "use_cache": True,
+        "use_sliding_window": False,
+    }
+    c.update(kw)
+    return c
+
+
+def qwen3_config(**kw) -> dict:
+    c = {
+        "architectures": ["Qwen3ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 3,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "max_window_layers": 2,
+        "model_type": "qwen3",
+        "num_hidden_layers": 2,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 1000000.0,
+        "sliding_window": None,
         "tie_word_embeddings": True,
         "torch_dtype": "float32",
         "transformers_version": TRANSFORMERS_VERSION,
@@ -368,6 +402,16 @@ FIXTURES: List[dict] = [
         config=qwen2_config(hidden_size=48, intermediate_size=96, num_attention_heads=4,
                             num_key_value_heads=2, max_position_embeddings=64, vocab_size=192,
                             sliding_window=64, max_window_layers=2),
+        gen=generation_config(1, [3, 4], pad=3),
+        lengths=[1, 7, 20],
+    ),
+    dict(
+        name="qwen3-qk-norm",
+        doc="Qwen3ForCausalLM: per-head RMSNorms q_norm / k_norm [head_dim] on q and k before "
+            "RoPE, no biases, head_dim 16 with hidden 48 (q_proj [64, 48]), tied embeddings.",
+        config=qwen3_config(hidden_size=48, intermediate_size=96, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                            vocab_size=192),
         gen=generation_config(1, [3, 4], pad=3),
         lengths=[1, 7, 20],
     ),

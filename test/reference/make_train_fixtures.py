@@ -89,12 +89,18 @@ CASES = [
          rank=4, alpha=8.0, rslora=True, targets=["q_proj", "v_proj", "up_proj", "down_proj"], rf_token=150,
          aggregation="any", alphas={"benign": 0.5, "red_flag": 1.25, "after": 1.0, "ce": 0.25},
          layout="two-harmful"),
+    dict(name="qwen3-qk-norm-lora", fixture="qwen3-qk-norm", mode="lora", seed_name="qwen3-qk-norm-lora",
+         rank=4, alpha=8.0, rslora=False, targets=LLAMA_ALL, rf_token=170, aggregation="any",
+         alphas={"benign": 1.0, "red_flag": 1.0, "after": 1.5, "ce": 0.5},
+         layout="two-harmful"),
     dict(name="gpt2-lora", fixture="gpt2", mode="lora", seed_name="gpt2-lora",
          rank=3, alpha=6.0, rslora=False, targets=["c_attn", "c_proj", "c_fc"], rf_token=100,
          aggregation="single", alphas={"benign": 1.0, "red_flag": 0.5, "after": 1.5, "ce": 2.0},
          layout="single-groups"),
     dict(name="llama-gqa-full", fixture="llama-gqa", mode="full", seed_name="llama-gqa-full",
          alphas={"benign": 1.0, "red_flag": 1.0, "after": 1.0, "ce": 0.75}),
+    dict(name="qwen3-qk-norm-full", fixture="qwen3-qk-norm", mode="full", seed_name="qwen3-qk-norm-full",
+         alphas={"benign": 1.0, "red_flag": 1.0, "after": 1.0, "ce": 1.0}),
     dict(name="gpt2-full", fixture="gpt2", mode="full", seed_name="gpt2-full",
          alphas={"benign": 1.0, "red_flag": 1.0, "after": 1.0, "ce": 1.25}),
 ]
@@ -182,7 +188,7 @@ def perturb_full(rng: Rng, tensors: Dict[str, torch.Tensor], config: dict) -> Di
     for k in sorted(tensors):
         v = tensors[k].to(F64)
         kk = k[len("transformer."):] if k.startswith("transformer.") else k
-        is_norm = any(n in kk for n in ("layernorm", "model.norm", "ln_1", "ln_2", "ln_f"))
+        is_norm = any(n in kk for n in ("layernorm", "model.norm", "ln_1", "ln_2", "ln_f", "q_norm", "k_norm"))
         is_bias = kk.endswith(".bias")
         is_o1 = kk in ("model.layers.1.self_attn.o_proj.weight", "h.1.attn.c_proj.weight")
         if is_norm or is_bias:

@@ -9,7 +9,7 @@ Contents
   * safetensors I/O: `write_safetensors` (hand-written, same byte layout as the
     official writer) and `read_safetensors` / `read_safetensors_header` (reader used
     for self-checking), `load_model_dir` (config.json + single file or sharded index).
-  * `DecoderLM`: Llama / Mistral / Qwen2 (`model_type` llama, mistral, qwen2), with
+  * `DecoderLM`: Llama / Mistral / Qwen2 / Qwen3 (`model_type` llama, mistral, qwen2, qwen3), with
     RoPE types default, linear, dynamic, llama3, GQA, explicit head_dim, attention /
     mlp biases, Qwen2 q/k/v biases, Mistral/Qwen2 sliding window, tied embeddings and
     an optional KV cache that mirrors the stateful transformers rotary module.
@@ -306,7 +306,10 @@ def rope_type_of(config: dict) -> str:
 
 def llm_head_dim(config: dict) -> int:
     """modeling_llama.py: LlamaAttention.__init__ -> getattr(config, "head_dim", None) or
-    hidden_size // num_attention_heads (config.json may carry an explicit head_dim)."""
+    hidden_size // num_attention_heads (config.json may carry an explicit head_dim).
+    configuration_qwen3.py: Qwen3Config.head_dim defaults to 128."""
+    if config.get("model_type") == "qwen3":
+        return int(config.get("head_dim", 128))
     return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
 
@@ -440,12 +443,16 @@ class DecoderLM:
     scores = q @ k^T * head_dim**-0.5, additive causal (and sliding-window) mask,
     softmax(dim=-1, dtype=float32).to(q.dtype), @ v, -> [T, heads*head_dim], o_proj.
     Biases: Llama q/k/v/o by `attention_bias` and gate/up/down by `mlp_bias`; Qwen2 q/k/v
-    always biased, o_proj never (modeling_qwen2.py: Qwen2Attention); Mistral none.
+    always biased, o_proj never (modeling_qwen2.py: Qwen2Attention); Qwen3 q/k/v/o by
+    `attention_bias`; Mistral none.
+    Qwen3 (modeling_qwen3.py: Qwen3Attention.forward): q and k viewed as [T, heads, head_dim]
+    go through q_norm / k_norm (Qwen3RMSNorm over head_dim, the same math as LlamaRMSNorm)
+    before the transpose and RoPE.
     """
 
     def __init__(self, tensors: Dict[str, torch.Tensor], config: dict, dtype: torch.dtype = torch.float64):
         mt = config.get("model_type", "llama")
-        if mt not in ("llama", "mistral", "qwen2"):
+        if mt not in ("llama", "mistral", "qwen2", "qwen3"):
             raise ValueError(f"DecoderLM does not handle model_type {mt!r}")
         self.config = config
         self.model_type = mt
@@ -462,8 +469,12 @@ class DecoderLM:
             mlp_bias = bool(config.get("mlp_bias", False))
         elif mt == "qwen2":
             qkv_bias, o_bias, mlp_bias = True, False, False
+        elif mt == "qwen3":
+            qkv_bias = o_bias = bool(config.get("attention_bias", False))
+            mlp_bias = False
         else:
             qkv_bias = o_bias = mlp_bias = False
+        self.qk_norm = mt == "qwen3"
 
         def w(name: str) -> torch.Tensor:
             return tensors[name].to(dtype)
@@ -493,14 +504,17 @@ class DecoderLM:
             for n in ("gate_proj", "up_proj", "down_proj"):
                 L[n] = w(p + f"mlp.{n}.weight")
                 L[n + ".b"] = w(p + f"mlp.{n}.bias") if mlp_bias else None
+            if self.qk_norm:
+                L["q_norm"] = w(p + "self_attn.q_norm.weight")
+                L["k_norm"] = w(p + "self_attn.k_norm.weight")
             # sliding window per layer
             sw = None
             if mt == "mistral":
                 # modeling_mistral.py: MistralModel uses create_sliding_window_causal_mask
                 # whenever config.sliding_window is not None.
                 sw = config.get("sliding_window")
-            elif mt == "qwen2":
-                # configuration_qwen2.py: sliding_window only if use_sliding_window, and only
+            elif mt in ("qwen2", "qwen3"):
+                # configuration_qwen2.py / _qwen3.py: sliding_window only if use_sliding_window, and only
                 # for layers i >= max_window_layers (layer_types "sliding_attention").
                 if config.get("use_sliding_window", False) and config.get("sliding_window") is not None:
                     if i >= int(config.get("max_window_layers", 0)):
@@ -536,8 +550,13 @@ class DecoderLM:
         n_rep = self.n_heads // self.n_kv
         for li, L in enumerate(self.layers):
             x = rms_norm(h, L["in_norm"], self.eps)
-            q = _linear(x, L["q_proj"], L["q_proj.b"]).view(T, self.n_heads, self.head_dim).transpose(0, 1)
-            k = _linear(x, L["k_proj"], L["k_proj.b"]).view(T, self.n_kv, self.head_dim).transpose(0, 1)
+            q = _linear(x, L["q_proj"], L["q_proj.b"]).view(T, self.n_heads, self.head_dim)
+            k = _linear(x, L["k_proj"], L["k_proj.b"]).view(T, self.n_kv, self.head_dim)
+            if self.qk_norm:
+                q = rms_norm(q, L["q_norm"], self.eps)
+                k = rms_norm(k, L["k_norm"], self.eps)
+            q = q.transpose(0, 1)
+            k = k.transpose(0, 1)
             v = _linear(x, L["v_proj"], L["v_proj.b"]).view(T, self.n_kv, self.head_dim).transpose(0, 1)
             q = apply_rotary(q, cos, sin)
             k = apply_rotary(k, cos, sin)

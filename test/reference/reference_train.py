@@ -315,7 +315,8 @@ def engine_full_layout(t: Dict[str, torch.Tensor], config: dict) -> Dict[str, to
                             (GPT-2: c_attn.weight^T [3H, H]); .bias likewise;
       layers.L.o.weight   = o_proj [H, q] (GPT-2: attn.c_proj.weight^T);
       layers.L.mlp_in.weight = gate_proj rows then up_proj rows [2I, H] (GPT-2: c_fc.weight^T [I, H]);
-      layers.L.mlp_out.weight = down_proj [H, I] (GPT-2: mlp.c_proj.weight^T); biases likewise."""
+      layers.L.mlp_out.weight = down_proj [H, I] (GPT-2: mlp.c_proj.weight^T); biases likewise;
+      layers.L.{q_norm, k_norm}.weight = self_attn.q_norm / k_norm [head_dim] (Qwen3)."""
     out: Dict[str, torch.Tensor] = {}
     if is_gpt2(config):
         g = ref.normalize_gpt2_keys(t)
@@ -343,6 +344,9 @@ def engine_full_layout(t: Dict[str, torch.Tensor], config: dict) -> Dict[str, to
             p, q = f"model.layers.{layer}.", f"layers.{layer}."
             out[q + "attn_norm.weight"] = t[p + "input_layernorm.weight"]
             out[q + "mlp_norm.weight"] = t[p + "post_attention_layernorm.weight"]
+            for n in ("q_norm", "k_norm"):
+                if p + f"self_attn.{n}.weight" in t:
+                    out[q + n + ".weight"] = t[p + f"self_attn.{n}.weight"]
             groups = (("qkv", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]), ("o", ["self_attn.o_proj"]),
                       ("mlp_in", ["mlp.gate_proj", "mlp.up_proj"]), ("mlp_out", ["mlp.down_proj"]))
             for eng, parts in groups:
@@ -354,14 +358,15 @@ def engine_full_layout(t: Dict[str, torch.Tensor], config: dict) -> Dict[str, to
 
 def engine_full_order(config: dict, names: Sequence[str]) -> List[str]:
     """The engine's parameter order (native/model/train.cpp, full mode): per layer qkv, o,
-    mlp_in, mlp_out (weight then bias), attn_norm w/b, mlp_norm w/b; then final_norm w/b,
+    mlp_in, mlp_out (weight then bias), attn_norm w/b, mlp_norm w/b, q_norm, k_norm; then final_norm w/b,
     embed, lm_head, pos_embed."""
     order = []
     for layer in range(n_layers(config)):
         q = f"layers.{layer}."
         for eng in ("qkv", "o", "mlp_in", "mlp_out"):
             order += [q + eng + ".weight", q + eng + ".bias"]
-        order += [q + "attn_norm.weight", q + "attn_norm.bias", q + "mlp_norm.weight", q + "mlp_norm.bias"]
+        order += [q + "attn_norm.weight", q + "attn_norm.bias", q + "mlp_norm.weight", q + "mlp_norm.bias",
+                  q + "q_norm.weight", q + "k_norm.weight"]
     order += ["final_norm.weight", "final_norm.bias", "embed", "lm_head", "pos_embed"]
     present = set(names)
     out = [n for n in order if n in present]
