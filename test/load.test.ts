@@ -1,5 +1,5 @@
 // Loading edge cases, the red-flag token on the weights side, and saving back in HF format.
-import { afterAll, describe, expect, it, vi } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { cp, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -9,13 +9,6 @@ import { addRedFlagToken } from '../lib/model/red-flag.js';
 import { SafetensorsFile, toFloat32, writeSafetensors } from '../lib/model/safetensors.js';
 import { FIXTURES } from './helpers/fixtures.js';
 import { packagedTokenizer, tinyLlama } from './helpers/tiny-model.js';
-
-// A GPU without one: asking for 'cuda' gets the CPU addon, so loading reaches the checks that
-// come after the device's own (every load here but the Qwen3 one runs on the CPU anyway).
-vi.mock('../lib/model/device.js', async (importOriginal) => {
-  const device = await importOriginal<typeof import('../lib/model/device.js')>();
-  return { ...device, addonFor: (d: Parameters<typeof device.addonFor>[0]) => device.addonFor(d.kind === 'cuda' ? device.CPU : d) };
-});
 
 const cleanup: string[] = [];
 afterAll(async () => {
@@ -64,12 +57,6 @@ describe('loading errors name the problem', () => {
     const d = await tempDir();
     await cp(join(FIXTURES, 'llama-gqa', 'config.json'), join(d, 'config.json'));
     await expect(loadModel(d)).rejects.toThrow(/safetensors/);
-  });
-
-  it("a Qwen3 model on a GPU: the per-head q/k norms are the CPU engine's only, said before any weight loads", async () => {
-    const error = await loadModel(join(FIXTURES, 'qwen3-qk-norm'), { device: 'cuda' }).catch((e: unknown) => e);
-    expect(error).toMatchObject({ code: 'UNSUPPORTED', file: join(FIXTURES, 'qwen3-qk-norm', 'config.json') });
-    expect(String(error)).toMatch(/Qwen3ForCausalLM's per-head q\/k norms run on the CPU engine only so far: load it with device 'cpu'/);
   });
 
   it('bad options are rejected before native code', async () => {

@@ -4,7 +4,6 @@
  * @module
  */
 import { availableParallelism } from 'node:os';
-import { join } from 'node:path';
 
 import { RedflagError, abortError } from '../errors.js';
 import { callNative, SrcType, type NativeConfig, type NativeModel, type NativeSequence } from '../native.js';
@@ -130,9 +129,6 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
   const { config, generationConfig, tokenizer, store, plan } = await openModelFiles(dir);
   let engine: NativeModel | undefined;
   try {
-    if (device.kind === 'cuda' && config.qkNorm) {
-      throw new RedflagError('UNSUPPORTED', `${config.hfArchitecture}'s per-head q/k norms run on the CPU engine only so far: load it with device 'cpu'`, { file: join(dir, 'config.json') });
-    }
     // At least every element at the engine's width (vectors are f32 on the device: a little more).
     const elements = plan.tensors.reduce((sum, t) => sum + t.shapes.reduce((n, shape) => n + shape.reduce((a, b) => a * b, 1), 0), 0);
     checkDeviceRoom(addon, device, elements * (dtype === 'bf16' ? 2 : 4), `the weights (${dtype === 'bf16' ? 'bf16' : "f32; dtype 'bf16' halves them"})`, dir);

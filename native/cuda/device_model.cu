@@ -115,8 +115,6 @@ void DeviceSequence::truncate(long n) {
 DeviceModel::DeviceModel(const ModelConfig& config, DType dtype, int device)
     : config_(config), dtype_(dtype), device_(device) {
   config_.validate();
-  // Qwen3's per-head q/k norms have no CUDA kernels yet (lib/model/device.ts says so before this).
-  if (config_.qk_norm) throw std::invalid_argument("per-head q/k norms (Qwen3) run on the CPU engine only so far");
   check(cudaSetDevice(device_), "cudaSetDevice");
   // A GPU this build has no code for fails every launch: say so, and what to rebuild, first.
   if (const std::string why = device_support(device_); !why.empty()) throw std::runtime_error(why);
@@ -149,7 +147,7 @@ size_t DeviceModel::weight_bytes() const {
   size_t total = w_->embed.bytes() + w_->lm_head.bytes() + w_->pos_embed.bytes() + w_->final_norm.w.bytes() +
                  w_->final_norm.b.bytes();
   for (const DLayer& l : w_->layers) {
-    total += l.attn_norm.w.bytes() + l.attn_norm.b.bytes() + l.mlp_norm.w.bytes() + l.mlp_norm.b.bytes();
+    for (const DNorm* n : {&l.attn_norm, &l.mlp_norm, &l.q_norm, &l.k_norm}) total += n->w.bytes() + n->b.bytes();
     for (const DLinear* lin : {&l.qkv, &l.o, &l.mlp_in, &l.mlp_out}) total += lin->w.bytes() + lin->bias.bytes();
   }
   return total;
@@ -199,7 +197,7 @@ void DeviceModel::load_tensor(const std::string& name, const void* data, SrcType
       return upload_vector(w.pos_embed, data, type, slot.rows * H);
     case TensorSlot::norm_weight:
     case TensorSlot::norm_bias: {
-      DNorm& n = slot.layer < 0 ? w.final_norm : slot.index == 0 ? w.layers[size_t(slot.layer)].attn_norm : w.layers[size_t(slot.layer)].mlp_norm;
+      DNorm& n = slot.layer < 0 ? w.final_norm : w.layers[size_t(slot.layer)].norm(slot.index);
       return upload_vector(slot.kind == TensorSlot::norm_weight ? n.w : n.b, data, type, slot.rows);
     }
     case TensorSlot::linear_weight: {
@@ -235,7 +233,7 @@ void DeviceModel::check_complete() const {
       case TensorSlot::pos_embed: return !w.pos_embed.empty();
       case TensorSlot::norm_weight:
       case TensorSlot::norm_bias: {
-        const DNorm& n = slot.layer < 0 ? w.final_norm : slot.index == 0 ? w.layers[size_t(slot.layer)].attn_norm : w.layers[size_t(slot.layer)].mlp_norm;
+        const DNorm& n = slot.layer < 0 ? w.final_norm : w.layers[size_t(slot.layer)].norm(slot.index);
         return !(slot.kind == TensorSlot::norm_weight ? n.w : n.b).empty();
       }
       case TensorSlot::linear_weight: return !linear(slot.layer, slot.index).w.empty();
@@ -694,7 +692,10 @@ void DeviceModel::layer_forward(int l, const float* x, float* x_out, DeviceLayer
   // Attention block: x_mid = x + o(attn(rope(qkv(norm(x))))). A decode step's few rows (gemv.h):
   // the product normalizes the rows as it reads them (no norm launch), and with rope turns q and
   // k and appends k and v to the cache in its epilogue (no kv_append launch).
-  const bool fused_append = c.rope && append_kv;
+  // Qwen3's per-head norms come between the product and rope: not in the gemv's epilogue, which
+  // turns and appends each value as it is made; rope then goes with the append (kv_append).
+  const bool rope_in_append = c.rope && append_kv;
+  const bool fused_append = rope_in_append && !c.qk_norm;
   bool appended = false;
   if (gemv_applies(L.qkv, x, nullptr, R, trace, true)) {
     GemvAppend ap;
@@ -709,16 +710,20 @@ void DeviceModel::layer_forward(int l, const float* x, float* x_out, DeviceLayer
     norm_rows(L.attn_norm, x, xn_qkv, R, xb);
     linear_rows(L.qkv, xn_qkv, xb, R, qkv, nullptr, l, 0, trace, keep, &u_next);
   }
+  if (c.qk_norm) {
+    if (keep) keep_rows(keep->qk_pre, qkv, R * QKV);  // f32 whatever the engine's dtype: the norms' backward reads it
+    qk_norm_rows(qkv, QKV, int(R), c.n_heads, c.n_kv_heads, int(hd), L.q_norm.w.get(), L.k_norm.w.get(), c.norm_eps, st);
+  }
   // Rope on q's heads, then k's, and the keys and values into the cache: one launch when both,
   // which for bf16 models also writes the trace's bf16 copy of the rows.
-  __nv_bfloat16* keep_qkv16 = fused_append && keep && dtype_ == DType::bf16
+  __nv_bfloat16* keep_qkv16 = rope_in_append && keep && dtype_ == DType::bf16
                                   ? static_cast<__nv_bfloat16*>(keep->qkv.ensure(size_t(R * QKV) * sizeof(__nv_bfloat16)))
                                   : nullptr;
   if (c.rope && !append_kv) rope_rows(qkv, QKV, int(R), c.n_heads + c.n_kv_heads, int(hd), p.cos, p.sin, st);
   if (append_kv && !appended)
     kv_append(pool_->k(l), pool_->v(l), pool_->bf16(), qkv, QKV, int(Q), int(Q + KV), p.row_seq, p.row_pos, p.tables,
               p.table_offsets, int(R), c.n_kv_heads, int(hd), kBlockTokens, st,
-              fused_append ? AppendRope{c.n_heads, p.cos, p.sin, keep_qkv16} : AppendRope{});
+              rope_in_append ? AppendRope{c.n_heads, p.cos, p.sin, keep_qkv16} : AppendRope{});
   if (keep && !keep_qkv16) keep_values(keep->qkv, qkv, R * QKV);
   const PagedLayer layer{pool_->k(l), pool_->v(l), kBlockTokens, c.n_kv_heads, int(hd), pool_->bf16()};
   const PagedBatch batch{p.tables, p.table_offsets, p.lengths, p.n, p.attn_length};
@@ -958,7 +963,7 @@ uint64_t DeviceModel::graph_signature() const {
     buf(*b);
   mix(w.flag_tokens.size());
   for (const DLayer& L : w.layers) {
-    for (const DNorm* nm : {&L.attn_norm, &L.mlp_norm}) buf(nm->w), buf(nm->b);
+    for (const DNorm* nm : {&L.attn_norm, &L.mlp_norm, &L.q_norm, &L.k_norm}) buf(nm->w), buf(nm->b);
     for (const DLinear* lin : {&L.qkv, &L.o, &L.mlp_in, &L.mlp_out}) {
       buf(lin->w), buf(lin->bias);
       mix(lin->lora.size());

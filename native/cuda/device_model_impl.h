@@ -89,7 +89,11 @@ struct DNorm {
 
 struct DLayer {
   DNorm attn_norm, mlp_norm;
+  DNorm q_norm, k_norm;  // qk_norm (Qwen3): [head_dim] weights for every head of q, of k
   DLinear qkv, o, mlp_in, mlp_out;
+  // The norm a TensorSlot of this block names (index 0 attn_norm, 1 mlp_norm, 2 q_norm, 3 k_norm).
+  DNorm& norm(int index) { return index == 0 ? attn_norm : index == 1 ? mlp_norm : index == 2 ? q_norm : k_norm; }
+  const DNorm& norm(int index) const { return const_cast<DLayer*>(this)->norm(index); }
 };
 
 struct DeviceWeights {
@@ -136,6 +140,7 @@ struct DeviceScratch {
 struct DeviceLayerTrace {
   Buffer x_in, x_mid;    // f32
   Buffer qkv, att, mlp;  // the engine's dtype
+  Buffer qk_pre;         // qk_norm: [R, qkv_dim] f32, the product's rows before the per-head norms
   Buffer lse;            // [R, n_heads] attention's log-sum-exp (base 2), when it ran on the tensor cores
 
   std::vector<Buffer> lora_u;

@@ -91,7 +91,8 @@ struct DeviceTrainer::Impl {
   std::vector<std::vector<int>> lora_params;  // [layer * 4 + index] -> parameter index of A
   int rf_embed = -1, rf_head = -1;            // parameter indices (equal when embeddings are tied)
   // Full fine-tuning: the parameter index of every engine tensor (-1: none), in the CPU's order.
-  struct FullLayer { int w[4] = {-1, -1, -1, -1}, b[4] = {-1, -1, -1, -1}, norm_w[2] = {-1, -1}, norm_b[2] = {-1, -1}; };
+  // norm_w: attn_norm, mlp_norm, q_norm, k_norm (DLayer::norm order; the last two Qwen3's only).
+  struct FullLayer { int w[4] = {-1, -1, -1, -1}, b[4] = {-1, -1, -1, -1}, norm_w[4] = {-1, -1, -1, -1}, norm_b[2] = {-1, -1}; };
   std::vector<FullLayer> full;
   int full_final_w = -1, full_final_b = -1, full_embed = -1, full_head = -1, full_pos = -1;
   std::vector<int> flags;
@@ -181,12 +182,15 @@ DeviceTrainer::DeviceTrainer(DeviceModel& model, const TrainOptions& options)
         s.full[size_t(l)].w[i] = master(pre + names[i] + ".weight", lin.w, model.dtype(), {long(lin.out), long(lin.in)}, true);
         s.full[size_t(l)].b[i] = master(pre + names[i] + ".bias", lin.bias, DType::f32, {long(lin.out)}, false);
       }
-      const DNorm* norms[2] = {&w.layers[size_t(l)].attn_norm, &w.layers[size_t(l)].mlp_norm};
-      static const char* norm_names[2] = {"attn_norm", "mlp_norm"};
+      static const char* norm_names[4] = {"attn_norm", "mlp_norm", "q_norm", "k_norm"};
       for (int j = 0; j < 2; ++j) {
-        s.full[size_t(l)].norm_w[j] = master(pre + norm_names[j] + ".weight", norms[j]->w, DType::f32, {H}, false);
-        s.full[size_t(l)].norm_b[j] = master(pre + norm_names[j] + ".bias", norms[j]->b, DType::f32, {H}, false);
+        const DNorm& nm = w.layers[size_t(l)].norm(j);
+        s.full[size_t(l)].norm_w[j] = master(pre + norm_names[j] + ".weight", nm.w, DType::f32, {H}, false);
+        s.full[size_t(l)].norm_b[j] = master(pre + norm_names[j] + ".bias", nm.b, DType::f32, {H}, false);
       }
+      // Qwen3's per-head norms (empty otherwise: no parameter), after the block norms as on the CPU.
+      for (int j = 2; j < 4; ++j)
+        s.full[size_t(l)].norm_w[j] = master(pre + norm_names[j] + ".weight", w.layers[size_t(l)].norm(j).w, DType::f32, {long(c.head_dim)}, false);
     }
     s.full_final_w = master("final_norm.weight", w.final_norm.w, DType::f32, {H}, false);
     s.full_final_b = master("final_norm.bias", w.final_norm.b, DType::f32, {H}, false);
@@ -485,7 +489,8 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
 
   // 4. Backward.
   phase(kBackwardOther);
-  float* norm_scratch = floats(s.norm_scratch, norm_backward_scratch_floats(int(R), int(H)));
+  float* norm_scratch = floats(s.norm_scratch, std::max(norm_backward_scratch_floats(int(R), int(H)),
+                                                       c.qk_norm ? qk_norm_backward_scratch_floats(int(R), int(hd)) : 0L));
   // bf16 models: a product's dy rounded to bf16 (see linear_backward), written by the kernel that
   // makes dy where it can.
   __nv_bfloat16* dy_bf16 =
@@ -764,6 +769,12 @@ LossTerms DeviceTrainer::step(const std::vector<Sequence>& batch, const std::vec
     }
     phase(kBackwardOther);
     if (c.rope) rope_backward_rows(dqkv, QKV, int(R), c.n_heads + c.n_kv_heads, int(hd), d_cos, d_sin, st);  // q's heads, then k's
+    if (c.qk_norm) {
+      const int pq = fl ? fl->norm_w[2] : -1, pk = fl ? fl->norm_w[3] : -1;
+      qk_norm_backward_rows(dqkv, QKV, lt.qk_pre.get(), QKV, int(R), c.n_heads, c.n_kv_heads, int(hd), L.q_norm.w.get(),
+                            L.k_norm.w.get(), c.norm_eps, pq >= 0 ? s.grd(pq) : nullptr, pk >= 0 ? s.grd(pk) : nullptr,
+                            norm_scratch, st);
+    }
     float* xn_qkv = f32_input(l, 0) ? xn : nullptr;
     m.norm_rows(L.attn_norm, x_in, xn_qkv, R, xw);
     linear_backward(l, 0, {xn_qkv, xw, &xn_buf}, H, dqkv, nullptr, QKV, dxn, lt);
@@ -848,11 +859,8 @@ void DeviceTrainer::sync_engine() {
         write(lin.w, f.w[i], model_.dtype());
         write(lin.bias, f.b[i], DType::f32);
       }
-      DNorm* norms[2] = {&w.layers[size_t(l)].attn_norm, &w.layers[size_t(l)].mlp_norm};
-      for (int j = 0; j < 2; ++j) {
-        write(norms[j]->w, f.norm_w[j], DType::f32);
-        write(norms[j]->b, f.norm_b[j], DType::f32);
-      }
+      for (int j = 0; j < 4; ++j) write(w.layers[size_t(l)].norm(j).w, f.norm_w[j], DType::f32);
+      for (int j = 0; j < 2; ++j) write(w.layers[size_t(l)].norm(j).b, f.norm_b[j], DType::f32);
     }
     write(w.final_norm.w, s.full_final_w, DType::f32);
     write(w.final_norm.b, s.full_final_b, DType::f32);

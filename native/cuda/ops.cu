@@ -72,6 +72,18 @@ __global__ void layernorm_kernel(float* out, const float* x, const float* w, con
   }
 }
 
+// grid (rows, n_q + n_k heads): one head per block, in place (every value is read for the sum
+// before any is written: block_sum synchronizes).
+__global__ void qk_norm_kernel(float* x, long row_stride, int n_q, int head_dim, const float* wq, const float* wk, float eps) {
+  grid_dependents_launch();
+  grid_dependency_wait();
+  __shared__ float scratch[32];
+  float* xr = x + long(blockIdx.x) * row_stride + long(blockIdx.y) * head_dim;
+  const float* w = int(blockIdx.y) < n_q ? wq : wk;
+  const float inv = rms_inv(xr, head_dim, eps, scratch);
+  for (int i = threadIdx.x; i < head_dim; i += blockDim.x) xr[i] = w[i] * (xr[i] * inv);
+}
+
 // grid (rows, heads); threads over the half head.
 __global__ void rope_kernel(float* x, long row_stride, int head_dim, const float* cos, const float* sin) {
   grid_dependents_launch();
@@ -568,6 +580,12 @@ void layernorm_rows(float* out, const float* x, const float* w, const float* b, 
 void rope_rows(float* x, long row_stride, int rows, int n_heads, int head_dim, const float* cos, const float* sin,
                cudaStream_t stream) {
   if (rows > 0 && n_heads > 0) launch_dependent(rope_kernel, dim3(rows, n_heads), 64, 0, stream, x, row_stride, head_dim, cos, sin);
+}
+
+void qk_norm_rows(float* x, long row_stride, int rows, int n_q, int n_k, int head_dim, const float* wq, const float* wk,
+                  float eps, cudaStream_t stream) {
+  if (rows > 0 && n_q + n_k > 0)
+    launch_dependent(qk_norm_kernel, dim3(rows, n_q + n_k), 64, 0, stream, x, row_stride, n_q, head_dim, wq, wk, eps);
 }
 
 void swiglu(float* out, const float* gate, const float* up, long n, cudaStream_t stream) {

@@ -31,6 +31,12 @@ void layernorm_rows(float* out, const float* x, const float* w, const float* b, 
 void rope_rows(float* x, long row_stride, int rows, int n_heads, int head_dim, const float* cos, const float* sin,
                cudaStream_t stream);
 
+// Qwen3's per-head norms, in place: x's rows (row_stride floats apart) hold n_q heads then n_k
+// heads of head_dim values (a fused QKV row's q and k); each head becomes w * x / sqrt(mean(x^2)
+// + eps), w = wq [head_dim] for q's heads and wk for k's (the CPU's rmsnorm_forward per head).
+void qk_norm_rows(float* x, long row_stride, int rows, int n_q, int n_k, int head_dim, const float* wq, const float* wk,
+                  float eps, cudaStream_t stream);
+
 // out [n] = silu(gate) * up.
 void swiglu(float* out, const float* gate, const float* up, long n, cudaStream_t stream);
 

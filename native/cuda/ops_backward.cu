@@ -64,6 +64,45 @@ __global__ void rmsnorm_dx_kernel(float* dx, const float* dout, const float* x, 
   if (threadIdx.x == 0) stats[r] = inv;
 }
 
+// grid: rows. Each head of the row in order: dx in place (the CPU's rmsnorm_backward per head),
+// and the row's weight-gradient terms summed over its q heads into part[r][0] and over its k
+// heads into part[r][1] ([rows, 2, head_dim]); thread t owns columns t, t + blockDim.x, ...
+__global__ void qk_norm_dx_kernel(float* dx, long row_stride, const float* x, long x_stride, int n_q, int n_k, int head_dim,
+                                  const float* wq, const float* wk, float eps, float* part) {
+  __shared__ float scratch[32];
+  const long r = blockIdx.x;
+  float* pr = part + r * 2 * head_dim;
+  for (int i = threadIdx.x; i < 2 * head_dim; i += blockDim.x) pr[i] = 0.f;
+  for (int h = 0; h < n_q + n_k; ++h) {
+    const bool is_q = h < n_q;
+    const float* w = is_q ? wq : wk;
+    const float* xr = x + r * x_stride + long(h) * head_dim;
+    float* dr = dx + r * row_stride + long(h) * head_dim;
+    float* pw = pr + (is_q ? 0 : head_dim);
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < head_dim; i += blockDim.x) ss += xr[i] * xr[i];
+    const float inv = 1.0f / sqrtf(block_sum(ss, scratch) / float(head_dim) + eps);
+    float gx = 0.f;
+    for (int i = threadIdx.x; i < head_dim; i += blockDim.x) gx += dr[i] * w[i] * (xr[i] * inv);
+    const float c = block_sum(gx, scratch) / float(head_dim);
+    for (int i = threadIdx.x; i < head_dim; i += blockDim.x) {
+      const float xhat = xr[i] * inv;
+      pw[i] += dr[i] * xhat;
+      dr[i] = inv * (dr[i] * w[i] - xr[i] * inv * c);
+    }
+  }
+}
+
+// Row r's q and k weight-gradient terms at column i (qk_norm_dx_kernel's part).
+struct QkNormTerms {
+  const float* part;
+  int head_dim;
+  __device__ void operator()(int r, int i, float (&v)[2]) const {
+    v[0] = part[long(r) * 2 * head_dim + i];
+    v[1] = part[long(r) * 2 * head_dim + head_dim + i];
+  }
+};
+
 // Row r's terms of the norm's parameter gradients at column i, for colsum::column_sums:
 // dout[r, i] * xhat[r, i] (dw) and dout[r, i] (db, layernorm). xhat = (x - mean) * scale with
 // mean = stats[2r] and scale = stats[2r + 1] (layernorm), mean 0 and scale stats[r] (rmsnorm).
@@ -222,6 +261,19 @@ void layernorm_backward_rows(float* dx, float* dw, float* db, const float* dout,
   if (rows <= 0) return;
   layernorm_dx_kernel<<<rows, kRowThreads, 0, stream>>>(dx, dout, x, w, n, eps, scratch, accumulate, dx_bf16);
   if (dw) colsum::column_sums<2>(dw, db, rows, n, scratch + 2 * long(rows), NormTerms<2>{dout, x, scratch, n}, stream);
+}
+
+long qk_norm_backward_scratch_floats(int rows, int head_dim) {
+  return 2 * long(rows) * head_dim + colsum::scratch_floats(rows, head_dim, 2);
+}
+
+void qk_norm_backward_rows(float* dx, long row_stride, const float* x, long x_stride, int rows, int n_q, int n_k, int head_dim,
+                           const float* wq, const float* wk, float eps, float* dwq, float* dwk, float* scratch,
+                           cudaStream_t stream) {
+  if (rows <= 0 || n_q + n_k <= 0) return;
+  qk_norm_dx_kernel<<<rows, 128, 0, stream>>>(dx, row_stride, x, x_stride, n_q, n_k, head_dim, wq, wk, eps, scratch);
+  if (dwq || dwk)
+    colsum::column_sums<2>(dwq, dwk, rows, head_dim, scratch + 2 * long(rows) * head_dim, QkNormTerms{scratch, head_dim}, stream);
 }
 
 void rope_backward_rows(float* dx, long row_stride, int rows, int n_heads, int head_dim, const float* cos, const float* sin,

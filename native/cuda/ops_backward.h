@@ -34,6 +34,16 @@ void layernorm_backward_rows(float* dx, float* dw, float* db, const float* dout,
 void rope_backward_rows(float* dx, long row_stride, int rows, int n_heads, int head_dim, const float* cos, const float* sin,
                         cudaStream_t stream);
 
+// The backward of qk_norm_rows (ops.h), in place: dx's rows (row_stride floats apart) hold, on
+// entry, dL/d(normed head) for n_q heads then n_k heads, on return dL/d(head before the norm);
+// x [rows, x_stride]: the heads before the norm, in the same layout. dwq, dwk [head_dim]
+// accumulated (null: not wanted): each row's heads summed in order, then the rows summed as the
+// block norms' are (column_reduce.cuh). scratch: qk_norm_backward_scratch_floats(rows, head_dim).
+long qk_norm_backward_scratch_floats(int rows, int head_dim);
+void qk_norm_backward_rows(float* dx, long row_stride, const float* x, long x_stride, int rows, int n_q, int n_k, int head_dim,
+                           const float* wq, const float* wk, float eps, float* dwq, float* dwk, float* scratch,
+                           cudaStream_t stream);
+
 // The MLP's down projection's adapter, whose input gradient swiglu_backward_rows adds to dout as
 // it reads it: the dropout mask applied to du A (du [rows, rank], A [rank, inter]) with
 // lora_up_dropout_add's arithmetic and order (train_ops.h), so the same bits as that call on dout

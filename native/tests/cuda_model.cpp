@@ -17,7 +17,8 @@
 //    log-probabilities within 1e-4;
 //  - token_scores' p(flags) and next-token log-probabilities within 1e-4;
 //  - bf16 weights (prefill attention on the tensor cores) against the CPU's f32: relative L2
-//    <= 2e-2 for a batch's logits, decode steps and a continuing chunk; batch independence as below;
+//    <= 2e-2 for a batch's logits, decode steps and a continuing chunk (3e-2 with Qwen3's per-head
+//    q/k norms: see run_config); batch independence as below;
 //  - a batch of 32 mixed-length sequences equals each sequence alone (device against device):
 //    relative L2 <= 1e-5 (the batch's products through cuBLASLt, each alone's through gemv_rows);
 //  - decode steps replayed from CUDA graphs equal the same steps run eagerly, bit for bit, as
@@ -605,12 +606,14 @@ long decode_launches(rf::cuda::DeviceModel& m) {
 //     each projection's down products more: 9;
 //   GPT-2: ln_1, c_attn, the cache append, attention, c_proj, ln_2, c_fc, gelu_new, c_proj: 9;
 //     with adapters on its four projections, 13;
+//   Qwen3: the Llama count and two: the per-head q/k norms, and the cache append (with rope),
+//     which the QKV product's epilogue cannot do once the norms come between;
 // then the final norm (GPT-2's LayerNorm; RMSNorm is fused into the head's product), the LM head,
 // the trained flag rows' logits (with adapters), and the greedy pick's two launches.
 void check_launches(const std::string& tag, rf::cuda::DeviceModel& m, bool adapters) {
   const rf::ModelConfig& c = m.config();
   const bool gpt2 = c.arch == rf::Arch::gpt2;
-  const long per_layer = gpt2 ? (adapters ? 13 : 9) : (adapters ? 9 : 5);
+  const long per_layer = (gpt2 ? (adapters ? 13 : 9) : (adapters ? 9 : 5)) + (c.qk_norm ? 2 : 0);
   const long want = 1 + per_layer * c.n_layers + (gpt2 ? 1 : 0) + 1 + (adapters ? 1 : 0) + 2;
   const long got = decode_launches(m);
   check(got == want, tag + ": a captured decode step is " + std::to_string(got) + " launches (" + std::to_string(want) + " expected)");
@@ -838,8 +841,13 @@ void run_config(const std::string& name, const rf::ModelConfig& c) {
   }
   {
     Pair p = make_pair(c, rf::DType::bf16, 7);
-    check_logits(name + " bf16", p, 2e-2);
-    check_decode(name + " bf16", p, 2e-2);  // prefill on the tensor cores, decode in f32 attention
+    // Qwen3's per-head norms give every head's q and k unit RMS, so the tensor-core attention's
+    // bf16 rounding of q and k moves its scores more than in the plain random Llama: measured
+    // under the emulation, batched prefill 0.0146, decode steps at most 0.0095, the chunk that
+    // continues the cache 0.0207 (0.0192 with the norms' weights all 1), while f32 agrees to 1e-6.
+    const double bf16_bound = c.qk_norm ? 3e-2 : 2e-2;
+    check_logits(name + " bf16", p, bf16_bound);
+    check_decode(name + " bf16", p, bf16_bound);  // prefill on the tensor cores, decode in f32 attention
     check_batch_independence(name + " bf16", *p.gpu);
     check_launches(name + " bf16", *p.gpu, false);
   }
@@ -909,6 +917,7 @@ int main() {
   run_config("llama hd128 GQA8", with(llama, 256, 8, 1, 128));
   run_config("mistral window 7", rf::test::mistral_of(llama));
   run_config("llama3 rope, tied", rf::test::llama3_tied_of(llama));
+  run_config("qwen3 per-head q/k norms", rf::test::qwen3_of(llama));
   const rf::ModelConfig gpt2 = rf::test::gpt2_of(llama);
   run_config("gpt2", gpt2);
   check_pool(llama);

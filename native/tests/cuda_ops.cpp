@@ -104,6 +104,22 @@ void test_rope_and_activations() {
     const double e = max_rel(download<float>(dx, x.size()), want);
     check(e < 1e-5, "rope head_dim=" + std::to_string(hd) + ": rel " + std::to_string(e));
   }
+  // Qwen3's per-head norms in place on a fused row: q's 6 heads then k's 2, v untouched.
+  for (int hd : {64, 128}) {
+    const int rows = 5, nq = 6, nk = 2;
+    const long stride = long(nq + 2 * nk) * hd + 17;
+    auto x = randn(size_t(rows) * stride, 2.f), wq = randn(size_t(hd), 0.3f, 1.f), wk = randn(size_t(hd), 0.3f, 1.f);
+    std::vector<float> want = x;
+    for (int r = 0; r < rows; ++r)
+      for (int h = 0; h < nq + nk; ++h) {
+        float* head = want.data() + r * stride + long(h) * hd;
+        rf::rmsnorm_forward(head, head, h < nq ? wq.data() : wk.data(), hd, 1e-6f);
+      }
+    Dev dx = upload(x), dq = upload(wq), dk = upload(wk);
+    rf::cuda::qk_norm_rows(dx.f(), stride, rows, nq, nk, hd, dq.f(), dk.f(), 1e-6f, nullptr);
+    const double e = max_rel(download<float>(dx, x.size()), want);
+    check(e < 1e-5, "qk_norm_rows head_dim=" + std::to_string(hd) + " (v and the padding untouched): rel " + std::to_string(e));
+  }
   const long n = 100003;
   auto g = randn(n, 3.f), u = randn(n), x = randn(n, 3.f);
   std::vector<float> want(n), want_gelu = x;

@@ -151,6 +151,53 @@ void rope(int rows, int heads, int head_dim) {
   for (float* p : {d, dc, ds}) cudaFree(p);
 }
 
+// Qwen3's per-head norms: dx in place on a fused row's q and k heads (v's gradient untouched),
+// against the CPU's rmsnorm_backward per head; dwq, dwk accumulated, held to a float64 sum as the
+// block norms' dw.
+void qk_norm(int rows, int head_dim) {
+  const int nq = 4, nk = 2;
+  const float eps = 1e-6f;
+  const long stride = long(nq + 2 * nk) * head_dim + 3, x_stride = long(nq + nk) * head_dim + 5;
+  const std::vector<float> dx = randn(size_t(rows) * stride), x = randn(size_t(rows) * x_stride, 2.f),
+                           wq = randn(size_t(head_dim), 0.3f, 1.f), wk = randn(size_t(head_dim), 0.3f, 1.f),
+                           dwq0 = randn(size_t(head_dim)), dwk0 = randn(size_t(head_dim));
+  std::vector<float> want = dx;
+  std::vector<double> rq(dwq0.begin(), dwq0.end()), rk(dwk0.begin(), dwk0.end()), aq(size_t(head_dim), 0.0), ak(size_t(head_dim), 0.0);
+  std::vector<float> scratch_dw(static_cast<size_t>(head_dim));
+  for (int r = 0; r < rows; ++r)
+    for (int h = 0; h < nq + nk; ++h) {
+      float* d = want.data() + r * stride + long(h) * head_dim;
+      const float* xh = x.data() + r * x_stride + long(h) * head_dim;
+      const std::vector<float> dout(d, d + head_dim);
+      std::fill(scratch_dw.begin(), scratch_dw.end(), 0.f);
+      rf::rmsnorm_backward(d, scratch_dw.data(), dout.data(), xh, h < nq ? wq.data() : wk.data(), head_dim, eps);
+      double ss = 0;
+      for (int i = 0; i < head_dim; ++i) ss += double(xh[i]) * xh[i];
+      const double inv = 1 / std::sqrt(ss / head_dim + eps);
+      for (int i = 0; i < head_dim; ++i) {
+        const double t = double(dout[size_t(i)]) * xh[i] * inv;
+        (h < nq ? rq : rk)[size_t(i)] += t, (h < nq ? aq : ak)[size_t(i)] += std::fabs(t);
+      }
+    }
+  float *d = up(dx), *d_x = up(x), *d_wq = up(wq), *d_wk = up(wk), *d_dwq = up(dwq0), *d_dwk = up(dwk0),
+        *d_s = up(std::vector<float>(size_t(rf::cuda::qk_norm_backward_scratch_floats(rows, head_dim))));
+  rf::cuda::qk_norm_backward_rows(d, stride, d_x, x_stride, rows, nq, nk, head_dim, d_wq, d_wk, eps, d_dwq, d_dwk, d_s, nullptr);
+  const std::string shape = " rows " + std::to_string(rows) + " head_dim " + std::to_string(head_dim);
+  check(cudaDeviceSynchronize() == cudaSuccess && cudaGetLastError() == cudaSuccess, "qk_norm_backward_rows" + shape + ": kernels ran");
+  check_close(down(d, dx.size()), want, "qk_norm_backward_rows dx (v's gradient untouched)" + shape);
+  for (int k = 0; k < 2; ++k) {
+    const std::vector<float> got = down(k ? d_dwk : d_dwq, size_t(head_dim));
+    const std::vector<double>& ref = k ? rk : rq;
+    const std::vector<double>& abs_sum = k ? ak : aq;
+    double worst = 0;
+    for (int i = 0; i < head_dim; ++i) worst = std::max(worst, std::fabs(got[size_t(i)] - ref[size_t(i)]) / (1 + abs_sum[size_t(i)]));
+    char buf[64];
+    std::snprintf(buf, sizeof buf, " (worst %.3g of 1 + sum |term|)", worst);
+    check(worst <= 2e-6, std::string("qk_norm_backward_rows ") + (k ? "dwk" : "dwq") + " (accumulated)" + shape + buf);
+  }
+  for (float* p : {d, d_x, d_wq, d_wk, d_dwq, d_dwk, d_s}) cudaFree(p);
+}
+
 // The bf16-input overloads (the trainer's bf16 trace) give the f32 versions' bits on the widened
 // values; their bf16 outputs (the next product's operand) are f32_to_bf16 of their f32 outputs.
 void activations_bf16_input(int rows, int inter) {
@@ -311,6 +358,8 @@ int main() {
     for (int n : {80, 576, 4097}) norms(rows, n);
   norms(1000, 80);  // parameter gradients summed over several row parts
   for (int hd : {64, 128}) rope(9, 5, hd);
+  for (int hd : {64, 128}) qk_norm(9, hd);
+  qk_norm(700, 80);  // the weight gradients summed over several row parts
   for (int inter : {80, 4097}) activations(7, inter);
   // Past swiglu_backward_rows' grid of 65535 tiles of 32 rows: the tile loop's second turn, its
   // last tile partial.

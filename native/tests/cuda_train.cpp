@@ -588,12 +588,15 @@ int main() {
     run_config("mistral window 7", rf::test::mistral_of(llama));
     run_config("llama3 rope, tied", rf::test::llama3_tied_of(llama));
     run_config("gpt2", gpt2_of(llama));
+    run_config("qwen3 per-head q/k norms", rf::test::qwen3_of(llama));
     run_full("llama GQA 2", llama);
+    run_full("qwen3 per-head q/k norms", rf::test::qwen3_of(llama));
     run_full("gpt2", gpt2_of(llama));
     run_full_bf16("llama GQA 2", llama);
     run_full_bf16("gpt2", gpt2_of(llama));
     check_recompute("llama GQA 2", llama);
     check_recompute("gpt2", gpt2_of(llama));
+    check_recompute("qwen3 per-head q/k norms bf16", rf::test::qwen3_of(llama), rf::DType::bf16);
     check_recompute("llama GQA 2 bf16 (tensor-core attention)", llama, rf::DType::bf16);
     run_bf16("llama GQA 2", llama);
     run_large_rank("llama GQA 2", llama);

@@ -70,6 +70,7 @@ int main() {
   run_config("llama GQA 2", llama);
   run_config("mistral window 7", rf::test::mistral_of(llama));
   run_config("llama3 rope, tied", rf::test::llama3_tied_of(llama));
+  run_config("qwen3 per-head q/k norms", rf::test::qwen3_of(llama));
   run_config("gpt2", rf::test::gpt2_of(llama));
   check_pool(llama);
   check_memory(with(llama, 64, 4, 2, 16));
