@@ -7,14 +7,12 @@
  * is sampled every 20 ms. Reported: the peak RSS over the RSS before the run, divided by the
  * weights' bytes (about 1 when a run holds one copy beyond what is already loaded, 2 for two).
  */
-import { mkdtemp, rm, stat } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import { evaluate } from '../lib/eval/evaluate.js';
-import { writeRandomModel } from '../lib/model/random-model.js';
-import { packagedTokenizer } from '../lib/train/pipeline.js';
-import { train } from '../lib/train/trainer.js';
+import { writeMemoryBenchModel } from './memory-model.js';
 import { measurePeakRss } from './rss.js';
 
 const MiB = 2 ** 20;
@@ -22,21 +20,10 @@ const MiB = 2 ** 20;
 export async function benchEvalMemory(quick: boolean) {
   const dir = await mkdtemp(join(tmpdir(), 'redflag-bench-eval-memory-'));
   try {
-    const hiddenSize = quick ? 512 : 1024;
-    const numLayers = quick ? 4 : 8;
-    const base = join(dir, 'base');
-    await writeRandomModel(base, {
-      architecture: 'llama', vocabSize: 32000, hiddenSize, intermediateSize: Math.round((hiddenSize * 11) / 4), numLayers,
-      numHeads: hiddenSize / 64, numKvHeads: hiddenSize / 128, seed: 3, bosTokenId: 1, eosTokenId: 2, tokenizer: await packagedTokenizer(),
-    }, { overwrite: true });
-    const weightBytes = (await stat(join(base, 'model.safetensors'))).size;
-    await train({
-      model: base, output: join(dir, 'rf'), data: 'synthetic', syntheticPerCategory: 2, steps: 1, batchSize: 2, maxTokens: 64,
-      evalEvery: 0, checkpointEvery: 0, threads: 2, lora: { rank: 4, alpha: 8, dropout: 0 }, device: 'cpu', dtype: 'f32',
-    });
+    const { base, adapter, hiddenSize, numLayers, checkpointBytes: weightBytes } = await writeMemoryBenchModel(dir, { quick, dtype: 'F32', rank: 4 });
     const { beforeBytes: before, peakBytes: peak, seconds } = await measurePeakRss((sample) => evaluate({
       model: base,
-      variants: [{ name: 'base', source: 'base' }, { name: 'rf', source: join(dir, 'rf', 'adapter') }],
+      variants: [{ name: 'base', source: 'base' }, { name: 'rf', source: adapter }],
       synthetic: { testPerCategory: 1, mcqCount: 2 }, limit: 2, suites: ['utility', 'embedding'], maxTokens: 4,
       bootstrapResamples: 10, threads: 2, out: join(dir, 'eval'), png: false, dtype: 'f32',
       attacks: { embedding: { epsilons: [0, 0.3], steps: 1, items: 1 } },

@@ -13,17 +13,15 @@
  * Each runs in a process of its own (`--expose-gc`), so neither inherits the other's garbage.
  */
 import { execFile } from 'node:child_process';
-import { mkdtemp, rm, stat } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 
 import { loadModel } from '../lib/model/model.js';
-import { writeRandomModel } from '../lib/model/random-model.js';
 import { applyAdapter, mergeAdapterInto, saveMerged } from '../lib/train/export.js';
-import { packagedTokenizer } from '../lib/train/pipeline.js';
-import { train } from '../lib/train/trainer.js';
+import { writeMemoryBenchModel } from './memory-model.js';
 import { measurePeakRss } from './rss.js';
 
 const MiB = 2 ** 20;
@@ -31,19 +29,7 @@ const MiB = 2 ** 20;
 export async function benchMergeMemory(quick: boolean) {
   const dir = await mkdtemp(join(tmpdir(), 'redflag-bench-merge-memory-'));
   try {
-    const hiddenSize = quick ? 512 : 1024;
-    const numLayers = quick ? 4 : 8;
-    const base = join(dir, 'base');
-    await writeRandomModel(base, {
-      architecture: 'llama', vocabSize: 32000, hiddenSize, intermediateSize: Math.round((hiddenSize * 11) / 4), numLayers,
-      numHeads: hiddenSize / 64, numKvHeads: hiddenSize / 128, seed: 3, bosTokenId: 1, eosTokenId: 2, dtype: 'BF16', tokenizer: await packagedTokenizer(),
-    }, { overwrite: true });
-    const checkpointBytes = (await stat(join(base, 'model.safetensors'))).size;
-    const adapter = join(dir, 'rf', 'adapter');
-    await train({
-      model: base, output: join(dir, 'rf'), data: 'synthetic', syntheticPerCategory: 2, steps: 1, batchSize: 2, maxTokens: 64,
-      evalEvery: 0, checkpointEvery: 0, threads: 2, lora: { rank: 8, alpha: 16, dropout: 0 }, device: 'cpu', dtype: 'f32',
-    });
+    const { base, adapter, hiddenSize, numLayers, checkpointBytes } = await writeMemoryBenchModel(dir, { quick, dtype: 'BF16', rank: 8 });
     const measure = async (how: 'files' | 'loaded') => {
       const argv = ['--expose-gc', '--import', 'tsx', fileURLToPath(import.meta.url), how, base, adapter, join(dir, `merged-${how}`)];
       const { stdout } = await promisify(execFile)(process.execPath, argv, { maxBuffer: 1 << 20 });

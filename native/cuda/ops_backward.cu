@@ -44,6 +44,19 @@ __device__ __forceinline__ void store_dx(float* dx, __nv_bfloat16* dx_bf16, long
   if (dx_bf16) dx_bf16[i] = bf16_round(o);
 }
 
+// One RMSNorm row's backward statistics, over the block: inv = 1 / sqrt(mean(x^2) + eps) and
+// c = mean(dout * w * x * inv); then dx[i] = inv * (dout[i] * w[i] - x[i] * inv * c). Every
+// thread's reads of dout are done when it returns (block_sum synchronizes): dx may overwrite it.
+__device__ void rms_backward_stats(const float* xr, const float* dr, const float* w, int n, float eps, float* scratch, float& inv,
+                                   float& c) {
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
+  inv = 1.0f / sqrtf(block_sum(ss, scratch) / float(n) + eps);
+  float gx = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) gx += dr[i] * w[i] * (xr[i] * inv);
+  c = block_sum(gx, scratch) / float(n);
+}
+
 // grid: rows. Writes (or adds to) dx and the row's inv (r) to stats[row].
 __global__ void rmsnorm_dx_kernel(float* dx, const float* dout, const float* x, const float* w, int n, float eps, float* stats,
                                   bool accumulate, __nv_bfloat16* dx_bf16) {
@@ -51,12 +64,8 @@ __global__ void rmsnorm_dx_kernel(float* dx, const float* dout, const float* x, 
   const long r = blockIdx.x;
   const float* xr = x + r * n;
   const float* dr = dout + r * n;
-  float ss = 0.f;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
-  const float inv = 1.0f / sqrtf(block_sum(ss, scratch) / float(n) + eps);
-  float gx = 0.f;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) gx += dr[i] * w[i] * (xr[i] * inv);
-  const float c = block_sum(gx, scratch) / float(n);
+  float inv, c;
+  rms_backward_stats(xr, dr, w, n, eps, scratch, inv, c);
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const float v = inv * (dr[i] * w[i] - xr[i] * inv * c);
     store_dx(dx, dx_bf16, r * n + i, v, accumulate);
@@ -79,12 +88,8 @@ __global__ void qk_norm_dx_kernel(float* dx, long row_stride, const float* x, lo
     const float* xr = x + r * x_stride + long(h) * head_dim;
     float* dr = dx + r * row_stride + long(h) * head_dim;
     float* pw = pr + (is_q ? 0 : head_dim);
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < head_dim; i += blockDim.x) ss += xr[i] * xr[i];
-    const float inv = 1.0f / sqrtf(block_sum(ss, scratch) / float(head_dim) + eps);
-    float gx = 0.f;
-    for (int i = threadIdx.x; i < head_dim; i += blockDim.x) gx += dr[i] * w[i] * (xr[i] * inv);
-    const float c = block_sum(gx, scratch) / float(head_dim);
+    float inv, c;
+    rms_backward_stats(xr, dr, w, head_dim, eps, scratch, inv, c);
     for (int i = threadIdx.x; i < head_dim; i += blockDim.x) {
       const float xhat = xr[i] * inv;
       pw[i] += dr[i] * xhat;
