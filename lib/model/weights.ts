@@ -201,13 +201,13 @@ export class WeightStore {
     return file;
   }
 
-  /** Where the tensor lives: dtype, shape, byte range and the file that holds it. */
   /** A tensor's dtype and shape, with its bytes read on demand (what the writer streams). */
   deferred(name: string): DeferredTensor {
     const { dtype, shape } = this.info(name);
     return { dtype, shape: [...shape], read: async () => (await this.read(name)).data };
   }
 
+  /** Where the tensor lives: dtype, shape, byte range and the file that holds it. */
   info(name: string): WeightInfo {
     const file = this.#fileOf(name);
     const info = file.info(name);

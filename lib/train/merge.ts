@@ -26,7 +26,7 @@ export type MergePlan = Pick<WeightPlan, 'tensors' | 'embedName' | 'lmHeadName'>
 
 type FloatDType = 'F32' | 'F16' | 'BF16';
 
-function floatDType(name: string, tensor: RawTensor): FloatDType {
+function floatDType(name: string, tensor: Pick<RawTensor, 'dtype'>): FloatDType {
   if (tensor.dtype === 'F32' || tensor.dtype === 'F16' || tensor.dtype === 'BF16') return tensor.dtype;
   throw new RedflagError('UNSUPPORTED', `cannot merge into tensor ${name}: dtype ${tensor.dtype} (supported: F32, F16, BF16)`);
 }
@@ -91,36 +91,12 @@ function mergeModule(name: string, weight: RawTensor, m: LoraModuleWeights, rank
   return fromFloat32(w, weight.shape, dtype);
 }
 
-/**
- * A copy of an embedding-like matrix [V, H] with rows `ids` replaced by `rows` [ids.length × H]
- * (rounded to the matrix's dtype); ids from V on append rows (the flags were added to the
- * vocabulary). Only those rows' bytes are converted; the others are copied bit for bit.
- */
-function replaceRows(name: string, matrix: RawTensor, ids: readonly number[], rows: Float32Array): RawTensor {
-  const dtype = floatDType(name, matrix);
-  if (matrix.shape.length !== 2) throw new RedflagError('INVALID_ARGUMENT', `merge: tensor ${name} has shape [${matrix.shape.join(', ')}], expected [vocab, hidden]`);
-  const [V, H] = matrix.shape as [number, number];
-  if (H * ids.length !== rows.length) throw new RedflagError('INVALID_ARGUMENT', `merge: tensor ${name} rows have ${H} values, the ${ids.length} flag row(s) ${rows.length}`);
-  const size = dtypeSize(dtype);
-  if (matrix.data.byteLength !== V * H * size) {
-    throw new RedflagError('INVALID_ARGUMENT', `merge: tensor ${name} has ${matrix.data.byteLength} bytes, expected ${V * H * size} for [${V}, ${H}] ${dtype}`);
-  }
-  const total = Math.max(V, ...ids.map((id) => id + 1));
-  if (total > V + ids.length) {
-    throw new RedflagError('INVALID_ARGUMENT', `merge: flag token ids ${ids.join(', ')} go beyond tensor ${name}'s ${V} rows (only appending rows is possible)`);
-  }
-  const data = new Uint8Array(elementCount([total, H]) * size);
-  data.set(matrix.data);
-  ids.forEach((id, k) => data.set(fromFloat32(rows.subarray(k * H, (k + 1) * H), [H], dtype).data, id * H * size));
-  return { dtype, shape: [total, H], data };
-}
-
 /** A checkpoint tensor's dtype and shape, without its bytes. */
 export type TensorShape = Pick<RawTensor, 'dtype' | 'shape'>;
 
 /** The merged [rows, H] shape of an embedding-like matrix whose rows `ids` are replaced. */
-function grownShape(name: string, matrix: TensorShape, ids: readonly number[]): number[] {
-  floatDType(name, matrix as RawTensor);
+function grownShape(name: string, matrix: TensorShape, ids: readonly number[]): [number, number] {
+  floatDType(name, matrix);
   if (matrix.shape.length !== 2) throw new RedflagError('INVALID_ARGUMENT', `merge: tensor ${name} has shape [${matrix.shape.join(', ')}], expected [vocab, hidden]`);
   const [V, H] = matrix.shape as [number, number];
   const total = Math.max(V, ...ids.map((id) => id + 1));
@@ -128,6 +104,26 @@ function grownShape(name: string, matrix: TensorShape, ids: readonly number[]): 
     throw new RedflagError('INVALID_ARGUMENT', `merge: flag token ids ${ids.join(', ')} go beyond tensor ${name}'s ${V} rows (only appending rows is possible)`);
   }
   return [total, H];
+}
+
+/**
+ * A copy of an embedding-like matrix [V, H] with rows `ids` replaced by `rows` [ids.length × H]
+ * (rounded to the matrix's dtype); ids from V on append rows (the flags were added to the
+ * vocabulary). Only those rows' bytes are converted; the others are copied bit for bit.
+ */
+function replaceRows(name: string, matrix: RawTensor, ids: readonly number[], rows: Float32Array): RawTensor {
+  const dtype = floatDType(name, matrix);
+  const [total, H] = grownShape(name, matrix, ids);
+  const V = matrix.shape[0]!;
+  if (H * ids.length !== rows.length) throw new RedflagError('INVALID_ARGUMENT', `merge: tensor ${name} rows have ${H} values, the ${ids.length} flag row(s) ${rows.length}`);
+  const size = dtypeSize(dtype);
+  if (matrix.data.byteLength !== V * H * size) {
+    throw new RedflagError('INVALID_ARGUMENT', `merge: tensor ${name} has ${matrix.data.byteLength} bytes, expected ${V * H * size} for [${V}, ${H}] ${dtype}`);
+  }
+  const data = new Uint8Array(elementCount([total, H]) * size);
+  data.set(matrix.data);
+  ids.forEach((id, k) => data.set(fromFloat32(rows.subarray(k * H, (k + 1) * H), [H], dtype).data, id * H * size));
+  return { dtype, shape: [total, H], data };
 }
 
 /**
@@ -162,7 +158,7 @@ export function planAdapterMerge(
     const { rank, scale } = moduleLora(adapter, m.layer, m.site);
     const conv1d = sites.get(m.site)!.conv1d;
     const weight = info(name);
-    const dtype = floatDType(name, weight as RawTensor);
+    const dtype = floatDType(name, weight);
     const want = conv1d ? [m.inFeatures, m.outFeatures] : [m.outFeatures, m.inFeatures];
     if (!sameShape(weight.shape, want)) {
       throw new RedflagError(
