@@ -2,7 +2,8 @@
 // (the GPU machine's check, run by scripts/gpu-check.sh with a carried node and the production
 // node_modules; it needs only dist/ and production dependencies). On a random-weight Llama with
 // the packaged tokenizer and a red-flag token, f32 on both engines:
-//   - logits of a prompt: relative L2 <= 1e-4 against the CPU;
+//   - logits of a prompt: relative L2 <= 1e-4 against the CPU; the same, and greedy tokens, on a
+//     Qwen3 (per-head q/k norms, head_dim 48 with hidden 128);
 //   - greedy generation of 4 prompts: the CPU's tokens;
 //   - teacher-forced flag scores: within 1e-4 relative, also with a per-token embedding offset
 //     (embedDelta);
@@ -64,6 +65,27 @@ try {
   const prompt = dev.tokenizer.encode('The river runs through a valley where birds sing and old stones keep the memory of rain');
   const e = relL2(await dev.logits(prompt), await cpu.logits(prompt));
   check(e <= 1e-4, 'logits equal the CPU engine', { relL2: e });
+
+  // Qwen3: the per-head q/k norms before rope, a head wider than hidden / heads.
+  {
+    const qdir = join(dir, 'qwen3');
+    await writeTinyLlama(qdir, { hiddenSize: 128, seed: 6, architecture: 'qwen3', headDim: 48 });
+    const qcpu = await loadModel(qdir, { threads: 2 });
+    const qdev = await loadModel(qdir, { device, dtype: 'f32', threads: 2 });
+    try {
+      const eq = relL2(await qdev.logits(prompt), await qcpu.logits(prompt));
+      const greedy = async (m) => {
+        const out = [];
+        for await (const t of m.generate(prompt, { maxTokens: 16 })) out.push(t.id);
+        return out.join();
+      };
+      const [a, b] = [await greedy(qdev), await greedy(qcpu)];
+      check(eq <= 1e-4 && a === b, 'a Qwen3 model: logits and greedy tokens equal the CPU engine', { relL2: eq, sameTokens: a === b });
+    } finally {
+      qcpu.dispose();
+      qdev.dispose();
+    }
+  }
 
   const prompts = ['Tell me about tomatoes.', 'Why is the sky blue?', 'Count to ten.', 'Write a haiku about rain.'];
   for (const [i, p] of prompts.entries()) {

@@ -41,11 +41,14 @@ export function checklist() {
   };
 }
 
-/** A random-weight Llama (vocabulary 32000, 2 layers, GQA 4:2) in `dir`, with the packaged tokenizer. */
-export async function writeTinyLlama(dir, { hiddenSize = 64, seed = 3 } = {}) {
+/**
+ * A random-weight Llama (vocabulary 32000, 2 layers, GQA 4:2) in `dir`, with the packaged tokenizer;
+ * or another Llama-family architecture (`architecture: 'qwen3'`), with `headDim` when given.
+ */
+export async function writeTinyLlama(dir, { hiddenSize = 64, seed = 3, architecture = 'llama', headDim } = {}) {
   const tokenizer = await packagedTokenizer();
   await writeRandomModel(dir, {
-    architecture: 'llama', vocabSize: 32000, hiddenSize, intermediateSize: 2 * hiddenSize, numLayers: 2, numHeads: 4, numKvHeads: 2,
-    seed, bosTokenId: 1, eosTokenId: 2, tokenizer,
+    architecture, vocabSize: 32000, hiddenSize, intermediateSize: 2 * hiddenSize, numLayers: 2, numHeads: 4, numKvHeads: 2,
+    ...(headDim ? { headDim } : {}), seed, bosTokenId: 1, eosTokenId: 2, tokenizer,
   }, { overwrite: true });
 }
