@@ -246,29 +246,15 @@ def qwen2_config(**kw) -> dict:
 
 
 def qwen3_config(**kw) -> dict:
-    c = {
+    # Qwen2's config plus the keys Qwen3Config adds (key order is sorted when written).
+    return qwen2_config(**{
         "architectures": ["Qwen3ForCausalLM"],
         "attention_bias": False,
-        "attention_dropout": 0.0,
-        "bos_token_id": 1,
-        "eos_token_id": 3,
-        "hidden_act": "silu",
-        "initializer_range": 0.02,
         "max_window_layers": 2,
         "model_type": "qwen3",
-        "num_hidden_layers": 2,
-        "rms_norm_eps": 1e-06,
-        "rope_scaling": None,
-        "rope_theta": 1000000.0,
         "sliding_window": None,
-        "tie_word_embeddings": True,
-        "torch_dtype": "float32",
-        "transformers_version": TRANSFORMERS_VERSION,
-        "use_cache": True,
-        "use_sliding_window": False,
-    }
-    c.update(kw)
-    return c
+        **kw,
+    })
 
 
 def gpt2_config(**kw) -> dict:
