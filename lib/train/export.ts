@@ -230,6 +230,14 @@ export async function saveTrainedModel(model: Model, config: TrainConfig): Promi
   const trained = new Map<string, DeferredTensor>();
   for (const t of model.plan.tensors) {
     if (!names.has(t.name)) throw new RedflagError('NATIVE', `no trained tensor ${t.name}`);
+    // A fused tensor (q/k/v, gate/up) is fetched once and kept until its last source is written.
+    let fetched: Float32Array | null = null;
+    let unread = t.sources.length;
+    const fetch = (): Float32Array => {
+      const value = (fetched ??= model.engine.getParam(t.name, 'value'));
+      if (--unread === 0) fetched = null;
+      return value;
+    };
     let row = 0;
     for (const [i, source] of t.sources.entries()) {
       const shape = t.shapes[i]!;
@@ -241,8 +249,8 @@ export async function saveTrainedModel(model: Model, config: TrainConfig): Promi
         dtype,
         shape,
         read: async () => {
-          // The engine holds [rows, cols] ([out, in]); a tensor with several sources is fetched once per source.
-          const value = model.engine.getParam(t.name, 'value');
+          // The engine holds [rows, cols] ([out, in]).
+          const value = fetch();
           let data: Float32Array;
           if (t.srcIsKN) {
             // GPT-2 Conv1D: HF stores [in, out]; the engine holds [out, in].
