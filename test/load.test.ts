@@ -6,7 +6,7 @@ import { join } from 'node:path';
 
 import { loadModel } from '../lib/model/model.js';
 import { addRedFlagToken } from '../lib/model/red-flag.js';
-import { SafetensorsFile, toFloat32, writeSafetensors } from '../lib/model/safetensors.js';
+import { SafetensorsFile, fromFloat32, toFloat32, writeSafetensors } from '../lib/model/safetensors.js';
 import { FIXTURES } from './helpers/fixtures.js';
 import { packagedTokenizer, tinyLlama } from './helpers/tiny-model.js';
 
@@ -164,6 +164,47 @@ describe('addRedFlagToken', () => {
     expect(reloaded.redFlagTokenId).toBe(32000);
     expect(reloaded.vocabSize).toBe(32004);
     reloaded.dispose();
+    model.dispose();
+  });
+});
+
+describe('addRedFlagToken initial rows', () => {
+  it('mean of the other rows (a reused row left out), a copy or zeros, rounded once to BF16; every other row bit for bit', async () => {
+    const tokenizer = await packagedTokenizer('llama2');
+    const json = tokenizer.tokenizerJson as { added_tokens: object[] };
+    json.added_tokens.push({ id: 32000, content: '<|reserved_special_token_0|>', single_word: false, lstrip: false, rstrip: false, normalized: false, special: true });
+    const dir = await tempDir();
+    const { writeRandomModel } = await import('../lib/model/random-model.js');
+    await writeRandomModel(dir, {
+      architecture: 'llama', vocabSize: 32001, hiddenSize: 16, intermediateSize: 32, numLayers: 1, numHeads: 2, tieWordEmbeddings: true, dtype: 'BF16', tokenizer,
+    });
+    const file = await SafetensorsFile.open(join(dir, 'model.safetensors'));
+    const original = await file.read('model.embed_tokens.weight');
+    await file.close();
+    const values = toFloat32(original);
+    const H = 16, V = 32001;
+    const mean = new Float64Array(H);
+    for (let r = 0; r < V - 1; r++) for (let j = 0; j < H; j++) mean[j]! += values[r * H + j]!;
+    const bf16 = (x: number) => toFloat32(fromFloat32(Float32Array.of(Math.fround(x)), [1], 'BF16'))[0]!;
+    const expected = {
+      mean: Array.from(mean, (v) => bf16(v / (V - 1))),
+      copy: Array.from(values.subarray(450 * H, 451 * H)),
+      zeros: new Array<number>(H).fill(0),
+    };
+    for (const [name, init] of [['mean', 'mean'], ['copy', { copyFrom: 450 }], ['zeros', 'zeros']] as const) {
+      const model = await loadModel(dir);
+      try {
+        expect(await addRedFlagToken(model, model.tokenizer, { init })).toMatchObject({ id: 32000, reused: true, vocabSize: V });
+        const grown = await model.readTensor('model.embed_tokens.weight');
+        expect(grown.dtype).toBe('BF16');
+        expect([...toFloat32(grown).subarray(32000 * H)], name).toEqual(expected[name]);
+        expect(Buffer.from(grown.data.subarray(0, 32000 * H * 2)).equals(Buffer.from(original.data.subarray(0, 32000 * H * 2))), name).toBe(true);
+      } finally {
+        model.dispose();
+      }
+    }
+    const model = await loadModel(dir);
+    await expect(addRedFlagToken(model, model.tokenizer, { init: { copyFrom: V } })).rejects.toThrow(/copyFrom must be a token id below 32001, got 32001/);
     model.dispose();
   });
 });

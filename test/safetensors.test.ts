@@ -12,7 +12,9 @@ import {
   float32BitsToBf16,
   float32BitsToF16,
   fromFloat32,
+  rowsToFloat32,
   toFloat32,
+  withRowsSet,
   writeSafetensors,
   type RawTensor,
 } from '../lib/model/safetensors.js';
@@ -147,6 +149,34 @@ describe('float conversions', () => {
     expect(() => toFloat32({ dtype: 'I32', shape: [1], data: new Uint8Array(4) })).toThrow(/F32, F16, BF16 and F64/);
     expect(() => toFloat32({ dtype: 'F32', shape: [3], data: new Uint8Array(8) })).toThrow(/8 bytes but shape \[3\]/);
     expect(() => fromFloat32(values, [2, 2], 'F16')).toThrow(/7 values do not fill shape \[2,2\]/);
+  });
+
+  it('sets and reads rows of a matrix converting only those rows; the others keep their bits', () => {
+    for (const dtype of ['F32', 'F16', 'BF16'] as const) {
+      const [V, W] = [5, 3];
+      const base = fromFloat32(Float32Array.from({ length: V * W }, (_, i) => (i - 7) / 3), [V, W], dtype);
+      // A NaN with a payload in row 1 must come through untouched (a round trip through f32 math would not).
+      const nanBits = dtype === 'F32' ? [0x01, 0x00, 0xc0, 0x7f] : dtype === 'F16' ? [0x01, 0x7e] : [0x81, 0x7f];
+      base.data.set(nanBits, W * dtypeSize(dtype));
+      expect(rowsToFloat32(base, 2, 2)).toEqual(toFloat32(base).subarray(2 * W, 4 * W));
+      const values = Float32Array.from([0.1, 0.2, 0.3, -1, -2, -3]);
+      const grown = withRowsSet(base, 7, [3, 6], values);
+      expect(grown.shape).toEqual([7, W]);
+      // The naive way: every row through f32, the new ones rounded to the dtype.
+      const want = new Float32Array(7 * W);
+      want.set(toFloat32(base));
+      want.set(toFloat32(fromFloat32(values.subarray(0, W), [W], dtype)), 3 * W);
+      want.set(toFloat32(fromFloat32(values.subarray(W), [W], dtype)), 6 * W);
+      expect(toFloat32(grown)).toEqual(want);
+      const size = dtypeSize(dtype);
+      expect([...grown.data.subarray(W * size, W * size + nanBits.length)]).toEqual(nanBits);
+      expect([...grown.data.subarray(5 * W * size, 6 * W * size)].every((b) => b === 0)).toBe(true); // appended, not set
+    }
+    const m = fromFloat32(new Float32Array(6), [2, 3], 'BF16');
+    expect(() => withRowsSet(m, 1, [0], new Float32Array(3))).toThrow(/shrink a matrix of 2 rows to 1/);
+    expect(() => withRowsSet(m, 3, [3], new Float32Array(3))).toThrow(/row 3 is not below 3/);
+    expect(() => withRowsSet(m, 3, [2], new Float32Array(2))).toThrow(/1 row\(s\) of 3 values need 3, got 2/);
+    expect(() => withRowsSet({ dtype: 'I32', shape: [1, 1], data: new Uint8Array(4) }, 1, [0], new Float32Array(1))).toThrow(/I32 matrix/);
   });
 
   it('knows every dtype size', () => {

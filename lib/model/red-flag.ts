@@ -7,7 +7,7 @@
 import { RedflagError } from '../errors.js';
 import type { Model } from './model.js';
 import { CATEGORY_NAME, categoryFlagToken, chooseRedFlagToken, type CategoryFlag, type RedFlagTokenChoice } from './red-flag-token.js';
-import { fromFloat32, toFloat32, type RawTensor } from './safetensors.js';
+import { fromFloat32, rowsToFloat32, toFloat32, withRowsSet, type RawTensor } from './safetensors.js';
 import type { Tokenizer } from './tokenizer.js';
 
 /** How the new embedding row (and LM-head row, when untied) starts. */
@@ -51,41 +51,42 @@ export interface RedFlagTokenInfo {
   categories: CategoryFlag[];
 }
 
-/** Builds the new embedding-like matrix: old rows, grown to `rows`, with rows `ids` initialised. */
+/**
+ * Builds the new embedding-like matrix: old rows, grown to `rows`, with rows `ids` initialised.
+ * Only the rows read for the initial values are converted to f32 (a chunk at a time for the
+ * mean); the others are copied bit for bit.
+ */
 function withRows(tensor: RawTensor, rows: number, ids: readonly number[], init: RedFlagInit): RawTensor {
-  const [oldRows, width] = tensor.shape as [number, number];
-  const old = toFloat32(tensor);
-  const out = new Float32Array(rows * width);
-  out.set(old.subarray(0, Math.min(oldRows, rows) * width));
-  let mean: Float32Array | null = null;
+  // An F64 checkpoint's matrix is kept as F32 from here on.
+  const matrix = tensor.dtype === 'F64' ? fromFloat32(toFloat32(tensor), tensor.shape, 'F32') : tensor;
+  const [oldRows, width] = matrix.shape as [number, number];
+  let row: Float32Array = new Float32Array(width);
   if (init === 'mean') {
     // Mean over the original rows, excluding the rows being replaced when they are reused.
     const replaced = new Set(ids);
     const acc = new Float64Array(width);
     let n = 0;
-    for (let r = 0; r < oldRows; r++) {
-      if (replaced.has(r)) continue;
-      for (let j = 0; j < width; j++) acc[j]! += old[r * width + j]!;
-      n++;
-    }
-    mean = Float32Array.from(acc, (v) => v / Math.max(n, 1));
-  }
-  for (const id of ids) {
-    const row = out.subarray(id * width, (id + 1) * width);
-    if (mean !== null) {
-      row.set(mean);
-    } else if (init === 'zeros') {
-      row.fill(0);
-    } else if (typeof init === 'object') {
-      const from = init.copyFrom;
-      if (!Number.isInteger(from) || from < 0 || from >= oldRows) {
-        throw new RedflagError('INVALID_ARGUMENT', `init.copyFrom must be a token id below ${oldRows}, got ${from}`);
+    const chunk = 4096;
+    for (let first = 0; first < oldRows; first += chunk) {
+      const count = Math.min(chunk, oldRows - first);
+      const values = rowsToFloat32(matrix, first, count);
+      for (let r = 0; r < count; r++) {
+        if (replaced.has(first + r)) continue;
+        for (let j = 0; j < width; j++) acc[j]! += values[r * width + j]!;
+        n++;
       }
-      row.set(old.subarray(from * width, (from + 1) * width));
     }
+    row = Float32Array.from(acc, (v) => v / Math.max(n, 1));
+  } else if (typeof init === 'object') {
+    const from = init.copyFrom;
+    if (!Number.isInteger(from) || from < 0 || from >= oldRows) {
+      throw new RedflagError('INVALID_ARGUMENT', `init.copyFrom must be a token id below ${oldRows}, got ${from}`);
+    }
+    row = rowsToFloat32(matrix, from, 1);
   }
-  const dtype = tensor.dtype === 'BF16' || tensor.dtype === 'F16' ? tensor.dtype : 'F32';
-  return fromFloat32(out, [rows, width], dtype);
+  const values = new Float32Array(ids.length * width);
+  ids.forEach((_, k) => values.set(row, k * width));
+  return withRowsSet(matrix, rows, ids, values);
 }
 
 /**

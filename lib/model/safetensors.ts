@@ -824,3 +824,37 @@ export function fromFloat32(data: Float32Array, shape: readonly number[], dtype:
   for (let i = 0; i < count; i++) words[i] = round(bits[i] ?? 0);
   return { dtype, shape: [...shape], data: littleEndianBytes(words) };
 }
+
+/**
+ * Rows `first` to `first + count - 1` of a float matrix [rows, …] (F32, F16, BF16 or F64) as
+ * float32: only those rows' bytes are converted.
+ */
+export function rowsToFloat32(matrix: RawTensor, first: number, count: number): Float32Array {
+  const width = elementCount(matrix.shape.slice(1));
+  const size = dtypeSize(matrix.dtype);
+  return toFloat32({ dtype: matrix.dtype, shape: [count, width], data: matrix.data.subarray(first * width * size, (first + count) * width * size) });
+}
+
+/**
+ * A copy of a float matrix [V, width] (F32, F16 or BF16) grown to `total` rows, in which rows
+ * `ids` hold `values` [ids.length × width] rounded to its dtype. Every other row is copied bit
+ * for bit (rows from V on that are not in `ids` are zero), so only the new rows are converted:
+ * an 8B model's embedding is not widened to f32 to change a row.
+ */
+export function withRowsSet(matrix: RawTensor, total: number, ids: readonly number[], values: Float32Array): RawTensor {
+  const dtype = matrix.dtype;
+  if (dtype !== 'F32' && dtype !== 'F16' && dtype !== 'BF16') throw new RedflagError('UNSUPPORTED', `rows of a ${dtype} matrix cannot be set (F32, F16 or BF16)`);
+  if (matrix.shape.length !== 2) throw new RedflagError('INVALID_ARGUMENT', `expected a matrix [rows, width], got shape ${JSON.stringify(matrix.shape)}`);
+  const [V, width] = matrix.shape as [number, number];
+  const size = DTYPE_SIZES[dtype];
+  if (matrix.data.byteLength !== V * width * size) {
+    throw new RedflagError('INVALID_ARGUMENT', `matrix data is ${matrix.data.byteLength} bytes, expected ${V * width * size} for [${V}, ${width}] ${dtype}`);
+  }
+  if (!Number.isInteger(total) || total < V) throw new RedflagError('INVALID_ARGUMENT', `cannot shrink a matrix of ${V} rows to ${total}`);
+  if (values.length !== ids.length * width) throw new RedflagError('INVALID_ARGUMENT', `${ids.length} row(s) of ${width} values need ${ids.length * width}, got ${values.length}`);
+  for (const id of ids) if (!Number.isInteger(id) || id < 0 || id >= total) throw new RedflagError('INVALID_ARGUMENT', `row ${id} is not below ${total}`);
+  const data = new Uint8Array(total * width * size);
+  data.set(matrix.data);
+  ids.forEach((id, k) => data.set(fromFloat32(values.subarray(k * width, (k + 1) * width), [width], dtype).data, id * width * size));
+  return { dtype, shape: [total, width], data };
+}

@@ -18,7 +18,7 @@
  */
 import { RedflagError } from '../errors.js';
 import type { WeightPlan } from '../model/weights-map.js';
-import { dtypeSize, elementCount, fromFloat32, toFloat32, type DeferredTensor, type RawTensor } from '../model/safetensors.js';
+import { fromFloat32, toFloat32, withRowsSet, type DeferredTensor, type RawTensor } from '../model/safetensors.js';
 import { loraSites, moduleLora, validateAdapter, type Adapter, type LoraModuleWeights } from './adapter.js';
 
 /** The parts of a {@link WeightPlan} the merge needs: the checkpoint's tensor names. */
@@ -112,18 +112,14 @@ function grownShape(name: string, matrix: TensorShape, ids: readonly number[]): 
  * vocabulary). Only those rows' bytes are converted; the others are copied bit for bit.
  */
 function replaceRows(name: string, matrix: RawTensor, ids: readonly number[], rows: Float32Array): RawTensor {
-  const dtype = floatDType(name, matrix);
   const [total, H] = grownShape(name, matrix, ids);
-  const V = matrix.shape[0]!;
   if (H * ids.length !== rows.length) throw new RedflagError('INVALID_ARGUMENT', `merge: tensor ${name} rows have ${H} values, the ${ids.length} flag row(s) ${rows.length}`);
-  const size = dtypeSize(dtype);
-  if (matrix.data.byteLength !== V * H * size) {
-    throw new RedflagError('INVALID_ARGUMENT', `merge: tensor ${name} has ${matrix.data.byteLength} bytes, expected ${V * H * size} for [${V}, ${H}] ${dtype}`);
+  try {
+    return withRowsSet(matrix, total, ids, rows);
+  } catch (error) {
+    if (!(error instanceof RedflagError)) throw error;
+    throw new RedflagError(error.code, `merge: tensor ${name}: ${error.message}`, { cause: error });
   }
-  const data = new Uint8Array(elementCount([total, H]) * size);
-  data.set(matrix.data);
-  ids.forEach((id, k) => data.set(fromFloat32(rows.subarray(k * H, (k + 1) * H), [H], dtype).data, id * H * size));
-  return { dtype, shape: [total, H], data };
 }
 
 /**
