@@ -64,6 +64,29 @@ describe('the server with the real detector', () => {
     expect(finish).toBe(expected.finishReason);
   });
 
+  it('continues raw text on /v1/completions as the detector does, with legacy logprobs', async () => {
+    const prompt = 'The sky is blue because';
+    const direct = detector.generate(prompt, { maxTokens: 10 });
+    const tokens: string[] = [];
+    for await (const t of direct) if (t.text !== '') tokens.push(t.text);
+    const expected = await direct.done;
+    const completion = await client.completions.create({ model: 'tiny', prompt, max_tokens: 10, logprobs: 2 });
+    const choice = completion.choices[0]!;
+    expect(choice.text).toBe(expected.text);
+    expect(choice.finish_reason).toBe(expected.finishReason);
+    expect(completion.usage).toMatchObject({ prompt_tokens: expected.promptTokens, completion_tokens: expected.completionTokens });
+    expect(choice.logprobs!.tokens).toEqual(tokens);
+    // Greedy: the chosen token is the likeliest, so it leads its alternatives.
+    for (const [i, top] of choice.logprobs!.top_logprobs!.entries()) {
+      expect(Object.keys(top).length).toBeGreaterThanOrEqual(1);
+      expect(Math.max(...Object.values(top))).toBeCloseTo(choice.logprobs!.token_logprobs![i]!, 5);
+    }
+    const stream = await client.completions.create({ model: 'tiny', prompt, max_tokens: 10, stream: true });
+    let text = '';
+    for await (const chunk of stream) text += chunk.choices[0]?.text ?? '';
+    expect(text).toBe(expected.text);
+  });
+
   it('blocks with content_filter when p(<rf>) reaches the threshold', async () => {
     // Per-request threshold is not an OpenAI field: a second detector with threshold 0 blocks at once.
     const strict = await createDetector({ model, threshold: 0, mode: 'block' });

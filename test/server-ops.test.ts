@@ -82,10 +82,14 @@ describe('GET /metrics', () => {
     expect((await readStream(streamed)).done).toBe(true);
     expect((await chat(server.url, 'Hi', { max_tokens: 0 }, AUTH)).status).toBe(400);
     expect((await fetch(`${server.url}/nowhere`, { headers: AUTH })).status).toBe(404);
+    const text = await fetch(`${server.url}/v1/completions`, {
+      method: 'POST', headers: { ...AUTH, 'content-type': 'application/json' }, body: JSON.stringify({ model: 'm', prompt: 'Once', max_tokens: 3 }),
+    }); // 3 tokens
+    expect(text.status).toBe(200);
 
     // A request is counted when its response closes, just after the client has it: scrape until the last one shows.
     let after = await scrape(server.url, AUTH);
-    for (let i = 0; i < 100 && delta(before, after, 'redflag_http_requests_total', { route: 'unmatched' }) === 0; i++) {
+    for (let i = 0; i < 100 && delta(before, after, 'redflag_http_requests_total', { route: '/v1/completions' }) === 0; i++) {
       await new Promise((resolve) => setTimeout(resolve, 20));
       after = await scrape(server.url, AUTH);
     }
@@ -95,12 +99,16 @@ describe('GET /metrics', () => {
     expect(delta(before, after, 'redflag_flagged_answers_total')).toBe(1);
     expect(delta(before, after, 'redflag_chat_completions_total', { finish_reason: 'content_filter' })).toBe(1);
     expect(delta(before, after, 'redflag_chat_completions_total', { finish_reason: 'stop' })).toBe(2);
-    expect(delta(before, after, 'redflag_completion_tokens_total')).toBe(2 * ANSWER.length + 2);
-    // The fake counts prompt words: "Hi there" 2, "how to build a bomb" 5, "Hello" 1.
-    expect(delta(before, after, 'redflag_prompt_tokens_total')).toBe(8);
-    expect(delta(before, after, 'redflag_time_to_first_token_seconds_count')).toBe(3);
-    // Gaps between consecutive tokens: 7 + 1 + 7.
-    expect(delta(before, after, 'redflag_inter_token_latency_seconds_count')).toBe(15);
+    // Text completions are counted apart; tokens, flags and latencies count both.
+    expect(delta(before, after, 'redflag_text_completions_total', { finish_reason: 'length' })).toBe(1);
+    expect(delta(before, after, 'redflag_chat_completions_total', { finish_reason: 'length' })).toBe(0);
+    expect(delta(before, after, 'redflag_http_requests_total', { route: '/v1/completions', status: '200' })).toBe(1);
+    expect(delta(before, after, 'redflag_completion_tokens_total')).toBe(2 * ANSWER.length + 2 + 3);
+    // The fake counts prompt words: "Hi there" 2, "how to build a bomb" 5, "Hello" 1, "Once" 1.
+    expect(delta(before, after, 'redflag_prompt_tokens_total')).toBe(9);
+    expect(delta(before, after, 'redflag_time_to_first_token_seconds_count')).toBe(4);
+    // Gaps between consecutive tokens: 7 + 1 + 7 + 2.
+    expect(delta(before, after, 'redflag_inter_token_latency_seconds_count')).toBe(17);
     expect(metricValue(after, 'redflag_time_to_first_token_seconds_bucket', { le: '+Inf' })).toBe(metricValue(after, 'redflag_time_to_first_token_seconds_count'));
     // Gauges (and the OOM-split counter) read from detector.stats() (the fake's: nothing running, a 1 GiB budget, 3 splits) and the process's own.
     expect(metricValue(after, 'redflag_kv_cache_budget_bytes')).toBe(2 ** 30);

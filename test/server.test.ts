@@ -410,6 +410,142 @@ describe('server (default limits)', () => {
   });
 });
 
+describe('server text completions (/v1/completions)', () => {
+  const detector = new FakeDetector();
+  let server: RunningServer;
+  let client: OpenAI;
+
+  beforeAll(async () => {
+    server = await serve({ detector, port: 0, modelName: MODEL, maxTokensLimit: 100 });
+    client = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: 'unused', maxRetries: 0 });
+  });
+  afterAll(async () => server.close());
+
+  it('continues raw prompt text in OpenAI shape, maps every option, and defaults to 16 tokens as OpenAI does', async () => {
+    const completion = await client.completions.create({ model: MODEL, prompt: 'Once upon a time', temperature: 0.5, top_p: 0.8, seed: 3, stop: ['never'] });
+    expect(completion.id).toMatch(/^cmpl-[0-9a-f]{32}$/);
+    expect(completion.object).toBe('text_completion');
+    expect(completion.model).toBe(MODEL);
+    const choice = completion.choices[0]!;
+    expect(choice).toMatchObject({ index: 0, text: FULL_ANSWER, logprobs: null, finish_reason: 'stop' });
+    expect(redFlag(choice)).toEqual({ filtered: false, detected: false, score: 0.08 });
+    expect(completion.usage).toEqual({ prompt_tokens: 4, completion_tokens: ANSWER.length, total_tokens: 4 + ANSWER.length });
+    const call = detector.generations.at(-1)!;
+    // Raw text, no chat template: the detector gets the string itself.
+    expect(call.messages).toBe('Once upon a time');
+    expect(call.options).toMatchObject({ maxTokens: 16, temperature: 0.5, topP: 0.8, seed: 3, stop: ['never'], topLogprobs: 0 });
+
+    const short = await client.completions.create({ model: MODEL, prompt: ['Hi'], max_tokens: 3 });
+    expect(short.choices[0]).toMatchObject({ text: 'Sure, here', finish_reason: 'length' });
+    expect(detector.generations.at(-1)!.messages).toBe('Hi');
+  });
+
+  it('blocks a harmful continuation with content_filter, streamed or not', async () => {
+    const completion = await client.completions.create({ model: MODEL, prompt: 'how to build a bomb' });
+    expect(completion.choices[0]).toMatchObject({ text: 'Sure', finish_reason: 'content_filter' });
+    expect(redFlag(completion.choices[0])).toEqual({ filtered: true, detected: true, score: 0.6 });
+
+    const stream = await client.completions.create({ model: MODEL, prompt: 'a bomb, please', stream: true });
+    const chunks: OpenAI.Completions.Completion[] = [];
+    for await (const chunk of stream) chunks.push(chunk);
+    expect(chunks.map((c) => c.choices[0]!.text).join('')).toBe('Sure');
+    const final = chunks.at(-1)!.choices[0]!;
+    expect(final.finish_reason).toBe('content_filter');
+    expect(redFlag(final)).toEqual({ filtered: true, detected: true, score: 0.6 });
+  });
+
+  it('streams the same text as the answer, one chunk a token, echo first, usage last when asked', async () => {
+    const stream = await client.completions.create({
+      model: MODEL, prompt: 'Hi there', echo: true, stream: true, stream_options: { include_usage: true },
+    });
+    const chunks: OpenAI.Completions.Completion[] = [];
+    for await (const chunk of stream) chunks.push(chunk);
+    expect(new Set(chunks.map((c) => c.id)).size).toBe(1);
+    for (const chunk of chunks) expect(chunk.object).toBe('text_completion');
+    expect(chunks[0]!.choices[0]!.text).toBe('Hi there');
+    const texts = chunks.slice(1, -2).map((c) => c.choices[0]!.text);
+    expect(texts).toEqual(ANSWER);
+    expect(chunks.at(-2)!.choices[0]).toMatchObject({ text: '', finish_reason: 'stop' });
+    expect(chunks.at(-1)!.choices).toEqual([]);
+    expect(chunks.at(-1)!.usage).toEqual({ prompt_tokens: 2, completion_tokens: ANSWER.length, total_tokens: 2 + ANSWER.length });
+
+    const whole = await client.completions.create({ model: MODEL, prompt: 'Hi there', echo: true });
+    expect(whole.choices[0]!.text).toBe('Hi there' + FULL_ANSWER);
+  });
+
+  it("returns the legacy logprobs: tokens, their log-probs, the top alternatives plus the chosen one, offsets into the text", async () => {
+    const completion = await client.completions.create({ model: MODEL, prompt: 'Hi', logprobs: 1 });
+    expect(detector.generations.at(-1)!.options.topLogprobs).toBe(1);
+    const logprobs = completion.choices[0]!.logprobs!;
+    expect(logprobs.tokens).toEqual(ANSWER);
+    const offsets = ANSWER.map((_, i) => ANSWER.slice(0, i).join('').length);
+    expect(logprobs.text_offset).toEqual(offsets);
+    for (const [i, token] of ANSWER.entries()) expect(completion.choices[0]!.text.slice(offsets[i], offsets[i]! + token.length)).toBe(token);
+    expect(logprobs.token_logprobs![5]).toBeCloseTo(-0.6, 10);
+    // The fake's likeliest alternative is the chosen token itself: one entry for logprobs = 1.
+    expect(logprobs.top_logprobs![5]).toEqual({ ' naïve': logprobs.token_logprobs![5] });
+
+    const two = await client.completions.create({ model: MODEL, prompt: 'Hi', logprobs: 2 });
+    expect(two.choices[0]!.logprobs!.top_logprobs![0]).toEqual({ Sure: two.choices[0]!.logprobs!.token_logprobs![0], alt1: two.choices[0]!.logprobs!.token_logprobs![0]! - 1 });
+
+    const stream = await client.completions.create({ model: MODEL, prompt: 'Hi', logprobs: 0, stream: true });
+    const streamed: OpenAI.Completions.CompletionChoice.Logprobs[] = [];
+    for await (const chunk of stream) if (chunk.choices[0]?.logprobs) streamed.push(chunk.choices[0].logprobs);
+    expect(streamed.map((l) => l.tokens![0])).toEqual(ANSWER);
+    expect(streamed.map((l) => l.text_offset![0])).toEqual(offsets);
+    expect(streamed[0]!.top_logprobs).toEqual([{ Sure: streamed[0]!.token_logprobs![0] }]);
+  });
+
+  it.each([
+    [{ prompt: ['a', 'b'] }, 'prompt', /only one prompt/],
+    [{ prompt: [1, 2, 3] }, 'prompt', /token ids are not supported/],
+    [{ prompt: [[1, 2]] }, 'prompt', /token ids are not supported/],
+    [{ prompt: '' }, 'prompt', /must not be empty/],
+    [{ prompt: 42 }, 'prompt', /must be a string/],
+    [{}, 'prompt', /./],
+    [{ prompt: 'x', suffix: 'y' }, 'suffix', /not supported/],
+    [{ prompt: 'x', best_of: 2 }, 'best_of', /best_of = 1/],
+    [{ prompt: 'x', n: 2 }, 'n', /n = 1/],
+    [{ prompt: 'x', max_tokens: 101 }, 'max_tokens', /at most 100/],
+    [{ prompt: 'x', logprobs: 21 }, 'logprobs', /./],
+    [{ prompt: 'x', echo: true, logprobs: 1 }, 'echo', /prompt log-probs are not supported/],
+  ])('answers 400 naming the field for %j', async (fields, param, message) => {
+    const response = await post(server.url, '/v1/completions', { model: MODEL, ...fields });
+    expect(response.status).toBe(400);
+    const { error } = (await response.json()) as ErrorBody;
+    expect(error.type).toBe('invalid_request_error');
+    expect(error.param).toBe(param);
+    expect(error.message).toMatch(message);
+  });
+
+  it('keeps the default length within the server limit, and maps detector errors as chat does', async () => {
+    const small = await serve({ detector, port: 0, modelName: MODEL, maxTokensLimit: 4 });
+    try {
+      await post(small.url, '/v1/completions', { model: MODEL, prompt: 'Hi' });
+      expect(detector.generations.at(-1)!.options.maxTokens).toBe(4);
+    } finally {
+      await small.close();
+    }
+    for (const stream of [false, true]) {
+      const huge = await post(server.url, '/v1/completions', { model: MODEL, prompt: 'huge', stream });
+      expect(huge.status).toBe(400);
+      expect(((await huge.json()) as ErrorBody).error.code).toBe('context_length_exceeded');
+    }
+  });
+
+  it('cancels the generation of a client that disconnects mid-stream', async () => {
+    const controller = new AbortController();
+    const stream = await client.completions.create({ model: MODEL, prompt: 'slow please', stream: true }, { signal: controller.signal });
+    const call = detector.generations.at(-1)!;
+    let received = 0;
+    for await (const chunk of stream) {
+      if (chunk.choices[0]?.text) received++;
+      if (received === 3) controller.abort();
+    }
+    await waitFor(() => call.options.signal!.aborted, 'the generation signal to abort');
+  });
+});
+
 describe('server on a GPU that fails', () => {
   it('answers 503 device_failed from the failure on, and /health and /metrics report it for the supervisor', async () => {
     const detector = new FakeDetector();

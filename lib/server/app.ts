@@ -1,6 +1,6 @@
 /**
- * The OpenAI-compatible HTTP server around a {@link Detector}: chat completions (streamed or
- * not) with red-flag scores, moderations, the model list, health (readiness and liveness) and
+ * The OpenAI-compatible HTTP server around a {@link Detector}: chat and text completions
+ * (streamed or not) with red-flag scores, moderations, the model list, health (readiness and liveness) and
  * Prometheus metrics. Create it with {@link createServer} (or {@link buildServer}, which also
  * gives its drain and metrics registry) and `listen` yourself, or let `serve` (serve.ts) do both.
  * @module
@@ -14,12 +14,13 @@ import type { Detector } from '../detect/types.js';
 import { RedflagError } from '../errors.js';
 import { DISCARD_FACTOR, isBodyTooLarge, limitBody } from './body-limit.js';
 import { completeChat, streamChat } from './chat.js';
+import { COMPLETION_DEFAULT_MAX_TOKENS, complete, streamCompletion } from './completions.js';
 import { ApiError, parseBody, toApiError } from './http-errors.js';
 import { ServerLifecycle, type DrainResult, type ServerState } from './lifecycle.js';
 import { ServerMetrics } from './metrics.js';
 import { moderate } from './moderations.js';
 import { RequestTrace } from './request-trace.js';
-import { chatRequestSchema, moderationRequestSchema, type RequestLimits } from './schemas.js';
+import { chatRequestSchema, completionRequestSchema, moderationRequestSchema, type RequestLimits } from './schemas.js';
 import { unixSeconds } from './shapes.js';
 
 export type { DrainResult, ServerState } from './lifecycle.js';
@@ -36,7 +37,7 @@ export interface ServerOptions {
   maxTokensLimit?: number;
   /** Most messages in a chat request, and most inputs in a moderation request. Default 256. */
   maxMessages?: number;
-  /** Most chat and moderation requests in flight; more are answered 429. Default 64. */
+  /** Most completion and moderation requests in flight; more are answered 429. Default 64. */
   maxConcurrent?: number;
   /** The user turn that moderation strings answer when scored as responses. Default `'Continue.'`. */
   moderationPrompt?: string;
@@ -101,6 +102,7 @@ export function buildServer(detector: Detector | PromiseLike<Detector>, options:
   const maxConcurrent = positiveInteger('maxConcurrent', options.maxConcurrent, 64);
   const bodyLimit = positiveInteger('bodyLimit', options.bodyLimit, 1024 * 1024);
   const chatSchema = chatRequestSchema(limits);
+  const completionSchema = completionRequestSchema(limits);
   const moderationSchema = moderationRequestSchema(limits);
   const modelName = options.modelName;
   const logContent = options.logContent === true;
@@ -182,6 +184,22 @@ export function buildServer(detector: Detector | PromiseLike<Detector>, options:
       const context = { detector, modelName, signal, observer: trace };
       if (body.stream !== true) return completeChat(body, context);
       await streamChat(body, context, reply);
+      return reply;
+    });
+  });
+
+  app.post('/v1/completions', async (request, reply) => {
+    const detector = lifecycle.requireDetector();
+    const body = parseBody(completionSchema, request.body);
+    // OpenAI's default length for text completions, within the server's limit.
+    body.max_tokens ??= Math.min(COMPLETION_DEFAULT_MAX_TOKENS, limits.maxTokens);
+    const trace = traceOf(request);
+    trace.api = 'text';
+    if (logContent) trace.prompt = body.prompt;
+    return lifecycle.withSlot(reply, async (signal) => {
+      const context = { detector, modelName, signal, observer: trace };
+      if (body.stream !== true) return complete(body, context);
+      await streamCompletion(body, context, reply);
       return reply;
     });
   });

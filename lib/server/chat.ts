@@ -3,17 +3,17 @@
  * or streamed as `chat.completion.chunk` server-sent events.
  * @module
  */
-import type { ServerResponse } from 'node:http';
+import type { FastifyReply } from 'fastify';
 
-import type { FastifyBaseLogger, FastifyReply } from 'fastify';
-
+import type { Message } from '../data/records.js';
 import type { DetectGenerateOptions, Detector, DetectionStream } from '../detect/types.js';
-import { ApiError, toApiError } from './http-errors.js';
+import { ApiError } from './http-errors.js';
 import type { GenerationObserver } from './request-trace.js';
 import { toMessages, type ChatRequest } from './schemas.js';
 import { contentFilterResults, logprobEntry, responseId, unixSeconds, usage, type LogprobEntry } from './shapes.js';
+import { streamEvents } from './sse.js';
 
-/** What a chat request needs besides its body. */
+/** What a chat or text completion request needs besides its body. */
 export interface ChatContext {
   detector: Detector;
   modelName: string;
@@ -31,10 +31,18 @@ function topLogprobCount(request: ChatRequest): number {
   return request.logprobs === true ? (request.top_logprobs ?? 0) : 0;
 }
 
-function generateOptions(request: ChatRequest, signal: AbortSignal): DetectGenerateOptions {
-  const options: DetectGenerateOptions = { signal, topLogprobs: topLogprobCount(request) };
+/**
+ * The detector's options from the sampling fields chat and text completions share; `maxTokens`
+ * null leaves the length to the detector's default.
+ */
+export function generateOptions(
+  request: Pick<ChatRequest, 'temperature' | 'top_p' | 'seed' | 'stop'>,
+  signal: AbortSignal,
+  topLogprobs: number,
+  maxTokens: number | null | undefined,
+): DetectGenerateOptions {
+  const options: DetectGenerateOptions = { signal, topLogprobs };
   // Absent fields are left to the detector's defaults (notably temperature 0, greedy, not OpenAI's 1).
-  const maxTokens = request.max_completion_tokens ?? request.max_tokens;
   if (maxTokens != null) options.maxTokens = maxTokens;
   if (request.temperature != null) options.temperature = request.temperature;
   if (request.top_p != null) options.topP = request.top_p;
@@ -43,16 +51,22 @@ function generateOptions(request: ChatRequest, signal: AbortSignal): DetectGener
   return options;
 }
 
-function startGeneration(request: ChatRequest, context: ChatContext): DetectionStream {
-  const stream = context.detector.generate(toMessages(request.messages), generateOptions(request, context.signal));
+/** Starts a generation of a conversation or of raw prompt text. */
+export function startGeneration(context: ChatContext, input: Message[] | string, options: DetectGenerateOptions): DetectionStream {
+  const stream = context.detector.generate(input, options);
   // `done` rejects with the same error the iteration throws; that one is handled, this one must not go unhandled.
   stream.done.catch(() => {});
   return stream;
 }
 
+function startChat(request: ChatRequest, context: ChatContext): DetectionStream {
+  const options = generateOptions(request, context.signal, topLogprobCount(request), request.max_completion_tokens ?? request.max_tokens);
+  return startGeneration(context, toMessages(request.messages), options);
+}
+
 /** Runs the generation to its end and returns the `chat.completion` object. */
 export async function completeChat(request: ChatRequest, context: ChatContext) {
-  const stream = startGeneration(request, context);
+  const stream = startChat(request, context);
   const wantLogprobs = request.logprobs === true;
   const topCount = topLogprobCount(request);
   const logprobs: LogprobEntry[] = [];
@@ -82,43 +96,8 @@ export async function completeChat(request: ChatRequest, context: ChatContext) {
   };
 }
 
-/** Writes one server-sent event, waiting while the client reads slower than tokens come. */
-async function writeEvent(res: ServerResponse, data: string): Promise<void> {
-  if (res.destroyed || res.writableEnded) throw new ApiError(499, 'the client disconnected', { code: 'cancelled' });
-  if (res.write(`data: ${data}\n\n`)) return;
-  await new Promise<void>((resolve) => {
-    const settle = (): void => {
-      res.off('drain', settle);
-      res.off('close', settle);
-      resolve();
-    };
-    res.on('drain', settle);
-    res.on('close', settle);
-  });
-}
-
-/**
- * Streams the generation as server-sent events. The first token is awaited before the response
- * starts so that a refusal up front (queue full, prompt too long) still gets its status code;
- * a failure later can only be reported in the stream, as an `error` event, as OpenAI does.
- */
+/** Streams the generation as `chat.completion.chunk` server-sent events (sse.ts). */
 export async function streamChat(request: ChatRequest, context: ChatContext, reply: FastifyReply): Promise<void> {
-  const stream = startGeneration(request, context);
-  const tokens = stream[Symbol.asyncIterator]();
-  let next = await tokens.next();
-  if (!next.done) context.observer.token();
-
-  reply.hijack();
-  const res = reply.raw;
-  // A write to a connection the client dropped errors asynchronously; the 'close' listener already cancelled the work.
-  res.on('error', () => {});
-  res.writeHead(200, {
-    'content-type': 'text/event-stream; charset=utf-8',
-    'cache-control': 'no-cache',
-    connection: 'keep-alive',
-    'x-accel-buffering': 'no',
-  });
-
   const id = responseId('chatcmpl');
   const created = unixSeconds();
   const includeUsage = request.stream_options?.include_usage === true;
@@ -134,41 +113,16 @@ export async function streamChat(request: ChatRequest, context: ChatContext, rep
       ...(includeUsage ? { usage: null } : {}),
       ...extra,
     });
-
-  try {
-    await writeEvent(res, chunk([{ index: 0, delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null }]));
-    while (!next.done) {
-      const token = next.value;
-      if (token.text !== '') {
-        const logprobs = request.logprobs === true ? { content: [logprobEntry(token, topCount)], refusal: null } : null;
-        await writeEvent(res, chunk([{ index: 0, delta: { content: token.text }, logprobs, finish_reason: null }]));
-      }
-      next = await tokens.next();
-      if (!next.done) context.observer.token();
-    }
-    const summary = await stream.done;
-    context.observer.finished(summary);
-    await writeEvent(res, chunk([{
-      index: 0,
-      delta: {},
-      logprobs: null,
-      finish_reason: summary.finishReason,
-      content_filter_results: contentFilterResults(summary),
-    }]));
-    if (includeUsage) await writeEvent(res, chunk([], { usage: usage(summary) }));
-    await writeEvent(res, '[DONE]');
-    res.end();
-  } catch (error) {
-    // Stops a generation still running when the failure was ours (a write), not the detector's.
-    stream.cancel();
-    reportStreamError(error, res, reply.log, context.observer);
-  }
-}
-
-function reportStreamError(error: unknown, res: ServerResponse, log: FastifyBaseLogger, observer: GenerationObserver): void {
-  const apiError = toApiError(error);
-  observer.failed(apiError.code);
-  if (apiError.status >= 500 && apiError.status !== 503) log.error({ err: error }, 'chat completion stream failed');
-  if (res.destroyed || res.writableEnded) return;
-  res.end(`data: ${JSON.stringify(apiError.toBody())}\n\n`);
+  await streamEvents(startChat(request, context), context.observer, reply, {
+    start: () => [chunk([{ index: 0, delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null }])],
+    token: (token) => {
+      if (token.text === '') return null;
+      const logprobs = request.logprobs === true ? { content: [logprobEntry(token, topCount)], refusal: null } : null;
+      return chunk([{ index: 0, delta: { content: token.text }, logprobs, finish_reason: null }]);
+    },
+    end: (summary) => [
+      chunk([{ index: 0, delta: {}, logprobs: null, finish_reason: summary.finishReason, content_filter_results: contentFilterResults(summary) }]),
+      ...(includeUsage ? [chunk([], { usage: usage(summary) })] : []),
+    ],
+  });
 }

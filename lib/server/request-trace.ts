@@ -9,7 +9,7 @@ import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { DetectionSummary } from '../detect/types.js';
 import type { ServerMetrics } from './metrics.js';
 
-/** What chat completions report while they generate. */
+/** What chat and text completions report while they generate. */
 export interface GenerationObserver {
   /** A token came from the detector (shown or not: `<rf>` and partial characters count too). */
   token(): void;
@@ -35,8 +35,10 @@ export class RequestTrace implements GenerationObserver {
   error: string | null = null;
   /** For moderation requests: whether any input was flagged. */
   moderationFlagged: boolean | null = null;
-  /** The request's text (messages or moderation input), kept only when content is logged. */
+  /** The request's text (messages, prompt or moderation input), kept only when content is logged. */
   prompt: unknown = undefined;
+  /** Which completions API generated (their finished answers are counted apart). */
+  api: 'chat' | 'text' = 'chat';
 
   constructor(metrics: ServerMetrics) {
     this.#metrics = metrics;
@@ -56,7 +58,7 @@ export class RequestTrace implements GenerationObserver {
   finished(summary: DetectionSummary): void {
     this.#summary = summary;
     const m = this.#metrics;
-    m.answers.inc({ finish_reason: summary.finishReason });
+    (this.api === 'text' ? m.textAnswers : m.answers).inc({ finish_reason: summary.finishReason });
     if (summary.flagged) m.flaggedAnswers.inc();
     m.promptTokens.inc(summary.promptTokens);
     m.completionTokens.inc(summary.completionTokens);

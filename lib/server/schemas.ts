@@ -24,35 +24,74 @@ const message = z.object({
   }),
 });
 
-/** The schema of a `POST /v1/chat/completions` body. */
-export function chatRequestSchema(limits: RequestLimits) {
-  const maxTokens = z
+/** The sampling and streaming fields chat and text completions share. */
+function generationFields(limits: RequestLimits) {
+  return {
+    model: z.string(),
+    max_tokens: maxTokensField(limits),
+    temperature: z.number().min(0).max(2).nullish(),
+    top_p: z.number().gt(0).max(1).nullish(),
+    seed: z.number().int().min(0).max(Number.MAX_SAFE_INTEGER).nullish(),
+    stop: z.union([z.string(), z.array(z.string()).max(4)], { error: 'must be a string or an array of up to 4 strings' }).nullish(),
+    n: z.literal(1, { error: 'only n = 1 is supported' }).nullish(),
+    stream: z.boolean().nullish(),
+    stream_options: z.object({ include_usage: z.boolean().nullish() }).nullish(),
+  };
+}
+
+function maxTokensField(limits: RequestLimits) {
+  return z
     .number()
     .int()
     .min(1)
     .max(limits.maxTokens, { error: `must be at most ${limits.maxTokens} (the server's limit)` })
     .nullish();
+}
+
+/** The schema of a `POST /v1/chat/completions` body. */
+export function chatRequestSchema(limits: RequestLimits) {
   return z.object({
-    model: z.string(),
+    ...generationFields(limits),
     messages: z
       .array(message)
       .min(1, { error: 'must contain at least one message' })
       .max(limits.maxMessages, { error: `must contain at most ${limits.maxMessages} messages (the server's limit)` }),
-    max_tokens: maxTokens,
-    max_completion_tokens: maxTokens,
-    temperature: z.number().min(0).max(2).nullish(),
-    top_p: z.number().gt(0).max(1).nullish(),
-    seed: z.number().int().min(0).max(Number.MAX_SAFE_INTEGER).nullish(),
-    stop: z.union([z.string(), z.array(z.string()).max(4)], { error: 'must be a string or an array of up to 4 strings' }).nullish(),
+    max_completion_tokens: maxTokensField(limits),
     logprobs: z.boolean().nullish(),
     top_logprobs: z.number().int().min(0).max(20).nullish(),
-    n: z.literal(1, { error: 'only n = 1 is supported' }).nullish(),
-    stream: z.boolean().nullish(),
-    stream_options: z.object({ include_usage: z.boolean().nullish() }).nullish(),
   });
 }
 
 export type ChatRequest = z.infer<ReturnType<typeof chatRequestSchema>>;
+
+/**
+ * The schema of a `POST /v1/completions` body (OpenAI's legacy text completions): one prompt,
+ * as a string or an array of one string; prompts of token ids, `suffix`, and `best_of` above 1
+ * are refused by name rather than ignored, since ignoring them would answer another question.
+ */
+export function completionRequestSchema(limits: RequestLimits) {
+  const unsupported = (what: string) => z.null({ error: `${what} is not supported` }).optional();
+  return z.object({
+    ...generationFields(limits),
+    prompt: z.preprocess(
+      (value) => (Array.isArray(value) && value.length === 1 && typeof value[0] === 'string' ? value[0] : value),
+      z.string({
+        error: (issue) =>
+          Array.isArray(issue.input) && issue.input.length > 1 && issue.input.every((p) => typeof p === 'string')
+            ? 'only one prompt per request is supported'
+            : Array.isArray(issue.input) && issue.input.length > 0 && issue.input.every((p) => typeof p === 'number' || Array.isArray(p))
+              ? 'prompts of token ids are not supported: send the text'
+              : 'must be a string (or an array of one string)',
+      }).min(1, { error: 'must not be empty' }),
+    ),
+    logprobs: z.number().int().min(0).max(20).nullish(),
+    echo: z.boolean().nullish(),
+    suffix: unsupported('suffix'),
+    best_of: z.literal(1, { error: 'only best_of = 1 is supported' }).nullish(),
+  });
+}
+
+export type CompletionRequest = z.infer<ReturnType<typeof completionRequestSchema>>;
 
 /** How `/v1/moderations` scores an input: as a user request, as an assistant answer, or both. */
 export const SCORE_AS = ['request', 'response', 'both'] as const;
