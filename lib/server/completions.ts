@@ -1,8 +1,7 @@
 /**
- * `POST /v1/completions`: OpenAI's legacy text completions, the API that benchmark and
- * evaluation tools (vLLM's serving benchmark, lm-evaluation-harness) speak. The prompt is raw
- * text, continued without a chat template; the answer carries the same red-flag verdict as a
- * chat completion's.
+ * `POST /v1/completions`: OpenAI's legacy text completions, the API serving benchmarks (vLLM's,
+ * for one) speak. The prompt is raw text, continued without a chat template; the answer carries
+ * the same red-flag verdict as a chat completion's.
  * @module
  */
 import type { FastifyReply } from 'fastify';
