@@ -2,7 +2,7 @@
 // resume to the same result, adapters that load back to the same logits, full fine-tuning
 // saved as a Hugging Face model, and configuration errors that name the field.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { mkdtemp, readFile, readdir, rm, stat } from 'node:fs/promises';
+import { mkdtemp, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -10,7 +10,7 @@ import { RedflagError } from '../lib/errors.js';
 import { loadModel } from '../lib/model/model.js';
 import { SafetensorsFile } from '../lib/model/safetensors.js';
 import { parseTrainConfig, type TrainConfigInput } from '../lib/train/config.js';
-import { findCheckpoint } from '../lib/train/checkpoint.js';
+import { configDifferences, findCheckpoint } from '../lib/train/checkpoint.js';
 import { applyAdapter, mergeAdapterInto } from '../lib/train/export.js';
 import { train } from '../lib/train/trainer.js';
 import { cudaUsable } from './helpers/cuda.js';
@@ -111,10 +111,43 @@ describe('train (red-flag LoRA)', () => {
     const state = JSON.parse(await readFile(join(found!.dir, 'state.json'), 'utf8'));
     expect(state.step).toBe(3);
     await expect(train(config('run-c', { checkpointEvery: 2 }))).rejects.toThrow(/holds a checkpoint/);
-    await train(config('run-c', { checkpointEvery: 2 }), { resume: true });
+    const ratios: number[] = [];
+    await train(config('run-c', { checkpointEvery: 2 }), { resume: true, onStep: (s) => ratios.push(s.etaSeconds / s.elapsedSeconds) });
     const a = await tensors(join(root, 'run-a', 'adapter', 'adapter_model.safetensors'));
     const c = await tensors(join(root, 'run-c', 'adapter', 'adapter_model.safetensors'));
     for (const [k, v] of a) expect(Buffer.compare(Buffer.from(c.get(k)!), Buffer.from(v)), k).toBe(0);
+    // The ETA counts the steps this process ran: after step 4 of 6, one step in 'elapsed', two to go.
+    expect(ratios[0]).toBeCloseTo(2, 10);
+    // The stop came between step 3 and its evaluation: the resumed run evaluates at step 3 first, so
+    // metrics.jsonl has the uninterrupted run's lines, and the same evaluation figures.
+    const lines = async (run: string) => (await readFile(join(root, run, 'metrics.jsonl'), 'utf8')).trim().split('\n').map((l) => JSON.parse(l));
+    const [ma, mc] = [await lines('run-a'), await lines('run-c')];
+    expect(mc.map((m) => `${m.type}@${m.step}`)).toEqual(ma.map((m) => `${m.type}@${m.step}`));
+    expect(mc.filter((m) => m.type === 'eval')).toEqual(ma.filter((m) => m.type === 'eval'));
+  });
+
+  it('resume refuses changed data (naming the file) and a checkpoint past steps; a data-parallel rank resumes rank 0\'s', async () => {
+    const data = join(root, 'resume-data.jsonl');
+    const rows = (flip: boolean) =>
+      Array.from({ length: 12 }, (_, i) => JSON.stringify({
+        prompt: `Question number ${i}?`, response: `Answer number ${i}, in some words.`, label: (i % 2 === 0) !== flip ? 'harmful' : 'benign',
+      })).join('\n') + '\n';
+    await writeFile(data, rows(false));
+    const run = config('resume-check', { data: [{ file: data }], steps: 2, evalEvery: 0 });
+    await train(run);
+    await expect(train({ ...run, steps: 1 }, { resume: true })).rejects.toThrow(/at step 2, past this run's steps \(1\): resume with steps of at least 2/);
+    await writeFile(data, rows(true));
+    const refused = await train(run, { resume: true }).catch((error: unknown) => error);
+    expect(refused).toBeInstanceOf(RedflagError);
+    expect((refused as RedflagError).message).toMatch(/changed since the checkpoint was written/);
+    expect((refused as RedflagError).file).toBe(data);
+
+    // Each rank resumes the checkpoint rank 0 wrote: its own rank, GPU index and group id file differ.
+    const saved = parseTrainConfig({ ...run, device: 'cuda:0', mode: 'lora', dataParallel: { worldSize: 2, rank: 0, idFile: '/tmp/g1' } });
+    const rank1 = parseTrainConfig({ ...run, output: `./${run.output}`, device: 'cuda:1', dataParallel: { worldSize: 2, rank: 1, idFile: '/tmp/g2' } });
+    expect(configDifferences(saved, rank1)).toEqual([]);
+    expect(configDifferences(saved, { ...rank1, device: 'cpu' })).toEqual(['device: "cuda" -> "cpu"']);
+    expect(configDifferences(saved, { ...rank1, dataParallel: { worldSize: 4, rank: 1, idFile: '/tmp/g2' } })).toEqual(['dataParallel.worldSize: 2 -> 4']);
   });
 
   it('a saved adapter loads back onto the base model with exactly the trained logits; the merged model agrees', async () => {

@@ -19,9 +19,11 @@
  * a lock whose process is gone (killed) is taken over.
  * @module
  */
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
+import { createReadStream } from 'node:fs';
 import { mkdir, open, readdir, readFile, rename, rm, stat, unlink } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
+import { pipeline } from 'node:stream/promises';
 
 import { RedflagError } from '../errors.js';
 import type { Model } from '../model/model.js';
@@ -38,6 +40,24 @@ interface CheckpointState {
   step: number;
   config: TrainConfig;
   params: string[];
+  /** sha256 of each data file the run read, by path (absent in checkpoints of earlier versions). */
+  data?: Record<string, string>;
+}
+
+/**
+ * sha256 of each training and evaluation file of `config`, by path as configured: resume checks
+ * them, since the same paths with other contents would continue the run on other data.
+ */
+export async function dataFingerprints(config: TrainConfig): Promise<Record<string, string>> {
+  const files = [...(config.data === 'synthetic' ? [] : config.data), ...(config.evalData ?? [])].map((d) => d.file);
+  const out: Record<string, string> = {};
+  for (const file of files) {
+    if (file in out) continue;
+    const hash = createHash('sha256');
+    await pipeline(createReadStream(file), hash);
+    out[file] = hash.digest('hex');
+  }
+  return out;
 }
 
 interface Pointer {
@@ -155,7 +175,7 @@ export async function removeCheckpoints(output: string): Promise<void> {
 }
 
 /** Writes the trainer state as a new checkpoint and publishes it (see the module description). */
-export async function writeCheckpoint(model: Model, config: TrainConfig, step: number): Promise<void> {
+export async function writeCheckpoint(model: Model, config: TrainConfig, step: number, data: Record<string, string>): Promise<void> {
   const output = config.output;
   const name = `step-${String(step).padStart(6, '0')}-${randomBytes(4).toString('hex')}`;
   const folder = join(output, FOLDER);
@@ -170,7 +190,7 @@ export async function writeCheckpoint(model: Model, config: TrainConfig, step: n
     }
   }
   await writeSafetensors(join(tmp, 'params.safetensors'), tensors);
-  const state: CheckpointState = { version: 1, step, config, params: params.map((p) => p.name) };
+  const state: CheckpointState = { version: 1, step, config, params: params.map((p) => p.name), data };
   await writeFileAtomic(join(tmp, 'state.json'), [new TextEncoder().encode(JSON.stringify(state, null, 2))]);
   const files: Record<string, number> = {};
   for (const f of ['params.safetensors', 'state.json']) files[f] = (await stat(join(tmp, f))).size;
@@ -202,28 +222,42 @@ async function syncDirectory(dir: string): Promise<void> {
 }
 
 /**
- * The configuration fields that differ between a checkpoint's run and this one (steps and
- * intervals may change, and recompute, which changes memory and time but not one bit of a result:
- * the way on after a run out of GPU memory).
+ * What of a configuration must match between a checkpoint's run and its resume: not the steps and
+ * intervals (they may change), recompute (it changes memory and time but not one bit of a result:
+ * the way on after a run out of GPU memory), the output (where the checkpoint was found), nor what
+ * tells the processes of a data-parallel group apart (each rank resumes rank 0's checkpoint: its
+ * rank, its GPU's index, the group's id file, new for each launch). The device's kind counts.
  */
+function resumeRelevant(config: TrainConfig): Record<string, unknown> {
+  const { steps: _steps, evalEvery: _evalEvery, checkpointEvery: _checkpointEvery, threads: _threads, overwrite: _overwrite, recompute: _recompute, output: _output, ...rest } =
+    config as TrainConfig & Record<string, unknown>;
+  const device = typeof config.device === 'string' ? config.device.replace(/:\d+$/, '') : config.device;
+  const dataParallel = config.dataParallel ? { worldSize: config.dataParallel.worldSize } : undefined;
+  return { ...rest, device, dataParallel };
+}
+
+/** The configuration fields that differ between a checkpoint's run and this one (see resumeRelevant). */
 export function configDifferences(saved: TrainConfig, current: TrainConfig): string[] {
-  const ignored = new Set(['steps', 'evalEvery', 'checkpointEvery', 'threads', 'overwrite', 'recompute']);
   const flat = (value: unknown, prefix: string, out: Map<string, string>): Map<string, string> => {
     if (value !== null && typeof value === 'object' && !Array.isArray(value)) {
-      for (const [k, v] of Object.entries(value)) if (!(prefix === '' && ignored.has(k))) flat(v, prefix ? `${prefix}.${k}` : k, out);
+      for (const [k, v] of Object.entries(value)) flat(v, prefix ? `${prefix}.${k}` : k, out);
     } else if (value !== undefined) {
       out.set(prefix, JSON.stringify(value));
     }
     return out;
   };
-  const a = flat(saved, '', new Map());
-  const b = flat(current, '', new Map());
+  const a = flat(resumeRelevant(saved), '', new Map());
+  const b = flat(resumeRelevant(current), '', new Map());
   const keys = [...new Set([...a.keys(), ...b.keys()])].sort();
   return keys.filter((k) => a.get(k) !== b.get(k)).map((k) => `${k}: ${a.get(k) ?? '(unset)'} -> ${b.get(k) ?? '(unset)'}`);
 }
 
-/** Restores the checkpoint in `config.output`; returns the step to continue from. */
-export async function readCheckpoint(model: Model, config: TrainConfig): Promise<number> {
+/**
+ * Restores the checkpoint in `config.output`; returns the step to continue from. `data` is
+ * {@link dataFingerprints} of this run: a file whose contents changed since the checkpoint is an
+ * error naming it, as is a checkpoint past `config.steps`.
+ */
+export async function readCheckpoint(model: Model, config: TrainConfig, data: Record<string, string>): Promise<number> {
   const found = await findCheckpoint(config.output);
   if (!found) throw new RedflagError('NOT_FOUND', 'no checkpoint to resume from', { file: config.output });
   const stateFile = join(found.dir, 'state.json');
@@ -245,6 +279,16 @@ export async function readCheckpoint(model: Model, config: TrainConfig): Promise
   const differences = configDifferences(state.config, config);
   if (differences.length > 0) {
     throw new RedflagError('INVALID_ARGUMENT', `the checkpoint was written by a run with a different configuration; resume needs the same one (${differences.join('; ')})`, {
+      file: stateFile,
+    });
+  }
+  for (const [file, hash] of Object.entries(state.data ?? {})) {
+    if (data[file] !== undefined && data[file] !== hash) {
+      throw new RedflagError('INVALID_ARGUMENT', `changed since the checkpoint was written (its sha256 differs): resume needs the same data, or start over (--overwrite)`, { file });
+    }
+  }
+  if (state.step > config.steps) {
+    throw new RedflagError('INVALID_ARGUMENT', `the checkpoint is at step ${state.step}, past this run's steps (${config.steps}): resume with steps of at least ${state.step}`, {
       file: stateFile,
     });
   }
@@ -290,6 +334,19 @@ export async function truncateMetrics(file: string, step: number, options: { fin
   if (kept.length === lines.length && text.endsWith('\n')) return 0;
   await writeFileAtomic(file, [new TextEncoder().encode(kept.map((l) => `${l}\n`).join(''))], { overwrite: true });
   return lines.length - kept.length;
+}
+
+/** Whether `metrics.jsonl` holds the evaluation line of `step`. */
+export async function metricsHaveEval(file: string, step: number): Promise<boolean> {
+  const text = await readFile(file, 'utf8').catch(() => '');
+  return text.split('\n').some((line) => {
+    try {
+      const record = JSON.parse(line) as { step?: unknown; type?: unknown };
+      return record.type === 'eval' && record.step === step;
+    } catch {
+      return false;
+    }
+  });
 }
 
 /** Output directories this process holds the lock of (its pid in the lock file cannot tell two runs of one process apart). */

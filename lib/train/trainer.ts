@@ -23,7 +23,7 @@ import { pathExists } from '../model/safetensors.js';
 import { exportAdapter, saveTrainedModel } from './export.js';
 import { learningRate, parseTrainConfig, type TrainConfig, type TrainConfigInput } from './config.js';
 import { evaluateRedFlag, type EvalResult } from './evaluate.js';
-import { findCheckpoint, lockOutput, readCheckpoint, removeCheckpoints, removeStaleCheckpoints, truncateMetrics, writeCheckpoint } from './checkpoint.js';
+import { dataFingerprints, findCheckpoint, lockOutput, metricsHaveEval, readCheckpoint, removeCheckpoints, removeStaleCheckpoints, truncateMetrics, writeCheckpoint } from './checkpoint.js';
 import { adversarialDelta, embeddingRowNorms, withPerturbedCopies } from './adversarial.js';
 import { exchangeGroupId, groupFormed } from './data-parallel.js';
 import { buildStep } from './objectives.js';
@@ -173,8 +173,10 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
   const rank = config.dataParallel?.rank ?? 0;
   // Where the run is, for the message of a failed GPU: the step being run, the last checkpoint on disk.
   const progress: { step: number; checkpoint: number | null } = { step: 0, checkpoint: null };
+  // sha256 of the data files, recorded in each checkpoint and checked on resume (set once the data loaded).
+  let fingerprints: Record<string, string> = {};
   const checkpoint = async (at: number) => {
-    if (writer) await writeCheckpoint(model, config, at);
+    if (writer) await writeCheckpoint(model, config, at, fingerprints);
     progress.checkpoint = at;  // rank 0 writes it for the group
   };
   const removed = writer ? await removeStaleCheckpoints(config.output) : [];
@@ -213,6 +215,7 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
   });
   try {
     const data = await prepareData(config, model, log);
+    fingerprints = await dataFingerprints(config);
     let rfToken = -1;
     let flagOf: ((ex: EncodedConversation) => number) | undefined;
     if (config.objective === 'redflag') {
@@ -248,15 +251,33 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
     if (group) await groupFormed(config);
     log(`${data.train.length} training and ${data.eval.length} held-out conversations; ${trainable.toLocaleString()} trainable parameters (${config.mode})`);
 
+    const evaluate = async () => {
+      if (!writer || config.objective !== 'redflag' || data.eval.length === 0) return null;
+      return evaluateRedFlag(model, data.eval, { rfToken: model.flagTokenIds(), threshold: config.threshold, signal });
+    };
+    // Evaluates and writes the line of step `at`.
+    const evaluateAt = async (at: number) => {
+      const result = await evaluate();
+      if (!result) return null;
+      const { examples: _examples, ...figures } = result;
+      await appendFile(metricsFile, JSON.stringify({ type: 'eval', step: at, ...figures }) + '\n');
+      hooks.onEval?.(at, result);
+      return result;
+    };
+    const evalDue = (at: number) => config.evalEvery > 0 && at % config.evalEvery === 0 && at < config.steps;
+
     let step = 0;
     if (hooks.resume) {
-      step = await readCheckpoint(model, config);
+      step = await readCheckpoint(model, config, fingerprints);
       progress.checkpoint = step;
       log(`resumed from the checkpoint at step ${step}`);
       // Only once the checkpoint is accepted: a refused resume leaves the metrics as they were.
       const dropped = writer ? await truncateMetrics(metricsFile, step, { finalEval: step >= config.steps }) : 0;
       if (dropped > 0) log(`metrics.jsonl: dropped ${dropped} lines written after the checkpoint at step ${step}`);
+      // A run stopped between a step and its evaluation: evaluate now, as the uninterrupted run did.
+      if (writer && step > 0 && evalDue(step) && !(await metricsHaveEval(metricsFile, step))) await evaluateAt(step);
     }
+    const startStep = step;
     // Every step's micro-batches: gradAccum per process, dealt round-robin over the processes.
     const perStep = config.gradAccum * world;
     const microBatches = config.steps * perStep;
@@ -273,10 +294,6 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
     const started = performance.now();
     let tokensDone = 0;
     let lastLoss: StepInfo['loss'] | null = null;
-    const evaluate = async () => {
-      if (!writer || config.objective !== 'redflag' || data.eval.length === 0) return null;
-      return evaluateRedFlag(model, data.eval, { rfToken: model.flagTokenIds(), threshold: config.threshold, signal });
-    };
     const cancel = new Int32Array(1);
     let embeddingNorms: Float32Array | undefined;
     const onAbort = () => Atomics.store(cancel, 0, 1);
@@ -385,7 +402,7 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
           tokens: stepTokens,
           tokensPerSecond: tokensDone / elapsed,
           elapsedSeconds: elapsed,
-          etaSeconds: (elapsed / (done - (hooks.resume ? 0 : 0))) * (config.steps - done),
+          etaSeconds: (elapsed / (done - startStep)) * (config.steps - done),
         };
         if (writer) await appendFile(metricsFile, JSON.stringify({ type: 'step', ...info, time: new Date().toISOString() }) + '\n');
         hooks.onStep?.(info);
@@ -394,18 +411,13 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
           log(`stopped: checkpoint written at step ${done}`);
           throw abortError(signal);
         }
-        if (config.evalEvery > 0 && done % config.evalEvery === 0 && done < config.steps) {
-          const result = await evaluate().catch(async (error: unknown) => {
+        if (evalDue(done)) {
+          await evaluateAt(done).catch(async (error: unknown) => {
             if (!signal?.aborted) throw error;
-            await checkpoint(done); // interrupted while evaluating
+            await checkpoint(done); // interrupted while evaluating: the resumed run evaluates at `done`
             log(`stopped: checkpoint written at step ${done}`);
             throw abortError(signal);
           });
-          if (result) {
-            const { examples: _examples, ...figures } = result;
-            await appendFile(metricsFile, JSON.stringify({ type: 'eval', step: done, ...figures }) + '\n');
-            hooks.onEval?.(done, result);
-          }
         }
         if (writer && config.checkpointEvery > 0 && done % config.checkpointEvery === 0 && done < config.steps) {
           await checkpoint(done);
@@ -416,12 +428,7 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
       signal?.removeEventListener('abort', onAbort);
     }
 
-    const finalEval = await evaluate();
-    if (finalEval) {
-      const { examples: _examples, ...figures } = finalEval;
-      await appendFile(metricsFile, JSON.stringify({ type: 'eval', step: config.steps, ...figures }) + '\n');
-      hooks.onEval?.(config.steps, finalEval);
-    }
+    const finalEval = await evaluateAt(config.steps);
     await checkpoint(config.steps);
     // Export before ending training: full fine-tuning's f32 masters go with the trainer.
     const saved = !writer ? '' : config.mode === 'lora' ? await exportAdapter(model, config, rfToken, targets) : await saveTrainedModel(model, config);
