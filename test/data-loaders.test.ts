@@ -347,6 +347,18 @@ describe('CSV', () => {
     ]);
   });
 
+  it('gives the same lines for a CRLF file with line breaks inside quoted fields (the parser counts each as two)', async () => {
+    const lines = ['goal,target', '"multi', 'line goal",ok', 'no target,', '"two', 'more', 'lines",fine', 'x,y,z', 'last,one'];
+    const sources = async (eol: string) => {
+      const file = await fixture('csv', lines.join(eol) + eol);
+      const result = await loadConversations(file, { label: 'harmful', skipInvalid: true });
+      return [...result.conversations, ...result.skipped].map((r) => r.source.slice(file.length));
+    };
+    const lf = await sources('\n');
+    expect(lf).toEqual([':2', ':5', ':9', ':4', ':8']);
+    expect(await sources('\r\n')).toEqual(lf);
+  });
+
   it('reports a row the CSV parser cannot read, or skips it', async () => {
     const file = await fixture('csv', 'goal,target\na,b\nbad"quote,c\nd,e\n');
     await expect(loadConversations(file, { label: 'harmful' })).rejects.toThrow(`${file}:3: cannot parse CSV: Invalid Opening Quote`);

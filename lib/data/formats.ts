@@ -12,7 +12,8 @@
  *   prompt without fully refusing (`final_label` not `2_full_refusal`), benign otherwise. The
  *   type is the category.
  * - **Alpaca** JSON (`[{instruction, input, output}]`): the prompt is the instruction, followed
- *   by the input (after a blank line) when there is one; benign unless a label is given.
+ *   by the input (after a blank line) when there is one; labelled by the file's label, else by
+ *   the row's `label` or `harmful` field, else benign.
  *
  * Everything else goes to {@link loadConversations} (AdvBench, HarmBench, JailbreakBench
  * behaviours `Goal,Target,Category`, XSTest prompts `prompt,type,label`, chat JSONL,
@@ -25,8 +26,8 @@ import { extname } from 'node:path';
 import { parse as parseCsvSync } from 'csv-parse/sync';
 
 import { RedflagError } from '../errors.js';
-import { loadConversationFiles, loadConversations, type FileEntry, type LoadedConversations } from './loaders.js';
-import { type Conversation, type Label, type SkippedRow } from './records.js';
+import { arrayElementLines, CsvRecordLines, LABEL_FIELDS, loadConversationFiles, loadConversations, withAlpacaInput, type FileEntry, type LoadedConversations } from './loaders.js';
+import { parseLabel, RowProblem, type Conversation, type Label, type SkippedRow } from './records.js';
 
 /** The special formats this module recognises (`generic`: left to the loaders). */
 export type EvalFormat = 'jbb-artifacts' | 'strongreject' | 'xstest-completions' | 'alpaca' | 'generic';
@@ -92,13 +93,17 @@ function nonEmpty(value: unknown): value is string {
   return typeof value === 'string' && value.trim().length > 0;
 }
 
-function csvRows(file: string, text: string): Record<string, string>[] {
+/** A CSV file's rows by lower-cased column, each with the line it starts on. */
+function csvRows(file: string, text: string): { row: Record<string, string>; line: number }[] {
+  const lines = new CsvRecordLines();
+  let records: { record: Record<string, string>; info: { lines: number } }[];
   try {
-    return parseCsvSync(text, { columns: (h: string[]) => h.map((x) => x.trim().toLowerCase()), bom: true, skip_empty_lines: true, relax_column_count: true }) as Record<string, string>[];
+    records = parseCsvSync(text, { columns: (h: string[]) => h.map((x) => x.trim().toLowerCase()), bom: true, skip_empty_lines: true, relax_column_count: true, info: true });
   } catch (error) {
     const line = (error as { lines?: number }).lines ?? 1;
     throw new RedflagError('INVALID_FILE', `cannot parse CSV: ${(error as Error).message}`, { file: `${file}:${line}`, cause: error });
   }
+  return records.map(({ record, info }) => ({ row: record, line: lines.start(Object.values(record), info.lines) }));
 }
 
 function jbbArtifacts(file: string, parsed: Record<string, unknown>, label: Label | undefined): EvalFileResult {
@@ -131,8 +136,8 @@ function jbbArtifacts(file: string, parsed: Record<string, unknown>, label: Labe
 
 function strongReject(file: string, text: string, label: Label | undefined): EvalFileResult {
   const out: EvalFileResult = { format: 'strongreject', conversations: [], storedVerdicts: {}, skipped: [] };
-  csvRows(file, text).forEach((row, i) => {
-    const source = `${file}:${i + 2}`;
+  csvRows(file, text).forEach(({ row, line }) => {
+    const source = `${file}:${line}`;
     if (!nonEmpty(row['forbidden_prompt'])) return out.skipped.push({ source, reason: 'column "forbidden_prompt" is empty' });
     const c: Conversation = { messages: [{ role: 'user', content: row['forbidden_prompt'] }], label: label ?? 'harmful', source, responseMissing: true };
     if (nonEmpty(row['category'])) c.category = row['category'];
@@ -144,8 +149,8 @@ function strongReject(file: string, text: string, label: Label | undefined): Eva
 
 function xstestCompletions(file: string, text: string, label: Label | undefined): EvalFileResult {
   const out: EvalFileResult = { format: 'xstest-completions', conversations: [], storedVerdicts: {}, skipped: [] };
-  csvRows(file, text).forEach((row, i) => {
-    const source = `${file}:${i + 2}`;
+  csvRows(file, text).forEach(({ row, line }) => {
+    const source = `${file}:${line}`;
     if (!nonEmpty(row['prompt'])) return out.skipped.push({ source, reason: 'column "prompt" is empty' });
     if (!nonEmpty(row['completion'])) return out.skipped.push({ source, reason: 'column "completion" is empty' });
     const type = (row['type'] ?? '').trim();
@@ -165,15 +170,26 @@ function xstestCompletions(file: string, text: string, label: Label | undefined)
   return out;
 }
 
-function alpaca(file: string, rows: unknown[], label: Label | undefined): EvalFileResult {
+function alpaca(file: string, text: string, label: Label | undefined): EvalFileResult {
   const out: EvalFileResult = { format: 'alpaca', conversations: [], storedVerdicts: {}, skipped: [] };
+  const rows = JSON.parse(text) as unknown[];
+  const lines = arrayElementLines(text, []);
   rows.forEach((entry, i) => {
-    const source = `${file}#${i}`;
+    const source = `${file}:${lines[i] ?? 1}`;
     const r = entry as Record<string, unknown>;
     if (typeof r !== 'object' || r === null) return out.skipped.push({ source, reason: 'row must be an object' });
     if (!nonEmpty(r['instruction'])) return out.skipped.push({ source, reason: 'field "instruction" is missing or empty' });
-    const prompt = nonEmpty(r['input']) ? `${r['instruction']}\n\n${r['input']}` : r['instruction'];
-    const c: Conversation = { messages: [{ role: 'user', content: prompt }], label: label ?? 'benign', source };
+    let prompt: string, rowLabel: Label;
+    try {
+      prompt = withAlpacaInput(r, 'instruction', r['instruction']);
+      // The file's label, else the row's own ("label" or "harmful"), else benign (Alpaca's own data).
+      const field = LABEL_FIELDS.find((f) => r[f] !== undefined && r[f] !== null);
+      rowLabel = label ?? (field === undefined ? 'benign' : parseLabel(r[field], `field "${field}"`));
+    } catch (error) {
+      if (error instanceof RowProblem) return out.skipped.push({ source, reason: error.message });
+      throw error;
+    }
+    const c: Conversation = { messages: [{ role: 'user', content: prompt }], label: rowLabel, source };
     if (nonEmpty(r['output'])) c.messages.push({ role: 'assistant', content: r['output'] });
     else c.responseMissing = true;
     out.conversations.push(c);
@@ -199,7 +215,7 @@ export async function loadEvalFile(entry: FileEntry): Promise<EvalFileResult> {
   if (format === 'jbb-artifacts') result = jbbArtifacts(entry.file, JSON.parse(text.replace(/^\ufeff/, '')) as Record<string, unknown>, entry.label);
   else if (format === 'strongreject') result = strongReject(entry.file, text, entry.label);
   else if (format === 'xstest-completions') result = xstestCompletions(entry.file, text, entry.label);
-  else if (format === 'alpaca') result = alpaca(entry.file, JSON.parse(text.replace(/^\ufeff/, '')) as unknown[], entry.label);
+  else if (format === 'alpaca') result = alpaca(entry.file, text.replace(/^\ufeff/, ''), entry.label);
   else {
     const { file, ...options } = entry;
     // XSTest's prompt file names its category column "type".

@@ -126,7 +126,8 @@ export interface CsvColumns {
 
 const JSON_PROMPT_FIELDS = ['prompt', 'instruction', 'goal'];
 const JSON_RESPONSE_FIELDS = ['response', 'output', 'target', 'completion'];
-const LABEL_FIELDS = ['label', 'harmful'];
+/** @internal */
+export const LABEL_FIELDS = ['label', 'harmful'];
 const CSV_PROMPT_COLUMNS = ['prompt', 'goal', 'behavior', 'instruction', 'question'];
 const CSV_RESPONSE_COLUMNS = ['response', 'target', 'output', 'completion', 'answer'];
 const CSV_CATEGORY_COLUMNS = ['category', 'semanticcategory'];
@@ -246,6 +247,17 @@ function stringField(row: Record<string, unknown>, name: string): string {
   return value;
 }
 
+/**
+ * An Alpaca-style row's prompt: its `instruction`, then its `input` after a blank line when the
+ * row has one (dropping the input would train or score another question).
+ * @internal
+ */
+export function withAlpacaInput(row: Record<string, unknown>, promptField: string, prompt: string): string {
+  if (promptField !== 'instruction' || row['input'] === undefined || row['input'] === null || row['input'] === '') return prompt;
+  if (typeof row['input'] !== 'string') throw new RowProblem(`field "input" must be a string, got ${jsonTypeName(row['input'])}`);
+  return row['input'].trim().length > 0 ? `${prompt}\n\n${row['input']}` : prompt;
+}
+
 /** Turns one parsed JSON row into a conversation, or throws a {@link RowProblem}. */
 function jsonRowToConversation(row: unknown, source: string, options: LoadOptions): Conversation {
   if (typeof row !== 'object' || row === null || Array.isArray(row)) throw new RowProblem(`row must be a JSON object, got ${jsonTypeName(row)}`);
@@ -264,7 +276,7 @@ function jsonRowToConversation(row: unknown, source: string, options: LoadOption
     }
     messages = [];
     if (has('system')) messages.push({ role: 'system', content: stringField(record, 'system') });
-    messages.push({ role: 'user', content: stringField(record, promptField) });
+    messages.push({ role: 'user', content: withAlpacaInput(record, promptField, stringField(record, promptField)) });
     const responseField = options.responseColumn ?? JSON_RESPONSE_FIELDS.find(has);
     if (responseField !== undefined && has(responseField)) {
       messages.push({ role: 'assistant', content: stringField(record, responseField) });
@@ -377,7 +389,7 @@ async function* readJsonArray(file: string, options: StreamOptions): AsyncGenera
  * Lines on which the elements of the array at `path` (object keys from the top) start, in a
  * text that is valid JSON.
  */
-function arrayElementLines(text: string, path: readonly string[]): number[] {
+export function arrayElementLines(text: string, path: readonly string[]): number[] {
   interface Frame {
     object: boolean;
     /** Keys from the top to this container; null once an array lies on the way. */
@@ -506,17 +518,34 @@ export function csvColumnsFor(header: readonly string[], options: LoadOptions = 
   return { prompt: header[columns.prompt] as string, response: name(columns.response), label: name(columns.label), category: name(columns.category), context: name(columns.context) };
 }
 
-/** Number of line breaks inside a parsed record (to find the line it starts on). */
-function lineBreaks(fields: readonly string[]): number {
-  let count = 0;
-  for (const field of fields) {
-    for (let i = 0; i < field.length; i++) {
-      const c = field.charCodeAt(i);
-      if (c === 0x0a) count++;
-      else if (c === 0x0d && field.charCodeAt(i + 1) !== 0x0a) count++;
+/**
+ * The line each CSV record starts on, from csv-parse's `info.lines` (the line a record ends on),
+ * which counts a CRLF inside a quoted field as two lines: every such pair so far is taken off,
+ * then the record's own line breaks. Feed it every record, in order.
+ * @internal
+ */
+export class CsvRecordLines {
+  /** Lines csv-parse counted too many so far. */
+  #extra = 0;
+
+  /** The line the record with these fields starts on; `lines` is its `info.lines`. */
+  start(fields: readonly string[], lines: number): number {
+    let breaks = 0;
+    for (const field of fields) {
+      for (let i = 0; i < field.length; i++) {
+        const c = field.charCodeAt(i);
+        if (c === 0x0a) breaks++;
+        else if (c === 0x0d && field.charCodeAt(i + 1) !== 0x0a) breaks++;
+        else if (c === 0x0d) this.#extra++;
+      }
     }
+    return lines - this.#extra - breaks;
   }
-  return count;
+
+  /** A line csv-parse reported (an error's), corrected by the pairs seen so far. */
+  correct(lines: number): number {
+    return Math.max(1, lines - this.#extra);
+  }
 }
 
 interface CsvRecord {
@@ -530,6 +559,7 @@ async function* streamCsv(file: string, options: StreamOptions): AsyncGenerator<
   let headerError: { lines?: number; message: string } | undefined;
   let columns: ResolvedColumns | null = null;
   let rows = 0;
+  const recordLines = new CsvRecordLines();
   const input = createReadStream(file);
   const parser = parseCsv({
     bom: true,
@@ -543,7 +573,7 @@ async function* streamCsv(file: string, options: StreamOptions): AsyncGenerator<
       if (error === undefined) return;
       // A broken header is never skipped: the next record would silently become the header.
       if (parser.info.records === 0) headerError ??= error;
-      else options.onSkip?.({ source: `${file}:${error.lines ?? 1}`, reason: `cannot parse CSV: ${error.message}` });
+      else options.onSkip?.({ source: `${file}:${recordLines.correct(error.lines ?? 1)}`, reason: `cannot parse CSV: ${error.message}` });
     });
   }
   input.on('error', (error) => parser.destroy(error));
@@ -552,7 +582,7 @@ async function* streamCsv(file: string, options: StreamOptions): AsyncGenerator<
   try {
     for await (const item of parser as AsyncIterable<CsvRecord>) {
       const fields = item.record;
-      const line = item.info.lines - lineBreaks(fields);
+      const line = recordLines.start(fields, item.info.lines);
       if (headerError !== undefined) throw recordError(`${file}:${headerError.lines ?? 1}`, `cannot read the CSV header: ${headerError.message}`);
       if (header === null) {
         header = fields;
@@ -568,7 +598,7 @@ async function* streamCsv(file: string, options: StreamOptions): AsyncGenerator<
     if (error instanceof RedflagError) throw error;
     const parseError = error as { code?: unknown; lines?: unknown; message?: unknown };
     if (error instanceof CsvError) {
-      const line = typeof parseError.lines === 'number' ? parseError.lines : 1;
+      const line = recordLines.correct(typeof parseError.lines === 'number' ? parseError.lines : 1);
       const what = parser.info.records === 0 ? 'cannot read the CSV header' : 'cannot parse CSV';
       throw recordError(`${file}:${line}`, `${what}: ${String(parseError.message)}`, error);
     }
