@@ -117,6 +117,15 @@ describe('detector.generate', () => {
     expect(summary.flagIndex).toBe(first);
     expect(shown.map((t) => t.token)).toEqual(all.slice(0, first).map((t) => t.token));
     expect(summary.text).toBe(model.tokenizer!.decode(all.slice(0, first).map((t) => t.token)));
+    // Text held back for a stop string that never came (the tokens before the flag) is shown too:
+    // a threshold first reached at a later step k (a new high of p(<rf>)), and a stop string that
+    // starts with the last character before it.
+    const k = all.findIndex((t, i) => i >= 2 && all[i - 1]!.text !== '' && t.pRf > Math.max(...all.slice(0, i).map((x) => x.pRf)));
+    expect(k).toBeGreaterThan(1);
+    const before = model.tokenizer!.decode(all.slice(0, k).map((t) => t.token));
+    const heldStream = blocker.generate(messages, { maxTokens: 12, threshold: all[k]!.pRf, stop: [before.slice(-1) + '\u0001never'] });
+    await drain(heldStream);
+    expect(await heldStream.done).toMatchObject({ finishReason: 'content_filter', flagIndex: k, text: before });
     // Threshold 0: every step is flagged, nothing is shown.
     const s0 = blocker.generate(messages, { maxTokens: 5, threshold: 0 });
     expect(await drain(s0)).toEqual([]);

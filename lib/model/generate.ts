@@ -71,13 +71,14 @@ export async function* generate(
       // The fused native step: the token is picked where the logits are, none cross to JS.
       const token = (await model.step([sequence], [next], [opts.pick], { rfToken: -1, scores: false, signal })).tokens[0]!;
       if (eos.has(token)) break;
-      const { ready, stopped } = filter.push({ token, text: decoder ? decoder.push(token) : '' });
+      const text = decoder ? decoder.push(token) : '';
+      const { ready, stopped } = filter.push({ token, text }, decoder?.holding ?? false);
       yield* ready;
       if (stopped) return;
       next = [token];
     }
     // Generation ended (EOS or maxTokens): nothing can complete a stop string any more.
-    yield* filter.flush(decoder ? decoder.flush() : '');
+    yield* filter.flush(decoder ? decoder.flush() : '').ready;
   } finally {
     sequence.dispose();
   }

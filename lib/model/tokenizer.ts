@@ -723,6 +723,14 @@ export class IncrementalDecoder {
     return this.#emitted;
   }
 
+  /**
+   * Whether text of the ids pushed so far is held back ({@link flush} would return it): a
+   * character whose bytes are incomplete, or the end of the text that clean-up could still change.
+   */
+  get holding(): boolean {
+    return this.#pendingRaw !== '' || this.#readOffset < this.#ids.length;
+  }
+
   /** Adds one generated id; returns the newly printable text (often '', never a broken character). */
   push(id: number): string {
     if (!Number.isSafeInteger(id) || id < 0) throw new RedflagError('INVALID_ARGUMENT', `token id must be a non-negative integer, got ${String(id)}`);
