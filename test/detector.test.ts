@@ -362,6 +362,25 @@ describe('continuous batching', () => {
     expect((await detector({ kvCacheBytes: 'auto' })).stats().kvCacheBudget).toBe(2 * 2 ** 30);
   });
 
+  it('a request cancelled while it waits leaves the queue at once; maxQueued 0 still runs what fits now', async () => {
+    const d = await detector({ maxBatch: 1, maxQueued: 1 });
+    const running = d.generate(ask('Running.'), { maxTokens: 30 });
+    const controller = new AbortController();
+    const waiting = d.generate(ask('Waiting.'), { maxTokens: 5, signal: controller.signal });
+    expect(d.stats().queued + d.stats().active).toBe(2);
+    await expect(d.generate(ask('No room.'), { maxTokens: 5 }).done).rejects.toMatchObject({ code: 'BUSY' });
+    controller.abort(new Error('left the queue'));
+    await expect(waiting.done).rejects.toThrow('left the queue');
+    expect(d.stats().queued).toBe(0);
+    // Its place is free for the next one.
+    const next = d.generate(ask('Next.'), { maxTokens: 5 });
+    expect((await drain(next)).length).toBe(5);
+    await drain(running);
+
+    const noQueue = await detector({ maxQueued: 0 });
+    expect((await drain(noQueue.generate(ask('Alone.'), { maxTokens: 3 }))).length).toBe(3);
+  });
+
   it('a cancelled request ends with its abort reason and frees its cache; the others go on', async () => {
     const d = await detector();
     const controller = new AbortController();

@@ -523,13 +523,16 @@ describe('server text completions (/v1/completions)', () => {
     try {
       await post(small.url, '/v1/completions', { model: MODEL, prompt: 'Hi' });
       expect(detector.generations.at(-1)!.options.maxTokens).toBe(4);
+      // Chat too: without max_tokens, the detector's default (256) cut to the limit.
+      await post(small.url, '/v1/chat/completions', chat('Hi'));
+      expect(detector.generations.at(-1)!.options.maxTokens).toBe(4);
     } finally {
       await small.close();
     }
     for (const stream of [false, true]) {
       const huge = await post(server.url, '/v1/completions', { model: MODEL, prompt: 'huge', stream });
       expect(huge.status).toBe(400);
-      expect(((await huge.json()) as ErrorBody).error.code).toBe('context_length_exceeded');
+      expect(((await huge.json()) as ErrorBody).error).toMatchObject({ code: 'context_length_exceeded', param: 'prompt' });
     }
   });
 

@@ -38,6 +38,9 @@ export const DEFAULT_REFLECTION = ' I notice that this answer could cause harm, 
 const MODES: readonly DetectorMode[] = ['block', 'flag', 'reflect'];
 /** kvCacheBytes on the CPU unless given (the CPU allocates per sequence: a cap on its RAM). */
 export const DEFAULT_KV_CACHE_BYTES = 2 * 2 ** 30;
+
+/** A generation's length when none is asked for. */
+export const DEFAULT_MAX_TOKENS = 256;
 /** Most prompt tokens of one request read per step. */
 const PREFILL_CHUNK = 512;
 
@@ -264,7 +267,7 @@ class RedFlagDetector implements Detector {
 
   generate(input: readonly Message[] | string, options: DetectGenerateOptions = {}): DetectionStream {
     if (this.#disposed) throw new RedflagError('DISPOSED', 'the detector was disposed');
-    const maxTokens = checkInteger(options.maxTokens ?? 256, 'maxTokens', 1, 1_000_000);
+    const maxTokens = checkInteger(options.maxTokens ?? DEFAULT_MAX_TOKENS, 'maxTokens', 1, 1_000_000);
     const topN = checkInteger(options.topLogprobs ?? 0, 'topLogprobs', 0, 20);
     const threshold = checkThreshold(options.threshold ?? this.threshold, 'threshold');
     const mode = checkMode(options.mode ?? this.mode, 'mode');

@@ -152,10 +152,23 @@ export class Scheduler {
         `the request needs ${job.positions} positions (${(bytes / 2 ** 20).toFixed(1)} MiB of KV cache), more than the whole budget of ${(this.#o.kvCacheBytes / 2 ** 20).toFixed(1)} MiB: shorten the prompt or max tokens`,
       );
     }
-    if (this.#queue.length >= this.#o.maxQueued) {
+    // A job the batch and the budget take at once does not wait (maxQueued may be 0).
+    const fitsNow = this.#queue.length === 0 && this.#running.length < this.#o.maxBatch && this.#reserved + bytes <= this.#o.kvCacheBytes;
+    if (!fitsNow && this.#queue.length >= this.#o.maxQueued) {
       throw new RedflagError('BUSY', `${this.#queue.length} requests are already waiting: try again later`);
     }
     this.#queue.push(job);
+    // A job cancelled while it waits leaves the queue at once: it no longer holds a place (nor counts in stats).
+    job.signal?.addEventListener(
+      'abort',
+      () => {
+        const i = this.#queue.indexOf(job);
+        if (i < 0) return;
+        this.#queue.splice(i, 1);
+        job.onError(abortError(job.signal!));
+      },
+      { once: true },
+    );
     this.#loop ??= this.#run().finally(() => (this.#loop = null));
   }
 

@@ -10,6 +10,7 @@ import { createHash, randomUUID, timingSafeEqual } from 'node:crypto';
 import Fastify, { LogController, type FastifyInstance, type FastifyRequest } from 'fastify';
 import type { Registry } from 'prom-client';
 
+import { DEFAULT_MAX_TOKENS } from '../detect/detector.js';
 import type { Detector } from '../detect/types.js';
 import { RedflagError } from '../errors.js';
 import { DISCARD_FACTOR, isBodyTooLarge, limitBody } from './body-limit.js';
@@ -178,6 +179,8 @@ export function buildServer(detector: Detector | PromiseLike<Detector>, options:
   app.post('/v1/chat/completions', async (request, reply) => {
     const detector = lifecycle.requireDetector();
     const body = parseBody(chatSchema, request.body);
+    // No length asked: the detector's default, within the server's limit.
+    if (body.max_tokens == null && body.max_completion_tokens == null) body.max_tokens = Math.min(DEFAULT_MAX_TOKENS, limits.maxTokens);
     const trace = traceOf(request);
     if (logContent) trace.prompt = body.messages;
     return lifecycle.withSlot(reply, async (signal) => {
@@ -196,12 +199,18 @@ export function buildServer(detector: Detector | PromiseLike<Detector>, options:
     const trace = traceOf(request);
     trace.api = 'text';
     if (logContent) trace.prompt = body.prompt;
-    return lifecycle.withSlot(reply, async (signal) => {
-      const context = { detector, modelName, signal, observer: trace };
-      if (body.stream !== true) return complete(body, context);
-      await streamCompletion(body, context, reply);
-      return reply;
-    });
+    return lifecycle
+      .withSlot(reply, async (signal) => {
+        const context = { detector, modelName, signal, observer: trace };
+        if (body.stream !== true) return complete(body, context);
+        await streamCompletion(body, context, reply);
+        return reply;
+      })
+      .catch((error: unknown) => {
+        // The prompt is what is too long here (chat's errors name its messages).
+        if (error instanceof RedflagError && error.code === 'TOO_LARGE') throw new ApiError(400, error.message, { param: 'prompt', code: 'context_length_exceeded' });
+        throw error;
+      });
   });
 
   app.post('/v1/moderations', async (request, reply) => {
