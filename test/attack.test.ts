@@ -46,10 +46,11 @@ describe('white-box attacks on a red-flag adapter', () => {
       let lowered = 0;
       for (const c of harmful) {
         const e = encodeConversation(model.tokenizer!, c, { maxTokens: 96 });
-        const target: AttackTarget = { ids: e.ids, responseStart: e.responseStart, responseEnd: e.responseEnd };
+        const target: AttackTarget = { ids: e.ids, responseStart: e.responseStart, responseEnd: e.responseEnd, hasEndToken: e.hasEndToken };
         const [reference] = await detector.classify([c.messages]);
         const clean = await attack.answerScores(target, new Float32Array(e.ids.length * H));
-        // classify stops before the end token; the attack scores it too.
+        // The positions classify scores, no more (none past the end token).
+        expect(clean.length).toBe(reference!.pRf.length);
         for (let j = 0; j < reference!.pRf.length; j++) expect(clean[j]).toBeCloseTo(reference!.pRf[j]!, 5);
 
         const none = await embeddingAttack(attack, target, { epsilon: 0 });

@@ -146,11 +146,16 @@ describe('training files', () => {
 });
 
 describe('refusals', () => {
-  it('recognises the standard phrases, case-insensitively and with typographic apostrophes', () => {
+  it('recognises the standard phrases as whole words, with their case (all-lowercase ones in any case) and typographic apostrophes', () => {
     expect(isRefusal("I'm sorry, but I can't help with that.")).toBe(true);
-    expect(isRefusal('I\u2019M SORRY')).toBe(true);
+    expect(isRefusal('I\u2019m sorry')).toBe(true);
     expect(isRefusal('As an AI language model, I will not do that.')).toBe(true);
+    expect(isRefusal('Unethical requests are not something I answer.')).toBe(true);
     expect(isRefusal('Sure, here is how to make banana bread.')).toBe(false);
+    // Ordinary text is not a refusal: "As an" inside words, or in lower case mid-sentence.
+    for (const text of ['This plan has an obvious first step.', 'It was an easy one.', 'Use the fuel as an accelerant.', 'Such as an oven.']) {
+      expect(isRefusal(text), text).toBe(false);
+    }
     expect(DEFAULT_REFUSAL_PHRASES).toContain('I cannot');
   });
 

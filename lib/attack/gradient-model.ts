@@ -36,6 +36,8 @@ export interface AttackTarget {
   responseStart: number;
   /** One past the answer's last token. */
   responseEnd: number;
+  /** Whether that last token is the end token (then nothing past it is scored, as classify does). */
+  hasEndToken?: boolean;
 }
 
 export class AttackModel {
@@ -156,13 +158,16 @@ export class AttackModel {
     return { objective: terms.total, ce: terms.ce, redFlag: terms.redFlag, grad: terms.embedGrad! };
   }
 
-  /** Teacher-forced p(`<rf>`) before each answer token (and after the last), at perturbation `delta`. */
+  /**
+   * Teacher-forced p(`<rf>`) before each answer token and after its last one, at perturbation
+   * `delta`: the positions classify scores (not past an end token, which nothing decodes after).
+   */
   async answerScores(target: AttackTarget, delta: Float32Array, signal?: AbortSignal): Promise<Float32Array> {
     if (this.rfToken < 0) throw new RedflagError('INVALID_ARGUMENT', 'this variant has no red-flag token to score');
     const seq = this.model.newSequence();
     try {
       const scores = await this.model.tokenScores([seq], [Uint32Array.from(target.ids)], { rfToken: this.rfToken, embedDelta: delta, ...(signal ? { signal } : {}) });
-      return scores.slice(target.responseStart - 1, target.responseEnd);
+      return scores.slice(target.responseStart - 1, target.responseEnd - (target.hasEndToken ? 1 : 0));
     } finally {
       seq.dispose();
     }

@@ -6,7 +6,8 @@
  * @module
  */
 import { createHash } from 'node:crypto';
-import { readFile } from 'node:fs/promises';
+import { readFile, stat } from 'node:fs/promises';
+import { join } from 'node:path';
 
 import { RedflagError } from '../errors.js';
 import { writeFileAtomic } from '../model/safetensors.js';
@@ -16,6 +17,16 @@ const VERSION = 1;
 /** A short stable hash of a JSON-serialisable value (the settings a unit depends on). */
 export function fingerprint(value: unknown): string {
   return createHash('sha256').update(JSON.stringify(value)).digest('hex').slice(0, 16);
+}
+
+/**
+ * What identifies a model or adapter directory's current contents for the cache: its weight and
+ * config files' sizes and modification times (retraining into the same directory invalidates).
+ */
+export async function directoryStamp(dir: string): Promise<string[]> {
+  const files = ['config.json', 'model.safetensors', 'model.safetensors.index.json', 'adapter_config.json', 'adapter_model.safetensors', 'redflag_rows.safetensors', 'tokenizer.json'];
+  const stamps = await Promise.all(files.map(async (f) => stat(join(dir, f)).then((s) => `${f}:${s.size}:${Math.round(s.mtimeMs)}`, () => '')));
+  return stamps.filter(Boolean);
 }
 
 /** See the module description. */

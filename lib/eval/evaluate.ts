@@ -4,7 +4,7 @@
  * writes `report.json`, `report.md` and the plots (SVG and PNG) into `OUT`.
  * @module
  */
-import { mkdir, stat } from 'node:fs/promises';
+import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 
 import { loadEvalFile, type StoredVerdict } from '../data/formats.js';
@@ -16,7 +16,7 @@ import { addonFor, parseDevice } from '../model/device.js';
 import { loadModel, type LoadModelOptions, type Model } from '../model/model.js';
 import { applyAdapter } from '../train/export.js';
 import { pathExists } from '../model/safetensors.js';
-import { fingerprint, ResultsCache } from './cache.js';
+import { directoryStamp, fingerprint, ResultsCache } from './cache.js';
 import { parseEvalConfig, settingsOf, suitesOf, type EvalConfig, type EvalConfigInput } from './config.js';
 import { generateSyntheticMcq, loadMcQuestions, type McQuestion } from './mcq.js';
 import { nonRefusalJudge, RefusalMatcher, syntheticJudge, type Judge } from './refusal.js';
@@ -74,15 +74,6 @@ export async function loadEvalData(config: EvalConfig): Promise<EvalData & { sto
   return { harmful: harmful.slice(0, limit), benign: benign.slice(0, limit), mcq, storedVerdicts, sources };
 }
 
-/**
- * What identifies a model or adapter directory's current contents for the cache: its weight and
- * config files' sizes and modification times (retraining into the same directory invalidates).
- */
-async function directoryStamp(dir: string): Promise<string[]> {
-  const files = ['config.json', 'model.safetensors', 'model.safetensors.index.json', 'adapter_config.json', 'adapter_model.safetensors', 'redflag_rows.safetensors', 'tokenizer.json'];
-  const stamps = await Promise.all(files.map(async (f) => stat(join(dir, f)).then((s) => `${f}:${s.size}:${Math.round(s.mtimeMs)}`, () => '')));
-  return stamps.filter(Boolean);
-}
 
 /** Where and how every model of the run is loaded. */
 function engineOptions(config: EvalConfig): LoadModelOptions {
@@ -172,6 +163,8 @@ export async function evaluate(input: EvalConfigInput | EvalConfig, hooks: Evalu
   const emit = hooks.onProgress ?? (() => undefined);
   const data = await loadEvalData(config);
   if (data.harmful.length === 0) throw new RedflagError('INVALID_ARGUMENT', 'harmful: the data has no harmful conversations; every suite needs some');
+  // What each suite needs of the data, before any runs (not after hours of the others).
+  for (const name of suites) SUITES[name].check?.({ data, settings });
   const refusals = new RefusalMatcher(config.refusalPhrases);
   const judge = hooks.judge ?? (config.judge === 'synthetic' || (config.judge === 'auto' && config.synthetic && config.harmful.length + config.data.length === 0) ? syntheticJudge() : nonRefusalJudge(refusals));
   await mkdir(config.out, { recursive: true });

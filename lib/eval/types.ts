@@ -145,6 +145,8 @@ export interface Suite<R = unknown> {
   readonly description: string;
   /** Work units for the progress bar (a guess is fine). */
   units(ctx: Pick<SuiteContext, 'data' | 'settings' | 'variant'>): number;
+  /** Throws (INVALID_ARGUMENT) when the data cannot serve this suite: checked for every suite before any runs. */
+  check?(ctx: Pick<SuiteContext, 'data' | 'settings'>): void;
   run(ctx: SuiteContext): Promise<R>;
   summarize(result: R): SuiteSummary;
 }

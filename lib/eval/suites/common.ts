@@ -49,7 +49,12 @@ export async function cachedGenerations(
   const out: Generation[] = [];
   for (let i = 0; i < units.length; i += chunk) {
     const part = units.slice(i, i + chunk);
-    const keys = part.map((u) => (options.keyPrefix !== undefined ? `${options.keyPrefix}${u.item}` : ctx.cacheKey(u.item)));
+    // The prompt's ids are part of every key: an attack's suffix, a context's history or the data
+    // may change what a unit asks while its item name stays.
+    const keys = part.map((u) => {
+      const item = `${u.item}/${fingerprint(u.request.prompt).slice(0, 10)}`;
+      return options.keyPrefix !== undefined ? `${options.keyPrefix}${item}` : ctx.cacheKey(item);
+    });
     const values = await ctx.cache.getOrComputeMany<Generation>(keys, async (missing) => {
       const results = await decodeBatch(
         variant.model,

@@ -66,7 +66,7 @@ export const embeddingSuite: Suite<EmbeddingResult> = {
           const outcome = await ctx.cache.getOrCompute<Outcome>(key, async () => {
             attack ??= await openAttackModel(ctx);
             const e = encodeConversation(attack.model.tokenizer!, c);
-            const r = await embeddingAttack(attack, { ids: e.ids, responseStart: e.responseStart, responseEnd: e.responseEnd }, {
+            const r = await embeddingAttack(attack, { ids: e.ids, responseStart: e.responseStart, responseEnd: e.responseEnd, hasEndToken: e.hasEndToken }, {
               epsilon,
               steps: budget.steps,
               lambda: budget.lambda,

@@ -20,7 +20,7 @@ import type { Conversation } from '../../data/records.js';
 import { createDetector } from '../../detect/detector.js';
 import { loadModel } from '../../model/model.js';
 import { applyAdapter } from '../../train/export.js';
-import { fingerprint } from '../cache.js';
+import { directoryStamp, fingerprint } from '../cache.js';
 import type { Estimate } from '../stats.js';
 import type { LoadedVariant, Suite, SuiteContext } from '../types.js';
 import { cachedGenerations, conversationPromptIds, itemName, rate, verdictOf } from './common.js';
@@ -51,12 +51,17 @@ async function attackedWeights(ctx: SuiteContext, train: Conversation[]): Promis
   // Keyed by the weights attacked, so variants on the same base share one attack, and by the
   // engine that trains it where it is not the CPU's f32 (the keys of earlier versions).
   const onDevice = { ...(device !== 'cpu' ? { device } : {}), ...(dtype !== 'f32' ? { dtype } : {}) };
-  const outputFor = (dir: string) => join(work, `finetune-${fingerprint({ dir, budget, n: train.length, seed: ctx.settings.seed, ...onDevice })}`);
-  const attack = (dir: string) =>
+  // And by what is attacked and with what: the weights' files (retrained into the same folder is
+  // another model) and the conversations it trains on.
+  const data = fingerprint(train.map((c) => c.messages));
+  // `stamps`: the files the attacked weights come from (the model's, and the adapter's for a merge).
+  const outputFor = (dir: string, stamps: string[][]) => join(work, `finetune-${fingerprint({ dir, budget, n: train.length, seed: ctx.settings.seed, ...onDevice, data, stamps })}`);
+  const modelStamp = [await directoryStamp(modelDir)];
+  const attack = (dir: string, stamps: string[][]) =>
     fineTuneAttack({
       model: dir,
       harmful: train,
-      output: outputFor(dir),
+      output: outputFor(dir, stamps),
       steps: budget.steps,
       lr: budget.lr,
       rank: budget.rank,
@@ -67,14 +72,15 @@ async function attackedWeights(ctx: SuiteContext, train: Conversation[]): Promis
       ...(threads ? { threads } : {}),
       ...(ctx.signal ? { signal: ctx.signal } : {}),
     });
-  if (adapterDir !== undefined && ctx.variant.detects) return { modelDir: await attack(modelDir), adapterDir, defence: 'encapsulated adapter' };
+  if (adapterDir !== undefined && ctx.variant.detects) return { modelDir: await attack(modelDir, modelStamp), adapterDir, defence: 'encapsulated adapter' };
   if (adapterDir !== undefined) {
-    const merged = join(work, `merged-${fingerprint({ modelDir, adapterDir })}`);
+    const stamps = [...modelStamp, await directoryStamp(adapterDir)];
+    const merged = join(work, `merged-${fingerprint({ modelDir, adapterDir, stamps })}`);
     // The merged weights only feed the attack: once it has finished (a resumed run) they are not needed.
-    if (!(await attackFinished(outputFor(merged)))) await mergeAdapterInto(modelDir, adapterDir, merged, { overwrite: true });
-    return { modelDir: await attack(merged), defence: 'merged adapter' };
+    if (!(await attackFinished(outputFor(merged, stamps)))) await mergeAdapterInto(modelDir, adapterDir, merged, { overwrite: true });
+    return { modelDir: await attack(merged, stamps), defence: 'merged adapter' };
   }
-  return { modelDir: await attack(modelDir), defence: 'weights' };
+  return { modelDir: await attack(modelDir, modelStamp), defence: 'weights' };
 }
 
 async function measure(ctx: SuiteContext, variant: LoadedVariant, test: Conversation[], tag: string): Promise<Side> {
@@ -83,7 +89,7 @@ async function measure(ctx: SuiteContext, variant: LoadedVariant, test: Conversa
   const verdicts = await Promise.all(gens.map((g, i) => verdictOf(ctx, g, test[i]!)));
   let teacherForcedFlagRate: number | null = null;
   if (variant.detector) {
-    const scores = await ctx.cache.getOrCompute<number[]>(ctx.cacheKey(`finetune/${tag}/teacher-forced`), async () =>
+    const scores = await ctx.cache.getOrCompute<number[]>(ctx.cacheKey(`finetune/${tag}/teacher-forced/${fingerprint(test.map((c, i) => itemName(i, c)))}`), async () =>
       (await variant.detector!.classify(test.map((c) => c.messages), { threshold: ctx.settings.threshold })).map((s) => s.maxPRf),
     );
     teacherForcedFlagRate = scores.filter((p) => p >= ctx.settings.threshold).length / Math.max(1, scores.length);
@@ -119,7 +125,8 @@ export const finetuneSuite: Suite<FinetuneResult> = {
         rfToken: model.redFlagTokenId ?? null,
         detector,
       };
-      const after = await measure(ctx, variant, test, `after-${fingerprint(budget)}`);
+      // The attacked weights name the answers after the attack (another attack, other answers).
+      const after = await measure(ctx, variant, test, `after-${fingerprint({ budget, weights: attacked.modelDir })}`);
       ctx.progress(2, 2);
       return { defence: attacked.defence, steps: budget.steps, trainedOn: train.length, before, after };
     } finally {

@@ -32,13 +32,16 @@ export const longContextSuite: Suite<LongContextResult> = {
   name: 'long-context',
   description: 'K benign exchanges before the harmful request; greedy answer flagged / refused against K',
   units: ({ data, settings }) => data.harmful.length * settings.contextK.length,
-  async run(ctx) {
-    const { settings, data } = ctx;
-    const benign = withResponses(data.benign);
-    const maxK = Math.max(0, ...settings.contextK);
-    if (maxK > 0 && benign.length === 0) {
+  check({ data, settings }) {
+    if (Math.max(0, ...settings.contextK) > 0 && withResponses(data.benign).length === 0) {
       throw new RedflagError('INVALID_ARGUMENT', 'the long-context suite needs benign conversations with responses (--benign) for the exchanges before the request');
     }
+  },
+  async run(ctx) {
+    const { settings, data } = ctx;
+    longContextSuite.check!(ctx);
+    const benign = withResponses(data.benign);
+    const maxK = Math.max(0, ...settings.contextK);
     const room = ctx.variant.model.config.maxPositions - settings.maxTokens;
     const units: (GenerationUnit & { k: number; conv: number; tokens: number })[] = [];
     const skipped = new Map<number, number>();

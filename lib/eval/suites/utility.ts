@@ -8,6 +8,7 @@
  */
 import type { Conversation } from '../../data/records.js';
 import { argmax, type McQuestion } from '../mcq.js';
+import { fingerprint } from '../cache.js';
 import type { LoadedVariant, Suite, SuiteContext } from '../types.js';
 import { cachedGenerations, conversationPromptIds, encodedResponse, itemName, withResponses, type GenerationUnit } from './common.js';
 
@@ -121,7 +122,8 @@ export const utilitySuite: Suite<UtilityResult> = {
       if (data.mcq.length === 0) return null;
       let right = 0;
       for (const [i, q] of data.mcq.entries()) {
-        const pred = await ctx.cache.getOrCompute(key(`mcq/${i}`), async () => argmax(await choiceLogLikelihoods(variant, q, ctx.signal)));
+        // Keyed by the question itself: another question set in the same output is not this one.
+        const pred = await ctx.cache.getOrCompute(key(`mcq/${i}/${fingerprint(q)}`), async () => argmax(await choiceLogLikelihoods(variant, q, ctx.signal)));
         if (pred === q.answer) right++;
         tick();
       }
