@@ -4,7 +4,7 @@
 // field, and the CLI runs end to end.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { execFile } from 'node:child_process';
-import { mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -137,6 +137,16 @@ describe('redflag study', () => {
     expect(s).toMatchObject({ n: 1, halfWidth: null, low: null });
     expect(formatSummary(s)).not.toContain('±');
   }, 60_000);
+
+  it("reuses OUT/lm only when it is the language model the study asks for (size and seed)", async () => {
+    const out = join(root, 'lm-mismatch');
+    await mkdir(join(out, 'lm', 'model'), { recursive: true });
+    await writeFile(join(out, 'lm', 'done.json'), JSON.stringify({ finalLoss: 1, seconds: 1, size: 'small', seed: 0 }));
+    const { model: _model, ...rest } = config(out);
+    await expect(runStudy({ ...rest, pipeline: { size: 'small', seed: 5 } })).rejects.toThrow(
+      /lm[\\/]done\.json: holds the language model of size small and seed 0, this study asks for size small and seed 5/,
+    );
+  });
 
   it('names the file and field of a bad config', async () => {
     const bad = (extra: Record<string, unknown>) => () => planStudy(parseStudyConfig({ ...config(join(root, 'bad')), ...extra }, 'study.json'));

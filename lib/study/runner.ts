@@ -154,7 +154,18 @@ async function resolveModel(config: StudyConfig, plan: StudyPlan, log: (line: st
   if (o.reuseLm) return join((await trainLanguageModel({ ...o, log })).dir, 'model');
   const marker = join(config.out, 'lm', 'done.json');
   const model = join(config.out, 'lm', 'model');
+  const trainedAs = { size: config.pipeline!.size, seed: config.pipeline!.seed };
   if (await pathExists(marker)) {
+    // Only the model this study asks for: another size or seed is another base for every cell.
+    const done = JSON.parse(await readFile(marker, 'utf8')) as { size?: unknown; seed?: unknown };
+    const was = { size: done.size, seed: done.seed ?? 0 };
+    if (was.size !== trainedAs.size || was.seed !== trainedAs.seed) {
+      throw new RedflagError(
+        'INVALID_ARGUMENT',
+        `holds the language model of size ${String(was.size)} and seed ${String(was.seed)}, this study asks for size ${trainedAs.size} and seed ${trainedAs.seed}: use another output directory (or remove ${join(config.out, 'lm')} to train it again)`,
+        { file: marker },
+      );
+    }
     log(`language model: reusing ${model} (trained by an earlier run of this study)`);
     return model;
   }
@@ -170,7 +181,7 @@ async function resolveModel(config: StudyConfig, plan: StudyPlan, log: (line: st
       }
     },
   });
-  await writeFileAtomic(marker, [json({ finalLoss: lm.finalLoss, seconds: lm.seconds, size: config.pipeline?.size })], { overwrite: true });
+  await writeFileAtomic(marker, [json({ finalLoss: lm.finalLoss, seconds: lm.seconds, ...trainedAs })], { overwrite: true });
   return model;
 }
 
