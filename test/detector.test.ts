@@ -568,6 +568,12 @@ describe('bad input', () => {
     expect(() => d.generate(ask('x'), { topLogprobs: 21 })).toThrow(/topLogprobs/);
     expect(() => d.generate(ask('x'), { temperature: -1 })).toThrow(/temperature/);
     await expect(d.classify([[{ role: 'user', content: 3 as unknown as string }]])).rejects.toThrow(/conversations\[0\]\.messages\[0\]\.content/);
+    // More tokens than the model has positions: refused, not scored at untrained positions.
+    const long = 'word '.repeat(model.config.maxPositions);
+    await expect(d.classify([ask('fine'), [...ask('x'), { role: 'assistant', content: long }]])).rejects.toMatchObject({
+      code: 'TOO_LARGE',
+      message: expect.stringMatching(new RegExp(`conversations\\[1\\] has \\d+ tokens; this model has ${model.config.maxPositions} positions`)),
+    });
     await expect(createDetector({ model, threshold: 2 })).rejects.toThrow(/threshold/);
     await expect(createDetector({ model, mergeAdapter: true })).rejects.toThrow(/mergeAdapter needs an adapter/);
     const plain = await loadModel(dir, { threads: 1 });

@@ -385,8 +385,8 @@ class RedFlagDetector implements Detector {
         prompt,
         positions: prompt.length + budget + reflectRoom,
         pick,
-        // One more than asked for: <rf> is dropped from the alternatives shown.
-        topN: topN > 0 ? topN + 1 : 0,
+        // Room for the flags (<rf> and each category's), dropped from the alternatives shown.
+        topN: topN > 0 ? Math.min(64, topN + s.flags.length) : 0,
         signal: stream.signal,
         onPick,
         onError: (error) => stream.fail(error),
@@ -415,6 +415,11 @@ class RedFlagDetector implements Detector {
       // Score before each response token and right after the response, not past the end token.
       const responseLength = e.responseEnd - e.responseStart - (e.hasEndToken ? 1 : 0);
       return { ids: e.ids.slice(0, e.responseStart + responseLength), responseStart: e.responseStart, responseLength };
+    });
+    // Positions past the model's are never scored (their rotary angles were never trained).
+    const maxPositions = this.model.config.maxPositions;
+    encoded.forEach((e, i) => {
+      if (e.ids.length > maxPositions) throw new RedflagError('TOO_LARGE', `conversations[${i}] has ${e.ids.length} tokens; this model has ${maxPositions} positions`);
     });
     const results: ClassifyResult[] = [];
     for (let b = 0; b < encoded.length; b += batchSize) {

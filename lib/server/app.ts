@@ -77,6 +77,14 @@ function positiveInteger(name: string, value: number | undefined, fallback: numb
   return n;
 }
 
+/** Rethrows a request too long for the model as a 400 naming the route's field (toApiError names chat's messages). */
+function tooLongIs(param: string): (error: unknown) => never {
+  return (error) => {
+    if (error instanceof RedflagError && error.code === 'TOO_LARGE') throw new ApiError(400, error.message, { param, code: 'context_length_exceeded' });
+    throw error;
+  };
+}
+
 function sha256(text: string): Buffer {
   return createHash('sha256').update(text, 'utf8').digest();
 }
@@ -206,11 +214,7 @@ export function buildServer(detector: Detector | PromiseLike<Detector>, options:
         await streamCompletion(body, context, reply);
         return reply;
       })
-      .catch((error: unknown) => {
-        // The prompt is what is too long here (chat's errors name its messages).
-        if (error instanceof RedflagError && error.code === 'TOO_LARGE') throw new ApiError(400, error.message, { param: 'prompt', code: 'context_length_exceeded' });
-        throw error;
-      });
+      .catch(tooLongIs('prompt'));
   });
 
   app.post('/v1/moderations', async (request, reply) => {
@@ -218,7 +222,7 @@ export function buildServer(detector: Detector | PromiseLike<Detector>, options:
     const body = parseBody(moderationSchema, request.body);
     const prompt = options.moderationPrompt ?? 'Continue.';
     if (logContent) traceOf(request).prompt = body.input;
-    const result = await lifecycle.withSlot(reply, (signal) => moderate(body.input, body.score_as ?? 'both', { detector, modelName, prompt, signal }));
+    const result = await lifecycle.withSlot(reply, (signal) => moderate(body.input, body.score_as ?? 'both', { detector, modelName, prompt, signal })).catch(tooLongIs('input'));
     traceOf(request).moderationFlagged = result.results.some((r) => r.flagged);
     return result;
   });
