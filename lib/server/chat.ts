@@ -6,11 +6,11 @@
 import type { FastifyReply } from 'fastify';
 
 import type { Message } from '../data/records.js';
-import type { DetectGenerateOptions, Detector, DetectionStream } from '../detect/types.js';
+import type { DetectGenerateOptions, DetectedToken, Detector, DetectionStream, DetectionSummary } from '../detect/types.js';
 import { ApiError } from './http-errors.js';
 import type { GenerationObserver } from './request-trace.js';
 import { toMessages, type ChatRequest } from './schemas.js';
-import { contentFilterResults, logprobEntry, responseId, unixSeconds, usage, type LogprobEntry } from './shapes.js';
+import { contentFilterResults, envelope, logprobEntry, usage, type LogprobEntry } from './shapes.js';
 import { streamEvents } from './sse.js';
 
 /** What a chat or text completion request needs besides its body. */
@@ -64,25 +64,31 @@ function startChat(request: ChatRequest, context: ChatContext): DetectionStream 
   return startGeneration(context, toMessages(request.messages), options);
 }
 
+/**
+ * Runs a generation to its end, the observer told of every token; each token that shows text goes
+ * to `onToken` (empty-text tokens, `<rf>` and part of a character, add nothing a user sees: their
+ * log-prob entries would not add up to the text). Returns the summary.
+ */
+export async function generateToEnd(stream: DetectionStream, observer: GenerationObserver, onToken: (token: DetectedToken) => void): Promise<DetectionSummary> {
+  for await (const token of stream) {
+    observer.token();
+    if (token.text !== '') onToken(token);
+  }
+  const summary = await stream.done;
+  observer.finished(summary);
+  return summary;
+}
+
 /** Runs the generation to its end and returns the `chat.completion` object. */
 export async function completeChat(request: ChatRequest, context: ChatContext) {
-  const stream = startChat(request, context);
   const wantLogprobs = request.logprobs === true;
   const topCount = topLogprobCount(request);
   const logprobs: LogprobEntry[] = [];
-  for await (const token of stream) {
-    context.observer.token();
-    // Empty-text tokens (`<rf>`, part of a character) add nothing a user sees; their entries would not add up to the content.
-    if (wantLogprobs && token.text !== '') logprobs.push(logprobEntry(token, topCount));
-  }
-  const summary = await stream.done;
-  context.observer.finished(summary);
+  const summary = await generateToEnd(startChat(request, context), context.observer, (token) => {
+    if (wantLogprobs) logprobs.push(logprobEntry(token, topCount));
+  });
   return {
-    id: responseId('chatcmpl'),
-    object: 'chat.completion' as const,
-    created: unixSeconds(),
-    model: context.modelName,
-    system_fingerprint: null,
+    ...envelope('chatcmpl', 'chat.completion', context.modelName),
     choices: [
       {
         index: 0,
@@ -98,21 +104,11 @@ export async function completeChat(request: ChatRequest, context: ChatContext) {
 
 /** Streams the generation as `chat.completion.chunk` server-sent events (sse.ts). */
 export async function streamChat(request: ChatRequest, context: ChatContext, reply: FastifyReply): Promise<void> {
-  const id = responseId('chatcmpl');
-  const created = unixSeconds();
+  const head = envelope('chatcmpl', 'chat.completion.chunk', context.modelName);
   const includeUsage = request.stream_options?.include_usage === true;
   const topCount = topLogprobCount(request);
   const chunk = (choices: unknown[], extra: Record<string, unknown> = {}): string =>
-    JSON.stringify({
-      id,
-      object: 'chat.completion.chunk',
-      created,
-      model: context.modelName,
-      system_fingerprint: null,
-      choices,
-      ...(includeUsage ? { usage: null } : {}),
-      ...extra,
-    });
+    JSON.stringify({ ...head, choices, ...(includeUsage ? { usage: null } : {}), ...extra });
   await streamEvents(startChat(request, context), context.observer, reply, {
     start: () => [chunk([{ index: 0, delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null }])],
     token: (token) => {

@@ -7,10 +7,10 @@
 import type { FastifyReply } from 'fastify';
 
 import type { DetectedToken } from '../detect/types.js';
-import { generateOptions, startGeneration, type ChatContext } from './chat.js';
+import { generateOptions, generateToEnd, startGeneration, type ChatContext } from './chat.js';
 import { ApiError } from './http-errors.js';
 import type { CompletionRequest } from './schemas.js';
-import { contentFilterResults, responseId, unixSeconds, usage } from './shapes.js';
+import { contentFilterResults, envelope, usage } from './shapes.js';
 import { streamEvents } from './sse.js';
 
 /** OpenAI's default length for text completions (chat completions have none); the route applies it. */
@@ -66,22 +66,14 @@ const emptyLogprobs = (): CompletionLogprobs => ({ tokens: [], token_logprobs: [
 
 /** Runs the generation to its end and returns the `text_completion` object. */
 export async function complete(request: CompletionRequest, context: ChatContext) {
-  const stream = start(request, context);
   const echo = request.echo === true ? request.prompt : '';
   const logprobs = request.logprobs != null ? emptyLogprobs() : null;
   const builder = new LogprobsBuilder(request.logprobs ?? 0, echo.length);
-  for await (const token of stream) {
-    context.observer.token();
-    if (logprobs !== null && token.text !== '') builder.add(logprobs, token);
-  }
-  const summary = await stream.done;
-  context.observer.finished(summary);
+  const summary = await generateToEnd(start(request, context), context.observer, (token) => {
+    if (logprobs !== null) builder.add(logprobs, token);
+  });
   return {
-    id: responseId('cmpl'),
-    object: 'text_completion' as const,
-    created: unixSeconds(),
-    model: context.modelName,
-    system_fingerprint: null,
+    ...envelope('cmpl', 'text_completion', context.modelName),
     choices: [
       {
         index: 0,
@@ -98,22 +90,12 @@ export async function complete(request: CompletionRequest, context: ChatContext)
 /** Streams the generation as `text_completion` server-sent events (sse.ts). */
 export async function streamCompletion(request: CompletionRequest, context: ChatContext, reply: FastifyReply): Promise<void> {
   const stream = start(request, context);
-  const id = responseId('cmpl');
-  const created = unixSeconds();
+  const head = envelope('cmpl', 'text_completion', context.modelName);
   const includeUsage = request.stream_options?.include_usage === true;
   const echo = request.echo === true ? request.prompt : '';
   const builder = new LogprobsBuilder(request.logprobs ?? 0, echo.length);
   const chunk = (choices: unknown[], extra: Record<string, unknown> = {}): string =>
-    JSON.stringify({
-      id,
-      object: 'text_completion',
-      created,
-      model: context.modelName,
-      system_fingerprint: null,
-      choices,
-      ...(includeUsage ? { usage: null } : {}),
-      ...extra,
-    });
+    JSON.stringify({ ...head, choices, ...(includeUsage ? { usage: null } : {}), ...extra });
   await streamEvents(stream, context.observer, reply, {
     start: () => (echo === '' ? [] : [chunk([{ index: 0, text: echo, logprobs: null, finish_reason: null }])]),
     token: (token) => {

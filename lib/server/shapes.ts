@@ -16,6 +16,15 @@ export function unixSeconds(): number {
   return Math.floor(Date.now() / 1000);
 }
 
+/**
+ * OpenAI's fields around a completion's choices (`chat.completion`, `text_completion` and their
+ * stream chunks): `id` with the API's prefix, `object`, `created`, `model`. Made once per answer,
+ * so every chunk of a stream carries the same id and time.
+ */
+export function envelope(prefix: 'chatcmpl' | 'cmpl', object: string, model: string) {
+  return { id: responseId(prefix), object, created: unixSeconds(), model, system_fingerprint: null };
+}
+
 export interface TokenLogprob {
   token: string;
   logprob: number;
