@@ -100,6 +100,8 @@ export class Scheduler {
   readonly #model: Model;
   readonly #o: SchedulerOptions;
   readonly #queue: Job[] = [];
+  /** Each waiting job's abort-listener removal. */
+  readonly #waiting = new Map<Job, () => void>();
   readonly #running: Running[] = [];
   readonly #bytesPerPosition: number;
   readonly #blockTokens: number;
@@ -158,17 +160,20 @@ export class Scheduler {
       throw new RedflagError('BUSY', `${this.#queue.length} requests are already waiting: try again later`);
     }
     this.#queue.push(job);
-    // A job cancelled while it waits leaves the queue at once: it no longer holds a place (nor counts in stats).
-    job.signal?.addEventListener(
-      'abort',
-      () => {
+    // A job cancelled while it waits leaves the queue at once: it no longer holds a place (nor
+    // counts in stats). The listener goes when the job leaves the queue (a signal may serve many jobs).
+    const signal = job.signal;
+    if (signal) {
+      const onAbort = (): void => {
         const i = this.#queue.indexOf(job);
         if (i < 0) return;
         this.#queue.splice(i, 1);
-        job.onError(abortError(job.signal!));
-      },
-      { once: true },
-    );
+        this.#waiting.delete(job);
+        job.onError(abortError(signal));
+      };
+      signal.addEventListener('abort', onAbort, { once: true });
+      this.#waiting.set(job, () => signal.removeEventListener('abort', onAbort));
+    }
     this.#loop ??= this.#run().finally(() => (this.#loop = null));
   }
 
@@ -184,15 +189,29 @@ export class Scheduler {
   noteFailure(error: unknown): void {
     if (this.failure || !(error instanceof RedflagError && error.code === 'DEVICE_FAILED')) return;
     this.failure = error;
-    for (const job of this.#queue.splice(0)) job.onError(this.failedError());
+    for (const job of this.#dequeueAll()) job.onError(this.failedError());
   }
 
   /** Fails every job and stops; resolves when the loop has stopped. */
   async close(): Promise<void> {
     this.#closed = true;
     const error = new RedflagError('DISPOSED', 'the detector was disposed');
-    for (const job of this.#queue.splice(0)) job.onError(error);
+    for (const job of this.#dequeueAll()) job.onError(error);
     await this.#loop;
+  }
+
+  /** Takes the first waiting job off the queue, with its abort listener. */
+  #dequeue(): Job {
+    const job = this.#queue.shift()!;
+    this.#waiting.get(job)?.();
+    this.#waiting.delete(job);
+    return job;
+  }
+
+  #dequeueAll(): Job[] {
+    const jobs: Job[] = [];
+    while (this.#queue.length > 0) jobs.push(this.#dequeue());
+    return jobs;
   }
 
   /** Admits waiting jobs (first come, first served) while the batch and the budget allow. */
@@ -200,13 +219,13 @@ export class Scheduler {
     while (this.#queue.length > 0 && this.#running.length < this.#o.maxBatch) {
       const job = this.#queue[0]!;
       if (job.signal?.aborted) {
-        this.#queue.shift();
+        this.#dequeue();
         job.onError(abortError(job.signal));
         continue;
       }
       const bytes = this.bytesFor(job.positions);
       if (this.#reserved + bytes > this.#o.kvCacheBytes) break;
-      this.#queue.shift();
+      this.#dequeue();
       let seq: Sequence | undefined;
       try {
         seq = this.#model.newSequence();
