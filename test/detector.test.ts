@@ -558,6 +558,46 @@ describe('detector.classify', () => {
     expect(low[0]!.flagged).toBe(true);
     expect(low[0]!.firstFlag).toBe(Array.from(results[0]!.pRf).findIndex((p) => p >= results[0]!.maxPRf));
   });
+
+  it('holds its share of the KV budget in turn with the generations, in batches that fit it', async () => {
+    const perPosition = model.kvBytesPerPosition;
+    const conversations: Message[][] = ['First', 'Second one', 'Third'].map((text) => [
+      { role: 'user', content: `${text}?` },
+      { role: 'assistant', content: `An answer to ${text}.` },
+    ]);
+    const want = await (await detector()).classify(conversations);
+    const ids = want.map((r, i) => encodePrompt(model.tokenizer!, conversations[i]!.slice(0, 1)).length + r.tokens.length);
+    // Room for the longest conversation and a half: one at a time.
+    const longest = Math.max(...ids);
+    const d = await detector({ kvCacheBytes: Math.floor(perPosition * longest * 1.5) });
+    const calls: { batch: number; reserved: number; generating: number }[] = [];
+    const original = model.tokenScores;
+    model.tokenScores = async function (this: Model, ...args: Parameters<Model['tokenScores']>) {
+      calls.push({ batch: args[0].length, reserved: d.stats().kvCacheBytes, generating: d.stats().active });
+      return original.apply(this, args);
+    };
+    try {
+      // A generation holding most of the budget runs first; the classification waits for it.
+      const prompt = encodePrompt(model.tokenizer!, ask('Hold the budget.')).length;
+      const generation = d.generate(ask('Hold the budget.'), { maxTokens: longest - prompt });
+      let generated = false;
+      void generation.done.then(() => (generated = true), () => {});
+      const results = await d.classify(conversations, { batchSize: 8 });
+      expect(generated).toBe(true);
+      expect(calls.map((c) => c.batch)).toEqual([1, 1, 1]);
+      calls.forEach((c, i) => {
+        expect(c.generating).toBe(0);
+        expect(c.reserved).toBe(perPosition * ids[i]!);
+      });
+      results.forEach((r, i) => expect(Array.from(r.pRf)).toEqual(Array.from(want[i]!.pRf)));
+      expect(d.stats().kvCacheBytes).toBe(0);
+      // More than the whole budget is refused, naming the conversation.
+      const tiny = await detector({ kvCacheBytes: perPosition * 4 });
+      await expect(tiny.classify(conversations)).rejects.toMatchObject({ code: 'TOO_LARGE', message: expect.stringContaining('conversations[0]') });
+    } finally {
+      model.tokenScores = original;
+    }
+  });
 });
 
 describe('bad input', () => {

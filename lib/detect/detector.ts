@@ -7,7 +7,7 @@
 import { encodeConversation, encodePrompt } from '../data/encode.js';
 import { checkMessages, RowProblem, type Message } from '../data/records.js';
 import { RedflagError, abortError } from '../errors.js';
-import { checkPickOptions, loadModel, type Model } from '../model/model.js';
+import { checkPickOptions, loadModel, type Model, type Sequence } from '../model/model.js';
 import { parseDevice } from '../model/device.js';
 import { StopFilter } from '../model/stop-filter.js';
 import { IncrementalDecoder, type Tokenizer } from '../model/tokenizer.js';
@@ -421,15 +421,33 @@ class RedFlagDetector implements Detector {
     encoded.forEach((e, i) => {
       if (e.ids.length > maxPositions) throw new RedflagError('TOO_LARGE', `conversations[${i}] has ${e.ids.length} tokens; this model has ${maxPositions} positions`);
     });
+    // Batches of up to batchSize within the KV budget, each holding its share of it while it runs
+    // (on a GPU its sequences take blocks from the pool the generations use).
+    const scheduler = this.#s.scheduler;
+    const chunks: { items: typeof encoded; bytes: number }[] = [];
+    for (const [i, e] of encoded.entries()) {
+      const bytes = scheduler.bytesForSequences([e.ids.length]);
+      if (bytes > scheduler.kvCacheBytes) {
+        throw new RedflagError('TOO_LARGE', `conversations[${i}] needs ${(bytes / 2 ** 20).toFixed(1)} MiB of KV cache for its ${e.ids.length} tokens, more than the whole budget of ${(scheduler.kvCacheBytes / 2 ** 20).toFixed(1)} MiB`);
+      }
+      const last = chunks.at(-1);
+      if (last && last.items.length < batchSize && last.bytes + bytes <= scheduler.kvCacheBytes) {
+        last.items.push(e);
+        last.bytes += bytes;
+      } else {
+        chunks.push({ items: [e], bytes });
+      }
+    }
     const results: ClassifyResult[] = [];
-    for (let b = 0; b < encoded.length; b += batchSize) {
+    for (const { items: chunk, bytes } of chunks) {
       if (options.signal?.aborted) throw abortError(options.signal);
-      const chunk = encoded.slice(b, b + batchSize);
-      const seqs = chunk.map(() => this.model.newSequence());
+      const release = await scheduler.hold(bytes, options.signal);
+      const seqs: Sequence[] = [];
       let scores: Float32Array;
       let perFlag: Float32Array | null = null;
       const K = this.#s.flags.length;
       try {
+        for (const _ of chunk) seqs.push(this.model.newSequence());
         const signal = options.signal ? { signal: options.signal } : {};
         if (this.#s.categories.length > 0) {
           const r = await this.model.flagScores(seqs, chunk.map((e) => e.ids), signal);
@@ -443,6 +461,7 @@ class RedFlagDetector implements Detector {
         throw error;
       } finally {
         for (const q of seqs) q.dispose();
+        release();
       }
       let offset = 0;
       for (const e of chunk) {

@@ -4,7 +4,8 @@
  * step (in chunks, so a long prompt does not stall the others for long) while the others
  * decode. Each admitted request reserves the KV cache its prompt plus its token budget need,
  * so the budget holds without any cache growing later; a request that does not fit waits, one
- * that could never fit is refused.
+ * that could never fit is refused. Work outside the steps that makes sequences of its own
+ * (classify) holds its share of the same budget first, in the same queue.
  *
  * With `overlap` (the GPU's default) the host's share of a step runs while the device computes
  * the next one: when a step returns, the next is started at once on the tokens it picked (a
@@ -43,6 +44,18 @@ export interface Job {
   /** Called once if the job fails or is cancelled (not after onPick returned null). */
   onError(error: unknown): void;
 }
+
+/** Budget held by work outside the steps (classify): granted, in turn with the jobs, once it fits. */
+interface Hold {
+  bytes: number;
+  signal?: AbortSignal;
+  grant(): void;
+  onError(error: unknown): void;
+}
+
+type Waiter = Job | Hold;
+const mib = (bytes: number) => `${(bytes / 2 ** 20).toFixed(1)} MiB`;
+const isHold = (w: Waiter): w is Hold => 'grant' in w;
 
 /** Limits of a {@link Scheduler}. */
 export interface SchedulerOptions {
@@ -99,9 +112,9 @@ type Decision = { r: Running; stop: true; error?: unknown } | { r: Running; stop
 export class Scheduler {
   readonly #model: Model;
   readonly #o: SchedulerOptions;
-  readonly #queue: Job[] = [];
-  /** Each waiting job's abort-listener removal. */
-  readonly #waiting = new Map<Job, () => void>();
+  readonly #queue: Waiter[] = [];
+  /** Each waiting job's (or hold's) abort-listener removal. */
+  readonly #waiting = new Map<Waiter, () => void>();
   readonly #running: Running[] = [];
   readonly #bytesPerPosition: number;
   readonly #blockTokens: number;
@@ -145,34 +158,77 @@ export class Scheduler {
 
   /** Queues a job; throws TOO_LARGE when it could never fit, BUSY when the queue is full. */
   submit(job: Job): void {
+    const bytes = this.bytesFor(job.positions);
+    this.#enqueue(job, bytes, `the request needs ${job.positions} positions (${mib(bytes)} of KV cache)`);
+  }
+
+  /**
+   * Waits, in turn with the jobs, until `bytes` of the budget are free, and holds them for work
+   * that makes its own sequences (classify): on a GPU they come from the same pool of blocks, so
+   * without this they could find it taken. Resolves with the release (call it once done); rejects
+   * as a job would (TOO_LARGE, BUSY, the signal's abort, DISPOSED, DEVICE_FAILED).
+   */
+  hold(bytes: number, signal?: AbortSignal): Promise<() => void> {
+    return new Promise((resolve, reject) => {
+      const hold: Hold = {
+        bytes,
+        ...(signal ? { signal } : {}),
+        grant: () => {
+          let released = false;
+          resolve(() => {
+            if (released) return;
+            released = true;
+            this.#reserved -= bytes;
+            // What waited for these bytes may start now.
+            if (this.#queue.length > 0 && !this.#closed) this.#loop ??= this.#run().finally(() => (this.#loop = null));
+          });
+        },
+        onError: reject,
+      };
+      this.#enqueue(hold, bytes, `the classification needs ${mib(bytes)} of KV cache`);
+    });
+  }
+
+  /** Bytes a paged cache takes for sequences of these lengths (no guessed token: nothing decodes). */
+  bytesForSequences(lengths: readonly number[]): number {
+    return lengths.reduce((n, l) => n + Math.ceil(l / this.#blockTokens) * this.#blockTokens * this.#bytesPerPosition, 0);
+  }
+
+  get kvCacheBytes(): number {
+    return this.#o.kvCacheBytes;
+  }
+
+  /** Queues a job or hold of `bytes`; `needs` says what it needs, for TOO_LARGE. */
+  #enqueue(waiter: Waiter, bytes: number, needs: string): void {
     if (this.#closed) throw new RedflagError('DISPOSED', 'the detector was disposed');
     if (this.failure) throw this.failedError();
-    const bytes = this.bytesFor(job.positions);
     if (bytes > this.#o.kvCacheBytes) {
       throw new RedflagError(
         'TOO_LARGE',
-        `the request needs ${job.positions} positions (${(bytes / 2 ** 20).toFixed(1)} MiB of KV cache), more than the whole budget of ${(this.#o.kvCacheBytes / 2 ** 20).toFixed(1)} MiB: shorten the prompt or max tokens`,
+        `${needs}, more than the whole budget of ${mib(this.#o.kvCacheBytes)}: shorten the prompt or max tokens`,
       );
     }
-    // A job the batch and the budget take at once does not wait (maxQueued may be 0).
-    const fitsNow = this.#queue.length === 0 && this.#running.length < this.#o.maxBatch && this.#reserved + bytes <= this.#o.kvCacheBytes;
+    // What the batch and the budget take at once does not wait (maxQueued may be 0).
+    const fitsNow = this.#queue.length === 0 && (isHold(waiter) || this.#running.length < this.#o.maxBatch) && this.#reserved + bytes <= this.#o.kvCacheBytes;
     if (!fitsNow && this.#queue.length >= this.#o.maxQueued) {
       throw new RedflagError('BUSY', `${this.#queue.length} requests are already waiting: try again later`);
     }
-    this.#queue.push(job);
-    // A job cancelled while it waits leaves the queue at once: it no longer holds a place (nor
-    // counts in stats). The listener goes when the job leaves the queue (a signal may serve many jobs).
-    const signal = job.signal;
+    this.#queue.push(waiter);
+    // One cancelled while it waits leaves the queue at once: it no longer holds a place (nor
+    // counts in stats). The listener goes when it leaves the queue (a signal may serve many).
+    const signal = waiter.signal;
     if (signal) {
       const onAbort = (): void => {
-        const i = this.#queue.indexOf(job);
+        const i = this.#queue.indexOf(waiter);
         if (i < 0) return;
         this.#queue.splice(i, 1);
-        this.#waiting.delete(job);
-        job.onError(abortError(signal));
+        this.#waiting.delete(waiter);
+        waiter.onError(abortError(signal));
+        // A hold at the head may have kept others waiting.
+        if (i === 0 && this.#queue.length > 0 && !this.#closed) this.#loop ??= this.#run().finally(() => (this.#loop = null));
       };
       signal.addEventListener('abort', onAbort, { once: true });
-      this.#waiting.set(job, () => signal.removeEventListener('abort', onAbort));
+      this.#waiting.set(waiter, () => signal.removeEventListener('abort', onAbort));
     }
     this.#loop ??= this.#run().finally(() => (this.#loop = null));
   }
@@ -200,29 +256,37 @@ export class Scheduler {
     await this.#loop;
   }
 
-  /** Takes the first waiting job off the queue, with its abort listener. */
-  #dequeue(): Job {
+  /** Takes the first waiting job (or hold) off the queue, with its abort listener. */
+  #dequeue(): Waiter {
     const job = this.#queue.shift()!;
     this.#waiting.get(job)?.();
     this.#waiting.delete(job);
     return job;
   }
 
-  #dequeueAll(): Job[] {
-    const jobs: Job[] = [];
+  #dequeueAll(): Waiter[] {
+    const jobs: Waiter[] = [];
     while (this.#queue.length > 0) jobs.push(this.#dequeue());
     return jobs;
   }
 
-  /** Admits waiting jobs (first come, first served) while the batch and the budget allow. */
+  /** Admits waiting jobs and holds (first come, first served) while the batch and the budget allow. */
   #admit(): void {
-    while (this.#queue.length > 0 && this.#running.length < this.#o.maxBatch) {
+    while (this.#queue.length > 0) {
       const job = this.#queue[0]!;
       if (job.signal?.aborted) {
         this.#dequeue();
         job.onError(abortError(job.signal));
         continue;
       }
+      if (isHold(job)) {
+        if (this.#reserved + job.bytes > this.#o.kvCacheBytes) break;
+        this.#dequeue();
+        this.#reserved += job.bytes;
+        job.grant();
+        continue;
+      }
+      if (this.#running.length >= this.#o.maxBatch) break;
       const bytes = this.bytesFor(job.positions);
       if (this.#reserved + bytes > this.#o.kvCacheBytes) break;
       this.#dequeue();
