@@ -33,6 +33,8 @@ import { applyAdapter } from '../lib/train/export.js';
 import { mergeAdapterTensors } from '../lib/train/merge.js';
 import { loadModel } from '../lib/model/model.js';
 import { FIXTURES } from './helpers/fixtures.js';
+import { tinyLlama } from './helpers/tiny-model.js';
+import { createDetector } from '../lib/detect/detector.js';
 
 let root: string;
 let counter = 0;
@@ -379,6 +381,31 @@ describe('PEFT module patterns', () => {
       }
     } finally {
       model.dispose();
+    }
+  });
+});
+
+describe('applyAdapter', () => {
+  it('an adapter without flags in place of one with them leaves the model without a flag token', async () => {
+    const dir = await tinyLlama();
+    const model = await loadModel(dir, { threads: 1 });
+    const [withFlag, withoutFlag] = [newDir(), newDir()];
+    try {
+      const V = model.vocabSize;
+      await saveAdapter(withFlag, makeAdapter(model.config, { tokenId: V, categories: [{ category: 'cyber', id: V + 1 }] }));
+      await saveAdapter(withoutFlag, makeAdapter(model.config, { seed: 2, redFlag: false }));
+      expect(model.redFlagTokenId).toBeNull();
+      await applyAdapter(model, withFlag);
+      expect(model.flagTokenIds()).toEqual([V, V + 1]);
+      // Its trained rows go with it: the tokens added for it keep untrained rows, not flags.
+      await applyAdapter(model, withoutFlag);
+      expect([model.redFlagTokenId, model.flagCategories]).toEqual([null, []]);
+      await expect(createDetector({ model })).rejects.toThrow(/no <rf> token/);
+      await applyAdapter(model, withFlag);
+      expect(model.flagTokenIds()).toEqual([V, V + 1]);
+    } finally {
+      model.dispose();
+      await rm(dir, { recursive: true, force: true });
     }
   });
 });

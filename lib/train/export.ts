@@ -169,9 +169,16 @@ export interface ApplyAdapterOptions {
 }
 
 /**
+ * Each model's flag tokens before an adapter first set them (its own, from its weights, or none):
+ * applying an adapter clears the last one's trained rows, so one without flags goes back to these.
+ */
+const flagsBeforeAdapters = new WeakMap<Model, { id: number | null; categories: Model['flagCategories'] }>();
+
+/**
  * Loads a saved adapter onto a model for inference: LoRA factors on their projections and the
- * trained `<rf>` rows. The model then computes exactly what the trained model computed (merged:
- * up to the rounding of the merged weights, see {@link ApplyAdapterOptions.merge}).
+ * trained `<rf>` rows, in place of the adapter applied before (if any). The model then computes
+ * exactly what the trained model computed (merged: up to the rounding of the merged weights, see
+ * {@link ApplyAdapterOptions.merge}).
  */
 export async function applyAdapter(model: Model, dir: string, options: ApplyAdapterOptions = {}): Promise<Adapter> {
   const merge = options.merge ?? false;
@@ -180,6 +187,7 @@ export async function applyAdapter(model: Model, dir: string, options: ApplyAdap
     throw new RedflagError('INVALID_ARGUMENT', `applyAdapter: merge is for models on a GPU (device 'cuda'); this one is on '${model.device.name}', where the adapter runs live at little cost`);
   }
   const adapter = await loadAdapter(dir, model.config);
+  if (!flagsBeforeAdapters.has(model)) flagsBeforeAdapters.set(model, { id: model.redFlagTokenId, categories: model.flagCategories.map((c) => ({ ...c })) });
   const rf = adapter.redFlag;
   if (rf && lacksFlags(model.tokenizer, model.vocabSize, rf)) {
     // The base checkpoint predates the flags: add them the way training did, which must land on the same ids.
@@ -215,6 +223,11 @@ export async function applyAdapter(model: Model, dir: string, options: ApplyAdap
   if (adapter.redFlag) {
     model.redFlagTokenId = adapter.redFlag.tokenId;
     model.flagCategories = adapter.redFlag.categories.map((c) => ({ ...c }));
+  } else {
+    // The last adapter's flag rows are gone (a token added for it keeps an untrained row).
+    const before = flagsBeforeAdapters.get(model)!;
+    model.redFlagTokenId = before.id;
+    model.flagCategories = before.categories.map((c) => ({ ...c }));
   }
   return adapter;
 }
