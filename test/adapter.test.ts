@@ -509,6 +509,8 @@ describe('saveAdapter / loadAdapter', () => {
     // Rows that do not match the flags are refused before writing.
     const bad = makeAdapter(llamaConfig(true), { categories: [{ category: 'cyber', id: 7 }] });
     expect((await rejection(saveAdapter(newDir(), bad))).message).toMatch(/categories\[0\]\.id must be a token id not used by another flag/);
+    const beyond = makeAdapter(llamaConfig(true), { categories: [{ category: 'cyber', id: 42 }] });
+    expect((await rejection(saveAdapter(newDir(), beyond))).message).toMatch(/categories\[0\]\.id must be a token id in \[0, 41\], got 42/);
   });
 
   it('round-trips a GPT-2 adapter (Conv1D: fan_in_fan_out, A [r, in], B [out, r])', async () => {
@@ -702,6 +704,11 @@ describe('loadAdapter rejects malformed adapters', () => {
       [(c) => (c['trainable_token_indices'] = { embed_tokens: [7] }), /no "lm_head" entry/],
       [(c) => (c['trainable_token_indices'] = { embed_tokens: [7, 8], lm_head: [7, 8] }), /"redflag.categories" names no category for token 8/],
       [(c) => (c['trainable_token_indices'] = { embed_tokens: [], lm_head: [] }), /lists no token/],
+      // Two flags may take the two rows after the vocabulary, no further.
+      [
+        (c) => ((c['trainable_token_indices'] = { embed_tokens: [7, config.vocabSize + 2], lm_head: [7, config.vocabSize + 2] }), ((c['redflag'] as Record<string, unknown>)['categories'] = { cyber: config.vocabSize + 2 })),
+        /names token \d+, beyond the vocabulary \(\d+ rows, 2 new rows allowed\)/,
+      ],
       [(c) => (c['trainable_token_indices'] = { embed_tokens: [7], lm_head: [8] }), /must name the same tokens/],
       [(c) => ((c['redflag'] as Record<string, unknown>)['categories'] = { cyber: 8 }), /"redflag.categories.cyber" is 8, not one of the flag tokens/],
       [(c) => ((c['redflag'] as Record<string, unknown>)['token_id'] = 9), /"redflag.token_id" is 9/],

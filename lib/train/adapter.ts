@@ -437,9 +437,9 @@ export function validateAdapter(adapter: Adapter): { layers: number[] } {
     const ids = new Set([rf.tokenId]);
     for (const [i, c] of rf.categories.entries()) {
       if (typeof c?.category !== 'string' || !CATEGORY_NAME.test(c.category)) throw fail(`redFlag.categories[${i}].category must be a category name, got ${show(c?.category)}`);
-      if (!isIndex(c.id) || c.id >= config.vocabSize + rf.categories.length + 1 || ids.has(c.id)) {
-        throw fail(`redFlag.categories[${i}].id must be a token id not used by another flag, got ${show(c.id)}`);
-      }
+      const rows = config.vocabSize + rf.categories.length + 1;
+      if (!isIndex(c.id) || c.id >= rows) throw fail(`redFlag.categories[${i}].id must be a token id in [0, ${rows - 1}], got ${show(c.id)}`);
+      if (ids.has(c.id)) throw fail(`redFlag.categories[${i}].id must be a token id not used by another flag, got ${show(c.id)}`);
       ids.add(c.id);
     }
     const H = config.hiddenSize * (1 + rf.categories.length);
@@ -795,7 +795,8 @@ function parseTrainableTokens(
   for (const id of embedIds.slice(1)) {
     const category = byId.get(id);
     if (category === undefined) throw fail('redflag.categories', `names no category for token ${id} of trainable_token_indices`);
-    if (id > config.vocabSize + embedIds.length) throw fail('trainable_token_indices', `names token ${id}, beyond the vocabulary`);
+    // The flags may each take a new row after the vocabulary: ids below vocabSize + flags.
+    if (id >= config.vocabSize + embedIds.length) throw fail('trainable_token_indices', `names token ${id}, beyond the vocabulary (${config.vocabSize} rows, ${embedIds.length} new rows allowed)`);
     categories.push({ category, id });
   }
   if (new Set(embedIds).size !== embedIds.length) throw fail('trainable_token_indices', `lists a token twice: ${show(embedIds)}`);
