@@ -21,6 +21,7 @@ import { generateSyntheticData } from '../lib/data/synthetic.js';
 import { createDetector } from '../lib/detect/detector.js';
 import { loadModel } from '../lib/model/model.js';
 import { applyAdapter, mergeAdapterInto } from '../lib/train/export.js';
+import { train } from '../lib/train/trainer.js';
 import { tinyRedFlagModel } from './helpers/red-flag-adapter.js';
 
 let base: string;
@@ -110,6 +111,30 @@ describe('white-box attacks on a red-flag adapter', () => {
       attack.close();
       model.dispose();
       await detector.dispose();
+    }
+  });
+
+  it('adaptive GCG with category flags ranks and scores on the gradient\'s objective (the mean over the flags)', async () => {
+    const output = join(root, 'categories');
+    await train({
+      model: base, output, data: 'synthetic', syntheticPerCategory: 4, steps: 6, batchSize: 8, maxTokens: 96, evalEvery: 0, checkpointEvery: 0,
+      threads: 2, lora: { rank: 4, alpha: 8, dropout: 0 }, loss: { rfOffset: 1 }, optimizer: { lr: 2e-2, warmupSteps: 2 }, flagCategories: 'auto',
+    });
+    const model = await loadModel(base, { threads: 2 });
+    const attack = await AttackModel.open(model, join(output, 'adapter'));
+    try {
+      expect(attack.flagIds.length).toBeGreaterThan(2);
+      const c = generateSyntheticData({ seed: 0, perCategory: 4 }).train.find((x) => x.label === 'harmful')!;
+      const prompt = c.messages.slice(0, -1);
+      const answer = c.messages.at(-1)!.content;
+      const result = await gcgAttack(attack, prompt, answer, { length: 4, steps: 0, lambda: 1 });
+      const e = encodeConversation(model.tokenizer!, { messages: [...result.messages, { role: 'assistant', content: answer }], label: 'harmful', source: 'x' }, { maxTokens: 512 });
+      const native = await attack.loss({ ids: e.ids, responseStart: e.responseStart, responseEnd: e.responseEnd }, new Float32Array(e.ids.length * attack.hidden), 1);
+      expect(native.redFlag).toBeGreaterThan(0.01);
+      expect(result.objectiveBefore).toBeCloseTo(native.objective, 3);
+    } finally {
+      attack.close();
+      model.dispose();
     }
   });
 

@@ -2,7 +2,8 @@
  * Adaptive GCG (greedy coordinate gradient, Zou et al. 2023) against the red flag: a discrete
  * suffix appended to the harmful request, optimised so that the harmful answer stays likely AND
  * p(`<rf>`) stays low over it — an attacker who knows the detector. The objective is
- * {@link AttackModel.loss}'s: the answer's mean cross-entropy + λ·log p(`<rf>` at least once).
+ * {@link AttackModel.loss}'s: the answer's mean cross-entropy + λ·log p(`<rf>` at least once)
+ * (with category flags, that term averaged over the flags), the same for ranking and scoring.
  *
  * Each step: the gradient of the objective with respect to the suffix tokens' one-hot vectors
  * (the input-embedding gradient times the embedding matrix) ranks, per position, the `topK`
@@ -82,26 +83,32 @@ function place(model: AttackModel, prompt: readonly Message[], answer: string, s
 
 type Placed = NonNullable<ReturnType<typeof place>>;
 
-/** The objective (ce + λ·log P(flag at least once)) and largest p(<rf>) of encoded targets, from one batched teacher-forced pass. */
+/**
+ * The objective of encoded targets, {@link AttackModel.loss}'s (ce + λ·log P(flag at least
+ * once), averaged over the flags with category flags), and their largest p(<rf>) (of any flag:
+ * what the detector compares), from one batched teacher-forced pass.
+ */
 async function scoreAll(model: AttackModel, targets: { ids: number[]; responseStart: number; responseEnd: number }[], lambda: number, signal?: AbortSignal) {
   const m = model.model;
   const seqs = targets.map(() => m.newSequence());
   try {
-    const { pRf, logprobs } = await m.teacherForced(seqs, targets.map((t) => t.ids), { rfToken: model.rfToken, ...(signal ? { signal } : {}) });
+    const { pRf, logprobs, pFlags } = await m.teacherForced(seqs, targets.map((t) => t.ids), { rfToken: model.rfToken, ...(signal ? { signal } : {}) });
+    const K = pFlags ? model.flagIds.length : 1;
+    const flagP = pFlags ?? pRf;
     let offset = 0;
     return targets.map((t) => {
       let ce = 0;
-      let logNone = 0;
+      const logNone = new Float64Array(K);
       let maxPRf = 0;
       for (let r = t.responseStart - 1; r < t.responseEnd - 1; r++) {
         ce -= logprobs[offset + r]!;
-        const p = pRf[offset + r]!;
-        logNone += Math.log1p(-Math.min(p, 1 - 1e-7));
-        maxPRf = Math.max(maxPRf, p);
+        for (let k = 0; k < K; k++) logNone[k]! += Math.log1p(-Math.min(flagP[(offset + r) * K + k]!, 1 - 1e-7));
+        maxPRf = Math.max(maxPRf, pRf[offset + r]!);
       }
       offset += t.ids.length;
       const n = t.responseEnd - t.responseStart;
-      const logAny = Math.log(Math.max(-Math.expm1(logNone), 1e-30));
+      let logAny = 0;
+      for (const l of logNone) logAny += Math.log(Math.max(-Math.expm1(l), 1e-30)) / K;
       return { objective: ce / n + (model.rfToken >= 0 ? lambda * logAny : 0), maxPRf };
     });
   } finally {

@@ -586,14 +586,15 @@ export class Model {
    * Teacher-forced log-likelihood: for every new token of each sequence (appended to the
    * sequences), the log-probability of the sequence's next token (NaN after its last) and
    * p(`<rf>`) (0 when the model has no red-flag token), from the same logits, which never leave
-   * native memory. For perplexity, multiple-choice scoring by log-likelihood and attack
-   * objectives. `embedDelta` as in {@link Model.tokenScores}.
+   * native memory. With category flags, pRf is p of any flag and `pFlags` [tokens × K] each
+   * one's (as {@link Model.flagScores}). For perplexity, multiple-choice scoring by
+   * log-likelihood and attack objectives. `embedDelta` as in {@link Model.tokenScores}.
    */
   async teacherForced(
     sequences: Sequence[],
     tokens: (Uint32Array | number[])[],
     options: { rfToken?: number; signal?: AbortSignal; embedDelta?: Float32Array } = {},
-  ): Promise<{ pRf: Float32Array; logprobs: Float32Array }> {
+  ): Promise<{ pRf: Float32Array; logprobs: Float32Array; pFlags?: Float32Array }> {
     const { flat, counts } = this.checkBatch('teacherForced', sequences, tokens);
     const rfToken = options.rfToken ?? this.redFlagTokenId ?? -1;
     if (!Number.isInteger(rfToken) || rfToken < -1 || rfToken >= this.vocabSize) {
@@ -606,7 +607,7 @@ export class Model {
     const flags = this.flagArgument(rfToken);
     if (flags instanceof Int32Array) {
       const r = await this.cancellable(options.signal, (cancel) => this.engine.tokenScores(native, flat, counts, flags, cancel, options.embedDelta, true));
-      return { pRf: r.pRf, logprobs: r.logprobs! };
+      return { pRf: r.pRf, logprobs: r.logprobs!, pFlags: r.pFlags };
     }
     return this.cancellable(options.signal, (cancel) => this.engine.tokenScores(native, flat, counts, rfToken, cancel, options.embedDelta, true));
   }
