@@ -408,6 +408,30 @@ describe('applyAdapter', () => {
       await rm(dir, { recursive: true, force: true });
     }
   });
+
+  it('the gradient attacks open an adapter whose target_modules name modules with their layer, and compute what it computes', async () => {
+    const dir = await tinyLlama();
+    const model = await loadModel(dir, { threads: 1 });
+    const adapterDir = newDir();
+    try {
+      const adapter = makeAdapter(model.config, { targets: ['model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.v_proj'], layers: [0], redFlag: false });
+      await saveAdapter(adapterDir, adapter);
+      const ids = [1, 17, 42, 99, 5, 230, 64, 8];
+      await applyAdapter(model, adapterDir);
+      const applied = await model.logits(ids);
+      const attack = await AttackModel.open(model, adapterDir);
+      try {
+        // The trainer's copy of the adapter, which the model now runs.
+        const trained = await model.logits(ids);
+        expect(trained.reduce((m, v, i) => Math.max(m, Math.abs(v - applied[i]!)), 0)).toBeLessThan(1e-4);
+      } finally {
+        attack.close();
+      }
+    } finally {
+      model.dispose();
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
 });
 
 // ---------------------------------------------------------------------------------------------

@@ -74,7 +74,10 @@ export class AttackModel {
         throw new RedflagError('UNSUPPORTED', 'the gradient attacks train through the adapter with one rank and alpha on listed sites; this one has target_modules as a pattern, exclude_modules, rank_pattern or alpha_pattern', { file: adapterDir });
       }
       await model.runNative(() => model.engine.clearAdapters());
-      options = { rank: adapter.rank, alpha: adapter.alpha, rslora: adapter.rslora, targets: adapter.targets };
+      // The sites the adapter holds, by their block-relative names (the trainer's): target_modules
+      // may name them with a layer prefix, which the trainer does not read.
+      const sites = [...new Set(adapter.modules.map((m) => m.site))];
+      options = { rank: adapter.rank, alpha: adapter.alpha, rslora: adapter.rslora, targets: sites.length > 0 ? sites : options.targets };
       values = new Map(adapter.modules.flatMap((m) => [[`layers.${m.layer}.${m.site}.lora_A`, m.A], [`layers.${m.layer}.${m.site}.lora_B`, m.B]] as const));
       if (adapter.redFlag) {
         values.set('rf.embed', adapter.redFlag.embed);
