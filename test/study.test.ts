@@ -158,6 +158,17 @@ describe('redflag study', () => {
     expect(bad({ train: { seed: 4 } })).toThrow(/train\.seed: set by the study's "seeds"/);
     expect(bad({ seeds: [1, 1] })).toThrow(/seeds\[1\]: duplicate seed 1/);
     expect(bad({ model: undefined })).toThrow(/model: give "model"/);
+    // Mistakes between fields, found before the first cell trains.
+    expect(bad({ grid: { recompute: [false, true] } })).toThrow(/grid\.recompute\[1\]: cell "recompute=true": activation recomputation is a GPU trainer option/);
+    expect(bad({ grid: {}, variants: [{ name: 'whole', mode: 'full' }] })).toThrow(/variants\[0\]\.mode: cell "whole": 'full' \(full fine-tuning\) trains the 'lm' objective/);
+  });
+
+  it('evaluates a fully fine-tuned cell\'s model', async () => {
+    const out = join(root, 'full');
+    const report = await runStudy(config(out, { grid: {}, seeds: [0], variants: [{ name: 'whole', mode: 'full', objective: 'lm' }] }));
+    expect(report.cells.map((c) => c.name)).toEqual(['whole']);
+    await stat(join(out, 'cells', 'whole', 'seed-0', 'result.json'));
+    await expect(stat(join(out, 'cells', 'whole', 'seed-0', 'train', 'adapter'))).rejects.toThrow();
   });
 
   it('redflag study --config FILE runs end to end; a bad file names the file and field', async () => {

@@ -335,19 +335,21 @@ describe('training configuration', () => {
     expect(parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic' })).toMatchObject({ steps: 100, lora: { rank: 8 }, loss: { rfAggregation: 'any' } });
   });
 
-  it('takes a device: cpu by default, cuda or cuda:N; full fine-tuning on a GPU trains the lm objective', () => {
+  it('takes a device: cpu by default, cuda or cuda:N; full fine-tuning trains the lm objective', () => {
     const c = parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic' });
     expect(c.device).toBe('cpu');
     expect(c.dtype).toBeUndefined(); // the device's default: f32 on the CPU, bf16 on a GPU
     expect(parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', device: 'cuda:1' }).device).toBe('cuda:1');
     expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', device: 'gpu' })).toThrow(/device: must be 'cpu', 'cuda' or 'cuda:N'/);
-    expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', device: 'cuda', mode: 'full' })).toThrow(/mode 'full' \(full fine-tuning\) trains the 'lm' objective/);
+    expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', device: 'cuda', mode: 'full' })).toThrow(/mode: 'full' \(full fine-tuning\) trains the 'lm' objective/);
+    // On the CPU too (its trainer has no reference model either), before any model loads.
+    expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', mode: 'full', objective: 'refusal' })).toThrow(/the 'refusal' objective's KL terms need the reference model/);
     expect(parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', device: 'cuda', mode: 'full', objective: 'lm' }).mode).toBe('full');
-    expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', recompute: true })).toThrow(/recompute .* is a GPU trainer option/);
+    expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', recompute: true })).toThrow(/recompute: activation recomputation is a GPU trainer option/);
     expect(parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', device: 'cuda', recompute: true }).recompute).toBe(true);
     const group = { worldSize: 2, rank: 1, idFile: '/tmp/g' };
     expect(parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', device: 'cuda:1', dataParallel: group }).dataParallel).toEqual(group);
-    expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', device: 'cuda', dataParallel: { ...group, rank: 2 } })).toThrow(/rank 2 must be below worldSize 2/);
+    expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', device: 'cuda', dataParallel: { ...group, rank: 2 } })).toThrow(/dataParallel.rank: 2 must be below worldSize 2/);
     expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', dataParallel: group })).toThrow(/one process per GPU/);
   });
 

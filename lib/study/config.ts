@@ -13,7 +13,7 @@ import { z } from 'zod';
 import { RedflagError } from '../errors.js';
 import { evalConfigSchema, type EvalConfigInput } from '../eval/config.js';
 import { parseJsonText } from '../model/config.js';
-import { trainConfigSchema, type TrainConfigInput } from '../train/config.js';
+import { trainConfigConflicts, trainConfigSchema, type TrainConfigInput } from '../train/config.js';
 import { PIPELINE_SIZES, redFlagAdapterConfig, type PipelineOptions } from '../train/pipeline.js';
 
 type Json = unknown;
@@ -286,7 +286,11 @@ function buildPlan(config: StudyConfig, problems: { path: PropertyKey[]; message
   // Every cell's complete training config, as train() will parse it.
   for (const { cell, source } of sources) {
     const result = trainConfigSchema.safeParse({ ...cell.train, model: 'MODEL', output: 'OUTPUT', seed: 0 });
-    if (result.success) continue;
+    if (result.success) {
+      // Mistakes between fields, which train() would meet only once the cells before had trained.
+      for (const p of trainConfigConflicts(result.data)) add(source(p.path), `cell "${cell.name}": ${p.message}`);
+      continue;
+    }
     for (const issue of result.error.issues) {
       const path: PropertyKey[] = [...issue.path];
       if (issue.code === 'unrecognized_keys' && issue.keys.length) path.push(issue.keys[0]!);

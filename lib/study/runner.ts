@@ -195,7 +195,9 @@ async function runCell(cell: StudyCell, seed: number, context: { config: StudyCo
   const trainDir = join(dir, 'train');
   const evalDir = join(dir, 'eval');
   const trainInput = { ...cell.train, model, output: trainDir, seed, overwrite: true, ...threads } as TrainConfigInput;
-  const evalInput = { ...plan.eval, model, out: evalDir, variants: [{ name: 'cell', source: join(trainDir, 'adapter') }], ...threads } as EvalConfigInput;
+  // What training writes: an adapter, or with full fine-tuning a model.
+  const trainedDir = join(trainDir, parseTrainConfig(trainInput).mode === 'full' ? 'model' : 'adapter');
+  const evalInput = { ...plan.eval, model, out: evalDir, variants: [{ name: 'cell', source: trainedDir }], ...threads } as EvalConfigInput;
   const settings = cellSettings(trainInput, evalInput, modelIdentity(config));
   const fp = fingerprint(settings);
 

@@ -183,22 +183,27 @@ export type TrainConfigInput = z.input<typeof trainConfigSchema>;
 /** Validates a configuration object; errors name each bad field by its path. */
 export function parseTrainConfig(input: unknown, where = 'training config'): TrainConfig {
   const result = trainConfigSchema.safeParse(input);
-  if (result.success) {
-    if (result.data.recompute && result.data.device === 'cpu') {
-      throw new RedflagError('INVALID_ARGUMENT', `${where}: recompute (activation recomputation) is a GPU trainer option (device 'cuda'); the CPU trainer keeps every activation`);
-    }
-    const dp = result.data.dataParallel;
-    if (dp && dp.rank >= dp.worldSize) throw new RedflagError('INVALID_ARGUMENT', `${where}: dataParallel.rank ${dp.rank} must be below worldSize ${dp.worldSize}`);
-    if (dp && result.data.device === 'cpu') {
-      throw new RedflagError('INVALID_ARGUMENT', `${where}: dataParallel runs one process per GPU (device 'cuda:N'), not on the CPU`);
-    }
-    if (result.data.mode === 'full' && result.data.device !== 'cpu' && result.data.objective !== 'lm') {
-      throw new RedflagError('INVALID_ARGUMENT', `${where}: on ${result.data.device}, mode 'full' (full fine-tuning) trains the 'lm' objective; the '${result.data.objective}' objective's KL terms need the reference model: train a LoRA adapter (mode 'lora')`);
-    }
-    return result.data;
+  const problems = result.success ? trainConfigConflicts(result.data) : result.error.issues.map((i) => ({ path: i.path, message: i.message }));
+  if (problems.length === 0) return result.data!;
+  throw new RedflagError('INVALID_ARGUMENT', `${where}: ${problems.map((p) => `${p.path.length ? p.path.join('.') : '(root)'}: ${p.message}`).join('; ')}`);
+}
+
+/** The mistakes of a config the schema accepts that lie between its fields (path: the field to change). */
+export function trainConfigConflicts(config: TrainConfig): { path: PropertyKey[]; message: string }[] {
+  const problems: { path: PropertyKey[]; message: string }[] = [];
+  if (config.recompute && config.device === 'cpu') {
+    problems.push({ path: ['recompute'], message: "activation recomputation is a GPU trainer option (device 'cuda'); the CPU trainer keeps every activation" });
   }
-  const problems = result.error.issues.map((i) => `${i.path.length ? i.path.join('.') : '(root)'}: ${i.message}`);
-  throw new RedflagError('INVALID_ARGUMENT', `${where}: ${problems.join('; ')}`);
+  const dp = config.dataParallel;
+  if (dp && dp.rank >= dp.worldSize) problems.push({ path: ['dataParallel', 'rank'], message: `${dp.rank} must be below worldSize ${dp.worldSize}` });
+  if (dp && config.device === 'cpu') problems.push({ path: ['dataParallel'], message: "runs one process per GPU (device 'cuda:N'), not on the CPU" });
+  if (config.mode === 'full' && config.objective !== 'lm') {
+    problems.push({
+      path: ['mode'],
+      message: `'full' (full fine-tuning) trains the 'lm' objective; the '${config.objective}' objective's KL terms need the reference model: train a LoRA adapter (mode 'lora')`,
+    });
+  }
+  return problems;
 }
 
 /** Reads and validates a JSON configuration file. */
