@@ -1,5 +1,5 @@
 // Loading edge cases, the red-flag token on the weights side, and saving back in HF format.
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it, vi } from 'vitest';
 import { cp, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -235,6 +235,12 @@ describe('Model.save', () => {
       const again = await loadModel(saved, { threads: 1 });
       expect(await again.logits(ids)).toEqual(want);
       again.dispose();
+
+      // config.json is written last: an overwrite stopped part way leaves no model that looks whole.
+      const save = vi.spyOn(model.tokenizer!, 'save').mockRejectedValueOnce(new Error('disk full'));
+      await expect(model.save(saved, { overwrite: true })).rejects.toThrow('disk full');
+      save.mockRestore();
+      expect(await readdir(saved)).not.toContain('config.json');
     } finally {
       model.dispose();
     }

@@ -372,5 +372,28 @@ describe('files', () => {
     const reloaded = (await Tokenizer.fromDir(copy)) as Tokenizer;
     expect(reloaded.applyChatTemplate([{ role: 'user', content: 'hi' }])).toBe('[user]hi');
     expect(reloaded.encode('Hello, world!')).toEqual([9707, 11, 1879, 0]);
+
+    // The file's template wins over the config's on reload too.
+    await writeFile(join(model, 'tokenizer_config.json'), JSON.stringify({ ...readJson(`${QWEN3_DIR}/tokenizer_config.json`), chat_template: 'CONFIG {{ messages[0].content }}' }));
+    const both = (await Tokenizer.fromDir(model)) as Tokenizer;
+    const second = join(dir, 'second');
+    await both.save(second);
+    expect(((await Tokenizer.fromDir(second)) as Tokenizer).applyChatTemplate([{ role: 'user', content: 'hi' }])).toBe('[user]hi');
+    // A tokenizer whose template is the config's, saved over that copy: its chat_template.jinja goes.
+    const plain = Tokenizer.fromObjects(readJson(`${QWEN3_DIR}/tokenizer.json`), readJson(`${QWEN3_DIR}/tokenizer_config.json`));
+    await expect(plain.save(second)).rejects.toThrow(/refusing to overwrite/);
+    await plain.save(second, { overwrite: true });
+    expect(((await Tokenizer.fromDir(second)) as Tokenizer).chatTemplate).toBe(plain.chatTemplate);
+  });
+
+  it('refuses named chat templates without a default, as transformers does', async () => {
+    const named = join(dir, 'named');
+    await mkdir(named);
+    await writeFile(join(named, 'tokenizer.json'), readFileSync(`${QWEN3_DIR}/tokenizer.json`));
+    const templates = [{ name: 'tool_use', template: 'T' }, { name: 'rag', template: 'R' }];
+    await writeFile(join(named, 'tokenizer_config.json'), JSON.stringify({ chat_template: templates }));
+    await expect(Tokenizer.fromDir(named)).rejects.toThrow(/tokenizer_config.json: field "chat_template" names templates "tool_use", "rag" but none "default"/);
+    await writeFile(join(named, 'tokenizer_config.json'), JSON.stringify({ chat_template: [...templates, { name: 'default', template: 'D' }] }));
+    expect(((await Tokenizer.fromDir(named)) as Tokenizer).chatTemplate).toBe('D');
   });
 });

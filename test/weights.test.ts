@@ -76,6 +76,18 @@ describe('WeightStore', () => {
     await store.close();
   });
 
+  it('reads model.safetensors when an index is there too, as transformers does, and says so', async () => {
+    const dir = await shardedModel();
+    await writeSafetensors(join(dir, 'model.safetensors'), { a: tensor(7, 8) });
+    const seen: string[] = [];
+    const store = await WeightStore.open(dir, { onWarning: (m) => seen.push(m) });
+    expect(store.names()).toEqual(['a']);
+    expect([...toFloat32(await store.read('a'))]).toEqual([7, 8]);
+    expect(store.warnings).toEqual(seen);
+    expect(seen).toEqual([expect.stringMatching(/holds both model\.safetensors and model\.safetensors\.index\.json; reading model\.safetensors/)]);
+    await store.close();
+  });
+
   it('names the missing shard', async () => {
     const dir = await shardedModel({ a: 'model-00001-of-00002.safetensors', b: 'model-00003-of-00003.safetensors' });
     const error = await rejection(WeightStore.open(dir));

@@ -51,7 +51,7 @@ export function attackedModelDir(output: string): string {
   return join(output, 'attack', 'merged');
 }
 
-/** Whether the attack into `output` has finished (its merged model is written last, atomically). */
+/** Whether the attack into `output` has finished: its merged model is written last, and its config.json last of all (saveModel). */
 export function attackFinished(output: string): Promise<boolean> {
   return pathExists(join(attackedModelDir(output), 'config.json'));
 }

@@ -146,6 +146,7 @@ export function buildProgram(): Command {
             gpu: model.gpuInfo(),
           },
           unusedTensors: model.plan.unused,
+          warnings: model.store.warnings,
           tokenizer: model.tokenizer
             ? { vocab: model.tokenizer.vocabSize, chatTemplate: model.tokenizer.chatTemplate !== null }
             : null,
@@ -177,6 +178,7 @@ export function buildProgram(): Command {
         console.log(`  tokenizer: ${info.tokenizer ? `${info.tokenizer.vocab} tokens${info.tokenizer.chatTemplate ? ', chat template' : ''}` : 'none'}`);
         console.log(`  EOS ids: ${info.eosTokenIds.join(', ') || 'none'}; red-flag token: ${info.redFlagTokenId ?? 'not added'}`);
         if (info.unusedTensors.length) console.log(`  unused tensors: ${info.unusedTensors.join(', ')}`);
+        for (const w of info.warnings) console.log(`  warning: ${w}`);
         if (adapter) {
           const flag = adapter.redFlag ? `<rf> ${adapter.redFlag.tokenId}${adapter.redFlag.categories.length ? ` and ${adapter.redFlag.categories.length} category flags` : ''}` : 'no <rf> rows';
           console.log(`  adapter ${adapter.dir}: LoRA on ${adapter.groups.reduce((n, g) => n + g.modules.length, 0)} modules ` +

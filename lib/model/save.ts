@@ -54,6 +54,10 @@ export async function saveModel(source: SaveSource, dir: string, options: SaveMo
     }
   }
 
+  // config.json goes last: a folder holding one is a complete model (a stopped overwrite leaves
+  // none, rather than the old one beside new weights).
+  if (overwrite) await rm(join(dir, 'config.json'), { force: true });
+
   // Every checkpoint tensor the engine uses, with in-memory replacements, under its own name.
   const names = new Set<string>();
   for (const t of source.plan.tensors) for (const s of t.sources) names.add(s);
@@ -93,18 +97,18 @@ export async function saveModel(source: SaveSource, dir: string, options: SaveMo
     });
     written.add(WEIGHTS_INDEX_FILE);
   }
-  await writeFileAtomic(join(dir, 'config.json'), json(source.config.raw), { overwrite });
   if (source.generationConfig) {
     await writeFileAtomic(join(dir, 'generation_config.json'), json(source.generationConfig.raw), { overwrite });
     written.add('generation_config.json');
   }
   if (source.tokenizer) await source.tokenizer.save(dir, { overwrite });
   if (overwrite) await removeStaleFiles(dir, written);
+  await writeFileAtomic(join(dir, 'config.json'), json(source.config.raw), { overwrite });
 }
 
 /**
  * After an overwrite, the weight files of the model that was there before and not written now:
- * a stale index would make loaders read the old shards instead of the new single file.
+ * a stale single file would make loaders read it instead of the new shards.
  */
 async function removeStaleFiles(dir: string, written: ReadonlySet<string>): Promise<void> {
   const weights = /^(model\.safetensors|model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json|generation_config\.json)$/;

@@ -6,7 +6,7 @@
  *
  * @module
  */
-import { mkdir, readFile, stat } from 'node:fs/promises';
+import { mkdir, readFile, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 
 import { Template } from '@huggingface/jinja';
@@ -260,8 +260,8 @@ export class Tokenizer {
       }
     });
     json['added_tokens'] = added;
-    const fromConfig = Tokenizer.#templateFromConfig(config, sources);
-    return new Tokenizer(json, config, templateOverride ?? fromConfig, templateFromFile, sources);
+    const template = templateOverride ?? Tokenizer.#templateFromConfig(config, sources);
+    return new Tokenizer(json, config, template, templateFromFile, sources);
   }
 
   /** The config's chat template: a string, or the "default" of a list of named templates. */
@@ -277,8 +277,18 @@ export class Tokenizer {
     if (named === null) {
       throw new RedflagError('INVALID_FILE', 'field "chat_template" must be a string or a list of { name, template }', { file: sources.tokenizerConfig });
     }
-    const chosen = named.find(([name]) => name === 'default')?.[1];
-    return typeof chosen === 'string' ? chosen : null;
+    const chosen = named.find(([name]) => name === 'default');
+    // transformers refuses to pick among named templates without a default; so does redflag,
+    // rather than fall back to a plain prompt format the model was never trained on.
+    if (chosen === undefined && named.length > 0) {
+      throw new RedflagError('INVALID_FILE', `field "chat_template" names templates ${named.map(([name]) => JSON.stringify(name)).join(', ')} but none "default", the one redflag uses: add it, or put the template to use in ${CHAT_TEMPLATE_FILE}`, {
+        file: sources.tokenizerConfig,
+      });
+    }
+    if (chosen !== undefined && typeof chosen[1] !== 'string') {
+      throw new RedflagError('INVALID_FILE', 'field "chat_template": the "default" template must be a string', { file: sources.tokenizerConfig });
+    }
+    return (chosen?.[1] as string | undefined) ?? null;
   }
 
   /** Rebuilds the underlying tokenizer and the derived tables after a change to the files. */
@@ -656,12 +666,15 @@ export class Tokenizer {
 
   /**
    * Writes tokenizer.json and tokenizer_config.json into `dir` (created if needed), each
-   * atomically. Without `overwrite: true`, nothing is written if either file already exists.
+   * atomically, and chat_template.jinja when the template came from one (it wins over the
+   * config's on loading, as in transformers; one left from another tokenizer is removed).
+   * Without `overwrite: true`, nothing is written if any of the three already exists.
    */
   async save(dir: string, options: { overwrite?: boolean } = {}): Promise<void> {
     const overwrite = options.overwrite ?? false;
     await mkdir(dir, { recursive: true });
-    const targets = [join(dir, TOKENIZER_FILE), join(dir, TOKENIZER_CONFIG_FILE)];
+    const templateFile = join(dir, CHAT_TEMPLATE_FILE);
+    const targets = [join(dir, TOKENIZER_FILE), join(dir, TOKENIZER_CONFIG_FILE), templateFile];
     if (!overwrite) {
       for (const target of targets) {
         const present = await stat(target).then(
@@ -676,6 +689,8 @@ export class Tokenizer {
     const [jsonPath, configPath] = targets as [string, string];
     await writeFileAtomic(jsonPath, [encoder.encode(JSON.stringify(tokenizerJson, null, 2))], { overwrite });
     await writeFileAtomic(configPath, [encoder.encode(`${JSON.stringify(tokenizerConfig, null, 2)}\n`)], { overwrite });
+    if (this.#chatTemplateFromFile && this.#chatTemplate !== null) await writeFileAtomic(templateFile, [encoder.encode(this.#chatTemplate)], { overwrite });
+    else await rm(templateFile, { force: true });
   }
 }
 

@@ -130,12 +130,21 @@ export class WeightStore {
     });
     if (!info.isDirectory()) throw new RedflagError('INVALID_ARGUMENT', 'is not a directory', { file: dir });
 
+    // As transformers: the single file when there is one, else the index's shards.
     const indexFile = join(dir, WEIGHTS_INDEX_FILE);
-    if (await exists(indexFile)) return WeightStore.#openSharded(dir, indexFile, options);
     const single = join(dir, SINGLE_WEIGHTS_FILE);
-    if (!(await exists(single))) throw await describeMissingWeights(dir);
+    if (!(await exists(single))) {
+      if (await exists(indexFile)) return WeightStore.#openSharded(dir, indexFile, options);
+      throw await describeMissingWeights(dir);
+    }
+    const warnings: string[] = [];
+    if (await exists(indexFile)) {
+      const message = `${dir}: holds both ${SINGLE_WEIGHTS_FILE} and ${WEIGHTS_INDEX_FILE}; reading ${SINGLE_WEIGHTS_FILE}, as transformers does (remove the one that does not belong)`;
+      warnings.push(message);
+      options.onWarning?.(message);
+    }
     const file = await SafetensorsFile.open(single, options);
-    return new WeightStore(dir, [file], new Map([...file.tensors.keys()].map((name) => [name, file])), []);
+    return new WeightStore(dir, [file], new Map([...file.tensors.keys()].map((name) => [name, file])), warnings);
   }
 
   static async #openSharded(dir: string, indexFile: string, options: WeightStoreOptions): Promise<WeightStore> {
