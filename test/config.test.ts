@@ -294,6 +294,9 @@ describe('parseModelConfig: transformers defaults', () => {
   it('Llama: head_dim and num_key_value_heads, attention_bias on all four projections, mlp_bias', () => {
     const config = parseModelConfig({ model_type: 'llama', hidden_size: 512, num_attention_heads: 8, head_dim: 32, num_key_value_heads: null, attention_bias: true, mlp_bias: true });
     expect(config).toMatchObject({ headDim: 32, numKvHeads: 8, qkvBias: true, oBias: true, mlpBias: true });
+    // Qwen2's attention reads head_dim too when config.json has one.
+    expect(parseModelConfig({ model_type: 'qwen2', hidden_size: 512, num_attention_heads: 8, num_key_value_heads: 2, head_dim: 32 }).headDim).toBe(32);
+    expect(parseModelConfig({ model_type: 'qwen2', hidden_size: 512, num_attention_heads: 8, num_key_value_heads: 2 }).headDim).toBe(64);
   });
 
   it('MistralConfig defaults (8 KV heads, 4096 window, 131072 positions)', () => {
@@ -353,7 +356,6 @@ describe('parseModelConfig: transformers defaults', () => {
       normEps: 1e-5,
     });
     expect(parseModelConfig({ ...gpt2, n_inner: 100 }).intermediateSize).toBe(100);
-    expect(parseModelConfig({ ...gpt2, tie_word_embeddings: false }).tieWordEmbeddings).toBe(true);
   });
 
   it('eos_token_id as a list, and explicit nulls', () => {
@@ -447,6 +449,13 @@ describe('parseModelConfig: unsupported and invalid', () => {
     expect(inverse.code).toBe('UNSUPPORTED');
     expect(inverse.message).toMatch(/field "scale_attn_by_inverse_layer_idx" is true/);
     expect(parseModelConfig({ ...gpt2, activation_function: 'gelu_pytorch_tanh' }).activation).toBe('gelu_new');
+    // transformers uses a separate lm_head.weight then: not silently replaced by wte.
+    expect(failure({ ...gpt2, tie_word_embeddings: false })).toMatchObject({ code: 'UNSUPPORTED', message: expect.stringMatching(/field "tie_word_embeddings" is false/) });
+  });
+  it('quantized checkpoints', () => {
+    const error = failure({ ...llama32_1b, quantization_config: { quant_method: 'bitsandbytes', load_in_4bit: true } });
+    expect(error.code).toBe('UNSUPPORTED');
+    expect(error.message).toMatch(/field "quantization_config" says the weights are quantized \(bitsandbytes\); redflag reads float weights/);
   });
   it('wrong types and impossible shapes name the field', () => {
     const wrong = failure({ ...llama32_1b, hidden_size: '2048' });
@@ -494,6 +503,8 @@ describe('files and generation_config.json', () => {
       topK: null,
     });
     expect(parseGenerationConfig({ eos_token_id: 2, pad_token_id: 0 })).toMatchObject({ eosTokenIds: [2], padTokenId: 0 });
+    // Fields redflag does not act on never refuse a model (LLaMA-1 conversions carry pad_token_id -1).
+    expect(parseGenerationConfig({ eos_token_id: 2, pad_token_id: -1, top_k: -1, temperature: 'hot' })).toMatchObject({ eosTokenIds: [2], padTokenId: null, topK: null, temperature: null });
     expect(() => parseGenerationConfig({ eos_token_id: 'x' }, 'generation_config.json')).toThrow(
       /generation_config.json: field "eos_token_id"/,
     );

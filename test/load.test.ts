@@ -4,6 +4,7 @@ import { cp, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
+import { RedflagError } from '../lib/errors.js';
 import { loadModel } from '../lib/model/model.js';
 import { addRedFlagToken } from '../lib/model/red-flag.js';
 import { SafetensorsFile, fromFloat32, toFloat32, writeSafetensors } from '../lib/model/safetensors.js';
@@ -51,6 +52,24 @@ describe('loading errors name the problem', () => {
     config.intermediate_size += 1;
     await writeFile(join(d, 'config.json'), JSON.stringify(config));
     await expect(loadModel(d)).rejects.toThrow(/gate_proj\.weight has shape \[128, 64\], expected \[129, 64\]/);
+  });
+
+  it('a weight of a dtype the engine does not read, by tensor and shard, before any is loaded', async () => {
+    const d = await copyFixture('llama-bf16-sharded');
+    const index = JSON.parse(await readFile(join(d, 'model.safetensors.index.json'), 'utf8'));
+    const target = 'model.layers.1.self_attn.k_proj.weight';
+    const shard = join(d, index.weight_map[target]);
+    const f = await SafetensorsFile.open(shard);
+    const tensors = new Map();
+    for (const name of f.tensors.keys()) {
+      const t = await f.read(name);
+      tensors.set(name, name === target ? { dtype: 'F8_E4M3', shape: t.shape, data: new Uint8Array(t.data.byteLength / 2) } : t);
+    }
+    await f.close();
+    await writeSafetensors(shard, tensors, { overwrite: true });
+    const error = (await loadModel(d).catch((e: unknown) => e)) as RedflagError;
+    expect(error).toMatchObject({ code: 'UNSUPPORTED', file: shard });
+    expect(error.message).toMatch(/tensor model\.layers\.1\.self_attn\.k_proj\.weight has dtype F8_E4M3; redflag reads F32, F16, BF16, F64 weights/);
   });
 
   it('a directory without weights', async () => {

@@ -340,6 +340,12 @@ export function parseModelConfig(raw: unknown, file = 'config.json'): ModelConfi
   const record = raw as Record<string, unknown>;
   const fields = new FieldReader(record, file);
   const { architecture, hfArchitecture } = resolveArchitecture(fields);
+  // Quantized checkpoints (bitsandbytes, GPTQ, AWQ...) store packed weights the engine cannot read.
+  const quantization = record['quantization_config'];
+  if (quantization !== undefined && quantization !== null) {
+    const method = typeof quantization === 'object' ? (quantization as Record<string, unknown>)['quant_method'] : undefined;
+    throw fields.error('quantization_config', `says the weights are quantized${typeof method === 'string' ? ` (${method})` : ''}; redflag reads float weights (F32, F16, BF16): use the unquantized checkpoint`, 'UNSUPPORTED');
+  }
   const base = architecture === 'gpt2' ? parseGpt2(fields) : parseLlamaFamily(fields, architecture);
   return { architecture, hfArchitecture, ...base, raw: record };
 }
@@ -368,10 +374,9 @@ function parseLlamaFamily(fields: FieldReader, architecture: Exclude<Architectur
     throw fields.error('num_key_value_heads', `(${numKvHeads}) must divide num_attention_heads (${numHeads})`);
   }
 
-  // Qwen2Config has no head_dim: it is always hidden_size / num_attention_heads. Qwen3Config's
-  // defaults to 128, whatever the hidden size.
-  const explicitHeadDim =
-    architecture === 'qwen2' ? null : fields.get<number | null>('head_dim', positiveInt, architecture === 'qwen3' ? 128 : null);
+  // hidden_size / num_attention_heads unless config.json gives head_dim (Qwen2's attention reads
+  // one too: getattr(config, "head_dim", ...)). Qwen3Config's defaults to 128, whatever the hidden size.
+  const explicitHeadDim = fields.get<number | null>('head_dim', positiveInt, architecture === 'qwen3' ? 128 : null);
   if (explicitHeadDim === null && hiddenSize % numHeads !== 0) {
     throw fields.error('hidden_size', `(${hiddenSize}) must be a multiple of num_attention_heads (${numHeads})`);
   }
@@ -531,6 +536,9 @@ function parseGpt2(fields: FieldReader): ArchitectureFields {
   if (fields.get('add_cross_attention', z.boolean(), false)) {
     throw fields.error('add_cross_attention', 'is true (encoder-decoder use), which the engine does not implement', 'UNSUPPORTED');
   }
+  if (!fields.get('tie_word_embeddings', z.boolean(), true)) {
+    throw fields.error('tie_word_embeddings', 'is false (an LM head apart from wte); redflag runs GPT-2 models with the head tied, as GPT2LMHeadModel does by default', 'UNSUPPORTED');
+  }
   return {
     vocabSize: fields.get('vocab_size', positiveInt, 50257),
     hiddenSize,
@@ -549,7 +557,7 @@ function parseGpt2(fields: FieldReader): ArchitectureFields {
     oBias: true,
     mlpBias: true,
     qkNorm: false,
-    // GPT2LMHeadModel always ties lm_head to wte; checkpoints carry no separate head.
+    // Tied (an untied GPT-2 is refused above); checkpoints carry no separate head.
     tieWordEmbeddings: true,
     slidingWindow: null,
     bosTokenId: tokenId(fields, 'bos_token_id', 50256),
@@ -596,14 +604,20 @@ export function parseGenerationConfig(raw: unknown, file = 'generation_config.js
   }
   const record = raw as Record<string, unknown>;
   const fields = new FieldReader(record, file);
+  // Fields redflag only reports read as null when out of range (old conversions carry
+  // pad_token_id -1, say): no reason to refuse the model. The EOS ids end generation: checked.
+  const reported = <T>(name: string, schema: z.ZodType<T>): T | null => {
+    const r = schema.safeParse(record[name]);
+    return r.success ? r.data : null;
+  };
   return {
-    bosTokenId: tokenId(fields, 'bos_token_id', null),
+    bosTokenId: reported('bos_token_id', nonNegativeInt),
     eosTokenIds: tokenIds(fields, 'eos_token_id', []),
-    padTokenId: tokenId(fields, 'pad_token_id', null),
-    doSample: fields.get<boolean | null>('do_sample', z.boolean(), null),
-    temperature: fields.get<number | null>('temperature', z.number().nonnegative().finite(), null),
-    topP: fields.get<number | null>('top_p', z.number().positive().max(1), null),
-    topK: fields.get<number | null>('top_k', nonNegativeInt, null),
+    padTokenId: reported('pad_token_id', nonNegativeInt),
+    doSample: reported('do_sample', z.boolean()),
+    temperature: reported('temperature', z.number().nonnegative().finite()),
+    topP: reported('top_p', z.number().positive().max(1)),
+    topK: reported('top_k', nonNegativeInt),
     raw: record,
   };
 }

@@ -98,6 +98,9 @@ export interface ModelFiles {
   plan: WeightPlan;
 }
 
+/** The checkpoint dtypes the engine loads (F64 through an f32 copy). */
+const LOADABLE_DTYPES: readonly string[] = ['F32', 'F16', 'BF16', 'F64'];
+
 /** Opens a Hugging Face model directory's config, tokenizer and weight headers (no tensor is read). */
 export async function openModelFiles(dir: string): Promise<ModelFiles> {
   const config = await loadModelConfig(dir);
@@ -106,6 +109,15 @@ export async function openModelFiles(dir: string): Promise<ModelFiles> {
   const store = await WeightStore.open(dir);
   try {
     const plan = planWeights(config, store.names(), (n) => store.info(n).shape, dir);
+    // Every tensor's dtype before any is read: the file and tensor named, not the first failure part way.
+    for (const t of plan.tensors) {
+      for (const source of t.sources) {
+        const { dtype, file } = store.info(source);
+        if (!LOADABLE_DTYPES.includes(dtype)) {
+          throw new RedflagError('UNSUPPORTED', `tensor ${source} has dtype ${dtype}; redflag reads ${LOADABLE_DTYPES.join(', ')} weights`, { file });
+        }
+      }
+    }
     return { dir, config, generationConfig, tokenizer, store, plan };
   } catch (error) {
     await store.close();
