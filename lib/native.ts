@@ -377,6 +377,15 @@ export function nativeError(error: unknown): RedflagError {
   return new RedflagError(code, String(e?.message ?? error), { cause: error });
 }
 
+/** Runs a synchronous native call, mapping its errors. */
+export function callNativeSync<T>(fn: () => T): T {
+  try {
+    return fn();
+  } catch (error) {
+    throw nativeError(error);
+  }
+}
+
 /** Runs a native call, mapping its errors (sync throws and rejections). */
 export async function callNative<T>(fn: () => Promise<T> | T): Promise<T> {
   try {

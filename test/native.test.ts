@@ -2,9 +2,13 @@
 import { describe, expect, it } from 'vitest';
 import { join } from 'node:path';
 
+import { rm } from 'node:fs/promises';
+
+import { RedflagError } from '../lib/errors.js';
 import { loadModel } from '../lib/model/model.js';
 import { loadAddonFrom, loadHint, loadNative, nativeError } from '../lib/native.js';
 import { FIXTURES, relL2 } from './helpers/fixtures.js';
+import { tinyLlama } from './helpers/tiny-model.js';
 
 describe('the addon', () => {
   it('reports one clear error when the binary is missing', () => {
@@ -68,6 +72,9 @@ describe('the addon', () => {
       // The native layer checks too, for callers that bypass the TypeScript checks.
       const native = model.engine;
       expect(() => native.forward([seq.native], new Uint32Array([1, 2]), new Uint32Array([1]), true)).toThrow(/do not add up/);
+      const other = model.newSequence();
+      expect(() => native.forward([seq.native, other.native], new Uint32Array([1]), new Uint32Array([1, 0]), false)).toThrow(/sequences\[1\] has no tokens/);
+      other.dispose();
       await expect(native.forward([seq.native], new Uint32Array([100000]), new Uint32Array([1]), true)).rejects.toMatchObject({
         code: 'INVALID_ARGUMENT',
         message: expect.stringMatching(/outside the vocabulary/),
@@ -123,6 +130,53 @@ describe('the addon', () => {
       for (const [i, ids] of inputs.entries()) expect(together[i]).toEqual(await model.logits(ids));
     } finally {
       model.dispose();
+    }
+  });
+
+  it('refuses to re-lay-out or cut a sequence while a call on it is in flight', async () => {
+    const dir = await tinyLlama();
+    const model = await loadModel(dir, { threads: 1 });
+    try {
+      const [seq, idle] = [model.newSequence(), model.newSequence()];
+      const ids = Array.from({ length: 100 }, (_, i) => (i * 7) % 192);
+      // The raw binding starts the work at once (Model.forward would queue it a microtask later);
+      // every position's logits make it last long enough (milliseconds) to be in flight below.
+      const running = model.engine.forward([seq.native], Uint32Array.from(ids), Uint32Array.of(ids.length), true);
+      for (const change of [() => seq.reserve(4096), () => seq.truncate(0)]) {
+        expect(change).toThrow(RedflagError);
+        expect(change).toThrow(/in use by a call in flight; change it once that call has settled/);
+      }
+      idle.reserve(64); // another sequence is free to change
+      const logits = await running;
+      expect(relL2(logits, await model.logits(ids))).toBeLessThan(1e-6);
+      seq.reserve(4096);
+      seq.truncate(1);
+      expect(seq.length).toBe(1);
+      seq.dispose();
+      idle.dispose();
+    } finally {
+      model.dispose();
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('samples from every token with a topK at or past the vocabulary, however large', async () => {
+    const dir = await tinyLlama({ hiddenSize: 32, intermediateSize: 64 });
+    const model = await loadModel(dir, { threads: 1 });
+    try {
+      const draw = async (topK: number) => {
+        const seqs = Array.from({ length: 32 }, () => model.newSequence());
+        const r = await model.step(seqs, seqs.map(() => [1, 450]), seqs.map((_, i) => ({ temperature: 50, topK, seed: i })));
+        for (const q of seqs) q.dispose();
+        return Array.from(r.tokens);
+      };
+      const all = await draw(0);
+      expect(await draw(model.vocabSize)).toEqual(all);
+      expect(await draw(2 ** 31)).toEqual(all);
+      expect(await draw(2 ** 40)).toEqual(all);
+    } finally {
+      model.dispose();
+      await rm(dir, { recursive: true, force: true });
     }
   });
 

@@ -6,7 +6,7 @@
 import { availableParallelism } from 'node:os';
 
 import { RedflagError, abortError } from '../errors.js';
-import { callNative, SrcType, type NativeConfig, type NativeModel, type NativeSequence } from '../native.js';
+import { callNative, callNativeSync, SrcType, type NativeConfig, type NativeModel, type NativeSequence } from '../native.js';
 import { addonFor, checkDeviceRoom, CPU, parseDevice, type Device, type DeviceSpec } from './device.js';
 import { loadModelConfig, loadGenerationConfig, type GenerationConfig, type ModelConfig } from './config.js';
 import { toFloat32, fromFloat32, type DeferredTensor, type RawTensor } from './safetensors.js';
@@ -408,7 +408,7 @@ export class Model {
   /** A new, empty sequence (a KV cache) for incremental decoding. */
   newSequence(): Sequence {
     if (this.disposed) throw new RedflagError('DISPOSED', 'the model was disposed');
-    return new Sequence(this.engine.newSequence());
+    return new Sequence(callNativeSync(() => this.engine.newSequence()));
   }
 
   /**
@@ -646,19 +646,25 @@ export class Model {
     return this.run(fn);
   }
 
+  /** The engine's figures; DISPOSED once the model is. */
+  #info(): ReturnType<NativeModel['info']> {
+    if (this.disposed) throw new RedflagError('DISPOSED', 'the model was disposed');
+    return callNativeSync(() => this.engine.info());
+  }
+
   /** Bytes of weights held by the engine. */
   get weightBytes(): number {
-    return this.engine.info().weightBytes;
+    return this.#info().weightBytes;
   }
 
   /** Positions a sequence's KV cache grows by: 1 on the CPU, the block size of the GPU's paged cache. */
   get kvBlockTokens(): number {
-    return this.engine.info().kvBlockTokens;
+    return this.#info().kvBlockTokens;
   }
 
   /** Bytes one position takes in a sequence's KV cache (every layer's K and V). */
   get kvBytesPerPosition(): number {
-    return this.engine.info().kvBytesPerPosition;
+    return this.#info().kvBytesPerPosition;
   }
 
   /**
@@ -683,7 +689,7 @@ export class Model {
 
   /** The instruction set the CPU kernels use (`avx512` or `avx2`). */
   get isa(): string {
-    return this.engine.info().isa;
+    return this.#info().isa;
   }
 
   /** Frees the engine's memory and threads. Work in flight finishes first. */
@@ -718,14 +724,14 @@ export class Sequence {
     if (!Number.isInteger(positions) || positions < 0 || positions > 2 ** 31) {
       throw new RedflagError('INVALID_ARGUMENT', `reserve needs an integer from 0 to 2^31, got ${positions}`);
     }
-    this.native.reserve(positions);
+    callNativeSync(() => this.native.reserve(positions));
   }
   /** Forgets tokens from `length` on. */
   truncate(length: number): void {
     if (!Number.isInteger(length) || length < 0 || length > this.length) {
       throw new RedflagError('INVALID_ARGUMENT', `truncate length must be an integer from 0 to ${this.length}`);
     }
-    this.native.truncate(length);
+    callNativeSync(() => this.native.truncate(length));
   }
   /** Frees the cache. */
   dispose(): void {

@@ -38,6 +38,23 @@ struct BusyRelease {
   }
 };
 
+// The sequences a call works on, marked in use from the moment it takes them until its work ends
+// (or it fails to start): their caches must not be re-laid-out (reserve) or cut (truncate) while
+// the worker thread writes them.
+struct SequencesInUse {
+  std::vector<std::shared_ptr<std::atomic<int>>> calls;
+  std::atomic<bool> released{false};
+  void release() {
+    if (released.exchange(true)) return;
+    for (auto& c : calls) c->fetch_sub(1);
+  }
+  ~SequencesInUse() { release(); }
+};
+struct InUseRelease {
+  std::shared_ptr<SequencesInUse> in_use;
+  ~InUseRelease() { in_use->release(); }
+};
+
 int get_int(const Napi::Object& o, const char* key) {
   Napi::Value v = o.Get(key);
   if (!v.IsNumber()) throw std::invalid_argument(std::string("config.") + key + " must be a number");
@@ -128,7 +145,7 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
   }
   void Truncate(const Napi::CallbackInfo& info) {
     guard(info.Env(), [&] {
-      if (!seq) throw std::invalid_argument("the sequence was disposed");
+      check_idle("truncate");
       seq->truncate(long(info[0].As<Napi::Number>().Int64Value()));
     });
   }
@@ -136,10 +153,20 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
   // cache later (the memory accounting of the detector relies on it).
   void Reserve(const Napi::CallbackInfo& info) {
     guard(info.Env(), [&] {
-      if (!seq) throw std::invalid_argument("the sequence was disposed");
+      check_idle("reserve");
       seq->reserve(long(info[0].As<Napi::Number>().Int64Value()));
     });
   }
+  void check_idle(const char* what) {
+    if (!seq) throw std::invalid_argument("the sequence was disposed");
+    if (calls->load() > 0) throw std::invalid_argument(std::string(what) + ": the sequence is in use by a call in flight; change it once that call has settled");
+  }
+
+ public:
+  // Calls in flight on this sequence (see SequencesInUse).
+  std::shared_ptr<std::atomic<int>> calls = std::make_shared<std::atomic<int>>(0);
+
+ private:
   // A forward in flight holds its own reference, so the memory goes when that finishes.
   void Dispose(const Napi::CallbackInfo&) { seq.reset(); }
 };
@@ -292,6 +319,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       auto tokens = batch.tokens;
       auto seqs_held = batch.seqs;
       auto items = batch.items;
+      auto in_use = batch.in_use;
       CancelFlag flag = parse_cancel(info, 4);
       auto cancel_ref = flag.ref;
       const std::atomic<int>* cancel = flag.flag;
@@ -311,6 +339,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
           env,
           [=] {
             const BusyRelease release{busy, progress_fn};
+            const InUseRelease in_use_release{in_use};
             out->resize(size_t(rows) * engine->vocab());
             std::function<void(int, int)> progress;
             if (progress_fn) {
@@ -339,6 +368,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     std::shared_ptr<std::vector<uint32_t>> tokens;
     std::vector<std::shared_ptr<EngineSequence>> seqs;
     std::vector<EngineItem> items;
+    std::shared_ptr<SequencesInUse> in_use = std::make_shared<SequencesInUse>();
   };
   Batch parse_batch(const Napi::Array& seqs, const Napi::Uint32Array& tokens_js, const Napi::Uint32Array& counts_js) {
     if (counts_js.ElementLength() != seqs.Length()) throw std::invalid_argument("one token count per sequence is required");
@@ -355,7 +385,11 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       for (auto& c : b.seqs)
         if (c == s->seq) throw std::invalid_argument("a sequence appears twice in one forward call");
       const uint32_t n = counts_js[i];
+      // The engines read a sequence's last new row: every sequence brings at least one token.
+      if (n == 0) throw std::invalid_argument("sequences[" + std::to_string(i) + "] has no tokens");
       if (offset + n > b.tokens->size()) throw std::invalid_argument("token counts exceed the tokens given");
+      s->calls->fetch_add(1);
+      b.in_use->calls.push_back(s->calls);
       b.seqs.push_back(s->seq);
       b.items.push_back({s->seq.get(), b.tokens->data() + offset, int(n)});
       offset += n;
@@ -407,7 +441,9 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       std::vector<PickParams> params(n);
       for (size_t i = 0; i < n; ++i) {
         params[i].temperature = float(params_js[i * 4]);
-        params[i].top_k = int(params_js[i * 4 + 1]);
+        // top_k at or past the vocabulary keeps every token (0), and never overflows an int.
+        const double k = params_js[i * 4 + 1];
+        params[i].top_k = k >= double(engine().vocab()) ? 0 : int(k);
         params[i].top_p = float(params_js[i * 4 + 2]);
         params[i].seed = uint64_t(params_js[i * 4 + 3]);
       }
@@ -435,6 +471,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
           env,
           [=] {
             const BusyRelease release{busy};
+            const InUseRelease in_use_release{batch.in_use};
             engine->decode_step(batch.items, params, Flags(flag_ids, out->p_flags.data()), top_n, out->picks.data(),
                                 out->top_ids.data(), out->top_lp.data(), flag.flag, scores);
             (void)batch;
@@ -512,6 +549,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
           env,
           [=] {
             const BusyRelease release{busy};
+            const InUseRelease in_use_release{batch.in_use};
             engine->token_scores(batch.items, Flags(flag_ids, flag_list ? each->data() : nullptr), out->data(), flag.flag,
                          logprobs ? lp->data() : nullptr);
             (void)batch;
