@@ -3,6 +3,7 @@ import { describe, expect, it } from 'vitest';
 import { join } from 'node:path';
 
 import { rm } from 'node:fs/promises';
+import { Worker } from 'node:worker_threads';
 
 import { RedflagError } from '../lib/errors.js';
 import { loadModel } from '../lib/model/model.js';
@@ -177,6 +178,31 @@ describe('the addon', () => {
     } finally {
       model.dispose();
       await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('works in worker threads beside the main thread (each environment its own classes)', async () => {
+    const model = await loadModel(join(FIXTURES, 'llama-gqa'), { threads: 1 });
+    try {
+      const want = await model.logits([1, 2, 3]);
+      // A worker loads the addon too and makes a sequence, then exits; the main thread goes on.
+      const addon = process.env.REDFLAG_ADDON ?? join(import.meta.dirname, '..', 'build', 'Release', 'redflag.node');
+      const code = `
+        const { parentPort, workerData } = require('node:worker_threads');
+        const addon = require(workerData);
+        const config = { arch: 'llama', vocab: 16, hidden: 8, intermediate: 16, nLayers: 1, nHeads: 2, nKvHeads: 2, headDim: 4, maxPositions: 8,
+          norm: 'rms', normEps: 1e-5, act: 'silu', rope: true, ropeTheta: 10000, ropeScaling: 'none', ropeFactor: 1, ropeLowFreqFactor: 1,
+          ropeHighFreqFactor: 4, ropeOriginalMaxPositions: 8, qkvBias: false, oBias: false, qkNorm: false, mlpBias: false, tiedEmbeddings: true, slidingWindow: 0 };
+        const m = new addon.NativeModel(config, 'f32', 1);
+        parentPort.postMessage(m.newSequence().constructor.name);`;
+      const worker = new Worker(code, { eval: true, workerData: addon });
+      const made = await new Promise((resolve, reject) => worker.once('message', resolve).once('error', reject));
+      expect(made).toBe('NativeSequence');
+      expect(await model.logits([1, 2, 3])).toEqual(want); // while the worker is alive
+      await worker.terminate();
+      expect(await model.logits([1, 2, 3])).toEqual(want); // and after it is gone
+    } finally {
+      model.dispose();
     }
   });
 

@@ -120,7 +120,9 @@ std::atomic<long> g_live_sequences{0};
 
 class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
  public:
-  static Napi::FunctionReference ctor;
+  // The class of this Node environment (the main thread's, or a worker_thread's): each loads
+  // the addon for itself, so the constructor is per-environment instance data, not a static.
+  static Napi::Function Ctor(Napi::Env env) { return env.GetInstanceData<Napi::FunctionReference>()->Value(); }
 
   static Napi::Function Init(Napi::Env env) {
     return DefineClass(env, "NativeSequence",
@@ -170,7 +172,6 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
   // A forward in flight holds its own reference, so the memory goes when that finishes.
   void Dispose(const Napi::CallbackInfo&) { seq.reset(); }
 };
-Napi::FunctionReference SequenceWrap::ctor;
 
 class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
  public:
@@ -288,7 +289,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
 
   Napi::Value NewSequence(const Napi::CallbackInfo& info) {
     return guard(info.Env(), [&]() -> Napi::Value {
-      Napi::Object obj = SequenceWrap::ctor.New({});
+      Napi::Object obj = SequenceWrap::Ctor(info.Env()).New({});
       SequenceWrap* s = SequenceWrap::Unwrap(obj);
       // The count goes down when the last holder (the wrapper, or a call in flight) lets go.
       std::shared_ptr<EngineSequence> made = engine().new_sequence();
@@ -377,7 +378,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     size_t offset = 0;
     for (uint32_t i = 0; i < seqs.Length(); ++i) {
       Napi::Value v = seqs.Get(i);
-      if (!v.IsObject() || !v.As<Napi::Object>().InstanceOf(SequenceWrap::ctor.Value()))
+      if (!v.IsObject() || !v.As<Napi::Object>().InstanceOf(SequenceWrap::Ctor(seqs.Env())))
         throw std::invalid_argument("sequences[" + std::to_string(i) + "] is not a sequence");
       SequenceWrap* s = SequenceWrap::Unwrap(v.As<Napi::Object>());
       if (!s->seq) throw std::invalid_argument("sequences[" + std::to_string(i) + "] was disposed");
@@ -1070,8 +1071,7 @@ Napi::Value CollectiveId(const Napi::CallbackInfo& info) {
 
 Napi::Object InitAddon(Napi::Env env, Napi::Object exports) {
   Napi::Function seq = SequenceWrap::Init(env);
-  SequenceWrap::ctor = Napi::Persistent(seq);
-  SequenceWrap::ctor.SuppressDestruct();
+  env.SetInstanceData(new Napi::FunctionReference(Napi::Persistent(seq)));  // freed with the environment
   exports.Set("NativeSequence", seq);
   exports.Set("NativeModel", ModelWrap::Init(env));
   exports.Set("cpuInfo", Napi::Function::New(env, CpuInfo));
