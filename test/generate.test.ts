@@ -160,4 +160,30 @@ describe('the event loop', () => {
       await rm(deepDir, { recursive: true, force: true });
     }
   });
+
+  it('an AbortSignal during the LM head of tokenScores leaves the sequence as it was', async () => {
+    const dir = await tinyLlama({ numLayers: 1, hiddenSize: 64, maxPositions: 4096 });
+    const model = await loadModel(dir, { threads: 1 });
+    try {
+      const seq = model.newSequence();
+      const ids = Array.from({ length: 3000 }, (_, i) => (i * 7) % 32000);
+      const controller = new AbortController();
+      // The forward has appended the tokens once the length moves; the LM head's 3000 x 32000
+      // logits then take far longer than the next poll.
+      const poll = setInterval(() => {
+        if (seq.length > 0) controller.abort();
+      }, 1);
+      await expect(model.tokenScores([seq], [ids], { rfToken: 5, signal: controller.signal })).rejects.toMatchObject({ name: 'AbortError' });
+      clearInterval(poll);
+      expect(seq.length).toBe(0);
+      const again = await model.tokenScores([seq], [ids.slice(0, 10)], { rfToken: 5 });
+      const fresh = model.newSequence();
+      expect(again).toEqual(await model.tokenScores([fresh], [ids.slice(0, 10)], { rfToken: 5 }));
+      fresh.dispose();
+      seq.dispose();
+    } finally {
+      model.dispose();
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
 });

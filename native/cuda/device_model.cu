@@ -1162,7 +1162,12 @@ void DeviceModel::token_scores(const std::vector<DeviceItem>& items, const Flags
   const bool flags_on = adapter_enabled_ && !w.flag_tokens.empty();
   // The LM head in chunks of rows: memory stays [chunk, vocab] however long the input.
   for (long r0 = 0; r0 < R; r0 += chunk) {
-    if (cancel && cancel->load(std::memory_order_relaxed)) throw Cancelled();
+    if (cancel && cancel->load(std::memory_order_relaxed)) {
+      // Cancelled calls leave the sequences as they were, as a cancelled forward does.
+      check(cudaStreamSynchronize(st), "token_scores");
+      for (const DeviceItem& it : items) it.seq->truncate(it.seq->length() - it.n_tokens);
+      throw Cancelled();
+    }
     const long rows = std::min(chunk, R - r0);
     head_rows(hidden + r0 * H, rows, logits, flags_on);
     row_scores(logits, int(rows), V, d_flags, K, d_next + r0, d_p_rf + r0, d_p_flags ? d_p_flags + r0 * K : nullptr,

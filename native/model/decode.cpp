@@ -209,7 +209,11 @@ void token_scores(Model& model, const std::vector<ForwardItem>& items, const Fla
   constexpr long kChunk = 64;
   std::vector<float> logits(size_t(std::min(R, kChunk)) * V);
   for (long r0 = 0; r0 < R; r0 += kChunk) {
-    if (cancel && cancel->load(std::memory_order_relaxed)) throw Cancelled();
+    if (cancel && cancel->load(std::memory_order_relaxed)) {
+      // Cancelled calls leave the sequences as they were, as a cancelled forward does.
+      for (const ForwardItem& it : items) it.cache->truncate(it.cache->length() - it.n_tokens);
+      throw Cancelled();
+    }
     const long rows = std::min(kChunk, R - r0);
     model.head_logits(hidden.data() + r0 * H, rows, logits.data());
     auto score = [&](long begin, long end) {

@@ -14,13 +14,18 @@ void KvCache::reserve(long n, bool exact) {
     while (cap < n) cap *= 2;
   }
   const size_t per_head_old = size_t(capacity_) * head_dim_, per_head_new = size_t(cap) * head_dim_;
+  // Every layer's new buffers first: out of memory part way then leaves the cache as it was
+  // (never some layers at the new stride and some at the old).
+  std::vector<std::vector<float>> grown(size_t(2) * n_layers_);
+  for (auto& g : grown) g.resize(size_t(n_kv_heads_) * per_head_new);
   for (int l = 0; l < n_layers_; ++l) {
-    for (auto* store : {&k_[l], &v_[l]}) {
-      std::vector<float> grown(size_t(n_kv_heads_) * per_head_new);
-      for (int h = 0; h < n_kv_heads_; ++h)
-        std::memcpy(grown.data() + h * per_head_new, store->data() + h * per_head_old,
-                    size_t(length_) * head_dim_ * sizeof(float));
-      store->swap(grown);
+    for (int kv = 0; kv < 2; ++kv) {
+      std::vector<float>& store = kv == 0 ? k_[l] : v_[l];
+      std::vector<float>& into = grown[size_t(2) * l + kv];
+      if (length_ > 0)
+        for (int h = 0; h < n_kv_heads_; ++h)
+          std::memcpy(into.data() + h * per_head_new, store.data() + h * per_head_old, size_t(length_) * head_dim_ * sizeof(float));
+      store.swap(into);
     }
   }
   capacity_ = cap;
