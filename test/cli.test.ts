@@ -1,7 +1,7 @@
 // The command line, run as a user would (through tsx, so no build step is needed).
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { execFile, spawn } from 'node:child_process';
-import { rm } from 'node:fs/promises';
+import { cp, readFile, rm, symlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 
@@ -132,6 +132,19 @@ describe('redflag CLI', () => {
       const self = await cli('merge', '--model', fixture, '--adapter', adapterDir, '--output', `${fixture}/`, '--overwrite');
       expect(self.code).toBe(1);
       expect(self.stderr).toMatch(/would replace the base model it is made from/);
+      // Through a link to it too (a copy of the fixture, so a failure cannot harm the fixture).
+      const copy = join(dir, 'base-copy');
+      await cp(fixture, copy, { recursive: true });
+      await symlink(copy, join(dir, 'base-link'));
+      const weights = await readFile(join(copy, 'model.safetensors'));
+      const linked = await cli('merge', '--model', copy, '--adapter', adapterDir, '--output', join(dir, 'base-link'), '--overwrite');
+      expect(linked.code).toBe(1);
+      expect(linked.stderr).toMatch(/would replace the base model it is made from/);
+      expect((await readFile(join(copy, 'model.safetensors'))).equals(weights)).toBe(true);
+      // An output that is a file: one line, no stack trace.
+      const file = await cli('merge', '--model', fixture, '--adapter', adapterDir, '--output', join(copy, 'config.json'));
+      expect(file.code).toBe(1);
+      expect(file.stderr).toMatch(/^redflag: EEXIST: file already exists, mkdir .*config\.json'\n$/);
     } finally {
       model.dispose();
     }
@@ -148,6 +161,18 @@ describe('redflag CLI', () => {
     for await (const t of model.generate(ids, { maxTokens: 8 })) text += t.text;
     model.dispose();
     expect(stdout).toBe(text + '\n');
+  });
+
+  it('generate piped into a reader that stops early ends quietly, exit code 0', async () => {
+    const child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'lib', 'cli.ts'), 'generate', '--model', dir, '--prompt', 'hi', '-n', '2000'], { cwd: ROOT });
+    let stderr = '';
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    // Read the first bytes, then close the pipe, as `| head -c 20` does.
+    await new Promise<void>((resolve) => child.stdout.once('data', () => resolve()));
+    child.stdout.destroy();
+    const code = await new Promise<number | null>((resolve) => child.once('exit', resolve));
+    expect(stderr).not.toMatch(/EPIPE|Error/);
+    expect(code).toBe(0);
   });
 
   it('fails with a clear message and exit code 1 on bad input', async () => {

@@ -4,6 +4,7 @@
  * fine-tuned weights written as a Hugging Face model.
  * @module
  */
+import { realpath } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 
 import { RedflagError } from '../errors.js';
@@ -113,7 +114,9 @@ export async function saveMerged(model: Model, adapter: Adapter, dir: string): P
  * `output` is an error unless `options.overwrite`; `output` may never be `modelDir`.
  */
 export async function mergeAdapterInto(modelDir: string, adapterDir: string, output: string, options: { overwrite?: boolean } = {}): Promise<string> {
-  if (resolve(output) === resolve(modelDir)) {
+  // Real paths: a link to the base model is the base model.
+  const real = (path: string) => realpath(path).catch(() => resolve(path));
+  if ((await real(output)) === (await real(modelDir))) {
     throw new RedflagError('INVALID_ARGUMENT', 'the merged model would replace the base model it is made from: choose another output directory', { file: output });
   }
   const files = await openModelFiles(modelDir);
