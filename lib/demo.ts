@@ -11,7 +11,7 @@
  * the pipeline's reference figures were measured.
  * @module
  */
-import { mkdtemp } from 'node:fs/promises';
+import { mkdtemp, readdir } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -20,6 +20,7 @@ import { createDetector } from './detect/detector.js';
 import { generateSyntheticData } from './data/synthetic.js';
 import { addonFor, parseDevice, type DeviceSpec } from './model/device.js';
 import { loadModel } from './model/model.js';
+import { RedflagError } from './errors.js';
 import { formatConfusion, trainCategoryFlags } from './train/category-flags.js';
 import { applyAdapter } from './train/export.js';
 import { PIPELINE_SIZES, runPipeline } from './train/pipeline.js';
@@ -30,11 +31,21 @@ function log(line: string): void {
 }
 
 /** Runs the demo and prints its figures as JSON on stdout. */
-export async function runDemo(options: { out?: string; threads?: number; small?: boolean; device?: DeviceSpec } = {}): Promise<Record<string, unknown>> {
+export async function runDemo(options: { out?: string; threads?: number; small?: boolean; device?: DeviceSpec; overwrite?: boolean } = {}): Promise<Record<string, unknown>> {
   const spec = parseDevice(options.device ?? 'cpu', 'device');
   // A device that cannot run fails now, with its reason, before the language model trains.
   addonFor(spec);
   const device = spec.name as DeviceSpec;
+  // The demo rewrites its working directory: one that holds anything is the user's to give up.
+  if (options.out !== undefined && !options.overwrite) {
+    const held = await readdir(options.out).catch((error: NodeJS.ErrnoException) => {
+      if (error.code === 'ENOENT') return [];
+      throw new RedflagError('INVALID_ARGUMENT', `cannot use it as the demo's working directory (${error.message})`, { file: options.out!, cause: error });
+    });
+    if (held.length > 0) {
+      throw new RedflagError('INVALID_ARGUMENT', `is not empty, and the demo replaces what it writes there: choose a new directory, or pass --overwrite`, { file: options.out });
+    }
+  }
   const dir = options.out ?? (await mkdtemp(join(tmpdir(), 'redflag-demo-')));
   log(`redflag demo: working in ${dir}${device === 'cpu' ? '' : ` (adapters, detector and evaluation on ${device})`}`);
   const size = PIPELINE_SIZES[options.small ? 'small' : 'demo'];

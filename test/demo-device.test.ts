@@ -5,7 +5,7 @@
 // language model trains or the working directory is made.
 import { describe, expect, it } from 'vitest';
 import { execFile } from 'node:child_process';
-import { access, mkdtemp, rm } from 'node:fs/promises';
+import { access, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -39,6 +39,21 @@ describe('redflag demo --device', () => {
       expect(error).toMatchObject({ code: expect.stringMatching(/^(NATIVE|UNSUPPORTED)$/) });
       expect(String((error as Error).message)).toMatch(/cuda/i);
       await expect(access(out)).rejects.toThrow(/ENOENT/);
+    } finally {
+      await rm(parent, { recursive: true, force: true });
+    }
+  });
+
+  it('an --out directory that holds anything is refused without --overwrite, and left as it was', async () => {
+    const parent = await mkdtemp(join(tmpdir(), 'redflag-demo-out-'));
+    try {
+      await writeFile(join(parent, 'notes.txt'), 'mine');
+      await expect(runDemo({ out: parent, small: true })).rejects.toMatchObject({
+        code: 'INVALID_ARGUMENT',
+        file: parent,
+        message: expect.stringMatching(/is not empty, and the demo replaces what it writes there: choose a new directory, or pass --overwrite/),
+      });
+      expect(await readdir(parent)).toEqual(['notes.txt']);
     } finally {
       await rm(parent, { recursive: true, force: true });
     }

@@ -388,8 +388,9 @@ export function buildProgram(): Command {
     .option('--out <dir>', 'working directory (default: a new temporary directory)')
     .option('--threads <n>', 'threads for native work', integer('threads', 1))
     .option('--small', 'a smaller, faster run')
+    .option('--overwrite', 'use an --out directory that is not empty (the demo replaces what it writes there)')
     .option('--device <device>', 'where the adapters train, the detector answers and the evaluation runs: cpu, cuda or cuda:N (the language model trains on the CPU)', device, 'cpu')
-    .action(async (flags: { out?: string; threads?: number; small?: boolean; device: DeviceSpec }) => {
+    .action(async (flags: { out?: string; threads?: number; small?: boolean; device: DeviceSpec; overwrite?: boolean }) => {
       await runDemo(flags);
     });
 
