@@ -126,6 +126,20 @@ describe('train: the output directory and error messages', () => {
     expect(await readdir(out)).not.toContain('.train.lock');
   }, 120_000);
 
+  it('keeps a metrics.jsonl it did not leave: refused unless a killed run\'s lock is beside it', async () => {
+    const out = join(dir, 'old-metrics');
+    await mkdir(out, { recursive: true });
+    await writeFile(join(out, 'metrics.jsonl'), '{"my":"experiment log"}\n');
+    await expect(train(config('old-metrics', { steps: 1 }))).rejects.toThrow(/metrics\.jsonl already exists and no checkpoint or result of a run is beside it: pass --overwrite/);
+    expect(await readFile(join(out, 'metrics.jsonl'), 'utf8')).toBe('{"my":"experiment log"}\n');
+    // Left by a run killed before its first checkpoint (its lock is still there): started afresh.
+    const gone = spawn(process.execPath, ['-e', '']);
+    await new Promise((resolve) => gone.on('close', resolve));
+    await writeFile(join(out, '.train.lock'), `${gone.pid}\n`);
+    await train(config('old-metrics', { steps: 1 }));
+    expect(await readFile(join(out, 'metrics.jsonl'), 'utf8')).not.toContain('experiment log');
+  }, 120_000);
+
   it('escapes control characters of a config file quoted in errors', async () => {
     const file = join(dir, 'evil-config.json');
     await writeFile(file, JSON.stringify({ model: base, output: join(dir, 'x'), data: 'synthetic', '\u001b]0;owned\u0007\r\u0000key': 1 }));

@@ -352,8 +352,11 @@ export async function metricsHaveEval(file: string, step: number): Promise<boole
 /** Output directories this process holds the lock of (its pid in the lock file cannot tell two runs of one process apart). */
 const heldHere = new Set<string>();
 
-/** Takes the output directory's lock (one writer at a time); returns its release. */
-export async function lockOutput(output: string): Promise<() => Promise<void>> {
+/**
+ * Takes the output directory's lock (one writer at a time); returns its release. `onStale` is
+ * told when the lock of a process that is gone was there: a run killed before it could let go.
+ */
+export async function lockOutput(output: string, onStale?: () => void): Promise<() => Promise<void>> {
   const file = join(output, LOCK);
   const key = resolve(output);
   if (heldHere.has(key)) throw new RedflagError('INVALID_ARGUMENT', 'another training run of this process is writing to this output directory', { file: output });
@@ -379,6 +382,7 @@ export async function lockOutput(output: string): Promise<() => Promise<void>> {
         throw new RedflagError('INVALID_ARGUMENT', `another training run (pid ${pid}) is writing to this output directory`, { file: output });
       }
       await unlink(file).catch(() => undefined); // its process is gone (killed): take it over
+      onStale?.();
     }
   }
   throw new RedflagError('INVALID_ARGUMENT', 'cannot take the output directory lock', { file });

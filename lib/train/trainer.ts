@@ -137,11 +137,12 @@ export async function train(input: TrainConfigInput | TrainConfig, hooks: TrainH
   const config = parseTrainConfig(input);
   const log = hooks.log ?? (() => undefined);
   // Data-parallel ranks other than 0 write nothing: rank 0 holds the output (lib/train/data-parallel.ts).
-  if ((config.dataParallel?.rank ?? 0) > 0) return trainLocked(config, hooks, log);
+  if ((config.dataParallel?.rank ?? 0) > 0) return trainLocked(config, hooks, log, false);
   await createOutputDir(config.output);
-  const unlock = await lockOutput(config.output);
+  let killed = false;
+  const unlock = await lockOutput(config.output, () => (killed = true));
   try {
-    return await trainLocked(config, hooks, log);
+    return await trainLocked(config, hooks, log, killed);
   } finally {
     await unlock();
   }
@@ -164,7 +165,8 @@ async function createOutputDir(output: string): Promise<void> {
 /** What a finished run writes into the output directory. */
 const RESULT_DIRS = ['adapter', 'model', 'merged'];
 
-async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: string) => void): Promise<TrainResult> {
+/** `killed`: the output's lock was a process's that is gone (a run killed there). */
+async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: string) => void, killed: boolean): Promise<TrainResult> {
   const { signal } = hooks;
   const metricsFile = join(config.output, 'metrics.jsonl');
   // The process that writes: the only one, or rank 0 of a data-parallel group.
@@ -201,10 +203,16 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
         throw new RedflagError('INVALID_ARGUMENT', `${join(config.output, name)} already exists and no checkpoint of this run is beside it: pass --overwrite (overwrite: true) to replace it, or choose another output directory`);
       }
     }
-    // Metrics without a checkpoint or results are what a run killed before its first checkpoint wrote.
+    // Metrics beside the lock of a run that was killed before its first checkpoint are that
+    // run's; any other (a finished run's whose results moved, the user's own file) are kept.
     if (await pathExists(metricsFile)) {
+      if (!killed) {
+        throw new RedflagError('INVALID_ARGUMENT', `${metricsFile} already exists and no checkpoint or result of a run is beside it: pass --overwrite (overwrite: true) to replace it, or choose another output directory`, {
+          file: metricsFile,
+        });
+      }
       await rm(metricsFile, { force: true });
-      log('metrics.jsonl of a run stopped before its first checkpoint: starting it afresh');
+      log('metrics.jsonl of a run killed before its first checkpoint: starting it afresh');
     }
   }
 
