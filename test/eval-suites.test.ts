@@ -3,7 +3,7 @@
 // threshold 1 nothing by score; a resumed run computes nothing; a model compared with itself has
 // zero KL and full agreement), plus the decode loop against the detector it mirrors.
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -11,7 +11,7 @@ import { encodePrompt } from '../lib/data/encode.js';
 import { generateSyntheticData } from '../lib/data/synthetic.js';
 import { createDetector } from '../lib/detect/detector.js';
 import { type Detector } from '../lib/detect/types.js';
-import { ResultsCache } from '../lib/eval/cache.js';
+import { directoryStamp, ResultsCache } from '../lib/eval/cache.js';
 import { decodeBatch } from '../lib/eval/decode.js';
 import { generateSyntheticMcq } from '../lib/eval/mcq.js';
 import { nonRefusalJudge, RefusalMatcher, type Judge } from '../lib/eval/refusal.js';
@@ -263,6 +263,24 @@ describe('utility suite', () => {
     expect(r.greedy.meanFirstDivergence).toBeLessThan(r.greedy.meanLength);
     expect(r.mcq.accuracy).toBeGreaterThanOrEqual(0);
     expect(r.mcq.accuracy).toBeLessThanOrEqual(1);
+  });
+});
+
+describe('the results cache', () => {
+  it('a model directory\'s stamp changes with its chat template and tokenizer config, not only its weights', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'redflag-stamp-'));
+    try {
+      await writeFile(join(dir, 'config.json'), '{}');
+      await writeFile(join(dir, 'tokenizer_config.json'), '{"chat_template": "A"}');
+      const before = await directoryStamp(dir);
+      await writeFile(join(dir, 'tokenizer_config.json'), '{"chat_template": "AB"}');
+      const edited = await directoryStamp(dir);
+      expect(edited).not.toEqual(before);
+      await writeFile(join(dir, 'chat_template.jinja'), 'C');
+      expect(await directoryStamp(dir)).not.toEqual(edited);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });
 

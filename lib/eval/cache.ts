@@ -20,11 +20,15 @@ export function fingerprint(value: unknown): string {
 }
 
 /**
- * What identifies a model or adapter directory's current contents for the cache: its weight and
- * config files' sizes and modification times (retraining into the same directory invalidates).
+ * What identifies a model or adapter directory's current contents for the cache: its weight,
+ * config, tokenizer and chat-template files' sizes and modification times (retraining into the
+ * same directory, or editing the template the prompts are rendered with, invalidates).
  */
 export async function directoryStamp(dir: string): Promise<string[]> {
-  const files = ['config.json', 'model.safetensors', 'model.safetensors.index.json', 'adapter_config.json', 'adapter_model.safetensors', 'redflag_rows.safetensors', 'tokenizer.json'];
+  const files = [
+    'config.json', 'generation_config.json', 'model.safetensors', 'model.safetensors.index.json', 'adapter_config.json', 'adapter_model.safetensors',
+    'redflag_rows.safetensors', 'tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja',
+  ];
   const stamps = await Promise.all(files.map(async (f) => stat(join(dir, f)).then((s) => `${f}:${s.size}:${Math.round(s.mtimeMs)}`, () => '')));
   return stamps.filter(Boolean);
 }
