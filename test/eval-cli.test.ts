@@ -99,6 +99,13 @@ describe('redflag eval', () => {
     expect(variant.stderr).toMatch(/--variant #1 must be NAME=PATH/);
     const k = await cli('eval', '--model', base, '--synthetic', '--prefill-k', '2,x', '--out', out);
     expect(k.stderr).toMatch(/--prefill-k must be a comma-separated list/);
+    // List flags: an empty item is a mistake, never a 0.
+    await expect(evalConfigFromFlags({ model: base, out, synthetic: true, epsilons: '0.1,,0.2' })).rejects.toThrow(/--epsilons must be a comma-separated list of numbers >= 0, got "0\.1,,0\.2"/);
+    await expect(evalConfigFromFlags({ model: base, out, synthetic: true, prefillK: '1,,2' })).rejects.toThrow(/--prefill-k must be a comma-separated list of integers/);
+    // --synthetic-per-category sizes the synthetic split, from the flag or the config file; alone it says what is missing.
+    await expect(evalConfigFromFlags({ model: base, out, syntheticPerCategory: 60 })).rejects.toThrow(/--synthetic-per-category sizes the synthetic split: add --synthetic/);
+    await writeFile(join(out, 'synthetic.json'), JSON.stringify({ synthetic: { seed: 3 } }));
+    expect((await evalConfigFromFlags({ model: base, out, config: join(out, 'synthetic.json'), syntheticPerCategory: 60 })).synthetic).toMatchObject({ seed: 3, perCategory: 60 });
     const noData = await cli('eval', '--model', base, '--out', out);
     expect(noData.stderr).toMatch(/harmful: no data/);
     const missing = await cli('eval', '--model', base, '--synthetic', '--variant', `x=${join(out, 'nowhere')}`, '--suite', 'detection', '--out', out);

@@ -247,7 +247,8 @@ describe('drain', () => {
     const server = await start({ detector });
     const running = chat(server.url, 'wait for it', { stream: true });
     await waitFor(() => detector.generations.length === 1, 'the generation to start');
-    const drained = server.drain(60_000);
+    // A grace period past what one setTimeout takes (2^31 ms; such a timer fires at once).
+    const drained = server.drain(3e9);
     await waitFor(() => server.state === 'draining', 'the drain to begin');
 
     const refused = await chat(server.url, 'Hi');

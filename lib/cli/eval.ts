@@ -28,10 +28,14 @@ export function parseVariantFlag(value: string, index: number): { name: string; 
 /** A comma-separated list of integers, naming the flag when one is not. */
 function integers(flag: string, value: unknown): number[] | undefined {
   if (value === undefined) return undefined;
-  const parts = String(value).split(',').map((s) => s.trim()).filter(Boolean);
-  return parts.map((p) => {
-    const n = Number(p);
-    if (!Number.isInteger(n) || n < 0) throw new RedflagError('INVALID_ARGUMENT', `${flag} must be a comma-separated list of integers >= 0, got ${JSON.stringify(String(value))}`);
+  return numbers(flag, value, 'integers', Number.isInteger);
+}
+
+/** A comma-separated list of numbers >= 0 that `ok` accepts; an empty item is a mistake, not a 0. */
+function numbers(flag: string, value: unknown, what: string, ok: (n: number) => boolean): number[] {
+  return String(value).split(',').map((p) => {
+    const n = Number(p.trim());
+    if (p.trim() === '' || !ok(n) || n < 0) throw new RedflagError('INVALID_ARGUMENT', `${flag} must be a comma-separated list of ${what} >= 0, got ${JSON.stringify(String(value))}`);
     return n;
   });
 }
@@ -67,7 +71,13 @@ export async function evalConfigFromFlags(flags: Record<string, unknown>): Promi
   set('harmful', files('harmful'));
   set('benign', files('benign'));
   set('data', files('data'));
-  if (flags['synthetic']) o['synthetic'] = { ...((base['synthetic'] as object) ?? {}), ...(flags['syntheticPerCategory'] !== undefined ? { perCategory: flags['syntheticPerCategory'] } : {}) };
+  // The synthetic split: --synthetic or the config file's; --synthetic-per-category sizes it.
+  const perCategory = flags['syntheticPerCategory'] !== undefined ? { perCategory: flags['syntheticPerCategory'] } : {};
+  if (flags['synthetic'] || (base['synthetic'] && flags['syntheticPerCategory'] !== undefined)) {
+    o['synthetic'] = { ...((base['synthetic'] as object) ?? {}), ...perCategory };
+  } else if (flags['syntheticPerCategory'] !== undefined) {
+    throw new RedflagError('INVALID_ARGUMENT', '--synthetic-per-category sizes the synthetic split: add --synthetic (or "synthetic" in the config file)');
+  }
   set('mcq', flags['mcq']);
   set('limit', flags['limit']);
   if (flags['suite'] !== undefined) {
@@ -85,9 +95,7 @@ export async function evalConfigFromFlags(flags: Record<string, unknown>): Promi
     if (value !== undefined) attacks[attack] = { ...attacks[attack], [key]: value };
   };
   if (flags['epsilons'] !== undefined) {
-    const eps = String(flags['epsilons']).split(',').map((x) => Number(x.trim()));
-    if (eps.some((e) => !Number.isFinite(e) || e < 0)) throw new RedflagError('INVALID_ARGUMENT', `--epsilons must be a comma-separated list of numbers >= 0, got ${JSON.stringify(String(flags['epsilons']))}`);
-    budget('embedding', 'epsilons', eps);
+    budget('embedding', 'epsilons', numbers('--epsilons', flags['epsilons'], 'numbers', Number.isFinite));
   }
   budget('embedding', 'steps', flags['embeddingSteps']);
   budget('embedding', 'items', flags['attackItems']);

@@ -29,9 +29,21 @@ function isPromiseLike<T>(value: T | PromiseLike<T>): value is PromiseLike<T> {
   return typeof (value as { then?: unknown }).then === 'function';
 }
 
+/** Longest delay setTimeout takes (a longer one fires at once). */
+const MAX_TIMEOUT_MS = 2 ** 31 - 1;
+
+/** Resolves after `ms`, however long (in steps setTimeout takes); cancel() stops it. */
 function sleep(ms: number): { promise: Promise<void>; cancel: () => void } {
   let timer: NodeJS.Timeout | undefined;
-  const promise = new Promise<void>((resolve) => (timer = setTimeout(resolve, ms)));
+  const until = performance.now() + ms;
+  const promise = new Promise<void>((resolve) => {
+    const wait = (): void => {
+      const left = until - performance.now();
+      if (left <= 0) resolve();
+      else timer = setTimeout(wait, Math.min(left, MAX_TIMEOUT_MS));
+    };
+    wait();
+  });
   return { promise, cancel: () => clearTimeout(timer) };
 }
 
