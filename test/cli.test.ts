@@ -185,6 +185,11 @@ describe('redflag CLI', () => {
     const badFlag = await cli('generate', '--model', dir, '--prompt', 'x', '--temperature', '-2');
     expect(badFlag.code).not.toBe(0);
     expect(badFlag.stderr).toMatch(/temperature/);
+    const topP = await cli('generate', '--model', dir, '--prompt', 'x', '--top-p', '0');
+    expect(topP.stderr).toMatch(/top-p must be a number in \(0, 1\]/);
+    const system = await cli('generate', '--model', dir, '--prompt', 'x', '--system', 'Be brief.');
+    expect(system.code).toBe(1);
+    expect(system.stderr).toMatch(/--system goes into the chat template: add --chat/);
   });
 
   it('serve answers over HTTP with the API key, refuses without it, and exits 0 on SIGINT', async () => {

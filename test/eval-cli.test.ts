@@ -108,8 +108,11 @@ describe('redflag eval', () => {
     expect((await evalConfigFromFlags({ model: base, out, config: join(out, 'synthetic.json'), syntheticPerCategory: 60 })).synthetic).toMatchObject({ seed: 3, perCategory: 60 });
     const noData = await cli('eval', '--model', base, '--out', out);
     expect(noData.stderr).toMatch(/harmful: no data/);
-    const missing = await cli('eval', '--model', base, '--synthetic', '--variant', `x=${join(out, 'nowhere')}`, '--suite', 'detection', '--out', out);
+    // Before the base variant's suites run: nothing is computed or written.
+    const fresh = join(out, 'missing-variant');
+    const missing = await cli('eval', '--model', base, '--synthetic', '--variant', `x=${join(out, 'nowhere')}`, '--suite', 'detection', '--out', fresh);
     expect(missing.stderr).toMatch(/variants\[1\] "x": neither an adapter/);
+    await expect(readFile(join(fresh, 'cache.json'))).rejects.toThrow(/ENOENT/);
   }, 120_000);
 
   it('--device: where every model runs, with the device\'s default dtype; a device that cannot run fails before any data is read', async () => {

@@ -344,6 +344,9 @@ describe('training configuration', () => {
     expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', device: 'cuda', mode: 'full' })).toThrow(/mode: 'full' \(full fine-tuning\) trains the 'lm' objective/);
     // On the CPU too (its trainer has no reference model either), before any model loads.
     expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', mode: 'full', objective: 'refusal' })).toThrow(/the 'refusal' objective's KL terms need the reference model/);
+    // Options that would be ignored are refused.
+    expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', mode: 'full', objective: 'lm', merge: true })).toThrow(/merge: merges a LoRA adapter into the weights/);
+    expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', objective: 'lm', flagCategories: 'auto' })).toThrow(/flagCategories: are flag tokens the 'redflag' objective trains/);
     expect(parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', device: 'cuda', mode: 'full', objective: 'lm' }).mode).toBe('full');
     expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', recompute: true })).toThrow(/recompute: activation recomputation is a GPU trainer option/);
     expect(parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', device: 'cuda', recompute: true }).recompute).toBe(true);

@@ -200,13 +200,18 @@ export function buildProgram(): Command {
     .option('-n, --max-tokens <n>', 'most tokens to generate', integer('max-tokens', 0), 128)
     .option('-t, --temperature <t>', '0 = greedy', number('temperature', 0), 0)
     .option('--top-k <k>', 'sample from the k most likely tokens (0 = all)', integer('top-k', 0), 0)
-    .option('--top-p <p>', 'nucleus sampling mass', number('top-p', 0, 1), 1)
+    .option('--top-p <p>', 'nucleus sampling mass, in (0, 1]', (value: string) => {
+      const p = Number(value);
+      if (!(p > 0 && p <= 1)) throw new InvalidArgumentError('top-p must be a number in (0, 1]');
+      return p;
+    }, 1)
     .option('--seed <n>', 'sampling seed', integer('seed', 0))
     .option('--stop <text...>', 'stop strings')
     .action(async (flags: ModelFlags & {
       prompt: string; chat?: boolean; system?: string; maxTokens: number; temperature: number;
       topK: number; topP: number; seed?: number; stop?: string[];
     }) => {
+      if (flags.system !== undefined && !flags.chat) throw new RedflagError('INVALID_ARGUMENT', '--system goes into the chat template: add --chat');
       const model = await open(flags);
       const controller = new AbortController();
       const onSigint = () => controller.abort();

@@ -86,12 +86,20 @@ function onDevice(config: EvalConfig): { device?: string } {
 }
 
 /** Loads one variant: the base itself, an adapter on the base, or a model directory. */
+/** What a variant's source is: an adapter or a model directory; NOT_FOUND naming it otherwise. */
+async function variantKind(config: EvalConfig, index: number): Promise<'adapter' | 'model'> {
+  const v = config.variants[index]!;
+  if (await pathExists(join(v.source, 'adapter_config.json'))) return 'adapter';
+  if (await pathExists(join(v.source, 'config.json'))) return 'model';
+  throw new RedflagError('NOT_FOUND', `variants[${index}] "${v.name}": neither an adapter (adapter_config.json) nor a model directory (config.json), nor "base"`, { file: v.source });
+}
+
 async function loadVariant(config: EvalConfig, index: number): Promise<LoadedVariant> {
   const v = config.variants[index]!;
   const options = engineOptions(config);
   let model: Model;
   let kind: LoadedVariant['kind'];
-  if (await pathExists(join(v.source, 'adapter_config.json'))) {
+  if ((await variantKind(config, index)) === 'adapter') {
     model = await loadModel(config.model, options);
     try {
       await applyAdapter(model, v.source);
@@ -100,11 +108,9 @@ async function loadVariant(config: EvalConfig, index: number): Promise<LoadedVar
       throw error;
     }
     kind = 'adapter';
-  } else if (await pathExists(join(v.source, 'config.json'))) {
+  } else {
     model = await loadModel(v.source, options);
     kind = 'model';
-  } else {
-    throw new RedflagError('NOT_FOUND', `variants[${index}] "${v.name}": neither an adapter (adapter_config.json) nor a model directory (config.json), nor "base"`, { file: v.source });
   }
   return withDetector({ name: v.name, source: v.source, kind, model, detects: false, rfToken: null, detector: null }, config);
 }
@@ -163,8 +169,9 @@ export async function evaluate(input: EvalConfigInput | EvalConfig, hooks: Evalu
   const emit = hooks.onProgress ?? (() => undefined);
   const data = await loadEvalData(config);
   if (data.harmful.length === 0) throw new RedflagError('INVALID_ARGUMENT', 'harmful: the data has no harmful conversations; every suite needs some');
-  // What each suite needs of the data, before any runs (not after hours of the others).
+  // What each suite needs of the data, and every variant's source, before any runs (not after hours of the others).
   for (const name of suites) SUITES[name].check?.({ data, settings });
+  for (const [i, v] of config.variants.entries()) if (v.source !== 'base') await variantKind(config, i);
   const refusals = new RefusalMatcher(config.refusalPhrases);
   const judge = hooks.judge ?? (config.judge === 'synthetic' || (config.judge === 'auto' && config.synthetic && config.harmful.length + config.data.length === 0) ? syntheticJudge() : nonRefusalJudge(refusals));
   await mkdir(config.out, { recursive: true });

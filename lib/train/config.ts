@@ -197,6 +197,12 @@ export function trainConfigConflicts(config: TrainConfig): { path: PropertyKey[]
   const dp = config.dataParallel;
   if (dp && dp.rank >= dp.worldSize) problems.push({ path: ['dataParallel', 'rank'], message: `${dp.rank} must be below worldSize ${dp.worldSize}` });
   if (dp && config.device === 'cpu') problems.push({ path: ['dataParallel'], message: "runs one process per GPU (device 'cuda:N'), not on the CPU" });
+  if (config.merge && config.mode === 'full') {
+    problems.push({ path: ['merge'], message: "merges a LoRA adapter into the weights; mode 'full' writes the whole fine-tuned model already" });
+  }
+  if (config.flagCategories !== undefined && config.objective !== 'redflag') {
+    problems.push({ path: ['flagCategories'], message: `are flag tokens the 'redflag' objective trains; the '${config.objective}' objective has none` });
+  }
   if (config.mode === 'full' && config.objective !== 'lm') {
     problems.push({
       path: ['mode'],
