@@ -73,6 +73,11 @@ describe('the addon', () => {
       // The native layer checks too, for callers that bypass the TypeScript checks.
       const native = model.engine;
       expect(() => native.forward([seq.native], new Uint32Array([1, 2]), new Uint32Array([1]), true)).toThrow(/do not add up/);
+      // The benchmarks' sizes too (a negative size overran a buffer).
+      const { bench } = loadNative();
+      expect(() => bench.memBandwidth(1, -1e6, true)).toThrow(/memBandwidth: bytesPerArray must be a number from 4096 to/);
+      expect(() => bench.gemmTime(0, 8, 8, 'f32', 1, 0)).toThrow(/gemmTime: M must be a number from 1/);
+      expect(() => bench.fmaPeak(1, false, Number.NaN)).toThrow(/fmaPeak: seconds must be a number from 0 to 3600/);
       const other = model.newSequence();
       expect(() => native.forward([seq.native, other.native], new Uint32Array([1]), new Uint32Array([1, 0]), false)).toThrow(/sequences\[1\] has no tokens/);
       other.dispose();
