@@ -211,6 +211,32 @@ describe('the addon', () => {
     }
   });
 
+  it('a refused adapter or trainer call leaves the model as it was; a trainer started as the model is disposed goes with it', async () => {
+    const model = await loadModel(join(FIXTURES, 'llama-gqa'), { threads: 1 });
+    const native = model.engine;
+    const lora = { mode: 'lora' as const, rank: 2, alpha: 4, dropout: 0, rslora: false, targets: ['q_proj'], seed: 1 };
+    try {
+      await expect(native.trainInit({ ...lora, rfToken: 100000 })).rejects.toThrow(/red-flag token outside the vocabulary/);
+      expect(native.params()).toEqual([]);
+      await native.trainInit({ ...lora, rfToken: -1 });
+      native.trainEnd();
+      native.clearAdapters();
+      const H = model.config.hiddenSize;
+      expect(() => native.setTokenRows(100000, new Float32Array(H), new Float32Array(H))).toThrow(/outside the vocabulary/);
+      native.setTokenRows(7, new Float32Array(H), new Float32Array(H));
+      const [A, B] = [new Float32Array(2 * H), new Float32Array(2 * H)];
+      expect(() => native.addLora(99, 'o_proj', A, B, 2, 1)).toThrow(/LoRA layer out of range/);
+      native.addLora(0, 'o_proj', A, B, 2, 1);
+      native.clearAdapters();
+      const starting = native.trainInit({ ...lora, rfToken: -1 });
+      model.dispose();
+      await expect(starting).rejects.toThrow(/the model was disposed/);
+      expect(() => native.params()).toThrow(/the model was disposed/);
+    } finally {
+      model.dispose();
+    }
+  });
+
   it('keeps a sequence usable across calls and truncates it', async () => {
     const model = await loadModel(join(FIXTURES, 'mistral-swa'), { threads: 1 });
     try {

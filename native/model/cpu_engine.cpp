@@ -79,23 +79,35 @@ class CpuEngine : public Engine {
                 float scale) override {
     if (rank <= 0 || a_size % rank || b_size % rank) throw std::invalid_argument("LoRA shapes do not match the rank");
     const std::string pre = "layers." + std::to_string(layer) + "." + target + ".";
-    Param* a = m_->new_param(pre + "lora_A", {rank, a_size / rank});
-    Param* b = m_->new_param(pre + "lora_B", {b_size / rank, rank});
-    a->value.assign(A, A + a_size);
-    b->value.assign(B, B + b_size);
-    m_->add_lora(layer, target, a, b, scale);
+    const size_t before = m_->param_count();
+    try {
+      Param* a = m_->new_param(pre + "lora_A", {rank, a_size / rank});
+      Param* b = m_->new_param(pre + "lora_B", {b_size / rank, rank});
+      a->value.assign(A, A + a_size);
+      b->value.assign(B, B + b_size);
+      m_->add_lora(layer, target, a, b, scale);
+    } catch (...) {
+      m_->drop_params_from(before);  // refused: nothing of it stays
+      throw;
+    }
   }
   void set_token_rows(const std::vector<int>& tokens, const float* embed, const float* head) override {
     const long n = long(tokens.size()) * m_->config().hidden;
     Param* rows[2] = {nullptr, nullptr};
     const float* data[2] = {embed, head};
     const char* names[2] = {"rf.embed", "rf.head"};
-    for (int i = 0; i < 2; ++i) {
-      if (!data[i]) continue;
-      rows[i] = m_->new_param(names[i], {n}, false);
-      rows[i]->value.assign(data[i], data[i] + n);
+    const size_t before = m_->param_count();
+    try {
+      for (int i = 0; i < 2; ++i) {
+        if (!data[i]) continue;
+        rows[i] = m_->new_param(names[i], {n}, false);
+        rows[i]->value.assign(data[i], data[i] + n);
+      }
+      m_->set_token_rows(tokens, rows[0], rows[1]);
+    } catch (...) {
+      m_->drop_params_from(before);  // refused: nothing of it stays
+      throw;
     }
-    m_->set_token_rows(tokens, rows[0], rows[1]);
   }
   void clear_adapters() override { m_->clear_adapters(); }
   void set_adapter_enabled(bool enabled) override { m_->set_adapter_enabled(enabled); }

@@ -155,6 +155,12 @@ class Model {
   // --- adapters and the red-flag rows -------------------------------------------------------
   // A new parameter owned by the model (zero-filled).
   Param* new_param(const std::string& name, const std::vector<long>& shape, bool decay = true);
+  size_t param_count() const { return params_.size(); }
+  // Drops the parameters made after the first `count` (made by a call that then failed, before
+  // anything used them).
+  void drop_params_from(size_t count) {
+    if (count < params_.size()) params_.resize(count);
+  }
   Param* find_param(const std::string& name);
   std::vector<Param*> params();
   // Adds a LoRA adapter on `target` (PEFT name) of block `layer`; throws if the block has no such projection.

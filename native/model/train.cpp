@@ -336,6 +336,18 @@ Trainer::Trainer(Model& model, const TrainOptions& options) : impl_(new Impl), m
   const ModelConfig& c = model.config();
   model.check_complete();
   if (model.has_adapters()) throw std::invalid_argument("the model already has an adapter; remove it before training a new one");
+  // A bad option found part way (a flag token outside the vocabulary, memory) leaves the model
+  // as it came: without the parameters and transposed packs made so far.
+  struct Undo {
+    Model& model;
+    bool armed = true;
+    ~Undo() {
+      if (!armed) return;
+      model.clear_adapters();
+      for (int l = 0; l < model.config().n_layers; ++l)
+        for (int i = 0; i < 4; ++i) model.linear(l, i).wt = PackedWeight();
+    }
+  } undo{model};
   const long H = c.hidden;
   std::mt19937_64 rng(options.seed ^ 0x5eedULL);
   Impl& s = *impl_;
@@ -472,6 +484,7 @@ Trainer::Trainer(Model& model, const TrainOptions& options) : impl_(new Impl), m
     for (long b = 0; b < n; b += step) s.chunks.push_back({int(mi), b, std::min(n, b + step)});
   }
   s.chunk_sq.assign(s.chunks.size(), 0.0);
+  undo.armed = false;
 }
 
 // LoRA adapters and red-flag rows stay on the model (for inference and saving); the

@@ -614,6 +614,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   };
 
   TrainerHandle& trainer() {
+    engine();  // disposed: says so
     if (!trainer_) throw std::invalid_argument("training was not started (call trainInit)");
     return *trainer_;
   }
@@ -685,8 +686,13 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
             }
           },
           [=](Napi::Env e) -> Napi::Value {
-            self->trainer_ = handle;
             keep->Reset();
+            // Disposed meanwhile: the trainer goes too, never attached to a disposed model.
+            if (!self->engine_) {
+              handle->trainer.reset();
+              throw make_error(e, "INVALID_ARGUMENT", "the model was disposed");
+            }
+            self->trainer_ = handle;
             Napi::Object r = Napi::Object::New(e);
             r.Set("trainable", double(handle->trainer->trainable_count()));
             return r;
