@@ -128,6 +128,19 @@ describe('the addon', () => {
     }
   });
 
+  it('dispose() lets the calls made before it finish, then frees; later calls fail with DISPOSED', async () => {
+    const model = await loadModel(join(FIXTURES, 'llama-gqa'), { threads: 1 });
+    const want = await model.logits([1, 2, 3]);
+    const [a, b] = [model.newSequence(), model.newSequence()];
+    const running = model.forward([a], [[1, 2, 3]], { all: true });
+    const queued = model.forward([b], [[1, 2, 3]], { all: true });
+    model.dispose();
+    expect(await running).toEqual(want);
+    expect(await queued).toEqual(want);
+    await expect(model.logits([1])).rejects.toMatchObject({ code: 'DISPOSED' });
+    expect(() => model.weightBytes).toThrow(expect.objectContaining({ code: 'DISPOSED' }));
+  });
+
   it('serialises concurrent calls on one model and gets the same results', async () => {
     const model = await loadModel(join(FIXTURES, 'qwen2-bias'), { threads: 2 });
     try {

@@ -255,6 +255,8 @@ export class Model {
     return ids.length > 1 ? Int32Array.from(ids) : rfToken;
   }
   private queue: Promise<unknown> = Promise.resolve();
+  /** Native calls queued or running. */
+  private pending = 0;
   private disposed = false;
 
   /** @internal use {@link loadModel} */
@@ -355,7 +357,8 @@ export class Model {
   /** Serialises native calls: the engine runs one at a time. */
   private run<T>(fn: () => Promise<T> | T): Promise<T> {
     if (this.disposed) return Promise.reject(new RedflagError('DISPOSED', 'the model was disposed'));
-    const next = this.queue.then(() => callNative(fn));
+    this.pending++;
+    const next = this.queue.then(() => callNative(fn)).finally(() => this.pending--);
     this.queue = next.catch(() => undefined);
     return next;
   }
@@ -692,12 +695,19 @@ export class Model {
     return this.#info().isa;
   }
 
-  /** Frees the engine's memory and threads. Work in flight finishes first. */
+  /**
+   * Frees the engine's memory and threads; later calls fail with DISPOSED. Calls made before it
+   * (running or queued) finish first, then the memory goes; with none, it goes now.
+   */
   dispose(): void {
     if (this.disposed) return;
     this.disposed = true;
-    this.engine.dispose();
-    void this.store.close();
+    const free = (): void => {
+      this.engine.dispose();
+      void this.store.close();
+    };
+    if (this.pending === 0) free();
+    else void this.queue.then(free);
   }
 }
 
