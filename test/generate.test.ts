@@ -161,6 +161,27 @@ describe('the event loop', () => {
     }
   });
 
+  it('an onProgress callback that throws stops the prefill, which fails with its error', async () => {
+    const deepDir = await tinyLlama({ numLayers: 24, hiddenSize: 128, intermediateSize: 256 });
+    const deep = await loadModel(deepDir, { threads: 2 });
+    try {
+      const ids = Array.from({ length: 1200 }, (_, i) => (i * 17) % 32000);
+      let calls = 0;
+      const failing = deep.logits(ids, {
+        onProgress: () => {
+          calls++;
+          throw new Error('the callback broke');
+        },
+      });
+      await expect(failing).rejects.toThrow('the callback broke');
+      expect(calls).toBe(1);
+      expect((await deep.logits([1, 2, 3])).length).toBe(3 * deep.vocabSize);
+    } finally {
+      deep.dispose();
+      await rm(deepDir, { recursive: true, force: true });
+    }
+  });
+
   it('an AbortSignal during the LM head of tokenScores leaves the sequence as it was', async () => {
     const dir = await tinyLlama({ numLayers: 1, hiddenSize: 64, maxPositions: 4096 });
     const model = await loadModel(dir, { threads: 1 });

@@ -428,14 +428,34 @@ export class Model {
     // Progress comes through a thread-safe function whose calls may still be queued when the
     // result arrives: deliver them all before resolving, so callers see every layer.
     let reported = 0;
-    const progress = onProgress && ((done: number, total: number) => ((reported = done), onProgress(done, total)));
+    // A callback that throws stops the call, which fails with its error (it would otherwise be
+    // lost on the native side's thread-safe function).
+    let thrown: { error: unknown } | null = null;
+    const stop = new AbortController();
+    const progress =
+      onProgress &&
+      ((done: number, total: number) => {
+        reported = done;
+        if (thrown) return;
+        try {
+          onProgress(done, total);
+        } catch (error) {
+          thrown = { error };
+          stop.abort();
+        }
+      });
+    const signal = onProgress ? (options.signal ? AbortSignal.any([options.signal, stop.signal]) : stop.signal) : options.signal;
     const native = sequences.map((s) => s.native);
-    const out = await this.cancellable(options.signal, (cancel) =>
-      this.engine.forward(native, flat, counts, options.all ?? false, cancel, progress),
+    const out = await this.cancellable(signal, (cancel) => this.engine.forward(native, flat, counts, options.all ?? false, cancel, progress)).catch(
+      (error: unknown) => {
+        throw thrown ? (thrown as { error: unknown }).error : error;
+      },
     );
     for (let i = 0; progress && reported < this.config.numLayers && i < 10_000; i++) {
       await new Promise<void>((resolve) => setImmediate(resolve));
     }
+    // Thrown by a callback the work outran: still the caller's to see.
+    if (thrown) throw (thrown as { error: unknown }).error;
     return out;
   }
 
