@@ -9,10 +9,18 @@ import { join } from 'node:path';
 
 import { describe, expect, it } from 'vitest';
 
+import { rm } from 'node:fs/promises';
+
+import { encodeConversation } from '../lib/data/encode.js';
+import { generateSyntheticData } from '../lib/data/synthetic.js';
 import { loadModel } from '../lib/model/model.js';
+import { addRedFlagToken } from '../lib/model/red-flag.js';
 import { SafetensorsFile, toFloat32 } from '../lib/model/safetensors.js';
+import { createRng } from '../lib/model/sampling.js';
 import type { NativeLossTerms } from '../lib/native.js';
+import { accumulationShares, buildStep, termCounts, type StepInput, type TermCounts } from '../lib/train/objectives.js';
 import { FIXTURES, relL2 } from './helpers/fixtures.js';
+import { tinyLlama } from './helpers/tiny-model.js';
 
 const TRAIN = join(import.meta.dirname, 'fixtures', 'train');
 
@@ -173,5 +181,52 @@ it('values written with setParam reach the next forward without paramsChanged (f
     model.engine.trainEnd();
   } finally {
     model.dispose();
+  }
+});
+
+// Gradient accumulation: micro-batches of different sizes, each term weighted by its share of
+// the step's rows (accumulationShares), give the loss and gradients of one step on all of them.
+it('accumulated micro-batches of different sizes equal one step on their union', async () => {
+  const dir = await tinyLlama({ hiddenSize: 32, intermediateSize: 64 });
+  const model = await loadModel(dir, { dtype: 'f32', threads: 2 });
+  try {
+    const rf = (await addRedFlagToken(model)).id;
+    const data = generateSyntheticData({ seed: 1, perCategory: 2 }).train;
+    const encode = (i: number) => encodeConversation(model.tokenizer!, data[i]!, { maxTokens: 96 });
+    const harmful = data.flatMap((c, i) => (c.label === 'harmful' ? [i] : []));
+    const benign = data.flatMap((c, i) => (c.label === 'benign' ? [i] : []));
+    // A small micro-batch and a large one: one harmful and one benign, then two and five.
+    const parts = [[harmful[0]!, benign[0]!], [harmful[1]!, harmful[2]!, ...benign.slice(1, 6)]].map((ix) => ix.map(encode));
+    const build = (items: ReturnType<typeof encode>[], rng: () => number) => buildStep(items, { objective: 'redflag', rfToken: rf, rfOffset: 2, rng });
+    const rng = createRng(7);
+    const micros = parts.map((items) => build(items, rng));  // one stream, as the union below draws it
+    const union = build(parts.flat(), createRng(7));
+    const alphas = { alphaBenign: 2, alphaRf: 1, alphaAfter: 0.5 };
+    const run = async (inputs: StepInput[], shares: TermCounts[]) => {
+      await model.engine.trainInit({ mode: 'lora', rank: 2, alpha: 4, dropout: 0, rslora: false, targets: ['q_proj', 'down_proj'], rfToken: rf, seed: 3 });
+      // Nonzero B factors, so that every factor has a gradient.
+      for (const p of model.engine.params()) if (p.name.endsWith('lora_B')) model.engine.setParam(p.name, 'value', Float32Array.from({ length: p.shape[0]! * p.shape[1]! }, (_, i) => Math.sin(i) * 0.05));
+      let total = 0;
+      for (const [i, input] of inputs.entries()) {
+        const s = shares[i]!;
+        const terms = await model.engine.trainStep(concat(input.batch).tokens, concat(input.batch).counts, concat(input.reference).tokens, concat(input.reference).counts, input.rows, {
+          aggregation: 'any', alphaBenign: alphas.alphaBenign * s.benign, alphaRf: alphas.alphaRf * s.redFlag, alphaAfter: alphas.alphaAfter * s.after, alphaCe: s.ce, gradScale: 1, dropoutSeed: 0,
+        });
+        total += terms.total;
+      }
+      const grads = model.engine.params().map((p) => model.engine.getParam(p.name, 'grad'));
+      model.engine.trainEnd();
+      model.engine.clearAdapters();
+      return { total, grads };
+    };
+    const counts = micros.map(termCounts);
+    expect(counts[0]!.benign).toBeLessThan(counts[1]!.benign / 3); // really different sizes
+    const accumulated = await run(micros, accumulationShares(counts));
+    const whole = await run([union], accumulationShares([termCounts(union)]));
+    expect(relErr(accumulated.total, whole.total)).toBeLessThan(1e-5);
+    accumulated.grads.forEach((g, i) => expect(relL2(g, whole.grads[i]!)).toBeLessThan(1e-5));
+  } finally {
+    model.dispose();
+    await rm(dir, { recursive: true, force: true });
   }
 });

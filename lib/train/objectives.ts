@@ -52,6 +52,42 @@ export interface StepInput {
   flagged: { index: number; promptLength: number }[];
 }
 
+/** Rows of each loss term, as the native step averages over them: benign KL rows, red-flag groups, after-flag rows, cross-entropy rows. */
+export interface TermCounts {
+  benign: number;
+  redFlag: number;
+  after: number;
+  ce: number;
+}
+
+/** The rows of each loss term in a step input (red-flag: its distinct groups). */
+export function termCounts(input: StepInput): TermCounts {
+  const counts: TermCounts = { benign: 0, redFlag: 0, after: 0, ce: 0 };
+  const groups = new Set<number>();
+  for (let i = 0; i < input.rows.length; i += 5) {
+    const kind = input.rows[i]!;
+    if (kind === RowKind.BenignKl) counts.benign++;
+    else if (kind === RowKind.AfterKl) counts.after++;
+    else if (kind === RowKind.Ce) counts.ce++;
+    else if (kind === RowKind.RedFlag) groups.add(input.rows[i + 3]!);
+  }
+  counts.redFlag = groups.size;
+  return counts;
+}
+
+/**
+ * Each micro-batch's share of every term of an accumulated step: its rows over the step's (0
+ * where the step has none). The native step averages each term over its own micro-batch's rows,
+ * so weighting the term by this share makes the accumulated loss and gradient those of one
+ * step on all the micro-batches together, whatever their sizes.
+ */
+export function accumulationShares(counts: readonly TermCounts[]): TermCounts[] {
+  const total = { benign: 0, redFlag: 0, after: 0, ce: 0 };
+  for (const c of counts) for (const k of Object.keys(total) as (keyof TermCounts)[]) total[k] += c[k];
+  const share = (n: number, of: number) => (of > 0 ? n / of : 0);
+  return counts.map((c) => ({ benign: share(c.benign, total.benign), redFlag: share(c.redFlag, total.redFlag), after: share(c.after, total.after), ce: share(c.ce, total.ce) }));
+}
+
 /** Options of {@link buildStep}. */
 export interface BuildStepOptions {
   objective: Objective;

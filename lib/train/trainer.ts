@@ -26,7 +26,7 @@ import { evaluateRedFlag, type EvalResult } from './evaluate.js';
 import { dataFingerprints, findCheckpoint, lockOutput, metricsHaveEval, readCheckpoint, removeCheckpoints, removeStaleCheckpoints, truncateMetrics, writeCheckpoint } from './checkpoint.js';
 import { adversarialDelta, embeddingRowNorms, withPerturbedCopies } from './adversarial.js';
 import { exchangeGroupId, groupFormed } from './data-parallel.js';
-import { buildStep } from './objectives.js';
+import { accumulationShares, buildStep, termCounts, type StepInput, type TermCounts } from './objectives.js';
 import { flagTokenOf, planCategories } from './categories.js';
 
 /** Progress of one optimizer step. */
@@ -121,12 +121,12 @@ async function prepareData(config: TrainConfig, model: Model, log: (m: string) =
   return { train: train.out, eval: evalEncoded.out };
 }
 
-function addTerms(a: StepInfo['loss'], t: NativeLossTerms, w: number): void {
-  a.total += t.total * w;
-  a.benign += t.benign * w;
-  a.redFlag += t.redFlag * w;
-  a.after += t.after * w;
-  a.ce += t.ce * w;
+/** Adds a micro-batch's terms, each weighted by its share of the rows (see accumulationShares). */
+function addTerms(a: StepInfo['loss'], t: NativeLossTerms, share: TermCounts): void {
+  a.benign += t.benign * share.benign;
+  a.redFlag += t.redFlag * share.redFlag;
+  a.after += t.after * share.after;
+  a.ce += t.ce * share.ce;
 }
 
 /**
@@ -317,22 +317,37 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
         const lr = learningRate(step, config.steps, config.optimizer);
         const loss = { total: 0, benign: 0, redFlag: 0, after: 0, ce: 0 };
         let stepTokens = 0;
+        // Every micro-batch of the step, this process's and the others' (all draw the same ones):
+        // each term's rows over the whole step weight each micro-batch's share of it.
+        const micros: { input: StepInput; split: ReturnType<typeof withPerturbedCopies> | null }[] = [];
         for (let micro = 0; micro < perStep; micro++) {
           const next = batches.next();
           if (next.done) throw new RedflagError('NATIVE', 'the batch sampler ran out of batches');
-          if (micro % world !== rank) continue;  // another process's share
           const rng = createRng(deriveSeed(config.seed, 3, step, micro));
-          let input = buildStep(next.value.items, { objective: config.objective, rfToken, ...(flagOf ? { flagOf } : {}), rfOffset: config.loss.rfOffset, rfSamples: config.loss.rfSamples, rfWindow: config.loss.rfAggregation === 'single' ? 1 : config.loss.rfWindow, rfPosition: config.loss.rfPosition, rng });
+          const input = buildStep(next.value.items, { objective: config.objective, rfToken, ...(flagOf ? { flagOf } : {}), rfOffset: config.loss.rfOffset, rfSamples: config.loss.rfSamples, rfWindow: config.loss.rfAggregation === 'single' ? 1 : config.loss.rfWindow, rfPosition: config.loss.rfPosition, rng });
+          const adv = config.adversarial;
+          // RF-AT: the red-flag rows on prompts perturbed against the flag (lib/train/adversarial.ts).
+          const perturbed = adv && rfToken >= 0 && input.flagged.length > 0 && createRng(deriveSeed(config.seed, 5, step, micro))() < adv.share;
+          const split = perturbed ? withPerturbedCopies(input) : null;
+          micros.push({ input: split ? split.input : input, split });
+        }
+        const termRows = micros.map((m) => termCounts(m.input));
+        const shares = accumulationShares(termRows);
+        // What this process reports: its own micro-batches' terms (with data parallelism, the others add theirs' gradients only).
+        const mine = (_: unknown, micro: number) => micro % world === rank;
+        const reported = accumulationShares(termRows.filter(mine));
+        for (let micro = 0; micro < perStep; micro++) {
+          if (!mine(null, micro)) continue;  // another process's share
+          const share = shares[micro]!;
+          const { input, split } = micros[micro]!;
           const flat = (seqs: number[][]) => Uint32Array.from(seqs.flat());
           const counts = (seqs: number[][]) => Uint32Array.from(seqs, (s) => s.length);
           let terms: NativeLossTerms;
           let embeddings: NativeEmbeddingOptions | undefined;
           try {
             const adv = config.adversarial;
-            if (adv && rfToken >= 0 && input.flagged.length > 0 && createRng(deriveSeed(config.seed, 5, step, micro))() < adv.share) {
-              // RF-AT: the red-flag rows on prompts perturbed against the flag (lib/train/adversarial.ts).
+            if (adv && split) {
               const epsilon = adv.warmupSteps > 0 ? adv.epsilon * Math.min(1, (step + 1) / adv.warmupSteps) : adv.epsilon;
-              const split = withPerturbedCopies(input);
               embeddingNorms ??= await embeddingRowNorms(model);
               const embedDelta = await adversarialDelta(model, split, embeddingNorms, {
                 epsilon,
@@ -342,7 +357,6 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
                 dropoutSeed: step * perStep + micro + 1,
                 cancel,
               });
-              input = split.input;
               embeddings = { embedDelta };
             }
             const stepInput = input;
@@ -355,11 +369,11 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
                 stepInput.rows,
                 {
                   aggregation: config.loss.rfAggregation,
-                  alphaBenign: config.loss.alphaBenign,
-                  alphaRf: config.loss.alphaRf,
-                  alphaAfter: config.loss.alphaAfter,
-                  alphaCe: 1,
-                  gradScale: 1 / perStep,
+                  alphaBenign: config.loss.alphaBenign * share.benign,
+                  alphaRf: config.loss.alphaRf * share.redFlag,
+                  alphaAfter: config.loss.alphaAfter * share.after,
+                  alphaCe: share.ce,
+                  gradScale: 1,
                   dropoutSeed: step * perStep + micro + 1,
                 },
                 cancel,
@@ -384,9 +398,10 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
             }
             throw error;
           }
-          addTerms(loss, terms, 1 / config.gradAccum);  // this process's share of the step
+          addTerms(loss, terms, reported[Math.floor(micro / world)]!);
           stepTokens += terms.tokens;
         }
+        loss.total = config.loss.alphaBenign * loss.benign + config.loss.alphaRf * loss.redFlag + config.loss.alphaAfter * loss.after + loss.ce;
         const gradNorm = await model.runNative(() =>
           model.engine.optimizerStep({
             lr,
