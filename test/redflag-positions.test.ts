@@ -139,6 +139,20 @@ describe('buildStep with several red-flag windows', () => {
   });
 });
 
+describe('buildStep with a response shorter than the offset', () => {
+  it('never asks for <rf> before start + rfOffset: a response without such a position trains nothing', () => {
+    // Response positions 4..6; rfOffset 3 allows position 7 at the earliest: there is none.
+    const short = harmful(4, 3);
+    expect(buildStep([short], { objective: 'redflag', rfToken: RF, rfOffset: 3, rng: createRng(1) })).toMatchObject({ batch: [], reference: [], groups: 0 });
+    // One position longer: the flag goes at the last one (the end token), its only choice.
+    const fits = harmful(4, 4);
+    const step = buildStep([fits], { objective: 'redflag', rfToken: RF, rfOffset: 3, rng: createRng(1) });
+    expect([...flagGroups(step.rows).values()]).toEqual([[6]]);
+    // Fixed-Pos RF asks at the first position whatever the offset.
+    expect(buildStep([short], { objective: 'redflag', rfToken: RF, rfOffset: 3, rfPosition: 'start', rng: createRng(1) }).groups).toBe(1);
+  });
+});
+
 describe('buildStep for Fixed-Pos RF (rfPosition start)', () => {
   it('asks for <rf> at the first answer position only, inserts it there, and keeps KL on the whole answer after it', () => {
     const ex = harmful(6, 12);

@@ -327,6 +327,24 @@ describe('train (full fine-tuning)', () => {
   });
 });
 
+describe('train (learned positions)', () => {
+  it('keeps room for the inserted <rf> when maxTokens is the model\'s whole context', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'redflag-gpt2-'));
+    try {
+      await writeRandomModel(dir, {
+        architecture: 'gpt2', vocabSize: 32000, hiddenSize: 32, intermediateSize: 64, numLayers: 1, numHeads: 4, seed: 3, bosTokenId: 1, eosTokenId: 2,
+        maxPositions: 64, tokenizer: await packagedTokenizer('llama2'),
+      });
+      const logs: string[] = [];
+      const result = await train({ ...config('gpt2-context', { steps: 2, evalEvery: 0, maxTokens: 64 }), model: dir, lora: { rank: 2, alpha: 4, dropout: 0 } }, { log: (m) => logs.push(m) });
+      expect(result.steps).toBe(2);
+      expect(logs).toContain('maxTokens 64 lowered to 63: the model has 64 positions, one of them for the inserted <rf>');
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  }, 120_000);
+});
+
 describe('training configuration', () => {
   it('names every bad field', () => {
     expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', lora: { rank: 0 } })).toThrow(/lora\.rank/);

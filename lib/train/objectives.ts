@@ -88,6 +88,11 @@ export function accumulationShares(counts: readonly TermCounts[]): TermCounts[] 
   return counts.map((c) => ({ benign: share(c.benign, total.benign), redFlag: share(c.redFlag, total.redFlag), after: share(c.after, total.after), ce: share(c.ce, total.ce) }));
 }
 
+/** Whether a harmful example's response has a position at or after `rfOffset` to flag. */
+export function flagFits(example: Pick<EncodedConversation, 'responseStart' | 'responseEnd'>, rfOffset: number): boolean {
+  return example.responseStart + rfOffset <= example.responseEnd - 1;
+}
+
 /** Options of {@link buildStep}. */
 export interface BuildStepOptions {
   objective: Objective;
@@ -170,7 +175,10 @@ export function buildStep(examples: readonly EncodedConversation[], options: Bui
     }
     // Harmful, objective redflag.
     if (options.rfToken === undefined) throw new Error('buildStep: the redflag objective needs rfToken');
-    const first = Math.min(start + rfOffset, end - 1);
+    // A response too short for a position at or after the offset trains nothing: the flag is
+    // never asked for before start + rfOffset.
+    if (options.rfPosition !== 'start' && !flagFits(ex, rfOffset)) continue;
+    const first = start + rfOffset;
     const windows =
       options.rfPosition === 'start'
         ? [{ from: start, to: start }]

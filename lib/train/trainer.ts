@@ -26,7 +26,7 @@ import { evaluateRedFlag, type EvalResult } from './evaluate.js';
 import { dataFingerprints, findCheckpoint, lockOutput, metricsHaveEval, readCheckpoint, removeCheckpoints, removeStaleCheckpoints, truncateMetrics, writeCheckpoint } from './checkpoint.js';
 import { adversarialDelta, embeddingRowNorms, withPerturbedCopies } from './adversarial.js';
 import { exchangeGroupId, groupFormed } from './data-parallel.js';
-import { accumulationShares, buildStep, termCounts, type StepInput, type TermCounts } from './objectives.js';
+import { accumulationShares, buildStep, flagFits, termCounts, type StepInput, type TermCounts } from './objectives.js';
 import { flagTokenOf, planCategories } from './categories.js';
 
 /** Progress of one optimizer step. */
@@ -104,11 +104,17 @@ async function prepareData(config: TrainConfig, model: Model, log: (m: string) =
     // The baseline trains harmful prompts towards a refusal answer.
     trainSet = withRefusals(trainSet, { seed: deriveSeed(config.seed, 11) });
   }
+  // A harmful sequence grows by the inserted <rf>: it must still fit the model's positions.
+  const grows = config.objective === 'redflag' ? 1 : 0;
+  const maxTokens = Math.min(config.maxTokens, model.config.maxPositions - grows);
+  if (maxTokens < config.maxTokens) {
+    log(`maxTokens ${config.maxTokens} lowered to ${maxTokens}: the model has ${model.config.maxPositions} positions${grows ? ', one of them for the inserted <rf>' : ''}`);
+  }
   const encode = (convs: Conversation[]) => {
     const out: EncodedConversation[] = [];
     let truncated = 0;
     for (const c of convs) {
-      const e = encodeConversation(tokenizer, c, { maxTokens: config.maxTokens });
+      const e = encodeConversation(tokenizer, c, { maxTokens });
       if (e.truncated) truncated++;
       if (e.responseEnd > e.responseStart && e.responseStart > 0) out.push(e);
     }
@@ -116,8 +122,12 @@ async function prepareData(config: TrainConfig, model: Model, log: (m: string) =
   };
   const train = encode(trainSet);
   const evalEncoded = encode(evalSet);
-  if (train.truncated) log(`${train.truncated} training conversations were truncated to ${config.maxTokens} tokens`);
+  if (train.truncated) log(`${train.truncated} training conversations were truncated to ${maxTokens} tokens`);
   if (train.out.length === 0) throw new RedflagError('INVALID_ARGUMENT', 'no training conversation has a response to train on');
+  if (config.objective === 'redflag' && config.loss.rfPosition !== 'start') {
+    const short = train.out.filter((e) => e.label === 'harmful' && !flagFits(e, config.loss.rfOffset)).length;
+    if (short > 0) log(`${short} harmful training conversations have responses too short for a flag after rfOffset ${config.loss.rfOffset}: they train nothing`);
+  }
   return { train: train.out, eval: evalEncoded.out };
 }
 
