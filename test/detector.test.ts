@@ -93,8 +93,17 @@ describe('detector.generate', () => {
       const order = Array.from(lp.keys()).filter((j) => j !== rf).sort((a, b) => lp[b]! - lp[a]! || a - b);
       expect(t.topLogprobs!.map((x) => x.token)).toEqual(order.slice(0, 3));
       t.topLogprobs!.forEach((x) => expect(x.logprob).toBeCloseTo(lp[x.token]!, 4));
+      // Each alternative's text is what it would add after the text so far (a SentencePiece
+      // token keeps its leading space, which decode([id]) drops); the chosen one reads as shown.
+      const before = model.tokenizer!.decode(ids.slice(0, i));
+      for (const x of t.topLogprobs!) {
+        const want = x.token === t.token && t.text !== '' ? t.text : model.tokenizer!.decode([...ids.slice(0, i), x.token]).slice(before.length);
+        expect(x.text, `step ${i}, token ${x.token}`).toBe(want);
+      }
       expect(t.flagged).toBe(false);
     });
+    // Some alternative after the first step starts with a space (the tiny model's vocabulary is Llama 2's).
+    expect(tokens.slice(1).some((t) => t.topLogprobs!.some((x) => x.text.startsWith(' ')))).toBe(true);
     expect(summary.text).toBe(tokens.map((t) => t.text).join(''));
     expect(summary.text).toBe(model.tokenizer!.decode(ids));
     expect(summary.maxPRf).toBeCloseTo(maxPRf, 6);

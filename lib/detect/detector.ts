@@ -332,7 +332,8 @@ class RedFlagDetector implements Detector {
       // <rf> (and every category flag) is never shown, not even among the alternatives.
       for (let i = 0; i < p.topIds.length && out.length < topN; i++) {
         if (flagIds.has(p.topIds[i]!)) continue;
-        out.push({ token: p.topIds[i]!, text: this.#tokenizer.decode([p.topIds[i]!]), logprob: p.topLogprobs[i]! });
+        // In context, as the chosen token's text is (decoded alone, a SentencePiece token loses its space).
+        out.push({ token: p.topIds[i]!, text: decoder.textOf(p.topIds[i]!), logprob: p.topLogprobs[i]! });
       }
       return out;
     };
@@ -362,8 +363,14 @@ class RedFlagDetector implements Detector {
         reflected = true;
         next = [flagToken, ...s.reflectionIds];
       } else if (!isFlag) {
+        // The alternatives read in the context the chosen token is pushed into.
+        const top = topN > 0 ? topOf(p) : null;
         const token: DetectedToken = { token: p.token, text: decoder.push(p.token), logprob: p.logprob, pRf: p.pRf, ...(scores ? { categoryScores: scores } : {}), flagged };
-        if (topN > 0) token.topLogprobs = topOf(p);
+        if (top) {
+          // The chosen token among them reads as it is shown.
+          for (const alt of top) if (alt.token === p.token && token.text !== '') alt.text = token.text;
+          token.topLogprobs = top;
+        }
         const { ready, stopped } = filter.push(token, decoder.holding);
         show(ready);
         if (stopped) return finish('stop', false);

@@ -746,6 +746,19 @@ export class IncrementalDecoder {
     return this.#pendingRaw !== '' || this.#readOffset < this.#ids.length;
   }
 
+  /**
+   * The text `id` would add after the ids pushed so far (before clean-up and without holding
+   * back an incomplete character): how an alternative to the next token reads in context, with
+   * the leading space a token alone loses in `decode([id])`. Changes nothing.
+   */
+  textOf(id: number): string {
+    if (this.#tokenizer._dropsFromOutput(id, this.#skipSpecialTokens)) return '';
+    const window = this.#ids.slice(this.#prefixOffset);
+    const before = this.#tokenizer._decodeForStreaming(window);
+    const after = this.#tokenizer._decodeForStreaming([...window, id]);
+    return after.startsWith(before) ? after.slice(before.length) : this.#tokenizer.decode([id]);
+  }
+
   /** Adds one generated id; returns the newly printable text (often '', never a broken character). */
   push(id: number): string {
     if (!Number.isSafeInteger(id) || id < 0) throw new RedflagError('INVALID_ARGUMENT', `token id must be a non-negative integer, got ${String(id)}`);
