@@ -36,11 +36,12 @@ function flagString(name: string, fallback: string): string {
   return i < 0 || args[i + 1] === undefined ? fallback : args[i + 1]!;
 }
 
-function flagValue(name: string, fallback: number): number {
+/** A numeric flag's value: above 0, or from `min` (a seed may be 0). */
+function flagValue(name: string, fallback: number, min = Number.MIN_VALUE): number {
   const i = args.indexOf(name);
   if (i < 0) return fallback;
   const value = Number(args[i + 1]);
-  if (!Number.isFinite(value) || value <= 0) throw new Error(`${name} needs a positive number, got ${args[i + 1]}`);
+  if (!Number.isFinite(value) || value < min) throw new Error(`${name} needs a number ${min === Number.MIN_VALUE ? 'above 0' : `from ${min}`}, got ${args[i + 1]}`);
   return value;
 }
 const THREADS = [1, 2];
@@ -495,7 +496,14 @@ async function benchGpu(part: 'decode' | 'prefill') {
   if (!existsSync(exe)) return { bench: `gpu-${part}`, skipped: `${exe} is not built (scripts/gpu-check.sh builds it on a GPU machine with cuBLASLt)` };
   const result = await runJson(exe, quick ? ['--quick'] : [], 20);
   if ('skipped' in result) return { bench: `gpu-${part}`, ...result };
-  const models = (result.models as Record<string, unknown>[]).map((m) => ({ model: m.model, weightBytes: m.weightBytes, [part]: m[part], ...(part === 'decode' ? { pickEpilogue: m.pickEpilogue } : {}) }));
+  // Each part's figures: decode's (the adapter-served detector, the GEMV and decode attention
+  // alone, the epilogue among them), or prefill's with its attention alone.
+  const keys = part === 'decode' ? ['decode', 'pickEpilogue', 'adapterDecode', 'adapterDecodeError', 'gemvAlone', 'decodeAttentionAlone', 'sampled'] : ['prefill', 'prefillAttention'];
+  const models = (result.models as Record<string, unknown>[]).map((m) => ({
+    model: m.model,
+    weightBytes: m.weightBytes,
+    ...Object.fromEntries(keys.filter((k) => k in m).map((k) => [k, m[k]])),
+  }));
   return { bench: `gpu-${part}`, device: result.device, ceilings: result.ceilings, models };
 }
 
@@ -551,7 +559,7 @@ const benches: Record<string, () => Promise<unknown>> = {
   'gpu-prefill': () => benchGpu('prefill'),
   'gpu-train': () => benchGpuTrain('train'),
   'gpu-loss': () => benchGpuTrain('loss'),
-  soak: () => runSoak({ seconds: flagValue('--seconds', 600), clients: flagValue('--clients', 64), seed: flagValue('--seed', 1), onProgress: (line) => console.error(line) }),
+  soak: () => runSoak({ seconds: flagValue('--seconds', 600), clients: flagValue('--clients', 64), seed: flagValue('--seed', 1, 0), onProgress: (line) => console.error(line) }),
 };
 // The soak runs for minutes, and the GPU benches need a GPU: only when named.
 const names = which === 'all' ? Object.keys(benches).filter((name) => name !== 'soak' && !name.startsWith('gpu-')) : [which];

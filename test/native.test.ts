@@ -4,6 +4,8 @@ import { join } from 'node:path';
 
 import { rm } from 'node:fs/promises';
 import { Worker } from 'node:worker_threads';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
 
 import { RedflagError } from '../lib/errors.js';
 import { loadModel } from '../lib/model/model.js';
@@ -37,6 +39,13 @@ describe('the addon', () => {
     const cpu = loadNative().cpuInfo();
     expect(cpu.avx2).toBe(true);
     expect(['avx2', 'avx512']).toContain(cpu.isa);
+  });
+
+  it('measures a bf16 FMA peak on the AVX2 path too (its bf16 kernels run f32 FMAs), so ratios to it are finite', async () => {
+    const addon = process.env.REDFLAG_ADDON ?? join(import.meta.dirname, '..', 'build', 'Release', 'redflag.node');
+    const code = `require(${JSON.stringify(addon)}).bench.fmaPeak(1, true, 0.05).then((g) => console.log(g))`;
+    const { stdout } = await promisify(execFile)(process.execPath, ['-e', code], { env: { ...process.env, REDFLAG_ISA: 'avx2' } });
+    expect(Number(stdout)).toBeGreaterThan(0);
   });
 
   it('counts live KV caches and the allocator\'s bytes in use (the soak\'s leak checks)', async () => {

@@ -126,18 +126,18 @@ describe('train: the output directory and error messages', () => {
     expect(await readdir(out)).not.toContain('.train.lock');
   }, 120_000);
 
-  it('keeps a metrics.jsonl it did not leave: refused unless a killed run\'s lock is beside it', async () => {
+  it('keeps a metrics.jsonl a run did not write; one a run stopped before its first checkpoint wrote starts afresh', async () => {
     const out = join(dir, 'old-metrics');
     await mkdir(out, { recursive: true });
     await writeFile(join(out, 'metrics.jsonl'), '{"my":"experiment log"}\n');
     await expect(train(config('old-metrics', { steps: 1 }))).rejects.toThrow(/metrics\.jsonl already exists and no checkpoint or result of a run is beside it: pass --overwrite/);
     expect(await readFile(join(out, 'metrics.jsonl'), 'utf8')).toBe('{"my":"experiment log"}\n');
-    // Left by a run killed before its first checkpoint (its lock is still there): started afresh.
-    const gone = spawn(process.execPath, ['-e', '']);
-    await new Promise((resolve) => gone.on('close', resolve));
-    await writeFile(join(out, '.train.lock'), `${gone.pid}\n`);
-    await train(config('old-metrics', { steps: 1 }));
-    expect(await readFile(join(out, 'metrics.jsonl'), 'utf8')).not.toContain('experiment log');
+    const run = '{"type":"step","step":1,"loss":{"total":1}}\n';
+    await writeFile(join(out, 'metrics.jsonl'), run);
+    await train(config('old-metrics', { steps: 1, evalEvery: 0 }));
+    const lines = (await readFile(join(out, 'metrics.jsonl'), 'utf8')).trim().split('\n');
+    expect(lines).not.toContain(run.trim());
+    expect(JSON.parse(lines[0]!)).toMatchObject({ type: 'step', step: 1, time: expect.any(String) });
   }, 120_000);
 
   it('escapes control characters of a config file quoted in errors', async () => {

@@ -337,6 +337,24 @@ export async function truncateMetrics(file: string, step: number, options: { fin
 }
 
 /** Whether `metrics.jsonl` holds the evaluation line of `step`. */
+/**
+ * Whether a metrics file is what a training run writes: every line a `step` or `eval` record
+ * (an empty file too). Anything else is not the trainer's to delete.
+ */
+export async function isRunMetrics(file: string): Promise<boolean> {
+  const text = await readFile(file, 'utf8').catch(() => null);
+  if (text === null) return false;
+  return text.split('\n').every((line) => {
+    if (line.trim() === '') return true;
+    try {
+      const record = JSON.parse(line) as { step?: unknown; type?: unknown };
+      return (record.type === 'step' || record.type === 'eval') && Number.isInteger(record.step);
+    } catch {
+      return false;
+    }
+  });
+}
+
 export async function metricsHaveEval(file: string, step: number): Promise<boolean> {
   const text = await readFile(file, 'utf8').catch(() => '');
   return text.split('\n').some((line) => {
@@ -352,11 +370,8 @@ export async function metricsHaveEval(file: string, step: number): Promise<boole
 /** Output directories this process holds the lock of (its pid in the lock file cannot tell two runs of one process apart). */
 const heldHere = new Set<string>();
 
-/**
- * Takes the output directory's lock (one writer at a time); returns its release. `onStale` is
- * told when the lock of a process that is gone was there: a run killed before it could let go.
- */
-export async function lockOutput(output: string, onStale?: () => void): Promise<() => Promise<void>> {
+/** Takes the output directory's lock (one writer at a time); returns its release. */
+export async function lockOutput(output: string): Promise<() => Promise<void>> {
   const file = join(output, LOCK);
   const key = resolve(output);
   if (heldHere.has(key)) throw new RedflagError('INVALID_ARGUMENT', 'another training run of this process is writing to this output directory', { file: output });
@@ -382,7 +397,6 @@ export async function lockOutput(output: string, onStale?: () => void): Promise<
         throw new RedflagError('INVALID_ARGUMENT', `another training run (pid ${pid}) is writing to this output directory`, { file: output });
       }
       await unlink(file).catch(() => undefined); // its process is gone (killed): take it over
-      onStale?.();
     }
   }
   throw new RedflagError('INVALID_ARGUMENT', 'cannot take the output directory lock', { file });

@@ -23,7 +23,7 @@ import { pathExists } from '../model/safetensors.js';
 import { exportAdapter, saveTrainedModel } from './export.js';
 import { learningRate, parseTrainConfig, type TrainConfig, type TrainConfigInput } from './config.js';
 import { evaluateRedFlag, type EvalResult } from './evaluate.js';
-import { dataFingerprints, findCheckpoint, lockOutput, metricsHaveEval, readCheckpoint, removeCheckpoints, removeStaleCheckpoints, truncateMetrics, writeCheckpoint } from './checkpoint.js';
+import { dataFingerprints, findCheckpoint, isRunMetrics, lockOutput, metricsHaveEval, readCheckpoint, removeCheckpoints, removeStaleCheckpoints, truncateMetrics, writeCheckpoint } from './checkpoint.js';
 import { adversarialDelta, embeddingRowNorms, withPerturbedCopies } from './adversarial.js';
 import { exchangeGroupId, groupFormed } from './data-parallel.js';
 import { accumulationShares, buildStep, flagFits, termCounts, type StepInput, type TermCounts } from './objectives.js';
@@ -147,12 +147,11 @@ export async function train(input: TrainConfigInput | TrainConfig, hooks: TrainH
   const config = parseTrainConfig(input);
   const log = hooks.log ?? (() => undefined);
   // Data-parallel ranks other than 0 write nothing: rank 0 holds the output (lib/train/data-parallel.ts).
-  if ((config.dataParallel?.rank ?? 0) > 0) return trainLocked(config, hooks, log, false);
+  if ((config.dataParallel?.rank ?? 0) > 0) return trainLocked(config, hooks, log);
   await createOutputDir(config.output);
-  let killed = false;
-  const unlock = await lockOutput(config.output, () => (killed = true));
+  const unlock = await lockOutput(config.output);
   try {
-    return await trainLocked(config, hooks, log, killed);
+    return await trainLocked(config, hooks, log);
   } finally {
     await unlock();
   }
@@ -175,8 +174,7 @@ async function createOutputDir(output: string): Promise<void> {
 /** What a finished run writes into the output directory. */
 const RESULT_DIRS = ['adapter', 'model', 'merged'];
 
-/** `killed`: the output's lock was a process's that is gone (a run killed there). */
-async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: string) => void, killed: boolean): Promise<TrainResult> {
+async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: string) => void): Promise<TrainResult> {
   const { signal } = hooks;
   const metricsFile = join(config.output, 'metrics.jsonl');
   // The process that writes: the only one, or rank 0 of a data-parallel group.
@@ -213,16 +211,16 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
         throw new RedflagError('INVALID_ARGUMENT', `${join(config.output, name)} already exists and no checkpoint of this run is beside it: pass --overwrite (overwrite: true) to replace it, or choose another output directory`);
       }
     }
-    // Metrics beside the lock of a run that was killed before its first checkpoint are that
-    // run's; any other (a finished run's whose results moved, the user's own file) are kept.
+    // A run's metrics without a checkpoint or results are a run's killed before its first
+    // checkpoint (or whose results moved away): started afresh. Any other file is the user's.
     if (await pathExists(metricsFile)) {
-      if (!killed) {
+      if (!(await isRunMetrics(metricsFile))) {
         throw new RedflagError('INVALID_ARGUMENT', `${metricsFile} already exists and no checkpoint or result of a run is beside it: pass --overwrite (overwrite: true) to replace it, or choose another output directory`, {
           file: metricsFile,
         });
       }
       await rm(metricsFile, { force: true });
-      log('metrics.jsonl of a run killed before its first checkpoint: starting it afresh');
+      log('metrics.jsonl of a run stopped before its first checkpoint: starting it afresh');
     }
   }
 

@@ -84,6 +84,20 @@ inline double copy_bandwidth(long bytes = 1L << 30) {
   return 2.0 * double(bytes) / s;
 }
 
+// n random bf16 values in [-1, 1) into device memory (xorshift on the host, uploaded in chunks).
+inline void fill_random_bf16(__nv_bfloat16* to, size_t n, uint64_t seed) {
+  uint64_t state = 0x9e3779b97f4a7c15ull ^ (seed * 0xbf58476d1ce4e5b9ull);
+  std::vector<__nv_bfloat16> chunk(std::min<size_t>(n, size_t(1) << 22));
+  for (size_t done = 0; done < n; done += chunk.size()) {
+    const size_t m = std::min(chunk.size(), n - done);
+    for (size_t i = 0; i < m; ++i) {
+      state ^= state << 13, state ^= state >> 7, state ^= state << 17;
+      chunk[i] = __float2bfloat16(float(state >> 40) / float(1 << 23) - 1.f);
+    }
+    check(cudaMemcpy(to + done, chunk.data(), m * sizeof(__nv_bfloat16), cudaMemcpyHostToDevice), "cudaMemcpy");
+  }
+}
+
 // FLOP/s of cuBLASLt's bf16 product at n^3 (f32 sums and output).
 inline double bf16_flops(int n = 8192) {
   __nv_bfloat16 *a = nullptr, *b = nullptr;
@@ -91,8 +105,9 @@ inline double bf16_flops(int n = 8192) {
   check(cudaMalloc(&a, size_t(n) * n * 2), "cudaMalloc");
   check(cudaMalloc(&b, size_t(n) * n * 2), "cudaMalloc");
   check(cudaMalloc(&c, size_t(n) * n * 4), "cudaMalloc");
-  cudaMemset(a, 0, size_t(n) * n * 2);
-  cudaMemset(b, 0, size_t(n) * n * 2);
+  // Random values, not zeros: a GPU limited by power runs faster on zeros than on real data.
+  fill_random_bf16(a, size_t(n) * n, 1);
+  fill_random_bf16(b, size_t(n) * n, 2);
   rf::cuda::GemmContext ctx;
   const double s = median_time(10, [&] {
     rf::cuda::matmul(ctx, c, a, rf::DType::bf16, b, rf::DType::bf16, n, n, n, nullptr, 0.f, nullptr);
@@ -184,7 +199,9 @@ inline void load_random(rf::cuda::DeviceModel& m) {
 
 inline double non_embedding_params(const rf::ModelConfig& c) {
   const double H = c.hidden, I = c.intermediate;
-  return c.n_layers * (H * c.qkv_dim() + double(c.q_dim()) * H + 3 * H * I);
+  // SwiGLU's gate, up and down matrices; GPT-2's GELU MLP has two.
+  const double mlp = (c.act == rf::Activation::silu ? 3 : 2) * H * I;
+  return c.n_layers * (H * c.qkv_dim() + double(c.q_dim()) * H + mlp);
 }
 
 }  // namespace rf::bench
