@@ -214,6 +214,15 @@ describe('request log', () => {
     expect(plain).not.toHaveProperty('answer');
   });
 
+  it('names the error of a request no route or key answers', async () => {
+    const log = capture();
+    const server = await start({ detector: new FakeDetector(), logger: { stream: log.stream }, apiKey: 'secret' });
+    expect((await fetch(`${server.url}/v1/nowhere`, { headers: { authorization: 'Bearer secret' } })).status).toBe(404);
+    expect((await fetch(`${server.url}/v1/models`)).status).toBe(401);
+    await waitFor(() => requestLines(log.lines).length === 2, 'two request lines');
+    expect(requestLines(log.lines).map((l) => [l['status'], l['error']])).toEqual([[404, 'unknown_url'], [401, 'invalid_api_key']]);
+  });
+
   it('adds the prompt and the answer with logContent', async () => {
     const log = capture();
     const server = await start({ detector: new FakeDetector(), logger: { stream: log.stream }, logContent: true });

@@ -153,6 +153,7 @@ export function buildServer(detector: Detector | PromiseLike<Detector>, options:
   app.setNotFoundHandler((request, reply) => {
     const path = request.url.split('?')[0] ?? '';
     const error = new ApiError(404, `Unknown request URL: ${request.method} ${path}`, { code: 'unknown_url' });
+    traceOf(request).error = error.code;
     return reply.code(404).send(error.toBody());
   });
 
@@ -163,6 +164,7 @@ export function buildServer(detector: Detector | PromiseLike<Detector>, options:
       const given = /^Bearer\s+(.+)$/i.exec(request.headers.authorization ?? '')?.[1]?.trim() ?? '';
       if (timingSafeEqual(sha256(given), expected)) return;
       const error = new ApiError(401, 'Incorrect or missing API key: pass it as "Authorization: Bearer <key>"', { code: 'invalid_api_key' });
+      traceOf(request).error = error.code;
       return reply.code(401).send(error.toBody());
     });
   }
