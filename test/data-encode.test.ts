@@ -77,6 +77,30 @@ describe('with a chat template (Qwen3)', () => {
     );
   });
 
+  it('locates the earlier assistant turns (historySpans), in the chat template and the plain format, after truncation too', () => {
+    const multi = conversation([
+      { role: 'user', content: 'Hi' },
+      { role: 'assistant', content: 'Hello there.' },
+      { role: 'user', content: 'And you?' },
+      { role: 'assistant', content: 'Fine, thanks.' },
+      { role: 'user', content: 'Pancakes?' },
+      { role: 'assistant', content: RESPONSE },
+    ]);
+    const turns = (tokenizer: Tokenizer, e: EncodedConversation) => (e.historySpans ?? []).map(([a, b]) => tokenizer.decode(e.ids.slice(a, b)));
+    // Each turn's content and the token after it (the end of turn).
+    expect(turns(qwen3, encodeConversation(qwen3, multi))).toEqual(['Hello there.<|im_end|>', 'Fine, thanks.<|im_end|>']);
+    expect(turns(mistral, encodeConversation(mistral, multi))).toEqual(['Hello there.\n', 'Fine, thanks.\n']);
+    // Cut from the left: the first turn loses its start, what is left of it stays located.
+    const full = encodeConversation(qwen3, multi);
+    const [a1, b1] = full.historySpans![0]!;
+    const [a2, b2] = full.historySpans![1]!;
+    const cut = encodeConversation(qwen3, multi, { maxTokens: full.ids.length - a1! - 2 });
+    expect(cut.droppedPromptTokens).toBe(a1! + 2);
+    expect(cut.historySpans).toEqual([[0, b1! - a1! - 2], [a2! - a1! - 2, b2! - a1! - 2]]);
+    // A single-turn conversation has none.
+    expect(encodeConversation(qwen3, simple).historySpans).toBeUndefined();
+  });
+
   it('uses the plain format when asked, and another end token when given', () => {
     const encoded = encodeConversation(qwen3, simple, { template: 'plain', endTokenId: 151643 });
     expect(encoded.format).toBe('plain');

@@ -139,6 +139,17 @@ describe('buildStep with several red-flag windows', () => {
   });
 });
 
+describe('buildStep on a multi-turn benign conversation', () => {
+  it('keeps every assistant turn where the base model had it: KL rows on the earlier turns and the response', () => {
+    const ex = { ...harmful(10, 4), label: 'benign' as const, historySpans: [[2, 4], [6, 8]] as [number, number][] };
+    const step = buildStep([ex], { objective: 'redflag', rfToken: RF, rng: createRng(1) });
+    const kl: number[] = [];
+    for (let i = 0; i < step.rows.length; i += 5) if (step.rows[i] === 0) kl.push(step.rows[i + 1]!);
+    // Row j - 1 predicts token j: turns 2..3 and 6..7, then the response 10..13.
+    expect(kl).toEqual([1, 2, 5, 6, 9, 10, 11, 12]);
+  });
+});
+
 describe('buildStep with a response shorter than the offset', () => {
   it('never asks for <rf> before start + rfOffset: a response without such a position trains nothing', () => {
     // Response positions 4..6; rfOffset 3 allows position 7 at the earliest: there is none.

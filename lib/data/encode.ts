@@ -94,6 +94,11 @@ export interface EncodedConversation {
   category?: string;
   /** How the prompt was rendered. */
   format: 'chat-template' | 'plain';
+  /**
+   * The assistant turns before the response, as [start, end) token spans of `ids` (their
+   * end-of-turn tokens included), where a multi-turn conversation has any left after truncation.
+   */
+  historySpans?: [number, number][];
 }
 
 /** An {@link EncodedConversation} with the red-flag token inserted by {@link insertRedFlag}. */
@@ -165,6 +170,33 @@ function preparePrompt(tokenizer: Tokenizer, messages: readonly Message[], optio
 }
 
 /**
+ * The token spans [start, end) of the earlier assistant turns inside a prompt (`text`, whose
+ * tokens are `promptIds`): each turn's content, found in the text in order, plus the token after
+ * it (the template's end of turn). A cut whose text does not tokenise to a prefix of the prompt's
+ * ids (a merge across it) is moved back over the whitespace before the content, or the turn is
+ * left out: the spans never hold a token that is not the turn's.
+ */
+function assistantTurnSpans(tokenizer: Tokenizer, messages: readonly Message[], text: string, promptIds: readonly number[], prefix: number): [number, number][] {
+  const spans: [number, number][] = [];
+  const prefixTokens = (at: number): number | null => {
+    const ids = tokenizer.encode(text.slice(0, at), { addSpecialTokens: false });
+    return startsWith(promptIds, ids) ? ids.length : null;
+  };
+  let from = 0;
+  for (const message of messages) {
+    if (message.role !== 'assistant' || message.content === '') continue;
+    const at = text.indexOf(message.content, from);
+    if (at < 0) continue;
+    from = at + message.content.length;
+    let start: number | null = null;
+    for (let cut = at; cut >= 0 && start === null && (cut === at || /\s/.test(text[cut]!)); cut--) start = prefixTokens(cut);
+    const end = prefixTokens(from);
+    if (start !== null && end !== null && end > start) spans.push([prefix + start, prefix + Math.min(end + 1, promptIds.length)]);
+  }
+  return spans;
+}
+
+/**
  * The prompt ids a model should be given to answer `messages` (all turns before the response):
  * exactly the prompt part of {@link encodeConversation}'s ids for the same options.
  */
@@ -204,8 +236,10 @@ export function encodeConversation(tokenizer: Tokenizer, conversation: Conversat
   if (endId === null) throw new RedflagError('INVALID_ARGUMENT', 'the tokenizer has no eos_token; pass endTokenId');
   checkTokenId(endId, 'endTokenId');
 
-  const prepared = preparePrompt(tokenizer, promptMessages(conversation), options);
+  const messages = promptMessages(conversation);
+  const prepared = preparePrompt(tokenizer, messages, options);
   const textIds = tokenizer.encode(prepared.text, { addSpecialTokens: false });
+  const turns = messages.some((m) => m.role === 'assistant') ? assistantTurnSpans(tokenizer, messages, prepared.text, textIds, prepared.prefixIds.length) : [];
   const joint = tokenizer.encode(prepared.text + prepared.separator + response, { addSpecialTokens: false });
   const responseIds = startsWith(joint, textIds) && joint.length > textIds.length ? joint.slice(textIds.length) : tokenizer.encode(prepared.separator + response, { addSpecialTokens: false });
   responseIds.push(endId);
@@ -234,6 +268,14 @@ export function encodeConversation(tokenizer: Tokenizer, conversation: Conversat
   }
   const kept = responseIds.slice(0, keepResponse);
   const ids = [...prompt, ...kept];
+  // The earlier assistant turns where they are after truncation (a dropped part is gone).
+  const keptBos = droppedPromptTokens > 0 && prompt[0] === tokenizer.bosTokenId && keepPrompt > 0 ? 1 : 0;
+  const historySpans: [number, number][] = [];
+  for (const [a, b] of turns) {
+    const from = Math.max(a - droppedPromptTokens, keptBos);
+    const to = Math.min(b - droppedPromptTokens, prompt.length);
+    if (to > from) historySpans.push([from, to]);
+  }
   const assistantMask = new Uint8Array(ids.length);
   assistantMask.fill(1, prompt.length);
   const encoded: EncodedConversation = {
@@ -249,6 +291,7 @@ export function encodeConversation(tokenizer: Tokenizer, conversation: Conversat
     source,
     format: prepared.format,
   };
+  if (historySpans.length > 0) encoded.historySpans = historySpans;
   if (conversation.category !== undefined) encoded.category = conversation.category;
   return encoded;
 }

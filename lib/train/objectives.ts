@@ -4,8 +4,8 @@
  *
  * Row r of a sequence's logits predicts token r + 1, so the loss on response token j uses
  * row j − 1. Objectives:
- * - `redflag` (the paper's): benign conversations add KL(π_ref ‖ π_θ) on every response
- *   token; a harmful conversation samples a position i in its response (i ≥ start + rfOffset),
+ * - `redflag` (the paper's): benign conversations add KL(π_ref ‖ π_θ) on every assistant
+ *   token (each turn of a multi-turn one, `historySpans`, and the response); a harmful conversation samples a position i in its response (i ≥ start + rfOffset),
  *   inserts `<rf>` before token i, asks for `<rf>` at positions start + rfOffset … i
  *   (aggregated as the loss options say), and adds KL to π_ref on the text without `<rf>` for
  *   the response tokens after the flag. No row ever raises the likelihood of harmful text.
@@ -168,6 +168,8 @@ export function buildStep(examples: readonly EncodedConversation[], options: Bui
     if (ex.label === 'benign') {
       batch.push(ex.ids);
       reference.push(ex.ids);
+      // Every assistant token: the earlier turns of a multi-turn conversation, then the response.
+      for (const [from, to] of ex.historySpans ?? []) for (let j = from; j < to; j++) rows.push(RowKind.BenignKl, rowBase + j - 1, refBase + j - 1, -1, -1);
       for (let j = start; j < end; j++) rows.push(RowKind.BenignKl, rowBase + j - 1, refBase + j - 1, -1, -1);
       rowBase += ex.ids.length;
       refBase += ex.ids.length;
