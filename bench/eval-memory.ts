@@ -1,6 +1,6 @@
 /**
  * `npm run bench -- eval-memory [--quick]`: what `redflag eval` holds in memory, in copies of
- * the model's weights. A random Llama (hidden 1024, 8 layers, vocabulary 32000: 612 MB of f32
+ * the model's weights. A random Llama (hidden 1024, 8 layers, vocabulary 32000: 610 MiB of f32
  * weights; `--quick`: hidden 512, 4 layers) and a red-flag adapter trained one step on it; then
  * `evaluate` over `base` and the adapter with the utility suite (which compares with the base)
  * and the embedding attack (which differentiates through the variant), while the process's RSS

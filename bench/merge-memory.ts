@@ -1,7 +1,7 @@
 /**
  * `npm run bench -- merge-memory [--quick]`: what writing a merged model holds in memory, in
  * copies of the checkpoint. A random Llama stored in BF16, as released checkpoints are (hidden
- * 1024, 8 layers, vocabulary 32000: 306 MB; `--quick`: hidden 512, 4 layers), and a red-flag
+ * 1024, 8 layers, vocabulary 32000: 305 MiB of BF16; `--quick`: hidden 512, 4 layers), and a red-flag
  * adapter trained one step on every projection (so the merge rewrites every layer's weights
  * and the grown embedding). Measured, each as the peak RSS over the RSS before it, divided by
  * the checkpoint's bytes:
