@@ -87,14 +87,14 @@ inline double copy_bandwidth(long bytes = 1L << 30) {
 // n random bf16 values in [-1, 1) into device memory (xorshift on the host, uploaded in chunks).
 inline void fill_random_bf16(__nv_bfloat16* to, size_t n, uint64_t seed) {
   uint64_t state = 0x9e3779b97f4a7c15ull ^ (seed * 0xbf58476d1ce4e5b9ull);
-  std::vector<__nv_bfloat16> chunk(std::min<size_t>(n, size_t(1) << 22));
+  std::vector<uint16_t> chunk(std::min<size_t>(n, size_t(1) << 22));  // bf16 bits
   for (size_t done = 0; done < n; done += chunk.size()) {
     const size_t m = std::min(chunk.size(), n - done);
     for (size_t i = 0; i < m; ++i) {
       state ^= state << 13, state ^= state >> 7, state ^= state << 17;
-      chunk[i] = __float2bfloat16(float(state >> 40) / float(1 << 23) - 1.f);
+      chunk[i] = rf::f32_to_bf16(float(state >> 40) / float(1 << 23) - 1.f);
     }
-    check(cudaMemcpy(to + done, chunk.data(), m * sizeof(__nv_bfloat16), cudaMemcpyHostToDevice), "cudaMemcpy");
+    check(cudaMemcpy(to + done, chunk.data(), m * sizeof(uint16_t), cudaMemcpyHostToDevice), "cudaMemcpy");
   }
 }
 
