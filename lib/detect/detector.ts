@@ -433,7 +433,7 @@ class RedFlagDetector implements Detector {
     const scheduler = this.#s.scheduler;
     const chunks: { items: typeof encoded; bytes: number }[] = [];
     for (const [i, e] of encoded.entries()) {
-      const bytes = scheduler.bytesForSequences([e.ids.length]);
+      const bytes = scheduler.sequenceBytes(e.ids.length);
       if (bytes > scheduler.kvCacheBytes) {
         throw new RedflagError('TOO_LARGE', `conversations[${i}] needs ${(bytes / 2 ** 20).toFixed(1)} MiB of KV cache for its ${e.ids.length} tokens, more than the whole budget of ${(scheduler.kvCacheBytes / 2 ** 20).toFixed(1)} MiB`);
       }

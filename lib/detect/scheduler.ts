@@ -142,8 +142,12 @@ export class Scheduler {
 
   /** Bytes of KV cache a job of `positions` positions reserves (one more with overlap: its guessed token). */
   bytesFor(positions: number): number {
-    const n = positions + (this.#o.overlap ? 1 : 0);
-    return Math.ceil(n / this.#blockTokens) * this.#blockTokens * this.#bytesPerPosition;
+    return this.sequenceBytes(positions + (this.#o.overlap ? 1 : 0));
+  }
+
+  /** Bytes a sequence of `length` positions takes in the cache (a paged cache: whole blocks). */
+  sequenceBytes(length: number): number {
+    return Math.ceil(length / this.#blockTokens) * this.#blockTokens * this.#bytesPerPosition;
   }
 
   get active(): number {
@@ -180,18 +184,13 @@ export class Scheduler {
             released = true;
             this.#reserved -= bytes;
             // What waited for these bytes may start now.
-            if (this.#queue.length > 0 && !this.#closed) this.#loop ??= this.#run().finally(() => (this.#loop = null));
+            this.#kick();
           });
         },
         onError: reject,
       };
       this.#enqueue(hold, bytes, `the classification needs ${mib(bytes)} of KV cache`);
     });
-  }
-
-  /** Bytes a paged cache takes for sequences of these lengths (no guessed token: nothing decodes). */
-  bytesForSequences(lengths: readonly number[]): number {
-    return lengths.reduce((n, l) => n + Math.ceil(l / this.#blockTokens) * this.#blockTokens * this.#bytesPerPosition, 0);
   }
 
   get kvCacheBytes(): number {
@@ -225,11 +224,17 @@ export class Scheduler {
         this.#waiting.delete(waiter);
         waiter.onError(abortError(signal));
         // A hold at the head may have kept others waiting.
-        if (i === 0 && this.#queue.length > 0 && !this.#closed) this.#loop ??= this.#run().finally(() => (this.#loop = null));
+        if (i === 0) this.#kick();
       };
       signal.addEventListener('abort', onAbort, { once: true });
       this.#waiting.set(waiter, () => signal.removeEventListener('abort', onAbort));
     }
+    this.#kick();
+  }
+
+  /** Starts the loop unless it runs: what waits may be admitted now (after a release, a departure or an arrival). */
+  #kick(): void {
+    if (this.#queue.length === 0 || this.#closed) return;
     this.#loop ??= this.#run().finally(() => (this.#loop = null));
   }
 

@@ -74,7 +74,6 @@ export async function loadEvalData(config: EvalConfig): Promise<EvalData & { sto
   return { harmful: harmful.slice(0, limit), benign: benign.slice(0, limit), mcq, storedVerdicts, sources };
 }
 
-
 /** Where and how every model of the run is loaded. */
 function engineOptions(config: EvalConfig): LoadModelOptions {
   return { device: config.device, dtype: config.dtype, ...(config.threads ? { threads: config.threads } : {}) };
@@ -85,7 +84,6 @@ function onDevice(config: EvalConfig): { device?: string } {
   return config.device === 'cpu' ? {} : { device: config.device };
 }
 
-/** Loads one variant: the base itself, an adapter on the base, or a model directory. */
 /** What a variant's source is: an adapter or a model directory; NOT_FOUND naming it otherwise. */
 async function variantKind(config: EvalConfig, index: number): Promise<'adapter' | 'model'> {
   const v = config.variants[index]!;
@@ -94,6 +92,7 @@ async function variantKind(config: EvalConfig, index: number): Promise<'adapter'
   throw new RedflagError('NOT_FOUND', `variants[${index}] "${v.name}": neither an adapter (adapter_config.json) nor a model directory (config.json), nor "base"`, { file: v.source });
 }
 
+/** Loads one variant: an adapter on the base, or a model directory (the base itself is BaseModel's). */
 async function loadVariant(config: EvalConfig, index: number): Promise<LoadedVariant> {
   const v = config.variants[index]!;
   const options = engineOptions(config);

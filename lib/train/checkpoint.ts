@@ -323,20 +323,25 @@ export async function truncateMetrics(file: string, step: number, options: { fin
   }
   const lines = text.split('\n').filter((l) => l.length > 0);
   const kept = lines.filter((line) => {
-    try {
-      const record = JSON.parse(line) as { step?: unknown; type?: unknown };
-      if (typeof record.step !== 'number') return true;
-      return record.step < step || (record.step === step && !(options.finalEval && record.type === 'eval'));
-    } catch {
-      return false; // a line cut by the kill
-    }
+    const record = metricsRecord(line);
+    if (record === null) return false; // a line cut by the kill
+    if (typeof record.step !== 'number') return true;
+    return record.step < step || (record.step === step && !(options.finalEval && record.type === 'eval'));
   });
   if (kept.length === lines.length && text.endsWith('\n')) return 0;
   await writeFileAtomic(file, [new TextEncoder().encode(kept.map((l) => `${l}\n`).join(''))], { overwrite: true });
   return lines.length - kept.length;
 }
 
-/** Whether `metrics.jsonl` holds the evaluation line of `step`. */
+/** One line of `metrics.jsonl` as a record, or null when it is not JSON (a line cut by a kill). */
+function metricsRecord(line: string): { step?: unknown; type?: unknown } | null {
+  try {
+    return JSON.parse(line) as { step?: unknown; type?: unknown };
+  } catch {
+    return null;
+  }
+}
+
 /**
  * Whether a metrics file is what a training run writes: every line a `step` or `eval` record
  * (an empty file too). Anything else is not the trainer's to delete.
@@ -346,24 +351,17 @@ export async function isRunMetrics(file: string): Promise<boolean> {
   if (text === null) return false;
   return text.split('\n').every((line) => {
     if (line.trim() === '') return true;
-    try {
-      const record = JSON.parse(line) as { step?: unknown; type?: unknown };
-      return (record.type === 'step' || record.type === 'eval') && Number.isInteger(record.step);
-    } catch {
-      return false;
-    }
+    const record = metricsRecord(line);
+    return record !== null && (record.type === 'step' || record.type === 'eval') && Number.isInteger(record.step);
   });
 }
 
+/** Whether `metrics.jsonl` holds the evaluation line of `step`. */
 export async function metricsHaveEval(file: string, step: number): Promise<boolean> {
   const text = await readFile(file, 'utf8').catch(() => '');
   return text.split('\n').some((line) => {
-    try {
-      const record = JSON.parse(line) as { step?: unknown; type?: unknown };
-      return record.type === 'eval' && record.step === step;
-    } catch {
-      return false;
-    }
+    const record = metricsRecord(line);
+    return record !== null && record.type === 'eval' && record.step === step;
   });
 }
 

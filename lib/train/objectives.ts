@@ -5,8 +5,9 @@
  * Row r of a sequence's logits predicts token r + 1, so the loss on response token j uses
  * row j − 1. Objectives:
  * - `redflag` (the paper's): benign conversations add KL(π_ref ‖ π_θ) on every assistant
- *   token (each turn of a multi-turn one, `historySpans`, and the response); a harmful conversation samples a position i in its response (i ≥ start + rfOffset),
- *   inserts `<rf>` before token i, asks for `<rf>` at positions start + rfOffset … i
+ *   token (each turn of a multi-turn one, `historySpans`, and the response); a harmful
+ *   conversation samples a position i in its response (i ≥ start + rfOffset), inserts `<rf>`
+ *   before token i, asks for `<rf>` at positions start + rfOffset … i
  *   (aggregated as the loss options say), and adds KL to π_ref on the text without `<rf>` for
  *   the response tokens after the flag. No row ever raises the likelihood of harmful text.
  *   With `rfSamples` S > 1 it samples S positions, one in each of S equal strata of the

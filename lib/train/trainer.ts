@@ -342,10 +342,10 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
         const termRows = micros.map((m) => termCounts(m.input));
         const shares = accumulationShares(termRows);
         // What this process reports: its own micro-batches' terms (with data parallelism, the others add theirs' gradients only).
-        const mine = (_: unknown, micro: number) => micro % world === rank;
-        const reported = accumulationShares(termRows.filter(mine));
+        const mine = (micro: number) => micro % world === rank;
+        const reported = accumulationShares(termRows.filter((_, micro) => mine(micro)));
         for (let micro = 0; micro < perStep; micro++) {
-          if (!mine(null, micro)) continue;  // another process's share
+          if (!mine(micro)) continue;  // another process's share
           const share = shares[micro]!;
           const { input, split } = micros[micro]!;
           const flat = (seqs: number[][]) => Uint32Array.from(seqs.flat());

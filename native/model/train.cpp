@@ -332,6 +332,12 @@ struct Trainer::Impl {
   std::vector<std::unique_ptr<ThreadPool>> solo;  // one-thread pools for products inside pool tasks
 };
 
+// Frees the W^T packs the backward pass keeps beside each projection (only training needs them).
+static void drop_transposed_packs(Model& model) {
+  for (int l = 0; l < model.config().n_layers; ++l)
+    for (int i = 0; i < 4; ++i) model.linear(l, i).wt = PackedWeight();
+}
+
 Trainer::Trainer(Model& model, const TrainOptions& options) : impl_(new Impl), model_(model), options_(options) {
   const ModelConfig& c = model.config();
   model.check_complete();
@@ -344,8 +350,7 @@ Trainer::Trainer(Model& model, const TrainOptions& options) : impl_(new Impl), m
     ~Undo() {
       if (!armed) return;
       model.clear_adapters();
-      for (int l = 0; l < model.config().n_layers; ++l)
-        for (int i = 0; i < 4; ++i) model.linear(l, i).wt = PackedWeight();
+      drop_transposed_packs(model);
     }
   } undo{model};
   const long H = c.hidden;
@@ -496,8 +501,7 @@ Trainer::~Trainer() {
     std::vector<float>().swap(p->v);
   }
   if (options_.mode == TrainMode::full) model_.clear_adapters();
-  for (int l = 0; l < model_.config().n_layers; ++l)
-    for (int i = 0; i < 4; ++i) model_.linear(l, i).wt = PackedWeight();
+  drop_transposed_packs(model_);
 }
 
 std::vector<Param*> Trainer::params() { return impl_->params; }
