@@ -132,8 +132,9 @@ describe('train: the output directory and error messages', () => {
     await writeFile(join(out, 'metrics.jsonl'), '{"my":"experiment log"}\n');
     await expect(train(config('old-metrics', { steps: 1 }))).rejects.toThrow(/metrics\.jsonl already exists and no checkpoint or result of a run is beside it: pass --overwrite/);
     expect(await readFile(join(out, 'metrics.jsonl'), 'utf8')).toBe('{"my":"experiment log"}\n');
+    // A run's lines, the last one cut by the kill that stopped it.
     const run = '{"type":"step","step":1,"loss":{"total":1}}\n';
-    await writeFile(join(out, 'metrics.jsonl'), run);
+    await writeFile(join(out, 'metrics.jsonl'), `${run}{"type":"step","st`);
     await train(config('old-metrics', { steps: 1, evalEvery: 0 }));
     const lines = (await readFile(join(out, 'metrics.jsonl'), 'utf8')).trim().split('\n');
     expect(lines).not.toContain(run.trim());

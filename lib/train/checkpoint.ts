@@ -344,15 +344,17 @@ function metricsRecord(line: string): { step?: unknown; type?: unknown } | null 
 
 /**
  * Whether a metrics file is what a training run writes: every line a `step` or `eval` record
- * (an empty file too). Anything else is not the trainer's to delete.
+ * (an empty file too), but for a last line cut by the kill that stopped the run. Anything else
+ * is not the trainer's to delete.
  */
 export async function isRunMetrics(file: string): Promise<boolean> {
   const text = await readFile(file, 'utf8').catch(() => null);
   if (text === null) return false;
-  return text.split('\n').every((line) => {
-    if (line.trim() === '') return true;
+  const lines = text.split('\n').filter((line) => line.trim() !== '');
+  return lines.every((line, i) => {
     const record = metricsRecord(line);
-    return record !== null && (record.type === 'step' || record.type === 'eval') && Number.isInteger(record.step);
+    if (record === null) return i === lines.length - 1 && !text.endsWith('\n');
+    return (record.type === 'step' || record.type === 'eval') && Number.isInteger(record.step);
   });
 }
 
