@@ -13,6 +13,7 @@ import { parseTrainConfig, type TrainConfigInput } from '../lib/train/config.js'
 import { configDifferences, findCheckpoint } from '../lib/train/checkpoint.js';
 import { applyAdapter, mergeAdapterInto } from '../lib/train/export.js';
 import { train } from '../lib/train/trainer.js';
+import { configFromFlags } from '../lib/cli/train.js';
 import { cudaUsable } from './helpers/cuda.js';
 import { packagedTokenizer, tinyLlama } from './helpers/tiny-model.js';
 import { writeRandomModel } from '../lib/model/random-model.js';
@@ -372,6 +373,15 @@ describe('training configuration', () => {
     expect(parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', device: 'cuda:1', dataParallel: group }).dataParallel).toEqual(group);
     expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', device: 'cuda', dataParallel: { ...group, rank: 2 } })).toThrow(/dataParallel.rank: 2 must be below worldSize 2/);
     expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', dataParallel: group })).toThrow(/one process per GPU/);
+  });
+
+  it('from the CLI, names the flag that sets a bad field', async () => {
+    const flags = { model: 'm', output: 'o', synthetic: true };
+    await expect(configFromFlags({ ...flags, lr: 0 })).rejects.toThrow(/^flags: optimizer\.lr \(--lr\): Too small/);
+    await expect(configFromFlags({ ...flags, worldSize: 2, processRank: 2, groupFile: '/tmp/g', device: 'cuda' })).rejects.toThrow(/dataParallel\.rank \(--process-rank\): 2 must be below/);
+    await expect(configFromFlags({ ...flags, targets: [] })).rejects.toThrow(/lora\.targets \(--targets\)/);
+    // A field no flag sets keeps its bare name.
+    expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', loss: { rfOffset: -1 } })).toThrow(/loss\.rfOffset: /);
   });
 
   it.skipIf(cudaUsable())('on a GPU that is not there, fails at once with the CUDA error and trains nothing', async () => {

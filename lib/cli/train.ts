@@ -25,6 +25,40 @@ function lossText(info: StepInfo): string {
   return parts.join(' ');
 }
 
+/** The flag that sets each config field the flags can set, so an error about a field names the flag a user typed. */
+const FLAG_OF_FIELD: Record<string, string> = {
+  model: '--model',
+  output: '--output',
+  objective: '--objective',
+  mode: '--mode',
+  steps: '--steps',
+  batchSize: '--batch-size',
+  gradAccum: '--grad-accum',
+  maxTokens: '--max-tokens',
+  seed: '--seed',
+  evalEvery: '--eval-every',
+  checkpointEvery: '--checkpoint-every',
+  merge: '--merge',
+  'adversarial.epsilon': '--adv-epsilon',
+  'adversarial.steps': '--adv-steps',
+  'loss.rfPosition': '--rf-position',
+  flagCategories: '--flag-categories',
+  categoryMap: '--category-map',
+  device: '--device',
+  recompute: '--recompute',
+  dataParallel: '--world-size',
+  'dataParallel.worldSize': '--world-size',
+  'dataParallel.rank': '--process-rank',
+  'dataParallel.idFile': '--group-file',
+  dtype: '--dtype',
+  threads: '--threads',
+  'lora.rank': '--rank',
+  'lora.alpha': '--alpha',
+  'lora.targets': '--targets',
+  'optimizer.lr': '--lr',
+};
+const flagOfField = (field: string): string | undefined => FLAG_OF_FIELD[field] ?? (/^lora\.targets\.\d+$/.test(field) ? '--targets' : undefined);
+
 /** Builds the config from flags (and the config file they name). */
 export async function configFromFlags(flags: Record<string, unknown>): Promise<TrainConfig> {
   const o: Record<string, unknown> = {};
@@ -89,13 +123,14 @@ export async function configFromFlags(flags: Record<string, unknown>): Promise<T
     return parseTrainConfig(
       { ...base, ...o, lora: { ...base.lora, ...lora }, optimizer: { ...base.optimizer, ...((o['optimizer'] as object) ?? {}) }, loss: { ...base.loss, ...((o['loss'] as object) ?? {}) } },
       flags['config'],
+      flagOfField,
     );
   }
   if (Object.keys(lora).length) o['lora'] = lora;
   if (o['model'] === undefined || o['output'] === undefined || o['data'] === undefined) {
     throw new RedflagError('INVALID_ARGUMENT', 'train needs --model, --output and data (--harmful/--benign/--data or --synthetic), or --config');
   }
-  return parseTrainConfig(o, 'flags');
+  return parseTrainConfig(o, 'flags', flagOfField);
 }
 
 export async function runTrain(flags: Record<string, unknown>): Promise<void> {

@@ -181,11 +181,16 @@ export type TrainConfig = z.output<typeof trainConfigSchema>;
 export type TrainConfigInput = z.input<typeof trainConfigSchema>;
 
 /** Validates a configuration object; errors name each bad field by its path. */
-export function parseTrainConfig(input: unknown, where = 'training config'): TrainConfig {
+export function parseTrainConfig(input: unknown, where = 'training config', flagOf: (field: string) => string | undefined = () => undefined): TrainConfig {
   const result = trainConfigSchema.safeParse(input);
   const problems = result.success ? trainConfigConflicts(result.data) : result.error.issues.map((i) => ({ path: i.path, message: i.message }));
   if (problems.length === 0) return result.data!;
-  throw new RedflagError('INVALID_ARGUMENT', `${where}: ${problems.map((p) => `${p.path.length ? p.path.join('.') : '(root)'}: ${p.message}`).join('; ')}`);
+  const field = (path: PropertyKey[]) => {
+    const name = path.length ? path.join('.') : '(root)';
+    const flag = flagOf(name);
+    return flag ? `${name} (${flag})` : name;
+  };
+  throw new RedflagError('INVALID_ARGUMENT', `${where}: ${problems.map((p) => `${field(p.path)}: ${p.message}`).join('; ')}`);
 }
 
 /** The mistakes of a config the schema accepts that lie between its fields (path: the field to change). */
