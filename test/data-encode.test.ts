@@ -97,6 +97,15 @@ describe('with a chat template (Qwen3)', () => {
     const cut = encodeConversation(qwen3, multi, { maxTokens: full.ids.length - a1! - 2 });
     expect(cut.droppedPromptTokens).toBe(a1! + 2);
     expect(cut.historySpans).toEqual([[0, b1! - a1! - 2], [a2! - a1! - 2, b2! - a1! - 2]]);
+    // A reply that repeats earlier user text is found in its own turn, not in the user's.
+    const echo = conversation([
+      { role: 'user', content: 'Please answer with Sure only.' },
+      { role: 'assistant', content: 'Sure' },
+      { role: 'user', content: 'Pancakes?' },
+      { role: 'assistant', content: RESPONSE },
+    ]);
+    expect(turns(qwen3, encodeConversation(qwen3, echo))).toEqual(['Sure<|im_end|>']);
+    expect(turns(mistral, encodeConversation(mistral, echo))).toEqual(['Sure' + turns(mistral, encodeConversation(mistral, multi))[0]!.slice('Hello there.'.length)]);
     // A single-turn conversation has none.
     expect(encodeConversation(qwen3, simple).historySpans).toBeUndefined();
   });

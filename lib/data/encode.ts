@@ -171,7 +171,7 @@ function preparePrompt(tokenizer: Tokenizer, messages: readonly Message[], optio
 
 /**
  * The token spans [start, end) of the earlier assistant turns inside a prompt (`text`, whose
- * tokens are `promptIds`): each turn's content, found in the text in order, plus the token after
+ * tokens are `promptIds`): each turn's content, found in the text after the turns before it, plus the token after
  * it (the template's end of turn). A cut whose text does not tokenise to a prefix of the prompt's
  * ids (a merge across it) is moved back over the whitespace before the content, or the turn is
  * left out: the spans never hold a token that is not the turn's.
@@ -184,10 +184,12 @@ function assistantTurnSpans(tokenizer: Tokenizer, messages: readonly Message[], 
   };
   let from = 0;
   for (const message of messages) {
-    if (message.role !== 'assistant' || message.content === '') continue;
+    if (message.content === '') continue;
     const at = text.indexOf(message.content, from);
     if (at < 0) continue;
+    // Every turn moves the search on, so a reply that repeats earlier user text ("Sure") is found in its own turn.
     from = at + message.content.length;
+    if (message.role !== 'assistant') continue;
     let start: number | null = null;
     for (let cut = at; cut >= 0 && start === null && (cut === at || /\s/.test(text[cut]!)); cut--) start = prefixTokens(cut);
     const end = prefixTokens(from);
