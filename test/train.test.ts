@@ -12,7 +12,8 @@ import { SafetensorsFile } from '../lib/model/safetensors.js';
 import { parseTrainConfig, type TrainConfigInput } from '../lib/train/config.js';
 import { configDifferences, findCheckpoint } from '../lib/train/checkpoint.js';
 import { applyAdapter, mergeAdapterInto } from '../lib/train/export.js';
-import { train } from '../lib/train/trainer.js';
+import { holdOut, train } from '../lib/train/trainer.js';
+import type { Conversation } from '../lib/data/records.js';
 import { configFromFlags } from '../lib/cli/train.js';
 import { cudaUsable } from './helpers/cuda.js';
 import { packagedTokenizer, tinyLlama } from './helpers/tiny-model.js';
@@ -373,6 +374,33 @@ describe('training configuration', () => {
     expect(parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', device: 'cuda:1', dataParallel: group }).dataParallel).toEqual(group);
     expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', device: 'cuda', dataParallel: { ...group, rank: 2 } })).toThrow(/dataParallel.rank: 2 must be below worldSize 2/);
     expect(() => parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', dataParallel: group })).toThrow(/one process per GPU/);
+  });
+
+  it('holds out whole requests: copies of a request (another answer, or the same row twice) never straddle the split', () => {
+    const conv = (prompt: string, answer: string, label: 'harmful' | 'benign'): Conversation => ({
+      messages: [
+        { role: 'user', content: prompt },
+        { role: 'assistant', content: answer },
+      ],
+      label,
+      source: `${prompt}/${answer}`,
+    });
+    const distinct = Array.from({ length: 60 }, (_, i) => conv(`request ${i}`, `answer ${i}`, i % 2 ? 'harmful' : 'benign'));
+    // Without repeats: exactly the fraction, and a seed gives one split.
+    const plain = holdOut(distinct, 0.1, 3);
+    expect(plain.evalSet.length).toBe(6);
+    expect(plain.repeats).toBe(0);
+    expect(holdOut(distinct, 0.1, 3)).toEqual(plain);
+    // Every request in triplicate (two answers, one exact copy), as overlapping public sets have it.
+    const repeated = distinct.flatMap((c, i) => [c, conv(`request ${i}`, `Sure, here is answer ${i}`, 'harmful'), c]);
+    for (const seed of [0, 1, 2, 3]) {
+      const split = holdOut(repeated, 0.1, seed);
+      expect(split.repeats).toBe(120);
+      const held = new Set(split.evalSet.map((c) => c.messages[0]!.content));
+      expect(split.trainSet.filter((c) => held.has(c.messages[0]!.content))).toEqual([]);
+      expect(split.evalSet.length).toBe(18); // whole groups of 3, reaching round(180 * 0.1)
+      expect(split.trainSet.length + split.evalSet.length).toBe(180);
+    }
   });
 
   it('from the CLI, names the flag that sets a bad field', async () => {

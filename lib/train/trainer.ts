@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { BatchSampler, deriveSeed } from '../data/batches.js';
 import { encodeConversation, type EncodedConversation } from '../data/encode.js';
 import { loadTrainingFiles } from '../data/formats.js';
-import type { Conversation } from '../data/records.js';
+import { promptMessages, type Conversation } from '../data/records.js';
 import { generateSyntheticData, withRefusals } from '../data/synthetic.js';
 import { RedflagError, abortError } from '../errors.js';
 import { loadModel, type Model } from '../model/model.js';
@@ -71,6 +71,28 @@ const DEFAULT_TARGETS: Record<string, string[]> = {
   gpt2: ['c_attn', 'c_proj', 'c_fc'],
 };
 
+/**
+ * The seeded held-out split: the same seed holds out the same conversations, `fraction` of them.
+ * Conversations with the same request (every turn before the response) stay on one side: public
+ * sets overlap (AdvBench holds the adaptive-attack behaviours), and the held-out rates would
+ * otherwise score requests the run trained on. `repeats` counts the requests seen before.
+ * @internal
+ */
+export function holdOut(conversations: readonly Conversation[], fraction: number, seed: number): { trainSet: Conversation[]; evalSet: Conversation[]; repeats: number } {
+  const groups = new Map<string, { key: number; members: Conversation[] }>();
+  conversations.forEach((c, i) => {
+    const text = JSON.stringify(promptMessages(c));
+    const group = groups.get(text);
+    if (group) group.members.push(c);
+    else groups.set(text, { key: createRng(deriveSeed(seed, 7, i))(), members: [c] });
+  });
+  const n = Math.round(conversations.length * fraction);
+  const evalSet: Conversation[] = [];
+  const trainSet: Conversation[] = [];
+  for (const group of [...groups.values()].sort((a, b) => a.key - b.key)) (evalSet.length < n ? evalSet : trainSet).push(...group.members);
+  return { trainSet, evalSet, repeats: conversations.length - groups.size };
+}
+
 /** Loads and encodes training and evaluation conversations. */
 async function prepareData(config: TrainConfig, model: Model, log: (m: string) => void) {
   const tokenizer = model.tokenizer;
@@ -92,12 +114,9 @@ async function prepareData(config: TrainConfig, model: Model, log: (m: string) =
       trainSet = loaded.conversations;
       evalSet = (await loadTrainingFiles(config.evalData.map((d) => ({ ...d, skipInvalid: config.skipInvalid })))).conversations;
     } else {
-      // A seeded split: the same seed holds out the same conversations.
-      const order = loaded.conversations.map((c, i) => ({ c, key: createRng(deriveSeed(config.seed, 7, i))() }));
-      order.sort((a, b) => a.key - b.key);
-      const n = Math.round(order.length * config.evalFraction);
-      evalSet = order.slice(0, n).map((o) => o.c);
-      trainSet = order.slice(n).map((o) => o.c);
+      const split = holdOut(loaded.conversations, config.evalFraction, config.seed);
+      ({ evalSet, trainSet } = split);
+      if (split.repeats > 0) log(`${split.repeats} conversations repeat an earlier one's request: each stays on the side of the held-out split the first is on`);
     }
   }
   if (config.objective === 'refusal') {
