@@ -17,7 +17,9 @@
  *
  * Everything else goes to {@link loadConversations} (AdvBench, HarmBench, JailbreakBench
  * behaviours `Goal,Target,Category`, XSTest prompts `prompt,type,label`, chat JSONL,
- * prompt/response JSON(L)), with prompt-only rows allowed.
+ * prompt/response JSON(L)), with prompt-only rows allowed, and so does a file whose entry names
+ * its columns (`promptColumn`, `labelColumn`, …) or `recordsKey`: the recognised format would
+ * ignore them.
  * @module
  */
 import { readFile } from 'node:fs/promises';
@@ -89,21 +91,46 @@ export function detectEvalFormat(file: string, text: string): EvalFormat {
   return 'generic';
 }
 
+/** The line of a `file:line` source. */
+function lineOf(source: string): number {
+  return Number(source.slice(source.lastIndexOf(':') + 1));
+}
+
 function nonEmpty(value: unknown): value is string {
   return typeof value === 'string' && value.trim().length > 0;
 }
 
-/** A CSV file's rows by lower-cased column, each with the line it starts on. */
-function csvRows(file: string, text: string): { row: Record<string, string>; line: number }[] {
+/**
+ * A CSV file's rows by lower-cased column, each with the line it starts on. A row with another
+ * number of fields than the header is an error naming its line (its values would sit under the
+ * wrong columns: an unquoted comma in a refusal would shift the label), or skipped with
+ * `skipInvalid`, as the generic loader does.
+ */
+function csvRows(file: string, text: string, skipInvalid: boolean, skipped: { source: string; reason: string }[]): { row: Record<string, string>; line: number }[] {
   const lines = new CsvRecordLines();
-  let records: { record: Record<string, string>; info: { lines: number } }[];
+  let records: { record: string[]; info: { lines: number } }[];
   try {
-    records = parseCsvSync(text, { columns: (h: string[]) => h.map((x) => x.trim().toLowerCase()), bom: true, skip_empty_lines: true, relax_column_count: true, info: true });
+    records = parseCsvSync(text, { bom: true, skip_empty_lines: true, relax_column_count: true, info: true });
   } catch (error) {
     const line = (error as { lines?: number }).lines ?? 1;
     throw new RedflagError('INVALID_FILE', `cannot parse CSV: ${(error as Error).message}`, { file: `${file}:${line}`, cause: error });
   }
-  return records.map(({ record, info }) => ({ row: record, line: lines.start(Object.values(record), info.lines) }));
+  const [head, ...rows] = records;
+  if (head === undefined) return [];
+  lines.start(head.record, head.info.lines);
+  const header = head.record.map((x) => x.trim().toLowerCase());
+  const out: { row: Record<string, string>; line: number }[] = [];
+  for (const { record, info } of rows) {
+    const line = lines.start(record, info.lines);
+    if (record.length !== header.length) {
+      const reason = `row has ${record.length} fields, the header has ${header.length}`;
+      if (!skipInvalid) throw new RedflagError('INVALID_FILE', reason, { file: `${file}:${line}` });
+      skipped.push({ source: `${file}:${line}`, reason });
+      continue;
+    }
+    out.push({ row: Object.fromEntries(header.map((name, i) => [name, record[i]!])), line });
+  }
+  return out;
 }
 
 function jbbArtifacts(file: string, parsed: Record<string, unknown>, label: Label | undefined): EvalFileResult {
@@ -134,9 +161,9 @@ function jbbArtifacts(file: string, parsed: Record<string, unknown>, label: Labe
   return out;
 }
 
-function strongReject(file: string, text: string, label: Label | undefined): EvalFileResult {
+function strongReject(file: string, text: string, label: Label | undefined, skipInvalid: boolean): EvalFileResult {
   const out: EvalFileResult = { format: 'strongreject', conversations: [], storedVerdicts: {}, skipped: [] };
-  csvRows(file, text).forEach(({ row, line }) => {
+  csvRows(file, text, skipInvalid, out.skipped).forEach(({ row, line }) => {
     const source = `${file}:${line}`;
     if (!nonEmpty(row['forbidden_prompt'])) return out.skipped.push({ source, reason: 'column "forbidden_prompt" is empty' });
     const c: Conversation = { messages: [{ role: 'user', content: row['forbidden_prompt'] }], label: label ?? 'harmful', source, responseMissing: true };
@@ -147,9 +174,9 @@ function strongReject(file: string, text: string, label: Label | undefined): Eva
   return out;
 }
 
-function xstestCompletions(file: string, text: string, label: Label | undefined): EvalFileResult {
+function xstestCompletions(file: string, text: string, label: Label | undefined, skipInvalid: boolean): EvalFileResult {
   const out: EvalFileResult = { format: 'xstest-completions', conversations: [], storedVerdicts: {}, skipped: [] };
-  csvRows(file, text).forEach(({ row, line }) => {
+  csvRows(file, text, skipInvalid, out.skipped).forEach(({ row, line }) => {
     const source = `${file}:${line}`;
     if (!nonEmpty(row['prompt'])) return out.skipped.push({ source, reason: 'column "prompt" is empty' });
     if (!nonEmpty(row['completion'])) return out.skipped.push({ source, reason: 'column "completion" is empty' });
@@ -199,8 +226,24 @@ function alpaca(file: string, text: string, label: Label | undefined): EvalFileR
 }
 
 /**
+ * Whether the entry describes its file's columns or records itself: then the generic loaders
+ * read it as described, since a recognised format's fixed fields would ignore what was asked.
+ */
+function describesColumns(entry: FileEntry): boolean {
+  return entry.promptColumn !== undefined || entry.responseColumn !== undefined || entry.labelColumn !== undefined || entry.categoryColumn !== undefined || entry.recordsKey !== undefined;
+}
+
+/** A recognised format's rows with the entry's system prompt, as the generic loaders add it. */
+function withSystemPrompt(result: EvalFileResult, systemPrompt: string | undefined): EvalFileResult {
+  if (systemPrompt === undefined) return result;
+  for (const c of result.conversations) if (c.messages[0]?.role !== 'system') c.messages.unshift({ role: 'system', content: systemPrompt });
+  return result;
+}
+
+/**
  * Reads one evaluation data file in any format the project knows (see the module description).
  * The entry's `label` labels every row; without it the format's labels (or each row's) are used.
+ * An entry naming columns (or `recordsKey`) is read by the generic loaders as it describes.
  */
 export async function loadEvalFile(entry: FileEntry): Promise<EvalFileResult> {
   let text: string;
@@ -210,11 +253,11 @@ export async function loadEvalFile(entry: FileEntry): Promise<EvalFileResult> {
     const code = (cause as { code?: unknown }).code;
     throw new RedflagError(code === 'ENOENT' ? 'NOT_FOUND' : 'INVALID_FILE', code === 'ENOENT' ? 'file not found' : `cannot read (${String(code)})`, { file: entry.file, cause });
   }
-  const format = entry.format === undefined || entry.format === 'csv' || entry.format === 'json' ? detectEvalFormat(entry.file, text) : 'generic';
+  const format = (entry.format === undefined || entry.format === 'csv' || entry.format === 'json') && !describesColumns(entry) ? detectEvalFormat(entry.file, text) : 'generic';
   let result: EvalFileResult;
   if (format === 'jbb-artifacts') result = jbbArtifacts(entry.file, JSON.parse(text.replace(/^\ufeff/, '')) as Record<string, unknown>, entry.label);
-  else if (format === 'strongreject') result = strongReject(entry.file, text, entry.label);
-  else if (format === 'xstest-completions') result = xstestCompletions(entry.file, text, entry.label);
+  else if (format === 'strongreject') result = strongReject(entry.file, text, entry.label, entry.skipInvalid ?? false);
+  else if (format === 'xstest-completions') result = xstestCompletions(entry.file, text, entry.label, entry.skipInvalid ?? false);
   else if (format === 'alpaca') result = alpaca(entry.file, text.replace(/^\ufeff/, ''), entry.label);
   else {
     const { file, ...options } = entry;
@@ -224,8 +267,10 @@ export async function loadEvalFile(entry: FileEntry): Promise<EvalFileResult> {
     const loaded = await loadConversations(file, { allowPromptOnly: true, ...options, ...(categoryColumn ? { categoryColumn } : {}) });
     result = { format: 'generic', conversations: loaded.conversations, storedVerdicts: {}, skipped: loaded.skipped };
   }
+  // In file order (a CSV format reports rows of the wrong shape as it reads, the rest after).
+  if (result.format === 'strongreject' || result.format === 'xstest-completions') result.skipped.sort((a, b) => lineOf(a.source) - lineOf(b.source));
   if (result.conversations.length === 0) throw new RedflagError('INVALID_FILE', `has no usable rows (${result.format}; ${result.skipped.length} skipped)`, { file: entry.file });
-  return result;
+  return result.format === 'generic' ? result : withSystemPrompt(result, entry.systemPrompt);
 }
 
 /**
@@ -240,7 +285,7 @@ export async function loadTrainingFiles(entries: readonly FileEntry[]): Promise<
   for (const entry of entries) {
     const ext = extname(entry.file).toLowerCase();
     let format: EvalFormat = 'generic';
-    if ((ext === '.csv' || ext === '.json') && entry.format !== 'jsonl') {
+    if ((ext === '.csv' || ext === '.json') && entry.format !== 'jsonl' && !describesColumns(entry)) {
       // Only a file's start decides a CSV format; a JSON file is read whole anyway.
       const text = await readFile(entry.file, 'utf8').catch(() => null);
       if (text !== null) format = detectEvalFormat(entry.file, text);
