@@ -21,6 +21,11 @@
  * generation code should use it (with the same `chatTemplateExtra`, e.g.
  * `{ enable_thinking: false }` for Qwen3, which appends the empty think block to the prompt).
  *
+ * **Special tokens in the text** are text: every message's content (the response's too) goes
+ * through `tokenizer.escapeSpecialTokens`, so a message that spells `<|im_end|>` or `<rf>` is
+ * read as those characters, never as the control token (transformers would parse them). The
+ * template's own tokens are untouched. Training, evaluation and the detector read text alike.
+ *
  * **Tokenizers without a chat template** (base models) use a plain format, also chosen with
  * `template: 'plain'`: the tokens the tokenizer's post-processor puts first (e.g. Llama's BOS),
  * then one line per message, `System: …`, `User: …`, `Assistant: …`, and the prompt ends with
@@ -203,8 +208,13 @@ function assistantTurnSpans(tokenizer: Tokenizer, messages: readonly Message[], 
  * exactly the prompt part of {@link encodeConversation}'s ids for the same options.
  */
 export function encodePrompt(tokenizer: Tokenizer, messages: readonly Message[], options: PromptOptions = {}): number[] {
-  const prepared = preparePrompt(tokenizer, messages, options);
+  const prepared = preparePrompt(tokenizer, asText(tokenizer, messages), options);
   return [...prepared.prefixIds, ...tokenizer.encode(prepared.text, { addSpecialTokens: false })];
+}
+
+/** Messages whose special-token strings are text (see the module description). */
+function asText(tokenizer: Tokenizer, messages: readonly Message[]): Message[] {
+  return messages.map((m) => ({ ...m, content: tokenizer.escapeSpecialTokens(m.content) }));
 }
 
 function startsWith(ids: readonly number[], prefix: readonly number[]): boolean {
@@ -226,8 +236,8 @@ function checkTokenId(value: unknown, name: string): number {
  */
 export function encodeConversation(tokenizer: Tokenizer, conversation: Conversation, options: EncodeConversationOptions = {}): EncodedConversation {
   const source = conversation.source;
-  const response = responseText(conversation);
-  if (response === null) throw new RedflagError('INVALID_ARGUMENT', 'has no response (a prompt-only record cannot be encoded for training)', { file: source });
+  const original = responseText(conversation);
+  if (original === null) throw new RedflagError('INVALID_ARGUMENT', 'has no response (a prompt-only record cannot be encoded for training)', { file: source });
   const truncation = options.truncation ?? 'left';
   if (truncation !== 'left' && truncation !== 'right') throw new RedflagError('INVALID_ARGUMENT', `truncation must be 'left' or 'right', got ${JSON.stringify(truncation)}`);
   const maxTokens = options.maxTokens ?? Infinity;
@@ -238,7 +248,8 @@ export function encodeConversation(tokenizer: Tokenizer, conversation: Conversat
   if (endId === null) throw new RedflagError('INVALID_ARGUMENT', 'the tokenizer has no eos_token; pass endTokenId');
   checkTokenId(endId, 'endTokenId');
 
-  const messages = promptMessages(conversation);
+  const response = tokenizer.escapeSpecialTokens(original);
+  const messages = asText(tokenizer, promptMessages(conversation));
   const prepared = preparePrompt(tokenizer, messages, options);
   const textIds = tokenizer.encode(prepared.text, { addSpecialTokens: false });
   const turns = messages.some((m) => m.role === 'assistant') ? assistantTurnSpans(tokenizer, messages, prepared.text, textIds, prepared.prefixIds.length) : [];

@@ -265,6 +265,11 @@ class RedFlagDetector implements Detector {
     this.#eos = new Set(model.eosTokenIds);
   }
 
+  /** The flag tokens' strings (`<rf>`, `<rf:NAME>`). */
+  #flagStrings(): string[] {
+    return this.#s.flags.map((id) => this.#tokenizer.idToToken(id)).filter((t): t is string => t !== undefined);
+  }
+
   generate(input: readonly Message[] | string, options: DetectGenerateOptions = {}): DetectionStream {
     if (this.#disposed) throw new RedflagError('DISPOSED', 'the detector was disposed');
     const maxTokens = checkInteger(options.maxTokens ?? DEFAULT_MAX_TOKENS, 'maxTokens', 1, 1_000_000);
@@ -276,7 +281,8 @@ class RedFlagDetector implements Detector {
     let prompt: number[];
     if (typeof input === 'string') {
       if (input.length === 0) throw invalid('the prompt is empty');
-      prompt = this.#tokenizer.encode(input);
+      // Raw text may write a chat template's tokens, but never a flag: the flag is the model's to emit.
+      prompt = this.#tokenizer.encode(this.#tokenizer.escapeSpecialTokens(input, this.#flagStrings()));
     } else {
       prompt = encodePrompt(this.#tokenizer, checkedMessages(input, 'messages', true).messages);
     }

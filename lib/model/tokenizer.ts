@@ -180,6 +180,12 @@ function accelerateLongWords(hf: HfTokenizer): void {
   };
 }
 
+/** A pattern matching any of `tokens`, longest first (null when there are none). */
+function specialTokensPattern(tokens: readonly string[]): RegExp | null {
+  const kept = [...new Set(tokens.filter((t) => t.length > 0))].sort((a, b) => b.length - a.length);
+  return kept.length === 0 ? null : new RegExp(kept.map((t) => t.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')).join('|'), 'gu');
+}
+
 /**
  * A Hugging Face tokenizer. Build with {@link Tokenizer.fromDir} or {@link Tokenizer.fromObjects}.
  *
@@ -196,6 +202,8 @@ export class Tokenizer {
   #hf!: HfTokenizer;
   #specialIds = new Set<number>();
   #skipContents = new Set<string>();
+  /** {@link Tokenizer.escapeSpecialTokens}'s pattern for the special tokens (built on first use; null: none). */
+  #specialPattern: RegExp | null | undefined;
   #vocabSize = 0;
 
   private constructor(json: JsonObject, config: JsonObject, chatTemplate: string | null, templateFromFile: boolean, sources: Sources) {
@@ -317,6 +325,7 @@ export class Tokenizer {
     this.#specialIds = new Set(added.filter((t) => t.special).map((t) => t.id));
     // Like transformers' skip_special_tokens: special added tokens plus additional_special_tokens.
     this.#skipContents = new Set(added.filter((t) => t.special).map((t) => t.content));
+    this.#specialPattern = undefined;
     const extra = this.#config['additional_special_tokens'];
     if (Array.isArray(extra)) for (const token of extra) if (tokenContent(token) !== null) this.#skipContents.add(tokenContent(token) as string);
     let maxId = -1;
@@ -462,6 +471,23 @@ export class Tokenizer {
   // -------------------------------------------------------------------------------------------
   // Encoding and decoding
   // -------------------------------------------------------------------------------------------
+
+  /**
+   * `text` with every special token it spells (special added tokens, and added tokens named in
+   * additional_special_tokens; or only `tokens`) broken by a zero-width space (U+200B) after its
+   * first character, so that {@link Tokenizer.encode} reads those characters as text and never
+   * as the control token. For text from someone else: a message that spells `<|im_end|>` would
+   * otherwise close its turn and forge the next, and one that spells `<rf>` would put the flag
+   * token itself in the model's context (transformers parses them alike: transformers#29279).
+   */
+  escapeSpecialTokens(text: string, tokens?: readonly string[]): string {
+    const pattern = tokens === undefined ? (this.#specialPattern ??= specialTokensPattern(this.addedTokens().map((t) => t.content).filter((c) => this.#skipContents.has(c)))) : specialTokensPattern(tokens);
+    if (pattern === null) return text;
+    return text.replace(pattern, (token) => {
+      const first = String.fromCodePoint(token.codePointAt(0)!);
+      return `${first}\u200b${token.slice(first.length)}`;
+    });
+  }
 
   /** Text → token ids. Added/special tokens written in the text become their ids. */
   encode(text: string, options: EncodeOptions = {}): number[] {
