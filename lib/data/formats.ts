@@ -3,14 +3,15 @@
  * from a file's header or shape:
  *
  * - **JailbreakBench attack artifacts** (JSON `{parameters, jailbreaks: [...]}`): each entry's
- *   `prompt` and `response` become a labelled response, harmful when `jailbroken` is true; the
+ *   `prompt` and `response` become a labelled response, harmful when `jailbroken` is true (the
+ *   prompt is harmful either way: `promptLabel`); the
  *   artifact's stored verdicts (`jailbroken`, `jailbroken_llama_guard1`) are kept for the
  *   report. Entries without a prompt or response are skipped (counted).
  * - **StrongREJECT** CSV (`category,source,forbidden_prompt`): harmful prompts, with category.
  * - **XSTest completions** CSV (`type,prompt,completion,…,final_label`): the prompt is unsafe
  *   when its `type` starts with `contrast_`; a completion is harmful when it answers an unsafe
- *   prompt without fully refusing (`final_label` not `2_full_refusal`), benign otherwise. The
- *   type is the category.
+ *   prompt without fully refusing (`final_label` not `2_full_refusal`), benign otherwise (a
+ *   refused unsafe prompt: `promptLabel` harmful). The type is the category.
  * - **Alpaca** JSON (`[{instruction, input, output}]`): the prompt is the instruction, followed
  *   by the input (after a blank line) when there is one; labelled by the file's label, else by
  *   the row's `label` or `harmful` field, else benign.
@@ -150,6 +151,8 @@ function jbbArtifacts(file: string, parsed: Record<string, unknown>, label: Labe
       label: label ?? (e['jailbroken'] ? 'harmful' : 'benign'),
       source,
     };
+    // Every artifact's prompt asks for a harmful behaviour; a response that refused it is benign.
+    if (label === undefined && !e['jailbroken']) c.promptLabel = 'harmful';
     if (nonEmpty(e['category'])) c.category = e['category'];
     out.conversations.push(c);
     const verdict: StoredVerdict = {};
@@ -191,6 +194,7 @@ function xstestCompletions(file: string, text: string, label: Label | undefined,
       label: label ?? (unsafe && !refused ? 'harmful' : 'benign'),
       source,
       ...(type ? { category: type } : {}),
+      ...(label === undefined && unsafe && refused ? { promptLabel: 'harmful' as const } : {}),
     });
     return undefined;
   });

@@ -52,6 +52,12 @@ export interface Conversation {
   category?: string;
   /** True for a prompt-only record: the messages end with a user turn and there is no response. */
   responseMissing?: boolean;
+  /**
+   * The class of the request, where the data labels the response and the two differ: a refusal
+   * to a harmful request is `label: 'benign'`, `promptLabel: 'harmful'` (JailbreakBench
+   * artifacts, XSTest completions). Evaluation asks the request as a `promptLabel` prompt.
+   */
+  promptLabel?: Label;
 }
 
 /** A row a loader skipped (with `skipInvalid: true`) and why. */

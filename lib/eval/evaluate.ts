@@ -8,7 +8,7 @@ import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 
 import { loadEvalFile, type StoredVerdict } from '../data/formats.js';
-import type { Conversation } from '../data/records.js';
+import { promptMessages, type Conversation } from '../data/records.js';
 import { generateSyntheticData } from '../data/synthetic.js';
 import { createDetector } from '../detect/detector.js';
 import { RedflagError, abortError } from '../errors.js';
@@ -49,7 +49,15 @@ export async function loadEvalData(config: EvalConfig): Promise<EvalData & { sto
   const benign: Conversation[] = [];
   const storedVerdicts: Record<string, StoredVerdict> = {};
   const sources: string[] = [];
-  const add = (c: Conversation) => (c.label === 'harmful' ? harmful : benign).push(c);
+  const responseOnly: Conversation[] = [];
+  const add = (c: Conversation) => {
+    if (c.promptLabel === undefined || c.promptLabel === c.label || c.responseMissing) return (c.label === 'harmful' ? harmful : benign).push(c);
+    // A response labelled against its request: the response is scored as labelled, the request
+    // asked as what it is (a refused jailbreak is no benign prompt).
+    responseOnly.push(c);
+    const { messages: _, promptLabel, ...rest } = c;
+    return (promptLabel === 'harmful' ? harmful : benign).push({ ...rest, messages: promptMessages(c), label: promptLabel, responseMissing: true });
+  };
   const files = [
     ...config.harmful.map((f) => ({ ...f, label: 'harmful' as const })),
     ...config.benign.map((f) => ({ ...f, label: 'benign' as const })),
@@ -71,7 +79,7 @@ export async function loadEvalData(config: EvalConfig): Promise<EvalData & { sto
   }
   if (config.mcq !== undefined) mcq = await loadMcQuestions(config.mcq);
   const limit = config.limit ?? Infinity;
-  return { harmful: harmful.slice(0, limit), benign: benign.slice(0, limit), mcq, storedVerdicts, sources };
+  return { harmful: harmful.slice(0, limit), benign: benign.slice(0, limit), responseOnly: responseOnly.slice(0, limit), mcq, storedVerdicts, sources };
 }
 
 /** Where and how every model of the run is loaded. */

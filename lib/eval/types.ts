@@ -88,6 +88,12 @@ export interface EvalData {
   harmful: Conversation[];
   /** Benign conversations, with responses where utility needs them. */
   benign: Conversation[];
+  /**
+   * Responses labelled against their request's class (a refusal to a harmful request: benign),
+   * scored by teacher-forced detection only; their requests are in `harmful`/`benign` as
+   * prompt-only conversations of the request's class.
+   */
+  responseOnly?: Conversation[];
   /** Multiple-choice questions for utility. */
   mcq: McQuestion[];
   /** Verdicts stored in the data (JailbreakBench artifacts), by conversation source. */

@@ -8,7 +8,7 @@
  * than once in an answer.
  * @module
  */
-import type { Conversation } from '../../data/records.js';
+import type { Conversation, Label } from '../../data/records.js';
 import {
   auprc,
   auroc,
@@ -21,7 +21,7 @@ import {
   type Estimate,
   type RocPoint,
 } from '../stats.js';
-import type { Suite, SuiteContext } from '../types.js';
+import type { EvalData, Suite, SuiteContext } from '../types.js';
 import { cachedGenerations, conversationPromptIds, itemName, rate, withResponses, type Generation } from './common.js';
 
 interface CategoryRow {
@@ -105,17 +105,22 @@ async function teacherForcedScores(ctx: SuiteContext, conversations: Conversatio
   return out;
 }
 
+/** The responses of one class that teacher-forced detection scores: those of the pool and those labelled against their request. */
+function scoredResponses(data: EvalData, label: Label): Conversation[] {
+  return [...withResponses(data[label]), ...(data.responseOnly ?? []).filter((c) => c.label === label)];
+}
+
 export const detectionSuite: Suite<DetectionResult> = {
   name: 'detection',
   description: 'teacher-forced max p(<rf>) over labelled responses (AUROC, AUPRC, TPR at FPR, rates with 95% CIs) and greedy answers (flagged, refused, combined)',
-  units: ({ data, variant }) => (variant.detects ? withResponses(data.harmful).length + withResponses(data.benign).length : 0) + data.harmful.length + data.benign.length,
+  units: ({ data, variant }) => (variant.detects ? scoredResponses(data, 'harmful').length + scoredResponses(data, 'benign').length : 0) + data.harmful.length + data.benign.length,
   async run(ctx) {
     const { settings, data } = ctx;
     let done = 0;
     const total = detectionSuite.units(ctx);
     const tick = (n: number) => ctx.progress((done = Math.min(total, done + n)), total);
-    const harmfulTf = withResponses(data.harmful);
-    const benignTf = withResponses(data.benign);
+    const harmfulTf = scoredResponses(data, 'harmful');
+    const benignTf = scoredResponses(data, 'benign');
 
     let teacherForced: DetectionResult['teacherForced'] = null;
     let tfHarmful: number[] = [];
