@@ -368,6 +368,18 @@ describe('CSV', () => {
     expect(result.skipped[0]?.source).toBe(`${file}:3`);
   });
 
+  it('a quote never closed is an error naming the line after the last complete row, even with skipInvalid (it swallowed every line after it)', async () => {
+    const file = await fixture('csv', 'prompt,response,label\np1,r1,benign\np2,"unterminated,benign\np3,r3,benign\np4,r4,benign\n');
+    for (const skipInvalid of [false, true]) {
+      await expect(loadConversations(file, { skipInvalid })).rejects.toThrow(`${file}:3: cannot parse CSV: a quoted field that opens on or after this line is never closed`);
+    }
+    // Skipped rows come back in file order, whatever order the parser reported them in.
+    const mixed = await fixture('csv', 'prompt,response,label\np1,r1,benign\np2,r2\nbad"quote,x,benign\np3,r3,benign\np4,,benign\n');
+    const result = await loadConversations(mixed, { skipInvalid: true });
+    expect(result.conversations.map((c) => c.messages[0]!.content)).toEqual(['p1', 'p3']);
+    expect(result.skipped.map((r) => r.source)).toEqual([`${mixed}:3`, `${mixed}:4`, `${mixed}:6`]);
+  });
+
   it('names the file when the header is unreadable or lacks a prompt column', async () => {
     const broken = await fixture('csv', '"goal"x,target\na,b\n');
     await expect(loadConversations(broken, { label: 'harmful' })).rejects.toThrow(`${broken}:1: cannot read the CSV header`);

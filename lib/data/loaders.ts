@@ -154,6 +154,9 @@ export async function loadConversations(file: string, options: LoadOptions = {})
   for await (const conversation of streamConversations(file, { ...options, format, onSkip: (row) => skipped.push(row) })) {
     conversations.push(conversation);
   }
+  // csv-parse reports a row it cannot parse ahead of the rows before it that it still holds.
+  const line = (row: SkippedRow) => Number(/:(\d+)$/.exec(row.source)?.[1] ?? 0);
+  skipped.sort((a, b) => line(a) - line(b));
   return { file, format, conversations, skipped };
 }
 
@@ -568,14 +571,21 @@ async function* streamCsv(file: string, options: StreamOptions): AsyncGenerator<
     skip_empty_lines: true,
     skip_records_with_error: skipInvalid,
   });
+  // The line the last complete record ended on: a quote never closed opened after it.
+  let lastEnd = 0;
+  let unclosed: { lines?: number; message: string } | undefined;
   if (skipInvalid) {
-    parser.on('skip', (error: { lines?: number; message: string } | undefined) => {
+    parser.on('skip', (error: { code?: string; lines?: number; message: string } | undefined) => {
       if (error === undefined) return;
       // A broken header is never skipped: the next record would silently become the header.
       if (parser.info.records === 0) headerError ??= error;
+      // Nor a quote never closed: it swallowed every line after it, which one skip would hide.
+      else if (error.code === 'CSV_QUOTE_NOT_CLOSED') unclosed ??= error;
       else options.onSkip?.({ source: `${file}:${recordLines.correct(error.lines ?? 1)}`, reason: `cannot parse CSV: ${error.message}` });
     });
   }
+  const unclosedError = (cause?: unknown) =>
+    recordError(`${file}:${lastEnd + 1}`, `cannot parse CSV: a quoted field that opens on or after this line is never closed, so every line after it would be one field`, cause);
   input.on('error', (error) => parser.destroy(error));
   input.pipe(parser);
 
@@ -583,6 +593,7 @@ async function* streamCsv(file: string, options: StreamOptions): AsyncGenerator<
     for await (const item of parser as AsyncIterable<CsvRecord>) {
       const fields = item.record;
       const line = recordLines.start(fields, item.info.lines);
+      lastEnd = recordLines.correct(item.info.lines);
       if (headerError !== undefined) throw recordError(`${file}:${headerError.lines ?? 1}`, `cannot read the CSV header: ${headerError.message}`);
       if (header === null) {
         header = fields;
@@ -597,6 +608,7 @@ async function* streamCsv(file: string, options: StreamOptions): AsyncGenerator<
   } catch (error) {
     if (error instanceof RedflagError) throw error;
     const parseError = error as { code?: unknown; lines?: unknown; message?: unknown };
+    if (error instanceof CsvError && parseError.code === 'CSV_QUOTE_NOT_CLOSED' && parser.info.records > 0) throw unclosedError(error);
     if (error instanceof CsvError) {
       const line = recordLines.correct(typeof parseError.lines === 'number' ? parseError.lines : 1);
       const what = parser.info.records === 0 ? 'cannot read the CSV header' : 'cannot parse CSV';
@@ -607,6 +619,7 @@ async function* streamCsv(file: string, options: StreamOptions): AsyncGenerator<
     input.destroy();
   }
   if (headerError !== undefined) throw recordError(`${file}:${headerError.lines ?? 1}`, `cannot read the CSV header: ${headerError.message}`);
+  if (unclosed !== undefined) throw unclosedError();
   if (header === null) throw new RedflagError('INVALID_FILE', 'is empty (no header row)', { file });
   if (rows === 0) throw new RedflagError('INVALID_FILE', 'has a header but no rows', { file });
 }
