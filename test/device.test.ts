@@ -131,7 +131,7 @@ describe('device', () => {
     const model = join(FIXTURES, 'llama-gqa');
     const dp = await run('train', '--model', model, '--output', '/nonexistent/out', '--synthetic', '--world-size', '2', '--group-file', '/tmp/g');
     expect(dp.code).toBe(1);
-    expect(dp.stderr).toMatch(/dataParallel: runs one process per GPU/);
+    expect(dp.stderr).toMatch(/dataParallel \(--world-size\): runs one process per GPU/);
     const half = await run('train', '--model', model, '--output', '/nonexistent/out', '--synthetic', '--world-size', '2');
     expect(half.stderr).toMatch(/needs --world-size and --group-file/);
     const cpu = await run('info', '-m', join(FIXTURES, 'llama-gqa'), '--device', 'cpu', '--json');
