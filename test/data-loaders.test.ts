@@ -102,6 +102,21 @@ describe('JSONL', () => {
     ]);
   });
 
+  it("reads a self-instruct seed task's first instance as the input and output; refuses ambiguous rows", async () => {
+    const seed = { id: 'seed_task_1', instruction: 'What is the relation between the given pairs?', instances: [{ input: 'Night : Day :: Right : Left', output: 'They are opposites.' }], is_classification: false };
+    const file = await fixture('jsonl', jsonl([seed, { ...seed, instances: [{ input: '', output: 'Oats.' }] }]));
+    const { conversations } = await loadConversations(file, { label: 'benign', allowPromptOnly: true });
+    expect(conversations.map((c) => c.messages)).toEqual([
+      [{ role: 'user', content: 'What is the relation between the given pairs?\n\nNight : Day :: Right : Left' }, { role: 'assistant', content: 'They are opposites.' }],
+      [{ role: 'user', content: 'What is the relation between the given pairs?' }, { role: 'assistant', content: 'Oats.' }],
+    ]);
+    const both = await fixture('jsonl', jsonl([{ messages: [{ role: 'user', content: 'a' }, { role: 'assistant', content: 'b' }], system: 'S', label: 'benign' }]));
+    await expect(loadConversations(both)).rejects.toThrow(`${both}:1: row has both "messages" and "system"`);
+    const disagree = await fixture('jsonl', jsonl([{ prompt: 'a', response: 'b', label: 'benign', harmful: true }, { prompt: 'c', response: 'd', label: 'harmful', harmful: true }]));
+    await expect(loadConversations(disagree)).rejects.toThrow(`${disagree}:1: fields "label" and "harmful" disagree`);
+    expect((await loadConversations(disagree, { skipInvalid: true })).conversations.map((c) => c.label)).toEqual(['harmful']);
+  });
+
   it('reads custom fields named by the column options', async () => {
     const file = await fixture('jsonl', jsonl([{ q: 'question', a: 'answer', unsafe: 'unsafe', topic: 'misc' }]));
     const { conversations } = await loadConversations(file, { promptColumn: 'q', responseColumn: 'a', labelColumn: 'unsafe', categoryColumn: 'topic' });

@@ -127,7 +127,7 @@ export interface CsvColumns {
 const JSON_PROMPT_FIELDS = ['prompt', 'instruction', 'goal'];
 const JSON_RESPONSE_FIELDS = ['response', 'output', 'target', 'completion'];
 /** @internal */
-export const LABEL_FIELDS = ['label', 'harmful'];
+export const LABEL_FIELDS = ['label', 'harmful'] as const;
 const CSV_PROMPT_COLUMNS = ['prompt', 'goal', 'behavior', 'instruction', 'question'];
 const CSV_RESPONSE_COLUMNS = ['response', 'target', 'output', 'completion', 'answer'];
 const CSV_CATEGORY_COLUMNS = ['category', 'semanticcategory'];
@@ -261,10 +261,24 @@ export function withAlpacaInput(row: Record<string, unknown>, promptField: strin
   return row['input'].trim().length > 0 ? `${prompt}\n\n${row['input']}` : prompt;
 }
 
+/**
+ * A self-instruct seed task (`{instruction, instances: [{input, output}, …]}`, Alpaca's seed
+ * set) as an Alpaca row: its first instance's input and output, which the instruction needs
+ * (its input is the text the instruction is about). Other rows come back as they are.
+ */
+function withFirstInstance(record: Record<string, unknown>): Record<string, unknown> {
+  const instances = record['instances'];
+  if (!Array.isArray(instances) || record['input'] !== undefined || record['output'] !== undefined) return record;
+  const first: unknown = instances[0];
+  if (typeof first !== 'object' || first === null || Array.isArray(first)) throw new RowProblem('field "instances" must hold objects with "input" and "output"');
+  const { input, output } = first as Record<string, unknown>;
+  return { ...record, input, output };
+}
+
 /** Turns one parsed JSON row into a conversation, or throws a {@link RowProblem}. */
 function jsonRowToConversation(row: unknown, source: string, options: LoadOptions): Conversation {
   if (typeof row !== 'object' || row === null || Array.isArray(row)) throw new RowProblem(`row must be a JSON object, got ${jsonTypeName(row)}`);
-  const record = row as Record<string, unknown>;
+  const record = withFirstInstance(row as Record<string, unknown>);
   const has = (name: string): boolean => record[name] !== undefined && record[name] !== null;
 
   let messages: Message[];
@@ -272,6 +286,7 @@ function jsonRowToConversation(row: unknown, source: string, options: LoadOption
   const promptField = options.promptColumn ?? JSON_PROMPT_FIELDS.find(has);
   if (record['messages'] !== undefined && options.promptColumn === undefined) {
     if (promptField !== undefined) throw new RowProblem(`row has both "messages" and "${promptField}"; use one form`);
+    if (has('system')) throw new RowProblem('row has both "messages" and "system"; put the system message first in "messages"');
     ({ messages, responseMissing } = checkMessages(record['messages'], { allowPromptOnly: options.allowPromptOnly ?? false }));
   } else {
     if (promptField === undefined || !has(promptField)) {
@@ -296,6 +311,9 @@ function jsonRowToConversation(row: unknown, source: string, options: LoadOption
     label = options.label;
   } else {
     const labelField = options.labelColumn ?? LABEL_FIELDS.find(has);
+    if (options.labelColumn === undefined && LABEL_FIELDS.every(has) && parseLabel(record[LABEL_FIELDS[0]], `field "${LABEL_FIELDS[0]}"`) !== parseLabel(record[LABEL_FIELDS[1]], `field "${LABEL_FIELDS[1]}"`)) {
+      throw new RowProblem(`fields "${LABEL_FIELDS[0]}" and "${LABEL_FIELDS[1]}" disagree`);
+    }
     if (labelField === undefined || !has(labelField)) {
       throw new RowProblem(
         options.labelColumn !== undefined
