@@ -4,7 +4,8 @@ import { join } from 'node:path';
 
 import { rm } from 'node:fs/promises';
 import { Worker } from 'node:worker_threads';
-import { execFile } from 'node:child_process';
+import { execFile, spawnSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { promisify } from 'node:util';
 
 import { RedflagError } from '../lib/errors.js';
@@ -33,6 +34,28 @@ describe('the addon', () => {
       expect(nativeError(Object.assign(new Error('x'), { code }))).toMatchObject({ code, message: 'x' });
     }
     expect(nativeError(Object.assign(new Error('y'), { code: 'SOMETHING_ELSE' }))).toMatchObject({ code: 'NATIVE', message: 'y' });
+  });
+
+  // Each kernel source is compiled once per instruction set; an inline function or template they
+  // share is then defined in both units, and the linker keeps one copy. An AVX-512 copy kept would
+  // run on AVX2-only machines (illegal instruction) and no AVX-512 machine would notice.
+  const addonFile = join(import.meta.dirname, '..', 'build', 'Release', 'redflag.node');
+  const objdump = spawnSync('objdump', ['--version']).status === 0 && existsSync(addonFile);
+  it.skipIf(!objdump)('uses AVX-512 registers only in its AVX-512 kernels', () => {
+    const listing = spawnSync('objdump', ['-d', '--no-show-raw-insn', '-C', addonFile], { encoding: 'utf8', maxBuffer: 1 << 30 }).stdout;
+    const offenders = new Set<string>();
+    let name = '';
+    let functions = 0;
+    for (const line of listing.split('\n')) {
+      const head = /^[0-9a-f]+ <(.*)>:$/.exec(line);
+      if (head) {
+        name = head[1]!;
+        functions++;
+      } else if (/%zmm|%k[1-7]\b/.test(line) && !name.includes('avx512::') && !name.includes('(anonymous namespace)')) offenders.add(name); // an anonymous namespace's copy is its own unit's
+    }
+    expect(functions).toBeGreaterThan(100);
+    expect(listing).toMatch(/rf::avx512::[^\n]*>:\n(?:[^\n]*\n)*?[^\n]*%zmm/); // the scan sees the kernels' own
+    expect([...offenders]).toEqual([]);
   });
 
   it('reports the CPU features it dispatches on', () => {

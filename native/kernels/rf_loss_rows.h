@@ -11,6 +11,10 @@
 #include "kernels/rf_loss.h"
 
 namespace rf {
+// Internal to each unit that includes it: the CPU kernels' copies are compiled once per
+// instruction set, and a shared inline definition would leave the linker to keep one of them
+// (the AVX-512 unit's would then run on AVX2-only machines).
+namespace {
 
 struct RfLossRowsPlan {
   std::vector<int> flags;       // the flag token ids: options.flag_tokens, or {rf_token}
@@ -64,4 +68,5 @@ inline RfLossRowsPlan rf_loss_rows_plan(int N, int Nr, int H, int V, const RfLos
   return p;
 }
 
+}  // namespace
 }  // namespace rf

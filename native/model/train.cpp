@@ -893,7 +893,8 @@ LossTerms Trainer::step(const std::vector<Sequence>& batch, const std::vector<Se
           for (long j = 0; j < in; ++j)
             if (dropout_keep(s.trace.dropout_seed, l, adapter_id, i, j, p)) din[i * in + j] += s.tmp_in[i * in + j] * keep;
       } else {
-        add_forward(din, s.tmp_in.data(), int(R * in));
+        // Row by row: R * in passes 2^31 for an 8B model's down_proj at 150k tokens a micro-batch.
+        for (long i = 0; i < R; ++i) add_forward(din + i * in, s.tmp_in.data() + i * in, int(in));
       }
     }
   };
