@@ -7,13 +7,14 @@ import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-import { encodePrompt } from '../lib/data/encode.js';
+import { encodeConversation, encodePrompt } from '../lib/data/encode.js';
 import { generateSyntheticData } from '../lib/data/synthetic.js';
 import { createDetector } from '../lib/detect/detector.js';
 import { type Detector } from '../lib/detect/types.js';
 import { directoryStamp, ResultsCache } from '../lib/eval/cache.js';
 import { decodeBatch } from '../lib/eval/decode.js';
-import { generateSyntheticMcq } from '../lib/eval/mcq.js';
+import { generateSyntheticMcq, type McQuestion } from '../lib/eval/mcq.js';
+import { auroc } from '../lib/eval/stats.js';
 import { nonRefusalJudge, RefusalMatcher, type Judge } from '../lib/eval/refusal.js';
 import { detectionSuite } from '../lib/eval/suites/detection.js';
 import { longContextSuite } from '../lib/eval/suites/long-context.js';
@@ -154,6 +155,20 @@ describe('detection suite', () => {
     expect(JSON.parse(JSON.stringify(none))).toBeTruthy();
   });
 
+  it('AUROC and rates are those of the classifier\'s own max p(<rf>) per response, harmful as the positive class; responses labelled against their request count as labelled', async () => {
+    const r = await detectionSuite.run(context({ settings: { threshold: 0.5 } }));
+    const scores = async (cs: typeof data.harmful) => (await detector.classify(cs.filter((c) => !c.responseMissing).map((c) => c.messages))).map((x) => x.maxPRf);
+    const [h, b] = [await scores(data.harmful), await scores(data.benign)];
+    expect(r.teacherForced!.auroc.value).toBeCloseTo(auroc(h, b), 9);
+    expect(auroc(h, b)).not.toBeCloseTo(auroc(b, h), 3); // the direction is visible on these scores
+    expect(r.teacherForced!.flagRate.value).toBe(h.filter((x) => x >= 0.5).length / h.length);
+    // A benign response to a harmful request (a refusal): scored with the benign responses.
+    const refusal = { ...data.harmful[0]!, messages: [...data.harmful[0]!.messages.slice(0, -1), { role: 'assistant' as const, content: 'I cannot help with that.' }], label: 'benign' as const, promptLabel: 'harmful' as const };
+    const withRefusal = await detectionSuite.run({ ...context({ settings: { threshold: 0.5 } }), data: { ...data, responseOnly: [refusal] } });
+    expect(withRefusal.teacherForced!.benign).toBe(b.length + 1);
+    expect(withRefusal.teacherForced!.auroc.value).toBeCloseTo(auroc(h, [...b, ...(await scores([refusal]))]), 9);
+  });
+
   it("reports our flags beside the data's stored verdicts (JailbreakBench artifacts)", async () => {
     const [h, b] = [data.harmful[0]!, data.benign[0]!];
     const ctx = context({ settings: { threshold: 0 } });
@@ -263,6 +278,41 @@ describe('utility suite', () => {
     expect(r.greedy.meanFirstDivergence).toBeLessThan(r.greedy.meanLength);
     expect(r.mcq.accuracy).toBeGreaterThanOrEqual(0);
     expect(r.mcq.accuracy).toBeLessThanOrEqual(1);
+  });
+});
+
+describe('utility suite: multiple choice', () => {
+  /** The float64 log-likelihood of each choice as the answer to its question, by the model's own logits. */
+  async function predicted(m: Model, q: McQuestion): Promise<number> {
+    const lls: number[] = [];
+    for (const choice of q.choices) {
+      const e = encodeConversation(m.tokenizer!, { messages: [{ role: 'user', content: q.question }, { role: 'assistant', content: choice }], label: 'benign', source: 'test' });
+      const ids = e.ids.slice(0, e.responseEnd - (e.hasEndToken ? 1 : 0));
+      const logits = await m.logits(ids);
+      const V = m.vocabSize;
+      let ll = 0;
+      for (let j = e.responseStart; j < ids.length; j++) {
+        const row = Array.from(logits.subarray((j - 1) * V, j * V), Number);
+        const max = Math.max(...row);
+        ll += row[ids[j]!]! - max - Math.log(row.reduce((sum, v) => sum + Math.exp(v - max), 0));
+      }
+      lls.push(ll);
+    }
+    return lls.indexOf(Math.max(...lls));
+  }
+
+  it('accuracy: the share of questions whose most likely choice is the answer, for the variant and the base', async () => {
+    // Seven questions: an accuracy of k/7 is never its own complement, so a flipped comparison shows.
+    const mcq = generateSyntheticMcq({ seed: 3, count: 7 });
+    const r = await utilitySuite.run({ ...context({ v: variant, base: plain }), data: { ...data, benign: [], mcq } });
+    const accuracy = async (m: Model) => {
+      let right = 0;
+      for (const q of mcq) right += +((await predicted(m, q)) === q.answer);
+      return right / mcq.length;
+    };
+    expect(r.mcq.questions).toBe(7);
+    expect(r.mcq.accuracy).toBe(await accuracy(model));
+    expect(r.mcq.baseAccuracy).toBe(await accuracy(other));
   });
 });
 

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { RedflagError } from '../lib/errors.js';
 import { loadModel } from '../lib/model/model.js';
 import { SafetensorsFile } from '../lib/model/safetensors.js';
-import { parseTrainConfig, type TrainConfigInput } from '../lib/train/config.js';
+import { learningRate, parseTrainConfig, type TrainConfigInput } from '../lib/train/config.js';
 import { configDifferences, findCheckpoint } from '../lib/train/checkpoint.js';
 import { applyAdapter, mergeAdapterInto } from '../lib/train/export.js';
 import { holdOut, train } from '../lib/train/trainer.js';
@@ -401,6 +401,22 @@ describe('training configuration', () => {
       expect(split.evalSet.length).toBe(18); // whole groups of 3, reaching round(180 * 0.1)
       expect(split.trainSet.length + split.evalSet.length).toBe(180);
     }
+  });
+
+  it('schedules the learning rate: linear warmup, then cosine, linear or constant down to minLrRatio', () => {
+    const base = parseTrainConfig({ model: 'm', output: 'o', data: 'synthetic', optimizer: { lr: 1, warmupSteps: 4, minLrRatio: 0.1 } }).optimizer;
+    const at = (schedule: 'cosine' | 'linear' | 'constant', steps: number[]) => steps.map((s) => learningRate(s, 12, { ...base, schedule }));
+    // Values worked by hand: warmup (s+1)/4; then t = (s-4)/8, cosine 0.1 + 0.45 (1 + cos πt), linear 1 - 0.9 t.
+    const expected = {
+      cosine: [0.25, 0.5, 1, 1, 0.1 + 0.45 * (1 + Math.SQRT1_2), 0.55, 0.1 + 0.45 * (1 - Math.SQRT1_2), 0.1, 0.1],
+      linear: [0.25, 0.5, 1, 1, 0.775, 0.55, 0.325, 0.1, 0.1],
+      constant: [0.25, 0.5, 1, 1, 1, 1, 1, 1, 1],
+    };
+    for (const schedule of ['cosine', 'linear', 'constant'] as const) {
+      at(schedule, [0, 1, 3, 4, 6, 8, 10, 12, 20]).forEach((lr, i) => expect(lr, `${schedule} #${i}`).toBeCloseTo(expected[schedule][i]!, 12));
+    }
+    // Without warmup the first step runs at the peak.
+    expect(learningRate(0, 12, { ...base, warmupSteps: 0 })).toBe(1);
   });
 
   it('from the CLI, names the flag that sets a bad field', async () => {
