@@ -150,6 +150,44 @@ describe('buildStep on a multi-turn benign conversation', () => {
   });
 });
 
+describe('buildStep: what each row reads and predicts', () => {
+  /** The sequences laid end to end, each position with its sequence. */
+  const flat = (seqs: number[][]) => seqs.flatMap((ids, seq) => ids.map((token, at) => ({ token, seq, at })));
+
+  it('a KL row of the trained text and its reference row predict the same token at the same place of the text without <rf>; a red-flag row predicts its flag', () => {
+    const benign = { ...harmful(4, 9), label: 'benign' as const, historySpans: [[1, 3]] as [number, number][] };
+    const examples = [harmful(5, 12), benign, harmful(3, 20)];
+    for (const [seed, options] of [[1, {}], [2, { rfOffset: 3, rfSamples: 3, rfWindow: 2 }], [3, { rfPosition: 'start' as const }]] as const) {
+      const step = buildStep(examples, { objective: 'redflag', rfToken: RF, rng: createRng(seed), ...options });
+      const trained = flat(step.batch);
+      const reference = flat(step.reference);
+      let kl = 0;
+      let flags = 0;
+      for (let r = 0; r < step.rows.length; r += 5) {
+        const [kind, row, ref] = [step.rows[r]!, step.rows[r + 1]!, step.rows[r + 2]!];
+        const here = trained[row]!;
+        const next = trained[row + 1]!;
+        expect(next.seq, `row ${row} predicts a token of its own sequence`).toBe(here.seq);
+        if (kind === RowKind.RedFlag) {
+          expect(step.rows[r + 4]).toBe(RF);
+          flags++;
+          continue;
+        }
+        const [there, after] = [reference[ref]!, reference[ref + 1]!];
+        expect(after.seq).toBe(there.seq);
+        // Both predict the same token, at its place in the text without <rf>; both read the same
+        // token, but for the row that reads <rf> itself (its reference reads the token before it).
+        expect(next.token, `row ${row} (kind ${kind}) against reference row ${ref}`).toBe(after.token);
+        expect(after.at).toBe(step.batch[here.seq]!.slice(0, next.at).filter((t) => t !== RF).length);
+        if (here.token !== RF) expect(here.token).toBe(there.token);
+        kl++;
+      }
+      expect(kl).toBeGreaterThan(10);
+      expect(flags).toBeGreaterThan(0);
+    }
+  });
+});
+
 describe('buildStep with a response shorter than the offset', () => {
   it('never asks for <rf> before start + rfOffset: a response without such a position trains nothing', () => {
     // Response positions 4..6; rfOffset 3 allows position 7 at the earliest: there is none.
