@@ -152,6 +152,31 @@ describe('Mistral/Llama SentencePiece-BPE tokenizer', () => {
   });
 });
 
+describe('long pre-tokens', () => {
+  it("tokenize exactly as the library does (runs of one character, long words, mixed scripts), in both tokenizers' BPE", () => {
+    let state = 12345;
+    const random = () => ((state = (state * 1103515245 + 12345) % 2 ** 31) / 2 ** 31);
+    const alphabet = ['a', 'b', 'e', 'r', 'n', 'é', '中', '文', '!', '0', '1', '😀'];
+    const word = (n: number) => Array.from({ length: n }, () => alphabet[Math.floor(random() * alphabet.length)]).join('');
+    const texts = [
+      ' '.repeat(3000),
+      'a'.repeat(2999),
+      '='.repeat(1000) + 'x',
+      'ab'.repeat(700),
+      word(300),
+      word(2500),
+      `start ${word(900)} middle ${' '.repeat(777)}end`,
+      '\n'.repeat(513) + 'tail',
+    ];
+    for (const [name, tokenizer, dir] of [['mistral', mistral, MISTRAL_DIR], ['qwen3', qwen3, QWEN3_DIR]] as const) {
+      const reference = new HfTokenizer(readJson(`${dir}/tokenizer.json`), readJson(`${dir}/tokenizer_config.json`));
+      for (const text of texts) {
+        expect(tokenizer.encode(text, { addSpecialTokens: false }), `${name}: ${JSON.stringify(text.slice(0, 20))}… (${text.length})`).toEqual(reference.encode(text, { add_special_tokens: false }).ids);
+      }
+    }
+  });
+});
+
 describe('Qwen3 byte-level BPE tokenizer', () => {
   it('has the expected vocabulary and special tokens', () => {
     expect(qwen3.vocabSize).toBe(151669);

@@ -186,6 +186,101 @@ function specialTokensPattern(tokens: readonly string[]): RegExp | null {
   return kept.length === 0 ? null : new RegExp(kept.map((t) => t.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')).join('|'), 'gu');
 }
 
+/** The parts of the library's BPE model that {@link fastLongWordBpe} uses. */
+interface BpeWordModel extends BpeModel {
+  bpe(token: string): string[];
+}
+
+/**
+ * Replaces the library's BPE of one long pre-token (a run of spaces, one long "word": as long as
+ * a request's body allows) by the same algorithm without its per-step allocations: the library
+ * takes some 20 µs a character there, so a 1 MB request held the event loop for 20 s. Merges
+ * go lowest rank first, ties to the leftmost pair, as the library's (and transformers') BPE; a
+ * queued pair still stands when both its symbols are unchanged (a symbol only grows). Short
+ * pre-tokens keep the library's path and its cache.
+ */
+function fastLongWordBpe(hf: HfTokenizer): void {
+  const model: unknown = hf.model;
+  if (BpeClass === undefined || !(model instanceof BpeClass) || typeof (model as Partial<BpeWordModel>).bpe !== 'function') return;
+  const m = model as BpeWordModel;
+  // Suffixes change the word's symbols before and after merging: left to the library.
+  if (m.end_of_word_suffix || m.continuing_subword_suffix) return;
+  const ranks = new Map<string, Map<string, number>>();
+  m.merges.forEach(([left, right], rank) => {
+    let byRight = ranks.get(left);
+    if (byRight === undefined) ranks.set(left, (byRight = new Map()));
+    byRight.set(right, rank); // a merge listed twice: the later rank, as the library keeps it
+  });
+  const original = m.bpe.bind(m);
+  const longWord = m.max_length_to_cache;
+  m.bpe = (token: string): string[] => {
+    if (token.length < longWord) return original(token);
+    const sym = Array.from(token);
+    const n = sym.length;
+    const next = new Int32Array(n);
+    const prev = new Int32Array(n);
+    for (let i = 0; i < n; i++) (next[i] = i + 1), (prev[i] = i - 1);
+    next[n - 1] = -1;
+    // A binary heap of candidate merges: (rank, left position), with the symbols they join.
+    const heapRank: number[] = [];
+    const heapPos: number[] = [];
+    const heapLeft: string[] = [];
+    const heapRight: string[] = [];
+    const before = (a: number, b: number) => heapRank[a]! < heapRank[b]! || (heapRank[a] === heapRank[b] && heapPos[a]! < heapPos[b]!);
+    const swap = (a: number, b: number) => {
+      [heapRank[a], heapRank[b]] = [heapRank[b]!, heapRank[a]!];
+      [heapPos[a], heapPos[b]] = [heapPos[b]!, heapPos[a]!];
+      [heapLeft[a], heapLeft[b]] = [heapLeft[b]!, heapLeft[a]!];
+      [heapRight[a], heapRight[b]] = [heapRight[b]!, heapRight[a]!];
+    };
+    const push = (i: number) => {
+      const j = next[i]!;
+      if (j < 0) return;
+      const rank = ranks.get(sym[i]!)?.get(sym[j]!);
+      if (rank === undefined) return;
+      let k = heapRank.length;
+      heapRank.push(rank), heapPos.push(i), heapLeft.push(sym[i]!), heapRight.push(sym[j]!);
+      while (k > 0) {
+        const parent = (k - 1) >> 1;
+        if (!before(k, parent)) break;
+        swap(k, parent);
+        k = parent;
+      }
+    };
+    const pop = () => {
+      const last = heapRank.length - 1;
+      swap(0, last);
+      const top = { pos: heapPos.pop()!, left: heapLeft.pop()!, right: heapRight.pop()! };
+      heapRank.pop();
+      for (let k = 0; ; ) {
+        const l = 2 * k + 1;
+        if (l >= heapRank.length) break;
+        const c = l + 1 < heapRank.length && before(l + 1, l) ? l + 1 : l;
+        if (!before(c, k)) break;
+        swap(c, k);
+        k = c;
+      }
+      return top;
+    };
+    for (let i = 0; i + 1 < n; i++) push(i);
+    while (heapRank.length > 0) {
+      const { pos: i, left, right } = pop();
+      const j = next[i]!;
+      if (sym[i] !== left || j < 0 || sym[j] !== right) continue; // a symbol it joins has changed
+      sym[i] = left + right;
+      sym[j] = '';
+      const k = next[j]!;
+      next[i] = k;
+      if (k >= 0) prev[k] = i;
+      if (prev[i]! >= 0) push(prev[i]!);
+      push(i);
+    }
+    const out: string[] = [];
+    for (let i = 0; i >= 0; i = next[i]!) out.push(sym[i]!);
+    return out;
+  };
+}
+
 /**
  * A Hugging Face tokenizer. Build with {@link Tokenizer.fromDir} or {@link Tokenizer.fromObjects}.
  *
@@ -320,6 +415,7 @@ export class Tokenizer {
       });
     }
     accelerateLongWords(this.#hf);
+    fastLongWordBpe(this.#hf);
 
     const added = this.addedTokens();
     this.#specialIds = new Set(added.filter((t) => t.special).map((t) => t.id));
