@@ -2,11 +2,15 @@
 // Tolerances: each op is a short f32 computation, so results must agree with float64 to
 // a few f32 ulps: relative L2 <= 1e-6 (exp-based ops: 2e-6, the polynomial exp's error).
 #include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "core/cpu.h"
+#include "core/dtype.h"
 #include "kernels/ops.h"
 #include "tests/check.h"
 
@@ -129,6 +133,40 @@ void test_softmax(int n) {
   check(rel_l2(z.data(), want.data(), n) <= 2e-6, "softmax_scale n=" + std::to_string(n));
 }
 
+// f32 -> bf16 against bit patterns worked by hand (round to nearest, ties to even; NaN stays a
+// quiet NaN; overflow rounds to infinity), since every bf16 test elsewhere builds its reference
+// with this same function.
+void test_bf16_rounding() {
+  struct Case {
+    uint32_t f32;
+    uint16_t bf16;
+    const char* what;
+  };
+  const Case cases[] = {
+      {0x3f800000u, 0x3f80u, "1.0 exactly"},
+      {0x3f808000u, 0x3f80u, "a tie below an even mantissa stays"},
+      {0x3f818000u, 0x3f82u, "a tie below an odd mantissa rounds up to even"},
+      {0x3f808001u, 0x3f81u, "just past a tie rounds up"},
+      {0x3f807fffu, 0x3f80u, "just below a tie rounds down"},
+      {0xbf818000u, 0xbf82u, "negative ties alike"},
+      {0x7f7fffffu, 0x7f80u, "the largest float rounds to infinity"},
+      {0x7f800000u, 0x7f80u, "infinity"},
+      {0x00000001u, 0x0000u, "the smallest denormal rounds to zero"},
+      {0x00008000u, 0x0000u, "a denormal tie to even zero"},
+      {0x00018000u, 0x0002u, "a denormal tie to even two"},
+      {0x7f800001u, 0x7fc0u, "a signalling NaN becomes quiet, not infinity"},
+      {0xffc00000u, 0xffc0u, "a negative quiet NaN"},
+  };
+  for (const Case& c : cases) {
+    float f;
+    std::memcpy(&f, &c.f32, 4);
+    const uint16_t got = rf::f32_to_bf16(f);
+    char msg[160];
+    std::snprintf(msg, sizeof msg, "f32_to_bf16(0x%08x) = 0x%04x, want 0x%04x (%s)", c.f32, got, c.bf16, c.what);
+    check(got == c.bf16, msg);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -139,6 +177,7 @@ int main() {
     test_swiglu(n);
     test_gelu(n < 2 ? 2 : n);
   }
+  test_bf16_rounding();
   for (int hd : {2, 16, 64, 128}) test_rope(3, hd);
   for (int n : {1, 3, 17, 1000, 32001}) test_softmax(n);
   for (int keys : {1, 2, 17, 300}) {

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "kernels/gemm_backward.h"
+#include "model/dropout_keep.h"
 #include "model/model.h"
 #include "model/train.h"
 #include "tests/check.h"
@@ -712,9 +713,37 @@ void run_long_attention(const std::string& name, const rf::ModelConfig& c, std::
   check_grads(name, t, long_batch(c.vocab, rf_token), o, 6);
 }
 
+// LoRA dropout keeps each element with probability 1 - p: the finite-difference checks only show
+// that the forward and backward use one mask, not which share it keeps. 2^17 elements per p, the
+// kept share within 4 standard errors of 1 - p; the mask varies along every coordinate.
+void check_dropout_share() {
+  for (float p : {0.05f, 0.1f, 0.3f, 0.5f}) {
+    long kept = 0, n = 0;
+    for (int layer = 0; layer < 2; ++layer)
+      for (int adapter = 0; adapter < 2; ++adapter)
+        for (long row = 0; row < 128; ++row)
+          for (long col = 0; col < 256; ++col, ++n) kept += rf::dropout_keep(99, layer, adapter, row, col, p);
+    const double share = double(kept) / double(n), se = std::sqrt(double(p) * (1 - p) / double(n));
+    char msg[160];
+    std::snprintf(msg, sizeof msg, "dropout p=%.2f keeps %.4f of the elements (want %.4f within %.4f)", p, share, 1 - p, 4 * se);
+    check(std::fabs(share - (1 - p)) <= 4 * se, msg);
+  }
+  // Along each coordinate the decisions differ (a mask constant in one of them would pass the share test).
+  long flips[4] = {0, 0, 0, 0};
+  for (long i = 0; i < 4096; ++i) {
+    const bool k = rf::dropout_keep(7, 1, 1, i, i, 0.5f);
+    flips[0] += k != rf::dropout_keep(7, 2, 1, i, i, 0.5f);
+    flips[1] += k != rf::dropout_keep(7, 1, 2, i, i, 0.5f);
+    flips[2] += k != rf::dropout_keep(7, 1, 1, i + 1, i, 0.5f);
+    flips[3] += k != rf::dropout_keep(7, 1, 1, i, i + 1, 0.5f);
+  }
+  for (long f : flips) check(f > 1700 && f < 2400, "dropout masks of neighbouring layers, adapters, rows and columns differ in about half the elements");
+}
+
 }  // namespace
 
 int main() {
+  check_dropout_share();
   run_lora("llama lora", llama(), {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}, false, 0.f);
   run_lora("llama lora rslora dropout", llama(), {"q_proj", "v_proj"}, true, 0.3f);
   rf::ModelConfig swa = llama();
