@@ -14,7 +14,7 @@ import { join } from 'node:path';
 
 import { embeddingAttack } from '../lib/attack/embedding.js';
 import { fineTuneAttack } from '../lib/attack/finetune.js';
-import { gcgAttack } from '../lib/attack/gcg.js';
+import { gcgAttack, scoreTargets, swapRanking } from '../lib/attack/gcg.js';
 import { AttackModel, type AttackTarget } from '../lib/attack/gradient-model.js';
 import { encodeConversation } from '../lib/data/encode.js';
 import { generateSyntheticData } from '../lib/data/synthetic.js';
@@ -111,6 +111,33 @@ describe('white-box attacks on a red-flag adapter', () => {
       attack.close();
       model.dispose();
       await detector.dispose();
+    }
+  });
+
+  it("GCG's gradient ranking points downhill: its top-ranked swaps at a prompt position lower the exact objective more than its bottom-ranked ones", async () => {
+    const model = await loadModel(base, { threads: 2 });
+    const attack = await AttackModel.open(model, join(root, 'rf', 'adapter'));
+    try {
+      const c = generateSyntheticData({ seed: 0, perCategory: 4 }).train.find((x) => x.label === 'harmful')!;
+      const e = encodeConversation(model.tokenizer!, c, { maxTokens: 512 });
+      const target = { ids: e.ids, responseStart: e.responseStart, responseEnd: e.responseEnd };
+      const banned = new Set([...model.tokenizer!.specialTokenIds, ...attack.flagIds].filter((id) => id < model.vocabSize));
+      const [original] = await scoreTargets(attack, [target], 1);
+      let wins = 0;
+      const positions = [e.responseStart - 8, e.responseStart - 6, e.responseStart - 4];
+      for (const pos of positions) {
+        const [order] = await swapRanking(attack, target, pos, 1, 1, banned);
+        const allowed = order!.slice(0, order!.length - banned.size);
+        const swapped = (v: number) => ({ ...target, ids: target.ids.map((id, i) => (i === pos ? v : id)) });
+        const mean = async (vs: number[]) => (await scoreTargets(attack, vs.map(swapped), 1)).reduce((a, b) => a + b, 0) / vs.length;
+        const [top, bottom] = [await mean(allowed.slice(0, 12)), await mean(allowed.slice(-12))];
+        console.log(JSON.stringify({ pos, original, top, bottom }));
+        wins += +(top < bottom);
+      }
+      expect(wins).toBe(positions.length);
+    } finally {
+      attack.close();
+      model.dispose();
     }
   });
 

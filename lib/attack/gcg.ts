@@ -117,6 +117,49 @@ async function scoreAll(model: AttackModel, targets: { ids: number[]; responseSt
 }
 
 /** Runs adaptive GCG on one harmful conversation: `prompt` (ending with the user's request) and the harmful `answer` to keep likely. */
+/**
+ * Every token for each of `length` positions from `start`, best swap first by the one-hot
+ * gradient: d objective / d onehot[t][v] = E[v] · g[t], most negative first (banned tokens
+ * last). GCG keeps the top of each list.
+ * @internal
+ */
+export async function swapRanking(
+  model: AttackModel,
+  target: { ids: number[]; responseStart: number; responseEnd: number },
+  start: number,
+  length: number,
+  lambda: number,
+  banned: ReadonlySet<number>,
+  signal?: AbortSignal,
+): Promise<number[][]> {
+  const V = model.model.vocabSize;
+  const H = model.hidden;
+  const table = model.embeddingTable();
+  const tableRows = table.length / H;
+  const { grad } = await model.loss(target, new Float32Array(target.ids.length * H), lambda, signal);
+  const ranking: number[][] = [];
+  for (let t = 0; t < length; t++) {
+    const g = grad.subarray((start + t) * H, (start + t + 1) * H);
+    const scores = new Float32Array(V).fill(Infinity);
+    for (let v = 0; v < Math.min(V, tableRows); v++) {
+      let s = 0;
+      const row = v * H;
+      for (let i = 0; i < H; i++) s += table[row + i]! * g[i]!;
+      scores[v] = banned.has(v) ? Infinity : s;
+    }
+    ranking.push(Array.from({ length: V }, (_, v) => v).sort((a, b) => scores[a]! - scores[b]!));
+  }
+  return ranking;
+}
+
+/**
+ * The exact objective of each target, batched (as GCG scores its candidates).
+ * @internal
+ */
+export async function scoreTargets(model: AttackModel, targets: { ids: number[]; responseStart: number; responseEnd: number }[], lambda: number): Promise<number[]> {
+  return (await scoreAll(model, targets, lambda)).map((s) => s.objective);
+}
+
 export async function gcgAttack(model: AttackModel, prompt: readonly Message[], answer: string, options: GcgOptions = {}): Promise<GcgResult> {
   const tokenizer = model.model.tokenizer;
   if (!tokenizer) throw new RedflagError('INVALID_ARGUMENT', 'GCG needs the model\'s tokenizer');
@@ -128,8 +171,6 @@ export async function gcgAttack(model: AttackModel, prompt: readonly Message[], 
   const lambda = options.lambda ?? 1;
   const maxTokens = options.maxTokens ?? 512;
   const rng = createRng(options.seed ?? 0);
-  const V = model.model.vocabSize;
-  const H = model.hidden;
   // Never propose special tokens (they do not survive as text) nor a flag token.
   const banned = new Set<number>([...tokenizer.specialTokenIds, ...model.flagIds]);
 
@@ -139,8 +180,6 @@ export async function gcgAttack(model: AttackModel, prompt: readonly Message[], 
   const first = place(model, prompt, answer, suffix, maxTokens);
   if (!first) throw new RedflagError('INVALID_ARGUMENT', 'GCG: the initial suffix does not survive tokenisation in this prompt (try another init) or the conversation is over maxTokens');
   let placed: Placed = first;
-  const table = model.embeddingTable();
-  const tableRows = table.length / H;
   const target = (e: EncodedConversation) => ({ ids: e.ids, responseStart: e.responseStart, responseEnd: e.responseEnd });
   const [initial] = await scoreAll(model, [target(placed.encoded)], lambda, options.signal);
   let current: Scored & { start: number } = { ids: suffix, ...initial!, start: placed.start };
@@ -149,23 +188,8 @@ export async function gcgAttack(model: AttackModel, prompt: readonly Message[], 
   let bestSeen = { ...current, placed };
 
   for (let step = 0; step < steps; step++) {
-    // 1. One-hot gradients: d objective / d onehot[t][v] = E[v] · g[t] for the suffix rows.
-    const e = placed.encoded;
-    const { grad } = await model.loss(target(e), new Float32Array(e.ids.length * H), lambda, options.signal);
-    const top: number[][] = [];
-    for (let t = 0; t < length; t++) {
-      const g = grad.subarray((current.start + t) * H, (current.start + t + 1) * H);
-      const scores = new Float32Array(V).fill(Infinity);
-      for (let v = 0; v < Math.min(V, tableRows); v++) {
-        let s = 0;
-        const row = v * H;
-        for (let i = 0; i < H; i++) s += table[row + i]! * g[i]!;
-        scores[v] = banned.has(v) ? Infinity : s;
-      }
-      // The topK most negative directional derivatives.
-      const order = Array.from({ length: V }, (_, v) => v).sort((a, b) => scores[a]! - scores[b]!);
-      top.push(order.slice(0, topK));
-    }
+    // 1. The topK tokens per suffix position by the one-hot gradient.
+    const top = (await swapRanking(model, target(placed.encoded), current.start, length, lambda, banned, options.signal)).map((order) => order.slice(0, topK));
     // 2. Candidates: one random position swapped to one of its top tokens.
     const proposals: { ids: number[]; placed: Placed }[] = [];
     for (let c = 0; c < candidates; c++) {
