@@ -35,6 +35,8 @@ export async function readReference(fixture: string): Promise<{ cases: Reference
       const ids = Array.from(new BigInt64Array(idsRaw.data.slice().buffer), (v) => Number(v));
       cases.push({ name, ids, logits: toFloat32(await file.read(`logits.${name}`)) });
     }
+    // A fixture without its case list would let every loop over the cases pass with no assertion.
+    if (cases.length === 0) throw new Error(`${fixture}/reference.safetensors lists no cases (metadata "cases")`);
     const extra = new Map<string, Float32Array>();
     for (const name of file.tensors.keys()) {
       if (!name.startsWith('ids.') && !name.startsWith('logits.')) extra.set(name, toFloat32(await file.read(name)));
