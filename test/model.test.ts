@@ -11,7 +11,7 @@ import { FIXTURES, FIXTURE_NAMES, readReference, relL2 } from './helpers/fixture
 // bug the fixtures target (erf GELU instead of gelu_new moves GPT-2 logits by ~1.6e-4; every
 // other moves them by > 1e-3, see test/fixtures/models/README.md).
 const F32_TOLERANCE = 1e-5;
-// bf16: weights rounded to 8 mantissa bits (and, on AVX-512 BF16, activations too): ~5e-3 seen.
+// bf16: weights rounded to 8 mantissa bits (and, on AVX-512 BF16, activations too): 5e-3 to 1.1e-2 seen.
 const BF16_TOLERANCE = 2e-2;
 
 describe.each(FIXTURE_NAMES)('%s', (fixture) => {
