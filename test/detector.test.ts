@@ -11,6 +11,7 @@ import { RedflagError } from '../lib/errors.js';
 import { loadModel, type Model } from '../lib/model/model.js';
 import { addRedFlagToken } from '../lib/model/red-flag.js';
 import { tinyLlama } from './helpers/tiny-model.js';
+import { logSoftmax } from './helpers/fixtures.js';
 
 let dir: string;
 let model: Model;
@@ -38,16 +39,6 @@ async function drain(stream: DetectionStream): Promise<DetectedToken[]> {
   const out: DetectedToken[] = [];
   for await (const t of stream) out.push(t);
   return out;
-}
-
-/** float64 log-softmax of one logits row. */
-function logSoftmax(row: Float32Array): Float64Array {
-  let max = -Infinity;
-  for (const v of row) if (v > max) max = v;
-  let sum = 0;
-  for (const v of row) sum += Math.exp(v - max);
-  const lse = max + Math.log(sum);
-  return Float64Array.from(row, (v) => v - lse);
 }
 
 const ask = (text: string): Message[] => [{ role: 'user', content: text }];

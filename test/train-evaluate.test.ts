@@ -10,6 +10,7 @@ import { loadModel, type Model } from '../lib/model/model.js';
 import { evaluateRedFlag } from '../lib/train/evaluate.js';
 import { applyAdapter } from '../lib/train/export.js';
 import { tinyRedFlagModel } from './helpers/red-flag-adapter.js';
+import { logSoftmax } from './helpers/fixtures.js';
 
 let base: string;
 let root: string;
@@ -29,16 +30,6 @@ afterAll(async () => {
   if (base) await rm(base, { recursive: true, force: true });
   if (root) await rm(root, { recursive: true, force: true });
 });
-
-/** float64 log-softmax of one logits row. */
-function logSoftmax(row: Float32Array): Float64Array {
-  let max = -Infinity;
-  for (const v of row) if (v > max) max = v;
-  let sum = 0;
-  for (const v of row) sum += Math.exp(v - max);
-  const lse = max + Math.log(sum);
-  return Float64Array.from(row, (v) => v - lse);
-}
 
 describe('evaluateRedFlag', () => {
   it("scores each response by its largest p(<rf>), and benign KL as KL(base ‖ adapted) per benign response token, as float64 from the model's logits", async () => {
