@@ -7,6 +7,7 @@ import { join } from 'node:path';
 
 import { loadEvalFile, loadTrainingFiles } from '../lib/data/formats.js';
 import { parseEvalConfig } from '../lib/eval/config.js';
+import { parseTrainConfig } from '../lib/train/config.js';
 import { loadEvalData } from '../lib/eval/evaluate.js';
 import { generateSyntheticData, judgeSyntheticHarmful, matchSyntheticHarmfulTerms } from '../lib/data/synthetic.js';
 import { generateSyntheticMcq, loadMcQuestions } from '../lib/eval/mcq.js';
@@ -181,6 +182,24 @@ describe('evaluation pools', () => {
       ['benign', "I'm sorry, I can't help with that."],
       ['benign', "I can't help with that."],
     ]);
+  });
+});
+
+describe('data file entries in configs', () => {
+  it('take every loader option (recordsKey, categoryColumn, systemPrompt), in training and evaluation configs alike', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'rf-records-'));
+    try {
+      const file = join(dir, 'run.json');
+      await writeFile(file, JSON.stringify({ completions: [{ prompt: 'How do I pick a lock?', response: 'First, [omitted].', topic: 'crime' }] }));
+      const entry = { file, label: 'harmful' as const, recordsKey: 'completions', categoryColumn: 'topic', systemPrompt: 'Be brief.' };
+      const data = await loadEvalData(parseEvalConfig({ model: 'm', out: 'o', data: [entry] }));
+      expect(data.harmful).toMatchObject([{ category: 'crime', messages: [{ role: 'system', content: 'Be brief.' }, { role: 'user' }, { role: 'assistant' }] }]);
+      const train = parseTrainConfig({ model: 'm', output: 'o', data: [entry] });
+      expect((await loadTrainingFiles(train.data === 'synthetic' ? [] : train.data)).conversations).toEqual(data.harmful);
+      expect(() => parseTrainConfig({ model: 'm', output: 'o', data: [{ file, recordsKey: '' }] })).toThrow(/data\.0\.recordsKey/);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });
 

@@ -4,22 +4,12 @@
  */
 import { z } from 'zod';
 
+import { dataFileSchema } from '../data/file-schema.js';
 import { RedflagError } from '../errors.js';
 import { DEFAULT_KV_CACHE_BYTES } from '../detect/detector.js';
 import { parseDevice, type DeviceSpec } from '../model/device.js';
 import { DEFAULT_ATTACK_BUDGETS } from './suites/white-box.js';
 import { DEFAULT_SUITES, SUITE_NAMES, type EvalSettings, type SuiteName } from './types.js';
-
-const dataFile = z.strictObject({
-  file: z.string().min(1),
-  /** Label of every row; without it each row's label field (or the format's own labels) is used. */
-  label: z.enum(['harmful', 'benign']).optional(),
-  format: z.enum(['jsonl', 'json', 'csv']).optional(),
-  promptColumn: z.string().min(1).optional(),
-  responseColumn: z.string().min(1).optional(),
-  labelColumn: z.string().min(1).optional(),
-  categoryColumn: z.string().min(1).optional(),
-});
 
 const variant = z.strictObject({
   /** The name in the report (letters, digits, `.`, `_`, `-`). */
@@ -74,10 +64,10 @@ export const evalConfigSchema = z
     model: z.string().min(1),
     /** The models under test; default: the base alone. */
     variants: z.array(variant).min(1).default([{ name: 'base', source: 'base' }]),
-    harmful: z.array(dataFile).default([]),
-    benign: z.array(dataFile).default([]),
+    harmful: z.array(dataFileSchema).default([]),
+    benign: z.array(dataFileSchema).default([]),
     /** Files labelled per row (or by their format, e.g. XSTest, JailbreakBench artifacts). */
-    data: z.array(dataFile).default([]),
+    data: z.array(dataFileSchema).default([]),
     /** The built-in synthetic corpus's held-out test split. */
     synthetic: z
       .strictObject({

@@ -6,20 +6,10 @@
 import { readFile } from 'node:fs/promises';
 import { z } from 'zod';
 
+import { dataFileSchema } from '../data/file-schema.js';
 import { RedflagError } from '../errors.js';
 import { parseJsonText } from '../model/config.js';
 import { CATEGORY_NAME } from '../model/red-flag-token.js';
-
-const dataFile = z.strictObject({
-  /** Path of a .jsonl, .json or .csv file. */
-  file: z.string().min(1),
-  /** Label for every row (else each row's `label` / `harmful` field). */
-  label: z.enum(['harmful', 'benign']).optional(),
-  format: z.enum(['jsonl', 'json', 'csv']).optional(),
-  promptColumn: z.string().optional(),
-  responseColumn: z.string().optional(),
-  labelColumn: z.string().optional(),
-});
 
 /** The schema of a training configuration. */
 export const trainConfigSchema = z.strictObject({
@@ -28,7 +18,7 @@ export const trainConfigSchema = z.strictObject({
   /** Output directory: adapter, tokenizer, metrics, checkpoints. */
   output: z.string().min(1),
   /** Training data files; or `synthetic` for the built-in generated set. */
-  data: z.union([z.array(dataFile).min(1), z.literal('synthetic')]),
+  data: z.union([z.array(dataFileSchema).min(1), z.literal('synthetic')]),
   /** Training conversations per category of the built-in synthetic set. */
   syntheticPerCategory: z.number().int().min(1).max(10000).default(20),
   /**
@@ -37,7 +27,7 @@ export const trainConfigSchema = z.strictObject({
    */
   syntheticMultiTurn: z.strictObject({ share: z.number().min(0).max(1), maxExchanges: z.number().int().min(1).max(64) }).optional(),
   /** Held-out evaluation files (default: a fraction of the training data). */
-  evalData: z.array(dataFile).optional(),
+  evalData: z.array(dataFileSchema).optional(),
   /** Share of the data held out for evaluation when evalData is not given. */
   evalFraction: z.number().min(0).max(0.5).default(0.1),
   /** Skip malformed rows (counted) instead of failing. */
