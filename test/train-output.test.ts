@@ -126,6 +126,58 @@ describe('train: the output directory and error messages', () => {
     expect(await readdir(out)).not.toContain('.train.lock');
   }, 120_000);
 
+  it('a lock whose pid now belongs to another process (the start time differs) is stale; release leaves a lock that is no longer this run\'s', async () => {
+    const out = join(dir, 'reused-pid');
+    await mkdir(out, { recursive: true });
+    // The parent's pid, with a start time it never had: a killed run's pid, reused after it.
+    await writeFile(join(out, '.train.lock'), `${process.ppid} 00000000-0000-0000-0000-000000000000:1\n`);
+    const release = await lockOutput(out);
+    expect((await readFile(join(out, '.train.lock'), 'utf8')).split(' ')[0]).toBe(String(process.pid));
+    await writeFile(join(out, '.train.lock'), `${process.ppid}\n`); // say another run took it since
+    await release();
+    expect(await readFile(join(out, '.train.lock'), 'utf8')).toBe(`${process.ppid}\n`);
+    await expect(lockOutput(out)).rejects.toThrow(`(its lock is ${join(out, '.train.lock')}: if no run is writing there, delete that file)`);
+    expect((await readdir(out)).filter((n) => n !== '.train.lock')).toEqual([]); // no scratch files left
+  });
+
+  it("never removes files it did not write: a user's checkpoints/ and checkpoint/ stay, with and without --overwrite", async () => {
+    const out = join(dir, 'user-files');
+    await mkdir(join(out, 'checkpoints'), { recursive: true });
+    await mkdir(join(out, 'checkpoint'), { recursive: true });
+    await writeFile(join(out, 'checkpoints', 'epoch=3.ckpt'), 'mine');
+    await writeFile(join(out, 'checkpoint', 'model.pt'), 'mine');
+    await mkdir(join(out, 'adapter'));
+    // Refused (an adapter without its run's checkpoint): nothing removed.
+    await expect(train(config('user-files', { steps: 1 }))).rejects.toThrow(/adapter already exists/);
+    expect(await readFile(join(out, 'checkpoints', 'epoch=3.ckpt'), 'utf8')).toBe('mine');
+    expect(await readFile(join(out, 'checkpoint', 'model.pt'), 'utf8')).toBe('mine');
+    // Run, then run over it: the run's own checkpoints come and go, the user's files stay.
+    await rm(join(out, 'adapter'), { recursive: true });
+    await train(config('user-files', { steps: 2 }));
+    await train(config('user-files', { steps: 2, overwrite: true }));
+    expect(await readFile(join(out, 'checkpoints', 'epoch=3.ckpt'), 'utf8')).toBe('mine');
+    expect(await readFile(join(out, 'checkpoint', 'model.pt'), 'utf8')).toBe('mine');
+    expect((await readdir(join(out, 'checkpoints'))).filter((n) => n !== 'epoch=3.ckpt')).toHaveLength(1); // the run's last
+  }, 120_000);
+
+  it('Ctrl-C during the final evaluation checkpoints the last step, and resuming only evaluates and exports', async () => {
+    const out = join(dir, 'final-eval');
+    const controller = new AbortController();
+    const run = config('final-eval', { steps: 3, checkpointEvery: 0, evalFraction: 0.3 });
+    const error = await train(run, {
+      signal: controller.signal,
+      // After the last step's hooks, before its evaluation ends.
+      onStep: (info) => void (info.step === info.steps && setTimeout(() => controller.abort(), 0)),
+    }).catch((e: unknown) => e);
+    expect((error as Error).name).toBe('AbortError');
+    expect((await findCheckpoint(out))?.step).toBe(3);
+    const steps: number[] = [];
+    const result = await train(run, { resume: true, onStep: (info) => steps.push(info.step) });
+    expect(steps).toEqual([]);
+    expect(result.finalEval).not.toBeNull();
+    expect(await readdir(join(out, 'adapter'))).toContain('adapter_config.json');
+  }, 120_000);
+
   it('keeps a metrics.jsonl a run did not write; one a run stopped before its first checkpoint wrote starts afresh', async () => {
     const out = join(dir, 'old-metrics');
     await mkdir(out, { recursive: true });

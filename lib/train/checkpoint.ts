@@ -15,13 +15,13 @@
  * resumed, which recovers from a kill between the two renames, and they are removed once a
  * checkpoint of the new layout is published.
  *
- * One run at a time writes to an output directory: `OUT/.train.lock` holds the writer's pid, and
- * a lock whose process is gone (killed) is taken over.
+ * One run at a time writes to an output directory: `OUT/.train.lock` holds the writer's pid and
+ * start time, and a lock whose process is gone (killed) is taken over.
  * @module
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { mkdir, open, readdir, readFile, rename, rm, stat, unlink } from 'node:fs/promises';
+import { link, mkdir, open, readdir, readFile, realpath, rename, rm, rmdir, stat, unlink, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 
@@ -34,6 +34,8 @@ const POINTER = 'checkpoint.json';
 const FOLDER = 'checkpoints';
 const LOCK = '.train.lock';
 const LEGACY = /^checkpoint(\.(tmp|old)-\d+)?$/;
+/** A checkpoint folder's name (`step-000120-<id>`, `.tmp` while it is written): only those are this code's to remove. */
+const CHECKPOINT_NAME = /^step-\d{6,}-[0-9a-f]{8}(\.tmp)?$/;
 
 interface CheckpointState {
   version: 1;
@@ -105,6 +107,19 @@ async function readPointer(output: string): Promise<Pointer | null> {
   }
 }
 
+/**
+ * The previous layout's folders in `output`: `checkpoint.tmp-PID` and `checkpoint.old-PID`, and
+ * `checkpoint` when it holds a state.json (that layout renamed only complete copies into place:
+ * a `checkpoint` folder without one is the user's, as is anything else).
+ */
+async function legacyFolders(output: string): Promise<string[]> {
+  const names: string[] = [];
+  for (const name of (await readdir(output).catch(() => [] as string[])).filter((e) => LEGACY.test(e))) {
+    if (name !== 'checkpoint' || (await pathExists(join(output, name, 'state.json')))) names.push(name);
+  }
+  return names;
+}
+
 async function legacyCopies(output: string): Promise<{ dir: string; step: number }[]> {
   const entries = await readdir(output).catch(() => [] as string[]);
   const found: { dir: string; step: number }[] = [];
@@ -139,7 +154,7 @@ export async function removeStaleCheckpoints(output: string): Promise<string[]> 
   const removed: string[] = [];
   const folder = join(output, FOLDER);
   for (const name of await readdir(folder).catch(() => [] as string[])) {
-    if (pointer && join(FOLDER, name) === pointer.dir) continue;
+    if (!CHECKPOINT_NAME.test(name) || (pointer && join(FOLDER, name) === pointer.dir)) continue; // another file is the user's
     // Without a pointer no folder of this layout was ever published: all are leftovers.
     await rm(join(folder, name), { recursive: true, force: true });
     removed.push(join(folder, name));
@@ -150,19 +165,13 @@ export async function removeStaleCheckpoints(output: string): Promise<string[]> 
     await rm(join(output, name), { force: true });
     removed.push(join(output, name));
   }
-  if (pointer) {
-    for (const name of (await readdir(output)).filter((e) => LEGACY.test(e))) {
-      await rm(join(output, name), { recursive: true, force: true });
-      removed.push(join(output, name));
-    }
-  } else {
-    // Previous layout: keep the newest complete copy (the one resume uses), drop the rest.
-    const [keep] = await legacyCopies(output);
-    for (const name of (await readdir(output).catch(() => [] as string[])).filter((e) => LEGACY.test(e))) {
-      if (keep && join(output, name) === keep.dir) continue;
-      await rm(join(output, name), { recursive: true, force: true });
-      removed.push(join(output, name));
-    }
+  // Previous layout: once a pointer exists, all of it; else all but the newest complete copy
+  // (the one resume uses).
+  const [keep] = pointer ? [] : await legacyCopies(output);
+  for (const name of await legacyFolders(output)) {
+    if (keep && join(output, name) === keep.dir) continue;
+    await rm(join(output, name), { recursive: true, force: true });
+    removed.push(join(output, name));
   }
   return removed;
 }
@@ -170,8 +179,10 @@ export async function removeStaleCheckpoints(output: string): Promise<string[]> 
 /** Removes every checkpoint in `output`, of either layout (starting over with `overwrite`). */
 export async function removeCheckpoints(output: string): Promise<void> {
   await rm(join(output, POINTER), { force: true }); // first: a kill below leaves only leftovers
-  await rm(join(output, FOLDER), { recursive: true, force: true });
-  for (const name of (await readdir(output)).filter((e) => LEGACY.test(e))) await rm(join(output, name), { recursive: true, force: true });
+  const folder = join(output, FOLDER);
+  for (const name of (await readdir(folder).catch(() => [] as string[])).filter((e) => CHECKPOINT_NAME.test(e))) await rm(join(folder, name), { recursive: true, force: true });
+  await rmdir(folder).catch(() => undefined); // unless it holds files of the user's
+  for (const name of await legacyFolders(output)) await rm(join(output, name), { recursive: true, force: true });
 }
 
 /** Writes the trainer state as a new checkpoint and publishes it (see the module description). */
@@ -205,7 +216,7 @@ export async function writeCheckpoint(model: Model, config: TrainConfig, step: n
   await syncDirectory(output);
   testKillPoint('after-publish');
   if (previous && previous.dir !== pointer.dir) await rm(join(output, previous.dir), { recursive: true, force: true });
-  for (const legacy of (await readdir(output)).filter((e) => LEGACY.test(e))) await rm(join(output, legacy), { recursive: true, force: true });
+  for (const legacy of await legacyFolders(output)) await rm(join(output, legacy), { recursive: true, force: true });
 }
 
 /** Makes a rename in `dir` durable (a directory fsync; skipped where the platform refuses it). */
@@ -370,36 +381,87 @@ export async function metricsHaveEval(file: string, step: number): Promise<boole
 /** Output directories this process holds the lock of (its pid in the lock file cannot tell two runs of one process apart). */
 const heldHere = new Set<string>();
 
-/** Takes the output directory's lock (one writer at a time); returns its release. */
+/**
+ * When a process started (Linux: its start time in clock ticks after boot, with the boot's id),
+ * so that a lock naming a pid another process has since been given is seen to be stale; '' where
+ * /proc cannot tell.
+ */
+async function processStart(pid: number): Promise<string> {
+  try {
+    const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    const boot = (await readFile('/proc/sys/kernel/random/boot_id', 'utf8')).trim();
+    return `${boot}:${fields[19]}`; // field 22 of the whole line: starttime
+  } catch {
+    return '';
+  }
+}
+
+/** A lock file's holder: `pid start` (the start may be absent: locks of earlier versions, systems without /proc). */
+function parseLock(text: string): { pid: number; start: string } {
+  const [pid, start] = text.trim().split(/\s+/);
+  return { pid: Number(pid), start: start ?? '' };
+}
+
+/** Whether a lock's holder still runs: its pid is alive and, where both are known, started when the lock says. */
+async function holderAlive(holder: { pid: number; start: string }): Promise<boolean> {
+  if (!Number.isInteger(holder.pid) || holder.pid <= 0 || !alive(holder.pid)) return false;
+  if (holder.start === '') return true;
+  const now = await processStart(holder.pid);
+  return now === '' || now === holder.start;
+}
+
+/**
+ * Takes the output directory's lock (one writer at a time); returns its release. The lock file
+ * appears with its contents (written under a private name, then hard-linked into place: linking
+ * fails when the lock exists), so no reader sees it empty. A stale lock (its process gone, or its
+ * pid now another process's) is moved aside under a private name first, and taken over only if
+ * what was moved is the stale one; release removes the lock only while it is this run's.
+ */
 export async function lockOutput(output: string): Promise<() => Promise<void>> {
   const file = join(output, LOCK);
-  const key = resolve(output);
+  const key = await realpath(output).catch(() => resolve(output));
   if (heldHere.has(key)) throw new RedflagError('INVALID_ARGUMENT', 'another training run of this process is writing to this output directory', { file: output });
-  for (let attempt = 0; attempt < 2; attempt++) {
-    try {
-      const handle = await open(file, 'wx');
+  const mine = `${process.pid} ${await processStart(process.pid)}\n`;
+  const scratch = `${file}.${process.pid}.${randomBytes(4).toString('hex')}`;
+  await writeFile(scratch, mine).catch((error: unknown) => {
+    throw new RedflagError('INVALID_ARGUMENT', `cannot create the lock file (${String((error as { code?: unknown }).code ?? error)})`, { file, cause: error });
+  });
+  try {
+    for (let attempt = 0; attempt < 4; attempt++) {
       try {
-        await handle.writeFile(`${process.pid}\n`);
-      } finally {
-        await handle.close();
+        await link(scratch, file);
+        heldHere.add(key);
+        return async () => {
+          heldHere.delete(key);
+          if ((await readFile(file, 'utf8').catch(() => '')) === mine) await unlink(file).catch(() => undefined);
+        };
+      } catch (error) {
+        if ((error as { code?: unknown }).code !== 'EEXIST') {
+          throw new RedflagError('INVALID_ARGUMENT', `cannot create the lock file (${String((error as { code?: unknown }).code ?? error)})`, { file, cause: error });
+        }
       }
-      heldHere.add(key);
-      return async () => {
-        heldHere.delete(key);
-        await unlink(file).catch(() => undefined);
-      };
-    } catch (error) {
-      if ((error as { code?: unknown }).code !== 'EEXIST') {
-        throw new RedflagError('INVALID_ARGUMENT', `cannot create the lock file (${String((error as { code?: unknown }).code ?? error)})`, { file, cause: error });
+      const seen = await readFile(file, 'utf8').catch(() => null);
+      if (seen === null) continue; // released meanwhile
+      const holder = parseLock(seen);
+      if (holder.pid !== process.pid && (await holderAlive(holder))) {
+        throw new RedflagError(
+          'INVALID_ARGUMENT',
+          `another training run (pid ${holder.pid}) is writing to this output directory (its lock is ${file}: if no run is writing there, delete that file)`,
+          { file: output },
+        );
       }
-      const pid = Number((await readFile(file, 'utf8').catch(() => '')).trim());
-      if (Number.isInteger(pid) && pid > 0 && pid !== process.pid && alive(pid)) {
-        throw new RedflagError('INVALID_ARGUMENT', `another training run (pid ${pid}) is writing to this output directory`, { file: output });
+      // Its process is gone (killed): move it aside, and take over only if what moved is that lock.
+      const aside = `${file}.stale.${randomBytes(4).toString('hex')}`;
+      if (await rename(file, aside).then(() => true, () => false)) {
+        if ((await readFile(aside, 'utf8').catch(() => null)) !== seen) await link(aside, file).catch(() => undefined); // another run's new lock: put it back
+        await unlink(aside).catch(() => undefined);
       }
-      await unlink(file).catch(() => undefined); // its process is gone (killed): take it over
     }
+    throw new RedflagError('INVALID_ARGUMENT', 'cannot take the output directory lock (other runs keep taking it)', { file });
+  } finally {
+    await unlink(scratch).catch(() => undefined);
   }
-  throw new RedflagError('INVALID_ARGUMENT', 'cannot take the output directory lock', { file });
 }
 
 function alive(pid: number): boolean {

@@ -208,8 +208,6 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
     if (writer) await writeCheckpoint(model, config, at, fingerprints);
     progress.checkpoint = at;  // rank 0 writes it for the group
   };
-  const removed = writer ? await removeStaleCheckpoints(config.output) : [];
-  if (removed.length > 0) log(`removed ${removed.length} checkpoint copies left by an interrupted run`);
   const found = await findCheckpoint(config.output);
   if (hooks.resume) {
     if (!found) throw new RedflagError('NOT_FOUND', 'no checkpoint to resume from (--resume)', { file: config.output });
@@ -242,6 +240,9 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
       log('metrics.jsonl of a run stopped before its first checkpoint: starting it afresh');
     }
   }
+  // Once the run may go on here: what killed runs left (only what this code writes).
+  const removed = writer ? await removeStaleCheckpoints(config.output) : [];
+  if (removed.length > 0) log(`removed ${removed.length} checkpoint copies left by an interrupted run`);
 
   const model = await loadModel(config.model, {
     device: config.device as DeviceSpec,
@@ -478,7 +479,12 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
       signal?.removeEventListener('abort', onAbort);
     }
 
-    const finalEval = await evaluateAt(config.steps);
+    const finalEval = await evaluateAt(config.steps).catch(async (error: unknown) => {
+      if (!signal?.aborted) throw error;
+      await checkpoint(config.steps); // interrupted in the last evaluation: keep every step trained
+      log(`stopped: checkpoint written at step ${config.steps}`);
+      throw abortError(signal);
+    });
     await checkpoint(config.steps);
     // Export before ending training: full fine-tuning's f32 masters go with the trainer.
     const saved = !writer ? '' : config.mode === 'lora' ? await exportAdapter(model, config, rfToken, targets) : await saveTrainedModel(model, config);
