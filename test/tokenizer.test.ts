@@ -384,6 +384,39 @@ describe('files', () => {
     await rm(dir, { recursive: true, force: true });
   });
 
+  it("takes special tokens from special_tokens_map.json, then the tokenizer class's defaults (GPT-2's config names none)", async () => {
+    const tokenizerJson = readFileSync(`${QWEN3_DIR}/tokenizer.json`, 'utf8');
+    const write = async (name: string, files: Record<string, unknown>) => {
+      const d = join(dir, name);
+      await mkdir(d, { recursive: true });
+      await writeFile(join(d, 'tokenizer.json'), tokenizerJson);
+      for (const [file, value] of Object.entries(files)) await writeFile(join(d, file), JSON.stringify(value));
+      return (await Tokenizer.fromDir(d))!;
+    };
+    // openai-community/gpt2 ships {"model_max_length": 1024}: AutoTokenizer picks GPT2TokenizerFast by config.json's model_type.
+    const gpt2 = await write('gpt2-like', { 'tokenizer_config.json': { model_max_length: 1024 }, 'config.json': { model_type: 'gpt2' } });
+    expect([gpt2.eosToken, gpt2.eosTokenId, gpt2.bosToken]).toEqual(['<|endoftext|>', 151643, '<|endoftext|>']);
+    const byClass = await write('by-class', { 'tokenizer_config.json': { tokenizer_class: 'GPT2TokenizerFast' } });
+    expect(byClass.eosToken).toBe('<|endoftext|>');
+    // special_tokens_map.json wins over the config, as in from_pretrained; the config's own tokens win over class defaults.
+    const mapped = await write('mapped', { 'tokenizer_config.json': { eos_token: '<|endoftext|>' }, 'special_tokens_map.json': { eos_token: { content: '<|im_end|>' } }, 'config.json': { model_type: 'qwen2' } });
+    expect([mapped.eosToken, mapped.padToken]).toEqual(['<|im_end|>', '<|endoftext|>']);
+    // A class default the vocabulary lacks is not set; an unknown class gets none.
+    const none = await write('none', { 'tokenizer_config.json': { tokenizer_class: 'PreTrainedTokenizerFast' }, 'config.json': { model_type: 'gpt2' } });
+    expect(none.eosToken).toBeNull();
+    // Llama's class defaults, on a Llama vocabulary that has them.
+    const llamaDir = join(dir, 'llama-class');
+    await mkdir(llamaDir, { recursive: true });
+    await writeFile(join(llamaDir, 'tokenizer.json'), readFileSync(`${MISTRAL_DIR}/tokenizer.json`, 'utf8'));
+    await writeFile(join(llamaDir, 'tokenizer_config.json'), JSON.stringify({ tokenizer_class: 'LlamaTokenizerFast', add_bos_token: true }));
+    const llama = (await Tokenizer.fromDir(llamaDir))!;
+    expect([llama.bosToken, llama.bosTokenId, llama.eosToken, llama.eosTokenId]).toEqual(['<s>', 1, '</s>', 2]);
+    expect(llama.encode('hi')[0]).toBe(1);
+    // GPT-2's defaults on that vocabulary: it has no <|endoftext|>, so none is set.
+    await writeFile(join(llamaDir, 'tokenizer_config.json'), JSON.stringify({ tokenizer_class: 'GPT2TokenizerFast' }));
+    expect((await Tokenizer.fromDir(llamaDir))!.eosToken).toBeNull();
+  });
+
   it('returns null without tokenizer.json and names the malformed file', async () => {
     expect(await Tokenizer.fromDir(dir)).toBeNull();
     const broken = join(dir, 'broken');

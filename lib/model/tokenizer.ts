@@ -281,6 +281,35 @@ function fastLongWordBpe(hf: HfTokenizer): void {
   };
 }
 
+/** special_tokens_map.json: the special tokens transformers' save_pretrained writes beside the config. */
+const SPECIAL_TOKENS_MAP_FILE = 'special_tokens_map.json';
+const SPECIAL_TOKEN_KEYS = ['bos_token', 'eos_token', 'unk_token', 'sep_token', 'pad_token', 'cls_token', 'mask_token', 'additional_special_tokens'];
+
+/**
+ * The special tokens transformers' tokenizer classes set when the files name none (their
+ * `__init__` defaults), by tokenizer_class, else by config.json's model_type (AutoTokenizer's
+ * choice): openai-community/gpt2's tokenizer_config.json is `{"model_max_length": 1024}`.
+ */
+const CLASS_DEFAULTS: { classes: RegExp; modelTypes: string[]; tokens: Record<string, string> }[] = [
+  { classes: /^GPT2Tokenizer(Fast)?$/, modelTypes: ['gpt2'], tokens: { bos_token: '<|endoftext|>', eos_token: '<|endoftext|>', unk_token: '<|endoftext|>' } },
+  { classes: /^(Llama|CodeLlama)Tokenizer(Fast)?$/, modelTypes: ['llama', 'mistral'], tokens: { bos_token: '<s>', eos_token: '</s>', unk_token: '<unk>' } },
+  { classes: /^Qwen2Tokenizer(Fast)?$/, modelTypes: ['qwen2', 'qwen3'], tokens: { eos_token: '<|endoftext|>', unk_token: '<|endoftext|>', pad_token: '<|endoftext|>' } },
+];
+
+/** `config` with its class's default special tokens where it names none (and the vocabulary has them). */
+function withClassDefaults(config: JsonObject, modelType: string | undefined, json: unknown): JsonObject {
+  const tokenizerClass = typeof config['tokenizer_class'] === 'string' ? config['tokenizer_class'] : undefined;
+  const entry = CLASS_DEFAULTS.find((d) => (tokenizerClass !== undefined ? d.classes.test(tokenizerClass) : modelType !== undefined && d.modelTypes.includes(modelType)));
+  if (entry === undefined || !isObject(json)) return config;
+  const model = isObject(json['model']) ? json['model'] : {};
+  const vocab = isObject(model['vocab']) ? model['vocab'] : {};
+  const added = Array.isArray(json['added_tokens']) ? json['added_tokens'] : [];
+  const known = (token: string) => token in vocab || added.some((t: unknown) => isObject(t) && t['content'] === token);
+  const out = { ...config };
+  for (const [key, token] of Object.entries(entry.tokens)) if (!(key in out) && known(token)) out[key] = token;
+  return out;
+}
+
 /**
  * A Hugging Face tokenizer. Build with {@link Tokenizer.fromDir} or {@link Tokenizer.fromObjects}.
  *
@@ -322,7 +351,13 @@ export class Tokenizer {
     };
     const json = await readJsonFile(sources.tokenizerJson, { optional: true });
     if (json === undefined) return null;
-    const config = (await readJsonFile(sources.tokenizerConfig, { optional: true })) ?? {};
+    let config = (await readJsonFile(sources.tokenizerConfig, { optional: true })) ?? {};
+    // special_tokens_map.json's tokens win over the config's, as in transformers' from_pretrained;
+    // then the tokenizer class's defaults fill in what neither names (GPT-2's configs name none).
+    const map = await readJsonFile(join(dir, SPECIAL_TOKENS_MAP_FILE), { optional: true });
+    if (isObject(config) && isObject(map)) config = { ...config, ...Object.fromEntries(Object.entries(map).filter(([key]) => SPECIAL_TOKEN_KEYS.includes(key))) };
+    const modelConfig = await readJsonFile(join(dir, 'config.json'), { optional: true }).catch(() => undefined);
+    if (isObject(config)) config = withClassDefaults(config, isObject(modelConfig) && typeof modelConfig['model_type'] === 'string' ? modelConfig['model_type'] : undefined, json);
     const template = await readFile(sources.chatTemplate, 'utf8').catch((error: unknown) => {
       if ((error as { code?: unknown }).code === 'ENOENT') return null;
       throw new RedflagError('INVALID_FILE', `cannot read (${String(error)})`, { file: sources.chatTemplate, cause: error });
