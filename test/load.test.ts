@@ -85,6 +85,24 @@ describe('loading errors name the problem', () => {
   });
 });
 
+describe('end of generation', () => {
+  it("stops on the configs' EOS ids and the tokenizer's EOS, the token training ends responses with", async () => {
+    const dir = await tinyLlama();
+    cleanup.push(dir);
+    // A fine-tune whose tokenizer ends turns with another token than the configs name (ChatML's <|im_end|> on a </s> base).
+    const configFile = join(dir, 'tokenizer_config.json');
+    await writeFile(configFile, JSON.stringify({ ...JSON.parse(await readFile(configFile, 'utf8')), eos_token: '<unk>' }));
+    const model = await loadModel(dir, { threads: 1 });
+    try {
+      expect(model.tokenizer!.eosTokenId).toBe(0);
+      expect(model.config.eosTokenIds).toEqual([2]);
+      expect(model.eosTokenIds.sort()).toEqual([0, 2]);
+    } finally {
+      model.dispose();
+    }
+  });
+});
+
 describe('a model without tokenizer files', () => {
   it('loads and runs on ids; text APIs fail clearly; disposed models refuse work', async () => {
     const model = await loadModel(join(FIXTURES, 'gpt2-noprefix'));

@@ -8,7 +8,7 @@ import { availableParallelism } from 'node:os';
 import { RedflagError, abortError } from '../errors.js';
 import { callNative, callNativeSync, SrcType, type NativeConfig, type NativeModel, type NativeSequence } from '../native.js';
 import { addonFor, checkDeviceRoom, CPU, parseDevice, type Device, type DeviceSpec } from './device.js';
-import { loadModelConfig, loadGenerationConfig, type GenerationConfig, type ModelConfig } from './config.js';
+import { loadModelConfig, loadGenerationConfig, mergeEosTokenIds, type GenerationConfig, type ModelConfig } from './config.js';
 import { toFloat32, fromFloat32, type DeferredTensor, type RawTensor } from './safetensors.js';
 import { Tokenizer } from './tokenizer.js';
 import { RED_FLAG_TOKEN, flagTokenCategory, type CategoryFlag } from './red-flag-token.js';
@@ -306,12 +306,13 @@ export class Model {
     return this.config.vocabSize;
   }
 
-  /** Token ids that end generation: config.json, generation_config.json and the tokenizer's EOS. */
+  /**
+   * Token ids that end generation: config.json's, generation_config.json's and the tokenizer's
+   * EOS, which is the token training ends each response with (a ChatML fine-tune's `<|im_end|>`
+   * where the configs still name the base's `</s>`).
+   */
   get eosTokenIds(): number[] {
-    const ids = new Set<number>(this.config.eosTokenIds);
-    for (const id of this.generationConfig?.eosTokenIds ?? []) ids.add(id);
-    if (ids.size === 0 && this.tokenizer?.eosTokenId != null) ids.add(this.tokenizer.eosTokenId);
-    return [...ids];
+    return mergeEosTokenIds(this.config, this.generationConfig, this.tokenizer?.eosTokenId);
   }
 
   /** @internal A checkpoint tensor or its in-memory replacement: dtype and shape, bytes on demand. */
