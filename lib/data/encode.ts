@@ -212,6 +212,27 @@ export function encodePrompt(tokenizer: Tokenizer, messages: readonly Message[],
   return [...prepared.prefixIds, ...tokenizer.encode(prepared.text, { addSpecialTokens: false })];
 }
 
+/**
+ * The whitespace a chat template writes between the generation prompt and the answer, as the
+ * whole conversation renders: Llama-2's and Mistral's `[/INST]` are followed by `' ' + content`,
+ * so the answer starts with `▁Sure`, as the model generates it after `[/INST]`, not with `Sure`.
+ * Anything else there (Qwen3's think block), or a render that does not continue the prompt:
+ * nothing.
+ */
+function templateSeparator(tokenizer: Tokenizer, messages: readonly Message[], response: string, promptText: string, options: PromptOptions): string {
+  let full: string;
+  try {
+    const chat = [...messages, { role: 'assistant' as const, content: response }].map((m) => ({ role: m.role, content: m.content }));
+    full = tokenizer.applyChatTemplate(chat, options.chatTemplateExtra === undefined ? { addGenerationPrompt: false } : { addGenerationPrompt: false, extra: options.chatTemplateExtra });
+  } catch {
+    return '';
+  }
+  if (!full.startsWith(promptText)) return '';
+  const at = full.indexOf(response, promptText.length);
+  const gap = at < 0 ? '' : full.slice(promptText.length, at);
+  return /^[ \t]+$/.test(gap) ? gap : '';
+}
+
 /** Messages whose special-token strings are text (see the module description). */
 function asText(tokenizer: Tokenizer, messages: readonly Message[]): Message[] {
   return messages.map((m) => ({ ...m, content: tokenizer.escapeSpecialTokens(m.content) }));
@@ -253,6 +274,7 @@ export function encodeConversation(tokenizer: Tokenizer, conversation: Conversat
   const prepared = preparePrompt(tokenizer, messages, options);
   const textIds = tokenizer.encode(prepared.text, { addSpecialTokens: false });
   const turns = messages.some((m) => m.role === 'assistant') ? assistantTurnSpans(tokenizer, messages, prepared.text, textIds, prepared.prefixIds.length) : [];
+  if (prepared.format === 'chat-template') prepared.separator = templateSeparator(tokenizer, messages, response, prepared.text, options);
   const joint = tokenizer.encode(prepared.text + prepared.separator + response, { addSpecialTokens: false });
   const responseIds = startsWith(joint, textIds) && joint.length > textIds.length ? joint.slice(textIds.length) : tokenizer.encode(prepared.separator + response, { addSpecialTokens: false });
   responseIds.push(endId);
