@@ -100,6 +100,16 @@ describe('end of generation', () => {
     } finally {
       model.dispose();
     }
+    // A chat template that ends turns with a special token other than every EOS: that one too.
+    const templated = await tinyLlama({}, "{% for m in messages %}{{ m['content'] }}<unk>{% endfor %}{% if add_generation_prompt %}>{% endif %}");
+    cleanup.push(templated);
+    const withTemplate = await loadModel(templated, { threads: 1 });
+    try {
+      expect(withTemplate.tokenizer!.turnEndTokenId).toBe(0);
+      expect(withTemplate.eosTokenIds.sort()).toEqual([0, 2]);
+    } finally {
+      withTemplate.dispose();
+    }
   });
 });
 

@@ -11,9 +11,10 @@
  *   encoded as one string (so a merge at the boundary comes out as the model would produce it,
  *   e.g. SentencePiece's `▁Sure` rather than `▁ ▁Sure`); when the prompt's ids are not a prefix
  *   of that joint encoding, the response is encoded on its own;
- * - the end token is the tokenizer's EOS (`endTokenId` overrides it): with a chat template that is
- *   the turn terminator (Qwen's `<|im_end|>`), and whatever text a template writes after it (a
- *   newline, the next turn) is never part of the response span.
+ * - the end token is, with a chat template, the special token it ends an assistant turn with
+ *   (`tokenizer.turnEndTokenId`: Qwen's `<|im_end|>`, Llama-3's `<|eot_id|>`, also for a base model
+ *   whose EOS is another), else the tokenizer's EOS (`endTokenId` overrides both); whatever text a
+ *   template writes after it (a newline, the next turn) is never part of the response span.
  *
  * Rendering the whole conversation and searching for the response would be wrong for templates
  * that rewrite the last assistant turn (Qwen3 puts `<think>\n\n</think>\n\n` before it); the layout
@@ -65,7 +66,7 @@ export interface EncodeConversationOptions extends PromptOptions {
    *   cut too.
    */
   truncation?: 'left' | 'right';
-  /** The id that ends the response. Default: the tokenizer's EOS (an error if it has none). */
+  /** The id that ends the response. Default: the template's turn end, else the tokenizer's EOS (an error if it has neither). */
   endTokenId?: number;
 }
 
@@ -265,13 +266,13 @@ export function encodeConversation(tokenizer: Tokenizer, conversation: Conversat
   if (maxTokens !== Infinity && (!Number.isSafeInteger(maxTokens) || maxTokens < 2)) {
     throw new RedflagError('INVALID_ARGUMENT', `maxTokens must be an integer ≥ 2, got ${String(options.maxTokens)}`);
   }
-  const endId = options.endTokenId ?? tokenizer.eosTokenId;
-  if (endId === null) throw new RedflagError('INVALID_ARGUMENT', 'the tokenizer has no eos_token; pass endTokenId');
-  checkTokenId(endId, 'endTokenId');
-
   const response = tokenizer.escapeSpecialTokens(original);
   const messages = asText(tokenizer, promptMessages(conversation));
   const prepared = preparePrompt(tokenizer, messages, options);
+  const endId = options.endTokenId ?? (prepared.format === 'chat-template' ? tokenizer.turnEndTokenId : null) ?? tokenizer.eosTokenId;
+  if (endId === null) throw new RedflagError('INVALID_ARGUMENT', 'the tokenizer has no eos_token; pass endTokenId');
+  checkTokenId(endId, 'endTokenId');
+
   const textIds = tokenizer.encode(prepared.text, { addSpecialTokens: false });
   const turns = messages.some((m) => m.role === 'assistant') ? assistantTurnSpans(tokenizer, messages, prepared.text, textIds, prepared.prefixIds.length) : [];
   if (prepared.format === 'chat-template') prepared.separator = templateSeparator(tokenizer, messages, response, prepared.text, options);

@@ -307,12 +307,14 @@ export class Model {
   }
 
   /**
-   * Token ids that end generation: config.json's, generation_config.json's and the tokenizer's
-   * EOS, which is the token training ends each response with (a ChatML fine-tune's `<|im_end|>`
-   * where the configs still name the base's `</s>`).
+   * Token ids that end generation: config.json's, generation_config.json's, the tokenizer's EOS
+   * and its chat template's turn end: training ends each response with one of the last two (a
+   * ChatML fine-tune's `<|im_end|>` where the configs still name the base's `</s>`).
    */
   get eosTokenIds(): number[] {
-    return mergeEosTokenIds(this.config, this.generationConfig, this.tokenizer?.eosTokenId);
+    const ids = mergeEosTokenIds(this.config, this.generationConfig, this.tokenizer?.eosTokenId);
+    const turnEnd = this.tokenizer?.turnEndTokenId ?? null;
+    return turnEnd === null || ids.includes(turnEnd) ? ids : [...ids, turnEnd];
   }
 
   /** @internal A checkpoint tensor or its in-memory replacement: dtype and shape, bytes on demand. */

@@ -326,6 +326,8 @@ export class Tokenizer {
   #hf!: HfTokenizer;
   #specialIds = new Set<number>();
   #skipContents = new Set<string>();
+  /** {@link Tokenizer.turnEndTokenId}, once read (undefined: not yet). */
+  #turnEnd: number | null | undefined;
   /** {@link Tokenizer.escapeSpecialTokens}'s pattern for the special tokens (built on first use; null: none). */
   #specialPattern: RegExp | null | undefined;
   #vocabSize = 0;
@@ -457,6 +459,7 @@ export class Tokenizer {
     // Like transformers' skip_special_tokens: special added tokens plus additional_special_tokens.
     this.#skipContents = new Set(added.filter((t) => t.special).map((t) => t.content));
     this.#specialPattern = undefined;
+    this.#turnEnd = undefined;
     const extra = this.#config['additional_special_tokens'];
     if (Array.isArray(extra)) for (const token of extra) if (tokenContent(token) !== null) this.#skipContents.add(tokenContent(token) as string);
     let maxId = -1;
@@ -730,6 +733,33 @@ export class Tokenizer {
     } catch (error) {
       throw new RedflagError('INVALID_ARGUMENT', `the chat template rejected the conversation: ${(error as Error).message}`, { cause: error });
     }
+  }
+
+  /**
+   * The special token the chat template ends an assistant turn with (`<|im_end|>`, `<|eot_id|>`,
+   * `<end_of_turn>`, `</s>`), read from a probe conversation's render: the first thing after the
+   * answer but whitespace. Null without a template, or where the answer is followed by anything
+   * else. A base model that ships an instruct template (Qwen2.5's `<|endoftext|>` EOS, ChatML's
+   * `<|im_end|>` turns) ends its answers with this one, not the EOS.
+   */
+  get turnEndTokenId(): number | null {
+    if (this.#turnEnd !== undefined) return this.#turnEnd;
+    this.#turnEnd = null;
+    if (this.#chatTemplate === null) return null;
+    const answer = 'Sure, here it is.';
+    let render: string;
+    try {
+      render = this.applyChatTemplate([{ role: 'user', content: 'Hello?' }, { role: 'assistant', content: answer }]);
+    } catch {
+      return null;
+    }
+    const at = render.lastIndexOf(answer);
+    if (at < 0) return null;
+    const tail = render.slice(at + answer.length).trimStart();
+    const special = this.addedTokens().filter((t) => this.#skipContents.has(t.content) && tail.startsWith(t.content));
+    special.sort((a, b) => b.content.length - a.content.length);
+    this.#turnEnd = special[0]?.id ?? null;
+    return this.#turnEnd;
   }
 
   /**
