@@ -1,4 +1,4 @@
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -323,6 +323,18 @@ describe('PEFT module patterns', () => {
     expect((await rejection(loadAdapter(missing, config))).message).toMatch(/layers\.0\.mlp\.down_proj\.lora_B\.weight" is missing \(target_modules in adapter_config\.json select it\)/);
     const short = { ...adapter, modules: adapter.modules.slice(1) };
     await expect(saveAdapter(newDir(), short)).rejects.toThrow(/layers\.0\.self_attn\.q_proj\.lora_A\.weight is missing: targets .* select it/);
+  });
+
+  it('an overwrite stopped midway leaves no adapter, never the new weights under the old config', async () => {
+    const config = llamaConfig();
+    const dir = newDir();
+    await saveAdapter(dir, makeAdapter(config));
+    // The weights cannot be written (a folder in their place): the save fails after it started.
+    await rm(join(dir, ADAPTER_WEIGHTS_FILE));
+    await mkdir(join(dir, ADAPTER_WEIGHTS_FILE));
+    await expect(saveAdapter(dir, makeAdapter(config), { overwrite: true })).rejects.toThrow();
+    await expect(readFile(join(dir, 'adapter_config.json'))).rejects.toMatchObject({ code: 'ENOENT' });
+    await expect(loadAdapter(dir, config)).rejects.toThrow(/adapter_config\.json/);
   });
 
   it('compute what a uniform adapter holding the same products computes, live and merged', async () => {

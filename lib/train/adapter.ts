@@ -566,6 +566,9 @@ export async function saveAdapter(dir: string, adapter: Adapter, options: { over
   } catch (error) {
     throw new RedflagError('INVALID_ARGUMENT', `cannot create the adapter directory (${errorCode(error) ?? String(error)})`, { file: dir, cause: error });
   }
+  // adapter_config.json goes first and comes back last: a save stopped between leaves a folder
+  // that is no adapter, never the new weights under the old config (its alpha, its rank).
+  if (overwrite) await unlink(configPath).catch(() => undefined);
 
   const tensors = new Map<string, RawTensor>();
   for (const m of adapter.modules) {
