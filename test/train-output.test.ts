@@ -85,6 +85,29 @@ describe('train: the output directory and error messages', () => {
     expect(await readFile(join(dir, 'changed', 'metrics.jsonl'), 'utf8'), 'a refused resume leaves the metrics alone').toBe(metrics);
   }, 120_000);
 
+  it('refuses to resume on another model of the same shapes, or with an edited category map, naming the file', async () => {
+    const model = await tinyLlama({ hiddenSize: 32, intermediateSize: 64, numLayers: 1, numHeads: 2, numKvHeads: 1 });
+    const other = await tinyLlama({ hiddenSize: 32, intermediateSize: 64, numLayers: 1, numHeads: 2, numKvHeads: 1, seed: 99 });
+    try {
+      const map = join(dir, 'category-map.json');
+      await writeFile(map, JSON.stringify({ weapons: 'weapons' }));
+      const run = { ...config('swapped'), model, flagCategories: 'auto' as const, categoryMap: map };
+      const stop = async () => {
+        const controller = new AbortController();
+        await expect(train(run, { signal: controller.signal, onStep: (s) => s.step === 1 && controller.abort() })).rejects.toMatchObject({ name: 'AbortError' });
+      };
+      await stop();
+      await writeFile(map, JSON.stringify({ weapons: 'cyber' }));
+      await expect(train(run, { resume: true })).rejects.toThrow(`${map}: changed since the checkpoint was written`);
+      await writeFile(map, JSON.stringify({ weapons: 'weapons' }));
+      await cp(join(other, 'model.safetensors'), join(model, 'model.safetensors'));
+      await expect(train(run, { resume: true })).rejects.toThrow(`${join(model, 'model.safetensors')} (sampled): changed since the checkpoint was written`);
+    } finally {
+      await rm(model, { recursive: true, force: true });
+      await rm(other, { recursive: true, force: true });
+    }
+  }, 120_000);
+
   it('resumes the previous layout killed between its two renames, to the uninterrupted result', async () => {
     const reference = await train(config('legacy-ref'));
     const controller = new AbortController();

@@ -46,18 +46,44 @@ interface CheckpointState {
   data?: Record<string, string>;
 }
 
+/** Bytes {@link dataFingerprints} reads at each of a weight file's start, middle and end. */
+const WEIGHT_SAMPLE_BYTES = 1 << 20;
+
 /**
- * sha256 of each training and evaluation file of `config`, by path as configured: resume checks
- * them, since the same paths with other contents would continue the run on other data.
+ * sha256 of each file a run's result depends on, by path as configured: resume checks them, since
+ * the same paths with other contents would continue the run on other data or another model.
+ * Whole files: every training and evaluation file, the category map, and the model's config and
+ * tokenizer files; of each weight file (gigabytes), its size and 1 MiB at its start (the header),
+ * middle and end, which tell another checkpoint of the same shapes from this one.
  */
 export async function dataFingerprints(config: TrainConfig): Promise<Record<string, string>> {
   const files = [...(config.data === 'synthetic' ? [] : config.data), ...(config.evalData ?? [])].map((d) => d.file);
+  if (typeof config.categoryMap === 'string') files.push(config.categoryMap);
+  for (const name of ['config.json', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja']) {
+    if (await pathExists(join(config.model, name))) files.push(join(config.model, name));
+  }
   const out: Record<string, string> = {};
   for (const file of files) {
     if (file in out) continue;
     const hash = createHash('sha256');
     await pipeline(createReadStream(file), hash);
     out[file] = hash.digest('hex');
+  }
+  for (const name of (await readdir(config.model).catch(() => [] as string[])).filter((n) => n.endsWith('.safetensors')).sort()) {
+    const file = join(config.model, name);
+    const handle = await open(file, 'r');
+    try {
+      const { size } = await handle.stat();
+      const hash = createHash('sha256').update(String(size));
+      for (const at of [0, Math.max(0, Math.floor(size / 2) - WEIGHT_SAMPLE_BYTES / 2), Math.max(0, size - WEIGHT_SAMPLE_BYTES)]) {
+        const buffer = Buffer.alloc(Math.min(WEIGHT_SAMPLE_BYTES, size));
+        const { bytesRead } = await handle.read(buffer, 0, buffer.length, at);
+        hash.update(buffer.subarray(0, bytesRead));
+      }
+      out[`${file} (sampled)`] = hash.digest('hex');
+    } finally {
+      await handle.close();
+    }
   }
   return out;
 }
@@ -295,8 +321,21 @@ export async function readCheckpoint(model: Model, config: TrainConfig, data: Re
   }
   for (const [file, hash] of Object.entries(state.data ?? {})) {
     if (data[file] !== undefined && data[file] !== hash) {
-      throw new RedflagError('INVALID_ARGUMENT', `changed since the checkpoint was written (its sha256 differs): resume needs the same data, or start over (--overwrite)`, { file });
+      throw new RedflagError('INVALID_ARGUMENT', `changed since the checkpoint was written (its sha256 differs): resume needs the same data and model, or start over (--overwrite)`, { file });
     }
+  }
+  // The model's trainable parameters are the checkpoint's, name for name and size for size.
+  const engine = new Map(model.engine.params().map((p) => [p.name, p.shape.reduce((a, b) => a * b, 1)]));
+  const saved = new Set(state.params);
+  const unsaved = [...engine.keys()].filter((name) => !saved.has(name));
+  const unknown = state.params.filter((name) => !engine.has(name));
+  if (unsaved.length > 0 || unknown.length > 0) {
+    const list = (names: string[]) => `${names.slice(0, 3).join(', ')}${names.length > 3 ? ', …' : ''}`;
+    throw new RedflagError(
+      'INVALID_ARGUMENT',
+      `the checkpoint's parameters are not this model's (${[unsaved.length ? `not in the checkpoint: ${list(unsaved)}` : '', unknown.length ? `not in the model: ${list(unknown)}` : ''].filter(Boolean).join('; ')}): resume needs the same model`,
+      { file: stateFile },
+    );
   }
   if (state.step > config.steps) {
     throw new RedflagError('INVALID_ARGUMENT', `the checkpoint is at step ${state.step}, past this run's steps (${config.steps}): resume with steps of at least ${state.step}`, {
