@@ -118,14 +118,14 @@ DeviceModel::DeviceModel(const ModelConfig& config, DType dtype, int device)
   check(cudaSetDevice(device_), "cudaSetDevice");
   // A GPU this build has no code for fails every launch: say so, and what to rebuild, first.
   if (const std::string why = device_support(device_); !why.empty()) throw std::runtime_error(why);
-  cudaStream_t s = nullptr;
-  check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
-  stream_ = s;
   w_ = std::make_unique<DeviceWeights>();
   w_->layers.resize(config_.n_layers);
   s_ = std::make_unique<DeviceScratch>();
-  gemm_ = std::make_unique<GemmContext>();
+  gemm_ = std::make_unique<GemmContext>();  // may fail (cuBLASLt, its workspace): before the stream, which nothing would free
   graphs_ = std::make_unique<DecodeGraphs>();
+  cudaStream_t s = nullptr;
+  check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
+  stream_ = s;
   const char* env = std::getenv("RF_CUDA_GRAPHS");
   graphs_on_ = !(env && std::strcmp(env, "0") == 0);
   const char* gemv = std::getenv("RF_CUDA_GEMV");
@@ -348,12 +348,16 @@ void DeviceModel::plan_forward(const std::vector<DeviceItem>& items) {
     if (n) std::memcpy(host.data() + at, data, n * sizeof(uint32_t));
     return at;
   };
+  // The block tables go last: their length changes as sequences grow or a batch's members change
+  // at the same size, and a table placed after them would move, while a decode graph captured
+  // earlier keeps reading it where it was (graph_signature hashes every table's place as well).
   const size_t o_tokens = put(tokens.data(), tokens.size()), o_positions = put(positions.data(), positions.size()),
                o_row_seq = put(row_seq.data(), row_seq.size()), o_row_pos = put(row_pos.data(), row_pos.size()),
-               o_tables = put(tables.data(), tables.size()), o_table_offsets = put(table_offsets.data(), table_offsets.size()),
+               o_table_offsets = put(table_offsets.data(), table_offsets.size()),
                o_lengths = put(lengths.data(), lengths.size()), o_row_offsets = put(row_offsets.data(), row_offsets.size()),
                o_n_new = put(n_new.data(), n_new.size()), o_last_rows = put(last_rows.data(), last_rows.size()),
-               o_cos = put(cos.data(), cos.size()), o_sin = put(sin.data(), sin.size()), o_delta = put(delta.data(), delta.size());
+               o_cos = put(cos.data(), cos.size()), o_sin = put(sin.data(), sin.size()), o_delta = put(delta.data(), delta.size()),
+               o_tables = put(tables.data(), tables.size());
   // Grown by doubling: the tables grow a little every 16 tokens, and a new buffer would retire
   // the decode graphs that read the old one.
   const size_t bytes = std::max<size_t>(1, host.size()) * sizeof(uint32_t);
@@ -838,6 +842,12 @@ const float* DeviceModel::run(const std::vector<DeviceItem>& items, LogitsMode m
   const long H = c.hidden, Q = c.q_dim(), V = c.vocab, I = c.intermediate;
 
   plan_forward(items);
+  if (trace && s.plan.all_one) {
+    // A traced forward keeps what the backward reads, the attention's log-sum-exp among it, and
+    // only the prefill kernels write that: a batch of one-token sequences takes their path too.
+    s.plan.all_one = false;
+    s.plan.attn_length = s.plan.max_length;
+  }
   const ForwardPlan& p = s.plan;
   // Every buffer outside the layers, sized before any work is queued (a decode graph's capture
   // must not allocate).
@@ -915,7 +925,10 @@ struct DecodeGraphs {
   };
   static constexpr size_t kMaxGraphs = 64;  // the least recently used beyond this are dropped
   std::map<std::array<int, 3>, Graph> graphs;
-  std::set<std::array<int, 3>> warm;
+  // Shapes whose eager first run sized every scratch buffer, with the signature after it: a step
+  // of that shape under another signature (an adapter added, the pool resized) runs eagerly
+  // again, since capturing would allocate inside the capture.
+  std::map<std::array<int, 3>, uint64_t> warm;
   uint64_t clock = 0;
   DeviceModel::GraphStats stats;
 
@@ -970,7 +983,16 @@ uint64_t DeviceModel::graph_signature() const {
       for (const DLinear::Lora& a : lin->lora) mix(uint64_t(a.offset) << 32 | uint32_t(a.rank)), mix(uint64_t(a.out)), buf(a.A), buf(a.B);
     }
   }
+  // Where the step's tables sit in plan_dev (a graph reads them there), and the KV pool's every
+  // layer (k(l) for l > 0 moves with the pool's capacity even where its base does not).
+  for (const void* q : {static_cast<const void*>(s.plan.tokens), static_cast<const void*>(s.plan.positions), static_cast<const void*>(s.plan.row_seq),
+                        static_cast<const void*>(s.plan.row_pos), static_cast<const void*>(s.plan.tables), static_cast<const void*>(s.plan.table_offsets),
+                        static_cast<const void*>(s.plan.lengths), static_cast<const void*>(s.plan.row_offsets), static_cast<const void*>(s.plan.n_new),
+                        static_cast<const void*>(s.plan.last_rows), static_cast<const void*>(s.plan.cos), static_cast<const void*>(s.plan.sin),
+                        static_cast<const void*>(s.plan.delta)})
+    mix(reinterpret_cast<uintptr_t>(q));
   mix(pool_ ? reinterpret_cast<uintptr_t>(pool_->k(0)) : 0);
+  mix(pool_ ? reinterpret_cast<uintptr_t>(pool_->v(0)) : 0);
   mix(uint64_t(adapter_enabled_));
   mix(uint64_t(dependent_launch_on()));  // how its kernels were launched (cuda/launch.h)
   return h;
@@ -991,10 +1013,11 @@ void DeviceModel::launch_decode_graph(int n, int attn_length, int tail_key, cons
     }
     g.drop(it);  // something it reads has moved or changed shape
   }
-  if (!g.warm.count(key)) {  // first of its shape: eager, which sizes every scratch buffer it uses
-    g.warm.insert(key);
+  const auto warmed = g.warm.find(key);
+  if (warmed == g.warm.end() || warmed->second != signature) {  // eager first, which sizes every scratch buffer it uses
     ++g.stats.eager;
     enqueue(false);
+    g.warm[key] = graph_signature();  // only once it ran: a failed run leaves the shape cold
     return;
   }
   check(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
@@ -1037,9 +1060,13 @@ void DeviceModel::forward(const std::vector<DeviceItem>& items, LogitsMode mode,
 
 namespace {
 
+// As the CPU engine's (decode.cpp): a flag listed twice would count twice in p_rf.
 void check_flags(const Flags& flags, int vocab, const char* what) {
-  for (int id : flags.ids)
-    if (id < 0 || id >= vocab) throw std::invalid_argument(std::string(what) + ": a flag token is outside the vocabulary");
+  for (size_t j = 0; j < flags.ids.size(); ++j) {
+    if (flags.ids[j] < 0 || flags.ids[j] >= vocab) throw std::invalid_argument(std::string(what) + ": a flag token is outside the vocabulary");
+    for (size_t k = 0; k < j; ++k)
+      if (flags.ids[j] == flags.ids[k]) throw std::invalid_argument(std::string(what) + ": a flag token is listed twice");
+  }
 }
 
 }  // namespace
@@ -1240,13 +1267,17 @@ void DeviceModel::set_token_rows(const std::vector<int>& tokens, const float* em
   }
   DeviceWeights& w = *w_;
   const size_t bytes = tokens.size() * size_t(config_.hidden) * sizeof(float);
-  w.flag_tokens = tokens;
+  // Every new buffer first, then swapped in: out of memory midway leaves the old rows in place
+  // (as the CPU engine's), not flags with no rows.
   const std::vector<int32_t> ids(tokens.begin(), tokens.end());
-  w.flag_ids.upload(ids.data(), ids.size() * sizeof(int32_t));
-  w.flag_embed.reset();
-  w.flag_head.reset();
-  if (embed) w.flag_embed.upload(embed, bytes);
-  if (head) w.flag_head.upload(head, bytes);
+  Buffer new_ids, new_embed, new_head;
+  new_ids.upload(ids.data(), ids.size() * sizeof(int32_t));
+  if (embed) new_embed.upload(embed, bytes);
+  if (head) new_head.upload(head, bytes);
+  w.flag_tokens = tokens;
+  w.flag_ids = std::move(new_ids);
+  w.flag_embed = std::move(new_embed);
+  w.flag_head = std::move(new_head);
 }
 
 void DeviceModel::clear_adapters() {

@@ -38,6 +38,13 @@ inline double rel_l2(const float* got, const double* want, size_t n) {
   return std::sqrt(num / (den > 0 ? den : 1e-300));
 }
 
+// The L2 norm, in double.
+inline double l2(const std::vector<float>& v) {
+  double sq = 0;
+  for (float x : v) sq += double(x) * double(x);
+  return std::sqrt(sq);
+}
+
 inline double rel_l2(const std::vector<float>& got, const std::vector<float>& want) {
   double num = 0, den = 0;
   for (size_t i = 0; i < got.size(); ++i) {

@@ -22,7 +22,8 @@
 //  - a batch of 32 mixed-length sequences equals each sequence alone (device against device):
 //    relative L2 <= 1e-5 (the batch's products through cuBLASLt, each alone's through gemv_rows);
 //  - decode steps replayed from CUDA graphs equal the same steps run eagerly, bit for bit, as
-//    the batch shrinks, the adapter is switched off and on, the flag count changes and the
+//    the step's block tables change length at one batch size (graph_table_growth), as the batch
+//    shrinks, the adapter is switched off and on, the flag count changes and the
 //    decode products move from gemv_rows (cuda/gemv.h, the default at <= 8 rows) to cuBLASLt,
 //    the graphs captured with dependent launches (cuda/launch.h) and the eager steps without;
 //  - a captured decode step has the launches the README counts (check_launches), bf16 alone
@@ -904,6 +905,79 @@ void check_device_failure(const rf::ModelConfig& c) {
         "a lost CUDA context: forward, decode, the KV pool and loading weights throw DeviceFailed naming it; freeing is clean");
 }
 
+// Greedy decode on two engines with the same weights, graphs on and off, while the step's block
+// tables change length at one batch size: one sequence growing past 48 blocks (a 760-token prompt,
+// then steps through length 768), and two sequences of which one reserves 13 more blocks midway
+// (the detector's reservations). A replayed graph must read this step's tables, not where an
+// earlier step's layout put them; bit for bit, as check_graphs.
+long graph_table_growth(const rf::ModelConfig& c, int n, int prompt, int steps, int reserve_at, long reserve) {
+  rf::cuda::DeviceModel graphed(c, rf::DType::f32, 0), eager(c, rf::DType::f32, 0);
+  rf::test::load_random(graphed, 7);
+  rf::test::load_random(eager, 7);
+  graphed.set_kv_pool_bytes(size_t(64) << 20);
+  eager.set_kv_pool_bytes(size_t(64) << 20);
+  graphed.set_graphs(true);
+  eager.set_graphs(false);
+  std::mt19937 rng(3);
+  std::vector<std::shared_ptr<rf::cuda::DeviceSequence>> a, b;
+  std::vector<std::vector<uint32_t>> prompts;
+  for (int i = 0; i < n; ++i) {
+    a.push_back(eager.new_sequence()), b.push_back(graphed.new_sequence());
+    prompts.emplace_back(size_t(prompt));
+    for (uint32_t& t : prompts.back()) t = rng() % uint32_t(c.vocab);
+  }
+  std::vector<uint32_t> next(static_cast<size_t>(n), 0);
+  long differ = 0;
+  for (int step = 0; step < steps; ++step) {
+    if (step == reserve_at) a.back()->reserve(reserve), b.back()->reserve(reserve);
+    std::vector<rf::cuda::DeviceItem> ia, ib;
+    for (int i = 0; i < n; ++i) {
+      const uint32_t* t = step == 0 ? prompts[size_t(i)].data() : &next[size_t(i)];
+      ia.push_back({a[size_t(i)].get(), t, step == 0 ? prompt : 1});
+      ib.push_back({b[size_t(i)].get(), t, step == 0 ? prompt : 1});
+    }
+    std::vector<rf::PickParams> params(static_cast<size_t>(n));
+    std::vector<rf::Pick> pa(static_cast<size_t>(n)), pb(static_cast<size_t>(n));
+    eager.decode_step(ia, params, rf::Flags(), 0, pa.data(), nullptr, nullptr);
+    graphed.decode_step(ib, params, rf::Flags(), 0, pb.data(), nullptr, nullptr);
+    for (int i = 0; i < n; ++i)
+      differ += pa[size_t(i)].token != pb[size_t(i)].token || std::memcmp(&pa[size_t(i)].logprob, &pb[size_t(i)].logprob, sizeof(float)) != 0;
+    for (int i = 0; i < n; ++i) next[size_t(i)] = pa[size_t(i)].token;
+  }
+  check(graphed.graph_stats().replays > 0, "block tables of changing length: some steps replayed from graphs");
+  return differ;
+}
+
+// A shape run once eagerly, then an adapter added (the step needs buffers its first run did not
+// size): the next step of that shape runs eagerly again rather than allocating inside a capture.
+void check_capture_after_adapter(const rf::ModelConfig& c) {
+  rf::cuda::DeviceModel m(c, rf::DType::f32, 0);
+  rf::test::load_random(m, 7);
+  m.set_kv_pool_bytes(size_t(64) << 20);
+  m.set_graphs(true);
+  auto seq = m.new_sequence();
+  const std::vector<uint32_t> prompt{3, 1, 4, 1, 5};
+  std::vector<rf::PickParams> params(1);
+  std::vector<rf::Pick> pick(1);
+  uint32_t next = 0;
+  int failures = 0;
+  for (int step = 0; step < 6; ++step) {
+    if (step == 2) {
+      std::vector<float> A(size_t(4) * c.hidden, 0.01f), B(size_t(c.q_dim()) * 4, 0.02f);
+      m.add_lora(0, "q_proj", A.data(), c.hidden, B.data(), int(c.q_dim()), 4, 1.f);
+    }
+    const rf::cuda::DeviceItem item{seq.get(), step == 0 ? prompt.data() : &next, step == 0 ? 5 : 1};
+    try {
+      m.decode_step({item}, params, rf::Flags(), 0, pick.data(), nullptr, nullptr);
+      next = pick[0].token;
+    } catch (const std::exception& e) {
+      ++failures;
+      std::printf("  step %d after add_lora: %s\n", step, e.what());
+    }
+  }
+  check(failures == 0 && m.graph_stats().replays > 0, "decode steps of a warmed shape after add_lora: eager again, then captured and replayed (" + std::to_string(failures) + " failed)");
+}
+
 int main() {
   const rf::cuda::DeviceInfo info = rf::cuda::device_info();
   if (info.count == 0) {
@@ -924,6 +998,9 @@ int main() {
   check_memory(with(llama, 256, 8, 2, 32));
   check_pick_fallback(llama);
   check_graph_eviction(llama);
+  check(graph_table_growth(llama, 1, 760, 14, -1, 0) == 0, "graphed decode equals eager bit for bit as one sequence grows past 48 blocks");
+  check(graph_table_growth(llama, 2, 3, 10, 5, 16 * 13) == 0, "graphed decode equals eager bit for bit when a batch member reserves more blocks");
+  check_capture_after_adapter(llama);
   check_out_of_memory(llama);
   check_device_failure(llama);  // last: the context stays lost
   return rf::test::finish("cuda_model");

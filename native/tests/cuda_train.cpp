@@ -26,10 +26,10 @@
 //  - a set cancel flag throws rf::Cancelled; an unknown LoRA target and a model that already has
 //    an adapter are refused with a message;
 //  - bf16 weights on the GPU against the CPU's bf16 model: loss terms within 2e-2 relative,
-//    gradients within 5e-2 relative L2. The GPU's attention then runs on the tensor cores in
-//    bf16 (forward and backward), the CPU's in f32: that moves the loss by about 2.5e-3, most
-//    gradients by about 1e-2 and the flag embedding row's (the smallest) by about 3.7e-2 here
-//    (6.6e-3 with f32 attention on both); recomputation gives the same bits there too. Full
+//    gradients within 5e-2 relative L2 (also for a batch of one-token sequences). The GPU's
+//    attention then runs on the tensor cores in bf16 (forward and backward), the CPU's in f32:
+//    that moves the loss by about 2.5e-3, most gradients by about 1e-2 and the flag embedding
+//    row's (the smallest) by about 3.7e-2 here (6.6e-3 with f32 attention on both); recomputation gives the same bits there too. Full
 //    fine-tuning in bf16 (weight gradients from bf16 products summed in f32): the same bounds;
 //  - out of device memory in a step (check_out_of_memory): rf::OutOfMemory at every size the step
 //    grows to, nothing of the completed steps changed, and the step afterwards bit for bit.
@@ -575,6 +575,40 @@ void check_out_of_memory(const std::string& name, const rf::ModelConfig& c) {
 
 }  // namespace
 
+// A bf16 step whose sequences are all one token long (the addon accepts them, as the CPU trainer
+// does): the traced forward must take the attention path that keeps the log-sum-exp the backward
+// reads (the decode kernels keep none: the backward read a null or stale buffer). Same bounds as
+// run_bf16, against the CPU's bf16 model.
+void run_one_token_bf16(const std::string& name, const rf::ModelConfig& c) {
+  rf::TrainOptions o = train_options(c);
+  o.lora.dropout = 0.f;
+  Setup s = make_setup(c, rf::DType::bf16, 23, &o);
+  perturb(s, 6);
+  const std::vector<uint32_t> a{5}, b{9};
+  const std::vector<rf::Sequence> batch{{a.data(), 1}, {b.data(), 1}};
+  const std::vector<rf::LossRow> rows{{rf::LossRow::ce, 0, -1, -1, 7}, {rf::LossRow::ce, 1, -1, -1, 3}};
+  const rf::LossOptions lo = loss_options();
+  const rf::LossTerms tc = s.ct->step(batch, {}, rows, lo);
+  const rf::LossTerms tg = s.gt->step(batch, {}, rows, lo);
+  compare_terms(name + " bf16 one-token sequences", tg, tc, 2e-2);
+  // Attention over one key is that key's value whatever q and k are: q's and k's gradients (their
+  // adapters') are 0 exactly, and the GPU's are bf16 rounding (its stored output against the
+  // stored values): those are held to 1e-2 of the largest gradient's norm (3.1e-3 under the
+  // emulation, about bf16's unit roundoff), the rest to run_bf16's relative bound.
+  s.gt->download();
+  std::vector<rf::Param*> cp = s.ct->params(), gp = s.gt->params();
+  double largest = 0;
+  for (rf::Param* p : cp) largest = std::max(largest, rf::test::l2(p->grad));
+  double worst = 0, worst_zero = 0;
+  for (size_t i = 0; i < cp.size() && i < gp.size(); ++i) {
+    if (rf::test::l2(cp[i]->grad) <= 1e-6 * largest) worst_zero = std::max(worst_zero, rf::test::l2(gp[i]->grad) / largest);
+    else worst = std::max(worst, rel_l2(gp[i]->grad, cp[i]->grad));
+  }
+  check(cp.size() == gp.size(), name + " bf16 one-token sequences: the same parameters");
+  check(worst <= 5e-2, name + " bf16 one-token sequences: every nonzero gradient equals the CPU's (worst rel L2 " + fmt(worst) + ")");
+  check(worst_zero <= 1e-2, name + " bf16 one-token sequences: the gradients that are 0 stay near 0 (" + fmt(worst_zero) + " of the largest)");
+}
+
 int main() {
   const rf::cuda::DeviceInfo info = rf::cuda::device_info();
   if (info.count == 0) {
@@ -599,6 +633,7 @@ int main() {
     check_recompute("qwen3 per-head q/k norms bf16", rf::test::qwen3_of(llama), rf::DType::bf16);
     check_recompute("llama GQA 2 bf16 (tensor-core attention)", llama, rf::DType::bf16);
     run_bf16("llama GQA 2", llama);
+    run_one_token_bf16("llama GQA 2", llama);
     run_large_rank("llama GQA 2", llama);
     run_no_flags("llama GQA 2", llama);
     run_no_flags("gpt2", gpt2_of(llama));
