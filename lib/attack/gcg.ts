@@ -116,7 +116,6 @@ async function scoreAll(model: AttackModel, targets: { ids: number[]; responseSt
   }
 }
 
-/** Runs adaptive GCG on one harmful conversation: `prompt` (ending with the user's request) and the harmful `answer` to keep likely. */
 /**
  * Every token for each of `length` positions from `start`, best swap first by the one-hot
  * gradient: d objective / d onehot[t][v] = E[v] · g[t], most negative first (banned tokens
@@ -160,6 +159,7 @@ export async function scoreTargets(model: AttackModel, targets: { ids: number[];
   return (await scoreAll(model, targets, lambda)).map((s) => s.objective);
 }
 
+/** Runs adaptive GCG on one harmful conversation: `prompt` (ending with the user's request) and the harmful `answer` to keep likely. */
 export async function gcgAttack(model: AttackModel, prompt: readonly Message[], answer: string, options: GcgOptions = {}): Promise<GcgResult> {
   const tokenizer = model.model.tokenizer;
   if (!tokenizer) throw new RedflagError('INVALID_ARGUMENT', 'GCG needs the model\'s tokenizer');

@@ -177,10 +177,10 @@ function preparePrompt(tokenizer: Tokenizer, messages: readonly Message[], optio
 
 /**
  * The token spans [start, end) of the earlier assistant turns inside a prompt (`text`, whose
- * tokens are `promptIds`): each turn's content, found in the text after the turns before it, plus the token after
- * it (the template's end of turn). A cut whose text does not tokenise to a prefix of the prompt's
- * ids (a merge across it) is moved back over the whitespace before the content, or the turn is
- * left out: the spans never hold a token that is not the turn's.
+ * tokens are `promptIds`): each turn's content, found in the text after the turns before it,
+ * plus the token after it (the template's end of turn). A cut whose text does not tokenise to a
+ * prefix of the prompt's ids (a merge across it) is moved back over the whitespace before the
+ * content, or the turn is left out: the spans never hold a token that is not the turn's.
  */
 function assistantTurnSpans(tokenizer: Tokenizer, messages: readonly Message[], text: string, promptIds: readonly number[], prefix: number): [number, number][] {
   const spans: [number, number][] = [];

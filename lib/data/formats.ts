@@ -4,9 +4,9 @@
  *
  * - **JailbreakBench attack artifacts** (JSON `{parameters, jailbreaks: [...]}`): each entry's
  *   `prompt` and `response` become a labelled response, harmful when `jailbroken` is true (the
- *   prompt is harmful either way: `promptLabel`); the
- *   artifact's stored verdicts (`jailbroken`, `jailbroken_llama_guard1`) are kept for the
- *   report. Entries without a prompt or response are skipped (counted).
+ *   prompt is harmful either way: `promptLabel`); the artifact's stored verdicts (`jailbroken`,
+ *   `jailbroken_llama_guard1`) are kept for the report. Entries without a prompt or response are
+ *   skipped (counted).
  * - **StrongREJECT** CSV (`category,source,forbidden_prompt`): harmful prompts, with category.
  * - **XSTest completions** CSV (`type,prompt,completion,…,final_label`): the prompt is unsafe
  *   when its `type` starts with `contrast_`; a completion is harmful when it answers an unsafe
