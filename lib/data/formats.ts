@@ -29,7 +29,7 @@ import { extname } from 'node:path';
 import { parse as parseCsvSync } from 'csv-parse/sync';
 
 import { RedflagError } from '../errors.js';
-import { arrayElementLines, CsvRecordLines, LABEL_FIELDS, loadConversationFiles, loadConversations, withAlpacaInput, type FileEntry, type LoadedConversations } from './loaders.js';
+import { addSystemPrompt, arrayElementLines, CsvRecordLines, LABEL_FIELDS, loadConversationFiles, loadConversations, sortSkippedByLine, withAlpacaInput, type FileEntry, type LoadedConversations } from './loaders.js';
 import { parseLabel, RowProblem, type Conversation, type Label, type SkippedRow } from './records.js';
 
 /** The special formats this module recognises (`generic`: left to the loaders). */
@@ -90,11 +90,6 @@ export function detectEvalFormat(file: string, text: string): EvalFormat {
     }
   }
   return 'generic';
-}
-
-/** The line of a `file:line` source. */
-function lineOf(source: string): number {
-  return Number(source.slice(source.lastIndexOf(':') + 1));
 }
 
 function nonEmpty(value: unknown): value is string {
@@ -237,13 +232,6 @@ function describesColumns(entry: FileEntry): boolean {
   return entry.promptColumn !== undefined || entry.responseColumn !== undefined || entry.labelColumn !== undefined || entry.categoryColumn !== undefined || entry.recordsKey !== undefined;
 }
 
-/** A recognised format's rows with the entry's system prompt, as the generic loaders add it. */
-function withSystemPrompt(result: EvalFileResult, systemPrompt: string | undefined): EvalFileResult {
-  if (systemPrompt === undefined) return result;
-  for (const c of result.conversations) if (c.messages[0]?.role !== 'system') c.messages.unshift({ role: 'system', content: systemPrompt });
-  return result;
-}
-
 /**
  * Reads one evaluation data file in any format the project knows (see the module description).
  * The entry's `label` labels every row; without it the format's labels (or each row's) are used.
@@ -272,9 +260,11 @@ export async function loadEvalFile(entry: FileEntry): Promise<EvalFileResult> {
     result = { format: 'generic', conversations: loaded.conversations, storedVerdicts: {}, skipped: loaded.skipped };
   }
   // In file order (a CSV format reports rows of the wrong shape as it reads, the rest after).
-  if (result.format === 'strongreject' || result.format === 'xstest-completions') result.skipped.sort((a, b) => lineOf(a.source) - lineOf(b.source));
+  if (result.format === 'strongreject' || result.format === 'xstest-completions') sortSkippedByLine(result.skipped);
   if (result.conversations.length === 0) throw new RedflagError('INVALID_FILE', `has no usable rows (${result.format}; ${result.skipped.length} skipped)`, { file: entry.file });
-  return result.format === 'generic' ? result : withSystemPrompt(result, entry.systemPrompt);
+  // The generic loaders add the system prompt themselves.
+  if (result.format !== 'generic') for (const c of result.conversations) addSystemPrompt(c.messages, entry.systemPrompt);
+  return result;
 }
 
 /**

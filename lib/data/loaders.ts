@@ -155,9 +155,17 @@ export async function loadConversations(file: string, options: LoadOptions = {})
     conversations.push(conversation);
   }
   // csv-parse reports a row it cannot parse ahead of the rows before it that it still holds.
+  sortSkippedByLine(skipped);
+  return { file, format, conversations, skipped };
+}
+
+/**
+ * Puts skipped rows (sources `file:line`) in file order, in place.
+ * @internal
+ */
+export function sortSkippedByLine(skipped: SkippedRow[]): void {
   const line = (row: SkippedRow) => Number(/:(\d+)$/.exec(row.source)?.[1] ?? 0);
   skipped.sort((a, b) => line(a) - line(b));
-  return { file, format, conversations, skipped };
 }
 
 /**
@@ -232,11 +240,19 @@ function guardRow(source: string, options: StreamOptions, build: () => Conversat
 
 /** Finishes a conversation: system prompt, label, category. */
 function finish(messages: Message[], responseMissing: boolean, label: Label, source: string, category: string | undefined, options: LoadOptions): Conversation {
-  if (options.systemPrompt !== undefined && messages[0]?.role !== 'system') messages.unshift({ role: 'system', content: options.systemPrompt });
+  addSystemPrompt(messages, options.systemPrompt);
   const conversation: Conversation = { messages, label, source };
   if (category !== undefined) conversation.category = category;
   if (responseMissing) conversation.responseMissing = true;
   return conversation;
+}
+
+/**
+ * Puts a system prompt first unless the conversation has its own, in place.
+ * @internal
+ */
+export function addSystemPrompt(messages: Message[], systemPrompt: string | undefined): void {
+  if (systemPrompt !== undefined && messages[0]?.role !== 'system') messages.unshift({ role: 'system', content: systemPrompt });
 }
 
 // ---------------------------------------------------------------------------------------------
