@@ -245,6 +245,21 @@ describe('Qwen3 byte-level BPE tokenizer', () => {
     );
   });
 
+  it('renders with its chat-template kwargs under each render\'s own, and refuses kwargs it cannot take', async () => {
+    const tokenizer = (await Tokenizer.fromDir(QWEN3_DIR)) as Tokenizer;
+    const user = { role: 'user', content: 'Hello' };
+    expect(tokenizer.chatTemplateKwargs).toEqual({});
+    const given = { enable_thinking: false };
+    tokenizer.chatTemplateKwargs = given;
+    given.enable_thinking = true; // a copy was kept
+    expect(tokenizer.applyChatTemplate([user], { addGenerationPrompt: true })).toBe('<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n');
+    expect(tokenizer.applyChatTemplate([user], { addGenerationPrompt: true, extra: { enable_thinking: true } })).toBe('<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n');
+    expect(() => (tokenizer.chatTemplateKwargs = { messages: [] })).toThrow(/chatTemplateKwargs\.messages is set by the render itself/);
+    expect(() => (tokenizer.chatTemplateKwargs = [] as unknown as Record<string, unknown>)).toThrow(/chatTemplateKwargs must be an object/);
+    expect(() => (tokenizer.chatTemplateKwargs = { n: 1n })).toThrow(/JSON values only/);
+    expect(tokenizer.chatTemplateKwargs).toEqual({ enable_thinking: false });
+  });
+
   it('renders multi-turn history with Qwen3 reasoning rules', () => {
     const history = [
       { role: 'user', content: 'Hi' },

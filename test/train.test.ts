@@ -6,6 +6,7 @@ import { mkdtemp, readFile, readdir, rm, stat, writeFile } from 'node:fs/promise
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
+import { encodePrompt } from '../lib/data/encode.js';
 import { RedflagError } from '../lib/errors.js';
 import { loadModel } from '../lib/model/model.js';
 import { SafetensorsFile } from '../lib/model/safetensors.js';
@@ -197,21 +198,40 @@ describe('train (Qwen3: per-head q/k norms, the Qwen3 tokenizer)', () => {
       headDim: 16, tieWordEmbeddings: true, seed: 5, eosTokenId: 151645, tokenizer: await packagedTokenizer('qwen3'),
     });
     const ids = [151644, 872, 198, 9707, 11, 1246, 525, 498];
+    const user = [{ role: 'user' as const, content: 'Hi' }];
+    const thinkBlock = '<|im_start|>assistant\n<think>\n\n</think>\n\n';
     let trained: Float32Array | null = null;
-    await train({ ...config('run-qwen3', { steps: 3, evalEvery: 0, merge: true }), model: qwen3 }, {
+    // Trained without thinking: the prompts end with an empty think block, and the adapter says so.
+    await train({ ...config('run-qwen3', { steps: 3, evalEvery: 0, merge: true, chatTemplateKwargs: { enable_thinking: false } }), model: qwen3 }, {
       onTrained: async (model) => {
         expect(model.config.qkNorm).toBe(true);
         expect(model.redFlagTokenId).toBeLessThan(151936);
         expect(model.vocabSize).toBe(151936);
+        expect(model.tokenizer!.decode(encodePrompt(model.tokenizer!, user)).endsWith(thinkBlock)).toBe(true);
         trained = await model.logits(ids);
       },
     });
+    const saved = JSON.parse(await readFile(join(root, 'run-qwen3', 'adapter', 'adapter_config.json'), 'utf8'));
+    expect(saved.redflag.chat_template_kwargs).toEqual({ enable_thinking: false });
     const model = await loadModel(qwen3, { threads: 2 });
     try {
+      expect(model.tokenizer!.decode(encodePrompt(model.tokenizer!, user)).endsWith(thinkBlock)).toBe(false);
       await applyAdapter(model, join(root, 'run-qwen3', 'adapter'));
       expect(await model.logits(ids)).toEqual(trained);
+      // The adapter brings its kwargs: served as trained.
+      expect(model.tokenizer!.chatTemplateKwargs).toEqual({ enable_thinking: false });
+      expect(model.tokenizer!.decode(encodePrompt(model.tokenizer!, user)).endsWith(thinkBlock)).toBe(true);
     } finally {
       model.dispose();
+    }
+    // Kwargs the model was loaded with win over the adapter's.
+    const thinking = await loadModel(qwen3, { threads: 2, chatTemplateKwargs: { enable_thinking: true } });
+    try {
+      await applyAdapter(thinking, join(root, 'run-qwen3', 'adapter'));
+      expect(thinking.tokenizer!.chatTemplateKwargs).toEqual({ enable_thinking: true });
+      expect(thinking.loadOptions().chatTemplateKwargs).toEqual({ enable_thinking: true });
+    } finally {
+      thinking.dispose();
     }
     await mergeAdapterInto(qwen3, join(root, 'run-qwen3', 'adapter'), join(root, 'run-qwen3', 'merged-files'));
     await expectSameFiles(join(root, 'run-qwen3', 'merged'), join(root, 'run-qwen3', 'merged-files'));

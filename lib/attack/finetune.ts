@@ -42,6 +42,8 @@ export interface FineTuneAttackOptions {
   /** Frozen weights' element type (default the device's: f32 on the CPU, bf16 on a GPU). */
   dtype?: 'f32' | 'bf16';
   threads?: number;
+  /** The chat template's variables (as the attacked model is served with). */
+  chatTemplateKwargs?: Record<string, unknown>;
   signal?: AbortSignal;
   onStep?: (info: StepInfo) => void;
 }
@@ -88,6 +90,7 @@ export async function fineTuneAttack(o: FineTuneAttackOptions): Promise<string> 
       ...(o.device ? { device: o.device } : {}),
       ...(o.dtype ? { dtype: o.dtype } : {}),
       ...(o.threads ? { threads: o.threads } : {}),
+      ...(o.chatTemplateKwargs ? { chatTemplateKwargs: o.chatTemplateKwargs } : {}),
     },
     { ...(o.signal ? { signal: o.signal } : {}), ...(o.onStep ? { onStep: o.onStep } : {}) },
   );

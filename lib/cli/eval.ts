@@ -120,6 +120,7 @@ export async function evalConfigFromFlags(flags: Record<string, unknown>): Promi
   if (flags['kvCacheMb'] !== undefined) o['kvCacheBytes'] = (flags['kvCacheMb'] as number) * 2 ** 20;
   set('dtype', flags['dtype']);
   set('threads', flags['threads']);
+  set('chatTemplateKwargs', flags['chatTemplateKwargs']);
   if (flags['png'] === false) o['png'] = false;
   if (o['model'] === undefined || o['out'] === undefined) throw new RedflagError('INVALID_ARGUMENT', 'eval needs --model and --out (or a --config naming them)');
   // Flag names in messages: the schema's fields map one-to-one to flags (camelCase → --kebab-case).

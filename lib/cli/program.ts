@@ -12,7 +12,7 @@ import { applyAdapter, mergeAdapterInto } from '../train/export.js';
 import { runDemo } from '../demo.js';
 import { runEval } from './eval.js';
 import { runTrain } from './train.js';
-import { device, modelOptions, type EngineFlags } from './model-flags.js';
+import { CHAT_TEMPLATE_KWARGS_HELP, device, modelOptions, templateKwargs, type EngineFlags } from './model-flags.js';
 import { runServe, type ServeFlags } from './serve.js';
 import { runStudyCommand } from './study.js';
 
@@ -64,7 +64,8 @@ function withModelFlags(cmd: Command): Command {
     .requiredOption('-m, --model <dir>', 'Hugging Face model directory (config.json + safetensors)')
     .option('--device <device>', "where the model runs: 'cpu', 'cuda' or 'cuda:N' (the CUDA build: npm run build:cuda)", device, 'cpu')
     .option('--dtype <dtype>', "weights in the engine: 'f32' or 'bf16' (default: f32 on the CPU, bf16 on a GPU)", dtype)
-    .option('--threads <n>', 'threads for native work (default: number of cores)', integer('threads', 1));
+    .option('--threads <n>', 'threads for native work (default: number of cores)', integer('threads', 1))
+    .option('--chat-template-kwargs <json>', CHAT_TEMPLATE_KWARGS_HELP, templateKwargs);
 }
 
 async function open(flags: ModelFlags): Promise<Model> {
@@ -291,6 +292,7 @@ export function buildProgram(): Command {
     .option('--group-file <file>', 'data-parallel: where rank 0 leaves the group id for the others (a new path each run)')
     .option('--dtype <dtype>', "frozen weights: 'f32' or 'bf16' (default: f32 on the CPU, bf16 on a GPU)", dtype)
     .option('--threads <n>', 'threads for native work', integer('threads', 1))
+    .option('--chat-template-kwargs <json>', `${CHAT_TEMPLATE_KWARGS_HELP} (the adapter records them)`, templateKwargs)
     .action(async (flags: Record<string, unknown>) => {
       await runTrain(flags);
     });
@@ -373,6 +375,7 @@ export function buildProgram(): Command {
     .option('--kv-cache-mb <n>', 'KV cache of each detector of the run, MiB (default 2048)', integer('kv-cache-mb', 1))
     .option('--dtype <dtype>', "weights in the engine: 'f32' or 'bf16' (default: f32 on the CPU, bf16 on a GPU)", dtype)
     .option('--threads <n>', 'threads for native work', integer('threads', 1))
+    .option('--chat-template-kwargs <json>', `${CHAT_TEMPLATE_KWARGS_HELP} (an adapter adds the ones it was trained with)`, templateKwargs)
     .action(async (flags: Record<string, unknown>) => {
       await runEval(flags);
     });

@@ -52,6 +52,7 @@ const FLAG_OF_FIELD: Record<string, string> = {
   'dataParallel.idFile': '--group-file',
   dtype: '--dtype',
   threads: '--threads',
+  chatTemplateKwargs: '--chat-template-kwargs',
   'lora.rank': '--rank',
   'lora.alpha': '--alpha',
   'lora.targets': '--targets',
@@ -113,6 +114,7 @@ export async function configFromFlags(flags: Record<string, unknown>): Promise<T
   }
   set('dtype', flags['dtype']);
   set('threads', flags['threads']);
+  set('chatTemplateKwargs', flags['chatTemplateKwargs']);
   const lora: Record<string, unknown> = {};
   if (flags['rank'] !== undefined) lora['rank'] = flags['rank'];
   if (flags['alpha'] !== undefined) lora['alpha'] = flags['alpha'];

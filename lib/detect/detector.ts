@@ -107,12 +107,14 @@ export async function createDetector(options: DetectorOptions): Promise<Detector
   if (!owned && options.device !== undefined && parseDevice(options.device).name !== (options.model as Model).device.name) {
     throw invalid(`device ${JSON.stringify(options.device)} was given with a model loaded on '${(options.model as Model).device.name}': load the model there, or pass its directory`);
   }
+  if (!owned && options.chatTemplateKwargs !== undefined) throw invalid('chatTemplateKwargs were given with a loaded model: pass them to loadModel, or pass its directory');
   const model =
     typeof options.model === 'string'
       ? await loadModel(options.model, {
         ...(options.device ? { device: options.device } : {}),
         ...(options.dtype ? { dtype: options.dtype } : {}),
         ...(options.threads ? { threads: options.threads } : {}),
+        ...(options.chatTemplateKwargs ? { chatTemplateKwargs: options.chatTemplateKwargs } : {}),
       })
       : options.model;
   try {

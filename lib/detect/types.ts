@@ -46,6 +46,8 @@ export interface DetectorOptions {
   device?: DeviceSpec;
   dtype?: 'f32' | 'bf16';
   threads?: number;
+  /** When `model` is a directory: its chat template's variables (see loadModel's `chatTemplateKwargs`). */
+  chatTemplateKwargs?: Record<string, unknown>;
   /** Most sequences advanced by one decode step. Default 32. */
   maxBatch?: number;
   /**

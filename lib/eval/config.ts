@@ -120,6 +120,11 @@ export const evalConfigSchema = z
     kvCacheBytes: z.number().int().min(2 ** 20).max(Number.MAX_SAFE_INTEGER).default(DEFAULT_KV_CACHE_BYTES),
     /** Weights in the engine; default the device's: f32 on the CPU, bf16 on a GPU. */
     dtype: z.enum(['f32', 'bf16']).optional(),
+    /**
+     * Variables for the base model's chat template (transformers' `chat_template_kwargs`), e.g.
+     * `{ "enable_thinking": false }`; an adapter variant adds the ones it was trained with.
+     */
+    chatTemplateKwargs: z.record(z.string(), z.unknown()).optional(),
     threads: z.number().int().min(1).optional(),
     /** Also write PNGs beside the SVG plots. */
     png: z.boolean().default(true),

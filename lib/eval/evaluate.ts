@@ -84,12 +84,20 @@ export async function loadEvalData(config: EvalConfig): Promise<EvalData & { sto
 
 /** Where and how every model of the run is loaded. */
 function engineOptions(config: EvalConfig): LoadModelOptions {
-  return { device: config.device, dtype: config.dtype, ...(config.threads ? { threads: config.threads } : {}) };
+  return {
+    device: config.device,
+    dtype: config.dtype,
+    ...(config.threads ? { threads: config.threads } : {}),
+    ...(config.chatTemplateKwargs ? { chatTemplateKwargs: config.chatTemplateKwargs } : {}),
+  };
 }
 
-/** The device in a cache fingerprint: absent on the CPU, so caches written before it was a setting stay valid. */
-function onDevice(config: EvalConfig): { device?: string } {
-  return config.device === 'cpu' ? {} : { device: config.device };
+/**
+ * The device and template kwargs in a cache fingerprint: absent on the CPU and without kwargs, so
+ * caches written before they were settings stay valid.
+ */
+function engineFingerprint(config: EvalConfig): { device?: string; chatTemplateKwargs?: Record<string, unknown> } {
+  return { ...(config.device === 'cpu' ? {} : { device: config.device }), ...(config.chatTemplateKwargs ? { chatTemplateKwargs: config.chatTemplateKwargs } : {}) };
 }
 
 /** What a variant's source is: an adapter or a model directory; NOT_FOUND naming it otherwise. */
@@ -208,8 +216,8 @@ export async function evaluate(input: EvalConfigInput | EvalConfig, hooks: Evalu
       seconds[spec.name] = {};
       // Units of the same model and settings share cache entries across runs.
       const sourceStamp = spec.source === 'base' ? [] : await directoryStamp(spec.source);
-      const fp = fingerprint({ model: baseStamp, source: spec.source, sourceStamp, ...onDevice(config), dtype: config.dtype, maxTokens: settings.maxTokens, threshold: settings.threshold, temperature: settings.temperature, seed: settings.seed });
-      const sharedFp = fingerprint({ model: baseStamp, ...onDevice(config), dtype: config.dtype, maxTokens: settings.maxTokens, seed: settings.seed });
+      const fp = fingerprint({ model: baseStamp, source: spec.source, sourceStamp, ...engineFingerprint(config), dtype: config.dtype, maxTokens: settings.maxTokens, threshold: settings.threshold, temperature: settings.temperature, seed: settings.seed });
+      const sharedFp = fingerprint({ model: baseStamp, ...engineFingerprint(config), dtype: config.dtype, maxTokens: settings.maxTokens, seed: settings.seed });
       for (const name of suites) {
         const suite = SUITES[name];
         const t0 = performance.now();

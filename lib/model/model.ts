@@ -10,7 +10,7 @@ import { callNative, callNativeSync, SrcType, type NativeConfig, type NativeMode
 import { addonFor, checkDeviceRoom, CPU, parseDevice, type Device, type DeviceSpec } from './device.js';
 import { loadModelConfig, loadGenerationConfig, mergeEosTokenIds, type GenerationConfig, type ModelConfig } from './config.js';
 import { toFloat32, fromFloat32, type DeferredTensor, type RawTensor } from './safetensors.js';
-import { Tokenizer } from './tokenizer.js';
+import { checkChatTemplateKwargs, Tokenizer } from './tokenizer.js';
 import { RED_FLAG_TOKEN, flagTokenCategory, type CategoryFlag } from './red-flag-token.js';
 import { planWeights, type WeightPlan } from './weights-map.js';
 import { WeightStore } from './weights.js';
@@ -31,6 +31,11 @@ export interface LoadModelOptions {
   dtype?: 'f32' | 'bf16';
   /** Threads for native work. Default: the number of cores. */
   threads?: number;
+  /**
+   * Variables for the chat template's every render (transformers' `chat_template_kwargs`), e.g.
+   * `{ enable_thinking: false }` for Qwen3: see {@link Tokenizer.chatTemplateKwargs}.
+   */
+  chatTemplateKwargs?: Record<string, unknown>;
   /** Cancels loading. */
   signal?: AbortSignal;
   /** Called after each tensor is loaded. */
@@ -136,11 +141,16 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
   if (!Number.isInteger(threads) || threads < 1 || threads > 1024) {
     throw new RedflagError('INVALID_ARGUMENT', `threads must be an integer from 1 to 1024, got ${threads}`);
   }
+  const kwargs = options.chatTemplateKwargs === undefined ? undefined : checkChatTemplateKwargs(options.chatTemplateKwargs, 'chatTemplateKwargs');
   // Before any file is read: a device that cannot run fails with the reason at once.
   const addon = addonFor(device);
   const { config, generationConfig, tokenizer, store, plan } = await openModelFiles(dir);
   let engine: NativeModel | undefined;
   try {
+    if (kwargs !== undefined) {
+      if (tokenizer === null) throw new RedflagError('NO_TOKENIZER', 'chatTemplateKwargs were given but the model has no tokenizer.json', { file: dir });
+      tokenizer.chatTemplateKwargs = kwargs;
+    }
     // At least every element at the engine's width (vectors are f32 on the device: a little more).
     const elements = plan.tensors.reduce((sum, t) => sum + t.shapes.reduce((n, shape) => n + shape.reduce((a, b) => a * b, 1), 0), 0);
     checkDeviceRoom(addon, device, elements * (dtype === 'bf16' ? 2 : 4), `the weights (${dtype === 'bf16' ? 'bf16' : "f32; dtype 'bf16' halves them"})`, dir);
@@ -280,9 +290,13 @@ export class Model {
     readonly device: Device = CPU,
   ) {}
 
-  /** The options that load another model onto this one's engine: the same device, dtype and threads. */
+  /**
+   * The options that load another model onto this one's engine and prompts: the same device,
+   * dtype, threads and chat-template kwargs.
+   */
   loadOptions(): LoadModelOptions {
-    return { device: this.device.name as DeviceSpec, dtype: this.dtype, threads: this.threads };
+    const kwargs = this.tokenizer?.chatTemplateKwargs ?? {};
+    return { device: this.device.name as DeviceSpec, dtype: this.dtype, threads: this.threads, ...(Object.keys(kwargs).length > 0 ? { chatTemplateKwargs: { ...kwargs } } : {}) };
   }
 
   /** @internal Records a grown vocabulary (config.json's vocab_size follows when saved). */

@@ -90,6 +90,28 @@ function isObject(value: unknown): value is JsonObject {
   return typeof value === 'object' && value !== null && !Array.isArray(value);
 }
 
+/** Variables a template is rendered with that kwargs may not replace. */
+const RESERVED_TEMPLATE_VARIABLES = ['messages', 'add_generation_prompt'];
+
+/**
+ * Checks chat-template kwargs: a JSON object (copied) whose values are JSON, not naming the
+ * variables the render sets itself.
+ * @internal
+ */
+export function checkChatTemplateKwargs(value: unknown, name: string): Record<string, unknown> {
+  if (!isObject(value)) throw new RedflagError('INVALID_ARGUMENT', `${name} must be an object of template variables, e.g. {"enable_thinking": false}`);
+  for (const key of Object.keys(value)) {
+    if (RESERVED_TEMPLATE_VARIABLES.includes(key)) throw new RedflagError('INVALID_ARGUMENT', `${name}.${key} is set by the render itself`);
+  }
+  let copy: unknown;
+  try {
+    copy = JSON.parse(JSON.stringify(value));
+  } catch (error) {
+    throw new RedflagError('INVALID_ARGUMENT', `${name} must hold JSON values only (${(error as Error).message})`);
+  }
+  return copy as Record<string, unknown>;
+}
+
 /** A special-token field of tokenizer_config.json: a string, an AddedToken dict, or null. */
 function tokenContent(value: unknown): string | null {
   if (typeof value === 'string') return value;
@@ -328,6 +350,7 @@ export class Tokenizer {
   #skipContents = new Set<string>();
   /** {@link Tokenizer.turnEndTokenId}, once read (undefined: not yet). */
   #turnEnd: number | null | undefined;
+  #chatTemplateKwargs: Record<string, unknown> = {};
   /** {@link Tokenizer.escapeSpecialTokens}'s pattern for the special tokens (built on first use; null: none). */
   #specialPattern: RegExp | null | undefined;
   #vocabSize = 0;
@@ -712,6 +735,22 @@ export class Tokenizer {
    * the special-token strings (`bos_token`, `eos_token`, ...), `additional_special_tokens`,
    * `raise_exception`, `strftime_now`, plus `extra`.
    */
+  /**
+   * Template variables every render gets, under a render's own `extra` (transformers'
+   * `chat_template_kwargs`; e.g. Qwen3's `{ enable_thinking: false }`, which opens each answer
+   * with an empty think block). Training, evaluation, the detector and the server all render
+   * through here, so one setting keeps the prompts a model is trained on and served with alike.
+   * Set it with `loadModel`'s `chatTemplateKwargs`; an adapter trained with some brings them.
+   */
+  get chatTemplateKwargs(): Readonly<Record<string, unknown>> {
+    return this.#chatTemplateKwargs;
+  }
+
+  set chatTemplateKwargs(value: Readonly<Record<string, unknown>>) {
+    this.#chatTemplateKwargs = checkChatTemplateKwargs(value, 'chatTemplateKwargs');
+    this.#turnEnd = undefined;
+  }
+
   applyChatTemplate(messages: readonly ChatMessage[], options: ChatTemplateOptions = {}): string {
     if (!Array.isArray(messages)) throw new RedflagError('INVALID_ARGUMENT', 'messages must be an array of { role, content }');
     messages.forEach((message, index) => {
@@ -724,7 +763,7 @@ export class Tokenizer {
     const extraSpecial = this.#config['additional_special_tokens'];
     if (Array.isArray(extraSpecial)) variables['additional_special_tokens'] = extraSpecial.map(tokenContent).filter((t) => t !== null);
     // transformers passes tools=None and documents=None when there are none; templates test `is none`.
-    Object.assign(variables, { tools: null, documents: null }, options.extra ?? {}, {
+    Object.assign(variables, { tools: null, documents: null }, this.#chatTemplateKwargs, options.extra ?? {}, {
       messages: structuredClone(messages),
       add_generation_prompt: options.addGenerationPrompt ?? false,
     });

@@ -56,6 +56,7 @@ import { join } from 'node:path';
 import { RedflagError } from '../errors.js';
 import { readJsonFile, type ModelConfig } from '../model/config.js';
 import { CATEGORY_NAME, RED_FLAG_TOKEN, type CategoryFlag } from '../model/red-flag-token.js';
+import { checkChatTemplateKwargs } from '../model/tokenizer.js';
 import {
   SafetensorsFile,
   fromFloat32,
@@ -143,6 +144,12 @@ export interface Adapter {
   baseModel: string;
   /** The base model's configuration. */
   config: ModelConfig;
+  /**
+   * The chat-template kwargs the adapter was trained with (`redflag.chat_template_kwargs`), which
+   * {@link applyAdapter} gives the tokenizer: an adapter trained on Qwen3 without thinking is
+   * served without thinking.
+   */
+  chatTemplateKwargs?: Record<string, unknown>;
 }
 
 /** One LoRA-adaptable linear layer of a decoder block. */
@@ -524,6 +531,7 @@ function adapterConfigJson(adapter: Adapter, layers: readonly number[]): Record<
       base_rows_file: rf === null ? null : RED_FLAG_ROWS_FILE,
       // The category flags' names by token id, in row order after <rf>.
       ...(rf !== null && rf.categories.length > 0 ? { categories: Object.fromEntries(rf.categories.map((c) => [c.category, c.id])) } : {}),
+      ...(adapter.chatTemplateKwargs !== undefined && Object.keys(adapter.chatTemplateKwargs).length > 0 ? { chat_template_kwargs: { ...adapter.chatTemplateKwargs } } : {}),
     },
     revision: null,
     target_modules: typeof adapter.targets === 'string' ? adapter.targets : [...adapter.targets],
@@ -628,6 +636,7 @@ interface ParsedAdapterConfig {
   /** The category flags after `<rf>`. */
   categories: CategoryFlag[];
   baseRowsFile: string | null;
+  chatTemplateKwargs: Record<string, unknown> | undefined;
 }
 
 /** Validates adapter_config.json against the model config. */
@@ -719,7 +728,16 @@ function parseAdapterConfig(raw: unknown, config: ModelConfig, file: string): Pa
   if (typeof baseModel !== 'string') throw fail('base_model_name_or_path', `must be a string or null, got ${show(baseModel)}`);
 
   const { tokenId, categories, baseRowsFile } = parseTrainableTokens(raw, config, file);
-  return { rank, alpha, dropout, rslora, targets, exclude, rankPattern, alphaPattern, layers, selected, baseModel, tokenId, categories, baseRowsFile };
+  const block = raw['redflag'];
+  let chatTemplateKwargs: Record<string, unknown> | undefined;
+  if (isPlainObject(block) && block['chat_template_kwargs'] !== undefined) {
+    try {
+      chatTemplateKwargs = checkChatTemplateKwargs(block['chat_template_kwargs'], 'redflag.chat_template_kwargs');
+    } catch (error) {
+      throw new RedflagError('INVALID_FILE', (error as Error).message, { file });
+    }
+  }
+  return { rank, alpha, dropout, rslora, targets, exclude, rankPattern, alphaPattern, layers, selected, baseModel, tokenId, categories, baseRowsFile, chatTemplateKwargs };
 }
 
 /** Why the module (layer, site) is not one that target_modules, layers_to_transform and exclude_modules select. */
@@ -941,6 +959,7 @@ export async function loadAdapter(dir: string, config: ModelConfig): Promise<Ada
       redFlag,
       baseModel: parsed.baseModel,
       config,
+      ...(parsed.chatTemplateKwargs !== undefined ? { chatTemplateKwargs: parsed.chatTemplateKwargs } : {}),
     };
   } finally {
     await file.close();

@@ -126,6 +126,11 @@ export const trainConfigSchema = z.strictObject({
     .optional(),
   /** Frozen weights in the engine (default: f32 on the CPU, bf16 on a GPU). */
   dtype: z.enum(['f32', 'bf16']).optional(),
+  /**
+   * Variables for the chat template (transformers' `chat_template_kwargs`), e.g. Qwen3's
+   * `{ "enable_thinking": false }`; the adapter records them, so it is served with them.
+   */
+  chatTemplateKwargs: z.record(z.string(), z.unknown()).optional(),
   threads: z.number().int().min(1).optional(),
   /** Also write the merged full model (HF format) at the end. */
   merge: z.boolean().default(false),

@@ -80,6 +80,8 @@ export async function currentAdapter(model: Model, options: { rank: number; alph
         : null,
     baseModel: model.dir,
     config: model.config,
+    // The prompts it was trained on were rendered with these: it should be served with them.
+    ...(model.tokenizer && Object.keys(model.tokenizer.chatTemplateKwargs).length > 0 ? { chatTemplateKwargs: { ...model.tokenizer.chatTemplateKwargs } } : {}),
   };
 }
 
@@ -172,10 +174,11 @@ export interface ApplyAdapterOptions {
 }
 
 /**
- * Each model's flag tokens before an adapter first set them (its own, from its weights, or none):
- * applying an adapter clears the last one's trained rows, so one without flags goes back to these.
+ * Each model's flag tokens and chat-template kwargs before an adapter first set them (its own,
+ * from its weights and load options, or none): applying an adapter clears the last one's trained
+ * rows and kwargs, so one without them goes back to these.
  */
-const flagsBeforeAdapters = new WeakMap<Model, { id: number | null; categories: Model['flagCategories'] }>();
+const flagsBeforeAdapters = new WeakMap<Model, { id: number | null; categories: Model['flagCategories']; templateKwargs: Readonly<Record<string, unknown>> }>();
 
 /**
  * Loads a saved adapter onto a model for inference: LoRA factors on their projections and the
@@ -190,7 +193,9 @@ export async function applyAdapter(model: Model, dir: string, options: ApplyAdap
     throw new RedflagError('INVALID_ARGUMENT', `applyAdapter: merge is for models on a GPU (device 'cuda'); this one is on '${model.device.name}', where the adapter runs live at little cost`);
   }
   const adapter = await loadAdapter(dir, model.config);
-  if (!flagsBeforeAdapters.has(model)) flagsBeforeAdapters.set(model, { id: model.redFlagTokenId, categories: model.flagCategories.map((c) => ({ ...c })) });
+  if (!flagsBeforeAdapters.has(model)) {
+    flagsBeforeAdapters.set(model, { id: model.redFlagTokenId, categories: model.flagCategories.map((c) => ({ ...c })), templateKwargs: model.tokenizer?.chatTemplateKwargs ?? {} });
+  }
   const rf = adapter.redFlag;
   if (rf && lacksFlags(model.tokenizer, model.vocabSize, rf)) {
     // The base checkpoint predates the flags: add them the way training did, which must land on the same ids.
@@ -223,6 +228,8 @@ export async function applyAdapter(model: Model, dir: string, options: ApplyAdap
       throw new RedflagError(e.code, `${e.message}; the adapter is partly merged into the weights: reload the model`, { file: dir, cause: error });
     }
   });
+  // The adapter's template kwargs under the ones the model was loaded with (those were asked for).
+  if (model.tokenizer) model.tokenizer.chatTemplateKwargs = { ...adapter.chatTemplateKwargs, ...flagsBeforeAdapters.get(model)!.templateKwargs };
   if (adapter.redFlag) {
     model.redFlagTokenId = adapter.redFlag.tokenId;
     model.flagCategories = adapter.redFlag.categories.map((c) => ({ ...c }));

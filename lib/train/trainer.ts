@@ -248,6 +248,7 @@ async function trainLocked(config: TrainConfig, hooks: TrainHooks, log: (m: stri
     device: config.device as DeviceSpec,
     ...(config.dtype ? { dtype: config.dtype } : {}),
     ...(config.threads ? { threads: config.threads } : {}),
+    ...(config.chatTemplateKwargs ? { chatTemplateKwargs: config.chatTemplateKwargs } : {}),
   });
   try {
     const data = await prepareData(config, model, log);

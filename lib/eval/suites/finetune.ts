@@ -47,10 +47,11 @@ async function attackedWeights(ctx: SuiteContext, train: Conversation[]): Promis
   const budget = ctx.settings.attacks.finetune;
   const { modelDir, adapterDir } = variantFiles(ctx);
   const work = await attackWorkDir(ctx);
-  const { device, dtype, threads } = ctx.variant.model.loadOptions();
+  const { device, dtype, threads, chatTemplateKwargs } = ctx.variant.model.loadOptions();
   // Keyed by the weights attacked, so variants on the same base share one attack, and by the
-  // engine that trains it where it is not the CPU's f32 (the keys of earlier versions).
-  const onDevice = { ...(device !== 'cpu' ? { device } : {}), ...(dtype !== 'f32' ? { dtype } : {}) };
+  // engine that trains it where it is not the CPU's f32 and the template's kwargs where there are
+  // some (the keys of earlier versions).
+  const onDevice = { ...(device !== 'cpu' ? { device } : {}), ...(dtype !== 'f32' ? { dtype } : {}), ...(chatTemplateKwargs ? { chatTemplateKwargs } : {}) };
   // And by what is attacked and with what: the weights' files (retrained into the same folder is
   // another model) and the conversations it trains on.
   const data = fingerprint(train.map((c) => c.messages));
@@ -70,6 +71,7 @@ async function attackedWeights(ctx: SuiteContext, train: Conversation[]): Promis
       ...(device ? { device } : {}),
       ...(dtype ? { dtype } : {}),
       ...(threads ? { threads } : {}),
+      ...(chatTemplateKwargs ? { chatTemplateKwargs } : {}),
       ...(ctx.signal ? { signal: ctx.signal } : {}),
     });
   if (adapterDir !== undefined && ctx.variant.detects) return { modelDir: await attack(modelDir, modelStamp), adapterDir, defence: 'encapsulated adapter' };
