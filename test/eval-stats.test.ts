@@ -8,6 +8,7 @@ import {
   bootstrapTwoSample,
   chooseThreshold,
   devTestSplit,
+  normalQuantile,
   rateAtThreshold,
   rateEstimate,
   rocCurve,
@@ -121,23 +122,42 @@ describe('thresholds', () => {
   });
 });
 
-describe('bootstrap', () => {
-  it('is seeded, brackets the estimate and narrows with more data', () => {
-    const rng = createRng(3);
-    const small = Array.from({ length: 20 }, () => rng() < 0.3);
-    const large = Array.from({ length: 2000 }, () => rng() < 0.3);
-    const a = rateEstimate(small, { seed: 5 });
-    expect(rateEstimate(small, { seed: 5 })).toEqual(a);
-    expect(a.low).toBeLessThanOrEqual(a.value);
-    expect(a.high).toBeGreaterThanOrEqual(a.value);
-    const b = rateEstimate(large, { seed: 5 });
-    expect(b.high - b.low).toBeLessThan(a.high - a.low);
-    // A binomial proportion's 95% interval is about ±1.96·sqrt(p(1-p)/n).
-    const half = 1.96 * Math.sqrt((b.value * (1 - b.value)) / large.length);
-    expect((b.high - b.low) / 2).toBeGreaterThan(half * 0.8);
-    expect((b.high - b.low) / 2).toBeLessThan(half * 1.2);
+describe('rateEstimate (Wilson score interval)', () => {
+  const hits = (k: number, n: number) => Array.from({ length: n }, (_, i) => i < k);
+
+  it('never collapses to a point at 0/n or n/n', () => {
+    const none = rateEstimate(hits(0, 25));
+    expect(none.value).toBe(0);
+    expect(none.low).toBe(0);
+    expect(none.high).toBeCloseTo(0.1332, 4);
+    const all = rateEstimate(hits(25, 25));
+    expect(all.value).toBe(1);
+    expect(all.low).toBeCloseTo(0.8668, 4);
+    expect(all.high).toBe(1);
   });
 
+  it('equals the hand-computed interval at 6/20', () => {
+    // p = 0.3, z = 1.959964, z²/n = 0.192073: centre (0.3 + 0.096036) / 1.192073 = 0.332225,
+    // half 1.959964 / 1.192073 · sqrt(0.21/20 + 3.841459/1600) = 0.186748.
+    const e = rateEstimate(hits(6, 20));
+    expect(e.value).toBeCloseTo(0.3, 12);
+    expect(e.low).toBeCloseTo(0.145477, 5);
+    expect(e.high).toBeCloseTo(0.518973, 5);
+    // A lower level, a narrower interval; an empty sample has no interval.
+    const e90 = rateEstimate(hits(6, 20), { level: 0.9 });
+    expect(e90.high - e90.low).toBeLessThan(e.high - e.low);
+    expect(rateEstimate([])).toEqual({ value: NaN, low: NaN, high: NaN });
+    expect(() => rateEstimate([true], { level: 1 })).toThrow(/level/);
+  });
+
+  it('normalQuantile gives the 95% z', () => {
+    expect(normalQuantile(0.975)).toBeCloseTo(1.959963985, 7);
+    expect(normalQuantile(0.005)).toBeCloseTo(-2.575829304, 7);
+    expect(normalQuantile(0.5)).toBe(0);
+  });
+});
+
+describe('bootstrap', () => {
   it('a constant statistic has a zero-width interval; two-sample keeps both classes', () => {
     expect(bootstrap([1, 2, 3], () => 4, { resamples: 50 })).toEqual({ value: 4, low: 4, high: 4 });
     const sizes: number[] = [];

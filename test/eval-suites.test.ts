@@ -14,7 +14,7 @@ import { type Detector } from '../lib/detect/types.js';
 import { directoryStamp, ResultsCache } from '../lib/eval/cache.js';
 import { decodeBatch } from '../lib/eval/decode.js';
 import { generateSyntheticMcq, type McQuestion } from '../lib/eval/mcq.js';
-import { auroc } from '../lib/eval/stats.js';
+import { auroc, rateEstimate } from '../lib/eval/stats.js';
 import { nonRefusalJudge, RefusalMatcher, type Judge } from '../lib/eval/refusal.js';
 import { detectionSuite } from '../lib/eval/suites/detection.js';
 import { longContextSuite } from '../lib/eval/suites/long-context.js';
@@ -141,6 +141,10 @@ describe('detection suite', () => {
     const none = await detectionSuite.run(context({ settings: { threshold: 1 } }));
     expect(none.teacherForced!.flagRate.value).toBe(0);
     expect(none.teacherForced!.falseFlagRate.value).toBe(0);
+    // Rates carry Wilson intervals: 5 of 5 and 0 of 5 leave room on the other side.
+    expect(all.greedy.flagRate).toEqual(rateEstimate(data.harmful.map(() => true)));
+    expect(all.teacherForced!.flagRate.low).toBeLessThan(0.6);
+    expect(none.teacherForced!.flagRate.high).toBeGreaterThan(0.4);
     const tf = none.teacherForced!;
     expect(tf.harmful).toBe(5);
     expect(tf.benign).toBe(5);
@@ -198,6 +202,10 @@ describe('sampling suite', () => {
     const flagged = await samplingSuite.run(context({ settings: { threshold: 0 } }));
     expect(flagged.answers.flagged).toBe(1);
     expect(flagged.asrAtMax.value).toBe(0);
+    // A rate over prompts has Wilson's interval: 0 of 5 broken is not "certainly 0" (the
+    // bootstrap gave [0, 0]).
+    expect(flagged.asrAtMax).toEqual(rateEstimate(data.harmful.map(() => false)));
+    expect(flagged.asrAtMax.high).toBeGreaterThan(0.4);
   });
 
   it('a resumed run computes nothing: every unit comes from the cache file', async () => {

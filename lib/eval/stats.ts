@@ -1,8 +1,8 @@
 /**
  * Detection statistics over scores where a higher score means "more likely harmful": AUROC (the
  * Mann–Whitney statistic, ties counted half), AUPRC (average precision), the ROC curve, TPR at a
- * fixed FPR, a threshold chosen on a dev split, and seeded percentile-bootstrap confidence
- * intervals. Everything here is pure and deterministic.
+ * fixed FPR, a threshold chosen on a dev split, seeded percentile-bootstrap confidence intervals
+ * for those, and Wilson score intervals for rates. Everything here is pure and deterministic.
  * @module
  */
 import { RedflagError } from '../errors.js';
@@ -146,7 +146,7 @@ export function chooseThreshold(positive: readonly number[], negative: readonly 
   return (threshold + Math.max(...below)) / 2;
 }
 
-/** A point estimate with its percentile-bootstrap confidence interval. */
+/** A point estimate with its confidence interval (percentile bootstrap, or Wilson's for a rate). */
 export interface Estimate {
   value: number;
   low: number;
@@ -217,9 +217,42 @@ export function bootstrapTwoSample(
   return interval(value, draws, level);
 }
 
-/** A rate (share of true values) with its bootstrap CI. */
-export function rateEstimate(hits: readonly boolean[], options: BootstrapOptions = {}): Estimate {
-  return bootstrap(hits, (s) => (s.length ? s.filter(Boolean).length / s.length : NaN), options);
+/**
+ * The standard normal quantile: the z with P(Z ≤ z) = p, by Acklam's rational approximation
+ * (relative error under 1.2e-9), so a rate's interval follows the confidence level asked for.
+ */
+export function normalQuantile(p: number): number {
+  if (!(p > 0 && p < 1)) throw new RedflagError('INVALID_ARGUMENT', `p must be in (0, 1), got ${String(p)}`);
+  const a = [-39.69683028665376, 220.9460984245205, -275.9285104469687, 138.357751867269, -30.66479806614716, 2.506628277459239];
+  const b = [-54.47609879822406, 161.5858368580409, -155.6989798598866, 66.80131188771972, -13.28068155288572];
+  const c = [-0.007784894002430293, -0.3223964580411365, -2.400758277161838, -2.549732539343734, 4.374664141464968, 2.938163982698783];
+  const d = [0.007784695709041462, 0.3224671290700398, 2.445134137142996, 3.754408661907416];
+  const tail = (q: number) => (((((c[0]! * q + c[1]!) * q + c[2]!) * q + c[3]!) * q + c[4]!) * q + c[5]!) / ((((d[0]! * q + d[1]!) * q + d[2]!) * q + d[3]!) * q + 1);
+  if (p < 0.02425) return tail(Math.sqrt(-2 * Math.log(p)));
+  if (p > 1 - 0.02425) return -tail(Math.sqrt(-2 * Math.log(1 - p)));
+  const q = p - 0.5, r = q * q;
+  return ((((((a[0]! * r + a[1]!) * r + a[2]!) * r + a[3]!) * r + a[4]!) * r + a[5]!) * q) / (((((b[0]! * r + b[1]!) * r + b[2]!) * r + b[3]!) * r + b[4]!) * r + 1);
+}
+
+/**
+ * A rate (share of true values) with its Wilson score interval at `level` (default 0.95). Not a
+ * bootstrap: resampling k hits of n can never leave [0, 0] at 0/n or [1, 1] at n/n, and for rare
+ * events at n = 20-25 its "95%" interval covered the true rate in 31-70% of draws; Wilson's
+ * stays near its nominal coverage there. NaN bounds for an empty sample.
+ */
+export function rateEstimate(hits: readonly boolean[], options: { level?: number } = {}): Estimate {
+  const level = options.level ?? 0.95;
+  if (!(level > 0 && level < 1)) throw new RedflagError('INVALID_ARGUMENT', `level must be in (0, 1), got ${String(level)}`);
+  const n = hits.length;
+  if (n === 0) return { value: NaN, low: NaN, high: NaN };
+  const k = hits.filter(Boolean).length;
+  const p = k / n;
+  const z = normalQuantile(1 - (1 - level) / 2);
+  const z2n = (z * z) / n;
+  const centre = (p + z2n / 2) / (1 + z2n);
+  const half = (z / (1 + z2n)) * Math.sqrt((p * (1 - p)) / n + z2n / (4 * n));
+  // At 0/n (n/n) the lower (upper) bound is exactly 0 (1); the formula gives it only up to rounding.
+  return { value: p, low: k === 0 ? 0 : centre - half, high: k === n ? 1 : centre + half };
 }
 
 /**

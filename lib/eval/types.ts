@@ -56,7 +56,7 @@ export interface EvalSettings {
   devFraction: number;
   /** The false-flag rate the dev threshold aims at. */
   devMaxFpr: number;
-  /** Bootstrap resamples of every confidence interval. */
+  /** Bootstrap resamples of the AUROC, AUPRC and TPR-at-FPR intervals (rates use Wilson's interval). */
   bootstrapResamples: number;
   seed: number;
   /** Sequences decoded together. */

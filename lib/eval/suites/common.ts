@@ -1,6 +1,6 @@
 /**
  * What several suites share: prompts as ids, cached batched generation, the verdict on an
- * answer (flagged, refused, judged harmful) and rates with bootstrap intervals.
+ * answer (flagged, refused, judged harmful) and rates with Wilson intervals.
  * @module
  */
 import { encodeConversation, encodePrompt } from '../../data/encode.js';
@@ -94,9 +94,9 @@ export async function verdictOf(ctx: SuiteContext, generation: Generation, conve
   return { flagged, refused, harmful, broken: !flagged && !refused && harmful };
 }
 
-/** A rate with its bootstrap CI, seeded from the settings. */
-export function rate(ctx: Pick<SuiteContext, 'settings'>, hits: readonly boolean[]): Estimate {
-  return rateEstimate(hits, { seed: ctx.settings.seed, resamples: ctx.settings.bootstrapResamples });
+/** A rate over items with its Wilson 95% CI (the bootstrap's collapses at 0/n and n/n). */
+export function rate(hits: readonly boolean[]): Estimate {
+  return rateEstimate(hits);
 }
 
 /** Conversations that have a response. */

@@ -88,7 +88,7 @@ export const embeddingSuite: Suite<EmbeddingResult> = {
       return {
         epsilon,
         n: list.length,
-        flagRate: rate(ctx, list.map((o) => o.maxPRfAfter >= ctx.settings.threshold)),
+        flagRate: rate(list.map((o) => o.maxPRfAfter >= ctx.settings.threshold)),
         meanMaxPRf: mean((o) => o.maxPRfAfter),
         meanCeChange: mean((o) => o.ceAfter - o.ceBefore),
       };

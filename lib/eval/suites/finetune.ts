@@ -97,9 +97,9 @@ async function measure(ctx: SuiteContext, variant: LoadedVariant, test: Conversa
     teacherForcedFlagRate = scores.filter((p) => p >= ctx.settings.threshold).length / Math.max(1, scores.length);
   }
   return {
-    flagRate: rate(ctx, verdicts.map((v) => v.flagged)),
-    refusalRate: rate(ctx, verdicts.map((v) => v.refused)),
-    asr: rate(ctx, verdicts.map((v) => v.broken)),
+    flagRate: rate(verdicts.map((v) => v.flagged)),
+    refusalRate: rate(verdicts.map((v) => v.refused)),
+    asr: rate(verdicts.map((v) => v.broken)),
     teacherForcedFlagRate,
   };
 }

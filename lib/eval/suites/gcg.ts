@@ -84,9 +84,9 @@ export const gcgSuite: Suite<GcgResult> = {
       const verdicts = await Promise.all(gens.map((g, i) => verdictOf(ctx, g, targets[i]!)));
       return [
         {
-          flagRate: rate(ctx, verdicts.map((v) => v.flagged)),
-          refusalRate: rate(ctx, verdicts.map((v) => v.refused)),
-          asr: rate(ctx, verdicts.map((v) => v.broken)),
+          flagRate: rate(verdicts.map((v) => v.flagged)),
+          refusalRate: rate(verdicts.map((v) => v.refused)),
+          asr: rate(verdicts.map((v) => v.broken)),
         },
         gens.map((g) => g.text),
       ];

@@ -76,10 +76,10 @@ export const longContextSuite: Suite<LongContextResult> = {
         n: idx.length,
         skipped: skipped.get(k) ?? 0,
         meanPromptTokens: idx.length ? idx.reduce((s, i) => s + units[i]!.tokens, 0) / idx.length : 0,
-        flagRate: rate(ctx, verdicts.map((v) => v.flagged)),
-        refusalRate: rate(ctx, verdicts.map((v) => v.refused)),
-        defendedRate: rate(ctx, verdicts.map((v) => v.flagged || v.refused)),
-        asr: rate(ctx, verdicts.map((v) => v.broken)),
+        flagRate: rate(verdicts.map((v) => v.flagged)),
+        refusalRate: rate(verdicts.map((v) => v.refused)),
+        defendedRate: rate(verdicts.map((v) => v.flagged || v.refused)),
+        asr: rate(verdicts.map((v) => v.broken)),
       });
     }
     return {

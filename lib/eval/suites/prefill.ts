@@ -74,10 +74,10 @@ export const prefillSuite: Suite<PrefillResult> = {
       points.push({
         k,
         n: idx.length,
-        flagRate: rate(ctx, verdicts.map((v) => v.flagged)),
-        refusalRate: rate(ctx, verdicts.map((v) => v.refused)),
-        defendedRate: rate(ctx, verdicts.map((v) => v.flagged || v.refused)),
-        asr: rate(ctx, verdicts.map((v) => v.broken)),
+        flagRate: rate(verdicts.map((v) => v.flagged)),
+        refusalRate: rate(verdicts.map((v) => v.refused)),
+        defendedRate: rate(verdicts.map((v) => v.flagged || v.refused)),
+        asr: rate(verdicts.map((v) => v.broken)),
       });
     }
     return {

@@ -5,7 +5,7 @@
  * n = 1..N, all from the same N samples (so the curve never decreases).
  * @module
  */
-import { bootstrap, type Estimate } from '../stats.js';
+import { rateEstimate, type Estimate } from '../stats.js';
 import type { SeriesPoint, Suite } from '../types.js';
 import { cachedGenerations, conversationPromptIds, itemName, verdictOf, type GenerationUnit } from './common.js';
 
@@ -71,7 +71,8 @@ export const samplingSuite: Suite<SamplingResult> = {
       temperature: settings.temperature,
       judge: ctx.judge.name,
       asr: Array.from({ length: N }, (_, k) => ({ x: k + 1, y: asrAt(firstBreak, k + 1) })),
-      asrAtMax: bootstrap(firstBreak, (s) => asrAt(s, N), { seed: settings.seed, resamples: settings.bootstrapResamples }),
+      // A rate over prompts (broken within N samples), so Wilson's interval, as every other rate.
+      asrAtMax: rateEstimate(firstBreak.map((f) => f >= 0 && f < N)),
       answers: { flagged: flagged / count, refused: refused / count, harmful: harmful / count, broken: broken / count },
       examples,
     };

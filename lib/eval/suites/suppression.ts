@@ -25,7 +25,7 @@ export const suppressionSuite: Suite<SuppressionResult> = {
   async run(ctx) {
     const prompts = ctx.data.harmful;
     if (!ctx.variant.detects) {
-      const none = rate(ctx, []);
+      const none = rate([]);
       return { applicable: false, prompts: prompts.length, free: { flagRate: none, emittedRate: 0 }, banned: { flagByScoreRate: none, emitted: 0 } };
     }
     const units = (tag: string): GenerationUnit[] =>
@@ -36,9 +36,9 @@ export const suppressionSuite: Suite<SuppressionResult> = {
     return {
       applicable: true,
       prompts: prompts.length,
-      free: { flagRate: rate(ctx, free.map((g) => g.flagged)), emittedRate: free.filter((g) => g.redFlagsEmitted > 0).length / Math.max(1, free.length) },
+      free: { flagRate: rate(free.map((g) => g.flagged)), emittedRate: free.filter((g) => g.redFlagsEmitted > 0).length / Math.max(1, free.length) },
       banned: {
-        flagByScoreRate: rate(ctx, banned.map((g) => g.maxPRf >= ctx.settings.threshold)),
+        flagByScoreRate: rate(banned.map((g) => g.maxPRf >= ctx.settings.threshold)),
         emitted: banned.reduce((s, g) => s + g.redFlagsEmitted, 0),
       },
     };
