@@ -600,11 +600,33 @@ describe('detector.classify', () => {
   });
 });
 
+describe('conversations as chat APIs send them', () => {
+  it('takes roles in any order and empty contents (a blocked answer in the history), rendered as given', async () => {
+    const d = await detector();
+    const messages: Message[] = [
+      { role: 'system', content: 'Be brief.' },
+      { role: 'user', content: 'Hi.' },
+      { role: 'user', content: 'Still there?' },
+      { role: 'assistant', content: '' },
+      { role: 'system', content: 'Answer in French.' },
+      { role: 'user', content: 'Why is the sky blue?' },
+    ];
+    const stream = d.generate(messages, { maxTokens: 2 });
+    await drain(stream);
+    expect((await stream.done).promptTokens).toBe(encodePrompt(model.tokenizer!, messages).length);
+    const [scored] = await d.classify([[...messages, { role: 'assistant', content: 'Because of Rayleigh scattering.' }]]);
+    expect(scored!.pRf.length).toBe(scored!.tokens.length + 1);
+    expect(scored!.tokens.length).toBeGreaterThan(0);
+    const [blocked] = await d.classify([[{ role: 'user', content: 'x' }, { role: 'assistant', content: '' }]]);
+    expect([blocked!.tokens.length, blocked!.pRf.length]).toEqual([0, 1]);
+  });
+});
+
 describe('bad input', () => {
   it('names what is wrong', async () => {
     const d = await detector();
-    expect(() => d.generate([{ role: 'user', content: '' }])).toThrow(/messages\[0\]\.content/);
-    expect(() => d.generate([{ role: 'assistant', content: 'x' }])).toThrow(/roles out of order/);
+    expect(() => d.generate([{ role: 'user', content: 3 as unknown as string }])).toThrow(/messages\[0\]\.content/);
+    expect(() => d.generate([{ role: 'tool' as 'user', content: 'x' }])).toThrow(/messages\[0\]\.role/);
     expect(() => d.generate(ask('x'), { topLogprobs: 21 })).toThrow(/topLogprobs/);
     expect(() => d.generate(ask('x'), { temperature: -1 })).toThrow(/temperature/);
     await expect(d.classify([[{ role: 'user', content: 3 as unknown as string }]])).rejects.toThrow(/conversations\[0\]\.messages\[0\]\.content/);

@@ -83,7 +83,7 @@ describe('GET /metrics', () => {
     expect((await chat(server.url, 'Hi', { max_tokens: 0 }, AUTH)).status).toBe(400);
     expect((await fetch(`${server.url}/nowhere`, { headers: AUTH })).status).toBe(404);
     const text = await fetch(`${server.url}/v1/completions`, {
-      method: 'POST', headers: { ...AUTH, 'content-type': 'application/json' }, body: JSON.stringify({ model: 'm', prompt: 'Once', max_tokens: 3 }),
+      method: 'POST', headers: { ...AUTH, 'content-type': 'application/json' }, body: JSON.stringify({ model: MODEL, prompt: 'Once', max_tokens: 3 }),
     }); // 3 tokens
     expect(text.status).toBe(200);
 
@@ -303,7 +303,7 @@ describe('redflag serve', () => {
     await addRedFlagToken(model);
     await model.save(rfDir);
     model.dispose();
-    const child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'lib', 'cli.ts'), 'serve', '--model', rfDir, '--port', '0', '--threads', '1', '--drain-seconds', '120'], {
+    const child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'lib', 'cli.ts'), 'serve', '--model', rfDir, '--port', '0', '--threads', '1', '--drain-seconds', '120', '--served-model-name', MODEL], {
       cwd: ROOT,
       env: { ...process.env, REDFLAG_API_KEY: KEY },
     });

@@ -296,6 +296,8 @@ describe('server (default limits)', () => {
     expect(models.data).toHaveLength(1);
     expect(models.data[0]).toMatchObject({ id: MODEL, object: 'model', owned_by: 'redflag' });
     expect(typeof models.data[0]!.created).toBe('number');
+    expect(await client.models.retrieve(MODEL)).toEqual(models.data[0]);
+    await expect(client.models.retrieve('gpt-4o')).rejects.toMatchObject({ status: 404, code: 'model_not_found', param: 'model' });
 
     const health = await fetch(`${server.url}/health`);
     expect(health.status).toBe(200);
@@ -316,6 +318,12 @@ describe('server (default limits)', () => {
     ['top_logprobs without logprobs', chat('x', { top_logprobs: 3 }), 'top_logprobs'],
     ['a numeric stop', chat('x', { stop: 3 }), 'stop'],
     ['a missing model', { messages: [{ role: 'user', content: 'x' }] }, 'model'],
+    ['tools', chat('x', { tools: [{ type: 'function', function: { name: 'f', parameters: {} } }] }), 'tools'],
+    ['a forced tool_choice', chat('x', { tool_choice: 'required' }), 'tool_choice'],
+    ['functions', chat('x', { functions: [{ name: 'f' }] }), 'functions'],
+    ['a JSON response_format', chat('x', { response_format: { type: 'json_object' } }), 'response_format'],
+    ['a logit_bias', chat('x', { logit_bias: { '7774': -100 } }), 'logit_bias'],
+    ['audio output', chat('x', { modalities: ['text', 'audio'] }), 'modalities'],
   ])('answers 400 naming the field for %s', async (_name, body, param) => {
     const response = await post(server.url, '/v1/chat/completions', body);
     expect(response.status).toBe(400);
@@ -323,6 +331,24 @@ describe('server (default limits)', () => {
     expect(error.type).toBe('invalid_request_error');
     expect(error.param).toBe(param);
     expect(error.message).toContain(param);
+  });
+
+  it('answers 404 model_not_found for another model, as OpenAI does, chat and text completions alike', async () => {
+    const before = detector.generations.length;
+    await expect(client.chat.completions.create({ model: 'gpt-4o', messages: [{ role: 'user', content: 'x' }] })).rejects.toMatchObject({ status: 404, code: 'model_not_found', param: 'model' });
+    await expect(client.completions.create({ model: 'gpt-4o', prompt: 'x' })).rejects.toMatchObject({ status: 404, code: 'model_not_found', param: 'model' });
+    expect(detector.generations.length).toBe(before);
+  });
+
+  it('takes the fields that ask for nothing (no tools, a text format, an empty bias), the developer role as system, and drops empty stop strings', async () => {
+    await client.chat.completions.create({
+      model: MODEL,
+      messages: [{ role: 'developer', content: 'Be kind.' }, { role: 'user', content: 'Hi' }],
+      tools: [], tool_choice: 'none', response_format: { type: 'text' }, logit_bias: {}, modalities: ['text'], user: 'u1', stop: ['never', ''],
+    });
+    const call = detector.generations.at(-1)!;
+    expect(call.messages).toEqual([{ role: 'system', content: 'Be kind.' }, { role: 'user', content: 'Hi' }]);
+    expect(call.options.stop).toEqual(['never']);
   });
 
   it('answers 400 for malformed JSON, a non-object body and a bad moderation input', async () => {

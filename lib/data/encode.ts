@@ -277,7 +277,8 @@ export function encodeConversation(tokenizer: Tokenizer, conversation: Conversat
   const turns = messages.some((m) => m.role === 'assistant') ? assistantTurnSpans(tokenizer, messages, prepared.text, textIds, prepared.prefixIds.length) : [];
   if (prepared.format === 'chat-template') prepared.separator = templateSeparator(tokenizer, messages, response, prepared.text, options);
   const joint = tokenizer.encode(prepared.text + prepared.separator + response, { addSpecialTokens: false });
-  const responseIds = startsWith(joint, textIds) && joint.length > textIds.length ? joint.slice(textIds.length) : tokenizer.encode(prepared.separator + response, { addSpecialTokens: false });
+  // An empty answer (a blocked one in a chat history) is no tokens, not the separator's space.
+  const responseIds = response === '' ? [] : startsWith(joint, textIds) && joint.length > textIds.length ? joint.slice(textIds.length) : tokenizer.encode(prepared.separator + response, { addSpecialTokens: false });
   responseIds.push(endId);
   let prompt = [...prepared.prefixIds, ...textIds];
 

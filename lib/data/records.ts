@@ -125,6 +125,13 @@ export interface CheckMessagesOptions {
   allowPromptOnly?: boolean;
   /** The field name used in reasons. Default `messages`. */
   field?: string;
+  /**
+   * Roles in any order and empty contents, as chat APIs take them (two user turns in a row, a
+   * second system message, a blocked answer's empty text in the history): the chat template
+   * decides what it renders. A conversation is prompt-only unless it ends with an assistant
+   * turn. Default false: training data's strict order.
+   */
+  anyOrder?: boolean;
 }
 
 /**
@@ -168,9 +175,14 @@ export function checkMessages(value: unknown, options: CheckMessagesOptions = {}
     }
     if (content === undefined) throw new RowProblem(`missing ${name(index, 'content')}`);
     if (typeof content !== 'string') throw new RowProblem(`${name(index, 'content')} must be a string, got ${jsonTypeName(content)}`);
-    if (content.trim().length === 0) throw new RowProblem(`${name(index, 'content')} is empty`);
+    if (content.trim().length === 0 && !options.anyOrder) throw new RowProblem(`${name(index, 'content')} is empty`);
     messages.push({ role: role as Role, content });
   });
+  if (options.anyOrder) {
+    const responseMissing = messages[messages.length - 1]!.role !== 'assistant';
+    if (responseMissing && !(options.allowPromptOnly ?? false)) throw new RowProblem(`${field} must end with the assistant's response`);
+    return { messages, responseMissing };
+  }
   // Order: [system] user assistant user assistant ... (ending with assistant, or user when prompt-only).
   let expected: Role = 'user';
   messages.forEach((message, index) => {

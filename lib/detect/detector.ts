@@ -67,7 +67,8 @@ function checkInteger(value: unknown, what: string, min: number, max: number): n
 
 function checkedMessages(value: unknown, what: string, allowPromptOnly: boolean): { messages: Message[]; responseMissing: boolean } {
   try {
-    return checkMessages(value, { allowPromptOnly, field: what });
+    // As chat APIs take them: the template decides what it renders (see checkMessages).
+    return checkMessages(value, { allowPromptOnly, field: what, anyOrder: true });
   } catch (error) {
     if (error instanceof RowProblem) throw invalid(error.message);
     throw error;

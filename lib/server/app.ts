@@ -186,9 +186,18 @@ export function buildServer(detector: Detector | PromiseLike<Detector>, options:
     setTimeout(() => app.server.closeAllConnections(), CLOSE_GRACE_MS).unref();
   });
 
+  // A request for another model is refused, as OpenAI and vLLM do: a client pointed at the wrong
+  // server learns it instead of being answered by a model it did not ask for.
+  const modelNotFound = (model: string) =>
+    new ApiError(404, `the model ${JSON.stringify(model)} does not exist: this server serves ${JSON.stringify(modelName)}`, { param: 'model', code: 'model_not_found' });
+  const checkModel = (model: string): void => {
+    if (model !== modelName) throw modelNotFound(model);
+  };
+
   app.post('/v1/chat/completions', async (request, reply) => {
     const detector = lifecycle.requireDetector();
     const body = parseBody(chatSchema, request.body);
+    checkModel(body.model);
     // No length asked: the detector's default, within the server's limit.
     if (body.max_tokens == null && body.max_completion_tokens == null) body.max_tokens = Math.min(DEFAULT_MAX_TOKENS, limits.maxTokens);
     const trace = traceOf(request);
@@ -204,6 +213,7 @@ export function buildServer(detector: Detector | PromiseLike<Detector>, options:
   app.post('/v1/completions', async (request, reply) => {
     const detector = lifecycle.requireDetector();
     const body = parseBody(completionSchema, request.body);
+    checkModel(body.model);
     // OpenAI's default length for text completions, within the server's limit.
     body.max_tokens ??= Math.min(COMPLETION_DEFAULT_MAX_TOKENS, limits.maxTokens);
     const trace = traceOf(request);
@@ -229,10 +239,14 @@ export function buildServer(detector: Detector | PromiseLike<Detector>, options:
     return result;
   });
 
-  app.get('/v1/models', async () => ({
-    object: 'list',
-    data: [{ id: modelName, object: 'model', created, owned_by: 'redflag' }],
-  }));
+  const modelObject = { id: modelName, object: 'model', created, owned_by: 'redflag' };
+  app.get('/v1/models', async () => ({ object: 'list', data: [modelObject] }));
+  // A wildcard: model ids may hold slashes (`meta-llama/Llama-3.2-1B`).
+  app.get('/v1/models/*', async (request) => {
+    const id = (request.params as { '*': string })['*'];
+    if (id !== modelName) throw modelNotFound(id);
+    return modelObject;
+  });
 
   // Readiness: 200 only while the model serves; load balancers stop sending on 503.
   app.get('/health', async (_request, reply) => {

@@ -1,8 +1,10 @@
 /**
  * The request bodies the server accepts, as zod schemas built from the server's limits.
- * Fields OpenAI defines that redflag does not use (penalties, `user`, ...) are accepted and
- * ignored, as OpenAI-compatible servers commonly do, so existing clients keep working; `null`
- * counts as absent because OpenAI's own clients send it.
+ * Fields OpenAI defines that redflag does not use (penalties, `user`, `metadata`, ...) are
+ * accepted and ignored, as OpenAI-compatible servers commonly do, so existing clients keep
+ * working; `null` counts as absent because OpenAI's own clients send it. Fields whose request
+ * an answer could not honour (tools, a JSON response format, logit biases) are refused by name:
+ * ignoring them would answer another question with a 200.
  * @module
  */
 import { z } from 'zod';
@@ -18,11 +20,19 @@ export interface RequestLimits {
 const textPart = z.object({ type: z.literal('text'), text: z.string() });
 
 const message = z.object({
-  role: z.enum(['system', 'user', 'assistant']),
+  // OpenAI's `developer` is its newer name for `system` (what a chat template knows).
+  role: z.enum(['system', 'developer', 'user', 'assistant'], { error: 'must be "system", "developer", "user" or "assistant" (tool messages are not supported)' }),
   content: z.union([z.string(), z.array(textPart)], {
     error: 'must be a string or an array of { type: "text", text } parts',
   }),
 });
+
+/** A field that must be absent (or null), or the request is refused naming it. */
+const unsupported = (what: string) => z.null({ error: `${what} is not supported` }).optional();
+
+/** A field that may only hold its "nothing asked" values (`accepts`), else the request is refused. */
+const onlyDefault = (what: string, accepts: (value: unknown) => boolean) =>
+  z.unknown().refine((value) => value === undefined || value === null || accepts(value), { error: `${what} is not supported` }).optional();
 
 /** The sampling and streaming fields chat and text completions share. */
 function generationFields(limits: RequestLimits) {
@@ -32,10 +42,15 @@ function generationFields(limits: RequestLimits) {
     temperature: z.number().min(0).max(2).nullish(),
     top_p: z.number().gt(0).max(1).nullish(),
     seed: z.number().int().min(0).max(Number.MAX_SAFE_INTEGER).nullish(),
-    stop: z.union([z.string(), z.array(z.string()).max(4)], { error: 'must be a string or an array of up to 4 strings' }).nullish(),
+    // Empty stop strings stop nothing: dropped, as OpenAI ignores them.
+    stop: z
+      .union([z.string(), z.array(z.string()).max(4)], { error: 'must be a string or an array of up to 4 strings' })
+      .nullish()
+      .transform((stop) => (stop == null ? stop : (typeof stop === 'string' ? [stop] : stop).filter((s) => s !== ''))),
     n: z.literal(1, { error: 'only n = 1 is supported' }).nullish(),
     stream: z.boolean().nullish(),
     stream_options: z.object({ include_usage: z.boolean().nullish() }).nullish(),
+    logit_bias: onlyDefault('logit_bias', (v) => typeof v === 'object' && Object.keys(v as object).length === 0),
   };
 }
 
@@ -59,6 +74,15 @@ export function chatRequestSchema(limits: RequestLimits) {
     max_completion_tokens: maxTokensField(limits),
     logprobs: z.boolean().nullish(),
     top_logprobs: z.number().int().min(0).max(20).nullish(),
+    tools: onlyDefault('tools (function calling)', (v) => Array.isArray(v) && v.length === 0),
+    tool_choice: onlyDefault('tool_choice', (v) => v === 'none' || v === 'auto'),
+    functions: unsupported('functions (function calling)'),
+    function_call: onlyDefault('function_call', (v) => v === 'none' || v === 'auto'),
+    response_format: onlyDefault('response_format other than { "type": "text" }', (v) => typeof v === 'object' && (v as { type?: unknown }).type === 'text'),
+    modalities: onlyDefault('modalities other than ["text"]', (v) => Array.isArray(v) && v.every((m) => m === 'text')),
+    audio: unsupported('audio'),
+    prediction: unsupported('prediction'),
+    web_search_options: unsupported('web_search_options'),
   });
 }
 
@@ -70,7 +94,6 @@ export type ChatRequest = z.infer<ReturnType<typeof chatRequestSchema>>;
  * are refused by name rather than ignored, since ignoring them would answer another question.
  */
 export function completionRequestSchema(limits: RequestLimits) {
-  const unsupported = (what: string) => z.null({ error: `${what} is not supported` }).optional();
   return z.object({
     ...generationFields(limits),
     prompt: z.preprocess(
@@ -141,7 +164,7 @@ export type ModerationRequest = z.infer<ReturnType<typeof moderationRequestSchem
 /** OpenAI's message content, flattened to the text the chat template takes. */
 export function toMessages(messages: ChatRequest['messages']): Message[] {
   return messages.map((entry) => ({
-    role: entry.role,
+    role: entry.role === 'developer' ? 'system' : entry.role,
     // Parts joined by newlines, as vLLM does, so words of adjacent parts do not run together.
     content: typeof entry.content === 'string' ? entry.content : entry.content.map((part) => part.text).join('\n'),
   }));
