@@ -3,7 +3,7 @@
 // threshold 1 nothing by score; a resumed run computes nothing; a model compared with itself has
 // zero KL and full agreement), plus the decode loop against the detector it mirrors.
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, utimes, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -336,6 +336,31 @@ describe('the results cache', () => {
       expect(edited).not.toEqual(before);
       await writeFile(join(dir, 'chat_template.jinja'), 'C');
       expect(await directoryStamp(dir)).not.toEqual(edited);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  it("a sharded model's stamp changes with any shard, and with the special-token files the tokenizer reads", async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'redflag-stamp-'));
+    try {
+      await writeFile(join(dir, 'config.json'), '{}');
+      await writeFile(join(dir, 'model.safetensors.index.json'), '{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}');
+      await writeFile(join(dir, 'model-00001-of-00002.safetensors'), 'AAAA');
+      await writeFile(join(dir, 'model-00002-of-00002.safetensors'), 'BBBB');
+      const at = (s: number) => new Date(Date.UTC(2024, 0, 1, 0, 0, s));
+      await utimes(join(dir, 'model-00002-of-00002.safetensors'), at(0), at(0));
+      const before = await directoryStamp(dir);
+      // Another model's shard of the same size, index untouched: a later modification time.
+      await writeFile(join(dir, 'model-00002-of-00002.safetensors'), 'CCCC');
+      await utimes(join(dir, 'model-00002-of-00002.safetensors'), at(5), at(5));
+      const replaced = await directoryStamp(dir);
+      expect(replaced).not.toEqual(before);
+      await writeFile(join(dir, 'special_tokens_map.json'), '{"eos_token": "</s>"}');
+      const withMap = await directoryStamp(dir);
+      expect(withMap).not.toEqual(replaced);
+      await writeFile(join(dir, 'added_tokens.json'), '{"<rf>": 100}');
+      expect(await directoryStamp(dir)).not.toEqual(withMap);
     } finally {
       await rm(dir, { recursive: true, force: true });
     }

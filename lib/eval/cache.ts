@@ -6,7 +6,7 @@
  * @module
  */
 import { createHash } from 'node:crypto';
-import { readFile, stat } from 'node:fs/promises';
+import { readdir, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 
 import { RedflagError } from '../errors.js';
@@ -19,16 +19,31 @@ export function fingerprint(value: unknown): string {
   return createHash('sha256').update(JSON.stringify(value)).digest('hex').slice(0, 16);
 }
 
+/** The files a stamp has always named, in their order (a directory holding only these keeps its earlier stamp and cache). */
+const STAMPED_FILES = [
+  'config.json', 'generation_config.json', 'model.safetensors', 'model.safetensors.index.json', 'adapter_config.json', 'adapter_model.safetensors',
+  'redflag_rows.safetensors', 'tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja',
+];
+
+/** Tokenizer files stamped after those: the tokenizer reads its special tokens from them. */
+const TOKENIZER_EXTRA_FILES = ['special_tokens_map.json', 'added_tokens.json'];
+
 /**
  * What identifies a model or adapter directory's current contents for the cache: its weight,
  * config, tokenizer and chat-template files' sizes and modification times (retraining into the
- * same directory, or editing the template the prompts are rendered with, invalidates).
+ * same directory, or editing the template the prompts are rendered with, invalidates). Every
+ * *.safetensors file is stamped, so a sharded model's model-0000N-of-0000M shards count (replacing
+ * them served the old results: only the index was stamped).
  */
 export async function directoryStamp(dir: string): Promise<string[]> {
-  const files = [
-    'config.json', 'generation_config.json', 'model.safetensors', 'model.safetensors.index.json', 'adapter_config.json', 'adapter_model.safetensors',
-    'redflag_rows.safetensors', 'tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja',
-  ];
+  let names: string[];
+  try {
+    names = await readdir(dir);
+  } catch {
+    names = [];
+  }
+  const shards = names.filter((f) => f.endsWith('.safetensors') && !STAMPED_FILES.includes(f)).sort();
+  const files = [...STAMPED_FILES, ...shards, ...TOKENIZER_EXTRA_FILES];
   const stamps = await Promise.all(files.map(async (f) => stat(join(dir, f)).then((s) => `${f}:${s.size}:${Math.round(s.mtimeMs)}`, () => '')));
   return stamps.filter(Boolean);
 }
