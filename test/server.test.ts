@@ -239,6 +239,14 @@ describe('server (default limits)', () => {
     const single = await client.moderations.create({ input: 'bomb' });
     expect(single.results).toHaveLength(1);
     expect(single.results[0]!.flagged).toBe(true);
+
+    // OpenAI's multimodal form: the text parts are one input; an image cannot be scored.
+    const parts = await client.moderations.create({ model: MODEL, input: [{ type: 'text', text: 'step one' }, { type: 'text', text: 'of the bomb' }] });
+    expect(parts.results).toHaveLength(1);
+    expect(detector.classifications.at(-1)!.conversations[0]).toEqual([{ role: 'user', content: 'step one\nof the bomb' }]);
+    const image = await post(server.url, '/v1/moderations', { input: [{ type: 'image_url', image_url: { url: 'https://x/y.png' } }] });
+    expect(image.status).toBe(400);
+    expect(((await image.json()) as ErrorBody).error).toMatchObject({ param: 'input[0].type', message: expect.stringContaining('only text parts') });
   });
 
   it('moderates with score_as: one score only, as the request or as the answer', async () => {

@@ -125,7 +125,8 @@ export type ModerationInput = { texts: string[]; conversation?: never } | { conv
 
 /**
  * The schema of a `POST /v1/moderations` body. `input` is OpenAI's string or array of strings,
- * or (an extension Llama Guard users know) one conversation: an array of chat messages, scored
+ * or its multimodal form (text parts of one input, joined by newlines; images refused), or (an
+ * extension Llama Guard users know) one conversation: an array of chat messages, scored
  * over its last message in context. `score_as` (an extension) chooses the scores reported.
  */
 export function moderationRequestSchema(limits: RequestLimits) {
@@ -137,7 +138,11 @@ export function moderationRequestSchema(limits: RequestLimits) {
     .array(message)
     .max(limits.maxMessages, { error: `must contain at most ${limits.maxMessages} messages (the server's limit)` })
     .refine((messages) => messages.at(-1)?.role !== 'system', { error: 'a conversation must end with a user or an assistant message' });
-  const isConversation = (value: unknown) => Array.isArray(value) && typeof value[0] === 'object' && value[0] !== null;
+  const isObject = (value: unknown): value is Record<string, unknown> => typeof value === 'object' && value !== null && !Array.isArray(value);
+  // OpenAI's multimodal input (omni-moderation): content parts, `{ type, ... }`, of one input.
+  const isParts = (value: unknown) => Array.isArray(value) && isObject(value[0]) && 'type' in value[0] && !('role' in value[0]);
+  const isConversation = (value: unknown) => Array.isArray(value) && isObject(value[0]);
+  const parts = z.array(z.object({ type: z.literal('text', { error: 'only text parts can be scored (an image cannot)' }), text: z.string() }));
   return z.object({
     model: z.string().nullish(),
     // A single string is a one-element list. The input's shape picks its schema (an array whose
@@ -148,6 +153,10 @@ export function moderationRequestSchema(limits: RequestLimits) {
         for (const issue of issues) ctx.addIssue(issue as Parameters<typeof ctx.addIssue>[0]);
         return z.NEVER;
       };
+      if (isParts(value)) {
+        const result = parts.safeParse(value);
+        return result.success ? { texts: [result.data.map((p) => p.text).join('\n')] } : forward(result.error.issues);
+      }
       if (isConversation(value)) {
         const result = conversation.safeParse(value);
         return result.success ? { conversation: toMessages(result.data) } : forward(result.error.issues);
