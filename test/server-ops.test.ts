@@ -288,6 +288,18 @@ describe('drain', () => {
     expect(events.at(-1)).toMatchObject({ error: { code: 'unavailable' } });
     expect(detector.generations[0]!.options.signal!.aborted).toBe(true);
   });
+
+  it('counts the requests a close() during the drain cancels as cancelled (a second signal)', async () => {
+    const detector = new FakeDetector();
+    const server = await start({ detector });
+    const endless = chat(server.url, 'slow', { stream: true });
+    await waitFor(() => (detector.generations[0]?.produced ?? 0) > 0, 'the first token');
+    const drained = server.drain(60_000);
+    await waitFor(() => server.state === 'draining', 'the drain to begin');
+    await server.close();
+    expect(await drained).toEqual({ finished: 0, cancelled: 1 });
+    await readStream(await endless);
+  });
 });
 
 describe('redflag serve', () => {

@@ -51,6 +51,8 @@ export class ServerLifecycle {
   readonly #maxConcurrent: number;
   /** Running requests: aborting the controller cancels the request's work; the promise settles when it is over. */
   readonly #slots = new Map<AbortController, Promise<void>>();
+  /** Requests cancelled by cancelAll (not by their client): a drain counts them as cancelled. */
+  readonly #cancelled = new WeakSet<AbortController>();
   #detector: Detector | null = null;
   #failed = false;
   #draining = false;
@@ -123,7 +125,10 @@ export class ServerLifecycle {
 
   /** Cancels every running request. */
   cancelAll(reason: string): void {
-    for (const controller of this.#slots.keys()) controller.abort(new RedflagError('DISPOSED', reason));
+    for (const controller of this.#slots.keys()) {
+      if (!controller.signal.aborted) this.#cancelled.add(controller);
+      controller.abort(new RedflagError('DISPOSED', reason));
+    }
   }
 
   /**
@@ -133,11 +138,16 @@ export class ServerLifecycle {
   async drain(ms: number): Promise<DrainResult> {
     if (!(ms >= 0)) throw new RedflagError('INVALID_ARGUMENT', `drain: the grace period must be a number of milliseconds >= 0, got ${ms}`);
     this.#draining = true;
+    const controllers = [...this.#slots.keys()];
     const running = [...this.#slots.values()];
     const grace = sleep(ms);
     const ended = await Promise.race([Promise.all(running).then(() => true), grace.promise.then(() => false)]);
     grace.cancel();
-    if (ended) return { finished: running.length, cancelled: 0 };
+    // All ended within the grace period, unless a close() meanwhile cancelled some (a second signal).
+    if (ended) {
+      const cancelled = controllers.filter((c) => this.#cancelled.has(c)).length;
+      return { finished: running.length - cancelled, cancelled };
+    }
     const cancelled = this.#slots.size;
     this.cancelAll(`the server is shutting down: the request outlived the ${ms / 1000} s drain period`);
     const answered = sleep(CANCEL_GRACE_MS);
