@@ -4,11 +4,12 @@
 // field, and the CLI runs end to end.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { execFile } from 'node:child_process';
-import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { cp, mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 
+import { generateSyntheticData } from '../lib/data/synthetic.js';
 import { parseStudyConfig, planStudy, type StudyConfigInput } from '../lib/study/config.js';
 import { formatSummary, type StudyReport } from '../lib/study/report.js';
 import { runStudy, type CellResult } from '../lib/study/runner.js';
@@ -109,6 +110,62 @@ describe('redflag study', () => {
     const changed = config(out);
     (changed.train as Record<string, unknown>)['steps'] = 5;
     await expect(runStudy(changed)).rejects.toThrow(/cell "alphaBenign=1" seed 0 was finished with other settings \(train\.steps\)/);
+  }, 120_000);
+
+  it("a changed base model or data file at the same path: a finished cell is an error naming it, unfinished work and an adapter of the old base start over", async () => {
+    const out = join(root, 'inputs');
+    const own = join(root, 'inputs-base');
+    await cp(base, own, { recursive: true });
+    const other = await tinyLlama({ hiddenSize: 32, intermediateSize: 64, numLayers: 2, numHeads: 4, numKvHeads: 2, seed: 11 });
+    const test = generateSyntheticData({ seed: 5, perCategory: 0, testPerCategory: 1 }).test;
+    const jsonl = (label: string) => test.filter((c) => c.label === label).map((c) => JSON.stringify({ messages: c.messages })).join('\n') + '\n';
+    const [harmful, benign] = [join(root, 'inputs-harmful.jsonl'), join(root, 'inputs-benign.jsonl')];
+    await writeFile(harmful, jsonl('harmful'));
+    await writeFile(benign, jsonl('benign'));
+    const study = config(out, { model: own, grid: {}, seeds: [0, 1], eval: { suites: ['detection'], harmful: [{ file: harmful }], benign: [{ file: benign }], maxTokens: 4, bootstrapResamples: 10 } });
+    (study.train as Record<string, unknown>)['steps'] = 2;
+    await runStudy(study);
+    const seed = (n: number, file = '') => join(out, 'cells', 'default', `seed-${n}`, file);
+    // Seed 1 stopped after training (its trained.json stays, the evaluation never finished).
+    await rm(seed(1, 'result.json'));
+    await rm(seed(1, 'eval'), { recursive: true });
+
+    // The eval's harmful file now holds other rows: seed 0's figures are not of this data.
+    await writeFile(harmful, jsonl('harmful').split('\n')[0]!.concat('\n').repeat(3));
+    await expect(runStudy(study)).rejects.toThrow(/cell "default" seed 0 was finished with other settings \(the contents of .*inputs-harmful\.jsonl\)/);
+    await writeFile(harmful, jsonl('harmful'));
+    // The base model's weights replaced in place: the same error, naming the base model.
+    await cp(join(other, 'model.safetensors'), join(own, 'model.safetensors'));
+    await expect(runStudy(study)).rejects.toThrow(/cell "default" seed 0 was finished with other settings \(the base model's files\)/);
+
+    // Seed 0 removed as the error says: it trains again, and seed 1's adapter of the old base is not evaluated.
+    await rm(seed(0), { recursive: true });
+    const lines: string[] = [];
+    await runStudy(study, { log: (l) => lines.push(l) });
+    expect(lines).toContain("[2/2] default seed 1: unfinished work with other settings (the base model's files): starting over");
+    expect(lines.filter((l) => / training 2 steps$/.test(l))).toHaveLength(2);
+    const trained = JSON.parse(await readFile(seed(1, 'train/trained.json'), 'utf8')) as { baseModel: string[] };
+    const result = JSON.parse(await readFile(seed(1, 'result.json'), 'utf8')) as CellResult;
+    expect(trained.baseModel).toEqual(result.settings.inputs!.baseModel);
+    expect(Object.keys(result.settings.inputs!.dataFiles)).toEqual([benign, harmful].sort());
+
+    // Records of an earlier version (no inputs): a finished result is reused; an adapter whose
+    // trained.json names other base files is trained again even where cell.json cannot tell.
+    const strip = async (file: string, edit: (j: { settings: Record<string, unknown>; baseModel?: string[] }) => void) => {
+      const j = JSON.parse(await readFile(file, 'utf8')) as { settings: Record<string, unknown>; baseModel?: string[] };
+      edit(j);
+      await writeFile(file, JSON.stringify(j));
+    };
+    await strip(seed(0, 'result.json'), (j) => delete j.settings['inputs']);
+    await rm(seed(1, 'result.json'));
+    await strip(seed(1, 'cell.json'), (j) => delete j.settings['inputs']);
+    await strip(seed(1, 'train/trained.json'), (j) => (j.baseModel = ['config.json:1:1']));
+    const again: string[] = [];
+    await runStudy(study, { log: (l) => again.push(l) });
+    expect(again).toContain('[1/2] default seed 0: finished earlier, skipped');
+    expect(again).toContain('[2/2] default seed 1: the trained adapter is of other base model files: training again');
+    expect(again).toContain('[2/2] default seed 1: training 2 steps');
+    await rm(other, { recursive: true, force: true });
   }, 120_000);
 
   it('a study stopped during training resumes from the checkpoint', async () => {

@@ -8,17 +8,22 @@
  * `result.json` (the cell's figures), written atomically once everything else is done.
  *
  * Resumable: a cell and seed whose `result.json` exists is never recomputed (a finished one with
- * other settings than the config's is an error, not a silent mix); a run stopped during training
+ * other settings than the config's is an error, not a silent mix; the settings include the base
+ * model's file stamps and every data file's sha256, so changed contents at the same paths count
+ * as other settings); a run stopped during training
  * resumes from the last checkpoint (the study checkpoints every 100 steps unless told otherwise,
  * and on Ctrl-C), one stopped during evaluation reuses every finished unit from the eval cache,
  * and unfinished work whose settings changed starts over.
  * @module
  */
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
 import { mkdir, readFile, rm } from 'node:fs/promises';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
+import { pipeline as streamPipeline } from 'node:stream/promises';
 
 import { RedflagError, abortError } from '../errors.js';
-import { fingerprint } from '../eval/cache.js';
+import { directoryStamp, fingerprint } from '../eval/cache.js';
 import { parseEvalConfig, type EvalConfigInput } from '../eval/config.js';
 import { evaluate, type EvalProgress } from '../eval/evaluate.js';
 import type { EvalReport } from '../eval/report.js';
@@ -50,8 +55,12 @@ export interface CellResult {
   seed: number;
   /** Hash of `settings` (a finished cell is reused only with the same settings). */
   fingerprint: string;
-  /** The training and eval configs (as given, before defaults) this result was measured with; paths, threads and intervals left out. */
-  settings: { train: Partial<TrainConfigInput>; eval: Partial<EvalConfigInput> };
+  /**
+   * The training and eval configs (as given, before defaults) this result was measured with;
+   * paths, threads and intervals left out; and what is behind the paths (absent in results of
+   * earlier versions).
+   */
+  settings: { train: Partial<TrainConfigInput>; eval: Partial<EvalConfigInput>; inputs?: CellInputs };
   /** Metric key → value (null: not applicable or not measured). */
   metrics: Record<string, number | null>;
   /** Metric key → title. */
@@ -60,6 +69,20 @@ export interface CellResult {
   eval: { seconds: number; suites: Record<string, number>; report: string };
   finishedAt: string;
 }
+
+/**
+ * The contents behind a cell's paths: the base model directory's stamp (its weight, config and
+ * tokenizer files' sizes and modification times, as the eval cache keys on) and the sha256 of
+ * every training and eval data file, by path. The paths alone let a finished cell stand after
+ * the base model's weights or a data file were replaced in place.
+ */
+export interface CellInputs {
+  baseModel: string[];
+  dataFiles: Record<string, string>;
+}
+
+/** trained.json: the training's figures and the base model stamp the adapter was trained on (absent before stamps were recorded). */
+type TrainedRecord = CellResult['train'] & { baseModel?: string[] };
 
 const json = (value: unknown) => new TextEncoder().encode(`${JSON.stringify(value, (_k, x) => (typeof x === 'number' && !Number.isFinite(x) ? null : x), 2)}\n`);
 
@@ -96,6 +119,52 @@ function cellSettings(trainInput: TrainConfigInput, evalInput: EvalConfigInput, 
   const { output: _o, threads: _t, overwrite: _w, evalEvery: _e, checkpointEvery: _c, ...train } = trainInput;
   const { out: _out, threads: _th, png: _p, variants: _v, ...evalSettings } = evalInput;
   return canonical({ train: { ...train, model }, eval: { ...evalSettings, model } }) as CellResult['settings'];
+}
+
+/** Every data file a cell reads: training and held-out files, a category map file, the eval's labelled and multiple-choice files. */
+function dataFilesOf(trainInput: TrainConfigInput, evalInput: EvalConfigInput): string[] {
+  const entries = [...(Array.isArray(trainInput.data) ? trainInput.data : []), ...(trainInput.evalData ?? []), ...(evalInput.harmful ?? []), ...(evalInput.benign ?? []), ...(evalInput.data ?? [])];
+  const files = entries.map((e) => e.file);
+  if (typeof trainInput.categoryMap === 'string') files.push(trainInput.categoryMap);
+  if (evalInput.mcq !== undefined) files.push(evalInput.mcq);
+  return [...new Set(files)].sort();
+}
+
+/** A file's sha256, read once per study run (`memo`, by path): cells share their data files. */
+async function fileSha256(file: string, memo: Map<string, Promise<string>>): Promise<string> {
+  let hash = memo.get(file);
+  if (!hash) {
+    hash = (async () => {
+      const h = createHash('sha256');
+      try {
+        await streamPipeline(createReadStream(file), h);
+      } catch (cause) {
+        throw new RedflagError('NOT_FOUND', `cannot read this data file to stamp its contents (${(cause as Error).message})`, { file, cause });
+      }
+      return h.digest('hex');
+    })();
+    memo.set(file, hash);
+  }
+  return await hash;
+}
+
+/** A cell's {@link CellInputs}. */
+async function cellInputs(model: string, trainInput: TrainConfigInput, evalInput: EvalConfigInput, memo: Map<string, Promise<string>>): Promise<CellInputs> {
+  const dataFiles: Record<string, string> = {};
+  for (const file of dataFilesOf(trainInput, evalInput)) dataFiles[file] = await fileSha256(file, memo);
+  return { baseModel: await directoryStamp(model), dataFiles };
+}
+
+/**
+ * The settings paths that differ between a record's settings and this run's. A record of an
+ * earlier version has no `inputs`: it is compared without them (it cannot say what its paths
+ * held), as a field a later version adds does not invalidate finished cells.
+ */
+function settingsDifferences(recorded: CellResult['settings'], settings: CellResult['settings']): string[] {
+  const { inputs: _i, ...rest } = settings;
+  const changed = recorded.inputs !== undefined ? differences(recorded, settings) : differences(recorded, rest);
+  // Contents say which file changed, not a dotted path with a file name inside it.
+  return changed.map((d) => (d === 'inputs.baseModel' ? "the base model's files" : d.startsWith('inputs.dataFiles.') ? `the contents of ${d.slice('inputs.dataFiles.'.length)}` : d));
 }
 
 /** The base model as the settings name it: its directory, or the pipeline's size and seed (OUT/lm moves with OUT). */
@@ -186,7 +255,11 @@ async function resolveModel(config: StudyConfig, plan: StudyPlan, log: (line: st
 }
 
 /** Trains and evaluates one cell at one seed, or reads its finished result. */
-async function runCell(cell: StudyCell, seed: number, context: { config: StudyConfig; plan: StudyPlan; model: string; label: string; hooks: StudyHooks }): Promise<CellResult> {
+async function runCell(
+  cell: StudyCell,
+  seed: number,
+  context: { config: StudyConfig; plan: StudyPlan; model: string; label: string; hooks: StudyHooks; hashes: Map<string, Promise<string>> },
+): Promise<CellResult> {
   const { config, plan, model, label, hooks } = context;
   const log = hooks.log ?? (() => undefined);
   const signal = hooks.signal;
@@ -198,16 +271,18 @@ async function runCell(cell: StudyCell, seed: number, context: { config: StudyCo
   // What training writes: an adapter, or with full fine-tuning a model.
   const trainedDir = join(trainDir, parseTrainConfig(trainInput).mode === 'full' ? 'model' : 'adapter');
   const evalInput = { ...plan.eval, model, out: evalDir, variants: [{ name: 'cell', source: trainedDir }], ...threads } as EvalConfigInput;
-  const settings = cellSettings(trainInput, evalInput, modelIdentity(config));
+  const inputs = await cellInputs(model, trainInput, evalInput, context.hashes);
+  const settings = { ...cellSettings(trainInput, evalInput, modelIdentity(config)), inputs };
   const fp = fingerprint(settings);
 
   const resultFile = join(dir, 'result.json');
   if (await pathExists(resultFile)) {
     const done = await readJson<CellResult>(resultFile);
-    if (differences(done.settings, settings).length > 0) {
+    const changed = settingsDifferences(done.settings, settings);
+    if (changed.length > 0) {
       throw new RedflagError(
         'INVALID_ARGUMENT',
-        `cell "${cell.name}" seed ${seed} was finished with other settings (${differences(done.settings, settings).join(', ')}); a finished cell is never recomputed: choose another out, or delete ${dir} to recompute it`,
+        `cell "${cell.name}" seed ${seed} was finished with other settings (${changed.join(', ')}); a finished cell is never recomputed: choose another out, or delete ${dir} to recompute it`,
         { file: resultFile },
       );
     }
@@ -218,9 +293,10 @@ async function runCell(cell: StudyCell, seed: number, context: { config: StudyCo
   // cell.json records the settings of whatever is in the directory: unfinished work of other settings starts over.
   const cellFile = join(dir, 'cell.json');
   if (await pathExists(cellFile)) {
-    const previous = await readJson<{ fingerprint: string; settings: unknown }>(cellFile);
-    if (differences(previous.settings, settings).length > 0) {
-      log(`${label}: unfinished work with other settings (${differences(previous.settings, settings).join(', ')}): starting over`);
+    const previous = await readJson<{ fingerprint: string; settings: CellResult['settings'] }>(cellFile);
+    const changed = settingsDifferences(previous.settings, settings);
+    if (changed.length > 0) {
+      log(`${label}: unfinished work with other settings (${changed.join(', ')}): starting over`);
       await rm(dir, { recursive: true, force: true });
     }
   }
@@ -229,10 +305,19 @@ async function runCell(cell: StudyCell, seed: number, context: { config: StudyCo
 
   // Training, resumed from its checkpoint when an earlier run was stopped.
   const trainedFile = join(trainDir, 'trained.json');
-  let trained: CellResult['train'];
+  let trained: CellResult['train'] | undefined;
   if (await pathExists(trainedFile)) {
-    trained = await readJson<CellResult['train']>(trainedFile);
-  } else {
+    // An adapter belongs to the base it was trained on: one trained before the base model's files
+    // changed (or before trained.json recorded them) is trained again, not evaluated on the new base.
+    const { baseModel, ...record } = await readJson<TrainedRecord>(trainedFile);
+    if (JSON.stringify(baseModel) === JSON.stringify(inputs.baseModel)) trained = record;
+    else {
+      log(`${label}: the trained ${basename(trainedDir)} is of ${baseModel ? 'other base model files' : 'a base model whose files were not recorded'}: training again`);
+      await rm(trainDir, { recursive: true, force: true });
+      await rm(evalDir, { recursive: true, force: true });
+    }
+  }
+  if (!trained) {
     const resume = (await findCheckpoint(trainDir)) !== null;
     const steps = parseTrainConfig(trainInput).steps;
     log(`${label}: training ${steps} steps${resume ? ' (resuming from the checkpoint)' : ''}`);
@@ -263,7 +348,7 @@ async function runCell(cell: StudyCell, seed: number, context: { config: StudyCo
       finalEval: fe ? { harmfulFlagRate: fe.harmfulFlagRate, benignFalseFlagRate: fe.benignFalseFlagRate, benignKl: fe.benignKl, harmful: fe.harmful, benign: fe.benign } : null,
       lastLoss: result.lastLoss,
     };
-    await writeFileAtomic(trainedFile, [json(trained)], { overwrite: true });
+    await writeFileAtomic(trainedFile, [json({ ...trained, baseModel: inputs.baseModel } satisfies TrainedRecord)], { overwrite: true });
   }
   if (signal?.aborted) throw abortError(signal);
 
@@ -305,12 +390,13 @@ export async function runStudy(input: StudyConfigInput | StudyConfig, hooks: Stu
   log(`study: ${plan.cells.length} cells × ${plan.seeds.length} seeds = ${total} runs in ${config.out}`);
   const model = await resolveModel(config, plan, log, signal);
   const results: CellResult[] = [];
+  const hashes = new Map<string, Promise<string>>();
   let n = 0;
   for (const cell of plan.cells) {
     for (const seed of plan.seeds) {
       if (signal?.aborted) throw abortError(signal);
       n++;
-      results.push(await runCell(cell, seed, { config, plan, model, label: `[${n}/${total}] ${cell.name} seed ${seed}`, hooks }));
+      results.push(await runCell(cell, seed, { config, plan, model, label: `[${n}/${total}] ${cell.name} seed ${seed}`, hooks, hashes }));
     }
   }
   const report = await writeStudyReport(config, plan, model, results);
