@@ -600,6 +600,37 @@ describe('detector.classify', () => {
   });
 });
 
+describe('a NaN red-flag score (logits not finite)', () => {
+  it('fails the request instead of reading as "not flagged": generate and classify', async () => {
+    const d = await detector({ threshold: 0.5, mode: 'block' });
+    const step = model.step;
+    model.step = async function (this: Model, ...args: Parameters<Model['step']>) {
+      const result = await step.apply(this, args);
+      result.pRf.fill(NaN);
+      return result;
+    };
+    try {
+      const stream = d.generate(ask('Hi'), { maxTokens: 3 });
+      await expect(drain(stream)).rejects.toMatchObject({ code: 'NATIVE', message: expect.stringContaining('NaN red-flag score') });
+    } finally {
+      model.step = step;
+    }
+    const scores = model.tokenScores;
+    model.tokenScores = async function (this: Model, ...args: Parameters<Model['tokenScores']>) {
+      const out = await scores.apply(this, args);
+      out[out.length - 1] = NaN;
+      return out;
+    };
+    try {
+      await expect(d.classify([[...ask('Hi'), { role: 'assistant', content: 'Hello.' }]])).rejects.toThrow(/NaN red-flag score/);
+    } finally {
+      model.tokenScores = scores;
+    }
+    // The detector goes on.
+    expect((await d.classify([[...ask('Hi'), { role: 'assistant', content: 'Hello.' }]]))[0]!.pRf.some(Number.isNaN)).toBe(false);
+  });
+});
+
 describe('conversations as chat APIs send them', () => {
   it('takes roles in any order and empty contents (a blocked answer in the history), rendered as given', async () => {
     const d = await detector();

@@ -46,6 +46,30 @@ describe('loading errors name the problem', () => {
     await expect(loadModel(d)).rejects.toThrow(/model\.layers\.1\.self_attn\.k_proj\.weight is missing/);
   });
 
+  it.each([
+    ['an f32 NaN', 'llama-gqa', 'F32', NaN, 'NaN'],
+    ['a bf16 infinity past the first block of the check', 'llama-bf16-sharded', 'BF16', -Infinity, 'an infinity'],
+    ['an f16 NaN', 'llama-gqa', 'F16', NaN, 'NaN'],
+  ] as const)('%s in a weight, by tensor, element and file (every answer would be NaN: never flagged)', async (_name, fixture, dtype, value, what) => {
+    const d = await copyFixture(fixture);
+    const target = 'model.layers.1.mlp.up_proj.weight';
+    const index = fixture === 'llama-gqa' ? null : JSON.parse(await readFile(join(d, 'model.safetensors.index.json'), 'utf8'));
+    const file = join(d, index === null ? 'model.safetensors' : index.weight_map[target]);
+    const f = await SafetensorsFile.open(file);
+    const tensors = new Map();
+    for (const name of f.tensors.keys()) tensors.set(name, await f.read(name));
+    await f.close();
+    const poisoned = toFloat32(tensors.get(target));
+    const at = poisoned.length - 3; // past 4096 elements: a later block of the check
+    expect(at).toBeGreaterThan(4096);
+    poisoned[at] = value;
+    tensors.set(target, fromFloat32(poisoned, tensors.get(target).shape, dtype));
+    await writeSafetensors(file, tensors, { overwrite: true });
+    const error = await loadModel(d, { threads: 1 }).then(() => null, (e: unknown) => e);
+    expect(error).toMatchObject({ code: 'INVALID_FILE', file });
+    expect((error as Error).message).toContain(`tensor ${target} holds ${what} at element ${at}: the weights are corrupt`);
+  });
+
   it('a tensor whose shape disagrees with config.json', async () => {
     const d = await copyFixture('llama-gqa');
     const config = JSON.parse(await readFile(join(d, 'config.json'), 'utf8'));

@@ -13,7 +13,7 @@ import { StopFilter } from '../model/stop-filter.js';
 import { IncrementalDecoder, type Tokenizer } from '../model/tokenizer.js';
 import { applyAdapter } from '../train/export.js';
 import { sizeKvCache } from './kv-budget.js';
-import { Scheduler, type StepPick } from './scheduler.js';
+import { nonFiniteScore, Scheduler, type StepPick } from './scheduler.js';
 import type {
   ClassifyInput,
   ClassifyOptions,
@@ -483,6 +483,7 @@ class RedFlagDetector implements Detector {
       for (const e of chunk) {
         // scores[offset + t] is p(<rf>) after token t, i.e. before token t + 1.
         const pRf = scores.slice(offset + e.responseStart - 1, offset + e.responseStart + e.responseLength);
+        if (pRf.some(Number.isNaN)) throw nonFiniteScore();
         let maxPRf = 0;
         let firstFlag = -1;
         pRf.forEach((p, j) => {

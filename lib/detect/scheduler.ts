@@ -57,6 +57,15 @@ type Waiter = Job | Hold;
 const mib = (bytes: number) => `${(bytes / 2 ** 20).toFixed(1)} MiB`;
 const isHold = (w: Waiter): w is Hold => 'grant' in w;
 
+/**
+ * A NaN red-flag score (NaN or infinite logits: overflowing activations, a corrupt adapter) fails
+ * the request: compared with the threshold it would read as "not flagged".
+ * @internal
+ */
+export function nonFiniteScore(): RedflagError {
+  return new RedflagError('NATIVE', "the model computed a NaN red-flag score (its logits are not finite: overflowing activations, or corrupt weights); with dtype 'bf16', try 'f32'");
+}
+
 /** Limits of a {@link Scheduler}. */
 export interface SchedulerOptions {
   /** Most sequences in one step. */
@@ -366,7 +375,7 @@ export class Scheduler {
     }
     this.steps++;
     const flags = result.pFlags ? result.pFlags.length / batch.length : 0;
-    return batch.map((r, i) => ({
+    return batch.map((r, i) => Number.isNaN(result.pRf[i]) ? { error: nonFiniteScore() } : {
       pick: {
         token: result.tokens[i]!,
         logprob: result.logprobs[i]!,
@@ -375,7 +384,7 @@ export class Scheduler {
         topIds: result.topIds.subarray(i * topN, i * topN + r.job.topN),
         topLogprobs: result.topLogprobs.subarray(i * topN, i * topN + r.job.topN),
       },
-    }));
+    });
   }
 
   async #run(): Promise<void> {

@@ -368,7 +368,23 @@ export class Model {
       type = SrcType.F32;
     }
     const t = tensor;
-    await this.run(() => this.engine.loadTensor(name, type, t.shape, srcIsKN, t.data));
+    try {
+      await this.run(() => this.engine.loadTensor(name, type, t.shape, srcIsKN, t.data));
+    } catch (error) {
+      // The engine checks every weight is finite: name the checkpoint's tensor (of those stacked
+      // into this one, in order), the element in it and its file.
+      const bad = /holds (NaN|an infinity) at element (\d+)/.exec((error as Error).message);
+      if (bad === null) throw error;
+      let at = Number(bad[2]);
+      let source = sources[0]!;
+      for (const s of sources) {
+        source = s;
+        const n = this.store.info(s).shape.reduce((a, b) => a * b, 1);
+        if (at < n) break;
+        at -= n;
+      }
+      throw new RedflagError('INVALID_FILE', `tensor ${source} holds ${bad[1]} at element ${at}: the weights are corrupt`, { file: this.store.info(source).file, cause: error });
+    }
   }
 
   /** Serialises native calls: the engine runs one at a time. */

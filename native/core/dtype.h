@@ -1,5 +1,6 @@
 // Element types and scalar conversions shared by the loader and the kernels.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -57,6 +58,29 @@ inline float src_load(const void* src, SrcType t, long i) {
     case SrcType::bf16: return bf16_to_f32(static_cast<const uint16_t*>(src)[i]);
   }
   return 0.f;
+}
+
+// The index of the first NaN or infinity among a source buffer's n elements, or -1 (a bit test:
+// the exponent all ones). One such weight makes every answer NaN, which a detector would read as
+// "not flagged". Blocks without an early exit, so the common all-finite pass vectorises.
+inline long first_non_finite(const void* src, SrcType t, long n) {
+  constexpr long block = 4096;
+  for (long b = 0; b < n; b += block) {
+    const long e = b + block < n ? b + block : n;
+    bool bad = false;
+    if (t == SrcType::f32) {
+      const uint32_t* p = static_cast<const uint32_t*>(src);
+      for (long i = b; i < e; ++i) bad |= (p[i] & 0x7f800000u) == 0x7f800000u;
+    } else {
+      const uint16_t* p = static_cast<const uint16_t*>(src);
+      const uint16_t mask = t == SrcType::f16 ? 0x7c00u : 0x7f80u;
+      for (long i = b; i < e; ++i) bad |= (p[i] & mask) == mask;
+    }
+    if (bad)
+      for (long i = b; i < e; ++i)
+        if (!std::isfinite(src_load(src, t, i))) return i;
+  }
+  return -1;
 }
 
 }  // namespace rf

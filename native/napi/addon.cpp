@@ -277,6 +277,9 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
           env,
           [=] {
             const BusyRelease release{busy};
+            if (const long at = first_non_finite(bytes, type, n); at >= 0)
+              throw std::invalid_argument("tensor " + name + " holds " + (std::isnan(src_load(bytes, type, at)) ? "NaN" : "an infinity") +
+                                          " at element " + std::to_string(at) + ": the weights are corrupt");
             engine->load_tensor(name, bytes, type, shape, kn);
           },
           [keep](Napi::Env e) -> Napi::Value { keep->Reset(); return e.Undefined(); });
