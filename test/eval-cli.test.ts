@@ -137,6 +137,44 @@ describe('redflag eval', () => {
     await expect(readFile(join(where, 'cache.json'))).rejects.toThrow(/ENOENT/);
   }, 120_000);
 
+  it("refuses to write its report over files redflag did not write, unless overwrite", async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'redflag-eval-own-'));
+    try {
+      const config = (o: string, extra: Partial<EvalConfigInput> = {}): EvalConfigInput => ({
+        model: base, variants: [{ name: 'rf', source: rfModel }], synthetic: { testPerCategory: 1, mcqCount: 0 }, suites: ['detection'],
+        maxTokens: 3, bootstrapResamples: 10, threads: 2, png: false, out: o, ...extra,
+      });
+      const own = async (name: string, text: string) => {
+        const o = join(dir, name.replace('.', '-'));
+        await mkdir(o, { recursive: true });
+        await writeFile(join(o, name), text);
+        return o;
+      };
+      // A user's notes, a report.json of their own, a plot of the same name: each refused by name, untouched.
+      const notes = await own('report.md', 'MY NOTES\n');
+      await expect(evaluate(config(notes))).rejects.toThrow(/report\.md: not written by redflag eval \(no report\.json of its beside it\), and the report would replace it: choose another --out, or set "overwrite": true/);
+      expect(await readFile(join(notes, 'report.md'), 'utf8')).toBe('MY NOTES\n');
+      await expect(evaluate(config(await own('report.json', '{"mine": 1}')))).rejects.toThrow(/report\.json: not a report of redflag eval/);
+      await expect(evaluate(config(await own('roc.svg', '<svg/>')))).rejects.toThrow(/roc\.svg: not written by redflag eval/);
+      await expect(evaluate(config(await own('report.md', 'x'), { overwrite: 'yes' as unknown as boolean }))).rejects.toThrow(/overwrite/);
+      expect((await evalConfigFromFlags({ model: base, out: notes, synthetic: true, overwrite: true })).overwrite).toBe(true);
+
+      // overwrite replaces them; then the folder is a report of redflag's, run again without it.
+      await evaluate(config(notes, { overwrite: true }));
+      expect(await readFile(join(notes, 'report.md'), 'utf8')).toMatch(/^# redflag evaluation/);
+      expect(JSON.parse(await readFile(join(notes, 'report.json'), 'utf8')).generator).toBe('redflag eval');
+      // A report.json of an earlier version (no marker) is redflag's too.
+      const { generator: _g, ...legacy } = JSON.parse(await readFile(join(notes, 'report.json'), 'utf8')) as Record<string, unknown>;
+      await writeFile(join(notes, 'report.json'), JSON.stringify(legacy));
+      expect((await evaluate(config(notes))).cache.computed).toBe(0);
+      // A stopped run's cache.json beside a report.md: the folder is the run's.
+      await rm(join(notes, 'report.json'));
+      expect((await evaluate(config(notes))).cache.computed).toBe(0);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  }, 120_000);
+
   it('evaluate(): a stopped run resumes from the cache, recomputing only what was not finished; changed weights recompute', async () => {
     const dir = await mkdtemp(join(tmpdir(), 'redflag-eval-resume-'));
     try {

@@ -205,6 +205,23 @@ describe('redflag study', () => {
     );
   });
 
+  it("refuses an out folder whose study.md or study.json redflag did not write, before anything trains", async () => {
+    const out = join(root, 'own-notes');
+    await mkdir(out, { recursive: true });
+    await writeFile(join(out, 'study.md'), 'MY NOTES\n');
+    const steps: number[] = [];
+    await expect(runStudy(config(out, { grid: {}, seeds: [0] }), { onStep: (_c, _s, s) => steps.push(s.step) })).rejects.toThrow(
+      /study\.md: not written by redflag study \(no study\.json of its beside it\), and the report would replace it: choose another out \(--out\), or set "overwrite": true in the study config/,
+    );
+    expect(steps).toEqual([]);
+    await expect(stat(join(out, 'cells'))).rejects.toThrow(/ENOENT/);
+    await writeFile(join(out, 'study.json'), '{"notes": []}');
+    await expect(runStudy(config(out, { grid: {}, seeds: [0] }))).rejects.toThrow(/study\.json: not a report of redflag study/);
+    expect(await readFile(join(out, 'study.md'), 'utf8')).toBe('MY NOTES\n');
+    // The cells' eval folders are the study's own: an eval config cannot set overwrite.
+    expect(() => planStudy(parseStudyConfig({ ...config(out), eval: { overwrite: true } }, 'study.json'))).toThrow(/eval\.overwrite: set by the study/);
+  });
+
   it('names the file and field of a bad config', async () => {
     const bad = (extra: Record<string, unknown>) => () => planStudy(parseStudyConfig({ ...config(join(root, 'bad')), ...extra }, 'study.json'));
     expect(bad({ grid: { 'loss.rfAggregation': ['any', 'most'] } })).toThrow(/^study\.json: grid\["loss\.rfAggregation"\]\[1\]: Invalid option/);

@@ -122,6 +122,7 @@ export async function evalConfigFromFlags(flags: Record<string, unknown>): Promi
   set('threads', flags['threads']);
   set('chatTemplateKwargs', flags['chatTemplateKwargs']);
   if (flags['png'] === false) o['png'] = false;
+  if (flags['overwrite'] === true) o['overwrite'] = true;
   if (o['model'] === undefined || o['out'] === undefined) throw new RedflagError('INVALID_ARGUMENT', 'eval needs --model and --out (or a --config naming them)');
   // Flag names in messages: the schema's fields map one-to-one to flags (camelCase → --kebab-case).
   return parseEvalConfig(o, typeof flags['config'] === 'string' ? `${flags['config']} (with flags)` : 'flags');

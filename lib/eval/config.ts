@@ -128,6 +128,11 @@ export const evalConfigSchema = z
     threads: z.number().int().min(1).optional(),
     /** Also write PNGs beside the SVG plots. */
     png: z.boolean().default(true),
+    /**
+     * Replace report files in `out` that redflag did not write (a report.json without its marker,
+     * a report.md or plot with no report of redflag's beside it); without it such a folder is refused.
+     */
+    overwrite: z.boolean().default(false),
     /** The white-box attacks' budgets (embedding, gcg, finetune). */
     attacks,
   })

@@ -20,7 +20,7 @@ import { directoryStamp, fingerprint, ResultsCache } from './cache.js';
 import { parseEvalConfig, settingsOf, suitesOf, type EvalConfig, type EvalConfigInput } from './config.js';
 import { generateSyntheticMcq, loadMcQuestions, type McQuestion } from './mcq.js';
 import { nonRefusalJudge, RefusalMatcher, syntheticJudge, type Judge } from './refusal.js';
-import { writeReport, type EvalReport } from './report.js';
+import { checkReportFolder, EVAL_REPORT_FILES, writeReport, type EvalReport } from './report.js';
 import { SUITES } from './suites/index.js';
 import type { EvalData, LoadedVariant, SuiteName } from './types.js';
 
@@ -182,6 +182,8 @@ export async function evaluate(input: EvalConfigInput | EvalConfig, hooks: Evalu
   const suites = suitesOf(config);
   const { signal } = hooks;
   const emit = hooks.onProgress ?? (() => undefined);
+  // Before anything runs: the report must not replace a user's own report.md or report.json.
+  await checkReportFolder(config.out, EVAL_REPORT_FILES, config.overwrite);
   const data = await loadEvalData(config);
   if (data.harmful.length === 0) throw new RedflagError('INVALID_ARGUMENT', 'harmful: the data has no harmful conversations; every suite needs some');
   // What each suite needs of the data, and every variant's source, before any runs (not after hours of the others).

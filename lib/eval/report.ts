@@ -3,8 +3,10 @@
  * with a row per variant, then each suite's details and timings) and the plots.
  * @module
  */
+import { readdir, readFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 
+import { RedflagError } from '../errors.js';
 import { writeFileAtomic } from '../model/safetensors.js';
 import type { EvalConfig } from './config.js';
 import { lineSpec, writePlot, type LineRow } from './plots.js';
@@ -42,8 +44,12 @@ export interface ReportTable {
   rows: { variant: string; values: Record<string, number | null> }[];
 }
 
+/** report.json's marker: a later run replaces only a report that carries it (see {@link checkReportFolder}). */
+export const EVAL_REPORT_GENERATOR = 'redflag eval';
+
 /** `report.json`. */
 export interface EvalReport extends ReportParts {
+  generator: typeof EVAL_REPORT_GENERATOR;
   createdAt: string;
   settings: Omit<EvalConfig, 'variants' | 'harmful' | 'benign' | 'data'>;
   table: ReportTable;
@@ -107,10 +113,13 @@ function get<T>(parts: ReportParts, variant: string, suite: SuiteName): T | unde
   return parts.results[variant]?.[suite] as T | undefined;
 }
 
+/** The plots the report may write (each as .svg, and .png unless --no-png): names a user's own file may have too. */
+const PLOT_NAMES = ['roc', 'asr-vs-n', 'prefill-vs-k', 'long-context-vs-k', 'embedding-vs-eps'] as const;
+
 async function plots(out: string, parts: ReportParts, png: boolean): Promise<string[]> {
   const written: string[] = [];
   const names = parts.variants.map((v) => v.name);
-  const plot = async (file: string, spec: Parameters<typeof writePlot>[1]) => written.push(...(await writePlot(join(out, file), spec, png)));
+  const plot = async (file: (typeof PLOT_NAMES)[number], spec: Parameters<typeof writePlot>[1]) => written.push(...(await writePlot(join(out, file), spec, png)));
   if (parts.suites.includes('detection')) {
     const rows: LineRow[] = [];
     for (const n of names) {
@@ -263,11 +272,70 @@ function markdown(report: Omit<EvalReport, 'files'>): string {
   return lines.join('\n');
 }
 
+/** What {@link checkReportFolder} protects: a report's JSON, and the other files it writes beside it. */
+export interface ReportFiles {
+  /** The JSON report's file name (report.json, study.json). */
+  json: string;
+  /** The marker the JSON carries (`generator`). */
+  generator: string;
+  /** Keys every JSON report of a version before the marker has: such a report is redflag's too. */
+  legacyKeys: readonly string[];
+  /** Of the folder's file names, those the report would write besides the JSON (report.md, plots). */
+  others: (names: readonly string[]) => string[];
+  /** Whether the folder holds other work of redflag's that makes its report files redflag's (the eval's cache.json). */
+  ownedBy?: (dir: string) => Promise<boolean>;
+  /** How to go on, for the error: "choose another --out, or …". */
+  hint: string;
+}
+
+/**
+ * Refuses an output folder where the report would replace files redflag did not write (a user's
+ * own report.md, report.json or roc.png was overwritten). The JSON is redflag's when it carries
+ * the marker (or an earlier version's keys); the other files count as redflag's only beside such
+ * a JSON, or beside `ownedBy`'s work. Nothing is checked with `overwrite`.
+ */
+export async function checkReportFolder(dir: string, files: ReportFiles, overwrite: boolean): Promise<void> {
+  if (overwrite) return;
+  const names = await readdir(dir).catch(() => [] as string[]);
+  const refuse = (name: string, why: string) =>
+    new RedflagError('INVALID_ARGUMENT', `${why}, and the report would replace it: ${files.hint}`, { file: join(dir, name) });
+  if (names.includes(files.json)) {
+    let value: unknown;
+    try {
+      value = JSON.parse(await readFile(join(dir, files.json), 'utf8'));
+    } catch {
+      value = null;
+    }
+    const record = value !== null && typeof value === 'object' && !Array.isArray(value) ? (value as Record<string, unknown>) : {};
+    if (record['generator'] === files.generator || (files.legacyKeys.length > 0 && files.legacyKeys.every((k) => k in record))) return;
+    throw refuse(files.json, `not a report of ${files.generator} (no "generator": "${files.generator}" in it)`);
+  }
+  const others = files.others(names);
+  if (others.length > 0 && !(await files.ownedBy?.(dir))) throw refuse(others[0]!, `not written by ${files.generator} (no ${files.json} of its beside it)`);
+}
+
+/** The eval's report files in an --out folder (report.json, report.md, the plots); its cache.json also marks the folder as a run's. */
+export const EVAL_REPORT_FILES: ReportFiles = {
+  json: 'report.json',
+  generator: EVAL_REPORT_GENERATOR,
+  legacyKeys: ['createdAt', 'settings', 'table', 'results', 'files'],
+  others: (names) => names.filter((n) => n === 'report.md' || PLOT_NAMES.some((p) => n === `${p}.svg` || n === `${p}.png`)),
+  ownedBy: async (dir) => {
+    try {
+      const cache = JSON.parse(await readFile(join(dir, 'cache.json'), 'utf8')) as { version?: unknown; entries?: unknown };
+      return typeof cache.entries === 'object' && cache.entries !== null && typeof cache.version === 'number';
+    } catch {
+      return false;
+    }
+  },
+  hint: 'choose another --out, or set "overwrite": true in the eval config (--config) to replace it',
+};
+
 /** Writes report.json, report.md and the plots into `config.out`; returns the report. */
 export async function writeReport(config: EvalConfig, parts: ReportParts): Promise<EvalReport> {
   const { variants: _v, harmful: _h, benign: _b, data: _d, ...settings } = config;
   const plotFiles = await plots(config.out, parts, config.png);
-  const base: Omit<EvalReport, 'files'> = { createdAt: new Date().toISOString(), settings, ...parts, table: buildTable(parts), plots: plotFiles };
+  const base: Omit<EvalReport, 'files'> = { generator: EVAL_REPORT_GENERATOR, createdAt: new Date().toISOString(), settings, ...parts, table: buildTable(parts), plots: plotFiles };
   const files = { json: join(config.out, 'report.json'), markdown: join(config.out, 'report.md') };
   const report: EvalReport = { ...base, files };
   const encoder = new TextEncoder();

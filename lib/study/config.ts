@@ -34,6 +34,7 @@ const STUDY_EVAL_FIELDS: Record<string, string> = {
   variants: 'the study (each cell\'s adapter)',
   out: 'the study (OUT/cells/CELL/seed-N/eval)',
   threads: 'the study\'s "threads" (or --threads)',
+  overwrite: 'the study (each cell\'s eval folder is its own)',
 };
 
 const cellName = z.string().regex(/^[A-Za-z0-9][\w.=+,-]*$/, 'must start with a letter or digit and hold only letters, digits and . _ = + , -');
@@ -79,6 +80,11 @@ export const studyConfigSchema = z.strictObject({
   metrics: z.array(z.string().min(1)).min(1).optional(),
   /** Threads for native work (training and evaluation). */
   threads: z.number().int().min(1).optional(),
+  /**
+   * Replace report files in `out` that redflag did not write (a study.json without its marker, a
+   * study.md or sensitivity plot with no study.json of redflag's beside it); without it such a folder is refused.
+   */
+  overwrite: z.boolean().default(false),
 });
 
 /** A validated study config (defaults filled in). */

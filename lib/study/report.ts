@@ -11,6 +11,7 @@ import { join, relative } from 'node:path';
 import type { TopLevelSpec } from 'vega-lite';
 
 import { writePlot } from '../eval/plots.js';
+import type { ReportFiles } from '../eval/report.js';
 import { meanInterval, type MeanInterval } from '../eval/stats.js';
 import { writeFileAtomic } from '../model/safetensors.js';
 import type { StudyConfig, StudyPlan } from './config.js';
@@ -27,6 +28,7 @@ export interface CellSummary extends MeanInterval {
 
 /** `study.json`. */
 export interface StudyReport {
+  generator: typeof STUDY_REPORT_FILES.generator;
   createdAt: string;
   config: StudyConfig;
   /** The base model the adapters were trained on. */
@@ -99,6 +101,15 @@ function sensitivitySpec(axis: string, seeds: number, rows: { series: string; me
   } as TopLevelSpec;
 }
 
+/** The study's report files in its out folder (study.json, study.md, the sensitivity plots), checked before a study starts. */
+export const STUDY_REPORT_FILES = {
+  json: 'study.json',
+  generator: 'redflag study',
+  legacyKeys: ['createdAt', 'config', 'cells', 'seeds', 'files'],
+  others: (names: readonly string[]) => names.filter((n) => n === 'study.md' || /^sensitivity-.*\.(svg|png)$/.test(n)),
+  hint: 'choose another out (--out), or set "overwrite": true in the study config to replace it',
+} as const satisfies ReportFiles;
+
 /** Aggregates the cells' results over seeds and writes study.json, study.md and the plots into `config.out`. */
 export async function writeStudyReport(config: StudyConfig, plan: StudyPlan, model: string, results: readonly CellResult[]): Promise<StudyReport> {
   const titles = new Map<string, string>();
@@ -137,7 +148,7 @@ export async function writeStudyReport(config: StudyConfig, plan: StudyPlan, mod
   }
 
   const files = { json: join(config.out, 'study.json'), markdown: join(config.out, 'study.md') };
-  const report: StudyReport = { createdAt: new Date().toISOString(), config, model, seeds: plan.seeds, axes: plan.axes, metrics, shown, cells, plots, files };
+  const report: StudyReport = { generator: STUDY_REPORT_FILES.generator, createdAt: new Date().toISOString(), config, model, seeds: plan.seeds, axes: plan.axes, metrics, shown, cells, plots, files };
   await writeFileAtomic(files.json, [new TextEncoder().encode(`${JSON.stringify(report, (_k, x) => (typeof x === 'number' && !Number.isFinite(x) ? null : x), 2)}\n`)], { overwrite: true });
   await writeFileAtomic(files.markdown, [new TextEncoder().encode(markdown(report, plan, title))], { overwrite: true });
   return report;

@@ -26,7 +26,7 @@ import { RedflagError, abortError } from '../errors.js';
 import { directoryStamp, fingerprint } from '../eval/cache.js';
 import { parseEvalConfig, type EvalConfigInput } from '../eval/config.js';
 import { evaluate, type EvalProgress } from '../eval/evaluate.js';
-import type { EvalReport } from '../eval/report.js';
+import { checkReportFolder, type EvalReport } from '../eval/report.js';
 import type { EmbeddingResult } from '../eval/suites/embedding.js';
 import type { LongContextResult } from '../eval/suites/long-context.js';
 import type { PrefillResult } from '../eval/suites/prefill.js';
@@ -36,7 +36,7 @@ import { parseTrainConfig, type TrainConfigInput } from '../train/config.js';
 import { trainLanguageModel } from '../train/pipeline.js';
 import { train, type StepInfo, type TrainResult } from '../train/trainer.js';
 import { parseStudyConfig, planStudy, type StudyCell, type StudyConfig, type StudyConfigInput, type StudyPlan } from './config.js';
-import { writeStudyReport, type StudyReport } from './report.js';
+import { STUDY_REPORT_FILES, writeStudyReport, type StudyReport } from './report.js';
 
 /** Hooks of {@link runStudy}. */
 export interface StudyHooks {
@@ -385,6 +385,8 @@ export async function runStudy(input: StudyConfigInput | StudyConfig, hooks: Stu
   const plan = planStudy(config);
   const log = hooks.log ?? (() => undefined);
   const { signal } = hooks;
+  // Before anything trains: the report must not replace a user's own study.md or study.json.
+  await checkReportFolder(config.out, STUDY_REPORT_FILES, config.overwrite);
   await mkdir(config.out, { recursive: true });
   const total = plan.cells.length * plan.seeds.length;
   log(`study: ${plan.cells.length} cells × ${plan.seeds.length} seeds = ${total} runs in ${config.out}`);
