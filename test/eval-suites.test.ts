@@ -12,11 +12,13 @@ import { generateSyntheticData } from '../lib/data/synthetic.js';
 import { createDetector } from '../lib/detect/detector.js';
 import { type Detector } from '../lib/detect/types.js';
 import { directoryStamp, ResultsCache } from '../lib/eval/cache.js';
+import { parseEvalConfig, settingsOf } from '../lib/eval/config.js';
 import { decodeBatch } from '../lib/eval/decode.js';
 import { generateSyntheticMcq, type McQuestion } from '../lib/eval/mcq.js';
 import { auroc, rateEstimate } from '../lib/eval/stats.js';
 import { nonRefusalJudge, RefusalMatcher, type Judge } from '../lib/eval/refusal.js';
 import { detectionSuite } from '../lib/eval/suites/detection.js';
+import { embeddingSuite } from '../lib/eval/suites/embedding.js';
 import { longContextSuite } from '../lib/eval/suites/long-context.js';
 import { prefillSuite, tokensForWords } from '../lib/eval/suites/prefill.js';
 import { samplingSuite } from '../lib/eval/suites/sampling.js';
@@ -364,6 +366,18 @@ describe('the results cache', () => {
     } finally {
       await rm(dir, { recursive: true, force: true });
     }
+  });
+});
+
+describe('attack radii', () => {
+  it('epsilons are sorted and de-duplicated as prefillK and contextK; the headline is the largest ε', () => {
+    const settings = settingsOf(parseEvalConfig({ model: 'M', out: 'O', synthetic: {}, attacks: { embedding: { epsilons: [0.5, 0.1, 0, 0.1] } } }));
+    expect(settings.attacks.embedding.epsilons).toEqual([0, 0.1, 0.5]);
+    expect(settingsOf(parseEvalConfig({ model: 'M', out: 'O', synthetic: {} })).attacks.embedding.epsilons).toEqual(DEFAULT_ATTACK_BUDGETS.embedding.epsilons);
+    // A result whose points are not in order (written before the sort): still the largest radius's rate.
+    const point = (epsilon: number, rate: number) => ({ epsilon, n: 12, flagRate: { value: rate, low: 0, high: 1 }, meanMaxPRf: 0, meanCeChange: 0 });
+    const result = { applicable: true, steps: 1, lambda: 1, points: [point(0.5, 0.1), point(0.1, 0.6), point(0, 0.95)], flagSeries: [] };
+    expect(embeddingSuite.summarize(result).headline['embeddingFlagRate']).toBe(0.1);
   });
 });
 

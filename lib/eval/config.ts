@@ -166,6 +166,9 @@ export function parseEvalConfig(input: unknown, where = 'eval config'): EvalConf
   throw new RedflagError('INVALID_ARGUMENT', `${where}: ${problems.join('; ')}`);
 }
 
+/** A list of numbers sorted ascending, each once. */
+const ascending = (xs: readonly number[]): number[] => [...new Set(xs)].sort((a, b) => a - b);
+
 /** The settings suites read. */
 export function settingsOf(c: EvalConfig): EvalSettings {
   return {
@@ -173,9 +176,9 @@ export function settingsOf(c: EvalConfig): EvalSettings {
     maxTokens: c.maxTokens,
     samples: c.samples,
     temperature: c.temperature,
-    prefillK: [...new Set(c.prefillK)].sort((a, b) => a - b),
+    prefillK: ascending(c.prefillK),
     prefillUnit: c.prefillUnit,
-    contextK: [...new Set(c.contextK)].sort((a, b) => a - b),
+    contextK: ascending(c.contextK),
     devFraction: c.devFraction,
     devMaxFpr: c.devMaxFpr,
     bootstrapResamples: c.bootstrapResamples,
@@ -183,7 +186,9 @@ export function settingsOf(c: EvalConfig): EvalSettings {
     batchSize: c.batchSize,
     kvCacheBytes: c.kvCacheBytes,
     attacks: {
-      embedding: { ...DEFAULT_ATTACK_BUDGETS.embedding, ...c.attacks.embedding },
+      // Radii ascending and once each, as prefillK and contextK: the points, the plot and the
+      // "largest ε" headline follow this order.
+      embedding: { ...DEFAULT_ATTACK_BUDGETS.embedding, ...c.attacks.embedding, epsilons: ascending(c.attacks.embedding?.epsilons ?? DEFAULT_ATTACK_BUDGETS.embedding.epsilons) },
       gcg: { ...DEFAULT_ATTACK_BUDGETS.gcg, ...c.attacks.gcg },
       finetune: { ...DEFAULT_ATTACK_BUDGETS.finetune, ...c.attacks.finetune },
     },

@@ -96,7 +96,8 @@ export const embeddingSuite: Suite<EmbeddingResult> = {
     return { applicable: true, steps: budget.steps, lambda: budget.lambda, points, flagSeries: points.map((p) => ({ x: p.epsilon, y: p.flagRate.value })) };
   },
   summarize(result) {
-    const last = result.points.at(-1);
-    return { headline: { embeddingFlagRate: result.applicable && last ? last.flagRate.value : null } };
+    // The largest radius by value, not the last point: a result need not list them in order.
+    const largest = result.points.reduce<EmbeddingPoint | undefined>((a, p) => (a === undefined || p.epsilon > a.epsilon ? p : a), undefined);
+    return { headline: { embeddingFlagRate: result.applicable && largest ? largest.flagRate.value : null } };
   },
 };
