@@ -1,5 +1,5 @@
 /**
- * Benchmarks: `npm run bench -- <gemm|prefill|decode|serve|host|eval-memory|merge-memory|train|loss|all> [--quick]`, and
+ * Benchmarks: `npm run bench -- <gemm|prefill|decode|serve|host|encode-stall|eval-memory|merge-memory|train|loss|all> [--quick]`, and
  * `npm run bench -- soak [--seconds 600] [--clients 64] [--seed 1]` (bench/soak.ts), and on a GPU
  * machine `npm run bench -- <gpu-decode|gpu-prefill|gpu-serve|gpu-train|gpu-loss> [--device cuda:N]` (`gpu-serve --tiny`:
  * a two-layer model, for the CPU emulation of CUDA). Each prints one JSON object. Speeds are reported as ratios to ceilings measured in the same run (FMA peak with
@@ -18,6 +18,7 @@ import type { DeviceSpec } from '../lib/model/device.js';
 import { loadModel } from '../lib/model/model.js';
 import { writeRandomModel, type RandomModelSpec } from '../lib/model/random-model.js';
 import { loadNative } from '../lib/native.js';
+import { benchEncodeStall } from './encode-stall.js';
 import { benchEvalMemory } from './eval-memory.js';
 import { benchMergeMemory } from './merge-memory.js';
 import { benchHost } from './host.js';
@@ -545,6 +546,7 @@ async function benchLoss() {
 const benches: Record<string, () => Promise<unknown>> = {
   gemm: benchGemm, prefill: benchPrefill, decode: benchDecode, train: benchTrain, loss: benchLoss,
   host: () => benchHost(quick),
+  'encode-stall': () => benchEncodeStall(quick),
   'eval-memory': () => benchEvalMemory(quick),
   'merge-memory': () => benchMergeMemory(quick),
   serve: () => benchServe(quick, SMOLLM2, { label: 'SmolLM2-135M shapes, 2 threads', cacheName: 'redflag-bench-smollm2-135m-tokenizer' }),

@@ -6,10 +6,12 @@ import { rm } from 'node:fs/promises';
 
 import { createDetector, DEFAULT_REFLECTION, type DetectedToken, type Detector, type DetectionStream } from '../lib/detect/detector.js';
 import type { Message } from '../lib/data/records.js';
-import { encodePrompt } from '../lib/data/encode.js';
+import { encodeForScoring, encodePrompt } from '../lib/data/encode.js';
+import { LONG_INPUT_CHARS } from '../lib/data/encode-thread.js';
 import { RedflagError } from '../lib/errors.js';
 import { loadModel, type Model } from '../lib/model/model.js';
 import { addRedFlagToken } from '../lib/model/red-flag.js';
+import type { Tokenizer } from '../lib/model/tokenizer.js';
 import { tinyLlama } from './helpers/tiny-model.js';
 import { logSoftmax } from './helpers/fixtures.js';
 
@@ -597,6 +599,51 @@ describe('detector.classify', () => {
     } finally {
       model.tokenScores = original;
     }
+  });
+});
+
+describe('long inputs', () => {
+  it('are encoded off the event loop, to the same ids: generate (messages and raw text) and classify', async () => {
+    const d = await detector();
+    // Long in characters, not in tokens (the tiny model has 2048 positions): ~1030 tokens.
+    const long = `The quick brown fox jumps over the lazy dog. ${'-'.repeat(LONG_INPUT_CHARS)}`;
+    const messages = ask(long);
+    const scored: Message[] = [...ask('Hi'), { role: 'assistant', content: long }];
+    const tokenizer = model.tokenizer!;
+    const want = encodePrompt(tokenizer, messages);
+    const wantScoring = encodeForScoring(tokenizer, scored, false, 'x');
+    // The main thread's tokenizer never sees the long text.
+    const encode = tokenizer.encode;
+    let longHere = 0;
+    tokenizer.encode = function (this: Tokenizer, text: string, ...rest: Parameters<Tokenizer['encode']> extends [string, ...infer R] ? R : never) {
+      if (text.length >= LONG_INPUT_CHARS) longHere++;
+      return encode.call(this, text, ...rest);
+    };
+    try {
+      const stream = d.generate(messages, { maxTokens: 2 });
+      const tokens = await drain(stream);
+      expect((await stream.done).promptTokens).toBe(want.length);
+      const logits = await model.logits(want);
+      const V = model.vocabSize;
+      const last = logits.subarray((want.length - 1) * V, want.length * V);
+      expect(tokens[0]!.token).toBe(last.indexOf(Math.max(...last)));
+      const raw = d.generate(long, { maxTokens: 1 });
+      await drain(raw);
+      expect((await raw.done).promptTokens).toBe(encode.call(tokenizer, tokenizer.escapeSpecialTokens(long, ['<rf>'])).length);
+      const [result] = await d.classify([scored]);
+      expect(result!.tokens).toEqual(wantScoring.ids.slice(wantScoring.responseStart));
+      expect(result!.tokens.length).toBeGreaterThan(1000);
+      expect(longHere).toBe(0);
+    } finally {
+      tokenizer.encode = encode;
+    }
+  });
+
+  it('a detector disposed while one is encoded fails its generation with DISPOSED', async () => {
+    const d = await createDetector({ model, threshold: 1, mode: 'flag' });
+    const stream = d.generate(ask('word '.repeat(LONG_INPUT_CHARS)), { maxTokens: 2 });
+    await d.dispose();
+    await expect(drain(stream)).rejects.toMatchObject({ code: 'DISPOSED' });
   });
 });
 

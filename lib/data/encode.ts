@@ -19,8 +19,9 @@
  * Rendering the whole conversation and searching for the response would be wrong for templates
  * that rewrite the last assistant turn (Qwen3 puts `<think>\n\n</think>\n\n` before it); the layout
  * above is what a model sees at inference: {@link encodePrompt} gives the same prompt ids, so
- * generation code should use it (with the same `chatTemplateExtra`, e.g.
- * `{ enable_thinking: false }` for Qwen3, which appends the empty think block to the prompt).
+ * generation code should use it (with the same template variables, the tokenizer's
+ * `chatTemplateKwargs` or a call's `chatTemplateExtra`: `{ enable_thinking: false }` for Qwen3
+ * appends the empty think block to the prompt).
  *
  * **Special tokens in the text** are text: every message's content (the response's too) goes
  * through `tokenizer.escapeSpecialTokens`, so a message that spells `<|im_end|>` or `<rf>` is
@@ -370,4 +371,29 @@ export function insertRedFlag(encoded: EncodedConversation, position: number, rf
     label: encoded.label,
     source: encoded.source,
   };
+}
+
+/** A conversation as a detector scores it (see {@link encodeForScoring}). */
+export interface ScoringInput {
+  /** The ids to feed: the prompt and the response, without the response's end token. */
+  ids: number[];
+  /** Where the response starts (the prompt's length). */
+  responseStart: number;
+  /** The response's tokens (0 for a prompt-only conversation). */
+  responseLength: number;
+}
+
+/**
+ * Encodes a conversation for teacher-forced scoring: p(`<rf>`) before each response token and
+ * right after the response, not past its end token. A prompt-only conversation (`responseMissing`)
+ * is its prompt, scored once where the answer would start.
+ */
+export function encodeForScoring(tokenizer: Tokenizer, messages: readonly Message[], responseMissing: boolean, source: string): ScoringInput {
+  if (responseMissing) {
+    const ids = encodePrompt(tokenizer, messages);
+    return { ids, responseStart: ids.length, responseLength: 0 };
+  }
+  const e = encodeConversation(tokenizer, { messages: [...messages], label: 'benign', source });
+  const responseLength = e.responseEnd - e.responseStart - (e.hasEndToken ? 1 : 0);
+  return { ids: e.ids.slice(0, e.responseStart + responseLength), responseStart: e.responseStart, responseLength };
 }

@@ -4,7 +4,8 @@
  * each decode step; and teacher-forced scoring of existing text. See {@link createDetector}.
  * @module
  */
-import { encodeConversation, encodePrompt } from '../data/encode.js';
+import { encodeForScoring, encodePrompt } from '../data/encode.js';
+import { EncodeThread, LONG_INPUT_CHARS, messageChars } from '../data/encode-thread.js';
 import { checkMessages, RowProblem, type Message } from '../data/records.js';
 import { RedflagError, abortError } from '../errors.js';
 import { checkPickOptions, loadModel, type Model, type Sequence } from '../model/model.js';
@@ -255,6 +256,7 @@ class RedFlagDetector implements Detector {
   readonly #tokenizer: Tokenizer;
   readonly #eos: Set<number>;
   #disposed = false;
+  #encodeThread: EncodeThread | null = null;
 
   constructor(model: Model, owned: boolean, state: DetectorState) {
     this.model = model;
@@ -281,15 +283,20 @@ class RedFlagDetector implements Detector {
     const mode = checkMode(options.mode ?? this.mode, 'mode');
     const filter = new StopFilter<DetectedToken>(options.stop ?? []);
     const pick = checkPickOptions({ ...options, seed: options.seed ?? Math.floor(Math.random() * 2 ** 31) }, 'generate');
-    let prompt: number[];
+    // A long input is encoded on the encoding thread (the answer starts once it has); a short one here.
+    let prompt: number[] = [];
+    let encoding: Promise<number[]> | null = null;
     if (typeof input === 'string') {
       if (input.length === 0) throw invalid('the prompt is empty');
       // Raw text may write a chat template's tokens, but never a flag: the flag is the model's to emit.
-      prompt = this.#tokenizer.encode(this.#tokenizer.escapeSpecialTokens(input, this.#flagStrings()));
+      if (input.length >= LONG_INPUT_CHARS) encoding = this.#encoder().text(input, this.#flagStrings());
+      else prompt = this.#tokenizer.encode(this.#tokenizer.escapeSpecialTokens(input, this.#flagStrings()));
     } else {
-      prompt = encodePrompt(this.#tokenizer, checkedMessages(input, 'messages', true).messages);
+      const { messages } = checkedMessages(input, 'messages', true);
+      if (messageChars(messages) >= LONG_INPUT_CHARS) encoding = this.#encoder().prompt(messages);
+      else prompt = encodePrompt(this.#tokenizer, messages);
     }
-    if (prompt.length === 0) throw invalid('the prompt encodes to no tokens');
+    if (encoding === null && prompt.length === 0) throw invalid('the prompt encodes to no tokens');
 
     const s = this.#s;
     const stream = new Stream(options.signal);
@@ -389,26 +396,40 @@ class RedFlagDetector implements Detector {
     };
 
     const reflectRoom = mode === 'reflect' ? 1 + s.reflectionIds.length : 0;
-    try {
-      // The model's positions bound the answer: a prompt that leaves no room is refused, a
-      // token budget beyond them ends with 'length' where they run out.
-      const room = this.model.config.maxPositions - prompt.length - reflectRoom;
-      if (room < 1) {
-        throw new RedflagError('TOO_LARGE', `the prompt has ${prompt.length} tokens; this model has ${this.model.config.maxPositions} positions`);
+    const submit = () => {
+      try {
+        // The model's positions bound the answer: a prompt that leaves no room is refused, a
+        // token budget beyond them ends with 'length' where they run out.
+        const room = this.model.config.maxPositions - prompt.length - reflectRoom;
+        if (room < 1) {
+          throw new RedflagError('TOO_LARGE', `the prompt has ${prompt.length} tokens; this model has ${this.model.config.maxPositions} positions`);
+        }
+        budget = Math.min(maxTokens, room);
+        s.scheduler.submit({
+          prompt,
+          positions: prompt.length + budget + reflectRoom,
+          pick,
+          // Room for the flags (<rf> and each category's), dropped from the alternatives shown.
+          topN: topN > 0 ? Math.min(64, topN + s.flags.length) : 0,
+          signal: stream.signal,
+          onPick,
+          onError: (error) => stream.fail(error),
+        });
+      } catch (error) {
+        stream.fail(error);
       }
-      budget = Math.min(maxTokens, room);
-      s.scheduler.submit({
-        prompt,
-        positions: prompt.length + budget + reflectRoom,
-        pick,
-        // Room for the flags (<rf> and each category's), dropped from the alternatives shown.
-        topN: topN > 0 ? Math.min(64, topN + s.flags.length) : 0,
-        signal: stream.signal,
-        onPick,
-        onError: (error) => stream.fail(error),
-      });
-    } catch (error) {
-      stream.fail(error);
+    };
+    if (encoding === null) submit();
+    else {
+      encoding.then(
+        (ids) => {
+          if (stream.finished) return; // cancelled meanwhile
+          if (ids.length === 0) return stream.fail(invalid('the prompt encodes to no tokens'));
+          prompt = ids;
+          submit();
+        },
+        (error: unknown) => stream.fail(error),
+      );
     }
     return stream;
   }
@@ -419,19 +440,18 @@ class RedFlagDetector implements Detector {
     if (!Array.isArray(conversations)) throw invalid('classify expects an array of conversations');
     const threshold = checkThreshold(options.threshold ?? this.threshold, 'threshold');
     const batchSize = checkInteger(options.batchSize ?? 8, 'batchSize', 1, 1024);
-    // Each conversation as the ids to feed and where its response starts.
-    const encoded = conversations.map((c, i) => {
+    // Each conversation as the ids to feed and where its response starts: on the encoding thread
+    // when there is much text (a moderation of 256 strings is one call), else here.
+    const items = conversations.map((c, i) => {
       const raw = Array.isArray(c) ? c : (c as { messages?: unknown })?.messages;
-      const { messages, responseMissing } = checkedMessages(raw, `conversations[${i}].messages`, true);
-      if (responseMissing) {
-        const ids = encodePrompt(this.#tokenizer, messages);
-        return { ids, responseStart: ids.length, responseLength: 0 };
-      }
-      const e = encodeConversation(this.#tokenizer, { messages, label: 'benign', source: `conversations[${i}]` });
-      // Score before each response token and right after the response, not past the end token.
-      const responseLength = e.responseEnd - e.responseStart - (e.hasEndToken ? 1 : 0);
-      return { ids: e.ids.slice(0, e.responseStart + responseLength), responseStart: e.responseStart, responseLength };
+      return { ...checkedMessages(raw, `conversations[${i}].messages`, true), source: `conversations[${i}]` };
     });
+    const chars = items.reduce((n, item) => n + messageChars(item.messages), 0);
+    const encoded = chars >= LONG_INPUT_CHARS
+      ? await this.#encoder().scoring(items)
+      : items.map((item) => encodeForScoring(this.#tokenizer, item.messages, item.responseMissing, item.source));
+    if (this.#disposed) throw new RedflagError('DISPOSED', 'the detector was disposed');
+    if (options.signal?.aborted) throw abortError(options.signal);
     // Positions past the model's are never scored (their rotary angles were never trained).
     const maxPositions = this.model.config.maxPositions;
     encoded.forEach((e, i) => {
@@ -519,9 +539,19 @@ class RedFlagDetector implements Detector {
     };
   }
 
+  /** The encoding thread, made at the tokenizer's current revision (again after it changed). */
+  #encoder(): EncodeThread {
+    if (this.#encodeThread?.revision !== this.#tokenizer.revision) {
+      void this.#encodeThread?.close();
+      this.#encodeThread = new EncodeThread(this.#tokenizer);
+    }
+    return this.#encodeThread;
+  }
+
   async dispose(): Promise<void> {
     if (this.#disposed) return;
     this.#disposed = true;
+    await this.#encodeThread?.close();
     await this.#s.scheduler.close();
     if (this.#owned) this.model.dispose();
   }

@@ -351,6 +351,7 @@ export class Tokenizer {
   /** {@link Tokenizer.turnEndTokenId}, once read (undefined: not yet). */
   #turnEnd: number | null | undefined;
   #chatTemplateKwargs: Record<string, unknown> = {};
+  #revision = 0;
   /** {@link Tokenizer.escapeSpecialTokens}'s pattern for the special tokens (built on first use; null: none). */
   #specialPattern: RegExp | null | undefined;
   #vocabSize = 0;
@@ -455,7 +456,13 @@ export class Tokenizer {
   }
 
   /** Rebuilds the underlying tokenizer and the derived tables after a change to the files. */
+  /** Counts changes to what encoding gives (edits, kwargs): a copy made at one revision is stale at the next. */
+  get revision(): number {
+    return this.#revision;
+  }
+
   #rebuild(): void {
+    this.#revision++;
     const json = this.#json;
     const runtime: JsonObject = {
       normalizer: null,
@@ -749,6 +756,7 @@ export class Tokenizer {
   set chatTemplateKwargs(value: Readonly<Record<string, unknown>>) {
     this.#chatTemplateKwargs = checkChatTemplateKwargs(value, 'chatTemplateKwargs');
     this.#turnEnd = undefined;
+    this.#revision++;
   }
 
   applyChatTemplate(messages: readonly ChatMessage[], options: ChatTemplateOptions = {}): string {
