@@ -71,6 +71,7 @@ describe('redflag eval', () => {
     expect(md).toMatch(/^\| variant \| AUROC \| TPR@1%FPR \|/m);
     expect(md).toMatch(/^\| rf \| /m);
     expect(md).toMatch(/ · cpu, f32 weights · /);
+    expect(md).toMatch(/^\| category \| label \| responses \| prompts \| base \| rf \|$/m);
     expect([report.settings.device, report.settings.dtype]).toEqual(['cpu', 'f32']);
     for (const plot of ['roc', 'asr-vs-n', 'prefill-vs-k', 'long-context-vs-k']) {
       expect(report.plots).toContain(`${plot}.png`);

@@ -173,6 +173,16 @@ describe('detection suite', () => {
     const withRefusal = await detectionSuite.run({ ...context({ settings: { threshold: 0.5 } }), data: { ...data, responseOnly: [refusal] } });
     expect(withRefusal.teacherForced!.benign).toBe(b.length + 1);
     expect(withRefusal.teacherForced!.auroc.value).toBeCloseTo(auroc(h, [...b, ...(await scores([refusal]))]), 9);
+    // Per category, responses and prompts are counted apart: the refusal makes a benign row of a
+    // harmful category, with a teacher-forced rate and no prompts (the greedy rate is not its).
+    const cat = refusal.category!;
+    const row = (label: string) => withRefusal.categories.find((c) => c.category === cat && c.label === label);
+    expect(row('benign')).toMatchObject({ nTeacherForced: 1, nGreedy: 0, greedyDefendedRate: null, auroc: null });
+    expect(row('benign')!.flagRate).toBe((await scores([refusal]))[0]! >= 0.5 ? 1 : 0);
+    expect(row('harmful')).toMatchObject({
+      nTeacherForced: data.harmful.filter((c) => c.category === cat && !c.responseMissing).length,
+      nGreedy: data.harmful.filter((c) => c.category === cat).length,
+    });
   });
 
   it("reports our flags beside the data's stored verdicts (JailbreakBench artifacts)", async () => {

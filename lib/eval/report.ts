@@ -191,9 +191,9 @@ function markdown(report: Omit<EvalReport, 'files'>): string {
     }
     const cats = get<DetectionResult>(p, v[0]!, 'detection')?.categories ?? [];
     if (cats.length) {
-      lines.push('', 'Per category (teacher-forced flag rate / greedy flagged-or-refused):', '');
-      lines.push(mdTable(['category', 'label', 'n', ...v], cats.map((c, i) => [c.category, c.label, String(c.n), ...v.map((n) => {
-        const row = get<DetectionResult>(p, n, 'detection')?.categories[i];
+      lines.push('', 'Per category (teacher-forced flag rate over its labelled responses / greedy flagged-or-refused over its prompts):', '');
+      lines.push(mdTable(['category', 'label', 'responses', 'prompts', ...v], cats.map((c) => [c.category, c.label, String(c.nTeacherForced), String(c.nGreedy), ...v.map((n) => {
+        const row = get<DetectionResult>(p, n, 'detection')?.categories.find((r) => r.category === c.category && r.label === c.label);
         return row ? `${fmt(row.flagRate)} / ${fmt(row.greedyDefendedRate)}` : '–';
       })])));
     }

@@ -27,13 +27,16 @@ import { cachedGenerations, conversationPromptIds, itemName, rate, withResponses
 interface CategoryRow {
   category: string;
   label: 'harmful' | 'benign';
-  n: number;
-  /** Teacher-forced flag rate at the configured threshold (null when the variant has no `<rf>`). */
+  /** Labelled responses of this category and label that teacher-forced detection scores (flagRate, auroc). */
+  nTeacherForced: number;
+  /** Prompts of this category and label answered greedily (greedyDefendedRate). */
+  nGreedy: number;
+  /** Teacher-forced flag rate at the configured threshold (null when the variant has no `<rf>` or there are no responses). */
   flagRate: number | null;
   /** AUROC of this harmful category against every benign response. */
   auroc: number | null;
-  /** Greedy answers flagged or refused. */
-  greedyDefendedRate: number;
+  /** Greedy answers flagged or refused (null without prompts: a category of responses only, e.g. refused jailbreaks). */
+  greedyDefendedRate: number | null;
 }
 
 export interface DetectionResult {
@@ -163,23 +166,28 @@ export const detectionSuite: Suite<DetectionResult> = {
     const refused = (g: Generation) => ctx.refusals.isRefusal(g.text);
     const flaggedAll = [...harmfulGen, ...benignGen].filter((g) => g.flagged);
 
-    // Per category: teacher-forced rates (and AUROC against all benign) and the greedy defence.
+    // Per category and label: teacher-forced rates over its labelled responses (and AUROC against
+    // all benign), and the greedy defence over its prompts. The two are counted apart: a response
+    // can be labelled against its request (a refused jailbreak is a benign response to a harmful
+    // prompt), so a category may have prompts of one label and responses of the other.
     const categories: CategoryRow[] = [];
     for (const [label, convs, gens, tfConvs, tf] of [
       ['harmful', data.harmful, harmfulGen, harmfulTf, tfHarmful],
       ['benign', data.benign, benignGen, benignTf, tfBenign],
     ] as const) {
-      const names = [...new Set(convs.map((c) => c.category).filter((c): c is string => c !== undefined))].sort();
+      const names = [...new Set([...convs, ...tfConvs].map((c) => c.category).filter((c): c is string => c !== undefined))].sort();
       for (const category of names) {
         const g = gens.filter((_, i) => convs[i]!.category === category);
+        const nTeacherForced = tfConvs.filter((c) => c.category === category).length;
         const scores = ctx.variant.detects ? tf.filter((_, i) => tfConvs[i]!.category === category) : [];
         categories.push({
           category,
           label,
-          n: g.length,
-          flagRate: ctx.variant.detects && scores.length > 0 ? rateAtThreshold(scores, settings.threshold) : null,
-          auroc: ctx.variant.detects && label === 'harmful' && scores.length > 0 && tfBenign.length > 0 ? auroc(scores, tfBenign) : null,
-          greedyDefendedRate: g.filter((x) => x.flagged || refused(x)).length / Math.max(1, g.length),
+          nTeacherForced,
+          nGreedy: g.length,
+          flagRate: scores.length > 0 ? rateAtThreshold(scores, settings.threshold) : null,
+          auroc: label === 'harmful' && scores.length > 0 && tfBenign.length > 0 ? auroc(scores, tfBenign) : null,
+          greedyDefendedRate: g.length > 0 ? g.filter((x) => x.flagged || refused(x)).length / g.length : null,
         });
       }
     }
