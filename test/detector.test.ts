@@ -647,6 +647,44 @@ describe('long inputs', () => {
   });
 });
 
+describe('chat-template kwargs', () => {
+  it("render the prompt: the model's (createDetector on a directory), a request's over them, short and long inputs alike", async () => {
+    const template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant{% if terse %} terse{% endif %}]{% endif %}";
+    const templated = await tinyLlama({}, template);
+    // A red-flag model directory: <rf> added and saved.
+    const base = await loadModel(templated, { threads: 1 });
+    await addRedFlagToken(base);
+    await base.save(`${templated}-rf`);
+    base.dispose();
+    const d = await createDetector({ model: `${templated}-rf`, chatTemplateKwargs: { terse: true }, threshold: 1, mode: 'flag', threads: 1 });
+    try {
+      const tokenizer = d.model.tokenizer!;
+      expect(tokenizer.chatTemplateKwargs).toEqual({ terse: true });
+      for (const content of ['Hi', `Hi ${'-'.repeat(LONG_INPUT_CHARS)}`]) {
+        const messages = ask(content);
+        const promptTokens = async (options: { chatTemplateKwargs?: Record<string, unknown> }) => {
+          const stream = d.generate(messages, { maxTokens: 1, ...options });
+          await drain(stream);
+          return (await stream.done).promptTokens;
+        };
+        const terse = encodePrompt(tokenizer, messages);
+        const plain = encodePrompt(tokenizer, messages, { chatTemplateExtra: { terse: false } });
+        expect(tokenizer.decode(terse).endsWith('[assistant terse]')).toBe(true);
+        expect(await promptTokens({})).toBe(terse.length);
+        expect(await promptTokens({ chatTemplateKwargs: { terse: false } })).toBe(plain.length);
+        expect(plain.length).toBeLessThan(terse.length);
+      }
+      expect(() => d.generate('raw text', { chatTemplateKwargs: { terse: false } })).toThrow(/chatTemplateKwargs are for messages/);
+      expect(() => d.generate(ask('Hi'), { chatTemplateKwargs: { messages: [] } })).toThrow(/chatTemplateKwargs\.messages is set by the render itself/);
+    } finally {
+      await d.dispose();
+      await rm(templated, { recursive: true, force: true });
+      await rm(`${templated}-rf`, { recursive: true, force: true });
+    }
+    await expect(createDetector({ model, chatTemplateKwargs: { terse: true } })).rejects.toThrow(/chatTemplateKwargs were given with a loaded model/);
+  });
+});
+
 describe('a NaN red-flag score (logits not finite)', () => {
   it('fails the request instead of reading as "not flagged": generate and classify', async () => {
     const d = await detector({ threshold: 0.5, mode: 'block' });

@@ -357,6 +357,15 @@ describe('server (default limits)', () => {
     const call = detector.generations.at(-1)!;
     expect(call.messages).toEqual([{ role: 'system', content: 'Be kind.' }, { role: 'user', content: 'Hi' }]);
     expect(call.options.stop).toEqual(['never']);
+    expect(call.options.chatTemplateKwargs).toBeUndefined();
+  });
+
+  it("passes vLLM's chat_template_kwargs to the detector (Qwen3's enable_thinking)", async () => {
+    const response = await post(server.url, '/v1/chat/completions', chat('Hi', { chat_template_kwargs: { enable_thinking: false } }));
+    expect(response.status).toBe(200);
+    expect(detector.generations.at(-1)!.options.chatTemplateKwargs).toEqual({ enable_thinking: false });
+    const bad = await post(server.url, '/v1/chat/completions', chat('Hi', { chat_template_kwargs: ['x'] }));
+    expect(((await bad.json()) as ErrorBody).error.param).toBe('chat_template_kwargs');
   });
 
   it('answers 400 for malformed JSON, a non-object body and a bad moderation input', async () => {

@@ -34,7 +34,7 @@ export interface ScoringItem {
 
 /** A job for the worker. @internal */
 export type EncodeJob =
-  | { id: number; kind: 'prompt'; messages: Message[] }
+  | { id: number; kind: 'prompt'; messages: Message[]; extra?: Record<string, unknown> }
   | { id: number; kind: 'text'; text: string; escape: string[] }
   | { id: number; kind: 'scoring'; items: ScoringItem[] };
 
@@ -99,9 +99,9 @@ export class EncodeThread {
     this.#worker.on('exit', () => fail(new RedflagError('DISPOSED', 'the encoding thread was closed')));
   }
 
-  /** {@link encodePrompt}'s ids for a conversation's prompt. */
-  prompt(messages: readonly Message[]): Promise<number[]> {
-    return this.#run({ kind: 'prompt', messages: [...messages] }) as Promise<number[]>;
+  /** {@link encodePrompt}'s ids for a conversation's prompt (`extra`: its `chatTemplateExtra`). */
+  prompt(messages: readonly Message[], extra?: Record<string, unknown>): Promise<number[]> {
+    return this.#run({ kind: 'prompt', messages: [...messages], ...(extra === undefined ? {} : { extra }) }) as Promise<number[]>;
   }
 
   /** Raw text's ids, with `escape`'s strings read as text (see Tokenizer.escapeSpecialTokens). */

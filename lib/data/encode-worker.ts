@@ -18,7 +18,7 @@ tokenizer.chatTemplateKwargs = copy.chatTemplateKwargs;
 function run(job: EncodeJob): number[] | ScoringInput[] {
   switch (job.kind) {
     case 'prompt':
-      return encodePrompt(tokenizer, job.messages);
+      return encodePrompt(tokenizer, job.messages, job.extra === undefined ? {} : { chatTemplateExtra: job.extra });
     case 'text':
       return tokenizer.encode(tokenizer.escapeSpecialTokens(job.text, job.escape));
     case 'scoring':

@@ -11,7 +11,7 @@ import { RedflagError, abortError } from '../errors.js';
 import { checkPickOptions, loadModel, type Model, type Sequence } from '../model/model.js';
 import { parseDevice } from '../model/device.js';
 import { StopFilter } from '../model/stop-filter.js';
-import { IncrementalDecoder, type Tokenizer } from '../model/tokenizer.js';
+import { checkChatTemplateKwargs, IncrementalDecoder, type Tokenizer } from '../model/tokenizer.js';
 import { applyAdapter } from '../train/export.js';
 import { sizeKvCache } from './kv-budget.js';
 import { nonFiniteScore, Scheduler, type StepPick } from './scheduler.js';
@@ -286,15 +286,17 @@ class RedFlagDetector implements Detector {
     // A long input is encoded on the encoding thread (the answer starts once it has); a short one here.
     let prompt: number[] = [];
     let encoding: Promise<number[]> | null = null;
+    const extra = options.chatTemplateKwargs === undefined ? undefined : checkChatTemplateKwargs(options.chatTemplateKwargs, 'chatTemplateKwargs');
     if (typeof input === 'string') {
       if (input.length === 0) throw invalid('the prompt is empty');
+      if (extra !== undefined) throw invalid('chatTemplateKwargs are for messages: raw text is not rendered with the chat template');
       // Raw text may write a chat template's tokens, but never a flag: the flag is the model's to emit.
       if (input.length >= LONG_INPUT_CHARS) encoding = this.#encoder().text(input, this.#flagStrings());
       else prompt = this.#tokenizer.encode(this.#tokenizer.escapeSpecialTokens(input, this.#flagStrings()));
     } else {
       const { messages } = checkedMessages(input, 'messages', true);
-      if (messageChars(messages) >= LONG_INPUT_CHARS) encoding = this.#encoder().prompt(messages);
-      else prompt = encodePrompt(this.#tokenizer, messages);
+      if (messageChars(messages) >= LONG_INPUT_CHARS) encoding = this.#encoder().prompt(messages, extra);
+      else prompt = encodePrompt(this.#tokenizer, messages, extra === undefined ? {} : { chatTemplateExtra: extra });
     }
     if (encoding === null && prompt.length === 0) throw invalid('the prompt encodes to no tokens');
 

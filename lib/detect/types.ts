@@ -96,6 +96,11 @@ export interface DetectGenerateOptions extends PickOptions {
   /** Overrides the detector's mode and threshold for this request. */
   mode?: DetectorMode;
   threshold?: number;
+  /**
+   * Chat-template variables for this request's prompt, over the tokenizer's (e.g.
+   * `{ enable_thinking: false }`; vLLM's `chat_template_kwargs`). Not for raw text.
+   */
+  chatTemplateKwargs?: Record<string, unknown>;
   /** Cancels the request; the iterator then throws the signal's reason. */
   signal?: AbortSignal;
 }

@@ -61,6 +61,7 @@ export function startGeneration(context: ChatContext, input: Message[] | string,
 
 function startChat(request: ChatRequest, context: ChatContext): DetectionStream {
   const options = generateOptions(request, context.signal, topLogprobCount(request), request.max_completion_tokens ?? request.max_tokens);
+  if (request.chat_template_kwargs != null) options.chatTemplateKwargs = request.chat_template_kwargs;
   return startGeneration(context, toMessages(request.messages), options);
 }
 

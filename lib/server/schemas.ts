@@ -74,6 +74,8 @@ export function chatRequestSchema(limits: RequestLimits) {
     max_completion_tokens: maxTokensField(limits),
     logprobs: z.boolean().nullish(),
     top_logprobs: z.number().int().min(0).max(20).nullish(),
+    // vLLM's extension: chat-template variables for this request (Qwen3's enable_thinking).
+    chat_template_kwargs: z.record(z.string(), z.unknown()).nullish(),
     tools: onlyDefault('tools (function calling)', (v) => Array.isArray(v) && v.length === 0),
     tool_choice: onlyDefault('tool_choice', (v) => v === 'none' || v === 'auto'),
     functions: unsupported('functions (function calling)'),
