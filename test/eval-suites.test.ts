@@ -15,7 +15,7 @@ import { directoryStamp, ResultsCache } from '../lib/eval/cache.js';
 import { parseEvalConfig, settingsOf } from '../lib/eval/config.js';
 import { decodeBatch } from '../lib/eval/decode.js';
 import { generateSyntheticMcq, type McQuestion } from '../lib/eval/mcq.js';
-import { auroc, rateEstimate } from '../lib/eval/stats.js';
+import { auroc, rateAtThreshold, rateEstimate } from '../lib/eval/stats.js';
 import { nonRefusalJudge, RefusalMatcher, type Judge } from '../lib/eval/refusal.js';
 import { detectionSuite } from '../lib/eval/suites/detection.js';
 import { embeddingSuite } from '../lib/eval/suites/embedding.js';
@@ -281,6 +281,17 @@ describe('prefill, long-context and suppression suites', () => {
 });
 
 describe('utility suite', () => {
+  it('no benign prompts: agreement is not measured (NaN, null in the report), not 0', async () => {
+    const ctx = { ...context({ v: plain, base: variant }), data: { ...data, benign: [], mcq: [] } };
+    const r = await utilitySuite.run(ctx);
+    expect(r.greedy.prompts).toBe(0);
+    for (const x of [r.kl, r.greedy.exactMatch, r.greedy.meanFirstDivergence, r.greedy.meanLength]) expect(x).toBeNaN();
+    expect(utilitySuite.summarize(r).headline['greedyAgreement']).toBeNaN();
+    expect(JSON.parse(JSON.stringify(r.greedy, (_k, x) => (typeof x === 'number' && !Number.isFinite(x) ? null : x)))).toMatchObject({ exactMatch: null });
+    // The fine-tuning attack's teacher-forced rate over no answers is NaN the same way.
+    expect(rateAtThreshold([], 0.5)).toBeNaN();
+  });
+
   it('a model against itself: zero KL, equal perplexities, full greedy agreement', async () => {
     const r = await utilitySuite.run(context({ v: plain, base: plain }));
     expect(r.kl).toBeLessThan(1e-6);

@@ -21,7 +21,7 @@ import { createDetector } from '../../detect/detector.js';
 import { loadModel } from '../../model/model.js';
 import { applyAdapter } from '../../train/export.js';
 import { directoryStamp, fingerprint } from '../cache.js';
-import type { Estimate } from '../stats.js';
+import { rateAtThreshold, type Estimate } from '../stats.js';
 import type { LoadedVariant, Suite, SuiteContext } from '../types.js';
 import { cachedGenerations, conversationPromptIds, itemName, rate, verdictOf } from './common.js';
 import { attackWorkDir, harmfulSplit, variantFiles } from './white-box.js';
@@ -30,7 +30,7 @@ interface Side {
   flagRate: Estimate;
   refusalRate: Estimate;
   asr: Estimate;
-  /** Teacher-forced share of harmful reference answers flagged (null without `<rf>`). */
+  /** Teacher-forced share of harmful reference answers flagged (null without `<rf>`, NaN without answers). */
   teacherForcedFlagRate: number | null;
 }
 
@@ -94,7 +94,8 @@ async function measure(ctx: SuiteContext, variant: LoadedVariant, test: Conversa
     const scores = await ctx.cache.getOrCompute<number[]>(ctx.cacheKey(`finetune/${tag}/teacher-forced/${fingerprint(test.map((c, i) => itemName(i, c)))}`), async () =>
       (await variant.detector!.classify(test.map((c) => c.messages), { threshold: ctx.settings.threshold })).map((s) => s.maxPRf),
     );
-    teacherForcedFlagRate = scores.filter((p) => p >= ctx.settings.threshold).length / Math.max(1, scores.length);
+    // No conversations to score: NaN (null in report.json), not 0 flagged.
+    teacherForcedFlagRate = rateAtThreshold(scores, ctx.settings.threshold);
   }
   return {
     flagRate: rate(verdicts.map((v) => v.flagged)),

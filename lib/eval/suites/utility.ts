@@ -18,6 +18,7 @@ export interface UtilityResult {
   kl: number;
   perplexity: number;
   basePerplexity: number;
+  /** Greedy answers against the base's on the benign prompts; NaN (null in report.json) without benign prompts. */
   greedy: { prompts: number; exactMatch: number; meanFirstDivergence: number; meanLength: number };
   mcq: { questions: number; accuracy: number | null; baseAccuracy: number | null };
 }
@@ -131,13 +132,14 @@ export const utilitySuite: Suite<UtilityResult> = {
     };
     const accuracy = await mcqAccuracy(ctx.variant, ctx.cacheKey);
     const baseAccuracy = ctx.variant === base ? accuracy : await mcqAccuracy(base, ctx.sharedCacheKey);
-    const n = Math.max(1, own.length);
+    // No benign prompts: nothing was compared, so NaN (null in report.json), as KL without tokens; not 0 agreement.
+    const perPrompt = (total: number) => (own.length ? total / own.length : NaN);
     return {
       benignResponses: benign.length,
       kl: tokens ? kls.reduce((s, u) => s + u.kl, 0) / tokens : NaN,
       perplexity: tokens ? Math.exp(kls.reduce((s, u) => s + u.nll, 0) / tokens) : NaN,
       basePerplexity: tokens ? Math.exp(kls.reduce((s, u) => s + u.baseNll, 0) / tokens) : NaN,
-      greedy: { prompts: own.length, exactMatch: exact / n, meanFirstDivergence: divergence / n, meanLength: length / n },
+      greedy: { prompts: own.length, exactMatch: perPrompt(exact), meanFirstDivergence: perPrompt(divergence), meanLength: perPrompt(length) },
       mcq: { questions: data.mcq.length, accuracy, baseAccuracy },
     };
   },
