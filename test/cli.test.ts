@@ -163,6 +163,31 @@ describe('redflag CLI', () => {
     expect(stdout).toBe(text + '\n');
   });
 
+  it('--chat-template-kwargs renders the template with them; a value that is not a JSON object is refused by name', async () => {
+    const templated = await tinyLlama({}, "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant{% if terse %} terse{% endif %}]{% endif %}");
+    try {
+      const { code, stdout } = await cli('generate', '--model', templated, '--prompt', 'Hello there', '--chat', '-n', '4', '--chat-template-kwargs', '{"terse": true}');
+      expect(code).toBe(0);
+      const { loadModel } = await import('../lib/model/model.js');
+      const model = await loadModel(templated, { chatTemplateKwargs: { terse: true } });
+      const ids = model.tokenizer!.encodeChat([{ role: 'user', content: 'Hello there' }], { addGenerationPrompt: true });
+      expect(model.tokenizer!.decode(ids).endsWith('[assistant terse]')).toBe(true);
+      let text = '';
+      for await (const t of model.generate(ids, { maxTokens: 4 })) text += t.text;
+      model.dispose();
+      expect(stdout).toBe(text + '\n');
+    } finally {
+      await rm(templated, { recursive: true, force: true });
+    }
+    for (const bad of ['{"terse": tru', '[1]']) {
+      const refused = await cli('generate', '--model', dir, '--prompt', 'x', '--chat', '--chat-template-kwargs', bad);
+      expect(refused.code).not.toBe(0);
+      expect(refused.stderr).toMatch(/--chat-template-kwargs/);
+    }
+    // The reports' escape hatch is a flag too.
+    for (const command of ['eval', 'study']) expect((await cli(command, '--help')).stdout).toMatch(/--overwrite/);
+  });
+
   it('generate piped into a reader that stops early ends quietly, exit code 0', async () => {
     const child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'lib', 'cli.ts'), 'generate', '--model', dir, '--prompt', 'hi', '-n', '2000'], { cwd: ROOT });
     let stderr = '';

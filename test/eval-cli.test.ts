@@ -153,7 +153,7 @@ describe('redflag eval', () => {
       };
       // A user's notes, a report.json of their own, a plot of the same name: each refused by name, untouched.
       const notes = await own('report.md', 'MY NOTES\n');
-      await expect(evaluate(config(notes))).rejects.toThrow(/report\.md: not written by redflag eval \(no report\.json of its beside it\), and the report would replace it: choose another --out, or set "overwrite": true/);
+      await expect(evaluate(config(notes))).rejects.toThrow(/report\.md: not written by redflag eval \(no report\.json of its beside it\), and the report would replace it: choose another --out, or pass --overwrite/);
       expect(await readFile(join(notes, 'report.md'), 'utf8')).toBe('MY NOTES\n');
       await expect(evaluate(config(await own('report.json', '{"mine": 1}')))).rejects.toThrow(/report\.json: not a report of redflag eval/);
       await expect(evaluate(config(await own('roc.svg', '<svg/>')))).rejects.toThrow(/roc\.svg: not written by redflag eval/);

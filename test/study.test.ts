@@ -211,7 +211,7 @@ describe('redflag study', () => {
     await writeFile(join(out, 'study.md'), 'MY NOTES\n');
     const steps: number[] = [];
     await expect(runStudy(config(out, { grid: {}, seeds: [0] }), { onStep: (_c, _s, s) => steps.push(s.step) })).rejects.toThrow(
-      /study\.md: not written by redflag study \(no study\.json of its beside it\), and the report would replace it: choose another out \(--out\), or set "overwrite": true in the study config/,
+      /study\.md: not written by redflag study \(no study\.json of its beside it\), and the report would replace it: choose another out \(--out\), or pass --overwrite/,
     );
     expect(steps).toEqual([]);
     await expect(stat(join(out, 'cells'))).rejects.toThrow(/ENOENT/);

@@ -364,7 +364,7 @@ export function buildProgram(): Command {
     .option('--threshold <p>', 'p(<rf>) at which an answer counts as flagged', number('threshold', 0, 1))
     .option('--dev-fraction <f>', 'share of labelled data used to choose a threshold', number('dev-fraction', 0, 1))
     .option('--dev-max-fpr <f>', 'false-flag rate the dev threshold aims at', number('dev-max-fpr', 0, 1))
-    .option('--bootstrap <n>', 'bootstrap resamples per confidence interval', integer('bootstrap', 1))
+    .option('--bootstrap <n>', 'bootstrap resamples per confidence interval of AUROC, AUPRC and TPR at FPR (rates use Wilson intervals)', integer('bootstrap', 1))
     .option('--judge <name>', "harmfulness judge: 'auto', 'synthetic' or 'non-refusal'")
     .option('--refusal-phrases <file>', 'refusal phrases, one per line (replaces the default list)')
     .option('--seed <n>', 'seed of sampling, splits and bootstraps', integer('seed', 0))
@@ -376,6 +376,7 @@ export function buildProgram(): Command {
     .option('--dtype <dtype>', "weights in the engine: 'f32' or 'bf16' (default: f32 on the CPU, bf16 on a GPU)", dtype)
     .option('--threads <n>', 'threads for native work', integer('threads', 1))
     .option('--chat-template-kwargs <json>', `${CHAT_TEMPLATE_KWARGS_HELP} (an adapter adds the ones it was trained with)`, templateKwargs)
+    .option('--overwrite', 'replace report files in --out that redflag did not write (without it, such a folder is refused)')
     .action(async (flags: Record<string, unknown>) => {
       await runEval(flags);
     });
@@ -386,7 +387,8 @@ export function buildProgram(): Command {
     .requiredOption('-c, --config <file>', 'JSON study config')
     .option('-o, --out <dir>', 'output directory (replaces the config\'s "out")')
     .option('--threads <n>', 'threads for native work', integer('threads', 1))
-    .action(async (flags: { config: string; out?: string; threads?: number }) => {
+    .option('--overwrite', 'replace report files in the output directory that redflag did not write')
+    .action(async (flags: { config: string; out?: string; threads?: number; overwrite?: boolean }) => {
       await runStudyCommand(flags);
     });
 

@@ -1,5 +1,5 @@
 /**
- * `redflag study --config study.json [--out DIR] [--threads N]`: progress lines on stderr,
+ * `redflag study --config study.json [--out DIR] [--threads N] [--overwrite]`: progress lines on stderr,
  * Ctrl-C that stops after the current training step (checkpointed) or eval unit (cached) so the
  * same command resumes, and the study table on stdout.
  * @module
@@ -11,9 +11,13 @@ import { loadStudyConfig } from '../study/config.js';
 import { runStudy } from '../study/runner.js';
 
 /** Runs `redflag study`. */
-export async function runStudyCommand(flags: { config?: string; out?: string; threads?: number }): Promise<void> {
+export async function runStudyCommand(flags: { config?: string; out?: string; threads?: number; overwrite?: boolean }): Promise<void> {
   if (!flags.config) throw new RedflagError('INVALID_ARGUMENT', 'study needs --config FILE (see README, Study)');
-  const config = await loadStudyConfig(flags.config, { ...(flags.out ? { out: flags.out } : {}), ...(flags.threads ? { threads: flags.threads } : {}) });
+  const config = await loadStudyConfig(flags.config, {
+    ...(flags.out ? { out: flags.out } : {}),
+    ...(flags.threads ? { threads: flags.threads } : {}),
+    ...(flags.overwrite ? { overwrite: true } : {}),
+  });
   const controller = new AbortController();
   const onSigint = () => {
     process.stderr.write('\nstopping: finished cells are kept, training checkpoints, evaluation is cached; run the same command again to resume\n');

@@ -328,7 +328,7 @@ export const EVAL_REPORT_FILES: ReportFiles = {
       return false;
     }
   },
-  hint: 'choose another --out, or set "overwrite": true in the eval config (--config) to replace it',
+  hint: 'choose another --out, or pass --overwrite ("overwrite": true in an eval config) to replace it',
 };
 
 /** Writes report.json, report.md and the plots into `config.out`; returns the report. */

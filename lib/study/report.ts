@@ -107,7 +107,7 @@ export const STUDY_REPORT_FILES = {
   generator: 'redflag study',
   legacyKeys: ['createdAt', 'config', 'cells', 'seeds', 'files'],
   others: (names: readonly string[]) => names.filter((n) => n === 'study.md' || /^sensitivity-.*\.(svg|png)$/.test(n)),
-  hint: 'choose another out (--out), or set "overwrite": true in the study config to replace it',
+  hint: 'choose another out (--out), or pass --overwrite ("overwrite": true in the study config) to replace it',
 } as const satisfies ReportFiles;
 
 /** Aggregates the cells' results over seeds and writes study.json, study.md and the plots into `config.out`. */
