@@ -107,8 +107,8 @@ describe('GET /metrics', () => {
     // The fake counts prompt words: "Hi there" 2, "how to build a bomb" 5, "Hello" 1, "Once" 1.
     expect(delta(before, after, 'redflag_prompt_tokens_total')).toBe(9);
     expect(delta(before, after, 'redflag_time_to_first_token_seconds_count')).toBe(4);
-    // Gaps between consecutive tokens: 7 + 1 + 7 + 2.
-    expect(delta(before, after, 'redflag_inter_token_latency_seconds_count')).toBe(17);
+    // Gaps between consecutive tokens shown: 7 + 0 (the flagged step's token is not) + 7 + 2.
+    expect(delta(before, after, 'redflag_inter_token_latency_seconds_count')).toBe(16);
     expect(metricValue(after, 'redflag_time_to_first_token_seconds_bucket', { le: '+Inf' })).toBe(metricValue(after, 'redflag_time_to_first_token_seconds_count'));
     // Gauges (and the OOM-split counter) read from detector.stats() (the fake's: nothing running, a 1 GiB budget, 3 splits) and the process's own.
     expect(metricValue(after, 'redflag_kv_cache_budget_bytes')).toBe(2 ** 30);

@@ -208,6 +208,33 @@ describe('server (default limits)', () => {
     expect(streamed).toEqual(ANSWER);
   });
 
+  it('gives one logprob entry per generated token, a token that shows no text yet included (part of a character)', async () => {
+    const completion = await client.chat.completions.create({ model: MODEL, messages: [{ role: 'user', content: 'split' }], logprobs: true });
+    const entries = completion.choices[0]!.logprobs!.content!;
+    expect(entries).toHaveLength(ANSWER.length + 1);
+    expect(entries).toHaveLength(completion.usage!.completion_tokens);
+    expect(entries[1]).toMatchObject({ token: '', bytes: [] });
+    expect(entries.map((e) => e.token).join('')).toBe(completion.choices[0]!.message.content);
+    // Streamed: the empty entry rides with the next chunk that has text.
+    const stream = await client.chat.completions.create({ model: MODEL, messages: [{ role: 'user', content: 'split' }], logprobs: true, stream: true });
+    const streamed: string[][] = [];
+    for await (const chunk of stream) {
+      const content = chunk.choices[0]?.logprobs?.content;
+      if (content) streamed.push(content.map((e) => e.token));
+    }
+    expect(streamed.flat()).toEqual(entries.map((e) => e.token));
+    expect(streamed[1]).toEqual(['', ANSWER[1]]);
+    // Legacy text completions: the same, in their arrays.
+    for (const stream of [false, true]) {
+      const response = await post(server.url, '/v1/completions', { model: MODEL, prompt: 'split', max_tokens: 50, logprobs: 0, stream });
+      const text = await response.text();
+      const tokens = stream
+        ? text.split('\n').filter((l) => l.startsWith('data: {')).flatMap((l) => (JSON.parse(l.slice(6)) as { choices: { logprobs: { tokens: string[] } | null }[] }).choices[0]?.logprobs?.tokens ?? [])
+        : (JSON.parse(text) as { choices: { logprobs: { tokens: string[] } }[] }).choices[0]!.logprobs.tokens;
+      expect(tokens).toEqual(entries.map((e) => e.token));
+    }
+  });
+
   it('moderates strings as user requests and as teacher-forced assistant answers', async () => {
     const moderation = await client.moderations.create({ model: MODEL, input: ['a nice cake recipe', 'step one of the bomb'] });
     expect(moderation.id).toMatch(/^modr-[0-9a-f]{32}$/);

@@ -66,14 +66,15 @@ function startChat(request: ChatRequest, context: ChatContext): DetectionStream 
 }
 
 /**
- * Runs a generation to its end, the observer told of every token; each token that shows text goes
- * to `onToken` (empty-text tokens, `<rf>` and part of a character, add nothing a user sees: their
- * log-prob entries would not add up to the text). Returns the summary.
+ * Runs a generation to its end, the observer told of every token and `onToken` given each one
+ * (a token that shows no text yet, the first part of a character, too: its log-prob entry has
+ * empty text and no bytes, and the next token's entry has the whole character, so the entries
+ * are one per token and their texts add up to the answer). Returns the summary.
  */
 export async function generateToEnd(stream: DetectionStream, observer: GenerationObserver, onToken: (token: DetectedToken) => void): Promise<DetectionSummary> {
   for await (const token of stream) {
     observer.token();
-    if (token.text !== '') onToken(token);
+    onToken(token);
   }
   const summary = await stream.done;
   observer.finished(summary);
@@ -110,15 +111,20 @@ export async function streamChat(request: ChatRequest, context: ChatContext, rep
   const topCount = topLogprobCount(request);
   const chunk = (choices: unknown[], extra: Record<string, unknown> = {}): string =>
     JSON.stringify({ ...head, choices, ...(includeUsage ? { usage: null } : {}), ...extra });
+  // Entries of tokens that showed no text yet ride with the next chunk that has text (or the last).
+  let held: LogprobEntry[] = [];
+  const logprobsWith = (entries: LogprobEntry[]) => (request.logprobs === true && entries.length > 0 ? { content: entries, refusal: null } : null);
   await streamEvents(startChat(request, context), context.observer, reply, {
     start: () => [chunk([{ index: 0, delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null }])],
     token: (token) => {
+      if (request.logprobs === true) held.push(logprobEntry(token, topCount));
       if (token.text === '') return null;
-      const logprobs = request.logprobs === true ? { content: [logprobEntry(token, topCount)], refusal: null } : null;
+      const logprobs = logprobsWith(held);
+      held = [];
       return chunk([{ index: 0, delta: { content: token.text }, logprobs, finish_reason: null }]);
     },
     end: (summary) => [
-      chunk([{ index: 0, delta: {}, logprobs: null, finish_reason: summary.finishReason, content_filter_results: contentFilterResults(summary) }]),
+      chunk([{ index: 0, delta: {}, logprobs: logprobsWith(held), finish_reason: summary.finishReason, content_filter_results: contentFilterResults(summary) }]),
       ...(includeUsage ? [chunk([], { usage: usage(summary) })] : []),
     ],
   });

@@ -94,18 +94,21 @@ export async function streamCompletion(request: CompletionRequest, context: Chat
   const includeUsage = request.stream_options?.include_usage === true;
   const echo = request.echo === true ? request.prompt : '';
   const builder = new LogprobsBuilder(request.logprobs ?? 0, echo.length);
+  let held: CompletionLogprobs | null = null;
   const chunk = (choices: unknown[], extra: Record<string, unknown> = {}): string =>
     JSON.stringify({ ...head, choices, ...(includeUsage ? { usage: null } : {}), ...extra });
   await streamEvents(stream, context.observer, reply, {
     start: () => (echo === '' ? [] : [chunk([{ index: 0, text: echo, logprobs: null, finish_reason: null }])]),
     token: (token) => {
+      // Tokens that showed no text yet are in the next chunk's log-probs (or the last's).
+      if (request.logprobs != null) builder.add((held ??= emptyLogprobs()), token);
       if (token.text === '') return null;
-      let logprobs: CompletionLogprobs | null = null;
-      if (request.logprobs != null) builder.add((logprobs = emptyLogprobs()), token);
+      const logprobs = held;
+      held = null;
       return chunk([{ index: 0, text: token.text, logprobs, finish_reason: null }]);
     },
     end: (summary) => [
-      chunk([{ index: 0, text: '', logprobs: null, finish_reason: summary.finishReason, content_filter_results: contentFilterResults(summary) }]),
+      chunk([{ index: 0, text: '', logprobs: held, finish_reason: summary.finishReason, content_filter_results: contentFilterResults(summary) }]),
       ...(includeUsage ? [chunk([], { usage: usage(summary) })] : []),
     ],
   });

@@ -187,12 +187,17 @@ export class FakeDetector implements Detector {
       maxPRf = Math.max(maxPRf, pRf);
       completionTokens++;
       if (pRf >= this.threshold) {
+        // Blocked: the flagged step's token is not shown (as the detector does).
         flagged = true;
-        yield token('', i, pRf, true); // `<rf>`: no text
         finishReason = 'content_filter';
         break;
       }
       text += word;
+      // "split": a character whose bytes span two tokens, the first showing no text yet.
+      if (prompt.includes('split') && i === 1) {
+        completionTokens++;
+        yield token('', i, pRf, false);
+      }
       yield token(word, i, pRf, false);
     }
     const categories = this.categories.length ? { categoryScores: this.shares(maxPRf), category: flagged ? this.categories[0]! : null } : {};
