@@ -2,6 +2,7 @@
 // from full-sequence logits; the three modes; continuous batching that changes no output; the
 // KV-cache budget; cancellation; teacher-forced classification.
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { getEventListeners } from 'node:events';
 import { rm } from 'node:fs/promises';
 
 import { createDetector, DEFAULT_REFLECTION, type DetectedToken, type Detector, type DetectionStream } from '../lib/detect/detector.js';
@@ -381,6 +382,62 @@ describe('continuous batching', () => {
 
     const noQueue = await detector({ maxQueued: 0 });
     expect((await drain(noQueue.generate(ask('Alone.'), { maxTokens: 3 }))).length).toBe(3);
+  });
+
+  it('a request made as the last one ends (awaiting each answer in turn) runs: generate and classify', async () => {
+    const d = await detector();
+    const within = <T>(promise: Promise<T>) =>
+      Promise.race([promise, new Promise<never>((_, reject) => setTimeout(() => reject(new Error(`stuck: ${JSON.stringify(d.stats())}`)), 20_000))]);
+    await within((async () => {
+      for (let i = 0; i < 3; i++) expect((await d.generate(ask(`Question ${i}.`), { maxTokens: 3 }).done).completionTokens).toBe(3);
+      await d.generate(ask('Then classify.'), { maxTokens: 2 }).done;
+      expect(await d.classify([[...ask('Hi'), { role: 'assistant', content: 'Hello.' }]])).toHaveLength(1);
+    })());
+  });
+
+  it('a request whose signal is already aborted fails at once and takes no place in the queue', async () => {
+    const d = await detector({ maxBatch: 1, maxQueued: 1 });
+    const running = d.generate(ask('Running.'), { maxTokens: 30 });
+    const waiting = d.generate(ask('Waiting.'), { maxTokens: 5 });
+    let settled = false;
+    const dead = d.generate(ask('Dead.'), { maxTokens: 5, signal: AbortSignal.abort(new Error('gone before it came')) });
+    void dead.done.catch(() => (settled = true));
+    await new Promise((resolve) => setImmediate(resolve));
+    expect(settled).toBe(true);
+    await expect(dead.done).rejects.toThrow('gone before it came');
+    expect(d.stats().queued).toBe(1);
+    await drain(running);
+    await drain(waiting);
+  });
+
+  it('a signal shared by many requests keeps no listener of a finished one', async () => {
+    const d = await detector();
+    const controller = new AbortController();
+    for (let i = 0; i < 12; i++) await drain(d.generate(ask(`Shared ${i}.`), { maxTokens: 2, signal: controller.signal }));
+    await d.classify([[...ask('Hi'), { role: 'assistant', content: 'Hello.' }]], { signal: controller.signal });
+    expect(getEventListeners(controller.signal, 'abort')).toHaveLength(0);
+  });
+
+  it('maxQueued counts only what waits: requests the batch takes at once are not refused while a step runs', async () => {
+    const d = await detector({ maxBatch: 8, maxQueued: 0 });
+    const running = d.generate(ask('Running.'), { maxTokens: 20 });
+    const burst = [0, 1, 2].map((i) => d.generate(ask(`Burst ${i}.`), { maxTokens: 3 }));
+    for (const b of burst) expect((await b.done).completionTokens).toBe(3);
+    await drain(running);
+  });
+
+  it('a classify does not wait for a generation that only waits for a batch slot', async () => {
+    const d = await detector({ maxBatch: 1 });
+    const running = d.generate(ask('Running.'), { maxTokens: 200 });
+    const waiting = d.generate(ask('Waiting.'), { maxTokens: 200 });
+    let runningDone = false;
+    void running.done.then(() => (runningDone = true));
+    await d.classify([[...ask('Hi'), { role: 'assistant', content: 'Hello.' }]]);
+    expect(runningDone).toBe(false);
+    expect(d.stats().queued).toBe(1);
+    await drain(running);
+    await drain(waiting);
+    expect(d.stats().kvCacheBytes).toBe(0);
   });
 
   it('a cancelled request ends with its abort reason and frees its cache; the others go on', async () => {

@@ -165,15 +165,23 @@ class Stream implements DetectionStream {
   #failed = false;
   #iterated = false;
   #settle!: { resolve: (s: DetectionSummary) => void; reject: (e: unknown) => void };
+  #unlisten: (() => void) | null = null;
 
   constructor(signal?: AbortSignal) {
     this.done = new Promise((resolve, reject) => (this.#settle = { resolve, reject }));
     this.done.catch(() => undefined); // a caller who only iterates still sees the error there
+    // First, so a signal already aborted fails the stream at once.
+    this.#controller.signal.addEventListener('abort', () => this.fail(abortError(this.#controller.signal)), { once: true });
     if (signal) {
       if (signal.aborted) this.#controller.abort(signal.reason);
-      else signal.addEventListener('abort', () => this.#controller.abort(signal.reason), { once: true });
+      else {
+        // Removed when the stream ends: a signal may serve many requests, and its listeners
+        // would keep every finished stream alive.
+        const onAbort = () => this.#controller.abort(signal.reason);
+        signal.addEventListener('abort', onAbort, { once: true });
+        this.#unlisten = () => signal.removeEventListener('abort', onAbort);
+      }
     }
-    this.#controller.signal.addEventListener('abort', () => this.fail(abortError(this.#controller.signal)), { once: true });
   }
 
   get signal(): AbortSignal {
@@ -197,6 +205,7 @@ class Stream implements DetectionStream {
   end(summary: DetectionSummary): void {
     if (this.finished) return;
     this.#summary = summary;
+    this.#unlisten?.();
     this.#settle.resolve(summary);
     this.#wake?.();
   }
@@ -204,6 +213,7 @@ class Stream implements DetectionStream {
   fail(error: unknown): void {
     if (this.finished) return;
     this.#failed = true;
+    this.#unlisten?.();
     this.#error = error;
     this.#settle.reject(error);
     this.#wake?.();

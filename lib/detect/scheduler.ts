@@ -210,14 +210,23 @@ export class Scheduler {
   #enqueue(waiter: Waiter, bytes: number, needs: string): void {
     if (this.#closed) throw new RedflagError('DISPOSED', 'the detector was disposed');
     if (this.failure) throw this.failedError();
+    // Cancelled before it came: it takes no place in the queue (an aborted signal fires no more).
+    if (waiter.signal?.aborted) throw abortError(waiter.signal);
     if (bytes > this.#o.kvCacheBytes) {
       throw new RedflagError(
         'TOO_LARGE',
         `${needs}, more than the whole budget of ${mib(this.#o.kvCacheBytes)}: shorten the prompt or max tokens`,
       );
     }
-    // What the batch and the budget take at once does not wait (maxQueued may be 0).
-    const fitsNow = this.#queue.length === 0 && (isHold(waiter) || this.#running.length < this.#o.maxBatch) && this.#reserved + bytes <= this.#o.kvCacheBytes;
+    // What the batch and the budget take at once does not wait (maxQueued may be 0): it fits
+    // beside everything queued ahead of it, which the next admission takes first.
+    let jobsAhead = 0;
+    let bytesAhead = 0;
+    for (const w of this.#queue) {
+      if (!isHold(w)) jobsAhead++;
+      bytesAhead += isHold(w) ? w.bytes : this.bytesFor(w.positions);
+    }
+    const fitsNow = this.#running.length + jobsAhead + (isHold(waiter) ? 0 : 1) <= this.#o.maxBatch && this.#reserved + bytesAhead + bytes <= this.#o.kvCacheBytes;
     if (!fitsNow && this.#queue.length >= this.#o.maxQueued) {
       throw new RedflagError('BUSY', `${this.#queue.length} requests are already waiting: try again later`);
     }
@@ -244,7 +253,12 @@ export class Scheduler {
   /** Starts the loop unless it runs: what waits may be admitted now (after a release, a departure or an arrival). */
   #kick(): void {
     if (this.#queue.length === 0 || this.#closed) return;
-    this.#loop ??= this.#run().finally(() => (this.#loop = null));
+    this.#loop ??= this.#run().finally(() => {
+      this.#loop = null;
+      // What came while the loop was ending (a caller awaiting one answer submits the next in
+      // the microtask before this one): it would wait for another arrival.
+      this.#kick();
+    });
   }
 
   /** The error a job (or a classify) gets once the device has failed: the failure's, the same for everyone. */
@@ -300,7 +314,10 @@ export class Scheduler {
         job.grant();
         continue;
       }
-      if (this.#running.length >= this.#o.maxBatch) break;
+      if (this.#running.length >= this.#o.maxBatch) {
+        this.#grantHoldsBehind();
+        break;
+      }
       const bytes = this.bytesFor(job.positions);
       if (this.#reserved + bytes > this.#o.kvCacheBytes) break;
       this.#dequeue();
@@ -315,6 +332,28 @@ export class Scheduler {
       }
       this.#reserved += bytes;
       this.#running.push({ job, seq, pending: job.prompt.slice(), bytes, guessed: null, done: false });
+    }
+  }
+
+  /**
+   * A hold needs no batch slot: while the head of the queue waits for one, each hold behind it
+   * whose bytes fit beside everything ahead of it starts now (a classify does not wait for a
+   * generation to end only because the batch is full); what is ahead loses nothing by it.
+   */
+  #grantHoldsBehind(): void {
+    let ahead = 0;
+    for (let i = 0; i < this.#queue.length; ) {
+      const w = this.#queue[i]!;
+      if (isHold(w) && !w.signal?.aborted && this.#reserved + ahead + w.bytes <= this.#o.kvCacheBytes) {
+        this.#queue.splice(i, 1);
+        this.#waiting.get(w)?.();
+        this.#waiting.delete(w);
+        this.#reserved += w.bytes;
+        w.grant();
+        continue;
+      }
+      ahead += isHold(w) ? w.bytes : this.bytesFor(w.positions);
+      i++;
     }
   }
 
