@@ -229,7 +229,7 @@ describe('redflag CLI', () => {
     expect(badKv.code).not.toBe(0);
     expect(badKv.stderr).toMatch(/kv-cache-mb must be 'auto' or an integer/);
     const child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'lib', 'cli.ts'), 'serve', '--model', rfDir, '--port', '0', '--threads', '1',
-      '--kv-cache-mb', '64', '--max-batch', '4', '--max-step-tokens', '64', '--gpu-memory-fraction', '0.5', '--overlap-steps'], {
+      '--kv-cache-mb', '64', '--max-batch', '4', '--max-step-tokens', '64', '--gpu-memory-fraction', '0.5', '--overlap-steps', '--served-model-name', 'x'], {
       cwd: ROOT,
       env: { ...process.env, REDFLAG_API_KEY: 'sk-cli' },
     });
