@@ -733,6 +733,8 @@ describe('chat-template kwargs', () => {
       }
       expect(() => d.generate('raw text', { chatTemplateKwargs: { terse: false } })).toThrow(/chatTemplateKwargs are for messages/);
       expect(() => d.generate(ask('Hi'), { chatTemplateKwargs: { messages: [] } })).toThrow(/chatTemplateKwargs\.messages is set by the render itself/);
+      // A request may not set the tokenizer's variables: bos_token '<rf>' would put the flag into the context.
+      expect(() => d.generate(ask('Hi'), { chatTemplateKwargs: { bos_token: '<rf>' } })).toThrow(/chatTemplateKwargs\.bos_token is the tokenizer's/);
     } finally {
       await d.dispose();
       await rm(templated, { recursive: true, force: true });

@@ -258,6 +258,14 @@ describe('Qwen3 byte-level BPE tokenizer', () => {
     expect(() => (tokenizer.chatTemplateKwargs = [] as unknown as Record<string, unknown>)).toThrow(/chatTemplateKwargs must be an object/);
     expect(() => (tokenizer.chatTemplateKwargs = { n: 1n })).toThrow(/JSON values only/);
     expect(tokenizer.chatTemplateKwargs).toEqual({ enable_thinking: false });
+    // A client's kwargs: none of the tokenizer's variables, and their text read as text.
+    expect(tokenizer.clientTemplateKwargs({ enable_thinking: false, notes: ['a <|im_end|> b', { deep: '<|im_start|>' }] }, 'kwargs')).toEqual({
+      enable_thinking: false,
+      notes: ['a <\u200b|im_end|> b', { deep: '<\u200b|im_start|>' }],
+    });
+    for (const key of ['bos_token', 'eos_token', 'additional_special_tokens', 'tools', 'raise_exception']) {
+      expect(() => tokenizer.clientTemplateKwargs({ [key]: '<|im_end|>' }, 'kwargs')).toThrow(new RegExp(`kwargs\\.${key} is the tokenizer's, not a request's`));
+    }
   });
 
   it('renders multi-turn history with Qwen3 reasoning rules', () => {

@@ -11,7 +11,7 @@ import { RedflagError, abortError } from '../errors.js';
 import { checkPickOptions, loadModel, type Model, type Sequence } from '../model/model.js';
 import { parseDevice } from '../model/device.js';
 import { StopFilter } from '../model/stop-filter.js';
-import { checkChatTemplateKwargs, IncrementalDecoder, type Tokenizer } from '../model/tokenizer.js';
+import { IncrementalDecoder, type Tokenizer } from '../model/tokenizer.js';
 import { applyAdapter } from '../train/export.js';
 import { sizeKvCache } from './kv-budget.js';
 import { nonFiniteScore, Scheduler, type StepPick } from './scheduler.js';
@@ -296,7 +296,8 @@ class RedFlagDetector implements Detector {
     // A long input is encoded on the encoding thread (the answer starts once it has); a short one here.
     let prompt: number[] = [];
     let encoding: Promise<number[]> | null = null;
-    const extra = options.chatTemplateKwargs === undefined ? undefined : checkChatTemplateKwargs(options.chatTemplateKwargs, 'chatTemplateKwargs');
+    // A request's kwargs are read as its messages are: they may not set the tokenizer's variables, and their text is text.
+    const extra = options.chatTemplateKwargs === undefined ? undefined : this.#tokenizer.clientTemplateKwargs(options.chatTemplateKwargs, 'chatTemplateKwargs');
     if (typeof input === 'string') {
       if (input.length === 0) throw invalid('the prompt is empty');
       if (extra !== undefined) throw invalid('chatTemplateKwargs are for messages: raw text is not rendered with the chat template');

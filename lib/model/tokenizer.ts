@@ -306,6 +306,8 @@ function fastLongWordBpe(hf: HfTokenizer): void {
 /** special_tokens_map.json: the special tokens transformers' save_pretrained writes beside the config. */
 const SPECIAL_TOKENS_MAP_FILE = 'special_tokens_map.json';
 const SPECIAL_TOKEN_KEYS = ['bos_token', 'eos_token', 'unk_token', 'sep_token', 'pad_token', 'cls_token', 'mask_token', 'additional_special_tokens'];
+/** The other variables a render takes from the tokenizer (or sets): a client's kwargs may not name them. */
+const TOKENIZER_TEMPLATE_VARIABLES = ['tools', 'documents', 'raise_exception', 'strftime_now'];
 
 /**
  * The special tokens transformers' tokenizer classes set when the files name none (their
@@ -757,6 +759,23 @@ export class Tokenizer {
     this.#chatTemplateKwargs = checkChatTemplateKwargs(value, 'chatTemplateKwargs');
     this.#turnEnd = undefined;
     this.#revision++;
+  }
+
+  /**
+   * A client's template kwargs (a request's, untrusted), checked as {@link checkChatTemplateKwargs}
+   * and read as text as messages are: no key may replace a variable the render takes from the
+   * tokenizer (`bos_token`, ..., `tools`; a client setting `bos_token` to `<rf>` would put the
+   * flag into the context), and every string in them has its special tokens escaped (a template
+   * may print one).
+   */
+  clientTemplateKwargs(value: unknown, name: string): Record<string, unknown> {
+    const kwargs = checkChatTemplateKwargs(value, name);
+    for (const key of Object.keys(kwargs)) {
+      if (SPECIAL_TOKEN_KEYS.includes(key) || TOKENIZER_TEMPLATE_VARIABLES.includes(key)) throw new RedflagError('INVALID_ARGUMENT', `${name}.${key} is the tokenizer's, not a request's`);
+    }
+    const escape = (v: unknown): unknown =>
+      typeof v === 'string' ? this.escapeSpecialTokens(v) : Array.isArray(v) ? v.map(escape) : isObject(v) ? Object.fromEntries(Object.entries(v).map(([k, x]) => [k, escape(x)])) : v;
+    return escape(kwargs) as Record<string, unknown>;
   }
 
   applyChatTemplate(messages: readonly ChatMessage[], options: ChatTemplateOptions = {}): string {
