@@ -126,10 +126,17 @@ ThreadPool::ThreadPool(int n_threads) : impl_(new Impl), n_threads_(n_threads < 
   impl_->slot_epoch.reset(new std::atomic<uint64_t>[n_threads_]);
   for (int t = 0; t < n_threads_; ++t) impl_->slot_epoch[t].store(0, std::memory_order_relaxed);
   impl_->workers.reserve(n_threads_ - 1);
-  for (int t = 1; t < n_threads_; ++t) impl_->workers.emplace_back([this, t] { impl_->worker_main(t); });
+  try {
+    for (int t = 1; t < n_threads_; ++t) impl_->workers.emplace_back([this, t] { impl_->worker_main(t); });
+  } catch (...) {
+    // The system refused a thread (a limit on threads or memory): the ones started are joined
+    // and the state freed (no destructor runs for a constructor that throws: they leaked).
+    stop_workers();
+    throw;
+  }
 }
 
-ThreadPool::~ThreadPool() {
+void ThreadPool::stop_workers() {
   impl_->stop.store(true, std::memory_order_release);
   {
     std::lock_guard<std::mutex> lock(impl_->mutex);
@@ -138,7 +145,10 @@ ThreadPool::~ThreadPool() {
   impl_->wake.notify_all();
   for (auto& w : impl_->workers) w.join();
   delete impl_;
+  impl_ = nullptr;
 }
+
+ThreadPool::~ThreadPool() { stop_workers(); }
 
 void ThreadPool::run(const std::function<void(int, int)>& fn) {
   if (n_threads_ == 1) {

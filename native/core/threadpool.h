@@ -25,6 +25,8 @@ class ThreadPool {
 
  private:
   struct Impl;
+  // Stops and joins the workers and frees the state (the destructor, and a constructor that fails part way).
+  void stop_workers();
   Impl* impl_;
   int n_threads_;
 };

@@ -8,6 +8,11 @@
 #include <thread>
 #include <vector>
 
+#include <dirent.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include "core/threadpool.h"
 
 namespace {
@@ -152,6 +157,51 @@ void exception_check() {
   report(caught && after == 2, "worker exception reaches the caller");
 }
 
+// The threads of this process (/proc/self/task's entries).
+int live_threads() {
+  int n = 0;
+  if (DIR* d = opendir("/proc/self/task")) {
+    while (dirent* e = readdir(d))
+      if (e->d_name[0] != '.') ++n;
+    closedir(d);
+  }
+  return n;
+}
+
+// A pool the system cannot give all its threads (here: an address-space limit their stacks do
+// not fit in) throws, and joins the threads it did start: before, they and the pool's state
+// leaked, blocked for good. Run in a child process, whose limit the other checks do not share.
+void thread_limit_check() {
+  const pid_t child = fork();
+  if (child == 0) {
+    rlimit limit{};
+    getrlimit(RLIMIT_AS, &limit);
+    long vm_kb = 0;
+    if (FILE* f = std::fopen("/proc/self/status", "r")) {
+      char line[256];
+      while (std::fgets(line, sizeof line, f))
+        if (std::sscanf(line, "VmSize: %ld kB", &vm_kb) == 1) break;
+      std::fclose(f);
+    }
+    limit.rlim_cur = rlim_t(vm_kb + 64 * 1024) * 1024;  // room for a few 8 MiB stacks, not 256
+    setrlimit(RLIMIT_AS, &limit);
+    const int before = live_threads();
+    try {
+      rf::ThreadPool pool(256);
+      _exit(2);  // every thread started: the limit did not bite
+    } catch (const std::exception&) {
+      _exit(live_threads() == before ? 0 : 3);
+    }
+  }
+  int status = 0;
+  waitpid(child, &status, 0);
+  const bool exited = WIFEXITED(status);
+  const int code = exited ? WEXITSTATUS(status) : -1;
+  report(code == 0, "a pool short of threads throws and leaves no thread behind",
+         exited ? "exit " + std::to_string(code) + (code == 2 ? " (the limit did not bite)" : code == 3 ? " (threads left running)" : "")
+                : "killed by signal " + std::to_string(WTERMSIG(status)));
+}
+
 void region_cost_print() {
   for (int n_threads : {1, 2}) {
     rf::ThreadPool pool(n_threads);
@@ -200,6 +250,7 @@ int main() {
   sleep_wake_check();
   create_destroy_check();
   exception_check();
+  thread_limit_check();
   region_cost_print();
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
