@@ -426,6 +426,38 @@ describe('continuous batching', () => {
     await drain(running);
   });
 
+  it('classifications that do not fit the budget together run one after the other (the loop does not spin meanwhile)', async () => {
+    const conversation: Message[] = [...ask('Is this fine?'), { role: 'assistant', content: 'It is fine, thank you for asking.' }];
+    const [alone] = await (await detector()).classify([conversation]);
+    const length = encodePrompt(model.tokenizer!, ask('Is this fine?')).length + alone!.tokens.length;
+    const d = await detector({ kvCacheBytes: Math.floor(model.kvBytesPerPosition * length * 1.5) });
+    // A timer runs only if the event loop turns.
+    let ticks = 0;
+    const timer = setInterval(() => ticks++, 1);
+    try {
+      const results = await Promise.all([d.classify([conversation]), d.classify([conversation]), d.classify([conversation])]);
+      for (const [r] of results) expect(Array.from(r!.pRf)).toEqual(Array.from(alone!.pRf));
+    } finally {
+      clearInterval(timer);
+    }
+    expect(ticks).toBeGreaterThan(0);
+    // And a generation behind a hold that has the budget.
+    const held = d.classify([conversation]);
+    const generation = d.generate(ask('Is this fine?'), { maxTokens: 3 });
+    await held;
+    expect((await generation.done).completionTokens).toBe(3);
+    expect(d.stats().kvCacheBytes).toBe(0);
+  });
+
+  it('a classify that fits beside what waits is not refused BUSY, even with the queue full', async () => {
+    const d = await detector({ maxBatch: 1, maxQueued: 1 });
+    const running = d.generate(ask('Running.'), { maxTokens: 100 });
+    const waiting = d.generate(ask('Waiting.'), { maxTokens: 5 });
+    expect(await d.classify([[...ask('Hi'), { role: 'assistant', content: 'Hello.' }]])).toHaveLength(1);
+    await drain(running);
+    await drain(waiting);
+  });
+
   it('a classify does not wait for a generation that only waits for a batch slot', async () => {
     const d = await detector({ maxBatch: 1 });
     const running = d.generate(ask('Running.'), { maxTokens: 200 });
@@ -693,6 +725,21 @@ describe('long inputs', () => {
       expect(longHere).toBe(0);
     } finally {
       tokenizer.encode = encode;
+    }
+  });
+
+  it('a tokenizer change while one is encoded (another adapter, other kwargs) does not fail it: later ones use the new copy', async () => {
+    const d = await detector();
+    const tokenizer = model.tokenizer!;
+    const long = (text: string) => ask(`${text} ${'-'.repeat(LONG_INPUT_CHARS)}`);
+    const first = d.generate(long('First.'), { maxTokens: 1 });
+    tokenizer.chatTemplateKwargs = { unused_by_the_plain_format: true };
+    try {
+      const second = d.generate(long('Second.'), { maxTokens: 1 });
+      expect((await first.done).promptTokens).toBe(encodePrompt(tokenizer, long('First.')).length);
+      expect((await second.done).promptTokens).toBe(encodePrompt(tokenizer, long('Second.')).length);
+    } finally {
+      tokenizer.chatTemplateKwargs = {};
     }
   });
 

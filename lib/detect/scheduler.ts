@@ -129,6 +129,8 @@ export class Scheduler {
   readonly #blockTokens: number;
   #reserved = 0;
   #loop: Promise<void> | null = null;
+  /** A kick came while the loop ran (see #kick). */
+  #kickedWhileRunning = false;
   #closed = false;
   /** Counters for stats. */
   steps = 0;
@@ -226,7 +228,8 @@ export class Scheduler {
       if (!isHold(w)) jobsAhead++;
       bytesAhead += isHold(w) ? w.bytes : this.bytesFor(w.positions);
     }
-    const fitsNow = this.#running.length + jobsAhead + (isHold(waiter) ? 0 : 1) <= this.#o.maxBatch && this.#reserved + bytesAhead + bytes <= this.#o.kvCacheBytes;
+    // (A hold needs no batch slot: #grantHoldsBehind passes what waits only for one.)
+    const fitsNow = (isHold(waiter) || this.#running.length + jobsAhead + 1 <= this.#o.maxBatch) && this.#reserved + bytesAhead + bytes <= this.#o.kvCacheBytes;
     if (!fitsNow && this.#queue.length >= this.#o.maxQueued) {
       throw new RedflagError('BUSY', `${this.#queue.length} requests are already waiting: try again later`);
     }
@@ -253,11 +256,18 @@ export class Scheduler {
   /** Starts the loop unless it runs: what waits may be admitted now (after a release, a departure or an arrival). */
   #kick(): void {
     if (this.#queue.length === 0 || this.#closed) return;
-    this.#loop ??= this.#run().finally(() => {
+    if (this.#loop !== null) {
+      // The loop may be past its last look at the queue: it looks again as it ends.
+      this.#kickedWhileRunning = true;
+      return;
+    }
+    this.#kickedWhileRunning = false;
+    this.#loop = this.#run().finally(() => {
       this.#loop = null;
       // What came while the loop was ending (a caller awaiting one answer submits the next in
-      // the microtask before this one): it would wait for another arrival.
-      this.#kick();
+      // the microtask before this one) would wait for another arrival. Only then: a queue that
+      // nothing can leave now (holds have the budget) would otherwise spin the loop for ever.
+      if (this.#kickedWhileRunning) this.#kick();
     });
   }
 
