@@ -56,8 +56,20 @@ describe('EncodeThread', () => {
     expect(await t.prompt(ask)).toEqual(encodePrompt(tokenizer, ask));
     expect(tokenizer.decode(await t.prompt(ask)).endsWith('<think>\n\n</think>\n\n')).toBe(true);
     expect(t.revision).toBe(tokenizer.revision);
+    tokenizer.chatTemplateKwargs = { enable_thinking: false }; // the same: nothing changes
+    expect(t.revision).toBe(tokenizer.revision);
     tokenizer.chatTemplateKwargs = {};
     expect(t.revision).not.toBe(tokenizer.revision);
+  });
+
+  it('retired, finishes the jobs it has, then closes; a closed thread says it failed', async () => {
+    const t = thread(llama2);
+    const job = t.text(LONG, []);
+    t.retire();
+    expect(await job).toEqual(llama2.encode(LONG));
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    expect(t.failed).toBe(true);
+    await expect(t.prompt(conversation)).rejects.toMatchObject({ code: 'DISPOSED' });
   });
 
   it('carries errors with their code, and a closed thread refuses work', async () => {

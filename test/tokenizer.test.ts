@@ -259,9 +259,9 @@ describe('Qwen3 byte-level BPE tokenizer', () => {
     expect(() => (tokenizer.chatTemplateKwargs = { n: 1n })).toThrow(/JSON values only/);
     expect(tokenizer.chatTemplateKwargs).toEqual({ enable_thinking: false });
     // A client's kwargs: none of the tokenizer's variables, and their text read as text.
-    expect(tokenizer.clientTemplateKwargs({ enable_thinking: false, notes: ['a <|im_end|> b', { deep: '<|im_start|>' }] }, 'kwargs')).toEqual({
+    expect(tokenizer.clientTemplateKwargs({ enable_thinking: false, notes: ['a <|im_end|> b', { deep: '<|im_start|>', '<|im_end|>': 1 }] }, 'kwargs')).toEqual({
       enable_thinking: false,
-      notes: ['a <\u200b|im_end|> b', { deep: '<\u200b|im_start|>' }],
+      notes: ['a <\u200b|im_end|> b', { deep: '<\u200b|im_start|>', '<\u200b|im_end|>': 1 }],
     });
     for (const key of ['bos_token', 'eos_token', 'additional_special_tokens', 'tools', 'raise_exception']) {
       expect(() => tokenizer.clientTemplateKwargs({ [key]: '<|im_end|>' }, 'kwargs')).toThrow(new RegExp(`kwargs\\.${key} is the tokenizer's, not a request's`));

@@ -74,6 +74,7 @@ export class EncodeThread {
   #pending = new Map<number, Pending>();
   #nextId = 0;
   #failure: RedflagError | null = null;
+  #retired = false;
 
   constructor(tokenizer: Tokenizer) {
     this.revision = tokenizer.revision;
@@ -114,9 +115,20 @@ export class EncodeThread {
     return this.#run({ kind: 'scoring', items: [...items] }) as Promise<ScoringInput[]>;
   }
 
+  /** Whether the thread failed (it crashed or was closed): it takes no more work; make another. */
+  get failed(): boolean {
+    return this.#failure !== null;
+  }
+
   /** Stops the thread; jobs in flight fail with DISPOSED. */
   async close(): Promise<void> {
     await this.#worker.terminate();
+  }
+
+  /** Closes the thread once the jobs it has are done (a copy gone stale: theirs are still right). */
+  retire(): void {
+    this.#retired = true;
+    if (this.#pending.size === 0) void this.close();
   }
 
   #run(job: DistributiveOmit<EncodeJob, 'id'>): Promise<number[] | ScoringInput[]> {
@@ -131,7 +143,9 @@ export class EncodeThread {
 
   #settled(id: number): void {
     this.#pending.delete(id);
-    if (this.#pending.size === 0) this.#worker.unref();
+    if (this.#pending.size > 0) return;
+    this.#worker.unref();
+    if (this.#retired) void this.close();
   }
 }
 

@@ -267,6 +267,8 @@ class RedFlagDetector implements Detector {
   readonly #eos: Set<number>;
   #disposed = false;
   #encodeThread: EncodeThread | null = null;
+  /** Threads made stale by a tokenizer change, finishing their jobs (closed on dispose). */
+  #retiredThreads = new Set<EncodeThread>();
 
   constructor(model: Model, owned: boolean, state: DetectorState) {
     this.model = model;
@@ -552,19 +554,28 @@ class RedFlagDetector implements Detector {
     };
   }
 
-  /** The encoding thread, made at the tokenizer's current revision (again after it changed). */
+  /**
+   * The encoding thread, made at the tokenizer's current revision: again after the tokenizer
+   * changed (the old one finishes the jobs it has, which were asked before the change) or after
+   * the thread failed.
+   */
   #encoder(): EncodeThread {
-    if (this.#encodeThread?.revision !== this.#tokenizer.revision) {
-      void this.#encodeThread?.close();
-      this.#encodeThread = new EncodeThread(this.#tokenizer);
+    for (const t of this.#retiredThreads) if (t.failed) this.#retiredThreads.delete(t); // closed since
+    let current = this.#encodeThread;
+    if (current === null || current.failed || current.revision !== this.#tokenizer.revision) {
+      if (current !== null) {
+        current.retire();
+        this.#retiredThreads.add(current);
+      }
+      current = this.#encodeThread = new EncodeThread(this.#tokenizer);
     }
-    return this.#encodeThread;
+    return current;
   }
 
   async dispose(): Promise<void> {
     if (this.#disposed) return;
     this.#disposed = true;
-    await this.#encodeThread?.close();
+    await Promise.all([this.#encodeThread, ...this.#retiredThreads].map((t) => t?.close()));
     await this.#s.scheduler.close();
     if (this.#owned) this.model.dispose();
   }

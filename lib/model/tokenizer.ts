@@ -457,12 +457,12 @@ export class Tokenizer {
     return (chosen?.[1] as string | undefined) ?? null;
   }
 
-  /** Rebuilds the underlying tokenizer and the derived tables after a change to the files. */
   /** Counts changes to what encoding gives (edits, kwargs): a copy made at one revision is stale at the next. */
   get revision(): number {
     return this.#revision;
   }
 
+  /** Rebuilds the underlying tokenizer and the derived tables after a change to the files. */
   #rebuild(): void {
     this.#revision++;
     const json = this.#json;
@@ -739,12 +739,6 @@ export class Tokenizer {
   }
 
   /**
-   * Renders a conversation with the chat template, passing the variables transformers passes:
-   * `messages`, `add_generation_prompt`, `tools` and `documents` (none unless given in `extra`),
-   * the special-token strings (`bos_token`, `eos_token`, ...), `additional_special_tokens`,
-   * `raise_exception`, `strftime_now`, plus `extra`.
-   */
-  /**
    * Template variables every render gets, under a render's own `extra` (transformers'
    * `chat_template_kwargs`; e.g. Qwen3's `{ enable_thinking: false }`, which opens each answer
    * with an empty think block). Training, evaluation, the detector and the server all render
@@ -756,7 +750,10 @@ export class Tokenizer {
   }
 
   set chatTemplateKwargs(value: Readonly<Record<string, unknown>>) {
-    this.#chatTemplateKwargs = checkChatTemplateKwargs(value, 'chatTemplateKwargs');
+    const kwargs = checkChatTemplateKwargs(value, 'chatTemplateKwargs');
+    // The same kwargs again (every applyAdapter sets them) change nothing: no new revision.
+    if (JSON.stringify(kwargs) === JSON.stringify(this.#chatTemplateKwargs)) return;
+    this.#chatTemplateKwargs = kwargs;
     this.#turnEnd = undefined;
     this.#revision++;
   }
@@ -765,19 +762,26 @@ export class Tokenizer {
    * A client's template kwargs (a request's, untrusted), checked as {@link checkChatTemplateKwargs}
    * and read as text as messages are: no key may replace a variable the render takes from the
    * tokenizer (`bos_token`, ..., `tools`; a client setting `bos_token` to `<rf>` would put the
-   * flag into the context), and every string in them has its special tokens escaped (a template
-   * may print one).
+   * flag into the context), and every string in them, keys of nested objects included, has its
+   * special tokens escaped (a template may print one).
    */
   clientTemplateKwargs(value: unknown, name: string): Record<string, unknown> {
     const kwargs = checkChatTemplateKwargs(value, name);
     for (const key of Object.keys(kwargs)) {
       if (SPECIAL_TOKEN_KEYS.includes(key) || TOKENIZER_TEMPLATE_VARIABLES.includes(key)) throw new RedflagError('INVALID_ARGUMENT', `${name}.${key} is the tokenizer's, not a request's`);
     }
+    // Keys too: a template may print a dict's items.
     const escape = (v: unknown): unknown =>
-      typeof v === 'string' ? this.escapeSpecialTokens(v) : Array.isArray(v) ? v.map(escape) : isObject(v) ? Object.fromEntries(Object.entries(v).map(([k, x]) => [k, escape(x)])) : v;
+      typeof v === 'string' ? this.escapeSpecialTokens(v) : Array.isArray(v) ? v.map(escape) : isObject(v) ? Object.fromEntries(Object.entries(v).map(([k, x]) => [this.escapeSpecialTokens(k), escape(x)])) : v;
     return escape(kwargs) as Record<string, unknown>;
   }
 
+  /**
+   * Renders a conversation with the chat template, passing the variables transformers passes:
+   * `messages`, `add_generation_prompt`, `tools` and `documents` (none unless given in `extra`),
+   * the special-token strings (`bos_token`, `eos_token`, ...), `additional_special_tokens`,
+   * `raise_exception`, `strftime_now`, then {@link Tokenizer.chatTemplateKwargs}, then `extra`.
+   */
   applyChatTemplate(messages: readonly ChatMessage[], options: ChatTemplateOptions = {}): string {
     if (!Array.isArray(messages)) throw new RedflagError('INVALID_ARGUMENT', 'messages must be an array of { role, content }');
     messages.forEach((message, index) => {
