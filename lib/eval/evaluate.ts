@@ -219,7 +219,16 @@ export async function evaluate(input: EvalConfigInput | EvalConfig, hooks: Evalu
       // Units of the same model and settings share cache entries across runs.
       const sourceStamp = spec.source === 'base' ? [] : await directoryStamp(spec.source);
       const fp = fingerprint({ model: baseStamp, source: spec.source, sourceStamp, ...engineFingerprint(config), dtype: config.dtype, maxTokens: settings.maxTokens, threshold: settings.threshold, temperature: settings.temperature, seed: settings.seed });
-      const sharedFp = fingerprint({ model: baseStamp, ...engineFingerprint(config), dtype: config.dtype, maxTokens: settings.maxTokens, seed: settings.seed });
+      // The base is compared with the variant on the variant's prompts: rendered with its
+      // template kwargs (an adapter's own, over the config's), which its shared units are keyed by.
+      const kwargs = { ...(variant.model.tokenizer?.chatTemplateKwargs ?? {}) };
+      const promptKwargs = Object.keys(kwargs).length > 0 ? { chatTemplateKwargs: kwargs } : {};
+      const sharedFp = fingerprint({ model: baseStamp, ...engineFingerprint(config), ...promptKwargs, dtype: config.dtype, maxTokens: settings.maxTokens, seed: settings.seed });
+      const baseForVariant = async () => {
+        const b = await base.get();
+        if (b.model.tokenizer) b.model.tokenizer.chatTemplateKwargs = kwargs;
+        return b;
+      };
       for (const name of suites) {
         const suite = SUITES[name];
         const t0 = performance.now();
@@ -227,7 +236,7 @@ export async function evaluate(input: EvalConfigInput | EvalConfig, hooks: Evalu
         emit({ phase: 'start', variant: spec.name, suite: name, done: 0, total });
         results[spec.name]![name] = await suite.run({
           variant,
-          base: () => base.get(),
+          base: baseForVariant,
           baseDir: config.model,
           data,
           settings,
