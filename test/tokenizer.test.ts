@@ -263,6 +263,9 @@ describe('Qwen3 byte-level BPE tokenizer', () => {
       enable_thinking: false,
       notes: ['a <\u200b|im_end|> b', { deep: '<\u200b|im_start|>', '<\u200b|im_end|>': 1 }],
     });
+    // The tokenizer's own kwargs (enable_thinking false here) are not a request's to change.
+    expect(tokenizer.clientTemplateKwargs({ enable_thinking: false }, 'kwargs')).toEqual({ enable_thinking: false });
+    expect(() => tokenizer.clientTemplateKwargs({ enable_thinking: true }, 'kwargs')).toThrow(/kwargs\.enable_thinking is set by the model \(false\): a request may not change it/);
     for (const key of ['bos_token', 'eos_token', 'additional_special_tokens', 'tools', 'raise_exception']) {
       expect(() => tokenizer.clientTemplateKwargs({ [key]: '<|im_end|>' }, 'kwargs')).toThrow(new RegExp(`kwargs\\.${key} is the tokenizer's, not a request's`));
     }

@@ -762,13 +762,20 @@ export class Tokenizer {
    * A client's template kwargs (a request's, untrusted), checked as {@link checkChatTemplateKwargs}
    * and read as text as messages are: no key may replace a variable the render takes from the
    * tokenizer (`bos_token`, ..., `tools`; a client setting `bos_token` to `<rf>` would put the
-   * flag into the context), and every string in them, keys of nested objects included, has its
-   * special tokens escaped (a template may print one).
+   * flag into the context), none may change one of {@link Tokenizer.chatTemplateKwargs} (the
+   * prompts an adapter was trained on), and every string in them, keys of nested objects
+   * included, has its special tokens escaped (a template may print one).
    */
   clientTemplateKwargs(value: unknown, name: string): Record<string, unknown> {
     const kwargs = checkChatTemplateKwargs(value, name);
     for (const key of Object.keys(kwargs)) {
       if (SPECIAL_TOKEN_KEYS.includes(key) || TOKENIZER_TEMPLATE_VARIABLES.includes(key)) throw new RedflagError('INVALID_ARGUMENT', `${name}.${key} is the tokenizer's, not a request's`);
+      // The model's own kwargs (its adapter's: the prompts it was trained on) are not a client's to
+      // change: a detector trained without thinking, asked to think, reads prompts it never saw.
+      const own = this.#chatTemplateKwargs[key];
+      if (own !== undefined && JSON.stringify(own) !== JSON.stringify(kwargs[key])) {
+        throw new RedflagError('INVALID_ARGUMENT', `${name}.${key} is set by the model (${JSON.stringify(own)}): a request may not change it`);
+      }
     }
     // Keys too: a template may print a dict's items.
     const escape = (v: unknown): unknown =>
