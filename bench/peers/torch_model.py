@@ -106,10 +106,35 @@ def strip_args(argv, drop_flags, drop_valued):
     return out
 
 
+def release_openblas_overrides() -> None:
+    """These machines set OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE (safe defaults for old OpenBLAS
+    builds), which force slower fp32 kernels on PyTorch's OpenBLAS path (../../shared/PEERS.md):
+    the peer runs without them, in its own process only. Before torch is imported."""
+    for name in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+        os.environ.pop(name, None)
+
+
+def openblas_core():
+    """The kernel set the loaded OpenBLAS chose (openblas_get_corename), or None."""
+    import ctypes
+    try:
+        with open("/proc/self/maps") as f:
+            libs = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
+        for path in libs:
+            lib = ctypes.CDLL(path)
+            lib.openblas_get_corename.restype = ctypes.c_char_p
+            return lib.openblas_get_corename().decode()
+    except (OSError, AttributeError):
+        return None
+    return None
+
+
 def run_child(script, passthrough, extra, policy):
     """Runs `script` again with passthrough + extra under an OpenMP wait policy ("PASSIVE" or
     the default); returns (0, its JSON), (3, a skip object) or (1, an error object)."""
     env = dict(os.environ)
+    for name in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+        env.pop(name, None)
     if policy == "PASSIVE":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     else:
@@ -156,6 +181,7 @@ def main(argv=None) -> int:
     if args.omp_passive and os.environ.get("OMP_WAIT_POLICY") != "PASSIVE":
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *argv])
+    release_openblas_overrides()
     try:
         import torch  # noqa: F401
     except Exception as e:  # ImportError, or a broken install
@@ -423,6 +449,7 @@ def bench(args) -> int:
             res["decode_runs"][d] = [round(x, 2) for x in dec]
             res["omp_wait_policy"][d] = os.environ.get("OMP_WAIT_POLICY", "default")
             del m, Model
+    res["openblas_core"] = openblas_core()
     print(json.dumps(res))
     return 0
 

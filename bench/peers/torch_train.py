@@ -67,7 +67,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_model import SMOLLM2_135M, run_child, skip, strip_args  # noqa: E402  (no torch import at module level)
+from torch_model import SMOLLM2_135M, openblas_core, release_openblas_overrides, run_child, skip, strip_args  # noqa: E402  (no torch import at module level)
 
 GPT2_124M = dict(vocab=50257, positions=1024, layers=12, hidden=768, heads=12, eps=1e-5)
 JOBS = ("lora:f32", "lora:bf16", "full:f32", "lora_rf:f32", "lora_rf:bf16")
@@ -155,6 +155,7 @@ def main(argv=None) -> int:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *argv])
     os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)  # read by libopenblas at load
+    release_openblas_overrides()
     try:
         import torch  # noqa: F401
     except Exception as e:  # ImportError, or a broken install
@@ -419,6 +420,7 @@ def bench(args) -> int:
         res["omp_wait_policy"][job] = os.environ.get("OMP_WAIT_POLICY", "default")
         del loss_fn, params, opt, module
     res["blas"] = blas_in_use()
+    res["openblas_core"] = openblas_core()
     print(json.dumps(res))
     return 0
 

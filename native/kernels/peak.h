@@ -9,7 +9,8 @@
 #define RF_DECLARE_PEAK_KERNELS                                                                   \
   /* GFLOP/s of a register-only multiply-add loop summed over the pool's threads, each running  \
      for about `seconds`. bf16: vdpbf16ps on zmm counted as 64 FLOP each (16 lanes x 2 pairs x  \
-     2); the AVX2 path has no bf16 dot product and returns 0. f32 counts an FMA as 2 FLOP/lane. */ \
+     2); the AVX2 path has no bf16 dot product and returns its f32 figure (its bf16 kernels     \
+     widen to f32). f32 counts an FMA as 2 FLOP/lane. */                                          \
   double fma_peak_gflops(rf::ThreadPool& pool, bool bf16, double seconds);                         \
   /* GB/s of a STREAM-like loop over two arrays of bytes_per_array, split across the pool's       \
      threads (each first-touches its own part). copy: b[i] = a[i] with plain stores (as STREAM), \
