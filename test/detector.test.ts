@@ -752,7 +752,7 @@ describe('long inputs', () => {
 });
 
 describe('chat-template kwargs', () => {
-  it("render the prompt: the model's (createDetector on a directory), a request's over them, short and long inputs alike", async () => {
+  it("render the prompt: the model's (createDetector on a directory, not a request's to change), a request's own, short and long inputs alike", async () => {
     const template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant{% if terse %} terse{% endif %}]{% endif %}";
     const templated = await tinyLlama({}, template);
     // A red-flag model directory: <rf> added and saved.
@@ -760,13 +760,14 @@ describe('chat-template kwargs', () => {
     await addRedFlagToken(base);
     await base.save(`${templated}-rf`);
     base.dispose();
-    const d = await createDetector({ model: `${templated}-rf`, chatTemplateKwargs: { terse: true }, threshold: 1, mode: 'flag', threads: 1 });
+    const pinned = await createDetector({ model: `${templated}-rf`, chatTemplateKwargs: { terse: true }, threshold: 1, mode: 'flag', threads: 1 });
+    const open = await createDetector({ model: `${templated}-rf`, threshold: 1, mode: 'flag', threads: 1 });
     try {
-      const tokenizer = d.model.tokenizer!;
+      const tokenizer = pinned.model.tokenizer!;
       expect(tokenizer.chatTemplateKwargs).toEqual({ terse: true });
       for (const content of ['Hi', `Hi ${'-'.repeat(LONG_INPUT_CHARS)}`]) {
         const messages = ask(content);
-        const promptTokens = async (options: { chatTemplateKwargs?: Record<string, unknown> }) => {
+        const promptTokens = async (d: Detector, options: { chatTemplateKwargs?: Record<string, unknown> }) => {
           const stream = d.generate(messages, { maxTokens: 1, ...options });
           await drain(stream);
           return (await stream.done).promptTokens;
@@ -774,16 +775,22 @@ describe('chat-template kwargs', () => {
         const terse = encodePrompt(tokenizer, messages);
         const plain = encodePrompt(tokenizer, messages, { chatTemplateExtra: { terse: false } });
         expect(tokenizer.decode(terse).endsWith('[assistant terse]')).toBe(true);
-        expect(await promptTokens({})).toBe(terse.length);
-        expect(await promptTokens({ chatTemplateKwargs: { terse: false } })).toBe(plain.length);
         expect(plain.length).toBeLessThan(terse.length);
+        // The model's kwargs: rendered, and a request may repeat but not change them.
+        expect(await promptTokens(pinned, {})).toBe(terse.length);
+        expect(await promptTokens(pinned, { chatTemplateKwargs: { terse: true } })).toBe(terse.length);
+        expect(() => pinned.generate(messages, { chatTemplateKwargs: { terse: false } })).toThrow(/chatTemplateKwargs\.terse is set by the model \(true\)/);
+        // A model without them: a request's own render its prompt.
+        expect(await promptTokens(open, {})).toBe(plain.length);
+        expect(await promptTokens(open, { chatTemplateKwargs: { terse: true } })).toBe(terse.length);
       }
-      expect(() => d.generate('raw text', { chatTemplateKwargs: { terse: false } })).toThrow(/chatTemplateKwargs are for messages/);
-      expect(() => d.generate(ask('Hi'), { chatTemplateKwargs: { messages: [] } })).toThrow(/chatTemplateKwargs\.messages is set by the render itself/);
+      expect(() => open.generate('raw text', { chatTemplateKwargs: { terse: true } })).toThrow(/chatTemplateKwargs are for messages/);
+      expect(() => open.generate(ask('Hi'), { chatTemplateKwargs: { messages: [] } })).toThrow(/chatTemplateKwargs\.messages is set by the render itself/);
       // A request may not set the tokenizer's variables: bos_token '<rf>' would put the flag into the context.
-      expect(() => d.generate(ask('Hi'), { chatTemplateKwargs: { bos_token: '<rf>' } })).toThrow(/chatTemplateKwargs\.bos_token is the tokenizer's/);
+      expect(() => open.generate(ask('Hi'), { chatTemplateKwargs: { bos_token: '<rf>' } })).toThrow(/chatTemplateKwargs\.bos_token is the tokenizer's/);
     } finally {
-      await d.dispose();
+      await pinned.dispose();
+      await open.dispose();
       await rm(templated, { recursive: true, force: true });
       await rm(`${templated}-rf`, { recursive: true, force: true });
     }

@@ -103,6 +103,19 @@ describe('the server with the real detector', () => {
     }
   });
 
+  it("refuses a client's chat_template_kwargs that set the tokenizer's variables, naming the field", async () => {
+    const response = await fetch(`${server.url}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: 'Bearer sk-test', 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'tiny', messages: question(0), max_tokens: 2, chat_template_kwargs: { bos_token: '<rf>' } }),
+    });
+    expect(response.status).toBe(400);
+    expect(((await response.json()) as { error: unknown }).error).toMatchObject({
+      param: 'chat_template_kwargs',
+      message: "chat_template_kwargs.bos_token is the tokenizer's, not a request's",
+    });
+  });
+
   it('scores moderation inputs as requests and as answers, teacher-forced', async () => {
     const inputs = ['A friendly answer about gardening.', 'Another text to score.'];
     const r = await client.moderations.create({ model: 'tiny', input: inputs });

@@ -6,6 +6,7 @@
 import type { FastifyReply } from 'fastify';
 
 import type { Message } from '../data/records.js';
+import { RedflagError } from '../errors.js';
 import type { DetectGenerateOptions, DetectedToken, Detector, DetectionStream, DetectionSummary } from '../detect/types.js';
 import { ApiError } from './http-errors.js';
 import type { GenerationObserver } from './request-trace.js';
@@ -62,7 +63,15 @@ export function startGeneration(context: ChatContext, input: Message[] | string,
 function startChat(request: ChatRequest, context: ChatContext): DetectionStream {
   const options = generateOptions(request, context.signal, topLogprobCount(request), request.max_completion_tokens ?? request.max_tokens);
   if (request.chat_template_kwargs != null) options.chatTemplateKwargs = request.chat_template_kwargs;
-  return startGeneration(context, toMessages(request.messages), options);
+  try {
+    return startGeneration(context, toMessages(request.messages), options);
+  } catch (error) {
+    // The detector names its option; the client sent the wire field.
+    if (error instanceof RedflagError && error.code === 'INVALID_ARGUMENT' && error.message.startsWith('chatTemplateKwargs')) {
+      throw new ApiError(400, error.message.replace(/^chatTemplateKwargs/, 'chat_template_kwargs'), { param: 'chat_template_kwargs', code: 'invalid_value' });
+    }
+    throw error;
+  }
 }
 
 /**
