@@ -100,7 +100,7 @@ int main(int argc, char** argv) {
           "bench_train [--threads N=2] [--steps S=3] [--batch B=4] [--seq T=128] [--model smollm2|gpt2|tiny]\n"
           "            [--mode lora|full] [--dtype f32|bf16] [--clip-norm C=0]\n"
           "Times S training steps (after one warm-up) and prints the medians as JSON: seconds_per_step,\n"
-          "step_seconds (forward + backward), optimizer_seconds (AdamW, and in full mode the repacking).\n");
+          "fwd_bwd_seconds (forward + backward), optimizer_seconds (AdamW, and in full mode the repacking).\n");
       return 0;
     }
   }
@@ -187,7 +187,7 @@ int main(int argc, char** argv) {
   const double flops_per_token = (opt.mode == rf::TrainMode::full ? 6.0 : 4.0) * N;
   std::printf(
       "{\"bench\":\"train\",\"model\":\"%s\",\"mode\":\"%s\",\"dtype\":\"%s\",\"threads\":%d,\"batch\":%d,\"seq\":%d,"
-      "\"seconds_per_step\":%.4f,\"step_seconds\":%.4f,\"optimizer_seconds\":%.4f,\"tokens_per_second\":%.1f,\"matmul_params\":%.0f,\"fma_peak_gflops\":%.1f,\"mfu\":%.4f}\n",
+      "\"seconds_per_step\":%.4f,\"fwd_bwd_seconds\":%.4f,\"optimizer_seconds\":%.4f,\"tokens_per_second\":%.1f,\"matmul_params\":%.0f,\"fma_peak_gflops\":%.1f,\"mfu\":%.4f}\n",
       model.c_str(), mode.c_str(), dtype.c_str(), threads, B, T, sec, median(fwd_bwd), median(opt_times), tok_s, N, peak, tok_s * flops_per_token / 1e9 / peak);
   return 0;
 }
