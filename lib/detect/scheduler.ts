@@ -226,7 +226,7 @@ export class Scheduler {
     let bytesAhead = 0;
     for (const w of this.#queue) {
       if (!isHold(w)) jobsAhead++;
-      bytesAhead += isHold(w) ? w.bytes : this.bytesFor(w.positions);
+      bytesAhead += this.#bytesOf(w);
     }
     // (A hold needs no batch slot: #grantHoldsBehind passes what waits only for one.)
     const fitsNow = (isHold(waiter) || this.#running.length + jobsAhead + 1 <= this.#o.maxBatch) && this.#reserved + bytesAhead + bytes <= this.#o.kvCacheBytes;
@@ -241,8 +241,7 @@ export class Scheduler {
       const onAbort = (): void => {
         const i = this.#queue.indexOf(waiter);
         if (i < 0) return;
-        this.#queue.splice(i, 1);
-        this.#waiting.delete(waiter);
+        this.#removeAt(i);
         waiter.onError(abortError(signal));
         // A hold at the head may have kept others waiting.
         if (i === 0) this.#kick();
@@ -296,10 +295,20 @@ export class Scheduler {
 
   /** Takes the first waiting job (or hold) off the queue, with its abort listener. */
   #dequeue(): Waiter {
-    const job = this.#queue.shift()!;
-    this.#waiting.get(job)?.();
-    this.#waiting.delete(job);
-    return job;
+    return this.#removeAt(0);
+  }
+
+  /** Takes the waiter at `i` off the queue, with its abort listener. */
+  #removeAt(i: number): Waiter {
+    const [waiter] = this.#queue.splice(i, 1) as [Waiter];
+    this.#waiting.get(waiter)?.();
+    this.#waiting.delete(waiter);
+    return waiter;
+  }
+
+  /** The KV bytes a waiter takes once admitted. */
+  #bytesOf(w: Waiter): number {
+    return isHold(w) ? w.bytes : this.bytesFor(w.positions);
   }
 
   #dequeueAll(): Waiter[] {
@@ -355,14 +364,12 @@ export class Scheduler {
     for (let i = 0; i < this.#queue.length; ) {
       const w = this.#queue[i]!;
       if (isHold(w) && !w.signal?.aborted && this.#reserved + ahead + w.bytes <= this.#o.kvCacheBytes) {
-        this.#queue.splice(i, 1);
-        this.#waiting.get(w)?.();
-        this.#waiting.delete(w);
+        this.#removeAt(i);
         this.#reserved += w.bytes;
         w.grant();
         continue;
       }
-      ahead += isHold(w) ? w.bytes : this.bytesFor(w.positions);
+      ahead += this.#bytesOf(w);
       i++;
     }
   }
